@@ -8,6 +8,7 @@ the same names. A registry answers an unknown name with the list of valid ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import inspect
 from typing import Any, Generic, TypeVar
 
 from prunelab._validation import suggest
@@ -55,6 +56,34 @@ class Registry(Generic[T]):
     def get(self, name: Any, *, param: str | None = None, where: str | None = None) -> T:
         return self._entries[self.canonical(name, param=param, where=where)]
 
+    def build(self, spec: Any, *, param: str | None = None, where: str | None = None,
+              defaults: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Instantiate an entry from a name or a ``{"name": ..., **options}`` dict.
+
+        Objects that are not names or dicts are returned unchanged (an instance
+        the caller already built). ``defaults`` are passed only to factories that
+        accept them (e.g. a ``seed``); ``options`` must all be accepted.
+        """
+        if isinstance(spec, dict):
+            if "name" not in spec:
+                raise ValueError(f"a {self.kind} given as a dict needs a 'name' key, one of: "
+                                 f"{', '.join(self.names())}. Got {spec!r}.")
+            options = {**{k: v for k, v in spec.items() if k != "name"}, **options}
+            spec = spec["name"]
+        elif not isinstance(spec, str):
+            return spec
+        name = self.canonical(spec, param=param, where=where)
+        factory = self._entries[name]
+        accepted = _accepted_options(factory)
+        unknown = sorted(set(options) - accepted) if accepted is not None else []
+        if unknown:
+            raise TypeError(f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
+                            f"valid options: {', '.join(sorted(accepted)) or 'none'}.")
+        for key, value in (defaults or {}).items():
+            if key not in options and (accepted is None or key in accepted):
+                options[key] = value
+        return factory(**options)
+
     def names(self) -> list[str]:
         """Registered names (aliases excluded), sorted."""
         return sorted(self._entries)
@@ -73,3 +102,18 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def _accepted_options(factory: Any) -> set[str] | None:
+    """Keyword names a factory accepts, or None if it takes ``**kwargs``."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    names = set()
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.add(p.name)
+    return names

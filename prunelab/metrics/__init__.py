@@ -1,0 +1,22 @@
+"""Metrics of a pruned model (METHODS.md §6–8): sparsity, compression, FLOPs and storage.
+
+* :func:`summary` — per-layer and total table of everything below.
+* :func:`count_flops` — dense and remaining FLOPs per sample of each Linear/Conv layer.
+* :func:`storage_bits` / :func:`csr_fillers` — size of one tensor as dense, bit-mask and CSR.
+
+Definitions and formulas: ``docs/metrics.md``.
+"""
+
+from prunelab.metrics.flops import FlopCount, count_flops
+from prunelab.metrics.storage import csr_fillers, storage_bits
+from prunelab.metrics.summary import LayerStats, Summary, summary
+
+__all__ = [
+    "FlopCount",
+    "LayerStats",
+    "Summary",
+    "count_flops",
+    "csr_fillers",
+    "storage_bits",
+    "summary",
+]

@@ -1,0 +1,131 @@
+"""Storage cost of a sparse tensor in three formats (METHODS.md §7; Zhu & Gupta 2017, §5).
+
+For a tensor with ``N`` elements of which ``nnz`` are non-zero, ``b`` bits per
+stored value and ``r`` bits per relative index:
+
+* **dense**: ``N·b`` bits, every value stored.
+* **bit-mask**: ``N + nnz·b`` bits, one presence bit per element plus the
+  non-zero values.
+* **CSR with relative indices** (Han et al. 2016, *Deep Compression*): the
+  tensor is flattened row-major; each stored entry is a value (``b`` bits) and
+  the number of zeros skipped since the previous entry (``r`` bits, so
+  ``0 … 2^r − 1``). A gap of ``g`` zeros longer than ``2^r − 1`` is bridged by
+  ``floor(g / 2^r)`` filler entries, explicit zero values that each consume
+  ``2^r`` positions (``2^r − 1`` skipped zeros plus themselves). Zeros after
+  the last non-zero are not stored (the length is known) and there are no row
+  pointers (positions are recovered by a cumulative sum), so
+  ``(nnz + n_fill)·(b + r)`` bits.
+
+Bytes are ``ceil(bits / 8)`` per tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunelab._validation import check_number, check_type
+
+#: Format names, in the order used to break ties (simplest first).
+FORMATS = ("dense", "bitmask", "csr")
+
+
+def check_storage_bits(bits: object, index_bits: object, where: str) -> tuple[int, int]:
+    """Validate the bits per value (``[1, 64]``) and bits per relative index (``[1, 16]``)."""
+    bits = check_number("bits", bits, where=where, low=1, high=64, integer=True)
+    index_bits = check_number("index_bits", index_bits, where=where, low=1, high=16, integer=True)
+    return bits, index_bits
+
+
+#: Elements per slice when scanning for gaps, to bound the memory of the index tensor.
+_CHUNK = 1 << 22
+
+
+def csr_fillers(tensor: torch.Tensor, index_bits: int) -> int:
+    """Number of filler entries CSR needs: ``Σ_gaps floor(g / 2^r)``, ``r = index_bits``.
+
+    The gaps are the zeros before each non-zero of the row-major flattened
+    tensor, ``g_k = idx_k − idx_{k−1} − 1`` with ``idx_{−1} = −1``; trailing
+    zeros cost nothing. Computed with ``torch.diff`` on the non-zero positions
+    (slice by slice, so the index tensor stays small on huge tensors).
+    """
+    check_type("tensor", tensor, torch.Tensor, where="csr_fillers")
+    index_bits = check_number("index_bits", index_bits, where="csr_fillers",
+                              low=1, high=16, integer=True)
+    flat = tensor.detach().reshape(-1)
+    span = 2 ** index_bits
+    previous = -1
+    fillers = 0
+    for start in range(0, flat.numel(), _CHUNK):
+        idx = torch.nonzero(flat[start:start + _CHUNK]).flatten() + start
+        if idx.numel() == 0:
+            continue
+        gaps = torch.diff(idx, prepend=idx.new_tensor([previous])) - 1
+        fillers += int(torch.div(gaps, span, rounding_mode="floor").sum().item())
+        previous = int(idx[-1].item())
+    return fillers
+
+
+def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int = 4) -> dict[str, int]:
+    """Bits needed to store ``tensor`` as ``{"dense", "bitmask", "csr"}``.
+
+    ``dense = N·b``, ``bitmask = N + nnz·b``, ``csr = (nnz + n_fill)·(b + r)``
+    with ``b = bits``, ``r = index_bits`` and ``n_fill`` from :func:`csr_fillers`.
+    """
+    check_type("tensor", tensor, torch.Tensor, where="storage_bits")
+    bits, index_bits = check_storage_bits(bits, index_bits, "storage_bits")
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    nnz = int(torch.count_nonzero(flat).item())
+    n_fill = csr_fillers(flat, index_bits)
+    return {
+        "dense": n * bits,
+        "bitmask": n + nnz * bits,
+        "csr": (nnz + n_fill) * (bits + index_bits),
+    }
+
+
+def bits_to_bytes(n_bits: int) -> int:
+    """``ceil(n_bits / 8)``."""
+    return -(-n_bits // 8)
+
+
+def best_format(sizes: dict[str, int]) -> str:
+    """The format with the smallest size; ties go to the simpler one (dense, bit-mask, CSR)."""
+    return min(FORMATS, key=lambda name: (sizes[name], FORMATS.index(name)))
+
+
+class StorageTally:
+    """Running per-format byte totals over a set of tensors, each rounded up to whole bytes.
+
+    ``best`` adds up each tensor's own cheapest format (a per-tensor choice);
+    ``best_format`` is that format's name if every tensor chose the same one,
+    ``"mixed"`` if they differ, ``None`` if no tensor was added.
+    """
+
+    def __init__(self, bits: int, index_bits: int):
+        self.bits = bits
+        self.index_bits = index_bits
+        self.bytes = dict.fromkeys(FORMATS, 0)
+        self.best = 0
+        self.chosen: set[str] = set()
+
+    def add(self, tensor: torch.Tensor) -> None:
+        per_format = {name: bits_to_bytes(n_bits) for name, n_bits
+                      in storage_bits(tensor, self.bits, self.index_bits).items()}
+        for name, n_bytes in per_format.items():
+            self.bytes[name] += n_bytes
+        choice = best_format(per_format)
+        self.best += per_format[choice]
+        self.chosen.add(choice)
+
+    def merge(self, other: StorageTally) -> None:
+        for name in FORMATS:
+            self.bytes[name] += other.bytes[name]
+        self.best += other.best
+        self.chosen |= other.chosen
+
+    @property
+    def best_format(self) -> str | None:
+        if not self.chosen:
+            return None
+        return next(iter(self.chosen)) if len(self.chosen) == 1 else "mixed"

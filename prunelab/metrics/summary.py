@@ -1,0 +1,307 @@
+"""Per-layer and total metrics of a (pruned) model: sparsity, compression, FLOPs, storage.
+
+Pruning in prunelab zeroes weights in place, so everything here is read from
+the tensors: an entry counts as pruned exactly when it equals 0. The
+definitions follow METHODS.md §6–8 and are spelled out in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from prunelab._validation import suggest
+from prunelab.metrics.flops import (
+    COUNTED_TYPES,
+    FlopCount,
+    count_nonzero,
+    layer_flops,
+    ratio,
+    resolve_input,
+    trace_outputs,
+)
+from prunelab.metrics.storage import StorageTally, check_storage_bits
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Metrics of one module's own parameters (or of the whole model, for the total row).
+
+    * ``params``: entries of its parameters; ``nonzero``: those not exactly 0.
+    * ``prunable`` / ``prunable_nonzero``: the same over its prunable weights.
+    * ``sparsity = 1 − prunable_nonzero / prunable`` (``None`` without prunable weights).
+    * ``compression = params / nonzero`` (``inf`` if all are zero, ``None`` if ``params = 0``).
+    * ``flops_dense`` / ``flops``: FLOPs per sample, dense and with zeros skipped
+      (``None`` for modules whose FLOPs are not counted: all but Linear/Conv).
+    * ``speedup = flops_dense / flops`` (``inf`` if ``flops = 0 < flops_dense``, else ``None`` when undefined).
+    * ``bytes_dense`` / ``bytes_bitmask`` / ``bytes_csr``: storage in each format, summed over tensors.
+    * ``best_format``: every tensor's cheapest format if they agree, ``"mixed"`` otherwise;
+      ``bytes_best`` sums each tensor's cheapest size.
+    """
+
+    name: str
+    type: str
+    params: int
+    nonzero: int
+    prunable: int
+    prunable_nonzero: int
+    sparsity: float | None
+    compression: float | None
+    flops_dense: int | None
+    flops: int | None
+    speedup: float | None
+    bytes_dense: int
+    bytes_bitmask: int
+    bytes_csr: int
+    best_format: str | None
+    bytes_best: int
+
+
+@dataclass
+class _Tally:
+    """Counts gathered over tensors and layers, turned into a :class:`LayerStats` at the end."""
+
+    storage: StorageTally
+    params: int = 0
+    nonzero: int = 0
+    prunable: int = 0
+    prunable_nonzero: int = 0
+    flops: FlopCount | None = None
+
+    def add_tensor(self, tensor: torch.Tensor, is_prunable: bool) -> None:
+        n, nnz = tensor.numel(), count_nonzero(tensor)
+        self.params += n
+        self.nonzero += nnz
+        if is_prunable:
+            self.prunable += n
+            self.prunable_nonzero += nnz
+        self.storage.add(tensor)
+
+    def add_flops(self, flops: FlopCount | None) -> None:
+        if flops is None:
+            return
+        if self.flops is None:
+            self.flops = flops
+        else:
+            self.flops = FlopCount(self.flops.dense + flops.dense,
+                                   self.flops.remaining + flops.remaining)
+
+    def merge(self, other: _Tally) -> None:
+        self.params += other.params
+        self.nonzero += other.nonzero
+        self.prunable += other.prunable
+        self.prunable_nonzero += other.prunable_nonzero
+        self.add_flops(other.flops)
+        self.storage.merge(other.storage)
+
+    def freeze(self, name: str, type_name: str) -> LayerStats:
+        sparsity = None if self.prunable == 0 else 1.0 - self.prunable_nonzero / self.prunable
+        flops = self.flops
+        return LayerStats(
+            name=name,
+            type=type_name,
+            params=self.params,
+            nonzero=self.nonzero,
+            prunable=self.prunable,
+            prunable_nonzero=self.prunable_nonzero,
+            sparsity=sparsity,
+            compression=ratio(self.params, self.nonzero),
+            flops_dense=None if flops is None else flops.dense,
+            flops=None if flops is None else flops.remaining,
+            speedup=None if flops is None else flops.speedup,
+            bytes_dense=self.storage.bytes["dense"],
+            bytes_bitmask=self.storage.bytes["bitmask"],
+            bytes_csr=self.storage.bytes["csr"],
+            best_format=self.storage.best_format,
+            bytes_best=self.storage.best,
+        )
+
+
+# (header, attribute, right-aligned) of the printed tables.
+_COLUMNS = (
+    ("layer", "name", False),
+    ("type", "type", False),
+    ("params", "params", True),
+    ("nonzero", "nonzero", True),
+    ("sparsity %", "sparsity", True),
+    ("compression x", "compression", True),
+    ("FLOPs dense", "flops_dense", True),
+    ("FLOPs", "flops", True),
+    ("speedup x", "speedup", True),
+    ("bytes dense", "bytes_dense", True),
+    ("bytes bitmask", "bytes_bitmask", True),
+    ("bytes CSR", "bytes_csr", True),
+    ("best", "best_format", False),
+)
+
+
+def _cell(attribute: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if attribute == "name":
+        return value or "(root)"
+    if attribute == "sparsity":
+        return f"{100 * value:.2f}"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _json_value(value: object) -> object:
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
+
+
+@dataclass(frozen=True, repr=False)
+class Summary:
+    """The result of :func:`summary`: one :class:`LayerStats` per module with parameters, and a total.
+
+    ``print(result)`` shows a fixed-width table, :meth:`to_markdown` the same
+    as Markdown, :meth:`to_dict` a JSON-serialisable record.
+    """
+
+    rows: tuple[LayerStats, ...]
+    total: LayerStats
+    input_shape: tuple[int, ...]
+    bits: int
+    index_bits: int
+
+    @property
+    def effective_compression(self) -> float | None:
+        """``total.bytes_dense / total.bytes_best``: storage saved by the cheapest format per tensor."""
+        return ratio(self.total.bytes_dense, self.total.bytes_best)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable record; ``inf`` becomes the string ``"inf"``, undefined values ``None``."""
+
+        def row_dict(row: LayerStats) -> dict:
+            return {key: _json_value(value) for key, value in asdict(row).items()}
+
+        return {
+            "input_shape": list(self.input_shape),
+            "bits": self.bits,
+            "index_bits": self.index_bits,
+            "effective_compression": _json_value(self.effective_compression),
+            "rows": [row_dict(row) for row in self.rows],
+            "total": row_dict(self.total),
+        }
+
+    def _table(self) -> list[list[str]]:
+        return [[_cell(attribute, getattr(row, attribute)) for _, attribute, _ in _COLUMNS]
+                for row in (*self.rows, self.total)]
+
+    def _footer(self) -> str:
+        effective = _cell("effective_compression", self.effective_compression)
+        return (f"per sample of input_shape {self.input_shape}; {self.bits}-bit values, "
+                f"{self.index_bits}-bit CSR relative indices; effective storage compression "
+                f"{effective}x; FLOPs counted for Linear/Conv only")
+
+    def to_markdown(self) -> str:
+        """The table as GitHub-flavoured Markdown, total row in bold."""
+        table = self._table()
+        table[-1] = [f"**{cell}**" if cell else "" for cell in table[-1]]
+        lines = ["| " + " | ".join(header for header, _, _ in _COLUMNS) + " |",
+                 "|" + "|".join("---:" if right else ":---" for _, _, right in _COLUMNS) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in table]
+        return "\n".join(lines) + f"\n\n{self._footer()}\n"
+
+    def __str__(self) -> str:
+        table = self._table()
+        headers = [header for header, _, _ in _COLUMNS]
+        widths = [max(len(cells[i]) for cells in [headers, *table]) for i in range(len(headers))]
+
+        def line(cells: Sequence[str]) -> str:
+            padded = [cell.rjust(width) if right else cell.ljust(width)
+                      for cell, width, (_, _, right) in zip(cells, widths, _COLUMNS)]
+            return "  ".join(padded).rstrip()
+
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        body = [line(cells) for cells in table[:-1]]
+        return "\n".join([line(headers), rule, *body, rule, line(table[-1]), self._footer()])
+
+    def __repr__(self) -> str:
+        total = self.total
+        sparsity = _cell("sparsity", total.sparsity)
+        return (f"Summary(rows={len(self.rows)}, params={total.params:,}, nonzero={total.nonzero:,}, "
+                f"sparsity={sparsity}%, compression={_cell('compression', total.compression)}x, "
+                f"speedup={_cell('speedup', total.speedup)}x)")
+
+
+def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where: str) -> set[int]:
+    """Identities of the prunable parameters: by default the weight of every Linear and Conv."""
+    if prunable is None:
+        return {id(module.weight) for module in model.modules() if isinstance(module, COUNTED_TYPES)}
+    if isinstance(prunable, str):
+        prunable = [prunable]
+    if not isinstance(prunable, Iterable):
+        raise TypeError(f"the 'prunable' parameter of {where} must be None or an iterable of "
+                        f"parameter names. Got {prunable!r} of type {type(prunable).__name__} instead.")
+    names = list(prunable)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = [name for name in names if not isinstance(name, str) or name not in params]
+    if unknown:
+        hint = suggest(unknown[0], params) if isinstance(unknown[0], str) else ""
+        raise ValueError(f"the 'prunable' parameter of {where} names unknown parameters: "
+                         f"{', '.join(map(repr, unknown))}{hint}; valid names are: "
+                         f"{', '.join(params) or '(the model has no parameters)'}.")
+    return {id(params[name]) for name in names}
+
+
+def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
+            prunable: Iterable[str] | str | None = None, bits: int = 32, index_bits: int = 4,
+            device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None) -> Summary:
+    """Sparsity, compression, FLOPs and storage of every module that owns parameters, plus a total.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (its train/eval modes are restored).
+        input_shape: shape of ONE input without the batch dimension, e.g. ``(1, 28, 28)``.
+            A dry forward of a zero tensor of shape ``(1, *input_shape)`` records
+            the output shapes of Linear/Conv layers for the FLOPs.
+        prunable: names of the parameters whose zeros count as sparsity (e.g.
+            ``["fc1.weight"]``); default: the ``weight`` of every Linear and Conv1d/2d/3d.
+        bits: bits per stored value ``b``, in ``[1, 64]``.
+        index_bits: bits per CSR relative index ``r``, in ``[1, 16]``.
+        device, dtype: of the dry-run input; default: those of the model's parameters
+            (pass ``dtype=torch.long`` for a model that starts with an Embedding).
+
+    Rows are in ``model.named_modules()`` order. A parameter shared by several
+    modules is counted in the first one only, so ``total.params`` equals
+    ``sum(p.numel() for p in model.parameters())``. The total's sparsity is over
+    prunable weights only, its compression ``total params / total non-zero`` and
+    its speedup ``total dense FLOPs / total remaining FLOPs``. Buffers (e.g.
+    BatchNorm running statistics) are not parameters and are not counted.
+
+    Raises:
+        ValueError: bad ``input_shape`` (also when the forward pass fails with it),
+            unknown ``prunable`` names, ``bits``/``index_bits`` out of range.
+        TypeError: arguments of the wrong type.
+    """
+    where = "summary"
+    shape, device, dtype = resolve_input(model, input_shape, device, dtype, where)
+    bits, index_bits = check_storage_bits(bits, index_bits, where)
+    prunable_ids = _prunable_ids(model, prunable, where)
+    calls = trace_outputs(model, shape, device, dtype, where)
+
+    rows, total = [], _Tally(StorageTally(bits, index_bits))
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        tally = _Tally(StorageTally(bits, index_bits))
+        for param in own:
+            if id(param) not in seen:
+                seen.add(id(param))
+                tally.add_tensor(param, id(param) in prunable_ids)
+        if isinstance(module, COUNTED_TYPES):
+            tally.add_flops(layer_flops(module, calls.get(module, [])))
+        rows.append(tally.freeze(name, type(module).__name__))
+        total.merge(tally)
+    return Summary(rows=tuple(rows), total=total.freeze("total", ""), input_shape=shape,
+                   bits=bits, index_bits=index_bits)

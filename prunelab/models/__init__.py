@@ -1,0 +1,17 @@
+"""Model zoo: every architecture is built by name through :func:`build_model`.
+
+>>> from prunelab.models import build_model
+>>> model = build_model("mlp", input_shape=(1, 28, 28), n_classes=10, hidden=[100], seed=0)
+
+Registered families (one file each): ``mlp`` and ``lenet-300-100``
+(:mod:`.mlp`), ``lenet5`` (:mod:`.lenet`), ``conv-pool-linear``,
+``small_conv`` and ``medium_conv`` (:mod:`.conv`), ``vgg11`` (:mod:`.vgg`).
+Register your own with ``@MODELS.register("name")``; see ``docs/models.md``.
+"""
+
+from prunelab.models.registry import MODELS, build_model, model_names, model_options
+
+# Imported for their registrations.
+from prunelab.models import conv, lenet, mlp, vgg  # noqa: E402,F401  isort: skip
+
+__all__ = ["MODELS", "build_model", "model_names", "model_options"]

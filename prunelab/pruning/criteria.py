@@ -1,0 +1,138 @@
+"""Saliency criteria: a score per weight, lowest pruned first (METHODS.md §1).
+
+A criterion returns one score tensor per target, shaped like its weight. Scores
+of different layers are compared directly under global scope, so a criterion's
+scores must mean the same thing in every layer.
+
+| name        | score                                                    |
+|-------------|----------------------------------------------------------|
+| ``magnitude`` | ``|w|``                                                |
+| ``random``    | uniform in [0, 1), from a seeded generator             |
+| ``gradient``  | ``mean |w · g|`` over the batches observed before the prune |
+
+Second-order criteria (OBD, L-OBS) live in their own modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prunelab._validation import check_number
+from prunelab.pruning.targets import Target
+from prunelab.registry import Registry
+
+CRITERIA: Registry[type["Criterion"]] = Registry("criterion")
+
+
+class Criterion:
+    """Base class. Subclasses set ``name`` and implement :meth:`scores`."""
+
+    name = ""
+    needs_gradients = False
+
+    def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def observe(self, targets: Sequence[Target]) -> None:
+        """Record the current gradients (called after backward, before the step)."""
+
+    def reset(self) -> None:
+        """Forget recorded statistics (called after every prune)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@CRITERIA.register("magnitude")
+class Magnitude(Criterion):
+    """Weight magnitude ``|w|`` (Han et al. 2015)."""
+
+    name = "magnitude"
+
+    def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
+        return [t.weight.detach().abs() for t in targets]
+
+
+@CRITERIA.register("random")
+class Random(Criterion):
+    """Uniform random scores from a generator seeded with ``seed``.
+
+    Each call draws fresh scores, so successive prunes of an iterative schedule
+    are independent draws, and the whole sequence is reproducible from the seed.
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = check_number("seed", seed, where="random criterion", low=0, integer=True)
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
+        return [torch.rand(t.weight.shape, generator=self._generator).to(t.weight.device)
+                for t in targets]
+
+    def __repr__(self) -> str:
+        return f"Random(seed={self.seed})"
+
+
+@CRITERIA.register("gradient", "gradient-magnitude")
+class GradientMagnitude(Criterion):
+    """Gradient magnitude ``|w · g|``, averaged over observed batches.
+
+    ``g = dL/dw`` is taken from ``weight.grad`` each time :meth:`observe` runs (the
+    Pruner calls it from its optimiser hook, or from a calibration pass). The score
+    is the mean of ``|w · g|`` over the batches observed since the last prune; with
+    ``window=N`` the Pruner observes only the last N training steps before each
+    scheduled prune.
+    """
+
+    name = "gradient"
+    needs_gradients = True
+
+    def __init__(self, window: int | None = None):
+        if window is not None:
+            window = check_number("window", window, where="gradient criterion", low=1, integer=True)
+        self.window = window
+        self._sums: list[torch.Tensor] | None = None
+        self._count = 0
+
+    @property
+    def n_observed(self) -> int:
+        return self._count
+
+    @torch.no_grad()
+    def observe(self, targets: Sequence[Target]) -> None:
+        grads = [t.weight.grad for t in targets]
+        if any(g is None for g in grads):
+            missing = [t.name for t, g in zip(targets, grads) if g is None]
+            raise ValueError(f"gradient criterion: no gradient for {', '.join(missing)}; "
+                             f"call loss.backward() before observing.")
+        products = [(t.weight.detach() * g).abs_() for t, g in zip(targets, grads)]
+        if self._sums is None:
+            self._sums = products
+        else:
+            torch._foreach_add_(self._sums, products)
+        self._count += 1
+
+    def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
+        if self._sums is None or self._count == 0:
+            raise ValueError(
+                "the gradient criterion has no gradients to score with: attach an optimiser "
+                "(Pruner(..., optimizer=opt) or pruner.attach(opt)), call pruner.observe_gradients() "
+                "after loss.backward(), or pass calibration data.")
+        return [s / self._count for s in self._sums]
+
+    def reset(self) -> None:
+        self._sums = None
+        self._count = 0
+
+    def __repr__(self) -> str:
+        return f"GradientMagnitude(window={self.window})"
+
+
+def make_criterion(spec: "str | Criterion | dict", *, seed: int = 0, where: str = "Pruner") -> Criterion:
+    """Build a criterion from a name (``"magnitude"``), a dict ``{"name": ..., **options}``,
+    or return an instance unchanged. ``seed`` reaches criteria that take one."""
+    return CRITERIA.build(spec, param="criterion", where=where, defaults={"seed": seed})

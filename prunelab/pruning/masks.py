@@ -1,0 +1,89 @@
+"""Masks that keep pruned weights at exactly zero, outside the model.
+
+prunelab zeroes pruned weights *in place* and keeps the masks here, not on the
+module: the model stays a plain ``nn.Module`` (same ``state_dict`` keys, no
+``weight_orig``/``weight_mask``, no forward hooks; deepcopy and pickle work), and
+a pruned model costs nothing extra at inference. During training, the masks
+are enforced through the optimiser:
+
+* before each optimiser step the gradients of pruned entries are zeroed, so no
+  optimiser state (momentum, Adam moments) accumulates for them;
+* after each step the weights are multiplied by the mask again, so even an
+  optimiser that moves zero-gradient entries cannot regrow them;
+* when masks change, the optimiser state of newly pruned entries is cleared.
+
+Each of these is one fused ``torch._foreach_mul_`` over all masked tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class MaskSet:
+    """Float {0, 1} masks for a set of parameters, applied in fused batches."""
+
+    def __init__(self):
+        self._masks: dict[nn.Parameter, torch.Tensor] = {}
+        self._params: list[nn.Parameter] = []
+        self._values: list[torch.Tensor] = []
+
+    def set(self, param: nn.Parameter, keep: torch.Tensor) -> None:
+        """Set the keep-mask (bool or {0,1}) of ``param``; all-ones masks are dropped."""
+        keep = keep.to(device=param.device)
+        if bool(keep.all()):
+            self._masks.pop(param, None)
+        else:
+            self._masks[param] = keep.to(dtype=param.dtype).contiguous()
+        self._params = list(self._masks)
+        self._values = [self._masks[p] for p in self._params]
+
+    def get(self, param: nn.Parameter) -> torch.Tensor | None:
+        return self._masks.get(param)
+
+    def __contains__(self, param: object) -> bool:
+        return param in self._masks
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        if self._params:
+            torch._foreach_mul_(self._params, self._values)
+
+    @torch.no_grad()
+    def apply_to_grads(self) -> None:
+        pairs = [(p.grad, m) for p, m in zip(self._params, self._values) if p.grad is not None]
+        if pairs:
+            grads, masks = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(masks))
+
+    @torch.no_grad()
+    def clear_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Zero every per-entry state tensor (shaped like its parameter) of pruned entries."""
+        for optimizer in optimizers:
+            for param, mask in self._masks.items():
+                state = optimizer.state.get(param)
+                if not state:
+                    continue
+                for value in state.values():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        value.mul_(mask.to(value.dtype))
+
+
+class OptimizerHooks:
+    """Registers a MaskSet's grad/weight masking on an optimiser's step hooks."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, before_step, after_step):
+        self.optimizer = optimizer
+        self._handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: before_step()),
+                         optimizer.register_step_post_hook(lambda opt, args, kwargs: after_step())]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

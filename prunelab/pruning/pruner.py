@@ -1,0 +1,392 @@
+"""The Pruner: criterion × granularity × scope × schedule, driven from a training loop.
+
+    pruner = Pruner(model, 0.9, criterion="magnitude", scope="global",
+                    schedule="agp", schedule_args={"n_prunes": 10, "every": 100},
+                    optimizer=opt)
+    for x, y in batches:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        pruner.step()          # prunes when the schedule says so
+
+Pruning is in place: pruned weights are set to exactly 0.0 in the model's own
+tensors, so the result is already permanent — there is nothing to "remove".
+The masks live in the Pruner and matter only while training goes on: attached
+to an optimiser they keep pruned entries at zero (see :mod:`masks`).
+:func:`prune` is the one-call form for one-shot pruning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunelab._validation import check_choice, check_number, check_sparsity
+from prunelab.pruning.criteria import Criterion, make_criterion
+from prunelab.pruning.granularity import REDUCTIONS, Granularity, make_granularity
+from prunelab.pruning.masks import MaskSet, OptimizerHooks
+from prunelab.pruning.schedules import OneShot, Schedule, make_schedule
+from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
+from prunelab.pruning.targets import Target, resolve_targets
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """One applied pruning event."""
+
+    step: int
+    target: float       # the schedule's sparsity
+    sparsity: float     # realised sparsity over all targets afterwards
+    layers: dict        # per-target realised sparsity
+
+
+class Pruner:
+    """Prunes ``model``'s prunable weights to ``sparsity`` on a schedule.
+
+    Parameters
+    ----------
+    model: the network; its weights are modified in place.
+    sparsity: final fraction of prunable weights removed, in [0, 1). May be omitted
+        when ``schedule`` is a ready :class:`Schedule` (which carries it).
+    criterion: ``"magnitude"``, ``"random"``, ``"gradient"`` (or a Criterion, or a
+        ``{"name": ..., **options}`` dict).
+    granularity: ``"weight"``, ``"kernel"``, ``"filter"``/``"unit"``, ``"channel"``.
+    scope: ``"local"``, ``"global"``, ``"layerwise-constant"``.
+    schedule: ``"one-shot"``, ``"iterative"``, ``"agp"``, ``"fixed-fraction"``, a
+        Schedule, or a callable ``step -> sparsity``; ``schedule_args`` are its options
+        (e.g. ``{"n_prunes": 5, "every": 100, "exponent": 3}``).
+    layers: module or parameter names to prune (default: every Linear/Conv weight).
+    reduction: how member scores make a group score: ``"l2"``, ``"sum"``, ``"mean"``.
+    min_keep: groups that always survive in every layer (no layer is emptied).
+    optimizer: optimiser(s) to keep masks enforced in (see :meth:`attach`).
+    rewind: lottery-ticket rewinding (Frankle & Carbin 2018): after every prune,
+        reset all parameters to their values at construction (``"init"``) or after
+        training step ``k`` (an int), keeping the masks; optimiser state is reset.
+    seed: seeds the random criterion.
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float | None = None, *,
+                 criterion: "str | dict | Criterion" = "magnitude",
+                 granularity: "str | Granularity" = "weight",
+                 scope: "str | Scope" = "local",
+                 schedule: "str | dict | Schedule | Callable[[int], float]" = "one-shot",
+                 schedule_args: dict | None = None,
+                 layers: Iterable[str] | None = None,
+                 reduction: str = "l2",
+                 min_keep: int = 1,
+                 optimizer: "torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None" = None,
+                 rewind: "str | int | None" = None,
+                 seed: int = 0):
+        where = "Pruner"
+        self.model = model
+        self.targets: list[Target] = resolve_targets(model, layers, where=where)
+        self.criterion = make_criterion(criterion, seed=seed, where=where)
+        self.granularity = make_granularity(granularity, where=where)
+        for target in self.targets:
+            self.granularity.check(target)
+        self.scope = make_scope(scope, where=where)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS, where=where)
+        self.min_keep = check_number("min_keep", min_keep, where=where, low=1, integer=True)
+        self.schedule = self._make_schedule(schedule, sparsity, schedule_args or {})
+        self._events = self.schedule.events()
+        self._next_event = 0
+        self.step_count = 0
+        self.history: list[PruneRecord] = []
+        self.masks = MaskSet()
+        self._hooks: list[OptimizerHooks] = []
+        self._rewind_step, self._snapshot = self._init_rewind(rewind)
+        if optimizer is not None:
+            for opt in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]):
+                self.attach(opt)
+
+    # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def _make_schedule(schedule, sparsity, schedule_args) -> Schedule:
+        if isinstance(schedule, Schedule):
+            if schedule_args:
+                raise ValueError("the 'schedule_args' parameter of Pruner applies to a schedule "
+                                 "given by name; this schedule is already built.")
+            if sparsity is not None and abs(check_sparsity("sparsity", sparsity, where="Pruner")
+                                            - schedule.final_sparsity) > 1e-12:
+                raise ValueError(f"the 'sparsity' parameter of Pruner ({sparsity!r}) disagrees with "
+                                 f"the schedule's final sparsity ({schedule.final_sparsity!r}); "
+                                 f"give one of them.")
+            return schedule
+        if callable(schedule) and not isinstance(schedule, (str, dict)):
+            return make_schedule(schedule, **schedule_args)
+        name = schedule.get("name") if isinstance(schedule, dict) else schedule
+        takes_sparsity = name not in ("fixed-fraction", "fixed_fraction", "function")
+        if sparsity is None and takes_sparsity and "sparsity" not in schedule_args and not (
+                isinstance(schedule, dict) and "sparsity" in schedule):
+            raise ValueError(f"Pruner needs a target: pass sparsity=... (a float in [0, 1)) for "
+                             f"the {name!r} schedule.")
+        if sparsity is not None:
+            sparsity = check_sparsity("sparsity", sparsity, where="Pruner")
+        return make_schedule(schedule, sparsity, **schedule_args)
+
+    def _init_rewind(self, rewind) -> tuple[int | None, dict | None]:
+        if rewind is None:
+            return None, None
+        if rewind == "init":
+            rewind = 0
+        if isinstance(rewind, str) or isinstance(rewind, bool):
+            raise ValueError(f"the 'rewind' parameter of Pruner must be None, 'init' or a training "
+                             f"step (int >= 0). Got {rewind!r} instead.")
+        rewind = check_number("rewind", rewind, where="Pruner", low=0, integer=True)
+        first = self._events[0][0] if self._events else None
+        if first is not None and rewind > first:
+            raise ValueError(f"the 'rewind' parameter of Pruner must be a step at or before the first "
+                             f"pruning event (step {first}). Got {rewind} instead.")
+        return rewind, (self._snapshot_params() if rewind == 0 else None)
+
+    def _snapshot_params(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    # -------------------------------------------------------------- optimiser
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
+        """Enforce the masks in ``optimizer``: gradients of pruned entries are zeroed
+        before each step, weights re-masked after it, and optimiser state of newly
+        pruned entries cleared at each prune. Returns self."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"the 'optimizer' parameter of Pruner.attach must be a "
+                            f"torch.optim.Optimizer. Got {type(optimizer).__name__} instead.")
+        if any(h.optimizer is optimizer for h in self._hooks):
+            return self
+        self._hooks.append(OptimizerHooks(optimizer, self._before_optimizer_step, self.apply_masks))
+        self.masks.clear_optimizer_state([optimizer])
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimiser hooks (the weights keep their zeros)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [h.optimizer for h in self._hooks]
+
+    def _before_optimizer_step(self) -> None:
+        if self.criterion.needs_gradients and self._observing_now():
+            self.criterion.observe(self.targets)
+        self.masks.apply_to_grads()
+
+    def _observing_now(self) -> bool:
+        window = getattr(self.criterion, "window", None)
+        if window is None or self._next_event >= len(self._events):
+            return True
+        # this optimiser step will be training step (step_count + 1)
+        return self.step_count + 1 > self._events[self._next_event][0] - window
+
+    # ---------------------------------------------------------------- driving
+    def step(self) -> list[PruneRecord]:
+        """Count one completed training step and prune if an event is due.
+
+        Call after each optimiser step. Events due at step 0 take effect on the
+        first call (or call :meth:`update` before training). Returns the records
+        of events applied now (usually none)."""
+        self.step_count += 1
+        if self._rewind_step is not None and self._snapshot is None and self.step_count >= self._rewind_step:
+            self._snapshot = self._snapshot_params()
+        return self.update()
+
+    def update(self) -> list[PruneRecord]:
+        """Apply every event due at the current step count, without advancing it."""
+        due = []
+        while self._next_event < len(self._events) and self._events[self._next_event][0] <= self.step_count:
+            due.append(self._next_event)
+            self._next_event += 1
+        if not due:
+            return []
+        index = due[-1]
+        record = self._prune(self._events[index][1], Event(index, index == len(self._events) - 1))
+        return [record]
+
+    # callback protocol used by prunelab.fit
+    def on_train_begin(self, state=None) -> None:
+        self.update()
+
+    def on_step_end(self, state=None) -> None:
+        self.step()
+
+    def on_epoch_end(self, state=None) -> None:
+        pass
+
+    @property
+    def done(self) -> bool:
+        """True once every scheduled event has been applied."""
+        return self._next_event >= len(self._events)
+
+    def prune_to(self, sparsity: float) -> PruneRecord:
+        """Prune now to ``sparsity`` (outside the schedule), as a final event."""
+        sparsity = check_sparsity("sparsity", sparsity, where="Pruner.prune_to")
+        return self._prune(sparsity, Event(len(self.history), final=True))
+
+    # ------------------------------------------------------------ gradients
+    def observe_gradients(self) -> None:
+        """Record the current ``.grad`` for gradient-based criteria (call after backward)."""
+        self.criterion.observe(self.targets)
+
+    def calibrate(self, data: "tuple[torch.Tensor, torch.Tensor] | Batches",
+                  loss_fn: Callable | None = None, batch_size: int = 256) -> int:
+        """Accumulate gradient statistics over calibration data; returns the number
+        of batches. ``data`` is an ``(x, y)`` pair of tensors or an iterable of
+        batches. The model runs in eval mode; its ``.grad`` fields are restored."""
+        if not self.criterion.needs_gradients:
+            return 0
+        batches = list(_batches(data, batch_size, where="Pruner.calibrate"))
+        loss_fn = loss_fn or nn.functional.cross_entropy
+        params = [t.weight for t in self.targets]
+        saved = [p.grad for p in params]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for x, y in batches:
+                for p in params:
+                    p.grad = None
+                loss = loss_fn(self.model(x), y)
+                grads = torch.autograd.grad(loss, params)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                self.criterion.observe(self.targets)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            self.model.train(was_training)
+        return len(batches)
+
+    # -------------------------------------------------------------- pruning
+    @torch.no_grad()
+    def _prune(self, sparsity: float, event: Event) -> PruneRecord:
+        scores = self.criterion.scores(self.targets)
+        layers = []
+        for target, score in zip(self.targets, scores):
+            weight = target.weight
+            mask = self.masks.get(weight)
+            alive = mask.bool() if mask is not None else torch.ones_like(weight, dtype=torch.bool)
+            alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum") > 0
+            group_scores = self.granularity.group_scores(score.float(), self.reduction)
+            layers.append(LayerGroups(group_scores.flatten(), alive_groups.flatten(),
+                                      self.granularity.group_size(weight)))
+        keeps = self.scope.select(layers, sparsity, event, self.min_keep)
+        for target, layer, keep in zip(self.targets, layers, keeps):
+            weight = target.weight
+            group_keep = keep.reshape(self.granularity.group_scores(weight.detach(), "sum").shape)
+            new = self.granularity.expand(group_keep, weight)
+            old = self.masks.get(weight)
+            self.masks.set(weight, new if old is None else new & old.bool())
+            bias_keep = self.granularity.bias_mask(group_keep.flatten())
+            if bias_keep is not None and target.bias is not None:
+                old_bias = self.masks.get(target.bias)
+                self.masks.set(target.bias, bias_keep if old_bias is None else bias_keep & old_bias.bool())
+        self.masks.apply_to_weights()
+        self.masks.clear_optimizer_state(self.optimizers)
+        self.criterion.reset()
+        if self._snapshot is not None:
+            self._rewind()
+        record = PruneRecord(self.step_count, sparsity, self.sparsity(), self.layer_sparsity())
+        self.history.append(record)
+        return record
+
+    @torch.no_grad()
+    def _rewind(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.copy_(self._snapshot[name])
+        self.masks.apply_to_weights()
+        for optimizer in self.optimizers:
+            optimizer.state.clear()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned entries in place (the optimiser hooks call this after each step)."""
+        self.masks.apply_to_weights()
+
+    # ------------------------------------------------------------ reporting
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of exact zeros in each prunable tensor."""
+        return {t.name: 1.0 - int(torch.count_nonzero(t.weight)) / t.weight.numel() for t in self.targets}
+
+    def sparsity(self) -> float:
+        """Fraction of exact zeros over all prunable tensors."""
+        total = sum(t.weight.numel() for t in self.targets)
+        nonzero = sum(int(torch.count_nonzero(t.weight)) for t in self.targets)
+        return 1.0 - nonzero / total
+
+    def mask(self, name: str) -> torch.Tensor:
+        """The bool keep-mask of a target (by parameter name)."""
+        for t in self.targets:
+            if t.name == name:
+                m = self.masks.get(t.weight)
+                return torch.ones_like(t.weight, dtype=torch.bool) if m is None else m.bool()
+        raise ValueError(f"no prunable tensor {name!r}; targets: {', '.join(t.name for t in self.targets)}")
+
+    def state_dict(self) -> dict:
+        """Masks and schedule progress, as plain tensors and ints (for checkpoints)."""
+        return {"step_count": self.step_count, "next_event": self._next_event,
+                "masks": {t.name: self.mask(t.name) for t in self.targets},
+                "bias_masks": {t.name: self.masks.get(t.bias).bool() for t in self.targets
+                               if t.bias is not None and t.bias in self.masks}}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {t.name: t for t in self.targets}
+        unknown = sorted(set(state["masks"]) - set(names))
+        if unknown:
+            raise ValueError(f"Pruner.load_state_dict: masks for unknown tensors {unknown}; "
+                             f"targets: {', '.join(names)}")
+        for name, keep in state["masks"].items():
+            self.masks.set(names[name].weight, keep.bool())
+        for name, keep in state.get("bias_masks", {}).items():
+            self.masks.set(names[name].bias, keep.bool())
+        self.step_count = int(state["step_count"])
+        self._next_event = int(state["next_event"])
+        self.apply_masks()
+
+    def __repr__(self) -> str:
+        return (f"Pruner(criterion={self.criterion!r}, granularity={self.granularity.name!r}, "
+                f"scope={self.scope.name!r}, schedule={self.schedule!r}, "
+                f"targets={[t.name for t in self.targets]})")
+
+
+def _batches(data, batch_size: int, *, where: str):
+    """Yield (x, y) batches from a pair of tensors or an iterable of pairs; refuse empty data."""
+    batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        x, y = data
+        if len(x) == 0:
+            raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (0 samples).")
+        if len(x) != len(y):
+            raise ValueError(f"the 'data' parameter of {where}: inputs and targets differ in length "
+                             f"({len(x)} vs {len(y)}).")
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+        return
+    n = 0
+    for batch in data:
+        n += 1
+        yield batch
+    if n == 0:
+        raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (no batches).")
+
+
+def prune(model: nn.Module, sparsity: float, *, criterion="magnitude", granularity="weight",
+          scope="local", layers=None, reduction="l2", min_keep=1, data=None, loss_fn=None,
+          batch_size: int = 256, seed: int = 0) -> Pruner:
+    """One-shot pruning in one call: zero the lowest-scored weights of ``model`` in place.
+
+    Returns the :class:`Pruner` that did it; ``pruner.attach(optimizer)`` keeps the
+    zeros through fine-tuning. Criteria that need gradients (``"gradient"``) use
+    ``data`` (an ``(x, y)`` pair or an iterable of batches) as calibration set.
+    """
+    pruner = Pruner(model, criterion=criterion, granularity=granularity, scope=scope,
+                    schedule=OneShot(check_sparsity("sparsity", sparsity, where="prune")),
+                    layers=layers, reduction=reduction, min_keep=min_keep, seed=seed)
+    if pruner.criterion.needs_gradients:
+        if data is None:
+            raise ValueError(f"criterion {pruner.criterion.name!r} needs calibration data: pass "
+                             f"data=(x, y) to prune().")
+        pruner.calibrate(data, loss_fn, batch_size)
+    pruner.update()
+    return pruner

@@ -1,0 +1,216 @@
+"""Training and evaluation over in-memory tensors.
+
+Whole datasets are tensors; a batch is an index slice of them (no per-sample
+Python loop, no DataLoader). ``fit`` is deterministic for a given ``seed`` and
+initial model on the CPU: the shuffling stream comes from a generator seeded
+with ``seed``, and dropout draws from the global RNG, which ``fit`` seeds inside
+a forked RNG state so the caller's random state is left untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunelab._validation import check_choice, check_number, check_type
+from prunelab.pruning.pruner import Pruner
+from prunelab.pruning.regularizers import Regularizer, make_regularizer
+from prunelab.pruning.targets import resolve_targets
+
+OPTIMIZERS = {
+    "sgd": lambda params, lr, momentum, weight_decay: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+    "adam": lambda params, lr, momentum, weight_decay: torch.optim.Adam(
+        params, lr=lr, weight_decay=weight_decay),
+    "adamw": lambda params, lr, momentum, weight_decay: torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay),
+}
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class Callback:
+    """Hooks ``fit`` calls; override what you need. ``state`` is the live TrainState."""
+
+    def on_train_begin(self, state: "TrainState") -> None: ...
+    def on_step_end(self, state: "TrainState") -> None: ...
+    def on_epoch_end(self, state: "TrainState") -> None: ...
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0
+    step: int = 0
+    loss: float = math.nan
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False      # a callback may set this to end training early
+
+
+def as_xy(data, param: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept an ``(x, y)`` pair of tensors or a prunelab Dataset (its train split)."""
+    if hasattr(data, "x_train") and hasattr(data, "y_train"):
+        return data.x_train, data.y_train
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"the '{param}' parameter of {where}: inputs and labels differ in length "
+                             f"({len(x)} vs {len(y)}).")
+        if len(x) == 0:
+            raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
+        return x, y
+    raise TypeError(f"the '{param}' parameter of {where} must be an (x, y) pair of tensors or a "
+                    f"prunelab Dataset. Got {type(data).__name__} instead.")
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, batch_size: int = 1024,
+             loss_fn: Callable | None = None) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` on ``data`` (``(x, y)`` or a Dataset's test split)."""
+    if hasattr(data, "x_test"):
+        data = (data.x_test, data.y_test)
+    x, y = as_xy(data, "data", "evaluate")
+    batch_size = check_number("batch_size", batch_size, where="evaluate", low=1, integer=True)
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(x), batch_size):
+            out = model(x[i:i + batch_size])
+            yb = y[i:i + batch_size]
+            total_loss += float(loss_fn(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return {"loss": total_loss / len(x), "accuracy": correct / len(x), "n": len(x)}
+
+
+def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int = 64, lr: float = 0.01,
+        optimizer: "str | torch.optim.Optimizer" = "sgd", momentum: float = 0.9,
+        weight_decay: float = 0.0, regularizer: "str | dict | Regularizer | None" = None,
+        reg_strength: float | None = None, pruner: Pruner | None = None, seed: int = 0,
+        val=None, progress: bool | None = None, loss_fn: Callable | None = None,
+        callbacks: Sequence[Callback] = (), max_steps: int | None = None) -> list[dict]:
+    """Train ``model`` in place; returns the per-epoch history (list of dicts).
+
+    ``data`` is an ``(x, y)`` pair or a Dataset (train split; its val split, if any,
+    is evaluated each epoch unless ``val`` is given). ``optimizer`` is ``"sgd"``
+    (with ``momentum``), ``"adam"``, ``"adamw"`` or a ready optimiser. ``regularizer``
+    ``"l1"``/``"l2"``/``"group-lasso"`` with ``reg_strength`` penalises the prunable
+    weights (those of ``pruner`` if given). ``pruner`` is attached to the optimiser and
+    stepped after every optimiser step. Raises :class:`TrainingDiverged` on a NaN/inf loss.
+    """
+    where = "fit"
+    check_type("model", model, nn.Module, where=where)
+    x, y = as_xy(data, "data", where)
+    if val is None and getattr(data, "x_val", None) is not None:
+        val = (data.x_val, data.y_val)
+    if val is not None:
+        val = as_xy(val, "val", where)
+    epochs = check_number("epochs", epochs, where=where, low=0, integer=True)
+    batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
+    seed = check_number("seed", seed, where=where, low=0, integer=True)
+    if max_steps is not None:
+        max_steps = check_number("max_steps", max_steps, where=where, low=0, integer=True)
+    if isinstance(optimizer, str):
+        lr = check_number("lr", lr, where=where, low=0.0, closed="neither")
+        momentum = check_number("momentum", momentum, where=where, low=0.0, high=1.0, closed="left")
+        weight_decay = check_number("weight_decay", weight_decay, where=where, low=0.0)
+        name = check_choice("optimizer", optimizer, OPTIMIZERS, where=where)
+        optimizer = OPTIMIZERS[name](model.parameters(), lr, momentum, weight_decay)
+    else:
+        check_type("optimizer", optimizer, torch.optim.Optimizer, where=where,
+                   expected=f"one of {', '.join(OPTIMIZERS)} or a torch.optim.Optimizer")
+    if pruner is not None:
+        check_type("pruner", pruner, Pruner, where=where)
+        if pruner.model is not model:
+            raise ValueError("the 'pruner' parameter of fit prunes a different model than the one given.")
+    reg_targets = None
+    if regularizer is not None:
+        regularizer = make_regularizer(regularizer, reg_strength, where=where)
+        reg_targets = pruner.targets if pruner is not None else resolve_targets(model, where=where)
+        regularizer.bind(reg_targets)
+    loss_fn = loss_fn or nn.functional.cross_entropy
+
+    state = TrainState(model, optimizer)
+    if pruner is not None:
+        pruner.attach(optimizer)
+        callbacks = [pruner, *callbacks]
+    n = len(x)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        shuffle = torch.Generator().manual_seed(seed)
+        for cb in callbacks:
+            cb.on_train_begin(state)
+        bar = tqdm(total=total, disable=not _show_progress(progress), desc="train", unit="step",
+                   leave=False)
+        model.train()
+        try:
+            for epoch in range(epochs):
+                state.epoch = epoch
+                started = time.perf_counter()
+                order = torch.randperm(n, generator=shuffle).to(x.device)
+                loss_sum, correct, seen = 0.0, 0, 0
+                for i in range(0, n, batch_size):
+                    if state.step >= total or state.stop:
+                        break
+                    idx = order[i:i + batch_size]
+                    xb, yb = x[idx], y[idx]
+                    optimizer.zero_grad(set_to_none=True)
+                    out = model(xb)
+                    loss = loss_fn(out, yb)
+                    if regularizer is not None:
+                        loss = loss + regularizer.penalty(reg_targets)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"training loss became {float(loss)} at epoch {epoch}, "
+                                               f"step {state.step}; lower the learning rate.")
+                    loss.backward()
+                    optimizer.step()
+                    state.step += 1
+                    state.loss = float(loss.detach())
+                    loss_sum += state.loss * len(idx)
+                    correct += int((out.argmax(1) == yb).sum())
+                    seen += len(idx)
+                    for cb in callbacks:
+                        cb.on_step_end(state)
+                    bar.update(1)
+                if seen == 0:
+                    break
+                record = {"epoch": epoch + 1, "step": state.step, "loss": loss_sum / seen,
+                          "train_accuracy": correct / seen, "seconds": time.perf_counter() - started}
+                if pruner is not None:
+                    record["sparsity"] = pruner.sparsity()
+                if val is not None:
+                    metrics = evaluate(model, val, loss_fn=loss_fn)
+                    record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
+                state.history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                for cb in callbacks:
+                    cb.on_epoch_end(state)
+                if state.stop:
+                    break
+        finally:
+            bar.close()
+    return state.history
+
+
+def steps_per_epoch(n_samples: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch (the last, smaller batch included)."""
+    return math.ceil(n_samples / batch_size)

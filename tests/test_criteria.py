@@ -1,0 +1,145 @@
+"""Criteria scores against hand computation; rewinding; regularisers."""
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab.pruning import GradientMagnitude, L1, L2, GroupLasso, Pruner, make_regularizer, prune
+from prunelab.pruning.targets import resolve_targets
+from prunelab.training import fit
+
+
+def test_random_criterion_is_seeded():
+    def zeros(seed):
+        torch.manual_seed(0)
+        model = nn.Linear(20, 20)
+        prune(model, 0.5, criterion="random", seed=seed)
+        return model.weight == 0
+    assert torch.equal(zeros(3), zeros(3))
+    assert not torch.equal(zeros(3), zeros(4))
+    assert int(zeros(3).sum()) == 200
+
+
+def test_gradient_criterion_scores_mean_abs_w_times_g():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2, bias=False)
+    x1, x2 = torch.randn(4, 3), torch.randn(5, 3)
+    y1, y2 = torch.randn(4, 2), torch.randn(5, 2)
+    loss_fn = lambda out, y: (out * y).sum()          # dL/dW = yᵀ x
+    w = layer.weight.detach().clone()
+    expected = ((w * (y1.T @ x1)).abs() + (w * (y2.T @ x2)).abs()) / 2
+    criterion = GradientMagnitude()
+    pruner = Pruner(layer, 0.5, criterion=criterion)
+    assert pruner.calibrate([(x1, y1), (x2, y2)], loss_fn) == 2
+    assert torch.allclose(criterion.scores(pruner.targets)[0], expected)
+    pruner.update()
+    k = 3
+    pruned = layer.weight == 0
+    assert int(pruned.sum()) == k
+    assert torch.equal(pruned.flatten(), torch.zeros(6, dtype=torch.bool).index_fill(
+        0, torch.argsort(expected.flatten())[:k], True))
+    assert layer.weight.grad is None  # calibrate restores .grad
+
+
+def test_gradient_window_observes_only_last_steps_before_each_prune():
+    seen = []
+
+    class Spy(GradientMagnitude):
+        def scores(self, targets):
+            seen.append(self.n_observed)
+            return super().scores(targets)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    pruner = Pruner(model, 0.5, criterion=Spy(window=3), schedule="iterative",
+                    schedule_args={"n_prunes": 2, "start": 10, "every": 10})
+    fit(model, (x, y), epochs=30, batch_size=8, pruner=pruner, progress=False, max_steps=25)
+    assert seen == [3, 3]
+
+
+def test_gradient_without_gradients_is_a_clear_error():
+    model = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        prune(model, 0.5, criterion="gradient")
+    with pytest.raises(ValueError, match="empty calibration set"):
+        prune(model, 0.5, criterion="gradient", data=(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="empty calibration set"):
+        prune(model, 0.5, criterion="gradient", data=[])
+    pruner = Pruner(model, 0.5, criterion="gradient")
+    with pytest.raises(ValueError, match="no gradients to score with"):
+        pruner.update()
+
+
+def test_rewind_to_init_resets_survivors_to_initial_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    pruner = Pruner(model, 0.5, schedule="one-shot", schedule_args={"at": 16}, rewind="init")
+    fit(model, (x, y), epochs=2, batch_size=8, lr=0.1, pruner=pruner, progress=False)  # 16 steps
+    assert len(pruner.history) == 1
+    for t in pruner.targets:
+        keep = pruner.mask(t.name)
+        assert torch.equal(t.weight[keep], initial[t.name][keep])
+        assert torch.all(t.weight[~keep] == 0)
+    assert torch.equal(model[0].bias, initial["0.bias"])
+
+
+def test_rewind_to_step_k_uses_weights_after_k_steps():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = Pruner(model, 0.5, schedule="one-shot", schedule_args={"at": 6}, rewind=2, optimizer=opt)
+    snapshot = None
+    for step in range(6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        pruner.step()
+        if step == 1:
+            snapshot = model.weight.detach().clone()
+    keep = pruner.mask("weight")
+    assert torch.equal(model.weight[keep], snapshot[keep])
+    with pytest.raises(ValueError, match="at or before the first pruning event"):
+        Pruner(nn.Linear(2, 2), 0.5, schedule_args={"at": 3}, rewind=5)
+
+
+def test_regularizer_penalties_by_hand():
+    layer = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, -4.0], [0.0, 0.0]]))
+    targets = resolve_targets(layer)
+    assert L1(0.1).penalty(targets).item() == pytest.approx(0.1 * 7)
+    assert L2(0.1).penalty(targets).item() == pytest.approx(0.5 * 0.1 * 25)
+    gl = GroupLasso(0.1, granularity="unit")
+    penalty = gl.penalty(targets)
+    assert penalty.item() == pytest.approx(0.1 * 2 ** 0.5 * 5, rel=1e-6)  # √|g|·‖(3,−4)‖ + 0
+    penalty.backward()
+    assert torch.isfinite(layer.weight.grad).all()               # finite at the all-zero group
+    layer.weight.grad = None
+    L2(0.1).penalty(targets).backward()
+    assert torch.allclose(layer.weight.grad, 0.1 * layer.weight)  # weight decay 0.1
+
+
+def test_l1_training_drives_more_weights_to_near_zero():
+    def small_weights(regularizer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 3))
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(256, 20, generator=g)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+        fit(model, (x, y), epochs=40, batch_size=32, lr=0.05, regularizer=regularizer,
+            reg_strength=1e-3 if regularizer else None, progress=False)
+        return int((model[0].weight.abs() < 1e-2).sum())
+    assert small_weights("l1") > 2 * small_weights(None)
+
+
+def test_make_regularizer_errors():
+    with pytest.raises(ValueError, match="unknown regularizer 'l3'"):
+        make_regularizer("l3", 0.1)
+    with pytest.raises(ValueError, match="'strength' parameter of l1 regularizer"):
+        make_regularizer("l1", -1.0)
+    with pytest.raises(ValueError, match="granularity 'kernel' applies only to Conv"):
+        make_regularizer("group-lasso", 0.1, granularity="kernel").bind(resolve_targets(nn.Linear(2, 2)))
