@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -178,8 +179,8 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int = 64, lr: fl
                     loss = loss_fn(out, yb)
                     if regularizer is not None:
                         loss = loss + regularizer.penalty(reg_targets)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"training loss became {float(loss)} at epoch {epoch}, "
+                    if not torch.isfinite(loss.detach()):
+                        raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch}, "
                                                f"step {state.step}; lower the learning rate.")
                     loss.backward()
                     optimizer.step()
@@ -208,6 +209,11 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int = 64, lr: fl
                     break
         finally:
             bar.close()
+    if pruner is not None and not pruner.done:
+        warnings.warn(f"training ended after {pruner.step_count} pruner steps, before the schedule's last "
+                      f"event (step {pruner.schedule.last_step}); sparsity is {pruner.sparsity():.4f}, "
+                      f"not {pruner.schedule.final_sparsity:.4f}. Train longer or shorten the schedule.",
+                      stacklevel=2)
     return state.history
 
 

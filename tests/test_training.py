@@ -80,3 +80,10 @@ def test_fit_accepts_dataset_like_objects():
     history = fit(net(), DS(), epochs=1, progress=False)
     assert "val_accuracy" in history[0]
     assert evaluate(net(), DS())["n"] == 32
+
+
+def test_fit_warns_when_training_ends_before_the_schedule():
+    model = net()
+    pruner = Pruner(model, 0.8, schedule="agp", schedule_args={"n_prunes": 4, "every": 100})
+    with pytest.warns(UserWarning, match=r"before the schedule's last event \(step 400\)"):
+        fit(model, data(), epochs=1, batch_size=16, pruner=pruner, progress=False)

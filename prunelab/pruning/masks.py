@@ -9,7 +9,12 @@ are enforced through the optimiser:
 * before each optimiser step the gradients of pruned entries are zeroed, so no
   optimiser state (momentum, Adam moments) accumulates for them;
 * after each step the weights are multiplied by the mask again, so even an
-  optimiser that moves zero-gradient entries cannot regrow them;
+  optimiser that moves zero-gradient entries cannot regrow them. This second
+  pass is skipped for the built-in optimisers listed in ``ZERO_PRESERVING``:
+  for them an entry whose weight, gradient and state are all zero gets an
+  update of exactly zero (SGD with momentum/Nesterov/weight decay, the Adam
+  family with decoupled or coupled decay, RMSprop, Adagrad), which saves one
+  pass over the weights per step; subclasses and other optimisers get both;
 * when masks change, the optimiser state of newly pruned entries is cleared.
 
 Each of these is one fused ``torch._foreach_mul_`` over all masked tensors.
@@ -75,13 +80,21 @@ class MaskSet:
                         value.mul_(mask.to(value.dtype))
 
 
+# Exact types (not subclasses) whose update is zero for an entry with zero weight,
+# zero gradient and zero state; see the module docstring.
+ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+                   torch.optim.Adagrad, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+
+
 class OptimizerHooks:
     """Registers a MaskSet's grad/weight masking on an optimiser's step hooks."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, before_step, after_step):
         self.optimizer = optimizer
-        self._handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: before_step()),
-                         optimizer.register_step_post_hook(lambda opt, args, kwargs: after_step())]
+        self._handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: before_step())]
+        if type(optimizer) not in ZERO_PRESERVING:
+            self._handles.append(
+                optimizer.register_step_post_hook(lambda opt, args, kwargs: after_step()))
 
     def remove(self) -> None:
         for handle in self._handles:

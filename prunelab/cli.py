@@ -1,0 +1,247 @@
+"""The ``prunelab`` command line.
+
+    prunelab quickstart [--out DIR] [--seeds N]
+    prunelab list [criteria|granularities|scopes|schedules|regularizers|models|datasets]
+    prunelab data info [NAME]          prunelab data fetch NAME [--root DIR]
+    prunelab prune --dataset digits --model mlp --sparsity 0.9 [--criterion ...] [--save FILE]
+    prunelab summary --model lenet5 --dataset mnist [--weights FILE]
+
+Every argument is checked before any work starts; a mistake prints one line
+``prunelab: error: ...`` naming the bad value and the valid ones, exit status 2
+(set ``PRUNELAB_DEBUG=1`` for the full traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from prunelab._validation import check_number
+from prunelab._version import __version__
+
+
+def _key_values(pairs: list[str] | None, flag: str) -> dict:
+    """Parse ``key=value`` options; values are YAML scalars/lists (``hidden=[300,100]``)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes key=value, e.g. {flag} hidden=[300,100]. Got {pair!r} instead.")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _registries() -> dict:
+    from prunelab.data import DATASETS
+    from prunelab.models import MODELS
+    from prunelab.pruning import CRITERIA, GRANULARITIES, REGULARIZERS, SCHEDULES, SCOPES
+    return {"criteria": CRITERIA, "granularities": GRANULARITIES, "scopes": SCOPES,
+            "schedules": SCHEDULES, "regularizers": REGULARIZERS, "models": MODELS, "datasets": DATASETS}
+
+
+def cmd_list(args) -> int:
+    registries = _registries()
+    kinds = [args.kind] if args.kind else list(registries)
+    for kind in kinds:
+        registry = registries[kind]
+        aliases: dict[str, list[str]] = {}
+        for alias, name in registry.aliases().items():
+            aliases.setdefault(name, []).append(alias)
+        names = [f"{n} ({', '.join(sorted(aliases[n]))})" if n in aliases else n for n in registry.names()]
+        print(f"{kind}: {', '.join(names)}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from prunelab.quickstart import main
+    main(out=args.out, seeds=args.seeds, progress=args.progress)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from prunelab.data import DATASETS, dataset_info, fetch
+    if args.action == "info":
+        names = [args.name] if args.name else DATASETS.names()
+        for name in names:
+            info = dataset_info(name)
+            print(json.dumps(info, indent=2, default=str))
+        return 0
+    if not args.name:
+        raise ValueError("prunelab data fetch needs a dataset NAME, one of: " + ", ".join(DATASETS.names()))
+    fetch(args.name, root=args.root)
+    print(f"{args.name}: files present and checksums verified")
+    return 0
+
+
+def _schedule(args, per_epoch: int):
+    from prunelab.pruning import make_schedule
+    options = _key_values(args.schedule_arg, "--schedule-arg")
+    name = args.schedule
+    if name in ("iterative", "root", "agp", "gradual", "fixed-fraction", "fixed_fraction"):
+        options.setdefault("every", max(1, round(args.prune_every * per_epoch)))
+    if name in ("fixed-fraction", "fixed_fraction"):
+        options.setdefault("sparsity", args.sparsity)
+        return make_schedule(name, **options)
+    return make_schedule(name, args.sparsity, **options)
+
+
+def cmd_prune(args) -> int:
+    import torch
+
+    from prunelab.data import load_dataset
+    from prunelab.metrics import summary
+    from prunelab.models import build_model
+    from prunelab.pruning import Pruner
+    from prunelab.training import evaluate, fit, steps_per_epoch
+
+    # everything is validated before the first training step
+    for flag, value in (("--epochs", args.epochs), ("--finetune-epochs", args.finetune_epochs)):
+        check_number(flag, value, where="prunelab prune", low=0, integer=True)
+    model_args = _key_values(args.model_arg, "--model-arg")
+    ds = load_dataset(args.dataset, root=args.data_root)
+    model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
+    per_epoch = steps_per_epoch(len(ds.y_train), args.batch_size)
+    schedule = _schedule(args, per_epoch)
+    # the Pruner validates everything now and touches no weight until its first event
+    pruner = Pruner(model, schedule=schedule, criterion=args.criterion, granularity=args.granularity,
+                    scope=args.scope, layers=args.layers, seed=args.seed)
+    finetune_steps = args.finetune_epochs * per_epoch
+    if schedule.last_step > finetune_steps:
+        raise ValueError(f"the schedule's last prune is at step {schedule.last_step} but fine-tuning has "
+                         f"{finetune_steps} steps ({args.finetune_epochs} epochs x {per_epoch}); raise "
+                         f"--finetune-epochs or lower n_prunes / --prune-every.")
+    train_kw = dict(batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+                    regularizer=args.regularizer, reg_strength=args.reg_strength,
+                    progress=not args.quiet and sys.stderr.isatty())
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+
+    fit(model, ds, epochs=args.epochs, **train_kw)
+    before = evaluate(model, ds)["accuracy"]
+    if pruner.criterion.needs_gradients:
+        n_cal = min(len(ds.y_train), 1024)
+        pruner.calibrate((ds.x_train[:n_cal], ds.y_train[:n_cal]))
+    pruner.update()
+    right_after = evaluate(model, ds)["accuracy"]
+    fit(model, ds, epochs=args.finetune_epochs, pruner=pruner, **train_kw)
+    after = evaluate(model, ds)["accuracy"]
+    stats = summary(model, ds.input_shape)
+    print(stats)
+    result = {"dataset": ds.name, "model": model.config, "criterion": args.criterion,
+              "granularity": args.granularity, "scope": args.scope, "schedule": repr(schedule),
+              "accuracy_dense": before, "accuracy_after_first_prune": right_after,
+              "accuracy_final": after, "sparsity": stats.total.sparsity,
+              "compression": stats.total.compression, "speedup": stats.total.speedup,
+              "epochs": args.epochs, "finetune_epochs": args.finetune_epochs}
+    print(f"\naccuracy: dense {before:.4f} -> right after first prune {right_after:.4f} -> "
+          f"after {args.finetune_epochs} epochs {after:.4f}; sparsity {stats.total.sparsity:.4f}, "
+          f"compression {stats.total.compression:.2f}x, theoretical speedup {stats.total.speedup:.2f}x")
+    if args.save:
+        torch.save({"config": model.config, "state_dict": model.state_dict()}, args.save)
+        print(f"saved {args.save}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_summary(args) -> int:
+    import torch
+
+    from prunelab.data import DATASETS, dataset_info
+    from prunelab.metrics import summary
+    from prunelab.models import build_model
+
+    model_args = _key_values(args.model_arg, "--model-arg")
+    info = dataset_info(DATASETS.canonical(args.dataset, param="dataset", where="prunelab summary"))
+    input_shape = tuple(info["input_shape"])
+    model = build_model(args.model, input_shape=input_shape, n_classes=info["n_classes"], **model_args)
+    if args.weights:
+        saved = torch.load(args.weights, weights_only=True, map_location="cpu")
+        state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
+        model.load_state_dict(state)
+    stats = summary(model, input_shape)
+    print(stats.to_markdown() if args.markdown else stats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunelab", description="Neural-network pruning and compression.")
+    parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quickstart", help="the quickstart study on the embedded digits dataset")
+    p.add_argument("--out", default="results/quickstart", help="folder for the table (md, csv, json)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--progress", action="store_true", help="show training progress bars")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("list", help="list the names usable in Python, the CLI and study specs")
+    p.add_argument("kind", nargs="?", choices=["criteria", "granularities", "scopes", "schedules",
+                                               "regularizers", "models", "datasets"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("data", help="dataset files: where they go, and download with checksums")
+    p.add_argument("action", choices=["info", "fetch"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--root", default=None, help="data root (default: $PRUNELAB_DATA, then the cache)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("prune", help="train, prune and fine-tune one model; print its metrics")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--criterion", default="magnitude")
+    p.add_argument("--granularity", default="weight")
+    p.add_argument("--scope", default="local")
+    p.add_argument("--schedule", default="one-shot")
+    p.add_argument("--schedule-arg", action="append", metavar="KEY=VALUE", help="e.g. n_prunes=5")
+    p.add_argument("--prune-every", type=float, default=1.0,
+                   help="epochs between prunes of iterative/agp/fixed-fraction schedules")
+    p.add_argument("--layers", nargs="+", default=None, help="module or parameter names to prune")
+    p.add_argument("--epochs", type=int, default=10, help="dense training epochs")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="epochs from the first prune on")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--regularizer", default=None)
+    p.add_argument("--reg-strength", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, help="write {config, state_dict} with torch.save")
+    p.add_argument("--json", default=None, help="write the result as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("summary", help="per-layer parameters, sparsity, FLOPs and storage of a model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="mnist", help="sets the input shape and classes")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    p.add_argument("--weights", default=None, help="a file written by prunelab prune --save")
+    p.add_argument("--markdown", action="store_true")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get("PRUNELAB_DEBUG"):
+            raise
+        print(f"prunelab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Datasets for pruning experiments, loaded whole into memory as tensors.
+
+>>> from prunelab.data import load_dataset
+>>> ds = load_dataset("digits")          # embedded, needs no files
+>>> ds.x_train.shape, ds.n_classes
+(torch.Size([1437, 1, 8, 8]), 10)
+
+Files are read from the data root (``root=`` > ``$PRUNELAB_DATA`` > cache dir)
+and, failing that, the cache dir; anything written goes to a writable one of the
+two. See docs/data.md.
+"""
+
+from prunelab.data._paths import cache_dir, data_root
+from prunelab.data.api import dataset_info, fetch, load_dataset
+from prunelab.data.catalog import DATASETS
+from prunelab.data.dataset import Dataset
+from prunelab.data.errors import ChecksumError, DatasetNotFoundError
+from prunelab.data.recipes import generate_variant
+
+__all__ = [
+    "DATASETS",
+    "ChecksumError",
+    "Dataset",
+    "DatasetNotFoundError",
+    "cache_dir",
+    "data_root",
+    "dataset_info",
+    "fetch",
+    "generate_variant",
+    "load_dataset",
+]

@@ -1,0 +1,104 @@
+"""Download one file from a list of mirrors, verified by md5, written atomically.
+
+The bytes are streamed into a temp file in the destination folder while their md5
+is computed; only a file whose md5 matches is renamed onto its final name, so a
+failed, interrupted or tampered download never leaves a file that looks valid.
+Mirrors are tried in order; the next one is used when one fails for any reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from prunelab.data.errors import ChecksumError
+
+DEFAULT_TIMEOUT = 30.0  # seconds without data before a mirror is given up
+_CHUNK = 1 << 16
+
+
+class DownloadError(OSError):
+    """Every mirror failed (network errors, HTTP errors); ``reasons`` says why, per URL."""
+
+    def __init__(self, message: str, reasons: Sequence[str]):
+        super().__init__(message)
+        self.reasons = list(reasons)
+
+
+def _progress_bar(total: int | None, name: str, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm  # imported lazily: only needed for interactive downloads
+    return tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False)
+
+
+def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None) -> tuple[str, str]:
+    """Stream ``url`` into a temp file next to ``dest``; return (temp path, md5)."""
+    request = urllib.request.Request(url, headers={"User-Agent": "prunelab"})
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            bar = _progress_bar(int(length) if length and length.isdigit() else None,
+                                dest.name, progress)
+            try:
+                for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp, digest.hexdigest()
+
+
+def download_file(urls: Sequence[str], dest: Path, md5: str, *,
+                  timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None) -> Path:
+    """Download ``dest`` from the first of ``urls`` that serves bytes with md5 ``md5``.
+
+    Raises :class:`ChecksumError` when no mirror succeeded and at least one served
+    wrong bytes, else :class:`DownloadError` listing each mirror's failure.
+    ``progress``: ``None`` shows a tqdm bar only when stderr is a terminal.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    reasons: list[str] = []
+    bad_checksum = False
+    for url in urls:
+        try:
+            tmp, actual = _fetch_one(url, dest, timeout, progress)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                reasons.append(f"{url}: HTTP {exc.code} {exc.reason}")
+            else:
+                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+                reasons.append(f"{url}: {type(exc).__name__}: {reason}")
+            continue
+        if actual != md5:
+            os.unlink(tmp)
+            bad_checksum = True
+            reasons.append(f"{url}: checksum mismatch: expected md5 {md5}, got {actual}")
+            continue
+        os.replace(tmp, dest)
+        return dest
+    detail = "\n  ".join(reasons) if reasons else "no mirror configured"
+    if bad_checksum:
+        raise ChecksumError(f"checksum mismatch for {dest.name}: no mirror served the expected "
+                            f"bytes (md5 {md5}); nothing was saved.\n  {detail}")
+    raise DownloadError(f"could not download {dest.name}:\n  {detail}", reasons)

@@ -1,0 +1,76 @@
+"""The command line and the quickstart, run in-process on the embedded digits data."""
+
+import json
+
+import pytest
+import torch
+
+from prunelab.cli import main
+from prunelab.quickstart import Budget, run_quickstart, save
+
+
+def test_list_prints_every_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for line in ["criteria: gradient (gradient-magnitude), magnitude, random",
+                 "scopes: global, layerwise-constant (layerwise_constant), local (layerwise)",
+                 "granularities: channel, filter (unit), kernel, weight (unstructured)"]:
+        assert line in out
+    assert "lenet5" in out and "digits" in out
+
+
+def test_prune_command_trains_prunes_and_saves(tmp_path, capsys):
+    save_path, json_path = tmp_path / "m" / "model.pt", tmp_path / "r.json"
+    code = main(["prune", "--dataset", "digits", "--model", "mlp", "--model-arg", "hidden=[32]",
+                 "--sparsity", "0.8", "--scope", "global", "--schedule", "agp",
+                 "--schedule-arg", "n_prunes=3", "--epochs", "3", "--finetune-epochs", "4",
+                 "--save", str(save_path), "--json", str(json_path), "--quiet"])
+    assert code == 0
+    result = json.loads(json_path.read_text())
+    assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert result["accuracy_final"] > 0.5
+    saved = torch.load(save_path, weights_only=True)
+    assert saved["config"]["hidden"] == [32]
+    capsys.readouterr()
+    assert main(["summary", "--model", "mlp", "--dataset", "digits", "--model-arg", "hidden=[32]",
+                 "--weights", str(save_path)]) == 0
+    out = capsys.readouterr().out
+    # read back from the file: local 80 % of fc1 (2048 weights → 1638 pruned) and fc2 (320 → 256)
+    total_line = next(line for line in out.splitlines() if line.startswith("total"))
+    assert f"{100 * (1638 + 256) / 2368:.2f}" in total_line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prune", "--criterion", "magnitde"], "unknown criterion 'magnitde' (did you mean 'magnitude'?)"),
+    (["prune", "--sparsity", "1.2"], "'sparsity' parameter of one-shot schedule must be a float in [0, 1). Got 1.2"),
+    (["prune", "--dataset", "mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
+    (["prune", "--model", "lenet", "--dataset", "digits"], "unknown model 'lenet'"),
+    (["prune", "--model-arg", "hidden"], "--model-arg takes key=value"),
+    (["prune", "--finetune-epochs", "-2"], "'--finetune-epochs' parameter of prunelab prune must be an int"),
+    (["prune", "--granularity", "kernel"], "granularity 'kernel' applies only to Conv layers"),
+    (["prune", "--schedule", "iterative", "--schedule-arg", "n_prunes=9", "--finetune-epochs", "3"],
+     "the schedule's last prune is at step 184 but fine-tuning has 69 steps"),
+])
+def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunelab: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_quickstart_small_run_reports_and_saves(tmp_path):
+    rows = run_quickstart(seeds=2, sparsities=(0.9,), log=lambda *a: None,
+                          budget=Budget(dense_epochs=4, finetune_epochs=4, n_prunes=2, prune_every_epochs=1))
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"dense", "one-shot", "iterative"}
+    for method in ("one-shot", "iterative"):
+        r = by_method[method]
+        assert r["sparsity"] == pytest.approx(0.9, abs=1e-3)
+        assert r["compression"] > 8 and r["speedup"] > 8 and r["seeds"] == 2
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert by_method["one-shot"]["accuracy_pruned"] < by_method["dense"]["accuracy"]
+    paths = save(rows, tmp_path, {"description": "test", "prunelab": "x", "torch": "y",
+                                  "machine": "z", "seconds": 1.0})
+    assert all(p.exists() for p in paths)
+    assert "| one-shot | 0.900 |" in paths[0].read_text()
+    assert json.loads(paths[2].read_text())["rows"][0]["method"] == "dense"
