@@ -60,12 +60,18 @@ class MaskSet:
         if self._params:
             torch._foreach_mul_(self._params, self._values)
 
-    @torch.no_grad()
     def apply_to_grads(self) -> None:
-        pairs = [(p.grad, m) for p, m in zip(self._params, self._values) if p.grad is not None]
-        if pairs:
-            grads, masks = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(masks))
+        """Zero the gradients of pruned entries (runs every step: kept lean)."""
+        if not self._params:
+            return
+        grads = [p.grad for p in self._params]
+        with torch.no_grad():
+            try:
+                torch._foreach_mul_(grads, self._values)
+            except TypeError:  # some parameter has no gradient this step
+                pairs = [(g, m) for g, m in zip(grads, self._values) if g is not None]
+                if pairs:
+                    torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def clear_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
@@ -87,14 +93,17 @@ ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.o
 
 
 class OptimizerHooks:
-    """Registers a MaskSet's grad/weight masking on an optimiser's step hooks."""
+    """Registers grad/weight masking on an optimiser's step hooks.
+
+    ``before_step`` and ``after_step`` are called as ``hook(optimizer, args, kwargs)``
+    (torch's hook signature, registered directly to keep the per-step cost low).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, before_step, after_step):
         self.optimizer = optimizer
-        self._handles = [optimizer.register_step_pre_hook(lambda opt, args, kwargs: before_step())]
+        self._handles = [optimizer.register_step_pre_hook(before_step)]
         if type(optimizer) not in ZERO_PRESERVING:
-            self._handles.append(
-                optimizer.register_step_post_hook(lambda opt, args, kwargs: after_step()))
+            self._handles.append(optimizer.register_step_post_hook(after_step))
 
     def remove(self) -> None:
         for handle in self._handles:
