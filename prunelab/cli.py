@@ -127,6 +127,7 @@ def cmd_prune(args) -> int:
         n_cal = min(len(ds.y_train), 1024)
         pruner.calibrate((ds.x_train[:n_cal], ds.y_train[:n_cal]))
     pruner.update()
+    first_sparsity = pruner.sparsity()
     right_after = evaluate(model, ds)["accuracy"]
     fit(model, ds, epochs=args.finetune_epochs, pruner=pruner, **train_kw)
     after = evaluate(model, ds)["accuracy"]
@@ -135,10 +136,12 @@ def cmd_prune(args) -> int:
     result = {"dataset": ds.name, "model": model.config, "criterion": args.criterion,
               "granularity": args.granularity, "scope": args.scope, "schedule": repr(schedule),
               "accuracy_dense": before, "accuracy_after_first_prune": right_after,
+              "sparsity_after_first_prune": first_sparsity,
               "accuracy_final": after, "sparsity": stats.total.sparsity,
               "compression": stats.total.compression, "speedup": stats.total.speedup,
               "epochs": args.epochs, "finetune_epochs": args.finetune_epochs}
-    print(f"\naccuracy: dense {before:.4f} -> right after first prune {right_after:.4f} -> "
+    print(f"\naccuracy: dense {before:.4f} -> right after the first prune (sparsity {first_sparsity:.3f}) "
+          f"{right_after:.4f} -> "
           f"after {args.finetune_epochs} epochs {after:.4f}; sparsity {stats.total.sparsity:.4f}, "
           f"compression {stats.total.compression:.2f}x, theoretical speedup {stats.total.speedup:.2f}x")
     if args.save:
