@@ -82,6 +82,10 @@ class Registry(Generic[T]):
         for key, value in (defaults or {}).items():
             if key not in options and (accepted is None or key in accepted):
                 options[key] = value
+        missing = [key for key in _required_options(factory) if key not in options]
+        if missing:
+            raise ValueError(f"{self.kind} {name!r} needs option(s) {', '.join(map(repr, missing))}; "
+                             f"valid options: {', '.join(sorted(accepted or []))}.")
         return factory(**options)
 
     def names(self) -> list[str]:
@@ -102,6 +106,16 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def _required_options(factory: Any) -> list[str]:
+    """Keyword names a factory requires (no default)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in signature.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _accepted_options(factory: Any) -> set[str] | None:

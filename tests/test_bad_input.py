@@ -40,7 +40,8 @@ PRUNER_CASES = [
      r"'exponent' parameter of iterative schedule must be a float in \[1, inf\]"),
     ({"sparsity": 0.5, "schedule": "agp", "schedule_args": {"n_prune": 3}}, TypeError,
      r"schedule 'agp' got unknown option\(s\) 'n_prune'; valid options: every, initial_sparsity, n_prunes"),
-    ({"schedule": "agp"}, ValueError, r"Pruner needs a target: pass sparsity"),
+    ({"schedule": "agp"}, ValueError, r"schedule 'agp' needs option\(s\) 'sparsity'; valid options: every, "),
+    ({"schedule": "fixed-fraction"}, ValueError, r"schedule 'fixed-fraction' needs option\(s\) 'fraction'"),
 ]
 
 
@@ -69,6 +70,8 @@ def test_schedule_errors():
         make_schedule("fixed-fraction", fraction=0.1, n_prunes=2, of="all")
     with pytest.raises(ValueError, match="needs 'n_prunes', 'sparsity' or both"):
         make_schedule("fixed-fraction", fraction=0.1)
+    with pytest.raises(ValueError, match="a callable schedule gives its own sparsity"):
+        Pruner(model(), 0.5, schedule=lambda step: 0.5)
 
 
 FIT_CASES = [

@@ -11,12 +11,7 @@ from prunelab.data import (DATASETS, Dataset, DatasetNotFoundError, cache_dir, d
                            dataset_info, fetch, load_dataset)
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """Point every prunelab location into tmp so nothing is written elsewhere."""
-    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("PRUNELAB_DATA", raising=False)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,10 @@ from prunelab.data.amat import parse_amat, read_amat
 from prunelab.data.idx import parse_idx, read_idx
 from prunelab.data.variants import ORIGINAL_FILES
 
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("PRUNELAB_DATA", raising=False)
+from helpers import idx_bytes
 
 
-def idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 # -- IDX ---------------------------------------------------------------------------

@@ -22,19 +22,13 @@ from prunelab.data import cifar, mnist, variants
 from prunelab.data._download import download_file
 from prunelab.data._paths import is_writable
 
+from helpers import idx_gz
+
 N_TRAIN, N_TEST = 40, 30
 FILES = list(mnist.MD5["mnist"])
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("PRUNELAB_DATA", raising=False)
-
-
-def idx_gz(array: np.ndarray, magic: int) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ from prunelab.data.mnist import MD5
 
 pytestmark = pytest.mark.data
 
-_SHARED = Path("/work/shared/data")
+# the shared data folder that sits beside a checkout (../shared/data), as in CI
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = Path(os.environ["PRUNELAB_DATA"]) if os.environ.get("PRUNELAB_DATA") else _SHARED
 
 # Per-class counts of the official splits (measured on the files; the same values the

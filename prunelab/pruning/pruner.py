@@ -115,14 +115,6 @@ class Pruner:
                                  f"the schedule's final sparsity ({schedule.final_sparsity!r}); "
                                  f"give one of them.")
             return schedule
-        if callable(schedule) and not isinstance(schedule, (str, dict)):
-            return make_schedule(schedule, **schedule_args)
-        name = schedule.get("name") if isinstance(schedule, dict) else schedule
-        takes_sparsity = name not in ("fixed-fraction", "fixed_fraction", "function")
-        if sparsity is None and takes_sparsity and "sparsity" not in schedule_args and not (
-                isinstance(schedule, dict) and "sparsity" in schedule):
-            raise ValueError(f"Pruner needs a target: pass sparsity=... (a float in [0, 1)) for "
-                             f"the {name!r} schedule.")
         if sparsity is not None:
             sparsity = check_sparsity("sparsity", sparsity, where="Pruner")
         return make_schedule(schedule, sparsity, **schedule_args)
@@ -265,19 +257,20 @@ class Pruner:
     @torch.no_grad()
     def _prune(self, sparsity: float, event: Event) -> PruneRecord:
         scores = self.criterion.scores(self.targets)
-        layers = []
+        layers, group_shapes = [], []
         for target, score in zip(self.targets, scores):
             weight = target.weight
             mask = self.masks.get(weight)
             alive = mask.bool() if mask is not None else torch.ones_like(weight, dtype=torch.bool)
             alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum") > 0
             group_scores = self.granularity.group_scores(score.float(), self.reduction)
+            group_shapes.append(group_scores.shape)
             layers.append(LayerGroups(group_scores.flatten(), alive_groups.flatten(),
                                       self.granularity.group_size(weight)))
         keeps = self.scope.select(layers, sparsity, event, self.min_keep)
-        for target, layer, keep in zip(self.targets, layers, keeps):
+        for target, keep, shape in zip(self.targets, keeps, group_shapes):
             weight = target.weight
-            group_keep = keep.reshape(self.granularity.group_scores(weight.detach(), "sum").shape)
+            group_keep = keep.reshape(shape)
             new = self.granularity.expand(group_keep, weight)
             old = self.masks.get(weight)
             self.masks.set(weight, new if old is None else new & old.bool())

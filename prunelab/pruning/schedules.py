@@ -210,6 +210,9 @@ def make_schedule(spec: "str | dict | Schedule | Callable[[int], float]", sparsi
     if isinstance(spec, Schedule):
         return spec
     if callable(spec) and not isinstance(spec, (str, dict)):
+        if sparsity is not None:
+            raise ValueError(f"a callable schedule gives its own sparsity at each step; leave out "
+                             f"'sparsity' (got {sparsity!r}) or use a named schedule.")
         return FunctionSchedule(spec, **options)
     if sparsity is not None:
         options.setdefault("sparsity", sparsity)
