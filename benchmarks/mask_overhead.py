@@ -14,7 +14,7 @@ Configurations are measured in interleaved rounds (ABCABC…) so drift of the
 machine affects all alike; each round times ``--steps`` steps and the table
 reports the median per-step time over rounds and its ratio to the baseline.
 
-    python benchmarks/mask_overhead.py [--rounds 15] [--steps 300] [--optimizer sgd adam]
+    python benchmarks/mask_overhead.py [--rounds 15] [--steps 300] [--optimizer sgd adam] [--threads 1 2]
 
 With Adam, every pruning method pays an extra cost that is not masking: the
 second moments of pruned entries are exactly zero, and torch's CPU ``sqrt`` is
@@ -92,19 +92,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--optimizer", nargs="+", choices=["sgd", "adam"], default=["sgd", "adam"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts to measure (default: 1 and torch's default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or sorted({1, torch.get_num_threads()})
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand(args.batch_size, 1, 28, 28, generator=g) for _ in range(50)]
     ys = [torch.randint(0, 10, (args.batch_size,), generator=g) for _ in range(50)]
-    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}; "
           f"784-100-10 MLP, batch {args.batch_size}, sparsity {args.sparsity:g}; "
           f"median of {args.rounds} interleaved rounds x {args.steps} steps")
-    for optimizer in args.optimizer:
-        report(optimizer, args, xs, ys)
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for optimizer in args.optimizer:
+            report(optimizer, args, xs, ys)
     sqrt_table()
 
 
@@ -117,7 +119,7 @@ def report(optimizer: str, args, xs, ys) -> None:
         for name, model, opt in configs:
             times[name].append(time_steps(model, opt, xs, ys, args.steps))
     baseline = statistics.median(times["unpruned"])
-    print(f"\n{optimizer}\n{'configuration':<22} {'us/step':>9} {'min':>9} {'max':>9} {'vs unpruned':>12} "
+    print(f"\n{optimizer}, {torch.get_num_threads()} thread(s)\n{'configuration':<22} {'us/step':>9} {'min':>9} {'max':>9} {'vs unpruned':>12} "
           f"{'sparsity':>9}")
     for name, model, _ in configs:
         med = statistics.median(times[name])

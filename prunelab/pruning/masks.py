@@ -56,22 +56,23 @@ class MaskSet:
         return len(self._masks)
 
     @torch.no_grad()
-    def apply_to_weights(self) -> None:
+    def apply_to_weights(self, *hook_args) -> None:
         if self._params:
             torch._foreach_mul_(self._params, self._values)
 
-    def apply_to_grads(self) -> None:
-        """Zero the gradients of pruned entries (runs every step: kept lean)."""
+    def apply_to_grads(self, *hook_args) -> None:
+        """Zero the gradients of pruned entries. Runs every step, so it is kept lean: no
+        grad-mode switch (gradients are leaves that do not require grad) and one fused call.
+        Accepts and ignores torch's optimiser-hook arguments so it can be registered directly."""
         if not self._params:
             return
         grads = [p.grad for p in self._params]
-        with torch.no_grad():
-            try:
-                torch._foreach_mul_(grads, self._values)
-            except TypeError:  # some parameter has no gradient this step
-                pairs = [(g, m) for g, m in zip(grads, self._values) if g is not None]
-                if pairs:
-                    torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+        try:
+            torch._foreach_mul_(grads, self._values)
+        except TypeError:  # some parameter has no gradient this step
+            pairs = [(g, m) for g, m in zip(grads, self._values) if g is not None]
+            if pairs:
+                torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     @torch.no_grad()
     def clear_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:

@@ -147,7 +147,8 @@ class Pruner:
                             f"torch.optim.Optimizer. Got {type(optimizer).__name__} instead.")
         if any(h.optimizer is optimizer for h in self._hooks):
             return self
-        self._hooks.append(OptimizerHooks(optimizer, self._before_optimizer_step, self._after_optimizer_step))
+        before = self._observe_then_mask if self.criterion.needs_gradients else self.masks.apply_to_grads
+        self._hooks.append(OptimizerHooks(optimizer, before, self.masks.apply_to_weights))
         self.masks.clear_optimizer_state([optimizer])
         return self
 
@@ -161,13 +162,10 @@ class Pruner:
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [h.optimizer for h in self._hooks]
 
-    def _before_optimizer_step(self, optimizer=None, args=None, kwargs=None) -> None:
-        if self.criterion.needs_gradients and self._observing_now():
+    def _observe_then_mask(self, *hook_args) -> None:
+        if self._observing_now():
             self.criterion.observe(self.targets)
         self.masks.apply_to_grads()
-
-    def _after_optimizer_step(self, optimizer=None, args=None, kwargs=None) -> None:
-        self.masks.apply_to_weights()
 
     def _observing_now(self) -> bool:
         window = getattr(self.criterion, "window", None)
