@@ -1,5 +1,6 @@
 # The two set-up commands of the README:
 #   make run   – create .venv, install pinned dependencies, run the quickstart study
+#                (experiments/quickstart.yaml; tables, figures and report under results/quickstart/)
 #   make test  – same install, run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -19,13 +20,14 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/prunelab quickstart --out results/quickstart
+	$(BIN)/prunelab run experiments/quickstart.yaml --report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mask_overhead.py
+	$(BIN)/python benchmarks/harness_overhead.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

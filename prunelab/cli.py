@@ -1,14 +1,17 @@
 """The ``prunelab`` command line.
 
-    prunelab quickstart [--out DIR] [--seeds N]
-    prunelab list [criteria|granularities|scopes|schedules|regularizers|models|datasets]
-    prunelab data info [NAME]          prunelab data fetch NAME [--root DIR]
-    prunelab prune --dataset digits --model mlp --sparsity 0.9 [--criterion ...] [--save FILE]
+    prunelab run SPEC.yaml [--workers N | --executor ray --address auto] [--set K=V] [--quick]
+    prunelab status STUDY.db          prunelab table STUDY.db     prunelab plot STUDY.db
+    prunelab report STUDY.db          prunelab list [KIND]        prunelab data info|fetch [NAME]
+    prunelab prune --dataset digits --model mlp --sparsity 0.9 [...]   (one model, one method)
     prunelab summary --model lenet5 --dataset mnist [--weights FILE]
 
-Every argument is checked before any work starts; a mistake prints one line
-``prunelab: error: ...`` naming the bad value and the valid ones, exit status 2
-(set ``PRUNELAB_DEBUG=1`` for the full traceback).
+Every argument (and a whole spec) is checked before any work starts; a mistake
+prints ``prunelab: error: ...`` naming the bad value and the valid ones.
+
+Exit status: 0 success; 1 a study finished with failed runs; 2 bad input (usage,
+spec, names, values, missing files); 3 the study is being run by another process;
+130 interrupted (Ctrl-C). Set ``PRUNELAB_DEBUG=1`` for full tracebacks.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import yaml
 
 from prunelab._validation import check_number
 from prunelab._version import __version__
+from prunelab.cli_study import add_study_commands
 
 
 def _key_values(pairs: list[str] | None, flag: str) -> dict:
@@ -54,12 +58,6 @@ def cmd_list(args) -> int:
             aliases.setdefault(name, []).append(alias)
         names = [f"{n} ({', '.join(sorted(aliases[n]))})" if n in aliases else n for n in registry.names()]
         print(f"{kind}: {', '.join(names)}")
-    return 0
-
-
-def cmd_quickstart(args) -> int:
-    from prunelab.quickstart import main
-    main(out=args.out, seeds=args.seeds, progress=args.progress)
     return 0
 
 
@@ -177,11 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("quickstart", help="the quickstart study on the embedded digits dataset")
-    p.add_argument("--out", default="results/quickstart", help="folder for the table (md, csv, json)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--progress", action="store_true", help="show training progress bars")
-    p.set_defaults(func=cmd_quickstart)
+    add_study_commands(sub)
 
     p = sub.add_parser("list", help="list the names usable in Python, the CLI and study specs")
     p.add_argument("kind", nargs="?", choices=["criteria", "granularities", "scopes", "schedules",
@@ -232,10 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prunelab.experiments.lock import StudyLocked
+    import signal
+    if hasattr(signal, "SIGPIPE"):   # `prunelab ... | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except StudyLocked as err:
+        print(f"prunelab: error: {err}", file=sys.stderr)
+        return 3
     except (ValueError, TypeError, FileNotFoundError) as err:
         if os.environ.get("PRUNELAB_DEBUG"):
             raise

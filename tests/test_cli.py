@@ -1,12 +1,13 @@
 """The command line and the quickstart, run in-process on the embedded digits data."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from prunelab.cli import main
-from prunelab.quickstart import Budget, run_quickstart, save
+from prunelab.data import DATASETS
 
 
 def test_list_prints_every_registry(capsys):
@@ -58,19 +59,28 @@ def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert err.count("\n") == 1
 
 
-def test_quickstart_small_run_reports_and_saves(tmp_path):
-    rows = run_quickstart(seeds=2, sparsities=(0.9,), log=lambda *a: None,
-                          budget=Budget(dense_epochs=4, finetune_epochs=4, n_prunes=2, prune_every_epochs=1))
-    by_method = {r["method"]: r for r in rows}
-    assert set(by_method) == {"dense", "one-shot", "iterative"}
-    for method in ("one-shot", "iterative"):
-        r = by_method[method]
-        assert r["sparsity"] == pytest.approx(0.9, abs=1e-3)
-        assert r["compression"] > 8 and r["speedup"] > 8 and r["seeds"] == 2
-        assert 0.0 <= r["accuracy"] <= 1.0
-    assert by_method["one-shot"]["accuracy_pruned"] < by_method["dense"]["accuracy"]
-    paths = save(rows, tmp_path, {"description": "test", "prunelab": "x", "torch": "y",
-                                  "machine": "z", "seconds": 1.0})
-    assert all(p.exists() for p in paths)
-    assert "| one-shot | 0.900 |" in paths[0].read_text()
-    assert json.loads(paths[2].read_text())["rows"][0]["method"] == "dense"
+SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+def test_the_shipped_specs_are_all_there():
+    assert [p.stem for p in SPECS] == ["quickstart", "study-a", "study-b", "study-c", "study-d", "study-e"]
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_shipped_specs_validate(path, quick, capsys):
+    needs = {"quickstart": None, "study-b": "fashion-mnist"}.get(path.stem, "mnist")
+    if needs and DATASETS.get(needs).missing_files():
+        pytest.skip(f"{needs} files absent (set PRUNELAB_DATA)")
+    assert main(["run", str(path), "--dry-run"] + (["--quick"] if quick else [])) == 0
+    assert capsys.readouterr().out.startswith(f"study {path.stem}: ")
+
+
+def test_quickstart_quick_runs_and_prints_its_tables(tmp_path, capsys):
+    code = main(["run", str(SPECS[0]), "--quick", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| sparsity |" in out and "one-shot" in out and "iterative" in out
+    assert (tmp_path / "quickstart-quick" / "study.db").is_file()
+    assert list((tmp_path / "quickstart-quick" / "tables").glob("*.md"))
+

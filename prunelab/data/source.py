@@ -52,6 +52,11 @@ class DatasetSource:
         """Download (if missing) and verify the files; return their paths."""
         return []
 
+    def missing_files(self, root: Root = None, **options: Any) -> list[str]:
+        """Files (relative to the data root) that :meth:`load` needs and cannot find, without
+        reading or downloading anything; ``[]`` when the dataset is ready to load."""
+        return [f for f in self.files() if find_file(f, root) is None]
+
     def info(self, root: Root = None) -> dict[str, Any]:
         return {
             "name": self.name,

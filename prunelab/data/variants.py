@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from prunelab._validation import check_choice, check_number, check_type
-from prunelab.data._paths import data_root, search_dirs, writable_dir
+from prunelab.data._paths import data_root, find_file, search_dirs, writable_dir
 from prunelab.data._store import load_arrays, save_arrays
 from prunelab.data.amat import read_amat, read_amat_from_zip, zip_members
 from prunelab.data.backgrounds import FOLDER as BACKGROUNDS
@@ -117,6 +117,21 @@ class VariantSource(DatasetSource):
         return out
 
     # -- generation ------------------------------------------------------------
+    def missing_files(self, root: Root = None, *, source: str = "auto",
+                      backgrounds: str | os.PathLike | None = None, **options: Any) -> list[str]:
+        """Nothing when the originals are present (unzipped or zipped); otherwise what
+        generation needs: the MNIST files and, for mnist-back-image, background images."""
+        originals = super().missing_files(root)
+        zipped = find_file(f"{self.folder}/{ORIGINAL_FILES[self.name][0]}", root) is not None
+        if source != "generated" and (not originals or zipped):
+            return []
+        if source == "original":
+            return originals
+        missing = MNIST.missing_files(root)
+        if self.name == "mnist-back-image" and not background_files(_backgrounds_dir(backgrounds, root)):
+            missing.append(f"{BACKGROUNDS}/*.png (natural images to cut backgrounds from)")
+        return missing
+
     def _background_files(self, backgrounds: str | os.PathLike | None, root: Root) -> list[Path]:
         folder = _backgrounds_dir(backgrounds, root)
         files = background_files(folder)

@@ -16,7 +16,7 @@ to an optimiser they keep pruned entries at zero (see :mod:`masks`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +63,9 @@ class Pruner:
     min_keep: groups that always survive in every layer (no layer is emptied).
     optimizer: optimiser(s) to keep masks enforced in (see :meth:`attach`).
     rewind: lottery-ticket rewinding (Frankle & Carbin 2018): after every prune,
-        reset all parameters to their values at construction (``"init"``) or after
-        training step ``k`` (an int), keeping the masks; optimiser state is reset.
+        reset all parameters to their values at construction (``"init"``), after
+        training step ``k`` (an int), or to a given ``{name: tensor}`` snapshot of the
+        model's parameters, keeping the masks; optimiser state is reset.
     seed: seeds the random criterion.
     """
 
@@ -122,6 +123,12 @@ class Pruner:
     def _init_rewind(self, rewind) -> tuple[int | None, dict | None]:
         if rewind is None:
             return None, None
+        if isinstance(rewind, Mapping):
+            names = [name for name, _ in self.model.named_parameters()]
+            if sorted(rewind) != sorted(names):
+                raise ValueError(f"the 'rewind' snapshot of Pruner must hold every model parameter "
+                                 f"({', '.join(names)}); got {', '.join(sorted(rewind))}.")
+            return 0, {name: rewind[name].detach().clone() for name in names}
         if rewind == "init":
             rewind = 0
         if isinstance(rewind, str) or isinstance(rewind, bool):

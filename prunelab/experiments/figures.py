@@ -1,0 +1,518 @@
+"""Figures of a study, built from its finished runs with matplotlib.
+
+Figure kinds live in the :data:`FIGURES` registry: a kind is a function
+``(records, declaration, spec) -> [(name, matplotlib.figure.Figure), ...]``;
+``declaration`` is one entry of the spec's ``outputs.figures`` (default
+``[{kind: accuracy_vs_params}]``). Kinds registered here:
+
+``accuracy_vs_params``
+    One panel per value of ``split_by`` (default ``[dataset]``); x = the mean
+    number of non-zero parameters (log scale), y = the metric's mean over seeds
+    (default ``outputs.metric``, else accuracy), error bars = its sample std; one
+    line per method (and per model when a panel holds several; a method whose
+    models each have one level, like a width family of dense nets, is one line
+    through its models). ``pareto_of:
+    {method: LABEL}`` draws that method's points (e.g. a family of small dense
+    conv nets) as grey reference points with their Pareto front
+    (:func:`~prunelab.experiments.analysis.pareto_front`) as a step line.
+``accuracy_vs_sparsity``
+    The same against the target sparsity level (``xscale: linear`` or ``logit``).
+``weight_histogram``
+    Overlaid histograms of the non-zero prunable weights (metric
+    ``weight_histogram``) of one run per method; filters ``methods``,
+    ``sparsity`` (default: the highest level), ``dataset``, ``model``, ``seed``
+    (default: the lowest); one panel per remaining (dataset, model);
+    ``density: true`` (default) normalises each to unit area.
+``curves``
+    Training curves of one run per method (same filters): loss, and train
+    (solid) / validation (dashed) accuracy, against the epoch counted over the
+    whole run; a dotted line marks the first pruning epoch.
+
+Matplotlib is imported inside the functions (no import-time side effects) and
+figures are built with :class:`matplotlib.figure.Figure`, which needs no pyplot
+state or GUI backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prunelab._validation import check_choice, check_number
+from prunelab.experiments._records import (
+    LABELS,
+    NoDataError,
+    check_keys,
+    check_metric,
+    format_level,
+    is_percent_metric,
+    label_values,
+    metric_value,
+    open_study,
+    raise_problems,
+    require_done,
+)
+from prunelab.experiments.analysis import Group, aggregate, pareto_front
+from prunelab.experiments.store import RunRecord
+from prunelab.registry import Registry
+
+FigureFunction = Callable[[list[RunRecord], dict, dict], list]
+FIGURES: Registry[FigureFunction] = Registry("figure kind")
+#: Keys each built-in kind accepts (kinds registered elsewhere are not key-checked).
+FIGURE_KEYS: dict[str, tuple[str, ...]] = {}
+DEFAULT_FIGURES = ({"kind": "accuracy_vs_params"},)
+FORMATS = ("png", "svg")
+DPI = 100
+PANEL_SIZE = (5.0, 3.6)     # inches per panel
+_COMMON_KEYS = ("kind", "name", "title", "metric")
+_SELECTION_KEYS = ("methods", "sparsity", "dataset", "model", "seed")
+
+
+def _kind(name: str, keys: Sequence[str]) -> Callable[[FigureFunction], FigureFunction]:
+    def register(function: FigureFunction) -> FigureFunction:
+        FIGURE_KEYS[name] = (*_COMMON_KEYS, *keys)
+        return FIGURES.register(name)(function)
+
+    return register
+
+
+# ------------------------------------------------------------------------------ shared pieces
+def _grid(n_panels: int, *, ncols: int = 3, panel: tuple[float, float] = PANEL_SIZE, per_panel: int = 1):
+    """A constrained-layout Figure with ``n_panels`` panels (each ``per_panel`` axes wide)."""
+    from matplotlib.figure import Figure
+
+    cols = min(ncols, n_panels) if per_panel == 1 else per_panel
+    rows = math.ceil(n_panels / cols) if per_panel == 1 else n_panels
+    figure = Figure(figsize=(panel[0] * cols, panel[1] * rows), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False).ravel().tolist()
+    if per_panel == 1:
+        for ax in axes[n_panels:]:
+            ax.set_visible(False)
+        axes = axes[:n_panels]
+    return figure, axes
+
+
+def _colors(done: list[RunRecord]) -> dict[str, Any]:
+    """One colour per method, the same in every panel and figure."""
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan", "tab:gray")
+    return {m: palette[i % len(palette)] for i, m in enumerate(label_values(done, "method"))}
+
+
+def _metric(declaration: dict, spec: dict, done: list[RunRecord], where: str) -> str:
+    outputs = spec.get("outputs") or {}
+    metric = declaration.get("metric") or outputs.get("metric") or "accuracy"
+    return check_metric(done, metric, where=where)
+
+
+def _methods(declaration: dict, done: list[RunRecord], where: str) -> list[str] | None:
+    methods = declaration.get("methods")
+    if methods is None:
+        return None
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, list):
+        raise TypeError(f"the 'methods' parameter of {where} must be a list of method labels. "
+                        f"Got {methods!r} instead.")
+    present = [str(m) for m in label_values(done, "method")]
+    return [check_choice("methods", m, present, where=where) for m in methods]
+
+
+def _split_by(declaration: dict, where: str) -> list[str]:
+    split = declaration.get("split_by", ["dataset"])
+    if isinstance(split, str):
+        split = [split]
+    if not isinstance(split, list):
+        raise TypeError(f"the 'split_by' parameter of {where} must be a list of labels among: "
+                        f"{', '.join(sorted(LABELS))}. Got {split!r} instead.")
+    return [check_choice("split_by", key, LABELS, where=where) for key in split]
+
+
+def _panel_title(keys: Sequence[str], values: Sequence[Any]) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in zip(keys, values))
+
+
+def _name(declaration: dict, kind: str) -> str:
+    name = declaration.get("name", kind)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"the 'name' parameter of figure {kind} must be a non-empty str. Got {name!r} instead.")
+    return name
+
+
+# -------------------------------------------------------------------------- metric vs x lines
+def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str, x: str) -> list:
+    done = [r for r in records if r.status == "done"]
+    where = f"figure {kind}"
+    metric = _metric(declaration, spec, done, where)
+    split_by = _split_by(declaration, where)
+    methods = _methods(declaration, done, where)
+    reference = _pareto_method(declaration, done, where)
+    xscale = check_choice("xscale", declaration.get("xscale", "linear"), ("linear", "logit"), where=where)
+    groups = [g for g in aggregate(done, metric) if g.mean is not None]
+    if x == "nonzero_params":
+        groups = [g for g in groups if g.nonzero_params is not None]
+        if not groups:
+            raise NoDataError(f"{where} needs the metric 'nonzero_params', and no finished run with a "
+                              f"value of {metric!r} has it.")
+    if not groups:
+        raise NoDataError(f"{where}: no finished run has a value of {metric!r}.")
+    scale = 100.0 if is_percent_metric(metric, [metric_value(r, metric) for r in done]) else 1.0
+    colors = _colors(done)
+    panels = [combo for combo in itertools.product(*(label_values(done, k) for k in split_by))
+              if any(_matches(g, split_by, combo) for g in groups)]
+    figure, axes = _grid(len(panels))
+    for ax, combo in zip(axes, panels):
+        subset = [g for g in groups if _matches(g, split_by, combo)]
+        ref = [g for g in subset if g.method == reference]
+        shown = [g for g in subset if g.method != reference and (methods is None or g.method in methods)]
+        _draw_lines(ax, shown, split_by, x, scale, colors)
+        if ref:
+            _draw_front(ax, ref, x, scale, reference)
+        if x == "nonzero_params":
+            _count_axis(ax)
+        else:
+            _sparsity_axis(ax, xscale)
+        ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
+        ax.set_title(_panel_title(split_by, combo), fontsize="medium")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    _suptitle(figure, declaration)
+    return [(_name(declaration, kind), figure)]
+
+
+def _matches(group: Group, keys: Sequence[str], values: Sequence[Any]) -> bool:
+    return all(getattr(group, k) == v for k, v in zip(keys, values))
+
+
+def _pareto_method(declaration: dict, done: list[RunRecord], where: str) -> str | None:
+    pareto = declaration.get("pareto_of")
+    if pareto is None:
+        return None
+    if not isinstance(pareto, dict) or set(pareto) != {"method"}:
+        raise ValueError(f"the 'pareto_of' parameter of {where} must be a mapping {{method: LABEL}}. "
+                         f"Got {pareto!r} instead.")
+    present = [str(m) for m in label_values(done, "method")]
+    return check_choice("pareto_of", pareto["method"], present, where=where)
+
+
+def _draw_lines(ax, groups: list[Group], split_by: Sequence[str], x: str, scale: float,
+                colors: dict[str, Any]) -> None:
+    """One errorbar line per (method, model, dataset) not fixed by the panel; labels name what varies.
+
+    A method whose several models each have a single level in the panel (a width family of dense
+    models) is drawn as one line through its models instead of one point per model.
+    """
+    keys = [k for k in ("method", "model", "dataset") if k not in split_by]
+    family = _families(groups, keys)
+
+    def line_of(group: Group) -> tuple:
+        return tuple(getattr(group, k) if not (k == "model" and group.method in family) else None for k in keys)
+
+    lines = list(dict.fromkeys(line_of(g) for g in groups))
+    varying = [i for i, k in enumerate(keys) if k == "method" or len({key[i] for key in lines}) > 1]
+    models = list(dict.fromkeys(g.model for g in groups))
+    markers = ("o", "s", "^", "D", "v", "P", "X")
+    for line_key in lines:
+        line = sorted((g for g in groups if line_of(g) == line_key), key=lambda g: _x(g, x))
+        first = line[0]
+        label = " · ".join(str(line_key[i]) for i in varying if line_key[i] is not None)
+        ax.errorbar([_x(g, x) for g in line], [g.mean * scale for g in line],
+                    yerr=[(g.std or 0.0) * scale for g in line], label=label, capsize=3,
+                    color=colors.get(first.method), marker=markers[models.index(first.model) % len(markers)],
+                    markersize=4, linewidth=1.2)
+
+
+def _families(groups: list[Group], keys: Sequence[str]) -> set[str]:
+    """Methods with several models in the panel, each model at a single level."""
+    if "model" not in keys:
+        return set()
+    points: dict[str, dict[tuple, int]] = {}
+    for g in groups:
+        per_model = points.setdefault(g.method, {})
+        at = (g.model, g.dataset if "dataset" in keys else None)
+        per_model[at] = per_model.get(at, 0) + 1
+    return {method for method, counts in points.items()
+            if len({m for m, _ in counts}) > 1 and all(n == 1 for n in counts.values())}
+
+
+def _x(group: Group, x: str) -> float:
+    return group.nonzero_params if x == "nonzero_params" else group.sparsity
+
+
+def _draw_front(ax, groups: list[Group], x: str, scale: float, method: str) -> None:
+    points = [(_x(g, x), g.mean * scale) for g in groups]
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="0.65", marker="s", s=14,
+               label=f"{method} (all)", zorder=1)
+    front = [points[i] for i in pareto_front(points)]
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="0.25", drawstyle="steps-post",
+            linewidth=1.2, label=f"{method} Pareto front", zorder=1)
+
+
+def _count_axis(ax) -> None:
+    """Log x with ticks at 1, 2, 5 × 10^k labelled compactly (200, 5k, 1.2M), no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_compact))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("non-zero parameters")
+
+
+def _compact(value: float, _position=None) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _sparsity_axis(ax, xscale: str) -> None:
+    from matplotlib.ticker import PercentFormatter
+
+    ax.set_xlabel("sparsity (fraction of weights removed)")
+    if xscale == "logit":
+        ax.set_xscale("logit")
+    else:
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+
+
+def _suptitle(figure, declaration: dict) -> None:
+    title = declaration.get("title")
+    if title is not None:
+        figure.suptitle(str(title))
+
+
+@_kind("accuracy_vs_params", ("split_by", "methods", "pareto_of"))
+def accuracy_vs_params(records: list[RunRecord], declaration: dict, spec: dict) -> list:
+    """Metric vs non-zero parameters (log x), one line per method, error bars = std over seeds."""
+    return _lines(records, declaration, spec, kind="accuracy_vs_params", x="nonzero_params")
+
+
+@_kind("accuracy_vs_sparsity", ("split_by", "methods", "pareto_of", "xscale"))
+def accuracy_vs_sparsity(records: list[RunRecord], declaration: dict, spec: dict) -> list:
+    """Metric vs target sparsity, one line per method, error bars = std over seeds."""
+    return _lines(records, declaration, spec, kind="accuracy_vs_sparsity", x="sparsity")
+
+
+# --------------------------------------------------------------------------- per-run figures
+def _select(records: list[RunRecord], declaration: dict, where: str, has: Callable[[RunRecord], bool],
+            needs: str) -> dict[tuple[str, str], list[RunRecord]]:
+    """One run per method for each (dataset, model), after the declaration's filters."""
+    runs = [r for r in records if r.status == "done" and has(r)]
+    if not runs:
+        raise NoDataError(f"{where}: no finished run has {needs}.")
+    methods = _methods(declaration, runs, where)
+    if methods is not None:
+        runs = [r for r in runs if r.method in methods]
+    for key in ("dataset", "model"):
+        if key in declaration:
+            present = [str(v) for v in label_values(runs, key)]
+            value = check_choice(key, declaration[key], present, where=where)
+            runs = [r for r in runs if getattr(r, key) == value]
+    levels = label_values(runs, "sparsity")
+    if "sparsity" in declaration:
+        level = check_number("sparsity", declaration["sparsity"], where=where, low=0.0, high=1.0)
+        if not any(math.isclose(level, s, abs_tol=1e-9) for s in levels):
+            raise ValueError(f"the 'sparsity' parameter of {where} must be a level with {needs}: "
+                             f"{', '.join(f'{s:g}' for s in levels)}. Got {level!r} instead.")
+    else:
+        level = levels[-1]
+    runs = [r for r in runs if math.isclose(r.sparsity, level, abs_tol=1e-9)]
+    seeds = label_values(runs, "seed")
+    if "seed" in declaration:
+        seed = check_number("seed", declaration["seed"], where=where, integer=True)
+        if seed not in seeds:
+            raise ValueError(f"the 'seed' parameter of {where} must be a seed with {needs} at sparsity "
+                             f"{level:g}: {', '.join(map(str, seeds))}. Got {seed!r} instead.")
+    else:
+        seed = seeds[0]
+    panels: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in runs:
+        if run.seed == seed:
+            chosen = panels.setdefault((run.dataset, run.model), [])
+            if all(r.method != run.method for r in chosen):
+                chosen.append(run)
+    return panels
+
+
+def _histogram(record: RunRecord) -> tuple[list[float], list[float]] | None:
+    hist = (record.metrics or {}).get("weight_histogram")
+    if not isinstance(hist, dict):
+        return None
+    edges, counts = hist.get("edges"), hist.get("counts")
+    if not isinstance(edges, list) or not isinstance(counts, list) or len(edges) != len(counts) + 1 or not counts:
+        return None
+    return [float(e) for e in edges], [float(c) for c in counts]
+
+
+@_kind("weight_histogram", (*_SELECTION_KEYS, "density"))
+def weight_histogram(records: list[RunRecord], declaration: dict, spec: dict) -> list:
+    """Overlaid histograms of the non-zero prunable weights, one run per method."""
+    where = "figure weight_histogram"
+    density = declaration.get("density", True)
+    if not isinstance(density, bool):
+        raise TypeError(f"the 'density' parameter of {where} must be true or false. Got {density!r} instead.")
+    panels = _select(records, declaration, where, lambda r: _histogram(r) is not None,
+                     "a 'weight_histogram' metric")
+    colors = _colors([r for r in records if r.status == "done"])
+    figure, axes = _grid(len(panels))
+    for ax, ((dataset, model), runs) in zip(axes, panels.items()):
+        for run in runs:
+            edges, counts = _histogram(run)
+            if density:
+                total = sum(counts)
+                counts = [c / (total * (b - a)) if total and b > a else 0.0
+                          for c, a, b in zip(counts, edges[:-1], edges[1:])]
+            ax.stairs(counts, edges, label=run.method, color=colors.get(run.method), linewidth=1.4)
+        run = runs[0]
+        ax.set_title(f"{dataset}, {model}, sparsity {format_level(run.sparsity)}, seed {run.seed}",
+                     fontsize="medium")
+        ax.set_xlabel("weight value (non-zero prunable weights)")
+        ax.set_ylabel("density" if density else "count")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    _suptitle(figure, declaration)
+    return [(_name(declaration, "weight_histogram"), figure)]
+
+
+def _curve(record: RunRecord) -> list[dict]:
+    curve = record.curve if isinstance(record.curve, list) else []
+    return [entry for entry in curve if isinstance(entry, dict)]
+
+
+def _series(curve: list[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for i, entry in enumerate(curve, start=1):
+        if key in entry and entry[key] is not None:
+            value = entry[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                xs.append(i)
+                ys.append(float(value))
+    return xs, ys
+
+
+@_kind("curves", _SELECTION_KEYS)
+def curves(records: list[RunRecord], declaration: dict, spec: dict) -> list:
+    """Loss and accuracy per epoch of one run per method, a row of two axes per (dataset, model)."""
+    where = "figure curves"
+    panels = _select(records, declaration, where, lambda r: bool(_curve(r)), "a training curve")
+    colors = _colors([r for r in records if r.status == "done"])
+    figure, axes = _grid(len(panels), per_panel=2)
+    for row, ((dataset, model), runs) in enumerate(panels.items()):
+        loss_ax, acc_ax = axes[2 * row], axes[2 * row + 1]
+        for run in runs:
+            curve, color = _curve(run), colors.get(run.method)
+            loss_ax.plot(*_series(curve, "loss"), color=color, label=run.method)
+            acc_ax.plot(*_percent(_series(curve, "train_accuracy")), color=color, label=f"{run.method} train")
+            xs, ys = _series(curve, "val_accuracy")
+            if xs:
+                acc_ax.plot(*_percent((xs, ys)), color=color, linestyle="--", label=f"{run.method} val")
+            first_prune = next((i for i, e in enumerate(curve, start=1) if e.get("phase") == "prune"), None)
+            if first_prune is not None:
+                for ax in (loss_ax, acc_ax):
+                    ax.axvline(first_prune - 0.5, color=color, linestyle=":", linewidth=1)
+        title = f"{dataset}, {model}, sparsity {format_level(runs[0].sparsity)}, seed {runs[0].seed}"
+        for ax, ylabel in ((loss_ax, "training loss"), (acc_ax, "accuracy (%)")):
+            ax.set_title(title, fontsize="medium")
+            ax.set_xlabel("epoch (dense training, then pruning)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+    _suptitle(figure, declaration)
+    return [(_name(declaration, "curves"), figure)]
+
+
+def _percent(series: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+    xs, ys = series
+    return xs, [100.0 * y for y in ys]
+
+
+# ------------------------------------------------------------------------------- declarations
+def figure_declarations(spec: dict) -> list[dict]:
+    """The spec's ``outputs.figures`` (default ``[{kind: accuracy_vs_params}]``), all checked first."""
+    outputs = (spec or {}).get("outputs") or {}
+    declarations = outputs.get("figures")
+    if declarations is None:
+        return [dict(d) for d in DEFAULT_FIGURES]
+    if not isinstance(declarations, list):
+        raise TypeError(f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
+                        f"of type {type(declarations).__name__} instead.")
+    raise_problems(figures_problems(declarations))
+    return declarations
+
+
+def figures_problems(declarations: Any) -> list[str]:
+    """Problems of an ``outputs.figures`` list found without the runs (for spec validation)."""
+    if declarations is None:
+        return []
+    if not isinstance(declarations, list):
+        return [f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
+                f"of type {type(declarations).__name__} instead."]
+    return [p for i, d in enumerate(declarations) for p in figure_problems(d, f"outputs.figures[{i}]")]
+
+
+def figure_problems(declaration: Any, where: str) -> list[str]:
+    """Problems of one figure declaration that can be found without the runs (for spec validation)."""
+    if not isinstance(declaration, dict) or "kind" not in declaration:
+        return [f"{where} must be a mapping with a 'kind' among: {', '.join(FIGURES.names())}. "
+                f"Got {declaration!r} instead."]
+    try:
+        kind = FIGURES.canonical(declaration["kind"], param="kind", where=where)
+    except (ValueError, TypeError) as err:
+        return [str(err)]
+    if kind in FIGURE_KEYS:
+        return check_keys(declaration, FIGURE_KEYS[kind], where=where)
+    return []
+
+
+def build_figures(records: list[RunRecord], spec: dict, declaration: dict, index: int = 0) -> list:
+    """The ``(name, Figure)`` pairs of one declaration; errors name the declaration."""
+    function = FIGURES.get(declaration["kind"], param="kind")
+    try:
+        return function(records, declaration, spec)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"outputs.figures[{index}] ({declaration['kind']}): {err}") from None
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """``a, a, b`` → ``a, a-2, b`` (file stems)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
+                  formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write every declared figure of a study as ``<name>.png`` / ``.svg``; returns the paths.
+
+    ``out_dir`` defaults to ``<db folder>/<db stem>_figures``. Prints nothing.
+    """
+    if isinstance(formats, str):
+        formats = [formats]
+    formats = [check_choice("format", f, FORMATS, where="plot") for f in formats]
+    study = open_study(store_path)
+    done = require_done(study, "prunelab plot")
+    declarations = figure_declarations(study.spec)
+    figures = [pair for i, d in enumerate(declarations) for pair in build_figures(done, study.spec, d, i)]
+    out = Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (_, figure) in zip(unique_names([n for n, _ in figures]), figures):
+        for ext in formats:
+            path = out / f"{name}.{ext}"
+            save_figure(figure, path, ext)
+            paths.append(path)
+    return paths
+
+
+def save_figure(figure, target, ext: str) -> None:
+    """Save without timestamps in the metadata, so that the same runs give the same files."""
+    metadata = {"Date": None} if ext == "svg" else None
+    figure.savefig(target, format=ext, dpi=DPI, metadata=metadata)

@@ -1,0 +1,367 @@
+"""The ``prune`` task: train a model, prune it with one method, fine-tune, measure.
+
+One run = (dataset, model, method, sparsity, seed):
+
+1. train the dense model ``training.epochs`` epochs (with the method's regulariser,
+   if any) — cached per (dataset, model, seed, dense budget, regulariser), so the
+   many methods and sparsities of a study share one dense model per seed;
+2. build the Pruner (criterion, granularity, scope, schedule to ``sparsity``),
+   apply the events due at step 0 and measure ``accuracy_pruned``;
+3. train ``training.finetune_epochs`` epochs with the Pruner attached (iterative
+   and gradual schedules prune during this phase; masks stay enforced);
+4. measure test accuracy and the model's size (``prunelab.summary``).
+
+Schedule timing may be written in epochs (``start_epochs``, ``every_epochs``,
+``at_epochs``); it is resolved into optimiser steps of the fine-tuning phase.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunelab.data import DATASETS
+from prunelab.experiments.store import dumps
+from prunelab.experiments.tasks import TASKS, Checker, Task
+from prunelab.models import build_model
+from prunelab.pruning import Pruner, make_regularizer, make_schedule
+from prunelab.training import OPTIMIZERS, Callback, evaluate, fit, steps_per_epoch
+
+DATASET_KEYS = ("name", "label", "subset", "validation", "standardize")
+MODEL_KEYS = ("name", "label")
+METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
+               "regularizer", "rewind", "layers", "calibration", "training")
+TRAINING_DEFAULTS = {"epochs": 10, "finetune_epochs": 5, "batch_size": 64, "lr": 0.05,
+                     "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0}
+METHOD_DEFAULTS = {"criterion": "magnitude", "granularity": "weight", "scope": "local",
+                   "schedule": "one-shot", "reduction": "l2", "min_keep": 1, "regularizer": None,
+                   "rewind": None, "layers": None, "calibration": 1024}
+EPOCH_KEYS = {"start_epochs": "start", "every_epochs": "every", "at_epochs": "at"}
+DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
+HISTOGRAM_BINS = 80
+VERSION = 1   # bump when the meaning of a run changes, so old results are not reused
+
+
+@TASKS.register("prune")
+class PruneTask(Task):
+    name = "prune"
+
+    def default_label(self, method: dict) -> str:
+        schedule = method.get("schedule", "one-shot")
+        schedule = schedule.get("name", "?") if isinstance(schedule, dict) else schedule
+        parts = [str(method.get("criterion", "magnitude")), str(schedule)]
+        for key in ("granularity", "scope"):
+            if key in method and method[key] != METHOD_DEFAULTS[key]:
+                parts.append(str(method[key]))
+        regularizer = method.get("regularizer")
+        if regularizer:
+            parts.append(regularizer.get("name", "?") if isinstance(regularizer, dict) else str(regularizer))
+        return "/".join(parts)
+
+    # ------------------------------------------------------------ planning
+    def prepare(self, *, dataset, model, method, training, checker: Checker, sparsities):
+        n_errors = len(checker.errors)
+        d_path, d_entry = dataset
+        m_path, m_entry = model
+        x_path, x_entry = method
+        data = _prepare_dataset(d_path, d_entry, checker)
+        x_entry = dict(x_entry)
+        checker.keys(x_path, x_entry, METHOD_KEYS)
+        train = _prepare_training(x_path, training, x_entry.pop("training", None) or {}, checker)
+        if data is None or train is None or len(checker.errors) > n_errors:
+            return None
+        options = {k: v for k, v in m_entry.items() if k not in MODEL_KEYS}
+        if "name" not in m_entry:
+            checker.error(m_path, "missing 'name'")
+            return None
+        net = checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+                              n_classes=data["n_classes"], **options)
+        if net is None:
+            return None
+        resolved = {"model": {"name": net.config["name"], "options": options}}
+        per_epoch = steps_per_epoch(data["n_train"], train["batch_size"])
+        m = _prepare_method(x_path, x_entry, net, per_epoch, train, sparsities, checker)
+        if m is None:
+            return None
+        resolved.update(dataset=data["config"], method=m, training=train)
+        return resolved
+
+    def resolve(self, prepared, *, sparsity, seed):
+        config = copy.deepcopy(prepared)
+        config["method"]["schedule"]["sparsity"] = sparsity   # the cap, for fixed-fraction
+        return {"task": self.name, "version": VERSION, **config, "sparsity": sparsity, "seed": seed}
+
+    # ------------------------------------------------------------ running
+    def run(self, config: dict, context: dict) -> dict:
+        return execute_prune(config, context.get("cache_dir"))
+
+
+# ---------------------------------------------------------------- dataset
+def _prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
+    if "name" not in entry:
+        checker.error(path, "missing 'name'")
+        return None
+    source = checker.attempt(f"{path}.name", DATASETS.get, entry["name"], param="dataset", where="spec")
+    if source is None:
+        return None
+    options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
+    unknown = sorted(set(options) - set(source.options))
+    if unknown:
+        valid = ", ".join((*DATASET_KEYS, *source.options))
+        checker.error(f"{path}.{unknown[0]}", f"unknown option for dataset '{source.name}'; valid: {valid}")
+        return None
+    missing = checker.attempt(path, source.missing_files, None, **options)
+    if missing:
+        from prunelab.data import data_root
+        checker.error(path, f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
+                            f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
+                            f"run `prunelab data fetch {source.name}`)")
+    if missing is None or missing:
+        return None
+    n_train = source.sizes.get("train", 0)
+    n_test = source.sizes.get("test", 0)
+    if options.get("swap"):
+        n_train, n_test = n_test, n_train
+    subset = entry.get("subset")
+    if subset is not None:
+        if not isinstance(subset, dict) or not set(subset) <= {"n_train", "n_test"}:
+            checker.error(f"{path}.subset", f"must be a mapping with n_train and/or n_test; got {subset!r}")
+            return None
+        for key, limit in (("n_train", n_train), ("n_test", n_test)):
+            if key in subset:
+                got = checker.number(f"{path}.subset.{key}", subset[key], low=1, high=limit, integer=True)
+                if got is None:
+                    return None
+        n_train = subset.get("n_train", n_train)
+    validation = entry.get("validation", 0)
+    if validation:
+        if isinstance(validation, float):
+            got = checker.number(f"{path}.validation", validation, low=0.0, high=1.0, closed="neither")
+            n_val = None if got is None else round(got * n_train)
+        else:
+            n_val = checker.number(f"{path}.validation", validation, low=1, high=n_train - 1, integer=True)
+        if n_val is None:
+            return None
+        n_train -= n_val
+    standardize = entry.get("standardize", False)
+    if not isinstance(standardize, bool):
+        checker.error(f"{path}.standardize", f"must be true or false; got {standardize!r}")
+        return None
+    return {"config": {"name": source.name, "options": options, "subset": subset,
+                       "validation": validation or 0, "standardize": standardize},
+            "input_shape": tuple(source.input_shape), "n_classes": source.n_classes, "n_train": n_train}
+
+
+def load_prepared_dataset(cfg: dict):
+    from prunelab.data import load_dataset
+    ds = load_dataset(cfg["name"], **cfg["options"])
+    if cfg.get("subset"):
+        ds = ds.subset(n_train=cfg["subset"].get("n_train"), n_test=cfg["subset"].get("n_test"), seed=0)
+    if cfg.get("validation"):
+        ds = ds.with_validation(cfg["validation"], seed=0)
+    if cfg.get("standardize"):
+        ds = ds.standardized()
+    return ds
+
+
+# --------------------------------------------------------------- training
+def _prepare_training(path: str, training: dict, override: dict, checker: Checker) -> dict | None:
+    n = len(checker.errors)
+    checker.keys("training", training, tuple(TRAINING_DEFAULTS))
+    if not isinstance(override, dict):
+        checker.error(f"{path}.training", f"must be a mapping; got {override!r}")
+        return None
+    checker.keys(f"{path}.training", override, tuple(TRAINING_DEFAULTS))
+    train = {**TRAINING_DEFAULTS, **training, **override}
+    where = lambda key: f"{path}.training.{key}" if key in override else f"training.{key}"
+    checker.number(where("epochs"), train["epochs"], low=0, integer=True)
+    checker.number(where("finetune_epochs"), train["finetune_epochs"], low=0, integer=True)
+    checker.number(where("batch_size"), train["batch_size"], low=1, integer=True)
+    checker.number(where("lr"), train["lr"], low=0.0, closed="neither")
+    if train["finetune_lr"] is not None:
+        checker.number(where("finetune_lr"), train["finetune_lr"], low=0.0, closed="neither")
+    checker.number(where("momentum"), train["momentum"], low=0.0, high=1.0, closed="left")
+    checker.number(where("weight_decay"), train["weight_decay"], low=0.0)
+    if train["optimizer"] not in OPTIMIZERS:
+        from prunelab._validation import suggest
+        checker.error(where("optimizer"), f"unknown optimizer {train['optimizer']!r}"
+                      f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
+    return None if len(checker.errors) > n else train
+
+
+# ----------------------------------------------------------------- method
+def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sparsities: list[float],
+                    checker: Checker) -> dict | None:
+    n = len(checker.errors)
+    method = {**METHOD_DEFAULTS, **{k: v for k, v in entry.items() if k != "label"}}
+    schedule = method["schedule"]
+    schedule = dict(schedule) if isinstance(schedule, dict) else {"name": schedule}
+    if not isinstance(schedule.get("name"), str):
+        checker.error(f"{path}.schedule", f"must be a schedule name or a mapping with 'name'; got {schedule!r}")
+        return None
+    for key, target in EPOCH_KEYS.items():
+        if key in schedule:
+            if target in schedule:
+                checker.error(f"{path}.schedule.{key}", f"give either {key} (epochs) or {target} (steps), not both")
+                continue
+            epochs = checker.number(f"{path}.schedule.{key}", schedule.pop(key), low=0.0)
+            if epochs is not None:
+                schedule[target] = max(1 if target == "every" else 0, round(epochs * per_epoch))
+    if "sparsity" in schedule:
+        checker.error(f"{path}.schedule.sparsity", "comes from the study's 'sparsities' list; remove it here")
+        schedule.pop("sparsity")
+    method["schedule"] = schedule
+    sparsity = max(sparsities) if sparsities else 0.5
+    schedule_args = {k: v for k, v in schedule.items() if k != "name"}
+    built = checker.attempt(f"{path}.schedule", make_schedule, schedule["name"],
+                            None if schedule["name"] in ("fixed-fraction", "fixed_fraction") else sparsity,
+                            **schedule_args)
+    if built is not None:
+        finetune_steps = train["finetune_epochs"] * per_epoch
+        if built.last_step > finetune_steps:
+            checker.error(f"{path}.schedule", f"its last prune is at step {built.last_step}, after the "
+                          f"{finetune_steps} fine-tuning steps ({train['finetune_epochs']} epochs x "
+                          f"{per_epoch} steps); raise training.finetune_epochs or shorten the schedule")
+        schedule["name"] = built.name
+    rewind = method["rewind"]
+    dense_steps = train["epochs"] * per_epoch
+    if rewind is not None and rewind != "init":
+        if checker.number(f"{path}.rewind", rewind, low=0, high=dense_steps, integer=True) is None:
+            return None
+    pruner_rewind = None if rewind is None else "init"
+    checker.attempt(path, Pruner, net, sparsity if built is None else None,
+                    criterion=method["criterion"], granularity=method["granularity"], scope=method["scope"],
+                    schedule=built if built is not None else "one-shot", layers=method["layers"],
+                    reduction=method["reduction"], min_keep=method["min_keep"], rewind=pruner_rewind)
+    regularizer = method["regularizer"]
+    if regularizer is not None:
+        if isinstance(regularizer, str):
+            regularizer = {"name": regularizer}
+        if not isinstance(regularizer, dict) or "strength" not in regularizer:
+            checker.error(f"{path}.regularizer", f"must be a mapping {{name, strength}}; got {regularizer!r}")
+        else:
+            from prunelab.pruning.targets import resolve_targets
+            reg = checker.attempt(f"{path}.regularizer", make_regularizer, regularizer)
+            if reg is not None:
+                checker.attempt(f"{path}.regularizer", reg.bind, resolve_targets(net, method["layers"]))
+        method["regularizer"] = regularizer
+    checker.number(f"{path}.calibration", method["calibration"], low=1, integer=True)
+    if isinstance(method["criterion"], dict):
+        method["criterion"] = dict(method["criterion"])
+    return None if len(checker.errors) > n else method
+
+
+# ---------------------------------------------------------------- running
+class _Snapshot(Callback):
+    """Keeps a copy of the parameters after training step ``k`` (lottery-ticket rewinding)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.state: dict | None = None
+
+    def on_train_begin(self, state):
+        if self.k == 0:
+            self.state = _params(state.model)
+
+    def on_step_end(self, state):
+        if state.step == self.k and self.state is None:
+            self.state = _params(state.model)
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _train_kwargs(train: dict, method: dict, *, finetune: bool) -> dict:
+    lr = train["finetune_lr"] if finetune and train["finetune_lr"] is not None else train["lr"]
+    kwargs = dict(batch_size=train["batch_size"], lr=lr, optimizer=train["optimizer"],
+                  momentum=train["momentum"], weight_decay=train["weight_decay"], progress=False)
+    if method["regularizer"]:
+        kwargs.update(regularizer=method["regularizer"]["name"],
+                      reg_strength=method["regularizer"]["strength"])
+        extra = {k: v for k, v in method["regularizer"].items() if k not in ("name", "strength")}
+        if extra:
+            kwargs["regularizer"] = {"name": method["regularizer"]["name"], **extra}
+    return kwargs
+
+
+def _dense_model(config: dict, ds, cache_dir: str | None):
+    """The trained dense model (and the rewind snapshot, if the method asks for one),
+    from the cache when another run of the study already trained it."""
+    train, method, seed = config["training"], config["method"], config["seed"]
+    rewind = method["rewind"]
+    key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": seed,
+                  "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method["regularizer"],
+                  "layers": method["layers"], "rewind": rewind, "version": VERSION}
+    import hashlib
+    key = hashlib.sha256(dumps(key_fields).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / "dense" / f"{key}.pt" if cache_dir else None
+    model = build_model(config["model"]["name"], dataset=ds, seed=seed, **config["model"]["options"])
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        model.load_state_dict(saved["state_dict"])
+        return model, saved["history"], saved.get("snapshot"), True
+    snapshot = _Snapshot(0 if rewind == "init" else rewind) if rewind is not None else None
+    history = fit(model, ds, epochs=train["epochs"], seed=seed,
+                  callbacks=[snapshot] if snapshot else (), **_train_kwargs(train, method, finetune=False))
+    if path is not None:
+        try:  # the cache is an optimisation: a folder we cannot write (a remote Ray node) is skipped
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save({"state_dict": model.state_dict(), "history": history,
+                        "snapshot": snapshot.state if snapshot else None}, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return model, history, snapshot.state if snapshot else None, False
+
+
+def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
+    from prunelab.metrics import summary
+    started = time.perf_counter()
+    ds = load_prepared_dataset(config["dataset"])
+    method, train, seed = config["method"], config["training"], config["seed"]
+    model, dense_history, snapshot, cached = _dense_model(config, ds, cache_dir)
+    test = (ds.x_test, ds.y_test)
+    accuracy_dense = evaluate(model, test)["accuracy"]
+    schedule_args = {k: v for k, v in method["schedule"].items() if k != "name"}
+    schedule = make_schedule(method["schedule"]["name"], **schedule_args)
+    pruner = Pruner(model, criterion=method["criterion"], granularity=method["granularity"],
+                    scope=method["scope"], schedule=schedule, layers=method["layers"],
+                    reduction=method["reduction"], min_keep=method["min_keep"], rewind=snapshot, seed=seed)
+    if pruner.criterion.needs_gradients:
+        n = min(method["calibration"], len(ds.y_train))
+        pruner.calibrate((ds.x_train[:n], ds.y_train[:n]))
+    pruner.update()
+    accuracy_pruned = evaluate(model, test)["accuracy"]
+    history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
+                  **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
+    final = evaluate(model, test)
+    stats = summary(model, ds.input_shape).total
+    weights = torch.cat([t.weight.detach().flatten() for t in pruner.targets])
+    nonzero = weights[weights != 0]
+    bound = float(nonzero.abs().max()) if len(nonzero) else 1.0
+    counts = torch.histc(nonzero, bins=HISTOGRAM_BINS, min=-bound, max=bound)
+    metrics = {
+        "accuracy": final["accuracy"], "loss": final["loss"], "accuracy_dense": accuracy_dense,
+        "accuracy_pruned": accuracy_pruned, "sparsity": stats.sparsity, "compression": stats.compression,
+        "speedup": stats.speedup, "params": stats.params, "nonzero_params": stats.nonzero,
+        "flops_dense": stats.flops_dense, "flops": stats.flops, "bytes_dense": stats.bytes_dense,
+        "bytes_bitmask": stats.bytes_bitmask, "bytes_csr": stats.bytes_csr, "bytes_best": stats.bytes_best,
+        "layer_sparsity": pruner.layer_sparsity(), "dense_cached": cached,
+        "weight_histogram": {"edges": torch.linspace(-bound, bound, HISTOGRAM_BINS + 1).tolist(),
+                             "counts": [int(c) for c in counts.tolist()]},
+        "train_seconds": time.perf_counter() - started,
+    }
+    if ds.x_val is not None:
+        metrics["val_accuracy"] = evaluate(model, (ds.x_val, ds.y_val))["accuracy"]
+        metrics["val_accuracy_dense"] = next((h["val_accuracy"] for h in reversed(dense_history)
+                                              if "val_accuracy" in h), None)
+    curve = [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]
+    return {"metrics": metrics, "curve": curve}

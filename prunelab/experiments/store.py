@@ -1,0 +1,287 @@
+"""The study store: one SQLite file per study.
+
+Every run of a study is one row: its id (a hash of its resolved config), the
+config as JSON, its labels (dataset, model, method, sparsity, seed) for
+querying, its status, and once finished its metrics, per-epoch curve, error
+text, timings and software versions.
+
+Durability: the file is in WAL mode with ``synchronous=FULL``, and every state
+change is its own transaction, so a process killed at any instant (SIGKILL,
+power loss) leaves either the old or the new state of each run, never half of
+one. Runs left ``running`` by a dead process are put back to ``pending`` when
+the study is run again (:meth:`Store.reset_interrupted`); ``done`` runs are
+never redone. Several processes may write at once (``busy_timeout`` makes a
+writer wait for another's transaction instead of failing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("pending", "running", "done", "failed")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id          TEXT PRIMARY KEY,
+    position    INTEGER NOT NULL,
+    config      TEXT NOT NULL,
+    dataset     TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    method      TEXT NOT NULL,
+    sparsity    REAL NOT NULL,
+    seed        INTEGER NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    in_spec     INTEGER NOT NULL DEFAULT 1,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    metrics     TEXT,
+    curve       TEXT,
+    error       TEXT,
+    worker      TEXT,
+    started_at  REAL,
+    finished_at REAL,
+    seconds     REAL,
+    versions    TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status, in_spec, position);
+"""
+
+
+def dumps(value: Any) -> str:
+    """JSON with NaN/inf written as null / "inf" / "-inf" (portable JSON, no NaN literals)."""
+    return json.dumps(_portable(value), sort_keys=True, separators=(",", ":"))
+
+
+def _portable(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {str(k): _portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v) for v in value]
+    return value
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run of the study's expansion, before it is stored."""
+
+    id: str
+    config: dict
+    dataset: str
+    model: str
+    method: str
+    sparsity: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One stored run. ``metrics`` and ``curve`` are None until it finishes."""
+
+    id: str
+    position: int
+    config: dict
+    dataset: str
+    model: str
+    method: str
+    sparsity: float
+    seed: int
+    status: str
+    in_spec: bool
+    attempts: int
+    metrics: dict | None
+    curve: list | None
+    error: str | None
+    worker: str | None
+    started_at: float | None
+    finished_at: float | None
+    seconds: float | None
+    versions: dict | None
+
+
+class Store:
+    """A study's SQLite file. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 60.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise ValueError(f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
+                             f"is the folder on a network file system?")
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        with self._transaction():
+            for statement in _statements(SCHEMA):
+                self._db.execute(statement)
+
+    # ------------------------------------------------------------------ plumbing
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------- meta
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._transaction():
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, dumps(value)))
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    # ------------------------------------------------------------------ planning
+    def sync(self, runs: Sequence[PlannedRun]) -> int:
+        """Make the store match a spec's expansion: insert new runs as pending, update
+        the order of known ones, and flag runs no longer in the spec (kept, not deleted).
+        Returns the number of new runs."""
+        with self._transaction():
+            known = {row[0] for row in self._db.execute("SELECT id FROM runs")}
+            self._db.execute("UPDATE runs SET in_spec = 0")
+            new = 0
+            for position, run in enumerate(runs):
+                if run.id in known:
+                    self._db.execute("UPDATE runs SET in_spec = 1, position = ? WHERE id = ?",
+                                     (position, run.id))
+                else:
+                    new += 1
+                    self._db.execute(
+                        "INSERT INTO runs (id, position, config, dataset, model, method, sparsity, seed, "
+                        "status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
+                        (run.id, position, dumps(run.config), run.dataset, run.model, run.method,
+                         float(run.sparsity), int(run.seed)))
+        return new
+
+    def reset_interrupted(self) -> int:
+        """Runs left ``running`` by a process that died go back to ``pending``."""
+        with self._transaction():
+            return self._db.execute("UPDATE runs SET status = 'pending', worker = NULL "
+                                    "WHERE status = 'running'").rowcount
+
+    def retry_failed(self) -> int:
+        """Failed runs of the current spec go back to ``pending``."""
+        with self._transaction():
+            return self._db.execute("UPDATE runs SET status = 'pending', error = NULL "
+                                    "WHERE status = 'failed' AND in_spec = 1").rowcount
+
+    def pending(self) -> list[RunRecord]:
+        return self.records(status="pending")
+
+    # ------------------------------------------------------------------- running
+    def mark_running(self, run_id: str, worker: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE runs SET status = 'running', attempts = attempts + 1, worker = ?, "
+                             "started_at = ? WHERE id = ?", (worker, time.time(), run_id))
+
+    def mark_pending(self, run_id: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE runs SET status = 'pending', worker = NULL WHERE id = ? "
+                             "AND status = 'running'", (run_id,))
+
+    def finish(self, run_id: str, outcome: dict) -> None:
+        """Record a run's outcome: ``{"status": "done"|"failed", "metrics", "curve", "error",
+        "seconds", "versions"}``."""
+        status = outcome["status"]
+        if status not in ("done", "failed"):
+            raise ValueError(f"a finished run's status must be 'done' or 'failed'. Got {status!r}.")
+        with self._transaction():
+            self._db.execute(
+                "UPDATE runs SET status = ?, metrics = ?, curve = ?, error = ?, seconds = ?, "
+                "versions = ?, finished_at = ? WHERE id = ?",
+                (status, dumps(outcome.get("metrics")) if outcome.get("metrics") is not None else None,
+                 dumps(outcome.get("curve")) if outcome.get("curve") is not None else None,
+                 outcome.get("error"), outcome.get("seconds"),
+                 dumps(outcome.get("versions")) if outcome.get("versions") is not None else None,
+                 time.time(), run_id))
+
+    # ------------------------------------------------------------------- reading
+    def records(self, status: str | Iterable[str] | None = None, *, in_spec: bool | None = True
+                ) -> list[RunRecord]:
+        """Runs in spec order; ``status`` filters (one or several), ``in_spec=None`` includes
+        runs that are no longer in the spec."""
+        where, params = [], []
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            bad = sorted(set(statuses) - set(STATUSES))
+            if bad:
+                raise ValueError(f"unknown run status {bad[0]!r}; choose one of: {', '.join(STATUSES)}.")
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params += statuses
+        if in_spec is not None:
+            where.append("in_spec = ?")
+            params.append(1 if in_spec else 0)
+        sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY position, id"
+        cursor = self._db.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [_record(dict(zip(names, row))) for row in cursor.fetchall()]
+
+    def record(self, run_id: str) -> RunRecord | None:
+        cursor = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,))
+        row = cursor.fetchone()
+        return None if row is None else _record(dict(zip([d[0] for d in cursor.description], row)))
+
+    def counts(self, *, in_spec: bool = True) -> dict[str, int]:
+        out = dict.fromkeys(STATUSES, 0)
+        for status, n in self._db.execute("SELECT status, COUNT(*) FROM runs WHERE in_spec = ? "
+                                          "GROUP BY status", (1 if in_spec else 0,)):
+            out[status] = n
+        return out
+
+
+def _record(row: dict) -> RunRecord:
+    return RunRecord(
+        id=row["id"], position=row["position"], config=json.loads(row["config"]),
+        dataset=row["dataset"], model=row["model"], method=row["method"],
+        sparsity=row["sparsity"], seed=row["seed"], status=row["status"], in_spec=bool(row["in_spec"]),
+        attempts=row["attempts"], metrics=_loads(row["metrics"]), curve=_loads(row["curve"]),
+        error=row["error"], worker=row["worker"], started_at=row["started_at"],
+        finished_at=row["finished_at"], seconds=row["seconds"], versions=_loads(row["versions"]))
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error): takes the write lock up front,
+    so concurrent writers queue on ``busy_timeout`` instead of deadlocking."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb):
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

@@ -1,0 +1,151 @@
+"""Studies end to end on the embedded digits data: resumable, failure-tolerant, parallel."""
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from prunelab.cli import main
+from prunelab.experiments import Store, build_study, run_study
+from prunelab.experiments.lock import StudyLock, StudyLocked
+
+
+def spec(**changes):
+    s = {"name": "t", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [16]}],
+         "methods": [{"label": "magnitude"}, {"label": "random", "criterion": "random"},
+                     {"label": "gradient", "criterion": "gradient"}],
+         "sparsities": [0.8], "seeds": 2,
+         "training": {"epochs": 2, "finetune_epochs": 2, "batch_size": 64},
+         "outputs": {"tables": [{"rows": "sparsity", "columns": "method"}]}}
+    s.update(changes)
+    return s
+
+
+def test_six_run_study_completes_and_table_matches_the_store(tmp_path):
+    from prunelab.experiments.tables import build_tables
+    study = build_study(spec())
+    assert len(study.runs) == 6
+    result = run_study(study, tmp_path / "study.db", progress=False)
+    assert result.counts == {"pending": 0, "running": 0, "done": 6, "failed": 0} and result.ran == 6
+    with Store(tmp_path / "study.db") as store:
+        records = store.records()
+        tables = build_tables(records, study.outputs)
+    assert all(r.attempts == 1 and r.metrics["sparsity"] == pytest.approx(0.8, abs=2e-3) for r in records)
+    assert sum(r.metrics["dense_cached"] for r in records) == 4   # one dense model per seed
+    (table,) = tables
+    assert table.to_markdown().count("\n") == 2 + 1               # header, rule, one level
+    row_key, cells = table.rows[0]
+    assert row_key == pytest.approx(0.8)
+    for method, cell in zip(table.column_labels, cells):
+        accs = [r.metrics["accuracy"] for r in records if r.method == method]
+        assert cell.mean == pytest.approx(statistics.fmean(accs))
+        assert cell.std == pytest.approx(statistics.stdev(accs))
+    # resuming a finished study runs nothing
+    again = run_study(study, tmp_path / "study.db", progress=False)
+    assert again.ran == 0 and again.counts["done"] == 6
+
+
+def test_a_run_that_raises_is_recorded_and_the_others_complete(tmp_path, capsys):
+    s = spec(methods=[{"label": "ok"}, {"label": "boom", "training": {"lr": 1e12}}], seeds=1)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(s))
+    code = main(["run", str(path), "--db", str(tmp_path / "study.db"), "--no-progress"])
+    assert code == 1
+    with Store(tmp_path / "study.db") as store:
+        (ok,) = store.records(status="done")
+        (failed,) = store.records(status="failed")
+    assert ok.method == "ok" and failed.method == "boom"
+    assert failed.error.startswith("TrainingDiverged: training loss became") and "Traceback" in failed.error
+    assert "--retry-failed" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "study.db")]) == 0
+    assert "failed   " in capsys.readouterr().out
+
+
+def test_invalid_spec_runs_nothing_and_exits_2(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec(methods=[{"criterion": "magnitde"}], sparsities=[1.5])))
+    assert main(["run", str(path), "--db", str(tmp_path / "study.db")]) == 2
+    err = capsys.readouterr().err
+    assert "has 2 errors" in err and "sparsities[0]" in err and "methods[0]" in err
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_a_locked_study_is_refused_with_exit_3(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec(seeds=1)))
+    with StudyLock(tmp_path / "study.db"):
+        assert main(["run", str(path), "--db", str(tmp_path / "study.db")]) == 3
+        assert "already being run by pid" in capsys.readouterr().err
+        with pytest.raises(StudyLocked):
+            run_study(build_study(spec(seeds=1)), tmp_path / "study.db", progress=False)
+
+
+KILL_SPEC = spec(methods=[{"label": "magnitude"}], sparsities=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+                 seeds=[0, 1], training={"epochs": 3, "finetune_epochs": 6, "batch_size": 32})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_mid_study_then_restart_finishes_every_run_once(tmp_path, workers):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(KILL_SPEC))
+    db = tmp_path / "study.db"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "run", str(path), "--db", str(db),
+                             "--no-progress", "--workers", str(workers)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    done_before = {}
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if db.exists():
+            with Store(db) as store:
+                done_before = {r.id: r.finished_at for r in store.records(status="done")}
+            if len(done_before) >= 4:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert 4 <= len(done_before) < 12, "the study must be killed part-way"
+    with Store(db) as store:
+        done_at_kill = {r.id: r.finished_at for r in store.records(status="done")}
+        assert len(done_at_kill) < 12
+    result = run_study(build_study(KILL_SPEC), db, progress=False)   # the lock was released by the kill
+    assert result.counts == {"pending": 0, "running": 0, "done": 12, "failed": 0}
+    with Store(db) as store:
+        records = store.records()
+    assert len(records) == 12
+    for record in records:
+        if record.id in done_at_kill:            # done before the kill: never run again
+            assert record.attempts == 1 and record.finished_at == done_at_kill[record.id]
+        else:                                    # run (or redone) after the restart
+            assert record.finished_at > max(done_at_kill.values())
+    assert result.ran == 12 - len(done_at_kill)
+
+
+def test_two_local_workers_run_a_study(tmp_path):
+    result = run_study(build_study(spec()), tmp_path / "study.db", workers=2, progress=False)
+    assert result.counts["done"] == 6
+    with Store(tmp_path / "study.db") as store:
+        records = store.records()
+    assert {r.worker for r in records} == {"local-0", "local-1"}
+    assert all(r.versions["torch_threads"] == str(max(1, (os.cpu_count() or 1) // 2)) for r in records)
+
+
+def test_ray_executor_runs_a_small_study_on_a_local_ray_instance(tmp_path):
+    ray = pytest.importorskip("ray", reason="ray is the optional extra prunelab[ray]; make test installs it")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_study(build_study(spec(seeds=1, methods=[{"label": "magnitude"},
+                                                              {"label": "random", "criterion": "random"}])),
+                           tmp_path / "study.db", executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert result.counts["done"] == 2
+    with Store(tmp_path / "study.db") as store:
+        records = store.records()
+    assert {r.worker for r in records} == {"ray"}
+    assert all(0 <= r.metrics["accuracy"] <= 1 for r in records)
