@@ -3,7 +3,6 @@ loopback HTTP server, and where generated variants are written."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.server
 import io

@@ -18,19 +18,19 @@ Schedule timing may be written in epochs (``start_epochs``, ``every_epochs``,
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from prunelab.data import DATASETS
-from prunelab.experiments.store import dumps
+from prunelab._validation import suggest
+from prunelab.data import DATASETS, data_root
+from prunelab.experiments.store import digest
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.pruning import Pruner, make_regularizer, make_schedule
+from prunelab.pruning.targets import resolve_targets
 from prunelab.training import OPTIMIZERS, Callback, evaluate, fit, steps_per_epoch
 
 DATASET_KEYS = ("name", "label", "subset", "validation", "standardize")
@@ -118,7 +118,6 @@ def _prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
         return None
     missing = checker.attempt(path, source.missing_files, None, **options)
     if missing:
-        from prunelab.data import data_root
         checker.error(path, f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
                             f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
                             f"run `prunelab data fetch {source.name}`)")
@@ -189,7 +188,6 @@ def _prepare_training(path: str, training: dict, override: dict, checker: Checke
     checker.number(where("momentum"), train["momentum"], low=0.0, high=1.0, closed="left")
     checker.number(where("weight_decay"), train["weight_decay"], low=0.0)
     if train["optimizer"] not in OPTIMIZERS:
-        from prunelab._validation import suggest
         checker.error(where("optimizer"), f"unknown optimizer {train['optimizer']!r}"
                       f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
     return None if len(checker.errors) > n else train
@@ -246,7 +244,6 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         if not isinstance(regularizer, dict) or "strength" not in regularizer:
             checker.error(f"{path}.regularizer", f"must be a mapping {{name, strength}}; got {regularizer!r}")
         else:
-            from prunelab.pruning.targets import resolve_targets
             reg = checker.attempt(f"{path}.regularizer", make_regularizer, regularizer)
             if reg is not None:
                 checker.attempt(f"{path}.regularizer", reg.bind, resolve_targets(net, method["layers"]))
@@ -299,8 +296,7 @@ def _dense_model(config: dict, ds, cache_dir: str | None):
     key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": seed,
                   "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method["regularizer"],
                   "layers": method["layers"], "rewind": rewind, "version": VERSION}
-    import hashlib
-    key = hashlib.sha256(dumps(key_fields).encode()).hexdigest()[:20]
+    key = digest(key_fields, 20)
     path = Path(cache_dir) / "dense" / f"{key}.pt" if cache_dir else None
     model = build_model(config["model"]["name"], dataset=ds, seed=seed, **config["model"]["options"])
     if path is not None and path.is_file():

@@ -24,7 +24,6 @@ addressed by index (``methods.0.lr=0.1``).
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import re
 from collections.abc import Iterable, Mapping
@@ -34,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from prunelab.experiments.store import PlannedRun, dumps
+from prunelab.experiments.store import PlannedRun, digest
 from prunelab.experiments.tasks import TASKS, Checker, SpecError
 
 TOP_LEVEL = ("name", "description", "task", "datasets", "models", "methods", "sparsities", "seeds",
@@ -191,7 +190,7 @@ def _short(value: Any) -> str:
 
 def run_id(config: Mapping) -> str:
     """Stable id of a run: the first 16 hex digits of sha256 of its canonical JSON."""
-    return hashlib.sha256(dumps(config).encode()).hexdigest()[:16]
+    return digest(config)
 
 
 def _entries(spec: dict, key: str, checker: Checker) -> list[tuple[str, dict]]:

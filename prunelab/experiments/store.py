@@ -16,6 +16,7 @@ writer wait for another's transaction instead of failing).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sqlite3
@@ -60,6 +61,11 @@ CREATE INDEX IF NOT EXISTS runs_status ON runs (status, in_spec, position);
 def dumps(value: Any) -> str:
     """JSON with NaN/inf written as null / "inf" / "-inf" (portable JSON, no NaN literals)."""
     return json.dumps(_portable(value), sort_keys=True, separators=(",", ":"))
+
+
+def digest(value: Any, length: int = 16) -> str:
+    """The first ``length`` hex digits of SHA-256 of ``value``'s canonical JSON."""
+    return hashlib.sha256(dumps(value).encode()).hexdigest()[:length]
 
 
 def _portable(value: Any) -> Any:

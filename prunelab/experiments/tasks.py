@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunelab._validation import check_number
+from prunelab._validation import check_number, suggest
 from prunelab.registry import Registry
 
 TASKS: Registry[type["Task"]] = Registry("task")
@@ -50,7 +50,6 @@ class Checker:
     def keys(self, path: str, mapping: dict, valid: tuple[str, ...]) -> None:
         for key in mapping:
             if key not in valid:
-                from prunelab._validation import suggest
                 self.error(f"{path}.{key}" if path else str(key),
                            f"unknown key{suggest(str(key), valid)}; valid keys: {', '.join(valid)}")
 
