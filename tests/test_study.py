@@ -64,6 +64,13 @@ def test_a_run_that_raises_is_recorded_and_the_others_complete(tmp_path, capsys)
     assert "--retry-failed" in capsys.readouterr().err
     assert main(["status", str(tmp_path / "study.db")]) == 0
     assert "failed   " in capsys.readouterr().out
+    # without --retry-failed nothing runs again; with it the failed run is retried (and fails again)
+    assert main(["run", str(path), "--db", str(tmp_path / "study.db"), "--no-progress"]) == 1
+    with Store(tmp_path / "study.db") as store:
+        assert store.record(failed.id).attempts == 1
+    assert main(["run", str(path), "--db", str(tmp_path / "study.db"), "--no-progress", "--retry-failed"]) == 1
+    with Store(tmp_path / "study.db") as store:
+        assert store.record(failed.id).attempts == 2 and store.record(ok.id).attempts == 1
 
 
 def test_invalid_spec_runs_nothing_and_exits_2(tmp_path, capsys):
