@@ -106,8 +106,10 @@ def cmd_prune(args) -> int:
     per_epoch = steps_per_epoch(len(ds.y_train), args.batch_size)
     schedule = _schedule(args, per_epoch)
     # the Pruner validates everything now and touches no weight until its first event
+    n_cal = min(len(ds.y_train), args.calibration)
     pruner = Pruner(model, schedule=schedule, criterion=args.criterion, granularity=args.granularity,
-                    scope=args.scope, layers=args.layers, seed=args.seed)
+                    scope=args.scope, layers=args.layers, seed=args.seed,
+                    calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
     finetune_steps = args.finetune_epochs * per_epoch
     if schedule.last_step > finetune_steps:
         raise ValueError(f"the schedule's last prune is at step {schedule.last_step} but fine-tuning has "
@@ -121,9 +123,6 @@ def cmd_prune(args) -> int:
 
     fit(model, ds, epochs=args.epochs, **train_kw)
     before = evaluate(model, ds)["accuracy"]
-    if pruner.criterion.needs_gradients:
-        n_cal = min(len(ds.y_train), 1024)
-        pruner.calibrate((ds.x_train[:n_cal], ds.y_train[:n_cal]))
     pruner.update()
     first_sparsity = pruner.sparsity()
     right_after = evaluate(model, ds)["accuracy"]
@@ -202,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-every", type=float, default=1.0,
                    help="epochs between prunes of iterative/agp/fixed-fraction schedules")
     p.add_argument("--layers", nargs="+", default=None, help="module or parameter names to prune")
+    p.add_argument("--calibration", type=int, default=1024,
+                   help="training samples used by data-driven criteria (gradient, obd, lobs, obs-*)")
     p.add_argument("--epochs", type=int, default=10, help="dense training epochs")
     p.add_argument("--finetune-epochs", type=int, default=5, help="epochs from the first prune on")
     p.add_argument("--batch-size", type=int, default=64)

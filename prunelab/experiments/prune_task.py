@@ -328,12 +328,11 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     accuracy_dense = evaluate(model, test)["accuracy"]
     schedule_args = {k: v for k, v in method["schedule"].items() if k != "name"}
     schedule = make_schedule(method["schedule"]["name"], **schedule_args)
+    n_cal = min(method["calibration"], len(ds.y_train))
     pruner = Pruner(model, criterion=method["criterion"], granularity=method["granularity"],
                     scope=method["scope"], schedule=schedule, layers=method["layers"],
-                    reduction=method["reduction"], min_keep=method["min_keep"], rewind=snapshot, seed=seed)
-    if pruner.criterion.needs_gradients:
-        n = min(method["calibration"], len(ds.y_train))
-        pruner.calibrate((ds.x_train[:n], ds.y_train[:n]))
+                    reduction=method["reduction"], min_keep=method["min_keep"], rewind=snapshot, seed=seed,
+                    calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
     pruner.update()
     accuracy_pruned = evaluate(model, test)["accuracy"]
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,

@@ -15,7 +15,7 @@ Second-order criteria (OBD, L-OBS) live in their own modules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -27,16 +27,30 @@ CRITERIA: Registry[type["Criterion"]] = Registry("criterion")
 
 
 class Criterion:
-    """Base class. Subclasses set ``name`` and implement :meth:`scores`."""
+    """Base class. Subclasses set ``name`` and implement :meth:`scores`.
+
+    ``needs_gradients``: the criterion can use the training gradients the Pruner's
+    optimiser hook passes to :meth:`observe`. ``needs_data``: it computes statistics
+    from calibration batches in :meth:`calibrate` (the Pruner calls it before every
+    prune when given ``calibration=``). ``updates_weights``: a *solver* — instead of
+    scores, :meth:`solve` sets the pruned and compensated weights itself (L-OBS).
+    """
 
     name = ""
     needs_gradients = False
+    needs_data = False
+    updates_weights = False
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def observe(self, targets: Sequence[Target]) -> None:
         """Record the current gradients (called after backward, before the step)."""
+
+    def calibrate(self, model: torch.nn.Module, targets: Sequence[Target], batches: list,
+                  loss_fn: Callable) -> None:
+        """Accumulate statistics over calibration ``batches`` of ``(x, y)``."""
+        raise NotImplementedError(f"criterion {self.name!r} uses no calibration data")
 
     def reset(self) -> None:
         """Forget recorded statistics (called after every prune)."""
@@ -90,6 +104,7 @@ class GradientMagnitude(Criterion):
 
     name = "gradient"
     needs_gradients = True
+    needs_data = True
 
     def __init__(self, window: int | None = None):
         if window is not None:
@@ -115,6 +130,23 @@ class GradientMagnitude(Criterion):
         else:
             torch._foreach_add_(self._sums, products)
         self._count += 1
+
+    def calibrate(self, model, targets, batches, loss_fn) -> None:
+        """Observe ``dL/dw`` of each calibration batch (model in eval mode, ``.grad`` untouched)."""
+        params = [t.weight for t in targets]
+        saved = [p.grad for p in params]
+        was_training = model.training
+        model.eval()
+        try:
+            for x, y in batches:
+                grads = torch.autograd.grad(loss_fn(model(x), y), params)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                self.observe(targets)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+            model.train(was_training)
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         if self._sums is None or self._count == 0:

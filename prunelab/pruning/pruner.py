@@ -26,7 +26,7 @@ from prunelab._validation import check_choice, check_number, check_sparsity
 from prunelab.pruning.criteria import Criterion, make_criterion
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
-from prunelab.pruning.schedules import OneShot, Schedule, make_schedule
+from prunelab.pruning.schedules import Schedule, make_schedule
 from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
 
@@ -41,6 +41,7 @@ class PruneRecord:
     target: float       # the schedule's sparsity
     sparsity: float     # realised sparsity over all targets afterwards
     layers: dict        # per-target realised sparsity
+    report: object = None   # a solver's per-layer report (L-OBS), if any
 
 
 class Pruner:
@@ -79,7 +80,10 @@ class Pruner:
                  reduction: str = "l2",
                  min_keep: int = 1,
                  optimizer: "torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None" = None,
-                 rewind: "str | int | None" = None,
+                 rewind: "str | int | Mapping | None" = None,
+                 calibration: "tuple[torch.Tensor, torch.Tensor] | Batches | None" = None,
+                 loss_fn: Callable | None = None,
+                 calibration_batch_size: int = 256,
                  seed: int = 0):
         where = "Pruner"
         self.model = model
@@ -91,7 +95,22 @@ class Pruner:
         self.scope = make_scope(scope, where=where)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS, where=where)
         self.min_keep = check_number("min_keep", min_keep, where=where, low=1, integer=True)
+        self.layer_targets = None
+        if isinstance(sparsity, Mapping):
+            self.layer_targets = self._layer_targets(sparsity)
+            if self.scope.name == "global":
+                raise ValueError("per-layer sparsity targets need scope 'local' or 'layerwise-constant'; "
+                                 "'global' chooses each layer's sparsity itself.")
+            sparsity = self._overall(self.layer_targets)
         self.schedule = self._make_schedule(schedule, sparsity, schedule_args or {})
+        self.loss_fn = loss_fn
+        self.calibration_batch_size = check_number("calibration_batch_size", calibration_batch_size,
+                                                   where=where, low=1, integer=True)
+        if calibration is not None and not _is_pair(calibration):
+            calibration = list(calibration)   # used at every prune: an iterator would run dry
+        if calibration is not None:           # refuse an empty calibration set now, before any training
+            next(iter(_batches(calibration, self.calibration_batch_size, where=where)))
+        self.calibration = calibration
         self._events = self.schedule.events()
         self._next_event = 0
         self.step_count = 0
@@ -119,6 +138,38 @@ class Pruner:
         if sparsity is not None:
             sparsity = check_sparsity("sparsity", sparsity, where="Pruner")
         return make_schedule(schedule, sparsity, **schedule_args)
+
+    def _layer_targets(self, sparsity: Mapping) -> dict[str, float]:
+        """``{module or parameter name: sparsity}`` → ``{target name: sparsity}`` for every target."""
+        by_name = {}
+        for key, value in sparsity.items():
+            matches = [t for t in self.targets if key in (t.name, t.module_name)]
+            if not matches:
+                from prunelab._validation import suggest
+                names = [t.module_name or t.name for t in self.targets]
+                raise ValueError(f"the 'sparsity' parameter of Pruner has a target for {key!r}, which is "
+                                 f"not a pruned layer{suggest(str(key), names)}; pruned layers: {', '.join(names)}.")
+            for t in matches:
+                by_name[t.name] = check_sparsity(f"sparsity[{key!r}]", value, where="Pruner")
+        missing = [t.module_name or t.name for t in self.targets if t.name not in by_name]
+        if missing:
+            raise ValueError(f"the 'sparsity' parameter of Pruner gives per-layer targets but none for "
+                             f"{', '.join(missing)}; give every pruned layer a sparsity (0.0 keeps it dense).")
+        return by_name
+
+    def _overall(self, layer_targets: dict[str, float]) -> float:
+        """The sparsity over all targets that the per-layer targets amount to."""
+        sizes = {t.name: t.weight.numel() for t in self.targets}
+        return sum(layer_targets[n] * sizes[n] for n in sizes) / sum(sizes.values())
+
+    def _targets_at(self, sparsity: float) -> list[float] | float:
+        """Per-layer targets at an event of overall ``sparsity`` (scaled linearly to the
+        per-layer final targets), or the scalar when there are no per-layer targets."""
+        if self.layer_targets is None:
+            return sparsity
+        final = self.schedule.final_sparsity
+        scale = sparsity / final if final > 0 else 0.0
+        return [self.layer_targets[t.name] * scale for t in self.targets]
 
     def _init_rewind(self, rewind) -> tuple[int | None, dict | None]:
         if rewind is None:
@@ -230,37 +281,38 @@ class Pruner:
         """Record the current ``.grad`` for gradient-based criteria (call after backward)."""
         self.criterion.observe(self.targets)
 
-    def calibrate(self, data: "tuple[torch.Tensor, torch.Tensor] | Batches",
-                  loss_fn: Callable | None = None, batch_size: int = 256) -> int:
-        """Accumulate gradient statistics over calibration data; returns the number
-        of batches. ``data`` is an ``(x, y)`` pair of tensors or an iterable of
-        batches. The model runs in eval mode; its ``.grad`` fields are restored."""
-        if not self.criterion.needs_gradients:
+    def calibrate(self, data: "tuple[torch.Tensor, torch.Tensor] | Batches | None" = None,
+                  loss_fn: Callable | None = None, batch_size: int | None = None) -> int:
+        """Let a data-driven criterion (gradient, OBD, L-OBS) accumulate its statistics over
+        ``data`` (an ``(x, y)`` pair or an iterable of batches; default: the Pruner's
+        ``calibration``). Returns the number of batches (0 for criteria that use no data).
+        The Pruner calls this itself before every prune when it has ``calibration``."""
+        if not self.criterion.needs_data:
             return 0
-        batches = list(_batches(data, batch_size, where="Pruner.calibrate"))
-        loss_fn = loss_fn or nn.functional.cross_entropy
-        params = [t.weight for t in self.targets]
-        saved = [p.grad for p in params]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for x, y in batches:
-                for p in params:
-                    p.grad = None
-                loss = loss_fn(self.model(x), y)
-                grads = torch.autograd.grad(loss, params)
-                for p, g in zip(params, grads):
-                    p.grad = g
-                self.criterion.observe(self.targets)
-        finally:
-            for p, g in zip(params, saved):
-                p.grad = g
-            self.model.train(was_training)
+        data = self.calibration if data is None else data
+        if data is None:
+            raise ValueError(f"criterion {self.criterion.name!r} needs calibration data: pass "
+                             f"calibration=(x, y) to the Pruner, or data to calibrate().")
+        batches = list(_batches(data, batch_size or self.calibration_batch_size, where="Pruner.calibrate"))
+        self.criterion.calibrate(self.model, self.targets, batches,
+                                 loss_fn or self.loss_fn or nn.functional.cross_entropy)
         return len(batches)
 
     # -------------------------------------------------------------- pruning
     @torch.no_grad()
     def _prune(self, sparsity: float, event: Event) -> PruneRecord:
+        if self.criterion.needs_data and self.calibration is not None:
+            self.criterion.reset()
+            with torch.enable_grad():
+                self.calibrate()
+        targets = self._targets_at(sparsity)
+        if self.criterion.updates_weights:
+            per_layer = targets if isinstance(targets, list) else [targets] * len(self.targets)
+            keeps = self.criterion.solve(self, per_layer, event)
+            for target, keep in zip(self.targets, keeps):
+                old = self.masks.get(target.weight)
+                self.masks.set(target.weight, keep if old is None else keep & old.bool())
+            return self._after_prune(sparsity)
         scores = self.criterion.scores(self.targets)
         layers, group_shapes = [], []
         for target, score in zip(self.targets, scores):
@@ -272,7 +324,7 @@ class Pruner:
             group_shapes.append(group_scores.shape)
             layers.append(LayerGroups(group_scores.flatten(), alive_groups.flatten(),
                                       self.granularity.group_size(weight)))
-        keeps = self.scope.select(layers, sparsity, event, self.min_keep)
+        keeps = self.scope.select(layers, targets, event, self.min_keep)
         for target, keep, shape in zip(self.targets, keeps, group_shapes):
             weight = target.weight
             group_keep = keep.reshape(shape)
@@ -283,12 +335,16 @@ class Pruner:
             if bias_keep is not None and target.bias is not None:
                 old_bias = self.masks.get(target.bias)
                 self.masks.set(target.bias, bias_keep if old_bias is None else bias_keep & old_bias.bool())
+        return self._after_prune(sparsity)
+
+    def _after_prune(self, sparsity: float) -> PruneRecord:
         self.masks.apply_to_weights()
         self.masks.clear_optimizer_state(self.optimizers)
         self.criterion.reset()
         if self._snapshot is not None:
             self._rewind()
-        record = PruneRecord(self.step_count, sparsity, self.sparsity(), self.layer_sparsity())
+        report = getattr(self.criterion, "last_report", None)
+        record = PruneRecord(self.step_count, sparsity, self.sparsity(), self.layer_sparsity(), report)
         self.history.append(record)
         return record
 
@@ -351,10 +407,14 @@ class Pruner:
                 f"targets={[t.name for t in self.targets]})")
 
 
+def _is_pair(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)
+
+
 def _batches(data, batch_size: int, *, where: str):
     """Yield (x, y) batches from a pair of tensors or an iterable of pairs; refuse empty data."""
     batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+    if _is_pair(data):
         x, y = data
         if len(x) == 0:
             raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (0 samples).")
@@ -372,22 +432,24 @@ def _batches(data, batch_size: int, *, where: str):
         raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (no batches).")
 
 
-def prune(model: nn.Module, sparsity: float, *, criterion="magnitude", granularity="weight",
-          scope="local", layers=None, reduction="l2", min_keep=1, data=None, loss_fn=None,
-          batch_size: int = 256, seed: int = 0) -> Pruner:
-    """One-shot pruning in one call: zero the lowest-scored weights of ``model`` in place.
+def prune(model: nn.Module, sparsity: "float | Mapping[str, float]", *, criterion="magnitude",
+          granularity="weight", scope="local", layers=None, reduction="l2", min_keep=1, data=None,
+          loss_fn=None, batch_size: int = 256, seed: int = 0) -> Pruner:
+    """One-shot pruning in one call: prune ``model`` in place to ``sparsity`` (a float, or a
+    ``{layer: sparsity}`` dict of per-layer targets).
 
     Returns the :class:`Pruner` that did it; ``pruner.attach(optimizer)`` keeps the
-    zeros through fine-tuning. Criteria that need gradients (``"gradient"``) use
-    ``data`` (an ``(x, y)`` pair or an iterable of batches) as calibration set.
+    zeros through fine-tuning. Data-driven criteria (``gradient``, ``obd``, ``lobs``,
+    ``obs-exact``, ``obs-fast``) use ``data`` (an ``(x, y)`` pair or an iterable of
+    batches) as calibration set.
     """
-    pruner = Pruner(model, criterion=criterion, granularity=granularity, scope=scope,
-                    schedule=OneShot(check_sparsity("sparsity", sparsity, where="prune")),
-                    layers=layers, reduction=reduction, min_keep=min_keep, seed=seed)
-    if pruner.criterion.needs_gradients:
-        if data is None:
-            raise ValueError(f"criterion {pruner.criterion.name!r} needs calibration data: pass "
-                             f"data=(x, y) to prune().")
-        pruner.calibrate(data, loss_fn, batch_size)
+    if not isinstance(sparsity, Mapping):
+        sparsity = check_sparsity("sparsity", sparsity, where="prune")
+    pruner = Pruner(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
+                    schedule="one-shot", layers=layers, reduction=reduction, min_keep=min_keep, seed=seed,
+                    calibration=data, loss_fn=loss_fn, calibration_batch_size=batch_size)
+    if pruner.criterion.needs_data and data is None:
+        raise ValueError(f"criterion {pruner.criterion.name!r} needs calibration data: pass "
+                         f"data=(x, y) to prune().")
     pruner.update()
     return pruner

@@ -72,12 +72,17 @@ def _prune_lowest(layer: LayerGroups, n_prune: int, min_keep: int) -> torch.Tens
     return keep.to(layer.alive.device)
 
 
+def _per_layer(sparsity: "float | list[float]", layers: list) -> list[float]:
+    return list(sparsity) if isinstance(sparsity, list) else [sparsity] * len(layers)
+
+
 class Scope:
     name = ""
 
-    def select(self, layers: list[LayerGroups], sparsity: float, event: Event,
+    def select(self, layers: list[LayerGroups], sparsity: "float | list[float]", event: Event,
                min_keep: int = 1) -> list[torch.Tensor]:
-        """Return one bool keep-mask of shape (G,) per layer."""
+        """Return one bool keep-mask of shape (G,) per layer. ``sparsity`` is one target, or
+        one per layer (scopes that share the target between layers refuse a list)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -89,7 +94,8 @@ class Local(Scope):
     name = "local"
 
     def select(self, layers, sparsity, event, min_keep=1):
-        return [_prune_lowest(layer, round(sparsity * layer.n_groups), min_keep) for layer in layers]
+        targets = _per_layer(sparsity, layers)
+        return [_prune_lowest(layer, round(s * layer.n_groups), min_keep) for layer, s in zip(layers, targets)]
 
 
 @SCOPES.register("global")
@@ -100,6 +106,8 @@ class Global(Scope):
     name = "global"
 
     def select(self, layers, sparsity, event, min_keep=1):
+        if isinstance(sparsity, list):
+            raise ValueError("scope 'global' takes one sparsity for all layers, not per-layer targets.")
         ranked = [_order(layer, min_keep) for layer in layers]
         scores = torch.cat([s for s, _, _ in ranked])
         n_dead = sum(d for _, d, _ in ranked)
@@ -124,10 +132,11 @@ class LayerwiseConstant(Scope):
 
     def select(self, layers, sparsity, event, min_keep=1):
         chosen = range(len(layers)) if event.final else [event.index % len(layers)]
+        targets = _per_layer(sparsity, layers)
         out = []
         for i, layer in enumerate(layers):
             if i in chosen:
-                out.append(_prune_lowest(layer, round(sparsity * layer.n_groups), min_keep))
+                out.append(_prune_lowest(layer, round(targets[i] * layer.n_groups), min_keep))
             else:
                 out.append(layer.alive.clone())
         return out
