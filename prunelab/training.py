@@ -220,3 +220,61 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int = 64, lr: fl
 def steps_per_epoch(n_samples: int, batch_size: int) -> int:
     """Optimiser steps in one epoch (the last, smaller batch included)."""
     return math.ceil(n_samples / batch_size)
+
+
+class RecoveryMonitor(Callback):
+    """Evaluates every ``every`` steps and records the first step at which accuracy is back
+    within ``tolerance`` of ``target`` (``None`` if never). With ``stop=True`` training ends
+    there. The curve ``[(step, accuracy), ...]`` starts with step 0 (before any training)."""
+
+    def __init__(self, data, target: float, tolerance: float = 0.001, every: int = 50,
+                 stop: bool = False):
+        self.data = data
+        self.target = check_number("target", target, where="RecoveryMonitor", low=0.0, high=1.0)
+        self.tolerance = check_number("tolerance", tolerance, where="RecoveryMonitor", low=0.0)
+        self.every = check_number("every", every, where="RecoveryMonitor", low=1, integer=True)
+        self.stop = stop
+        self.steps_to_recover: int | None = None
+        self.curve: list[tuple[int, float]] = []
+
+    def _check(self, state: TrainState) -> None:
+        accuracy = evaluate(state.model, self.data)["accuracy"]
+        self.curve.append((state.step, accuracy))
+        if self.steps_to_recover is None and accuracy >= self.target - self.tolerance - 1e-12:
+            self.steps_to_recover = state.step
+            if self.stop:
+                state.stop = True
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self._check(state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self._check(state)
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    steps_to_recover: int | None      # optimiser steps until within tolerance (None: not reached)
+    accuracy: float                   # at the end
+    curve: list                       # [(step, accuracy)] every ``eval_every`` steps
+    history: list                     # fit's per-epoch history
+
+
+def retrain(model: nn.Module, data, *, pruner: Pruner, target_accuracy: float, eval_data=None,
+            tolerance: float = 0.001, eval_every: int = 50, max_epochs: int = 10,
+            stop_when_recovered: bool = True, **fit_kwargs) -> RetrainResult:
+    """Fine-tune a pruned model with its masks fixed until its accuracy on ``eval_data``
+    (default: the dataset's test split) is back within ``tolerance`` of ``target_accuracy``,
+    and report how many optimiser steps that took (the L-OBS paper's retraining iterations).
+    ``fit_kwargs`` go to :func:`fit` (lr, batch_size, optimizer, seed, ...)."""
+    if eval_data is None:
+        if not hasattr(data, "x_test"):
+            raise ValueError("retrain needs eval_data=(x, y) when data is not a Dataset.")
+        eval_data = (data.x_test, data.y_test)
+    monitor = RecoveryMonitor(eval_data, target_accuracy, tolerance, eval_every, stop=stop_when_recovered)
+    fit_kwargs.setdefault("progress", False)
+    history = fit(model, data, epochs=max_epochs, pruner=pruner,
+                  callbacks=[monitor, *fit_kwargs.pop("callbacks", ())], **fit_kwargs)
+    return RetrainResult(monitor.steps_to_recover, evaluate(model, eval_data)["accuracy"],
+                         monitor.curve, history)

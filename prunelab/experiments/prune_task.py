@@ -31,14 +31,15 @@ from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.pruning import Pruner, make_regularizer, make_schedule
 from prunelab.pruning.targets import resolve_targets
-from prunelab.training import OPTIMIZERS, Callback, evaluate, fit, steps_per_epoch
+from prunelab.training import OPTIMIZERS, Callback, RecoveryMonitor, evaluate, fit, steps_per_epoch
 
 DATASET_KEYS = ("name", "label", "subset", "validation", "standardize")
 MODEL_KEYS = ("name", "label")
 METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
                "regularizer", "rewind", "layers", "calibration", "training")
 TRAINING_DEFAULTS = {"epochs": 10, "finetune_epochs": 5, "batch_size": 64, "lr": 0.05,
-                     "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0}
+                     "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
+                     "retrain_tolerance": None, "eval_every": 50}
 METHOD_DEFAULTS = {"criterion": "magnitude", "granularity": "weight", "scope": "local",
                    "schedule": "one-shot", "reduction": "l2", "min_keep": 1, "regularizer": None,
                    "rewind": None, "layers": None, "calibration": 1024}
@@ -90,12 +91,24 @@ class PruneTask(Task):
         if m is None:
             return None
         resolved.update(dataset=data["config"], method=m, training=train)
-        return resolved
+        sizes = {t.name: t.weight.numel() for t in resolve_targets(net, m["layers"])}
+        module_of = {t.name: t.module_name for t in resolve_targets(net, m["layers"])}
+        return {"config": resolved, "sizes": sizes, "modules": module_of}
 
     def resolve(self, prepared, *, sparsity, seed):
-        config = copy.deepcopy(prepared)
-        config["method"]["schedule"]["sparsity"] = sparsity   # the cap, for fixed-fraction
+        config = copy.deepcopy(prepared["config"])
+        schedule = config["method"]["schedule"]
+        schedule["sparsity"] = self.level(prepared, sparsity)   # the cap, for fixed-fraction
+        if isinstance(sparsity, dict):
+            config["method"]["layer_sparsity"] = dict(sparsity)
         return {"task": self.name, "version": VERSION, **config, "sparsity": sparsity, "seed": seed}
+
+    def level(self, prepared, sparsity):
+        if not isinstance(sparsity, dict):
+            return float(sparsity)
+        sizes, modules = prepared["sizes"], prepared["modules"]
+        targets = {name: sparsity.get(name, sparsity.get(modules[name], 0.0)) for name in sizes}
+        return round(sum(targets[n] * sizes[n] for n in sizes) / sum(sizes.values()), 6)
 
     # ------------------------------------------------------------ running
     def run(self, config: dict, context: dict) -> dict:
@@ -187,6 +200,9 @@ def _prepare_training(path: str, training: dict, override: dict, checker: Checke
         checker.number(where("finetune_lr"), train["finetune_lr"], low=0.0, closed="neither")
     checker.number(where("momentum"), train["momentum"], low=0.0, high=1.0, closed="left")
     checker.number(where("weight_decay"), train["weight_decay"], low=0.0)
+    if train["retrain_tolerance"] is not None:
+        checker.number(where("retrain_tolerance"), train["retrain_tolerance"], low=0.0, high=1.0)
+    checker.number(where("eval_every"), train["eval_every"], low=1, integer=True)
     if train["optimizer"] not in OPTIMIZERS:
         checker.error(where("optimizer"), f"unknown optimizer {train['optimizer']!r}"
                       f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
@@ -215,7 +231,8 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         checker.error(f"{path}.schedule.sparsity", "comes from the study's 'sparsities' list; remove it here")
         schedule.pop("sparsity")
     method["schedule"] = schedule
-    sparsity = max(sparsities) if sparsities else 0.5
+    floats = [s for s in sparsities if not isinstance(s, dict)]
+    sparsity = max(floats) if floats else 0.5
     schedule_args = {k: v for k, v in schedule.items() if k != "name"}
     built = checker.attempt(f"{path}.schedule", make_schedule, schedule["name"],
                             None if schedule["name"] in ("fixed-fraction", "fixed_fraction") else sparsity,
@@ -237,6 +254,11 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
                     criterion=method["criterion"], granularity=method["granularity"], scope=method["scope"],
                     schedule=built if built is not None else "one-shot", layers=method["layers"],
                     reduction=method["reduction"], min_keep=method["min_keep"], rewind=pruner_rewind)
+    for i, level in enumerate(sparsities):       # per-layer targets: every layer named, none unknown
+        if isinstance(level, dict):
+            checker.attempt(f"{path} with sparsities[{i}]", Pruner, net, level, criterion=method["criterion"],
+                            granularity=method["granularity"], scope=method["scope"],
+                            layers=method["layers"], reduction=method["reduction"])
     regularizer = method["regularizer"]
     if regularizer is not None:
         if isinstance(regularizer, str):
@@ -329,13 +351,18 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     schedule_args = {k: v for k, v in method["schedule"].items() if k != "name"}
     schedule = make_schedule(method["schedule"]["name"], **schedule_args)
     n_cal = min(method["calibration"], len(ds.y_train))
-    pruner = Pruner(model, criterion=method["criterion"], granularity=method["granularity"],
+    pruner = Pruner(model, method.get("layer_sparsity"), criterion=method["criterion"],
+                    granularity=method["granularity"],
                     scope=method["scope"], schedule=schedule, layers=method["layers"],
                     reduction=method["reduction"], min_keep=method["min_keep"], rewind=snapshot, seed=seed,
                     calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
     pruner.update()
     accuracy_pruned = evaluate(model, test)["accuracy"]
+    monitor = None
+    if train["retrain_tolerance"] is not None:   # steps until back within tolerance of the dense accuracy
+        monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"])
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
+                  callbacks=[monitor] if monitor else (),
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
     final = evaluate(model, test)
     stats = summary(model, ds.input_shape).total
@@ -354,6 +381,14 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
                              "counts": [int(c) for c in counts.tolist()]},
         "train_seconds": time.perf_counter() - started,
     }
+    if monitor is not None:
+        metrics["retrain_steps"] = monitor.steps_to_recover
+        metrics["retrain_curve"] = monitor.curve
+    reports = [record.report for record in pruner.history if record.report is not None]
+    if reports:
+        metrics["hessian_seconds"] = sum(r.totals()["hessian_seconds"] for r in reports)
+        metrics["solve_seconds"] = sum(r.totals()["solve_seconds"] for r in reports)
+        metrics["layer_reports"] = [[row.as_dict() for row in r] for r in reports]
     if ds.x_val is not None:
         metrics["val_accuracy"] = evaluate(model, (ds.x_val, ds.y_val))["accuracy"]
         metrics["val_accuracy_dense"] = next((h["val_accuracy"] for h in reversed(dense_history)

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from prunelab.experiments.store import PlannedRun, digest
+from prunelab.experiments.store import PlannedRun, digest, dumps
 from prunelab.experiments.tasks import TASKS, Checker, SpecError
 
 TOP_LEVEL = ("name", "description", "task", "datasets", "models", "methods", "sparsities", "seeds",
@@ -281,13 +281,14 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         for sparsity in levels:
             for seed in seeds:
                 config = task.resolve(prepared, sparsity=sparsity, seed=seed)
+                level = task.level(prepared, sparsity)
                 rid = run_id(config)
                 where = f"{d_path} × {m_path} × {x_path}"
                 if rid in seen and seen[rid] != where:
                     checker.error(x_path, f"resolves to the same runs as {seen[rid]} (identical settings)")
                     break
                 seen[rid] = where
-                runs.append(PlannedRun(rid, config, d_label, m_label, x_label, sparsity, seed))
+                runs.append(PlannedRun(rid, config, d_label, m_label, x_label, level, seed))
     _check_unique_labels(runs, checker)
     return [] if checker.errors else runs
 
@@ -309,19 +310,30 @@ def _check_unique_labels(runs: list[PlannedRun], checker: Checker) -> None:
         cells[key] = run.id
 
 
-def _sparsities(spec: dict, checker: Checker, path: str = "sparsities") -> list[float]:
+def _sparsities(spec: dict, checker: Checker, path: str = "sparsities") -> list:
+    """A list of levels: floats in [0, 1), or ``{layer: sparsity}`` dicts of per-layer targets
+    (their layer names are checked against the model later)."""
     value = spec.get("sparsities")
     if value is None:
         return []
     if not isinstance(value, list) or not value:
-        checker.error(path, f"must be a non-empty list of floats in [0, 1); got {value!r}")
+        checker.error(path, f"must be a non-empty list of floats in [0, 1) (or of {{layer: sparsity}} "
+                            f"mappings); got {value!r}")
         return []
     out = []
     for i, s in enumerate(value):
+        if isinstance(s, dict):
+            values = [checker.number(f"{path}[{i}].{k}", v, low=0.0, high=1.0, closed="left", param="sparsity")
+                      for k, v in s.items()]
+            if s and all(v is not None for v in values):
+                out.append({str(k): float(v) for k, v in s.items()})
+            elif not s:
+                checker.error(f"{path}[{i}]", "an empty mapping; give each pruned layer a sparsity")
+            continue
         got = checker.number(f"{path}[{i}]", s, low=0.0, high=1.0, closed="left", param="sparsity")
         if got is not None:
             out.append(got)
-    if len(set(out)) != len(out):
+    if len({dumps(v) for v in out}) != len(out):
         checker.error(path, f"contains duplicates: {value!r}")
     return out
 

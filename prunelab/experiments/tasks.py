@@ -68,9 +68,13 @@ class Task:
         must be built to know it works); return what :meth:`resolve` needs, or None."""
         raise NotImplementedError
 
-    def resolve(self, prepared: Any, *, sparsity: float, seed: int) -> dict:
+    def resolve(self, prepared: Any, *, sparsity: "float | dict", seed: int) -> dict:
         """The fully resolved, JSON-serialisable config of one run."""
         raise NotImplementedError
+
+    def level(self, prepared: Any, sparsity: "float | dict") -> float:
+        """The run's sparsity as one number, for tables (per-layer targets: their overall)."""
+        return float(sparsity)
 
     def run(self, config: dict, context: dict) -> dict:
         """Execute one run; return ``{"metrics": {...}, "curve": [...]}``. Exceptions are

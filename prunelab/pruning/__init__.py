@@ -2,6 +2,7 @@
 
 from prunelab.pruning.criteria import CRITERIA, Criterion, GradientMagnitude, Magnitude, Random, make_criterion
 from prunelab.pruning.granularity import GRANULARITIES, Granularity, make_granularity
+from prunelab.pruning.lobs import LOBS, LayerReport, OBSExact, OBSFast
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.pruner import Pruner, PruneRecord, prune
 from prunelab.pruning.regularizers import REGULARIZERS, GroupLasso, L1, L2, Regularizer, make_regularizer
@@ -9,11 +10,13 @@ from prunelab.pruning.schedules import (
     AGP, SCHEDULES, FixedFraction, FunctionSchedule, Iterative, OneShot, Schedule, make_schedule)
 from prunelab.pruning.scopes import SCOPES, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
+from prunelab.pruning.obd import OBD
 
 __all__ = [
     "AGP", "CRITERIA", "Criterion", "FixedFraction", "FunctionSchedule", "GRANULARITIES",
-    "GradientMagnitude", "Granularity", "GroupLasso", "Iterative", "L1", "L2", "Magnitude",
-    "MaskSet", "OneShot", "PruneRecord", "Pruner", "REGULARIZERS", "Random", "Regularizer",
+    "GradientMagnitude", "Granularity", "GroupLasso", "Iterative", "L1", "L2", "LOBS", "LayerReport",
+    "Magnitude", "OBSExact", "OBSFast",
+    "MaskSet", "OBD", "OneShot", "PruneRecord", "Pruner", "REGULARIZERS", "Random", "Regularizer",
     "SCHEDULES", "SCOPES", "Schedule", "Scope", "Target", "make_criterion", "make_granularity",
     "make_regularizer", "make_schedule", "make_scope", "prune", "resolve_targets",
 ]

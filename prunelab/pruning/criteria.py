@@ -44,6 +44,10 @@ class Criterion:
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def validate(self, pruner) -> None:
+        """Check this criterion suits the Pruner's targets, granularity and scope (called
+        when the Pruner is built, before any training)."""
+
     def observe(self, targets: Sequence[Target]) -> None:
         """Record the current gradients (called after backward, before the step)."""
 

@@ -111,6 +111,7 @@ class Pruner:
         if calibration is not None:           # refuse an empty calibration set now, before any training
             next(iter(_batches(calibration, self.calibration_batch_size, where=where)))
         self.calibration = calibration
+        self.criterion.validate(self)
         self._events = self.schedule.events()
         self._next_event = 0
         self.step_count = 0

@@ -1,0 +1,232 @@
+"""Layer-wise Optimal Brain Surgeon: ``lobs``, ``obs-exact``, ``obs-fast`` as Pruner criteria.
+
+Each is a *solver* criterion: at a pruning event it collects the layer-wise Hessians
+``H = X̃ᵀX̃/n`` of the calibration data (:mod:`hessian`), removes weights and compensates
+the remaining ones in each Linear/Conv2d layer (:mod:`lobs`, :mod:`obs_exact`,
+:mod:`obs_fast`, and :mod:`structured` for ``granularity="channel"``), and leaves the
+masks to the Pruner, so schedules, fine-tuning and the harness work as with any
+criterion::
+
+    prunelab.prune(model, 0.93, criterion="obs-fast", data=(x_cal, y_cal))
+    Pruner(model, {"fc1": 0.933, "fc2": 0.8, "fc3": 0.35}, criterion={"name": "lobs",
+           "mode": "sequential"}, calibration=(x_cal, y_cal))
+
+Options: ``mode`` — ``"sequential"`` (each layer's Hessian from the outputs of the layers
+before it, already pruned; the default) or ``"parallel"`` (all from the original model);
+``damping`` λ (``H + λ·mean(diag H)·I``, default 1e-2); ``update_bias`` (the bias takes
+part in the compensation, never pruned; default True); ``low_memory`` (parallel mode: one
+layer's Hessian in memory at a time, at one calibration pass per layer); ``block_size``
+(obs-fast). After each prune ``pruner.history[-1].report`` (and ``criterion.last_report``)
+holds a :class:`LayerReport` per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from prunelab._validation import check_choice, check_number
+from prunelab.pruning.criteria import CRITERIA, Criterion
+from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
+from prunelab.pruning.lobs.hessian import LayerHessian, check_target, weight_matrix
+
+MODES = ("sequential", "parallel")
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One layer of an L-OBS prune. Errors are root-mean-square over the n calibration
+    columns: ``√E`` with ``E = (1/n)‖Ẑ − Z‖²_F`` (Z from the weights before this prune,
+    on this prune's calibration inputs); ``measured`` uses the undamped Hessian, which makes
+    it exactly ``‖(Ŵ − W) X̃‖/√n``."""
+
+    layer: str
+    shape: tuple
+    sparsity: float            # realised, of the weight
+    predicted_error: float     # √(predicted E) from the solver's sensitivities
+    measured_error: float      # ‖Ẑ − Z‖/√n
+    relative_error: float      # ‖Ẑ − Z‖ / ‖Z‖
+    n: int                     # calibration columns (samples × positions)
+    hessian_seconds: float
+    solve_seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Report(list):
+    """The per-layer reports of one prune, printable as a table."""
+
+    def __str__(self) -> str:
+        head = (f"{'layer':<14} {'sparsity':>8} {'predicted':>10} {'measured':>10} {'relative':>9} "
+                f"{'n':>8} {'hessian s':>9} {'solve s':>8}")
+        lines = [head, "-" * len(head)]
+        for r in self:
+            lines.append(f"{r.layer:<14} {r.sparsity:8.4f} {r.predicted_error:10.4g} {r.measured_error:10.4g} "
+                         f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f}")
+        return "\n".join(lines)
+
+    def totals(self) -> dict:
+        return {"hessian_seconds": sum(r.hessian_seconds for r in self),
+                "solve_seconds": sum(r.solve_seconds for r in self)}
+
+
+class LayerwiseOBS(Criterion):
+    """Shared driver of the three solvers; subclasses set ``name`` and ``_solve``."""
+
+    needs_data = True
+    updates_weights = True
+
+    def __init__(self, mode: str = "sequential", damping: float = 1e-2, update_bias: bool = True,
+                 low_memory: bool = False, block_size: int = 128):
+        where = f"{self.name} criterion"
+        self.mode = check_choice("mode", mode, MODES, where=where)
+        self.damping = check_number("damping", damping, where=where, low=0.0)
+        if not isinstance(update_bias, bool) or not isinstance(low_memory, bool):
+            raise TypeError(f"the 'update_bias' and 'low_memory' parameters of {where} must be bools.")
+        self.update_bias, self.low_memory = update_bias, low_memory
+        self.block_size = check_number("block_size", block_size, where=where, low=1, integer=True)
+        self._batches: list | None = None
+        self._original = None
+        self._hessians: dict[str, LayerHessian] = {}
+        self.last_report: Report | None = None
+
+    # ------------------------------------------------------------ data
+    def calibrate(self, model, targets, batches, loss_fn) -> None:
+        for target in targets:
+            check_target(target, self.name)
+        self._batches = list(batches)
+        if self.mode == "parallel":
+            if self.low_memory:
+                self._original = copy.deepcopy(model)   # Hessians later, one layer at a time
+            else:
+                self._hessians = hessian.collect(model, targets, self._batches, with_bias=self.update_bias)
+
+    def reset(self) -> None:
+        self._batches, self._original, self._hessians = None, None, {}
+
+    def validate(self, pruner) -> None:
+        for target in pruner.targets:
+            check_target(target, self.name)
+        if pruner.granularity.name not in ("weight", "channel"):
+            raise ValueError(f"{self.name} prunes at granularity 'weight' (unstructured) or 'channel' "
+                             f"(whole inputs, block OBS); got {pruner.granularity.name!r}.")
+        if pruner.granularity.name == "channel" and self.name != "obs-exact":
+            raise ValueError(f"the structured (channel) variant is the greedy block OBS: use criterion "
+                             f"'obs-exact' with granularity 'channel' (got {self.name!r}).")
+        if pruner.scope.name == "global":
+            raise ValueError(f"{self.name} solves each layer to its own target: use scope 'local' "
+                             f"(one sparsity for every layer) or per-layer targets, not 'global'.")
+
+    def scores(self, targets):
+        raise ValueError(f"{self.name} is a solver: it prunes through Pruner/prune(), not by scores.")
+
+    def _hessian(self, pruner, target) -> LayerHessian:
+        if self._batches is None:
+            raise ValueError(f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
+                             f"to the Pruner, or data= to prune().")
+        if self.mode == "sequential":
+            return hessian.collect(pruner.model, [target], self._batches, with_bias=self.update_bias)[target.name]
+        if self.low_memory:
+            twin = dict(self._original.named_modules())[target.module_name]
+            copy_target = type(target)(target.name, target.module_name, twin, target.param_name)
+            return hessian.collect(self._original, [copy_target], self._batches,
+                                   with_bias=self.update_bias)[target.name]
+        return self._hessians[target.name]
+
+    # ----------------------------------------------------------- solve
+    @torch.no_grad()
+    def solve(self, pruner, sparsities: list[float], event) -> list[torch.Tensor]:
+        structured_mode = pruner.granularity.name == "channel"
+        keeps, report = [], Report()
+        for target, sparsity in zip(pruner.targets, sparsities):
+            h = self._hessian(pruner, target)
+            started = time.perf_counter()
+            W = weight_matrix(target).double()
+            bias = target.module.bias if h.with_bias else None
+            W_full = torch.cat([W, bias.detach().double()[:, None]], dim=1) if bias is not None else W
+            H, W_full, dead = hessian.prepare(h, W_full, self.damping)
+            d_in = W.shape[1]
+            prunable = torch.zeros(W_full.shape[1], dtype=torch.bool)
+            prunable[:d_in] = True
+            mask = pruner.masks.get(target.weight)
+            alive = torch.ones_like(W_full, dtype=torch.bool)
+            if mask is not None:
+                alive[:, :d_in] = mask.reshape(W.shape[0], -1).bool()
+            if structured_mode:
+                solution = self._structured(target, W_full, H, sparsity, alive, d_in)
+            else:
+                n_prune = round(sparsity * W.numel())
+                solution = self._solve(W_full, H, n_prune, prunable, alive)
+            new_W = solution.W[:, :d_in].reshape(target.weight.shape)
+            keep = solution.keep[:, :d_in].reshape(target.weight.shape)
+            delta = solution.W - weight_matrix_with_bias(W, bias)
+            measured = float(torch.einsum("ri,ij,rj->", delta, h.H, delta)) if h.n else 0.0
+            reference = weight_matrix_with_bias(W, bias)
+            signal = float(torch.einsum("ri,ij,rj->", reference, h.H, reference))
+            target.weight.copy_(new_W.to(target.weight.dtype) * keep)
+            if bias is not None:
+                bias.copy_(solution.W[:, d_in].to(bias.dtype))
+            keeps.append(keep)
+            report.append(LayerReport(
+                layer=target.name, shape=tuple(target.weight.shape),
+                sparsity=1.0 - float(keep.float().mean()),
+                predicted_error=math.sqrt(max(solution.predicted, 0.0)),
+                measured_error=math.sqrt(max(measured, 0.0)),
+                relative_error=math.sqrt(max(measured, 0.0) / signal) if signal > 0 else 0.0,
+                n=h.n, hessian_seconds=h.seconds, solve_seconds=time.perf_counter() - started))
+        self.last_report = report
+        return keeps
+
+    def _structured(self, target, W_full, H, sparsity, alive, d_in):
+        module = target.module
+        group = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, torch.nn.Conv2d) else 1
+        n_inputs = d_in // group
+        alive_groups = alive[:, :d_in].reshape(-1, n_inputs, group).all(dim=2).all(dim=0)
+        n_groups = min(round(sparsity * n_inputs), n_inputs - 1)
+        return structured.solve(W_full, H, n_groups, group, n_inputs, alive_groups)
+
+    def _solve(self, W, H, n_prune, prunable, alive):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r}, damping={self.damping:g})"
+
+
+def weight_matrix_with_bias(W: torch.Tensor, bias) -> torch.Tensor:
+    return torch.cat([W, bias.detach().double()[:, None]], dim=1) if bias is not None else W
+
+
+@CRITERIA.register("lobs", "l-obs")
+class LOBS(LayerwiseOBS):
+    """The paper's L-OBS (Dong et al. 2017): one ranking by ``w²/(2[H⁻¹]_qq)``, compensating
+    updates without down-dating ``H⁻¹``."""
+
+    name = "lobs"
+
+    def _solve(self, W, H, n_prune, prunable, alive):
+        return lobs.solve(W, H, n_prune, prunable, alive)
+
+
+@CRITERIA.register("obs-exact", "obs_exact")
+class OBSExact(LayerwiseOBS):
+    """Greedy OBS with exact inverse down-dates (Optimal Brain Compression)."""
+
+    name = "obs-exact"
+
+    def _solve(self, W, H, n_prune, prunable, alive):
+        return obs_exact.solve(W, H, n_prune, prunable, alive)
+
+
+@CRITERIA.register("obs-fast", "obs_fast")
+class OBSFast(LayerwiseOBS):
+    """Blocked OBS with one Cholesky factor of ``H⁻¹`` (SparseGPT)."""
+
+    name = "obs-fast"
+
+    def _solve(self, W, H, n_prune, prunable, alive):
+        return obs_fast.solve(W, H, n_prune, prunable, alive, block_size=self.block_size)

@@ -1,0 +1,362 @@
+"""Optimal Brain Damage: the GGN diagonal against brute-force second derivatives.
+
+The reference: for every sample, the Jacobian J of the logits with respect to all
+weights (``torch.autograd.functional.jacobian``) and ``diag(Jᵀ H J)`` with
+``H = diag(p) − p pᵀ``, averaged; and on the last layer, where the logits are linear
+in the weights, the true Hessian diagonal of the loss by double backward.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+import prunelab
+from prunelab.pruning import OBD, Pruner, make_criterion, prune
+from prunelab.pruning import obd as obd_module
+from prunelab.pruning.targets import resolve_targets
+
+
+# ----------------------------------------------------------------- models
+def mlp():
+    return nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(18, 3))
+
+
+def strided_cnn():       # 7×7 → 7×7 → stride 2, dilation 2, padding 1 → 4×4
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(2, 2, 2, stride=2, dilation=2, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(32, 3))
+
+
+def padded_cnn():        # 'same' padding, circular and asymmetric (kernel 2×3)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding="same", padding_mode="circular"), nn.Tanh(),
+                         nn.Conv2d(2, 2, (2, 3), padding="same"), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(50, 3))
+
+
+def sequence_mlp():      # a Linear on (N, 3, 4): its weight is shared over 3 positions
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3))
+
+
+MODELS = {"mlp": (mlp, (5,)), "cnn": (cnn, (1, 6, 6)), "strided_cnn": (strided_cnn, (1, 7, 7)),
+          "padded_cnn": (padded_cnn, (1, 5, 5)), "sequence_mlp": (sequence_mlp, (3, 4))}
+
+
+def make(name, seed=0, n=7, dtype=torch.float64):
+    factory, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = factory().to(dtype)
+    x = torch.randn(n, *shape, dtype=dtype)
+    y = torch.randint(0, 3, (n,))
+    return model, x, y
+
+
+# -------------------------------------------------------------- reference
+def per_sample_jacobians(model, x, targets):
+    """[(p_n, [J_n per target, (C, numel)])] from autograd.functional.jacobian, model in eval."""
+    model.eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    names = [t.name for t in targets]
+    out = []
+    for n in range(len(x)):
+        def logits(*ws, n=n):
+            return functional_call(model, {**params, **dict(zip(names, ws))}, (x[n:n + 1],))[0]
+        jac = torch.autograd.functional.jacobian(logits, tuple(params[k] for k in names))
+        p = logits(*(params[k] for k in names)).softmax(0)
+        out.append((p, [j.reshape(len(p), -1) for j in jac]))
+    return out
+
+
+def brute_ggn_diagonal(model, x, targets):
+    """(1/N) Σ_n diag(J_nᵀ (diag p_n − p_n p_nᵀ) J_n), per target."""
+    total = [torch.zeros(t.weight.numel(), dtype=torch.float64) for t in targets]
+    for p, jacobians in per_sample_jacobians(model, x, targets):
+        h = torch.diag(p) - torch.outer(p, p)
+        for acc, j in zip(total, jacobians):
+            acc += torch.einsum("ip,ij,jp->p", j, h, j)
+    return [(acc / len(x)).reshape(t.weight.shape) for acc, t in zip(total, targets)]
+
+
+def calibrated(model, x, y, batches=None, **options):
+    criterion = OBD(**options)
+    targets = resolve_targets(model)
+    criterion.calibrate(model, targets, batches or [(x, y)], F.cross_entropy)
+    return criterion, targets
+
+
+# ------------------------------------------------------------- the maths
+def test_factorisation_of_the_softmax_cross_entropy_hessian():
+    torch.manual_seed(0)
+    for n_classes in (2, 3, 10):
+        p = torch.rand(n_classes, dtype=torch.float64).softmax(0)
+        a = torch.diag(p.sqrt()) - torch.outer(p, p.sqrt())          # A = diag(√p) − p √pᵀ
+        assert torch.allclose(a @ a.T, torch.diag(p) - torch.outer(p, p), rtol=0, atol=1e-15)
+        logits = torch.randn(n_classes, dtype=torch.float64)          # and it is ∂²CE/∂f²
+        label = torch.tensor([1])
+        hess = torch.autograd.functional.hessian(lambda f: F.cross_entropy(f[None], label), logits)
+        q = logits.softmax(0)
+        assert torch.allclose(hess, torch.diag(q) - torch.outer(q, q), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_mode_equals_brute_force_ggn_diagonal(name):
+    model, x, y = make(name)
+    criterion, targets = calibrated(model, x, y)
+    expected = brute_ggn_diagonal(model, x, targets)
+    for got, want, t in zip(criterion.hessian_diagonal(), expected, targets):
+        assert got.shape == t.weight.shape
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-14, msg=t.name)
+    for score, h, t in zip(criterion.scores(targets), expected, targets):
+        torch.testing.assert_close(score, 0.5 * h * t.weight.detach() ** 2, rtol=1e-6, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "strided_cnn"])
+def test_last_layer_equals_the_true_hessian_diagonal(name):
+    # the logits are linear in the last layer's weights, so there GGN = Hessian
+    model, x, y = make(name)
+    criterion, targets = calibrated(model, x, y)
+    last = targets[-1].weight
+    grad = torch.autograd.grad(F.cross_entropy(model(x), y), last, create_graph=True)[0].flatten()
+    hess = torch.stack([torch.autograd.grad(grad[i], last, retain_graph=True)[0].flatten()[i]
+                        for i in range(last.numel())]).reshape(last.shape)
+    torch.testing.assert_close(criterion.hessian_diagonal()[-1], hess, rtol=1e-6, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "sequence_mlp"])
+def test_batches_of_different_sizes_weigh_like_one_batch(name):
+    model, x, y = make(name, n=9)
+    whole, _ = calibrated(model, x, y)
+    split, targets = calibrated(model, x, y, batches=[(x[:2], y[:2]), (x[2:7], y[2:7]), (x[7:], y[7:])])
+    assert split.n_samples == 9
+    for a, b in zip(split.hessian_diagonal(), whole.hessian_diagonal()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
+    # two calls to calibrate accumulate the same way
+    twice = OBD()
+    twice.calibrate(model, targets, [(x[:4], y[:4])], F.cross_entropy)
+    twice.calibrate(model, targets, [(x[4:], y[4:])], F.cross_entropy)
+    for a, b in zip(twice.hessian_diagonal(), whole.hessian_diagonal()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("name", ["cnn", "sequence_mlp", "padded_cnn"])
+def test_chunked_computation_gives_the_same_diagonal(name, monkeypatch):
+    model, x, y = make(name)
+    reference, _ = calibrated(model, x, y)
+    monkeypatch.setattr(obd_module, "_CHUNK_BYTES", 1)     # one sample and one class at a time
+    monkeypatch.setattr(obd_module, "_DELTA_BYTES", 1)     # one backward per class
+    chunked, _ = calibrated(model, x, y)
+    for a, b in zip(chunked.hessian_diagonal(), reference.hessian_diagonal()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_mc_mode_is_an_unbiased_estimate_within_five_standard_errors(name):
+    # The single-draw estimate for sample n is v_{n,y} = (J_nᵀ (p_n − e_y))², y ~ p_n: its
+    # mean and variance are known exactly, so the tolerance is computed, not guessed.
+    samples = 2000
+    model, x, y = make(name)
+    criterion, targets = calibrated(model, x, y, mode="mc", samples=samples, seed=1)
+    n = len(x)
+    means = [torch.zeros(t.weight.numel(), dtype=torch.float64) for t in targets]
+    variances = [torch.zeros_like(m) for m in means]
+    for p, jacobians in per_sample_jacobians(model, x, targets):
+        residuals = p[None, :] - torch.eye(len(p), dtype=p.dtype)          # row y: p − e_y
+        for mean, var, j in zip(means, variances, jacobians):
+            v = (residuals @ j) ** 2                                       # (C, numel)
+            m = p @ v
+            mean += m / n
+            var += (p @ v ** 2 - m ** 2) / (n ** 2 * samples)
+    for got, mean, var, t in zip(criterion.hessian_diagonal(), means, variances, targets):
+        got = got.flatten()
+        assert torch.all((got - mean).abs() <= 5 * var.sqrt() + 1e-14), t.name
+        assert (got - mean).norm() / mean.norm() < 0.05                    # observed: 0.005–0.02
+
+
+def test_mc_mode_is_seeded():
+    model, x, y = make("mlp")
+    a, _ = calibrated(model, x, y, mode="mc", samples=3, seed=5)
+    b, _ = calibrated(model, x, y, mode="mc", samples=3, seed=5)
+    c, _ = calibrated(model, x, y, mode="mc", samples=3, seed=6)
+    assert all(torch.equal(u, v) for u, v in zip(a.hessian_diagonal(), b.hessian_diagonal()))
+    assert not all(torch.equal(u, v) for u, v in zip(a.hessian_diagonal(), c.hessian_diagonal()))
+
+
+# ------------------------------------------------------------- pruning
+def brute_scores(model, x):
+    targets = resolve_targets(model)
+    return [0.5 * h * t.weight.detach() ** 2 for h, t in zip(brute_ggn_diagonal(model, x, targets), targets)]
+
+
+def assert_lowest_pruned(scores, pruned):
+    """Every pruned score is at most every kept score."""
+    scores, pruned = torch.cat([s.flatten() for s in scores]), torch.cat([p.flatten() for p in pruned])
+    assert 0 < int(pruned.sum()) < len(pruned)
+    assert scores[pruned].max() <= scores[~pruned].min() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_prune_with_obd_removes_the_lowest_half_h_w2(scope):
+    model, x, y = make("mlp", n=20)
+    expected = brute_scores(model, x)
+    prunelab.prune(model, 0.5, criterion="obd", data=(x, y), scope=scope)
+    pruned = [m.weight == 0 for m in (model[0], model[2])]
+    assert sum(int(p.sum()) for p in pruned) == 16
+    if scope == "local":
+        for s, p in zip(expected, pruned):
+            assert_lowest_pruned([s], [p])
+    else:
+        assert_lowest_pruned(expected, pruned)
+
+
+def test_filter_granularity_on_a_conv_net_prunes_the_lowest_filters():
+    model, x, y = make("strided_cnn", n=10)
+    expected = brute_scores(model, x)
+    prune(model, 0.5, criterion="obd", granularity="filter", data=(x, y), batch_size=4)
+    convs = [model[0], model[2]]
+    for conv, score in zip(convs, expected[:2]):
+        dead = conv.weight.flatten(1).abs().sum(1) == 0
+        assert int(dead.sum()) == 1
+        group = score.flatten(1).norm(dim=1)                 # the default l2 reduction
+        assert group[dead].max() <= group[~dead].min()
+
+
+def test_mc_mode_through_the_pruner_options():
+    model, x, y = make("cnn", dtype=torch.float32)
+    pruner = prune(model, 0.5, criterion={"name": "obd", "mode": "mc", "samples": 4}, data=(x, y))
+    assert repr(pruner.criterion) == "OBD(mode='mc', samples=4, seed=0)"
+    assert abs(pruner.sparsity() - 0.5) < 0.05
+
+
+def test_iterative_pruner_recomputes_the_hessian_before_every_prune():
+    model, x, y = make("mlp", n=12)
+    calls = []
+
+    class Spy(OBD):
+        def calibrate(self, *args, **kwargs):
+            calls.append(1)
+            return super().calibrate(*args, **kwargs)
+
+        def scores(self, targets):
+            assert self.n_samples == len(x)                  # reset in between: one pass each
+            for got, want in zip(self.hessian_diagonal(), brute_ggn_diagonal(model, x, targets)):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-14)
+            return super().scores(targets)
+
+    pruner = Pruner(model, 0.75, criterion=Spy(), schedule="iterative",
+                    schedule_args={"n_prunes": 3, "every": 2}, calibration=(x, y), calibration_batch_size=5)
+    while not pruner.done:
+        pruner.step()
+    assert len(calls) == 3
+    assert abs(pruner.sparsity() - 0.75) < 0.05
+
+
+# ------------------------------------------------------------ bad input
+def test_scoring_without_calibration_is_a_clear_error():
+    model = mlp()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        prune(model, 0.5, criterion="obd")
+    with pytest.raises(ValueError, match="pass calibration data"):
+        OBD().scores(resolve_targets(model))
+    with pytest.raises(ValueError, match="pass calibration data"):
+        Pruner(model, 0.5, criterion="obd").update()
+
+
+def test_unsupported_layers_are_named():
+    torch.manual_seed(0)
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"'0.weight', a Conv2d with groups=2.*nn.Linear and nn.Conv2d"):
+        prune(grouped, 0.5, criterion="obd", data=(torch.randn(4, 2, 3, 3), torch.zeros(4, dtype=torch.long)))
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    data = (torch.randn(4, 5, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"'lstm.weight_ih_l0' \(LSTM.weight_ih_l0\).*nn.Linear"):
+        prune(Recurrent(), 0.5, criterion="obd", data=data, layers=["lstm"])
+
+
+@pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.CrossEntropyLoss(label_smoothing=0.1),
+                                     nn.CrossEntropyLoss(reduction="sum"), lambda out, y: F.cross_entropy(out, y)])
+def test_losses_other_than_cross_entropy_are_refused(loss_fn):
+    model, x, y = make("mlp")
+    with pytest.raises(ValueError, match="cross-entropy"):
+        prune(model, 0.5, criterion="obd", data=(x, y), loss_fn=loss_fn)
+
+
+def test_cross_entropy_loss_module_with_defaults_is_accepted():
+    model, x, y = make("mlp")
+    reference, targets = calibrated(model, x, y)
+    criterion = OBD()
+    criterion.calibrate(model, targets, [(x, y)], nn.CrossEntropyLoss())
+    assert all(torch.equal(a, b) for a, b in zip(criterion.hessian_diagonal(), reference.hessian_diagonal()))
+
+
+def test_a_layer_run_twice_or_never_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="'fc' ran 2 times"):
+        prune(Twice(), 0.5, criterion="obd", data=data, layers=["fc"])
+    with pytest.raises(ValueError, match="'unused' ran 0 times"):
+        prune(Twice(), 0.5, criterion="obd", data=data, layers=["unused"])
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="'mode' parameter of obd criterion must be one of: exact, mc"):
+        OBD(mode="newton")
+    with pytest.raises(ValueError, match="'samples' parameter"):
+        OBD(mode="mc", samples=0)
+    with pytest.raises(ValueError, match="applies to mode 'mc' only"):
+        OBD(samples=4)
+    assert isinstance(make_criterion("obd"), OBD)
+    assert repr(make_criterion("obd")) == "OBD(mode='exact')"
+
+
+def test_calibrate_restores_modes_weights_and_grads():
+    model, x, y = make("cnn")
+    model.train()
+    model[2].eval()                                          # a mixed state is restored as it was
+    modes = [m.training for m in model.modules()]
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():                                    # works under no_grad, like the Pruner's
+        calibrated(model, x, y)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    for p in model.parameters():
+        p.grad = None
+    calibrated(model, x, y)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model._forward_hooks and not model[0]._forward_hooks
+
+
+def test_frozen_weights_are_still_scored():
+    model, x, y = make("mlp")
+    reference, _ = calibrated(model, x, y)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    frozen, _ = calibrated(model, x, y)
+    for a, b in zip(frozen.hessian_diagonal(), reference.hessian_diagonal()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
