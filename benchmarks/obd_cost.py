@@ -16,7 +16,7 @@ timings do not depend on the values); the output says which. With ``--repeats``
 > 1 the three are measured in interleaved rounds and the median is reported.
 Target: the OBD diagonal for one epoch costs at most 3× a training epoch.
 
-    python benchmarks/obd_cost.py [--n 60000] [--models lenet-300-100 lenet5] [--repeats 1]
+    python benchmarks/obd_cost.py [--n 60000] [--models lenet-300-100 lenet5] [--repeats 1] [--threads T]
 """
 
 from __future__ import annotations
@@ -94,10 +94,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet5"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     x, y, source = load_data(args.n)
-    batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
+    size = args.batch_size
+    batches = [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
     print(f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
           f"data: {source}; batch {args.batch_size} ({len(batches)} batches); "
           f"median of {args.repeats} round(s)")

@@ -289,7 +289,8 @@ def test_unsupported_layers_are_named():
 
 
 @pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.CrossEntropyLoss(label_smoothing=0.1),
-                                     nn.CrossEntropyLoss(reduction="sum"), lambda out, y: F.cross_entropy(out, y)])
+                                     nn.CrossEntropyLoss(reduction="sum"),
+                                     lambda out, y: F.cross_entropy(out, y)])
 def test_losses_other_than_cross_entropy_are_refused(loss_fn):
     model, x, y = make("mlp")
     with pytest.raises(ValueError, match="cross-entropy"):
@@ -360,3 +361,11 @@ def test_frozen_weights_are_still_scored():
     frozen, _ = calibrated(model, x, y)
     for a, b in zip(frozen.hessian_diagonal(), reference.hessian_diagonal()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
+
+
+def test_non_finite_logits_are_refused():
+    model, x, y = make("mlp")
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        prune(model, 0.5, criterion="obd", data=(x, y))

@@ -349,11 +349,13 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     test = (ds.x_test, ds.y_test)
     accuracy_dense = evaluate(model, test)["accuracy"]
     schedule_args = {k: v for k, v in method["schedule"].items() if k != "name"}
-    schedule = make_schedule(method["schedule"]["name"], **schedule_args)
+    sparsity = method.get("layer_sparsity") or schedule_args.get("sparsity")
+    if method["schedule"]["name"] != "fixed-fraction":
+        schedule_args.pop("sparsity", None)      # from `sparsity` (per-layer targets: their overall)
     n_cal = min(method["calibration"], len(ds.y_train))
-    pruner = Pruner(model, method.get("layer_sparsity"), criterion=method["criterion"],
-                    granularity=method["granularity"],
-                    scope=method["scope"], schedule=schedule, layers=method["layers"],
+    pruner = Pruner(model, sparsity, criterion=method["criterion"], granularity=method["granularity"],
+                    scope=method["scope"], schedule=method["schedule"]["name"], schedule_args=schedule_args,
+                    layers=method["layers"],
                     reduction=method["reduction"], min_keep=method["min_keep"], rewind=snapshot, seed=seed,
                     calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
     pruner.update()

@@ -1,9 +1,11 @@
 """Study specs: YAML → validated spec → the list of runs.
 
 A spec names datasets, models, methods, sparsity levels, seeds, a training budget
-and the outputs wanted; every combination is one run. A model may carry its own
-``sparsities`` (replacing the study's), and a method may be limited to some
-``models`` / ``datasets`` (by label or name). Inside a dataset, model,
+and the outputs wanted; every combination is one run. A level is a sparsity, or a
+``{layer: sparsity}`` mapping of per-layer targets. A model may carry its own
+``sparsities`` (replacing the study's), a method too (a list, or one list per model:
+``{model label or name: [...]}``), and a method may be limited to some ``models`` /
+``datasets`` (by label or name). Inside a dataset, model,
 method or the training section, a value written ``{grid: [a, b, ...]}`` is a grid
 axis too. Every run's config is fully resolved (defaults filled in) and its id is
 a hash of that config, so the same run has the same id in every study and
@@ -270,9 +272,11 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
                 and dataset.get("name") not in only_datasets) or \
                 (only_models is not None and m_label not in only_models and model.get("name") not in only_models):
             continue
-        levels = model_levels.get(m_path, sparsities)
+        levels = _method_levels(x_path, method, m_label, model, checker)
+        if levels is None:
+            levels = model_levels.get(m_path, sparsities)
         model = {k: v for k, v in model.items() if k != "sparsities"}
-        method = {k: v for k, v in method.items() if k not in ("models", "datasets")}
+        method = {k: v for k, v in method.items() if k not in ("models", "datasets", "sparsities")}
         prepared = task.prepare(dataset=(d_path, dataset), model=(m_path, model),
                                 method=(x_path, method), training=t_train, checker=checker,
                                 sparsities=levels)
@@ -294,7 +298,7 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
 
 
 def _model_label(model: dict) -> str:
-    options = {k: v for k, v in model.items() if k not in ("name", "label")}
+    options = {k: v for k, v in model.items() if k not in ("name", "label", "sparsities")}
     return model.get("name", "?") + (f"[{_short(options)}]" if options else "")
 
 
@@ -336,6 +340,19 @@ def _sparsities(spec: dict, checker: Checker, path: str = "sparsities") -> list:
     if len({dumps(v) for v in out}) != len(out):
         checker.error(path, f"contains duplicates: {value!r}")
     return out
+
+
+def _method_levels(path: str, method: dict, m_label: str, model: dict, checker: Checker) -> list | None:
+    """A method's own ``sparsities``: a list for every model, or ``{model label or name: list}``."""
+    value = method.get("sparsities")
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        for key in (m_label, model.get("name")):
+            if key in value:
+                return _sparsities({"sparsities": value[key]}, checker, f"{path}.sparsities.{key}")
+        return None
+    return _sparsities({"sparsities": value}, checker, f"{path}.sparsities")
 
 
 def _filters(path: str, method: dict, datasets, models, checker: Checker):

@@ -31,13 +31,15 @@ respect to ``W`` is ``δ xᵀ`` for a Linear layer on ``(N, in)`` inputs, whose 
 is ``δ² (x²)ᵀ``, hence ``h += Σ_c (δ_c²)ᵀ x²`` with no per-sample tensor. When
 the weight is shared over positions (Linear on ``(N, …, in)``, Conv2d via
 ``unfold`` patches ``U``), the per-sample gradient ``Σ_p δ_p U_pᵀ`` is formed
-explicitly, in chunks of ≤ 64 MB, and squared. Cost: about C backward passes
-below the last layer, plus C per-sample weight gradients per layer.
+explicitly, a few MB at a time, and squared. Cost: about C backward passes
+below the last layer, plus C per-sample weight gradients per layer (the δ's are
+held at once unless they pass 512 MB; then the backward is split over classes).
 
 ``mode="mc"`` replaces the C columns by ``samples`` draws ``y ~ softmax(f_n)``
 (seeded): the gradient of ``CE(f_n, y)`` with respect to ``f_n`` is ``g = p_n − e_y``
 and ``E_y[g gᵀ] = diag(p_n) − p_n p_nᵀ = H_n``, so ``(1/S) Σ_s (J_nᵀ g_s)²`` is an
-unbiased estimate of the same diagonal at ``S/C`` of the exact cost (for large C).
+unbiased estimate of the same diagonal; its backward and per-sample gradients
+cost S instead of C passes (worth it when C is large or time is short).
 
 Scope and assumptions. The GGN is defined here for the mean softmax
 cross-entropy of the model's logits ``(N, C)``: ``loss_fn`` must be
@@ -64,12 +66,12 @@ from prunelab._validation import check_choice, check_number
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.targets import Target
 
-_CHUNK_BYTES = 64 * 2**20    # per-sample gradients and unfold patches formed at once
+_CHUNK_BYTES = 4 * 2**20     # per-sample gradients formed at once: cache-sized is fastest
 _DELTA_BYTES = 512 * 2**20   # back-propagated vectors δ held at once (else the backward is split)
 _WHERE = "obd criterion"
 
 
-@CRITERIA.register("obd", "optimal-brain-damage")
+@CRITERIA.register("obd")
 class OBD(Criterion):
     """Optimal Brain Damage: score ``½ · h_ww · w²`` with ``h`` the GGN diagonal of
     the mean cross-entropy over the calibration data (see the module docstring).
@@ -233,6 +235,9 @@ def _check_forward(targets, seen, logits) -> int:
         shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
         raise ValueError(f"{_WHERE}: the model must return logits of shape (N, n_classes); "
                          f"got {shape}.")
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{_WHERE}: the model's logits are not finite (nan or inf); "
+                         f"OBD needs a model whose softmax is defined.")
     n = logits.shape[0]
     for target, ((x_in, version, _),) in zip(targets, seen):
         if x_in._version != version:
@@ -269,9 +274,9 @@ def _sum_squared(delta: torch.Tensor, inputs: Callable[[int, int], torch.Tensor]
     gives the layer inputs of samples ``lo:hi`` (``input_size`` elements each)."""
     n_classes, n = delta.shape[:2]
     item = delta.element_size()
-    per_gradient = shape[0] * shape[1] * item
+    per_gradient = (shape[0] * shape[1] + delta[0, 0].numel()) * item     # G and its δ, per class
     class_step = max(1, min(n_classes, _CHUNK_BYTES // per_gradient))
-    sample_step = max(1, _CHUNK_BYTES // max(class_step * per_gradient, input_size * item))
+    sample_step = max(1, _CHUNK_BYTES // (class_step * per_gradient + input_size * item))
     total = delta.new_zeros(shape)
     for lo in range(0, n, sample_step):
         x = inputs(lo, lo + sample_step)
@@ -310,4 +315,10 @@ class _Patches:
         else:
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             x, padding = F.pad(x, self.pads, mode=mode), 0
-        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+        # unfold treats channels independently, so the samples are folded into the channels
+        # of one image: one im2col call instead of a (thread-parallel) loop over samples,
+        # which costs milliseconds per sample on a busy machine.
+        n, channels = x.shape[:2]
+        patches = F.unfold(x.reshape(1, n * channels, *x.shape[2:]), conv.kernel_size,
+                           dilation=conv.dilation, padding=padding, stride=conv.stride)
+        return patches.reshape(n, self.rows, -1)

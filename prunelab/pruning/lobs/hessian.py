@@ -8,7 +8,9 @@ columns has, for every output row of W, the same Hessian
 
 For Conv2d every sliding-window patch is one column: ``unfold`` with the layer's
 kernel, stride, padding and dilation gives columns of size ``in·kh·kw`` (ordered
-like ``W.reshape(out, -1)``). Sums are kept in float64.
+like ``W.reshape(out, -1)``). Each batch's product ``XᵀX`` is a float32 matrix product
+(the cost: a conv layer has batch × positions columns); the sums over batches are kept in
+float64. The bias row and column (``Σx`` and n) are added without copying a column of ones.
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ def check_target(target: Target, where: str = "L-OBS") -> None:
 
 
 def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's inputs as rows ``(n, in[·kh·kw])`` in float64, one per output position."""
+    """The layer's inputs as rows ``(n, in[·kh·kw])``, one per output position."""
     if isinstance(module, nn.Conv2d):
         patches = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation,
                                        padding=module.padding, stride=module.stride)  # (N, d, P)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
-    return x.reshape(-1, x.shape[-1]).double()
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def weight_matrix(target: Target) -> torch.Tensor:
@@ -77,15 +79,20 @@ def collect(model: nn.Module, targets: Sequence[Target], batches: Iterable, *,
         bias = with_bias and getattr(target.module, "bias", None) is not None
 
         def hook(module, inputs, output):
-            cols = input_columns(module, inputs[0].detach())
-            if bias:
-                cols = torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype)], dim=1)
+            cols = input_columns(module, inputs[0].detach()).float()
+            d = cols.shape[1]
             entry = stats.get(target.name)
             if entry is None:
-                stats[target.name] = LayerHessian(target.name, cols.T @ cols, len(cols), bias)
-            else:
-                entry.xtx.addmm_(cols.T, cols)
-                entry.n += len(cols)
+                size = d + 1 if bias else d
+                entry = stats[target.name] = LayerHessian(
+                    target.name, torch.zeros(size, size, dtype=torch.float64), 0, bias)
+            entry.xtx[:d, :d] += (cols.T @ cols).double()
+            if bias:
+                sums = cols.sum(dim=0, dtype=torch.float64)
+                entry.xtx[:d, d] += sums
+                entry.xtx[d, :d] += sums
+                entry.xtx[d, d] += len(cols)
+            entry.n += len(cols)
         return hook
 
     for target in targets:
