@@ -23,7 +23,7 @@ PRUNER_CASES = [
     ({"sparsity": "0.5"}, TypeError, r"'sparsity'.*Got '0\.5' of type str"),
     ({"sparsity": True}, TypeError, r"'sparsity'"),
     ({"sparsity": 0.5, "criterion": "magnitde"}, ValueError,
-     r"unknown criterion 'magnitde' \(did you mean 'magnitude'\?\).*gradient, magnitude, random"),
+     r"unknown criterion 'magnitde' \(did you mean 'magnitude'\?\).*gradient, lobs, magnitude, obd, obs-exact, obs-fast, random"),
     ({"sparsity": 0.5, "granularity": "filters"}, ValueError, r"unknown granularity 'filters'.*channel, filter, kernel"),
     ({"sparsity": 0.5, "scope": "globl"}, ValueError, r"unknown scope 'globl'.*global, layerwise-constant, local"),
     ({"sparsity": 0.5, "schedule": "cubic"}, ValueError, r"unknown schedule 'cubic'.*agp, fixed-fraction"),

@@ -13,7 +13,7 @@ from prunelab.data import DATASETS
 def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for line in ["criteria: gradient (gradient-magnitude), magnitude, random",
+    for line in ["criteria: gradient (gradient-magnitude), lobs (l-obs), magnitude, obd, obs-exact (obs_exact), obs-fast (obs_fast), random",
                  "scopes: global, layerwise-constant (layerwise_constant), local (layerwise)",
                  "granularities: channel, filter (unit), kernel, weight (unstructured)"]:
         assert line in out
