@@ -269,3 +269,22 @@ def test_solver_needs_calibration_and_supported_layers():
         Pruner(WithLSTM(), 0.5, criterion="lobs", layers=["lstm"])
     with pytest.raises(ValueError, match="groups=1"):
         Pruner(nn.Conv2d(4, 4, 3, groups=2), 0.5, criterion="obs-fast")
+
+
+@pytest.mark.parametrize("criterion", ["lobs", "obs-exact"])
+def test_tolerable_error_epsilon_decides_each_layer(criterion):
+    model, x, y = trained_mlp(4)
+    loose, tight = copy.deepcopy(model), copy.deepcopy(model)
+    p_loose = prune(loose, None, criterion={"name": criterion, "epsilon": 0.2}, data=(x, y))
+    p_tight = prune(tight, None, criterion={"name": criterion, "epsilon": 0.02}, data=(x, y))
+    assert 0.0 < p_tight.sparsity() < p_loose.sparsity() < 1.0
+    # the paper's rule, checked directly on the first layer: every pruned weight had √L_q ≤ ε
+    if criterion == "lobs":
+        (target,) = resolve_targets(model, ["0"])
+        h = hessian.collect(model, [target], [(x, y)])["0.weight"]
+        W = torch.cat([model[0].weight.double(), model[0].bias.double()[:, None]], 1)
+        H, W, _ = hessian.prepare(h, W, 1e-2)
+        L = W[:, :12].pow(2) / (2 * torch.diagonal(torch.linalg.inv(H))[:12])
+        assert torch.equal(loose[0].weight == 0, L.sqrt() <= 0.2)
+    with pytest.raises(ValueError, match="obs-fast takes sparsity targets only"):
+        prune(copy.deepcopy(model), None, criterion={"name": "obs-fast", "epsilon": 0.1}, data=(x, y))

@@ -433,7 +433,7 @@ def _batches(data, batch_size: int, *, where: str):
         raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (no batches).")
 
 
-def prune(model: nn.Module, sparsity: "float | Mapping[str, float]", *, criterion="magnitude",
+def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
           granularity="weight", scope="local", layers=None, reduction="l2", min_keep=1, data=None,
           loss_fn=None, batch_size: int = 256, seed: int = 0) -> Pruner:
     """One-shot pruning in one call: prune ``model`` in place to ``sparsity`` (a float, or a
@@ -444,6 +444,9 @@ def prune(model: nn.Module, sparsity: "float | Mapping[str, float]", *, criterio
     ``obs-exact``, ``obs-fast``) use ``data`` (an ``(x, y)`` pair or an iterable of
     batches) as calibration set.
     """
+    tolerable = isinstance(criterion, Mapping) and criterion.get("epsilon") is not None
+    if sparsity is None and tolerable:
+        sparsity = 0.0      # unused: the criterion's tolerable error epsilon decides per layer
     if not isinstance(sparsity, Mapping):
         sparsity = check_sparsity("sparsity", sparsity, where="prune")
     pruner = Pruner(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,

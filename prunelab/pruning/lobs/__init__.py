@@ -11,6 +11,11 @@ criterion::
     Pruner(model, {"fc1": 0.933, "fc2": 0.8, "fc3": 0.35}, criterion={"name": "lobs",
            "mode": "sequential"}, calibration=(x_cal, y_cal))
 
+With ``epsilon`` (a float, or ``{layer: ε}``) ``lobs`` and ``obs-exact`` ignore the sparsity
+target and prune, per layer, every weight whose cost stays within the paper's tolerable
+error (``√L_q ≤ ε``; for the greedy, ``√(ΔE/2) ≤ ε`` at its step): ``prune(model, None,
+criterion={"name": "lobs", "epsilon": 0.05}, data=...)``.
+
 Options: ``mode`` — ``"sequential"`` (each layer's Hessian from the outputs of the layers
 before it, already pruned; the default) or ``"parallel"`` (all from the original model);
 ``damping`` λ (``H + λ·mean(diag H)·I``, default 1e-2); ``update_bias`` (the bias takes
@@ -82,8 +87,9 @@ class LayerwiseOBS(Criterion):
     updates_weights = True
 
     def __init__(self, mode: str = "sequential", damping: float = 1e-2, update_bias: bool = True,
-                 low_memory: bool = False, block_size: int = 128):
+                 low_memory: bool = False, block_size: int = 128, epsilon=None):
         where = f"{self.name} criterion"
+        self.epsilon = _check_epsilon(epsilon, where)
         self.mode = check_choice("mode", mode, MODES, where=where)
         self.damping = check_number("damping", damping, where=where, low=0.0)
         if not isinstance(update_bias, bool) or not isinstance(low_memory, bool):
@@ -118,6 +124,15 @@ class LayerwiseOBS(Criterion):
         if pruner.granularity.name == "channel" and self.name != "obs-exact":
             raise ValueError(f"the structured (channel) variant is the greedy block OBS: use criterion "
                              f"'obs-exact' with granularity 'channel' (got {self.name!r}).")
+        if self.epsilon is not None and self.name == "obs-fast":
+            raise ValueError("obs-fast takes sparsity targets only (its masks come from fractions); use "
+                             "'lobs' or 'obs-exact' with the tolerable error epsilon.")
+        if isinstance(self.epsilon, dict):
+            names = {t.name for t in pruner.targets} | {t.module_name for t in pruner.targets}
+            unknown = sorted(set(self.epsilon) - names)
+            if unknown:
+                raise ValueError(f"the 'epsilon' parameter of {self.name} names {unknown[0]!r}, not a pruned "
+                                 f"layer; pruned layers: {', '.join(t.module_name for t in pruner.targets)}.")
         if pruner.scope.name == "global":
             raise ValueError(f"{self.name} solves each layer to its own target: use scope 'local' "
                              f"(one sparsity for every layer) or per-layer targets, not 'global'.")
@@ -161,7 +176,7 @@ class LayerwiseOBS(Criterion):
                 solution = self._structured(target, W_full, H, sparsity, alive, d_in)
             else:
                 n_prune = round(sparsity * W.numel())
-                solution = self._solve(W_full, H, n_prune, prunable, alive)
+                solution = self._solve(W_full, H, n_prune, prunable, alive, self._epsilon_for(target))
             new_W = solution.W[:, :d_in].reshape(target.weight.shape)
             keep = solution.keep[:, :d_in].reshape(target.weight.shape)
             delta = solution.W - weight_matrix_with_bias(W, bias)
@@ -190,11 +205,26 @@ class LayerwiseOBS(Criterion):
         n_groups = min(round(sparsity * n_inputs), n_inputs - 1)
         return structured.solve(W_full, H, n_groups, group, n_inputs, alive_groups)
 
-    def _solve(self, W, H, n_prune, prunable, alive):
+    def _epsilon_for(self, target) -> float | None:
+        if isinstance(self.epsilon, dict):
+            return self.epsilon.get(target.name, self.epsilon.get(target.module_name))
+        return self.epsilon
+
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, damping={self.damping:g})"
+
+
+def _check_epsilon(epsilon, where: str):
+    """None, a tolerable error ε > 0, or ``{layer: ε}``."""
+    if epsilon is None:
+        return None
+    if isinstance(epsilon, dict):
+        return {str(k): check_number(f"epsilon[{k!r}]", v, where=where, low=0.0, closed="neither")
+                for k, v in epsilon.items()}
+    return check_number("epsilon", epsilon, where=where, low=0.0, closed="neither")
 
 
 def weight_matrix_with_bias(W: torch.Tensor, bias) -> torch.Tensor:
@@ -208,8 +238,8 @@ class LOBS(LayerwiseOBS):
 
     name = "lobs"
 
-    def _solve(self, W, H, n_prune, prunable, alive):
-        return lobs.solve(W, H, n_prune, prunable, alive)
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
+        return lobs.solve(W, H, n_prune, prunable, alive, epsilon=epsilon)
 
 
 @CRITERIA.register("obs-exact", "obs_exact")
@@ -218,8 +248,8 @@ class OBSExact(LayerwiseOBS):
 
     name = "obs-exact"
 
-    def _solve(self, W, H, n_prune, prunable, alive):
-        return obs_exact.solve(W, H, n_prune, prunable, alive)
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
+        return obs_exact.solve(W, H, n_prune, prunable, alive, epsilon=epsilon)
 
 
 @CRITERIA.register("obs-fast", "obs_fast")
@@ -228,5 +258,5 @@ class OBSFast(LayerwiseOBS):
 
     name = "obs-fast"
 
-    def _solve(self, W, H, n_prune, prunable, alive):
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
         return obs_fast.solve(W, H, n_prune, prunable, alive, block_size=self.block_size)

@@ -31,8 +31,10 @@ FLOAT64_UP_TO = 256            # wider layers run the greedy's trace in float32 
                                # final weights are always the float64 least-squares optimum
 
 
-def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor,
-          alive: torch.Tensor) -> Solution:
+def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch.Tensor,
+          alive: torch.Tensor, epsilon: float | None = None) -> Solution:
+    """Prune ``n_prune`` entries of the layer, or with ``epsilon`` every greedy step whose
+    cost stays within the paper's tolerable error, ``√(ΔE/2) ≤ ε``."""
     rows, d = W.shape
     Hinv = inverse(H)
     m = int(prunable.sum())
@@ -44,11 +46,15 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor
         idx = slice(start, start + batch)
         o, inc = trace(W[idx].to(precision), Hinv.to(precision), prunable, alive[idx])
         order[idx], increments[idx] = o, inc.to(W.dtype)
-    k = min(max(int(n_prune), int((~alive).sum())), rows * m)
     price = torch.cummax(increments, dim=1).values
-    taken = torch.zeros(rows * m, dtype=torch.bool)
-    taken[torch.argsort(price.flatten(), stable=True)[:k]] = True
-    counts = taken.reshape(rows, m).sum(dim=1)
+    if epsilon is not None:
+        counts = (price <= 2 * epsilon ** 2).sum(dim=1)
+        counts = torch.maximum(counts, (~alive).sum(dim=1))
+    else:
+        k = min(max(int(n_prune), int((~alive).sum())), rows * m)
+        taken = torch.zeros(rows * m, dtype=torch.bool)
+        taken[torch.argsort(price.flatten(), stable=True)[:k]] = True
+        counts = taken.reshape(rows, m).sum(dim=1)
     W_out = torch.zeros_like(W)
     keep = torch.ones_like(alive)
     predicted = 0.0
