@@ -156,3 +156,29 @@ def test_ray_executor_runs_a_small_study_on_a_local_ray_instance(tmp_path):
         records = store.records()
     assert {r.worker for r in records} == {"ray"}
     assert all(0 <= r.metrics["accuracy"] <= 1 for r in records)
+
+
+def test_sigterm_stops_the_coordinator_and_its_workers_promptly(tmp_path):
+    """A polite kill re-queues the runs in flight and ends every process at once, instead of
+    waiting for the workers' current runs to finish."""
+    path = tmp_path / "s.yaml"
+    slow = dict(KILL_SPEC, training={"epochs": 1000, "finetune_epochs": 1, "batch_size": 16})  # minutes per run
+    path.write_text(yaml.safe_dump(slow))
+    db = tmp_path / "study.db"
+    proc = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "run", str(path), "--db", str(db),
+                             "--no-progress", "--workers", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:      # wait until both workers hold a run
+        time.sleep(0.2)
+        if db.exists():
+            with Store(db) as store:
+                if store.counts()["running"] == 2:
+                    break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130      # its workers would otherwise finish their runs first
+    with Store(db) as store:
+        assert store.counts()["running"] == 0 and store.counts()["pending"] == 12
+    leftover = subprocess.run(["pgrep", "-f", str(db)], capture_output=True, text=True).stdout.split()
+    assert not leftover

@@ -101,6 +101,12 @@ class LocalExecutor(Executor):
             for job in in_flight.values():
                 on_finish(job, _died())
             return queue
+        except BaseException:
+            # interrupted (Ctrl-C, SIGTERM): the coordinator re-queues the runs in flight, so stop
+            # their workers now; otherwise the interpreter's exit would wait for them to finish
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return []
