@@ -223,25 +223,28 @@ def steps_per_epoch(n_samples: int, batch_size: int) -> int:
 
 
 class RecoveryMonitor(Callback):
-    """Evaluates every ``every`` steps and records the first step at which accuracy is back
-    within ``tolerance`` of ``target`` (``None`` if never). With ``stop=True`` training ends
-    there. The curve ``[(step, accuracy), ...]`` starts with step 0 (before any training)."""
+    """Evaluates every ``every`` steps and records how many steps after ``start`` (the last
+    prune of a schedule; 0 for one-shot) accuracy first got back within ``tolerance`` of
+    ``target`` (``None`` if never). With ``stop=True`` training ends there. The curve
+    ``[(step, accuracy), ...]`` starts with step 0 (before any training)."""
 
     def __init__(self, data, target: float, tolerance: float = 0.001, every: int = 50,
-                 stop: bool = False):
+                 stop: bool = False, start: int = 0):
         self.data = data
         self.target = check_number("target", target, where="RecoveryMonitor", low=0.0, high=1.0)
         self.tolerance = check_number("tolerance", tolerance, where="RecoveryMonitor", low=0.0)
         self.every = check_number("every", every, where="RecoveryMonitor", low=1, integer=True)
         self.stop = stop
+        self.start = check_number("start", start, where="RecoveryMonitor", low=0, integer=True)
         self.steps_to_recover: int | None = None
         self.curve: list[tuple[int, float]] = []
 
     def _check(self, state: TrainState) -> None:
         accuracy = evaluate(state.model, self.data)["accuracy"]
         self.curve.append((state.step, accuracy))
-        if self.steps_to_recover is None and accuracy >= self.target - self.tolerance - 1e-12:
-            self.steps_to_recover = state.step
+        if (self.steps_to_recover is None and state.step >= self.start
+                and accuracy >= self.target - self.tolerance - 1e-12):
+            self.steps_to_recover = state.step - self.start
             if self.stop:
                 state.stop = True
 
@@ -249,7 +252,7 @@ class RecoveryMonitor(Callback):
         self._check(state)
 
     def on_step_end(self, state: TrainState) -> None:
-        if state.step % self.every == 0:
+        if state.step % self.every == 0 or state.step == self.start:
             self._check(state)
 
 

@@ -288,3 +288,14 @@ def test_tolerable_error_epsilon_decides_each_layer(criterion):
         assert torch.equal(loose[0].weight == 0, L.sqrt() <= 0.2)
     with pytest.raises(ValueError, match="obs-fast takes sparsity targets only"):
         prune(copy.deepcopy(model), None, criterion={"name": "obs-fast", "epsilon": 0.1}, data=(x, y))
+
+
+def test_recovery_is_counted_from_the_last_prune():
+    from prunelab.training import RecoveryMonitor
+    model, x, y = trained_mlp(5)
+    target = prunelab.evaluate(model, (x, y))["accuracy"]
+    pruner = Pruner(model, 0.7, schedule="iterative", schedule_args={"n_prunes": 2, "every": 30})
+    monitor = RecoveryMonitor((x, y), target, tolerance=1.0, every=7, start=pruner.schedule.last_step)
+    prunelab.fit(model, (x, y), epochs=3, batch_size=32, pruner=pruner, callbacks=[monitor], progress=False)
+    assert monitor.steps_to_recover == 0          # tolerance 1.0: recovered as soon as counting starts
+    assert 30 in [step for step, _ in monitor.curve]   # an evaluation exactly at the last prune

@@ -543,3 +543,30 @@ def test_another_sqlite_file_is_reported_and_left_unchanged(tmp_path):
     with pytest.raises(ValueError, match="is not a prunelab study database \\(it has no 'runs' and 'meta' tables\\)"):
         write_tables(other, tmp_path)
     assert other.read_bytes() == before
+
+
+def test_retraining_figure_bands_over_seeds_and_the_dense_line(tmp_path):
+    from prunelab.experiments._records import NoDataError
+    from prunelab.experiments.figures import FIGURES
+    runs = []
+    for model in ("a", "b"):
+        for method, start in (("exact", 0.97), ("magnitude", 0.90)):
+            for seed in range(3):
+                curve = [[step, start + 0.001 * step / 10 + 0.01 * (seed - 1)] for step in (0, 100, 200)]
+                runs.append({"dataset": "mnist", "model": model, "method": method, "sparsity": 0.9, "seed": seed,
+                             "metrics": {"accuracy": 0.98, "accuracy_dense": 0.985, "retrain_curve": curve}})
+    path = build_study(tmp_path / "s.db", runs)
+    ((name, figure),) = FIGURES.get("retraining")(records(path), {"kind": "retraining", "ylim": [85, 100]}, {})
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    assert name == "retraining" and [ax.get_title() for ax in axes] == ["mnist, a", "mnist, b"]
+    ax = axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"exact (n=3)", "magnitude (n=3)", "dense"}
+    assert list(lines["exact (n=3)"].get_ydata()) == pytest.approx([97.0, 98.0, 99.0])   # mean over seeds, in %
+    assert lines["dense"].get_ydata()[0] == pytest.approx(98.5)
+    assert len(ax.collections) == 2 and ax.get_ylim() == (85, 100)   # one ±std band per method
+    only = FIGURES.get("retraining")(records(path), {"kind": "retraining", "methods": ["exact"]}, {})
+    assert {l.get_label() for l in only[0][1].axes[0].get_lines()} == {"exact (n=3)", "dense"}
+    plain = build_study(tmp_path / "p.db", standard_runs())
+    with pytest.raises(NoDataError, match="set training.retrain_tolerance"):
+        FIGURES.get("retraining")(records(plain), {"kind": "retraining"}, {})

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -424,6 +425,55 @@ def curves(records: list[RunRecord], declaration: dict, spec: dict) -> list:
             ax.legend(fontsize="small")
     _suptitle(figure, declaration)
     return [(_name(declaration, "curves"), figure)]
+
+
+@_kind("retraining", ("methods", "ylim"))
+def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
+    """Test accuracy during fine-tuning (each run's ``retrain_curve``, recorded when the spec
+    sets ``training.retrain_tolerance``), mean ± std over seeds per method, one panel per
+    (dataset, model), with the dense models' mean accuracy as a dashed line. Step 0 is right
+    after the (first) prune."""
+    where = "figure retraining"
+    done = [r for r in records if r.status == "done" and (r.metrics or {}).get("retrain_curve")]
+    if not done:
+        raise NoDataError(f"{where}: no finished run has a retraining curve; set training.retrain_tolerance "
+                          f"in the spec to record one.")
+    methods = _methods(declaration, done, where)
+    if methods is not None:
+        done = [r for r in done if r.method in methods]
+    colors = _colors(done)
+    panels: dict[tuple, list[RunRecord]] = {}
+    for run in done:
+        panels.setdefault((run.dataset, run.model), []).append(run)
+    figure, axes = _grid(len(panels))
+    for ax, ((dataset, model), runs) in zip(axes, panels.items()):
+        by_method: dict[str, list] = {}
+        for run in runs:
+            by_method.setdefault(run.method, []).append(dict(run.metrics["retrain_curve"]))
+        for method, curves_ in by_method.items():
+            steps = sorted(set.intersection(*(set(c) for c in curves_)))
+            values = [[100.0 * c[step] for c in curves_] for step in steps]
+            mean = [sum(v) / len(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            color = colors.get(method)
+            ax.plot(steps, mean, color=color, label=f"{method} (n={len(curves_)})")
+            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=color, alpha=0.15, linewidth=0)
+        dense = [100.0 * r.metrics["accuracy_dense"] for r in runs if r.metrics.get("accuracy_dense") is not None]
+        if dense:
+            ax.axhline(sum(dense) / len(dense), color="black", linestyle="--", linewidth=1, label="dense")
+        ylim = declaration.get("ylim")
+        if ylim is not None:
+            if not (isinstance(ylim, list) and len(ylim) == 2 and all(isinstance(v, (int, float)) for v in ylim)):
+                raise TypeError(f"the 'ylim' parameter of {where} must be [low, high] in percent. Got {ylim!r}.")
+            ax.set_ylim(*ylim)
+        ax.set_title(f"{dataset}, {model}", fontsize="medium")
+        ax.set_xlabel("fine-tuning step (0 = right after pruning)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    _suptitle(figure, declaration)
+    return [(_name(declaration, "retraining"), figure)]
 
 
 def _percent(series: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:

@@ -362,7 +362,8 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     accuracy_pruned = evaluate(model, test)["accuracy"]
     monitor = None
     if train["retrain_tolerance"] is not None:   # steps until back within tolerance of the dense accuracy
-        monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"])
+        monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"],
+                                  start=pruner.schedule.last_step)   # counted from the last prune
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
                   callbacks=[monitor] if monitor else (),
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
