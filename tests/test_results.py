@@ -366,7 +366,8 @@ def test_outputs_problems_checks_a_spec_without_runs():
                                  "figures": [{"kind": "scatter"}, {"kind": "curves", "colour": "red"}]})
     assert len(problems) == 4
     assert "unknown figure kind 'scatter'" in problems[2]
-    assert "accuracy_vs_params, accuracy_vs_sparsity, curves, weight_histogram" in problems[2]
+    from prunelab.experiments.figures import FIGURES
+    assert ", ".join(FIGURES.names()) in problems[2]   # every registered kind is offered
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -507,9 +508,10 @@ def test_write_figures_writes_png_and_svg_of_the_declared_size(tmp_path):
 def test_figure_declarations_errors_name_the_kind_and_valid_ones(tmp_path):
     from prunelab.experiments.figures import write_figures
 
+    from prunelab.experiments.figures import FIGURES
+    kinds = re.escape(", ".join(FIGURES.names()))     # every registered kind is offered
     cases = [({"kind": "scatter"}, r"unknown figure kind 'scatter'; the 'kind' parameter of outputs.figures\[0\] "
-                                   r"must be one of: accuracy_vs_params, accuracy_vs_sparsity, curves, "
-                                   r"weight_histogram"),
+                                   r"must be one of: " + kinds),
              ({"kind": "curves", "bins": 3}, r"outputs.figures\[0\] has an unknown key 'bins'; valid keys: "),
              ({"kind": "accuracy_vs_params", "metric": "acc"}, r"outputs.figures\[0\] \(accuracy_vs_params\): "
                                                                 r"the 'metric' parameter of figure .* Got 'acc'"),
