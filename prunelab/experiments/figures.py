@@ -566,3 +566,6 @@ def save_figure(figure, target, ext: str) -> None:
     """Save without timestamps in the metadata, so that the same runs give the same files."""
     metadata = {"Date": None} if ext == "svg" else None
     figure.savefig(target, format=ext, dpi=DPI, metadata=metadata)
+
+
+from prunelab.experiments import unit_results  # noqa: F401,E402  (registers study B's figure kinds)

@@ -22,6 +22,10 @@ Each cell is ``mean ± std`` of :func:`~prunelab.experiments.analysis.aggregate`
 values than the fullest cell of its table; cells without a run are empty.
 Markdown, CSV (raw values, full precision: ``<column> mean``, ``<column> std``,
 ``<column> n``), LaTeX (booktabs) and HTML renderings.
+
+A declaration with a ``kind`` key is built by that registered table kind
+instead (:data:`TABLE_KINDS`; study B's ``penalties`` and ``iterative``, see
+:mod:`~prunelab.experiments.unit_results`); each kind checks its own keys.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import html
 import io
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,7 @@ from prunelab.experiments._records import (
 )
 from prunelab.experiments.analysis import Group, aggregate
 from prunelab.experiments.store import RunRecord
+from prunelab.registry import Registry
 
 ROW_CHOICES = (*LABELS, LEVEL)
 COLUMN_CHOICES = ROW_CHOICES
@@ -60,6 +65,33 @@ SPLIT_CHOICES = ROW_CHOICES
 TABLE_KEYS = ("rows", "columns", "split_by", "metric", "percent", "digits", "title")
 FORMATS = ("md", "csv", "tex")
 DEFAULT_TABLE = {"rows": "sparsity", "columns": "method"}
+
+#: A table kind builds ``(finished runs, declaration, outputs section, where) -> [Table, ...]``.
+TableFunction = Callable[[list[RunRecord], dict, dict, str], list["Table"]]
+TABLE_KINDS: Registry[TableFunction] = Registry("table kind")
+#: Each kind's check of a declaration without the runs: ``(declaration, where) -> [problem, ...]``.
+TABLE_KIND_CHECKS: dict[str, Callable[[dict, str], list[str]]] = {}
+
+
+def table_kind(name: str, check: Callable[[dict, str], list[str]]) -> Callable[[TableFunction], TableFunction]:
+    """Register a table kind (a declaration ``{kind: name, ...}``) with its run-free check."""
+    def register(function: TableFunction) -> TableFunction:
+        TABLE_KIND_CHECKS[name] = check
+        return TABLE_KINDS.register(name)(function)
+
+    return register
+
+
+def _has_kind(declaration: Any) -> bool:
+    return isinstance(declaration, dict) and "kind" in declaration
+
+
+def _kind_problems(declaration: dict, where: str) -> list[str]:
+    try:
+        kind = TABLE_KINDS.canonical(declaration["kind"], param="kind", where=where)
+    except (ValueError, TypeError) as err:
+        return [str(err)]
+    return TABLE_KIND_CHECKS[kind](declaration, where)
 
 
 @dataclass(frozen=True)
@@ -200,6 +232,8 @@ def _declarations(outputs: Any) -> tuple[str | None, list[Any]]:
 
 def table_problems(declaration: Any, where: str) -> list[str]:
     """Problems of one declaration that can be found without the runs (for spec validation)."""
+    if _has_kind(declaration):
+        return _kind_problems(declaration, where)
     problems = check_keys(declaration, TABLE_KEYS, where=where)
     if problems and not isinstance(declaration, dict):
         return problems
@@ -284,7 +318,8 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
     """The tables that ``outputs`` (the spec's ``outputs`` section) declares, from finished runs.
 
     Without ``outputs.tables``: one declaration ``{rows: sparsity, columns: method}``.
-    Every declaration is checked first; all problems are reported together.
+    Every declaration is checked first; all problems are reported together. A declaration
+    with a ``kind`` is built by that :data:`TABLE_KINDS` entry.
     """
     records = list(records)
     done = [r for r in records if isinstance(r, RunRecord) and r.status == "done"]
@@ -294,6 +329,10 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
     layouts, problems = [], []
     for i, declaration in enumerate(declarations):
         where = f"outputs.tables[{i}]"
+        if _has_kind(declaration):
+            problems += _kind_problems(declaration, where)
+            layouts.append((declaration, where))
+            continue
         try:
             layouts.append(_layout(declaration, where, default_metric or "accuracy", done))
         except (ValueError, TypeError) as err:
@@ -302,7 +341,9 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
     tables: list[Table] = []
     names: set[str] = set()
     for layout in layouts:
-        for table in _tables_of(layout, done):
+        built = (_tables_of(layout, done) if isinstance(layout, _Layout)
+                 else TABLE_KINDS.get(layout[0]["kind"])(done, layout[0], outputs or {}, layout[1]))
+        for table in built:
             name, k = table.name, 2
             while name in names:
                 name, k = f"{table.name}-{k}", k + 1
@@ -409,3 +450,6 @@ def _overridden(outputs: dict, *, columns: str | None, rows: str | None, metric:
         outputs["tables"] = [{k: v for k, v in d.items() if k not in ("metric", "percent", "digits")}
                              if isinstance(d, dict) else d for d in declarations]
     return outputs
+
+
+from prunelab.experiments import unit_results  # noqa: F401,E402  (registers study B's table kinds)

@@ -39,15 +39,29 @@ def _out_handler(tp, module):
 
 
 def groups(model: nn.Module, example: torch.Tensor, plan: dict[str, torch.Tensor]):
+    """Torch-Pruning groups for ``plan``. Layers whose output channels are coupled (the two
+    branches of a residual addition share one channel space) get one group with the union of
+    their indices — pruned one after the other, the second group's indices would be stale."""
     tp = _tp()
     with torch.enable_grad():            # Torch-Pruning traces the graph through autograd
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     modules = dict(model.named_modules())
-    out = []
+    merged: list[tuple[nn.Module, set[int], set[nn.Module]]] = []
     for name, idx in plan.items():
-        if len(idx):
-            module = modules[name]
-            out.append(graph.get_pruning_group(module, _out_handler(tp, module), idxs=[int(i) for i in idx]))
+        if not len(idx):
+            continue
+        module = modules[name]
+        group = graph.get_pruning_group(module, _out_handler(tp, module), idxs=[int(i) for i in idx])
+        producers = {dep.target.module for dep, _ in group
+                     if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels)}
+        for i, (root, indices, members) in enumerate(merged):
+            if members & producers:
+                merged[i] = (root, indices | {int(j) for j in idx}, members | producers)
+                break
+        else:
+            merged.append((module, {int(j) for j in idx}, producers))
+    out = [graph.get_pruning_group(root, _out_handler(tp, root), idxs=sorted(indices))
+           for root, indices, _ in merged]
     return tp, out
 
 

@@ -142,6 +142,9 @@ def _new_norm(old, keep):
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule ``name``, in that submodule's train/eval mode
+    (a new BatchNorm is in training mode and would use batch statistics)."""
+    module.train(model.get_submodule(name).training)
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
