@@ -11,12 +11,12 @@
 
 from prunelab._version import __version__
 from prunelab.data import Dataset, load_dataset
-from prunelab.metrics import summary
+from prunelab.metrics import measure_latency, summary
 from prunelab.models import build_model
 from prunelab.pruning import Pruner, make_schedule, prune
 from prunelab.training import TrainingDiverged, evaluate, fit
 
 __all__ = [
     "Dataset", "Pruner", "TrainingDiverged", "__version__", "build_model", "evaluate", "fit",
-    "load_dataset", "make_schedule", "prune", "summary",
+    "load_dataset", "make_schedule", "measure_latency", "prune", "summary",
 ]

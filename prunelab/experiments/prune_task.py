@@ -301,7 +301,7 @@ def _train_kwargs(train: dict, method: dict, *, finetune: bool) -> dict:
     lr = train["finetune_lr"] if finetune and train["finetune_lr"] is not None else train["lr"]
     kwargs = dict(batch_size=train["batch_size"], lr=lr, optimizer=train["optimizer"],
                   momentum=train["momentum"], weight_decay=train["weight_decay"], progress=False)
-    if method["regularizer"]:
+    if method.get("regularizer"):
         kwargs.update(regularizer=method["regularizer"]["name"],
                       reg_strength=method["regularizer"]["strength"])
         extra = {k: v for k, v in method["regularizer"].items() if k not in ("name", "strength")}
@@ -310,24 +310,27 @@ def _train_kwargs(train: dict, method: dict, *, finetune: bool) -> dict:
     return kwargs
 
 
-def _dense_model(config: dict, ds, cache_dir: str | None):
+def _dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: bool = False):
     """The trained dense model (and the rewind snapshot, if the method asks for one),
-    from the cache when another run of the study already trained it."""
+    from the cache when another run of the study already trained it. ``force`` trains even
+    on a cache hit (with ``callbacks`` watching the training, e.g. pruning probes on copies,
+    which leave the trained model as it would be without them) and refreshes the cache."""
     train, method, seed = config["training"], config["method"], config["seed"]
-    rewind = method["rewind"]
+    rewind = method.get("rewind")
     key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": seed,
-                  "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method["regularizer"],
-                  "layers": method["layers"], "rewind": rewind, "version": VERSION}
+                  "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method.get("regularizer"),
+                  "layers": method.get("layers"), "rewind": rewind, "version": VERSION}
     key = digest(key_fields, 20)
     path = Path(cache_dir) / "dense" / f"{key}.pt" if cache_dir else None
     model = build_model(config["model"]["name"], dataset=ds, seed=seed, **config["model"]["options"])
-    if path is not None and path.is_file():
+    if path is not None and path.is_file() and not force:
         saved = torch.load(path, weights_only=True, map_location="cpu")
         model.load_state_dict(saved["state_dict"])
         return model, saved["history"], saved.get("snapshot"), True
     snapshot = _Snapshot(0 if rewind == "init" else rewind) if rewind is not None else None
     history = fit(model, ds, epochs=train["epochs"], seed=seed,
-                  callbacks=[snapshot] if snapshot else (), **_train_kwargs(train, method, finetune=False))
+                  callbacks=[*([snapshot] if snapshot else []), *callbacks],
+                  **_train_kwargs(train, method, finetune=False))
     if path is not None:
         try:  # the cache is an optimisation: a folder we cannot write (a remote Ray node) is skipped
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -231,7 +231,7 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         checker.error("name", f"must be a short identifier (letters, digits, '.', '_', '-'); got {name!r}")
     task_name = spec.get("task", "prune")
     try:
-        task = TASKS.get(task_name, param="task", where="spec")()
+        default_task = TASKS.get(task_name, param="task", where="spec")()
     except (ValueError, TypeError) as err:
         checker.error("task", str(err))
         return []
@@ -263,6 +263,12 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
     filters = {x_path: _filters(x_path, method, datasets, models, checker) for x_path, method, _ in methods}
     for (d_path, dataset, d_chosen), (m_path, model, m_chosen), (t_train, t_chosen), \
             (x_path, method, x_chosen) in itertools.product(datasets, models, trainings, methods):
+        task = default_task
+        if "task" in method:          # a method may run another task than the study's
+            task = checker.attempt(f"{x_path}.task", lambda: TASKS.get(method["task"], param="task",
+                                                                       where="spec")())
+            if task is None:
+                continue
         d_label = dataset.get("label") or dataset.get("name", "?") + _grid_suffix(d_chosen, d_path)
         m_label = model.get("label") or _model_label(model) + _grid_suffix(m_chosen, m_path)
         x_label = (method.get("label") or task.default_label(method)) + _grid_suffix(
@@ -276,7 +282,7 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         if levels is None:
             levels = model_levels.get(m_path, sparsities)
         model = {k: v for k, v in model.items() if k != "sparsities"}
-        method = {k: v for k, v in method.items() if k not in ("models", "datasets", "sparsities")}
+        method = {k: v for k, v in method.items() if k not in ("models", "datasets", "sparsities", "task")}
         prepared = task.prepare(dataset=(d_path, dataset), model=(m_path, model),
                                 method=(x_path, method), training=t_train, checker=checker,
                                 sparsities=levels)

@@ -2,21 +2,25 @@
 
 * :func:`summary` — per-layer and total table of everything below.
 * :func:`count_flops` — dense and remaining FLOPs per sample of each Linear/Conv layer.
+* :func:`measure_latency` — measured forward latency per batch size (``docs/latency.md``).
 * :func:`storage_bits` / :func:`csr_fillers` — size of one tensor as dense, bit-mask and CSR.
 
 Definitions and formulas: ``docs/metrics.md``.
 """
 
 from prunelab.metrics.flops import FlopCount, count_flops
+from prunelab.metrics.latency import Latency, measure_latency
 from prunelab.metrics.storage import csr_fillers, storage_bits
 from prunelab.metrics.summary import LayerStats, Summary, summary
 
 __all__ = [
     "FlopCount",
+    "Latency",
     "LayerStats",
     "Summary",
     "count_flops",
     "csr_fillers",
+    "measure_latency",
     "storage_bits",
     "summary",
 ]

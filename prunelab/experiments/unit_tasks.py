@@ -1,0 +1,310 @@
+"""Study-B tasks: pruning penalties of the 12 unit-pruning methods during training, and
+iterative unit pruning (Evci et al., ICLR 2019 submission; STUDIES.md B).
+
+``unit-penalty`` — one run per (dataset, model, seed). The model trains with the study's
+budget; every ``every`` steps a copy is scored once on a fixed calibration subset of the
+training images and, for each probe set (layer sets × fractions or counts), pruned with
+each of the 12 methods (6 scorers × without/with mean replacement). The *penalty* is the
+calibration loss after pruning minus before; with ``finetune_steps`` > 0 the pruned copy is
+thinned (so removed units stay removed), fine-tuned that many steps (Adam, ``finetune_lr``)
+and measured again. The copies are discarded; training goes on. Which units each scorer
+selects (at ``track``: layers and fraction) is recorded to follow them over training.
+
+``unit-iterative`` — one run per (dataset, model, method, seed). The trained model (shared
+with the study's other runs through the dense cache) loses ``step_fraction`` of the original
+units of every chosen layer per step, is thinned, and fine-tuned ``finetune_steps`` steps
+between steps, until ``max_fraction`` is removed; the calibration loss and the test accuracy
+are recorded after each step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+from torch import nn
+
+from prunelab.experiments.prune_task import (TRAINING_DEFAULTS, _dense_model, _prepare_dataset,
+                                             _prepare_training, load_prepared_dataset)
+from prunelab.experiments.tasks import TASKS, Checker, Task
+from prunelab.models import build_model
+from prunelab.training import Callback, evaluate, fit
+from prunelab.units import METHODS, SCORERS, Units, parse_method
+from prunelab.units import surgery
+from prunelab.units import thin as thin_units
+from prunelab.units.scoring import UNIT_SCORERS, collect, select
+from prunelab.units.structure import LAYER_SETS, select_layers
+
+PENALTY_KEYS = ("label", "every", "calibration", "methods", "sets", "finetune_lr", "track")
+SET_KEYS = ("layers", "fractions", "counts", "finetune_steps")
+ITERATIVE_KEYS = ("label", "method", "layers", "step_fraction", "max_fraction", "finetune_steps",
+                  "finetune_lr", "calibration")
+
+
+def _model_and_data(dataset, model, training, checker: Checker, method_path: str, overrides: dict):
+    d_path, d_entry = dataset
+    m_path, m_entry = model
+    data = _prepare_dataset(d_path, d_entry, checker)
+    train = _prepare_training(method_path, training, overrides, checker)
+    if data is None or train is None:
+        return None
+    if "name" not in m_entry:
+        checker.error(m_path, "missing 'name'")
+        return None
+    options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
+    net = checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+                          n_classes=data["n_classes"], **options)
+    if net is None:
+        return None
+    units = checker.attempt(m_path, Units.of, net, data["input_shape"])
+    if units is None:
+        return None
+    return data, train, net, units, {"name": net.config["name"], "options": options}
+
+
+def _check_layers(path: str, layers, units: Units, checker: Checker) -> list:
+    layers = layers if isinstance(layers, list) else [layers]
+    for i, entry in enumerate(layers):
+        checker.attempt(f"{path}[{i}]", select_layers, units.layers, entry, f"layers {entry!r}")
+    return layers
+
+
+def _calibration(ds, n: int, seed: int):
+    """A fixed subset of the training images (the same for every probe of a run)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.randperm(len(ds.y_train), generator=g)[:n]
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+def _loss(model: nn.Module, data) -> float:
+    return evaluate(model, data, batch_size=1000)["loss"]
+
+
+# ---------------------------------------------------------------------------- penalties
+@TASKS.register("unit-penalty")
+class UnitPenaltyTask(Task):
+    name = "unit-penalty"
+
+    def default_label(self, method: dict) -> str:
+        return "probes"
+
+    def prepare(self, *, dataset, model, method, training, checker, sparsities):
+        x_path, entry = method
+        n = len(checker.errors)
+        checker.keys(x_path, entry, (*PENALTY_KEYS, "training"))
+        ready = _model_and_data(dataset, model, training, checker, x_path, entry.get("training") or {})
+        if ready is None:
+            return None
+        data, train, net, units, model_cfg = ready
+        probe = {"every": entry.get("every", 250), "calibration": entry.get("calibration", 1000),
+                 "methods": entry.get("methods", list(METHODS)), "finetune_lr": entry.get("finetune_lr", 1e-3),
+                 "sets": entry.get("sets", [{"layers": ["all"], "fractions": [0.1]}]),
+                 "track": entry.get("track", {"layers": "all", "fraction": 0.1})}
+        checker.number(f"{x_path}.every", probe["every"], low=1, integer=True)
+        checker.number(f"{x_path}.calibration", probe["calibration"], low=1, high=data["n_train"], integer=True)
+        checker.number(f"{x_path}.finetune_lr", probe["finetune_lr"], low=0.0, closed="neither")
+        if not isinstance(probe["methods"], list) or not probe["methods"]:
+            checker.error(f"{x_path}.methods", f"must be a non-empty list of methods among: {', '.join(METHODS)}")
+        else:
+            for i, m in enumerate(probe["methods"]):
+                checker.attempt(f"{x_path}.methods[{i}]", parse_method, m, "unit-penalty")
+        if not isinstance(probe["sets"], list) or not probe["sets"]:
+            checker.error(f"{x_path}.sets", "must be a non-empty list of {layers, fractions, counts, finetune_steps}")
+            probe["sets"] = []
+        for i, s in enumerate(probe["sets"]):
+            path = f"{x_path}.sets[{i}]"
+            if not isinstance(s, dict):
+                checker.error(path, f"must be a mapping with keys {', '.join(SET_KEYS)}; got {s!r}")
+                continue
+            checker.keys(path, s, SET_KEYS)
+            s.setdefault("layers", ["all"])
+            s["layers"] = _check_layers(f"{path}.layers", s["layers"], units, checker)
+            s.setdefault("fractions", [])
+            s.setdefault("counts", [])
+            s.setdefault("finetune_steps", [0])
+            if not s["fractions"] and not s["counts"]:
+                checker.error(path, "needs 'fractions' and/or 'counts' of units to remove per layer")
+            for j, f in enumerate(s["fractions"]):
+                checker.number(f"{path}.fractions[{j}]", f, low=0.0, high=1.0, closed="neither")
+            for j, c in enumerate(s["counts"]):
+                checker.number(f"{path}.counts[{j}]", c, low=1, integer=True)
+            for j, t in enumerate(s["finetune_steps"]):
+                checker.number(f"{path}.finetune_steps[{j}]", t, low=0, integer=True)
+        track = probe["track"]
+        if track is not None:
+            if not isinstance(track, dict) or set(track) - {"layers", "fraction"}:
+                checker.error(f"{x_path}.track", f"must be null or {{layers, fraction}}; got {track!r}")
+            else:
+                checker.attempt(f"{x_path}.track.layers", select_layers, units.layers, track.get("layers", "all"))
+                checker.number(f"{x_path}.track.fraction", track.get("fraction", 0.1), low=0.0, high=1.0,
+                               closed="neither")
+        if len(checker.errors) > n:
+            return None
+        return {"config": {"dataset": data["config"], "model": model_cfg, "training": train,
+                           "method": {"probe": probe}}}
+
+    def resolve(self, prepared, *, sparsity, seed):
+        return {"task": self.name, "version": 1, **copy.deepcopy(prepared["config"]), "sparsity": sparsity,
+                "seed": seed}
+
+    def run(self, config, context):
+        started = time.perf_counter()
+        ds = load_prepared_dataset(config["dataset"])
+        probe = config["method"]["probe"]
+        calibration = _calibration(ds, probe["calibration"], config["seed"])
+        monitor = PenaltyProbe(ds, calibration, probe, config["seed"])
+        model, history, _, _ = _dense_model(config, ds, context.get("cache_dir"), callbacks=[monitor], force=True)
+        final = evaluate(model, (ds.x_test, ds.y_test))
+        return {"metrics": {"accuracy": final["accuracy"], "loss": final["loss"], "probes": monitor.records,
+                            "selections": monitor.selections, "units_total": monitor.units_total,
+                            "probe_seconds": monitor.seconds, "train_seconds": time.perf_counter() - started},
+                "curve": [{"phase": "dense", **h} for h in history]}
+
+
+class PenaltyProbe(Callback):
+    """Every ``every`` steps: prune copies of the model with every method, record the penalties."""
+
+    def __init__(self, ds, calibration, probe: dict, seed: int):
+        self.ds, self.calibration, self.probe, self.seed = ds, calibration, probe, seed
+        self.records: list[dict] = []
+        self.selections: list[dict] = []
+        self.units_total: dict[str, int] = {}
+        self.seconds = 0.0
+
+    def on_step_end(self, state) -> None:
+        if state.step % self.probe["every"] == 0:
+            started = time.perf_counter()
+            self._probe(state.model, state.step)
+            self.seconds += time.perf_counter() - started
+
+    def _probe(self, model: nn.Module, step: int) -> None:
+        snapshot = copy.deepcopy(model).eval()
+        info = Units.of(snapshot, tuple(self.ds.input_shape))
+        layers = info.layers
+        self.units_total = {u.name: u.n_units for u in layers}
+        cal = self.calibration
+        batches = [(cal[0][i:i + 250], cal[1][i:i + 250]) for i in range(0, len(cal[0]), 250)]
+        stats = collect(snapshot, layers, batches)
+        before = _loss(snapshot, cal)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        scores = {s: {u.name: UNIT_SCORERS.get(s)(u, stats[u.name], generator) for u in layers} for s in SCORERS}
+        track = self.probe.get("track")
+        if track:
+            for scorer in SCORERS:
+                for unit in select_layers(layers, track.get("layers", "all")):
+                    chosen = select(scores[scorer][unit.name], fraction=track.get("fraction", 0.1))
+                    self.selections.append({"step": step, "scorer": scorer, "layer": unit.name,
+                                            "units": chosen.tolist()})
+        means = {u.name: stats[u.name].mean for u in layers}
+        for probe_set in self.probe["sets"]:
+            amounts = [("fraction", f) for f in probe_set["fractions"]] + [("count", c) for c in probe_set["counts"]]
+            for layer_set in probe_set["layers"]:
+                chosen = [u.name for u in select_layers(layers, layer_set)]
+                for kind, amount in amounts:
+                    for method in self.probe["methods"]:
+                        scorer, mean_replacement = parse_method(method)
+                        plan = {name: select(scores[scorer][name], **{kind: amount}) for name in chosen}
+                        pruned = copy.deepcopy(snapshot)
+                        pruned_info = Units.of(pruned, tuple(self.ds.input_shape))
+                        surgery.mask_units(pruned_info.chain, plan, means if mean_replacement else None)
+                        after = _loss(pruned, cal)
+                        base = {"step": step, "method": method, "scorer": scorer, "mean_replacement": mean_replacement,
+                                "layers": layer_set if isinstance(layer_set, str) else ",".join(layer_set),
+                                "fraction": amount if kind == "fraction" else None,
+                                "count": amount if kind == "count" else None, "loss_before": before}
+                        for steps in probe_set["finetune_steps"]:
+                            loss = after if steps == 0 else self._finetuned(pruned, pruned_info, plan, steps, step)
+                            self.records.append({**base, "finetune_steps": steps, "loss_after": loss,
+                                                 "penalty": loss - before})
+
+    def _finetuned(self, pruned, info, plan, steps: int, step: int) -> float:
+        small = thin_units(pruned, {k: v for k, v in plan.items()}, input_shape=tuple(self.ds.input_shape))
+        fit(small, self.ds, epochs=math.ceil(steps * 64 / len(self.ds.y_train)) + 1, max_steps=steps,
+            batch_size=64, lr=self.probe["finetune_lr"], optimizer="adam", seed=self.seed + step, progress=False)
+        return _loss(small, self.calibration)
+
+
+# ---------------------------------------------------------------------------- iterative
+@TASKS.register("unit-iterative")
+class UnitIterativeTask(Task):
+    name = "unit-iterative"
+
+    def default_label(self, method: dict) -> str:
+        return str(method.get("method", "?"))
+
+    def prepare(self, *, dataset, model, method, training, checker, sparsities):
+        x_path, entry = method
+        n = len(checker.errors)
+        checker.keys(x_path, entry, (*ITERATIVE_KEYS, "training"))
+        ready = _model_and_data(dataset, model, training, checker, x_path, entry.get("training") or {})
+        if ready is None:
+            return None
+        data, train, net, units, model_cfg = ready
+        if "method" not in entry:
+            checker.error(x_path, f"missing 'method', one of: {', '.join(METHODS)}")
+            return None
+        checker.attempt(f"{x_path}.method", parse_method, entry["method"], "unit-iterative")
+        it = {"method": entry["method"], "layers": entry.get("layers", "all"),
+              "step_fraction": entry.get("step_fraction", 0.01), "max_fraction": entry.get("max_fraction", 0.5),
+              "finetune_steps": entry.get("finetune_steps", 100), "finetune_lr": entry.get("finetune_lr", 1e-3),
+              "calibration": entry.get("calibration", 1000)}
+        checker.attempt(f"{x_path}.layers", select_layers, units.layers, it["layers"])
+        checker.number(f"{x_path}.step_fraction", it["step_fraction"], low=0.0, high=1.0, closed="neither")
+        checker.number(f"{x_path}.max_fraction", it["max_fraction"], low=0.0, high=1.0, closed="neither")
+        checker.number(f"{x_path}.finetune_steps", it["finetune_steps"], low=0, integer=True)
+        checker.number(f"{x_path}.finetune_lr", it["finetune_lr"], low=0.0, closed="neither")
+        checker.number(f"{x_path}.calibration", it["calibration"], low=1, high=data["n_train"], integer=True)
+        if len(checker.errors) > n:
+            return None
+        return {"config": {"dataset": data["config"], "model": model_cfg, "training": train,
+                           "method": {"iterative": it}}}
+
+    def resolve(self, prepared, *, sparsity, seed):
+        return {"task": self.name, "version": 1, **copy.deepcopy(prepared["config"]), "sparsity": sparsity,
+                "seed": seed}
+
+    def run(self, config, context):
+        started = time.perf_counter()
+        ds = load_prepared_dataset(config["dataset"])
+        it, seed = config["method"]["iterative"], config["seed"]
+        model, _, _, _ = _dense_model(config, ds, context.get("cache_dir"))
+        shape = tuple(ds.input_shape)
+        calibration = _calibration(ds, it["calibration"], seed)
+        test = (ds.x_test, ds.y_test)
+        chosen = select_layers(Units.of(model, shape).layers, it["layers"])
+        original = {u.name: u.n_units for u in chosen}
+        per_step = {name: max(1, round(it["step_fraction"] * n)) for name, n in original.items()}
+        total = sum(original.values())
+        records = [{"removed": 0.0, "step": 0, "loss": _loss(model, calibration),
+                    "accuracy": evaluate(model, test)["accuracy"]}]
+        from prunelab.units import remove_units
+        step = 0
+        while True:
+            info = Units.of(model, shape)
+            layers = {u.name: u for u in info.layers}
+            counts = {name: min(per_step[name], layers[name].n_units - 1) for name in original}
+            if not any(counts.values()):
+                break
+            step += 1
+            result = None
+            for name, count in counts.items():       # each chosen layer loses its own count
+                if count:
+                    result = remove_units(model, it["method"], calibration, count=count, layers=[name],
+                                          units=info, seed=seed * 7919 + step)
+                    model = thin_units(model, result)
+                    info = Units.of(model, shape)
+            removed = 1.0 - sum(u.n_units for u in Units.of(model, shape).layers if u.name in original) / total
+            if it["finetune_steps"]:
+                fit(model, ds, epochs=math.ceil(it["finetune_steps"] * 64 / len(ds.y_train)) + 1,
+                    max_steps=it["finetune_steps"], batch_size=64, lr=it["finetune_lr"], optimizer="adam",
+                    seed=seed * 7919 + step, progress=False)
+            records.append({"removed": removed, "step": step, "loss": _loss(model, calibration),
+                            "accuracy": evaluate(model, test)["accuracy"]})
+            if removed >= it["max_fraction"] - 1e-9:
+                break
+        params = sum(p.numel() for p in model.parameters())
+        return {"metrics": {"accuracy": records[-1]["accuracy"], "loss": records[-1]["loss"],
+                            "iterative": records, "params": params, "train_seconds": time.perf_counter() - started},
+                "curve": []}

@@ -1,0 +1,226 @@
+"""Tests of prunelab.measure_latency: invariants only, no speed-up is asserted (see benchmarks/thinning.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunelab
+from prunelab.metrics import Latency, measure_latency
+from prunelab.metrics.latency import percentile
+
+
+class Recorder(nn.Module):
+    """Linear(4, 2) that records every call: input shape and dtype, train flag, inference mode."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.fc = nn.Linear(4, 2).to(dtype)
+        self.drop = nn.Dropout(0.5)
+        self.calls: list[tuple] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((tuple(x.shape), x.dtype, self.training, self.drop.training,
+                           torch.is_inference_mode_enabled()))
+        return self.drop(self.fc(x))
+
+
+class Sleeper(nn.Module):
+    """Sleeps 1 ms per call, so a time budget needs a known number of calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.001)
+        return self.fc(x)
+
+
+class Failing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom from the model")
+
+
+def stack(n_layers: int) -> nn.Sequential:
+    layers = []
+    for _ in range(n_layers):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_one_result_per_batch_size_in_order_with_all_fields():
+    results = measure_latency(Recorder(), (4,), batch_sizes=(1, 3, 5), warmup=1, repeats=4)
+    assert [r.batch_size for r in results] == [1, 3, 5]
+    for r in results:
+        assert isinstance(r, Latency)
+        assert {f.name for f in dataclasses.fields(r)} == {
+            "batch_size", "median_ms", "p10_ms", "p90_ms", "mean_ms", "per_sample_us",
+            "repeats", "threads", "device"}
+        assert r.repeats == 4
+        assert r.device == "cpu"
+        assert r.threads == torch.get_num_threads()
+        assert r.per_sample_us == pytest.approx(1000 * r.median_ms / r.batch_size)
+        assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms
+        assert r.mean_ms > 0
+    assert "batch" in str(results[0]) and "thread" in str(results[0])
+
+
+def test_single_int_batch_size():
+    (result,) = measure_latency(Recorder(), (4,), batch_sizes=7, warmup=0, repeats=2)
+    assert result.batch_size == 7
+
+
+def test_latency_is_frozen():
+    (result,) = measure_latency(Recorder(), (4,), batch_sizes=(1,), warmup=0, repeats=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.median_ms = 0.0
+
+
+def test_exported_at_top_level():
+    assert prunelab.measure_latency is measure_latency
+    assert "measure_latency" in prunelab.__all__
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 11])
+def test_percentile_matches_numpy(n):
+    values = sorted(np.random.default_rng(n).exponential(size=n).tolist())
+    for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, 100 * q)))
+
+
+# --------------------------------------------------------------------------- what is called
+
+
+def test_warmup_and_repeats_calls_with_input_shape_and_dtype_of_the_model():
+    model = Recorder(torch.float64)
+    measure_latency(model, (4,), batch_sizes=(2, 6), warmup=3, repeats=5)
+    assert len(model.calls) == 2 * (3 + 5)
+    assert [c[0] for c in model.calls] == [(2, 4)] * 8 + [(6, 4)] * 8
+    assert all(c[1] == torch.float64 for c in model.calls)
+
+
+def test_runs_in_eval_and_inference_mode_and_restores_every_flag():
+    model = Recorder()
+    model.train()
+    model.drop.eval()  # a mixed state must come back exactly
+    measure_latency(model, (4,), batch_sizes=(1,), warmup=1, repeats=2)
+    assert all(not training and not drop_training and inference
+               for _, _, training, drop_training, inference in model.calls)
+    assert model.training and model.fc.training and not model.drop.training
+
+
+def test_min_seconds_keeps_timing_until_the_budget_is_measured():
+    (result,) = measure_latency(Sleeper(), (2,), batch_sizes=(1,), warmup=0, repeats=1, min_seconds=0.03)
+    assert result.repeats > 1
+    assert result.repeats * result.mean_ms >= 30
+
+
+def test_a_model_that_does_more_work_measures_slower():
+    # 4 vs 1 Linear(512, 512) at batch 64 on one thread: about 4x the work. Best median of
+    # 3 interleaved rounds each, and only 1.5x asked, so that a busy machine cannot flip it.
+    torch.manual_seed(0)
+    shallow, deep = stack(1), stack(4)
+    best = {"shallow": math.inf, "deep": math.inf}
+    for _ in range(3):
+        for name, model in (("shallow", shallow), ("deep", deep)):
+            (result,) = measure_latency(model, (512,), batch_sizes=(64,), warmup=3, repeats=15, threads=1)
+            best[name] = min(best[name], result.per_sample_us)
+    assert best["deep"] > 1.5 * best["shallow"]
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_threads_are_set_for_the_measurement_and_restored():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        (result,) = measure_latency(Recorder(), (4,), batch_sizes=(1,), warmup=0, repeats=1, threads=1)
+        assert result.threads == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_and_modes_are_restored_when_the_forward_fails():
+    before = torch.get_num_threads()
+    model = Failing()
+    model.train()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError):
+            measure_latency(model, (2,), warmup=0, repeats=1, threads=1)
+        assert torch.get_num_threads() == 2
+        assert model.training and model.fc.training
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_a_failing_forward_names_input_shape_and_the_model_error():
+    with pytest.raises(ValueError, match=r"'input_shape'.*RuntimeError: boom from the model"):
+        measure_latency(Failing(), (2,), warmup=0, repeats=1)
+    with pytest.raises(ValueError, match=r"input_shape=\(5,\).*mat1 and mat2"):
+        measure_latency(nn.Linear(4, 2), (5,), warmup=0, repeats=1)
+
+
+@pytest.mark.parametrize("param, value, error", [
+    ("model", "not a model", TypeError),
+    ("input_shape", (0,), ValueError),
+    ("input_shape", (4, -1), ValueError),
+    ("input_shape", "4", ValueError),
+    ("input_shape", (4.0,), ValueError),
+    ("batch_sizes", (), ValueError),
+    ("batch_sizes", (1, 0), ValueError),
+    ("batch_sizes", (1.5,), ValueError),
+    ("batch_sizes", (True,), ValueError),
+    ("batch_sizes", "64", TypeError),
+    ("batch_sizes", None, TypeError),
+    ("warmup", -1, ValueError),
+    ("warmup", 1.5, TypeError),
+    ("repeats", 0, ValueError),
+    ("repeats", "50", TypeError),
+    ("threads", 0, ValueError),
+    ("threads", 1.0, TypeError),
+    ("device", "no-such-device", ValueError),
+    ("device", 3.5, TypeError),
+    ("min_seconds", -0.1, ValueError),
+    ("min_seconds", math.nan, ValueError),
+    ("min_seconds", math.inf, ValueError),
+    ("min_seconds", "1", TypeError),
+])
+def test_bad_arguments_raise_naming_the_parameter(param, value, error):
+    kwargs = {"model": Recorder(), "input_shape": (4,), "batch_sizes": (1,), "warmup": 0, "repeats": 1}
+    kwargs[param] = value
+    with pytest.raises(error, match=f"'{param}' parameter of measure_latency"):
+        measure_latency(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_an_absent_device_is_named():
+    with pytest.raises(ValueError, match="'device' parameter of measure_latency.*'cuda'"):
+        measure_latency(Recorder(), (4,), device="cuda", warmup=0, repeats=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_measurement_reports_the_device():
+    model = Recorder().cuda()
+    (result,) = measure_latency(model, (4,), batch_sizes=(8,), warmup=1, repeats=3)
+    assert result.device.startswith("cuda")
+    assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
