@@ -14,7 +14,9 @@ median latency(thinned)`` at batch 1 and batch 64, from ``prunelab.measure_laten
 Masked and thinned are measured in interleaved rounds (their order alternating
 each round), each round a ``measure_latency`` call of ``--repeats`` timed calls,
 and the table gives the median over rounds, so drift of the machine affects both.
-Target: measured ≥ 70 % of theoretical at batch 64.
+Target: measured ≥ 70 % of theoretical at batch 64. The last column, the arithmetic rate
+each model achieves at batch 64, shows where a shortfall comes from: smaller layers run
+further from the machine's peak.
 
     python benchmarks/thinning.py [--threads 1 2] [--repeats 30] [--rounds 7] [--models mlp medium_conv]
 """
@@ -88,11 +90,15 @@ def row(name: str, fraction: float, args, threads: int) -> dict:
     return {"model": name, "fraction": fraction, "params_dense": dense_summary.total.params,
             "params_thinned": thinned_summary.total.params, "theoretical": theoretical,
             "masked_ms": ms["masked"], "thinned_ms": ms["thinned"], "measured": measured,
-            "of_theoretical": measured[64] / theoretical}
+            "of_theoretical": measured[64] / theoretical,
+            # achieved arithmetic rate at batch 64: FLOPs of one input × 64 / latency
+            "gflops": {k: flops * 64 / (ms[k][64] * 1e-3) / 1e9 for k, flops in
+                       (("masked", dense_summary.total.flops_dense), ("thinned", thinned_summary.total.flops))}}
 
 
 HEADERS = ("model", "removed", "params dense → thinned", "theoretical", "masked ms b1 / b64",
-           "thinned ms b1 / b64", "measured b1", "measured b64", "b64 / theoretical")
+           "thinned ms b1 / b64", "measured b1", "measured b64", "b64 / theoretical",
+           "GFLOP/s b64 masked / thinned")
 
 
 def cells(r: dict) -> list[str]:
@@ -102,7 +108,8 @@ def cells(r: dict) -> list[str]:
             f"{r['masked_ms'][1]:.3f} / {r['masked_ms'][64]:.3f}",
             f"{r['thinned_ms'][1]:.3f} / {r['thinned_ms'][64]:.3f}",
             f"{r['measured'][1]:.2f}×", f"{r['measured'][64]:.2f}×",
-            f"{100 * r['of_theoretical']:.0f} % ({verdict})"]
+            f"{100 * r['of_theoretical']:.0f} % ({verdict})",
+            f"{r['gflops']['masked']:.1f} / {r['gflops']['thinned']:.1f}"]
 
 
 def print_table(rows: list[dict], markdown: bool) -> None:

@@ -271,8 +271,9 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
                 continue
         d_label = dataset.get("label") or dataset.get("name", "?") + _grid_suffix(d_chosen, d_path)
         m_label = model.get("label") or _model_label(model) + _grid_suffix(m_chosen, m_path)
-        x_label = (method.get("label") or task.default_label(method)) + _grid_suffix(
-            {**x_chosen, **t_chosen}, x_path)
+        x_base = method.get("label") or task.default_label(method)
+        x_label = x_base + _grid_suffix({k: v for k, v in {**x_chosen, **t_chosen}.items()
+                                         if method.get("label") or _short(v) != x_base}, x_path)
         only_datasets, only_models = filters[x_path]
         if (only_datasets is not None and d_label not in only_datasets
                 and dataset.get("name") not in only_datasets) or \

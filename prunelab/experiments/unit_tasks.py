@@ -40,7 +40,7 @@ from prunelab.units.structure import LAYER_SETS, select_layers
 PENALTY_KEYS = ("label", "every", "calibration", "methods", "sets", "finetune_lr", "track")
 SET_KEYS = ("layers", "fractions", "counts", "finetune_steps")
 ITERATIVE_KEYS = ("label", "method", "layers", "step_fraction", "max_fraction", "finetune_steps",
-                  "finetune_lr", "calibration")
+                  "finetune_lr", "calibration", "test_every")
 
 
 def _model_and_data(dataset, model, training, checker: Checker, method_path: str, overrides: dict):
@@ -249,13 +249,14 @@ class UnitIterativeTask(Task):
         it = {"method": entry["method"], "layers": entry.get("layers", "all"),
               "step_fraction": entry.get("step_fraction", 0.01), "max_fraction": entry.get("max_fraction", 0.5),
               "finetune_steps": entry.get("finetune_steps", 100), "finetune_lr": entry.get("finetune_lr", 1e-3),
-              "calibration": entry.get("calibration", 1000)}
+              "calibration": entry.get("calibration", 1000), "test_every": entry.get("test_every", 1)}
         checker.attempt(f"{x_path}.layers", select_layers, units.layers, it["layers"])
         checker.number(f"{x_path}.step_fraction", it["step_fraction"], low=0.0, high=1.0, closed="neither")
         checker.number(f"{x_path}.max_fraction", it["max_fraction"], low=0.0, high=1.0, closed="neither")
         checker.number(f"{x_path}.finetune_steps", it["finetune_steps"], low=0, integer=True)
         checker.number(f"{x_path}.finetune_lr", it["finetune_lr"], low=0.0, closed="neither")
         checker.number(f"{x_path}.calibration", it["calibration"], low=1, high=data["n_train"], integer=True)
+        checker.number(f"{x_path}.test_every", it["test_every"], low=1, integer=True)
         if len(checker.errors) > n:
             return None
         return {"config": {"dataset": data["config"], "model": model_cfg, "training": train,
@@ -300,9 +301,12 @@ class UnitIterativeTask(Task):
                 fit(model, ds, epochs=math.ceil(it["finetune_steps"] * 64 / len(ds.y_train)) + 1,
                     max_steps=it["finetune_steps"], batch_size=64, lr=it["finetune_lr"], optimizer="adam",
                     seed=seed * 7919 + step, progress=False)
-            records.append({"removed": removed, "step": step, "loss": _loss(model, calibration),
-                            "accuracy": evaluate(model, test)["accuracy"]})
-            if removed >= it["max_fraction"] - 1e-9:
+            last = removed >= it["max_fraction"] - 1e-9
+            record = {"removed": removed, "step": step, "loss": _loss(model, calibration)}
+            if last or step % it["test_every"] == 0:      # the test set costs more than the step itself
+                record["accuracy"] = evaluate(model, test)["accuracy"]
+            records.append(record)
+            if last:
                 break
         params = sum(p.numel() for p in model.parameters())
         return {"metrics": {"accuracy": records[-1]["accuracy"], "loss": records[-1]["loss"],
