@@ -4,6 +4,7 @@
     prunelab status STUDY.db          prunelab table STUDY.db     prunelab plot STUDY.db
     prunelab report STUDY.db          prunelab list [KIND]        prunelab data info|fetch [NAME]
     prunelab prune --dataset digits --model mlp --sparsity 0.9 [...]   (one model, one method)
+    prunelab units --dataset digits --model mlp --method bp_abs_mrs --fraction 0.5 [--latency]
     prunelab summary --model lenet5 --dataset mnist [--weights FILE]
 
 Every argument (and a whole spec) is checked before any work starts; a mistake
@@ -149,6 +150,106 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_units(args) -> int:
+    import copy
+
+    import torch
+
+    from prunelab import units
+    from prunelab.data import load_dataset
+    from prunelab.metrics import measure_latency, summary
+    from prunelab.models import build_model
+    from prunelab.training import evaluate, fit
+
+    where = "prunelab units"
+    # everything is validated before the first training step
+    units.parse_method(args.method, where)
+    if (args.fraction is None) == (args.count is None):
+        raise ValueError("prunelab units takes exactly one of --fraction (of each layer's units, in [0, 1)) "
+                         "or --count (units per layer).")
+    if args.fraction is not None:
+        check_number("--fraction", args.fraction, where=where, low=0.0, high=1.0, closed="left")
+    else:
+        check_number("--count", args.count, where=where, low=1, integer=True)
+    for flag, value in (("--epochs", args.epochs), ("--finetune-epochs", args.finetune_epochs),
+                        ("--calibration", args.calibration)):
+        check_number(flag, value, where=where, low=1 if flag == "--calibration" else 0, integer=True)
+    model_args = _key_values(args.model_arg, "--model-arg")
+    ds = load_dataset(args.dataset, root=args.data_root)
+    model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
+    layers = args.layers[0] if args.layers and len(args.layers) == 1 else (args.layers or "all")
+    found = units.Units.of(model, ds.input_shape)
+    units.select_layers(found.layers, layers, where=where)
+    train_kw = dict(batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+                    progress=not args.quiet and sys.stderr.isatty())
+    if args.weights:
+        saved = torch.load(args.weights, weights_only=True, map_location="cpu")
+        model.load_state_dict(saved.get("state_dict", saved) if isinstance(saved, dict) else saved)
+    else:
+        fit(model, ds, epochs=args.epochs, **train_kw)
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+
+    dense = evaluate(model, ds)["accuracy"]
+    n_cal = min(len(ds.y_train), args.calibration)
+    masked = copy.deepcopy(model)
+    result = units.remove_units(masked, args.method, (ds.x_train[:n_cal], ds.y_train[:n_cal]),
+                                fraction=args.fraction, count=args.count, layers=layers, seed=args.seed)
+    masked_accuracy = evaluate(masked, ds)["accuracy"]
+    thinned = units.thin(masked, result)
+    thinned_accuracy = evaluate(thinned, ds)["accuracy"]
+    before, after = summary(model, ds.input_shape), summary(thinned, ds.input_shape)
+    shapes = ", ".join(f"{name} {found_units.n_units}->{found_units.n_units - len(result.plan.get(name, []))}"
+                       for name, found_units in ((u.name, u) for u in found.layers))
+    theoretical = before.total.flops_dense / after.total.flops
+    print(f"units ({args.method}): {shapes}")
+    print(f"parameters {before.total.params:,} -> {after.total.params:,}; FLOPs {before.total.flops_dense:,} -> "
+          f"{after.total.flops:,} (theoretical speedup {theoretical:.2f}x)")
+    print(f"accuracy: dense {dense:.4f} -> units removed {masked_accuracy:.4f} (thinned {thinned_accuracy:.4f})")
+    out = {"dataset": ds.name, "model": model.config, "method": args.method, "layers": layers,
+           "fraction": args.fraction, "count": args.count, "plan": {k: v.tolist() for k, v in result.plan.items()},
+           "accuracy_dense": dense, "accuracy_removed": masked_accuracy, "accuracy_thinned": thinned_accuracy,
+           "params_dense": before.total.params, "params_thinned": after.total.params,
+           "speedup_theoretical": theoretical}
+    if args.finetune_epochs:
+        fit(thinned, ds, epochs=args.finetune_epochs, **train_kw)
+        out["accuracy_finetuned"] = evaluate(thinned, ds)["accuracy"]
+        print(f"after {args.finetune_epochs} epochs of fine-tuning: {out['accuracy_finetuned']:.4f}")
+    if args.latency:
+        rows = []
+        for label, net in (("masked", masked), ("thinned", thinned)):
+            for r in measure_latency(net, ds.input_shape, (1, 64), threads=args.threads):
+                rows.append((label, r))
+        median = {(label, r.batch_size): r.median_ms for label, r in rows}
+        print(f"latency, median of 50 calls, {rows[0][1].threads} thread(s):")
+        for b in (1, 64):
+            ratio = median[("masked", b)] / median[("thinned", b)]
+            print(f"  batch {b:>2}: masked {median[('masked', b)]:.3f} ms, thinned {median[('thinned', b)]:.3f} ms "
+                  f"-> measured speedup {ratio:.2f}x (theoretical {theoretical:.2f}x)")
+            out[f"speedup_measured_b{b}"] = ratio
+    if args.save:
+        torch.save({"config": model.config, "plan": out["plan"], "state_dict": thinned.state_dict()}, args.save)
+        print(f"saved {args.save} (prunelab summary --weights reads it)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _load_weights(model, path: str):
+    """A plain state dict, ``{config, state_dict}`` (prunelab prune --save) or a thinned model
+    ``{config, plan, state_dict}`` (prunelab units --save): the model to load into is returned."""
+    import torch
+
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
+    if isinstance(saved, dict) and "plan" in saved:
+        from prunelab import units
+        model = units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in saved["plan"].items()},
+                           input_shape=model.config["input_shape"])
+    model.load_state_dict(state)
+    return model
+
+
 def cmd_summary(args) -> int:
     import torch
 
@@ -161,9 +262,7 @@ def cmd_summary(args) -> int:
     input_shape = tuple(info["input_shape"])
     model = build_model(args.model, input_shape=input_shape, n_classes=info["n_classes"], **model_args)
     if args.weights:
-        saved = torch.load(args.weights, weights_only=True, map_location="cpu")
-        state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
-        model.load_state_dict(state)
+        model = _load_weights(model, args.weights)
     stats = summary(model, input_shape)
     print(stats.to_markdown() if args.markdown else stats)
     return 0
@@ -215,6 +314,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("units", help="train a model, remove units (neurons/filters), thin it, measure it")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
+    p.add_argument("--method", default="bp_abs_mrs", help="one of the 12: rand, norm, rs, abs_rs, mrs, abs_mrs, "
+                                                          "each optionally with the bp_ prefix (mean replacement)")
+    p.add_argument("--fraction", type=float, default=None, help="of each chosen layer's units")
+    p.add_argument("--count", type=int, default=None, help="units per chosen layer")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="all (default), first_conv, middle_conv, last_conv, first_dense, or layer names")
+    p.add_argument("--calibration", type=int, default=1000, help="training samples used to score the units")
+    p.add_argument("--weights", default=None, help="start from these weights instead of training")
+    p.add_argument("--epochs", type=int, default=10, help="dense training epochs (without --weights)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the thinned model")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency", action="store_true", help="measure masked vs thinned latency (batch 1, 64)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for --latency")
+    p.add_argument("--save", default=None, help="write the thinned model {config, plan, state_dict}")
+    p.add_argument("--json", default=None, help="write the result as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_units)
 
     p = sub.add_parser("summary", help="per-layer parameters, sparsity, FLOPs and storage of a model")
     p.add_argument("--model", required=True)

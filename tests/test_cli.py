@@ -41,7 +41,32 @@ def test_prune_command_trains_prunes_and_saves(tmp_path, capsys):
     assert f"{100 * (1638 + 256) / 2368:.2f}" in total_line
 
 
+def test_units_command_removes_thins_measures_and_saves(tmp_path, capsys):
+    save_path, json_path = tmp_path / "thin.pt", tmp_path / "r.json"
+    code = main(["units", "--model-arg", "hidden=[40,20]", "--epochs", "15", "--method", "bp_norm",
+                 "--fraction", "0.25", "--latency", "--threads", "1", "--save", str(save_path),
+                 "--json", str(json_path), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fc1 40->30, fc2 20->15" in out and "measured speedup" in out
+    result = json.loads(json_path.read_text())
+    assert [len(v) for v in result["plan"].values()] == [10, 5]
+    expected = 64 * 30 + 30 + 30 * 15 + 15 + 15 * 10 + 10
+    assert result["params_thinned"] == expected
+    assert result["accuracy_removed"] == result["accuracy_thinned"] > 0.8
+    assert result["speedup_measured_b64"] > 0
+    # the saved thinned model loads back through summary
+    assert main(["summary", "--model", "mlp", "--dataset", "digits", "--model-arg", "hidden=[40,20]",
+                 "--weights", str(save_path)]) == 0
+    total_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert f"{expected:,}" in total_line
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["units", "--method", "bp_nrom", "--fraction", "0.5"], "bp_nrom"),
+    (["units", "--fraction", "0.5", "--count", "2"], "exactly one of --fraction"),
+    (["units", "--fraction", "1.5"], "'--fraction' parameter of prunelab units must be a float in [0, 1)"),
+    (["units", "--fraction", "0.5", "--layers", "first_conv"], "'first_conv', but the model has no such layer"),
     (["prune", "--criterion", "magnitde"], "unknown criterion 'magnitde' (did you mean 'magnitude'?)"),
     (["prune", "--sparsity", "1.2"], "'sparsity' parameter of one-shot schedule must be a float in [0, 1). Got 1.2"),
     (["prune", "--dataset", "mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
