@@ -414,7 +414,8 @@ def _log_option(declaration: dict, where: str) -> bool | None:
 
 def axis_scale(values: Iterable[float], log: bool | None) -> tuple[str, dict]:
     """The scale of an axis showing ``values``: ``linear``; ``log`` when all are positive; else ``symlog``
-    with ``linthresh`` = the 10th percentile of the non-zero ``|values|``. ``log=None`` (auto) chooses a
+    with ``linthresh`` = the 10th percentile of the non-zero ``|values|`` rounded down to a power of 10
+    (so the ticks at ±linthresh are decades and their labels do not collide with 0's). ``log=None`` (auto) chooses a
     log scale only when the non-zero ``|values|`` span at least :data:`DECADES_FOR_LOG` decades."""
     import numpy as np
 
@@ -426,7 +427,7 @@ def axis_scale(values: Iterable[float], log: bool | None) -> tuple[str, dict]:
         return "linear", {}
     if all(v > 0 for v in finite):
         return "log", {}
-    return "symlog", {"linthresh": float(np.quantile(magnitudes, 0.1))}
+    return "symlog", {"linthresh": 10.0 ** math.floor(math.log10(float(np.quantile(magnitudes, 0.1))))}
 
 
 def _t_interval(values: Sequence[float]) -> tuple[float | None, float | None]:
