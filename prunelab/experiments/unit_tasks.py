@@ -82,9 +82,22 @@ def _loss(model: nn.Module, data) -> float:
     return evaluate(model, data, batch_size=1000)["loss"]
 
 
+class _UnitTask(Task):
+    """What both study-B tasks share: one config of dataset, model, training and the method's part."""
+
+    @staticmethod
+    def _prepared(data, model_cfg, train, part: str, settings: dict) -> dict:
+        return {"config": {"dataset": data["config"], "model": model_cfg, "training": train,
+                           "method": {part: settings}}}
+
+    def resolve(self, prepared, *, sparsity, seed):
+        return {"task": self.name, "version": 1, **copy.deepcopy(prepared["config"]), "sparsity": sparsity,
+                "seed": seed}
+
+
 # ---------------------------------------------------------------------------- penalties
 @TASKS.register("unit-penalty")
-class UnitPenaltyTask(Task):
+class UnitPenaltyTask(_UnitTask):
     name = "unit-penalty"
 
     def default_label(self, method: dict) -> str:
@@ -142,12 +155,7 @@ class UnitPenaltyTask(Task):
                                closed="neither")
         if len(checker.errors) > n:
             return None
-        return {"config": {"dataset": data["config"], "model": model_cfg, "training": train,
-                           "method": {"probe": probe}}}
-
-    def resolve(self, prepared, *, sparsity, seed):
-        return {"task": self.name, "version": 1, **copy.deepcopy(prepared["config"]), "sparsity": sparsity,
-                "seed": seed}
+        return self._prepared(data, model_cfg, train, "probe", probe)
 
     def run(self, config, context):
         started = time.perf_counter()
@@ -228,7 +236,7 @@ class PenaltyProbe(Callback):
 
 # ---------------------------------------------------------------------------- iterative
 @TASKS.register("unit-iterative")
-class UnitIterativeTask(Task):
+class UnitIterativeTask(_UnitTask):
     name = "unit-iterative"
 
     def default_label(self, method: dict) -> str:
@@ -259,12 +267,7 @@ class UnitIterativeTask(Task):
         checker.number(f"{x_path}.test_every", it["test_every"], low=1, integer=True)
         if len(checker.errors) > n:
             return None
-        return {"config": {"dataset": data["config"], "model": model_cfg, "training": train,
-                           "method": {"iterative": it}}}
-
-    def resolve(self, prepared, *, sparsity, seed):
-        return {"task": self.name, "version": 1, **copy.deepcopy(prepared["config"]), "sparsity": sparsity,
-                "seed": seed}
+        return self._prepared(data, model_cfg, train, "iterative", it)
 
     def run(self, config, context):
         started = time.perf_counter()
