@@ -1,0 +1,7 @@
+"""A batched engine: many small models of one architecture trained as one computation
+(work in progress for issue 6: training with fixed per-member masks; pruning schedules and
+harness integration come next)."""
+
+from prunelab.engine.batched import BatchedModels, fit_batched
+
+__all__ = ["BatchedModels", "fit_batched"]

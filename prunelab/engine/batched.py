@@ -1,0 +1,254 @@
+"""R independent models of one architecture, trained as one batched computation.
+
+    from prunelab.engine import BatchedModels, fit_batched
+    members = [prunelab.build_model("mlp", dataset=ds, hidden=[100], seed=s) for s in range(8)]
+    batch = BatchedModels(members)
+    fit_batched(batch, ds, seeds=range(8), epochs=3, lr=[0.1] * 4 + [0.05] * 4)
+    models = batch.split()             # ordinary nn.Modules again, one per member
+
+Every parameter and buffer is stacked along a new leading member axis (R, ...), and the
+forward pass is ``torch.func.vmap`` over that axis of a stateless copy of the architecture
+(``functional_call``), so R small matrix products become one batched product. Members
+never mix: the loss is the sum of the members' own mean losses, so each member's gradient is
+exactly the gradient of its own loss; the optimiser update is element-wise with a per-member
+learning rate; masks are per member.
+
+Each member sees its own data order: member r shuffles with ``torch.Generator().manual_seed(
+seeds[r])`` every epoch, exactly as :func:`prunelab.fit` does with ``seed=seeds[r]``, so a
+member trained here follows the same trajectory as the same model trained alone (up to the
+rounding of a batched product against a single one).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from prunelab._validation import check_choice, check_number
+from prunelab.training import TrainingDiverged, as_xy
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _signature(model: nn.Module) -> list[tuple[str, tuple, torch.dtype]]:
+    return [(name, tuple(t.shape), t.dtype) for name, t in
+            [*model.named_parameters(), *model.named_buffers()]]
+
+
+class BatchedModels:
+    """R models of the same architecture, stacked along a leading member axis."""
+
+    def __init__(self, models: Sequence[nn.Module]):
+        models = list(models)
+        if not models:
+            raise ValueError("BatchedModels needs at least one model; got an empty sequence.")
+        for i, model in enumerate(models):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"the 'models' parameter of BatchedModels must hold nn.Modules. "
+                                f"Got {type(model).__name__} at position {i} instead.")
+        first = _signature(models[0])
+        for i, model in enumerate(models[1:], start=1):
+            if type(model) is not type(models[0]) or _signature(model) != first:
+                raise ValueError(f"BatchedModels needs models of one architecture: model {i} "
+                                 f"({type(model).__name__}) differs from model 0 ({type(models[0]).__name__}) "
+                                 f"in its class or in the names, shapes or dtypes of its tensors.")
+        self.members = models
+        self.size = len(models)
+        params, buffers = stack_module_state(models)
+        self.params: dict[str, torch.Tensor] = params
+        self.buffers: dict[str, torch.Tensor] = buffers
+        self._skeleton = copy.deepcopy(models[0]).to("meta")
+        self.masks: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of shape (R, B, ...) → outputs (R, B, ...): member r runs on ``x[r]``."""
+        if x.shape[0] != self.size:
+            raise ValueError(f"BatchedModels.forward expects a leading member axis of {self.size}; "
+                             f"got an input of shape {tuple(x.shape)}.")
+
+        def one(params, buffers, xi):
+            return functional_call(self._skeleton, (params, buffers), (xi,))
+
+        return vmap(one, randomness="different")(self.params, self.buffers, x)
+
+    __call__ = forward
+
+    def train(self, mode: bool = True) -> "BatchedModels":
+        self._skeleton.train(mode)
+        return self
+
+    def eval(self) -> "BatchedModels":
+        return self.train(False)
+
+    # ------------------------------------------------------------------- masks
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Per-member masks ``{parameter name: (R, *shape) tensor of 0/1}``; the weights are
+        masked now and after every optimiser step."""
+        for name, mask in masks.items():
+            if name not in self.params:
+                raise ValueError(f"set_masks: no parameter {name!r}; parameters: {', '.join(self.params)}.")
+            if tuple(mask.shape) != tuple(self.params[name].shape):
+                raise ValueError(f"set_masks: the mask of {name!r} has shape {tuple(mask.shape)}, the stacked "
+                                 f"parameter {tuple(self.params[name].shape)}.")
+            self.masks[name] = mask.to(dtype=self.params[name].dtype, device=self.params[name].device)
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for name, mask in self.masks.items():
+            self.params[name].mul_(mask)
+
+    # ------------------------------------------------------------------- split
+    @torch.no_grad()
+    def member(self, r: int) -> nn.Module:
+        """A new ordinary ``nn.Module`` with member ``r``'s current weights."""
+        r = check_number("r", r, where="BatchedModels.member", low=0, high=self.size - 1, integer=True)
+        model = copy.deepcopy(self.members[r])
+        state = {name: t[r].detach().clone() for name, t in {**self.params, **self.buffers}.items()}
+        model.load_state_dict(state)
+        return model
+
+    def split(self) -> list[nn.Module]:
+        """Every member as an ordinary ``nn.Module`` (copies; the batch is unchanged)."""
+        return [self.member(r) for r in range(self.size)]
+
+    @torch.no_grad()
+    def load_member(self, r: int, model: nn.Module) -> None:
+        """Write ``model``'s weights into member ``r`` (e.g. after pruning it alone)."""
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            target = self.params.get(name, self.buffers.get(name))
+            target[r].copy_(tensor.detach())
+
+
+class _Optimizer:
+    """SGD (momentum, as torch.optim.SGD) or Adam (as torch.optim.Adam) over stacked
+    parameters with one learning rate per member; element-wise, so members stay apart."""
+
+    def __init__(self, params: dict[str, torch.Tensor], name: str, lr: torch.Tensor, momentum: float,
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.name, self.momentum, self.betas, self.eps = params, name, momentum, betas, eps
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.steps = 0
+        self.lr = {n: lr.view(-1, *([1] * (p.dim() - 1))).to(p) for n, p in params.items()}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        for name, p in self.params.items():
+            g = p.grad
+            if g is None:
+                continue
+            lr = self.lr[name]
+            state = self.state.setdefault(name, {})
+            if self.name == "sgd":
+                if self.momentum:
+                    buf = state.get("momentum")
+                    if buf is None:
+                        buf = state["momentum"] = g.clone()
+                    else:
+                        buf.mul_(self.momentum).add_(g)
+                    g = buf
+                p.sub_(lr * g)
+            else:
+                b1, b2 = self.betas
+                m = state.setdefault("m", torch.zeros_like(p))
+                v = state.setdefault("v", torch.zeros_like(p))
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                c1 = 1 - b1 ** self.steps
+                c2 = 1 - b2 ** self.steps
+                denom = (v.sqrt() / math.sqrt(c2)).add_(self.eps)
+                p.sub_((lr / c1) * m / denom)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def mask_state(self, masks: dict[str, torch.Tensor]) -> None:
+        """Clear the optimiser state of masked entries (as the single-model Pruner does)."""
+        for name, mask in masks.items():
+            for buf in self.state.get(name, {}).values():
+                buf.mul_(mask)
+
+
+def _per_member(value, size: int, param: str) -> torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        values = [float(value)] * size
+    else:
+        values = [float(v) for v in value]
+        if len(values) != size:
+            raise ValueError(f"the '{param}' parameter of fit_batched needs one value per member ({size}); "
+                             f"got {len(values)}.")
+    for v in values:
+        check_number(param, v, where="fit_batched", low=0.0, closed="neither")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int = 1, batch_size: int = 64,
+                lr: "float | Sequence[float]" = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
+                max_steps: int | None = None) -> list[list[dict]]:
+    """Train every member of ``batch`` on ``data`` (``(x, y)`` or a Dataset's train split).
+
+    Member r shuffles with ``seeds[r]`` and learns at ``lr[r]`` (one float: the same for all).
+    Returns one per-epoch history per member (``loss``, ``train_accuracy``). A member whose
+    loss becomes NaN or infinite raises :class:`TrainingDiverged` naming it."""
+    where = "fit_batched"
+    x, y = as_xy(data, "data", where)
+    seeds = [check_number("seeds", s, where=where, low=0, integer=True) for s in seeds]
+    if len(seeds) != batch.size:
+        raise ValueError(f"the 'seeds' parameter of {where} needs one seed per member ({batch.size}); "
+                         f"got {len(seeds)}.")
+    epochs = check_number("epochs", epochs, where=where, low=0, integer=True)
+    batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
+    optimizer = check_choice("optimizer", optimizer, OPTIMIZERS, where=where)
+    momentum = check_number("momentum", momentum, where=where, low=0.0, high=1.0, closed="left")
+    lrs = _per_member(lr, batch.size, "lr")
+    opt = _Optimizer(batch.params, optimizer, lrs, momentum)
+    opt.mask_state(batch.masks)
+    shuffles = [torch.Generator().manual_seed(s) for s in seeds]
+    n, R = len(x), batch.size
+    total = epochs * math.ceil(n / batch_size) if max_steps is None else max_steps
+    histories: list[list[dict]] = [[] for _ in range(R)]
+    step = 0
+    batch.train()
+    for epoch in range(epochs):
+        orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(x.device)   # (R, n)
+        loss_sum = torch.zeros(R, dtype=torch.float64)
+        correct = torch.zeros(R, dtype=torch.long)
+        seen = 0
+        for i in range(0, n, batch_size):
+            if step >= total:
+                break
+            idx = orders[:, i:i + batch_size]                                  # (R, b)
+            xb, yb = x[idx], y[idx]                                            # (R, b, ...), (R, b)
+            opt.zero_grad()
+            out = batch(xb)                                                    # (R, b, classes)
+            losses = nn.functional.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
+            losses = losses.view(R, -1).mean(dim=1)                            # each member's mean loss
+            finite = torch.isfinite(losses.detach())
+            if not bool(finite.all()):
+                bad = [r for r in range(R) if not finite[r]]
+                raise TrainingDiverged(f"the training loss of member(s) {bad} became non-finite at epoch "
+                                       f"{epoch}, step {step}; lower their learning rate.")
+            losses.sum().backward()
+            for name, mask in batch.masks.items():
+                batch.params[name].grad.mul_(mask)
+            opt.step()
+            batch.apply_masks()
+            step += 1
+            loss_sum += losses.detach().double() * idx.shape[1]
+            correct += (out.detach().argmax(-1) == yb).sum(dim=1)
+            seen += idx.shape[1]
+        if seen == 0:
+            break
+        for r in range(R):
+            histories[r].append({"epoch": epoch + 1, "step": step, "loss": float(loss_sum[r]) / seen,
+                                 "train_accuracy": int(correct[r]) / seen})
+    return histories
