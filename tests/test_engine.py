@@ -93,3 +93,33 @@ def test_bad_input_is_named(ds):
         fit_batched(batch, ds, seeds=SEEDS, optimizer="lbfgs")
     with pytest.raises(ValueError, match="mask of 'fc1.weight' has shape"):
         batch.set_masks({"fc1.weight": torch.ones(16, 64)})
+
+
+@pytest.mark.parametrize("criterion,scope,granularity,regularizer", [
+    ("magnitude", "local", "weight", "l1"),
+    ("magnitude", "global", "unit", "l2"),
+    ("random", "layerwise-constant", "weight", None),
+])
+def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, scope, granularity, regularizer):
+    targets = [0.5, 0.7, 0.8, 0.9]
+    strengths = [1e-4, 2e-4, 0.0, 1e-4]
+
+    def pruner_for(model, r):
+        return prunelab.Pruner(model, targets[r], criterion=criterion, scope=scope, granularity=granularity,
+                               schedule="agp", schedule_args={"n_prunes": 3, "every": 5, "start": 2}, seed=r)
+
+    models = members(ds, hidden=[32, 16])
+    singles = [copy.deepcopy(m) for m in models]
+    batch = BatchedModels(models)
+    pruners = [pruner_for(m, r) for r, m in enumerate(batch.members)]
+    reg = {"regularizer": regularizer, "reg_strength": strengths} if regularizer else {}
+    histories = fit_batched(batch, ds, seeds=SEEDS, epochs=2, lr=0.05, pruners=pruners, max_steps=25, **reg)
+    for r, single in enumerate(singles):
+        pruner = pruner_for(single, r)
+        reg_single = {"regularizer": regularizer, "reg_strength": strengths[r]} if regularizer else {}
+        prunelab.fit(single, ds, epochs=2, lr=0.05, seed=SEEDS[r], pruner=pruner, max_steps=25, progress=False,
+                     **reg_single)
+        assert max_gap(batch.member(r), single) < 1e-4
+        assert histories[r][-1]["sparsity"] == pytest.approx(pruner.sparsity(), abs=1e-9)
+        assert pruners[r].sparsity() == pytest.approx(targets[r], abs=0.02)
+        assert [h.step for h in pruners[r].history] == [h.step for h in pruner.history] == [2, 7, 12, 17]

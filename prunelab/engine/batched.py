@@ -125,6 +125,30 @@ class BatchedModels:
             target = self.params.get(name, self.buffers.get(name))
             target[r].copy_(tensor.detach())
 
+    @torch.no_grad()
+    def store_member(self, r: int) -> nn.Module:
+        """Copy member ``r``'s current weights into its own module ``members[r]`` (in place, so
+        anything holding that module's tensors, e.g. a Pruner, sees them) and return it."""
+        module = self.members[r]
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            tensor.copy_(self.params.get(name, self.buffers.get(name))[r])
+        return module
+
+    def mask_row(self, r: int, name: str, keep: torch.Tensor | None) -> None:
+        """Set member ``r``'s mask of parameter ``name`` (None: keep everything)."""
+        if keep is None and name not in self.masks:
+            return
+        if name not in self.masks:
+            self.masks[name] = torch.ones_like(self.params[name])
+        self.masks[name][r] = 1.0 if keep is None else keep.to(self.masks[name].dtype)
+
+
+def member_sparsity(batch: BatchedModels, r: int, names: Sequence[str]) -> float:
+    """Fraction of exact zeros of member ``r`` over the parameters ``names``."""
+    total = sum(batch.params[n][r].numel() for n in names)
+    zeros = sum(int((batch.params[n][r] == 0).sum()) for n in names)
+    return zeros / total
+
 
 class _Optimizer:
     """SGD (momentum, as torch.optim.SGD) or Adam (as torch.optim.Adam) over stacked
@@ -178,7 +202,7 @@ class _Optimizer:
                 buf.mul_(mask)
 
 
-def _per_member(value, size: int, param: str) -> torch.Tensor:
+def _per_member(value, size: int, param: str, positive: bool = True) -> torch.Tensor:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         values = [float(value)] * size
     else:
@@ -187,18 +211,68 @@ def _per_member(value, size: int, param: str) -> torch.Tensor:
             raise ValueError(f"the '{param}' parameter of fit_batched needs one value per member ({size}); "
                              f"got {len(values)}.")
     for v in values:
-        check_number(param, v, where="fit_batched", low=0.0, closed="neither")
+        check_number(param, v, where="fit_batched", low=0.0, closed="neither" if positive else "both")
     return torch.tensor(values, dtype=torch.float64)
+
+
+REGULARIZERS = ("l1", "l2")
+
+
+def _check_pruners(batch: BatchedModels, pruners) -> list:
+    from prunelab.pruning import Pruner
+
+    pruners = list(pruners)
+    if len(pruners) != batch.size:
+        raise ValueError(f"the 'pruners' parameter of fit_batched needs one Pruner (or None) per member "
+                         f"({batch.size}); got {len(pruners)}.")
+    for r, pruner in enumerate(pruners):
+        if pruner is None:
+            continue
+        if not isinstance(pruner, Pruner):
+            raise TypeError(f"the 'pruners' parameter of fit_batched must hold Pruners or None. "
+                            f"Got {type(pruner).__name__} for member {r} instead.")
+        if pruner.model is not batch.members[r]:
+            raise ValueError(f"the Pruner of member {r} prunes another model: build it on batch.members[{r}].")
+        if pruner.criterion.needs_gradients and pruner.calibration is None:
+            raise ValueError(f"the Pruner of member {r} uses criterion {pruner.criterion.name!r}, which reads "
+                             f"gradients; the batched engine does not record training gradients per member, so "
+                             f"give that Pruner calibration=(x, y) data to score with.")
+        if pruner._rewind_step is not None:
+            raise ValueError(f"the Pruner of member {r} rewinds weights (lottery ticket); the batched engine "
+                             f"does not support rewinding yet: train that member with prunelab.fit.")
+    return pruners
+
+
+def _after_prune(batch: BatchedModels, r: int, pruner, opt: "_Optimizer") -> None:
+    """Member ``r``'s pruner has just pruned its module: bring weights and masks back."""
+    module = batch.members[r]
+    batch.load_member(r, module)
+    names = {id(p): n for n, p in module.named_parameters()}
+    for target in pruner.targets:
+        for tensor in (target.weight, target.bias):
+            if tensor is not None:
+                keep = pruner.masks.get(tensor)
+                batch.mask_row(r, names[id(tensor)], None if keep is None else keep.bool())
+    opt.mask_state(batch.masks)
 
 
 def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int = 1, batch_size: int = 64,
                 lr: "float | Sequence[float]" = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
-                max_steps: int | None = None) -> list[list[dict]]:
+                regularizer: str | None = None, reg_strength: "float | Sequence[float] | None" = None,
+                pruners: Sequence | None = None, max_steps: int | None = None) -> list[list[dict]]:
     """Train every member of ``batch`` on ``data`` (``(x, y)`` or a Dataset's train split).
 
     Member r shuffles with ``seeds[r]`` and learns at ``lr[r]`` (one float: the same for all).
-    Returns one per-epoch history per member (``loss``, ``train_accuracy``). A member whose
-    loss becomes NaN or infinite raises :class:`TrainingDiverged` naming it."""
+    ``regularizer`` (``"l1"`` or ``"l2"``, as in :func:`prunelab.fit`) penalises each member's
+    prunable weights with its own ``reg_strength[r]``. ``pruners[r]`` (a
+    :class:`~prunelab.Pruner` built on ``batch.members[r]``, or None) follows its schedule on
+    member r: when one of its events falls due, the member's weights are copied into its module,
+    the Pruner prunes it there with any criterion, granularity and scope, and the weights
+    (compensated ones too, for L-OBS) and masks come back into the batch.
+
+    Returns one per-epoch history per member (``loss``, ``train_accuracy``, and ``sparsity``
+    with a pruner). A member whose loss becomes NaN or infinite raises
+    :class:`TrainingDiverged` naming it."""
     where = "fit_batched"
     x, y = as_xy(data, "data", where)
     seeds = [check_number("seeds", s, where=where, low=0, integer=True) for s in seeds]
@@ -210,7 +284,23 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     optimizer = check_choice("optimizer", optimizer, OPTIMIZERS, where=where)
     momentum = check_number("momentum", momentum, where=where, low=0.0, high=1.0, closed="left")
     lrs = _per_member(lr, batch.size, "lr")
+    reg_names, strengths = [], None
+    if regularizer is not None:
+        from prunelab.pruning.targets import resolve_targets
+
+        regularizer = check_choice("regularizer", regularizer, REGULARIZERS, where=where)
+        if reg_strength is None:
+            raise ValueError(f"the 'reg_strength' parameter of {where} is needed with regularizer {regularizer!r}.")
+        strengths = _per_member(reg_strength, batch.size, "reg_strength", positive=False).float()
+        reg_names = [t.name for t in resolve_targets(batch.members[0], where=where)]
+    pruners = _check_pruners(batch, pruners) if pruners is not None else [None] * batch.size
     opt = _Optimizer(batch.params, optimizer, lrs, momentum)
+    for r, pruner in enumerate(pruners):          # events due before the first step (one-shot at 0)
+        if pruner is not None and pruner.event_due(0):
+            batch.store_member(r)
+            pruner.update()
+            _after_prune(batch, r, pruner, opt)
+    batch.apply_masks()
     opt.mask_state(batch.masks)
     shuffles = [torch.Generator().manual_seed(s) for s in seeds]
     n, R = len(x), batch.size
@@ -232,6 +322,11 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
             out = batch(xb)                                                    # (R, b, classes)
             losses = nn.functional.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
             losses = losses.view(R, -1).mean(dim=1)                            # each member's mean loss
+            if strengths is not None:
+                for name in reg_names:
+                    w = batch.params[name].flatten(1)
+                    size = w.abs().sum(dim=1) if regularizer == "l1" else 0.5 * w.pow(2).sum(dim=1)
+                    losses = losses + strengths.to(w) * size
             finite = torch.isfinite(losses.detach())
             if not bool(finite.all()):
                 bad = [r for r in range(R) if not finite[r]]
@@ -243,12 +338,24 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
             opt.step()
             batch.apply_masks()
             step += 1
+            for r, pruner in enumerate(pruners):
+                if pruner is None:
+                    continue
+                if pruner.event_due():
+                    batch.store_member(r)
+                    pruner.step()
+                    _after_prune(batch, r, pruner, opt)
+                else:
+                    pruner.step_count += 1
             loss_sum += losses.detach().double() * idx.shape[1]
             correct += (out.detach().argmax(-1) == yb).sum(dim=1)
             seen += idx.shape[1]
         if seen == 0:
             break
         for r in range(R):
-            histories[r].append({"epoch": epoch + 1, "step": step, "loss": float(loss_sum[r]) / seen,
-                                 "train_accuracy": int(correct[r]) / seen})
+            record = {"epoch": epoch + 1, "step": step, "loss": float(loss_sum[r]) / seen,
+                      "train_accuracy": int(correct[r]) / seen}
+            if pruners[r] is not None:
+                record["sparsity"] = member_sparsity(batch, r, [t.name for t in pruners[r].targets])
+            histories[r].append(record)
     return histories

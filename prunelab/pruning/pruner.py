@@ -257,6 +257,12 @@ class Pruner:
         record = self._prune(self._events[index][1], Event(index, index == len(self._events) - 1))
         return [record]
 
+    def event_due(self, steps: int = 1) -> bool:
+        """Whether the next ``steps`` calls to :meth:`step` apply an event (``steps=0``: whether
+        :meth:`update` would apply one now). Lets a driver that keeps the weights elsewhere (the
+        batched engine) load them into the model only when the Pruner is about to read them."""
+        return self._next_event < len(self._events) and self._events[self._next_event][0] <= self.step_count + steps
+
     # callback protocol used by prunelab.fit
     def on_train_begin(self, state=None) -> None:
         self.update()
