@@ -188,6 +188,17 @@ def test_penalty_curves_band_is_the_95_percent_t_interval_and_absent_for_one_see
     assert bands(axes[-1]) == []                                 # fashion: one seed, no band
 
 
+def test_penalty_curves_band_std_or_none(probe_study):
+    axes = panels(figure(probe_study, {"kind": "penalty_curves", "methods": ["rs"], "band": "std"}))
+    [band] = bands(axes[1])
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.max() == pytest.approx(3 * 0.6 + SEED_OFFSET) and ys.min() == pytest.approx(0.6 - SEED_OFFSET)
+    axes = panels(figure(probe_study, {"kind": "penalty_curves", "methods": ["rs"], "band": "none"}))
+    assert all(bands(ax) == [] for ax in axes)
+    with pytest.raises(ValueError, match="'band' parameter of figure penalty_curves must be one of: ci95, std"):
+        figure(probe_study, {"kind": "penalty_curves", "band": "sem"})
+
+
 def test_penalty_curves_filters_and_log_axis(probe_study):
     axes = panels(figure(probe_study, {"kind": "penalty_curves", "layers": "first_conv", "count": 1,
                                        "fraction": [0.1], "dataset": "mnist", "log": True}))

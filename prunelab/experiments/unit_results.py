@@ -477,26 +477,38 @@ def _split_by(declaration: dict, where: str) -> list[str]:
 _NARROW = "layers, fraction, count, finetune_steps, model, dataset"
 
 
-@_unit_kind("penalty_curves", (*PROBE_FILTERS, "log"))
+BANDS = ("ci95", "std", "none")
+
+
+def _band_option(declaration: dict, where: str) -> str:
+    band = declaration.get("band", "ci95")
+    if band not in BANDS:
+        raise ValueError(f"the 'band' parameter of {where} must be one of: {', '.join(BANDS)}. Got {band!r} instead.")
+    return band
+
+
+@_unit_kind("penalty_curves", (*PROBE_FILTERS, "log", "band"))
 def penalty_curves(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Pruning penalty over training, one line per method (mean over seeds) with its 95 % confidence band.
 
     One panel per (dataset, model, layers, amount, finetune_steps) left by the filters, at most
     :data:`MAX_PANELS` (24; the suptitle says how many more there are). At each probe step the line is
     the mean ``d̄`` of the n seeds' penalties and the band ``d̄ ± t_{0.975, n−1}·s/√n`` (s = sample std);
-    no band where n = 1. NaN penalties (failed measurements) are left out. ``log`` (true, false,
-    auto): see :func:`axis_scale`.
+    no band where n = 1. ``band: std`` draws ``d̄ ± s`` instead (with 2 or 3 seeds the t-band is
+    12.7 or 4.3 standard errors wide), ``band: none`` no band. NaN penalties (failed measurements)
+    are left out. ``log`` (true, false, auto): see :func:`axis_scale`.
     """
     where = "figure penalty_curves"
     probes = _select_probes(records, declaration, where)
     log = _log_option(declaration, where)
+    band = _band_option(declaration, where)
     panels = _grouped(probes, ("dataset", "model", *SETTINGS))
     shown = list(panels.items())[:MAX_PANELS]
     figure, axes = _grid(len(shown))
     for ax, (key, members) in zip(axes, shown):
         drawn = []
         for method, series in _grouped(members, ("method",)).items():
-            drawn += _draw_mean_curve(ax, method[0], series)
+            drawn += _draw_mean_curve(ax, method[0], series, band)
         scale, options = axis_scale(drawn, log)
         ax.set_yscale(scale, **options)
         ax.set_title(_panel_title(("dataset", "model", *SETTINGS), key), fontsize="medium")
@@ -508,8 +520,8 @@ def penalty_curves(records: list[RunRecord], declaration: dict, spec: dict) -> l
     return [(_name(declaration, "penalty_curves"), figure)]
 
 
-def _draw_mean_curve(ax, method: str, probes: list[Probe]) -> list[float]:
-    """One method's mean penalty per step and its t-band; returns the values drawn (for the scale)."""
+def _draw_mean_curve(ax, method: str, probes: list[Probe], band: str = "ci95") -> list[float]:
+    """One method's mean penalty per step and its band; returns the values drawn (for the scale)."""
     by_step: dict[int, list[float]] = {}
     for p in probes:
         if not math.isnan(p.penalty):
@@ -517,7 +529,12 @@ def _draw_mean_curve(ax, method: str, probes: list[Probe]) -> list[float]:
     steps = sorted(by_step)
     if not steps:
         return []
-    stats = [_t_interval(by_step[s]) for s in steps]
+    if band == "ci95":
+        stats = [_t_interval(by_step[s]) for s in steps]
+    else:
+        stats = [mean_std(by_step[s]) for s in steps]
+        if band == "none":
+            stats = [(m, None) for m, _ in stats]
     means = [m for m, _ in stats]
     style = method_style(method)
     ax.plot(steps, means, label=method, linewidth=1.3, **style)
