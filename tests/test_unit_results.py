@@ -476,6 +476,17 @@ def test_iterative_table_columns_are_the_removed_fractions_reached(iterative_stu
     assert fallback.title.startswith("accuracy (%)")
 
 
+def test_iterative_value_at_skips_records_without_the_metric():
+    from prunelab.experiments.unit_results import Removal, value_at
+
+    # test accuracy measured every other round only: at 3 % the last measured value is at 2 %
+    removals = [Removal("r", "mnist", MODEL, "rand", k / 100, 1.0 - k / 100, 0.9 - k / 100 if k % 2 == 0 else math.nan)
+                for k in range(5)]
+    assert value_at(removals, 0.03, "accuracy") == pytest.approx(0.88)
+    assert value_at(removals, 0.03, "loss") == pytest.approx(0.97)
+    assert value_at(removals, 0.05, "accuracy") is None          # never reached 5 %
+
+
 def test_kind_tables_sit_beside_plain_ones_and_problems_are_listed_together(probe_study):
     from prunelab.experiments.tables import build_tables
 

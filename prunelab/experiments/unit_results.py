@@ -945,14 +945,12 @@ def iterative_table_problems(declaration: dict, where: str) -> list[str]:
 
 def value_at(removals: Sequence[Removal], level: float, metric: str) -> float | None:
     """A run's ``metric`` once ``level`` of its units are removed: the last record with
-    ``removed ≤ level`` (within :data:`TOLERANCE`); None if the run stopped short of ``level``."""
+    ``removed ≤ level`` (within :data:`TOLERANCE`) that has the metric (a run may measure test
+    accuracy every few steps only); None if the run stopped short of ``level`` or has no such record."""
     if not removals or removals[-1].removed < level - TOLERANCE:
         return None
-    before = [r for r in removals if r.removed <= level + TOLERANCE]
-    if not before:
-        return None
-    value = getattr(before[-1], metric)
-    return None if math.isnan(value) else value
+    before = [r for r in removals if r.removed <= level + TOLERANCE and not math.isnan(getattr(r, metric))]
+    return getattr(before[-1], metric) if before else None
 
 
 @table_kind("iterative", iterative_table_problems)
@@ -960,8 +958,8 @@ def iterative_tables(done: list[RunRecord], declaration: dict, outputs: dict, wh
     """Loss or accuracy (``metric``) per method (rows) after iterative pruning removed a fraction of units.
 
     Columns: the fractions in ``removed`` (default 0, 5, 10, 20, 30, … 90 %, those the runs reached);
-    the value of a run at fraction r is that of its last record with ``removed ≤ r`` (:func:`value_at`).
-    Cell = mean ± sample std over seeds. One table per (dataset, model). ``metric`` defaults to
+    the value of a run at fraction r is that of its last record with ``removed ≤ r`` that has the
+    metric (:func:`value_at`). Cell = mean ± sample std over seeds. One table per (dataset, model). ``metric`` defaults to
     ``outputs.metric`` when that is loss or accuracy, else loss.
     """
     raise_problems(iterative_table_problems(declaration, where))
