@@ -82,6 +82,17 @@ def table_kind(name: str, check: Callable[[dict, str], list[str]]) -> Callable[[
     return register
 
 
+def digits_and_title(declaration: dict, where: str) -> tuple[int | None, str | None]:
+    """A table declaration's ``digits`` (decimals, 0–10) and ``title`` (a str), both optional."""
+    digits = declaration.get("digits")
+    if digits is not None:
+        digits = check_number("digits", digits, where=where, low=0, high=10, integer=True)
+    title = declaration.get("title")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"the 'title' parameter of {where} must be a str. Got {title!r} instead.")
+    return digits, title
+
+
 def _has_kind(declaration: Any) -> bool:
     return isinstance(declaration, dict) and "kind" in declaration
 
@@ -263,12 +274,7 @@ def _layout_without_runs(declaration: dict, where: str, metric: str) -> _Layout:
     percent = declaration.get("percent")
     if percent is not None and not isinstance(percent, bool):
         raise TypeError(f"the 'percent' parameter of {where} must be true or false. Got {percent!r} instead.")
-    digits = declaration.get("digits")
-    if digits is not None:
-        digits = check_number("digits", digits, where=where, low=0, high=10, integer=True)
-    title = declaration.get("title")
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"the 'title' parameter of {where} must be a str. Got {title!r} instead.")
+    digits, title = digits_and_title(declaration, where)
     metric = declaration.get("metric", metric)
     if not isinstance(metric, str):
         raise TypeError(f"the 'metric' parameter of {where} must be a metric name (a str). "

@@ -51,7 +51,7 @@ from prunelab.experiments._records import (
 from prunelab.experiments.analysis import mean_std, performance_profile
 from prunelab.experiments.figures import DPI, FIGURE_KEYS, PANEL_SIZE, _grid, _kind, _name
 from prunelab.experiments.store import RunRecord
-from prunelab.experiments.tables import Cell, Table, table_kind
+from prunelab.experiments.tables import Cell, Table, digits_and_title, table_kind
 
 SCORERS = ("rand", "norm", "rs", "abs_rs", "mrs", "abs_mrs")
 MR_PREFIX = "bp_"                      # "bias propagation": the method with mean replacement
@@ -813,13 +813,7 @@ ITERATIVE_TABLE_KEYS = ("kind", "metric", "removed", "methods", "dataset", "mode
 
 def _options(declaration: dict, where: str) -> tuple[int | None, str | None]:
     """The shared ``digits`` and ``title`` options."""
-    digits = declaration.get("digits")
-    if digits is not None:
-        digits = check_number("digits", digits, where=where, low=0, high=10, integer=True)
-    title = declaration.get("title")
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"the 'title' parameter of {where} must be a str. Got {title!r} instead.")
-    return digits, title
+    return digits_and_title(declaration, where)
 
 
 def _flag(declaration: dict, key: str, default: bool | None, where: str) -> bool | None:

@@ -94,6 +94,16 @@ class _UnitTask(Task):
         return {"task": self.name, "version": 1, **copy.deepcopy(prepared["config"]), "sparsity": sparsity,
                 "seed": seed}
 
+    @staticmethod
+    def _begin(dataset, model, method, training, checker, keys):
+        """Check the method's keys and build its dataset, training and model: ``(x_path, entry,
+        errors so far, ready)`` with ``ready`` None when something is wrong."""
+        x_path, entry = method
+        n = len(checker.errors)
+        checker.keys(x_path, entry, (*keys, "training"))
+        ready = _model_and_data(dataset, model, training, checker, x_path, entry.get("training") or {})
+        return x_path, entry, n, ready
+
 
 # ---------------------------------------------------------------------------- penalties
 @TASKS.register("unit-penalty")
@@ -104,10 +114,7 @@ class UnitPenaltyTask(_UnitTask):
         return "probes"
 
     def prepare(self, *, dataset, model, method, training, checker, sparsities):
-        x_path, entry = method
-        n = len(checker.errors)
-        checker.keys(x_path, entry, (*PENALTY_KEYS, "training"))
-        ready = _model_and_data(dataset, model, training, checker, x_path, entry.get("training") or {})
+        x_path, entry, n, ready = self._begin(dataset, model, method, training, checker, PENALTY_KEYS)
         if ready is None:
             return None
         data, train, net, units, model_cfg = ready
@@ -243,10 +250,7 @@ class UnitIterativeTask(_UnitTask):
         return str(method.get("method", "?"))
 
     def prepare(self, *, dataset, model, method, training, checker, sparsities):
-        x_path, entry = method
-        n = len(checker.errors)
-        checker.keys(x_path, entry, (*ITERATIVE_KEYS, "training"))
-        ready = _model_and_data(dataset, model, training, checker, x_path, entry.get("training") or {})
+        x_path, entry, n, ready = self._begin(dataset, model, method, training, checker, ITERATIVE_KEYS)
         if ready is None:
             return None
         data, train, net, units, model_cfg = ready
