@@ -123,3 +123,20 @@ def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, s
         assert histories[r][-1]["sparsity"] == pytest.approx(pruner.sparsity(), abs=1e-9)
         assert pruners[r].sparsity() == pytest.approx(targets[r], abs=0.02)
         assert [h.step for h in pruners[r].history] == [h.step for h in pruner.history] == [2, 7, 12, 17]
+
+
+def test_hand_written_mlp_path_equals_vmap_and_autograd(ds):
+    from prunelab.engine.batched import mlp_plan
+
+    assert mlp_plan(members(ds, hidden=[32, 16])[0]) == [("fc1.weight", "fc1.bias"), ("fc2.weight", "fc2.bias"),
+                                                         ("fc3.weight", "fc3.bias")]
+    assert mlp_plan(prunelab.build_model("small_conv", dataset=ds)) is None
+    assert mlp_plan(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))) is None
+    runs = []
+    for path in ("auto", "vmap"):
+        batch = BatchedModels(members(ds, hidden=[32, 16]))
+        fit_batched(batch, ds, seeds=SEEDS, epochs=1, lr=[0.05, 0.1, 0.02, 0.05], regularizer="l1",
+                    reg_strength=1e-4, max_steps=20, engine_path=path)
+        runs.append(batch)
+    for name in runs[0].params:
+        assert torch.allclose(runs[0].params[name], runs[1].params[name], atol=1e-5)
