@@ -140,3 +140,20 @@ def test_hand_written_mlp_path_equals_vmap_and_autograd(ds):
         runs.append(batch)
     for name in runs[0].params:
         assert torch.allclose(runs[0].params[name], runs[1].params[name], atol=1e-5)
+
+
+def test_member_bytes_by_hand_and_choose_members_within_the_budget():
+    from prunelab.engine import choose_members, member_bytes
+
+    model = prunelab.build_model("mlp", input_shape=(1, 28, 28), n_classes=10, hidden=[100])
+    params = 784 * 100 + 100 + 100 * 10 + 10
+    outputs = 784 + 100 + 100 + 10                 # flatten, fc1, its ReLU, fc2, per image
+    expected = 5 * 4 * params + 2 * 16 * 4 * outputs
+    assert member_bytes(model, (1, 28, 28), 16) == expected
+    assert choose_members(model, (1, 28, 28), 16, wanted=32, budget_bytes=10 * expected + 5) == 10
+    assert choose_members(model, (1, 28, 28), 16, wanted=8, budget_bytes=10 * expected) == 8
+    assert choose_members(model, (1, 28, 28), 16, wanted=4) >= 1          # this machine's free memory
+    with pytest.raises(ValueError, match=r"needs about 1\.6 MiB .* only 0\.0 MiB"):
+        choose_members(model, (1, 28, 28), 16, wanted=4, budget_bytes=1000)
+    with pytest.raises(ValueError, match="'share' parameter of choose_members"):
+        choose_members(model, (1, 28, 28), 16, wanted=4, share=0.0)

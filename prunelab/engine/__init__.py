@@ -3,5 +3,6 @@
 harness integration come next)."""
 
 from prunelab.engine.batched import BatchedModels, fit_batched
+from prunelab.engine.memory import available_bytes, choose_members, member_bytes
 
-__all__ = ["BatchedModels", "fit_batched"]
+__all__ = ["BatchedModels", "available_bytes", "choose_members", "fit_batched", "member_bytes"]

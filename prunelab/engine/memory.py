@@ -1,0 +1,86 @@
+"""How many members fit: the engine's R from the memory a batched step needs.
+
+Per member, a training step holds its parameters four times over (weights, gradients, and two
+optimiser buffers: SGD's momentum uses one, Adam's moments two) plus a mask, and the outputs of
+every layer for its batch (kept for the backward pass, and their gradients). :func:`member_bytes`
+counts these from one forward pass on a single input; :func:`choose_members` divides a share of
+the free memory (host RAM from ``/proc/meminfo``, or ``torch.cuda.mem_get_info`` on a GPU) by it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from prunelab._validation import check_number
+
+# weights, gradients, two optimiser buffers, mask
+PARAMETER_COPIES = 5
+# each layer output is kept for the backward pass, and its gradient is made there
+ACTIVATION_COPIES = 2
+
+
+def member_bytes(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> int:
+    """Bytes one member of ``model`` needs in a batched training step at ``batch_size``."""
+    batch_size = check_number("batch_size", batch_size, where="member_bytes", low=1, integer=True)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    outputs = []
+
+    def count(module, inputs, output):
+        if torch.is_tensor(output):
+            outputs.append(output.numel() * output.element_size())
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    try:
+        parameter = next(model.parameters(), None)
+        x = torch.zeros(1, *input_shape, device=parameter.device if parameter is not None else None,
+                        dtype=parameter.dtype if parameter is not None else None)
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return PARAMETER_COPIES * params + ACTIVATION_COPIES * batch_size * sum(outputs)
+
+
+def available_bytes(device: torch.device | str | None = None) -> int:
+    """Free memory: the GPU's (``torch.cuda.mem_get_info``) for a CUDA device, else the host's
+    ``MemAvailable`` (Linux), else total physical memory."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, wanted: int,
+                   share: float = 0.5, budget_bytes: int | None = None,
+                   device: torch.device | str | None = None) -> int:
+    """The number of members to train at once: ``wanted`` if they fit in ``share`` of the free
+    memory (or in ``budget_bytes``), else as many as fit. Raises ValueError, naming the bytes
+    needed and available, when not even one member fits."""
+    where = "choose_members"
+    wanted = check_number("wanted", wanted, where=where, low=1, integer=True)
+    share = check_number("share", share, where=where, low=0.0, high=1.0, closed="right")
+    budget = int(share * available_bytes(device)) if budget_bytes is None else \
+        check_number("budget_bytes", budget_bytes, where=where, low=1, integer=True)
+    per_member = member_bytes(model, input_shape, batch_size)
+    fit = budget // per_member
+    if fit < 1:
+        raise ValueError(f"one member of {type(model).__name__} at batch {batch_size} needs about "
+                         f"{per_member / 2**20:.1f} MiB for a training step, but only {budget / 2**20:.1f} MiB "
+                         f"are available to the engine; lower the batch size or free memory.")
+    return int(min(wanted, fit))
