@@ -317,11 +317,7 @@ def _dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: b
     which leave the trained model as it would be without them) and refreshes the cache."""
     train, method, seed = config["training"], config["method"], config["seed"]
     rewind = method.get("rewind")
-    key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": seed,
-                  "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method.get("regularizer"),
-                  "layers": method.get("layers"), "rewind": rewind, "version": VERSION}
-    key = digest(key_fields, 20)
-    path = Path(cache_dir) / "dense" / f"{key}.pt" if cache_dir else None
+    path = dense_cache_path(config, cache_dir)
     model = build_model(config["model"]["name"], dataset=ds, seed=seed, **config["model"]["options"])
     if path is not None and path.is_file() and not force:
         saved = torch.load(path, weights_only=True, map_location="cpu")
@@ -331,36 +327,41 @@ def _dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: b
     history = fit(model, ds, epochs=train["epochs"], seed=seed,
                   callbacks=[*([snapshot] if snapshot else []), *callbacks],
                   **_train_kwargs(train, method, finetune=False))
-    if path is not None:
-        try:  # the cache is an optimisation: a folder we cannot write (a remote Ray node) is skipped
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save({"state_dict": model.state_dict(), "history": history,
-                        "snapshot": snapshot.state if snapshot else None}, tmp)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+    save_dense(path, model, history, snapshot.state if snapshot else None)
     return model, history, snapshot.state if snapshot else None, False
 
 
+def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
+    """Where the trained dense model of ``config`` is cached (None without a cache folder)."""
+    train, method = config["training"], config["method"]
+    key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": config["seed"],
+                  "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method.get("regularizer"),
+                  "layers": method.get("layers"), "rewind": method.get("rewind"), "version": VERSION}
+    return Path(cache_dir) / "dense" / f"{digest(key_fields, 20)}.pt" if cache_dir else None
+
+
+def save_dense(path: Path | None, model, history, snapshot) -> None:
+    """Write a trained dense model to the cache, atomically; a folder that cannot be written
+    (a remote Ray node) is skipped: the cache is an optimisation."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save({"state_dict": model.state_dict(), "history": history, "snapshot": snapshot}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
-    from prunelab.metrics import summary
     started = time.perf_counter()
     ds = load_prepared_dataset(config["dataset"])
     method, train, seed = config["method"], config["training"], config["seed"]
     model, dense_history, snapshot, cached = _dense_model(config, ds, cache_dir)
     test = (ds.x_test, ds.y_test)
     accuracy_dense = evaluate(model, test)["accuracy"]
-    schedule_args = {k: v for k, v in method["schedule"].items() if k != "name"}
-    sparsity = method.get("layer_sparsity") or schedule_args.get("sparsity")
-    if method["schedule"]["name"] != "fixed-fraction":
-        schedule_args.pop("sparsity", None)      # from `sparsity` (per-layer targets: their overall)
-    n_cal = min(method["calibration"], len(ds.y_train))
-    pruner = Pruner(model, sparsity, criterion=method["criterion"], granularity=method["granularity"],
-                    scope=method["scope"], schedule=method["schedule"]["name"], schedule_args=schedule_args,
-                    layers=method["layers"],
-                    reduction=method["reduction"], min_keep=method["min_keep"], rewind=snapshot, seed=seed,
-                    calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
+    pruner = make_pruner(config, model, ds, snapshot)
     pruner.update()
     accuracy_pruned = evaluate(model, test)["accuracy"]
     monitor = None
@@ -370,6 +371,31 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
                   callbacks=[monitor] if monitor else (),
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
+    return {"metrics": prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
+                                     accuracy_pruned=accuracy_pruned, cached=cached,
+                                     dense_history=dense_history, monitor=monitor),
+            "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]}
+
+
+def make_pruner(config: dict, model, ds, snapshot=None) -> Pruner:
+    """The Pruner of a prune run's config, on ``model``, calibrated on the first training images."""
+    method = config["method"]
+    schedule_args = {k: v for k, v in method["schedule"].items() if k != "name"}
+    sparsity = method.get("layer_sparsity") or schedule_args.get("sparsity")
+    if method["schedule"]["name"] != "fixed-fraction":
+        schedule_args.pop("sparsity", None)      # from `sparsity` (per-layer targets: their overall)
+    n_cal = min(method["calibration"], len(ds.y_train))
+    return Pruner(model, sparsity, criterion=method["criterion"], granularity=method["granularity"],
+                  scope=method["scope"], schedule=method["schedule"]["name"], schedule_args=schedule_args,
+                  layers=method["layers"], reduction=method["reduction"], min_keep=method["min_keep"],
+                  rewind=snapshot, seed=config["seed"], calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
+
+
+def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: float, accuracy_pruned: float,
+                  cached: bool, dense_history: list, monitor=None) -> dict:
+    """The metrics a prune run stores, from its final model and Pruner."""
+    from prunelab.metrics import summary
+    test = (ds.x_test, ds.y_test)
     final = evaluate(model, test)
     stats = summary(model, ds.input_shape).total
     weights = torch.cat([t.weight.detach().flatten() for t in pruner.targets])
@@ -399,5 +425,4 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
         metrics["val_accuracy"] = evaluate(model, (ds.x_val, ds.y_val))["accuracy"]
         metrics["val_accuracy_dense"] = next((h["val_accuracy"] for h in reversed(dense_history)
                                               if "val_accuracy" in h), None)
-    curve = [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]
-    return {"metrics": metrics, "curve": curve}
+    return metrics
