@@ -157,3 +157,36 @@ def test_member_bytes_by_hand_and_choose_members_within_the_budget():
         choose_members(model, (1, 28, 28), 16, wanted=4, budget_bytes=1000)
     with pytest.raises(ValueError, match="'share' parameter of choose_members"):
         choose_members(model, (1, 28, 28), 16, wanted=4, share=0.0)
+
+
+def test_a_group_of_study_runs_gives_the_records_of_single_runs(tmp_path):
+    from prunelab.engine.harness import execute_prune_group, group_key, why_not_batched
+    from prunelab.experiments import build_study
+    from prunelab.experiments.prune_task import execute_prune
+
+    study = build_study({
+        "name": "g", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [32]}],
+        "methods": [{"label": "mag", "schedule": {"name": "agp", "n_prunes": 3}},
+                    {"label": "rand", "criterion": "random", "regularizer": {"name": "l1", "strength": 1e-4}}],
+        "sparsities": [0.8, 0.9], "seeds": 2,
+        "training": {"epochs": 2, "finetune_epochs": 2, "batch_size": 64, "lr": 0.05}})
+    configs = [run.config for run in study.runs]
+    assert all(why_not_batched(c) is None for c in configs)
+    groups = {}
+    for c in configs:
+        groups.setdefault(group_key(c), []).append(c)
+    assert sorted(len(g) for g in groups.values()) == [4, 4]          # with and without the L1 regulariser
+    for group in groups.values():
+        batched = execute_prune_group(group, str(tmp_path / "cache-b"))
+        for config, result in zip(group, batched):
+            single = execute_prune(config, str(tmp_path / "cache-s"))["metrics"]
+            got = result["metrics"]
+            assert got["sparsity"] == pytest.approx(single["sparsity"], abs=1e-9)
+            assert got["layer_sparsity"] == pytest.approx(single["layer_sparsity"], abs=1e-9)
+            assert got["accuracy_dense"] == pytest.approx(single["accuracy_dense"], abs=1 / 360 + 1e-9)
+            assert got["accuracy"] == pytest.approx(single["accuracy"], abs=2 / 360 + 1e-9)
+            assert got["nonzero_params"] == single["nonzero_params"] and got["engine"] == "batched"
+            assert [h["phase"] for h in result["curve"]] == ["dense"] * 2 + ["prune"] * 2
+    retrain = copy.deepcopy(configs[0])
+    retrain["training"]["retrain_tolerance"] = 0.01
+    assert "retrain_tolerance" in why_not_batched(retrain)

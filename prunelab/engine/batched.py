@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -356,10 +357,13 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
         reg_names = [t.name for t in resolve_targets(batch.members[0], where=where)]
     pruners = _check_pruners(batch, pruners) if pruners is not None else [None] * batch.size
     opt = _Optimizer(batch.params, optimizer, lrs, momentum)
-    for r, pruner in enumerate(pruners):          # events due before the first step (one-shot at 0)
-        if pruner is not None and pruner.event_due(0):
+    for r, pruner in enumerate(pruners):
+        if pruner is None:
+            continue
+        if pruner.event_due(0):                   # events due before the first step (one-shot at 0)
             batch.store_member(r)
             pruner.update()
+        if pruner.history:                        # pruned here or before: take its weights and masks
             _after_prune(batch, r, pruner, opt)
     batch.apply_masks()
     opt.mask_state(batch.masks)
@@ -371,6 +375,7 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     step = 0
     batch.train()
     for epoch in range(epochs):
+        started = time.perf_counter()
         orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(x.device)   # (R, n)
         loss_sum = torch.zeros(R, dtype=torch.float64)
         correct = torch.zeros(R, dtype=torch.long)
@@ -428,7 +433,7 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
             break
         for r in range(R):
             record = {"epoch": epoch + 1, "step": step, "loss": float(loss_sum[r]) / seen,
-                      "train_accuracy": int(correct[r]) / seen}
+                      "train_accuracy": int(correct[r]) / seen, "seconds": time.perf_counter() - started}
             if pruners[r] is not None:
                 record["sparsity"] = member_sparsity(batch, r, [t.name for t in pruners[r].targets])
             histories[r].append(record)
