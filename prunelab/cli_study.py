@@ -30,7 +30,8 @@ def cmd_run(args) -> int:
     progress = False if args.no_progress else None
     signal.signal(signal.SIGTERM, _interrupt)   # a polite kill stops like Ctrl-C: in-flight runs re-queued
     result = run_study(study, db, executor=args.executor, workers=args.workers, address=args.address,
-                       retry_failed=args.retry_failed, progress=progress, cache=not args.no_cache)
+                       retry_failed=args.retry_failed, progress=progress, cache=not args.no_cache,
+                       engine=args.engine)
     _write_outputs(db, print_tables=True, figures=args.report, report=args.report)
     if result.counts["failed"]:
         print(f"{result.counts['failed']} run(s) failed; see `prunelab status {db}`, then "
@@ -134,6 +135,8 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
                    help="parallel runs (local: processes, default 1; ray: default the cluster's CPUs)")
     p.add_argument("--address", default=None, help="Ray cluster address: auto or HOST:PORT")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--engine", choices=["batched", "single"], default="batched",
+                   help="batched (default): train compatible MLP runs together; single: one run at a time")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a live status line")
     p.add_argument("--no-cache", action="store_true", help="do not share dense models between runs")
     p.add_argument("--report", action="store_true", help="also write figures and the HTML report")

@@ -102,8 +102,9 @@ def test_sigkill_mid_study_then_restart_finishes_every_run_once(tmp_path, worker
     path.write_text(yaml.safe_dump(KILL_SPEC))
     db = tmp_path / "study.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # one run at a time (the batched engine would finish these 12 runs together)
     proc = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "run", str(path), "--db", str(db),
-                             "--no-progress", "--workers", str(workers)], env=env,
+                             "--no-progress", "--workers", str(workers), "--engine", "single"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     done_before = {}
@@ -120,7 +121,7 @@ def test_sigkill_mid_study_then_restart_finishes_every_run_once(tmp_path, worker
     with Store(db) as store:
         done_at_kill = {r.id: r.finished_at for r in store.records(status="done")}
         assert len(done_at_kill) < 12
-    result = run_study(build_study(KILL_SPEC), db, progress=False)   # the lock was released by the kill
+    result = run_study(build_study(KILL_SPEC), db, progress=False, engine="single")   # the lock was released
     assert result.counts == {"pending": 0, "running": 0, "done": 12, "failed": 0}
     with Store(db) as store:
         records = store.records()
@@ -133,8 +134,25 @@ def test_sigkill_mid_study_then_restart_finishes_every_run_once(tmp_path, worker
     assert result.ran == 12 - len(done_at_kill)
 
 
+def test_the_batched_engine_runs_groups_and_records_each_run(tmp_path):
+    from prunelab.experiments.study import plan_jobs
+    study = build_study(spec(methods=[{"label": "magnitude"}, {"label": "random", "criterion": "random"},
+                                      {"label": "sgd-wd", "training": {"weight_decay": 1e-4}}]))
+    result = run_study(study, tmp_path / "study.db", workers=2, progress=False)
+    assert result.counts["done"] == 6
+    with Store(tmp_path / "study.db") as store:
+        records = store.records()
+        jobs = plan_jobs(records)
+    # magnitude and random (4 runs) share a group; weight decay runs alone
+    assert sorted(len(job.members) for job in jobs) == [1, 1, 4]
+    engines = {r.method: r.metrics.get("engine") for r in records}
+    assert engines == {"magnitude": "batched", "random": "batched", "sgd-wd": None}
+    assert all(r.metrics["sparsity"] == pytest.approx(0.8, abs=2e-3) for r in records)
+    assert sum(r.metrics["dense_cached"] for r in records if r.method != "sgd-wd") == 2
+
+
 def test_two_local_workers_run_a_study(tmp_path):
-    result = run_study(build_study(spec()), tmp_path / "study.db", workers=2, progress=False)
+    result = run_study(build_study(spec()), tmp_path / "study.db", workers=2, progress=False, engine="single")
     assert result.counts["done"] == 6
     with Store(tmp_path / "study.db") as store:
         records = store.records()
@@ -166,7 +184,7 @@ def test_sigterm_stops_the_coordinator_and_its_workers_promptly(tmp_path):
     path.write_text(yaml.safe_dump(slow))
     db = tmp_path / "study.db"
     proc = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "run", str(path), "--db", str(db),
-                             "--no-progress", "--workers", "2"], stdout=subprocess.DEVNULL,
+                             "--no-progress", "--workers", "2", "--engine", "single"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:      # wait until both workers hold a run

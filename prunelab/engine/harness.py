@@ -97,7 +97,13 @@ def _dense_models(configs: list[dict], ds, cache_dir: str | None):
             model = batch.member(r)
             save_dense(job["path"], model, histories[r], None)
             found[key] = (model, histories[r], False)
-    return [found[_dense_key(c, cache_dir)] for c in configs]
+    out, seen = [], set()
+    for config in configs:           # like single runs: a dense model another run trained counts as cached
+        key = _dense_key(config, cache_dir)
+        model, history, cached = found[key]
+        out.append((model, history, cached or key in seen))
+        seen.add(key)
+    return out
 
 
 def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> list[dict]:

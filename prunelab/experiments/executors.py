@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from prunelab._validation import check_choice, check_number
-from prunelab.experiments.runner import execute_run, init_worker
+from prunelab.experiments.runner import execute_group, execute_run, init_worker
 
 EXECUTORS = ("local", "ray")
 
@@ -30,6 +30,11 @@ class Job:
     run_id: str
     config: dict
     label: str
+    group: tuple = ()          # member jobs run together by the batched engine (run_id/config unused)
+
+    @property
+    def members(self) -> tuple:
+        return self.group or (self,)
 
 
 OnStart = Callable[[Job, str], None]
@@ -67,8 +72,10 @@ class LocalExecutor(Executor):
     def run(self, jobs, on_start, on_finish):
         if self.parallelism == 1:
             for job in jobs:
-                on_start(job, "local-0")
-                on_finish(job, execute_run(job.config, self.cache_dir, None))
+                for member in job.members:
+                    on_start(member, "local-0")
+                for member, outcome in zip(job.members, _call(job, self.cache_dir, None)):
+                    on_finish(member, outcome)
             return
         queue = list(jobs)
         while queue:
@@ -86,20 +93,23 @@ class LocalExecutor(Executor):
             while queue or in_flight:
                 while queue and len(in_flight) < self.parallelism:
                     job = queue.pop(0)
-                    on_start(job, f"local-{slot % self.parallelism}")
+                    for member in job.members:
+                        on_start(member, f"local-{slot % self.parallelism}")
                     slot += 1
-                    in_flight[pool.submit(execute_run, job.config, self.cache_dir, self.threads)] = job
+                    in_flight[_submit(pool.submit, job, self.cache_dir, self.threads)] = job
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     job = in_flight.pop(future)
                     try:
-                        outcome = future.result()
+                        outcomes = _outcomes(job, future.result())
                     except BrokenProcessPool:
-                        outcome = _died()
-                    on_finish(job, outcome)
+                        outcomes = [_died() for _ in job.members]
+                    for member, outcome in zip(job.members, outcomes):
+                        on_finish(member, outcome)
         except BrokenProcessPool:
             for job in in_flight.values():
-                on_finish(job, _died())
+                for member in job.members:
+                    on_finish(member, _died())
             return queue
         except BaseException:
             # interrupted (Ctrl-C, SIGTERM): the coordinator re-queues the runs in flight, so stop
@@ -110,6 +120,22 @@ class LocalExecutor(Executor):
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return []
+
+
+def _call(job: Job, cache_dir, threads) -> list[dict]:
+    if job.group:
+        return execute_group([m.config for m in job.group], cache_dir, threads)
+    return [execute_run(job.config, cache_dir, threads)]
+
+
+def _submit(submit, job: Job, cache_dir, threads):
+    if job.group:
+        return submit(execute_group, [m.config for m in job.group], cache_dir, threads)
+    return submit(execute_run, job.config, cache_dir, threads)
+
+
+def _outcomes(job: Job, result) -> list[dict]:
+    return result if job.group else [result]
 
 
 def _died() -> dict:
@@ -136,6 +162,7 @@ class RayExecutor(Executor):
         self.parallelism = workers or max(1, cpus)
         self.cache_dir = cache_dir
         self._remote = ray.remote(num_cpus=1, max_retries=0)(execute_run)
+        self._remote_group = ray.remote(num_cpus=1, max_retries=0)(execute_group)
 
     def run(self, jobs, on_start, on_finish):
         ray = self._ray
@@ -145,17 +172,21 @@ class RayExecutor(Executor):
             while queue or in_flight:
                 while queue and len(in_flight) < self.parallelism:
                     job = queue.pop(0)
-                    on_start(job, "ray")
-                    in_flight[self._remote.remote(job.config, self.cache_dir, 1)] = job
+                    for member in job.members:
+                        on_start(member, "ray")
+                    ref = (self._remote_group.remote([m.config for m in job.group], self.cache_dir, 1) if job.group
+                           else self._remote.remote(job.config, self.cache_dir, 1))
+                    in_flight[ref] = job
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
                     job = in_flight.pop(ref)
                     try:
-                        outcome = ray.get(ref)
+                        outcomes = _outcomes(job, ray.get(ref))
                     except Exception as err:  # the task's process died, or Ray lost it
-                        outcome = {"status": "failed", "seconds": None,
-                                   "error": f"RayTaskError: {type(err).__name__}: {err}"}
-                    on_finish(job, outcome)
+                        outcomes = [{"status": "failed", "seconds": None,
+                                     "error": f"RayTaskError: {type(err).__name__}: {err}"} for _ in job.members]
+                    for member, outcome in zip(job.members, outcomes):
+                        on_finish(member, outcome)
         finally:
             for ref in in_flight:
                 ray.cancel(ref, force=True)

@@ -62,3 +62,20 @@ def init_worker(threads: int | None) -> None:
                 os._exit(1)
         except OSError:
             pass
+
+
+def execute_group(configs: list[dict], cache_dir: str | None = None, threads: int | None = None) -> list[dict]:
+    """Run a group of batchable prune configs together with the batched engine; one outcome per
+    config. If the group fails as a whole (a member's loss became NaN, ...), each run is run
+    alone, so only the runs that fail alone are recorded as failed."""
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        from prunelab.engine.harness import execute_prune_group
+        results = execute_prune_group(configs, cache_dir)
+    except Exception:  # noqa: BLE001  (each run then gets its own outcome)
+        return [execute_run(config, cache_dir, threads) for config in configs]
+    share = (time.perf_counter() - started) / len(configs)
+    return [{"status": "done", "metrics": r["metrics"], "curve": r.get("curve"), "seconds": share,
+             "versions": versions()} for r in results]

@@ -38,14 +38,72 @@ def default_db_path(study: Study, out: str | Path = "results", *, quick: bool = 
     return Path(out) / (f"{study.name}-quick" if quick else study.name) / "study.db"
 
 
+ENGINES = ("batched", "single")
+BATCHED_MODELS = ("mlp", "lenet-300-100")   # where batching pays on a CPU (docs/engine.md)
+MAX_MEMBERS = 32
+
+
+def plan_jobs(records, engine: str = "batched") -> list[Job]:
+    """The jobs for pending runs: with the batched engine, batchable prune runs of MLPs that
+    share a group (:func:`prunelab.engine.harness.group_key`) run together, at most as many as
+    fit in memory (and :data:`MAX_MEMBERS`); every other run alone. Jobs keep the runs' order."""
+    def label(r):
+        return f"{r.dataset}/{r.model}/{r.method} s={r.sparsity:g} #{r.seed}"
+
+    singles = [Job(r.id, r.config, label(r)) for r in records]
+    if engine == "single":
+        return singles
+    from prunelab.engine.harness import group_key, why_not_batched
+    groups: dict[str, list[Job]] = {}
+    order: list[tuple[int, object]] = []
+    for index, job in enumerate(singles):
+        config = job.config
+        if config.get("task") == "prune" and config["model"]["name"] in BATCHED_MODELS \
+                and why_not_batched(config) is None:
+            key = group_key(config)
+            if key not in groups:
+                groups[key] = []
+                order.append((index, key))
+            groups[key].append(job)
+        else:
+            order.append((index, job))
+    jobs = []
+    for _, item in sorted(order, key=lambda pair: pair[0]):
+        if isinstance(item, Job):
+            jobs.append(item)
+            continue
+        members = groups[item]
+        size = _members_that_fit(members[0].config)
+        for start in range(0, len(members), size):
+            chunk = tuple(members[start:start + size])
+            jobs.append(chunk[0] if len(chunk) == 1 else
+                        Job(chunk[0].run_id, chunk[0].config, f"{len(chunk)} runs batched", group=chunk))
+    return jobs
+
+
+def _members_that_fit(config: dict) -> int:
+    from prunelab.data import dataset_info
+    from prunelab.engine import choose_members
+    from prunelab.models import build_model
+    info = dataset_info(config["dataset"]["name"])
+    shape = tuple(info["input_shape"])
+    model = build_model(config["model"]["name"], input_shape=shape, n_classes=info["n_classes"],
+                        **config["model"]["options"])
+    return choose_members(model, shape, config["training"]["batch_size"], wanted=MAX_MEMBERS)
+
+
 def run_study(study: Study, db_path: str | Path, *, executor: str = "local", workers: int | None = None,
               address: str | None = None, retry_failed: bool = False, progress: bool | None = None,
-              cache: bool = True) -> StudyResult:
+              cache: bool = True, engine: str = "batched") -> StudyResult:
     """Run every pending run of ``study`` into the store at ``db_path``.
 
     ``progress``: None shows a live line on a terminal and log lines otherwise; True/False
     force the live line / the log lines. ``cache`` shares dense models between runs
-    (``<db folder>/cache``). Raises StudyLocked if another process runs this study."""
+    (``<db folder>/cache``). ``engine``: ``batched`` (default) trains compatible MLP runs
+    together (:func:`plan_jobs`), ``single`` one run at a time. Raises StudyLocked if another
+    process runs this study."""
+    from prunelab._validation import check_choice
+    engine = check_choice("engine", engine, ENGINES, where="prunelab run")
     db_path = Path(db_path)
     started = time.perf_counter()
     cache_dir = str(db_path.parent / "cache") if cache else None
@@ -64,8 +122,7 @@ def run_study(study: Study, db_path: str | Path, *, executor: str = "local", wor
                         + (f", {interrupted} interrupted before" if interrupted else "")
                         + (f", {retried} failed re-queued" if retried else "")
                         + f"); {runner.name} executor x{runner.parallelism}; store {db_path}")
-        jobs = [Job(r.id, r.config, f"{r.dataset}/{r.model}/{r.method} s={r.sparsity:g} #{r.seed}")
-                for r in pending]
+        jobs = plan_jobs(pending, engine)
         in_flight: set[str] = set()
 
         def on_start(job: Job, worker: str) -> None:
