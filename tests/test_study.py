@@ -200,3 +200,18 @@ def test_sigterm_stops_the_coordinator_and_its_workers_promptly(tmp_path):
         assert store.counts()["running"] == 0 and store.counts()["pending"] == 12
     leftover = subprocess.run(["pgrep", "-f", str(db)], capture_output=True, text=True).stdout.split()
     assert not leftover
+
+
+def test_a_diverging_member_fails_alone_and_the_rest_of_its_group_completes(tmp_path):
+    study = build_study(spec(seeds=1, methods=[
+        {"label": "ok", "regularizer": {"name": "l1", "strength": 1e-4}},
+        {"label": "boom", "regularizer": {"name": "l1", "strength": 1e38}}]))
+    from prunelab.experiments.study import plan_jobs
+    assert [len(job.members) for job in plan_jobs(study.runs)] == [2]          # one group
+    result = run_study(study, tmp_path / "study.db", progress=False)
+    assert result.counts["done"] == 1 and result.counts["failed"] == 1
+    with Store(tmp_path / "study.db") as store:
+        (failed,) = store.records(status="failed")
+        (done,) = store.records(status="done")
+    assert failed.method == "boom" and "TrainingDiverged" in failed.error
+    assert done.method == "ok" and done.metrics["sparsity"] == pytest.approx(0.8, abs=2e-3)
