@@ -127,7 +127,6 @@ def naive_fast(W, inv, d_in, block=128):
     """SparseGPT's pruning, unblocked: the same per-block masks (128 columns, cumulative
     rounding), but every later column is updated after each column."""
     U = torch.linalg.cholesky(inv, upper=True)
-    rows = len(W)
     seen = taken = 0
     for i in range(d_in):
         if i % block == 0:                                       # choose the next block's mask

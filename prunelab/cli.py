@@ -177,15 +177,14 @@ def cmd_units(args) -> int:
     model_args = _key_values(args.model_arg, "--model-arg")
     ds = load_dataset(args.dataset, root=args.data_root)
     model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
+    if args.weights:               # before finding the units: a thinned file rebuilds a thinner model
+        model = _load_weights(model, args.weights)
     layers = args.layers[0] if args.layers and len(args.layers) == 1 else (args.layers or "all")
     found = units.Units.of(model, ds.input_shape)
     units.select_layers(found.layers, layers, where=where)
     train_kw = dict(batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
                     progress=not args.quiet and sys.stderr.isatty())
-    if args.weights:
-        saved = torch.load(args.weights, weights_only=True, map_location="cpu")
-        model.load_state_dict(saved.get("state_dict", saved) if isinstance(saved, dict) else saved)
-    else:
+    if not args.weights:
         fit(model, ds, epochs=args.epochs, **train_kw)
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
@@ -251,8 +250,6 @@ def _load_weights(model, path: str):
 
 
 def cmd_summary(args) -> int:
-    import torch
-
     from prunelab.data import DATASETS, dataset_info
     from prunelab.metrics import summary
     from prunelab.models import build_model

@@ -16,15 +16,12 @@ import time
 
 import torch
 
-from prunelab.engine.batched import BatchedModels, fit_batched, mlp_plan
+from prunelab.engine.batched import OPTIMIZERS, REGULARIZERS, BatchedModels, fit_batched, mlp_plan
 from prunelab.experiments.prune_task import (dense_cache_path, load_prepared_dataset, make_pruner,
                                              prune_metrics, save_dense)
 from prunelab.experiments.store import digest
 from prunelab.models import build_model
 from prunelab.training import evaluate
-
-OPTIMIZERS = ("sgd", "adam")
-REGULARIZERS = ("l1", "l2")
 
 
 def why_not_batched(config: dict) -> str | None:

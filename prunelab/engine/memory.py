@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from prunelab._hooks import forward_eval, leaf_modules
 from prunelab._validation import check_number
 
 # weights, gradients, two optimiser buffers, mask
@@ -33,19 +34,11 @@ def member_bytes(model: nn.Module, input_shape: Sequence[int], batch_size: int) 
         if torch.is_tensor(output):
             outputs.append(output.numel() * output.element_size())
 
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    was_training = model.training
-    try:
-        parameter = next(model.parameters(), None)
-        x = torch.zeros(1, *input_shape, device=parameter.device if parameter is not None else None,
-                        dtype=parameter.dtype if parameter is not None else None)
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    handles = [m.register_forward_hook(count) for m in leaf_modules(model)]
+    parameter = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=parameter.device if parameter is not None else None,
+                    dtype=parameter.dtype if parameter is not None else None)
+    forward_eval(model, [x], handles)
     return PARAMETER_COPIES * params + ACTIVATION_COPIES * batch_size * sum(outputs)
 
 

@@ -685,14 +685,10 @@ def units_selected(records: list[RunRecord], declaration: dict, spec: dict) -> l
     from matplotlib.ticker import PercentFormatter
 
     where = "figure units_selected"
-    found = _gather(records, run_selected, where, "unit selections (the metrics 'selections' and 'units_total')")
-    for key, attribute in (("scorers", "scorer"), ("layer", "layer"), ("dataset", "dataset"), ("model", "model")):
-        present = [str(v) for v in _order(attribute, (getattr(s, attribute) for s in found))]
-        wanted = _names(declaration, key, present, where)
-        if wanted is not None:
-            found = [s for s in found if getattr(s, attribute) in wanted]
-    if not found:
-        raise NoDataError(f"{where}: no selection matches the declaration's filters.")
+    found = _filtered(_gather(records, run_selected, where,
+                              "unit selections (the metrics 'selections' and 'units_total')"),
+                      declaration, where, (("scorers", "scorer"), ("layer", "layer"), ("dataset", "dataset"),
+                                           ("model", "model")), "selection")
     panels = _grouped(found, ("dataset", "model", "layer"))
     shown = list(panels.items())[:MAX_PANELS]
     figure, axes = _grid(len(shown))
@@ -719,13 +715,20 @@ def units_selected(records: list[RunRecord], declaration: dict, spec: dict) -> l
 def _removals(records: Iterable[RunRecord], declaration: dict, where: str) -> list[Removal]:
     found = _gather(records, run_removals, where, "an iterative-pruning curve (the metric 'iterative' of the "
                                                  "unit-iterative task)")
-    for key, attribute in (("methods", "method"), ("dataset", "dataset"), ("model", "model")):
-        present = [str(v) for v in _order(attribute, (getattr(r, attribute) for r in found))]
+    return _filtered(found, declaration, where, (("methods", "method"), ("dataset", "dataset"), ("model", "model")),
+                     "iterative-pruning record")
+
+
+def _filtered(found: list, declaration: dict, where: str, filters: Sequence[tuple[str, str]], what: str) -> list:
+    """``found`` kept to the values the declaration names under each filter key (``(key, attribute)``
+    pairs; a value must be one present); NoDataError when nothing is left."""
+    for key, attribute in filters:
+        present = [str(v) for v in _order(attribute, (getattr(item, attribute) for item in found))]
         wanted = _names(declaration, key, present, where)
         if wanted is not None:
-            found = [r for r in found if getattr(r, attribute) in wanted]
+            found = [item for item in found if getattr(item, attribute) in wanted]
     if not found:
-        raise NoDataError(f"{where}: no iterative-pruning record matches the declaration's filters.")
+        raise NoDataError(f"{where}: no {what} matches the declaration's filters.")
     return found
 
 

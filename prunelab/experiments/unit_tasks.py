@@ -26,16 +26,16 @@ import time
 import torch
 from torch import nn
 
-from prunelab.experiments.prune_task import (TRAINING_DEFAULTS, _dense_model, _prepare_dataset,
-                                             _prepare_training, load_prepared_dataset)
+from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_training,
+                                             load_prepared_dataset)
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import Callback, evaluate, fit
-from prunelab.units import METHODS, SCORERS, Units, parse_method
+from prunelab.units import METHODS, SCORERS, Units, parse_method, remove_units
 from prunelab.units import surgery
 from prunelab.units import thin as thin_units
 from prunelab.units.scoring import UNIT_SCORERS, collect, select
-from prunelab.units.structure import LAYER_SETS, select_layers
+from prunelab.units.structure import select_layers
 
 PENALTY_KEYS = ("label", "every", "calibration", "methods", "sets", "finetune_lr", "track")
 SET_KEYS = ("layers", "fractions", "counts", "finetune_steps")
@@ -80,6 +80,12 @@ def _calibration(ds, n: int, seed: int):
 
 def _loss(model: nn.Module, data) -> float:
     return evaluate(model, data, batch_size=1000)["loss"]
+
+
+def _finetune(model: nn.Module, ds, steps: int, lr: float, seed: int) -> None:
+    """``steps`` steps of Adam at batch 64 on the training set (as many epochs as that takes)."""
+    fit(model, ds, epochs=math.ceil(steps * 64 / len(ds.y_train)) + 1, max_steps=steps, batch_size=64, lr=lr,
+        optimizer="adam", seed=seed, progress=False)
 
 
 class _UnitTask(Task):
@@ -230,14 +236,13 @@ class PenaltyProbe(Callback):
                                 "fraction": amount if kind == "fraction" else None,
                                 "count": amount if kind == "count" else None, "loss_before": before}
                         for steps in probe_set["finetune_steps"]:
-                            loss = after if steps == 0 else self._finetuned(pruned, pruned_info, plan, steps, step)
+                            loss = after if steps == 0 else self._finetuned(pruned, plan, steps, step)
                             self.records.append({**base, "finetune_steps": steps, "loss_after": loss,
                                                  "penalty": loss - before})
 
-    def _finetuned(self, pruned, info, plan, steps: int, step: int) -> float:
-        small = thin_units(pruned, {k: v for k, v in plan.items()}, input_shape=tuple(self.ds.input_shape))
-        fit(small, self.ds, epochs=math.ceil(steps * 64 / len(self.ds.y_train)) + 1, max_steps=steps,
-            batch_size=64, lr=self.probe["finetune_lr"], optimizer="adam", seed=self.seed + step, progress=False)
+    def _finetuned(self, pruned, plan, steps: int, step: int) -> float:
+        small = thin_units(pruned, plan, input_shape=tuple(self.ds.input_shape))
+        _finetune(small, self.ds, steps, self.probe["finetune_lr"], self.seed + step)
         return _loss(small, self.calibration)
 
 
@@ -287,7 +292,6 @@ class UnitIterativeTask(_UnitTask):
         total = sum(original.values())
         records = [{"removed": 0.0, "step": 0, "loss": _loss(model, calibration),
                     "accuracy": evaluate(model, test)["accuracy"]}]
-        from prunelab.units import remove_units
         step = 0
         while True:
             info = Units.of(model, shape)
@@ -296,18 +300,15 @@ class UnitIterativeTask(_UnitTask):
             if not any(counts.values()):
                 break
             step += 1
-            result = None
             for name, count in counts.items():       # each chosen layer loses its own count
                 if count:
                     result = remove_units(model, it["method"], calibration, count=count, layers=[name],
                                           units=info, seed=seed * 7919 + step)
                     model = thin_units(model, result)
                     info = Units.of(model, shape)
-            removed = 1.0 - sum(u.n_units for u in Units.of(model, shape).layers if u.name in original) / total
+            removed = 1.0 - sum(u.n_units for u in info.layers if u.name in original) / total
             if it["finetune_steps"]:
-                fit(model, ds, epochs=math.ceil(it["finetune_steps"] * 64 / len(ds.y_train)) + 1,
-                    max_steps=it["finetune_steps"], batch_size=64, lr=it["finetune_lr"], optimizer="adam",
-                    seed=seed * 7919 + step, progress=False)
+                _finetune(model, ds, it["finetune_steps"], it["finetune_lr"], seed * 7919 + step)
             last = removed >= it["max_fraction"] - 1e-9
             record = {"removed": removed, "step": step, "loss": _loss(model, calibration)}
             if last or step % it["test_every"] == 0:      # the test set costs more than the step itself

@@ -16,7 +16,6 @@ emptied.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +24,8 @@ from torch import nn
 from prunelab._validation import check_choice, check_number, check_type
 from prunelab.units import graph, surgery
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
-from prunelab.units.structure import LAYER_SETS, Chain, analyze, select_layers, unsupported_activation
+from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, select_layers,
+                                      unsupported_activation)
 
 METHODS = tuple([*SCORERS, *(f"bp_{s}" for s in SCORERS)])
 
@@ -73,30 +73,11 @@ class Units:
         """The unit layers as objects with ``name``, ``module``, ``n_units``, ``kind``, ``point``."""
         if self.chain is not None:
             return self.chain.units
-        return [_GraphUnit(n, m) for n, m in self.graph_layers]
+        # a graph model's unit layer: no per-channel ops are followed, so its point is its own output
+        return [UnitLayer(n, m) for n, m in self.graph_layers]
 
     def example(self) -> torch.Tensor:
         return torch.zeros(1, *self.input_shape, device=next(self.model.parameters()).device)
-
-
-@dataclass
-class _GraphUnit:
-    """A unit layer of a graph model: its activation point is its own output."""
-
-    name: str
-    module: nn.Module
-
-    @property
-    def n_units(self) -> int:
-        return self.module.out_features if isinstance(self.module, nn.Linear) else self.module.out_channels
-
-    @property
-    def kind(self) -> str:
-        return "dense" if isinstance(self.module, nn.Linear) else "conv"
-
-    @property
-    def point(self) -> nn.Module:
-        return self.module
 
 
 @dataclass

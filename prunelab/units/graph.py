@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from prunelab._hooks import forward_eval
+
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -82,16 +84,7 @@ def consumer_input_means(model: nn.Module, batches: Iterable) -> dict[nn.Module,
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_eval(model, (x for x, _ in batches), handles)
     return {m: sums[m] / counts[m] for m in sums}
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunelab._hooks import forward_eval, leaf_modules
+
 PARAMETRISED = (nn.Linear, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # element-wise activations with f(0) = 0, so a removed unit (output 0) stays 0
@@ -81,7 +83,6 @@ def trace(model: nn.Module, input_shape) -> tuple[list[Leaf], bool]:
     """Leaf modules in execution order with their shapes, and whether they form a chain."""
     leaves: list[Leaf] = []
     links: list[tuple[int, int]] = []          # (id of input tensor, id of output tensor) per call
-    handles = []
     names = {m: n for n, m in model.named_modules()}
 
     def hook(module, inputs, output):
@@ -90,19 +91,9 @@ def trace(model: nn.Module, input_shape) -> tuple[list[Leaf], bool]:
                            tuple(output.shape[1:]) if torch.is_tensor(output) else ()))
         links.append((id(x), id(output)))
 
-    for module in model.modules():
-        if not any(True for _ in module.children()):
-            handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    handles = [module.register_forward_hook(hook) for module in leaf_modules(model)]
+    x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    out = forward_eval(model, [x], handles)
     calls = [leaf.module for leaf in leaves]
     chain = (len(set(map(id, calls))) == len(calls)
              and all(links[i][0] == links[i - 1][1] for i in range(1, len(links)))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunelab._hooks import forward_eval
 from prunelab.pruning.targets import Target
 
 
@@ -98,16 +99,7 @@ def collect(model: nn.Module, targets: Sequence[Target], batches: Iterable, *,
     for target in targets:
         check_target(target)
         handles.append(target.module.register_forward_hook(hook_for(target)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    forward_eval(model, (x for x, _ in batches), handles)
     seconds = time.perf_counter() - started
     for entry in stats.values():
         entry.seconds = seconds / max(len(stats), 1)
