@@ -53,10 +53,11 @@ def mlp_part(R: int, B: int) -> None:
         F.cross_entropy(batch(x).flatten(0, 1), y.flatten()).backward()
 
     plan = mlp_plan(models[0])
+    grads = {name: torch.zeros_like(p) for name, p in batch.params.items()}
 
     def hand_step():
         zero()
-        _mlp_step(batch.params, plan, x, y)
+        _mlp_step(batch.params, grads, plan, x, y)
 
     print(f"784-100-10, R = {R}, batch {B}, {torch.get_num_threads()} thread(s)")
     print(f"  vmap forward             {timeit(forward):7.3f} ms")

@@ -74,10 +74,11 @@ def test_lenet5_members_match_single_runs():
         assert max_gap(batch.member(r), single) < 1e-12
 
 
-def test_a_diverging_member_is_named(ds):
+@pytest.mark.parametrize("wave", [None, 2])
+def test_a_diverging_member_is_named(ds, wave):
     batch = BatchedModels(members(ds, hidden=[16]))
-    with pytest.raises(TrainingDiverged, match=r"member\(s\) \[1\]"):
-        fit_batched(batch, ds, seeds=SEEDS, epochs=3, lr=[0.05, 1e12, 0.05, 0.05])
+    with pytest.raises(TrainingDiverged, match=r"member\(s\) \[3\]"):     # in the second wave of 2
+        fit_batched(batch, ds, seeds=SEEDS, epochs=3, lr=[0.05, 0.05, 0.05, 1e12], wave=wave)
 
 
 def test_bad_input_is_named(ds):
@@ -95,12 +96,13 @@ def test_bad_input_is_named(ds):
         batch.set_masks({"fc1.weight": torch.ones(16, 64)})
 
 
-@pytest.mark.parametrize("criterion,scope,granularity,regularizer", [
-    ("magnitude", "local", "weight", "l1"),
-    ("magnitude", "global", "unit", "l2"),
-    ("random", "layerwise-constant", "weight", None),
+@pytest.mark.parametrize("criterion,scope,granularity,regularizer,wave", [
+    ("magnitude", "local", "weight", "l1", None),
+    ("magnitude", "global", "unit", "l2", 3),          # waves of 3 and 1 members
+    ("random", "layerwise-constant", "weight", None, 1),
 ])
-def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, scope, granularity, regularizer):
+def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, scope, granularity, regularizer,
+                                                                 wave):
     targets = [0.5, 0.7, 0.8, 0.9]
     strengths = [1e-4, 2e-4, 0.0, 1e-4]
 
@@ -113,7 +115,8 @@ def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, s
     batch = BatchedModels(models)
     pruners = [pruner_for(m, r) for r, m in enumerate(batch.members)]
     reg = {"regularizer": regularizer, "reg_strength": strengths} if regularizer else {}
-    histories = fit_batched(batch, ds, seeds=SEEDS, epochs=2, lr=0.05, pruners=pruners, max_steps=25, **reg)
+    histories = fit_batched(batch, ds, seeds=SEEDS, epochs=2, lr=0.05, pruners=pruners, max_steps=25, wave=wave,
+                            **reg)
     for r, single in enumerate(singles):
         pruner = pruner_for(single, r)
         reg_single = {"regularizer": regularizer, "reg_strength": strengths[r]} if regularizer else {}
@@ -123,6 +126,9 @@ def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, s
         assert histories[r][-1]["sparsity"] == pytest.approx(pruner.sparsity(), abs=1e-9)
         assert pruners[r].sparsity() == pytest.approx(targets[r], abs=0.02)
         assert [h.step for h in pruners[r].history] == [h.step for h in pruner.history] == [2, 7, 12, 17]
+        # the batch's own masks (made inside a wave too) are the member's
+        for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+            assert torch.equal(batch.masks[name][r].bool(), pruners[r].mask(name).bool())
 
 
 def test_hand_written_mlp_path_equals_vmap_and_autograd(ds):

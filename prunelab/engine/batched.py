@@ -135,6 +135,27 @@ class BatchedModels:
             tensor.copy_(self.params.get(name, self.buffers.get(name))[r])
         return module
 
+    def rows(self, rows: slice) -> "BatchedModels":
+        """The members ``rows`` as a BatchedModels sharing this one's tensors (views: training
+        it trains them here). Masks it creates come back with :meth:`take_masks`."""
+        part = object.__new__(BatchedModels)
+        part.members = self.members[rows]
+        part.size = len(part.members)
+        # leaves of their own (autograd then fills their .grad), on this batch's storage
+        part.params = {name: t[rows].detach().requires_grad_(t.requires_grad) for name, t in self.params.items()}
+        part.buffers = {name: t[rows] for name, t in self.buffers.items()}
+        part._skeleton = self._skeleton
+        part.masks = {name: t[rows] for name, t in self.masks.items()}
+        return part
+
+    def take_masks(self, part: "BatchedModels", rows: slice) -> None:
+        """Copy the masks of ``part`` (made by :meth:`rows`) into members ``rows``."""
+        for name, mask in part.masks.items():
+            if name not in self.masks:
+                self.masks[name] = torch.ones_like(self.params[name])
+            if self.masks[name][rows].data_ptr() != mask.data_ptr():
+                self.masks[name][rows] = mask
+
     def mask_row(self, r: int, name: str, keep: torch.Tensor | None) -> None:
         """Set member ``r``'s mask of parameter ``name`` (None: keep everything)."""
         if keep is None and name not in self.masks:
@@ -245,9 +266,11 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, str | None]] | None:
     return plan if plan and not expect_linear else None
 
 
-def _mlp_step(params: dict[str, torch.Tensor], plan, x: torch.Tensor, y: torch.Tensor):
-    """Per-member mean cross-entropy, outputs, and the gradients written to ``.grad``: the
-    forward and backward of a batched ReLU MLP by hand, three batched products per layer."""
+def _mlp_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], plan, x: torch.Tensor,
+              y: torch.Tensor):
+    """Per-member mean cross-entropy and outputs of a batched ReLU MLP, with the gradients
+    written into ``grads`` (buffers kept from step to step, so no large tensor is allocated):
+    the forward and backward by hand, three batched products per layer."""
     R, B = y.shape
     h = x.flatten(2)
     inputs, pre = [], []
@@ -266,12 +289,11 @@ def _mlp_step(params: dict[str, torch.Tensor], plan, x: torch.Tensor, y: torch.T
         g.div_(B)                                                                      # ∂(mean loss)/∂logits
         for k in range(len(plan) - 1, -1, -1):
             w_name, b_name = plan[k]
-            W = params[w_name]
-            W.grad = torch.bmm(g.transpose(1, 2), inputs[k])
+            torch.bmm(g.transpose(1, 2), inputs[k], out=grads[w_name])
             if b_name is not None:
-                params[b_name].grad = g.sum(dim=1)
+                torch.sum(g, dim=1, out=grads[b_name])
             if k:
-                g = torch.bmm(g, W).mul_(pre[k - 1] > 0)
+                g = torch.bmm(g, params[w_name]).mul_(pre[k - 1] > 0)
     return losses, h
 
 
@@ -317,7 +339,7 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
                 lr: "float | Sequence[float]" = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
                 regularizer: str | None = None, reg_strength: "float | Sequence[float] | None" = None,
                 pruners: Sequence | None = None, max_steps: int | None = None,
-                engine_path: str = "auto") -> list[list[dict]]:
+                engine_path: str = "auto", wave: int | None = None) -> list[list[dict]]:
     """Train every member of ``batch`` on ``data`` (``(x, y)`` or a Dataset's train split).
 
     Member r shuffles with ``seeds[r]`` and learns at ``lr[r]`` (one float: the same for all).
@@ -330,6 +352,12 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
 
     ReLU MLPs (:func:`mlp_plan`) train through hand-written batched products; every other model,
     or ``engine_path="vmap"``, through ``torch.func.vmap`` and autograd.
+
+    On a CPU the members train in waves of ``wave`` members, one wave after the other (each
+    wave's whole training in one batched computation): a step touches every member's weights,
+    gradients, optimiser state and mask, and once these outgrow the last-level cache each step
+    waits on main memory. ``wave=None`` takes as many members as fill half the cache
+    (:func:`~prunelab.engine.memory.cache_members`); on a GPU all members train at once.
 
     Returns one per-epoch history per member (``loss``, ``train_accuracy``, and ``sparsity``
     with a pruner). A member whose loss becomes NaN or infinite raises
@@ -344,6 +372,8 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
     optimizer = check_choice("optimizer", optimizer, OPTIMIZERS, where=where)
     engine_path = check_choice("engine_path", engine_path, ("auto", "vmap"), where=where)
+    if wave is not None:
+        wave = check_number("wave", wave, where=where, low=1, integer=True)
     momentum = check_number("momentum", momentum, where=where, low=0.0, high=1.0, closed="left")
     lrs = _per_member(lr, batch.size, "lr")
     reg_names, strengths = [], None
@@ -356,6 +386,35 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
         strengths = _per_member(reg_strength, batch.size, "reg_strength", positive=False).float()
         reg_names = [t.name for t in resolve_targets(batch.members[0], where=where)]
     pruners = _check_pruners(batch, pruners) if pruners is not None else [None] * batch.size
+    plan = mlp_plan(batch.members[0]) if engine_path == "auto" else None
+    device = next(iter(batch.params.values())).device
+    if wave is None:
+        if device.type == "cuda":
+            wave = batch.size
+        else:
+            from prunelab.engine.memory import cache_members
+
+            wave = cache_members(batch.members[0], tuple(x.shape[1:]), batch_size)
+    histories: list[list[dict]] = []
+    for first in range(0, batch.size, wave):
+        rows = slice(first, min(first + wave, batch.size))
+        part = batch if rows == slice(0, batch.size) else batch.rows(rows)
+        try:
+            histories += _train(part, x, y, seeds=seeds[rows], epochs=epochs, batch_size=batch_size,
+                                lrs=lrs[rows], optimizer=optimizer, momentum=momentum,
+                                regularizer=regularizer, strengths=None if strengths is None else strengths[rows],
+                                reg_names=reg_names, pruners=pruners[rows], max_steps=max_steps, plan=plan,
+                                first=first)
+        finally:
+            if part is not batch:
+                batch.take_masks(part, rows)
+    return histories
+
+
+def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epochs, batch_size, lrs, optimizer,
+           momentum, regularizer, strengths, reg_names, pruners, max_steps, plan, first) -> list[list[dict]]:
+    """fit_batched on one wave of members (checked arguments); ``first`` numbers its members in
+    messages."""
     opt = _Optimizer(batch.params, optimizer, lrs, momentum)
     for r, pruner in enumerate(pruners):
         if pruner is None:
@@ -368,8 +427,9 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     batch.apply_masks()
     opt.mask_state(batch.masks)
     shuffles = [torch.Generator().manual_seed(s) for s in seeds]
-    plan = mlp_plan(batch.members[0]) if engine_path == "auto" else None
     n, R = len(x), batch.size
+    if plan is not None:
+        grads = {name: torch.zeros_like(p) for name, p in batch.params.items()}
     total = epochs * math.ceil(n / batch_size) if max_steps is None else max_steps
     histories: list[list[dict]] = [[] for _ in range(R)]
     step = 0
@@ -384,10 +444,14 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
             if step >= total:
                 break
             idx = orders[:, i:i + batch_size]                                  # (R, b)
-            xb, yb = x[idx], y[idx]                                            # (R, b, ...), (R, b)
+            rows = idx.reshape(-1)                   # index_select: ~7x faster than x[idx]
+            xb = x.index_select(0, rows).view(R, -1, *x.shape[1:])            # (R, b, ...)
+            yb = y.index_select(0, rows).view(R, -1)                          # (R, b)
             opt.zero_grad()
             if plan is not None:
-                losses, out = _mlp_step(batch.params, plan, xb, yb)
+                losses, out = _mlp_step(batch.params, grads, plan, xb, yb)
+                for name, g in grads.items():
+                    batch.params[name].grad = g
             else:
                 out = batch(xb)                                                # (R, b, classes)
                 losses = nn.functional.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
@@ -399,7 +463,7 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
                     losses = losses + strengths.to(w) * size
             finite = torch.isfinite(losses.detach())
             if not bool(finite.all()):
-                bad = [r for r in range(R) if not finite[r]]
+                bad = [first + r for r in range(R) if not finite[r]]
                 raise TrainingDiverged(f"the training loss of member(s) {bad} became non-finite at epoch "
                                        f"{epoch}, step {step}; lower their learning rate.")
             if plan is None:

@@ -5,6 +5,8 @@ optimiser buffers: SGD's momentum uses one, Adam's moments two) plus a mask, and
 every layer for its batch (kept for the backward pass, and their gradients). :func:`member_bytes`
 counts these from one forward pass on a single input; :func:`choose_members` divides a share of
 the free memory (host RAM from ``/proc/meminfo``, or ``torch.cuda.mem_get_info`` on a GPU) by it.
+On a CPU, :func:`cache_members` gives the wave size: how many members' steps fit in the
+last-level cache, past which a step waits on main memory.
 """
 
 from __future__ import annotations
@@ -57,6 +59,30 @@ def available_bytes(device: torch.device | str | None = None) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cache_bytes() -> int:
+    """Size of the CPU's largest cache (the last level), from Linux's sysfs; 32 MiB when it
+    cannot be read."""
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(root):
+            if entry.startswith("index"):
+                with open(os.path.join(root, entry, "size")) as f:
+                    text = f.read().strip().upper()
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+                sizes.append(int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        pass
+    return max(sizes) if sizes else 32 * 2**20
+
+
+def cache_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, share: float = 0.5) -> int:
+    """How many members' training steps fit in ``share`` of the last-level cache (at least 1):
+    the wave size of the batched engine on a CPU."""
+    share = check_number("share", share, where="cache_members", low=0.0, high=1.0, closed="right")
+    return max(1, int(share * cache_bytes()) // member_bytes(model, input_shape, batch_size))
 
 
 def choose_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, wanted: int,
