@@ -98,7 +98,7 @@ def test_bad_input_is_named(ds):
 
 @pytest.mark.parametrize("criterion,scope,granularity,regularizer,wave", [
     ("magnitude", "local", "weight", "l1", None),
-    ("magnitude", "global", "unit", "l2", 3),          # waves of 3 and 1 members
+    ("magnitude", "global", "unit", "l2", 3),          # at most 3 a wave: two even waves of 2
     ("random", "layerwise-constant", "weight", None, 1),
 ])
 def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, scope, granularity, regularizer,
@@ -163,6 +163,20 @@ def test_member_bytes_by_hand_and_choose_members_within_the_budget():
         choose_members(model, (1, 28, 28), 16, wanted=4, budget_bytes=1000)
     with pytest.raises(ValueError, match="'share' parameter of choose_members"):
         choose_members(model, (1, 28, 28), 16, wanted=4, share=0.0)
+
+
+def test_cache_members_divides_the_last_level_cache(monkeypatch):
+    from prunelab.engine import cache_members, member_bytes
+    from prunelab.engine import memory
+
+    assert memory.cache_bytes() >= 2**10                                   # this machine's, or the 32 MiB default
+    model = prunelab.build_model("mlp", input_shape=(1, 28, 28), n_classes=10, hidden=[100])
+    per_member = member_bytes(model, (1, 28, 28), 64)
+    monkeypatch.setattr(memory, "cache_bytes", lambda: 10 * per_member + 1)
+    assert cache_members(model, (1, 28, 28), 64) == 10
+    assert cache_members(model, (1, 28, 28), 64, share=0.5) == 5
+    monkeypatch.setattr(memory, "cache_bytes", lambda: 100)
+    assert cache_members(model, (1, 28, 28), 64) == 1                      # never fewer than one
 
 
 def test_a_group_of_study_runs_gives_the_records_of_single_runs(tmp_path):

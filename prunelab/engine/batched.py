@@ -356,8 +356,9 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     On a CPU the members train in waves of ``wave`` members, one wave after the other (each
     wave's whole training in one batched computation): a step touches every member's weights,
     gradients, optimiser state and mask, and once these outgrow the last-level cache each step
-    waits on main memory. ``wave=None`` takes as many members as fill half the cache
-    (:func:`~prunelab.engine.memory.cache_members`); on a GPU all members train at once.
+    waits on main memory. ``wave=None`` takes as many members as fit the cache
+    (:func:`~prunelab.engine.memory.cache_members`), in waves of even size; on a GPU all
+    members train at once.
 
     Returns one per-epoch history per member (``loss``, ``train_accuracy``, and ``sparsity``
     with a pruner). A member whose loss becomes NaN or infinite raises
@@ -395,6 +396,8 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
             from prunelab.engine.memory import cache_members
 
             wave = cache_members(batch.members[0], tuple(x.shape[1:]), batch_size)
+    waves = math.ceil(batch.size / wave)
+    wave = math.ceil(batch.size / waves)           # even waves: 8 members in 7 + 1 would be 2 full steps
     histories: list[list[dict]] = []
     for first in range(0, batch.size, wave):
         rows = slice(first, min(first + wave, batch.size))

@@ -78,7 +78,7 @@ def cache_bytes() -> int:
     return max(sizes) if sizes else 32 * 2**20
 
 
-def cache_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, share: float = 0.5) -> int:
+def cache_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, share: float = 1.0) -> int:
     """How many members' training steps fit in ``share`` of the last-level cache (at least 1):
     the wave size of the batched engine on a CPU."""
     share = check_number("share", share, where="cache_members", low=0.0, high=1.0, closed="right")
