@@ -210,3 +210,15 @@ def test_a_group_of_study_runs_gives_the_records_of_single_runs(tmp_path):
     retrain = copy.deepcopy(configs[0])
     retrain["training"]["retrain_tolerance"] = 0.01
     assert "retrain_tolerance" in why_not_batched(retrain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_engine_runs_on_cuda_unchanged(ds):
+    cpu = BatchedModels(members(ds, hidden=[32]))
+    gpu = BatchedModels([m.cuda() for m in members(ds, hidden=[32])])
+    for batch in (cpu, gpu):
+        pruners = [prunelab.Pruner(m, 0.8, schedule="agp", schedule_args={"n_prunes": 2, "every": 5})
+                   for m in batch.members]
+        fit_batched(batch, ds, seeds=SEEDS, epochs=1, lr=0.05, pruners=pruners, max_steps=15)
+    for r in range(len(SEEDS)):
+        assert max_gap(cpu.member(r), gpu.member(r).cpu()) < 1e-4

@@ -389,6 +389,7 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     pruners = _check_pruners(batch, pruners) if pruners is not None else [None] * batch.size
     plan = mlp_plan(batch.members[0]) if engine_path == "auto" else None
     device = next(iter(batch.params.values())).device
+    x, y = x.to(device), y.to(device)              # the data goes where the members are
     if wave is None:
         if device.type == "cuda":
             wave = batch.size
@@ -440,8 +441,8 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
     for epoch in range(epochs):
         started = time.perf_counter()
         orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(x.device)   # (R, n)
-        loss_sum = torch.zeros(R, dtype=torch.float64)
-        correct = torch.zeros(R, dtype=torch.long)
+        loss_sum = torch.zeros(R, dtype=torch.float64, device=x.device)
+        correct = torch.zeros(R, dtype=torch.long, device=x.device)
         seen = 0
         for i in range(0, n, batch_size):
             if step >= total:
