@@ -59,12 +59,25 @@ def count_nonzero(tensor: torch.Tensor) -> int:
     return int(torch.count_nonzero(tensor.detach()).item())
 
 
+def flop_types() -> tuple[type, ...]:
+    """The types whose FLOPs are counted: COUNTED_TYPES and the hashed layers (their virtual
+    weights do the work)."""
+    from prunelab.models.hashed import HashedLayer
+
+    return (*COUNTED_TYPES, HashedLayer)
+
+
 def layer_flops(module: nn.Module, output_shapes: Sequence[torch.Size]) -> FlopCount:
-    """FLOPs of a Linear/Conv ``module`` over calls that produced ``output_shapes`` (batch 1)."""
-    if not isinstance(module, COUNTED_TYPES):
-        raise TypeError(f"layer_flops counts Linear and Conv1d/2d/3d layers only; "
+    """FLOPs of a Linear/Conv (or hashed) ``module`` over calls that produced ``output_shapes``
+    (batch 1). A hashed layer counts its virtual weights, a virtual weight being zero when its
+    bucket is."""
+    if not isinstance(module, flop_types()):
+        raise TypeError(f"layer_flops counts Linear and Conv1d/2d/3d layers (and hashed layers) only; "
                         f"got {type(module).__name__}")
     weight, bias = module.weight, module.bias
+    if hasattr(module, "virtual_weight"):
+        with torch.no_grad():
+            weight = module.virtual_weight()
     n_out = weight.shape[0]  # out_features or out_channels
     positions = sum(math.prod(shape) // n_out for shape in output_shapes)
     dense = 2 * weight.numel() * positions
@@ -133,7 +146,7 @@ def trace_outputs(model: nn.Module, input_shape: tuple[int, ...], device: torch.
 
     modes = [(module, module.training) for module in model.modules()]
     handles = [module.register_forward_hook(record)
-               for module in model.modules() if isinstance(module, COUNTED_TYPES)]
+               for module in model.modules() if isinstance(module, flop_types())]
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     try:
         model.eval()
@@ -166,4 +179,4 @@ def count_flops(model: nn.Module, input_shape: Sequence[int] | int, *,
     shape, device, dtype = resolve_input(model, input_shape, device, dtype, "count_flops")
     calls = trace_outputs(model, shape, device, dtype, "count_flops")
     return {name: layer_flops(module, calls.get(module, []))
-            for name, module in model.named_modules() if isinstance(module, COUNTED_TYPES)}
+            for name, module in model.named_modules() if isinstance(module, flop_types())}

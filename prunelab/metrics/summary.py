@@ -19,6 +19,7 @@ from prunelab.metrics.flops import (
     COUNTED_TYPES,
     FlopCount,
     count_nonzero,
+    flop_types,
     layer_flops,
     ratio,
     resolve_input,
@@ -299,7 +300,7 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
             if id(param) not in seen:
                 seen.add(id(param))
                 tally.add_tensor(param, id(param) in prunable_ids)
-        if isinstance(module, COUNTED_TYPES):
+        if isinstance(module, flop_types()):
             tally.add_flops(layer_flops(module, calls.get(module, [])))
         rows.append(tally.freeze(name, type(module).__name__))
         total.merge(tally)

@@ -7,11 +7,14 @@ Registered families (one file each): ``mlp`` and ``lenet-300-100``
 (:mod:`.mlp`), ``lenet5`` (:mod:`.lenet`), ``conv-pool-linear``,
 ``small_conv`` and ``medium_conv`` (:mod:`.conv`), ``vgg11`` (:mod:`.vgg`).
 Register your own with ``@MODELS.register("name")``; see ``docs/models.md``.
+Any of them takes ``hashed=c`` for HashedNets layers (:mod:`.hashed`).
 """
 
+from prunelab.models.hashed import HashedConv2d, HashedLinear, hash_layers
 from prunelab.models.registry import MODELS, build_model, model_names, model_options
 
 # Imported for their registrations.
 from prunelab.models import conv, lenet, mlp, vgg  # noqa: E402,F401  isort: skip
 
-__all__ = ["MODELS", "build_model", "model_names", "model_options"]
+__all__ = ["MODELS", "HashedConv2d", "HashedLinear", "build_model", "hash_layers", "model_names",
+           "model_options"]

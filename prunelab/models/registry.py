@@ -64,7 +64,10 @@ def build_model(
     and 10; explicit arguments win over the dataset. ``seed`` (an int, or
     ``None`` for the global RNG) makes parameter initialisation deterministic
     without disturbing the global RNG state. The remaining keyword arguments
-    are the model's options (see :func:`model_options`).
+    are the model's options (see :func:`model_options`). Every model also takes ``hashed=c``
+    (a compression factor in (0, 1]): its Linear and Conv2d layers then become HashedNets
+    layers keeping the fraction ``c`` of their weights as shared buckets
+    (:mod:`prunelab.models.hashed`).
 
     The returned model carries ``model.config``, a JSON-serialisable dict
     ``{"name", "input_shape", "n_classes", <every option>, "seed"}`` such that
@@ -73,27 +76,39 @@ def build_model(
     """
     canonical = MODELS.canonical(name, param="name", where=_WHERE)
     factory = MODELS.get(canonical)
+    hashed = kwargs.pop("hashed", None)
+    if hashed is not None:
+        hashed = check_number("hashed", hashed, where=canonical, low=0.0, high=1.0, closed="right")
     options = _resolve_options(canonical, factory, kwargs)
     shape, classes = _resolve_data(canonical, input_shape, n_classes, dataset)
     if seed is not None:
         seed = check_number("seed", seed, where=canonical, low=0, integer=True)
 
-    if seed is None:
+    def make() -> nn.Module:
         model = factory(shape, classes, **options)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the factory of model {canonical} must return an nn.Module. "
+                            f"Got {type(model).__name__} instead.")
+        if hashed is not None:
+            from prunelab.models.hashed import hash_layers
+
+            hash_layers(model, hashed, seed=seed or 0)
+        return model
+
+    if seed is None:
+        model = make()
     else:
         # Only the CPU generator is forked: models are built on the CPU.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = factory(shape, classes, **options)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"the factory of model {canonical} must return an nn.Module. "
-                        f"Got {type(model).__name__} instead.")
+            model = make()
 
     model.config = {
         "name": canonical,
         "input_shape": list(shape),
         "n_classes": classes,
         **{key: _plain(value) for key, value in options.items()},
+        **({"hashed": hashed} if hashed is not None else {}),
         "seed": seed,
     }
     return model
