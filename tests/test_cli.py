@@ -88,17 +88,47 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yam
 
 
 def test_the_shipped_specs_are_all_there():
-    assert [p.stem for p in SPECS] == ["quickstart", "study-a", "study-b", "study-c", "study-d", "study-e"]
+    assert [p.stem for p in SPECS] == ["quickstart", "study-a-select", "study-a", "study-b", "study-c", "study-d",
+                                       "study-e"]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 @pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
 def test_shipped_specs_validate(path, quick, capsys):
+    _skip_without_data(path)
+    assert main(["run", str(path), "--dry-run"] + (["--quick"] if quick else [])) == 0
+    assert capsys.readouterr().out.startswith(f"study {path.stem}: ")
+
+
+def _skip_without_data(path):
     needs = {"quickstart": None, "study-b": "fashion-mnist"}.get(path.stem, "mnist")
     if needs and DATASETS.get(needs).missing_files():
         pytest.skip(f"{needs} files absent (set PRUNELAB_DATA)")
-    assert main(["run", str(path), "--dry-run"] + (["--quick"] if quick else [])) == 0
-    assert capsys.readouterr().out.startswith(f"study {path.stem}: ")
+
+
+STUDIES = [p for p in SPECS if p.stem.startswith("study-")]
+# --quick, on even fewer images, so that the six studies take about a minute together
+TINY = ["--set", "datasets.0.subset.n_train=400", "--set", "datasets.0.subset.n_test=200"]
+TINY_EXTRA = {"study-a-select": ["--set", "datasets.0.validation=100"],
+              "study-b": ["--set", "methods.1.calibration=200", "--set", "methods.1.finetune_steps=3",
+                          "--set", "methods.0.sets.1.finetune_steps=[3]", "--set", "methods.0.every=5"]}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_each_shipped_study_runs_in_quick_mode_and_makes_its_tables_and_figures(path, tmp_path, capsys):
+    import yaml
+
+    _skip_without_data(path)
+    argv = ["run", str(path), "--quick", *TINY, *TINY_EXTRA.get(path.stem, []), "--out", str(tmp_path),
+            "--no-progress", "--report"]
+    assert main(argv) == 0, capsys.readouterr().err
+    folder = tmp_path / f"{path.stem}-quick"
+    outputs = yaml.safe_load(path.read_text()).get("outputs", {})
+    tables = list((folder / "tables").glob("*.csv"))
+    figures = list((folder / "figures").glob("*.png"))
+    assert tables and len(tables) >= len(outputs.get("tables", [{}]))
+    assert len(figures) >= len(outputs.get("figures", []))
+    assert (folder / "study_report.html").stat().st_size > 1000
 
 
 def test_quickstart_quick_runs_and_prints_its_tables(tmp_path, capsys):

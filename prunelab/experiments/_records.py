@@ -203,3 +203,26 @@ def raise_problems(problems: list[str]) -> None:
         raise ValueError(problems[0])
     if problems:
         raise ValueError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def select_labels(records: list[RunRecord], declaration: dict, *, where: str,
+                  keys: Sequence[str] = ("methods", "models")) -> list[RunRecord]:
+    """The records whose method / model label is listed in ``declaration["methods"]`` /
+    ``declaration["models"]`` (when given). A listed label also selects its grid variants:
+    ``conv`` selects ``conv[kernel=5, ...]``. An unknown label is an error naming the known ones."""
+    for key in keys:
+        wanted = declaration.get(key)
+        if wanted is None:
+            continue
+        if isinstance(wanted, str):
+            wanted = [wanted]
+        if not isinstance(wanted, list):
+            raise TypeError(f"the {key!r} parameter of {where} must be a list of {key[:-1]} labels. "
+                            f"Got {wanted!r} instead.")
+        name = key[:-1]
+        present = [str(v) for v in label_values(records, name)]
+        bases = sorted({p.split("[", 1)[0] for p in present} | set(present))
+        chosen = {str(check_choice(key, str(w), bases, where=where)) for w in wanted}
+        records = [r for r in records
+                   if str(label(r, name)) in chosen or str(label(r, name)).split("[", 1)[0] in chosen]
+    return records

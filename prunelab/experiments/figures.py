@@ -14,7 +14,9 @@ Figure kinds live in the :data:`FIGURES` registry: a kind is a function
     through its models). ``pareto_of:
     {method: LABEL}`` draws that method's points (e.g. a family of small dense
     conv nets) as grey reference points with their Pareto front
-    (:func:`~prunelab.experiments.analysis.pareto_front`) as a step line.
+    (:func:`~prunelab.experiments.analysis.pareto_front`) as a step line. ``models:`` keeps
+    the listed model labels (a label also selects its grid variants: ``conv`` is every
+    ``conv[...]``).
 ``accuracy_vs_sparsity``
     The same against the target sparsity level (``xscale: linear`` or ``logit``).
 ``weight_histogram``
@@ -45,6 +47,7 @@ from typing import Any
 from prunelab._validation import check_choice, check_number
 from prunelab.experiments._records import (
     LABELS,
+    select_labels,
     NoDataError,
     check_keys,
     check_metric,
@@ -145,8 +148,8 @@ def _name(declaration: dict, kind: str) -> str:
 
 # -------------------------------------------------------------------------- metric vs x lines
 def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str, x: str) -> list:
-    done = [r for r in records if r.status == "done"]
     where = f"figure {kind}"
+    done = select_labels([r for r in records if r.status == "done"], declaration, where=where, keys=("models",))
     metric = _metric(declaration, spec, done, where)
     split_by = _split_by(declaration, where)
     methods = _methods(declaration, done, where)
@@ -287,13 +290,13 @@ def _suptitle(figure, declaration: dict) -> None:
         figure.suptitle(str(title))
 
 
-@_kind("accuracy_vs_params", ("split_by", "methods", "pareto_of"))
+@_kind("accuracy_vs_params", ("split_by", "methods", "models", "pareto_of"))
 def accuracy_vs_params(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Metric vs non-zero parameters (log x), one line per method, error bars = std over seeds."""
     return _lines(records, declaration, spec, kind="accuracy_vs_params", x="nonzero_params")
 
 
-@_kind("accuracy_vs_sparsity", ("split_by", "methods", "pareto_of", "xscale"))
+@_kind("accuracy_vs_sparsity", ("split_by", "methods", "models", "pareto_of", "xscale"))
 def accuracy_vs_sparsity(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Metric vs target sparsity, one line per method, error bars = std over seeds."""
     return _lines(records, declaration, spec, kind="accuracy_vs_sparsity", x="sparsity")

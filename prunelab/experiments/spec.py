@@ -270,14 +270,16 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
             if task is None:
                 continue
         d_label = dataset.get("label") or dataset.get("name", "?") + _grid_suffix(d_chosen, d_path)
-        m_label = model.get("label") or _model_label(model) + _grid_suffix(m_chosen, m_path)
+        m_base = model.get("label") or _model_label(model)
+        m_label = m_base + _grid_suffix(m_chosen, m_path)     # a labelled grid: conv[kernel=5], ...
         x_base = method.get("label") or task.default_label(method)
         x_label = x_base + _grid_suffix({k: v for k, v in {**x_chosen, **t_chosen}.items()
                                          if method.get("label") or _short(v) != x_base}, x_path)
         only_datasets, only_models = filters[x_path]
         if (only_datasets is not None and d_label not in only_datasets
                 and dataset.get("name") not in only_datasets) or \
-                (only_models is not None and m_label not in only_models and model.get("name") not in only_models):
+                (only_models is not None and m_label not in only_models and m_base not in only_models
+                 and model.get("name") not in only_models):
             continue
         levels = _method_levels(x_path, method, m_label, model, checker)
         if levels is None:

@@ -9,6 +9,8 @@ A table declaration (the spec's ``outputs.tables`` entries, all keys optional)::
     percent: true             # show metric × 100 (default: accuracy-like metrics in [0, 1])
     digits: 2                 # decimals shown (default 2 for percentages, else 4 significant digits)
     title: "Test accuracy"    # replaces the metric name in the title
+    methods: [MagL1, MagL2]   # only these methods / models (a label also selects its grid
+    models: [conv]            # variants: conv is every conv[kernel=..., ...])
 
 ``split_by`` defaults to the labels among dataset/model/method/sparsity that are
 neither rows nor columns, leaving out a label that varies but is fixed by the
@@ -43,6 +45,7 @@ from typing import Any
 from prunelab._validation import check_choice, check_number
 from prunelab.experiments._records import (
     LABELS,
+    select_labels,
     LEVEL,
     check_keys,
     check_metric,
@@ -62,7 +65,7 @@ from prunelab.registry import Registry
 ROW_CHOICES = (*LABELS, LEVEL)
 COLUMN_CHOICES = ROW_CHOICES
 SPLIT_CHOICES = ROW_CHOICES
-TABLE_KEYS = ("rows", "columns", "split_by", "metric", "percent", "digits", "title")
+TABLE_KEYS = ("rows", "columns", "split_by", "metric", "percent", "digits", "title", "methods", "models")
 FORMATS = ("md", "csv", "tex")
 DEFAULT_TABLE = {"rows": "sparsity", "columns": "method"}
 
@@ -340,14 +343,15 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
             layouts.append((declaration, where))
             continue
         try:
-            layouts.append(_layout(declaration, where, default_metric or "accuracy", done))
+            chosen = select_labels(done, declaration, where=where) if isinstance(declaration, dict) else done
+            layouts.append((_layout(declaration, where, default_metric or "accuracy", chosen), chosen))
         except (ValueError, TypeError) as err:
             problems.append(str(err))
     raise_problems(problems)
     tables: list[Table] = []
     names: set[str] = set()
     for layout in layouts:
-        built = (_tables_of(layout, done) if isinstance(layout, _Layout)
+        built = (_tables_of(*layout) if isinstance(layout[0], _Layout)
                  else TABLE_KINDS.get(layout[0]["kind"])(done, layout[0], outputs or {}, layout[1]))
         for table in built:
             name, k = table.name, 2
