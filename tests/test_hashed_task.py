@@ -77,3 +77,20 @@ def test_select_labels_filters_by_label_or_base_label_and_names_unknown_ones():
     assert select_labels(records, {}, where="t") == records
     with pytest.raises(ValueError, match="'models' parameter of t must be one of: conv, conv\\[k=3\\]"):
         select_labels(records, {"models": ["cnv"]}, where="t")
+
+
+def test_thin_true_measures_the_physically_thinned_model(tmp_path):
+    s = spec(models=[{"name": "conv-pool-linear", "channels": 8, "kernel": 3}],
+             methods=[{"label": "filters", "granularity": "filter", "layers": ["conv1"], "thin": True}],
+             sparsities=[0.5])
+    run_study(build_study(s), tmp_path / "s.db", progress=False)
+    with Store(tmp_path / "s.db") as store:
+        (record,) = store.records()
+    m = record.metrics
+    assert m["units_removed"] == 4                          # half of conv1's 8 filters
+    # digits 8x8 -> conv 3x3 6x6 -> pool 3x3: 8 filters 80 + linear 72*10+10, thinned to 4 filters
+    assert m["params"] == 80 + 730 and m["params_thinned"] == 40 + 370
+    assert m["accuracy_thinned"] == pytest.approx(m["accuracy"], abs=0.02)
+    assert m["measured_speedup"] > 0
+    with pytest.raises(SpecError, match="methods\\[0\\].thin: must be true or false; got 'yes'"):
+        build_study(spec(methods=[{"label": "m", "thin": "yes"}]))

@@ -140,7 +140,8 @@ def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> li
         model = batch.store_member(r)
         _, dense_history, cached = dense[r]
         metrics = prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense[r],
-                                accuracy_pruned=accuracy_pruned[r], cached=cached, dense_history=dense_history)
+                                accuracy_pruned=accuracy_pruned[r], cached=cached, dense_history=dense_history,
+                                thin=bool(config["method"].get("thin")))
         metrics["engine"] = "batched" if mlp_plan(model) is not None else "batched-vmap"
         results.append({"metrics": metrics,
                         "curve": [{"phase": "dense", **h} for h in dense_history]

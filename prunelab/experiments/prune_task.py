@@ -36,7 +36,7 @@ from prunelab.training import OPTIMIZERS, Callback, RecoveryMonitor, evaluate, f
 DATASET_KEYS = ("name", "label", "subset", "validation", "standardize")
 MODEL_KEYS = ("name", "label")
 METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
-               "regularizer", "rewind", "layers", "calibration", "training")
+               "regularizer", "rewind", "layers", "calibration", "training", "thin")
 TRAINING_DEFAULTS = {"epochs": 10, "finetune_epochs": 5, "batch_size": 64, "lr": 0.05,
                      "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
                      "retrain_tolerance": None, "eval_every": 50}
@@ -244,6 +244,14 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
                           f"{finetune_steps} fine-tuning steps ({train['finetune_epochs']} epochs x "
                           f"{per_epoch} steps); raise training.finetune_epochs or shorten the schedule")
         schedule["name"] = built.name
+    if "thin" in method:          # only when given, so that older runs keep their ids
+        if not isinstance(method["thin"], bool):
+            checker.error(f"{path}.thin", f"must be true or false; got {method['thin']!r}")
+        elif not method["thin"]:
+            method.pop("thin")
+        else:
+            from prunelab.units import Units
+            checker.attempt(f"{path}.thin", Units.of, net, None)
     rewind = method["rewind"]
     dense_steps = train["epochs"] * per_epoch
     if rewind is not None and rewind != "init":
@@ -372,6 +380,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
                   callbacks=[monitor] if monitor else (),
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
     return {"metrics": prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
+                                     thin=bool(method.get("thin")),
                                      accuracy_pruned=accuracy_pruned, cached=cached,
                                      dense_history=dense_history, monitor=monitor),
             "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]}
@@ -391,9 +400,35 @@ def make_pruner(config: dict, model, ds, snapshot=None) -> Pruner:
                   rewind=snapshot, seed=config["seed"], calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
 
 
+def thinned_metrics(model, ds) -> dict:
+    """Thin ``model`` physically (remove every unit whose outgoing weights are all zero) and
+    measure it: ``units_removed``, ``params_thinned``, ``accuracy_thinned`` (a removed unit's
+    bias is dropped with it, so this can differ slightly from the masked model's accuracy) and
+    ``measured_speedup``, the masked model's median forward latency at batch 64 over the
+    thinned model's (``prunelab.measure_latency``)."""
+    from prunelab.metrics import measure_latency
+    from prunelab.units import Units, thin
+
+    units = Units.of(model, ds.input_shape)
+    plan = {}
+    for layer in units.layers:
+        rows = layer.module.weight.detach().flatten(1)
+        dead = torch.nonzero((rows == 0).all(dim=1)).flatten()
+        if 0 < len(dead) < len(rows):
+            plan[layer.name] = dead
+    small = thin(model, plan, input_shape=ds.input_shape) if plan else copy.deepcopy(model)
+    before, after = (measure_latency(m, ds.input_shape, 64, warmup=5, repeats=30)[0].median_ms
+                     for m in (model, small))
+    return {"units_removed": sum(len(v) for v in plan.values()),
+            "params_thinned": sum(p.numel() for p in small.parameters()),
+            "accuracy_thinned": evaluate(small, (ds.x_test, ds.y_test))["accuracy"],
+            "measured_speedup": before / after}
+
+
 def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: float, accuracy_pruned: float,
-                  cached: bool, dense_history: list, monitor=None) -> dict:
-    """The metrics a prune run stores, from its final model and Pruner."""
+                  cached: bool, dense_history: list, monitor=None, thin: bool = False) -> dict:
+    """The metrics a prune run stores, from its final model and Pruner (with ``thin``, also
+    those of :func:`thinned_metrics`)."""
     from prunelab.metrics import summary
     test = (ds.x_test, ds.y_test)
     final = evaluate(model, test)
@@ -413,6 +448,8 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
                              "counts": [int(c) for c in counts.tolist()]},
         "train_seconds": time.perf_counter() - started,
     }
+    if thin:
+        metrics.update(thinned_metrics(model, ds))
     if monitor is not None:
         metrics["retrain_steps"] = monitor.steps_to_recover
         metrics["retrain_curve"] = monitor.curve
