@@ -572,3 +572,18 @@ def test_retraining_figure_bands_over_seeds_and_the_dense_line(tmp_path):
     plain = build_study(tmp_path / "p.db", standard_runs())
     with pytest.raises(NoDataError, match="set training.retrain_tolerance"):
         FIGURES.get("retraining")(records(plain), {"kind": "retraining"}, {})
+
+
+def test_a_design_grid_of_many_methods_gets_one_shared_legend_and_distinct_line_styles(tmp_path):
+    from prunelab.experiments.figures import build_figures
+
+    runs = [{"dataset": "mnist", "method": f"design[{k}]", "sparsity": s, "seed": 0,
+             "metrics": {"accuracy": 0.9 - 0.01 * k - s / 10, "nonzero_params": round(PARAMS * (1 - s))}}
+            for k in range(12) for s in (0.5, 0.9)]
+    path = build_study(tmp_path / "s.db", runs)
+    ((_, figure),) = build_figures(records(path), {}, {"kind": "accuracy_vs_params"})
+    (ax,) = [a for a in figure.axes if a.get_visible()]
+    assert ax.get_legend() is None and len(figure.legends) == 1
+    assert len(figure.legends[0].get_texts()) == 12
+    styles = [bars.lines[0].get_linestyle() for bars in ax.containers if bars.get_label().startswith("design")]
+    assert styles.count("-") == 10 and styles.count("--") == 2

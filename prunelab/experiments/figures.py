@@ -16,7 +16,8 @@ Figure kinds live in the :data:`FIGURES` registry: a kind is a function
     conv nets) as grey reference points with their Pareto front
     (:func:`~prunelab.experiments.analysis.pareto_front`) as a step line. ``models:`` keeps
     the listed model labels (a label also selects its grid variants: ``conv`` is every
-    ``conv[...]``).
+    ``conv[...]``). With more than 10 lines (a design-space grid) the panels share one legend
+    below them, and lines past the 10th colour are dashed, then dotted.
 ``accuracy_vs_sparsity``
     The same against the target sparsity level (``xscale: linear`` or ``logit``).
 ``weight_histogram``
@@ -182,10 +183,29 @@ def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str
         ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
         ax.set_title(_panel_title(split_by, combo), fontsize="medium")
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+    _legends(figure, axes)
     _suptitle(figure, declaration)
     return [(_name(declaration, kind), figure)]
+
+
+MAX_PANEL_LEGEND = 10
+
+
+def _legends(figure, axes) -> None:
+    """A legend in each panel; with more than MAX_PANEL_LEGEND entries (a design-space grid), one
+    shared legend below the panels instead, in two columns, the figure made taller to hold it."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(text, handle)
+    if len(entries) <= MAX_PANEL_LEGEND:
+        for ax in axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
+        return
+    width, height = figure.get_size_inches()
+    figure.set_size_inches(max(width, 9.0), height + 0.2 * math.ceil(len(entries) / 2) + 0.3)
+    figure.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=2, fontsize="x-small")
 
 
 def _matches(group: Group, keys: Sequence[str], values: Sequence[Any]) -> bool:
@@ -227,7 +247,13 @@ def _draw_lines(ax, groups: list[Group], split_by: Sequence[str], x: str, scale:
         ax.errorbar([_x(g, x) for g in line], [g.mean * scale for g in line],
                     yerr=[(g.std or 0.0) * scale for g in line], label=label, capsize=3,
                     color=colors.get(first.method), marker=markers[models.index(first.model) % len(markers)],
-                    markersize=4, linewidth=1.2)
+                    markersize=4, linewidth=1.2, linestyle=_line_style(colors, first.method))
+
+
+def _line_style(colors: dict[str, Any], method: str) -> str:
+    """Solid for the first 10 methods, then dashed, then dotted: the palette has 10 colours."""
+    index = list(colors).index(method) if method in colors else 0
+    return ("-", "--", ":")[index // 10 % 3]
 
 
 def _families(groups: list[Group], keys: Sequence[str]) -> set[str]:
