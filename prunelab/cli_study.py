@@ -50,7 +50,7 @@ def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool)
     with Store(db) as store:
         if not store.counts()["done"]:
             return
-        tables = build_tables(store.records(status="done"), (store.meta("spec") or {}).get("outputs"))
+        tables = build_tables(store.records(), (store.meta("spec") or {}).get("outputs"))
     paths = write_tables(db, db.parent / "tables")
     if print_tables:
         for table in tables:

@@ -587,3 +587,20 @@ def test_a_design_grid_of_many_methods_gets_one_shared_legend_and_distinct_line_
     assert len(figure.legends[0].get_texts()) == 12
     styles = [bars.lines[0].get_linestyle() for bars in ax.containers if bars.get_label().startswith("design")]
     assert styles.count("-") == 10 and styles.count("--") == 2
+
+
+def test_a_filter_naming_labels_without_finished_runs_skips_its_table_but_a_typo_is_an_error(tmp_path):
+    from prunelab.experiments.tables import build_tables
+
+    runs = [{"dataset": "mnist", "method": "magl1", "model": "h100", "sparsity": 0.5, "seed": 0,
+             "metrics": {"accuracy": 0.9}},
+            {"dataset": "mnist", "method": "conv", "model": "conv[kernel=5]", "sparsity": 0.0, "seed": 0,
+             "status": "pending"}]
+    with Store(build_study(tmp_path / "s.db", runs)) as store:
+        everything = store.records()
+    outputs = {"tables": [{"rows": "sparsity", "columns": "dataset", "models": ["h100"]},
+                          {"rows": "model", "columns": "dataset", "models": ["conv"]}]}
+    (table,) = build_tables(everything, outputs)             # the conv table waits for its runs
+    assert table.rows[0][1][0].mean == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="'models' parameter of outputs.tables\\[0\\] must be one of: conv"):
+        build_tables(everything, {"tables": [{"rows": "model", "columns": "dataset", "models": ["cnv"]}]})

@@ -206,10 +206,14 @@ def raise_problems(problems: list[str]) -> None:
 
 
 def select_labels(records: list[RunRecord], declaration: dict, *, where: str,
-                  keys: Sequence[str] = ("methods", "models")) -> list[RunRecord]:
+                  keys: Sequence[str] = ("methods", "models"), known: Sequence[RunRecord] | None = None
+                  ) -> list[RunRecord]:
     """The records whose method / model label is listed in ``declaration["methods"]`` /
     ``declaration["models"]`` (when given). A listed label also selects its grid variants:
-    ``conv`` selects ``conv[kernel=5, ...]``. An unknown label is an error naming the known ones."""
+    ``conv`` selects ``conv[kernel=5, ...]``. A label unknown to ``known`` (default: ``records``;
+    pass every run of the study, pending ones too) is an error naming the known ones; known
+    labels without a run in ``records`` yet (a study still running) give a :class:`NoDataError`."""
+    known = list(records) if known is None else list(known)
     for key in keys:
         wanted = declaration.get(key)
         if wanted is None:
@@ -220,9 +224,11 @@ def select_labels(records: list[RunRecord], declaration: dict, *, where: str,
             raise TypeError(f"the {key!r} parameter of {where} must be a list of {key[:-1]} labels. "
                             f"Got {wanted!r} instead.")
         name = key[:-1]
-        present = [str(v) for v in label_values(records, name)]
+        present = [str(v) for v in label_values(known, name)]
         bases = sorted({p.split("[", 1)[0] for p in present} | set(present))
         chosen = {str(check_choice(key, str(w), bases, where=where)) for w in wanted}
         records = [r for r in records
                    if str(label(r, name)) in chosen or str(label(r, name)).split("[", 1)[0] in chosen]
+        if not records:
+            raise NoDataError(f"{where}: no finished run of {name} {', '.join(sorted(chosen))} yet.")
     return records

@@ -150,7 +150,8 @@ def _name(declaration: dict, kind: str) -> str:
 # -------------------------------------------------------------------------- metric vs x lines
 def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str, x: str) -> list:
     where = f"figure {kind}"
-    done = select_labels([r for r in records if r.status == "done"], declaration, where=where, keys=("models",))
+    done = select_labels([r for r in records if r.status == "done"], declaration, where=where, keys=("models",),
+                         known=records)
     metric = _metric(declaration, spec, done, where)
     split_by = _split_by(declaration, where)
     methods = _methods(declaration, done, where)
@@ -579,7 +580,7 @@ def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
     study = open_study(store_path)
     done = require_done(study, "prunelab plot")
     declarations = figure_declarations(study.spec)
-    figures = [pair for i, d in enumerate(declarations) for pair in build_figures(done, study.spec, d, i)]
+    figures = [pair for i, d in enumerate(declarations) for pair in build_figures(study.records, study.spec, d, i)]
     out = Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures")
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -137,7 +137,7 @@ def _tables(study: Study) -> str:
     done = study.done
     if not done:
         return _no_runs_note(study)
-    tables = build_tables(done, study.outputs)
+    tables = build_tables(study.records, study.outputs)
     if not tables:
         return '<p class="note">The spec declares no tables.</p>'
     return "\n".join(table.to_html() for table in tables)
@@ -150,7 +150,7 @@ def _figures(study: Study) -> str:
     parts, figures = [], []
     for i, declaration in enumerate(figure_declarations(study.spec)):
         try:
-            pairs = build_figures(done, study.spec, declaration, i)
+            pairs = build_figures(study.records, study.spec, declaration, i)
         except NoDataError as err:
             parts.append(f'<p class="note error">{html.escape(str(err))}</p>')
             continue

@@ -45,6 +45,7 @@ from typing import Any
 from prunelab._validation import check_choice, check_number
 from prunelab.experiments._records import (
     LABELS,
+    NoDataError,
     select_labels,
     LEVEL,
     check_keys,
@@ -343,8 +344,11 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
             layouts.append((declaration, where))
             continue
         try:
-            chosen = select_labels(done, declaration, where=where) if isinstance(declaration, dict) else done
+            chosen = select_labels(done, declaration, where=where, known=records) \
+                if isinstance(declaration, dict) else done
             layouts.append((_layout(declaration, where, default_metric or "accuracy", chosen), chosen))
+        except NoDataError:
+            continue                       # its methods / models have no finished run yet
         except (ValueError, TypeError) as err:
             problems.append(str(err))
     raise_problems(problems)
@@ -427,7 +431,7 @@ def write_tables(store_path: str | Path, out_dir: str | Path | None = None,
     done = require_done(study, "prunelab table")
     if metric is not None:
         check_metric(done, metric, where="table")
-    tables = build_tables(done, _overridden(study.outputs, columns=columns, rows=rows, metric=metric))
+    tables = build_tables(study.records, _overridden(study.outputs, columns=columns, rows=rows, metric=metric))
     out = Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_tables")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
