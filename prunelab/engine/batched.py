@@ -434,6 +434,8 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
     n, R = len(x), batch.size
     if plan is not None:
         grads = {name: torch.zeros_like(p) for name, p in batch.params.items()}
+        for name, g in grads.items():
+            batch.params[name].grad = g
     total = epochs * math.ceil(n / batch_size) if max_steps is None else max_steps
     histories: list[list[dict]] = [[] for _ in range(R)]
     step = 0
@@ -451,12 +453,10 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
             rows = idx.reshape(-1)                   # index_select: ~7x faster than x[idx]
             xb = x.index_select(0, rows).view(R, -1, *x.shape[1:])            # (R, b, ...)
             yb = y.index_select(0, rows).view(R, -1)                          # (R, b)
-            opt.zero_grad()
-            if plan is not None:
+            if plan is not None:          # the gradients are written into the same buffers each step
                 losses, out = _mlp_step(batch.params, grads, plan, xb, yb)
-                for name, g in grads.items():
-                    batch.params[name].grad = g
             else:
+                opt.zero_grad()
                 out = batch(xb)                                                # (R, b, classes)
                 losses = nn.functional.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
                 losses = losses.view(R, -1).mean(dim=1)                        # each member's mean loss
