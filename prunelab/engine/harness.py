@@ -1,6 +1,6 @@
 """Prune runs of a study, many at once: the batched counterpart of
-:func:`prunelab.experiments.prune_task.execute_prune` (work in progress: the planner and the
-executors do not call it yet).
+:func:`prunelab.experiments.prune_task.execute_prune`, which the study planner
+(:func:`prunelab.experiments.study.plan_jobs`) and the executors use for ``--engine batched``.
 
 Runs that share dataset, model and training budget and differ only in seed, target, criterion,
 granularity, scope, schedule or regulariser strength form a *group* (:func:`group_key`). Their
@@ -14,10 +14,8 @@ from __future__ import annotations
 import copy
 import time
 
-import torch
-
 from prunelab.engine.batched import OPTIMIZERS, REGULARIZERS, BatchedModels, fit_batched, mlp_plan
-from prunelab.experiments.prune_task import (dense_cache_path, load_prepared_dataset, make_pruner,
+from prunelab.experiments.prune_task import (dense_cache_path, load_dense, load_prepared_dataset, make_pruner,
                                              prune_metrics, save_dense)
 from prunelab.experiments.store import digest
 from prunelab.models import build_model
@@ -77,9 +75,8 @@ def _dense_models(configs: list[dict], ds, cache_dir: str | None):
             continue
         path = dense_cache_path(config, cache_dir)
         model = build_model(config["model"]["name"], dataset=ds, seed=config["seed"], **config["model"]["options"])
-        if path is not None and path.is_file():
-            saved = torch.load(path, weights_only=True, map_location="cpu")
-            model.load_state_dict(saved["state_dict"])
+        saved = load_dense(path, model)
+        if saved is not None:
             found[key] = (model, saved["history"], True)
         else:
             to_train[key] = {"config": config, "model": model, "path": path}

@@ -74,7 +74,8 @@ class LocalExecutor(Executor):
             for job in jobs:
                 for member in job.members:
                     on_start(member, "local-0")
-                for member, outcome in zip(job.members, _call(job, self.cache_dir, None)):
+                work, argument = _work(job)
+                for member, outcome in zip(job.members, _outcomes(job, work(argument, self.cache_dir, None))):
                     on_finish(member, outcome)
             return
         queue = list(jobs)
@@ -96,7 +97,7 @@ class LocalExecutor(Executor):
                     for member in job.members:
                         on_start(member, f"local-{slot % self.parallelism}")
                     slot += 1
-                    in_flight[_submit(pool.submit, job, self.cache_dir, self.threads)] = job
+                    in_flight[pool.submit(*_work(job), self.cache_dir, self.threads)] = job
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     job = in_flight.pop(future)
@@ -122,16 +123,11 @@ class LocalExecutor(Executor):
         return []
 
 
-def _call(job: Job, cache_dir, threads) -> list[dict]:
+def _work(job: Job):
+    """What runs a job: ``(function, its first argument)``, called with ``cache_dir, threads``."""
     if job.group:
-        return execute_group([m.config for m in job.group], cache_dir, threads)
-    return [execute_run(job.config, cache_dir, threads)]
-
-
-def _submit(submit, job: Job, cache_dir, threads):
-    if job.group:
-        return submit(execute_group, [m.config for m in job.group], cache_dir, threads)
-    return submit(execute_run, job.config, cache_dir, threads)
+        return execute_group, [m.config for m in job.group]
+    return execute_run, job.config
 
 
 def _outcomes(job: Job, result) -> list[dict]:

@@ -48,7 +48,6 @@ from typing import Any
 from prunelab._validation import check_choice, check_number
 from prunelab.experiments._records import (
     LABELS,
-    select_labels,
     NoDataError,
     check_keys,
     check_metric,
@@ -59,6 +58,7 @@ from prunelab.experiments._records import (
     open_study,
     raise_problems,
     require_done,
+    select_labels,
 )
 from prunelab.experiments.analysis import Group, aggregate, pareto_front
 from prunelab.experiments.store import RunRecord
@@ -578,7 +578,7 @@ def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
         formats = [formats]
     formats = [check_choice("format", f, FORMATS, where="plot") for f in formats]
     study = open_study(store_path)
-    done = require_done(study, "prunelab plot")
+    require_done(study, "prunelab plot")          # a clear error when nothing has finished
     declarations = figure_declarations(study.spec)
     figures = [pair for i, d in enumerate(declarations) for pair in build_figures(study.records, study.spec, d, i)]
     out = Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures")

@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import time
 
-from prunelab.experiments.prune_task import _prepare_dataset, _prepare_training, load_prepared_dataset
+from prunelab.experiments.prune_task import (_prepare_dataset, _prepare_training, _train_kwargs,
+                                             load_prepared_dataset)
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import evaluate, fit
@@ -84,9 +85,7 @@ def execute_hashed(config: dict) -> dict:
     name, options = config["model"]["name"], config["model"]["options"]
     model = build_model(name, dataset=ds, seed=seed, **options, **_hashing(level))
     epochs = train["epochs"] + train["finetune_epochs"]
-    history = fit(model, ds, epochs=epochs, seed=seed, batch_size=train["batch_size"], lr=train["lr"],
-                  optimizer=train["optimizer"], momentum=train["momentum"], weight_decay=train["weight_decay"],
-                  progress=False)
+    history = fit(model, ds, epochs=epochs, seed=seed, **_train_kwargs(train, {}, finetune=False))
     final = evaluate(model, (ds.x_test, ds.y_test))
     stats = summary(model, ds.input_shape).total
     virtual = summary(build_model(name, dataset=ds, **options), ds.input_shape)

@@ -327,9 +327,8 @@ def _dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: b
     rewind = method.get("rewind")
     path = dense_cache_path(config, cache_dir)
     model = build_model(config["model"]["name"], dataset=ds, seed=seed, **config["model"]["options"])
-    if path is not None and path.is_file() and not force:
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        model.load_state_dict(saved["state_dict"])
+    saved = None if force else load_dense(path, model)
+    if saved is not None:
         return model, saved["history"], saved.get("snapshot"), True
     snapshot = _Snapshot(0 if rewind == "init" else rewind) if rewind is not None else None
     history = fit(model, ds, epochs=train["epochs"], seed=seed,
@@ -346,6 +345,16 @@ def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
                   "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method.get("regularizer"),
                   "layers": method.get("layers"), "rewind": method.get("rewind"), "version": VERSION}
     return Path(cache_dir) / "dense" / f"{digest(key_fields, 20)}.pt" if cache_dir else None
+
+
+def load_dense(path: Path | None, model) -> dict | None:
+    """Load the cached dense weights at ``path`` into ``model`` and return the cache entry
+    (``history``, ``snapshot``); None when there is no such file."""
+    if path is None or not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    model.load_state_dict(saved["state_dict"])
+    return saved
 
 
 def save_dense(path: Path | None, model, history, snapshot) -> None:

@@ -58,8 +58,7 @@ def plan_jobs(records, engine: str = "batched") -> list[Job]:
     order: list[tuple[int, object]] = []
     for index, job in enumerate(singles):
         config = job.config
-        if config.get("task") == "prune" and config["model"]["name"] in BATCHED_MODELS \
-                and why_not_batched(config) is None:
+        if why_not_batched(config) is None and config["model"]["name"] in BATCHED_MODELS:
             key = group_key(config)
             if key not in groups:
                 groups[key] = []

@@ -45,9 +45,8 @@ from typing import Any
 from prunelab._validation import check_choice, check_number
 from prunelab.experiments._records import (
     LABELS,
-    NoDataError,
-    select_labels,
     LEVEL,
+    NoDataError,
     check_keys,
     check_metric,
     format_key,
@@ -57,6 +56,7 @@ from prunelab.experiments._records import (
     open_study,
     raise_problems,
     require_done,
+    select_labels,
     slug,
 )
 from prunelab.experiments.analysis import Group, aggregate
