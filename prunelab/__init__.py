@@ -7,10 +7,12 @@
     pruner = prunelab.prune(model, 0.9, criterion="magnitude", scope="global")
     prunelab.fit(model, ds, epochs=10, pruner=pruner)      # fine-tune, zeros kept
     print(prunelab.evaluate(model, ds), prunelab.summary(model, ds.input_shape))
+    prunelab.save(model, "model.plm")                       # compressed file; prunelab.load reads it
 """
 
 from prunelab._version import __version__
 from prunelab.data import Dataset, load_dataset
+from prunelab.export import load, save
 from prunelab.metrics import measure_latency, summary
 from prunelab.models import build_model
 from prunelab.pruning import Pruner, make_schedule, prune
@@ -18,5 +20,5 @@ from prunelab.training import TrainingDiverged, evaluate, fit
 
 __all__ = [
     "Dataset", "Pruner", "TrainingDiverged", "__version__", "build_model", "evaluate", "fit",
-    "load_dataset", "make_schedule", "measure_latency", "prune", "summary",
+    "load", "load_dataset", "make_schedule", "measure_latency", "prune", "save", "summary",
 ]

@@ -16,6 +16,9 @@ stored value and ``r`` bits per relative index:
   pointers (positions are recovered by a cumulative sum), so
   ``(nnz + n_fill)·(b + r)`` bits.
 
+With ``index_bits="auto"`` each tensor's CSR size is the smallest over ``r = 1 … 16``
+(:func:`best_index_bits`): sparser tensors have longer gaps and want wider indices.
+
 Bytes are ``ceil(bits / 8)`` per tensor.
 """
 
@@ -29,15 +32,43 @@ from prunelab._validation import check_number, check_type
 FORMATS = ("dense", "bitmask", "csr")
 
 
-def check_storage_bits(bits: object, index_bits: object, where: str) -> tuple[int, int]:
-    """Validate the bits per value (``[1, 64]``) and bits per relative index (``[1, 16]``)."""
+#: Widths ``index_bits="auto"`` chooses from.
+INDEX_BITS = range(1, 17)
+
+
+def check_storage_bits(bits: object, index_bits: object, where: str) -> tuple[int, int | str]:
+    """Validate the bits per value (``[1, 64]``) and bits per relative index (``[1, 16]`` or ``"auto"``)."""
     bits = check_number("bits", bits, where=where, low=1, high=64, integer=True)
-    index_bits = check_number("index_bits", index_bits, where=where, low=1, high=16, integer=True)
+    if index_bits != "auto":
+        index_bits = check_number("index_bits", index_bits, where=where, low=1, high=16, integer=True)
     return bits, index_bits
 
 
 #: Elements per slice when scanning for gaps, to bound the memory of the index tensor.
 _CHUNK = 1 << 22
+
+
+def _gaps(tensor: torch.Tensor):
+    """The zeros before each non-zero of the row-major flattened tensor, slice by slice."""
+    flat = tensor.detach().reshape(-1)
+    previous = -1
+    for start in range(0, flat.numel(), _CHUNK):
+        idx = torch.nonzero(flat[start:start + _CHUNK]).flatten() + start
+        if idx.numel() == 0:
+            continue
+        yield torch.diff(idx, prepend=idx.new_tensor([previous])) - 1
+        previous = int(idx[-1].item())
+
+
+def best_index_bits(tensor: torch.Tensor, bits: int) -> int:
+    """The relative-index width ``r`` in ``1 … 16`` that makes CSR smallest for ``tensor``
+    (``(nnz + n_fill(r))·(bits + r)``; ties go to the narrower index)."""
+    nnz = int(torch.count_nonzero(tensor).item())
+    fillers = dict.fromkeys(INDEX_BITS, 0)
+    for gaps in _gaps(tensor):
+        for r in INDEX_BITS:
+            fillers[r] += int((gaps >> r).sum().item())
+    return min(INDEX_BITS, key=lambda r: ((nnz + fillers[r]) * (bits + r), r))
 
 
 def csr_fillers(tensor: torch.Tensor, index_bits: int) -> int:
@@ -51,28 +82,20 @@ def csr_fillers(tensor: torch.Tensor, index_bits: int) -> int:
     check_type("tensor", tensor, torch.Tensor, where="csr_fillers")
     index_bits = check_number("index_bits", index_bits, where="csr_fillers",
                               low=1, high=16, integer=True)
-    flat = tensor.detach().reshape(-1)
-    span = 2 ** index_bits
-    previous = -1
-    fillers = 0
-    for start in range(0, flat.numel(), _CHUNK):
-        idx = torch.nonzero(flat[start:start + _CHUNK]).flatten() + start
-        if idx.numel() == 0:
-            continue
-        gaps = torch.diff(idx, prepend=idx.new_tensor([previous])) - 1
-        fillers += int(torch.div(gaps, span, rounding_mode="floor").sum().item())
-        previous = int(idx[-1].item())
-    return fillers
+    return sum(int((gaps >> index_bits).sum().item()) for gaps in _gaps(tensor))
 
 
-def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int = 4) -> dict[str, int]:
+def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4) -> dict[str, int]:
     """Bits needed to store ``tensor`` as ``{"dense", "bitmask", "csr"}``.
 
     ``dense = N·b``, ``bitmask = N + nnz·b``, ``csr = (nnz + n_fill)·(b + r)``
-    with ``b = bits``, ``r = index_bits`` and ``n_fill`` from :func:`csr_fillers`.
+    with ``b = bits``, ``r = index_bits`` (``"auto"``: :func:`best_index_bits`) and
+    ``n_fill`` from :func:`csr_fillers`.
     """
     check_type("tensor", tensor, torch.Tensor, where="storage_bits")
     bits, index_bits = check_storage_bits(bits, index_bits, "storage_bits")
+    if index_bits == "auto":
+        index_bits = best_index_bits(tensor, bits)
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
     nnz = int(torch.count_nonzero(flat).item())

@@ -1,0 +1,583 @@
+"""Compressed model files: write a pruned, thinned or hashed model small, read it back safely.
+
+A prunelab model file holds plain bytes and JSON, never pickled code::
+
+    b"PRUNELAB"  u8 version  u32 header length  header (UTF-8 JSON)  payload
+
+The header names the architecture (the registry name and arguments, ``model.config``;
+tensor shapes differing from the registry model's are the thinned shapes) and, per
+state-dict tensor, its shape, encoding, value type and byte range in the payload. A
+SHA-256 over the header and the payload detects tampering and truncation.
+
+Each floating tensor is stored in one of the three formats of METHODS.md §7 (the byte
+counts are those of :mod:`prunelab.metrics.storage`, so the payload equals the summary's
+storage prediction):
+
+* ``dense``: every value;
+* ``bitmask``: one presence bit per element (packed, little-endian bit order), then the
+  non-zero values in row-major order;
+* ``csr``: per stored entry a value and an ``r``-bit count of the zeros skipped before it
+  (relative index, Han et al. 2016); gaps longer than ``2^r − 1`` are bridged by
+  explicit-zero filler entries. Values first, then the packed counts. By default each
+  tensor gets the width ``r`` in 1 … 16 that makes it smallest.
+
+``encoding="auto"`` picks each tensor's smallest format. ``values`` stores the weights of
+Linear / Conv / HashedNets layers (the tensors pruning acts on) as ``float32`` (exact),
+``float16`` or ``int8`` with one float32 scale per output channel (``scale = max|w| / 127``
+per row); biases, normalisation parameters and buffers always stay exact. A non-zero weight
+never rounds to zero, so the sparsity pattern survives reduced precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import struct
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunelab._validation import check_number, check_type, suggest
+from prunelab.metrics.storage import best_format, best_index_bits, bits_to_bytes, check_storage_bits, storage_bits
+
+MAGIC = b"PRUNELAB"
+VERSION = 1
+#: Bytes before the header: magic, version, header length.
+PREAMBLE = len(MAGIC) + 1 + 4
+ENCODINGS = ("auto", "dense", "bitmask", "csr")
+VALUES = ("float32", "float16", "int8")
+_VALUE_BITS = {"float32": 32, "float16": 16, "int8": 8}
+#: Plain dtypes a tensor may be stored in exactly (integer buffers, e.g. BatchNorm's step count).
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+           "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read: not a model file, truncated, tampered or mismatched."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """How one tensor was stored: ``bytes`` of payload, of which ``scale_bytes`` are int8 scales."""
+
+    name: str
+    shape: tuple[int, ...]
+    nonzero: int
+    encoding: str
+    values: str
+    bytes: int
+    scale_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`save` wrote. ``predicted_bytes`` is the payload the storage formulas give."""
+
+    path: Path
+    file_bytes: int
+    header_bytes: int
+    payload_bytes: int
+    predicted_bytes: int
+    tensors: list[TensorEntry] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{'tensor':<28} {'shape':<18} {'non-zero':>9} {'encoding':<8} {'values':<8} {'bytes':>10}"]
+        for t in self.tensors:
+            shape = "x".join(map(str, t.shape)) or "scalar"
+            lines.append(f"{t.name:<28} {shape:<18} {t.nonzero:>9,} {t.encoding:<8} {t.values:<8} {t.bytes:>10,}")
+        lines.append(f"{self.path}: {self.file_bytes:,} bytes = {self.payload_bytes:,} payload "
+                     f"(predicted {self.predicted_bytes:,}) + {self.header_bytes + PREAMBLE:,} header")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- bit packing
+
+def _pack(counts: np.ndarray, bits: int) -> bytes:
+    """``bits``-bit unsigned integers packed back to back, little-endian bit order."""
+    shifts = np.arange(bits, dtype=np.uint32)
+    planes = ((counts.astype(np.uint32)[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack(data: bytes, n: int, bits: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n * bits, bitorder="little")
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    return planes.reshape(n, bits).astype(np.int64) @ weights
+
+
+# --------------------------------------------------------------------------- values
+
+def _quantised(name: str, tensor: torch.Tensor, values: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored values of a weight tensor (all entries, row-major) and its int8 scales."""
+    w = tensor.detach().to("cpu", torch.float32)
+    if values == "float32":
+        return w.numpy().reshape(-1), None
+    if values == "float16":
+        half = w.to(torch.float16)
+        tiny = torch.finfo(torch.float16).smallest_normal * 2.0 ** -10     # smallest subnormal
+        lost = (half == 0) & (w != 0)                                        # keep the sparsity pattern
+        half[lost] = (torch.sign(w[lost]) * tiny).to(torch.float16)
+        return half.numpy().reshape(-1), None
+    rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+    scale = rows.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(rows / scale[:, None]).clamp(-127, 127)
+    q = torch.where((q == 0) & (rows != 0), torch.sign(rows), q)           # keep the sparsity pattern
+    return q.to(torch.int8).numpy().reshape(-1), scale.numpy().astype(np.float32)
+
+
+def _dequantised(flat: np.ndarray, scale: np.ndarray | None, shape: tuple[int, ...]) -> torch.Tensor:
+    t = torch.from_numpy(flat.astype(np.float32))
+    if scale is not None:
+        rows = t.reshape(len(scale), -1) * torch.from_numpy(scale)[:, None]
+        t = rows.reshape(-1)
+    return t.reshape(shape)
+
+
+# --------------------------------------------------------------------------- encodings
+
+def _encode(flat: np.ndarray, encoding: str, index_bits: int) -> tuple[bytes, int]:
+    """``flat`` (stored values, zeros included) in ``encoding``, and the number of CSR entries."""
+    if encoding == "dense":
+        return flat.tobytes(), 0
+    nz = np.flatnonzero(flat)
+    if encoding == "bitmask":
+        present = np.zeros(flat.size, dtype=np.uint8)
+        present[nz] = 1
+        return np.packbits(present, bitorder="little").tobytes() + flat[nz].tobytes(), 0
+    span = 1 << index_bits
+    gaps = np.diff(nz, prepend=-1) - 1
+    fillers = gaps // span
+    ends = np.cumsum(fillers + 1) - 1                       # each non-zero's entry, after its fillers
+    skips = np.full(int(ends[-1]) + 1 if len(ends) else 0, span - 1, dtype=np.int64)
+    skips[ends] = gaps - fillers * span
+    stored = np.zeros(len(skips), dtype=flat.dtype)
+    stored[ends] = flat[nz]
+    return stored.tobytes() + _pack(skips, index_bits), len(skips)
+
+
+def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str) -> np.ndarray:
+    encoding, size = entry["encoding"], dtype.itemsize
+    if encoding == "dense":
+        _expect(len(data) == n * size, where, f"{len(data)} bytes for {n} dense values")
+        return np.frombuffer(data, dtype=dtype).copy()
+    flat = np.zeros(n, dtype=dtype)
+    if encoding == "bitmask":
+        mask_bytes = bits_to_bytes(n)
+        _expect(len(data) >= mask_bytes, where, "a bit-mask shorter than the tensor")
+        present = np.unpackbits(np.frombuffer(data[:mask_bytes], dtype=np.uint8), count=n,
+                                bitorder="little").astype(bool)
+        nonzero = np.frombuffer(data[mask_bytes:], dtype=dtype)
+        _expect(len(data) - mask_bytes == int(present.sum()) * size, where,
+                f"{int(present.sum())} mask bits set but {len(data) - mask_bytes} bytes of values")
+        flat[present] = nonzero
+        return flat
+    if encoding == "csr":
+        r = entry["index_bits"]
+        entries = entry["entries"]
+        _expect(len(data) == entries * size + bits_to_bytes(entries * r), where,
+                f"{len(data)} bytes for {entries} CSR entries of {size} + {r}/8 bytes")
+        stored = np.frombuffer(data[:entries * size], dtype=dtype)
+        positions = np.cumsum(_unpack(data[entries * size:], entries, r) + 1) - 1
+        _expect(entries == 0 or positions[-1] < n, where, f"CSR positions run past the tensor's {n} entries")
+        flat[positions] = stored
+        return flat
+    raise ModelFileError(f"{where}: unknown encoding {encoding!r}; valid encodings: dense, bitmask, csr.")
+
+
+def _expect(condition: bool, where: str, what: str) -> None:
+    if not condition:
+        raise ModelFileError(f"{where}: the file is inconsistent ({what}); it is damaged or was edited.")
+
+
+# --------------------------------------------------------------------------- which tensors shrink
+
+def weight_names(model: nn.Module) -> set[str]:
+    """State-dict names of the tensors stored at reduced precision: the ``weight`` of every
+    Linear, Conv and HashedNets layer."""
+    from prunelab.models.hashed import HashedLayer
+    return {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
+            if isinstance(module, (*_WEIGHT_LAYERS, HashedLayer)) and isinstance(module.weight, torch.Tensor)}
+
+
+def _check_options(encoding: object, values: object, index_bits: object,
+                   where: str) -> tuple[str, str, int | str]:
+    check_type("encoding", encoding, str, where=where)
+    check_type("values", values, str, where=where)
+    if encoding not in ENCODINGS:
+        raise ValueError(f"{where}: unknown encoding {encoding!r}{suggest(encoding, ENCODINGS)}; "
+                         f"valid encodings: {', '.join(ENCODINGS)}.")
+    if values not in VALUES:
+        raise ValueError(f"{where}: unknown values {values!r}{suggest(values, VALUES)}; "
+                         f"valid value types: {', '.join(VALUES)}.")
+    _, index_bits = check_storage_bits(32, index_bits, where)
+    return encoding, values, index_bits
+
+
+def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
+    """Per state-dict tensor: (name, tensor, stored flat values, scales, encoding, value type,
+    CSR index width)."""
+    shrink = weight_names(model)
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        dtype_name = str(tensor.dtype).removeprefix("torch.")
+        if dtype_name not in _DTYPES:
+            raise TypeError(f"save: tensor {name!r} has dtype {tensor.dtype}, which a model file cannot hold; "
+                            f"valid dtypes: {', '.join(_DTYPES)}.")
+        if not tensor.is_floating_point():
+            yield name, tensor, tensor.contiguous().numpy().reshape(-1), None, "dense", dtype_name, 0
+            continue
+        if name in shrink:
+            flat, scale = _quantised(name, tensor, values)
+            kind = values
+        else:
+            flat, scale = tensor.contiguous().numpy().reshape(-1), None
+            kind = dtype_name
+        bits, as_tensor = flat.dtype.itemsize * 8, torch.from_numpy(flat.copy())
+        width = best_index_bits(as_tensor, bits) if index_bits == "auto" else index_bits
+        chosen = encoding if encoding != "auto" else best_format(storage_bits(as_tensor, bits, width))
+        yield name, tensor, flat, scale, chosen, kind, width
+
+
+def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "float32",
+                  index_bits: int | str = "auto") -> int:
+    """Payload bytes :func:`save` writes for ``model``, from the storage formulas of
+    METHODS.md §7 (:func:`prunelab.metrics.storage.storage_bits`) plus 4 bytes per int8 scale.
+
+    With ``values="float32"`` and a model whose state dict holds only its parameters, this
+    equals ``prunelab.summary(model, ..., index_bits=index_bits).total.bytes_best``
+    (``encoding="auto"``)."""
+    encoding, values, index_bits = _check_options(encoding, values, index_bits, "predict_bytes")
+    total = 0
+    for _, _, flat, scale, chosen, _, width in _plan(model, encoding, values, index_bits):
+        bits = flat.dtype.itemsize * 8
+        total += bits_to_bytes(storage_bits(torch.from_numpy(flat.copy()), bits, width or 4)[chosen])
+        total += 0 if scale is None else scale.nbytes
+    return total
+
+
+# --------------------------------------------------------------------------- save
+
+def _header_bytes(header: dict) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", values: str = "float32",
+         index_bits: int | str = "auto", metadata: Mapping | None = None) -> ExportReport:
+    """Write ``model`` as a compressed prunelab model file; return what was written.
+
+    Args:
+        model: any ``nn.Module``; one from :func:`prunelab.build_model` (``model.config``)
+            is rebuilt by :func:`load` on its own, any other needs ``load(path, model=...)``.
+            Thinned models (fewer units than their config) and HashedNets models work.
+        encoding: ``"auto"`` (each tensor's smallest format), ``"dense"``, ``"bitmask"``
+            or ``"csr"`` (forced for every floating tensor).
+        values: ``"float32"`` (exact), ``"float16"`` or ``"int8"`` for the layer weights.
+        index_bits: bits per CSR relative index, in ``[1, 16]``, or ``"auto"`` (each
+            tensor's best width, which :func:`prunelab.summary` also computes with
+            ``index_bits="auto"``).
+        metadata: JSON-serialisable extras kept in the header (e.g. accuracy, dataset).
+
+    The file is written to a temporary name next to ``path`` and renamed, so a failed
+    write never leaves a half file under ``path``.
+    """
+    where = "save"
+    check_type("model", model, nn.Module, where=where)
+    encoding, values, index_bits = _check_options(encoding, values, index_bits, where)
+    if metadata is not None:
+        check_type("metadata", metadata, Mapping, where=where)
+        try:
+            json.dumps(dict(metadata), allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"save: metadata must be JSON-serialisable: {err}") from None
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"save: {str(path)!r} is a directory; give a file name, e.g. {str(path / 'model.plm')!r}.")
+    config = getattr(model, "config", None)
+    if config is not None:
+        try:
+            json.dumps(config, allow_nan=False)
+        except (TypeError, ValueError):
+            config = None
+
+    chunks, entries, report_rows, offset = [], [], [], 0
+    for name, tensor, flat, scale, chosen, kind, width in _plan(model, encoding, values, index_bits):
+        blob, n_entries = _encode(flat, chosen, width)
+        scale_blob = b"" if scale is None else scale.tobytes()
+        entry = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
+                 "values": kind, "encoding": chosen, "offset": offset, "bytes": len(scale_blob) + len(blob)}
+        if scale is not None:
+            entry["scales"] = len(scale)
+        if chosen == "csr":
+            entry["index_bits"] = width
+            entry["entries"] = n_entries
+        chunks += [scale_blob, blob]
+        offset += entry["bytes"]
+        entries.append(entry)
+        report_rows.append(TensorEntry(name, tuple(tensor.shape), int(np.count_nonzero(flat)), chosen, kind,
+                                       entry["bytes"], len(scale_blob)))
+    payload = b"".join(chunks)
+    header = {"format": "prunelab-model", "version": VERSION, "prunelab": _version(),
+              "architecture": config, "class": type(model).__name__, "tensors": entries,
+              "payload_bytes": len(payload), "metadata": dict(metadata or {})}
+    core = _header_bytes(header)
+    header["sha256"] = hashlib.sha256(core + payload).hexdigest()
+    head = _header_bytes(header)
+    data = MAGIC + struct.pack("<BI", VERSION, len(head)) + head + payload
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(path, len(data), len(head), len(payload),
+                        predict_bytes(model, encoding=encoding, values=values, index_bits=index_bits), report_rows)
+
+
+def _version() -> str:
+    from prunelab._version import __version__
+    return __version__
+
+
+# --------------------------------------------------------------------------- load
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a prunelab model file, after checking its integrity (magic, version,
+    lengths and the SHA-256 over header and payload)."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[dict, bytes]:
+    where = f"load {str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"load: no model file at {str(path)!r}.")
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        what = "a torch.save file" if data.startswith(_TORCH_FILE_STARTS) else "not a prunelab model file"
+        raise ModelFileError(f"{where}: {what} (it does not start with {MAGIC!r}).")
+    if len(data) < PREAMBLE:
+        raise ModelFileError(f"{where}: truncated: {len(data)} bytes, shorter than the {PREAMBLE}-byte preamble.")
+    version, head_len = struct.unpack("<BI", data[len(MAGIC):PREAMBLE])
+    if version != VERSION:
+        raise ModelFileError(f"{where}: format version {version}; this prunelab reads version {VERSION}.")
+    if PREAMBLE + head_len > len(data):
+        raise ModelFileError(f"{where}: truncated: the header needs {head_len} bytes, "
+                             f"the file has {len(data) - PREAMBLE} after the preamble.")
+    try:
+        header = json.loads(data[PREAMBLE:PREAMBLE + head_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{where}: the header is not valid JSON ({err}); the file is damaged.") from None
+    if not isinstance(header, dict) or header.get("format") != "prunelab-model":
+        raise ModelFileError(f"{where}: the header does not describe a prunelab model.")
+    payload = data[PREAMBLE + head_len:]
+    expected = header.get("payload_bytes")
+    if not isinstance(expected, int) or len(payload) != expected:
+        state = "truncated" if isinstance(expected, int) and len(payload) < expected else "the wrong length"
+        raise ModelFileError(f"{where}: {state}: the payload has {len(payload)} bytes, the header says {expected}.")
+    digest = header.pop("sha256", None)
+    if digest != hashlib.sha256(_header_bytes(header) + payload).hexdigest():
+        raise ModelFileError(f"{where}: checksum mismatch: the header or the weights were changed after "
+                             f"the file was written (SHA-256 {str(digest)[:12]}... does not match).")
+    return header, payload
+
+
+def _tensors(header: dict, payload: bytes, where: str) -> dict[str, torch.Tensor]:
+    entries = header.get("tensors")
+    _expect(isinstance(entries, list), where, "no tensor list in the header")
+    out = {}
+    for k, entry in enumerate(entries):
+        try:
+            out.update(_tensor(entry, payload, where))
+        except (KeyError, TypeError, IndexError, OverflowError, ValueError) as err:
+            if isinstance(err, ModelFileError):
+                raise
+            raise ModelFileError(f"{where}: tensor entry {k} of the header is malformed ({type(err).__name__}: "
+                                 f"{err}).") from None
+    return out
+
+
+def _tensor(entry: dict, payload: bytes, where: str) -> dict[str, torch.Tensor]:
+    name, shape = entry["name"], tuple(int(d) for d in entry["shape"])
+    dtype, stored = _DTYPES.get(entry["dtype"]), _DTYPES.get(entry["values"])
+    if dtype is None or stored is None:
+        raise ModelFileError(f"{where}: tensor {name!r} has unknown dtype {entry['dtype']!r} or values "
+                             f"{entry['values']!r}; valid: {', '.join(_DTYPES)}.")
+    start, size = int(entry["offset"]), int(entry["bytes"])
+    _expect(0 <= start and 0 <= size and start + size <= len(payload), where, f"tensor {name!r} runs past the payload")
+    blob, scale = payload[start:start + size], None
+    if "scales" in entry:                                   # int8 weights: float32 scales first
+        k = int(entry["scales"])
+        _expect(0 < k and 4 * k <= len(blob), where, f"tensor {name!r} has {k} scales in {len(blob)} bytes")
+        scale, blob = np.frombuffer(blob[:4 * k], dtype=np.float32).copy(), blob[4 * k:]
+    n = int(np.prod(shape)) if shape else 1
+    flat = _decode(blob, entry, torch.empty(0, dtype=stored).numpy().dtype, n, f"{where}, tensor {name!r}")
+    if stored != dtype:
+        return {name: _dequantised(flat, scale, shape).to(dtype)}
+    return {name: torch.from_numpy(flat).reshape(shape)}
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved in ``path`` (a prunelab model file, or a ``torch.save`` file of
+    ``prunelab prune/units --save``), on the CPU, in eval mode.
+
+    Nothing in the file is executed: model files are JSON and raw bytes; torch files are
+    read with ``torch.load(..., weights_only=True)``, which refuses pickled code.
+
+    Args:
+        path: the file.
+        model: the module to load into, for models not from the registry (files without an
+            architecture). It is filled in place and returned; shapes must match.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ModelFileError (a ValueError): not a model file, truncated, tampered with (checksum),
+            or tensors that do not fit the architecture; the message names what is wrong.
+    """
+    path = Path(path)
+    where = f"load {str(path)!r}"
+    if model is not None:
+        check_type("model", model, nn.Module, where="load")
+    if path.is_file() and path.read_bytes()[:4].startswith(_TORCH_FILE_STARTS):
+        config, state = _read_torch(path, where)
+    else:
+        header, payload = _read(path)
+        config, state = header.get("architecture"), _tensors(header, payload, where)
+        if model is None and config is None:
+            raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
+                                 f"registry model, so it holds no architecture; pass load(path, model=...).")
+    if model is None:
+        model = _rebuild(config, state, where)
+    _assign(model, state, where)
+    return model.eval()
+
+
+def _read_torch(path: Path, where: str) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    import pickle
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # notes about pickle protocols of foreign files
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{where}: refused: the file asks to run code or build objects other than "
+                             f"tensors while loading ({first}). prunelab loads torch files only with "
+                             f"weights_only=True.") from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise ModelFileError(f"{where}: not a readable torch file ({err}).") from None
+    config, state = None, saved
+    if isinstance(saved, dict) and "state_dict" in saved:
+        config, state = saved.get("config"), saved["state_dict"]
+        if saved.get("plan"):
+            config = dict(config or {}, _plan=saved["plan"])
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{where}: the torch file holds no state dict of tensors.")
+    return config, dict(state)
+
+
+def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    from prunelab.models import build_model
+    if not isinstance(config, dict) or "name" not in config:
+        raise ModelFileError(f"{where}: the file holds no registry architecture; pass load(path, model=...).")
+    config = dict(config)
+    plan = config.pop("_plan", None)
+    try:
+        model = build_model(**config)
+    except (ValueError, TypeError) as err:
+        raise ModelFileError(f"{where}: its architecture {config} cannot be built: {err}") from None
+    if plan:
+        from prunelab import units
+        return units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()},
+                          input_shape=config.get("input_shape"))
+    _same_keys(model, state, where)
+    if _resize(model, state, where):
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, *config["input_shape"]))
+        except RuntimeError as err:
+            raise ModelFileError(f"{where}: the stored (thinned) shapes do not fit together: {err}") from None
+    return model
+
+
+def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
+    """Replace Linear / Conv / BatchNorm layers whose stored shapes differ (a thinned model)."""
+    changed = False
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if weight is None or getattr(module, "weight", None) is None or weight.shape == module.weight.shape:
+            continue
+        bias = getattr(module, "bias", None) is not None
+        if isinstance(module, nn.Linear) and weight.dim() == 2:
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
+        elif isinstance(module, nn.Conv2d) and weight.dim() == 4:
+            new = nn.Conv2d(weight.shape[1] * module.groups, weight.shape[0], module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, bias, module.padding_mode)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and weight.dim() == 1:
+            new = type(module)(weight.shape[0], module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        else:
+            raise ModelFileError(f"{where}: tensor {name}.weight has shape {tuple(weight.shape)} but the "
+                                 f"architecture's {type(module).__name__} has {tuple(module.weight.shape)}.")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        changed = True
+    return changed
+
+
+def _same_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelFileError(f"{where}: the tensors do not match the model: missing {missing or 'none'}, "
+                             f"unexpected {unexpected or 'none'}.")
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    _same_keys(model, state, where)
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ModelFileError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)} in the file but "
+                                 f"{tuple(own[name].shape)} in the model.")
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], *,
+                opset: int | None = None) -> Path:
+    """Write ``model`` (typically thinned) as ONNX, with a dynamic batch dimension.
+
+    Needs the ``onnx`` package (``pip install prunelab[onnx]``). Uses PyTorch's
+    TorchScript-based exporter, which needs no further packages.
+    """
+    check_type("model", model, nn.Module, where="export_onnx")
+    check_type("input_shape", input_shape, (list, tuple), where="export_onnx")
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ImportError("export_onnx needs the onnx package: pip install 'prunelab[onnx]'.") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype)
+    net = copy.deepcopy(model).eval().cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # the TorchScript exporter's deprecation notice
+        torch.onnx.export(net, (example,), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=opset)
+    return path

@@ -1,0 +1,303 @@
+"""Compressed model files: round trips, sizes against the storage formulas, integrity, safe loading."""
+
+import io
+import json
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import prunelab
+from prunelab import export, units
+from prunelab.models import MODELS
+
+SHAPES = {"vgg11": (3, 32, 32)}
+OPTIONS = {"vgg11": {"width": 0.25}}
+
+
+def registry_model(name: str, **kw):
+    return prunelab.build_model(name, input_shape=SHAPES.get(name, (1, 28, 28)), n_classes=10, seed=0,
+                                **{**OPTIONS.get(name, {}), **kw})
+
+
+def pruned(name: str, sparsity: float = 0.9):
+    model = registry_model(name)
+    prunelab.prune(model, sparsity, scope="global")
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        model.train()                                   # give the running statistics real values
+        with torch.no_grad():
+            model(torch.randn(8, *model.config["input_shape"]))
+    return model.eval()
+
+
+def outputs(model, seed: int = 0):
+    x = torch.randn(5, *model.config["input_shape"], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("encoding", ["auto", "dense", "bitmask", "csr"])
+def test_pruned_registry_models_round_trip_exactly_in_every_encoding(tmp_path, name, encoding):
+    model = pruned(name)
+    report = export.save(model, tmp_path / "m.plm", encoding=encoding)
+    back = prunelab.load(tmp_path / "m.plm")
+    assert type(back) is type(model)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+    assert torch.equal(outputs(back), outputs(model))
+    assert report.file_bytes == (tmp_path / "m.plm").stat().st_size
+    assert report.payload_bytes == report.predicted_bytes
+    if encoding != "auto":
+        floating = [t for t in report.tensors if t.values in export.VALUES]
+        assert {t.encoding for t in floating} == {encoding}
+
+
+def test_payload_equals_the_summarys_storage_prediction_and_the_file_is_within_a_few_percent(tmp_path):
+    model = pruned("lenet-300-100", 0.95)
+    stats = prunelab.summary(model, (1, 28, 28), index_bits="auto").total
+    report = export.save(model, tmp_path / "m.plm")
+    assert report.payload_bytes == stats.bytes_best
+    assert report.file_bytes <= 1.03 * stats.bytes_best
+    dense = io.BytesIO()
+    torch.save(model.state_dict(), dense)
+    assert report.file_bytes <= 0.12 * len(dense.getvalue())        # the issue's target at 95 %
+    forced = export.save(model, tmp_path / "csr.plm", encoding="csr", index_bits=4)
+    assert forced.payload_bytes == prunelab.summary(model, (1, 28, 28)).total.bytes_csr
+    assert report.file_bytes < export.save(model, tmp_path / "r4.plm", index_bits=4).file_bytes
+
+
+@pytest.mark.parametrize("values, tolerance", [("float16", 2e-3), ("int8", 2e-2)])
+def test_reduced_precision_keeps_the_sparsity_pattern_and_stays_within_tolerance(tmp_path, values, tolerance):
+    model = pruned("lenet-300-100", 0.9)
+    with torch.no_grad():
+        model.fc1.weight[0, :5] = torch.tensor([1e-9, -1e-9, 0.0, 3.0, -3.0])   # tiny values must not vanish
+    report = export.save(model, tmp_path / "m.plm", values=values)
+    back = prunelab.load(tmp_path / "m.plm")
+    for key, tensor in model.state_dict().items():
+        got = back.state_dict()[key]
+        assert torch.equal(got != 0, tensor != 0), key
+        if key.endswith("bias"):
+            assert torch.equal(got, tensor)                              # biases stay exact
+        else:
+            rows = tensor.abs().amax(dim=1, keepdim=True)
+            assert ((got - tensor).abs() <= tolerance * rows + 1e-7).all(), key
+    assert report.payload_bytes == report.predicted_bytes
+    reference = outputs(model)
+    assert (outputs(back) - reference).abs().max() <= 5 * tolerance * reference.abs().max()
+
+
+def test_int8_at_95_percent_is_at_most_4_percent_of_the_dense_torch_file(tmp_path):
+    model = pruned("lenet-300-100", 0.95)
+    dense = io.BytesIO()
+    torch.save(model.state_dict(), dense)
+    report = export.save(model, tmp_path / "m.plm", values="int8")
+    assert report.file_bytes <= 0.04 * len(dense.getvalue())
+
+
+def test_int8_scales_are_per_output_channel():
+    w = torch.tensor([[1.0, -0.25, 0.0], [0.032, 0.064, -0.127]])
+    q, scale = export._quantised("w", w, "int8")
+    assert np.allclose(scale, [1.0 / 127, 0.001])
+    assert q.reshape(2, 3).tolist() == [[127, -32, 0], [32, 64, -127]]
+
+
+def test_csr_bridges_long_gaps_with_fillers_exactly_as_the_storage_formula_counts():
+    flat = np.zeros(100, dtype=np.float32)
+    flat[[0, 1, 40, 99]] = [1.0, 2.0, 3.0, 4.0]
+    blob, entries = export._encode(flat, "csr", 4)
+    # gaps 0, 0, 38 (2 fillers of 16), 58 (3 fillers): 4 values + 5 fillers
+    assert entries == 9 == 4 + prunelab.metrics.storage.csr_fillers(torch.from_numpy(flat), 4)
+    assert len(blob) == 9 * 4 + 5                                      # values + 9 packed 4-bit counts
+    entry = {"encoding": "csr", "index_bits": 4, "entries": entries}
+    assert np.array_equal(export._decode(blob, entry, np.dtype(np.float32), 100, "t"), flat)
+
+
+def test_thinned_models_rebuild_from_the_registry_config_and_the_stored_shapes(tmp_path):
+    model = registry_model("mlp", hidden=[50, 40])
+    with torch.no_grad():
+        model.fc1.weight[:20] = 0
+        model.fc1.bias[:20] = 0
+    small = units.thin(model, {"fc1": torch.arange(20)}, input_shape=(1, 28, 28))
+    assert small.fc1.weight.shape == (30, 784)
+    export.save(small, tmp_path / "thin.plm")
+    back = prunelab.load(tmp_path / "thin.plm")
+    assert back.fc1.weight.shape == (30, 784) and back.fc2.weight.shape == (40, 30)
+    assert torch.equal(outputs(back), outputs(small))
+
+
+def test_thinned_conv_net_round_trips(tmp_path):
+    model = registry_model("lenet5")
+    with torch.no_grad():
+        model.conv2.weight[:10] = 0
+    small = units.thin(model, {"conv2": torch.arange(10)}, input_shape=(1, 28, 28))
+    export.save(small, tmp_path / "thin.plm")
+    back = prunelab.load(tmp_path / "thin.plm")
+    assert back.conv2.out_channels == 40
+    assert torch.equal(outputs(back), outputs(small))
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "conv-pool-linear"])
+def test_hashed_models_round_trip_and_store_only_their_buckets(tmp_path, name):
+    model = registry_model(name, hashed=0.125)
+    report = export.save(model, tmp_path / "h.plm")
+    back = prunelab.load(tmp_path / "h.plm")
+    assert torch.equal(outputs(back), outputs(model))
+    stored = sum(np.prod(t.shape) for t in report.tensors)
+    assert stored == sum(p.numel() for p in model.parameters())         # buckets, not virtual weights
+
+
+def test_models_outside_the_registry_need_a_model_to_load_into(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    export.save(model, tmp_path / "plain.plm", metadata={"note": "hand-built"})
+    with pytest.raises(ValueError, match="not a registry model.*model="):
+        prunelab.load(tmp_path / "plain.plm")
+    target = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    back = prunelab.load(tmp_path / "plain.plm", model=target)
+    assert back is target and torch.equal(back[0].weight, model[0].weight)
+    assert export.read_header(tmp_path / "plain.plm")["metadata"] == {"note": "hand-built"}
+    wrong = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(4, 6\) in the file but \(5, 6\)"):
+        prunelab.load(tmp_path / "plain.plm", model=wrong)
+
+
+def test_integer_buffers_survive(tmp_path):
+    model = pruned("vgg11")
+    export.save(model, tmp_path / "v.plm")
+    back = prunelab.load(tmp_path / "v.plm")
+    assert back.state_dict()["features.1.num_batches_tracked"].dtype == torch.int64
+    assert torch.equal(back.state_dict()["features.1.running_mean"], model.state_dict()["features.1.running_mean"])
+
+
+# --------------------------------------------------------------------------- damaged files
+
+def saved_file(tmp_path):
+    path = tmp_path / "m.plm"
+    export.save(pruned("mlp"), path)
+    return path, path.read_bytes()
+
+
+def test_a_flipped_weight_byte_is_detected_by_the_checksum(tmp_path):
+    path, data = saved_file(tmp_path)
+    damaged = bytearray(data)
+    damaged[-10] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(export.ModelFileError, match="checksum mismatch"):
+        prunelab.load(path)
+
+
+def test_an_edited_header_is_detected(tmp_path):
+    path, data = saved_file(tmp_path)
+    path.write_bytes(data.replace(b'"hidden":[100]', b'"hidden":[101]'))
+    with pytest.raises(export.ModelFileError, match="checksum mismatch"):
+        prunelab.load(path)
+
+
+@pytest.mark.parametrize("keep", [5, 20, -100])
+def test_a_truncated_file_says_truncated(tmp_path, keep):
+    path, data = saved_file(tmp_path)
+    path.write_bytes(data[:keep])
+    with pytest.raises(export.ModelFileError, match="truncated"):
+        prunelab.load(path)
+
+
+def test_not_a_model_file_and_missing_files(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(export.ModelFileError, match="not a prunelab model file"):
+        prunelab.load(tmp_path / "x.txt")
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        prunelab.load(tmp_path / "absent.plm")
+
+
+def test_a_consistent_but_mismatched_file_is_refused(tmp_path):
+    """A file re-signed after its architecture was changed: the tensors no longer fit."""
+    path, data = saved_file(tmp_path)
+    (head_len,) = struct.unpack("<I", data[9:13])
+    header = json.loads(data[13:13 + head_len])
+    payload = data[13 + head_len:]
+    header.pop("sha256")
+    header["architecture"]["hidden"] = [100, 50]
+    core = export._header_bytes(header)
+    import hashlib
+    header["sha256"] = hashlib.sha256(core + payload).hexdigest()
+    head = export._header_bytes(header)
+    path.write_bytes(export.MAGIC + struct.pack("<BI", 1, len(head)) + head + payload)
+    with pytest.raises(export.ModelFileError, match="missing.*fc3"):
+        prunelab.load(path)
+
+
+# --------------------------------------------------------------------------- torch files, safely
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))                 # would create the marker file on unpickling
+
+
+def test_loading_a_torch_file_crafted_to_run_code_does_not_run_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Payload(str(marker))}, path)
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(export.ModelFileError, match="refused"):
+        prunelab.load(path)
+    assert not marker.exists()
+
+
+def test_a_raw_pickle_with_code_is_refused_too(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(export.ModelFileError):
+        prunelab.load(path)
+    assert not marker.exists()
+
+
+def test_torch_files_of_prunelab_prune_save_load(tmp_path):
+    model = pruned("mlp")
+    path = tmp_path / "m.pt"
+    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
+    back = prunelab.load(path)
+    assert torch.equal(outputs(back), outputs(model))
+
+
+# --------------------------------------------------------------------------- bad arguments, ONNX
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"encoding": "coo"}, r"unknown encoding 'coo'.*auto, dense, bitmask, csr"),
+    ({"values": "int4"}, r"unknown values 'int4'.*float32, float16, int8"),
+    ({"index_bits": 0}, r"index_bits"),
+    ({"metadata": {"f": object()}}, r"JSON"),
+])
+def test_bad_save_arguments_fail_before_writing(tmp_path, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        export.save(pruned("mlp"), tmp_path / "m.plm", **kwargs)
+    assert not (tmp_path / "m.plm").exists()
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export.save(pruned("mlp"), tmp_path / "m.plm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_export_of_a_thinned_model_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = registry_model("lenet5")
+    with torch.no_grad():
+        model.conv1.weight[:8] = 0
+    small = units.thin(model, {"conv1": torch.arange(8)}, input_shape=(1, 28, 28)).eval()
+    path = export.export_onnx(small, tmp_path / "small.onnx", (1, 28, 28))
+    session = ort.InferenceSession(str(path))
+    x = torch.randn(3, 1, 28, 28)
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(got, small(x).numpy(), atol=1e-5)
