@@ -87,6 +87,24 @@ def check_choice(param: str, value: Any, choices: Iterable[str], *, where: str |
     return value
 
 
+def check_finite(what: str, tensor: Any, *, hint: str = "") -> Any:
+    """Return ``tensor`` if it holds no NaN or ±inf; otherwise raise a ValueError that says
+    ``what`` it is (e.g. ``"the 'x' parameter of fit"``), how many entries are bad and where
+    the first one is. One ``isfinite`` pass; the counting runs only on failure."""
+    import torch
+
+    if not torch.is_tensor(tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+        return tensor
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return tensor
+    n_nan = int(torch.isnan(tensor).sum())
+    n_bad = tensor.numel() - int(finite.sum())
+    first = tuple(torch.nonzero(~finite)[0].tolist())
+    raise ValueError(f"{what} has {n_bad} non-finite entr{'y' if n_bad == 1 else 'ies'} ({n_nan} NaN, "
+                     f"{n_bad - n_nan} inf) out of {tensor.numel()}, the first at index {first}{hint}.")
+
+
 def check_type(param: str, value: Any, types: type | tuple[type, ...], *,
                where: str | None = None, expected: str | None = None) -> Any:
     """Return ``value`` if it is an instance of ``types``."""

@@ -5,7 +5,8 @@
     prunelab report STUDY.db          prunelab list [KIND]        prunelab data info|fetch [NAME]
     prunelab prune --dataset digits --model mlp --sparsity 0.9 [...]   (one model, one method)
     prunelab units --dataset digits --model mlp --method bp_abs_mrs --fraction 0.5 [--latency]
-    prunelab summary --model lenet5 --dataset mnist [--weights FILE]
+    prunelab summary --model lenet5 --dataset mnist [--weights FILE] [--latency]
+    prunelab export WEIGHTS OUT.plm [--values int8] [--thin] [--onnx OUT.onnx]
 
 Every argument (and a whole spec) is checked before any work starts; a mistake
 prints ``prunelab: error: ...`` naming the bad value and the valid ones.
@@ -119,8 +120,11 @@ def cmd_prune(args) -> int:
     train_kw = dict(batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
                     regularizer=args.regularizer, reg_strength=args.reg_strength,
                     progress=not args.quiet and sys.stderr.isatty())
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+    for path in (args.save, args.export):
+        if path and Path(path).is_dir():
+            raise ValueError(f"prunelab prune: {path!r} is a directory; give a file name.")
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     fit(model, ds, epochs=args.epochs, **train_kw)
     before = evaluate(model, ds)["accuracy"]
@@ -145,6 +149,10 @@ def cmd_prune(args) -> int:
     if args.save:
         torch.save({"config": model.config, "state_dict": model.state_dict()}, args.save)
         print(f"saved {args.save}")
+    if args.export:
+        from prunelab.export import save
+        written = save(model, args.export, metadata={k: result[k] for k in ("dataset", "accuracy_final")})
+        print(f"exported {args.export}: {written.file_bytes:,} bytes")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
@@ -235,10 +243,15 @@ def cmd_units(args) -> int:
 
 
 def _load_weights(model, path: str):
-    """A plain state dict, ``{config, state_dict}`` (prunelab prune --save) or a thinned model
-    ``{config, plan, state_dict}`` (prunelab units --save): the model to load into is returned."""
+    """A plain state dict, ``{config, state_dict}`` (prunelab prune --save), a thinned model
+    ``{config, plan, state_dict}`` (prunelab units --save) or a prunelab model file (prunelab
+    export, prunelab.save): the model to load into is returned."""
     import torch
 
+    from prunelab import export
+    if Path(path).is_file() and Path(path).read_bytes()[:len(export.MAGIC)] == export.MAGIC:
+        has_architecture = export.read_header(path).get("architecture") is not None
+        return export.load(path, model=None if has_architecture else model)
     saved = torch.load(path, weights_only=True, map_location="cpu")
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
     if isinstance(saved, dict) and "plan" in saved:
@@ -249,19 +262,74 @@ def _load_weights(model, path: str):
     return model
 
 
+def cmd_export(args) -> int:
+    import io
+
+    import torch
+
+    from prunelab import export
+
+    where = "prunelab export"
+    export._check_options(args.encoding, args.values, _index_bits(args.index_bits), where)
+    if not Path(args.weights).is_file():
+        raise FileNotFoundError(f"{where}: no weights file at {args.weights!r}.")
+    if args.model:
+        from prunelab.data import DATASETS, dataset_info
+        from prunelab.models import build_model
+        info = dataset_info(DATASETS.canonical(args.dataset, param="dataset", where=where))
+        model = build_model(args.model, input_shape=tuple(info["input_shape"]), n_classes=info["n_classes"],
+                            **_key_values(args.model_arg, "--model-arg"))
+        model = _load_weights(model, args.weights)
+    else:
+        model = export.load(args.weights)
+    input_shape = tuple(model.config["input_shape"]) if getattr(model, "config", None) else None
+    if args.thin or args.onnx:
+        if input_shape is None:
+            raise ValueError(f"{where}: --thin and --onnx need a registry model (its input shape); "
+                             f"this file has no architecture.")
+    dense = io.BytesIO()
+    torch.save(model.state_dict(), dense)
+    if args.thin:
+        from prunelab import units
+        plan = units.zero_units(model, input_shape)
+        model = units.thin(model, plan, input_shape=input_shape) if plan else model
+        print(f"thinned: {sum(len(v) for v in plan.values())} units whose weights are all zero removed")
+    report = export.save(model, args.out, encoding=args.encoding, values=args.values,
+                         index_bits=_index_bits(args.index_bits))
+    print(report)
+    print(f"{report.file_bytes / len(dense.getvalue()):.2%} of torch.save of the model's state dict "
+          f"({len(dense.getvalue()):,} bytes{', before thinning' if args.thin else ''})")
+    if args.onnx:
+        path = export.export_onnx(model, args.onnx, input_shape)
+        print(f"ONNX: {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
+def _index_bits(value: str):
+    return value if value == "auto" else int(value) if value.lstrip("-").isdigit() else value
+
+
 def cmd_summary(args) -> int:
     from prunelab.data import DATASETS, dataset_info
     from prunelab.metrics import summary
     from prunelab.models import build_model
 
+    where = "prunelab summary"
+    check_number("--min-sparsity", args.min_sparsity, where=where, low=0.0, high=1.0)
+    if args.threads is not None:
+        check_number("--threads", args.threads, where=where, low=1, integer=True)
     model_args = _key_values(args.model_arg, "--model-arg")
-    info = dataset_info(DATASETS.canonical(args.dataset, param="dataset", where="prunelab summary"))
+    info = dataset_info(DATASETS.canonical(args.dataset, param="dataset", where=where))
     input_shape = tuple(info["input_shape"])
     model = build_model(args.model, input_shape=input_shape, n_classes=info["n_classes"], **model_args)
     if args.weights:
         model = _load_weights(model, args.weights)
     stats = summary(model, input_shape)
     print(stats.to_markdown() if args.markdown else stats)
+    if args.latency:
+        from prunelab.sparse import inference_latency
+
+        print(f"\n{inference_latency(model, input_shape, min_sparsity=args.min_sparsity, threads=args.threads)}")
     return 0
 
 
@@ -308,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg-strength", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="write {config, state_dict} with torch.save")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="write the pruned model as a compressed prunelab model file (prunelab.load reads it)")
     p.add_argument("--json", default=None, help="write the result as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prune)
@@ -338,12 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_units)
 
+    p = sub.add_parser("export", help="write a pruned/thinned/hashed model as a small file (and ONNX)")
+    p.add_argument("weights", help="prunelab prune/units --save file, or a prunelab model file")
+    p.add_argument("out", help="the model file to write (read it with prunelab.load)")
+    p.add_argument("--model", default=None, help="for weights files without an architecture")
+    p.add_argument("--dataset", default="mnist", help="with --model: sets the input shape and classes")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    p.add_argument("--encoding", default="auto", help="auto (smallest per tensor), dense, bitmask or csr")
+    p.add_argument("--values", default="float32", help="weights as float32 (exact), float16 or int8")
+    p.add_argument("--index-bits", default="auto", help="CSR relative-index bits, 1-16, or auto (per tensor)")
+    p.add_argument("--thin", action="store_true", help="first remove units whose weights are all zero")
+    p.add_argument("--onnx", default=None, metavar="PATH", help="also write ONNX (needs prunelab[onnx])")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("summary", help="per-layer parameters, sparsity, FLOPs and storage of a model")
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", default="mnist", help="sets the input shape and classes")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--weights", default=None, help="a file written by prunelab prune --save")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--latency", action="store_true",
+                   help="median latency (batch 1, 64) as is, with sparse Linear layers, and thinned")
+    p.add_argument("--min-sparsity", type=float, default=0.9,
+                   help="for --latency: Linear layers at least this sparse run as CSR (default 0.9)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for --latency")
     p.set_defaults(func=cmd_summary)
     return parser
 

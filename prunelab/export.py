@@ -226,7 +226,7 @@ def _check_options(encoding: object, values: object, index_bits: object,
 
 def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
     """Per state-dict tensor: (name, tensor, stored flat values, scales, encoding, value type,
-    CSR index width)."""
+    CSR index width, predicted bytes from the storage formulas)."""
     shrink = weight_names(model)
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -235,7 +235,8 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
             raise TypeError(f"save: tensor {name!r} has dtype {tensor.dtype}, which a model file cannot hold; "
                             f"valid dtypes: {', '.join(_DTYPES)}.")
         if not tensor.is_floating_point():
-            yield name, tensor, tensor.contiguous().numpy().reshape(-1), None, "dense", dtype_name, 0
+            flat = tensor.contiguous().numpy().reshape(-1)
+            yield name, tensor, flat, None, "dense", dtype_name, 0, flat.nbytes
             continue
         if name in shrink:
             flat, scale = _quantised(name, tensor, values)
@@ -245,8 +246,10 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
             kind = dtype_name
         bits, as_tensor = flat.dtype.itemsize * 8, torch.from_numpy(flat.copy())
         width = best_index_bits(as_tensor, bits) if index_bits == "auto" else index_bits
-        chosen = encoding if encoding != "auto" else best_format(storage_bits(as_tensor, bits, width))
-        yield name, tensor, flat, scale, chosen, kind, width
+        sizes = storage_bits(as_tensor, bits, width)
+        chosen = encoding if encoding != "auto" else best_format(sizes)
+        predicted = bits_to_bytes(sizes[chosen]) + (0 if scale is None else scale.nbytes)
+        yield name, tensor, flat, scale, chosen, kind, width, predicted
 
 
 def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "float32",
@@ -258,12 +261,7 @@ def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "fl
     equals ``prunelab.summary(model, ..., index_bits=index_bits).total.bytes_best``
     (``encoding="auto"``)."""
     encoding, values, index_bits = _check_options(encoding, values, index_bits, "predict_bytes")
-    total = 0
-    for _, _, flat, scale, chosen, _, width in _plan(model, encoding, values, index_bits):
-        bits = flat.dtype.itemsize * 8
-        total += bits_to_bytes(storage_bits(torch.from_numpy(flat.copy()), bits, width or 4)[chosen])
-        total += 0 if scale is None else scale.nbytes
-    return total
+    return sum(entry[-1] for entry in _plan(model, encoding, values, index_bits))
 
 
 # --------------------------------------------------------------------------- save
@@ -300,6 +298,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
             json.dumps(dict(metadata), allow_nan=False)
         except (TypeError, ValueError) as err:
             raise TypeError(f"save: metadata must be JSON-serialisable: {err}") from None
+    from prunelab.sparse import SparseLinear, densify
+    if any(isinstance(m, SparseLinear) for m in model.modules()):
+        model = densify(model)                  # the same file as the model before sparsify()
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"save: {str(path)!r} is a directory; give a file name, e.g. {str(path / 'model.plm')!r}.")
@@ -310,8 +311,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
         except (TypeError, ValueError):
             config = None
 
-    chunks, entries, report_rows, offset = [], [], [], 0
-    for name, tensor, flat, scale, chosen, kind, width in _plan(model, encoding, values, index_bits):
+    chunks, entries, report_rows, offset, predicted_bytes = [], [], [], 0, 0
+    for name, tensor, flat, scale, chosen, kind, width, predicted in _plan(model, encoding, values, index_bits):
+        predicted_bytes += predicted
         blob, n_entries = _encode(flat, chosen, width)
         scale_blob = b"" if scale is None else scale.tobytes()
         entry = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
@@ -345,8 +347,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportReport(path, len(data), len(head), len(payload),
-                        predict_bytes(model, encoding=encoding, values=values, index_bits=index_bits), report_rows)
+    return ExportReport(path, len(data), len(head), len(payload), predicted_bytes, report_rows)
 
 
 def _version() -> str:

@@ -57,12 +57,13 @@ class Registry(Generic[T]):
         return self._entries[self.canonical(name, param=param, where=where)]
 
     def build(self, spec: Any, *, param: str | None = None, where: str | None = None,
-              defaults: dict[str, Any] | None = None, **options: Any) -> Any:
+              defaults: dict[str, Any] | None = None, instance_of: type | None = None, **options: Any) -> Any:
         """Instantiate an entry from a name or a ``{"name": ..., **options}`` dict.
 
         Objects that are not names or dicts are returned unchanged (an instance
-        the caller already built). ``defaults`` are passed only to factories that
-        accept them (e.g. a ``seed``); ``options`` must all be accepted.
+        the caller already built) — if they are instances of ``instance_of``, when given;
+        anything else is a TypeError listing what is accepted. ``defaults`` are passed
+        only to factories that accept them (e.g. a ``seed``); ``options`` must all be accepted.
         """
         if isinstance(spec, dict):
             if "name" not in spec:
@@ -71,6 +72,12 @@ class Registry(Generic[T]):
             options = {**{k: v for k, v in spec.items() if k != "name"}, **options}
             spec = spec["name"]
         elif not isinstance(spec, str):
+            if instance_of is not None and not isinstance(spec, instance_of):
+                prefix = f"the '{param or self.kind}' parameter of {where}" if where else \
+                    f"the '{param or self.kind}' parameter"
+                raise TypeError(f"{prefix} must be a {self.kind} name (one of: {', '.join(self.names())}), "
+                                f"a {{'name': ..., **options}} dict or a {instance_of.__name__}. "
+                                f"Got {spec!r} of type {type(spec).__name__} instead.")
             return spec
         name = self.canonical(spec, param=param, where=where)
         factory = self._entries[name]

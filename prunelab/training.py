@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunelab._validation import check_choice, check_number, check_type
+from prunelab._validation import check_choice, check_finite, check_number, check_type
 from prunelab.pruning.pruner import Pruner
 from prunelab.pruning.regularizers import Regularizer, make_regularizer
 from prunelab.pruning.targets import resolve_targets
@@ -69,6 +69,9 @@ def as_xy(data, param: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
                              f"({len(x)} vs {len(y)}).")
         if len(x) == 0:
             raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
+        check_finite(f"the inputs of the '{param}' parameter of {where}", x,
+                     hint="; inputs must be finite (drop or impute those examples)")
+        check_finite(f"the targets of the '{param}' parameter of {where}", y)
         return x, y
     raise TypeError(f"the '{param}' parameter of {where} must be an (x, y) pair of tensors or a "
                     f"prunelab Dataset. Got {type(data).__name__} instead.")
@@ -114,10 +117,13 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int = 64, lr: fl
     (with ``momentum``), ``"adam"``, ``"adamw"`` or a ready optimiser. ``regularizer``
     ``"l1"``/``"l2"``/``"group-lasso"`` with ``reg_strength`` penalises the prunable
     weights (those of ``pruner`` if given). ``pruner`` is attached to the optimiser and
-    stepped after every optimiser step. Raises :class:`TrainingDiverged` on a NaN/inf loss.
+    stepped after every optimiser step. Raises :class:`TrainingDiverged` on a NaN/inf loss,
+    and a ValueError before training when the data or the model's parameters hold NaN/inf.
     """
     where = "fit"
     check_type("model", model, nn.Module, where=where)
+    for name, param in model.named_parameters():   # else the first loss is NaN and "diverged" misleads
+        check_finite(f"the parameter {name!r} of the model given to fit", param)
     x, y = as_xy(data, "data", where)
     if val is None and getattr(data, "x_val", None) is not None:
         val = (data.x_val, data.y_val)

@@ -301,3 +301,24 @@ def test_onnx_export_of_a_thinned_model_runs_in_onnxruntime(tmp_path):
     got = session.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         assert np.allclose(got, small(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.01, 0.001])
+def test_best_index_bits_is_the_smallest_csr_over_all_widths(density):
+    from prunelab.metrics import best_index_bits, storage_bits
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 200, generator=g) * (torch.rand(300, 200, generator=g) < density)
+    sizes = {r: storage_bits(w, 8, r)["csr"] for r in range(1, 17)}
+    best = best_index_bits(w, 8)
+    assert sizes[best] == min(sizes.values()) and best == min(r for r in sizes if sizes[r] == sizes[best])
+    assert storage_bits(w, 8, "auto")["csr"] == sizes[best]
+
+
+def test_a_sparsified_model_is_saved_as_the_model_it_came_from(tmp_path):
+    from prunelab.sparse import SparseLinear, sparsify
+    model = pruned("lenet-300-100", 0.95)
+    fast, _ = sparsify(model, (1, 28, 28), min_sparsity=0.5, only_if_faster=False)
+    assert any(isinstance(m, SparseLinear) for m in fast.modules())
+    export.save(model, tmp_path / "a.plm")
+    export.save(fast, tmp_path / "b.plm")
+    assert (tmp_path / "a.plm").read_bytes() == (tmp_path / "b.plm").read_bytes()

@@ -65,11 +65,33 @@ def test_fit_with_pruner_reaches_target_and_keeps_zeros():
 
 def test_nan_loss_raises_training_diverged():
     model = net()
+    with pytest.raises(TrainingDiverged, match="loss became (nan|inf)"):
+        fit(model, data(), epochs=5, batch_size=16, lr=1e12, progress=False)
+
+
+def test_nan_inputs_are_refused_before_training_with_their_count():
+    model = net()
+    before = [p.detach().clone() for p in model.parameters()]
     x, y = data()
     x = x.clone()
     x[5] = float("nan")
-    with pytest.raises(TrainingDiverged, match="loss became nan"):
-        fit(model, (x, y), epochs=1, batch_size=400, progress=False)
+    x[7, 0, 0, 0] = float("inf")
+    n_bad = x[5].numel() + 1
+    with pytest.raises(ValueError, match=rf"inputs of the 'data' parameter of fit has {n_bad} non-finite "
+                                         rf"entries \({n_bad - 1} NaN, 1 inf\).*index \(5,"):
+        fit(model, (x, y), epochs=1, progress=False)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="'data' parameter of evaluate has"):
+        evaluate(model, (x, y))
+
+
+def test_a_model_with_nan_parameters_is_refused_by_fit_naming_the_parameter():
+    model = net()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    name = next(n for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match=rf"parameter '{name}' of the model given to fit has 1 non-finite entry"):
+        fit(model, data(), epochs=1, progress=False)
 
 
 def test_fit_accepts_dataset_like_objects():

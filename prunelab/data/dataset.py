@@ -13,7 +13,7 @@ from numbers import Integral
 
 import torch
 
-from prunelab._validation import check_number, check_type
+from prunelab._validation import check_finite, check_number, check_type
 
 
 _STATS_CHUNK = 4096  # examples per float64 chunk when computing train statistics
@@ -28,6 +28,8 @@ def _check_pair(split: str, x: torch.Tensor, y: torch.Tensor) -> None:
     if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
         raise ValueError(f"the 'y_{split}' parameter of Dataset must be an int64 tensor of "
                          f"shape ({len(x)},). Got dtype {y.dtype}, shape {tuple(y.shape)} instead.")
+    check_finite(f"the 'x_{split}' parameter of Dataset", x,
+                 hint="; inputs must be finite (drop or impute those examples)")
 
 
 def _take(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

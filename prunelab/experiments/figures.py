@@ -38,6 +38,7 @@ state or GUI backend.
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import statistics
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from prunelab._validation import check_choice, check_number
+from prunelab.experiments._outputs import output_folder, write_output
 from prunelab.experiments._records import (
     LABELS,
     NoDataError,
@@ -581,14 +583,13 @@ def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
     require_done(study, "prunelab plot")          # a clear error when nothing has finished
     declarations = figure_declarations(study.spec)
     figures = [pair for i, d in enumerate(declarations) for pair in build_figures(study.records, study.spec, d, i)]
-    out = Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures"))
     paths = []
     for name, (_, figure) in zip(unique_names([n for n, _ in figures]), figures):
         for ext in formats:
-            path = out / f"{name}.{ext}"
-            save_figure(figure, path, ext)
-            paths.append(path)
+            buffer = io.BytesIO()         # rendered in memory, then written atomically
+            save_figure(figure, buffer, ext)
+            paths.append(write_output(out / f"{name}.{ext}", buffer.getvalue()))
     return paths
 
 

@@ -362,13 +362,16 @@ def save_dense(path: Path | None, model, history, snapshot) -> None:
     (a remote Ray node) is skipped: the cache is an optimisation."""
     if path is None:
         return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save({"state_dict": model.state_dict(), "history": history, "snapshot": snapshot}, tmp)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except (OSError, RuntimeError):     # torch.save reports a full disk as a RuntimeError
+        try:
+            tmp.unlink()                # a full disk leaves a partial file: do not keep it
+        except OSError:
+            pass
 
 
 def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
@@ -410,21 +413,15 @@ def make_pruner(config: dict, model, ds, snapshot=None) -> Pruner:
 
 
 def thinned_metrics(model, ds) -> dict:
-    """Thin ``model`` physically (remove every unit whose outgoing weights are all zero) and
-    measure it: ``units_removed``, ``params_thinned``, ``accuracy_thinned`` (a removed unit's
-    bias is dropped with it, so this can differ slightly from the masked model's accuracy) and
-    ``measured_speedup``, the masked model's median forward latency at batch 64 over the
-    thinned model's (``prunelab.measure_latency``)."""
+    """Thin ``model`` physically (remove every unit whose incoming weights are all zero,
+    ``prunelab.units.zero_units``) and measure it: ``units_removed``, ``params_thinned``,
+    ``accuracy_thinned`` (a removed unit's bias is dropped with it, so this can differ slightly
+    from the masked model's accuracy) and ``measured_speedup``, the masked model's median forward
+    latency at batch 64 over the thinned model's (``prunelab.measure_latency``)."""
     from prunelab.metrics import measure_latency
-    from prunelab.units import Units, thin
+    from prunelab.units import thin, zero_units
 
-    units = Units.of(model, ds.input_shape)
-    plan = {}
-    for layer in units.layers:
-        rows = layer.module.weight.detach().flatten(1)
-        dead = torch.nonzero((rows == 0).all(dim=1)).flatten()
-        if 0 < len(dead) < len(rows):
-            plan[layer.name] = dead
+    plan = zero_units(model, ds.input_shape)
     small = thin(model, plan, input_shape=ds.input_shape) if plan else copy.deepcopy(model)
     before, after = (measure_latency(m, ds.input_shape, 64, warmup=5, repeats=30)[0].median_ms
                      for m in (model, small))

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from prunelab.experiments._outputs import output_folder, write_output
 from prunelab.experiments._records import NoDataError, Study, format_level, open_study
 from prunelab.experiments.figures import (
     DPI,
@@ -59,9 +60,8 @@ def write_report(store_path: str | Path, out_path: str | Path | None = None) -> 
     """Write the study's HTML report; default path ``<db folder>/<db stem>_report.html``."""
     study = open_study(store_path)
     out = Path(out_path) if out_path is not None else study.path.with_name(f"{study.path.stem}_report.html")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_report(study), encoding="utf-8")
-    return out
+    output_folder(out.parent)
+    return write_output(out, render_report(study))
 
 
 def render_report(study: Study) -> str:

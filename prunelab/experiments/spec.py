@@ -93,7 +93,13 @@ def build_study(raw: Any, *, overrides: Iterable[str] = (), quick: bool = False,
         if not sep or not key:
             errors.append(f"--set {item!r}: expected PATH=VALUE, e.g. --set training.epochs=3")
             continue
-        _apply(spec, key.strip(), yaml.safe_load(text), errors, origin="--set")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            errors.append(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                          f"quote it, e.g. --set 'description=\"...\"'")
+            continue
+        _apply(spec, key.strip(), value, errors, origin="--set")
     if errors:
         raise SpecError(where, errors)
     checker = Checker()
@@ -197,9 +203,9 @@ def run_id(config: Mapping) -> str:
 
 def _entries(spec: dict, key: str, checker: Checker) -> list[tuple[str, dict]]:
     """Normalise a list of names or mappings into (path, mapping) pairs."""
-    value = spec.get(key)
-    if value is None:
-        return []
+    if key not in spec:
+        return []          # a required key that is missing is reported as such
+    value = spec[key]
     if not isinstance(value, list) or not value:
         checker.error(key, f"must be a non-empty list (of names or mappings with a 'name'); got {value!r}")
         return []
@@ -326,9 +332,9 @@ def _check_unique_labels(runs: list[PlannedRun], checker: Checker) -> None:
 def _sparsities(spec: dict, checker: Checker, path: str = "sparsities") -> list:
     """A list of levels: floats in [0, 1), or ``{layer: sparsity}`` dicts of per-layer targets
     (their layer names are checked against the model later)."""
-    value = spec.get("sparsities")
-    if value is None:
-        return []
+    if "sparsities" not in spec:
+        return []          # missing: reported by the required-keys check where it is required
+    value = spec["sparsities"]
     if not isinstance(value, list) or not value:
         checker.error(path, f"must be a non-empty list of floats in [0, 1) (or of {{layer: sparsity}} "
                             f"mappings); got {value!r}")

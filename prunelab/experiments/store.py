@@ -12,10 +12,16 @@ one. Runs left ``running`` by a dead process are put back to ``pending`` when
 the study is run again (:meth:`Store.reset_interrupted`); ``done`` runs are
 never redone. Several processes may write at once (``busy_timeout`` makes a
 writer wait for another's transaction instead of failing).
+
+A write that fails (a full disk, a read-only or vanished folder: ``OSError`` or
+SQLite's ``database or disk is full`` / ``disk I/O error``) is rolled back, so the
+store keeps the state before it, and raised as :class:`StudyWriteError` naming the
+file and the change that was lost.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -27,6 +33,28 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("pending", "running", "done", "failed")
+
+
+class StudyWriteError(OSError):
+    """A study's store or one of its outputs could not be written (disk full, unwritable
+    folder). Whatever was stored before is intact; the failed change was not made."""
+
+
+def write_failure(what: str, path: Path | str, err: BaseException, advice: str) -> StudyWriteError:
+    """The :class:`StudyWriteError` for failing to do ``what`` to ``path`` because of ``err``."""
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    code = getattr(err, "errno", None)
+    if code is not None and code in errno.errorcode:
+        reason = f"{reason} ({errno.errorcode[code]})"
+    failure = StudyWriteError(f"could not {what} {path}: {reason}; {advice}")
+    failure.errno = code
+    return failure
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """OS errors, and the SQLite errors a full disk or an unwritable file gives (not, e.g., a
+    constraint violation, which is a bug to see as such)."""
+    return isinstance(err, (OSError, sqlite3.OperationalError))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -129,22 +157,30 @@ class Store:
 
     def __init__(self, path: str | Path, *, timeout: float = 60.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise ValueError(f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
-                             f"is the folder on a network file system?")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        with self._transaction():
-            for statement in _statements(SCHEMA):
-                self._db.execute(statement)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        except (OSError, sqlite3.OperationalError) as err:
+            raise write_failure("open the study store", self.path, err,
+                                "check that its folder exists and can be written") from err
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise ValueError(f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
+                                 f"is the folder on a network file system?")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            with self._transaction("create the tables of"):
+                for statement in _statements(SCHEMA):
+                    self._db.execute(statement)
+        except BaseException:
+            self._db.close()
+            raise
 
     # ------------------------------------------------------------------ plumbing
-    def _transaction(self):
-        return _Transaction(self._db)
+    def _transaction(self, what: str = "write to"):
+        return _Transaction(self._db, self.path, what)
 
     def close(self) -> None:
         self._db.close()
@@ -157,7 +193,7 @@ class Store:
 
     # ---------------------------------------------------------------------- meta
     def set_meta(self, key: str, value: Any) -> None:
-        with self._transaction():
+        with self._transaction(f"record the study's {key!r} in"):
             self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                              "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, dumps(value)))
 
@@ -170,7 +206,7 @@ class Store:
         """Make the store match a spec's expansion: insert new runs as pending, update
         the order of known ones, and flag runs no longer in the spec (kept, not deleted).
         Returns the number of new runs."""
-        with self._transaction():
+        with self._transaction("record the spec's runs in"):
             known = {row[0] for row in self._db.execute("SELECT id FROM runs")}
             self._db.execute("UPDATE runs SET in_spec = 0")
             new = 0
@@ -189,13 +225,13 @@ class Store:
 
     def reset_interrupted(self) -> int:
         """Runs left ``running`` by a process that died go back to ``pending``."""
-        with self._transaction():
+        with self._transaction("re-queue interrupted runs in"):
             return self._db.execute("UPDATE runs SET status = 'pending', worker = NULL "
                                     "WHERE status = 'running'").rowcount
 
     def retry_failed(self) -> int:
         """Failed runs of the current spec go back to ``pending``."""
-        with self._transaction():
+        with self._transaction("re-queue failed runs in"):
             return self._db.execute("UPDATE runs SET status = 'pending', error = NULL "
                                     "WHERE status = 'failed' AND in_spec = 1").rowcount
 
@@ -204,12 +240,12 @@ class Store:
 
     # ------------------------------------------------------------------- running
     def mark_running(self, run_id: str, worker: str) -> None:
-        with self._transaction():
+        with self._transaction(f"mark run {run_id} running in"):
             self._db.execute("UPDATE runs SET status = 'running', attempts = attempts + 1, worker = ?, "
                              "started_at = ? WHERE id = ?", (worker, time.time(), run_id))
 
     def mark_pending(self, run_id: str) -> None:
-        with self._transaction():
+        with self._transaction(f"put run {run_id} back to pending in"):
             self._db.execute("UPDATE runs SET status = 'pending', worker = NULL WHERE id = ? "
                              "AND status = 'running'", (run_id,))
 
@@ -219,7 +255,7 @@ class Store:
         status = outcome["status"]
         if status not in ("done", "failed"):
             raise ValueError(f"a finished run's status must be 'done' or 'failed'. Got {status!r}.")
-        with self._transaction():
+        with self._transaction(f"record the outcome of run {run_id} in"):
             self._db.execute(
                 "UPDATE runs SET status = ?, metrics = ?, curve = ?, error = ?, seconds = ?, "
                 "versions = ?, finished_at = ? WHERE id = ?",
@@ -279,15 +315,45 @@ def _statements(script: str) -> list[str]:
 
 class _Transaction:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error): takes the write lock up front,
-    so concurrent writers queue on ``busy_timeout`` instead of deadlocking."""
+    so concurrent writers queue on ``busy_timeout`` instead of deadlocking.
 
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
+    A failed ``COMMIT`` (SQLite keeps the transaction open after ``SQLITE_FULL``) is rolled
+    back too, and a rollback that fails in turn (SQLite may have rolled back already) never
+    hides the error that caused it. Write failures become :class:`StudyWriteError`."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, what: str):
+        self._db, self._path, self._what = db, path, what
 
     def __enter__(self):
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise self._failure(err) from err
         return self._db
 
     def __exit__(self, exc_type, exc, tb):
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self._db.execute("COMMIT")
+                return False
+            except (OSError, sqlite3.Error) as err:
+                exc = err
+        self._rollback()
+        if exc is not None and _is_write_failure(exc) and not isinstance(exc, StudyWriteError):
+            raise self._failure(exc) from exc
+        if exc_type is None:      # the COMMIT failed with something else
+            raise exc
         return False
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _failure(self, err: BaseException) -> StudyWriteError:
+        return write_failure(f"{self._what} the study store", self._path, err,
+                             "nothing was half-written: the store keeps its state before this change. "
+                             "Free space (or make the folder writable) and run the same command again; "
+                             "finished runs are kept and interrupted ones redone")

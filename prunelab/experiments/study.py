@@ -5,10 +5,17 @@ the store (new runs become pending; runs a dead process left ``running`` go back
 to pending; ``retry_failed`` re-queues failed ones), then hands the pending runs
 to an executor and writes each outcome to the store as it arrives. Killing it at
 any point loses at most the runs in flight, which the next invocation redoes.
+
+A store that cannot be written is refused before any run starts (a ValueError naming the
+path). A write that fails during the study (a full disk) stops it with
+:class:`~prunelab.experiments.store.StudyWriteError`: that change is rolled back, the runs
+in flight go back to pending (or, if even that cannot be written, are re-queued by the next
+invocation), and every run finished before stays in the store.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +25,7 @@ from prunelab.experiments.executors import Job, make_executor
 from prunelab.experiments.lock import StudyLock
 from prunelab.experiments.progress import Progress
 from prunelab.experiments.spec import Study
-from prunelab.experiments.store import Store
+from prunelab.experiments.store import Store, StudyWriteError
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ def run_study(study: Study, db_path: str | Path, *, executor: str = "local", wor
     from prunelab._validation import check_choice
     engine = check_choice("engine", engine, ENGINES, where="prunelab run")
     db_path = Path(db_path)
+    check_store_path(db_path)
     started = time.perf_counter()
     cache_dir = str(db_path.parent / "cache") if cache else None
     with StudyLock(db_path), Store(db_path) as store:
@@ -138,7 +146,30 @@ def run_study(study: Study, db_path: str | Path, *, executor: str = "local", wor
             runner.run(jobs, on_start, on_finish)
         finally:
             for run_id in in_flight:    # interrupted: these go back to the queue
-                store.mark_pending(run_id)
+                try:
+                    store.mark_pending(run_id)
+                except StudyWriteError:
+                    pass                # still 'running': the next invocation re-queues it
             display.close()
         counts = store.counts()
     return StudyResult(db_path, counts, display.finished_now, time.perf_counter() - started)
+
+
+def check_store_path(db_path: Path) -> None:
+    """Refuse, before any work, a store path that cannot be created or written: a folder on
+    the way that is a file, an existing folder in the store's place, a folder or file without
+    write permission. Raises ValueError naming the path."""
+    db_path = Path(db_path)
+    advice = "choose another --out or --db"
+    if db_path.is_dir():
+        raise ValueError(f"cannot write the study store {db_path}: it is a folder; {advice}.")
+    existing = db_path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write the study store {db_path}: {existing} is a file, not a folder; {advice}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the study store {db_path}: the folder {existing} is not writable; "
+                         f"{advice}.")
+    if db_path.exists() and not os.access(db_path, os.W_OK):
+        raise ValueError(f"cannot write the study store {db_path}: the file is read-only; {advice}.")

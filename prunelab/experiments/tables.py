@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from prunelab._validation import check_choice, check_number
+from prunelab.experiments._outputs import output_folder, write_output
 from prunelab.experiments._records import (
     LABELS,
     LEVEL,
@@ -432,20 +433,15 @@ def write_tables(store_path: str | Path, out_dir: str | Path | None = None,
     if metric is not None:
         check_metric(done, metric, where="table")
     tables = build_tables(study.records, _overridden(study.outputs, columns=columns, rows=rows, metric=metric))
-    out = Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_tables")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_tables"))
     paths = []
     if "md" in formats:
-        path = out / "tables.md"
-        path.write_text(f"# {study.name}\n\n" + "\n".join(t.to_markdown(heading=True) for t in tables),
-                        encoding="utf-8")
-        paths.append(path)
+        paths.append(write_output(out / "tables.md", f"# {study.name}\n\n"
+                                  + "\n".join(t.to_markdown(heading=True) for t in tables)))
     for ext, render in (("csv", Table.to_csv), ("tex", Table.to_latex)):
         if ext in formats:
             for table in tables:
-                path = out / f"{table.name}.{ext}"
-                path.write_text(render(table), encoding="utf-8")
-                paths.append(path)
+                paths.append(write_output(out / f"{table.name}.{ext}", render(table)))
     return paths
 
 

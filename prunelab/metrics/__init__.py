@@ -3,14 +3,15 @@
 * :func:`summary` — per-layer and total table of everything below.
 * :func:`count_flops` — dense and remaining FLOPs per sample of each Linear/Conv layer.
 * :func:`measure_latency` — measured forward latency per batch size (``docs/latency.md``).
-* :func:`storage_bits` / :func:`csr_fillers` — size of one tensor as dense, bit-mask and CSR.
+* :func:`storage_bits` / :func:`csr_fillers` / :func:`best_index_bits` — size of one tensor as
+  dense, bit-mask and CSR.
 
 Definitions and formulas: ``docs/metrics.md``.
 """
 
 from prunelab.metrics.flops import FlopCount, count_flops
 from prunelab.metrics.latency import Latency, measure_latency
-from prunelab.metrics.storage import csr_fillers, storage_bits
+from prunelab.metrics.storage import best_index_bits, csr_fillers, storage_bits
 from prunelab.metrics.summary import LayerStats, Summary, summary
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Latency",
     "LayerStats",
     "Summary",
+    "best_index_bits",
     "count_flops",
     "csr_fillers",
     "measure_latency",

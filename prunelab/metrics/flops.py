@@ -60,24 +60,27 @@ def count_nonzero(tensor: torch.Tensor) -> int:
 
 
 def flop_types() -> tuple[type, ...]:
-    """The types whose FLOPs are counted: COUNTED_TYPES and the hashed layers (their virtual
-    weights do the work)."""
+    """The types whose FLOPs are counted: COUNTED_TYPES, the hashed layers (their virtual
+    weights do the work) and ``prunelab.sparse.SparseLinear`` (counted as the Linear it was)."""
     from prunelab.models.hashed import HashedLayer
+    from prunelab.sparse import SparseLinear
 
-    return (*COUNTED_TYPES, HashedLayer)
+    return (*COUNTED_TYPES, HashedLayer, SparseLinear)
 
 
 def layer_flops(module: nn.Module, output_shapes: Sequence[torch.Size]) -> FlopCount:
-    """FLOPs of a Linear/Conv (or hashed) ``module`` over calls that produced ``output_shapes``
-    (batch 1). A hashed layer counts its virtual weights, a virtual weight being zero when its
-    bucket is."""
+    """FLOPs of a Linear/Conv (or hashed, or sparse) ``module`` over calls that produced
+    ``output_shapes`` (batch 1). A hashed layer counts its virtual weights, a virtual weight being
+    zero when its bucket is; a SparseLinear counts as the Linear it was made from."""
     if not isinstance(module, flop_types()):
-        raise TypeError(f"layer_flops counts Linear and Conv1d/2d/3d layers (and hashed layers) only; "
-                        f"got {type(module).__name__}")
+        raise TypeError(f"layer_flops counts Linear and Conv1d/2d/3d layers (and hashed and sparse "
+                        f"layers) only; got {type(module).__name__}")
     weight, bias = module.weight, module.bias
     if hasattr(module, "virtual_weight"):
         with torch.no_grad():
             weight = module.virtual_weight()
+    elif hasattr(module, "dense_weight"):  # SparseLinear: its CSR weight at its dense shape
+        weight = module.dense_weight()
     n_out = weight.shape[0]  # out_features or out_channels
     positions = sum(math.prod(shape) // n_out for shape in output_shapes)
     dense = 2 * weight.numel() * positions

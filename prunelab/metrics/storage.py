@@ -66,8 +66,13 @@ def best_index_bits(tensor: torch.Tensor, bits: int) -> int:
     nnz = int(torch.count_nonzero(tensor).item())
     fillers = dict.fromkeys(INDEX_BITS, 0)
     for gaps in _gaps(tensor):
-        for r in INDEX_BITS:
-            fillers[r] += int((gaps >> r).sum().item())
+        shifted = gaps
+        for r in INDEX_BITS:            # n_fill(r) = Σ g >> r; gaps shifted to 0 drop out
+            shifted = shifted >> 1
+            shifted = shifted[shifted > 0]
+            if not len(shifted):
+                break
+            fillers[r] += int(shifted.sum().item())
     return min(INDEX_BITS, key=lambda r: ((nnz + fillers[r]) * (bits + r), r))
 
 

@@ -8,6 +8,7 @@ definitions follow METHODS.md §6–8 and are spelled out in ``docs/metrics.md``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -140,6 +141,12 @@ _COLUMNS = (
 )
 
 
+def _index_words(index_bits: int | str) -> str:
+    if index_bits == "auto":
+        return "CSR relative indices of each tensor's best width"
+    return f"{index_bits}-bit CSR relative indices"
+
+
 def _cell(attribute: str, value: object) -> str:
     if value is None:
         return "-"
@@ -170,7 +177,7 @@ class Summary:
     total: LayerStats
     input_shape: tuple[int, ...]
     bits: int
-    index_bits: int
+    index_bits: int | str
 
     @property
     def effective_compression(self) -> float | None:
@@ -199,7 +206,7 @@ class Summary:
     def _footer(self) -> str:
         effective = _cell("effective_compression", self.effective_compression)
         return (f"per sample of input_shape {self.input_shape}; {self.bits}-bit values, "
-                f"{self.index_bits}-bit CSR relative indices; effective storage compression "
+                f"{_index_words(self.index_bits)}; effective storage compression "
                 f"{effective}x; FLOPs counted for Linear/Conv only")
 
     def to_markdown(self) -> str:
@@ -233,10 +240,30 @@ class Summary:
                 f"speedup={_cell('speedup', total.speedup)}x)")
 
 
+def _counted_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, identity, tensor)`` of each tensor that counts as the module's own parameter.
+
+    A ``prunelab.sparse.SparseLinear`` keeps its weight and bias as buffers; they count as the
+    parameters of the Linear it was made from, the weight at its dense shape (its CSR ``values``
+    array stands for it in identity checks)."""
+    from prunelab.sparse import SparseLinear
+
+    if isinstance(module, SparseLinear):
+        own = [("weight", module.values, module.dense_weight())]
+        if module.bias is not None:
+            own.append(("bias", module.bias, module.bias))
+        return own
+    return [(name, param, param) for name, param in module.named_parameters(recurse=False)]
+
+
 def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where: str) -> set[int]:
-    """Identities of the prunable parameters: by default the weight of every Linear and Conv."""
+    """Identities of the prunable parameters: by default the weight of every Linear and Conv
+    (and SparseLinear)."""
+    from prunelab.sparse import SparseLinear
+
     if prunable is None:
-        return {id(module.weight) for module in model.modules() if isinstance(module, COUNTED_TYPES)}
+        return {id(_counted_tensors(module)[0][1]) for module in model.modules()
+                if isinstance(module, (*COUNTED_TYPES, SparseLinear))}
     if isinstance(prunable, str):
         prunable = [prunable]
     if not isinstance(prunable, Iterable):
@@ -244,6 +271,10 @@ def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where:
                         f"parameter names. Got {prunable!r} of type {type(prunable).__name__} instead.")
     names = list(prunable)
     params = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            params.update({f"{prefix}.{name}" if prefix else name: identity
+                           for name, identity, _ in _counted_tensors(module)})
     unknown = [name for name in names if not isinstance(name, str) or name not in params]
     if unknown:
         hint = suggest(unknown[0], params) if isinstance(unknown[0], str) else ""
@@ -253,8 +284,21 @@ def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where:
     return {id(params[name]) for name in names}
 
 
+def _warn_non_finite(model: nn.Module) -> None:
+    bad = {}
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            finite = torch.isfinite(param)
+            if not bool(finite.all()):
+                bad[name] = param.numel() - int(finite.sum())
+    if bad:
+        listed = ", ".join(f"{name} ({n})" for name, n in bad.items())
+        warnings.warn(f"summary: non-finite (NaN/inf) entries in {listed}; they count as non-zero. "
+                      f"Did training diverge?", RuntimeWarning, stacklevel=3)
+
+
 def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
-            prunable: Iterable[str] | str | None = None, bits: int = 32, index_bits: int = 4,
+            prunable: Iterable[str] | str | None = None, bits: int = 32, index_bits: int | str = 4,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None) -> Summary:
     """Sparsity, compression, FLOPs and storage of every module that owns parameters, plus a total.
@@ -265,18 +309,25 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
             A dry forward of a zero tensor of shape ``(1, *input_shape)`` records
             the output shapes of Linear/Conv layers for the FLOPs.
         prunable: names of the parameters whose zeros count as sparsity (e.g.
-            ``["fc1.weight"]``); default: the ``weight`` of every Linear and Conv1d/2d/3d.
+            ``["fc1.weight"]``); default: the ``weight`` of every Linear, Conv1d/2d/3d
+            and SparseLinear.
         bits: bits per stored value ``b``, in ``[1, 64]``.
-        index_bits: bits per CSR relative index ``r``, in ``[1, 16]``.
+        index_bits: bits per CSR relative index ``r``, in ``[1, 16]``, or ``"auto"`` for
+            each tensor's best width (as ``prunelab.save(..., index_bits="auto")`` stores it).
         device, dtype: of the dry-run input; default: those of the model's parameters
             (pass ``dtype=torch.long`` for a model that starts with an Embedding).
 
     Rows are in ``model.named_modules()`` order. A parameter shared by several
     modules is counted in the first one only, so ``total.params`` equals
-    ``sum(p.numel() for p in model.parameters())``. The total's sparsity is over
+    ``sum(p.numel() for p in model.parameters())`` (plus, for a model with
+    ``prunelab.sparse.SparseLinear`` layers, their weights and biases, counted as
+    the parameters of the Linear layers they were made from). The total's sparsity is over
     prunable weights only, its compression ``total params / total non-zero`` and
     its speedup ``total dense FLOPs / total remaining FLOPs``. Buffers (e.g.
     BatchNorm running statistics) are not parameters and are not counted.
+
+    NaN and ±inf entries are not zero, so they count as non-zero; a ``RuntimeWarning`` names
+    the parameters that hold any (a diverged model is measured, not refused).
 
     Raises:
         ValueError: bad ``input_shape`` (also when the forward pass fails with it),
@@ -287,19 +338,20 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
     shape, device, dtype = resolve_input(model, input_shape, device, dtype, where)
     bits, index_bits = check_storage_bits(bits, index_bits, where)
     prunable_ids = _prunable_ids(model, prunable, where)
+    _warn_non_finite(model)
     calls = trace_outputs(model, shape, device, dtype, where)
 
     rows, total = [], _Tally(StorageTally(bits, index_bits))
     seen: set[int] = set()
     for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
+        own = _counted_tensors(module)
         if not own:
             continue
         tally = _Tally(StorageTally(bits, index_bits))
-        for param in own:
-            if id(param) not in seen:
-                seen.add(id(param))
-                tally.add_tensor(param, id(param) in prunable_ids)
+        for _, identity, tensor in own:
+            if id(identity) not in seen:
+                seen.add(id(identity))
+                tally.add_tensor(tensor, id(identity) in prunable_ids)
         if isinstance(module, flop_types()):
             tally.add_flops(layer_flops(module, calls.get(module, [])))
         rows.append(tally.freeze(name, type(module).__name__))

@@ -4,7 +4,7 @@ from prunelab.pruning.criteria import CRITERIA, Criterion, GradientMagnitude, Ma
 from prunelab.pruning.granularity import GRANULARITIES, Granularity, make_granularity
 from prunelab.pruning.lobs import LOBS, LayerReport, OBSExact, OBSFast
 from prunelab.pruning.masks import MaskSet
-from prunelab.pruning.pruner import Pruner, PruneRecord, prune
+from prunelab.pruning.pruner import Pruner, PruneRecord, SparsityShortfall, prune
 from prunelab.pruning.regularizers import REGULARIZERS, GroupLasso, L1, L2, Regularizer, make_regularizer
 from prunelab.pruning.schedules import (
     AGP, SCHEDULES, FixedFraction, FunctionSchedule, Iterative, OneShot, Schedule, make_schedule)
@@ -17,6 +17,6 @@ __all__ = [
     "GradientMagnitude", "Granularity", "GroupLasso", "Iterative", "L1", "L2", "LOBS", "LayerReport",
     "Magnitude", "OBSExact", "OBSFast",
     "MaskSet", "OBD", "OneShot", "PruneRecord", "Pruner", "REGULARIZERS", "Random", "Regularizer",
-    "SCHEDULES", "SCOPES", "Schedule", "Scope", "Target", "make_criterion", "make_granularity",
+    "SCHEDULES", "SCOPES", "Schedule", "Scope", "SparsityShortfall", "Target", "make_criterion", "make_granularity",
     "make_regularizer", "make_schedule", "make_scope", "prune", "resolve_targets",
 ]

@@ -171,4 +171,4 @@ class GradientMagnitude(Criterion):
 def make_criterion(spec: "str | Criterion | dict", *, seed: int = 0, where: str = "Pruner") -> Criterion:
     """Build a criterion from a name (``"magnitude"``), a dict ``{"name": ..., **options}``,
     or return an instance unchanged. ``seed`` reaches criteria that take one."""
-    return CRITERIA.build(spec, param="criterion", where=where, defaults={"seed": seed})
+    return CRITERIA.build(spec, param="criterion", where=where, defaults={"seed": seed}, instance_of=Criterion)

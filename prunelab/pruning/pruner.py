@@ -16,13 +16,14 @@ to an optimiser they keep pruned entries at zero (see :mod:`masks`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from prunelab._validation import check_choice, check_number, check_sparsity
+from prunelab._validation import check_choice, check_finite, check_number, check_sparsity
 from prunelab.pruning.criteria import Criterion, make_criterion
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
@@ -31,6 +32,10 @@ from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class SparsityShortfall(UserWarning):
+    """The no-empty-layer guard (``min_keep``) stopped some layers short of their target."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class PruneRecord:
     sparsity: float     # realised sparsity over all targets afterwards
     layers: dict        # per-target realised sparsity
     report: object = None   # a solver's per-layer report (L-OBS), if any
+    held: tuple = ()    # targets the no-empty-layer guard kept from going lower (see Pruner)
 
 
 class Pruner:
@@ -61,7 +67,9 @@ class Pruner:
         (e.g. ``{"n_prunes": 5, "every": 100, "exponent": 3}``).
     layers: module or parameter names to prune (default: every Linear/Conv weight).
     reduction: how member scores make a group score: ``"l2"``, ``"sum"``, ``"mean"``.
-    min_keep: groups that always survive in every layer (no layer is emptied).
+    min_keep: groups that always survive in every layer (no layer is emptied). When this
+        guard stops a layer short of what the scope asked, the event's record lists it in
+        ``held`` and a :class:`SparsityShortfall` warning gives the realised sparsity.
     optimizer: optimiser(s) to keep masks enforced in (see :meth:`attach`).
     rewind: lottery-ticket rewinding (Frankle & Carbin 2018): after every prune,
         reset all parameters to their values at construction (``"init"``), after
@@ -308,6 +316,9 @@ class Pruner:
     # -------------------------------------------------------------- pruning
     @torch.no_grad()
     def _prune(self, sparsity: float, event: Event) -> PruneRecord:
+        for target in self.targets:      # a NaN weight would get an arbitrary rank: refuse, change nothing
+            check_finite(f"the weight {target.name!r} of the model being pruned", target.weight,
+                         hint="; pruning cannot rank such weights (did training diverge?)")
         if self.criterion.needs_data and self.calibration is not None:
             self.criterion.reset()
             with torch.enable_grad():
@@ -319,8 +330,11 @@ class Pruner:
             for target, keep in zip(self.targets, keeps):
                 old = self.masks.get(target.weight)
                 self.masks.set(target.weight, keep if old is None else keep & old.bool())
-            return self._after_prune(sparsity)
+            return self._after_prune(sparsity, tuple(getattr(self.criterion, "last_held", ())))
         scores = self.criterion.scores(self.targets)
+        for target, score in zip(self.targets, scores):
+            check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
+                         hint="; check the calibration data and the loss")
         layers, group_shapes = [], []
         for target, score in zip(self.targets, scores):
             weight = target.weight
@@ -332,6 +346,7 @@ class Pruner:
             layers.append(LayerGroups(group_scores.flatten(), alive_groups.flatten(),
                                       self.granularity.group_size(weight)))
         keeps = self.scope.select(layers, targets, event, self.min_keep)
+        held = self._held_by_guard(layers, targets, event, keeps)
         for target, keep, shape in zip(self.targets, keeps, group_shapes):
             weight = target.weight
             group_keep = keep.reshape(shape)
@@ -342,17 +357,42 @@ class Pruner:
             if bias_keep is not None and target.bias is not None:
                 old_bias = self.masks.get(target.bias)
                 self.masks.set(target.bias, bias_keep if old_bias is None else bias_keep & old_bias.bool())
-        return self._after_prune(sparsity)
+        return self._after_prune(sparsity, held)
 
-    def _after_prune(self, sparsity: float) -> PruneRecord:
+    def _held_by_guard(self, layers: list[LayerGroups], targets, event: Event,
+                       keeps: list[torch.Tensor]) -> tuple[str, ...]:
+        """Targets that the ``min_keep`` guard kept from going as low as the scope asked, when
+        that leaves fewer weights pruned in all than without the guard (``global`` may instead
+        take the difference from other layers: no shortfall then). Only layers left at their
+        floor can be held, so the unguarded selection is made only when there is one."""
+        floors = [min(self.min_keep, int(layer.alive.sum())) for layer in layers]
+        at_floor = [i for i, (keep, floor) in enumerate(zip(keeps, floors)) if int(keep.sum()) <= floor]
+        if not at_floor:
+            return ()
+        unguarded = self.scope.select(layers, targets, event, 0)
+
+        def pruned(selection):
+            return sum((layer.n_groups - int(keep.sum())) * layer.group_size for layer, keep in zip(layers, selection))
+
+        if pruned(keeps) >= pruned(unguarded):
+            return ()
+        return tuple(self.targets[i].name for i in at_floor if int(unguarded[i].sum()) < int(keeps[i].sum()))
+
+    def _after_prune(self, sparsity: float, held: tuple[str, ...] = ()) -> PruneRecord:
         self.masks.apply_to_weights()
         self.masks.clear_optimizer_state(self.optimizers)
         self.criterion.reset()
         if self._snapshot is not None:
             self._rewind()
         report = getattr(self.criterion, "last_report", None)
-        record = PruneRecord(self.step_count, sparsity, self.sparsity(), self.layer_sparsity(), report)
+        record = PruneRecord(self.step_count, sparsity, self.sparsity(), self.layer_sparsity(), report, held)
         self.history.append(record)
+        if held:
+            warnings.warn(SparsityShortfall(
+                f"pruning to sparsity {sparsity:.6g} reached {record.sparsity:.6g}: the no-empty-layer guard "
+                f"keeps min_keep={self.min_keep} group(s) of every layer, and held {', '.join(held)} above "
+                f"what the target asked. Lower the target, prune with a finer granularity, or leave "
+                f"those layers out of 'layers'."), stacklevel=2)
         return record
 
     @torch.no_grad()
@@ -428,12 +468,17 @@ def _batches(data, batch_size: int, *, where: str):
         if len(x) != len(y):
             raise ValueError(f"the 'data' parameter of {where}: inputs and targets differ in length "
                              f"({len(x)} vs {len(y)}).")
+        check_finite(f"the calibration inputs ('data') of {where}", x)
+        check_finite(f"the calibration targets ('data') of {where}", y)
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]
         return
     n = 0
     for batch in data:
         n += 1
+        if isinstance(batch, (tuple, list)):
+            for part, tensor in zip(("inputs", "targets"), batch):
+                check_finite(f"the calibration {part} of batch {n - 1} ('data') of {where}", tensor)
         yield batch
     if n == 0:
         raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (no batches).")

@@ -88,4 +88,4 @@ def make_regularizer(spec: "str | dict | Regularizer", strength: float | None = 
                      *, where: str = "fit", **options) -> Regularizer:
     if strength is not None:
         options["strength"] = strength
-    return REGULARIZERS.build(spec, param="regularizer", where=where, **options)
+    return REGULARIZERS.build(spec, param="regularizer", where=where, instance_of=Regularizer, **options)

@@ -216,4 +216,4 @@ def make_schedule(spec: "str | dict | Schedule | Callable[[int], float]", sparsi
         return FunctionSchedule(spec, **options)
     if sparsity is not None:
         options.setdefault("sparsity", sparsity)
-    return SCHEDULES.build(spec, param="schedule", where=where, **options)
+    return SCHEDULES.build(spec, param="schedule", where=where, instance_of=Schedule, **options)

@@ -143,4 +143,4 @@ class LayerwiseConstant(Scope):
 
 
 def make_scope(spec: "str | Scope", *, where: str = "Pruner") -> Scope:
-    return SCOPES.build(spec, param="scope", where=where)
+    return SCOPES.build(spec, param="scope", where=where, instance_of=Scope)

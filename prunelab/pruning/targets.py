@@ -83,10 +83,17 @@ def resolve_targets(model: nn.Module, layers: Iterable[str] | None = None, *,
             raise ValueError(f"{where}: the model has no Linear or Conv layer to prune; "
                              f"name the tensors to prune with layers=[...].")
         return found
+    module_names, param_names = _valid_names(model)
     if isinstance(layers, str):
         layers = [layers]
+    if not isinstance(layers, Iterable) or isinstance(layers, (bytes, dict)):
+        raise TypeError(f"the 'layers' parameter of {where} must be None or a list of module or parameter "
+                        f"names. Got {layers!r} of type {type(layers).__name__} instead.")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"the 'layers' parameter of {where} is an empty list; name at least one of the "
+                         f"modules {', '.join(module_names)}, or pass None for every Linear/Conv weight.")
     found: dict[str, Target] = {}
-    module_names, param_names = _valid_names(model)
     params = dict(model.named_parameters())
     for entry in layers:
         if not isinstance(entry, str):

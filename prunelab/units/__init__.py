@@ -30,7 +30,7 @@ from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, sel
 METHODS = tuple([*SCORERS, *(f"bp_{s}" for s in SCORERS)])
 
 __all__ = ["LAYER_SETS", "METHODS", "SCORERS", "UnitPruning", "UnitStats", "Units", "collect_stats",
-           "parse_method", "remove_units", "score_units", "thin"]
+           "parse_method", "remove_units", "score_units", "thin", "zero_units"]
 
 
 def parse_method(method: str, where: str = "remove_units") -> tuple[str, bool]:
@@ -190,6 +190,29 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     if units.chain is not None:
         return surgery.thin_chain(model, units.chain, plan)
     return graph.thin(model, units.example(), plan)
+
+
+def zero_units(model: nn.Module, input_shape=None) -> dict[str, torch.Tensor]:
+    """The units whose incoming weights are all exactly zero, as a plan for :func:`thin`:
+    ``{layer name: unit indices}`` over the unit layers of :class:`Units` (a layer's rows of
+    ``weight``: a neuron's inputs, or a filter's ``in × kh × kw`` taps).
+
+        small = units.thin(model, units.zero_units(model, (1, 28, 28)), input_shape=(1, 28, 28))
+
+    Layers with no such unit are left out, and so are layers where every unit is one (:func:`thin`
+    never empties a layer). The plan can drop more than zeros: such a unit still outputs
+    ``act(bias)`` (after a BatchNorm, its shift), a constant that the thinned model no longer adds
+    to the next layer. Its outputs equal the model's exactly when those constants are 0, e.g.
+    when the biases of the dead units are 0 too.
+    """
+    units = Units.of(model, input_shape)
+    plan = {}
+    for layer in units.layers:
+        rows = layer.module.weight.detach().flatten(1)
+        dead = torch.nonzero((rows == 0).all(dim=1)).flatten().cpu()
+        if 0 < len(dead) < len(rows):
+            plan[layer.name] = dead
+    return plan
 
 
 def thinned_parameters(model: nn.Module, pruning: UnitPruning) -> int:

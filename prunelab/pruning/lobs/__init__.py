@@ -23,6 +23,12 @@ part in the compensation, never pruned; default True); ``low_memory`` (parallel 
 layer's Hessian in memory at a time, at one calibration pass per layer); ``block_size``
 (obs-fast). After each prune ``pruner.history[-1].report`` (and ``criterion.last_report``)
 holds a :class:`LayerReport` per layer.
+
+Like every scope, the solvers never empty a layer: at most ``numel − min_keep`` weights (or
+``n_inputs − min_keep`` channels) of a layer go, whatever the target or ε asks; the layers so
+held are listed in ``criterion.last_held`` (and the Pruner's record). Weights of *dead*
+inputs (zero on every calibration sample) are removed first at no cost; those the target does
+not remove keep their values.
 """
 
 from __future__ import annotations
@@ -100,6 +106,7 @@ class LayerwiseOBS(Criterion):
         self._original = None
         self._hessians: dict[str, LayerHessian] = {}
         self.last_report: Report | None = None
+        self.last_held: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ data
     def calibrate(self, model, targets, batches, loss_fn) -> None:
@@ -157,7 +164,7 @@ class LayerwiseOBS(Criterion):
     @torch.no_grad()
     def solve(self, pruner, sparsities: list[float], event) -> list[torch.Tensor]:
         structured_mode = pruner.granularity.name == "channel"
-        keeps, report = [], Report()
+        keeps, report, held = [], Report(), []
         for target, sparsity in zip(pruner.targets, sparsities):
             h = self._hessian(pruner, target)
             started = time.perf_counter()
@@ -173,11 +180,19 @@ class LayerwiseOBS(Criterion):
             if mask is not None:
                 alive[:, :d_in] = mask.reshape(W.shape[0], -1).bool()
             if structured_mode:
-                solution = self._structured(target, W_full, H, sparsity, alive, d_in)
+                solution = self._structured(target, W_full, H, sparsity, alive, d_in, pruner.min_keep)
             else:
-                n_prune = round(sparsity * W.numel())
-                solution = self._solve(W_full, H, n_prune, prunable, alive, self._epsilon_for(target))
-            new_W = solution.W[:, :d_in].reshape(target.weight.shape)
+                limit = W.numel() - min(pruner.min_keep, int(alive[:, :d_in].sum()))   # never empty the layer
+                wanted = round(sparsity * W.numel())
+                solution = self._solve(W_full, H, min(wanted, limit), prunable, alive,
+                                       self._epsilon_for(target), limit)
+                solution.held = solution.held or (self._epsilon_for(target) is None and wanted > limit)
+            if solution.held:
+                held.append(target.name)
+            # prepare() zeroed the weights of dead inputs so that they go first, at no cost; those
+            # the solver kept get their values back (they cannot change the calibration outputs)
+            revived = dead[None, :d_in] & solution.keep[:, :d_in]
+            new_W = torch.where(revived, W[:, :d_in], solution.W[:, :d_in]).reshape(target.weight.shape)
             keep = solution.keep[:, :d_in].reshape(target.weight.shape)
             delta = solution.W - weight_matrix_with_bias(W, bias)
             measured = float(torch.einsum("ri,ij,rj->", delta, h.H, delta)) if h.n else 0.0
@@ -195,22 +210,26 @@ class LayerwiseOBS(Criterion):
                 relative_error=math.sqrt(max(measured, 0.0) / signal) if signal > 0 else 0.0,
                 n=h.n, hessian_seconds=h.seconds, solve_seconds=time.perf_counter() - started))
         self.last_report = report
+        self.last_held = tuple(held)
         return keeps
 
-    def _structured(self, target, W_full, H, sparsity, alive, d_in):
+    def _structured(self, target, W_full, H, sparsity, alive, d_in, min_keep):
         module = target.module
         group = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, torch.nn.Conv2d) else 1
         n_inputs = d_in // group
         alive_groups = alive[:, :d_in].reshape(-1, n_inputs, group).all(dim=2).all(dim=0)
-        n_groups = min(round(sparsity * n_inputs), n_inputs - 1)
-        return structured.solve(W_full, H, n_groups, group, n_inputs, alive_groups)
+        limit = n_inputs - min(min_keep, int(alive_groups.sum()))     # never empty the layer
+        wanted = round(sparsity * n_inputs)
+        solution = structured.solve(W_full, H, min(wanted, limit), group, n_inputs, alive_groups)
+        solution.held = wanted > limit
+        return solution
 
     def _epsilon_for(self, target) -> float | None:
         if isinstance(self.epsilon, dict):
             return self.epsilon.get(target.name, self.epsilon.get(target.module_name))
         return self.epsilon
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -238,8 +257,8 @@ class LOBS(LayerwiseOBS):
 
     name = "lobs"
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
-        return lobs.solve(W, H, n_prune, prunable, alive, epsilon=epsilon)
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
+        return lobs.solve(W, H, n_prune, prunable, alive, epsilon=epsilon, limit=limit)
 
 
 @CRITERIA.register("obs-exact", "obs_exact")
@@ -248,8 +267,8 @@ class OBSExact(LayerwiseOBS):
 
     name = "obs-exact"
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
-        return obs_exact.solve(W, H, n_prune, prunable, alive, epsilon=epsilon)
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
+        return obs_exact.solve(W, H, n_prune, prunable, alive, epsilon=epsilon, limit=limit)
 
 
 @CRITERIA.register("obs-fast", "obs_fast")
@@ -258,5 +277,5 @@ class OBSFast(LayerwiseOBS):
 
     name = "obs-fast"
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon):
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
         return obs_fast.solve(W, H, n_prune, prunable, alive, block_size=self.block_size)

@@ -24,6 +24,7 @@ class Solution:
     W: torch.Tensor           # (rows, d), float64, pruned entries exactly 0
     keep: torch.Tensor        # (rows, d) bool; True for the non-prunable (bias) column too
     predicted: float          # predicted increase of E = (1/n)‖Ẑ − Z‖²
+    held: bool = False        # the tolerable error asked for more than ``limit`` removals
 
 
 def inverse(H: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ compensation ``δw = −(w_q / [H⁻¹]_qq) · H⁻¹ e_q`` with the current ``w
 already-pruned entries at zero. ``H⁻¹`` is never updated after a removal: cheap and
 approximate. The predicted error is the paper's: the sum of the removed weights'
 ``2 L_q`` (interactions ignored). Stopping rule: a target count, or the paper's tolerable
-error — prune while ``√L_q ≤ ε``.
+error — prune while ``√L_q ≤ ε``, but never more than ``limit`` entries (the no-empty-layer
+guard; the cheapest ``limit`` go then).
 
 Rows are independent (the Hessian is block-diagonal over output rows), so the sequence
 runs as rounds: in round t every row removes its t-th chosen weight — the same result as
@@ -21,15 +22,18 @@ from prunelab.pruning.lobs.common import Solution, inverse
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch.Tensor,
-          alive: torch.Tensor, epsilon: float | None = None) -> Solution:
+          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None) -> Solution:
     Hinv = inverse(H)
     d = torch.diagonal(Hinv)
     L = W.pow(2) / (2 * d)
     L[:, ~prunable] = float("inf")
     L[~alive] = float("-inf")                      # pruned before: zero already, counted first
+    held = False
     if epsilon is not None:
         chosen = (L <= epsilon ** 2) | ~alive
-    else:
+        if limit is not None and int(chosen.sum()) > limit:
+            n_prune, epsilon, held = limit, None, True
+    if epsilon is None:
         order = torch.argsort(L.flatten(), stable=True)
         chosen = torch.zeros(L.numel(), dtype=torch.bool)
         chosen[order[: max(int(n_prune), int((~alive).sum()))]] = True
@@ -49,4 +53,4 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch
         W[rows] -= coef[:, None] * Hinv[q]                # Hinv is symmetric: row q = column q
         removed[rows, q] = True
         W[removed] = 0.0
-    return Solution(W, ~chosen, predicted)
+    return Solution(W, ~chosen, predicted, held)

@@ -32,9 +32,10 @@ FLOAT64_UP_TO = 256            # wider layers run the greedy's trace in float32 
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch.Tensor,
-          alive: torch.Tensor, epsilon: float | None = None) -> Solution:
+          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None) -> Solution:
     """Prune ``n_prune`` entries of the layer, or with ``epsilon`` every greedy step whose
-    cost stays within the paper's tolerable error, ``√(ΔE/2) ≤ ε``."""
+    cost stays within the paper's tolerable error, ``√(ΔE/2) ≤ ε`` — but no more than
+    ``limit`` (the no-empty-layer guard; the ``limit`` cheapest go then)."""
     rows, d = W.shape
     Hinv = inverse(H)
     m = int(prunable.sum())
@@ -47,10 +48,13 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch
         o, inc = trace(W[idx].to(precision), Hinv.to(precision), prunable, alive[idx])
         order[idx], increments[idx] = o, inc.to(W.dtype)
     price = torch.cummax(increments, dim=1).values
+    held = False
     if epsilon is not None:
         counts = (price <= 2 * epsilon ** 2).sum(dim=1)
         counts = torch.maximum(counts, (~alive).sum(dim=1))
-    else:
+        if limit is not None and int(counts.sum()) > limit:
+            n_prune, epsilon, held = limit, None, True
+    if epsilon is None:
         k = min(max(int(n_prune), int((~alive).sum())), rows * m)
         taken = torch.zeros(rows * m, dtype=torch.bool)
         taken[torch.argsort(price.flatten(), stable=True)[:k]] = True
@@ -63,7 +67,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch
         keep[r, removed] = False
         W_out[r] = optimal_row(W[r], H, keep[r])
         predicted += float(increments[r, : counts[r]].sum())
-    return Solution(W_out, keep, predicted)
+    return Solution(W_out, keep, predicted, held)
 
 
 def optimal_row(w: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

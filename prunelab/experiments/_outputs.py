@@ -1,0 +1,46 @@
+"""Writing a study's outputs (tables, figures, the report) safely.
+
+Each file is written to a temporary name in its folder and renamed into place, so a full
+disk or a crash never leaves a half-written table or figure under the final name. A
+failure is raised as :class:`~prunelab.experiments.store.StudyWriteError` naming the file;
+outputs only read the store, so the stored runs are never affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from prunelab.experiments.store import write_failure
+
+ADVICE = ("the stored runs are unaffected; free space or choose another folder (--out), then write "
+          "the outputs again (prunelab table | plot | report STUDY.db)")
+
+
+def output_folder(folder: str | Path) -> Path:
+    """Create ``folder`` (and its parents) for outputs; return it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failure("create the output folder", folder, err, ADVICE) from err
+    return folder
+
+
+def write_output(path: str | Path, content: str | bytes) -> Path:
+    """Write one output file atomically (text as UTF-8); return its path."""
+    path = Path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:          # the usual permissions (umask), unlike mkstemp's 0600
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_failure("write", path, err, ADVICE) from err
+    return path
