@@ -13,6 +13,7 @@ prints ``prunelab: error: ...`` naming the bad value and the valid ones.
 
 Exit status: 0 success; 1 a study finished with failed runs; 2 bad input (usage,
 spec, names, values, missing files); 3 the study is being run by another process;
+4 the store or an output could not be written (disk full, ...; the store is intact);
 130 interrupted (Ctrl-C). Set ``PRUNELAB_DEBUG=1`` for full tracebacks.
 """
 
@@ -438,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from prunelab.experiments.lock import StudyLocked
+    from prunelab.experiments.store import StudyWriteError
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -445,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyLocked as err:
         print(f"prunelab: error: {err}", file=sys.stderr)
         return 3
+    except StudyWriteError as err:          # disk full, unwritable output: the store is intact
+        print(f"prunelab: error: {err}", file=sys.stderr)
+        return 4
     except (ValueError, TypeError, FileNotFoundError) as err:
         if os.environ.get("PRUNELAB_DEBUG"):
             raise

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import signal
 import sys
 from pathlib import Path
-
-WRITE_FAILED = 4      # exit status: the store or an output could not be written (disk full, ...)
-
-
-def _write_failures_exit(command):
-    """Report a :class:`StudyWriteError` (what could not be written, and that the store is
-    intact) and exit with status 4 instead of a traceback."""
-    @functools.wraps(command)
-    def run(args) -> int:
-        from prunelab.experiments.store import StudyWriteError
-        try:
-            return command(args)
-        except StudyWriteError as err:
-            print(f"prunelab: error: {err}", file=sys.stderr)
-            return WRITE_FAILED
-    return run
-
 
 def _existing_db(path: str) -> Path:
     db = Path(path)
@@ -35,7 +17,6 @@ def _existing_db(path: str) -> Path:
     return db
 
 
-@_write_failures_exit
 def cmd_run(args) -> int:
     from prunelab.experiments import default_db_path, load_spec, run_study
     study = load_spec(args.spec, overrides=args.set or [], quick=args.quick)
@@ -109,7 +90,6 @@ def cmd_status(args) -> int:
     return 0
 
 
-@_write_failures_exit
 def cmd_table(args) -> int:
     from prunelab.experiments.tables import write_tables
     db = _existing_db(args.study)
@@ -123,7 +103,6 @@ def cmd_table(args) -> int:
     return 0
 
 
-@_write_failures_exit
 def cmd_plot(args) -> int:
     from prunelab.experiments.figures import write_figures
     db = _existing_db(args.study)
@@ -133,7 +112,6 @@ def cmd_plot(args) -> int:
     return 0
 
 
-@_write_failures_exit
 def cmd_report(args) -> int:
     from prunelab.experiments.report import write_report
     db = _existing_db(args.study)

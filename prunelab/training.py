@@ -77,6 +77,34 @@ def as_xy(data, param: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
                     f"prunelab Dataset. Got {type(data).__name__} instead.")
 
 
+@torch.no_grad()
+def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, param: str, where: str,
+               classes: bool = True) -> None:
+    """Run the model on the first example (eval mode, nothing changes) so that inputs of the
+    wrong shape or dtype are a ValueError naming the data, not an error deep in the model; with
+    ``classes`` (the default cross-entropy loss) the labels must be int64 class indices below
+    the model's number of outputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x[:1])
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise ValueError(f"the inputs of the '{param}' parameter of {where} (shape {tuple(x.shape)}, "
+                         f"dtype {x.dtype}) do not fit the model: {type(err).__name__}: {err}") from err
+    finally:
+        model.train(was_training)
+    if not classes:
+        return
+    if y.dtype != torch.int64 or y.dim() != 1:
+        raise ValueError(f"the labels of the '{param}' parameter of {where} must be an int64 tensor of shape "
+                         f"({len(y)},) (class indices). Got dtype {y.dtype}, shape {tuple(y.shape)} instead.")
+    n_out = out.shape[-1] if out.dim() >= 2 else 1
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= n_out:
+        raise ValueError(f"the labels of the '{param}' parameter of {where} must be class indices in "
+                         f"[0, {n_out - 1}] (the model has {n_out} outputs). Got labels from {low} to {high}.")
+
+
 def _show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
 
@@ -89,6 +117,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 1024,
         data = (data.x_test, data.y_test)
     x, y = as_xy(data, "data", "evaluate")
     batch_size = check_number("batch_size", batch_size, where="evaluate", low=1, integer=True)
+    check_fits(model, x, y, "data", "evaluate", classes=loss_fn is None)
     loss_fn = loss_fn or nn.functional.cross_entropy
     was_training = model.training
     model.eval()
@@ -129,6 +158,9 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int = 64, lr: fl
         val = (data.x_val, data.y_val)
     if val is not None:
         val = as_xy(val, "val", where)
+    check_fits(model, x, y, "data", where, classes=loss_fn is None)
+    if val is not None:
+        check_fits(model, *val, "val", where, classes=loss_fn is None)
     epochs = check_number("epochs", epochs, where=where, low=0, integer=True)
     batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
     seed = check_number("seed", seed, where=where, low=0, integer=True)

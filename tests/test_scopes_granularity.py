@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.pruning import Pruner, prune
+from prunelab.pruning import Pruner, SparsityShortfall, prune
 
 
 def two_layers(scale_a=1.0, scale_b=1.0):
@@ -53,8 +53,9 @@ def test_global_never_empties_a_layer():
 
 def test_local_guard_at_extreme_sparsity():
     model = nn.Linear(10, 1)
-    prune(model, 0.99)
-    assert int(torch.count_nonzero(model.weight)) == 1
+    with pytest.warns(SparsityShortfall, match="reached 0.9: the no-empty-layer guard"):
+        pruner = prune(model, 0.99)
+    assert int(torch.count_nonzero(model.weight)) == 1 and pruner.history[-1].held == ("weight",)
 
 
 def test_layerwise_constant_raises_one_layer_per_event_then_all():
