@@ -292,8 +292,7 @@ def cmd_export(args) -> int:
     torch.save(model.state_dict(), dense)
     if args.thin:
         from prunelab import units
-        plan = units.zero_units(model, input_shape)
-        model = units.thin(model, plan, input_shape=input_shape) if plan else model
+        model, plan = units.thin_dead_units(model, input_shape)
         print(f"thinned: {sum(len(v) for v in plan.values())} units whose weights are all zero removed")
     report = export.save(model, args.out, encoding=args.encoding, values=args.values,
                          index_bits=_index_bits(args.index_bits))

@@ -481,7 +481,7 @@ class InferenceLatency:
     * ``median_ms[variant][batch]`` for the variants ``"dense"`` (the model as it is: zeros
       stored and multiplied), ``"sparse"`` (:func:`sparsify` without timing: every Linear at
       ``min_sparsity`` or more as a :class:`SparseLinear`) and ``"thinned"`` (the units whose
-      incoming weights are all zero removed, ``prunelab.units.zero_units`` then ``thin``;
+      incoming weights are all zero removed, ``prunelab.units.thin_dead_units``;
       absent when the model cannot be thinned, see ``thinned_note``).
     * ``max_abs_diff[variant]``: largest output difference from the dense model on a random batch.
     * ``sparse_report``: the per-layer decisions; ``thinned_units``: ``{layer: (before, after)}``.
@@ -570,9 +570,8 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int, *, min
     variants = {"dense": model, "sparse": sparse}
     thinned_units: dict[str, tuple[int, int]] = {}
     try:
-        plan = units.zero_units(model, shape)
         found = {layer.name: layer.n_units for layer in units.Units.of(model, shape).layers}
-        variants["thinned"] = units.thin(model, plan, input_shape=shape)
+        variants["thinned"], plan = units.thin_dead_units(model, shape)
         thinned_units = {name: (n, n - len(plan.get(name, ()))) for name, n in found.items()}
         note = "" if plan else "no unit has all-zero incoming weights (same as dense)"
     except ValueError as err:

@@ -195,3 +195,35 @@ def test_bad_input():
         units.remove_units(sigmoid, "norm", (x, y), fraction=0.5)
     a_layer_is_never_emptied = units.remove_units(copy.deepcopy(model), "norm", (x, y), fraction=0.99)
     assert len(a_layer_is_never_emptied.plan["1"]) == 2
+
+
+@pytest.mark.parametrize("name, shape, options", [
+    ("mlp", (1, 28, 28), {"hidden": [40, 30]}),
+    ("lenet5", (1, 28, 28), {}),                     # its convolutions have no padding: exact too
+    ("vgg11", (3, 32, 32), {"width": 0.25}),         # padded convolutions: exact except at borders
+])
+def test_thin_dead_units_keeps_the_outputs_of_units_with_a_bias_but_no_inputs(name, shape, options):
+    model = prunelab.build_model(name, input_shape=shape, n_classes=10, seed=0, **options)
+    found = units.Units.of(model, shape)
+    with torch.no_grad():
+        for layer in found.layers:                   # dead units with positive biases: constant outputs
+            layer.module.weight[:layer.n_units // 3] = 0
+            if layer.module.bias is not None:
+                layer.module.bias[:layer.n_units // 3] = 0.5
+        if name == "vgg11":                          # give the BatchNorms real statistics
+            model.train()
+            model(torch.randn(16, *shape))
+    model.eval()
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(3))
+    small, plan = units.thin_dead_units(model, shape)
+    assert set(plan) == {layer.name for layer in found.layers}
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        reference, got = model(x), small.eval()(x)
+        dropped = units.thin(model, plan, input_shape=shape).eval()(x)
+    error, lost = (got - reference).abs().max(), (dropped - reference).abs().max()
+    assert lost > 0.05                                           # plain thinning loses the constants
+    if name == "vgg11":
+        assert error < 0.05 * lost
+    else:
+        assert torch.allclose(got, reference, atol=1e-5, rtol=1e-5)
