@@ -214,6 +214,20 @@ class _Optimizer:
                 denom = v.sqrt().div_(math.sqrt(c2)).add_(self.eps)
                 p.addcdiv_(m * (lr / c1), denom, value=-1.0)
 
+    def momentum_buffers(self) -> dict[str, torch.Tensor]:
+        """SGD's momentum buffers (zeros where there is none yet), for :meth:`descend`: the
+        hand-written MLP path accumulates its gradients straight into them."""
+        return {name: self.state.setdefault(name, {}).setdefault("momentum", torch.zeros_like(p))
+                for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def descend(self) -> None:
+        """``p ← p − lr_r·buf`` for SGD with momentum whose buffers already hold ``g + μ·buf``
+        (one pass over memory fewer than :meth:`step`; the result is the same)."""
+        self.steps += 1
+        for name, p in self.params.items():
+            p.addcmul_(self.lr[name], self.state[name]["momentum"], value=-1.0)
+
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
@@ -267,10 +281,12 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, str | None]] | None:
 
 
 def _mlp_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], plan, x: torch.Tensor,
-              y: torch.Tensor):
+              y: torch.Tensor, beta: float = 0.0):
     """Per-member mean cross-entropy and outputs of a batched ReLU MLP, with the gradients
     written into ``grads`` (buffers kept from step to step, so no large tensor is allocated):
-    the forward and backward by hand, three batched products per layer."""
+    the forward and backward by hand, three batched products per layer. With ``beta`` the
+    gradients are added to ``beta·grads`` instead (SGD's momentum ``buf ← g + μ·buf``, done by
+    the weight-gradient product itself)."""
     R, B = y.shape
     h = x.flatten(2)
     inputs, pre = [], []
@@ -289,9 +305,14 @@ def _mlp_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], p
         g.div_(B)                                                                      # ∂(mean loss)/∂logits
         for k in range(len(plan) - 1, -1, -1):
             w_name, b_name = plan[k]
-            torch.bmm(g.transpose(1, 2), inputs[k], out=grads[w_name])
-            if b_name is not None:
-                torch.sum(g, dim=1, out=grads[b_name])
+            if beta:
+                grads[w_name].baddbmm_(g.transpose(1, 2), inputs[k], beta=beta)
+                if b_name is not None:
+                    grads[b_name].mul_(beta).add_(g.sum(dim=1))
+            else:
+                torch.bmm(g.transpose(1, 2), inputs[k], out=grads[w_name])
+                if b_name is not None:
+                    torch.sum(g, dim=1, out=grads[b_name])
             if k:
                 g = torch.bmm(g, params[w_name]).mul_(pre[k - 1] > 0)
     return losses, h
@@ -432,8 +453,11 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
     opt.mask_state(batch.masks)
     shuffles = [torch.Generator().manual_seed(s) for s in seeds]
     n, R = len(x), batch.size
+    # SGD with momentum on the hand-written path: the gradient product accumulates into the
+    # momentum buffers (beta = μ), so a step makes one pass over the weights fewer
+    fused = plan is not None and opt.name == "sgd" and opt.momentum > 0
     if plan is not None:
-        grads = {name: torch.zeros_like(p) for name, p in batch.params.items()}
+        grads = opt.momentum_buffers() if fused else {name: torch.zeros_like(p) for name, p in batch.params.items()}
         for name, g in grads.items():
             batch.params[name].grad = g
     total = epochs * math.ceil(n / batch_size) if max_steps is None else max_steps
@@ -454,7 +478,7 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
             xb = x.index_select(0, rows).view(R, -1, *x.shape[1:])            # (R, b, ...)
             yb = y.index_select(0, rows).view(R, -1)                          # (R, b)
             if plan is not None:          # the gradients are written into the same buffers each step
-                losses, out = _mlp_step(batch.params, grads, plan, xb, yb)
+                losses, out = _mlp_step(batch.params, grads, plan, xb, yb, opt.momentum if fused else 0.0)
             else:
                 opt.zero_grad()
                 out = batch(xb)                                                # (R, b, classes)
@@ -483,7 +507,10 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
                 batch.params[name].grad.mul_(mask)
             # SGD and Adam leave a weight whose gradient and optimiser state are 0 unchanged, so
             # the pruned weights stay exactly 0 without masking them again (a test checks it)
-            opt.step()
+            if fused:
+                opt.descend()
+            else:
+                opt.step()
             step += 1
             for r, pruner in enumerate(pruners):
                 if pruner is None:
