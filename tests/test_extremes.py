@@ -186,3 +186,15 @@ def test_summary_warns_about_non_finite_parameters_and_still_measures():
     with pytest.warns(RuntimeWarning, match=r"non-finite \(NaN/inf\) entries in fc3.bias \(1\)"):
         result = prunelab.summary(model, (1, 6, 6))
     assert result.total.params == sum(p.numel() for p in model.parameters())
+
+
+def test_a_tensor_found_finite_is_checked_again_after_an_in_place_write():
+    from prunelab._validation import check_finite
+    x = torch.randn(50, 4)
+    view = x[10:20]
+    assert check_finite("x", x) is x and check_finite("view", view) is view     # remembered as finite
+    x[12, 1] = float("nan")                                  # bumps the version shared with the view
+    with pytest.raises(ValueError, match="x has 1 non-finite entry"):
+        check_finite("x", x)
+    with pytest.raises(ValueError, match=r"view has 1 non-finite entry .* index \(2, 1\)"):
+        check_finite("view", view)

@@ -280,6 +280,11 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, str | None]] | None:
     return plan if plan and not expect_linear else None
 
 
+#: Accumulate the weight gradients of the hand-written MLP path into SGD's momentum buffers
+#: (``False`` only to measure the gain, as docs/performance.md describes).
+_FUSE_MOMENTUM = True
+
+
 def _mlp_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], plan, x: torch.Tensor,
               y: torch.Tensor, beta: float = 0.0):
     """Per-member mean cross-entropy and outputs of a batched ReLU MLP, with the gradients
@@ -455,7 +460,7 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
     n, R = len(x), batch.size
     # SGD with momentum on the hand-written path: the gradient product accumulates into the
     # momentum buffers (beta = μ), so a step makes one pass over the weights fewer
-    fused = plan is not None and opt.name == "sgd" and opt.momentum > 0
+    fused = _FUSE_MOMENTUM and plan is not None and opt.name == "sgd" and opt.momentum > 0
     if plan is not None:
         grads = opt.momentum_buffers() if fused else {name: torch.zeros_like(p) for name, p in batch.params.items()}
         for name, g in grads.items():
