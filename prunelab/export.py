@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunelab._validation import check_number, check_type, suggest
+from prunelab._validation import check_type, suggest
 from prunelab.metrics.storage import best_format, best_index_bits, bits_to_bytes, check_storage_bits, storage_bits
 
 MAGIC = b"PRUNELAB"
@@ -568,10 +568,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     """
     check_type("model", model, nn.Module, where="export_onnx")
     check_type("input_shape", input_shape, (list, tuple), where="export_onnx")
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise ImportError("export_onnx needs the onnx package: pip install 'prunelab[onnx]'.") from None
+    import importlib.util
+    if importlib.util.find_spec("onnx") is None:
+        raise ImportError("export_onnx needs the onnx package: pip install 'prunelab[onnx]'.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype)
