@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab._validation import check_number, check_type
-from prunelab.metrics.flops import count_nonzero, resolve_input
+from prunelab.metrics.flops import count_nonzero, dry_forward, resolve_input
 from prunelab.metrics.latency import measure_latency
 
 __all__ = ["MANY_ROWS", "InferenceLatency", "LayerDecision", "SparseLinear", "SparsifyReport",
@@ -367,21 +367,8 @@ def _linear_inputs(model: nn.Module, shape: tuple[int, ...], device: torch.devic
         if args and isinstance(args[0], torch.Tensor):
             seen.setdefault(module, tuple(args[0].shape[1:]) or (module.in_features,))
 
-    modes = [(module, module.training) for module in model.modules()]
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if _is_plain_linear(m)]
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(torch.zeros((1, *shape), device=device, dtype=dtype))
-    except Exception as err:
-        raise ValueError(f"sparsify could not run {type(model).__name__} on an input of shape "
-                         f"{(1, *shape)} (input_shape={shape} plus a batch of 1); check the "
-                         f"'input_shape' parameter. The model raised {type(err).__name__}: {err}") from err
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes:
-            module.training = training
+    dry_forward(model, shape, device, dtype, "sparsify", handles)
     return seen
 
 

@@ -133,23 +133,13 @@ def resolve_input(model: nn.Module, input_shape: object, device: object, dtype: 
     return shape, device, dtype
 
 
-def trace_outputs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
-                  dtype: torch.dtype, where: str) -> dict[nn.Module, list[torch.Size]]:
-    """Run one zero input of batch 1 through ``model`` and record the output shapes of counted layers.
-
-    The forward runs without gradients and in eval mode; every module's
-    ``training`` flag is restored afterwards and the hooks are removed, also
-    when the forward fails. A failing forward becomes a ``ValueError`` that
-    names ``input_shape`` and carries the model's own error.
-    """
-    calls: dict[nn.Module, list[torch.Size]] = {}
-
-    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        calls.setdefault(module, []).append(output.shape)
-
+def dry_forward(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                where: str, handles: list) -> None:
+    """One zero input of batch 1 through ``model``, without gradients and in eval mode; every
+    module's ``training`` flag is restored and ``handles`` (hooks) are removed afterwards, also
+    when the forward fails. A failing forward becomes a ``ValueError`` that names
+    ``input_shape`` and carries the model's own error."""
     modes = [(module, module.training) for module in model.modules()]
-    handles = [module.register_forward_hook(record)
-               for module in model.modules() if isinstance(module, flop_types())]
     example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
     try:
         model.eval()
@@ -167,6 +157,25 @@ def trace_outputs(model: nn.Module, input_shape: tuple[int, ...], device: torch.
             handle.remove()
         for module, training in modes:
             module.training = training
+
+
+def trace_outputs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype, where: str) -> dict[nn.Module, list[torch.Size]]:
+    """Run one zero input of batch 1 through ``model`` and record the output shapes of counted layers.
+
+    The forward runs without gradients and in eval mode; every module's
+    ``training`` flag is restored afterwards and the hooks are removed, also
+    when the forward fails. A failing forward becomes a ``ValueError`` that
+    names ``input_shape`` and carries the model's own error.
+    """
+    calls: dict[nn.Module, list[torch.Size]] = {}
+
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        calls.setdefault(module, []).append(output.shape)
+
+    handles = [module.register_forward_hook(record)
+               for module in model.modules() if isinstance(module, flop_types())]
+    dry_forward(model, input_shape, device, dtype, where, handles)
     return calls
 
 
