@@ -250,7 +250,7 @@ def _load_weights(model, path: str):
     import torch
 
     from prunelab import export
-    if Path(path).is_file() and Path(path).read_bytes()[:len(export.MAGIC)] == export.MAGIC:
+    if export.file_start(path) == export.MAGIC:
         has_architecture = export.read_header(path).get("architecture") is not None
         return export.load(path, model=None if has_architecture else model)
     saved = torch.load(path, weights_only=True, map_location="cpu")

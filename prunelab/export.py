@@ -357,6 +357,15 @@ def _version() -> str:
 
 # --------------------------------------------------------------------------- load
 
+def file_start(path: str | os.PathLike, n: int = len(MAGIC)) -> bytes:
+    """The first ``n`` bytes of ``path`` (``b""`` if it is not a file), without reading the rest."""
+    path = Path(path)
+    if not path.is_file():
+        return b""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a prunelab model file, after checking its integrity (magic, version,
     lengths and the SHA-256 over header and payload)."""
@@ -453,7 +462,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     where = f"load {str(path)!r}"
     if model is not None:
         check_type("model", model, nn.Module, where="load")
-    if path.is_file() and path.read_bytes()[:4].startswith(_TORCH_FILE_STARTS):
+    if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
     else:
         header, payload = _read(path)
