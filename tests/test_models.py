@@ -232,6 +232,10 @@ HAND_COUNTS = [
     ("lenet-300-100", {}, 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10),
     # conv1 20·1·5·5+20; 28→24→pool 12; conv2 50·20·5·5+50; 12→8→pool 4; fc1 50·4·4·500+500; fc2 500·10+10
     ("lenet5", {}, (20 * 25 + 20) + (50 * 20 * 25 + 50) + (50 * 4 * 4 * 500 + 500) + (500 * 10 + 10)),
+    # width 0.25: round(5), round(12.5) = 12 (half to even), round(125); fc1 sees 12·4·4
+    ("lenet5", {"width": 0.25}, (5 * 25 + 5) + (12 * 5 * 25 + 12) + (12 * 4 * 4 * 125 + 125) + (125 * 10 + 10)),
+    # width 0.001: every width rounds to 0 (20·0.001, 50·0.001, 500·0.001 = 0.5 to even) and is raised to 1
+    ("lenet5", {"width": 0.001}, (1 * 25 + 1) + (1 * 1 * 25 + 1) + (1 * 4 * 4 * 1 + 1) + (1 * 10 + 10)),
     # conv 6·1·7·7+6; (28-7)//2+1 = 11; pool 3 → 11//3 = 3, so 3×3; linear 6·3·3·10+10 → 850
     ("conv-pool-linear", {"kernel": 7, "channels": 6, "stride": 2, "pool": 3},
      (6 * 49 + 6) + (6 * 3 * 3 * 10 + 10)),
@@ -294,6 +298,7 @@ def test_unknown_option_names_it_and_lists_valid_ones():
     ("conv-pool-linear", {"dropout": -0.1}, ValueError, r"'dropout' parameter .*Got -0.1"),
     ("lenet5", {"conv_relu": "yes"}, TypeError, r"'conv_relu' parameter of lenet5 .*Got 'yes'"),
     ("vgg11", {"width": 0}, ValueError, r"'width' parameter of vgg11 .*Got 0"),
+    ("lenet5", {"width": -0.5}, ValueError, r"'width' parameter of lenet5 .*Got -0.5"),
     ("vgg11", {"batch_norm": 1}, TypeError, r"'batch_norm' parameter of vgg11"),
     ("mlp", {"input_shape": (0, 28, 28)}, ValueError, r"'input_shape' parameter of mlp .*Got \(0, 28, 28\)"),
     ("mlp", {"input_shape": (28, 28)}, ValueError, r"'input_shape' parameter of mlp .*Got \(28, 28\)"),

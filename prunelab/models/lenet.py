@@ -12,6 +12,10 @@ Caffe's ``lenet_train_test.prototxt``::
 convolutions, and neither do we by default; many PyTorch ports add one, which
 ``conv_relu=True`` reproduces (same parameters, different function).
 
+``width`` multiplies the three hidden widths (20 filters, 50 filters, 500 units; each rounded,
+at least 1), which makes a width family for large-sparse vs small-dense comparisons:
+``width=0.25`` has 5, 12 and 125 (27,027 parameters on MNIST).
+
 Layers: ``conv1``, [``conv1_relu``], ``conv1_pool``, ``conv2``, [``conv2_relu``],
 ``conv2_pool``, ``flatten``, ``fc1``, ``fc1_relu``, ``fc2``.
 """
@@ -22,27 +26,40 @@ from collections import OrderedDict
 
 from torch import nn
 
-from prunelab._validation import check_type
+from prunelab._validation import check_number, check_type
 from prunelab.models._layers import Conv, Pool, conv_layers, dense_layers, trace
 from prunelab.models.registry import MODELS
 
 _NAME = "lenet5"
-_STEPS = (Conv("conv1", 20, 5), Pool("conv1_pool", 2), Conv("conv2", 50, 5), Pool("conv2_pool", 2))
+
+
+def _scaled(width: int, factor: float) -> int:
+    return max(1, round(width * factor))
+
+
+def _steps(width: float) -> tuple:
+    return (Conv("conv1", _scaled(20, width), 5), Pool("conv1_pool", 2),
+            Conv("conv2", _scaled(50, width), 5), Pool("conv2_pool", 2))
 
 
 class LeNet5(nn.Sequential):
     """Caffe LeNet-5 for ``(C, H, W)`` inputs; see the module docstring."""
 
-    def __init__(self, input_shape: tuple[int, int, int], n_classes: int, *, conv_relu: bool = False):
-        channels, height, width = trace(_NAME, input_shape, _STEPS)
-        layers = conv_layers(_STEPS, input_shape[0], relu=conv_relu)
+    def __init__(self, input_shape: tuple[int, int, int], n_classes: int, *, conv_relu: bool = False,
+                 width: float = 1.0):
+        steps = _steps(width)
+        channels, height, map_width = trace(_NAME, input_shape, steps)
+        layers = conv_layers(steps, input_shape[0], relu=conv_relu)
         layers["flatten"] = nn.Flatten()
-        layers.update(dense_layers(channels * height * width, [500], n_classes))
+        layers.update(dense_layers(channels * height * map_width, [_scaled(500, width)], n_classes))
         super().__init__(OrderedDict(layers))
 
 
 @MODELS.register(_NAME, "lenet-5")
-def lenet5(input_shape: tuple[int, ...], n_classes: int, *, conv_relu: bool = False) -> LeNet5:
-    """Caffe LeNet-5; ``conv_relu=True`` adds a ReLU after each convolution."""
+def lenet5(input_shape: tuple[int, ...], n_classes: int, *, conv_relu: bool = False,
+           width: float = 1.0) -> LeNet5:
+    """Caffe LeNet-5; ``conv_relu=True`` adds a ReLU after each convolution, ``width`` scales
+    the hidden widths."""
     check_type("conv_relu", conv_relu, bool, where=_NAME)
-    return LeNet5(input_shape, n_classes, conv_relu=conv_relu)
+    width = check_number("width", width, where=_NAME, low=0.0, closed="neither")
+    return LeNet5(input_shape, n_classes, conv_relu=conv_relu, width=width)
