@@ -109,17 +109,17 @@ def _show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
 
 
-@torch.no_grad()
 def _fast_layout(xb: torch.Tensor) -> torch.Tensor:
     """Image batches in channels-last order on the CPU: the convolutions then hand channels-last
-    maps to max-pooling, whose channels-first CPU kernel is 3-4x slower (LeNet-5 trains about
-    20 % faster; ``benchmarks/conv_layout.py``). The values are the same; only the memory order
-    changes, so a convolution may round its sums differently."""
+    maps to max-pooling, whose channels-first CPU kernel is several times slower (LeNet-5 trains
+    1.2-1.8x faster; ``benchmarks/conv_layout.py``). The values are the same; only the memory
+    order changes, so a convolution may round its sums differently."""
     if xb.dim() == 4 and xb.device.type == "cpu":
         return xb.to(memory_format=torch.channels_last)
     return xb
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data, *, batch_size: int = 1024,
              loss_fn: Callable | None = None) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` on ``data`` (``(x, y)`` or a Dataset's test split)."""

@@ -109,3 +109,23 @@ def test_fit_warns_when_training_ends_before_the_schedule():
     pruner = Pruner(model, 0.8, schedule="agp", schedule_args={"n_prunes": 4, "every": 100})
     with pytest.warns(UserWarning, match=r"before the schedule's last event \(step 400\)"):
         fit(model, data(), epochs=1, batch_size=16, pruner=pruner, progress=False)
+
+
+def test_evaluate_builds_no_graph_and_conv_batches_match_channels_first():
+    grad_modes = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            grad_modes.append(torch.is_grad_enabled())
+            return x
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), Probe(), nn.Flatten(), nn.Linear(4 * 7 * 7, 2))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 3, 16, 16, generator=g), torch.randint(0, 2, (50,), generator=g)
+    result = evaluate(conv, (x, y), batch_size=20)
+    assert len(grad_modes) >= 3 and not any(grad_modes)        # 3 batches (and a shape check)
+    with torch.no_grad():                     # the plain channels-first forward pass
+        out = conv(x)
+    assert result["accuracy"] == pytest.approx(float((out.argmax(1) == y).float().mean()))
+    assert result["loss"] == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-5)
