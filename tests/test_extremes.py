@@ -198,3 +198,17 @@ def test_a_tensor_found_finite_is_checked_again_after_an_in_place_write():
         check_finite("x", x)
     with pytest.raises(ValueError, match=r"view has 1 non-finite entry .* index \(2, 1\)"):
         check_finite("view", view)
+
+
+def test_a_study_run_records_the_layers_the_guard_held(tmp_path):
+    from prunelab.experiments import Store, build_study, run_study
+
+    spec = {"name": "held", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [8]}],
+            "methods": [{"label": "units", "granularity": "unit", "scope": "local", "layers": ["fc1"]}],
+            "sparsities": [0.5, 0.99], "seeds": 1, "training": {"epochs": 1, "finetune_epochs": 1}}
+    with warnings.catch_warnings():                 # 0.99 of 8 units asks for all of them
+        warnings.simplefilter("ignore", SparsityShortfall)
+        run_study(build_study(spec), tmp_path / "s.db", progress=False)
+    with Store(tmp_path / "s.db") as store:
+        held = {r.sparsity: r.metrics["held_layers"] for r in store.records()}
+    assert held == {0.5: [], 0.99: ["fc1.weight"]}       # named as in layer_sparsity

@@ -449,6 +449,8 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
         "flops_dense": stats.flops_dense, "flops": stats.flops, "bytes_dense": stats.bytes_dense,
         "bytes_bitmask": stats.bytes_bitmask, "bytes_csr": stats.bytes_csr, "bytes_best": stats.bytes_best,
         "layer_sparsity": pruner.layer_sparsity(), "dense_cached": cached,
+        # layers the no-empty-layer guard kept above their share (a SparsityShortfall), if any
+        "held_layers": sorted({name for record in pruner.history for name in record.held}),
         "weight_histogram": {"edges": torch.linspace(-bound, bound, HISTOGRAM_BINS + 1).tolist(),
                              "counts": [int(c) for c in counts.tolist()]},
         "train_seconds": time.perf_counter() - started,
