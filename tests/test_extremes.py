@@ -212,3 +212,25 @@ def test_a_study_run_records_the_layers_the_guard_held(tmp_path):
     with Store(tmp_path / "s.db") as store:
         held = {r.sparsity: r.metrics["held_layers"] for r in store.records()}
     assert held == {0.5: [], 0.99: ["fc1.weight"]}       # named as in layer_sparsity
+
+
+def test_unit_pruning_refuses_nan_data_and_nan_scores_before_changing_the_model():
+    from prunelab.units import remove_units
+
+    model = mlp()
+    x, y = batch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = x.clone()
+    bad[5, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration inputs \('data'\) of unit pruning has 1 non-finite entry "
+                                         r"\(1 NaN, 0 inf\) out of 1152, the first at index \(5, 0, 2, 3\)"):
+        remove_units(model, "bp_abs_mrs", (bad, y), fraction=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.fc1.weight[2, 0] = float("inf")          # the norm of unit 2 of fc1 is inf
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the 'norm' scores of the units of 'fc1' has 1 non-finite entry "
+                                         r"\(0 NaN, 1 inf\) out of 8, the first at index \(2,\); check the model"):
+        remove_units(model, "norm", fraction=0.5, input_shape=(1, 6, 6))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunelab._validation import check_choice, check_number, check_type
+from prunelab._validation import check_choice, check_finite, check_number, check_type
 from prunelab.units import graph, surgery
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
 from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, select_layers,
@@ -103,10 +103,14 @@ def _batches(data, batch_size: int) -> list:
         x, y = data
         if len(x) == 0:
             raise ValueError("the 'data' parameter of unit pruning is an empty calibration set (0 samples).")
+        check_finite("the calibration inputs ('data') of unit pruning", x)
         return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     batches = list(data)
     if not batches:
         raise ValueError("the 'data' parameter of unit pruning is an empty calibration set (no batches).")
+    for n, batch in enumerate(batches):
+        if isinstance(batch, (tuple, list)) and batch:
+            check_finite(f"the calibration inputs of batch {n} ('data') of unit pruning", batch[0])
     return batches
 
 
@@ -137,7 +141,11 @@ def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input
         stats = collect(model, chosen, batches)
     generator = torch.Generator().manual_seed(check_number("seed", seed, where="score_units", low=0, integer=True))
     function = UNIT_SCORERS.get(scorer)
-    return {u.name: function(u, stats[u.name] if stats else None, generator) for u in chosen}
+    scores = {u.name: function(u, stats[u.name] if stats else None, generator) for u in chosen}
+    for name, score in scores.items():       # NaN/inf weights or activations: no ranking is meaningful
+        check_finite(f"the {scorer!r} scores of the units of {name!r}", score,
+                     hint="; check the model's weights and the calibration data")
+    return scores
 
 
 def remove_units(model: nn.Module, method: str = "bp_abs_mrs", data=None, *, fraction: float | None = None,
