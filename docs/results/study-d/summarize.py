@@ -1,7 +1,8 @@
-"""Study D's comparison tables from its store: the dense width family against the 784-400-10
+"""Study D's comparison tables from its store: the dense width family against the widest model
 pruned with AGP, at equal non-zeros, per scope; and the storage of the pruned models.
 
     python docs/results/study-d/summarize.py results/study-d/study.db > docs/results/study-d/summary.md
+    python docs/results/study-d/summarize.py results/study-d-conv/study.db > docs/results/study-d/summary-conv.md
 
 For each pruned level the table also gives the dense network of the family whose parameter
 count is nearest below the pruned model's non-zeros, and the accuracy difference.
@@ -57,7 +58,9 @@ def main(db: str) -> None:
             print(f"| {method.removeprefix('AGP-')} | {100 * sparsity:g} % | {nonzero:,.0f} | "
                   f"{mean_std(accuracy, 100)} | {' | '.join(cells)} |")
         print()
-    print("## Storage of the pruned 784-400-10 (bytes, float32, 4-bit CSR indices; mean over scopes, datasets and seeds)\n")
+    pruned_models = ", ".join(sorted({model for (_, model, method, _) in runs if method != "dense"}))
+    print(f"## Storage of the pruned {pruned_models} (bytes, float32, 4-bit CSR indices; mean over scopes, "
+          f"datasets and seeds)\n")
     print("| sparsity | dense | bit-mask | CSR | best | best / dense |")
     print("|---:|---:|---:|---:|---:|---:|")
     levels = sorted({s for (_, _, method, s) in runs if method != "dense"})
