@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prunelab._validation import check_choice, check_finite, check_number, check_type
+from prunelab.pruning.pruner import _batches as calibration_batches
 from prunelab.units import graph, surgery
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
 from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, select_layers,
@@ -97,21 +98,9 @@ class UnitPruning:
 
 
 def _batches(data, batch_size: int) -> list:
-    if data is None:
-        return []
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        x, y = data
-        if len(x) == 0:
-            raise ValueError("the 'data' parameter of unit pruning is an empty calibration set (0 samples).")
-        check_finite("the calibration inputs ('data') of unit pruning", x)
-        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-    batches = list(data)
-    if not batches:
-        raise ValueError("the 'data' parameter of unit pruning is an empty calibration set (no batches).")
-    for n, batch in enumerate(batches):
-        if isinstance(batch, (tuple, list)) and batch:
-            check_finite(f"the calibration inputs of batch {n} ('data') of unit pruning", batch[0])
-    return batches
+    """The calibration batches of ``data`` (none without data), checked as the Pruner checks its
+    own: not empty, inputs and targets of equal length, no NaN/inf."""
+    return [] if data is None else list(calibration_batches(data, batch_size, where="unit pruning"))
 
 
 def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, batch_size: int = 256,
