@@ -135,6 +135,11 @@ def dense_layers(in_features: int, hidden: Sequence[int], n_classes: int) -> Ord
     return layers
 
 
+def scaled_width(width: int, factor: float) -> int:
+    """``width`` times a model's ``width`` multiplier, rounded (half to even), at least 1."""
+    return max(1, round(width * factor))
+
+
 def check_widths(param: str, value: Any, *, where: str) -> list[int]:
     """A list (or tuple) of layer widths, each an int ≥ 1."""
     expected = "a list of ints ≥ 1"

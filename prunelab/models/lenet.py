@@ -27,19 +27,15 @@ from collections import OrderedDict
 from torch import nn
 
 from prunelab._validation import check_number, check_type
-from prunelab.models._layers import Conv, Pool, conv_layers, dense_layers, trace
+from prunelab.models._layers import Conv, Pool, conv_layers, dense_layers, scaled_width, trace
 from prunelab.models.registry import MODELS
 
 _NAME = "lenet5"
 
 
-def _scaled(width: int, factor: float) -> int:
-    return max(1, round(width * factor))
-
-
 def _steps(width: float) -> tuple:
-    return (Conv("conv1", _scaled(20, width), 5), Pool("conv1_pool", 2),
-            Conv("conv2", _scaled(50, width), 5), Pool("conv2_pool", 2))
+    return (Conv("conv1", scaled_width(20, width), 5), Pool("conv1_pool", 2),
+            Conv("conv2", scaled_width(50, width), 5), Pool("conv2_pool", 2))
 
 
 class LeNet5(nn.Sequential):
@@ -51,7 +47,7 @@ class LeNet5(nn.Sequential):
         channels, height, map_width = trace(_NAME, input_shape, steps)
         layers = conv_layers(steps, input_shape[0], relu=conv_relu)
         layers["flatten"] = nn.Flatten()
-        layers.update(dense_layers(channels * height * map_width, [_scaled(500, width)], n_classes))
+        layers.update(dense_layers(channels * height * map_width, [scaled_width(500, width)], n_classes))
         super().__init__(OrderedDict(layers))
 
 

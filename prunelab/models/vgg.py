@@ -30,7 +30,7 @@ from collections import OrderedDict
 from torch import nn
 
 from prunelab._validation import check_number, check_type
-from prunelab.models._layers import Conv, Pool, Step, image_shape, trace
+from prunelab.models._layers import Conv, Pool, Step, image_shape, scaled_width, trace
 from prunelab.models.registry import MODELS
 
 VGG11_CONFIG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -82,7 +82,7 @@ def _plan(input_shape: tuple[int, int, int], config: tuple[int | str, ...],
                 height, wide = height // 2, wide // 2
         else:
             n_convs += 1
-            steps.append(Conv(f"conv{n_convs}", max(1, round(int(item) * width)), 3, padding=1))
+            steps.append(Conv(f"conv{n_convs}", scaled_width(int(item), width), 3, padding=1))
     return steps, kept
 
 
