@@ -5,7 +5,8 @@ On the CPU, torch's channels-first max-pooling kernel is several times slower th
 channels-last one; a convolution given a channels-last batch returns channels-last maps, so the
 pooling after it takes the fast kernel. Each row times an SGD step (forward, backward, update,
 batch 64, one thread) in interleaved rounds, the two layouts alternating, and gives the median
-over rounds. It also checks that both layouts give the same loss to float rounding.
+over rounds. It also checks that both layouts give the same loss to float rounding, and times
+max-pooling alone on a LeNet-5-sized map in both layouts.
 
     python benchmarks/conv_layout.py [--rounds 7] [--steps 20] [--threads 1]
 """
@@ -66,6 +67,18 @@ def main() -> None:
         first, last = (1000 * statistics.median(times[k]) for k in ("first", "last"))
         print(f"| {name} {options or ''} | 1×28×28, batch 64 | {first:.2f} | {last:.2f} | {first / last:.2f}× "
               f"| {difference:.1e} |")
+    pool_input = torch.rand(64, 20, 24, 24, generator=torch.Generator().manual_seed(0))   # LeNet-5's conv1 maps
+    maps = {"first": pool_input, "last": pool_input.contiguous(memory_format=torch.channels_last)}
+    pool_times = {"first": [], "last": []}
+    for round_ in range(args.rounds):
+        for layout in (("first", "last") if round_ % 2 == 0 else ("last", "first")):
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                F.max_pool2d(maps[layout], 2)
+            pool_times[layout].append((time.perf_counter() - started) / args.steps)
+    first, last = (1000 * statistics.median(pool_times[k]) for k in ("first", "last"))
+    print(f"\nmax_pool2d forward on a 64×20×24×24 map: channels-first {first:.2f} ms, "
+          f"channels-last {last:.2f} ms ({first / last:.2f}×)")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def _show_progress(progress: bool | None) -> bool:
 def _fast_layout(xb: torch.Tensor) -> torch.Tensor:
     """Image batches in channels-last order on the CPU: the convolutions then hand channels-last
     maps to max-pooling, whose channels-first CPU kernel is several times slower (LeNet-5 trains
-    1.2-1.8x faster; ``benchmarks/conv_layout.py``). The values are the same; only the memory
+    about 1.6x faster per step; ``benchmarks/conv_layout.py``). The values are the same; only the memory
     order changes, so a convolution may round its sums differently."""
     if xb.dim() == 4 and xb.device.type == "cpu":
         return xb.to(memory_format=torch.channels_last)
