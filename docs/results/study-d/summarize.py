@@ -1,5 +1,6 @@
 """Study D's comparison tables from its store: the dense width family against the widest model
-pruned with AGP, at equal non-zeros, per scope; and the storage of the pruned models.
+pruned with AGP, at equal non-zeros, per scope; the storage of the pruned models; and per run
+group the per-layer sparsity and the last epoch's training accuracy.
 
     python docs/results/study-d/summarize.py results/study-d/study.db > docs/results/study-d/summary.md
     python docs/results/study-d/summarize.py results/study-d-conv/study.db > docs/results/study-d/summary-conv.md
@@ -69,6 +70,20 @@ def main(db: str) -> None:
         dense_b, mask_b, csr_b = (statistics.mean(m[k] for m in ms) for k in ("bytes_dense", "bytes_bitmask", "bytes_csr"))
         best = statistics.mean(m["bytes_best"] for m in ms)          # each tensor in its own best format
         print(f"| {100 * sparsity:g} % | {dense_b:,.0f} | {mask_b:,.0f} | {csr_b:,.0f} | {best:,.0f} | {best / dense_b:.1%} |")
+
+    print("\n## Where the zeros go, and the last epoch's training accuracy (mean over seeds)\n")
+    layer_names = list(dict.fromkeys(name for r in records for name in r.metrics.get("layer_sparsity", {})))
+    print("| dataset | model | method | sparsity | " + " | ".join(layer_names) + " | training accuracy % |")
+    print("|---|---|---|---:|" + "---:|" * len(layer_names) + "---:|")
+    cells = defaultdict(list)
+    for r in records:
+        cells[(r.dataset, r.model, r.method, r.sparsity)].append(r)
+    for (dataset, model, method, sparsity), group in sorted(cells.items()):
+        per_layer = [statistics.mean(100 * r.metrics["layer_sparsity"].get(name, 0.0) for r in group)
+                     if method != "dense" else 0.0 for name in layer_names]
+        train = statistics.mean(100 * r.curve[-1]["train_accuracy"] for r in group)
+        print(f"| {dataset} | {model} | {method} | {100 * sparsity:g} % | "
+              + " | ".join(f"{v:.1f}" for v in per_layer) + f" | {train:.2f} |")
 
 
 if __name__ == "__main__":

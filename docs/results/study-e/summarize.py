@@ -22,7 +22,8 @@ from prunelab.experiments.store import Store
 
 AXES = ("granularity", "schedule", "criterion", "scope")
 METRICS = (("accuracy", "accuracy %", 100.0, 2), ("compression", "compression", 1.0, 2),
-           ("speedup", "theoretical speedup", 1.0, 2), ("measured_speedup", "measured speedup", 1.0, 2))
+           ("speedup", "theoretical speedup", 1.0, 2), ("measured_speedup", "measured speedup", 1.0, 2),
+           ("units_removed", "units removed by thinning", 1.0, 1))
 
 
 def design(record) -> dict[str, str]:
@@ -52,6 +53,8 @@ def main(db: str) -> None:
         runs = [r for r in records if r.model == model]
         levels = sorted({r.sparsity for r in runs})
         print(f"## {model}\n")
+        dense = statistics.mean(r.metrics["accuracy_dense"] for r in runs)
+        print(f"Dense accuracy before pruning (mean over runs): {100 * dense:.2f} %\n")
         for sparsity in levels:
             groups: dict[tuple, list] = defaultdict(list)
             for r in runs:
