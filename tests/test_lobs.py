@@ -2,7 +2,6 @@
 Hessians against the unfolded linear layer, and the solvers inside the Pruner."""
 
 import copy
-import itertools
 import math
 
 import pytest
@@ -247,7 +246,8 @@ def test_conv_net_sequential_and_parallel():
 @pytest.mark.parametrize("kwargs,pattern", [
     ({"criterion": "lobs", "granularity": "kernel", "layers": ["0"]}, "granularity 'weight' .* or 'channel'"),
     ({"criterion": "lobs", "granularity": "channel"}, "use criterion 'obs-exact' with granularity 'channel'"),
-    ({"criterion": "obs-fast", "scope": "global"}, "use scope 'local'"),
+    ({"criterion": "obs-exact", "granularity": "channel", "scope": "global"}, "ranking single weights"),
+    ({"criterion": {"name": "lobs", "epsilon": 0.1}, "scope": "global"}, "already decides every layer"),
     ({"criterion": {"name": "obs-exact", "mode": "both"}}, "'mode' parameter of obs-exact criterion must be one of"),
     ({"criterion": {"name": "lobs", "damping": -1.0}}, "'damping' parameter of lobs criterion"),
 ])
@@ -299,3 +299,67 @@ def test_recovery_is_counted_from_the_last_prune():
     prunelab.fit(model, (x, y), epochs=3, batch_size=32, pruner=pruner, callbacks=[monitor], progress=False)
     assert monitor.steps_to_recover == 0          # tolerance 1.0: recovered as soon as counting starts
     assert 30 in [step for step, _ in monitor.curve]   # an evaluation exactly at the last prune
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(200, 12), torch.randint(0, 3, (200,))
+    return net, x, y
+
+
+def lobs_sensitivities(net, x):
+    """L_q = w²/(2[H⁻¹]_qq) of every weight, from the Hessians of ``net`` as it is."""
+    targets = resolve_targets(net, None)
+    hs = hessian.collect(net, targets, [(x, None)], with_bias=True)
+    out = {}
+    for t in targets:
+        W = hessian.weight_matrix(t).double()
+        W_full = torch.cat([W, t.module.bias.detach().double()[:, None]], dim=1)
+        H, W_full, _ = hessian.prepare(hs[t.name], W_full, 1e-2)
+        out[t.name] = W_full[:, :-1] ** 2 / (2 * torch.diagonal(torch.linalg.inv(H))[:-1])
+    return out
+
+
+def test_global_scope_cuts_all_layers_at_one_sensitivity_threshold():
+    net, x, y = small_mlp()
+    L = lobs_sensitivities(net, x)
+    pruner = prune(net, 0.3, criterion={"name": "lobs", "mode": "parallel"}, scope="global",
+                   data=(x, y), batch_size=1000)
+    total = sum(v.numel() for v in L.values())
+    assert round(pruner.sparsity() * total) == round(0.3 * total)
+    pruned = torch.cat([L[n][~pruner.mask(n)] for n in L])
+    kept = torch.cat([L[n][pruner.mask(n)] for n in L])
+    assert float(pruned.max()) <= float(kept.min())          # one threshold over every layer
+    layer = pruner.layer_sparsity()
+    assert max(layer.values()) - min(layer.values()) > 0.1   # ... which gives each layer its own sparsity
+    local = prune(small_mlp()[0], 0.3, criterion={"name": "lobs", "mode": "parallel"}, data=(x, y))
+    assert all(v == pytest.approx(0.3, abs=0.01) for v in local.layer_sparsity().values())
+
+
+@pytest.mark.parametrize("criterion", ["lobs", "obs-exact", "obs-fast"])
+def test_global_scope_in_sequential_mode_reaches_the_target(criterion):
+    net, x, y = small_mlp(1)
+    before = copy.deepcopy(net)
+    pruner = prune(net, 0.3, criterion=criterion, scope="global", data=(x, y))
+    total = sum(t.weight.numel() for t in pruner.targets)
+    assert round(pruner.sparsity() * total) == round(0.3 * total)
+    # the allocation is the one-shot threshold on the unpruned model's sensitivities
+    L = lobs_sensitivities(before, x)
+    threshold = torch.cat([v.flatten() for v in L.values()]).sort().values[round(0.3 * total) - 1]
+    for name, v in L.items():
+        assert pruner.layer_sparsity()[name] == pytest.approx(float((v <= threshold).double().mean()), abs=1e-9)
+    assert torch.isfinite(net(x)).all()
+
+
+def test_layerwise_constant_scope_raises_one_layer_per_event():
+    net, x, y = small_mlp(2)
+    pruner = Pruner(net, 0.5, criterion="lobs", scope="layerwise-constant", calibration=(x, y),
+                    schedule="iterative", schedule_args={"n_prunes": 3, "every": 1})
+    seen = []
+    for step in range(3):                                   # events at steps 0, 1, 2
+        pruner.update() if step == 0 else pruner.step()
+        seen.append([round(v, 3) for v in pruner.layer_sparsity().values()])
+    assert seen[0] == [pytest.approx(1 / 6, abs=0.01), 0.0, 0.0]      # event 0 raises only layer 0
+    assert seen[1][0] == seen[0][0] and seen[1][1] == pytest.approx(1 / 3, abs=0.01) and seen[1][2] == 0.0
+    assert all(v == pytest.approx(0.5, abs=0.02) for v in seen[2])   # the last event raises every layer

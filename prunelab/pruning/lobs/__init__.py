@@ -24,6 +24,13 @@ layer's Hessian in memory at a time, at one calibration pass per layer); ``block
 (obs-fast). After each prune ``pruner.history[-1].report`` (and ``criterion.last_report``)
 holds a :class:`LayerReport` per layer.
 
+Scopes: ``local`` prunes every layer to the target; ``layerwise-constant`` too, raising one
+layer per schedule event, round-robin, and every layer at the last; ``global`` (weight
+granularity) ranks every weight of every layer by its L-OBS sensitivity ``w_q²/(2[H⁻¹]_qq)``
+on the weights before the prune and cuts at one threshold, as the paper's single tolerable
+error ε does, then lets each solver reach the layer sparsities that threshold gives (in
+sequential mode the later layers are re-solved on the outputs of the pruned earlier ones).
+
 Like every scope, the solvers never empty a layer: at most ``numel − min_keep`` weights (or
 ``n_inputs − min_keep`` channels) of a layer go, whatever the target or ε asks; the layers so
 held are listed in ``criterion.last_held`` (and the Pruner's record). Weights of *dead*
@@ -43,7 +50,9 @@ import torch
 from prunelab._validation import check_choice, check_number
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
+from prunelab.pruning.lobs.common import inverse
 from prunelab.pruning.lobs.hessian import LayerHessian, check_target, weight_matrix
+from prunelab.pruning.scopes import LayerGroups
 
 MODES = ("sequential", "parallel")
 
@@ -141,8 +150,14 @@ class LayerwiseOBS(Criterion):
                 raise ValueError(f"the 'epsilon' parameter of {self.name} names {unknown[0]!r}, not a pruned "
                                  f"layer; pruned layers: {', '.join(t.module_name for t in pruner.targets)}.")
         if pruner.scope.name == "global":
-            raise ValueError(f"{self.name} solves each layer to its own target: use scope 'local' "
-                             f"(one sparsity for every layer) or per-layer targets, not 'global'.")
+            if pruner.granularity.name != "weight":
+                raise ValueError(f"scope 'global' for {self.name} shares the target by ranking single weights: "
+                                 f"use granularity 'weight', or scope 'local' with granularity "
+                                 f"{pruner.granularity.name!r}.")
+            if self.epsilon is not None:
+                raise ValueError(f"the tolerable error 'epsilon' of {self.name} already decides every layer's "
+                                 f"sparsity (one ε for all layers is the paper's rule); leave out scope "
+                                 f"'global', or give a sparsity target instead of epsilon.")
 
     def scores(self, targets):
         raise ValueError(f"{self.name} is a solver: it prunes through Pruner/prune(), not by scores.")
@@ -165,7 +180,16 @@ class LayerwiseOBS(Criterion):
     def solve(self, pruner, sparsities: list[float], event) -> list[torch.Tensor]:
         structured_mode = pruner.granularity.name == "channel"
         keeps, report, held = [], Report(), []
-        for target, sparsity in zip(pruner.targets, sparsities):
+        raised = range(len(pruner.targets))
+        if pruner.scope.name == "global":
+            sparsities, held = self._global_allocation(pruner, sparsities[0], event)
+        elif pruner.scope.name == "layerwise-constant" and not event.final:
+            raised = {event.index % len(pruner.targets)}     # one layer per event, round-robin
+        for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
+            if i not in raised:
+                mask = pruner.masks.get(target.weight)
+                keeps.append(torch.ones_like(target.weight, dtype=torch.bool) if mask is None else mask.bool())
+                continue
             h = self._hessian(pruner, target)
             started = time.perf_counter()
             W = weight_matrix(target).double()
@@ -212,6 +236,30 @@ class LayerwiseOBS(Criterion):
         self.last_report = report
         self.last_held = tuple(held)
         return keeps
+
+    def _global_allocation(self, pruner, sparsity: float, event) -> tuple[list[float], list[str]]:
+        """Scope ``global``: one threshold on the sensitivities ``L_q = w_q²/(2[H⁻¹]_qq)`` of every
+        weight of every layer (the paper's single tolerable error ε, set by the target instead of
+        given), computed on the weights before this prune with the Hessians of the model as it is
+        now. Returns each layer's sparsity, for the solver to reach in its own order, and the
+        layers the no-empty-layer guard held."""
+        together = None
+        if self.mode == "sequential" and not self.low_memory:
+            together = hessian.collect(pruner.model, pruner.targets, self._batches, with_bias=self.update_bias)
+        layers = []
+        for target in pruner.targets:
+            h = together[target.name] if together is not None else self._hessian(pruner, target)
+            W = weight_matrix(target).double()
+            bias = target.module.bias if h.with_bias else None
+            H, W_full, _ = hessian.prepare(h, weight_matrix_with_bias(W, bias), self.damping)
+            d_in = W.shape[1]
+            L = W_full[:, :d_in].pow(2) / (2 * torch.diagonal(inverse(H))[:d_in])
+            mask = pruner.masks.get(target.weight)
+            alive = torch.ones(L.numel(), dtype=torch.bool) if mask is None else mask.flatten().bool()
+            layers.append(LayerGroups(L.flatten(), alive, 1))
+        keeps = pruner.scope.select(layers, sparsity, event, pruner.min_keep)
+        held = pruner._held_by_guard(layers, sparsity, event, keeps)
+        return [1.0 - int(k.sum()) / k.numel() for k in keeps], list(held)
 
     def _structured(self, target, W_full, H, sparsity, alive, d_in, min_keep):
         module = target.module
