@@ -84,6 +84,25 @@ def main(db: str) -> None:
                         row.append(f"{scale * statistics.mean(values):.{digits}f}" if values else "–")
                     print(f"| {axis} = {value} | " + " | ".join(row) + " |")
             print()
+        layer_sparsity(runs, levels, model)
+
+
+def layer_sparsity(runs, levels, model: str) -> None:
+    """Each layer's realised sparsity (%) per granularity and scope: the mean over schedules,
+    criteria and seeds."""
+    layers = list(dict.fromkeys(name for r in runs for name in r.metrics.get("layer_sparsity", {})))
+    print(f"### Per-layer sparsity ({model}, %): mean over schedules, criteria and seeds\n")
+    print("| granularity | scope | level | " + " | ".join(layers) + " |")
+    print("|---|---|---:|" + "---:|" * len(layers))
+    points = sorted({(design(r)["granularity"], design(r)["scope"]) for r in runs})
+    for granularity, scope in points:
+        for sparsity in levels:
+            chosen = [r.metrics["layer_sparsity"] for r in runs if r.sparsity == sparsity
+                      and (design(r)["granularity"], design(r)["scope"]) == (granularity, scope)]
+            cells = [f"{100 * statistics.mean(m[name] for m in chosen):.1f}" if all(name in m for m in chosen)
+                     else "not pruned" for name in layers]
+            print(f"| {granularity} | {scope} | {100 * sparsity:g} | " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":
