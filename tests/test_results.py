@@ -27,7 +27,7 @@ PARAMS = 10_000
 def build_study(path, runs, *, spec=None):
     """A study database with the given runs: dicts of labels plus optional ``status`` (done,
     failed, running, pending), ``metrics``, ``curve``, ``error``, ``seconds``."""
-    planned = [PlannedRun(id=f"run{i:03d}", config={"i": i}, dataset=r["dataset"], model=r.get("model", MODEL),
+    planned = [PlannedRun(id=f"run{i:03d}", config=r.get("config", {"i": i}), dataset=r["dataset"], model=r.get("model", MODEL),
                           method=r["method"], sparsity=r["sparsity"], seed=r["seed"]) for i, r in enumerate(runs)]
     with Store(path) as store:
         store.set_meta("spec", spec if spec is not None else {"name": "fake study"})
@@ -462,6 +462,55 @@ def test_curves_show_loss_and_accuracy_per_method(study):
     assert [line.get_label() for line in loss.get_lines() if not line.get_label().startswith("_")] == ["magl2"]
     assert {line.get_label() for line in accuracy.get_lines()} >= {"magl2 train", "magl2 val"}
     assert list(loss.get_lines()[0].get_xdata()) == [1, 2, 3, 4, 5, 6]
+
+
+def _design_runs():
+    """A design grid: methods ``design[granularity=G,scope=S]`` plus one method whose label lacks
+    the granularity (it is in its config), two levels, two seeds."""
+    runs = []
+    for method, config in [("design[granularity=weight,scope=local]", {}),
+                           ("design[granularity=filter,scope=local]", {}),
+                           ("design[granularity=filter,scope=global]", {}),
+                           ("design[scope=local]", {"method": {"granularity": "kernel"}})]:
+        for level in (0.5, 0.9):
+            for seed in range(2):
+                speed = {"weight": 1.0, "filter": 4.0, "kernel": 2.0}[config.get("method", {}).get(
+                    "granularity") or method.split("granularity=")[1].split(",")[0]] * (1 + level) + seed
+                runs.append({"dataset": "mnist", "method": method, "sparsity": level, "seed": seed,
+                             "config": {"i": len(runs), **config},
+                             "metrics": {"accuracy": 0.9 - level / 10 + seed / 100, "measured_speedup": speed}})
+    return runs
+
+
+def test_tradeoff_plots_one_point_per_cell_coloured_by_a_label_choice(tmp_path):
+    path = build_study(tmp_path / "e.db", _design_runs())
+    [(name, figure)] = _figures(path, {"kind": "tradeoff", "x": "measured_speedup", "color_by": "granularity",
+                                       "name": "acc_vs_speed"})
+    assert name == "acc_vs_speed"
+    [ax] = _panels(figure)
+    assert ax.get_xlabel() == "measured_speedup" and ax.get_ylabel() == "accuracy (%)"
+    points = [(float(c.lines[0].get_xdata()[0]), float(c.lines[0].get_ydata()[0]), c.lines[0].get_color(),
+               c.lines[0].get_marker()) for c in ax.containers]
+    assert len(points) == 8                                  # 4 methods × 2 levels, seeds averaged
+    # filter / local at 90 %: x = mean(4·1.9 + 0, 4·1.9 + 1), y = mean(81, 82) %
+    assert (4 * 1.9 + 0.5, 81.5) in [(pytest.approx(x), pytest.approx(y)) for x, y, _, _ in points]
+    by_colour = {}
+    for x, _, colour, _ in points:
+        by_colour.setdefault(colour, []).append(x)
+    assert sorted(len(v) for v in by_colour.values()) == [2, 2, 4]   # kernel (from config), weight, filter ×2
+    assert {m for _, _, _, m in points} == {"o", "s"}                 # one marker per level
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["granularity = weight", "granularity = filter", "granularity = kernel", "50 %", "90 %"]
+
+
+def test_tradeoff_checks_its_keys(tmp_path):
+    path = build_study(tmp_path / "e.db", _design_runs())
+    with pytest.raises(ValueError, match="needs 'x'.*accuracy, measured_speedup"):
+        _figures(path, {"kind": "tradeoff"})
+    with pytest.raises(ValueError, match="'x' parameter of figure tradeoff must be one of"):
+        _figures(path, {"kind": "tradeoff", "x": "latency"})
+    with pytest.raises(ValueError, match="no run's method label or config has 'width'"):
+        _figures(path, {"kind": "tradeoff", "x": "measured_speedup", "color_by": "width"})
 
 
 def test_per_run_figure_filters_are_checked(study):

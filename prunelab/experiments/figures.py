@@ -26,6 +26,11 @@ Figure kinds live in the :data:`FIGURES` registry: a kind is a function
     ``sparsity`` (default: the highest level), ``dataset``, ``model``, ``seed``
     (default: the lowest); one panel per remaining (dataset, model);
     ``density: true`` (default) normalises each to unit area.
+``tradeoff``
+    One metric against another (``x``, e.g. ``measured_speedup``; ``xscale: log``), one
+    point per (method, model, level) at the means over seeds with both stds as error bars,
+    one marker per level; ``color_by: granularity`` colours a design grid's points by that
+    choice of their method label. Filters ``methods``, ``models``; ``split_by`` panels.
 ``curves``
     Training curves of one run per method (same filters): loss, and train
     (solid) / validation (dashed) accuracy, against the epoch counted over the
@@ -41,6 +46,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,6 +62,7 @@ from prunelab.experiments._records import (
     format_level,
     is_percent_metric,
     label_values,
+    metric_keys,
     metric_value,
     open_study,
     raise_problems,
@@ -317,6 +324,91 @@ def _suptitle(figure, declaration: dict) -> None:
     title = declaration.get("title")
     if title is not None:
         figure.suptitle(str(title))
+
+
+# ----------------------------------------------------------------------- metric vs metric
+@_kind("tradeoff", ("x", "xscale", "split_by", "methods", "models", "color_by"))
+def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
+    """The metric (y) against a second metric ``x`` (e.g. ``measured_speedup``): one point per
+    (method, model, dataset, level) at the means over seeds, with both standard deviations as
+    error bars; one marker shape per level. ``color_by`` colours the points by one choice of a
+    grid method's label (``granularity`` colours ``design[granularity=filter,...]`` by
+    ``filter``; a method whose label lacks the key takes the value from its config), else by
+    method."""
+    where = "figure tradeoff"
+    done = select_labels([r for r in records if r.status == "done"], declaration, where=where,
+                         keys=("methods", "models"), known=records)
+    metric = _metric(declaration, spec, done, where)
+    if "x" not in declaration:
+        raise ValueError(f"{where} needs 'x', the metric of the horizontal axis; one of: "
+                         f"{', '.join(metric_keys(done))}.")
+    x_metric = check_choice("x", declaration["x"], metric_keys(done), where=where)
+    xscale = check_choice("xscale", declaration.get("xscale", "linear"), ("linear", "log"), where=where)
+    split_by = _split_by(declaration, where)
+    color_by = declaration.get("color_by")
+    if color_by is not None and (not isinstance(color_by, str) or not color_by):
+        raise TypeError(f"the 'color_by' parameter of {where} must be the name of a method choice "
+                        f"(e.g. granularity). Got {color_by!r} instead.")
+    values = {r.id: _choice(r, color_by) for r in done} if color_by else {r.id: r.method for r in done}
+    if color_by and all(v is None for v in values.values()):
+        raise ValueError(f"the 'color_by' parameter of {where}: no run's method label or config has "
+                         f"{color_by!r}.")
+    cells: dict[tuple, list[RunRecord]] = {}
+    for r in done:
+        cells.setdefault((r.dataset, r.model, r.method, r.sparsity), []).append(r)
+    points = []
+    for (dataset, model, method, sparsity), runs in cells.items():
+        xs = [v for v in (metric_value(r, x_metric) for r in runs) if not math.isnan(v)]
+        ys = [v for v in (metric_value(r, metric) for r in runs) if not math.isnan(v)]
+        if xs and ys:
+            points.append({"dataset": dataset, "model": model, "method": method, "sparsity": sparsity,
+                           "x": statistics.fmean(xs), "y": statistics.fmean(ys),
+                           "xerr": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                           "yerr": statistics.stdev(ys) if len(ys) > 1 else 0.0,
+                           "color": str(values[runs[0].id])})
+    if not points:
+        raise NoDataError(f"{where}: no finished run has both {metric!r} and {x_metric!r}.")
+    scale = 100.0 if is_percent_metric(metric, [p["y"] for p in points]) else 1.0
+    x_scale = 100.0 if is_percent_metric(x_metric, [p["x"] for p in points]) else 1.0
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan", "tab:gray")
+    colors = {c: palette[i % len(palette)] for i, c in enumerate(dict.fromkeys(p["color"] for p in points))}
+    levels = sorted({p["sparsity"] for p in points})
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+    panels = list(dict.fromkeys(tuple(p[k] for k in split_by) for p in points))
+    figure, axes = _grid(len(panels))
+    for ax, combo in zip(axes, panels):
+        for p in (p for p in points if tuple(p[k] for k in split_by) == combo):
+            ax.errorbar(p["x"] * x_scale, p["y"] * scale, xerr=p["xerr"] * x_scale, yerr=p["yerr"] * scale,
+                        color=colors[p["color"]], marker=markers[levels.index(p["sparsity"]) % len(markers)],
+                        markersize=5, linestyle="none", capsize=2, elinewidth=0.7, alpha=0.85)
+        if xscale == "log":
+            ax.set_xscale("log")
+        ax.set_xlabel(x_metric + (" (%)" if x_scale == 100.0 else ""))
+        ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
+        ax.set_title(_panel_title(split_by, combo), fontsize="medium")
+        ax.grid(True, alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", linestyle="none", label=f"{color_by or 'method'} = {v}")
+               for v, c in colors.items()]
+    handles += [Line2D([], [], color="0.3", marker=markers[i % len(markers)], linestyle="none",
+                       label=format_level(level)) for i, level in enumerate(levels)]
+    figure.legend(handles=handles, loc="outside right center", fontsize="small")
+    _suptitle(figure, declaration)
+    return [(_name(declaration, "tradeoff"), figure)]
+
+
+def _choice(record: RunRecord, key: str) -> Any:
+    """One design choice of a run: ``key=value`` in its method label's brackets, else the value
+    in its method config (a schedule's name for a mapping), else None."""
+    found = re.search(rf"[\[,]{re.escape(key)}=([^,\]]+)", record.method)
+    if found:
+        return found.group(1)
+    value = (record.config or {}).get("method", {}).get(key)
+    if isinstance(value, dict):
+        value = value.get("name")
+    return value
 
 
 @_kind("accuracy_vs_params", ("split_by", "methods", "models", "pareto_of"))
