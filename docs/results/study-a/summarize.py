@@ -64,6 +64,34 @@ def main(db: str) -> None:
                 print(f"| {100 * level:g} % | {size:,.0f} | " + " | ".join(cells)
                       + f" | {best[1] if best else '-'} | {conv_cell} |")
             print()
+            layer_split(groups, dataset, net, levels, methods)
+
+
+def layer_split(groups, dataset: str, net: str, levels, methods) -> None:
+    """How each pruning method shares the level between the hidden and the output layer:
+    ``fc1 / fc2`` sparsity (%), and ``accuracy_pruned``: the accuracy after the prune events at
+    the start of fine-tuning, before any retraining (L-OBS's one prune; only the first event of
+    the gradual schedules, AGP's at sparsity 0). Means over seeds; HashedNet has neither."""
+    pruned = [m for m in methods if any("layer_sparsity" in x for x in groups.get((dataset, net, m, levels[-1]), []))]
+    if not pruned:
+        return
+    print(f"{net}: fc1 / fc2 sparsity (%) | accuracy after the events at the start of fine-tuning, "
+          f"before retraining (%): L-OBS's one prune, a gradual schedule's first event\n")
+    print("| sparsity | " + " | ".join(pruned) + " |")
+    print("|---:|" + "---:|" * len(pruned))
+    for level in levels:
+        cells = []
+        for method in pruned:
+            ms = [m for m in groups.get((dataset, net, method, level), []) if "layer_sparsity" in m]
+            if not ms:
+                cells.append("–")
+                continue
+            fc1, fc2 = (statistics.mean(m["layer_sparsity"][k] for m in ms) for k in ("fc1.weight", "fc2.weight"))
+            after = [m["accuracy_pruned"] for m in ms if m.get("accuracy_pruned") is not None]
+            cells.append(f"{100 * fc1:.1f} / {100 * fc2:.1f}"
+                         + (f" \\| {100 * statistics.mean(after):.1f}" if after else ""))
+        print(f"| {100 * level:g} % | " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":
