@@ -429,6 +429,14 @@ def test_a_family_of_single_level_models_is_one_line_and_other_models_get_their_
     assert list(lines[0].lines[0].get_xdata()) == [20_000, 40_000, 80_000]
 
 
+def test_accuracy_vs_params_ylim_zooms_every_panel_and_is_checked(study):
+    [(_, figure)] = _figures(study, {"kind": "accuracy_vs_params", "ylim": [90, 98]})
+    assert [ax.get_ylim() for ax in _panels(figure)] == [(90, 98)] * len(DATASETS)
+    with pytest.raises(TypeError, match=r"'ylim' parameter of figure accuracy_vs_params must be \[low, high\] "
+                                        r"with low < high.*Got \[98, 90\]"):
+        _figures(study, {"kind": "accuracy_vs_params", "ylim": [98, 90]})
+
+
 def test_accuracy_vs_sparsity_plots_levels(study):
     from matplotlib.container import ErrorbarContainer
 

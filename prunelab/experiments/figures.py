@@ -18,6 +18,7 @@ Figure kinds live in the :data:`FIGURES` registry: a kind is a function
     the listed model labels (a label also selects its grid variants: ``conv`` is every
     ``conv[...]``). With more than 10 lines (a design-space grid) the panels share one legend
     below them, and lines past the 10th colour are dashed, then dotted.
+    ``ylim: [low, high]`` zooms the y axis (percent for accuracy).
 ``accuracy_vs_sparsity``
     The same against the target sparsity level (``xscale: linear`` or ``logit``).
 ``weight_histogram``
@@ -193,6 +194,7 @@ def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str
         ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
         ax.set_title(_panel_title(split_by, combo), fontsize="medium")
         ax.grid(True, alpha=0.3)
+        _set_ylim(ax, declaration, where)
     _legends(figure, axes)
     _suptitle(figure, declaration)
     return [(_name(declaration, kind), figure)]
@@ -320,6 +322,18 @@ def _sparsity_axis(ax, xscale: str) -> None:
         ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
 
 
+def _set_ylim(ax, declaration: dict, where: str) -> None:
+    """``ylim: [low, high]``, in the plotted unit (percent for accuracy)."""
+    ylim = declaration.get("ylim")
+    if ylim is None:
+        return
+    if not (isinstance(ylim, list) and len(ylim) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                             for v in ylim) and ylim[0] < ylim[1]):
+        raise TypeError(f"the 'ylim' parameter of {where} must be [low, high] with low < high, in the "
+                        f"plotted unit (percent for accuracy). Got {ylim!r}.")
+    ax.set_ylim(*ylim)
+
+
 def _suptitle(figure, declaration: dict) -> None:
     title = declaration.get("title")
     if title is not None:
@@ -411,13 +425,13 @@ def _choice(record: RunRecord, key: str) -> Any:
     return value
 
 
-@_kind("accuracy_vs_params", ("split_by", "methods", "models", "pareto_of"))
+@_kind("accuracy_vs_params", ("split_by", "methods", "models", "pareto_of", "ylim"))
 def accuracy_vs_params(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Metric vs non-zero parameters (log x), one line per method, error bars = std over seeds."""
     return _lines(records, declaration, spec, kind="accuracy_vs_params", x="nonzero_params")
 
 
-@_kind("accuracy_vs_sparsity", ("split_by", "methods", "models", "pareto_of", "xscale"))
+@_kind("accuracy_vs_sparsity", ("split_by", "methods", "models", "pareto_of", "xscale", "ylim"))
 def accuracy_vs_sparsity(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Metric vs target sparsity, one line per method, error bars = std over seeds."""
     return _lines(records, declaration, spec, kind="accuracy_vs_sparsity", x="sparsity")
@@ -586,11 +600,7 @@ def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
         dense = [100.0 * r.metrics["accuracy_dense"] for r in runs if r.metrics.get("accuracy_dense") is not None]
         if dense:
             ax.axhline(sum(dense) / len(dense), color="black", linestyle="--", linewidth=1, label="dense")
-        ylim = declaration.get("ylim")
-        if ylim is not None:
-            if not (isinstance(ylim, list) and len(ylim) == 2 and all(isinstance(v, (int, float)) for v in ylim)):
-                raise TypeError(f"the 'ylim' parameter of {where} must be [low, high] in percent. Got {ylim!r}.")
-            ax.set_ylim(*ylim)
+        _set_ylim(ax, declaration, where)
         ax.set_title(f"{dataset}, {model}", fontsize="medium")
         ax.set_xlabel("fine-tuning step (0 = right after pruning)")
         ax.set_ylabel("test accuracy (%)")
