@@ -88,8 +88,8 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yam
 
 
 def test_the_shipped_specs_are_all_there():
-    assert [p.stem for p in SPECS] == ["quickstart", "study-a-select", "study-a", "study-b", "study-c", "study-d-conv",
-                                       "study-d", "study-e"]
+    assert [p.stem for p in SPECS] == ["quickstart", "study-a-select-training", "study-a-select", "study-a",
+                                       "study-b", "study-c", "study-d-conv", "study-d", "study-e"]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
@@ -110,6 +110,7 @@ STUDIES = [p for p in SPECS if p.stem.startswith("study-")]
 # --quick, on even fewer images, so that the six studies take about a minute together
 TINY = ["--set", "datasets.0.subset.n_train=400", "--set", "datasets.0.subset.n_test=200"]
 TINY_EXTRA = {"study-a-select": ["--set", "datasets.0.validation=100"],
+              "study-a-select-training": ["--set", "datasets.0.validation=100"],
               "study-b": ["--set", "methods.1.calibration=200", "--set", "methods.1.finetune_steps=3",
                           "--set", "methods.0.sets.1.finetune_steps=[3]", "--set", "methods.0.every=5"]}
 

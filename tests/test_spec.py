@@ -164,3 +164,27 @@ def test_outputs_section_is_validated_with_the_rest():
     text = "\n".join(info.value.errors)
     assert "'columns' parameter of outputs.tables[0] must be one of: dataset, method, model, sparsity" in text
     assert "unknown figure kind 'bogus'" in text and "sparsities[0]" in text
+
+
+def test_a_dataset_carries_its_own_training_values_under_the_methods():
+    s = spec(datasets=["digits", {"name": "digits", "label": "slow", "training": {"lr": 0.01, "epochs": 2}}],
+             methods=[BASE["methods"][0], dict(BASE["methods"][1], training={"lr": 0.2})],
+             sparsities=[0.5], seeds=1)
+    runs = {(r.dataset, r.method): r.config["training"] for r in build_study(s).runs}
+    assert runs[("digits", "mag")]["lr"] == 0.05 and runs[("digits", "mag")]["epochs"] == 1
+    assert runs[("slow", "mag")]["lr"] == 0.01 and runs[("slow", "mag")]["epochs"] == 2
+    assert runs[("slow", "agp")]["lr"] == 0.2 and runs[("slow", "agp")]["epochs"] == 2   # the method wins
+    # a dataset without its own values keeps the ids it had before
+    plain = {r.id for r in build_study(spec(sparsities=[0.5], seeds=1)).runs}
+    assert {r.id for r in build_study(s).runs if (r.dataset, r.method) == ("digits", "mag")} <= plain
+
+
+def test_a_datasets_training_values_are_checked_with_its_path():
+    s = spec(datasets=[{"name": "digits", "training": {"lr": -1, "epoch": 2}}, {"name": "digits", "training": 3,
+                                                                               "label": "d2"}])
+    with pytest.raises(SpecError) as err:
+        build_study(s)
+    text = str(err.value)
+    assert "datasets[0].training.lr" in text and "datasets[0].training.epoch: unknown key" in text
+    assert "did you mean 'epochs'" in text
+    assert "datasets[1].training: must be a mapping; got 3" in text

@@ -33,7 +33,7 @@ from prunelab.pruning import Pruner, make_regularizer, make_schedule
 from prunelab.pruning.targets import resolve_targets
 from prunelab.training import OPTIMIZERS, Callback, RecoveryMonitor, evaluate, fit, steps_per_epoch
 
-DATASET_KEYS = ("name", "label", "subset", "validation", "standardize")
+DATASET_KEYS = ("name", "label", "subset", "validation", "standardize", "training")
 MODEL_KEYS = ("name", "label")
 METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
                "regularizer", "rewind", "layers", "calibration", "training", "thin")

@@ -5,7 +5,8 @@ and the outputs wanted; every combination is one run. A level is a sparsity, or 
 ``{layer: sparsity}`` mapping of per-layer targets. A model may carry its own
 ``sparsities`` (replacing the study's), a method too (a list, or one list per model:
 ``{model label or name: [...]}``), and a method may be limited to some ``models`` /
-``datasets`` (by label or name). Inside a dataset, model,
+``datasets`` (by label or name). A dataset or a method may carry its own ``training``
+values over the study's (the method's win over the dataset's). Inside a dataset, model,
 method or the training section, a value written ``{grid: [a, b, ...]}`` is a grid
 axis too. Every run's config is fully resolved (defaults filled in) and its id is
 a hash of that config, so the same run has the same id in every study and
@@ -292,6 +293,9 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
             levels = model_levels.get(m_path, sparsities)
         model = {k: v for k, v in model.items() if k != "sparsities"}
         method = {k: v for k, v in method.items() if k not in ("models", "datasets", "sparsities", "task")}
+        if "training" in dataset:     # the dataset's own budget, under the method's
+            t_train = {**t_train, **_dataset_training(d_path, dataset, t_train, checker)}
+            dataset = {k: v for k, v in dataset.items() if k != "training"}
         prepared = task.prepare(dataset=(d_path, dataset), model=(m_path, model),
                                 method=(x_path, method), training=t_train, checker=checker,
                                 sparsities=levels)
@@ -310,6 +314,17 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
                 runs.append(PlannedRun(rid, config, d_label, m_label, x_label, level, seed))
     _check_unique_labels(runs, checker)
     return [] if checker.errors else runs
+
+
+def _dataset_training(path: str, dataset: Any, training: dict, checker: Checker) -> dict:
+    """A dataset's ``training:`` overrides (validated here, so errors name the dataset)."""
+    if not isinstance(dataset, dict) or "training" not in dataset:
+        return {}
+    from prunelab.experiments.prune_task import _prepare_training
+    override = dataset["training"]
+    if _prepare_training(path, training, override, checker) is None:
+        return {}
+    return dict(override)
 
 
 def _model_label(model: dict) -> str:
