@@ -268,8 +268,9 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
     model_levels = {m_path: _sparsities(model, checker, f"{m_path}.sparsities")
                     for m_path, model, _ in models if "sparsities" in model}
     filters = {x_path: _filters(x_path, method, datasets, models, checker) for x_path, method, _ in methods}
-    for (d_path, dataset, d_chosen), (m_path, model, m_chosen), (t_train, t_chosen), \
-            (x_path, method, x_chosen) in itertools.product(datasets, models, trainings, methods):
+    dataset_training = [_dataset_training(d_path, dataset, checker) for d_path, dataset, _ in datasets]
+    for (d_index, (d_path, dataset, d_chosen)), (m_path, model, m_chosen), (t_train, t_chosen), \
+            (x_path, method, x_chosen) in itertools.product(enumerate(datasets), models, trainings, methods):
         task = default_task
         if "task" in method:          # a method may run another task than the study's
             task = checker.attempt(f"{x_path}.task", lambda: TASKS.get(method["task"], param="task",
@@ -294,7 +295,7 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         model = {k: v for k, v in model.items() if k != "sparsities"}
         method = {k: v for k, v in method.items() if k not in ("models", "datasets", "sparsities", "task")}
         if "training" in dataset:     # the dataset's own budget, under the method's
-            t_train = {**t_train, **_dataset_training(d_path, dataset, t_train, checker)}
+            t_train = {**t_train, **dataset_training[d_index]}
             dataset = {k: v for k, v in dataset.items() if k != "training"}
         prepared = task.prepare(dataset=(d_path, dataset), model=(m_path, model),
                                 method=(x_path, method), training=t_train, checker=checker,
@@ -316,13 +317,14 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
     return [] if checker.errors else runs
 
 
-def _dataset_training(path: str, dataset: Any, training: dict, checker: Checker) -> dict:
-    """A dataset's ``training:`` overrides (validated here, so errors name the dataset)."""
-    if not isinstance(dataset, dict) or "training" not in dataset:
+def _dataset_training(path: str, dataset: dict, checker: Checker) -> dict:
+    """A dataset's ``training:`` overrides, checked once here so that errors name the dataset
+    ({} when it has none or they are bad)."""
+    if "training" not in dataset:
         return {}
     from prunelab.experiments.prune_task import _prepare_training
     override = dataset["training"]
-    if _prepare_training(path, training, override, checker) is None:
+    if _prepare_training(path, {}, override, checker) is None:   # the rest: the defaults, all valid
         return {}
     return dict(override)
 
