@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from prunelab._validation import check_number
+from prunelab.inputs import Batch, Loss, as_batch, make_loss
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
 
@@ -53,11 +54,19 @@ class Criterion:
 
     def calibrate(self, model: torch.nn.Module, targets: Sequence[Target], batches: list,
                   loss_fn: Callable) -> None:
-        """Accumulate statistics over calibration ``batches`` of ``(x, y)``."""
+        """Accumulate statistics over calibration ``batches`` (:class:`prunelab.inputs.Batch`);
+        ``loss_fn(output, batch)`` is a :class:`prunelab.inputs.Loss`."""
         raise NotImplementedError(f"criterion {self.name!r} uses no calibration data")
 
     def reset(self) -> None:
         """Forget recorded statistics (called after every prune)."""
+
+    def _calibration(self, batches, loss_fn) -> tuple[list[Batch], Loss]:
+        """The batches as :class:`Batch` es and the loss as a :class:`Loss`, whatever form a direct
+        caller of :meth:`calibrate` used (``(x, y)`` pairs and ``F.cross_entropy`` included)."""
+        where = f"{self.name} criterion"
+        return ([as_batch(b, where=where, index=i) for i, b in enumerate(batches)],
+                make_loss(loss_fn, where=where))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -137,13 +146,18 @@ class GradientMagnitude(Criterion):
 
     def calibrate(self, model, targets, batches, loss_fn) -> None:
         """Observe ``dL/dw`` of each calibration batch (model in eval mode, ``.grad`` untouched)."""
+        batches, loss_fn = self._calibration(batches, loss_fn)
         params = [t.weight for t in targets]
         saved = [p.grad for p in params]
         was_training = model.training
         model.eval()
         try:
-            for x, y in batches:
-                grads = torch.autograd.grad(loss_fn(model(x), y), params)
+            for batch in batches:
+                grads = torch.autograd.grad(loss_fn(batch.call(model), batch), params, allow_unused=True)
+                missing = [t.name for t, g in zip(targets, grads) if g is None]
+                if missing:
+                    raise ValueError(f"gradient criterion: the loss does not depend on {', '.join(missing)} "
+                                     f"(the forward pass never uses them); leave them out of 'layers'.")
                 for p, g in zip(params, grads):
                     p.grad = g
                 self.observe(targets)

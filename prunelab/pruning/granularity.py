@@ -80,7 +80,8 @@ class WeightGranularity(Granularity):
 def _structured_only(granularity: str, target: Target, need_conv: bool = False) -> None:
     ok = target.is_conv if need_conv else target.is_structured
     if not ok:
-        kinds = "Conv layers" if need_conv else "Linear and Conv layers"
+        kinds = "Conv layers" if need_conv else ("Linear-like layers (Linear, Conv, HF Conv1D, "
+                                                   "MultiheadAttention and RNN weights)")
         raise ValueError(
             f"granularity {granularity!r} applies only to {kinds}; {target.name!r} is the "
             f"'{target.param_name}' of a {target.kind}. Use granularity='weight' for it, or "

@@ -97,7 +97,8 @@ class OBD(Criterion):
     def calibrate(self, model: nn.Module, targets: Sequence[Target], batches: list,
                   loss_fn: Callable) -> None:
         """Add the GGN diagonal of every batch ``(x, y)`` to the running sums."""
-        _check_loss(loss_fn)
+        batches, loss = self._calibration(batches, loss_fn)
+        _check_loss(loss.user)
         for target in targets:
             _check_target(target)
         names = [t.name for t in targets]
@@ -111,8 +112,8 @@ class OBD(Criterion):
         model.eval()
         try:
             with torch.enable_grad():
-                for x, _ in batches:
-                    count += self._add_batch(model, targets, x, sums)
+                for batch in batches:
+                    count += self._add_batch(model, targets, batch, sums)
         finally:
             for module, training in modes:
                 module.training = training
@@ -150,7 +151,7 @@ class OBD(Criterion):
         return f"OBD(mode='mc', samples={self.samples}, seed={self.seed})"
 
     # ------------------------------------------------------------ one batch
-    def _add_batch(self, model: nn.Module, targets: Sequence[Target], x: torch.Tensor,
+    def _add_batch(self, model: nn.Module, targets: Sequence[Target], batch,
                    sums: list[torch.Tensor]) -> int:
         """One forward, the batched backward to every ``z``, squared gradients into ``sums``."""
         seen: list[list[tuple[torch.Tensor, int, torch.Tensor]]] = [[] for _ in targets]
@@ -167,7 +168,7 @@ class OBD(Criterion):
         handles = [t.module.register_forward_hook(keeper(i), with_kwargs=True)
                    for i, t in enumerate(targets)]
         try:
-            logits = model(x)
+            logits = batch.call(model)
         finally:
             for handle in handles:
                 handle.remove()
@@ -200,8 +201,8 @@ class OBD(Criterion):
 
 
 # ------------------------------------------------------------------ checks
-def _check_loss(loss_fn: Callable) -> None:
-    if loss_fn is F.cross_entropy:
+def _check_loss(loss_fn: Callable | None) -> None:
+    if loss_fn is None or loss_fn is F.cross_entropy:
         return
     if (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None
             and loss_fn.ignore_index == -100 and loss_fn.reduction == "mean"

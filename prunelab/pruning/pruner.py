@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prunelab._validation import check_choice, check_finite, check_number, check_sparsity
+from prunelab.inputs import iter_batches, make_loss
 from prunelab.pruning.criteria import Criterion, make_criterion
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
@@ -31,7 +32,7 @@ from prunelab.pruning.schedules import Schedule, make_schedule
 from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable   # (x, y) pairs, input tensors, dicts of keyword inputs: see prunelab.inputs
 
 
 class SparsityShortfall(UserWarning):
@@ -92,6 +93,7 @@ class Pruner:
                  calibration: "tuple[torch.Tensor, torch.Tensor] | Batches | None" = None,
                  loss_fn: Callable | None = None,
                  calibration_batch_size: int = 256,
+                 output_key: str | None = None,
                  seed: int = 0):
         where = "Pruner"
         self.model = model
@@ -112,12 +114,14 @@ class Pruner:
             sparsity = self._overall(self.layer_targets)
         self.schedule = self._make_schedule(schedule, sparsity, schedule_args or {})
         self.loss_fn = loss_fn
+        self.loss = make_loss(loss_fn, output_key, where=where)
         self.calibration_batch_size = check_number("calibration_batch_size", calibration_batch_size,
                                                    where=where, low=1, integer=True)
-        if calibration is not None and not _is_pair(calibration):
-            calibration = list(calibration)   # used at every prune: an iterator would run dry
-        if calibration is not None:           # refuse an empty calibration set now, before any training
-            next(iter(_batches(calibration, self.calibration_batch_size, where=where)))
+        if calibration is not None and not _is_sliceable(calibration):
+            if isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, Mapping)):
+                calibration = list(calibration)   # used at every prune: an iterator would run dry
+        if calibration is not None:           # refuse an empty or malformed calibration set now, before any training
+            list(iter_batches(calibration, self.calibration_batch_size, where=where))
         self.calibration = calibration
         self.criterion.validate(self)
         self._events = self.schedule.events()
@@ -308,9 +312,9 @@ class Pruner:
         if data is None:
             raise ValueError(f"criterion {self.criterion.name!r} needs calibration data: pass "
                              f"calibration=(x, y) to the Pruner, or data to calibrate().")
-        batches = list(_batches(data, batch_size or self.calibration_batch_size, where="Pruner.calibrate"))
-        self.criterion.calibrate(self.model, self.targets, batches,
-                                 loss_fn or self.loss_fn or nn.functional.cross_entropy)
+        batches = list(iter_batches(data, batch_size or self.calibration_batch_size, where="Pruner.calibrate"))
+        loss = self.loss if loss_fn is None else make_loss(loss_fn, self.loss.output_key, where="Pruner.calibrate")
+        self.criterion.calibrate(self.model, self.targets, batches, loss)
         return len(batches)
 
     # -------------------------------------------------------------- pruning
@@ -454,39 +458,15 @@ class Pruner:
                 f"targets={[t.name for t in self.targets]})")
 
 
-def _is_pair(data) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)
-
-
-def _batches(data, batch_size: int, *, where: str):
-    """Yield (x, y) batches from a pair of tensors or an iterable of pairs; refuse empty data."""
-    batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
-    if _is_pair(data):
-        x, y = data
-        if len(x) == 0:
-            raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (0 samples).")
-        if len(x) != len(y):
-            raise ValueError(f"the 'data' parameter of {where}: inputs and targets differ in length "
-                             f"({len(x)} vs {len(y)}).")
-        check_finite(f"the calibration inputs ('data') of {where}", x)
-        check_finite(f"the calibration targets ('data') of {where}", y)
-        for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
-        return
-    n = 0
-    for batch in data:
-        n += 1
-        if isinstance(batch, (tuple, list)):
-            for part, tensor in zip(("inputs", "targets"), batch):
-                check_finite(f"the calibration {part} of batch {n - 1} ('data') of {where}", tensor)
-        yield batch
-    if n == 0:
-        raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (no batches).")
+def _is_sliceable(data) -> bool:
+    """An ``(x, y)`` pair of tensors or a dict of tensors: sliced into batches at every use."""
+    return ((isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data))
+            or (isinstance(data, Mapping) and bool(data) and all(torch.is_tensor(v) for v in data.values())))
 
 
 def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
           granularity="weight", scope="local", layers=None, reduction="l2", min_keep=1, data=None,
-          loss_fn=None, batch_size: int = 256, seed: int = 0) -> Pruner:
+          loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0) -> Pruner:
     """One-shot pruning in one call: prune ``model`` in place to ``sparsity`` (a float, or a
     ``{layer: sparsity}`` dict of per-layer targets).
 
@@ -502,7 +482,7 @@ def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, c
         sparsity = check_sparsity("sparsity", sparsity, where="prune")
     pruner = Pruner(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
                     schedule="one-shot", layers=layers, reduction=reduction, min_keep=min_keep, seed=seed,
-                    calibration=data, loss_fn=loss_fn, calibration_batch_size=batch_size)
+                    calibration=data, loss_fn=loss_fn, calibration_batch_size=batch_size, output_key=output_key)
     if pruner.criterion.needs_data and data is None:
         raise ValueError(f"criterion {pruner.criterion.name!r} needs calibration data: pass "
                          f"data=(x, y) to prune().")

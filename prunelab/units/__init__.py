@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from prunelab._validation import check_choice, check_finite, check_number, check_type
-from prunelab.pruning.pruner import _batches as calibration_batches
+from prunelab.inputs import iter_batches
 from prunelab.units import graph, surgery
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
 from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, select_layers,
@@ -100,7 +100,8 @@ class UnitPruning:
 def _batches(data, batch_size: int) -> list:
     """The calibration batches of ``data`` (none without data), checked as the Pruner checks its
     own: not empty, inputs and targets of equal length, no NaN/inf."""
-    return [] if data is None else list(calibration_batches(data, batch_size, where="unit pruning"))
+    return [] if data is None else [(b.inputs, b.targets)
+                                    for b in iter_batches(data, batch_size, where="unit pruning")]
 
 
 def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, batch_size: int = 256,

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from prunelab._hooks import forward_eval
+from prunelab.inputs import forward_batches
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -84,7 +84,11 @@ def consumer_input_means(model: nn.Module, batches: Iterable) -> dict[nn.Module,
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_pre_hook(hook))
-    forward_eval(model, (x for x, _ in batches), handles)
+    try:
+        forward_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
     return {m: sums[m] / counts[m] for m in sums}
 
 

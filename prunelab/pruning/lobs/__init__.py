@@ -121,7 +121,7 @@ class LayerwiseOBS(Criterion):
     def calibrate(self, model, targets, batches, loss_fn) -> None:
         for target in targets:
             check_target(target, self.name)
-        self._batches = list(batches)
+        self._batches, _ = self._calibration(batches, loss_fn)
         if self.mode == "parallel":
             if self.low_memory:
                 self._original = copy.deepcopy(model)   # Hessians later, one layer at a time

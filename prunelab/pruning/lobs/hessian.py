@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab._hooks import forward_eval
+from prunelab.inputs import forward_batches
 from prunelab.pruning.targets import Target
 
 
@@ -99,7 +99,11 @@ def collect(model: nn.Module, targets: Sequence[Target], batches: Iterable, *,
     for target in targets:
         check_target(target)
         handles.append(target.module.register_forward_hook(hook_for(target)))
-    forward_eval(model, (x for x, _ in batches), handles)
+    try:
+        forward_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
     seconds = time.perf_counter() - started
     for entry in stats.values():
         entry.seconds = seconds / max(len(stats), 1)
