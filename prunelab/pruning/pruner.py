@@ -344,17 +344,17 @@ class Pruner:
             weight = target.weight
             mask = self.masks.get(weight)
             alive = mask.bool() if mask is not None else torch.ones_like(weight, dtype=torch.bool)
-            alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum") > 0
-            group_scores = self.granularity.group_scores(score.float(), self.reduction)
+            alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum", target) > 0
+            group_scores = self.granularity.group_scores(score.float(), self.reduction, target)
             group_shapes.append(group_scores.shape)
             layers.append(LayerGroups(group_scores.flatten(), alive_groups.flatten(),
-                                      self.granularity.group_size(weight)))
+                                      self.granularity.group_size(weight, target)))
         keeps = self.scope.select(layers, targets, event, self.min_keep)
         held = self._held_by_guard(layers, targets, event, keeps)
         for target, keep, shape in zip(self.targets, keeps, group_shapes):
             weight = target.weight
             group_keep = keep.reshape(shape)
-            new = self.granularity.expand(group_keep, weight)
+            new = self.granularity.expand(group_keep, weight, target)
             old = self.masks.get(weight)
             self.masks.set(weight, new if old is None else new & old.bool())
             bias_keep = self.granularity.bias_mask(group_keep.flatten())
