@@ -175,7 +175,7 @@ class OBD(Criterion):
                   for route, records in zip(fast, seen)]
         chosen = [i for i, h in enumerate(hooked) if h is not None]
         if chosen:
-            _fast_pass(logits, [fast[i] for i in chosen], [targets[i].module for i in chosen],
+            _fast_pass(logits, [fast[i] for i in chosen], [targets[i] for i in chosen],
                        [hooked[i] for i in chosen], [sums[i] for i in chosen], rows)
         rest = [i for i, h in enumerate(hooked) if h is None]
         if rest:
@@ -339,7 +339,12 @@ def _hooked(route: str, records: list, n: int):
     return x, z
 
 
-def _fast_pass(logits, routes, modules, hooked, sums, rows: _Rows) -> None:
+def _unused(target: Target) -> ValueError:
+    return ValueError(f"{_WHERE}: the model's output does not depend on {target.name!r} (the forward pass "
+                      f"never uses it, or not on the way to the logits); leave it out of 'layers'.")
+
+
+def _fast_pass(logits, routes, targets, hooked, sums, rows: _Rows) -> None:
     inputs = [x for x, _ in hooked]
     zs = [z for _, z in hooked]
     per_row = sum(z.numel() for z in zs) * zs[0].element_size()
@@ -348,9 +353,10 @@ def _fast_pass(logits, routes, modules, hooked, sums, rows: _Rows) -> None:
         stop = min(rows.n, start + step)
         deltas = torch.autograd.grad(logits, zs, rows.chunk(start, stop), retain_graph=stop < rows.n,
                                      is_grads_batched=True, allow_unused=True)
-        for route, module, x_in, delta, h in zip(routes, modules, inputs, deltas, sums):
-            if delta is not None:           # None: this layer does not reach the logits
-                h += _squared_gradients(route, module, x_in, delta).to(h.dtype)
+        for route, target, x_in, delta, h in zip(routes, targets, inputs, deltas, sums):
+            if delta is None:
+                raise _unused(target)
+            h += _squared_gradients(route, target.module, x_in, delta).to(h.dtype)
 
 
 # ------------------------------------------------------ the per-sample route
@@ -374,8 +380,7 @@ def _per_sample_pass(model, batch: Batch, targets: Sequence[Target], sums, rows:
                 grads = _batched_grad(logits, params, sample_rows.chunk(start, stop))
                 for t, g, h in zip(targets, grads, sums):
                     if g is None:
-                        raise ValueError(f"{_WHERE}: the model's output does not depend on {t.name!r} (the "
-                                         f"forward pass never uses it); leave it out of 'layers'.")
+                        raise _unused(t)
                     h += g.square().sum(0).to(h.dtype)
     finally:
         for p, flag in zip(params, flags):
