@@ -102,6 +102,7 @@ class Pruner:
         self.granularity = make_granularity(granularity, where=where)
         for target in self.targets:
             self.granularity.check(target)
+        _check_tied_embeddings(model, self.targets, self.granularity)
         self.scope = make_scope(scope, where=where)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS, where=where)
         self.min_keep = check_number("min_keep", min_keep, where=where, low=1, integer=True)
@@ -456,6 +457,19 @@ class Pruner:
         return (f"Pruner(criterion={self.criterion!r}, granularity={self.granularity.name!r}, "
                 f"scope={self.scope.name!r}, schedule={self.schedule!r}, "
                 f"targets={[t.name for t in self.targets]})")
+
+
+def _check_tied_embeddings(model: nn.Module, targets: list[Target], granularity: Granularity) -> None:
+    """A weight tied to an embedding (GPT-2's lm_head) is an embedding's table too: single weights only."""
+    if granularity.name == "weight":
+        return
+    embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    for target in targets:
+        if target.layout != "embedding" and id(target.weight) in embeddings:
+            raise ValueError(
+                f"granularity {granularity.name!r} does not apply to {target.name!r}: it is tied to the "
+                f"Embedding {embeddings[id(target.weight)]!r}, whose rows are vocabulary entries; a tied "
+                f"weight is pruned with granularity='weight' only (or leave it out of 'layers').")
 
 
 def _is_sliceable(data) -> bool:
