@@ -23,33 +23,57 @@ back-propagated vectors by factorising the output Hessian is the idea behind
 the "exact GGN diagonal" of curvature libraries (Dangel, Kunstner & Hennig 2020,
 BackPACK, and Martens & Grosse 2015 for the K-FAC form); the code here is our own.
 
-How it is computed (``mode="exact"``): forward hooks keep each target layer's
-input ``x`` and pre-activation ``z = W x + b``; one forward pass; one backward
-pass batched over the C columns (``is_grads_batched``) from the logits to the
-``z``'s gives ``δ_{c,n} = ∂(a_{n,c}ᵀ f_n)/∂z``. The gradient of that scalar with
-respect to ``W`` is ``δ xᵀ`` for a Linear layer on ``(N, in)`` inputs, whose square
-is ``δ² (x²)ᵀ``, hence ``h += Σ_c (δ_c²)ᵀ x²`` with no per-sample tensor. When
-the weight is shared over positions (Linear on ``(N, …, in)``, Conv2d via
-``unfold`` patches ``U``), the per-sample gradient ``Σ_p δ_p U_pᵀ`` is formed
-explicitly, a few MB at a time, and squared. Cost: about C backward passes
-below the last layer, plus C per-sample weight gradients per layer (the δ's are
-held at once unless they pass 512 MB; then the backward is split over classes).
+Token logits ``(N, T, V)``: the loss is the mean cross-entropy over the positions that count
+(under next-token prediction the last position predicts nothing; targets equal to ignore_index
+drop out), so ``G = (1/M) Σ_{(n,t) counted} J_{n,t}ᵀ H_{n,t} J_{n,t}`` over the M counted
+positions, and each (position, class) pair is one column ``a_{n,t,c}``: the output at position
+t depends on the inputs at every position, so the columns of different positions are squared
+separately. The labels' values never enter (the GGN of cross-entropy does not depend on them),
+only which positions count.
+
+How it is computed (``mode="exact"``), two routes:
+
+*Fast route* — the weight of a module that computes ``z = W x + b`` in its own forward, once
+(``nn.Linear``, Hugging Face ``Conv1D`` with ``W`` stored ``(in, out)``, ``nn.Conv2d`` with
+groups=1): forward hooks keep the input ``x`` and pre-activation ``z``; one forward pass; one
+backward pass batched over the columns (``is_grads_batched``) from the logits to the ``z``'s gives
+``δ_{c,n} = ∂(a_{n,c}ᵀ f_n)/∂z``. The gradient of that scalar with respect to ``W`` is ``δ xᵀ``
+for a Linear layer on ``(N, in)`` inputs, whose square is ``δ² (x²)ᵀ``, hence
+``h += Σ_c (δ_c²)ᵀ x²`` with no per-sample tensor. When the weight is shared over positions
+(Linear on ``(N, …, in)``, Conv2d via ``unfold`` patches ``U``), the per-sample gradient
+``Σ_p δ_p U_pᵀ`` is formed explicitly, a few MB at a time, and squared. Cost: about C backward
+passes below the last layer, plus C per-sample weight gradients per layer (the δ's are held at
+once unless they pass 512 MB; then the backward is split over columns).
+
+*Per-sample route* — every other weight: MultiheadAttention's ``in_proj_weight`` and ``out_proj``
+(used functionally), RNN weights (used at every time step), embeddings, grouped/depthwise convs,
+Conv1d/Conv3d, a weight tied to another name or a module run more than once per forward. For
+each sample its own forward, then ``∂(a_{n,c}ᵀ f_n)/∂W`` for all columns at once
+(``is_grads_batched``, or one backward per column where torch cannot batch it) — the exact
+per-sample gradients, squared and summed. Cost: N forwards and N·C (batched) backwards per batch.
+
+``mode="exact"`` needs one column per class and counted position; above
+``MAX_EXACT_CLASSES`` (4096) classes it refuses, after the first forward and before any backward,
+and suggests ``mode="mc"``.
 
 ``mode="mc"`` replaces the C columns by ``samples`` draws ``y ~ softmax(f_n)``
 (seeded): the gradient of ``CE(f_n, y)`` with respect to ``f_n`` is ``g = p_n − e_y``
 and ``E_y[g gᵀ] = diag(p_n) − p_n p_nᵀ = H_n``, so ``(1/S) Σ_s (J_nᵀ g_s)²`` is an
 unbiased estimate of the same diagonal; its backward and per-sample gradients
-cost S instead of C passes (worth it when C is large or time is short).
+cost S instead of C passes (worth it when C is large or time is short). For token logits a label is drawn at every
+counted position and one backward covers all positions of a sample: ``v = Σ_t J_tᵀ g_t`` has
+``E[v vᵀ] = Σ_t J_tᵀ H_t J_t`` because the cross terms vanish (``E[g_t] = 0``, independent draws),
+so S rows per batch suffice whatever T and V are.
 
-Scope and assumptions. The GGN is defined here for the mean softmax
-cross-entropy of the model's logits ``(N, C)``: ``loss_fn`` must be
-``torch.nn.functional.cross_entropy`` or an ``nn.CrossEntropyLoss()`` with default
-arguments (labels are not used: the GGN of cross-entropy does not depend on
-them). Targets must be the weights of ``nn.Linear`` or ``nn.Conv2d`` (groups=1),
-each module run exactly once per forward, with the sample dimension first.
-The model runs in eval mode (modes restored afterwards); weights and ``.grad``
-are left untouched. OBD assumes the net sits at a minimum of the training
-loss (the first-order term is dropped): prune after training has
+Scope and assumptions. The GGN is defined here for the mean softmax cross-entropy of the
+model's logits — ``(N, C)`` classes or ``(N, T, V)`` tokens, read from a tensor, tuple, dict or
+Hugging Face ``ModelOutput`` (``output_key`` names another entry): ``loss_fn`` must be None (the
+loss inferred from the shapes, see :mod:`prunelab.inputs`), ``torch.nn.functional.cross_entropy``
+or an ``nn.CrossEntropyLoss()`` with default arguments. Samples come first in every input and in
+the output, and a sample's output does not depend on the other samples (eval mode). The model
+runs in eval mode (modes restored afterwards); weights, ``requires_grad`` and ``.grad`` are left
+untouched. A target the logits do not depend on is refused by name. OBD assumes the net sits at a
+minimum of the training loss (the first-order term is dropped): prune after training has
 (re)converged; an iterative Pruner recomputes ``G`` before every prune.
 """
 
@@ -79,7 +103,8 @@ _WHERE = "obd criterion"
 @CRITERIA.register("obd")
 class OBD(Criterion):
     """Optimal Brain Damage: score ``½ · h_ww · w²`` with ``h`` the GGN diagonal of
-    the mean cross-entropy over the calibration data (see the module docstring).
+    the mean cross-entropy over the calibration data (over samples for class logits, over
+    counted positions for token logits; see the module docstring).
 
     ``mode``: ``"exact"`` (C back-propagated columns per sample) or ``"mc"``
     (``samples`` sampled labels per sample, seeded by ``seed``; an unbiased estimate).
@@ -370,11 +395,20 @@ def _per_sample_pass(model, batch: Batch, targets: Sequence[Target], sums, rows:
     try:
         for p in params:
             p.requires_grad_(True)
+        if batch.size != rows.shape[0]:
+            raise ValueError(f"{_WHERE}: the batch holds {batch.size} samples but the logits "
+                             f"{tuple(rows.shape)} are for {rows.shape[0]}; OBD needs the samples first in "
+                             f"every input and in the output.")
         for i in range(batch.size):
             sample_rows = rows.sample(i)
             if sample_rows.n == 0:
                 continue
             logits = loss.logits(batch.slice(i, i + 1).call(model))
+            if logits.shape != sample_rows.shape:
+                raise ValueError(f"{_WHERE}: scoring {', '.join(t.name for t in targets)} needs one forward per "
+                                 f"sample, and sample {i} alone gave logits {tuple(logits.shape)} where "
+                                 f"{tuple(sample_rows.shape)} was expected; OBD needs the samples first in "
+                                 f"every input and in the output.")
             for start in range(0, sample_rows.n, step):
                 stop = min(sample_rows.n, start + step)
                 grads = _batched_grad(logits, params, sample_rows.chunk(start, stop))
