@@ -526,10 +526,20 @@ def test_recurrent_weights_equal_brute_force(cell):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["grouped", "depthwise", "conv1d", "conv3d", "hf-conv1d"])
+@pytest.mark.parametrize("name", ["grouped", "depthwise", "conv1d", "conv3d", "hf-conv1d", "padded-grouped",
+                                  "padded-conv1d"])
 def test_grouped_convs_other_convs_and_hf_conv1d_equal_brute_force(name):
     torch.manual_seed(0)
-    if name == "hf-conv1d":
+    if name == "padded-grouped":       # strided, dilated, circular 'same'-style padding, depthwise multiplier 2
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, groups=2, padding_mode="circular"),
+                              nn.Tanh(), nn.Conv2d(4, 4, (2, 3), padding="same", groups=4), nn.Flatten(),
+                              nn.Linear(36, 3))
+        x = torch.randn(4, 2, 5, 5)
+    elif name == "padded-conv1d":
+        model = nn.Sequential(nn.Conv1d(2, 4, 4, padding="same", padding_mode="reflect", groups=2), nn.Tanh(),
+                              nn.Flatten(), nn.Linear(24, 3))
+        x = torch.randn(4, 2, 6)
+    elif name == "hf-conv1d":
         model, x = nn.Sequential(Conv1D(4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)), torch.randn(4, 2, 3)
     elif name == "conv1d":
         model, x = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)), torch.randn(4, 2, 5)
@@ -544,6 +554,8 @@ def test_grouped_convs_other_convs_and_hf_conv1d_equal_brute_force(name):
     model, x = model.double(), x.double()
     names = [n for n, p in model.named_parameters() if n.endswith("weight")]
     criterion, targets = _obd_diagonal(model, names, [x])
+    routes = obd_module._fast_routes(model, targets)
+    assert routes[0] == ("transposed" if name == "hf-conv1d" else "conv")
     want = brute_ggn_general(model, [(x, torch.ones(4, dtype=torch.bool))], names)
     for got, ref in zip(criterion.hessian_diagonal(), want):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)

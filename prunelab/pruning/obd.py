@@ -34,20 +34,21 @@ only which positions count.
 How it is computed (``mode="exact"``), two routes:
 
 *Fast route* — the weight of a module that computes ``z = W x + b`` in its own forward, once
-(``nn.Linear``, Hugging Face ``Conv1D`` with ``W`` stored ``(in, out)``, ``nn.Conv2d`` with
-groups=1): forward hooks keep the input ``x`` and pre-activation ``z``; one forward pass; one
+(``nn.Linear``, Hugging Face ``Conv1D`` with ``W`` stored ``(in, out)``, ``nn.Conv1d/2d/3d``
+including grouped and depthwise): forward hooks keep the input ``x`` and pre-activation ``z``; one forward pass; one
 backward pass batched over the columns (``is_grads_batched``) from the logits to the ``z``'s gives
 ``δ_{c,n} = ∂(a_{n,c}ᵀ f_n)/∂z``. The gradient of that scalar with respect to ``W`` is ``δ xᵀ``
 for a Linear layer on ``(N, in)`` inputs, whose square is ``δ² (x²)ᵀ``, hence
 ``h += Σ_c (δ_c²)ᵀ x²`` with no per-sample tensor. When the weight is shared over positions
 (Linear on ``(N, …, in)``, Conv2d via ``unfold`` patches ``U``), the per-sample gradient
-``Σ_p δ_p U_pᵀ`` is formed explicitly, a few MB at a time, and squared. Cost: about C backward
+``Σ_p δ_p U_pᵀ`` is formed explicitly, a few MB at a time, and squared; for Conv1d/Conv3d and
+grouped/depthwise convs the (column, sample) pairs are folded into the channels of one input and
+one weight-gradient convolution with ``groups × pairs`` groups gives every pair's gradient. Cost: about C backward
 passes below the last layer, plus C per-sample weight gradients per layer (the δ's are held at
 once unless they pass 512 MB; then the backward is split over columns).
 
 *Per-sample route* — every other weight: MultiheadAttention's ``in_proj_weight`` and ``out_proj``
-(used functionally), RNN weights (used at every time step), embeddings, grouped/depthwise convs,
-Conv1d/Conv3d, a weight tied to another name or a module run more than once per forward. For
+(used functionally), RNN weights (used at every time step), embeddings, a weight tied to another name or a module run more than once per forward. For
 each sample its own forward, then ``∂(a_{n,c}ᵀ f_n)/∂W`` for all columns at once
 (``is_grads_batched``, or one backward per column where torch cannot batch it) — the exact
 per-sample gradients, squared and summed. Cost: N forwards and N·C (batched) backwards per batch.
@@ -89,7 +90,7 @@ from torch.nn import functional as F
 from prunelab._validation import check_choice, check_number
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, is_cross_entropy, token_ids
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.targets import Target
+from prunelab.pruning.targets import CONV_TYPES, Target
 
 _CHUNK_BYTES = 4 * 2**20     # per-sample gradients formed at once: cache-sized is fastest
 _DELTA_BYTES = 512 * 2**20   # back-propagated vectors δ held at once (else the backward is split)
@@ -317,7 +318,9 @@ class _Rows:
 
 # ------------------------------------------------------------ the fast route
 def _fast_routes(model: nn.Module, targets: Sequence[Target]) -> list[str | None]:
-    """``"linear"``, ``"transposed"`` (HF Conv1D) or ``"conv2d"`` (groups=1) for a target whose module
+    """``"linear"``, ``"transposed"`` (HF Conv1D), ``"conv2d"`` (Conv2d, groups=1: ``unfold`` patches) or
+    ``"conv"`` (Conv1d/3d, grouped and depthwise convs: per-sample gradients by grouped convolution) for a
+    target whose module
     computes ``z = W x (+ b)`` in its own forward, so hooks see x and z; None (the per-sample route)
     for every other target, and for a weight tied to another name (its uses are not all in one module)."""
     uses: dict[int, int] = {}
@@ -334,6 +337,8 @@ def _fast_routes(model: nn.Module, targets: Sequence[Target]) -> list[str | None
             routes.append("transposed")
         elif isinstance(module, nn.Conv2d) and module.groups == 1:
             routes.append("conv2d")
+        elif isinstance(module, CONV_TYPES):
+            routes.append("conv")
         else:
             routes.append(None)
     return routes
@@ -359,7 +364,7 @@ def _hooked(route: str, records: list, n: int):
     if len(records) != 1 or records[0] is None:
         return None
     x, version, z = records[0]
-    if x._version != version or x.dim() < 2 or x.shape[0] != n or (route == "conv2d" and x.dim() != 4):
+    if x._version != version or x.dim() < 2 or x.shape[0] != n or (route.startswith("conv") and x.dim() != z.dim()):
         return None
     return x, z
 
@@ -433,6 +438,8 @@ def _batched_grad(logits, params, grad_rows) -> list:
 # ------------------------------------------------------- squared gradients
 def _squared_gradients(route: str, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``Σ_c Σ_n (∂(a_{n,c}ᵀ f_n)/∂W)²`` for one layer; ``delta`` is (c, N, *z.shape[1:])."""
+    if route == "conv":
+        return _conv_squared(module, x, delta)
     if route == "transposed":       # HF Conv1D: z = x W + b with W (in, out), the Linear case transposed
         return _squared_gradients("linear", module, x, delta).T
     if route == "linear":
@@ -504,3 +511,47 @@ class _Patches:
         patches = F.unfold(x.reshape(1, n * channels, *x.shape[2:]), conv.kernel_size,
                            dilation=conv.dilation, padding=padding, stride=conv.stride)
         return patches.reshape(n, self.rows, -1)
+
+
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _conv_padding(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input padded as the conv pads it (for 'same', circular, reflect...), and the padding left."""
+    dims = conv.weight.dim() - 2
+    if conv.padding == "valid":
+        return x, (0,) * dims
+    if conv.padding != "same" and conv.padding_mode == "zeros":
+        return x, tuple(conv.padding)
+    pads = []                                  # F.pad order: last dimension first
+    for d in reversed(range(dims)):
+        if conv.padding == "same":
+            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [conv.padding[d]] * 2
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, pads, mode=mode), (0,) * dims
+
+
+def _conv_squared(conv: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Σ over rows and samples of the squared per-sample weight gradients of any Conv1d/2d/3d
+    (grouped, depthwise): the (row, sample) pairs are folded into the channels of one input, with
+    ``groups × pairs`` groups, so that one weight-gradient convolution gives every pair's gradient."""
+    x, padding = _conv_padding(conv, x)
+    weight_shape = conv.weight.shape
+    n_rows, n = delta.shape[:2]
+    pairs = delta.reshape(n_rows * n, *delta.shape[2:])                   # pair k = (row k // n, sample k % n)
+    per_pair = (conv.weight.numel() + x[0].numel() + pairs[0].numel()) * delta.element_size()
+    step = max(1, _CHUNK_BYTES // per_pair)
+    grad = _CONV_WEIGHT_GRAD[conv.weight.dim() - 2]
+    total = delta.new_zeros(weight_shape)
+    for lo in range(0, len(pairs), step):
+        chunk = pairs[lo:lo + step]
+        k = len(chunk)
+        inputs = x[torch.arange(lo, lo + k, device=x.device) % n]
+        g = grad(inputs.reshape(1, -1, *x.shape[2:]), (k * weight_shape[0], *weight_shape[1:]),
+                 chunk.reshape(1, -1, *chunk.shape[2:]), stride=conv.stride, padding=padding,
+                 dilation=conv.dilation, groups=k * conv.groups)
+        total += g.reshape(k, *weight_shape).square_().sum(0)
+    return total
