@@ -113,3 +113,13 @@ def test_channel_of_a_depthwise_conv_is_its_filter_and_of_a_grouped_conv_spans_i
     assert int((per_channel == 0).sum()) == 2                          # 2 of 4 input channels, whole
     assert torch.equal((depthwise.detach().flatten(1) == 0).all(1), (depthwise.detach().flatten(1) == 0).any(1))
     assert pruner.layer_sparsity()["1.weight"] == SPARSITY
+
+
+@pytest.mark.parametrize("z", zoo_params())
+def test_obd_mc_mode_on_every_zoo_model(z):
+    model = z.build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TiedWeightSkipped)
+        pruner = prune(model, SPARSITY, criterion={"name": "obd", "mode": "mc", "samples": 2}, scope="global",
+                       data=z.batches(1, batch=3))
+    _check(z, model, pruner, "weight", "global")
