@@ -23,7 +23,7 @@ def _prune(z, criterion, granularity, scope, layers=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TiedWeightSkipped)
         pruner = prune(model, SPARSITY, criterion=criterion, granularity=granularity, scope=scope,
-                       layers=layers, data=z.batches(1, batch=3))
+                       layers=layers, data=z.batches(1, batch=2))
     return model, pruner
 
 
@@ -74,14 +74,14 @@ def test_gpt2_lm_head_is_skipped_by_default_and_pruned_once_with_the_embedding_w
     model = z.build()
     embedding = model.transformer.wte.weight.detach().clone()
     with pytest.warns(TiedWeightSkipped, match="lm_head.weight is tied to an embedding"):
-        pruner = prune(model, SPARSITY, criterion="obd", data=z.batches(1, batch=3))
+        pruner = prune(model, SPARSITY, criterion="obd", data=z.batches(1, batch=2))
     assert "lm_head.weight" not in [t.name for t in pruner.targets]
     assert torch.equal(model.transformer.wte.weight, embedding)
     assert all(abs(s - SPARSITY) < 1e-3 for s in pruner.layer_sparsity().values())     # every Conv1D pruned
 
     for criterion in CRITERIA:
         model = z.build()
-        pruner = prune(model, SPARSITY, criterion=criterion, layers=["lm_head"], data=z.batches(1, batch=3))
+        pruner = prune(model, SPARSITY, criterion=criterion, layers=["lm_head"], data=z.batches(1, batch=2))
         assert [t.weight for t in pruner.targets] == [model.transformer.wte.weight]   # one tensor, once
         assert model.lm_head.weight is model.transformer.wte.weight
         assert abs(pruner.sparsity() - SPARSITY) < 1e-3
@@ -121,5 +121,5 @@ def test_obd_mc_mode_on_every_zoo_model(z):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TiedWeightSkipped)
         pruner = prune(model, SPARSITY, criterion={"name": "obd", "mode": "mc", "samples": 2}, scope="global",
-                       data=z.batches(1, batch=3))
+                       data=z.batches(1, batch=2))
     _check(z, model, pruner, "weight", "global")
