@@ -12,7 +12,7 @@ from prunelab.inputs import as_batch, logits_of
 from prunelab.pruning import prune
 from prunelab.pruning.granularity import make_granularity
 from prunelab.pruning.targets import TiedWeightSkipped
-from zoo import BY_NAME, zoo_params
+from zoo import zoo_params
 
 CRITERIA = ("magnitude", "random", "gradient", "obd")
 SPARSITY = 0.5

@@ -41,17 +41,19 @@ backward pass batched over the columns (``is_grads_batched``) from the logits to
 for a Linear layer on ``(N, in)`` inputs, whose square is ``δ² (x²)ᵀ``, hence
 ``h += Σ_c (δ_c²)ᵀ x²`` with no per-sample tensor. When the weight is shared over positions
 (Linear on ``(N, …, in)``, Conv2d via ``unfold`` patches ``U``), the per-sample gradient
-``Σ_p δ_p U_pᵀ`` is formed explicitly, a few MB at a time, and squared; for Conv1d/Conv3d and
-grouped/depthwise convs the (column, sample) pairs are folded into the channels of one input and
-one weight-gradient convolution with ``groups × pairs`` groups gives every pair's gradient. Cost: about C backward
-passes below the last layer, plus C per-sample weight gradients per layer (the δ's are held at
-once unless they pass 512 MB; then the backward is split over columns).
+``Σ_p δ_p U_pᵀ`` is formed explicitly, a few MB at a time, and squared; for Conv1d/Conv3d
+and grouped/depthwise convs the (column, sample) pairs are folded into the channels of one
+input and one weight-gradient convolution with ``groups × pairs`` groups gives every pair's
+gradient. Cost: about C backward passes below the last layer, plus C per-sample weight
+gradients per layer (the δ's are held at once unless they pass 512 MB; then the backward is
+split over columns).
 
-*Per-sample route* — every other weight: MultiheadAttention's ``in_proj_weight`` and ``out_proj``
-(used functionally), RNN weights (used at every time step), embeddings, a weight tied to another name or a module run more than once per forward. For
-each sample its own forward, then ``∂(a_{n,c}ᵀ f_n)/∂W`` for all columns at once
-(``is_grads_batched``, or one backward per column where torch cannot batch it) — the exact
-per-sample gradients, squared and summed. Cost: N forwards and N·C (batched) backwards per batch.
+*Per-sample route* — every other weight: MultiheadAttention's ``in_proj_weight`` and
+``out_proj`` (used functionally), RNN weights (used at every time step), embeddings, a weight
+tied to another name, a module run more than once per forward. For each sample its own
+forward, then ``∂(a_{n,c}ᵀ f_n)/∂W`` for all columns at once (``is_grads_batched``, or one
+backward per column where torch cannot batch it) — the exact per-sample gradients, squared and
+summed. Cost: N forwards and N·C (batched) backwards per batch.
 
 ``mode="exact"`` needs one column per class and counted position; above
 ``MAX_EXACT_CLASSES`` (4096) classes it refuses, after the first forward and before any backward,
