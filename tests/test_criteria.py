@@ -143,3 +143,59 @@ def test_make_regularizer_errors():
         make_regularizer("l1", -1.0)
     with pytest.raises(ValueError, match="granularity 'kernel' applies only to Conv"):
         make_regularizer("group-lasso", 0.1, granularity="kernel").bind(resolve_targets(nn.Linear(2, 2)))
+
+
+class _DictLM(nn.Module):
+    """Keyword inputs, a dict output with token logits (N, T, V) and an auxiliary class head."""
+
+    def __init__(self, vocab=6, d=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.decoder = nn.Linear(d, vocab)
+        self.aux = nn.Linear(d, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        return {"logits": self.decoder(h), "aux": self.aux(h.mean(1))}
+
+
+def _reference_gradient_score(model, loss):
+    model.zero_grad()
+    loss.backward()
+    score = (model.decoder.weight.detach() * model.decoder.weight.grad).abs()
+    model.zero_grad()
+    return score
+
+
+def test_gradient_criterion_on_dict_batches_token_logits_and_output_key():
+    torch.manual_seed(0)
+    model = _DictLM()
+    ids = torch.randint(0, 6, (4, 5))
+    labels = ids.clone()
+    labels[0, 2] = -100
+    # HF labels: position t predicts labels[t+1], -100 ignored
+    logits = model(ids)["logits"]
+    want = _reference_gradient_score(model, nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 6), labels[:, 1:].reshape(-1), ignore_index=-100))
+    criterion = GradientMagnitude()
+    pruner = Pruner(model, 0.5, criterion=criterion, layers=["decoder"])
+    pruner.calibrate([{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}])
+    torch.testing.assert_close(criterion.scores(pruner.targets)[0], want)
+
+    # token ids alone: the next token of the input is the target
+    want = _reference_gradient_score(model, nn.functional.cross_entropy(
+        model(ids)["logits"][:, :-1].reshape(-1, 6), ids[:, 1:].reshape(-1)))
+    criterion.reset()
+    pruner.calibrate([{"input_ids": ids}])
+    torch.testing.assert_close(criterion.scores(pruner.targets)[0], want)
+
+    # output_key names the entry the inferred loss reads; a user loss_fn gets the whole output
+    y = torch.tensor([0, 1, 1, 0])
+    aux = Pruner(model, 0.5, criterion="gradient", layers=["aux"], output_key="aux")
+    aux.calibrate([({"input_ids": ids}, y)])
+    model.zero_grad()
+    nn.functional.cross_entropy(model(ids)["aux"], y).backward()
+    torch.testing.assert_close(aux.criterion.scores(aux.targets)[0], (model.aux.weight * model.aux.weight.grad).abs())
+    user = prune(_DictLM(), 0.5, criterion="gradient", layers=["aux"], data=[({"input_ids": ids}, y)],
+                 loss_fn=lambda out, target: nn.functional.cross_entropy(out["aux"], target))
+    assert user.layer_sparsity()["aux.weight"] == 0.5

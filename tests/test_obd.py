@@ -269,24 +269,19 @@ def test_scoring_without_calibration_is_a_clear_error():
         Pruner(model, 0.5, criterion="obd").update()
 
 
-def test_unsupported_layers_are_named():
-    torch.manual_seed(0)
-    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"'0.weight', a Conv2d with groups=2.*nn.Linear and nn.Conv2d"):
-        prune(grouped, 0.5, criterion="obd", data=(torch.randn(4, 2, 3, 3), torch.zeros(4, dtype=torch.long)))
-
-    class Recurrent(nn.Module):
+def test_a_target_the_output_does_not_use_is_named():
+    class Unused(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm = nn.LSTM(3, 4, batch_first=True)
-            self.head = nn.Linear(4, 3)
+            self.fc = nn.Linear(3, 3)
+            self.lstm = nn.LSTM(3, 3)
 
         def forward(self, x):
-            return self.head(self.lstm(x)[0][:, -1])
+            return self.fc(x)
 
-    data = (torch.randn(4, 5, 3), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"'lstm.weight_ih_l0' \(LSTM.weight_ih_l0\).*nn.Linear"):
-        prune(Recurrent(), 0.5, criterion="obd", data=data, layers=["lstm"])
+    data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"does not depend on 'lstm.weight_ih_l0'"):
+        prune(Unused(), 0.5, criterion="obd", data=data, layers=["fc", "lstm"])
 
 
 @pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.CrossEntropyLoss(label_smoothing=0.1),
@@ -306,7 +301,7 @@ def test_cross_entropy_loss_module_with_defaults_is_accepted():
     assert all(torch.equal(a, b) for a, b in zip(criterion.hessian_diagonal(), reference.hessian_diagonal()))
 
 
-def test_a_layer_run_twice_or_never_is_refused():
+def test_a_layer_run_twice_takes_the_per_sample_route_and_stays_exact():
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -314,13 +309,18 @@ def test_a_layer_run_twice_or_never_is_refused():
             self.unused = nn.Linear(3, 3)
 
         def forward(self, x):
-            return self.fc(torch.relu(self.fc(x)))
+            return self.fc(torch.tanh(self.fc(x)))
 
-    data = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="'fc' ran 2 times"):
-        prune(Twice(), 0.5, criterion="obd", data=data, layers=["fc"])
-    with pytest.raises(ValueError, match="'unused' ran 0 times"):
-        prune(Twice(), 0.5, criterion="obd", data=data, layers=["unused"])
+    torch.manual_seed(0)
+    model = Twice().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    targets = resolve_targets(model, ["fc"])
+    criterion = OBD()
+    criterion.calibrate(model, targets, [x], None)
+    torch.testing.assert_close(criterion.hessian_diagonal()[0], brute_ggn_diagonal(model, x, targets)[0])
+    with pytest.raises(ValueError, match="does not depend on 'unused.weight'"):
+        prune(Twice(), 0.5, criterion="obd", data=(x.float(), torch.zeros(5, dtype=torch.long)),
+              layers=["unused"])
 
 
 def test_bad_options_are_refused():
@@ -370,3 +370,247 @@ def test_non_finite_logits_are_refused():
         model[2].bias[0] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         prune(model, 0.5, criterion="obd", data=(x, y))
+
+
+# ------------------------------------- every target kind, class and token logits
+def brute_ggn_general(model, batches, names):
+    """(1/M) Σ over counted outputs (n, t) of diag(J_{n,t}ᵀ (diag p − p pᵀ) J_{n,t}), with J from
+    ``jacobian`` of the sample's own forward; ``batches``: [(inputs, counted (N,) or (N, T))]."""
+    model.eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    shapes = [params[k].shape for k in names]
+    total = [torch.zeros(s.numel(), dtype=torch.float64) for s in shapes]
+    count = 0
+    for x, counted in batches:
+        for n in range(len(x)):
+            def logits(*ws, n=n):
+                out = functional_call(model, {**params, **dict(zip(names, ws))}, (x[n:n + 1],))
+                return out[0].reshape(-1, out.shape[-1])                  # (positions, classes)
+            jac = torch.autograd.functional.jacobian(logits, tuple(params[k] for k in names))
+            p = logits(*(params[k] for k in names)).softmax(-1)
+            for pos in torch.nonzero(counted[n].reshape(-1)).flatten().tolist():
+                h = torch.diag(p[pos]) - torch.outer(p[pos], p[pos])
+                count += 1
+                for acc, j in zip(total, jac):
+                    j = j[pos].reshape(p.shape[1], -1)
+                    acc += torch.einsum("ip,ij,jp->p", j, h, j)
+    return [(acc / count).reshape(s) for acc, s in zip(total, shapes)]
+
+
+class TokenLM(nn.Module):
+    """Embedding, a Linear over positions, a causal mix of positions and a decoder: (N, T, V)."""
+
+    def __init__(self, vocab=7, d=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.hidden = nn.Linear(d, d)
+        self.decoder = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.hidden(self.embed(tokens)))
+        return self.decoder(h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None])
+
+
+class AttentionNet(nn.Module):
+    def __init__(self, vocab=7, d=4, n_classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, n_classes)
+
+    def forward(self, tokens):
+        e = self.embed(tokens)
+        return self.head(self.attn(e, e, e, need_weights=False)[0].mean(1))
+
+
+class RecurrentNet(nn.Module):
+    def __init__(self, cell=nn.LSTM):
+        super().__init__()
+        self.rnn = cell(3, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D as GPT-2 uses it: weight (in, out), z = x W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def _tokens(n=4, t=5, vocab=7, seed=1):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _obd_diagonal(model, names, batches, **options):
+    criterion = OBD(**options)
+    targets = resolve_targets(model, names)
+    criterion.calibrate(model, targets, batches, None)
+    return criterion, targets
+
+
+def _next_token(tokens):
+    counted = torch.ones_like(tokens, dtype=torch.bool)
+    counted[:, -1] = False
+    return counted
+
+
+def test_token_logits_next_token_sum_over_counted_positions_equals_brute_force():
+    torch.manual_seed(0)
+    model = TokenLM().double()
+    tokens = _tokens()
+    names = ["embed.weight", "hidden.weight", "decoder.weight"]
+    criterion, targets = _obd_diagonal(model, names, [tokens[:3], tokens[3:]])
+    assert criterion.n_samples == 4 * 4                      # positions counted: the last predicts nothing
+    want = brute_ggn_general(model, [(tokens, _next_token(tokens))], names)
+    for got, ref in zip(criterion.hessian_diagonal(), want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
+
+
+def test_token_targets_with_ignore_index_and_hf_labels_drop_their_positions():
+    torch.manual_seed(0)
+    model = TokenLM().double()
+    tokens = _tokens()
+    targets = tokens.clone()
+    targets[0, 1:3] = -100
+    targets[2, 4] = -100
+    names = ["hidden.weight", "decoder.weight"]
+    aligned, _ = _obd_diagonal(model, names, [(tokens, targets)])
+    want = brute_ggn_general(model, [(tokens, targets != -100)], names)
+    for got, ref in zip(aligned.hessian_diagonal(), want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
+
+    class Keyword(TokenLM):
+        def forward(self, input_ids, attention_mask=None):
+            return {"logits": super().forward(input_ids)}
+
+    keyword = Keyword().double()
+    keyword.load_state_dict(model.state_dict())
+    hf, _ = _obd_diagonal(keyword, names, [{"input_ids": tokens, "labels": targets}])
+    shifted = torch.zeros_like(tokens, dtype=torch.bool)
+    shifted[:, :-1] = targets[:, 1:] != -100                 # HF labels: position t predicts label t+1
+    want = brute_ggn_general(model, [(tokens, shifted)], names)
+    assert hf.n_samples == int(shifted.sum())
+    for got, ref in zip(hf.hessian_diagonal(), want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
+
+
+def test_multihead_attention_in_proj_and_out_proj_equal_brute_force():
+    torch.manual_seed(0)
+    model = AttentionNet().double()
+    tokens = _tokens()
+    names = ["attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]
+    criterion, _ = _obd_diagonal(model, names, [tokens])
+    want = brute_ggn_general(model, [(tokens, torch.ones(4, dtype=torch.bool))], names)
+    for got, ref in zip(criterion.hessian_diagonal(), want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_recurrent_weights_equal_brute_force(cell):
+    torch.manual_seed(0)
+    model = RecurrentNet(cell).double()
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    names = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "head.weight"]
+    criterion, _ = _obd_diagonal(model, names, [x])
+    want = brute_ggn_general(model, [(x, torch.ones(3, dtype=torch.bool))], names)
+    for got, ref in zip(criterion.hessian_diagonal(), want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["grouped", "depthwise", "conv1d", "conv3d", "hf-conv1d", "padded-grouped",
+                                  "padded-conv1d"])
+def test_grouped_convs_other_convs_and_hf_conv1d_equal_brute_force(name):
+    torch.manual_seed(0)
+    if name == "padded-grouped":       # strided, dilated, circular 'same'-style padding, depthwise multiplier 2
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, groups=2, padding_mode="circular"),
+                              nn.Tanh(), nn.Conv2d(4, 4, (2, 3), padding="same", groups=4), nn.Flatten(),
+                              nn.Linear(36, 3))
+        x = torch.randn(4, 2, 5, 5)
+    elif name == "padded-conv1d":
+        model = nn.Sequential(nn.Conv1d(2, 4, 4, padding="same", padding_mode="reflect", groups=2), nn.Tanh(),
+                              nn.Flatten(), nn.Linear(24, 3))
+        x = torch.randn(4, 2, 6)
+    elif name == "hf-conv1d":
+        model, x = nn.Sequential(Conv1D(4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)), torch.randn(4, 2, 3)
+    elif name == "conv1d":
+        model, x = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)), torch.randn(4, 2, 5)
+    elif name == "conv3d":
+        model, x = (nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
+                    torch.randn(4, 1, 3, 3, 3))
+    else:
+        groups, cout = (2, 4) if name == "grouped" else (4, 8)
+        model = nn.Sequential(nn.Conv2d(4, cout, 2, groups=groups), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(cout * 4, 3))
+        x = torch.randn(4, 4, 3, 3)
+    model, x = model.double(), x.double()
+    names = [n for n, p in model.named_parameters() if n.endswith("weight")]
+    criterion, targets = _obd_diagonal(model, names, [x])
+    routes = obd_module._fast_routes(model, targets)
+    assert routes[0] == ("transposed" if name == "hf-conv1d" else "conv")
+    want = brute_ggn_general(model, [(x, torch.ones(4, dtype=torch.bool))], names)
+    for got, ref in zip(criterion.hessian_diagonal(), want):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
+
+
+def test_tied_embedding_and_decoder_are_scored_once_with_both_uses():
+    torch.manual_seed(0)
+    model = TokenLM(vocab=7, d=4).double()
+    model.decoder.weight = model.embed.weight                # (7, 4) both: tied as GPT-2's lm_head
+    tokens = _tokens()
+    criterion, targets = _obd_diagonal(model, ["decoder", "embed"], [tokens])
+    assert [t.name for t in targets] == ["embed.weight"]
+    want = brute_ggn_general(model, [(tokens, _next_token(tokens))], ["embed.weight"])
+    torch.testing.assert_close(criterion.hessian_diagonal()[0], want[0], rtol=1e-9, atol=1e-14)
+
+
+def test_mc_mode_on_token_logits_is_unbiased_within_five_standard_errors():
+    torch.manual_seed(0)
+    model = TokenLM().double()
+    tokens = _tokens()
+    names = ["hidden.weight", "decoder.weight"]
+    exact, _ = _obd_diagonal(model, names, [tokens])
+    draws = 400
+    estimates = [torch.cat([h.flatten() for h in _obd_diagonal(model, names, [tokens], mode="mc",
+                                                                 seed=s)[0].hessian_diagonal()])
+                 for s in range(draws)]
+    estimates = torch.stack(estimates)
+    mean, se = estimates.mean(0), estimates.std(0) / draws ** 0.5
+    want = torch.cat([h.flatten() for h in exact.hessian_diagonal()])
+    assert torch.all((mean - want).abs() <= 5 * se + 1e-12)
+
+
+def test_exact_mode_refuses_a_large_vocabulary_and_suggests_mc(monkeypatch):
+    monkeypatch.setattr(obd_module, "MAX_EXACT_CLASSES", 6)
+    torch.manual_seed(0)
+    model = TokenLM(vocab=7)
+    with pytest.raises(ValueError, match=r"7 classes, over the bound of 6.*mode='mc'"):
+        prune(model, 0.5, criterion="obd", data=[_tokens()])
+    pruner = prune(model, 0.5, criterion={"name": "obd", "mode": "mc"}, data=[_tokens()])
+    assert abs(pruner.sparsity() - 0.5) < 0.05
+
+
+def test_output_key_and_model_outputs_reach_obd():
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"logits": self.a(x), "aux": self.b(x)}
+
+    x = torch.randn(6, 4)
+    pruner = prune(TwoHeads(), 0.5, criterion="obd", data=[x], layers=["b"], output_key="aux")
+    assert abs(pruner.sparsity() - 0.5) < 1e-9
+    with pytest.raises(ValueError, match="does not depend on 'b.weight'"):
+        prune(TwoHeads(), 0.5, criterion="obd", data=[x], layers=["b"])

@@ -147,7 +147,7 @@ def test_named_lstm_and_embedding_weights_unstructured():
     assert names == ["embedding.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "head.weight"]
     assert all(s == pytest.approx(0.9, abs=1e-2) for s in pruner.layer_sparsity().values())
     assert torch.all(net.lstm.bias_ih_l0 != 0)
-    with pytest.raises(ValueError, match="granularity 'filter' applies only to Linear.*'embedding.weight'"):
+    with pytest.raises(ValueError, match="granularity 'filter' does not apply to 'embedding.weight'.*Embedding"):
         Pruner(Net(), 0.5, granularity="filter", layers=["embedding"])
     # an LSTM's gate rows are units: filter pruning removes whole rows and their input bias
     net = Net()
@@ -155,3 +155,29 @@ def test_named_lstm_and_embedding_weights_unstructured():
     dead = net.lstm.weight_ih_l0.eq(0).all(dim=1)
     assert int(dead.sum()) == 32
     assert torch.all(net.lstm.bias_ih_l0[dead] == 0) and torch.all(net.lstm.bias_ih_l0[~dead] != 0)
+
+
+def test_filter_granularity_on_attention_weights_prunes_rows_with_their_in_proj_bias_entries():
+    torch.manual_seed(0)
+    packed = nn.MultiheadAttention(4, 2)
+    split = nn.MultiheadAttention(4, 2, kdim=3, vdim=5)           # separate q/k/v_proj_weight
+    for mha in (packed, split):
+        with torch.no_grad():
+            mha.in_proj_bias.uniform_(0.5, 1.0)                     # torch starts it at zero
+        prune(mha, 0.5, granularity="filter", layers=[n for n, _ in mha.named_parameters()
+                                                      if n.endswith("proj_weight")])
+    rows = (packed.in_proj_weight == 0).all(1)                      # (12,) q, k, v rows
+    assert int(rows.sum()) == 6
+    assert torch.equal(packed.in_proj_bias == 0, rows)
+    dead = torch.cat([(getattr(split, f"{k}_proj_weight") == 0).all(1) for k in "qkv"])
+    assert int(dead.sum()) == 6
+    assert torch.equal(split.in_proj_bias == 0, dead)
+    state = Pruner(split, 0.5, granularity="filter", layers=["q_proj_weight", "k_proj_weight", "v_proj_weight"])
+    state.prune_to(0.5)
+    fresh = nn.MultiheadAttention(4, 2, kdim=3, vdim=5)
+    restored = Pruner(fresh, 0.5, granularity="filter", layers=["q_proj_weight", "k_proj_weight", "v_proj_weight"])
+    restored.load_state_dict(state.state_dict())
+    with torch.no_grad():
+        fresh.in_proj_bias.fill_(1.0)
+    restored.apply_masks()
+    assert torch.equal(fresh.in_proj_bias == 0, split.in_proj_bias == 0)

@@ -145,7 +145,10 @@ class GradientMagnitude(Criterion):
         self._count += 1
 
     def calibrate(self, model, targets, batches, loss_fn) -> None:
-        """Observe ``dL/dw`` of each calibration batch (model in eval mode, ``.grad`` untouched)."""
+        """Observe ``dL/dw`` of each calibration batch (model in eval mode, ``.grad`` untouched).
+        Batches in any form :mod:`prunelab.inputs` reads (tensors, tuples, dicts of keyword inputs),
+        any output (tensor, tuple, dict, ``ModelOutput``); the loss is the user's ``loss_fn`` or the
+        cross-entropy inferred from the logits' shape (classes, or tokens with next-token targets)."""
         batches, loss_fn = self._calibration(batches, loss_fn)
         params = [t.weight for t in targets]
         saved = [p.grad for p in params]

@@ -23,33 +23,60 @@ back-propagated vectors by factorising the output Hessian is the idea behind
 the "exact GGN diagonal" of curvature libraries (Dangel, Kunstner & Hennig 2020,
 BackPACK, and Martens & Grosse 2015 for the K-FAC form); the code here is our own.
 
-How it is computed (``mode="exact"``): forward hooks keep each target layer's
-input ``x`` and pre-activation ``z = W x + b``; one forward pass; one backward
-pass batched over the C columns (``is_grads_batched``) from the logits to the
-``z``'s gives ``δ_{c,n} = ∂(a_{n,c}ᵀ f_n)/∂z``. The gradient of that scalar with
-respect to ``W`` is ``δ xᵀ`` for a Linear layer on ``(N, in)`` inputs, whose square
-is ``δ² (x²)ᵀ``, hence ``h += Σ_c (δ_c²)ᵀ x²`` with no per-sample tensor. When
-the weight is shared over positions (Linear on ``(N, …, in)``, Conv2d via
-``unfold`` patches ``U``), the per-sample gradient ``Σ_p δ_p U_pᵀ`` is formed
-explicitly, a few MB at a time, and squared. Cost: about C backward passes
-below the last layer, plus C per-sample weight gradients per layer (the δ's are
-held at once unless they pass 512 MB; then the backward is split over classes).
+Token logits ``(N, T, V)``: the loss is the mean cross-entropy over the positions that count
+(under next-token prediction the last position predicts nothing; targets equal to ignore_index
+drop out), so ``G = (1/M) Σ_{(n,t) counted} J_{n,t}ᵀ H_{n,t} J_{n,t}`` over the M counted
+positions, and each (position, class) pair is one column ``a_{n,t,c}``: the output at position
+t depends on the inputs at every position, so the columns of different positions are squared
+separately. The labels' values never enter (the GGN of cross-entropy does not depend on them),
+only which positions count.
+
+How it is computed (``mode="exact"``), two routes:
+
+*Fast route* — the weight of a module that computes ``z = W x + b`` in its own forward, once
+(``nn.Linear``, Hugging Face ``Conv1D`` with ``W`` stored ``(in, out)``, ``nn.Conv1d/2d/3d``
+including grouped and depthwise): forward hooks keep the input ``x`` and pre-activation ``z``; one forward pass; one
+backward pass batched over the columns (``is_grads_batched``) from the logits to the ``z``'s gives
+``δ_{c,n} = ∂(a_{n,c}ᵀ f_n)/∂z``. The gradient of that scalar with respect to ``W`` is ``δ xᵀ``
+for a Linear layer on ``(N, in)`` inputs, whose square is ``δ² (x²)ᵀ``, hence
+``h += Σ_c (δ_c²)ᵀ x²`` with no per-sample tensor. When the weight is shared over positions
+(Linear on ``(N, …, in)``, Conv2d via ``unfold`` patches ``U``), the per-sample gradient
+``Σ_p δ_p U_pᵀ`` is formed explicitly, a few MB at a time, and squared; for Conv1d/Conv3d
+and grouped/depthwise convs the (column, sample) pairs are folded into the channels of one
+input and one weight-gradient convolution with ``groups × pairs`` groups gives every pair's
+gradient. Cost: about C backward passes below the last layer, plus C per-sample weight
+gradients per layer (the δ's are held at once unless they pass 512 MB; then the backward is
+split over columns).
+
+*Per-sample route* — every other weight: MultiheadAttention's ``in_proj_weight`` and
+``out_proj`` (used functionally), RNN weights (used at every time step), embeddings, a weight
+tied to another name, a module run more than once per forward. For each sample its own
+forward, then ``∂(a_{n,c}ᵀ f_n)/∂W`` for all columns at once (``is_grads_batched``, or one
+backward per column where torch cannot batch it) — the exact per-sample gradients, squared and
+summed. Cost: N forwards and N·C (batched) backwards per batch.
+
+``mode="exact"`` needs one column per class and counted position; above
+``MAX_EXACT_CLASSES`` (4096) classes it refuses, after the first forward and before any backward,
+and suggests ``mode="mc"``.
 
 ``mode="mc"`` replaces the C columns by ``samples`` draws ``y ~ softmax(f_n)``
 (seeded): the gradient of ``CE(f_n, y)`` with respect to ``f_n`` is ``g = p_n − e_y``
 and ``E_y[g gᵀ] = diag(p_n) − p_n p_nᵀ = H_n``, so ``(1/S) Σ_s (J_nᵀ g_s)²`` is an
 unbiased estimate of the same diagonal; its backward and per-sample gradients
-cost S instead of C passes (worth it when C is large or time is short).
+cost S instead of C passes (worth it when C is large or time is short). For token logits a label is drawn at every
+counted position and one backward covers all positions of a sample: ``v = Σ_t J_tᵀ g_t`` has
+``E[v vᵀ] = Σ_t J_tᵀ H_t J_t`` because the cross terms vanish (``E[g_t] = 0``, independent draws),
+so S rows per batch suffice whatever T and V are.
 
-Scope and assumptions. The GGN is defined here for the mean softmax
-cross-entropy of the model's logits ``(N, C)``: ``loss_fn`` must be
-``torch.nn.functional.cross_entropy`` or an ``nn.CrossEntropyLoss()`` with default
-arguments (labels are not used: the GGN of cross-entropy does not depend on
-them). Targets must be the weights of ``nn.Linear`` or ``nn.Conv2d`` (groups=1),
-each module run exactly once per forward, with the sample dimension first.
-The model runs in eval mode (modes restored afterwards); weights and ``.grad``
-are left untouched. OBD assumes the net sits at a minimum of the training
-loss (the first-order term is dropped): prune after training has
+Scope and assumptions. The GGN is defined here for the mean softmax cross-entropy of the
+model's logits — ``(N, C)`` classes or ``(N, T, V)`` tokens, read from a tensor, tuple, dict or
+Hugging Face ``ModelOutput`` (``output_key`` names another entry): ``loss_fn`` must be None (the
+loss inferred from the shapes, see :mod:`prunelab.inputs`), ``torch.nn.functional.cross_entropy``
+or an ``nn.CrossEntropyLoss()`` with default arguments. Samples come first in every input and in
+the output, and a sample's output does not depend on the other samples (eval mode). The model
+runs in eval mode (modes restored afterwards); weights, ``requires_grad`` and ``.grad`` are left
+untouched. A target the logits do not depend on is refused by name. OBD assumes the net sits at a
+minimum of the training loss (the first-order term is dropped): prune after training has
 (re)converged; an iterative Pruner recomputes ``G`` before every prune.
 """
 
@@ -63,18 +90,24 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab._validation import check_choice, check_number
+from prunelab.inputs import IGNORE_INDEX, Batch, Loss, is_cross_entropy, token_ids
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.targets import Target
+from prunelab.pruning.targets import CONV_TYPES, Target
 
 _CHUNK_BYTES = 4 * 2**20     # per-sample gradients formed at once: cache-sized is fastest
 _DELTA_BYTES = 512 * 2**20   # back-propagated vectors δ held at once (else the backward is split)
+_PER_SAMPLE_BYTES = 64 * 2**20   # per-sample weight gradients held at once on the per-sample route
+#: mode="exact" back-propagates one column per class (and counted position); above this many
+#: classes it refuses and suggests mode="mc".
+MAX_EXACT_CLASSES = 4096
 _WHERE = "obd criterion"
 
 
 @CRITERIA.register("obd")
 class OBD(Criterion):
     """Optimal Brain Damage: score ``½ · h_ww · w²`` with ``h`` the GGN diagonal of
-    the mean cross-entropy over the calibration data (see the module docstring).
+    the mean cross-entropy over the calibration data (over samples for class logits, over
+    counted positions for token logits; see the module docstring).
 
     ``mode``: ``"exact"`` (C back-propagated columns per sample) or ``"mc"``
     (``samples`` sampled labels per sample, seeded by ``seed``; an unbiased estimate).
@@ -96,15 +129,14 @@ class OBD(Criterion):
     # ------------------------------------------------------------ interface
     def calibrate(self, model: nn.Module, targets: Sequence[Target], batches: list,
                   loss_fn: Callable) -> None:
-        """Add the GGN diagonal of every batch ``(x, y)`` to the running sums."""
+        """Add the GGN diagonal of every batch to the running sums."""
         batches, loss = self._calibration(batches, loss_fn)
         _check_loss(loss.user)
-        for target in targets:
-            _check_target(target)
         names = [t.name for t in targets]
         if self._sums is not None and names != self._names:
             raise ValueError(f"{_WHERE}: calibrated on {self._names} before, now given {names}; "
                              f"call reset() first.")
+        fast = _fast_routes(model, targets)
         sums = ([s.clone() for s in self._sums] if self._sums is not None else
                 [torch.zeros_like(t.weight, dtype=torch.float64) for t in targets])
         count = self._count
@@ -113,7 +145,7 @@ class OBD(Criterion):
         try:
             with torch.enable_grad():
                 for batch in batches:
-                    count += self._add_batch(model, targets, batch, sums)
+                    count += self._add_batch(model, targets, fast, batch, sums, loss)
         finally:
             for module, training in modes:
                 module.training = training
@@ -151,110 +183,268 @@ class OBD(Criterion):
         return f"OBD(mode='mc', samples={self.samples}, seed={self.seed})"
 
     # ------------------------------------------------------------ one batch
-    def _add_batch(self, model: nn.Module, targets: Sequence[Target], batch,
-                   sums: list[torch.Tensor]) -> int:
-        """One forward, the batched backward to every ``z``, squared gradients into ``sums``."""
-        seen: list[list[tuple[torch.Tensor, int, torch.Tensor]]] = [[] for _ in targets]
-
-        def keeper(i: int):
-            def hook(module, args, kwargs, z):
-                x_in = args[0] if args else kwargs["input"]
-                if not z.requires_grad:           # frozen weights: make z a leaf to differentiate to
-                    z = z.detach().requires_grad_()
-                seen[i].append((x_in.detach(), x_in._version, z))
-                return z.clone()                  # an in-place op after the layer must not overwrite z
-            return hook
-
-        handles = [t.module.register_forward_hook(keeper(i), with_kwargs=True)
-                   for i, t in enumerate(targets)]
+    def _add_batch(self, model: nn.Module, targets: Sequence[Target], fast: list[str | None], batch: Batch,
+                   sums: list[torch.Tensor], loss: Loss) -> int:
+        """One forward; the batched backward to every hooked ``z`` (fast routes) and the per-sample
+        route for the rest; squared gradients into ``sums``. Returns the positions counted."""
+        seen: list[list] = [[] for _ in targets]
+        handles = [t.module.register_forward_hook(_keeper(seen[i]), with_kwargs=True)
+                   for i, t in enumerate(targets) if fast[i]]
         try:
-            logits = batch.call(model)
+            with torch.set_grad_enabled(bool(handles)):
+                logits = loss.logits(batch.call(model))
         finally:
             for handle in handles:
                 handle.remove()
-        n = _check_forward(targets, seen, logits)
-        inputs = [records[0][0] for records in seen]
-        zs = [records[0][2] for records in seen]
-
-        p = logits.detach().softmax(dim=1)
-        if self.mode == "exact":
-            # row c of the batch holds a_{n,c}, column c of A_n: √p_c (e_c − p_n)
-            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-            grad_outputs = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])
-        else:
-            labels = torch.multinomial(p.cpu().float(), self.samples, replacement=True,
-                                       generator=self._generator).T.to(p.device)   # (S, N)
-            one_hot = F.one_hot(labels, p.shape[1]).to(p.dtype)
-            grad_outputs = (p[None] - one_hot) / math.sqrt(self.samples)
-
-        rows = grad_outputs.shape[0]
-        per_row = sum(z.numel() for z in zs) * zs[0].element_size()
-        step = max(1, _DELTA_BYTES // max(per_row, 1))
-        for start in range(0, rows, step):
-            deltas = torch.autograd.grad(logits, zs, grad_outputs[start:start + step],
-                                         retain_graph=start + step < rows, is_grads_batched=True,
-                                         allow_unused=True)
-            for target, x_in, delta, h in zip(targets, inputs, deltas, sums):
-                if delta is not None:           # None: this layer does not reach the logits
-                    h += _squared_gradients(target.module, x_in, delta).to(h.dtype)
-        return n
+        _check_logits(logits, self.mode)
+        counted = _counted(logits, batch)
+        rows = _Rows(logits.detach().softmax(dim=-1), counted, self)
+        hooked = [_hooked(route, records, logits.shape[0]) if route else None
+                  for route, records in zip(fast, seen)]
+        chosen = [i for i, h in enumerate(hooked) if h is not None]
+        if chosen:
+            _fast_pass(logits, [fast[i] for i in chosen], [targets[i] for i in chosen],
+                       [hooked[i] for i in chosen], [sums[i] for i in chosen], rows)
+        rest = [i for i, h in enumerate(hooked) if h is None]
+        if rest:
+            _per_sample_pass(model, batch, [targets[i] for i in rest], [sums[i] for i in rest], rows, loss)
+        return int(counted.sum())
 
 
 # ------------------------------------------------------------------ checks
 def _check_loss(loss_fn: Callable | None) -> None:
-    if loss_fn is None or loss_fn is F.cross_entropy:
-        return
-    if (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None
-            and loss_fn.ignore_index == -100 and loss_fn.reduction == "mean"
-            and loss_fn.label_smoothing == 0.0):
+    if is_cross_entropy(loss_fn):
         return
     raise ValueError(
-        f"the 'loss_fn' parameter of {_WHERE} must be torch.nn.functional.cross_entropy or "
-        f"nn.CrossEntropyLoss() with default arguments: OBD's Gauss-Newton Hessian is defined "
-        f"here for the mean softmax cross-entropy of the model's logits. Got {loss_fn!r} instead.")
+        f"the 'loss_fn' parameter of {_WHERE} must be None (the loss inferred from the output's shape), "
+        f"torch.nn.functional.cross_entropy or nn.CrossEntropyLoss() with default arguments: OBD's "
+        f"Gauss-Newton Hessian is defined here for the mean softmax cross-entropy of the model's logits. "
+        f"Got {loss_fn!r} instead.")
 
 
-def _check_target(target: Target) -> None:
-    module = target.module
-    supported = "OBD supports the weights of nn.Linear and nn.Conv2d (groups=1)"
-    if target.param_name != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise ValueError(f"{_WHERE}: cannot score {target.name!r} ({type(module).__name__}."
-                         f"{target.param_name}); {supported}.")
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise ValueError(f"{_WHERE}: cannot score {target.name!r}, a Conv2d with groups="
-                         f"{module.groups}; {supported}.")
-
-
-def _check_forward(targets, seen, logits) -> int:
-    """Every target ran once on a batch with the samples first; return the sample count."""
-    for target, records in zip(targets, seen):
-        if len(records) != 1:
-            raise ValueError(
-                f"{_WHERE}: layer {target.module_name!r} ran {len(records)} times in one forward "
-                f"pass; OBD needs every pruned layer to run exactly once per forward.")
-    if not torch.is_tensor(logits) or logits.dim() != 2:
-        shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
-        raise ValueError(f"{_WHERE}: the model must return logits of shape (N, n_classes); "
-                         f"got {shape}.")
+def _check_logits(logits: torch.Tensor, mode: str) -> None:
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{_WHERE}: the model's logits have shape {tuple(logits.shape)}; OBD's Gauss-Newton "
+                         f"diagonal is defined for class logits (N, classes) and token logits "
+                         f"(N, tokens, vocabulary). Name another output entry with output_key=.")
+    if mode == "exact" and logits.shape[-1] > MAX_EXACT_CLASSES:
+        raise ValueError(f"{_WHERE}: mode='exact' back-propagates one column per class and counted position, "
+                         f"and the model has {logits.shape[-1]} classes, over the bound of {MAX_EXACT_CLASSES} "
+                         f"(obd.MAX_EXACT_CLASSES); use mode='mc' (an unbiased estimate at 'samples' backward "
+                         f"passes per batch).")
     if not torch.isfinite(logits).all():
         raise ValueError(f"{_WHERE}: the model's logits are not finite (nan or inf); "
                          f"OBD needs a model whose softmax is defined.")
-    n = logits.shape[0]
-    for target, ((x_in, version, _),) in zip(targets, seen):
-        if x_in._version != version:
-            raise ValueError(f"{_WHERE}: the input of layer {target.module_name!r} was modified in "
-                             f"place after the layer ran; OBD needs it unchanged.")
-        if x_in.dim() < 2 or x_in.shape[0] != n or (isinstance(target.module, nn.Conv2d) and x_in.dim() != 4):
-            raise ValueError(f"{_WHERE}: layer {target.module_name!r} got input of shape "
-                             f"{tuple(x_in.shape)} for {n} samples; OBD needs the samples first "
-                             f"((N, …, in) for Linear, (N, C, H, W) for Conv2d).")
-    return n
 
+
+def _counted(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Which outputs the mean cross-entropy counts: (N,) for class logits, (N, T) for tokens (under
+    next-token prediction the last position predicts nothing; targets equal to ignore_index drop out).
+    The GGN of cross-entropy does not depend on the labels' values, only on which positions count."""
+    n = logits.shape[0]
+    targets = batch.targets
+    if logits.dim() == 2:
+        if targets is not None and targets.shape == (n,):
+            return (targets != IGNORE_INDEX).to(logits.device)
+        return torch.ones(n, dtype=torch.bool, device=logits.device)
+    t = logits.shape[1]
+    if targets is not None and not batch.hf_labels:
+        if targets.shape != (n, t):
+            raise ValueError(f"{_WHERE}: token logits {tuple(logits.shape)} need targets of shape ({n}, {t}); "
+                             f"got {tuple(targets.shape)}.")
+        return (targets != IGNORE_INDEX).to(logits.device)
+    ids = targets if targets is not None else token_ids(batch)
+    counted = torch.zeros(n, t, dtype=torch.bool, device=logits.device)
+    if ids is not None and ids.shape == (n, t):
+        counted[:, :-1] = (ids[:, 1:] != IGNORE_INDEX).to(logits.device)
+    else:
+        counted[:, :-1] = True
+    return counted
+
+
+# ------------------------------------------------------- rows a_{n,c}
+class _Rows:
+    """The vectors back-propagated from the logits, in chunks ``(r, *logits.shape)``.
+
+    ``exact``: one row per (counted position t, class c) holding ``a_{n,t,c} = √p_c (e_c − p)`` at
+    position t of every sample (zero elsewhere, and zero for samples where t does not count);
+    ``mc``: ``samples`` rows holding ``(p − e_y)/√S`` at every counted position, ``y ~ p`` drawn
+    per position (the cross terms between positions vanish in expectation: still unbiased)."""
+
+    def __init__(self, p: torch.Tensor, counted: torch.Tensor, obd: "OBD | None", drawn=None):
+        self.shape = p.shape
+        self.p = p.reshape(p.shape[0], -1, p.shape[-1])                     # (N, T, C); T = 1 for classes
+        self.counted = counted.reshape(p.shape[0], -1)
+        self.mode = obd.mode if obd is not None else "mc"
+        if self.mode == "mc":
+            self.drawn = drawn if drawn is not None else self._draw(obd)
+            self.n = self.drawn.shape[0]
+        else:
+            self.positions = torch.nonzero(self.counted.any(0)).flatten()
+            self.n = len(self.positions) * self.p.shape[-1]
+
+    def _draw(self, obd: "OBD") -> torch.Tensor:
+        n, t, c = self.p.shape
+        labels = torch.multinomial(self.p.reshape(n * t, c).cpu().float(), obd.samples, replacement=True,
+                                   generator=obd._generator).T.to(self.p.device)          # (S, N·T)
+        one_hot = F.one_hot(labels.reshape(-1, n, t), c).to(self.p.dtype)
+        rows = (self.p[None] - one_hot) / math.sqrt(obd.samples)
+        return rows * self.counted[None, :, :, None].to(rows.dtype)
+
+    def sample(self, i: int) -> "_Rows":
+        """The rows of sample ``i`` alone (for the per-sample route)."""
+        if self.mode == "mc":
+            return _Rows(self.p[i:i + 1].reshape(1, *self.shape[1:]), self.counted[i:i + 1], None,
+                         self.drawn[:, i:i + 1])
+        rows = _Rows.__new__(_Rows)
+        rows.shape, rows.mode = (1, *self.shape[1:]), "exact"
+        rows.p, rows.counted = self.p[i:i + 1], self.counted[i:i + 1]
+        rows.positions = torch.nonzero(rows.counted[0]).flatten()
+        rows.n = len(rows.positions) * rows.p.shape[-1]
+        return rows
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        if self.mode == "mc":
+            return self.drawn[start:stop].reshape(stop - start, *self.shape)
+        n, t, c = self.p.shape
+        index = torch.arange(start, stop, device=self.p.device)
+        pos, cls = self.positions[index // c], index % c
+        p_at = self.p[:, pos, :]                                                  # (N, r, C)
+        eye = F.one_hot(cls, c).to(p_at.dtype)
+        a = p_at.gather(2, cls[None, :, None].expand(n, -1, 1)).sqrt() * (eye[None] - p_at)
+        a = a * self.counted[:, pos, None].to(a.dtype)
+        out = a.new_zeros(stop - start, n, t, c)
+        out[torch.arange(stop - start), :, pos, :] = a.transpose(0, 1)
+        return out.reshape(stop - start, *self.shape)
+
+
+# ------------------------------------------------------------ the fast route
+def _fast_routes(model: nn.Module, targets: Sequence[Target]) -> list[str | None]:
+    """``"linear"``, ``"transposed"`` (HF Conv1D), ``"conv2d"`` (Conv2d, groups=1: ``unfold`` patches) or
+    ``"conv"`` (Conv1d/3d, grouped and depthwise convs: per-sample gradients by grouped convolution) for a
+    target whose module
+    computes ``z = W x (+ b)`` in its own forward, so hooks see x and z; None (the per-sample route)
+    for every other target, and for a weight tied to another name (its uses are not all in one module)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    routes = []
+    for t in targets:
+        module = t.module
+        if t.param_name != "weight" or uses.get(id(t.weight), 0) > 1:
+            routes.append(None)
+        elif isinstance(module, nn.Linear):
+            routes.append("linear")
+        elif t.layout == "transposed":
+            routes.append("transposed")
+        elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            routes.append("conv2d")
+        elif isinstance(module, CONV_TYPES):
+            routes.append("conv")
+        else:
+            routes.append(None)
+    return routes
+
+
+def _keeper(records: list):
+    def hook(module, args, kwargs, z):
+        x_in = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        if not torch.is_tensor(x_in) or not torch.is_tensor(z):
+            records.append(None)
+            return None
+        if not z.requires_grad:           # frozen weights: make z a leaf to differentiate to
+            z = z.detach().requires_grad_()
+        records.append((x_in.detach(), x_in._version, z))
+        return z.clone()                  # an in-place op after the layer must not overwrite z
+    return hook
+
+
+def _hooked(route: str, records: list, n: int):
+    """``(x, z)`` when the module ran once on a samples-first input left unchanged; else None (the
+    target then takes the per-sample route: a module run twice or not at all, e.g. MultiheadAttention's
+    out_proj, which the attention calls functionally)."""
+    if len(records) != 1 or records[0] is None:
+        return None
+    x, version, z = records[0]
+    if x._version != version or x.dim() < 2 or x.shape[0] != n or (route.startswith("conv") and x.dim() != z.dim()):
+        return None
+    return x, z
+
+
+def _unused(target: Target) -> ValueError:
+    return ValueError(f"{_WHERE}: the model's output does not depend on {target.name!r} (the forward pass "
+                      f"never uses it, or not on the way to the logits); leave it out of 'layers'.")
+
+
+def _fast_pass(logits, routes, targets, hooked, sums, rows: _Rows) -> None:
+    inputs = [x for x, _ in hooked]
+    zs = [z for _, z in hooked]
+    per_row = sum(z.numel() for z in zs) * zs[0].element_size()
+    step = max(1, _DELTA_BYTES // max(per_row, 1))
+    for start in range(0, rows.n, step):
+        stop = min(rows.n, start + step)
+        deltas = torch.autograd.grad(logits, zs, rows.chunk(start, stop), retain_graph=stop < rows.n,
+                                     is_grads_batched=True, allow_unused=True)
+        for route, target, x_in, delta, h in zip(routes, targets, inputs, deltas, sums):
+            if delta is None:
+                raise _unused(target)
+            h += _squared_gradients(route, target.module, x_in, delta).to(h.dtype)
+
+
+# ------------------------------------------------------ the per-sample route
+def _per_sample_pass(model, batch: Batch, targets: Sequence[Target], sums, rows: _Rows, loss: Loss) -> None:
+    """For each sample n, its own forward, then ``∂(rᵀ f_n)/∂W`` for every row r, all rows at once
+    (``is_grads_batched``; a loop over rows where torch cannot batch the backward): exact per-sample
+    gradients of any weight, however the model uses it (functionally, over time steps, tied)."""
+    params = [t.weight for t in targets]
+    flags = [p.requires_grad for p in params]
+    step = max(1, _PER_SAMPLE_BYTES // (8 * sum(p.numel() for p in params)))
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        if batch.size != rows.shape[0]:
+            raise ValueError(f"{_WHERE}: the batch holds {batch.size} samples but the logits "
+                             f"{tuple(rows.shape)} are for {rows.shape[0]}; OBD needs the samples first in "
+                             f"every input and in the output.")
+        for i in range(batch.size):
+            sample_rows = rows.sample(i)
+            if sample_rows.n == 0:
+                continue
+            logits = loss.logits(batch.slice(i, i + 1).call(model))
+            if logits.shape != sample_rows.shape:
+                raise ValueError(f"{_WHERE}: scoring {', '.join(t.name for t in targets)} needs one forward per "
+                                 f"sample, and sample {i} alone gave logits {tuple(logits.shape)} where "
+                                 f"{tuple(sample_rows.shape)} was expected; OBD needs the samples first in "
+                                 f"every input and in the output.")
+            for start in range(0, sample_rows.n, step):
+                stop = min(sample_rows.n, start + step)
+                grads = _batched_grad(logits, params, sample_rows.chunk(start, stop))
+                for t, g, h in zip(targets, grads, sums):
+                    if g is None:
+                        raise _unused(t)
+                    h += g.square().sum(0).to(h.dtype)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _batched_grad(logits, params, grad_rows) -> list:
+    try:
+        return torch.autograd.grad(logits, params, grad_rows, retain_graph=True, is_grads_batched=True,
+                                   allow_unused=True)
+    except RuntimeError:                # an op without a batching rule: one backward per row
+        per_row = [torch.autograd.grad(logits, params, row, retain_graph=True, allow_unused=True)
+                   for row in grad_rows]
+        return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_row)]
 
 # ------------------------------------------------------- squared gradients
-def _squared_gradients(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def _squared_gradients(route: str, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``Σ_c Σ_n (∂(a_{n,c}ᵀ f_n)/∂W)²`` for one layer; ``delta`` is (c, N, *z.shape[1:])."""
-    if isinstance(module, nn.Linear):
+    if route == "conv":
+        return _conv_squared(module, x, delta)
+    if route == "transposed":       # HF Conv1D: z = x W + b with W (in, out), the Linear case transposed
+        return _squared_gradients("linear", module, x, delta).T
+    if route == "linear":
         if x.dim() == 2:            # per-sample gradient δ xᵀ: its square is δ² (x²)ᵀ
             return delta.square().sum(0).T @ x.square()
         x = x.reshape(x.shape[0], -1, x.shape[-1])                               # (N, M, in)
@@ -323,3 +513,47 @@ class _Patches:
         patches = F.unfold(x.reshape(1, n * channels, *x.shape[2:]), conv.kernel_size,
                            dilation=conv.dilation, padding=padding, stride=conv.stride)
         return patches.reshape(n, self.rows, -1)
+
+
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _conv_padding(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input padded as the conv pads it (for 'same', circular, reflect...), and the padding left."""
+    dims = conv.weight.dim() - 2
+    if conv.padding == "valid":
+        return x, (0,) * dims
+    if conv.padding != "same" and conv.padding_mode == "zeros":
+        return x, tuple(conv.padding)
+    pads = []                                  # F.pad order: last dimension first
+    for d in reversed(range(dims)):
+        if conv.padding == "same":
+            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [conv.padding[d]] * 2
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, pads, mode=mode), (0,) * dims
+
+
+def _conv_squared(conv: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Σ over rows and samples of the squared per-sample weight gradients of any Conv1d/2d/3d
+    (grouped, depthwise): the (row, sample) pairs are folded into the channels of one input, with
+    ``groups × pairs`` groups, so that one weight-gradient convolution gives every pair's gradient."""
+    x, padding = _conv_padding(conv, x)
+    weight_shape = conv.weight.shape
+    n_rows, n = delta.shape[:2]
+    pairs = delta.reshape(n_rows * n, *delta.shape[2:])                   # pair k = (row k // n, sample k % n)
+    per_pair = (conv.weight.numel() + x[0].numel() + pairs[0].numel()) * delta.element_size()
+    step = max(1, _CHUNK_BYTES // per_pair)
+    grad = _CONV_WEIGHT_GRAD[conv.weight.dim() - 2]
+    total = delta.new_zeros(weight_shape)
+    for lo in range(0, len(pairs), step):
+        chunk = pairs[lo:lo + step]
+        k = len(chunk)
+        inputs = x[torch.arange(lo, lo + k, device=x.device) % n]
+        g = grad(inputs.reshape(1, -1, *x.shape[2:]), (k * weight_shape[0], *weight_shape[1:]),
+                 chunk.reshape(1, -1, *chunk.shape[2:]), stride=conv.stride, padding=padding,
+                 dilation=conv.dilation, groups=k * conv.groups)
+        total += g.reshape(k, *weight_shape).square_().sum(0)
+    return total

@@ -102,6 +102,7 @@ class Pruner:
         self.granularity = make_granularity(granularity, where=where)
         for target in self.targets:
             self.granularity.check(target)
+        _check_tied_embeddings(model, self.targets, self.granularity)
         self.scope = make_scope(scope, where=where)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS, where=where)
         self.min_keep = check_number("min_keep", min_keep, where=where, low=1, integer=True)
@@ -344,23 +345,26 @@ class Pruner:
             weight = target.weight
             mask = self.masks.get(weight)
             alive = mask.bool() if mask is not None else torch.ones_like(weight, dtype=torch.bool)
-            alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum") > 0
-            group_scores = self.granularity.group_scores(score.float(), self.reduction)
+            alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum", target) > 0
+            group_scores = self.granularity.group_scores(score.float(), self.reduction, target)
             group_shapes.append(group_scores.shape)
             layers.append(LayerGroups(group_scores.flatten(), alive_groups.flatten(),
-                                      self.granularity.group_size(weight)))
+                                      self.granularity.group_size(weight, target)))
         keeps = self.scope.select(layers, targets, event, self.min_keep)
         held = self._held_by_guard(layers, targets, event, keeps)
         for target, keep, shape in zip(self.targets, keeps, group_shapes):
             weight = target.weight
             group_keep = keep.reshape(shape)
-            new = self.granularity.expand(group_keep, weight)
+            new = self.granularity.expand(group_keep, weight, target)
             old = self.masks.get(weight)
             self.masks.set(weight, new if old is None else new & old.bool())
             bias_keep = self.granularity.bias_mask(group_keep.flatten())
-            if bias_keep is not None and target.bias is not None:
-                old_bias = self.masks.get(target.bias)
-                self.masks.set(target.bias, bias_keep if old_bias is None else bias_keep & old_bias.bool())
+            bias, part = _unit_bias(target)
+            if bias_keep is not None and bias is not None:
+                old_bias = self.masks.get(bias)
+                keep_bias = torch.ones_like(bias, dtype=torch.bool) if old_bias is None else old_bias.bool()
+                keep_bias[part] &= bias_keep.to(keep_bias.device)
+                self.masks.set(bias, keep_bias)
         return self._after_prune(sparsity, held)
 
     def _held_by_guard(self, layers: list[LayerGroups], targets, event: Event,
@@ -435,8 +439,8 @@ class Pruner:
         """Masks and schedule progress, as plain tensors and ints (for checkpoints)."""
         return {"step_count": self.step_count, "next_event": self._next_event,
                 "masks": {t.name: self.mask(t.name) for t in self.targets},
-                "bias_masks": {t.name: self.masks.get(t.bias).bool() for t in self.targets
-                               if t.bias is not None and t.bias in self.masks}}
+                "bias_masks": {t.name: self.masks.get(bias).bool() for t in self.targets
+                               for bias in [_unit_bias(t)[0]] if bias is not None and bias in self.masks}}
 
     def load_state_dict(self, state: dict) -> None:
         names = {t.name: t for t in self.targets}
@@ -447,7 +451,7 @@ class Pruner:
         for name, keep in state["masks"].items():
             self.masks.set(names[name].weight, keep.bool())
         for name, keep in state.get("bias_masks", {}).items():
-            self.masks.set(names[name].bias, keep.bool())
+            self.masks.set(_unit_bias(names[name])[0], keep.bool())
         self.step_count = int(state["step_count"])
         self._next_event = int(state["next_event"])
         self.apply_masks()
@@ -456,6 +460,32 @@ class Pruner:
         return (f"Pruner(criterion={self.criterion!r}, granularity={self.granularity.name!r}, "
                 f"scope={self.scope.name!r}, schedule={self.schedule!r}, "
                 f"targets={[t.name for t in self.targets]})")
+
+
+def _unit_bias(target: Target) -> tuple[torch.Tensor | None, slice]:
+    """The bias whose entries go with the target's units, and the part of it that is theirs: the
+    whole ``target.bias``, or for MultiheadAttention's separate ``q/k/v_proj_weight`` its third of
+    the shared ``in_proj_bias``."""
+    module = target.module
+    if (target.layout == "attention" and target.param_name != "in_proj_weight"
+            and getattr(module, "in_proj_bias", None) is not None):
+        d = module.embed_dim
+        third = ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(target.param_name)
+        return module.in_proj_bias, slice(third * d, (third + 1) * d)
+    return target.bias, slice(None)
+
+
+def _check_tied_embeddings(model: nn.Module, targets: list[Target], granularity: Granularity) -> None:
+    """A weight tied to an embedding (GPT-2's lm_head) is an embedding's table too: single weights only."""
+    if granularity.name == "weight":
+        return
+    embeddings = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    for target in targets:
+        if target.layout != "embedding" and id(target.weight) in embeddings:
+            raise ValueError(
+                f"granularity {granularity.name!r} does not apply to {target.name!r}: it is tied to the "
+                f"Embedding {embeddings[id(target.weight)]!r}, whose rows are vocabulary entries; a tied "
+                f"weight is pruned with granularity='weight' only (or leave it out of 'layers').")
 
 
 def _is_sliceable(data) -> bool:
