@@ -181,7 +181,7 @@ def test_module_called_twice_is_counted_twice():
     assert count_flops(Twice(), (3,))["fc"].dense == 42
 
 
-def test_flops_only_for_linear_and_conv_in_a_mixed_model():
+def test_flops_of_a_mixed_model_with_a_recurrent_layer_by_hand():
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -211,12 +211,16 @@ def test_flops_only_for_linear_and_conv_in_a_mixed_model():
     assert rows["bn"].params == 8  # weight + bias; running stats are buffers
     assert rows["lstm"].params == sum(p.numel() for p in model.lstm.parameters())
     assert rows["scale"].params == 5 and rows["scale"].type == "Scale"
-    for name in ("bn", "lstm", "scale"):
+    for name in ("bn", "scale"):  # normalisation and elementwise work is not counted
         assert rows[name].flops_dense is None and rows[name].speedup is None
         assert rows[name].prunable == 0 and rows[name].sparsity is None
-    # conv: L_out = 6, dense = 2·36·6 + 4·6 = 456; fc: 2·10 + 2 = 22 → total 478
+    # conv: L_out = 6, dense = 2·36·6 + 4·6 = 456; fc: 2·10 + 2 = 22
+    # lstm: W_ih 20×4 = 80, W_hh 20×5 = 100, two biases of 20; 6 time steps of one sample:
+    #   6·(2·(80 + 100) + 20 + 20) = 6·400 = 2400 → total 456 + 2400 + 22 = 2878
     assert rows["conv"].flops_dense == 456 and rows["fc"].flops_dense == 22
-    assert result.total.flops_dense == 478
+    assert rows["lstm"].flops_dense == 2400
+    assert (rows["lstm"].prunable, rows["lstm"].sparsity) == (180, 0.0)  # its weights, not its biases
+    assert result.total.flops_dense == 2878
     assert result.total.params == sum(p.numel() for p in model.parameters())
 
 
@@ -224,7 +228,8 @@ def test_embedding_model_with_integer_input():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(3 * 4, 2))
     result = summary(model, (3,), dtype=torch.long)
     assert [row.type for row in result.rows] == ["Embedding", "Linear"]
-    assert result.rows[0].flops is None and result.rows[1].flops_dense == 2 * 24 + 2
+    # a lookup is a gather: 0 FLOPs (counted, not "-")
+    assert result.rows[0].flops == 0 and result.rows[1].flops_dense == 2 * 24 + 2
 
 
 def test_tied_weights_are_counted_once():
