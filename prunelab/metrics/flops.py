@@ -103,11 +103,13 @@ def flop_types() -> tuple[type, ...]:
     return (HashedLayer, SparseLinear, nn.RNNBase, nn.RNNCellBase)
 
 
-def is_counted_kind(module: nn.Module) -> bool:
-    """Whether ``module``'s row carries FLOPs even when it is never called (then 0)."""
+def counted_kinds(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` whose rows carry FLOPs even when never called (then 0): Linear,
+    Conv, HF Conv1D, MultiheadAttention, RNNs, Embedding, hashed and sparse layers."""
     from prunelab.pruning.targets import is_hf_conv1d
 
-    return isinstance(module, (*_COUNTED_KINDS, *flop_types())) or is_hf_conv1d(module)
+    kinds = (*_COUNTED_KINDS, *flop_types())
+    return [module for module in model.modules() if isinstance(module, kinds) or is_hf_conv1d(module)]
 
 
 # ----------------------------------------------------------------------------- module formulas
@@ -391,7 +393,7 @@ def module_flops(model: nn.Module, batch, *, where: str, failure: str) -> dict[n
         listed = "; ".join(f"{op} in {', '.join(sorted(names))}" for op, names in mode.uncounted.items())
         warnings.warn(f"{where}: the FLOPs of these fused operations are not counted: {listed}.",
                       RuntimeWarning, stacklevel=3)
-    counts = {module: FlopCount(0, 0) for module in model.modules() if is_counted_kind(module)}
+    counts = {module: FlopCount(0, 0) for module in counted_kinds(model)}
     counts.update({module: FlopCount(*count) for module, count in mode.counts.items()})
     return counts
 
