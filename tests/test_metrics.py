@@ -622,3 +622,26 @@ def test_fast_path_setting_and_hooks_are_restored():
     assert torch.backends.mha.get_fastpath_enabled()
     summary(model, (4, 8))
     assert torch.backends.mha.get_fastpath_enabled() and own_hooks_empty(model)
+
+
+def test_parameters_in_one_flat_buffer_are_told_apart():
+    # as cuDNN's flattened RNN weights: two weights are views of one storage at different offsets
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            buffer = torch.randn(32)
+            with torch.no_grad():
+                self.first.weight.set_(buffer.untyped_storage(), 0, (4, 4), (4, 1))
+                self.second.weight.set_(buffer.untyped_storage(), 16, (4, 4), (4, 1))
+
+        def forward(self, x):
+            return x @ self.second.weight.t() + self.first(x)   # second's weight used functionally
+
+    model = Flat()
+    assert model.first.weight.untyped_storage().data_ptr() == model.second.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        model.first.weight.zero_()
+    flops = count_flops(model, (4,))
+    # each product 2·16 = 32 dense; first's zeros are free, second's row is not discounted by them
+    assert flops["first"] == FlopCount(32, 0) and flops["second"] == FlopCount(32, 32)

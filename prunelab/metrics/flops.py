@@ -261,16 +261,23 @@ _RULES = _rules()
 #: module formula, they raise a warning (the dry run turns the attention fast paths off).
 _UNCOUNTED = set(_ops("_transformer_encoder_layer_fwd", "_native_multi_head_attention", "mkldnn_rnn_layer",
                       "_cudnn_rnn", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "embedding_bag",
-                      "_embedding_bag", "_embedding_bag_forward_only", "_sparse_mm", "addr"))
+                      "_embedding_bag", "_embedding_bag_forward_only", "_sparse_mm", "addr", "_trilinear",
+                      "conv_tbc"))
 
 
 # ----------------------------------------------------------------------------- the counting mode
-def _storage_key(t: torch.Tensor):
+def _memory_span(t: torch.Tensor):
+    """``(storage key, first element, last element)`` of the memory ``t`` reads (None for
+    tensors without a plain storage: sparse, nested, meta)."""
     try:
         ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):     # sparse, nested, exotic tensors
+    except (RuntimeError, NotImplementedError, TypeError):
         return None
-    return (t.device, ptr) if ptr else None
+    if not ptr or t.numel() == 0:
+        return None
+    first = t.storage_offset()
+    last = first + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return (t.device, ptr, t.element_size()), first, last
 
 
 class _FlopMode(TorchDispatchMode):
@@ -280,12 +287,12 @@ class _FlopMode(TorchDispatchMode):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.owners: dict = {}
+        self.spans: dict = {}       # storage → [(first, last, owning module)] of every parameter
         for module in model.modules():
             for param in module.parameters(recurse=False):
-                key = _storage_key(param)
-                if key is not None and module not in self.owners.setdefault(key, []):
-                    self.owners[key].append(module)
+                span = _memory_span(param)
+                if span is not None:
+                    self.spans.setdefault(span[0], []).append((span[1], span[2], module))
         self.stack: list[nn.Module] = []
         self.formula_depth = 0
         self.counts: dict[nn.Module, list[int]] = {}
@@ -296,8 +303,17 @@ class _FlopMode(TorchDispatchMode):
     def running(self) -> nn.Module:
         return self.stack[-1] if self.stack else self.model
 
+    def owners(self, t) -> list[nn.Module]:
+        """The modules owning a parameter that ``t`` is (a view of): its memory lies inside the
+        parameter's (a slice of a flat buffer of many parameters matches only its own)."""
+        span = _memory_span(t) if torch.is_tensor(t) else None
+        if span is None:
+            return []
+        key, first, last = span
+        return [module for low, high, module in self.spans.get(key, ()) if low <= first and last <= high]
+
     def is_weight(self, t) -> bool:
-        return torch.is_tensor(t) and _storage_key(t) in self.owners
+        return bool(self.owners(t))
 
     def add(self, module: nn.Module, dense: int, remaining: int) -> None:
         count = self.counts.setdefault(module, [0, 0])
@@ -328,7 +344,7 @@ class _FlopMode(TorchDispatchMode):
         """The owner of the first parameter operand (the running one among tied owners), else
         the innermost running module."""
         for t in operands:
-            owners = self.owners.get(_storage_key(t)) if torch.is_tensor(t) else None
+            owners = self.owners(t)
             if owners:
                 running = [m for m in reversed(self.stack) if m in owners]
                 return running[0] if running else owners[0]
