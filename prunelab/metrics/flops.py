@@ -5,9 +5,10 @@ every aten operation the model executes, whatever called it: an ``nn.Linear``, a
 ``torch.matmul`` inside a Hugging Face attention, ``scaled_dot_product_attention``, an
 ``nn.MultiheadAttention`` that applies its projections functionally. Each arithmetic
 operation below is counted and attributed to a module: to the module that owns a parameter
-operand (matched by storage, so ``W.t()`` or a q/k/v block of a packed ``in_proj_weight`` is
-recognised; among tied owners the one being run), otherwise to the innermost module being run
-(the attention products go to the attention module's row).
+operand (matched by the memory it reads, so ``W.t()`` or a q/k/v block of a packed
+``in_proj_weight`` is recognised; among tied owners the one being run), otherwise to the
+innermost module being run (the attention products go to the attention module's row).
+Recurrent, hashed and sparse layers are counted by a module formula instead (below).
 
 **Convention** (the pruning literature's): a multiply–accumulate (MAC) costs 2 FLOPs, a bias
 one add per output element; elementwise operations are free.
@@ -29,6 +30,8 @@ one add per output element; elementwise operations are free.
   direction sees every step); the gate nonlinearities and elementwise products are free.
 * Embedding lookups are gathers: 0 FLOPs (their rows show 0, not "not counted").
 * Not counted: activations, softmax, normalisation, pooling, residual adds, masks, scaling.
+  A fused operation with real arithmetic but no rule here (``torch.addr``, ``embedding_bag``,
+  ``nn.Bilinear``'s ``_trilinear``) raises a ``RuntimeWarning`` naming it and its module.
 
 **Zeros.** A zero entry of a parameter operand costs nothing: for a product ``A·B`` the
 remaining MACs are ``Σ_k nnz(A[:, k])·nnz(B[k, :])``, an activation operand counting as dense
