@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from prunelab._validation import check_number
-from prunelab.metrics.flops import DryInput, on_device, resolve_dry_input
+from prunelab.metrics.dry_run import DryInput, on_device, resolve_dry_input
 
 _WHERE = "measure_latency"
 

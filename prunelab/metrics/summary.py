@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from prunelab._validation import suggest
-from prunelab.metrics.flops import FlopCount, count_nonzero, per_sample_flops, ratio, resolve_dry_input
+from prunelab.metrics.dry_run import resolve_dry_input
+from prunelab.metrics.flops import FlopCount, count_nonzero, per_sample_flops, ratio
 from prunelab.metrics.storage import StorageTally, check_storage_bits
 
 
