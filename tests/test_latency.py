@@ -224,3 +224,75 @@ def test_cuda_measurement_reports_the_device():
     (result,) = measure_latency(model, (4,), batch_sizes=(8,), warmup=1, repeats=3)
     assert result.device.startswith("cuda")
     assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+
+
+# --------------------------------------------------------------------------- example inputs
+
+
+class TokenModel(nn.Module):
+    """Embedding + Linear taking keyword inputs; records every call's input shapes and dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 2)
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, attention_mask=None, scale=None):
+        self.calls.append({"ids": input_ids.clone(), "mask": attention_mask.clone(), "scale": scale})
+        return self.fc(self.embed(input_ids) * attention_mask[..., None].to(torch.float32))
+
+
+def test_keyword_example_inputs_repeat_the_first_sample_and_keep_integer_dtypes():
+    model = TokenModel()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    example = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]]), "scale": 2.0}
+    results = measure_latency(model, example_inputs=example, batch_sizes=(1, 3), warmup=1, repeats=2)
+    assert [r.batch_size for r in results] == [1, 3]
+    assert len(model.calls) == 2 * (1 + 2)
+    for call, size in zip(model.calls, [1] * 3 + [3] * 3):
+        assert call["ids"].dtype == torch.long and call["mask"].dtype == torch.long
+        assert torch.equal(call["ids"], ids[:1].expand(size, 3))            # the first sample, repeated
+        assert torch.equal(call["mask"], torch.tensor([[1, 1, 0]] * size))
+        assert call["scale"] == 2.0                                          # non-tensors pass as they are
+
+
+def test_positional_example_inputs_are_cast_to_the_model_dtype():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2).double()
+            self.seen: list[tuple] = []
+
+        def forward(self, x, offset):
+            self.seen.append((tuple(x.shape), x.dtype, offset.dtype))
+            return self.fc(x) + offset
+
+    model = Two()
+    example = (torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.float32))
+    measure_latency(model, example_inputs=example, batch_sizes=(2,), warmup=0, repeats=1)
+    assert model.seen == [((2, 3), torch.float64, torch.float64)]
+
+
+def test_input_shape_path_feeds_the_same_random_inputs_as_before():
+    model = Recorder()
+    seen = []
+    model.fc.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    measure_latency(model, (4,), batch_sizes=(2, 3), warmup=0, repeats=2)
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(2, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    assert all(torch.equal(x, first) for x in seen[:2]) and all(torch.equal(x, second) for x in seen[2:])
+
+
+def test_exactly_one_of_input_shape_and_example_inputs():
+    with pytest.raises(ValueError, match="exactly one of 'input_shape'.*'example_inputs'.*Got both"):
+        measure_latency(Recorder(), (4,), example_inputs=torch.ones(1, 4), warmup=0, repeats=1)
+    with pytest.raises(ValueError, match="'input_shape' parameter of measure_latency.*example_inputs.*Got None"):
+        measure_latency(Recorder(), warmup=0, repeats=1)
+    with pytest.raises(TypeError, match="'example_inputs' parameter of measure_latency"):
+        measure_latency(Recorder(), example_inputs="tokens", warmup=0, repeats=1)
+
+
+def test_a_failing_forward_on_example_inputs_names_them_and_the_model_error():
+    with pytest.raises(ValueError, match=r"example_inputs \(5,\).*batch of 2.*'example_inputs'.*mat1 and mat2"):
+        measure_latency(nn.Linear(4, 2), example_inputs=torch.ones(1, 5), batch_sizes=(2,), warmup=0, repeats=1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.metrics import count_flops, csr_fillers, storage_bits, summary
+from prunelab.metrics import FlopCount, count_flops, csr_fillers, storage_bits, summary
 from prunelab.metrics import storage as storage_module
 
 # --------------------------------------------------------------------------- helpers
@@ -181,7 +181,7 @@ def test_module_called_twice_is_counted_twice():
     assert count_flops(Twice(), (3,))["fc"].dense == 42
 
 
-def test_flops_only_for_linear_and_conv_in_a_mixed_model():
+def test_flops_of_a_mixed_model_with_a_recurrent_layer_by_hand():
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -211,12 +211,16 @@ def test_flops_only_for_linear_and_conv_in_a_mixed_model():
     assert rows["bn"].params == 8  # weight + bias; running stats are buffers
     assert rows["lstm"].params == sum(p.numel() for p in model.lstm.parameters())
     assert rows["scale"].params == 5 and rows["scale"].type == "Scale"
-    for name in ("bn", "lstm", "scale"):
+    for name in ("bn", "scale"):  # normalisation and elementwise work is not counted
         assert rows[name].flops_dense is None and rows[name].speedup is None
         assert rows[name].prunable == 0 and rows[name].sparsity is None
-    # conv: L_out = 6, dense = 2·36·6 + 4·6 = 456; fc: 2·10 + 2 = 22 → total 478
+    # conv: L_out = 6, dense = 2·36·6 + 4·6 = 456; fc: 2·10 + 2 = 22
+    # lstm: W_ih 20×4 = 80, W_hh 20×5 = 100, two biases of 20; 6 time steps of one sample:
+    #   6·(2·(80 + 100) + 20 + 20) = 6·400 = 2400 → total 456 + 2400 + 22 = 2878
     assert rows["conv"].flops_dense == 456 and rows["fc"].flops_dense == 22
-    assert result.total.flops_dense == 478
+    assert rows["lstm"].flops_dense == 2400
+    assert (rows["lstm"].prunable, rows["lstm"].sparsity) == (180, 0.0)  # its weights, not its biases
+    assert result.total.flops_dense == 2878
     assert result.total.params == sum(p.numel() for p in model.parameters())
 
 
@@ -224,7 +228,8 @@ def test_embedding_model_with_integer_input():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(3 * 4, 2))
     result = summary(model, (3,), dtype=torch.long)
     assert [row.type for row in result.rows] == ["Embedding", "Linear"]
-    assert result.rows[0].flops is None and result.rows[1].flops_dense == 2 * 24 + 2
+    # a lookup is a gather: 0 FLOPs (counted, not "-")
+    assert result.rows[0].flops == 0 and result.rows[1].flops_dense == 2 * 24 + 2
 
 
 def test_tied_weights_are_counted_once():
@@ -478,3 +483,165 @@ def test_invalid_model_and_tensor_arguments():
         csr_fillers(torch.ones(3), 0)
     with pytest.raises(ValueError, match="'bits' parameter of storage_bits"):
         storage_bits(torch.ones(3), bits=0)
+
+
+# --------------------------------------------------------------------------- example inputs
+
+
+def test_example_inputs_give_the_same_numbers_as_input_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+    by_shape = summary(model, (1, 6, 6))
+    by_example = summary(model, example_inputs=torch.randn(5, 1, 6, 6))  # its first sample is run
+    assert by_example.rows == by_shape.rows and by_example.total == by_shape.total
+    assert by_example.input_shape == by_shape.input_shape == (1, 6, 6)
+    assert count_flops(model, example_inputs=torch.randn(2, 1, 6, 6)) == count_flops(model, (1, 6, 6))
+
+
+def test_positional_and_keyword_example_inputs():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(5, 2, bias=False)
+
+        def forward(self, x, y=None):
+            return self.a(x) + self.b(y)
+
+    # a: 2·6 + 2 = 14; b: 2·10 = 20
+    model = Two()
+    positional = summary(model, example_inputs=(torch.ones(4, 3), torch.ones(4, 5)))
+    keyword = summary(model, example_inputs={"x": torch.ones(4, 3), "y": torch.ones(4, 5)})
+    assert positional.total.flops_dense == keyword.total.flops_dense == 34
+    assert positional.input_shape == [(3,), (5,)] and keyword.input_shape == {"x": (3,), "y": (5,)}
+    assert json.loads(json.dumps(keyword.to_dict()))["input_shape"] == {"x": [3], "y": [5]}
+    assert "per sample of inputs {'x': (3,), 'y': (5,)}" in str(keyword)
+
+
+def test_integer_example_inputs_keep_their_dtype():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(3 * 4, 2))
+    by_example = summary(model, example_inputs=torch.tensor([[1, 2, 3]]))
+    assert by_example.total == summary(model, (3,), dtype=torch.long).total
+
+
+def test_example_inputs_errors():
+    with pytest.raises(ValueError, match="summary takes exactly one of 'input_shape'.*Got both"):
+        summary(linear_4_3(), (4,), example_inputs=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="'input_shape' parameter of summary.*or give 'example_inputs'"):
+        summary(linear_4_3())
+    with pytest.raises(TypeError, match="'example_inputs' parameter of count_flops"):
+        count_flops(linear_4_3(), example_inputs=3)
+    with pytest.raises(ValueError, match="'example_inputs' parameter of summary is empty"):
+        summary(linear_4_3(), example_inputs=())
+    with pytest.raises(ValueError, match=r"example_inputs \(5,\).*'example_inputs'.*mat1 and mat2"):
+        summary(linear_4_3(), example_inputs=torch.ones(2, 5))
+
+
+# --------------------------------------------------------------------------- operations counted
+
+
+def test_depthwise_and_transposed_conv_flops_by_hand():
+    # depthwise Conv2d(4, 4, 3, groups=4, padding=1) on (4, 5, 5): W 4·1·3·3 = 36, P = 25
+    #   dense = 2·36·25 + 4·25 = 1900; filter 0 zeroed (9 weights): remaining = 2·27·25 + 4·25 = 1450
+    depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1))
+    with torch.no_grad():
+        depthwise[0].weight[0].zero_()
+        depthwise[0].bias.fill_(1.0)
+    assert count_flops(depthwise, (4, 5, 5))["0"] == FlopCount(1900, 1450)
+    # ConvTranspose2d(2, 3, 2, stride=2) on (2, 3, 3): each of the 9 input positions meets every
+    # weight once: 2·(2·3·2·2)·9 = 432 MACs·2; bias: one add per output element, 3·6·6 = 108
+    transposed = nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2))
+    assert count_flops(transposed, (2, 3, 3))["0"].dense == 432 + 108
+
+
+def test_multihead_attention_by_hand_with_and_without_weights():
+    # E = 8, 2 heads of 4, T = 5 tokens, one sample:
+    #   in_proj 2·5·24·8 + 24·5 = 2040; QKᵀ and AV 2·2·5·5·(4 + 4) = 800 → the attention row 2840
+    #   out_proj (applied functionally, counted on its own row) 2·5·8·8 + 8·5 = 680
+    class SelfAttention(nn.Module):
+        def __init__(self, need_weights):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.need_weights = need_weights
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=self.need_weights)[0]
+
+    for need_weights in (False, True):  # fused SDPA kernel vs explicit bmm
+        torch.manual_seed(0)
+        model = SelfAttention(need_weights)
+        rows = {row.name: row for row in summary(model, (5, 8)).rows}
+        assert rows["attn"].flops_dense == 2840 and rows["attn.out_proj"].flops_dense == 680
+        assert rows["attn"].prunable == 24 * 8 and rows["attn.out_proj"].prunable == 64
+        # MultiheadAttention initialises its biases to 0: their 24·5 adds are free
+        assert rows["attn"].flops == 2840 - 120 and rows["attn.out_proj"].flops == 680 - 40
+        with torch.no_grad():
+            model.attn.in_proj_weight[:8].zero_()       # the query block: 64 zeros at 5 tokens
+        assert summary(model, (5, 8)).rows[0].flops == 2840 - 120 - 2 * 5 * 64
+
+
+def test_a_product_of_two_weights_against_brute_force():
+    class WeightProduct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(3, 4))
+            self.b = nn.Parameter(torch.randn(4, 5))
+
+        def forward(self, x):
+            return x @ (self.a @ self.b)         # the root runs both products functionally
+
+    torch.manual_seed(0)
+    model = WeightProduct()
+    with torch.no_grad():
+        model.a[torch.rand(3, 4) < 0.5] = 0.0
+        model.b[torch.rand(4, 5) < 0.5] = 0.0
+    # a @ b skips every MAC with a zero factor; x (1, 3) @ (3, 5) is x times a non-weight: dense
+    macs = sum(1 for i in range(3) for k in range(4) for j in range(5)
+               if model.a[i, k] != 0 and model.b[k, j] != 0)
+    flops = count_flops(model, (3,))[""]
+    assert flops == FlopCount(2 * 60 + 2 * 15, 2 * macs + 2 * 15)
+
+
+def test_uncounted_fused_operations_warn():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return torch.addr(torch.zeros(3, 3), self.u, x[0])
+
+    with pytest.warns(RuntimeWarning, match="aten.addr in \\(root\\)"):
+        summary(Outer(), (3,))
+
+
+def test_fast_path_setting_and_hooks_are_restored():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
+                                  enable_nested_tensor=False)
+    assert torch.backends.mha.get_fastpath_enabled()
+    summary(model, (4, 8))
+    assert torch.backends.mha.get_fastpath_enabled() and own_hooks_empty(model)
+
+
+def test_parameters_in_one_flat_buffer_are_told_apart():
+    # as cuDNN's flattened RNN weights: two weights are views of one storage at different offsets
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            buffer = torch.randn(32)
+            with torch.no_grad():
+                self.first.weight.set_(buffer.untyped_storage(), 0, (4, 4), (4, 1))
+                self.second.weight.set_(buffer.untyped_storage(), 16, (4, 4), (4, 1))
+
+        def forward(self, x):
+            return x @ self.second.weight.t() + self.first(x)   # second's weight used functionally
+
+    model = Flat()
+    assert model.first.weight.untyped_storage().data_ptr() == model.second.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        model.first.weight.zero_()
+    flops = count_flops(model, (4,))
+    # each product 2·16 = 32 dense; first's zeros are free, second's row is not discounted by them
+    assert flops["first"] == FlopCount(32, 0) and flops["second"] == FlopCount(32, 32)

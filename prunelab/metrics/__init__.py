@@ -1,7 +1,8 @@
 """Metrics of a pruned model (METHODS.md §6–8): sparsity, compression, FLOPs and storage.
 
 * :func:`summary` — per-layer and total table of everything below.
-* :func:`count_flops` — dense and remaining FLOPs per sample of each Linear/Conv layer.
+* :func:`count_flops` — dense and remaining FLOPs per sample of each module: products,
+  convolutions, attention, recurrent steps, bias adds (``prunelab.metrics.flops``).
 * :func:`measure_latency` — measured forward latency per batch size (``docs/latency.md``).
 * :func:`storage_bits` / :func:`csr_fillers` / :func:`best_index_bits` — size of one tensor as
   dense, bit-mask and CSR.

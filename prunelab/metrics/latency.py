@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from prunelab._validation import check_number
-from prunelab.metrics.flops import resolve_input
+from prunelab.metrics.dry_run import DryInput, on_device, resolve_dry_input
 
 _WHERE = "measure_latency"
 
@@ -79,34 +79,44 @@ def _check_batch_sizes(batch_sizes: object) -> tuple[int, ...]:
     return tuple(batch_sizes)
 
 
-def _make_input(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
-                dtype: torch.dtype) -> torch.Tensor:
-    """Standard-normal values drawn on the CPU (reproducible on every device), then moved."""
-    x = torch.randn(shape, generator=generator)
-    try:
-        return x.to(device=device, dtype=dtype)
-    except (RuntimeError, AssertionError) as err:  # an absent CUDA raises AssertionError
-        raise ValueError(f"the 'device' parameter of {_WHERE} must be a device this machine has. "
-                         f"Got {str(device)!r} instead ({type(err).__name__}: {err}).") from err
+def _make_batch(dry: DryInput, batch_size: int, generator: torch.Generator):
+    """The timed batch: for ``input_shape``, standard-normal values drawn on the CPU (reproducible
+    on every device), then moved; for ``example_inputs``, its first sample repeated."""
+    from prunelab.inputs import Batch
+
+    if dry.from_example:
+        return dry.batch.repeat_to(batch_size)
+    x = torch.randn((batch_size, *dry.shape), generator=generator)
+    return Batch((on_device(lambda: x.to(device=dry.device, dtype=dry.dtype), dry.device, _WHERE),))
 
 
-def _time_calls(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int, min_seconds: float,
+def _time_calls(model: nn.Module, batch, warmup: int, repeats: int, min_seconds: float,
                 sync) -> list[float]:
     """Seconds of each timed call: ``warmup`` untimed calls, then at least ``repeats`` timed ones,
     more until ``min_seconds`` have been measured."""
     for _ in range(warmup):
-        model(x)
+        batch.call(model)
     sync()
     times: list[float] = []
     measured = 0.0
     while len(times) < repeats or measured < min_seconds:
         start = time.perf_counter()
-        model(x)
+        batch.call(model)
         sync()
         elapsed = time.perf_counter() - start
         times.append(elapsed)
         measured += elapsed
     return times
+
+
+def _failure(model: nn.Module, dry: DryInput, batch_size: int) -> str:
+    if dry.from_example:
+        return (f"{_WHERE} could not run {type(model).__name__} on {dry.describe(batch_size)}; check the "
+                f"'example_inputs' parameter (a tensor, tuple or dict the model takes) and the device.")
+    return (f"{_WHERE} could not run {type(model).__name__} on an input of shape "
+            f"{(batch_size, *dry.shape)} (input_shape={dry.shape} plus a batch of {batch_size}, "
+            f"dtype={dry.dtype}, device={dry.device}); check the 'input_shape' parameter "
+            f"(one input, without the batch dimension) and the device.")
 
 
 def _summarise(batch_size: int, times: list[float], threads: int, device: torch.device) -> Latency:
@@ -118,18 +128,22 @@ def _summarise(batch_size: int, times: list[float], threads: int, device: torch.
                    device=str(device))
 
 
-def measure_latency(model: nn.Module, input_shape: Sequence[int] | int,
-                    batch_sizes: Sequence[int] | int = (1, 64), *, warmup: int = 10,
+def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = None,
+                    batch_sizes: Sequence[int] | int = (1, 64), *, example_inputs=None, warmup: int = 10,
                     repeats: int = 50, threads: int | None = None,
                     device: torch.device | str | None = None,
                     min_seconds: float = 0.0) -> list[Latency]:
     """Median forward latency of ``model`` at each batch size, one :class:`Latency` per batch size.
 
-    For each batch size: a random input ``(batch, *input_shape)`` is made once on
-    ``device`` (default: the model's; the model is not moved) with the dtype of the
-    model's first float parameter; then ``warmup`` untimed calls and ``repeats`` timed
-    calls ``model(x)``, each timed alone with ``time.perf_counter``. With
-    ``min_seconds > 0`` the timed calls go on until that much time has been measured.
+    For each batch size an input batch is made once on ``device`` (default: the model's; the
+    model is not moved): with ``input_shape``, random values of shape ``(batch, *input_shape)``
+    in the dtype of the model's first float parameter; with ``example_inputs`` (a tensor, a
+    tuple of positional inputs or a dict of keyword inputs such as ``input_ids`` /
+    ``attention_mask`` / ``pixel_values``, batch dimension first), the example's first sample
+    repeated to the batch size, floating-point tensors cast to the model's dtype and integer
+    ones (token ids) kept. Exactly one of the two. Then ``warmup`` untimed calls and
+    ``repeats`` timed calls of the model on it, each timed alone with ``time.perf_counter``.
+    With ``min_seconds > 0`` the timed calls go on until that much time has been measured.
 
     **Timed:** the forward call only. On CUDA the device is synchronised before the
     clock starts and before it stops, so the time covers the kernels, not just their
@@ -147,6 +161,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int,
             flag is restored afterwards.
         input_shape: ONE input without the batch dimension, e.g. ``(1, 28, 28)``.
         batch_sizes: positive ints (or one int), measured in this order.
+        example_inputs: instead of ``input_shape``, inputs as the model takes them.
         warmup: untimed calls before timing, an int ≥ 0.
         repeats: timed calls, an int ≥ 1 (the minimum with ``min_seconds``).
         threads: torch intra-op threads for the measurement (``torch.set_num_threads``),
@@ -156,11 +171,12 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int,
         min_seconds: keep timing until at least this many seconds were measured, ≥ 0.
 
     Raises:
-        ValueError: a bad value, or a forward pass that fails (the message names
-            ``input_shape`` and carries the model's error).
+        ValueError: a bad value, both or neither of ``input_shape`` and ``example_inputs``, or a
+            forward pass that fails (the message names the input and carries the model's error).
         TypeError: arguments of the wrong type.
     """
-    shape, device, dtype = resolve_input(model, input_shape, device, None, _WHERE)
+    dry = resolve_dry_input(model, input_shape, example_inputs, device, None, _WHERE)
+    device = dry.device
     sizes = _check_batch_sizes(batch_sizes)
     warmup = check_number("warmup", warmup, where=_WHERE, low=0, integer=True)
     repeats = check_number("repeats", repeats, where=_WHERE, low=1, integer=True)
@@ -186,16 +202,12 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int,
         model.eval()
         with torch.inference_mode():
             for batch_size in sizes:
-                x = _make_input((batch_size, *shape), generator, device, dtype)
+                batch = _make_batch(dry, batch_size, generator)
                 try:
-                    times = _time_calls(model, x, warmup, repeats, min_seconds, sync)
+                    times = _time_calls(model, batch, warmup, repeats, min_seconds, sync)
                 except Exception as err:
-                    raise ValueError(
-                        f"{_WHERE} could not run {type(model).__name__} on an input of shape "
-                        f"{tuple(x.shape)} (input_shape={shape} plus a batch of {batch_size}, "
-                        f"dtype={dtype}, device={device}); check the 'input_shape' parameter "
-                        f"(one input, without the batch dimension) and the device. "
-                        f"The model raised {type(err).__name__}: {err}") from err
+                    raise ValueError(f"{_failure(model, dry, batch_size)} "
+                                     f"The model raised {type(err).__name__}: {err}") from err
                 results.append(_summarise(batch_size, times, used_threads, device))
     finally:
         if torch.get_num_threads() != previous_threads:

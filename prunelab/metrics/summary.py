@@ -16,16 +16,8 @@ import torch
 from torch import nn
 
 from prunelab._validation import suggest
-from prunelab.metrics.flops import (
-    COUNTED_TYPES,
-    FlopCount,
-    count_nonzero,
-    flop_types,
-    layer_flops,
-    ratio,
-    resolve_input,
-    trace_outputs,
-)
+from prunelab.metrics.dry_run import resolve_dry_input
+from prunelab.metrics.flops import FlopCount, count_nonzero, per_sample_flops, ratio
 from prunelab.metrics.storage import StorageTally, check_storage_bits
 
 
@@ -37,8 +29,10 @@ class LayerStats:
     * ``prunable`` / ``prunable_nonzero``: the same over its prunable weights.
     * ``sparsity = 1 − prunable_nonzero / prunable`` (``None`` without prunable weights).
     * ``compression = params / nonzero`` (``inf`` if all are zero, ``None`` if ``params = 0``).
-    * ``flops_dense`` / ``flops``: FLOPs per sample, dense and with zeros skipped
-      (``None`` for modules whose FLOPs are not counted: all but Linear/Conv).
+    * ``flops_dense`` / ``flops``: FLOPs per sample, dense and with zeros skipped, of the
+      operations attributed to the module (``None`` for a module none is attributed to that is
+      not a Linear, Conv, HF Conv1D, MultiheadAttention, RNN or Embedding: normalisation,
+      activations, custom elementwise modules).
     * ``speedup = flops_dense / flops`` (``inf`` if ``flops = 0 < flops_dense``, else ``None`` when undefined).
     * ``bytes_dense`` / ``bytes_bitmask`` / ``bytes_csr``: storage in each format, summed over tensors.
     * ``best_format``: every tensor's cheapest format if they agree, ``"mixed"`` otherwise;
@@ -165,6 +159,17 @@ def _json_value(value: object) -> object:
     return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
+def _json_shape(shape: object) -> object:
+    """Per-sample shapes as JSON: a list of ints, a list of those, or a dict of those."""
+    if isinstance(shape, tuple):
+        return list(shape)
+    if isinstance(shape, dict):
+        return {key: _json_shape(value) for key, value in shape.items()}
+    if isinstance(shape, list):
+        return [_json_shape(value) for value in shape]
+    return shape
+
+
 @dataclass(frozen=True, repr=False)
 class Summary:
     """The result of :func:`summary`: one :class:`LayerStats` per module with parameters, and a total.
@@ -175,7 +180,7 @@ class Summary:
 
     rows: tuple[LayerStats, ...]
     total: LayerStats
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | list | dict
     bits: int
     index_bits: int | str
 
@@ -191,7 +196,7 @@ class Summary:
             return {key: _json_value(value) for key, value in asdict(row).items()}
 
         return {
-            "input_shape": list(self.input_shape),
+            "input_shape": _json_shape(self.input_shape),
             "bits": self.bits,
             "index_bits": self.index_bits,
             "effective_compression": _json_value(self.effective_compression),
@@ -205,9 +210,10 @@ class Summary:
 
     def _footer(self) -> str:
         effective = _cell("effective_compression", self.effective_compression)
-        return (f"per sample of input_shape {self.input_shape}; {self.bits}-bit values, "
+        inputs = "input_shape" if isinstance(self.input_shape, tuple) else "inputs"
+        return (f"per sample of {inputs} {self.input_shape}; {self.bits}-bit values, "
                 f"{_index_words(self.index_bits)}; effective storage compression "
-                f"{effective}x; FLOPs counted for Linear/Conv only")
+                f"{effective}x; FLOPs of products, convolutions, attention, recurrent steps and bias adds")
 
     def to_markdown(self) -> str:
         """The table as GitHub-flavoured Markdown, total row in bold."""
@@ -256,14 +262,28 @@ def _counted_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.T
     return [(name, param, param) for name, param in module.named_parameters(recurse=False)]
 
 
+def _default_prunable(model: nn.Module) -> set[int]:
+    """Identities of the weights prunelab prunes by default (``prunelab.pruning.targets``: every
+    Linear-like weight — Linear, Conv, HF Conv1D, MultiheadAttention's q/k/v, RNN weights — tied
+    tensors once, an output layer tied to an embedding left out) and of SparseLinear weights."""
+    from prunelab.pruning.targets import TiedWeightSkipped, resolve_targets
+    from prunelab.sparse import SparseLinear
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TiedWeightSkipped)
+        try:
+            ids = {id(target.weight) for target in resolve_targets(model, None, where="summary")}
+        except ValueError:          # no Linear-like layer at all
+            ids = set()
+    return ids | {id(module.values) for module in model.modules() if isinstance(module, SparseLinear)}
+
+
 def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where: str) -> set[int]:
-    """Identities of the prunable parameters: by default the weight of every Linear and Conv
-    (and SparseLinear)."""
+    """Identities of the prunable parameters: by default those of :func:`_default_prunable`."""
     from prunelab.sparse import SparseLinear
 
     if prunable is None:
-        return {id(_counted_tensors(module)[0][1]) for module in model.modules()
-                if isinstance(module, (*COUNTED_TYPES, SparseLinear))}
+        return _default_prunable(model)
     if isinstance(prunable, str):
         prunable = [prunable]
     if not isinstance(prunable, Iterable):
@@ -297,7 +317,7 @@ def _warn_non_finite(model: nn.Module) -> None:
                       f"Did training diverge?", RuntimeWarning, stacklevel=3)
 
 
-def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
+def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
             prunable: Iterable[str] | str | None = None, bits: int = 32, index_bits: int | str = 4,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None) -> Summary:
@@ -305,19 +325,30 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
 
     Args:
         model: any ``nn.Module``; it is not modified (its train/eval modes are restored).
-        input_shape: shape of ONE input without the batch dimension, e.g. ``(1, 28, 28)``.
-            A dry forward of a zero tensor of shape ``(1, *input_shape)`` records
-            the output shapes of Linear/Conv layers for the FLOPs.
+        input_shape: shape of ONE input without the batch dimension, e.g. ``(1, 28, 28)``;
+            a zero tensor of shape ``(1, *input_shape)`` is run.
+        example_inputs: instead of ``input_shape``, inputs as the model takes them: a tensor,
+            a tuple of positional inputs or a dict of keyword inputs (``input_ids``,
+            ``attention_mask``, ``pixel_values``…), with a batch dimension first; their first
+            sample is run. Floating-point tensors are cast to ``dtype``, integer ones (token
+            ids) keep theirs. Exactly one of ``input_shape`` and ``example_inputs``.
         prunable: names of the parameters whose zeros count as sparsity (e.g.
-            ``["fc1.weight"]``); default: the ``weight`` of every Linear, Conv1d/2d/3d
-            and SparseLinear.
+            ``["fc1.weight"]``); default: the weights prunelab prunes by default (every
+            Linear-like weight: Linear, Conv1d/2d/3d, HF Conv1D, MultiheadAttention's
+            ``in_proj_weight``, RNN ``weight_ih/hh``; a weight tied to an embedding excluded)
+            and SparseLinear weights.
         bits: bits per stored value ``b``, in ``[1, 64]``.
         index_bits: bits per CSR relative index ``r``, in ``[1, 16]``, or ``"auto"`` for
             each tensor's best width (as ``prunelab.save(..., index_bits="auto")`` stores it).
         device, dtype: of the dry-run input; default: those of the model's parameters
-            (pass ``dtype=torch.long`` for a model that starts with an Embedding).
+            (pass ``dtype=torch.long`` with ``input_shape`` for a model that starts with an
+            Embedding, or give ``example_inputs``).
 
-    Rows are in ``model.named_modules()`` order. A parameter shared by several
+    The FLOPs come from one dry forward pass (no gradients, eval mode) whose operations are
+    counted as ``prunelab.metrics.flops`` describes: matrix products, convolutions, attention
+    products, recurrent steps and bias adds, each attributed to a module; a module that owns no
+    parameter but runs counted operations (an attention module's ``QKᵀ`` and ``AV``) gets a
+    row too. Rows are in ``model.named_modules()`` order. A parameter shared by several
     modules is counted in the first one only, so ``total.params`` equals
     ``sum(p.numel() for p in model.parameters())`` (plus, for a model with
     ``prunelab.sparse.SparseLinear`` layers, their weights and biases, counted as
@@ -330,31 +361,31 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int, *,
     the parameters that hold any (a diverged model is measured, not refused).
 
     Raises:
-        ValueError: bad ``input_shape`` (also when the forward pass fails with it),
-            unknown ``prunable`` names, ``bits``/``index_bits`` out of range.
+        ValueError: bad ``input_shape`` or ``example_inputs`` (also when the forward pass fails
+            with them), both or neither given, unknown ``prunable`` names, ``bits``/``index_bits``
+            out of range.
         TypeError: arguments of the wrong type.
     """
     where = "summary"
-    shape, device, dtype = resolve_input(model, input_shape, device, dtype, where)
+    dry = resolve_dry_input(model, input_shape, example_inputs, device, dtype, where)
     bits, index_bits = check_storage_bits(bits, index_bits, where)
     prunable_ids = _prunable_ids(model, prunable, where)
     _warn_non_finite(model)
-    calls = trace_outputs(model, shape, device, dtype, where)
+    flops = per_sample_flops(model, dry, where)
 
     rows, total = [], _Tally(StorageTally(bits, index_bits))
     seen: set[int] = set()
     for name, module in model.named_modules():
         own = _counted_tensors(module)
-        if not own:
+        if not own and module not in flops:
             continue
         tally = _Tally(StorageTally(bits, index_bits))
         for _, identity, tensor in own:
             if id(identity) not in seen:
                 seen.add(id(identity))
                 tally.add_tensor(tensor, id(identity) in prunable_ids)
-        if isinstance(module, flop_types()):
-            tally.add_flops(layer_flops(module, calls.get(module, [])))
+        tally.add_flops(flops.get(module))
         rows.append(tally.freeze(name, type(module).__name__))
         total.merge(tally)
-    return Summary(rows=tuple(rows), total=total.freeze("total", ""), input_shape=shape,
+    return Summary(rows=tuple(rows), total=total.freeze("total", ""), input_shape=dry.shape,
                    bits=bits, index_bits=index_bits)
