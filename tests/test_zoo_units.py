@@ -1,0 +1,153 @@
+"""Unit removal and thinning on every zoo model: groups scored and removed as one, masked outputs
+changed, thinned outputs equal to the masked model's, refusals clear."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunelab import units
+from prunelab.inputs import as_batch, logits_of
+from zoo import BY_NAME, zoo_params
+
+APPLIES = ["resnet18", "mobilenetv2", "transformer", "hf-gpt2", "hf-bert", "hf-vit", "hf-llama"]
+METHODS = ["rand", "norm", "abs_rs", "abs_mrs", "bp_rand", "bp_abs_mrs"]
+_BUILT = {}
+
+
+def built(z):
+    """One model and its calibration data per zoo entry (HF models take seconds to import)."""
+    if z.name not in _BUILT:
+        _BUILT[z.name] = (z.build(), z.batches(2, batch=4))
+    return _BUILT[z.name]
+
+
+def outputs(model, batch):
+    with torch.no_grad():
+        return logits_of(batch.call(model))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("z", zoo_params(APPLIES))
+def test_remove_then_thin_equals_the_masked_model(z, method):
+    model, data = built(z)
+    work = copy.deepcopy(model)
+    batch = as_batch(data[0], where="test")
+    if method.startswith("bp_") and z.name == "hf-llama":     # o_proj/down_proj have no bias
+        with pytest.raises(ValueError, match="model.layers.0.self_attn.o_proj.*no bias"):
+            units.remove_units(work, method, data, fraction=0.5)
+        assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), model.state_dict().values()))
+        return
+    result = units.remove_units(work, method, data, fraction=0.5)
+    for group in result.units.groups:
+        if group.name in result.plan:
+            assert len(result.plan[group.name]) == round(0.5 * group.n_units)
+    masked = outputs(work, batch)
+    assert (masked - outputs(model, batch)).abs().max() > 1e-6    # removal did something
+    small = units.thin(work, result)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(outputs(small, batch), masked, atol=1e-5, rtol=1e-5)
+
+
+def stream_of(result, member):
+    return next(g for g in result.units.groups if member in g.members)
+
+
+def test_resnet18_residual_stream_loses_half_its_channels():
+    model, data = built(BY_NAME["resnet18"])
+    work = copy.deepcopy(model)
+    result = units.remove_units(work, "abs_mrs", data, fraction=0.5)
+    stream = stream_of(result, "layer1.1.conv2")               # stem, layer1's conv2s and their BatchNorms
+    assert {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv1", "layer2.0.shortcut.0"} <= set(stream.members)
+    assert len(result.plan[stream.name]) == 4                 # 8 channels → 4, not the union of 3 picks
+    small = units.thin(work, result)
+    assert small.conv1.out_channels == 4 and small.layer1[1].conv2.out_channels == 4
+    assert small.layer1[0].conv1.in_channels == 4 and small.layer2[0].shortcut[0].in_channels == 4
+    dense = sum(p.numel() for p in model.parameters())
+    assert 0.2 < sum(p.numel() for p in small.parameters()) / dense < 0.35     # half the width: about a quarter
+
+
+def test_group_score_is_the_sum_of_its_members():
+    model, data = built(BY_NAME["resnet18"])
+    found = units.Units.of(model, example_inputs=data[0][0][:2])
+    stream = next(g for g in found.groups if "layer1.1.conv2" in g.members)
+    got = units.score_units(model, "norm", layers=[stream.name], units=found)[stream.name]
+    expected = sum(m.weight.detach().double().flatten(1).pow(2).sum(1) / m.weight[0].numel()
+                   for m in (model.conv1, model.layer1[0].conv2, model.layer1[1].conv2))
+    torch.testing.assert_close(got, expected)
+    rs = units.score_units(model, "rs", data, layers=[stream.name], units=found)[stream.name]
+    assert rs.shape == (8,) and torch.isfinite(rs).all()
+
+
+def test_depthwise_group_couples_the_convs_around_it():
+    model, data = built(BY_NAME["mobilenetv2"])
+    found = units.Units.of(model, example_inputs=data[0][0][:2])
+    group = next(g for g in found.groups if "blocks.1.block.3" in g.members)     # a depthwise conv
+    assert {"blocks.1.block.0", "blocks.1.block.3", "blocks.1.block.6"} <= set(group.members)
+    work = copy.deepcopy(model)
+    result = units.remove_units(work, "norm", data, count=5, layers=[group.name], units=units.Units.of(
+        work, example_inputs=data[0][0][:2]))
+    small = units.thin(work, result)
+    dw = small.blocks[1].block[3]
+    assert dw.groups == dw.in_channels == dw.out_channels == 24 - 5
+
+
+def test_gqa_query_heads_go_evenly_and_kv_heads_whole():
+    model, data = built(BY_NAME["hf-llama"])
+    batch = as_batch(data[0], where="test")
+    attn = "model.layers.0.self_attn"
+    for layers, heads, kv in (([f"{attn}:heads"], 2, 2), ([f"{attn}:kv_heads"], 2, 1)):
+        work = copy.deepcopy(model)
+        result = units.remove_units(work, "abs_mrs", data, fraction=0.5, layers=layers)
+        if layers[0].endswith(":heads"):
+            removed = result.plan[layers[0]]
+            assert sorted((removed // 2).tolist()) == [0, 1]          # one query head per key/value group
+        small = units.thin(work, result)
+        a = small.model.layers[0].self_attn
+        assert a.q_proj.out_features == heads * a.head_dim and a.k_proj.out_features == kv * a.head_dim
+        assert a.num_key_value_groups == heads // kv
+        torch.testing.assert_close(outputs(small, batch), outputs(work, batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="both the query heads and the key/value heads"):
+        units.remove_units(copy.deepcopy(model), "rand", data, fraction=0.5,
+                           layers=[f"{attn}:heads", f"{attn}:kv_heads"])
+
+
+@pytest.mark.parametrize("z", zoo_params(["hf-gpt2", "hf-bert", "hf-vit"]))
+def test_thinned_attention_has_fewer_heads(z):
+    model, data = built(z)
+    work = copy.deepcopy(model)
+    result = units.remove_units(work, "abs_rs", data, fraction=0.5)
+    small = units.thin(work, result)
+    heads = [g for g in result.units.groups if g.kind == "heads"]
+    assert heads
+    for group in heads:
+        owner = small.get_submodule(group.name.split(":")[0])
+        n = next(getattr(owner, a) for a in ("num_heads", "num_attention_heads") if hasattr(owner, a))
+        assert n == 2
+
+
+def test_refusals_name_the_reason():
+    model, data = built(BY_NAME["transformer"])
+    with pytest.raises(ValueError, match="encoder.layers.0.self_attn:heads.*num_heads × head_dim == embed_dim"):
+        units.remove_units(copy.deepcopy(model), "rand", data, fraction=0.5, layers=["encoder.layers.0.self_attn:heads"])
+    with pytest.raises(ValueError, match="hidden size.*norm over all hidden channels"):
+        units.remove_units(copy.deepcopy(model), "rand", data, fraction=0.5, layers=["hidden size"])
+    for name in ("lstm-lm", "gru-lm"):
+        lm, lm_data = built(BY_NAME[name])
+        with pytest.raises(ValueError, match="no unit layers.*recurrent units are not removed"):
+            units.remove_units(copy.deepcopy(lm), "rand", lm_data, fraction=0.5)
+
+
+def test_mean_replacement_without_bias_folds_into_the_next_batchnorm():
+    model, data = built(BY_NAME["resnet18"])
+    work = copy.deepcopy(model)
+    before = work.layer1[0].bn1.running_mean.clone()
+    result = units.remove_units(work, "bp_rand", data, fraction=0.5)
+    assert result.mean_replacement
+    assert not torch.equal(work.layer1[0].bn1.running_mean, before)   # conv1 has no bias: its BN absorbs
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 12 * 12, 2))
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(ValueError, match="bias of '2', which has none"):
+        units.remove_units(net, "bp_rand", (x, torch.zeros(4, dtype=torch.long)), fraction=0.5)
