@@ -12,7 +12,7 @@ from prunelab.inputs import as_batch, logits_of
 from zoo import BY_NAME, zoo_params
 
 APPLIES = ["resnet18", "mobilenetv2", "transformer", "hf-gpt2", "hf-bert", "hf-vit", "hf-llama"]
-METHODS = ["rand", "norm", "abs_rs", "abs_mrs", "bp_rand", "bp_abs_mrs"]
+METHODS = ["rand", "norm", "abs_rs", "abs_mrs", "bp_rand", "bp_norm", "bp_abs_rs", "bp_abs_mrs"]
 _BUILT = {}
 
 
@@ -151,3 +151,66 @@ def test_mean_replacement_without_bias_folds_into_the_next_batchnorm():
     x = torch.randn(4, 3, 16, 16)
     with pytest.raises(ValueError, match="bias of '2', which has none"):
         units.remove_units(net, "bp_rand", (x, torch.zeros(4, dtype=torch.long)), fraction=0.5)
+
+
+def _finite_difference(model, batch, scale_tensors, eps=1e-6):
+    """d(summed loss)/dε when the given (tensor, index) entries are multiplied by (1 − ε)."""
+    from prunelab.inputs import make_loss
+    from prunelab.units.groups import summed_loss
+
+    loss = make_loss(None, where="test")
+    values = []
+    for e in (eps, -eps):
+        work = copy.deepcopy(model)
+        with torch.no_grad():
+            for get, idx in scale_tensors:
+                get(work)[idx] *= (1 - e)
+            values.append(float(summed_loss(loss, batch.call(work), batch)))
+    return (values[0] - values[1]) / (2 * eps)
+
+
+def test_rs_of_a_residual_stream_is_the_derivative_of_scaling_it_everywhere():
+    # scaling a stream channel's BatchNorm scale and shift in every block that adds into it scales
+    # the channel by (1 − ε) at every layer that reads it (ReLU is positively homogeneous), so
+    # N · rs = d loss_sum / dε: the group score sums its members' first-order terms
+    model, data = built(BY_NAME["resnet18"])
+    model = copy.deepcopy(model).double()
+    x, y = data[0]
+    batch = as_batch((x.double(), y), where="test")
+    found = units.Units.of(model, example_inputs=x[:2].double())
+    stream = next(g for g in found.groups if "layer1.1.conv2" in g.members)
+    rs = units.score_units(model, "rs", [batch], layers=[stream.name], units=found)[stream.name]
+    norms = ("bn1", "layer1.0.bn2", "layer1.1.bn2")
+    for channel in (0, 5):
+        entries = [(lambda m, n=n, p=p: getattr(m.get_submodule(n), p), channel) for n in norms for p in ("weight", "bias")]
+        assert len(x) * rs[channel].item() == pytest.approx(_finite_difference(model, batch, entries), rel=1e-4, abs=1e-8)
+
+
+def test_rs_of_a_head_is_the_derivative_of_scaling_its_values():
+    model, data = built(BY_NAME["hf-bert"])
+    model = copy.deepcopy(model).double()
+    batch = as_batch(data[0], where="test")
+    attn = "bert.encoder.layer.1.attention.self"
+    found = units.Units.of(model, example_inputs=batch.inputs)
+    rs = units.score_units(model, "rs", [batch], layers=[f"{attn}:heads"], units=found)[f"{attn}:heads"]
+    for head in (0, 3):
+        rows = slice(head * 4, head * 4 + 4)
+        entries = [(lambda m, p=p: getattr(m.get_submodule(f"{attn}.value"), p), rows) for p in ("weight", "bias")]
+        assert batch.size * rs[head].item() == pytest.approx(_finite_difference(model, batch, entries), rel=1e-4, abs=1e-9)
+
+
+def test_thin_dead_units_of_a_gpt2_mlp_keeps_the_outputs():
+    # units with no incoming weight still output gelu(bias): thin_dead_units folds that constant
+    # into c_proj's bias (exact: a Linear-like layer, no padding) and removes them
+    model, data = built(BY_NAME["hf-gpt2"])
+    work = copy.deepcopy(model)
+    with torch.no_grad():
+        work.transformer.h[0].mlp.c_fc.weight[:, [1, 4, 9]] = 0.0      # Conv1D: weight (in, out)
+        work.transformer.h[0].mlp.c_fc.bias[[1, 4, 9]] = 0.5
+    batch = as_batch(data[0], where="test")
+    dead = units.zero_units(work, example_inputs=batch.inputs)
+    assert {k: v.tolist() for k, v in dead.items()} == {"transformer.h.0.mlp": [1, 4, 9]}
+    small, plan = units.thin_dead_units(work, example_inputs=batch.inputs)
+    assert list(plan) == ["transformer.h.0.mlp"]
+    assert small.transformer.h[0].mlp.c_fc.nf == 32 - 3 and small.transformer.h[0].mlp.c_proj.weight.shape[0] == 29
+    torch.testing.assert_close(outputs(small, batch), outputs(work, batch), atol=1e-5, rtol=1e-5)

@@ -100,14 +100,13 @@ class Units:
         """The chosen unit layers or groups; a refused group named raises its reason."""
         if self.chain is not None:
             return select_layers(self.chain.units, layers, where=where)
-        named = [layers] if isinstance(layers, str) else list(layers) if not isinstance(layers, str) else []
-        for name in named:
+        for name in [layers] if isinstance(layers, str) else list(layers):
             if name in self.refused:
                 raise ValueError(f"the 'layers' parameter of {where} names {name!r}, whose units cannot be removed: "
                                  f"{self.refused[name]}.")
-        pool = [g for g in self.groups if not (layers == "all" and g.kind == "kv_heads")]
-        chosen = select_layers(pool, layers, where=where) if layers == "all" or isinstance(layers, str) and \
-            layers in LAYER_SETS else select_layers(self.groups, layers, where=where)
+        # "all" leaves out whole key/value heads: they are an alternative to the query heads, named on purpose
+        pool = [g for g in self.groups if g.kind != "kv_heads"] if layers == "all" else self.groups
+        chosen = select_layers(pool, layers, where=where)
         owners = [g.owner for g in chosen if g.owner is not None]
         if len(owners) != len({id(o) for o in owners}):
             raise ValueError(f"the 'layers' parameter of {where} chooses both the query heads and the key/value heads "
@@ -122,22 +121,23 @@ def _is_sequence(model: nn.Module) -> bool:
 def _find_groups(model: nn.Module, batch: Batch) -> tuple[list, dict]:
     from prunelab.units import attention, graph
 
-    names = {m: n for n, m in model.named_modules()}
     if _is_sequence(model):
         found, refused = attention.find(model)
         for name, module in model.named_modules():
             if isinstance(module, nn.RNNBase):
                 refused[name] = (f"its hidden units feed back into every time step of {type(module).__name__}; "
                                  f"recurrent units are not removed")
-        refused["hidden size"] = ("the hidden size (embeddings, the residual stream and its LayerNorm/RMSNorm) is "
-                                  "not removed: a norm over all hidden channels changes for the others when some "
-                                  "go, so no thinned model equals the masked one")
+        normed = any(isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm") for m in model.modules())
+        refused["hidden size"] = (
+            "the hidden size (embeddings, the residual stream and its LayerNorm/RMSNorm) is not removed: a norm "
+            "over all hidden channels changes for the others when some go, so no thinned model equals the masked "
+            "one" if normed else "the hidden size (embeddings and the layers that read them) is not removed by "
+            "unit pruning")
     else:
         found, refused = graph.find(model, batch)
     if not found:
         reasons = "; ".join(f"{k}: {v}" for k, v in refused.items()) or "no Linear/Conv layer feeds another"
         raise ValueError(f"unit pruning found no unit layers in this {type(model).__name__} ({reasons}).")
-    del names
     return found, refused
 
 
@@ -283,7 +283,7 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     return thinned
 
 
-def zero_units(model: nn.Module, input_shape=None) -> dict[str, torch.Tensor]:
+def zero_units(model: nn.Module, input_shape=None, example_inputs=None) -> dict[str, torch.Tensor]:
     """The units whose incoming weights are all exactly zero, as a plan for :func:`thin`:
     ``{layer name: unit indices}`` over the unit layers of :class:`Units` (a layer's rows of
     ``weight``: a neuron's inputs, or a filter's ``in × kh × kw`` taps).
@@ -296,7 +296,7 @@ def zero_units(model: nn.Module, input_shape=None) -> dict[str, torch.Tensor]:
     to the next layer. Its outputs equal the model's exactly when those constants are 0, e.g.
     when the biases of the dead units are 0 too; :func:`thin_dead_units` keeps them.
     """
-    units = Units.of(model, input_shape)
+    units = Units.of(model, input_shape, example_inputs)
     plan = {}
     for layer in units.layers:
         dead = _dead(layer)
@@ -318,7 +318,7 @@ def _dead(layer) -> torch.Tensor:
     return torch.nonzero((rows == 0).all(dim=1)).flatten().cpu()
 
 
-def thin_dead_units(model: nn.Module, input_shape=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def thin_dead_units(model: nn.Module, input_shape=None, example_inputs=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A physically smaller copy of ``model`` without its dead units (:func:`zero_units`), with
     the same outputs, and the plan it removed.
 
@@ -333,11 +333,11 @@ def thin_dead_units(model: nn.Module, input_shape=None) -> tuple[nn.Module, dict
     """
     import copy
 
-    plan = zero_units(model, input_shape)
+    plan = zero_units(model, input_shape, example_inputs)
     work = copy.deepcopy(model)
     if not plan:
         return work, plan
-    units = Units.of(work, input_shape)
+    units = Units.of(work, input_shape, example_inputs)
     example = units.example()
     if units.chain is not None:
         batches = [(example, torch.zeros(len(example), dtype=torch.long, device=example.device))]

@@ -11,7 +11,7 @@ heads and MLPs, recognised by their structure).
 
 Each group is **scored as one**: its units are seen where they are consumed, as input features of
 the group's *points* (the layers that read them), and a unit's per-example first-order loss change
-is summed over all its features and points before the absolute value and the mean over examples
+is summed over all its features, positions and points before the absolute value and the mean over examples
 are taken (``rs``, ``mrs`` and their ``abs_`` forms; ``norm`` sums ``‖w‖²/fan-in`` over the
 producing rows; ``rand`` draws one number per unit). ``fraction=f`` then removes ``round(f·U)``
 units of the group — for attention heads with grouped-query attention, the same number in each
@@ -95,16 +95,18 @@ def summed_loss(loss: Loss, output, batch: Batch) -> torch.Tensor:
     return loss(output, batch) * batch.size
 
 
-def _per_example(a: torch.Tensor, dim: int) -> torch.Tensor:
-    """(N, F): the mean over every axis but the batch and the feature axis ``dim``."""
-    a = a.movedim(dim, -1)
-    return a.reshape(a.shape[0], -1, a.shape[-1]).mean(dim=1)
+def _per_example(a: torch.Tensor, dim: int, total: bool = False) -> torch.Tensor:
+    """(N, F): the mean (or with ``total`` the sum) over every axis but the batch and the feature
+    axis ``dim`` (positions, tokens)."""
+    a = a.movedim(dim, -1).reshape(a.shape[0], -1, a.shape[dim])
+    return a.sum(dim=1) if total else a.mean(dim=1)
 
 
 @dataclass
 class GroupStats:
-    """Per example and unit: ``removal`` = Σ_f mean_p(−a·g), ``replacement`` = Σ_f mean_p((ā − a)·g),
-    summed over the unit's features at every point; ``means``: ā per point."""
+    """Per example and unit: ``removal`` = Σ_f Σ_p(−a·g), ``replacement`` = Σ_f Σ_p((ā − a)·g),
+    summed over the unit's features and positions at every point (the first-order loss change
+    of the example); ``means``: ā per point (the mean over examples and positions)."""
 
     removal: torch.Tensor
     replacement: torch.Tensor
@@ -129,7 +131,11 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
         if module in captured:
             raise ValueError(f"unit scoring reads the input of {names[module]!r}, which runs more than once "
                              f"per forward; a layer called several times is not supported.")
-        captured[module] = inputs[0]
+        # an alias of the input, read by this layer only: the gradient at it is the gradient
+        # through this layer, not through every other use of the same tensor (a residual add)
+        alias = inputs[0].view_as(inputs[0])
+        captured[module] = alias
+        return (alias, *inputs[1:])
 
     names = {m: n for n, m in model.named_modules()}
     dims = {p.module: p.dim for g in groups for p in g.points}
@@ -146,8 +152,8 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
             for m, g in zip(order, grads):
                 a = captured[m].detach()
                 g = torch.zeros_like(a) if g is None else g.detach()
-                G[m].append(_per_example(g, dims[m]).double())
-                AG[m].append(_per_example(a * g, dims[m]).double())
+                G[m].append(_per_example(g, dims[m], total=True).double())
+                AG[m].append(_per_example(a * g, dims[m], total=True).double())
                 s = _per_example(a, dims[m]).double().sum(dim=0)
                 sums[m] = s if sums[m] is None else sums[m] + s
                 count[m] += a.shape[0]
@@ -186,7 +192,7 @@ def group_scores(scorer: str, group: UnitGroup, stats: GroupStats | None, genera
             w = getattr(axis.module, axis.name).detach().double().movedim(axis.dim, 0)
             rows = w[axis.index.flatten()].reshape(group.n_units, -1)
             fan_in = w[0].numel()
-            total += rows.pow(2).sum(dim=1) / fan_in
+            total += (rows.pow(2).sum(dim=1) / fan_in).cpu()
         return total
     value = {"rs": stats.removal.mean(dim=0), "abs_rs": stats.removal.abs().mean(dim=0),
              "mrs": stats.replacement.mean(dim=0), "abs_mrs": stats.replacement.abs().mean(dim=0)}
