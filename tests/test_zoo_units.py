@@ -11,7 +11,7 @@ from prunelab import units
 from prunelab.inputs import as_batch, logits_of
 from zoo import BY_NAME, zoo_params
 
-APPLIES = ["resnet18", "mobilenetv2", "transformer", "hf-gpt2", "hf-bert", "hf-vit", "hf-llama"]
+APPLIES = ["resnet18", "mobilenetv2", "transformer", "lstm-lm", "gru-lm", "hf-gpt2", "hf-bert", "hf-vit", "hf-llama"]
 METHODS = ["rand", "norm", "abs_rs", "abs_mrs", "bp_rand", "bp_norm", "bp_abs_rs", "bp_abs_mrs"]
 _BUILT = {}
 
@@ -130,13 +130,38 @@ def test_thinned_attention_has_fewer_heads(z):
 def test_refusals_name_the_reason():
     model, data = built(BY_NAME["transformer"])
     with pytest.raises(ValueError, match="encoder.layers.0.self_attn:heads.*num_heads × head_dim == embed_dim"):
-        units.remove_units(copy.deepcopy(model), "rand", data, fraction=0.5, layers=["encoder.layers.0.self_attn:heads"])
+        units.remove_units(copy.deepcopy(model), "rand", data, fraction=0.5,
+                           layers=["encoder.layers.0.self_attn:heads"])
     with pytest.raises(ValueError, match="hidden size.*norm over all hidden channels"):
         units.remove_units(copy.deepcopy(model), "rand", data, fraction=0.5, layers=["hidden size"])
-    for name in ("lstm-lm", "gru-lm"):
-        lm, lm_data = built(BY_NAME[name])
-        with pytest.raises(ValueError, match="no unit layers.*recurrent units are not removed"):
-            units.remove_units(copy.deepcopy(lm), "rand", lm_data, fraction=0.5)
+    lm, lm_data = built(BY_NAME["lstm-lm"])
+    with pytest.raises(ValueError, match="'rnn'.*recurrent units are not removed"):
+        units.remove_units(copy.deepcopy(lm), "rand", lm_data, fraction=0.5, layers=["rnn"])
+
+    class Tagger(nn.Module):            # an RNN on float features: no unit layer at all
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(6, 8, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    x = torch.randn(4, 5, 6)
+    with pytest.raises(ValueError, match="found no unit layers in this Tagger.*recurrent units are not removed"):
+        units.remove_units(Tagger(), "rand", (x, torch.zeros(4, dtype=torch.long)), fraction=0.5)
+
+
+@pytest.mark.parametrize("z", zoo_params(["lstm-lm", "gru-lm"]))
+def test_embedding_into_a_recurrent_layer_is_one_group(z):
+    model, data = built(z)
+    work = copy.deepcopy(model)
+    result = units.remove_units(work, "bp_abs_mrs", data, fraction=0.5)
+    assert list(result.plan) == ["embed"] and result.units.groups[0].members == ["embed", "rnn"]
+    small = units.thin(work, result)
+    assert small.embed.embedding_dim == small.rnn.input_size == 8 and small.rnn.weight_ih_l0.shape[1] == 8
+    batch = as_batch(data[0], where="test")
+    torch.testing.assert_close(outputs(small, batch), outputs(work, batch), atol=1e-5, rtol=1e-5)
 
 
 def test_mean_replacement_without_bias_folds_into_the_next_batchnorm():
@@ -182,8 +207,10 @@ def test_rs_of_a_residual_stream_is_the_derivative_of_scaling_it_everywhere():
     rs = units.score_units(model, "rs", [batch], layers=[stream.name], units=found)[stream.name]
     norms = ("bn1", "layer1.0.bn2", "layer1.1.bn2")
     for channel in (0, 5):
-        entries = [(lambda m, n=n, p=p: getattr(m.get_submodule(n), p), channel) for n in norms for p in ("weight", "bias")]
-        assert len(x) * rs[channel].item() == pytest.approx(_finite_difference(model, batch, entries), rel=1e-4, abs=1e-8)
+        entries = [(lambda m, n=n, p=p: getattr(m.get_submodule(n), p), channel)
+                   for n in norms for p in ("weight", "bias")]
+        expected = _finite_difference(model, batch, entries)
+        assert len(x) * rs[channel].item() == pytest.approx(expected, rel=1e-4, abs=1e-8)
 
 
 def test_rs_of_a_head_is_the_derivative_of_scaling_its_values():
@@ -196,7 +223,8 @@ def test_rs_of_a_head_is_the_derivative_of_scaling_its_values():
     for head in (0, 3):
         rows = slice(head * 4, head * 4 + 4)
         entries = [(lambda m, p=p: getattr(m.get_submodule(f"{attn}.value"), p), rows) for p in ("weight", "bias")]
-        assert batch.size * rs[head].item() == pytest.approx(_finite_difference(model, batch, entries), rel=1e-4, abs=1e-9)
+        expected = _finite_difference(model, batch, entries)
+        assert batch.size * rs[head].item() == pytest.approx(expected, rel=1e-4, abs=1e-9)
 
 
 def test_thin_dead_units_of_a_gpt2_mlp_keeps_the_outputs():
@@ -214,3 +242,32 @@ def test_thin_dead_units_of_a_gpt2_mlp_keeps_the_outputs():
     assert list(plan) == ["transformer.h.0.mlp"]
     assert small.transformer.h[0].mlp.c_fc.nf == 32 - 3 and small.transformer.h[0].mlp.c_proj.weight.shape[0] == 29
     torch.testing.assert_close(outputs(small, batch), outputs(work, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_into_a_sequence_first_bidirectional_lstm():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 6)
+            self.rnn = nn.LSTM(6, 5, bidirectional=True)          # (T, N, D) inputs
+            self.out = nn.Linear(10, 3)
+
+        def forward(self, tokens):                                # tokens (N, T)
+            return self.out(self.rnn(self.embed(tokens.T))[0][-1])
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    tokens, y = torch.randint(0, 20, (7, 4)), torch.randint(0, 3, (7,))
+    scores = units.score_units(model, "abs_mrs", (tokens, y))["embed"]
+    assert scores.shape == (6,) and (scores > 0).all()
+    result = units.remove_units(model, "bp_abs_mrs", (tokens, y), count=2)
+    small = units.thin(model, result)
+    assert small.rnn.weight_ih_l0_reverse.shape == (20, 4) and small.rnn.input_size == 4
+    torch.testing.assert_close(small(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_the_model_cannot_take_give_one_clear_error():
+    model, _ = built(BY_NAME["transformer"])
+    with pytest.raises(ValueError, match=r"could not run the model on a zero float tensor of input_shape \(8,\).*"
+                                         r"example_inputs="):
+        units.score_units(model, "norm", input_shape=(8,))

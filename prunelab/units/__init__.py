@@ -77,6 +77,7 @@ class Units:
         from prunelab.inputs import example_batch
         batch = example_batch(model, tuple(input_shape) if input_shape is not None else None, example_inputs,
                               where="unit pruning", device=next(model.parameters()).device)
+        _dry_run(model, batch, input_shape)
         bad = unsupported_activation(model)
         if bad:
             raise ValueError(f"unit pruning needs activations with f(0) = 0, so that a removed unit "
@@ -114,25 +115,39 @@ class Units:
         return chosen
 
 
+def _dry_run(model: nn.Module, batch: Batch, input_shape) -> None:
+    """Run the example once, so that inputs the model cannot take fail with one clear error."""
+    from prunelab.inputs import forward_batches
+
+    try:
+        forward_batches(model, [batch], where="unit pruning")
+    except (RuntimeError, TypeError, IndexError, ValueError) as error:
+        given = f"a zero float tensor of input_shape {tuple(input_shape)}" if input_shape is not None else \
+            "the example inputs"
+        raise ValueError(f"unit pruning could not run the model on {given}: {type(error).__name__}: {error}. Pass "
+                         f"example_inputs= (or data=) in the form the model takes, e.g. token ids or a dict "
+                         f"of keyword inputs.") from None
+
+
 def _is_sequence(model: nn.Module) -> bool:
     return any(isinstance(m, SEQUENCE_MODULES) or type(m).__name__.endswith("RMSNorm") for m in model.modules())
 
 
 def _find_groups(model: nn.Module, batch: Batch) -> tuple[list, dict]:
-    from prunelab.units import attention, graph
+    from prunelab.units import attention, graph, recurrent
 
     if _is_sequence(model):
         found, refused = attention.find(model)
+        found += recurrent.find(model, batch)
         for name, module in model.named_modules():
             if isinstance(module, nn.RNNBase):
                 refused[name] = (f"its hidden units feed back into every time step of {type(module).__name__}; "
                                  f"recurrent units are not removed")
-        normed = any(isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm") for m in model.modules())
-        refused["hidden size"] = (
-            "the hidden size (embeddings, the residual stream and its LayerNorm/RMSNorm) is not removed: a norm "
-            "over all hidden channels changes for the others when some go, so no thinned model equals the masked "
-            "one" if normed else "the hidden size (embeddings and the layers that read them) is not removed by "
-            "unit pruning")
+        if any(isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm") for m in model.modules()):
+            refused["hidden size"] = (
+                "the hidden size (embeddings, the residual stream and its LayerNorm/RMSNorm) is not removed: a norm "
+                "over all hidden channels changes for the others when some go, so no thinned model equals the "
+                "masked one")
     else:
         found, refused = graph.find(model, batch)
     if not found:
@@ -318,7 +333,8 @@ def _dead(layer) -> torch.Tensor:
     return torch.nonzero((rows == 0).all(dim=1)).flatten().cpu()
 
 
-def thin_dead_units(model: nn.Module, input_shape=None, example_inputs=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def thin_dead_units(model: nn.Module, input_shape=None,
+                    example_inputs=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A physically smaller copy of ``model`` without its dead units (:func:`zero_units`), with
     the same outputs, and the plan it removed.
 
@@ -350,7 +366,7 @@ def thin_dead_units(model: nn.Module, input_shape=None, example_inputs=None) -> 
         surgery.mask_units(units.chain, plan, means)
         return thin(work, plan, input_shape=units.input_shape), plan
     chosen = [g for g in units.groups if g.name in plan]
-    foldable = all(getattr(p.module, "bias", None) is not None or p.absorb is not None for g in chosen for p in g.points)
+    foldable = all(p.has_bias() or p.absorb is not None for g in chosen for p in g.points)
     names = {m: n for n, m in work.named_modules()}
     if foldable:
         means = unit_groups.point_means(work, chosen, [units.example_batch])

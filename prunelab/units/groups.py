@@ -53,14 +53,22 @@ class Axis:
 
 @dataclass
 class Point:
-    """A layer that reads the group's units: feature ``index[u]`` of its first input's ``dim`` axis.
-    ``absorb``: a module whose running mean can take the folded constant when the layer has no bias."""
+    """A layer that reads the group's units: feature ``index[u]`` of its first input's ``dim`` axis
+    (examples along ``batch_dim``). ``absorb``: a module whose running mean can take the folded
+    constant when the layer has no bias. ``weights``/``biases``: the parameter pairs a constant
+    input folds through (a bidirectional RNN has two)."""
 
     module: nn.Module
     name: str
     dim: int
     index: torch.Tensor
     absorb: nn.Module | None = None
+    batch_dim: int = 0
+    weights: tuple = ("weight",)
+    biases: tuple = ("bias",)
+
+    def has_bias(self) -> bool:
+        return all(getattr(self.module, b, None) is not None for b in self.biases)
 
 
 @dataclass
@@ -95,10 +103,12 @@ def summed_loss(loss: Loss, output, batch: Batch) -> torch.Tensor:
     return loss(output, batch) * batch.size
 
 
-def _per_example(a: torch.Tensor, dim: int, total: bool = False) -> torch.Tensor:
-    """(N, F): the mean (or with ``total`` the sum) over every axis but the batch and the feature
-    axis ``dim`` (positions, tokens)."""
-    a = a.movedim(dim, -1).reshape(a.shape[0], -1, a.shape[dim])
+def _per_example(a: torch.Tensor, dim: int, total: bool = False, batch_dim: int = 0) -> torch.Tensor:
+    """(N, F): the mean (or with ``total`` the sum) over every axis but the batch axis and the
+    feature axis ``dim`` (positions, tokens)."""
+    features = a.shape[dim]
+    a = a.movedim(dim, -1).movedim(batch_dim, 0)      # batch_dim ≥ 0, before the feature axis
+    a = a.reshape(a.shape[0], -1, features)
     return a.sum(dim=1) if total else a.mean(dim=1)
 
 
@@ -138,7 +148,7 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
         return (alias, *inputs[1:])
 
     names = {m: n for n, m in model.named_modules()}
-    dims = {p.module: p.dim for g in groups for p in g.points}
+    dims = {p.module: (p.dim, p.batch_dim) for g in groups for p in g.points}
     handles = [m.register_forward_pre_hook(hook) for m in modules]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -152,11 +162,12 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
             for m, g in zip(order, grads):
                 a = captured[m].detach()
                 g = torch.zeros_like(a) if g is None else g.detach()
-                G[m].append(_per_example(g, dims[m], total=True).double())
-                AG[m].append(_per_example(a * g, dims[m], total=True).double())
-                s = _per_example(a, dims[m]).double().sum(dim=0)
+                dim, batch_dim = dims[m]
+                G[m].append(_per_example(g, dim, True, batch_dim).double())
+                AG[m].append(_per_example(a * g, dim, True, batch_dim).double())
+                s = _per_example(a, dim, False, batch_dim).double().sum(dim=0)
                 sums[m] = s if sums[m] is None else sums[m] + s
-                count[m] += a.shape[0]
+                count[m] += a.shape[batch_dim]
     finally:
         for h in handles:
             h.remove()
@@ -221,28 +232,32 @@ def fold_means(group: UnitGroup, units: torch.Tensor, means: list[torch.Tensor],
     point), folded into its bias (or the running mean of the BatchNorm after it)."""
     for point, mean in zip(group.points, means):
         features = _elements(point, units)
-        m, W = point.module, point.module.weight.detach().double()
-        if is_hf_conv1d(m):
-            contribution = W[features].T @ mean[features]
-        elif W.dim() > 2:
-            contribution = W[:, features].flatten(2).sum(dim=2) @ mean[features]
-        else:
-            contribution = W[:, features] @ mean[features]
-        if getattr(m, "bias", None) is not None:
-            m.bias += contribution.to(m.bias.dtype)
-        elif point.absorb is not None:
-            point.absorb.running_mean -= contribution.to(point.absorb.running_mean.dtype)
-        else:
-            raise ValueError(f"mean replacement folds the removed units' mean into the layer that reads them, "
-                             f"{names[m]!r}, but it has no bias and no BatchNorm right after it to absorb the "
-                             f"constant; prune without mean replacement (a method without 'bp_').")
+        m = point.module
+        for weight, bias in zip(point.weights, point.biases):
+            if getattr(m, weight, None) is None:
+                continue
+            W = getattr(m, weight).detach().double()
+            if is_hf_conv1d(m):
+                contribution = W[features].T @ mean[features]
+            elif W.dim() > 2:
+                contribution = W[:, features].flatten(2).sum(dim=2) @ mean[features]
+            else:
+                contribution = W[:, features] @ mean[features]
+            if point.has_bias():
+                getattr(m, bias).add_(contribution.to(getattr(m, bias).dtype))
+            elif point.absorb is not None:
+                point.absorb.running_mean -= contribution.to(point.absorb.running_mean.dtype)
+            else:
+                raise ValueError(f"mean replacement folds the removed units' mean into the layer that reads them, "
+                                 f"{names[m]!r}, but it has no bias and no BatchNorm right after it to absorb the "
+                                 f"constant; prune without mean replacement (a method without 'bp_').")
 
 
 def check_foldable(groups: list[UnitGroup], names: dict) -> None:
     """Refuse mean replacement before any work where a point cannot absorb the constant."""
     for group in groups:
         for point in group.points:
-            if getattr(point.module, "bias", None) is None and point.absorb is None:
+            if not point.has_bias() and point.absorb is None:
                 raise ValueError(f"mean replacement of the units of {group.name!r} folds their mean into the "
                                  f"layer that reads them, {names[point.module]!r}, but it has no bias and no "
                                  f"BatchNorm right after it to absorb the constant; prune without mean "
@@ -285,11 +300,11 @@ def point_means(model: nn.Module, groups: list[UnitGroup], batches: list[Batch])
     """ā of every point's input features over ``batches`` (forward only, eval mode)."""
     from prunelab.inputs import forward_batches
 
-    modules = {p.module: p.dim for g in groups for p in g.points}
+    modules = {p.module: (p.dim, p.batch_dim) for g in groups for p in g.points}
     sums, counts = {}, {}
 
     def hook(module, inputs):
-        a = _per_example(inputs[0].detach(), modules[module]).double()
+        a = _per_example(inputs[0].detach(), modules[module][0], False, modules[module][1]).double()
         sums[module] = sums.get(module, 0) + a.sum(dim=0)
         counts[module] = counts.get(module, 0) + a.shape[0]
 
@@ -325,7 +340,9 @@ def thin_groups(model: nn.Module, groups: list[UnitGroup], plan: dict[str, torch
 
 def _fix_sizes(module: nn.Module) -> None:
     """Make a module's size attributes match its cut tensors."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif is_hf_conv1d(module):
         module.nx, module.nf = module.weight.shape
@@ -335,5 +352,7 @@ def _fix_sizes(module: nn.Module) -> None:
             module.groups = module.in_channels = module.out_channels = out
         else:
             module.out_channels, module.in_channels = out, module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.RNNBase):
+        module.input_size = module.weight_ih_l0.shape[1]
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
