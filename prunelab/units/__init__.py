@@ -12,6 +12,15 @@ propagation). ``layers`` picks the unit layers: ``"all"``, ``"first_conv"``,
 ``"middle_conv"``, ``"last_conv"``, ``"first_dense"``, one name or a list. Every
 chosen layer loses ``fraction`` of its units (or ``count`` units); a layer is never
 emptied.
+
+A plain chain of Linear/Conv2d layers (the registry's models) is handled layer by layer
+(:mod:`~prunelab.units.structure`, :mod:`~prunelab.units.surgery`). Any other model is split into
+*unit groups* of coupled units, each scored, removed and thinned as one
+(:mod:`~prunelab.units.groups`): residual streams and depthwise convs through Torch-Pruning's graph
+(:mod:`~prunelab.units.graph`), transformer MLP neurons and attention heads
+(:mod:`~prunelab.units.attention`), embeddings feeding a recurrent layer
+(:mod:`~prunelab.units.recurrent`). Calibration data are batches as the model takes them
+(:mod:`prunelab.inputs`).
 """
 
 from __future__ import annotations
@@ -262,15 +271,23 @@ def remove_units(model: nn.Module, method: str = "bp_abs_mrs", data=None, *, fra
         surgery.mask_units(units.chain, plan, means)
         return UnitPruning(method, plan, mean_replacement, scores, stats, units)
     plan = {g.name: unit_groups.select_group(g, scores[g.name], select, fraction, count) for g in chosen}
+    means = None
     if mean_replacement:
         means = {k: v.means for k, v in stats.items()} if stats else unit_groups.point_means(model, chosen, batches)
-        for group in chosen:                   # every fold reads the weights before any zeroing
+    _mask_groups(chosen, plan, means, names)
+    return UnitPruning(method, plan, mean_replacement, scores, stats, units)
+
+
+def _mask_groups(chosen: list[UnitGroup], plan: dict, means: dict | None, names: dict) -> None:
+    """Masked removal of the groups' planned units, with mean replacement when ``means`` are given:
+    every fold reads the weights before any zeroing."""
+    if means is not None:
+        for group in chosen:
             if len(plan[group.name]):
                 unit_groups.fold_means(group, plan[group.name], means[group.name], names)
     for group in chosen:
         if len(plan[group.name]):
             unit_groups.zero(group, plan[group.name])
-    return UnitPruning(method, plan, mean_replacement, scores, stats, units)
 
 
 def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, input_shape=None,
@@ -367,13 +384,8 @@ def thin_dead_units(model: nn.Module, input_shape=None,
         return thin(work, plan, input_shape=units.input_shape), plan
     chosen = [g for g in units.groups if g.name in plan]
     foldable = all(p.has_bias() or p.absorb is not None for g in chosen for p in g.points)
-    names = {m: n for n, m in work.named_modules()}
-    if foldable:
-        means = unit_groups.point_means(work, chosen, [units.example_batch])
-        for group in chosen:
-            unit_groups.fold_means(group, plan[group.name], means[group.name], names)
-    for group in chosen:
-        unit_groups.zero(group, plan[group.name])
+    means = unit_groups.point_means(work, chosen, [units.example_batch]) if foldable else None
+    _mask_groups(chosen, plan, means, {m: n for n, m in work.named_modules()})
     return thin(work, UnitPruning("dead", plan, foldable, {}, None, units)), plan
 
 
