@@ -271,3 +271,28 @@ def test_inputs_the_model_cannot_take_give_one_clear_error():
     with pytest.raises(ValueError, match=r"could not run the model on a zero float tensor of input_shape \(8,\).*"
                                          r"example_inputs="):
         units.score_units(model, "norm", input_shape=(8,))
+
+
+def test_groups_through_unsupported_modules_are_left_out_with_the_reason():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.GroupNorm(2, 8)
+            self.b = nn.Conv2d(8, 8, 3, padding=1, groups=2)     # grouped, not depthwise
+            self.c = nn.Conv2d(8, 6, 1)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            x = self.b(torch.relu(self.norm(self.a(x))))
+            return self.fc(torch.relu(self.c(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))
+    result = units.remove_units(net, "abs_rs", (x, y), fraction=0.5)
+    assert list(result.plan) == ["c"]
+    assert "GroupNorm" in result.refused["a"] and "grouped convolution (groups=2)" in result.refused["b"]
+    with pytest.raises(ValueError, match="names 'b', whose units cannot be removed: 'b' is a grouped convolution"):
+        units.remove_units(net, "rand", (x, y), fraction=0.5, layers=["b"])
+    torch.testing.assert_close(units.thin(net, result)(x), net(x), atol=1e-5, rtol=1e-5)

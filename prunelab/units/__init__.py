@@ -177,6 +177,11 @@ class UnitPruning:
     units: Units
 
     @property
+    def refused(self) -> dict[str, str]:
+        """Groups of the model that unit removal leaves alone, with the reason."""
+        return dict(self.units.refused)
+
+    @property
     def removed(self) -> int:
         return sum(len(v) for v in self.plan.values())
 
