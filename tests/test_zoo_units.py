@@ -296,3 +296,27 @@ def test_groups_through_unsupported_modules_are_left_out_with_the_reason():
     with pytest.raises(ValueError, match="names 'b', whose units cannot be removed: 'b' is a grouped convolution"):
         units.remove_units(net, "rand", (x, y), fraction=0.5, layers=["b"])
     torch.testing.assert_close(units.thin(net, result)(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_mean_replacing_constant_mlp_units_is_free():
+    # a GPT-2 MLP unit with no incoming weight outputs gelu(bias) at every token: its abs_mrs
+    # score is 0, it is picked first, and replacing it by its mean changes no output
+    model, data = built(BY_NAME["hf-gpt2"])
+    work = copy.deepcopy(model)
+    with torch.no_grad():
+        work.transformer.h[1].mlp.c_fc.weight[:, [2, 5]] = 0.0
+        work.transformer.h[1].mlp.c_fc.bias[[2, 5]] = 0.3
+    batch = as_batch(data[0], where="test")
+    before = outputs(work, batch)
+    group = "transformer.h.1.mlp"
+    scores = units.score_units(work, "abs_mrs", data, layers=[group])[group]
+    assert scores[[2, 5]].max() < 1e-8 and scores[[2, 5]].max() < scores.sort().values[2]   # 0 up to float32
+    result = units.remove_units(work, "bp_abs_mrs", data, count=2, layers=[group])
+    assert result.plan[group].tolist() == [2, 5]
+    torch.testing.assert_close(outputs(work, batch), before, atol=1e-6, rtol=1e-6)
+    no_mean = copy.deepcopy(model)
+    with torch.no_grad():
+        no_mean.transformer.h[1].mlp.c_fc.weight[:, [2, 5]] = 0.0
+        no_mean.transformer.h[1].mlp.c_fc.bias[[2, 5]] = 0.3
+    units.remove_units(no_mean, "abs_mrs", data, count=2, layers=[group])
+    assert (outputs(no_mean, batch) - before).abs().max() > 1e-5          # without the mean it changes

@@ -307,6 +307,7 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     plan = {k: torch.as_tensor(v, dtype=torch.long) for k, v in plan.items()}
     if units.chain is not None:
         return surgery.thin_chain(model, units.chain, plan)
+    plan = {k: v.cpu() for k, v in plan.items()}
     by_name = {g.name: g for g in units.groups}
     unknown = [k for k in plan if k not in by_name]
     if unknown:

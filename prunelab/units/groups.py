@@ -163,9 +163,9 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
                 a = captured[m].detach()
                 g = torch.zeros_like(a) if g is None else g.detach()
                 dim, batch_dim = dims[m]
-                G[m].append(_per_example(g, dim, True, batch_dim).double())
-                AG[m].append(_per_example(a * g, dim, True, batch_dim).double())
-                s = _per_example(a, dim, False, batch_dim).double().sum(dim=0)
+                G[m].append(_per_example(g, dim, True, batch_dim).double().cpu())   # plans index CPU maps
+                AG[m].append(_per_example(a * g, dim, True, batch_dim).double().cpu())
+                s = _per_example(a, dim, False, batch_dim).double().sum(dim=0).cpu()
                 sums[m] = s if sums[m] is None else sums[m] + s
                 count[m] += a.shape[batch_dim]
     finally:
@@ -237,12 +237,13 @@ def fold_means(group: UnitGroup, units: torch.Tensor, means: list[torch.Tensor],
             if getattr(m, weight, None) is None:
                 continue
             W = getattr(m, weight).detach().double()
+            mean_f = mean[features].to(W.device)
             if is_hf_conv1d(m):
-                contribution = W[features].T @ mean[features]
+                contribution = W[features].T @ mean_f
             elif W.dim() > 2:
-                contribution = W[:, features].flatten(2).sum(dim=2) @ mean[features]
+                contribution = W[:, features].flatten(2).sum(dim=2) @ mean_f
             else:
-                contribution = W[:, features] @ mean[features]
+                contribution = W[:, features] @ mean_f
             if point.has_bias():
                 getattr(m, bias).add_(contribution.to(getattr(m, bias).dtype))
             elif point.absorb is not None:
