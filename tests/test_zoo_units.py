@@ -320,3 +320,33 @@ def test_mean_replacing_constant_mlp_units_is_free():
         no_mean.transformer.h[1].mlp.c_fc.bias[[2, 5]] = 0.3
     units.remove_units(no_mean, "abs_mrs", data, count=2, layers=[group])
     assert (outputs(no_mean, batch) - before).abs().max() > 1e-5          # without the mean it changes
+
+
+def test_thin_refuses_an_attention_whose_forward_reads_its_own_head_count():
+    class Attention(nn.Module):       # looks like LLaMA's, but splits heads with a count of its own
+        def __init__(self, d=8, heads=4):
+            super().__init__()
+            self.head_dim, self.split = d // heads, heads
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            n, t, _ = x.shape
+            q, k, v = (p(x).view(n, t, self.split, -1).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+            return self.o_proj(out.transpose(1, 2).reshape(n, t, -1))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Embedding(10, 8), Attention(), nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            return self.head(self.attn(self.embed(tokens)).mean(dim=1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    tokens, y = torch.randint(0, 10, (4, 5)), torch.randint(0, 3, (4,))
+    result = units.remove_units(net, "rand", (tokens, y), fraction=0.5, layers=["attn:heads"])
+    with pytest.raises(ValueError, match="thinning attn:heads does not keep the masked model's outputs"):
+        units.thin(net, result)

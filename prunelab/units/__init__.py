@@ -318,7 +318,41 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
         by_name = {g.name: g for g in units.groups}
     thinned, groups = copy.deepcopy((model, [by_name[k] for k in plan]))
     unit_groups.thin_groups(thinned, groups, plan)
+    if isinstance(pruning, UnitPruning) and _still_masked([by_name[k] for k in plan], plan):
+        _check_thinned(model, thinned, units.example_batch, list(plan))
     return thinned
+
+
+def _still_masked(groups: list[UnitGroup], plan: dict) -> bool:
+    """Whether every tensor that masked removal zeroed is still 0 (no training since)."""
+    for group in groups:
+        units = plan[group.name]
+        for axis in group.zero:
+            tensor = getattr(axis.module, axis.name)
+            if tensor is not None and len(units) and bool(
+                    tensor.detach().index_select(axis.dim, axis.index[units].flatten().to(tensor.device)).any()):
+                return False
+    return True
+
+
+def _check_thinned(masked: nn.Module, thinned: nn.Module, batch: Batch, names: list[str]) -> None:
+    """The thinned model must give the masked model's outputs on the example: a forward that reads
+    a size prunelab does not update (a head count kept elsewhere) is caught here, not later."""
+    from prunelab.inputs import forward_batches, logits_of
+
+    expected = forward_batches(masked, [batch], where="thin")
+    try:
+        got = forward_batches(thinned, [batch], where="thin")
+        expected, got = logits_of(expected), logits_of(got)
+        difference = float((expected - got).abs().max()) if expected.shape == got.shape else float("inf")
+    except (RuntimeError, ValueError, TypeError) as error:
+        difference, detail = float("inf"), f" ({type(error).__name__}: {error})"
+    else:
+        detail = ""
+    if not difference <= 1e-4 * (1.0 + float(expected.abs().max())):
+        raise ValueError(f"thinning {', '.join(names)} does not keep the masked model's outputs (largest difference "
+                         f"{difference:.3g}){detail}: the model's forward reads a size that unit removal does not "
+                         f"update (e.g. a head count of its own). The masked model is unchanged; use it as it is.")
 
 
 def zero_units(model: nn.Module, input_shape=None, example_inputs=None) -> dict[str, torch.Tensor]:
