@@ -12,26 +12,42 @@ propagation). ``layers`` picks the unit layers: ``"all"``, ``"first_conv"``,
 ``"middle_conv"``, ``"last_conv"``, ``"first_dense"``, one name or a list. Every
 chosen layer loses ``fraction`` of its units (or ``count`` units); a layer is never
 emptied.
+
+A plain chain of Linear/Conv2d layers (the registry's models) is handled layer by layer
+(:mod:`~prunelab.units.structure`, :mod:`~prunelab.units.surgery`). Any other model is split into
+*unit groups* of coupled units, each scored, removed and thinned as one
+(:mod:`~prunelab.units.groups`): residual streams and depthwise convs through Torch-Pruning's graph
+(:mod:`~prunelab.units.graph`), transformer MLP neurons and attention heads
+(:mod:`~prunelab.units.attention`), embeddings feeding a recurrent layer
+(:mod:`~prunelab.units.recurrent`). Calibration data are batches as the model takes them
+(:mod:`prunelab.inputs`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from prunelab._validation import check_choice, check_finite, check_number, check_type
-from prunelab.inputs import iter_batches
-from prunelab.units import graph, surgery
+from prunelab.inputs import Batch, iter_batches, make_loss
+from prunelab.units import groups as unit_groups
+from prunelab.units import surgery
+from prunelab.units.groups import GroupStats, UnitGroup
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
 from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, select_layers,
                                       unsupported_activation)
 
 METHODS = tuple([*SCORERS, *(f"bp_{s}" for s in SCORERS)])
 
-__all__ = ["LAYER_SETS", "METHODS", "SCORERS", "UnitPruning", "UnitStats", "Units", "collect_stats",
+__all__ = ["LAYER_SETS", "METHODS", "SCORERS", "UnitGroup", "UnitPruning", "UnitStats", "Units", "collect_stats",
            "parse_method", "remove_units", "score_units", "thin", "thin_dead_units", "zero_units"]
+
+#: Modules that make a model a transformer or sequence model: its unit groups are MLP neurons
+#: and attention heads (:mod:`prunelab.units.attention`), not Torch-Pruning's channel groups.
+SEQUENCE_MODULES = (nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, nn.RNNBase)
 
 
 def parse_method(method: str, where: str = "remove_units") -> tuple[str, bool]:
@@ -40,98 +56,186 @@ def parse_method(method: str, where: str = "remove_units") -> tuple[str, bool]:
     return (method[3:], True) if method.startswith("bp_") else (method, False)
 
 
+def _single_float_input(batch: Batch | None) -> bool:
+    return batch is not None and len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point()
+
+
 @dataclass
 class Units:
-    """A model's unit layers: a chain analysis, or the layers of a graph model."""
+    """A model's unit layers: a chain analysis (plain chains of Linear/Conv2d), or its unit
+    groups (:class:`~prunelab.units.groups.UnitGroup`) with the groups refused and why."""
 
     model: nn.Module
-    input_shape: tuple
+    input_shape: tuple | None
     chain: Chain | None
-    graph_layers: list = field(default_factory=list)   # (name, module) when not a chain
+    groups: list = field(default_factory=list)
+    refused: dict = field(default_factory=dict)      # group name → reason it cannot be removed
+    example_batch: Batch | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, input_shape=None) -> "Units":
+    def of(cls, model: nn.Module, input_shape=None, example_inputs=None) -> "Units":
+        """The units of ``model``, traced on ``example_inputs`` (a tensor, tuple or dict the model
+        takes) or a zero input of ``input_shape``."""
         check_type("model", model, nn.Module, where="unit pruning")
-        if input_shape is None:
-            input_shape = getattr(model, "config", {}).get("input_shape")
+        if input_shape is None and example_inputs is None:
+            input_shape = getattr(model, "config", {}).get("input_shape") if isinstance(
+                getattr(model, "config", None), dict) else None
             if input_shape is None:
-                raise ValueError("unit pruning needs the model's input_shape (C, H, W) or (D,): pass "
-                                 "input_shape=..., or data= so it can be read from the inputs.")
-        input_shape = tuple(input_shape)
+                raise ValueError("unit pruning needs the model's inputs: pass input_shape=(C, H, W) or (D,), "
+                                 "example_inputs=..., or data= so they can be read from the calibration data.")
+        from prunelab.inputs import example_batch
+        batch = example_batch(model, tuple(input_shape) if input_shape is not None else None, example_inputs,
+                              where="unit pruning", device=next(model.parameters()).device)
+        _dry_run(model, batch, input_shape)
         bad = unsupported_activation(model)
         if bad:
             raise ValueError(f"unit pruning needs activations with f(0) = 0, so that a removed unit "
                              f"outputs 0; {bad} does not.")
-        chain = analyze(model, input_shape)
-        layers = []
+        shape = tuple(batch.args[0].shape[1:]) if _single_float_input(batch) else None
+        chain = analyze(model, shape) if shape is not None and not _is_sequence(model) else None
+        units = cls(model, shape, chain, example_batch=batch)
         if chain is None:
-            params = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            layers = params[:-1]
-        return cls(model, input_shape, chain, layers)
+            units.groups, units.refused = _find_groups(model, batch)
+        return units
 
     @property
     def layers(self):
-        """The unit layers as objects with ``name``, ``module``, ``n_units``, ``kind``, ``point``."""
-        if self.chain is not None:
-            return self.chain.units
-        # a graph model's unit layer: no per-channel ops are followed, so its point is its own output
-        return [UnitLayer(n, m) for n, m in self.graph_layers]
+        """The unit layers (chains) or unit groups: objects with ``name``, ``module``, ``n_units``, ``kind``."""
+        return self.chain.units if self.chain is not None else self.groups
 
     def example(self) -> torch.Tensor:
-        return torch.zeros(1, *self.input_shape, device=next(self.model.parameters()).device)
+        return self.example_batch.inputs
+
+    def choose(self, layers, where: str) -> list:
+        """The chosen unit layers or groups; a refused group named raises its reason."""
+        if self.chain is not None:
+            return select_layers(self.chain.units, layers, where=where)
+        for name in [layers] if isinstance(layers, str) else list(layers):
+            if name in self.refused:
+                raise ValueError(f"the 'layers' parameter of {where} names {name!r}, whose units cannot be removed: "
+                                 f"{self.refused[name]}.")
+        # "all" leaves out whole key/value heads: they are an alternative to the query heads, named on purpose
+        pool = [g for g in self.groups if g.kind != "kv_heads"] if layers == "all" else self.groups
+        chosen = select_layers(pool, layers, where=where)
+        owners = [g.owner for g in chosen if g.owner is not None]
+        if len(owners) != len({id(o) for o in owners}):
+            raise ValueError(f"the 'layers' parameter of {where} chooses both the query heads and the key/value heads "
+                             f"of one attention layer; choose one of the two.")
+        return chosen
+
+
+def _dry_run(model: nn.Module, batch: Batch, input_shape) -> None:
+    """Run the example once, so that inputs the model cannot take fail with one clear error."""
+    from prunelab.inputs import forward_batches
+
+    try:
+        forward_batches(model, [batch], where="unit pruning")
+    except (RuntimeError, TypeError, IndexError, ValueError) as error:
+        given = f"a zero float tensor of input_shape {tuple(input_shape)}" if input_shape is not None else \
+            "the example inputs"
+        raise ValueError(f"unit pruning could not run the model on {given}: {type(error).__name__}: {error}. Pass "
+                         f"example_inputs= (or data=) in the form the model takes, e.g. token ids or a dict "
+                         f"of keyword inputs.") from None
+
+
+def _is_sequence(model: nn.Module) -> bool:
+    return any(isinstance(m, SEQUENCE_MODULES) or type(m).__name__.endswith("RMSNorm") for m in model.modules())
+
+
+def _find_groups(model: nn.Module, batch: Batch) -> tuple[list, dict]:
+    from prunelab.units import attention, graph, recurrent
+
+    if _is_sequence(model):
+        found, refused = attention.find(model)
+        found += recurrent.find(model, batch)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.RNNBase):
+                refused[name] = (f"its hidden units feed back into every time step of {type(module).__name__}; "
+                                 f"recurrent units are not removed")
+        if any(isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm") for m in model.modules()):
+            refused["hidden size"] = (
+                "the hidden size (embeddings, the residual stream and its LayerNorm/RMSNorm) is not removed: a norm "
+                "over all hidden channels changes for the others when some go, so no thinned model equals the "
+                "masked one")
+    else:
+        found, refused = graph.find(model, batch)
+    if not found:
+        reasons = "; ".join(f"{k}: {v}" for k, v in refused.items()) or "no Linear/Conv layer feeds another"
+        raise ValueError(f"unit pruning found no unit layers in this {type(model).__name__} ({reasons}).")
+    return found, refused
 
 
 @dataclass
 class UnitPruning:
-    """What :func:`remove_units` did: the units removed per layer, and how."""
+    """What :func:`remove_units` did: the units removed per layer (or group), and how."""
 
     method: str
-    plan: dict[str, torch.Tensor]            # layer name → removed unit indices
+    plan: dict[str, torch.Tensor]            # layer or group name → removed unit indices
     mean_replacement: bool
     scores: dict[str, torch.Tensor]
-    stats: dict[str, UnitStats] | None
+    stats: dict | None
     units: Units
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Groups of the model that unit removal leaves alone, with the reason."""
+        return dict(self.units.refused)
 
     @property
     def removed(self) -> int:
         return sum(len(v) for v in self.plan.values())
 
 
-def _batches(data, batch_size: int) -> list:
+def _batches(data, batch_size: int) -> list[Batch]:
     """The calibration batches of ``data`` (none without data), checked as the Pruner checks its
     own: not empty, inputs and targets of equal length, no NaN/inf."""
-    return [] if data is None else [(b.inputs, b.targets)
-                                    for b in iter_batches(data, batch_size, where="unit pruning")]
+    return [] if data is None else list(iter_batches(data, batch_size, where="unit pruning"))
 
 
-def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, batch_size: int = 256,
-                  units: Units | None = None) -> dict[str, UnitStats]:
-    """Activation statistics (ā, per-example mean gradients) of the chosen unit layers."""
+def _units(model, units, input_shape, example_inputs, batches) -> Units:
+    if units is not None:
+        return units
+    if input_shape is None and example_inputs is None and batches:
+        example_inputs = batches[0].slice(0, 2).inputs
+    return Units.of(model, input_shape, example_inputs)
+
+
+def _collect(model, units: Units, chosen, batches, loss) -> dict:
+    if units.chain is not None:
+        return collect(model, chosen, batches, loss)
+    return unit_groups.collect_groups(model, chosen, batches, loss)
+
+
+def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, example_inputs=None,
+                  batch_size: int = 256, units: Units | None = None, loss_fn=None, output_key=None) -> dict:
+    """Activation statistics of the chosen unit layers (:class:`UnitStats`) or groups
+    (:class:`~prunelab.units.groups.GroupStats`)."""
     batches = _batches(data, batch_size)
-    if input_shape is None and batches:
-        input_shape = tuple(batches[0][0].shape[1:])
-    units = units or Units.of(model, input_shape)
-    chosen = select_layers(units.layers, layers)
-    return collect(model, chosen, batches)
+    units = _units(model, units, input_shape, example_inputs, batches)
+    chosen = units.choose(layers, "collect_stats")
+    return _collect(model, units, chosen, batches, make_loss(loss_fn, output_key, where="collect_stats"))
 
 
-def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input_shape=None, seed: int = 0,
-                batch_size: int = 256, stats: dict[str, UnitStats] | None = None,
-                units: Units | None = None) -> dict[str, torch.Tensor]:
-    """Scores of the units of the chosen layers (lowest is removed first)."""
+def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input_shape=None, example_inputs=None,
+                seed: int = 0, batch_size: int = 256, stats: dict | None = None, units: Units | None = None,
+                loss_fn=None, output_key: str | None = None) -> dict[str, torch.Tensor]:
+    """Scores of the units of the chosen layers or groups (lowest is removed first). A group's
+    unit is scored once, from all of its members (see :mod:`prunelab.units.groups`)."""
     scorer = check_choice("scorer", scorer, SCORERS, where="score_units")
     batches = _batches(data, batch_size)
-    if input_shape is None and batches:
-        input_shape = tuple(batches[0][0].shape[1:])
-    units = units or Units.of(model, input_shape)
-    chosen = select_layers(units.layers, layers, where="score_units")
+    units = _units(model, units, input_shape, example_inputs, batches)
+    chosen = units.choose(layers, "score_units")
     if needs_data(scorer) and stats is None:
         if not batches:
             raise ValueError(f"the {scorer!r} scorer needs calibration data: pass data=(x, y).")
-        stats = collect(model, chosen, batches)
+        stats = _collect(model, units, chosen, batches, make_loss(loss_fn, output_key, where="score_units"))
     generator = torch.Generator().manual_seed(check_number("seed", seed, where="score_units", low=0, integer=True))
-    function = UNIT_SCORERS.get(scorer)
-    scores = {u.name: function(u, stats[u.name] if stats else None, generator) for u in chosen}
+    if units.chain is not None:
+        function = UNIT_SCORERS.get(scorer)
+        scores = {u.name: function(u, stats[u.name] if stats else None, generator) for u in chosen}
+    else:
+        scores = {g.name: unit_groups.group_scores(scorer, g, stats[g.name] if stats else None, generator)
+                  for g in chosen}
     for name, score in scores.items():       # NaN/inf weights or activations: no ranking is meaningful
         check_finite(f"the {scorer!r} scores of the units of {name!r}", score,
                      hint="; check the model's weights and the calibration data")
@@ -139,12 +243,12 @@ def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input
 
 
 def remove_units(model: nn.Module, method: str = "bp_abs_mrs", data=None, *, fraction: float | None = None,
-                 count: int | None = None, layers="all", input_shape=None, seed: int = 0,
-                 batch_size: int = 256, stats: dict[str, UnitStats] | None = None,
-                 units: Units | None = None) -> UnitPruning:
+                 count: int | None = None, layers="all", input_shape=None, example_inputs=None, seed: int = 0,
+                 batch_size: int = 256, stats: dict | None = None, units: Units | None = None,
+                 loss_fn=None, output_key: str | None = None) -> UnitPruning:
     """Score the units of the chosen layers with ``method``'s scorer and remove the lowest
-    ``fraction`` (or ``count``) of each layer, in place (masked: the model keeps its shapes;
-    call :func:`thin` for the smaller model). With a ``bp_`` method the removed units are
+    ``fraction`` (or ``count``) of each layer or group, in place (masked: the model keeps its
+    shapes; call :func:`thin` for the smaller model). With a ``bp_`` method the removed units are
     replaced by their mean activation over ``data``, folded into the next layer's bias."""
     scorer, mean_replacement = parse_method(method)
     if (fraction is None) == (count is None):
@@ -154,43 +258,104 @@ def remove_units(model: nn.Module, method: str = "bp_abs_mrs", data=None, *, fra
     else:
         count = check_number("count", count, where="remove_units", low=0, integer=True)
     batches = _batches(data, batch_size)
-    if input_shape is None and batches:
-        input_shape = tuple(batches[0][0].shape[1:])
-    units = units or Units.of(model, input_shape)
-    chosen = select_layers(units.layers, layers, where="remove_units")
+    units = _units(model, units, input_shape, example_inputs, batches)
+    chosen = units.choose(layers, "remove_units")
+    names = {m: n for n, m in model.named_modules()}
+    if mean_replacement and units.chain is None:
+        unit_groups.check_foldable(chosen, names)
+    loss = make_loss(loss_fn, output_key, where="remove_units")
     if (needs_data(scorer) or mean_replacement) and stats is None:
         if not batches:
             raise ValueError(f"method {method!r} needs calibration data: pass data=(x, y).")
-        if units.chain is not None:
-            stats = collect(model, chosen, batches)
-    scores = score_units(model, scorer, None, layers=[u.name for u in chosen], seed=seed, stats=stats,
-                         units=units) if (stats is not None or not needs_data(scorer)) else \
-        score_units(model, scorer, batches, layers=[u.name for u in chosen], seed=seed, units=units)
-    plan = {name: select(s, fraction=fraction, count=count) for name, s in scores.items()}
+        if units.chain is not None or needs_data(scorer):
+            stats = _collect(model, units, chosen, batches, loss)
+    scores = score_units(model, scorer, None, layers=[u.name for u in chosen], seed=seed, stats=stats, units=units)
     if units.chain is not None:
+        plan = {name: select(s, fraction=fraction, count=count) for name, s in scores.items()}
         means = {name: stats[name].mean for name in plan} if mean_replacement else None
         surgery.mask_units(units.chain, plan, means)
-    else:
-        input_means = graph.consumer_input_means(model, batches) if mean_replacement else None
-        graph.mask_units(model, units.example(), plan, input_means)
+        return UnitPruning(method, plan, mean_replacement, scores, stats, units)
+    plan = {g.name: unit_groups.select_group(g, scores[g.name], select, fraction, count) for g in chosen}
+    means = None
+    if mean_replacement:
+        means = {k: v.means for k, v in stats.items()} if stats else unit_groups.point_means(model, chosen, batches)
+    _mask_groups(chosen, plan, means, names)
     return UnitPruning(method, plan, mean_replacement, scores, stats, units)
 
 
-def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, input_shape=None) -> nn.Module:
+def _mask_groups(chosen: list[UnitGroup], plan: dict, means: dict | None, names: dict) -> None:
+    """Masked removal of the groups' planned units, with mean replacement when ``means`` are given:
+    every fold reads the weights before any zeroing."""
+    if means is not None:
+        for group in chosen:
+            if len(plan[group.name]):
+                unit_groups.fold_means(group, plan[group.name], means[group.name], names)
+    for group in chosen:
+        if len(plan[group.name]):
+            unit_groups.zero(group, plan[group.name])
+
+
+def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, input_shape=None,
+         example_inputs=None) -> nn.Module:
     """A physically smaller copy of ``model`` without the units of ``pruning`` (a
-    :class:`UnitPruning` or a ``{layer: indices}`` plan). Its outputs equal the masked
+    :class:`UnitPruning` or a ``{layer or group: indices}`` plan). Its outputs equal the masked
     model's; mean replacement lives in the next layers' biases and is kept."""
     if isinstance(pruning, UnitPruning):
         plan, units = pruning.plan, pruning.units
     else:
-        plan, units = pruning, Units.of(model, input_shape)
+        plan, units = pruning, Units.of(model, input_shape, example_inputs)
     plan = {k: torch.as_tensor(v, dtype=torch.long) for k, v in plan.items()}
     if units.chain is not None:
         return surgery.thin_chain(model, units.chain, plan)
-    return graph.thin(model, units.example(), plan)
+    plan = {k: v.cpu() for k, v in plan.items()}
+    by_name = {g.name: g for g in units.groups}
+    unknown = [k for k in plan if k not in by_name]
+    if unknown:
+        raise ValueError(f"the plan names {unknown[0]!r}, which is not a unit group of the model; groups: "
+                         f"{', '.join(by_name)}.")
+    if units.model is not model:             # the groups refer to another model's modules: find them again
+        units = Units.of(model, example_inputs=units.example())
+        by_name = {g.name: g for g in units.groups}
+    thinned, groups = copy.deepcopy((model, [by_name[k] for k in plan]))
+    unit_groups.thin_groups(thinned, groups, plan)
+    if isinstance(pruning, UnitPruning) and _still_masked([by_name[k] for k in plan], plan):
+        _check_thinned(model, thinned, units.example_batch, list(plan))
+    return thinned
 
 
-def zero_units(model: nn.Module, input_shape=None) -> dict[str, torch.Tensor]:
+def _still_masked(groups: list[UnitGroup], plan: dict) -> bool:
+    """Whether every tensor that masked removal zeroed is still 0 (no training since)."""
+    for group in groups:
+        units = plan[group.name]
+        for axis in group.zero:
+            tensor = getattr(axis.module, axis.name)
+            if tensor is not None and len(units) and bool(
+                    tensor.detach().index_select(axis.dim, axis.index[units].flatten().to(tensor.device)).any()):
+                return False
+    return True
+
+
+def _check_thinned(masked: nn.Module, thinned: nn.Module, batch: Batch, names: list[str]) -> None:
+    """The thinned model must give the masked model's outputs on the example: a forward that reads
+    a size prunelab does not update (a head count kept elsewhere) is caught here, not later."""
+    from prunelab.inputs import forward_batches, logits_of
+
+    expected = forward_batches(masked, [batch], where="thin")
+    try:
+        got = forward_batches(thinned, [batch], where="thin")
+        expected, got = logits_of(expected), logits_of(got)
+        difference = float((expected - got).abs().max()) if expected.shape == got.shape else float("inf")
+    except (RuntimeError, ValueError, TypeError) as error:
+        difference, detail = float("inf"), f" ({type(error).__name__}: {error})"
+    else:
+        detail = ""
+    if not difference <= 1e-4 * (1.0 + float(expected.abs().max())):
+        raise ValueError(f"thinning {', '.join(names)} does not keep the masked model's outputs (largest difference "
+                         f"{difference:.3g}){detail}: the model's forward reads a size that unit removal does not "
+                         f"update (e.g. a head count of its own). The masked model is unchanged; use it as it is.")
+
+
+def zero_units(model: nn.Module, input_shape=None, example_inputs=None) -> dict[str, torch.Tensor]:
     """The units whose incoming weights are all exactly zero, as a plan for :func:`thin`:
     ``{layer name: unit indices}`` over the unit layers of :class:`Units` (a layer's rows of
     ``weight``: a neuron's inputs, or a filter's ``in × kh × kw`` taps).
@@ -203,17 +368,30 @@ def zero_units(model: nn.Module, input_shape=None) -> dict[str, torch.Tensor]:
     to the next layer. Its outputs equal the model's exactly when those constants are 0, e.g.
     when the biases of the dead units are 0 too; :func:`thin_dead_units` keeps them.
     """
-    units = Units.of(model, input_shape)
+    units = Units.of(model, input_shape, example_inputs)
     plan = {}
     for layer in units.layers:
-        rows = layer.module.weight.detach().flatten(1)
-        dead = torch.nonzero((rows == 0).all(dim=1)).flatten().cpu()
-        if 0 < len(dead) < len(rows):
+        dead = _dead(layer)
+        if 0 < len(dead) < layer.n_units:
             plan[layer.name] = dead
     return plan
 
 
-def thin_dead_units(model: nn.Module, input_shape=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _dead(layer) -> torch.Tensor:
+    """Units of a unit layer (its weight rows) or group (all its producing rows) with no input."""
+    if isinstance(layer, UnitGroup):
+        alive = torch.zeros(layer.n_units, dtype=torch.bool)
+        for axis in layer.rows:
+            w = getattr(axis.module, axis.name).detach().movedim(axis.dim, 0)
+            rows = w[axis.index.flatten()].reshape(layer.n_units, -1)
+            alive |= (rows != 0).any(dim=1).cpu()
+        return torch.nonzero(~alive).flatten()
+    rows = layer.module.weight.detach().flatten(1)
+    return torch.nonzero((rows == 0).all(dim=1)).flatten().cpu()
+
+
+def thin_dead_units(model: nn.Module, input_shape=None,
+                    example_inputs=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A physically smaller copy of ``model`` without its dead units (:func:`zero_units`), with
     the same outputs, and the plan it removed.
 
@@ -228,14 +406,14 @@ def thin_dead_units(model: nn.Module, input_shape=None) -> tuple[nn.Module, dict
     """
     import copy
 
-    plan = zero_units(model, input_shape)
+    plan = zero_units(model, input_shape, example_inputs)
     work = copy.deepcopy(model)
     if not plan:
         return work, plan
-    units = Units.of(work, input_shape)
+    units = Units.of(work, input_shape, example_inputs)
     example = units.example()
-    batches = [(example, torch.zeros(len(example), dtype=torch.long, device=example.device))]
     if units.chain is not None:
+        batches = [(example, torch.zeros(len(example), dtype=torch.long, device=example.device))]
         chosen = [u for u in units.chain.units if u.name in plan]
         foldable = all(u.consumer.module.bias is not None for u in chosen)
         means = None
@@ -243,11 +421,12 @@ def thin_dead_units(model: nn.Module, input_shape=None) -> tuple[nn.Module, dict
             stats = collect(work, chosen, batches)
             means = {name: stats[name].mean for name in plan}
         surgery.mask_units(units.chain, plan, means)
-    else:
-        foldable = all(m.bias is not None for m in work.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-        input_means = graph.consumer_input_means(work, batches) if foldable else None
-        graph.mask_units(work, example, plan, input_means)
-    return thin(work, plan, input_shape=units.input_shape), plan
+        return thin(work, plan, input_shape=units.input_shape), plan
+    chosen = [g for g in units.groups if g.name in plan]
+    foldable = all(p.has_bias() or p.absorb is not None for g in chosen for p in g.points)
+    means = unit_groups.point_means(work, chosen, [units.example_batch]) if foldable else None
+    _mask_groups(chosen, plan, means, {m: n for n, m in work.named_modules()})
+    return thin(work, UnitPruning("dead", plan, foldable, {}, None, units)), plan
 
 
 def thinned_parameters(model: nn.Module, pruning: UnitPruning) -> int:

@@ -1,30 +1,27 @@
-"""Unit removal in models that are not chains (branches, residual additions,
-concatenation), with Torch-Pruning's dependency graph (Fang et al., CVPR 2023;
-`torch-pruning` needs only torch and numpy).
+"""Unit groups of conv nets that are not chains (branches, residual additions, depthwise convs),
+found with Torch-Pruning's dependency graph (Fang et al., CVPR 2023; `torch-pruning` needs only
+torch and numpy).
 
-Removing output channels of one layer may force the same channels out of coupled layers
-(the other branch of a residual addition); Torch-Pruning finds that *group*. Here:
-
-* **masked removal** zeroes every producer of the group's channels (Conv/Linear rows and
-  biases, BatchNorm scale and shift), so the channels carry 0 to every consumer;
-* **mean replacement** folds, into each consumer's bias, the mean of that consumer's input
-  channels over the calibration data (measured on the unpruned model), ``b ← b + W[:, u]·m_u``
-  — the mean where the consumer sees the channel, since in a graph the channel may pass
-  through several ops on different paths;
-* **thinning** lets Torch-Pruning remove the group from a copy of the model.
+Torch-Pruning traces the model once and, for each Conv/Linear layer, finds every tensor coupled
+with its output channels: the other layers adding into the same residual stream, their
+BatchNorms, a depthwise conv (whose input and output channels are one), and the layers that read
+the channels. Each such set becomes one :class:`~prunelab.units.groups.UnitGroup` — scored,
+removed and thinned as one, so ``fraction=0.5`` removes half of a residual stream's channels, not
+the union of every layer's own choice. The layers that read the group are its *points*; a point
+without a bias can absorb mean replacement in the running mean of the BatchNorm right after it.
+Thinning cuts the same tensors (prunelab's own code, :func:`~prunelab.units.groups.thin_groups`).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
-from prunelab.inputs import forward_batches
+from prunelab.inputs import Batch
+from prunelab.units.groups import Axis, Point, UnitGroup
 
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _tp():
@@ -36,97 +33,91 @@ def _tp():
     return torch_pruning
 
 
-def _out_handler(tp, module):
-    return tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+def _index(idxs, n_units: int, where: str) -> torch.Tensor:
+    """(n_units, k): the elements of a member that belong to each unit (channel of the root layer),
+    from Torch-Pruning's (index, root index) pairs."""
+    plain = [int(getattr(i, "idx", i)) for i in idxs]
+    if len(plain) % n_units or len(set(plain)) != len(plain):
+        raise ValueError(f"unit removal cannot map the {n_units} channels of a group onto the inputs of {where!r}.")
+    return torch.tensor(plain, dtype=torch.long).view(n_units, -1)   # root order; a flatten: k per channel
 
 
-def groups(model: nn.Module, example: torch.Tensor, plan: dict[str, torch.Tensor]):
-    """Torch-Pruning groups for ``plan``. Layers whose output channels are coupled (the two
-    branches of a residual addition share one channel space) get one group with the union of
-    their indices — pruned one after the other, the second group's indices would be stale."""
+def _is_depthwise(module) -> bool:
+    return isinstance(module, CONVS) and module.groups > 1 and module.groups == module.in_channels
+
+
+def build(model: nn.Module, batch: Batch):
     tp = _tp()
     with torch.enable_grad():            # Torch-Pruning traces the graph through autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    modules = dict(model.named_modules())
-    merged: list[tuple[nn.Module, set[int], set[nn.Module]]] = []
-    for name, idx in plan.items():
-        if not len(idx):
+        return tp, tp.DependencyGraph().build_dependency(
+            model, example_inputs=batch.inputs, forward_fn=lambda m, _: batch.call(m), verbose=False)
+
+
+def find(model: nn.Module, batch: Batch) -> tuple[list[UnitGroup], dict[str, str]]:
+    """The unit groups of a conv net, and the groups refused with the reason."""
+    tp, graph = build(model, batch)
+    names = {m: n for n, m in model.named_modules()}
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    groups, refused = [], {}
+    for tp_group in graph.get_all_groups(root_module_types=(*CONVS, nn.Linear)):
+        producers = [d.target.module for d, _ in tp_group
+                     if graph.is_out_channel_pruning_fn(d.handler) and isinstance(d.target.module, (*CONVS, nn.Linear))]
+        if not producers or any(not graph.module2node[m].outputs for m in producers):
+            continue                       # the model's outputs are not units
+        producers = sorted(set(producers), key=order.get)
+        name, first = names[producers[0]], producers[0]
+        n_units = first.weight.shape[0]
+        rooted = graph.get_pruning_group(first, graph.get_pruner_of_module(first).prune_out_channels,
+                                         idxs=list(range(n_units)))   # indices in the first producer's order
+        deps = [(d.target.module, d.handler, idxs) for d, idxs in rooted if d.target.module in names]
+        group = UnitGroup(name, "dense" if isinstance(producers[0], nn.Linear) else "conv", n_units,
+                          zero=[], points=[], rows=[], module=producers[0])
+        reason = _fill(group, deps, producers, graph, names)
+        if reason:
+            refused[name] = reason
+        else:
+            group.members = sorted({names[m] for m, _, _ in deps}, key=lambda n: order[model.get_submodule(n)])
+            groups.append(group)
+    return groups, refused
+
+
+def _fill(group: UnitGroup, deps, producers, graph, names) -> str | None:
+    """Fill the group's tensors from Torch-Pruning's dependencies; a reason when it is refused."""
+    seen = set()
+    for module, handler, idxs in deps:
+        if module in seen:
             continue
-        module = modules[name]
-        group = graph.get_pruning_group(module, _out_handler(tp, module), idxs=[int(i) for i in idx])
-        producers = {dep.target.module for dep, _ in group
-                     if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels)}
-        for i, (root, indices, members) in enumerate(merged):
-            if members & producers:
-                merged[i] = (root, indices | {int(j) for j in idx}, members | producers)
-                break
+        seen.add(module)
+        index = _index(idxs, group.n_units, names[module])
+        if module in producers:
+            if isinstance(module, CONVS) and module.groups > 1 and not _is_depthwise(module):
+                return f"{names[module]!r} is a grouped convolution (groups={module.groups}), not supported"
+            rows = Axis(module, "weight", 0, index)
+            group.rows.append(rows)
+            group.zero += [rows, Axis(module, "bias", 0, index)]
+            group.cuts += [rows, Axis(module, "bias", 0, index)]
+        elif isinstance(module, NORMS):
+            params = ["weight", "bias"] if module.affine else ["running_mean"]
+            group.zero += [Axis(module, p, 0, index) for p in params]
+            group.cuts += [Axis(module, p, 0, index) for p in ("weight", "bias", "running_mean", "running_var")]
+        elif isinstance(module, (*CONVS, nn.Linear)):
+            dim = 1
+            group.points.append(Point(module, names[module], dim if isinstance(module, CONVS) else -1, index,
+                                      _absorber(module, graph)))
+            group.cuts.append(Axis(module, "weight", dim, index))
         else:
-            merged.append((module, {int(j) for j in idx}, producers))
-    out = [graph.get_pruning_group(root, _out_handler(tp, root), idxs=sorted(indices))
-           for root, indices, _ in merged]
-    return tp, out
+            return (f"its channels pass through {names[module]!r} ({type(module).__name__}), which unit removal "
+                    f"does not cut (a normalisation over channels, an embedding or a recurrent layer)")
+    if not group.points:
+        return "no layer reads its channels"
+    return None
 
 
-def consumer_input_means(model: nn.Module, batches: Iterable) -> dict[nn.Module, torch.Tensor]:
-    """Mean input feature (Linear) or channel (Conv2d) of every parametrised layer."""
-    sums, counts, handles = {}, {}, []
-
-    def hook(module, inputs):
-        x = inputs[0].detach().double()
-        if isinstance(module, nn.Conv2d):
-            s, n = x.sum(dim=(0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3]
-        else:
-            x = x.reshape(-1, x.shape[-1])
-            s, n = x.sum(dim=0), x.shape[0]
-        sums[module] = sums.get(module, 0) + s
-        counts[module] = counts.get(module, 0) + n
-
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        forward_batches(model, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {m: sums[m] / counts[m] for m in sums}
-
-
-@torch.no_grad()
-def mask_units(model: nn.Module, example: torch.Tensor, plan: dict[str, torch.Tensor],
-               input_means: dict | None = None) -> None:
-    """Masked removal (and, with ``input_means``, mean replacement) of ``plan``'s groups, in
-    place: every fold first, with the weights before any zeroing, then every zeroing."""
-    tp, found = groups(model, example, plan)
-    deps = [(dep.target.module, dep.handler, torch.tensor(sorted({int(i) for i in idxs}), dtype=torch.long))
-            for group in found for dep, idxs in group]
-    deps = [(module, handler, idx) for module, handler, idx in deps if len(idx)]
-    if input_means is not None:
-        for module, handler, idx in deps:
-            if handler in (tp.prune_conv_in_channels, tp.prune_linear_in_channels):
-                if module.bias is None:
-                    raise ValueError(f"mean replacement folds into the bias of a {type(module).__name__} that "
-                                     f"has none; prune without mean replacement.")
-                W = module.weight.double()
-                contribution = (W[:, idx].sum(dim=(2, 3)) if W.dim() == 4 else W[:, idx]) @ input_means[module][idx]
-                module.bias += contribution.to(module.bias.dtype)
-    for module, handler, idx in deps:
-        if handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
-            module.weight[idx] = 0.0
-            if module.bias is not None:
-                module.bias[idx] = 0.0
-        elif isinstance(module, NORMS) and module.affine:
-            module.weight[idx] = 0.0
-            module.bias[idx] = 0.0
-
-
-@torch.no_grad()
-def thin(model: nn.Module, example: torch.Tensor, plan: dict[str, torch.Tensor]) -> nn.Module:
-    thinned = copy.deepcopy(model)
-    was_training = thinned.training
-    thinned.eval()
-    _, found = groups(thinned, example, plan)
-    for group in found:
-        group.prune()
-    thinned.train(was_training)
-    return thinned
+def _absorber(module: nn.Module, graph) -> nn.Module | None:
+    """The BatchNorm right after a bias-free ``module`` (it can absorb a folded constant)."""
+    if getattr(module, "bias", None) is not None:
+        return None
+    outputs = graph.module2node[module].outputs
+    if len(outputs) == 1 and isinstance(outputs[0].module, NORMS) and outputs[0].module.track_running_stats:
+        return outputs[0].module
+    return None

@@ -46,10 +46,16 @@ class UnitStats:
         return self.G.shape[0]
 
 
-def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable,
-            loss_fn=nn.functional.cross_entropy) -> dict[str, UnitStats]:
-    """Activations and their gradients at each unit layer's activation point, over
-    ``batches`` of ``(x, y)`` (model in eval mode; weights and ``.grad`` untouched)."""
+def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=None) -> dict[str, UnitStats]:
+    """Activations and their gradients at each unit layer's activation point, over ``batches``
+    (:class:`~prunelab.inputs.Batch` es or anything ``as_batch`` reads, e.g. ``(x, y)`` pairs;
+    model in eval mode; weights and ``.grad`` untouched). ``loss``: a ``prunelab.inputs.Loss``, a
+    ``loss_fn(output, targets)`` or None for the shape-inferred cross-entropy; ``g`` is the
+    gradient of the sum of the per-example losses."""
+    from prunelab.inputs import as_batch, make_loss
+    from prunelab.units.groups import summed_loss
+
+    loss = make_loss(loss, where="unit scoring")
     sums = {u.name: None for u in units}
     G: dict[str, list] = {u.name: [] for u in units}
     AG: dict[str, list] = {u.name: [] for u in units}
@@ -71,14 +77,14 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable,
     saved = [p.grad for p in params]
     n_batches = 0
     try:
-        for x, y in batches:
+        for i, raw in enumerate(batches):
+            batch = as_batch(raw, where="unit scoring", index=i)
             n_batches += 1
             captured.clear()
             with torch.enable_grad():
-                out = model(x)
-                loss = loss_fn(out, y, reduction="sum")      # per-example loss: g = ∂ℓ_n/∂a
+                total = summed_loss(loss, batch.call(model), batch)   # per-example loss: g = ∂ℓ_n/∂a
                 tensors = [captured[u.name] for u in units]
-                grads = torch.autograd.grad(loss, tensors)
+                grads = torch.autograd.grad(total, tensors)
             for unit, a, g in zip(units, tensors, grads):
                 a, g = a.detach(), g.detach()
                 dims = tuple(range(2, a.dim()))

@@ -92,7 +92,8 @@ def trace(model: nn.Module, input_shape) -> tuple[list[Leaf], bool]:
         links.append((id(x), id(output)))
 
     handles = [module.register_forward_hook(hook) for module in leaf_modules(model)]
-    x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    first = next(model.parameters())
+    x = torch.zeros(1, *input_shape, device=first.device, dtype=first.dtype)
     out = forward_eval(model, [x], handles)
     calls = [leaf.module for leaf in leaves]
     chain = (len(set(map(id, calls))) == len(calls)
