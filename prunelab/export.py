@@ -568,25 +568,147 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> Non
 
 # --------------------------------------------------------------------------- ONNX
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], *,
-                opset: int | None = None) -> Path:
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+
+class _FlatLogits(nn.Module):
+    """``model`` called with its inputs as flat positional tensors, returning only its logits
+    (a tensor, the first element of a tuple or the ``output_key`` entry of a dict/ModelOutput).
+    ONNX graphs take and return plain tensors; a Hugging Face cache object cannot be an output."""
+
+    def __init__(self, model: nn.Module, n_args: int, keys: list[str], output_key: str | None):
+        super().__init__()
+        self.model, self.n_args, self.keys, self.output_key = model, n_args, keys, output_key
+
+    def forward(self, *tensors):
+        from prunelab.inputs import logits_of
+        args, kwargs = tensors[:self.n_args], dict(zip(self.keys, tensors[self.n_args:]))
+        return logits_of(self.model(*args, **kwargs), self.output_key, where="export_onnx")
+
+
+def _input_names(batch) -> list[str]:
+    if batch.kwargs:
+        positional = [f"input{i}" for i in range(len(batch.args))]
+        return positional + list(batch.kwargs)
+    return ["input"] if len(batch.args) == 1 else [f"input{i}" for i in range(len(batch.args))]
+
+
+def _export_with(exporter: str, net: nn.Module, tensors: tuple, path: Path, names: list[str],
+                 opset: int | None) -> None:
+    axes = {name: {0: "batch"} for name in [*names, "logits"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # exporter deprecation and progress notices
+        if exporter == "torchscript":
+            torch.onnx.export(net, tensors, str(path), dynamo=False, input_names=names, output_names=["logits"],
+                              dynamic_axes=axes, opset_version=opset)
+            return
+        import contextlib
+        import io
+        auto = torch.export.Dim.AUTO
+        shapes = tuple({0: auto} if t.dim() > 0 else None for t in tensors)
+        with contextlib.redirect_stdout(io.StringIO()):     # the dynamo exporter prints its steps
+            torch.onnx.export(net, tensors, str(path), dynamo=True, input_names=names, output_names=["logits"],
+                              dynamic_shapes=(shapes,), opset_version=opset, verbose=False)
+
+
+def _check_onnx(path: Path, net: nn.Module, tensors: tuple, names: list[str], where: str) -> float | None:
+    """Largest difference between onnxruntime's output and the model's on the example
+    (None without onnxruntime); a ValueError when they disagree."""
+    import importlib.util
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if n in wanted}
+    got = torch.from_numpy(session.run(None, feed)[0])
+    with torch.no_grad():
+        ref = net.eval()(*tensors).detach().cpu()
+    if got.shape != ref.shape:
+        raise ValueError(f"{where}: the ONNX file gives an output of shape {tuple(got.shape)}, the model "
+                         f"{tuple(ref.shape)}; the export is wrong, not written.")
+    diff = float((got.to(ref.dtype) - ref).abs().max()) if ref.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if not diff <= 1e-4 * max(1.0, scale):
+        raise ValueError(f"{where}: onnxruntime's output differs from the model's by {diff:.3g} "
+                         f"(largest |output| {scale:.3g}); the export is wrong, not written.")
+    return diff
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
+                example_inputs=None, opset: int | None = None, exporter: str = "auto",
+                output_key: str | None = None, check: bool = True) -> Path:
     """Write ``model`` (typically thinned) as ONNX, with a dynamic batch dimension.
 
-    Needs the ``onnx`` package (``pip install prunelab[onnx]``). Uses PyTorch's
-    TorchScript-based exporter, which needs no further packages.
+    The graph's inputs are the model's: one tensor named ``input`` (from ``input_shape``, a
+    float tensor of shape ``(1, *input_shape)``), or the tensors of ``example_inputs`` (a
+    tensor, a tuple of positional inputs named ``input0``, ``input1``, ... or a dict of keyword
+    inputs under their own names, e.g. ``input_ids``, ``attention_mask``). Its one output,
+    ``logits``, is the model's output tensor, the first element of a tuple output, or the
+    ``logits`` (or ``output_key``) entry of a dict / Hugging Face ``ModelOutput`` (caches and
+    other entries are dropped).
+
+    Args:
+        exporter: ``"torchscript"`` (PyTorch's TorchScript exporter, needs only ``onnx``),
+            ``"dynamo"`` (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``; it
+            exports models that tracing cannot, e.g. Hugging Face GPT-2 and LLaMA) or
+            ``"auto"``: TorchScript, and dynamo if that fails and ``onnxscript`` is installed.
+        check: run the written file with ``onnxruntime`` (when installed) on the example and
+            compare with the model's output (to 1e-4 of its largest value); a mismatch removes
+            the file and raises ``ValueError``.
+
+    Needs the ``onnx`` package (``pip install 'prunelab[onnx]'``, which also brings
+    ``onnxruntime`` and ``onnxscript``).
+
+    Raises:
+        ValueError: not exactly one of ``input_shape``/``example_inputs``, an unknown
+            ``exporter``, a model that no exporter can export (the message carries each
+            exporter's error), or an export whose output differs from the model's.
     """
-    check_type("model", model, nn.Module, where="export_onnx")
-    check_type("input_shape", input_shape, (list, tuple), where="export_onnx")
+    from prunelab.inputs import example_batch
+    where = "export_onnx"
+    check_type("model", model, nn.Module, where=where)
+    check_type("exporter", exporter, str, where=where)
+    check_type("check", check, bool, where=where)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"{where}: unknown exporter {exporter!r}{suggest(exporter, EXPORTERS)}; "
+                         f"valid exporters: {', '.join(EXPORTERS)}.")
+    if output_key is not None:
+        check_type("output_key", output_key, str, where=where)
     import importlib.util
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("export_onnx needs the onnx package: pip install 'prunelab[onnx]'.")
+    has_dynamo = importlib.util.find_spec("onnxscript") is not None
+    if exporter == "dynamo" and not has_dynamo:
+        raise ImportError("export_onnx(exporter='dynamo') needs the onnxscript package: "
+                          "pip install 'prunelab[onnx]'.")
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else None
+    batch = example_batch(model, input_shape, example_inputs, where=where, dtype=dtype).to(device="cpu")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype)
-    net = copy.deepcopy(model).eval().cpu()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")            # the TorchScript exporter's deprecation notice
-        torch.onnx.export(net, (example,), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=opset)
-    return path
+    names = _input_names(batch)
+    net = _FlatLogits(copy.deepcopy(model).cpu(), len(batch.args), list(batch.kwargs), output_key).eval()
+    tensors = tuple(batch.args) + tuple(batch.kwargs.values())
+    if not all(torch.is_tensor(t) for t in tensors):
+        raise TypeError(f"{where}: every example input must be a tensor (ONNX graphs take tensors only).")
+    order = {"auto": ["torchscript", "dynamo"] if has_dynamo else ["torchscript"]}.get(exporter, [exporter])
+    errors = []
+    for name in order:
+        try:
+            _export_with(name, net, tensors, path, names, opset)
+        except Exception as err:            # each exporter's own failure, reported together below
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            errors.append(f"{name}: {type(err).__name__}: {first[:300]}")
+            path.unlink(missing_ok=True)
+            continue
+        if check:
+            try:
+                _check_onnx(path, net, tensors, names, where)
+            except Exception:
+                path.unlink(missing_ok=True)
+                raise
+        return path
+    hint = "" if has_dynamo or exporter != "auto" else " (install onnxscript to try torch's dynamo exporter too)"
+    raise ValueError(f"{where}: {type(model).__name__} could not be exported to ONNX{hint}. "
+                     + "; ".join(errors))
