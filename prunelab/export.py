@@ -171,10 +171,10 @@ def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str) -> np
     if encoding == "dense":
         _expect(len(data) == n * size, where, f"{len(data)} bytes for {n} dense values")
         return np.frombuffer(data, dtype=dtype).copy()
-    flat = np.zeros(n, dtype=dtype)
     if encoding == "bitmask":
         mask_bytes = bits_to_bytes(n)
         _expect(len(data) >= mask_bytes, where, "a bit-mask shorter than the tensor")
+        flat = np.zeros(n, dtype=dtype)
         present = np.unpackbits(np.frombuffer(data[:mask_bytes], dtype=np.uint8), count=n,
                                 bitorder="little").astype(bool)
         nonzero = np.frombuffer(data[mask_bytes:], dtype=dtype)
@@ -187,6 +187,8 @@ def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str) -> np
         entries = entry["entries"]
         _expect(len(data) == entries * size + bits_to_bytes(entries * r), where,
                 f"{len(data)} bytes for {entries} CSR entries of {size} + {r}/8 bytes")
+        _expect(entries <= n, where, f"{entries} CSR entries for a tensor of {n}")
+        flat = np.zeros(n, dtype=dtype)
         stored = np.frombuffer(data[:entries * size], dtype=dtype)
         positions = np.cumsum(_unpack(data[entries * size:], entries, r) + 1) - 1
         _expect(entries == 0 or positions[-1] < n, where, f"CSR positions run past the tensor's {n} entries")
@@ -451,7 +453,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     Args:
         path: the file.
         model: the module to load into, for models not from the registry (files without an
-            architecture). It is filled in place and returned; shapes must match.
+            architecture). It is filled in place and returned. When the file holds a thinned
+            model (smaller tensors), the model's layers are resized to the file's shapes first
+            (:func:`reshape_to`); every size is checked before anything is resized.
 
     Raises:
         FileNotFoundError: no such file.
@@ -472,6 +476,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
                                  f"registry model, so it holds no architecture; pass load(path, model=...).")
     if model is None:
         model = _rebuild(config, state, where)
+    else:
+        _same_keys(model, state, where)
+        reshape_to(model, {name: tuple(t.shape) for name, t in state.items()}, where=where)
     _assign(model, state, where)
     return model.eval()
 
@@ -564,6 +571,142 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> Non
             raise ModelFileError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)} in the file but "
                                  f"{tuple(own[name].shape)} in the model.")
     model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- resizing a given model
+
+def _size_checks(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+    """The new size attributes of ``module`` implied by its tensors' ``shapes`` (local names),
+    and every inconsistency among them, without touching the module."""
+    def shape(name):
+        if name in shapes:
+            return shapes[name]
+        value = getattr(module, name, None)
+        return tuple(value.shape) if torch.is_tensor(value) else None
+
+    w, b, bad, attrs = shape("weight"), shape("bias"), [], {}
+    if isinstance(module, nn.Linear):
+        attrs = {"out_features": w[0], "in_features": w[1]}
+        if b is not None and b != (w[0],):
+            bad.append(f"bias {b} does not match weight {w}")
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        # weight (out, in / groups, *k); transposed (in, out / groups, *k); a depthwise conv keeps groups = channels
+        lead, per_group = (w[0], w[1])
+        depthwise = 1 < module.groups == module.in_channels == module.out_channels
+        groups = lead if depthwise else module.groups
+        cin, out = (lead, per_group * groups) if module.transposed else (per_group * groups, lead)
+        attrs = {"in_channels": cin, "out_channels": out, "groups": groups}
+        if out % groups or cin % groups:
+            bad.append(f"{cin} in / {out} out channels are not divisible into {groups} groups")
+        if b is not None and b != (out,):
+            bad.append(f"bias {b} does not match {out} output channels")
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        n = (w or shape("running_mean"))[0]
+        attrs = {"num_features": n}
+        for name in ("bias", "running_mean", "running_var"):
+            if shape(name) is not None and shape(name) != (n,):
+                bad.append(f"{name} {shape(name)} does not match {n} features")
+    elif isinstance(module, nn.LayerNorm):
+        attrs = {"normalized_shape": w if w is not None else module.normalized_shape}
+        if b is not None and w is not None and b != w:
+            bad.append(f"bias {b} does not match weight {w}")
+    elif isinstance(module, nn.Embedding):
+        attrs = {"num_embeddings": w[0], "embedding_dim": w[1]}
+        if module.padding_idx is not None and module.padding_idx >= w[0]:
+            bad.append(f"padding_idx {module.padding_idx} is outside {w[0]} embeddings")
+    elif getattr(module, "is_hf_conv1d", False) or type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        attrs = {"nf": w[1]}
+        if b is not None and b != (w[1],):
+            bad.append(f"bias {b} does not match weight {w} (stored (in, out))")
+    elif isinstance(module, nn.MultiheadAttention):
+        attrs, bad = _attention_sizes(module, shape)
+    elif w is not None and len(w) == 1 and set(dict(module.named_parameters(recurse=False))) <= {"weight", "bias"}:
+        attrs = {}                                  # a weight-only norm (RMSNorm-like): no size attribute
+        if b is not None and b != w:
+            bad.append(f"bias {b} does not match weight {w}")
+    else:
+        return {}, [f"{type(module).__name__} cannot be resized by prunelab"]
+    return attrs, bad
+
+
+def _attention_sizes(module: nn.MultiheadAttention, shape) -> tuple[dict, list[str]]:
+    """embed_dim / kdim / vdim / head_dim of a resized MultiheadAttention (num_heads kept unless the
+    head width is kept: a thinned model drops either whole heads or channels of every head)."""
+    bad = []
+    if module._qkv_same_embed_dim:
+        packed = shape("in_proj_weight")
+        embed, kdim, vdim = packed[1], packed[1], packed[1]
+        if packed[0] % 3:
+            bad.append(f"in_proj_weight {packed} is not three stacked projections")
+        inner = packed[0] // 3
+    else:
+        q, k, v = shape("q_proj_weight"), shape("k_proj_weight"), shape("v_proj_weight")
+        embed, kdim, vdim, inner = q[1], k[1], v[1], q[0]
+    heads = module.num_heads
+    if inner != embed:
+        bad.append(f"projections of width {inner} for embed_dim {embed} (nn.MultiheadAttention needs them equal)")
+    if inner % heads:
+        heads = inner // module.head_dim if inner % module.head_dim == 0 else heads
+    if inner % heads:
+        bad.append(f"width {inner} is not divisible into {module.num_heads} heads of any fixed width")
+    return {"embed_dim": embed, "kdim": kdim, "vdim": vdim, "num_heads": heads, "head_dim": inner // max(heads, 1),
+            "_qkv_same_embed_dim": kdim == embed and vdim == embed and module._qkv_same_embed_dim}, bad
+
+
+def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: str = "reshape_to") -> list[str]:
+    """Resize the layers of ``model`` in place so that its state dict has the given tensor
+    ``shapes`` (a thinned copy's); return the names of the resized modules.
+
+    Linear, Conv (grouped and depthwise, transposed), BatchNorm, LayerNorm, weight-only norms
+    (RMSNorm-like), Embedding, Hugging Face ``Conv1D`` and ``nn.MultiheadAttention`` are resized
+    and their size attributes (``in_features``, ``out_channels``, ``groups`` of a depthwise conv,
+    ``num_features``, ``normalized_shape``, ``embedding_dim``, ``nf``, ``embed_dim``/``head_dim``
+    /``num_heads``, ...) updated. Every size is checked first, and nothing is changed when any
+    is inconsistent, larger than the model's (thinning only shrinks) or a module of another kind
+    would need resizing: a ``ModelFileError`` names them all. Whether the resized layers fit
+    together (one layer's outputs, the next one's inputs) shows only when the model runs. Attributes that models keep outside these modules (e.g. a Hugging Face attention's
+    ``num_heads``) are not changed.
+    """
+    own = model.state_dict()
+    changed: dict[str, dict[str, tuple[int, ...]]] = {}
+    grown: list[str] = []
+    for name, shape in shapes.items():
+        if name in own and tuple(own[name].shape) != tuple(shape):
+            module_name, _, tensor = name.rpartition(".")
+            changed.setdefault(module_name, {})[tensor] = tuple(int(d) for d in shape)
+            if len(shape) != own[name].dim() or any(int(a) > b for a, b in zip(shape, own[name].shape)):
+                grown.append(f"tensor {name!r} has shape {tuple(shape)} in the file but {tuple(own[name].shape)} "
+                             f"in the model")
+    if grown:
+        raise ModelFileError(f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
+                             f"is this the model the file was saved from?).")
+    plans, problems = {}, []
+    for module_name, local in changed.items():
+        module = model.get_submodule(module_name)
+        if any(d < 0 for s in local.values() for d in s):
+            problems.append(f"{module_name or '(root)'}: negative size in {local}")
+            continue
+        attrs, bad = _size_checks(module, local)
+        problems += [f"{module_name or '(root)'} ({type(module).__name__}): {b}" for b in bad]
+        plans[module_name] = (module, attrs, local)
+    if problems:
+        raise ModelFileError(f"{where}: the stored shapes do not fit the given model: {'; '.join(problems)}.")
+    for module, attrs, local in plans.values():
+        _apply(module, attrs, local)
+    return list(plans)
+
+
+def _apply(module: nn.Module, attrs: dict, local: dict[str, tuple[int, ...]]) -> None:
+    """Give ``module`` empty tensors of the new shapes (filled by load_state_dict) and its new sizes."""
+    for attr, value in attrs.items():
+        setattr(module, attr, value)
+    for tensor_name, shape in local.items():
+        old = getattr(module, tensor_name)
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            setattr(module, tensor_name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module.register_buffer(tensor_name, new, persistent=tensor_name not in module._non_persistent_buffers_set)
 
 
 # --------------------------------------------------------------------------- ONNX

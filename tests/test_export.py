@@ -178,8 +178,8 @@ def test_models_outside_the_registry_need_a_model_to_load_into(tmp_path):
     back = prunelab.load(tmp_path / "plain.plm", model=target)
     assert back is target and torch.equal(back[0].weight, model[0].weight)
     assert export.read_header(tmp_path / "plain.plm")["metadata"] == {"note": "hand-built"}
-    wrong = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
-    with pytest.raises(ValueError, match=r"'0.weight' has shape \(4, 6\) in the file but \(5, 6\)"):
+    wrong = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(4, 6\) in the file but \(3, 6\)"):
         prunelab.load(tmp_path / "plain.plm", model=wrong)
 
 

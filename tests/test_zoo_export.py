@@ -120,3 +120,84 @@ def test_export_onnx_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="could not be exported"):
         export.export_onnx(model, tmp_path / "m.onnx", (5,), exporter="torchscript")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------- thinned models load back
+
+def _tp_thin(z, picks):
+    """The zoo model thinned by Torch-Pruning's DependencyGraph directly (not prunelab.units)."""
+    tp = pytest.importorskip("torch_pruning")
+    model = z.build()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=z.example, verbose=False,
+                                                  output_transform=lambda out: logits_of(out))
+    for pick in picks(model, tp):
+        graph.get_pruning_group(*pick).prune()
+    return model
+
+
+THIN_CASES = {
+    "resnet18": lambda m, tp: [(m.conv1, tp.prune_conv_out_channels, [0, 3]),
+                               (m.layer1[0].conv1, tp.prune_conv_out_channels, [1, 2, 5]),
+                               (m.layer3[1].conv1, tp.prune_conv_out_channels, [0, 7])],
+    "mobilenetv2": lambda m, tp: [(m.blocks[1].block[0], tp.prune_conv_out_channels, [0, 5, 9])],
+    "transformer": lambda m, tp: [(m.embed, tp.prune_embedding_out_channels, [0, 4, 9, 12]),
+                                  (m.encoder.layers[0].linear1, tp.prune_linear_out_channels, [1, 5])],
+    "hf-bert": lambda m, tp: [(m.bert.encoder.layer[0].intermediate.dense, tp.prune_linear_out_channels, [0, 4, 9])],
+    "hf-llama": lambda m, tp: [(m.model.layers[0].mlp.gate_proj, tp.prune_linear_out_channels, [0, 4, 9])],
+}
+
+
+@pytest.mark.parametrize("z", zoo_params(list(THIN_CASES)))
+def test_a_model_thinned_by_torch_pruning_loads_back_into_a_fresh_model(z, tmp_path):
+    thinned = _tp_thin(z, THIN_CASES[z.name])
+    export.save(thinned, tmp_path / "thin.plm")
+    fresh = z.build(seed=5)
+    assert sum(p.numel() for p in fresh.parameters()) > sum(p.numel() for p in thinned.parameters())
+    loaded = export.load(tmp_path / "thin.plm", model=fresh)
+    assert loaded is fresh
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in thinned.state_dict().items()}
+    assert torch.equal(_outputs(loaded, z), _outputs(thinned, z))
+
+
+def test_thinned_size_attributes_are_updated():
+    z = BY_NAME["transformer"]
+    thinned = _tp_thin(z, THIN_CASES["transformer"])
+    fresh = z.build(seed=5)
+    export.reshape_to(fresh, {k: v.shape for k, v in thinned.state_dict().items()})
+    attention = fresh.encoder.layers[0].self_attn
+    assert (attention.embed_dim, attention.num_heads, attention.head_dim) == (12, 4, 3)
+    assert fresh.embed.embedding_dim == 12 and fresh.encoder.layers[0].norm1.normalized_shape == (12,)
+    assert (fresh.encoder.layers[0].linear1.in_features, fresh.encoder.layers[0].linear1.out_features) == (12, 30)
+
+
+@pytest.mark.parametrize("z", zoo_params(["hf-gpt2"]))
+def test_a_gpt2_with_thinned_conv1d_mlps_loads_back(z, tmp_path):
+    model = z.build()
+    keep = torch.tensor([i for i in range(32) if i % 3])
+    with torch.no_grad():
+        for block in model.transformer.h:
+            fc, proj = block.mlp.c_fc, block.mlp.c_proj          # HF Conv1D: weight (in, out)
+            fc.weight = nn.Parameter(fc.weight[:, keep].clone())
+            fc.bias = nn.Parameter(fc.bias[keep].clone())
+            fc.nf = len(keep)
+            proj.weight = nn.Parameter(proj.weight[keep].clone())
+    export.save(model, tmp_path / "gpt2.plm")
+    loaded = export.load(tmp_path / "gpt2.plm", model=z.build(seed=5))
+    assert loaded.transformer.h[1].mlp.c_fc.nf == len(keep)
+    assert torch.equal(_outputs(loaded, z), _outputs(model, z))
+
+
+def test_inconsistent_stored_shapes_are_refused_before_anything_changes(tmp_path):
+    from prunelab.export import ModelFileError
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.LSTM(2, 3))
+    small = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2), nn.LSTM(2, 3))
+    small[0].bias = nn.Parameter(torch.zeros(6))          # a file whose sizes disagree
+    with pytest.raises(ModelFileError, match=r"0 \(Linear\): bias \(6,\) does not match weight \(5, 4\)"):
+        export.reshape_to(model, {"0.weight": (5, 4)})
+    assert model[0].weight.shape == (6, 4)
+    with pytest.raises(ModelFileError, match="LSTM cannot be resized"):
+        export.reshape_to(model, {"3.weight_ih_l0": (8, 2)})
+    export.save(small, tmp_path / "bad.plm")
+    with pytest.raises(ModelFileError, match="do not fit the given model"):
+        export.load(tmp_path / "bad.plm", model=model)
+    assert model[0].weight.shape == (6, 4)
