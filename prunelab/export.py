@@ -649,8 +649,9 @@ def _attention_sizes(module: nn.MultiheadAttention, shape) -> tuple[dict, list[s
         heads = inner // module.head_dim if inner % module.head_dim == 0 else heads
     if inner % heads:
         bad.append(f"width {inner} is not divisible into {module.num_heads} heads of any fixed width")
-    return {"embed_dim": embed, "kdim": kdim, "vdim": vdim, "num_heads": heads, "head_dim": inner // max(heads, 1),
-            "_qkv_same_embed_dim": kdim == embed and vdim == embed and module._qkv_same_embed_dim}, bad
+    same = kdim == embed and vdim == embed and module._qkv_same_embed_dim
+    return {"embed_dim": embed, "kdim": kdim, "vdim": vdim, "num_heads": heads,
+            "head_dim": inner // max(heads, 1), "_qkv_same_embed_dim": same}, bad
 
 
 def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: str = "reshape_to") -> list[str]:

@@ -683,8 +683,10 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None 
                               only_if_faster=False)
     variants = {"dense": model, "sparse": sparse}
     thinned_units: dict[str, tuple[int, int]] = {}
-    if input_shape is None:
-        note = "not thinned: prunelab.units needs an input_shape here"
+    single = (len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point()
+              and batch.args[0].dim() > 1)
+    if not single:
+        note = "not thinned: prunelab.units takes models with one float input"
     else:
         shape = tuple(batch.args[0].shape[1:])
         try:
