@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from prunelab._validation import check_number, check_type
 from prunelab.inputs import Batch, example_batch, logits_of
-from prunelab.metrics.flops import count_nonzero, resolve_input
+from prunelab.metrics.flops import _default_device_dtype, count_nonzero
 from prunelab.metrics.latency import measure_latency
 
 __all__ = ["MANY_ROWS", "InferenceLatency", "LayerDecision", "SparseLinear", "SparsifyReport",
@@ -421,7 +421,7 @@ def _linear_inputs(model: nn.Module, batch: Batch, where: str) -> dict[nn.Module
 def _example(model: nn.Module, input_shape, example_inputs, where: str) -> Batch:
     """The dry-run example on the model's device and (for float inputs) dtype."""
     check_type("model", model, nn.Module, where=where)
-    _, device, dtype = resolve_input(model, (1,), None, None, where)
+    device, dtype = _default_device_dtype(model)
     return example_batch(model, input_shape, example_inputs, where=where, dtype=dtype, device=device)
 
 
