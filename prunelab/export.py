@@ -470,10 +470,15 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
         config, state = _read_torch(path, where)
     else:
         header, payload = _read(path)
-        config, state = header.get("architecture"), _tensors(header, payload, where)
+        config = header.get("architecture")
         if model is None and config is None:
             raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
                                  f"registry model, so it holds no architecture; pass load(path, model=...).")
+        built = _build(config, where) if model is None else None
+        _check_declared(header, built if model is None else model, where)     # before any tensor is made
+        state = _tensors(header, payload, where)
+        if model is None:
+            model = _fit(built, config, state, where)
     if model is None:
         model = _rebuild(config, state, where)
     else:
@@ -506,20 +511,30 @@ def _read_torch(path: Path, where: str) -> tuple[dict | None, dict[str, torch.Te
     return config, dict(state)
 
 
-def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+def _build(config: dict | None, where: str) -> nn.Module:
+    """The registry model of ``config`` (without a thinning plan), at its full size."""
     from prunelab.models import build_model
     if not isinstance(config, dict) or "name" not in config:
         raise ModelFileError(f"{where}: the file holds no registry architecture; pass load(path, model=...).")
-    config = dict(config)
-    plan = config.pop("_plan", None)
+    config = {k: v for k, v in config.items() if k != "_plan"}
     try:
-        model = build_model(**config)
+        return build_model(**config)
     except (ValueError, TypeError) as err:
         raise ModelFileError(f"{where}: its architecture {config} cannot be built: {err}") from None
+
+
+def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    model = _build(config, where)
+    plan = config.get("_plan")
     if plan:
         from prunelab import units
         return units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()},
                           input_shape=config.get("input_shape"))
+    return _fit(model, config, state, where)
+
+
+def _fit(model: nn.Module, config: dict, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """The registry ``model`` with its layers resized to ``state`` (a thinned model), checked by a dry run."""
     _same_keys(model, state, where)
     if _resize(model, state, where):
         try:
@@ -528,6 +543,30 @@ def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) ->
         except RuntimeError as err:
             raise ModelFileError(f"{where}: the stored (thinned) shapes do not fit together: {err}") from None
     return model
+
+
+def _check_declared(header: dict, model: nn.Module, where: str) -> None:
+    """The header's tensor names and shapes against ``model``, before any tensor is decoded: the
+    same names, and no shape larger than the model's (a thinned file is only smaller), so a
+    crafted header cannot make ``load`` allocate more than the model holds."""
+    entries = header.get("tensors")
+    _expect(isinstance(entries, list), where, "no tensor list in the header")
+    try:
+        declared = {entry["name"]: tuple(int(d) for d in entry["shape"]) for entry in entries}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFileError(f"{where}: a tensor entry of the header is malformed ({type(err).__name__}: "
+                             f"{err}).") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(declared)), sorted(set(declared) - set(own))
+    if missing or unexpected:
+        raise ModelFileError(f"{where}: the tensors do not match the model: missing {missing or 'none'}, "
+                             f"unexpected {unexpected or 'none'}.")
+    grown = [f"tensor {name!r} has shape {shape} in the file but {tuple(own[name].shape)} in the model"
+             for name, shape in declared.items()
+             if len(shape) != own[name].dim() or any(a > b or a < 0 for a, b in zip(shape, own[name].shape))]
+    if grown:
+        raise ModelFileError(f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
+                             f"is this the model the file was saved from?).")
 
 
 def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:

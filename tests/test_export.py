@@ -341,3 +341,31 @@ def test_a_sparsified_model_is_saved_as_the_model_it_came_from(tmp_path):
     export.save(model, tmp_path / "a.plm")
     export.save(fast, tmp_path / "b.plm")
     assert (tmp_path / "a.plm").read_bytes() == (tmp_path / "b.plm").read_bytes()
+
+
+def _rewrite(path, edit):
+    """The file at ``path`` with its header changed by ``edit`` and the checksum recomputed (a
+    crafted file that passes the integrity check)."""
+    import hashlib
+    import struct
+    header, payload = export._read(path)
+    edit(header)
+    core = export._header_bytes(header)
+    header["sha256"] = hashlib.sha256(core + payload).hexdigest()
+    head = export._header_bytes(header)
+    path.write_bytes(export.MAGIC + struct.pack("<BI", export.VERSION, len(head)) + head + payload)
+
+
+@pytest.mark.parametrize("encoding", ["dense", "bitmask", "csr"])
+def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path, encoding):
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight[0] = 0
+    export.save(model, tmp_path / "m.plm", encoding=encoding)
+
+    def enlarge(header):
+        entry = next(e for e in header["tensors"] if e["name"] == "weight")
+        entry["shape"] = [2**20, 2**20]                  # 4 TiB as float32
+    _rewrite(tmp_path / "m.plm", enlarge)
+    with pytest.raises(export.ModelFileError, match=r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"):
+        prunelab.load(tmp_path / "m.plm", model=torch.nn.Linear(4, 3))
