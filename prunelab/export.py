@@ -333,6 +333,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
     payload = b"".join(chunks)
     header = {"format": "prunelab-model", "version": VERSION, "prunelab": _version(),
               "architecture": config, "class": type(model).__name__, "tensors": entries,
+              "sizes": size_attributes(model),
               "payload_bytes": len(payload), "metadata": dict(metadata or {})}
     core = _header_bytes(header)
     header["sha256"] = hashlib.sha256(core + payload).hexdigest()
@@ -466,6 +467,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     where = f"load {str(path)!r}"
     if model is not None:
         check_type("model", model, nn.Module, where="load")
+    header = None
     if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
     else:
@@ -484,6 +486,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     else:
         _same_keys(model, state, where)
         reshape_to(model, {name: tuple(t.shape) for name, t in state.items()}, where=where)
+        if header is not None:
+            _set_sizes(model, header.get("sizes") or {}, where)
     _assign(model, state, where)
     return model.eval()
 
@@ -734,6 +738,39 @@ def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: 
     for module, attrs, local in plans.values():
         _apply(module, attrs, local)
     return list(plans)
+
+
+#: Integer size attributes that attention modules keep beside their tensors (nn.MultiheadAttention,
+#: Hugging Face GPT-2 / BERT / LLaMA-style attention); a thinned model's are saved in the header
+#: and restored by ``load(path, model=...)``, since the tensor shapes alone do not tell, e.g.,
+#: fewer heads from narrower heads.
+SIZE_ATTRIBUTES = ("num_heads", "head_dim", "embed_dim", "kdim", "vdim", "split_size", "num_attention_heads",
+                   "attention_head_size", "all_head_size", "num_key_value_heads", "num_key_value_groups")
+
+
+def size_attributes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{module name: {attribute: value}}`` of the :data:`SIZE_ATTRIBUTES` the modules have."""
+    out = {}
+    for name, module in model.named_modules():
+        found = {a: getattr(module, a) for a in SIZE_ATTRIBUTES
+                 if type(getattr(module, a, None)) is int}
+        if found:
+            out[name] = found
+    return out
+
+
+def _set_sizes(model: nn.Module, sizes: dict, where: str) -> None:
+    """Give the modules the saved size attributes (only those they already have as ints)."""
+    _expect(isinstance(sizes, dict), where, "a 'sizes' entry that is not a mapping")
+    modules = dict(model.named_modules())
+    for name, attrs in sizes.items():
+        module = modules.get(name)
+        if module is None or not isinstance(attrs, dict):
+            continue
+        for attr, value in attrs.items():
+            if attr in SIZE_ATTRIBUTES and type(getattr(module, attr, None)) is int:
+                _expect(type(value) is int and value >= 1, where, f"{name}.{attr} = {value!r}")
+                setattr(module, attr, value)
 
 
 def _apply(module: nn.Module, attrs: dict, local: dict[str, tuple[int, ...]]) -> None:

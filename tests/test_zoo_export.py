@@ -201,3 +201,22 @@ def test_inconsistent_stored_shapes_are_refused_before_anything_changes(tmp_path
     with pytest.raises(ModelFileError, match="do not fit the given model"):
         export.load(tmp_path / "bad.plm", model=model)
     assert model[0].weight.shape == (6, 4)
+
+
+@pytest.mark.parametrize("z", zoo_params(["hf-gpt2"]))
+def test_a_gpt2_with_a_head_removed_loads_back_with_its_head_count(z, tmp_path):
+    model = z.build()                                        # 4 heads of width 4 in a width-16 stream
+    keep = torch.tensor([i for i in range(16) if i // 4 != 1])          # drop head 1
+    with torch.no_grad():
+        for block in model.transformer.h:
+            attention = block.attn
+            columns = torch.cat([keep, keep + 16, keep + 32])              # its q, k and v columns
+            attention.c_attn.weight = nn.Parameter(attention.c_attn.weight[:, columns].clone())
+            attention.c_attn.bias = nn.Parameter(attention.c_attn.bias[columns].clone())
+            attention.c_attn.nf = len(columns)
+            attention.c_proj.weight = nn.Parameter(attention.c_proj.weight[keep].clone())
+            attention.num_heads, attention.split_size = 3, 12
+    export.save(model, tmp_path / "gpt2.plm")
+    loaded = export.load(tmp_path / "gpt2.plm", model=z.build(seed=5))
+    assert (loaded.transformer.h[0].attn.num_heads, loaded.transformer.h[0].attn.split_size) == (3, 12)
+    assert torch.equal(_outputs(loaded, z), _outputs(model, z))
