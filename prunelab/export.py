@@ -621,6 +621,7 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> Non
 def _size_checks(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
     """The new size attributes of ``module`` implied by its tensors' ``shapes`` (local names),
     and every inconsistency among them, without touching the module."""
+    from prunelab.pruning.targets import is_hf_conv1d
     def shape(name):
         if name in shapes:
             return shapes[name]
@@ -649,7 +650,7 @@ def _size_checks(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple
         for name in ("bias", "running_mean", "running_var"):
             if shape(name) is not None and shape(name) != (n,):
                 bad.append(f"{name} {shape(name)} does not match {n} features")
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         attrs = {"normalized_shape": w if w is not None else module.normalized_shape}
         if b is not None and w is not None and b != w:
             bad.append(f"bias {b} does not match weight {w}")
@@ -657,12 +658,16 @@ def _size_checks(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple
         attrs = {"num_embeddings": w[0], "embedding_dim": w[1]}
         if module.padding_idx is not None and module.padding_idx >= w[0]:
             bad.append(f"padding_idx {module.padding_idx} is outside {w[0]} embeddings")
-    elif getattr(module, "is_hf_conv1d", False) or type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    elif is_hf_conv1d(module):
         attrs = {"nf": w[1]}
         if b is not None and b != (w[1],):
             bad.append(f"bias {b} does not match weight {w} (stored (in, out))")
     elif isinstance(module, nn.MultiheadAttention):
         attrs, bad = _attention_sizes(module, shape)
+    elif isinstance(module, nn.GroupNorm):
+        attrs = {"num_channels": w[0]} if w is not None else {}
+        if w is not None and w[0] % module.num_groups:
+            bad.append(f"{w[0]} channels are not divisible into {module.num_groups} groups")
     elif w is not None and len(w) == 1 and set(dict(module.named_parameters(recurse=False))) <= {"weight", "bias"}:
         attrs = {}                                  # a weight-only norm (RMSNorm-like): no size attribute
         if b is not None and b != w:

@@ -369,3 +369,19 @@ def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path,
     _rewrite(tmp_path / "m.plm", enlarge)
     with pytest.raises(export.ModelFileError, match=r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"):
         prunelab.load(tmp_path / "m.plm", model=torch.nn.Linear(4, 3))
+
+
+def test_load_resizes_norms_depthwise_and_transposed_convs_of_a_given_model(tmp_path):
+    def net(c):
+        torch.manual_seed(c)
+        return torch.nn.Sequential(torch.nn.Conv1d(2, c, 1), torch.nn.GroupNorm(2, c),
+                                   torch.nn.Conv1d(c, c, 3, groups=c, padding=1), torch.nn.ConvTranspose1d(c, 4, 3),
+                                   torch.nn.RMSNorm(7), torch.nn.Linear(7, c), torch.nn.LayerNorm(c),
+                                   torch.nn.BatchNorm1d(4))
+    small = net(4).eval()
+    export.save(small, tmp_path / "small.plm")
+    big = prunelab.load(tmp_path / "small.plm", model=net(6))
+    assert (big[0].out_channels, big[1].num_channels, big[2].groups, big[3].in_channels) == (4, 4, 4, 4)
+    assert (big[5].out_features, big[6].normalized_shape) == (4, (4,))
+    x = torch.randn(3, 2, 5)
+    assert torch.equal(big(x), small(x))
