@@ -486,7 +486,9 @@ def _summary_user(args, where: str) -> int:
         model = _load_weights(model, args.weights)
     _print_summary(model, example, where, args.markdown)
     if args.latency:
-        print(f"\n{inference_latency(model, example_inputs=example, min_sparsity=args.min_sparsity, threads=args.threads)}")
+        result = inference_latency(model, example_inputs=example, min_sparsity=args.min_sparsity,
+                                   threads=args.threads)
+        print(f"\n{result}")
     return 0
 
 

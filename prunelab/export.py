@@ -713,8 +713,10 @@ def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: 
     /``num_heads``, ...) updated. Every size is checked first, and nothing is changed when any
     is inconsistent, larger than the model's (thinning only shrinks) or a module of another kind
     would need resizing: a ``ModelFileError`` names them all. Whether the resized layers fit
-    together (one layer's outputs, the next one's inputs) shows only when the model runs. Attributes that models keep outside these modules (e.g. a Hugging Face attention's
-    ``num_heads``) are not changed.
+    together (one layer's outputs, the next one's inputs) shows only when the model runs.
+    Attributes that models keep outside these modules (e.g. a Hugging Face attention's
+    ``num_heads``) are not changed here; :func:`load` restores them from the file's header
+    (:data:`SIZE_ATTRIBUTES`).
     """
     own = model.state_dict()
     changed: dict[str, dict[str, tuple[int, ...]]] = {}

@@ -367,7 +367,8 @@ def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path,
         entry = next(e for e in header["tensors"] if e["name"] == "weight")
         entry["shape"] = [2**20, 2**20]                  # 4 TiB as float32
     _rewrite(tmp_path / "m.plm", enlarge)
-    with pytest.raises(export.ModelFileError, match=r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"):
+    message = r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"
+    with pytest.raises(export.ModelFileError, match=message):
         prunelab.load(tmp_path / "m.plm", model=torch.nn.Linear(4, 3))
 
 
