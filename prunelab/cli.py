@@ -366,7 +366,8 @@ def _registry_only(args, where: str) -> None:
     """Registry models keep their dataset default; --example-input is for user models."""
     if getattr(args, "example_input", None):
         raise ValueError(f"{where}: --example-input is for your own model (--model package.module:factory); "
-                         f"the registry model {args.model!r} takes its input shape from --dataset.")
+                         f"the registry model {args.model or '(from the file)'} takes its input shape from "
+                         f"--dataset.")
     if getattr(args, "dataset", "") is None:
         args.dataset = args.dataset_default
 
@@ -419,6 +420,7 @@ def cmd_export(args) -> int:
                             **_key_values(args.model_arg, "--model-arg"))
         model = _load_weights(model, args.weights)
     else:
+        _registry_only(args, where)
         model = export.load(args.weights)
     config = getattr(model, "config", None)          # a registry model's dict (a Hugging Face model has its own)
     input_shape = tuple(config["input_shape"]) if isinstance(config, dict) and "input_shape" in config else None
