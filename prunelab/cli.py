@@ -8,6 +8,9 @@
     prunelab summary --model lenet5 --dataset mnist [--weights FILE] [--latency]
     prunelab export WEIGHTS OUT.plm [--values int8] [--thin] [--onnx OUT.onnx]
 
+Your own model: ``--model package.module:factory [--model-arg k=v ...] --example-input SPEC``
+with prune, units, summary and export (``prunelab.cli_model`` has the grammar of SPEC).
+
 Every argument (and a whole spec) is checked before any work starts; a mistake
 prints ``prunelab: error: ...`` naming the bad value and the valid ones.
 
@@ -49,6 +52,114 @@ def _registries() -> dict:
     from prunelab.pruning import CRITERIA, GRANULARITIES, REGULARIZERS, SCHEDULES, SCOPES
     return {"criteria": CRITERIA, "granularities": GRANULARITIES, "scopes": SCOPES,
             "schedules": SCHEDULES, "regularizers": REGULARIZERS, "models": MODELS, "datasets": DATASETS}
+
+
+# --------------------------------------------------------------------------- the user's own model
+
+def _user_model(args, where: str):
+    """``(model, example inputs)`` from ``--model package.module:factory`` and ``--example-input``;
+    everything checked before the model is built."""
+    from prunelab import cli_model
+    if not args.example_input:
+        raise ValueError(f"{where}: --model {args.model} (your own model) needs --example-input, e.g. "
+                         f"{', '.join(cli_model.FORMS)}.")
+    cli_model.parse_example_input(args.example_input)
+    if getattr(args, "dataset", None) is not None:
+        raise ValueError(f"{where}: --dataset is for registry models; a model from --model package.module:factory "
+                         f"is pruned without data here (use the Python API, prunelab.prune(model, ..., data=...), "
+                         f"for data-driven criteria and training).")
+    model = cli_model.build_user_model(args.model, _key_values(args.model_arg, "--model-arg"))
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return model, cli_model.make_example(args.example_input, *floats[:1])
+
+
+def _print_summary(model, example, where: str, markdown: bool = False):
+    """prunelab.summary of the model on its example, when summary can feed it."""
+    import inspect
+
+    from prunelab.cli_model import single_input_shape
+    from prunelab.metrics import summary
+    shape = single_input_shape(example)
+    if shape is not None:
+        stats = summary(model, shape)
+    elif "example_inputs" in inspect.signature(summary).parameters:
+        stats = summary(model, example_inputs=example)
+    else:
+        print(f"({where}: no FLOPs table: this prunelab's summary takes one float input only)")
+        return None
+    print(stats.to_markdown() if markdown else stats)
+    return stats
+
+
+def _refuse_data_driven(needs_data: bool, what: str, where: str) -> None:
+    if needs_data:
+        raise ValueError(f"{where}: {what} needs calibration data, and a model from --model package.module:factory "
+                         f"has none on the command line; choose a data-free one (magnitude, random; units: "
+                         f"rand, norm) or use the Python API with data=.")
+
+
+def _prune_user(args) -> int:
+    import torch
+
+    from prunelab.export import save
+    from prunelab.pruning import CRITERIA, prune
+    where = "prunelab prune"
+    criterion = CRITERIA.get(args.criterion, param="--criterion", where=where)
+    _refuse_data_driven(getattr(criterion, "needs_data", False), f"criterion {args.criterion!r}", where)
+    model, example = _user_model(args, where)
+    _check_outputs(args, where)
+    pruner = prune(model, args.sparsity, criterion=args.criterion, granularity=args.granularity, scope=args.scope,
+                   layers=args.layers, seed=args.seed)
+    _print_summary(model, example, where)
+    print(f"\nsparsity of the pruned layers: {pruner.sparsity():.4f} (one-shot {args.criterion}, no training)")
+    if args.save:
+        torch.save(model.state_dict(), args.save)
+        print(f"saved {args.save} (a state dict)")
+    if args.export:
+        written = save(model, args.export)
+        print(f"exported {args.export}: {written.file_bytes:,} bytes (read it with prunelab.load(path, model=...))")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "criterion": args.criterion,
+                                               "sparsity": pruner.sparsity()}, indent=2))
+    return 0
+
+
+def _check_outputs(args, where: str) -> None:
+    for path in (getattr(args, "save", None), getattr(args, "export", None), getattr(args, "json", None)):
+        if path and Path(path).is_dir():
+            raise ValueError(f"{where}: {path!r} is a directory; give a file name.")
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _units_user(args) -> int:
+    from prunelab import units
+    from prunelab.cli_model import single_input_shape
+    from prunelab.export import save
+    where = "prunelab units"
+    units.parse_method(args.method, where)
+    _refuse_data_driven(args.method not in ("rand", "norm"), f"method {args.method!r}", where)
+    if (args.fraction is None) == (args.count is None):
+        raise ValueError("prunelab units takes exactly one of --fraction (of each layer's units, in [0, 1)) "
+                         "or --count (units per layer).")
+    model, example = _user_model(args, where)
+    shape = single_input_shape(example)
+    if shape is None:
+        raise ValueError(f"{where}: unit removal from the command line needs a model with one float input "
+                         f"(--example-input float:...); for other inputs use the Python API.")
+    _check_outputs(args, where)
+    layers = args.layers[0] if args.layers and len(args.layers) == 1 else (args.layers or "all")
+    result = units.remove_units(model, args.method, None, fraction=args.fraction, count=args.count, layers=layers,
+                                input_shape=shape, seed=args.seed)
+    found = {layer.name: layer.n_units for layer in units.Units.of(model, shape).layers}
+    thinned = units.thin(model, result)
+    print(f"units ({args.method}): " + ", ".join(f"{name} {n}->{n - len(result.plan.get(name, []))}"
+                                                  for name, n in found.items()))
+    _print_summary(thinned, example, where)
+    if args.save:
+        written = save(thinned, args.save)
+        print(f"saved {args.save}: {written.file_bytes:,} bytes (prunelab.load(path, model=...) resizes the model)")
+    return 0
 
 
 def cmd_list(args) -> int:
@@ -100,6 +211,10 @@ def cmd_prune(args) -> int:
     from prunelab.pruning import Pruner
     from prunelab.training import evaluate, fit, steps_per_epoch
 
+    from prunelab.cli_model import is_user_model
+    if is_user_model(args.model):
+        return _prune_user(args)
+    _registry_only(args, "prunelab prune")
     # everything is validated before the first training step
     for flag, value in (("--epochs", args.epochs), ("--finetune-epochs", args.finetune_epochs)):
         check_number(flag, value, where="prunelab prune", low=0, integer=True)
@@ -170,7 +285,11 @@ def cmd_units(args) -> int:
     from prunelab.models import build_model
     from prunelab.training import evaluate, fit
 
+    from prunelab.cli_model import is_user_model
+    if is_user_model(args.model):
+        return _units_user(args)
     where = "prunelab units"
+    _registry_only(args, where)
     # everything is validated before the first training step
     units.parse_method(args.method, where)
     if (args.fraction is None) == (args.count is None):
@@ -243,6 +362,16 @@ def cmd_units(args) -> int:
     return 0
 
 
+def _registry_only(args, where: str) -> None:
+    """Registry models keep their dataset default; --example-input is for user models."""
+    if getattr(args, "example_input", None):
+        raise ValueError(f"{where}: --example-input is for your own model (--model package.module:factory); "
+                         f"the registry model {args.model or '(from the file)'} takes its input shape from "
+                         f"--dataset.")
+    if getattr(args, "dataset", "") is None:
+        args.dataset = args.dataset_default
+
+
 def _load_weights(model, path: str):
     """A plain state dict, ``{config, state_dict}`` (prunelab prune --save), a thinned model
     ``{config, plan, state_dict}`` (prunelab units --save) or a prunelab model file (prunelab
@@ -259,6 +388,9 @@ def _load_weights(model, path: str):
         from prunelab import units
         model = units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in saved["plan"].items()},
                            input_shape=model.config["input_shape"])
+    if not isinstance(getattr(model, "config", None), dict):    # a user's model: resize to a thinned state dict
+        export.reshape_to(model, {k: tuple(v.shape) for k, v in state.items()
+                                  if k in model.state_dict()}, where=f"load {path!r}")
     model.load_state_dict(state)
     return model
 
@@ -274,7 +406,13 @@ def cmd_export(args) -> int:
     export._check_options(args.encoding, args.values, _index_bits(args.index_bits), where)
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"{where}: no weights file at {args.weights!r}.")
-    if args.model:
+    example = None
+    from prunelab.cli_model import is_user_model, single_input_shape
+    if is_user_model(args.model):
+        model, example = _user_model(args, where)
+        model = _load_weights(model, args.weights)
+    elif args.model:
+        _registry_only(args, where)
         from prunelab.data import DATASETS, dataset_info
         from prunelab.models import build_model
         info = dataset_info(DATASETS.canonical(args.dataset, param="dataset", where=where))
@@ -282,12 +420,17 @@ def cmd_export(args) -> int:
                             **_key_values(args.model_arg, "--model-arg"))
         model = _load_weights(model, args.weights)
     else:
+        _registry_only(args, where)
         model = export.load(args.weights)
-    input_shape = tuple(model.config["input_shape"]) if getattr(model, "config", None) else None
-    if args.thin or args.onnx:
-        if input_shape is None:
-            raise ValueError(f"{where}: --thin and --onnx need a registry model (its input shape); "
-                             f"this file has no architecture.")
+    config = getattr(model, "config", None)          # a registry model's dict (a Hugging Face model has its own)
+    input_shape = tuple(config["input_shape"]) if isinstance(config, dict) and "input_shape" in config else None
+    if example is not None:
+        input_shape = single_input_shape(example)
+    if args.thin and input_shape is None:
+        raise ValueError(f"{where}: --thin needs a registry model or one float input (--example-input float:...).")
+    if args.onnx and input_shape is None and example is None:
+        raise ValueError(f"{where}: --onnx needs a registry model (its input shape) or --model "
+                         f"package.module:factory with --example-input; this file has no architecture.")
     dense = io.BytesIO()
     torch.save(model.state_dict(), dense)
     if args.thin:
@@ -300,7 +443,8 @@ def cmd_export(args) -> int:
     print(f"{report.file_bytes / len(dense.getvalue()):.2%} of torch.save of the model's state dict "
           f"({len(dense.getvalue()):,} bytes{', before thinning' if args.thin else ''})")
     if args.onnx:
-        path = export.export_onnx(model, args.onnx, input_shape)
+        path = (export.export_onnx(model, args.onnx, example_inputs=example) if example is not None
+                else export.export_onnx(model, args.onnx, input_shape))
         print(f"ONNX: {path} ({path.stat().st_size:,} bytes)")
     return 0
 
@@ -314,10 +458,14 @@ def cmd_summary(args) -> int:
     from prunelab.metrics import summary
     from prunelab.models import build_model
 
+    from prunelab.cli_model import is_user_model
     where = "prunelab summary"
     check_number("--min-sparsity", args.min_sparsity, where=where, low=0.0, high=1.0)
     if args.threads is not None:
         check_number("--threads", args.threads, where=where, low=1, integer=True)
+    if is_user_model(args.model):
+        return _summary_user(args, where)
+    _registry_only(args, where)
     model_args = _key_values(args.model_arg, "--model-arg")
     info = dataset_info(DATASETS.canonical(args.dataset, param="dataset", where=where))
     input_shape = tuple(info["input_shape"])
@@ -331,6 +479,23 @@ def cmd_summary(args) -> int:
 
         print(f"\n{inference_latency(model, input_shape, min_sparsity=args.min_sparsity, threads=args.threads)}")
     return 0
+
+
+def _summary_user(args, where: str) -> int:
+    from prunelab.sparse import inference_latency
+    model, example = _user_model(args, where)
+    if args.weights:
+        model = _load_weights(model, args.weights)
+    _print_summary(model, example, where, args.markdown)
+    if args.latency:
+        result = inference_latency(model, example_inputs=example, min_sparsity=args.min_sparsity,
+                                   threads=args.threads)
+        print(f"\n{result}")
+    return 0
+
+
+EXAMPLE_HELP = ("the inputs of your own model (--model package.module:factory), e.g. float:1x3x32x32 or "
+                "input_ids=int:1x16:0-1000,attention_mask=ones:1x16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,9 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("prune", help="train, prune and fine-tune one model; print its metrics")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--dataset", default=None, help="a registry dataset (default digits; not with your own model)")
+    p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
+    p.set_defaults(dataset_default="digits")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--model", default="mlp")
+    p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--criterion", default="magnitude")
@@ -383,9 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("units", help="train a model, remove units (neurons/filters), thin it, measure it")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--dataset", default=None, help="a registry dataset (default digits; not with your own model)")
+    p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
+    p.set_defaults(dataset_default="digits")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--model", default="mlp")
+    p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
     p.add_argument("--method", default="bp_abs_mrs", help="one of the 12: rand, norm, rs, abs_rs, mrs, abs_mrs, "
                                                           "each optionally with the bp_ prefix (mean replacement)")
@@ -411,8 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a pruned/thinned/hashed model as a small file (and ONNX)")
     p.add_argument("weights", help="prunelab prune/units --save file, or a prunelab model file")
     p.add_argument("out", help="the model file to write (read it with prunelab.load)")
-    p.add_argument("--model", default=None, help="for weights files without an architecture")
-    p.add_argument("--dataset", default="mnist", help="with --model: sets the input shape and classes")
+    p.add_argument("--model", default=None, help="for weights files without an architecture: a registry "
+                                                 "name or package.module:factory (your own model)")
+    p.add_argument("--dataset", default=None, help="with a registry --model: sets the input shape and classes "
+                                                   "(default mnist)")
+    p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
+    p.set_defaults(dataset_default="mnist")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--encoding", default="auto", help="auto (smallest per tensor), dense, bitmask or csr")
     p.add_argument("--values", default="float32", help="weights as float32 (exact), float16 or int8")
@@ -422,8 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("summary", help="per-layer parameters, sparsity, FLOPs and storage of a model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", default="mnist", help="sets the input shape and classes")
+    p.add_argument("--model", required=True, help="a registry name, or package.module:factory (your own model)")
+    p.add_argument("--dataset", default=None, help="sets the input shape and classes of a registry model "
+                                                   "(default mnist)")
+    p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
+    p.set_defaults(dataset_default="mnist")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--weights", default=None, help="a file written by prunelab prune --save")
     p.add_argument("--markdown", action="store_true")

@@ -171,10 +171,10 @@ def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str) -> np
     if encoding == "dense":
         _expect(len(data) == n * size, where, f"{len(data)} bytes for {n} dense values")
         return np.frombuffer(data, dtype=dtype).copy()
-    flat = np.zeros(n, dtype=dtype)
     if encoding == "bitmask":
         mask_bytes = bits_to_bytes(n)
         _expect(len(data) >= mask_bytes, where, "a bit-mask shorter than the tensor")
+        flat = np.zeros(n, dtype=dtype)
         present = np.unpackbits(np.frombuffer(data[:mask_bytes], dtype=np.uint8), count=n,
                                 bitorder="little").astype(bool)
         nonzero = np.frombuffer(data[mask_bytes:], dtype=dtype)
@@ -187,6 +187,8 @@ def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str) -> np
         entries = entry["entries"]
         _expect(len(data) == entries * size + bits_to_bytes(entries * r), where,
                 f"{len(data)} bytes for {entries} CSR entries of {size} + {r}/8 bytes")
+        _expect(entries <= n, where, f"{entries} CSR entries for a tensor of {n}")
+        flat = np.zeros(n, dtype=dtype)
         stored = np.frombuffer(data[:entries * size], dtype=dtype)
         positions = np.cumsum(_unpack(data[entries * size:], entries, r) + 1) - 1
         _expect(entries == 0 or positions[-1] < n, where, f"CSR positions run past the tensor's {n} entries")
@@ -331,6 +333,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
     payload = b"".join(chunks)
     header = {"format": "prunelab-model", "version": VERSION, "prunelab": _version(),
               "architecture": config, "class": type(model).__name__, "tensors": entries,
+              "sizes": size_attributes(model),
               "payload_bytes": len(payload), "metadata": dict(metadata or {})}
     core = _header_bytes(header)
     header["sha256"] = hashlib.sha256(core + payload).hexdigest()
@@ -451,7 +454,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     Args:
         path: the file.
         model: the module to load into, for models not from the registry (files without an
-            architecture). It is filled in place and returned; shapes must match.
+            architecture). It is filled in place and returned. When the file holds a thinned
+            model (smaller tensors), the model's layers are resized to the file's shapes first
+            (:func:`reshape_to`); every size is checked before anything is resized.
 
     Raises:
         FileNotFoundError: no such file.
@@ -462,16 +467,27 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     where = f"load {str(path)!r}"
     if model is not None:
         check_type("model", model, nn.Module, where="load")
+    header = None
     if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
     else:
         header, payload = _read(path)
-        config, state = header.get("architecture"), _tensors(header, payload, where)
+        config = header.get("architecture")
         if model is None and config is None:
             raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
                                  f"registry model, so it holds no architecture; pass load(path, model=...).")
+        built = _build(config, where) if model is None else None
+        _check_declared(header, built if model is None else model, where)     # before any tensor is made
+        state = _tensors(header, payload, where)
+        if model is None:
+            model = _fit(built, config, state, where)
     if model is None:
         model = _rebuild(config, state, where)
+    else:
+        _same_keys(model, state, where)
+        reshape_to(model, {name: tuple(t.shape) for name, t in state.items()}, where=where)
+        if header is not None:
+            _set_sizes(model, header.get("sizes") or {}, where)
     _assign(model, state, where)
     return model.eval()
 
@@ -499,20 +515,30 @@ def _read_torch(path: Path, where: str) -> tuple[dict | None, dict[str, torch.Te
     return config, dict(state)
 
 
-def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+def _build(config: dict | None, where: str) -> nn.Module:
+    """The registry model of ``config`` (without a thinning plan), at its full size."""
     from prunelab.models import build_model
     if not isinstance(config, dict) or "name" not in config:
         raise ModelFileError(f"{where}: the file holds no registry architecture; pass load(path, model=...).")
-    config = dict(config)
-    plan = config.pop("_plan", None)
+    config = {k: v for k, v in config.items() if k != "_plan"}
     try:
-        model = build_model(**config)
+        return build_model(**config)
     except (ValueError, TypeError) as err:
         raise ModelFileError(f"{where}: its architecture {config} cannot be built: {err}") from None
+
+
+def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    model = _build(config, where)
+    plan = config.get("_plan")
     if plan:
         from prunelab import units
         return units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()},
                           input_shape=config.get("input_shape"))
+    return _fit(model, config, state, where)
+
+
+def _fit(model: nn.Module, config: dict, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """The registry ``model`` with its layers resized to ``state`` (a thinned model), checked by a dry run."""
     _same_keys(model, state, where)
     if _resize(model, state, where):
         try:
@@ -521,6 +547,30 @@ def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) ->
         except RuntimeError as err:
             raise ModelFileError(f"{where}: the stored (thinned) shapes do not fit together: {err}") from None
     return model
+
+
+def _check_declared(header: dict, model: nn.Module, where: str) -> None:
+    """The header's tensor names and shapes against ``model``, before any tensor is decoded: the
+    same names, and no shape larger than the model's (a thinned file is only smaller), so a
+    crafted header cannot make ``load`` allocate more than the model holds."""
+    entries = header.get("tensors")
+    _expect(isinstance(entries, list), where, "no tensor list in the header")
+    try:
+        declared = {entry["name"]: tuple(int(d) for d in entry["shape"]) for entry in entries}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFileError(f"{where}: a tensor entry of the header is malformed ({type(err).__name__}: "
+                             f"{err}).") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(declared)), sorted(set(declared) - set(own))
+    if missing or unexpected:
+        raise ModelFileError(f"{where}: the tensors do not match the model: missing {missing or 'none'}, "
+                             f"unexpected {unexpected or 'none'}.")
+    grown = [f"tensor {name!r} has shape {shape} in the file but {tuple(own[name].shape)} in the model"
+             for name, shape in declared.items()
+             if len(shape) != own[name].dim() or any(a > b or a < 0 for a, b in zip(shape, own[name].shape))]
+    if grown:
+        raise ModelFileError(f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
+                             f"is this the model the file was saved from?).")
 
 
 def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
@@ -566,27 +616,322 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> Non
     model.load_state_dict(state)
 
 
+# --------------------------------------------------------------------------- resizing a given model
+
+def _size_checks(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+    """The new size attributes of ``module`` implied by its tensors' ``shapes`` (local names),
+    and every inconsistency among them, without touching the module."""
+    from prunelab.pruning.targets import is_hf_conv1d
+    def shape(name):
+        if name in shapes:
+            return shapes[name]
+        value = getattr(module, name, None)
+        return tuple(value.shape) if torch.is_tensor(value) else None
+
+    w, b, bad, attrs = shape("weight"), shape("bias"), [], {}
+    if isinstance(module, nn.Linear):
+        attrs = {"out_features": w[0], "in_features": w[1]}
+        if b is not None and b != (w[0],):
+            bad.append(f"bias {b} does not match weight {w}")
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        # weight (out, in / groups, *k); transposed (in, out / groups, *k); a depthwise conv keeps groups = channels
+        lead, per_group = (w[0], w[1])
+        depthwise = 1 < module.groups == module.in_channels == module.out_channels
+        groups = lead if depthwise else module.groups
+        cin, out = (lead, per_group * groups) if module.transposed else (per_group * groups, lead)
+        attrs = {"in_channels": cin, "out_channels": out, "groups": groups}
+        if out % groups or cin % groups:
+            bad.append(f"{cin} in / {out} out channels are not divisible into {groups} groups")
+        if b is not None and b != (out,):
+            bad.append(f"bias {b} does not match {out} output channels")
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        n = (w or shape("running_mean"))[0]
+        attrs = {"num_features": n}
+        for name in ("bias", "running_mean", "running_var"):
+            if shape(name) is not None and shape(name) != (n,):
+                bad.append(f"{name} {shape(name)} does not match {n} features")
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        attrs = {"normalized_shape": w if w is not None else module.normalized_shape}
+        if b is not None and w is not None and b != w:
+            bad.append(f"bias {b} does not match weight {w}")
+    elif isinstance(module, nn.Embedding):
+        attrs = {"num_embeddings": w[0], "embedding_dim": w[1]}
+        if module.padding_idx is not None and module.padding_idx >= w[0]:
+            bad.append(f"padding_idx {module.padding_idx} is outside {w[0]} embeddings")
+    elif is_hf_conv1d(module):
+        attrs = {"nf": w[1]}
+        if b is not None and b != (w[1],):
+            bad.append(f"bias {b} does not match weight {w} (stored (in, out))")
+    elif isinstance(module, nn.MultiheadAttention):
+        attrs, bad = _attention_sizes(module, shape)
+    elif isinstance(module, nn.GroupNorm):
+        attrs = {"num_channels": w[0]} if w is not None else {}
+        if w is not None and w[0] % module.num_groups:
+            bad.append(f"{w[0]} channels are not divisible into {module.num_groups} groups")
+    elif w is not None and len(w) == 1 and set(dict(module.named_parameters(recurse=False))) <= {"weight", "bias"}:
+        attrs = {}                                  # a weight-only norm (RMSNorm-like): no size attribute
+        if b is not None and b != w:
+            bad.append(f"bias {b} does not match weight {w}")
+    else:
+        return {}, [f"{type(module).__name__} cannot be resized by prunelab"]
+    return attrs, bad
+
+
+def _attention_sizes(module: nn.MultiheadAttention, shape) -> tuple[dict, list[str]]:
+    """embed_dim / kdim / vdim / head_dim of a resized MultiheadAttention (num_heads kept unless the
+    head width is kept: a thinned model drops either whole heads or channels of every head)."""
+    bad = []
+    if module._qkv_same_embed_dim:
+        packed = shape("in_proj_weight")
+        embed, kdim, vdim = packed[1], packed[1], packed[1]
+        if packed[0] % 3:
+            bad.append(f"in_proj_weight {packed} is not three stacked projections")
+        inner = packed[0] // 3
+    else:
+        q, k, v = shape("q_proj_weight"), shape("k_proj_weight"), shape("v_proj_weight")
+        embed, kdim, vdim, inner = q[1], k[1], v[1], q[0]
+    heads = module.num_heads
+    if inner != embed:
+        bad.append(f"projections of width {inner} for embed_dim {embed} (nn.MultiheadAttention needs them equal)")
+    if inner % heads:
+        heads = inner // module.head_dim if inner % module.head_dim == 0 else heads
+    if inner % heads:
+        bad.append(f"width {inner} is not divisible into {module.num_heads} heads of any fixed width")
+    same = kdim == embed and vdim == embed and module._qkv_same_embed_dim
+    return {"embed_dim": embed, "kdim": kdim, "vdim": vdim, "num_heads": heads,
+            "head_dim": inner // max(heads, 1), "_qkv_same_embed_dim": same}, bad
+
+
+def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: str = "reshape_to") -> list[str]:
+    """Resize the layers of ``model`` in place so that its state dict has the given tensor
+    ``shapes`` (a thinned copy's); return the names of the resized modules.
+
+    Linear, Conv (grouped and depthwise, transposed), BatchNorm, LayerNorm, weight-only norms
+    (RMSNorm-like), Embedding, Hugging Face ``Conv1D`` and ``nn.MultiheadAttention`` are resized
+    and their size attributes (``in_features``, ``out_channels``, ``groups`` of a depthwise conv,
+    ``num_features``, ``normalized_shape``, ``embedding_dim``, ``nf``, ``embed_dim``/``head_dim``
+    /``num_heads``, ...) updated. Every size is checked first, and nothing is changed when any
+    is inconsistent, larger than the model's (thinning only shrinks) or a module of another kind
+    would need resizing: a ``ModelFileError`` names them all. Whether the resized layers fit
+    together (one layer's outputs, the next one's inputs) shows only when the model runs.
+    Attributes that models keep outside these modules (e.g. a Hugging Face attention's
+    ``num_heads``) are not changed here; :func:`load` restores them from the file's header
+    (:data:`SIZE_ATTRIBUTES`).
+    """
+    own = model.state_dict()
+    changed: dict[str, dict[str, tuple[int, ...]]] = {}
+    grown: list[str] = []
+    for name, shape in shapes.items():
+        if name in own and tuple(own[name].shape) != tuple(shape):
+            module_name, _, tensor = name.rpartition(".")
+            changed.setdefault(module_name, {})[tensor] = tuple(int(d) for d in shape)
+            if len(shape) != own[name].dim() or any(int(a) > b for a, b in zip(shape, own[name].shape)):
+                grown.append(f"tensor {name!r} has shape {tuple(shape)} in the file but {tuple(own[name].shape)} "
+                             f"in the model")
+    if grown:
+        raise ModelFileError(f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
+                             f"is this the model the file was saved from?).")
+    plans, problems = {}, []
+    for module_name, local in changed.items():
+        module = model.get_submodule(module_name)
+        if any(d < 0 for s in local.values() for d in s):
+            problems.append(f"{module_name or '(root)'}: negative size in {local}")
+            continue
+        attrs, bad = _size_checks(module, local)
+        problems += [f"{module_name or '(root)'} ({type(module).__name__}): {b}" for b in bad]
+        plans[module_name] = (module, attrs, local)
+    if problems:
+        raise ModelFileError(f"{where}: the stored shapes do not fit the given model: {'; '.join(problems)}.")
+    for module, attrs, local in plans.values():
+        _apply(module, attrs, local)
+    return list(plans)
+
+
+#: Integer size attributes that attention modules keep beside their tensors (nn.MultiheadAttention,
+#: Hugging Face GPT-2 / BERT / LLaMA-style attention); a thinned model's are saved in the header
+#: and restored by ``load(path, model=...)``, since the tensor shapes alone do not tell, e.g.,
+#: fewer heads from narrower heads.
+SIZE_ATTRIBUTES = ("num_heads", "head_dim", "embed_dim", "kdim", "vdim", "split_size", "num_attention_heads",
+                   "attention_head_size", "all_head_size", "num_key_value_heads", "num_key_value_groups")
+
+
+def size_attributes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{module name: {attribute: value}}`` of the :data:`SIZE_ATTRIBUTES` the modules have."""
+    out = {}
+    for name, module in model.named_modules():
+        found = {a: getattr(module, a) for a in SIZE_ATTRIBUTES
+                 if type(getattr(module, a, None)) is int}
+        if found:
+            out[name] = found
+    return out
+
+
+def _set_sizes(model: nn.Module, sizes: dict, where: str) -> None:
+    """Give the modules the saved size attributes (only those they already have as ints)."""
+    _expect(isinstance(sizes, dict), where, "a 'sizes' entry that is not a mapping")
+    modules = dict(model.named_modules())
+    for name, attrs in sizes.items():
+        module = modules.get(name)
+        if module is None or not isinstance(attrs, dict):
+            continue
+        for attr, value in attrs.items():
+            if attr in SIZE_ATTRIBUTES and type(getattr(module, attr, None)) is int:
+                _expect(type(value) is int and value >= 1, where, f"{name}.{attr} = {value!r}")
+                setattr(module, attr, value)
+
+
+def _apply(module: nn.Module, attrs: dict, local: dict[str, tuple[int, ...]]) -> None:
+    """Give ``module`` empty tensors of the new shapes (filled by load_state_dict) and its new sizes."""
+    for attr, value in attrs.items():
+        setattr(module, attr, value)
+    for tensor_name, shape in local.items():
+        old = getattr(module, tensor_name)
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            setattr(module, tensor_name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module.register_buffer(tensor_name, new, persistent=tensor_name not in module._non_persistent_buffers_set)
+
+
 # --------------------------------------------------------------------------- ONNX
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], *,
-                opset: int | None = None) -> Path:
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+
+class _FlatLogits(nn.Module):
+    """``model`` called with its inputs as flat positional tensors, returning only its logits
+    (a tensor, the first element of a tuple or the ``output_key`` entry of a dict/ModelOutput).
+    ONNX graphs take and return plain tensors; a Hugging Face cache object cannot be an output."""
+
+    def __init__(self, model: nn.Module, n_args: int, keys: list[str], output_key: str | None):
+        super().__init__()
+        self.model, self.n_args, self.keys, self.output_key = model, n_args, keys, output_key
+
+    def forward(self, *tensors):
+        from prunelab.inputs import logits_of
+        args, kwargs = tensors[:self.n_args], dict(zip(self.keys, tensors[self.n_args:]))
+        return logits_of(self.model(*args, **kwargs), self.output_key, where="export_onnx")
+
+
+def _input_names(batch) -> list[str]:
+    if batch.kwargs:
+        positional = [f"input{i}" for i in range(len(batch.args))]
+        return positional + list(batch.kwargs)
+    return ["input"] if len(batch.args) == 1 else [f"input{i}" for i in range(len(batch.args))]
+
+
+def _export_with(exporter: str, net: nn.Module, tensors: tuple, path: Path, names: list[str],
+                 opset: int | None) -> None:
+    axes = {name: {0: "batch"} for name in [*names, "logits"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # exporter deprecation and progress notices
+        if exporter == "torchscript":
+            torch.onnx.export(net, tensors, str(path), dynamo=False, input_names=names, output_names=["logits"],
+                              dynamic_axes=axes, opset_version=opset)
+            return
+        import contextlib
+        import io
+        auto = torch.export.Dim.AUTO
+        shapes = tuple({0: auto} if t.dim() > 0 else None for t in tensors)
+        with contextlib.redirect_stdout(io.StringIO()):     # the dynamo exporter prints its steps
+            torch.onnx.export(net, tensors, str(path), dynamo=True, input_names=names, output_names=["logits"],
+                              dynamic_shapes=(shapes,), opset_version=opset, verbose=False)
+
+
+def _check_onnx(path: Path, net: nn.Module, tensors: tuple, names: list[str], where: str) -> float | None:
+    """Largest difference between onnxruntime's output and the model's on the example
+    (None without onnxruntime); a ValueError when they disagree."""
+    import importlib.util
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if n in wanted}
+    got = torch.from_numpy(session.run(None, feed)[0])
+    with torch.no_grad():
+        ref = net.eval()(*tensors).detach().cpu()
+    if got.shape != ref.shape:
+        raise ValueError(f"{where}: the ONNX file gives an output of shape {tuple(got.shape)}, the model "
+                         f"{tuple(ref.shape)}; the export is wrong, not written.")
+    diff = float((got.to(ref.dtype) - ref).abs().max()) if ref.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if not diff <= 1e-4 * max(1.0, scale):
+        raise ValueError(f"{where}: onnxruntime's output differs from the model's by {diff:.3g} "
+                         f"(largest |output| {scale:.3g}); the export is wrong, not written.")
+    return diff
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
+                example_inputs=None, opset: int | None = None, exporter: str = "auto",
+                output_key: str | None = None, check: bool = True) -> Path:
     """Write ``model`` (typically thinned) as ONNX, with a dynamic batch dimension.
 
-    Needs the ``onnx`` package (``pip install prunelab[onnx]``). Uses PyTorch's
-    TorchScript-based exporter, which needs no further packages.
+    The graph's inputs are the model's: one tensor named ``input`` (from ``input_shape``, a
+    float tensor of shape ``(1, *input_shape)``), or the tensors of ``example_inputs`` (a
+    tensor, a tuple of positional inputs named ``input0``, ``input1``, ... or a dict of keyword
+    inputs under their own names, e.g. ``input_ids``, ``attention_mask``). Its one output,
+    ``logits``, is the model's output tensor, the first element of a tuple output, or the
+    ``logits`` (or ``output_key``) entry of a dict / Hugging Face ``ModelOutput`` (caches and
+    other entries are dropped).
+
+    Args:
+        exporter: ``"torchscript"`` (PyTorch's TorchScript exporter, needs only ``onnx``),
+            ``"dynamo"`` (``torch.onnx.export(..., dynamo=True)``, needs ``onnxscript``; it
+            exports models that tracing cannot, e.g. Hugging Face GPT-2 and LLaMA) or
+            ``"auto"``: TorchScript, and dynamo if that fails and ``onnxscript`` is installed.
+        check: run the written file with ``onnxruntime`` (when installed) on the example and
+            compare with the model's output (to 1e-4 of its largest value); a mismatch counts
+            as that exporter's failure (``"auto"`` then tries the next one), and the file is removed.
+
+    Needs the ``onnx`` package (``pip install 'prunelab[onnx]'``, which also brings
+    ``onnxruntime`` and ``onnxscript``).
+
+    Raises:
+        ValueError: not exactly one of ``input_shape``/``example_inputs``, an unknown
+            ``exporter``, a model that no exporter can export (the message carries each
+            exporter's error), or an export whose output differs from the model's.
     """
-    check_type("model", model, nn.Module, where="export_onnx")
-    check_type("input_shape", input_shape, (list, tuple), where="export_onnx")
+    from prunelab.inputs import example_batch
+    where = "export_onnx"
+    check_type("model", model, nn.Module, where=where)
+    check_type("exporter", exporter, str, where=where)
+    check_type("check", check, bool, where=where)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"{where}: unknown exporter {exporter!r}{suggest(exporter, EXPORTERS)}; "
+                         f"valid exporters: {', '.join(EXPORTERS)}.")
+    if output_key is not None:
+        check_type("output_key", output_key, str, where=where)
     import importlib.util
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("export_onnx needs the onnx package: pip install 'prunelab[onnx]'.")
+    has_dynamo = importlib.util.find_spec("onnxscript") is not None
+    if exporter == "dynamo" and not has_dynamo:
+        raise ImportError("export_onnx(exporter='dynamo') needs the onnxscript package: "
+                          "pip install 'prunelab[onnx]'.")
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else None
+    batch = example_batch(model, input_shape, example_inputs, where=where, dtype=dtype).to(device="cpu")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, *input_shape, dtype=next(model.parameters()).dtype)
-    net = copy.deepcopy(model).eval().cpu()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")            # the TorchScript exporter's deprecation notice
-        torch.onnx.export(net, (example,), str(path), dynamo=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=opset)
-    return path
+    names = _input_names(batch)
+    net = _FlatLogits(copy.deepcopy(model).cpu(), len(batch.args), list(batch.kwargs), output_key).eval()
+    tensors = tuple(batch.args) + tuple(batch.kwargs.values())
+    if not all(torch.is_tensor(t) for t in tensors):
+        raise TypeError(f"{where}: every example input must be a tensor (ONNX graphs take tensors only).")
+    order = {"auto": ["torchscript", "dynamo"] if has_dynamo else ["torchscript"]}.get(exporter, [exporter])
+    errors = []
+    for name in order:
+        try:
+            _export_with(name, net, tensors, path, names, opset)
+            if check:
+                _check_onnx(path, net, tensors, names, where)
+        except Exception as err:            # each exporter's own failure, reported together below
+            path.unlink(missing_ok=True)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            errors.append(f"{name}: {type(err).__name__}: {first[:300]}")
+            continue
+        return path
+    hint = "" if has_dynamo or exporter != "auto" else " (install onnxscript to try torch's dynamo exporter too)"
+    raise ValueError(f"{where}: {type(model).__name__} could not be exported to ONNX{hint}. "
+                     + "; ".join(errors))

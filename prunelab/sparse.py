@@ -56,7 +56,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab._validation import check_number, check_type
-from prunelab.metrics.flops import count_nonzero, dry_forward, resolve_input
+from prunelab.inputs import Batch, example_batch, logits_of
+from prunelab.metrics.flops import _default_device_dtype, count_nonzero
 from prunelab.metrics.latency import measure_latency
 
 __all__ = ["MANY_ROWS", "InferenceLatency", "LayerDecision", "SparseLinear", "SparsifyReport",
@@ -239,6 +240,12 @@ def _check_dtype(dtype: torch.dtype, where: str) -> None:
                         f"got {dtype}. Convert the layer first, e.g. linear.float().")
 
 
+#: Modules that read the weights of their Linear children directly (the fused fast path of
+#: ``nn.TransformerEncoderLayer``/``DecoderLayer``; ``nn.MultiheadAttention`` reads ``out_proj.weight``,
+#: a Linear subclass that :func:`_is_plain_linear` already leaves alone).
+_WEIGHT_READING_PARENTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     # subclasses (e.g. the out_proj of nn.MultiheadAttention, whose weight its parent reads
     # directly) are left alone
@@ -267,10 +274,13 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] | int,
-                    batch_sizes: Sequence[int] | int = (1, 64), *, threads: int | None = None,
+def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] | int | None = None,
+                    batch_sizes: Sequence[int] | int = (1, 64), *, example_inputs=None, threads: int | None = None,
                     rounds: int = 7, repeats: int = 10, warmup: int = 3) -> dict[str, dict[int, float]]:
     """Median forward latency in ms of each model at each batch size, ``{name: {batch: ms}}``.
+
+    The input is a random tensor ``(batch, *input_shape)`` (:func:`prunelab.measure_latency`)
+    or ``example_inputs`` (tensor, tuple or dict) with its first example repeated to each batch size.
 
     The models are measured in ``rounds`` interleaved rounds (their order reversed every other
     round), each round one :func:`prunelab.measure_latency` call per model (``warmup`` untimed and
@@ -286,12 +296,45 @@ def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] 
     rounds = check_number("rounds", rounds, where=where, low=1, integer=True)
     medians: dict[str, dict[int, list[float]]] = {name: {} for name in models}
     names = list(models)
+    example = None
+    if example_inputs is not None or input_shape is None:
+        example = example_batch(next(iter(models.values())), input_shape, example_inputs, where=where)
     for index in range(rounds):
         for name in (names if index % 2 == 0 else names[::-1]):
-            for row in measure_latency(models[name], input_shape, batch_sizes, warmup=warmup,
-                                       repeats=repeats, threads=threads):
-                medians[name].setdefault(row.batch_size, []).append(row.median_ms)
+            if example is not None:
+                rows = _example_latency(models[name], example, batch_sizes, warmup, repeats, threads, where)
+            else:
+                rows = {row.batch_size: row.median_ms for row in measure_latency(
+                    models[name], input_shape, batch_sizes, warmup=warmup, repeats=repeats, threads=threads)}
+            for batch_size, ms in rows.items():
+                medians[name].setdefault(batch_size, []).append(ms)
     return {name: {b: statistics.median(ms) for b, ms in rows.items()} for name, rows in medians.items()}
+
+
+def _example_latency(model: nn.Module, example: Batch, batch_sizes, warmup: int, repeats: int,
+                     threads: int | None, where: str) -> dict[int, float]:
+    """Median ms per call of ``model`` on ``example`` repeated to each batch size."""
+    from prunelab.metrics.latency import _check_batch_sizes, _time_calls
+    sizes = _check_batch_sizes(batch_sizes)
+    warmup = check_number("warmup", warmup, where=where, low=0, integer=True)
+    repeats = check_number("repeats", repeats, where=where, low=1, integer=True)
+    modes = [(module, module.training) for module in model.modules()]
+    previous = torch.get_num_threads()
+    medians = {}
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        model.eval()
+        with torch.inference_mode():
+            for batch_size in sizes:
+                batch = example.repeat_to(batch_size)
+                times = _time_calls(lambda _: batch.call(model), None, warmup, repeats, 0.0, lambda: None)
+                medians[batch_size] = 1000 * statistics.median(times)
+    finally:
+        torch.set_num_threads(previous)
+        for module, training in modes:
+            module.training = training
+    return medians
 
 
 @dataclass(frozen=True)
@@ -358,9 +401,8 @@ class SparsifyReport:
         return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], footer])
 
 
-def _linear_inputs(model: nn.Module, shape: tuple[int, ...], device: torch.device,
-                   dtype: torch.dtype) -> dict[nn.Module, tuple[int, ...]]:
-    """The input shape, without the batch dimension, of each plain Linear's first call on a batch of 1."""
+def _linear_inputs(model: nn.Module, batch: Batch, where: str) -> dict[nn.Module, tuple[int, ...]]:
+    """The input shape, without the batch dimension, of each plain Linear's first call on the example."""
     seen: dict[nn.Module, tuple[int, ...]] = {}
 
     def record(module: nn.Module, args: tuple) -> None:
@@ -368,11 +410,56 @@ def _linear_inputs(model: nn.Module, shape: tuple[int, ...], device: torch.devic
             seen.setdefault(module, tuple(args[0].shape[1:]) or (module.in_features,))
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if _is_plain_linear(m)]
-    dry_forward(model, shape, device, dtype, "sparsify", handles)
+    try:
+        _run(model, batch, where)
+    finally:
+        for handle in handles:
+            handle.remove()
     return seen
 
 
-def sparsify(model: nn.Module, input_shape: Sequence[int] | int, *, min_sparsity: float = 0.9,
+def _example(model: nn.Module, input_shape, example_inputs, where: str) -> Batch:
+    """The dry-run example on the model's device and (for float inputs) dtype."""
+    check_type("model", model, nn.Module, where=where)
+    device, dtype = _default_device_dtype(model)
+    return example_batch(model, input_shape, example_inputs, where=where, dtype=dtype, device=device)
+
+
+def _run(model: nn.Module, batch: Batch, where: str):
+    """``model`` on ``batch`` in eval mode without gradients (train flags restored); a failing
+    forward becomes a ValueError carrying the model's error."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode():
+            return batch.call(model)
+    except Exception as err:
+        tensors = batch.tensors()
+        what = (f"an input of shape {tuple(tensors[0].shape)} ({tensors[0].dtype})" if len(tensors) == 1
+                else "the example inputs (" + ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors) + ")")
+        raise ValueError(f"{where} could not run {type(model).__name__} on {what}; check 'input_shape' (one "
+                         f"input, without the batch dimension) or 'example_inputs'. "
+                         f"The model raised {type(err).__name__}: {err}") from err
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _parent_reads_weight(model: nn.Module) -> dict[str, str]:
+    """Plain Linear layers whose parent reads their ``weight`` tensor itself instead of calling
+    them (PyTorch's fused Transformer fast path), ``{name: parent class}``: a CSR weight there
+    would break the parent, so they stay dense."""
+    found = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, _WEIGHT_READING_PARENTS):
+            for child_name, child in parent.named_children():
+                if _is_plain_linear(child):
+                    found[f"{parent_name}.{child_name}" if parent_name else child_name] = type(parent).__name__
+    return found
+
+
+def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
+             min_sparsity: float = 0.9,
              only_if_faster: bool = True, batch_size: int = 1, threads: int | None = None,
              rounds: int = 15, repeats: int = 10, warmup: int = 3) -> tuple[nn.Module, SparsifyReport]:
     """A copy of ``model`` with sparse ``nn.Linear`` layers replaced by :class:`SparseLinear`.
@@ -389,13 +476,21 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int, *, min_sparsity
     few such rounds: for LeNet-300-100's 300→100 layer at 95 % (7.4 vs 8.4 µs), 3 rounds of 50
     calls chose wrongly in 4 of 8 runs on the loaded development machine, 15 rounds of 10 in none.
 
+    Linear layers whose parent reads their weight tensor itself (``nn.TransformerEncoderLayer``
+    and ``DecoderLayer``, whose fused fast path takes ``linear1.weight`` etc.; the ``out_proj`` of
+    ``nn.MultiheadAttention``) stay dense, with that reason in the report. The sparse copy is run
+    on the example and compared with the model before it is returned.
+
     The copy computes the same outputs up to float rounding (the sums run in another order) and
     is for inference (see :class:`SparseLinear`); the given model is not modified. Forward hooks
     registered on a replaced Linear do not move to its replacement.
 
     Args:
         model: any ``nn.Module``.
-        input_shape: ONE input without the batch dimension, e.g. ``(1, 28, 28)``.
+        input_shape: ONE input without the batch dimension, e.g. ``(1, 28, 28)``; or
+        example_inputs: the inputs of one call as the model takes them, a tensor, a tuple of
+            positional inputs or a dict of keyword inputs (e.g. ``input_ids``/``attention_mask``).
+            Exactly one of the two.
         min_sparsity: a float in [0, 1]; 1 replaces only all-zero layers.
         only_if_faster: a bool: replace only the layers measured faster.
         batch_size: rows per timed call, an int ≥ 1 (latency at batch 1 and throughput at batch
@@ -407,12 +502,14 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int, *, min_sparsity
         ``(sparse_model, report)``; the :class:`SparsifyReport` lists every plain Linear layer.
 
     Raises:
-        ValueError: a value out of range, or a forward pass that fails with ``input_shape``.
+        ValueError: a value out of range, a forward pass that fails on the example, or a sparse
+            copy whose output differs from the model's (a parent module that reads a replaced
+            layer's weight; the message names the replaced layers).
         TypeError: an argument of the wrong type, or a layer to replace whose weights are not
             float32/float64.
     """
     where = "sparsify"
-    shape, device, dtype = resolve_input(model, input_shape, None, None, where)
+    batch = _example(model, input_shape, example_inputs, where)
     min_sparsity = check_number("min_sparsity", min_sparsity, where=where, low=0.0, high=1.0)
     check_type("only_if_faster", only_if_faster, bool, where=where)
     batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
@@ -424,17 +521,22 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int, *, min_sparsity
 
     linears = [(name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
                for name, module in model.named_modules() if _is_plain_linear(module)]
+    read_by_parent = _parent_reads_weight(model)
     for name, module, sparsity in linears:
-        if sparsity >= min_sparsity:
+        if sparsity >= min_sparsity and name not in read_by_parent:
             _check_dtype(module.weight.dtype, f"sparsify (layer {name or '(root)'!r})")
-    inputs = _linear_inputs(model, shape, device, dtype) if only_if_faster else {}
+    inputs = _linear_inputs(model, batch, where) if only_if_faster else {}
 
     new_model = copy.deepcopy(model)
     decisions = []
     for name, module, sparsity in linears:
         dense_ms = sparse_ms = None
-        sparse = SparseLinear.from_linear(module) if sparsity >= min_sparsity else None
-        if sparse is None:
+        sparse = (SparseLinear.from_linear(module) if sparsity >= min_sparsity and name not in read_by_parent
+                  else None)
+        if name in read_by_parent:
+            replaced = False
+            reason = f"kept dense: its parent {read_by_parent[name]} reads the weight directly"
+        elif sparse is None:
             replaced = False
             reason = f"sparsity {100 * sparsity:.2f} % < min_sparsity {100 * min_sparsity:g} %"
         elif not only_if_faster:
@@ -458,7 +560,30 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int, *, min_sparsity
                                        sparse_ms=sparse_ms, replaced=replaced, reason=reason))
     report = SparsifyReport(layers=tuple(decisions), min_sparsity=min_sparsity, only_if_faster=only_if_faster,
                             batch_size=batch_size, threads=threads or torch.get_num_threads())
+    if report.replaced:
+        _check_same_output(model, new_model, batch, report.replaced, where)
     return new_model, report
+
+
+def _check_same_output(model: nn.Module, sparse: nn.Module, batch: Batch, replaced: list[str], where: str) -> None:
+    """The sparse copy must give the model's output on the example (up to float rounding). A
+    model that does not run on the example (``only_if_faster=False`` needs no forward pass,
+    e.g. a container of layers) is not checked."""
+    try:
+        dense_out = logits_of(_run(model, batch, where), where=where)
+    except ValueError:
+        return
+    try:
+        sparse_out = logits_of(_run(sparse, batch, where), where=where)
+    except ValueError as err:
+        raise ValueError(f"{where}: the model fails once {', '.join(replaced)} became SparseLinear (a module "
+                         f"that reads their weight tensor directly?): {err}") from None
+    diff = float((sparse_out - dense_out).abs().max()) if dense_out.numel() else 0.0
+    scale = float(dense_out.abs().max()) if dense_out.numel() else 0.0
+    if not diff <= 1e-4 * max(1.0, scale):
+        raise ValueError(f"{where}: with {', '.join(replaced)} as SparseLinear the output differs from the "
+                         f"model's by {diff:.3g}; a module reads their weight tensor directly. "
+                         f"Raise min_sparsity to keep them dense.")
 
 
 @dataclass(frozen=True)
@@ -534,7 +659,8 @@ class InferenceLatency:
         return "  thinned: " + "; ".join(parts)
 
 
-def inference_latency(model: nn.Module, input_shape: Sequence[int] | int, *, min_sparsity: float = 0.9,
+def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
+                      min_sparsity: float = 0.9,
                       batch_sizes: Sequence[int] | int = (1, 64), threads: int | None = None,
                       rounds: int = 15, repeats: int = 10, warmup: int = 3) -> InferenceLatency:
     """Median forward latency of ``model`` as it is, sparsified and thinned (``prunelab summary --latency``).
@@ -546,36 +672,46 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int, *, min
     from prunelab import units
 
     where = "inference_latency"
-    shape, device, dtype = resolve_input(model, input_shape, None, None, where)
+    batch = _example(model, input_shape, example_inputs, where)
     check_number("min_sparsity", min_sparsity, where=where, low=0.0, high=1.0)
     if threads is not None:
         threads = check_number("threads", threads, where=where, low=1, integer=True)
     rounds = check_number("rounds", rounds, where=where, low=1, integer=True)
     repeats = check_number("repeats", repeats, where=where, low=1, integer=True)
 
-    sparse, report = sparsify(model, shape, min_sparsity=min_sparsity, only_if_faster=False)
+    sparse, report = sparsify(model, input_shape, example_inputs=example_inputs, min_sparsity=min_sparsity,
+                              only_if_faster=False)
     variants = {"dense": model, "sparse": sparse}
     thinned_units: dict[str, tuple[int, int]] = {}
-    try:
-        found = {layer.name: layer.n_units for layer in units.Units.of(model, shape).layers}
-        variants["thinned"], plan = units.thin_dead_units(model, shape)
-        thinned_units = {name: (n, n - len(plan.get(name, ()))) for name, n in found.items()}
-        note = "" if plan else "no unit has all-zero incoming weights (same as dense)"
-    except ValueError as err:
-        note = f"not thinned: {err}"
+    single = (len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point()
+              and batch.args[0].dim() > 1)
+    if not single:
+        note = "not thinned: prunelab.units takes models with one float input"
+    else:
+        shape = tuple(batch.args[0].shape[1:])
+        try:
+            found = {layer.name: layer.n_units for layer in units.Units.of(model, shape).layers}
+            variants["thinned"], plan = units.thin_dead_units(model, shape)
+            thinned_units = {name: (n, n - len(plan.get(name, ()))) for name, n in found.items()}
+            note = "" if plan else "no unit has all-zero incoming weights (same as dense)"
+        except ValueError as err:
+            note = f"not thinned: {err}"
 
-    modes = [(module, module.training) for module in model.modules()]
-    x = torch.randn((8, *shape), generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-    try:
-        with torch.inference_mode():
-            outputs = {name: variant.eval()(x) for name, variant in variants.items()}
-    finally:
-        for module, training in modes:
-            module.training = training
+    if input_shape is None:
+        probe = batch.repeat_to(8)
+    else:
+        x = batch.args[0]
+        probe = Batch((torch.randn((8, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
+                       .to(device=x.device, dtype=x.dtype),))
+    outputs = {name: logits_of(_run(variant, probe, where), where=where) for name, variant in variants.items()}
     diffs = {name: float((out - outputs["dense"]).abs().max()) if out.numel() else 0.0
              for name, out in outputs.items()}
-    median_ms = compare_latency(variants, shape, batch_sizes, threads=threads, rounds=rounds, repeats=repeats,
-                                warmup=warmup)
+    if input_shape is None:
+        median_ms = compare_latency(variants, None, batch_sizes, example_inputs=example_inputs, threads=threads,
+                                    rounds=rounds, repeats=repeats, warmup=warmup)
+    else:
+        median_ms = compare_latency(variants, input_shape, batch_sizes, threads=threads, rounds=rounds,
+                                    repeats=repeats, warmup=warmup)
     return InferenceLatency(median_ms=median_ms, max_abs_diff=diffs, sparse_report=report,
                             thinned_units=thinned_units, thinned_note=note,
                             threads=threads or torch.get_num_threads(), rounds=rounds, repeats=repeats)

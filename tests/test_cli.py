@@ -140,3 +140,154 @@ def test_quickstart_quick_runs_and_prints_its_tables(tmp_path, capsys):
     assert (tmp_path / "quickstart-quick" / "study.db").is_file()
     assert list((tmp_path / "quickstart-quick" / "tables").glob("*.md"))
 
+
+
+# --------------------------------------------------------------------------- your own model
+
+USER_MODELS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def net(hidden=16):
+    torch.manual_seed(0)
+    return Net(hidden)
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 20)
+
+    def forward(self, input_ids, attention_mask):
+        return {"logits": self.fc(self.embed(input_ids)) * attention_mask[..., None]}
+
+
+def tokens():
+    torch.manual_seed(0)
+    return Tokens()
+
+
+def broken():
+    raise RuntimeError("weights missing")
+
+
+def not_a_model():
+    return 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module ``user_models_cli`` importable from the current directory, as a user's would be."""
+    import sys
+    (tmp_path / "user_models_cli.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("user_models_cli", None)
+    yield "user_models_cli"
+    sys.modules.pop("user_models_cli", None)
+
+
+def test_prune_a_user_model_and_load_the_file_back(user_module, tmp_path, capsys):
+    import importlib
+
+    import prunelab
+    code = main(["prune", "--model", f"{user_module}:net", "--model-arg", "hidden=12", "--example-input",
+                 "float:1x3x4x4", "--sparsity", "0.75", "--export", "pruned.plm", "--json", "r.json"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "one-shot magnitude" in out
+    assert json.loads((tmp_path / "r.json").read_text())["sparsity"] == pytest.approx(0.75, abs=0.01)
+    model = prunelab.load(tmp_path / "pruned.plm", model=importlib.import_module(user_module).net(12))
+    for layer in (model.conv, model.fc1, model.fc2):
+        assert (layer.weight == 0).float().mean() == pytest.approx(0.75, abs=0.02)
+
+
+def test_units_thins_a_user_model_and_the_file_resizes_a_fresh_one(user_module, tmp_path, capsys):
+    import importlib
+
+    import prunelab
+    assert main(["units", "--model", f"{user_module}:net", "--example-input", "float:1x3x4x4",
+                 "--method", "norm", "--fraction", "0.5", "--layers", "fc1", "--save", "thin.plm"]) == 0
+    assert "fc1 16->8" in capsys.readouterr().out
+    model = prunelab.load(tmp_path / "thin.plm", model=importlib.import_module(user_module).net())
+    assert model.fc1.out_features == 8 and model.fc2.in_features == 8
+    assert model(torch.randn(2, 3, 4, 4)).shape == (2, 3)
+
+
+def test_export_with_keyword_inputs_writes_onnx(user_module, tmp_path, capsys):
+    import prunelab
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    module = __import__(user_module)
+    prunelab.save(module.tokens(), tmp_path / "t.plm")
+    assert main(["export", "t.plm", "out.plm", "--model", f"{user_module}:tokens", "--example-input",
+                 "input_ids=int:2x5:0-20,attention_mask=ones:2x5", "--onnx", "t.onnx"]) == 0
+    assert "ONNX: t.onnx" in capsys.readouterr().out
+    import onnx
+    assert [i.name for i in onnx.load(str(tmp_path / "t.onnx")).graph.input] == ["input_ids", "attention_mask"]
+
+
+def test_summary_of_a_user_model(user_module, capsys):
+    assert main(["summary", "--model", f"{user_module}:net", "--example-input", "float:1x3x4x4"]) == 0
+    out = capsys.readouterr().out
+    assert "conv" in out and "fc2" in out and "total" in out
+
+
+X = ["--example-input", "float:1x3x4x4"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{m}:nope", *X], "module 'user_models_cli' has no attribute 'nope'; its callables: "),
+    (["--model", "no_such_module_x:net", *X], "no module named 'no_such_module_x'"),
+    (["--model", "{m}:broken", *X], "broken() raised RuntimeError: weights missing"),
+    (["--model", "{m}:not_a_model", *X], "not_a_model() returned a int, not a torch.nn.Module"),
+    (["--model", "{m}:net", "--criterion", "obd", *X], "criterion 'obd' needs calibration data"),
+    (["--model", "{m}:net", "--dataset", "digits", *X], "--dataset is for registry models"),
+    (["--model", "{m}:net"], "needs --example-input, e.g. float:1x3x32x32"),
+    (["--model", "mlp", "--example-input", "float:1x64"], "--example-input is for your own model"),
+])
+def test_user_model_mistakes_exit_2_with_one_line(user_module, capsys, argv, message):
+    assert main(["prune", *(a.format(m=user_module) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("float", "not of the form [NAME=]KIND:SHAPE[:LOW-HIGH]"),
+    ("floot:1x3", "unknown kind 'floot'"),
+    ("float:1x0", "the shape '1x0' must be positive integers"),
+    ("float:1x3:0-5", "a LOW-HIGH range is for kind int only"),
+    ("int:1x3:5-5", "the range 5-5 is empty"),
+    ("a=int:1x3,float:1x3", "all named (keyword inputs) or all unnamed"),
+    ("a=int:1x3,a=ones:1x3", "the name 'a' is given twice"),
+    ("float:100000x100000x100", "more than 67,108,864 elements"),
+])
+def test_example_input_mistakes_name_the_value_and_the_valid_forms(user_module, capsys, spec, message):
+    assert main(["summary", "--model", f"{user_module}:net", "--example-input", spec]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "valid forms: float:1x3x32x32, int:1x16:0-50257" in err and err.count("\n") == 1
+
+
+def test_example_input_grammar_builds_the_tensors():
+    from prunelab.cli_model import make_example
+    x = make_example("float:2x3", torch.float64)
+    assert x.shape == (2, 3) and x.dtype == torch.float64
+    a, b = make_example("int:1x4:5-7,zeros:1x2")
+    assert a.dtype == torch.long and set(a.flatten().tolist()) <= {5, 6} and torch.equal(b, torch.zeros(1, 2).long())
+    kw = make_example("input_ids=int:1x16:0-1000,attention_mask=ones:1x16")
+    assert list(kw) == ["input_ids", "attention_mask"] and kw["attention_mask"].sum() == 16
+    assert 0 <= kw["input_ids"].min() and kw["input_ids"].max() < 1000

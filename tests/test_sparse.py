@@ -431,3 +431,37 @@ def test_forward_refuses_inputs_of_the_wrong_width_and_handles_empty_batches():
     with pytest.raises(ValueError, match="Got shape ()"):
         sparse(torch.tensor(1.0))
     assert sparse(torch.randn(0, 24)).shape == (0, 5)
+
+
+# --------------------------------------------------------------------------- example inputs
+
+class _KeywordModel(nn.Module):
+    """Token ids and a mask as keyword inputs, a dict output: the form of a Hugging Face model."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 40)
+        self.fc = nn.Linear(40, 30)
+        self.head = nn.Linear(30, 11)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.relu(self.fc(self.embed(input_ids))) * attention_mask[..., None]
+        return {"logits": self.head(h)}
+
+
+def test_sparsify_and_inference_latency_take_keyword_example_inputs():
+    torch.manual_seed(0)
+    model = _KeywordModel().eval()
+    with torch.no_grad():
+        model.fc.weight[torch.rand_like(model.fc.weight) < 0.95] = 0
+    example = {"input_ids": torch.randint(0, 11, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    sparse, report = sparsify(model, example_inputs=example, only_if_faster=False)
+    assert report.replaced == ["fc"] and isinstance(sparse.fc, SparseLinear)
+    torch.testing.assert_close(sparse(**example)["logits"], model(**example)["logits"], atol=1e-6, rtol=1e-6)
+    timed, timed_report = sparsify(model, example_inputs=example, min_sparsity=0.5, rounds=1, repeats=1, warmup=0)
+    assert {d.name for d in timed_report.layers if d.dense_ms is not None} == {"fc"}
+    result = inference_latency(model, example_inputs=example, batch_sizes=(1, 3), rounds=1, repeats=1, warmup=0)
+    assert set(result.median_ms) == {"dense", "sparse"} and set(result.median_ms["sparse"]) == {1, 3}
+    assert result.max_abs_diff["sparse"] <= 1e-5 and "one float input" in result.thinned_note
+    with pytest.raises(ValueError, match="exactly one of 'input_shape'"):
+        sparsify(model, (5,), example_inputs=example)
