@@ -57,7 +57,8 @@ from torch.nn import functional as F
 
 from prunelab._validation import check_number, check_type
 from prunelab.inputs import Batch, example_batch, logits_of
-from prunelab.metrics.flops import _default_device_dtype, count_nonzero
+from prunelab.metrics.dry_run import default_device_dtype
+from prunelab.metrics.flops import count_nonzero
 from prunelab.metrics.latency import measure_latency
 
 __all__ = ["MANY_ROWS", "InferenceLatency", "LayerDecision", "SparseLinear", "SparsifyReport",
@@ -296,45 +297,14 @@ def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] 
     rounds = check_number("rounds", rounds, where=where, low=1, integer=True)
     medians: dict[str, dict[int, list[float]]] = {name: {} for name in models}
     names = list(models)
-    example = None
-    if example_inputs is not None or input_shape is None:
-        example = example_batch(next(iter(models.values())), input_shape, example_inputs, where=where)
     for index in range(rounds):
         for name in (names if index % 2 == 0 else names[::-1]):
-            if example is not None:
-                rows = _example_latency(models[name], example, batch_sizes, warmup, repeats, threads, where)
-            else:
-                rows = {row.batch_size: row.median_ms for row in measure_latency(
-                    models[name], input_shape, batch_sizes, warmup=warmup, repeats=repeats, threads=threads)}
+            rows = {row.batch_size: row.median_ms for row in measure_latency(
+                models[name], input_shape, batch_sizes, example_inputs=example_inputs, warmup=warmup,
+                repeats=repeats, threads=threads)}
             for batch_size, ms in rows.items():
                 medians[name].setdefault(batch_size, []).append(ms)
     return {name: {b: statistics.median(ms) for b, ms in rows.items()} for name, rows in medians.items()}
-
-
-def _example_latency(model: nn.Module, example: Batch, batch_sizes, warmup: int, repeats: int,
-                     threads: int | None, where: str) -> dict[int, float]:
-    """Median ms per call of ``model`` on ``example`` repeated to each batch size."""
-    from prunelab.metrics.latency import _check_batch_sizes, _time_calls
-    sizes = _check_batch_sizes(batch_sizes)
-    warmup = check_number("warmup", warmup, where=where, low=0, integer=True)
-    repeats = check_number("repeats", repeats, where=where, low=1, integer=True)
-    modes = [(module, module.training) for module in model.modules()]
-    previous = torch.get_num_threads()
-    medians = {}
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        model.eval()
-        with torch.inference_mode():
-            for batch_size in sizes:
-                batch = example.repeat_to(batch_size)
-                times = _time_calls(lambda _: batch.call(model), None, warmup, repeats, 0.0, lambda: None)
-                medians[batch_size] = 1000 * statistics.median(times)
-    finally:
-        torch.set_num_threads(previous)
-        for module, training in modes:
-            module.training = training
-    return medians
 
 
 @dataclass(frozen=True)
@@ -421,7 +391,7 @@ def _linear_inputs(model: nn.Module, batch: Batch, where: str) -> dict[nn.Module
 def _example(model: nn.Module, input_shape, example_inputs, where: str) -> Batch:
     """The dry-run example on the model's device and (for float inputs) dtype."""
     check_type("model", model, nn.Module, where=where)
-    device, dtype = _default_device_dtype(model)
+    device, dtype = default_device_dtype(model)
     return example_batch(model, input_shape, example_inputs, where=where, dtype=dtype, device=device)
 
 

@@ -38,7 +38,7 @@ def check_input_shape(input_shape: object, where: str) -> tuple[int, ...]:
     return tuple(input_shape)
 
 
-def _default_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def default_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device of the model's first parameter or buffer and the dtype of its first float parameter."""
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
@@ -49,7 +49,7 @@ def _default_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def _resolve_device_dtype(model: nn.Module, device: object, dtype: object,
                           where: str) -> tuple[torch.device, torch.dtype]:
     check_type("model", model, nn.Module, where=where)
-    default_device, default_dtype = _default_device_dtype(model)
+    default_device, default_dtype = default_device_dtype(model)
     if device is None:
         device = default_device
     else:
