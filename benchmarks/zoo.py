@@ -36,6 +36,7 @@ import copy
 import os
 import re
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -48,7 +49,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]      # this checkout's prunelab, and the zoo
 
 import prunelab  # noqa: E402
 from prunelab import units  # noqa: E402
@@ -223,7 +225,7 @@ def torch_pruning(dense: nn.Module, zoo, ratio: float) -> nn.Module:
     pruner = tp.pruner.MetaPruner(model, example.inputs, importance=tp.importance.MagnitudeImportance(p=2),
                                   pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads,
                                   prune_num_heads=bool(heads), prune_head_dims=not heads,
-                                  head_pruning_ratio=ratio if heads else 0.0)
+                                  head_pruning_ratio=ratio if heads else 0.0, output_transform=_logits)
     pruner.step()
     with torch.no_grad():
         _logits(example.repeat_to(2).call(model))         # a pruned model that cannot run is a failure
@@ -248,11 +250,32 @@ def torch_pruning_at(dense: nn.Module, zoo, target: int | None, steps: int) -> n
 
 
 # ----------------------------------------------------------------------------- one row
+class CellTimeout(Exception):
+    """A cell ran past its time limit (Torch-Pruning's grouping never ends on LLaMA, for one)."""
+
+
+def _alarm(signum, frame):
+    raise CellTimeout(f"gave up after {LIMIT_S:.0f} s (--limit)")
+
+
+LIMIT_S = 60.0
+
+
 def quiet(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with warnings silenced and, on Unix, stopped after ``LIMIT_S`` seconds."""
     def run():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
+        timed = hasattr(signal, "setitimer")
+        if timed:
+            previous = signal.signal(signal.SIGALRM, _alarm)
+            signal.setitimer(signal.ITIMER_REAL, LIMIT_S)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return fn()
+        finally:
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
     return run
 
 
@@ -316,16 +339,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer batches, rounds and bisection steps (< 1 min)")
     parser.add_argument("--models", nargs="+", choices=[z.name for z in ZOO], default=[z.name for z in ZOO])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="seconds after which a cell is given up (default 30, --quick 10)")
     args = parser.parse_args()
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.limit is not None and args.limit <= 0:
+        parser.error("--limit must be positive")
+    global LIMIT_S
+    LIMIT_S = args.limit or (10.0 if args.quick else 30.0)
     settings = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     failures = Failures()
     rows = [row(BY_NAME[name], settings, failures) for name in args.models]
     one, five, _ = os.getloadavg()
-    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
+    print(f"prunelab {prunelab.__version__} ({Path(prunelab.__file__).parent}), torch {torch.__version__}, {args.threads} thread(s), "
           f"{'--quick' if args.quick else 'full'} ({settings.n_batches} calibration batches of {settings.batch}, "
           f"latency: median of {settings.rounds} round(s) × {settings.repeats} calls); "
           f"peak memory: {MEMORY_SOURCE}; {time.perf_counter() - start:.0f} s, load {one:.2f}/{five:.2f} "
