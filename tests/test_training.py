@@ -314,3 +314,18 @@ def test_fit_refuses_bad_batches_before_training(bad, kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         fit(model, given, progress=False, **kwargs)
     assert unchanged(model, before)
+
+
+def test_ignored_class_labels_count_nowhere_in_memory_or_as_batches():
+    model = net()
+    x, y = data(30)
+    y = y.clone()
+    y[::3] = -100
+    keep = y != -100
+    with torch.no_grad():
+        out = model.eval()(x)
+    expected = float(nn.functional.cross_entropy(out[keep], y[keep]))
+    for form in ((x, y), [(x[:10], y[:10]), (x[10:], y[10:])]):
+        result = evaluate(model, form)
+        assert result["loss"] == pytest.approx(expected, rel=1e-6)
+        assert result["accuracy"] == int((out.argmax(1) == y)[keep].sum()) / int(keep.sum())
