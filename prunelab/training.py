@@ -149,7 +149,7 @@ def read_batch(raw, param: str, where: str, index: int) -> Batch:
     try:
         batch = as_batch(raw, where=where, index=index)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"the '{param}' parameter of {where} must be {DATA_FORMS}; its batch {index} is a "
+        raise type(err)(f"the '{param}' parameter of {where} must be {DATA_FORMS}; its batch {index} is a "
                         f"{type(raw).__name__}, and a batch must be {BATCH_FORMS} ({err}).") from err
     for t in batch.tensors():
         check_finite(f"the inputs of batch {index} of the '{param}' parameter of {where}", t,
