@@ -354,11 +354,12 @@ def main() -> None:
     failures = Failures()
     rows = [row(BY_NAME[name], settings, failures) for name in args.models]
     one, five, _ = os.getloadavg()
-    print(f"prunelab {prunelab.__version__} ({Path(prunelab.__file__).parent}), torch {torch.__version__}, {args.threads} thread(s), "
+    print(f"prunelab {prunelab.__version__} ({Path(prunelab.__file__).parent}), torch {torch.__version__}, "
+          f"{args.threads} thread(s), "
           f"{'--quick' if args.quick else 'full'} ({settings.n_batches} calibration batches of {settings.batch}, "
           f"latency: median of {settings.rounds} round(s) × {settings.repeats} calls); "
-          f"peak memory: {MEMORY_SOURCE}; {time.perf_counter() - start:.0f} s, load {one:.2f}/{five:.2f} "
-          f"on {os.cpu_count()} cores\n")
+          f"peak memory: {MEMORY_SOURCE}; cell limit {LIMIT_S:.0f} s; {time.perf_counter() - start:.0f} s, "
+          f"load {one:.2f}/{five:.2f} on {os.cpu_count()} cores\n")
     print("| " + " | ".join(HEADERS) + " |")
     print("|" + "|".join([":---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
     for cells in rows:
