@@ -17,7 +17,8 @@ prunelab's ``(x, y)`` convention; a tensor is one positional input with no targe
 tuple/list is positional inputs with no targets. (To pass exactly two positional tensors
 without targets, write ``((a, b), None)``.)
 
-**Data.** :func:`iter_batches` takes an ``(x, y)`` pair of tensors (sliced into batches), a dict
+**Data.** :func:`iter_batches` takes an ``(x, y)`` tuple of tensors (sliced into batches; a *list*
+of two tensors is two batches, as ``fit`` reads it too), a dict
 of equally long tensors (sliced too), or any iterable of batches — a list, a generator, a
 ``torch.utils.data.DataLoader``.
 
@@ -190,7 +191,8 @@ def as_batch(batch, *, where: str, index: int | None = None) -> Batch:
 
 
 def _is_pair(data) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data)
+    """A whole data set given as an ``(x, y)`` tuple (a *list* of two tensors is two batches)."""
+    return isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data)
 
 
 def _is_tensor_dict(data) -> bool:

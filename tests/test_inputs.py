@@ -163,3 +163,11 @@ def test_forward_batches_restores_training_flags_even_on_failure():
     with pytest.raises(RuntimeError):
         forward_batches(model, [torch.randn(2, 5)])
     assert model.training and not model[1].training
+
+
+def test_a_list_of_two_token_tensors_is_two_batches_and_a_tuple_is_a_pair():
+    a, b = torch.randint(0, 9, (3, 5)), torch.randint(0, 9, (3, 5))
+    as_list = list(iter_batches([a, b], 8, where="t"))
+    assert len(as_list) == 2 and all(x.targets is None for x in as_list)
+    as_tuple = list(iter_batches((a, b), 8, where="t"))
+    assert len(as_tuple) == 1 and as_tuple[0].targets is b

@@ -490,7 +490,7 @@ def _check_tied_embeddings(model: nn.Module, targets: list[Target], granularity:
 
 def _is_sliceable(data) -> bool:
     """An ``(x, y)`` pair of tensors or a dict of tensors: sliced into batches at every use."""
-    return ((isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data))
+    return ((isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data))
             or (isinstance(data, Mapping) and bool(data) and all(torch.is_tensor(v) for v in data.values())))
 
 
