@@ -170,4 +170,4 @@ def test_a_list_of_two_token_tensors_is_two_batches_and_a_tuple_is_a_pair():
     as_list = list(iter_batches([a, b], 8, where="t"))
     assert len(as_list) == 2 and all(x.targets is None for x in as_list)
     as_tuple = list(iter_batches((a, b), 8, where="t"))
-    assert len(as_tuple) == 1 and as_tuple[0].targets is b
+    assert len(as_tuple) == 1 and torch.equal(as_tuple[0].targets, b)
