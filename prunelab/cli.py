@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=None, help="of each chosen layer's units")
     p.add_argument("--count", type=int, default=None, help="units per chosen layer")
     p.add_argument("--layers", nargs="+", default=None,
-                   help="all (default), first_conv, middle_conv, last_conv, first_dense, or layer names")
+                   help="all (default), first_conv, middle_conv, last_conv, first_dense, or layer or unit-group "
+                        "names (e.g. transformer.h.0.attn:heads)")
     p.add_argument("--calibration", type=int, default=1000, help="training samples used to score the units")
     p.add_argument("--weights", default=None, help="start from these weights instead of training")
     p.add_argument("--epochs", type=int, default=10, help="dense training epochs (without --weights)")

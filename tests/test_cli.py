@@ -328,6 +328,9 @@ def test_summary_units_and_latency_of_a_hugging_face_gpt2_from_token_ids(user_mo
     assert torch.equal(loaded(tokens).logits, expected(tokens).logits)
     assert main(["summary", *ids, "--weights", "g.plm", "--latency", "--threads", "1"]) == 0
     assert "transformer.h.0.attn:heads 3->3, transformer.h.0.mlp 31->31" in capsys.readouterr().out
+    assert main(["units", *ids, "--method", "rand", "--count", "2", "--layers", "transformer.h.1.attn:heads"]) == 0
+    assert "transformer.h.0.attn:heads 4->4, transformer.h.0.mlp 32->32, transformer.h.1.attn:heads 4->2" in \
+        capsys.readouterr().out
 
 
 X = ["--example-input", "float:1x3x4x4"]
