@@ -74,19 +74,11 @@ def _user_model(args, where: str):
 
 
 def _print_summary(model, example, where: str, markdown: bool = False):
-    """prunelab.summary of the model on its example, when summary can feed it."""
-    import inspect
-
+    """prunelab.summary of the model on its example (a zero input of its shape for one float tensor)."""
     from prunelab.cli_model import single_input_shape
     from prunelab.metrics import summary
     shape = single_input_shape(example)
-    if shape is not None:
-        stats = summary(model, shape)
-    elif "example_inputs" in inspect.signature(summary).parameters:
-        stats = summary(model, example_inputs=example)
-    else:
-        print(f"({where}: no FLOPs table: this prunelab's summary takes one float input only)")
-        return None
+    stats = summary(model, shape) if shape is not None else summary(model, example_inputs=example)
     print(stats.to_markdown() if markdown else stats)
     return stats
 
@@ -143,15 +135,13 @@ def _units_user(args) -> int:
         raise ValueError("prunelab units takes exactly one of --fraction (of each layer's units, in [0, 1)) "
                          "or --count (units per layer).")
     model, example = _user_model(args, where)
-    shape = single_input_shape(example)
-    if shape is None:
-        raise ValueError(f"{where}: unit removal from the command line needs a model with one float input "
-                         f"(--example-input float:...); for other inputs use the Python API.")
     _check_outputs(args, where)
     layers = args.layers[0] if args.layers and len(args.layers) == 1 else (args.layers or "all")
+    shape = single_input_shape(example)          # one float tensor: traced on a zero input, as before
+    inputs = {"input_shape": shape} if shape is not None else {"example_inputs": example}
     result = units.remove_units(model, args.method, None, fraction=args.fraction, count=args.count, layers=layers,
-                                input_shape=shape, seed=args.seed)
-    found = {layer.name: layer.n_units for layer in units.Units.of(model, shape).layers}
+                                seed=args.seed, **inputs)
+    found = {layer.name: layer.n_units for layer in result.units.layers}
     thinned = units.thin(model, result)
     print(f"units ({args.method}): " + ", ".join(f"{name} {n}->{n - len(result.plan.get(name, []))}"
                                                   for name, n in found.items()))
@@ -384,7 +374,7 @@ def _load_weights(model, path: str):
         return export.load(path, model=None if has_architecture else model)
     saved = torch.load(path, weights_only=True, map_location="cpu")
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
-    if isinstance(saved, dict) and "plan" in saved:
+    if isinstance(saved, dict) and "plan" in saved and isinstance(getattr(model, "config", None), dict):
         from prunelab import units
         model = units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in saved["plan"].items()},
                            input_shape=model.config["input_shape"])
@@ -426,8 +416,9 @@ def cmd_export(args) -> int:
     input_shape = tuple(config["input_shape"]) if isinstance(config, dict) and "input_shape" in config else None
     if example is not None:
         input_shape = single_input_shape(example)
-    if args.thin and input_shape is None:
-        raise ValueError(f"{where}: --thin needs a registry model or one float input (--example-input float:...).")
+    if args.thin and input_shape is None and example is None:
+        raise ValueError(f"{where}: --thin needs a registry model (its input shape) or --model "
+                         f"package.module:factory with --example-input; this file has no architecture.")
     if args.onnx and input_shape is None and example is None:
         raise ValueError(f"{where}: --onnx needs a registry model (its input shape) or --model "
                          f"package.module:factory with --example-input; this file has no architecture.")
@@ -435,7 +426,8 @@ def cmd_export(args) -> int:
     torch.save(model.state_dict(), dense)
     if args.thin:
         from prunelab import units
-        model, plan = units.thin_dead_units(model, input_shape)
+        model, plan = (units.thin_dead_units(model, input_shape) if input_shape is not None
+                       else units.thin_dead_units(model, example_inputs=example))
         print(f"thinned: {sum(len(v) for v in plan.values())} units whose weights are all zero removed")
     report = export.save(model, args.out, encoding=args.encoding, values=args.values,
                          index_bits=_index_bits(args.index_bits))
@@ -561,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=None, help="of each chosen layer's units")
     p.add_argument("--count", type=int, default=None, help="units per chosen layer")
     p.add_argument("--layers", nargs="+", default=None,
-                   help="all (default), first_conv, middle_conv, last_conv, first_dense, or layer names")
+                   help="all (default), first_conv, middle_conv, last_conv, first_dense, or layer or unit-group "
+                        "names (e.g. transformer.h.0.attn:heads)")
     p.add_argument("--calibration", type=int, default=1000, help="training samples used to score the units")
     p.add_argument("--weights", default=None, help="start from these weights instead of training")
     p.add_argument("--epochs", type=int, default=10, help="dense training epochs (without --weights)")

@@ -5,7 +5,8 @@
 result must be an ``nn.Module``. A name without a colon is a registry model, as before.
 
 ``--example-input SPEC`` describes the inputs of one call, from which every dry run, summary,
-latency measurement and ONNX export is made. Grammar (no spaces)::
+latency measurement, unit trace (``units``, ``export --thin``) and ONNX export is made. Grammar
+(no spaces)::
 
     SPEC  := ITEM ("," ITEM)*
     ITEM  := [NAME "="] KIND ":" SHAPE [":" LOW "-" HIGH]
@@ -113,7 +114,8 @@ def make_example(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0):
 
 
 def single_input_shape(example) -> tuple[int, ...] | None:
-    """``input_shape`` (without the batch dimension) when the example is one float tensor, else None."""
+    """``input_shape`` (without the batch dimension) when the example is one float tensor, else None:
+    such an example is run as a zero input of its shape, as for registry models."""
     if torch.is_tensor(example) and example.is_floating_point() and example.dim() >= 1:
         return tuple(example.shape[1:])
     return None

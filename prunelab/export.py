@@ -751,7 +751,7 @@ def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: 
 #: Hugging Face GPT-2 / BERT / LLaMA-style attention); a thinned model's are saved in the header
 #: and restored by ``load(path, model=...)``, since the tensor shapes alone do not tell, e.g.,
 #: fewer heads from narrower heads.
-SIZE_ATTRIBUTES = ("num_heads", "head_dim", "embed_dim", "kdim", "vdim", "split_size", "num_attention_heads",
+SIZE_ATTRIBUTES = ("num_heads", "n_head", "head_dim", "embed_dim", "kdim", "vdim", "split_size", "num_attention_heads",
                    "attention_head_size", "all_head_size", "num_key_value_heads", "num_key_value_groups")
 
 

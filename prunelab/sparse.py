@@ -655,17 +655,15 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None 
     thinned_units: dict[str, tuple[int, int]] = {}
     single = (len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point()
               and batch.args[0].dim() > 1)
-    if not single:
-        note = "not thinned: prunelab.units takes models with one float input"
-    else:
-        shape = tuple(batch.args[0].shape[1:])
-        try:
-            found = {layer.name: layer.n_units for layer in units.Units.of(model, shape).layers}
-            variants["thinned"], plan = units.thin_dead_units(model, shape)
-            thinned_units = {name: (n, n - len(plan.get(name, ()))) for name, n in found.items()}
-            note = "" if plan else "no unit has all-zero incoming weights (same as dense)"
-        except ValueError as err:
-            note = f"not thinned: {err}"
+    # one float tensor: traced on a zero input of its shape, as before; other inputs as they are
+    inputs = {"input_shape": tuple(batch.args[0].shape[1:])} if single else {"example_inputs": batch.inputs}
+    try:
+        found = {layer.name: layer.n_units for layer in units.Units.of(model, **inputs).layers}
+        variants["thinned"], plan = units.thin_dead_units(model, **inputs)
+        thinned_units = {name: (n, n - len(plan.get(name, ()))) for name, n in found.items()}
+        note = "" if plan else "no unit has all-zero incoming weights (same as dense)"
+    except ValueError as err:
+        note = f"not thinned: {err}"
 
     if input_shape is None:
         probe = batch.repeat_to(8)

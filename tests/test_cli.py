@@ -180,6 +180,30 @@ def tokens():
     return Tokens()
 
 
+class TokenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 20)
+
+    def forward(self, input_ids, attention_mask):
+        return {"logits": self.fc2(torch.relu(self.fc1(self.embed(input_ids)))) * attention_mask[..., None]}
+
+
+def token_mlp():
+    torch.manual_seed(0)
+    return TokenMLP()
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=16, n_layer=2, n_head=4, n_inner=32,
+                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0)).eval()
+
+
 def broken():
     raise RuntimeError("weights missing")
 
@@ -245,6 +269,68 @@ def test_summary_of_a_user_model(user_module, capsys):
     assert main(["summary", "--model", f"{user_module}:net", "--example-input", "float:1x3x4x4"]) == 0
     out = capsys.readouterr().out
     assert "conv" in out and "fc2" in out and "total" in out
+
+
+TOKENS = "input_ids=int:1x6:0-20,attention_mask=ones:1x6"
+
+
+def test_units_thins_a_user_model_with_keyword_inputs(user_module, tmp_path, capsys):
+    import importlib
+
+    import prunelab
+    from prunelab import units
+    assert main(["units", "--model", f"{user_module}:token_mlp", "--example-input", TOKENS,
+                 "--method", "norm", "--fraction", "0.5", "--save", "thin.plm"]) == 0
+    out = capsys.readouterr().out
+    assert ":mlp 16->8" in out and "per sample of inputs {'input_ids': (6,), 'attention_mask': (6,)}" in out
+    module = importlib.import_module(user_module)
+    expected = module.token_mlp()                       # the same removal through the Python API
+    example = {"input_ids": torch.randint(0, 20, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    expected = units.thin(expected, units.remove_units(expected, "norm", fraction=0.5, example_inputs=example))
+    model = prunelab.load(tmp_path / "thin.plm", model=module.token_mlp())
+    assert model.fc1.out_features == 8 and model.fc2.in_features == 8
+    assert torch.equal(model(**example)["logits"], expected(**example)["logits"])
+
+
+def test_export_thins_the_dead_units_of_a_user_model_with_keyword_inputs(user_module, tmp_path, capsys):
+    import prunelab
+    module = __import__(user_module)
+    model = module.token_mlp()
+    with torch.no_grad():
+        model.fc1.weight[[1, 4, 9]] = 0                 # three dead units, whose relu(bias) stays in fc2's bias
+    prunelab.save(model, tmp_path / "dead.plm")
+    assert main(["export", "dead.plm", "thin.plm", "--thin", "--model", f"{user_module}:token_mlp",
+                 "--example-input", TOKENS]) == 0
+    assert "thinned: 3 units whose weights are all zero removed" in capsys.readouterr().out
+    loaded = prunelab.load(tmp_path / "thin.plm", model=module.token_mlp())
+    example = {"input_ids": torch.randint(0, 20, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    assert loaded.fc1.out_features == 13
+    torch.testing.assert_close(loaded(**example)["logits"], model(**example)["logits"], atol=1e-6, rtol=1e-6)
+
+
+def test_summary_units_and_latency_of_a_hugging_face_gpt2_from_token_ids(user_module, tmp_path, capsys):
+    import prunelab
+    from prunelab import units
+    pytest.importorskip("transformers")
+    module = __import__(user_module)
+    ids = ["--model", f"{user_module}:gpt2", "--example-input", "input_ids=int:1x16:0-100"]
+    assert main(["summary", *ids]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.1.attn" in out and "per sample of inputs {'input_ids': (16,)}" in out
+    assert main(["units", *ids, "--method", "norm", "--count", "1", "--save", "g.plm"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn:heads 4->3" in out and "transformer.h.1.mlp 32->31" in out
+    loaded = prunelab.load(tmp_path / "g.plm", model=module.gpt2())
+    assert (loaded.transformer.h[0].attn.num_heads, loaded.transformer.h[0].attn.split_size) == (3, 12)
+    expected = module.gpt2()
+    tokens = torch.randint(0, 100, (2, 16))
+    expected = units.thin(expected, units.remove_units(expected, "norm", count=1, example_inputs=tokens))
+    assert torch.equal(loaded(tokens).logits, expected(tokens).logits)
+    assert main(["summary", *ids, "--weights", "g.plm", "--latency", "--threads", "1"]) == 0
+    assert "transformer.h.0.attn:heads 3->3, transformer.h.0.mlp 31->31" in capsys.readouterr().out
+    assert main(["units", *ids, "--method", "rand", "--count", "2", "--layers", "transformer.h.1.attn:heads"]) == 0
+    assert "transformer.h.0.attn:heads 4->4, transformer.h.0.mlp 32->32, transformer.h.1.attn:heads 4->2" in \
+        capsys.readouterr().out
 
 
 X = ["--example-input", "float:1x3x4x4"]

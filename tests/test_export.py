@@ -386,3 +386,31 @@ def test_load_resizes_norms_depthwise_and_transposed_convs_of_a_given_model(tmp_
     assert (big[5].out_features, big[6].normalized_shape) == (4, (4,))
     x = torch.randn(3, 2, 5)
     assert torch.equal(big(x), small(x))
+
+
+class _HeadsByName(torch.nn.Module):
+    """Attention-like sizes kept as plain attributes under another name (``n_head``, as some
+    models and prunelab.units' head thinning use): the forward reshapes by them."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_head, self.head_dim = 4, 2
+        self.proj = torch.nn.Linear(5, 8)
+
+    def forward(self, x):
+        return self.proj(x).view(len(x), self.n_head, self.head_dim).pow(2).sum(-1)
+
+
+def test_n_head_is_saved_and_restored_with_the_thinned_shapes(tmp_path):
+    torch.manual_seed(0)
+    model = _HeadsByName()
+    with torch.no_grad():                         # head 2 removed: its two output rows go
+        keep = torch.tensor([0, 1, 2, 3, 6, 7])
+        model.proj.weight = torch.nn.Parameter(model.proj.weight[keep].clone())
+        model.proj.bias = torch.nn.Parameter(model.proj.bias[keep].clone())
+        model.n_head = 3
+    prunelab.save(model, tmp_path / "m.plm")
+    assert export.read_header(tmp_path / "m.plm")["sizes"][""] == {"n_head": 3, "head_dim": 2}
+    loaded = prunelab.load(tmp_path / "m.plm", model=_HeadsByName())
+    x = torch.randn(3, 5)
+    assert loaded.n_head == 3 and torch.equal(loaded(x), model(x))

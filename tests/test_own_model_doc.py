@@ -23,6 +23,7 @@ def _blocks(language: str) -> list[str]:
 def test_the_page_has_the_three_models_and_the_cli():
     python = _blocks("python")
     assert len(python) == 4 and len(_blocks("bash")) == 1
+    assert "units.remove_units(gpt2" in python[1] and "def gpt2" in python[3]
     assert "class Block" in python[0] and "GPT2LMHeadModel" in python[1] and "nn.LSTM" in python[2]
 
 
@@ -48,8 +49,14 @@ def test_the_commands_run(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("my_models", None)
     lines = [line for line in _blocks("bash")[0].splitlines() if line.startswith("prunelab ")]
-    assert len(lines) == 3
+    assert len(lines) == 6
+    pytest.importorskip("transformers")
     for line in lines:
         assert main(shlex.split(line)[1:]) == 0, line
     assert (tmp_path / "cnn.onnx").is_file()
+    assert "transformer.h.0.attn:heads 4->3, transformer.h.0.mlp 128->96" in capsys.readouterr().out
+    import my_models
+
+    import prunelab
+    assert prunelab.load(tmp_path / "gpt2-small.plm", model=my_models.gpt2()).transformer.h[1].attn.num_heads == 3
     sys.modules.pop("my_models", None)

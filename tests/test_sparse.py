@@ -462,6 +462,33 @@ def test_sparsify_and_inference_latency_take_keyword_example_inputs():
     assert {d.name for d in timed_report.layers if d.dense_ms is not None} == {"fc"}
     result = inference_latency(model, example_inputs=example, batch_sizes=(1, 3), rounds=1, repeats=1, warmup=0)
     assert set(result.median_ms) == {"dense", "sparse"} and set(result.median_ms["sparse"]) == {1, 3}
-    assert result.max_abs_diff["sparse"] <= 1e-5 and "one float input" in result.thinned_note
+    assert result.max_abs_diff["sparse"] <= 1e-5         # the mask multiplies the hidden units: no unit layers
+    assert "not thinned: unit pruning found no unit layers in this _KeywordModel" in result.thinned_note
     with pytest.raises(ValueError, match="exactly one of 'input_shape'"):
         sparsify(model, (5,), example_inputs=example)
+
+
+class _TokenMLP(nn.Module):
+    """Token ids and a mask, with an MLP (``fc1``/``fc2``) whose hidden units ``prunelab.units`` finds."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 40)
+        self.fc1 = nn.Linear(40, 30)
+        self.fc2 = nn.Linear(30, 11)
+
+    def forward(self, input_ids, attention_mask):
+        return {"logits": self.fc2(torch.relu(self.fc1(self.embed(input_ids)))) * attention_mask[..., None]}
+
+
+def test_inference_latency_thins_the_dead_units_of_a_model_with_keyword_inputs():
+    torch.manual_seed(0)
+    model = _TokenMLP().eval()
+    with torch.no_grad():
+        model.fc1.weight[torch.rand_like(model.fc1.weight) < 0.95] = 0
+    dead = int((model.fc1.weight == 0).all(dim=1).sum())
+    example = {"input_ids": torch.randint(0, 11, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    result = inference_latency(model, example_inputs=example, batch_sizes=(1,), rounds=1, repeats=1, warmup=0)
+    assert dead > 0 and result.thinned_units == {":mlp": (30, 30 - dead)}
+    assert set(result.median_ms) == {"dense", "sparse", "thinned"}
+    assert result.max_abs_diff["thinned"] <= 1e-5          # the dead units' relu(bias) folded into fc2's bias

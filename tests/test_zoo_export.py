@@ -220,3 +220,38 @@ def test_a_gpt2_with_a_head_removed_loads_back_with_its_head_count(z, tmp_path):
     loaded = export.load(tmp_path / "gpt2.plm", model=z.build(seed=5))
     assert (loaded.transformer.h[0].attn.num_heads, loaded.transformer.h[0].attn.split_size) == (3, 12)
     assert torch.equal(_outputs(loaded, z), _outputs(model, z))
+
+
+# --------------------------------------------------------------------------- models thinned by prunelab.units
+
+UNIT_PLANS = {                 # unit-group name → units removed: heads, MLP channels, a residual stream
+    "hf-gpt2": {"transformer.h.0.attn:heads": [1], "transformer.h.1.attn:heads": [0, 3],
+                "transformer.h.0.mlp": [0, 5, 9]},
+    "hf-llama": {"model.layers.0.self_attn:heads": [1, 2], "model.layers.1.self_attn:kv_heads": [0],
+                 "model.layers.1.mlp": [3, 4]},
+    "hf-bert": {"bert.encoder.layer.0.attention.self:heads": [2], "bert.encoder.layer.1:mlp": [1, 7]},
+    "resnet18": {"layer2.0.conv2": [0, 3], "layer1.0.conv1": [1, 2, 5], "conv1": [4]},
+}
+HEAD_COUNTS = {      # attention module → (attribute, heads left) after the plan
+    "hf-gpt2": {"transformer.h.0.attn": ("num_heads", 3), "transformer.h.1.attn": ("num_heads", 2)},
+    "hf-llama": {"model.layers.0.self_attn": ("num_key_value_groups", 1),
+                 "model.layers.1.self_attn": ("num_key_value_groups", 2)},
+    "hf-bert": {"bert.encoder.layer.0.attention.self": ("num_attention_heads", 3)},
+    "resnet18": {},
+}
+
+
+@pytest.mark.parametrize("z", zoo_params(list(UNIT_PLANS)))
+def test_a_model_thinned_by_prunelab_units_loads_back_into_a_fresh_model(z, tmp_path):
+    from prunelab import units
+    plan = {k: torch.tensor(v) for k, v in UNIT_PLANS[z.name].items()}
+    thinned = units.thin(z.build(), plan, example_inputs=z.example)
+    export.save(thinned, tmp_path / "thin.plm")
+    fresh = z.build(seed=5)
+    assert sum(p.numel() for p in fresh.parameters()) > sum(p.numel() for p in thinned.parameters())
+    loaded = export.load(tmp_path / "thin.plm", model=fresh)
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in thinned.state_dict().items()}
+    assert export.size_attributes(loaded) == export.size_attributes(thinned)
+    for name, (attr, value) in HEAD_COUNTS[z.name].items():
+        assert getattr(loaded.get_submodule(name), attr) == value
+    assert torch.equal(_outputs(loaded, z), _outputs(thinned, z))
