@@ -256,19 +256,38 @@ def test_solver_bad_input(kwargs, pattern):
         Pruner(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), 0.5, **kwargs)
 
 
-def test_solver_needs_calibration_and_supported_layers():
+def test_solver_needs_calibration_and_refuses_named_unsupported_layers():
     with pytest.raises(ValueError, match="needs calibration data"):
         prune(nn.Linear(4, 2), 0.5, criterion="lobs")
 
-    class WithLSTM(nn.Module):
+    class Stacked(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm = nn.LSTM(4, 4)
+            self.embed = nn.Embedding(10, 4)
+            self.lstm = nn.LSTM(4, 4, num_layers=2)
 
-    with pytest.raises(ValueError, match="prunes Linear and Conv2d weights; 'lstm.weight_ih_l0'"):
-        Pruner(WithLSTM(), 0.5, criterion="lobs", layers=["lstm"])
-    with pytest.raises(ValueError, match="groups=1"):
-        Pruner(nn.Conv2d(4, 4, 3, groups=2), 0.5, criterion="obs-fast")
+    with pytest.raises(ValueError, match=r"lobs cannot prune 'lstm.weight_ih_l1' \(LSTM\): its inputs are hidden"):
+        Pruner(Stacked(), 0.5, criterion="lobs", layers=["lstm.weight_ih_l1"])
+    with pytest.raises(ValueError, match=r"obs-fast cannot prune 'embed.weight' \(Embedding\): an embedding is a lookup"):
+        Pruner(Stacked(), 0.5, criterion="obs-fast", layers=["embed"])
+    with pytest.raises(ValueError, match="granularity 'channel' needs groups=1"):
+        Pruner(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 0.5, criterion="obs-exact", granularity="channel",
+               layers=["0"])
+
+
+def test_unsupported_default_layers_are_skipped_left_dense_and_reported():
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 6, num_layers=2)
+    x = torch.randn(5, 3, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="leaves 3 layer"):
+        pruner = prune(model, 0.5, criterion="obs-fast", data=[(x,)])
+    skipped = pruner.criterion.skipped
+    assert sorted(skipped) == ["weight_hh_l0", "weight_hh_l1", "weight_ih_l1"]
+    assert pruner.history[-1].report.skipped == skipped
+    for name in skipped:                                  # left dense and unchanged
+        assert torch.equal(getattr(model, name), before[name])
+    assert (model.weight_ih_l0 == 0).float().mean() == pytest.approx(0.5, abs=0.02)
 
 
 @pytest.mark.parametrize("criterion", ["lobs", "obs-exact"])
