@@ -382,3 +382,68 @@ def test_layerwise_constant_scope_raises_one_layer_per_event():
     assert seen[0] == [pytest.approx(1 / 6, abs=0.01), 0.0, 0.0]      # event 0 raises only layer 0
     assert seen[1][0] == seen[0][0] and seen[1][1] == pytest.approx(1 / 3, abs=0.01) and seen[1][2] == 0.0
     assert all(v == pytest.approx(0.5, abs=0.02) for v in seen[2])   # the last event raises every layer
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+                                  nn.Conv2d(4, 4, 3, padding="same", groups=4, padding_mode="reflect"),
+                                  nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), dilation=(1, 1, 2))])
+def test_conv_columns_reproduce_the_conv_per_group(conv):
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, *([7] * len(conv.kernel_size)))
+    cols = hessian.conv_columns(conv, x)                       # (groups, n, d)
+    W = conv.weight.detach().reshape(conv.out_channels, -1)
+    rows = conv.out_channels // conv.groups
+    out = conv(x).movedim(1, -1).reshape(-1, conv.out_channels)
+    for g in range(conv.groups):
+        got = cols[g] @ W[g * rows:(g + 1) * rows].T + conv.bias.detach()[g * rows:(g + 1) * rows]
+        torch.testing.assert_close(got, out[:, g * rows:(g + 1) * rows], atol=1e-5, rtol=1e-5)
+    (target,) = resolve_targets(conv)
+    h = hessian.collect(conv, [target], [(x,)])["weight"]
+    assert h.groups == conv.groups and h.n == cols.shape[1]
+    d = cols.shape[2]
+    torch.testing.assert_close(h.part(0).H[:d, :d], (cols[0].T @ cols[0]).double() / cols.shape[1])
+
+
+def test_attention_hessians_self_and_cross_and_the_out_proj_context():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    q, kv = torch.randn(3, 5, 8), torch.randn(3, 7, 8)
+    targets = resolve_targets(mha)
+    names = [t.name for t in targets]
+    assert names == ["in_proj_weight", "out_proj.weight"]
+    h = hessian.collect(mha, targets, [(q, q, q)])             # self-attention: one Hessian
+    assert h["in_proj_weight"].groups == 1 and h["in_proj_weight"].n == 15
+    h = hessian.collect(mha, targets, [(q, kv, kv)])           # cross-attention: q, k, v blocks
+    packed = h["in_proj_weight"]
+    assert packed.groups == 3 and packed.group_n == [15, 21, 21]
+    torch.testing.assert_close(packed.part(1).H[:8, :8], (kv.reshape(-1, 8).T @ kv.reshape(-1, 8)).double() / 21)
+    # out_proj reads the context: out_proj(context) is the module's output
+    context = hessian.attention_context(mha, {"query": q, "key": kv, "value": kv, "key_padding_mask": None,
+                                              "attn_mask": None, "is_causal": False})
+    torch.testing.assert_close(mha.out_proj(context), mha(q, kv, kv)[0], atol=1e-6, rtol=1e-5)
+    x = context.reshape(-1, 8).double()
+    torch.testing.assert_close(h["out_proj.weight"].H[:8, :8], x.T @ x / 15, atol=1e-6, rtol=1e-5)
+    p = prune(copy.deepcopy(mha), 0.5, criterion="obs-exact", data=[(q, kv, kv)])
+    assert p.sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+def test_hf_style_transposed_weight_is_solved_on_its_matrix():
+    class Conv1D(nn.Module):                     # Hugging Face's layout: weight (in, out)
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x):
+            return x @ self.weight + self.bias
+
+    torch.manual_seed(0)
+    layer, x = Conv1D(6, 10), torch.randn(50, 10)
+    linear = nn.Linear(10, 6)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight.t())
+        linear.bias.copy_(layer.bias)
+    prune(layer, 0.5, criterion="obs-fast", data=[(x,)])
+    prune(linear, 0.5, criterion="obs-fast", data=[(x,)])
+    torch.testing.assert_close(layer.weight.t(), linear.weight)
