@@ -282,6 +282,7 @@ class Accumulator:
         self.stats: dict[str, LayerHessian] = {}
         self.calls = {t.name: 0 for t in self.targets}
         self._keys: dict[str, object] = {}
+        self._firsts: dict[str, str] = {}
         self.signatures: dict[str, list] = {t.name: [] for t in self.targets}
         self._handles = []
         self.seconds = 0.0
@@ -306,7 +307,10 @@ class Accumulator:
             cols, key = columns(target, self.parents, site, args, kwargs, output)
             self._add(target, cols, bias)
             self.calls[target.name] += 1
-            self._keys[target.name] = key if self.calls[target.name] == 1 else ("many", id(target))
+            # compared now, while the tensor is alive (a freed tensor's weak reference is dead)
+            self._firsts[target.name] = next((name for name, other in self._keys.items()
+                                              if same_input(other, key)), target.name)
+            self._keys[target.name] = key
         return hook
 
     def _add(self, target: Target, cols, bias: bool) -> None:
@@ -337,14 +341,11 @@ class Accumulator:
 
     def end_batch(self) -> None:
         """Note, for this batch, the first target that read each target's input tensor."""
-        names = [t.name for t in self.targets]
-        for name in names:
-            key = self._keys.get(name)
-            first = next((other for other in names if key is not None and other in self._keys
-                          and same_input(self._keys[other], key)), None)
-            self.signatures[name].append(first if self.calls[name] == 1 else None)
+        for target in self.targets:
+            name = target.name
+            self.signatures[name].append(self._firsts.get(name) if self.calls[name] == 1 else None)
             self.calls[name] = 0
-        self._keys = {}
+        self._keys, self._firsts = {}, {}
 
     def shared_input(self, name: str) -> list[str]:
         """The targets that read the same tensor as ``name`` on every batch (itself first)."""

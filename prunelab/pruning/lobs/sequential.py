@@ -5,7 +5,8 @@ layers before it give. Re-running the whole model for every layer costs depth² 
 forwards. Here one trace pass (:class:`prunelab.pruning.blocks.Trace`) finds the model's
 blocks and their links, and which layers read the very same input tensor on every batch
 (q/k/v, gate/up, a residual block's first conv and its shortcut): such a group's Hessians
-come from one pass, since pruning one cannot change the others' input. A layer inside a
+come from one pass, since pruning one — or any layer called after that tensor existed —
+cannot change the others' input. A layer inside a
 block is served by running that block alone on its cached inputs; when the layers of block
 i are done, running block i once on its cache gives block i+1's inputs. The whole model
 runs only for layers outside any block (a stem, a head), for a block with no link to the
@@ -39,22 +40,27 @@ class SequentialHessians:
             self._trace()
 
     def _trace(self) -> None:
-        keys = {t.name: None for t in self.targets}
+        keys = {t.name: None for t in self.targets}           # this batch's input keys
+        firsts: dict[str, str | None] = {}                      # the first target that read the same tensor
+        called: dict[str, int] = {}
         signatures = {t.name: [] for t in self.targets}
 
         def hook_for(target):
             def hook(module, args, kwargs, output):
-                keys[target.name] = input_key(target, module, args, kwargs)
+                called.setdefault(target.name, len(called))     # call order, first batch
+                key = input_key(target, module, args, kwargs)
+                # compared now, while the tensor is alive (a freed tensor's weak reference is dead)
+                firsts[target.name] = next((name for name, other in keys.items()
+                                            if other is not None and same_input(other, key)), target.name)
+                keys[target.name] = key if target.name not in firsts or keys[target.name] is None else ("many",)
             return hook
 
         def after_batch():
             for t in self.targets:
-                first = next((o.name for o in self.targets
-                              if keys[o.name] is not None and keys[t.name] is not None
-                              and same_input(keys[o.name], keys[t.name])), None)
-                signatures[t.name].append(first)
+                signatures[t.name].append(firsts.get(t.name) if keys[t.name] != ("many",) else None)
             for name in keys:
                 keys[name] = None
+            firsts.clear()
 
         handles = [self.sites[t.name].register_forward_hook(hook_for(t), with_kwargs=True) for t in self.targets]
         try:
@@ -67,17 +73,21 @@ class SequentialHessians:
         for t in self.targets:
             site = self.sites[t.name]
             self.block[t.name] = self.trace.block_of(site) if id(site) in self.trace.once else None
-        # a group: consecutive targets in the same block reading the same tensor on every batch
+        # a group: targets of one block that read the same tensor on every batch. Pruning a layer
+        # called after that tensor existed cannot change it, so the layers in between in the
+        # pruning order must all be called after the group's first reader.
         self.group = {}
         for i, t in enumerate(self.targets):
             sig = signatures[t.name]
             members = [t]
             if id(self.sites[t.name]) in self.trace.once and sig and None not in sig:
-                for other in self.targets[i + 1:]:
-                    if (signatures[other.name] != sig or self.block[other.name] is not self.block[t.name]
-                            or id(self.sites[other.name]) not in self.trace.once):
-                        break
-                    members.append(other)
+                for j in range(i + 1, len(self.targets)):
+                    other = self.targets[j]
+                    if (signatures[other.name] == sig and self.block[other.name] is self.block[t.name]
+                            and id(self.sites[other.name]) in self.trace.once):
+                        start = min(called[t.name], called[other.name])
+                        if all(called.get(b.name, -1) > start for b in self.targets[i + 1:j] if b not in members):
+                            members.append(other)
             self.group[t.name] = members
 
     def get(self, target: Target) -> LayerHessian:
