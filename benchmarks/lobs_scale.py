@@ -64,7 +64,7 @@ class ResNet50(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def one_layer(rows=1024, cols=4096, n=8192):
+def one_layer(rows=1024, cols=4096, n=2048):
     torch.manual_seed(0)
     layer = nn.Linear(cols, rows)
     x = torch.randn(n, cols)
@@ -102,7 +102,7 @@ def main():
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     total, h, s = one_layer()
-    print(f"obs-fast, one Linear 1024x4096 (8192 columns): {total:.2f} s (hessian {h:.2f} s, solve {s:.2f} s)")
+    print(f"obs-fast, one Linear 1024x4096 (2048 columns): {total:.2f} s (hessian {h:.2f} s, solve {s:.2f} s)")
     new = resnet(args.images, args.size, old=False)
     rows = [("cached blocks (new)", new)]
     if not args.skip_old:

@@ -447,3 +447,18 @@ def test_hf_style_transposed_weight_is_solved_on_its_matrix():
     prune(layer, 0.5, criterion="obs-fast", data=[(x,)])
     prune(linear, 0.5, criterion="obs-fast", data=[(x,)])
     torch.testing.assert_close(layer.weight.t(), linear.weight)
+
+
+def test_obs_fast_wide_layers_float32_path_matches_float64(monkeypatch):
+    import prunelab.pruning.lobs.obs_fast as module
+    X, H, W = problem(seed=3, n=1000, d=300, rows=3)
+    H = H + 1e-2 * torch.diagonal(H).mean() * torch.eye(len(H), dtype=f64)
+    U = module.upper_factor_of_inverse(H.float()).double()             # halves below 256: the recursion
+    assert torch.allclose(U, U.triu()) and torch.allclose(U.T @ U @ H, torch.eye(300, dtype=f64), atol=1e-3)
+    prunable, alive = all_on(W)
+    exact = obs_fast.solve(W, H, 450, prunable, alive)                  # float64 up to FLOAT64_UP_TO inputs
+    monkeypatch.setattr(module, "FLOAT64_UP_TO", 64)
+    fast = obs_fast.solve(W, H, 450, prunable, alive)                   # wider: float32
+    assert fast.W.dtype == f64 and int((~fast.keep).sum()) == 450
+    assert float((fast.keep == exact.keep).double().mean()) > 0.99
+    assert layer_error(fast.W, W, X) == pytest.approx(layer_error(exact.W, W, X), rel=1e-3)
