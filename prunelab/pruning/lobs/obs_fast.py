@@ -47,6 +47,18 @@ def lower_inverse(L: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _one_thread:
+    """Run a block of small tensor operations on one thread (on a busy machine each parallel
+    element-wise step can wait milliseconds for its second thread); the results are the same."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
 def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor,
           alive: torch.Tensor, block_size: int = 128) -> Solution:
     rows, d = W.shape
@@ -76,14 +88,15 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor
         mask1 = torch.zeros(W1.numel(), dtype=torch.bool)
         mask1[torch.argsort(score.flatten(), stable=True)[:n_block]] = True
         mask1 = mask1.reshape(W1.shape) & block_prunable
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / U1[i, i]
-            predicted += float(err.pow(2).sum())
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
+        with _one_thread():         # thousands of small element-wise steps: no thread hand-offs
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+                err = (w - q) / U1[i, i]
+                predicted += float(err.pow(2).sum())
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                W1[:, i] = q
+                Err1[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
         keep[:, i1:i2] = ~mask1
