@@ -9,7 +9,6 @@ in the same run.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch

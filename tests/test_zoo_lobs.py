@@ -5,7 +5,6 @@ on the Hessian the solver used, summed over the layers, for obs-fast and obs-exa
 solver each layer's error is below that of emptying the layer) or skips, with the reason listed, the layers it cannot prune.
 The cached-block sequential mode is compared with one full forward per layer."""
 
-import copy
 import warnings
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from prunelab.pruning import Pruner
 from prunelab.pruning.criteria import make_criterion
 from prunelab.pruning.lobs import LayerwiseOBS, hessian
-from zoo import BY_NAME, zoo_params
+from zoo import zoo_params
 
 SOLVERS = ["lobs", "obs-fast", "obs-exact"]
 # layers each zoo model keeps dense, by design (hidden states inside a 2-layer RNN)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab.inputs import forward_batches
-from prunelab.pruning.targets import CONV_TYPES, Target
+from prunelab.pruning.targets import Target
 
 
 @dataclass

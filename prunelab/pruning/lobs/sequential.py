@@ -16,7 +16,6 @@ the trace. The Hessians are bit-for-bit those of one full forward per layer.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from prunelab.inputs import as_batch
