@@ -256,19 +256,38 @@ def test_solver_bad_input(kwargs, pattern):
         Pruner(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), 0.5, **kwargs)
 
 
-def test_solver_needs_calibration_and_supported_layers():
+def test_solver_needs_calibration_and_refuses_named_unsupported_layers():
     with pytest.raises(ValueError, match="needs calibration data"):
         prune(nn.Linear(4, 2), 0.5, criterion="lobs")
 
-    class WithLSTM(nn.Module):
+    class Stacked(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm = nn.LSTM(4, 4)
+            self.embed = nn.Embedding(10, 4)
+            self.lstm = nn.LSTM(4, 4, num_layers=2)
 
-    with pytest.raises(ValueError, match="prunes Linear and Conv2d weights; 'lstm.weight_ih_l0'"):
-        Pruner(WithLSTM(), 0.5, criterion="lobs", layers=["lstm"])
-    with pytest.raises(ValueError, match="groups=1"):
-        Pruner(nn.Conv2d(4, 4, 3, groups=2), 0.5, criterion="obs-fast")
+    with pytest.raises(ValueError, match=r"lobs cannot prune 'lstm.weight_ih_l1' \(LSTM\): its inputs are hidden"):
+        Pruner(Stacked(), 0.5, criterion="lobs", layers=["lstm.weight_ih_l1"])
+    with pytest.raises(ValueError, match=r"obs-fast cannot prune 'embed.weight' \(Embedding\): an embedding is a lookup"):
+        Pruner(Stacked(), 0.5, criterion="obs-fast", layers=["embed"])
+    with pytest.raises(ValueError, match="granularity 'channel' needs groups=1"):
+        Pruner(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 0.5, criterion="obs-exact", granularity="channel",
+               layers=["0"])
+
+
+def test_unsupported_default_layers_are_skipped_left_dense_and_reported():
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 6, num_layers=2)
+    x = torch.randn(5, 3, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="leaves 3 layer"):
+        pruner = prune(model, 0.5, criterion="obs-fast", data=[(x,)])
+    skipped = pruner.criterion.skipped
+    assert sorted(skipped) == ["weight_hh_l0", "weight_hh_l1", "weight_ih_l1"]
+    assert pruner.history[-1].report.skipped == skipped
+    for name in skipped:                                  # left dense and unchanged
+        assert torch.equal(getattr(model, name), before[name])
+    assert (model.weight_ih_l0 == 0).float().mean() == pytest.approx(0.5, abs=0.02)
 
 
 @pytest.mark.parametrize("criterion", ["lobs", "obs-exact"])
@@ -363,3 +382,83 @@ def test_layerwise_constant_scope_raises_one_layer_per_event():
     assert seen[0] == [pytest.approx(1 / 6, abs=0.01), 0.0, 0.0]      # event 0 raises only layer 0
     assert seen[1][0] == seen[0][0] and seen[1][1] == pytest.approx(1 / 3, abs=0.01) and seen[1][2] == 0.0
     assert all(v == pytest.approx(0.5, abs=0.02) for v in seen[2])   # the last event raises every layer
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+                                  nn.Conv2d(4, 4, 3, padding="same", groups=4, padding_mode="reflect"),
+                                  nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), dilation=(1, 1, 2))])
+def test_conv_columns_reproduce_the_conv_per_group(conv):
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, *([7] * len(conv.kernel_size)))
+    cols = hessian.conv_columns(conv, x)                       # (groups, n, d)
+    W = conv.weight.detach().reshape(conv.out_channels, -1)
+    rows = conv.out_channels // conv.groups
+    out = conv(x).movedim(1, -1).reshape(-1, conv.out_channels)
+    for g in range(conv.groups):
+        got = cols[g] @ W[g * rows:(g + 1) * rows].T + conv.bias.detach()[g * rows:(g + 1) * rows]
+        torch.testing.assert_close(got, out[:, g * rows:(g + 1) * rows], atol=1e-5, rtol=1e-5)
+    (target,) = resolve_targets(conv)
+    h = hessian.collect(conv, [target], [(x,)])["weight"]
+    assert h.groups == conv.groups and h.n == cols.shape[1]
+    d = cols.shape[2]
+    torch.testing.assert_close(h.part(0).H[:d, :d], (cols[0].T @ cols[0]).double() / cols.shape[1])
+
+
+def test_attention_hessians_self_and_cross_and_the_out_proj_context():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    q, kv = torch.randn(3, 5, 8), torch.randn(3, 7, 8)
+    targets = resolve_targets(mha)
+    names = [t.name for t in targets]
+    assert names == ["in_proj_weight", "out_proj.weight"]
+    h = hessian.collect(mha, targets, [(q, q, q)])             # self-attention: one Hessian
+    assert h["in_proj_weight"].groups == 1 and h["in_proj_weight"].n == 15
+    h = hessian.collect(mha, targets, [(q, kv, kv)])           # cross-attention: q, k, v blocks
+    packed = h["in_proj_weight"]
+    assert packed.groups == 3 and packed.group_n == [15, 21, 21]
+    torch.testing.assert_close(packed.part(1).H[:8, :8], (kv.reshape(-1, 8).T @ kv.reshape(-1, 8)).double() / 21)
+    # out_proj reads the context: out_proj(context) is the module's output
+    context = hessian.attention_context(mha, {"query": q, "key": kv, "value": kv, "key_padding_mask": None,
+                                              "attn_mask": None, "is_causal": False})
+    torch.testing.assert_close(mha.out_proj(context), mha(q, kv, kv)[0], atol=1e-6, rtol=1e-5)
+    x = context.reshape(-1, 8).double()
+    torch.testing.assert_close(h["out_proj.weight"].H[:8, :8], x.T @ x / 15, atol=1e-6, rtol=1e-5)
+    p = prune(copy.deepcopy(mha), 0.5, criterion="obs-exact", data=[(q, kv, kv)])
+    assert p.sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+def test_hf_style_transposed_weight_is_solved_on_its_matrix():
+    class Conv1D(nn.Module):                     # Hugging Face's layout: weight (in, out)
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x):
+            return x @ self.weight + self.bias
+
+    torch.manual_seed(0)
+    layer, x = Conv1D(6, 10), torch.randn(50, 10)
+    linear = nn.Linear(10, 6)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight.t())
+        linear.bias.copy_(layer.bias)
+    prune(layer, 0.5, criterion="obs-fast", data=[(x,)])
+    prune(linear, 0.5, criterion="obs-fast", data=[(x,)])
+    torch.testing.assert_close(layer.weight.t(), linear.weight)
+
+
+def test_obs_fast_wide_layers_float32_path_matches_float64(monkeypatch):
+    import prunelab.pruning.lobs.obs_fast as module
+    X, H, W = problem(seed=3, n=1000, d=300, rows=3)
+    H = H + 1e-2 * torch.diagonal(H).mean() * torch.eye(len(H), dtype=f64)
+    U = module.upper_factor_of_inverse(H.float()).double()             # halves below 256: the recursion
+    assert torch.allclose(U, U.triu()) and torch.allclose(U.T @ U @ H, torch.eye(300, dtype=f64), atol=1e-3)
+    prunable, alive = all_on(W)
+    exact = obs_fast.solve(W, H, 450, prunable, alive)                  # float64 up to FLOAT64_UP_TO inputs
+    monkeypatch.setattr(module, "FLOAT64_UP_TO", 64)
+    fast = obs_fast.solve(W, H, 450, prunable, alive)                   # wider: float32
+    assert fast.W.dtype == f64 and int((~fast.keep).sum()) == 450
+    assert float((fast.keep == exact.keep).double().mean()) > 0.99
+    assert layer_error(fast.W, W, X) == pytest.approx(layer_error(exact.W, W, X), rel=1e-3)

@@ -124,6 +124,7 @@ class Pruner:
         if calibration is not None:           # refuse an empty or malformed calibration set now, before any training
             list(iter_batches(calibration, self.calibration_batch_size, where=where))
         self.calibration = calibration
+        self.layers_named = layers is not None      # solvers skip unsupported default targets, refuse named ones
         self.criterion.validate(self)
         self._events = self.schedule.events()
         self._next_event = 0

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,6 +53,7 @@ from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
 from prunelab.pruning.lobs.common import inverse
 from prunelab.pruning.lobs.hessian import LayerHessian, check_target, weight_matrix
+from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.scopes import LayerGroups
 
 MODES = ("sequential", "parallel")
@@ -79,7 +81,10 @@ class LayerReport:
 
 
 class Report(list):
-    """The per-layer reports of one prune, printable as a table."""
+    """The per-layer reports of one prune, printable as a table; ``skipped`` maps the layers
+    left dense (a kind the solver cannot prune) to the reason."""
+
+    skipped: dict = {}
 
     def __str__(self) -> str:
         head = (f"{'layer':<14} {'sparsity':>8} {'predicted':>10} {'measured':>10} {'relative':>9} "
@@ -93,6 +98,10 @@ class Report(list):
     def totals(self) -> dict:
         return {"hessian_seconds": sum(r.hessian_seconds for r in self),
                 "solve_seconds": sum(r.solve_seconds for r in self)}
+
+
+class LayerSkipped(UserWarning):
+    """A default target that a layer-wise OBS solver cannot prune was left dense."""
 
 
 class LayerwiseOBS(Criterion):
@@ -114,13 +123,23 @@ class LayerwiseOBS(Criterion):
         self._batches: list | None = None
         self._original = None
         self._hessians: dict[str, LayerHessian] = {}
+        self.skipped: dict[str, str] = {}         # default targets left dense: {name: reason}
         self.last_report: Report | None = None
         self.last_held: tuple[str, ...] = ()
+        self.last_forwards: dict = {}             # sequential mode: batches run per kind of forward
+        self._sequential = None
 
     # ------------------------------------------------------------ data
-    def calibrate(self, model, targets, batches, loss_fn) -> None:
+    def _supported(self, model, targets) -> list:
+        """The targets this solver prunes; raises for an unsupported one unless skipped."""
+        parents = hessian.attention_parents(model)
         for target in targets:
-            check_target(target, self.name)
+            if target.name not in self.skipped:
+                check_target(target, self.name, parents)
+        return [t for t in targets if t.name not in self.skipped]
+
+    def calibrate(self, model, targets, batches, loss_fn) -> None:
+        targets = self._supported(model, targets)
         self._batches, _ = self._calibration(batches, loss_fn)
         if self.mode == "parallel":
             if self.low_memory:
@@ -132,8 +151,26 @@ class LayerwiseOBS(Criterion):
         self._batches, self._original, self._hessians = None, None, {}
 
     def validate(self, pruner) -> None:
+        parents = hessian.attention_parents(pruner.model)
+        named = getattr(pruner, "layers_named", True)
+        self.skipped = {}
         for target in pruner.targets:
-            check_target(target, self.name)
+            reason = hessian.unsupported(target, parents)
+            if reason is None and pruner.granularity.name == "channel":
+                reason = _channel_unsupported(target)
+            if reason is not None and not named:
+                self.skipped[target.name] = reason
+            elif reason is not None:
+                raise ValueError(f"{self.name} cannot prune {target.name!r} ({target.kind}): {reason}. "
+                                 f"Leave it out of 'layers'.")
+        if self.skipped:
+            if len(self.skipped) == len(pruner.targets):
+                raise ValueError(f"{self.name} can prune none of the model's layers: "
+                                 + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
+            warnings.warn(LayerSkipped(
+                f"{self.name} leaves {len(self.skipped)} layer(s) dense: "
+                + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
+                + ". Listed in criterion.skipped and each prune's report."), stacklevel=4)
         if pruner.granularity.name not in ("weight", "channel"):
             raise ValueError(f"{self.name} prunes at granularity 'weight' (unstructured) or 'channel' "
                              f"(whole inputs, block OBS); got {pruner.granularity.name!r}.")
@@ -167,7 +204,7 @@ class LayerwiseOBS(Criterion):
             raise ValueError(f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
                              f"to the Pruner, or data= to prune().")
         if self.mode == "sequential":
-            return hessian.collect(pruner.model, [target], self._batches, with_bias=self.update_bias)[target.name]
+            return self._sequential.get(target)
         if self.low_memory:
             twin = dict(self._original.named_modules())[target.module_name]
             copy_target = type(target)(target.name, target.module_name, twin, target.param_name)
@@ -178,92 +215,161 @@ class LayerwiseOBS(Criterion):
     # ----------------------------------------------------------- solve
     @torch.no_grad()
     def solve(self, pruner, sparsities: list[float], event) -> list[torch.Tensor]:
+        if self._batches is None:
+            raise ValueError(f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
+                             f"to the Pruner, or data= to prune().")
         structured_mode = pruner.granularity.name == "channel"
         keeps, report, held = [], Report(), []
+        report.skipped = dict(self.skipped)
         raised = range(len(pruner.targets))
         if pruner.scope.name == "global":
             sparsities, held = self._global_allocation(pruner, sparsities[0], event)
         elif pruner.scope.name == "layerwise-constant" and not event.final:
             raised = {event.index % len(pruner.targets)}     # one layer per event, round-robin
-        for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
-            if i not in raised:
-                mask = pruner.masks.get(target.weight)
-                keeps.append(torch.ones_like(target.weight, dtype=torch.bool) if mask is None else mask.bool())
-                continue
-            h = self._hessian(pruner, target)
-            started = time.perf_counter()
-            W = weight_matrix(target).double()
-            bias = target.module.bias if h.with_bias else None
-            W_full = torch.cat([W, bias.detach().double()[:, None]], dim=1) if bias is not None else W
-            H, W_full, dead = hessian.prepare(h, W_full, self.damping)
-            d_in = W.shape[1]
-            prunable = torch.zeros(W_full.shape[1], dtype=torch.bool)
-            prunable[:d_in] = True
-            mask = pruner.masks.get(target.weight)
-            alive = torch.ones_like(W_full, dtype=torch.bool)
-            if mask is not None:
-                alive[:, :d_in] = mask.reshape(W.shape[0], -1).bool()
-            if structured_mode:
-                solution = self._structured(target, W_full, H, sparsity, alive, d_in, pruner.min_keep)
-            else:
-                limit = W.numel() - min(pruner.min_keep, int(alive[:, :d_in].sum()))   # never empty the layer
-                wanted = round(sparsity * W.numel())
-                solution = self._solve(W_full, H, min(wanted, limit), prunable, alive,
-                                       self._epsilon_for(target), limit)
-                solution.held = solution.held or (self._epsilon_for(target) is None and wanted > limit)
-            if solution.held:
-                held.append(target.name)
-            # prepare() zeroed the weights of dead inputs so that they go first, at no cost; those
-            # the solver kept get their values back (they cannot change the calibration outputs)
-            revived = dead[None, :d_in] & solution.keep[:, :d_in]
-            new_W = torch.where(revived, W[:, :d_in], solution.W[:, :d_in]).reshape(target.weight.shape)
-            keep = solution.keep[:, :d_in].reshape(target.weight.shape)
-            delta = solution.W - weight_matrix_with_bias(W, bias)
-            measured = float(torch.einsum("ri,ij,rj->", delta, h.H, delta)) if h.n else 0.0
-            reference = weight_matrix_with_bias(W, bias)
-            signal = float(torch.einsum("ri,ij,rj->", reference, h.H, reference))
-            target.weight.copy_(new_W.to(target.weight.dtype) * keep)
-            if bias is not None:
-                bias.copy_(solution.W[:, d_in].to(bias.dtype))
-            keeps.append(keep)
-            report.append(LayerReport(
-                layer=target.name, shape=tuple(target.weight.shape),
-                sparsity=1.0 - float(keep.float().mean()),
-                predicted_error=math.sqrt(max(solution.predicted, 0.0)),
-                measured_error=math.sqrt(max(measured, 0.0)),
-                relative_error=math.sqrt(max(measured, 0.0) / signal) if signal > 0 else 0.0,
-                n=h.n, hessian_seconds=h.seconds, solve_seconds=time.perf_counter() - started))
+        modes = [(m, m.training) for m in pruner.model.modules()]
+        pruner.model.eval()
+        try:
+            if self.mode == "sequential":
+                supported = [t for i, t in enumerate(pruner.targets) if t.name not in self.skipped and i in raised]
+                self._sequential = SequentialHessians(pruner.model, supported, self._batches,
+                                                      with_bias=self.update_bias)
+            for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
+                if i not in raised or target.name in self.skipped:
+                    mask = pruner.masks.get(target.weight)
+                    keeps.append(torch.ones_like(target.weight, dtype=torch.bool) if mask is None else mask.bool())
+                    continue
+                h = self._hessian(pruner, target)
+                keep, layer_report, was_held = self._solve_target(pruner, target, h, sparsity, structured_mode)
+                if was_held:
+                    held.append(target.name)
+                keeps.append(keep)
+                report.append(layer_report)
+                if self.mode == "sequential":
+                    self._sequential.pruned(target)
+        finally:
+            for module, training in modes:
+                module.training = training
+            if getattr(self, "_sequential", None) is not None:
+                self.last_forwards = self._sequential.forwards
+            self._sequential = None
         self.last_report = report
         self.last_held = tuple(held)
         return keeps
+
+    def _alive(self, pruner, target, W) -> torch.Tensor:
+        """The weight's current keep-mask as ``(out, d)`` like ``target.matrix()``."""
+        mask = pruner.masks.get(target.weight)
+        if mask is None:
+            return torch.ones_like(W, dtype=torch.bool)
+        mask = mask.bool()
+        return mask.t() if target.layout == "transposed" else mask.reshape(W.shape[0], -1)
+
+    def _solve_target(self, pruner, target, h, sparsity, structured_mode):
+        """Prune one target (each row block with its own Hessian); write the new weights and
+        bias back. Returns the keep-mask in the weight's shape, the report and the held flag."""
+        started = time.perf_counter()
+        W = weight_matrix(target).double()
+        bias_param = target.bias if h.with_bias else None
+        bias = bias_param.detach().double() if bias_param is not None else None
+        alive_all = self._alive(pruner, target, W)
+        G = h.groups
+        if structured_mode and G > 1:
+            raise ValueError(f"{self.name} with granularity 'channel' needs one input Hessian for all rows; "
+                             f"{target.name!r} has {G} row blocks with their own inputs.")
+        rows = W.shape[0] // G
+        total = round(sparsity * W.numel())
+        wanted_parts = [total // G + (1 if g < total % G else 0) for g in range(G)]
+        new_W, keep = torch.empty_like(W), torch.empty_like(W, dtype=torch.bool)
+        new_bias = bias.clone() if bias is not None else None
+        predicted = measured = signal = 0.0
+        held = False
+        for g in range(G):
+            r = slice(g * rows, (g + 1) * rows)
+            hg = h.part(g)
+            Wg, bg = W[r], (bias[r] if bias is not None else None)
+            W_full = weight_matrix_with_bias(Wg, bg)
+            H, W_full, dead = hessian.prepare(hg, W_full, self.damping)
+            d_in = Wg.shape[1]
+            prunable = torch.zeros(W_full.shape[1], dtype=torch.bool)
+            prunable[:d_in] = True
+            alive = torch.ones_like(W_full, dtype=torch.bool)
+            alive[:, :d_in] = alive_all[r]
+            if structured_mode:
+                solution = self._structured(target, W_full, H, sparsity, alive, d_in, pruner.min_keep)
+            else:
+                limit = Wg.numel() - min(pruner.min_keep, int(alive[:, :d_in].sum()))   # never empty the layer
+                wanted = wanted_parts[g]
+                solution = self._solve(W_full, H, min(wanted, limit), prunable, alive,
+                                       self._epsilon_for(target), limit)
+                solution.held = solution.held or (self._epsilon_for(target) is None and wanted > limit)
+            held = held or solution.held
+            # prepare() zeroed the weights of dead inputs so that they go first, at no cost; those
+            # the solver kept get their values back (they cannot change the calibration outputs)
+            revived = dead[None, :d_in] & solution.keep[:, :d_in]
+            new_W[r] = torch.where(revived, Wg, solution.W[:, :d_in])
+            keep[r] = solution.keep[:, :d_in]
+            reference = weight_matrix_with_bias(Wg, bg)
+            delta = solution.W - reference
+            if hg.n:
+                measured += float(torch.einsum("ri,ij,rj->", delta, hg.H, delta))
+            signal += float(torch.einsum("ri,ij,rj->", reference, hg.H, reference))
+            predicted += solution.predicted
+            if new_bias is not None:
+                new_bias[r] = solution.W[:, d_in]
+        self._write(target, new_W * keep, keep)
+        if bias_param is not None:
+            bias_param.copy_(new_bias.to(bias_param.dtype))
+        keep = keep.t() if target.layout == "transposed" else keep.reshape(target.weight.shape)
+        report = LayerReport(
+            layer=target.name, shape=tuple(target.weight.shape),
+            sparsity=1.0 - float(keep.float().mean()),
+            predicted_error=math.sqrt(max(predicted, 0.0)),
+            measured_error=math.sqrt(max(measured, 0.0)),
+            relative_error=math.sqrt(max(measured, 0.0) / signal) if signal > 0 else 0.0,
+            n=h.n, hessian_seconds=h.seconds, solve_seconds=time.perf_counter() - started)
+        return keep, report, held
+
+    @staticmethod
+    def _write(target, W, keep) -> None:
+        value = W.t() if target.layout == "transposed" else W.reshape(target.weight.shape)
+        target.weight.copy_(value.to(target.weight.dtype))
 
     def _global_allocation(self, pruner, sparsity: float, event) -> tuple[list[float], list[str]]:
         """Scope ``global``: one threshold on the sensitivities ``L_q = w_q²/(2[H⁻¹]_qq)`` of every
         weight of every layer (the paper's single tolerable error ε, set by the target instead of
         given), computed on the weights before this prune with the Hessians of the model as it is
         now. Returns each layer's sparsity, for the solver to reach in its own order, and the
-        layers the no-empty-layer guard held."""
+        layers the no-empty-layer guard held. Skipped layers stay dense and out of the count."""
+        supported = [t for t in pruner.targets if t.name not in self.skipped]
         together = None
-        if self.mode == "sequential" and not self.low_memory:
-            together = hessian.collect(pruner.model, pruner.targets, self._batches, with_bias=self.update_bias)
+        if self.mode == "sequential" or not self.low_memory:
+            together = (hessian.collect(pruner.model, supported, self._batches, with_bias=self.update_bias)
+                        if self.mode == "sequential" else self._hessians)
         layers = []
-        for target in pruner.targets:
+        for target in supported:
             h = together[target.name] if together is not None else self._hessian(pruner, target)
             W = weight_matrix(target).double()
-            bias = target.module.bias if h.with_bias else None
-            H, W_full, _ = hessian.prepare(h, weight_matrix_with_bias(W, bias), self.damping)
-            d_in = W.shape[1]
-            L = W_full[:, :d_in].pow(2) / (2 * torch.diagonal(inverse(H))[:d_in])
-            mask = pruner.masks.get(target.weight)
-            alive = torch.ones(L.numel(), dtype=torch.bool) if mask is None else mask.flatten().bool()
+            bias = target.bias if h.with_bias else None
+            bias = bias.detach().double() if bias is not None else None
+            rows = W.shape[0] // h.groups
+            parts = []
+            for g in range(h.groups):
+                r = slice(g * rows, (g + 1) * rows)
+                H, W_full, _ = hessian.prepare(h.part(g), weight_matrix_with_bias(
+                    W[r], bias[r] if bias is not None else None), self.damping)
+                parts.append(W_full[:, :W.shape[1]].pow(2) / (2 * torch.diagonal(inverse(H))[:W.shape[1]]))
+            L = torch.cat(parts)
+            alive = self._alive(pruner, target, W).flatten()
             layers.append(LayerGroups(L.flatten(), alive, 1))
         keeps = pruner.scope.select(layers, sparsity, event, pruner.min_keep)
         held = pruner._held_by_guard(layers, sparsity, event, keeps)
-        return [1.0 - int(k.sum()) / k.numel() for k in keeps], list(held)
+        chosen = {t.name: 1.0 - int(k.sum()) / k.numel() for t, k in zip(supported, keeps)}
+        by_position = {pruner.targets[i].name: t.name for i, t in enumerate(supported)}  # the guard's naming
+        return [chosen.get(t.name, 0.0) for t in pruner.targets], [by_position[name] for name in held]
 
     def _structured(self, target, W_full, H, sparsity, alive, d_in, min_keep):
         module = target.module
-        group = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, torch.nn.Conv2d) else 1
+        group = math.prod(module.kernel_size) if target.layout == "conv" else 1
         n_inputs = d_in // group
         alive_groups = alive[:, :d_in].reshape(-1, n_inputs, group).all(dim=2).all(dim=0)
         limit = n_inputs - min(min_keep, int(alive_groups.sum()))     # never empty the layer
@@ -282,6 +388,17 @@ class LayerwiseOBS(Criterion):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, damping={self.damping:g})"
+
+
+def _channel_unsupported(target) -> str | None:
+    """Why the structured (channel) solver, which removes input columns shared by all rows,
+    does not apply."""
+    module = target.module
+    if target.layout == "conv" and module.groups != 1:
+        return f"granularity 'channel' needs groups=1 convolutions; it has groups={module.groups}"
+    if target.layout in ("attention", "recurrent"):
+        return f"granularity 'channel' covers Linear, Conv and HF Conv1D weights, not a {target.kind}'s"
+    return None
 
 
 def _check_epsilon(epsilon, where: str):

@@ -1,0 +1,234 @@
+"""Cached block inputs: re-run one block of a model on the inputs it last received.
+
+A *block* is a child of an ``nn.Sequential`` or ``nn.ModuleList`` (containers are looked
+through: the children of a nested Sequential are blocks), outermost first — ResNet stages'
+blocks, Hugging Face ``model.layers`` / ``transformer.h`` / ``encoder.layer``,
+``nn.TransformerEncoder.layers``, or the layers of a plain Sequential. A :class:`Trace` of one
+calibration pass finds the blocks called exactly once per batch and the *links* between
+consecutive ones: block b's inputs are block a's output (the tensor, or the first element of
+a tuple) in one argument, and exactly the same objects as a's inputs in every other positional
+and keyword argument (attention masks, position embeddings, ``position_ids``, …). Along a link
+the inputs of b are made by running a alone on its cached inputs, never the whole model.
+
+Used by the sequential mode of the layer-wise OBS solvers; any method that needs each block's
+inputs after the blocks before it changed can use it the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunelab.inputs import as_batch
+
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+_SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class _Stop(Exception):
+    """Ends a forward early, once the inputs it was run for are captured."""
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost non-container children of every Sequential/ModuleList."""
+    found = []
+
+    def walk(module):
+        for child in module.children():
+            if isinstance(module, CONTAINERS) and not isinstance(child, CONTAINERS):
+                found.append(child)
+            else:
+                walk(child)
+    walk(model)
+    return found
+
+
+def same(a, b) -> bool:
+    """``a`` and ``b`` are the same input: the same tensor (unchanged), equal plain values, or
+    containers of those."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return a is b
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and type(a) is type(b):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return isinstance(a, _SIMPLE) and type(a) is type(b) and a == b
+
+
+def _main_output(output):
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    return None
+
+
+def _slots(args, kwargs):
+    return [("arg", i) for i in range(len(args))] + [("kw", k) for k in kwargs]
+
+
+def _get(call, slot):
+    return call[0][slot[1]] if slot[0] == "arg" else call[1][slot[1]]
+
+
+def link_slot(before: tuple, output, after: tuple):
+    """The argument of ``after`` that is ``before``'s output, when every other argument is the
+    same as ``before``'s; else None."""
+    main = _main_output(output)
+    if main is None or len(before[0]) != len(after[0]) or before[1].keys() != after[1].keys():
+        return None
+    found = None
+    for slot in _slots(*after):
+        if _get(after, slot) is main:
+            if found is not None:
+                return None
+            found = slot
+        elif not same(_get(before, slot), _get(after, slot)):
+            return None
+    return found
+
+
+class Trace:
+    """One calibration pass that records which blocks are called once per batch, in which
+    order, and which consecutive ones are linked (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, batches: list, watch=(), after_batch=None):
+        self.model, self.batches, self.after_batch = model, batches, after_batch
+        self.blocks = find_blocks(model)
+        self.order: list[nn.Module] = []              # blocks in call order (first batch)
+        self.links: dict[int, tuple] = {}              # id(block) -> slot fed by the previous block
+        self.calls: dict[int, int] = {}                # calls of watched modules in the last batch
+        self.once: set[int] = set()                    # watched modules called once in every batch
+        self._run(list(watch))
+
+    def _run(self, watch):
+        counts = {id(m): [] for m in self.blocks + watch}
+        links: dict[int, list] = {}
+        order_sets = []
+        last = {}
+
+        def pre(module, args, kwargs):
+            prev = last.get("call")
+            if prev is not None:
+                a, before, output, version = prev
+                slot = link_slot(before, output, (args, kwargs))
+                main = _main_output(output)
+                ok = slot is not None and main._version == version
+                links.setdefault(id(module), []).append((id(a), slot if ok else None))
+            else:
+                links.setdefault(id(module), []).append((None, None))
+            last["pending"] = (module, args, kwargs)
+            seen.append(module)
+
+        def post(module, args, kwargs, output):
+            main = _main_output(output)
+            last["call"] = (module, (args, kwargs), output, None if main is None else main._version)
+
+        def count(module, args, kwargs, output=None):
+            calls[id(module)] = calls.get(id(module), 0) + 1
+
+        handles = []
+        for block in self.blocks:
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(block.register_forward_hook(post, with_kwargs=True))
+        for module in {id(m): m for m in self.blocks + watch}.values():
+            handles.append(module.register_forward_pre_hook(lambda m, a, k: count(m, a, k), with_kwargs=True))
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(self.batches):
+                    calls, seen = {}, []
+                    last.clear()
+                    as_batch(batch, where="L-OBS", index=i).call(self.model)
+                    if self.after_batch is not None:
+                        self.after_batch()
+                    for key in counts:
+                        counts[key].append(calls.get(key, 0))
+                    order_sets.append([id(m) for m in seen])
+        finally:
+            for h in handles:
+                h.remove()
+        self.once = {key for key, c in counts.items() if c and all(n == 1 for n in c)}
+        by_id = {id(b): b for b in self.blocks}
+        first = order_sets[0] if order_sets else []
+        self.order = [by_id[k] for k in first if k in self.once and k in by_id]
+        consistent = all(o == first for o in order_sets)
+        for i, block in enumerate(self.order[1:], 1):
+            record = links.get(id(block), [])
+            slots = {r[1] for r in record}
+            prev_ok = all(r[0] == id(self.order[i - 1]) for r in record)
+            if consistent and prev_ok and len(slots) == 1 and None not in slots:
+                self.links[id(block)] = slots.pop()
+
+    def previous(self, block) -> nn.Module | None:
+        """The block whose output feeds ``block`` along a link, or None."""
+        if id(block) not in self.links:
+            return None
+        return self.order[self.order.index(block) - 1]
+
+    def block_of(self, module: nn.Module) -> nn.Module | None:
+        """The traced block (called once per batch) that contains ``module``, if any."""
+        for block in self.order:
+            if any(m is module for m in block.modules()):
+                return block
+        return None
+
+
+def capture_inputs(model: nn.Module, batches: list, block: nn.Module) -> list[tuple]:
+    """``block``'s ``(args, kwargs)`` on every batch, from forwards of ``model`` cut short
+    once the block is reached."""
+    captured = []
+
+    def pre(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                try:
+                    as_batch(batch, where="L-OBS", index=i).call(model)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _fresh(value):
+    """A copy of the tensors among a block's inputs (a block may change its inputs in place)."""
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_fresh(v) for v in value)
+    if isinstance(value, list):
+        return [_fresh(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    return value
+
+
+def run_block(block: nn.Module, inputs: list[tuple], after=None) -> list:
+    """Run ``block`` on each cached ``(args, kwargs)``; ``after()`` is called after each one.
+    Returns the outputs."""
+    outputs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            outputs.append(block(*_fresh(args), **_fresh(kwargs)))
+            if after is not None:
+                after()
+    return outputs
+
+
+def next_inputs(inputs: list[tuple], outputs: list, slot) -> list[tuple]:
+    """The inputs of the block linked after the one that took ``inputs`` and gave ``outputs``."""
+    made = []
+    for (args, kwargs), output in zip(inputs, outputs):
+        main = _main_output(output)
+        args, kwargs = list(args), dict(kwargs)
+        if slot[0] == "arg":
+            args[slot[1]] = main
+        else:
+            kwargs[slot[1]] = main
+        made.append((tuple(args), kwargs))
+    return made

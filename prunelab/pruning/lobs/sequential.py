@@ -1,0 +1,141 @@
+"""The Hessians of sequential mode, at a cost linear in depth.
+
+Sequential L-OBS prunes the layers in order, each from the inputs that the already pruned
+layers before it give. Re-running the whole model for every layer costs depth² block
+forwards. Here one trace pass (:class:`prunelab.pruning.blocks.Trace`) finds the model's
+blocks and their links, and which layers read the very same input tensor on every batch
+(q/k/v, gate/up, a residual block's first conv and its shortcut): such a group's Hessians
+come from one pass, since pruning one — or any layer called after that tensor existed —
+cannot change the others' input. A layer inside a
+block is served by running that block alone on its cached inputs; when the layers of block
+i are done, running block i once on its cache gives block i+1's inputs. The whole model
+runs only for layers outside any block (a stem, a head), for a block with no link to the
+block before it (its inputs are captured by a forward cut short at the block), and once for
+the trace. The Hessians are bit-for-bit those of one full forward per layer.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from prunelab.inputs import as_batch
+from prunelab.pruning import blocks as blk
+from prunelab.pruning.lobs.hessian import (Accumulator, LayerHessian, attention_parents, calibration_mode,
+                                           hook_site, input_key, same_input)
+from prunelab.pruning.targets import Target
+
+
+class SequentialHessians:
+    """Serves ``get(target)`` for the targets in order; ``pruned(target)`` after each prune."""
+
+    def __init__(self, model: nn.Module, targets: list[Target], batches: list, *, with_bias: bool):
+        self.model, self.targets, self.batches, self.with_bias = model, targets, batches, with_bias
+        self.parents = attention_parents(model)
+        self.sites = {t.name: hook_site(t, self.parents) for t in targets}
+        self.forwards = {"trace": 0, "model": 0, "cut short": 0, "block": 0}
+        self._cache: tuple | None = None           # (block, [(args, kwargs) per batch])
+        self._ready: dict[str, LayerHessian] = {}
+        with calibration_mode(model):
+            self._trace()
+
+    def _trace(self) -> None:
+        keys = {t.name: None for t in self.targets}           # this batch's input keys
+        firsts: dict[str, str | None] = {}                      # the first target that read the same tensor
+        called: dict[str, int] = {}
+        signatures = {t.name: [] for t in self.targets}
+
+        def hook_for(target):
+            def hook(module, args, kwargs, output):
+                called.setdefault(target.name, len(called))     # call order, first batch
+                key = input_key(target, module, args, kwargs)
+                # compared now, while the tensor is alive (a freed tensor's weak reference is dead)
+                firsts[target.name] = next((name for name, other in keys.items()
+                                            if other is not None and same_input(other, key)), target.name)
+                keys[target.name] = key if target.name not in firsts or keys[target.name] is None else ("many",)
+            return hook
+
+        def after_batch():
+            for t in self.targets:
+                signatures[t.name].append(firsts.get(t.name) if keys[t.name] != ("many",) else None)
+            for name in keys:
+                keys[name] = None
+            firsts.clear()
+
+        handles = [self.sites[t.name].register_forward_hook(hook_for(t), with_kwargs=True) for t in self.targets]
+        try:
+            self.trace = blk.Trace(self.model, self.batches, watch=list(self.sites.values()), after_batch=after_batch)
+        finally:
+            for h in handles:
+                h.remove()
+        self.forwards["trace"] += len(self.batches)
+        self.block = {}
+        for t in self.targets:
+            site = self.sites[t.name]
+            self.block[t.name] = self.trace.block_of(site) if id(site) in self.trace.once else None
+        # a group: targets of one block that read the same tensor on every batch. Pruning a layer
+        # called after that tensor existed cannot change it, so the layers in between in the
+        # pruning order must all be called after the group's first reader.
+        self.group = {}
+        for i, t in enumerate(self.targets):
+            sig = signatures[t.name]
+            members = [t]
+            if id(self.sites[t.name]) in self.trace.once and sig and None not in sig:
+                for j in range(i + 1, len(self.targets)):
+                    other = self.targets[j]
+                    if (signatures[other.name] == sig and self.block[other.name] is self.block[t.name]
+                            and id(self.sites[other.name]) in self.trace.once):
+                        start = min(called[t.name], called[other.name])
+                        if all(called.get(b.name, -1) > start for b in self.targets[i + 1:j] if b not in members):
+                            members.append(other)
+            self.group[t.name] = members
+
+    def get(self, target: Target) -> LayerHessian:
+        if target.name in self._ready:
+            return self._ready.pop(target.name)
+        members = self.group[target.name]
+        block = self.block[target.name]
+        accumulator = Accumulator(members, self.parents, with_bias=self.with_bias)
+        with calibration_mode(self.model):
+            if block is None:
+                with accumulator:
+                    for i, batch in enumerate(self.batches):
+                        as_batch(batch, where="L-OBS", index=i).call(self.model)
+                        accumulator.end_batch()
+                self.forwards["model"] += len(self.batches)
+            else:
+                inputs = self._inputs_of(block)
+                with accumulator:
+                    blk.run_block(block, inputs, after=accumulator.end_batch)
+                self.forwards["block"] += len(self.batches)
+        stats = accumulator.result()
+        for other in accumulator.shared_input(target.name):
+            if other != target.name:
+                self._ready[other] = stats[other]
+        return stats[target.name]
+
+    def pruned(self, target: Target) -> None:
+        """A pruned layer changes every cached input but that of its own block."""
+        if self._cache is not None and self._cache[0] is not self.block[target.name]:
+            self._cache = None
+
+    def _inputs_of(self, block: nn.Module) -> list[tuple]:
+        path, b = [block], block
+        while self._cache is None or self._cache[0] is not b:
+            b = self.trace.previous(b)
+            if b is None:
+                break
+            path.append(b)
+        if b is not None and self._cache is not None and self._cache[0] is b and b is not block:
+            inputs = self._cache[1]
+            path.reverse()                        # from the cached block forwards
+            for before, after in zip(path, path[1:]):
+                outputs = blk.run_block(before, inputs)
+                self.forwards["block"] += len(self.batches)
+                inputs = blk.next_inputs(inputs, outputs, self.trace.links[id(after)])
+        elif self._cache is not None and self._cache[0] is block:
+            inputs = self._cache[1]
+        else:
+            inputs = blk.capture_inputs(self.model, self.batches, block)
+            self.forwards["cut short"] += len(self.batches)
+        self._cache = (block, inputs)
+        return inputs
