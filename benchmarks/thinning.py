@@ -1,4 +1,4 @@
-"""Measured speed-up of physically thinned models against their masked twins (METHODS.md §6).
+"""Measured speed-up of physically thinned models against their masked twins (docs/methods.md §6).
 
 For LeNet-300-100 (784-300-100-10) and ``medium_conv`` on MNIST-shaped inputs
 (1×28×28), ``units.remove_units(model, "norm", fraction=f, layers="all")`` removes

@@ -9,7 +9,7 @@ tensor shapes differing from the registry model's are the thinned shapes) and, p
 state-dict tensor, its shape, encoding, value type and byte range in the payload. A
 SHA-256 over the header and the payload detects tampering and truncation.
 
-Each floating tensor is stored in one of the three formats of METHODS.md §7 (the byte
+Each floating tensor is stored in one of the three formats of docs/methods.md §7 (the byte
 counts are those of :mod:`prunelab.metrics.storage`, so the payload equals the summary's
 storage prediction):
 
@@ -257,7 +257,7 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
 def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "float32",
                   index_bits: int | str = "auto") -> int:
     """Payload bytes :func:`save` writes for ``model``, from the storage formulas of
-    METHODS.md §7 (:func:`prunelab.metrics.storage.storage_bits`) plus 4 bytes per int8 scale.
+    docs/methods.md §7 (:func:`prunelab.metrics.storage.storage_bits`) plus 4 bytes per int8 scale.
 
     With ``values="float32"`` and a model whose state dict holds only its parameters, this
     equals ``prunelab.summary(model, ..., index_bits=index_bits).total.bytes_best``

@@ -1,4 +1,4 @@
-"""Sparse inference: run highly sparse Linear layers as CSR sparse-matrix products (METHODS.md §6).
+"""Sparse inference: run highly sparse Linear layers as CSR sparse-matrix products (docs/methods.md §6).
 
     from prunelab.sparse import sparsify, densify
     fast, report = sparsify(model, (1, 28, 28), min_sparsity=0.9)   # a copy; the model is untouched

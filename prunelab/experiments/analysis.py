@@ -6,7 +6,7 @@ performance profiles and paired comparisons of two methods.
 * :func:`pareto_front` — the (parameters, accuracy) points no other point beats
   on both counts (Study A's "Pareto front of the conv baselines").
 * :func:`performance_profile` — Dolan & Moré (2002) profiles in the threshold
-  form of METHODS.md §5 (Evci et al. 2019's comparison of pruning scorers).
+  form of docs/methods.md §5 (Evci et al. 2019's comparison of pruning scorers).
 * :func:`paired_comparison` — two methods on the same (dataset, model, level,
   seed): mean difference, t-interval, paired t-test and Wilcoxon signed-rank test.
 """
@@ -140,7 +140,7 @@ def _is_nan(value) -> bool:
 
 
 def performance_profile(penalties, taus) -> np.ndarray:
-    """Performance profiles (Dolan & Moré 2002) in the threshold form of METHODS.md §5.
+    """Performance profiles (Dolan & Moré 2002) in the threshold form of docs/methods.md §5.
 
     ``penalties[j, i] = d_ij`` is method *i*'s penalty on measurement *j*
     (lower is better). For each τ in ``taus`` (each in [0, 1]) and measurement *j*
@@ -152,7 +152,7 @@ def performance_profile(penalties, taus) -> np.ndarray:
     measurements where *i* is not among the worst), τ = 1 at the best, where the
     strict ``<`` gives ``P_i(1) = 0``; ``P_i`` never increases with τ.
 
-    Ties: the comparison is the strict ``<`` of METHODS.md §5 (Evci et al. 2019).
+    Ties: the comparison is the strict ``<`` of docs/methods.md §5 (Evci et al. 2019).
     A measurement on which all methods tie (``min = max = t_j``) therefore counts
     as a win for *no* method: it says nothing about their ranking, and since it
     lowers every curve by the same ``1/n_measurements``, comparisons between

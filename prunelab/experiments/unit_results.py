@@ -1,4 +1,4 @@
-"""Study B's figures and tables: unit pruning with mean replacement (METHODS.md §5).
+"""Study B's figures and tables: unit pruning with mean replacement (docs/methods.md §5).
 
 Two run tasks feed them. A ``unit-penalty`` run (one per dataset × model × seed)
 trains a model and, every N steps, prunes copies of it with each method; its

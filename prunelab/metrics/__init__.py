@@ -1,4 +1,4 @@
-"""Metrics of a pruned model (METHODS.md §6–8): sparsity, compression, FLOPs and storage.
+"""Metrics of a pruned model (docs/methods.md §6–8): sparsity, compression, FLOPs and storage.
 
 * :func:`summary` — per-layer and total table of everything below.
 * :func:`count_flops` — dense and remaining FLOPs per sample of each module: products,

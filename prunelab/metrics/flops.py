@@ -1,4 +1,4 @@
-"""Exact FLOPs of a model's forward pass, dense and with zero weights skipped (METHODS.md §6).
+"""Exact FLOPs of a model's forward pass, dense and with zero weights skipped (docs/methods.md §6).
 
 **How they are counted.** One dry forward pass runs under a ``TorchDispatchMode`` that sees
 every aten operation the model executes, whatever called it: an ``nn.Linear``, a functional

@@ -1,4 +1,4 @@
-"""Measured inference latency of a model (METHODS.md §6: report it next to the theoretical speedup).
+"""Measured inference latency of a model (docs/methods.md §6: report it next to the theoretical speedup).
 
     from prunelab import measure_latency
     for row in measure_latency(model, (1, 28, 28), batch_sizes=(1, 64), threads=1):

@@ -1,4 +1,4 @@
-"""Storage cost of a sparse tensor in three formats (METHODS.md §7; Zhu & Gupta 2017, §5).
+"""Storage cost of a sparse tensor in three formats (docs/methods.md §7; Zhu & Gupta 2017, §5).
 
 For a tensor with ``N`` elements of which ``nnz`` are non-zero, ``b`` bits per
 stored value and ``r`` bits per relative index:

@@ -2,7 +2,7 @@
 
 Pruning in prunelab zeroes weights in place, so everything here is read from
 the tensors: an entry counts as pruned exactly when it equals 0. The
-definitions follow METHODS.md §6–8 and are spelled out in ``docs/metrics.md``.
+definitions follow docs/methods.md §6–8 and are spelled out in ``docs/metrics.md``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HashedNets (Chen et al. 2015; METHODS.md §4): layers whose weights share K real parameters.
+"""HashedNets (Chen et al. 2015; docs/methods.md §4): layers whose weights share K real parameters.
 
     layer = HashedLinear(784, 100, compression=1 / 64, seed=3)     # 1225 real weights
     model = prunelab.build_model("mlp", hidden=[100], hashed=1 / 64)  # every Linear/Conv hashed

@@ -1,4 +1,4 @@
-"""Saliency criteria: a score per weight, lowest pruned first (METHODS.md §1).
+"""Saliency criteria: a score per weight, lowest pruned first (docs/methods.md §1).
 
 A criterion returns one score tensor per target, shaped like its weight. Scores
 of different layers are compared directly under global scope, so a criterion's

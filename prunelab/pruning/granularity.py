@@ -2,7 +2,7 @@
 
 A granularity splits a weight tensor into groups of equal size; a group's score
 is the reduction of its members' scores, and a group is kept or pruned whole
-(METHODS.md §2).
+(docs/methods.md §2).
 
 | name              | group                                   | layers             |
 |-------------------|-----------------------------------------|--------------------|

@@ -1,4 +1,4 @@
-"""Sparsity-inducing regularisers added to the training loss (METHODS.md §2).
+"""Sparsity-inducing regularisers added to the training loss (docs/methods.md §2).
 
 | name          | penalty                                             |
 |---------------|-----------------------------------------------------|

@@ -1,4 +1,4 @@
-"""Schedules: when to prune and to what sparsity (METHODS.md §3).
+"""Schedules: when to prune and to what sparsity (docs/methods.md §3).
 
 A schedule lists pruning *events* ``(step, sparsity)``. Steps count completed
 training steps as the Pruner sees them (one ``pruner.step()`` call per optimiser

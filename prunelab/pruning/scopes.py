@@ -1,4 +1,4 @@
-"""Scopes: how a target sparsity is shared between layers (METHODS.md §2).
+"""Scopes: how a target sparsity is shared between layers (docs/methods.md §2).
 
 Each scope turns per-layer group scores into per-layer group keep-masks.
 Pruning is monotone: a group pruned earlier stays pruned and counts towards the

@@ -1,6 +1,6 @@
 """Unit pruning: score neurons and filters, remove them (optionally replacing them by their
 mean output), and thin the model physically. Evci et al., ICLR 2019 submission;
-METHODS.md §5–6.
+docs/methods.md §5–6.
 
     from prunelab import units
     result = units.remove_units(model, "bp_abs_mrs", data=(x_cal, y_cal), fraction=0.1)

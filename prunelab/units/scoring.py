@@ -1,4 +1,4 @@
-"""Unit scores (Evci et al., ICLR 2019 submission; METHODS.md §5). Lowest is removed first.
+"""Unit scores (Evci et al., ICLR 2019 submission; docs/methods.md §5). Lowest is removed first.
 
 With ``a`` a unit's activation (the output of its last per-channel op) and
 ``g = ∂ℓ_n/∂a`` (the per-example loss), collected by hooks on a calibration subset,

@@ -4,7 +4,7 @@
 and its BatchNorm scale and shift, become 0, so its activation is exactly 0 — the
 activation functions allowed have f(0) = 0.
 
-**Mean replacement** (Evci et al.; METHODS.md §5): the unit's output is replaced by its
+**Mean replacement** (Evci et al.; docs/methods.md §5): the unit's output is replaced by its
 mean activation ā instead of 0, and the constant is folded into the next parametrised
 layer's bias, ``b_next ← b_next + W_next[:, u] · ā_u``. On its way to that layer the
 constant passes through max/avg-pooling (unchanged), BatchNorm in eval mode (its

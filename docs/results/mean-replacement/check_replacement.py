@@ -9,12 +9,12 @@ penalty (1000 training images, as in the study) of:
 
 * zero:       the units removed (output 0);
 * folded:     prunelab's mean replacement: the mean activation over the images and positions,
-              folded into the next layer's bias (METHODS.md §5);
+              folded into the next layer's bias (docs/methods.md §5);
 * reference:  the same constant written into the activations by a forward hook, with
               no folding: the definition itself (for a conv consumer it differs from
               "folded" only at zero-padded borders);
 * post-pool:  the mean of what the next layer actually receives (after max-pooling),
-              folded the same way: a variant METHODS.md does not define.
+              folded the same way: a variant docs/methods.md does not define.
 
 Mean of ``--trials`` random subsets per cell.
 """

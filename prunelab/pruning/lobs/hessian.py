@@ -1,4 +1,4 @@
-"""Layer-wise Hessians for L-OBS (Dong et al. 2017; METHODS.md §1).
+"""Layer-wise Hessians for L-OBS (Dong et al. 2017; docs/methods.md §1).
 
 For a layer ``z = W x̃`` the layer-wise error ``E = (1/n) ‖Ẑ − Z‖²_F`` over n input
 columns has, for every output row of W, the same Hessian
