@@ -29,8 +29,8 @@ FLOAT64_UP_TO = 1024
 
 def upper_factor_of_inverse(H: torch.Tensor) -> torch.Tensor:
     """U upper triangular with ``H⁻¹ = Uᵀ U``, from the Cholesky factor of the reversed H."""
-    L = torch.linalg.cholesky(H.flip(0).flip(1))
-    return lower_inverse(L).flip(0).flip(1).contiguous()      # rows are read one by one
+    L = torch.linalg.cholesky(torch.flip(H, (0, 1)))
+    return torch.flip(lower_inverse(L), (0, 1))               # a flip copies: rows are read one by one
 
 
 def lower_inverse(L: torch.Tensor) -> torch.Tensor:
