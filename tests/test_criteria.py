@@ -123,6 +123,35 @@ def test_regularizer_penalties_by_hand():
     assert torch.allclose(layer.weight.grad, 0.1 * layer.weight)  # weight decay 0.1
 
 
+def test_group_lasso_groups_follow_the_layout_of_hf_conv1d_and_grouped_convs():
+    class Conv1D(nn.Module):                     # Hugging Face's layout: weight (in, out)
+        def __init__(self):
+            super().__init__()
+            self.nf = 3
+            self.weight = nn.Parameter(torch.tensor([[3.0, 0.0, 1.0], [4.0, 0.0, 0.0]]))
+            self.bias = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return x @ self.weight + self.bias
+
+    targets = resolve_targets(nn.Sequential(Conv1D()))
+    # a unit is a column: ‖(3, 4)‖ + ‖(0, 0)‖ + ‖(1, 0)‖ = 6, each group of 2 weights
+    assert GroupLasso(1.0, granularity="unit").penalty(targets).item() == pytest.approx(2 ** 0.5 * 6, rel=1e-5)
+    # an input channel is a row: ‖(3, 0, 1)‖ + ‖(4, 0, 0)‖, groups of 3
+    expected = 3 ** 0.5 * (10 ** 0.5 + 4)
+    assert GroupLasso(1.0, granularity="channel").penalty(targets).item() == pytest.approx(expected, rel=1e-5)
+    conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)   # weight (4, 2, 1, 1): two groups of two filters
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(1.0, 9.0).reshape(4, 2, 1, 1))
+    gl = GroupLasso(1.0, granularity="channel")
+    got = gl.penalty(resolve_targets(conv)).item()
+    scores = conv.weight.detach().abs()
+    by_granularity = gl.granularity.group_scores(scores, "l2", resolve_targets(conv)[0])
+    size = gl.granularity.group_size(conv.weight, resolve_targets(conv)[0])
+    assert got == pytest.approx(size ** 0.5 * float(by_granularity.sum()), rel=1e-5)
+    assert by_granularity.numel() == 4                # one group per input channel of the layer
+
+
 def test_l1_training_drives_more_weights_to_near_zero():
     def small_weights(regularizer):
         torch.manual_seed(0)

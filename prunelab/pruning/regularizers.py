@@ -73,11 +73,11 @@ class GroupLasso(Regularizer):
     def penalty(self, targets):
         total = 0.0
         for t in targets:
-            w = t.weight
-            dims = self.granularity.group_dims(w)
+            w = self.granularity.view(t.weight, t)       # groups follow the layout (HF Conv1D, grouped convs)
+            dims = self.granularity.group_dims(w, t)
             # eps inside the root keeps the gradient finite at groups that are exactly zero
             norms = (w.pow(2).sum(dim=dims) + 1e-12).sqrt() if dims else w.abs()
-            total = total + math.sqrt(self.granularity.group_size(w)) * norms.sum()
+            total = total + math.sqrt(self.granularity.group_size(t.weight, t)) * norms.sum()
         return self.strength * total
 
     def __repr__(self) -> str:
