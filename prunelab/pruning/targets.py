@@ -36,12 +36,15 @@ class TiedWeightSkipped(UserWarning):
     """A weight tied to an embedding (e.g. an ``lm_head``) was left out of the default targets."""
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module, *, check_sizes: bool = True) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``,
-    recognised by its class name and shape, without importing ``transformers``."""
+    recognised by its class name and ``nf`` attribute, without importing ``transformers``.
+    ``check_sizes=False`` skips the check that ``nf`` matches the weight (for surgery that has cut
+    the weight and is about to fix ``nf``)."""
     weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and getattr(module, "nf", None) == weight.shape[1])
+    if type(module).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor) or not hasattr(module, "nf"):
+        return False
+    return not check_sizes or (weight.dim() == 2 and module.nf == weight.shape[1])
 
 
 def layout_of(module: nn.Module, param_name: str) -> str:

@@ -32,13 +32,12 @@ import torch
 from torch import nn
 
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, loss_targets
+from prunelab.pruning.targets import is_hf_conv1d as _is_conv1d
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D`` (a Linear whose weight is stored ``(in, out)``), without importing
-    transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
-        getattr(module, "weight", None), torch.Tensor)
+    """A Hugging Face ``Conv1D``, also in the middle of surgery (its ``nf`` not yet fixed)."""
+    return _is_conv1d(module, check_sizes=False)
 
 
 @dataclass
