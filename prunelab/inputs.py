@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from prunelab._hooks import eval_mode
 from prunelab._validation import check_finite, check_number
 
 IGNORE_INDEX = -100
@@ -388,16 +389,10 @@ def forward_batches(model: nn.Module, batches: Iterable, *, where: str = "prunel
     """Run ``model`` on each batch (a :class:`Batch`, or anything :func:`as_batch` reads) in eval
     mode without autograd, restoring every module's ``training`` flag afterwards. Returns the last
     output."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     out = None
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                out = as_batch(batch, where=where, index=i).call(model)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        for i, batch in enumerate(batches):
+            out = as_batch(batch, where=where, index=i).call(model)
     return out
 
 

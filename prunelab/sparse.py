@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from prunelab._hooks import eval_mode
 from prunelab._validation import check_number, check_type
 from prunelab.inputs import Batch, example_batch, logits_of
 from prunelab.metrics.dry_run import default_device_dtype
@@ -398,10 +399,8 @@ def _example(model: nn.Module, input_shape, example_inputs, where: str) -> Batch
 def _run(model: nn.Module, batch: Batch, where: str):
     """``model`` on ``batch`` in eval mode without gradients (train flags restored); a failing
     forward becomes a ValueError carrying the model's error."""
-    modes = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             return batch.call(model)
     except Exception as err:
         tensors = batch.tensors()
@@ -410,9 +409,6 @@ def _run(model: nn.Module, batch: Batch, where: str):
         raise ValueError(f"{where} could not run {type(model).__name__} on {what}; check 'input_shape' (one "
                          f"input, without the batch dimension) or 'example_inputs'. "
                          f"The model raised {type(err).__name__}: {err}") from err
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _parent_reads_weight(model: nn.Module) -> dict[str, str]:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from prunelab._hooks import eval_mode
 from prunelab._validation import check_choice, check_finite, check_number, check_type
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, as_batch, loss_targets, make_loss
 from prunelab.pruning.pruner import Pruner
@@ -295,16 +296,12 @@ def check_fits(model: nn.Module, data: Data, loss: Loss) -> None:
     a ValueError naming the data, not an error deep in the model or mid-training. In-memory targets
     of the inferred loss are checked whole."""
     where, param = data.where, data.param
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        output = data.first.call(model)
+        with eval_mode(model):
+            output = data.first.call(model)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
         raise ValueError(f"the inputs of the '{param}' parameter of {where} ({_describe(data.first)}) do not fit "
                          f"the model: {type(err).__name__}: {err}") from err
-    finally:
-        for module, training in modes:
-            module.training = training
     try:
         if data.in_memory and loss.is_cross_entropy:     # every target now, not one batch at a time
             _check_all_targets(data, loss.logits(output).shape[-1])
@@ -367,10 +364,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int | None = None, loss_fn: 
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, source: Data, loss: Loss, batch_size: int | None) -> dict[str, float]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     total, weight, counted, correct, n, tokens = 0.0, 0, 0, 0, 0, False
-    try:
+    with eval_mode(model):
         for batch in source.batches(batch_size):
             terms = loss_terms(loss, batch.call(model), batch, reduction="sum", trusted=source.trusted)
             total += float(terms.loss)
@@ -379,9 +374,6 @@ def _evaluate(model: nn.Module, source: Data, loss: Loss, batch_size: int | None
             if terms.correct is not None:
                 counted, correct = counted + terms.counted, correct + terms.correct
             tokens = tokens or terms.tokens
-    finally:
-        for module, training in modes:
-            module.training = training
     mean = total / weight if weight else math.nan
     result = {"loss": mean, "accuracy": correct / counted if counted else math.nan, "n": n}
     if tokens:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunelab._hooks import eval_mode
 from prunelab._validation import check_type
 
 
@@ -155,10 +156,8 @@ def run_dry(model: nn.Module, batch, where: str, handles: list, *, failure: str,
     ``mode`` if given); every module's ``training`` flag is restored and ``handles`` (hooks) are
     removed afterwards, also when the forward fails. A failing forward becomes a ``ValueError``
     that says ``failure`` (which input, what to check) and carries the model's own error."""
-    modes = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad(), (mode if mode is not None else contextlib.nullcontext()):
+        with eval_mode(model), torch.no_grad(), (mode if mode is not None else contextlib.nullcontext()):
             batch.call(model)
     except InstrumentError:
         raise
@@ -168,8 +167,6 @@ def run_dry(model: nn.Module, batch, where: str, handles: list, *, failure: str,
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
 
 
 def dry_failure(dry: DryInput) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunelab._hooks import eval_mode
 from prunelab._validation import check_number
 from prunelab.metrics.dry_run import DryInput, on_device, resolve_dry_input
 
@@ -191,7 +192,6 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
         def sync() -> None:
             pass
 
-    modes = [(module, module.training) for module in model.modules()]
     previous_threads = torch.get_num_threads()
     generator = torch.Generator().manual_seed(0)
     results = []
@@ -199,8 +199,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
         if threads is not None:
             torch.set_num_threads(threads)
         used_threads = torch.get_num_threads()
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for batch_size in sizes:
                 batch = _make_batch(dry, batch_size, generator)
                 try:
@@ -212,6 +211,4 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
     finally:
         if torch.get_num_threads() != previous_threads:
             torch.set_num_threads(previous_threads)
-        for module, training in modes:
-            module.training = training
     return results

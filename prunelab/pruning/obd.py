@@ -89,6 +89,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from prunelab._hooks import eval_mode
 from prunelab._validation import check_choice, check_number
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, is_cross_entropy, token_ids
 from prunelab.pruning.criteria import CRITERIA, Criterion
@@ -140,15 +141,9 @@ class OBD(Criterion):
         sums = ([s.clone() for s in self._sums] if self._sums is not None else
                 [torch.zeros_like(t.weight, dtype=torch.float64) for t in targets])
         count = self._count
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.enable_grad():
-                for batch in batches:
-                    count += self._add_batch(model, targets, fast, batch, sums, loss)
-        finally:
-            for module, training in modes:
-                module.training = training
+        with eval_mode(model), torch.enable_grad():
+            for batch in batches:
+                count += self._add_batch(model, targets, fast, batch, sums, loss)
         self._sums, self._count, self._names = sums, count, names
 
     def hessian_diagonal(self) -> list[torch.Tensor]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunelab._hooks import eval_mode
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, loss_targets
 from prunelab.pruning.targets import is_hf_conv1d as _is_conv1d
 
@@ -149,29 +150,26 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
     names = {m: n for n, m in model.named_modules()}
     dims = {p.module: (p.dim, p.batch_dim) for g in groups for p in g.points}
     handles = [m.register_forward_pre_hook(hook) for m in modules]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        for batch in batches:
-            captured.clear()
-            with torch.enable_grad():
-                loss_value = summed_loss(loss, batch.call(model), batch)
-                order = list(captured)
-                grads = torch.autograd.grad(loss_value, [captured[m] for m in order], allow_unused=True)
-            for m, g in zip(order, grads):
-                a = captured[m].detach()
-                g = torch.zeros_like(a) if g is None else g.detach()
-                dim, batch_dim = dims[m]
-                G[m].append(_per_example(g, dim, True, batch_dim).double().cpu())   # plans index CPU maps
-                AG[m].append(_per_example(a * g, dim, True, batch_dim).double().cpu())
-                s = _per_example(a, dim, False, batch_dim).double().sum(dim=0).cpu()
-                sums[m] = s if sums[m] is None else sums[m] + s
-                count[m] += a.shape[batch_dim]
+        with eval_mode(model):
+            for batch in batches:
+                captured.clear()
+                with torch.enable_grad():
+                    loss_value = summed_loss(loss, batch.call(model), batch)
+                    order = list(captured)
+                    grads = torch.autograd.grad(loss_value, [captured[m] for m in order], allow_unused=True)
+                for m, g in zip(order, grads):
+                    a = captured[m].detach()
+                    g = torch.zeros_like(a) if g is None else g.detach()
+                    dim, batch_dim = dims[m]
+                    G[m].append(_per_example(g, dim, True, batch_dim).double().cpu())   # plans index CPU maps
+                    AG[m].append(_per_example(a * g, dim, True, batch_dim).double().cpu())
+                    s = _per_example(a, dim, False, batch_dim).double().sum(dim=0).cpu()
+                    sums[m] = s if sums[m] is None else sums[m] + s
+                    count[m] += a.shape[batch_dim]
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
     if not batches:
         raise ValueError("unit scoring needs calibration data: got an empty set of batches.")
     missing = [names[m] for m in modules if not count[m]]

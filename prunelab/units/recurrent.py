@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunelab._hooks import eval_mode
 from prunelab.inputs import Batch
 from prunelab.units.groups import Axis, Point, UnitGroup
 
@@ -31,16 +32,12 @@ def find(model: nn.Module, batch: Batch) -> list[UnitGroup]:
 
     handles = [m.register_forward_hook(embedding_hook) for m in model.modules() if isinstance(m, nn.Embedding)]
     handles += [m.register_forward_pre_hook(rnn_hook) for m in model.modules() if isinstance(m, nn.RNNBase)]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             batch.call(model)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes:
-            m.training = training
     names = {m: n for n, m in model.named_modules()}
     groups = []
     for embedding, rnn in dict(feeds).items():

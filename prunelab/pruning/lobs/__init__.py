@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from prunelab._hooks import eval_mode
 from prunelab._validation import check_choice, check_number
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
@@ -226,29 +227,26 @@ class LayerwiseOBS(Criterion):
             sparsities, held = self._global_allocation(pruner, sparsities[0], event)
         elif pruner.scope.name == "layerwise-constant" and not event.final:
             raised = {event.index % len(pruner.targets)}     # one layer per event, round-robin
-        modes = [(m, m.training) for m in pruner.model.modules()]
-        pruner.model.eval()
         try:
-            if self.mode == "sequential":
-                supported = [t for i, t in enumerate(pruner.targets) if t.name not in self.skipped and i in raised]
-                self._sequential = SequentialHessians(pruner.model, supported, self._batches,
-                                                      with_bias=self.update_bias)
-            for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
-                if i not in raised or target.name in self.skipped:
-                    mask = pruner.masks.get(target.weight)
-                    keeps.append(torch.ones_like(target.weight, dtype=torch.bool) if mask is None else mask.bool())
-                    continue
-                h = self._hessian(pruner, target)
-                keep, layer_report, was_held = self._solve_target(pruner, target, h, sparsity, structured_mode)
-                if was_held:
-                    held.append(target.name)
-                keeps.append(keep)
-                report.append(layer_report)
+            with eval_mode(pruner.model):
                 if self.mode == "sequential":
-                    self._sequential.pruned(target)
+                    supported = [t for i, t in enumerate(pruner.targets) if t.name not in self.skipped and i in raised]
+                    self._sequential = SequentialHessians(pruner.model, supported, self._batches,
+                                                          with_bias=self.update_bias)
+                for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
+                    if i not in raised or target.name in self.skipped:
+                        mask = pruner.masks.get(target.weight)
+                        keeps.append(torch.ones_like(target.weight, dtype=torch.bool) if mask is None else mask.bool())
+                        continue
+                    h = self._hessian(pruner, target)
+                    keep, layer_report, was_held = self._solve_target(pruner, target, h, sparsity, structured_mode)
+                    if was_held:
+                        held.append(target.name)
+                    keeps.append(keep)
+                    report.append(layer_report)
+                    if self.mode == "sequential":
+                        self._sequential.pruned(target)
         finally:
-            for module, training in modes:
-                module.training = training
             if getattr(self, "_sequential", None) is not None:
                 self.last_forwards = self._sequential.forwards
             self._sequential = None
