@@ -307,10 +307,9 @@ class LayerwiseOBS(Criterion):
             new_W[r] = torch.where(revived, Wg, solution.W[:, :d_in])
             keep[r] = solution.keep[:, :d_in]
             reference = weight_matrix_with_bias(Wg, bg)
-            delta = solution.W - reference
-            if hg.n:
-                measured += _quadratic(delta, hg.H)
-            signal += _quadratic(reference, hg.H)
+            layer_measured, layer_signal = _errors(solution.W - reference, reference, hg.H)
+            measured += layer_measured if hg.n else 0.0
+            signal += layer_signal
             predicted += solution.predicted
             if new_bias is not None:
                 new_bias[r] = solution.W[:, d_in]
@@ -399,13 +398,17 @@ def _channel_unsupported(target) -> str | None:
     return None
 
 
-def _quadratic(A: torch.Tensor, H: torch.Tensor) -> float:
-    """``Σ_r a_r H a_rᵀ`` over the rows of A, for the report's errors. Layers wider than obs-fast's
-    float64 limit use a float32 product (as their solve does), summed in float64: in float64 the
-    two reports of a 1024×4096 layer cost seconds, more than its solve."""
+def _errors(delta: torch.Tensor, reference: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """The report's ``Σ_r δ_r H δ_rᵀ`` (the solution's layer-wise error) and ``Σ_r w_r H w_rᵀ``
+    (the signal it is relative to). Layers wider than obs-fast's float64 limit use one float32
+    product for both (as their solve does), summed in float64: in float64 the two products of a
+    1024×4096 layer cost seconds, more than its solve."""
     if H.shape[0] > obs_fast.FLOAT64_UP_TO:
-        return float(((A.float() @ H.float()) * A.float()).sum(dtype=torch.float64))
-    return float(torch.einsum("ri,ij,rj->", A, H, A))
+        A = torch.cat([delta.float(), reference.float()])
+        per_row = ((A @ H.float()) * A).sum(dim=1).double()     # rows summed in float64
+        return float(per_row[: len(delta)].sum()), float(per_row[len(delta):].sum())
+    return (float(torch.einsum("ri,ij,rj->", delta, H, delta)),
+            float(torch.einsum("ri,ij,rj->", reference, H, reference)))
 
 
 def _check_epsilon(epsilon, where: str):

@@ -411,7 +411,7 @@ def prepare(h: LayerHessian, W: torch.Tensor, damping: float) -> tuple[torch.Ten
     A *dead* input (``H_jj = 0``: always zero on the calibration data) cannot change the
     output: its weights are zeroed (pruned first, at no cost) and ``H_jj`` set to 1 so H is
     invertible (as SparseGPT does). Damping adds ``λ · mean(diag H)`` to the diagonal."""
-    H = h.H.clone()
+    H = h.H                                   # a new tensor: xtx / n
     dead = torch.diagonal(H) == 0
     W = W.clone()
     W[:, dead] = 0

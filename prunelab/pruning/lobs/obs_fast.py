@@ -59,6 +59,22 @@ class _one_thread:
         torch.set_num_threads(self.threads)
 
 
+def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest entries of ``score``, ties taken in flat (row-major) order —
+    the first ``k`` of a stable argsort, from one k-th value selection instead of a sort."""
+    flat = score.reshape(-1)
+    mask = torch.zeros(flat.shape, dtype=torch.bool)
+    if k >= flat.numel():
+        mask[:] = True
+    elif k > 0:
+        threshold = torch.kthvalue(flat, k).values
+        mask = flat < threshold
+        missing = k - int(mask.sum())
+        if missing > 0:
+            mask[torch.nonzero(flat == threshold).flatten()[:missing]] = True
+    return mask.reshape(score.shape)
+
+
 def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor,
           alive: torch.Tensor, block_size: int = 128) -> Solution:
     rows, d = W.shape
@@ -68,36 +84,35 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor
         W = W.float()
     else:
         U = torch.linalg.cholesky(inverse(H), upper=True).contiguous()
-    W = W.clone()
-    keep = torch.ones_like(alive)
+    # work on Wᵀ: column i of W is the contiguous row i here, and each step's update of the
+    # columns to its right is one rank-1 update of contiguous memory
+    WT = W.t().clone(memory_format=torch.contiguous_format)     # never the caller's storage
+    keepT = torch.ones(d, rows, dtype=torch.bool)
     fraction = int(n_prune) / max(1, rows * int(prunable.sum()))
     predicted = 0.0
     seen, taken = 0, 0          # prunable entries so far, pruned so far: round the running target
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2]                                            # a view: updated in place
         U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        score = W1.pow(2) / torch.diagonal(U1).pow(2)[None, :]
-        block_prunable = prunable[i1:i2].expand_as(W1)
+        diag = torch.diagonal(U1)
+        score = W1.t().pow(2) / diag.pow(2)[None, :]              # (rows, block), as W reads
+        block_prunable = prunable[i1:i2].expand_as(score)
         score = torch.where(block_prunable, score, torch.full_like(score, float("inf")))
         score = torch.where(alive[:, i1:i2], score, torch.full_like(score, float("-inf")))
         seen += int(block_prunable.sum())
         n_block = max(round(fraction * seen) - taken, int((~alive[:, i1:i2]).sum()), 0)
         taken += n_block
-        mask1 = torch.zeros(W1.numel(), dtype=torch.bool)
-        mask1[torch.argsort(score.flatten(), stable=True)[:n_block]] = True
-        mask1 = mask1.reshape(W1.shape) & block_prunable
-        with _one_thread():         # thousands of small element-wise steps: no thread hand-offs
+        maskT = (lowest(score, n_block) & block_prunable).t().contiguous()
+        ErrT = maskT.to(WT.dtype)             # becomes (w − q) / U_ii row by row
+        with _one_thread():         # thousands of small steps: no thread hand-offs
             for i in range(i2 - i1):
-                w = W1[:, i]
-                q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-                err = (w - q) / U1[i, i]
-                predicted += float(err.pow(2).sum())
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-                W1[:, i] = q
-                Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        keep[:, i1:i2] = ~mask1
-    return Solution(W.to(dtype), keep, predicted)
+                err = ErrT[i].mul_(W1[i]).div_(diag[i])
+                if i + 1 < i2 - i1:
+                    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+        predicted += float(ErrT.pow(2).sum())
+        W1.masked_fill_(maskT, 0.0)
+        if i2 < d:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), ErrT, alpha=-1)
+        keepT[i1:i2] = ~maskT
+    return Solution(WT.t().to(dtype).contiguous(), keepT.t().contiguous(), predicted)
