@@ -7,7 +7,8 @@ already-pruned entries at zero. ``H⁻¹`` is never updated after a removal: che
 approximate. The predicted error is the paper's: the sum of the removed weights'
 ``2 L_q`` (interactions ignored). Stopping rule: a target count, or the paper's tolerable
 error — prune while ``√L_q ≤ ε``, but never more than ``limit`` entries (the no-empty-layer
-guard; the cheapest ``limit`` go then).
+guard; the cheapest ``limit`` go then). With an N:M pattern the ``m − n`` lowest-ranked entries
+of every group of ``m`` consecutive inputs go instead (the count is the pattern's).
 
 Rows are independent (the Hessian is block-diagonal over output rows), so the sequence
 runs as rounds: in round t every row removes its t-th chosen weight — the same result as
@@ -18,22 +19,28 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.pruning.lobs.common import Solution, inverse
+from prunelab.pruning.lobs.common import Solution, inverse, nm_choice
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch.Tensor,
-          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None) -> Solution:
+          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None,
+          nm: tuple[int, int] | None = None) -> Solution:
     Hinv = inverse(H)
     d = torch.diagonal(Hinv)
     L = W.pow(2) / (2 * d)
     L[:, ~prunable] = float("inf")
     L[~alive] = float("-inf")                      # pruned before: zero already, counted first
     held = False
-    if epsilon is not None:
+    if nm is not None:
+        k = int(prunable.sum())                    # the prunable inputs come first (the bias last)
+        chosen = torch.zeros_like(alive)
+        chosen[:, :k] = nm_choice(L[:, :k], *nm, alive[:, :k])
+        epsilon = n_prune = None
+    elif epsilon is not None:
         chosen = (L <= epsilon ** 2) | ~alive
         if limit is not None and int(chosen.sum()) > limit:
             n_prune, epsilon, held = limit, None, True
-    if epsilon is None:
+    if epsilon is None and nm is None:
         order = torch.argsort(L.flatten(), stable=True)
         chosen = torch.zeros(L.numel(), dtype=torch.bool)
         chosen[order[: max(int(n_prune), int((~alive).sum()))]] = True

@@ -17,6 +17,10 @@ Rows run in parallel batches, one inverse each. Every few steps the inverses are
 to the coordinates still in play, so a row costs about d³/3 operations. Layers wider than
 256 inputs run the trace in float32 (its order and increments may then differ from float64
 in the last digits); the final weights are always solved in float64.
+
+With an N:M pattern an entry may go only while its group of ``m`` consecutive inputs keeps
+more than ``n`` (entries pruned before always go); each row's greedy stops when every group
+is down to ``n`` (:func:`trace_nm`: no compaction, rows that are done wait).
 """
 
 from __future__ import annotations
@@ -32,12 +36,16 @@ FLOAT64_UP_TO = 256            # wider layers run the greedy's trace in float32 
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch.Tensor,
-          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None) -> Solution:
+          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None,
+          nm: tuple[int, int] | None = None) -> Solution:
     """Prune ``n_prune`` entries of the layer, or with ``epsilon`` every greedy step whose
     cost stays within the paper's tolerable error, ``√(ΔE/2) ≤ ε`` — but no more than
-    ``limit`` (the no-empty-layer guard; the ``limit`` cheapest go then)."""
+    ``limit`` (the no-empty-layer guard; the ``limit`` cheapest go then); or, with ``nm``,
+    every group down to its pattern."""
     rows, d = W.shape
     Hinv = inverse(H)
+    if nm is not None:
+        return _solve_nm(W, H, Hinv, prunable, alive, nm)
     m = int(prunable.sum())
     order = torch.empty(rows, m, dtype=torch.long)
     increments = torch.empty(rows, m, dtype=W.dtype)
@@ -68,6 +76,59 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch
         W_out[r] = optimal_row(W[r], H, keep[r])
         predicted += float(increments[r, : counts[r]].sum())
     return Solution(W_out, keep, predicted, held)
+
+
+def _solve_nm(W, H, Hinv, prunable, alive, nm) -> Solution:
+    rows, d = W.shape
+    precision = torch.float32 if d > FLOAT64_UP_TO else torch.float64
+    batch = max(1, BATCH_BYTES // (d * d * torch.finfo(precision).bits // 8))
+    W_out, keep = torch.zeros_like(W), torch.ones_like(alive)
+    predicted = 0.0
+    for start in range(0, rows, batch):
+        idx = slice(start, start + batch)
+        removed, increments = trace_nm(W[idx].to(precision), Hinv.to(precision), prunable, alive[idx], *nm)
+        keep[idx] = ~removed
+        predicted += float(increments.sum())
+    for r in range(rows):
+        W_out[r] = optimal_row(W[r], H, keep[r])
+    return Solution(W_out, keep, predicted)
+
+
+def trace_nm(W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor, alive: torch.Tensor,
+             n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy under an N:M pattern on each row of ``W`` (B, d), the prunable inputs first;
+    returns the removed entries (B, d) and each row's error increments (B, steps)."""
+    B, d = W.shape
+    k = int(prunable.sum())
+    group = torch.arange(d) // m
+    group[k:] = k // m                                         # the bias: a group of its own, never pruned
+    left = torch.zeros(B, k // m + 1, dtype=torch.long).index_add_(1, group, alive.long())
+    dead = (~alive).reshape(B, -1)[:, :k].reshape(B, k // m, m).sum(dim=2)
+    need = (torch.clamp(m - n - dead, min=0) + dead).sum(dim=1)            # removals per row
+    w, inv = W.clone(), Hinv.expand(B, d, d).clone()
+    offset = torch.where(prunable, 0.0, float("inf")).to(W.dtype).expand(B, d).clone()
+    offset[~alive] = float("-inf")
+    removed = torch.zeros(B, d, dtype=torch.bool)
+    rows = torch.arange(B)
+    steps = int(need.max()) if B else 0
+    increments = torch.zeros(B, steps, dtype=W.dtype)
+    for step in range(steps):
+        active = step < need                                               # (B,)
+        full = (left[:, group] <= n) & (offset == 0)                       # alive, group at its pattern
+        score = w * w / torch.diagonal(inv, dim1=1, dim2=2).clamp_min(1e-30) + offset
+        score = torch.where(full | removed, torch.full_like(score, float("inf")), score)
+        q = torch.argmin(score, dim=1)[:, None]
+        column = inv[rows, :, q[:, 0]] * active[:, None]
+        dqq = torch.where(active, inv[rows, q[:, 0], q[:, 0]], 1.0)[:, None]     # rows done: no update
+        coef = w.gather(1, q) / dqq
+        increments[:, step] = torch.where(active, (coef * coef * dqq)[:, 0], 0.0)
+        w.addcmul_(coef, column, value=-1.0)
+        w[rows[active], q[active, 0]] = 0.0
+        removed[rows[active], q[active, 0]] = True
+        counted = active & alive[rows, q[:, 0]]                             # an entry pruned before never counted
+        left[rows[counted], group[q[counted, 0]]] -= 1
+        inv.baddbmm_(column[:, :, None], (column / dqq)[:, None, :], alpha=-1.0)
+    return removed, increments
 
 
 def optimal_row(w: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

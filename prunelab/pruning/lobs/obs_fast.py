@@ -16,13 +16,18 @@ factorisation of the reversed Hessian: with J the reversal permutation and
 ``U = J L⁻¹ J`` — one factorisation and one triangular inverse instead of a factorisation,
 a full inverse and a second factorisation (about 3× fewer operations, and float32 halves
 the time again). Narrower layers keep the float64 path, bit for bit.
+
+With an N:M pattern (SparseGPT's semi-structured variant) the mask of each group of ``m``
+consecutive inputs is chosen when the sweep reaches the group, from the weights as updated by
+the columns before it: the ``m − n`` lowest ``w² / U_ii²`` of each row go. Blocks then hold
+whole groups.
 """
 
 from __future__ import annotations
 
 import torch
 
-from prunelab.pruning.lobs.common import Solution, inverse
+from prunelab.pruning.lobs.common import Solution, inverse, nm_choice
 
 FLOAT64_UP_TO = 1024
 
@@ -35,16 +40,23 @@ def upper_factor_of_inverse(H: torch.Tensor) -> torch.Tensor:
 
 def lower_inverse(L: torch.Tensor) -> torch.Tensor:
     """``L⁻¹`` of a lower-triangular L by halves, ``[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹BA⁻¹, C⁻¹]]``:
-    matrix products instead of a triangular solve with d right-hand sides."""
+    matrix products instead of a triangular solve with d right-hand sides. One output matrix
+    is allocated; the halves are written into its blocks."""
+    out = torch.zeros(L.shape, dtype=L.dtype, device=L.device)
+    _lower_inverse_into(L, out)
+    return out
+
+
+def _lower_inverse_into(L: torch.Tensor, out: torch.Tensor) -> None:
     n = len(L)
     if n <= 256:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+        out.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False))
+        return
     h = n // 2
-    A_inv, C_inv = lower_inverse(L[:h, :h]), lower_inverse(L[h:, h:])
-    out = torch.zeros(L.shape, dtype=L.dtype, device=L.device)
-    out[:h, :h], out[h:, h:] = A_inv, C_inv
-    out[h:, :h] = -(C_inv @ (L[h:, :h] @ A_inv))
-    return out
+    _lower_inverse_into(L[:h, :h], out[:h, :h])
+    _lower_inverse_into(L[h:, h:], out[h:, h:])
+    torch.matmul(out[h:, h:], L[h:, :h] @ out[:h, :h], out=out[h:, :h])
+    out[h:, :h].neg_()
 
 
 class _one_thread:
@@ -76,8 +88,11 @@ def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor,
-          alive: torch.Tensor, block_size: int = 128) -> Solution:
+          alive: torch.Tensor, block_size: int = 128, nm: tuple[int, int] | None = None) -> Solution:
     rows, d = W.shape
+    if nm is not None:
+        block_size = max(nm[1], block_size - block_size % nm[1])   # whole groups in every block
+        n_groups = int(prunable.sum()) // nm[1]                  # the prunable inputs come first
     dtype = W.dtype
     if d > FLOAT64_UP_TO:
         U = upper_factor_of_inverse(H.float())
@@ -103,10 +118,18 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor
         seen += int(block_prunable.sum())
         n_block = max(round(fraction * seen) - taken, int((~alive[:, i1:i2]).sum()), 0)
         taken += n_block
-        maskT = (lowest(score, n_block) & block_prunable).t().contiguous()
+        if nm is None:
+            maskT = (lowest(score, n_block) & block_prunable).t().contiguous()
+        else:
+            maskT = torch.zeros(i2 - i1, rows, dtype=torch.bool)
         ErrT = maskT.to(WT.dtype)             # becomes (w − q) / U_ii row by row
         with _one_thread():         # thousands of small steps: no thread hand-offs
             for i in range(i2 - i1):
+                if nm is not None and i % nm[1] == 0 and (i1 + i) // nm[1] < n_groups:
+                    g = slice(i, i + nm[1])
+                    group_score = (W1[g].pow(2) / diag[g, None].pow(2)).t()
+                    maskT[g] = nm_choice(group_score, *nm, alive[:, i1 + i:i1 + i + nm[1]]).t()
+                    ErrT[g] = maskT[g].to(WT.dtype)
                 err = ErrT[i].mul_(W1[i]).div_(diag[i])
                 if i + 1 < i2 - i1:
                     W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
