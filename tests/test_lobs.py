@@ -266,8 +266,6 @@ def test_solver_needs_calibration_and_refuses_named_unsupported_layers():
             self.embed = nn.Embedding(10, 4)
             self.lstm = nn.LSTM(4, 4, num_layers=2)
 
-    with pytest.raises(ValueError, match=r"lobs cannot prune 'lstm.weight_ih_l1' \(LSTM\): its inputs are hidden"):
-        Pruner(Stacked(), 0.5, criterion="lobs", layers=["lstm.weight_ih_l1"])
     with pytest.raises(ValueError, match=r"obs-fast cannot prune 'embed.weight' \(Embedding\): an embedding is a lookup"):
         Pruner(Stacked(), 0.5, criterion="obs-fast", layers=["embed"])
     with pytest.raises(ValueError, match="granularity 'channel' needs groups=1"):
@@ -277,17 +275,61 @@ def test_solver_needs_calibration_and_refuses_named_unsupported_layers():
 
 def test_unsupported_default_layers_are_skipped_left_dense_and_reported():
     torch.manual_seed(0)
-    model = nn.LSTM(4, 6, num_layers=2)
+
+    class Projected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 6, proj_size=3)
+            self.head = nn.Linear(3, 8)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0])
+
+    model = Projected()
     x = torch.randn(5, 3, 4)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.warns(UserWarning, match="leaves 3 layer"):
+    before = {n: p.detach().clone() for n, p in model.lstm.named_parameters()}
+    with pytest.warns(UserWarning, match="leaves 2 layer"):
         pruner = prune(model, 0.5, criterion="obs-fast", data=[(x,)])
     skipped = pruner.criterion.skipped
-    assert sorted(skipped) == ["weight_hh_l0", "weight_hh_l1", "weight_ih_l1"]
+    assert sorted(skipped) == ["lstm.weight_hh_l0", "lstm.weight_ih_l0"]
+    assert "proj_size" in skipped["lstm.weight_ih_l0"]
     assert pruner.history[-1].report.skipped == skipped
-    for name in skipped:                                  # left dense and unchanged
-        assert torch.equal(getattr(model, name), before[name])
-    assert (model.weight_ih_l0 == 0).float().mean() == pytest.approx(0.5, abs=0.02)
+    for name, param in model.lstm.named_parameters():     # left dense and unchanged
+        assert torch.equal(param, before[name])
+    assert (model.head.weight == 0).float().mean() == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_every_rnn_weight_gets_the_inputs_it_reads(kind, bidirectional):
+    """Deeper layers and hidden weights (forward h_{t-1}, reverse h_{t+1}) are recomputed one layer
+    at a time; checked against a hand-run of single-layer modules holding the same weights."""
+    torch.manual_seed(0)
+    model = kind(3, 4, num_layers=3, bidirectional=bidirectional, batch_first=True).eval()
+    x = torch.randn(2, 5, 3)
+    h0 = torch.randn(3 * (2 if bidirectional else 1), 2, 4)
+    hx = (h0, torch.randn_like(h0)) if kind is nn.LSTM else h0
+    D = 2 if bidirectional else 1
+    seq, state = x.transpose(0, 1), hx
+    for layer in range(3):
+        single = kind(seq.shape[-1], 4, 1, bidirectional=bidirectional)
+        for name, _ in single.named_parameters():
+            getattr(single, name).data.copy_(getattr(model, name.replace("_l0", f"_l{layer}")))
+        part = (tuple(s[layer * D:(layer + 1) * D] for s in state) if kind is nn.LSTM
+                else state[layer * D:(layer + 1) * D])
+        out, _ = single(seq, part)
+        got_in, got_prev = hessian.rnn_layer_inputs(model, x, hx, layer)
+        assert torch.allclose(got_in, seq, atol=1e-6)
+        first = h0[layer * D]
+        assert torch.allclose(got_prev[0], torch.cat([first[None], out[:-1, :, :4]]), atol=1e-6)
+        if bidirectional:
+            assert torch.allclose(got_prev[1], torch.cat([out[1:, :, 4:], h0[layer * D + 1][None]]), atol=1e-6)
+        seq = out
+    pruner = prune(model, 0.5, criterion="obs-fast", data=[(x, )])
+    assert pruner.criterion.skipped == {}
+    for name, param in model.named_parameters():
+        if name.startswith("weight"):
+            assert float((param == 0).float().mean()) == pytest.approx(0.5, abs=0.02), name
 
 
 @pytest.mark.parametrize("criterion", ["lobs", "obs-exact"])

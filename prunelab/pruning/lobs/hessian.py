@@ -21,9 +21,11 @@ What a column x is depends on the target kind (:func:`unsupported` says which ki
   (it calls ``F.linear``): it is recomputed by :func:`attention_context` — the module's own
   functional forward with an identity output projection — and checked against the module's
   real output.
-- RNNs: ``weight_ih_l0`` (and ``_reverse``) read the input sequence; ``weight_hh_l0`` of a
-  one-layer, one-direction RNN reads ``h_{t-1}`` (``h_0``, then the outputs). Deeper layers'
-  inputs are hidden states the module does not expose: refused.
+- RNNs: ``weight_ih_l0`` (and ``_reverse``) read the input sequence. Every other weight reads
+  states the module does not expose (a deeper layer's input is the layer below's output;
+  ``weight_hh`` reads ``h_{t-1}``, or ``h_{t+1}`` in the reverse direction): they are recomputed
+  one layer at a time from the module's own weights (:func:`rnn_layer_inputs`), from padded
+  tensors (not a PackedSequence). An LSTM with ``proj_size`` is refused.
 
 Each batch's product ``XᵀX`` is a float32 matrix product; the sums over batches are kept in
 float64. The bias row and column (``Σx`` and n) are added without copying a column of ones.
@@ -96,14 +98,7 @@ def unsupported(target: Target, parents: dict | None = None) -> str | None:
     if layout == "recurrent":
         if getattr(module, "proj_size", 0):
             return "an LSTM with proj_size has projected hidden states the module does not expose"
-        layer = pname.split("_l")[-1]
-        if pname.startswith("weight_ih_l") and layer in ("0", "0_reverse"):
-            return None
-        if pname == "weight_hh_l0" and module.num_layers == 1 and not module.bidirectional:
-            return None
-        return ("its inputs are hidden states inside the RNN (a deeper layer's or the reverse direction's), which "
-                "the module does not expose; L-OBS prunes weight_ih_l0 and, for a one-layer one-direction RNN, "
-                "weight_hh_l0")
+        return None
     if layout == "embedding":
         return "an embedding is a lookup table: it has no input matrix for the layer-wise Hessian"
     return f"the '{pname}' of a {target.kind} is not a Linear-like weight"
@@ -194,24 +189,58 @@ def _attention_columns(target: Target, mha, call: dict, output, name: str):
 
 def _recurrent_columns(target: Target, args, output, name: str):
     module, x = target.module, args[0]
+    pname = target.param_name
+    if pname in ("weight_ih_l0", "weight_ih_l0_reverse"):
+        data = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+        return [data.reshape(-1, data.shape[-1])], _key(data)
     if isinstance(x, nn.utils.rnn.PackedSequence):
-        if target.param_name.startswith("weight_ih"):
-            return [x.data], _key(x.data)
-        raise ValueError(f"L-OBS: {name!r} cannot take a PackedSequence for the hidden weight; pass padded tensors.")
-    if target.param_name.startswith("weight_ih"):
-        return [x.reshape(-1, x.shape[-1])], _key(x)
-    out = output[0]
-    batched = out.dim() == 3
+        raise ValueError(f"L-OBS: {name!r} reads hidden states, which cannot be recomputed from a "
+                         f"PackedSequence; pass padded tensors.")
+    layer, reverse = _rnn_position(pname)
+    inputs, previous = rnn_layer_inputs(module, x, args[1] if len(args) > 1 else None, layer)
+    cols = inputs if pname.startswith("weight_ih") else previous[1 if reverse else 0]
+    return [cols.reshape(-1, cols.shape[-1])], ("hidden", id(target))
+
+
+def _rnn_position(param_name: str) -> tuple[int, bool]:
+    """``weight_hh_l2_reverse`` → (2, True)."""
+    tail = param_name.split("_l")[-1]
+    return int(tail.split("_")[0]), tail.endswith("_reverse")
+
+
+@torch.no_grad()
+def rnn_layer_inputs(module: nn.RNNBase, x: torch.Tensor, hx, layer: int):
+    """Layer ``layer`` of a padded multi-layer RNN: its input sequence ``(T, N, in)`` and, per
+    direction, the hidden state each step reads ``(T, N, H)`` (``h_{t−1}`` forwards, ``h_{t+1}``
+    for the reverse direction) — recomputed one layer at a time from the module's own weights,
+    since the module exposes only the last layer's outputs. Eval-mode semantics (no dropout
+    between layers)."""
+    directions = 2 if module.bidirectional else 1
+    batched = x.dim() == 3
+    seq = x if not batched else (x.transpose(0, 1) if module.batch_first else x)
     if not batched:
-        out = out.unsqueeze(1)
-    elif module.batch_first:
-        out = out.transpose(0, 1)                                   # (T, N, H)
-    hx = args[1] if len(args) > 1 else None
-    if isinstance(hx, tuple):
-        hx = hx[0]
-    h0 = torch.zeros_like(out[:1]) if hx is None else (hx if batched else hx.unsqueeze(1))[-1:]
-    previous = torch.cat([h0, out[:-1]], dim=0)
-    return [previous.reshape(-1, previous.shape[-1])], ("hidden", id(target))
+        seq = seq.unsqueeze(1)
+    if hx is not None:
+        hx = tuple(h if batched else h.unsqueeze(1) for h in (hx if isinstance(hx, tuple) else (hx,)))
+    extra = {"nonlinearity": module.nonlinearity} if isinstance(module, nn.RNN) else {}
+    for index in range(layer + 1):
+        twin = type(module)(seq.shape[-1], module.hidden_size, 1, bias=module.bias,
+                            bidirectional=module.bidirectional, device="meta", **extra)
+        weights = {n: getattr(module, n.replace("_l0", f"_l{index}")) for n in twin._flat_weights_names}
+        start = None if hx is None else tuple(h[index * directions:(index + 1) * directions] for h in hx)
+        if start is not None and not isinstance(module, nn.LSTM):
+            start = start[0]
+        out, _ = torch.func.functional_call(twin, weights, (seq, start))
+        if index == layer:
+            H = module.hidden_size
+            h0 = (torch.zeros_like(out[:1, :, :H]).expand(directions, -1, -1) if hx is None
+                  else hx[0][index * directions:(index + 1) * directions])
+            previous = [torch.cat([h0[0:1], out[:-1, :, :H]], dim=0)]
+            if directions == 2:
+                previous.append(torch.cat([out[1:, :, H:], h0[1:2]], dim=0))
+            return seq, previous
+        seq = out
+    raise AssertionError("unreachable")
 
 
 def hook_site(target: Target, parents: dict) -> nn.Module:
@@ -261,7 +290,7 @@ def input_key(target: Target, site: nn.Module, args, kwargs):
         return _key(q) if (q is k and k is v) else ("qkv", id(target))
     x = args[0] if args else next(iter(kwargs.values()))
     if target.layout == "recurrent":
-        if not target.param_name.startswith("weight_ih"):
+        if target.param_name not in ("weight_ih_l0", "weight_ih_l0_reverse"):
             return ("hidden", id(target))
         return _key(x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x)
     return _key(x)
