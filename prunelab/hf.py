@@ -311,6 +311,8 @@ def _save_prunelab(model, directory: Path, problems: list[str]) -> SavedPretrain
                             "config": json.loads(config.to_json_string(use_diff=False)),
                             "dtype": str(dtype).removeprefix("torch.")}}
     _remove(directory, [CONFIG_NAME, WEIGHTS_NAME, GENERATION_NAME])
+    if any(t.dtype == torch.bfloat16 for t in model.state_dict().values()):
+        model = copy.deepcopy(model).float()     # a model file holds no bfloat16; float32 keeps it exactly
     save(model, directory / PLM_NAME, metadata=meta)
     warnings.warn(f"save_pretrained: {type(model).__name__} cannot be described by a stock "
                   f"{type(config).__name__} ({'; '.join(problems)}), so {directory / PLM_NAME} (a prunelab model "

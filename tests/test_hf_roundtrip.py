@@ -201,3 +201,17 @@ def test_prunelab_imports_without_transformers():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "refused: save_pretrained needs the 'transformers' package" in done.stdout
+
+
+def test_bfloat16_models_come_back_in_bfloat16_in_both_formats(tmp_path):
+    uniform, data = thinned("hf-llama", lambda g: g.kind == "dense")
+    non_uniform, _ = thinned("hf-llama", lambda g: g.name == "model.layers.0.mlp")
+    for model, where in ((uniform.to(torch.bfloat16), tmp_path / "stock"),
+                         (non_uniform.to(torch.bfloat16), tmp_path / "plm")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotStockWarning)
+            save_pretrained(model, where)
+        back = prunelab.load(where)
+        assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+        torch.testing.assert_close(outputs(back, data), outputs(model, data), atol=0, rtol=0)
+    assert saved_config(tmp_path / "stock")["dtype"] == "bfloat16"
