@@ -22,8 +22,10 @@ different widths), or a config that cannot describe the thinned shapes (GPT-2's,
 configs have no ``head_dim``: their heads are ``hidden_size / num_attention_heads`` wide, so a
 model with fewer heads of the same width has no stock config) — a prunelab model file
 (:func:`prunelab.export.save`, ``model.plm``) is written in the directory instead, with the
-original config inside it, and a :class:`NotStockWarning` says why. ``prunelab.load(directory)``
-rebuilds either kind (``fallback=False`` makes the non-stock case a ValueError instead).
+model's config (at its depth) inside it, and a :class:`NotStockWarning` says why.
+``prunelab.load(directory)`` rebuilds either kind (``fallback=False`` makes the non-stock case a
+ValueError instead). A model that not even its own config can rebuild (a block replaced by a module
+of another kind) is refused, pointing to :func:`prunelab.save` with ``load(path, model=...)``.
 
 ``transformers`` is imported only when these functions run: prunelab imports without it.
 """
@@ -275,10 +277,40 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, fallback:
         raise ValueError(f"{where}: {type(model).__name__} cannot be described by a stock "
                          f"{type(model.config).__name__}: {'; '.join(problems)}. Save it with fallback=True (a "
                          f"prunelab model file that prunelab.load rebuilds) or thin every layer alike.")
-    directory.mkdir(parents=True, exist_ok=True)
     if problems:
-        return _save_prunelab(model, directory, problems)
+        template = _template_config(model, changes, state, where)
+        directory.mkdir(parents=True, exist_ok=True)
+        return _save_prunelab(model, template, directory, problems)
+    directory.mkdir(parents=True, exist_ok=True)
     return _save_stock(model, config, state, directory, changes)
+
+
+def _template_config(model, changes: dict, state: dict[str, torch.Tensor], where: str):
+    """The config of the full-width model that ``prunelab.load`` resizes to the saved shapes: the
+    model's own, at its depth (blocks removed). A ValueError, before anything is written, when even
+    that model does not hold every saved tensor at a size at least as large."""
+    config = copy.deepcopy(model.config)
+    for key, value in changes.items():
+        if key == "num_hidden_layers" or isinstance(value, list):
+            setattr(config, key, value)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = type(model)(config).state_dict()
+    except Exception as err:                     # noqa: BLE001 - reported with the alternative below
+        reference, problem = None, f"its config cannot build a {type(model).__name__} ({type(err).__name__}: {err})"
+    if reference is not None:
+        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+        larger = [k for k in state if k in reference and (state[k].dim() != reference[k].dim() or any(
+            a > b for a, b in zip(state[k].shape, reference[k].shape)))]
+        problem = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
+                   else f"larger than the config's: {larger[:3]}" if larger else None)
+    if problem is not None:
+        raise ValueError(f"{where}: {type(model).__name__} fits neither a stock config nor a prunelab model file "
+                         f"rebuilt from its config (its tensors do not match the {type(model.config).__name__}'s "
+                         f"layout: {problem}); save it with prunelab.save(model, 'model.plm') and load it with "
+                         f"prunelab.load('model.plm', model=...) into a module of the same structure.")
+    return config
 
 
 def _save_stock(model, config, state: dict, directory: Path, changes: dict) -> SavedPretrained:
@@ -302,10 +334,9 @@ def _save_stock(model, config, state: dict, directory: Path, changes: dict) -> S
     return SavedPretrained(directory, "huggingface", files, changes)
 
 
-def _save_prunelab(model, directory: Path, problems: list[str]) -> SavedPretrained:
+def _save_prunelab(model, config, directory: Path, problems: list[str]) -> SavedPretrained:
     from prunelab.export import save
 
-    config = model.config
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     meta = {"huggingface": {"class": type(model).__name__, "config_class": type(config).__name__,
                             "config": json.loads(config.to_json_string(use_diff=False)),

@@ -215,3 +215,27 @@ def test_bfloat16_models_come_back_in_bfloat16_in_both_formats(tmp_path):
         assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
         torch.testing.assert_close(outputs(back, data), outputs(model, data), atol=0, rtol=0)
     assert saved_config(tmp_path / "stock")["dtype"] == "bfloat16"
+
+
+def test_a_fallback_file_keeps_the_depth_of_a_model_with_blocks_removed(tmp_path):
+    small, data = thinned("hf-gpt2", lambda g: g.kind == "heads")
+    del small.transformer.h[0]
+    with pytest.warns(NotStockWarning):
+        save_pretrained(small, tmp_path)
+    back = prunelab.load(tmp_path)
+    assert len(back.transformer.h) == 1
+    torch.testing.assert_close(outputs(back, data), outputs(small, data), atol=0, rtol=0)
+
+
+class _Skip(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_a_model_whose_layout_no_config_builds_is_refused_before_writing(tmp_path):
+    model, _ = built("hf-llama")
+    model.model.layers[1] = _Skip()
+    with pytest.raises(ValueError, match=r"fits neither a stock config nor a prunelab model file.*missing "
+                                         r"\['model.layers.1.*prunelab.save\(model, 'model.plm'\)"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
