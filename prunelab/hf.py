@@ -152,7 +152,9 @@ def _set(config, key: str, value, changes: dict) -> None:
 def _one(kind: str, values: dict[str, int], problems: list[str]) -> int | None:
     distinct = sorted(set(values.values()))
     if len(distinct) > 1:
-        listed = ", ".join(f"{name} {width}" for name, width in values.items())
+        shown = list(values.items())
+        listed = ", ".join(f"{name} {width}" for name, width in shown[:4]) + (
+            f", … ({len(shown)} in all)" if len(shown) > 4 else "")
         problems.append(f"non-uniform thinning: the layers have different {kind} ({listed}); a stock config "
                         f"gives every layer the same")
         return None

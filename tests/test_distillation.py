@@ -11,7 +11,7 @@ from torch import nn
 from prunelab.distillation import kl_term
 from prunelab.experiments import SpecError, build_study
 from prunelab.pruning import Pruner
-from prunelab.training import evaluate, fit
+from prunelab.training import fit
 
 T_SOFT = 2.0
 
