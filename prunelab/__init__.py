@@ -13,6 +13,7 @@
 from prunelab._version import __version__
 from prunelab.data import Dataset, load_dataset
 from prunelab.export import load, save
+from prunelab.hf import save_pretrained
 from prunelab.metrics import measure_latency, summary
 from prunelab.models import build_model
 from prunelab.pruning import Pruner, make_schedule, prune
@@ -20,5 +21,5 @@ from prunelab.training import TrainingDiverged, evaluate, fit
 
 __all__ = [
     "Dataset", "Pruner", "TrainingDiverged", "__version__", "build_model", "evaluate", "fit",
-    "load", "load_dataset", "make_schedule", "measure_latency", "prune", "save", "summary",
+    "load", "load_dataset", "make_schedule", "measure_latency", "prune", "save", "save_pretrained", "summary",
 ]

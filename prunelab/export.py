@@ -452,7 +452,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     read with ``torch.load(..., weights_only=True)``, which refuses pickled code.
 
     Args:
-        path: the file.
+        path: the file, or a directory written by :func:`prunelab.hf.save_pretrained` (a stock
+            Hugging Face checkpoint, or a prunelab file of a model no stock config describes).
         model: the module to load into, for models not from the registry (files without an
             architecture). It is filled in place and returned. When the file holds a thinned
             model (smaller tensors), the model's layers are resized to the file's shapes first
@@ -467,12 +468,20 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     where = f"load {str(path)!r}"
     if model is not None:
         check_type("model", model, nn.Module, where="load")
+    if path.is_dir():                      # a Hugging Face directory of prunelab.save_pretrained
+        from prunelab.hf import load_pretrained
+        return load_pretrained(path, model=model)
     header = None
     if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
     else:
         header, payload = _read(path)
         config = header.get("architecture")
+        metadata = header.get("metadata")
+        hf = metadata.get("huggingface") if isinstance(metadata, dict) else None
+        if model is None and config is None and hf is not None:     # from prunelab.save_pretrained
+            from prunelab.hf import build_from_metadata
+            model = build_from_metadata(hf, where)
         if model is None and config is None:
             raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
                                  f"registry model, so it holds no architecture; pass load(path, model=...).")

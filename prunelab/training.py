@@ -23,6 +23,7 @@ left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import sys
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
 from prunelab._validation import check_choice, check_finite, check_number, check_type
+from prunelab.distillation import Distillation, check_teacher, make_distillation
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, as_batch, loss_targets, make_loss
 from prunelab.pruning.pruner import Pruner
 from prunelab.pruning.regularizers import Regularizer, make_regularizer
@@ -243,6 +245,7 @@ class Terms:
     counted: int = 0
     correct: int | None = None
     tokens: bool = False
+    soft: float | None = None       # with distillation: the T²·KL term (``loss`` stays the task loss)
 
 
 def loss_terms(loss: Loss, output, batch: Batch, reduction: str = "mean", *, trusted: bool = False) -> Terms:
@@ -290,11 +293,11 @@ def _describe(batch: Batch) -> str:
 
 
 @torch.no_grad()
-def check_fits(model: nn.Module, data: Data, loss: Loss) -> None:
+def check_fits(model: nn.Module, data: Data, loss: Loss):
     """Run the model on ``data.first`` (eval mode, every module's mode restored) and the loss on its
     output, so that inputs of the wrong shape or dtype and targets that do not match the output are
     a ValueError naming the data, not an error deep in the model or mid-training. In-memory targets
-    of the inferred loss are checked whole."""
+    of the inferred loss are checked whole. Returns the output."""
     where, param = data.where, data.param
     try:
         with eval_mode(model):
@@ -313,6 +316,7 @@ def check_fits(model: nn.Module, data: Data, loss: Loss) -> None:
         culprit = "the loss_fn" if loss.user is not None else "the loss"
         raise ValueError(f"{culprit} of {where} fails on the first batch of '{param}': "
                          f"{type(err).__name__}: {err}") from err
+    return output
 
 
 def _check_all_targets(data: Data, n_out: int) -> None:
@@ -400,7 +404,8 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
         reg_strength: float | None = None, pruner: Pruner | None = None, seed: int = 0,
         val=None, progress: bool | None = None, loss_fn: Callable | None = None,
         output_key: str | None = None, callbacks: Sequence[Callback] = (),
-        max_steps: int | None = None) -> list[dict]:
+        max_steps: int | None = None, distill_from: nn.Module | None = None,
+        distill_weight: float | None = None, temperature: float | None = None) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history (list of dicts).
 
     ``data`` is a Dataset (train split; its val split, if any, is evaluated each epoch unless
@@ -415,6 +420,13 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     attached to the optimiser and stepped after every optimiser step. Raises
     :class:`TrainingDiverged` on a NaN/inf loss, and a ValueError before training when the data
     or the model's parameters hold NaN/inf or the data does not fit the model.
+
+    ``distill_from`` (a teacher model, typically the unpruned model) adds knowledge distillation
+    (:mod:`prunelab.distillation`): the loss becomes ``(1 − w) · task loss + w · T² · KL(softmax(
+    teacher/T) ‖ softmax(student/T))`` averaged over the positions the task loss counts, with
+    ``w = distill_weight`` in [0, 1] (default 0.5) and ``T = temperature`` > 0 (default 2.0). The
+    teacher runs on each batch in eval mode without autograd. The history then also records
+    ``task_loss`` and ``distill_loss`` (the ``T² · KL`` term); ``loss`` is the combined objective.
     """
     where = "fit"
     check_type("model", model, nn.Module, where=where)
@@ -425,7 +437,8 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     if max_steps is not None:
         max_steps = check_number("max_steps", max_steps, where=where, low=0, integer=True)
     loss = make_loss(loss_fn, output_key, where=where)
-    source, val_source, batch_size = _fit_data(model, data, val, batch_size, loss, epochs)
+    distill = make_distillation(model, distill_from, distill_weight, temperature, where=where)
+    source, val_source, batch_size = _fit_data(model, data, val, batch_size, loss, epochs, distill)
     optimizer = _make_optimizer(model, optimizer, lr, momentum, weight_decay)
     if pruner is not None:
         check_type("pruner", pruner, Pruner, where=where)
@@ -446,8 +459,9 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     if max_steps is not None:
         total = max_steps if total is None else min(max_steps, total)
     loop = _Loop(state, source, val_source, batch_size, loss, regularizer, reg_targets, list(callbacks),
-                 math.inf if total is None else total)
-    with torch.random.fork_rng(devices=[]):
+                 math.inf if total is None else total, distill)
+    teacher_mode = eval_mode(distill.teacher) if distill is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), teacher_mode:
         torch.manual_seed(seed)
         shuffle = torch.Generator().manual_seed(seed)
         for cb in callbacks:
@@ -468,9 +482,11 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     return state.history
 
 
-def _fit_data(model, data, val, batch_size, loss: Loss, epochs: int) -> tuple[Data, Data | None, int | None]:
+def _fit_data(model, data, val, batch_size, loss: Loss, epochs: int,
+              distill: Distillation | None = None) -> tuple[Data, Data | None, int | None]:
     """Resolve and dry-run ``data`` and ``val`` (inside a forked RNG: peeking at a shuffling
-    DataLoader draws a seed), and refuse an iterator that would have to last several epochs."""
+    DataLoader draws a seed), the teacher too, and refuse an iterator that would have to last
+    several epochs."""
     with torch.random.fork_rng(devices=[]):
         source = resolve_data(data, "data", "fit", split="train")
         batch_size = _batch_size(batch_size, source, 64, data)
@@ -482,7 +498,9 @@ def _fit_data(model, data, val, batch_size, loss: Loss, epochs: int) -> tuple[Da
                 raise ValueError(f"the '{part.param}' parameter of fit is an iterator, which runs dry after one "
                                  f"pass, and epochs={epochs}; pass a list, a DataLoader or a function returning "
                                  f"a fresh iterable of batches.")
-        check_fits(model, source, loss)
+        output = check_fits(model, source, loss)
+        if distill is not None:
+            check_teacher(distill, output, source.first, loss, param=source.param, where=source.where)
         if val_source is not None:
             check_fits(model, val_source, loss)
     return source, val_source, batch_size
@@ -513,6 +531,7 @@ class _Loop:
     reg_targets: list | None
     callbacks: list
     total: float
+    distill: Distillation | None = None
 
     def epoch(self, epoch: int, shuffle: torch.Generator, bar, pruner: Pruner | None) -> bool:
         """Train one pass; False when no step was left to take (nothing recorded)."""
@@ -523,11 +542,15 @@ class _Loop:
         if self.source.in_memory:
             order = torch.randperm(self.source.whole.size, generator=shuffle).to(self.source.first.tensors()[0].device)
         loss_sum, weight, counted, correct, steps = 0.0, 0, 0, 0, 0
+        task_sum, soft_sum = 0.0, 0.0
         if state.step >= self.total or state.stop:
             return False
         for batch in self.source.batches(self.batch_size, order):
             terms = self.step(batch, epoch)
             loss_sum += state.loss * terms.weight
+            if terms.soft is not None:
+                task_sum += float(terms.loss.detach()) * terms.weight
+                soft_sum += terms.soft * terms.weight
             weight += terms.weight
             if terms.correct is not None:
                 counted, correct = counted + terms.counted, correct + terms.correct
@@ -540,6 +563,9 @@ class _Loop:
         record = {"epoch": epoch + 1, "step": state.step, "loss": loss_sum / weight if weight else math.nan,
                   "train_accuracy": correct / counted if counted else math.nan,
                   "seconds": time.perf_counter() - started}
+        if self.distill is not None and self.distill.weight > 0:
+            record.update(task_loss=task_sum / weight if weight else math.nan,
+                          distill_loss=soft_sum / weight if weight else math.nan)
         if pruner is not None:
             record["sparsity"] = pruner.sparsity()
         if self.val is not None:
@@ -554,8 +580,13 @@ class _Loop:
     def step(self, batch: Batch, epoch: int) -> Terms:
         state = self.state
         state.optimizer.zero_grad(set_to_none=True)
-        terms = loss_terms(self.loss, batch.call(state.model), batch, trusted=self.source.trusted)
+        output = batch.call(state.model)
+        terms = loss_terms(self.loss, output, batch, trusted=self.source.trusted)
         loss = terms.loss
+        if self.distill is not None and self.distill.weight > 0:    # weight 0: plain training, no teacher run
+            soft = self.distill.term(self.loss, output, batch, trusted=self.source.trusted)
+            terms.soft = float(soft.detach())
+            loss = self.distill.combine(loss, soft)
         if self.regularizer is not None:
             loss = loss + self.regularizer.penalty(self.reg_targets)
         if not torch.isfinite(loss.detach()):

@@ -38,6 +38,8 @@ def why_not_batched(config: dict) -> str | None:
         return f"regularizer {regularizer['name']!r} (the engine has {', '.join(REGULARIZERS)})"
     if method.get("rewind") is not None:
         return "rewinding"
+    if method.get("distill"):
+        return "distillation (the engine trains without a teacher)"
     if config["dataset"].get("validation"):
         return "a validation split (evaluated every epoch on one model at a time)"
     return None

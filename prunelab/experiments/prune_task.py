@@ -8,7 +8,8 @@ One run = (dataset, model, method, sparsity, seed):
 2. build the Pruner (criterion, granularity, scope, schedule to ``sparsity``),
    apply the events due at step 0 and measure ``accuracy_pruned``;
 3. train ``training.finetune_epochs`` epochs with the Pruner attached (iterative
-   and gradual schedules prune during this phase; masks stay enforced);
+   and gradual schedules prune during this phase; masks stay enforced), with the
+   method's ``distill: {weight, temperature}`` distilling from the dense model of step 1;
 4. measure test accuracy and the model's size (``prunelab.summary``).
 
 Schedule timing may be written in epochs (``start_epochs``, ``every_epochs``,
@@ -36,7 +37,7 @@ from prunelab.training import OPTIMIZERS, Callback, RecoveryMonitor, evaluate, f
 DATASET_KEYS = ("name", "label", "subset", "validation", "standardize", "training")
 MODEL_KEYS = ("name", "label")
 METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
-               "regularizer", "rewind", "layers", "calibration", "training", "thin")
+               "regularizer", "rewind", "layers", "calibration", "training", "thin", "distill")
 TRAINING_DEFAULTS = {"epochs": 10, "finetune_epochs": 5, "batch_size": 64, "lr": 0.05,
                      "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
                      "retrain_tolerance": None, "eval_every": 50}
@@ -44,6 +45,7 @@ METHOD_DEFAULTS = {"criterion": "magnitude", "granularity": "weight", "scope": "
                    "schedule": "one-shot", "reduction": "l2", "min_keep": 1, "regularizer": None,
                    "rewind": None, "layers": None, "calibration": 1024}
 EPOCH_KEYS = {"start_epochs": "start", "every_epochs": "every", "at_epochs": "at"}
+DISTILL_DEFAULTS = {"weight": 0.5, "temperature": 2.0}
 DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
 HISTOGRAM_BINS = 80
 VERSION = 1   # bump when the meaning of a run changes, so old results are not reused
@@ -252,6 +254,12 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         else:
             from prunelab.units import Units
             checker.attempt(f"{path}.thin", Units.of, net, None)
+    if "distill" in method:       # only when given, so that older runs keep their ids
+        distill = _prepare_distill(f"{path}.distill", method["distill"], train, checker)
+        if distill is None:
+            method.pop("distill")
+        else:
+            method["distill"] = distill
     rewind = method["rewind"]
     dense_steps = train["epochs"] * per_epoch
     if rewind is not None and rewind != "init":
@@ -282,6 +290,26 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
     if isinstance(method["criterion"], dict):
         method["criterion"] = dict(method["criterion"])
     return None if len(checker.errors) > n else method
+
+
+def _prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | None:
+    """A method's ``distill``: ``true`` (the defaults), ``false``/null (none) or a mapping with
+    ``weight`` in [0, 1] and ``temperature`` > 0; resolved with the defaults filled in."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        checker.error(path, f"must be true or a mapping {{weight: 0.5, temperature: 2.0}}; got {value!r}")
+        return None
+    checker.keys(path, value, tuple(DISTILL_DEFAULTS))
+    distill = {**DISTILL_DEFAULTS, **value}
+    checker.number(f"{path}.weight", distill["weight"], low=0.0, high=1.0, param="distill_weight")
+    checker.number(f"{path}.temperature", distill["temperature"], low=0.0, closed="neither", param="temperature")
+    if not train["finetune_epochs"]:
+        checker.error(path, "distils from the dense model during fine-tuning, but training.finetune_epochs is 0; "
+                            "give the fine-tuning phase some epochs or remove 'distill'")
+    return distill
 
 
 # ---------------------------------------------------------------- running
@@ -374,6 +402,15 @@ def save_dense(path: Path | None, model, history, snapshot) -> None:
             pass
 
 
+def _distill_kwargs(method: dict, dense) -> dict:
+    """fit's distillation arguments for a method with ``distill`` (a copy of ``dense`` as the teacher)."""
+    distill = method.get("distill")
+    if not distill:
+        return {}
+    return {"distill_from": copy.deepcopy(dense), "distill_weight": distill["weight"],
+            "temperature": distill["temperature"]}
+
+
 def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     started = time.perf_counter()
     ds = load_prepared_dataset(config["dataset"])
@@ -381,6 +418,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     model, dense_history, snapshot, cached = _dense_model(config, ds, cache_dir)
     test = (ds.x_test, ds.y_test)
     accuracy_dense = evaluate(model, test)["accuracy"]
+    distill = _distill_kwargs(method, model)          # the teacher: the dense model, copied before pruning
     pruner = make_pruner(config, model, ds, snapshot)
     pruner.update()
     accuracy_pruned = evaluate(model, test)["accuracy"]
@@ -389,7 +427,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
         monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"],
                                   start=pruner.schedule.last_step)   # counted from the last prune
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
-                  callbacks=[monitor] if monitor else (),
+                  callbacks=[monitor] if monitor else (), **distill,
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
     return {"metrics": prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
                                      thin=bool(method.get("thin")),
