@@ -208,15 +208,34 @@ def _fresh(value):
     return value
 
 
-def run_block(block: nn.Module, inputs: list[tuple], after=None) -> list:
+def run_block(block: nn.Module, inputs: list[tuple], after=None, stop_after=()) -> list:
     """Run ``block`` on each cached ``(args, kwargs)``; ``after()`` is called after each one.
-    Returns the outputs."""
+    Returns the outputs. With ``stop_after`` (modules called once per forward), each run ends
+    as soon as all of them have returned — its output is then None: what a Hessian needs is
+    captured, and the rest of the block is not computed."""
+    wanted = {id(m): m for m in stop_after}
+    fired = set()
+
+    def stop(module, args, output):
+        fired.add(id(module))
+        if len(fired) == len(wanted):
+            raise _Stop
+
+    handles = [m.register_forward_hook(stop) for m in wanted.values()]
     outputs = []
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            outputs.append(block(*_fresh(args), **_fresh(kwargs)))
-            if after is not None:
-                after()
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                fired.clear()
+                try:
+                    outputs.append(block(*_fresh(args), **_fresh(kwargs)))
+                except _Stop:
+                    outputs.append(None)
+                if after is not None:
+                    after()
+    finally:
+        for handle in handles:
+            handle.remove()
     return outputs
 
 

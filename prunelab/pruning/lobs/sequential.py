@@ -104,8 +104,10 @@ class SequentialHessians:
                 self.forwards["model"] += len(self.batches)
             else:
                 inputs = self._inputs_of(block)
-                with accumulator:
-                    blk.run_block(block, inputs, after=accumulator.end_batch)
+                sites = [self.sites[m.name] for m in members]
+                early = sites if all(id(site) in self.trace.once for site in sites) else ()
+                with accumulator:       # hooks fire in order: the stop comes after the accumulation
+                    blk.run_block(block, inputs, after=accumulator.end_batch, stop_after=early)
                 self.forwards["block"] += len(self.batches)
         stats = accumulator.result()
         for other in accumulator.shared_input(target.name):
