@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from prunelab._hooks import eval_mode
+
 from prunelab._validation import check_number
 from prunelab.inputs import Batch, Loss, as_batch, make_loss
 from prunelab.pruning.targets import Target
@@ -152,22 +154,20 @@ class GradientMagnitude(Criterion):
         batches, loss_fn = self._calibration(batches, loss_fn)
         params = [t.weight for t in targets]
         saved = [p.grad for p in params]
-        was_training = model.training
-        model.eval()
         try:
-            for batch in batches:
-                grads = torch.autograd.grad(loss_fn(batch.call(model), batch), params, allow_unused=True)
-                missing = [t.name for t, g in zip(targets, grads) if g is None]
-                if missing:
-                    raise ValueError(f"gradient criterion: the loss does not depend on {', '.join(missing)} "
-                                     f"(the forward pass never uses them); leave them out of 'layers'.")
-                for p, g in zip(params, grads):
-                    p.grad = g
-                self.observe(targets)
+            with eval_mode(model):
+                for batch in batches:
+                    grads = torch.autograd.grad(loss_fn(batch.call(model), batch), params, allow_unused=True)
+                    missing = [t.name for t, g in zip(targets, grads) if g is None]
+                    if missing:
+                        raise ValueError(f"gradient criterion: the loss does not depend on {', '.join(missing)} "
+                                         f"(the forward pass never uses them); leave them out of 'layers'.")
+                    for p, g in zip(params, grads):
+                        p.grad = g
+                    self.observe(targets)
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
-            model.train(was_training)
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         if self._sums is None or self._count == 0:

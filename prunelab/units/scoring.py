@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunelab._hooks import eval_mode
+
 from prunelab.registry import Registry
 from prunelab.units.structure import UnitLayer
 
@@ -71,35 +73,33 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=No
 
     for unit in units:
         handles.append(unit.point.register_forward_hook(hook_for(unit.name)))
-    was_training = model.training
-    model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
     n_batches = 0
     try:
-        for i, raw in enumerate(batches):
-            batch = as_batch(raw, where="unit scoring", index=i)
-            n_batches += 1
-            captured.clear()
-            with torch.enable_grad():
-                total = summed_loss(loss, batch.call(model), batch)   # per-example loss: g = ∂ℓ_n/∂a
-                tensors = [captured[u.name] for u in units]
-                grads = torch.autograd.grad(total, tensors)
-            for unit, a, g in zip(units, tensors, grads):
-                a, g = a.detach(), g.detach()
-                dims = tuple(range(2, a.dim()))
-                a_p = a.mean(dim=dims) if dims else a          # (N, C) mean over positions
-                G[unit.name].append((g.mean(dim=dims) if dims else g).double())
-                AG[unit.name].append(((a * g).mean(dim=dims) if dims else a * g).double())
-                s = a_p.double().sum(dim=0)
-                sums[unit.name] = s if sums[unit.name] is None else sums[unit.name] + s
-                count[unit.name] += a.shape[0]
+        with eval_mode(model):        # every module's own train/eval flag comes back
+            for i, raw in enumerate(batches):
+                batch = as_batch(raw, where="unit scoring", index=i)
+                n_batches += 1
+                captured.clear()
+                with torch.enable_grad():
+                    total = summed_loss(loss, batch.call(model), batch)   # per-example loss: g = ∂ℓ_n/∂a
+                    tensors = [captured[u.name] for u in units]
+                    grads = torch.autograd.grad(total, tensors)
+                for unit, a, g in zip(units, tensors, grads):
+                    a, g = a.detach(), g.detach()
+                    dims = tuple(range(2, a.dim()))
+                    a_p = a.mean(dim=dims) if dims else a          # (N, C) mean over positions
+                    G[unit.name].append((g.mean(dim=dims) if dims else g).double())
+                    AG[unit.name].append(((a * g).mean(dim=dims) if dims else a * g).double())
+                    s = a_p.double().sum(dim=0)
+                    sums[unit.name] = s if sums[unit.name] is None else sums[unit.name] + s
+                    count[unit.name] += a.shape[0]
     finally:
         for h in handles:
             h.remove()
         for p, g in zip(params, saved):
             p.grad = g
-        model.train(was_training)
     if n_batches == 0:
         raise ValueError("unit scoring needs calibration data: got an empty set of batches.")
     return {u.name: UnitStats(sums[u.name] / count[u.name], torch.cat(G[u.name]), torch.cat(AG[u.name]))
