@@ -92,6 +92,28 @@ def test_missing_tokenizers_package_is_one_clear_error(monkeypatch):
         train_tokenizer(TEXTS["train"], vocab_size=300)
 
 
+def test_word_tokenizer_counts_words_and_line_ends():
+    tok = tokenizer.train_word_tokenizer("b a b\nc b <unk>\n", vocab_size=None)
+    assert tok.get_vocab() == {"b": 0, "<eos>": 1, "a": 2, "c": 3, "<unk>": 4}   # by count, ties by code point
+    ids = encode(tok, " a  z b\n")
+    assert ids.tolist() == [2, 4, 0, 1] and decode(tok, ids) == "a <unk> b <eos>"
+    capped = tokenizer.train_word_tokenizer("b a b\nc b\n", vocab_size=3)
+    assert capped.get_vocab() == {"b": 0, "<eos>": 1, "<unk>": 2}
+
+
+def test_word_level_dataset_has_one_eos_per_line(pydocs):
+    ds = load_dataset("pydocs", root=pydocs, tokenizer="word", seq_len=8)
+    eos = ds.tokenizer.token_to_id("<eos>")
+    stream = torch.cat([ds.x_train.flatten(), ds.y_train[-1, -1:]])
+    words = ds.decode(stream).split()
+    assert words == TEXTS["train"].replace("\n", " <eos> ").split()[:len(words)]   # the stream's prefix
+    assert int((stream == eos).sum()) == words.count("<eos>") > 100
+    assert ds.vocab_size == len(set(TEXTS["train"].split())) + 2                  # + <eos>, <unk>
+    assert ds.tokenizer_path.parent.name.startswith("wordall-")
+    with pytest.raises(ValueError, match="'tokenizer' parameter of load_dataset must be one of: bpe, word"):
+        load_dataset("pydocs", root=pydocs, tokenizer="char")
+
+
 # -- sequences -------------------------------------------------------------------------
 def test_sequences_are_windows_and_their_next_tokens():
     stream = np.arange(23)

@@ -5,8 +5,9 @@
 (torch.Size([21505, 128]), 8192)
 >>> model = build_model("gpt", dataset=ds); fit(model, ds); evaluate(model, ds)["perplexity"]
 
-Each split's text is encoded by a byte-level BPE tokenizer trained on the **train** split
-(:mod:`prunelab.data.tokenizer`) into one token stream, and the stream is cut into
+Each split's text is encoded by a tokenizer trained on the **train** split
+(:mod:`prunelab.data.tokenizer`: byte-level BPE by default, ``tokenizer="word"`` for the words of
+an already tokenized corpus such as the Penn Treebank) into one token stream, and the stream is cut into
 ``(inputs, targets)`` sequences by :func:`sequences`: ``x[i]`` holds ``seq_len`` tokens and
 ``y[i]`` the same window shifted by one (the next token at every position), so a model's
 ``(N, T, V)`` logits against ``y`` give the usual next-token cross-entropy and every token of a
@@ -14,7 +15,7 @@ split (but the first) is predicted exactly once — ``fit``, ``evaluate`` and th
 take ``ds`` or ``ds.train``/``ds.val``/``ds.test`` as they are.
 
 The tokenizer (its JSON) and the token streams (``.npy``) are cached together under
-``<writable root>/<dataset>/bpe<vocab>-v<version>-<key>/`` with a manifest holding each file's
+``<writable root>/<dataset>/<bpe|word><vocab>-v<version>-<key>/`` with a manifest holding each file's
 sha256, the sha256 of the text the tokenizer was trained on and the checksums of the source
 files; a cached load re-hashes every file and reuses nothing that does not match.
 """
@@ -33,13 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunelab._validation import check_number, check_type
+from prunelab._validation import check_choice, check_number, check_type
 from prunelab.data._atomic import atomic_write_bytes
 from prunelab.data._paths import search_dirs, writable_dir
 from prunelab.data._store import load_arrays, save_arrays
 from prunelab.data.dataset import _sample
 from prunelab.data.source import DatasetSource, Root, ensure_files
-from prunelab.data.tokenizer import MIN_VOCAB, TOKENIZER_VERSION, decode, encode, load_tokenizer, train_tokenizer
+from prunelab.data.tokenizer import (KINDS, MIN_VOCAB, TOKENIZER_VERSION, decode, encode, load_tokenizer,
+                                     train_tokenizer, train_word_tokenizer)
 
 IGNORE_INDEX = -100          # prunelab.inputs.IGNORE_INDEX (not imported: data must not import the trainer)
 SPLITS = ("train", "valid", "test")
@@ -236,10 +238,11 @@ def _load_cache(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, np.ndarra
     return arrays, path, entry["vocab_size"]
 
 
-def _build_cache(folder: Path, texts: dict[str, str], vocab_size: int,
+def _build_cache(folder: Path, texts: dict[str, str], kind: str, vocab_size: int | None,
                  meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], Path, int]:
     """Train the tokenizer on ``texts["train"]``, encode every split, write the cache (manifest last)."""
-    tokenizer = train_tokenizer(texts["train"], vocab_size)
+    tokenizer = (train_tokenizer(texts["train"], vocab_size) if kind == "bpe"
+                 else train_word_tokenizer(texts["train"], vocab_size))
     actual_vocab = tokenizer.get_vocab_size()
     dtype = _stream_dtype(actual_vocab)
     streams = {split: encode(tokenizer, texts[split]).astype(dtype) for split in SPLITS}
@@ -249,7 +252,8 @@ def _build_cache(folder: Path, texts: dict[str, str], vocab_size: int,
     save_arrays(folder, streams, {
         **meta,
         "tokenizer": {"file": TOKENIZER_FILE, "sha256": _digest(blob), "vocab_size": actual_vocab,
-                      "kind": "byte-level BPE", "trained_on": {"split": "train", "sha256": trained_on}},
+                      "kind": {"bpe": "byte-level BPE", "word": "word-level"}[kind],
+                      "trained_on": {"split": "train", "sha256": trained_on}},
         "tokens": {split: int(len(s)) for split, s in streams.items()},
         "format": f"{np.dtype(dtype).name} token ids, one stream per split (lines encoded in order)",
     })
@@ -265,7 +269,7 @@ class TextSource(DatasetSource):
     plain text file. ``mirrors`` are base URLs (empty: not downloadable).
     """
 
-    options = ("vocab_size", "seq_len", "stride")
+    options = ("vocab_size", "seq_len", "stride", "tokenizer")
     input_shape = (DEFAULT_SEQ_LEN,)
     class_names = ()
 
@@ -294,7 +298,8 @@ class TextSource(DatasetSource):
     def info(self, root: Root = None) -> dict[str, Any]:
         out = super().info(root)
         out.update(class_names=[], checksums={f: f"{self.algorithm}:{d}" for f, d in self.checksums.items()},
-                   tokenizer=f"byte-level BPE trained on the train split (vocab_size, default {DEFAULT_VOCAB})",
+                   tokenizer=f"trained on the train split: byte-level BPE (vocab_size, default {DEFAULT_VOCAB}) "
+                             f"or tokenizer='word' (its words, <eos> at line ends, <unk>)",
                    sizes_note="sizes are words (whitespace-separated) per split", note=self.note)
         return out
 
@@ -310,39 +315,43 @@ class TextSource(DatasetSource):
         paths = self.paths(root, download)
         return {split: _read_text(paths[file], member) for split, (file, member) in self.members.items()}
 
-    def _meta(self, vocab_size: int) -> dict[str, Any]:
+    def _meta(self, kind: str, vocab_size: int | None) -> dict[str, Any]:
         return {"dataset": self.name, "cache_version": CACHE_VERSION, "tokenizer_version": TOKENIZER_VERSION,
-                "vocab_size_requested": vocab_size,
+                "tokenizer_kind": kind, "vocab_size_requested": vocab_size,
                 "sources": {f: f"{self.algorithm}:{d}" for f, d in sorted(self.checksums.items())}}
 
-    def cache_folder(self, vocab_size: int) -> str:
-        """The cache's path relative to a root: ``<name>/bpe<vocab>-v<version>-<key>``, the key a digest
-        of the request and the sources' checksums (other text gets another folder)."""
-        key = _digest(json.dumps(self._meta(vocab_size), sort_keys=True).encode())[:12]
-        return f"{self.folder}/bpe{vocab_size}-v{CACHE_VERSION}-{key}"
+    def cache_folder(self, vocab_size: int | None, kind: str = "bpe") -> str:
+        """The cache's path relative to a root: ``<name>/<kind><vocab>-v<version>-<key>``, the key a
+        digest of the request and the sources' checksums (other text gets another folder)."""
+        key = _digest(json.dumps(self._meta(kind, vocab_size), sort_keys=True).encode())[:12]
+        return f"{self.folder}/{kind}{vocab_size or 'all'}-v{CACHE_VERSION}-{key}"
 
-    def token_streams(self, root: Root = None, download: bool = False, vocab_size: int = DEFAULT_VOCAB,
-                      ) -> tuple[dict[str, np.ndarray], Path, int]:
+    def token_streams(self, root: Root = None, download: bool = False, vocab_size: int | None = DEFAULT_VOCAB,
+                      kind: str = "bpe") -> tuple[dict[str, np.ndarray], Path, int]:
         """``(streams by split, tokenizer JSON path, vocabulary size)``: from the cache when one exists
         (the sources are then not needed), else built from the verified sources and cached."""
-        rel, meta = self.cache_folder(vocab_size), self._meta(vocab_size)
+        rel, meta = self.cache_folder(vocab_size, kind), self._meta(kind, vocab_size)
         for base in search_dirs(root):
             cached = _load_cache(base / rel, meta)
             if cached is not None:
                 return cached
         texts = self.texts(root, download)
-        return _build_cache(writable_dir(rel, root), texts, vocab_size, meta)
+        return _build_cache(writable_dir(rel, root), texts, kind, vocab_size, meta)
 
-    def load(self, root: Root = None, download: bool = False, *, vocab_size: int = DEFAULT_VOCAB,
-             seq_len: int = DEFAULT_SEQ_LEN, stride: int | None = None) -> TextDataset:
+    def load(self, root: Root = None, download: bool = False, *, vocab_size: int | None = None,
+             seq_len: int = DEFAULT_SEQ_LEN, stride: int | None = None, tokenizer: str = "bpe") -> TextDataset:
         where = "load_dataset"
         check_type("download", download, bool, where=where)
-        vocab_size = check_number("vocab_size", vocab_size, where=where, low=MIN_VOCAB, high=2**31 - 1,
-                                  integer=True)
+        kind = check_choice("tokenizer", tokenizer, KINDS, where=where)
+        if vocab_size is None and kind == "bpe":
+            vocab_size = DEFAULT_VOCAB
+        if vocab_size is not None:
+            vocab_size = check_number("vocab_size", vocab_size, where=where, high=2**31 - 1, integer=True,
+                                      low=MIN_VOCAB if kind == "bpe" else 2)
         seq_len = check_number("seq_len", seq_len, where=where, low=1, integer=True)
         if stride is not None:
             stride = check_number("stride", stride, where=where, low=1, high=seq_len, integer=True)
-        streams, tokenizer_path, vocab = self.token_streams(root, download, vocab_size)
+        streams, tokenizer_path, vocab = self.token_streams(root, download, vocab_size, kind)
         cut = {}
         for split in SPLITS:
             try:

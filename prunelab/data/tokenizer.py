@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizers for the text datasets, trained with the ``tokenizers`` package.
+"""Tokenizers for the text datasets, trained with the ``tokenizers`` package: byte-level BPE, and
+a word-level vocabulary for corpora that are already word-tokenized (the Penn Treebank).
 
 Byte-level BPE (GPT-2's scheme) starts from the 256 byte values, so every text — any
 language, code, markup — encodes without an unknown token and decodes back to exactly the
@@ -11,6 +12,12 @@ the same split is used for training, so the result does not depend on how a file
 the lines are encoded in parallel. Training on the same text with the same ``vocab_size`` gives
 the same tokenizer, byte for byte (``tests/test_data_text.py`` checks it).
 
+The **word-level** tokenizer (:func:`train_word_tokenizer`) follows the language-modelling papers'
+reading of the Penn Treebank (Mikolov et al. 2010, Zaremba et al. 2014): the tokens are the
+whitespace-separated words, every line end is the token ``<eos>``, and a word outside the
+vocabulary is ``<unk>``. Decoding gives the words separated by single spaces, ``<eos>`` included;
+the original spacing is not kept.
+
 ``tokenizers`` is an optional dependency (the ``prunelab[text]`` or ``prunelab[hf]`` extras; it
 is in ``requirements.lock``): it is imported only when a tokenizer is trained or loaded, and a
 missing package is one clear ``ImportError``. Token ids that are already cached load without it.
@@ -19,6 +26,7 @@ missing package is one clear ``ImportError``. Token ids that are already cached 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,8 @@ MIN_VOCAB = 256
 #: Bumped whenever the training recipe changes, so older caches are not reused.
 TOKENIZER_VERSION = 1
 MIN_FREQUENCY = 2
+EOS, UNK = "<eos>", "<unk>"
+KINDS = ("bpe", "word")
 
 
 def _tokenizers() -> Any:
@@ -72,6 +82,30 @@ def train_tokenizer(text: str | Iterable[str], vocab_size: int = 8192) -> Any:
     trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=MIN_FREQUENCY, show_progress=False,
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tokenizer.train_from_iterator(lines, trainer=trainer)
+    return tokenizer
+
+
+def train_word_tokenizer(text: str, vocab_size: int | None = None) -> Any:
+    """A word-level ``tokenizers.Tokenizer`` of the words of ``text`` (line ends are ``<eos>``).
+
+    The vocabulary is every word (or the ``vocab_size - 1`` most frequent) in order of decreasing
+    count, ties in code-point order, then ``<unk>`` for any other word. Deterministic.
+    """
+    where = "train_word_tokenizer"
+    check_type("text", text, str, where=where)
+    if vocab_size is not None:
+        vocab_size = check_number("vocab_size", vocab_size, where=where, low=2, high=2**31 - 1, integer=True)
+    counts = Counter(text.replace("\n", f" {EOS} ").split())
+    counts.pop(UNK, None)
+    if not counts:
+        raise ValueError(f"the 'text' parameter of {where} has no words; a tokenizer needs text to learn from.")
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    if vocab_size is not None:
+        words = words[:vocab_size - 1]
+    tk = _tokenizers()
+    tokenizer = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate([*words, UNK])}, unk_token=UNK))
+    tokenizer.normalizer = tk.normalizers.Replace("\n", f" {EOS} ")
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
     return tokenizer
 
 
