@@ -408,8 +408,8 @@ PTB = TextSource(
     "words, 10k-word vocabulary with <unk>), as used by Zaremba et al. 2014 and Zhu & Gupta 2017.",
     PTB_SHA256, {split: (f"ptb.{split}.txt", None) for split in SPLITS},
     algorithm="sha256", mirrors=PTB_MIRRORS, sizes={"train": 887521, "valid": 70390, "test": 78669},
-    note="tokenized here by byte-level BPE like every text dataset: perplexities are per BPE token, not "
-         "per word as in the papers")
+    note="byte-level BPE by default (perplexity per BPE token); tokenizer='word' reads it as the papers do "
+         "(words, <eos> at line ends, its 10k vocabulary): perplexity per word")
 
 # WikiText-2 (raw), Merity et al. 2016. sha256 as published in Hugging Face's wikitext
 # dataset_infos.json (4721645 bytes); not recomputed here (the archive was not at hand).
