@@ -2,8 +2,8 @@
 
 The bytes are streamed into a temp file in the destination folder while their checksum
 (md5 by default, or sha256) is computed; only a file whose checksum matches is renamed
-onto its final name, so a
-failed, interrupted or tampered download never leaves a file that looks valid.
+onto its final name, so a failed, interrupted or tampered download never leaves a file
+that looks valid.
 Mirrors are tried in order; the next one is used when one fails for any reason.
 """
 
@@ -70,10 +70,10 @@ def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None,
     return tmp, digest.hexdigest()
 
 
-def download_file(urls: Sequence[str], dest: Path, md5: str, *,
+def download_file(urls: Sequence[str], dest: Path, checksum: str, *,
                   timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None,
                   algorithm: str = "md5") -> Path:
-    """Download ``dest`` from the first of ``urls`` that serves bytes with checksum ``md5``
+    """Download ``dest`` from the first of ``urls`` that serves bytes with checksum ``checksum``
     (the hex digest of ``algorithm``: ``"md5"``, or ``"sha256"`` for files published with one).
 
     Raises :class:`ChecksumError` when no mirror succeeded and at least one served
@@ -94,15 +94,15 @@ def download_file(urls: Sequence[str], dest: Path, md5: str, *,
                 reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
                 reasons.append(f"{url}: {type(exc).__name__}: {reason}")
             continue
-        if actual != md5:
+        if actual != checksum:
             os.unlink(tmp)
             bad_checksum = True
-            reasons.append(f"{url}: checksum mismatch: expected {algorithm} {md5}, got {actual}")
+            reasons.append(f"{url}: checksum mismatch: expected {algorithm} {checksum}, got {actual}")
             continue
         os.replace(tmp, dest)
         return dest
     detail = "\n  ".join(reasons) if reasons else "no mirror configured"
     if bad_checksum:
         raise ChecksumError(f"checksum mismatch for {dest.name}: no mirror served the expected "
-                            f"bytes ({algorithm} {md5}); nothing was saved.\n  {detail}")
+                            f"bytes ({algorithm} {checksum}); nothing was saved.\n  {detail}")
     raise DownloadError(f"could not download {dest.name}:\n  {detail}", reasons)

@@ -92,24 +92,24 @@ def not_found_message(name: str, folder: str, missing: Sequence[str], root: Root
     return "\n".join(lines)
 
 
-def ensure_files(name: str, folder: str, md5s: Mapping[str, str], mirrors: Sequence[str],
+def ensure_files(name: str, folder: str, checksums: Mapping[str, str], mirrors: Sequence[str],
                  root: Root, download: bool, progress: bool | None = None, *,
                  algorithm: str = "md5") -> dict[str, Path]:
-    """Find each file of ``md5s`` under ``folder``, downloading missing ones if allowed.
+    """Find each file of ``checksums`` under ``folder``, downloading missing ones if allowed.
 
-    Every file's checksum (``md5s`` holds hex digests of ``algorithm``) is verified on every
+    Every file's checksum (``checksums`` holds hex digests of ``algorithm``) is verified on every
     call: a corrupt file is caught before it is parsed. Missing files raise one
     :class:`DatasetNotFoundError` listing all of them (without a download hint when
     ``mirrors`` is empty: such a dataset cannot be downloaded).
     """
-    found = {f: find_file(f"{folder}/{f}", root) for f in md5s}
+    found = {f: find_file(f"{folder}/{f}", root) for f in checksums}
     missing = [f for f, p in found.items() if p is None]
     reasons: list[str] = []
     if missing and download:
         target = writable_dir(folder, root)
         for f in list(missing):
             try:
-                found[f] = download_file([m + f for m in mirrors], target / f, md5s[f],
+                found[f] = download_file([m + f for m in mirrors], target / f, checksums[f],
                                          progress=progress, algorithm=algorithm)
                 missing.remove(f)
             except DownloadError as exc:
@@ -118,5 +118,5 @@ def ensure_files(name: str, folder: str, md5s: Mapping[str, str], mirrors: Seque
         raise DatasetNotFoundError(not_found_message(name, folder, missing, root, reasons,
                                                      downloadable=bool(mirrors)))
     for f, path in found.items():
-        verify_checksum(path, md5s[f], algorithm)
+        verify_checksum(path, checksums[f], algorithm)
     return found
