@@ -581,7 +581,8 @@ def _check_declared(header: dict, model: nn.Module, where: str) -> None:
 
 
 def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
-    """Replace Linear / Conv / BatchNorm layers whose stored shapes differ (a thinned model)."""
+    """Replace Linear / Embedding / Conv / BatchNorm layers whose stored shapes differ, and resize a
+    recurrent layer's input (a thinned model)."""
     changed = False
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.RNNBase):
