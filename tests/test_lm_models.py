@@ -113,6 +113,21 @@ def test_summary_counts_parameters_and_flops(name):
     assert same.total.flops == stats.total.flops > 2 * T * 16 * V        # at least the head's product
 
 
+def test_dataset_batches_give_the_next_token_loss():
+    from prunelab.data import sequences
+    x, y = sequences(ids(1, 41).flatten(), T)                  # 4 windows and their next tokens
+    model = small("gpt").eval()
+    with torch.no_grad():
+        logits = model(x)
+        aligned = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        inferred = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    result = prunelab.evaluate(model, (x, y), batch_size=3)
+    assert result["loss"] == pytest.approx(float(aligned), rel=1e-5) and result["tokens"] == 4 * T
+    assert result["perplexity"] == pytest.approx(math.exp(float(aligned)), rel=1e-5)
+    alone = prunelab.evaluate(model, [x])                         # inputs only: default_loss shifts them
+    assert alone["loss"] == pytest.approx(float(inferred), rel=1e-5) and alone["tokens"] == 4 * (T - 1)
+
+
 def test_units_find_every_head_and_mlp_channel_and_thinning_equals_masking():
     model = small("gpt", d_ff=20).eval()
     found = units.Units.of(model, example_inputs=ids(2))
