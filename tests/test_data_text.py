@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from prunelab.data import ChecksumError, DatasetNotFoundError, TextDataset, dataset_info, fetch, load_dataset
+from prunelab.data import (ChecksumError, DatasetNotFoundError, TextDataset, dataset_info, fetch, load_dataset,
+                           load_text)
 from prunelab.data import sequences, text, tokenizer
 from prunelab.data.tokenizer import decode, encode, train_tokenizer
 
@@ -268,6 +269,37 @@ def test_stride_and_subset(pydocs):
     assert small.tokenizer_path == ds.tokenizer_path
     rows = [i for i in range(len(ds.x_train)) if any(torch.equal(ds.x_train[i], r) for r in small.x_train)]
     assert len(rows) == 5 and rows == sorted(rows)
+
+
+# -- your own files ------------------------------------------------------------------------
+def test_load_text_from_a_folder_and_a_new_cache_after_an_edit(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, body in TEXTS.items():
+        (folder / f"{split}.txt").write_text(body, encoding="utf-8")
+    ds = load_text(folder, vocab_size=300, seq_len=16)
+    assert ds.name == "corpus" and ds.x_train.shape[1] == 16 and ds.decode(ds.encode(TEXTS["test"])) == TEXTS["test"]
+    assert ds.tokenizer_path.parent.parent == tmp_path / "cache" / "text" / "corpus"
+    same = load_text({split: folder / f"{split}.txt" for split in TEXTS}, name="corpus", vocab_size=300, seq_len=16)
+    assert same.tokenizer_path == ds.tokenizer_path and ds_equal(ds, same)
+    (folder / "train.txt").write_text(TEXTS["train"] + "one more line\n", encoding="utf-8")
+    edited = load_text(folder, vocab_size=300, seq_len=16)
+    assert edited.tokenizer_path != ds.tokenizer_path
+
+
+@pytest.mark.parametrize("files, kwargs, error, message", [
+    ({"train": "a"}, {}, ValueError, "must map exactly the splits train, valid and test"),
+    (3, {}, TypeError, "'files' parameter of load_text"),
+    ("corpus", {"name": "../up"}, ValueError, "'name' parameter of load_text"),
+    ("corpus", {"seq_len": 0}, ValueError, "'seq_len' parameter of load_text"),
+    ("nowhere", {}, DatasetNotFoundError, "3 text file.s. missing"),
+])
+def test_load_text_rejects_bad_arguments(tmp_path, files, kwargs, error, message):
+    (tmp_path / "corpus").mkdir()
+    for split, body in TEXTS.items():
+        (tmp_path / "corpus" / f"{split}.txt").write_text(body)
+    with pytest.raises(error, match=message):
+        load_text(tmp_path / files if isinstance(files, str) else files, **{"vocab_size": 300, **kwargs})
 
 
 # -- downloads (PTB, WikiText-2) from a loopback server --------------------------------------

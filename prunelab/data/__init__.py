@@ -18,6 +18,7 @@ from prunelab.data.dataset import Dataset
 from prunelab.data.errors import ChecksumError, DatasetNotFoundError
 from prunelab.data.recipes import generate_variant
 from prunelab.data.text import TextDataset, sequences
+from prunelab.data.text_files import load_text
 from prunelab.data.tokenizer import train_tokenizer
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "fetch",
     "generate_variant",
     "load_dataset",
+    "load_text",
     "sequences",
     "train_tokenizer",
 ]

@@ -340,7 +340,11 @@ class TextSource(DatasetSource):
 
     def load(self, root: Root = None, download: bool = False, *, vocab_size: int | None = None,
              seq_len: int = DEFAULT_SEQ_LEN, stride: int | None = None, tokenizer: str = "bpe") -> TextDataset:
-        where = "load_dataset"
+        return self.load_as("load_dataset", root, download, vocab_size, seq_len, stride, tokenizer)
+
+    def load_as(self, where: str, root: Root, download: bool, vocab_size: int | None, seq_len: int,
+                stride: int | None, tokenizer: str) -> TextDataset:
+        """:meth:`load`, its errors naming ``where`` as the function the options were given to."""
         check_type("download", download, bool, where=where)
         kind = check_choice("tokenizer", tokenizer, KINDS, where=where)
         if vocab_size is None and kind == "bpe":
