@@ -552,10 +552,17 @@ def _fit(model: nn.Module, config: dict, state: dict[str, torch.Tensor], where: 
     if _resize(model, state, where):
         try:
             with torch.no_grad():
-                model.eval()(torch.zeros(1, *config["input_shape"]))
+                model.eval()(torch.zeros(1, *config["input_shape"], dtype=_input_dtype(model)))
         except RuntimeError as err:
             raise ModelFileError(f"{where}: the stored (thinned) shapes do not fit together: {err}") from None
     return model
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """``torch.long`` for a model whose first parameterised layer is an ``nn.Embedding`` (it takes
+    token ids, e.g. the registry's language models), else the default float dtype."""
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    return torch.long if isinstance(first, nn.Embedding) else torch.get_default_dtype()
 
 
 def _check_declared(header: dict, model: nn.Module, where: str) -> None:
@@ -583,15 +590,21 @@ def _check_declared(header: dict, model: nn.Module, where: str) -> None:
 
 
 def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
-    """Replace Linear / Conv / BatchNorm layers whose stored shapes differ (a thinned model)."""
+    """Replace Linear / Embedding / Conv / BatchNorm layers whose stored shapes differ, and resize a
+    recurrent layer's input (a thinned model)."""
     changed = False
     for name, module in list(model.named_modules()):
+        if isinstance(module, nn.RNNBase):
+            changed = _resize_rnn_input(module, name, state) or changed
+            continue
         weight = state.get(f"{name}.weight")
         if weight is None or getattr(module, "weight", None) is None or weight.shape == module.weight.shape:
             continue
         bias = getattr(module, "bias", None) is not None
         if isinstance(module, nn.Linear) and weight.dim() == 2:
             new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
+        elif isinstance(module, nn.Embedding) and weight.dim() == 2:
+            new = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=module.padding_idx)
         elif isinstance(module, nn.Conv2d) and weight.dim() == 4:
             new = nn.Conv2d(weight.shape[1] * module.groups, weight.shape[0], module.kernel_size, module.stride,
                             module.padding, module.dilation, module.groups, bias, module.padding_mode)
@@ -605,6 +618,18 @@ def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> boo
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         changed = True
     return changed
+
+
+def _resize_rnn_input(module: nn.RNNBase, name: str, state: dict[str, torch.Tensor]) -> bool:
+    """A thinned recurrent layer's first-layer input size (thinning cuts only its input columns)."""
+    stored = state.get(f"{name}.weight_ih_l0")
+    if stored is None or stored.dim() != 2 or stored.shape == module.weight_ih_l0.shape:
+        return False
+    for suffix in ("", "_reverse") if module.bidirectional else ("",):
+        rows = getattr(module, f"weight_ih_l0{suffix}").shape[0]
+        setattr(module, f"weight_ih_l0{suffix}", nn.Parameter(torch.empty(rows, stored.shape[1])))
+    module.input_size = stored.shape[1]
+    return True
 
 
 def _same_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

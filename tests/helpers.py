@@ -16,3 +16,8 @@ def idx_bytes(array: np.ndarray, magic: int) -> bytes:
 def idx_gz(array: np.ndarray, magic: int) -> bytes:
     """The same, gzip-compressed reproducibly (mtime 0)."""
     return gzip.compress(idx_bytes(array, magic), mtime=0)
+
+
+#: Registry models that take token ids (N, T) and return logits (N, T, vocabulary): their
+#: ``input_shape`` is ``(T,)`` and ``n_classes`` the vocabulary.
+LANGUAGE_MODELS = ("gpt", "lstm-lm")

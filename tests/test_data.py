@@ -32,7 +32,8 @@ def tiny(n_train=10, n_test=4, channels=1, seed=0) -> Dataset:
 # -- registry and errors ---------------------------------------------------------
 def test_registered_names():
     assert DATASETS.names() == sorted(["digits", "mnist", "fashion-mnist", "mnist-rot",
-                                       "mnist-back-rand", "mnist-back-image", "cifar10"])
+                                       "mnist-back-rand", "mnist-back-image", "cifar10",
+                                       "pydocs", "ptb", "wikitext-2"])
 
 
 def test_unknown_name_suggests_close_one():
@@ -133,6 +134,10 @@ def test_info_of_a_file_dataset_names_files_and_location(tmp_path):
 def test_every_dataset_has_complete_info(name):
     info = dataset_info(name)
     assert info["name"] == name and info["description"]
+    if name in ("pydocs", "ptb", "wikitext-2"):          # text: token sequences over a vocabulary
+        assert info["input_shape"] == (128,) and info["n_classes"] == 8192 and info["class_names"] == []
+        assert set(info["sizes"]) == {"train", "valid", "test"}
+        return
     assert len(info["input_shape"]) == 3 and info["n_classes"] == len(info["class_names"]) == 10
     assert set(info["sizes"]) == {"train", "test"}
 

@@ -14,13 +14,26 @@ import prunelab
 from prunelab import export, units
 from prunelab.models import MODELS
 
-SHAPES = {"vgg11": (3, 32, 32)}
-OPTIONS = {"vgg11": {"width": 0.25}}
+from helpers import LANGUAGE_MODELS
+
+SHAPES = {"vgg11": (3, 32, 32), **{name: (12,) for name in LANGUAGE_MODELS}}
+OPTIONS = {"vgg11": {"width": 0.25}, "gpt": {"d_model": 16, "n_layers": 2, "n_heads": 2},
+           "lstm-lm": {"d_model": 16}}
+VOCAB = 10     # the classes of the image models, the vocabulary of the language models
 
 
 def registry_model(name: str, **kw):
-    return prunelab.build_model(name, input_shape=SHAPES.get(name, (1, 28, 28)), n_classes=10, seed=0,
+    return prunelab.build_model(name, input_shape=SHAPES.get(name, (1, 28, 28)), n_classes=VOCAB, seed=0,
                                 **{**OPTIONS.get(name, {}), **kw})
+
+
+def inputs(model, n: int, seed: int = 0):
+    """``n`` random inputs for ``model``: images, or token ids for a language model."""
+    g = torch.Generator().manual_seed(seed)
+    shape = model.config["input_shape"]
+    if model.config["name"] in LANGUAGE_MODELS:
+        return torch.randint(0, VOCAB, (n, *shape), generator=g)
+    return torch.randn(n, *shape, generator=g)
 
 
 def pruned(name: str, sparsity: float = 0.9):
@@ -34,9 +47,8 @@ def pruned(name: str, sparsity: float = 0.9):
 
 
 def outputs(model, seed: int = 0):
-    x = torch.randn(5, *model.config["input_shape"], generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return model.eval()(x)
+        return model.eval()(inputs(model, 5, seed))
 
 
 @pytest.mark.parametrize("name", MODELS.names())
@@ -143,13 +155,18 @@ def test_thinned_conv_net_round_trips(tmp_path):
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_registry_model_thinned_round_trips(tmp_path, name):
     model = pruned(name)
-    found = units.Units.of(model, model.config["input_shape"])
+    shape = None if name in LANGUAGE_MODELS else model.config["input_shape"]
+    example = inputs(model, 2) if name in LANGUAGE_MODELS else None
+    found = units.Units.of(model, shape, example)
     with torch.no_grad():                            # kill the first half of every unit layer's units
         for layer in found.layers:
-            layer.module.weight[:layer.n_units // 2] = 0
-    plan = units.zero_units(model, model.config["input_shape"])
+            if isinstance(layer.module, torch.nn.Embedding):      # its units are the embedding's columns
+                layer.module.weight[:, :layer.n_units // 2] = 0
+            else:
+                layer.module.weight[:layer.n_units // 2] = 0
+    plan = units.zero_units(model, shape, example)
     assert plan
-    small = units.thin(model, plan, input_shape=model.config["input_shape"]).eval()
+    small = units.thin(model, plan, input_shape=shape, example_inputs=example).eval()
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     export.save(small, tmp_path / "thin.plm")
     back = prunelab.load(tmp_path / "thin.plm")

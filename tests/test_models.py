@@ -18,9 +18,11 @@ from torch import nn
 
 from prunelab.models import MODELS, build_model, model_names, model_options
 
+from helpers import LANGUAGE_MODELS
+
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
 STANDARD_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.BatchNorm2d)
-NAMES = model_names()
+NAMES = [n for n in model_names() if n not in LANGUAGE_MODELS]   # image classifiers (LMs: test_lm_models.py)
 
 
 def n_params(model: nn.Module) -> int:

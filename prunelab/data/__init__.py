@@ -4,6 +4,7 @@
 >>> ds = load_dataset("digits")          # embedded, needs no files
 >>> ds.x_train.shape, ds.n_classes
 (torch.Size([1437, 1, 8, 8]), 10)
+>>> lm = load_dataset("pydocs", vocab_size=8192, seq_len=128)   # a TextDataset of token ids
 
 Files are read from the data root (``root=`` > ``$PRUNELAB_DATA`` > cache dir)
 and, failing that, the cache dir; anything written goes to a writable one of the
@@ -16,16 +17,23 @@ from prunelab.data.catalog import DATASETS
 from prunelab.data.dataset import Dataset
 from prunelab.data.errors import ChecksumError, DatasetNotFoundError
 from prunelab.data.recipes import generate_variant
+from prunelab.data.text import TextDataset, sequences
+from prunelab.data.text_files import load_text
+from prunelab.data.tokenizer import train_tokenizer
 
 __all__ = [
     "DATASETS",
     "ChecksumError",
     "Dataset",
     "DatasetNotFoundError",
+    "TextDataset",
     "cache_dir",
     "data_root",
     "dataset_info",
     "fetch",
     "generate_variant",
     "load_dataset",
+    "load_text",
+    "sequences",
+    "train_tokenizer",
 ]

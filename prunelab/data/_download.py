@@ -1,8 +1,9 @@
-"""Download one file from a list of mirrors, verified by md5, written atomically.
+"""Download one file from a list of mirrors, verified by checksum, written atomically.
 
-The bytes are streamed into a temp file in the destination folder while their md5
-is computed; only a file whose md5 matches is renamed onto its final name, so a
-failed, interrupted or tampered download never leaves a file that looks valid.
+The bytes are streamed into a temp file in the destination folder while their checksum
+(md5 by default, or sha256) is computed; only a file whose checksum matches is renamed
+onto its final name, so a failed, interrupted or tampered download never leaves a file
+that looks valid.
 Mirrors are tried in order; the next one is used when one fails for any reason.
 """
 
@@ -41,12 +42,13 @@ def _progress_bar(total: int | None, name: str, enabled: bool | None):
     return tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False)
 
 
-def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None) -> tuple[str, str]:
-    """Stream ``url`` into a temp file next to ``dest``; return (temp path, md5)."""
+def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None,
+               algorithm: str = "md5") -> tuple[str, str]:
+    """Stream ``url`` into a temp file next to ``dest``; return (temp path, hex digest)."""
     request = urllib.request.Request(url, headers={"User-Agent": "prunelab"})
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        digest = hashlib.md5()
+        digest = hashlib.new(algorithm)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             bar = _progress_bar(int(length) if length and length.isdigit() else None,
@@ -68,9 +70,11 @@ def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None) -> t
     return tmp, digest.hexdigest()
 
 
-def download_file(urls: Sequence[str], dest: Path, md5: str, *,
-                  timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None) -> Path:
-    """Download ``dest`` from the first of ``urls`` that serves bytes with md5 ``md5``.
+def download_file(urls: Sequence[str], dest: Path, checksum: str, *,
+                  timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None,
+                  algorithm: str = "md5") -> Path:
+    """Download ``dest`` from the first of ``urls`` that serves bytes with checksum ``checksum``
+    (the hex digest of ``algorithm``: ``"md5"``, or ``"sha256"`` for files published with one).
 
     Raises :class:`ChecksumError` when no mirror succeeded and at least one served
     wrong bytes, else :class:`DownloadError` listing each mirror's failure.
@@ -82,7 +86,7 @@ def download_file(urls: Sequence[str], dest: Path, md5: str, *,
     bad_checksum = False
     for url in urls:
         try:
-            tmp, actual = _fetch_one(url, dest, timeout, progress)
+            tmp, actual = _fetch_one(url, dest, timeout, progress, algorithm)
         except (OSError, ValueError, http.client.HTTPException) as exc:
             if isinstance(exc, urllib.error.HTTPError):
                 reasons.append(f"{url}: HTTP {exc.code} {exc.reason}")
@@ -90,15 +94,15 @@ def download_file(urls: Sequence[str], dest: Path, md5: str, *,
                 reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
                 reasons.append(f"{url}: {type(exc).__name__}: {reason}")
             continue
-        if actual != md5:
+        if actual != checksum:
             os.unlink(tmp)
             bad_checksum = True
-            reasons.append(f"{url}: checksum mismatch: expected md5 {md5}, got {actual}")
+            reasons.append(f"{url}: checksum mismatch: expected {algorithm} {checksum}, got {actual}")
             continue
         os.replace(tmp, dest)
         return dest
     detail = "\n  ".join(reasons) if reasons else "no mirror configured"
     if bad_checksum:
         raise ChecksumError(f"checksum mismatch for {dest.name}: no mirror served the expected "
-                            f"bytes (md5 {md5}); nothing was saved.\n  {detail}")
+                            f"bytes ({algorithm} {checksum}); nothing was saved.\n  {detail}")
     raise DownloadError(f"could not download {dest.name}:\n  {detail}", reasons)

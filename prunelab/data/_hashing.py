@@ -29,9 +29,14 @@ def sha256_file(path: Path) -> str:
 
 def verify_md5(path: Path, expected: str) -> None:
     """Raise :class:`ChecksumError` naming the file and both md5s unless they match."""
-    actual = md5_file(path)
+    verify_checksum(path, expected, "md5")
+
+
+def verify_checksum(path: Path, expected: str, algorithm: str) -> None:
+    """Raise :class:`ChecksumError` naming the file and both digests unless they match."""
+    actual = file_digest(path, algorithm)
     if actual != expected:
         raise ChecksumError(
-            f"checksum mismatch for {path}: expected md5 {expected}, got {actual}. "
+            f"checksum mismatch for {path}: expected {algorithm} {expected}, got {actual}. "
             f"The file is corrupt, truncated or not the published one; delete it and "
             f"fetch it again.")

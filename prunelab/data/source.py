@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from prunelab.data._download import DownloadError, download_file
-from prunelab.data._hashing import verify_md5
+from prunelab.data._hashing import verify_checksum
 from prunelab.data._paths import DATA_ENV, cache_dir, data_root, find_file, search_dirs, writable_dir
 from prunelab.data.dataset import Dataset
 from prunelab.data.errors import DatasetNotFoundError
@@ -92,27 +92,31 @@ def not_found_message(name: str, folder: str, missing: Sequence[str], root: Root
     return "\n".join(lines)
 
 
-def ensure_files(name: str, folder: str, md5s: Mapping[str, str], mirrors: Sequence[str],
-                 root: Root, download: bool, progress: bool | None = None) -> dict[str, Path]:
-    """Find each file of ``md5s`` under ``folder``, downloading missing ones if allowed.
+def ensure_files(name: str, folder: str, checksums: Mapping[str, str], mirrors: Sequence[str],
+                 root: Root, download: bool, progress: bool | None = None, *,
+                 algorithm: str = "md5") -> dict[str, Path]:
+    """Find each file of ``checksums`` under ``folder``, downloading missing ones if allowed.
 
-    Every file's md5 is verified (on every call: a corrupt file is caught before it is
-    parsed). Missing files raise one :class:`DatasetNotFoundError` listing all of them.
+    Every file's checksum (``checksums`` holds hex digests of ``algorithm``) is verified on every
+    call: a corrupt file is caught before it is parsed. Missing files raise one
+    :class:`DatasetNotFoundError` listing all of them (without a download hint when
+    ``mirrors`` is empty: such a dataset cannot be downloaded).
     """
-    found = {f: find_file(f"{folder}/{f}", root) for f in md5s}
+    found = {f: find_file(f"{folder}/{f}", root) for f in checksums}
     missing = [f for f, p in found.items() if p is None]
     reasons: list[str] = []
     if missing and download:
         target = writable_dir(folder, root)
         for f in list(missing):
             try:
-                found[f] = download_file([m + f for m in mirrors], target / f, md5s[f],
-                                         progress=progress)
+                found[f] = download_file([m + f for m in mirrors], target / f, checksums[f],
+                                         progress=progress, algorithm=algorithm)
                 missing.remove(f)
             except DownloadError as exc:
                 reasons.extend(exc.reasons or [str(exc)])
     if missing:
-        raise DatasetNotFoundError(not_found_message(name, folder, missing, root, reasons))
+        raise DatasetNotFoundError(not_found_message(name, folder, missing, root, reasons,
+                                                     downloadable=bool(mirrors)))
     for f, path in found.items():
-        verify_md5(path, md5s[f])
+        verify_checksum(path, checksums[f], algorithm)
     return found
