@@ -35,72 +35,73 @@ def error(a, b, held):
 
 
 # ------------------------------------------------------------------ the refit is least squares
+def ridge(X, Y, bias, damp):
+    """The ridge solution as plain least squares: rows [X; √λ I] → [Y; 0], by torch.linalg.lstsq."""
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1) if bias else X
+    lam = damp * float((X.T @ X).diagonal().mean())
+    A = torch.cat([X, lam ** 0.5 * torch.eye(X.shape[1], dtype=X.dtype)])
+    B = torch.cat([Y, torch.zeros(X.shape[1], Y.shape[1], dtype=X.dtype)])
+    return torch.linalg.lstsq(A, B).solution.T               # (out, in [+ 1])
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("damp", [0.0, 0.1])
 def test_refit_equals_the_least_squares_solution(bias, damp):
     g = torch.Generator().manual_seed(0)
-    dense = nn.Linear(6, 3, bias=bias).double()
-    X = torch.randn(40, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
-    gram = lsq.new_gram(6)
-    gram.add(X[:25].view(5, 5, 6))                          # token positions of several batches
-    gram.add(X[25:])
-    kept = torch.tensor([0, 2, 3, 5])
-    thinned = nn.Linear(4, 3, bias=bias).double()
-    result = lsq.refit_layer("fc", dense, thinned, gram, kept, damp)
-
+    X = torch.randn(40, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 4, generator=g, dtype=torch.float64)
+    Y = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    normal = lsq.Normal(bias)
+    normal.add(X[:25].view(5, 5, 4), Y[:25].view(5, 5, 3))    # token positions of several batches
+    normal.add(X[25:], Y[25:])
+    layer = nn.Linear(4, 3, bias=bias).double()
     with torch.no_grad():
-        Y = dense(X)
-    Xk = torch.cat([X[:, kept], torch.ones(40, 1, dtype=X.dtype)], dim=1) if bias else X[:, kept]
-    lam = damp * float((Xk.T @ Xk).diagonal().mean())
-    # ridge as plain least squares on rows [Xk; √λ I] → [Y; 0]
-    A = torch.cat([Xk, lam ** 0.5 * torch.eye(Xk.shape[1], dtype=X.dtype)])
-    B = torch.cat([Y, torch.zeros(Xk.shape[1], 3, dtype=X.dtype)])
-    expected = torch.linalg.lstsq(A, B).solution.T          # (out, kept [+ 1])
-    torch.testing.assert_close(thinned.weight.detach(), expected[:, :4])
+        cut = ((layer(X) - Y).pow(2).sum() / Y.pow(2).sum()).item()
+    result = lsq.refit_layer("fc", layer, normal, damp, features=6)
+    expected = ridge(X, Y, bias, damp)
+    torch.testing.assert_close(layer.weight.detach(), expected[:, :4])
     if bias:
-        torch.testing.assert_close(thinned.bias.detach(), expected[:, 4])
+        torch.testing.assert_close(layer.bias.detach(), expected[:, 4])
     with torch.no_grad():
-        after = float((thinned(X[:, kept]) - Y).pow(2).sum() / Y.pow(2).sum())
-        cut = nn.functional.linear(X[:, kept], dense.weight[:, kept], dense.bias)
-        before = float((cut - Y).pow(2).sum() / Y.pow(2).sum())
+        after = ((layer(X) - Y).pow(2).sum() / Y.pow(2).sum()).item()
     assert result.after == pytest.approx(after, rel=1e-6, abs=1e-9)
-    assert result.before == pytest.approx(before, rel=1e-6)
-    assert result.after <= result.before
+    assert result.before == pytest.approx(cut, rel=1e-6)
+    assert (result.features, result.kept) == (6, 4) and result.after <= result.before
 
 
-def test_refit_with_an_extra_target_equals_the_least_squares_solution():
-    g = torch.Generator().manual_seed(1)
-    dense = nn.Linear(5, 4).double()
-    X = torch.randn(30, 5, generator=g, dtype=torch.float64)
-    delta = torch.randn(30, 4, generator=g, dtype=torch.float64)
-    gram = lsq.new_gram(5)
-    gram.add(X)
-    gram.add_target(X, delta)
-    thinned = nn.Linear(5, 4).double()
-    lsq.refit_layer("fc", dense, thinned, gram, torch.arange(5), damp=0.0)
+def test_a_refit_that_does_not_lower_the_held_out_error_is_not_applied():
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(8, 2).double()
+    weight = layer.weight.detach().clone()
+    fit, held_out = lsq.Normal(True), lsq.Normal(True)
+    X = torch.randn(20, 8, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        Y = dense(X) + delta
-    X1 = torch.cat([X, torch.ones(30, 1, dtype=X.dtype)], dim=1)
-    expected = torch.linalg.lstsq(X1, Y).solution.T
-    torch.testing.assert_close(thinned.weight.detach(), expected[:, :5])
-    torch.testing.assert_close(thinned.bias.detach(), expected[:, 5])
+        fit.add(X[:10], layer(X[:10]) + torch.randn(10, 2, generator=g, dtype=torch.float64))  # noise to overfit
+        held_out.add(X[10:], layer(X[10:]))              # the layer as it is is exact here
+    result = lsq.refit_layer("fc", layer, fit, 0.0, 8, held_out)
+    assert not result.applied and result.held_out_after > result.held_out_before == pytest.approx(0.0, abs=1e-12)
+    assert torch.equal(layer.weight.detach(), weight) and result.after == result.before
 
 
-def test_refit_of_a_hf_conv1d_equals_the_linear_one():
-    transformers = pytest.importorskip("transformers")
-    g = torch.Generator().manual_seed(2)
-    linear = nn.Linear(6, 3).double()
-    conv = transformers.pytorch_utils.Conv1D(3, 6).double()
-    with torch.no_grad():
-        conv.weight.copy_(linear.weight.T)
-        conv.bias.copy_(linear.bias)
-    gram = lsq.new_gram(6)
-    gram.add(torch.randn(20, 6, generator=g, dtype=torch.float64))
-    kept = torch.tensor([1, 2, 4])
-    small_linear, small_conv = nn.Linear(3, 3).double(), transformers.pytorch_utils.Conv1D(3, 3).double()
-    lsq.refit_layer("a", linear, small_linear, gram, kept, 0.01)
-    lsq.refit_layer("b", conv, small_conv, gram, kept, 0.01)
-    torch.testing.assert_close(small_conv.weight.detach(), small_linear.weight.detach().T)
+@hf_only
+@pytest.mark.parametrize("name, layer", [("hf-llama", "model.layers.1.self_attn.o_proj"),
+                                         ("hf-llama", "model.layers.1.mlp.down_proj"),
+                                         ("hf-gpt2", "transformer.h.1.mlp.c_proj")])
+def test_refit_in_the_model_equals_lstsq_on_its_inputs_and_the_dense_outputs(name, layer):
+    model, data, _ = built(name)
+    result = units.prune_transformer(model, data, heads=0.5, mlp=0.5, refit=True, damp=0.0)
+    assert next(r for r in result.refits if r.layer == layer).applied
+    X, Y = [], []
+    pruned, dense = result.model.get_submodule(layer), model.get_submodule(layer)
+    h1 = pruned.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    h2 = dense.register_forward_hook(lambda m, a, o: Y.append(o.reshape(-1, o.shape[-1]).double()))
+    for raw in data:     # earlier layers are final when this one is refit: its inputs are these
+        outputs(result.model, raw)
+        outputs(model, raw)
+    h1.remove(), h2.remove()
+    expected = ridge(torch.cat(X), torch.cat(Y), getattr(pruned, "bias", None) is not None, 0.0)
+    weight = pruned.weight.detach().double()
+    weight = weight.T if name == "hf-gpt2" else weight
+    torch.testing.assert_close(weight, expected[:, :weight.shape[1]].to(weight.dtype), atol=2e-4, rtol=2e-4)
 
 
 # ------------------------------------------------------------------ heads: removal == masking

@@ -139,13 +139,11 @@ def _main(output):
 # ------------------------------------------------------------------ one calibration pass
 def calibrate(model: nn.Module, batches: list[Batch], stack: nn.ModuleList, consumers: dict[str, nn.Module]):
     """One forward pass of the unpruned model: ``1 − cos(h_in, h_out)`` of every block (mean over
-    token positions) and the input :class:`~prunelab.units.refit.Gram` of every consumer."""
-    from prunelab.metrics.flops import _attention_fast_paths_off
-
+    token positions) and ``E[x_f²]`` of every input feature of each consumer."""
     n = len(stack)
     change = torch.zeros(n, dtype=torch.float64)
     tokens = torch.zeros(n, dtype=torch.float64)
-    grams = {name: lsq.new_gram(lsq.weight_matrix(m).shape[1]) for name, m in consumers.items()}
+    squares = {name: [0.0, 0] for name in consumers}
     inputs = {}
     handles = []
 
@@ -156,29 +154,39 @@ def calibrate(model: nn.Module, batches: list[Batch], stack: nn.ModuleList, cons
 
     def post(i):
         def hook(module, args, kwargs, output):
-            a, b = inputs.pop(i), _main(output)
-            a, b = a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()
+            a, b = lsq.tokens(inputs.pop(i)), lsq.tokens(_main(output))
             change[i] += (1.0 - nn.functional.cosine_similarity(a, b, dim=1)).sum().cpu()
             tokens[i] += len(a)
+        return hook
+
+    def square(name):
+        def hook(module, args):
+            x = lsq.tokens(args[0])
+            squares[name][0] = squares[name][0] + x.pow(2).sum(dim=0).cpu()
+            squares[name][1] += len(x)
         return hook
 
     for i, block in enumerate(stack):
         handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(block.register_forward_hook(post(i), with_kwargs=True))
-    for name, m in consumers.items():
-        handles.append(m.register_forward_pre_hook(lambda mod, a, g=grams[name]: g.add(a[0])))
+    handles += [m.register_forward_pre_hook(square(name)) for name, m in consumers.items()]
     try:
-        with _attention_fast_paths_off(), eval_mode(model), torch.no_grad():
+        with _fast_paths_off(), eval_mode(model), torch.no_grad():
             for batch in batches:
                 batch.call(model)
     finally:
         for h in handles:
             h.remove()
-    missing = [name for name, g in grams.items() if not g.count]
+    missing = [name for name, (_, count) in squares.items() if not count]
     if missing or not bool((tokens > 0).all()):
         where = missing[0] if missing else f"block {int(torch.nonzero(tokens == 0)[0])} of the stack"
         raise ValueError(f"{WHERE}: the calibration forward never reached {where}.")
-    return change / tokens, grams
+    return change / tokens, {name: total / count for name, (total, count) in squares.items()}
+
+
+def _fast_paths_off():
+    from prunelab.metrics.flops import _attention_fast_paths_off    # hooks must see every Linear
+    return _attention_fast_paths_off()
 
 
 # ------------------------------------------------------------------ how many units stay
@@ -212,11 +220,11 @@ def _shape(group: UnitGroup) -> tuple[int, int, int]:
     return group.n_units // n_blocks, n_blocks, width
 
 
-def energy_scores(group: UnitGroup, gram: lsq.Gram) -> torch.Tensor:
+def energy_scores(group: UnitGroup, second_moment: torch.Tensor) -> torch.Tensor:
     """``Σ_f ‖W[:, f]‖² · E[x_f²]`` over a unit's input features ``f`` of the layer that reads it:
     its mean squared contribution to that layer's output (cross terms left out)."""
     W = lsq.weight_matrix(group.points[0].module).double().cpu()
-    per_feature = W.pow(2).sum(dim=0) * gram.second_moment
+    per_feature = W.pow(2).sum(dim=0) * second_moment
     return per_feature[group.points[0].index].sum(dim=1)
 
 
@@ -258,21 +266,18 @@ def prune_transformer(model: nn.Module, data=None, *, heads: float = 0.0, mlp: f
         raise ValueError(f"the 'blocks' parameter of {WHERE} removes every block of {stack_name} ({n_layers}); "
                          f"at least one must stay.")
     consumers = {}
-    if batches and (refit or scorer == "energy"):
-        consumers = {_name(model, g.points[0].module): g.points[0].module
-                     for g in units.groups if g.kind != "conv" and block_of(layers, g.points[0].module) is not None}
-    change, grams = calibrate(model, batches, layers, consumers) if batches else (None, {})
+    if batches and scorer == "energy":
+        consumers = {_name(model, g.points[0].module): g.points[0].module for g in chosen}
+    change, moments = calibrate(model, batches, layers, consumers) if batches else (None, {})
     removed = blocks if isinstance(blocks, list) else \
         sorted(torch.argsort(change, stable=True)[:blocks].tolist()) if blocks else []
     chosen = [g for g in chosen if block_of(layers, g.points[0].module) not in removed]
-    plan, kept, notes = _plan(model, units, chosen, grams, heads, mlp, scorer, round_to, rounding, batches,
+    plan, kept, notes = _plan(model, units, chosen, moments, heads, mlp, scorer, round_to, rounding, batches,
                               seed, loss_fn, output_key)
-    targets = {}
-    if refit and removed:
-        targets = _block_targets(model, units.groups, layers, removed, grams, batches, notes)
     work, wgroups = _thin(model, units, chosen, plan)
-    refits = _refit(model, work, units, wgroups, chosen, plan, grams, set(targets), damp) if refit else []
+    jobs = _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, notes) if refit else []
     remove_blocks(work, stack_name, removed)
+    refits = [refit_job(model, work, job, layers, batches, damp) for job in jobs]
     return StructuredPruning(work, plan, kept, stack_name, removed, change, refits, notes)
 
 
@@ -300,14 +305,14 @@ def _choose(units, layers, heads, mlp, gqa) -> list[UnitGroup]:
     return chosen
 
 
-def _plan(model, units, chosen, grams, heads, mlp, scorer, round_to, rounding, batches, seed, loss_fn,
+def _plan(model, units, chosen, moments, heads, mlp, scorer, round_to, rounding, batches, seed, loss_fn,
           output_key):
     """Removed units per group (lowest scores), the kept counts, and notes on unrounded counts."""
     from prunelab.units import score_units
     from prunelab.units.scoring import select
 
     if scorer == "energy":
-        scores = {g.name: energy_scores(g, grams[_name(model, g.points[0].module)]) for g in chosen}
+        scores = {g.name: energy_scores(g, moments[_name(model, g.points[0].module)]) for g in chosen}
     elif chosen:
         scores = score_units(model, scorer, batches or None, layers=[g.name for g in chosen], units=units,
                              seed=seed, loss_fn=loss_fn, output_key=output_key)
@@ -344,26 +349,111 @@ def _thin(model, units, chosen, plan):
     return work, wgroups
 
 
-def _refit(model, work, units, wgroups, chosen, plan, grams, block_targets, damp) -> list:
-    """Refit every layer that reads removed units (and every ``down_proj`` given a removed
-    block's target), from the unpruned model's input statistics."""
-    refits = []
-    done = set()
+@dataclass
+class _Job:
+    """One layer to refit: its name, the unpruned and the thinned module, its input features in the
+    unpruned model, and the run ``(i, j)`` of removed blocks whose change it takes on, if any."""
+
+    name: str
+    dense: nn.Module
+    thinned: nn.Module
+    features: int
+    order: tuple
+    run: tuple[int, int] | None = None
+
+
+def _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, notes) -> list[_Job]:
+    """The layers to refit, in forward order: every layer reading removed units, and the last
+    projection of the block before each run of removed blocks (where its output adds straight into
+    the block's output)."""
+    jobs = {}
     for g, wg in zip(chosen, wgroups):
-        point, wpoint = g.points[0], wg.points[0]
-        name = _name(model, point.module)
-        if not len(plan[g.name]) and name not in block_targets:
-            continue
-        F = lsq.weight_matrix(point.module).shape[1]
-        keep = unit_groups.kept(point.index, plan[g.name], F)
-        refits.append(lsq.refit_layer(name, point.module, wpoint.module, grams[name], keep, damp))
-        done.add(name)
+        if len(plan[g.name]):
+            point = g.points[0].module
+            name = _name(model, point)
+            jobs[name] = _Job(name, point, wg.points[0].module, lsq.weight_matrix(point).shape[1],
+                              (block_of(layers, point), g.kind == "dense"))
     work_modules = dict(work.named_modules())
-    for name in sorted(block_targets - done):
-        dense = dict(model.named_modules())[name]
-        keep = torch.arange(lsq.weight_matrix(dense).shape[1])
-        refits.append(lsq.refit_layer(name, dense, work_modules[name], grams[name], keep, damp))
-    return refits
+    mlps = {block_of(layers, g.points[0].module): g.points[0].module for g in units.groups if g.kind == "dense"}
+    for i, j in _runs(removed):
+        label = f"block {i}" if i == j else f"blocks {i}-{j}"
+        down = mlps.get(i - 1)
+        if i == 0 or down is None:
+            why = "there is no block before it" if i == 0 else f"block {i - 1} has no MLP"
+            notes[label] = f"not refit: {why} whose output projection could take its place"
+            continue
+        name = _name(model, down)
+        if not _adds_to_output(model, layers[i - 1], down, batches[0]):
+            notes[label] = (f"not refit: the output of {name} does not add straight into the output of block "
+                            f"{i - 1} (a norm after the residual add?), so no linear refit of it can add the "
+                            f"removed blocks' change")
+            continue
+        if name not in jobs:
+            jobs[name] = _Job(name, down, work_modules[name], lsq.weight_matrix(down).shape[1], (i - 1, True))
+        jobs[name].run = (i, j)
+    return sorted(jobs.values(), key=lambda job: job.order)
+
+
+class _Stop(Exception):
+    """Ends a forward once what it was run for is captured."""
+
+
+def _capture(model, batch, hooks) -> None:
+    """Run ``batch`` through ``model`` with ``hooks`` (``(module, kind, function)``) until one
+    raises :class:`_Stop`."""
+    handles = [m.register_forward_pre_hook(f, with_kwargs=True) if kind == "pre" else
+               m.register_forward_hook(f, with_kwargs=True) for m, kind, f in hooks]
+    try:
+        with _fast_paths_off(), eval_mode(model), torch.no_grad():
+            batch.call(model)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _targets(model, job: _Job, layers, batch) -> torch.Tensor:
+    """The unpruned layer's output on ``batch`` (plus the removed run's change of the stream)."""
+    got = {}
+
+    def output(module, args, kwargs, out):
+        got["y"] = out
+        if job.run is None:
+            raise _Stop
+
+    def stream_in(module, args, kwargs):
+        got["in"] = _hidden(args, kwargs)
+
+    def stream_out(module, args, kwargs, out):
+        got["out"] = _main(out)
+        raise _Stop
+    hooks = [(job.dense, "post", output)]
+    if job.run is not None:
+        hooks += [(layers[job.run[0]], "pre", stream_in), (layers[job.run[1]], "post", stream_out)]
+    _capture(model, batch, hooks)
+    return got["y"] if job.run is None else got["y"] + (got["out"] - got["in"])
+
+
+def refit_job(model, work, job: _Job, layers, batches, damp) -> lsq.Refit:
+    """Refit one layer of ``work`` (already thinned, earlier layers already refit) to the unpruned
+    layer's outputs, on the inputs it now receives (:mod:`prunelab.units.refit`)."""
+    bias = getattr(job.thinned, "bias", None) is not None
+    fit, held_out = lsq.Normal(bias), lsq.Normal(bias)
+    for index, batch in enumerate(batches):
+        got = {}
+
+        def inputs(module, args, kwargs):
+            got["x"] = args[0] if args else next(iter(kwargs.values()))
+            raise _Stop
+        _capture(work, batch, [(job.thinned, "pre", inputs)])
+        (held_out if _held_out(index, len(batches)) else fit).add(got["x"], _targets(model, job, layers, batch))
+    return lsq.refit_layer(job.name, job.thinned, fit, damp, job.features, held_out)
+
+
+def _held_out(index: int, n: int) -> bool:
+    """Every 4th calibration batch (the last one when there are 2 or 3) checks the refit."""
+    return index % 4 == 3 or (n in (2, 3) and index == n - 1)
 
 
 # ------------------------------------------------------------------ removed blocks
@@ -375,30 +465,6 @@ def _runs(removed: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((i, i))
     return runs
-
-
-def _block_targets(model, groups, layers, removed, grams, batches, notes) -> dict[str, tuple[int, int]]:
-    """For each run ``i..j`` of removed blocks, give the ``down_proj`` of block ``i − 1`` the
-    run's change of the residual stream, ``h_out(j) − h_in(i)``, as an extra target (in its
-    :class:`~prunelab.units.refit.Gram`), where that projection adds straight into the block's output."""
-    mlps = {block_of(layers, g.points[0].module): g.points[0].module for g in groups if g.kind == "dense"}
-    targets = {}
-    for i, j in _runs(removed):
-        label = f"block {i}" if i == j else f"blocks {i}-{j}"
-        down = mlps.get(i - 1)
-        if i == 0 or down is None:
-            why = "there is no block before it" if i == 0 else f"block {i - 1} has no MLP"
-            notes[label] = f"not refit: {why} whose output projection could take its place"
-            continue
-        if not _adds_to_output(model, layers[i - 1], down, batches[0]):
-            notes[label] = (f"not refit: the output of {_name(model, down)} does not add straight into the "
-                            f"output of block {i - 1} (a norm after the residual add?), so no linear refit of it "
-                            f"can add the removed blocks' change")
-            continue
-        targets[_name(model, down)] = (i, j)
-    if targets:
-        _collect_targets(model, layers, targets, grams, batches)
-    return targets
 
 
 def _adds_to_output(model, block, down, batch) -> bool:
@@ -413,7 +479,7 @@ def _adds_to_output(model, block, down, batch) -> bool:
 
     keep = block.register_forward_hook(lambda m, a, o: outputs.append(_main(o).detach().clone()))
     try:
-        with eval_mode(model), torch.no_grad():
+        with _fast_paths_off(), eval_mode(model), torch.no_grad():
             batch.call(model)
             handle = down.register_forward_hook(shift)
             try:
@@ -425,31 +491,6 @@ def _adds_to_output(model, block, down, batch) -> bool:
     if len(outputs) != 2 or outputs[0].shape != delta["d"].shape:
         return False
     return torch.allclose(outputs[1] - outputs[0], delta["d"], atol=1e-4, rtol=1e-3)
-
-
-def _collect_targets(model, layers, targets, grams, batches) -> None:
-    modules = dict(model.named_modules())
-    saved, handles = {}, []
-    for name, (i, j) in targets.items():
-        def x_hook(module, args, key=name):
-            saved[(key, "x")] = args[0]
-
-        def in_hook(module, args, kwargs, key=name):
-            saved[(key, "in")] = _hidden(args, kwargs)
-
-        def out_hook(module, args, output, key=name):
-            grams[key].add_target(saved.pop((key, "x")), _main(output) - saved.pop((key, "in")))
-        handles += [modules[name].register_forward_pre_hook(x_hook),
-                    layers[i].register_forward_pre_hook(in_hook, with_kwargs=True),
-                    layers[j].register_forward_hook(out_hook)]
-    from prunelab.metrics.flops import _attention_fast_paths_off
-    try:
-        with _attention_fast_paths_off(), eval_mode(model), torch.no_grad():
-            for batch in batches:
-                batch.call(model)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def remove_blocks(model: nn.Module, stack: str, removed: list[int]) -> None:
