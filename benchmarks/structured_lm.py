@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calibration", type=int, default=64, help="calibration sequences")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dense, seq, vocab = build(args.size)
@@ -98,7 +99,7 @@ def main() -> None:
         q_width = result.model.model.layers[0].self_attn.q_proj.out_features
         rows.append((label, mlp_width, q_width, result.removed_blocks, errors, seconds))
     report = units.speed_report(models, example, batch_sizes=(1, 16), threads=args.threads, repeats=args.repeats,
-                                warmup=2)
+                                warmup=2, rounds=args.rounds)
     print("| setting | MLP width | q width | blocks removed | params × | FLOPs × | latency × @1 | latency × @16 "
           "| error, no refit | error, refit | seconds (no refit / refit) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

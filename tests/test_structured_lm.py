@@ -82,19 +82,28 @@ def test_a_refit_that_does_not_lower_the_held_out_error_is_not_applied():
     assert torch.equal(layer.weight.detach(), weight) and result.after == result.before
 
 
+REFIT_LAYERS = [("hf-llama", "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn:heads", 4),
+                ("hf-llama", "model.layers.1.mlp.down_proj", "model.layers.1.mlp", 1),
+                ("hf-gpt2", "transformer.h.1.mlp.c_proj", "transformer.h.1.mlp", 1)]
+
+
 @hf_only
-@pytest.mark.parametrize("name, layer", [("hf-llama", "model.layers.1.self_attn.o_proj"),
-                                         ("hf-llama", "model.layers.1.mlp.down_proj"),
-                                         ("hf-gpt2", "transformer.h.1.mlp.c_proj")])
-def test_refit_in_the_model_equals_lstsq_on_its_inputs_and_the_dense_outputs(name, layer):
+@pytest.mark.parametrize("mode", ["layerwise", "sequential"])
+@pytest.mark.parametrize("name, layer, group, width", REFIT_LAYERS, ids=[r[1] for r in REFIT_LAYERS])
+def test_refit_in_the_model_equals_lstsq_on_its_inputs_and_the_dense_outputs(name, layer, group, width, mode):
     model, data, _ = built(name)
-    result = units.prune_transformer(model, data, heads=0.5, mlp=0.5, refit=True, damp=0.0)
+    result = units.prune_transformer(model, data, heads=0.5, mlp=0.5, refit=mode, damp=0.0)
     assert next(r for r in result.refits if r.layer == layer).applied
-    X, Y = [], []
     pruned, dense = result.model.get_submodule(layer), model.get_submodule(layer)
-    h1 = pruned.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    removed = torch.cat([torch.arange(u * width, (u + 1) * width) for u in result.plan[group].tolist()])
+    kept = torch.tensor([f for f in range(dense.weight.shape[0 if name == "hf-gpt2" else 1]) if f not in removed])
+    X, Y = [], []
+    if mode == "sequential":     # earlier layers are final when this one is refit: its inputs are these
+        h1 = pruned.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    else:                        # the unpruned layer's inputs, its kept features
+        h1 = dense.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])[:, kept].double()))
     h2 = dense.register_forward_hook(lambda m, a, o: Y.append(o.reshape(-1, o.shape[-1]).double()))
-    for raw in data:     # earlier layers are final when this one is refit: its inputs are these
+    for raw in data:
         outputs(result.model, raw)
         outputs(model, raw)
     h1.remove(), h2.remove()
@@ -291,7 +300,7 @@ def test_round_to_sets_the_thinned_widths():
 def test_speed_report_counts_parameters_and_flops():
     model, data, held = built("hf-llama")
     result = units.prune_transformer(model, data, heads=0.5, mlp=0.5, blocks=1)
-    report = result.report(model, held[0], batch_sizes=(1, 2), repeats=2, warmup=1)
+    report = result.report(model, held[0], batch_sizes=(1, 2), repeats=2, warmup=1, rounds=2)
     dense, pruned = report.rows
     assert dense.params == sum(p.numel() for p in model.parameters())
     assert pruned.params == sum(p.numel() for p in result.model.parameters()) < dense.params
@@ -309,6 +318,8 @@ def test_speed_report_counts_parameters_and_flops():
     ({"gqa": "groups"}, "'gqa' parameter"),
     ({"rounding": "ceil"}, "'rounding' parameter"),
     ({"round_to": 0}, "'round_to' parameter"),
+    ({"refit": "exact"}, "'refit' parameter"),
+    ({"refit": 1}, "'refit' parameter"),
     ({"scorer": "magnitude"}, "'scorer' parameter"),
     ({"stack": "embed"}, "not an nn.ModuleList"),
 ])

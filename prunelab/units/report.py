@@ -6,7 +6,9 @@
 FLOPs are :func:`prunelab.metrics.count_flops` per sample (dense: every weight counted, as a thinned
 model has no zeros to skip); latency is :func:`prunelab.metrics.measure_latency`'s median of one
 forward call (prefill: the whole example sequence at once) at each batch size, the example's first
-sample repeated, all models measured in the same process one after another.
+sample repeated. All models are measured in the same process, in ``rounds`` interleaved rounds (the
+order reversed every other round), and the median over rounds is reported, so that drift of a
+shared machine affects every model alike.
 """
 
 from __future__ import annotations
@@ -51,23 +53,32 @@ class SpeedReport:
 
 
 def speed_report(models: dict[str, nn.Module], example_inputs, *, batch_sizes=(1, 16), threads: int | None = None,
-                 warmup: int = 3, repeats: int = 10) -> SpeedReport:
+                 warmup: int = 3, repeats: int = 10, rounds: int = 3) -> SpeedReport:
     """Measure every model of ``models`` (name → model) on ``example_inputs`` (inputs as the
     models take them, batch first; a :class:`prunelab.inputs.Batch` or a raw batch with targets is
     taken for its inputs)."""
+    import statistics
+
+    from prunelab._validation import check_number
     from prunelab.inputs import as_batch
     from prunelab.metrics import count_flops, measure_latency
 
     if not isinstance(models, dict) or not models:
         raise TypeError(f"the 'models' parameter of speed_report must be a non-empty dict of name → model. "
                         f"Got {type(models).__name__} instead.")
+    rounds = check_number("rounds", rounds, where="speed_report", low=1, integer=True)
     inputs = as_batch(example_inputs, where="speed_report").inputs
-    rows, used = [], None
+    times = {name: {} for name in models}
+    used = None
+    for r in range(rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            for row in measure_latency(models[name], example_inputs=inputs, batch_sizes=batch_sizes, threads=threads,
+                                       warmup=warmup, repeats=repeats):
+                times[name].setdefault(row.batch_size, []).append(row.median_ms)
+                used = row.threads
+    rows = []
     for name, model in models.items():
         flops = sum(c.dense for c in count_flops(model, example_inputs=inputs).values())
-        latency = measure_latency(model, example_inputs=inputs, batch_sizes=batch_sizes, threads=threads,
-                                  warmup=warmup, repeats=repeats)
-        used = latency[0].threads
         rows.append(ModelSpeed(name, sum(p.numel() for p in model.parameters()), flops,
-                               {row.batch_size: row.median_ms for row in latency}))
+                               {b: statistics.median(t) for b, t in times[name].items()}))
     return SpeedReport(tuple(rows), used)

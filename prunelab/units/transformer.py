@@ -17,10 +17,11 @@ least-squares refit and channel counts rounded to a multiple (docs/units.md "Tra
   ``config.layer_types``, ``num_layers``) and each attention's ``layer_idx`` (the key/value cache
   slot) are renumbered, so the model runs, caches and saves.
 * **Refit** (:mod:`prunelab.units.refit`): each layer that reads removed units (``o_proj``,
-  ``down_proj``, ...) is refit by ridge-damped least squares to the unpruned layer's outputs on the
-  calibration data. For a run of removed blocks, the ``down_proj`` of the kept block before it is
-  also given the removed blocks' change of the residual stream as a target, where its output adds
-  directly into the stream (pre-norm blocks; checked by perturbing it).
+  ``down_proj``, ...) is refit, in forward order, by ridge-damped least squares from the inputs it
+  receives in the pruned model to the unpruned layer's outputs, and kept only if it lowers the error
+  on held-out calibration batches. For a run of removed blocks, the ``down_proj`` of the kept block
+  before it is also given the removed blocks' change of the residual stream as a target, where its
+  output adds straight into the stream (pre-norm blocks; checked by perturbing it).
 * **Rounding**: ``round_to=m`` rounds every kept count so that the thinned widths (MLP channels,
   heads × head size) are multiples of ``m``.
 """
@@ -46,6 +47,8 @@ WHERE = "prune_transformer"
 TRANSFORMER_SCORERS = ("energy", *SCORERS)
 GQA_MODES = ("query", "kv")
 ROUNDING = ("nearest", "down", "up")
+REFIT_MODES = ("sequential", "layerwise")
+REFIT_DEFAULT = "layerwise"
 
 
 @dataclass
@@ -81,6 +84,18 @@ def _check_blocks(blocks):
                                  f"block indices (ints ≥ 0). Got {list(blocks)!r} instead.")
         return sorted(set(blocks))
     return check_number("blocks", blocks, where=WHERE, low=0, integer=True)
+
+
+def _check_refit(refit):
+    """``refit`` as a mode (``"sequential"``, ``"layerwise"``) or False."""
+    if refit is True:
+        return REFIT_DEFAULT
+    if refit is False:
+        return False
+    if isinstance(refit, str):
+        return check_choice("refit", refit, REFIT_MODES, where=WHERE)
+    raise TypeError(f"the 'refit' parameter of {WHERE} must be a bool or one of: {', '.join(REFIT_MODES)}. "
+                    f"Got {refit!r} of type {type(refit).__name__} instead.")
 
 
 def _check(heads, mlp, blocks, gqa, scorer, damp, round_to, rounding):
@@ -246,7 +261,7 @@ def prune_transformer(model: nn.Module, data=None, *, heads: float = 0.0, mlp: f
     damping of the refit, relative to the mean diagonal of the Gram.
     """
     heads, mlp, blocks, damp, round_to = _check(heads, mlp, blocks, gqa, scorer, damp, round_to, rounding)
-    check_type("refit", refit, bool, where=WHERE)
+    refit = _check_refit(refit)
     batches = [] if data is None else list(iter_batches(data, batch_size, where=WHERE))
     wants_data = refit or (isinstance(blocks, int) and blocks > 0) or scorer not in ("rand", "norm")
     if wants_data and not batches:
@@ -277,7 +292,7 @@ def prune_transformer(model: nn.Module, data=None, *, heads: float = 0.0, mlp: f
     work, wgroups = _thin(model, units, chosen, plan)
     jobs = _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, notes) if refit else []
     remove_blocks(work, stack_name, removed)
-    refits = [refit_job(model, work, job, layers, batches, damp) for job in jobs]
+    refits = [refit_job(model, work, job, layers, batches, damp, refit) for job in jobs]
     return StructuredPruning(work, plan, kept, stack_name, removed, change, refits, notes)
 
 
@@ -322,8 +337,9 @@ def _plan(model, units, chosen, moments, heads, mlp, scorer, round_to, rounding,
         keep, rounded = kept_count(per_block, n_blocks, width, mlp if g.kind == "dense" else heads, round_to,
                                    rounding)
         if not rounded:
-            notes[g.name] = (f"no kept count of 1 to {per_block} units (of {n_blocks * width} features each) "
-                             f"makes a multiple of round_to={round_to}; kept {keep} unrounded")
+            where = "per key/value group " if n_blocks > 1 else ""
+            notes[g.name] = (f"no kept count of 1 to {per_block} units {where}({width} features each) makes the "
+                             f"thinned width a multiple of round_to={round_to}; kept {keep} unrounded")
         plan[g.name] = unit_groups.select_group(g, scores[g.name], select, None, per_block - keep)
         kept[g.name] = keep * n_blocks
     return plan, kept, notes
@@ -359,6 +375,7 @@ class _Job:
     thinned: nn.Module
     features: int
     order: tuple
+    kept: torch.Tensor                       # the kept input features, in the unpruned layer
     run: tuple[int, int] | None = None
 
 
@@ -371,8 +388,9 @@ def _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, n
         if len(plan[g.name]):
             point = g.points[0].module
             name = _name(model, point)
-            jobs[name] = _Job(name, point, wg.points[0].module, lsq.weight_matrix(point).shape[1],
-                              (block_of(layers, point), g.kind == "dense"))
+            features = lsq.weight_matrix(point).shape[1]
+            jobs[name] = _Job(name, point, wg.points[0].module, features, (block_of(layers, point), g.kind == "dense"),
+                              unit_groups.kept(g.points[0].index, plan[g.name], features))
     work_modules = dict(work.named_modules())
     mlps = {block_of(layers, g.points[0].module): g.points[0].module for g in units.groups if g.kind == "dense"}
     for i, j in _runs(removed):
@@ -389,7 +407,8 @@ def _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, n
                             f"removed blocks' change")
             continue
         if name not in jobs:
-            jobs[name] = _Job(name, down, work_modules[name], lsq.weight_matrix(down).shape[1], (i - 1, True))
+            features = lsq.weight_matrix(down).shape[1]
+            jobs[name] = _Job(name, down, work_modules[name], features, (i - 1, True), torch.arange(features))
         jobs[name].run = (i, j)
     return sorted(jobs.values(), key=lambda job: job.order)
 
@@ -413,12 +432,13 @@ def _capture(model, batch, hooks) -> None:
             h.remove()
 
 
-def _targets(model, job: _Job, layers, batch) -> torch.Tensor:
-    """The unpruned layer's output on ``batch`` (plus the removed run's change of the stream)."""
+def _targets(model, job: _Job, layers, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpruned layer's kept inputs and its output on ``batch`` (plus the removed run's
+    change of the stream)."""
     got = {}
 
     def output(module, args, kwargs, out):
-        got["y"] = out
+        got["x"], got["y"] = args[0], out
         if job.run is None:
             raise _Stop
 
@@ -432,22 +452,27 @@ def _targets(model, job: _Job, layers, batch) -> torch.Tensor:
     if job.run is not None:
         hooks += [(layers[job.run[0]], "pre", stream_in), (layers[job.run[1]], "post", stream_out)]
     _capture(model, batch, hooks)
-    return got["y"] if job.run is None else got["y"] + (got["out"] - got["in"])
+    x = got["x"].index_select(-1, job.kept.to(got["x"].device))
+    return x, (got["y"] if job.run is None else got["y"] + (got["out"] - got["in"]))
 
 
-def refit_job(model, work, job: _Job, layers, batches, damp) -> lsq.Refit:
+def refit_job(model, work, job: _Job, layers, batches, damp, mode: str) -> lsq.Refit:
     """Refit one layer of ``work`` (already thinned, earlier layers already refit) to the unpruned
-    layer's outputs, on the inputs it now receives (:mod:`prunelab.units.refit`)."""
+    layer's outputs (:mod:`prunelab.units.refit`), from the inputs it now receives in ``work``
+    (``mode="sequential"``) or the unpruned layer's inputs (``"layerwise"``)."""
     bias = getattr(job.thinned, "bias", None) is not None
     fit, held_out = lsq.Normal(bias), lsq.Normal(bias)
     for index, batch in enumerate(batches):
-        got = {}
+        x, y = _targets(model, job, layers, batch)
+        if mode == "sequential":
+            got = {}
 
-        def inputs(module, args, kwargs):
-            got["x"] = args[0] if args else next(iter(kwargs.values()))
-            raise _Stop
-        _capture(work, batch, [(job.thinned, "pre", inputs)])
-        (held_out if _held_out(index, len(batches)) else fit).add(got["x"], _targets(model, job, layers, batch))
+            def inputs(module, args, kwargs):
+                got["x"] = args[0]
+                raise _Stop
+            _capture(work, batch, [(job.thinned, "pre", inputs)])
+            x = got["x"]
+        (held_out if _held_out(index, len(batches)) else fit).add(x, y)
     return lsq.refit_layer(job.name, job.thinned, fit, damp, job.features, held_out)
 
 
