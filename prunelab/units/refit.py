@@ -3,10 +3,10 @@
 
 After some of a layer's input features are removed (an attention head's columns of ``o_proj``, an
 MLP's channels of ``down_proj``), its remaining weights are refit so that its output on the
-calibration data is as close as possible to the unpruned layer's output. With ``x'`` the inputs the
-pruned layer receives (its kept features, one column per token position, a constant 1 appended
-when the layer has a bias) and ``y`` the unpruned layer's outputs on the unpruned model's inputs,
-the ridge-damped least-squares solution is
+calibration data is as close as possible to the unpruned layer's output. With ``x'`` the layer's
+kept input features (of the unpruned model's input, or of the pruned model's: the caller chooses;
+one column per token position, a constant 1 appended when the layer has a bias) and ``y`` the
+unpruned layer's outputs on the unpruned model's inputs, the ridge-damped least-squares solution is
 
     W' = C (G + λI)⁻¹,   C = Σ y x'ᵀ,   G = Σ x' x'ᵀ,   λ = damp · mean(diag G).
 

@@ -17,9 +17,10 @@ least-squares refit and channel counts rounded to a multiple (docs/units.md "Tra
   ``config.layer_types``, ``num_layers``) and each attention's ``layer_idx`` (the key/value cache
   slot) are renumbered, so the model runs, caches and saves.
 * **Refit** (:mod:`prunelab.units.refit`): each layer that reads removed units (``o_proj``,
-  ``down_proj``, ...) is refit, in forward order, by ridge-damped least squares from the inputs it
-  receives in the pruned model to the unpruned layer's outputs, and kept only if it lowers the error
-  on held-out calibration batches. For a run of removed blocks, the ``down_proj`` of the kept block
+  ``down_proj``, ...) is refit, in forward order, by ridge-damped least squares from its kept inputs
+  (of the unpruned model, ``refit="layerwise"``, the default; of the pruned model, ``"sequential"``)
+  to the unpruned layer's outputs, and kept only if it lowers the error on held-out calibration
+  batches. For a run of removed blocks, the ``down_proj`` of the kept block
   before it is also given the removed blocks' change of the residual stream as a target, where its
   output adds straight into the stream (pre-norm blocks; checked by perturbing it).
 * **Rounding**: ``round_to=m`` rounds every kept count so that the thinned widths (MLP channels,
@@ -257,8 +258,9 @@ def prune_transformer(model: nn.Module, data=None, *, heads: float = 0.0, mlp: f
     ``data``: calibration batches as the model takes them (needed for ``refit``, block scoring
     and every scorer but ``norm``/``rand``). ``scorer``: ``"energy"`` (forward only: a unit's mean
     squared contribution to the next layer's output) or a unit scorer of
-    :mod:`prunelab.units` (``abs_mrs``, ... with gradients of the model's loss). ``damp``: ridge
-    damping of the refit, relative to the mean diagonal of the Gram.
+    :mod:`prunelab.units` (``abs_mrs``, ... with gradients of the model's loss). ``refit``:
+    ``True``/``"layerwise"``, ``"sequential"`` or ``False``. ``damp``: ridge damping of the refit,
+    relative to the mean diagonal of the Gram.
     """
     heads, mlp, blocks, damp, round_to = _check(heads, mlp, blocks, gqa, scorer, damp, round_to, rounding)
     refit = _check_refit(refit)
