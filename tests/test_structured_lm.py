@@ -197,6 +197,32 @@ def test_post_norm_blocks_are_not_refit_and_say_why():
     assert result.refits == []
 
 
+# ------------------------------------------------------------------ scores
+@hf_only
+def test_energy_scores_by_hand_and_the_lowest_go():
+    model, data, _ = built("hf-llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = units.prune_transformer(model, data, mlp=0.25, refit=False)
+    down = model.model.layers[1].mlp.down_proj
+    X = []
+    handle = down.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, 32).double()))
+    for raw in data:
+        outputs(model, raw)
+    handle.remove()
+    hand = down.weight.detach().double().pow(2).sum(0) * torch.cat(X).pow(2).mean(0)
+    lowest = torch.sort(torch.argsort(hand)[:8]).values
+    assert torch.equal(result.plan["model.layers.1.mlp"], lowest)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # the model is untouched
+
+
+@hf_only
+def test_a_gradient_scorer_can_rank_the_units():
+    model, data, held = built("hf-llama")
+    result = units.prune_transformer(model, data, heads=0.5, mlp=0.5, scorer="abs_mrs", refit=False)
+    scores = units.score_units(model, "abs_mrs", data, layers=["model.layers.0.mlp"])["model.layers.0.mlp"]
+    assert torch.equal(result.plan["model.layers.0.mlp"], torch.sort(torch.argsort(scores, stable=True)[:16]).values)
+
+
 # ------------------------------------------------------------------ blocks
 @hf_only
 def test_block_scores_are_one_minus_cosine_of_input_and_output():
