@@ -124,7 +124,8 @@ def _head_columns(result, group, head_dim, per_kv):
 HEADS = [("hf-llama", "query", "model.layers.{}.self_attn", "o_proj", 4, 2),
          ("hf-llama", "kv", "model.layers.{}.self_attn", "o_proj", 4, 2),
          ("hf-gpt2", "query", "transformer.h.{}.attn", "c_proj", 4, 1),
-         ("hf-bert", "query", "bert.encoder.layer.{}.attention.self", "../output.dense", 4, 1)]
+         ("hf-bert", "query", "bert.encoder.layer.{}.attention.self", "../output.dense", 4, 1),
+         ("hf-vit", "query", "vit.layers.{}.attention", "o_proj", 4, 1)]
 
 
 @hf_only
@@ -169,7 +170,7 @@ def test_multihead_attention_heads_are_refused_naming_the_layer():
 
 
 # ------------------------------------------------------------------ refit lowers the error
-@pytest.mark.parametrize("z", zoo_params(["hf-llama", "hf-gpt2", "hf-bert", "transformer"]))
+@pytest.mark.parametrize("z", zoo_params(["hf-llama", "hf-gpt2", "hf-bert", "hf-vit", "transformer"]))
 def test_refit_lowers_the_output_error(z):
     model, data, held = built(z.name)
     heads = 0.0 if z.name == "transformer" else 0.5
@@ -239,7 +240,7 @@ def test_block_scores_are_one_minus_cosine_of_input_and_output():
     assert result.removed_blocks == [int(torch.argmin(result.block_scores))]
 
 
-@pytest.mark.parametrize("z", zoo_params(["hf-llama", "hf-gpt2", "hf-bert", "transformer"]))
+@pytest.mark.parametrize("z", zoo_params(["hf-llama", "hf-gpt2", "hf-bert", "hf-vit", "transformer"]))
 def test_removing_a_block_equals_skipping_it(z):
     model, data, held = built(z.name)
     result = units.prune_transformer(model, data, blocks=[0], refit=False)
