@@ -39,11 +39,14 @@ from prunelab.units.groups import GroupStats, UnitGroup
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
 from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, select_layers,
                                       unsupported_activation)
+from prunelab.units.report import SpeedReport, speed_report
+from prunelab.units.transformer import StructuredPruning, prune_transformer, remove_blocks
 
 METHODS = tuple([*SCORERS, *(f"bp_{s}" for s in SCORERS)])
 
-__all__ = ["LAYER_SETS", "METHODS", "SCORERS", "UnitGroup", "UnitPruning", "UnitStats", "Units", "collect_stats",
-           "parse_method", "remove_units", "score_units", "thin", "thin_dead_units", "zero_units"]
+__all__ = ["LAYER_SETS", "METHODS", "SCORERS", "SpeedReport", "StructuredPruning", "UnitGroup", "UnitPruning",
+           "UnitStats", "Units", "collect_stats", "parse_method", "prune_transformer", "remove_blocks",
+           "remove_units", "score_units", "speed_report", "thin", "thin_dead_units", "zero_units"]
 
 #: Modules that make a model a transformer or sequence model: its unit groups are MLP neurons
 #: and attention heads (:mod:`prunelab.units.attention`), not Torch-Pruning's channel groups.
