@@ -394,7 +394,7 @@ class _FlopMode(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _attention_fast_paths_off():
+def attention_fast_paths_off():
     """``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` fast paths run one fused kernel;
     turned off, they run the same arithmetic as separate counted operations."""
     mha = getattr(torch.backends, "mha", None)
@@ -417,7 +417,7 @@ def module_flops(model: nn.Module, batch, *, where: str, failure: str) -> dict[n
     error raised when the forward fails."""
     mode = _FlopMode(model)
     handles = mode.hooks(model)
-    with _attention_fast_paths_off():
+    with attention_fast_paths_off():
         run_dry(model, batch, where, handles, failure=failure, mode=mode)
     if mode.uncounted:
         listed = "; ".join(f"{op} in {', '.join(sorted(names))}" for op, names in mode.uncounted.items())

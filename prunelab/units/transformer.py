@@ -201,8 +201,8 @@ def calibrate(model: nn.Module, batches: list[Batch], stack: nn.ModuleList, cons
 
 
 def _fast_paths_off():
-    from prunelab.metrics.flops import _attention_fast_paths_off    # hooks must see every Linear
-    return _attention_fast_paths_off()
+    from prunelab.metrics.flops import attention_fast_paths_off    # hooks must see every Linear
+    return attention_fast_paths_off()
 
 
 # ------------------------------------------------------------------ how many units stay
