@@ -309,13 +309,23 @@ def channel_cells(zoo, dense: nn.Module, batches: list, settings: Settings, fail
         mark = failures.add(f"{name}, measuring", err)
         return [mark] * 4
 
-    def pair(value: Callable[[str], float], fmt: str) -> str:
+    # the same layer shapes in the same order: the same computation, so a latency gap is noise
+    same = len(models) == 2 and same_shapes(small, tp_model)
+
+    def pair(value: Callable[[str], float], fmt: str, note: str = "") -> str:
         left = fmt.format(value("prunelab")) if "prunelab" in models else mark
         right = fmt.format(value("tp")) if "tp" in models else tp_mark
-        ratio = f" ({value('prunelab') / value('tp'):.2f}×)" if len(models) == 2 else ""
+        ratio = f" ({value('prunelab') / value('tp'):.2f}×{note})" if len(models) == 2 else ""
         return f"{left} / {right}{ratio}"
-    return [pair(lambda k: counts[k][0], "{:,}"), pair(lambda k: counts[k][1], "{:,}"),
+    note = ", same shapes" if same else ""
+    return [pair(lambda k: counts[k][0], "{:,}", note), pair(lambda k: counts[k][1], "{:,}"),
             pair(lambda k: times[k][1], "{:.2f}"), pair(lambda k: times[k][64], "{:.2f}")]
+
+
+def same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    """Every parameter of ``a`` has the shape of ``b``'s parameter of the same name, and back."""
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}
+    return shapes(a) == shapes(b)
 
 
 def row(zoo, settings: Settings, failures: Failures) -> list[str]:
