@@ -42,7 +42,7 @@ class LayerStats:
       docs/methods.md §7, for weights that hold an N:M pattern).
     * ``pattern``: the N:M pattern (``"2:4"``) every prunable weight of the module holds
       (:func:`prunelab.pruning.granularity.nm_pattern`: runs of M consecutive inputs of a row,
-      M in 2, 4, 8, 16, tight), ``"mixed"`` if they hold different ones, ``None`` if none does.
+      M in 2, 4, 8, most runs full), ``"mixed"`` if they hold different ones, ``None`` if none does.
     """
 
     name: str
@@ -411,7 +411,8 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *,
         for param_name, identity, tensor in own:
             if id(identity) not in seen:
                 seen.add(id(identity))
-                tally.add_tensor(tensor, id(identity) in prunable_ids, layout_of(module, param_name))
+                layout = "linear" if identity is not tensor else layout_of(module, param_name)    # SparseLinear: a Linear
+                tally.add_tensor(tensor, id(identity) in prunable_ids, layout)
         tally.add_flops(flops.get(module))
         rows.append(tally.freeze(name, type(module).__name__))
         total.merge(tally)

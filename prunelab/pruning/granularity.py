@@ -294,13 +294,18 @@ def nm_keep(scores: torch.Tensor, n: int, m: int, alive: torch.Tensor | None = N
     return keep.reshape(rows, d)
 
 
-def nm_pattern(tensor: torch.Tensor, layout: str, candidates: tuple[int, ...] = (2, 4, 8, 16)):
+#: The run lengths M that :func:`nm_pattern` tries (those of sparse hardware: 1:2, 2:4, 4:8, ...).
+NM_CANDIDATES = (2, 4, 8)
+
+
+def nm_pattern(tensor: torch.Tensor, layout: str, candidates: tuple[int, ...] = NM_CANDIDATES):
     """The N:M pattern ``(n, m)`` that ``tensor`` (a weight of ``layout``) holds tightly, or None.
 
     For each ``m`` of ``candidates`` dividing the row's input size, ``n`` is the largest number of
     non-zeros in one run; the pattern holds tightly when ``n < m`` and the runs hold more than
-    ``n − 1`` non-zeros on average (a 2:4 layer, not a 90 % unstructured one that happens to fit
-    6:16). Of the tight patterns the sparsest (lowest n/m) is returned, the smaller m on ties."""
+    ``n − 1/2`` non-zeros on average, i.e. most runs are full (a 2:4 layer, not a 95 % unstructured
+    one in which no two neighbours survive, "1:2" by accident). Of the tight patterns the sparsest
+    (lowest n/m) is returned, the smaller m on ties."""
     if layout not in NM_LAYOUTS or tensor.dim() < 2 or tensor.numel() == 0:
         return None
     matrix = nm_view(tensor.detach(), layout)
@@ -310,7 +315,7 @@ def nm_pattern(tensor: torch.Tensor, layout: str, candidates: tuple[int, ...] = 
             continue
         counts = (matrix != 0).reshape(matrix.shape[0], -1, m).sum(dim=-1)
         n = int(counts.max())
-        if 0 < n < m and float(counts.float().mean()) > n - 1:
+        if 0 < n < m and float(counts.float().mean()) > n - 0.5:
             if best is None or n * best[1] < best[0] * m:
                 best = (n, m)
     return best
