@@ -220,3 +220,12 @@ def test_deeper_rnn_layers_are_skipped_by_default_and_left_dense():
     for name, sparsity in pruner.layer_sparsity().items():
         expected = 0.0 if name in pruner.criterion.skipped else 0.5
         assert abs(sparsity - expected) < 1e-9, name
+
+
+def test_study_specs_give_wanda_its_row_scope_unless_told_otherwise():
+    from prunelab.experiments.prune_task import _default_scope
+    assert _default_scope({"criterion": "wanda", "granularity": "weight"}) == "row"
+    assert _default_scope({"criterion": {"name": "wanda"}, "granularity": "2:4"}) == "row"
+    assert _default_scope({"criterion": "wanda", "granularity": "channel"}) == "local"
+    assert _default_scope({"criterion": "magnitude", "granularity": "weight"}) == "local"   # run ids unchanged
+    assert _default_scope({"criterion": "no-such", "granularity": "weight"}) == "local"
