@@ -172,8 +172,8 @@ def _decode_nm(data: bytes, entry: dict, dtype: np.dtype, shape: tuple[int, ...]
     n, m, layout = entry["n"], entry["m"], entry["layout"]
     _expect(all(type(v) is int for v in (n, m)) and 0 < n < m <= MAX_NM_M, where,
             f"N:M entry with n={n!r}, m={m!r} (needs 0 < n < m <= {MAX_NM_M})")
-    _expect(layout in NM_LAYOUTS and len(shape) >= 2 and all(d > 0 for d in shape), where,
-            f"N:M entry of layout {layout!r} for shape {shape}")
+    _expect(layout in NM_LAYOUTS and len(shape) >= 2 and (layout == "conv" or len(shape) == 2)
+            and all(d > 0 for d in shape), where, f"N:M entry of layout {layout!r} for shape {shape}")
     rows = shape[1] if layout == "transposed" else shape[0]
     numel = int(np.prod(shape))
     per_row = numel // rows

@@ -299,3 +299,14 @@ def test_a_pruner_with_a_ready_schedule_must_agree_with_the_pattern():
     pruner = Pruner(_net(), schedule=make_schedule("one-shot", 0.5), granularity="2:4")
     assert isinstance(pruner.granularity, NMGranularity) and (pruner.granularity.n, pruner.granularity.m) == (2, 4)
     assert make_granularity(" 4 : 8 ").name == "4:8"
+
+
+def test_a_conv_entry_relabelled_as_another_layout_is_refused(tmp_path):
+    conv = nn.Conv2d(4, 2, 3, bias=False)
+    prune(conv, None, granularity="2:4")
+    path = tmp_path / "c.plm"
+    export.save(conv, path, encoding="nm")
+    assert export.read_header(path)["tensors"][0]["layout"] == "conv"
+    _rewrite(path, lambda h: _entry(h, "weight").update(layout="transposed"))
+    with pytest.raises(export.ModelFileError, match="layout 'transposed' for shape"):
+        export.load(path, model=nn.Conv2d(4, 2, 3, bias=False))

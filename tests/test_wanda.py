@@ -229,3 +229,45 @@ def test_study_specs_give_wanda_its_row_scope_unless_told_otherwise():
     assert _default_scope({"criterion": "wanda", "granularity": "channel"}) == "local"
     assert _default_scope({"criterion": "magnitude", "granularity": "weight"}) == "local"   # run ids unchanged
     assert _default_scope({"criterion": "no-such", "granularity": "weight"}) == "local"
+
+
+def test_a_one_layer_rnn_hidden_weight_reads_the_previous_hidden_states():
+    torch.manual_seed(10)
+    rnn = nn.GRU(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    pruner, scores = _wanda_scores(rnn, [x])
+    by_name = dict(zip([t.name for t in pruner.targets], scores))
+    with torch.no_grad():
+        out, _ = rnn(x)
+    previous = torch.cat([torch.zeros(2, 1, 4), out[:, :-1]], dim=1)      # h_{t-1}, h_{-1} = 0
+    expected_hh = rnn.weight_hh_l0.detach().abs() * previous.reshape(-1, 4).pow(2).sum(0).sqrt()
+    expected_ih = rnn.weight_ih_l0.detach().abs() * x.reshape(-1, 3).pow(2).sum(0).sqrt()
+    torch.testing.assert_close(by_name["weight_hh_l0"], expected_hh)
+    torch.testing.assert_close(by_name["weight_ih_l0"], expected_ih)
+
+
+def test_cross_attention_q_k_v_blocks_use_their_own_inputs_and_out_proj_the_context():
+    torch.manual_seed(11)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, q, kv, v):
+            return self.attn(q, kv, v, need_weights=False)[0]
+
+    model = Cross().eval()
+    q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4) * 3
+    pruner, scores = _wanda_scores(model, [{"q": q, "kv": k, "v": v}])
+    by_name = dict(zip([t.name for t in pruner.targets], scores))
+    W = model.attn.in_proj_weight.detach().abs()
+    norms = [t.reshape(-1, 4).pow(2).sum(0).sqrt() for t in (q, k, v)]
+    expected = torch.cat([W[4 * i:4 * (i + 1)] * norms[i] for i in range(3)])
+    torch.testing.assert_close(by_name["attn.in_proj_weight"], expected)
+    with torch.no_grad():                       # out_proj reads the heads' context, before the projection
+        from prunelab.pruning.lobs.hessian import attention_context
+        context = attention_context(model.attn, {"query": q, "key": k, "value": v, "key_padding_mask": None,
+                                                 "attn_mask": None, "is_causal": False})
+    expected_out = model.attn.out_proj.weight.detach().abs() * context.reshape(-1, 4).pow(2).sum(0).sqrt()
+    torch.testing.assert_close(by_name["attn.out_proj.weight"], expected_out)
