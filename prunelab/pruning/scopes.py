@@ -175,9 +175,10 @@ def _prune_lowest_per_row(layer: LayerGroups, sparsity: float, min_keep: int) ->
     n_protected = (ranked == float("inf")).sum(dim=1)
     n_prune = torch.clamp(torch.clamp(n_dead, min=round(sparsity * per_row)), max=per_row - n_protected)
     n_prune = torch.maximum(n_prune, n_dead)
-    rank = torch.argsort(torch.argsort(ranked, dim=1, stable=True), dim=1)
+    lowest_first = torch.argsort(ranked, dim=1, stable=True)
+    kept = torch.arange(per_row)[None, :] >= n_prune[:, None]          # in lowest-first order
     keep = torch.ones(layer.n_groups, dtype=torch.bool)
-    keep[order] = (rank >= n_prune[:, None]).flatten()
+    keep[order] = torch.empty_like(kept).scatter_(1, lowest_first, kept).flatten()
     return keep.to(layer.alive.device)
 
 
