@@ -310,3 +310,8 @@ def test_a_conv_entry_relabelled_as_another_layout_is_refused(tmp_path):
     _rewrite(path, lambda h: _entry(h, "weight").update(layout="transposed"))
     with pytest.raises(export.ModelFileError, match="layout 'transposed' for shape"):
         export.load(path, model=nn.Conv2d(4, 2, 3, bias=False))
+
+
+def test_a_pruner_refuses_per_layer_targets_with_n_m():
+    with pytest.raises(ValueError, match="cannot give per-layer targets with granularity '2:4'"):
+        Pruner(_net(), {"conv": 0.5, "grouped": 0.5, "proj": 0.5, "fc": 0.5}, granularity="2:4")

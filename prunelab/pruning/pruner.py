@@ -110,13 +110,13 @@ class Pruner:
         self.reduction = check_choice("reduction", reduction, REDUCTIONS, where=where)
         self.min_keep = check_number("min_keep", min_keep, where=where, low=1, integer=True)
         self.layer_targets = None
+        sparsity = self.granularity.resolve_sparsity(sparsity, where)    # N:M: None or exactly 1 − N/M
         if isinstance(sparsity, Mapping):
             self.layer_targets = self._layer_targets(sparsity)
             if self.scope.name == "global":
                 raise ValueError("per-layer sparsity targets need scope 'local' or 'layerwise-constant'; "
                                  "'global' chooses each layer's sparsity itself.")
             sparsity = self._overall(self.layer_targets)
-        sparsity = self.granularity.resolve_sparsity(sparsity, where)    # N:M: None or exactly 1 − N/M
         self.schedule = self._make_schedule(schedule, sparsity, schedule_args or {})
         self.loss_fn = loss_fn
         self.loss = make_loss(loss_fn, output_key, where=where)
