@@ -242,7 +242,7 @@ def cmd_prune(args) -> int:
     stats = summary(model, ds.input_shape)
     print(stats)
     result = {"dataset": ds.name, "model": model.config, "criterion": args.criterion,
-              "granularity": args.granularity, "scope": args.scope, "schedule": repr(schedule),
+              "granularity": args.granularity, "scope": pruner.scope.name, "schedule": repr(schedule),
               "accuracy_dense": before, "accuracy_after_first_prune": right_after,
               "sparsity_after_first_prune": first_sparsity,
               "accuracy_final": after, "sparsity": stats.total.sparsity,
@@ -518,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--criterion", default="magnitude")
     p.add_argument("--granularity", default="weight")
-    p.add_argument("--scope", default="local")
+    p.add_argument("--scope", default=None,
+                   help="local, global, layerwise-constant or row (default: the criterion's own; row for wanda)")
     p.add_argument("--schedule", default="one-shot")
     p.add_argument("--schedule-arg", action="append", metavar="KEY=VALUE", help="e.g. n_prunes=5")
     p.add_argument("--prune-every", type=float, default=1.0,

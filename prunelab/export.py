@@ -20,8 +20,14 @@ storage prediction):
   (relative index, Han et al. 2016); gaps longer than ``2^r − 1`` are bridged by
   explicit-zero filler entries. Values first, then the packed counts. By default each
   tensor gets the width ``r`` in 1 … 16 that makes it smallest.
+* ``nm``: a weight with an N:M pattern (:func:`prunelab.pruning.granularity.nm_pattern`: at
+  most N non-zeros in every run of M consecutive inputs of a row, runs in the order of
+  :func:`~prunelab.pruning.granularity.nm_view`): per run, N values (its non-zeros in run order,
+  explicit zeros if it has fewer), then all in-run positions as packed ``ceil(log2 M)``-bit
+  integers. The header records ``n``, ``m`` and the ``layout`` the runs follow.
 
-``encoding="auto"`` picks each tensor's smallest format. ``values`` stores the weights of
+``encoding="auto"`` picks each tensor's smallest format; ``encoding="nm"`` stores every weight with
+an N:M pattern as ``nm`` and the others as ``auto`` would. ``values`` stores the weights of
 Linear / Conv / HashedNets layers (the tensors pruning acts on) as ``float32`` (exact),
 ``float16`` or ``int8`` with one float32 scale per output channel (``scale = max|w| / 127``
 per row); biases, normalisation parameters and buffers always stay exact. A non-zero weight
@@ -45,13 +51,17 @@ import torch
 from torch import nn
 
 from prunelab._validation import check_type, suggest
-from prunelab.metrics.storage import best_format, best_index_bits, bits_to_bytes, check_storage_bits, storage_bits
+from prunelab.metrics.storage import (best_format, best_index_bits, bits_to_bytes, check_storage_bits,
+                                      nm_position_bits, storage_bits)
+from prunelab.pruning.granularity import NM_LAYOUTS, nm_pattern, nm_unview, nm_view
 
 MAGIC = b"PRUNELAB"
 VERSION = 1
 #: Bytes before the header: magic, version, header length.
 PREAMBLE = len(MAGIC) + 1 + 4
-ENCODINGS = ("auto", "dense", "bitmask", "csr")
+ENCODINGS = ("auto", "dense", "bitmask", "csr", "nm")
+#: The largest M a file's N:M entry may declare (positions of at most 16 bits).
+MAX_NM_M = 1 << 16
 VALUES = ("float32", "float16", "int8")
 _VALUE_BITS = {"float32": 32, "float16": 16, "int8": 8}
 #: Plain dtypes a tensor may be stored in exactly (integer buffers, e.g. BatchNorm's step count).
@@ -146,6 +156,44 @@ def _dequantised(flat: np.ndarray, scale: np.ndarray | None, shape: tuple[int, .
 
 # --------------------------------------------------------------------------- encodings
 
+def _encode_nm(flat: np.ndarray, shape: tuple[int, ...], nm: tuple[int, int, str]) -> bytes:
+    """The ``nm`` format: per run its ``n`` values (non-zeros first, in run order, then zeros
+    at the lowest free positions), then every position packed in ``ceil(log2 m)`` bits."""
+    n, m, layout = nm
+    matrix = nm_view(torch.from_numpy(flat.reshape(shape)), layout)
+    runs = matrix.reshape(matrix.shape[0], -1, m)
+    order = (runs == 0).to(torch.int64) * m + torch.arange(m)        # non-zeros first, then by position
+    positions = torch.argsort(order, dim=-1, stable=True)[..., :n]
+    values = torch.gather(runs, -1, positions)
+    return values.contiguous().numpy().tobytes() + _pack(positions.reshape(-1).numpy(), nm_position_bits(m))
+
+
+def _decode_nm(data: bytes, entry: dict, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    n, m, layout = entry["n"], entry["m"], entry["layout"]
+    _expect(all(type(v) is int for v in (n, m)) and 0 < n < m <= MAX_NM_M, where,
+            f"N:M entry with n={n!r}, m={m!r} (needs 0 < n < m <= {MAX_NM_M})")
+    _expect(layout in NM_LAYOUTS and len(shape) >= 2 and (layout == "conv" or len(shape) == 2)
+            and all(d > 0 for d in shape), where, f"N:M entry of layout {layout!r} for shape {shape}")
+    rows = shape[1] if layout == "transposed" else shape[0]
+    numel = int(np.prod(shape))
+    per_row = numel // rows
+    per_position = shape[1] if layout == "conv" else per_row
+    _expect(per_position % m == 0, where, f"rows of {per_row} inputs in runs of {m}")
+    runs = numel // m
+    bits, size = nm_position_bits(m), dtype.itemsize
+    _expect(len(data) == runs * n * size + bits_to_bytes(runs * n * bits), where,    # before any allocation
+            f"{len(data)} bytes for {runs} runs of {n} values of {size} bytes and {bits}-bit positions")
+    values = np.frombuffer(data[:runs * n * size], dtype=dtype).reshape(rows, per_row // m, n)
+    positions = _unpack(data[runs * n * size:], runs * n, bits).reshape(rows, per_row // m, n)
+    ordered = np.sort(positions, axis=-1)
+    _expect(int(positions.max(initial=0)) < m and bool(np.all(np.diff(ordered, axis=-1) > 0)), where,
+            f"in-run positions outside 0..{m - 1} or repeated")
+    matrix = np.zeros((rows, per_row // m, m), dtype=dtype)
+    np.put_along_axis(matrix, positions, values, axis=-1)
+    tensor = nm_unview(torch.from_numpy(matrix.reshape(rows, per_row)), shape, layout)
+    return tensor.contiguous().numpy().reshape(-1)
+
+
 def _encode(flat: np.ndarray, encoding: str, index_bits: int) -> tuple[bytes, int]:
     """``flat`` (stored values, zeros included) in ``encoding``, and the number of CSR entries."""
     if encoding == "dense":
@@ -166,8 +214,11 @@ def _encode(flat: np.ndarray, encoding: str, index_bits: int) -> tuple[bytes, in
     return stored.tobytes() + _pack(skips, index_bits), len(skips)
 
 
-def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str) -> np.ndarray:
+def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str,
+            shape: tuple[int, ...] = ()) -> np.ndarray:
     encoding, size = entry["encoding"], dtype.itemsize
+    if encoding == "nm":
+        return _decode_nm(data, entry, dtype, shape, where)
     if encoding == "dense":
         _expect(len(data) == n * size, where, f"{len(data)} bytes for {n} dense values")
         return np.frombuffer(data, dtype=dtype).copy()
@@ -194,7 +245,7 @@ def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str) -> np
         _expect(entries == 0 or positions[-1] < n, where, f"CSR positions run past the tensor's {n} entries")
         flat[positions] = stored
         return flat
-    raise ModelFileError(f"{where}: unknown encoding {encoding!r}; valid encodings: dense, bitmask, csr.")
+    raise ModelFileError(f"{where}: unknown encoding {encoding!r}; valid encodings: dense, bitmask, csr, nm.")
 
 
 def _expect(condition: bool, where: str, what: str) -> None:
@@ -226,10 +277,23 @@ def _check_options(encoding: object, values: object, index_bits: object,
     return encoding, values, index_bits
 
 
+def _layouts(model: nn.Module) -> dict[str, str]:
+    """``{state-dict name: layout}`` of the weights with output rows and inputs (N:M candidates)."""
+    from prunelab.pruning.targets import layout_of
+    out = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            layout = layout_of(module, param_name)
+            if layout in NM_LAYOUTS:
+                out[f"{module_name}.{param_name}" if module_name else param_name] = layout
+    return out
+
+
 def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
     """Per state-dict tensor: (name, tensor, stored flat values, scales, encoding, value type,
-    CSR index width, predicted bytes from the storage formulas)."""
+    CSR index width, N:M ``(n, m, layout)`` or None, predicted bytes from the storage formulas)."""
     shrink = weight_names(model)
+    layouts = _layouts(model)
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
         dtype_name = str(tensor.dtype).removeprefix("torch.")
@@ -238,7 +302,7 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
                             f"valid dtypes: {', '.join(_DTYPES)}.")
         if not tensor.is_floating_point():
             flat = tensor.contiguous().numpy().reshape(-1)
-            yield name, tensor, flat, None, "dense", dtype_name, 0, flat.nbytes
+            yield name, tensor, flat, None, "dense", dtype_name, 0, None, flat.nbytes
             continue
         if name in shrink:
             flat, scale = _quantised(name, tensor, values)
@@ -248,10 +312,15 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
             kind = dtype_name
         bits, as_tensor = flat.dtype.itemsize * 8, torch.from_numpy(flat.copy())
         width = best_index_bits(as_tensor, bits) if index_bits == "auto" else index_bits
-        sizes = storage_bits(as_tensor, bits, width)
-        chosen = encoding if encoding != "auto" else best_format(sizes)
+        nm = nm_pattern(tensor, layouts[name]) if name in layouts else None
+        sizes = storage_bits(as_tensor, bits, width, nm)
+        if encoding == "nm":
+            chosen = "nm" if nm is not None else best_format(sizes)
+        else:
+            chosen = encoding if encoding != "auto" else best_format(sizes)
         predicted = bits_to_bytes(sizes[chosen]) + (0 if scale is None else scale.nbytes)
-        yield name, tensor, flat, scale, chosen, kind, width, predicted
+        nm_info = (*nm, layouts[name]) if chosen == "nm" else None
+        yield name, tensor, flat, scale, chosen, kind, width, nm_info, predicted
 
 
 def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "float32",
@@ -281,7 +350,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
             is rebuilt by :func:`load` on its own, any other needs ``load(path, model=...)``.
             Thinned models (fewer units than their config) and HashedNets models work.
         encoding: ``"auto"`` (each tensor's smallest format), ``"dense"``, ``"bitmask"``
-            or ``"csr"`` (forced for every floating tensor).
+            or ``"csr"`` (forced for every floating tensor), or ``"nm"`` (every weight with an
+            N:M pattern in the N:M format, the others as ``"auto"``).
         values: ``"float32"`` (exact), ``"float16"`` or ``"int8"`` for the layer weights.
         index_bits: bits per CSR relative index, in ``[1, 16]``, or ``"auto"`` (each
             tensor's best width, which :func:`prunelab.summary` also computes with
@@ -314,9 +384,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
             config = None
 
     chunks, entries, report_rows, offset, predicted_bytes = [], [], [], 0, 0
-    for name, tensor, flat, scale, chosen, kind, width, predicted in _plan(model, encoding, values, index_bits):
+    for name, tensor, flat, scale, chosen, kind, width, nm, predicted in _plan(model, encoding, values, index_bits):
         predicted_bytes += predicted
-        blob, n_entries = _encode(flat, chosen, width)
+        blob, n_entries = (_encode_nm(flat, tuple(tensor.shape), nm), 0) if nm else _encode(flat, chosen, width)
         scale_blob = b"" if scale is None else scale.tobytes()
         entry = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
                  "values": kind, "encoding": chosen, "offset": offset, "bytes": len(scale_blob) + len(blob)}
@@ -325,6 +395,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
         if chosen == "csr":
             entry["index_bits"] = width
             entry["entries"] = n_entries
+        if nm:
+            entry["n"], entry["m"], entry["layout"] = nm
         chunks += [scale_blob, blob]
         offset += entry["bytes"]
         entries.append(entry)
@@ -438,7 +510,7 @@ def _tensor(entry: dict, payload: bytes, where: str) -> dict[str, torch.Tensor]:
         _expect(0 < k and 4 * k <= len(blob), where, f"tensor {name!r} has {k} scales in {len(blob)} bytes")
         scale, blob = np.frombuffer(blob[:4 * k], dtype=np.float32).copy(), blob[4 * k:]
     n = int(np.prod(shape)) if shape else 1
-    flat = _decode(blob, entry, torch.empty(0, dtype=stored).numpy().dtype, n, f"{where}, tensor {name!r}")
+    flat = _decode(blob, entry, torch.empty(0, dtype=stored).numpy().dtype, n, f"{where}, tensor {name!r}", shape)
     if stored != dtype:
         return {name: _dequantised(flat, scale, shape).to(dtype)}
     return {name: torch.from_numpy(flat).reshape(shape)}

@@ -338,7 +338,9 @@ def test_best_format_depends_on_sparsity():
     dense = torch.ones(1600)
     # 0 %: bit-mask 1600 + 51200 = 52800, CSR 1600·36 = 57600 → dense
     half = torch.ones(1600)
-    half[1::2] = 0  # 50 %: bit-mask 1600 + 800·32 = 27200, CSR 800·36 = 28800 (gaps of 1) → bit-mask
+    half.view(-1, 8)[:, 4:] = 0  # 50 %: bit-mask 1600 + 800·32 = 27200, CSR 800·36 = 28800 (gaps of 4) → bit-mask
+    # (as a Linear weight this is 4:8, whose N:M format takes 200·4·(32 + 3) = 28000 bits; every
+    # other weight zero would be 1:2, 800·(32 + 1) = 26400 bits, and the summary would pick N:M)
     sparse = torch.zeros(1600)
     sparse[::16] = 1  # 93.75 %: gaps of 15 fit r = 4; CSR 100·36 = 3600 < bit-mask 1600 + 3200 = 4800
     for tensor, best in ((dense, "dense"), (half, "bitmask"), (sparse, "csr")):
@@ -361,11 +363,12 @@ def test_csr_needs_index_bits_that_cover_the_gaps_at_95_percent():
 
 
 def test_mixed_best_format_and_effective_compression():
-    # weight (50 % zeros, alternate): bit-mask 12 + 6·32 = 204 bits → 26 B is best (CSR 6·36 → 27 B)
+    # weight (50 % zeros, in pairs): bit-mask 12 + 6·32 = 204 bits → 26 B is best (CSR 6·36 → 27 B;
+    # it is 2:4 too, and the N:M format ties: 3·2·(32 + 2) = 204 bits)
     # bias dense [1, 2, 3]: dense 12 B is best (bit-mask 3 + 96 = 99 bits → 13 B)
     model = nn.Sequential(nn.Linear(4, 3))
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0, 1, 0]] * 3))
+        model[0].weight.copy_(torch.tensor([[1.0, 1, 0, 0]] * 3))
         model[0].bias.copy_(torch.tensor([1.0, 2, 3]))
     result = summary(model, (4,))
     assert result.total.best_format == "mixed"

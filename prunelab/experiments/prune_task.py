@@ -212,10 +212,27 @@ def _prepare_training(path: str, training: dict, override: dict, checker: Checke
 
 
 # ----------------------------------------------------------------- method
+def _default_scope(method: dict) -> str:
+    """A criterion's own scope when the spec names none (Wanda: ``row``, for granularities whose
+    groups lie in one row); ``local`` otherwise, so that other methods keep their run ids."""
+    from prunelab.pruning import CRITERIA
+    criterion = method["criterion"]
+    name = criterion.get("name") if isinstance(criterion, dict) else criterion
+    try:
+        preferred = getattr(CRITERIA.get(name), "default_scope", "local")
+    except (TypeError, ValueError):
+        return METHOD_DEFAULTS["scope"]       # an unknown criterion is reported where it is checked
+    if preferred == "row" and method["granularity"] in ("filter", "unit", "channel"):
+        return METHOD_DEFAULTS["scope"]
+    return preferred
+
+
 def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sparsities: list[float],
                     checker: Checker) -> dict | None:
     n = len(checker.errors)
     method = {**METHOD_DEFAULTS, **{k: v for k, v in entry.items() if k != "label"}}
+    if "scope" not in entry:
+        method["scope"] = _default_scope(method)
     schedule = method["schedule"]
     schedule = dict(schedule) if isinstance(schedule, dict) else {"name": schedule}
     if not isinstance(schedule.get("name"), str):

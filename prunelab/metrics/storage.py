@@ -19,6 +19,15 @@ stored value and ``r`` bits per relative index:
 With ``index_bits="auto"`` each tensor's CSR size is the smallest over ``r = 1 … 16``
 (:func:`best_index_bits`): sparser tensors have longer gaps and want wider indices.
 
+A weight that holds an **N:M pattern** (at most N non-zeros in every run of M consecutive
+inputs of a row; :func:`prunelab.pruning.granularity.nm_pattern` finds it) has a fourth format:
+
+* **N:M**: per run, N values and N in-run positions of ``p = ceil(log2 M)`` bits each (runs with
+  fewer than N non-zeros store explicit zeros), so ``(N / M)·N_el·(b + p)`` bits — the layout
+  sparse tensor cores read (values plus 2-bit metadata for 2:4). It ties with the bit-mask at
+  2:4 (``4 + 2b`` bits per run both) and wins below half density (1:4, 1:8, 2:8); ties go to
+  N:M, after dense.
+
 Bytes are ``ceil(bits / 8)`` per tensor.
 """
 
@@ -28,8 +37,9 @@ import torch
 
 from prunelab._validation import check_number, check_type
 
-#: Format names, in the order used to break ties (simplest first).
-FORMATS = ("dense", "bitmask", "csr")
+#: Format names, in the order used to break ties (simplest first; N:M, the hardware's own, before
+#: the bit-mask it ties with at 2:4). ``nm`` applies only to tensors with an N:M pattern.
+FORMATS = ("dense", "nm", "bitmask", "csr")
 
 
 #: Widths ``index_bits="auto"`` chooses from.
@@ -90,12 +100,24 @@ def csr_fillers(tensor: torch.Tensor, index_bits: int) -> int:
     return sum(int((gaps >> index_bits).sum().item()) for gaps in _gaps(tensor))
 
 
-def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4) -> dict[str, int]:
-    """Bits needed to store ``tensor`` as ``{"dense", "bitmask", "csr"}``.
+def nm_position_bits(m: int) -> int:
+    """Bits per in-run position of an N:M format: ``ceil(log2 m)``."""
+    return max(1, (int(m) - 1).bit_length())
+
+
+def nm_bits(n_elements: int, n: int, m: int, bits: int) -> int:
+    """Bits of the N:M format: ``(n_elements / m)`` runs of ``n`` values and ``n`` positions."""
+    return (n_elements // m) * n * (bits + nm_position_bits(m))
+
+
+def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4,
+                 nm: tuple[int, int] | None = None) -> dict[str, int]:
+    """Bits needed to store ``tensor`` as ``{"dense", "bitmask", "csr"}`` (and ``"nm"`` when the
+    caller gives the tensor's N:M pattern ``nm=(n, m)``).
 
     ``dense = N·b``, ``bitmask = N + nnz·b``, ``csr = (nnz + n_fill)·(b + r)``
     with ``b = bits``, ``r = index_bits`` (``"auto"``: :func:`best_index_bits`) and
-    ``n_fill`` from :func:`csr_fillers`.
+    ``n_fill`` from :func:`csr_fillers`; ``nm = (N/m)·n·(b + ceil(log2 m))``.
     """
     check_type("tensor", tensor, torch.Tensor, where="storage_bits")
     bits, index_bits = check_storage_bits(bits, index_bits, "storage_bits")
@@ -105,11 +127,14 @@ def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4
     n = flat.numel()
     nnz = int(torch.count_nonzero(flat).item())
     n_fill = csr_fillers(flat, index_bits)
-    return {
+    sizes = {
         "dense": n * bits,
         "bitmask": n + nnz * bits,
         "csr": (nnz + n_fill) * (bits + index_bits),
     }
+    if nm is not None:
+        sizes["nm"] = nm_bits(n, nm[0], nm[1], bits)
+    return sizes
 
 
 def bits_to_bytes(n_bits: int) -> int:
@@ -118,8 +143,8 @@ def bits_to_bytes(n_bits: int) -> int:
 
 
 def best_format(sizes: dict[str, int]) -> str:
-    """The format with the smallest size; ties go to the simpler one (dense, bit-mask, CSR)."""
-    return min(FORMATS, key=lambda name: (sizes[name], FORMATS.index(name)))
+    """The format with the smallest size; ties go to the simpler one (dense, N:M, bit-mask, CSR)."""
+    return min((name for name in FORMATS if name in sizes), key=lambda name: (sizes[name], FORMATS.index(name)))
 
 
 class StorageTally:
@@ -137,10 +162,10 @@ class StorageTally:
         self.best = 0
         self.chosen: set[str] = set()
 
-    def add(self, tensor: torch.Tensor) -> None:
+    def add(self, tensor: torch.Tensor, nm: tuple[int, int] | None = None) -> None:
         per_format = {name: bits_to_bytes(n_bits) for name, n_bits
-                      in storage_bits(tensor, self.bits, self.index_bits).items()}
-        for name, n_bytes in per_format.items():
+                      in storage_bits(tensor, self.bits, self.index_bits, nm).items()}
+        for name, n_bytes in per_format.items():     # "nm": over the tensors that hold a pattern
             self.bytes[name] += n_bytes
         choice = best_format(per_format)
         self.best += per_format[choice]

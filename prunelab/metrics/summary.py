@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from prunelab._validation import suggest
 from prunelab.metrics.dry_run import resolve_dry_input
 from prunelab.metrics.flops import FlopCount, count_nonzero, per_sample_flops, ratio
 from prunelab.metrics.storage import StorageTally, check_storage_bits
+from prunelab.pruning.granularity import nm_pattern
+from prunelab.pruning.targets import layout_of
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,11 @@ class LayerStats:
     * ``speedup = flops_dense / flops`` (``inf`` if ``flops = 0 < flops_dense``, else ``None`` when undefined).
     * ``bytes_dense`` / ``bytes_bitmask`` / ``bytes_csr``: storage in each format, summed over tensors.
     * ``best_format``: every tensor's cheapest format if they agree, ``"mixed"`` otherwise;
-      ``bytes_best`` sums each tensor's cheapest size.
+      ``bytes_best`` sums each tensor's cheapest size (``"nm"``: the N:M format of
+      docs/methods.md §7, for weights that hold an N:M pattern).
+    * ``pattern``: the N:M pattern (``"2:4"``) every prunable weight of the module holds
+      (:func:`prunelab.pruning.granularity.nm_pattern`: runs of M consecutive inputs of a row,
+      M in 2, 4, 8, most runs full), ``"mixed"`` if they hold different ones, ``None`` if none does.
     """
 
     name: str
@@ -55,6 +61,7 @@ class LayerStats:
     bytes_csr: int
     best_format: str | None
     bytes_best: int
+    pattern: str | None = None
 
 
 @dataclass
@@ -67,15 +74,19 @@ class _Tally:
     prunable: int = 0
     prunable_nonzero: int = 0
     flops: FlopCount | None = None
+    patterns: list = field(default_factory=list)     # per prunable tensor: "N:M" or None
 
-    def add_tensor(self, tensor: torch.Tensor, is_prunable: bool) -> None:
+    def add_tensor(self, tensor: torch.Tensor, is_prunable: bool, layout: str = "other") -> None:
         n, nnz = tensor.numel(), count_nonzero(tensor)
         self.params += n
         self.nonzero += nnz
+        nm = None
         if is_prunable:
             self.prunable += n
             self.prunable_nonzero += nnz
-        self.storage.add(tensor)
+            nm = nm_pattern(tensor, layout)
+            self.patterns.append(None if nm is None else f"{nm[0]}:{nm[1]}")
+        self.storage.add(tensor, nm)
 
     def add_flops(self, flops: FlopCount | None) -> None:
         if flops is None:
@@ -93,6 +104,13 @@ class _Tally:
         self.prunable_nonzero += other.prunable_nonzero
         self.add_flops(other.flops)
         self.storage.merge(other.storage)
+        self.patterns += other.patterns
+
+    def pattern(self) -> str | None:
+        found = set(self.patterns)
+        if not found or found == {None}:
+            return None
+        return next(iter(found)) if len(found) == 1 else "mixed"
 
     def freeze(self, name: str, type_name: str) -> LayerStats:
         sparsity = None if self.prunable == 0 else 1.0 - self.prunable_nonzero / self.prunable
@@ -114,6 +132,7 @@ class _Tally:
             bytes_csr=self.storage.bytes["csr"],
             best_format=self.storage.best_format,
             bytes_best=self.storage.best,
+            pattern=self.pattern(),
         )
 
 
@@ -133,6 +152,8 @@ _COLUMNS = (
     ("bytes CSR", "bytes_csr", True),
     ("best", "best_format", False),
 )
+#: Shown only when some layer holds an N:M pattern (tables of other models stay as they were).
+_PATTERN_COLUMN = ("N:M", "pattern", False)
 
 
 def _index_words(index_bits: int | str) -> str:
@@ -204,8 +225,13 @@ class Summary:
             "total": row_dict(self.total),
         }
 
+    def _columns(self) -> tuple:
+        if any(row.pattern is not None for row in self.rows):
+            return (*_COLUMNS, _PATTERN_COLUMN)
+        return _COLUMNS
+
     def _table(self) -> list[list[str]]:
-        return [[_cell(attribute, getattr(row, attribute)) for _, attribute, _ in _COLUMNS]
+        return [[_cell(attribute, getattr(row, attribute)) for _, attribute, _ in self._columns()]
                 for row in (*self.rows, self.total)]
 
     def _footer(self) -> str:
@@ -219,19 +245,21 @@ class Summary:
         """The table as GitHub-flavoured Markdown, total row in bold."""
         table = self._table()
         table[-1] = [f"**{cell}**" if cell else "" for cell in table[-1]]
-        lines = ["| " + " | ".join(header for header, _, _ in _COLUMNS) + " |",
-                 "|" + "|".join("---:" if right else ":---" for _, _, right in _COLUMNS) + "|"]
+        columns = self._columns()
+        lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
+                 "|" + "|".join("---:" if right else ":---" for _, _, right in columns) + "|"]
         lines += ["| " + " | ".join(cells) + " |" for cells in table]
         return "\n".join(lines) + f"\n\n{self._footer()}\n"
 
     def __str__(self) -> str:
         table = self._table()
-        headers = [header for header, _, _ in _COLUMNS]
+        columns = self._columns()
+        headers = [header for header, _, _ in columns]
         widths = [max(len(cells[i]) for cells in [headers, *table]) for i in range(len(headers))]
 
         def line(cells: Sequence[str]) -> str:
             padded = [cell.rjust(width) if right else cell.ljust(width)
-                      for cell, width, (_, _, right) in zip(cells, widths, _COLUMNS)]
+                      for cell, width, (_, _, right) in zip(cells, widths, columns)]
             return "  ".join(padded).rstrip()
 
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
@@ -380,10 +408,11 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *,
         if not own and module not in flops:
             continue
         tally = _Tally(StorageTally(bits, index_bits))
-        for _, identity, tensor in own:
+        for param_name, identity, tensor in own:
             if id(identity) not in seen:
                 seen.add(id(identity))
-                tally.add_tensor(tensor, id(identity) in prunable_ids)
+                layout = "linear" if identity is not tensor else layout_of(module, param_name)    # SparseLinear: a Linear
+                tally.add_tensor(tensor, id(identity) in prunable_ids, layout)
         tally.add_flops(flops.get(module))
         rows.append(tally.freeze(name, type(module).__name__))
         total.merge(tally)

@@ -1,7 +1,7 @@
 """Pruning: targets → criteria → granularity → scope → schedule → Pruner."""
 
 from prunelab.pruning.criteria import CRITERIA, Criterion, GradientMagnitude, Magnitude, Random, make_criterion
-from prunelab.pruning.granularity import GRANULARITIES, Granularity, make_granularity
+from prunelab.pruning.granularity import GRANULARITIES, Granularity, NMGranularity, make_granularity, nm_keep
 from prunelab.pruning.lobs import LOBS, LayerReport, OBSExact, OBSFast
 from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.pruner import Pruner, PruneRecord, SparsityShortfall, prune
@@ -11,12 +11,13 @@ from prunelab.pruning.schedules import (
 from prunelab.pruning.scopes import SCOPES, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
 from prunelab.pruning.obd import OBD
+from prunelab.pruning.wanda import Wanda
 
 __all__ = [
     "AGP", "CRITERIA", "Criterion", "FixedFraction", "FunctionSchedule", "GRANULARITIES",
     "GradientMagnitude", "Granularity", "GroupLasso", "Iterative", "L1", "L2", "LOBS", "LayerReport",
     "Magnitude", "OBSExact", "OBSFast",
-    "MaskSet", "OBD", "OneShot", "PruneRecord", "Pruner", "REGULARIZERS", "Random", "Regularizer",
+    "MaskSet", "NMGranularity", "OBD", "OneShot", "PruneRecord", "Pruner", "REGULARIZERS", "Random", "Regularizer",
     "SCHEDULES", "SCOPES", "Schedule", "Scope", "SparsityShortfall", "Target", "make_criterion", "make_granularity",
-    "make_regularizer", "make_schedule", "make_scope", "prune", "resolve_targets",
+    "make_regularizer", "make_schedule", "make_scope", "nm_keep", "prune", "resolve_targets", "Wanda",
 ]

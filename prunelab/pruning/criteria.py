@@ -10,7 +10,7 @@ scores must mean the same thing in every layer.
 | ``random``    | uniform in [0, 1), from a seeded generator             |
 | ``gradient``  | ``mean |w · g|`` over the batches observed before the prune |
 
-Second-order criteria (OBD, L-OBS) live in their own modules.
+Second-order criteria (OBD, L-OBS) and Wanda (``|w| · ‖x‖₂``) live in their own modules.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Criterion:
     needs_gradients = False
     needs_data = False
     updates_weights = False
+    default_scope = "local"      # the scope a Pruner given scope=None uses (Wanda: "row")
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -26,7 +26,7 @@ from torch import nn
 from prunelab._validation import check_choice, check_finite, check_number, check_sparsity
 from prunelab.inputs import iter_batches, make_loss
 from prunelab.pruning.criteria import Criterion, make_criterion
-from prunelab.pruning.granularity import REDUCTIONS, Granularity, make_granularity
+from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
 from prunelab.pruning.schedules import Schedule, make_schedule
 from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
@@ -59,10 +59,12 @@ class Pruner:
     model: the network; its weights are modified in place.
     sparsity: final fraction of prunable weights removed, in [0, 1). May be omitted
         when ``schedule`` is a ready :class:`Schedule` (which carries it).
-    criterion: ``"magnitude"``, ``"random"``, ``"gradient"`` (or a Criterion, or a
-        ``{"name": ..., **options}`` dict).
-    granularity: ``"weight"``, ``"kernel"``, ``"filter"``/``"unit"``, ``"channel"``.
-    scope: ``"local"``, ``"global"``, ``"layerwise-constant"``.
+    criterion: ``"magnitude"``, ``"random"``, ``"gradient"``, ``"wanda"``, ``"obd"``, ... (or a
+        Criterion, or a ``{"name": ..., **options}`` dict).
+    granularity: ``"weight"``, ``"kernel"``, ``"filter"``/``"unit"``, ``"channel"``, or an N:M
+        pattern ``"2:4"`` (then ``sparsity`` is None or exactly ``1 − N/M``).
+    scope: ``"local"``, ``"global"``, ``"layerwise-constant"``, ``"row"`` (every output row to the
+        sparsity); None (default): the criterion's own — ``row`` for Wanda, ``local`` otherwise.
     schedule: ``"one-shot"``, ``"iterative"``, ``"agp"``, ``"fixed-fraction"``, a
         Schedule, or a callable ``step -> sparsity``; ``schedule_args`` are its options
         (e.g. ``{"n_prunes": 5, "every": 100, "exponent": 3}``).
@@ -82,7 +84,7 @@ class Pruner:
     def __init__(self, model: nn.Module, sparsity: float | None = None, *,
                  criterion: "str | dict | Criterion" = "magnitude",
                  granularity: "str | Granularity" = "weight",
-                 scope: "str | Scope" = "local",
+                 scope: "str | Scope | None" = None,
                  schedule: "str | dict | Schedule | Callable[[int], float]" = "one-shot",
                  schedule_args: dict | None = None,
                  layers: Iterable[str] | None = None,
@@ -103,10 +105,12 @@ class Pruner:
         for target in self.targets:
             self.granularity.check(target)
         _check_tied_embeddings(model, self.targets, self.granularity)
-        self.scope = make_scope(scope, where=where)
+        self.scope = make_scope(self._default_scope() if scope is None else scope, where=where)
+        self._check_rows()
         self.reduction = check_choice("reduction", reduction, REDUCTIONS, where=where)
         self.min_keep = check_number("min_keep", min_keep, where=where, low=1, integer=True)
         self.layer_targets = None
+        sparsity = self.granularity.resolve_sparsity(sparsity, where)    # N:M: None or exactly 1 − N/M
         if isinstance(sparsity, Mapping):
             self.layer_targets = self._layer_targets(sparsity)
             if self.scope.name == "global":
@@ -138,6 +142,28 @@ class Pruner:
                 self.attach(opt)
 
     # ----------------------------------------------------------------- set-up
+    def _default_scope(self) -> str:
+        """The criterion's own scope (``row`` for Wanda, else ``local``), or ``local`` when the
+        granularity's groups do not lie in one output row."""
+        preferred = getattr(self.criterion, "default_scope", "local")
+        if preferred == "row" and not self._has_rows():
+            return "local"
+        return preferred
+
+    def _has_rows(self, target: Target | None = None) -> bool:
+        chosen = self.targets if target is None else [target]
+        return all(self.granularity.group_rows(t.weight, t) is not None for t in chosen)
+
+    def _check_rows(self) -> None:
+        if not getattr(self.scope, "needs_rows", False):
+            return
+        for target in self.targets:
+            if not self._has_rows(target):
+                raise ValueError(f"scope {self.scope.name!r} compares groups within an output row, and "
+                                 f"granularity {self.granularity.name!r} has groups spanning rows in "
+                                 f"{target.name!r} ({target.kind}); use granularity 'weight', 'kernel' or "
+                                 f"'N:M', or scope 'local'.")
+
     @staticmethod
     def _make_schedule(schedule, sparsity, schedule_args) -> Schedule:
         if isinstance(schedule, Schedule):
@@ -337,23 +363,22 @@ class Pruner:
                 old = self.masks.get(target.weight)
                 self.masks.set(target.weight, keep if old is None else keep & old.bool())
             return self._after_prune(sparsity, tuple(getattr(self.criterion, "last_held", ())))
-        scores = self.criterion.scores(self.targets)
-        for target, score in zip(self.targets, scores):
+        skipped = getattr(self.criterion, "skipped", None) or {}
+        active = [t for t in self.targets if t.name not in skipped]     # a criterion's skipped layers stay as they are
+        if isinstance(targets, list):
+            targets = [s for t, s in zip(self.targets, targets) if t.name not in skipped]
+        scores = self.criterion.scores(active)
+        for target, score in zip(active, scores):
             check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
                          hint="; check the calibration data and the loss")
         layers, group_shapes = [], []
-        for target, score in zip(self.targets, scores):
-            weight = target.weight
-            mask = self.masks.get(weight)
-            alive = mask.bool() if mask is not None else torch.ones_like(weight, dtype=torch.bool)
-            alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum", target) > 0
-            group_scores = self.granularity.group_scores(score.float(), self.reduction, target)
-            group_shapes.append(group_scores.shape)
-            layers.append(LayerGroups(group_scores.flatten(), alive_groups.flatten(),
-                                      self.granularity.group_size(weight, target)))
+        for target, score in zip(active, scores):
+            layer, shape = self._layer_groups(target, score)
+            layers.append(layer)
+            group_shapes.append(shape)
         keeps = self.scope.select(layers, targets, event, self.min_keep)
-        held = self._held_by_guard(layers, targets, event, keeps)
-        for target, keep, shape in zip(self.targets, keeps, group_shapes):
+        held = self._held_by_guard(layers, targets, event, keeps, active)
+        for target, keep, shape in zip(active, keeps, group_shapes):
             weight = target.weight
             group_keep = keep.reshape(shape)
             new = self.granularity.expand(group_keep, weight, target)
@@ -368,8 +393,27 @@ class Pruner:
                 self.masks.set(bias, keep_bias)
         return self._after_prune(sparsity, held)
 
+    def _layer_groups(self, target: Target, score: torch.Tensor) -> tuple[LayerGroups, torch.Size]:
+        """One layer's group scores and alive groups for the scope, and the groups' shape.
+        Groups the granularity protects (N:M: each run's best) score +inf and count as alive, so
+        that no scope takes them and every run counts its full quota."""
+        weight = target.weight
+        mask = self.masks.get(weight)
+        alive = mask.bool() if mask is not None else torch.ones_like(weight, dtype=torch.bool)
+        alive_groups = self.granularity.group_scores(alive.to(torch.float32), "sum", target) > 0
+        group_scores = self.granularity.group_scores(score.float(), self.reduction, target)
+        protected = self.granularity.protected(score.float(), alive, target)
+        if protected is not None:
+            group_scores = group_scores.masked_fill(protected, float("inf"))
+            alive_groups = alive_groups | protected
+        rows = self.granularity.group_rows(weight, target) if getattr(self.scope, "needs_rows", False) else None
+        layer = LayerGroups(group_scores.flatten(), alive_groups.flatten(),
+                            self.granularity.group_size(weight, target),
+                            None if rows is None else rows.flatten())
+        return layer, group_scores.shape
+
     def _held_by_guard(self, layers: list[LayerGroups], targets, event: Event,
-                       keeps: list[torch.Tensor]) -> tuple[str, ...]:
+                       keeps: list[torch.Tensor], active: list[Target] | None = None) -> tuple[str, ...]:
         """Targets that the ``min_keep`` guard kept from going as low as the scope asked, when
         that leaves fewer weights pruned in all than without the guard (``global`` may instead
         take the difference from other layers: no shortfall then). Only layers left at their
@@ -385,7 +429,8 @@ class Pruner:
 
         if pruned(keeps) >= pruned(unguarded):
             return ()
-        return tuple(self.targets[i].name for i in at_floor if int(unguarded[i].sum()) < int(keeps[i].sum()))
+        active = self.targets if active is None else active
+        return tuple(active[i].name for i in at_floor if int(unguarded[i].sum()) < int(keeps[i].sum()))
 
     def _after_prune(self, sparsity: float, held: tuple[str, ...] = ()) -> PruneRecord:
         self.masks.apply_to_weights()
@@ -496,20 +541,25 @@ def _is_sliceable(data) -> bool:
 
 
 def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
-          granularity="weight", scope="local", layers=None, reduction="l2", min_keep=1, data=None,
+          granularity="weight", scope=None, layers=None, reduction="l2", min_keep=1, data=None,
           loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0) -> Pruner:
     """One-shot pruning in one call: prune ``model`` in place to ``sparsity`` (a float, or a
     ``{layer: sparsity}`` dict of per-layer targets).
 
     Returns the :class:`Pruner` that did it; ``pruner.attach(optimizer)`` keeps the
-    zeros through fine-tuning. Data-driven criteria (``gradient``, ``obd``, ``lobs``,
+    zeros through fine-tuning. Data-driven criteria (``gradient``, ``obd``, ``wanda``, ``lobs``,
     ``obs-exact``, ``obs-fast``) use ``data`` (an ``(x, y)`` pair or an iterable of
-    batches) as calibration set.
+    batches) as calibration set. With an N:M granularity (``granularity="2:4"``) ``sparsity``
+    is None or exactly ``1 − N/M``. ``scope=None`` takes the criterion's own (``row`` for
+    Wanda, ``local`` otherwise).
     """
     tolerable = isinstance(criterion, Mapping) and criterion.get("epsilon") is not None
     if sparsity is None and tolerable:
         sparsity = 0.0      # unused: the criterion's tolerable error epsilon decides per layer
-    if not isinstance(sparsity, Mapping):
+    granularity = make_granularity(granularity, where="prune")
+    if isinstance(granularity, NMGranularity):
+        sparsity = granularity.resolve_sparsity(sparsity, "prune")      # None or exactly 1 − N/M
+    elif not isinstance(sparsity, Mapping):
         sparsity = check_sparsity("sparsity", sparsity, where="prune")
     pruner = Pruner(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
                     schedule="one-shot", layers=layers, reduction=reduction, min_keep=min_keep, seed=seed,

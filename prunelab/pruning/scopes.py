@@ -14,6 +14,10 @@ realised sparsity is the closest to the target the guard allows.
 | ``local``             | every layer to the same sparsity ``S`` |
 | ``global``            | one threshold over all layers' scores; each layer ends at its own sparsity, the total at ``S`` |
 | ``layerwise-constant``| every layer ends at the same ``S``, but each pruning event raises only one layer, in model order, round-robin (Zhu & Gupta 2017's "one layer at a time"); the last event of the schedule raises every layer to its sparsity |
+| ``row``               | every *output row* of every layer to the same sparsity ``S``: groups are ranked within their row (Wanda's per-output comparison, Sun et al. 2023); for granularities whose groups lie in one row (weight, kernel, N:M) |
+
+Under ``row`` each row prunes ``round(S · k)`` of its ``k`` groups (dead ones first); the
+no-empty-layer guard still protects the layer's ``min_keep`` best groups, wherever they are.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class LayerGroups:
     scores: torch.Tensor   # (G,) group scores, higher = more important
     alive: torch.Tensor    # (G,) bool, False for groups already pruned
     group_size: int        # weights per group
+    rows: torch.Tensor | None = None   # (G,) long: each group's output row, for scope 'row'
 
     @property
     def n_groups(self) -> int:
@@ -78,6 +83,7 @@ def _per_layer(sparsity: "float | list[float]", layers: list) -> list[float]:
 
 class Scope:
     name = ""
+    needs_rows = False      # select() reads LayerGroups.rows
 
     def select(self, layers: list[LayerGroups], sparsity: "float | list[float]", event: Event,
                min_keep: int = 1) -> list[torch.Tensor]:
@@ -140,6 +146,40 @@ class LayerwiseConstant(Scope):
             else:
                 out.append(layer.alive.clone())
         return out
+
+
+@SCOPES.register("row", "per-row", "per-output")
+class Row(Scope):
+    """Every output row to ``S``: the ranking is within each row (all rows of a layer hold the
+    same number of groups, as every granularity with :meth:`group_rows` gives)."""
+
+    name = "row"
+    needs_rows = True
+
+    def select(self, layers, sparsity, event, min_keep=1):
+        return [_prune_lowest_per_row(layer, s, min_keep) for layer, s in zip(layers, _per_layer(sparsity, layers))]
+
+
+def _prune_lowest_per_row(layer: LayerGroups, sparsity: float, min_keep: int) -> torch.Tensor:
+    if layer.rows is None:
+        raise ValueError("scope 'row' needs each group's output row (LayerGroups.rows); granularities "
+                         "whose groups span rows (filter, channel) cannot be compared within a row.")
+    s, _, _ = _order(layer, min_keep)
+    order = torch.argsort(layer.rows.flatten().cpu(), stable=True)
+    n_rows = int(layer.rows.max()) + 1 if layer.n_groups else 0
+    if n_rows == 0:
+        return layer.alive.clone()
+    per_row = layer.n_groups // n_rows
+    ranked = s[order].reshape(n_rows, per_row)
+    n_dead = (ranked == float("-inf")).sum(dim=1)
+    n_protected = (ranked == float("inf")).sum(dim=1)
+    n_prune = torch.clamp(torch.clamp(n_dead, min=round(sparsity * per_row)), max=per_row - n_protected)
+    n_prune = torch.maximum(n_prune, n_dead)
+    lowest_first = torch.argsort(ranked, dim=1, stable=True)
+    kept = torch.arange(per_row)[None, :] >= n_prune[:, None]          # in lowest-first order
+    keep = torch.ones(layer.n_groups, dtype=torch.bool)
+    keep[order] = torch.empty_like(kept).scatter_(1, lowest_first, kept).flatten()
+    return keep.to(layer.alive.device)
 
 
 def make_scope(spec: "str | Scope", *, where: str = "Pruner") -> Scope:
