@@ -60,3 +60,65 @@ def test_bias_column_never_pruned_with_nm():
         s = fn(W, H, 0, prunable, alive, nm=(2, 4))
         assert s.keep[:, 8].all()
         assert (s.keep[:, :8].reshape(6, 2, 4).sum(dim=2) == 2).all()
+
+
+# --------------------------------------------------------------- through the Pruner, on the zoo
+import warnings  # noqa: E402
+
+from prunelab.pruning import Pruner, prune  # noqa: E402
+from prunelab.pruning.granularity import PatternSkipped, nm_view  # noqa: E402
+from zoo import zoo_params  # noqa: E402
+
+
+def _runs_hold(pruner, n, m):
+    for t in pruner.targets:
+        if t.name in pruner.criterion.skipped:
+            continue
+        runs = (nm_view(t.weight.detach(), t.layout) != 0).reshape(t.weight.shape[0] if t.layout != "transposed"
+                                                                    else t.weight.shape[1], -1, m).sum(-1)
+        assert (runs <= n).all(), t.name
+        assert (runs == n).float().mean() > 0.9, t.name        # dense weights: nearly every run is full
+
+
+@pytest.mark.parametrize("zoo", zoo_params())
+def test_obs_fast_two_four_on_every_zoo_model(zoo):
+    model = zoo.build(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatternSkipped)
+        pruner = prune(model, None, criterion="obs-fast", granularity="2:4", data=zoo.batches(2, 0, 4))
+    _runs_hold(pruner, 2, 4)
+    assert pruner.sparsity() == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("criterion", ["lobs", "obs-exact"])
+@pytest.mark.parametrize("zoo", zoo_params(["resnet18", "hf-llama"]))
+def test_other_solvers_four_eight_through_the_pruner(zoo, criterion):
+    model = zoo.build(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatternSkipped)
+        pruner = prune(model, 0.5, criterion=criterion, granularity="4:8", data=zoo.batches(2, 0, 4))
+    _runs_hold(pruner, 4, 8)
+
+
+def test_default_layers_that_cannot_hold_the_pattern_are_left_dense_named_ones_refused():
+    from torch import nn
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(PatternSkipped, match=r"leaves 1 layer.*0\.weight"):
+        pruner = prune(model, None, criterion="obs-fast", granularity="2:4", data=[(x,)])
+    assert list(pruner.pattern_skipped) == ["0.weight"]
+    assert (model[0].weight != 0).all()
+    _runs_hold(pruner, 2, 4)
+    with pytest.raises(ValueError, match="'0.weight'.*3 input channels"):
+        Pruner(model, None, criterion="obs-fast", granularity="2:4", layers=["0", "2"])
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"criterion": {"name": "lobs", "epsilon": 0.1}}, "leave out the tolerable error"),
+    ({"criterion": "obs-fast", "schedule": "agp", "schedule_args": {"n_prunes": 3, "every": 1}}, "use schedule 'one-shot'"),
+    ({"criterion": "obs-fast", "scope": "row"}, "scope 'row'"),
+])
+def test_solver_pattern_refusals(kwargs, pattern):
+    from torch import nn
+    with pytest.raises(ValueError, match=pattern):
+        Pruner(nn.Sequential(nn.Linear(8, 4)), None, granularity="2:4", calibration=[(torch.randn(4, 8),)], **kwargs)

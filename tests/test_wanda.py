@@ -200,7 +200,7 @@ def test_errors_are_clear():
         pruner.criterion.scores(pruner.targets)
 
 
-def test_deeper_rnn_layers_are_skipped_by_default_and_left_dense():
+def test_deeper_rnn_layers_read_the_layer_below_and_are_all_pruned():
     torch.manual_seed(9)
 
     class LM(nn.Module):
@@ -213,13 +213,25 @@ def test_deeper_rnn_layers_are_skipped_by_default_and_left_dense():
             return self.out(self.rnn(x)[0])
 
     model = LM()
-    with pytest.warns(LayerSkipped, match="rnn.weight_ih_l1"):
-        pruner = prune(model, 0.5, criterion="wanda", data=[torch.randn(3, 5, 4)])
-    # a two-layer LSTM exposes only its first layer's input; h_{t-1} of layer 0 is not its output
-    assert set(pruner.criterion.skipped) == {"rnn.weight_ih_l1", "rnn.weight_hh_l0", "rnn.weight_hh_l1"}
+    x = torch.randn(3, 5, 4)
+    pruner, scores = _wanda_scores(model, [x])
+    by_name = dict(zip([t.name for t in pruner.targets], scores))
+    # layer 1 reads layer 0's outputs, recomputed from a one-layer LSTM holding layer 0's weights
+    first = nn.LSTM(4, 8, batch_first=True)
+    with torch.no_grad():
+        for name, p in first.named_parameters():
+            p.copy_(getattr(model.rnn, name))
+        below, _ = first(x)
+        out, _ = model.rnn(x)
+    expected_ih1 = model.rnn.weight_ih_l1.detach().abs() * below.reshape(-1, 8).pow(2).sum(0).sqrt()
+    previous = torch.cat([torch.zeros(3, 1, 8), out[:, :-1]], dim=1)          # layer 1's h_{t-1}
+    expected_hh1 = model.rnn.weight_hh_l1.detach().abs() * previous.reshape(-1, 8).pow(2).sum(0).sqrt()
+    torch.testing.assert_close(by_name["rnn.weight_ih_l1"], expected_ih1)
+    torch.testing.assert_close(by_name["rnn.weight_hh_l1"], expected_hh1)
+    pruner = prune(model, 0.5, criterion="wanda", data=[x])
+    assert pruner.criterion.skipped == {}
     for name, sparsity in pruner.layer_sparsity().items():
-        expected = 0.0 if name in pruner.criterion.skipped else 0.5
-        assert abs(sparsity - expected) < 1e-9, name
+        assert abs(sparsity - 0.5) < 1e-9, name
 
 
 def test_study_specs_give_wanda_its_row_scope_unless_told_otherwise():

@@ -237,6 +237,10 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 NM_LAYOUTS = ("linear", "conv", "transposed", "attention", "recurrent")
 
 
+class PatternSkipped(UserWarning):
+    """Default targets that cannot hold the N:M pattern were left dense (named ones raise)."""
+
+
 def nm_view(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     """``tensor`` (shaped like a weight of ``layout``) as ``(rows, inputs)`` with N:M runs as M
     consecutive columns: HF Conv1D transposed; a conv ``(out, in/g, *k)`` as ``(out, *k, in/g)``

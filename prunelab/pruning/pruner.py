@@ -26,7 +26,7 @@ from torch import nn
 from prunelab._validation import check_choice, check_finite, check_number, check_sparsity
 from prunelab.inputs import iter_batches, make_loss
 from prunelab.pruning.criteria import Criterion, make_criterion
-from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, make_granularity
+from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, PatternSkipped, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
 from prunelab.pruning.schedules import Schedule, make_schedule
 from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
@@ -102,8 +102,7 @@ class Pruner:
         self.targets: list[Target] = resolve_targets(model, layers, where=where)
         self.criterion = make_criterion(criterion, seed=seed, where=where)
         self.granularity = make_granularity(granularity, where=where)
-        for target in self.targets:
-            self.granularity.check(target)
+        self.pattern_skipped = self._check_granularity(layers is not None)
         _check_tied_embeddings(model, self.targets, self.granularity)
         self.scope = make_scope(self._default_scope() if scope is None else scope, where=where)
         self._check_rows()
@@ -142,6 +141,29 @@ class Pruner:
                 self.attach(opt)
 
     # ----------------------------------------------------------------- set-up
+    def _check_granularity(self, named: bool) -> dict[str, str]:
+        """Every target must take the granularity. Under an N:M pattern, default targets that
+        cannot (e.g. a first conv with 3 input channels) are left dense with a warning and
+        returned as ``{layer: reason}``; named ones raise, as do all others."""
+        skipped, first = {}, None
+        for target in self.targets:
+            try:
+                self.granularity.check(target)
+            except ValueError as err:
+                if named or not isinstance(self.granularity, NMGranularity):
+                    raise
+                first = first or err
+                skipped[target.name] = str(err).split(": ", 1)[-1].split(". ")[0]
+        if skipped:
+            if len(skipped) == len(self.targets):
+                raise first           # no layer can hold the pattern: the first one's reason
+            self.targets = [t for t in self.targets if t.name not in skipped]
+            warnings.warn(PatternSkipped(
+                f"granularity {self.granularity.name!r} leaves {len(skipped)} layer(s) dense: "
+                + "; ".join(f"{k} ({v})" for k, v in skipped.items())
+                + ". Listed in pruner.pattern_skipped."), stacklevel=3)
+        return skipped
+
     def _default_scope(self) -> str:
         """The criterion's own scope (``row`` for Wanda, else ``local``), or ``local`` when the
         granularity's groups do not lie in one output row."""

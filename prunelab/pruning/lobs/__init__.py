@@ -51,8 +51,9 @@ import torch
 from prunelab._hooks import eval_mode
 from prunelab._validation import check_choice, check_number
 from prunelab.pruning.criteria import CRITERIA, Criterion
+from prunelab.pruning.granularity import NMGranularity, nm_column_order
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
-from prunelab.pruning.lobs.common import inverse
+from prunelab.pruning.lobs.common import Solution, inverse
 from prunelab.pruning.lobs.hessian import LayerHessian, check_target, weight_matrix
 from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.scopes import LayerGroups
@@ -172,9 +173,21 @@ class LayerwiseOBS(Criterion):
                 f"{self.name} leaves {len(self.skipped)} layer(s) dense: "
                 + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
                 + ". Listed in criterion.skipped and each prune's report."), stacklevel=4)
-        if pruner.granularity.name not in ("weight", "channel"):
-            raise ValueError(f"{self.name} prunes at granularity 'weight' (unstructured) or 'channel' "
-                             f"(whole inputs, block OBS); got {pruner.granularity.name!r}.")
+        nm = isinstance(pruner.granularity, NMGranularity)
+        if pruner.granularity.name not in ("weight", "channel") and not nm:
+            raise ValueError(f"{self.name} prunes at granularity 'weight' (unstructured), 'channel' "
+                             f"(whole inputs, block OBS) or an N:M pattern such as '2:4'; got "
+                             f"{pruner.granularity.name!r}.")
+        if nm and self.epsilon is not None:
+            raise ValueError(f"{self.name} with granularity {pruner.granularity.name!r}: the pattern decides "
+                             f"every layer's sparsity; leave out the tolerable error 'epsilon'.")
+        if nm and pruner.schedule.name != "one-shot":
+            raise ValueError(f"{self.name} chooses an N:M mask ({pruner.granularity.name!r}) in one solve, at the "
+                             f"pattern's full sparsity; use schedule 'one-shot' (got {pruner.schedule.name!r}), "
+                             f"or a score-based criterion (magnitude, wanda, ...) to reach the pattern gradually.")
+        if pruner.scope.name == "row":
+            raise ValueError(f"scope 'row' compares scores within each output row; {self.name} solves each layer "
+                             f"as a whole: use scope 'local', 'global' or 'layerwise-constant'.")
         if pruner.granularity.name == "channel" and self.name != "obs-exact":
             raise ValueError(f"the structured (channel) variant is the greedy block OBS: use criterion "
                              f"'obs-exact' with granularity 'channel' (got {self.name!r}).")
@@ -271,6 +284,8 @@ class LayerwiseOBS(Criterion):
         bias = bias_param.detach().double() if bias_param is not None else None
         alive_all = self._alive(pruner, target, W)
         G = h.groups
+        nm = (pruner.granularity.n, pruner.granularity.m) if isinstance(pruner.granularity, NMGranularity) else None
+        order = nm_column_order(target) if nm is not None else None     # N:M runs as consecutive columns
         if structured_mode and G > 1:
             raise ValueError(f"{self.name} with granularity 'channel' needs one input Hessian for all rows; "
                              f"{target.name!r} has {G} row blocks with their own inputs.")
@@ -294,6 +309,9 @@ class LayerwiseOBS(Criterion):
             alive[:, :d_in] = alive_all[r]
             if structured_mode:
                 solution = self._structured(target, W_full, H, sparsity, alive, d_in, pruner.min_keep)
+            elif nm is not None:
+                solution = _in_order(order, W_full, H, alive,
+                                     lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm))
             else:
                 limit = Wg.numel() - min(pruner.min_keep, int(alive[:, :d_in].sum()))   # never empty the layer
                 wanted = wanted_parts[g]
@@ -380,7 +398,7 @@ class LayerwiseOBS(Criterion):
             return self.epsilon.get(target.name, self.epsilon.get(target.module_name))
         return self.epsilon
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit, nm=None):
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -411,6 +429,17 @@ def _errors(delta: torch.Tensor, reference: torch.Tensor, H: torch.Tensor) -> tu
             float(torch.einsum("ri,ij,rj->", reference, H, reference)))
 
 
+def _in_order(order: torch.Tensor, W: torch.Tensor, H: torch.Tensor, alive: torch.Tensor, solve) -> Solution:
+    """Run ``solve(W, H, alive)`` with the first ``len(order)`` columns permuted by ``order`` (the
+    bias column stays last) and the solution's columns put back: OBS is the same problem in any
+    column order, and N:M runs must be consecutive for the solvers."""
+    P = torch.cat([order, torch.arange(len(order), W.shape[1])])
+    back = torch.argsort(P)
+    solution = solve(W[:, P], H[P][:, P], alive[:, P])
+    solution.W, solution.keep = solution.W[:, back], solution.keep[:, back]
+    return solution
+
+
 def _check_epsilon(epsilon, where: str):
     """None, a tolerable error ε > 0, or ``{layer: ε}``."""
     if epsilon is None:
@@ -432,8 +461,8 @@ class LOBS(LayerwiseOBS):
 
     name = "lobs"
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
-        return lobs.solve(W, H, n_prune, prunable, alive, epsilon=epsilon, limit=limit)
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit, nm=None):
+        return lobs.solve(W, H, n_prune, prunable, alive, epsilon=epsilon, limit=limit, nm=nm)
 
 
 @CRITERIA.register("obs-exact", "obs_exact")
@@ -442,8 +471,8 @@ class OBSExact(LayerwiseOBS):
 
     name = "obs-exact"
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
-        return obs_exact.solve(W, H, n_prune, prunable, alive, epsilon=epsilon, limit=limit)
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit, nm=None):
+        return obs_exact.solve(W, H, n_prune, prunable, alive, epsilon=epsilon, limit=limit, nm=nm)
 
 
 @CRITERIA.register("obs-fast", "obs_fast")
@@ -452,5 +481,5 @@ class OBSFast(LayerwiseOBS):
 
     name = "obs-fast"
 
-    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit):
-        return obs_fast.solve(W, H, n_prune, prunable, alive, block_size=self.block_size)
+    def _solve(self, W, H, n_prune, prunable, alive, epsilon, limit, nm=None):
+        return obs_fast.solve(W, H, n_prune, prunable, alive, block_size=self.block_size, nm=nm)

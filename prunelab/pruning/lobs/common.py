@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prunelab.pruning.granularity import nm_keep
+
 
 @dataclass
 class Solution:
@@ -43,9 +45,5 @@ def row_counts(total: int, rows: int, already: torch.Tensor) -> torch.Tensor:
 def nm_choice(score: torch.Tensor, n: int, m: int, alive: torch.Tensor) -> torch.Tensor:
     """Entries to prune so that every group of ``m`` consecutive columns keeps at most ``n``
     per row: the ``m − n`` lowest scores of each group, and every entry already pruned (a row
-    whose group lost more before keeps fewer). ``score`` is ``(rows, k·m)``."""
-    rows, d = score.shape
-    grouped = torch.where(alive, score, torch.full_like(score, float("-inf"))).reshape(rows, d // m, m)
-    chosen = torch.zeros(grouped.shape, dtype=torch.bool)
-    chosen.scatter_(2, torch.topk(grouped, m - n, dim=2, largest=False).indices, True)
-    return chosen.reshape(rows, d) | ~alive
+    whose group lost more before keeps fewer). ``score`` is ``(rows, k·m)``; lower goes first."""
+    return ~nm_keep(-score, n, m, alive)
