@@ -244,7 +244,7 @@ def test_conv_net_sequential_and_parallel():
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
-    ({"criterion": "lobs", "granularity": "kernel", "layers": ["0"]}, "granularity 'weight' .* or 'channel'"),
+    ({"criterion": "lobs", "granularity": "kernel", "layers": ["0"]}, "granularity 'weight' .*, 'channel' .* or an N:M pattern"),
     ({"criterion": "lobs", "granularity": "channel"}, "use criterion 'obs-exact' with granularity 'channel'"),
     ({"criterion": "obs-exact", "granularity": "channel", "scope": "global"}, "ranking single weights"),
     ({"criterion": {"name": "lobs", "epsilon": 0.1}, "scope": "global"}, "already decides every layer"),

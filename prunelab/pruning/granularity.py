@@ -32,7 +32,6 @@ their NHWC implicit GEMM). Each row's input size (a conv's ``in/groups``) must b
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch

@@ -29,7 +29,6 @@ this one).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -38,7 +37,6 @@ from torch import nn
 from prunelab._hooks import eval_mode
 from prunelab.inputs import forward_batches
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.lobs import LayerSkipped
 from prunelab.pruning.lobs import hessian
 from prunelab.pruning.targets import Target
 
@@ -122,25 +120,7 @@ class Wanda(Criterion):
         self.skipped: dict[str, str] = {}      # default targets left dense: {name: reason}
 
     def validate(self, pruner) -> None:
-        parents = hessian.attention_parents(pruner.model)
-        named = getattr(pruner, "layers_named", True)
-        self.skipped = {}
-        for target in pruner.targets:
-            reason = hessian.unsupported(target, parents)
-            if reason is None:
-                continue
-            if named:
-                raise ValueError(f"wanda cannot score {target.name!r} ({target.kind}): {reason}. "
-                                 f"Leave it out of 'layers'.")
-            self.skipped[target.name] = reason
-        if self.skipped:
-            if len(self.skipped) == len(pruner.targets):
-                raise ValueError("wanda can score none of the model's layers: "
-                                 + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
-            warnings.warn(LayerSkipped(
-                f"wanda leaves {len(self.skipped)} layer(s) dense: "
-                + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
-                + ". Listed in criterion.skipped."), stacklevel=4)
+        self.skipped = hessian.skip_unsupported(pruner, "wanda", verb="score")
 
     def calibrate(self, model, targets, batches, loss_fn) -> None:
         """Collect ``‖X_j‖₂`` of every target's inputs over ``batches`` (any form

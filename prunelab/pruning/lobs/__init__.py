@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,7 +53,7 @@ from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.granularity import NMGranularity, nm_column_order
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
 from prunelab.pruning.lobs.common import Solution, inverse
-from prunelab.pruning.lobs.hessian import LayerHessian, check_target, weight_matrix
+from prunelab.pruning.lobs.hessian import LayerHessian, LayerSkipped, check_target, weight_matrix  # noqa: F401 (LayerSkipped: public here)
 from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.scopes import LayerGroups
 
@@ -100,10 +99,6 @@ class Report(list):
     def totals(self) -> dict:
         return {"hessian_seconds": sum(r.hessian_seconds for r in self),
                 "solve_seconds": sum(r.solve_seconds for r in self)}
-
-
-class LayerSkipped(UserWarning):
-    """A default target that a layer-wise OBS solver cannot prune was left dense."""
 
 
 class LayerwiseOBS(Criterion):
@@ -153,26 +148,8 @@ class LayerwiseOBS(Criterion):
         self._batches, self._original, self._hessians = None, None, {}
 
     def validate(self, pruner) -> None:
-        parents = hessian.attention_parents(pruner.model)
-        named = getattr(pruner, "layers_named", True)
-        self.skipped = {}
-        for target in pruner.targets:
-            reason = hessian.unsupported(target, parents)
-            if reason is None and pruner.granularity.name == "channel":
-                reason = _channel_unsupported(target)
-            if reason is not None and not named:
-                self.skipped[target.name] = reason
-            elif reason is not None:
-                raise ValueError(f"{self.name} cannot prune {target.name!r} ({target.kind}): {reason}. "
-                                 f"Leave it out of 'layers'.")
-        if self.skipped:
-            if len(self.skipped) == len(pruner.targets):
-                raise ValueError(f"{self.name} can prune none of the model's layers: "
-                                 + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
-            warnings.warn(LayerSkipped(
-                f"{self.name} leaves {len(self.skipped)} layer(s) dense: "
-                + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
-                + ". Listed in criterion.skipped and each prune's report."), stacklevel=4)
+        channel = _channel_unsupported if pruner.granularity.name == "channel" else None
+        self.skipped = hessian.skip_unsupported(pruner, self.name, extra=channel)
         nm = isinstance(pruner.granularity, NMGranularity)
         if pruner.granularity.name not in ("weight", "channel") and not nm:
             raise ValueError(f"{self.name} prunes at granularity 'weight' (unstructured), 'channel' "

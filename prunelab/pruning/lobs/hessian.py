@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 import weakref
 import time
 from collections.abc import Iterable, Sequence
@@ -102,6 +103,38 @@ def unsupported(target: Target, parents: dict | None = None) -> str | None:
     if layout == "embedding":
         return "an embedding is a lookup table: it has no input matrix for the layer-wise Hessian"
     return f"the '{pname}' of a {target.kind} is not a Linear-like weight"
+
+
+class LayerSkipped(UserWarning):
+    """A default target that a calibration-based method (an OBS solver, Wanda) cannot see was left dense."""
+
+
+def skip_unsupported(pruner, who: str, verb: str = "prune", extra=None) -> dict[str, str]:
+    """The pruner's targets whose inputs ``who`` cannot see (:func:`unsupported`, or ``extra(target)``
+    giving a reason): a layer named in ``layers=`` raises one error naming it; default targets are
+    returned as ``{layer: reason}`` — left dense, with one :class:`LayerSkipped` warning."""
+    parents = attention_parents(pruner.model)
+    named = getattr(pruner, "layers_named", True)
+    skipped = {}
+    for target in pruner.targets:
+        reason = unsupported(target, parents)
+        if reason is None and extra is not None:
+            reason = extra(target)
+        if reason is None:
+            continue
+        if named:
+            raise ValueError(f"{who} cannot {verb} {target.name!r} ({target.kind}): {reason}. "
+                             f"Leave it out of 'layers'.")
+        skipped[target.name] = reason
+    if skipped:
+        if len(skipped) == len(pruner.targets):
+            raise ValueError(f"{who} can {verb} none of the model's layers: "
+                             + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        warnings.warn(LayerSkipped(
+            f"{who} leaves {len(skipped)} layer(s) dense: "
+            + "; ".join(f"{k} ({v})" for k, v in skipped.items())
+            + ". Listed in criterion.skipped and each prune's report."), stacklevel=5)
+    return skipped
 
 
 def check_target(target: Target, where: str = "L-OBS", parents: dict | None = None) -> None:
