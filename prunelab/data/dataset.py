@@ -36,14 +36,31 @@ def _take(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Te
     return x[idx].contiguous(), y[idx].contiguous()
 
 
-def _sample(n_total: int, n: int, seed: int) -> torch.Tensor:
+def sample_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
     """``n`` distinct indices of ``range(n_total)``, seeded, in increasing order."""
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n_total, generator=g)[:n].sort().values
 
 
+class Splits:
+    """The ``(x, y)`` views of a dataset with ``x_train``/``y_train``, ``x_test``/``y_test`` and
+    optional ``x_val``/``y_val`` fields (image and text datasets alike)."""
+
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_train, self.y_train
+
+    @property
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_test, self.y_test
+
+    @property
+    def val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.x_val is None else (self.x_val, self.y_val)
+
+
 @dataclass(frozen=True, eq=False)
-class Dataset:
+class Dataset(Splits):
     """A classification dataset held in memory: train/test (and optional validation) tensors."""
 
     name: str
@@ -77,18 +94,6 @@ class Dataset:
     def input_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one input."""
         return tuple(self.x_train.shape[1:])
-
-    @property
-    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x_train, self.y_train
-
-    @property
-    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x_test, self.y_test
-
-    @property
-    def val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.x_val is None else (self.x_val, self.y_val)
 
     def __repr__(self) -> str:
         val = "" if self.x_val is None else f", val={len(self.x_val)}"
@@ -142,7 +147,7 @@ class Dataset:
                 raise ValueError(f"the 'n_val' parameter of {where} needs a validation split; "
                                  f"dataset {self.name!r} has none")
             n = check_number(f"n_{split}", n, where=where, low=1, high=len(x), integer=True)
-            changes[f"x_{split}"], changes[f"y_{split}"] = _take(x, y, _sample(len(x), n, seed))
+            changes[f"x_{split}"], changes[f"y_{split}"] = _take(x, y, sample_indices(len(x), n, seed))
         return replace(self, **changes)
 
     def train_stats(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ from prunelab._validation import check_choice, check_number, check_type
 from prunelab.data._atomic import atomic_write_bytes
 from prunelab.data._paths import search_dirs, writable_dir
 from prunelab.data._store import load_arrays, save_arrays
-from prunelab.data.dataset import _sample
+from prunelab.data.dataset import Splits, sample_indices
 from prunelab.data.source import DatasetSource, Root, ensure_files
 from prunelab.data.tokenizer import (KINDS, MIN_VOCAB, TOKENIZER_VERSION, decode, encode, load_tokenizer,
                                      train_tokenizer, train_word_tokenizer)
@@ -100,7 +100,7 @@ def _check_split(split: str, x: torch.Tensor, y: torch.Tensor, vocab_size: int) 
 
 
 @dataclass(frozen=True, eq=False)
-class TextDataset:
+class TextDataset(Splits):
     """A language-modelling dataset in memory: per split, token-id inputs ``x`` and next-token
     targets ``y``, int64 ``(N, seq_len)``; ``vocab_size`` tokens. It reads like a :class:`Dataset`
     where ``fit``/``evaluate``/``build_model`` look: ``x_train``/``y_train``, ``x_val``/``y_val``
@@ -146,18 +146,6 @@ class TextDataset:
         """The vocabulary size: a language model's logits have one entry per token."""
         return self.vocab_size
 
-    @property
-    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x_train, self.y_train
-
-    @property
-    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x_test, self.y_test
-
-    @property
-    def val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.x_val is None else (self.x_val, self.y_val)
-
     def __repr__(self) -> str:
         val = "" if self.x_val is None else f", val={len(self.x_val)}"
         return (f"TextDataset({self.name!r}, seq_len={self.seq_len}, vocab_size={self.vocab_size}, "
@@ -195,7 +183,7 @@ class TextDataset:
                 raise ValueError(f"the 'n_val' parameter of {where} needs a validation split; "
                                  f"dataset {self.name!r} has none")
             n = check_number(f"n_{split}", n, where=where, low=1, high=len(x), integer=True)
-            idx = _sample(len(x), n, seed)
+            idx = sample_indices(len(x), n, seed)
             changes[f"x_{split}"], changes[f"y_{split}"] = x[idx].contiguous(), y[idx].contiguous()
         return replace(self, **changes)
 
