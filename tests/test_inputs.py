@@ -171,3 +171,15 @@ def test_a_list_of_two_token_tensors_is_two_batches_and_a_tuple_is_a_pair():
     assert len(as_list) == 2 and all(x.targets is None for x in as_list)
     as_tuple = list(iter_batches((a, b), 8, where="t"))
     assert len(as_tuple) == 1 and torch.equal(as_tuple[0].targets, b)
+
+
+def test_a_single_tensor_as_calibration_data_is_refused_not_read_row_by_row():
+    from prunelab.pruning import Pruner, prune
+    x = torch.randint(0, 10, (8, 5))
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    with pytest.raises(TypeError, match="'data' parameter of Pruner is a single tensor"):
+        Pruner(model, 0.5, criterion="wanda", calibration=x)
+    with pytest.raises(TypeError, match="single tensor"):
+        prune(model, 0.5, criterion="wanda", data=x)
+    prune(model, 0.5, criterion="wanda", data=[x])          # one batch: fine
+    assert float((model[1].weight == 0).float().mean()) == pytest.approx(0.5)

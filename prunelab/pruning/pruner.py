@@ -121,7 +121,7 @@ class Pruner:
         self.loss = make_loss(loss_fn, output_key, where=where)
         self.calibration_batch_size = check_number("calibration_batch_size", calibration_batch_size,
                                                    where=where, low=1, integer=True)
-        if calibration is not None and not _is_sliceable(calibration):
+        if calibration is not None and not _is_sliceable(calibration) and not torch.is_tensor(calibration):
             if isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, Mapping)):
                 calibration = list(calibration)   # used at every prune: an iterator would run dry
         if calibration is not None:           # refuse an empty or malformed calibration set now, before any training
