@@ -497,15 +497,19 @@ def _is_sliceable(data) -> bool:
 
 def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
           granularity="weight", scope="local", layers=None, reduction="l2", min_keep=1, data=None,
-          loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0) -> Pruner:
+          loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0,
+          blocks=None, offload: str | None = None, progress: bool | None = None) -> Pruner:
     """One-shot pruning in one call: prune ``model`` in place to ``sparsity`` (a float, or a
     ``{layer: sparsity}`` dict of per-layer targets).
 
     Returns the :class:`Pruner` that did it; ``pruner.attach(optimizer)`` keeps the
     zeros through fine-tuning. Data-driven criteria (``gradient``, ``obd``, ``lobs``,
     ``obs-exact``, ``obs-fast``) use ``data`` (an ``(x, y)`` pair or an iterable of
-    batches) as calibration set.
+    batches) as calibration set. ``blocks`` (the stack to calibrate block by block, e.g.
+    ``"model.layers"``), ``offload`` (``"disk"``: spill the cached block inputs) and
+    ``progress`` are options of the criteria that calibrate block by block, passed on to them.
     """
+    criterion = _with_options(criterion, blocks=blocks, offload=offload, progress=progress)
     tolerable = isinstance(criterion, Mapping) and criterion.get("epsilon") is not None
     if sparsity is None and tolerable:
         sparsity = 0.0      # unused: the criterion's tolerable error epsilon decides per layer
@@ -519,3 +523,20 @@ def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, c
                          f"data=(x, y) to prune().")
     pruner.update()
     return pruner
+
+
+def _with_options(criterion, **options):
+    """``criterion`` with the given (non-None) options added to its spec."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return criterion
+    if isinstance(criterion, str):
+        return {"name": criterion, **options}
+    if isinstance(criterion, Mapping):
+        clash = sorted(set(options) & set(criterion))
+        if clash:
+            raise ValueError(f"prune got {clash[0]!r} both as its own parameter and in the criterion dict; "
+                             f"give it once.")
+        return {**criterion, **options}
+    raise TypeError(f"the {', '.join(map(repr, options))} parameter(s) of prune go to the criterion; with a "
+                    f"ready {type(criterion).__name__} pass them to its constructor instead.")
