@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
-from prunelab._memory import PeakMemory
+from prunelab._memory import PeakMemory, resident
 from prunelab.pruning import prune
 from prunelab.pruning.criteria import CRITERIA
 
@@ -93,6 +93,7 @@ def decoder_layers(model) -> list[str]:
 
 
 def run(criterion: str, args, dtype) -> dict:
+    baseline = resident()          # the interpreter, torch and transformers, before the model
     model = build(args.size, args.layers, dtype)
     size = model_bytes(model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -125,6 +126,9 @@ def run(criterion: str, args, dtype) -> dict:
               f"({_ratio(report.peak_memory, size)} the model)")
     print(f"total: {seconds:.1f} s; whole prune() peak {_gib(whole.peak)} GiB ({_ratio(whole.peak, size)} the "
           f"model; includes the Pruner's masks); sparsity {pruner.history[-1].sparsity:.3f}")
+    if baseline is not None and whole.peak is not None:
+        print(f"resident before building the model: {_gib(baseline)} GiB; peak above it "
+              f"{_gib(whole.peak - baseline)} GiB ({_ratio(whole.peak - baseline, size)} the model)")
     return {"seconds": seconds, "peak": whole.peak, "bytes": size}
 
 

@@ -332,10 +332,12 @@ class Pruner:
         targets = self._targets_at(sparsity)
         if self.criterion.updates_weights:
             per_layer = targets if isinstance(targets, list) else [targets] * len(self.targets)
-            keeps = self.criterion.solve(self, per_layer, event)
-            for target, keep in zip(self.targets, keeps):
+            keeps = list(self.criterion.solve(self, per_layer, event))
+            for i, target in enumerate(self.targets):
+                keep, keeps[i] = keeps[i], None     # each freed once stored: not all masks twice at once
                 old = self.masks.get(target.weight)
                 self.masks.set(target.weight, keep if old is None else keep & old.bool())
+                del keep
             return self._after_prune(sparsity, tuple(getattr(self.criterion, "last_held", ())))
         scores = self.criterion.scores(self.targets)
         for target, score in zip(self.targets, scores):
