@@ -106,10 +106,10 @@ def run(criterion: str, args, dtype) -> dict:
     else:
         options = {}
     memory: dict = {}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with PeakMemory(memory) as whole:
         pruner = prune(model, 0.5, criterion=criterion, data=batches, layers=decoder_layers(model), **options)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     report = pruner.history[-1].report
     if args.verbose and report is not None:
         print(report)
@@ -124,8 +124,9 @@ def run(criterion: str, args, dtype) -> dict:
                   f"{_ratio(peak, size):>8} {b['live_bytes'] / 2**20:9.1f}")
         print(f"trace pass: {report.trace_seconds:.1f} s; solver's peak {_gib(report.peak_memory)} GiB "
               f"({_ratio(report.peak_memory, size)} the model)")
-    print(f"total: {seconds:.1f} s; whole prune() peak {_gib(whole.peak)} GiB ({_ratio(whole.peak, size)} the "
-          f"model; includes the Pruner's masks); sparsity {pruner.history[-1].sparsity:.3f}")
+    print(f"total: {seconds:.1f} s wall, {cpu:.1f} s CPU (all threads); whole prune() peak {_gib(whole.peak)} GiB "
+          f"({_ratio(whole.peak, size)} the model; includes the Pruner's masks); "
+          f"sparsity {pruner.history[-1].sparsity:.3f}")
     if baseline is not None and whole.peak is not None:
         print(f"resident before building the model: {_gib(baseline)} GiB; peak above it "
               f"{_gib(whole.peak - baseline)} GiB ({_ratio(whole.peak - baseline, size)} the model)")
