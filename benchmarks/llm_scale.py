@@ -20,12 +20,15 @@ Cost (2·params FLOPs per token and forward): sequential mode runs each block on
 once per group of layers that share an input (q/k/v, o, gate/up, down: 4) and once more to make
 the next block's inputs, plus one traced forward of the whole model — about 6 forwards, 12 GFLOP
 per token at 1.1 B; the Hessians ``2·d²`` per token and layer add ~2.5 GFLOP per token; the
-obs-fast solves ~11 TFLOP in all (``d³`` inverses, ``rows·d²`` updates; down_proj's 5632-wide
-Hessian is half of it). Hence the defaults, 32 sequences of 128 tokens (4096 tokens, ~60 TFLOP),
-for the 20-minute target on 2 cores. The full runs (the lead's, on a quiet machine)::
+obs-fast solves ~11 TFLOP in all (``d³`` factorisations, ``rows·d²`` updates; down_proj's
+5632-wide Hessian is half of it). The defaults, 32 sequences of 128 tokens (4096 tokens), make
+~70 TFLOP: about 10 minutes on 2 cores in float32 (~80 GFLOP/s per core measured for a float32
+Linear on the project machine). A bfloat16 Linear runs ~8× slower there (an AVX2 CPU without
+bfloat16 instructions: 10 GFLOP/s per core), so ``--dtype bfloat16`` shows the memory (half the
+model's bytes) rather than the time. The full runs (the lead's, on a quiet machine)::
 
-    OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b --dtype bfloat16
-    OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b --dtype float32
+    OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b                     # float32
+    OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b --dtype bfloat16 --criteria obs-fast
     OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 125m --sequences 128 --length 512
 
 Small runs: ``--size 125m --sequences 8 --length 64``, ``--size 1.1b --layers 2``.
@@ -145,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SHAPES), default="1.1b")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first K decoder layers")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
