@@ -60,8 +60,8 @@ from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
 from prunelab._memory import PeakMemory
-from prunelab.pruning import blocks as blk
 from prunelab._validation import check_choice, check_number
+from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
 from prunelab.pruning.lobs.common import inverse
