@@ -206,3 +206,12 @@ def test_an_input_cache_on_disk_round_trips_and_advances_in_place():
             assert all(torch.equal(c[0][0], block(e[0][0], 2.0)) and c[1] == e[1] for c, e in zip(cache, entries))
         path = spill.path
     assert not path.exists()
+
+
+def test_a_spilled_view_writes_only_its_own_elements():
+    whole = torch.randn(1000, 64)
+    with blk.Spill() as spill:
+        cache = spill.new()
+        cache.append(((whole[:2],), {}))
+        assert (spill.path / "1" / "0.pt").stat().st_size < 64 * 1000 * 4 / 10
+        assert torch.equal(cache[0][0][0], whole[:2])

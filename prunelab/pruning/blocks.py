@@ -240,7 +240,7 @@ class InputCache:
             else:
                 self._entries[i] = entry
         else:
-            torch.save(entry, self.directory / f"{i}.pt")
+            torch.save(_compact(entry), self.directory / f"{i}.pt")
 
     def __getitem__(self, i: int) -> tuple:
         if self.directory is None:
@@ -287,6 +287,21 @@ class Spill:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _compact(value):
+    """``value`` with every tensor that views a larger storage copied (``torch.save`` would write
+    the whole storage)."""
+    if torch.is_tensor(value):
+        whole = value.untyped_storage().nbytes()
+        return value.clone() if whole > value.numel() * value.element_size() else value
+    if isinstance(value, tuple):
+        return tuple(_compact(v) for v in value)
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    return value
 
 
 def _tensors(value):
