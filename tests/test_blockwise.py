@@ -215,3 +215,24 @@ def test_a_spilled_view_writes_only_its_own_elements():
         cache.append(((whole[:2],), {}))
         assert (spill.path / "1" / "0.pt").stat().st_size < 64 * 1000 * 4 / 10
         assert torch.equal(cache[0][0][0], whole[:2])
+
+
+def test_a_bfloat16_model_computed_in_float32_equals_the_float32_run_rounded():
+    """compute_dtype: the served block runs in float32 on float32 inputs; the result is the
+    float32 pipeline's on the same (bfloat16-valued) weights, rounded to bfloat16 at the end."""
+    zoo = BY_NAME["transformer"]
+    batches = zoo.batches(2)
+    model = zoo.build().to(torch.bfloat16)
+    reference = zoo.build().to(torch.bfloat16).float()
+    layers = [name for name, p in model.named_parameters() if name.startswith("encoder") and p.dim() == 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prunelab.prune(model, 0.5, criterion={"name": "obs-fast", "compute_dtype": "float32"}, data=batches,
+                       blocks="encoder.layers", layers=layers)
+        prunelab.prune(reference, 0.5, criterion="obs-fast", data=batches, blocks="encoder.layers", layers=layers)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert p.dtype == torch.bfloat16, name
+        assert torch.equal(p, q.to(torch.bfloat16)), name
+    assert float((model.encoder.layers[1].linear2.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="'compute_dtype'.*one of: float32, float64"):
+        Pruner(model, 0.5, criterion={"name": "obs-fast", "compute_dtype": "bfloat8"})

@@ -219,10 +219,12 @@ class Trace:
 class InputCache:
     """One block's ``(args, kwargs)`` per batch, in memory, or with ``directory`` on disk (one
     file per batch, loaded one at a time: calibration activations larger than memory fit).
-    Iterating yields the entries in batch order; ``cache[i] = entry`` replaces one."""
+    Iterating yields the entries in batch order; ``cache[i] = entry`` replaces one. With ``cast``
+    (a dtype) appended entries have their floating tensors cast to it."""
 
-    def __init__(self, directory: "str | Path | None" = None):
+    def __init__(self, directory: "str | Path | None" = None, cast: torch.dtype | None = None):
         self.directory = None if directory is None else Path(directory)
+        self.cast = cast
         self._entries: list = []
         self._count = 0
 
@@ -230,6 +232,8 @@ class InputCache:
         return self._count
 
     def append(self, entry: tuple) -> None:
+        if self.cast is not None:
+            entry = _cast(entry, self.cast)
         self._count += 1
         self[self._count - 1] = entry
 
@@ -271,13 +275,13 @@ class Spill:
         self.path = Path(tempfile.mkdtemp(prefix="prunelab-blocks-", dir=parent))
         self._n = 0
 
-    def new(self) -> InputCache:
+    def new(self, cast: torch.dtype | None = None) -> InputCache:
         for old in self.path.iterdir():      # one block's inputs on disk at a time
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         self._n += 1
         directory = self.path / str(self._n)
         directory.mkdir()
-        return InputCache(directory)
+        return InputCache(directory, cast=cast)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -287,6 +291,18 @@ class Spill:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _cast(value, dtype):
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 def _compact(value):

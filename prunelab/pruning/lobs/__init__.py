@@ -27,7 +27,8 @@ holds a :class:`LayerReport` per layer, with its seconds and peak memory, and pe
 Block by block (sequential mode): ``blocks`` names the stack of blocks (``"model.layers"``, any
 ``nn.ModuleList``/``nn.Sequential`` path; default: found by the trace), ``offload="disk"`` keeps
 the cached block inputs in a temporary directory (removed afterwards), ``progress`` shows a bar
-over the blocks (default: on a terminal)::
+over the blocks (default: on a terminal), ``compute_dtype="float32"`` runs the block being served
+in float32 (a bfloat16/float16 model on a CPU without fast half-precision arithmetic)::
 
     prunelab.prune(model, 0.5, criterion="obs-fast", data=batches, blocks="model.layers", offload="disk")
 
@@ -165,7 +166,7 @@ class LayerwiseOBS(Criterion):
 
     def __init__(self, mode: str = "sequential", damping: float = 1e-2, update_bias: bool = True,
                  low_memory: bool = False, block_size: int = 128, epsilon=None, blocks=None,
-                 offload: str | None = None, progress: bool | None = None):
+                 offload: str | None = None, progress: bool | None = None, compute_dtype=None):
         where = f"{self.name} criterion"
         self.epsilon = _check_epsilon(epsilon, where)
         self.mode = check_choice("mode", mode, MODES, where=where)
@@ -175,6 +176,7 @@ class LayerwiseOBS(Criterion):
         self.update_bias, self.low_memory = update_bias, low_memory
         self.block_size = check_number("block_size", block_size, where=where, low=1, integer=True)
         self.blocks, self.offload, self.progress = _check_block_options(blocks, offload, progress, self.mode, where)
+        self.compute_dtype = _check_compute_dtype(compute_dtype, self.mode, where)
         self._stack = None
         self._batches: list | None = None
         self._original = None
@@ -296,7 +298,7 @@ class LayerwiseOBS(Criterion):
                     with PeakMemory(memory):
                         self._sequential = SequentialHessians(pruner.model, todo, self._batches,
                                                               with_bias=self.update_bias, stack=self._stack_of(pruner),
-                                                              spill=spill)
+                                                              spill=spill, compute=self.compute_dtype)
                     report.trace_seconds = time.perf_counter() - started
                 bar = self._progress_bar(todo)
                 for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
@@ -317,6 +319,7 @@ class LayerwiseOBS(Criterion):
             if bar is not None:
                 bar.close()
             if getattr(self, "_sequential", None) is not None:
+                self._sequential.restore()
                 self.last_forwards = self._sequential.forwards
             self._sequential = None
             if spill is not None:
@@ -520,6 +523,22 @@ def _check_block_options(blocks, offload, progress, mode: str, where: str):
         raise ValueError(f"the 'blocks' and 'offload' parameters of {where} apply to mode 'sequential' "
                          f"(block by block); got mode {mode!r}.")
     return blocks, (None if offload == "memory" else offload), progress
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _check_compute_dtype(value, mode: str, where: str):
+    """None (each block runs in its own dtype) or float32/float64 (a name or the torch dtype)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    dtype = COMPUTE_DTYPES[check_choice("compute_dtype", value, COMPUTE_DTYPES, where=where)]
+    if mode != "sequential":
+        raise ValueError(f"the 'compute_dtype' parameter of {where} applies to mode 'sequential' (block by "
+                         f"block); got mode {mode!r}.")
+    return dtype
 
 
 def _channel_unsupported(target) -> str | None:

@@ -17,13 +17,17 @@ Memory is bounded by one block: the cache holds one block's inputs (advanced in 
 next block's, batch by batch), the Hessians held are those of one group of layers, and the
 trace keeps no activations past the batch it runs. With ``stack`` the user names the stack of
 blocks (its children are the blocks); with ``spill`` (a :class:`blocks.Spill`) the cached
-inputs live on disk, one batch in memory at a time.
+inputs live on disk, one batch in memory at a time. With ``compute`` (a dtype, e.g. float32 for
+a bfloat16 model on a CPU without bfloat16 arithmetic) the block being served runs in that dtype
+on inputs cast to it, and returns to its own dtype once the cache moves past it (its pruned
+weights are rounded to the model's dtype then); whole-model forwards run in the model's dtype.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from prunelab.inputs import as_batch
@@ -37,9 +41,11 @@ class SequentialHessians:
     """Serves ``get(target)`` for the targets in order; ``pruned(target)`` after each prune."""
 
     def __init__(self, model: nn.Module, targets: list[Target], batches: list, *, with_bias: bool,
-                 stack: nn.Module | None = None, spill: blk.Spill | None = None):
+                 stack: nn.Module | None = None, spill: blk.Spill | None = None,
+                 compute: torch.dtype | None = None):
         self.model, self.targets, self.batches, self.with_bias = model, targets, batches, with_bias
-        self.stack, self.spill = stack, spill
+        self.stack, self.spill, self.compute = stack, spill, compute
+        self._raised: dict[int, tuple] = {}        # id(block) -> (block, [(tensor, its own dtype)])
         self.parents = attention_parents(model)
         self.sites = {t.name: hook_site(t, self.parents) for t in targets}
         self.forwards = {"trace": 0, "model": 0, "cut short": 0, "block": 0}
@@ -128,6 +134,7 @@ class SequentialHessians:
         with calibration_mode(self.model):
             if block is None:
                 self._cache = None            # pruning this layer would make it stale anyway: free it now
+                self.restore()
                 with accumulator:
                     for i, batch in enumerate(self.batches):
                         as_batch(batch, where="L-OBS", index=i).call(self.model)
@@ -135,6 +142,7 @@ class SequentialHessians:
                 self.forwards["model"] += len(self.batches)
             else:
                 inputs = self._inputs_of(block)
+                self._raise(block)
                 with accumulator:
                     blk.run_block(block, inputs, after=accumulator.end_batch, keep=False)
                 self.forwards["block"] += len(self.batches)
@@ -168,14 +176,37 @@ class SequentialHessians:
             cache, self._cache = self._cache[1], None     # advanced in place: invalid if that fails
             path.reverse()                        # from the cached block forwards
             for before, after in zip(path, path[1:]):
+                self._raise(before)
                 blk.advance(before, cache, self.trace.links[id(after)])
+                self._lower(before)
                 self.forwards["block"] += len(self.batches)
         elif self._cache is not None and self._cache[0] is block:
             cache = self._cache[1]
         else:
             self._cache = None                    # the old cache goes before the new one is made
-            cache = blk.InputCache() if self.spill is None else self.spill.new()
+            self.restore()
+            cache = blk.InputCache(cast=self.compute) if self.spill is None else self.spill.new(cast=self.compute)
             blk.capture_inputs(self.model, self.batches, block, into=cache)
             self.forwards["cut short"] += len(self.batches)
         self._cache = (block, cache)
         return cache
+
+    def _raise(self, block: nn.Module) -> None:
+        """``block``'s floating parameters and buffers in the compute dtype (kept in place)."""
+        if self.compute is None or id(block) in self._raised:
+            return
+        own = [(t, t.dtype) for t in list(block.parameters()) + list(block.buffers())
+               if t.is_floating_point() and t.dtype != self.compute]
+        for t, _ in own:
+            t.data = t.data.to(self.compute)
+        self._raised[id(block)] = (block, own)
+
+    def _lower(self, block: nn.Module) -> None:
+        _, own = self._raised.pop(id(block), (None, []))
+        for t, dtype in own:
+            t.data = t.data.to(dtype)
+
+    def restore(self) -> None:
+        """Every block back in its own dtype (also called when the prune ends)."""
+        for _, block_and_own in list(self._raised.items()):
+            self._lower(block_and_own[0])
