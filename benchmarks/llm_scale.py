@@ -25,10 +25,13 @@ obs-fast solves ~11 TFLOP in all (``d³`` factorisations, ``rows·d²`` updates;
 ~70 TFLOP: about 10 minutes on 2 cores in float32 (~80 GFLOP/s per core measured for a float32
 Linear on the project machine). A bfloat16 Linear runs ~8× slower there (an AVX2 CPU without
 bfloat16 instructions: 10 GFLOP/s per core), so ``--dtype bfloat16`` shows the memory (half the
-model's bytes) rather than the time. The full runs (the lead's, on a quiet machine)::
+model's bytes) rather than the time; ``--compute float32`` runs each served block in float32
+(``compute_dtype``), leaving only the trace pass in bfloat16. The full runs (the lead's, on a
+quiet machine)::
 
     OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b                     # float32
     OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b --dtype bfloat16 --criteria obs-fast
+    OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b --dtype bfloat16 --compute float32 --criteria obs-fast
     OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 125m --sequences 128 --length 512
 
 Small runs: ``--size 125m --sequences 8 --length 64``, ``--size 1.1b --layers 2``.
@@ -104,14 +107,17 @@ def run(criterion: str, args, dtype) -> dict:
     options = {"progress": args.progress}
     factory = CRITERIA.get(criterion)
     block_wise = "blocks" in inspect.signature(factory.__init__).parameters
+    spec = criterion
     if block_wise:
         options.update(blocks="model.layers", offload="disk" if args.disk else None)
+        if args.compute is not None:
+            spec = {"name": criterion, "compute_dtype": args.compute}
     else:
         options = {}
     memory: dict = {}
     started, cpu = time.perf_counter(), time.process_time()
     with PeakMemory(memory) as whole:
-        pruner = prune(model, 0.5, criterion=criterion, data=batches, layers=decoder_layers(model), **options)
+        pruner = prune(model, 0.5, criterion=spec, data=batches, layers=decoder_layers(model), **options)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     report = pruner.history[-1].report
     if args.verbose and report is not None:
@@ -155,6 +161,8 @@ def main() -> None:
     parser.add_argument("--criteria", default="obs-fast,wanda")
     parser.add_argument("--disk", action="store_true", help="spill the cached block inputs to disk")
     parser.add_argument("--progress", action="store_true", help="show the bar over blocks")
+    parser.add_argument("--compute", choices=["float32"], default=None,
+                        help="run the served block in float32 (a bfloat16/float16 model): compute_dtype")
     parser.add_argument("--verbose", action="store_true", help="print the per-layer report")
     args = parser.parse_args()
     if args.layers is not None and args.layers < 1:
