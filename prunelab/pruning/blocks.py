@@ -10,11 +10,19 @@ a tuple) in one argument, and exactly the same objects as a's inputs in every ot
 and keyword argument (attention masks, position embeddings, ``position_ids``, …). Along a link
 the inputs of b are made by running a alone on its cached inputs, never the whole model.
 
+The user may name the stack instead (``"model.layers"``, see :func:`resolve_stack`): then its
+children are the blocks. The cached inputs of one block live in an :class:`InputCache`, in
+memory or spilled to a temporary directory on disk, one batch at a time.
+
 Used by the sequential mode of the layer-wise OBS solvers; any method that needs each block's
 inputs after the blocks before it changed can use it the same way.
 """
 
 from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,6 +49,41 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
                 walk(child)
     walk(model)
     return found
+
+
+def stacks(model: nn.Module) -> list[str]:
+    """Dotted names of the model's ModuleLists and Sequentials with children: the stacks of
+    blocks a user may name."""
+    return [name for name, m in model.named_modules()
+            if name and isinstance(m, CONTAINERS) and len(m) > 0]
+
+
+def resolve_stack(model: nn.Module, stack, *, where: str) -> nn.Module:
+    """The ``nn.ModuleList``/``nn.Sequential`` that ``stack`` names in ``model`` (a dotted path
+    such as ``"model.layers"``, or the module itself); a ValueError/TypeError naming the bad path
+    and the stacks found otherwise."""
+    found = stacks(model)
+    hint = f"stacks of blocks found: {', '.join(found[:12])}" if found else "the model has no ModuleList or Sequential"
+    if isinstance(stack, nn.Module):
+        if not any(m is stack for m in model.modules()):
+            raise ValueError(f"the 'blocks' parameter of {where} is a {type(stack).__name__} that is not part of "
+                             f"the model; {hint}.")
+        module, name = stack, type(stack).__name__
+    elif isinstance(stack, str):
+        try:
+            module = model.get_submodule(stack) if stack else model
+        except AttributeError:
+            raise ValueError(f"the 'blocks' parameter of {where} names {stack!r}, which is not a submodule of "
+                             f"the {type(model).__name__}; {hint}.") from None
+        name = repr(stack)
+    else:
+        raise TypeError(f"the 'blocks' parameter of {where} must be a dotted module path such as "
+                        f"'model.layers' or an nn.ModuleList. Got {stack!r} of type {type(stack).__name__} instead.")
+    if not isinstance(module, CONTAINERS) or len(module) == 0:
+        what = "an empty container" if isinstance(module, CONTAINERS) else f"a {type(module).__name__}"
+        raise ValueError(f"the 'blocks' parameter of {where} names {name}, {what}, not an nn.ModuleList or "
+                         f"nn.Sequential of blocks; {hint}.")
+    return module
 
 
 def same(a, b) -> bool:
@@ -92,9 +135,9 @@ class Trace:
     """One calibration pass that records which blocks are called once per batch, in which
     order, and which consecutive ones are linked (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, batches: list, watch=(), after_batch=None):
+    def __init__(self, model: nn.Module, batches: list, watch=(), after_batch=None, stack=None):
         self.model, self.batches, self.after_batch = model, batches, after_batch
-        self.blocks = find_blocks(model)
+        self.blocks = find_blocks(model if stack is None else stack)
         self.order: list[nn.Module] = []              # blocks in call order (first batch)
         self.links: dict[int, tuple] = {}              # id(block) -> slot fed by the previous block
         self.calls: dict[int, int] = {}                # calls of watched modules in the last batch
@@ -173,10 +216,125 @@ class Trace:
         return None
 
 
-def capture_inputs(model: nn.Module, batches: list, block: nn.Module) -> list[tuple]:
+class InputCache:
+    """One block's ``(args, kwargs)`` per batch, in memory, or with ``directory`` on disk (one
+    file per batch, loaded one at a time: calibration activations larger than memory fit).
+    Iterating yields the entries in batch order; ``cache[i] = entry`` replaces one. With ``cast``
+    (a dtype) appended entries have their floating tensors cast to it."""
+
+    def __init__(self, directory: "str | Path | None" = None, cast: torch.dtype | None = None):
+        self.directory = None if directory is None else Path(directory)
+        self.cast = cast
+        self._entries: list = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, entry: tuple) -> None:
+        if self.cast is not None:
+            entry = _cast(entry, self.cast)
+        self._count += 1
+        self[self._count - 1] = entry
+
+    def __setitem__(self, i: int, entry: tuple) -> None:
+        if self.directory is None:
+            if i == len(self._entries):
+                self._entries.append(entry)
+            else:
+                self._entries[i] = entry
+        else:
+            torch.save(_compact(entry), self.directory / f"{i}.pt")
+
+    def __getitem__(self, i: int) -> tuple:
+        if self.directory is None:
+            return self._entries[i]
+        # our own file, written by this process a moment ago into its private temporary directory
+        return torch.load(self.directory / f"{i}.pt", weights_only=False)
+
+    def __iter__(self):
+        for i in range(self._count):
+            yield self[i]
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held in memory (0 when spilled to disk)."""
+        seen, total = set(), 0
+        for entry in self._entries:
+            for t in _tensors(entry):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class Spill:
+    """A private temporary directory for spilled block inputs, removed on :meth:`close` (and on
+    leaving a ``with`` block, also after an error). ``new()`` gives an empty cache in it."""
+
+    def __init__(self, parent: "str | Path | None" = None):
+        self.path = Path(tempfile.mkdtemp(prefix="prunelab-blocks-", dir=parent))
+        self._n = 0
+
+    def new(self, cast: torch.dtype | None = None) -> InputCache:
+        for old in self.path.iterdir():      # one block's inputs on disk at a time
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self._n += 1
+        directory = self.path / str(self._n)
+        directory.mkdir()
+        return InputCache(directory, cast=cast)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _cast(value, dtype):
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _compact(value):
+    """``value`` with every tensor that views a larger storage copied (``torch.save`` would write
+    the whole storage)."""
+    if torch.is_tensor(value):
+        whole = value.untyped_storage().nbytes()
+        return value.clone() if whole > value.numel() * value.element_size() else value
+    if isinstance(value, tuple):
+        return tuple(_compact(v) for v in value)
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    return value
+
+
+def _tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def capture_inputs(model: nn.Module, batches: list, block: nn.Module, into: InputCache | None = None):
     """``block``'s ``(args, kwargs)`` on every batch, from forwards of ``model`` cut short
-    once the block is reached."""
-    captured = []
+    once the block is reached; appended to ``into`` when given (and returned), else a list."""
+    captured = [] if into is None else into
 
     def pre(module, args, kwargs):
         captured.append((args, kwargs))
@@ -208,11 +366,12 @@ def _fresh(value):
     return value
 
 
-def run_block(block: nn.Module, inputs: list[tuple], after=None, stop_after=()) -> list:
+def run_block(block: nn.Module, inputs, after=None, keep: bool = True, stop_after=()) -> list:
     """Run ``block`` on each cached ``(args, kwargs)``; ``after()`` is called after each one.
-    Returns the outputs. With ``stop_after`` (modules called once per forward), each run ends
-    as soon as all of them have returned — its output is then None: what a Hessian needs is
-    captured, and the rest of the block is not computed."""
+    Returns the outputs (an empty list with ``keep=False``: one batch's output alive at a time).
+    With ``stop_after`` (modules called once per forward), each run ends as soon as all of them
+    have returned — its output is then None: what a Hessian needs is captured, and the rest of
+    the block is not computed."""
     wanted = {id(m): m for m in stop_after}
     fired = set()
 
@@ -228,15 +387,29 @@ def run_block(block: nn.Module, inputs: list[tuple], after=None, stop_after=()) 
             for args, kwargs in inputs:
                 fired.clear()
                 try:
-                    outputs.append(block(*_fresh(args), **_fresh(kwargs)))
+                    output = block(*_fresh(args), **_fresh(kwargs))
                 except _Stop:
-                    outputs.append(None)
+                    output = None
+                if keep:
+                    outputs.append(output)
+                del output
                 if after is not None:
                     after()
     finally:
         for handle in handles:
             handle.remove()
     return outputs
+
+
+def advance(block: nn.Module, cache, slot) -> None:
+    """Turn ``cache`` (``block``'s inputs) into the inputs of the block linked after it, in place,
+    one batch at a time: only one block's activations (and one batch's output) are held."""
+    with torch.no_grad():
+        for i in range(len(cache)):
+            args, kwargs = cache[i]
+            output = block(*_fresh(args), **_fresh(kwargs))
+            cache[i] = next_inputs([(args, kwargs)], [output], slot)[0]
+            del args, kwargs, output
 
 
 def next_inputs(inputs: list[tuple], outputs: list, slot) -> list[tuple]:

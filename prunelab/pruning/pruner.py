@@ -380,10 +380,12 @@ class Pruner:
         targets = self._targets_at(sparsity)
         if self.criterion.updates_weights:
             per_layer = targets if isinstance(targets, list) else [targets] * len(self.targets)
-            keeps = self.criterion.solve(self, per_layer, event)
-            for target, keep in zip(self.targets, keeps):
+            keeps = list(self.criterion.solve(self, per_layer, event))
+            for i, target in enumerate(self.targets):
+                keep, keeps[i] = keeps[i], None     # each freed once stored: not all masks twice at once
                 old = self.masks.get(target.weight)
                 self.masks.set(target.weight, keep if old is None else keep & old.bool())
+                del keep
             return self._after_prune(sparsity, tuple(getattr(self.criterion, "last_held", ())))
         skipped = getattr(self.criterion, "skipped", None) or {}
         active = [t for t in self.targets if t.name not in skipped]     # a criterion's skipped layers stay as they are
@@ -564,7 +566,8 @@ def _is_sliceable(data) -> bool:
 
 def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
           granularity="weight", scope=None, layers=None, reduction="l2", min_keep=1, data=None,
-          loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0) -> Pruner:
+          loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0,
+          blocks=None, offload: str | None = None, progress: bool | None = None) -> Pruner:
     """One-shot pruning in one call: prune ``model`` in place to ``sparsity`` (a float, or a
     ``{layer: sparsity}`` dict of per-layer targets).
 
@@ -573,8 +576,11 @@ def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, c
     ``obs-exact``, ``obs-fast``) use ``data`` (an ``(x, y)`` pair or an iterable of
     batches) as calibration set. With an N:M granularity (``granularity="2:4"``) ``sparsity``
     is None or exactly ``1 − N/M``. ``scope=None`` takes the criterion's own (``row`` for
-    Wanda, ``local`` otherwise).
+    Wanda, ``local`` otherwise). ``blocks`` (the stack to calibrate block by block, e.g.
+    ``"model.layers"``), ``offload`` (``"disk"``: spill the cached block inputs) and
+    ``progress`` are options of the criteria that calibrate block by block, passed on to them.
     """
+    criterion = _with_options(criterion, blocks=blocks, offload=offload, progress=progress)
     tolerable = isinstance(criterion, Mapping) and criterion.get("epsilon") is not None
     if sparsity is None and tolerable:
         sparsity = 0.0      # unused: the criterion's tolerable error epsilon decides per layer
@@ -591,3 +597,20 @@ def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, c
                          f"data=(x, y) to prune().")
     pruner.update()
     return pruner
+
+
+def _with_options(criterion, **options):
+    """``criterion`` with the given (non-None) options added to its spec."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return criterion
+    if isinstance(criterion, str):
+        return {"name": criterion, **options}
+    if isinstance(criterion, Mapping):
+        clash = sorted(set(options) & set(criterion))
+        if clash:
+            raise ValueError(f"prune got {clash[0]!r} both as its own parameter and in the criterion dict; "
+                             f"give it once.")
+        return {**criterion, **options}
+    raise TypeError(f"the {', '.join(map(repr, options))} parameter(s) of prune go to the criterion; with a "
+                    f"ready {type(criterion).__name__} pass them to its constructor instead.")

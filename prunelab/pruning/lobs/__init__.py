@@ -22,7 +22,15 @@ before it, already pruned; the default) or ``"parallel"`` (all from the original
 part in the compensation, never pruned; default True); ``low_memory`` (parallel mode: one
 layer's Hessian in memory at a time, at one calibration pass per layer); ``block_size``
 (obs-fast). After each prune ``pruner.history[-1].report`` (and ``criterion.last_report``)
-holds a :class:`LayerReport` per layer.
+holds a :class:`LayerReport` per layer, with its seconds and peak memory, and per-block totals.
+
+Block by block (sequential mode): ``blocks`` names the stack of blocks (``"model.layers"``, any
+``nn.ModuleList``/``nn.Sequential`` path; default: found by the trace), ``offload="disk"`` keeps
+the cached block inputs in a temporary directory (removed afterwards), ``progress`` shows a bar
+over the blocks (default: on a terminal), ``compute_dtype="float32"`` runs the block being served
+in float32 (a bfloat16/float16 model on a CPU without fast half-precision arithmetic)::
+
+    prunelab.prune(model, 0.5, criterion="obs-fast", data=batches, blocks="model.layers", offload="disk")
 
 Scopes: ``local`` prunes every layer to the target; ``layerwise-constant`` too, raising one
 layer per schedule event, round-robin, and every layer at the last; ``global`` (weight
@@ -41,14 +49,19 @@ not remove keep their values.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
+from prunelab._memory import PeakMemory
 from prunelab._validation import check_choice, check_number
+from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.granularity import NMGranularity, nm_column_order
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
@@ -58,6 +71,7 @@ from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.scopes import LayerGroups
 
 MODES = ("sequential", "parallel")
+OFFLOADS = ("memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -76,29 +90,68 @@ class LayerReport:
     n: int                     # calibration columns (samples × positions)
     hessian_seconds: float
     solve_seconds: float
+    block: str | None = None   # sequential mode: the block the layer is in (None: outside any block)
+    seconds: float = 0.0       # wall time of the layer: its inputs' forwards, Hessian and solve
+    peak_memory: int | None = None   # bytes: the process's resident high-water mark meanwhile
+    live_bytes: int = 0        # bytes of cached block inputs in memory and Hessians held meanwhile
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 class Report(list):
-    """The per-layer reports of one prune, printable as a table; ``skipped`` maps the layers
-    left dense (a kind the solver cannot prune) to the reason."""
+    """The per-layer reports of one prune, printable as a table (with a total line per block);
+    ``skipped`` maps the layers left dense (a kind the solver cannot prune) to the reason.
+    ``trace_seconds`` is sequential mode's tracing pass, ``peak_memory`` the resident high-water
+    mark of the whole prune (bytes; None where the platform does not say, see
+    :mod:`prunelab._memory`)."""
 
     skipped: dict = {}
+    trace_seconds: float = 0.0
+    peak_memory: int | None = None
 
     def __str__(self) -> str:
         head = (f"{'layer':<14} {'sparsity':>8} {'predicted':>10} {'measured':>10} {'relative':>9} "
-                f"{'n':>8} {'hessian s':>9} {'solve s':>8}")
+                f"{'n':>8} {'hessian s':>9} {'solve s':>8} {'total s':>8} {'peak MiB':>9}")
         lines = [head, "-" * len(head)]
-        for r in self:
+        totals = {b["block"]: b for b in self.blocks()}
+        for i, r in enumerate(self):
             lines.append(f"{r.layer:<14} {r.sparsity:8.4f} {r.predicted_error:10.4g} {r.measured_error:10.4g} "
-                         f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f}")
+                         f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f} "
+                         f"{r.seconds:8.3f} {_mib(r.peak_memory):>9}")
+            last = i + 1 == len(self) or self[i + 1].block != r.block
+            if r.block is not None and last:
+                b = totals[r.block]
+                lines.append(f"  block {r.block}: {b['layers']} layer(s), {b['seconds']:.3f} s, "
+                             f"peak {_mib(b['peak_memory'])} MiB")
+        if self.peak_memory is not None:
+            lines.append(f"whole prune: peak {_mib(self.peak_memory)} MiB, trace {self.trace_seconds:.3f} s")
         return "\n".join(lines)
 
     def totals(self) -> dict:
         return {"hessian_seconds": sum(r.hessian_seconds for r in self),
-                "solve_seconds": sum(r.solve_seconds for r in self)}
+                "solve_seconds": sum(r.solve_seconds for r in self),
+                "seconds": sum(r.seconds for r in self) + self.trace_seconds}
+
+    def blocks(self) -> list[dict]:
+        """Per-block totals, in pruning order: ``block``, ``layers``, ``seconds`` (summed),
+        ``peak_memory`` and ``live_bytes`` (the highest of its layers')."""
+        found: dict = {}
+        for r in self:
+            if r.block is None:
+                continue
+            b = found.setdefault(r.block, {"block": r.block, "layers": 0, "seconds": 0.0,
+                                           "peak_memory": None, "live_bytes": 0})
+            b["layers"] += 1
+            b["seconds"] += r.seconds
+            if r.peak_memory is not None:
+                b["peak_memory"] = max(b["peak_memory"] or 0, r.peak_memory)
+            b["live_bytes"] = max(b["live_bytes"], r.live_bytes)
+        return list(found.values())
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
 
 
 class LayerwiseOBS(Criterion):
@@ -108,7 +161,8 @@ class LayerwiseOBS(Criterion):
     updates_weights = True
 
     def __init__(self, mode: str = "sequential", damping: float = 1e-2, update_bias: bool = True,
-                 low_memory: bool = False, block_size: int = 128, epsilon=None):
+                 low_memory: bool = False, block_size: int = 128, epsilon=None, blocks=None,
+                 offload: str | None = None, progress: bool | None = None, compute_dtype=None):
         where = f"{self.name} criterion"
         self.epsilon = _check_epsilon(epsilon, where)
         self.mode = check_choice("mode", mode, MODES, where=where)
@@ -117,6 +171,9 @@ class LayerwiseOBS(Criterion):
             raise TypeError(f"the 'update_bias' and 'low_memory' parameters of {where} must be bools.")
         self.update_bias, self.low_memory = update_bias, low_memory
         self.block_size = check_number("block_size", block_size, where=where, low=1, integer=True)
+        self.blocks, self.offload, self.progress = _check_block_options(blocks, offload, progress, self.mode, where)
+        self.compute_dtype = _check_compute_dtype(compute_dtype, self.mode, where)
+        self._stack = None
         self._batches: list | None = None
         self._original = None
         self._hessians: dict[str, LayerHessian] = {}
@@ -148,6 +205,8 @@ class LayerwiseOBS(Criterion):
         self._batches, self._original, self._hessians = None, None, {}
 
     def validate(self, pruner) -> None:
+        if self.blocks is not None:
+            self._stack = blk.resolve_stack(pruner.model, self.blocks, where=f"{self.name} criterion")
         channel = _channel_unsupported if pruner.granularity.name == "channel" else None
         self.skipped = hessian.skip_unsupported(pruner, self.name, extra=channel)
         nm = isinstance(pruner.granularity, NMGranularity)
@@ -213,36 +272,78 @@ class LayerwiseOBS(Criterion):
         keeps, report, held = [], Report(), []
         report.skipped = dict(self.skipped)
         raised = range(len(pruner.targets))
+        memory: dict = {}               # the whole prune's peak, across the per-layer resets
         if pruner.scope.name == "global":
-            sparsities, held = self._global_allocation(pruner, sparsities[0], event)
+            with PeakMemory(memory):
+                sparsities, held = self._global_allocation(pruner, sparsities[0], event)
         elif pruner.scope.name == "layerwise-constant" and not event.final:
             raised = {event.index % len(pruner.targets)}     # one layer per event, round-robin
+        todo = [t for i, t in enumerate(pruner.targets) if t.name not in self.skipped and i in raised]
+        spill = blk.Spill() if self.offload == "disk" and self.mode == "sequential" else None
+        bar = None
         try:
             with eval_mode(pruner.model):
                 if self.mode == "sequential":
-                    supported = [t for i, t in enumerate(pruner.targets) if t.name not in self.skipped and i in raised]
-                    self._sequential = SequentialHessians(pruner.model, supported, self._batches,
-                                                          with_bias=self.update_bias)
+                    started = time.perf_counter()
+                    with PeakMemory(memory):
+                        self._sequential = SequentialHessians(pruner.model, todo, self._batches,
+                                                              with_bias=self.update_bias, stack=self._stack_of(pruner),
+                                                              spill=spill, compute=self.compute_dtype)
+                    report.trace_seconds = time.perf_counter() - started
+                bar = self._progress_bar(todo)
                 for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
                     if i not in raised or target.name in self.skipped:
                         mask = pruner.masks.get(target.weight)
                         keeps.append(torch.ones_like(target.weight, dtype=torch.bool) if mask is None else mask.bool())
                         continue
-                    h = self._hessian(pruner, target)
-                    keep, layer_report, was_held = self._solve_target(pruner, target, h, sparsity, structured_mode)
+                    keep, layer_report, was_held = self._measured_solve(pruner, target, sparsity,
+                                                                        structured_mode, memory)
                     if was_held:
                         held.append(target.name)
                     keeps.append(keep)
                     report.append(layer_report)
                     if self.mode == "sequential":
                         self._sequential.pruned(target)
+                    bar.step(target)
         finally:
+            if bar is not None:
+                bar.close()
             if getattr(self, "_sequential", None) is not None:
+                self._sequential.restore()
                 self.last_forwards = self._sequential.forwards
             self._sequential = None
+            if spill is not None:
+                spill.close()
+        report.peak_memory = memory.get("overall")
         self.last_report = report
         self.last_held = tuple(held)
         return keeps
+
+    def _measured_solve(self, pruner, target, sparsity, structured_mode, memory):
+        """:meth:`_solve_target` with the layer's wall time (Hessian included), peak resident
+        memory and the bytes of cached inputs and statistics held, added to its report."""
+        started = time.perf_counter()
+        with PeakMemory(memory) as peak:
+            h = self._hessian(pruner, target)
+            live = h.xtx.numel() * h.xtx.element_size()
+            if self.mode == "sequential":
+                live += self._sequential.cached_bytes() + self._sequential.ready_bytes()
+            keep, layer_report, was_held = self._solve_target(pruner, target, h, sparsity, structured_mode)
+            del h
+        block = self._sequential.block_name[target.name] if self.mode == "sequential" else None
+        layer_report = dataclasses.replace(layer_report, block=block, seconds=time.perf_counter() - started,
+                                           peak_memory=peak.peak, live_bytes=live)
+        return keep, layer_report, was_held
+
+    def _stack_of(self, pruner):
+        if self.blocks is not None and self._stack is None:
+            self._stack = blk.resolve_stack(pruner.model, self.blocks, where=f"{self.name} criterion")
+        return self._stack
+
+    def _progress_bar(self, todo) -> "_BlockBar":
+        names = self._sequential.block_name if self.mode == "sequential" else {}
+        shown = sys.stderr.isatty() if self.progress is None else self.progress
+        return _BlockBar(todo, names, shown, self.name)
 
     def _alive(self, pruner, target, W) -> torch.Tensor:
         """The weight's current keep-mask as ``(out, d)`` like ``target.matrix()``."""
@@ -380,6 +481,58 @@ class LayerwiseOBS(Criterion):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, damping={self.damping:g})"
+
+
+class _BlockBar:
+    """A tqdm bar over the blocks being pruned (a layer outside any block counts as one)."""
+
+    def __init__(self, todo, block_name: dict, shown: bool, solver: str):
+        self.unit = {t.name: block_name.get(t.name) or t.name for t in todo}
+        self.last = {}
+        for t in todo:
+            self.last[self.unit[t.name]] = t.name
+        self.bar = tqdm(total=len(self.last), disable=not shown, desc=solver, unit="block", leave=False)
+
+    def step(self, target) -> None:
+        unit = self.unit.get(target.name)
+        if unit is not None and self.last.get(unit) == target.name:
+            self.bar.set_postfix_str(unit, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _check_block_options(blocks, offload, progress, mode: str, where: str):
+    """The block-by-block options, checked before any work (the stack's path against the model
+    later, in ``validate``)."""
+    if blocks is not None and not isinstance(blocks, (str, torch.nn.Module)):
+        raise TypeError(f"the 'blocks' parameter of {where} must be a dotted module path such as "
+                        f"'model.layers' or an nn.ModuleList. Got {blocks!r} of type {type(blocks).__name__} instead.")
+    if offload is not None:
+        offload = check_choice("offload", offload, OFFLOADS, where=where)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"the 'progress' parameter of {where} must be a bool or None. Got {progress!r} instead.")
+    if mode != "sequential" and (blocks is not None or offload == "disk"):
+        raise ValueError(f"the 'blocks' and 'offload' parameters of {where} apply to mode 'sequential' "
+                         f"(block by block); got mode {mode!r}.")
+    return blocks, (None if offload == "memory" else offload), progress
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _check_compute_dtype(value, mode: str, where: str):
+    """None (each block runs in its own dtype) or float32/float64 (a name or the torch dtype)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    dtype = COMPUTE_DTYPES[check_choice("compute_dtype", value, COMPUTE_DTYPES, where=where)]
+    if mode != "sequential":
+        raise ValueError(f"the 'compute_dtype' parameter of {where} applies to mode 'sequential' (block by "
+                         f"block); got mode {mode!r}.")
+    return dtype
 
 
 def _channel_unsupported(target) -> str | None:

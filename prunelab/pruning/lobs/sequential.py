@@ -12,10 +12,22 @@ i are done, running block i once on its cache gives block i+1's inputs. The whol
 runs only for layers outside any block (a stem, a head), for a block with no link to the
 block before it (its inputs are captured by a forward cut short at the block), and once for
 the trace. The Hessians are bit-for-bit those of one full forward per layer.
+
+Memory is bounded by one block: the cache holds one block's inputs (advanced in place to the
+next block's, batch by batch), the Hessians held are those of one group of layers, and the
+trace keeps no activations past the batch it runs. With ``stack`` the user names the stack of
+blocks (its children are the blocks); with ``spill`` (a :class:`blocks.Spill`) the cached
+inputs live on disk, one batch in memory at a time. With ``compute`` (a dtype, e.g. float32 for
+a bfloat16 model on a CPU without bfloat16 arithmetic) the block being served runs in that dtype
+on inputs cast to it, and returns to its own dtype once the cache moves past it (its pruned
+weights are rounded to the model's dtype then); whole-model forwards run in the model's dtype.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import nn
 
 from prunelab.inputs import as_batch
@@ -28,15 +40,38 @@ from prunelab.pruning.targets import Target
 class SequentialHessians:
     """Serves ``get(target)`` for the targets in order; ``pruned(target)`` after each prune."""
 
-    def __init__(self, model: nn.Module, targets: list[Target], batches: list, *, with_bias: bool):
+    def __init__(self, model: nn.Module, targets: list[Target], batches: list, *, with_bias: bool,
+                 stack: nn.Module | None = None, spill: blk.Spill | None = None,
+                 compute: torch.dtype | None = None):
         self.model, self.targets, self.batches, self.with_bias = model, targets, batches, with_bias
+        self.stack, self.spill, self.compute = stack, spill, compute
+        self._raised: dict[int, tuple] = {}        # id(block) -> (block, [(tensor, its own dtype)])
         self.parents = attention_parents(model)
         self.sites = {t.name: hook_site(t, self.parents) for t in targets}
         self.forwards = {"trace": 0, "model": 0, "cut short": 0, "block": 0}
-        self._cache: tuple | None = None           # (block, [(args, kwargs) per batch])
+        self._cache: tuple | None = None           # (block, InputCache of its (args, kwargs) per batch)
         self._ready: dict[str, LayerHessian] = {}
         with calibration_mode(model):
             self._trace()
+        names = {id(m): name for name, m in model.named_modules()}
+        self.block_name = {t.name: (names[id(b)] if b is not None else None) for t, b in
+                           ((t, self.block[t.name]) for t in targets)}
+        if stack is not None:
+            self._check_stack(names)
+
+    def _check_stack(self, names: dict) -> None:
+        """Warn when a named stack cannot be served block by block (its layers then get their
+        inputs from whole-model forwards: right, but slower)."""
+        blocks = self.trace.blocks
+        not_once = [names[id(b)] for b in blocks if id(b) not in self.trace.once]
+        unlinked = [names[id(b)] for b in self.trace.order[1:] if id(b) not in self.trace.links]
+        if not_once or unlinked:
+            warnings.warn(
+                "the named stack of blocks cannot be run block by block everywhere: "
+                + (f"not called exactly once per batch: {', '.join(not_once)}. " if not_once else "")
+                + (f"inputs not the previous block's output with the same other arguments: "
+                   f"{', '.join(unlinked)}. " if unlinked else "")
+                + "Those blocks' inputs come from forwards of the whole model cut short.", stacklevel=4)
 
     def _trace(self) -> None:
         keys = {t.name: None for t in self.targets}           # this batch's input keys
@@ -63,7 +98,8 @@ class SequentialHessians:
 
         handles = [self.sites[t.name].register_forward_hook(hook_for(t), with_kwargs=True) for t in self.targets]
         try:
-            self.trace = blk.Trace(self.model, self.batches, watch=list(self.sites.values()), after_batch=after_batch)
+            self.trace = blk.Trace(self.model, self.batches, watch=list(self.sites.values()), after_batch=after_batch,
+                                   stack=self.stack)
         finally:
             for h in handles:
                 h.remove()
@@ -97,6 +133,8 @@ class SequentialHessians:
         accumulator = Accumulator(members, self.parents, with_bias=self.with_bias)
         with calibration_mode(self.model):
             if block is None:
+                self._cache = None            # pruning this layer would make it stale anyway: free it now
+                self.restore()
                 with accumulator:
                     for i, batch in enumerate(self.batches):
                         as_batch(batch, where="L-OBS", index=i).call(self.model)
@@ -104,10 +142,11 @@ class SequentialHessians:
                 self.forwards["model"] += len(self.batches)
             else:
                 inputs = self._inputs_of(block)
+                self._raise(block)
                 sites = [self.sites[m.name] for m in members]
                 early = sites if all(id(site) in self.trace.once for site in sites) else ()
                 with accumulator:       # hooks fire in order: the stop comes after the accumulation
-                    blk.run_block(block, inputs, after=accumulator.end_batch, stop_after=early)
+                    blk.run_block(block, inputs, after=accumulator.end_batch, keep=False, stop_after=early)
                 self.forwards["block"] += len(self.batches)
         stats = accumulator.result()
         for other in accumulator.shared_input(target.name):
@@ -120,7 +159,15 @@ class SequentialHessians:
         if self._cache is not None and self._cache[0] is not self.block[target.name]:
             self._cache = None
 
-    def _inputs_of(self, block: nn.Module) -> list[tuple]:
+    def ready_bytes(self) -> int:
+        """Bytes of the Hessians computed with an earlier layer's and not yet served."""
+        return sum(h.xtx.numel() * h.xtx.element_size() for h in self._ready.values())
+
+    def cached_bytes(self) -> int:
+        """Bytes of cached block inputs held in memory now (0 when spilled to disk)."""
+        return 0 if self._cache is None else self._cache[1].nbytes()
+
+    def _inputs_of(self, block: nn.Module) -> blk.InputCache:
         path, b = [block], block
         while self._cache is None or self._cache[0] is not b:
             b = self.trace.previous(b)
@@ -128,16 +175,40 @@ class SequentialHessians:
                 break
             path.append(b)
         if b is not None and self._cache is not None and self._cache[0] is b and b is not block:
-            inputs = self._cache[1]
+            cache, self._cache = self._cache[1], None     # advanced in place: invalid if that fails
             path.reverse()                        # from the cached block forwards
             for before, after in zip(path, path[1:]):
-                outputs = blk.run_block(before, inputs)
+                self._raise(before)
+                blk.advance(before, cache, self.trace.links[id(after)])
+                self._lower(before)
                 self.forwards["block"] += len(self.batches)
-                inputs = blk.next_inputs(inputs, outputs, self.trace.links[id(after)])
         elif self._cache is not None and self._cache[0] is block:
-            inputs = self._cache[1]
+            cache = self._cache[1]
         else:
-            inputs = blk.capture_inputs(self.model, self.batches, block)
+            self._cache = None                    # the old cache goes before the new one is made
+            self.restore()
+            cache = blk.InputCache(cast=self.compute) if self.spill is None else self.spill.new(cast=self.compute)
+            blk.capture_inputs(self.model, self.batches, block, into=cache)
             self.forwards["cut short"] += len(self.batches)
-        self._cache = (block, inputs)
-        return inputs
+        self._cache = (block, cache)
+        return cache
+
+    def _raise(self, block: nn.Module) -> None:
+        """``block``'s floating parameters and buffers in the compute dtype (kept in place)."""
+        if self.compute is None or id(block) in self._raised:
+            return
+        own = [(t, t.dtype) for t in list(block.parameters()) + list(block.buffers())
+               if t.is_floating_point() and t.dtype != self.compute]
+        for t, _ in own:
+            t.data = t.data.to(self.compute)
+        self._raised[id(block)] = (block, own)
+
+    def _lower(self, block: nn.Module) -> None:
+        _, own = self._raised.pop(id(block), (None, []))
+        for t, dtype in own:
+            t.data = t.data.to(dtype)
+
+    def restore(self) -> None:
+        """Every block back in its own dtype (also called when the prune ends)."""
+        for _, block_and_own in list(self._raised.items()):
+            self._lower(block_and_own[0])
