@@ -334,6 +334,31 @@ def weight_matrix(target: Target) -> torch.Tensor:
     return target.matrix()
 
 
+def _column_kind(target: Target):
+    """Targets of one kind that read the same tensor have the same input columns (and one XᵀX):
+    Linear and HF Conv1D (the input's rows), a conv with the same geometry. None: not shared."""
+    if target.layout in ("linear", "transposed"):
+        return ("rows",)
+    if target.layout == "conv":
+        m = target.module
+        return ("conv", type(m), m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+    return None
+
+
+def _products(cols) -> tuple[list, list]:
+    """A call's input columns as a list of ``(n_g, d)`` parts and each part's ``XᵀX`` (float32
+    products, returned in float64); conv groups in one batched product."""
+    parts = [cols[0]] if len(cols) == 1 else list(cols)
+    if len(parts) > 1 and isinstance(cols, torch.Tensor):
+        c = cols.float()
+        return parts, list(torch.bmm(c.transpose(1, 2), c).double())
+    products = []
+    for x in parts:
+        x = x.float()
+        products.append((x.T @ x).double())
+    return parts, products
+
+
 class Accumulator:
     """Forward hooks that sum ``X̃ᵀX̃`` for a set of targets over whatever forwards run while
     attached (a whole model, or one block on cached inputs). ``end_batch()`` after each batch
@@ -348,6 +373,7 @@ class Accumulator:
         self.signatures: dict[str, list] = {t.name: [] for t in self.targets}
         self._handles = []
         self.seconds = 0.0
+        self._last = None          # (first reader, column kind, parts, XᵀX per part) of the latest input
 
     def __enter__(self):
         self._started = time.perf_counter()
@@ -364,19 +390,26 @@ class Accumulator:
 
     def _hook_for(self, target: Target, site: nn.Module):
         bias = self.with_bias and target.bias is not None
+        kind = _column_kind(target)
 
         def hook(module, args, kwargs, output):
-            cols, key = columns(target, self.parents, site, args, kwargs, output)
-            self._add(target, cols, bias)
-            self.calls[target.name] += 1
+            key = input_key(target, site, args, kwargs)
             # compared now, while the tensor is alive (a freed tensor's weak reference is dead)
-            self._firsts[target.name] = next((name for name, other in self._keys.items()
-                                              if same_input(other, key)), target.name)
+            first = next((name for name, other in self._keys.items() if same_input(other, key)), target.name)
+            last = self._last
+            if kind is not None and last is not None and last[0] == first and last[1] == kind:
+                parts, products = last[2], last[3]          # q/k/v, gate/up: one XᵀX for all readers
+            else:
+                cols, _ = columns(target, self.parents, site, args, kwargs, output)
+                parts, products = _products(cols)
+                self._last = (target.name, kind, parts, products) if kind is not None else None
+            self._add(target, parts, products, bias)
+            self.calls[target.name] += 1
+            self._firsts[target.name] = first
             self._keys[target.name] = key
         return hook
 
-    def _add(self, target: Target, cols, bias: bool) -> None:
-        parts = [cols[0]] if len(cols) == 1 else list(cols)
+    def _add(self, target: Target, parts: list, products: list, bias: bool) -> None:
         d = parts[0].shape[1]
         entry = self.stats.get(target.name)
         if entry is None:
@@ -385,16 +418,10 @@ class Accumulator:
             entry = self.stats[target.name] = LayerHessian(target.name, torch.zeros(shape, dtype=torch.float64), 0,
                                                            bias, group_n=[0] * len(parts))
         blocks = [entry.xtx] if len(parts) == 1 else list(entry.xtx)
-        if len(parts) > 1 and isinstance(cols, torch.Tensor):      # conv groups: one batched product
-            product = torch.bmm(cols.float().transpose(1, 2), cols.float()).double()
-            for g, block in enumerate(blocks):
-                block[:d, :d] += product[g]
-        for g, (x, block) in enumerate(zip(parts, blocks)):
-            x = x.float()
-            if not (len(parts) > 1 and isinstance(cols, torch.Tensor)):
-                block[:d, :d] += (x.T @ x).double()
+        for g, (x, product, block) in enumerate(zip(parts, products, blocks)):
+            block[:d, :d] += product
             if bias:
-                sums = x.sum(dim=0, dtype=torch.float64)
+                sums = x.float().sum(dim=0, dtype=torch.float64)
                 block[:d, d] += sums
                 block[d, :d] += sums
                 block[d, d] += len(x)
@@ -407,7 +434,7 @@ class Accumulator:
             name = target.name
             self.signatures[name].append(self._firsts.get(name) if self.calls[name] == 1 else None)
             self.calls[name] = 0
-        self._keys, self._firsts = {}, {}
+        self._keys, self._firsts, self._last = {}, {}, None
 
     def shared_input(self, name: str) -> list[str]:
         """The targets that read the same tensor as ``name`` on every batch (itself first)."""
