@@ -22,6 +22,7 @@ import time
 
 from prunelab.experiments.prune_task import (_prepare_dataset, _prepare_training, _train_kwargs,
                                              load_prepared_dataset)
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import evaluate, fit
@@ -56,7 +57,7 @@ class HashedTask(Task):
                 checker.error(f"{x_path}", f"sparsity level {i} is a per-layer mapping; the hashed task hashes "
                                            f"every layer at one compression, so give it plain levels")
                 return None
-            checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+            checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
                             n_classes=data["n_classes"], **options, **_hashing(level))
         if len(checker.errors) > n_errors:
             return None

@@ -27,6 +27,7 @@ import torch
 from prunelab._validation import suggest
 from prunelab.data import DATASETS, data_root
 from prunelab.experiments.store import digest
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.pruning import Pruner, make_regularizer, make_schedule
@@ -81,7 +82,7 @@ class PruneTask(Task):
         if "name" not in m_entry:
             checker.error(m_path, "missing 'name'")
             return None
-        net = checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+        net = checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
                               n_classes=data["n_classes"], **options)
         if net is None:
             return None

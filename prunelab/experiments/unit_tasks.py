@@ -28,6 +28,7 @@ from torch import nn
 
 from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_training,
                                              load_prepared_dataset)
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import Callback, evaluate, fit
@@ -54,7 +55,7 @@ def _model_and_data(dataset, model, training, checker: Checker, method_path: str
         checker.error(m_path, "missing 'name'")
         return None
     options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
-    net = checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+    net = checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
                           n_classes=data["n_classes"], **options)
     if net is None:
         return None
