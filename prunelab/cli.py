@@ -117,11 +117,21 @@ def _prune_user(args) -> int:
 
 
 def _check_outputs(args, where: str) -> None:
-    for path in (getattr(args, "save", None), getattr(args, "export", None), getattr(args, "json", None)):
-        if path and Path(path).is_dir():
-            raise ValueError(f"{where}: {path!r} is a directory; give a file name.")
-        if path:
+    """Every output file named on the command line can be written: checked (and its folder
+    made) before any work; a failure is a StudyWriteError (exit 4) naming the path."""
+    from prunelab.experiments.store import write_failure
+    for flag in ("save", "export", "json"):
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        if Path(path).is_dir():
+            raise write_failure(f"write --{flag}", path, IsADirectoryError(21, "it is a folder"),
+                                "give a file name")
+        try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_failure(f"write --{flag}", path, err, "its folder cannot be made (is a part of "
+                                "the path a regular file?); choose another path") from None
 
 
 def _units_user(args) -> int:
@@ -629,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:        # `prunelab ... | head`: the reader left; end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:        # a file that could not be written (or read) on the way
+        if os.environ.get("PRUNELAB_DEBUG"):
+            raise
+        print(f"prunelab: error: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

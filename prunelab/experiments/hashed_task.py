@@ -34,6 +34,9 @@ VERSION = 1
 @TASKS.register("hashed")
 class HashedTask(Task):
     name = "hashed"
+    metrics = ("accuracy", "loss", "sparsity", "params", "nonzero_params", "stored_params", "compression",
+               "flops_dense", "flops", "speedup", "bytes_dense", "bytes_bitmask", "bytes_csr", "bytes_best",
+               "train_seconds", "val_accuracy")
 
     def default_label(self, method: dict) -> str:
         return "HashedNet"

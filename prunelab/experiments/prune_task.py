@@ -53,6 +53,11 @@ VERSION = 1   # bump when the meaning of a run changes, so old results are not r
 @TASKS.register("prune")
 class PruneTask(Task):
     name = "prune"
+    metrics = ("accuracy", "loss", "accuracy_dense", "accuracy_pruned", "sparsity", "compression", "speedup",
+               "params", "nonzero_params", "flops_dense", "flops", "bytes_dense", "bytes_bitmask", "bytes_csr",
+               "bytes_best", "train_seconds", "units_removed", "params_thinned", "accuracy_thinned",
+               "measured_speedup", "retrain_steps", "hessian_seconds", "solve_seconds", "val_accuracy",
+               "val_accuracy_dense")
 
     def default_label(self, method: dict) -> str:
         schedule = method.get("schedule", "one-shot")

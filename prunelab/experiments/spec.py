@@ -340,7 +340,19 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
                 seen[rid] = where
                 runs.append(PlannedRun(rid, config, d_label, m_label, x_label, level, seed))
     _check_unique_labels(runs, checker)
+    _check_output_metrics(spec, runs, checker)
     return [] if checker.errors else runs
+
+
+def _check_output_metrics(spec: dict, runs: list[PlannedRun], checker: Checker) -> None:
+    """A table's ``metric:`` typo, found now rather than after the whole study ran (when every
+    task of the study declares the metrics it records)."""
+    declared = [TASKS.get(name)().metrics for name in {run.config.get("task", "prune") for run in runs}]
+    if runs and "outputs" in spec and all(m is not None for m in declared):
+        from prunelab.experiments.report import output_metric_problems
+        for problem in output_metric_problems(spec["outputs"], {k for m in declared for k in m}):
+            path, _, message = problem.partition(": ")
+            checker.error(path, message)
 
 
 def _bounded(path: str, entry: Any, checker: Checker) -> bool:
