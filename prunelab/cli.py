@@ -236,11 +236,7 @@ def cmd_prune(args) -> int:
     train_kw = dict(batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
                     regularizer=args.regularizer, reg_strength=args.reg_strength,
                     progress=not args.quiet and sys.stderr.isatty())
-    for path in (args.save, args.export):
-        if path and Path(path).is_dir():
-            raise ValueError(f"prunelab prune: {path!r} is a directory; give a file name.")
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _check_outputs(args, "prunelab prune")
 
     fit(model, ds, epochs=args.epochs, **train_kw)
     before = evaluate(model, ds)["accuracy"]
@@ -303,6 +299,7 @@ def cmd_units(args) -> int:
                         ("--calibration", args.calibration)):
         check_number(flag, value, where=where, low=1 if flag == "--calibration" else 0, integer=True)
     model_args = _key_values(args.model_arg, "--model-arg")
+    _check_outputs(args, where)
     ds = load_dataset(args.dataset, root=args.data_root)
     model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
     if args.weights:               # before finding the units: a thinned file rebuilds a thinner model
@@ -314,8 +311,6 @@ def cmd_units(args) -> int:
                     progress=not args.quiet and sys.stderr.isatty())
     if not args.weights:
         fit(model, ds, epochs=args.epochs, **train_kw)
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
 
     dense = evaluate(model, ds)["accuracy"]
     n_cal = min(len(ds.y_train), args.calibration)
