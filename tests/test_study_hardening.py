@@ -329,3 +329,42 @@ def test_a_killed_worker_fails_only_its_own_run(tmp_path):
     assert len(records) == 6 and len(failed) == 1, [(r.status, r.error) for r in records]
     assert failed[0].error.startswith("WorkerDied") and failed[0].id in {r.id for r in running}
     assert all(r.status == "done" for r in records if r is not failed[0])
+
+
+# ---------------------------------------------------------------------------- safe writes
+def test_output_writes_never_follow_a_planted_symlink(tmp_path):
+    from prunelab.experiments._outputs import write_output
+    out = tmp_path / "tables"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / "tables.md").symlink_to(victim)                                    # at the final name
+    for name in (f".tables.md.{os.getpid()}.part", "tables.md.tmp", ".tables.md.part"):   # at guessable temps
+        (out / name).symlink_to(victim)
+    write_output(out / "tables.md", "# new table\n")
+    assert victim.read_text() == "precious"
+    assert not (out / "tables.md").is_symlink() and (out / "tables.md").read_text() == "# new table\n"
+    assert not [p for p in out.iterdir() if p.name.endswith(".part") and not p.is_symlink()]   # no leftovers
+
+
+def test_the_dense_cache_is_not_read_or_written_through_a_planted_symlink(tmp_path):
+    import torch
+
+    from prunelab.experiments.prune_task import load_dense, save_dense
+    from prunelab.models import build_model
+    model = build_model("mlp", input_shape=(1, 8, 8), n_classes=10, hidden=[4])
+    elsewhere = tmp_path / "elsewhere.pt"
+    torch.save({"state_dict": {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()},
+                "history": [], "snapshot": None}, elsewhere)
+    before = elsewhere.read_bytes()
+    path = tmp_path / "cache" / "dense" / "entry.pt"
+    path.parent.mkdir(parents=True)
+    path.symlink_to(elsewhere)
+    (path.parent / f"entry.pt.{os.getpid()}.tmp").symlink_to(elsewhere)      # the old predictable name
+    assert load_dense(path, model) is None                                    # a symlink is not a cache entry
+    assert not any(bool((p == 7.0).all()) for p in model.state_dict().values())
+    save_dense(path, model, [{"epoch": 1}], None)
+    assert elsewhere.read_bytes() == before and not path.is_symlink()
+    fresh = build_model("mlp", input_shape=(1, 8, 8), n_classes=10, hidden=[4], seed=1)
+    assert load_dense(path, fresh)["history"] == [{"epoch": 1}]
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
