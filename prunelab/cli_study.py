@@ -18,7 +18,7 @@ def _existing_db(path: str) -> Path:
         raise FileNotFoundError(f"no study database at {path}; run `prunelab run SPEC.yaml` first "
                                 f"(it writes results/<name>/study.db).")
     if inspect_store(db) != "study":
-        raise ValueError(f"{db} is not a prunelab study store (an empty file); run `prunelab run SPEC.yaml` "
+        raise ValueError(f"{db} is not a prunelab study database (an empty file); run `prunelab run SPEC.yaml` "
                          f"first (it writes results/<name>/study.db).")
     return db
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import copy
 import time
 
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.prune_task import (_prepare_dataset, _prepare_training, _train_kwargs,
                                              load_prepared_dataset)
-from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import evaluate, fit

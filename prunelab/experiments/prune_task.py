@@ -27,8 +27,8 @@ import torch
 
 from prunelab._validation import suggest
 from prunelab.data import DATASETS, data_root
-from prunelab.experiments.store import digest
 from prunelab.experiments.limits import build_bounded
+from prunelab.experiments.store import digest
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.pruning import Pruner, make_regularizer, make_schedule

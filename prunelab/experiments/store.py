@@ -92,7 +92,7 @@ def inspect_store(path: str | Path) -> str:
     if not head:
         return "empty"
     if head != SQLITE_HEADER:
-        raise StoreError(f"{path} is not a prunelab study store (not a SQLite database); it was not changed. "
+        raise StoreError(f"{path} is not a prunelab study database (not a SQLite database); it was not changed. "
                          f"Choose another --db.")
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
@@ -111,8 +111,8 @@ def inspect_store(path: str | Path) -> str:
     missing = {table: sorted(cols - columns.get(table, set())) for table, cols in REQUIRED_COLUMNS.items()}
     if any(missing.values()):
         have = ", ".join(sorted(columns)) or "none"
-        raise StoreError(f"{path} is a SQLite database but not a prunelab study store (its tables: {have}; "
-                         f"a study has 'meta' and 'runs'); it was not changed. Choose another --db.")
+        raise StoreError(f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables "
+                         f"with a study's columns; its tables: {have}); it was not changed. Choose another --db.")
     return "study"
 
 
@@ -227,7 +227,7 @@ class Store:
         if readonly:
             if kind != "study":
                 what = "no file" if kind == "missing" else "an empty file"
-                raise StoreError(f"{self.path} is not a prunelab study store ({what}); run "
+                raise StoreError(f"{self.path} is not a prunelab study database ({what}); run "
                                  f"`prunelab run SPEC.yaml` first.")
             self._open_readonly(timeout)
             return

@@ -26,11 +26,10 @@ import time
 import torch
 from torch import nn
 
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_training,
                                              load_prepared_dataset)
-from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.tasks import TASKS, Checker, Task
-from prunelab.models import build_model
 from prunelab.training import Callback, evaluate, fit
 from prunelab.units import METHODS, SCORERS, Units, parse_method, remove_units
 from prunelab.units import surgery
