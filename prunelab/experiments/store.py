@@ -111,8 +111,8 @@ def inspect_store(path: str | Path) -> str:
     missing = {table: sorted(cols - columns.get(table, set())) for table, cols in REQUIRED_COLUMNS.items()}
     if any(missing.values()):
         have = ", ".join(sorted(columns)) or "none"
-        raise StoreError(f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables "
-                         f"with a study's columns; its tables: {have}); it was not changed. Choose another --db.")
+        raise StoreError(f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables); "
+                         f"its tables: {have}; it was not changed. Choose another --db.")
     return "study"
 
 
@@ -271,8 +271,8 @@ class Store:
         """Run a query; a corrupt file becomes a :class:`StoreError` naming it."""
         try:
             return self._db.execute(sql, params)
-        except sqlite3.OperationalError:
-            raise
+        except sqlite3.OperationalError as err:      # locked past busy_timeout, an unreadable file
+            raise StoreError(f"cannot read the study store {self.path}: {err}.") from None
         except sqlite3.DatabaseError as err:
             raise corrupt(self.path, err) from None
 
@@ -281,8 +281,8 @@ class Store:
             cursor = self._read(sql, params)
             names = [d[0] for d in cursor.description]
             return [_record(dict(zip(names, row))) for row in cursor.fetchall()]
-        except sqlite3.OperationalError:
-            raise
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot read the study store {self.path}: {err}.") from None
         except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as err:
             if isinstance(err, StoreError):
                 raise
