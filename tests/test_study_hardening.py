@@ -126,8 +126,11 @@ def test_a_table_metric_typo_is_refused_before_the_study_runs(tmp_path, capsys):
     path = write(tmp_path, yaml.safe_dump(bad))
     assert main(["run", str(path), "--db", str(tmp_path / "study.db")]) == 2
     assert not (tmp_path / "study.db").exists()
+    figure = spec(outputs={"figures": [{"kind": "accuracy_vs_sparsity", "metric": "acc"}]})
+    assert "outputs.figures[0].metric: unknown metric 'acc'" in errors_of(figure)
     ok = spec(outputs={"metric": "flops", "tables": [{"rows": "sparsity", "columns": "method",
-                                                      "metric": "accuracy_pruned"}]})
+                                                      "metric": "accuracy_pruned"}],
+                       "figures": [{"kind": "accuracy_vs_sparsity", "metric": "loss"}]})
     assert len(build_study(ok).runs) == 1
 
 

@@ -222,14 +222,15 @@ def outputs_problems(outputs: Any) -> list[str]:
 
 
 def output_metric_problems(outputs: Any, known: Iterable[str]) -> list[str]:
-    """The metric names of ``outputs`` (``metric``, each table's ``metric``) that no run of the
-    study can record (``known``: the metrics its tasks declare), found before any run."""
+    """The metric names of ``outputs`` (``metric``, each table's and figure's ``metric``) that no
+    run of the study can record (``known``: the metrics its tasks declare), found before any run."""
     if not isinstance(outputs, dict):
         return []
     known = sorted(set(known))
     named = [("outputs.metric", outputs.get("metric"))]
-    tables = outputs.get("tables")
-    named += [(f"outputs.tables[{i}].metric", d.get("metric")) for i, d in
-              enumerate(tables if isinstance(tables, list) else []) if isinstance(d, dict)]
+    for key in ("tables", "figures"):
+        declarations = outputs.get(key)
+        named += [(f"outputs.{key}[{i}].metric", d.get("metric")) for i, d in
+                  enumerate(declarations if isinstance(declarations, list) else []) if isinstance(d, dict)]
     return [f"{path}: unknown metric {metric!r}{suggest(metric, known)}; the runs of this study record: "
             f"{', '.join(known)}" for path, metric in named if isinstance(metric, str) and metric not in known]
