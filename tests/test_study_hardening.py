@@ -211,6 +211,11 @@ def test_one_lock_per_database_file_through_symlinks_and_hard_links(tmp_path, ca
         holder.wait()
     with StudyLock(alias):            # the kernel freed it with its process
         pass
+    if link == "hardlink":            # alone, a second name is still refused for writing: two WAL files
+        before = db.read_bytes()
+        assert main(["run", str(path), "--db", str(alias), "--no-progress"]) == 2
+        assert "has 2 hard links" in capsys.readouterr().err and db.read_bytes() == before
+        assert main(["status", str(alias)]) == 0                       # reading through it is fine
 
 
 # --------------------------------------------------------------- read-only, refused files

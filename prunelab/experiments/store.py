@@ -31,6 +31,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -114,6 +115,20 @@ def inspect_store(path: str | Path) -> str:
         raise StoreError(f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables); "
                          f"its tables: {have}; it was not changed. Choose another --db.")
     return "study"
+
+
+def _refuse_hard_links(path: Path) -> None:
+    """SQLite keeps a store's write-ahead log next to the *name* it was opened by, so two hard
+    links to one store have two logs and can lose each other's commits: writing is refused
+    (reading is safe). A symlink is fine: SQLite resolves it to the one real name."""
+    try:
+        links = os.stat(path).st_nlink
+    except FileNotFoundError:
+        return
+    if links > 1:
+        raise StoreError(f"the study store {path} has {links} hard links; SQLite keeps its write-ahead log "
+                         f"next to the name it is opened by, so writing through two names can lose commits. "
+                         f"Keep one name (remove the other links, or copy the file) and run again.")
 
 
 def _is_write_failure(err: BaseException) -> bool:
@@ -231,6 +246,7 @@ class Store:
                                  f"`prunelab run SPEC.yaml` first.")
             self._open_readonly(timeout)
             return
+        _refuse_hard_links(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
