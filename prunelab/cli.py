@@ -117,11 +117,21 @@ def _prune_user(args) -> int:
 
 
 def _check_outputs(args, where: str) -> None:
-    for path in (getattr(args, "save", None), getattr(args, "export", None), getattr(args, "json", None)):
-        if path and Path(path).is_dir():
-            raise ValueError(f"{where}: {path!r} is a directory; give a file name.")
-        if path:
+    """Every output file named on the command line can be written: checked (and its folder
+    made) before any work; a failure is a StudyWriteError (exit 4) naming the path."""
+    from prunelab.experiments.store import write_failure
+    for flag in ("save", "export", "json"):
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        if Path(path).is_dir():
+            raise write_failure(f"write --{flag}", path, IsADirectoryError(21, "it is a folder"),
+                                "give a file name")
+        try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_failure(f"write --{flag}", path, err, "its folder cannot be made (is a part of "
+                                "the path a regular file?); choose another path") from None
 
 
 def _units_user(args) -> int:
@@ -226,11 +236,7 @@ def cmd_prune(args) -> int:
     train_kw = dict(batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
                     regularizer=args.regularizer, reg_strength=args.reg_strength,
                     progress=not args.quiet and sys.stderr.isatty())
-    for path in (args.save, args.export):
-        if path and Path(path).is_dir():
-            raise ValueError(f"prunelab prune: {path!r} is a directory; give a file name.")
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _check_outputs(args, "prunelab prune")
 
     fit(model, ds, epochs=args.epochs, **train_kw)
     before = evaluate(model, ds)["accuracy"]
@@ -293,6 +299,7 @@ def cmd_units(args) -> int:
                         ("--calibration", args.calibration)):
         check_number(flag, value, where=where, low=1 if flag == "--calibration" else 0, integer=True)
     model_args = _key_values(args.model_arg, "--model-arg")
+    _check_outputs(args, where)
     ds = load_dataset(args.dataset, root=args.data_root)
     model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
     if args.weights:               # before finding the units: a thinned file rebuilds a thinner model
@@ -304,8 +311,6 @@ def cmd_units(args) -> int:
                     progress=not args.quiet and sys.stderr.isatty())
     if not args.weights:
         fit(model, ds, epochs=args.epochs, **train_kw)
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
 
     dense = evaluate(model, ds)["accuracy"]
     n_cal = min(len(ds.y_train), args.calibration)
@@ -630,6 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:        # `prunelab ... | head`: the reader left; end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:        # a file that could not be written (or read) on the way
+        if os.environ.get("PRUNELAB_DEBUG"):
+            raise
+        print(f"prunelab: error: {err}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -8,17 +8,25 @@ import sys
 from pathlib import Path
 
 def _existing_db(path: str) -> Path:
+    """The study database named on the command line (or in the named folder), checked to be a
+    prunelab store without changing it (commands that read never write to it)."""
+    from prunelab.experiments.store import inspect_store
     db = Path(path)
     if db.is_dir():
         db = db / "study.db"
     if not db.is_file():
         raise FileNotFoundError(f"no study database at {path}; run `prunelab run SPEC.yaml` first "
                                 f"(it writes results/<name>/study.db).")
+    if inspect_store(db) != "study":
+        raise ValueError(f"{db} is not a prunelab study database (an empty file); run `prunelab run SPEC.yaml` "
+                         f"first (it writes results/<name>/study.db).")
     return db
 
 
 def cmd_run(args) -> int:
     from prunelab.experiments import default_db_path, load_spec, run_study
+    from prunelab.experiments.executors import check_executor_options
+    check_executor_options(args.executor, workers=args.workers, address=args.address)
     study = load_spec(args.spec, overrides=args.set or [], quick=args.quick)
     db = Path(args.db) if args.db else default_db_path(study, args.out, quick=args.quick)
     if args.dry_run:
@@ -46,7 +54,7 @@ def _interrupt(signum, frame):
 def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool) -> None:
     from prunelab.experiments.store import Store
     from prunelab.experiments.tables import build_tables, write_tables
-    with Store(db) as store:
+    with Store(db, readonly=True) as store:
         if not store.counts()["done"]:
             return
         tables = build_tables(store.records(), (store.meta("spec") or {}).get("outputs"))
@@ -66,8 +74,9 @@ def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool)
 def cmd_status(args) -> int:
     from prunelab.experiments.store import Store
     db = _existing_db(args.study)
-    with Store(db) as store:
+    with Store(db, readonly=True) as store:
         study = store.meta("study") or {}
+        study = study if isinstance(study, dict) else {}
         counts = store.counts()
         stale = sum(store.counts(in_spec=False).values())
         total = sum(counts.values())

@@ -1,7 +1,9 @@
 """Writing a study's outputs (tables, figures, the report) safely.
 
-Each file is written to a temporary name in its folder and renamed into place, so a full
-disk or a crash never leaves a half-written table or figure under the final name. A
+Each file is written to a new temporary file in its folder (a random name, created with
+``O_EXCL | O_NOFOLLOW``) and renamed into place, so a full disk or a crash never leaves a
+half-written table or figure under the final name, and a file or symlink planted at a
+predictable name is never written through. A
 failure is raised as :class:`~prunelab.experiments.store.StudyWriteError` naming the file;
 outputs only read the store, so the stored runs are never affected.
 """
@@ -9,7 +11,9 @@ outputs only read the store, so the stored runs are never affected.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 from pathlib import Path
 
 from prunelab.experiments.store import write_failure
@@ -28,19 +32,39 @@ def output_folder(folder: str | Path) -> Path:
     return folder
 
 
+def exclusive_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file next to ``path`` (same folder, so the final ``os.replace`` is atomic):
+    a random name opened with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so it is never a file or a
+    symlink someone planted at a predictable name. The usual permissions (umask), unlike
+    mkstemp's 0600. Returns ``(fd, temporary path)``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name next to {path}")
+
+
 def write_output(path: str | Path, content: str | bytes) -> Path:
-    """Write one output file atomically (text as UTF-8); return its path."""
+    """Write one output file atomically (text as UTF-8); return its path. A symlink planted at
+    the final name is replaced, never written through."""
     path = Path(path)
     data = content.encode("utf-8") if isinstance(content, str) else content
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = None
     try:
-        with open(tmp, "wb") as f:          # the usual permissions (umask), unlike mkstemp's 0600
+        fd, tmp = exclusive_temp(path)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
         os.replace(tmp, path)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise write_failure("write", path, err, ADVICE) from err
     return path

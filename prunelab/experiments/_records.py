@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,26 +79,10 @@ def open_study(store_path: str | Path) -> Study:
     if not path.is_file():
         what = "a folder" if path.is_dir() else "nothing"
         raise ValueError(f"no study database at {path} (found {what} there); run `prunelab run SPEC` first.")
-    _check_is_study(path)
-    with Store(path) as store:
+    with Store(path, readonly=True) as store:
         spec = store.meta("spec", {}) or {}
         records = store.records()
     return Study(path=path, spec=spec if isinstance(spec, dict) else {}, records=records)
-
-
-def _check_is_study(path: Path) -> None:
-    """Look for the ``runs`` and ``meta`` tables read-only, so that another SQLite file (or any
-    file) is reported, not given a study's schema by :class:`Store`."""
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as err:
-        raise ValueError(f"{path} is not a prunelab study database ({err}).") from None
-    if not {"runs", "meta"} <= tables:
-        raise ValueError(f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables).")
 
 
 def require_done(study: Study, what: str) -> list[RunRecord]:

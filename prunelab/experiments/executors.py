@@ -2,8 +2,10 @@
 owns the store; executors call back into it as runs start and finish.
 
 * ``local`` — ``workers`` processes on this machine (in-process when 1). torch
-  threads are split between workers (``cores // workers`` each). A worker that
-  dies (killed, out of memory) fails only its own run; the pool is restarted.
+  threads are split between workers (``cores // workers`` each). Each worker is
+  its own process with its own pipe: one that dies (killed, out of memory) fails
+  only the run it had started, the others' runs go on, and a fresh worker takes
+  its place; a job it had not started yet goes back to the queue.
 * ``ray`` — each run is a Ray task (1 CPU) on an existing Ray cluster
   (``address``: ``"auto"``, ``"HOST:PORT"``; or the Ray instance this process has
   already started). Results travel back to the coordinator, which writes them to
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from prunelab._validation import check_choice, check_number
@@ -41,14 +41,28 @@ OnStart = Callable[[Job, str], None]
 OnFinish = Callable[[Job, dict], None]
 
 
-def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
-                  cache_dir: str | None = None) -> "Executor":
+#: Parallel runs of one study (local worker processes or Ray tasks in flight).
+MAX_WORKERS = 1024
+
+
+def check_executor_options(name: str = "local", *, workers: int | None = None,
+                           address: str | None = None) -> tuple[str, int | None]:
+    """Check an executor's name and options before anything is created; ``(name, workers)``."""
     name = check_choice("executor", name, EXECUTORS, where="prunelab run")
     if workers is not None:
-        workers = check_number("workers", workers, where="prunelab run", low=1, integer=True)
+        workers = check_number("workers", workers, where="prunelab run", low=1, high=MAX_WORKERS, integer=True)
+    if name == "local" and address is not None:
+        raise ValueError("the 'address' parameter of prunelab run applies to --executor ray only.")
+    if address is not None and not isinstance(address, str):
+        raise TypeError(f"the 'address' parameter of prunelab run must be a str (auto or HOST:PORT). "
+                        f"Got {address!r} of type {type(address).__name__} instead.")
+    return name, workers
+
+
+def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
+                  cache_dir: str | None = None) -> "Executor":
+    name, workers = check_executor_options(name, workers=workers, address=address)
     if name == "local":
-        if address is not None:
-            raise ValueError("the 'address' parameter of prunelab run applies to --executor ray only.")
         return LocalExecutor(workers or 1, cache_dir)
     return RayExecutor(address, workers, cache_dir)
 
@@ -78,49 +92,150 @@ class LocalExecutor(Executor):
                 for member, outcome in zip(job.members, _outcomes(job, work(argument, self.cache_dir, None))):
                     on_finish(member, outcome)
             return
-        queue = list(jobs)
-        while queue:
-            queue = self._run_pool(queue, on_start, on_finish)
+        _Workers(self, on_start, on_finish).run(list(jobs))
 
-    def _run_pool(self, queue: list[Job], on_start, on_finish) -> list[Job]:
-        """Run jobs until done or the pool breaks; return the jobs not yet started."""
+
+class _Worker:
+    """One local worker process and its pipe; ``job`` is what it runs now (None: idle)."""
+
+    def __init__(self, context, slot: int, threads: int):
+        self.slot = slot
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=worker_main, args=(child, threads), daemon=True,
+                                       name=f"prunelab-worker-{slot}")
+        self.process.start()
+        child.close()
+        self.job: Job | None = None
+        self.acknowledged = False       # the worker said it started the job
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.process.join(timeout=None if kill else 10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class _Workers:
+    """``parallelism`` worker processes, each with its own pipe, so that a worker that dies
+    (SIGKILL, out of memory, a crash in native code) fails only the run it had started: the
+    other workers' runs go on, a job it had not yet started goes back to the queue (once), and
+    a fresh worker takes its slot. Nothing queued is dropped."""
+
+    def __init__(self, executor: "LocalExecutor", on_start, on_finish):
         import multiprocessing
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(self.parallelism, mp_context=context, initializer=init_worker,
-                                   initargs=(self.threads,))
-        in_flight: dict = {}
-        slot = 0
+        self.context = multiprocessing.get_context("spawn")
+        self.executor, self.on_start, self.on_finish = executor, on_start, on_finish
+        self.workers: dict[int, _Worker] = {}
+        self.requeued: set[int] = set()        # jobs (by id) already put back once
+
+    def run(self, queue: list[Job]) -> None:
+        from collections import deque
+        queue = deque(queue)
         try:
-            while queue or in_flight:
-                while queue and len(in_flight) < self.parallelism:
-                    job = queue.pop(0)
-                    for member in job.members:
-                        on_start(member, f"local-{slot % self.parallelism}")
-                    slot += 1
-                    in_flight[pool.submit(*_work(job), self.cache_dir, self.threads)] = job
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = in_flight.pop(future)
-                    try:
-                        outcomes = _outcomes(job, future.result())
-                    except BrokenProcessPool:
-                        outcomes = [_died() for _ in job.members]
-                    for member, outcome in zip(job.members, outcomes):
-                        on_finish(member, outcome)
-        except BrokenProcessPool:
-            for job in in_flight.values():
-                for member in job.members:
-                    on_finish(member, _died())
-            return queue
+            while queue or self._busy():
+                self._fill(queue)
+                self._collect(queue)
         except BaseException:
             # interrupted (Ctrl-C, SIGTERM): the coordinator re-queues the runs in flight, so stop
             # their workers now; otherwise the interpreter's exit would wait for them to finish
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
+            for worker in self.workers.values():
+                worker.stop(kill=True)
+            self.workers.clear()
             raise
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return []
+        for worker in self.workers.values():
+            worker.stop()
+        self.workers.clear()
+
+    def _busy(self) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.job is not None]
+
+    def _fill(self, queue) -> None:
+        for slot in range(self.executor.parallelism):
+            if not queue:
+                return
+            worker = self.workers.get(slot)
+            if worker is not None and worker.job is not None:
+                continue
+            if worker is None or not worker.process.is_alive():
+                if worker is not None:
+                    worker.stop(kill=True)
+                worker = self.workers[slot] = _Worker(self.context, slot, self.executor.threads)
+            job = queue.popleft()
+            for member in job.members:
+                self.on_start(member, f"local-{slot}")
+            work, argument = _work(job)
+            worker.job, worker.acknowledged = job, False
+            try:
+                worker.conn.send((work.__name__, argument, self.executor.cache_dir, self.executor.threads))
+            except OSError:
+                pass       # it died meanwhile: _collect sees it and puts the job back
+
+    def _collect(self, queue) -> None:
+        """Wait until a busy worker sends something or dies; record what finished."""
+        from multiprocessing.connection import wait
+        busy = self._busy()
+        waiting = {w.conn: w for w in busy} | {w.process.sentinel: w for w in busy}
+        for ready in wait(list(waiting)):
+            self._drain(waiting[ready])
+        for worker in list(self.workers.values()):
+            if worker.job is not None and not worker.process.is_alive():
+                self._drain(worker)                 # a result sent just before it ended counts
+                if worker.job is not None:
+                    self._died(worker, queue)
+
+    def _drain(self, worker: _Worker) -> None:
+        """Read the worker's pending messages: acknowledgements, and its job's outcome(s)."""
+        while worker.job is not None:
+            try:
+                if not worker.conn.poll():
+                    return
+                kind, payload = worker.conn.recv()
+            except Exception:  # noqa: BLE001  (the end of the pipe, or a message cut short by a death)
+                return
+            if kind == "started":
+                worker.acknowledged = True
+                continue
+            job, worker.job = worker.job, None
+            for member, outcome in zip(job.members, _outcomes(job, payload)):
+                self.on_finish(member, outcome)
+
+    def _died(self, worker: _Worker, queue) -> None:
+        job, worker.job = worker.job, None
+        worker.stop(kill=True)
+        del self.workers[worker.slot]
+        if not worker.acknowledged and id(job) not in self.requeued:
+            self.requeued.add(id(job))
+            queue.appendleft(job)        # it never started: run it on a fresh worker
+            return
+        for member in job.members:
+            self.on_finish(member, _died())
+
+
+WORKS = {"execute_run": execute_run, "execute_group": execute_group}
+
+
+def worker_main(conn, threads: int | None) -> None:
+    """A local worker's loop: receive ``(work, argument, cache_dir, threads)``, acknowledge,
+    run it, send the outcome(s); ``None`` ends it."""
+    init_worker(threads)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        name, argument, cache_dir, job_threads = message
+        conn.send(("started", None))
+        conn.send(("done", WORKS[name](argument, cache_dir, job_threads)))
 
 
 def _work(job: Job):

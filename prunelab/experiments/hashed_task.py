@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import time
 
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.prune_task import (_prepare_dataset, _prepare_training, _train_kwargs,
                                              load_prepared_dataset)
 from prunelab.experiments.tasks import TASKS, Checker, Task
@@ -33,6 +34,9 @@ VERSION = 1
 @TASKS.register("hashed")
 class HashedTask(Task):
     name = "hashed"
+    metrics = ("accuracy", "loss", "sparsity", "params", "nonzero_params", "stored_params", "compression",
+               "flops_dense", "flops", "speedup", "bytes_dense", "bytes_bitmask", "bytes_csr", "bytes_best",
+               "train_seconds", "val_accuracy")
 
     def default_label(self, method: dict) -> str:
         return "HashedNet"
@@ -56,7 +60,7 @@ class HashedTask(Task):
                 checker.error(f"{x_path}", f"sparsity level {i} is a per-layer mapping; the hashed task hashes "
                                            f"every layer at one compression, so give it plain levels")
                 return None
-            checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+            checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
                             n_classes=data["n_classes"], **options, **_hashing(level))
         if len(checker.errors) > n_errors:
             return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 
 from prunelab._validation import suggest
 from prunelab.data import DATASETS, data_root
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.store import digest
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
@@ -54,6 +56,11 @@ VERSION = 1   # bump when the meaning of a run changes, so old results are not r
 @TASKS.register("prune")
 class PruneTask(Task):
     name = "prune"
+    metrics = ("accuracy", "loss", "accuracy_dense", "accuracy_pruned", "sparsity", "compression", "speedup",
+               "params", "nonzero_params", "flops_dense", "flops", "bytes_dense", "bytes_bitmask", "bytes_csr",
+               "bytes_best", "train_seconds", "units_removed", "params_thinned", "accuracy_thinned",
+               "measured_speedup", "retrain_steps", "hessian_seconds", "solve_seconds", "val_accuracy",
+               "val_accuracy_dense")
 
     def default_label(self, method: dict) -> str:
         schedule = method.get("schedule", "one-shot")
@@ -83,7 +90,7 @@ class PruneTask(Task):
         if "name" not in m_entry:
             checker.error(m_path, "missing 'name'")
             return None
-        net = checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+        net = checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
                               n_classes=data["n_classes"], **options)
         if net is None:
             return None
@@ -395,9 +402,16 @@ def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
 def load_dense(path: Path | None, model) -> dict | None:
     """Load the cached dense weights at ``path`` into ``model`` and return the cache entry
     (``history``, ``snapshot``); None when there is no such file."""
-    if path is None or not path.is_file():
+    if path is None:
         return None
-    saved = torch.load(path, weights_only=True, map_location="cpu")
+    try:       # O_NOFOLLOW: a symlink planted at the cache's name is not read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        saved = torch.load(f, weights_only=True, map_location="cpu")
     model.load_state_dict(saved["state_dict"])
     return saved
 
@@ -407,16 +421,20 @@ def save_dense(path: Path | None, model, history, snapshot) -> None:
     (a remote Ray node) is skipped: the cache is an optimisation."""
     if path is None:
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    from prunelab.experiments._outputs import exclusive_temp
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "history": history, "snapshot": snapshot}, tmp)
+        fd, tmp = exclusive_temp(path)      # a fresh file: never a planted file or symlink
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"state_dict": model.state_dict(), "history": history, "snapshot": snapshot}, f)
         os.replace(tmp, path)
     except (OSError, RuntimeError):     # torch.save reports a full disk as a RuntimeError
-        try:
-            tmp.unlink()                # a full disk leaves a partial file: do not keep it
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                tmp.unlink()            # a full disk leaves a partial file: do not keep it
+            except OSError:
+                pass
 
 
 def _distill_kwargs(method: dict, dense) -> dict:

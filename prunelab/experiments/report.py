@@ -19,9 +19,11 @@ import datetime as _dt
 import html
 import io
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from prunelab._validation import suggest
 from prunelab.experiments._outputs import output_folder, write_output
 from prunelab.experiments._records import NoDataError, Study, format_level, open_study
 from prunelab.experiments.figures import (
@@ -217,3 +219,18 @@ def outputs_problems(outputs: Any) -> list[str]:
         problems += table_problems(declaration, f"outputs.tables[{i}]")
     problems += figures_problems(outputs.get("figures"))
     return problems
+
+
+def output_metric_problems(outputs: Any, known: Iterable[str]) -> list[str]:
+    """The metric names of ``outputs`` (``metric``, each table's and figure's ``metric``) that no
+    run of the study can record (``known``: the metrics its tasks declare), found before any run."""
+    if not isinstance(outputs, dict):
+        return []
+    known = sorted(set(known))
+    named = [("outputs.metric", outputs.get("metric"))]
+    for key in ("tables", "figures"):
+        declarations = outputs.get(key)
+        named += [(f"outputs.{key}[{i}].metric", d.get("metric")) for i, d in
+                  enumerate(declarations if isinstance(declarations, list) else []) if isinstance(d, dict)]
+    return [f"{path}: unknown metric {metric!r}{suggest(metric, known)}; the runs of this study record: "
+            f"{', '.join(known)}" for path, metric in named if isinstance(metric, str) and metric not in known]

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from prunelab.experiments import limits
+from prunelab.experiments._yaml import load_yaml
 from prunelab.experiments.store import PlannedRun, digest, dumps
 from prunelab.experiments.tasks import TASKS, Checker, SpecError
 
@@ -66,7 +68,17 @@ def load_spec(path: str | Path, *, overrides: Iterable[str] = (), quick: bool = 
     if not path.is_file():
         raise SpecError(str(path), [f"no spec file at {path}"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(limits.MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(str(path), [f"cannot read the spec file: {err.strerror or err}"]) from None
+    if len(data) > limits.MAX_SPEC_BYTES:
+        raise SpecError(str(path), [f"the spec file is larger than {limits.MAX_SPEC_BYTES:,} bytes (the limit "
+                                    f"of a spec, {limits.DOCS})"])
+    try:
+        raw = load_yaml(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(str(path), [f"not UTF-8 text: {err.reason} at byte {err.start}"]) from None
     except yaml.YAMLError as err:
         raise SpecError(str(path), [f"not valid YAML: {err}"]) from None
     return build_study(raw, overrides=overrides, quick=quick, source=str(path))
@@ -95,12 +107,13 @@ def build_study(raw: Any, *, overrides: Iterable[str] = (), quick: bool = False,
             errors.append(f"--set {item!r}: expected PATH=VALUE, e.g. --set training.epochs=3")
             continue
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError as err:
             errors.append(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
                           f"quote it, e.g. --set 'description=\"...\"'")
             continue
         _apply(spec, key.strip(), value, errors, origin="--set")
+    errors += [f"{path}: {message}" for path, message in limits.bound_errors(spec)]
     if errors:
         raise SpecError(where, errors)
     checker = Checker()
@@ -254,16 +267,23 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         checker.error("training", f"must be a mapping; got {training!r}")
         training = {}
 
-    datasets = [(p, v, chosen) for p, e in _entries(spec, "datasets", checker)
+    datasets = [(p, v, chosen) for p, e in _bounded_entries(spec, "datasets", checker)
                 for v, chosen in expand_grids(e, p, checker)]
-    models = [(p, v, chosen) for p, e in _entries(spec, "models", checker)
+    models = [(p, v, chosen) for p, e in _bounded_entries(spec, "models", checker)
               for v, chosen in expand_grids(e, p, checker)]
-    methods = [(p, v, chosen) for p, e in _entries(spec, "methods", checker)
+    methods = [(p, v, chosen) for p, e in _bounded_entries(spec, "methods", checker)
                for v, chosen in expand_grids(e, p, checker)]
-    trainings = expand_grids(training, "training", checker)
+    trainings = expand_grids(training, "training", checker) if _bounded("training", training, checker) else []
+    combinations = len(datasets) * len(models) * len(trainings) * len(methods)
+    if combinations > limits.MAX_RUNS:
+        checker.error("datasets × models × training × methods",
+                      f"{combinations:,} combinations, more than a study may have ({limits.MAX_RUNS:,} runs, "
+                      f"{limits.DOCS}); split the study")
+        return []
     # go on despite earlier errors: every combination is still checked, so all errors surface at once
 
     runs: list[PlannedRun] = []
+    prepared_count = 0
     seen: dict[str, str] = {}
     model_levels = {m_path: _sparsities(model, checker, f"{m_path}.sparsities")
                     for m_path, model, _ in models if "sparsities" in model}
@@ -297,6 +317,12 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         if "training" in dataset:     # the dataset's own budget, under the method's
             t_train = {**t_train, **dataset_training[d_index]}
             dataset = {k: v for k, v in dataset.items() if k != "training"}
+        prepared_count += 1
+        if prepared_count > limits.MAX_COMBINATIONS or len(runs) > limits.MAX_RUNS:
+            checker.error("methods", f"more than {limits.MAX_COMBINATIONS:,} (dataset, model, training, method) "
+                                     f"combinations or {limits.MAX_RUNS:,} runs, the limits of a study "
+                                     f"({limits.DOCS}); split the study")
+            return []
         prepared = task.prepare(dataset=(d_path, dataset), model=(m_path, model),
                                 method=(x_path, method), training=t_train, checker=checker,
                                 sparsities=levels)
@@ -314,7 +340,33 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
                 seen[rid] = where
                 runs.append(PlannedRun(rid, config, d_label, m_label, x_label, level, seed))
     _check_unique_labels(runs, checker)
+    _check_output_metrics(spec, runs, checker)
     return [] if checker.errors else runs
+
+
+def _check_output_metrics(spec: dict, runs: list[PlannedRun], checker: Checker) -> None:
+    """A table's ``metric:`` typo, found now rather than after the whole study ran (when every
+    task of the study declares the metrics it records)."""
+    declared = [TASKS.get(name)().metrics for name in {run.config.get("task", "prune") for run in runs}]
+    if runs and "outputs" in spec and all(m is not None for m in declared):
+        from prunelab.experiments.report import output_metric_problems
+        for problem in output_metric_problems(spec["outputs"], {k for m in declared for k in m}):
+            path, _, message = problem.partition(": ")
+            checker.error(path, message)
+
+
+def _bounded(path: str, entry: Any, checker: Checker) -> bool:
+    """Whether ``entry``'s grid variants are few enough to be made (counted, not made)."""
+    count = limits.count_variants(entry)
+    if count > limits.MAX_RUNS:
+        checker.error(path, f"its grids make more than {limits.MAX_RUNS:,} variants, more than a study "
+                            f"may have runs ({limits.DOCS})")
+        return False
+    return True
+
+
+def _bounded_entries(spec: dict, key: str, checker: Checker) -> list[tuple[str, dict]]:
+    return [(path, entry) for path, entry in _entries(spec, key, checker) if _bounded(path, entry, checker)]
 
 
 def _dataset_training(path: str, dataset: dict, checker: Checker) -> dict:
@@ -352,6 +404,9 @@ def _sparsities(spec: dict, checker: Checker, path: str = "sparsities") -> list:
     if "sparsities" not in spec:
         return []          # missing: reported by the required-keys check where it is required
     value = spec["sparsities"]
+    if isinstance(value, list) and len(value) > limits.MAX_LEVELS:
+        checker.error(path, f"{len(value):,} levels; at most {limits.MAX_LEVELS:,} ({limits.DOCS})")
+        return []
     if not isinstance(value, list) or not value:
         checker.error(path, f"must be a non-empty list of floats in [0, 1) (or of {{layer: sparsity}} "
                             f"mappings); got {value!r}")
@@ -416,13 +471,20 @@ def _seeds(spec: dict, checker: Checker) -> list[int]:
         if value < 1:
             checker.error("seeds", f"a count of seeds must be >= 1; got {value}")
             return []
+        if value > limits.MAX_SEEDS:
+            checker.error("seeds", f"a count of seeds must be at most {limits.MAX_SEEDS:,} ({limits.DOCS}); "
+                                   f"got {value}")
+            return []
         return list(range(value))
+    if isinstance(value, list) and len(value) > limits.MAX_SEEDS:
+        checker.error("seeds", f"{len(value):,} seeds; at most {limits.MAX_SEEDS:,} ({limits.DOCS})")
+        return []
     if not isinstance(value, list) or not value:
         checker.error("seeds", f"must be a count (int >= 1) or a list of ints >= 0; got {value!r}")
         return []
     out = []
     for i, s in enumerate(value):
-        got = checker.number(f"seeds[{i}]", s, low=0, integer=True, param="seed")
+        got = checker.number(f"seeds[{i}]", s, low=0, high=limits.MAX_SEED, integer=True, param="seed")
         if got is not None:
             out.append(got)
     if len(set(out)) != len(out):

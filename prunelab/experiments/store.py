@@ -13,6 +13,12 @@ the study is run again (:meth:`Store.reset_interrupted`); ``done`` runs are
 never redone. Several processes may write at once (``busy_timeout`` makes a
 writer wait for another's transaction instead of failing).
 
+Before SQLite touches a file, :func:`inspect_store` reads its header and (read-only) its
+schema: a file that is not a SQLite database, another application's database or a corrupt
+store is refused with a :class:`StoreError` naming it, and left as it was. ``Store(path,
+readonly=True)`` (``prunelab status | table | plot | report``) opens a connection that cannot
+write: no WAL switch, no tables created.
+
 A write that fails (a full disk, a read-only or vanished folder: ``OSError`` or
 SQLite's ``database or disk is full`` / ``disk I/O error``) is rolled back, so the
 store keeps the state before it, and raised as :class:`StudyWriteError` naming the
@@ -25,6 +31,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -49,6 +56,79 @@ def write_failure(what: str, path: Path | str, err: BaseException, advice: str) 
     failure = StudyWriteError(f"could not {what} {path}: {reason}; {advice}")
     failure.errno = code
     return failure
+
+
+class StoreError(ValueError):
+    """A file that cannot be used as a study store: not one (another file, another SQLite
+    database, an empty file where a study is read), or a corrupt one. Names the file."""
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+REQUIRED_COLUMNS = {"meta": {"key", "value"},
+                    "runs": {"id", "position", "config", "dataset", "model", "method", "sparsity", "seed",
+                             "status", "in_spec", "attempts", "metrics", "curve", "error", "worker",
+                             "started_at", "finished_at", "seconds", "versions"}}
+
+
+def corrupt(path: Path | str, err: BaseException) -> StoreError:
+    return StoreError(f"the study store {path} is corrupt or not a study store ({err}); it was not "
+                      f"changed. Restore it from a copy, or move it away and run the study again.")
+
+
+def inspect_store(path: str | Path) -> str:
+    """What is at ``path``, found without changing it: ``"missing"``, ``"empty"`` (a 0-byte
+    file, or a SQLite database without tables) or ``"study"``. Anything else (a folder, a file
+    that is not SQLite, another application's database, a corrupt store) raises
+    :class:`StoreError` naming the file. Reads the file's header, then its schema read-only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return "missing"
+    except IsADirectoryError:
+        raise StoreError(f"the study store {path} is a folder, not a file.") from None
+    except OSError as err:
+        raise StoreError(f"cannot read the study store {path}: {err.strerror or err}.") from None
+    if not head:
+        return "empty"
+    if head != SQLITE_HEADER:
+        raise StoreError(f"{path} is not a prunelab study database (not a SQLite database); it was not changed. "
+                         f"Choose another --db.")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            columns = {name: {row[1] for row in db.execute(f"PRAGMA table_info('{name}')")}
+                       for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                       if name.isidentifier()}
+        finally:
+            db.close()
+    except sqlite3.OperationalError as err:
+        raise StoreError(f"cannot read the study store {path}: {err}.") from None
+    except sqlite3.DatabaseError as err:
+        raise corrupt(path, err) from None
+    if not columns:
+        return "empty"
+    missing = {table: sorted(cols - columns.get(table, set())) for table, cols in REQUIRED_COLUMNS.items()}
+    if any(missing.values()):
+        have = ", ".join(sorted(columns)) or "none"
+        raise StoreError(f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables); "
+                         f"its tables: {have}; it was not changed. Choose another --db.")
+    return "study"
+
+
+def _refuse_hard_links(path: Path) -> None:
+    """SQLite keeps a store's write-ahead log next to the *name* it was opened by, so two hard
+    links to one store have two logs and can lose each other's commits: writing is refused
+    (reading is safe). A symlink is fine: SQLite resolves it to the one real name."""
+    try:
+        links = os.stat(path).st_nlink
+    except FileNotFoundError:
+        return
+    if links > 1:
+        raise StoreError(f"the study store {path} has {links} hard links; SQLite keeps its write-ahead log "
+                         f"next to the name it is opened by, so writing through two names can lose commits. "
+                         f"Keep one name (remove the other links, or copy the file) and run again.")
 
 
 def _is_write_failure(err: BaseException) -> bool:
@@ -155,8 +235,18 @@ class RunRecord:
 class Store:
     """A study's SQLite file. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: str | Path, *, timeout: float = 60.0):
+    def __init__(self, path: str | Path, *, timeout: float = 60.0, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        kind = inspect_store(self.path)       # before SQLite touches it: refuse what is not a store
+        if readonly:
+            if kind != "study":
+                what = "no file" if kind == "missing" else "an empty file"
+                raise StoreError(f"{self.path} is not a prunelab study database ({what}); run "
+                                 f"`prunelab run SPEC.yaml` first.")
+            self._open_readonly(timeout)
+            return
+        _refuse_hard_links(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
@@ -174,9 +264,45 @@ class Store:
             with self._transaction("create the tables of"):
                 for statement in _statements(SCHEMA):
                     self._db.execute(statement)
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            if isinstance(err, sqlite3.OperationalError):
+                raise write_failure("open the study store", self.path, err,
+                                    "check that the file and its folder can be written") from err
+            raise corrupt(self.path, err) from None
         except BaseException:
             self._db.close()
             raise
+
+    def _open_readonly(self, timeout: float) -> None:
+        """A connection that cannot write: no WAL switch, no tables made, nothing changed."""
+        try:
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout,
+                                       isolation_level=None)
+            self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        except sqlite3.DatabaseError as err:
+            raise corrupt(self.path, err) from None
+
+    def _read(self, sql: str, params: Sequence = ()) -> sqlite3.Cursor:
+        """Run a query; a corrupt file becomes a :class:`StoreError` naming it."""
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.OperationalError as err:      # locked past busy_timeout, an unreadable file
+            raise StoreError(f"cannot read the study store {self.path}: {err}.") from None
+        except sqlite3.DatabaseError as err:
+            raise corrupt(self.path, err) from None
+
+    def _rows(self, sql: str, params: Sequence = ()) -> list[RunRecord]:
+        try:
+            cursor = self._read(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [_record(dict(zip(names, row))) for row in cursor.fetchall()]
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot read the study store {self.path}: {err}.") from None
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as err:
+            if isinstance(err, StoreError):
+                raise
+            raise corrupt(self.path, err) from None
 
     # ------------------------------------------------------------------ plumbing
     def _transaction(self, what: str = "write to"):
@@ -198,8 +324,11 @@ class Store:
                              "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, dumps(value)))
 
     def meta(self, key: str, default: Any = None) -> Any:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        row = self._read("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        try:
+            return default if row is None else json.loads(row[0])
+        except (ValueError, TypeError) as err:
+            raise corrupt(self.path, f"meta {key!r}: {err}") from None
 
     # ------------------------------------------------------------------ planning
     def sync(self, runs: Sequence[PlannedRun]) -> int:
@@ -282,19 +411,16 @@ class Store:
             where.append("in_spec = ?")
             params.append(1 if in_spec else 0)
         sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY position, id"
-        cursor = self._db.execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        return [_record(dict(zip(names, row))) for row in cursor.fetchall()]
+        return self._rows(sql, params)
 
     def record(self, run_id: str) -> RunRecord | None:
-        cursor = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,))
-        row = cursor.fetchone()
-        return None if row is None else _record(dict(zip([d[0] for d in cursor.description], row)))
+        rows = self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return rows[0] if rows else None
 
     def counts(self, *, in_spec: bool = True) -> dict[str, int]:
         out = dict.fromkeys(STATUSES, 0)
-        for status, n in self._db.execute("SELECT status, COUNT(*) FROM runs WHERE in_spec = ? "
-                                          "GROUP BY status", (1 if in_spec else 0,)):
+        for status, n in self._read("SELECT status, COUNT(*) FROM runs WHERE in_spec = ? "
+                                    "GROUP BY status", (1 if in_spec else 0,)).fetchall():
             out[status] = n
         return out
 
@@ -329,6 +455,8 @@ class _Transaction:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as err:
             raise self._failure(err) from err
+        except sqlite3.DatabaseError as err:
+            raise corrupt(self._path, err) from None
         return self._db
 
     def __exit__(self, exc_type, exc, tb):
@@ -339,6 +467,8 @@ class _Transaction:
             except (OSError, sqlite3.Error) as err:
                 exc = err
         self._rollback()
+        if type(exc) is sqlite3.DatabaseError:     # SQLITE_CORRUPT / SQLITE_NOTADB: not a full disk
+            raise corrupt(self._path, exc) from None
         if exc is not None and _is_write_failure(exc) and not isinstance(exc, StudyWriteError):
             raise self._failure(exc) from exc
         if exc_type is None:      # the COMMIT failed with something else

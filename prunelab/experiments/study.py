@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunelab._version import __version__
-from prunelab.experiments.executors import Job, make_executor
+from prunelab.experiments.executors import Job, check_executor_options, make_executor
 from prunelab.experiments.lock import StudyLock
 from prunelab.experiments.progress import Progress
 from prunelab.experiments.spec import Study
-from prunelab.experiments.store import Store, StudyWriteError
+from prunelab.experiments.store import Store, StudyWriteError, inspect_store
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,10 @@ def run_study(study: Study, db_path: str | Path, *, executor: str = "local", wor
     process runs this study."""
     from prunelab._validation import check_choice
     engine = check_choice("engine", engine, ENGINES, where="prunelab run")
+    check_executor_options(executor, workers=workers, address=address)
     db_path = Path(db_path)
     check_store_path(db_path)
+    inspect_store(db_path)          # another file, another database, a corrupt store: refused, untouched
     started = time.perf_counter()
     cache_dir = str(db_path.parent / "cache") if cache else None
     with StudyLock(db_path), Store(db_path) as store:
@@ -163,6 +165,8 @@ def check_store_path(db_path: Path) -> None:
     advice = "choose another --out or --db"
     if db_path.is_dir():
         raise ValueError(f"cannot write the study store {db_path}: it is a folder; {advice}.")
+    if db_path.exists() and not db_path.is_file():
+        raise ValueError(f"cannot write the study store {db_path}: it is not a regular file; {advice}.")
     existing = db_path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

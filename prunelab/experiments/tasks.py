@@ -58,6 +58,9 @@ class Task:
     """Base class of run kinds."""
 
     name = ""
+    #: The numeric metrics a run of this task may record (tables and ``outputs.metric`` are
+    #: checked against them before a study runs); None: not declared, checked after the runs.
+    metrics: tuple[str, ...] | None = None
 
     def default_label(self, method: dict) -> str:
         return self.name

@@ -26,10 +26,10 @@ import time
 import torch
 from torch import nn
 
+from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_training,
                                              load_prepared_dataset)
 from prunelab.experiments.tasks import TASKS, Checker, Task
-from prunelab.models import build_model
 from prunelab.training import Callback, evaluate, fit
 from prunelab.units import METHODS, SCORERS, Units, parse_method, remove_units
 from prunelab.units import surgery
@@ -54,7 +54,7 @@ def _model_and_data(dataset, model, training, checker: Checker, method_path: str
         checker.error(m_path, "missing 'name'")
         return None
     options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
-    net = checker.attempt(m_path, build_model, m_entry["name"], input_shape=data["input_shape"],
+    net = checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
                           n_classes=data["n_classes"], **options)
     if net is None:
         return None
