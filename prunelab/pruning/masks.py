@@ -29,12 +29,15 @@ from torch import nn
 
 
 class MaskSet:
-    """Float {0, 1} masks for a set of parameters, applied in fused batches."""
+    """Bool keep-masks for a set of parameters. The float {0, 1} copies that the fused
+    multiplies of training need (one per mask, in the parameter's dtype) are made on the first
+    training step and dropped when a mask changes: a one-shot prune holds one byte per weight,
+    not a second copy of the model."""
 
     def __init__(self):
         self._masks: dict[nn.Parameter, torch.Tensor] = {}
         self._params: list[nn.Parameter] = []
-        self._values: list[torch.Tensor] = []
+        self._float: list[torch.Tensor] | None = None
 
     def set(self, param: nn.Parameter, keep: torch.Tensor) -> None:
         """Set the keep-mask (bool or {0,1}) of ``param``; all-ones masks are dropped."""
@@ -42,11 +45,12 @@ class MaskSet:
         if bool(keep.all()):
             self._masks.pop(param, None)
         else:
-            self._masks[param] = keep.to(dtype=param.dtype).contiguous()
+            self._masks[param] = keep.to(dtype=torch.bool).contiguous()
         self._params = list(self._masks)
-        self._values = [self._masks[p] for p in self._params]
+        self._float = None
 
     def get(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The bool keep-mask of ``param`` (None: nothing pruned)."""
         return self._masks.get(param)
 
     def __contains__(self, param: object) -> bool:
@@ -55,10 +59,21 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self._masks)
 
+    @property
+    def _values(self) -> list[torch.Tensor]:
+        if self._float is None:
+            self._float = [self._masks[p].to(p.dtype) for p in self._params]
+        return self._float
+
     @torch.no_grad()
     def apply_to_weights(self, *hook_args) -> None:
-        if self._params:
-            torch._foreach_mul_(self._params, self._values)
+        if not self._params:
+            return
+        if self._float is None:          # not training: no float copies needed
+            for param in self._params:
+                param.masked_fill_(~self._masks[param], 0)
+        else:
+            torch._foreach_mul_(self._params, self._float)
 
     def apply_to_grads(self, *hook_args) -> None:
         """Zero the gradients of pruned entries. Runs every step, so it is kept lean: no
