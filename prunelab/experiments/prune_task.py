@@ -12,6 +12,12 @@ One run = (dataset, model, method, sparsity, seed):
    method's ``distill: {weight, temperature}`` distilling from the dense model of step 1;
 4. measure test accuracy and the model's size (``prunelab.summary``).
 
+Language models (``gpt``, ``lstm-lm``) on a text dataset (``dataset: {name: pydocs, vocab_size: 4096,
+seq_len: 64}``) run the same steps: accuracy is token accuracy, and the records also hold test
+``perplexity`` (dense, right after pruning and final) and ``val_perplexity`` (the text's own valid
+split). ``training.patience`` (optional) stops dense training when the validation loss has not
+improved for that many epochs and keeps the best epoch's weights.
+
 Schedule timing may be written in epochs (``start_epochs``, ``every_epochs``,
 ``at_epochs``); it is resolved into optimiser steps of the fine-tuning phase.
 """
@@ -26,7 +32,8 @@ from pathlib import Path
 import torch
 
 from prunelab._validation import suggest
-from prunelab.data import DATASETS, data_root
+from prunelab.data import DATASETS, data_root, dry_run_inputs, takes_token_ids
+from prunelab.data.examples import token_example
 from prunelab.experiments.store import digest
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
@@ -47,6 +54,7 @@ METHOD_DEFAULTS = {"criterion": "magnitude", "granularity": "weight", "scope": "
 EPOCH_KEYS = {"start_epochs": "start", "every_epochs": "every", "at_epochs": "at"}
 DISTILL_DEFAULTS = {"weight": 0.5, "temperature": 2.0}
 DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
+OPTIONAL_TRAINING = ("patience",)   # resolved only when given, so that older runs keep their ids
 HISTOGRAM_BINS = 80
 VERSION = 1   # bump when the meaning of a run changes, so old results are not reused
 
@@ -89,7 +97,12 @@ class PruneTask(Task):
             return None
         resolved = {"model": {"name": net.config["name"], "options": options}}
         per_epoch = steps_per_epoch(data["n_train"], train["batch_size"])
-        m = _prepare_method(x_path, x_entry, net, per_epoch, train, sparsities, checker)
+        if train.get("patience") is not None and not data["has_val"]:
+            checker.error(f"{x_path}.training.patience" if "patience" in (x_entry.get("training") or {})
+                          else "training.patience", "stops on the validation loss, but the dataset has no "
+                          "validation split; give the dataset a 'validation' size or remove 'patience'")
+            return None
+        m = _prepare_method(x_path, x_entry, net, per_epoch, train, sparsities, checker, dry=data["dry"])
         if m is None:
             return None
         resolved.update(dataset=data["config"], method=m, training=train)
@@ -123,6 +136,8 @@ def _prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
         checker.error(path, "missing 'name'")
         return None
     source = checker.attempt(f"{path}.name", DATASETS.get, entry["name"], param="dataset", where="spec")
+    if source is not None and hasattr(source, "token_streams"):
+        return _prepare_text_dataset(path, entry, source, checker)
     if source is None:
         return None
     options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
@@ -169,7 +184,63 @@ def _prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
         return None
     return {"config": {"name": source.name, "options": options, "subset": subset,
                        "validation": validation or 0, "standardize": standardize},
-            "input_shape": tuple(source.input_shape), "n_classes": source.n_classes, "n_train": n_train}
+            "input_shape": tuple(source.input_shape), "n_classes": source.n_classes, "n_train": n_train,
+            "has_val": bool(validation), "dry": {"input_shape": tuple(source.input_shape)}}
+
+
+TEXT_NOT_APPLICABLE = {"validation": "a text dataset has its own validation split (its valid text)",
+                       "standardize": "token ids are not standardised"}
+_TEXT_SIZES: dict[tuple, dict] = {}
+
+
+def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> dict | None:
+    """A text dataset's entry (``vocab_size``, ``seq_len``, ``stride``, ``tokenizer``, ``subset``):
+    loaded once (tokenised and cached on disk) to count its sequences and check the options."""
+    n_errors = len(checker.errors)
+    for key, why in TEXT_NOT_APPLICABLE.items():
+        if entry.get(key):
+            checker.error(f"{path}.{key}", f"does not apply to the text dataset '{source.name}': {why}; remove it")
+    options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
+    unknown = sorted(set(options) - set(source.options))
+    if unknown:
+        valid = ", ".join((*DATASET_KEYS, *source.options))
+        checker.error(f"{path}.{unknown[0]}", f"unknown option for dataset '{source.name}'; valid: {valid}")
+    missing = checker.attempt(path, source.missing_files, None)
+    if missing:
+        checker.error(path, f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
+                            f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
+                            f"run `prunelab data fetch {source.name}`)")
+    if len(checker.errors) > n_errors or missing is None:
+        return None
+    sizes = checker.attempt(path, _text_sizes, source.name, options)
+    if sizes is None:
+        return None
+    subset = entry.get("subset")
+    if subset is not None:
+        if not isinstance(subset, dict) or not set(subset) <= {"n_train", "n_test"}:
+            checker.error(f"{path}.subset", f"must be a mapping with n_train and/or n_test; got {subset!r}")
+            return None
+        for key in ("n_train", "n_test"):
+            if key in subset and checker.number(f"{path}.subset.{key}", subset[key], low=1,
+                                                high=sizes[key], integer=True) is None:
+                return None
+    seq_len = sizes["seq_len"]
+    return {"config": {"name": source.name, "options": options, "subset": subset, "validation": 0,
+                       "standardize": False},
+            "input_shape": (seq_len,), "n_classes": sizes["vocab_size"],
+            "n_train": (subset or {}).get("n_train", sizes["n_train"]), "has_val": True,
+            "dry": {"example_inputs": token_example(seq_len)}}
+
+
+def _text_sizes(name: str, options: dict) -> dict:
+    """Sequences per split, vocabulary and sequence length of a text dataset (memoised per data root)."""
+    from prunelab.data import cache_dir, load_dataset
+    key = (name, tuple(sorted(options.items())), str(data_root()), str(cache_dir()))
+    if key not in _TEXT_SIZES:
+        ds = load_dataset(name, **options)
+        _TEXT_SIZES[key] = {"n_train": len(ds.x_train), "n_test": len(ds.x_test), "vocab_size": ds.vocab_size,
+                            "seq_len": ds.seq_len}
+    return _TEXT_SIZES[key]
 
 
 def load_prepared_dataset(cfg: dict):
@@ -187,11 +258,12 @@ def load_prepared_dataset(cfg: dict):
 # --------------------------------------------------------------- training
 def _prepare_training(path: str, training: dict, override: dict, checker: Checker) -> dict | None:
     n = len(checker.errors)
-    checker.keys("training", training, tuple(TRAINING_DEFAULTS))
+    valid = (*TRAINING_DEFAULTS, *OPTIONAL_TRAINING)
+    checker.keys("training", training, valid)
     if not isinstance(override, dict):
         checker.error(f"{path}.training", f"must be a mapping; got {override!r}")
         return None
-    checker.keys(f"{path}.training", override, tuple(TRAINING_DEFAULTS))
+    checker.keys(f"{path}.training", override, valid)
     train = {**TRAINING_DEFAULTS, **training, **override}
     where = lambda key: f"{path}.training.{key}" if key in override else f"training.{key}"
     checker.number(where("epochs"), train["epochs"], low=0, integer=True)
@@ -205,6 +277,10 @@ def _prepare_training(path: str, training: dict, override: dict, checker: Checke
     if train["retrain_tolerance"] is not None:
         checker.number(where("retrain_tolerance"), train["retrain_tolerance"], low=0.0, high=1.0)
     checker.number(where("eval_every"), train["eval_every"], low=1, integer=True)
+    if train.get("patience") is not None:
+        checker.number(where("patience"), train["patience"], low=1, integer=True)
+    else:
+        train.pop("patience", None)
     if train["optimizer"] not in OPTIMIZERS:
         checker.error(where("optimizer"), f"unknown optimizer {train['optimizer']!r}"
                       f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
@@ -213,7 +289,7 @@ def _prepare_training(path: str, training: dict, override: dict, checker: Checke
 
 # ----------------------------------------------------------------- method
 def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sparsities: list[float],
-                    checker: Checker) -> dict | None:
+                    checker: Checker, dry: dict | None = None) -> dict | None:
     n = len(checker.errors)
     method = {**METHOD_DEFAULTS, **{k: v for k, v in entry.items() if k != "label"}}
     schedule = method["schedule"]
@@ -253,7 +329,8 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
             method.pop("thin")
         else:
             from prunelab.units import Units
-            checker.attempt(f"{path}.thin", Units.of, net, None)
+            example = (dry or {}).get("example_inputs")     # token ids for a language model
+            checker.attempt(f"{path}.thin", Units.of, net, None, example)
     if "distill" in method:       # only when given, so that older runs keep their ids
         distill = _prepare_distill(f"{path}.distill", method["distill"], train, checker)
         if distill is None:
@@ -329,6 +406,32 @@ class _Snapshot(Callback):
             self.state = _params(state.model)
 
 
+class _EarlyStopping(Callback):
+    """Stops training once the validation loss (a language model's log perplexity) has not improved
+    for ``patience`` epochs; :meth:`restore` puts back the weights of the best epoch."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = float("inf")
+        self.state: dict | None = None
+        self.waited = 0
+
+    def on_epoch_end(self, state):
+        loss = state.history[-1].get("val_loss") if state.history else None
+        if loss is None or loss != loss:
+            return
+        if loss < self.best:
+            self.best, self.waited = loss, 0
+            self.state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        else:
+            self.waited += 1
+            state.stop = self.waited >= self.patience
+
+    def restore(self, model) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
 def _params(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -359,9 +462,12 @@ def _dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: b
     if saved is not None:
         return model, saved["history"], saved.get("snapshot"), True
     snapshot = _Snapshot(0 if rewind == "init" else rewind) if rewind is not None else None
+    stopper = _EarlyStopping(train["patience"]) if train.get("patience") else None
     history = fit(model, ds, epochs=train["epochs"], seed=seed,
-                  callbacks=[*([snapshot] if snapshot else []), *callbacks],
+                  callbacks=[*([snapshot] if snapshot else []), *([stopper] if stopper else []), *callbacks],
                   **_train_kwargs(train, method, finetune=False))
+    if stopper is not None:
+        stopper.restore(model)
     save_dense(path, model, history, snapshot.state if snapshot else None)
     return model, history, snapshot.state if snapshot else None, False
 
@@ -370,7 +476,8 @@ def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
     """Where the trained dense model of ``config`` is cached (None without a cache folder)."""
     train, method = config["training"], config["method"]
     key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": config["seed"],
-                  "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method.get("regularizer"),
+                  "dense": {k: train[k] for k in (*DENSE_KEYS, *OPTIONAL_TRAINING) if k in train},
+                  "regularizer": method.get("regularizer"),
                   "layers": method.get("layers"), "rewind": method.get("rewind"), "version": VERSION}
     return Path(cache_dir) / "dense" / f"{digest(key_fields, 20)}.pt" if cache_dir else None
 
@@ -418,10 +525,14 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     model, dense_history, snapshot, cached = _dense_model(config, ds, cache_dir)
     test = (ds.x_test, ds.y_test)
     accuracy_dense = evaluate(model, test)["accuracy"]
+    lm = dense_language_model_metrics(model, ds, train, dense_history) if takes_token_ids(ds) else None
     distill = _distill_kwargs(method, model)          # the teacher: the dense model, copied before pruning
     pruner = make_pruner(config, model, ds, snapshot)
     pruner.update()
-    accuracy_pruned = evaluate(model, test)["accuracy"]
+    pruned = evaluate(model, test)
+    accuracy_pruned = pruned["accuracy"]
+    if lm is not None:
+        lm["perplexity_pruned"] = pruned["perplexity"]
     monitor = None
     if train["retrain_tolerance"] is not None:   # steps until back within tolerance of the dense accuracy
         monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"],
@@ -432,7 +543,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     return {"metrics": prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
                                      thin=bool(method.get("thin")),
                                      accuracy_pruned=accuracy_pruned, cached=cached,
-                                     dense_history=dense_history, monitor=monitor),
+                                     dense_history=dense_history, monitor=monitor, language_model=lm),
             "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]}
 
 
@@ -459,8 +570,9 @@ def thinned_metrics(model, ds) -> dict:
     from prunelab.metrics import measure_latency
     from prunelab.units import thin_dead_units
 
-    small, plan = thin_dead_units(model, ds.input_shape)
-    before, after = (measure_latency(m, ds.input_shape, 64, warmup=5, repeats=30)[0].median_ms
+    dry = dry_run_inputs(ds)
+    small, plan = thin_dead_units(model, **dry)
+    before, after = (measure_latency(m, batch_sizes=64, warmup=5, repeats=30, **dry)[0].median_ms
                      for m in (model, small))
     return {"units_removed": sum(len(v) for v in plan.values()),
             "params_thinned": sum(p.numel() for p in small.parameters()),
@@ -469,13 +581,15 @@ def thinned_metrics(model, ds) -> dict:
 
 
 def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: float, accuracy_pruned: float,
-                  cached: bool, dense_history: list, monitor=None, thin: bool = False) -> dict:
+                  cached: bool, dense_history: list, monitor=None, thin: bool = False,
+                  language_model: dict | None = None) -> dict:
     """The metrics a prune run stores, from its final model and Pruner (with ``thin``, also
-    those of :func:`thinned_metrics`)."""
+    those of :func:`thinned_metrics`; for a language model, also test ``perplexity`` and
+    ``val_perplexity``, with the dense and just-pruned ones in ``language_model``)."""
     from prunelab.metrics import summary
     test = (ds.x_test, ds.y_test)
     final = evaluate(model, test)
-    stats = summary(model, ds.input_shape).total
+    stats = summary(model, **dry_run_inputs(ds)).total
     weights = torch.cat([t.weight.detach().flatten() for t in pruner.targets])
     nonzero = weights[weights != 0]
     bound = float(nonzero.abs().max()) if len(nonzero) else 1.0
@@ -504,7 +618,25 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
         metrics["solve_seconds"] = sum(r.totals()["solve_seconds"] for r in reports)
         metrics["layer_reports"] = [[row.as_dict() for row in r] for r in reports]
     if ds.x_val is not None:
-        metrics["val_accuracy"] = evaluate(model, (ds.x_val, ds.y_val))["accuracy"]
+        val = evaluate(model, (ds.x_val, ds.y_val))
+        metrics["val_accuracy"] = val["accuracy"]
         metrics["val_accuracy_dense"] = next((h["val_accuracy"] for h in reversed(dense_history)
                                               if "val_accuracy" in h), None)
+        if "perplexity" in val:
+            metrics["val_perplexity"] = val["perplexity"]
+    if "perplexity" in final:
+        metrics.update(perplexity=final["perplexity"], tokens=final["tokens"], **(language_model or {}))
     return metrics
+
+
+def dense_language_model_metrics(model, ds, train: dict, dense_history: list) -> dict:
+    """A dense language model's perplexities before pruning (test, and validation when the dataset
+    has a validation split); with early stopping, the epoch it kept and the epochs it trained."""
+    dense = {"perplexity_dense": evaluate(model, (ds.x_test, ds.y_test))["perplexity"]}
+    if ds.x_val is not None:
+        dense["val_perplexity_dense"] = evaluate(model, (ds.x_val, ds.y_val))["perplexity"]
+    if train.get("patience"):
+        losses = [(h["val_loss"], i + 1) for i, h in enumerate(dense_history) if "val_loss" in h]
+        if losses:
+            dense.update(dense_best_epoch=min(losses)[1], dense_epochs=len(dense_history))
+    return dense
