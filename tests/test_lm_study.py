@@ -90,3 +90,66 @@ def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
     by_method = {r.method: r.metrics["perplexity"] for r in records}
     assert [c.mean for c in cells] == pytest.approx([by_method[m] for m in table.column_labels])
     assert table.title.startswith("perplexity")
+
+
+def test_lm_runs_stay_single_with_a_reason_and_patience_is_checked(pydocs):
+    from prunelab.engine.harness import why_not_batched
+    from prunelab.experiments.study import plan_jobs
+    study = build_study(lm_spec(training={"epochs": 3, "finetune_epochs": 0, "patience": 1}))
+    configs = [run.config for run in study.runs]
+    assert all(c["training"]["patience"] == 1 for c in configs)
+    assert "early stopping" in why_not_batched(configs[0])
+    no_patience = build_study(lm_spec()).runs[0].config
+    assert "patience" not in no_patience["training"]               # older runs keep their ids
+    assert "text dataset" in why_not_batched(no_patience)
+    with pytest.raises(ValueError, match=r"training\.patience"):
+        build_study(lm_spec(training={"epochs": 1, "patience": 0}))
+    with pytest.raises(ValueError, match="validation split"):
+        build_study(lm_spec(datasets=["digits"], models=[{"name": "mlp", "hidden": [8]}],
+                            training={"epochs": 1, "patience": 2}))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({**DATASET, "validation": 0.1}, "own validation split"),
+    ({**DATASET, "standardize": True}, "not standardised"),
+    ({**DATASET, "seqlen": 8}, "unknown option"),
+    ({**DATASET, "vocab_size": 10}, "vocab_size"),
+    ({**DATASET, "subset": {"n_train": 10**7}}, "subset.n_train"),
+])
+def test_text_dataset_entries_are_validated(pydocs, entry, message):
+    with pytest.raises(ValueError, match=message):
+        build_study(lm_spec(datasets=[entry]))
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, pydocs):
+    spec = lm_spec(methods=[{"label": "magnitude"}],
+                   training={"epochs": 6, "finetune_epochs": 0, "batch_size": 32, "optimizer": "adam",
+                             "lr": 0.05, "patience": 1})
+    run_study(build_study(spec), tmp_path / "es.db", progress=False)
+    with Store(tmp_path / "es.db") as store:
+        (record,) = store.records()
+    m = record.metrics
+    dense = [row for row in record.curve if row["phase"] == "dense"] if record.curve else None
+    assert 1 <= m["dense_best_epoch"] <= m["dense_epochs"] <= 6
+    if dense is not None:
+        losses = [row["val_loss"] for row in dense]
+        assert m["dense_best_epoch"] == 1 + losses.index(min(losses))
+        assert m["val_perplexity_dense"] == pytest.approx(math.exp(min(losses)), rel=1e-5)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement_and_restores_the_best():
+    from prunelab.experiments.prune_task import _EarlyStopping
+    from prunelab.training import TrainState
+    model = torch.nn.Linear(2, 2)
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    stopper = _EarlyStopping(patience=2)
+    for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.1, 1.0]):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        state.history.append({"epoch": epoch, "val_loss": val_loss})
+        stopper.on_epoch_end(state)
+        if state.stop:
+            break
+    assert epoch == 3                       # epochs 2 and 3 did not beat epoch 1's 2.0
+    stopper.restore(model)
+    assert torch.all(model.weight == 1)     # the weights of the best epoch
