@@ -153,3 +153,37 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement_and_rest
     assert epoch == 3                       # epochs 2 and 3 did not beat epoch 1's 2.0
     stopper.restore(model)
     assert torch.all(model.weight == 1)     # the weights of the best epoch
+
+
+TINY_GPT_ARGS = ["--model", "gpt", "--model-arg", "d_model=32", "--model-arg", "n_layers=1", "--model-arg", "n_heads=2",
+                 "--dataset", "pydocs", "--dataset-arg", "vocab_size=256", "--dataset-arg", "seq_len=32"]
+
+
+def test_cli_prune_trains_prunes_and_reports_perplexity(tmp_path, pydocs, capsys):
+    out = tmp_path / "r.json"
+    code = main(["prune", *TINY_GPT_ARGS, "--sparsity", "0.5", "--criterion", "obs-fast", "--calibration", "32",
+                 "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32", "--optimizer", "adam",
+                 "--lr", "0.003", "--quiet", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test perplexity: dense" in printed and "token accuracy" in printed
+    result = json.loads(out.read_text())
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert 1 < result["perplexity_dense"] < result["perplexity_after_first_prune"]
+    assert result["perplexity_final"] < result["perplexity_after_first_prune"]   # fine-tuning recovers
+
+
+def test_cli_summary_of_a_language_model_counts_flops_on_token_ids(capsys):
+    code = main(["summary", *TINY_GPT_ARGS])
+    assert code == 0
+    assert "total" in capsys.readouterr().out
+    assert main(["summary", *TINY_GPT_ARGS, "--dataset-arg", "sequence=3"]) == 2
+    assert "not an option of dataset 'pydocs'" in capsys.readouterr().err
+
+
+def test_cli_units_removes_heads_of_a_language_model(pydocs, capsys):
+    code = main(["units", *TINY_GPT_ARGS, "--method", "norm", "--fraction", "0.5", "--epochs", "1",
+                 "--calibration", "16", "--batch-size", "32", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "units (norm)" in printed
