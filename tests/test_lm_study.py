@@ -51,7 +51,9 @@ GPT = {"name": "gpt", "d_model": 32, "n_layers": 1, "n_heads": 2}
 
 def lm_spec(**changes) -> dict:
     spec = {"name": "lm", "datasets": [DATASET], "models": [GPT],
-            "methods": [{"label": "magnitude"}, {"label": "obs-fast", "criterion": "obs-fast", "calibration": 64}],
+            "methods": [{"label": "magnitude"},
+                        {"label": "obs-fast", "criterion": "obs-fast", "calibration": 64,
+                         "latency": {"batch_sizes": [1, 4], "rounds": 1, "min_sparsity": 0.4}}],
             "sparsities": [0.5], "seeds": 1,
             "training": {"epochs": 1, "finetune_epochs": 0, "batch_size": 32, "optimizer": "adam", "lr": 3e-3},
             "outputs": {"tables": [{"rows": "sparsity", "columns": "method", "metric": "perplexity"}]}}
@@ -86,6 +88,11 @@ def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
         assert m["val_perplexity"] > 1 and m["val_perplexity_dense"] > 1
         assert m["tokens"] == ds.x_test.numel() and 0 < m["accuracy"] < 1
         assert m["flops"] < m["flops_dense"] and m["nonzero_params"] < m["params"]
+    timed = {r.method: r.metrics for r in records}["obs-fast"]
+    assert set(timed["latency"]["median_ms"]) == {"dense", "sparse", "thinned"}
+    assert timed["latency_ms_b4"] > 0 and timed["sparse_speedup_b1"] > 0
+    assert timed["latency"]["max_abs_diff"]["sparse"] < 1e-4       # CSR layers compute the same outputs
+    assert "latency_ms_b1" not in {r.method: r.metrics for r in records}["magnitude"]
     _, cells = table.rows[0]
     by_method = {r.method: r.metrics["perplexity"] for r in records}
     assert [c.mean for c in cells] == pytest.approx([by_method[m] for m in table.column_labels])
@@ -119,6 +126,18 @@ def test_lm_runs_stay_single_with_a_reason_and_patience_is_checked(pydocs):
 def test_text_dataset_entries_are_validated(pydocs, entry, message):
     with pytest.raises(ValueError, match=message):
         build_study(lm_spec(datasets=[entry]))
+
+
+@pytest.mark.parametrize("latency, message", [
+    ("yes", "must be true or a mapping"),
+    ({"batch_sizes": [0]}, r"latency\.batch_sizes\[0\]"),
+    ({"batch_sizes": 8}, "non-empty list"),
+    ({"min_sparsity": 1.5}, "min_sparsity"),
+    ({"repeats": 3}, "repeats"),
+])
+def test_latency_option_is_validated(pydocs, latency, message):
+    with pytest.raises(ValueError, match=message):
+        build_study(lm_spec(methods=[{"label": "m", "latency": latency}]))
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path, pydocs):

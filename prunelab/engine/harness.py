@@ -43,6 +43,8 @@ def why_not_batched(config: dict) -> str | None:
         return "distillation (the engine trains without a teacher)"
     if config["dataset"].get("validation"):
         return "a validation split (evaluated every epoch on one model at a time)"
+    if method.get("latency"):
+        return "latency measurement (one model at a time)"
     if train.get("patience") is not None:
         return "early stopping (training.patience: each model stops at its own epoch)"
     name = config["dataset"]["name"]

@@ -44,7 +44,7 @@ from prunelab.training import OPTIMIZERS, Callback, RecoveryMonitor, evaluate, f
 DATASET_KEYS = ("name", "label", "subset", "validation", "standardize", "training")
 MODEL_KEYS = ("name", "label")
 METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
-               "regularizer", "rewind", "layers", "calibration", "training", "thin", "distill")
+               "regularizer", "rewind", "layers", "calibration", "training", "thin", "distill", "latency")
 TRAINING_DEFAULTS = {"epochs": 10, "finetune_epochs": 5, "batch_size": 64, "lr": 0.05,
                      "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
                      "retrain_tolerance": None, "eval_every": 50}
@@ -53,6 +53,7 @@ METHOD_DEFAULTS = {"criterion": "magnitude", "granularity": "weight", "scope": "
                    "rewind": None, "layers": None, "calibration": 1024}
 EPOCH_KEYS = {"start_epochs": "start", "every_epochs": "every", "at_epochs": "at"}
 DISTILL_DEFAULTS = {"weight": 0.5, "temperature": 2.0}
+LATENCY_DEFAULTS = {"batch_sizes": [1, 64], "min_sparsity": 0.5, "threads": 1, "rounds": 5}
 DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
 OPTIONAL_TRAINING = ("patience",)   # resolved only when given, so that older runs keep their ids
 HISTOGRAM_BINS = 80
@@ -337,6 +338,12 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
             method.pop("distill")
         else:
             method["distill"] = distill
+    if "latency" in method:       # only when given, so that older runs keep their ids
+        latency = _prepare_latency(f"{path}.latency", method["latency"], checker)
+        if latency is None:
+            method.pop("latency")
+        else:
+            method["latency"] = latency
     rewind = method["rewind"]
     dense_steps = train["epochs"] * per_epoch
     if rewind is not None and rewind != "init":
@@ -387,6 +394,31 @@ def _prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | 
         checker.error(path, "distils from the dense model during fine-tuning, but training.finetune_epochs is 0; "
                             "give the fine-tuning phase some epochs or remove 'distill'")
     return distill
+
+
+def _prepare_latency(path: str, value, checker: Checker) -> dict | None:
+    """A method's ``latency``: ``true`` (the defaults), ``false``/null (none) or a mapping with
+    ``batch_sizes`` (a list of ints ≥ 1), ``min_sparsity`` in [0, 1], ``threads`` ≥ 1, ``rounds`` ≥ 1."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        checker.error(path, f"must be true or a mapping {{batch_sizes: [1, 64], min_sparsity: 0.5, threads: 1, "
+                            f"rounds: 5}}; got {value!r}")
+        return None
+    checker.keys(path, value, tuple(LATENCY_DEFAULTS))
+    latency = {**LATENCY_DEFAULTS, **value}
+    sizes = latency["batch_sizes"]
+    if not isinstance(sizes, list) or not sizes:
+        checker.error(f"{path}.batch_sizes", f"must be a non-empty list of batch sizes; got {sizes!r}")
+    else:
+        for i, size in enumerate(sizes):
+            checker.number(f"{path}.batch_sizes[{i}]", size, low=1, integer=True, param="batch_sizes")
+    checker.number(f"{path}.min_sparsity", latency["min_sparsity"], low=0.0, high=1.0)
+    checker.number(f"{path}.threads", latency["threads"], low=1, integer=True)
+    checker.number(f"{path}.rounds", latency["rounds"], low=1, integer=True)
+    return latency
 
 
 # ---------------------------------------------------------------- running
@@ -541,7 +573,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
                   callbacks=[monitor] if monitor else (), **distill,
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
     return {"metrics": prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
-                                     thin=bool(method.get("thin")),
+                                     thin=bool(method.get("thin")), latency=method.get("latency"),
                                      accuracy_pruned=accuracy_pruned, cached=cached,
                                      dense_history=dense_history, monitor=monitor, language_model=lm),
             "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]}
@@ -580,9 +612,27 @@ def thinned_metrics(model, ds) -> dict:
             "measured_speedup": before / after}
 
 
+def latency_metrics(model, ds, options: dict) -> dict:
+    """Measured forward latency of the final model (``prunelab.inference_latency``, median ms over
+    ``rounds`` interleaved rounds): ``latency_ms_b<B>`` as it is (zeros stored and multiplied: the
+    dense model's cost), ``latency_sparse_ms_b<B>`` with every Linear at ``min_sparsity`` or more as
+    a CSR ``SparseLinear``, their ratio ``sparse_speedup_b<B>``, and the full result under ``latency``."""
+    from prunelab.sparse import inference_latency
+
+    result = inference_latency(model, **dry_run_inputs(ds), min_sparsity=options["min_sparsity"],
+                               batch_sizes=tuple(options["batch_sizes"]), threads=options["threads"],
+                               rounds=options["rounds"])
+    out = {"latency": result.to_dict()}
+    for size in options["batch_sizes"]:
+        out.update({f"latency_ms_b{size}": result.median_ms["dense"][size],
+                    f"latency_sparse_ms_b{size}": result.median_ms["sparse"][size],
+                    f"sparse_speedup_b{size}": result.speedup("sparse", size)})
+    return out
+
+
 def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: float, accuracy_pruned: float,
                   cached: bool, dense_history: list, monitor=None, thin: bool = False,
-                  language_model: dict | None = None) -> dict:
+                  language_model: dict | None = None, latency: dict | None = None) -> dict:
     """The metrics a prune run stores, from its final model and Pruner (with ``thin``, also
     those of :func:`thinned_metrics`; for a language model, also test ``perplexity`` and
     ``val_perplexity``, with the dense and just-pruned ones in ``language_model``)."""
@@ -609,6 +659,8 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
     }
     if thin:
         metrics.update(thinned_metrics(model, ds))
+    if latency:
+        metrics.update(latency_metrics(model, ds, latency))
     if monitor is not None:
         metrics["retrain_steps"] = monitor.steps_to_recover
         metrics["retrain_curve"] = monitor.curve
