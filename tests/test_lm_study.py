@@ -157,12 +157,13 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, pydocs):
     with Store(tmp_path / "es.db") as store:
         (record,) = store.records()
     m = record.metrics
-    dense = [row for row in record.curve if row["phase"] == "dense"] if record.curve else None
-    assert 1 <= m["dense_best_epoch"] <= m["dense_epochs"] <= 6
-    if dense is not None:
-        losses = [row["val_loss"] for row in dense]
-        assert m["dense_best_epoch"] == 1 + losses.index(min(losses))
-        assert m["val_perplexity_dense"] == pytest.approx(math.exp(min(losses)), rel=1e-5)
+    dense = [row for row in record.curve if row["phase"] == "dense"]
+    assert len(dense) == m["dense_epochs"] and 1 <= m["dense_best_epoch"] <= m["dense_epochs"] <= 6
+    losses = [row["val_loss"] for row in dense]
+    assert m["dense_best_epoch"] == 1 + losses.index(min(losses))
+    # the kept model is the best epoch's: its validation perplexity is that epoch's
+    assert m["val_perplexity_dense"] == pytest.approx(math.exp(min(losses)), rel=1e-5)
+    assert m["val_accuracy_dense"] == dense[m["dense_best_epoch"] - 1]["val_accuracy"]
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement_and_restores_the_best():

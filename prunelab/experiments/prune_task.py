@@ -236,7 +236,7 @@ def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> d
 def _text_sizes(name: str, options: dict) -> dict:
     """Sequences per split, vocabulary and sequence length of a text dataset (memoised per data root)."""
     from prunelab.data import cache_dir, load_dataset
-    key = (name, tuple(sorted(options.items())), str(data_root()), str(cache_dir()))
+    key = (name, repr(sorted(options.items())), str(data_root()), str(cache_dir()))
     if key not in _TEXT_SIZES:
         ds = load_dataset(name, **options)
         _TEXT_SIZES[key] = {"n_train": len(ds.x_train), "n_test": len(ds.x_test), "vocab_size": ds.vocab_size,
@@ -572,10 +572,14 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
                   callbacks=[monitor] if monitor else (), **distill,
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
-    return {"metrics": prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
-                                     thin=bool(method.get("thin")), latency=method.get("latency"),
-                                     accuracy_pruned=accuracy_pruned, cached=cached,
-                                     dense_history=dense_history, monitor=monitor, language_model=lm),
+    metrics = prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
+                            thin=bool(method.get("thin")), latency=method.get("latency"),
+                            accuracy_pruned=accuracy_pruned, cached=cached,
+                            dense_history=dense_history, monitor=monitor, language_model=lm)
+    if train.get("patience") and metrics.get("val_accuracy_dense") is not None:   # the epoch kept, not the last
+        best = min((h for h in dense_history if "val_loss" in h), key=lambda h: h["val_loss"])
+        metrics["val_accuracy_dense"] = best["val_accuracy"]
+    return {"metrics": metrics,
             "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]}
 
 
