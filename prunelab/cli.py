@@ -255,7 +255,8 @@ def cmd_prune(args) -> int:
                       perplexity_final=scores[2]["perplexity"])
         print(f"\ntest perplexity: dense {scores[0]['perplexity']:.2f} -> right after the first prune "
               f"{scores[1]['perplexity']:.2f} -> after {args.finetune_epochs} epochs {scores[2]['perplexity']:.2f}")
-    print(f"\n{'token accuracy' if 'perplexity' in scores[0] else 'accuracy'}: dense {before:.4f} -> right after the first prune (sparsity {first_sparsity:.3f}) "
+    what = "token accuracy" if "perplexity" in scores[0] else "accuracy"
+    print(f"\n{what}: dense {before:.4f} -> right after the first prune (sparsity {first_sparsity:.3f}) "
           f"{right_after:.4f} -> "
           f"after {args.finetune_epochs} epochs {after:.4f}; sparsity {stats.total.sparsity:.4f}, "
           f"compression {stats.total.compression:.2f}x, theoretical speedup {stats.total.speedup:.2f}x")
@@ -454,7 +455,7 @@ def _index_bits(value: str):
 
 
 def cmd_summary(args) -> int:
-    from prunelab.data import DATASETS, dataset_info
+    from prunelab.data import DATASETS
     from prunelab.metrics import summary
     from prunelab.models import build_model
 

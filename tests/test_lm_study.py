@@ -115,6 +115,7 @@ def test_lm_runs_stay_single_with_a_reason_and_patience_is_checked(pydocs):
     configs = [run.config for run in study.runs]
     assert all(c["training"]["patience"] == 1 for c in configs)
     assert "early stopping" in why_not_batched(configs[0])
+    assert all(not job.group for job in plan_jobs(study.runs))     # the batched engine: one run at a time
     no_patience = build_study(lm_spec()).runs[0].config
     assert "patience" not in no_patience["training"]               # older runs keep their ids
     assert "text dataset" in why_not_batched(no_patience)
@@ -131,6 +132,8 @@ def test_lm_runs_stay_single_with_a_reason_and_patience_is_checked(pydocs):
     ({**DATASET, "seqlen": 8}, "unknown option"),
     ({**DATASET, "vocab_size": 10}, "vocab_size"),
     ({**DATASET, "subset": {"n_train": 10**7}}, "subset.n_train"),
+    ({**DATASET, "subset": {"n_val": 10**7}}, "subset.n_val"),
+    ({**DATASET, "subset": {"n_valid": 5}}, "n_train, n_test and/or n_val"),
 ])
 def test_text_dataset_entries_are_validated(pydocs, entry, message):
     with pytest.raises(ValueError, match=message):
@@ -150,7 +153,7 @@ def test_latency_option_is_validated(pydocs, latency, message):
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path, pydocs):
-    spec = lm_spec(methods=[{"label": "magnitude"}],
+    spec = lm_spec(methods=[{"label": "magnitude"}], datasets=[{**DATASET, "subset": {"n_val": 30}}],
                    training={"epochs": 6, "finetune_epochs": 0, "batch_size": 32, "optimizer": "adam",
                              "lr": 0.05, "patience": 1})
     run_study(build_study(spec), tmp_path / "es.db", progress=False)

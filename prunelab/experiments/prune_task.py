@@ -218,10 +218,11 @@ def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> d
         return None
     subset = entry.get("subset")
     if subset is not None:
-        if not isinstance(subset, dict) or not set(subset) <= {"n_train", "n_test"}:
-            checker.error(f"{path}.subset", f"must be a mapping with n_train and/or n_test; got {subset!r}")
+        if not isinstance(subset, dict) or not set(subset) <= {"n_train", "n_test", "n_val"}:
+            checker.error(f"{path}.subset", f"must be a mapping with n_train, n_test and/or n_val (sequences); "
+                                            f"got {subset!r}")
             return None
-        for key in ("n_train", "n_test"):
+        for key in ("n_train", "n_test", "n_val"):
             if key in subset and checker.number(f"{path}.subset.{key}", subset[key], low=1,
                                                 high=sizes[key], integer=True) is None:
                 return None
@@ -239,8 +240,8 @@ def _text_sizes(name: str, options: dict) -> dict:
     key = (name, repr(sorted(options.items())), str(data_root()), str(cache_dir()))
     if key not in _TEXT_SIZES:
         ds = load_dataset(name, **options)
-        _TEXT_SIZES[key] = {"n_train": len(ds.x_train), "n_test": len(ds.x_test), "vocab_size": ds.vocab_size,
-                            "seq_len": ds.seq_len}
+        _TEXT_SIZES[key] = {"n_train": len(ds.x_train), "n_test": len(ds.x_test), "n_val": len(ds.x_val),
+                            "vocab_size": ds.vocab_size, "seq_len": ds.seq_len}
     return _TEXT_SIZES[key]
 
 
@@ -248,7 +249,8 @@ def load_prepared_dataset(cfg: dict):
     from prunelab.data import load_dataset
     ds = load_dataset(cfg["name"], **cfg["options"])
     if cfg.get("subset"):
-        ds = ds.subset(n_train=cfg["subset"].get("n_train"), n_test=cfg["subset"].get("n_test"), seed=0)
+        n_val = {"n_val": cfg["subset"]["n_val"]} if "n_val" in cfg["subset"] else {}   # text datasets only
+        ds = ds.subset(n_train=cfg["subset"].get("n_train"), n_test=cfg["subset"].get("n_test"), seed=0, **n_val)
     if cfg.get("validation"):
         ds = ds.with_validation(cfg["validation"], seed=0)
     if cfg.get("standardize"):
@@ -556,8 +558,9 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     method, train, seed = config["method"], config["training"], config["seed"]
     model, dense_history, snapshot, cached = _dense_model(config, ds, cache_dir)
     test = (ds.x_test, ds.y_test)
-    accuracy_dense = evaluate(model, test)["accuracy"]
-    lm = dense_language_model_metrics(model, ds, train, dense_history) if takes_token_ids(ds) else None
+    dense = evaluate(model, test)
+    accuracy_dense = dense["accuracy"]
+    lm = dense_language_model_metrics(model, ds, train, dense, dense_history) if takes_token_ids(ds) else None
     distill = _distill_kwargs(method, model)          # the teacher: the dense model, copied before pruning
     pruner = make_pruner(config, model, ds, snapshot)
     pruner.update()
@@ -685,10 +688,11 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
     return metrics
 
 
-def dense_language_model_metrics(model, ds, train: dict, dense_history: list) -> dict:
-    """A dense language model's perplexities before pruning (test, and validation when the dataset
-    has a validation split); with early stopping, the epoch it kept and the epochs it trained."""
-    dense = {"perplexity_dense": evaluate(model, (ds.x_test, ds.y_test))["perplexity"]}
+def dense_language_model_metrics(model, ds, train: dict, test: dict, dense_history: list) -> dict:
+    """A dense language model's perplexities before pruning (``test``: its evaluation on the test
+    split; validation when the dataset has a validation split); with early stopping, the epoch it
+    kept and the epochs it trained."""
+    dense = {"perplexity_dense": test["perplexity"]}
     if ds.x_val is not None:
         dense["val_perplexity_dense"] = evaluate(model, (ds.x_val, ds.y_val))["perplexity"]
     if train.get("patience"):
