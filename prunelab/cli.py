@@ -64,8 +64,9 @@ def _user_model(args, where: str):
         raise ValueError(f"{where}: --model {args.model} (your own model) needs --example-input, e.g. "
                          f"{', '.join(cli_model.FORMS)}.")
     cli_model.parse_example_input(args.example_input)
-    if getattr(args, "dataset", None) is not None:
-        raise ValueError(f"{where}: --dataset is for registry models; a model from --model package.module:factory "
+    if getattr(args, "dataset", None) is not None or getattr(args, "dataset_arg", None):
+        flag = "--dataset" if getattr(args, "dataset", None) is not None else "--dataset-arg"
+        raise ValueError(f"{where}: {flag} is for registry models; a model from --model package.module:factory "
                          f"is pruned without data here (use the Python API, prunelab.prune(model, ..., data=...), "
                          f"for data-driven criteria and training).")
     model = cli_model.build_user_model(args.model, _key_values(args.model_arg, "--model-arg"))
@@ -205,7 +206,7 @@ def _schedule(args, per_epoch: int):
 def cmd_prune(args) -> int:
     import torch
 
-    from prunelab.data import load_dataset
+    from prunelab.data import dry_run_inputs, load_dataset
     from prunelab.metrics import summary
     from prunelab.models import build_model
     from prunelab.pruning import Pruner
@@ -219,7 +220,7 @@ def cmd_prune(args) -> int:
     for flag, value in (("--epochs", args.epochs), ("--finetune-epochs", args.finetune_epochs)):
         check_number(flag, value, where="prunelab prune", low=0, integer=True)
     model_args = _key_values(args.model_arg, "--model-arg")
-    ds = load_dataset(args.dataset, root=args.data_root)
+    ds = load_dataset(args.dataset, root=args.data_root, **_key_values(args.dataset_arg, "--dataset-arg"))
     model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
     per_epoch = steps_per_epoch(len(ds.y_train), args.batch_size)
     schedule = _schedule(args, per_epoch)
@@ -239,13 +240,14 @@ def cmd_prune(args) -> int:
     _check_outputs(args, "prunelab prune")
 
     fit(model, ds, epochs=args.epochs, **train_kw)
-    before = evaluate(model, ds)["accuracy"]
+    scores = [evaluate(model, ds)]
     pruner.update()
     first_sparsity = pruner.sparsity()
-    right_after = evaluate(model, ds)["accuracy"]
+    scores.append(evaluate(model, ds))
     fit(model, ds, epochs=args.finetune_epochs, pruner=pruner, **train_kw)
-    after = evaluate(model, ds)["accuracy"]
-    stats = summary(model, ds.input_shape)
+    scores.append(evaluate(model, ds))
+    before, right_after, after = (s["accuracy"] for s in scores)
+    stats = summary(model, **dry_run_inputs(ds))
     print(stats)
     result = {"dataset": ds.name, "model": model.config, "criterion": args.criterion,
               "granularity": args.granularity, "scope": pruner.scope.name, "schedule": repr(schedule),
@@ -254,7 +256,13 @@ def cmd_prune(args) -> int:
               "accuracy_final": after, "sparsity": stats.total.sparsity,
               "compression": stats.total.compression, "speedup": stats.total.speedup,
               "epochs": args.epochs, "finetune_epochs": args.finetune_epochs}
-    print(f"\naccuracy: dense {before:.4f} -> right after the first prune (sparsity {first_sparsity:.3f}) "
+    if "perplexity" in scores[0]:             # a language model: token accuracy, and perplexity
+        result.update(perplexity_dense=scores[0]["perplexity"], perplexity_after_first_prune=scores[1]["perplexity"],
+                      perplexity_final=scores[2]["perplexity"])
+        print(f"\ntest perplexity: dense {scores[0]['perplexity']:.2f} -> right after the first prune "
+              f"{scores[1]['perplexity']:.2f} -> after {args.finetune_epochs} epochs {scores[2]['perplexity']:.2f}")
+    what = "token accuracy" if "perplexity" in scores[0] else "accuracy"
+    print(f"\n{what}: dense {before:.4f} -> right after the first prune (sparsity {first_sparsity:.3f}) "
           f"{right_after:.4f} -> "
           f"after {args.finetune_epochs} epochs {after:.4f}; sparsity {stats.total.sparsity:.4f}, "
           f"compression {stats.total.compression:.2f}x, theoretical speedup {stats.total.speedup:.2f}x")
@@ -276,7 +284,7 @@ def cmd_units(args) -> int:
     import torch
 
     from prunelab import units
-    from prunelab.data import load_dataset
+    from prunelab.data import dry_run_inputs, load_dataset
     from prunelab.metrics import measure_latency, summary
     from prunelab.models import build_model
     from prunelab.training import evaluate, fit
@@ -300,12 +308,13 @@ def cmd_units(args) -> int:
         check_number(flag, value, where=where, low=1 if flag == "--calibration" else 0, integer=True)
     model_args = _key_values(args.model_arg, "--model-arg")
     _check_outputs(args, where)
-    ds = load_dataset(args.dataset, root=args.data_root)
+    ds = load_dataset(args.dataset, root=args.data_root, **_key_values(args.dataset_arg, "--dataset-arg"))
+    dry = dry_run_inputs(ds)          # the input shape, or one sequence of token ids for a language model
     model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
     if args.weights:               # before finding the units: a thinned file rebuilds a thinner model
         model = _load_weights(model, args.weights)
     layers = args.layers[0] if args.layers and len(args.layers) == 1 else (args.layers or "all")
-    found = units.Units.of(model, ds.input_shape)
+    found = units.Units.of(model, **dry)
     units.select_layers(found.layers, layers, where=where)
     train_kw = dict(batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, seed=args.seed,
                     progress=not args.quiet and sys.stderr.isatty())
@@ -320,7 +329,7 @@ def cmd_units(args) -> int:
     masked_accuracy = evaluate(masked, ds)["accuracy"]
     thinned = units.thin(masked, result)
     thinned_accuracy = evaluate(thinned, ds)["accuracy"]
-    before, after = summary(model, ds.input_shape), summary(thinned, ds.input_shape)
+    before, after = summary(model, **dry), summary(thinned, **dry)
     shapes = ", ".join(f"{name} {found_units.n_units}->{found_units.n_units - len(result.plan.get(name, []))}"
                        for name, found_units in ((u.name, u) for u in found.layers))
     theoretical = before.total.flops_dense / after.total.flops
@@ -340,7 +349,7 @@ def cmd_units(args) -> int:
     if args.latency:
         rows = []
         for label, net in (("masked", masked), ("thinned", thinned)):
-            for r in measure_latency(net, ds.input_shape, (1, 64), threads=args.threads):
+            for r in measure_latency(net, batch_sizes=(1, 64), threads=args.threads, **dry):
                 rows.append((label, r))
         median = {(label, r.batch_size): r.median_ms for label, r in rows}
         print(f"latency, median of 50 calls, {rows[0][1].threads} thread(s):")
@@ -451,7 +460,7 @@ def _index_bits(value: str):
 
 
 def cmd_summary(args) -> int:
-    from prunelab.data import DATASETS, dataset_info
+    from prunelab.data import DATASETS
     from prunelab.metrics import summary
     from prunelab.models import build_model
 
@@ -464,18 +473,41 @@ def cmd_summary(args) -> int:
         return _summary_user(args, where)
     _registry_only(args, where)
     model_args = _key_values(args.model_arg, "--model-arg")
-    info = dataset_info(DATASETS.canonical(args.dataset, param="dataset", where=where))
-    input_shape = tuple(info["input_shape"])
-    model = build_model(args.model, input_shape=input_shape, n_classes=info["n_classes"], **model_args)
+    name = DATASETS.canonical(args.dataset, param="dataset", where=where)
+    input_shape, n_classes, dry = _dataset_shape(name, _key_values(args.dataset_arg, "--dataset-arg"), where)
+    model = build_model(args.model, input_shape=input_shape, n_classes=n_classes, **model_args)
     if args.weights:
         model = _load_weights(model, args.weights)
-    stats = summary(model, input_shape)
+    stats = summary(model, **dry)
     print(stats.to_markdown() if args.markdown else stats)
     if args.latency:
         from prunelab.sparse import inference_latency
 
-        print(f"\n{inference_latency(model, input_shape, min_sparsity=args.min_sparsity, threads=args.threads)}")
+        print(f"\n{inference_latency(model, min_sparsity=args.min_sparsity, threads=args.threads, **dry)}")
     return 0
+
+
+def _dataset_shape(name: str, options: dict, where: str) -> tuple[tuple[int, ...], int, dict]:
+    """``(input_shape, n_classes, dry-run inputs)`` of a registry dataset without loading it: a text
+    dataset's from its ``seq_len`` and ``vocab_size`` options (token ids of id 0), another's from its info."""
+    from prunelab.data import DATASETS, dataset_info
+    from prunelab.data.examples import token_example
+    source = DATASETS.get(name)
+    unknown = sorted(set(options) - set(source.options))
+    if unknown:
+        raise ValueError(f"{where}: --dataset-arg {unknown[0]} is not an option of dataset '{name}'; valid: "
+                         f"{', '.join(source.options) or 'none'}.")
+    if not hasattr(source, "token_streams"):
+        if options:
+            raise ValueError(f"{where}: --dataset-arg does not change the input shape of dataset '{name}'; "
+                             f"leave it out.")
+        info = dataset_info(name)
+        return tuple(info["input_shape"]), info["n_classes"], {"input_shape": tuple(info["input_shape"])}
+    from prunelab.data.text import DEFAULT_SEQ_LEN, DEFAULT_VOCAB
+    seq_len = check_number("seq_len", options.get("seq_len", DEFAULT_SEQ_LEN), where=where, low=1, integer=True)
+    vocab = check_number("vocab_size", options.get("vocab_size") or DEFAULT_VOCAB, where=where, low=2,
+                         integer=True)
+    return (seq_len,), vocab, {"example_inputs": token_example(seq_len)}
 
 
 def _summary_user(args, where: str) -> int:
@@ -518,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
     p.set_defaults(dataset_default="digits")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
+                   help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
     p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
     p.add_argument("--sparsity", type=float, default=0.9)
@@ -552,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
     p.set_defaults(dataset_default="digits")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
+                   help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
     p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
     p.add_argument("--method", default="bp_abs_mrs", help="one of the 12: rand, norm, rs, abs_rs, mrs, abs_mrs, "
@@ -599,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default mnist)")
     p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
     p.set_defaults(dataset_default="mnist")
+    p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
+                   help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--weights", default=None, help="a file written by prunelab prune --save")
     p.add_argument("--markdown", action="store_true")

@@ -101,12 +101,14 @@ def test_shipped_specs_validate(path, quick, capsys):
 
 
 def _skip_without_data(path):
-    needs = {"quickstart": None, "study-b": "fashion-mnist"}.get(path.stem, "mnist")
+    needs = {"quickstart": None, "study-b": "fashion-mnist", "study-f-quick": "pydocs"}.get(path.stem, "mnist")
     if needs and DATASETS.get(needs).missing_files():
         pytest.skip(f"{needs} files absent (set PRUNELAB_DATA)")
 
 
-STUDIES = [p for p in SPECS if p.stem.startswith("study-")]
+# language models on pydocs take minutes per run even in quick mode: tests/test_lm_study.py runs a tiny LM study
+SLOW_STUDIES = {"study-f-quick"}
+STUDIES = [p for p in SPECS if p.stem.startswith("study-") and p.stem not in SLOW_STUDIES]
 # --quick, on even fewer images, so that the six studies take about a minute together
 TINY = ["--set", "datasets.0.subset.n_train=400", "--set", "datasets.0.subset.n_test=200"]
 TINY_EXTRA = {"study-a-select": ["--set", "datasets.0.validation=100"],

@@ -16,6 +16,7 @@ from prunelab.data.api import dataset_info, fetch, load_dataset
 from prunelab.data.catalog import DATASETS
 from prunelab.data.dataset import Dataset
 from prunelab.data.errors import ChecksumError, DatasetNotFoundError
+from prunelab.data.examples import dry_run_inputs, takes_token_ids
 from prunelab.data.recipes import generate_variant
 from prunelab.data.text import TextDataset, sequences
 from prunelab.data.text_files import load_text
@@ -30,10 +31,12 @@ __all__ = [
     "cache_dir",
     "data_root",
     "dataset_info",
+    "dry_run_inputs",
     "fetch",
     "generate_variant",
     "load_dataset",
     "load_text",
     "sequences",
+    "takes_token_ids",
     "train_tokenizer",
 ]

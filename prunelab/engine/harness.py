@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import time
 
+from prunelab.data import DATASETS
 from prunelab.engine.batched import OPTIMIZERS, REGULARIZERS, BatchedModels, fit_batched, mlp_plan
 from prunelab.experiments.prune_task import (dense_cache_path, load_dense, load_prepared_dataset, make_pruner,
                                              prune_metrics, save_dense)
@@ -42,6 +43,13 @@ def why_not_batched(config: dict) -> str | None:
         return "distillation (the engine trains without a teacher)"
     if config["dataset"].get("validation"):
         return "a validation split (evaluated every epoch on one model at a time)"
+    if method.get("latency"):
+        return "latency measurement (one model at a time)"
+    if train.get("patience") is not None:
+        return "early stopping (training.patience: each model stops at its own epoch)"
+    name = config["dataset"]["name"]
+    if name in DATASETS and hasattr(DATASETS.get(name), "token_streams"):
+        return "a language model on a text dataset (the engine trains classifiers on images)"
     return None
 
 

@@ -49,6 +49,9 @@ class HashedTask(Task):
         train = _prepare_training(x_path, training, x_entry.get("training") or {}, checker)
         if "name" not in m_entry:
             checker.error(m_path, "missing 'name'")
+        if train is not None and "patience" in train:
+            checker.error(x_path, "the hashed task trains for the whole budget; 'training.patience' (early "
+                                  "stopping of the dense model) does not apply to it: remove it for this method")
         options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
         if "hashed" in options:
             checker.error(f"{m_path}.hashed", "the hashed task sets each model's compression from the sparsity "

@@ -65,8 +65,11 @@ class Progress:
         seconds = outcome.get("seconds")
         took = f" {seconds:.1f}s" if seconds is not None else ""
         result = ""
-        if ok and outcome.get("metrics", {}).get("accuracy") is not None:
-            result = f" accuracy {outcome['metrics']['accuracy']:.4f}"
+        metrics = outcome.get("metrics") or {}
+        if ok and metrics.get("perplexity") is not None:        # a language model
+            result = f" perplexity {metrics['perplexity']:.2f}"
+        elif ok and metrics.get("accuracy") is not None:
+            result = f" accuracy {metrics['accuracy']:.4f}"
         elif not ok:
             result = " FAILED: " + (outcome.get("error") or "").splitlines()[0][:200]
         line = (f"[{self.done + self.failed}/{self.total}] {label}{took}{result} "

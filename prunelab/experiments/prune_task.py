@@ -12,6 +12,12 @@ One run = (dataset, model, method, sparsity, seed):
    method's ``distill: {weight, temperature}`` distilling from the dense model of step 1;
 4. measure test accuracy and the model's size (``prunelab.summary``).
 
+Language models (``gpt``, ``lstm-lm``) on a text dataset (``dataset: {name: pydocs, vocab_size: 4096,
+seq_len: 64}``) run the same steps: accuracy is token accuracy, and the records also hold test
+``perplexity`` (dense, right after pruning and final) and ``val_perplexity`` (the text's own valid
+split). ``training.patience`` (optional) stops dense training when the validation loss has not
+improved for that many epochs and keeps the best epoch's weights.
+
 Schedule timing may be written in epochs (``start_epochs``, ``every_epochs``,
 ``at_epochs``); it is resolved into optimiser steps of the fine-tuning phase.
 """
@@ -27,7 +33,8 @@ from pathlib import Path
 import torch
 
 from prunelab._validation import suggest
-from prunelab.data import DATASETS, data_root
+from prunelab.data import DATASETS, data_root, dry_run_inputs, takes_token_ids
+from prunelab.data.examples import token_example
 from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.store import digest
 from prunelab.experiments.tasks import TASKS, Checker, Task
@@ -39,7 +46,7 @@ from prunelab.training import OPTIMIZERS, Callback, RecoveryMonitor, evaluate, f
 DATASET_KEYS = ("name", "label", "subset", "validation", "standardize", "training")
 MODEL_KEYS = ("name", "label")
 METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
-               "regularizer", "rewind", "layers", "calibration", "training", "thin", "distill")
+               "regularizer", "rewind", "layers", "calibration", "training", "thin", "distill", "latency")
 TRAINING_DEFAULTS = {"epochs": 10, "finetune_epochs": 5, "batch_size": 64, "lr": 0.05,
                      "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
                      "retrain_tolerance": None, "eval_every": 50}
@@ -48,7 +55,9 @@ METHOD_DEFAULTS = {"criterion": "magnitude", "granularity": "weight", "scope": "
                    "rewind": None, "layers": None, "calibration": 1024}
 EPOCH_KEYS = {"start_epochs": "start", "every_epochs": "every", "at_epochs": "at"}
 DISTILL_DEFAULTS = {"weight": 0.5, "temperature": 2.0}
+LATENCY_DEFAULTS = {"batch_sizes": [1, 64], "min_sparsity": 0.5, "threads": 1, "rounds": 5}
 DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
+OPTIONAL_TRAINING = ("patience",)   # resolved only when given, so that older runs keep their ids
 HISTOGRAM_BINS = 80
 VERSION = 1   # bump when the meaning of a run changes, so old results are not reused
 
@@ -60,7 +69,9 @@ class PruneTask(Task):
                "params", "nonzero_params", "flops_dense", "flops", "bytes_dense", "bytes_bitmask", "bytes_csr",
                "bytes_best", "train_seconds", "units_removed", "params_thinned", "accuracy_thinned",
                "measured_speedup", "retrain_steps", "hessian_seconds", "solve_seconds", "val_accuracy",
-               "val_accuracy_dense")
+               "val_accuracy_dense", "perplexity", "perplexity_dense", "perplexity_pruned", "val_perplexity",
+               "val_perplexity_dense", "tokens", "dense_best_epoch", "dense_epochs", "latency_ms_b<B>",
+               "latency_sparse_ms_b<B>", "sparse_speedup_b<B>")
 
     def default_label(self, method: dict) -> str:
         schedule = method.get("schedule", "one-shot")
@@ -96,7 +107,12 @@ class PruneTask(Task):
             return None
         resolved = {"model": {"name": net.config["name"], "options": options}}
         per_epoch = steps_per_epoch(data["n_train"], train["batch_size"])
-        m = _prepare_method(x_path, x_entry, net, per_epoch, train, sparsities, checker)
+        if train.get("patience") is not None and not data["has_val"]:
+            checker.error(f"{x_path}.training.patience" if "patience" in (x_entry.get("training") or {})
+                          else "training.patience", "stops on the validation loss, but the dataset has no "
+                          "validation split; give the dataset a 'validation' size or remove 'patience'")
+            return None
+        m = _prepare_method(x_path, x_entry, net, per_epoch, train, sparsities, checker, dry=data["dry"])
         if m is None:
             return None
         resolved.update(dataset=data["config"], method=m, training=train)
@@ -130,6 +146,8 @@ def _prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
         checker.error(path, "missing 'name'")
         return None
     source = checker.attempt(f"{path}.name", DATASETS.get, entry["name"], param="dataset", where="spec")
+    if source is not None and hasattr(source, "token_streams"):
+        return _prepare_text_dataset(path, entry, source, checker)
     if source is None:
         return None
     options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
@@ -176,14 +194,72 @@ def _prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
         return None
     return {"config": {"name": source.name, "options": options, "subset": subset,
                        "validation": validation or 0, "standardize": standardize},
-            "input_shape": tuple(source.input_shape), "n_classes": source.n_classes, "n_train": n_train}
+            "input_shape": tuple(source.input_shape), "n_classes": source.n_classes, "n_train": n_train,
+            "has_val": bool(validation), "dry": {"input_shape": tuple(source.input_shape)}}
+
+
+TEXT_NOT_APPLICABLE = {"validation": "a text dataset has its own validation split (its valid text)",
+                       "standardize": "token ids are not standardised"}
+_TEXT_SIZES: dict[tuple, dict] = {}
+
+
+def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> dict | None:
+    """A text dataset's entry (``vocab_size``, ``seq_len``, ``stride``, ``tokenizer``, ``subset``):
+    loaded once (tokenised and cached on disk) to count its sequences and check the options."""
+    n_errors = len(checker.errors)
+    for key, why in TEXT_NOT_APPLICABLE.items():
+        if entry.get(key):
+            checker.error(f"{path}.{key}", f"does not apply to the text dataset '{source.name}': {why}; remove it")
+    options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
+    unknown = sorted(set(options) - set(source.options))
+    if unknown:
+        valid = ", ".join((*DATASET_KEYS, *source.options))
+        checker.error(f"{path}.{unknown[0]}", f"unknown option for dataset '{source.name}'; valid: {valid}")
+    missing = checker.attempt(path, source.missing_files, None)
+    if missing:
+        checker.error(path, f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
+                            f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
+                            f"run `prunelab data fetch {source.name}`)")
+    if len(checker.errors) > n_errors or missing is None:
+        return None
+    sizes = checker.attempt(path, _text_sizes, source.name, options)
+    if sizes is None:
+        return None
+    subset = entry.get("subset")
+    if subset is not None:
+        if not isinstance(subset, dict) or not set(subset) <= {"n_train", "n_test", "n_val"}:
+            checker.error(f"{path}.subset", f"must be a mapping with n_train, n_test and/or n_val (sequences); "
+                                            f"got {subset!r}")
+            return None
+        for key in ("n_train", "n_test", "n_val"):
+            if key in subset and checker.number(f"{path}.subset.{key}", subset[key], low=1,
+                                                high=sizes[key], integer=True) is None:
+                return None
+    seq_len = sizes["seq_len"]
+    return {"config": {"name": source.name, "options": options, "subset": subset, "validation": 0,
+                       "standardize": False},
+            "input_shape": (seq_len,), "n_classes": sizes["vocab_size"],
+            "n_train": (subset or {}).get("n_train", sizes["n_train"]), "has_val": True,
+            "dry": {"example_inputs": token_example(seq_len)}}
+
+
+def _text_sizes(name: str, options: dict) -> dict:
+    """Sequences per split, vocabulary and sequence length of a text dataset (memoised per data root)."""
+    from prunelab.data import cache_dir, load_dataset
+    key = (name, repr(sorted(options.items())), str(data_root()), str(cache_dir()))
+    if key not in _TEXT_SIZES:
+        ds = load_dataset(name, **options)
+        _TEXT_SIZES[key] = {"n_train": len(ds.x_train), "n_test": len(ds.x_test), "n_val": len(ds.x_val),
+                            "vocab_size": ds.vocab_size, "seq_len": ds.seq_len}
+    return _TEXT_SIZES[key]
 
 
 def load_prepared_dataset(cfg: dict):
     from prunelab.data import load_dataset
     ds = load_dataset(cfg["name"], **cfg["options"])
     if cfg.get("subset"):
-        ds = ds.subset(n_train=cfg["subset"].get("n_train"), n_test=cfg["subset"].get("n_test"), seed=0)
+        n_val = {"n_val": cfg["subset"]["n_val"]} if "n_val" in cfg["subset"] else {}   # text datasets only
+        ds = ds.subset(n_train=cfg["subset"].get("n_train"), n_test=cfg["subset"].get("n_test"), seed=0, **n_val)
     if cfg.get("validation"):
         ds = ds.with_validation(cfg["validation"], seed=0)
     if cfg.get("standardize"):
@@ -194,11 +270,12 @@ def load_prepared_dataset(cfg: dict):
 # --------------------------------------------------------------- training
 def _prepare_training(path: str, training: dict, override: dict, checker: Checker) -> dict | None:
     n = len(checker.errors)
-    checker.keys("training", training, tuple(TRAINING_DEFAULTS))
+    valid = (*TRAINING_DEFAULTS, *OPTIONAL_TRAINING)
+    checker.keys("training", training, valid)
     if not isinstance(override, dict):
         checker.error(f"{path}.training", f"must be a mapping; got {override!r}")
         return None
-    checker.keys(f"{path}.training", override, tuple(TRAINING_DEFAULTS))
+    checker.keys(f"{path}.training", override, valid)
     train = {**TRAINING_DEFAULTS, **training, **override}
     where = lambda key: f"{path}.training.{key}" if key in override else f"training.{key}"
     checker.number(where("epochs"), train["epochs"], low=0, integer=True)
@@ -212,6 +289,10 @@ def _prepare_training(path: str, training: dict, override: dict, checker: Checke
     if train["retrain_tolerance"] is not None:
         checker.number(where("retrain_tolerance"), train["retrain_tolerance"], low=0.0, high=1.0)
     checker.number(where("eval_every"), train["eval_every"], low=1, integer=True)
+    if train.get("patience") is not None:
+        checker.number(where("patience"), train["patience"], low=1, integer=True)
+    else:
+        train.pop("patience", None)
     if train["optimizer"] not in OPTIMIZERS:
         checker.error(where("optimizer"), f"unknown optimizer {train['optimizer']!r}"
                       f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
@@ -235,7 +316,7 @@ def _default_scope(method: dict) -> str:
 
 
 def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sparsities: list[float],
-                    checker: Checker) -> dict | None:
+                    checker: Checker, dry: dict | None = None) -> dict | None:
     n = len(checker.errors)
     method = {**METHOD_DEFAULTS, **{k: v for k, v in entry.items() if k != "label"}}
     if "scope" not in entry:
@@ -277,13 +358,20 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
             method.pop("thin")
         else:
             from prunelab.units import Units
-            checker.attempt(f"{path}.thin", Units.of, net, None)
+            example = (dry or {}).get("example_inputs")     # token ids for a language model
+            checker.attempt(f"{path}.thin", Units.of, net, None, example)
     if "distill" in method:       # only when given, so that older runs keep their ids
         distill = _prepare_distill(f"{path}.distill", method["distill"], train, checker)
         if distill is None:
             method.pop("distill")
         else:
             method["distill"] = distill
+    if "latency" in method:       # only when given, so that older runs keep their ids
+        latency = _prepare_latency(f"{path}.latency", method["latency"], checker)
+        if latency is None:
+            method.pop("latency")
+        else:
+            method["latency"] = latency
     rewind = method["rewind"]
     dense_steps = train["epochs"] * per_epoch
     if rewind is not None and rewind != "init":
@@ -336,6 +424,31 @@ def _prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | 
     return distill
 
 
+def _prepare_latency(path: str, value, checker: Checker) -> dict | None:
+    """A method's ``latency``: ``true`` (the defaults), ``false``/null (none) or a mapping with
+    ``batch_sizes`` (a list of ints ≥ 1), ``min_sparsity`` in [0, 1], ``threads`` ≥ 1, ``rounds`` ≥ 1."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        checker.error(path, f"must be true or a mapping {{batch_sizes: [1, 64], min_sparsity: 0.5, threads: 1, "
+                            f"rounds: 5}}; got {value!r}")
+        return None
+    checker.keys(path, value, tuple(LATENCY_DEFAULTS))
+    latency = {**LATENCY_DEFAULTS, **value}
+    sizes = latency["batch_sizes"]
+    if not isinstance(sizes, list) or not sizes:
+        checker.error(f"{path}.batch_sizes", f"must be a non-empty list of batch sizes; got {sizes!r}")
+    else:
+        for i, size in enumerate(sizes):
+            checker.number(f"{path}.batch_sizes[{i}]", size, low=1, integer=True, param="batch_sizes")
+    checker.number(f"{path}.min_sparsity", latency["min_sparsity"], low=0.0, high=1.0)
+    checker.number(f"{path}.threads", latency["threads"], low=1, integer=True)
+    checker.number(f"{path}.rounds", latency["rounds"], low=1, integer=True)
+    return latency
+
+
 # ---------------------------------------------------------------- running
 class _Snapshot(Callback):
     """Keeps a copy of the parameters after training step ``k`` (lottery-ticket rewinding)."""
@@ -351,6 +464,32 @@ class _Snapshot(Callback):
     def on_step_end(self, state):
         if state.step == self.k and self.state is None:
             self.state = _params(state.model)
+
+
+class _EarlyStopping(Callback):
+    """Stops training once the validation loss (a language model's log perplexity) has not improved
+    for ``patience`` epochs; :meth:`restore` puts back the weights of the best epoch."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = float("inf")
+        self.state: dict | None = None
+        self.waited = 0
+
+    def on_epoch_end(self, state):
+        loss = state.history[-1].get("val_loss") if state.history else None
+        if loss is None or loss != loss:
+            return
+        if loss < self.best:
+            self.best, self.waited = loss, 0
+            self.state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        else:
+            self.waited += 1
+            state.stop = self.waited >= self.patience
+
+    def restore(self, model) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -383,9 +522,12 @@ def _dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: b
     if saved is not None:
         return model, saved["history"], saved.get("snapshot"), True
     snapshot = _Snapshot(0 if rewind == "init" else rewind) if rewind is not None else None
+    stopper = _EarlyStopping(train["patience"]) if train.get("patience") else None
     history = fit(model, ds, epochs=train["epochs"], seed=seed,
-                  callbacks=[*([snapshot] if snapshot else []), *callbacks],
+                  callbacks=[*([snapshot] if snapshot else []), *([stopper] if stopper else []), *callbacks],
                   **_train_kwargs(train, method, finetune=False))
+    if stopper is not None:
+        stopper.restore(model)
     save_dense(path, model, history, snapshot.state if snapshot else None)
     return model, history, snapshot.state if snapshot else None, False
 
@@ -394,7 +536,8 @@ def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
     """Where the trained dense model of ``config`` is cached (None without a cache folder)."""
     train, method = config["training"], config["method"]
     key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": config["seed"],
-                  "dense": {k: train[k] for k in DENSE_KEYS}, "regularizer": method.get("regularizer"),
+                  "dense": {k: train[k] for k in (*DENSE_KEYS, *OPTIONAL_TRAINING) if k in train},
+                  "regularizer": method.get("regularizer"),
                   "layers": method.get("layers"), "rewind": method.get("rewind"), "version": VERSION}
     return Path(cache_dir) / "dense" / f"{digest(key_fields, 20)}.pt" if cache_dir else None
 
@@ -452,11 +595,16 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     method, train, seed = config["method"], config["training"], config["seed"]
     model, dense_history, snapshot, cached = _dense_model(config, ds, cache_dir)
     test = (ds.x_test, ds.y_test)
-    accuracy_dense = evaluate(model, test)["accuracy"]
+    dense = evaluate(model, test)
+    accuracy_dense = dense["accuracy"]
+    lm = dense_language_model_metrics(model, ds, train, dense, dense_history) if takes_token_ids(ds) else None
     distill = _distill_kwargs(method, model)          # the teacher: the dense model, copied before pruning
     pruner = make_pruner(config, model, ds, snapshot)
     pruner.update()
-    accuracy_pruned = evaluate(model, test)["accuracy"]
+    pruned = evaluate(model, test)
+    accuracy_pruned = pruned["accuracy"]
+    if lm is not None:
+        lm["perplexity_pruned"] = pruned["perplexity"]
     monitor = None
     if train["retrain_tolerance"] is not None:   # steps until back within tolerance of the dense accuracy
         monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"],
@@ -464,10 +612,14 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
                   callbacks=[monitor] if monitor else (), **distill,
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
-    return {"metrics": prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
-                                     thin=bool(method.get("thin")),
-                                     accuracy_pruned=accuracy_pruned, cached=cached,
-                                     dense_history=dense_history, monitor=monitor),
+    metrics = prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
+                            thin=bool(method.get("thin")), latency=method.get("latency"),
+                            accuracy_pruned=accuracy_pruned, cached=cached,
+                            dense_history=dense_history, monitor=monitor, language_model=lm)
+    if train.get("patience") and metrics.get("val_accuracy_dense") is not None:   # the epoch kept, not the last
+        best = min((h for h in dense_history if "val_loss" in h), key=lambda h: h["val_loss"])
+        metrics["val_accuracy_dense"] = best["val_accuracy"]
+    return {"metrics": metrics,
             "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]}
 
 
@@ -494,8 +646,9 @@ def thinned_metrics(model, ds) -> dict:
     from prunelab.metrics import measure_latency
     from prunelab.units import thin_dead_units
 
-    small, plan = thin_dead_units(model, ds.input_shape)
-    before, after = (measure_latency(m, ds.input_shape, 64, warmup=5, repeats=30)[0].median_ms
+    dry = dry_run_inputs(ds)
+    small, plan = thin_dead_units(model, **dry)
+    before, after = (measure_latency(m, batch_sizes=64, warmup=5, repeats=30, **dry)[0].median_ms
                      for m in (model, small))
     return {"units_removed": sum(len(v) for v in plan.values()),
             "params_thinned": sum(p.numel() for p in small.parameters()),
@@ -503,14 +656,34 @@ def thinned_metrics(model, ds) -> dict:
             "measured_speedup": before / after}
 
 
+def latency_metrics(model, ds, options: dict) -> dict:
+    """Measured forward latency of the final model (``prunelab.inference_latency``, median ms over
+    ``rounds`` interleaved rounds): ``latency_ms_b<B>`` as it is (zeros stored and multiplied: the
+    dense model's cost), ``latency_sparse_ms_b<B>`` with every Linear at ``min_sparsity`` or more as
+    a CSR ``SparseLinear``, their ratio ``sparse_speedup_b<B>``, and the full result under ``latency``."""
+    from prunelab.sparse import inference_latency
+
+    result = inference_latency(model, **dry_run_inputs(ds), min_sparsity=options["min_sparsity"],
+                               batch_sizes=tuple(options["batch_sizes"]), threads=options["threads"],
+                               rounds=options["rounds"])
+    out = {"latency": result.to_dict()}
+    for size in options["batch_sizes"]:
+        out.update({f"latency_ms_b{size}": result.median_ms["dense"][size],
+                    f"latency_sparse_ms_b{size}": result.median_ms["sparse"][size],
+                    f"sparse_speedup_b{size}": result.speedup("sparse", size)})
+    return out
+
+
 def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: float, accuracy_pruned: float,
-                  cached: bool, dense_history: list, monitor=None, thin: bool = False) -> dict:
+                  cached: bool, dense_history: list, monitor=None, thin: bool = False,
+                  language_model: dict | None = None, latency: dict | None = None) -> dict:
     """The metrics a prune run stores, from its final model and Pruner (with ``thin``, also
-    those of :func:`thinned_metrics`)."""
+    those of :func:`thinned_metrics`; for a language model, also test ``perplexity`` and
+    ``val_perplexity``, with the dense and just-pruned ones in ``language_model``)."""
     from prunelab.metrics import summary
     test = (ds.x_test, ds.y_test)
     final = evaluate(model, test)
-    stats = summary(model, ds.input_shape).total
+    stats = summary(model, **dry_run_inputs(ds)).total
     weights = torch.cat([t.weight.detach().flatten() for t in pruner.targets])
     nonzero = weights[weights != 0]
     bound = float(nonzero.abs().max()) if len(nonzero) else 1.0
@@ -530,6 +703,8 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
     }
     if thin:
         metrics.update(thinned_metrics(model, ds))
+    if latency:
+        metrics.update(latency_metrics(model, ds, latency))
     if monitor is not None:
         metrics["retrain_steps"] = monitor.steps_to_recover
         metrics["retrain_curve"] = monitor.curve
@@ -539,7 +714,26 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
         metrics["solve_seconds"] = sum(r.totals()["solve_seconds"] for r in reports)
         metrics["layer_reports"] = [[row.as_dict() for row in r] for r in reports]
     if ds.x_val is not None:
-        metrics["val_accuracy"] = evaluate(model, (ds.x_val, ds.y_val))["accuracy"]
+        val = evaluate(model, (ds.x_val, ds.y_val))
+        metrics["val_accuracy"] = val["accuracy"]
         metrics["val_accuracy_dense"] = next((h["val_accuracy"] for h in reversed(dense_history)
                                               if "val_accuracy" in h), None)
+        if "perplexity" in val:
+            metrics["val_perplexity"] = val["perplexity"]
+    if "perplexity" in final:
+        metrics.update(perplexity=final["perplexity"], tokens=final["tokens"], **(language_model or {}))
     return metrics
+
+
+def dense_language_model_metrics(model, ds, train: dict, test: dict, dense_history: list) -> dict:
+    """A dense language model's perplexities before pruning (``test``: its evaluation on the test
+    split; validation when the dataset has a validation split); with early stopping, the epoch it
+    kept and the epochs it trained."""
+    dense = {"perplexity_dense": test["perplexity"]}
+    if ds.x_val is not None:
+        dense["val_perplexity_dense"] = evaluate(model, (ds.x_val, ds.y_val))["perplexity"]
+    if train.get("patience"):
+        losses = [(h["val_loss"], i + 1) for i, h in enumerate(dense_history) if "val_loss" in h]
+        if losses:
+            dense.update(dense_best_epoch=min(losses)[1], dense_epochs=len(dense_history))
+    return dense

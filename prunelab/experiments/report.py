@@ -233,4 +233,13 @@ def output_metric_problems(outputs: Any, known: Iterable[str]) -> list[str]:
         named += [(f"outputs.{key}[{i}].metric", d.get("metric")) for i, d in
                   enumerate(declarations if isinstance(declarations, list) else []) if isinstance(d, dict)]
     return [f"{path}: unknown metric {metric!r}{suggest(metric, known)}; the runs of this study record: "
-            f"{', '.join(known)}" for path, metric in named if isinstance(metric, str) and metric not in known]
+            f"{', '.join(known)}" for path, metric in named
+            if isinstance(metric, str) and not any(_names(metric, k) for k in known)]
+
+
+def _names(metric: str, declared: str) -> bool:
+    """``declared`` is ``metric``, or a family such as ``latency_ms_b<B>`` (any batch size B)."""
+    if not declared.endswith("<B>"):
+        return metric == declared
+    stem = declared[:-3]
+    return metric.startswith(stem) and metric[len(stem):].isdigit()

@@ -26,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from prunelab.data import dry_run_inputs
 from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_training,
                                              load_prepared_dataset)
@@ -58,7 +59,7 @@ def _model_and_data(dataset, model, training, checker: Checker, method_path: str
                           n_classes=data["n_classes"], **options)
     if net is None:
         return None
-    units = checker.attempt(m_path, Units.of, net, data["input_shape"])
+    units = checker.attempt(m_path, Units.of, net, **data["dry"])   # token ids for a language model
     if units is None:
         return None
     return data, train, net, units, {"name": net.config["name"], "options": options}
@@ -202,7 +203,7 @@ class PenaltyProbe(Callback):
 
     def _probe(self, model: nn.Module, step: int) -> None:
         snapshot = copy.deepcopy(model).eval()
-        info = Units.of(snapshot, tuple(self.ds.input_shape))
+        info = Units.of(snapshot, **dry_run_inputs(self.ds))
         layers = info.layers
         self.units_total = {u.name: u.n_units for u in layers}
         cal = self.calibration
@@ -228,7 +229,7 @@ class PenaltyProbe(Callback):
                         scorer, mean_replacement = parse_method(method)
                         plan = {name: select(scores[scorer][name], **{kind: amount}) for name in chosen}
                         pruned = copy.deepcopy(snapshot)
-                        pruned_info = Units.of(pruned, tuple(self.ds.input_shape))
+                        pruned_info = Units.of(pruned, **dry_run_inputs(self.ds))
                         surgery.mask_units(pruned_info.chain, plan, means if mean_replacement else None)
                         after = _loss(pruned, cal)
                         base = {"step": step, "method": method, "scorer": scorer, "mean_replacement": mean_replacement,
@@ -241,7 +242,7 @@ class PenaltyProbe(Callback):
                                                  "penalty": loss - before})
 
     def _finetuned(self, pruned, plan, steps: int, step: int) -> float:
-        small = thin_units(pruned, plan, input_shape=tuple(self.ds.input_shape))
+        small = thin_units(pruned, plan, **dry_run_inputs(self.ds))
         _finetune(small, self.ds, steps, self.probe["finetune_lr"], self.seed + step)
         return _loss(small, self.calibration)
 
@@ -283,10 +284,10 @@ class UnitIterativeTask(_UnitTask):
         ds = load_prepared_dataset(config["dataset"])
         it, seed = config["method"]["iterative"], config["seed"]
         model, _, _, _ = _dense_model(config, ds, context.get("cache_dir"))
-        shape = tuple(ds.input_shape)
+        dry = dry_run_inputs(ds)
         calibration = _calibration(ds, it["calibration"], seed)
         test = (ds.x_test, ds.y_test)
-        chosen = select_layers(Units.of(model, shape).layers, it["layers"])
+        chosen = select_layers(Units.of(model, **dry).layers, it["layers"])
         original = {u.name: u.n_units for u in chosen}
         per_step = {name: max(1, round(it["step_fraction"] * n)) for name, n in original.items()}
         total = sum(original.values())
@@ -294,7 +295,7 @@ class UnitIterativeTask(_UnitTask):
                     "accuracy": evaluate(model, test)["accuracy"]}]
         step = 0
         while True:
-            info = Units.of(model, shape)
+            info = Units.of(model, **dry)
             layers = {u.name: u for u in info.layers}
             counts = {name: min(per_step[name], layers[name].n_units - 1) for name in original}
             if not any(counts.values()):
@@ -305,7 +306,7 @@ class UnitIterativeTask(_UnitTask):
                     result = remove_units(model, it["method"], calibration, count=count, layers=[name],
                                           units=info, seed=seed * 7919 + step)
                     model = thin_units(model, result)
-                    info = Units.of(model, shape)
+                    info = Units.of(model, **dry)
             removed = 1.0 - sum(u.n_units for u in info.layers if u.name in original) / total
             if it["finetune_steps"]:
                 _finetune(model, ds, it["finetune_steps"], it["finetune_lr"], seed * 7919 + step)
