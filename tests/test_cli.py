@@ -89,7 +89,7 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yam
 
 def test_the_shipped_specs_are_all_there():
     assert [p.stem for p in SPECS] == ["quickstart", "study-a-select-training", "study-a-select", "study-a",
-                                       "study-b", "study-c", "study-d-conv", "study-d", "study-e"]
+                                       "study-b", "study-c", "study-d-conv", "study-d", "study-e", "study-f-quick"]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
