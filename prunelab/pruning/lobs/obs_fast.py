@@ -55,7 +55,8 @@ def _lower_inverse_into(L: torch.Tensor, out: torch.Tensor) -> None:
     h = n // 2
     _lower_inverse_into(L[:h, :h], out[:h, :h])
     _lower_inverse_into(L[h:, h:], out[h:, h:])
-    torch.matmul(out[h:, h:], L[h:, :h] @ out[:h, :h], out=out[h:, :h])
+    # −C⁻¹(B A⁻¹) as a triangular solve with C: half the operations of a product with C⁻¹
+    out[h:, :h] = torch.linalg.solve_triangular(L[h:, h:], L[h:, :h] @ out[:h, :h], upper=False)
     out[h:, :h].neg_()
 
 
