@@ -76,15 +76,13 @@ def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` lowest entries of ``score``, ties taken in flat (row-major) order —
     the first ``k`` of a stable argsort, from one k-th value selection instead of a sort."""
     flat = score.reshape(-1)
-    mask = torch.zeros(flat.shape, dtype=torch.bool)
-    if k >= flat.numel():
-        mask[:] = True
-    elif k > 0:
-        threshold = torch.kthvalue(flat, k).values
-        mask = flat < threshold
-        missing = k - int(mask.sum())
-        if missing > 0:
-            mask[torch.nonzero(flat == threshold).flatten()[:missing]] = True
+    if k <= 0 or k >= flat.numel():
+        return torch.full(score.shape, k > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, k).values
+    mask = flat < threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[torch.nonzero(flat == threshold).flatten()[:missing]] = True
     return mask.reshape(score.shape)
 
 
