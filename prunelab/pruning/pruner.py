@@ -396,8 +396,9 @@ class Pruner:
             check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
                          hint="; check the calibration data and the loss")
         layers, group_shapes = [], []
-        for target, score in zip(active, scores):
-            layer, shape = self._layer_groups(target, score)
+        for i, target in enumerate(active):
+            layer, shape = self._layer_groups(target, scores[i])
+            scores[i] = None               # only the group scores are kept (the same tensor for weights)
             layers.append(layer)
             group_shapes.append(shape)
         keeps = self.scope.select(layers, targets, event, self.min_keep)
@@ -432,8 +433,7 @@ class Pruner:
             alive_groups = alive_groups | protected
         rows = self.granularity.group_rows(weight, target) if getattr(self.scope, "needs_rows", False) else None
         layer = LayerGroups(group_scores.flatten(), alive_groups.flatten(),
-                            self.granularity.group_size(weight, target),
-                            None if rows is None else rows.flatten())
+                            self.granularity.group_size(weight, target), rows)   # rows: a stride-0 view
         return layer, group_scores.shape
 
     def _held_by_guard(self, layers: list[LayerGroups], targets, event: Event,

@@ -38,7 +38,8 @@ class LayerGroups:
     scores: torch.Tensor   # (G,) group scores, higher = more important
     alive: torch.Tensor    # (G,) bool, False for groups already pruned
     group_size: int        # weights per group
-    rows: torch.Tensor | None = None   # (G,) long: each group's output row, for scope 'row'
+    rows: torch.Tensor | None = None   # each group's output row, for scope 'row': G entries in any
+                                       # shape (a stride-0 view, not a copy; flattened when used)
 
     @property
     def n_groups(self) -> int:
