@@ -58,6 +58,25 @@ class Splits:
     def val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.x_val is None else (self.x_val, self.y_val)
 
+    def subset(self, n_train: int | None = None, n_test: int | None = None,
+               seed: int = 0, n_val: int | None = None):
+        """A smaller copy for quick runs: seeded random ``n_train``/``n_test``/``n_val`` examples
+        (sequences, for a text dataset). ``None`` keeps a split whole. Not stratified; the
+        original order is kept."""
+        where = f"{type(self).__name__}.subset"
+        seed = check_number("seed", seed, where=where, low=0, integer=True)
+        changes = {}
+        for split, n in (("train", n_train), ("test", n_test), ("val", n_val)):
+            if n is None:
+                continue
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x is None:
+                raise ValueError(f"the 'n_val' parameter of {where} needs a validation split; "
+                                 f"dataset {self.name!r} has none")
+            n = check_number(f"n_{split}", n, where=where, low=1, high=len(x), integer=True)
+            changes[f"x_{split}"], changes[f"y_{split}"] = _take(x, y, sample_indices(len(x), n, seed))
+        return replace(self, **changes)
+
 
 @dataclass(frozen=True, eq=False)
 class Dataset(Splits):
@@ -130,25 +149,6 @@ class Dataset(Splits):
         x_va, y_va = _take(self.x_train, self.y_train, val_idx)
         return replace(self, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va)
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None,
-               seed: int = 0, n_val: int | None = None) -> Dataset:
-        """A smaller copy for quick runs: seeded random ``n_train``/``n_test``/``n_val`` examples.
-
-        ``None`` keeps a split whole. Not stratified; original order is kept.
-        """
-        where = "Dataset.subset"
-        seed = check_number("seed", seed, where=where, low=0, integer=True)
-        changes = {}
-        for split, n in (("train", n_train), ("test", n_test), ("val", n_val)):
-            if n is None:
-                continue
-            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x is None:
-                raise ValueError(f"the 'n_val' parameter of {where} needs a validation split; "
-                                 f"dataset {self.name!r} has none")
-            n = check_number(f"n_{split}", n, where=where, low=1, high=len(x), integer=True)
-            changes[f"x_{split}"], changes[f"y_{split}"] = _take(x, y, sample_indices(len(x), n, seed))
-        return replace(self, **changes)
 
     def train_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(mean, std)`` of the train inputs, each of shape ``(C,)``.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
@@ -38,7 +38,7 @@ from prunelab._validation import check_choice, check_number, check_type
 from prunelab.data._atomic import atomic_write_bytes
 from prunelab.data._paths import search_dirs, writable_dir
 from prunelab.data._store import load_arrays, save_arrays
-from prunelab.data.dataset import Splits, sample_indices
+from prunelab.data.dataset import Splits
 from prunelab.data.source import DatasetSource, Root, ensure_files
 from prunelab.data.tokenizer import (KINDS, MIN_VOCAB, TOKENIZER_VERSION, decode, encode, load_tokenizer,
                                      train_tokenizer, train_word_tokenizer)
@@ -168,24 +168,6 @@ class TextDataset(Splits):
         return decode(self.tokenizer, ids)
 
     # -- derived datasets ------------------------------------------------------
-    def subset(self, n_train: int | None = None, n_test: int | None = None,
-               seed: int = 0, n_val: int | None = None) -> TextDataset:
-        """A smaller copy for quick runs: seeded random ``n_train``/``n_test``/``n_val`` sequences
-        (``None`` keeps a split whole; the original order is kept)."""
-        where = "TextDataset.subset"
-        seed = check_number("seed", seed, where=where, low=0, integer=True)
-        changes = {}
-        for split, n in (("train", n_train), ("test", n_test), ("val", n_val)):
-            if n is None:
-                continue
-            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x is None:
-                raise ValueError(f"the 'n_val' parameter of {where} needs a validation split; "
-                                 f"dataset {self.name!r} has none")
-            n = check_number(f"n_{split}", n, where=where, low=1, high=len(x), integer=True)
-            idx = sample_indices(len(x), n, seed)
-            changes[f"x_{split}"], changes[f"y_{split}"] = x[idx].contiguous(), y[idx].contiguous()
-        return replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------- the cache
