@@ -41,7 +41,7 @@ from prunelab.pruning.lobs import hessian
 from prunelab.pruning.targets import Target
 
 
-class InputNorms:
+class InputNorms(hessian.InputHooks):
     """Forward hooks summing ``Σ x_j²`` over a set of targets' input columns (float64), one
     vector per row block: ``(groups, d)``."""
 
@@ -49,17 +49,6 @@ class InputNorms:
         self.targets, self.parents = list(targets), parents
         self.sums: dict[str, torch.Tensor] = {}
         self.columns: dict[str, int] = {}
-        self._handles = []
-
-    def __enter__(self):
-        for target in self.targets:
-            site = hessian.hook_site(target, self.parents)
-            self._handles.append(site.register_forward_hook(self._hook_for(target, site), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
         self._handles = []
 
     def _hook_for(self, target: Target, site: nn.Module):

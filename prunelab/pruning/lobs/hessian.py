@@ -359,7 +359,26 @@ def _products(cols) -> tuple[list, list]:
     return parts, products
 
 
-class Accumulator:
+class InputHooks:
+    """While entered, a forward hook on each of ``self.targets``' hook sites (``self.parents``:
+    :func:`attention_parents`); a subclass gives ``_hook_for(target, site)``."""
+
+    _handles: list
+
+    def __enter__(self):
+        self._handles = []
+        for target in self.targets:
+            site = hook_site(target, self.parents)
+            self._handles.append(site.register_forward_hook(self._hook_for(target, site), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class Accumulator(InputHooks):
     """Forward hooks that sum ``X̃ᵀX̃`` for a set of targets over whatever forwards run while
     attached (a whole model, or one block on cached inputs). ``end_batch()`` after each batch
     records which targets read the very same tensor, for :meth:`shared_input`."""
@@ -377,15 +396,10 @@ class Accumulator:
 
     def __enter__(self):
         self._started = time.perf_counter()
-        for target in self.targets:
-            site = hook_site(target, self.parents)
-            self._handles.append(site.register_forward_hook(self._hook_for(target, site), with_kwargs=True))
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        super().__exit__(*exc)
         self.seconds += time.perf_counter() - self._started
 
     def _hook_for(self, target: Target, site: nn.Module):
