@@ -14,7 +14,7 @@ import prunelab
 from prunelab import export, units
 from prunelab.models import MODELS
 
-from helpers import LANGUAGE_MODELS
+from helpers import LANGUAGE_MODELS, rewrite_header
 
 SHAPES = {"vgg11": (3, 32, 32), **{name: (12,) for name in LANGUAGE_MODELS}}
 OPTIONS = {"vgg11": {"width": 0.25}, "gpt": {"d_model": 16, "n_layers": 2, "n_heads": 2},
@@ -360,19 +360,6 @@ def test_a_sparsified_model_is_saved_as_the_model_it_came_from(tmp_path):
     assert (tmp_path / "a.plm").read_bytes() == (tmp_path / "b.plm").read_bytes()
 
 
-def _rewrite(path, edit):
-    """The file at ``path`` with its header changed by ``edit`` and the checksum recomputed (a
-    crafted file that passes the integrity check)."""
-    import hashlib
-    import struct
-    header, payload = export._read(path)
-    edit(header)
-    core = export._header_bytes(header)
-    header["sha256"] = hashlib.sha256(core + payload).hexdigest()
-    head = export._header_bytes(header)
-    path.write_bytes(export.MAGIC + struct.pack("<BI", export.VERSION, len(head)) + head + payload)
-
-
 @pytest.mark.parametrize("encoding", ["dense", "bitmask", "csr"])
 def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path, encoding):
     model = torch.nn.Linear(4, 3)
@@ -383,7 +370,7 @@ def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path,
     def enlarge(header):
         entry = next(e for e in header["tensors"] if e["name"] == "weight")
         entry["shape"] = [2**20, 2**20]                  # 4 TiB as float32
-    _rewrite(tmp_path / "m.plm", enlarge)
+    rewrite_header(tmp_path / "m.plm", enlarge)
     message = r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"
     with pytest.raises(export.ModelFileError, match=message):
         prunelab.load(tmp_path / "m.plm", model=torch.nn.Linear(4, 3))

@@ -12,6 +12,7 @@ import prunelab
 from prunelab.pruning import Pruner, prune
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
 from prunelab.pruning.targets import resolve_targets
+from helpers import Conv1D  # Hugging Face's layout: weight (in, out)
 
 f64 = torch.float64
 
@@ -470,16 +471,6 @@ def test_attention_hessians_self_and_cross_and_the_out_proj_context():
 
 
 def test_hf_style_transposed_weight_is_solved_on_its_matrix():
-    class Conv1D(nn.Module):                     # Hugging Face's layout: weight (in, out)
-        def __init__(self, nf, nx):
-            super().__init__()
-            self.nf = nf
-            self.weight = nn.Parameter(torch.randn(nx, nf))
-            self.bias = nn.Parameter(torch.zeros(nf))
-
-        def forward(self, x):
-            return x @ self.weight + self.bias
-
     torch.manual_seed(0)
     layer, x = Conv1D(6, 10), torch.randn(50, 10)
     linear = nn.Linear(10, 6)

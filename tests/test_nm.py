@@ -3,9 +3,7 @@ of M for each score-based criterion and scope, the conv and HF Conv1D orders, gr
 summary's pattern column, the storage formula by hand, the model file's round trip and its
 bounds checks, clear errors."""
 
-import hashlib
 import itertools
-import struct
 
 import pytest
 import torch
@@ -18,19 +16,9 @@ from prunelab.pruning import Pruner, prune
 from prunelab.pruning.granularity import (NMGranularity, make_granularity, nm_column_order, nm_keep,
                                           nm_pattern, nm_unview, nm_view)
 from prunelab.pruning.targets import resolve_targets
+from helpers import Conv1D, rewrite_header
 
 
-class Conv1D(nn.Module):
-    """Hugging Face's Conv1D layout (weight ``(in, out)``), recognised by name and ``nf``."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 class Net(nn.Module):
@@ -40,7 +28,7 @@ class Net(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(8, 16, 3, padding=1)
         self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=2)
-        self.proj = Conv1D(8, 16)
+        self.proj = Conv1D(8, 16, scale=0.3)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -224,15 +212,6 @@ def test_save_and_load_are_bit_identical(tmp_path, pattern, values):
         assert (a + 0.0).numpy().tobytes() == b.numpy().tobytes(), name
 
 
-def _rewrite(path, edit):
-    header, payload = export._read(path)
-    edit(header)
-    core = export._header_bytes(header)
-    header["sha256"] = hashlib.sha256(core + payload).hexdigest()
-    head = export._header_bytes(header)
-    path.write_bytes(export.MAGIC + struct.pack("<BI", export.VERSION, len(head)) + head + payload)
-
-
 def _entry(header, name):
     return next(e for e in header["tensors"] if e["name"] == name)
 
@@ -250,7 +229,7 @@ def test_crafted_nm_headers_are_refused_before_allocation(tmp_path, edit, messag
     prune(layer, None, granularity="2:4")
     path = tmp_path / "l.plm"
     export.save(layer, path)
-    _rewrite(path, lambda h: edit(_entry(h, "weight")))
+    rewrite_header(path, lambda h: edit(_entry(h, "weight")))
     with pytest.raises(export.ModelFileError, match=message):
         export.load(path, model=nn.Linear(8, 4, bias=False))
 
@@ -307,7 +286,7 @@ def test_a_conv_entry_relabelled_as_another_layout_is_refused(tmp_path):
     path = tmp_path / "c.plm"
     export.save(conv, path, encoding="nm")
     assert export.read_header(path)["tensors"][0]["layout"] == "conv"
-    _rewrite(path, lambda h: _entry(h, "weight").update(layout="transposed"))
+    rewrite_header(path, lambda h: _entry(h, "weight").update(layout="transposed"))
     with pytest.raises(export.ModelFileError, match="layout 'transposed' for shape"):
         export.load(path, model=nn.Conv2d(4, 2, 3, bias=False))
 

@@ -2,16 +2,14 @@
 tiny Linear and a tiny grouped, strided, padded conv; every batch form; every scope; the row
 scope against a brute-force per-row ranking; clear errors."""
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from prunelab.pruning import Pruner, prune
-from prunelab.pruning.lobs import LayerSkipped
 from prunelab.pruning.scopes import LayerGroups, Row, Event
+from helpers import Conv1D  # Hugging Face's layout: weight (in, out)
 
 
 def _wanda_scores(model, data, **kw):
@@ -164,16 +162,6 @@ def test_the_row_scope_matches_a_brute_force_per_row_ranking():
 
 
 def test_the_row_scope_with_magnitude_on_hf_conv1d_style_weights_follows_the_output_rows():
-    class Conv1D(nn.Module):                     # Hugging Face's layout: weight (in, out)
-        def __init__(self, nf, nx):
-            super().__init__()
-            self.nf = nf
-            self.weight = nn.Parameter(torch.randn(nx, nf))
-            self.bias = nn.Parameter(torch.zeros(nf))
-
-        def forward(self, x):
-            return x @ self.weight + self.bias
-
     torch.manual_seed(8)
     layer = Conv1D(3, 8)
     x = torch.randn(10, 8)
