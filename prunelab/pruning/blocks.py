@@ -305,19 +305,25 @@ def _cast(value, dtype):
     return value
 
 
+def _map_tensors(fn, value):
+    """``value`` with ``fn`` applied to every tensor in it (through tuples, lists and dicts)."""
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(fn, v) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(fn, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
+    return value
+
+
 def _compact(value):
     """``value`` with every tensor that views a larger storage copied (``torch.save`` would write
     the whole storage)."""
-    if torch.is_tensor(value):
-        whole = value.untyped_storage().nbytes()
-        return value.clone() if whole > value.numel() * value.element_size() else value
-    if isinstance(value, tuple):
-        return tuple(_compact(v) for v in value)
-    if isinstance(value, list):
-        return [_compact(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _compact(v) for k, v in value.items()}
-    return value
+    def own(t):
+        return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+    return _map_tensors(own, value)
 
 
 def _tensors(value):
@@ -355,15 +361,7 @@ def capture_inputs(model: nn.Module, batches: list, block: nn.Module, into: Inpu
 
 def _fresh(value):
     """A copy of the tensors among a block's inputs (a block may change its inputs in place)."""
-    if torch.is_tensor(value):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_fresh(v) for v in value)
-    if isinstance(value, list):
-        return [_fresh(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _fresh(v) for k, v in value.items()}
-    return value
+    return _map_tensors(torch.Tensor.clone, value)
 
 
 def run_block(block: nn.Module, inputs, after=None, keep: bool = True, stop_after=()) -> list:
