@@ -344,14 +344,25 @@ class NMGranularity(Granularity):
 
     def check(self, target: Target) -> None:
         _structured_only(self.name, target)
-        matrix_inputs = nm_view(target.weight.detach(), target.layout).shape[1]
-        per_position = target.weight.shape[1] if target.layout == "conv" else matrix_inputs
-        if per_position % self.m:
-            what = ("input channels per group" if target.layout == "conv" else "inputs per output row")
+        reason = self.unfit(target)
+        if reason is not None:
             raise ValueError(
-                f"granularity {self.name!r} does not apply to {target.name!r} ({target.kind}): it has "
-                f"{per_position} {what}, not a multiple of M={self.m}. Leave it out of 'layers', or use "
-                f"an M that divides {per_position}.")
+                f"granularity {self.name!r} does not apply to {target.name!r} ({target.kind}): {reason}. "
+                f"Leave it out of 'layers', or use an M that divides {self._per_position(target)}.")
+
+    def unfit(self, target: Target) -> str | None:
+        """Why ``target``'s rows cannot be cut into runs of M (None: they can)."""
+        per_position = self._per_position(target)
+        if per_position % self.m == 0:
+            return None
+        what = "input channels per group" if target.layout == "conv" else "inputs per output row"
+        return f"it has {per_position} {what}, not a multiple of M={self.m}"
+
+    @staticmethod
+    def _per_position(target: Target) -> int:
+        if target.layout == "conv":
+            return target.weight.shape[1]
+        return nm_view(target.weight.detach(), target.layout).shape[1]
 
     def group_rows(self, weight, target=None):
         return _rows_like(weight, target)

@@ -145,18 +145,14 @@ class Pruner:
         """Every target must take the granularity. Under an N:M pattern, default targets that
         cannot (e.g. a first conv with 3 input channels) are left dense with a warning and
         returned as ``{layer: reason}``; named ones raise, as do all others."""
-        skipped, first = {}, None
+        skipped = {}
+        if not named and isinstance(self.granularity, NMGranularity):
+            skipped = {t.name: reason for t in self.targets
+                       if (reason := self.granularity.unfit(t)) is not None}
         for target in self.targets:
-            try:
-                self.granularity.check(target)
-            except ValueError as err:
-                if named or not isinstance(self.granularity, NMGranularity):
-                    raise
-                first = first or err
-                skipped[target.name] = str(err).split(": ", 1)[-1].split(". ")[0]
+            if target.name not in skipped or len(skipped) == len(self.targets):
+                self.granularity.check(target)      # no layer can hold the pattern: the first one's error
         if skipped:
-            if len(skipped) == len(self.targets):
-                raise first           # no layer can hold the pattern: the first one's reason
             self.targets = [t for t in self.targets if t.name not in skipped]
             warnings.warn(PatternSkipped(
                 f"granularity {self.granularity.name!r} leaves {len(skipped)} layer(s) dense: "
