@@ -486,8 +486,9 @@ def test_obs_fast_wide_layers_float32_path_matches_float64(monkeypatch):
     import prunelab.pruning.lobs.obs_fast as module
     X, H, W = problem(seed=3, n=1000, d=300, rows=3)
     H = H + 1e-2 * torch.diagonal(H).mean() * torch.eye(len(H), dtype=f64)
-    U = module.upper_factor_of_inverse(H.float()).double()             # halves below 256: the recursion
-    assert torch.allclose(U, U.triu()) and torch.allclose(U.T @ U @ H, torch.eye(300, dtype=f64), atol=1e-3)
+    L = module.reversed_cholesky(H).double()                            # J H J = L Lᵀ
+    A = torch.flip(L, (0, 1))                                           # H = A Aᵀ, A upper triangular
+    assert torch.equal(A, A.triu()) and torch.allclose(A @ A.T, H, rtol=1e-4, atol=1e-4 * float(H.abs().max()))
     prunable, alive = all_on(W)
     exact = obs_fast.solve(W, H, 450, prunable, alive)                  # float64 up to FLOAT64_UP_TO inputs
     monkeypatch.setattr(module, "FLOAT64_UP_TO", 64)

@@ -122,3 +122,20 @@ def test_solver_pattern_refusals(kwargs, pattern):
     from torch import nn
     with pytest.raises(ValueError, match=pattern):
         Pruner(nn.Sequential(nn.Linear(8, 4)), None, granularity="2:4", calibration=[(torch.randn(4, 8),)], **kwargs)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_obs_fast_left_looking_float32_path_matches_the_float64_sweep(monkeypatch, nm):
+    # layers wider than FLOAT64_UP_TO never form U: each block gets the earlier blocks' compensation
+    # from the Cholesky factor of the reversed H; same masks and weights as the float64 U sweep
+    X, H, W = problem(4, rows=5, d=40, n=400)
+    prunable = torch.ones(40, dtype=torch.bool); prunable[39] = False
+    alive = torch.ones_like(W, dtype=torch.bool)
+    alive[1, 5:9] = False
+    exact = obs_fast.solve(W, H, 90, prunable, alive, block_size=8, nm=nm)
+    monkeypatch.setattr(obs_fast, "FLOAT64_UP_TO", 16)
+    wide = obs_fast.solve(W, H, 90, prunable, alive, block_size=8, nm=nm)
+    assert torch.equal(wide.keep, exact.keep)
+    torch.testing.assert_close(wide.W, exact.W, rtol=1e-4, atol=1e-4)
+    assert wide.predicted == pytest.approx(exact.predicted, rel=1e-4)
+    assert not wide.keep[1, 5:9].any() and wide.keep[:, 39].all()
