@@ -25,7 +25,7 @@ from torch import nn
 
 from prunelab._validation import check_choice, check_finite, check_number, check_sparsity
 from prunelab.inputs import iter_batches, make_loss
-from prunelab.pruning.criteria import Criterion, make_criterion
+from prunelab.pruning.criteria import Criterion, make_criterion, score_stream
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, PatternSkipped, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
 from prunelab.pruning.schedules import Schedule, make_schedule
@@ -387,32 +387,74 @@ class Pruner:
         active = [t for t in self.targets if t.name not in skipped]     # a criterion's skipped layers stay as they are
         if isinstance(targets, list):
             targets = [s for t, s in zip(self.targets, targets) if t.name not in skipped]
-        scores = self.criterion.scores(active)
-        for target, score in zip(active, scores):
-            check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
-                         hint="; check the calibration data and the loss")
+        if self.scope.independent:
+            per_layer = targets if isinstance(targets, list) else [targets] * len(active)
+            chosen, held = self._select_each(active, per_layer, event)
+        else:
+            chosen, held = self._select_together(active, targets, event)
+        for i, (target, group_keep) in enumerate(chosen):
+            chosen[i] = None                # each freed once stored
+            self._set_masks(target, group_keep)
+            del group_keep
+        return self._after_prune(sparsity, held)
+
+    def _scored_layer(self, target: Target, score: torch.Tensor) -> tuple[LayerGroups, torch.Size]:
+        check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
+                     hint="; check the calibration data and the loss")
+        return self._layer_groups(target, score)
+
+    def _select_each(self, active: list[Target], sparsities: list[float], event: Event):
+        """Scopes that decide each layer alone: score, group and select one layer at a time, so
+        that only one layer's scores are in memory. Returns ``[(target, group keep-mask)]``, set
+        by the caller once every layer is chosen (a non-finite score anywhere changes nothing),
+        and the layers the no-empty-layer guard held."""
+        chosen, held = [], []
+        for i, (target, score) in enumerate(zip(active, score_stream(self.criterion, active))):
+            layer, shape = self._scored_layer(target, score)
+            del score                       # before the next layer's scores are made
+            keep = self.scope.select_layer(layer, sparsities[i], event, self.min_keep, i, len(active))
+            if self._held_in_layer(layer, keep, sparsities[i], event, i, len(active)):
+                held.append(target.name)
+            chosen.append((target, keep.reshape(shape)))
+            del layer, keep
+        return chosen, tuple(held)
+
+    def _held_in_layer(self, layer: LayerGroups, keep: torch.Tensor, sparsity: float, event: Event,
+                       index: int, n_layers: int) -> bool:
+        """Whether the guard held this layer: it is at its floor and would lose more without
+        the guard (for a scope that decides each layer alone, :meth:`_held_by_guard` per layer)."""
+        if int(keep.sum()) > min(self.min_keep, int(layer.alive.sum())):
+            return False
+        unguarded = self.scope.select_layer(layer, sparsity, event, 0, index, n_layers)
+        return int(unguarded.sum()) < int(keep.sum())
+
+    def _select_together(self, active: list[Target], targets, event: Event):
+        """Scopes that share the target between layers (``global``): every layer's group scores
+        (one layer's raw scores at a time), then one selection over all of them."""
         layers, group_shapes = [], []
-        for i, target in enumerate(active):
-            layer, shape = self._layer_groups(target, scores[i])
-            scores[i] = None               # only the group scores are kept (the same tensor for weights)
+        for target, score in zip(active, score_stream(self.criterion, active)):
+            layer, shape = self._scored_layer(target, score)
+            del score                       # only the group scores are kept (the same tensor for weights)
             layers.append(layer)
             group_shapes.append(shape)
         keeps = self.scope.select(layers, targets, event, self.min_keep)
         held = self._held_by_guard(layers, targets, event, keeps, active)
-        for target, keep, shape in zip(active, keeps, group_shapes):
-            weight = target.weight
-            group_keep = keep.reshape(shape)
-            new = self.granularity.expand(group_keep, weight, target)
-            old = self.masks.get(weight)
-            self.masks.set(weight, new if old is None else new & old.bool())
-            bias_keep = self.granularity.bias_mask(group_keep.flatten())
-            bias, part = _unit_bias(target)
-            if bias_keep is not None and bias is not None:
-                old_bias = self.masks.get(bias)
-                keep_bias = torch.ones_like(bias, dtype=torch.bool) if old_bias is None else old_bias.bool()
-                keep_bias[part] &= bias_keep.to(keep_bias.device)
-                self.masks.set(bias, keep_bias)
-        return self._after_prune(sparsity, held)
+        del layers
+        return [(t, k.reshape(shape)) for t, k, shape in zip(active, keeps, group_shapes)], held
+
+    def _set_masks(self, target: Target, group_keep: torch.Tensor) -> None:
+        """Store a layer's new keep-mask (and its units' bias mask), ANDed with the old."""
+        weight = target.weight
+        new = self.granularity.expand(group_keep, weight, target)
+        old = self.masks.get(weight)
+        self.masks.set(weight, new if old is None else new & old.bool())
+        bias_keep = self.granularity.bias_mask(group_keep.flatten())
+        bias, part = _unit_bias(target)
+        if bias_keep is not None and bias is not None:
+            old_bias = self.masks.get(bias)
+            keep_bias = torch.ones_like(bias, dtype=torch.bool) if old_bias is None else old_bias.bool()
+            keep_bias[part] &= bias_keep.to(keep_bias.device)
+            self.masks.set(bias, keep_bias)
 
     def _layer_groups(self, target: Target, score: torch.Tensor) -> tuple[LayerGroups, torch.Size]:
         """One layer's group scores and alive groups for the scope, and the groups' shape.

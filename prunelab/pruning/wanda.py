@@ -119,13 +119,17 @@ class Wanda(Criterion):
         self._norms = input_norms(model, chosen, batches)
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
+        return list(self.iter_scores(targets))
+
+    def iter_scores(self, targets: Sequence[Target]):
         if self._norms is None:
             raise ValueError("the wanda criterion has no input norms to score with: pass calibration data "
                              "(prune(..., data=batches), Pruner(..., calibration=batches) or pruner.calibrate(data)).")
         missing = [t.name for t in targets if t.name not in self._norms]
         if missing:
             raise ValueError(f"wanda: calibrated without {', '.join(missing)}; calibrate on the same layers.")
-        return [wanda_scores(t, self._norms[t.name]) for t in targets]
+        for t in targets:
+            yield wanda_scores(t, self._norms[t.name])
 
     def reset(self) -> None:
         self._norms = None
