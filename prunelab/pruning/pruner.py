@@ -380,7 +380,7 @@ class Pruner:
             for i, target in enumerate(self.targets):
                 keep, keeps[i] = keeps[i], None     # each freed once stored: not all masks twice at once
                 old = self.masks.get(target.weight)
-                self.masks.set(target.weight, keep if old is None else keep & old.bool())
+                self.masks.set(target.weight, keep if old is None or keep is old else keep & old.bool())
                 del keep
             return self._after_prune(sparsity, tuple(getattr(self.criterion, "last_held", ())))
         skipped = getattr(self.criterion, "skipped", None) or {}
@@ -409,15 +409,25 @@ class Pruner:
         by the caller once every layer is chosen (a non-finite score anywhere changes nothing),
         and the layers the no-empty-layer guard held."""
         chosen, held = [], []
-        for i, (target, score) in enumerate(zip(active, score_stream(self.criterion, active))):
-            layer, shape = self._scored_layer(target, score)
+        stream = score_stream(self.criterion, active)      # next(), not zip(): zip's tuple would hold
+        for i, target in enumerate(active):                 # the last scores while the next are made
+            score = next(stream)
+            group_keep, was_held = self._choose(target, score, sparsities[i], event, i, len(active))
             del score                       # before the next layer's scores are made
-            keep = self.scope.select_layer(layer, sparsities[i], event, self.min_keep, i, len(active))
-            if self._held_in_layer(layer, keep, sparsities[i], event, i, len(active)):
+            if was_held:
                 held.append(target.name)
-            chosen.append((target, keep.reshape(shape)))
-            del layer, keep
+            chosen.append((target, group_keep))
         return chosen, tuple(held)
+
+    def _choose(self, target: Target, score: torch.Tensor, sparsity: float, event: Event, index: int,
+                n_layers: int) -> tuple[torch.Tensor, bool]:
+        """One layer's group keep-mask (shaped like its group scores) under a scope that decides
+        each layer alone, and whether the no-empty-layer guard held it. Sets no mask (see
+        :meth:`_set_masks`); a criterion that prunes block by block (Wanda's) calls both."""
+        layer, shape = self._scored_layer(target, score)
+        keep = self.scope.select_layer(layer, sparsity, event, self.min_keep, index, n_layers)
+        held = self._held_in_layer(layer, keep, sparsity, event, index, n_layers)
+        return keep.reshape(shape), held
 
     def _held_in_layer(self, layer: LayerGroups, keep: torch.Tensor, sparsity: float, event: Event,
                        index: int, n_layers: int) -> bool:
@@ -432,7 +442,9 @@ class Pruner:
         """Scopes that share the target between layers (``global``): every layer's group scores
         (one layer's raw scores at a time), then one selection over all of them."""
         layers, group_shapes = [], []
-        for target, score in zip(active, score_stream(self.criterion, active)):
+        stream = score_stream(self.criterion, active)
+        for target in active:
+            score = next(stream)
             layer, shape = self._scored_layer(target, score)
             del score                       # only the group scores are kept (the same tensor for weights)
             layers.append(layer)
