@@ -12,6 +12,11 @@ tensors, so the result is already permanent — there is nothing to "remove".
 The masks live in the Pruner and matter only while training goes on: attached
 to an optimiser they keep pruned entries at zero (see :mod:`masks`).
 :func:`prune` is the one-call form for one-shot pruning.
+
+Memory: under a scope that decides each layer alone (``local``, ``row``,
+``layerwise-constant``) the Pruner asks the criterion for one layer's scores at a time
+(:meth:`Criterion.iter_scores`), selects, and keeps only that layer's bool mask (1 byte per
+weight) before the next; ``global`` keeps every layer's group scores for its one ranking.
 """
 
 from __future__ import annotations

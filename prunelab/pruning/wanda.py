@@ -184,8 +184,8 @@ class Wanda(Criterion):
             raise ValueError("the wanda criterion needs calibration data: pass data= to prune() or "
                              "calibration= to the Pruner.")
         self.last_report, self.last_held = _BlockByBlock(self, pruner, event).run(sparsities)
-        ones = lambda t: torch.ones_like(t.weight, dtype=torch.bool)       # noqa: E731
-        return [pruner.masks.get(t.weight) if t.weight in pruner.masks else ones(t) for t in pruner.targets]
+        return [pruner.masks.get(t.weight) if t.weight in pruner.masks
+                else torch.ones_like(t.weight, dtype=torch.bool) for t in pruner.targets]
 
     def reset(self) -> None:
         self._norms, self._batches = None, None
@@ -223,12 +223,13 @@ class NormReport(Report):
     whole prune's peak as in :class:`prunelab.pruning.lobs.Report`)."""
 
     def __str__(self) -> str:
-        head = (f"{'layer':<14} {'sparsity':>8} {'n':>8} {'norms s':>8} {'select s':>8} {'total s':>8} "
+        w = max([14] + [len(r.layer) for r in self])
+        head = (f"{'layer':<{w}} {'sparsity':>8} {'n':>8} {'norms s':>8} {'select s':>8} {'total s':>8} "
                 f"{'peak MiB':>9}")
         lines = [head, "-" * len(head)]
         totals = {b["block"]: b for b in self.blocks()}
         for i, r in enumerate(self):
-            lines.append(f"{r.layer:<14} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} {r.select_seconds:8.3f} "
+            lines.append(f"{r.layer:<{w}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} {r.select_seconds:8.3f} "
                          f"{r.seconds:8.3f} {_mib(r.peak_memory):>9}")
             if r.block is not None and (i + 1 == len(self) or self[i + 1].block != r.block):
                 b = totals[r.block]
