@@ -277,24 +277,13 @@ class _BlockByBlock:
                 shown = sys.stderr.isatty() if c.progress is None else c.progress
                 bar = _BlockBar(self.active, self.inputs.block_name, shown, c.name)
                 for block, members in self._runs():
-                    recorder = None
+                    recorder = None          # the block's norms, made when its first layer is pruned
                     for target in members:
-                        started = time.perf_counter()
-                        with PeakMemory(self.memory) as peak:
-                            norm_seconds = 0.0
-                            if recorder is None:
-                                recorder, norm_seconds = self._norms(block, members)
-                            live = self.inputs.cached_bytes() + sum(v.numel() * v.element_size()
-                                                                    for v in recorder.sums.values())
-                            chosen = time.perf_counter()
-                            norm = recorder.sums.pop(target.name).sqrt()
-                            if self._prune(target, norm, wanted[target.name]):
-                                held.append(target.name)
-                            del norm
-                            select_seconds = time.perf_counter() - chosen
-                        report.append(self._layer_report(target, recorder.columns[target.name], block, norm_seconds,
-                                                         select_seconds, time.perf_counter() - started,
-                                                         peak.peak, live))
+                        recorder, layer_report, was_held = self._layer(target, block, members, recorder,
+                                                                       wanted[target.name])
+                        report.append(layer_report)
+                        if was_held:
+                            held.append(target.name)
                         bar.step(target)
         finally:
             if bar is not None:
@@ -305,6 +294,27 @@ class _BlockByBlock:
                 spill.close()
         report.peak_memory = self.memory.get("overall")
         return report, tuple(held)
+
+    def _layer(self, target, block, members, recorder, sparsity):
+        """Prune one target, its block's norms first if not made yet; its report, timed and with
+        its peak memory."""
+        started = time.perf_counter()
+        with PeakMemory(self.memory) as peak:
+            norm_seconds = 0.0
+            if recorder is None:
+                recorder, norm_seconds = self._norms(block, members)
+            live = self.inputs.cached_bytes() + sum(v.numel() * v.element_size() for v in recorder.sums.values())
+            chosen = time.perf_counter()
+            held = self._prune(target, recorder.sums.pop(target.name).sqrt(), sparsity)
+            select_seconds = time.perf_counter() - chosen
+        weight = target.weight
+        report = NormLayerReport(
+            layer=target.name, shape=tuple(weight.shape),
+            sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(), n=recorder.columns[target.name],
+            norm_seconds=norm_seconds, select_seconds=select_seconds,
+            block=None if block is None else self.inputs.block_name[target.name],
+            seconds=time.perf_counter() - started, peak_memory=peak.peak, live_bytes=live)
+        return recorder, report, held
 
     def _runs(self):
         """``(block, [targets])`` for each run of consecutive targets in one block (None: outside)."""
@@ -350,12 +360,3 @@ class _BlockByBlock:
             target.weight.masked_fill_(~mask, 0)
         self.inputs.pruned(target)
         return held
-
-    def _layer_report(self, target, n, block, norm_seconds, select_seconds, seconds, peak, live):
-        weight = target.weight
-        return NormLayerReport(
-            layer=target.name, shape=tuple(weight.shape),
-            sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(), n=n,
-            norm_seconds=norm_seconds, select_seconds=select_seconds,
-            block=None if block is None else self.inputs.block_name[target.name],
-            seconds=seconds, peak_memory=peak, live_bytes=live)
