@@ -7,9 +7,11 @@ intermediate 2048, 12 heads / 4 key-value heads, vocabulary 32000: 0.13 B parame
 ``--size 1.1b`` (22 layers, hidden 2048, intermediate 5632, 32 heads / 4 key-value heads,
 vocabulary 32000: 1.1 B, TinyLlama's shape); ``--layers K`` keeps only the first K decoder layers
 of that shape, to extrapolate. The decoder layers' Linear weights (not the embeddings or the LM
-head, as SparseGPT and Wanda do) are pruned 50 % block by block (``blocks="model.layers"``) with
-``obs-fast``, and with ``wanda`` where that criterion is registered, on ``--sequences`` random
-token sequences of ``--length`` tokens.
+head, as SparseGPT and Wanda do) are pruned 50 % on ``--sequences`` random token sequences of
+``--length`` tokens, one line per ``--criteria`` entry: ``obs-fast`` block by block
+(``blocks="model.layers"``), ``wanda`` in one calibration pass (the Pruner then scores and selects
+one layer at a time), ``wanda-blocks`` block by block (the paper's variant: each block's norms
+from the pruned blocks before it). Any ``<criterion>-blocks`` runs that criterion block by block.
 
 Peak memory is the process's resident high-water mark (``VmHWM``, reset before each prune; see
 ``prunelab._memory``), printed per block (the report's layers), for the solver's calibration and
@@ -29,18 +31,19 @@ model's bytes) rather than the time; ``--compute float32`` runs each served bloc
 (``compute_dtype``), leaving only the trace pass in bfloat16. The full runs (the lead's, on a
 quiet machine)::
 
-    OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b                     # float32
+    OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b     # float32: obs-fast, wanda, wanda-blocks
     OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b --dtype bfloat16 --criteria obs-fast
     OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 1.1b --dtype bfloat16 --compute float32 --criteria obs-fast
     OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --size 125m --sequences 128 --length 512
 
-Small runs: ``--size 125m --sequences 8 --length 64``, ``--size 1.1b --layers 2``.
+Small runs: ``--size 125m --sequences 8 --length 64``, ``--size 1.1b --layers 2``. Run one criterion per
+process (``--criteria wanda``) for a peak that no earlier line's memory can raise: the resident
+high-water mark is reset per prune, but the allocator keeps what earlier lines freed.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 from contextlib import contextmanager
 
@@ -104,16 +107,12 @@ def run(criterion: str, args, dtype) -> dict:
     size = model_bytes(model)
     n_params = sum(p.numel() for p in model.parameters())
     batches = calibration(args.sequences, args.length, args.batch)
-    options = {"progress": args.progress}
-    factory = CRITERIA.get(criterion)
-    block_wise = "blocks" in inspect.signature(factory.__init__).parameters
-    spec = criterion
+    name, block_wise = line_of(criterion)
+    spec, options = name, {}
     if block_wise:
-        options.update(blocks="model.layers", offload="disk" if args.disk else None)
+        options.update(blocks="model.layers", offload="disk" if args.disk else None, progress=args.progress)
         if args.compute is not None:
-            spec = {"name": criterion, "compute_dtype": args.compute}
-    else:
-        options = {}
+            spec = {"name": name, "compute_dtype": args.compute}
     memory: dict = {}
     started, cpu = time.perf_counter(), time.process_time()
     with PeakMemory(memory) as whole:
@@ -122,7 +121,7 @@ def run(criterion: str, args, dtype) -> dict:
     report = pruner.history[-1].report
     if args.verbose and report is not None:
         print(report)
-    print(f"\n== {criterion} ({'block by block' if block_wise else 'its own calibration'}), "
+    print(f"\n== {criterion} ({'block by block' if block_wise else 'one calibration pass'}), "
           f"{n_params / 1e9:.3f} B parameters in {args.dtype}: model {size / 2**30:.2f} GiB, "
           f"{args.sequences}×{args.length} tokens in batches of {args.batch}")
     if report is not None and hasattr(report, "blocks"):
@@ -142,6 +141,15 @@ def run(criterion: str, args, dtype) -> dict:
     return {"seconds": seconds, "peak": whole.peak, "bytes": size}
 
 
+SOLVERS = ("obs-fast", "obs-exact", "lobs")     # always block by block here
+
+
+def line_of(entry: str) -> tuple[str, bool]:
+    """A ``--criteria`` entry as (criterion, block by block)."""
+    name = entry.removesuffix("-blocks")
+    return name, entry != name or name in SOLVERS
+
+
 def _gib(n) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
@@ -158,7 +166,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
-    parser.add_argument("--criteria", default="obs-fast,wanda")
+    parser.add_argument("--criteria", default="obs-fast,wanda,wanda-blocks",
+                        help="comma-separated lines: a criterion, or <criterion>-blocks for block by block")
     parser.add_argument("--disk", action="store_true", help="spill the cached block inputs to disk")
     parser.add_argument("--progress", action="store_true", help="show the bar over blocks")
     parser.add_argument("--compute", choices=["float32"], default=None,
@@ -170,7 +179,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for criterion in args.criteria.split(","):
-        if criterion not in CRITERIA.names():
+        if line_of(criterion)[0] not in CRITERIA.names():
             print(f"\n== {criterion}: skipped, not a registered criterion (registered: "
                   f"{', '.join(CRITERIA.names())})")
             continue

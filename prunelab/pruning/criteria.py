@@ -15,7 +15,7 @@ Second-order criteria (OBD, L-OBS) and Wanda (``|w| · ‖x‖₂``) live in the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -47,6 +47,12 @@ class Criterion:
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def iter_scores(self, targets: Sequence[Target]) -> Iterator[torch.Tensor]:
+        """Each target's scores in turn, as :meth:`scores` gives them. The Pruner scores through
+        this, one layer at a time; a criterion that can score one layer alone overrides it so
+        that only one layer's scores exist at once (this default computes them all first)."""
+        yield from self.scores(targets)
 
     def validate(self, pruner) -> None:
         """Check this criterion suits the Pruner's targets, granularity and scope (called
@@ -84,6 +90,10 @@ class Magnitude(Criterion):
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         return [t.weight.detach().abs() for t in targets]
 
+    def iter_scores(self, targets):
+        for t in targets:
+            yield t.weight.detach().abs()
+
 
 @CRITERIA.register("random")
 class Random(Criterion):
@@ -100,8 +110,11 @@ class Random(Criterion):
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
-        return [torch.rand(t.weight.shape, generator=self._generator).to(t.weight.device)
-                for t in targets]
+        return list(self.iter_scores(targets))
+
+    def iter_scores(self, targets):
+        for t in targets:       # the same draws in the same order as all at once
+            yield torch.rand(t.weight.shape, generator=self._generator).to(t.weight.device)
 
     def __repr__(self) -> str:
         return f"Random(seed={self.seed})"
@@ -171,12 +184,16 @@ class GradientMagnitude(Criterion):
                 p.grad = g
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
+        return list(self.iter_scores(targets))
+
+    def iter_scores(self, targets):
         if self._sums is None or self._count == 0:
             raise ValueError(
                 "the gradient criterion has no gradients to score with: attach an optimiser "
                 "(Pruner(..., optimizer=opt) or pruner.attach(opt)), call pruner.observe_gradients() "
                 "after loss.backward(), or pass calibration data.")
-        return [s / self._count for s in self._sums]
+        for s in self._sums:
+            yield s / self._count
 
     def reset(self) -> None:
         self._sums = None
@@ -184,6 +201,17 @@ class GradientMagnitude(Criterion):
 
     def __repr__(self) -> str:
         return f"GradientMagnitude(window={self.window})"
+
+
+def score_stream(criterion: Criterion, targets: Sequence[Target]) -> Iterator[torch.Tensor]:
+    """``criterion.iter_scores(targets)``, unless a subclass overrides :meth:`Criterion.scores`
+    below the class that gives its ``iter_scores`` (then that ``scores``, which it means to be used)."""
+    mro = type(criterion).__mro__
+    scores_from = next(c for c in mro if "scores" in c.__dict__)
+    stream_from = next(c for c in mro if "iter_scores" in c.__dict__)
+    if scores_from is not stream_from and issubclass(scores_from, stream_from):
+        return iter(criterion.scores(targets))
+    return criterion.iter_scores(targets)
 
 
 def make_criterion(spec: "str | Criterion | dict", *, seed: int = 0, where: str = "Pruner") -> Criterion:

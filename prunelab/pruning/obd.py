@@ -155,12 +155,18 @@ class OBD(Criterion):
         return [s / self._count for s in self._sums]
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
-        diagonals = self.hessian_diagonal()
+        return list(self.iter_scores(targets))
+
+    def iter_scores(self, targets: Sequence[Target]):
+        """One target's ``½ · h · w²`` at a time (its ``h`` made when it is scored)."""
+        if self._sums is None or self._count == 0:
+            self.hessian_diagonal()             # raises: nothing calibrated
         if [t.name for t in targets] != self._names:
             raise ValueError(f"{_WHERE}: calibrated on {self._names}, asked to score "
                              f"{[t.name for t in targets]}.")
-        return [(0.5 * h * t.weight.detach().double().square()).to(t.weight.dtype)
-                for t, h in zip(targets, diagonals)]
+        for t, s in zip(targets, self._sums):
+            h = s / self._count
+            yield (0.5 * h * t.weight.detach().double().square()).to(t.weight.dtype)
 
     def reset(self) -> None:
         self._sums: list[torch.Tensor] | None = None

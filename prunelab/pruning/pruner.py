@@ -12,6 +12,11 @@ tensors, so the result is already permanent — there is nothing to "remove".
 The masks live in the Pruner and matter only while training goes on: attached
 to an optimiser they keep pruned entries at zero (see :mod:`masks`).
 :func:`prune` is the one-call form for one-shot pruning.
+
+Memory: under a scope that decides each layer alone (``local``, ``row``,
+``layerwise-constant``) the Pruner asks the criterion for one layer's scores at a time
+(:meth:`Criterion.iter_scores`), selects, and keeps only that layer's bool mask (1 byte per
+weight) before the next; ``global`` keeps every layer's group scores for its one ranking.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import nn
 
 from prunelab._validation import check_choice, check_finite, check_number, check_sparsity
 from prunelab.inputs import iter_batches, make_loss
-from prunelab.pruning.criteria import Criterion, make_criterion
+from prunelab.pruning.criteria import Criterion, make_criterion, score_stream
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, PatternSkipped, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
 from prunelab.pruning.schedules import Schedule, make_schedule
@@ -380,39 +385,93 @@ class Pruner:
             for i, target in enumerate(self.targets):
                 keep, keeps[i] = keeps[i], None     # each freed once stored: not all masks twice at once
                 old = self.masks.get(target.weight)
-                self.masks.set(target.weight, keep if old is None else keep & old.bool())
+                self.masks.set(target.weight, keep if old is None or keep is old else keep & old.bool())
                 del keep
             return self._after_prune(sparsity, tuple(getattr(self.criterion, "last_held", ())))
         skipped = getattr(self.criterion, "skipped", None) or {}
         active = [t for t in self.targets if t.name not in skipped]     # a criterion's skipped layers stay as they are
         if isinstance(targets, list):
             targets = [s for t, s in zip(self.targets, targets) if t.name not in skipped]
-        scores = self.criterion.scores(active)
-        for target, score in zip(active, scores):
-            check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
-                         hint="; check the calibration data and the loss")
+        if self.scope.independent:
+            per_layer = targets if isinstance(targets, list) else [targets] * len(active)
+            chosen, held = self._select_each(active, per_layer, event)
+        else:
+            chosen, held = self._select_together(active, targets, event)
+        for i, (target, group_keep) in enumerate(chosen):
+            chosen[i] = None                # each freed once stored
+            self._set_masks(target, group_keep)
+            del group_keep
+        return self._after_prune(sparsity, held)
+
+    def _scored_layer(self, target: Target, score: torch.Tensor) -> tuple[LayerGroups, torch.Size]:
+        check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
+                     hint="; check the calibration data and the loss")
+        return self._layer_groups(target, score)
+
+    def _select_each(self, active: list[Target], sparsities: list[float], event: Event):
+        """Scopes that decide each layer alone: score, group and select one layer at a time, so
+        that only one layer's scores are in memory. Returns ``[(target, group keep-mask)]``, set
+        by the caller once every layer is chosen (a non-finite score anywhere changes nothing),
+        and the layers the no-empty-layer guard held."""
+        chosen, held = [], []
+        stream = score_stream(self.criterion, active)      # next(), not zip(): zip's tuple would hold
+        for i, target in enumerate(active):                 # the last scores while the next are made
+            score = next(stream)
+            group_keep, was_held = self._choose(target, score, sparsities[i], event, i, len(active))
+            del score                       # before the next layer's scores are made
+            if was_held:
+                held.append(target.name)
+            chosen.append((target, group_keep))
+        return chosen, tuple(held)
+
+    def _choose(self, target: Target, score: torch.Tensor, sparsity: float, event: Event, index: int,
+                n_layers: int) -> tuple[torch.Tensor, bool]:
+        """One layer's group keep-mask (shaped like its group scores) under a scope that decides
+        each layer alone, and whether the no-empty-layer guard held it. Sets no mask (see
+        :meth:`_set_masks`); a criterion that prunes block by block (Wanda's) calls both."""
+        layer, shape = self._scored_layer(target, score)
+        keep = self.scope.select_layer(layer, sparsity, event, self.min_keep, index, n_layers)
+        held = self._held_in_layer(layer, keep, sparsity, event, index, n_layers)
+        return keep.reshape(shape), held
+
+    def _held_in_layer(self, layer: LayerGroups, keep: torch.Tensor, sparsity: float, event: Event,
+                       index: int, n_layers: int) -> bool:
+        """Whether the guard held this layer: it is at its floor and would lose more without
+        the guard (for a scope that decides each layer alone, :meth:`_held_by_guard` per layer)."""
+        if int(keep.sum()) > min(self.min_keep, int(layer.alive.sum())):
+            return False
+        unguarded = self.scope.select_layer(layer, sparsity, event, 0, index, n_layers)
+        return int(unguarded.sum()) < int(keep.sum())
+
+    def _select_together(self, active: list[Target], targets, event: Event):
+        """Scopes that share the target between layers (``global``): every layer's group scores
+        (one layer's raw scores at a time), then one selection over all of them."""
         layers, group_shapes = [], []
-        for i, target in enumerate(active):
-            layer, shape = self._layer_groups(target, scores[i])
-            scores[i] = None               # only the group scores are kept (the same tensor for weights)
+        stream = score_stream(self.criterion, active)
+        for target in active:
+            score = next(stream)
+            layer, shape = self._scored_layer(target, score)
+            del score                       # only the group scores are kept (the same tensor for weights)
             layers.append(layer)
             group_shapes.append(shape)
         keeps = self.scope.select(layers, targets, event, self.min_keep)
         held = self._held_by_guard(layers, targets, event, keeps, active)
-        for target, keep, shape in zip(active, keeps, group_shapes):
-            weight = target.weight
-            group_keep = keep.reshape(shape)
-            new = self.granularity.expand(group_keep, weight, target)
-            old = self.masks.get(weight)
-            self.masks.set(weight, new if old is None else new & old.bool())
-            bias_keep = self.granularity.bias_mask(group_keep.flatten())
-            bias, part = _unit_bias(target)
-            if bias_keep is not None and bias is not None:
-                old_bias = self.masks.get(bias)
-                keep_bias = torch.ones_like(bias, dtype=torch.bool) if old_bias is None else old_bias.bool()
-                keep_bias[part] &= bias_keep.to(keep_bias.device)
-                self.masks.set(bias, keep_bias)
-        return self._after_prune(sparsity, held)
+        del layers
+        return [(t, k.reshape(shape)) for t, k, shape in zip(active, keeps, group_shapes)], held
+
+    def _set_masks(self, target: Target, group_keep: torch.Tensor) -> None:
+        """Store a layer's new keep-mask (and its units' bias mask), ANDed with the old."""
+        weight = target.weight
+        new = self.granularity.expand(group_keep, weight, target)
+        old = self.masks.get(weight)
+        self.masks.set(weight, new if old is None else new & old.bool())
+        bias_keep = self.granularity.bias_mask(group_keep.flatten())
+        bias, part = _unit_bias(target)
+        if bias_keep is not None and bias is not None:
+            old_bias = self.masks.get(bias)
+            keep_bias = torch.ones_like(bias, dtype=torch.bool) if old_bias is None else old_bias.bool()
+            keep_bias[part] &= bias_keep.to(keep_bias.device)
+            self.masks.set(bias, keep_bias)
 
     def _layer_groups(self, target: Target, score: torch.Tensor) -> tuple[LayerGroups, torch.Size]:
         """One layer's group scores and alive groups for the scope, and the groups' shape.

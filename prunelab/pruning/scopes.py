@@ -18,6 +18,12 @@ realised sparsity is the closest to the target the guard allows.
 
 Under ``row`` each row prunes ``round(S · k)`` of its ``k`` groups (dead ones first); the
 no-empty-layer guard still protects the layer's ``min_keep`` best groups, wherever they are.
+
+``local``, ``row`` and ``layerwise-constant`` decide each layer alone (``Scope.independent``):
+:meth:`Scope.select_layer` takes one layer, so the Pruner scores and selects one layer at a time
+and never holds more than one layer's scores. ``global`` needs every layer's group scores; it
+finds its cut by bisection on the scores' values (counting, never sorting or concatenating them),
+so it holds nothing per group beyond the scores and alive flags it is given.
 """
 
 from __future__ import annotations
@@ -60,13 +66,25 @@ def _order(layer: LayerGroups, min_keep: int) -> tuple[torch.Tensor, int, int]:
     Dead groups score -inf (they rank first and count towards the target); the
     ``min_keep`` best alive groups score +inf and are never selected.
     """
-    s = layer.scores.detach().double().flatten().cpu().clone()
+    s, alive = _with_dead(layer)
+    protected = _protected(s, alive, min_keep)
+    if protected is not None:
+        s[protected] = float("inf")
+    return s, int((~alive).sum()), 0 if protected is None else len(protected)
+
+
+def _with_dead(layer: LayerGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores as a float64 copy on the CPU with dead groups at -inf, and the alive flags."""
+    s = layer.scores.detach().flatten().to(device="cpu", dtype=torch.float64, copy=True)
     alive = layer.alive.flatten().cpu()
     s[~alive] = float("-inf")
+    return s, alive
+
+
+def _protected(s: torch.Tensor, alive: torch.Tensor, min_keep: int) -> torch.Tensor | None:
+    """The ``min_keep`` best alive groups (indices), None for none."""
     n_protected = min(min_keep, int(alive.sum()))
-    if n_protected:
-        s[torch.topk(s, n_protected).indices] = float("inf")
-    return s, int((~alive).sum()), n_protected
+    return torch.topk(s, n_protected).indices if n_protected else None
 
 
 def _prune_lowest(layer: LayerGroups, n_prune: int, min_keep: int) -> torch.Tensor:
@@ -85,12 +103,23 @@ def _per_layer(sparsity: "float | list[float]", layers: list) -> list[float]:
 class Scope:
     name = ""
     needs_rows = False      # select() reads LayerGroups.rows
+    independent = False     # decides each layer alone: select_layer() works
 
     def select(self, layers: list[LayerGroups], sparsity: "float | list[float]", event: Event,
                min_keep: int = 1) -> list[torch.Tensor]:
         """Return one bool keep-mask of shape (G,) per layer. ``sparsity`` is one target, or
         one per layer (scopes that share the target between layers refuse a list)."""
-        raise NotImplementedError
+        if not self.independent:
+            raise NotImplementedError
+        targets = _per_layer(sparsity, layers)
+        return [self.select_layer(layer, s, event, min_keep, i, len(layers))
+                for i, (layer, s) in enumerate(zip(layers, targets))]
+
+    def select_layer(self, layer: LayerGroups, sparsity: float, event: Event, min_keep: int,
+                     index: int, n_layers: int) -> torch.Tensor:
+        """The keep-mask of layer ``index`` of ``n_layers``, decided from that layer alone (scopes
+        with ``independent`` set); equal to ``select(...)[index]``."""
+        raise NotImplementedError(f"scope {self.name!r} shares the target between layers; use select()")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -99,54 +128,152 @@ class Scope:
 @SCOPES.register("local", "layerwise")
 class Local(Scope):
     name = "local"
+    independent = True
 
-    def select(self, layers, sparsity, event, min_keep=1):
-        targets = _per_layer(sparsity, layers)
-        return [_prune_lowest(layer, round(s * layer.n_groups), min_keep) for layer, s in zip(layers, targets)]
+    def select_layer(self, layer, sparsity, event, min_keep, index, n_layers):
+        return _prune_lowest(layer, round(sparsity * layer.n_groups), min_keep)
 
 
 @SCOPES.register("global")
 class Global(Scope):
     """One ranking of all groups of all layers; the lowest go until ``S`` of all
-    prunable weights are pruned (the prefix whose weight count is closest)."""
+    prunable weights are pruned (the prefix whose weight count is closest). Ties rank in
+    layer order, then group order."""
 
     name = "global"
 
     def select(self, layers, sparsity, event, min_keep=1):
         if isinstance(sparsity, list):
             raise ValueError("scope 'global' takes one sparsity for all layers, not per-layer targets.")
-        ranked = [_order(layer, min_keep) for layer in layers]
-        scores = torch.cat([s for s, _, _ in ranked])
-        n_dead = sum(d for _, d, _ in ranked)
-        n_selectable = len(scores) - sum(p for _, _, p in ranked)
-        sizes = torch.cat([torch.full((layer.n_groups,), float(layer.group_size), dtype=torch.float64)
-                           for layer in layers])
-        owner = torch.cat([torch.full((layer.n_groups,), i) for i, layer in enumerate(layers)])
-        order = torch.argsort(scores, stable=True)
-        # pruned[m] = weights removed when the m lowest groups go; pick m nearest the target
-        pruned_weights = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sizes[order], 0)])
-        n_target = round(sparsity * float(sizes.sum()))
-        m = int(torch.argmin((pruned_weights - n_target).abs()))
-        m = max(n_dead, min(m, n_selectable))
-        keep = torch.ones(len(scores), dtype=torch.bool)
-        keep[order[:m]] = False
-        return [keep[owner == i].to(layer.alive.device) for i, layer in enumerate(layers)]
+        if not layers:
+            return []
+        sizes = {layer.group_size for layer in layers}
+        if len(sizes) == 1 and all(layer.scores.dtype in _KEYS for layer in layers):
+            return _global_by_threshold(layers, sparsity, min_keep, sizes.pop())
+        return _global_by_sorting(layers, sparsity, min_keep)
+
+
+def _global_by_sorting(layers, sparsity, min_keep):
+    """Groups of different sizes (filters of layers with different input sizes): the prefix of
+    the sorted groups whose weight count is closest to the target. Structured groups are few."""
+    ranked = [_order(layer, min_keep) for layer in layers]
+    scores = torch.cat([s for s, _, _ in ranked])
+    n_dead = sum(d for _, d, _ in ranked)
+    n_selectable = len(scores) - sum(p for _, _, p in ranked)
+    sizes = torch.cat([torch.full((layer.n_groups,), float(layer.group_size), dtype=torch.float64)
+                       for layer in layers])
+    owner = torch.cat([torch.full((layer.n_groups,), i) for i, layer in enumerate(layers)])
+    order = torch.argsort(scores, stable=True)
+    # pruned[m] = weights removed when the m lowest groups go; pick m nearest the target
+    pruned_weights = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sizes[order], 0)])
+    n_target = round(sparsity * float(sizes.sum()))
+    m = int(torch.argmin((pruned_weights - n_target).abs()))
+    m = max(n_dead, min(m, n_selectable))
+    keep = torch.ones(len(scores), dtype=torch.bool)
+    keep[order[:m]] = False
+    return [keep[owner == i].to(layer.alive.device) for i, layer in enumerate(layers)]
+
+
+# float dtype -> the signed integer dtype of the same width: the ordered keys of the bisection
+_KEYS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+class _Ranked:
+    """One layer's groups as the ranking sees them (:func:`_order`: dead ones at -inf, the
+    ``min_keep`` best alive ones at +inf, the others at their score), counted against a threshold
+    without holding that ranked copy; :meth:`ranked` builds it for one layer at a time."""
+
+    def __init__(self, layer: LayerGroups, min_keep: int):
+        self.scores, self.alive = layer.scores.detach().flatten(), layer.alive.flatten()
+        self.n_dead = int((~self.alive).sum())
+        s, alive = _with_dead(layer)
+        self.protected = _protected(s, alive, min_keep)          # the very groups _order protects
+        self.n_protected = 0 if self.protected is None else len(self.protected)
+        if self.protected is not None:
+            self.protected = self.protected.to(self.scores.device)
+
+    def count(self, t: float, strict: bool) -> int:
+        """How many ranked values are ``< t`` (strict) or ``<= t``."""
+        compare = torch.lt if strict else torch.le
+        n = int((compare(self.scores, t) & self.alive).sum())
+        if self.protected is not None:        # alive, but ranked at +inf
+            n -= int(compare(self.scores[self.protected], t).sum())
+            if not strict and t == float("inf"):
+                n += self.n_protected
+        if not strict or t > float("-inf"):
+            n += self.n_dead
+        return n
+
+    def ranked(self) -> torch.Tensor:
+        r = self.scores.clone()
+        r[~self.alive] = float("-inf")
+        if self.protected is not None:
+            r[self.protected] = float("inf")
+        return r
+
+
+def _key(value: float, dtype: torch.dtype) -> int:
+    """An integer that orders like the float ``value`` of ``dtype`` (-0.0 just below +0.0)."""
+    bits = int(torch.tensor([value], dtype=dtype).view(_KEYS[dtype]))
+    return bits if bits >= 0 else -(bits & torch.iinfo(_KEYS[dtype]).max) - 1
+
+
+def _value(key: int, dtype: torch.dtype) -> float:
+    """The inverse of :func:`_key`."""
+    bits = key if key >= 0 else (-(key + 1)) | torch.iinfo(_KEYS[dtype]).min
+    return float(torch.tensor([bits], dtype=_KEYS[dtype]).view(dtype))
+
+
+def _global_by_threshold(layers, sparsity, min_keep, group_size):
+    """Groups of one size (single weights, N:M): the ``m`` lowest of the ranking are pruned,
+    ``m`` being the count nearest the target, found from a threshold ``v`` (the m-th lowest
+    ranked value, by bisection on the values' ordered bit patterns: one counting pass per bit)
+    and the first ties at ``v`` in layer and group order — what a stable sort would give."""
+    ranked = [_Ranked(layer, min_keep) for layer in layers]
+    n_groups = sum(layer.n_groups for layer in layers)
+    n_target = round(sparsity * float(n_groups * group_size))
+    m = min(n_target // group_size, n_groups)     # the count whose weights are nearest n_target, the lower on ties
+    if m < n_groups and abs((m + 1) * group_size - n_target) < abs(m * group_size - n_target):
+        m += 1
+    n_dead = sum(r.n_dead for r in ranked)
+    m = max(n_dead, min(m, n_groups - sum(r.n_protected for r in ranked)))
+    if m == 0:
+        return [torch.ones_like(layer.alive.flatten()) for layer in layers]
+    dtype = torch.float64 if any(layer.scores.dtype == torch.float64 for layer in layers) else torch.float32
+    low, high = _key(float("-inf"), dtype), _key(float("inf"), dtype)
+    while low < high:                    # the lowest value with at least m ranked values <= it
+        middle = (low + high) // 2
+        if sum(r.count(_value(middle, dtype), strict=False) for r in ranked) >= m:
+            high = middle
+        else:
+            low = middle + 1
+    v = _value(low, dtype)
+    ties_left = m - sum(r.count(v, strict=True) for r in ranked)
+    keeps = []
+    for r in ranked:
+        values = r.ranked()
+        pruned = values < v
+        ties = values == v
+        del values
+        n_ties = int(ties.sum())
+        if ties_left >= n_ties:
+            pruned |= ties
+        elif ties_left > 0:
+            pruned[torch.nonzero(ties).flatten()[:ties_left]] = True
+        ties_left = max(0, ties_left - n_ties)
+        keeps.append(~pruned)
+    return keeps
 
 
 @SCOPES.register("layerwise-constant", "layerwise_constant")
 class LayerwiseConstant(Scope):
     name = "layerwise-constant"
+    independent = True
 
-    def select(self, layers, sparsity, event, min_keep=1):
-        chosen = range(len(layers)) if event.final else [event.index % len(layers)]
-        targets = _per_layer(sparsity, layers)
-        out = []
-        for i, layer in enumerate(layers):
-            if i in chosen:
-                out.append(_prune_lowest(layer, round(targets[i] * layer.n_groups), min_keep))
-            else:
-                out.append(layer.alive.clone())
-        return out
+    def select_layer(self, layer, sparsity, event, min_keep, index, n_layers):
+        if event.final or index == event.index % n_layers:
+            return _prune_lowest(layer, round(sparsity * layer.n_groups), min_keep)
+        return layer.alive.clone()
 
 
 @SCOPES.register("row", "per-row", "per-output")
@@ -156,9 +283,10 @@ class Row(Scope):
 
     name = "row"
     needs_rows = True
+    independent = True
 
-    def select(self, layers, sparsity, event, min_keep=1):
-        return [_prune_lowest_per_row(layer, s, min_keep) for layer, s in zip(layers, _per_layer(sparsity, layers))]
+    def select_layer(self, layer, sparsity, event, min_keep, index, n_layers):
+        return _prune_lowest_per_row(layer, sparsity, min_keep)
 
 
 def _prune_lowest_per_row(layer: LayerGroups, sparsity: float, min_keep: int) -> torch.Tensor:

@@ -19,25 +19,45 @@ are refused.
 
 The paper compares scores within each output row: ``row`` is this criterion's default scope
 (:class:`prunelab.pruning.scopes.Row`); every other scope, schedule and granularity works too.
-The statistics come from the model as it is at the prune, in one pass over the calibration
-batches (the paper's block-by-block variant, with pruned outputs feeding the next block, is not
-this one).
+The Pruner scores and selects one layer at a time (under every scope but ``global``), so the
+scores of one layer exist at once.
+
+Two variants. Without ``blocks`` the statistics come from the model as it is at the prune, in
+one pass over the calibration batches. With ``blocks`` (the stack of blocks, e.g.
+``"model.layers"``; the paper's variant) the calibration runs through block i only, on the
+inputs the pruned blocks before it give: its layers' norms come from one pass of the dense block
+i, its layers are pruned, and block i runs again with its pruned weights to make block i+1's
+inputs (:class:`prunelab.pruning.lobs.sequential.SequentialHessians`' cache of block inputs;
+layers outside the stack are scored from a forward of the whole model as pruned so far). Only
+one block's inputs are held, ``offload="disk"`` spills them to a temporary directory,
+``progress`` shows a bar over the blocks, ``compute_dtype="float32"`` runs the block being
+served in float32 (a bfloat16/float16 model), and ``criterion.last_report`` (also
+``pruner.history[-1].report``) gives each layer's seconds and peak memory, with block totals.
+Scope ``global`` does not apply block by block (a block is pruned before the next block's inputs
+exist).
 
     prune(model, 0.5, criterion="wanda", data=batches)            # 50 % of every row
     prune(model, None, criterion="wanda", granularity="2:4", data=batches)
+    prune(model, 0.5, criterion="wanda", data=batches, blocks="model.layers", offload="disk")
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
+from prunelab._memory import PeakMemory
 from prunelab.inputs import forward_batches
+from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.lobs import hessian
+from prunelab.pruning.lobs import Report, _BlockBar, _check_block_options, _check_compute_dtype, hessian
+from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.targets import Target
 
 
@@ -98,39 +118,245 @@ def wanda_scores(target: Target, norms: torch.Tensor) -> torch.Tensor:
 @CRITERIA.register("wanda")
 class Wanda(Criterion):
     """``|W_ij| · ‖X_j‖₂`` from calibration inputs (Sun et al. 2023), ranked within each output
-    row by default (scope ``row``)."""
+    row by default (scope ``row``). With ``blocks`` it prunes block by block (see the module
+    docstring; ``offload``, ``progress``, ``compute_dtype`` are options of that variant)."""
 
     name = "wanda"
     needs_data = True
     default_scope = "row"
 
-    def __init__(self):
+    def __init__(self, blocks=None, offload: str | None = None, progress: bool | None = None,
+                 compute_dtype=None):
+        where = "wanda criterion"
+        if blocks is None and (offload == "disk" or progress or compute_dtype is not None):
+            raise ValueError(f"the 'offload', 'progress' and 'compute_dtype' parameters of {where} apply block "
+                             f"by block: name the stack of blocks too (blocks='model.layers', say).")
+        self.blocks, self.offload, self.progress = _check_block_options(blocks, offload, progress, "sequential", where)
+        self.compute_dtype = _check_compute_dtype(compute_dtype, "sequential", where)
+        self.updates_weights = blocks is not None      # block by block it prunes as it goes
+        self._stack = None
         self._norms: dict[str, torch.Tensor] | None = None
+        self._batches: list | None = None
         self.skipped: dict[str, str] = {}      # default targets left dense: {name: reason}
+        self.last_report: NormReport | None = None
+        self.last_held: tuple[str, ...] = ()
 
     def validate(self, pruner) -> None:
         self.skipped = hessian.skip_unsupported(pruner, "wanda", verb="score")
+        if self.blocks is None:
+            return
+        self._stack = blk.resolve_stack(pruner.model, self.blocks, where="wanda criterion")
+        if not pruner.scope.independent:
+            raise ValueError(f"scope {pruner.scope.name!r} ranks every layer's scores at once; block by block "
+                             f"a block is pruned before the next block's inputs exist: use scope 'row' (the "
+                             f"default), 'local' or 'layerwise-constant', or leave out 'blocks'.")
 
     def calibrate(self, model, targets, batches, loss_fn) -> None:
         """Collect ``‖X_j‖₂`` of every target's inputs over ``batches`` (any form
-        :mod:`prunelab.inputs` reads; the loss is not used)."""
+        :mod:`prunelab.inputs` reads; the loss is not used). Block by block the batches are kept
+        for :meth:`solve`, which collects the norms of one block at a time."""
         batches, _ = self._calibration(batches, loss_fn)
+        if self.blocks is not None:
+            self._batches = batches
+            return
         chosen = [t for t in targets if t.name not in self.skipped]
         self._norms = input_norms(model, chosen, batches)
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
+        return list(self.iter_scores(targets))
+
+    def iter_scores(self, targets: Sequence[Target]):
         if self._norms is None:
             raise ValueError("the wanda criterion has no input norms to score with: pass calibration data "
-                             "(prune(..., data=batches), Pruner(..., calibration=batches) or pruner.calibrate(data)).")
+                             "(prune(..., data=batches), Pruner(..., calibration=batches) or pruner.calibrate(data))"
+                             + (" and, block by block, prune through the Pruner." if self.blocks is not None else "."))
         missing = [t.name for t in targets if t.name not in self._norms]
         if missing:
             raise ValueError(f"wanda: calibrated without {', '.join(missing)}; calibrate on the same layers.")
-        return [wanda_scores(t, self._norms[t.name]) for t in targets]
+        for t in targets:
+            yield wanda_scores(t, self._norms[t.name])
+
+    @torch.no_grad()
+    def solve(self, pruner, sparsities: list[float], event) -> list[torch.Tensor]:
+        """Block by block: prune every target (scored from its block's norms, selected by the
+        Pruner's scope) and return the keep-masks, one per ``pruner.targets``."""
+        if self._batches is None:
+            raise ValueError("the wanda criterion needs calibration data: pass data= to prune() or "
+                             "calibration= to the Pruner.")
+        self.last_report, self.last_held = _BlockByBlock(self, pruner, event).run(sparsities)
+        return [pruner.masks.get(t.weight) if t.weight in pruner.masks
+                else torch.ones_like(t.weight, dtype=torch.bool) for t in pruner.targets]
 
     def reset(self) -> None:
-        self._norms = None
+        self._norms, self._batches = None, None
 
     @property
     def norms(self) -> dict[str, torch.Tensor] | None:
-        """The last calibration's ``{target: ‖X_j‖₂ (groups, d)}``."""
+        """The last calibration's ``{target: ‖X_j‖₂ (groups, d)}`` (the one-pass variant)."""
         return self._norms
+
+    def __repr__(self) -> str:
+        return "Wanda()" if self.blocks is None else f"Wanda(blocks={self.blocks!r})"
+
+
+@dataclass(frozen=True)
+class NormLayerReport:
+    """One layer of a block-by-block Wanda prune."""
+
+    layer: str
+    shape: tuple
+    sparsity: float            # realised, of the weight
+    n: int                     # calibration columns (samples × positions)
+    norm_seconds: float        # the pass that gave its block's norms (paid by the block's first layer)
+    select_seconds: float      # scores, selection, mask
+    block: str | None = None   # the block the layer is in (None: outside the stack)
+    seconds: float = 0.0       # wall time of the layer, its share of the block's inputs included
+    peak_memory: int | None = None   # bytes: the process's resident high-water mark meanwhile
+    live_bytes: int = 0        # bytes of cached block inputs in memory and norms held meanwhile
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class NormReport(Report):
+    """The per-layer reports of a block-by-block Wanda prune (block totals, trace time and the
+    whole prune's peak as in :class:`prunelab.pruning.lobs.Report`)."""
+
+    def __str__(self) -> str:
+        w = max([14] + [len(r.layer) for r in self])
+        head = (f"{'layer':<{w}} {'sparsity':>8} {'n':>8} {'norms s':>8} {'select s':>8} {'total s':>8} "
+                f"{'peak MiB':>9}")
+        lines = [head, "-" * len(head)]
+        totals = {b["block"]: b for b in self.blocks()}
+        for i, r in enumerate(self):
+            lines.append(f"{r.layer:<{w}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} {r.select_seconds:8.3f} "
+                         f"{r.seconds:8.3f} {_mib(r.peak_memory):>9}")
+            if r.block is not None and (i + 1 == len(self) or self[i + 1].block != r.block):
+                b = totals[r.block]
+                lines.append(f"  block {r.block}: {b['layers']} layer(s), {b['seconds']:.3f} s, "
+                             f"peak {_mib(b['peak_memory'])} MiB")
+        if self.peak_memory is not None:
+            lines.append(f"whole prune: peak {_mib(self.peak_memory)} MiB, trace {self.trace_seconds:.3f} s")
+        return "\n".join(lines)
+
+    def totals(self) -> dict:
+        return {"norm_seconds": sum(r.norm_seconds for r in self),
+                "select_seconds": sum(r.select_seconds for r in self),
+                "seconds": sum(r.seconds for r in self) + self.trace_seconds}
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+class _BlockByBlock:
+    """One block-by-block prune: for each run of consecutive targets in one block, the block's
+    norms from one pass on its cached inputs, then each target scored, selected (the Pruner's
+    scope) and zeroed; the next block's inputs come from this block as pruned."""
+
+    def __init__(self, criterion: Wanda, pruner, event):
+        self.criterion, self.pruner, self.event = criterion, pruner, event
+        self.active = [t for t in pruner.targets if t.name not in criterion.skipped]
+        self.index = {t.name: i for i, t in enumerate(self.active)}     # the scope's layer numbers
+        self.memory: dict = {}          # the whole prune's peak, across the per-layer resets
+
+    def run(self, sparsities: list[float]) -> tuple[NormReport, tuple[str, ...]]:
+        c, pruner = self.criterion, self.pruner
+        wanted = {t.name: s for t, s in zip(pruner.targets, sparsities)}
+        report, held = NormReport(), []
+        report.skipped = dict(c.skipped)
+        spill = blk.Spill() if c.offload == "disk" else None
+        self.inputs, bar = None, None
+        try:
+            with eval_mode(pruner.model):
+                started = time.perf_counter()
+                with PeakMemory(self.memory):
+                    self.inputs = SequentialHessians(pruner.model, self.active, c._batches, with_bias=False,
+                                                     stack=c._stack, spill=spill, compute=c.compute_dtype)
+                report.trace_seconds = time.perf_counter() - started
+                shown = sys.stderr.isatty() if c.progress is None else c.progress
+                bar = _BlockBar(self.active, self.inputs.block_name, shown, c.name)
+                for block, members in self._runs():
+                    recorder = None          # the block's norms, made when its first layer is pruned
+                    for target in members:
+                        recorder, layer_report, was_held = self._layer(target, block, members, recorder,
+                                                                       wanted[target.name])
+                        report.append(layer_report)
+                        if was_held:
+                            held.append(target.name)
+                        bar.step(target)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.inputs is not None:
+                self.inputs.forget()
+            if spill is not None:
+                spill.close()
+        report.peak_memory = self.memory.get("overall")
+        return report, tuple(held)
+
+    def _layer(self, target, block, members, recorder, sparsity):
+        """Prune one target, its block's norms first if not made yet; its report, timed and with
+        its peak memory."""
+        started = time.perf_counter()
+        with PeakMemory(self.memory) as peak:
+            norm_seconds = 0.0
+            if recorder is None:
+                recorder, norm_seconds = self._norms(block, members)
+            live = self.inputs.cached_bytes() + sum(v.numel() * v.element_size() for v in recorder.sums.values())
+            chosen = time.perf_counter()
+            held = self._prune(target, recorder.sums.pop(target.name).sqrt(), sparsity)
+            select_seconds = time.perf_counter() - chosen
+        weight = target.weight
+        report = NormLayerReport(
+            layer=target.name, shape=tuple(weight.shape),
+            sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(), n=recorder.columns[target.name],
+            norm_seconds=norm_seconds, select_seconds=select_seconds,
+            block=None if block is None else self.inputs.block_name[target.name],
+            seconds=time.perf_counter() - started, peak_memory=peak.peak, live_bytes=live)
+        return recorder, report, held
+
+    def _runs(self):
+        """``(block, [targets])`` for each run of consecutive targets in one block (None: outside)."""
+        runs = []
+        for target in self.active:
+            block = self.inputs.block[target.name]
+            if runs and runs[-1][0] is block:
+                runs[-1][1].append(target)
+            else:
+                runs.append((block, [target]))
+        return runs
+
+    def _norms(self, block, members) -> tuple[InputNorms, float]:
+        """The members' input norms: one pass of their block alone on its cached inputs, or of
+        the whole model as pruned so far for layers outside the stack."""
+        started = time.perf_counter()
+        model, inputs, batches = self.pruner.model, self.inputs, self.criterion._batches
+        recorder = InputNorms(members, inputs.parents)
+        if block is None:
+            inputs.forget()                # the whole model runs: a cache would be stale after this prune
+            with hessian.calibration_mode(model), recorder:
+                forward_batches(model, batches)
+        else:
+            cache = inputs.block_inputs(block)
+            sites = [inputs.sites[t.name] for t in members]
+            early = sites if all(id(site) in inputs.trace.once for site in sites) else ()
+            with hessian.calibration_mode(model), recorder:
+                blk.run_block(block, cache, keep=False, stop_after=early)
+            inputs.forwards["block"] += len(batches)
+        recorder.norms()                   # raises if a member was never reached
+        return recorder, time.perf_counter() - started
+
+    def _prune(self, target: Target, norm: torch.Tensor, sparsity: float) -> bool:
+        """Score, select and zero one target; whether the no-empty-layer guard held it."""
+        pruner = self.pruner
+        score = wanda_scores(target, norm)
+        group_keep, held = pruner._choose(target, score, sparsity, self.event, self.index[target.name],
+                                          len(self.active))
+        del score
+        pruner._set_masks(target, group_keep)
+        mask = pruner.masks.get(target.weight)
+        if mask is not None:               # now: the next block's inputs come from the pruned weights
+            target.weight.masked_fill_(~mask, 0)
+        self.inputs.pruned(target)
+        return held

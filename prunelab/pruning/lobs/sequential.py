@@ -167,6 +167,22 @@ class SequentialHessians:
         """Bytes of cached block inputs held in memory now (0 when spilled to disk)."""
         return 0 if self._cache is None else self._cache[1].nbytes()
 
+    def block_inputs(self, block: nn.Module) -> blk.InputCache:
+        """``block``'s cached inputs (made from the block before it, as it is now, or by a forward
+        cut short), with ``block`` in the compute dtype until the cache moves past it: for a
+        method that collects its own statistics block by block (Wanda's input norms; run the
+        block in :func:`calibration_mode`)."""
+        with calibration_mode(self.model):          # no key/value cache may be captured or filled
+            inputs = self._inputs_of(block)
+        self._raise(block)
+        return inputs
+
+    def forget(self) -> None:
+        """Drop the cached inputs and put every block back in its dtype (before a forward of the
+        whole model, which a later prune would make stale anyway)."""
+        self._cache = None
+        self.restore()
+
     def _inputs_of(self, block: nn.Module) -> blk.InputCache:
         path, b = [block], block
         while self._cache is None or self._cache[0] is not b:
