@@ -25,11 +25,8 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _tp():
-    try:
-        import torch_pruning
-    except ImportError:
-        raise ValueError("unit removal in models that are not plain chains needs Torch-Pruning: "
-                         "pip install torch-pruning (it needs only torch and numpy).") from None
+    """Torch-Pruning (a dependency), imported on first use: its import takes seconds."""
+    import torch_pruning
     return torch_pruning
 
 
