@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -453,3 +453,67 @@ def _cli_value(text: str, constraints: list[Constraint]) -> Any:
         if convert is float or any(isinstance(c, Interval) and c.kind is Integral for c in constraints):
             return value
     return text
+
+
+class Model(Constraint):
+    """A ``torch.nn.Module`` (torch is imported only when a value is checked)."""
+
+    description = "a torch.nn.Module"
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        from torch import nn
+        return isinstance(value, nn.Module)
+
+    def invalid_values(self) -> list:
+        return ["model.pt"]
+
+
+class Tensor(Constraint):
+    description = "a torch.Tensor"
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        import torch
+        return torch.is_tensor(value)
+
+    def invalid_values(self) -> list:
+        return [[1.0, 2.0]]
+
+
+class PathLike(Constraint):
+    """A file or folder name: a ``str`` or an ``os.PathLike``, not empty, without NUL bytes."""
+
+    description = "a path (str or os.PathLike)"
+
+    def kind_of(self, value: Any) -> bool:
+        import os
+        return isinstance(value, (str, os.PathLike))
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        import os
+        if not self.kind_of(value):
+            return False
+        text = os.fspath(value)
+        return isinstance(text, str) and text != "" and "\0" not in text
+
+    def invalid_values(self) -> list:
+        return [3, ""]
+
+
+# The shared declarations, so a limit is stated once.
+SPARSITY = Interval(Real, 0, 1, closed="left")
+FRACTION = Interval(Real, 0, 1, closed="both")
+SEED = Interval(Integral, 0, MAX_SEED)
+EPOCHS = Interval(Integral, 0, MAX_EPOCHS)
+BATCH_SIZE = Interval(Integral, 1, MAX_BATCH)
+N_PRUNES = Interval(Integral, 1, MAX_PRUNES)
+STEP = Interval(Integral, 0, MAX_STEPS)
+EVERY = Interval(Integral, 1, MAX_STEPS)
+THREADS = Interval(Integral, 1, MAX_THREADS)
+N_UNITS = Interval(Integral, 1, MAX_UNITS)
+BOOL = Types(bool)
+STR = Types(str)
+MAPPING = Types(Mapping)
+MODEL = Model()
+TENSOR = Tensor()
+PATH = PathLike()
+DATA = Data()
