@@ -314,16 +314,18 @@ class Callables(Constraint):
 
 
 class Data(Constraint):
-    """Tensors or batches: a tensor, an ``(x, y)`` pair, a dataset, a mapping of tensors or any
-    iterable of batches (what :func:`prunelab.inputs.iter_batches` reads). Strings, bytes and
-    numbers are refused here; the content is checked where it is read."""
+    """Tensors or batches: a tensor, an ``(x, y)`` pair, a dataset, a mapping of tensors, any
+    iterable of batches (what :func:`prunelab.inputs.iter_batches` reads) or a function returning
+    a fresh iterable. Strings, bytes and numbers are refused here; the content is checked where
+    it is read."""
 
-    description = "a tensor, an (x, y) pair, a dataset or an iterable of batches"
+    description = "a tensor, an (x, y) pair, a dataset, an iterable of batches or a function returning one"
 
     def is_satisfied_by(self, value: Any) -> bool:
         if isinstance(value, (str, bytes, bool, Real)) or value is None:
             return False
-        return isinstance(value, Iterable) or hasattr(value, "x_train") or hasattr(value, "__getitem__")
+        return (isinstance(value, Iterable) or callable(value) or hasattr(value, "x_train")
+                or hasattr(value, "__getitem__"))
 
     def invalid_values(self) -> list:
         return [3, "data.pt"]
@@ -459,6 +461,10 @@ class Model(Constraint):
     """A ``torch.nn.Module`` (torch is imported only when a value is checked)."""
 
     description = "a torch.nn.Module"
+
+    def __init__(self, name: str | None = None):
+        if name:
+            self.description = name
 
     def is_satisfied_by(self, value: Any) -> bool:
         from torch import nn
