@@ -375,7 +375,8 @@ def validate_params(constraints: dict[str, list], *, where: str | None = None):
 
     Each value is a list of constraints (see :func:`make_constraint`), any one of which may
     accept the argument. ``where`` names the function in messages (default: its name, the
-    class's name for ``__init__``). The declarations are kept on the function as
+    class's name for ``__init__``; a callable ``where(self)`` names a constructor shared by
+    subclasses, e.g. ``lambda self: f"{self.name} criterion"``). The declarations are kept on the function as
     ``__param_constraints__`` (and ``__param_where__``)."""
     import functools
     import inspect
@@ -396,8 +397,9 @@ def validate_params(constraints: dict[str, list], *, where: str | None = None):
             except TypeError:
                 return fn(*args, **kwargs)        # a wrong call: Python's own message
             bound.apply_defaults()
+            here = name(args[0]) if callable(name) else name
             for param, cs in resolved.items():
-                check_param(param, bound.arguments[param], cs, where=name)
+                check_param(param, bound.arguments[param], cs, where=here)
             return fn(*args, **kwargs)
 
         checked.__param_constraints__ = resolved
@@ -411,7 +413,10 @@ def param_constraints(obj: Any) -> tuple[str, dict[str, list[Constraint]]] | Non
     """``(where, {parameter: constraints})`` declared on a function or class constructor, or None."""
     fn = obj.__init__ if isinstance(obj, type) else obj
     declared = getattr(fn, "__param_constraints__", None)
-    return None if declared is None else (fn.__param_where__, declared)
+    if declared is None:
+        return None
+    where = fn.__param_where__
+    return (where(obj) if callable(where) else where), declared
 
 
 def cli_type(flag: str, command: str, *constraints: Any):
