@@ -528,3 +528,52 @@ MODEL = Model()
 TENSOR = Tensor()
 PATH = PathLike()
 DATA = Data()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+#: The most elements one dry-run input (``input_shape`` without the batch dimension) may hold.
+MAX_INPUT_ELEMENTS = 1 << 28
+
+
+class Shape(Constraint):
+    """One input's shape without the batch dimension: an int or a tuple/list/Size of positive
+    ints, at most :data:`MAX_INPUT_ELEMENTS` elements in all. Any other value is a ValueError."""
+
+    description = (f"a tuple of positive ints (one input, without the batch dimension) of at most "
+                   f"{MAX_INPUT_ELEMENTS} elements")
+
+    def kind_of(self, value: Any) -> bool:
+        return True
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        dims = (value,) if _is_int(value) else value
+        if not isinstance(dims, (tuple, list)) and type(dims).__name__ != "Size":
+            return False
+        if not dims or not all(_is_int(d) and d > 0 for d in dims):
+            return False
+        return math.prod(int(d) for d in dims) <= MAX_INPUT_ELEMENTS
+
+    def invalid_values(self) -> list:
+        return [(0,), (4, -1), "4", (4.0,), (1 << 15, 1 << 14)]
+
+
+class Sizes(Constraint):
+    """A positive int or a non-empty tuple/list of them, each at most ``high``."""
+
+    def __init__(self, high: int):
+        self.high = high
+        self.description = f"an int in [1, {high}] or a non-empty sequence of them"
+
+    def kind_of(self, value: Any) -> bool:
+        return _is_int(value) or isinstance(value, (tuple, list))
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        items = (value,) if _is_int(value) else value
+        return (isinstance(items, (tuple, list)) and len(items) > 0
+                and all(_is_int(b) and 1 <= b <= self.high for b in items))
+
+    def invalid_values(self) -> list:
+        return [(), (1, 0), (self.high + 1,), (1.5,), (True,), "64"]
