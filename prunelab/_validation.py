@@ -397,7 +397,7 @@ def validate_params(constraints: dict[str, list], *, where: str | None = None):
             except TypeError:
                 return fn(*args, **kwargs)        # a wrong call: Python's own message
             bound.apply_defaults()
-            here = name(args[0]) if callable(name) else name
+            here = name(next(iter(bound.arguments.values()))) if callable(name) else name
             for param, cs in resolved.items():
                 check_param(param, bound.arguments[param], cs, where=here)
             return fn(*args, **kwargs)
