@@ -159,7 +159,8 @@ MAX_SEED = 2 ** 32 - 1
 MAX_SAMPLES = 1 << 30            # calibration or training samples to take
 MAX_REPEATS = 1_000_000          # timed calls, warm-up calls, rounds, random probes
 MAX_UNITS = 1 << 24              # neurons, channels, features, buckets, vocabulary entries
-MAX_LR = 1e4
+MAX_VOCAB = 1 << 20               # tokenizer vocabularies
+MAX_SEQ_LEN = 1 << 20             # tokens per sequence
 
 
 class Constraint:
