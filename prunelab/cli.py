@@ -162,21 +162,22 @@ def _prune_user(args) -> int:
     return 0
 
 
-def _check_outputs(args, where: str) -> None:
+def _check_outputs(args, where: str, flags: tuple[str, ...] = ("save", "export", "json")) -> None:
     """Every output file named on the command line can be written: checked (and its folder
     made) before any work; a failure is a StudyWriteError (exit 4) naming the path."""
     from prunelab.experiments.store import write_failure
-    for flag in ("save", "export", "json"):
+    for flag in flags:
         path = getattr(args, flag, None)
         if not path:
             continue
+        name = flag if flag == "out" else f"--{flag}"
         if Path(path).is_dir():
-            raise write_failure(f"write --{flag}", path, IsADirectoryError(21, "it is a folder"),
+            raise write_failure(f"write {name}", path, IsADirectoryError(21, "it is a folder"),
                                 "give a file name")
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise write_failure(f"write --{flag}", path, err, "its folder cannot be made (is a part of "
+            raise write_failure(f"write {name}", path, err, "its folder cannot be made (is a part of "
                                 "the path a regular file?); choose another path") from None
 
 
@@ -419,11 +420,20 @@ def _load_weights(model, path: str):
     import torch
 
     from prunelab import export
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--weights {path}: not a file (give a file of prunelab prune/units --save or "
+                                f"prunelab export).")
     if export.file_start(path) == export.MAGIC:
         has_architecture = export.read_header(path).get("architecture") is not None
         return export.load(path, model=None if has_architecture else model)
-    saved = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:        # not a torch file, truncated, or pickled code that weights_only refuses
+        raise ValueError(f"--weights {path}: neither a prunelab model file nor a weights file that "
+                         f"torch.load(weights_only=True) reads ({_brief(err)}).") from None
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"--weights {path}: holds a {type(state).__name__}, not a state dict of tensors.")
     if isinstance(saved, dict) and "plan" in saved and isinstance(getattr(model, "config", None), dict):
         from prunelab import units
         model = units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in saved["plan"].items()},
@@ -431,8 +441,17 @@ def _load_weights(model, path: str):
     if not isinstance(getattr(model, "config", None), dict):    # a user's model: resize to a thinned state dict
         export.reshape_to(model, {k: tuple(v.shape) for k, v in state.items()
                                   if k in model.state_dict()}, where=f"load {path!r}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"--weights {path}: the weights do not fit the model ({_brief(err)}).") from None
     return model
+
+
+def _brief(err: BaseException, limit: int = 300) -> str:
+    """An exception on one line, at most ``limit`` characters of its message."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def cmd_export(args) -> int:
@@ -446,6 +465,7 @@ def cmd_export(args) -> int:
     export._check_options(args.encoding, args.values, _index_bits(args.index_bits), where)
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"{where}: no weights file at {args.weights!r}.")
+    _check_outputs(args, where, ("out", "onnx"))
     example = None
     from prunelab.cli_model import is_user_model, single_input_shape
     if is_user_model(args.model):

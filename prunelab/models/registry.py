@@ -95,6 +95,8 @@ def build_model(
     if seed is not None:
         seed = int(seed)
 
+    _check_size(canonical, factory, shape, classes, options)
+
     def make() -> nn.Module:
         model = factory(shape, classes, **options)
         if not isinstance(model, nn.Module):
@@ -129,6 +131,26 @@ def _option_parameters(factory: Callable[..., Any]) -> list[inspect.Parameter]:
     """The factory's parameters after ``input_shape`` and ``n_classes``."""
     params = list(inspect.signature(factory).parameters.values())[2:]
     return [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+#: The most parameters a registry model may have (4 GiB of float32): checked on the meta device,
+#: before any memory is allocated, so that ``hidden=[1000000000]`` is an error, not an allocation.
+MAX_MODEL_PARAMETERS = 1 << 30
+
+
+def _check_size(name: str, factory: Callable[..., Any], shape, classes: int, options: dict) -> None:
+    """Refuse options that describe a model of more than :data:`MAX_MODEL_PARAMETERS` parameters,
+    counted on a copy built on the meta device (no memory, no random numbers drawn)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            meta = factory(shape, classes, **options)
+    except Exception:          # the real build below reports the options' own error
+        return
+    n = sum(p.numel() for p in meta.parameters()) if isinstance(meta, nn.Module) else 0
+    if n > MAX_MODEL_PARAMETERS:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ValueError(f"the options of model {name} ({given}) describe {n:,} parameters, more than the "
+                         f"{MAX_MODEL_PARAMETERS:,} a model may have (4 GiB of float32).")
 
 
 def _resolve_options(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
