@@ -412,13 +412,14 @@ def validate_params(constraints: dict[str, list], *, where: str | None = None):
 
 
 def param_constraints(obj: Any) -> tuple[str, dict[str, list[Constraint]]] | None:
-    """``(where, {parameter: constraints})`` declared on a function or class constructor, or None."""
+    """``(where, {parameter: constraints})`` declared on a function or class constructor, or None.
+    ``where`` is the name in messages; a function's may be a callable of its first argument."""
     fn = obj.__init__ if isinstance(obj, type) else obj
     declared = getattr(fn, "__param_constraints__", None)
     if declared is None:
         return None
     where = fn.__param_where__
-    return (where(obj) if callable(where) else where), declared
+    return (where(obj) if callable(where) and isinstance(obj, type) else where), declared
 
 
 def cli_type(flag: str, command: str, *constraints: Any):
