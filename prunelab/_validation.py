@@ -272,7 +272,9 @@ def _type_name(kind: type) -> str:
                 "Callable": "a callable"}.get(kind.__name__, f"a {kind.__name__}")
     if module == "os" and kind.__name__ == "PathLike":
         return "a path"
-    return f"a {module.split('.')[0]}.{kind.__qualname__}" if module.startswith("prunelab") else f"a {kind.__qualname__}"
+    if module.startswith("prunelab"):
+        return f"a prunelab.{kind.__qualname__}"
+    return f"a {kind.__qualname__}"
 
 
 class Types(Constraint):

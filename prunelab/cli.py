@@ -624,14 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-arg", action="append", type=key_value("--dataset-arg"), metavar="KEY=VALUE",
                    help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
     p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
-    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
+    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE",
+                   help="e.g. hidden=[300,100]")
     _number(p, "--sparsity", SPARSITY, default=0.9)
     p.add_argument("--criterion", default="magnitude")
     p.add_argument("--granularity", default="weight")
     p.add_argument("--scope", default=None,
                    help="local, global, layerwise-constant or row (default: the criterion's own; row for wanda)")
     p.add_argument("--schedule", default="one-shot")
-    p.add_argument("--schedule-arg", action="append", type=key_value("--schedule-arg"), metavar="KEY=VALUE", help="e.g. n_prunes=5")
+    p.add_argument("--schedule-arg", action="append", type=key_value("--schedule-arg"), metavar="KEY=VALUE",
+                   help="e.g. n_prunes=5")
     _number(p, "--prune-every", PRUNE_EVERY, default=1.0,
                    help="epochs between prunes of iterative/agp/fixed-fraction schedules")
     p.add_argument("--layers", nargs="+", default=None, help="module or parameter names to prune")
@@ -660,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-arg", action="append", type=key_value("--dataset-arg"), metavar="KEY=VALUE",
                    help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
     p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
-    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
+    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE",
+                   help="e.g. hidden=[300,100]")
     p.add_argument("--method", default="bp_abs_mrs", help="one of the 12: rand, norm, rs, abs_rs, mrs, abs_mrs, "
                                                           "each optionally with the bp_ prefix (mean replacement)")
     _number(p, "--fraction", SPARSITY, default=None, help="of each chosen layer's units")

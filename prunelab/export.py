@@ -53,8 +53,8 @@ from torch import nn
 
 from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
 from prunelab.metrics.dry_run import SHAPE
-from prunelab.metrics.storage import (INDEX_BITS_OR_AUTO, best_format, best_index_bits, bits_to_bytes, check_storage_bits,
-                                      nm_position_bits, storage_bits)
+from prunelab.metrics.storage import (INDEX_BITS_OR_AUTO, best_format, best_index_bits, bits_to_bytes,
+                                      check_storage_bits, nm_position_bits, storage_bits)
 from prunelab.pruning.granularity import NM_LAYOUTS, nm_pattern, nm_unview, nm_view
 
 MAGIC = b"PRUNELAB"

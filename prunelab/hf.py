@@ -352,7 +352,7 @@ def _save_prunelab(model, config, directory: Path, problems: list[str]) -> Saved
                   f"{type(config).__name__} ({'; '.join(problems)}), so {directory / PLM_NAME} (a prunelab model "
                   f"file) was written instead of config.json + model.safetensors. Load it with "
                   f"prunelab.load({str(directory)!r}); transformers' from_pretrained cannot read it.",
-                  NotStockWarning, stacklevel=3)
+                  NotStockWarning, stacklevel=4)      # past save_pretrained and its declaration check
     return SavedPretrained(directory, "prunelab", [PLM_NAME], {}, problems)
 
 

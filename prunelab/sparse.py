@@ -58,8 +58,8 @@ from torch.nn import functional as F
 from prunelab._hooks import eval_mode
 from numbers import Integral
 
-from prunelab._validation import (BATCH_SIZE, FRACTION, MAPPING, MAX_BATCH, MAX_REPEATS, MAX_UNITS, MODEL, TENSOR, THREADS,
-                                  Interval, Sizes, check_param, check_type, validate_params)
+from prunelab._validation import (BATCH_SIZE, FRACTION, MAPPING, MAX_BATCH, MAX_REPEATS, MAX_UNITS, MODEL, TENSOR,
+                                  THREADS, Interval, Sizes, check_param, check_type, validate_params)
 from prunelab.inputs import Batch, example_batch, logits_of
 from prunelab.metrics.dry_run import default_device_dtype
 from prunelab.metrics.flops import count_nonzero

@@ -411,7 +411,8 @@ def _batch_size(batch_size, source: Data, default: int, data) -> int | None:
     "momentum": [Interval(Real, 0, 1, closed="left")], "weight_decay": [Interval(Real, 0, None)],
     "regularizer": [Types(str, Mapping, Regularizer), None], "pruner": [Types(Pruner), None], "seed": [SEED],
     "val": [DATA, None], "progress": [bool, None], **_SCORING, "callbacks": [Types(list, tuple)],
-    "max_steps": [STEP, None], "distill_from": [Model("an nn.Module (the teacher model)"), None], "distill_weight": [FRACTION, None],
+    "max_steps": [STEP, None], "distill_from": [Model("an nn.Module (the teacher model)"), None],
+    "distill_weight": [FRACTION, None],
     "temperature": [Interval(Real, 0, None, closed="neither"), None]})
 def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = None, lr: float = 0.01,
         optimizer: "str | torch.optim.Optimizer" = "sgd", momentum: float = 0.9,

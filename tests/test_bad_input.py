@@ -347,7 +347,7 @@ def _cli_invalid(action: argparse.Action) -> list[str]:
             values += c.invalid_values()
     if action.choices is not None:
         values.append("no-such-choice")
-    return [v.replace("nan", "nan") for v in dict.fromkeys(values)
+    return [v for v in dict.fromkeys(values)
             if not any(c.is_satisfied_by(_parsed(c, v)) for c in getattr(action.type, "constraints", ()))]
 
 

@@ -342,7 +342,7 @@ def _warn_non_finite(model: nn.Module) -> None:
     if bad:
         listed = ", ".join(f"{name} ({n})" for name, n in bad.items())
         warnings.warn(f"summary: non-finite (NaN/inf) entries in {listed}; they count as non-zero. "
-                      f"Did training diverge?", RuntimeWarning, stacklevel=3)
+                      f"Did training diverge?", RuntimeWarning, stacklevel=4)
 
 
 @validate_params({**DRY_PARAMS, "dtype": DTYPE, "bits": BITS, "index_bits": INDEX_BITS_OR_AUTO})

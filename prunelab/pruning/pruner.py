@@ -169,7 +169,7 @@ class Pruner:
             warnings.warn(PatternSkipped(
                 f"granularity {self.granularity.name!r} leaves {len(skipped)} layer(s) dense: "
                 + "; ".join(f"{k} ({v})" for k, v in skipped.items())
-                + ". Listed in pruner.pattern_skipped."), stacklevel=3)
+                + ". Listed in pruner.pattern_skipped."), stacklevel=4)  # past __init__ and its declaration check
         return skipped
 
     def _default_scope(self) -> str:
@@ -572,8 +572,8 @@ def _is_sliceable(data) -> bool:
             or (isinstance(data, Mapping) and bool(data) and all(torch.is_tensor(v) for v in data.values())))
 
 
-@validate_params({**_COMMON, "data": [DATA, None], "batch_size": [BATCH_SIZE], "offload": [Options({"memory", "disk"}), None],
-                  "progress": [bool, None]})
+@validate_params({**_COMMON, "data": [DATA, None], "batch_size": [BATCH_SIZE],
+                  "offload": [Options({"memory", "disk"}), None], "progress": [bool, None]})
 def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
           granularity="weight", scope=None, layers=None, reduction="l2", min_keep=1, data=None,
           loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0,

@@ -239,7 +239,7 @@ def _default_targets(model: nn.Module, modules: dict, where: str) -> list[Target
         warnings.warn(TiedWeightSkipped(
             f"{where}: {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} tied to an embedding and "
             f"left out of the default targets (pruning {'it' if len(skipped) == 1 else 'them'} would prune the "
-            f"embedding too); name {'it' if len(skipped) == 1 else 'them'} in layers=[...] to prune."), stacklevel=3)
+            f"embedding too); name {'it' if len(skipped) == 1 else 'them'} in layers=[...] to prune."), stacklevel=4)
     found = _unique_tensors(found)
     if not found:
         raise ValueError(f"{where}: the model has no Linear-like layer to prune (Linear, Conv, HF Conv1D, "

@@ -164,7 +164,8 @@ class LayerwiseOBS(Criterion):
     @validate_params({"mode": [Options(MODES)], "damping": [Interval(Real, 0, None)], "update_bias": [bool],
                       "low_memory": [bool], "block_size": [Interval(Integral, 1, MAX_BATCH)],
                       "epsilon": [Interval(Real, 0, None, closed="neither"), Types(dict), None],
-                      "blocks": [Types(str, torch.nn.Module), None], "offload": [Options(OFFLOADS), None],
+                      "blocks": [Types(str, torch.nn.Module,
+                                       name="a dotted module path such as 'model.layers' or an nn.ModuleList"), None], "offload": [Options(OFFLOADS), None],
                       "progress": [bool, None]}, where=lambda self: f"{self.name} criterion")
     def __init__(self, mode: str = "sequential", damping: float = 1e-2, update_bias: bool = True,
                  low_memory: bool = False, block_size: int = 128, epsilon=None, blocks=None,
