@@ -6,11 +6,19 @@ the bad value and what would have been accepted, in the style of
 scikit-learn::
 
     the 'sparsity' parameter of prune must be a float in [0, 1). Got 1.5 instead.
+
+The public functions declare their parameters with :func:`validate_params` and constraint
+objects (:class:`Interval`, :class:`Options`, :class:`Types`, ``None``, ``"callable"``,
+:class:`Data`, :class:`Shape`, ...), checked before the body runs; the command line builds
+its option types from the same objects (:func:`cli_type`). The upper bounds (``MAX_*``) are
+documented in docs/limits.md.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
@@ -162,6 +170,7 @@ MAX_REPEATS = 1_000_000          # timed calls, warm-up calls, rounds, random pr
 MAX_UNITS = 1 << 24              # neurons, channels, features, buckets, vocabulary entries
 MAX_VOCAB = 1 << 20               # tokenizer vocabularies
 MAX_SEQ_LEN = 1 << 20             # tokens per sequence
+MAX_INPUT_ELEMENTS = 1 << 28      # elements of one dry-run input (input_shape, without the batch dimension)
 
 
 class Constraint:
@@ -335,6 +344,99 @@ class Data(Constraint):
         return [3, "data.pt"]
 
 
+class Model(Constraint):
+    """A ``torch.nn.Module`` (torch is imported only when a value is checked)."""
+
+    description = "a torch.nn.Module"
+
+    def __init__(self, name: str | None = None):
+        if name:
+            self.description = name
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        from torch import nn
+        return isinstance(value, nn.Module)
+
+    def invalid_values(self) -> list:
+        return ["model.pt"]
+
+
+class Tensor(Constraint):
+    description = "a torch.Tensor"
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        import torch
+        return torch.is_tensor(value)
+
+    def invalid_values(self) -> list:
+        return [[1.0, 2.0]]
+
+
+class PathLike(Constraint):
+    """A file or folder name: a ``str`` or an ``os.PathLike``, not empty, without NUL bytes."""
+
+    description = "a path (str or os.PathLike)"
+
+    def kind_of(self, value: Any) -> bool:
+        import os
+        return isinstance(value, (str, os.PathLike))
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        import os
+        if not self.kind_of(value):
+            return False
+        text = os.fspath(value)
+        return isinstance(text, str) and text != "" and "\0" not in text
+
+    def invalid_values(self) -> list:
+        return [3, ""]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+class Shape(Constraint):
+    """One input's shape without the batch dimension: an int or a tuple/list/Size of positive
+    ints, at most :data:`MAX_INPUT_ELEMENTS` elements in all. Any other value is a ValueError."""
+
+    description = (f"a tuple of positive ints (one input, without the batch dimension) of at most "
+                   f"{MAX_INPUT_ELEMENTS} elements")
+
+    def kind_of(self, value: Any) -> bool:
+        return True
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        dims = (value,) if _is_int(value) else value
+        if not isinstance(dims, (tuple, list)) and type(dims).__name__ != "Size":
+            return False
+        if not dims or not all(_is_int(d) and d > 0 for d in dims):
+            return False
+        return math.prod(int(d) for d in dims) <= MAX_INPUT_ELEMENTS
+
+    def invalid_values(self) -> list:
+        return [(0,), (4, -1), "4", (4.0,), (1 << 15, 1 << 14)]
+
+
+class Sizes(Constraint):
+    """A positive int or a non-empty tuple/list of them, each at most ``high``."""
+
+    def __init__(self, high: int):
+        self.high = high
+        self.description = f"an int in [1, {high}] or a non-empty sequence of them"
+
+    def kind_of(self, value: Any) -> bool:
+        return _is_int(value) or isinstance(value, (tuple, list))
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        items = (value,) if _is_int(value) else value
+        return (isinstance(items, (tuple, list)) and len(items) > 0
+                and all(_is_int(b) and 1 <= b <= self.high for b in items))
+
+    def invalid_values(self) -> list:
+        return [(), (1, 0), (self.high + 1,), (1.5,), (True,), "64"]
+
+
 def make_constraint(spec: Any) -> Constraint:
     """A constraint from its short form: a Constraint, ``None``, a type, ``"callable"`` or ``"boolean"``."""
     if isinstance(spec, Constraint):
@@ -382,9 +484,6 @@ def validate_params(constraints: dict[str, list], *, where: str | None = None):
     class's name for ``__init__``; a callable ``where(self)`` names a constructor shared by
     subclasses, e.g. ``lambda self: f"{self.name} criterion"``). The declarations are kept on the function as
     ``__param_constraints__`` (and ``__param_where__``)."""
-    import functools
-    import inspect
-
     resolved = {name: [make_constraint(c) for c in cs] for name, cs in constraints.items()}
 
     def decorate(fn):
@@ -467,54 +566,6 @@ def _cli_value(text: str, constraints: list[Constraint]) -> Any:
     return text
 
 
-class Model(Constraint):
-    """A ``torch.nn.Module`` (torch is imported only when a value is checked)."""
-
-    description = "a torch.nn.Module"
-
-    def __init__(self, name: str | None = None):
-        if name:
-            self.description = name
-
-    def is_satisfied_by(self, value: Any) -> bool:
-        from torch import nn
-        return isinstance(value, nn.Module)
-
-    def invalid_values(self) -> list:
-        return ["model.pt"]
-
-
-class Tensor(Constraint):
-    description = "a torch.Tensor"
-
-    def is_satisfied_by(self, value: Any) -> bool:
-        import torch
-        return torch.is_tensor(value)
-
-    def invalid_values(self) -> list:
-        return [[1.0, 2.0]]
-
-
-class PathLike(Constraint):
-    """A file or folder name: a ``str`` or an ``os.PathLike``, not empty, without NUL bytes."""
-
-    description = "a path (str or os.PathLike)"
-
-    def kind_of(self, value: Any) -> bool:
-        import os
-        return isinstance(value, (str, os.PathLike))
-
-    def is_satisfied_by(self, value: Any) -> bool:
-        import os
-        if not self.kind_of(value):
-            return False
-        text = os.fspath(value)
-        return isinstance(text, str) and text != "" and "\0" not in text
-
-    def invalid_values(self) -> list:
-        return [3, ""]
-
-
 # The shared declarations, so a limit is stated once.
 SPARSITY = Interval(Real, 0, 1, closed="left")
 FRACTION = Interval(Real, 0, 1, closed="both")
@@ -533,52 +584,3 @@ MODEL = Model()
 TENSOR = Tensor()
 PATH = PathLike()
 DATA = Data()
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-#: The most elements one dry-run input (``input_shape`` without the batch dimension) may hold.
-MAX_INPUT_ELEMENTS = 1 << 28
-
-
-class Shape(Constraint):
-    """One input's shape without the batch dimension: an int or a tuple/list/Size of positive
-    ints, at most :data:`MAX_INPUT_ELEMENTS` elements in all. Any other value is a ValueError."""
-
-    description = (f"a tuple of positive ints (one input, without the batch dimension) of at most "
-                   f"{MAX_INPUT_ELEMENTS} elements")
-
-    def kind_of(self, value: Any) -> bool:
-        return True
-
-    def is_satisfied_by(self, value: Any) -> bool:
-        dims = (value,) if _is_int(value) else value
-        if not isinstance(dims, (tuple, list)) and type(dims).__name__ != "Size":
-            return False
-        if not dims or not all(_is_int(d) and d > 0 for d in dims):
-            return False
-        return math.prod(int(d) for d in dims) <= MAX_INPUT_ELEMENTS
-
-    def invalid_values(self) -> list:
-        return [(0,), (4, -1), "4", (4.0,), (1 << 15, 1 << 14)]
-
-
-class Sizes(Constraint):
-    """A positive int or a non-empty tuple/list of them, each at most ``high``."""
-
-    def __init__(self, high: int):
-        self.high = high
-        self.description = f"an int in [1, {high}] or a non-empty sequence of them"
-
-    def kind_of(self, value: Any) -> bool:
-        return _is_int(value) or isinstance(value, (tuple, list))
-
-    def is_satisfied_by(self, value: Any) -> bool:
-        items = (value,) if _is_int(value) else value
-        return (isinstance(items, (tuple, list)) and len(items) > 0
-                and all(_is_int(b) and 1 <= b <= self.high for b in items))
-
-    def invalid_values(self) -> list:
-        return [(), (1, 0), (self.high + 1,), (1.5,), (True,), "64"]
