@@ -26,23 +26,68 @@ import argparse
 import json
 import os
 import sys
+from numbers import Integral, Real
 from pathlib import Path
 
-import yaml
-
-from prunelab._validation import check_number
+from prunelab._validation import (BATCH_SIZE, EPOCHS, FRACTION, MAX_EPOCHS, MAX_SAMPLES, MAX_SEQ_LEN, MAX_UNITS,
+                                  MAX_VOCAB, SEED, SPARSITY, THREADS, Interval, Options, check_number, cli_type)
 from prunelab._version import __version__
 from prunelab.cli_study import add_study_commands
 
+#: The longest ``KEY=VALUE`` command-line option value read as YAML.
+MAX_OPTION_CHARS = 10_000
 
-def _key_values(pairs: list[str] | None, flag: str) -> dict:
-    """Parse ``key=value`` options; values are YAML scalars/lists (``hidden=[300,100]``)."""
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prunelab: error: ...``, exit 2): a bad option value
+    reads as the library's template, naming the option, the value and the valid range."""
+
+    def error(self, message: str):
+        head, sep, rest = message.partition(": ")
+        flags = head.removeprefix("argument ").split("/")
+        if head.startswith("argument ") and sep and any(flag.strip("-") in rest for flag in flags):
+            text = rest                   # our own message already names the option
+        else:
+            text = f"{message} (see {self.prog} --help)"
+        self.exit(2, f"prunelab: error: {text}\n")
+
+
+def key_value(flag: str):
+    """An argparse ``type=`` for ``KEY=VALUE`` options: ``(key, value)`` with the value read as
+    plain YAML (``hidden=[300,100]``; no aliases, no repeated keys, bounded length)."""
+    import argparse as _argparse
+
+    def parse(text: str) -> tuple[str, object]:
+        from prunelab.experiments._yaml import load_yaml
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise _argparse.ArgumentTypeError(f"{flag} takes key=value, e.g. {flag} hidden=[300,100]. "
+                                              f"Got {text!r} instead.")
+        if len(value) > MAX_OPTION_CHARS:
+            raise _argparse.ArgumentTypeError(f"{flag} {key.strip()}=...: the value is {len(value):,} characters "
+                                              f"long, more than {MAX_OPTION_CHARS:,}.")
+        try:
+            return key.strip(), load_yaml(value)
+        except Exception as err:          # yaml.YAMLError and the strict loader's refusals
+            why = " ".join(str(err).split())
+            raise _argparse.ArgumentTypeError(f"{flag} {key.strip()}={value}: not a YAML value ({why}).") from None
+
+    parse.__name__ = "key=value"
+    return parse
+
+
+def _key_values(pairs: list | None, flag: str) -> dict:
+    """``KEY=VALUE`` options as a dict (parsed by :func:`key_value` on the command line; strings
+    given directly are parsed here)."""
+    import argparse as _argparse
     out = {}
     for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} takes key=value, e.g. {flag} hidden=[300,100]. Got {pair!r} instead.")
-        out[key.strip()] = yaml.safe_load(value)
+        if isinstance(pair, str):
+            try:
+                pair = key_value(flag)(pair)
+            except _argparse.ArgumentTypeError as err:
+                raise ValueError(str(err)) from None
+        out[pair[0]] = pair[1]
     return out
 
 
@@ -117,21 +162,22 @@ def _prune_user(args) -> int:
     return 0
 
 
-def _check_outputs(args, where: str) -> None:
+def _check_outputs(args, where: str, flags: tuple[str, ...] = ("save", "export", "json")) -> None:
     """Every output file named on the command line can be written: checked (and its folder
     made) before any work; a failure is a StudyWriteError (exit 4) naming the path."""
     from prunelab.experiments.store import write_failure
-    for flag in ("save", "export", "json"):
+    for flag in flags:
         path = getattr(args, flag, None)
         if not path:
             continue
+        name = flag if flag == "out" else f"--{flag}"
         if Path(path).is_dir():
-            raise write_failure(f"write --{flag}", path, IsADirectoryError(21, "it is a folder"),
+            raise write_failure(f"write {name}", path, IsADirectoryError(21, "it is a folder"),
                                 "give a file name")
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise write_failure(f"write --{flag}", path, err, "its folder cannot be made (is a part of "
+            raise write_failure(f"write {name}", path, err, "its folder cannot be made (is a part of "
                                 "the path a regular file?); choose another path") from None
 
 
@@ -216,9 +262,7 @@ def cmd_prune(args) -> int:
     if is_user_model(args.model):
         return _prune_user(args)
     _registry_only(args, "prunelab prune")
-    # everything is validated before the first training step
-    for flag, value in (("--epochs", args.epochs), ("--finetune-epochs", args.finetune_epochs)):
-        check_number(flag, value, where="prunelab prune", low=0, integer=True)
+    # everything is validated before the first training step (the numbers while parsing)
     model_args = _key_values(args.model_arg, "--model-arg")
     ds = load_dataset(args.dataset, root=args.data_root, **_key_values(args.dataset_arg, "--dataset-arg"))
     model = build_model(args.model, dataset=ds, seed=args.seed, **model_args)
@@ -299,13 +343,6 @@ def cmd_units(args) -> int:
     if (args.fraction is None) == (args.count is None):
         raise ValueError("prunelab units takes exactly one of --fraction (of each layer's units, in [0, 1)) "
                          "or --count (units per layer).")
-    if args.fraction is not None:
-        check_number("--fraction", args.fraction, where=where, low=0.0, high=1.0, closed="left")
-    else:
-        check_number("--count", args.count, where=where, low=1, integer=True)
-    for flag, value in (("--epochs", args.epochs), ("--finetune-epochs", args.finetune_epochs),
-                        ("--calibration", args.calibration)):
-        check_number(flag, value, where=where, low=1 if flag == "--calibration" else 0, integer=True)
     model_args = _key_values(args.model_arg, "--model-arg")
     _check_outputs(args, where)
     ds = load_dataset(args.dataset, root=args.data_root, **_key_values(args.dataset_arg, "--dataset-arg"))
@@ -383,11 +420,20 @@ def _load_weights(model, path: str):
     import torch
 
     from prunelab import export
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--weights {path}: not a file (give a file of prunelab prune/units --save or "
+                                f"prunelab export).")
     if export.file_start(path) == export.MAGIC:
         has_architecture = export.read_header(path).get("architecture") is not None
         return export.load(path, model=None if has_architecture else model)
-    saved = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:        # not a torch file, truncated, or pickled code that weights_only refuses
+        raise ValueError(f"--weights {path}: neither a prunelab model file nor a weights file that "
+                         f"torch.load(weights_only=True) reads ({_brief(err)}).") from None
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"--weights {path}: holds a {type(state).__name__}, not a state dict of tensors.")
     if isinstance(saved, dict) and "plan" in saved and isinstance(getattr(model, "config", None), dict):
         from prunelab import units
         model = units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in saved["plan"].items()},
@@ -395,8 +441,17 @@ def _load_weights(model, path: str):
     if not isinstance(getattr(model, "config", None), dict):    # a user's model: resize to a thinned state dict
         export.reshape_to(model, {k: tuple(v.shape) for k, v in state.items()
                                   if k in model.state_dict()}, where=f"load {path!r}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"--weights {path}: the weights do not fit the model ({_brief(err)}).") from None
     return model
+
+
+def _brief(err: BaseException, limit: int = 300) -> str:
+    """An exception on one line, at most ``limit`` characters of its message."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def cmd_export(args) -> int:
@@ -410,6 +465,7 @@ def cmd_export(args) -> int:
     export._check_options(args.encoding, args.values, _index_bits(args.index_bits), where)
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"{where}: no weights file at {args.weights!r}.")
+    _check_outputs(args, where, ("out", "onnx"))
     example = None
     from prunelab.cli_model import is_user_model, single_input_shape
     if is_user_model(args.model):
@@ -455,8 +511,11 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _index_bits(value: str):
-    return value if value == "auto" else int(value) if value.lstrip("-").isdigit() else value
+def _index_bits(value):
+    """--index-bits as parsed (an int or "auto"); a string given to cmd_export directly is read here."""
+    if isinstance(value, str) and value != "auto":
+        return int(value) if value.lstrip("-").isdigit() else value
+    return value
 
 
 def cmd_summary(args) -> int:
@@ -466,9 +525,6 @@ def cmd_summary(args) -> int:
 
     from prunelab.cli_model import is_user_model
     where = "prunelab summary"
-    check_number("--min-sparsity", args.min_sparsity, where=where, low=0.0, high=1.0)
-    if args.threads is not None:
-        check_number("--threads", args.threads, where=where, low=1, integer=True)
     if is_user_model(args.model):
         return _summary_user(args, where)
     _registry_only(args, where)
@@ -504,9 +560,10 @@ def _dataset_shape(name: str, options: dict, where: str) -> tuple[tuple[int, ...
         info = dataset_info(name)
         return tuple(info["input_shape"]), info["n_classes"], {"input_shape": tuple(info["input_shape"])}
     from prunelab.data.text import DEFAULT_SEQ_LEN, DEFAULT_VOCAB
-    seq_len = check_number("seq_len", options.get("seq_len", DEFAULT_SEQ_LEN), where=where, low=1, integer=True)
+    seq_len = check_number("seq_len", options.get("seq_len", DEFAULT_SEQ_LEN), where=where, low=1,
+                           high=MAX_SEQ_LEN, integer=True)
     vocab = check_number("vocab_size", options.get("vocab_size") or DEFAULT_VOCAB, where=where, low=2,
-                         integer=True)
+                         high=MAX_VOCAB, integer=True)
     return (seq_len,), vocab, {"example_inputs": token_example(seq_len)}
 
 
@@ -527,8 +584,22 @@ EXAMPLE_HELP = ("the inputs of your own model (--model package.module:factory), 
                 "input_ids=int:1x16:0-1000,attention_mask=ones:1x16")
 
 
+#: The ranges of the numeric options; each option declares its own once, in build_parser.
+PRUNE_EVERY = Interval(Real, 0, MAX_EPOCHS, closed="right")
+CALIBRATION = Interval(Integral, 1, MAX_SAMPLES)
+LR = Interval(Real, 0, None, closed="neither")
+STRENGTH = Interval(Real, 0, None)
+COUNT = Interval(Integral, 1, MAX_UNITS)
+INDEX_BITS = Interval(Integral, 1, 16)
+
+
+def _number(p: argparse.ArgumentParser, flag: str, *constraints, **kwargs) -> None:
+    """An option whose value must satisfy ``constraints``, checked while the command line is parsed."""
+    p.add_argument(flag, type=cli_type(flag, p.prog, *constraints), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunelab", description="Neural-network pruning and compression.")
+    parser = Parser(prog="prunelab", description="Neural-network pruning and compression.")
     parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -550,30 +621,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
     p.set_defaults(dataset_default="digits")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
+    p.add_argument("--dataset-arg", action="append", type=key_value("--dataset-arg"), metavar="KEY=VALUE",
                    help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
     p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
-    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE",
+                   help="e.g. hidden=[300,100]")
+    _number(p, "--sparsity", SPARSITY, default=0.9)
     p.add_argument("--criterion", default="magnitude")
     p.add_argument("--granularity", default="weight")
     p.add_argument("--scope", default=None,
                    help="local, global, layerwise-constant or row (default: the criterion's own; row for wanda)")
     p.add_argument("--schedule", default="one-shot")
-    p.add_argument("--schedule-arg", action="append", metavar="KEY=VALUE", help="e.g. n_prunes=5")
-    p.add_argument("--prune-every", type=float, default=1.0,
+    p.add_argument("--schedule-arg", action="append", type=key_value("--schedule-arg"), metavar="KEY=VALUE",
+                   help="e.g. n_prunes=5")
+    _number(p, "--prune-every", PRUNE_EVERY, default=1.0,
                    help="epochs between prunes of iterative/agp/fixed-fraction schedules")
     p.add_argument("--layers", nargs="+", default=None, help="module or parameter names to prune")
-    p.add_argument("--calibration", type=int, default=1024,
+    _number(p, "--calibration", CALIBRATION, default=1024,
                    help="training samples used by data-driven criteria (gradient, obd, lobs, obs-*)")
-    p.add_argument("--epochs", type=int, default=10, help="dense training epochs")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="epochs from the first prune on")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    _number(p, "--epochs", EPOCHS, default=10, help="dense training epochs")
+    _number(p, "--finetune-epochs", EPOCHS, default=5, help="epochs from the first prune on")
+    _number(p, "--batch-size", BATCH_SIZE, default=64)
+    _number(p, "--lr", LR, default=0.05)
     p.add_argument("--optimizer", default="sgd")
     p.add_argument("--regularizer", default=None)
-    p.add_argument("--reg-strength", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    _number(p, "--reg-strength", STRENGTH, default=None)
+    _number(p, "--seed", SEED, default=0)
     p.add_argument("--save", default=None, help="write {config, state_dict} with torch.save")
     p.add_argument("--export", default=None, metavar="PATH",
                    help="write the pruned model as a compressed prunelab model file (prunelab.load reads it)")
@@ -586,27 +659,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
     p.set_defaults(dataset_default="digits")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
+    p.add_argument("--dataset-arg", action="append", type=key_value("--dataset-arg"), metavar="KEY=VALUE",
                    help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
     p.add_argument("--model", default="mlp", help="a registry name, or package.module:factory (your own model)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="e.g. hidden=[300,100]")
+    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE",
+                   help="e.g. hidden=[300,100]")
     p.add_argument("--method", default="bp_abs_mrs", help="one of the 12: rand, norm, rs, abs_rs, mrs, abs_mrs, "
                                                           "each optionally with the bp_ prefix (mean replacement)")
-    p.add_argument("--fraction", type=float, default=None, help="of each chosen layer's units")
-    p.add_argument("--count", type=int, default=None, help="units per chosen layer")
+    _number(p, "--fraction", SPARSITY, default=None, help="of each chosen layer's units")
+    _number(p, "--count", COUNT, default=None, help="units per chosen layer")
     p.add_argument("--layers", nargs="+", default=None,
                    help="all (default), first_conv, middle_conv, last_conv, first_dense, or layer or unit-group "
                         "names (e.g. transformer.h.0.attn:heads)")
-    p.add_argument("--calibration", type=int, default=1000, help="training samples used to score the units")
+    _number(p, "--calibration", CALIBRATION, default=1000, help="training samples used to score the units")
     p.add_argument("--weights", default=None, help="start from these weights instead of training")
-    p.add_argument("--epochs", type=int, default=10, help="dense training epochs (without --weights)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the thinned model")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    _number(p, "--epochs", EPOCHS, default=10, help="dense training epochs (without --weights)")
+    _number(p, "--finetune-epochs", EPOCHS, default=0, help="fine-tune the thinned model")
+    _number(p, "--batch-size", BATCH_SIZE, default=64)
+    _number(p, "--lr", LR, default=0.05)
     p.add_argument("--optimizer", default="sgd")
-    p.add_argument("--seed", type=int, default=0)
+    _number(p, "--seed", SEED, default=0)
     p.add_argument("--latency", action="store_true", help="measure masked vs thinned latency (batch 1, 64)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for --latency")
+    _number(p, "--threads", THREADS, default=None, help="torch threads for --latency")
     p.add_argument("--save", default=None, help="write the thinned model {config, plan, state_dict}")
     p.add_argument("--json", default=None, help="write the result as JSON")
     p.add_argument("--quiet", action="store_true")
@@ -621,10 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default mnist)")
     p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
     p.set_defaults(dataset_default="mnist")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE")
     p.add_argument("--encoding", default="auto", help="auto (smallest per tensor), dense, bitmask or csr")
     p.add_argument("--values", default="float32", help="weights as float32 (exact), float16 or int8")
-    p.add_argument("--index-bits", default="auto", help="CSR relative-index bits, 1-16, or auto (per tensor)")
+    _number(p, "--index-bits", Options({"auto"}), INDEX_BITS, default="auto",
+            help="CSR relative-index bits, 1-16, or auto (per tensor)")
     p.add_argument("--thin", action="store_true", help="first remove units whose weights are all zero")
     p.add_argument("--onnx", default=None, metavar="PATH", help="also write ONNX (needs prunelab[onnx])")
     p.set_defaults(func=cmd_export)
@@ -635,16 +710,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default mnist)")
     p.add_argument("--example-input", default=None, metavar="SPEC", help=EXAMPLE_HELP)
     p.set_defaults(dataset_default="mnist")
-    p.add_argument("--dataset-arg", action="append", metavar="KEY=VALUE",
+    p.add_argument("--dataset-arg", action="append", type=key_value("--dataset-arg"), metavar="KEY=VALUE",
                    help="a dataset option, e.g. vocab_size=4096 and seq_len=64 for a text dataset (pydocs)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    p.add_argument("--model-arg", action="append", type=key_value("--model-arg"), metavar="KEY=VALUE")
     p.add_argument("--weights", default=None, help="a file written by prunelab prune --save")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--latency", action="store_true",
                    help="median latency (batch 1, 64) as is, with sparse Linear layers, and thinned")
-    p.add_argument("--min-sparsity", type=float, default=0.9,
+    _number(p, "--min-sparsity", FRACTION, default=0.9,
                    help="for --latency: Linear layers at least this sparse run as CSR (default 0.9)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for --latency")
+    _number(p, "--threads", THREADS, default=None, help="torch threads for --latency")
     p.set_defaults(func=cmd_summary)
     return parser
 
@@ -653,7 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     from prunelab.experiments.lock import StudyLocked
     from prunelab.experiments.store import StudyWriteError
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:         # a bad option (one line printed), --help or --version
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.func(args)
     except StudyLocked as err:

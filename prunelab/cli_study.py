@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from numbers import Integral
 from pathlib import Path
+
+from prunelab._validation import MAX_WORKERS, Interval, Options, cli_type
+
+#: The executors of prunelab run (prunelab.experiments.executors.EXECUTORS; not imported here, so
+#: that parsing the command line stays light).
+EXECUTORS = ("local", "ray")
 
 def _existing_db(path: str) -> Path:
     """The study database named on the command line (or in the named folder), checked to be a
@@ -138,8 +145,9 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="apply the spec's quick: overrides (a few minutes)")
     p.add_argument("--db", default=None, help="the study database (default: <out>/<name>/study.db)")
     p.add_argument("--out", default="results", help="folder for study databases (default: results)")
-    p.add_argument("--executor", default="local", help="local (default) or ray")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--executor", default="local", type=cli_type("executor", p.prog, Options(EXECUTORS)),
+                   help="local (default) or ray")
+    p.add_argument("--workers", type=cli_type("workers", p.prog, Interval(Integral, 1, MAX_WORKERS)), default=None,
                    help="parallel runs (local: processes, default 1; ray: default the cluster's CPUs)")
     p.add_argument("--address", default=None, help="Ray cluster address: auto or HOST:PORT")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")

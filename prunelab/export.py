@@ -44,15 +44,17 @@ import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from prunelab._validation import check_type, suggest
-from prunelab.metrics.storage import (best_format, best_index_bits, bits_to_bytes, check_storage_bits,
-                                      nm_position_bits, storage_bits)
+from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
+from prunelab.metrics.dry_run import SHAPE
+from prunelab.metrics.storage import (INDEX_BITS_OR_AUTO, best_format, best_index_bits, bits_to_bytes,
+                                      check_storage_bits, nm_position_bits, storage_bits)
 from prunelab.pruning.granularity import NM_LAYOUTS, nm_pattern, nm_unview, nm_view
 
 MAGIC = b"PRUNELAB"
@@ -263,6 +265,10 @@ def weight_names(model: nn.Module) -> set[str]:
             if isinstance(module, (*_WEIGHT_LAYERS, HashedLayer)) and isinstance(module.weight, torch.Tensor)}
 
 
+#: The storage options save and predict_bytes declare (the names are checked by _check_options).
+_OPTIONS = {"encoding": [STR], "values": [STR], "index_bits": INDEX_BITS_OR_AUTO}
+
+
 def _check_options(encoding: object, values: object, index_bits: object,
                    where: str) -> tuple[str, str, int | str]:
     check_type("encoding", encoding, str, where=where)
@@ -323,6 +329,7 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
         yield name, tensor, flat, scale, chosen, kind, width, nm_info, predicted
 
 
+@validate_params({"model": [MODEL], **_OPTIONS})
 def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "float32",
                   index_bits: int | str = "auto") -> int:
     """Payload bytes :func:`save` writes for ``model``, from the storage formulas of
@@ -341,6 +348,7 @@ def _header_bytes(header: dict) -> bytes:
     return json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+@validate_params({"model": [MODEL], "path": [PATH], **_OPTIONS, "metadata": [MAPPING, None]})
 def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", values: str = "float32",
          index_bits: int | str = "auto", metadata: Mapping | None = None) -> ExportReport:
     """Write ``model`` as a compressed prunelab model file; return what was written.
@@ -516,6 +524,7 @@ def _tensor(entry: dict, payload: bytes, where: str) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(flat).reshape(shape)}
 
 
+@validate_params({"path": [PATH], "model": [MODEL, None]})
 def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model saved in ``path`` (a prunelab model file, or a ``torch.save`` file of
     ``prunelab prune/units --save``), on the CPU, in eval mode.
@@ -968,6 +977,9 @@ def _check_onnx(path: Path, net: nn.Module, tensors: tuple, names: list[str], wh
     return diff
 
 
+@validate_params({"model": [MODEL], "path": [PATH], "input_shape": [SHAPE, None],
+                  "opset": [Interval(Integral, 7, 99), None], "exporter": [STR], "output_key": [STR, None],
+                  "check": [bool]})
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
                 example_inputs=None, opset: int | None = None, exporter: str = "auto",
                 output_key: str | None = None, check: bool = True) -> Path:
@@ -1000,14 +1012,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     """
     from prunelab.inputs import example_batch
     where = "export_onnx"
-    check_type("model", model, nn.Module, where=where)
-    check_type("exporter", exporter, str, where=where)
-    check_type("check", check, bool, where=where)
     if exporter not in EXPORTERS:
         raise ValueError(f"{where}: unknown exporter {exporter!r}{suggest(exporter, EXPORTERS)}; "
                          f"valid exporters: {', '.join(EXPORTERS)}.")
-    if output_key is not None:
-        check_type("output_key", output_key, str, where=where)
     import importlib.util
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("export_onnx needs the onnx package: pip install 'prunelab[onnx]'.")

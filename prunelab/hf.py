@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunelab._validation import check_type
+from prunelab._validation import MODEL, PATH, check_type, validate_params
 
 PLM_NAME = "model.plm"
 WEIGHTS_NAME = "model.safetensors"
@@ -251,6 +251,7 @@ def mismatches(model: nn.Module, config, state: dict[str, torch.Tensor], changes
 
 
 # --------------------------------------------------------------------------- saving
+@validate_params({"model": [MODEL], "directory": [PATH], "fallback": [bool]})
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, fallback: bool = True) -> SavedPretrained:
     """Save a pruned or thinned ``transformers`` model in ``directory`` so that its class's
     ``from_pretrained`` (e.g. ``AutoModelForCausalLM``) loads it with identical outputs.
@@ -351,7 +352,7 @@ def _save_prunelab(model, config, directory: Path, problems: list[str]) -> Saved
                   f"{type(config).__name__} ({'; '.join(problems)}), so {directory / PLM_NAME} (a prunelab model "
                   f"file) was written instead of config.json + model.safetensors. Load it with "
                   f"prunelab.load({str(directory)!r}); transformers' from_pretrained cannot read it.",
-                  NotStockWarning, stacklevel=3)
+                  NotStockWarning, stacklevel=4)      # past save_pretrained and its declaration check
     return SavedPretrained(directory, "prunelab", [PLM_NAME], {}, problems)
 
 
@@ -361,6 +362,7 @@ def _remove(directory: Path, names: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- loading
+@validate_params({"directory": [PATH], "model": [MODEL, None]})
 def load_pretrained(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
     """The model saved by :func:`save_pretrained` in ``directory``, in eval mode: a prunelab model
     file (``model.plm``) rebuilt from the Hugging Face config inside it (or into ``model``), or a

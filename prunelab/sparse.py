@@ -56,10 +56,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_number, check_type
+from numbers import Integral
+
+from prunelab._validation import (BATCH_SIZE, FRACTION, MAPPING, MAX_BATCH, MAX_REPEATS, MAX_UNITS, MODEL, TENSOR,
+                                  THREADS, Interval, Sizes, check_param, check_type, validate_params)
 from prunelab.inputs import Batch, example_batch, logits_of
 from prunelab.metrics.dry_run import default_device_dtype
 from prunelab.metrics.flops import count_nonzero
+from prunelab.metrics.dry_run import SHAPE
 from prunelab.metrics.latency import measure_latency
 
 __all__ = ["MANY_ROWS", "InferenceLatency", "LayerDecision", "SparseLinear", "SparsifyReport",
@@ -75,6 +79,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 def _index_dtype(n: int) -> torch.dtype:
     """int32 indices (faster with MKL than int64 ones, see above) unless ``n`` does not fit."""
     return torch.int32 if n < 2**31 else torch.int64
+
+
+_FEATURES = Interval(Integral, 1, MAX_UNITS)
+#: What the functions that time models interleaved declare.
+_ROUNDS = {"threads": [THREADS, None], "rounds": [Interval(Integral, 1, MAX_REPEATS)],
+           "repeats": [Interval(Integral, 1, MAX_REPEATS)], "warmup": [Interval(Integral, 0, MAX_REPEATS)]}
+_EXAMPLE = {"model": [MODEL], "input_shape": [SHAPE, None]}
 
 
 class SparseLinear(nn.Module):
@@ -98,16 +109,14 @@ class SparseLinear(nn.Module):
     values: torch.Tensor
     bias: torch.Tensor | None
 
+    @validate_params({"in_features": [_FEATURES], "out_features": [_FEATURES], "crow_indices": [TENSOR],
+                      "col_indices": [TENSOR], "values": [TENSOR], "bias": [TENSOR, None]})
     def __init__(self, in_features: int, out_features: int, crow_indices: torch.Tensor,
                  col_indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         where = "SparseLinear"
-        self.in_features = check_number("in_features", in_features, where=where, low=1, integer=True)
-        self.out_features = check_number("out_features", out_features, where=where, low=1, integer=True)
-        for name, tensor in (("crow_indices", crow_indices), ("col_indices", col_indices), ("values", values)):
-            check_type(name, tensor, torch.Tensor, where=where)
+        self.in_features, self.out_features = int(in_features), int(out_features)
         if bias is not None:
-            check_type("bias", bias, torch.Tensor, where=where)
             if tuple(bias.shape) != (out_features,):
                 raise ValueError(f"the 'bias' parameter of {where} must have shape ({out_features},). "
                                  f"Got shape {tuple(bias.shape)} instead.")
@@ -263,10 +272,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+@validate_params({"model": [MODEL]})
 def densify(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every :class:`SparseLinear` turned back into ``nn.Linear`` (exact).
     The given model is not modified."""
-    check_type("model", model, nn.Module, where="densify")
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseLinear):
@@ -276,6 +285,7 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
+@validate_params({"models": [MAPPING], "input_shape": [SHAPE, None], "batch_sizes": [Sizes(MAX_BATCH)], **_ROUNDS})
 def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] | int | None = None,
                     batch_sizes: Sequence[int] | int = (1, 64), *, example_inputs=None, threads: int | None = None,
                     rounds: int = 7, repeats: int = 10, warmup: int = 3) -> dict[str, dict[int, float]]:
@@ -290,12 +300,11 @@ def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] 
     over rounds of each round's median, so a drift of the machine affects all models alike.
     """
     where = "compare_latency"
-    check_type("models", models, Mapping, where=where, expected="a mapping of names to nn.Module")
     if not models:
         raise ValueError(f"the 'models' parameter of {where} must name at least one model. Got {{}} instead.")
     for name, model in models.items():
-        check_type(f"models[{name!r}]", model, nn.Module, where=where)
-    rounds = check_number("rounds", rounds, where=where, low=1, integer=True)
+        check_param(f"models[{name!r}]", model, [MODEL], where=where)
+    rounds = int(rounds)
     medians: dict[str, dict[int, list[float]]] = {name: {} for name in models}
     names = list(models)
     for index in range(rounds):
@@ -424,6 +433,8 @@ def _parent_reads_weight(model: nn.Module) -> dict[str, str]:
     return found
 
 
+@validate_params({**_EXAMPLE, "min_sparsity": [FRACTION], "only_if_faster": [bool], "batch_size": [BATCH_SIZE],
+                  **_ROUNDS})
 def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
              min_sparsity: float = 0.9,
              only_if_faster: bool = True, batch_size: int = 1, threads: int | None = None,
@@ -476,14 +487,9 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
     """
     where = "sparsify"
     batch = _example(model, input_shape, example_inputs, where)
-    min_sparsity = check_number("min_sparsity", min_sparsity, where=where, low=0.0, high=1.0)
-    check_type("only_if_faster", only_if_faster, bool, where=where)
-    batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
-    if threads is not None:
-        threads = check_number("threads", threads, where=where, low=1, integer=True)
-    rounds = check_number("rounds", rounds, where=where, low=1, integer=True)
-    repeats = check_number("repeats", repeats, where=where, low=1, integer=True)
-    warmup = check_number("warmup", warmup, where=where, low=0, integer=True)
+    min_sparsity, batch_size = float(min_sparsity), int(batch_size)
+    threads = None if threads is None else int(threads)
+    rounds, repeats, warmup = int(rounds), int(repeats), int(warmup)
 
     linears = [(name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
                for name, module in model.named_modules() if _is_plain_linear(module)]
@@ -625,6 +631,7 @@ class InferenceLatency:
         return "  thinned: " + "; ".join(parts)
 
 
+@validate_params({**_EXAMPLE, "min_sparsity": [FRACTION], "batch_sizes": [Sizes(MAX_BATCH)], **_ROUNDS})
 def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
                       min_sparsity: float = 0.9,
                       batch_sizes: Sequence[int] | int = (1, 64), threads: int | None = None,
@@ -639,11 +646,8 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None 
 
     where = "inference_latency"
     batch = _example(model, input_shape, example_inputs, where)
-    check_number("min_sparsity", min_sparsity, where=where, low=0.0, high=1.0)
-    if threads is not None:
-        threads = check_number("threads", threads, where=where, low=1, integer=True)
-    rounds = check_number("rounds", rounds, where=where, low=1, integer=True)
-    repeats = check_number("repeats", repeats, where=where, low=1, integer=True)
+    threads = None if threads is None else int(threads)
+    rounds, repeats = int(rounds), int(repeats)
 
     sparse, report = sparsify(model, input_shape, example_inputs=example_inputs, min_sparsity=min_sparsity,
                               only_if_faster=False)

@@ -38,7 +38,10 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_choice, check_finite, check_number, check_type
+from numbers import Real
+
+from prunelab._validation import (BATCH_SIZE, DATA, EPOCHS, EVERY, FRACTION, MODEL, SEED, STEP, Interval, Model,
+                                  Options, Types, check_finite, validate_params)
 from prunelab.distillation import Distillation, check_teacher, make_distillation
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, as_batch, loss_targets, make_loss
 from prunelab.pruning.pruner import Pruner
@@ -351,13 +354,17 @@ def _fast_layout(xb: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- evaluate
+#: The scoring options fit, evaluate and RecoveryMonitor share.
+_SCORING = {"loss_fn": ["callable", None], "output_key": [str, None]}
+
+
+@validate_params({"model": [MODEL], "data": [DATA], "batch_size": [BATCH_SIZE, None], **_SCORING})
 def evaluate(model: nn.Module, data, *, batch_size: int | None = None, loss_fn: Callable | None = None,
              output_key: str | None = None) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` on ``data``: a Dataset (its test split), an ``(x, y)``
     tuple or a dict of tensors (in slices of ``batch_size``, default 1024), or an iterable of
     batches. Token logits give token accuracy, ``perplexity`` = exp(mean loss) and ``tokens``."""
     where = "evaluate"
-    check_type("model", model, nn.Module, where=where)
     loss = make_loss(loss_fn, output_key, where=where)
     with torch.random.fork_rng(devices=[]):            # peeking at a shuffling DataLoader draws a seed
         source = resolve_data(data, "data", where, split="test")
@@ -389,7 +396,7 @@ def _batch_size(batch_size, source: Data, default: int, data) -> int | None:
     if source.in_memory:
         if batch_size is None:
             return default
-        return check_number("batch_size", batch_size, where=source.where, low=1, integer=True)
+        return int(batch_size)
     if batch_size is not None:
         raise ValueError(f"the 'batch_size' parameter of {source.where} applies to in-memory data (a Dataset, an "
                          f"(x, y) tuple, a dict of tensors); the batches of a {type(data).__name__} are used as "
@@ -398,6 +405,15 @@ def _batch_size(batch_size, source: Data, default: int, data) -> int | None:
 
 
 # ----------------------------------------------------------------------------- fit
+@validate_params({
+    "model": [MODEL], "data": [DATA], "epochs": [EPOCHS], "batch_size": [BATCH_SIZE, None],
+    "lr": [Interval(Real, 0, None, closed="neither")], "optimizer": [Options(OPTIMIZERS), Types(torch.optim.Optimizer)],
+    "momentum": [Interval(Real, 0, 1, closed="left")], "weight_decay": [Interval(Real, 0, None)],
+    "regularizer": [Types(str, Mapping, Regularizer), None], "pruner": [Types(Pruner), None], "seed": [SEED],
+    "val": [DATA, None], "progress": [bool, None], **_SCORING, "callbacks": [Types(list, tuple)],
+    "max_steps": [STEP, None], "distill_from": [Model("an nn.Module (the teacher model)"), None],
+    "distill_weight": [FRACTION, None],
+    "temperature": [Interval(Real, 0, None, closed="neither"), None]})
 def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = None, lr: float = 0.01,
         optimizer: "str | torch.optim.Optimizer" = "sgd", momentum: float = 0.9,
         weight_decay: float = 0.0, regularizer: "str | dict | Regularizer | None" = None,
@@ -429,19 +445,16 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     ``task_loss`` and ``distill_loss`` (the ``T² · KL`` term); ``loss`` is the combined objective.
     """
     where = "fit"
-    check_type("model", model, nn.Module, where=where)
     for name, param in model.named_parameters():   # else the first loss is NaN and "diverged" misleads
         check_finite(f"the parameter {name!r} of the model given to fit", param)
-    epochs = check_number("epochs", epochs, where=where, low=0, integer=True)
-    seed = check_number("seed", seed, where=where, low=0, integer=True)
+    epochs, seed = int(epochs), int(seed)
     if max_steps is not None:
-        max_steps = check_number("max_steps", max_steps, where=where, low=0, integer=True)
+        max_steps = int(max_steps)
     loss = make_loss(loss_fn, output_key, where=where)
     distill = make_distillation(model, distill_from, distill_weight, temperature, where=where)
     source, val_source, batch_size = _fit_data(model, data, val, batch_size, loss, epochs, distill)
     optimizer = _make_optimizer(model, optimizer, lr, momentum, weight_decay)
     if pruner is not None:
-        check_type("pruner", pruner, Pruner, where=where)
         if pruner.model is not model:
             raise ValueError("the 'pruner' parameter of fit prunes a different model than the one given.")
     reg_targets = None
@@ -507,15 +520,9 @@ def _fit_data(model, data, val, batch_size, loss: Loss, epochs: int,
 
 
 def _make_optimizer(model, optimizer, lr, momentum, weight_decay) -> torch.optim.Optimizer:
-    where = "fit"
-    if isinstance(optimizer, str):
-        lr = check_number("lr", lr, where=where, low=0.0, closed="neither")
-        momentum = check_number("momentum", momentum, where=where, low=0.0, high=1.0, closed="left")
-        weight_decay = check_number("weight_decay", weight_decay, where=where, low=0.0)
-        name = check_choice("optimizer", optimizer, OPTIMIZERS, where=where)
-        return OPTIMIZERS[name](model.parameters(), lr, momentum, weight_decay)
-    return check_type("optimizer", optimizer, torch.optim.Optimizer, where=where,
-                      expected=f"one of {', '.join(OPTIMIZERS)} or a torch.optim.Optimizer")
+    if isinstance(optimizer, str):       # the names and ranges are checked by fit's declarations
+        return OPTIMIZERS[optimizer](model.parameters(), float(lr), float(momentum), float(weight_decay))
+    return optimizer
 
 
 @dataclass
@@ -612,6 +619,8 @@ class RecoveryMonitor(Callback):
     :func:`evaluate` takes except an iterator (it is evaluated many times); ``loss_fn`` and
     ``output_key`` are :func:`evaluate`'s."""
 
+    @validate_params({"data": [DATA], "target": [FRACTION], "tolerance": [Interval(Real, 0, 1)], "every": [EVERY],
+                      "stop": [bool], "start": [STEP], **_SCORING})
     def __init__(self, data, target: float, tolerance: float = 0.001, every: int = 50,
                  stop: bool = False, start: int = 0, *, loss_fn: Callable | None = None,
                  output_key: str | None = None):
@@ -619,11 +628,8 @@ class RecoveryMonitor(Callback):
             raise TypeError("the 'data' parameter of RecoveryMonitor is an iterator, which runs dry after one "
                             "evaluation; pass a Dataset, an (x, y) tuple, a list or a DataLoader.")
         self.data = data
-        self.target = check_number("target", target, where="RecoveryMonitor", low=0.0, high=1.0)
-        self.tolerance = check_number("tolerance", tolerance, where="RecoveryMonitor", low=0.0)
-        self.every = check_number("every", every, where="RecoveryMonitor", low=1, integer=True)
-        self.stop = stop
-        self.start = check_number("start", start, where="RecoveryMonitor", low=0, integer=True)
+        self.target, self.tolerance = float(target), float(tolerance)
+        self.every, self.stop, self.start = int(every), stop, int(start)
         self.loss_fn, self.output_key = loss_fn, output_key
         self.steps_to_recover: int | None = None
         self.curve: list[tuple[int, float]] = []
@@ -653,6 +659,9 @@ class RetrainResult:
     history: list                     # fit's per-epoch history
 
 
+@validate_params({"model": [MODEL], "data": [DATA], "pruner": [Types(Pruner)], "target_accuracy": [FRACTION],
+                  "eval_data": [DATA, None], "tolerance": [Interval(Real, 0, 1)], "eval_every": [EVERY],
+                  "max_epochs": [EPOCHS], "stop_when_recovered": [bool]})
 def retrain(model: nn.Module, data, *, pruner: Pruner, target_accuracy: float, eval_data=None,
             tolerance: float = 0.001, eval_every: int = 50, max_epochs: int = 10,
             stop_when_recovered: bool = True, **fit_kwargs) -> RetrainResult:

@@ -68,7 +68,7 @@ def test_units_command_removes_thins_measures_and_saves(tmp_path, capsys):
     (["units", "--fraction", "1.5"], "'--fraction' parameter of prunelab units must be a float in [0, 1)"),
     (["units", "--fraction", "0.5", "--layers", "first_conv"], "'first_conv', but the model has no such layer"),
     (["prune", "--criterion", "magnitde"], "unknown criterion 'magnitde' (did you mean 'magnitude'?)"),
-    (["prune", "--sparsity", "1.2"], "'sparsity' parameter of one-shot schedule must be a float in [0, 1). Got 1.2"),
+    (["prune", "--sparsity", "1.2"], "'--sparsity' parameter of prunelab prune must be a float in [0, 1). Got 1.2"),
     (["prune", "--dataset", "mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
     (["prune", "--model", "lenet", "--dataset", "digits"], "unknown model 'lenet'"),
     (["prune", "--model-arg", "hidden"], "--model-arg takes key=value"),

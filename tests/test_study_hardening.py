@@ -101,7 +101,7 @@ def test_a_spec_file_larger_than_the_limit_is_refused_unread(tmp_path):
     ({"methods": [{"calibration": 10**12}]}, "the 'calibration' parameter must be at most 10,000,000"),
     ({"seeds": 10**6}, "seeds: a count of seeds must be at most 1,000"),
     ({"seeds": list(range(10**6))}, "seeds: 1,000,000 seeds; at most 1,000"),
-    ({"seeds": [2**40]}, "the 'seed' parameter must be an int in [0, 4.29497e+09]"),
+    ({"seeds": [2**40]}, "the 'seed' parameter must be an int in [0, 4294967295]"),
     ({"sparsities": [0.5] * 5000}, "sparsities: 5,000 levels; at most 1,000"),
     ({"models": [{"name": "mlp", "hidden": [10**8]}]},
      "models[0].hidden[0]: the 'hidden' parameter must be at most 1,048,576"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prunelab._validation import check_type
+from prunelab._validation import PATH, validate_params
 
 DATA_ENV = "PRUNELAB_DATA"
 CACHE_ENV = "PRUNELAB_CACHE"
@@ -41,11 +41,10 @@ def cache_dir() -> Path:
     return base / "prunelab"
 
 
+@validate_params({"root": [PATH, None]})
 def data_root(root: str | os.PathLike | None = None) -> Path:
     """The data root: the ``root`` argument > ``$PRUNELAB_DATA`` (if non-empty) > :func:`cache_dir`."""
     if root is not None:
-        check_type("root", root, (str, os.PathLike), where="data_root",
-                   expected="a path (str or os.PathLike) or None")
         return Path(root).expanduser()
     env = _env_path(DATA_ENV)
     return env if env is not None else cache_dir()

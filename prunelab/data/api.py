@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prunelab._validation import check_type
+from prunelab._validation import PATH, validate_params
 from prunelab.data.catalog import DATASETS
 from prunelab.data.dataset import Dataset
 from prunelab.data.source import DatasetSource
@@ -16,12 +16,11 @@ def _source(name: Any, where: str) -> DatasetSource:
     return DATASETS.get(name, param="name", where=where)
 
 
-def _check_root(root: Any, where: str) -> None:
-    if root is not None:
-        check_type("root", root, (str, os.PathLike), where=where,
-                   expected="a path (str or os.PathLike) or None")
+#: What every function naming a dataset declares (the name itself is checked by the catalogue).
+_NAMED = {"root": [PATH, None]}
 
 
+@validate_params({**_NAMED, "download": [bool]})
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
                  **options: Any) -> Dataset:
     """Load dataset ``name`` (see ``DATASETS.names()``) fully into memory.
@@ -33,8 +32,6 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
     """
     where = "load_dataset"
     source = _source(name, where)
-    _check_root(root, where)
-    check_type("download", download, bool, where=where)
     unknown = sorted(set(options) - set(source.options))
     if unknown:
         valid = ", ".join(source.options) if source.options else "none"
@@ -44,6 +41,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
     return source.load(root=root, download=download, **options)
 
 
+@validate_params(_NAMED)
 def fetch(name: str, root: str | os.PathLike | None = None) -> list[Path]:
     """Download (if missing) and verify the files of ``name``; return their paths.
 
@@ -52,13 +50,12 @@ def fetch(name: str, root: str | os.PathLike | None = None) -> list[Path]:
     """
     where = "fetch"
     source = _source(name, where)
-    _check_root(root, where)
     return source.fetch(root)
 
 
+@validate_params(_NAMED)
 def dataset_info(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """What a CLI listing shows: description, expected files and where they go, shapes, sizes."""
     where = "dataset_info"
     source = _source(name, where)
-    _check_root(root, where)
     return source.info(root)

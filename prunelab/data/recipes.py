@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunelab._validation import check_choice, check_number, check_type
+from prunelab._validation import SEED, Options, Types, check_type, validate_params
 
 RECIPE_VERSION = 1
 KINDS = ("mnist-rot", "mnist-back-rand", "mnist-back-image")
@@ -107,6 +107,7 @@ def _as_backgrounds(backgrounds: Sequence[np.ndarray | torch.Tensor] | None,
     return out
 
 
+@validate_params({"kind": [Options(KINDS)], "images_uint8": [Types(np.ndarray)], "seed": [SEED]})
 def generate_variant(kind: str, images_uint8: np.ndarray, labels: np.ndarray, seed: int,
                      backgrounds: Sequence[np.ndarray | torch.Tensor] | None = None,
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -117,9 +118,7 @@ def generate_variant(kind: str, images_uint8: np.ndarray, labels: np.ndarray, se
     Deterministic: the same arguments give the same bytes.
     """
     where = "generate_variant"
-    check_choice("kind", kind, KINDS, where=where)
-    seed = check_number("seed", seed, where=where, low=0, integer=True)
-    check_type("images_uint8", images_uint8, np.ndarray, where=where)
+    seed = int(seed)
     if images_uint8.dtype != np.uint8 or images_uint8.ndim != 3:
         raise ValueError(f"the 'images_uint8' parameter of {where} must be a uint8 array of "
                          f"shape (N, H, W). Got {images_uint8.dtype} {images_uint8.shape} instead.")

@@ -34,7 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunelab._validation import check_choice, check_number, check_type
+from numbers import Integral
+
+from prunelab._validation import (MAX_SEQ_LEN, MAX_VOCAB, STR, Interval, Types, check_choice, check_number,
+                                  check_type, validate_params)
 from prunelab.data._atomic import atomic_write_bytes
 from prunelab.data._paths import search_dirs, writable_dir
 from prunelab.data._store import load_arrays, save_arrays
@@ -52,6 +55,12 @@ CACHE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- sequences
+#: The declarations of a text dataset's options (load_text; load_dataset's options are checked in load_as).
+SEQ_LEN = Interval(Integral, 1, MAX_SEQ_LEN)
+
+
+@validate_params({"stream": [Types(np.ndarray, torch.Tensor, list, tuple)], "seq_len": [SEQ_LEN],
+                  "stride": [SEQ_LEN, None], "where": [STR]})
 def sequences(stream: np.ndarray | torch.Tensor, seq_len: int, stride: int | None = None,
               *, where: str = "sequences") -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a 1-D token stream into inputs ``x`` and next-token targets ``y``, both int64 ``(N, seq_len)``.
@@ -63,7 +72,7 @@ def sequences(stream: np.ndarray | torch.Tensor, seq_len: int, stride: int | Non
     before and are set to -100 (ignored by the loss), so each token is still counted once. The
     tokens after the last whole window (fewer than ``stride``) are left out.
     """
-    seq_len = check_number("seq_len", seq_len, where=where, low=1, integer=True)
+    seq_len = int(seq_len)
     stride = seq_len if stride is None else check_number("stride", stride, where=where, low=1,
                                                          high=seq_len, integer=True)
     flat = torch.as_tensor(np.asarray(stream) if not torch.is_tensor(stream) else stream).to(torch.int64)
@@ -320,9 +329,9 @@ class TextSource(DatasetSource):
         if vocab_size is None and kind == "bpe":
             vocab_size = DEFAULT_VOCAB
         if vocab_size is not None:
-            vocab_size = check_number("vocab_size", vocab_size, where=where, high=2**31 - 1, integer=True,
+            vocab_size = check_number("vocab_size", vocab_size, where=where, high=MAX_VOCAB, integer=True,
                                       low=MIN_VOCAB if kind == "bpe" else 2)
-        seq_len = check_number("seq_len", seq_len, where=where, low=1, integer=True)
+        seq_len = check_number("seq_len", seq_len, where=where, low=1, high=MAX_SEQ_LEN, integer=True)
         if stride is not None:
             stride = check_number("stride", stride, where=where, low=1, high=seq_len, integer=True)
         streams, tokenizer_path, vocab = self.token_streams(root, download, vocab_size, kind)

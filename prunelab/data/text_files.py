@@ -17,12 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prunelab._validation import check_type
+from numbers import Integral
+
+from prunelab._validation import MAPPING, MAX_VOCAB, PATH, STR, Interval, Options, check_type, validate_params
 from prunelab.data._hashing import sha256_file
 from prunelab.data._paths import cache_dir
 from prunelab.data.errors import DatasetNotFoundError
 from prunelab.data.source import Root
-from prunelab.data.text import DEFAULT_SEQ_LEN, SPLITS, TextDataset, TextSource
+from prunelab.data.text import DEFAULT_SEQ_LEN, SEQ_LEN, SPLITS, TextDataset, TextSource
+from prunelab.data.tokenizer import KINDS
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -60,6 +63,8 @@ def _split_files(files: Any, where: str) -> tuple[dict[str, Path], str]:
                     f"test.txt, or a dict of those three splits to paths. Got {type(files).__name__} instead.")
 
 
+@validate_params({"files": [PATH, MAPPING], "name": [STR, None], "vocab_size": [Interval(Integral, 2, MAX_VOCAB), None],
+                  "seq_len": [SEQ_LEN], "stride": [SEQ_LEN, None], "tokenizer": [Options(KINDS)]})
 def load_text(files: str | os.PathLike | Mapping[str, str | os.PathLike], *, name: str | None = None,
               vocab_size: int | None = None, seq_len: int = DEFAULT_SEQ_LEN, stride: int | None = None,
               tokenizer: str = "bpe") -> TextDataset:

@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from prunelab._validation import check_number, check_type
+from numbers import Integral
+
+from prunelab._validation import MAX_VOCAB, STR, Interval, Types, check_number, check_type, validate_params
 
 #: The smallest vocabulary: the 256 single bytes.
 MIN_VOCAB = 256
@@ -62,6 +64,7 @@ def lines_of(text: str) -> list[str]:
     return out + ([parts[-1]] if parts[-1] else [])
 
 
+@validate_params({"text": [STR, Types(Iterable)], "vocab_size": [Interval(Integral, MIN_VOCAB, MAX_VOCAB)]})
 def train_tokenizer(text: str | Iterable[str], vocab_size: int = 8192) -> Any:
     """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``text`` (a string, or its lines).
 
@@ -70,8 +73,7 @@ def train_tokenizer(text: str | Iterable[str], vocab_size: int = 8192) -> Any:
     Deterministic: the same text and ``vocab_size`` give the same tokenizer.
     """
     where = "train_tokenizer"
-    vocab_size = check_number("vocab_size", vocab_size, where=where, low=MIN_VOCAB, high=2**31 - 1,
-                              integer=True)
+    vocab_size = int(vocab_size)
     lines = lines_of(text) if isinstance(text, str) else list(text)
     if not any(lines):
         raise ValueError(f"the 'text' parameter of {where} is empty; a tokenizer needs text to learn from.")
@@ -94,7 +96,7 @@ def train_word_tokenizer(text: str, vocab_size: int | None = None) -> Any:
     where = "train_word_tokenizer"
     check_type("text", text, str, where=where)
     if vocab_size is not None:
-        vocab_size = check_number("vocab_size", vocab_size, where=where, low=2, high=2**31 - 1, integer=True)
+        vocab_size = check_number("vocab_size", vocab_size, where=where, low=2, high=MAX_VOCAB, integer=True)
     counts = Counter(text.replace("\n", f" {EOS} ").split())
     counts.pop(UNK, None)
     if not counts:

@@ -30,7 +30,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from prunelab._validation import check_choice, check_number
+from numbers import Integral, Real
+
+from prunelab._validation import (BATCH_SIZE, DATA, EPOCHS, MAX_SEED, MAX_UNITS, STEP, Interval, Options, Types,
+                                  check_choice, check_number, validate_params)
 from prunelab.training import TrainingDiverged, as_xy
 
 OPTIMIZERS = ("sgd", "adam")
@@ -44,6 +47,7 @@ def _signature(model: nn.Module) -> list[tuple[str, tuple, torch.dtype]]:
 class BatchedModels:
     """R models of the same architecture, stacked along a leading member axis."""
 
+    @validate_params({"models": [Types(list, tuple)]})
     def __init__(self, models: Sequence[nn.Module]):
         models = list(models)
         if not models:
@@ -361,6 +365,11 @@ def _after_prune(batch: BatchedModels, r: int, pruner, opt: "_Optimizer") -> Non
     opt.mask_state(batch.masks)
 
 
+@validate_params({"batch": [Types(BatchedModels)], "data": [DATA], "seeds": [Types(list, tuple)], "epochs": [EPOCHS],
+                  "batch_size": [BATCH_SIZE], "optimizer": [Options(OPTIMIZERS)],
+                  "momentum": [Interval(Real, 0, 1, closed="left")], "regularizer": [Options(REGULARIZERS), None],
+                  "max_steps": [STEP, None], "engine_path": [Options({"auto", "vmap"})],
+                  "wave": [Interval(Integral, 1, MAX_UNITS), None]})
 def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int = 1, batch_size: int = 64,
                 lr: "float | Sequence[float]" = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
                 regularizer: str | None = None, reg_strength: "float | Sequence[float] | None" = None,
@@ -391,17 +400,12 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     :class:`TrainingDiverged` naming it."""
     where = "fit_batched"
     x, y = as_xy(data, "data", where)
-    seeds = [check_number("seeds", s, where=where, low=0, integer=True) for s in seeds]
+    seeds = [check_number("seeds", s, where=where, low=0, high=MAX_SEED, integer=True) for s in seeds]
     if len(seeds) != batch.size:
         raise ValueError(f"the 'seeds' parameter of {where} needs one seed per member ({batch.size}); "
                          f"got {len(seeds)}.")
-    epochs = check_number("epochs", epochs, where=where, low=0, integer=True)
-    batch_size = check_number("batch_size", batch_size, where=where, low=1, integer=True)
-    optimizer = check_choice("optimizer", optimizer, OPTIMIZERS, where=where)
-    engine_path = check_choice("engine_path", engine_path, ("auto", "vmap"), where=where)
-    if wave is not None:
-        wave = check_number("wave", wave, where=where, low=1, integer=True)
-    momentum = check_number("momentum", momentum, where=where, low=0.0, high=1.0, closed="left")
+    epochs, batch_size, momentum = int(epochs), int(batch_size), float(momentum)
+    wave = None if wave is None else int(wave)
     lrs = _per_member(lr, batch.size, "lr")
     reg_names, strengths = [], None
     if regularizer is not None:

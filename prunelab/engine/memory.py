@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from prunelab._hooks import forward_eval, leaf_modules
-from prunelab._validation import check_number
+from numbers import Integral, Real
+
+from prunelab._validation import BATCH_SIZE, MODEL, N_UNITS, Interval, Shape, Types, validate_params
+
+#: What the memory functions declare about the model they size.
+_SIZED = {"model": [MODEL], "input_shape": [Shape()], "batch_size": [BATCH_SIZE]}
+_SHARE = Interval(Real, 0, 1, closed="right")
+_DEVICE = [Types(str, torch.device), None]
 
 # weights, gradients, two optimiser buffers, mask
 PARAMETER_COPIES = 5
@@ -26,9 +33,10 @@ PARAMETER_COPIES = 5
 ACTIVATION_COPIES = 2
 
 
+@validate_params(_SIZED)
 def member_bytes(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> int:
     """Bytes one member of ``model`` needs in a batched training step at ``batch_size``."""
-    batch_size = check_number("batch_size", batch_size, where="member_bytes", low=1, integer=True)
+    batch_size = int(batch_size)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     outputs = []
 
@@ -44,6 +52,7 @@ def member_bytes(model: nn.Module, input_shape: Sequence[int], batch_size: int) 
     return PARAMETER_COPIES * params + ACTIVATION_COPIES * batch_size * sum(outputs)
 
 
+@validate_params({"device": _DEVICE})
 def available_bytes(device: torch.device | str | None = None) -> int:
     """Free memory: the GPU's (``torch.cuda.mem_get_info``) for a CUDA device, else the host's
     ``MemAvailable`` (Linux), else total physical memory."""
@@ -78,13 +87,15 @@ def cache_bytes() -> int:
     return max(sizes) if sizes else 32 * 2**20
 
 
+@validate_params({**_SIZED, "share": [_SHARE]})
 def cache_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, share: float = 1.0) -> int:
     """How many members' training steps fit in ``share`` of the last-level cache (at least 1):
     the wave size of the batched engine on a CPU."""
-    share = check_number("share", share, where="cache_members", low=0.0, high=1.0, closed="right")
     return max(1, int(share * cache_bytes()) // member_bytes(model, input_shape, batch_size))
 
 
+@validate_params({**_SIZED, "wanted": [N_UNITS], "share": [_SHARE], "budget_bytes": [Interval(Integral, 1, 1 << 50), None],
+                  "device": _DEVICE})
 def choose_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, wanted: int,
                    share: float = 0.5, budget_bytes: int | None = None,
                    device: torch.device | str | None = None) -> int:
@@ -92,10 +103,8 @@ def choose_members(model: nn.Module, input_shape: Sequence[int], batch_size: int
     memory (or in ``budget_bytes``), else as many as fit. Raises ValueError, naming the bytes
     needed and available, when not even one member fits."""
     where = "choose_members"
-    wanted = check_number("wanted", wanted, where=where, low=1, integer=True)
-    share = check_number("share", share, where=where, low=0.0, high=1.0, closed="right")
-    budget = int(share * available_bytes(device)) if budget_bytes is None else \
-        check_number("budget_bytes", budget_bytes, where=where, low=1, integer=True)
+    wanted, share = int(wanted), float(share)
+    budget = int(share * available_bytes(device)) if budget_bytes is None else int(budget_bytes)
     per_member = member_bytes(model, input_shape, batch_size)
     fit = budget // per_member
     if fit < 1:

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from prunelab._validation import check_choice, check_number
+from prunelab._validation import MAX_WORKERS, check_choice, check_number
 from prunelab.experiments.runner import execute_group, execute_run, init_worker
 
 EXECUTORS = ("local", "ray")
@@ -41,8 +41,8 @@ OnStart = Callable[[Job, str], None]
 OnFinish = Callable[[Job, dict], None]
 
 
-#: Parallel runs of one study (local worker processes or Ray tasks in flight).
-MAX_WORKERS = 1024
+# MAX_WORKERS, the parallel runs of one study (local worker processes or Ray tasks in flight), is
+# prunelab._validation's: the command line checks it while parsing, without importing this module.
 
 
 def check_executor_options(name: str = "local", *, workers: int | None = None,

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from prunelab._validation import PATH, STR, Types, validate_params
 from prunelab.experiments import limits
 from prunelab.experiments._yaml import load_yaml
 from prunelab.experiments.store import PlannedRun, digest, dumps
@@ -62,6 +63,7 @@ class Study:
 
 
 # ----------------------------------------------------------------- loading
+@validate_params({"path": [PATH], "overrides": [Types(list, tuple)], "quick": [bool]})
 def load_spec(path: str | Path, *, overrides: Iterable[str] = (), quick: bool = False) -> Study:
     """Read, override, validate and expand a YAML spec file."""
     path = Path(path)
@@ -84,6 +86,7 @@ def load_spec(path: str | Path, *, overrides: Iterable[str] = (), quick: bool = 
     return build_study(raw, overrides=overrides, quick=quick, source=str(path))
 
 
+@validate_params({"overrides": [Types(list, tuple)], "quick": [bool], "source": [STR, None]})
 def build_study(raw: Any, *, overrides: Iterable[str] = (), quick: bool = False,
                 source: str | None = None) -> Study:
     """Validate and expand a spec given as a dict (as parsed from YAML)."""

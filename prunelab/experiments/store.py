@@ -37,7 +37,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from numbers import Real
 from typing import Any
+
+from prunelab._validation import PATH, Interval, validate_params
 
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -235,6 +238,7 @@ class RunRecord:
 class Store:
     """A study's SQLite file. Use as a context manager or call :meth:`close`."""
 
+    @validate_params({"path": [PATH], "timeout": [Interval(Real, 0, 86_400)], "readonly": [bool]})
     def __init__(self, path: str | Path, *, timeout: float = 60.0, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly

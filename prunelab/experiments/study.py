@@ -20,8 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from numbers import Integral
+
+from prunelab._validation import MAX_WORKERS, PATH, STR, Interval, Options, Types, validate_params
 from prunelab._version import __version__
-from prunelab.experiments.executors import Job, check_executor_options, make_executor
+from prunelab.experiments.executors import EXECUTORS, Job, check_executor_options, make_executor
 from prunelab.experiments.lock import StudyLock
 from prunelab.experiments.progress import Progress
 from prunelab.experiments.spec import Study
@@ -40,6 +43,7 @@ class StudyResult:
         return self.counts["pending"] == 0 and self.counts["running"] == 0 and self.counts["failed"] == 0
 
 
+@validate_params({"study": [Types(Study)], "out": [PATH], "quick": [bool]})
 def default_db_path(study: Study, out: str | Path = "results", *, quick: bool = False) -> Path:
     """``results/<name>/study.db`` (``<name>-quick`` for --quick runs, kept apart)."""
     return Path(out) / (f"{study.name}-quick" if quick else study.name) / "study.db"
@@ -98,6 +102,9 @@ def _members_that_fit(config: dict) -> int:
     return choose_members(model, shape, config["training"]["batch_size"], wanted=MAX_MEMBERS)
 
 
+@validate_params({"study": [Types(Study)], "db_path": [PATH], "executor": [Options(EXECUTORS)],
+                  "workers": [Interval(Integral, 1, MAX_WORKERS), None], "address": [STR, None], "retry_failed": [bool],
+                  "progress": [bool, None], "cache": [bool], "engine": [Options(ENGINES)]})
 def run_study(study: Study, db_path: str | Path, *, executor: str = "local", workers: int | None = None,
               address: str | None = None, retry_failed: bool = False, progress: bool | None = None,
               cache: bool = True, engine: str = "batched") -> StudyResult:

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_type
+from prunelab._validation import MODEL, Shape, Types, check_param, check_type
+
+SHAPE = Shape()
 
 
 class InstrumentError(RuntimeError):
@@ -28,15 +31,13 @@ class InstrumentError(RuntimeError):
 
 def check_input_shape(input_shape: object, where: str) -> tuple[int, ...]:
     """One input's shape without the batch dimension: a sequence of positive ints (or one int)."""
-    if isinstance(input_shape, int) and not isinstance(input_shape, bool):
-        input_shape = (input_shape,)
-    expected = "a tuple of positive ints (one input, without the batch dimension)"
-    valid = (isinstance(input_shape, (tuple, list, torch.Size))
-             and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape))
-    if not valid:
-        raise ValueError(f"the 'input_shape' parameter of {where} must be {expected}. "
-                         f"Got {input_shape!r} instead.")
-    return tuple(input_shape)
+    check_param("input_shape", input_shape, [SHAPE], where=where)
+    return (int(input_shape),) if isinstance(input_shape, Integral) else tuple(int(d) for d in input_shape)
+
+
+#: What every dry-run function declares (summary, count_flops, measure_latency, sparsify, ...).
+DRY_PARAMS = {"model": [MODEL], "input_shape": [SHAPE, None], "device": [Types(str, torch.device), None]}
+DTYPE = [Types(torch.dtype), None]
 
 
 def default_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

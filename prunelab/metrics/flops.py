@@ -58,7 +58,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # dry_forward, resolve_input and check_input_shape are imported from here by prunelab.sparse
 # and prunelab.inputs
+from prunelab._validation import validate_params
 from prunelab.metrics.dry_run import (  # noqa: F401
+    DRY_PARAMS,
+    DTYPE,
     DryInput,
     InstrumentError,
     check_input_shape,
@@ -433,6 +436,7 @@ def per_sample_flops(model: nn.Module, dry: DryInput, where: str) -> dict[nn.Mod
     return module_flops(model, dry.batch.repeat_to(1), where=where, failure=dry_failure(dry))
 
 
+@validate_params({**DRY_PARAMS, "dtype": DTYPE})
 def count_flops(model: nn.Module, input_shape: Sequence[int] | int | None = None, *,
                 example_inputs=None, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None) -> dict[str, FlopCount]:

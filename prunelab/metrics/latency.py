@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_number
-from prunelab.metrics.dry_run import DryInput, on_device, resolve_dry_input
+from numbers import Integral, Real
+
+from prunelab._validation import MAX_BATCH, MAX_REPEATS, THREADS, Interval, Sizes, validate_params
+from prunelab.metrics.dry_run import DRY_PARAMS, DryInput, on_device, resolve_dry_input
 
 _WHERE = "measure_latency"
 
@@ -67,17 +69,8 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def _check_batch_sizes(batch_sizes: object) -> tuple[int, ...]:
-    if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool):
-        batch_sizes = (batch_sizes,)
-    expected = "a non-empty sequence of positive ints"
-    if not isinstance(batch_sizes, (tuple, list)):
-        raise TypeError(f"the 'batch_sizes' parameter of {_WHERE} must be {expected}. "
-                        f"Got {batch_sizes!r} of type {type(batch_sizes).__name__} instead.")
-    valid = all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batch_sizes)
-    if not batch_sizes or not valid:
-        raise ValueError(f"the 'batch_sizes' parameter of {_WHERE} must be {expected}. "
-                         f"Got {batch_sizes!r} instead.")
-    return tuple(batch_sizes)
+    """The declared batch sizes as a tuple of ints (checked by the declaration)."""
+    return (int(batch_sizes),) if isinstance(batch_sizes, Integral) else tuple(int(b) for b in batch_sizes)
 
 
 def _make_batch(dry: DryInput, batch_size: int, generator: torch.Generator):
@@ -129,6 +122,14 @@ def _summarise(batch_size: int, times: list[float], threads: int, device: torch.
                    device=str(device))
 
 
+#: The longest a measurement may be asked to go on (``min_seconds``).
+MAX_SECONDS = 3600.0
+#: What measure_latency and the functions that time models declare.
+TIMING = {"batch_sizes": [Sizes(MAX_BATCH)], "warmup": [Interval(Integral, 0, MAX_REPEATS)],
+          "repeats": [Interval(Integral, 1, MAX_REPEATS)], "threads": [THREADS, None]}
+
+
+@validate_params({**DRY_PARAMS, **TIMING, "min_seconds": [Interval(Real, 0, MAX_SECONDS)]})
 def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = None,
                     batch_sizes: Sequence[int] | int = (1, 64), *, example_inputs=None, warmup: int = 10,
                     repeats: int = 50, threads: int | None = None,
@@ -179,11 +180,8 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
     dry = resolve_dry_input(model, input_shape, example_inputs, device, None, _WHERE)
     device = dry.device
     sizes = _check_batch_sizes(batch_sizes)
-    warmup = check_number("warmup", warmup, where=_WHERE, low=0, integer=True)
-    repeats = check_number("repeats", repeats, where=_WHERE, low=1, integer=True)
-    if threads is not None:
-        threads = check_number("threads", threads, where=_WHERE, low=1, integer=True)
-    min_seconds = check_number("min_seconds", min_seconds, where=_WHERE, low=0.0)
+    warmup, repeats, min_seconds = int(warmup), int(repeats), float(min_seconds)
+    threads = None if threads is None else int(threads)
 
     if device.type == "cuda":
         def sync() -> None:

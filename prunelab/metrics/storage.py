@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from prunelab._validation import check_number, check_type
+from numbers import Integral
+
+from prunelab._validation import TENSOR, Interval, Options, Types, check_param, validate_params
 
 #: Format names, in the order used to break ties (simplest first; N:M, the hardware's own, before
 #: the bit-mask it ties with at 2:4). ``nm`` applies only to tensors with an N:M pattern.
@@ -46,12 +48,17 @@ FORMATS = ("dense", "nm", "bitmask", "csr")
 INDEX_BITS = range(1, 17)
 
 
+#: The declarations of bits per value and per relative index.
+BITS = [Interval(Integral, 1, 64)]
+INDEX_BITS_ONLY = [Interval(Integral, 1, 16)]
+INDEX_BITS_OR_AUTO = [Options({"auto"}), *INDEX_BITS_ONLY]
+
+
 def check_storage_bits(bits: object, index_bits: object, where: str) -> tuple[int, int | str]:
     """Validate the bits per value (``[1, 64]``) and bits per relative index (``[1, 16]`` or ``"auto"``)."""
-    bits = check_number("bits", bits, where=where, low=1, high=64, integer=True)
-    if index_bits != "auto":
-        index_bits = check_number("index_bits", index_bits, where=where, low=1, high=16, integer=True)
-    return bits, index_bits
+    check_param("bits", bits, BITS, where=where)
+    check_param("index_bits", index_bits, INDEX_BITS_OR_AUTO, where=where)
+    return int(bits), (index_bits if index_bits == "auto" else int(index_bits))
 
 
 #: Elements per slice when scanning for gaps, to bound the memory of the index tensor.
@@ -70,6 +77,7 @@ def _gaps(tensor: torch.Tensor):
         previous = int(idx[-1].item())
 
 
+@validate_params({"tensor": [TENSOR], "bits": BITS})
 def best_index_bits(tensor: torch.Tensor, bits: int) -> int:
     """The relative-index width ``r`` in ``1 … 16`` that makes CSR smallest for ``tensor``
     (``(nnz + n_fill(r))·(bits + r)``; ties go to the narrower index)."""
@@ -86,6 +94,7 @@ def best_index_bits(tensor: torch.Tensor, bits: int) -> int:
     return min(INDEX_BITS, key=lambda r: ((nnz + fillers[r]) * (bits + r), r))
 
 
+@validate_params({"tensor": [TENSOR], "index_bits": INDEX_BITS_ONLY})
 def csr_fillers(tensor: torch.Tensor, index_bits: int) -> int:
     """Number of filler entries CSR needs: ``Σ_gaps floor(g / 2^r)``, ``r = index_bits``.
 
@@ -94,9 +103,7 @@ def csr_fillers(tensor: torch.Tensor, index_bits: int) -> int:
     zeros cost nothing. Computed with ``torch.diff`` on the non-zero positions
     (slice by slice, so the index tensor stays small on huge tensors).
     """
-    check_type("tensor", tensor, torch.Tensor, where="csr_fillers")
-    index_bits = check_number("index_bits", index_bits, where="csr_fillers",
-                              low=1, high=16, integer=True)
+    index_bits = int(index_bits)
     return sum(int((gaps >> index_bits).sum().item()) for gaps in _gaps(tensor))
 
 
@@ -110,6 +117,7 @@ def nm_bits(n_elements: int, n: int, m: int, bits: int) -> int:
     return (n_elements // m) * n * (bits + nm_position_bits(m))
 
 
+@validate_params({"tensor": [TENSOR], "bits": BITS, "index_bits": INDEX_BITS_OR_AUTO, "nm": [Types(tuple), None]})
 def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4,
                  nm: tuple[int, int] | None = None) -> dict[str, int]:
     """Bits needed to store ``tensor`` as ``{"dense", "bitmask", "csr"}`` (and ``"nm"`` when the
@@ -119,7 +127,6 @@ def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4
     with ``b = bits``, ``r = index_bits`` (``"auto"``: :func:`best_index_bits`) and
     ``n_fill`` from :func:`csr_fillers`; ``nm = (N/m)·n·(b + ceil(log2 m))``.
     """
-    check_type("tensor", tensor, torch.Tensor, where="storage_bits")
     bits, index_bits = check_storage_bits(bits, index_bits, "storage_bits")
     if index_bits == "auto":
         index_bits = best_index_bits(tensor, bits)

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunelab._validation import suggest
-from prunelab.metrics.dry_run import resolve_dry_input
+from prunelab._validation import suggest, validate_params
+from prunelab.metrics.dry_run import DRY_PARAMS, DTYPE, resolve_dry_input
 from prunelab.metrics.flops import FlopCount, count_nonzero, per_sample_flops, ratio
-from prunelab.metrics.storage import StorageTally, check_storage_bits
+from prunelab.metrics.storage import BITS, INDEX_BITS_OR_AUTO, StorageTally, check_storage_bits
 from prunelab.pruning.granularity import nm_pattern
 from prunelab.pruning.targets import layout_of
 
@@ -342,9 +342,10 @@ def _warn_non_finite(model: nn.Module) -> None:
     if bad:
         listed = ", ".join(f"{name} ({n})" for name, n in bad.items())
         warnings.warn(f"summary: non-finite (NaN/inf) entries in {listed}; they count as non-zero. "
-                      f"Did training diverge?", RuntimeWarning, stacklevel=3)
+                      f"Did training diverge?", RuntimeWarning, stacklevel=4)
 
 
+@validate_params({**DRY_PARAMS, "dtype": DTYPE, "bits": BITS, "index_bits": INDEX_BITS_OR_AUTO})
 def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
             prunable: Iterable[str] | str | None = None, bits: int = 32, index_bits: int | str = 4,
             device: torch.device | str | None = None,

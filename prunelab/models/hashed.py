@@ -26,10 +26,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from prunelab._validation import check_number
+from numbers import Integral, Real
+
+from prunelab._validation import MAX_UNITS, MODEL, SEED, Interval, check_number, validate_params
 
 _P1, _P2, _P3, _P4, _P5 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1
 _MASK = 0xFFFFFFFF
+#: The most virtual weights one hashed layer may have (its int32 index takes 4 bytes each).
+MAX_VIRTUAL = 1 << 30
+_SIZE = Interval(Integral, 1, MAX_UNITS)
+_LAYER = {"compression": [Interval(Real, 0, 1, closed="right"), None], "buckets": [Interval(Integral, 1, None), None],
+          "bias": [bool], "seed": [Interval(Integral, 0, _MASK - 1)]}
 
 
 def _rotl(x: np.ndarray, r: int) -> np.ndarray:
@@ -92,15 +99,17 @@ class HashedLayer(nn.Module):
 
     def _setup(self, out_units: int, fan_in: int, compression, buckets, seed, bias: bool, where: str) -> None:
         virtual = out_units * fan_in
+        if virtual > MAX_VIRTUAL:
+            raise ValueError(f"{where}: {out_units} × {fan_in} = {virtual} virtual weights, more than the "
+                             f"{MAX_VIRTUAL} a hashed layer may have.")
         if (compression is None) == (buckets is None):
             raise ValueError(f"{where} needs exactly one of 'compression' (K / virtual weights, in (0, 1]) "
                              f"and 'buckets' (K); got compression={compression!r}, buckets={buckets!r}.")
         if buckets is None:
-            compression = check_number("compression", compression, where=where, low=0.0, high=1.0, closed="right")
-            buckets = n_buckets(virtual, compression)
+            buckets = n_buckets(virtual, float(compression))
         else:
             buckets = check_number("buckets", buckets, where=where, low=1, high=virtual, integer=True)
-        self.seed = check_number("seed", seed, where=where, low=0, high=_MASK - 1, integer=True)
+        self.seed = int(seed)
         self.buckets = buckets
         self.compression = buckets / virtual
         self.weight = nn.Parameter(torch.empty(buckets))
@@ -121,12 +130,12 @@ class HashedLayer(nn.Module):
 class HashedLinear(HashedLayer):
     """A Linear layer whose ``in_features × out_features`` weights share K buckets."""
 
+    @validate_params({"in_features": [_SIZE], "out_features": [_SIZE], **_LAYER})
     def __init__(self, in_features: int, out_features: int, *, compression: float | None = None,
                  buckets: int | None = None, bias: bool = True, seed: int = 0):
         super().__init__()
         where = "HashedLinear"
-        self.in_features = check_number("in_features", in_features, where=where, low=1, integer=True)
-        self.out_features = check_number("out_features", out_features, where=where, low=1, integer=True)
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self._setup(self.out_features, self.in_features, compression, buckets, seed, bias, where)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,14 +149,13 @@ class HashedLinear(HashedLayer):
 class HashedConv2d(HashedLayer):
     """A Conv2d layer whose ``out × in/groups × kh × kw`` weights share K buckets."""
 
+    @validate_params({"in_channels": [_SIZE], "out_channels": [_SIZE], "groups": [_SIZE], **_LAYER})
     def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0, dilation=1,
                  groups: int = 1, compression: float | None = None, buckets: int | None = None,
                  bias: bool = True, seed: int = 0):
         super().__init__()
         where = "HashedConv2d"
-        self.in_channels = check_number("in_channels", in_channels, where=where, low=1, integer=True)
-        self.out_channels = check_number("out_channels", out_channels, where=where, low=1, integer=True)
-        self.groups = check_number("groups", groups, where=where, low=1, integer=True)
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"{where}: groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}.")
@@ -169,13 +177,13 @@ class HashedConv2d(HashedLayer):
                 f"seed={self.seed}")
 
 
+@validate_params({"model": [MODEL], "compression": [Interval(Real, 0, 1, closed="right")], "seed": [SEED]})
 def hash_layers(model: nn.Module, compression: float, seed: int = 0) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in place) by a hashed layer of
     the same shape at ``compression``; layer k (in ``named_modules`` order) hashes with seed
     ``seed + 2k`` (its sign hash with ``seed + 2k + 1``). Returns ``model``."""
     where = "hash_layers"
-    compression = check_number("compression", compression, where=where, low=0.0, high=1.0, closed="right")
-    seed = check_number("seed", seed, where=where, low=0, integer=True)
+    compression, seed = float(compression), int(seed)
     layers = [(name, m) for name, m in model.named_modules()
               if type(m) in (nn.Linear, nn.Conv2d)]
     if not layers:

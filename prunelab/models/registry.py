@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab._validation import check_number, suggest
+from prunelab._validation import MAX_UNITS, SEED, STR, Interval, check_number, suggest, validate_params
 from prunelab.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -41,12 +41,23 @@ def model_names() -> list[str]:
     return MODELS.names()
 
 
+def _named(name: Any) -> str:
+    """Messages about a model's arguments name the model (``mlp``), or build_model for an unknown name."""
+    try:
+        return MODELS.canonical(name)
+    except (ValueError, TypeError, KeyError):
+        return _WHERE
+
+
+@validate_params({"name": [STR]}, where="model_options")
 def model_options(name: str) -> dict[str, Any]:
     """The options of model ``name`` with their default values."""
     factory = MODELS.get(name, param="name", where=_WHERE)
     return {p.name: p.default for p in _option_parameters(factory)}
 
 
+@validate_params({"name": [STR], "n_classes": [Interval(Integral, 1, MAX_UNITS), None], "seed": [SEED, None]},
+                 where=_named)
 def build_model(
     name: str,
     *,
@@ -82,7 +93,9 @@ def build_model(
     options = _resolve_options(canonical, factory, kwargs)
     shape, classes = _resolve_data(canonical, input_shape, n_classes, dataset)
     if seed is not None:
-        seed = check_number("seed", seed, where=canonical, low=0, integer=True)
+        seed = int(seed)
+
+    _check_size(canonical, factory, shape, classes, options)
 
     def make() -> nn.Module:
         model = factory(shape, classes, **options)
@@ -120,6 +133,26 @@ def _option_parameters(factory: Callable[..., Any]) -> list[inspect.Parameter]:
     return [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+#: The most parameters a registry model may have (4 GiB of float32): checked on the meta device,
+#: before any memory is allocated, so that ``hidden=[1000000000]`` is an error, not an allocation.
+MAX_MODEL_PARAMETERS = 1 << 30
+
+
+def _check_size(name: str, factory: Callable[..., Any], shape, classes: int, options: dict) -> None:
+    """Refuse options that describe a model of more than :data:`MAX_MODEL_PARAMETERS` parameters,
+    counted on a copy built on the meta device (no memory, no random numbers drawn)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            meta = factory(shape, classes, **options)
+    except Exception:          # the real build below reports the options' own error
+        return
+    n = sum(p.numel() for p in meta.parameters()) if isinstance(meta, nn.Module) else 0
+    if n > MAX_MODEL_PARAMETERS:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ValueError(f"the options of model {name} ({given}) describe {n:,} parameters, more than the "
+                         f"{MAX_MODEL_PARAMETERS:,} a model may have (4 GiB of float32).")
+
+
 def _resolve_options(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Every option of the factory: its defaults updated by ``kwargs``."""
     params = _option_parameters(factory)
@@ -143,7 +176,7 @@ def _resolve_data(name: str, input_shape: Any, n_classes: Any, dataset: Any) -> 
     if n_classes is None:
         n_classes = _from_dataset(dataset, "n_classes", DEFAULT_N_CLASSES)
     shape = _check_input_shape(input_shape, name)
-    classes = check_number("n_classes", n_classes, where=name, low=1, integer=True)
+    classes = check_number("n_classes", n_classes, where=name, low=1, high=MAX_UNITS, integer=True)
     return shape, classes
 
 

@@ -15,13 +15,13 @@ Second-order criteria (OBD, L-OBS) and Wanda (``|w| · ‖x‖₂``) live in the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from numbers import Integral
 
 import torch
 
 from prunelab._hooks import eval_mode
-
-from prunelab._validation import check_number
+from prunelab._validation import MAX_STEPS, SEED, STR, Interval, Types, validate_params
 from prunelab.inputs import Batch, Loss, as_batch, make_loss
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
@@ -105,8 +105,9 @@ class Random(Criterion):
 
     name = "random"
 
+    @validate_params({"seed": [SEED]}, where="random criterion")
     def __init__(self, seed: int = 0):
-        self.seed = check_number("seed", seed, where="random criterion", low=0, integer=True)
+        self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
@@ -135,10 +136,9 @@ class GradientMagnitude(Criterion):
     needs_gradients = True
     needs_data = True
 
+    @validate_params({"window": [Interval(Integral, 1, MAX_STEPS), None]}, where="gradient criterion")
     def __init__(self, window: int | None = None):
-        if window is not None:
-            window = check_number("window", window, where="gradient criterion", low=1, integer=True)
-        self.window = window
+        self.window = None if window is None else int(window)
         self._sums: list[torch.Tensor] | None = None
         self._count = 0
 
@@ -214,6 +214,7 @@ def score_stream(criterion: Criterion, targets: Sequence[Target]) -> Iterator[to
     return criterion.iter_scores(targets)
 
 
+@validate_params({"spec": [Types(str, Criterion, Mapping)], "seed": [SEED], "where": [STR]})
 def make_criterion(spec: "str | Criterion | dict", *, seed: int = 0, where: str = "Pruner") -> Criterion:
     """Build a criterion from a name (``"magnitude"``), a dict ``{"name": ..., **options}``,
     or return an instance unchanged. ``seed`` reaches criteria that take one."""

@@ -33,8 +33,11 @@ their NHWC implicit GEMM). Each row's input size (a conv's ``in/groups``) must b
 from __future__ import annotations
 
 import re
+from numbers import Integral
 
 import torch
+
+from prunelab._validation import STR, TENSOR, Interval, Types, validate_params
 
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
@@ -274,6 +277,13 @@ def nm_column_order(target: Target) -> torch.Tensor:
     return lookup[nm_row]
 
 
+#: The longest N:M run taken (hardware patterns are 1:2, 2:4, 4:8; 1024 leaves room for experiments).
+MAX_NM = 1024
+_N = Interval(Integral, 1, MAX_NM - 1)
+_M = Interval(Integral, 2, MAX_NM)
+
+
+@validate_params({"scores": [TENSOR], "n": [_N], "m": [_M], "alive": [TENSOR, None]})
 def nm_keep(scores: torch.Tensor, n: int, m: int, alive: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask of N:M sparsity: in every run of ``m`` consecutive columns of each row of
     ``scores`` (``(rows, d)``, ``d`` a multiple of ``m``), the ``n`` highest-scored entries that are
@@ -281,7 +291,8 @@ def nm_keep(scores: torch.Tensor, n: int, m: int, alive: torch.Tensor | None = N
     fewer. Ties go to the earlier column. Returns a bool tensor shaped like ``scores``."""
     if scores.dim() != 2:
         raise ValueError(f"nm_keep takes scores of shape (rows, inputs). Got shape {tuple(scores.shape)} instead.")
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+    n, m = int(n), int(m)
+    if not 0 < n < m:
         raise ValueError(f"nm_keep needs integers 0 < n < m. Got n={n!r}, m={m!r} instead.")
     rows, d = scores.shape
     if d % m:
@@ -333,8 +344,9 @@ class NMGranularity(Granularity):
 
     prunes_bias = False
 
+    @validate_params({"n": [_N], "m": [_M]}, where="N:M granularity")
     def __init__(self, n: int, m: int):
-        self.n, self.m = _check_nm(n, m)
+        self.n, self.m = _check_nm(int(n), int(m))
         self.name = f"{self.n}:{self.m}"
 
     @property
@@ -406,6 +418,7 @@ def parse_nm(name: object) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+@validate_params({"name": [Types(str, Granularity)], "where": [STR]})
 def make_granularity(name: "str | Granularity", *, where: str = "Pruner") -> Granularity:
     if isinstance(name, Granularity):
         return name

@@ -84,13 +84,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from numbers import Integral
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_choice, check_number
+from prunelab._validation import MAX_REPEATS, SEED, Interval, Options, validate_params
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, is_cross_entropy, token_ids
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.targets import CONV_TYPES, Target
@@ -117,13 +118,15 @@ class OBD(Criterion):
     name = "obd"
     needs_data = True
 
+    @validate_params({"mode": [Options({"exact", "mc"})], "samples": [Interval(Integral, 1, MAX_REPEATS)],
+                      "seed": [SEED]}, where=_WHERE)
     def __init__(self, mode: str = "exact", samples: int = 1, seed: int = 0):
-        self.mode = check_choice("mode", mode, ("exact", "mc"), where=_WHERE)
-        self.samples = check_number("samples", samples, where=_WHERE, low=1, integer=True)
+        self.mode = mode
+        self.samples = int(samples)
         if self.mode == "exact" and self.samples != 1:
             raise ValueError(f"the 'samples' parameter of {_WHERE} applies to mode 'mc' only; "
                              f"mode 'exact' uses every class. Got samples={samples!r} with mode 'exact'.")
-        self.seed = check_number("seed", seed, where=_WHERE, low=0, integer=True)
+        self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
         self.reset()
 

@@ -28,7 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab._validation import check_choice, check_finite, check_number, check_sparsity
+from numbers import Integral
+
+from prunelab._validation import (BATCH_SIZE, DATA, MAPPING, MODEL, SEED, SPARSITY, Interval, Options, Types,
+                                  MAX_STEPS, check_finite, check_number, check_sparsity, validate_params)
 from prunelab.inputs import iter_batches, make_loss
 from prunelab.pruning.criteria import Criterion, make_criterion, score_stream
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, PatternSkipped, make_granularity
@@ -38,6 +41,13 @@ from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
 
 Batches = Iterable   # (x, y) pairs, input tensors, dicts of keyword inputs: see prunelab.inputs
+
+#: What Pruner and prune declare alike (a larger ``min_keep`` than a layer has keeps the layer whole:
+#: no upper bound).
+_COMMON = {"model": [MODEL], "sparsity": [SPARSITY, MAPPING, None], "criterion": [Types(str, Mapping, Criterion)],
+           "granularity": [Types(str, Granularity)], "scope": [Types(str, Scope), None],
+           "reduction": [Options(REDUCTIONS)], "min_keep": [Interval(Integral, 1, None)],
+           "loss_fn": ["callable", None], "output_key": [str, None], "seed": [SEED]}
 
 
 class SparsityShortfall(UserWarning):
@@ -86,6 +96,9 @@ class Pruner:
     seed: seeds the random criterion.
     """
 
+    @validate_params({**_COMMON, "schedule": [Types(str, dict, Schedule), "callable"],
+                      "schedule_args": [MAPPING, None], "calibration": [DATA, None],
+                      "calibration_batch_size": [BATCH_SIZE]})
     def __init__(self, model: nn.Module, sparsity: float | None = None, *,
                  criterion: "str | dict | Criterion" = "magnitude",
                  granularity: "str | Granularity" = "weight",
@@ -111,8 +124,8 @@ class Pruner:
         _check_tied_embeddings(model, self.targets, self.granularity)
         self.scope = make_scope(self._default_scope() if scope is None else scope, where=where)
         self._check_rows()
-        self.reduction = check_choice("reduction", reduction, REDUCTIONS, where=where)
-        self.min_keep = check_number("min_keep", min_keep, where=where, low=1, integer=True)
+        self.reduction = reduction
+        self.min_keep = int(min_keep)
         self.layer_targets = None
         sparsity = self.granularity.resolve_sparsity(sparsity, where)    # N:M: None or exactly 1 − N/M
         if isinstance(sparsity, Mapping):
@@ -124,8 +137,7 @@ class Pruner:
         self.schedule = self._make_schedule(schedule, sparsity, schedule_args or {})
         self.loss_fn = loss_fn
         self.loss = make_loss(loss_fn, output_key, where=where)
-        self.calibration_batch_size = check_number("calibration_batch_size", calibration_batch_size,
-                                                   where=where, low=1, integer=True)
+        self.calibration_batch_size = int(calibration_batch_size)
         if calibration is not None and not _is_sliceable(calibration) and not torch.is_tensor(calibration):
             if isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, Mapping)):
                 calibration = list(calibration)   # used at every prune: an iterator would run dry
@@ -162,7 +174,7 @@ class Pruner:
             warnings.warn(PatternSkipped(
                 f"granularity {self.granularity.name!r} leaves {len(skipped)} layer(s) dense: "
                 + "; ".join(f"{k} ({v})" for k, v in skipped.items())
-                + ". Listed in pruner.pattern_skipped."), stacklevel=3)
+                + ". Listed in pruner.pattern_skipped."), stacklevel=4)  # past __init__ and its declaration check
         return skipped
 
     def _default_scope(self) -> str:
@@ -249,7 +261,7 @@ class Pruner:
         if isinstance(rewind, str) or isinstance(rewind, bool):
             raise ValueError(f"the 'rewind' parameter of Pruner must be None, 'init' or a training "
                              f"step (int >= 0). Got {rewind!r} instead.")
-        rewind = check_number("rewind", rewind, where="Pruner", low=0, integer=True)
+        rewind = check_number("rewind", rewind, where="Pruner", low=0, high=MAX_STEPS, integer=True)
         first = self._events[0][0] if self._events else None
         if first is not None and rewind > first:
             raise ValueError(f"the 'rewind' parameter of Pruner must be a step at or before the first "
@@ -619,6 +631,8 @@ def _is_sliceable(data) -> bool:
             or (isinstance(data, Mapping) and bool(data) and all(torch.is_tensor(v) for v in data.values())))
 
 
+@validate_params({**_COMMON, "data": [DATA, None], "batch_size": [BATCH_SIZE],
+                  "offload": [Options({"memory", "disk"}), None], "progress": [bool, None]})
 def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
           granularity="weight", scope=None, layers=None, reduction="l2", min_keep=1, data=None,
           loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0,

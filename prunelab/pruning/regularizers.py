@@ -12,11 +12,12 @@ Penalties apply to the prunable weights only (biases and norms are left alone).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from numbers import Real
 
 import torch
 
-from prunelab._validation import check_number
+from prunelab._validation import STR, Interval, Types, validate_params
 from prunelab.pruning.granularity import make_granularity
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
@@ -27,8 +28,9 @@ REGULARIZERS: Registry[type["Regularizer"]] = Registry("regularizer")
 class Regularizer:
     name = ""
 
+    @validate_params({"strength": [Interval(Real, 0, None)]}, where=lambda self: f"{self.name} regularizer")
     def __init__(self, strength: float):
-        self.strength = check_number("strength", strength, where=f"{self.name} regularizer", low=0.0)
+        self.strength = float(strength)
 
     def bind(self, targets: Sequence[Target]) -> "Regularizer":
         """Check the targets suit this regulariser; returns self."""
@@ -61,6 +63,7 @@ class L2(Regularizer):
 class GroupLasso(Regularizer):
     name = "group-lasso"
 
+    @validate_params({"strength": [Interval(Real, 0, None)], "granularity": [STR]}, where="group-lasso regularizer")
     def __init__(self, strength: float, granularity: str = "filter"):
         super().__init__(strength)
         self.granularity = make_granularity(granularity, where="group-lasso regularizer")
@@ -84,6 +87,7 @@ class GroupLasso(Regularizer):
         return f"GroupLasso(strength={self.strength:g}, granularity={self.granularity.name!r})"
 
 
+@validate_params({"spec": [Types(str, Mapping, Regularizer)], "where": [STR]})     # strength: the class's
 def make_regularizer(spec: "str | dict | Regularizer", strength: float | None = None,
                      *, where: str = "fit", **options) -> Regularizer:
     if strength is not None:

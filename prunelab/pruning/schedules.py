@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from prunelab._validation import check_choice, check_number, check_sparsity
+from numbers import Real
+
+from prunelab._validation import (EVERY, N_PRUNES, SPARSITY, STEP, Interval, Options, Types, check_sparsity,
+                                  validate_params)
 from prunelab.registry import Registry
 
 SCHEDULES: Registry[type["Schedule"]] = Registry("schedule")
@@ -64,9 +67,8 @@ class Schedule:
         return f"{type(self).__name__}({args})"
 
 
-def _steps(where: str, start: int, every: int) -> tuple[int, int]:
-    return (check_number("start", start, where=where, low=0, integer=True),
-            check_number("every", every, where=where, low=1, integer=True))
+#: The step options every schedule with several events declares.
+_STEPS = {"start": [STEP], "every": [EVERY]}
 
 
 @SCHEDULES.register("one-shot", "oneshot", "one_shot")
@@ -75,9 +77,10 @@ class OneShot(Schedule):
 
     name = "one-shot"
 
+    @validate_params({"sparsity": [SPARSITY], "at": [STEP]}, where="one-shot schedule")
     def __init__(self, sparsity: float, at: int = 0):
-        self.sparsity = check_sparsity("sparsity", sparsity, where="one-shot schedule")
-        self.at = check_number("at", at, where="one-shot schedule", low=0, integer=True)
+        self.sparsity = float(sparsity)
+        self.at = int(at)
 
     def events(self) -> list[tuple[int, float]]:
         return [(self.at, self.sparsity)]
@@ -93,13 +96,14 @@ class Iterative(Schedule):
 
     name = "iterative"
 
+    @validate_params({"sparsity": [SPARSITY], "n_prunes": [N_PRUNES],
+                      "exponent": [Interval(Real, 1, 1000)], **_STEPS}, where="iterative schedule")
     def __init__(self, sparsity: float, n_prunes: int = 5, exponent: float = 1.0,
                  start: int = 0, every: int = 1):
-        where = "iterative schedule"
-        self.sparsity = check_sparsity("sparsity", sparsity, where=where)
-        self.n_prunes = check_number("n_prunes", n_prunes, where=where, low=1, integer=True)
-        self.exponent = check_number("exponent", exponent, where=where, low=1.0)
-        self.start, self.every = _steps(where, start, every)
+        self.sparsity = float(sparsity)
+        self.n_prunes = int(n_prunes)
+        self.exponent = float(exponent)
+        self.start, self.every = int(start), int(every)
 
     def events(self) -> list[tuple[int, float]]:
         k, c = self.n_prunes, self.exponent
@@ -117,16 +121,17 @@ class AGP(Schedule):
 
     name = "agp"
 
+    @validate_params({"sparsity": [SPARSITY], "n_prunes": [N_PRUNES], "initial_sparsity": [SPARSITY], **_STEPS},
+                     where="agp schedule")
     def __init__(self, sparsity: float, n_prunes: int = 10, every: int = 1, start: int = 0,
                  initial_sparsity: float = 0.0):
-        where = "agp schedule"
-        self.sparsity = check_sparsity("sparsity", sparsity, where=where)
-        self.initial_sparsity = check_sparsity("initial_sparsity", initial_sparsity, where=where)
+        self.sparsity = float(sparsity)
+        self.initial_sparsity = float(initial_sparsity)
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"the 'initial_sparsity' parameter of agp schedule must be <= "
                              f"sparsity={self.sparsity:g}. Got {initial_sparsity!r} instead.")
-        self.n_prunes = check_number("n_prunes", n_prunes, where=where, low=1, integer=True)
-        self.start, self.every = _steps(where, start, every)
+        self.n_prunes = int(n_prunes)
+        self.start, self.every = int(start), int(every)
 
     def events(self) -> list[tuple[int, float]]:
         s_f, s_i, n = self.sparsity, self.initial_sparsity, self.n_prunes
@@ -145,22 +150,27 @@ class FixedFraction(Schedule):
 
     name = "fixed-fraction"
 
+    @validate_params({"fraction": [Interval(Real, 0, 1, closed="neither")], "n_prunes": [N_PRUNES, None],
+                      "sparsity": [SPARSITY, None], "of": [Options({"remaining", "layer"})], **_STEPS},
+                     where="fixed-fraction schedule")
     def __init__(self, fraction: float, n_prunes: int | None = None, sparsity: float | None = None,
                  of: str = "remaining", start: int = 0, every: int = 1):
         where = "fixed-fraction schedule"
-        self.fraction = check_number("fraction", fraction, where=where, low=0.0, high=1.0,
-                                     closed="neither")
-        self.of = check_choice("of", of, ["remaining", "layer"], where=where)
+        self.fraction = float(fraction)
+        self.of = of
         if n_prunes is None and sparsity is None:
             raise ValueError(f"{where} needs 'n_prunes', 'sparsity' or both; got neither.")
-        self.sparsity = None if sparsity is None else check_sparsity("sparsity", sparsity, where=where)
+        self.sparsity = None if sparsity is None else float(sparsity)
         if n_prunes is None:
             n_prunes = self._events_to_reach(self.sparsity)
-        self.n_prunes = check_number("n_prunes", n_prunes, where=where, low=1, integer=True)
+            if n_prunes > N_PRUNES.high:      # a tiny fraction to a high sparsity: too many events
+                raise ValueError(f"{where}: fraction={self.fraction:g} needs {n_prunes} events to reach "
+                                 f"sparsity={self.sparsity:g}, more than {N_PRUNES.high}; raise the fraction.")
+        self.n_prunes = int(n_prunes)
         if self.of == "layer" and self.sparsity is None and self.n_prunes * self.fraction >= 1:
             raise ValueError(f"{where}: n_prunes × fraction = {self.n_prunes * self.fraction:g} would "
                              f"remove every weight; it must be < 1 (or give a 'sparsity' cap).")
-        self.start, self.every = _steps(where, start, every)
+        self.start, self.every = int(start), int(every)
 
     def _raw(self, k: int) -> float:
         if self.of == "remaining":
@@ -185,14 +195,11 @@ class FunctionSchedule(Schedule):
 
     name = "function"
 
+    @validate_params({"fn": ["callable"], "n_prunes": [N_PRUNES], **_STEPS}, where="function schedule")
     def __init__(self, fn: Callable[[int], float], n_prunes: int = 1, every: int = 1, start: int = 0):
-        where = "function schedule"
-        if not callable(fn):
-            raise TypeError(f"the 'fn' parameter of {where} must be callable (step -> sparsity). "
-                            f"Got {fn!r} instead.")
         self.fn = fn
-        self.n_prunes = check_number("n_prunes", n_prunes, where=where, low=1, integer=True)
-        self.start, self.every = _steps(where, start, every)
+        self.n_prunes = int(n_prunes)
+        self.start, self.every = int(start), int(every)
 
     def events(self) -> list[tuple[int, float]]:
         out = []
@@ -202,6 +209,7 @@ class FunctionSchedule(Schedule):
         return out
 
 
+@validate_params({"spec": [Types(str, dict, Schedule), "callable"], "sparsity": [SPARSITY, None], "where": [str]})
 def make_schedule(spec: "str | dict | Schedule | Callable[[int], float]", sparsity: float | None = None,
                   *, where: str = "Pruner", **options) -> Schedule:
     """Build a schedule from a name plus options, a ``{"name": ..., ...}`` dict, a

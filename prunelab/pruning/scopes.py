@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunelab._validation import STR, Types, validate_params
 from prunelab.registry import Registry
 
 SCOPES: Registry[type["Scope"]] = Registry("scope")
@@ -311,5 +312,6 @@ def _prune_lowest_per_row(layer: LayerGroups, sparsity: float, min_keep: int) ->
     return keep.to(layer.alive.device)
 
 
+@validate_params({"spec": [Types(str, Scope)], "where": [STR]})
 def make_scope(spec: "str | Scope", *, where: str = "Pruner") -> Scope:
     return SCOPES.build(spec, param="scope", where=where, instance_of=Scope)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab._validation import suggest
+from prunelab._validation import MODEL, STR, suggest, validate_params
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DEFAULT_TYPES = (nn.Linear, *CONV_TYPES)
@@ -148,6 +148,7 @@ def _valid_names(model: nn.Module) -> tuple[list[str], list[str]]:
     return modules, params
 
 
+@validate_params({"model": [MODEL], "where": [STR]})
 def resolve_targets(model: nn.Module, layers: Iterable[str] | None = None, *,
                     where: str = "Pruner") -> list[Target]:
     """Return the prunable tensors of ``model`` in model order.
@@ -157,9 +158,6 @@ def resolve_targets(model: nn.Module, layers: Iterable[str] | None = None, *,
     LSTM, every parameter whose name starts with ``weight``) or a parameter name
     such as ``"lstm.weight_hh_l0"``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"the 'model' parameter of {where} must be a torch.nn.Module. "
-                        f"Got {type(model).__name__} instead.")
     modules = dict(model.named_modules())
     if layers is None:
         return _default_targets(model, modules, where)
@@ -241,7 +239,7 @@ def _default_targets(model: nn.Module, modules: dict, where: str) -> list[Target
         warnings.warn(TiedWeightSkipped(
             f"{where}: {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} tied to an embedding and "
             f"left out of the default targets (pruning {'it' if len(skipped) == 1 else 'them'} would prune the "
-            f"embedding too); name {'it' if len(skipped) == 1 else 'them'} in layers=[...] to prune."), stacklevel=3)
+            f"embedding too); name {'it' if len(skipped) == 1 else 'them'} in layers=[...] to prune."), stacklevel=4)
     found = _unique_tensors(found)
     if not found:
         raise ValueError(f"{where}: the model has no Linear-like layer to prune (Linear, Conv, HF Conv1D, "

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunelab._validation import check_choice, check_finite, check_number, check_type
+from numbers import Integral
+
+from prunelab._validation import (BATCH_SIZE, DATA, MAPPING, MAX_UNITS, MODEL, SEED, SPARSITY, STR, Interval,
+                                  Options, Types, check_choice, check_finite, check_type, validate_params)
 from prunelab.inputs import Batch, iter_batches, make_loss
 from prunelab.units import groups as unit_groups
 from prunelab.units import surgery
@@ -209,6 +212,18 @@ def _collect(model, units: Units, chosen, batches, loss) -> dict:
     return unit_groups.collect_groups(model, chosen, batches, loss)
 
 
+def _shape():
+    from prunelab.metrics.dry_run import SHAPE      # (prunelab.metrics imports the units' structure)
+    return SHAPE
+
+
+def _declared(**extra) -> dict:
+    """What the unit functions declare alike, plus ``extra``."""
+    return {"model": [MODEL], "data": [DATA, None], "input_shape": [_shape(), None], "batch_size": [BATCH_SIZE],
+            "units": [Types(Units), None], "loss_fn": ["callable", None], "output_key": [STR, None], **extra}
+
+
+@validate_params(_declared())
 def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, example_inputs=None,
                   batch_size: int = 256, units: Units | None = None, loss_fn=None, output_key=None) -> dict:
     """Activation statistics of the chosen unit layers (:class:`UnitStats`) or groups
@@ -219,12 +234,12 @@ def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, exa
     return _collect(model, units, chosen, batches, make_loss(loss_fn, output_key, where="collect_stats"))
 
 
+@validate_params(_declared(scorer=[Options(SCORERS)], seed=[SEED], stats=[MAPPING, None]))
 def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input_shape=None, example_inputs=None,
                 seed: int = 0, batch_size: int = 256, stats: dict | None = None, units: Units | None = None,
                 loss_fn=None, output_key: str | None = None) -> dict[str, torch.Tensor]:
     """Scores of the units of the chosen layers or groups (lowest is removed first). A group's
     unit is scored once, from all of its members (see :mod:`prunelab.units.groups`)."""
-    scorer = check_choice("scorer", scorer, SCORERS, where="score_units")
     batches = _batches(data, batch_size)
     units = _units(model, units, input_shape, example_inputs, batches)
     chosen = units.choose(layers, "score_units")
@@ -232,7 +247,7 @@ def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input
         if not batches:
             raise ValueError(f"the {scorer!r} scorer needs calibration data: pass data=(x, y).")
         stats = _collect(model, units, chosen, batches, make_loss(loss_fn, output_key, where="score_units"))
-    generator = torch.Generator().manual_seed(check_number("seed", seed, where="score_units", low=0, integer=True))
+    generator = torch.Generator().manual_seed(int(seed))
     if units.chain is not None:
         function = UNIT_SCORERS.get(scorer)
         scores = {u.name: function(u, stats[u.name] if stats else None, generator) for u in chosen}
@@ -245,6 +260,8 @@ def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input
     return scores
 
 
+@validate_params(_declared(method=[Options(METHODS)], fraction=[SPARSITY, None],
+                           count=[Interval(Integral, 0, MAX_UNITS), None], seed=[SEED], stats=[MAPPING, None]))
 def remove_units(model: nn.Module, method: str = "bp_abs_mrs", data=None, *, fraction: float | None = None,
                  count: int | None = None, layers="all", input_shape=None, example_inputs=None, seed: int = 0,
                  batch_size: int = 256, stats: dict | None = None, units: Units | None = None,
@@ -256,10 +273,8 @@ def remove_units(model: nn.Module, method: str = "bp_abs_mrs", data=None, *, fra
     scorer, mean_replacement = parse_method(method)
     if (fraction is None) == (count is None):
         raise ValueError("remove_units takes exactly one of fraction= (in [0, 1)) or count= (units per layer).")
-    if fraction is not None:
-        fraction = check_number("fraction", fraction, where="remove_units", low=0.0, high=1.0, closed="left")
-    else:
-        count = check_number("count", count, where="remove_units", low=0, integer=True)
+    fraction = None if fraction is None else float(fraction)
+    count = None if count is None else int(count)
     batches = _batches(data, batch_size)
     units = _units(model, units, input_shape, example_inputs, batches)
     chosen = units.choose(layers, "remove_units")
@@ -298,6 +313,7 @@ def _mask_groups(chosen: list[UnitGroup], plan: dict, means: dict | None, names:
             unit_groups.zero(group, plan[group.name])
 
 
+@validate_params({"model": [MODEL], "pruning": [Types(UnitPruning, dict)], "input_shape": [_shape(), None]})
 def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, input_shape=None,
          example_inputs=None) -> nn.Module:
     """A physically smaller copy of ``model`` without the units of ``pruning`` (a
@@ -358,6 +374,7 @@ def _check_thinned(masked: nn.Module, thinned: nn.Module, batch: Batch, names: l
                          f"update (e.g. a head count of its own). The masked model is unchanged; use it as it is.")
 
 
+@validate_params({"model": [MODEL], "input_shape": [_shape(), None]})
 def zero_units(model: nn.Module, input_shape=None, example_inputs=None) -> dict[str, torch.Tensor]:
     """The units whose incoming weights are all exactly zero, as a plan for :func:`thin`:
     ``{layer name: unit indices}`` over the unit layers of :class:`Units` (a layer's rows of
@@ -393,6 +410,7 @@ def _dead(layer) -> torch.Tensor:
     return torch.nonzero((rows == 0).all(dim=1)).flatten().cpu()
 
 
+@validate_params({"model": [MODEL], "input_shape": [_shape(), None]})
 def thin_dead_units(model: nn.Module, input_shape=None,
                     example_inputs=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A physically smaller copy of ``model`` without its dead units (:func:`zero_units`), with

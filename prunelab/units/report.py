@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from numbers import Integral
+
 from torch import nn
+
+from prunelab._validation import MAX_BATCH, MAX_REPEATS, THREADS, Interval, Sizes, Types, validate_params
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class SpeedReport:
         return "\n".join(lines)
 
 
+@validate_params({"models": [Types(dict)], "batch_sizes": [Sizes(MAX_BATCH)], "threads": [THREADS, None],
+                  "warmup": [Interval(Integral, 0, MAX_REPEATS)], "repeats": [Interval(Integral, 1, MAX_REPEATS)],
+                  "rounds": [Interval(Integral, 1, MAX_REPEATS)]})
 def speed_report(models: dict[str, nn.Module], example_inputs, *, batch_sizes=(1, 16), threads: int | None = None,
                  warmup: int = 3, repeats: int = 10, rounds: int = 3) -> SpeedReport:
     """Measure every model of ``models`` (name → model) on ``example_inputs`` (inputs as the
@@ -59,14 +66,13 @@ def speed_report(models: dict[str, nn.Module], example_inputs, *, batch_sizes=(1
     taken for its inputs)."""
     import statistics
 
-    from prunelab._validation import check_number
     from prunelab.inputs import as_batch
     from prunelab.metrics import count_flops, measure_latency
 
-    if not isinstance(models, dict) or not models:
-        raise TypeError(f"the 'models' parameter of speed_report must be a non-empty dict of name → model. "
-                        f"Got {type(models).__name__} instead.")
-    rounds = check_number("rounds", rounds, where="speed_report", low=1, integer=True)
+    if not models:
+        raise ValueError("the 'models' parameter of speed_report must be a non-empty dict of name → model. "
+                         "Got {} instead.")
+    rounds = int(rounds)
     inputs = as_batch(example_inputs, where="speed_report").inputs
     times = {name: {} for name in models}
     used = None

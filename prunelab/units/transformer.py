@@ -37,7 +37,10 @@ import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_choice, check_number, check_type
+from numbers import Integral, Real
+
+from prunelab._validation import (BATCH_SIZE, DATA, MAX_UNITS, MODEL, SEED, SPARSITY, STR, Interval, Options,
+                                  Types, check_choice, check_type, validate_params)
 from prunelab.inputs import Batch, forward_batches, iter_batches, logits_of
 from prunelab.units import groups as unit_groups
 from prunelab.units import refit as lsq
@@ -49,6 +52,8 @@ TRANSFORMER_SCORERS = ("energy", *SCORERS)
 GQA_MODES = ("query", "kv")
 ROUNDING = ("nearest", "down", "up")
 REFIT_MODES = ("sequential", "layerwise")
+#: The most transformer blocks a stack may have removed (or named) in one call.
+MAX_BLOCKS = 100_000
 REFIT_DEFAULT = "layerwise"
 
 
@@ -80,11 +85,11 @@ class StructuredPruning:
 def _check_blocks(blocks):
     if isinstance(blocks, (list, tuple)):
         for b in blocks:
-            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+            if isinstance(b, bool) or not isinstance(b, Integral) or not 0 <= b < MAX_BLOCKS:
                 raise ValueError(f"the 'blocks' parameter of {WHERE} must be a count (an int ≥ 0) or a list of "
-                                 f"block indices (ints ≥ 0). Got {list(blocks)!r} instead.")
-        return sorted(set(blocks))
-    return check_number("blocks", blocks, where=WHERE, low=0, integer=True)
+                                 f"block indices (ints in [0, {MAX_BLOCKS})). Got {list(blocks)!r} instead.")
+        return sorted({int(b) for b in blocks})
+    return int(blocks)
 
 
 def _check_refit(refit):
@@ -100,15 +105,8 @@ def _check_refit(refit):
 
 
 def _check(heads, mlp, blocks, gqa, scorer, damp, round_to, rounding):
-    heads = check_number("heads", heads, where=WHERE, low=0.0, high=1.0, closed="left")
-    mlp = check_number("mlp", mlp, where=WHERE, low=0.0, high=1.0, closed="left")
-    blocks = _check_blocks(blocks)
-    check_choice("gqa", gqa, GQA_MODES, where=WHERE)
-    check_choice("scorer", scorer, TRANSFORMER_SCORERS, where=WHERE)
-    check_choice("rounding", rounding, ROUNDING, where=WHERE)
-    damp = check_number("damp", damp, where=WHERE, low=0.0)
-    round_to = check_number("round_to", round_to, where=WHERE, low=1, integer=True)
-    return heads, mlp, blocks, damp, round_to
+    """The declared numbers as floats and ints; a list of blocks checked item by item."""
+    return float(heads), float(mlp), _check_blocks(blocks), float(damp), int(round_to)
 
 
 # ------------------------------------------------------------------ the stack of blocks
@@ -245,6 +243,12 @@ def energy_scores(group: UnitGroup, second_moment: torch.Tensor) -> torch.Tensor
 
 
 # ------------------------------------------------------------------ the entry point
+@validate_params({"model": [MODEL], "data": [DATA, None], "heads": [SPARSITY], "mlp": [SPARSITY],
+                  "blocks": [Interval(Integral, 0, MAX_BLOCKS), Types(list, tuple)], "gqa": [Options(GQA_MODES)],
+                  "scorer": [Options(TRANSFORMER_SCORERS)], "refit": [bool, Options(REFIT_MODES)],
+                  "damp": [Interval(Real, 0, None)], "round_to": [Interval(Integral, 1, MAX_UNITS)],
+                  "rounding": [Options(ROUNDING)], "stack": [STR, None], "batch_size": [BATCH_SIZE], "seed": [SEED],
+                  "loss_fn": ["callable", None], "output_key": [STR, None]}, where=WHERE)
 def prune_transformer(model: nn.Module, data=None, *, heads: float = 0.0, mlp: float = 0.0, blocks=0,
                       gqa: str = "query", scorer: str = "energy", refit: bool = True, damp: float = 0.01,
                       round_to: int = 1, rounding: str = "nearest", stack: str | None = None,
@@ -522,6 +526,7 @@ def _adds_to_output(model, block, down, batch) -> bool:
     return float((change - delta).abs().max()) <= 64 * torch.finfo(outputs[0].dtype).eps * scale
 
 
+@validate_params({"model": [MODEL], "stack": [STR], "removed": [Types(list, tuple)]})
 def remove_blocks(model: nn.Module, stack: str, removed: list[int]) -> None:
     """Drop the ``removed`` items of the ``nn.ModuleList`` ``stack``, in place, and keep the model's
     own layer counts consistent: ``config.num_hidden_layers`` and ``config.layer_types`` (Hugging

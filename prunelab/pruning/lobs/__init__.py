@@ -54,13 +54,14 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from numbers import Integral, Real
 
 import torch
 from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
 from prunelab._memory import PeakMemory
-from prunelab._validation import check_choice, check_number
+from prunelab._validation import MAX_BATCH, Interval, Options, Types, check_choice, check_number, validate_params
 from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.granularity import NMGranularity, nm_column_order
@@ -160,17 +161,21 @@ class LayerwiseOBS(Criterion):
     needs_data = True
     updates_weights = True
 
+    @validate_params({"mode": [Options(MODES)], "damping": [Interval(Real, 0, None)], "update_bias": [bool],
+                      "low_memory": [bool], "block_size": [Interval(Integral, 1, MAX_BATCH)],
+                      "epsilon": [Interval(Real, 0, None, closed="neither"), Types(dict), None],
+                      "blocks": [Types(str, torch.nn.Module,
+                                       name="a dotted module path such as 'model.layers' or an nn.ModuleList"), None], "offload": [Options(OFFLOADS), None],
+                      "progress": [bool, None]}, where=lambda self: f"{self.name} criterion")
     def __init__(self, mode: str = "sequential", damping: float = 1e-2, update_bias: bool = True,
                  low_memory: bool = False, block_size: int = 128, epsilon=None, blocks=None,
                  offload: str | None = None, progress: bool | None = None, compute_dtype=None):
         where = f"{self.name} criterion"
         self.epsilon = _check_epsilon(epsilon, where)
-        self.mode = check_choice("mode", mode, MODES, where=where)
-        self.damping = check_number("damping", damping, where=where, low=0.0)
-        if not isinstance(update_bias, bool) or not isinstance(low_memory, bool):
-            raise TypeError(f"the 'update_bias' and 'low_memory' parameters of {where} must be bools.")
+        self.mode = mode
+        self.damping = float(damping)
         self.update_bias, self.low_memory = update_bias, low_memory
-        self.block_size = check_number("block_size", block_size, where=where, low=1, integer=True)
+        self.block_size = int(block_size)
         self.blocks, self.offload, self.progress = _check_block_options(blocks, offload, progress, self.mode, where)
         self.compute_dtype = _check_compute_dtype(compute_dtype, self.mode, where)
         self._stack = None
