@@ -193,7 +193,7 @@ def _valid_calls(tmp: Path) -> dict:
         "prunelab.pruning.GradientMagnitude": ((), {}), "prunelab.pruning.GroupLasso": ((0.1,), {}),
         "prunelab.pruning.Iterative": ((0.5,), {}), "prunelab.pruning.L1": ((0.1,), {}),
         "prunelab.pruning.L2": ((0.1,), {}), "prunelab.pruning.LOBS": ((), {}), "prunelab.pruning.OBSExact": ((), {}),
-        "prunelab.pruning.OBSFast": ((), {}), "prunelab.pruning.NMGranularity": ((2, 4), {}),
+        "prunelab.pruning.OBSFast": ((), {}), "prunelab.pruning.Wanda": ((), {}), "prunelab.pruning.NMGranularity": ((2, 4), {}),
         "prunelab.pruning.OBD": ((), {}), "prunelab.pruning.OneShot": ((0.5,), {}), "prunelab.pruning.Random": ((), {}),
         "prunelab.pruning.make_criterion": (("magnitude",), {}), "prunelab.pruning.make_granularity": (("weight",), {}),
         "prunelab.pruning.make_regularizer": (("l1", 0.1), {}), "prunelab.pruning.make_scope": (("local",), {}),

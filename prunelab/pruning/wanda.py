@@ -53,10 +53,11 @@ from torch import nn
 
 from prunelab._hooks import eval_mode
 from prunelab._memory import PeakMemory
+from prunelab._validation import Options, Types, validate_params
 from prunelab.inputs import forward_batches
 from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.lobs import Report, _BlockBar, _check_block_options, _check_compute_dtype, hessian
+from prunelab.pruning.lobs import OFFLOADS, Report, _BlockBar, _check_block_options, _check_compute_dtype, hessian
 from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.targets import Target
 
@@ -125,6 +126,11 @@ class Wanda(Criterion):
     needs_data = True
     default_scope = "row"
 
+    @validate_params({"blocks": [Types(str, nn.Module, name="a dotted module path such as 'model.layers' or an "
+                                                      "nn.ModuleList"), None],
+                      "offload": [Options(OFFLOADS), None], "progress": [bool, None],
+                      "compute_dtype": [Types(str, torch.dtype), None]},
+                     where="wanda criterion")
     def __init__(self, blocks=None, offload: str | None = None, progress: bool | None = None,
                  compute_dtype=None):
         where = "wanda criterion"
