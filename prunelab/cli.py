@@ -486,6 +486,8 @@ def cmd_export(args) -> int:
     input_shape = tuple(config["input_shape"]) if isinstance(config, dict) and "input_shape" in config else None
     if example is not None:
         input_shape = single_input_shape(example)
+    elif input_shape is not None and export._input_dtype(model) == torch.long:
+        example = torch.zeros((1, *input_shape), dtype=torch.long)   # a registry language model takes token ids
     if args.thin and input_shape is None and example is None:
         raise ValueError(f"{where}: --thin needs a registry model (its input shape) or --model "
                          f"package.module:factory with --example-input; this file has no architecture.")
@@ -496,8 +498,8 @@ def cmd_export(args) -> int:
     torch.save(model.state_dict(), dense)
     if args.thin:
         from prunelab import units
-        model, plan = (units.thin_dead_units(model, input_shape) if input_shape is not None
-                       else units.thin_dead_units(model, example_inputs=example))
+        model, plan = (units.thin_dead_units(model, example_inputs=example) if example is not None
+                       else units.thin_dead_units(model, input_shape))
         print(f"thinned: {sum(len(v) for v in plan.values())} units whose weights are all zero removed")
     report = export.save(model, args.out, encoding=args.encoding, values=args.values,
                          index_bits=_index_bits(args.index_bits))

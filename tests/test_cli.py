@@ -379,3 +379,23 @@ def test_example_input_grammar_builds_the_tensors():
     kw = make_example("input_ids=int:1x16:0-1000,attention_mask=ones:1x16")
     assert list(kw) == ["input_ids", "attention_mask"] and kw["attention_mask"].sum() == 16
     assert 0 <= kw["input_ids"].min() and kw["input_ids"].max() < 1000
+
+
+def test_export_thins_and_writes_onnx_for_a_registry_language_model(tmp_path, monkeypatch, capsys):
+    # a registry LM takes token ids: --thin and --onnx feed it ids of its input_shape, not floats
+    import prunelab
+    from prunelab.models import build_model
+    monkeypatch.chdir(tmp_path)
+    pytest.importorskip("onnxruntime")
+    model = build_model("gpt", n_classes=64, input_shape=(8,), d_model=16, n_layers=1, n_heads=2, seed=0)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[[0, 5, 7]] = 0             # three dead MLP channels
+        model.blocks[0].mlp.fc1.bias[[0, 5, 7]] = 0
+    prunelab.save(model, "lm.plm")
+    assert main(["export", "lm.plm", "thin.plm", "--thin", "--onnx", "thin.onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "thinned: 3 units whose weights are all zero removed" in out and "ONNX: thin.onnx" in out
+    thin = prunelab.load("thin.plm")
+    assert thin.blocks[0].mlp.fc1.out_features == model.blocks[0].mlp.fc1.out_features - 3
+    tokens = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(thin.eval()(tokens), model.eval()(tokens), atol=1e-5, rtol=1e-5)
