@@ -25,7 +25,10 @@ FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
 
 def check_materialised(model: nn.Module, where: str, param: str = "model") -> None:
     """Refuse a model with tensors on the meta device (built under ``torch.device("meta")``, or
-    loaded without its weights): they have shapes but no values to prune, train, measure or save."""
+    loaded without its weights): they have shapes but no values to prune, train, measure or save.
+    Anything but an ``nn.Module`` passes (the caller's type check names it)."""
+    if not isinstance(model, nn.Module):
+        return
     tensors = itertools.chain(model.named_parameters(), model.named_buffers())
     meta = [name for name, t in tensors if t.is_meta]
     if meta:

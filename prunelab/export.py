@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunelab._model_checks import check_materialised
 from prunelab._validation import check_type, suggest
 from prunelab.metrics.storage import (best_format, best_index_bits, bits_to_bytes, check_storage_bits,
                                       nm_position_bits, storage_bits)
@@ -475,6 +476,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
     """
     where = "save"
     check_type("model", model, nn.Module, where=where)
+    check_materialised(model, where)
     encoding, values, index_bits = _check_options(encoding, values, index_bits, where)
     if metadata is not None:
         check_type("metadata", metadata, Mapping, where=where)
@@ -1199,6 +1201,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     from prunelab.inputs import example_batch
     where = "export_onnx"
     check_type("model", model, nn.Module, where=where)
+    check_materialised(model, where)
     check_type("exporter", exporter, str, where=where)
     check_type("check", check, bool, where=where)
     if exporter not in EXPORTERS:

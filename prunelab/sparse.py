@@ -475,6 +475,8 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
             float32/float64.
     """
     where = "sparsify"
+    from prunelab._model_checks import check_materialised
+    check_materialised(model, where)
     batch = _example(model, input_shape, example_inputs, where)
     min_sparsity = check_number("min_sparsity", min_sparsity, where=where, low=0.0, high=1.0)
     check_type("only_if_faster", only_if_faster, bool, where=where)

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
+from prunelab._model_checks import check_materialised, check_trainable
 from prunelab._validation import check_choice, check_finite, check_number, check_type
 from prunelab.distillation import Distillation, check_teacher, make_distillation
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, as_batch, loss_targets, make_loss
@@ -358,6 +359,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int | None = None, loss_fn: 
     batches. Token logits give token accuracy, ``perplexity`` = exp(mean loss) and ``tokens``."""
     where = "evaluate"
     check_type("model", model, nn.Module, where=where)
+    check_materialised(model, where)
     loss = make_loss(loss_fn, output_key, where=where)
     with torch.random.fork_rng(devices=[]):            # peeking at a shuffling DataLoader draws a seed
         source = resolve_data(data, "data", where, split="test")
@@ -430,6 +432,8 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     """
     where = "fit"
     check_type("model", model, nn.Module, where=where)
+    check_materialised(model, where)
+    check_trainable(model, where)
     for name, param in model.named_parameters():   # else the first loss is NaN and "diverged" misleads
         check_finite(f"the parameter {name!r} of the model given to fit", param)
     epochs = check_number("epochs", epochs, where=where, low=0, integer=True)

@@ -179,6 +179,8 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
     dry = resolve_dry_input(model, input_shape, example_inputs, device, None, _WHERE)
     device = dry.device
     sizes = _check_batch_sizes(batch_sizes)
+    from prunelab._model_checks import check_materialised
+    check_materialised(model, _WHERE)
     warmup = check_number("warmup", warmup, where=_WHERE, low=0, integer=True)
     repeats = check_number("repeats", repeats, where=_WHERE, low=1, integer=True)
     if threads is not None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunelab._model_checks import check_batch_fits, check_materialised, floating_dtype
 from prunelab._validation import check_choice, check_finite, check_number, check_type
 from prunelab.inputs import Batch, iter_batches, make_loss
 from prunelab.units import groups as unit_groups
@@ -80,6 +81,7 @@ class Units:
         """The units of ``model``, traced on ``example_inputs`` (a tensor, tuple or dict the model
         takes) or a zero input of ``input_shape``."""
         check_type("model", model, nn.Module, where="unit pruning")
+        check_materialised(model, "unit pruning")
         if input_shape is None and example_inputs is None:
             input_shape = getattr(model, "config", {}).get("input_shape") if isinstance(
                 getattr(model, "config", None), dict) else None
@@ -88,7 +90,8 @@ class Units:
                                  "example_inputs=..., or data= so they can be read from the calibration data.")
         from prunelab.inputs import example_batch
         batch = example_batch(model, tuple(input_shape) if input_shape is not None else None, example_inputs,
-                              where="unit pruning", device=next(model.parameters()).device)
+                              where="unit pruning", device=next(model.parameters()).device,
+                              dtype=floating_dtype(model))
         _dry_run(model, batch, input_shape)
         bad = unsupported_activation(model)
         if bad:
@@ -196,11 +199,15 @@ def _batches(data, batch_size: int) -> list[Batch]:
 
 
 def _units(model, units, input_shape, example_inputs, batches) -> Units:
-    if units is not None:
-        return units
-    if input_shape is None and example_inputs is None and batches:
-        example_inputs = batches[0].slice(0, 2).inputs
-    return Units.of(model, input_shape, example_inputs)
+    """The given ``units``, or the model's, found on the inputs given or on the first calibration
+    batch; calibration batches that the model cannot take are refused here, before any scoring."""
+    if units is None:
+        if input_shape is None and example_inputs is None and batches:
+            example_inputs = batches[0].slice(0, 2).inputs
+        units = Units.of(model, input_shape, example_inputs)
+    if batches:
+        check_batch_fits(model, batches[0], "the calibration batches ('data') of unit pruning")
+    return units
 
 
 def _collect(model, units: Units, chosen, batches, loss) -> dict:
