@@ -132,7 +132,8 @@ class Pruner:
         self.layers_named = layers is not None      # solvers skip unsupported default targets, refuse named ones
         self.criterion.validate(self)
         if calibration is not None and self.criterion.needs_data:     # one example through the model, now
-            first = next(iter_batches(calibration, self.calibration_batch_size, where=where))
+            with torch.random.fork_rng(devices=[]):     # a shuffling DataLoader draws a seed
+                first = next(iter_batches(calibration, self.calibration_batch_size, where=where))
             check_batch_fits(model, first, "the calibration batches of Pruner (the 'data' of prune)",
                              self.loss if self.criterion.needs_gradients else None)
         self._events = self.schedule.events()
