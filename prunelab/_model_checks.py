@@ -41,7 +41,9 @@ def check_materialised(model: nn.Module, where: str, param: str = "model") -> No
 def check_trainable(model: nn.Module, where: str, param: str = "model") -> None:
     """Refuse a model none of whose parameters requires a gradient: there is nothing to train."""
     params = list(model.parameters())
-    if params and not any(p.requires_grad for p in params):
+    if not params:
+        raise ValueError(f"the '{param}' parameter of {where} has no parameters, so there is nothing to train.")
+    if not any(p.requires_grad for p in params):
         raise ValueError(f"the '{param}' parameter of {where} has no parameter with requires_grad=True "
                          f"(all {len(params)} are frozen), so there is nothing to train; unfreeze the ones "
                          f"to train, e.g. model.requires_grad_(True).")
@@ -103,3 +105,13 @@ def check_batch_fits(model: nn.Module, batch, what: str, loss: Callable | None =
     except (RuntimeError, TypeError, IndexError) as err:
         raise ValueError(f"the loss fails on the first of {what} ({describe(batch)}): "
                          f"{type(err).__name__}: {err}") from err
+
+
+def check_values(what: str, tensor, *, hint: str = ""):
+    """:func:`~prunelab._validation.check_finite` for data: first refuse a tensor on the meta
+    device (shapes without values, which no finiteness check or model can read)."""
+    from prunelab._validation import check_finite
+    if torch.is_tensor(tensor) and tensor.is_meta:
+        raise ValueError(f"{what} is a tensor on the meta device (a shape {tuple(tensor.shape)} without values); "
+                         f"give real data, e.g. on 'cpu'.")
+    return check_finite(what, tensor, hint=hint)

@@ -417,7 +417,7 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
             flat = tensor.contiguous().numpy().reshape(-1)
             yield name, tensor, flat, None, "dense", dtype_name, 0, None, flat.nbytes
             continue
-        if name in shrink:
+        if name in shrink and tensor.numel():          # an empty weight has no rows to scale: kept exact
             flat, scale = _quantised(name, tensor, values)
             kind = values
         else:

@@ -488,7 +488,7 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
     warmup = check_number("warmup", warmup, where=where, low=0, integer=True)
 
     linears = [(name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
-               for name, module in model.named_modules() if _is_plain_linear(module)]
+               for name, module in model.named_modules() if _is_plain_linear(module) and module.weight.numel()]
     read_by_parent = _parent_reads_weight(model)
     for name, module, sparsity in linears:
         if sparsity >= min_sparsity and name not in read_by_parent:

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
-from prunelab._model_checks import check_materialised, check_trainable
+from prunelab._model_checks import check_materialised, check_trainable, check_values
 from prunelab._validation import check_choice, check_finite, check_number, check_type
 from prunelab.distillation import Distillation, check_teacher, make_distillation
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, as_batch, loss_targets, make_loss
@@ -94,9 +94,9 @@ def as_xy(data, param: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
                              f"({len(x)} vs {len(y)}).")
         if len(x) == 0:
             raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
-        check_finite(f"the inputs of the '{param}' parameter of {where}", x,
+        check_values(f"the inputs of the '{param}' parameter of {where}", x,
                      hint="; inputs must be finite (drop or impute those examples)")
-        check_finite(f"the targets of the '{param}' parameter of {where}", y)
+        check_values(f"the targets of the '{param}' parameter of {where}", y)
         return x, y
     raise TypeError(f"the '{param}' parameter of {where} must be an (x, y) pair of tensors or a "
                     f"prunelab Dataset. Got {type(data).__name__} instead.")
@@ -156,10 +156,10 @@ def read_batch(raw, param: str, where: str, index: int) -> Batch:
         raise type(err)(f"the '{param}' parameter of {where} must be {DATA_FORMS}; its batch {index} is a "
                         f"{type(raw).__name__}, and a batch must be {BATCH_FORMS} ({err}).") from err
     for t in batch.tensors():
-        check_finite(f"the inputs of batch {index} of the '{param}' parameter of {where}", t,
+        check_values(f"the inputs of batch {index} of the '{param}' parameter of {where}", t,
                      hint="; inputs must be finite (drop or impute those examples)")
     if batch.targets is not None:
-        check_finite(f"the targets of batch {index} of the '{param}' parameter of {where}", batch.targets)
+        check_values(f"the targets of batch {index} of the '{param}' parameter of {where}", batch.targets)
     return batch
 
 
@@ -196,10 +196,10 @@ def _in_memory(whole: Batch, param: str, where: str) -> Data:
     if lengths == [0]:
         raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
     for name, t in {**dict(enumerate(whole.args)), **whole.kwargs}.items():
-        check_finite(f"the inputs ({name!r}) of the '{param}' parameter of {where}", t,
+        check_values(f"the inputs ({name!r}) of the '{param}' parameter of {where}", t,
                      hint="; inputs must be finite (drop or impute those examples)")
     if whole.targets is not None:
-        check_finite(f"the targets of the '{param}' parameter of {where}", whole.targets)
+        check_values(f"the targets of the '{param}' parameter of {where}", whole.targets)
     return Data(param, where, whole.slice(0, 1), whole=whole)
 
 

@@ -277,3 +277,73 @@ def test_summary_on_inputs_of_the_wrong_shape_names_the_input_shape():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=r"summary could not run Sequential on an input of shape \(1, 5\)"):
             prunelab.summary(mlp(), input_shape=(5,))
+
+
+# ----------------------------------------------------------------------------- meta-device data, no parameters
+
+@pytest.mark.parametrize("call, what", [
+    (lambda x, y: prunelab.fit(mlp(), (x, y), epochs=1), r"the inputs of the 'data' parameter of fit"),
+    (lambda x, y: prunelab.evaluate(mlp(), (x, y)), r"the inputs of the 'data' parameter of evaluate"),
+    (lambda x, y: prunelab.prune(mlp(), 0.5, criterion="obs-fast", data=[(x, y)]),
+     r"the calibration inputs of batch 0 \('data'\) of Pruner"),
+    (lambda x, y: units.remove_units(mlp(), "bp_abs_mrs", [(x, y)], fraction=0.5, input_shape=(8,)),
+     r"the calibration inputs of batch 0 \('data'\) of unit pruning"),
+], ids=["fit", "evaluate", "prune", "remove_units"])
+def test_meta_device_data_is_refused(call, what):
+    x = torch.empty(32, 8, device="meta")
+    with pytest.raises(ValueError, match=what + r" is a tensor on the meta device \(a shape \(32, 8\) without values\)"):
+        call(x, data()[1])
+
+
+def test_fit_refuses_a_model_without_parameters():
+    with pytest.raises(ValueError, match=r"the 'model' parameter of fit has no parameters, so there is nothing to "
+                                         r"train"):
+        prunelab.fit(nn.Sequential(nn.ReLU()), data(), epochs=1)
+
+
+def test_unit_pruning_refuses_a_model_without_parameters():
+    with pytest.raises(ValueError, match=r"the 'model' parameter of unit pruning \(Sequential\) has no parameters"):
+        units.remove_units(nn.Sequential(nn.ReLU()), "norm", fraction=0.5, input_shape=(8,))
+
+
+# ----------------------------------------------------------------------------- zero-size layers elsewhere
+
+def with_empty_layer(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 0), nn.ReLU(), nn.Linear(0, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def test_unit_removal_leaves_a_zero_size_layer_alone_and_thins_the_others():
+    model = with_empty_layer()
+    x, y = data(16)
+    result = units.remove_units(model, "bp_abs_mrs", [(x, y)], fraction=0.5, input_shape=(8,))
+    assert list(result.plan) == ["2"] and len(result.plan["2"]) == 3
+    thinned = units.thin(model, result)
+    with torch.no_grad():
+        assert thinned[2].out_features == 3 and torch.allclose(thinned(x), model(x), atol=1e-6)
+
+
+def test_unit_removal_refuses_a_named_zero_size_layer_and_a_model_of_only_empty_ones():
+    with pytest.raises(ValueError, match=r"the 'layers' parameter of remove_units chooses '0', which has no units"):
+        units.remove_units(with_empty_layer(), "norm", fraction=0.5, input_shape=(8,), layers=["0"])
+    empty = nn.Sequential(nn.Linear(8, 0), nn.ReLU(), nn.Linear(0, 3))
+    with pytest.raises(ValueError, match=r"the 'model' parameter of remove_units has no units to remove: every unit "
+                                         r"layer is empty \(0\)"):
+        units.remove_units(empty, "norm", fraction=0.5, input_shape=(8,))
+
+
+def test_an_int8_file_of_a_model_with_a_zero_size_layer_round_trips(tmp_path):
+    model = with_empty_layer()
+    export.save(model, tmp_path / "m.plm", values="int8")
+    loaded = prunelab.load(tmp_path / "m.plm", model=with_empty_layer(seed=1))
+    x = data(4)[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=0.05)
+
+
+def test_sparsify_skips_a_zero_size_layer():
+    from prunelab.sparse import SparseLinear, sparsify
+    model = with_empty_layer()
+    prunelab.prune(model, 0.9)
+    fast, decisions = sparsify(model, (8,), min_sparsity=0.5, only_if_faster=False)
+    assert not isinstance(fast[0], SparseLinear) and isinstance(fast[4], SparseLinear)

@@ -82,6 +82,9 @@ class Units:
         takes) or a zero input of ``input_shape``."""
         check_type("model", model, nn.Module, where="unit pruning")
         check_materialised(model, "unit pruning")
+        if next(iter(model.parameters()), None) is None:
+            raise ValueError(f"the 'model' parameter of unit pruning ({type(model).__name__}) has no parameters, "
+                             f"so no units to remove.")
         if input_shape is None and example_inputs is None:
             input_shape = getattr(model, "config", {}).get("input_shape") if isinstance(
                 getattr(model, "config", None), dict) else None
@@ -90,7 +93,7 @@ class Units:
                                  "example_inputs=..., or data= so they can be read from the calibration data.")
         from prunelab.inputs import example_batch
         batch = example_batch(model, tuple(input_shape) if input_shape is not None else None, example_inputs,
-                              where="unit pruning", device=next(model.parameters()).device,
+                              where="unit pruning", device=next(iter(model.parameters()), torch.empty(0)).device,
                               dtype=floating_dtype(model))
         _dry_run(model, batch, input_shape)
         bad = unsupported_activation(model)
@@ -113,7 +116,20 @@ class Units:
         return self.example_batch.inputs
 
     def choose(self, layers, where: str) -> list:
-        """The chosen unit layers or groups; a refused group named raises its reason."""
+        """The chosen unit layers or groups; a refused group named raises its reason. Layers of no
+        units (a zero-size ``nn.Linear(8, 0)``) are left out of ``"all"`` and refused when named."""
+        chosen = self._choose(layers, where)
+        empty = [u.name for u in chosen if u.n_units == 0]
+        if empty and layers != "all":
+            raise ValueError(f"the 'layers' parameter of {where} chooses {empty[0]!r}, which has no units (a "
+                             f"zero-size layer); leave it out.")
+        chosen = [u for u in chosen if u.n_units > 0]
+        if not chosen:
+            raise ValueError(f"the 'model' parameter of {where} has no units to remove: every unit layer is "
+                             f"empty ({', '.join(empty)}).")
+        return chosen
+
+    def _choose(self, layers, where: str) -> list:
         if self.chain is not None:
             return select_layers(self.chain.units, layers, where=where)
         for name in [layers] if isinstance(layers, str) else list(layers):
