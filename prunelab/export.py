@@ -45,6 +45,7 @@ import struct
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -812,7 +813,7 @@ def _skeleton(build, n_tensors: int, where: str) -> nn.Module:
                hooks.register_module_parameter_registration_hook(count_one),
                hooks.register_module_buffer_registration_hook(count_one)]
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _meta_normal_is_free():
             return build()
     except _Oversized:
         raise ModelFileError(f"{where}: its architecture has more than {budget} modules and tensors for the "
@@ -820,6 +821,22 @@ def _skeleton(build, n_tensors: int, where: str) -> nn.Module:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def _meta_normal_is_free():
+    """``Tensor.normal_`` returns a meta tensor as it is, for the block: torch's meta kernel of
+    ``normal_`` is a Python reference whose first use imports sympy (3 s, 90 MB), while filling a
+    tensor without values changes nothing. Every other tensor, in any thread, is filled as before."""
+    original = torch.Tensor.normal_
+
+    def normal_(self, *args, **kwargs):
+        return self if self.is_meta else original(self, *args, **kwargs)
+    torch.Tensor.normal_ = normal_
+    try:
+        yield
+    finally:
+        torch.Tensor.normal_ = original
 
 
 def _check_architecture(build, declared: dict[str, tuple[int, ...]], payload_bytes: int, input_shape,
