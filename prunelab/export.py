@@ -558,8 +558,10 @@ def file_start(path: str | os.PathLike, n: int = len(MAGIC)) -> bytes:
 
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a prunelab model file, after checking its integrity (magic, version,
-    lengths and the SHA-256 over header and payload)."""
-    return _read(Path(path))[0]
+    lengths and the SHA-256 over header and payload) and every tensor entry against the payload."""
+    header, payload = _read(Path(path))
+    _declared(header, len(payload), f"load {str(path)!r}")
+    return header
 
 
 def _read(path: Path) -> tuple[dict, bytes]:
