@@ -99,7 +99,10 @@ def check_batch_fits(model: nn.Module, batch, what: str, loss: Callable | None =
         return
     try:
         with torch.no_grad():
-            loss(output, sample)
+            value = loss(output, sample)
+        if not (torch.is_tensor(value) and value.dim() == 0):
+            got = f"Tensor{tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor; it returned {got}.")
     except ValueError as err:
         raise ValueError(f"{what} do not fit the model's output: {err}") from err
     except (RuntimeError, TypeError, IndexError) as err:

@@ -347,3 +347,29 @@ def test_sparsify_skips_a_zero_size_layer():
     prunelab.prune(model, 0.9)
     fast, decisions = sparsify(model, (8,), min_sparsity=0.5, only_if_faster=False)
     assert not isinstance(fast[0], SparseLinear) and isinstance(fast[4], SparseLinear)
+
+
+# ----------------------------------------------------------------------------- plans and losses
+
+@pytest.mark.parametrize("indices, message", [
+    ([7], r"removes units \[7\] of '0', which has units 0 to 5"),
+    ([-1], r"removes units \[-1\] of '0', which has units 0 to 5"),
+    ([1, 1], r"removes 2 units of '0' \(of 6\), some twice"),
+    ([0, 1, 2, 3, 4, 5], r"removes 6 units of '0' \(of 6\), all of them; thin keeps at least one unit"),
+])
+def test_thin_refuses_a_plan_outside_the_layer(indices, message):
+    with pytest.raises(ValueError, match=message):
+        units.thin(mlp(), {"0": torch.tensor(indices)}, input_shape=(8,))
+
+
+def test_thin_refuses_a_plan_naming_no_unit_layer():
+    with pytest.raises(ValueError, match=r"the plan names 'fc9', which is not a unit layer or group of the model; "
+                                         r"choose among: 0"):
+        units.thin(mlp(), {"fc9": [0]}, input_shape=(8,))
+
+
+def test_a_loss_fn_that_is_not_scalar_is_refused_when_the_gradient_pruner_is_built():
+    x, y = data()
+    with pytest.raises(ValueError, match=r"do not fit the model's output: loss_fn must return a scalar tensor; it "
+                                         r"returned Tensor\(1, 3\)"):
+        prunelab.prune(mlp(), 0.5, criterion="gradient", data=[(x, y)], loss_fn=lambda output, targets: output)

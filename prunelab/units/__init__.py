@@ -331,6 +331,7 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     else:
         plan, units = pruning, Units.of(model, input_shape, example_inputs)
     plan = {k: torch.as_tensor(v, dtype=torch.long) for k, v in plan.items()}
+    _check_plan(plan, units)
     if units.chain is not None:
         return surgery.thin_chain(model, units.chain, plan)
     plan = {k: v.cpu() for k, v in plan.items()}
@@ -347,6 +348,24 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     if isinstance(pruning, UnitPruning) and _still_masked([by_name[k] for k in plan], plan):
         _check_thinned(model, thinned, units.example_batch, list(plan))
     return thinned
+
+
+def _check_plan(plan: dict[str, torch.Tensor], units: Units) -> None:
+    """Every planned unit exists, once, and no layer loses all its units (thin never empties one)."""
+    sizes = {u.name: u.n_units for u in units.layers}
+    for name, idx in plan.items():
+        if name not in sizes:
+            raise ValueError(f"the plan names {name!r}, which is not a unit layer or group of the model; "
+                             f"choose among: {', '.join(sizes)}.")
+        n = sizes[name]
+        outside = idx[(idx < 0) | (idx >= n)] if idx.dim() == 1 else idx.flatten()
+        if idx.dim() != 1 or len(outside):
+            raise ValueError(f"the plan given to thin removes units {idx.tolist()} of {name!r}, which has units 0 to "
+                             f"{n - 1}; give a list of unit indices in that range.")
+        if len(torch.unique(idx)) != len(idx) or len(idx) >= n:
+            raise ValueError(f"the plan given to thin removes {len(idx)} units of {name!r} (of {n}), "
+                             f"{'some twice' if len(torch.unique(idx)) != len(idx) else 'all of them'}; thin "
+                             f"keeps at least one unit in every layer.")
 
 
 def _still_masked(groups: list[UnitGroup], plan: dict) -> bool:
