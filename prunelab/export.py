@@ -865,8 +865,8 @@ def _check_architecture(build, declared: dict[str, tuple[int, ...]], payload_byt
 def _dry_run_on_meta(skeleton: nn.Module, config: dict, declared: dict[str, tuple[int, ...]], where: str) -> bool:
     """Resize the meta ``skeleton`` to the ``declared`` (thinned) shapes and run it on a meta input:
     True when the shapes fit together (or nothing was resized), so the real model needs no dry run;
-    False when the meta run fails (a shape mismatch, or an operation without a meta kernel): the
-    real dry run then decides, with the error message it gives."""
+    a ModelFileError when they do not; False when the model uses an operation that cannot run on
+    the meta device (no meta kernel, a value read): the real dry run then decides."""
     state = {name: torch.empty(shape, device="meta") for name, shape in declared.items()}
     with torch.device("meta"):
         _same_keys(skeleton, state, where)
@@ -875,7 +875,13 @@ def _dry_run_on_meta(skeleton: nn.Module, config: dict, declared: dict[str, tupl
         try:
             with torch.no_grad():
                 skeleton.eval()(torch.zeros(1, *config["input_shape"], dtype=_input_dtype(skeleton)))
-        except (RuntimeError, TypeError, ValueError, IndexError):
+        except NotImplementedError:
+            return False
+        except RuntimeError as err:
+            if "meta" in str(err).lower():
+                return False
+            raise ModelFileError(f"{where}: the stored (thinned) shapes do not fit together: {err}") from None
+        except (TypeError, ValueError, IndexError):
             return False
     return True
 

@@ -240,3 +240,31 @@ def test_summary_weights_on_a_bad_file_exits_2_with_one_line(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"prunelab: error: load {str(path)!r}: ") and re.search(message, err), err
+
+
+def test_a_header_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
+    export.save(_mlp(zero=False), tmp_path / "m.plm")
+    monkeypatch.setattr(export, "MAX_HEADER_BYTES", 64)
+    with pytest.raises(export.ModelFileError, match=r"m.plm'.*the header declares \d+ bytes, more than the limit of 64"):
+        prunelab.load(tmp_path / "m.plm")
+
+
+def test_thinned_shapes_that_do_not_fit_together_are_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """fc1 thinned to 4 units but fc2 still taking 5 inputs: the meta-device dry run refuses the
+    file; the real architecture is never built."""
+    export.save(_mlp(zero=False), tmp_path / "m.plm", encoding="csr")
+
+    def thin_fc1(header):
+        for entry in header["tensors"]:
+            if entry["name"] in ("fc1.weight", "fc1.bias"):
+                entry["shape"][0] = 4
+                entry["entries"] = 0
+    export.save(_mlp(zero=True), tmp_path / "m.plm", encoding="csr")
+    rewrite_header(tmp_path / "m.plm", thin_fc1)
+    built = []
+    real = export._build
+    monkeypatch.setattr(export, "_build", lambda config, where: built.append(torch.empty(0).is_meta) or
+                        real(config, where))
+    with pytest.raises(export.ModelFileError, match=r"the stored \(thinned\) shapes do not fit together"):
+        prunelab.load(tmp_path / "m.plm")
+    assert built == [True]                # the skeleton only: the real model is never built
