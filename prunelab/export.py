@@ -669,45 +669,50 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     header = None
     if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
-        if model is None:                  # the architecture named in the file, against the file's size
-            shapes = {name: tuple(t.shape) for name, t in state.items()}
+        if model is None:                  # the architecture named in the file, held to the file's size
             input_shape = config.get("input_shape") if isinstance(config, dict) else None
-            _check_architecture(lambda: _build(config, where), shapes, path.stat().st_size, input_shape,
-                                where, names=False)
+            _check_architecture(lambda: _build(config, where), {k: tuple(t.shape) for k, t in state.items()},
+                                path.stat().st_size, input_shape, where, names=False)
+            model = _rebuild(config, state, where)
+            _assign(model, state, where)
+            return model.eval()
     else:
         header, payload = _read(path)
-        declared = _declared(header, len(payload), where)      # every size against the payload
-        config = header.get("architecture")
-        metadata = header.get("metadata")
-        hf = metadata.get("huggingface") if isinstance(metadata, dict) else None
-        if model is None and config is None and hf is not None:     # from prunelab.save_pretrained
-            from prunelab.hf import build_from_metadata
-            build = lambda: build_from_metadata(hf, where)  # noqa: E731
-            _check_architecture(build, declared, len(payload), None, where)
-            model = build()
-        if model is None and config is None:
-            raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
-                                 f"registry model, so it holds no architecture; pass load(path, model=...).")
-        checked = False
-        if model is None:                  # the registry architecture, checked on the meta device first
-            input_shape = config.get("input_shape") if isinstance(config, dict) else None
-            skeleton = _check_architecture(lambda: _build(config, where), declared, len(payload), input_shape,
-                                           where)
-            checked = _dry_run_on_meta(skeleton, config, declared, where)
-        built = _build(config, where) if model is None else None
-        _check_declared(declared, built if model is None else model, where)     # before any tensor is made
-        state = _tensors(header, payload, where)
-        if model is None:
-            model = _fit(built, config, state, where, dry_run=not checked)
-    if model is None:
-        model = _rebuild(config, state, where)
-    else:
-        _same_keys(model, state, where)
-        reshape_to(model, {name: tuple(t.shape) for name, t in state.items()}, where=where)
-        if header is not None:
-            _set_sizes(model, header.get("sizes") or {}, where)
+        model, state = _from_model_file(header, payload, model, where)
+    _same_keys(model, state, where)
+    reshape_to(model, {name: tuple(t.shape) for name, t in state.items()}, where=where)
+    if header is not None:
+        _set_sizes(model, header.get("sizes") or {}, where)
     _assign(model, state, where)
     return model.eval()
+
+
+def _from_model_file(header: dict, payload: bytes, model: nn.Module | None,
+                     where: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model to fill — the given one, or the file's own architecture (a registry config, or a
+    Hugging Face class and config) built only after every check — and the decoded tensors.
+    Every size in the header is checked against the payload first, then the architecture as a
+    meta-device skeleton, so nothing the file describes is allocated before it is accounted for."""
+    declared = _declared(header, len(payload), where)
+    config = header.get("architecture")
+    metadata = header.get("metadata")
+    hf = metadata.get("huggingface") if isinstance(metadata, dict) else None
+    if model is None and config is None and hf is not None:     # from prunelab.save_pretrained
+        from prunelab.hf import build_from_metadata
+        _check_architecture(lambda: build_from_metadata(hf, where), declared, len(payload), None, where)
+        model = build_from_metadata(hf, where)
+    if model is not None:
+        _check_declared(declared, model, where)         # no tensor larger than the model's
+        return model, _tensors(header, payload, where)
+    if config is None:
+        raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
+                             f"registry model, so it holds no architecture; pass load(path, model=...).")
+    input_shape = config.get("input_shape") if isinstance(config, dict) else None
+    skeleton = _check_architecture(lambda: _build(config, where), declared, len(payload), input_shape, where)
+    checked = _dry_run_on_meta(skeleton, config, declared, where)
+    built = _build(config, where)
+    state = _tensors(header, payload, where)
+    return _fit(built, config, state, where, dry_run=not checked), state
 
 
 def _read_torch(path: Path, where: str) -> tuple[dict | None, dict[str, torch.Tensor]]:
