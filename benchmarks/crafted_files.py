@@ -104,6 +104,13 @@ def case_gpt_layers(path):
     return write_plm(path, arch, [dense("head.bias", (4,))], cls="GPT"), None
 
 
+def case_hashed_huge(path):
+    """A HashedNets MLP of 20000 × 20000 virtual weights in 4 buckets: tiny in parameters, but its
+    hash index (one int32 per virtual weight) is computed when the layer is built."""
+    arch = dict(mlp_arch(784, [20000, 20000], 10), hashed=1e-8)
+    return write_plm(path, arch, [dense("fc1.bias", (4,))]), None
+
+
 def case_hf_wide(path):
     config = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 8192, "n_layer": 4,
               "n_head": 8}
@@ -184,6 +191,7 @@ def _limit_case(path, encoding):
 
 CASES = {"csr-index-bits": case_csr_index_bits, "mlp-20000": case_mlp_20000,
          "mlp-20000-zeros": case_mlp_20000_zeros, "gpt-vocab": case_gpt_vocab, "gpt-layers": case_gpt_layers,
+         "hashed-huge": case_hashed_huge,
          "hf-wide": case_hf_wide, "nested-header": case_nested_header, "torch-arch": case_torch_arch,
          "torch-storage": case_torch_storage,
          **{f"limit-{e}": (lambda path, e=e: _limit_case(path, e)) for e in _CARRIERS}}
