@@ -416,35 +416,38 @@ def _registry_only(args, where: str) -> None:
 def _load_weights(model, path: str):
     """A plain state dict, ``{config, state_dict}`` (prunelab prune --save), a thinned model
     ``{config, plan, state_dict}`` (prunelab units --save) or a prunelab model file (prunelab
-    export, prunelab.save): the model to load into is returned."""
+    export, prunelab.save): the model to load into is returned. Anything else (a directory, an
+    empty or foreign file, a pickle, tensors that do not fit) is a ModelFileError naming the file."""
     import torch
 
     from prunelab import export
+    where = f"load {path!r}"
+    if Path(path).is_dir():
+        raise export.ModelFileError(f"{where}: a directory, not a weights file; give the file written by "
+                                    f"prunelab prune/units --save or prunelab export.")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--weights {path}: not a file (give a file of prunelab prune/units --save or "
-                                f"prunelab export).")
-    if export.file_start(path) == export.MAGIC:
+        raise FileNotFoundError(f"{where}: no weights file at {path!r}.")
+    start = export.file_start(path)
+    if start == export.MAGIC:
         has_architecture = export.read_header(path).get("architecture") is not None
         return export.load(path, model=None if has_architecture else model)
-    try:
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:        # not a torch file, truncated, or pickled code that weights_only refuses
-        raise ValueError(f"--weights {path}: neither a prunelab model file nor a weights file that "
-                         f"torch.load(weights_only=True) reads ({_brief(err)}).") from None
-    state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ValueError(f"--weights {path}: holds a {type(state).__name__}, not a state dict of tensors.")
-    if isinstance(saved, dict) and "plan" in saved and isinstance(getattr(model, "config", None), dict):
+    if not start.startswith(export._TORCH_FILE_STARTS):
+        what = "an empty file" if not start else "neither a prunelab model file nor a torch.save file"
+        raise export.ModelFileError(f"{where}: {what}; give the file written by prunelab prune/units --save "
+                                    f"or prunelab export.")
+    config, state = export._read_torch(Path(path), where)
+    plan = config.get("_plan") if isinstance(config, dict) else None
+    if plan and isinstance(getattr(model, "config", None), dict):
         from prunelab import units
-        model = units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in saved["plan"].items()},
-                           input_shape=model.config["input_shape"])
+        try:
+            plan = {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()}
+        except (TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise export.ModelFileError(f"{where}: its thinning plan is malformed ({err}).") from None
+        model = units.thin(model, plan, input_shape=model.config["input_shape"])
     if not isinstance(getattr(model, "config", None), dict):    # a user's model: resize to a thinned state dict
         export.reshape_to(model, {k: tuple(v.shape) for k, v in state.items()
-                                  if k in model.state_dict()}, where=f"load {path!r}")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"--weights {path}: the weights do not fit the model ({_brief(err)}).") from None
+                                  if k in model.state_dict()}, where=where)
+    export._assign(model, state, where)
     return model
 
 

@@ -39,10 +39,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import struct
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -51,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunelab._model_checks import check_materialised
 from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
 from prunelab.metrics.dry_run import SHAPE
 from prunelab.metrics.storage import (INDEX_BITS_OR_AUTO, best_format, best_index_bits, bits_to_bytes,
@@ -72,6 +76,24 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
            "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+# Limits on what a model file may declare (docs/export.md, "Limits"); each is checked against the
+# header before anything the file describes is allocated or built.
+#: Most bytes of JSON header a file may declare.
+MAX_HEADER_BYTES = 64 << 20
+#: Most dimensions a stored tensor may have.
+MAX_DIMS = 16
+#: Most elements one stored tensor may declare (sizes beyond this are a damaged or crafted file).
+MAX_ELEMENTS = 1 << 40
+#: CSR relative indices are 1 ... MAX_INDEX_BITS bits wide (what save writes).
+MAX_INDEX_BITS = 16
+#: A model built from the file's own architecture (a registry config or Hugging Face metadata) may
+#: take at most ``FREE_BYTES + MAX_EXPANSION × payload bytes`` of memory (parameters, buffers and a
+#: dry-run input): 4096 bytes (1024 float32 weights) per payload byte holds every pruned model up to
+#: 99.9 % sparsity or more; a larger model from a tiny file is refused (pass ``load(path, model=...)``
+#: to load it into a model you built).
+MAX_EXPANSION = 4096
+FREE_BYTES = 16 << 20
 
 
 class ModelFileError(ValueError):
@@ -170,21 +192,32 @@ def _encode_nm(flat: np.ndarray, shape: tuple[int, ...], nm: tuple[int, int, str
     return values.contiguous().numpy().tobytes() + _pack(positions.reshape(-1).numpy(), nm_position_bits(m))
 
 
-def _decode_nm(data: bytes, entry: dict, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
-    n, m, layout = entry["n"], entry["m"], entry["layout"]
+def _nm_geometry(entry: dict, shape: tuple[int, ...], size: int, n_bytes: int,
+                 where: str) -> tuple[int, int, str, int, int, int]:
+    """``(n, m, layout, rows, per_row, runs)`` of an ``nm`` entry, checked against its ``n_bytes``
+    of payload (values of ``size`` bytes) before anything is allocated."""
+    n, m, layout = entry.get("n"), entry.get("m"), entry.get("layout")
     _expect(all(type(v) is int for v in (n, m)) and 0 < n < m <= MAX_NM_M, where,
             f"N:M entry with n={n!r}, m={m!r} (needs 0 < n < m <= {MAX_NM_M})")
-    _expect(layout in NM_LAYOUTS and len(shape) >= 2 and (layout == "conv" or len(shape) == 2)
-            and all(d > 0 for d in shape), where, f"N:M entry of layout {layout!r} for shape {shape}")
+    _expect(isinstance(layout, str) and layout in NM_LAYOUTS and len(shape) >= 2
+            and (layout == "conv" or len(shape) == 2) and all(d > 0 for d in shape), where,
+            f"N:M entry of layout {layout!r} for shape {shape}")
     rows = shape[1] if layout == "transposed" else shape[0]
-    numel = int(np.prod(shape))
+    numel = math.prod(shape)
     per_row = numel // rows
     per_position = shape[1] if layout == "conv" else per_row
     _expect(per_position % m == 0, where, f"rows of {per_row} inputs in runs of {m}")
     runs = numel // m
-    bits, size = nm_position_bits(m), dtype.itemsize
-    _expect(len(data) == runs * n * size + bits_to_bytes(runs * n * bits), where,    # before any allocation
-            f"{len(data)} bytes for {runs} runs of {n} values of {size} bytes and {bits}-bit positions")
+    bits = nm_position_bits(m)
+    _expect(n_bytes == runs * n * size + bits_to_bytes(runs * n * bits), where,
+            f"{n_bytes} bytes for {runs} runs of {n} values of {size} bytes and {bits}-bit positions")
+    return n, m, layout, rows, per_row, runs
+
+
+def _decode_nm(data: bytes, entry: dict, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    size = dtype.itemsize
+    n, m, layout, rows, per_row, runs = _nm_geometry(entry, shape, size, len(data), where)
+    bits = nm_position_bits(m)
     values = np.frombuffer(data[:runs * n * size], dtype=dtype).reshape(rows, per_row // m, n)
     positions = _unpack(data[runs * n * size:], runs * n, bits).reshape(rows, per_row // m, n)
     ordered = np.sort(positions, axis=-1)
@@ -255,6 +288,87 @@ def _expect(condition: bool, where: str, what: str) -> None:
         raise ModelFileError(f"{where}: the file is inconsistent ({what}); it is damaged or was edited.")
 
 
+# --------------------------------------------------------------------------- header checks
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _declared(header: dict, payload_bytes: int, where: str) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the header's tensor entries, after checking every size, count, offset,
+    index width and encoding field of every entry against the payload it describes (and the
+    limits above), so that decoding allocates only what the payload accounts for. The entries
+    must tile the payload: back to back, no overlap, no byte left over."""
+    entries = header.get("tensors")
+    _expect(isinstance(entries, list), where, "no tensor list in the header")
+    shapes, spans = {}, []
+    for k, entry in enumerate(entries):
+        name, shape, span = _check_entry(entry, k, payload_bytes, where)
+        _expect(name not in shapes, where, f"tensor {name!r} is listed twice")
+        shapes[name] = shape
+        spans.append(span)
+    end = 0
+    for start, stop in sorted(spans):
+        _expect(start == end, where, f"tensor bytes {'overlap' if start < end else 'leave a gap'} at payload "
+                                     f"offset {min(start, end)}")
+        end = stop
+    _expect(end == payload_bytes, where, f"the tensors take {end} of the {payload_bytes} payload bytes")
+    return shapes
+
+
+def _check_entry(entry, k: int, payload_bytes: int, where: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """One tensor entry's name, shape and byte span, every field checked (see :func:`_declared`)."""
+    _expect(isinstance(entry, dict), where, f"tensor entry {k} is not a mapping")
+    name = entry.get("name")
+    _expect(isinstance(name, str) and name != "", where, f"tensor entry {k} has no name")
+    what = f"tensor {name!r}"
+    shape = entry.get("shape")
+    _expect(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
+            where, f"{what} has shape {str(shape)[:80]} (needs a list of at most {MAX_DIMS} ints >= 0)")
+    numel = math.prod(shape)
+    _expect(numel <= MAX_ELEMENTS, where, f"{what} declares {numel} elements, more than the limit of {MAX_ELEMENTS}")
+    for key in ("dtype", "values"):
+        _expect(isinstance(entry.get(key), str) and entry[key] in _DTYPES, where,
+                f"{what} has {key} {str(entry.get(key))[:40]!r}; valid: {', '.join(_DTYPES)}")
+    start, n_bytes = entry.get("offset"), entry.get("bytes")
+    _expect(_is_int(start) and _is_int(n_bytes) and start >= 0 and n_bytes >= 0
+            and start + n_bytes <= payload_bytes, where, f"{what} runs past the payload")
+    body = n_bytes
+    if "scales" in entry:                       # int8 weights: one float32 scale per output row first
+        rows = shape[0] if len(shape) > 1 else 1
+        _expect(entry["scales"] == rows and _is_int(entry["scales"]) and numel > 0 and 4 * rows <= n_bytes,
+                where, f"{what} has {str(entry['scales'])[:20]} scales for {rows} rows in {n_bytes} bytes")
+        body -= 4 * rows
+    size = torch.empty(0, dtype=_DTYPES[entry["values"]]).element_size()
+    _check_body(entry, tuple(shape), numel, size, body, f"{where}, {what}")
+    return name, tuple(shape), (start, start + n_bytes)
+
+
+def _check_body(entry: dict, shape: tuple[int, ...], numel: int, size: int, n_bytes: int, where: str) -> None:
+    """The encoded tensor's byte count against what its encoding needs for ``numel`` values."""
+    encoding = entry.get("encoding")
+    if encoding == "dense":
+        _expect(n_bytes == numel * size, where, f"{n_bytes} bytes for {numel} dense values of {size} bytes")
+    elif encoding == "bitmask":
+        mask = bits_to_bytes(numel)
+        values, rest = divmod(n_bytes - mask, size)
+        _expect(n_bytes >= mask and rest == 0 and values <= numel, where,
+                f"{n_bytes} bytes for a bit-mask of {numel} elements ({mask} bytes) and values of {size} bytes")
+    elif encoding == "csr":
+        bits, count = entry.get("index_bits"), entry.get("entries")
+        _expect(_is_int(bits) and 1 <= bits <= MAX_INDEX_BITS, where,
+                f"CSR index width {str(bits)[:20]} (needs an int in [1, {MAX_INDEX_BITS}])")
+        _expect(_is_int(count) and 0 <= count <= numel, where,
+                f"{str(count)[:20]} CSR entries for a tensor of {numel} elements")
+        _expect(n_bytes == count * size + bits_to_bytes(count * bits), where,
+                f"{n_bytes} bytes for {count} CSR entries of {size} bytes + {bits} bits")
+    elif encoding == "nm":
+        _nm_geometry(entry, shape, size, n_bytes, where)
+    else:
+        raise ModelFileError(f"{where}: unknown encoding {str(encoding)[:40]!r}; valid encodings: dense, bitmask, "
+                             f"csr, nm.")
+
+
 # --------------------------------------------------------------------------- which tensors shrink
 
 def weight_names(model: nn.Module) -> set[str]:
@@ -310,7 +424,7 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
             flat = tensor.contiguous().numpy().reshape(-1)
             yield name, tensor, flat, None, "dense", dtype_name, 0, None, flat.nbytes
             continue
-        if name in shrink:
+        if name in shrink and tensor.numel():          # an empty weight has no rows to scale: kept exact
             flat, scale = _quantised(name, tensor, values)
             kind = values
         else:
@@ -371,6 +485,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
     """
     where = "save"
     check_type("model", model, nn.Module, where=where)
+    check_materialised(model, where)
     encoding, values, index_bits = _check_options(encoding, values, index_bits, where)
     if metadata is not None:
         check_type("metadata", metadata, Mapping, where=where)
@@ -451,8 +566,10 @@ def file_start(path: str | os.PathLike, n: int = len(MAGIC)) -> bytes:
 
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a prunelab model file, after checking its integrity (magic, version,
-    lengths and the SHA-256 over header and payload)."""
-    return _read(Path(path))[0]
+    lengths and the SHA-256 over header and payload) and every tensor entry against the payload."""
+    header, payload = _read(Path(path))
+    _declared(header, len(payload), f"load {str(path)!r}")
+    return header
 
 
 def _read(path: Path) -> tuple[dict, bytes]:
@@ -471,9 +588,15 @@ def _read(path: Path) -> tuple[dict, bytes]:
     if PREAMBLE + head_len > len(data):
         raise ModelFileError(f"{where}: truncated: the header needs {head_len} bytes, "
                              f"the file has {len(data) - PREAMBLE} after the preamble.")
+    if head_len > MAX_HEADER_BYTES:
+        raise ModelFileError(f"{where}: the header declares {head_len:,} bytes, more than the limit of "
+                             f"{MAX_HEADER_BYTES:,}; the file is damaged.")
     try:
         header = json.loads(data[PREAMBLE:PREAMBLE + head_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except RecursionError:
+        raise ModelFileError(f"{where}: the header is nested too deeply to be a prunelab header; "
+                             f"the file is damaged.") from None
+    except ValueError as err:           # not UTF-8, not JSON, or an integer of thousands of digits
         raise ModelFileError(f"{where}: the header is not valid JSON ({err}); the file is damaged.") from None
     if not isinstance(header, dict) or header.get("format") != "prunelab-model":
         raise ModelFileError(f"{where}: the header does not describe a prunelab model.")
@@ -555,31 +678,50 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     header = None
     if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
+        if model is None:                  # the architecture named in the file, held to the file's size
+            input_shape = config.get("input_shape") if isinstance(config, dict) else None
+            _check_architecture(lambda: _build(config, where), {k: tuple(t.shape) for k, t in state.items()},
+                                path.stat().st_size, input_shape, where, names=False)
+            model = _rebuild(config, state, where)
+            _assign(model, state, where)
+            return model.eval()
     else:
         header, payload = _read(path)
-        config = header.get("architecture")
-        metadata = header.get("metadata")
-        hf = metadata.get("huggingface") if isinstance(metadata, dict) else None
-        if model is None and config is None and hf is not None:     # from prunelab.save_pretrained
-            from prunelab.hf import build_from_metadata
-            model = build_from_metadata(hf, where)
-        if model is None and config is None:
-            raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
-                                 f"registry model, so it holds no architecture; pass load(path, model=...).")
-        built = _build(config, where) if model is None else None
-        _check_declared(header, built if model is None else model, where)     # before any tensor is made
-        state = _tensors(header, payload, where)
-        if model is None:
-            model = _fit(built, config, state, where)
-    if model is None:
-        model = _rebuild(config, state, where)
-    else:
-        _same_keys(model, state, where)
-        reshape_to(model, {name: tuple(t.shape) for name, t in state.items()}, where=where)
-        if header is not None:
-            _set_sizes(model, header.get("sizes") or {}, where)
+        model, state = _from_model_file(header, payload, model, where)
+    _same_keys(model, state, where)
+    reshape_to(model, {name: tuple(t.shape) for name, t in state.items()}, where=where)
+    if header is not None:
+        _set_sizes(model, header.get("sizes") or {}, where)
     _assign(model, state, where)
     return model.eval()
+
+
+def _from_model_file(header: dict, payload: bytes, model: nn.Module | None,
+                     where: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model to fill — the given one, or the file's own architecture (a registry config, or a
+    Hugging Face class and config) built only after every check — and the decoded tensors.
+    Every size in the header is checked against the payload first, then the architecture as a
+    meta-device skeleton, so nothing the file describes is allocated before it is accounted for."""
+    declared = _declared(header, len(payload), where)
+    config = header.get("architecture")
+    metadata = header.get("metadata")
+    hf = metadata.get("huggingface") if isinstance(metadata, dict) else None
+    if model is None and config is None and hf is not None:     # from prunelab.save_pretrained
+        from prunelab.hf import build_from_metadata
+        _check_architecture(lambda: build_from_metadata(hf, where), declared, len(payload), None, where)
+        model = build_from_metadata(hf, where)
+    if model is not None:
+        _check_declared(declared, model, where)         # no tensor larger than the model's
+        return model, _tensors(header, payload, where)
+    if config is None:
+        raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
+                             f"registry model, so it holds no architecture; pass load(path, model=...).")
+    input_shape = config.get("input_shape") if isinstance(config, dict) else None
+    skeleton = _check_architecture(lambda: _build(config, where), declared, len(payload), input_shape, where)
+    checked = _dry_run_on_meta(skeleton, config, declared, where)
+    built = _build(config, where)
+    state = _tensors(header, payload, where)
+    return _fit(built, config, state, where, dry_run=not checked), state
 
 
 def _read_torch(path: Path, where: str) -> tuple[dict | None, dict[str, torch.Tensor]]:
@@ -613,8 +755,10 @@ def _build(config: dict | None, where: str) -> nn.Module:
     config = {k: v for k, v in config.items() if k != "_plan"}
     try:
         return build_model(**config)
+    except ModelFileError:
+        raise
     except (ValueError, TypeError) as err:
-        raise ModelFileError(f"{where}: its architecture {config} cannot be built: {err}") from None
+        raise ModelFileError(f"{where}: its architecture {str(config)[:300]} cannot be built: {err}") from None
 
 
 def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) -> nn.Module:
@@ -627,10 +771,12 @@ def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) ->
     return _fit(model, config, state, where)
 
 
-def _fit(model: nn.Module, config: dict, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """The registry ``model`` with its layers resized to ``state`` (a thinned model), checked by a dry run."""
+def _fit(model: nn.Module, config: dict, state: dict[str, torch.Tensor], where: str, *,
+         dry_run: bool = True) -> nn.Module:
+    """The registry ``model`` with its layers resized to ``state`` (a thinned model), checked by a dry
+    run (unless ``dry_run`` is False: it already ran on a meta-device skeleton)."""
     _same_keys(model, state, where)
-    if _resize(model, state, where):
+    if _resize(model, state, where) and dry_run:
         try:
             with torch.no_grad():
                 model.eval()(torch.zeros(1, *config["input_shape"], dtype=_input_dtype(model)))
@@ -646,17 +792,10 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
     return torch.long if isinstance(first, nn.Embedding) else torch.get_default_dtype()
 
 
-def _check_declared(header: dict, model: nn.Module, where: str) -> None:
-    """The header's tensor names and shapes against ``model``, before any tensor is decoded: the
-    same names, and no shape larger than the model's (a thinned file is only smaller), so a
-    crafted header cannot make ``load`` allocate more than the model holds."""
-    entries = header.get("tensors")
-    _expect(isinstance(entries, list), where, "no tensor list in the header")
-    try:
-        declared = {entry["name"]: tuple(int(d) for d in entry["shape"]) for entry in entries}
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelFileError(f"{where}: a tensor entry of the header is malformed ({type(err).__name__}: "
-                             f"{err}).") from None
+def _check_declared(declared: dict[str, tuple[int, ...]], model: nn.Module, where: str) -> None:
+    """The header's tensor names and shapes (:func:`_declared`) against ``model``, before any tensor
+    is decoded: the same names, and no shape larger than the model's (a thinned file is only
+    smaller), so a crafted header cannot make ``load`` allocate more than the model holds."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(declared)), sorted(set(declared) - set(own))
     if missing or unexpected:
@@ -668,6 +807,97 @@ def _check_declared(header: dict, model: nn.Module, where: str) -> None:
     if grown:
         raise ModelFileError(f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
                              f"is this the model the file was saved from?).")
+
+
+class _Oversized(Exception):
+    """A skeleton build that registered more modules and tensors than its budget (see :func:`_skeleton`)."""
+
+
+def _skeleton(build, n_tensors: int, where: str) -> nn.Module:
+    """``build()`` on the meta device: the architecture's modules and tensor shapes without their
+    memory. The build is stopped as soon as it has registered more modules and tensors than a
+    model of ``n_tensors`` stored tensors could need, so a config of a million layers costs nothing."""
+    from torch.nn.modules import module as hooks
+    budget, count, owner = 4 * n_tensors + 256, [0], threading.get_ident()
+
+    def count_one(*_):
+        if threading.get_ident() == owner:
+            count[0] += 1
+            if count[0] > budget:
+                raise _Oversized
+    handles = [hooks.register_module_module_registration_hook(count_one),
+               hooks.register_module_parameter_registration_hook(count_one),
+               hooks.register_module_buffer_registration_hook(count_one)]
+    try:
+        with torch.device("meta"), _meta_normal_is_free():
+            return build()
+    except _Oversized:
+        raise ModelFileError(f"{where}: its architecture has more than {budget} modules and tensors for the "
+                             f"{n_tensors} tensors the file stores; it does not describe this file.") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _meta_normal_is_free():
+    """``Tensor.normal_`` returns a meta tensor as it is, for the block: torch's meta kernel of
+    ``normal_`` is a Python reference whose first use imports sympy (3 s, 90 MB), while filling a
+    tensor without values changes nothing. Every other tensor, in any thread, is filled as before."""
+    original = torch.Tensor.normal_
+
+    def normal_(self, *args, **kwargs):
+        return self if self.is_meta else original(self, *args, **kwargs)
+    torch.Tensor.normal_ = normal_
+    try:
+        yield
+    finally:
+        torch.Tensor.normal_ = original
+
+
+def _check_architecture(build, declared: dict[str, tuple[int, ...]], payload_bytes: int, input_shape,
+                        where: str, *, names: bool = True) -> nn.Module:
+    """The model ``build()`` makes, as a meta-device skeleton, checked before it is built for real:
+    its tensors against the ``declared`` ones (``names``), and the memory it and a dry-run input of
+    ``input_shape`` need against the limit of ``FREE_BYTES + MAX_EXPANSION × payload_bytes``."""
+    skeleton = _skeleton(build, len(declared), where)
+    if names:
+        _check_declared(declared, skeleton, where)
+    tensors = {id(t): t for t in (*skeleton.parameters(), *skeleton.buffers())}
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    if isinstance(input_shape, (list, tuple)) and all(_is_int(d) and d >= 0 for d in input_shape):
+        need += 4 * math.prod(input_shape)
+    allowed = FREE_BYTES + MAX_EXPANSION * payload_bytes
+    if need > allowed:
+        raise ModelFileError(f"{where}: its architecture needs {need:,} bytes of memory, more than the "
+                             f"{allowed:,} that {payload_bytes:,} payload bytes may describe (16 MiB + "
+                             f"{MAX_EXPANSION} per payload byte, docs/export.md \"Limits\"); if you trust the file, "
+                             f"build the model yourself and pass load(path, model=...).")
+    return skeleton
+
+
+def _dry_run_on_meta(skeleton: nn.Module, config: dict, declared: dict[str, tuple[int, ...]], where: str) -> bool:
+    """Resize the meta ``skeleton`` to the ``declared`` (thinned) shapes and run it on a meta input:
+    True when the shapes fit together (or nothing was resized), so the real model needs no dry run;
+    a ModelFileError when they do not; False when the model uses an operation that cannot run on
+    the meta device (no meta kernel, a value read): the real dry run then decides."""
+    state = {name: torch.empty(shape, device="meta") for name, shape in declared.items()}
+    with torch.device("meta"):
+        _same_keys(skeleton, state, where)
+        if not _resize(skeleton, state, where):
+            return True
+        try:
+            with torch.no_grad():
+                skeleton.eval()(torch.zeros(1, *config["input_shape"], dtype=_input_dtype(skeleton)))
+        except NotImplementedError:
+            return False
+        except RuntimeError as err:
+            if "meta" in str(err).lower():
+                return False
+            raise ModelFileError(f"{where}: the stored (thinned) shapes do not fit together: {err}") from None
+        except (TypeError, ValueError, IndexError):
+            return False
+    return True
 
 
 def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
@@ -1012,6 +1242,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     """
     from prunelab.inputs import example_batch
     where = "export_onnx"
+    check_materialised(model, where)
     if exporter not in EXPORTERS:
         raise ValueError(f"{where}: unknown exporter {exporter!r}{suggest(exporter, EXPORTERS)}; "
                          f"valid exporters: {', '.join(EXPORTERS)}.")

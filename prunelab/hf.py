@@ -266,6 +266,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, fallback:
     """
     where = "save_pretrained"
     _check_model(model, where)
+    from prunelab._model_checks import check_materialised
+    check_materialised(model, where)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"the 'directory' parameter of {where} is a file ({str(directory)!r}); give a directory.")

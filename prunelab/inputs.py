@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_finite, check_number
+from prunelab._validation import check_number
 
 IGNORE_INDEX = -100
 LABEL_KEYS = ("labels",)
@@ -238,12 +238,13 @@ def iter_batches(data, batch_size: int, *, where: str, check_values: bool = True
 
 
 def _check_batch(batch: Batch, where: str, index: int | None) -> None:
+    from prunelab._model_checks import check_values
     label = f" of batch {index}" if index is not None else ""
     for t in batch.tensors():
-        if t.is_floating_point():
-            check_finite(f"the calibration inputs{label} ('data') of {where}", t)
-    if batch.targets is not None and batch.targets.is_floating_point():
-        check_finite(f"the calibration targets{label} ('data') of {where}", batch.targets)
+        if t.is_floating_point() or t.is_meta:
+            check_values(f"the calibration inputs{label} ('data') of {where}", t)
+    if batch.targets is not None and (batch.targets.is_floating_point() or batch.targets.is_meta):
+        check_values(f"the calibration targets{label} ('data') of {where}", batch.targets)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -486,13 +486,15 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
             float32/float64.
     """
     where = "sparsify"
+    from prunelab._model_checks import check_materialised
+    check_materialised(model, where)
     batch = _example(model, input_shape, example_inputs, where)
     min_sparsity, batch_size = float(min_sparsity), int(batch_size)
     threads = None if threads is None else int(threads)
     rounds, repeats, warmup = int(rounds), int(repeats), int(warmup)
 
     linears = [(name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
-               for name, module in model.named_modules() if _is_plain_linear(module)]
+               for name, module in model.named_modules() if _is_plain_linear(module) and module.weight.numel()]
     read_by_parent = _parent_reads_weight(model)
     for name, module, sparsity in linears:
         if sparsity >= min_sparsity and name not in read_by_parent:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from prunelab._hooks import eval_mode
 from numbers import Real
 
+from prunelab._model_checks import check_materialised, check_trainable, check_values
 from prunelab._validation import (BATCH_SIZE, DATA, EPOCHS, EVERY, FRACTION, MODEL, SEED, STEP, Interval, Model,
                                   Options, Types, check_finite, validate_params)
 from prunelab.distillation import Distillation, check_teacher, make_distillation
@@ -96,9 +97,9 @@ def as_xy(data, param: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
                              f"({len(x)} vs {len(y)}).")
         if len(x) == 0:
             raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
-        check_finite(f"the inputs of the '{param}' parameter of {where}", x,
+        check_values(f"the inputs of the '{param}' parameter of {where}", x,
                      hint="; inputs must be finite (drop or impute those examples)")
-        check_finite(f"the targets of the '{param}' parameter of {where}", y)
+        check_values(f"the targets of the '{param}' parameter of {where}", y)
         return x, y
     raise TypeError(f"the '{param}' parameter of {where} must be an (x, y) pair of tensors or a "
                     f"prunelab Dataset. Got {type(data).__name__} instead.")
@@ -158,10 +159,10 @@ def read_batch(raw, param: str, where: str, index: int) -> Batch:
         raise type(err)(f"the '{param}' parameter of {where} must be {DATA_FORMS}; its batch {index} is a "
                         f"{type(raw).__name__}, and a batch must be {BATCH_FORMS} ({err}).") from err
     for t in batch.tensors():
-        check_finite(f"the inputs of batch {index} of the '{param}' parameter of {where}", t,
+        check_values(f"the inputs of batch {index} of the '{param}' parameter of {where}", t,
                      hint="; inputs must be finite (drop or impute those examples)")
     if batch.targets is not None:
-        check_finite(f"the targets of batch {index} of the '{param}' parameter of {where}", batch.targets)
+        check_values(f"the targets of batch {index} of the '{param}' parameter of {where}", batch.targets)
     return batch
 
 
@@ -198,10 +199,10 @@ def _in_memory(whole: Batch, param: str, where: str) -> Data:
     if lengths == [0]:
         raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
     for name, t in {**dict(enumerate(whole.args)), **whole.kwargs}.items():
-        check_finite(f"the inputs ({name!r}) of the '{param}' parameter of {where}", t,
+        check_values(f"the inputs ({name!r}) of the '{param}' parameter of {where}", t,
                      hint="; inputs must be finite (drop or impute those examples)")
     if whole.targets is not None:
-        check_finite(f"the targets of the '{param}' parameter of {where}", whole.targets)
+        check_values(f"the targets of the '{param}' parameter of {where}", whole.targets)
     return Data(param, where, whole.slice(0, 1), whole=whole)
 
 
@@ -365,6 +366,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int | None = None, loss_fn: 
     tuple or a dict of tensors (in slices of ``batch_size``, default 1024), or an iterable of
     batches. Token logits give token accuracy, ``perplexity`` = exp(mean loss) and ``tokens``."""
     where = "evaluate"
+    check_materialised(model, where)
     loss = make_loss(loss_fn, output_key, where=where)
     with torch.random.fork_rng(devices=[]):            # peeking at a shuffling DataLoader draws a seed
         source = resolve_data(data, "data", where, split="test")
@@ -445,6 +447,8 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     ``task_loss`` and ``distill_loss`` (the ``T² · KL`` term); ``loss`` is the combined objective.
     """
     where = "fit"
+    check_materialised(model, where)
+    check_trainable(model, where)
     for name, param in model.named_parameters():   # else the first loss is NaN and "diverged" misleads
         check_finite(f"the parameter {name!r} of the model given to fit", param)
     epochs, seed = int(epochs), int(seed)

@@ -371,7 +371,9 @@ def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path,
         entry = next(e for e in header["tensors"] if e["name"] == "weight")
         entry["shape"] = [2**20, 2**20]                  # 4 TiB as float32
     rewrite_header(tmp_path / "m.plm", enlarge)
-    message = r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"
+    message = {"dense": r"tensor 'weight'.*48 bytes for 1099511627776 dense values",   # checked against the payload
+               "bitmask": r"tensor 'weight'.*34 bytes for a bit-mask of 1099511627776 elements",
+               "csr": r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"}[encoding]
     with pytest.raises(export.ModelFileError, match=message):
         prunelab.load(tmp_path / "m.plm", model=torch.nn.Linear(4, 3))
 

@@ -180,6 +180,8 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
     dry = resolve_dry_input(model, input_shape, example_inputs, device, None, _WHERE)
     device = dry.device
     sizes = _check_batch_sizes(batch_sizes)
+    from prunelab._model_checks import check_materialised
+    check_materialised(model, _WHERE)
     warmup, repeats, min_seconds = int(warmup), int(repeats), float(min_seconds)
     threads = None if threads is None else int(threads)
 

@@ -396,6 +396,8 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *,
         TypeError: arguments of the wrong type.
     """
     where = "summary"
+    from prunelab._model_checks import check_materialised
+    check_materialised(model, where)
     dry = resolve_dry_input(model, input_shape, example_inputs, device, dtype, where)
     bits, index_bits = check_storage_bits(bits, index_bits, where)
     prunable_ids = _prunable_ids(model, prunable, where)

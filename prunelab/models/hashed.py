@@ -114,7 +114,11 @@ class HashedLayer(nn.Module):
         self.compression = buckets / virtual
         self.weight = nn.Parameter(torch.empty(buckets))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_units)) if bias else None)
-        self.register_buffer("index", hashed_index(out_units, fan_in, buckets, self.seed), persistent=False)
+        if torch.get_default_device().type == "meta":      # a shapes-only skeleton (export.load's checks)
+            index = torch.empty(out_units, fan_in, dtype=torch.int32)
+        else:
+            index = hashed_index(out_units, fan_in, buckets, self.seed)
+        self.register_buffer("index", index, persistent=False)
         # the virtual weights follow the dense layer's default initialisation, U(±1/sqrt(fan_in))
         bound = 1.0 / math.sqrt(fan_in)
         with torch.no_grad():

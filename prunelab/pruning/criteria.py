@@ -168,6 +168,9 @@ class GradientMagnitude(Criterion):
         batches, loss_fn = self._calibration(batches, loss_fn)
         params = [t.weight for t in targets]
         saved = [p.grad for p in params]
+        frozen = [p for p in params if not p.requires_grad]    # dL/dw exists for a frozen weight too
+        for p in frozen:
+            p.requires_grad_(True)
         try:
             with eval_mode(model):
                 for batch in batches:
@@ -182,6 +185,8 @@ class GradientMagnitude(Criterion):
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
+            for p in frozen:
+                p.requires_grad_(False)
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         return list(self.iter_scores(targets))

@@ -30,6 +30,7 @@ from torch import nn
 
 from numbers import Integral
 
+from prunelab._model_checks import check_batch_fits, check_materialised
 from prunelab._validation import (BATCH_SIZE, DATA, MAPPING, MODEL, SEED, SPARSITY, Interval, Options, Types,
                                   MAX_STEPS, check_finite, check_number, check_sparsity, validate_params)
 from prunelab.inputs import iter_batches, make_loss
@@ -117,7 +118,8 @@ class Pruner:
                  seed: int = 0):
         where = "Pruner"
         self.model = model
-        self.targets: list[Target] = resolve_targets(model, layers, where=where)
+        self.targets: list[Target] = _non_empty(resolve_targets(model, layers, where=where), layers is not None)
+        check_materialised(model, where)
         self.criterion = make_criterion(criterion, seed=seed, where=where)
         self.granularity = make_granularity(granularity, where=where)
         self.pattern_skipped = self._check_granularity(layers is not None)
@@ -146,6 +148,11 @@ class Pruner:
         self.calibration = calibration
         self.layers_named = layers is not None      # solvers skip unsupported default targets, refuse named ones
         self.criterion.validate(self)
+        if calibration is not None and self.criterion.needs_data:     # one example through the model, now
+            with torch.random.fork_rng(devices=[]):     # a shuffling DataLoader draws a seed
+                first = next(iter_batches(calibration, self.calibration_batch_size, where=where))
+            check_batch_fits(model, first, "the calibration batches of Pruner (the 'data' of prune)",
+                             self.loss if self.criterion.needs_gradients else None)
         self._events = self.schedule.events()
         self._next_event = 0
         self.step_count = 0
@@ -377,6 +384,9 @@ class Pruner:
                              f"calibration=(x, y) to the Pruner, or data to calibrate().")
         batches = list(iter_batches(data, batch_size or self.calibration_batch_size, where="Pruner.calibrate"))
         loss = self.loss if loss_fn is None else make_loss(loss_fn, self.loss.output_key, where="Pruner.calibrate")
+        if data is not self.calibration:        # the Pruner's own calibration was checked when it was given
+            check_batch_fits(self.model, batches[0], "the batches of the 'data' parameter of Pruner.calibrate",
+                             loss if self.criterion.needs_gradients else None)
         self.criterion.calibrate(self.model, self.targets, batches, loss)
         return len(batches)
 
@@ -629,6 +639,22 @@ def _is_sliceable(data) -> bool:
     """An ``(x, y)`` pair of tensors or a dict of tensors: sliced into batches at every use."""
     return ((isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data))
             or (isinstance(data, Mapping) and bool(data) and all(torch.is_tensor(v) for v in data.values())))
+
+
+def _non_empty(targets: list[Target], named: bool) -> list[Target]:
+    """The targets with at least one weight. A layer with a zero-size weight (``nn.Linear(0, 4)``)
+    has nothing to prune: left out of the default targets, refused when named; a model with no
+    weight at all to prune is refused."""
+    empty = [t for t in targets if t.weight.numel() == 0]
+    if empty and named:
+        t = empty[0]
+        raise ValueError(f"the 'layers' parameter of Pruner names {t.module_name or t.name!r}, whose weight has shape "
+                         f"{tuple(t.weight.shape)} (no entries): there is nothing to prune; leave it out.")
+    kept = [t for t in targets if t.weight.numel() > 0]
+    if targets and not kept:
+        raise ValueError(f"the 'model' parameter of Pruner has no weight to prune: every prunable layer is empty "
+                         f"({', '.join(f'{t.name} {tuple(t.weight.shape)}' for t in empty)}).")
+    return kept
 
 
 @validate_params({**_COMMON, "data": [DATA, None], "batch_size": [BATCH_SIZE],

@@ -33,8 +33,10 @@ from torch import nn
 
 from numbers import Integral
 
+from prunelab._model_checks import check_batch_fits, check_materialised, floating_dtype
 from prunelab._validation import (BATCH_SIZE, DATA, MAPPING, MAX_UNITS, MODEL, SEED, SPARSITY, STR, Interval,
-                                  Options, Types, check_choice, check_finite, check_type, validate_params)
+                                  Options, Types, check_choice, check_finite, check_type,
+                                  validate_params)
 from prunelab.inputs import Batch, iter_batches, make_loss
 from prunelab.units import groups as unit_groups
 from prunelab.units import surgery
@@ -83,6 +85,10 @@ class Units:
         """The units of ``model``, traced on ``example_inputs`` (a tensor, tuple or dict the model
         takes) or a zero input of ``input_shape``."""
         check_type("model", model, nn.Module, where="unit pruning")
+        check_materialised(model, "unit pruning")
+        if next(iter(model.parameters()), None) is None:
+            raise ValueError(f"the 'model' parameter of unit pruning ({type(model).__name__}) has no parameters, "
+                             f"so no units to remove.")
         if input_shape is None and example_inputs is None:
             input_shape = getattr(model, "config", {}).get("input_shape") if isinstance(
                 getattr(model, "config", None), dict) else None
@@ -91,7 +97,8 @@ class Units:
                                  "example_inputs=..., or data= so they can be read from the calibration data.")
         from prunelab.inputs import example_batch
         batch = example_batch(model, tuple(input_shape) if input_shape is not None else None, example_inputs,
-                              where="unit pruning", device=next(model.parameters()).device)
+                              where="unit pruning", device=next(iter(model.parameters()), torch.empty(0)).device,
+                              dtype=floating_dtype(model))
         _dry_run(model, batch, input_shape)
         bad = unsupported_activation(model)
         if bad:
@@ -113,7 +120,20 @@ class Units:
         return self.example_batch.inputs
 
     def choose(self, layers, where: str) -> list:
-        """The chosen unit layers or groups; a refused group named raises its reason."""
+        """The chosen unit layers or groups; a refused group named raises its reason. Layers of no
+        units (a zero-size ``nn.Linear(8, 0)``) are left out of ``"all"`` and refused when named."""
+        chosen = self._choose(layers, where)
+        empty = [u.name for u in chosen if u.n_units == 0]
+        if empty and layers != "all":
+            raise ValueError(f"the 'layers' parameter of {where} chooses {empty[0]!r}, which has no units (a "
+                             f"zero-size layer); leave it out.")
+        chosen = [u for u in chosen if u.n_units > 0]
+        if not chosen:
+            raise ValueError(f"the 'model' parameter of {where} has no units to remove: every unit layer is "
+                             f"empty ({', '.join(empty)}).")
+        return chosen
+
+    def _choose(self, layers, where: str) -> list:
         if self.chain is not None:
             return select_layers(self.chain.units, layers, where=where)
         for name in [layers] if isinstance(layers, str) else list(layers):
@@ -199,11 +219,15 @@ def _batches(data, batch_size: int) -> list[Batch]:
 
 
 def _units(model, units, input_shape, example_inputs, batches) -> Units:
-    if units is not None:
-        return units
-    if input_shape is None and example_inputs is None and batches:
-        example_inputs = batches[0].slice(0, 2).inputs
-    return Units.of(model, input_shape, example_inputs)
+    """The given ``units``, or the model's, found on the inputs given or on the first calibration
+    batch; calibration batches that the model cannot take are refused here, before any scoring."""
+    if units is None:
+        if input_shape is None and example_inputs is None and batches:
+            example_inputs = batches[0].slice(0, 2).inputs
+        units = Units.of(model, input_shape, example_inputs)
+    if batches:
+        check_batch_fits(model, batches[0], "the calibration batches ('data') of unit pruning")
+    return units
 
 
 def _collect(model, units: Units, chosen, batches, loss) -> dict:
@@ -324,6 +348,7 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     else:
         plan, units = pruning, Units.of(model, input_shape, example_inputs)
     plan = {k: torch.as_tensor(v, dtype=torch.long) for k, v in plan.items()}
+    _check_plan(plan, units)
     if units.chain is not None:
         return surgery.thin_chain(model, units.chain, plan)
     plan = {k: v.cpu() for k, v in plan.items()}
@@ -340,6 +365,24 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     if isinstance(pruning, UnitPruning) and _still_masked([by_name[k] for k in plan], plan):
         _check_thinned(model, thinned, units.example_batch, list(plan))
     return thinned
+
+
+def _check_plan(plan: dict[str, torch.Tensor], units: Units) -> None:
+    """Every planned unit exists, once, and no layer loses all its units (thin never empties one)."""
+    sizes = {u.name: u.n_units for u in units.layers}
+    for name, idx in plan.items():
+        if name not in sizes:
+            raise ValueError(f"the plan names {name!r}, which is not a unit layer or group of the model; "
+                             f"choose among: {', '.join(sizes)}.")
+        n = sizes[name]
+        outside = idx[(idx < 0) | (idx >= n)] if idx.dim() == 1 else idx.flatten()
+        if idx.dim() != 1 or len(outside):
+            raise ValueError(f"the plan given to thin removes units {idx.tolist()} of {name!r}, which has units 0 to "
+                             f"{n - 1}; give a list of unit indices in that range.")
+        if len(torch.unique(idx)) != len(idx) or len(idx) >= n:
+            raise ValueError(f"the plan given to thin removes {len(idx)} units of {name!r} (of {n}), "
+                             f"{'some twice' if len(torch.unique(idx)) != len(idx) else 'all of them'}; thin "
+                             f"keeps at least one unit in every layer.")
 
 
 def _still_masked(groups: list[UnitGroup], plan: dict) -> bool:

@@ -144,6 +144,8 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
         # an alias of the input, read by this layer only: the gradient at it is the gradient
         # through this layer, not through every other use of the same tensor (a residual add)
         alias = inputs[0].view_as(inputs[0])
+        if not alias.requires_grad and alias.is_floating_point():   # a frozen model: dℓ/da exists all the same
+            alias = inputs[0].detach().requires_grad_(True)
         captured[module] = alias
         return (alias, *inputs[1:])
 

@@ -68,7 +68,10 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=No
     def hook_for(name):
         def hook(module, inputs, output):
             captured[name] = output
-            output.retain_grad()
+            if output.requires_grad:
+                output.retain_grad()
+            else:                           # a frozen model: dℓ/da exists all the same
+                output.requires_grad_(True)
         return hook
 
     for unit in units:
