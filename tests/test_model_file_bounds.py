@@ -119,7 +119,7 @@ CASES = {
     "architecture-million-layers": (("dense", False, _gpt(n_layers=10**6)), False,
                                     r"its architecture has more than 272 modules and tensors for the 4 tensors"),
     "architecture-huge-vocabulary": (("dense", False, _gpt(n_classes=10**9, d_model=4096)), False,
-                                     r"the tensors do not match the model"),
+                                     r"cannot be built: the .n_classes. parameter of gpt must be an int in \[1, 16777216\]"),
     "architecture-hashed-index": (("dense", False, lambda h: h["architecture"].update(hidden=[20000, 20000],
                                                                                       hashed=1e-8)), False,
                                   r"the tensors do not match the model: missing"),
