@@ -168,3 +168,9 @@ def test_a_solver_on_the_interface_works_with_every_scope(scope, schedule, min_k
 def test_a_solver_on_the_interface_refuses_scope_row():
     with pytest.raises(ValueError, match="scope 'row' cannot serve a whole-layer solver"):
         Pruner(three_layers(), 0.5, criterion=SmallestFirst(), scope="row")
+
+
+def test_only_the_one_shot_schedule_declares_one_shot():
+    from prunelab.pruning.schedules import make_schedule
+    assert make_schedule("one-shot", 0.5).one_shot
+    assert not any(make_schedule(name, 0.5, n_prunes=1, every=1).one_shot for name in ("iterative", "agp"))

@@ -38,6 +38,9 @@ granularity) ranks every weight of every layer by its L-OBS sensitivity ``w_q²/
 on the weights before the prune and cuts at one threshold, as the paper's single tolerable
 error ε does, then lets each solver reach the layer sparsities that threshold gives (in
 sequential mode the later layers are re-solved on the outputs of the pruned earlier ones).
+The scope decides all of this (:meth:`prunelab.pruning.scopes.Scope.allocate`); the driver is given
+a :class:`~prunelab.pruning.problems.SolveRequest`, not the Pruner, and solves each layer as a
+:class:`~prunelab.pruning.problems.LayerProblem` (:meth:`LayerwiseOBS.solve_layer`).
 
 Like every scope, the solvers never empty a layer: at most ``numel − min_keep`` weights (or
 ``n_inputs − min_keep`` channels) of a layer go, whatever the target or ε asks; the layers so
@@ -223,7 +226,7 @@ class LayerwiseOBS(Criterion):
         if nm and self.epsilon is not None:
             raise ValueError(f"{self.name} with granularity {pruner.granularity.name!r}: the pattern decides "
                              f"every layer's sparsity; leave out the tolerable error 'epsilon'.")
-        if nm and pruner.schedule.name != "one-shot":
+        if nm and not pruner.schedule.one_shot:
             raise ValueError(f"{self.name} chooses an N:M mask ({pruner.granularity.name!r}) in one solve, at the "
                              f"pattern's full sparsity; use schedule 'one-shot' (got {pruner.schedule.name!r}), "
                              f"or a score-based criterion (magnitude, wanda, ...) to reach the pattern gradually.")
