@@ -174,7 +174,7 @@ def test_the_spill_directory_is_removed_after_an_error(monkeypatch, tmp_path):
     def fail(self, *args):
         assert list(tmp_path.glob("prunelab-blocks-*/*/*.pt"))   # spilled while it ran
         raise RuntimeError("solver failed")
-    monkeypatch.setattr(LayerwiseOBS, "_solve_target", fail)
+    monkeypatch.setattr(LayerwiseOBS, "solve_layer", fail)
     with pytest.raises(RuntimeError, match="solver failed"):
         _prune(zoo.build(), zoo.batches(2), blocks="encoder.layers", offload="disk")
     assert not list(tmp_path.glob("prunelab-blocks-*"))

@@ -37,6 +37,9 @@ class Criterion:
     from calibration batches in :meth:`calibrate` (the Pruner calls it before every
     prune when given ``calibration=``). ``updates_weights``: a *solver* — instead of
     scores, :meth:`solve` sets the pruned and compensated weights itself (L-OBS).
+    A solver is given a :class:`prunelab.pruning.problems.SolveRequest`, never the Pruner: the
+    scope's :meth:`~prunelab.pruning.scopes.Scope.allocate` says which layers the event raises and
+    to what sparsity, and each layer is a :class:`~prunelab.pruning.problems.LayerProblem`.
     """
 
     name = ""
@@ -53,6 +56,13 @@ class Criterion:
         this, one layer at a time; a criterion that can score one layer alone overrides it so
         that only one layer's scores exist at once (this default computes them all first)."""
         yield from self.scores(targets)
+
+    def solve(self, request) -> list[torch.Tensor]:
+        """A solver (``updates_weights``): prune and update the weights for one event given as a
+        :class:`~prunelab.pruning.problems.SolveRequest`; return one bool keep-mask per
+        ``request.targets`` (in the weight's shape) and set ``last_held`` to the names of the
+        layers the no-empty-layer guard held."""
+        raise NotImplementedError(f"criterion {self.name!r} prunes by scores, not as a solver")
 
     def validate(self, pruner) -> None:
         """Check this criterion suits the Pruner's targets, granularity and scope (called

@@ -37,6 +37,7 @@ from prunelab.inputs import iter_batches, make_loss
 from prunelab.pruning.criteria import Criterion, make_criterion, score_stream
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, PatternSkipped, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
+from prunelab.pruning.problems import SolveRequest
 from prunelab.pruning.schedules import Schedule, make_schedule
 from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
@@ -403,7 +404,7 @@ class Pruner:
         targets = self._targets_at(sparsity)
         if self.criterion.updates_weights:
             per_layer = targets if isinstance(targets, list) else [targets] * len(self.targets)
-            keeps = list(self.criterion.solve(self, per_layer, event))
+            keeps = list(self.criterion.solve(self._solve_request(per_layer, event)))
             for i, target in enumerate(self.targets):
                 keep, keeps[i] = keeps[i], None     # each freed once stored: not all masks twice at once
                 old = self.masks.get(target.weight)
@@ -424,6 +425,13 @@ class Pruner:
             self._set_masks(target, group_keep)
             del group_keep
         return self._after_prune(sparsity, held)
+
+    def _solve_request(self, sparsities: list[float], event: Event) -> SolveRequest:
+        """What a criterion that prunes layers as a whole is given at an event, instead of the Pruner."""
+        nm = (self.granularity.n, self.granularity.m) if isinstance(self.granularity, NMGranularity) else None
+        return SolveRequest(self.model, self.targets, sparsities, event, self.scope, self.min_keep, self.masks,
+                            nm=nm, structured=self.granularity.name == "channel",
+                            select=self._choose, store=self._set_masks)
 
     def _scored_layer(self, target: Target, score: torch.Tensor) -> tuple[LayerGroups, torch.Size]:
         check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
@@ -453,17 +461,8 @@ class Pruner:
         :meth:`_set_masks`); a criterion that prunes block by block (Wanda's) calls both."""
         layer, shape = self._scored_layer(target, score)
         keep = self.scope.select_layer(layer, sparsity, event, self.min_keep, index, n_layers)
-        held = self._held_in_layer(layer, keep, sparsity, event, index, n_layers)
+        held = self.scope.held_layer(layer, keep, sparsity, event, self.min_keep, index, n_layers)
         return keep.reshape(shape), held
-
-    def _held_in_layer(self, layer: LayerGroups, keep: torch.Tensor, sparsity: float, event: Event,
-                       index: int, n_layers: int) -> bool:
-        """Whether the guard held this layer: it is at its floor and would lose more without
-        the guard (for a scope that decides each layer alone, :meth:`_held_by_guard` per layer)."""
-        if int(keep.sum()) > min(self.min_keep, int(layer.alive.sum())):
-            return False
-        unguarded = self.scope.select_layer(layer, sparsity, event, 0, index, n_layers)
-        return int(unguarded.sum()) < int(keep.sum())
 
     def _select_together(self, active: list[Target], targets, event: Event):
         """Scopes that share the target between layers (``global``): every layer's group scores
@@ -477,7 +476,7 @@ class Pruner:
             layers.append(layer)
             group_shapes.append(shape)
         keeps = self.scope.select(layers, targets, event, self.min_keep)
-        held = self._held_by_guard(layers, targets, event, keeps, active)
+        held = tuple(active[i].name for i in self.scope.held(layers, targets, event, keeps, self.min_keep))
         del layers
         return [(t, k.reshape(shape)) for t, k, shape in zip(active, keeps, group_shapes)], held
 
@@ -512,26 +511,6 @@ class Pruner:
         layer = LayerGroups(group_scores.flatten(), alive_groups.flatten(),
                             self.granularity.group_size(weight, target), rows)   # rows: a stride-0 view
         return layer, group_scores.shape
-
-    def _held_by_guard(self, layers: list[LayerGroups], targets, event: Event,
-                       keeps: list[torch.Tensor], active: list[Target] | None = None) -> tuple[str, ...]:
-        """Targets that the ``min_keep`` guard kept from going as low as the scope asked, when
-        that leaves fewer weights pruned in all than without the guard (``global`` may instead
-        take the difference from other layers: no shortfall then). Only layers left at their
-        floor can be held, so the unguarded selection is made only when there is one."""
-        floors = [min(self.min_keep, int(layer.alive.sum())) for layer in layers]
-        at_floor = [i for i, (keep, floor) in enumerate(zip(keeps, floors)) if int(keep.sum()) <= floor]
-        if not at_floor:
-            return ()
-        unguarded = self.scope.select(layers, targets, event, 0)
-
-        def pruned(selection):
-            return sum((layer.n_groups - int(keep.sum())) * layer.group_size for layer, keep in zip(layers, selection))
-
-        if pruned(keeps) >= pruned(unguarded):
-            return ()
-        active = self.targets if active is None else active
-        return tuple(active[i].name for i in at_floor if int(unguarded[i].sum()) < int(keeps[i].sum()))
 
     def _after_prune(self, sparsity: float, held: tuple[str, ...] = ()) -> PruneRecord:
         self.masks.apply_to_weights()

@@ -32,6 +32,7 @@ class Schedule:
     """Base class: a finite, ordered list of ``(step, sparsity)`` events."""
 
     name = ""
+    one_shot = False        # prunes once, to its final sparsity (a solver's N:M pattern needs this)
 
     def events(self) -> list[tuple[int, float]]:
         raise NotImplementedError
@@ -76,6 +77,7 @@ class OneShot(Schedule):
     """Prune to ``sparsity`` once, at step ``at`` (0 = on the first ``step()`` call)."""
 
     name = "one-shot"
+    one_shot = True
 
     @validate_params({"sparsity": [SPARSITY], "at": [STEP]}, where="one-shot schedule")
     def __init__(self, sparsity: float, at: int = 0):

@@ -24,6 +24,14 @@ no-empty-layer guard still protects the layer's ``min_keep`` best groups, wherev
 and never holds more than one layer's scores. ``global`` needs every layer's group scores; it
 finds its cut by bisection on the scores' values (counting, never sorting or concatenating them),
 so it holds nothing per group beyond the scores and alive flags it is given.
+
+**Solvers** (criteria that prune each layer as a whole: ``lobs``, ``obs-exact``, ``obs-fast``)
+ask the scope for an :class:`Allocation` instead (:meth:`Scope.allocate`): each layer's sparsity
+at this event, the layers the event raises and those the no-empty-layer guard held. ``local`` gives
+every layer the target, ``layerwise-constant`` raises one layer per event (:meth:`Scope.raises`),
+``global`` ranks the solver's per-weight saliencies (given as :class:`LayerGroups`) at one
+threshold; ``row`` cannot serve a whole-layer solver (``supports_solvers`` is False). The guard's
+bookkeeping (which layers it held) is the scope's too: :meth:`Scope.held`, :meth:`Scope.held_layer`.
 """
 
 from __future__ import annotations
@@ -97,6 +105,16 @@ def _prune_lowest(layer: LayerGroups, n_prune: int, min_keep: int) -> torch.Tens
     return keep.to(layer.alive.device)
 
 
+@dataclass
+class Allocation:
+    """How a scope shares one event's target between layers, for a criterion that solves each
+    layer as a whole (:meth:`Scope.allocate`)."""
+
+    sparsities: list[float]         # each layer's sparsity to reach at this event
+    raised: list[bool]              # the layers this event prunes; the others stay as they are
+    held: tuple[int, ...] = ()      # layers (indices) the no-empty-layer guard held above the target
+
+
 def _per_layer(sparsity: "float | list[float]", layers: list) -> list[float]:
     return list(sparsity) if isinstance(sparsity, list) else [sparsity] * len(layers)
 
@@ -104,7 +122,54 @@ def _per_layer(sparsity: "float | list[float]", layers: list) -> list[float]:
 class Scope:
     name = ""
     needs_rows = False      # select() reads LayerGroups.rows
-    independent = False     # decides each layer alone: select_layer() works
+    independent = False     # decides each layer alone: select_layer() works; allocate() needs no scores
+    supports_solvers = True     # allocate() can share a target between whole-layer solves
+
+    def raises(self, event: Event, index: int, n_layers: int) -> bool:
+        """Whether this event prunes layer ``index`` of ``n_layers`` (all but ``layerwise-constant``: every layer)."""
+        return True
+
+    def allocate(self, layers: "list[LayerGroups] | int", sparsity: "float | list[float]", event: Event,
+                 min_keep: int = 1) -> Allocation:
+        """Each layer's sparsity at this event, the layers it raises and those the guard held, for a
+        criterion that solves each layer whole. ``layers``: the layers' per-weight saliencies (scopes
+        that share the target between layers rank them), or for scopes that decide each layer alone
+        (``independent``) just their number. A scope that decides each layer alone leaves the guard
+        to the layer's solve (``held`` empty)."""
+        if not self.independent:
+            raise NotImplementedError
+        n = layers if isinstance(layers, int) else len(layers)
+        return Allocation(_per_layer(sparsity, range(n)), [self.raises(event, i, n) for i in range(n)])
+
+    def held(self, layers: list[LayerGroups], sparsity: "float | list[float]", event: Event,
+             keeps: list[torch.Tensor], min_keep: int = 1) -> tuple[int, ...]:
+        """The layers (indices) that the ``min_keep`` guard kept from going as low as the scope
+        asked in the selection ``keeps``, when that leaves fewer weights pruned in all than without
+        the guard (``global`` may instead take the difference from other layers: no shortfall
+        then). Only layers left at their floor can be held, so the unguarded selection is made
+        only when there is one."""
+        floors = [min(min_keep, int(layer.alive.sum())) for layer in layers]
+        at_floor = [i for i, (keep, floor) in enumerate(zip(keeps, floors)) if int(keep.sum()) <= floor]
+        if not at_floor:
+            return ()
+        unguarded = self.select(layers, sparsity, event, 0)
+
+        def pruned(selection):
+            return sum((layer.n_groups - int(keep.sum())) * layer.group_size for layer, keep in zip(layers, selection))
+
+        if pruned(keeps) >= pruned(unguarded):
+            return ()
+        return tuple(i for i in at_floor if int(unguarded[i].sum()) < int(keeps[i].sum()))
+
+    def held_layer(self, layer: LayerGroups, keep: torch.Tensor, sparsity: float, event: Event, min_keep: int,
+                   index: int, n_layers: int) -> bool:
+        """Whether the guard held layer ``index`` in ``keep`` (its :meth:`select_layer`): it is at its
+        floor and would lose more without the guard (:meth:`held` for one layer of a scope with
+        ``independent`` set)."""
+        if int(keep.sum()) > min(min_keep, int(layer.alive.sum())):
+            return False
+        unguarded = self.select_layer(layer, sparsity, event, 0, index, n_layers)
+        return int(unguarded.sum()) < int(keep.sum())
 
     def select(self, layers: list[LayerGroups], sparsity: "float | list[float]", event: Event,
                min_keep: int = 1) -> list[torch.Tensor]:
@@ -152,6 +217,16 @@ class Global(Scope):
         if len(sizes) == 1 and all(layer.scores.dtype in _KEYS for layer in layers):
             return _global_by_threshold(layers, sparsity, min_keep, sizes.pop())
         return _global_by_sorting(layers, sparsity, min_keep)
+
+    def allocate(self, layers, sparsity, event, min_keep=1):
+        """One threshold over every layer's saliencies (one score per weight): each layer's
+        sparsity is the fraction of its weights below it; the guard's held layers with it."""
+        if isinstance(layers, int):
+            raise ValueError("scope 'global' ranks every layer's saliencies at one threshold: allocate() "
+                             "takes the layers' LayerGroups, not their number.")
+        keeps = self.select(layers, sparsity, event, min_keep)
+        held = self.held(layers, sparsity, event, keeps, min_keep)
+        return Allocation([1.0 - int(k.sum()) / k.numel() for k in keeps], [True] * len(layers), held)
 
 
 def _global_by_sorting(layers, sparsity, min_keep):
@@ -271,8 +346,12 @@ class LayerwiseConstant(Scope):
     name = "layerwise-constant"
     independent = True
 
+    def raises(self, event, index, n_layers):
+        """One layer per event, in model order, round-robin; every layer at the schedule's last."""
+        return event.final or index == event.index % n_layers
+
     def select_layer(self, layer, sparsity, event, min_keep, index, n_layers):
-        if event.final or index == event.index % n_layers:
+        if self.raises(event, index, n_layers):
             return _prune_lowest(layer, round(sparsity * layer.n_groups), min_keep)
         return layer.alive.clone()
 
@@ -285,6 +364,7 @@ class Row(Scope):
     name = "row"
     needs_rows = True
     independent = True
+    supports_solvers = False    # a solver prunes a layer as a whole, not row by row
 
     def select_layer(self, layer, sparsity, event, min_keep, index, n_layers):
         return _prune_lowest_per_row(layer, sparsity, min_keep)

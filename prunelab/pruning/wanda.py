@@ -183,15 +183,17 @@ class Wanda(Criterion):
             yield wanda_scores(t, self._norms[t.name])
 
     @torch.no_grad()
-    def solve(self, pruner, sparsities: list[float], event) -> list[torch.Tensor]:
+    def solve(self, request) -> list[torch.Tensor]:
         """Block by block: prune every target (scored from its block's norms, selected by the
-        Pruner's scope) and return the keep-masks, one per ``pruner.targets``."""
+        scope through ``request.select``) and return the keep-masks, one per ``request.targets``
+        (a :class:`prunelab.pruning.problems.SolveRequest`)."""
         if self._batches is None:
             raise ValueError("the wanda criterion needs calibration data: pass data= to prune() or "
                              "calibration= to the Pruner.")
-        self.last_report, self.last_held = _BlockByBlock(self, pruner, event).run(sparsities)
-        return [pruner.masks.get(t.weight) if t.weight in pruner.masks
-                else torch.ones_like(t.weight, dtype=torch.bool) for t in pruner.targets]
+        self.last_report, self.last_held = _BlockByBlock(self, request).run(request.sparsities)
+        masks = request.masks
+        return [masks.get(t.weight) if t.weight in masks
+                else torch.ones_like(t.weight, dtype=torch.bool) for t in request.targets]
 
     def reset(self) -> None:
         self._norms, self._batches = None, None
@@ -260,24 +262,24 @@ class _BlockByBlock:
     norms from one pass on its cached inputs, then each target scored, selected (the Pruner's
     scope) and zeroed; the next block's inputs come from this block as pruned."""
 
-    def __init__(self, criterion: Wanda, pruner, event):
-        self.criterion, self.pruner, self.event = criterion, pruner, event
-        self.active = [t for t in pruner.targets if t.name not in criterion.skipped]
+    def __init__(self, criterion: Wanda, request):
+        self.criterion, self.request, self.event = criterion, request, request.event
+        self.active = [t for t in request.targets if t.name not in criterion.skipped]
         self.index = {t.name: i for i, t in enumerate(self.active)}     # the scope's layer numbers
         self.memory: dict = {}          # the whole prune's peak, across the per-layer resets
 
     def run(self, sparsities: list[float]) -> tuple[NormReport, tuple[str, ...]]:
-        c, pruner = self.criterion, self.pruner
-        wanted = {t.name: s for t, s in zip(pruner.targets, sparsities)}
+        c, request = self.criterion, self.request
+        wanted = {t.name: s for t, s in zip(request.targets, sparsities)}
         report, held = NormReport(), []
         report.skipped = dict(c.skipped)
         spill = blk.Spill() if c.offload == "disk" else None
         self.inputs, bar = None, None
         try:
-            with eval_mode(pruner.model):
+            with eval_mode(request.model):
                 started = time.perf_counter()
                 with PeakMemory(self.memory):
-                    self.inputs = SequentialHessians(pruner.model, self.active, c._batches, with_bias=False,
+                    self.inputs = SequentialHessians(request.model, self.active, c._batches, with_bias=False,
                                                      stack=c._stack, spill=spill, compute=c.compute_dtype)
                 report.trace_seconds = time.perf_counter() - started
                 shown = sys.stderr.isatty() if c.progress is None else c.progress
@@ -337,7 +339,7 @@ class _BlockByBlock:
         """The members' input norms: one pass of their block alone on its cached inputs, or of
         the whole model as pruned so far for layers outside the stack."""
         started = time.perf_counter()
-        model, inputs, batches = self.pruner.model, self.inputs, self.criterion._batches
+        model, inputs, batches = self.request.model, self.inputs, self.criterion._batches
         recorder = InputNorms(members, inputs.parents)
         if block is None:
             inputs.forget()                # the whole model runs: a cache would be stale after this prune
@@ -355,13 +357,13 @@ class _BlockByBlock:
 
     def _prune(self, target: Target, norm: torch.Tensor, sparsity: float) -> bool:
         """Score, select and zero one target; whether the no-empty-layer guard held it."""
-        pruner = self.pruner
+        request = self.request
         score = wanda_scores(target, norm)
-        group_keep, held = pruner._choose(target, score, sparsity, self.event, self.index[target.name],
+        group_keep, held = request.select(target, score, sparsity, self.event, self.index[target.name],
                                           len(self.active))
         del score
-        pruner._set_masks(target, group_keep)
-        mask = pruner.masks.get(target.weight)
+        request.store(target, group_keep)
+        mask = request.masks.get(target.weight)
         if mask is not None:               # now: the next block's inputs come from the pruned weights
             target.weight.masked_fill_(~mask, 0)
         self.inputs.pruned(target)

@@ -38,6 +38,9 @@ granularity) ranks every weight of every layer by its L-OBS sensitivity ``w_q²/
 on the weights before the prune and cuts at one threshold, as the paper's single tolerable
 error ε does, then lets each solver reach the layer sparsities that threshold gives (in
 sequential mode the later layers are re-solved on the outputs of the pruned earlier ones).
+The scope decides all of this (:meth:`prunelab.pruning.scopes.Scope.allocate`); the driver is given
+a :class:`~prunelab.pruning.problems.SolveRequest`, not the Pruner, and solves each layer as a
+:class:`~prunelab.pruning.problems.LayerProblem` (:meth:`LayerwiseOBS.solve_layer`).
 
 Like every scope, the solvers never empty a layer: at most ``numel − min_keep`` weights (or
 ``n_inputs − min_keep`` channels) of a layer go, whatever the target or ε asks; the layers so
@@ -69,7 +72,8 @@ from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
 from prunelab.pruning.lobs.common import Solution, inverse
 from prunelab.pruning.lobs.hessian import LayerHessian, LayerSkipped, check_target, weight_matrix  # noqa: F401 (LayerSkipped: public here)
 from prunelab.pruning.lobs.sequential import SequentialHessians
-from prunelab.pruning.scopes import LayerGroups
+from prunelab.pruning.problems import LayerProblem, LayerSolution, SolveRequest
+from prunelab.pruning.scopes import Allocation, LayerGroups
 
 MODES = ("sequential", "parallel")
 OFFLOADS = ("memory", "disk")
@@ -222,12 +226,12 @@ class LayerwiseOBS(Criterion):
         if nm and self.epsilon is not None:
             raise ValueError(f"{self.name} with granularity {pruner.granularity.name!r}: the pattern decides "
                              f"every layer's sparsity; leave out the tolerable error 'epsilon'.")
-        if nm and pruner.schedule.name != "one-shot":
+        if nm and not pruner.schedule.one_shot:
             raise ValueError(f"{self.name} chooses an N:M mask ({pruner.granularity.name!r}) in one solve, at the "
                              f"pattern's full sparsity; use schedule 'one-shot' (got {pruner.schedule.name!r}), "
                              f"or a score-based criterion (magnitude, wanda, ...) to reach the pattern gradually.")
-        if pruner.scope.name == "row":
-            raise ValueError(f"scope 'row' compares scores within each output row; {self.name} solves each layer "
+        if not pruner.scope.supports_solvers:
+            raise ValueError(f"scope {pruner.scope.name!r} compares scores within each output row; {self.name} solves each layer "
                              f"as a whole: use scope 'local', 'global' or 'layerwise-constant'.")
         if pruner.granularity.name == "channel" and self.name != "obs-exact":
             raise ValueError(f"the structured (channel) variant is the greedy block OBS: use criterion "
@@ -241,20 +245,20 @@ class LayerwiseOBS(Criterion):
             if unknown:
                 raise ValueError(f"the 'epsilon' parameter of {self.name} names {unknown[0]!r}, not a pruned "
                                  f"layer; pruned layers: {', '.join(t.module_name for t in pruner.targets)}.")
-        if pruner.scope.name == "global":
+        if not pruner.scope.independent:        # the scope ranks the solver's per-weight saliencies
             if pruner.granularity.name != "weight":
-                raise ValueError(f"scope 'global' for {self.name} shares the target by ranking single weights: "
+                raise ValueError(f"scope {pruner.scope.name!r} for {self.name} shares the target by ranking single weights: "
                                  f"use granularity 'weight', or scope 'local' with granularity "
                                  f"{pruner.granularity.name!r}.")
             if self.epsilon is not None:
                 raise ValueError(f"the tolerable error 'epsilon' of {self.name} already decides every layer's "
                                  f"sparsity (one ε for all layers is the paper's rule); leave out scope "
-                                 f"'global', or give a sparsity target instead of epsilon.")
+                                 f"{pruner.scope.name!r}, or give a sparsity target instead of epsilon.")
 
     def scores(self, targets):
         raise ValueError(f"{self.name} is a solver: it prunes through Pruner/prune(), not by scores.")
 
-    def _hessian(self, pruner, target) -> LayerHessian:
+    def _hessian(self, request, target) -> LayerHessian:
         if self._batches is None:
             raise ValueError(f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
                              f"to the Pruner, or data= to prune().")
@@ -269,44 +273,48 @@ class LayerwiseOBS(Criterion):
 
     # ----------------------------------------------------------- solve
     @torch.no_grad()
-    def solve(self, pruner, sparsities: list[float], event) -> list[torch.Tensor]:
+    def solve(self, request: SolveRequest) -> list[torch.Tensor]:
+        """Prune the layers the scope raises at this event (a :class:`SolveRequest`, not the Pruner):
+        one :class:`LayerProblem` per layer, in model order, each solved by :meth:`solve_layer` on its
+        Hessian (in sequential mode from the outputs of the layers already pruned). Returns the
+        keep-masks, one per ``request.targets``."""
         if self._batches is None:
             raise ValueError(f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
                              f"to the Pruner, or data= to prune().")
-        structured_mode = pruner.granularity.name == "channel"
         keeps, report, held = [], Report(), []
         report.skipped = dict(self.skipped)
-        raised = range(len(pruner.targets))
         memory: dict = {}               # the whole prune's peak, across the per-layer resets
-        if pruner.scope.name == "global":
+        targets, scope = request.targets, request.scope
+        if scope.independent:           # each layer's target from the scope alone (e.g. round-robin)
+            allocation = scope.allocate(len(targets), request.sparsities, request.event, request.min_keep)
+        else:                           # shared between layers: the scope ranks the solver's saliencies
             with PeakMemory(memory):
-                sparsities, held = self._global_allocation(pruner, sparsities[0], event)
-        elif pruner.scope.name == "layerwise-constant" and not event.final:
-            raised = {event.index % len(pruner.targets)}     # one layer per event, round-robin
-        todo = [t for i, t in enumerate(pruner.targets) if t.name not in self.skipped and i in raised]
+                allocation = self._shared_allocation(request, request.sparsities[0])
+        sparsities = allocation.sparsities
+        held = [targets[i].name for i in allocation.held]
+        raised = {i for i, r in enumerate(allocation.raised) if r}
+        todo = [t for i, t in enumerate(targets) if t.name not in self.skipped and i in raised]
         spill = blk.Spill() if self.offload == "disk" and self.mode == "sequential" else None
         bar = None
         try:
-            with eval_mode(pruner.model):
+            with eval_mode(request.model):
                 if self.mode == "sequential":
                     started = time.perf_counter()
                     with PeakMemory(memory):
-                        self._sequential = SequentialHessians(pruner.model, todo, self._batches,
-                                                              with_bias=self.update_bias, stack=self._stack_of(pruner),
+                        self._sequential = SequentialHessians(request.model, todo, self._batches,
+                                                              with_bias=self.update_bias, stack=self._stack_of(request.model),
                                                               spill=spill, compute=self.compute_dtype)
                     report.trace_seconds = time.perf_counter() - started
                 bar = self._progress_bar(todo)
-                for i, (target, sparsity) in enumerate(zip(pruner.targets, sparsities)):
+                for i, (target, sparsity) in enumerate(zip(targets, sparsities)):
                     if i not in raised or target.name in self.skipped:
-                        mask = pruner.masks.get(target.weight)
-                        keeps.append(torch.ones_like(target.weight, dtype=torch.bool) if mask is None else mask.bool())
+                        keeps.append(request.keep(target))
                         continue
-                    keep, layer_report, was_held = self._measured_solve(pruner, target, sparsity,
-                                                                        structured_mode, memory)
-                    if was_held:
+                    solution = self._measured_solve(request, target, sparsity, memory)
+                    if solution.held:
                         held.append(target.name)
-                    keeps.append(keep)
-                    report.append(layer_report)
+                    keeps.append(solution.keep)
+                    report.append(solution.report)
                     if self.mode == "sequential":
                         self._sequential.pruned(target)
                     bar.step(target)
@@ -324,25 +332,25 @@ class LayerwiseOBS(Criterion):
         self.last_held = tuple(held)
         return keeps
 
-    def _measured_solve(self, pruner, target, sparsity, structured_mode, memory):
-        """:meth:`_solve_target` with the layer's wall time (Hessian included), peak resident
+    def _measured_solve(self, request, target, sparsity, memory) -> LayerSolution:
+        """:meth:`solve_layer` with the layer's wall time (Hessian included), peak resident
         memory and the bytes of cached inputs and statistics held, added to its report."""
         started = time.perf_counter()
         with PeakMemory(memory) as peak:
-            h = self._hessian(pruner, target)
+            h = self._hessian(request, target)
             live = h.xtx.numel() * h.xtx.element_size()
             if self.mode == "sequential":
                 live += self._sequential.cached_bytes() + self._sequential.ready_bytes()
-            keep, layer_report, was_held = self._solve_target(pruner, target, h, sparsity, structured_mode)
+            solution = self.solve_layer(request.problem(target, sparsity, weight_matrix(target)), h)
             del h
         block = self._sequential.block_name[target.name] if self.mode == "sequential" else None
-        layer_report = dataclasses.replace(layer_report, block=block, seconds=time.perf_counter() - started,
-                                           peak_memory=peak.peak, live_bytes=live)
-        return keep, layer_report, was_held
+        solution.report = dataclasses.replace(solution.report, block=block, seconds=time.perf_counter() - started,
+                                              peak_memory=peak.peak, live_bytes=live)
+        return solution
 
-    def _stack_of(self, pruner):
+    def _stack_of(self, model):
         if self.blocks is not None and self._stack is None:
-            self._stack = blk.resolve_stack(pruner.model, self.blocks, where=f"{self.name} criterion")
+            self._stack = blk.resolve_stack(model, self.blocks, where=f"{self.name} criterion")
         return self._stack
 
     def _progress_bar(self, todo) -> "_BlockBar":
@@ -350,24 +358,16 @@ class LayerwiseOBS(Criterion):
         shown = sys.stderr.isatty() if self.progress is None else self.progress
         return _BlockBar(todo, names, shown, self.name)
 
-    def _alive(self, pruner, target, W) -> torch.Tensor:
-        """The weight's current keep-mask as ``(out, d)`` like ``target.matrix()``."""
-        mask = pruner.masks.get(target.weight)
-        if mask is None:
-            return torch.ones_like(W, dtype=torch.bool)
-        mask = mask.bool()
-        return mask.t() if target.layout == "transposed" else mask.reshape(W.shape[0], -1)
-
-    def _solve_target(self, pruner, target, h, sparsity, structured_mode):
-        """Prune one target (each row block with its own Hessian); write the new weights and
+    def solve_layer(self, problem: LayerProblem, h: LayerHessian) -> LayerSolution:
+        """Prune one layer (each row block with its own Hessian ``h``); write the new weights and
         bias back. Returns the keep-mask in the weight's shape, the report and the held flag."""
         started = time.perf_counter()
+        target, sparsity, structured_mode, nm = problem.target, problem.sparsity, problem.structured, problem.nm
         W = weight_matrix(target).double()
         bias_param = target.bias if h.with_bias else None
         bias = bias_param.detach().double() if bias_param is not None else None
-        alive_all = self._alive(pruner, target, W)
+        alive_all = problem.alive
         G = h.groups
-        nm = (pruner.granularity.n, pruner.granularity.m) if isinstance(pruner.granularity, NMGranularity) else None
         order = nm_column_order(target) if nm is not None else None     # N:M runs as consecutive columns
         if structured_mode and G > 1:
             raise ValueError(f"{self.name} with granularity 'channel' needs one input Hessian for all rows; "
@@ -391,12 +391,12 @@ class LayerwiseOBS(Criterion):
             alive = torch.ones_like(W_full, dtype=torch.bool)
             alive[:, :d_in] = alive_all[r]
             if structured_mode:
-                solution = self._structured(target, W_full, H, sparsity, alive, d_in, pruner.min_keep)
+                solution = self._structured(target, W_full, H, sparsity, alive, d_in, problem.min_keep)
             elif nm is not None:
                 solution = _in_order(order, W_full, H, alive,
                                      lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm))
             else:
-                limit = Wg.numel() - min(pruner.min_keep, int(alive[:, :d_in].sum()))   # never empty the layer
+                limit = Wg.numel() - min(problem.min_keep, int(alive[:, :d_in].sum()))   # never empty the layer
                 wanted = wanted_parts[g]
                 solution = self._solve(W_full, H, min(wanted, limit), prunable, alive,
                                        self._epsilon_for(target), limit)
@@ -425,27 +425,39 @@ class LayerwiseOBS(Criterion):
             measured_error=math.sqrt(max(measured, 0.0)),
             relative_error=math.sqrt(max(measured, 0.0) / signal) if signal > 0 else 0.0,
             n=h.n, hessian_seconds=h.seconds, solve_seconds=time.perf_counter() - started)
-        return keep, report, held
+        return LayerSolution(keep, report, held)
 
     @staticmethod
     def _write(target, W, keep) -> None:
         value = W.t() if target.layout == "transposed" else W.reshape(target.weight.shape)
         target.weight.copy_(value.to(target.weight.dtype))
 
-    def _global_allocation(self, pruner, sparsity: float, event) -> tuple[list[float], list[str]]:
-        """Scope ``global``: one threshold on the sensitivities ``L_q = w_q²/(2[H⁻¹]_qq)`` of every
-        weight of every layer (the paper's single tolerable error ε, set by the target instead of
-        given), computed on the weights before this prune with the Hessians of the model as it is
-        now. Returns each layer's sparsity, for the solver to reach in its own order, and the
-        layers the no-empty-layer guard held. Skipped layers stay dense and out of the count."""
-        supported = [t for t in pruner.targets if t.name not in self.skipped]
+    def _shared_allocation(self, request, sparsity: float) -> Allocation:
+        """A scope that shares the target between layers (``global``) ranks the sensitivities
+        ``L_q = w_q²/(2[H⁻¹]_qq)`` of every weight of every layer at one threshold (the paper's
+        single tolerable error ε, set by the target instead of given), computed on the weights
+        before this prune with the Hessians of the model as it is now. Returns the scope's
+        allocation over all targets, each layer's sparsity for the solver to reach in its own
+        order. Skipped layers stay dense and out of the count."""
+        supported = [t for t in request.targets if t.name not in self.skipped]
+        layers = [LayerGroups(L.flatten(), alive.flatten(), 1)
+                  for L, alive in self._saliencies(request, supported)]
+        allocation = request.scope.allocate(layers, sparsity, request.event, request.min_keep)
+        chosen = {t.name: s for t, s in zip(supported, allocation.sparsities)}
+        position = {t.name: i for i, t in enumerate(request.targets)}
+        return Allocation([chosen.get(t.name, 0.0) for t in request.targets],
+                          [t.name in chosen for t in request.targets],
+                          tuple(position[supported[i].name] for i in allocation.held))
+
+    def _saliencies(self, request, supported):
+        """Each target's L-OBS sensitivities ``w_q²/(2[H⁻¹]_qq)`` (as ``target.matrix()``) and alive
+        weights, one target at a time."""
         together = None
         if self.mode == "sequential" or not self.low_memory:
-            together = (hessian.collect(pruner.model, supported, self._batches, with_bias=self.update_bias)
+            together = (hessian.collect(request.model, supported, self._batches, with_bias=self.update_bias)
                         if self.mode == "sequential" else self._hessians)
-        layers = []
         for target in supported:
-            h = together[target.name] if together is not None else self._hessian(pruner, target)
+            h = together[target.name] if together is not None else self._hessian(request, target)
             W = weight_matrix(target).double()
             bias = target.bias if h.with_bias else None
             bias = bias.detach().double() if bias is not None else None
@@ -456,14 +468,7 @@ class LayerwiseOBS(Criterion):
                 H, W_full, _ = hessian.prepare(h.part(g), weight_matrix_with_bias(
                     W[r], bias[r] if bias is not None else None), self.damping)
                 parts.append(W_full[:, :W.shape[1]].pow(2) / (2 * torch.diagonal(inverse(H))[:W.shape[1]]))
-            L = torch.cat(parts)
-            alive = self._alive(pruner, target, W).flatten()
-            layers.append(LayerGroups(L.flatten(), alive, 1))
-        keeps = pruner.scope.select(layers, sparsity, event, pruner.min_keep)
-        held = pruner._held_by_guard(layers, sparsity, event, keeps)
-        chosen = {t.name: 1.0 - int(k.sum()) / k.numel() for t, k in zip(supported, keeps)}
-        by_position = {pruner.targets[i].name: t.name for i, t in enumerate(supported)}  # the guard's naming
-        return [chosen.get(t.name, 0.0) for t in pruner.targets], [by_position[name] for name in held]
+            yield torch.cat(parts), request.alive(target, W)
 
     def _structured(self, target, W_full, H, sparsity, alive, d_in, min_keep):
         module = target.module
