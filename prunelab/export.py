@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunelab._files import atomic_write_bytes
 from prunelab._model_checks import check_materialised
 from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
 from prunelab.metrics.dry_run import SHAPE
@@ -480,8 +481,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
             ``index_bits="auto"``).
         metadata: JSON-serialisable extras kept in the header (e.g. accuracy, dataset).
 
-    The file is written to a temporary name next to ``path`` and renamed, so a failed
-    write never leaves a half file under ``path``.
+    The file is written to a new temporary file next to ``path`` (a random name, opened
+    exclusively, never through a symlink) and renamed, so a failed write never leaves a half
+    file under ``path`` and a symlink at ``path`` is replaced, not written through.
     """
     where = "save"
     check_type("model", model, nn.Module, where=where)
@@ -536,15 +538,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
     data = MAGIC + struct.pack("<BI", VERSION, len(head)) + head + payload
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)     # a new random temporary file, renamed: never a planted name
     return ExportReport(path, len(data), len(head), len(payload), predicted_bytes, report_rows)
 
 

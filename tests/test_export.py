@@ -420,3 +420,25 @@ def test_n_head_is_saved_and_restored_with_the_thinned_shapes(tmp_path):
     loaded = prunelab.load(tmp_path / "m.plm", model=_HeadsByName())
     x = torch.randn(3, 5)
     assert loaded.n_head == 3 and torch.equal(loaded(x), model(x))
+
+
+def test_save_replaces_a_planted_symlink_and_never_writes_through_it(tmp_path):
+    # the model file goes to a new random temporary file, renamed into place: a symlink planted at
+    # the final name (or at the old predictable temporary name) is never written through
+    import os
+    from torch import nn
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "model.plm"
+    out.symlink_to(victim)
+    (tmp_path / f".model.plm.tmp{os.getpid()}").symlink_to(victim)
+    model = nn.Sequential(nn.Linear(4, 3))
+    export.save(model, out)
+    assert victim.read_text() == "keep me"
+    assert not out.is_symlink()
+    assert torch.equal(export.load(out, model=nn.Sequential(nn.Linear(4, 3)))[0].weight, model[0].weight)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
+    mode = out.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask                     # the usual permissions, not mkstemp's 0600

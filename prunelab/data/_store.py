@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from prunelab.data._atomic import atomic_write_bytes, npy_bytes
+from prunelab._files import atomic_write_bytes
+from prunelab.data._atomic import npy_bytes
 
 MANIFEST = "manifest.json"
 

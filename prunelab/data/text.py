@@ -38,7 +38,7 @@ from numbers import Integral
 
 from prunelab._validation import (MAX_SEQ_LEN, MAX_VOCAB, STR, Interval, Types, check_choice, check_number,
                                   check_type, validate_params)
-from prunelab.data._atomic import atomic_write_bytes
+from prunelab._files import atomic_write_bytes
 from prunelab.data._paths import search_dirs, writable_dir
 from prunelab.data._store import load_arrays, save_arrays
 from prunelab.data.dataset import Splits

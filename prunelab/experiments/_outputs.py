@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 from pathlib import Path
 
+from prunelab._files import exclusive_temp
 from prunelab.experiments.store import write_failure
 
 ADVICE = ("the stored runs are unaffected; free space or choose another folder (--out), then write "
@@ -30,21 +30,6 @@ def output_folder(folder: str | Path) -> Path:
     except OSError as err:
         raise write_failure("create the output folder", folder, err, ADVICE) from err
     return folder
-
-
-def exclusive_temp(path: Path) -> tuple[int, Path]:
-    """A new temporary file next to ``path`` (same folder, so the final ``os.replace`` is atomic):
-    a random name opened with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so it is never a file or a
-    symlink someone planted at a predictable name. The usual permissions (umask), unlike
-    mkstemp's 0600. Returns ``(fd, temporary path)``."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, f"no free temporary name next to {path}")
 
 
 def write_output(path: str | Path, content: str | bytes) -> Path:

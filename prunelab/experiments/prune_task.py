@@ -564,7 +564,7 @@ def save_dense(path: Path | None, model, history, snapshot) -> None:
     (a remote Ray node) is skipped: the cache is an optimisation."""
     if path is None:
         return
-    from prunelab.experiments._outputs import exclusive_temp
+    from prunelab._files import exclusive_temp
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
