@@ -29,6 +29,7 @@ import sys
 from numbers import Integral, Real
 from pathlib import Path
 
+from prunelab._files import atomic_write, atomic_write_bytes
 from prunelab._validation import (BATCH_SIZE, EPOCHS, FRACTION, MAX_EPOCHS, MAX_SAMPLES, MAX_SEQ_LEN, MAX_UNITS,
                                   MAX_VOCAB, SEED, SPARSITY, THREADS, Interval, Options, check_number, cli_type)
 from prunelab._version import __version__
@@ -151,14 +152,14 @@ def _prune_user(args) -> int:
     _print_summary(model, example, where)
     print(f"\nsparsity of the pruned layers: {pruner.sparsity():.4f} (one-shot {args.criterion}, no training)")
     if args.save:
-        torch.save(model.state_dict(), args.save)
+        atomic_write(args.save, lambda f: torch.save(model.state_dict(), f))
         print(f"saved {args.save} (a state dict)")
     if args.export:
         written = save(model, args.export)
         print(f"exported {args.export}: {written.file_bytes:,} bytes (read it with prunelab.load(path, model=...))")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "criterion": args.criterion,
-                                               "sparsity": pruner.sparsity()}, indent=2))
+        atomic_write_bytes(args.json, json.dumps({"model": args.model, "criterion": args.criterion,
+                                                  "sparsity": pruner.sparsity()}, indent=2).encode())
     return 0
 
 
@@ -311,14 +312,14 @@ def cmd_prune(args) -> int:
           f"after {args.finetune_epochs} epochs {after:.4f}; sparsity {stats.total.sparsity:.4f}, "
           f"compression {stats.total.compression:.2f}x, theoretical speedup {stats.total.speedup:.2f}x")
     if args.save:
-        torch.save({"config": model.config, "state_dict": model.state_dict()}, args.save)
+        atomic_write(args.save, lambda f: torch.save({"config": model.config, "state_dict": model.state_dict()}, f))
         print(f"saved {args.save}")
     if args.export:
         from prunelab.export import save
         written = save(model, args.export, metadata={k: result[k] for k in ("dataset", "accuracy_final")})
         print(f"exported {args.export}: {written.file_bytes:,} bytes")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        atomic_write_bytes(args.json, json.dumps(result, indent=2, default=str).encode())
     return 0
 
 
@@ -396,10 +397,11 @@ def cmd_units(args) -> int:
                   f"-> measured speedup {ratio:.2f}x (theoretical {theoretical:.2f}x)")
             out[f"speedup_measured_b{b}"] = ratio
     if args.save:
-        torch.save({"config": model.config, "plan": out["plan"], "state_dict": thinned.state_dict()}, args.save)
+        atomic_write(args.save, lambda f: torch.save({"config": model.config, "plan": out["plan"],
+                                                      "state_dict": thinned.state_dict()}, f))
         print(f"saved {args.save} (prunelab summary --weights reads it)")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        atomic_write_bytes(args.json, json.dumps(out, indent=2, default=str).encode())
     return 0
 
 
