@@ -302,12 +302,16 @@ def _declared(header: dict, payload_bytes: int, where: str) -> dict[str, tuple[i
     must tile the payload: back to back, no overlap, no byte left over."""
     entries = header.get("tensors")
     _expect(isinstance(entries, list), where, "no tensor list in the header")
-    shapes, spans = {}, []
+    shapes, spans, stored = {}, [], {}
     for k, entry in enumerate(entries):
-        name, shape, span = _check_entry(entry, k, payload_bytes, where)
+        if isinstance(entry, dict) and "same_as" in entry:
+            name, shape = _check_tie(entry, k, stored, where)
+        else:
+            name, shape, span = _check_entry(entry, k, payload_bytes, where)
+            spans.append(span)
+            stored[name] = (shape, entry["dtype"])
         _expect(name not in shapes, where, f"tensor {name!r} is listed twice")
         shapes[name] = shape
-        spans.append(span)
     end = 0
     for start, stop in sorted(spans):
         _expect(start == end, where, f"tensor bytes {'overlap' if start < end else 'leave a gap'} at payload "
@@ -315,6 +319,18 @@ def _declared(header: dict, payload_bytes: int, where: str) -> dict[str, tuple[i
         end = stop
     _expect(end == payload_bytes, where, f"the tensors take {end} of the {payload_bytes} payload bytes")
     return shapes
+
+
+def _check_tie(entry: dict, k: int, stored: dict, where: str) -> tuple[str, tuple[int, ...]]:
+    """A tied entry: no bytes of its own, the shape and dtype of the earlier stored entry it names."""
+    name, first = entry.get("name"), entry.get("same_as")
+    _expect(isinstance(name, str) and name != "", where, f"tensor entry {k} has no name")
+    _expect(isinstance(first, str) and first in stored, where,
+            f"tensor {name!r} is tied to {str(first)[:80]!r}, which is not an earlier stored tensor")
+    shape, dtype = stored[first]
+    _expect(entry.get("shape") == list(shape) and entry.get("dtype") == dtype, where,
+            f"tensor {name!r} is tied to {first!r} but declares another shape or dtype")
+    return name, shape
 
 
 def _check_entry(entry, k: int, payload_bytes: int, where: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
@@ -410,12 +426,34 @@ def _layouts(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: first name}`` for the state-dict entries that are the same memory as an earlier
+    entry (tied weights, e.g. a language model's head and its token embedding)."""
+    first, tied = {}, {}
+    for name, tensor in state.items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
+
+
 def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
     """Per state-dict tensor: (name, tensor, stored flat values, scales, encoding, value type,
-    CSR index width, N:M ``(n, m, layout)`` or None, predicted bytes from the storage formulas)."""
+    CSR index width, N:M ``(n, m, layout)`` or None, predicted bytes from the storage formulas).
+    A tensor tied to an earlier one is ``(name, tensor, None, None, "tied", first name, 0, None, 0)``."""
     shrink = weight_names(model)
     layouts = _layouts(model)
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    tied = tied_names(state)
+    for name, tensor in state.items():
+        if name in tied:                        # stored once, under the first name
+            yield name, tensor, None, None, "tied", tied[name], 0, None, 0
+            continue
         tensor = tensor.detach().cpu()
         dtype_name = str(tensor.dtype).removeprefix("torch.")
         if dtype_name not in _DTYPES:
@@ -510,6 +548,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
 
     chunks, entries, report_rows, offset, predicted_bytes = [], [], [], 0, 0
     for name, tensor, flat, scale, chosen, kind, width, nm, predicted in _plan(model, encoding, values, index_bits):
+        if chosen == "tied":                    # no bytes: the tensor of an earlier entry
+            entries.append({"name": name, "shape": list(tensor.shape),
+                            "dtype": str(tensor.dtype).removeprefix("torch."), "same_as": kind})
+            report_rows.append(TensorEntry(name, tuple(tensor.shape), int(torch.count_nonzero(tensor)), "tied",
+                                           "-", 0))
+            continue
         predicted_bytes += predicted
         blob, n_entries = (_encode_nm(flat, tuple(tensor.shape), nm), 0) if nm else _encode(flat, chosen, width)
         scale_blob = b"" if scale is None else scale.tobytes()
@@ -611,6 +655,10 @@ def _tensors(header: dict, payload: bytes, where: str) -> dict[str, torch.Tensor
     _expect(isinstance(entries, list), where, "no tensor list in the header")
     out = {}
     for k, entry in enumerate(entries):
+        if isinstance(entry, dict) and "same_as" in entry:      # checked by _declared: an earlier tensor
+            _expect(entry["same_as"] in out, where, f"tensor {entry.get('name')!r} is tied to an unknown tensor")
+            out[entry["name"]] = out[entry["same_as"]]
+            continue
         try:
             out.update(_tensor(entry, payload, where))
         except (KeyError, TypeError, IndexError, OverflowError, ValueError) as err:

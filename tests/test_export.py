@@ -442,3 +442,35 @@ def test_save_replaces_a_planted_symlink_and_never_writes_through_it(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask                     # the usual permissions, not mkstemp's 0600
+
+
+def test_tied_weights_are_stored_once_and_load_back_tied(tmp_path):
+    # gpt's head is its token embedding: one copy in the file, the same tensor after load
+    from prunelab.models import build_model
+    model = build_model("gpt", n_classes=50, input_shape=(8,), d_model=16, n_layers=1, n_heads=2, seed=0)
+    assert model.lm_head.weight is model.tok_embed.weight
+    report = export.save(model, tmp_path / "lm.plm")
+    rows = {row.name: row for row in report.tensors}
+    assert rows["lm_head.weight"].encoding == "tied" and rows["lm_head.weight"].bytes == 0
+    assert rows["tok_embed.weight"].bytes == 50 * 16 * 4
+    assert report.payload_bytes == export.predict_bytes(model)
+    assert report.payload_bytes == prunelab.summary(model, example_inputs=torch.zeros(1, 8, dtype=torch.long),
+                                                    index_bits="auto").total.bytes_best
+    loaded = export.load(tmp_path / "lm.plm")
+    assert loaded.lm_head.weight is loaded.tok_embed.weight
+    tokens = torch.randint(0, 50, (2, 8))
+    assert torch.equal(loaded.eval()(tokens), model.eval()(tokens))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e.update(same_as="nowhere.weight"), "is tied to 'nowhere.weight', which is not an earlier stored"),
+    (lambda e: e.update(shape=[3, 3]), "is tied to 'tok_embed.weight' but declares another shape or dtype"),
+])
+def test_a_tie_to_an_unknown_or_different_tensor_is_refused(tmp_path, edit, message):
+    from prunelab.models import build_model
+    model = build_model("gpt", n_classes=50, input_shape=(8,), d_model=16, n_layers=1, n_heads=2, seed=0)
+    export.save(model, tmp_path / "lm.plm")
+    rewrite_header(tmp_path / "lm.plm",
+                   lambda h: [edit(e) for e in h["tensors"] if e["name"] == "lm_head.weight"])
+    with pytest.raises(export.ModelFileError, match=message):
+        export.load(tmp_path / "lm.plm")
