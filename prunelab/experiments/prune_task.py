@@ -346,6 +346,8 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         schedule.pop("sparsity")
     method["schedule"] = schedule
     floats = [s for s in sparsities if not isinstance(s, dict)]
+    if not _nm_levels_fit(path, method["granularity"], sparsities, checker):
+        return None
     sparsity = max(floats) if floats else 0.5
     schedule_args = {k: v for k, v in schedule.items() if k != "name"}
     built = checker.attempt(f"{path}.schedule", make_schedule, schedule["name"],
@@ -410,6 +412,22 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
     if isinstance(method["criterion"], dict):
         method["criterion"] = dict(method["criterion"])
     return None if len(checker.errors) > n else method
+
+
+def _nm_levels_fit(path: str, granularity, levels: list, checker: Checker) -> bool:
+    """An N:M granularity (``"2:4"``) prunes every layer to ``1 − N/M``: the method's levels must be
+    exactly that (``sparsities: [0.5]`` for 2:4 and 4:8)."""
+    from prunelab.pruning.granularity import parse_nm
+    nm = parse_nm(granularity)
+    if nm is None or not 0 < nm[0] < nm[1]:
+        return True            # not N:M (or a bad one: reported where the Pruner is built)
+    fixed = 1 - nm[0] / nm[1]
+    wrong = [level for level in levels if isinstance(level, dict) or abs(level - fixed) > 1e-9]
+    if wrong:
+        checker.error(f"{path}.granularity", f"{granularity!r} prunes every layer to {fixed:g} (at most {nm[0]} of "
+                                             f"every {nm[1]} inputs), so its only level is {fixed:g}; give this "
+                                             f"method sparsities: [{fixed:g}] (got {wrong[0]!r})")
+    return not wrong
 
 
 def _prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | None:
