@@ -43,7 +43,8 @@ def test_structured_runs_cut_heads_mlp_and_blocks_of_the_shared_dense_model(tmp_
     config = next(r.config for r in study.runs if r.method == "cut")
     ds = load_prepared_dataset(config["dataset"])
     dense = build_model("gpt", dataset=ds, seed=0, **config["model"]["options"])
-    dense.load_state_dict(torch.load(next((tmp_path / "cache" / "dense").glob("*.pt")))["state_dict"])
+    (cached,) = (tmp_path / "cache" / "dense").glob("*.pt")          # one dense model for all four runs
+    dense.load_state_dict(torch.load(cached)["state_dict"])
     direct = prune_transformer(dense, (ds.x_train[:32], ds.y_train[:32]), heads=0.5, mlp=0.5, refit=False)
     cut = records["cut"]
     assert cut["params"] == sum(p.numel() for p in direct.model.parameters()) < cut["params_dense"]
