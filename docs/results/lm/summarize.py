@@ -107,7 +107,7 @@ def latency(runs: Runs, model: str) -> str:
 
 def large_sparse(runs: Runs) -> str:
     rows = []
-    for level, width in ((0.5, 95), (0.9, 65)):
+    for level, width in ((0.5, 95), (0.75, 77), (0.9, 65)):
         small = f"lstm-small[d_model={width}]"
         rows.append([f"{level:.0%}", runs.value("lstm", "AGP", level, "nonzero_params", "{:,.0f}"),
                      runs.value("lstm", "AGP", level, "perplexity"), f"{width}",
