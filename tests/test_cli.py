@@ -89,7 +89,8 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yam
 
 def test_the_shipped_specs_are_all_there():
     assert [p.stem for p in SPECS] == ["quickstart", "study-a-select-training", "study-a-select", "study-a",
-                                       "study-b", "study-c", "study-d-conv", "study-d", "study-e", "study-f-quick"]
+                                       "study-b", "study-c", "study-d-conv", "study-d", "study-e", "study-f-quick",
+                                       "study-f"]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
@@ -101,13 +102,14 @@ def test_shipped_specs_validate(path, quick, capsys):
 
 
 def _skip_without_data(path):
-    needs = {"quickstart": None, "study-b": "fashion-mnist", "study-f-quick": "pydocs"}.get(path.stem, "mnist")
+    needs = {"quickstart": None, "study-b": "fashion-mnist", "study-f-quick": "pydocs",
+             "study-f": "pydocs"}.get(path.stem, "mnist")
     if needs and DATASETS.get(needs).missing_files():
         pytest.skip(f"{needs} files absent (set PRUNELAB_DATA)")
 
 
 # language models on pydocs take minutes per run even in quick mode: tests/test_lm_study.py runs a tiny LM study
-SLOW_STUDIES = {"study-f-quick"}
+SLOW_STUDIES = {"study-f-quick", "study-f"}
 STUDIES = [p for p in SPECS if p.stem.startswith("study-") and p.stem not in SLOW_STUDIES]
 # --quick, on even fewer images, so that the six studies take about a minute together
 TINY = ["--set", "datasets.0.subset.n_train=400", "--set", "datasets.0.subset.n_test=200"]

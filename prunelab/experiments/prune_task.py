@@ -57,7 +57,7 @@ EPOCH_KEYS = {"start_epochs": "start", "every_epochs": "every", "at_epochs": "at
 DISTILL_DEFAULTS = {"weight": 0.5, "temperature": 2.0}
 LATENCY_DEFAULTS = {"batch_sizes": [1, 64], "min_sparsity": 0.5, "threads": 1, "rounds": 5}
 DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
-OPTIONAL_TRAINING = ("patience",)   # resolved only when given, so that older runs keep their ids
+OPTIONAL_TRAINING = ("patience", "finetune_steps")   # resolved only when given, so older runs keep their ids
 HISTOGRAM_BINS = 80
 VERSION = 1   # bump when the meaning of a run changes, so old results are not reused
 
@@ -289,14 +289,21 @@ def _prepare_training(path: str, training: dict, override: dict, checker: Checke
     if train["retrain_tolerance"] is not None:
         checker.number(where("retrain_tolerance"), train["retrain_tolerance"], low=0.0, high=1.0)
     checker.number(where("eval_every"), train["eval_every"], low=1, integer=True)
-    if train.get("patience") is not None:
-        checker.number(where("patience"), train["patience"], low=1, integer=True)
-    else:
-        train.pop("patience", None)
+    for key in OPTIONAL_TRAINING:
+        if train.get(key) is not None:
+            checker.number(where(key), train[key], low=1, integer=True)
+        else:
+            train.pop(key, None)
     if train["optimizer"] not in OPTIMIZERS:
         checker.error(where("optimizer"), f"unknown optimizer {train['optimizer']!r}"
                       f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
     return None if len(checker.errors) > n else train
+
+
+def finetune_step_count(train: dict, per_epoch: int) -> int:
+    """The fine-tuning phase's optimiser steps: ``finetune_epochs`` epochs, at most ``finetune_steps``."""
+    steps = train["finetune_epochs"] * per_epoch
+    return min(steps, train["finetune_steps"]) if train.get("finetune_steps") else steps
 
 
 # ----------------------------------------------------------------- method
@@ -339,17 +346,20 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         schedule.pop("sparsity")
     method["schedule"] = schedule
     floats = [s for s in sparsities if not isinstance(s, dict)]
+    if not _nm_levels_fit(path, method["granularity"], sparsities, checker):
+        return None
     sparsity = max(floats) if floats else 0.5
     schedule_args = {k: v for k, v in schedule.items() if k != "name"}
     built = checker.attempt(f"{path}.schedule", make_schedule, schedule["name"],
                             None if schedule["name"] in ("fixed-fraction", "fixed_fraction") else sparsity,
                             **schedule_args)
     if built is not None:
-        finetune_steps = train["finetune_epochs"] * per_epoch
+        finetune_steps = finetune_step_count(train, per_epoch)
         if built.last_step > finetune_steps:
+            capped = ", capped by training.finetune_steps" if finetune_steps < train["finetune_epochs"] * per_epoch else ""
             checker.error(f"{path}.schedule", f"its last prune is at step {built.last_step}, after the "
                           f"{finetune_steps} fine-tuning steps ({train['finetune_epochs']} epochs x "
-                          f"{per_epoch} steps); raise training.finetune_epochs or shorten the schedule")
+                          f"{per_epoch} steps{capped}); raise training.finetune_epochs or shorten the schedule")
         schedule["name"] = built.name
     if "thin" in method:          # only when given, so that older runs keep their ids
         if not isinstance(method["thin"], bool):
@@ -402,6 +412,22 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
     if isinstance(method["criterion"], dict):
         method["criterion"] = dict(method["criterion"])
     return None if len(checker.errors) > n else method
+
+
+def _nm_levels_fit(path: str, granularity, levels: list, checker: Checker) -> bool:
+    """An N:M granularity (``"2:4"``) prunes every layer to ``1 − N/M``: the method's levels must be
+    exactly that (``sparsities: [0.5]`` for 2:4 and 4:8)."""
+    from prunelab.pruning.granularity import parse_nm
+    nm = parse_nm(granularity)
+    if nm is None or not 0 < nm[0] < nm[1]:
+        return True            # not N:M (or a bad one: reported where the Pruner is built)
+    fixed = 1 - nm[0] / nm[1]
+    wrong = [level for level in levels if isinstance(level, dict) or abs(level - fixed) > 1e-9]
+    if wrong:
+        checker.error(f"{path}.granularity", f"{granularity!r} prunes every layer to {fixed:g} (at most {nm[0]} of "
+                                             f"every {nm[1]} inputs), so its only level is {fixed:g}; give this "
+                                             f"method sparsities: [{fixed:g}] (got {wrong[0]!r})")
+    return not wrong
 
 
 def _prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | None:
@@ -536,7 +562,7 @@ def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
     """Where the trained dense model of ``config`` is cached (None without a cache folder)."""
     train, method = config["training"], config["method"]
     key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": config["seed"],
-                  "dense": {k: train[k] for k in (*DENSE_KEYS, *OPTIONAL_TRAINING) if k in train},
+                  "dense": {k: train[k] for k in (*DENSE_KEYS, "patience") if k in train},
                   "regularizer": method.get("regularizer"),
                   "layers": method.get("layers"), "rewind": method.get("rewind"), "version": VERSION}
     return Path(cache_dir) / "dense" / f"{digest(key_fields, 20)}.pt" if cache_dir else None
@@ -610,7 +636,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
         monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"],
                                   start=pruner.schedule.last_step)   # counted from the last prune
     history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
-                  callbacks=[monitor] if monitor else (), **distill,
+                  callbacks=[monitor] if monitor else (), **distill, max_steps=train.get("finetune_steps"),
                   **_train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
     metrics = prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
                             thin=bool(method.get("thin")), latency=method.get("latency"),

@@ -46,4 +46,4 @@ def nm_choice(score: torch.Tensor, n: int, m: int, alive: torch.Tensor) -> torch
     """Entries to prune so that every group of ``m`` consecutive columns keeps at most ``n``
     per row: the ``m − n`` lowest scores of each group, and every entry already pruned (a row
     whose group lost more before keeps fewer). ``score`` is ``(rows, k·m)``; lower goes first."""
-    return ~nm_keep(-score, n, m, alive)
+    return ~nm_keep(score, n, m, alive)      # keep the n highest: prune the m − n lowest
