@@ -142,7 +142,7 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="the study's YAML spec, e.g. experiments/quickstart.yaml")
     p.add_argument("--set", action="append", metavar="PATH=VALUE",
                    help="override a spec value, e.g. --set training.epochs=3 (repeatable)")
-    p.add_argument("--quick", action="store_true", help="apply the spec's quick: overrides (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="apply the spec's quick: overrides (seconds to a few minutes)")
     p.add_argument("--db", default=None, help="the study database (default: <out>/<name>/study.db)")
     p.add_argument("--out", default="results", help="folder for study databases (default: results)")
     p.add_argument("--executor", default="local", type=cli_type("executor", p.prog, Options(EXECUTORS)),
