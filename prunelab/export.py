@@ -156,9 +156,20 @@ def _quantised(name: str, tensor: torch.Tensor, values: str) -> tuple[np.ndarray
     """The stored values of a weight tensor (all entries, row-major) and its int8 scales."""
     w = tensor.detach().to("cpu", torch.float32)
     if values == "float32":
-        return w.numpy().reshape(-1), None
+        return w.numpy().reshape(-1), None             # exact, NaN and inf included
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"save: tensor {name!r} holds {int(bad.sum())} non-finite value(s) (first at {first}: "
+                         f"{float(w[first])}); values={values!r} cannot store them faithfully. Fix the model, or "
+                         f"save with values='float32', which keeps every value as it is.")
     if values == "float16":
         half = w.to(torch.float16)
+        overflow = torch.isinf(half)
+        if overflow.any():
+            first = tuple(int(i) for i in torch.nonzero(overflow)[0])
+            raise ValueError(f"save: tensor {name!r} holds values beyond float16's range (first at {first}: "
+                             f"{float(w[first])}; float16 reaches ±65504); save with values='float32' or 'int8'.")
         tiny = torch.finfo(torch.float16).smallest_normal * 2.0 ** -10     # smallest subnormal
         lost = (half == 0) & (w != 0)                                        # keep the sparsity pattern
         half[lost] = (torch.sign(w[lost]) * tiny).to(torch.float16)

@@ -474,3 +474,21 @@ def test_a_tie_to_an_unknown_or_different_tensor_is_refused(tmp_path, edit, mess
                    lambda h: [edit(e) for e in h["tensors"] if e["name"] == "lm_head.weight"])
     with pytest.raises(export.ModelFileError, match=message):
         export.load(tmp_path / "lm.plm")
+
+
+@pytest.mark.parametrize("values, value, message", [
+    ("int8", float("nan"), r"tensor '0.weight' holds 1 non-finite value\(s\) \(first at \(1, 2\): nan\)"),
+    ("float16", float("inf"), r"tensor '0.weight' holds 1 non-finite value\(s\)"),
+    ("float16", 1e6, r"tensor '0.weight' holds values beyond float16's range \(first at \(1, 2\): 1000000.0"),
+])
+def test_reduced_precision_refuses_values_it_cannot_store(tmp_path, values, value, message):
+    from torch import nn
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[1, 2] = value
+    with pytest.raises(ValueError, match=message):
+        export.save(model, tmp_path / "m.plm", values=values)
+    assert not (tmp_path / "m.plm").exists()
+    export.save(model, tmp_path / "m.plm")                              # float32 keeps it as it is
+    loaded = export.load(tmp_path / "m.plm", model=nn.Sequential(nn.Linear(4, 3)))
+    assert torch.equal(loaded[0].weight.isnan(), model[0].weight.isnan())
