@@ -57,7 +57,7 @@ from prunelab._validation import Options, Types, validate_params
 from prunelab.inputs import forward_batches
 from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.lobs import OFFLOADS, Report, _BlockBar, _check_block_options, _check_compute_dtype, hessian
+from prunelab.pruning.lobs import OFFLOADS, Report, _BlockBar, _mib, _check_block_options, _check_compute_dtype, hessian
 from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.targets import Target
 
@@ -230,31 +230,22 @@ class NormReport(Report):
     """The per-layer reports of a block-by-block Wanda prune (block totals, trace time and the
     whole prune's peak as in :class:`prunelab.pruning.lobs.Report`)."""
 
-    def __str__(self) -> str:
-        w = max([14] + [len(r.layer) for r in self])
-        head = (f"{'layer':<{w}} {'sparsity':>8} {'n':>8} {'norms s':>8} {'select s':>8} {'total s':>8} "
+    def _width(self) -> int:
+        return max([14] + [len(r.layer) for r in self])
+
+    def _head(self) -> str:
+        w = self._width()
+        return (f"{'layer':<{w}} {'sparsity':>8} {'n':>8} {'norms s':>8} {'select s':>8} {'total s':>8} "
                 f"{'peak MiB':>9}")
-        lines = [head, "-" * len(head)]
-        totals = {b["block"]: b for b in self.blocks()}
-        for i, r in enumerate(self):
-            lines.append(f"{r.layer:<{w}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} {r.select_seconds:8.3f} "
-                         f"{r.seconds:8.3f} {_mib(r.peak_memory):>9}")
-            if r.block is not None and (i + 1 == len(self) or self[i + 1].block != r.block):
-                b = totals[r.block]
-                lines.append(f"  block {r.block}: {b['layers']} layer(s), {b['seconds']:.3f} s, "
-                             f"peak {_mib(b['peak_memory'])} MiB")
-        if self.peak_memory is not None:
-            lines.append(f"whole prune: peak {_mib(self.peak_memory)} MiB, trace {self.trace_seconds:.3f} s")
-        return "\n".join(lines)
+
+    def _row(self, r) -> str:
+        return (f"{r.layer:<{self._width()}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} "
+                f"{r.select_seconds:8.3f} {r.seconds:8.3f} {_mib(r.peak_memory):>9}")
 
     def totals(self) -> dict:
         return {"norm_seconds": sum(r.norm_seconds for r in self),
                 "select_seconds": sum(r.select_seconds for r in self),
                 "seconds": sum(r.seconds for r in self) + self.trace_seconds}
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.0f}"
 
 
 class _BlockByBlock:

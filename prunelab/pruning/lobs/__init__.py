@@ -115,15 +115,23 @@ class Report(list):
     trace_seconds: float = 0.0
     peak_memory: int | None = None
 
-    def __str__(self) -> str:
-        head = (f"{'layer':<14} {'sparsity':>8} {'predicted':>10} {'measured':>10} {'relative':>9} "
+    def _head(self) -> str:
+        return (f"{'layer':<14} {'sparsity':>8} {'predicted':>10} {'measured':>10} {'relative':>9} "
                 f"{'n':>8} {'hessian s':>9} {'solve s':>8} {'total s':>8} {'peak MiB':>9}")
+
+    def _row(self, r) -> str:
+        return (f"{r.layer:<14} {r.sparsity:8.4f} {r.predicted_error:10.4g} {r.measured_error:10.4g} "
+                f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f} "
+                f"{r.seconds:8.3f} {_mib(r.peak_memory):>9}")
+
+    def __str__(self) -> str:
+        """One line per layer (:meth:`_head`, :meth:`_row`), a total line after each block and the
+        whole prune's peak; subclasses with other per-layer fields give their own two methods."""
+        head = self._head()
         lines = [head, "-" * len(head)]
         totals = {b["block"]: b for b in self.blocks()}
         for i, r in enumerate(self):
-            lines.append(f"{r.layer:<14} {r.sparsity:8.4f} {r.predicted_error:10.4g} {r.measured_error:10.4g} "
-                         f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f} "
-                         f"{r.seconds:8.3f} {_mib(r.peak_memory):>9}")
+            lines.append(self._row(r))
             last = i + 1 == len(self) or self[i + 1].block != r.block
             if r.block is not None and last:
                 b = totals[r.block]
