@@ -377,7 +377,7 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         else:
             method["distill"] = distill
     if "latency" in method:       # only when given, so that older runs keep their ids
-        latency = _prepare_latency(f"{path}.latency", method["latency"], checker)
+        latency = prepare_latency(f"{path}.latency", method["latency"], checker)
         if latency is None:
             method.pop("latency")
         else:
@@ -450,26 +450,29 @@ def _prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | 
     return distill
 
 
-def _prepare_latency(path: str, value, checker: Checker) -> dict | None:
-    """A method's ``latency``: ``true`` (the defaults), ``false``/null (none) or a mapping with
-    ``batch_sizes`` (a list of ints ≥ 1), ``min_sparsity`` in [0, 1], ``threads`` ≥ 1, ``rounds`` ≥ 1."""
+def prepare_latency(path: str, value, checker: Checker, defaults: dict = LATENCY_DEFAULTS,
+                    accepted: str = "true or a mapping {batch_sizes: [1, 64], min_sparsity: 0.5, threads: 1, "
+                                    "rounds: 5}") -> dict | None:
+    """A method's ``latency``: ``true`` (the ``defaults``), ``false``/null (none) or a mapping of
+    the ``defaults``' keys: ``batch_sizes`` (a list of ints ≥ 1), ``min_sparsity`` in [0, 1] (where
+    the task has it), ``threads`` ≥ 1, ``rounds`` ≥ 1. ``accepted`` is the message's "must be ..."."""
     if value is None or value is False:
         return None
     if value is True:
         value = {}
     if not isinstance(value, dict):
-        checker.error(path, f"must be true or a mapping {{batch_sizes: [1, 64], min_sparsity: 0.5, threads: 1, "
-                            f"rounds: 5}}; got {value!r}")
+        checker.error(path, f"must be {accepted}; got {value!r}")
         return None
-    checker.keys(path, value, tuple(LATENCY_DEFAULTS))
-    latency = {**LATENCY_DEFAULTS, **value}
+    checker.keys(path, value, tuple(defaults))
+    latency = {**defaults, **value}
     sizes = latency["batch_sizes"]
     if not isinstance(sizes, list) or not sizes:
         checker.error(f"{path}.batch_sizes", f"must be a non-empty list of batch sizes; got {sizes!r}")
     else:
         for i, size in enumerate(sizes):
             checker.number(f"{path}.batch_sizes[{i}]", size, low=1, integer=True, param="batch_sizes")
-    checker.number(f"{path}.min_sparsity", latency["min_sparsity"], low=0.0, high=1.0)
+    if "min_sparsity" in defaults:
+        checker.number(f"{path}.min_sparsity", latency["min_sparsity"], low=0.0, high=1.0)
     checker.number(f"{path}.threads", latency["threads"], low=1, integer=True)
     checker.number(f"{path}.rounds", latency["rounds"], low=1, integer=True)
     return latency

@@ -35,7 +35,7 @@ import time
 from prunelab.data import dry_run_inputs, takes_token_ids
 from prunelab.experiments.limits import build_bounded
 from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_distill, _prepare_training,
-                                             _train_kwargs, load_prepared_dataset)
+                                             _train_kwargs, load_prepared_dataset, prepare_latency)
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.training import evaluate, fit
 
@@ -121,30 +121,9 @@ def _prepare_structured(path: str, entry: dict, train: dict, checker: Checker) -
         distill = _prepare_distill(f"{path}.distill", entry["distill"], train, checker)
         if distill is not None:
             method["distill"] = distill
-    method["latency"] = _prepare_latency(f"{path}.latency", entry.get("latency", True), checker)
+    method["latency"] = prepare_latency(f"{path}.latency", entry.get("latency", True), checker, LATENCY_DEFAULTS,
+                                        "true, false or a mapping {batch_sizes: [1, 16], threads: 1, rounds: 3}")
     return None if len(checker.errors) > n else method
-
-
-def _prepare_latency(path: str, value, checker: Checker) -> dict | None:
-    """``latency``: true (the defaults), false (not measured) or ``{batch_sizes, threads, rounds}``."""
-    if value is False or value is None:
-        return None
-    value = {} if value is True else value
-    if not isinstance(value, dict):
-        checker.error(path, f"must be true, false or a mapping {{batch_sizes: [1, 16], threads: 1, rounds: 3}}; "
-                            f"got {value!r}")
-        return None
-    checker.keys(path, value, tuple(LATENCY_DEFAULTS))
-    latency = {**LATENCY_DEFAULTS, **value}
-    sizes = latency["batch_sizes"]
-    if not isinstance(sizes, list) or not sizes:
-        checker.error(f"{path}.batch_sizes", f"must be a non-empty list of batch sizes; got {sizes!r}")
-    else:
-        for i, size in enumerate(sizes):
-            checker.number(f"{path}.batch_sizes[{i}]", size, low=1, integer=True, param="batch_sizes")
-    checker.number(f"{path}.threads", latency["threads"], low=1, integer=True)
-    checker.number(f"{path}.rounds", latency["rounds"], low=1, integer=True)
-    return latency
 
 
 def _check_applies(path: str, net, method: dict, level: float, data: dict, checker: Checker) -> None:
