@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 import prunelab
-from prunelab.experiments import Store, build_study, run_study
+from prunelab.store import Store
+from prunelab.study import build_study, run_study
 
 
 def spec(runs: int, epochs: int) -> dict:

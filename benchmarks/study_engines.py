@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from prunelab.experiments import load_spec
-from prunelab.experiments.runner import execute_group, execute_run
-from prunelab.experiments.study import plan_jobs
+from prunelab.study import load_spec
+from prunelab.study.runner import execute_group, execute_run
+from prunelab.study.run import plan_jobs
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def key_value(flag: str):
     import argparse as _argparse
 
     def parse(text: str) -> tuple[str, object]:
-        from prunelab.experiments._yaml import load_yaml
+        from prunelab.study._yaml import load_yaml
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise _argparse.ArgumentTypeError(f"{flag} takes key=value, e.g. {flag} hidden=[300,100]. "
@@ -166,7 +166,7 @@ def _prune_user(args) -> int:
 def _check_outputs(args, where: str, flags: tuple[str, ...] = ("save", "export", "json")) -> None:
     """Every output file named on the command line can be written: checked (and its folder
     made) before any work; a failure is a StudyWriteError (exit 4) naming the path."""
-    from prunelab.experiments.store import write_failure
+    from prunelab.store import write_failure
     for flag in flags:
         path = getattr(args, flag, None)
         if not path:
@@ -732,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prunelab.experiments.lock import StudyLocked
-    from prunelab.experiments.store import StudyWriteError
+    from prunelab.study.lock import StudyLocked
+    from prunelab.store import StudyWriteError
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from prunelab._validation import MAX_WORKERS, Interval, Options, cli_type
 
-#: The executors of prunelab run (prunelab.experiments.executors.EXECUTORS; not imported here, so
+#: The executors of prunelab run (prunelab.study.executors.EXECUTORS; not imported here, so
 #: that parsing the command line stays light).
 EXECUTORS = ("local", "ray")
 
 def _existing_db(path: str) -> Path:
     """The study database named on the command line (or in the named folder), checked to be a
     prunelab store without changing it (commands that read never write to it)."""
-    from prunelab.experiments.store import inspect_store
+    from prunelab.store import inspect_store
     db = Path(path)
     if db.is_dir():
         db = db / "study.db"
@@ -31,8 +31,8 @@ def _existing_db(path: str) -> Path:
 
 
 def cmd_run(args) -> int:
-    from prunelab.experiments import default_db_path, load_spec, run_study
-    from prunelab.experiments.executors import check_executor_options
+    from prunelab.study import default_db_path, load_spec, run_study
+    from prunelab.study.executors import check_executor_options
     check_executor_options(args.executor, workers=args.workers, address=args.address)
     study = load_spec(args.spec, overrides=args.set or [], quick=args.quick)
     db = Path(args.db) if args.db else default_db_path(study, args.out, quick=args.quick)
@@ -59,8 +59,8 @@ def _interrupt(signum, frame):
 
 
 def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool) -> None:
-    from prunelab.experiments.store import Store
-    from prunelab.experiments.tables import build_tables, write_tables
+    from prunelab.store import Store
+    from prunelab.results.tables import build_tables, write_tables
     with Store(db, readonly=True) as store:
         if not store.counts()["done"]:
             return
@@ -71,15 +71,15 @@ def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool)
             print(f"\n{table.to_markdown(heading=True)}")
         print(f"\ntables: {', '.join(str(p) for p in paths)}")
     if figures:
-        from prunelab.experiments.figures import write_figures
+        from prunelab.results.figures import write_figures
         print(f"figures: {', '.join(str(p) for p in write_figures(db, db.parent / 'figures'))}")
     if report:
-        from prunelab.experiments.report import write_report
+        from prunelab.results.report import write_report
         print(f"report: {write_report(db)}")
 
 
 def cmd_status(args) -> int:
-    from prunelab.experiments.store import Store
+    from prunelab.store import Store
     db = _existing_db(args.study)
     with Store(db, readonly=True) as store:
         study = store.meta("study") or {}
@@ -107,7 +107,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.tables import write_tables
     db = _existing_db(args.study)
     out = Path(args.out) if args.out else db.parent / "tables"
     paths = write_tables(db, out, formats=tuple(args.format), columns=args.columns, rows=args.rows,
@@ -120,7 +120,7 @@ def cmd_table(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from prunelab.experiments.figures import write_figures
+    from prunelab.results.figures import write_figures
     db = _existing_db(args.study)
     out = Path(args.out) if args.out else db.parent / "figures"
     paths = write_figures(db, out, formats=tuple(args.format))
@@ -129,7 +129,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from prunelab.experiments.report import write_report
+    from prunelab.results.report import write_report
     db = _existing_db(args.study)
     print(f"wrote {write_report(db, args.out)}")
     return 0

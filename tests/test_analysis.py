@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prunelab.experiments.analysis import aggregate, paired_comparison, pareto_front, performance_profile
-from prunelab.experiments.store import Store
+from prunelab.results.analysis import aggregate, paired_comparison, pareto_front, performance_profile
+from prunelab.store import Store
 from test_results import DATASETS, METHODS, MODEL, build_study, standard_runs
 
 

@@ -129,13 +129,13 @@ import numpy as np  # noqa: E402
 
 from prunelab import _validation as V  # noqa: E402
 from prunelab.engine import BatchedModels  # noqa: E402
-from prunelab.experiments import Study  # noqa: E402
+from prunelab.study import Study  # noqa: E402
 from prunelab.cli import build_parser, main  # noqa: E402
 
 #: Packages whose __all__ is the public API, and the public names of modules without one.
 PACKAGES = ["prunelab", "prunelab.pruning", "prunelab.metrics", "prunelab.models", "prunelab.units",
-            "prunelab.data", "prunelab.engine", "prunelab.experiments"]
-MODULE_NAMES = {"prunelab.export": ["save", "load", "predict_bytes", "export_onnx"],
+            "prunelab.data", "prunelab.engine", "prunelab.study"]
+MODULE_NAMES = {"prunelab.store": ["Store"], "prunelab.export": ["save", "load", "predict_bytes", "export_onnx"],
                 "prunelab.hf": ["save_pretrained", "load_pretrained"],
                 "prunelab.sparse": ["SparseLinear", "sparsify", "densify", "compare_latency", "inference_latency"],
                 "prunelab.training": ["retrain", "RecoveryMonitor"]}
@@ -228,10 +228,10 @@ def _valid_calls(tmp: Path) -> dict:
         "prunelab.engine.available_bytes": ((), {}), "prunelab.engine.member_bytes": ((m, (4,), 8), {}),
         "prunelab.engine.cache_members": ((m, (4,), 8), {}),
         "prunelab.engine.choose_members": ((m, (4,), 8), {"wanted": 2}),
-        "prunelab.experiments.Store": ((tmp / "study.db",), {}), "prunelab.experiments.build_study": (({},), {}),
-        "prunelab.experiments.load_spec": ((tmp / "spec.yaml",), {}),
-        "prunelab.experiments.default_db_path": ((Study("s", {}),), {}),
-        "prunelab.experiments.run_study": ((Study("s", {}), tmp / "study.db"), {}),
+        "prunelab.store.Store": ((tmp / "study.db",), {}), "prunelab.study.build_study": (({},), {}),
+        "prunelab.study.load_spec": ((tmp / "spec.yaml",), {}),
+        "prunelab.study.default_db_path": ((Study("s", {}),), {}),
+        "prunelab.study.run_study": ((Study("s", {}), tmp / "study.db"), {}),
     }
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from prunelab.distillation import kl_term
-from prunelab.experiments import SpecError, build_study
+from prunelab.runs import SpecError
+from prunelab.study import build_study
 from prunelab.pruning import Pruner
 from prunelab.training import fit
 
@@ -194,7 +195,7 @@ def test_a_spec_distill_entry_is_resolved_with_its_defaults_and_keeps_other_ids(
     assert run.config["method"]["distill"] == {"weight": 0.8, "temperature": 2.0}
     assert build_study(_spec(distill=True)).runs[0].config["method"]["distill"] == {"weight": 0.5,
                                                                                     "temperature": 2.0}
-    from prunelab.engine.harness import why_not_batched
+    from prunelab.runs.batched import why_not_batched
     assert "distillation" in why_not_batched(run.config) and why_not_batched(plain.config) is None
 
 
@@ -214,10 +215,10 @@ def test_spec_distill_errors_are_listed_with_their_paths():
 
 
 def test_a_prune_run_with_distill_records_both_losses(monkeypatch):
-    from prunelab.experiments.prune_task import execute_prune
+    from prunelab.runs.prune import execute_prune
     config = build_study(_spec(distill={"weight": 0.5, "temperature": 3.0})).runs[0].config
     calls = []
-    import prunelab.experiments.prune_task as task
+    import prunelab.runs.prune as task
     real_fit = task.fit
 
     def spy(model, data, **kwargs):

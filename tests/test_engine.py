@@ -180,9 +180,9 @@ def test_cache_members_divides_the_last_level_cache(monkeypatch):
 
 
 def test_a_group_of_study_runs_gives_the_records_of_single_runs(tmp_path):
-    from prunelab.engine.harness import execute_prune_group, group_key, why_not_batched
-    from prunelab.experiments import build_study
-    from prunelab.experiments.prune_task import execute_prune
+    from prunelab.runs.batched import execute_prune_group, group_key, why_not_batched
+    from prunelab.study import build_study
+    from prunelab.runs.prune import execute_prune
 
     study = build_study({
         "name": "g", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [32]}],

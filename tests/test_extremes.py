@@ -201,7 +201,8 @@ def test_a_tensor_found_finite_is_checked_again_after_an_in_place_write():
 
 
 def test_a_study_run_records_the_layers_the_guard_held(tmp_path):
-    from prunelab.experiments import Store, build_study, run_study
+    from prunelab.store import Store
+    from prunelab.study import build_study, run_study
 
     spec = {"name": "held", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [8]}],
             "methods": [{"label": "units", "granularity": "unit", "scope": "local", "layers": ["fc1"]}],

@@ -3,10 +3,12 @@ filters of tables and figures."""
 
 import pytest
 
-from prunelab.experiments import SpecError, Store, build_study, run_study
-from prunelab.experiments._records import select_labels
-from prunelab.experiments.figures import build_figures
-from prunelab.experiments.tables import build_tables
+from prunelab.runs import SpecError
+from prunelab.store import Store
+from prunelab.study import build_study, run_study
+from prunelab.results.records import select_labels
+from prunelab.results.figures import build_figures
+from prunelab.results.tables import build_tables
 
 
 def spec(**changes):

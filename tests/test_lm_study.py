@@ -13,7 +13,8 @@ import torch
 from prunelab.cli import main
 from prunelab.data import dry_run_inputs, load_dataset
 from prunelab.data import text
-from prunelab.experiments import Store, build_study, run_study
+from prunelab.store import Store
+from prunelab.study import build_study, run_study
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 
@@ -71,7 +72,7 @@ def test_dry_run_inputs_are_token_ids_for_text_and_the_shape_for_images(pydocs):
 
 
 def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
     study = build_study(lm_spec(models=[GPT, LSTM]))
     result = run_study(study, tmp_path / "lm.db", progress=False)
     assert result.counts["done"] == 4, result.counts
@@ -109,8 +110,8 @@ def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
 
 
 def test_lm_runs_stay_single_with_a_reason_and_patience_is_checked(pydocs):
-    from prunelab.engine.harness import why_not_batched
-    from prunelab.experiments.study import plan_jobs
+    from prunelab.runs.batched import why_not_batched
+    from prunelab.study.run import plan_jobs
     study = build_study(lm_spec(training={"epochs": 3, "finetune_epochs": 0, "patience": 1}))
     configs = [run.config for run in study.runs]
     assert all(c["training"]["patience"] == 1 for c in configs)
@@ -170,11 +171,11 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, pydocs):
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement_and_restores_the_best():
-    from prunelab.experiments.prune_task import _EarlyStopping
+    from prunelab.runs.prepare import EarlyStopping
     from prunelab.training import TrainState
     model = torch.nn.Linear(2, 2)
     state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    stopper = _EarlyStopping(patience=2)
+    stopper = EarlyStopping(patience=2)
     for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.1, 1.0]):
         with torch.no_grad():
             model.weight.fill_(epoch)

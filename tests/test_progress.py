@@ -2,7 +2,7 @@
 
 import io
 
-from prunelab.experiments.progress import Progress
+from prunelab.study.progress import Progress
 
 
 def outcome(status="done", accuracy=0.9):

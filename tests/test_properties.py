@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import prunelab
-from prunelab.experiments import build_study, load_spec
+from prunelab.study import build_study, load_spec
 from prunelab.pruning import Pruner, SparsityShortfall, prune
 
 # PRUNELAB_HYPOTHESIS=N runs N times as many examples, with fresh random draws, to search harder

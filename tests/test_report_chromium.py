@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from prunelab.experiments.store import Store
+from prunelab.store import Store
 from test_results import STUDY_A_TABLES, build_study, standard_runs
 
 FIGURES = [{"kind": "accuracy_vs_params"}, {"kind": "accuracy_vs_sparsity", "split_by": ["method"]},
@@ -30,7 +30,7 @@ def study(tmp_path):
 
 
 def test_report_is_self_contained_and_has_every_section(study):
-    from prunelab.experiments.report import write_report
+    from prunelab.results.report import write_report
 
     path = write_report(study)
     assert path == study.with_name("study_report.html")
@@ -59,8 +59,8 @@ def test_report_is_self_contained_and_has_every_section(study):
 
 
 def test_report_tables_match_the_markdown_tables(study):
-    from prunelab.experiments.report import write_report
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.report import write_report
+    from prunelab.results.tables import build_tables
 
     text = write_report(study, study.parent / "out" / "r.html").read_text()
     with Store(study) as store:
@@ -73,7 +73,7 @@ def test_report_tables_match_the_markdown_tables(study):
 
 
 def test_report_of_a_study_without_finished_runs_or_figure_data(tmp_path):
-    from prunelab.experiments.report import write_report
+    from prunelab.results.report import write_report
 
     runs = [{"dataset": "mnist", "method": "m", "sparsity": 0.5, "seed": s, "status": st, "error": "boom"}
             for s, st in enumerate(["pending", "failed"])]
@@ -86,8 +86,8 @@ def test_report_of_a_study_without_finished_runs_or_figure_data(tmp_path):
 
 
 def test_report_and_plot_with_nothing_declared(tmp_path):
-    from prunelab.experiments.figures import write_figures
-    from prunelab.experiments.report import write_report
+    from prunelab.results.figures import write_figures
+    from prunelab.results.report import write_report
 
     path = build_study(tmp_path / "s.db", standard_runs(), spec={"outputs": {"tables": [], "figures": []}})
     assert write_figures(path, tmp_path / "figs") == []
@@ -139,7 +139,7 @@ def _run_chromium(binary, tmp_path, *args):
 
 
 def test_every_figure_and_table_is_visible_in_chromium(study, tmp_path):
-    from prunelab.experiments.report import write_report
+    from prunelab.results.report import write_report
 
     binary = _chromium()
     report = write_report(study)
@@ -162,7 +162,7 @@ def test_every_figure_and_table_is_visible_in_chromium(study, tmp_path):
 def test_report_screenshot_is_not_blank(study, tmp_path):
     from PIL import Image
 
-    from prunelab.experiments.report import write_report
+    from prunelab.results.report import write_report
 
     binary = _chromium()
     report = write_report(study, tmp_path / "report.html")

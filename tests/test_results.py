@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from prunelab.experiments.store import PlannedRun, Store
+from prunelab.store import PlannedRun, Store
 
 MODEL = "mlp[hidden=100]"
 DATASETS = ("mnist", "mnist_rot")
@@ -86,7 +86,7 @@ def records(path):
 
 # ------------------------------------------------------------------------------------ tables
 def test_one_table_per_split_combination_rows_levels_columns_datasets(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     tables = build_tables(records(study), STUDY_A_TABLES)
     assert [t.title for t in tables] == [
@@ -99,7 +99,7 @@ def test_one_table_per_split_combination_rows_levels_columns_datasets(study):
 
 
 def test_cells_show_mean_and_sample_std_and_missing_cells_are_empty(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     magl1, magl2 = build_tables(records(study), STUDY_A_TABLES)
     cells = {(key, column): cell for key, row in magl2.rows for column, cell in zip(magl2.column_labels, row)}
@@ -113,7 +113,7 @@ def test_cells_show_mean_and_sample_std_and_missing_cells_are_empty(study):
 
 
 def test_markdown_has_a_header_a_separator_and_one_line_per_level(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     table = build_tables(records(study), STUDY_A_TABLES)[0]
     lines = table.to_markdown().splitlines()
@@ -124,7 +124,7 @@ def test_markdown_has_a_header_a_separator_and_one_line_per_level(study):
 
 
 def test_single_seed_prints_a_dash_for_std_and_flags_short_cells(tmp_path):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     runs = [r for r in standard_runs() if not (r["dataset"] == "mnist" and r["method"] == "magl1"
                                                 and r["sparsity"] == 0.9 and r["seed"] > 0)]
@@ -136,7 +136,7 @@ def test_single_seed_prints_a_dash_for_std_and_flags_short_cells(tmp_path):
 
 
 def test_csv_parses_back_to_the_aggregated_numbers(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     table = build_tables(records(study), STUDY_A_TABLES)[1]          # magl2: has an empty cell
     rows = list(csv.reader(io.StringIO(table.to_csv())))
@@ -157,7 +157,7 @@ def test_csv_parses_back_to_the_aggregated_numbers(study):
 
 
 def test_latex_uses_booktabs_and_escapes(study):
-    from prunelab.experiments.tables import build_tables, latex_escape
+    from prunelab.results.tables import build_tables, latex_escape
 
     tex = build_tables(records(study), STUDY_A_TABLES)[0].to_latex()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lrr}"):
@@ -170,7 +170,7 @@ def test_latex_uses_booktabs_and_escapes(study):
 
 
 def test_default_table_is_levels_by_methods_per_dataset_and_model(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     tables = build_tables(records(study), None)
     assert len(tables) == len(DATASETS)
@@ -179,7 +179,7 @@ def test_default_table_is_levels_by_methods_per_dataset_and_model(study):
 
 
 def test_rows_by_method_splits_by_level(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     tables = build_tables(records(study), {"tables": [{"rows": "method", "columns": "dataset"}]})
     assert len(tables) == len(LEVELS)                      # one per level (model has one value)
@@ -188,7 +188,7 @@ def test_rows_by_method_splits_by_level(study):
 
 
 def test_non_accuracy_metric_is_not_a_percentage_and_digits_apply(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     table = build_tables(records(study), {"metric": "loss", "tables": [{"columns": "dataset", "digits": 3}]})[0]
     assert table.title.startswith("loss, mean")
@@ -198,7 +198,7 @@ def test_non_accuracy_metric_is_not_a_percentage_and_digits_apply(study):
 
 
 def test_write_tables_writes_each_format(study, tmp_path):
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.tables import write_tables
 
     paths = write_tables(study, tmp_path / "out")
     names = sorted(p.name for p in paths)
@@ -211,14 +211,14 @@ def test_write_tables_writes_each_format(study, tmp_path):
 
 
 def test_write_tables_default_folder_is_next_to_the_db(study):
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.tables import write_tables
 
     paths = write_tables(study, formats=("csv",))
     assert all(p.parent == study.parent / "s_tables" for p in paths)
 
 
 def test_command_line_choices_replace_the_declarations(study, tmp_path):
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.tables import write_tables
 
     paths = write_tables(study, tmp_path, formats=["csv"], columns="method", rows="dataset", metric="loss")
     assert len(paths) == 2                                   # one per level
@@ -229,14 +229,14 @@ def test_command_line_choices_replace_the_declarations(study, tmp_path):
 
 
 def test_a_label_that_varies_must_be_laid_out(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     with pytest.raises(ValueError, match=r"label 'method' takes 2 values \(magl1, magl2\).*add it to split_by"):
         build_tables(records(study), {"tables": [{"rows": "sparsity", "columns": "dataset", "split_by": []}]})
 
 
 def test_levels_as_columns(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     layout = {"rows": "method", "columns": "sparsity", "split_by": ["model", "dataset"]}
     table = build_tables(records(study), {"tables": [layout]})[0]
@@ -257,7 +257,7 @@ def _family_runs():
 
 
 def test_default_split_leaves_out_a_label_fixed_by_rows_and_columns(tmp_path):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     # Study C's shape: each model pruned to its own level; rows = model.
     runs = [{"dataset": "mnist", "model": model, "method": method, "sparsity": level, "seed": s,
@@ -271,7 +271,7 @@ def test_default_split_leaves_out_a_label_fixed_by_rows_and_columns(tmp_path):
 
 
 def test_cells_never_pool_a_family_of_models(tmp_path):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     done = records(build_study(tmp_path / "d.db", _family_runs()))
     with pytest.raises(ValueError, match=r"outputs.tables\[0\]: the label 'model' takes 4 values \(dense-25, "
@@ -284,9 +284,9 @@ def test_cells_never_pool_a_family_of_models(tmp_path):
 
 # --------------------------------------------------------------------------------- bad input
 def test_missing_database_is_an_error_and_is_not_created(tmp_path):
-    from prunelab.experiments.figures import write_figures
-    from prunelab.experiments.report import write_report
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.figures import write_figures
+    from prunelab.results.report import write_report
+    from prunelab.results.tables import write_tables
 
     missing = tmp_path / "nope" / "study.db"
     for write in (write_tables, write_figures, write_report):
@@ -296,7 +296,7 @@ def test_missing_database_is_an_error_and_is_not_created(tmp_path):
 
 
 def test_a_file_that_is_not_a_database_is_an_error(tmp_path):
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.tables import write_tables
 
     junk = tmp_path / "junk.db"
     junk.write_text("not sqlite " * 100)
@@ -305,8 +305,8 @@ def test_a_file_that_is_not_a_database_is_an_error(tmp_path):
 
 
 def test_no_finished_runs_says_how_many_are_pending_and_failed(tmp_path):
-    from prunelab.experiments.figures import write_figures
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.figures import write_figures
+    from prunelab.results.tables import write_tables
 
     runs = [{"dataset": "mnist", "method": "magl1", "sparsity": 0.5, "seed": s, "status": st, "error": "boom"}
             for s, st in enumerate(["pending", "pending", "failed", "running"])]
@@ -318,7 +318,7 @@ def test_no_finished_runs_says_how_many_are_pending_and_failed(tmp_path):
 
 
 def test_unknown_columns_rows_and_format_name_the_valid_ones(study, tmp_path):
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.tables import write_tables
 
     with pytest.raises(ValueError, match=re.escape("the 'columns' parameter of table must be one of: dataset, "
                                                    "method, model, sparsity. Got 'x' instead.")):
@@ -334,7 +334,7 @@ def test_unknown_columns_rows_and_format_name_the_valid_ones(study, tmp_path):
 
 
 def test_unknown_metric_lists_the_numeric_metric_keys_present(study, tmp_path):
-    from prunelab.experiments.tables import build_tables, write_tables
+    from prunelab.results.tables import build_tables, write_tables
 
     expected = ("must be one of: accuracy, accuracy_dense, accuracy_pruned, compression, loss, "
                 "nonzero_params, params, sparsity, speedup. Got 'acc' instead.")
@@ -345,7 +345,7 @@ def test_unknown_metric_lists_the_numeric_metric_keys_present(study, tmp_path):
 
 
 def test_every_bad_declaration_is_reported_at_once(study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     bad = {"tables": [{"rows": "levels"}, {"colums": "dataset"}, {"percent": "yes"}]}
     with pytest.raises(ValueError) as info:
@@ -358,7 +358,7 @@ def test_every_bad_declaration_is_reported_at_once(study):
 
 
 def test_outputs_problems_checks_a_spec_without_runs():
-    from prunelab.experiments.report import outputs_problems
+    from prunelab.results.report import outputs_problems
 
     assert outputs_problems(None) == [] == outputs_problems({"tables": [{"columns": "dataset"}],
                                                              "figures": [{"kind": "curves", "seed": 0}]})
@@ -366,13 +366,13 @@ def test_outputs_problems_checks_a_spec_without_runs():
                                  "figures": [{"kind": "scatter"}, {"kind": "curves", "colour": "red"}]})
     assert len(problems) == 4
     assert "unknown figure kind 'scatter'" in problems[2]
-    from prunelab.experiments.figures import FIGURES
+    from prunelab.results.figures import FIGURES
     assert ", ".join(FIGURES.names()) in problems[2]   # every registered kind is offered
 
 
 # ----------------------------------------------------------------------------------- figures
 def _figures(path, declaration):
-    from prunelab.experiments.figures import FIGURES
+    from prunelab.results.figures import FIGURES
 
     with Store(path) as store:
         spec = store.meta("spec")
@@ -530,7 +530,7 @@ def test_per_run_figure_filters_are_checked(study):
 
 
 def test_figure_without_its_data_is_a_no_data_error(tmp_path):
-    from prunelab.experiments._records import NoDataError
+    from prunelab.results.records import NoDataError
 
     runs = [{"dataset": "mnist", "method": "magl1", "sparsity": 0.5, "seed": 0, "metrics": {"accuracy": 0.9}}]
     path = build_study(tmp_path / "s.db", runs)
@@ -543,7 +543,7 @@ def test_figure_without_its_data_is_a_no_data_error(tmp_path):
 def test_write_figures_writes_png_and_svg_of_the_declared_size(tmp_path):
     from PIL import Image
 
-    from prunelab.experiments.figures import DPI, PANEL_SIZE, write_figures
+    from prunelab.results.figures import DPI, PANEL_SIZE, write_figures
 
     spec = {"outputs": {"figures": [{"kind": "accuracy_vs_params"}, {"kind": "weight_histogram"},
                                     {"kind": "accuracy_vs_params", "metric": "loss"}]}}
@@ -563,9 +563,9 @@ def test_write_figures_writes_png_and_svg_of_the_declared_size(tmp_path):
 
 
 def test_figure_declarations_errors_name_the_kind_and_valid_ones(tmp_path):
-    from prunelab.experiments.figures import write_figures
+    from prunelab.results.figures import write_figures
 
-    from prunelab.experiments.figures import FIGURES
+    from prunelab.results.figures import FIGURES
     kinds = re.escape(", ".join(FIGURES.names()))     # every registered kind is offered
     cases = [({"kind": "scatter"}, r"unknown figure kind 'scatter'; the 'kind' parameter of outputs.figures\[0\] "
                                    r"must be one of: " + kinds),
@@ -583,7 +583,7 @@ def test_figure_declarations_errors_name_the_kind_and_valid_ones(tmp_path):
 
 
 def test_metrics_json_values_are_converted_back():
-    from prunelab.experiments._records import number
+    from prunelab.results.records import number
 
     assert math.isnan(number(None))
     assert number("inf") == math.inf and number("-inf") == -math.inf
@@ -593,7 +593,7 @@ def test_metrics_json_values_are_converted_back():
 def test_another_sqlite_file_is_reported_and_left_unchanged(tmp_path):
     import sqlite3
 
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.tables import write_tables
 
     other = tmp_path / "other.db"
     with sqlite3.connect(other) as db:
@@ -605,8 +605,8 @@ def test_another_sqlite_file_is_reported_and_left_unchanged(tmp_path):
 
 
 def test_retraining_figure_bands_over_seeds_and_the_dense_line(tmp_path):
-    from prunelab.experiments._records import NoDataError
-    from prunelab.experiments.figures import FIGURES
+    from prunelab.results.records import NoDataError
+    from prunelab.results.figures import FIGURES
     runs = []
     for model in ("a", "b"):
         for method, start in (("exact", 0.97), ("magnitude", 0.90)):
@@ -632,7 +632,7 @@ def test_retraining_figure_bands_over_seeds_and_the_dense_line(tmp_path):
 
 
 def test_a_design_grid_of_many_methods_gets_one_shared_legend_and_distinct_line_styles(tmp_path):
-    from prunelab.experiments.figures import build_figures
+    from prunelab.results.figures import build_figures
 
     runs = [{"dataset": "mnist", "method": f"design[{k}]", "sparsity": s, "seed": 0,
              "metrics": {"accuracy": 0.9 - 0.01 * k - s / 10, "nonzero_params": round(PARAMS * (1 - s))}}
@@ -647,7 +647,7 @@ def test_a_design_grid_of_many_methods_gets_one_shared_legend_and_distinct_line_
 
 
 def test_a_filter_naming_labels_without_finished_runs_skips_its_table_but_a_typo_is_an_error(tmp_path):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     runs = [{"dataset": "mnist", "method": "magl1", "model": "h100", "sparsity": 0.5, "seed": 0,
              "metrics": {"accuracy": 0.9}},

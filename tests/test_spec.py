@@ -5,7 +5,8 @@ import copy
 import pytest
 import yaml
 
-from prunelab.experiments import SpecError, build_study, load_spec
+from prunelab.runs import SpecError
+from prunelab.study import build_study, load_spec
 
 BASE = {
     "name": "t",

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from prunelab.experiments.store import PlannedRun, Store
+from prunelab.store import PlannedRun, Store
 
 
 def planned(n, prefix="r"):
@@ -47,7 +47,7 @@ def test_wal_mode_and_transitions(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from prunelab.experiments.store import Store
+    from prunelab.store import Store
     db, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     with Store(db) as store:
         for i in range(start, start + n):

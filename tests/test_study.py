@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from prunelab.cli import main
-from prunelab.experiments import Store, build_study, run_study
-from prunelab.experiments.lock import StudyLock, StudyLocked
+from prunelab.store import Store
+from prunelab.study import build_study, run_study
+from prunelab.study.lock import StudyLock, StudyLocked
 
 
 def spec(**changes):
@@ -27,7 +28,7 @@ def spec(**changes):
 
 
 def test_six_run_study_completes_and_table_matches_the_store(tmp_path):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
     study = build_study(spec())
     assert len(study.runs) == 6
     result = run_study(study, tmp_path / "study.db", progress=False)
@@ -135,7 +136,7 @@ def test_sigkill_mid_study_then_restart_finishes_every_run_once(tmp_path, worker
 
 
 def test_the_batched_engine_runs_groups_and_records_each_run(tmp_path):
-    from prunelab.experiments.study import plan_jobs
+    from prunelab.study.run import plan_jobs
     study = build_study(spec(methods=[{"label": "magnitude"}, {"label": "random", "criterion": "random"},
                                       {"label": "sgd-wd", "training": {"weight_decay": 1e-4}}]))
     result = run_study(study, tmp_path / "study.db", workers=2, progress=False)
@@ -206,7 +207,7 @@ def test_a_diverging_member_fails_alone_and_the_rest_of_its_group_completes(tmp_
     study = build_study(spec(seeds=1, methods=[
         {"label": "ok", "regularizer": {"name": "l1", "strength": 1e-4}},
         {"label": "boom", "regularizer": {"name": "l1", "strength": 1e38}}]))
-    from prunelab.experiments.study import plan_jobs
+    from prunelab.study.run import plan_jobs
     assert [len(job.members) for job in plan_jobs(study.runs)] == [2]          # one group
     result = run_study(study, tmp_path / "study.db", progress=False)
     assert result.counts["done"] == 1 and result.counts["failed"] == 1

@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from prunelab.cli import main
-from prunelab.experiments import Store, build_study, load_spec
-from prunelab.experiments.lock import StudyLock, StudyLocked
-from prunelab.experiments.store import StoreError
-from prunelab.experiments.tasks import SpecError
+from prunelab.store import Store
+from prunelab.study import build_study, load_spec
+from prunelab.study.lock import StudyLock, StudyLocked
+from prunelab.store import StoreError
+from prunelab.runs.tasks import SpecError
 
 SPEC_TEXT = """\
 name: t
@@ -178,7 +179,7 @@ def test_write_failures_exit_4_with_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------ locks
-HOLD = ("import sys, time\nfrom prunelab.experiments.lock import StudyLock\n"
+HOLD = ("import sys, time\nfrom prunelab.study.lock import StudyLock\n"
         "with StudyLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)")
 
 
@@ -341,7 +342,7 @@ def test_a_killed_worker_fails_only_its_own_run(tmp_path):
 
 # ---------------------------------------------------------------------------- safe writes
 def test_output_writes_never_follow_a_planted_symlink(tmp_path):
-    from prunelab.experiments._outputs import write_output
+    from prunelab.results.outputs import write_output
     out = tmp_path / "tables"
     out.mkdir()
     victim = tmp_path / "victim.txt"
@@ -358,7 +359,7 @@ def test_output_writes_never_follow_a_planted_symlink(tmp_path):
 def test_the_dense_cache_is_not_read_or_written_through_a_planted_symlink(tmp_path):
     import torch
 
-    from prunelab.experiments.prune_task import load_dense, save_dense
+    from prunelab.runs.prepare import load_dense, save_dense
     from prunelab.models import build_model
     model = build_model("mlp", input_shape=(1, 8, 8), n_classes=10, hidden=[4])
     elsewhere = tmp_path / "elsewhere.pt"

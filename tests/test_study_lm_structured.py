@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunelab.experiments import Store, build_study, run_study
-from prunelab.experiments.prune_task import load_prepared_dataset
+from prunelab.store import Store
+from prunelab.study import build_study, run_study
+from prunelab.runs.prepare import load_prepared_dataset
 from prunelab.models import build_model
 from prunelab.training import evaluate
 from test_lm_study import DATASET, LSTM, lm_spec, pydocs  # noqa: F401  (pydocs: the generated-data fixture)
@@ -94,7 +95,7 @@ def test_structured_task_says_when_a_model_has_no_attention_heads(pydocs):
 
 
 def test_finetune_steps_caps_the_fine_tuning_phase_and_is_resolved_only_when_given(tmp_path, pydocs):
-    from prunelab.engine.harness import why_not_batched
+    from prunelab.runs.batched import why_not_batched
     capped = build_study(structured_spec(training={**TRAIN, "finetune_epochs": 2, "finetune_steps": 3}))
     config = capped.runs[0].config
     assert config["training"]["finetune_steps"] == 3 and "finetune_steps" in why_not_batched(config)

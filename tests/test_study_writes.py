@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from prunelab.cli import main
-from prunelab.experiments import Store, build_study, lock, run_study
-from prunelab.experiments.store import PlannedRun, StudyWriteError
-from prunelab.experiments.tables import write_tables
+from prunelab.store import Store
+from prunelab.study import build_study, lock, run_study
+from prunelab.store import PlannedRun, StudyWriteError
+from prunelab.results.tables import write_tables
 
 SPEC = {"name": "w", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [8]}],
         "methods": [{"label": "magnitude"}], "sparsities": [0.5, 0.9], "seeds": 2,
@@ -184,7 +185,7 @@ def test_a_second_process_running_the_same_study_is_refused(tmp_path, capsys, mo
     path.write_text(yaml.safe_dump(SPEC))
     db = tmp_path / "study.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom prunelab.experiments.lock import StudyLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom prunelab.study.lock import StudyLock\n"
                                "with StudyLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)",
          str(db)], stdout=subprocess.PIPE, text=True)
     try:

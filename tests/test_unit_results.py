@@ -1,4 +1,4 @@
-"""Study B's figures and tables (prunelab.experiments.unit_results), from fake study databases whose
+"""Study B's figures and tables (prunelab.results.unit_kinds), from fake study databases whose
 penalties, selections and iterative curves are chosen by hand."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import statistics
 import numpy as np
 import pytest
 
-from prunelab.experiments.store import RunRecord, Store
+from prunelab.store import RunRecord, Store
 from test_results import build_study
 
 MODEL = "small_conv"
@@ -101,7 +101,7 @@ def records(path):
 
 
 def figure(path_or_records, declaration):
-    from prunelab.experiments.figures import FIGURES
+    from prunelab.results.figures import FIGURES
 
     runs = records(path_or_records) if not isinstance(path_or_records, list) else path_or_records
     [(name, fig)] = FIGURES.get(declaration["kind"])(runs, declaration, {})
@@ -134,14 +134,14 @@ def memory_run(metrics, *, seed=0, dataset="mnist", method="probe", run_id=None)
 KINDS = ("penalty_curves", "mean_replacement_scatter", "performance_profile", "units_selected", "iterative_pruning")
 
 
-@pytest.mark.parametrize("module", ["prunelab.experiments.figures", "prunelab.experiments.tables"])
+@pytest.mark.parametrize("module", ["prunelab.results.figures", "prunelab.results.tables"])
 def test_importing_figures_or_tables_alone_registers_every_study_b_kind_without_side_effects(module):
     import subprocess
     import sys
 
     code = (f"import sys, {module}\n"
-            "from prunelab.experiments.figures import FIGURES\n"
-            "from prunelab.experiments.tables import TABLE_KINDS\n"
+            "from prunelab.results.figures import FIGURES\n"
+            "from prunelab.results.tables import TABLE_KINDS\n"
             "print(','.join(FIGURES.names())); print(','.join(TABLE_KINDS.names()))\n"
             "print('matplotlib' in sys.modules, 'scipy.stats' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -151,7 +151,7 @@ def test_importing_figures_or_tables_alone_registers_every_study_b_kind_without_
 
 
 def test_study_b_figure_kinds_do_not_take_a_metric():
-    from prunelab.experiments.figures import FIGURE_KEYS
+    from prunelab.results.figures import FIGURE_KEYS
 
     assert all("metric" not in FIGURE_KEYS[k] and "title" in FIGURE_KEYS[k] for k in KINDS)
 
@@ -209,7 +209,7 @@ def test_penalty_curves_filters_and_log_axis(probe_study):
 
 
 def test_penalty_curves_cap_the_panels_and_say_so():
-    from prunelab.experiments.unit_results import MAX_PANELS
+    from prunelab.results.unit_kinds import MAX_PANELS
 
     fractions = [round(0.01 * (k + 1), 2) for k in range(MAX_PANELS + 6)]
     probes = [probe(step, m, "all", f, None, 0, 0.1 + f) for f in fractions for step in (0, 250)
@@ -267,7 +267,7 @@ def test_scatter_split_by_and_linear_axes(probe_study):
 
 
 def test_axis_scale_is_symlog_for_signed_values_spanning_decades():
-    from prunelab.experiments.unit_results import axis_scale
+    from prunelab.results.unit_kinds import axis_scale
 
     assert axis_scale([0.5, 2.0], None) == ("linear", {})
     assert axis_scale([0.01, 2.0], None) == ("log", {})
@@ -353,8 +353,8 @@ def test_iterative_figure_shows_loss_and_accuracy_mean_and_std_bands(iterative_s
 
 # ------------------------------------------------------------------------------- no data
 def test_each_kind_without_its_data_is_a_no_data_error(tmp_path):
-    from prunelab.experiments._records import NoDataError
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.records import NoDataError
+    from prunelab.results.tables import build_tables
 
     plain = records(build_study(tmp_path / "p.db", [{"dataset": "mnist", "method": "m", "sparsity": 0.5, "seed": 0,
                                                      "metrics": {"accuracy": 0.9}}]))
@@ -387,7 +387,7 @@ def test_malformed_probes_are_reported_with_their_run():
 
 # ---------------------------------------------------------------------------------- tables
 def test_penalty_table_cells_are_mean_and_std_over_seeds_and_steps(probe_study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     tables = build_tables(records(probe_study), {"tables": [{"kind": "penalties"}]})
     assert [t.title for t in tables[::2]] == [
@@ -412,7 +412,7 @@ def test_penalty_table_cells_are_mean_and_std_over_seeds_and_steps(probe_study):
 
 
 def test_win_rate_table_is_the_share_of_lowest_penalties(probe_study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     tables = build_tables(records(probe_study), {"tables": [{"kind": "penalties", "columns": "finetune_steps",
                                                              "layers": "all", "fraction": 0.1, "dataset": "mnist"}]})
@@ -430,7 +430,7 @@ def test_win_rate_table_is_the_share_of_lowest_penalties(probe_study):
 
 
 def test_win_rate_ties_count_for_each_method_and_nan_never_wins():
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     values = {0: {"rs": 1.0, "norm": 1.0, "bp_rs": 2.0}, 250: {"rs": 3.0, "norm": None, "bp_rs": 2.0}}
     probes = [probe(step, m, "all", 0.5, None, 0, v) for step, vs in values.items() for m, v in vs.items()]
@@ -443,7 +443,7 @@ def test_win_rate_ties_count_for_each_method_and_nan_never_wins():
 
 
 def test_profile_measurements_match_the_win_rate_table():
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     penalties, wins = build_tables([profile_run()], {"tables": [{"kind": "penalties", "digits": 2,
                                                                  "title": "penalty"}]})
@@ -454,7 +454,7 @@ def test_profile_measurements_match_the_win_rate_table():
 
 
 def test_iterative_table_columns_are_the_removed_fractions_reached(iterative_study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     [table] = build_tables(records(iterative_study), {"tables": [{"kind": "iterative"}]})
     assert table.title == (f"loss during iterative unit pruning, by units removed, mean ± std over seeds "
@@ -477,7 +477,7 @@ def test_iterative_table_columns_are_the_removed_fractions_reached(iterative_stu
 
 
 def test_iterative_value_at_skips_records_without_the_metric():
-    from prunelab.experiments.unit_results import Removal, value_at
+    from prunelab.results.unit_kinds import Removal, value_at
 
     # test accuracy measured every other round only: at 3 % the last measured value is at 2 %
     removals = [Removal("r", "mnist", MODEL, "rand", k / 100, 1.0 - k / 100, 0.9 - k / 100 if k % 2 == 0 else math.nan)
@@ -488,7 +488,7 @@ def test_iterative_value_at_skips_records_without_the_metric():
 
 
 def test_kind_tables_sit_beside_plain_ones_and_problems_are_listed_together(probe_study):
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.tables import build_tables
 
     tables = build_tables(records(probe_study), {"tables": [{"rows": "sparsity", "columns": "dataset"},
                                                             {"kind": "penalties", "dataset": "fashion"}]})
@@ -509,7 +509,7 @@ def test_kind_tables_sit_beside_plain_ones_and_problems_are_listed_together(prob
 
 
 def test_outputs_problems_accepts_study_b_declarations_and_rejects_bad_keys():
-    from prunelab.experiments.report import outputs_problems
+    from prunelab.results.report import outputs_problems
 
     good = {"tables": [{"kind": "penalties", "columns": "layers", "fraction": [0.1, 0.5], "count": 1,
                         "finetune_steps": 0, "win_rate": False, "digits": 3},
@@ -550,8 +550,8 @@ def study_b(tmp_path_factory):
 
 
 def test_report_embeds_every_study_b_figure_and_table(study_b):
-    from prunelab.experiments.report import write_report
-    from prunelab.experiments.tables import build_tables
+    from prunelab.results.report import write_report
+    from prunelab.results.tables import build_tables
 
     text = write_report(study_b).read_text()
     for name in ("penalty_curves", "mean_replacement_scatter", "profiles", "units_selected", "iterative_pruning"):
@@ -566,8 +566,8 @@ def test_report_embeds_every_study_b_figure_and_table(study_b):
 
 
 def test_write_tables_and_figures_include_study_b(study_b, tmp_path):
-    from prunelab.experiments.figures import write_figures
-    from prunelab.experiments.tables import write_tables
+    from prunelab.results.figures import write_figures
+    from prunelab.results.tables import write_tables
 
     paths = write_tables(study_b, tmp_path / "tables")
     names = [p.name for p in paths]

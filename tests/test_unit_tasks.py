@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
-from prunelab.experiments import Store, build_study, run_study
-from prunelab.experiments.prune_task import _dense_model, load_prepared_dataset
-from prunelab.experiments.spec import SpecError
+from prunelab.store import Store
+from prunelab.study import build_study, run_study
+from prunelab.runs.prepare import dense_model, load_prepared_dataset
+from prunelab.study.spec import SpecError
 from prunelab.units import METHODS
 
 MODEL = {"name": "mlp", "hidden": [24, 12]}
@@ -85,13 +86,13 @@ def test_probes_leave_the_training_as_it_would_be_without_them(probe_run):
     study, record = probe_run
     config = copy.deepcopy(study.runs[0].config)
     ds = load_prepared_dataset(config["dataset"])
-    plain, *_ = _dense_model(config, ds, None)
+    plain, *_ = dense_model(config, ds, None)
     x = ds.x_test[:50]
     with torch.no_grad():
         expected = plain.eval()(x)
-    from prunelab.experiments.unit_tasks import PenaltyProbe, _calibration
+    from prunelab.runs.units import PenaltyProbe, _calibration
     probe = PenaltyProbe(ds, _calibration(ds, 200, 0), config["method"]["probe"], 0)
-    watched, *_ = _dense_model(config, ds, None, callbacks=[probe])
+    watched, *_ = dense_model(config, ds, None, callbacks=[probe])
     with torch.no_grad():
         assert torch.equal(watched.eval()(x), expected)
     assert len(probe.records) == len(record.metrics["probes"])

@@ -223,7 +223,7 @@ def test_deeper_rnn_layers_read_the_layer_below_and_are_all_pruned():
 
 
 def test_study_specs_give_wanda_its_row_scope_unless_told_otherwise():
-    from prunelab.experiments.prune_task import _default_scope
+    from prunelab.runs.prune import _default_scope
     assert _default_scope({"criterion": "wanda", "granularity": "weight"}) == "row"
     assert _default_scope({"criterion": {"name": "wanda"}, "granularity": "2:4"}) == "row"
     assert _default_scope({"criterion": "wanda", "granularity": "channel"}) == "local"

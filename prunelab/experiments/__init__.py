@@ -1,13 +1,13 @@
-"""The experiment harness: YAML study specs, a resumable SQLite store, executors,
-tables, figures and reports."""
+"""The harness's former single package, kept so that existing imports keep working.
 
-from prunelab.experiments import prune_task  # noqa: F401  (registers the 'prune' task)
-from prunelab.experiments import unit_tasks  # noqa: F401  (registers 'unit-penalty', 'unit-iterative')
-from prunelab.experiments import hashed_task  # noqa: F401  (registers 'hashed')
-from prunelab.experiments import structured_task  # noqa: F401  (registers 'structured')
-from prunelab.experiments.spec import Study, build_study, load_spec
-from prunelab.experiments.store import Store
-from prunelab.experiments.study import default_db_path, run_study
-from prunelab.experiments.tasks import TASKS, SpecError
+The harness now lives in rooms of its own (README, "Architecture"): :mod:`prunelab.study`
+(specs, executors, running a study), :mod:`prunelab.runs` (what one run does),
+:mod:`prunelab.store` (the SQLite store) and :mod:`prunelab.results` (tables, figures, reports).
+The names below are re-exported from there; new code imports them from their rooms.
+"""
+
+from prunelab.runs import TASKS, SpecError
+from prunelab.store import Store
+from prunelab.study import Study, build_study, default_db_path, load_spec, run_study
 
 __all__ = ["Store", "Study", "SpecError", "TASKS", "build_study", "default_db_path", "load_spec", "run_study"]

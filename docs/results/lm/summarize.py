@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 
-from prunelab.experiments.store import Store
+from prunelab.store import Store
 
 CRITERIA = ("magnitude", "wanda", "obs-fast", "obs-exact")
 PATTERNS = (("50 %", "", 0.5), ("70 %", "", 0.7), ("2:4", " 2:4", 0.5), ("4:8", " 4:8", 0.5))

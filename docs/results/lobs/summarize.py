@@ -14,7 +14,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from prunelab.experiments.store import Store
+from prunelab.store import Store
 
 
 def last_prune_step(record) -> int:

@@ -15,8 +15,8 @@ import statistics
 import sys
 from collections import defaultdict
 
-from prunelab.experiments.store import Store
-from prunelab.experiments.unit_results import run_probes
+from prunelab.store import Store
+from prunelab.results.unit_kinds import run_probes
 from prunelab.units import LAYER_SETS
 
 

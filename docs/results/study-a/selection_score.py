@@ -10,7 +10,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from prunelab.experiments.store import Store
+from prunelab.store import Store
 
 
 def main(db: str) -> None:

@@ -15,8 +15,8 @@ import statistics
 import sys
 from collections import defaultdict
 
-from prunelab.experiments.analysis import pareto_front
-from prunelab.experiments.store import Store
+from prunelab.results.analysis import pareto_front
+from prunelab.store import Store
 
 MLPS = ("h100", "h30")
 

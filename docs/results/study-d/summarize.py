@@ -15,7 +15,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from prunelab.experiments.store import Store
+from prunelab.store import Store
 
 
 def mean_std(values: list[float], scale: float = 1.0) -> str:

@@ -18,7 +18,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-from prunelab.experiments.store import Store
+from prunelab.store import Store
 
 AXES = ("granularity", "schedule", "criterion", "scope")
 METRICS = (("accuracy", "accuracy %", 100.0, 2), ("compression", "compression", 1.0, 2),

@@ -1,12 +1,12 @@
 """Reading a finished (or running) study for tables, figures and reports.
 
-Shared by :mod:`~prunelab.experiments.tables`, :mod:`~prunelab.experiments.figures`
-and :mod:`~prunelab.experiments.report`: open a study database *without*
+Shared by :mod:`~prunelab.results.tables`, :mod:`~prunelab.results.figures`
+and :mod:`~prunelab.results.report`: open a study database *without*
 creating one, turn the stored metric JSON back into numbers, list the labels
 and metric keys present, and answer a study with no finished runs with a
 message that says how many are pending, running or failed.
 
-Stored metrics are portable JSON (see :func:`prunelab.experiments.store.dumps`):
+Stored metrics are portable JSON (see :func:`prunelab.store.dumps`):
 NaN was written as ``null`` and ±inf as the strings ``"inf"`` / ``"-inf"``;
 :func:`number` converts them back.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prunelab._validation import check_choice
-from prunelab.experiments.store import RunRecord, Store
+from prunelab.store import RunRecord, Store
 
 #: Run labels a table or figure can be laid out by (``sparsity`` is the target level).
 LABELS = ("dataset", "model", "method")

@@ -33,8 +33,7 @@ def execute_run(config: dict, cache_dir: str | None = None, threads: int | None 
     if threads:
         torch.set_num_threads(threads)
     try:
-        from prunelab.experiments.tasks import TASKS
-        import prunelab.experiments  # noqa: F401  (registers the built-in tasks)
+        from prunelab.runs import TASKS   # the package registers the built-in tasks
         task = TASKS.get(config["task"], param="task", where="run config")()
         result = task.run(config, {"cache_dir": cache_dir})
         outcome = {"status": "done", "metrics": result["metrics"], "curve": result.get("curve")}
@@ -72,7 +71,7 @@ def execute_group(configs: list[dict], cache_dir: str | None = None, threads: in
     if threads:
         torch.set_num_threads(threads)
     try:
-        from prunelab.engine.harness import execute_prune_group
+        from prunelab.runs.batched import execute_prune_group
         results = execute_prune_group(configs, cache_dir)
     except Exception:  # noqa: BLE001  (each run then gets its own outcome)
         return [execute_run(config, cache_dir, threads) for config in configs]

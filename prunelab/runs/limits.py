@@ -124,7 +124,7 @@ def _model_ints(node: Any, path: str, key: str, errors: list) -> None:
 
 
 def count_variants(node: Any, cap: int = MAX_RUNS + 1) -> int:
-    """How many variants :func:`prunelab.experiments.spec.expand_grids` would make of ``node``,
+    """How many variants :func:`prunelab.study.spec.expand_grids` would make of ``node``,
     counted without making them; any count above ``cap`` is returned as ``cap``."""
     if isinstance(node, dict) and set(node) == {"grid"}:
         values = node["grid"]

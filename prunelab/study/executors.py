@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from prunelab._validation import MAX_WORKERS, check_choice, check_number
-from prunelab.experiments.runner import execute_group, execute_run, init_worker
+from prunelab.study.runner import execute_group, execute_run, init_worker
 
 EXECUTORS = ("local", "ray")
 

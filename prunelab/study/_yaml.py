@@ -6,8 +6,8 @@ first, and turns ``2024-01-01`` into a date that JSON cannot store. :func:`load_
 
 * refuses aliases (``*name``) and merge keys (``<<``): write the value out;
 * refuses a key given twice in one mapping, naming the key and both lines;
-* refuses nesting deeper than :data:`~prunelab.experiments.limits.MAX_DEPTH` and a number
-  written with more than :data:`~prunelab.experiments.limits.MAX_NUMBER_CHARS` characters;
+* refuses nesting deeper than :data:`~prunelab.runs.limits.MAX_DEPTH` and a number
+  written with more than :data:`~prunelab.runs.limits.MAX_NUMBER_CHARS` characters;
 * builds only null, booleans, ints, floats, strings, lists and mappings (a date stays the
   string it was written as; ``!!binary``, ``!!set``, ``!!omap``, ``!!pairs`` are refused).
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import yaml
 
-from prunelab.experiments.limits import MAX_DEPTH, MAX_NUMBER_CHARS
+from prunelab.runs.limits import MAX_DEPTH, MAX_NUMBER_CHARS
 
 
 class SpecYAMLError(yaml.YAMLError):

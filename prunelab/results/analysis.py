@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from prunelab._validation import check_number, check_type
-from prunelab.experiments._records import check_metric, label_values, metric_value
-from prunelab.experiments.store import RunRecord
+from prunelab.results.records import check_metric, label_values, metric_value
+from prunelab.store import RunRecord
 
 _GROUP_KEY = ("dataset", "model", "method", "sparsity")
 

@@ -8,7 +8,7 @@ any point loses at most the runs in flight, which the next invocation redoes.
 
 A store that cannot be written is refused before any run starts (a ValueError naming the
 path). A write that fails during the study (a full disk) stops it with
-:class:`~prunelab.experiments.store.StudyWriteError`: that change is rolled back, the runs
+:class:`~prunelab.store.StudyWriteError`: that change is rolled back, the runs
 in flight go back to pending (or, if even that cannot be written, are re-queued by the next
 invocation), and every run finished before stays in the store.
 """
@@ -24,11 +24,11 @@ from numbers import Integral
 
 from prunelab._validation import MAX_WORKERS, PATH, STR, Interval, Options, Types, validate_params
 from prunelab._version import __version__
-from prunelab.experiments.executors import EXECUTORS, Job, check_executor_options, make_executor
-from prunelab.experiments.lock import StudyLock
-from prunelab.experiments.progress import Progress
-from prunelab.experiments.spec import Study
-from prunelab.experiments.store import Store, StudyWriteError, inspect_store
+from prunelab.study.executors import EXECUTORS, Job, check_executor_options, make_executor
+from prunelab.study.lock import StudyLock
+from prunelab.study.progress import Progress
+from prunelab.study.spec import Study
+from prunelab.store import Store, StudyWriteError, inspect_store
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ MAX_MEMBERS = 32
 
 def plan_jobs(records, engine: str = "batched") -> list[Job]:
     """The jobs for pending runs: with the batched engine, batchable prune runs of MLPs that
-    share a group (:func:`prunelab.engine.harness.group_key`) run together, at most as many as
+    share a group (:func:`prunelab.runs.batched.group_key`) run together, at most as many as
     fit in memory (and :data:`MAX_MEMBERS`); every other run alone. Jobs keep the runs' order."""
     def label(r):
         return f"{r.dataset}/{r.model}/{r.method} s={r.sparsity:g} #{r.seed}"
@@ -64,7 +64,7 @@ def plan_jobs(records, engine: str = "batched") -> list[Job]:
     singles = [Job(r.id, r.config, label(r)) for r in records]
     if engine == "single":
         return singles
-    from prunelab.engine.harness import group_key, why_not_batched
+    from prunelab.runs.batched import group_key, why_not_batched
     groups: dict[str, list[Job]] = {}
     order: list[tuple[int, object]] = []
     for index, job in enumerate(singles):

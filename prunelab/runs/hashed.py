@@ -20,10 +20,9 @@ from __future__ import annotations
 import copy
 import time
 
-from prunelab.experiments.limits import build_bounded
-from prunelab.experiments.prune_task import (_prepare_dataset, _prepare_training, _train_kwargs,
-                                             load_prepared_dataset)
-from prunelab.experiments.tasks import TASKS, Checker, Task
+from prunelab.runs.limits import build_bounded
+from prunelab.runs.prepare import load_prepared_dataset, prepare_dataset, prepare_training, train_kwargs
+from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import evaluate, fit
 
@@ -45,8 +44,8 @@ class HashedTask(Task):
         n_errors = len(checker.errors)
         (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
         checker.keys(x_path, x_entry, HASHED_KEYS)
-        data = _prepare_dataset(d_path, d_entry, checker)
-        train = _prepare_training(x_path, training, x_entry.get("training") or {}, checker)
+        data = prepare_dataset(d_path, d_entry, checker)
+        train = prepare_training(x_path, training, x_entry.get("training") or {}, checker)
         if "name" not in m_entry:
             checker.error(m_path, "missing 'name'")
         if train is not None and "patience" in train:
@@ -92,7 +91,7 @@ def execute_hashed(config: dict) -> dict:
     name, options = config["model"]["name"], config["model"]["options"]
     model = build_model(name, dataset=ds, seed=seed, **options, **_hashing(level))
     epochs = train["epochs"] + train["finetune_epochs"]
-    history = fit(model, ds, epochs=epochs, seed=seed, **_train_kwargs(train, {}, finetune=False))
+    history = fit(model, ds, epochs=epochs, seed=seed, **train_kwargs(train, {}, finetune=False))
     final = evaluate(model, (ds.x_test, ds.y_test))
     stats = summary(model, ds.input_shape).total
     virtual = summary(build_model(name, dataset=ds, **options), ds.input_shape)

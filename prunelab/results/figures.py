@@ -14,7 +14,7 @@ Figure kinds live in the :data:`FIGURES` registry: a kind is a function
     through its models). ``pareto_of:
     {method: LABEL}`` draws that method's points (e.g. a family of small dense
     conv nets) as grey reference points with their Pareto front
-    (:func:`~prunelab.experiments.analysis.pareto_front`) as a step line. ``models:`` keeps
+    (:func:`~prunelab.results.analysis.pareto_front`) as a step line. ``models:`` keeps
     the listed model labels (a label also selects its grid variants: ``conv`` is every
     ``conv[...]``). With more than 10 lines (a design-space grid) the panels share one legend
     below them, and lines past the 10th colour are dashed, then dotted.
@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from prunelab._validation import check_choice, check_number
-from prunelab.experiments._outputs import output_folder, write_output
-from prunelab.experiments._records import (
+from prunelab.results.outputs import output_folder, write_output
+from prunelab.results.records import (
     LABELS,
     NoDataError,
     check_keys,
@@ -70,8 +70,8 @@ from prunelab.experiments._records import (
     require_done,
     select_labels,
 )
-from prunelab.experiments.analysis import Group, aggregate, pareto_front
-from prunelab.experiments.store import RunRecord
+from prunelab.results.analysis import Group, aggregate, pareto_front
+from prunelab.store import RunRecord
 from prunelab.registry import Registry
 
 FigureFunction = Callable[[list[RunRecord], dict, dict], list]
@@ -86,7 +86,7 @@ _COMMON_KEYS = ("kind", "name", "title", "metric")
 _SELECTION_KEYS = ("methods", "sparsity", "dataset", "model", "seed")
 
 
-def _kind(name: str, keys: Sequence[str]) -> Callable[[FigureFunction], FigureFunction]:
+def figure_kind(name: str, keys: Sequence[str]) -> Callable[[FigureFunction], FigureFunction]:
     def register(function: FigureFunction) -> FigureFunction:
         FIGURE_KEYS[name] = (*_COMMON_KEYS, *keys)
         return FIGURES.register(name)(function)
@@ -95,7 +95,7 @@ def _kind(name: str, keys: Sequence[str]) -> Callable[[FigureFunction], FigureFu
 
 
 # ------------------------------------------------------------------------------ shared pieces
-def _grid(n_panels: int, *, ncols: int = 3, panel: tuple[float, float] = PANEL_SIZE, per_panel: int = 1):
+def panel_grid(n_panels: int, *, ncols: int = 3, panel: tuple[float, float] = PANEL_SIZE, per_panel: int = 1):
     """A constrained-layout Figure with ``n_panels`` panels (each ``per_panel`` axes wide)."""
     from matplotlib.figure import Figure
 
@@ -150,7 +150,7 @@ def _panel_title(keys: Sequence[str], values: Sequence[Any]) -> str:
     return ", ".join(f"{k} = {v}" for k, v in zip(keys, values))
 
 
-def _name(declaration: dict, kind: str) -> str:
+def figure_name(declaration: dict, kind: str) -> str:
     name = declaration.get("name", kind)
     if not isinstance(name, str) or not name:
         raise TypeError(f"the 'name' parameter of figure {kind} must be a non-empty str. Got {name!r} instead.")
@@ -179,7 +179,7 @@ def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str
     colors = _colors(done)
     panels = [combo for combo in itertools.product(*(label_values(done, k) for k in split_by))
               if any(_matches(g, split_by, combo) for g in groups)]
-    figure, axes = _grid(len(panels))
+    figure, axes = panel_grid(len(panels))
     for ax, combo in zip(axes, panels):
         subset = [g for g in groups if _matches(g, split_by, combo)]
         ref = [g for g in subset if g.method == reference]
@@ -197,7 +197,7 @@ def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str
         _set_ylim(ax, declaration, where)
     _legends(figure, axes)
     _suptitle(figure, declaration)
-    return [(_name(declaration, kind), figure)]
+    return [(figure_name(declaration, kind), figure)]
 
 
 MAX_PANEL_LEGEND = 10
@@ -341,7 +341,7 @@ def _suptitle(figure, declaration: dict) -> None:
 
 
 # ----------------------------------------------------------------------- metric vs metric
-@_kind("tradeoff", ("x", "xscale", "split_by", "methods", "models", "color_by"))
+@figure_kind("tradeoff", ("x", "xscale", "split_by", "methods", "models", "color_by"))
 def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """The metric (y) against a second metric ``x`` (e.g. ``measured_speedup``): one point per
     (method, model, dataset, level) at the means over seeds, with both standard deviations as
@@ -390,7 +390,7 @@ def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     levels = sorted({p["sparsity"] for p in points})
     markers = ("o", "s", "^", "D", "v", "P", "X", "*")
     panels = list(dict.fromkeys(tuple(p[k] for k in split_by) for p in points))
-    figure, axes = _grid(len(panels))
+    figure, axes = panel_grid(len(panels))
     for ax, combo in zip(axes, panels):
         for p in (p for p in points if tuple(p[k] for k in split_by) == combo):
             ax.errorbar(p["x"] * x_scale, p["y"] * scale, xerr=p["xerr"] * x_scale, yerr=p["yerr"] * scale,
@@ -410,7 +410,7 @@ def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
                        label=format_level(level)) for i, level in enumerate(levels)]
     figure.legend(handles=handles, loc="outside right center", fontsize="small")
     _suptitle(figure, declaration)
-    return [(_name(declaration, "tradeoff"), figure)]
+    return [(figure_name(declaration, "tradeoff"), figure)]
 
 
 def _choice(record: RunRecord, key: str) -> Any:
@@ -425,13 +425,13 @@ def _choice(record: RunRecord, key: str) -> Any:
     return value
 
 
-@_kind("accuracy_vs_params", ("split_by", "methods", "models", "pareto_of", "ylim"))
+@figure_kind("accuracy_vs_params", ("split_by", "methods", "models", "pareto_of", "ylim"))
 def accuracy_vs_params(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Metric vs non-zero parameters (log x), one line per method, error bars = std over seeds."""
     return _lines(records, declaration, spec, kind="accuracy_vs_params", x="nonzero_params")
 
 
-@_kind("accuracy_vs_sparsity", ("split_by", "methods", "models", "pareto_of", "xscale", "ylim"))
+@figure_kind("accuracy_vs_sparsity", ("split_by", "methods", "models", "pareto_of", "xscale", "ylim"))
 def accuracy_vs_sparsity(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Metric vs target sparsity, one line per method, error bars = std over seeds."""
     return _lines(records, declaration, spec, kind="accuracy_vs_sparsity", x="sparsity")
@@ -488,7 +488,7 @@ def _histogram(record: RunRecord) -> tuple[list[float], list[float]] | None:
     return [float(e) for e in edges], [float(c) for c in counts]
 
 
-@_kind("weight_histogram", (*_SELECTION_KEYS, "density"))
+@figure_kind("weight_histogram", (*_SELECTION_KEYS, "density"))
 def weight_histogram(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Overlaid histograms of the non-zero prunable weights, one run per method."""
     where = "figure weight_histogram"
@@ -498,7 +498,7 @@ def weight_histogram(records: list[RunRecord], declaration: dict, spec: dict) ->
     panels = _select(records, declaration, where, lambda r: _histogram(r) is not None,
                      "a 'weight_histogram' metric")
     colors = _colors([r for r in records if r.status == "done"])
-    figure, axes = _grid(len(panels))
+    figure, axes = panel_grid(len(panels))
     for ax, ((dataset, model), runs) in zip(axes, panels.items()):
         for run in runs:
             edges, counts = _histogram(run)
@@ -515,7 +515,7 @@ def weight_histogram(records: list[RunRecord], declaration: dict, spec: dict) ->
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     _suptitle(figure, declaration)
-    return [(_name(declaration, "weight_histogram"), figure)]
+    return [(figure_name(declaration, "weight_histogram"), figure)]
 
 
 def _curve(record: RunRecord) -> list[dict]:
@@ -534,13 +534,13 @@ def _series(curve: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-@_kind("curves", _SELECTION_KEYS)
+@figure_kind("curves", _SELECTION_KEYS)
 def curves(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Loss and accuracy per epoch of one run per method, a row of two axes per (dataset, model)."""
     where = "figure curves"
     panels = _select(records, declaration, where, lambda r: bool(_curve(r)), "a training curve")
     colors = _colors([r for r in records if r.status == "done"])
-    figure, axes = _grid(len(panels), per_panel=2)
+    figure, axes = panel_grid(len(panels), per_panel=2)
     for row, ((dataset, model), runs) in enumerate(panels.items()):
         loss_ax, acc_ax = axes[2 * row], axes[2 * row + 1]
         for run in runs:
@@ -562,10 +562,10 @@ def curves(records: list[RunRecord], declaration: dict, spec: dict) -> list:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="small")
     _suptitle(figure, declaration)
-    return [(_name(declaration, "curves"), figure)]
+    return [(figure_name(declaration, "curves"), figure)]
 
 
-@_kind("retraining", ("methods", "ylim"))
+@figure_kind("retraining", ("methods", "ylim"))
 def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Test accuracy during fine-tuning (each run's ``retrain_curve``, recorded when the spec
     sets ``training.retrain_tolerance``), mean ± std over seeds per method, one panel per
@@ -583,7 +583,7 @@ def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     panels: dict[tuple, list[RunRecord]] = {}
     for run in done:
         panels.setdefault((run.dataset, run.model), []).append(run)
-    figure, axes = _grid(len(panels))
+    figure, axes = panel_grid(len(panels))
     for ax, ((dataset, model), runs) in zip(axes, panels.items()):
         by_method: dict[str, list] = {}
         for run in runs:
@@ -607,7 +607,7 @@ def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     _suptitle(figure, declaration)
-    return [(_name(declaration, "retraining"), figure)]
+    return [(figure_name(declaration, "retraining"), figure)]
 
 
 def _percent(series: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
@@ -699,6 +699,3 @@ def save_figure(figure, target, ext: str) -> None:
     """Save without timestamps in the metadata, so that the same runs give the same files."""
     metadata = {"Date": None} if ext == "svg" else None
     figure.savefig(target, format=ext, dpi=DPI, metadata=metadata)
-
-
-from prunelab.experiments import unit_results  # noqa: F401,E402  (registers study B's figure kinds)

@@ -19,7 +19,7 @@ Cells never pool different datasets, models, methods or levels: a label that
 varies within one (rows, columns, split_by) cell is an error that says to add
 it to ``split_by``.
 
-Each cell is ``mean ± std`` of :func:`~prunelab.experiments.analysis.aggregate`
+Each cell is ``mean ± std`` of :func:`~prunelab.results.analysis.aggregate`
 (sample std; ``–`` when one seed), followed by ``(n=k)`` when it has fewer
 values than the fullest cell of its table; cells without a run are empty.
 Markdown, CSV (raw values, full precision: ``<column> mean``, ``<column> std``,
@@ -27,7 +27,7 @@ Markdown, CSV (raw values, full precision: ``<column> mean``, ``<column> std``,
 
 A declaration with a ``kind`` key is built by that registered table kind
 instead (:data:`TABLE_KINDS`; study B's ``penalties`` and ``iterative``, see
-:mod:`~prunelab.experiments.unit_results`); each kind checks its own keys.
+:mod:`~prunelab.results.unit_kinds`); each kind checks its own keys.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from prunelab._validation import check_choice, check_number
-from prunelab.experiments._outputs import output_folder, write_output
-from prunelab.experiments._records import (
+from prunelab.results.outputs import output_folder, write_output
+from prunelab.results.records import (
     LABELS,
     LEVEL,
     NoDataError,
@@ -60,8 +60,8 @@ from prunelab.experiments._records import (
     select_labels,
     slug,
 )
-from prunelab.experiments.analysis import Group, aggregate
-from prunelab.experiments.store import RunRecord
+from prunelab.results.analysis import Group, aggregate
+from prunelab.store import RunRecord
 from prunelab.registry import Registry
 
 ROW_CHOICES = (*LABELS, LEVEL)
@@ -460,6 +460,3 @@ def _overridden(outputs: dict, *, columns: str | None, rows: str | None, metric:
         outputs["tables"] = [{k: v for k, v in d.items() if k not in ("metric", "percent", "digits")}
                              if isinstance(d, dict) else d for d in declarations]
     return outputs
-
-
-from prunelab.experiments import unit_results  # noqa: F401,E402  (registers study B's table kinds)

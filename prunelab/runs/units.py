@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from prunelab.data import dry_run_inputs
-from prunelab.experiments.limits import build_bounded
-from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_training,
-                                             load_prepared_dataset)
-from prunelab.experiments.tasks import TASKS, Checker, Task
+from prunelab.runs.limits import build_bounded
+from prunelab.runs.prepare import dense_model, load_prepared_dataset, prepare_dataset, prepare_training
+from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.training import Callback, evaluate, fit
 from prunelab.units import METHODS, SCORERS, Units, parse_method, remove_units
 from prunelab.units import surgery
@@ -47,8 +46,8 @@ ITERATIVE_KEYS = ("label", "method", "layers", "step_fraction", "max_fraction", 
 def _model_and_data(dataset, model, training, checker: Checker, method_path: str, overrides: dict):
     d_path, d_entry = dataset
     m_path, m_entry = model
-    data = _prepare_dataset(d_path, d_entry, checker)
-    train = _prepare_training(method_path, training, overrides, checker)
+    data = prepare_dataset(d_path, d_entry, checker)
+    train = prepare_training(method_path, training, overrides, checker)
     if data is None or train is None:
         return None
     if "name" not in m_entry:
@@ -177,7 +176,7 @@ class UnitPenaltyTask(_UnitTask):
         probe = config["method"]["probe"]
         calibration = _calibration(ds, probe["calibration"], config["seed"])
         monitor = PenaltyProbe(ds, calibration, probe, config["seed"])
-        model, history, _, _ = _dense_model(config, ds, context.get("cache_dir"), callbacks=[monitor], force=True)
+        model, history, _, _ = dense_model(config, ds, context.get("cache_dir"), callbacks=[monitor], force=True)
         final = evaluate(model, (ds.x_test, ds.y_test))
         return {"metrics": {"accuracy": final["accuracy"], "loss": final["loss"], "probes": monitor.records,
                             "selections": monitor.selections, "units_total": monitor.units_total,
@@ -283,7 +282,7 @@ class UnitIterativeTask(_UnitTask):
         started = time.perf_counter()
         ds = load_prepared_dataset(config["dataset"])
         it, seed = config["method"]["iterative"], config["seed"]
-        model, _, _, _ = _dense_model(config, ds, context.get("cache_dir"))
+        model, _, _, _ = dense_model(config, ds, context.get("cache_dir"))
         dry = dry_run_inputs(ds)
         calibration = _calibration(ds, it["calibration"], seed)
         test = (ds.x_test, ds.y_test)

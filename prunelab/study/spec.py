@@ -37,10 +37,10 @@ from typing import Any
 import yaml
 
 from prunelab._validation import PATH, STR, Types, validate_params
-from prunelab.experiments import limits
-from prunelab.experiments._yaml import load_yaml
-from prunelab.experiments.store import PlannedRun, digest, dumps
-from prunelab.experiments.tasks import TASKS, Checker, SpecError
+from prunelab.runs import limits
+from prunelab.study._yaml import load_yaml
+from prunelab.store import PlannedRun, digest, dumps
+from prunelab.runs.tasks import TASKS, Checker, SpecError
 
 TOP_LEVEL = ("name", "description", "task", "datasets", "models", "methods", "sparsities", "seeds",
              "training", "outputs", "quick")
@@ -260,7 +260,7 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         return []
 
     if "outputs" in spec:
-        from prunelab.experiments.report import outputs_problems
+        from prunelab.results.report import outputs_problems
         for problem in outputs_problems(spec["outputs"]):   # each names its outputs.* path
             checker.error("outputs", problem)
     sparsities = _sparsities(spec, checker)
@@ -352,7 +352,7 @@ def _check_output_metrics(spec: dict, runs: list[PlannedRun], checker: Checker) 
     task of the study declares the metrics it records)."""
     declared = [TASKS.get(name)().metrics for name in {run.config.get("task", "prune") for run in runs}]
     if runs and "outputs" in spec and all(m is not None for m in declared):
-        from prunelab.experiments.report import output_metric_problems
+        from prunelab.results.report import output_metric_problems
         for problem in output_metric_problems(spec["outputs"], {k for m in declared for k in m}):
             path, _, message = problem.partition(": ")
             checker.error(path, message)
@@ -377,9 +377,9 @@ def _dataset_training(path: str, dataset: dict, checker: Checker) -> dict:
     ({} when it has none or they are bad)."""
     if "training" not in dataset:
         return {}
-    from prunelab.experiments.prune_task import _prepare_training
+    from prunelab.runs.prepare import prepare_training
     override = dataset["training"]
-    if _prepare_training(path, {}, override, checker) is None:   # the rest: the defaults, all valid
+    if prepare_training(path, {}, override, checker) is None:   # the rest: the defaults, all valid
         return {}
     return dict(override)
 

@@ -18,10 +18,10 @@ amount is a fraction of the layers' units or a count of units (``count: 1`` =
 "one unit"); a *measurement* is one (run, step, setting): the 12 methods'
 penalties on the same model copy.
 
-Figure kinds (registered in :data:`~prunelab.experiments.figures.FIGURES`):
+Figure kinds (registered in :data:`~prunelab.results.figures.FIGURES`):
 ``penalty_curves``, ``mean_replacement_scatter``, ``performance_profile``,
 ``units_selected``, ``iterative_pruning``. Table kinds (registered in
-:data:`~prunelab.experiments.tables.TABLE_KINDS`): ``penalties`` and
+:data:`~prunelab.results.tables.TABLE_KINDS`): ``penalties`` and
 ``iterative``. Each function's docstring states what it shows and how; the
 declaration keys are listed in ``docs/unit-results.md``.
 
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunelab._validation import check_choice, check_number
-from prunelab.experiments._records import (
+from prunelab.results.records import (
     NoDataError,
     check_keys,
     format_level,
@@ -48,12 +48,12 @@ from prunelab.experiments._records import (
     raise_problems,
     slug,
 )
-from prunelab.experiments.analysis import mean_std, performance_profile
-from prunelab.experiments.figures import DPI, FIGURE_KEYS, PANEL_SIZE, _grid, _kind, _name
-from prunelab.experiments.store import RunRecord
-from prunelab.experiments.tables import Cell, Table, digits_and_title, table_kind
+from prunelab.results.analysis import mean_std, performance_profile
+from prunelab.results.figures import DPI, FIGURE_KEYS, PANEL_SIZE, figure_kind, figure_name, panel_grid
+from prunelab.store import RunRecord
+from prunelab.results.tables import Cell, Table, digits_and_title, table_kind
+from prunelab.units.scoring import SCORERS      # the six scorers; each also with mean replacement (bp_)
 
-SCORERS = ("rand", "norm", "rs", "abs_rs", "mrs", "abs_mrs")
 MR_PREFIX = "bp_"                      # "bias propagation": the method with mean replacement
 METHODS = tuple(m for s in SCORERS for m in (s, MR_PREFIX + s))
 LAYER_ORDER = ("all", "first_conv", "middle_conv", "last_conv", "first_dense")
@@ -451,9 +451,9 @@ def _cap(figure, declaration: dict, shown: int, total: int, narrow: str) -> None
 
 
 def _unit_kind(name: str, keys: Sequence[str]):
-    """``figures._kind`` without its common ``metric`` key (these kinds plot fixed quantities)."""
+    """``figures.figure_kind`` without its common ``metric`` key (these kinds plot fixed quantities)."""
     def register(function):
-        registered = _kind(name, keys)(function)
+        registered = figure_kind(name, keys)(function)
         FIGURE_KEYS[name] = tuple(k for k in FIGURE_KEYS[name] if k != "metric")
         return registered
 
@@ -504,7 +504,7 @@ def penalty_curves(records: list[RunRecord], declaration: dict, spec: dict) -> l
     band = _band_option(declaration, where)
     panels = _grouped(probes, ("dataset", "model", *SETTINGS))
     shown = list(panels.items())[:MAX_PANELS]
-    figure, axes = _grid(len(shown))
+    figure, axes = panel_grid(len(shown))
     for ax, (key, members) in zip(axes, shown):
         drawn = []
         for method, series in _grouped(members, ("method",)).items():
@@ -517,7 +517,7 @@ def penalty_curves(records: list[RunRecord], declaration: dict, spec: dict) -> l
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small", ncol=2)
     _cap(figure, declaration, len(shown), len(panels), _NARROW)
-    return [(_name(declaration, "penalty_curves"), figure)]
+    return [(figure_name(declaration, "penalty_curves"), figure)]
 
 
 def _draw_mean_curve(ax, method: str, probes: list[Probe], band: str = "ci95") -> list[float]:
@@ -583,7 +583,7 @@ def mean_replacement_scatter(records: list[RunRecord], declaration: dict, spec: 
     keys = ("dataset", "model", *split)
     panels = _grouped(pairs, keys)
     shown = list(panels.items())[:MAX_PANELS]
-    figure, axes = _grid(len(shown))
+    figure, axes = panel_grid(len(shown))
     for ax, (key, members) in zip(axes, shown):
         for (scorer,), points in _grouped(members, ("scorer",)).items():
             ax.scatter([p.x for p in points], [p.y for p in points], s=12, alpha=0.7,
@@ -597,7 +597,7 @@ def mean_replacement_scatter(records: list[RunRecord], declaration: dict, spec: 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
     _cap(figure, declaration, len(shown), len(panels), "split_by, " + _NARROW)
-    return [(_name(declaration, "mean_replacement_scatter"), figure)]
+    return [(figure_name(declaration, "mean_replacement_scatter"), figure)]
 
 
 def _diagonal(ax, values: list[float], log: bool | None) -> None:
@@ -638,7 +638,7 @@ def performance_profile_figure(records: list[RunRecord], declaration: dict, spec
 
     Measurement j = (run, step, layers, amount, finetune_steps) with penalties d_ij over methods i;
     ``t_j(τ) = τ·min_i d_ij + (1 − τ)·max_i d_ij`` and ``P_i(τ) = #{j : d_ij < t_j(τ)} / #j``
-    (:func:`~prunelab.experiments.analysis.performance_profile`; a method missing from a measurement
+    (:func:`~prunelab.results.analysis.performance_profile`; a method missing from a measurement
     never wins it) at ``taus`` evenly spaced τ in [0, 1] (default 101). The legend lists methods by
     decreasing trapezoidal area under P_i. One panel per (dataset, model) and per value of the keys in
     ``split_by`` (layers, amount, finetune_steps; default none), at most :data:`MAX_PANELS`.
@@ -654,7 +654,7 @@ def performance_profile_figure(records: list[RunRecord], declaration: dict, spec
     panels = _grouped(probes, keys)
     shown = list(panels.items())[:MAX_PANELS]
     taus = np.linspace(0.0, 1.0, n_taus)
-    figure, axes = _grid(len(shown))
+    figure, axes = panel_grid(len(shown))
     for ax, (key, members) in zip(axes, shown):
         methods, measurements, d = profile_matrix(members)
         profile = performance_profile(d, taus)
@@ -670,7 +670,7 @@ def performance_profile_figure(records: list[RunRecord], declaration: dict, spec
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small", ncol=2, title="method (area)", title_fontsize="x-small")
     _cap(figure, declaration, len(shown), len(panels), "split_by, " + _NARROW)
-    return [(_name(declaration, "performance_profile"), figure)]
+    return [(figure_name(declaration, "performance_profile"), figure)]
 
 
 @_unit_kind("units_selected", ("scorers", "layer", "dataset", "model"))
@@ -691,7 +691,7 @@ def units_selected(records: list[RunRecord], declaration: dict, spec: dict) -> l
                                            ("model", "model")), "selection")
     panels = _grouped(found, ("dataset", "model", "layer"))
     shown = list(panels.items())[:MAX_PANELS]
-    figure, axes = _grid(len(shown))
+    figure, axes = panel_grid(len(shown))
     for ax, ((dataset, model, layer), members) in zip(axes, shown):
         for (scorer,), series in _grouped(members, ("scorer",)).items():
             by_step: dict[int, list[float]] = {}
@@ -709,7 +709,7 @@ def units_selected(records: list[RunRecord], declaration: dict, spec: dict) -> l
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
     _cap(figure, declaration, len(shown), len(panels), "layer, scorers, model, dataset")
-    return [(_name(declaration, "units_selected"), figure)]
+    return [(figure_name(declaration, "units_selected"), figure)]
 
 
 def _removals(records: Iterable[RunRecord], declaration: dict, where: str) -> list[Removal]:
@@ -776,7 +776,7 @@ def iterative_pruning(records: list[RunRecord], declaration: dict, spec: dict) -
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="x-small")
     _cap(figure, declaration, len(shown), len(panels), "methods, model, dataset")
-    return [(_name(declaration, "iterative_pruning"), figure)]
+    return [(figure_name(declaration, "iterative_pruning"), figure)]
 
 
 def _draw_band(ax, series: list[Removal], metric: str, scale: float, method: str, label: str) -> None:

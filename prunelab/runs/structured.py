@@ -33,10 +33,10 @@ import copy
 import time
 
 from prunelab.data import dry_run_inputs, takes_token_ids
-from prunelab.experiments.limits import build_bounded
-from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_distill, _prepare_training,
-                                             _train_kwargs, load_prepared_dataset, prepare_latency)
-from prunelab.experiments.tasks import TASKS, Checker, Task
+from prunelab.runs.limits import build_bounded
+from prunelab.runs.prepare import (dense_model, load_prepared_dataset, prepare_dataset, prepare_distill,
+                                   prepare_latency, prepare_training, train_kwargs)
+from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.training import evaluate, fit
 
 STRUCTURED_KEYS = ("label", "heads", "mlp", "blocks", "refit", "round_to", "calibration", "training", "distill",
@@ -64,8 +64,8 @@ class StructuredTask(Task):
         n_errors = len(checker.errors)
         (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
         checker.keys(x_path, x_entry, STRUCTURED_KEYS)
-        data = _prepare_dataset(d_path, d_entry, checker)
-        train = _prepare_training(x_path, training, x_entry.get("training") or {}, checker)
+        data = prepare_dataset(d_path, d_entry, checker)
+        train = prepare_training(x_path, training, x_entry.get("training") or {}, checker)
         if "name" not in m_entry:
             checker.error(m_path, "missing 'name'")
         if data is None or train is None or len(checker.errors) > n_errors:
@@ -118,7 +118,7 @@ def _prepare_structured(path: str, entry: dict, train: dict, checker: Checker) -
     checker.number(f"{path}.round_to", method["round_to"], low=1, integer=True)
     checker.number(f"{path}.calibration", method["calibration"], low=1, integer=True)
     if "distill" in entry:
-        distill = _prepare_distill(f"{path}.distill", entry["distill"], train, checker)
+        distill = prepare_distill(f"{path}.distill", entry["distill"], train, checker)
         if distill is not None:
             method["distill"] = distill
     method["latency"] = prepare_latency(f"{path}.latency", entry.get("latency", True), checker, LATENCY_DEFAULTS,
@@ -144,7 +144,7 @@ def execute_structured(config: dict, cache_dir: str | None = None) -> dict:
     started = time.perf_counter()
     ds = load_prepared_dataset(config["dataset"])
     method, train, seed, level = config["method"], config["training"], config["seed"], config["sparsity"]
-    dense, dense_history, _, cached = _dense_model({**config, "method": {}}, ds, cache_dir)
+    dense, dense_history, _, cached = dense_model({**config, "method": {}}, ds, cache_dir)
     test = (ds.x_test, ds.y_test)
     before = evaluate(dense, test)
     n_cal = min(method["calibration"], len(ds.y_train))
@@ -160,7 +160,7 @@ def execute_structured(config: dict, cache_dir: str | None = None) -> dict:
         kd = {"distill_from": copy.deepcopy(dense), "distill_weight": distill["weight"],
               "temperature": distill["temperature"]} if distill else {}
         history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, max_steps=train.get("finetune_steps"),
-                      **kd, **_train_kwargs(train, {}, finetune=True))
+                      **kd, **train_kwargs(train, {}, finetune=True))
     metrics = _metrics(dense, model, ds, result, before, pruned, method.get("latency"))
     metrics.update(dense_cached=cached, train_seconds=time.perf_counter() - started)
     return {"metrics": metrics,

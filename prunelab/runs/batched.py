@@ -1,12 +1,12 @@
 """Prune runs of a study, many at once: the batched counterpart of
-:func:`prunelab.experiments.prune_task.execute_prune`, which the study planner
-(:func:`prunelab.experiments.study.plan_jobs`) and the executors use for ``--engine batched``.
+:func:`prunelab.runs.prune.execute_prune`, which the study planner
+(:func:`prunelab.study.run.plan_jobs`) and the executors use for ``--engine batched``.
 
 Runs that share dataset, model and training budget and differ only in seed, target, criterion,
 granularity, scope, schedule or regulariser strength form a *group* (:func:`group_key`). Their
 dense models are trained together (those not already in the study's dense cache), then every run
 gets its own Pruner and all of them fine-tune together; each run's metrics come from the same
-code as a single run's (:func:`~prunelab.experiments.prune_task.prune_metrics`).
+code as a single run's (:func:`~prunelab.runs.prune.prune_metrics`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import time
 
 from prunelab.data import DATASETS
 from prunelab.engine.batched import OPTIMIZERS, REGULARIZERS, BatchedModels, fit_batched, mlp_plan
-from prunelab.experiments.prune_task import (dense_cache_path, load_dense, load_prepared_dataset, make_pruner,
-                                             prune_metrics, save_dense)
-from prunelab.experiments.store import digest
+from prunelab.runs.prepare import dense_cache_path, load_dense, load_prepared_dataset, save_dense
+from prunelab.runs.prune import make_pruner, prune_metrics
+from prunelab.store import digest
 from prunelab.models import build_model
 from prunelab.training import evaluate
 

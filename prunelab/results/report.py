@@ -2,8 +2,8 @@
 
 Sections: the spec's ``name`` and ``description``; the runs (counts by status,
 compute time, the time span, software versions); the tables of
-:mod:`~prunelab.experiments.tables` as HTML; every figure of
-:mod:`~prunelab.experiments.figures`, embedded as a base64 PNG; the failed runs
+:mod:`~prunelab.results.tables` as HTML; every figure of
+:mod:`~prunelab.results.figures`, embedded as a base64 PNG; the failed runs
 with their error text (collapsed); and the spec itself as YAML.
 
 Nothing is referenced outside the file (CSS inline, images as ``data:`` URIs),
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from prunelab._validation import suggest
-from prunelab.experiments._outputs import output_folder, write_output
-from prunelab.experiments._records import NoDataError, Study, format_level, open_study
-from prunelab.experiments.figures import (
+from prunelab.results.outputs import output_folder, write_output
+from prunelab.results.records import NoDataError, Study, format_level, open_study
+from prunelab.results.figures import (
     DPI,
     FIGURES,
     build_figures,
@@ -34,7 +34,7 @@ from prunelab.experiments.figures import (
     figures_problems,
     unique_names,
 )
-from prunelab.experiments.tables import build_tables, table_problems
+from prunelab.results.tables import build_tables, table_problems
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f;

@@ -4,7 +4,7 @@ Each file is written to a new temporary file in its folder (a random name, creat
 ``O_EXCL | O_NOFOLLOW``) and renamed into place, so a full disk or a crash never leaves a
 half-written table or figure under the final name, and a file or symlink planted at a
 predictable name is never written through. A
-failure is raised as :class:`~prunelab.experiments.store.StudyWriteError` naming the file;
+failure is raised as :class:`~prunelab.store.StudyWriteError` naming the file;
 outputs only read the store, so the stored runs are never affected.
 """
 
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from prunelab._files import exclusive_temp
-from prunelab.experiments.store import write_failure
+from prunelab.store import write_failure
 
 ADVICE = ("the stored runs are unaffected; free space or choose another folder (--out), then write "
           "the outputs again (prunelab table | plot | report STUDY.db)")
