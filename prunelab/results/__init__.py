@@ -10,7 +10,7 @@ one place: the sweep figures (:mod:`~prunelab.results.figures`' own kinds) and s
 pruning kinds (:mod:`~prunelab.results.unit_kinds`).
 """
 
-from prunelab.results import unit_kinds  # noqa: F401  (registers study B's figure and table kinds)
+from prunelab.results import sweep_kinds, unit_kinds  # noqa: F401  (register the families of figure and table kinds)
 from prunelab.results.figures import FIGURES, write_figures
 from prunelab.results.report import write_report
 from prunelab.results.tables import TABLE_KINDS, build_tables, write_tables
