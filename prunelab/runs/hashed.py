@@ -21,7 +21,7 @@ import copy
 import time
 
 from prunelab.runs.limits import build_bounded
-from prunelab.runs.prepare import load_prepared_dataset, prepare_dataset, prepare_training, train_kwargs
+from prunelab.runs.prepare import load_prepared_dataset, prepare_entries, train_kwargs
 from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import evaluate, fit
@@ -42,16 +42,11 @@ class HashedTask(Task):
 
     def prepare(self, *, dataset, model, method, training, checker: Checker, sparsities):
         n_errors = len(checker.errors)
-        (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
-        checker.keys(x_path, x_entry, HASHED_KEYS)
-        data = prepare_dataset(d_path, d_entry, checker)
-        train = prepare_training(x_path, training, x_entry.get("training") or {}, checker)
-        if "name" not in m_entry:
-            checker.error(m_path, "missing 'name'")
+        (m_path, m_entry), x_path = model, method[0]
+        data, train, options = prepare_entries(dataset, model, method, training, checker, HASHED_KEYS)
         if train is not None and "patience" in train:
             checker.error(x_path, "the hashed task trains for the whole budget; 'training.patience' (early "
                                   "stopping of the dense model) does not apply to it: remove it for this method")
-        options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
         if "hashed" in options:
             checker.error(f"{m_path}.hashed", "the hashed task sets each model's compression from the sparsity "
                                               "level (1 − sparsity); remove 'hashed' from the model")

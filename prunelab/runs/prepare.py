@@ -214,15 +214,24 @@ def finetune_step_count(train: dict, per_epoch: int) -> int:
     return min(steps, train["finetune_steps"]) if train.get("finetune_steps") else steps
 
 
-def prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | None:
-    """A method's ``distill``: ``true`` (the defaults), ``false``/null (none) or a mapping with
-    ``weight`` in [0, 1] and ``temperature`` > 0; resolved with the defaults filled in."""
+def _switch_or_mapping(path: str, value, checker: Checker, accepted: str) -> dict | None:
+    """An option written ``true`` (its defaults: ``{}``), ``false``/null (off: None) or a mapping;
+    anything else is an error naming what is ``accepted`` (None)."""
     if value is None or value is False:
         return None
     if value is True:
-        value = {}
+        return {}
     if not isinstance(value, dict):
-        checker.error(path, f"must be true or a mapping {{weight: 0.5, temperature: 2.0}}; got {value!r}")
+        checker.error(path, f"must be {accepted}; got {value!r}")
+        return None
+    return value
+
+
+def prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | None:
+    """A method's ``distill``: ``true`` (the defaults), ``false``/null (none) or a mapping with
+    ``weight`` in [0, 1] and ``temperature`` > 0; resolved with the defaults filled in."""
+    value = _switch_or_mapping(path, value, checker, "true or a mapping {weight: 0.5, temperature: 2.0}")
+    if value is None:
         return None
     checker.keys(path, value, tuple(DISTILL_DEFAULTS))
     distill = {**DISTILL_DEFAULTS, **value}
@@ -240,12 +249,8 @@ def prepare_latency(path: str, value, checker: Checker, defaults: dict = LATENCY
     """A method's ``latency``: ``true`` (the ``defaults``), ``false``/null (none) or a mapping of
     the ``defaults``' keys: ``batch_sizes`` (a list of ints ≥ 1), ``min_sparsity`` in [0, 1] (where
     the task has it), ``threads`` ≥ 1, ``rounds`` ≥ 1. ``accepted`` is the message's "must be ..."."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        value = {}
-    if not isinstance(value, dict):
-        checker.error(path, f"must be {accepted}; got {value!r}")
+    value = _switch_or_mapping(path, value, checker, accepted)
+    if value is None:
         return None
     checker.keys(path, value, tuple(defaults))
     latency = {**defaults, **value}
@@ -403,3 +408,18 @@ def distill_kwargs(method: dict, dense) -> dict:
 
 
 _TEXT_SIZES: dict[tuple, dict] = {}
+
+
+def prepare_entries(dataset: tuple[str, dict], model: tuple[str, dict], method: tuple[str, dict], training: dict,
+                    checker: Checker, keys: tuple[str, ...]) -> tuple[dict | None, dict | None, dict]:
+    """The start a task's ``prepare`` shares with the others: the method's keys checked against
+    ``keys``, the dataset and the training budget (the method's own ``training:`` over the study's)
+    prepared, the model's ``name`` required. Returns ``(data, train, options)`` (the model's options
+    without ``name`` and ``label``); ``data`` or ``train`` is None when it has errors."""
+    (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
+    checker.keys(x_path, x_entry, keys)
+    data = prepare_dataset(d_path, d_entry, checker)
+    train = prepare_training(x_path, training, x_entry.get("training") or {}, checker)
+    if "name" not in m_entry:
+        checker.error(m_path, "missing 'name'")
+    return data, train, {k: v for k, v in m_entry.items() if k not in ("name", "label")}

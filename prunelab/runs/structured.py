@@ -34,8 +34,8 @@ import time
 
 from prunelab.data import dry_run_inputs, takes_token_ids
 from prunelab.runs.limits import build_bounded
-from prunelab.runs.prepare import (dense_model, load_prepared_dataset, prepare_dataset, prepare_distill,
-                                   prepare_latency, prepare_training, train_kwargs)
+from prunelab.runs.prepare import (dense_model, load_prepared_dataset, prepare_distill, prepare_entries,
+                                   prepare_latency, train_kwargs)
 from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.training import evaluate, fit
 
@@ -62,15 +62,10 @@ class StructuredTask(Task):
 
     def prepare(self, *, dataset, model, method, training, checker: Checker, sparsities):
         n_errors = len(checker.errors)
-        (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
-        checker.keys(x_path, x_entry, STRUCTURED_KEYS)
-        data = prepare_dataset(d_path, d_entry, checker)
-        train = prepare_training(x_path, training, x_entry.get("training") or {}, checker)
-        if "name" not in m_entry:
-            checker.error(m_path, "missing 'name'")
+        (m_path, m_entry), (x_path, x_entry) = model, method
+        data, train, options = prepare_entries(dataset, model, method, training, checker, STRUCTURED_KEYS)
         if data is None or train is None or len(checker.errors) > n_errors:
             return None
-        options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
         net = checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
                               n_classes=data["n_classes"], **options)
         resolved = _prepare_structured(x_path, x_entry, train, checker)
