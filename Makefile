@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Tests and studies read datasets from PRUNELAB_DATA; use ../shared/data when it is there.
 export PRUNELAB_DATA ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: run test install bench clean
+.PHONY: run test lint install bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Lint, format check and type check (configured in pyproject.toml); .ci/run runs it before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mask_overhead.py

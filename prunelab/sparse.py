@@ -50,24 +50,45 @@ import statistics
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from prunelab._hooks import eval_mode
-from numbers import Integral
-
-from prunelab._validation import (BATCH_SIZE, FRACTION, MAPPING, MAX_BATCH, MAX_REPEATS, MAX_UNITS, MODEL, TENSOR,
-                                  THREADS, Interval, Sizes, check_param, check_type, validate_params)
+from prunelab._validation import (
+    BATCH_SIZE,
+    FRACTION,
+    MAPPING,
+    MAX_BATCH,
+    MAX_REPEATS,
+    MAX_UNITS,
+    MODEL,
+    TENSOR,
+    THREADS,
+    Interval,
+    Sizes,
+    check_param,
+    check_type,
+    validate_params,
+)
 from prunelab.inputs import Batch, example_batch, logits_of
-from prunelab.metrics.dry_run import default_device_dtype
+from prunelab.metrics.dry_run import SHAPE, default_device_dtype
 from prunelab.metrics.flops import count_nonzero
-from prunelab.metrics.dry_run import SHAPE
 from prunelab.metrics.latency import measure_latency
 
-__all__ = ["MANY_ROWS", "InferenceLatency", "LayerDecision", "SparseLinear", "SparsifyReport",
-           "compare_latency", "densify", "inference_latency", "sparsify"]
+__all__ = [
+    "MANY_ROWS",
+    "InferenceLatency",
+    "LayerDecision",
+    "SparseLinear",
+    "SparsifyReport",
+    "compare_latency",
+    "densify",
+    "inference_latency",
+    "sparsify",
+]
 
 #: From this many input rows on, the forward pass uses ``embedding_bag`` instead of ``addmm``.
 MANY_ROWS = 32
@@ -83,8 +104,12 @@ def _index_dtype(n: int) -> torch.dtype:
 
 _FEATURES = Interval(Integral, 1, MAX_UNITS)
 #: What the functions that time models interleaved declare.
-_ROUNDS = {"threads": [THREADS, None], "rounds": [Interval(Integral, 1, MAX_REPEATS)],
-           "repeats": [Interval(Integral, 1, MAX_REPEATS)], "warmup": [Interval(Integral, 0, MAX_REPEATS)]}
+_ROUNDS = {
+    "threads": [THREADS, None],
+    "rounds": [Interval(Integral, 1, MAX_REPEATS)],
+    "repeats": [Interval(Integral, 1, MAX_REPEATS)],
+    "warmup": [Interval(Integral, 0, MAX_REPEATS)],
+}
 _EXAMPLE = {"model": [MODEL], "input_shape": [SHAPE, None]}
 
 
@@ -109,17 +134,34 @@ class SparseLinear(nn.Module):
     values: torch.Tensor
     bias: torch.Tensor | None
 
-    @validate_params({"in_features": [_FEATURES], "out_features": [_FEATURES], "crow_indices": [TENSOR],
-                      "col_indices": [TENSOR], "values": [TENSOR], "bias": [TENSOR, None]})
-    def __init__(self, in_features: int, out_features: int, crow_indices: torch.Tensor,
-                 col_indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None):
+    @validate_params(
+        {
+            "in_features": [_FEATURES],
+            "out_features": [_FEATURES],
+            "crow_indices": [TENSOR],
+            "col_indices": [TENSOR],
+            "values": [TENSOR],
+            "bias": [TENSOR, None],
+        }
+    )
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ):
         super().__init__()
         where = "SparseLinear"
         self.in_features, self.out_features = int(in_features), int(out_features)
         if bias is not None:
             if tuple(bias.shape) != (out_features,):
-                raise ValueError(f"the 'bias' parameter of {where} must have shape ({out_features},). "
-                                 f"Got shape {tuple(bias.shape)} instead.")
+                raise ValueError(
+                    f"the 'bias' parameter of {where} must have shape ({out_features},). "
+                    f"Got shape {tuple(bias.shape)} instead."
+                )
         _check_dtype(values.dtype, where)
         index_dtype = _index_dtype(max(len(values), in_features))
         self.register_buffer("crow_indices", crow_indices.to(index_dtype))
@@ -127,7 +169,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("bias", bias)
         self._csr_cache: tuple | None = None
-        _ = self.weight   # build and check the CSR tensor now, so bad arrays fail here
+        _ = self.weight  # build and check the CSR tensor now, so bad arrays fail here
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseLinear:
@@ -138,14 +180,21 @@ class SparseLinear(nn.Module):
         with torch.no_grad(), _quiet_beta_warning():
             csr = linear.weight.detach().to_sparse_csr()
             bias = None if linear.bias is None else linear.bias.detach().clone()
-            return cls(linear.in_features, linear.out_features, csr.crow_indices().clone(),
-                       csr.col_indices().clone(), csr.values().clone(), bias)
+            return cls(
+                linear.in_features,
+                linear.out_features,
+                csr.crow_indices().clone(),
+                csr.col_indices().clone(),
+                csr.values().clone(),
+                bias,
+            )
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the dense weight (zeros where nothing is stored) and the bias."""
         values = self.values
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=values.device, dtype=values.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=values.device, dtype=values.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(self.dense_weight())
             if self.bias is not None:
@@ -165,11 +214,11 @@ class SparseLinear(nn.Module):
         _check_dtype(arrays[2].dtype, "SparseLinear")
         with _quiet_beta_warning(), torch.inference_mode(False):
             try:
-                csr = torch.sparse_csr_tensor(*arrays, (self.out_features, self.in_features),
-                                              check_invariants=True)
+                csr = torch.sparse_csr_tensor(*arrays, (self.out_features, self.in_features), check_invariants=True)
             except RuntimeError as err:
-                raise ValueError(f"SparseLinear({self.in_features}, {self.out_features}) has "
-                                 f"inconsistent CSR arrays: {err}") from err
+                raise ValueError(
+                    f"SparseLinear({self.in_features}, {self.out_features}) has inconsistent CSR arrays: {err}"
+                ) from err
         self._csr_cache = (*arrays, csr)
         return csr
 
@@ -190,8 +239,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             # reshape(-1, in_features) below would accept any input of a fitting size
-            raise ValueError(f"SparseLinear({self.in_features}, {self.out_features}) takes inputs of shape "
-                             f"(..., {self.in_features}). Got shape {tuple(x.shape)} instead.")
+            raise ValueError(
+                f"SparseLinear({self.in_features}, {self.out_features}) takes inputs of shape "
+                f"(..., {self.in_features}). Got shape {tuple(x.shape)} instead."
+            )
         weight, bias = self.weight, self._buffers["bias"]
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
@@ -199,12 +250,18 @@ class SparseLinear(nn.Module):
         if n == 1:
             y = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
         elif n < MANY_ROWS:
-            y = (torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t()))
+            y = torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t())
             y = y.t().contiguous()
         else:
             # bag i = sum over k in crow[i]:crow[i+1] of values[k] * rowsᵀ[col[k]]: row i of W·rowsᵀ
-            y = F.embedding_bag(self.col_indices, rows.t().contiguous(), self.crow_indices, mode="sum",
-                                per_sample_weights=self.values, include_last_offset=True)
+            y = F.embedding_bag(
+                self.col_indices,
+                rows.t().contiguous(),
+                self.crow_indices,
+                mode="sum",
+                per_sample_weights=self.values,
+                include_last_offset=True,
+            )
             y = y.t().contiguous()
             if bias is not None:
                 y = y.add_(bias)
@@ -216,8 +273,9 @@ class SparseLinear(nn.Module):
         state["_csr_cache"] = None
         return state
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # the number of non-zeros is data, not architecture: make room for the saved arrays
         for name in ("col_indices", "values"):
             saved = state_dict.get(prefix + name)
@@ -225,15 +283,18 @@ class SparseLinear(nn.Module):
             if isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.shape != current.shape:
                 setattr(self, name, current.new_empty(saved.shape))
         errors_before = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._csr_cache = None
         if len(error_msgs) == errors_before:
-            _ = self.weight   # check the loaded arrays now rather than at the first forward call
+            _ = self.weight  # check the loaded arrays now rather than at the first forward call
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-                f"sparsity={self.sparsity:.4f}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"sparsity={self.sparsity:.4f}, bias={self.bias is not None}"
+        )
 
 
 @contextlib.contextmanager
@@ -247,8 +308,10 @@ def _quiet_beta_warning() -> Iterator[None]:
 
 def _check_dtype(dtype: torch.dtype, where: str) -> None:
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{where} needs float32 or float64 weights (torch's CPU sparse kernels); "
-                        f"got {dtype}. Convert the layer first, e.g. linear.float().")
+        raise TypeError(
+            f"{where} needs float32 or float64 weights (torch's CPU sparse kernels); "
+            f"got {dtype}. Convert the layer first, e.g. linear.float()."
+        )
 
 
 #: Modules that read the weights of their Linear children directly (the fused fast path of
@@ -286,9 +349,17 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 @validate_params({"models": [MAPPING], "input_shape": [SHAPE, None], "batch_sizes": [Sizes(MAX_BATCH)], **_ROUNDS})
-def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] | int | None = None,
-                    batch_sizes: Sequence[int] | int = (1, 64), *, example_inputs=None, threads: int | None = None,
-                    rounds: int = 7, repeats: int = 10, warmup: int = 3) -> dict[str, dict[int, float]]:
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int] | int | None = None,
+    batch_sizes: Sequence[int] | int = (1, 64),
+    *,
+    example_inputs=None,
+    threads: int | None = None,
+    rounds: int = 7,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> dict[str, dict[int, float]]:
     """Median forward latency in ms of each model at each batch size, ``{name: {batch: ms}}``.
 
     The input is a random tensor ``(batch, *input_shape)`` (:func:`prunelab.measure_latency`)
@@ -308,10 +379,19 @@ def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] 
     medians: dict[str, dict[int, list[float]]] = {name: {} for name in models}
     names = list(models)
     for index in range(rounds):
-        for name in (names if index % 2 == 0 else names[::-1]):
-            rows = {row.batch_size: row.median_ms for row in measure_latency(
-                models[name], input_shape, batch_sizes, example_inputs=example_inputs, warmup=warmup,
-                repeats=repeats, threads=threads)}
+        for name in names if index % 2 == 0 else names[::-1]:
+            rows = {
+                row.batch_size: row.median_ms
+                for row in measure_latency(
+                    models[name],
+                    input_shape,
+                    batch_sizes,
+                    example_inputs=example_inputs,
+                    warmup=warmup,
+                    repeats=repeats,
+                    threads=threads,
+                )
+            }
             for batch_size, ms in rows.items():
                 medians[name].setdefault(batch_size, []).append(ms)
     return {name: {b: statistics.median(ms) for b, ms in rows.items()} for name, rows in medians.items()}
@@ -357,9 +437,13 @@ class SparsifyReport:
         return [layer.name for layer in self.layers if layer.replaced]
 
     def to_dict(self) -> dict:
-        return {"min_sparsity": self.min_sparsity, "only_if_faster": self.only_if_faster,
-                "batch_size": self.batch_size, "threads": self.threads,
-                "layers": [asdict(layer) for layer in self.layers]}
+        return {
+            "min_sparsity": self.min_sparsity,
+            "only_if_faster": self.only_if_faster,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
 
     def __str__(self) -> str:
         headers = ("layer", "shape", "sparsity %", "dense ms", "sparse ms", "replaced", "why")
@@ -367,17 +451,33 @@ class SparsifyReport:
         def ms(value: float | None) -> str:
             return "-" if value is None else f"{value:.4f}"
 
-        table = [(d.name or "(root)", f"{d.in_features}x{d.out_features}", f"{100 * d.sparsity:.2f}",
-                  ms(d.dense_ms), ms(d.sparse_ms), "yes" if d.replaced else "no", d.reason)
-                 for d in self.layers]
+        table = [
+            (
+                d.name or "(root)",
+                f"{d.in_features}x{d.out_features}",
+                f"{100 * d.sparsity:.2f}",
+                ms(d.dense_ms),
+                ms(d.sparse_ms),
+                "yes" if d.replaced else "no",
+                d.reason,
+            )
+            for d in self.layers
+        ]
         widths = [max(len(str(cells[i])) for cells in [headers, *table]) for i in range(len(headers))]
         right = (False, False, True, True, True, False, False)
-        lines = ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
-                 for cells in [headers, *table]]
-        timed = (f"timed alone at batch {self.batch_size}, {self.threads} thread(s)" if self.only_if_faster
-                 else "not timed (only_if_faster=False)")
-        footer = (f"{len(self.replaced)} of {len(self.layers)} Linear layer(s) replaced; "
-                  f"min_sparsity {100 * self.min_sparsity:g} %; {timed}")
+        lines = [
+            "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+            for cells in [headers, *table]
+        ]
+        timed = (
+            f"timed alone at batch {self.batch_size}, {self.threads} thread(s)"
+            if self.only_if_faster
+            else "not timed (only_if_faster=False)"
+        )
+        footer = (
+            f"{len(self.replaced)} of {len(self.layers)} Linear layer(s) replaced; "
+            f"min_sparsity {100 * self.min_sparsity:g} %; {timed}"
+        )
         return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], footer])
 
 
@@ -413,11 +513,16 @@ def _run(model: nn.Module, batch: Batch, where: str):
             return batch.call(model)
     except Exception as err:
         tensors = batch.tensors()
-        what = (f"an input of shape {tuple(tensors[0].shape)} ({tensors[0].dtype})" if len(tensors) == 1
-                else "the example inputs (" + ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors) + ")")
-        raise ValueError(f"{where} could not run {type(model).__name__} on {what}; check 'input_shape' (one "
-                         f"input, without the batch dimension) or 'example_inputs'. "
-                         f"The model raised {type(err).__name__}: {err}") from err
+        what = (
+            f"an input of shape {tuple(tensors[0].shape)} ({tensors[0].dtype})"
+            if len(tensors) == 1
+            else "the example inputs (" + ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors) + ")"
+        )
+        raise ValueError(
+            f"{where} could not run {type(model).__name__} on {what}; check 'input_shape' (one "
+            f"input, without the batch dimension) or 'example_inputs'. "
+            f"The model raised {type(err).__name__}: {err}"
+        ) from err
 
 
 def _parent_reads_weight(model: nn.Module) -> dict[str, str]:
@@ -433,12 +538,22 @@ def _parent_reads_weight(model: nn.Module) -> dict[str, str]:
     return found
 
 
-@validate_params({**_EXAMPLE, "min_sparsity": [FRACTION], "only_if_faster": [bool], "batch_size": [BATCH_SIZE],
-                  **_ROUNDS})
-def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
-             min_sparsity: float = 0.9,
-             only_if_faster: bool = True, batch_size: int = 1, threads: int | None = None,
-             rounds: int = 15, repeats: int = 10, warmup: int = 3) -> tuple[nn.Module, SparsifyReport]:
+@validate_params(
+    {**_EXAMPLE, "min_sparsity": [FRACTION], "only_if_faster": [bool], "batch_size": [BATCH_SIZE], **_ROUNDS}
+)
+def sparsify(
+    model: nn.Module,
+    input_shape: Sequence[int] | int | None = None,
+    *,
+    example_inputs=None,
+    min_sparsity: float = 0.9,
+    only_if_faster: bool = True,
+    batch_size: int = 1,
+    threads: int | None = None,
+    rounds: int = 15,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> tuple[nn.Module, SparsifyReport]:
     """A copy of ``model`` with sparse ``nn.Linear`` layers replaced by :class:`SparseLinear`.
 
     A Linear layer (exactly ``nn.Linear``, not a subclass) is replaced when the sparsity of its
@@ -487,14 +602,18 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
     """
     where = "sparsify"
     from prunelab._model_checks import check_materialised
+
     check_materialised(model, where)
     batch = _example(model, input_shape, example_inputs, where)
     min_sparsity, batch_size = float(min_sparsity), int(batch_size)
     threads = None if threads is None else int(threads)
     rounds, repeats, warmup = int(rounds), int(repeats), int(warmup)
 
-    linears = [(name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
-               for name, module in model.named_modules() if _is_plain_linear(module) and module.weight.numel()]
+    linears = [
+        (name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
+        for name, module in model.named_modules()
+        if _is_plain_linear(module) and module.weight.numel()
+    ]
     read_by_parent = _parent_reads_weight(model)
     for name, module, sparsity in linears:
         if sparsity >= min_sparsity and name not in read_by_parent:
@@ -505,8 +624,7 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
     decisions = []
     for name, module, sparsity in linears:
         dense_ms = sparse_ms = None
-        sparse = (SparseLinear.from_linear(module) if sparsity >= min_sparsity and name not in read_by_parent
-                  else None)
+        sparse = SparseLinear.from_linear(module) if sparsity >= min_sparsity and name not in read_by_parent else None
         if name in read_by_parent:
             replaced = False
             reason = f"kept dense: its parent {read_by_parent[name]} reads the weight directly"
@@ -517,8 +635,15 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
             replaced, reason = True, f"sparsity >= {100 * min_sparsity:g} % (not timed)"
         else:
             layer_shape = inputs.get(module, (module.in_features,))
-            ms = compare_latency({"dense": module, "sparse": sparse}, layer_shape, batch_size, threads=threads,
-                                 rounds=rounds, repeats=repeats, warmup=warmup)
+            ms = compare_latency(
+                {"dense": module, "sparse": sparse},
+                layer_shape,
+                batch_size,
+                threads=threads,
+                rounds=rounds,
+                repeats=repeats,
+                warmup=warmup,
+            )
             dense_ms, sparse_ms = ms["dense"][batch_size], ms["sparse"][batch_size]
             replaced = sparse_ms < dense_ms
             reason = "sparse faster" if replaced else "sparse not faster"
@@ -529,11 +654,25 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
         if replaced:
             sparse.train(module.training)
             new_model = _replace(new_model, name, sparse)
-        decisions.append(LayerDecision(name=name, in_features=module.in_features,
-                                       out_features=module.out_features, sparsity=sparsity, dense_ms=dense_ms,
-                                       sparse_ms=sparse_ms, replaced=replaced, reason=reason))
-    report = SparsifyReport(layers=tuple(decisions), min_sparsity=min_sparsity, only_if_faster=only_if_faster,
-                            batch_size=batch_size, threads=threads or torch.get_num_threads())
+        decisions.append(
+            LayerDecision(
+                name=name,
+                in_features=module.in_features,
+                out_features=module.out_features,
+                sparsity=sparsity,
+                dense_ms=dense_ms,
+                sparse_ms=sparse_ms,
+                replaced=replaced,
+                reason=reason,
+            )
+        )
+    report = SparsifyReport(
+        layers=tuple(decisions),
+        min_sparsity=min_sparsity,
+        only_if_faster=only_if_faster,
+        batch_size=batch_size,
+        threads=threads or torch.get_num_threads(),
+    )
     if report.replaced:
         _check_same_output(model, new_model, batch, report.replaced, where)
     return new_model, report
@@ -550,14 +689,18 @@ def _check_same_output(model: nn.Module, sparse: nn.Module, batch: Batch, replac
     try:
         sparse_out = logits_of(_run(sparse, batch, where), where=where)
     except ValueError as err:
-        raise ValueError(f"{where}: the model fails once {', '.join(replaced)} became SparseLinear (a module "
-                         f"that reads their weight tensor directly?): {err}") from None
+        raise ValueError(
+            f"{where}: the model fails once {', '.join(replaced)} became SparseLinear (a module "
+            f"that reads their weight tensor directly?): {err}"
+        ) from None
     diff = float((sparse_out - dense_out).abs().max()) if dense_out.numel() else 0.0
     scale = float(dense_out.abs().max()) if dense_out.numel() else 0.0
     if not diff <= 1e-4 * max(1.0, scale):
-        raise ValueError(f"{where}: with {', '.join(replaced)} as SparseLinear the output differs from the "
-                         f"model's by {diff:.3g}; a module reads their weight tensor directly. "
-                         f"Raise min_sparsity to keep them dense.")
+        raise ValueError(
+            f"{where}: with {', '.join(replaced)} as SparseLinear the output differs from the "
+            f"model's by {diff:.3g}; a module reads their weight tensor directly. "
+            f"Raise min_sparsity to keep them dense."
+        )
 
 
 @dataclass(frozen=True)
@@ -587,11 +730,16 @@ class InferenceLatency:
         return self.median_ms["dense"][batch_size] / self.median_ms[variant][batch_size]
 
     def to_dict(self) -> dict:
-        return {"median_ms": self.median_ms, "max_abs_diff": self.max_abs_diff,
-                "sparse": self.sparse_report.to_dict(),
-                "thinned_units": {k: list(v) for k, v in self.thinned_units.items()},
-                "thinned_note": self.thinned_note, "threads": self.threads, "rounds": self.rounds,
-                "repeats": self.repeats}
+        return {
+            "median_ms": self.median_ms,
+            "max_abs_diff": self.max_abs_diff,
+            "sparse": self.sparse_report.to_dict(),
+            "thinned_units": {k: list(v) for k, v in self.thinned_units.items()},
+            "thinned_note": self.thinned_note,
+            "threads": self.threads,
+            "rounds": self.rounds,
+            "repeats": self.repeats,
+        }
 
     def __str__(self) -> str:
         labels = {"dense": "dense (zeros kept)", "sparse": "sparse (CSR Linear)", "thinned": "thinned (dead units)"}
@@ -599,16 +747,28 @@ class InferenceLatency:
         rows = [["model", *(f"batch {b}" for b in batches), "max |diff|"]]
         for variant, label in labels.items():
             if variant in self.median_ms:
-                rows.append([label, *(f"{self.median_ms[variant][b]:.4f} ms {self.speedup(variant, b):5.2f}x"
-                                      for b in batches), f"{self.max_abs_diff[variant]:.1e}"])
+                rows.append(
+                    [
+                        label,
+                        *(f"{self.median_ms[variant][b]:.4f} ms {self.speedup(variant, b):5.2f}x" for b in batches),
+                        f"{self.max_abs_diff[variant]:.1e}",
+                    ]
+                )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        table = ["  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                                  for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+        table = [
+            "  "
+            + "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
+            for row in rows
+        ]
         return "\n".join([self._header(), *table, self._sparse_line(), self._thinned_line()])
 
     def _header(self) -> str:
-        return (f"latency: median over {self.rounds} interleaved round(s) of {self.repeats} calls, "
-                f"{self.threads} thread(s); speedup vs dense")
+        return (
+            f"latency: median over {self.rounds} interleaved round(s) of {self.repeats} calls, "
+            f"{self.threads} thread(s); speedup vs dense"
+        )
 
     def _sparse_line(self) -> str:
         def listed(decisions: list[LayerDecision]) -> str:
@@ -619,25 +779,36 @@ class InferenceLatency:
         if replaced:
             line = f"  sparse: SparseLinear for {listed(replaced)}"
         else:
-            line = (f"  sparse: no Linear layer at >= {100 * self.sparse_report.min_sparsity:g} % sparsity "
-                    f"(same as dense)")
+            line = (
+                f"  sparse: no Linear layer at >= {100 * self.sparse_report.min_sparsity:g} % sparsity (same as dense)"
+            )
         return line + (f"; kept dense: {listed(kept)}" if kept else "")
 
     def _thinned_line(self) -> str:
         parts = []
         if self.thinned_units:
-            parts.append(", ".join(f"{name} {before}->{after}"
-                                   for name, (before, after) in self.thinned_units.items()) + " units")
+            parts.append(
+                ", ".join(f"{name} {before}->{after}" for name, (before, after) in self.thinned_units.items())
+                + " units"
+            )
         if self.thinned_note:
             parts.append(self.thinned_note)
         return "  thinned: " + "; ".join(parts)
 
 
 @validate_params({**_EXAMPLE, "min_sparsity": [FRACTION], "batch_sizes": [Sizes(MAX_BATCH)], **_ROUNDS})
-def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
-                      min_sparsity: float = 0.9,
-                      batch_sizes: Sequence[int] | int = (1, 64), threads: int | None = None,
-                      rounds: int = 15, repeats: int = 10, warmup: int = 3) -> InferenceLatency:
+def inference_latency(
+    model: nn.Module,
+    input_shape: Sequence[int] | int | None = None,
+    *,
+    example_inputs=None,
+    min_sparsity: float = 0.9,
+    batch_sizes: Sequence[int] | int = (1, 64),
+    threads: int | None = None,
+    rounds: int = 15,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> InferenceLatency:
     """Median forward latency of ``model`` as it is, sparsified and thinned (``prunelab summary --latency``).
 
     The three variants (see :class:`InferenceLatency`) are measured by :func:`compare_latency`
@@ -651,12 +822,12 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None 
     threads = None if threads is None else int(threads)
     rounds, repeats = int(rounds), int(repeats)
 
-    sparse, report = sparsify(model, input_shape, example_inputs=example_inputs, min_sparsity=min_sparsity,
-                              only_if_faster=False)
+    sparse, report = sparsify(
+        model, input_shape, example_inputs=example_inputs, min_sparsity=min_sparsity, only_if_faster=False
+    )
     variants = {"dense": model, "sparse": sparse}
     thinned_units: dict[str, tuple[int, int]] = {}
-    single = (len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point()
-              and batch.args[0].dim() > 1)
+    single = len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point() and batch.args[0].dim() > 1
     # one float tensor: traced on a zero input of its shape, as before; other inputs as they are
     inputs = {"input_shape": tuple(batch.args[0].shape[1:])} if single else {"example_inputs": batch.inputs}
     try:
@@ -671,17 +842,37 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None 
         probe = batch.repeat_to(8)
     else:
         x = batch.args[0]
-        probe = Batch((torch.randn((8, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
-                       .to(device=x.device, dtype=x.dtype),))
+        probe = Batch(
+            (
+                torch.randn((8, *x.shape[1:]), generator=torch.Generator().manual_seed(0)).to(
+                    device=x.device, dtype=x.dtype
+                ),
+            )
+        )
     outputs = {name: logits_of(_run(variant, probe, where), where=where) for name, variant in variants.items()}
-    diffs = {name: float((out - outputs["dense"]).abs().max()) if out.numel() else 0.0
-             for name, out in outputs.items()}
+    diffs = {name: float((out - outputs["dense"]).abs().max()) if out.numel() else 0.0 for name, out in outputs.items()}
     if input_shape is None:
-        median_ms = compare_latency(variants, None, batch_sizes, example_inputs=example_inputs, threads=threads,
-                                    rounds=rounds, repeats=repeats, warmup=warmup)
+        median_ms = compare_latency(
+            variants,
+            None,
+            batch_sizes,
+            example_inputs=example_inputs,
+            threads=threads,
+            rounds=rounds,
+            repeats=repeats,
+            warmup=warmup,
+        )
     else:
-        median_ms = compare_latency(variants, input_shape, batch_sizes, threads=threads, rounds=rounds,
-                                    repeats=repeats, warmup=warmup)
-    return InferenceLatency(median_ms=median_ms, max_abs_diff=diffs, sparse_report=report,
-                            thinned_units=thinned_units, thinned_note=note,
-                            threads=threads or torch.get_num_threads(), rounds=rounds, repeats=repeats)
+        median_ms = compare_latency(
+            variants, input_shape, batch_sizes, threads=threads, rounds=rounds, repeats=repeats, warmup=warmup
+        )
+    return InferenceLatency(
+        median_ms=median_ms,
+        max_abs_diff=diffs,
+        sparse_report=report,
+        thinned_units=thinned_units,
+        thinned_note=note,
+        threads=threads or torch.get_num_threads(),
+        rounds=rounds,
+        repeats=repeats,
+    )

@@ -47,6 +47,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
                 found.append(child)
             else:
                 walk(child)
+
     walk(model)
     return found
 
@@ -54,8 +55,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 def stacks(model: nn.Module) -> list[str]:
     """Dotted names of the model's ModuleLists and Sequentials with children: the stacks of
     blocks a user may name."""
-    return [name for name, m in model.named_modules()
-            if name and isinstance(m, CONTAINERS) and len(m) > 0]
+    return [name for name, m in model.named_modules() if name and isinstance(m, CONTAINERS) and len(m) > 0]
 
 
 def resolve_stack(model: nn.Module, stack, *, where: str) -> nn.Module:
@@ -66,23 +66,30 @@ def resolve_stack(model: nn.Module, stack, *, where: str) -> nn.Module:
     hint = f"stacks of blocks found: {', '.join(found[:12])}" if found else "the model has no ModuleList or Sequential"
     if isinstance(stack, nn.Module):
         if not any(m is stack for m in model.modules()):
-            raise ValueError(f"the 'blocks' parameter of {where} is a {type(stack).__name__} that is not part of "
-                             f"the model; {hint}.")
+            raise ValueError(
+                f"the 'blocks' parameter of {where} is a {type(stack).__name__} that is not part of the model; {hint}."
+            )
         module, name = stack, type(stack).__name__
     elif isinstance(stack, str):
         try:
             module = model.get_submodule(stack) if stack else model
         except AttributeError:
-            raise ValueError(f"the 'blocks' parameter of {where} names {stack!r}, which is not a submodule of "
-                             f"the {type(model).__name__}; {hint}.") from None
+            raise ValueError(
+                f"the 'blocks' parameter of {where} names {stack!r}, which is not a submodule of "
+                f"the {type(model).__name__}; {hint}."
+            ) from None
         name = repr(stack)
     else:
-        raise TypeError(f"the 'blocks' parameter of {where} must be a dotted module path such as "
-                        f"'model.layers' or an nn.ModuleList. Got {stack!r} of type {type(stack).__name__} instead.")
+        raise TypeError(
+            f"the 'blocks' parameter of {where} must be a dotted module path such as "
+            f"'model.layers' or an nn.ModuleList. Got {stack!r} of type {type(stack).__name__} instead."
+        )
     if not isinstance(module, CONTAINERS) or len(module) == 0:
         what = "an empty container" if isinstance(module, CONTAINERS) else f"a {type(module).__name__}"
-        raise ValueError(f"the 'blocks' parameter of {where} names {name}, {what}, not an nn.ModuleList or "
-                         f"nn.Sequential of blocks; {hint}.")
+        raise ValueError(
+            f"the 'blocks' parameter of {where} names {name}, {what}, not an nn.ModuleList or "
+            f"nn.Sequential of blocks; {hint}."
+        )
     return module
 
 
@@ -138,10 +145,10 @@ class Trace:
     def __init__(self, model: nn.Module, batches: list, watch=(), after_batch=None, stack=None):
         self.model, self.batches, self.after_batch = model, batches, after_batch
         self.blocks = find_blocks(model if stack is None else stack)
-        self.order: list[nn.Module] = []              # blocks in call order (first batch)
-        self.links: dict[int, tuple] = {}              # id(block) -> slot fed by the previous block
-        self.calls: dict[int, int] = {}                # calls of watched modules in the last batch
-        self.once: set[int] = set()                    # watched modules called once in every batch
+        self.order: list[nn.Module] = []  # blocks in call order (first batch)
+        self.links: dict[int, tuple] = {}  # id(block) -> slot fed by the previous block
+        self.calls: dict[int, int] = {}  # calls of watched modules in the last batch
+        self.once: set[int] = set()  # watched modules called once in every batch
         self._run(list(watch))
 
     def _run(self, watch):
@@ -222,7 +229,7 @@ class InputCache:
     Iterating yields the entries in batch order; ``cache[i] = entry`` replaces one. With ``cast``
     (a dtype) appended entries have their floating tensors cast to it."""
 
-    def __init__(self, directory: "str | Path | None" = None, cast: torch.dtype | None = None):
+    def __init__(self, directory: str | Path | None = None, cast: torch.dtype | None = None):
         self.directory = None if directory is None else Path(directory)
         self.cast = cast
         self._entries: list = []
@@ -271,12 +278,12 @@ class Spill:
     """A private temporary directory for spilled block inputs, removed on :meth:`close` (and on
     leaving a ``with`` block, also after an error). ``new()`` gives an empty cache in it."""
 
-    def __init__(self, parent: "str | Path | None" = None):
+    def __init__(self, parent: str | Path | None = None):
         self.path = Path(tempfile.mkdtemp(prefix="prunelab-blocks-", dir=parent))
         self._n = 0
 
     def new(self, cast: torch.dtype | None = None) -> InputCache:
-        for old in self.path.iterdir():      # one block's inputs on disk at a time
+        for old in self.path.iterdir():  # one block's inputs on disk at a time
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         self._n += 1
         directory = self.path / str(self._n)
@@ -321,8 +328,10 @@ def _map_tensors(fn, value):
 def _compact(value):
     """``value`` with every tensor that views a larger storage copied (``torch.save`` would write
     the whole storage)."""
+
     def own(t):
         return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
     return _map_tensors(own, value)
 
 

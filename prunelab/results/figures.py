@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from prunelab._validation import check_choice
+from prunelab.registry import Registry
 from prunelab.results.outputs import output_folder, write_output
 from prunelab.results.records import check_keys, open_study, raise_problems, require_done
 from prunelab.store import RunRecord
-from prunelab.registry import Registry
 
 FigureFunction = Callable[[list[RunRecord], dict, dict], list]
 FIGURES: Registry[FigureFunction] = Registry("figure kind")
@@ -34,7 +34,7 @@ FIGURE_KEYS: dict[str, tuple[str, ...]] = {}
 DEFAULT_FIGURES = ({"kind": "accuracy_vs_params"},)
 FORMATS = ("png", "svg")
 DPI = 100
-PANEL_SIZE = (5.0, 3.6)     # inches per panel
+PANEL_SIZE = (5.0, 3.6)  # inches per panel
 _COMMON_KEYS = ("kind", "name", "title", "metric")
 
 
@@ -77,8 +77,10 @@ def figure_declarations(spec: dict) -> list[dict]:
     if declarations is None:
         return [dict(d) for d in DEFAULT_FIGURES]
     if not isinstance(declarations, list):
-        raise TypeError(f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
-                        f"of type {type(declarations).__name__} instead.")
+        raise TypeError(
+            f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
+            f"of type {type(declarations).__name__} instead."
+        )
     raise_problems(figures_problems(declarations))
     return declarations
 
@@ -88,16 +90,19 @@ def figures_problems(declarations: Any) -> list[str]:
     if declarations is None:
         return []
     if not isinstance(declarations, list):
-        return [f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
-                f"of type {type(declarations).__name__} instead."]
+        return [
+            f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
+            f"of type {type(declarations).__name__} instead."
+        ]
     return [p for i, d in enumerate(declarations) for p in figure_problems(d, f"outputs.figures[{i}]")]
 
 
 def figure_problems(declaration: Any, where: str) -> list[str]:
     """Problems of one figure declaration that can be found without the runs (for spec validation)."""
     if not isinstance(declaration, dict) or "kind" not in declaration:
-        return [f"{where} must be a mapping with a 'kind' among: {', '.join(FIGURES.names())}. "
-                f"Got {declaration!r} instead."]
+        return [
+            f"{where} must be a mapping with a 'kind' among: {', '.join(FIGURES.names())}. Got {declaration!r} instead."
+        ]
     try:
         kind = FIGURES.canonical(declaration["kind"], param="kind", where=where)
     except (ValueError, TypeError) as err:
@@ -126,8 +131,9 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
-                  formats: Sequence[str] = FORMATS) -> list[Path]:
+def write_figures(
+    store_path: str | Path, out_dir: str | Path | None = None, formats: Sequence[str] = FORMATS
+) -> list[Path]:
     """Write every declared figure of a study as ``<name>.png`` / ``.svg``; returns the paths.
 
     ``out_dir`` defaults to ``<db folder>/<db stem>_figures``. Prints nothing.
@@ -136,14 +142,14 @@ def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
         formats = [formats]
     formats = [check_choice("format", f, FORMATS, where="plot") for f in formats]
     study = open_study(store_path)
-    require_done(study, "prunelab plot")          # a clear error when nothing has finished
+    require_done(study, "prunelab plot")  # a clear error when nothing has finished
     declarations = figure_declarations(study.spec)
     figures = [pair for i, d in enumerate(declarations) for pair in build_figures(study.records, study.spec, d, i)]
     out = output_folder(Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures"))
     paths = []
     for name, (_, figure) in zip(unique_names([n for n, _ in figures]), figures):
         for ext in formats:
-            buffer = io.BytesIO()         # rendered in memory, then written atomically
+            buffer = io.BytesIO()  # rendered in memory, then written atomically
             save_figure(figure, buffer, ext)
             paths.append(write_output(out / f"{name}.{ext}", buffer.getvalue()))
     return paths

@@ -32,9 +32,18 @@ DENSE_VERSION = 1
 DATASET_KEYS = ("name", "label", "subset", "validation", "standardize", "training")
 
 
-TRAINING_DEFAULTS = {"epochs": 10, "finetune_epochs": 5, "batch_size": 64, "lr": 0.05,
-                     "finetune_lr": None, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
-                     "retrain_tolerance": None, "eval_every": 50}
+TRAINING_DEFAULTS = {
+    "epochs": 10,
+    "finetune_epochs": 5,
+    "batch_size": 64,
+    "lr": 0.05,
+    "finetune_lr": None,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "retrain_tolerance": None,
+    "eval_every": 50,
+}
 
 
 DISTILL_DEFAULTS = {"weight": 0.5, "temperature": 2.0}
@@ -46,7 +55,7 @@ LATENCY_DEFAULTS = {"batch_sizes": [1, 64], "min_sparsity": 0.5, "threads": 1, "
 DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
 
 
-OPTIONAL_TRAINING = ("patience", "finetune_steps")   # resolved only when given, so older runs keep their ids
+OPTIONAL_TRAINING = ("patience", "finetune_steps")  # resolved only when given, so older runs keep their ids
 
 
 # ---------------------------------------------------------------- dataset
@@ -67,9 +76,12 @@ def prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
         return None
     missing = checker.attempt(path, source.missing_files, None, **options)
     if missing:
-        checker.error(path, f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
-                            f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
-                            f"run `prunelab data fetch {source.name}`)")
+        checker.error(
+            path,
+            f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
+            f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
+            f"run `prunelab data fetch {source.name}`)",
+        )
     if missing is None or missing:
         return None
     n_train = source.sizes.get("train", 0)
@@ -101,14 +113,26 @@ def prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
     if not isinstance(standardize, bool):
         checker.error(f"{path}.standardize", f"must be true or false; got {standardize!r}")
         return None
-    return {"config": {"name": source.name, "options": options, "subset": subset,
-                       "validation": validation or 0, "standardize": standardize},
-            "input_shape": tuple(source.input_shape), "n_classes": source.n_classes, "n_train": n_train,
-            "has_val": bool(validation), "dry": {"input_shape": tuple(source.input_shape)}}
+    return {
+        "config": {
+            "name": source.name,
+            "options": options,
+            "subset": subset,
+            "validation": validation or 0,
+            "standardize": standardize,
+        },
+        "input_shape": tuple(source.input_shape),
+        "n_classes": source.n_classes,
+        "n_train": n_train,
+        "has_val": bool(validation),
+        "dry": {"input_shape": tuple(source.input_shape)},
+    }
 
 
-TEXT_NOT_APPLICABLE = {"validation": "a text dataset has its own validation split (its valid text)",
-                       "standardize": "token ids are not standardised"}
+TEXT_NOT_APPLICABLE = {
+    "validation": "a text dataset has its own validation split (its valid text)",
+    "standardize": "token ids are not standardised",
+}
 
 
 def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> dict | None:
@@ -125,9 +149,12 @@ def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> d
         checker.error(f"{path}.{unknown[0]}", f"unknown option for dataset '{source.name}'; valid: {valid}")
     missing = checker.attempt(path, source.missing_files, None)
     if missing:
-        checker.error(path, f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
-                            f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
-                            f"run `prunelab data fetch {source.name}`)")
+        checker.error(
+            path,
+            f"dataset '{source.name}' cannot be loaded: missing {', '.join(missing)} under "
+            f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
+            f"run `prunelab data fetch {source.name}`)",
+        )
     if len(checker.errors) > n_errors or missing is None:
         return None
     sizes = checker.attempt(path, _text_sizes, source.name, options)
@@ -136,37 +163,50 @@ def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> d
     subset = entry.get("subset")
     if subset is not None:
         if not isinstance(subset, dict) or not set(subset) <= {"n_train", "n_test", "n_val"}:
-            checker.error(f"{path}.subset", f"must be a mapping with n_train, n_test and/or n_val (sequences); "
-                                            f"got {subset!r}")
+            checker.error(
+                f"{path}.subset", f"must be a mapping with n_train, n_test and/or n_val (sequences); got {subset!r}"
+            )
             return None
         for key in ("n_train", "n_test", "n_val"):
-            if key in subset and checker.number(f"{path}.subset.{key}", subset[key], low=1,
-                                                high=sizes[key], integer=True) is None:
+            if (
+                key in subset
+                and checker.number(f"{path}.subset.{key}", subset[key], low=1, high=sizes[key], integer=True) is None
+            ):
                 return None
     seq_len = sizes["seq_len"]
-    return {"config": {"name": source.name, "options": options, "subset": subset, "validation": 0,
-                       "standardize": False},
-            "input_shape": (seq_len,), "n_classes": sizes["vocab_size"],
-            "n_train": (subset or {}).get("n_train", sizes["n_train"]), "has_val": True,
-            "dry": {"example_inputs": token_example(seq_len)}}
+    return {
+        "config": {"name": source.name, "options": options, "subset": subset, "validation": 0, "standardize": False},
+        "input_shape": (seq_len,),
+        "n_classes": sizes["vocab_size"],
+        "n_train": (subset or {}).get("n_train", sizes["n_train"]),
+        "has_val": True,
+        "dry": {"example_inputs": token_example(seq_len)},
+    }
 
 
 def _text_sizes(name: str, options: dict) -> dict:
     """Sequences per split, vocabulary and sequence length of a text dataset (memoised per data root)."""
     from prunelab.data import cache_dir, load_dataset
+
     key = (name, repr(sorted(options.items())), str(data_root()), str(cache_dir()))
     if key not in _TEXT_SIZES:
         ds = load_dataset(name, **options)
-        _TEXT_SIZES[key] = {"n_train": len(ds.x_train), "n_test": len(ds.x_test), "n_val": len(ds.x_val),
-                            "vocab_size": ds.vocab_size, "seq_len": ds.seq_len}
+        _TEXT_SIZES[key] = {
+            "n_train": len(ds.x_train),
+            "n_test": len(ds.x_test),
+            "n_val": len(ds.x_val),
+            "vocab_size": ds.vocab_size,
+            "seq_len": ds.seq_len,
+        }
     return _TEXT_SIZES[key]
 
 
 def load_prepared_dataset(cfg: dict):
     from prunelab.data import load_dataset
+
     ds = load_dataset(cfg["name"], **cfg["options"])
     if cfg.get("subset"):
-        n_val = {"n_val": cfg["subset"]["n_val"]} if "n_val" in cfg["subset"] else {}   # text datasets only
+        n_val = {"n_val": cfg["subset"]["n_val"]} if "n_val" in cfg["subset"] else {}  # text datasets only
         ds = ds.subset(n_train=cfg["subset"].get("n_train"), n_test=cfg["subset"].get("n_test"), seed=0, **n_val)
     if cfg.get("validation"):
         ds = ds.with_validation(cfg["validation"], seed=0)
@@ -203,8 +243,11 @@ def prepare_training(path: str, training: dict, override: dict, checker: Checker
         else:
             train.pop(key, None)
     if train["optimizer"] not in OPTIMIZERS:
-        checker.error(where("optimizer"), f"unknown optimizer {train['optimizer']!r}"
-                      f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
+        checker.error(
+            where("optimizer"),
+            f"unknown optimizer {train['optimizer']!r}"
+            f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}",
+        )
     return None if len(checker.errors) > n else train
 
 
@@ -238,14 +281,21 @@ def prepare_distill(path: str, value, train: dict, checker: Checker) -> dict | N
     checker.number(f"{path}.weight", distill["weight"], low=0.0, high=1.0, param="distill_weight")
     checker.number(f"{path}.temperature", distill["temperature"], low=0.0, closed="neither", param="temperature")
     if not train["finetune_epochs"]:
-        checker.error(path, "distils from the dense model during fine-tuning, but training.finetune_epochs is 0; "
-                            "give the fine-tuning phase some epochs or remove 'distill'")
+        checker.error(
+            path,
+            "distils from the dense model during fine-tuning, but training.finetune_epochs is 0; "
+            "give the fine-tuning phase some epochs or remove 'distill'",
+        )
     return distill
 
 
-def prepare_latency(path: str, value, checker: Checker, defaults: dict = LATENCY_DEFAULTS,
-                    accepted: str = "true or a mapping {batch_sizes: [1, 64], min_sparsity: 0.5, threads: 1, "
-                                    "rounds: 5}") -> dict | None:
+def prepare_latency(
+    path: str,
+    value,
+    checker: Checker,
+    defaults: dict = LATENCY_DEFAULTS,
+    accepted: str = "true or a mapping {batch_sizes: [1, 64], min_sparsity: 0.5, threads: 1, rounds: 5}",
+) -> dict | None:
     """A method's ``latency``: ``true`` (the ``defaults``), ``false``/null (none) or a mapping of
     the ``defaults``' keys: ``batch_sizes`` (a list of ints ≥ 1), ``min_sparsity`` in [0, 1] (where
     the task has it), ``threads`` ≥ 1, ``rounds`` ≥ 1. ``accepted`` is the message's "must be ..."."""
@@ -316,11 +366,16 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 def train_kwargs(train: dict, method: dict, *, finetune: bool) -> dict:
     lr = train["finetune_lr"] if finetune and train["finetune_lr"] is not None else train["lr"]
-    kwargs = dict(batch_size=train["batch_size"], lr=lr, optimizer=train["optimizer"],
-                  momentum=train["momentum"], weight_decay=train["weight_decay"], progress=False)
+    kwargs = dict(
+        batch_size=train["batch_size"],
+        lr=lr,
+        optimizer=train["optimizer"],
+        momentum=train["momentum"],
+        weight_decay=train["weight_decay"],
+        progress=False,
+    )
     if method.get("regularizer"):
-        kwargs.update(regularizer=method["regularizer"]["name"],
-                      reg_strength=method["regularizer"]["strength"])
+        kwargs.update(regularizer=method["regularizer"]["name"], reg_strength=method["regularizer"]["strength"])
         extra = {k: v for k, v in method["regularizer"].items() if k not in ("name", "strength")}
         if extra:
             kwargs["regularizer"] = {"name": method["regularizer"]["name"], **extra}
@@ -341,9 +396,14 @@ def dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: bo
         return model, saved["history"], saved.get("snapshot"), True
     snapshot = _Snapshot(0 if rewind == "init" else rewind) if rewind is not None else None
     stopper = EarlyStopping(train["patience"]) if train.get("patience") else None
-    history = fit(model, ds, epochs=train["epochs"], seed=seed,
-                  callbacks=[*([snapshot] if snapshot else []), *([stopper] if stopper else []), *callbacks],
-                  **train_kwargs(train, method, finetune=False))
+    history = fit(
+        model,
+        ds,
+        epochs=train["epochs"],
+        seed=seed,
+        callbacks=[*([snapshot] if snapshot else []), *([stopper] if stopper else []), *callbacks],
+        **train_kwargs(train, method, finetune=False),
+    )
     if stopper is not None:
         stopper.restore(model)
     save_dense(path, model, history, snapshot.state if snapshot else None)
@@ -353,10 +413,16 @@ def dense_model(config: dict, ds, cache_dir: str | None, callbacks=(), force: bo
 def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
     """Where the trained dense model of ``config`` is cached (None without a cache folder)."""
     train, method = config["training"], config["method"]
-    key_fields = {"dataset": config["dataset"], "model": config["model"], "seed": config["seed"],
-                  "dense": {k: train[k] for k in (*DENSE_KEYS, "patience") if k in train},
-                  "regularizer": method.get("regularizer"),
-                  "layers": method.get("layers"), "rewind": method.get("rewind"), "version": DENSE_VERSION}
+    key_fields = {
+        "dataset": config["dataset"],
+        "model": config["model"],
+        "seed": config["seed"],
+        "dense": {k: train[k] for k in (*DENSE_KEYS, "patience") if k in train},
+        "regularizer": method.get("regularizer"),
+        "layers": method.get("layers"),
+        "rewind": method.get("rewind"),
+        "version": DENSE_VERSION,
+    }
     return Path(cache_dir) / "dense" / f"{digest(key_fields, 20)}.pt" if cache_dir else None
 
 
@@ -365,7 +431,7 @@ def load_dense(path: Path | None, model) -> dict | None:
     (``history``, ``snapshot``); None when there is no such file."""
     if path is None:
         return None
-    try:       # O_NOFOLLOW: a symlink planted at the cache's name is not read
+    try:  # O_NOFOLLOW: a symlink planted at the cache's name is not read
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
@@ -383,17 +449,18 @@ def save_dense(path: Path | None, model, history, snapshot) -> None:
     if path is None:
         return
     from prunelab._files import exclusive_temp
+
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = exclusive_temp(path)      # a fresh file: never a planted file or symlink
+        fd, tmp = exclusive_temp(path)  # a fresh file: never a planted file or symlink
         with os.fdopen(fd, "wb") as f:
             torch.save({"state_dict": model.state_dict(), "history": history, "snapshot": snapshot}, f)
         os.replace(tmp, path)
-    except (OSError, RuntimeError):     # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError):  # torch.save reports a full disk as a RuntimeError
         if tmp is not None:
             try:
-                tmp.unlink()            # a full disk leaves a partial file: do not keep it
+                tmp.unlink()  # a full disk leaves a partial file: do not keep it
             except OSError:
                 pass
 
@@ -403,15 +470,24 @@ def distill_kwargs(method: dict, dense) -> dict:
     distill = method.get("distill")
     if not distill:
         return {}
-    return {"distill_from": copy.deepcopy(dense), "distill_weight": distill["weight"],
-            "temperature": distill["temperature"]}
+    return {
+        "distill_from": copy.deepcopy(dense),
+        "distill_weight": distill["weight"],
+        "temperature": distill["temperature"],
+    }
 
 
 _TEXT_SIZES: dict[tuple, dict] = {}
 
 
-def prepare_entries(dataset: tuple[str, dict], model: tuple[str, dict], method: tuple[str, dict], training: dict,
-                    checker: Checker, keys: tuple[str, ...]) -> tuple[dict | None, dict | None, dict]:
+def prepare_entries(
+    dataset: tuple[str, dict],
+    model: tuple[str, dict],
+    method: tuple[str, dict],
+    training: dict,
+    checker: Checker,
+    keys: tuple[str, ...],
+) -> tuple[dict | None, dict | None, dict]:
     """The start a task's ``prepare`` shares with the others: the method's keys checked against
     ``keys``, the dataset and the training budget (the method's own ``training:`` over the study's)
     prepared, the model's ``name`` required. Returns ``(data, train, options)`` (the model's options

@@ -33,32 +33,96 @@ from prunelab.data import dry_run_inputs, takes_token_ids
 from prunelab.pruning import Pruner, make_regularizer, make_schedule
 from prunelab.pruning.targets import resolve_targets
 from prunelab.runs.limits import build_bounded
-from prunelab.runs.prepare import (dense_model, distill_kwargs, finetune_step_count, load_prepared_dataset,
-                                   prepare_dataset, prepare_distill, prepare_latency, prepare_training, train_kwargs)
+from prunelab.runs.prepare import (
+    dense_model,
+    distill_kwargs,
+    finetune_step_count,
+    load_prepared_dataset,
+    prepare_dataset,
+    prepare_distill,
+    prepare_latency,
+    prepare_training,
+    train_kwargs,
+)
 from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.training import RecoveryMonitor, evaluate, fit, steps_per_epoch
 
 MODEL_KEYS = ("name", "label")
-METHOD_KEYS = ("label", "criterion", "granularity", "scope", "schedule", "reduction", "min_keep",
-               "regularizer", "rewind", "layers", "calibration", "training", "thin", "distill", "latency")
-METHOD_DEFAULTS = {"criterion": "magnitude", "granularity": "weight", "scope": "local",
-                   "schedule": "one-shot", "reduction": "l2", "min_keep": 1, "regularizer": None,
-                   "rewind": None, "layers": None, "calibration": 1024}
+METHOD_KEYS = (
+    "label",
+    "criterion",
+    "granularity",
+    "scope",
+    "schedule",
+    "reduction",
+    "min_keep",
+    "regularizer",
+    "rewind",
+    "layers",
+    "calibration",
+    "training",
+    "thin",
+    "distill",
+    "latency",
+)
+METHOD_DEFAULTS = {
+    "criterion": "magnitude",
+    "granularity": "weight",
+    "scope": "local",
+    "schedule": "one-shot",
+    "reduction": "l2",
+    "min_keep": 1,
+    "regularizer": None,
+    "rewind": None,
+    "layers": None,
+    "calibration": 1024,
+}
 EPOCH_KEYS = {"start_epochs": "start", "every_epochs": "every", "at_epochs": "at"}
 HISTOGRAM_BINS = 80
-VERSION = 1   # bump when the meaning of a run changes, so old results are not reused
+VERSION = 1  # bump when the meaning of a run changes, so old results are not reused
 
 
 @TASKS.register("prune")
 class PruneTask(Task):
     name = "prune"
-    metrics = ("accuracy", "loss", "accuracy_dense", "accuracy_pruned", "sparsity", "compression", "speedup",
-               "params", "nonzero_params", "flops_dense", "flops", "bytes_dense", "bytes_bitmask", "bytes_csr",
-               "bytes_best", "train_seconds", "units_removed", "params_thinned", "accuracy_thinned",
-               "measured_speedup", "retrain_steps", "hessian_seconds", "solve_seconds", "val_accuracy",
-               "val_accuracy_dense", "perplexity", "perplexity_dense", "perplexity_pruned", "val_perplexity",
-               "val_perplexity_dense", "tokens", "dense_best_epoch", "dense_epochs", "latency_ms_b<B>",
-               "latency_sparse_ms_b<B>", "sparse_speedup_b<B>")
+    metrics = (
+        "accuracy",
+        "loss",
+        "accuracy_dense",
+        "accuracy_pruned",
+        "sparsity",
+        "compression",
+        "speedup",
+        "params",
+        "nonzero_params",
+        "flops_dense",
+        "flops",
+        "bytes_dense",
+        "bytes_bitmask",
+        "bytes_csr",
+        "bytes_best",
+        "train_seconds",
+        "units_removed",
+        "params_thinned",
+        "accuracy_thinned",
+        "measured_speedup",
+        "retrain_steps",
+        "hessian_seconds",
+        "solve_seconds",
+        "val_accuracy",
+        "val_accuracy_dense",
+        "perplexity",
+        "perplexity_dense",
+        "perplexity_pruned",
+        "val_perplexity",
+        "val_perplexity_dense",
+        "tokens",
+        "dense_best_epoch",
+        "dense_epochs",
+        "latency_ms_b<B>",
+        "latency_sparse_ms_b<B>",
+        "sparse_speedup_b<B>",
+    )
 
     def default_label(self, method: dict) -> str:
         schedule = method.get("schedule", "one-shot")
@@ -88,16 +152,24 @@ class PruneTask(Task):
         if "name" not in m_entry:
             checker.error(m_path, "missing 'name'")
             return None
-        net = checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
-                              n_classes=data["n_classes"], **options)
+        net = checker.attempt(
+            m_path,
+            build_bounded,
+            m_entry["name"],
+            input_shape=data["input_shape"],
+            n_classes=data["n_classes"],
+            **options,
+        )
         if net is None:
             return None
         resolved = {"model": {"name": net.config["name"], "options": options}}
         per_epoch = steps_per_epoch(data["n_train"], train["batch_size"])
         if train.get("patience") is not None and not data["has_val"]:
-            checker.error(f"{x_path}.training.patience" if "patience" in (x_entry.get("training") or {})
-                          else "training.patience", "stops on the validation loss, but the dataset has no "
-                          "validation split; give the dataset a 'validation' size or remove 'patience'")
+            checker.error(
+                f"{x_path}.training.patience" if "patience" in (x_entry.get("training") or {}) else "training.patience",
+                "stops on the validation loss, but the dataset has no "
+                "validation split; give the dataset a 'validation' size or remove 'patience'",
+            )
             return None
         m = _prepare_method(x_path, x_entry, net, per_epoch, train, sparsities, checker, dry=data["dry"])
         if m is None:
@@ -110,7 +182,7 @@ class PruneTask(Task):
     def resolve(self, prepared, *, sparsity, seed):
         config = copy.deepcopy(prepared["config"])
         schedule = config["method"]["schedule"]
-        schedule["sparsity"] = self.level(prepared, sparsity)   # the cap, for fixed-fraction
+        schedule["sparsity"] = self.level(prepared, sparsity)  # the cap, for fixed-fraction
         if isinstance(sparsity, dict):
             config["method"]["layer_sparsity"] = dict(sparsity)
         return {"task": self.name, "version": VERSION, **config, "sparsity": sparsity, "seed": seed}
@@ -132,19 +204,28 @@ def _default_scope(method: dict) -> str:
     """A criterion's own scope when the spec names none (Wanda: ``row``, for granularities whose
     groups lie in one row); ``local`` otherwise, so that other methods keep their run ids."""
     from prunelab.pruning import CRITERIA
+
     criterion = method["criterion"]
     name = criterion.get("name") if isinstance(criterion, dict) else criterion
     try:
         preferred = getattr(CRITERIA.get(name), "default_scope", "local")
     except (TypeError, ValueError):
-        return METHOD_DEFAULTS["scope"]       # an unknown criterion is reported where it is checked
+        return METHOD_DEFAULTS["scope"]  # an unknown criterion is reported where it is checked
     if preferred == "row" and method["granularity"] in ("filter", "unit", "channel"):
         return METHOD_DEFAULTS["scope"]
     return preferred
 
 
-def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sparsities: list[float],
-                    checker: Checker, dry: dict | None = None) -> dict | None:
+def _prepare_method(
+    path: str,
+    entry: dict,
+    net,
+    per_epoch: int,
+    train: dict,
+    sparsities: list[float],
+    checker: Checker,
+    dry: dict | None = None,
+) -> dict | None:
     n = len(checker.errors)
     method = {**METHOD_DEFAULTS, **{k: v for k, v in entry.items() if k != "label"}}
     if "scope" not in entry:
@@ -171,33 +252,43 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         return None
     sparsity = max(floats) if floats else 0.5
     schedule_args = {k: v for k, v in schedule.items() if k != "name"}
-    built = checker.attempt(f"{path}.schedule", make_schedule, schedule["name"],
-                            None if schedule["name"] in ("fixed-fraction", "fixed_fraction") else sparsity,
-                            **schedule_args)
+    built = checker.attempt(
+        f"{path}.schedule",
+        make_schedule,
+        schedule["name"],
+        None if schedule["name"] in ("fixed-fraction", "fixed_fraction") else sparsity,
+        **schedule_args,
+    )
     if built is not None:
         finetune_steps = finetune_step_count(train, per_epoch)
         if built.last_step > finetune_steps:
-            capped = ", capped by training.finetune_steps" if finetune_steps < train["finetune_epochs"] * per_epoch else ""
-            checker.error(f"{path}.schedule", f"its last prune is at step {built.last_step}, after the "
-                          f"{finetune_steps} fine-tuning steps ({train['finetune_epochs']} epochs x "
-                          f"{per_epoch} steps{capped}); raise training.finetune_epochs or shorten the schedule")
+            capped = (
+                ", capped by training.finetune_steps" if finetune_steps < train["finetune_epochs"] * per_epoch else ""
+            )
+            checker.error(
+                f"{path}.schedule",
+                f"its last prune is at step {built.last_step}, after the "
+                f"{finetune_steps} fine-tuning steps ({train['finetune_epochs']} epochs x "
+                f"{per_epoch} steps{capped}); raise training.finetune_epochs or shorten the schedule",
+            )
         schedule["name"] = built.name
-    if "thin" in method:          # only when given, so that older runs keep their ids
+    if "thin" in method:  # only when given, so that older runs keep their ids
         if not isinstance(method["thin"], bool):
             checker.error(f"{path}.thin", f"must be true or false; got {method['thin']!r}")
         elif not method["thin"]:
             method.pop("thin")
         else:
             from prunelab.units import Units
-            example = (dry or {}).get("example_inputs")     # token ids for a language model
+
+            example = (dry or {}).get("example_inputs")  # token ids for a language model
             checker.attempt(f"{path}.thin", Units.of, net, None, example)
-    if "distill" in method:       # only when given, so that older runs keep their ids
+    if "distill" in method:  # only when given, so that older runs keep their ids
         distill = prepare_distill(f"{path}.distill", method["distill"], train, checker)
         if distill is None:
             method.pop("distill")
         else:
             method["distill"] = distill
-    if "latency" in method:       # only when given, so that older runs keep their ids
+    if "latency" in method:  # only when given, so that older runs keep their ids
         latency = prepare_latency(f"{path}.latency", method["latency"], checker)
         if latency is None:
             method.pop("latency")
@@ -209,15 +300,33 @@ def _prepare_method(path: str, entry: dict, net, per_epoch: int, train: dict, sp
         if checker.number(f"{path}.rewind", rewind, low=0, high=dense_steps, integer=True) is None:
             return None
     pruner_rewind = None if rewind is None else "init"
-    checker.attempt(path, Pruner, net, sparsity if built is None else None,
-                    criterion=method["criterion"], granularity=method["granularity"], scope=method["scope"],
-                    schedule=built if built is not None else "one-shot", layers=method["layers"],
-                    reduction=method["reduction"], min_keep=method["min_keep"], rewind=pruner_rewind)
-    for i, level in enumerate(sparsities):       # per-layer targets: every layer named, none unknown
+    checker.attempt(
+        path,
+        Pruner,
+        net,
+        sparsity if built is None else None,
+        criterion=method["criterion"],
+        granularity=method["granularity"],
+        scope=method["scope"],
+        schedule=built if built is not None else "one-shot",
+        layers=method["layers"],
+        reduction=method["reduction"],
+        min_keep=method["min_keep"],
+        rewind=pruner_rewind,
+    )
+    for i, level in enumerate(sparsities):  # per-layer targets: every layer named, none unknown
         if isinstance(level, dict):
-            checker.attempt(f"{path} with sparsities[{i}]", Pruner, net, level, criterion=method["criterion"],
-                            granularity=method["granularity"], scope=method["scope"],
-                            layers=method["layers"], reduction=method["reduction"])
+            checker.attempt(
+                f"{path} with sparsities[{i}]",
+                Pruner,
+                net,
+                level,
+                criterion=method["criterion"],
+                granularity=method["granularity"],
+                scope=method["scope"],
+                layers=method["layers"],
+                reduction=method["reduction"],
+            )
     regularizer = method["regularizer"]
     if regularizer is not None:
         if isinstance(regularizer, str):
@@ -239,15 +348,19 @@ def _nm_levels_fit(path: str, granularity, levels: list, checker: Checker) -> bo
     """An N:M granularity (``"2:4"``) prunes every layer to ``1 − N/M``: the method's levels must be
     exactly that (``sparsities: [0.5]`` for 2:4 and 4:8)."""
     from prunelab.pruning.granularity import parse_nm
+
     nm = parse_nm(granularity)
     if nm is None or not 0 < nm[0] < nm[1]:
-        return True            # not N:M (or a bad one: reported where the Pruner is built)
+        return True  # not N:M (or a bad one: reported where the Pruner is built)
     fixed = 1 - nm[0] / nm[1]
     wrong = [level for level in levels if isinstance(level, dict) or abs(level - fixed) > 1e-9]
     if wrong:
-        checker.error(f"{path}.granularity", f"{granularity!r} prunes every layer to {fixed:g} (at most {nm[0]} of "
-                                             f"every {nm[1]} inputs), so its only level is {fixed:g}; give this "
-                                             f"method sparsities: [{fixed:g}] (got {wrong[0]!r})")
+        checker.error(
+            f"{path}.granularity",
+            f"{granularity!r} prunes every layer to {fixed:g} (at most {nm[0]} of "
+            f"every {nm[1]} inputs), so its only level is {fixed:g}; give this "
+            f"method sparsities: [{fixed:g}] (got {wrong[0]!r})",
+        )
     return not wrong
 
 
@@ -260,7 +373,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     dense = evaluate(model, test)
     accuracy_dense = dense["accuracy"]
     lm = dense_language_model_metrics(model, ds, train, dense, dense_history) if takes_token_ids(ds) else None
-    distill = distill_kwargs(method, model)          # the teacher: the dense model, copied before pruning
+    distill = distill_kwargs(method, model)  # the teacher: the dense model, copied before pruning
     pruner = make_pruner(config, model, ds, snapshot)
     pruner.update()
     pruned = evaluate(model, test)
@@ -268,21 +381,46 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     if lm is not None:
         lm["perplexity_pruned"] = pruned["perplexity"]
     monitor = None
-    if train["retrain_tolerance"] is not None:   # steps until back within tolerance of the dense accuracy
-        monitor = RecoveryMonitor(test, accuracy_dense, train["retrain_tolerance"], train["eval_every"],
-                                  start=pruner.schedule.last_step)   # counted from the last prune
-    history = fit(model, ds, epochs=train["finetune_epochs"], seed=seed, pruner=pruner,
-                  callbacks=[monitor] if monitor else (), **distill, max_steps=train.get("finetune_steps"),
-                  **train_kwargs(train, method, finetune=True)) if train["finetune_epochs"] else []
-    metrics = prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense,
-                            thin=bool(method.get("thin")), latency=method.get("latency"),
-                            accuracy_pruned=accuracy_pruned, cached=cached,
-                            dense_history=dense_history, monitor=monitor, language_model=lm)
-    if train.get("patience") and metrics.get("val_accuracy_dense") is not None:   # the epoch kept, not the last
+    if train["retrain_tolerance"] is not None:  # steps until back within tolerance of the dense accuracy
+        monitor = RecoveryMonitor(
+            test, accuracy_dense, train["retrain_tolerance"], train["eval_every"], start=pruner.schedule.last_step
+        )  # counted from the last prune
+    history = (
+        fit(
+            model,
+            ds,
+            epochs=train["finetune_epochs"],
+            seed=seed,
+            pruner=pruner,
+            callbacks=[monitor] if monitor else (),
+            **distill,
+            max_steps=train.get("finetune_steps"),
+            **train_kwargs(train, method, finetune=True),
+        )
+        if train["finetune_epochs"]
+        else []
+    )
+    metrics = prune_metrics(
+        model,
+        pruner,
+        ds,
+        started=started,
+        accuracy_dense=accuracy_dense,
+        thin=bool(method.get("thin")),
+        latency=method.get("latency"),
+        accuracy_pruned=accuracy_pruned,
+        cached=cached,
+        dense_history=dense_history,
+        monitor=monitor,
+        language_model=lm,
+    )
+    if train.get("patience") and metrics.get("val_accuracy_dense") is not None:  # the epoch kept, not the last
         best = min((h for h in dense_history if "val_loss" in h), key=lambda h: h["val_loss"])
         metrics["val_accuracy_dense"] = best["val_accuracy"]
-    return {"metrics": metrics,
-            "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history]}
+    return {
+        "metrics": metrics,
+        "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history],
+    }
 
 
 def make_pruner(config: dict, model, ds, snapshot=None) -> Pruner:
@@ -291,12 +429,23 @@ def make_pruner(config: dict, model, ds, snapshot=None) -> Pruner:
     schedule_args = {k: v for k, v in method["schedule"].items() if k != "name"}
     sparsity = method.get("layer_sparsity") or schedule_args.get("sparsity")
     if method["schedule"]["name"] != "fixed-fraction":
-        schedule_args.pop("sparsity", None)      # from `sparsity` (per-layer targets: their overall)
+        schedule_args.pop("sparsity", None)  # from `sparsity` (per-layer targets: their overall)
     n_cal = min(method["calibration"], len(ds.y_train))
-    return Pruner(model, sparsity, criterion=method["criterion"], granularity=method["granularity"],
-                  scope=method["scope"], schedule=method["schedule"]["name"], schedule_args=schedule_args,
-                  layers=method["layers"], reduction=method["reduction"], min_keep=method["min_keep"],
-                  rewind=snapshot, seed=config["seed"], calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]))
+    return Pruner(
+        model,
+        sparsity,
+        criterion=method["criterion"],
+        granularity=method["granularity"],
+        scope=method["scope"],
+        schedule=method["schedule"]["name"],
+        schedule_args=schedule_args,
+        layers=method["layers"],
+        reduction=method["reduction"],
+        min_keep=method["min_keep"],
+        rewind=snapshot,
+        seed=config["seed"],
+        calibration=(ds.x_train[:n_cal], ds.y_train[:n_cal]),
+    )
 
 
 def thinned_metrics(model, ds) -> dict:
@@ -310,12 +459,15 @@ def thinned_metrics(model, ds) -> dict:
 
     dry = dry_run_inputs(ds)
     small, plan = thin_dead_units(model, **dry)
-    before, after = (measure_latency(m, batch_sizes=64, warmup=5, repeats=30, **dry)[0].median_ms
-                     for m in (model, small))
-    return {"units_removed": sum(len(v) for v in plan.values()),
-            "params_thinned": sum(p.numel() for p in small.parameters()),
-            "accuracy_thinned": evaluate(small, (ds.x_test, ds.y_test))["accuracy"],
-            "measured_speedup": before / after}
+    before, after = (
+        measure_latency(m, batch_sizes=64, warmup=5, repeats=30, **dry)[0].median_ms for m in (model, small)
+    )
+    return {
+        "units_removed": sum(len(v) for v in plan.values()),
+        "params_thinned": sum(p.numel() for p in small.parameters()),
+        "accuracy_thinned": evaluate(small, (ds.x_test, ds.y_test))["accuracy"],
+        "measured_speedup": before / after,
+    }
 
 
 def latency_metrics(model, ds, options: dict) -> dict:
@@ -325,24 +477,46 @@ def latency_metrics(model, ds, options: dict) -> dict:
     a CSR ``SparseLinear``, their ratio ``sparse_speedup_b<B>``, and the full result under ``latency``."""
     from prunelab.sparse import inference_latency
 
-    result = inference_latency(model, **dry_run_inputs(ds), min_sparsity=options["min_sparsity"],
-                               batch_sizes=tuple(options["batch_sizes"]), threads=options["threads"],
-                               rounds=options["rounds"])
+    result = inference_latency(
+        model,
+        **dry_run_inputs(ds),
+        min_sparsity=options["min_sparsity"],
+        batch_sizes=tuple(options["batch_sizes"]),
+        threads=options["threads"],
+        rounds=options["rounds"],
+    )
     out = {"latency": result.to_dict()}
     for size in options["batch_sizes"]:
-        out.update({f"latency_ms_b{size}": result.median_ms["dense"][size],
-                    f"latency_sparse_ms_b{size}": result.median_ms["sparse"][size],
-                    f"sparse_speedup_b{size}": result.speedup("sparse", size)})
+        out.update(
+            {
+                f"latency_ms_b{size}": result.median_ms["dense"][size],
+                f"latency_sparse_ms_b{size}": result.median_ms["sparse"][size],
+                f"sparse_speedup_b{size}": result.speedup("sparse", size),
+            }
+        )
     return out
 
 
-def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: float, accuracy_pruned: float,
-                  cached: bool, dense_history: list, monitor=None, thin: bool = False,
-                  language_model: dict | None = None, latency: dict | None = None) -> dict:
+def prune_metrics(
+    model,
+    pruner: Pruner,
+    ds,
+    *,
+    started: float,
+    accuracy_dense: float,
+    accuracy_pruned: float,
+    cached: bool,
+    dense_history: list,
+    monitor=None,
+    thin: bool = False,
+    language_model: dict | None = None,
+    latency: dict | None = None,
+) -> dict:
     """The metrics a prune run stores, from its final model and Pruner (with ``thin``, also
     those of :func:`thinned_metrics`; for a language model, also test ``perplexity`` and
     ``val_perplexity``, with the dense and just-pruned ones in ``language_model``)."""
     from prunelab.metrics import summary
+
     test = (ds.x_test, ds.y_test)
     final = evaluate(model, test)
     stats = summary(model, **dry_run_inputs(ds)).total
@@ -351,16 +525,29 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
     bound = float(nonzero.abs().max()) if len(nonzero) else 1.0
     counts = torch.histc(nonzero, bins=HISTOGRAM_BINS, min=-bound, max=bound)
     metrics = {
-        "accuracy": final["accuracy"], "loss": final["loss"], "accuracy_dense": accuracy_dense,
-        "accuracy_pruned": accuracy_pruned, "sparsity": stats.sparsity, "compression": stats.compression,
-        "speedup": stats.speedup, "params": stats.params, "nonzero_params": stats.nonzero,
-        "flops_dense": stats.flops_dense, "flops": stats.flops, "bytes_dense": stats.bytes_dense,
-        "bytes_bitmask": stats.bytes_bitmask, "bytes_csr": stats.bytes_csr, "bytes_best": stats.bytes_best,
-        "layer_sparsity": pruner.layer_sparsity(), "dense_cached": cached,
+        "accuracy": final["accuracy"],
+        "loss": final["loss"],
+        "accuracy_dense": accuracy_dense,
+        "accuracy_pruned": accuracy_pruned,
+        "sparsity": stats.sparsity,
+        "compression": stats.compression,
+        "speedup": stats.speedup,
+        "params": stats.params,
+        "nonzero_params": stats.nonzero,
+        "flops_dense": stats.flops_dense,
+        "flops": stats.flops,
+        "bytes_dense": stats.bytes_dense,
+        "bytes_bitmask": stats.bytes_bitmask,
+        "bytes_csr": stats.bytes_csr,
+        "bytes_best": stats.bytes_best,
+        "layer_sparsity": pruner.layer_sparsity(),
+        "dense_cached": cached,
         # layers the no-empty-layer guard kept above their share (a SparsityShortfall), if any
         "held_layers": sorted({name for record in pruner.history for name in record.held}),
-        "weight_histogram": {"edges": torch.linspace(-bound, bound, HISTOGRAM_BINS + 1).tolist(),
-                             "counts": [int(c) for c in counts.tolist()]},
+        "weight_histogram": {
+            "edges": torch.linspace(-bound, bound, HISTOGRAM_BINS + 1).tolist(),
+            "counts": [int(c) for c in counts.tolist()],
+        },
         "train_seconds": time.perf_counter() - started,
     }
     if thin:
@@ -378,8 +565,9 @@ def prune_metrics(model, pruner: Pruner, ds, *, started: float, accuracy_dense: 
     if ds.x_val is not None:
         val = evaluate(model, (ds.x_val, ds.y_val))
         metrics["val_accuracy"] = val["accuracy"]
-        metrics["val_accuracy_dense"] = next((h["val_accuracy"] for h in reversed(dense_history)
-                                              if "val_accuracy" in h), None)
+        metrics["val_accuracy_dense"] = next(
+            (h["val_accuracy"] for h in reversed(dense_history) if "val_accuracy" in h), None
+        )
         if "perplexity" in val:
             metrics["val_perplexity"] = val["perplexity"]
     if "perplexity" in final:
