@@ -57,7 +57,7 @@ from prunelab._validation import Options, Types, validate_params
 from prunelab.inputs import forward_batches
 from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.lobs import OFFLOADS, Report, _BlockBar, _mib, _check_block_options, _check_compute_dtype, hessian
+from prunelab.pruning.lobs import Report, hessian
 from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.targets import Target
 
@@ -128,7 +128,7 @@ class Wanda(Criterion):
 
     @validate_params({"blocks": [Types(str, nn.Module, name="a dotted module path such as 'model.layers' or an "
                                                       "nn.ModuleList"), None],
-                      "offload": [Options(OFFLOADS), None], "progress": [bool, None],
+                      "offload": [Options(blk.OFFLOADS), None], "progress": [bool, None],
                       "compute_dtype": [Types(str, torch.dtype), None]},
                      where="wanda criterion")
     def __init__(self, blocks=None, offload: str | None = None, progress: bool | None = None,
@@ -137,8 +137,8 @@ class Wanda(Criterion):
         if blocks is None and (offload == "disk" or progress or compute_dtype is not None):
             raise ValueError(f"the 'offload', 'progress' and 'compute_dtype' parameters of {where} apply block "
                              f"by block: name the stack of blocks too (blocks='model.layers', say).")
-        self.blocks, self.offload, self.progress = _check_block_options(blocks, offload, progress, "sequential", where)
-        self.compute_dtype = _check_compute_dtype(compute_dtype, "sequential", where)
+        self.blocks, self.offload, self.progress = blk.check_block_options(blocks, offload, progress, "sequential", where)
+        self.compute_dtype = blk.check_compute_dtype(compute_dtype, "sequential", where)
         self.updates_weights = blocks is not None      # block by block it prunes as it goes
         self._stack = None
         self._norms: dict[str, torch.Tensor] | None = None
@@ -240,7 +240,7 @@ class NormReport(Report):
 
     def _row(self, r) -> str:
         return (f"{r.layer:<{self._width()}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} "
-                f"{r.select_seconds:8.3f} {r.seconds:8.3f} {_mib(r.peak_memory):>9}")
+                f"{r.select_seconds:8.3f} {r.seconds:8.3f} {blk.mib(r.peak_memory):>9}")
 
     def totals(self) -> dict:
         return {"norm_seconds": sum(r.norm_seconds for r in self),
@@ -274,7 +274,7 @@ class _BlockByBlock:
                                                      stack=c._stack, spill=spill, compute=c.compute_dtype)
                 report.trace_seconds = time.perf_counter() - started
                 shown = sys.stderr.isatty() if c.progress is None else c.progress
-                bar = _BlockBar(self.active, self.inputs.block_name, shown, c.name)
+                bar = blk.BlockBar(self.active, self.inputs.block_name, shown, c.name)
                 for block, members in self._runs():
                     recorder = None          # the block's norms, made when its first layer is pruned
                     for target in members:
