@@ -59,10 +59,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunelab._files import ModelFileError, atomic_write_bytes  # noqa: F401 (ModelFileError: public here)
-from prunelab.hf_load import CONFIG_NAME, PLM_NAME, build_from_metadata, load_stock
+from prunelab._files import ModelFileError, atomic_write_bytes
 from prunelab._model_checks import check_materialised
 from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
+from prunelab.hf_load import CONFIG_NAME, PLM_NAME, build_from_metadata, load_stock
 from prunelab.metrics.dry_run import SHAPE
 from prunelab.metrics.storage import (INDEX_BITS_OR_AUTO, best_format, best_index_bits, bits_to_bytes,
                                       check_storage_bits, nm_position_bits, storage_bits)

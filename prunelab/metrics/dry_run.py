@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-# SHAPE and check_input_shape are imported from here by the modules that run a dry forward pass
-from prunelab._validation import SHAPE, MODEL, Types, check_input_shape, check_type  # noqa: F401
+from prunelab._validation import MODEL, SHAPE, Types, check_input_shape, check_type
 
 
 class InstrumentError(RuntimeError):

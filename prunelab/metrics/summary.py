@@ -294,8 +294,8 @@ def _default_prunable(model: nn.Module) -> set[int]:
     """Identities of the weights prunelab prunes by default (``prunelab.pruning.targets``: every
     Linear-like weight — Linear, Conv, HF Conv1D, MultiheadAttention's q/k/v, RNN weights — tied
     tensors once, an output layer tied to an embedding left out) and of SparseLinear weights."""
-    from prunelab.pruning.targets import TiedWeightSkipped, resolve_targets
     from prunelab.models.sparse import SparseLinear
+    from prunelab.pruning.targets import TiedWeightSkipped, resolve_targets
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TiedWeightSkipped)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 from torch import nn
-
-from numbers import Integral
 
 from prunelab._model_checks import check_batch_fits, check_materialised, floating_dtype
 from prunelab._validation import (BATCH_SIZE, DATA, MAPPING, MAX_UNITS, MODEL, SEED, SHAPE, SPARSITY, STR, Interval,
@@ -25,7 +24,7 @@ from prunelab.inputs import Batch, iter_batches, make_loss
 from prunelab.units import groups as unit_groups
 from prunelab.units import surgery
 from prunelab.units.groups import UnitGroup
-from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
+from prunelab.units.scoring import SCORERS, UNIT_SCORERS, collect, needs_data, select
 from prunelab.units.structure import Chain, analyze, select_layers, unsupported_activation
 
 METHODS = tuple([*SCORERS, *(f"bp_{s}" for s in SCORERS)])
