@@ -750,6 +750,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     return model.eval()
 
 
+@validate_params({"directory": [PATH], "model": [MODEL, None]})
 def load_directory(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
     """The model that :func:`prunelab.hf.save_pretrained` wrote in ``directory``, in eval mode: its
     prunelab model file (``model.plm``, rebuilt from the Hugging Face config inside it, or loaded
