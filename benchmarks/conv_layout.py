@@ -45,8 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     one, five, _ = os.getloadavg()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {one:.2f}, {five:.2f} "
-          f"({os.cpu_count()} cores); median of {args.rounds} rounds of {args.steps} steps\n")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), load average {one:.2f}, {five:.2f} "
+        f"({os.cpu_count()} cores); median of {args.rounds} rounds of {args.steps} steps\n"
+    )
     print("| model | input | channels-first ms/step | channels-last ms/step | speedup | loss difference |")
     print("|---|---|---:|---:|---:|---:|")
     for name, options in MODELS:
@@ -58,27 +60,31 @@ def main() -> None:
             difference = abs(float(F.cross_entropy(model(x), y)) - float(F.cross_entropy(model(_fast_layout(x)), y)))
         inputs = {"first": x, "last": _fast_layout(x)}
         times = {"first": [], "last": []}
-        for layout in inputs:                                         # warm-up
+        for layout in inputs:  # warm-up
             step_time(model, inputs[layout], y, 3)
         for round_ in range(args.rounds):
             order = ("first", "last") if round_ % 2 == 0 else ("last", "first")
             for layout in order:
                 times[layout].append(step_time(model, inputs[layout], y, args.steps))
         first, last = (1000 * statistics.median(times[k]) for k in ("first", "last"))
-        print(f"| {name} {options or ''} | 1×28×28, batch 64 | {first:.2f} | {last:.2f} | {first / last:.2f}× "
-              f"| {difference:.1e} |")
-    pool_input = torch.rand(64, 20, 24, 24, generator=torch.Generator().manual_seed(0))   # LeNet-5's conv1 maps
+        print(
+            f"| {name} {options or ''} | 1×28×28, batch 64 | {first:.2f} | {last:.2f} | {first / last:.2f}× "
+            f"| {difference:.1e} |"
+        )
+    pool_input = torch.rand(64, 20, 24, 24, generator=torch.Generator().manual_seed(0))  # LeNet-5's conv1 maps
     maps = {"first": pool_input, "last": pool_input.contiguous(memory_format=torch.channels_last)}
     pool_times = {"first": [], "last": []}
     for round_ in range(args.rounds):
-        for layout in (("first", "last") if round_ % 2 == 0 else ("last", "first")):
+        for layout in ("first", "last") if round_ % 2 == 0 else ("last", "first"):
             started = time.perf_counter()
             for _ in range(args.steps):
                 F.max_pool2d(maps[layout], 2)
             pool_times[layout].append((time.perf_counter() - started) / args.steps)
     first, last = (1000 * statistics.median(pool_times[k]) for k in ("first", "last"))
-    print(f"\nmax_pool2d forward on a 64×20×24×24 map: channels-first {first:.2f} ms, "
-          f"channels-last {last:.2f} ms ({first / last:.2f}×)")
+    print(
+        f"\nmax_pool2d forward on a 64×20×24×24 map: channels-first {first:.2f} ms, "
+        f"channels-last {last:.2f} ms ({first / last:.2f}×)"
+    )
 
 
 if __name__ == "__main__":

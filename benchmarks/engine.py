@@ -40,8 +40,11 @@ import prunelab
 from prunelab.engine import BatchedModels, fit_batched
 
 N = 60_000
-CASES = {"mlp16": ("mlp", {"hidden": [100]}, 16), "mlp64": ("mlp", {"hidden": [100]}, 64),
-         "lenet64": ("lenet5", {}, 64)}
+CASES = {
+    "mlp16": ("mlp", {"hidden": [100]}, 16),
+    "mlp64": ("mlp", {"hidden": [100]}, 64),
+    "lenet64": ("lenet5", {}, 64),
+}
 SPARSITY = 0.9
 
 
@@ -66,11 +69,11 @@ def matmul_gflops(repeats: int = 5) -> float:
         start = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - start)
-    return 2 * 2048 ** 3 / min(times) / 1e9
+    return 2 * 2048**3 / min(times) / 1e9
 
 
 def copy_gbytes(repeats: int = 5) -> float:
-    src = torch.empty(64 * 2 ** 20)       # 256 MiB of float32
+    src = torch.empty(64 * 2**20)  # 256 MiB of float32
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
@@ -93,7 +96,7 @@ def plain_loop(name, options, batch_size, x, y, steps) -> float:
     for step in range(steps + 5):
         if step == 5:
             start = time.perf_counter()
-        idx = order[(step * batch_size) % N:(step * batch_size) % N + batch_size]
+        idx = order[(step * batch_size) % N : (step * batch_size) % N + batch_size]
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
@@ -104,11 +107,11 @@ def plain_loop(name, options, batch_size, x, y, steps) -> float:
 def prunelab_single(name, options, batch_size, x, y, steps) -> float:
     model = build(name, options, 0)
     pruner = prunelab.prune(model, SPARSITY)
-    prunelab.fit(model, (x, y), epochs=1, batch_size=batch_size, lr=0.01, pruner=pruner, max_steps=5,
-                 progress=False)
+    prunelab.fit(model, (x, y), epochs=1, batch_size=batch_size, lr=0.01, pruner=pruner, max_steps=5, progress=False)
     start = time.perf_counter()
-    prunelab.fit(model, (x, y), epochs=1, batch_size=batch_size, lr=0.01, pruner=pruner, max_steps=steps,
-                 progress=False)
+    prunelab.fit(
+        model, (x, y), epochs=1, batch_size=batch_size, lr=0.01, pruner=pruner, max_steps=steps, progress=False
+    )
     return (time.perf_counter() - start) / steps
 
 
@@ -134,9 +137,13 @@ def main() -> None:
     parser.add_argument("--members", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds over all rows; each row reports its fastest round (the host is shared, "
-                             "and interleaved rounds let every row see the same conditions)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds over all rows; each row reports its fastest round (the host is shared, "
+        "and interleaved rounds let every row see the same conditions)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,14 +152,16 @@ def main() -> None:
     timers = {}
     for case in args.cases:
         name, options, batch_size = CASES[case]
-        timers[case, "(a) plain + nn.utils.prune", 1] = \
-            lambda c=(name, options, batch_size): plain_loop(*c, x, y, args.steps)
-        timers[case, "(b) prunelab single", 1] = \
-            lambda c=(name, options, batch_size): prunelab_single(*c, x, y, args.steps)
+        timers[case, "(a) plain + nn.utils.prune", 1] = lambda c=(name, options, batch_size): plain_loop(
+            *c, x, y, args.steps
+        )
+        timers[case, "(b) prunelab single", 1] = lambda c=(name, options, batch_size): prunelab_single(
+            *c, x, y, args.steps
+        )
         for members in args.members:
-            timers[case, "(c) prunelab batched", members] = \
-                lambda c=(name, options, batch_size), members=members: batched(*c, x, y, max(5, args.steps // 4),
-                                                                              members)
+            timers[case, "(c) prunelab batched", members] = lambda c=(name, options, batch_size), members=members: (
+                batched(*c, x, y, max(5, args.steps // 4), members)
+            )
     # interleaved rounds: every row, and the machine's limits, measured once per round; keep the best
     best = dict.fromkeys(timers, float("inf"))
     matmul = bandwidth = 0.0
@@ -160,11 +169,23 @@ def main() -> None:
         matmul, bandwidth = max(matmul, matmul_gflops()), max(bandwidth, copy_gbytes())
         for key, timer in timers.items():
             best[key] = min(best[key], timer())
-    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{os.cpu_count()} cores, load {load:.2f}; {args.steps} timed steps per row, best of {args.repeats} rounds")
+    print(
+        f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{os.cpu_count()} cores, load {load:.2f}; {args.steps} timed steps per row, best of {args.repeats} rounds"
+    )
     print(f"(d) float32 matmul: {matmul:.1f} GFLOP/s; copy bandwidth: {bandwidth:.1f} GB/s\n")
-    header = ("case", "engine", "R", "ms/step", "model-epochs/s", "× plain", "GFLOP/s", "% matmul",
-              "traffic bound m-e/s", "% bound")
+    header = (
+        "case",
+        "engine",
+        "R",
+        "ms/step",
+        "model-epochs/s",
+        "× plain",
+        "GFLOP/s",
+        "% matmul",
+        "traffic bound m-e/s",
+        "% bound",
+    )
     rows = []
     plain = {}
     for (case, engine, members), seconds in best.items():
@@ -179,9 +200,20 @@ def main() -> None:
         model_epochs = members / (seconds * steps_per_epoch)
         gflops = members * batch_size * flops / seconds / 1e9
         plain.setdefault(case, model_epochs)
-        rows.append((case, engine, str(members), f"{1e3 * seconds:.3f}", f"{model_epochs:.2f}",
-                     f"{model_epochs / plain[case]:.1f}×", f"{gflops:.1f}", f"{100 * gflops / matmul:.0f} %",
-                     f"{bound:.1f}", f"{100 * model_epochs / bound:.0f} %"))
+        rows.append(
+            (
+                case,
+                engine,
+                str(members),
+                f"{1e3 * seconds:.3f}",
+                f"{model_epochs:.2f}",
+                f"{model_epochs / plain[case]:.1f}×",
+                f"{gflops:.1f}",
+                f"{100 * gflops / matmul:.0f} %",
+                f"{bound:.1f}",
+                f"{100 * model_epochs / bound:.0f} %",
+            )
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -33,8 +33,9 @@ def timeit(f, n: int = 20) -> float:
 
 
 def mlp_part(R: int, B: int) -> None:
-    models = [prunelab.build_model("mlp", input_shape=(1, 28, 28), n_classes=10, hidden=[100], seed=s)
-              for s in range(R)]
+    models = [
+        prunelab.build_model("mlp", input_shape=(1, 28, 28), n_classes=10, hidden=[100], seed=s) for s in range(R)
+    ]
     batch = BatchedModels(models)
     batch.set_masks({n: (torch.rand_like(p) > 0.9).float() for n, p in batch.params.items() if n.endswith("weight")})
     g = torch.Generator().manual_seed(0)
@@ -81,7 +82,7 @@ def lenet_part(R: int = 8, B: int = 64) -> None:
             p.grad = None
         F.cross_entropy(batch(x).flatten(0, 1), y.flatten()).backward()
 
-    def grouped_step():            # LeNet-5: conv → pool → conv → pool → fc → ReLU → fc
+    def grouped_step():  # LeNet-5: conv → pool → conv → pool → fc → ReLU → fc
         for p in P.values():
             p.grad = None
         h = x.transpose(0, 1).reshape(B, R, 28, 28)

@@ -70,9 +70,11 @@ def main() -> None:
     started = time.perf_counter()
     dense, ds = trained_model(args.epochs)
     one, five, _ = os.getloadavg()
-    print(f"LeNet-300-100, {args.epochs} epoch(s) of MNIST, one-shot {args.scope} magnitude pruning; "
-          f"torch {torch.__version__}, {args.threads} thread(s), load average {one:.2f}/{five:.2f} "
-          f"on {os.cpu_count()} cores\n")
+    print(
+        f"LeNet-300-100, {args.epochs} epoch(s) of MNIST, one-shot {args.scope} magnitude pruning; "
+        f"torch {torch.__version__}, {args.threads} thread(s), load average {one:.2f}/{five:.2f} "
+        f"on {os.cpu_count()} cores\n"
+    )
     sizes, speed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,41 +93,60 @@ def main() -> None:
                 row["acc"] = prunelab.evaluate(model, ds)["accuracy"]
                 row["acc_int8"] = prunelab.evaluate(export.load(tmp / "m.plm"), ds)["accuracy"]
             sizes.append(row)
-            latency = inference_latency(model, INPUT_SHAPE, min_sparsity=args.min_sparsity, threads=args.threads,
-                                        rounds=args.rounds, repeats=args.repeats)
+            latency = inference_latency(
+                model,
+                INPUT_SHAPE,
+                min_sparsity=args.min_sparsity,
+                threads=args.threads,
+                rounds=args.rounds,
+                repeats=args.repeats,
+            )
             speed.append((sparsity, latency))
 
-    print("| sparsity | torch.save | dense | bit-mask | CSR (r=4) | chosen | chosen/torch.save "
-          "| int8 chosen | int8/torch.save | accuracy | accuracy int8 file |")
+    print(
+        "| sparsity | torch.save | dense | bit-mask | CSR (r=4) | chosen | chosen/torch.save "
+        "| int8 chosen | int8/torch.save | accuracy | accuracy int8 file |"
+    )
     print("|---:" * 11 + "|")
     for r in sizes:
         acc = f"{r['acc']:.4f} | {r['acc_int8']:.4f}" if "acc" in r else "- | -"
-        print(f"| {r['sparsity']:.0%} | {r['torch.save']:,} | {r['dense']:,} | {r['bitmask']:,} | {r['csr']:,} "
-              f"| {r['chosen']:,} | {r['chosen'] / r['torch.save']:.2%} | {r['int8']:,} "
-              f"| {r['int8'] / r['torch.save']:.2%} | {acc} |")
-    print("\n| sparsity | batch | dense ms | sparse ms | sparse speedup | thinned ms | thinned speedup | "
-          "Linear layers as CSR |")
+        print(
+            f"| {r['sparsity']:.0%} | {r['torch.save']:,} | {r['dense']:,} | {r['bitmask']:,} | {r['csr']:,} "
+            f"| {r['chosen']:,} | {r['chosen'] / r['torch.save']:.2%} | {r['int8']:,} "
+            f"| {r['int8'] / r['torch.save']:.2%} | {acc} |"
+        )
+    print(
+        "\n| sparsity | batch | dense ms | sparse ms | sparse speedup | thinned ms | thinned speedup | "
+        "Linear layers as CSR |"
+    )
     print("|---:" * 7 + "|:---|")
     for sparsity, latency in speed:
         replaced = ", ".join(latency.sparse_report.replaced) or "none"
         for b in (1, 64):
             ms = latency.median_ms
-            thinned = (f"{ms['thinned'][b]:.4f} | {latency.speedup('thinned', b):.2f}x"
-                       if "thinned" in ms else "- | -")
-            print(f"| {sparsity:.0%} | {b} | {ms['dense'][b]:.4f} | {ms['sparse'][b]:.4f} "
-                  f"| {latency.speedup('sparse', b):.2f}x | {thinned} | {replaced} |")
+            thinned = f"{ms['thinned'][b]:.4f} | {latency.speedup('thinned', b):.2f}x" if "thinned" in ms else "- | -"
+            print(
+                f"| {sparsity:.0%} | {b} | {ms['dense'][b]:.4f} | {ms['sparse'][b]:.4f} "
+                f"| {latency.speedup('sparse', b):.2f}x | {thinned} | {replaced} |"
+            )
 
     print()
     at95 = next((r for r in sizes if abs(r["sparsity"] - 0.95) < 1e-9), None)
     if at95:
-        print(f"target float32 file <= 12 % of torch.save at 95 %: {at95['chosen'] / at95['torch.save']:.2%} "
-              f"({'met' if at95['chosen'] <= 0.12 * at95['torch.save'] else 'MISSED'})")
-        print(f"target int8 file <= 4 % of torch.save at 95 %: {at95['int8'] / at95['torch.save']:.2%} "
-              f"({'met' if at95['int8'] <= 0.04 * at95['torch.save'] else 'MISSED'})")
+        print(
+            f"target float32 file <= 12 % of torch.save at 95 %: {at95['chosen'] / at95['torch.save']:.2%} "
+            f"({'met' if at95['chosen'] <= 0.12 * at95['torch.save'] else 'MISSED'})"
+        )
+        print(
+            f"target int8 file <= 4 % of torch.save at 95 %: {at95['int8'] / at95['torch.save']:.2%} "
+            f"({'met' if at95['int8'] <= 0.04 * at95['torch.save'] else 'MISSED'})"
+        )
     from95 = [(s, lat.speedup("sparse", 1)) for s, lat in speed if s >= 0.95 - 1e-9]
     verdict = "met" if from95 and all(x > 1 for _, x in from95) else "MISSED"
-    print(f"target sparse faster than dense at batch 1 from 95 %: {verdict} "
-          f"({', '.join(f'{s:.0%} {x:.2f}x' for s, x in from95)})")
+    print(
+        f"target sparse faster than dense at batch 1 from 95 %: {verdict} "
+        f"({', '.join(f'{s:.0%} {x:.2f}x' for s, x in from95)})"
+    )
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
 

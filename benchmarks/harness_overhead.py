@@ -47,7 +47,7 @@ def spec(runs: int, epochs: int) -> dict:
 def measure(study, workers: int, folder: Path) -> dict:
     db = folder / f"w{workers}" / "study.db"
     started = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):   # the per-run log lines
+    with contextlib.redirect_stderr(io.StringIO()):  # the per-run log lines
         result = run_study(study, db, workers=workers, progress=False)
     wall = time.perf_counter() - started
     with Store(db) as store:
@@ -61,8 +61,9 @@ def measure(study, workers: int, folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=1,
-                        help="epochs (of 40 steps) of dense training and of fine-tuning per run")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="epochs (of 40 steps) of dense training and of fine-tuning per run"
+    )
     args = parser.parse_args()
 
     plan_started = time.perf_counter()
@@ -73,12 +74,13 @@ def main() -> None:
         two = measure(study, 2, Path(tmp))
     n = one["runs"]
     overhead_ms = (one["wall"] - one["compute"]) / n * 1000
-    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}; {n} runs of a 64-8-10 MLP on digits "
-          f"({40 * args.epochs} steps per phase); spec planned and validated in {plan * 1000:.0f} ms\n")
+    print(
+        f"prunelab {prunelab.__version__}, torch {torch.__version__}; {n} runs of a 64-8-10 MLP on digits "
+        f"({40 * args.epochs} steps per phase); spec planned and validated in {plan * 1000:.0f} ms\n"
+    )
     print(f"{'configuration':<16} {'wall s':>8} {'run compute s':>14} {'harness ms/run':>15} {'speedup':>8}")
     print(f"{'1 worker':<16} {one['wall']:8.2f} {one['compute']:14.2f} {overhead_ms:15.1f} {1.0:7.2f}x")
-    print(f"{'2 workers':<16} {two['wall']:8.2f} {two['compute']:14.2f} {'':>15} "
-          f"{one['wall'] / two['wall']:7.2f}x")
+    print(f"{'2 workers':<16} {two['wall']:8.2f} {two['compute']:14.2f} {'':>15} {one['wall'] / two['wall']:7.2f}x")
     print(f"\ntarget: harness time under 50 ms per run locally -> {'met' if overhead_ms < 50 else 'NOT met'}")
 
 

@@ -35,8 +35,7 @@ def best_per_sample_us(depths: list[int], rounds: int, repeats: int, threads: in
     best = {depth: math.inf for depth in depths}
     for _ in range(rounds):
         for depth, model in models.items():
-            (result,) = measure_latency(model, (512,), batch_sizes=(64,), warmup=3, repeats=repeats,
-                                        threads=threads)
+            (result,) = measure_latency(model, (512,), batch_sizes=(64,), warmup=3, repeats=repeats, threads=threads)
             best[depth] = min(best[depth], result.per_sample_us)
     return best
 

@@ -54,10 +54,12 @@ from prunelab.pruning import prune
 from prunelab.pruning.criteria import CRITERIA
 
 SHAPES = {
-    "125m": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
-                 num_key_value_heads=4),
-    "1.1b": dict(num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                 num_key_value_heads=4),
+    "125m": dict(
+        num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4
+    ),
+    "1.1b": dict(
+        num_hidden_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4
+    ),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -75,11 +77,13 @@ def default_dtype(dtype):
 def build(size: str, layers: int | None, dtype: torch.dtype, seed: int = 0):
     """The decoder with random weights, its parameters made in ``dtype`` from the start."""
     import transformers as T
+
     shape = dict(SHAPES[size])
     if layers is not None:
         shape["num_hidden_layers"] = layers
-    config = T.LlamaConfig(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
-                           use_cache=False, **shape)
+    config = T.LlamaConfig(
+        vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, use_cache=False, **shape
+    )
     torch.manual_seed(seed)
     with default_dtype(dtype):
         model = T.LlamaForCausalLM(config)
@@ -89,7 +93,7 @@ def build(size: str, layers: int | None, dtype: torch.dtype, seed: int = 0):
 def calibration(n: int, length: int, batch: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 32000, (n, length), generator=g)
-    return [{"input_ids": tokens[i:i + batch]} for i in range(0, n, batch)]
+    return [{"input_ids": tokens[i : i + batch]} for i in range(0, n, batch)]
 
 
 def model_bytes(model) -> int:
@@ -97,12 +101,13 @@ def model_bytes(model) -> int:
 
 
 def decoder_layers(model) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
+    return [
+        name for name, m in model.named_modules() if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear)
+    ]
 
 
 def run(criterion: str, args, dtype) -> dict:
-    baseline = resident()          # the interpreter, torch and transformers, before the model
+    baseline = resident()  # the interpreter, torch and transformers, before the model
     model = build(args.size, args.layers, dtype)
     size = model_bytes(model)
     n_params = sum(p.numel() for p in model.parameters())
@@ -121,27 +126,37 @@ def run(criterion: str, args, dtype) -> dict:
     report = pruner.history[-1].report
     if args.verbose and report is not None:
         print(report)
-    print(f"\n== {criterion} ({'block by block' if block_wise else 'one calibration pass'}), "
-          f"{n_params / 1e9:.3f} B parameters in {args.dtype}: model {size / 2**30:.2f} GiB, "
-          f"{args.sequences}×{args.length} tokens in batches of {args.batch}")
+    print(
+        f"\n== {criterion} ({'block by block' if block_wise else 'one calibration pass'}), "
+        f"{n_params / 1e9:.3f} B parameters in {args.dtype}: model {size / 2**30:.2f} GiB, "
+        f"{args.sequences}×{args.length} tokens in batches of {args.batch}"
+    )
     if report is not None and hasattr(report, "blocks"):
         print(f"{'block':<18} {'layers':>6} {'seconds':>8} {'peak GiB':>9} {'× model':>8} {'live MiB':>9}")
         for b in report.blocks():
             peak = b["peak_memory"]
-            print(f"{b['block']:<18} {b['layers']:>6} {b['seconds']:8.1f} {_gib(peak):>9} "
-                  f"{_ratio(peak, size):>8} {b['live_bytes'] / 2**20:9.1f}")
-        print(f"trace pass: {report.trace_seconds:.1f} s; solver's peak {_gib(report.peak_memory)} GiB "
-              f"({_ratio(report.peak_memory, size)} the model)")
-    print(f"total: {seconds:.1f} s wall, {cpu:.1f} s CPU (all threads); whole prune() peak {_gib(whole.peak)} GiB "
-          f"({_ratio(whole.peak, size)} the model; includes the Pruner's masks); "
-          f"sparsity {pruner.history[-1].sparsity:.3f}")
+            print(
+                f"{b['block']:<18} {b['layers']:>6} {b['seconds']:8.1f} {_gib(peak):>9} "
+                f"{_ratio(peak, size):>8} {b['live_bytes'] / 2**20:9.1f}"
+            )
+        print(
+            f"trace pass: {report.trace_seconds:.1f} s; solver's peak {_gib(report.peak_memory)} GiB "
+            f"({_ratio(report.peak_memory, size)} the model)"
+        )
+    print(
+        f"total: {seconds:.1f} s wall, {cpu:.1f} s CPU (all threads); whole prune() peak {_gib(whole.peak)} GiB "
+        f"({_ratio(whole.peak, size)} the model; includes the Pruner's masks); "
+        f"sparsity {pruner.history[-1].sparsity:.3f}"
+    )
     if baseline is not None and whole.peak is not None:
-        print(f"resident before building the model: {_gib(baseline)} GiB; peak above it "
-              f"{_gib(whole.peak - baseline)} GiB ({_ratio(whole.peak - baseline, size)} the model)")
+        print(
+            f"resident before building the model: {_gib(baseline)} GiB; peak above it "
+            f"{_gib(whole.peak - baseline)} GiB ({_ratio(whole.peak - baseline, size)} the model)"
+        )
     return {"seconds": seconds, "peak": whole.peak, "bytes": size}
 
 
-SOLVERS = ("obs-fast", "obs-exact", "lobs")     # always block by block here
+SOLVERS = ("obs-fast", "obs-exact", "lobs")  # always block by block here
 
 
 def line_of(entry: str) -> tuple[str, bool]:
@@ -166,12 +181,19 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
-    parser.add_argument("--criteria", default="obs-fast,wanda,wanda-blocks",
-                        help="comma-separated lines: a criterion, or <criterion>-blocks for block by block")
+    parser.add_argument(
+        "--criteria",
+        default="obs-fast,wanda,wanda-blocks",
+        help="comma-separated lines: a criterion, or <criterion>-blocks for block by block",
+    )
     parser.add_argument("--disk", action="store_true", help="spill the cached block inputs to disk")
     parser.add_argument("--progress", action="store_true", help="show the bar over blocks")
-    parser.add_argument("--compute", choices=["float32"], default=None,
-                        help="run the served block in float32 (a bfloat16/float16 model): compute_dtype")
+    parser.add_argument(
+        "--compute",
+        choices=["float32"],
+        default=None,
+        help="run the served block in float32 (a bfloat16/float16 model): compute_dtype",
+    )
     parser.add_argument("--verbose", action="store_true", help="print the per-layer report")
     args = parser.parse_args()
     if args.layers is not None and args.layers < 1:
@@ -180,8 +202,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for criterion in args.criteria.split(","):
         if line_of(criterion)[0] not in CRITERIA.names():
-            print(f"\n== {criterion}: skipped, not a registered criterion (registered: "
-                  f"{', '.join(CRITERIA.names())})")
+            print(f"\n== {criterion}: skipped, not a registered criterion (registered: {', '.join(CRITERIA.names())})")
             continue
         run(criterion, args, dtype)
 

@@ -94,7 +94,8 @@ def resnet(images, size, old):
     if old:
         saved = LayerwiseOBS._hessian
         LayerwiseOBS._hessian = lambda self, pruner, target: hessian.collect(
-            pruner.model, [target], self._batches, with_bias=self.update_bias)[target.name]
+            pruner.model, [target], self._batches, with_bias=self.update_bias
+        )[target.name]
     try:
         start = time.perf_counter()
         pruner = prune(model, 0.5, criterion="obs-fast", data=data)
@@ -114,8 +115,10 @@ def main():
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
     total, h, s, solver = one_layer()
-    print(f"obs-fast, one Linear 1024x4096 (2048 columns): {total:.2f} s through prune (hessian {h:.2f} s, "
-          f"solve and report {s:.2f} s); the solver alone {solver:.2f} s")
+    print(
+        f"obs-fast, one Linear 1024x4096 (2048 columns): {total:.2f} s through prune (hessian {h:.2f} s, "
+        f"solve and report {s:.2f} s); the solver alone {solver:.2f} s"
+    )
     new = resnet(args.images, args.size, old=False)
     rows = [("cached blocks (new)", new)]
     if not args.skip_old:

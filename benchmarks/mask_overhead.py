@@ -92,17 +92,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--optimizer", nargs="+", choices=["sgd", "adam"], default=["sgd", "adam"])
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch thread counts to measure (default: 1 and torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts to measure (default: 1 and torch's default)",
+    )
     args = parser.parse_args()
     threads = args.threads or sorted({1, torch.get_num_threads()})
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand(args.batch_size, 1, 28, 28, generator=g) for _ in range(50)]
     ys = [torch.randint(0, 10, (args.batch_size,), generator=g) for _ in range(50)]
-    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}; "
-          f"784-100-10 MLP, batch {args.batch_size}, sparsity {args.sparsity:g}; "
-          f"median of {args.rounds} interleaved rounds x {args.steps} steps")
+    print(
+        f"prunelab {prunelab.__version__}, torch {torch.__version__}; "
+        f"784-100-10 MLP, batch {args.batch_size}, sparsity {args.sparsity:g}; "
+        f"median of {args.rounds} interleaved rounds x {args.steps} steps"
+    )
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for optimizer in args.optimizer:
@@ -119,13 +126,17 @@ def report(optimizer: str, args, xs, ys) -> None:
         for name, model, opt in configs:
             times[name].append(time_steps(model, opt, xs, ys, args.steps))
     baseline = statistics.median(times["unpruned"])
-    print(f"\n{optimizer}, {torch.get_num_threads()} thread(s)\n{'configuration':<22} {'us/step':>9} {'min':>9} {'max':>9} {'vs unpruned':>12} "
-          f"{'sparsity':>9}")
+    print(
+        f"\n{optimizer}, {torch.get_num_threads()} thread(s)\n{'configuration':<22} {'us/step':>9} {'min':>9} {'max':>9} {'vs unpruned':>12} "
+        f"{'sparsity':>9}"
+    )
     for name, model, _ in configs:
         med = statistics.median(times[name])
         realised = check_sparsity(name, model, args.sparsity)
-        print(f"{name:<22} {med * 1e6:9.1f} {min(times[name]) * 1e6:9.1f} {max(times[name]) * 1e6:9.1f} "
-              f"{med / baseline:11.3f}x {realised:9.3f}")
+        print(
+            f"{name:<22} {med * 1e6:9.1f} {min(times[name]) * 1e6:9.1f} {max(times[name]) * 1e6:9.1f} "
+            f"{med / baseline:11.3f}x {realised:9.3f}"
+        )
 
 
 def sqrt_table(n: int = 2000) -> None:

@@ -74,7 +74,7 @@ def obd_epoch(model, batches, **options) -> float:
 def measure(name: str, batches, repeats: int) -> dict[str, float]:
     model = prunelab.build_model(name, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    warm = batches[:3]                                       # allocator and kernel warm-up
+    warm = batches[:3]  # allocator and kernel warm-up
     train_epoch(model, optimizer, warm)
     obd_epoch(model, warm)
     obd_epoch(model, warm, mode="mc")
@@ -101,21 +101,28 @@ def main() -> None:
 
     x, y, source = load_data(args.n)
     size = args.batch_size
-    batches = [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
-    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"data: {source}; batch {args.batch_size} ({len(batches)} batches); "
-          f"median of {args.repeats} round(s)")
-    header = (f"{'model':<15} {'params':>8} {'train epoch s':>14} {'obd exact s':>12} {'ratio':>7} "
-              f"{'obd mc(1) s':>12} {'ratio':>7}  target <= {TARGET_RATIO:g}x")
+    batches = [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+    print(
+        f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"data: {source}; batch {args.batch_size} ({len(batches)} batches); "
+        f"median of {args.repeats} round(s)"
+    )
+    header = (
+        f"{'model':<15} {'params':>8} {'train epoch s':>14} {'obd exact s':>12} {'ratio':>7} "
+        f"{'obd mc(1) s':>12} {'ratio':>7}  target <= {TARGET_RATIO:g}x"
+    )
     print(header)
     print("-" * len(header))
     for name in args.models:
         t = measure(name, batches, args.repeats)
         exact, mc = t["exact"] / t["train"], t["mc"] / t["train"]
-        verdict = ", ".join(f"{mode} {'met' if r <= TARGET_RATIO else 'NOT met'}"
-                            for mode, r in (("exact", exact), ("mc", mc)))
-        print(f"{name:<15} {t['params']:>8,} {t['train']:>14.2f} {t['exact']:>12.2f} {exact:>6.2f}x "
-              f"{t['mc']:>12.2f} {mc:>6.2f}x  {verdict}")
+        verdict = ", ".join(
+            f"{mode} {'met' if r <= TARGET_RATIO else 'NOT met'}" for mode, r in (("exact", exact), ("mc", mc))
+        )
+        print(
+            f"{name:<15} {t['params']:>8,} {t['train']:>14.2f} {t['exact']:>12.2f} {exact:>6.2f}x "
+            f"{t['mc']:>12.2f} {mc:>6.2f}x  {verdict}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from prunelab.pruning.lobs import hessian
 from prunelab.pruning.lobs.obs_exact import optimal_row
 from prunelab.pruning.targets import resolve_targets
 
-SPARSITY = 0.93          # 7 % of the weights kept, in every layer
+SPARSITY = 0.93  # 7 % of the weights kept, in every layer
 DAMPING = 1e-2
 
 
@@ -72,8 +72,9 @@ def layer_inputs(model, x) -> dict:
     """Each Linear's input on the unpruned model, with the bias column: (n, d+1), float64."""
     inputs, hooks = {}, []
     for t in resolve_targets(model):
-        hooks.append(t.module.register_forward_hook(
-            lambda m, i, o, name=t.name: inputs.__setitem__(name, i[0].detach())))
+        hooks.append(
+            t.module.register_forward_hook(lambda m, i, o, name=t.name: inputs.__setitem__(name, i[0].detach()))
+        )
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -95,7 +96,7 @@ def naive_lobs(W, inv, d_in):
 def naive_exact(W, inv, d_in, H):
     rows = len(W)
     orders, incs = [], []
-    for r in range(rows):                                  # one row at a time, full-size down-dates
+    for r in range(rows):  # one row at a time, full-size down-dates
         w, A = W[r].clone(), inv.clone()
         alive = torch.ones(W.shape[1], dtype=torch.bool)
         alive[d_in:] = False
@@ -129,7 +130,7 @@ def naive_fast(W, inv, d_in, block=128):
     U = torch.linalg.cholesky(inv, upper=True)
     seen = taken = 0
     for i in range(d_in):
-        if i % block == 0:                                       # choose the next block's mask
+        if i % block == 0:  # choose the next block's mask
             j = min(i + block, d_in)
             score = W[:, i:j].pow(2) / torch.diagonal(U)[i:j].pow(2)
             seen += score.numel()
@@ -140,7 +141,7 @@ def naive_fast(W, inv, d_in, block=128):
             mask = mask.reshape(score.shape)
         q = torch.where(mask[:, i % block], torch.zeros_like(W[:, i]), W[:, i])
         err = (W[:, i] - q) / U[i, i]
-        W[:, i:] -= err[:, None] * U[i, i:][None, :]             # every later column, every time
+        W[:, i:] -= err[:, None] * U[i, i:][None, :]  # every later column, every time
         W[:, i] = q
     return W
 
@@ -169,8 +170,13 @@ def straightforward(model, calibration, solver: str) -> float:
 
 def ours(model, calibration, solver: str) -> float:
     started = time.perf_counter()
-    prune(model, SPARSITY, criterion={"name": solver, "mode": "parallel", "damping": DAMPING},
-          data=calibration, batch_size=len(calibration[0]))
+    prune(
+        model,
+        SPARSITY,
+        criterion={"name": solver, "mode": "parallel", "damping": DAMPING},
+        data=calibration,
+        batch_size=len(calibration[0]),
+    )
     return time.perf_counter() - started
 
 
@@ -184,11 +190,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, ds, source = trained_lenet()
     calibration = (ds.x_train[: args.n], ds.y_train[: args.n])
-    print(f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"LeNet-300-100 trained 1 epoch on {source}; {len(calibration[0])} calibration images; "
-          f"every layer to {1 - SPARSITY:.0%} kept; parallel mode\n", flush=True)
-    print(f"{'solver':<10} {'prunelab s':>11} {'accuracy':>9} {'straightforward s':>18} {'accuracy':>9} "
-          f"{'speedup':>8} {'target':>22}")
+    print(
+        f"prunelab {prunelab.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"LeNet-300-100 trained 1 epoch on {source}; {len(calibration[0])} calibration images; "
+        f"every layer to {1 - SPARSITY:.0%} kept; parallel mode\n",
+        flush=True,
+    )
+    print(
+        f"{'solver':<10} {'prunelab s':>11} {'accuracy':>9} {'straightforward s':>18} {'accuracy':>9} "
+        f"{'speedup':>8} {'target':>22}"
+    )
     limits = {"obs-fast": 2.0, "obs-exact": 30.0}
     for solver in ("lobs", "obs-exact", "obs-fast"):
         a, b = copy.deepcopy(model), copy.deepcopy(model)
@@ -198,8 +209,11 @@ def main() -> None:
         verdict = [f"{slow / fast:.0f}x {'>=' if slow / fast >= 10 else '<'} 10x"]
         if solver in limits:
             verdict.append(f"{'<' if fast < limits[solver] else '>='} {limits[solver]:g} s")
-        print(f"{solver:<10} {fast:11.2f} {acc_a:9.4f} {slow:18.2f} {acc_b:9.4f} {slow / fast:7.1f}x "
-              f"{', '.join(verdict):>22}", flush=True)
+        print(
+            f"{solver:<10} {fast:11.2f} {acc_a:9.4f} {slow:18.2f} {acc_b:9.4f} {slow / fast:7.1f}x "
+            f"{', '.join(verdict):>22}",
+            flush=True,
+        )
     inputs = layer_inputs(model, calibration[0])
     started = time.perf_counter()
     stats = hessian.collect(model, resolve_targets(model), [calibration])

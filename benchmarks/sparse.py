@@ -77,15 +77,26 @@ def layers_table(args, threads: int) -> None:
     for n_in, n_out in SHAPES:
         for sparsity in SPARSITIES:
             dense = random_linear(n_in, n_out, sparsity)
-            ms = compare_latency({"dense": dense, "sparse": SparseLinear.from_linear(dense)}, (n_in,),
-                                 BATCH_SIZES, threads=threads, rounds=args.rounds, repeats=args.repeats,
-                                 warmup=args.warmup)
-            rows.append([f"{n_in}→{n_out}", f"{100 * sparsity:g} %"]
-                        + [f"{1e3 * ms[k][b]:.1f}" for b in BATCH_SIZES for k in ("dense", "sparse")]
-                        + [f"{ms['dense'][b] / ms['sparse'][b]:.2f}×" for b in BATCH_SIZES])
+            ms = compare_latency(
+                {"dense": dense, "sparse": SparseLinear.from_linear(dense)},
+                (n_in,),
+                BATCH_SIZES,
+                threads=threads,
+                rounds=args.rounds,
+                repeats=args.repeats,
+                warmup=args.warmup,
+            )
+            rows.append(
+                [f"{n_in}→{n_out}", f"{100 * sparsity:g} %"]
+                + [f"{1e3 * ms[k][b]:.1f}" for b in BATCH_SIZES for k in ("dense", "sparse")]
+                + [f"{ms['dense'][b] / ms['sparse'][b]:.2f}×" for b in BATCH_SIZES]
+            )
     print(f"Linear layer alone, median µs per call, {threads} thread(s)")
-    print_table(["layer", "sparsity", "dense b1", "sparse b1", "dense b64", "sparse b64", "speedup b1",
-                 "speedup b64"], rows, args.markdown)
+    print_table(
+        ["layer", "sparsity", "dense b1", "sparse b1", "dense b64", "sparse b64", "speedup b1", "speedup b64"],
+        rows,
+        args.markdown,
+    )
 
 
 def lenet_table(args, threads: int) -> None:
@@ -93,17 +104,47 @@ def lenet_table(args, threads: int) -> None:
     for sparsity in LENET_SPARSITIES:
         model = lenet(sparsity)
         sparse, _ = sparsify(model, (1, 28, 28), min_sparsity=0.0, only_if_faster=False)
-        timed, report = sparsify(model, (1, 28, 28), min_sparsity=0.0, batch_size=1, threads=threads,
-                                 rounds=args.rounds, repeats=args.repeats, warmup=args.warmup)
-        ms = compare_latency({"dense": model, "sparse": sparse, "timed": timed}, (1, 28, 28), BATCH_SIZES,
-                             threads=threads, rounds=args.rounds, repeats=args.repeats, warmup=args.warmup)
-        rows.append([f"{100 * sparsity:g} %"]
-                    + [f"{1e3 * ms[k][b]:.1f}" for b in BATCH_SIZES for k in ("dense", "sparse")]
-                    + [f"{ms['dense'][b] / ms['sparse'][b]:.2f}×" for b in BATCH_SIZES]
-                    + [", ".join(report.replaced) or "-", f"{ms['dense'][1] / ms['timed'][1]:.2f}×"])
+        timed, report = sparsify(
+            model,
+            (1, 28, 28),
+            min_sparsity=0.0,
+            batch_size=1,
+            threads=threads,
+            rounds=args.rounds,
+            repeats=args.repeats,
+            warmup=args.warmup,
+        )
+        ms = compare_latency(
+            {"dense": model, "sparse": sparse, "timed": timed},
+            (1, 28, 28),
+            BATCH_SIZES,
+            threads=threads,
+            rounds=args.rounds,
+            repeats=args.repeats,
+            warmup=args.warmup,
+        )
+        rows.append(
+            [f"{100 * sparsity:g} %"]
+            + [f"{1e3 * ms[k][b]:.1f}" for b in BATCH_SIZES for k in ("dense", "sparse")]
+            + [f"{ms['dense'][b] / ms['sparse'][b]:.2f}×" for b in BATCH_SIZES]
+            + [", ".join(report.replaced) or "-", f"{ms['dense'][1] / ms['timed'][1]:.2f}×"]
+        )
     print(f"LeNet-300-100, every layer pruned to the sparsity, median µs per call, {threads} thread(s)")
-    print_table(["sparsity", "dense b1", "sparse b1", "dense b64", "sparse b64", "speedup b1", "speedup b64",
-                 "sparsify(b1) replaces", "its speedup b1"], rows, args.markdown)
+    print_table(
+        [
+            "sparsity",
+            "dense b1",
+            "sparse b1",
+            "dense b64",
+            "sparse b64",
+            "speedup b1",
+            "speedup b64",
+            "sparsify(b1) replaces",
+            "its speedup b1",
+        ],
+        rows,
+        args.markdown,
+    )
 
 
 def formulations_table(args, threads: int) -> None:
@@ -135,8 +176,12 @@ def _time_formulations(args) -> list[list[str]]:
         "CSR int64, addmm(b, W, xᵀ)ᵀ": lambda x: torch.addmm(column, csr64, x.t()).t(),
         "CSR int32, addmm(b, W, xᵀ)ᵀ": lambda x: torch.addmm(column, csr32, x.t()).t(),
         "CSR int32, addmv(b, W, x) (one row)": lambda x: torch.addmv(bias, csr32, x[0]),
-        "embedding_bag over the CSR arrays": lambda x: F.embedding_bag(
-            col, x.t().contiguous(), crow, mode="sum", per_sample_weights=values, include_last_offset=True).t() + bias,
+        "embedding_bag over the CSR arrays": lambda x: (
+            F.embedding_bag(
+                col, x.t().contiguous(), crow, mode="sum", per_sample_weights=values, include_last_offset=True
+            ).t()
+            + bias
+        ),
         "COO, addmm(b, W, xᵀ)ᵀ": lambda x: torch.addmm(column, coo, x.t()).t(),
         "CSC, addmm(b, W, xᵀ)ᵀ": lambda x: torch.addmm(column, csc, x.t()).t(),
         "x @ Wᵀ with Wᵀ in CSR": lambda x: x @ transposed_csr + bias,

@@ -39,7 +39,7 @@ def main() -> None:
     if not groups:
         raise SystemExit(f"{args.spec}: no run can join a batch (see docs/engine.md for what can)")
     batchable = sum(len(job.group) for job in groups)
-    configs = [member.config for member in groups[0].group][:args.sample]
+    configs = [member.config for member in groups[0].group][: args.sample]
     label = f"{groups[0].group[0].label} … ({len(configs)} runs)"
     timings = {}
     for engine in ("batched", "single"):
@@ -54,14 +54,15 @@ def main() -> None:
         if failed:
             raise SystemExit(f"{engine}: {len(failed)} of the sampled runs failed: {failed[0]['error']}")
     print(f"{study.name}: {len(study.runs)} runs, {batchable} of them batchable; sample: {label}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.2f}\n"
+    )
     print("| engine | s/run (sample) | × single | batchable runs, extrapolated |")
     print("|---|---:|---:|---:|")
     for engine in ("single", "batched"):
         seconds = timings[engine]
-        print(f"| {engine} | {seconds:.2f} | {timings['single'] / seconds:.1f}× | "
-              f"{batchable * seconds / 3600:.2f} h |")
+        print(f"| {engine} | {seconds:.2f} | {timings['single'] / seconds:.1f}× | {batchable * seconds / 3600:.2f} h |")
 
 
 if __name__ == "__main__":

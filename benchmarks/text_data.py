@@ -39,8 +39,10 @@ def tokenizer_rows(texts: dict[str, str], chars: int, vocab: int) -> None:
     print(f"tokenizer: trained on {len(train):,} characters in {seconds:.2f} s, vocabulary {tok.get_vocab_size()}")
     for split, body in texts.items():
         ids, seconds = timed(lambda: encode(tok, body))
-        print(f"  encode {split}: {len(body):,} characters -> {len(ids):,} tokens in {seconds:.2f} s "
-              f"({len(body) / len(ids):.2f} characters per token)")
+        print(
+            f"  encode {split}: {len(body):,} characters -> {len(ids):,} tokens in {seconds:.2f} s "
+            f"({len(body) / len(ids):.2f} characters per token)"
+        )
 
 
 def load_rows(vocab: int) -> prunelab.data.TextDataset:
@@ -49,8 +51,10 @@ def load_rows(vocab: int) -> prunelab.data.TextDataset:
         ds, first = timed(lambda: load_dataset("pydocs", vocab_size=vocab))
         _, cached = timed(lambda: load_dataset("pydocs", vocab_size=vocab))
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs)
-    print(f"load_dataset('pydocs', vocab_size={vocab}): first {first:.2f} s, cached {cached:.3f} s, "
-          f"cache {size / 1e6:.1f} MB; {ds}")
+    print(
+        f"load_dataset('pydocs', vocab_size={vocab}): first {first:.2f} s, cached {cached:.3f} s, "
+        f"cache {size / 1e6:.1f} MB; {ds}"
+    )
     return ds
 
 
@@ -60,7 +64,7 @@ def step_rows(ds, batch: int, steps: int) -> None:
         model = prunelab.build_model(name, dataset=ds, seed=0)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         times = []
-        for _ in range(steps + 1):                          # the first step warms up
+        for _ in range(steps + 1):  # the first step warms up
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
@@ -70,8 +74,10 @@ def step_rows(ds, batch: int, steps: int) -> None:
         with torch.no_grad():
             _, evaluation = timed(lambda: model.eval()(x))
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name}: {params:,} parameters; train step {statistics.median(times[1:]) * 1e3:.0f} ms, "
-              f"forward (eval) {evaluation * 1e3:.0f} ms at batch {batch} x {ds.seq_len} tokens")
+        print(
+            f"{name}: {params:,} parameters; train step {statistics.median(times[1:]) * 1e3:.0f} ms, "
+            f"forward (eval) {evaluation * 1e3:.0f} ms at batch {batch} x {ds.seq_len} tokens"
+        )
 
 
 def main() -> None:

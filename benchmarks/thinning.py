@@ -74,9 +74,10 @@ def measure(models: dict, args, threads: int) -> dict[str, dict[int, float]]:
     per_round = {name: {b: [] for b in BATCH_SIZES} for name in models}
     names = list(models)
     for index in range(args.rounds):
-        for name in (names if index % 2 == 0 else names[::-1]):
-            for row in prunelab.measure_latency(models[name], INPUT_SHAPE, BATCH_SIZES, warmup=args.warmup,
-                                                repeats=args.repeats, threads=threads):
+        for name in names if index % 2 == 0 else names[::-1]:
+            for row in prunelab.measure_latency(
+                models[name], INPUT_SHAPE, BATCH_SIZES, warmup=args.warmup, repeats=args.repeats, threads=threads
+            ):
                 per_round[name][row.batch_size].append(row.median_ms)
     return {name: {b: statistics.median(v) for b, v in rows.items()} for name, rows in per_round.items()}
 
@@ -87,29 +88,52 @@ def row(name: str, fraction: float, args, threads: int) -> dict:
     theoretical = dense_summary.total.flops_dense / thinned_summary.total.flops
     ms = measure({"masked": masked, "thinned": thinned}, args, threads)
     measured = {b: ms["masked"][b] / ms["thinned"][b] for b in BATCH_SIZES}
-    return {"model": name, "fraction": fraction, "params_dense": dense_summary.total.params,
-            "params_thinned": thinned_summary.total.params, "theoretical": theoretical,
-            "masked_ms": ms["masked"], "thinned_ms": ms["thinned"], "measured": measured,
-            "of_theoretical": measured[64] / theoretical,
-            # achieved arithmetic rate at batch 64: FLOPs of one input × 64 / latency
-            "gflops": {k: flops * 64 / (ms[k][64] * 1e-3) / 1e9 for k, flops in
-                       (("masked", dense_summary.total.flops_dense), ("thinned", thinned_summary.total.flops))}}
+    return {
+        "model": name,
+        "fraction": fraction,
+        "params_dense": dense_summary.total.params,
+        "params_thinned": thinned_summary.total.params,
+        "theoretical": theoretical,
+        "masked_ms": ms["masked"],
+        "thinned_ms": ms["thinned"],
+        "measured": measured,
+        "of_theoretical": measured[64] / theoretical,
+        # achieved arithmetic rate at batch 64: FLOPs of one input × 64 / latency
+        "gflops": {
+            k: flops * 64 / (ms[k][64] * 1e-3) / 1e9
+            for k, flops in (("masked", dense_summary.total.flops_dense), ("thinned", thinned_summary.total.flops))
+        },
+    }
 
 
-HEADERS = ("model", "removed", "params dense → thinned", "theoretical", "masked ms b1 / b64",
-           "thinned ms b1 / b64", "measured b1", "measured b64", "b64 / theoretical",
-           "GFLOP/s b64 masked / thinned")
+HEADERS = (
+    "model",
+    "removed",
+    "params dense → thinned",
+    "theoretical",
+    "masked ms b1 / b64",
+    "thinned ms b1 / b64",
+    "measured b1",
+    "measured b64",
+    "b64 / theoretical",
+    "GFLOP/s b64 masked / thinned",
+)
 
 
 def cells(r: dict) -> list[str]:
     verdict = "ok" if r["of_theoretical"] >= TARGET else "below"
-    return [r["model"], f"{100 * r['fraction']:.0f} %",
-            f"{r['params_dense']:,} → {r['params_thinned']:,}", f"{r['theoretical']:.2f}×",
-            f"{r['masked_ms'][1]:.3f} / {r['masked_ms'][64]:.3f}",
-            f"{r['thinned_ms'][1]:.3f} / {r['thinned_ms'][64]:.3f}",
-            f"{r['measured'][1]:.2f}×", f"{r['measured'][64]:.2f}×",
-            f"{100 * r['of_theoretical']:.0f} % ({verdict})",
-            f"{r['gflops']['masked']:.1f} / {r['gflops']['thinned']:.1f}"]
+    return [
+        r["model"],
+        f"{100 * r['fraction']:.0f} %",
+        f"{r['params_dense']:,} → {r['params_thinned']:,}",
+        f"{r['theoretical']:.2f}×",
+        f"{r['masked_ms'][1]:.3f} / {r['masked_ms'][64]:.3f}",
+        f"{r['thinned_ms'][1]:.3f} / {r['thinned_ms'][64]:.3f}",
+        f"{r['measured'][1]:.2f}×",
+        f"{r['measured'][64]:.2f}×",
+        f"{100 * r['of_theoretical']:.0f} % ({verdict})",
+        f"{r['gflops']['masked']:.1f} / {r['gflops']['thinned']:.1f}",
+    ]
 
 
 def print_table(rows: list[dict], markdown: bool) -> None:
@@ -128,8 +152,13 @@ def print_table(rows: list[dict], markdown: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=None,
-                        help="torch thread counts, one table each (default: torch's current setting)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts, one table each (default: torch's current setting)",
+    )
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per model, batch size and round")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median over them)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per measure_latency call")
@@ -142,9 +171,11 @@ def main() -> None:
     threads_list = args.threads or [torch.get_num_threads()]
 
     print(f"prunelab {prunelab.__version__}, torch {torch.__version__}; {load()} at start")
-    print(f"inputs {INPUT_SHAPE}; units removed by 'norm' from every unit layer; median of "
-          f"{args.rounds} interleaved rounds × {args.repeats} calls (warm-up {args.warmup}); "
-          f"speed-up = masked / thinned latency; target: batch-64 speed-up ≥ {100 * TARGET:.0f} % of theoretical")
+    print(
+        f"inputs {INPUT_SHAPE}; units removed by 'norm' from every unit layer; median of "
+        f"{args.rounds} interleaved rounds × {args.repeats} calls (warm-up {args.warmup}); "
+        f"speed-up = masked / thinned latency; target: batch-64 speed-up ≥ {100 * TARGET:.0f} % of theoretical"
+    )
     for threads in threads_list:
         start = time.perf_counter()
         rows = [row(name, fraction, args, threads) for name in args.models for fraction in FRACTIONS]

@@ -23,16 +23,29 @@ import torch
 
 import prunelab
 
-METHODS = (("magnitude", "weight", 0.5), ("wanda", "weight", 0.5), ("magnitude", "2:4", None),
-           ("wanda", "2:4", None), ("wanda", "4:8", None))
+METHODS = (
+    ("magnitude", "weight", 0.5),
+    ("wanda", "weight", 0.5),
+    ("magnitude", "2:4", None),
+    ("wanda", "2:4", None),
+    ("wanda", "4:8", None),
+)
 
 
 def build(hidden: int, layers: int, intermediate: int, vocab: int, seed: int):
     import transformers as T
+
     torch.manual_seed(seed)
-    config = T.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
-                           num_attention_heads=max(hidden // 64, 2), num_key_value_heads=max(hidden // 256, 1),
-                           vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False)
+    config = T.LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=max(hidden // 64, 2),
+        num_key_value_heads=max(hidden // 256, 1),
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     return T.LlamaForCausalLM(config).eval()
 
 
@@ -54,26 +67,36 @@ def main() -> None:
     dense = build(args.hidden, args.layers, args.intermediate, args.vocab, args.seed)
     n_params = sum(p.numel() for p in dense.parameters())
     g = torch.Generator().manual_seed(args.seed)
-    calibration = [{"input_ids": torch.randint(0, args.vocab, (4, args.seq), generator=g)}
-                   for _ in range(max(args.calibration // 4, 1))]
+    calibration = [
+        {"input_ids": torch.randint(0, args.vocab, (4, args.seq), generator=g)}
+        for _ in range(max(args.calibration // 4, 1))
+    ]
     held_out = torch.randint(0, args.vocab, (4, args.seq), generator=g)
     with torch.no_grad():
         reference = dense(input_ids=held_out).logits
-    layers = [name for name, m in dense.named_modules()
-              if isinstance(m, torch.nn.Linear) and name != "lm_head"]
-    print(f"LLaMA-shaped decoder: {n_params / 1e6:.1f}M parameters, {len(layers)} pruned Linear layers, "
-          f"{args.calibration} x {args.seq} calibration tokens, torch threads {torch.get_num_threads()}")
+    layers = [name for name, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    print(
+        f"LLaMA-shaped decoder: {n_params / 1e6:.1f}M parameters, {len(layers)} pruned Linear layers, "
+        f"{args.calibration} x {args.seq} calibration tokens, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'criterion':<10} {'pattern':<8} {'sparsity':>8} {'seconds':>8} {'peak MiB':>9} {'logit drift':>11}")
     for criterion, granularity, sparsity in METHODS:
         model = copy.deepcopy(dense)
         started = time.perf_counter()
-        pruner = prunelab.prune(model, sparsity, criterion=criterion, granularity=granularity, layers=layers,
-                                data=calibration if criterion == "wanda" else None)
+        pruner = prunelab.prune(
+            model,
+            sparsity,
+            criterion=criterion,
+            granularity=granularity,
+            layers=layers,
+            data=calibration if criterion == "wanda" else None,
+        )
         seconds = time.perf_counter() - started
         with torch.no_grad():
             drift = float((model(input_ids=held_out).logits - reference).norm() / reference.norm())
-        print(f"{criterion:<10} {granularity:<8} {pruner.sparsity():8.4f} {seconds:8.2f} {peak_mib():9.0f} "
-              f"{drift:11.4f}")
+        print(
+            f"{criterion:<10} {granularity:<8} {pruner.sparsity():8.4f} {seconds:8.2f} {peak_mib():9.0f} {drift:11.4f}"
+        )
 
 
 if __name__ == "__main__":

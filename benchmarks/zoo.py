@@ -50,12 +50,13 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]      # this checkout's prunelab, and the zoo
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's prunelab, and the zoo
+
+from zoo import BY_NAME, ZOO  # noqa: E402
 
 import prunelab  # noqa: E402
 from prunelab import units  # noqa: E402
 from prunelab.inputs import inputs_batch  # noqa: E402
-from zoo import BY_NAME, ZOO  # noqa: E402
 
 CRITERIA = ("obs-fast", "lobs", "obd")
 BATCH_SIZES = (1, 64)
@@ -64,11 +65,11 @@ SPARSITY = 0.5
 
 @dataclass(frozen=True)
 class Settings:
-    n_batches: int      # calibration batches
-    batch: int          # examples per calibration batch
-    rounds: int         # interleaved latency rounds
-    repeats: int        # timed calls per model, batch size and round
-    bisection: int      # Torch-Pruning ratio bisection steps
+    n_batches: int  # calibration batches
+    batch: int  # examples per calibration batch
+    rounds: int  # interleaved latency rounds
+    repeats: int  # timed calls per model, batch size and round
+    bisection: int  # Torch-Pruning ratio bisection steps
 
 
 FULL = Settings(n_batches=4, batch=8, rounds=5, repeats=20, bisection=10)
@@ -84,7 +85,7 @@ class Failures:
 
     def add(self, where: str, err: BaseException) -> str:
         message = " ".join(str(err).split())
-        if not message and err.__traceback__ is not None:     # a bare assert: say where it fired
+        if not message and err.__traceback__ is not None:  # a bare assert: say where it fired
             frame = traceback.extract_tb(err.__traceback__)[-1]
             message = f"at {Path(frame.filename).name}:{frame.lineno} ({frame.line})"
         if len(message) > 220:
@@ -130,7 +131,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def one_example(zoo) -> "prunelab.inputs.Batch":
+def one_example(zoo) -> prunelab.inputs.Batch:
     return inputs_batch(zoo.example, where="benchmarks/zoo.py").slice(0, 1)
 
 
@@ -152,10 +153,10 @@ def latencies(models: dict[str, nn.Module], zoo, settings: Settings) -> dict[str
     times = {name: {b: [] for b in BATCH_SIZES} for name in models}
     names = list(models)
     for index in range(settings.rounds):
-        for name in (names if index % 2 == 0 else names[::-1]):
+        for name in names if index % 2 == 0 else names[::-1]:
             model = models[name].eval()
             for b, batch in batches.items():
-                for _ in range(2):                       # warm-up
+                for _ in range(2):  # warm-up
                     batch.call(model)
                 for _ in range(settings.repeats):
                     start = time.perf_counter()
@@ -192,6 +193,7 @@ def prunelab_channels(model: nn.Module, zoo, batches: list) -> nn.Module:
 
 def _logits(output) -> torch.Tensor:
     from prunelab.inputs import logits_of
+
     return logits_of(output)
 
 
@@ -222,13 +224,21 @@ def torch_pruning(dense: nn.Module, zoo, ratio: float) -> nn.Module:
         n_out = _logits(example.call(model)).shape[-1]
     ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == n_out]
     heads = _head_counts(model)
-    pruner = tp.pruner.MetaPruner(model, example.inputs, importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads,
-                                  prune_num_heads=bool(heads), prune_head_dims=not heads,
-                                  head_pruning_ratio=ratio if heads else 0.0, output_transform=_logits)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example.inputs,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        num_heads=heads,
+        prune_num_heads=bool(heads),
+        prune_head_dims=not heads,
+        head_pruning_ratio=ratio if heads else 0.0,
+        output_transform=_logits,
+    )
     pruner.step()
     with torch.no_grad():
-        _logits(example.repeat_to(2).call(model))         # a pruned model that cannot run is a failure
+        _logits(example.repeat_to(2).call(model))  # a pruned model that cannot run is a failure
     return model
 
 
@@ -263,6 +273,7 @@ LIMIT_S = 60.0
 
 def quiet(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` with warnings silenced and, on Unix, stopped after ``LIMIT_S`` seconds."""
+
     def run():
         timed = hasattr(signal, "setitimer")
         if timed:
@@ -276,13 +287,14 @@ def quiet(fn: Callable[[], object]) -> Callable[[], object]:
             if timed:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
+
     return run
 
 
 def cost_cell(name: str, label: str, fn: Callable[[], str], failures: Failures) -> str:
     try:
         note, seconds, megabytes = measured(quiet(fn))
-    except Exception as err:           # a cell's failure is a table entry, never a crash
+    except Exception as err:  # a cell's failure is a table entry, never a crash
         return failures.add(f"{name}, {label}", err)
     return f"{seconds:.2f} s, {megabytes:.1f} MB{note}"
 
@@ -299,8 +311,10 @@ def channel_cells(zoo, dense: nn.Module, batches: list, settings: Settings, fail
     except Exception as err:
         tp_mark = failures.add(f"{name}, Torch-Pruning", err)
     if tp_model is not None and n_params(tp_model) == n_params(dense):
-        tp_model, tp_mark = None, failures.add(f"{name}, Torch-Pruning",
-                                               RuntimeError("pruned nothing (it found no prunable group)"))
+        tp_model, tp_mark = (
+            None,
+            failures.add(f"{name}, Torch-Pruning", RuntimeError("pruned nothing (it found no prunable group)")),
+        )
     models = {k: m for k, m in (("prunelab", small), ("tp", tp_model)) if m is not None}
     try:
         counts = {k: (n_params(m), macs(m, zoo)) for k, m in models.items()}
@@ -317,9 +331,14 @@ def channel_cells(zoo, dense: nn.Module, batches: list, settings: Settings, fail
         right = fmt.format(value("tp")) if "tp" in models else tp_mark
         ratio = f" ({value('prunelab') / value('tp'):.2f}×{note})" if len(models) == 2 else ""
         return f"{left} / {right}{ratio}"
+
     note = ", same shapes" if same else ""
-    return [pair(lambda k: counts[k][0], "{:,}", note), pair(lambda k: counts[k][1], "{:,}"),
-            pair(lambda k: times[k][1], "{:.2f}"), pair(lambda k: times[k][64], "{:.2f}")]
+    return [
+        pair(lambda k: counts[k][0], "{:,}", note),
+        pair(lambda k: counts[k][1], "{:,}"),
+        pair(lambda k: times[k][1], "{:.2f}"),
+        pair(lambda k: times[k][64], "{:.2f}"),
+    ]
 
 
 def same_shapes(a: nn.Module, b: nn.Module) -> bool:
@@ -333,15 +352,25 @@ def row(zoo, settings: Settings, failures: Failures) -> list[str]:
     batches = zoo.batches(settings.n_batches, seed=0, batch=settings.batch)
     cells = [zoo.name, f"{n_params(dense):,}"]
     for criterion in CRITERIA:
-        cells.append(cost_cell(zoo.name, criterion,
-                               lambda c=criterion: run_criterion(copy.deepcopy(dense), c, batches), failures))
-    cells.append(cost_cell(zoo.name, "unit scoring",
-                           lambda: run_unit_scoring(copy.deepcopy(dense), batches), failures))
+        cells.append(
+            cost_cell(
+                zoo.name, criterion, lambda c=criterion: run_criterion(copy.deepcopy(dense), c, batches), failures
+            )
+        )
+    cells.append(cost_cell(zoo.name, "unit scoring", lambda: run_unit_scoring(copy.deepcopy(dense), batches), failures))
     return cells + channel_cells(zoo, dense, batches, settings, failures)
 
 
-HEADERS = ("model", "params", *CRITERIA, "unit scoring (abs_mrs)", "params: prunelab / TP",
-           "MACs: prunelab / TP", "ms b1: prunelab / TP", "ms b64: prunelab / TP")
+HEADERS = (
+    "model",
+    "params",
+    *CRITERIA,
+    "unit scoring (abs_mrs)",
+    "params: prunelab / TP",
+    "MACs: prunelab / TP",
+    "ms b1: prunelab / TP",
+    "ms b64: prunelab / TP",
+)
 
 
 def main() -> None:
@@ -349,8 +378,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer batches, rounds and bisection steps (< 1 min)")
     parser.add_argument("--models", nargs="+", choices=[z.name for z in ZOO], default=[z.name for z in ZOO])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--limit", type=float, default=None,
-                        help="seconds after which a cell is given up (default 30, --quick 10)")
+    parser.add_argument(
+        "--limit", type=float, default=None, help="seconds after which a cell is given up (default 30, --quick 10)"
+    )
     args = parser.parse_args()
     if args.threads < 1:
         parser.error("--threads must be at least 1")
@@ -364,12 +394,14 @@ def main() -> None:
     failures = Failures()
     rows = [row(BY_NAME[name], settings, failures) for name in args.models]
     one, five, _ = os.getloadavg()
-    print(f"prunelab {prunelab.__version__} ({Path(prunelab.__file__).parent}), torch {torch.__version__}, "
-          f"{args.threads} thread(s), "
-          f"{'--quick' if args.quick else 'full'} ({settings.n_batches} calibration batches of {settings.batch}, "
-          f"latency: median of {settings.rounds} round(s) × {settings.repeats} calls); "
-          f"peak memory: {MEMORY_SOURCE}; cell limit {LIMIT_S:.0f} s; {time.perf_counter() - start:.0f} s, "
-          f"load {one:.2f}/{five:.2f} on {os.cpu_count()} cores\n")
+    print(
+        f"prunelab {prunelab.__version__} ({Path(prunelab.__file__).parent}), torch {torch.__version__}, "
+        f"{args.threads} thread(s), "
+        f"{'--quick' if args.quick else 'full'} ({settings.n_batches} calibration batches of {settings.batch}, "
+        f"latency: median of {settings.rounds} round(s) × {settings.repeats} calls); "
+        f"peak memory: {MEMORY_SOURCE}; cell limit {LIMIT_S:.0f} s; {time.perf_counter() - start:.0f} s, "
+        f"load {one:.2f}/{five:.2f} on {os.cpu_count()} cores\n"
+    )
     print("| " + " | ".join(HEADERS) + " |")
     print("|" + "|".join([":---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
     for cells in rows:

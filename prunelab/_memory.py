@@ -43,7 +43,7 @@ def high_water() -> int | None:
     except ImportError:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024     # macOS: bytes, Linux: KiB
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
 
 
 def reset_high_water() -> bool:
@@ -69,7 +69,7 @@ class PeakMemory:
 
     def __enter__(self):
         before = high_water()
-        if before is not None:     # the peak of the stretch that ends here, before resetting it
+        if before is not None:  # the peak of the stretch that ends here, before resetting it
             self.tracker["overall"] = max(self.tracker.get("overall", 0), before)
         self.resettable = reset_high_water()
         return self

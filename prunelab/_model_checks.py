@@ -33,9 +33,11 @@ def check_materialised(model: nn.Module, where: str, param: str = "model") -> No
     meta = [name for name, t in tensors if t.is_meta]
     if meta:
         more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
-        raise ValueError(f"the '{param}' parameter of {where} has tensors on the meta device ({meta[0]!r}{more}): "
-                         f"they have shapes but no values. Materialise the model first, e.g. "
-                         f"model.to_empty(device='cpu') and then load its weights.")
+        raise ValueError(
+            f"the '{param}' parameter of {where} has tensors on the meta device ({meta[0]!r}{more}): "
+            f"they have shapes but no values. Materialise the model first, e.g. "
+            f"model.to_empty(device='cpu') and then load its weights."
+        )
 
 
 def check_trainable(model: nn.Module, where: str, param: str = "model") -> None:
@@ -44,9 +46,11 @@ def check_trainable(model: nn.Module, where: str, param: str = "model") -> None:
     if not params:
         raise ValueError(f"the '{param}' parameter of {where} has no parameters, so there is nothing to train.")
     if not any(p.requires_grad for p in params):
-        raise ValueError(f"the '{param}' parameter of {where} has no parameter with requires_grad=True "
-                         f"(all {len(params)} are frozen), so there is nothing to train; unfreeze the ones "
-                         f"to train, e.g. model.requires_grad_(True).")
+        raise ValueError(
+            f"the '{param}' parameter of {where} has no parameter with requires_grad=True "
+            f"(all {len(params)} are frozen), so there is nothing to train; unfreeze the ones "
+            f"to train, e.g. model.requires_grad_(True)."
+        )
 
 
 def floating_dtype(model: nn.Module) -> torch.dtype | None:
@@ -61,22 +65,26 @@ def expected_input(model: nn.Module) -> str:
             continue
         dtype = str(floating_dtype(model)).removeprefix("torch.")
         if isinstance(module, nn.Linear):
-            return (f"; its first layer {name!r} (Linear) takes {dtype} inputs whose last dimension is "
-                    f"{module.in_features}")
+            return (
+                f"; its first layer {name!r} (Linear) takes {dtype} inputs whose last dimension is {module.in_features}"
+            )
         if isinstance(module, nn.modules.conv._ConvNd):
-            return (f"; its first layer {name!r} ({type(module).__name__}) takes {dtype} inputs of "
-                    f"{module.in_channels} channels (batch, channels, ...)")
+            return (
+                f"; its first layer {name!r} ({type(module).__name__}) takes {dtype} inputs of "
+                f"{module.in_channels} channels (batch, channels, ...)"
+            )
         if isinstance(module, nn.Embedding):
-            return (f"; its first layer {name!r} (Embedding) takes integer token ids in "
-                    f"[0, {module.num_embeddings})")
+            return f"; its first layer {name!r} (Embedding) takes integer token ids in [0, {module.num_embeddings})"
         return f"; its first layer with parameters is {name!r} ({type(module).__name__}), in {dtype}"
     return ""
 
 
 def describe(batch) -> str:
     """The shapes and dtypes of a :class:`~prunelab.inputs.Batch`'s input tensors."""
+
     def one(t):
         return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
     parts = [one(t) for t in batch.args if torch.is_tensor(t)]
     parts += [f"{k} {one(t)}" for k, t in batch.kwargs.items() if torch.is_tensor(t)]
     return ", ".join(parts) or "no tensors"
@@ -93,8 +101,9 @@ def check_batch_fits(model: nn.Module, batch, what: str, loss: Callable | None =
             output = sample.call(model)
     except FORWARD_ERRORS as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{what} ({describe(batch)}) do not fit the model: {type(err).__name__}: {first}"
-                         f"{expected_input(model)}.") from err
+        raise ValueError(
+            f"{what} ({describe(batch)}) do not fit the model: {type(err).__name__}: {first}{expected_input(model)}."
+        ) from err
     if loss is None:
         return
     try:
@@ -106,15 +115,19 @@ def check_batch_fits(model: nn.Module, batch, what: str, loss: Callable | None =
     except ValueError as err:
         raise ValueError(f"{what} do not fit the model's output: {err}") from err
     except (RuntimeError, TypeError, IndexError) as err:
-        raise ValueError(f"the loss fails on the first of {what} ({describe(batch)}): "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"the loss fails on the first of {what} ({describe(batch)}): {type(err).__name__}: {err}"
+        ) from err
 
 
 def check_values(what: str, tensor, *, hint: str = ""):
     """:func:`~prunelab._validation.check_finite` for data: first refuse a tensor on the meta
     device (shapes without values, which no finiteness check or model can read)."""
     from prunelab._validation import check_finite
+
     if torch.is_tensor(tensor) and tensor.is_meta:
-        raise ValueError(f"{what} is a tensor on the meta device (a shape {tuple(tensor.shape)} without values); "
-                         f"give real data, e.g. on 'cpu'.")
+        raise ValueError(
+            f"{what} is a tensor on the meta device (a shape {tuple(tensor.shape)} without values); "
+            f"give real data, e.g. on 'cpu'."
+        )
     return check_finite(what, tensor, hint=hint)

@@ -32,8 +32,8 @@ def _where(param: str, where: str | None) -> str:
 def _bound(value: float | None, default: str) -> str:
     if value is None:
         return default
-    if isinstance(value, Integral) or float(value).is_integer() and abs(value) < 2 ** 63:
-        return str(int(value))          # 1048576, not 1.04858e+06
+    if isinstance(value, Integral) or float(value).is_integer() and abs(value) < 2**63:
+        return str(int(value))  # 1048576, not 1.04858e+06
     return f"{value:g}"
 
 
@@ -66,8 +66,9 @@ def check_number(
     else:
         ok_type = isinstance(value, Real) and not is_bool
     if not ok_type:
-        raise TypeError(f"{_where(param, where)} must be {expected}. Got {value!r} "
-                        f"of type {type(value).__name__} instead.")
+        raise TypeError(
+            f"{_where(param, where)} must be {expected}. Got {value!r} of type {type(value).__name__} instead."
+        )
     if not integer and not math.isfinite(float(value)):
         raise ValueError(f"{_where(param, where)} must be {expected}. Got {value!r} instead.")
     below = low is not None and (value < low or (value == low and closed in ("right", "neither")))
@@ -93,11 +94,14 @@ def check_choice(param: str, value: Any, choices: Iterable[str], *, where: str |
     choices = sorted(choices)
     listed = ", ".join(choices)
     if not isinstance(value, str):
-        raise TypeError(f"{_where(param, where)} must be a str among: {listed}. "
-                        f"Got {value!r} of type {type(value).__name__} instead.")
+        raise TypeError(
+            f"{_where(param, where)} must be a str among: {listed}. "
+            f"Got {value!r} of type {type(value).__name__} instead."
+        )
     if value not in choices:
-        raise ValueError(f"{_where(param, where)} must be one of: {listed}. "
-                         f"Got {value!r} instead{suggest(value, choices)}.")
+        raise ValueError(
+            f"{_where(param, where)} must be one of: {listed}. Got {value!r} instead{suggest(value, choices)}."
+        )
     return value
 
 
@@ -127,25 +131,29 @@ def check_finite(what: str, tensor: Any, *, hint: str = "") -> Any:
             _FINITE.clear()
         try:
             _FINITE[id(tensor)] = (weakref.ref(tensor), tensor._version)
-        except TypeError:                # a tensor type without weak references: scan it each time
+        except TypeError:  # a tensor type without weak references: scan it each time
             pass
         return tensor
     n_nan = int(torch.isnan(tensor).sum())
     n_bad = tensor.numel() - int(finite.sum())
     first = tuple(torch.nonzero(~finite)[0].tolist())
-    raise ValueError(f"{what} has {n_bad} non-finite entr{'y' if n_bad == 1 else 'ies'} ({n_nan} NaN, "
-                     f"{n_bad - n_nan} inf) out of {tensor.numel()}, the first at index {first}{hint}.")
+    raise ValueError(
+        f"{what} has {n_bad} non-finite entr{'y' if n_bad == 1 else 'ies'} ({n_nan} NaN, "
+        f"{n_bad - n_nan} inf) out of {tensor.numel()}, the first at index {first}{hint}."
+    )
 
 
-def check_type(param: str, value: Any, types: type | tuple[type, ...], *,
-               where: str | None = None, expected: str | None = None) -> Any:
+def check_type(
+    param: str, value: Any, types: type | tuple[type, ...], *, where: str | None = None, expected: str | None = None
+) -> Any:
     """Return ``value`` if it is an instance of ``types``."""
     if not isinstance(value, types):
         if expected is None:
             names = types if isinstance(types, tuple) else (types,)
             expected = " or ".join(t.__name__ for t in names)
-        raise TypeError(f"{_where(param, where)} must be {expected}. "
-                        f"Got {value!r} of type {type(value).__name__} instead.")
+        raise TypeError(
+            f"{_where(param, where)} must be {expected}. Got {value!r} of type {type(value).__name__} instead."
+        )
     return value
 
 
@@ -159,18 +167,18 @@ def check_type(param: str, value: Any, types: type | tuple[type, ...], *,
 
 #: Upper bounds shared by the library and the command line (documented in docs/limits.md).
 MAX_EPOCHS = 100_000
-MAX_STEPS = 10 ** 9              # training steps, schedule steps and step intervals
-MAX_BATCH = 1 << 20              # batch sizes and calibration batch sizes
-MAX_PRUNES = 100_000             # pruning events of a schedule
+MAX_STEPS = 10**9  # training steps, schedule steps and step intervals
+MAX_BATCH = 1 << 20  # batch sizes and calibration batch sizes
+MAX_PRUNES = 100_000  # pruning events of a schedule
 MAX_THREADS = 4096
-MAX_WORKERS = 1024               # parallel study workers
-MAX_SEED = 2 ** 32 - 1
-MAX_SAMPLES = 10_000_000         # calibration or training samples to take (as in study specs)
-MAX_REPEATS = 1_000_000          # timed calls, warm-up calls, rounds, random probes
-MAX_UNITS = 1 << 24              # neurons, channels, features, buckets, vocabulary entries
-MAX_VOCAB = 1 << 20               # tokenizer vocabularies
-MAX_SEQ_LEN = 1 << 20             # tokens per sequence
-MAX_INPUT_ELEMENTS = 1 << 28      # elements of one dry-run input (input_shape, without the batch dimension)
+MAX_WORKERS = 1024  # parallel study workers
+MAX_SEED = 2**32 - 1
+MAX_SAMPLES = 10_000_000  # calibration or training samples to take (as in study specs)
+MAX_REPEATS = 1_000_000  # timed calls, warm-up calls, rounds, random probes
+MAX_UNITS = 1 << 24  # neurons, channels, features, buckets, vocabulary entries
+MAX_VOCAB = 1 << 20  # tokenizer vocabularies
+MAX_SEQ_LEN = 1 << 20  # tokens per sequence
+MAX_INPUT_ELEMENTS = 1 << 28  # elements of one dry-run input (input_shape, without the batch dimension)
 
 
 class Constraint:
@@ -263,22 +271,34 @@ class Options(Constraint):
 
 
 #: How a type is called in messages.
-_TYPE_NAMES = {str: "a str", bool: "a bool", int: "an int", float: "a float", dict: "a dict",
-               list: "a list", tuple: "a tuple", bytes: "bytes"}
+_TYPE_NAMES = {
+    str: "a str",
+    bool: "a bool",
+    int: "an int",
+    float: "a float",
+    dict: "a dict",
+    list: "a list",
+    tuple: "a tuple",
+    bytes: "bytes",
+}
 
 
 def _type_name(kind: type) -> str:
     if kind in _TYPE_NAMES:
         return _TYPE_NAMES[kind]
     module = kind.__module__
-    for short in ("torch.nn", "torch.optim", "torch"):      # torch.nn.Module, not torch.nn.modules.module.Module
+    for short in ("torch.nn", "torch.optim", "torch"):  # torch.nn.Module, not torch.nn.modules.module.Module
         if module.startswith(short + ".") or module == short:
             obj = __import__(short, fromlist=["_"])
             if getattr(obj, kind.__name__, None) is kind:
                 return f"a {short}.{kind.__name__}"
     if module in ("collections.abc", "typing"):
-        return {"Mapping": "a mapping (dict)", "Sequence": "a sequence", "Iterable": "an iterable",
-                "Callable": "a callable"}.get(kind.__name__, f"a {kind.__name__}")
+        return {
+            "Mapping": "a mapping (dict)",
+            "Sequence": "a sequence",
+            "Iterable": "an iterable",
+            "Callable": "a callable",
+        }.get(kind.__name__, f"a {kind.__name__}")
     if module == "os" and kind.__name__ == "PathLike":
         return "a path"
     if module.startswith("prunelab"):
@@ -337,8 +357,9 @@ class Data(Constraint):
     def is_satisfied_by(self, value: Any) -> bool:
         if isinstance(value, (str, bytes, bool, Real)) or value is None:
             return False
-        return (isinstance(value, Iterable) or callable(value) or hasattr(value, "x_train")
-                or hasattr(value, "__getitem__"))
+        return (
+            isinstance(value, Iterable) or callable(value) or hasattr(value, "x_train") or hasattr(value, "__getitem__")
+        )
 
     def invalid_values(self) -> list:
         return [3, "data.pt"]
@@ -355,6 +376,7 @@ class Model(Constraint):
 
     def is_satisfied_by(self, value: Any) -> bool:
         from torch import nn
+
         return isinstance(value, nn.Module)
 
     def invalid_values(self) -> list:
@@ -366,6 +388,7 @@ class Tensor(Constraint):
 
     def is_satisfied_by(self, value: Any) -> bool:
         import torch
+
         return torch.is_tensor(value)
 
     def invalid_values(self) -> list:
@@ -379,10 +402,12 @@ class PathLike(Constraint):
 
     def kind_of(self, value: Any) -> bool:
         import os
+
         return isinstance(value, (str, os.PathLike))
 
     def is_satisfied_by(self, value: Any) -> bool:
         import os
+
         if not self.kind_of(value):
             return False
         text = os.fspath(value)
@@ -400,8 +425,9 @@ class Shape(Constraint):
     """One input's shape without the batch dimension: an int or a tuple/list/Size of positive
     ints, at most :data:`MAX_INPUT_ELEMENTS` elements in all. Any other value is a ValueError."""
 
-    description = (f"a tuple of positive ints (one input, without the batch dimension) of at most "
-                   f"{MAX_INPUT_ELEMENTS} elements")
+    description = (
+        f"a tuple of positive ints (one input, without the batch dimension) of at most {MAX_INPUT_ELEMENTS} elements"
+    )
 
     def kind_of(self, value: Any) -> bool:
         return True
@@ -430,8 +456,11 @@ class Sizes(Constraint):
 
     def is_satisfied_by(self, value: Any) -> bool:
         items = (value,) if _is_int(value) else value
-        return (isinstance(items, (tuple, list)) and len(items) > 0
-                and all(_is_int(b) and 1 <= b <= self.high for b in items))
+        return (
+            isinstance(items, (tuple, list))
+            and len(items) > 0
+            and all(_is_int(b) and 1 <= b <= self.high for b in items)
+        )
 
     def invalid_values(self) -> list:
         return [(), (1, 0), (self.high + 1,), (1.5,), (True,), "64"]
@@ -466,10 +495,13 @@ def check_param(param: str, value: Any, constraints: Iterable, *, where: str | N
     near = [c for c in constraints if c.kind_of(value)]
     if near:
         hint = next((c.hint(value) for c in near if isinstance(c, Options)), "")
-        raise ValueError(f"{_where(param, where)} must be {_join([str(c) for c in near])}. "
-                         f"Got {value!r} instead{hint}.")
-    raise TypeError(f"{_where(param, where)} must be {_join([str(c) for c in constraints])}. "
-                    f"Got {value!r} of type {type(value).__name__} instead.")
+        raise ValueError(
+            f"{_where(param, where)} must be {_join([str(c) for c in near])}. Got {value!r} instead{hint}."
+        )
+    raise TypeError(
+        f"{_where(param, where)} must be {_join([str(c) for c in constraints])}. "
+        f"Got {value!r} of type {type(value).__name__} instead."
+    )
 
 
 def validate_params(constraints: dict[str, list], *, where: str | None = None):
@@ -498,7 +530,7 @@ def validate_params(constraints: dict[str, list], *, where: str | None = None):
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:
-                return fn(*args, **kwargs)        # a wrong call: Python's own message
+                return fn(*args, **kwargs)  # a wrong call: Python's own message
             bound.apply_defaults()
             here = name(next(iter(bound.arguments.values()))) if callable(name) else name
             for param, cs in resolved.items():

@@ -39,8 +39,10 @@ from torch import nn
 MAX_ELEMENTS = 2**26
 KINDS = ("float", "int", "ones", "zeros")
 FORMS = ("float:1x3x32x32", "int:1x16:0-50257", "input_ids=int:1x16:0-1000,attention_mask=ones:1x16")
-_ITEM = re.compile(r"^(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<kind>[a-z]+):(?P<shape>[0-9x]+)"
-                   r"(?::(?P<low>-?[0-9]+)-(?P<high>-?[0-9]+))?$")
+_ITEM = re.compile(
+    r"^(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<kind>[a-z]+):(?P<shape>[0-9x]+)"
+    r"(?::(?P<low>-?[0-9]+)-(?P<high>-?[0-9]+))?$"
+)
 
 
 def is_user_model(name: str | None) -> bool:
@@ -49,8 +51,7 @@ def is_user_model(name: str | None) -> bool:
 
 
 def _bad(value: str, why: str) -> ValueError:
-    return ValueError(f"--example-input {value!r}: {why}; valid forms: {', '.join(FORMS)} "
-                      f"(kinds: {', '.join(KINDS)}).")
+    return ValueError(f"--example-input {value!r}: {why}; valid forms: {', '.join(FORMS)} (kinds: {', '.join(KINDS)}).")
 
 
 def parse_example_input(spec: str) -> list[tuple[str | None, str, tuple[int, ...], tuple[int, int] | None]]:
@@ -128,7 +129,7 @@ def build_user_model(spec: str, model_args: dict) -> nn.Module:
     if not module_name or not attr or ":" in attr:
         raise ValueError(f"--model {spec!r} is not of the form {form}.")
     if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")                  # the current directory, as `python -m` would
+        sys.path.insert(0, "")  # the current directory, as `python -m` would
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -139,16 +140,20 @@ def build_user_model(spec: str, model_args: dict) -> nn.Module:
     for part in attr.split("."):
         if not hasattr(factory, part):
             public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise ValueError(f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}; "
-                             f"its callables: {', '.join(public[:20]) or 'none'}.")
+            raise ValueError(
+                f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}; "
+                f"its callables: {', '.join(public[:20]) or 'none'}."
+            )
         factory = getattr(factory, part)
     if not callable(factory):
         raise ValueError(f"--model {spec!r}: {attr!r} is a {type(factory).__name__}, not a callable factory.")
     try:
         model = factory(**model_args)
     except Exception as err:
-        raise ValueError(f"--model {spec!r}: {attr}({', '.join(f'{k}={v!r}' for k, v in model_args.items())}) "
-                         f"raised {type(err).__name__}: {err}") from None
+        raise ValueError(
+            f"--model {spec!r}: {attr}({', '.join(f'{k}={v!r}' for k, v in model_args.items())}) "
+            f"raised {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {spec!r}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module.")
     return model.eval()

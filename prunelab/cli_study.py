@@ -14,25 +14,31 @@ from prunelab._validation import MAX_WORKERS, Interval, Options, cli_type
 #: that parsing the command line stays light).
 EXECUTORS = ("local", "ray")
 
+
 def _existing_db(path: str) -> Path:
     """The study database named on the command line (or in the named folder), checked to be a
     prunelab store without changing it (commands that read never write to it)."""
     from prunelab.experiments.store import inspect_store
+
     db = Path(path)
     if db.is_dir():
         db = db / "study.db"
     if not db.is_file():
-        raise FileNotFoundError(f"no study database at {path}; run `prunelab run SPEC.yaml` first "
-                                f"(it writes results/<name>/study.db).")
+        raise FileNotFoundError(
+            f"no study database at {path}; run `prunelab run SPEC.yaml` first (it writes results/<name>/study.db)."
+        )
     if inspect_store(db) != "study":
-        raise ValueError(f"{db} is not a prunelab study database (an empty file); run `prunelab run SPEC.yaml` "
-                         f"first (it writes results/<name>/study.db).")
+        raise ValueError(
+            f"{db} is not a prunelab study database (an empty file); run `prunelab run SPEC.yaml` "
+            f"first (it writes results/<name>/study.db)."
+        )
     return db
 
 
 def cmd_run(args) -> int:
     from prunelab.experiments import default_db_path, load_spec, run_study
     from prunelab.experiments.executors import check_executor_options
+
     check_executor_options(args.executor, workers=args.workers, address=args.address)
     study = load_spec(args.spec, overrides=args.set or [], quick=args.quick)
     db = Path(args.db) if args.db else default_db_path(study, args.out, quick=args.quick)
@@ -42,14 +48,25 @@ def cmd_run(args) -> int:
             print(f"  {run.id}  {run.dataset}/{run.model}/{run.method} sparsity={run.sparsity:g} seed={run.seed}")
         return 0
     progress = False if args.no_progress else None
-    signal.signal(signal.SIGTERM, _interrupt)   # a polite kill stops like Ctrl-C: in-flight runs re-queued
-    result = run_study(study, db, executor=args.executor, workers=args.workers, address=args.address,
-                       retry_failed=args.retry_failed, progress=progress, cache=not args.no_cache,
-                       engine=args.engine)
+    signal.signal(signal.SIGTERM, _interrupt)  # a polite kill stops like Ctrl-C: in-flight runs re-queued
+    result = run_study(
+        study,
+        db,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        retry_failed=args.retry_failed,
+        progress=progress,
+        cache=not args.no_cache,
+        engine=args.engine,
+    )
     _write_outputs(db, print_tables=True, figures=args.report, report=args.report)
     if result.counts["failed"]:
-        print(f"{result.counts['failed']} run(s) failed; see `prunelab status {db}`, then "
-              f"`prunelab run {args.spec} --retry-failed` to run them again.", file=sys.stderr)
+        print(
+            f"{result.counts['failed']} run(s) failed; see `prunelab status {db}`, then "
+            f"`prunelab run {args.spec} --retry-failed` to run them again.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -61,6 +78,7 @@ def _interrupt(signum, frame):
 def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool) -> None:
     from prunelab.experiments.store import Store
     from prunelab.experiments.tables import build_tables, write_tables
+
     with Store(db, readonly=True) as store:
         if not store.counts()["done"]:
             return
@@ -72,14 +90,17 @@ def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool)
         print(f"\ntables: {', '.join(str(p) for p in paths)}")
     if figures:
         from prunelab.experiments.figures import write_figures
+
         print(f"figures: {', '.join(str(p) for p in write_figures(db, db.parent / 'figures'))}")
     if report:
         from prunelab.experiments.report import write_report
+
         print(f"report: {write_report(db)}")
 
 
 def cmd_status(args) -> int:
     from prunelab.experiments.store import Store
+
     db = _existing_db(args.study)
     with Store(db, readonly=True) as store:
         study = store.meta("study") or {}
@@ -87,16 +108,22 @@ def cmd_status(args) -> int:
         counts = store.counts()
         stale = sum(store.counts(in_spec=False).values())
         total = sum(counts.values())
-        print(f"study {study.get('name', '?')} ({db}): {total} runs: {counts['done']} done, "
-              f"{counts['failed']} failed, {counts['running']} running, {counts['pending']} pending"
-              + (f"; {stale} more from earlier versions of the spec" if stale else ""))
+        print(
+            f"study {study.get('name', '?')} ({db}): {total} runs: {counts['done']} done, "
+            f"{counts['failed']} failed, {counts['running']} running, {counts['pending']} pending"
+            + (f"; {stale} more from earlier versions of the spec" if stale else "")
+        )
         for record in store.records(status="running"):
-            print(f"  running  {record.id}  {record.dataset}/{record.model}/{record.method} "
-                  f"s={record.sparsity:g} #{record.seed}  (worker {record.worker}, attempt {record.attempts})")
+            print(
+                f"  running  {record.id}  {record.dataset}/{record.model}/{record.method} "
+                f"s={record.sparsity:g} #{record.seed}  (worker {record.worker}, attempt {record.attempts})"
+            )
         for record in store.records(status="failed"):
             first = (record.error or "").splitlines()[0] if record.error else ""
-            print(f"  failed   {record.id}  {record.dataset}/{record.model}/{record.method} "
-                  f"s={record.sparsity:g} #{record.seed}: {first}")
+            print(
+                f"  failed   {record.id}  {record.dataset}/{record.model}/{record.method} "
+                f"s={record.sparsity:g} #{record.seed}: {first}"
+            )
             if args.verbose and record.error:
                 print("    " + record.error.replace("\n", "\n    "))
         done = store.records(status="done")
@@ -108,10 +135,10 @@ def cmd_status(args) -> int:
 
 def cmd_table(args) -> int:
     from prunelab.experiments.tables import write_tables
+
     db = _existing_db(args.study)
     out = Path(args.out) if args.out else db.parent / "tables"
-    paths = write_tables(db, out, formats=tuple(args.format), columns=args.columns, rows=args.rows,
-                         metric=args.metric)
+    paths = write_tables(db, out, formats=tuple(args.format), columns=args.columns, rows=args.rows, metric=args.metric)
     for path in paths:
         if path.suffix == ".md" and not args.quiet:
             print(path.read_text())
@@ -121,6 +148,7 @@ def cmd_table(args) -> int:
 
 def cmd_plot(args) -> int:
     from prunelab.experiments.figures import write_figures
+
     db = _existing_db(args.study)
     out = Path(args.out) if args.out else db.parent / "figures"
     paths = write_figures(db, out, formats=tuple(args.format))
@@ -130,29 +158,49 @@ def cmd_plot(args) -> int:
 
 def cmd_report(args) -> int:
     from prunelab.experiments.report import write_report
+
     db = _existing_db(args.study)
     print(f"wrote {write_report(db, args.out)}")
     return 0
 
 
 def add_study_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run (or resume) a study from a YAML spec",
-                       description="Run every run of a study spec that is not done yet; results go to "
-                                   "results/<name>/study.db. Safe to interrupt and run again.")
+    p = sub.add_parser(
+        "run",
+        help="run (or resume) a study from a YAML spec",
+        description="Run every run of a study spec that is not done yet; results go to "
+        "results/<name>/study.db. Safe to interrupt and run again.",
+    )
     p.add_argument("spec", help="the study's YAML spec, e.g. experiments/quickstart.yaml")
-    p.add_argument("--set", action="append", metavar="PATH=VALUE",
-                   help="override a spec value, e.g. --set training.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="override a spec value, e.g. --set training.epochs=3 (repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help="apply the spec's quick: overrides (seconds to a few minutes)")
     p.add_argument("--db", default=None, help="the study database (default: <out>/<name>/study.db)")
     p.add_argument("--out", default="results", help="folder for study databases (default: results)")
-    p.add_argument("--executor", default="local", type=cli_type("executor", p.prog, Options(EXECUTORS)),
-                   help="local (default) or ray")
-    p.add_argument("--workers", type=cli_type("workers", p.prog, Interval(Integral, 1, MAX_WORKERS)), default=None,
-                   help="parallel runs (local: processes, default 1; ray: default the cluster's CPUs)")
+    p.add_argument(
+        "--executor",
+        default="local",
+        type=cli_type("executor", p.prog, Options(EXECUTORS)),
+        help="local (default) or ray",
+    )
+    p.add_argument(
+        "--workers",
+        type=cli_type("workers", p.prog, Interval(Integral, 1, MAX_WORKERS)),
+        default=None,
+        help="parallel runs (local: processes, default 1; ray: default the cluster's CPUs)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address: auto or HOST:PORT")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
-    p.add_argument("--engine", choices=["batched", "single"], default="batched",
-                   help="batched (default): train compatible MLP runs together; single: one run at a time")
+    p.add_argument(
+        "--engine",
+        choices=["batched", "single"],
+        default="batched",
+        help="batched (default): train compatible MLP runs together; single: one run at a time",
+    )
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a live status line")
     p.add_argument("--no-cache", action="store_true", help="do not share dense models between runs")
     p.add_argument("--report", action="store_true", help="also write figures and the HTML report")

@@ -41,8 +41,9 @@ DEFAULT_WEIGHT = 0.5
 DEFAULT_TEMPERATURE = 2.0
 
 
-def kl_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-            keep: torch.Tensor | None = None) -> torch.Tensor:
+def kl_term(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """``T² ·`` the mean over the rows of ``keep`` (all rows if None) of ``KL(p_t ‖ p_s)``,
     for logits ``student``/``teacher`` of shape ``(M, C)``; 0 when no row is kept."""
     log_s = F.log_softmax(student / temperature, dim=-1)
@@ -51,22 +52,23 @@ def kl_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     if keep is not None:
         per_row = per_row[keep]
     if per_row.numel() == 0:
-        return student.sum() * 0.0                      # keeps the graph; adds nothing
-    return per_row.mean() * temperature ** 2
+        return student.sum() * 0.0  # keeps the graph; adds nothing
+    return per_row.mean() * temperature**2
 
 
-def counted_rows(logits: torch.Tensor, batch: Batch, loss: Loss,
-                 trusted: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def counted_rows(
+    logits: torch.Tensor, batch: Batch, loss: Loss, trusted: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``logits`` as rows ``(M, C)`` aligned with the task loss's targets, and which rows count
     (None: all), as the module docstring says."""
-    if trusted and logits.dim() == 2:                   # in-memory class labels, none ignored
+    if trusted and logits.dim() == 2:  # in-memory class labels, none ignored
         return logits, None
     try:
         flat, targets = loss_targets(logits, batch, where=loss.where)
     except ValueError:
         if loss.is_cross_entropy:
             raise
-        return logits.reshape(-1, logits.shape[-1]), None    # a user's loss on other targets
+        return logits.reshape(-1, logits.shape[-1]), None  # a user's loss on other targets
     return flat, targets != IGNORE_INDEX
 
 
@@ -102,28 +104,39 @@ def make_distillation(model: nn.Module, teacher, weight, temperature, *, where: 
     if teacher is None:
         for param, value in (("distill_weight", weight), ("temperature", temperature)):
             if value is not None:
-                raise ValueError(f"the '{param}' parameter of {where} applies only with distill_from= (the teacher "
-                                 f"model). Got {param}={value!r} without a teacher; pass distill_from= or leave "
-                                 f"{param} out.")
+                raise ValueError(
+                    f"the '{param}' parameter of {where} applies only with distill_from= (the teacher "
+                    f"model). Got {param}={value!r} without a teacher; pass distill_from= or leave "
+                    f"{param} out."
+                )
         return None
     check_type("distill_from", teacher, nn.Module, where=where, expected="an nn.Module (the teacher model)")
     if teacher is model:
-        raise ValueError(f"the 'distill_from' parameter of {where} is the model being trained; pass a copy of "
-                         f"the unpruned model (copy.deepcopy(model) before pruning) as the teacher.")
+        raise ValueError(
+            f"the 'distill_from' parameter of {where} is the model being trained; pass a copy of "
+            f"the unpruned model (copy.deepcopy(model) before pruning) as the teacher."
+        )
     shared = {id(p) for p in model.parameters()} & {id(p) for p in teacher.parameters()}
     if shared:
-        raise ValueError(f"the 'distill_from' parameter of {where} shares {len(shared)} parameter tensor(s) with "
-                         f"the model being trained, so the teacher would change with it; pass a copy "
-                         f"(copy.deepcopy(model) before pruning).")
-    weight = check_number("distill_weight", DEFAULT_WEIGHT if weight is None else weight, where=where,
-                          low=0.0, high=1.0)
-    temperature = check_number("temperature", DEFAULT_TEMPERATURE if temperature is None else temperature,
-                               where=where, low=0.0, closed="neither")
+        raise ValueError(
+            f"the 'distill_from' parameter of {where} shares {len(shared)} parameter tensor(s) with "
+            f"the model being trained, so the teacher would change with it; pass a copy "
+            f"(copy.deepcopy(model) before pruning)."
+        )
+    weight = check_number(
+        "distill_weight", DEFAULT_WEIGHT if weight is None else weight, where=where, low=0.0, high=1.0
+    )
+    temperature = check_number(
+        "temperature",
+        DEFAULT_TEMPERATURE if temperature is None else temperature,
+        where=where,
+        low=0.0,
+        closed="neither",
+    )
     return Distillation(teacher, weight, temperature)
 
 
-def check_teacher(distill: Distillation, student_output, batch: Batch, loss: Loss, *, param: str,
-                  where: str) -> None:
+def check_teacher(distill: Distillation, student_output, batch: Batch, loss: Loss, *, param: str, where: str) -> None:
     """Run the teacher on ``batch`` (the data's first) and compare its logits' shape with the
     student's ``student_output``: a ValueError before any training when they differ."""
     from prunelab._hooks import eval_mode
@@ -132,14 +145,20 @@ def check_teacher(distill: Distillation, student_output, batch: Batch, loss: Los
         with eval_mode(distill.teacher):
             teacher = distill.teacher_logits(loss, batch)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
-        raise ValueError(f"the teacher (the 'distill_from' parameter of {where}) fails on the first batch of "
-                         f"'{param}': {type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"the teacher (the 'distill_from' parameter of {where}) fails on the first batch of "
+            f"'{param}': {type(err).__name__}: {err}"
+        ) from err
     student = loss.logits(student_output)
     if teacher.shape != student.shape:
-        raise ValueError(f"the teacher (the 'distill_from' parameter of {where}) gives logits of shape "
-                         f"{tuple(teacher.shape)} on the first batch of '{param}', but the model gives "
-                         f"{tuple(student.shape)}; distillation needs the same outputs (the same classes or "
-                         f"vocabulary).")
+        raise ValueError(
+            f"the teacher (the 'distill_from' parameter of {where}) gives logits of shape "
+            f"{tuple(teacher.shape)} on the first batch of '{param}', but the model gives "
+            f"{tuple(student.shape)}; distillation needs the same outputs (the same classes or "
+            f"vocabulary)."
+        )
     if not teacher.is_floating_point():
-        raise ValueError(f"the teacher (the 'distill_from' parameter of {where}) gives {teacher.dtype} outputs; "
-                         f"distillation needs floating-point logits.")
+        raise ValueError(
+            f"the teacher (the 'distill_from' parameter of {where}) gives {teacher.dtype} outputs; "
+            f"distillation needs floating-point logits."
+        )

@@ -64,8 +64,15 @@ from prunelab._model_checks import check_materialised
 from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
 from prunelab.hf_load import CONFIG_NAME, PLM_NAME, build_from_metadata, load_stock
 from prunelab.metrics.dry_run import SHAPE
-from prunelab.metrics.storage import (INDEX_BITS_OR_AUTO, best_format, best_index_bits, bits_to_bytes,
-                                      check_storage_bits, nm_position_bits, storage_bits)
+from prunelab.metrics.storage import (
+    INDEX_BITS_OR_AUTO,
+    best_format,
+    best_index_bits,
+    bits_to_bytes,
+    check_storage_bits,
+    nm_position_bits,
+    storage_bits,
+)
 from prunelab.pruning.granularity import NM_LAYOUTS, nm_pattern, nm_unview, nm_view
 
 MAGIC = b"PRUNELAB"
@@ -78,9 +85,17 @@ MAX_NM_M = 1 << 16
 VALUES = ("float32", "float16", "int8")
 _VALUE_BITS = {"float32": 32, "float16": 16, "int8": 8}
 #: Plain dtypes a tensor may be stored in exactly (integer buffers, e.g. BatchNorm's step count).
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-           "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
@@ -132,12 +147,15 @@ class ExportReport:
         for t in self.tensors:
             shape = "x".join(map(str, t.shape)) or "scalar"
             lines.append(f"{t.name:<28} {shape:<18} {t.nonzero:>9,} {t.encoding:<8} {t.values:<8} {t.bytes:>10,}")
-        lines.append(f"{self.path}: {self.file_bytes:,} bytes = {self.payload_bytes:,} payload "
-                     f"(predicted {self.predicted_bytes:,}) + {self.header_bytes + PREAMBLE:,} header")
+        lines.append(
+            f"{self.path}: {self.file_bytes:,} bytes = {self.payload_bytes:,} payload "
+            f"(predicted {self.predicted_bytes:,}) + {self.header_bytes + PREAMBLE:,} header"
+        )
         return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- bit packing
+
 
 def _pack(counts: np.ndarray, bits: int) -> bytes:
     """``bits``-bit unsigned integers packed back to back, little-endian bit order."""
@@ -148,39 +166,44 @@ def _pack(counts: np.ndarray, bits: int) -> bytes:
 
 def _unpack(data: bytes, n: int, bits: int) -> np.ndarray:
     planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n * bits, bitorder="little")
-    weights = (1 << np.arange(bits, dtype=np.int64))
+    weights = 1 << np.arange(bits, dtype=np.int64)
     return planes.reshape(n, bits).astype(np.int64) @ weights
 
 
 # --------------------------------------------------------------------------- values
 
+
 def _quantised(name: str, tensor: torch.Tensor, values: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The stored values of a weight tensor (all entries, row-major) and its int8 scales."""
     w = tensor.detach().to("cpu", torch.float32)
     if values == "float32":
-        return w.numpy().reshape(-1), None             # exact, NaN and inf included
+        return w.numpy().reshape(-1), None  # exact, NaN and inf included
     bad = ~torch.isfinite(w)
     if bad.any():
         first = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"save: tensor {name!r} holds {int(bad.sum())} non-finite value(s) (first at {first}: "
-                         f"{float(w[first])}); values={values!r} cannot store them faithfully. Fix the model, or "
-                         f"save with values='float32', which keeps every value as it is.")
+        raise ValueError(
+            f"save: tensor {name!r} holds {int(bad.sum())} non-finite value(s) (first at {first}: "
+            f"{float(w[first])}); values={values!r} cannot store them faithfully. Fix the model, or "
+            f"save with values='float32', which keeps every value as it is."
+        )
     if values == "float16":
         half = w.to(torch.float16)
         overflow = torch.isinf(half)
         if overflow.any():
             first = tuple(int(i) for i in torch.nonzero(overflow)[0])
-            raise ValueError(f"save: tensor {name!r} holds values beyond float16's range (first at {first}: "
-                             f"{float(w[first])}; float16 reaches ±65504); save with values='float32' or 'int8'.")
-        tiny = torch.finfo(torch.float16).smallest_normal * 2.0 ** -10     # smallest subnormal
-        lost = (half == 0) & (w != 0)                                        # keep the sparsity pattern
+            raise ValueError(
+                f"save: tensor {name!r} holds values beyond float16's range (first at {first}: "
+                f"{float(w[first])}; float16 reaches ±65504); save with values='float32' or 'int8'."
+            )
+        tiny = torch.finfo(torch.float16).smallest_normal * 2.0**-10  # smallest subnormal
+        lost = (half == 0) & (w != 0)  # keep the sparsity pattern
         half[lost] = (torch.sign(w[lost]) * tiny).to(torch.float16)
         return half.numpy().reshape(-1), None
     rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
     scale = rows.abs().amax(dim=1) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(rows / scale[:, None]).clamp(-127, 127)
-    q = torch.where((q == 0) & (rows != 0), torch.sign(rows), q)           # keep the sparsity pattern
+    q = torch.where((q == 0) & (rows != 0), torch.sign(rows), q)  # keep the sparsity pattern
     return q.to(torch.int8).numpy().reshape(-1), scale.numpy().astype(np.float32)
 
 
@@ -194,28 +217,39 @@ def _dequantised(flat: np.ndarray, scale: np.ndarray | None, shape: tuple[int, .
 
 # --------------------------------------------------------------------------- encodings
 
+
 def _encode_nm(flat: np.ndarray, shape: tuple[int, ...], nm: tuple[int, int, str]) -> bytes:
     """The ``nm`` format: per run its ``n`` values (non-zeros first, in run order, then zeros
     at the lowest free positions), then every position packed in ``ceil(log2 m)`` bits."""
     n, m, layout = nm
     matrix = nm_view(torch.from_numpy(flat.reshape(shape)), layout)
     runs = matrix.reshape(matrix.shape[0], -1, m)
-    order = (runs == 0).to(torch.int64) * m + torch.arange(m)        # non-zeros first, then by position
+    order = (runs == 0).to(torch.int64) * m + torch.arange(m)  # non-zeros first, then by position
     positions = torch.argsort(order, dim=-1, stable=True)[..., :n]
     values = torch.gather(runs, -1, positions)
     return values.contiguous().numpy().tobytes() + _pack(positions.reshape(-1).numpy(), nm_position_bits(m))
 
 
-def _nm_geometry(entry: dict, shape: tuple[int, ...], size: int, n_bytes: int,
-                 where: str) -> tuple[int, int, str, int, int, int]:
+def _nm_geometry(
+    entry: dict, shape: tuple[int, ...], size: int, n_bytes: int, where: str
+) -> tuple[int, int, str, int, int, int]:
     """``(n, m, layout, rows, per_row, runs)`` of an ``nm`` entry, checked against its ``n_bytes``
     of payload (values of ``size`` bytes) before anything is allocated."""
     n, m, layout = entry.get("n"), entry.get("m"), entry.get("layout")
-    _expect(all(type(v) is int for v in (n, m)) and 0 < n < m <= MAX_NM_M, where,
-            f"N:M entry with n={n!r}, m={m!r} (needs 0 < n < m <= {MAX_NM_M})")
-    _expect(isinstance(layout, str) and layout in NM_LAYOUTS and len(shape) >= 2
-            and (layout == "conv" or len(shape) == 2) and all(d > 0 for d in shape), where,
-            f"N:M entry of layout {layout!r} for shape {shape}")
+    _expect(
+        all(type(v) is int for v in (n, m)) and 0 < n < m <= MAX_NM_M,
+        where,
+        f"N:M entry with n={n!r}, m={m!r} (needs 0 < n < m <= {MAX_NM_M})",
+    )
+    _expect(
+        isinstance(layout, str)
+        and layout in NM_LAYOUTS
+        and len(shape) >= 2
+        and (layout == "conv" or len(shape) == 2)
+        and all(d > 0 for d in shape),
+        where,
+        f"N:M entry of layout {layout!r} for shape {shape}",
+    )
     rows = shape[1] if layout == "transposed" else shape[0]
     numel = math.prod(shape)
     per_row = numel // rows
@@ -223,8 +257,11 @@ def _nm_geometry(entry: dict, shape: tuple[int, ...], size: int, n_bytes: int,
     _expect(per_position % m == 0, where, f"rows of {per_row} inputs in runs of {m}")
     runs = numel // m
     bits = nm_position_bits(m)
-    _expect(n_bytes == runs * n * size + bits_to_bytes(runs * n * bits), where,
-            f"{n_bytes} bytes for {runs} runs of {n} values of {size} bytes and {bits}-bit positions")
+    _expect(
+        n_bytes == runs * n * size + bits_to_bytes(runs * n * bits),
+        where,
+        f"{n_bytes} bytes for {runs} runs of {n} values of {size} bytes and {bits}-bit positions",
+    )
     return n, m, layout, rows, per_row, runs
 
 
@@ -232,11 +269,14 @@ def _decode_nm(data: bytes, entry: dict, dtype: np.dtype, shape: tuple[int, ...]
     size = dtype.itemsize
     n, m, layout, rows, per_row, runs = _nm_geometry(entry, shape, size, len(data), where)
     bits = nm_position_bits(m)
-    values = np.frombuffer(data[:runs * n * size], dtype=dtype).reshape(rows, per_row // m, n)
-    positions = _unpack(data[runs * n * size:], runs * n, bits).reshape(rows, per_row // m, n)
+    values = np.frombuffer(data[: runs * n * size], dtype=dtype).reshape(rows, per_row // m, n)
+    positions = _unpack(data[runs * n * size :], runs * n, bits).reshape(rows, per_row // m, n)
     ordered = np.sort(positions, axis=-1)
-    _expect(int(positions.max(initial=0)) < m and bool(np.all(np.diff(ordered, axis=-1) > 0)), where,
-            f"in-run positions outside 0..{m - 1} or repeated")
+    _expect(
+        int(positions.max(initial=0)) < m and bool(np.all(np.diff(ordered, axis=-1) > 0)),
+        where,
+        f"in-run positions outside 0..{m - 1} or repeated",
+    )
     matrix = np.zeros((rows, per_row // m, m), dtype=dtype)
     np.put_along_axis(matrix, positions, values, axis=-1)
     tensor = nm_unview(torch.from_numpy(matrix.reshape(rows, per_row)), shape, layout)
@@ -255,7 +295,7 @@ def _encode(flat: np.ndarray, encoding: str, index_bits: int) -> tuple[bytes, in
     span = 1 << index_bits
     gaps = np.diff(nz, prepend=-1) - 1
     fillers = gaps // span
-    ends = np.cumsum(fillers + 1) - 1                       # each non-zero's entry, after its fillers
+    ends = np.cumsum(fillers + 1) - 1  # each non-zero's entry, after its fillers
     skips = np.full(int(ends[-1]) + 1 if len(ends) else 0, span - 1, dtype=np.int64)
     skips[ends] = gaps - fillers * span
     stored = np.zeros(len(skips), dtype=flat.dtype)
@@ -263,8 +303,7 @@ def _encode(flat: np.ndarray, encoding: str, index_bits: int) -> tuple[bytes, in
     return stored.tobytes() + _pack(skips, index_bits), len(skips)
 
 
-def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str,
-            shape: tuple[int, ...] = ()) -> np.ndarray:
+def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str, shape: tuple[int, ...] = ()) -> np.ndarray:
     encoding, size = entry["encoding"], dtype.itemsize
     if encoding == "nm":
         return _decode_nm(data, entry, dtype, shape, where)
@@ -275,22 +314,29 @@ def _decode(data: bytes, entry: dict, dtype: np.dtype, n: int, where: str,
         mask_bytes = bits_to_bytes(n)
         _expect(len(data) >= mask_bytes, where, "a bit-mask shorter than the tensor")
         flat = np.zeros(n, dtype=dtype)
-        present = np.unpackbits(np.frombuffer(data[:mask_bytes], dtype=np.uint8), count=n,
-                                bitorder="little").astype(bool)
+        present = np.unpackbits(np.frombuffer(data[:mask_bytes], dtype=np.uint8), count=n, bitorder="little").astype(
+            bool
+        )
         nonzero = np.frombuffer(data[mask_bytes:], dtype=dtype)
-        _expect(len(data) - mask_bytes == int(present.sum()) * size, where,
-                f"{int(present.sum())} mask bits set but {len(data) - mask_bytes} bytes of values")
+        _expect(
+            len(data) - mask_bytes == int(present.sum()) * size,
+            where,
+            f"{int(present.sum())} mask bits set but {len(data) - mask_bytes} bytes of values",
+        )
         flat[present] = nonzero
         return flat
     if encoding == "csr":
         r = entry["index_bits"]
         entries = entry["entries"]
-        _expect(len(data) == entries * size + bits_to_bytes(entries * r), where,
-                f"{len(data)} bytes for {entries} CSR entries of {size} + {r}/8 bytes")
+        _expect(
+            len(data) == entries * size + bits_to_bytes(entries * r),
+            where,
+            f"{len(data)} bytes for {entries} CSR entries of {size} + {r}/8 bytes",
+        )
         _expect(entries <= n, where, f"{entries} CSR entries for a tensor of {n}")
         flat = np.zeros(n, dtype=dtype)
-        stored = np.frombuffer(data[:entries * size], dtype=dtype)
-        positions = np.cumsum(_unpack(data[entries * size:], entries, r) + 1) - 1
+        stored = np.frombuffer(data[: entries * size], dtype=dtype)
+        positions = np.cumsum(_unpack(data[entries * size :], entries, r) + 1) - 1
         _expect(entries == 0 or positions[-1] < n, where, f"CSR positions run past the tensor's {n} entries")
         flat[positions] = stored
         return flat
@@ -303,6 +349,7 @@ def _expect(condition: bool, where: str, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- header checks
+
 
 def _is_int(value) -> bool:
     return type(value) is int
@@ -327,8 +374,11 @@ def _declared(header: dict, payload_bytes: int, where: str) -> dict[str, tuple[i
         shapes[name] = shape
     end = 0
     for start, stop in sorted(spans):
-        _expect(start == end, where, f"tensor bytes {'overlap' if start < end else 'leave a gap'} at payload "
-                                     f"offset {min(start, end)}")
+        _expect(
+            start == end,
+            where,
+            f"tensor bytes {'overlap' if start < end else 'leave a gap'} at payload offset {min(start, end)}",
+        )
         end = stop
     _expect(end == payload_bytes, where, f"the tensors take {end} of the {payload_bytes} payload bytes")
     return shapes
@@ -338,11 +388,17 @@ def _check_tie(entry: dict, k: int, stored: dict, where: str) -> tuple[str, tupl
     """A tied entry: no bytes of its own, the shape and dtype of the earlier stored entry it names."""
     name, first = entry.get("name"), entry.get("same_as")
     _expect(isinstance(name, str) and name != "", where, f"tensor entry {k} has no name")
-    _expect(isinstance(first, str) and first in stored, where,
-            f"tensor {name!r} is tied to {str(first)[:80]!r}, which is not an earlier stored tensor")
+    _expect(
+        isinstance(first, str) and first in stored,
+        where,
+        f"tensor {name!r} is tied to {str(first)[:80]!r}, which is not an earlier stored tensor",
+    )
     shape, dtype = stored[first]
-    _expect(entry.get("shape") == list(shape) and entry.get("dtype") == dtype, where,
-            f"tensor {name!r} is tied to {first!r} but declares another shape or dtype")
+    _expect(
+        entry.get("shape") == list(shape) and entry.get("dtype") == dtype,
+        where,
+        f"tensor {name!r} is tied to {first!r} but declares another shape or dtype",
+    )
     return name, shape
 
 
@@ -353,21 +409,33 @@ def _check_entry(entry, k: int, payload_bytes: int, where: str) -> tuple[str, tu
     _expect(isinstance(name, str) and name != "", where, f"tensor entry {k} has no name")
     what = f"tensor {name!r}"
     shape = entry.get("shape")
-    _expect(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
-            where, f"{what} has shape {str(shape)[:80]} (needs a list of at most {MAX_DIMS} ints >= 0)")
+    _expect(
+        isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
+        where,
+        f"{what} has shape {str(shape)[:80]} (needs a list of at most {MAX_DIMS} ints >= 0)",
+    )
     numel = math.prod(shape)
     _expect(numel <= MAX_ELEMENTS, where, f"{what} declares {numel} elements, more than the limit of {MAX_ELEMENTS}")
     for key in ("dtype", "values"):
-        _expect(isinstance(entry.get(key), str) and entry[key] in _DTYPES, where,
-                f"{what} has {key} {str(entry.get(key))[:40]!r}; valid: {', '.join(_DTYPES)}")
+        _expect(
+            isinstance(entry.get(key), str) and entry[key] in _DTYPES,
+            where,
+            f"{what} has {key} {str(entry.get(key))[:40]!r}; valid: {', '.join(_DTYPES)}",
+        )
     start, n_bytes = entry.get("offset"), entry.get("bytes")
-    _expect(_is_int(start) and _is_int(n_bytes) and start >= 0 and n_bytes >= 0
-            and start + n_bytes <= payload_bytes, where, f"{what} runs past the payload")
+    _expect(
+        _is_int(start) and _is_int(n_bytes) and start >= 0 and n_bytes >= 0 and start + n_bytes <= payload_bytes,
+        where,
+        f"{what} runs past the payload",
+    )
     body = n_bytes
-    if "scales" in entry:                       # int8 weights: one float32 scale per output row first
+    if "scales" in entry:  # int8 weights: one float32 scale per output row first
         rows = shape[0] if len(shape) > 1 else 1
-        _expect(entry["scales"] == rows and _is_int(entry["scales"]) and numel > 0 and 4 * rows <= n_bytes,
-                where, f"{what} has {str(entry['scales'])[:20]} scales for {rows} rows in {n_bytes} bytes")
+        _expect(
+            entry["scales"] == rows and _is_int(entry["scales"]) and numel > 0 and 4 * rows <= n_bytes,
+            where,
+            f"{what} has {str(entry['scales'])[:20]} scales for {rows} rows in {n_bytes} bytes",
+        )
         body -= 4 * rows
     size = torch.empty(0, dtype=_DTYPES[entry["values"]]).element_size()
     _check_body(entry, tuple(shape), numel, size, body, f"{where}, {what}")
@@ -382,47 +450,67 @@ def _check_body(entry: dict, shape: tuple[int, ...], numel: int, size: int, n_by
     elif encoding == "bitmask":
         mask = bits_to_bytes(numel)
         values, rest = divmod(n_bytes - mask, size)
-        _expect(n_bytes >= mask and rest == 0 and values <= numel, where,
-                f"{n_bytes} bytes for a bit-mask of {numel} elements ({mask} bytes) and values of {size} bytes")
+        _expect(
+            n_bytes >= mask and rest == 0 and values <= numel,
+            where,
+            f"{n_bytes} bytes for a bit-mask of {numel} elements ({mask} bytes) and values of {size} bytes",
+        )
     elif encoding == "csr":
         bits, count = entry.get("index_bits"), entry.get("entries")
-        _expect(_is_int(bits) and 1 <= bits <= MAX_INDEX_BITS, where,
-                f"CSR index width {str(bits)[:20]} (needs an int in [1, {MAX_INDEX_BITS}])")
-        _expect(_is_int(count) and 0 <= count <= numel, where,
-                f"{str(count)[:20]} CSR entries for a tensor of {numel} elements")
-        _expect(n_bytes == count * size + bits_to_bytes(count * bits), where,
-                f"{n_bytes} bytes for {count} CSR entries of {size} bytes + {bits} bits")
+        _expect(
+            _is_int(bits) and 1 <= bits <= MAX_INDEX_BITS,
+            where,
+            f"CSR index width {str(bits)[:20]} (needs an int in [1, {MAX_INDEX_BITS}])",
+        )
+        _expect(
+            _is_int(count) and 0 <= count <= numel,
+            where,
+            f"{str(count)[:20]} CSR entries for a tensor of {numel} elements",
+        )
+        _expect(
+            n_bytes == count * size + bits_to_bytes(count * bits),
+            where,
+            f"{n_bytes} bytes for {count} CSR entries of {size} bytes + {bits} bits",
+        )
     elif encoding == "nm":
         _nm_geometry(entry, shape, size, n_bytes, where)
     else:
-        raise ModelFileError(f"{where}: unknown encoding {str(encoding)[:40]!r}; valid encodings: dense, bitmask, "
-                             f"csr, nm.")
+        raise ModelFileError(
+            f"{where}: unknown encoding {str(encoding)[:40]!r}; valid encodings: dense, bitmask, csr, nm."
+        )
 
 
 # --------------------------------------------------------------------------- which tensors shrink
+
 
 def weight_names(model: nn.Module) -> set[str]:
     """State-dict names of the tensors stored at reduced precision: the ``weight`` of every
     Linear, Conv and HashedNets layer."""
     from prunelab.models.hashed import HashedLayer
-    return {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-            if isinstance(module, (*_WEIGHT_LAYERS, HashedLayer)) and isinstance(module.weight, torch.Tensor)}
+
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, (*_WEIGHT_LAYERS, HashedLayer)) and isinstance(module.weight, torch.Tensor)
+    }
 
 
 #: The storage options save and predict_bytes declare (the names are checked by _check_options).
 _OPTIONS = {"encoding": [STR], "values": [STR], "index_bits": INDEX_BITS_OR_AUTO}
 
 
-def _check_options(encoding: object, values: object, index_bits: object,
-                   where: str) -> tuple[str, str, int | str]:
+def _check_options(encoding: object, values: object, index_bits: object, where: str) -> tuple[str, str, int | str]:
     check_type("encoding", encoding, str, where=where)
     check_type("values", values, str, where=where)
     if encoding not in ENCODINGS:
-        raise ValueError(f"{where}: unknown encoding {encoding!r}{suggest(encoding, ENCODINGS)}; "
-                         f"valid encodings: {', '.join(ENCODINGS)}.")
+        raise ValueError(
+            f"{where}: unknown encoding {encoding!r}{suggest(encoding, ENCODINGS)}; "
+            f"valid encodings: {', '.join(ENCODINGS)}."
+        )
     if values not in VALUES:
-        raise ValueError(f"{where}: unknown values {values!r}{suggest(values, VALUES)}; "
-                         f"valid value types: {', '.join(VALUES)}.")
+        raise ValueError(
+            f"{where}: unknown values {values!r}{suggest(values, VALUES)}; valid value types: {', '.join(VALUES)}."
+        )
     _, index_bits = check_storage_bits(32, index_bits, where)
     return encoding, values, index_bits
 
@@ -430,6 +518,7 @@ def _check_options(encoding: object, values: object, index_bits: object,
 def _layouts(model: nn.Module) -> dict[str, str]:
     """``{state-dict name: layout}`` of the weights with output rows and inputs (N:M candidates)."""
     from prunelab.pruning.targets import layout_of
+
     out = {}
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
@@ -446,8 +535,14 @@ def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     for name, tensor in state.items():
         if tensor.numel() == 0:
             continue
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
         if key in first:
             tied[name] = first[key]
         else:
@@ -464,19 +559,21 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
     state = model.state_dict()
     tied = tied_names(state)
     for name, tensor in state.items():
-        if name in tied:                        # stored once, under the first name
+        if name in tied:  # stored once, under the first name
             yield name, tensor, None, None, "tied", tied[name], 0, None, 0
             continue
         tensor = tensor.detach().cpu()
         dtype_name = str(tensor.dtype).removeprefix("torch.")
         if dtype_name not in _DTYPES:
-            raise TypeError(f"save: tensor {name!r} has dtype {tensor.dtype}, which a model file cannot hold; "
-                            f"valid dtypes: {', '.join(_DTYPES)}.")
+            raise TypeError(
+                f"save: tensor {name!r} has dtype {tensor.dtype}, which a model file cannot hold; "
+                f"valid dtypes: {', '.join(_DTYPES)}."
+            )
         if not tensor.is_floating_point():
             flat = tensor.contiguous().numpy().reshape(-1)
             yield name, tensor, flat, None, "dense", dtype_name, 0, None, flat.nbytes
             continue
-        if name in shrink and tensor.numel():          # an empty weight has no rows to scale: kept exact
+        if name in shrink and tensor.numel():  # an empty weight has no rows to scale: kept exact
             flat, scale = _quantised(name, tensor, values)
             kind = values
         else:
@@ -496,8 +593,9 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
 
 
 @validate_params({"model": [MODEL], **_OPTIONS})
-def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "float32",
-                  index_bits: int | str = "auto") -> int:
+def predict_bytes(
+    model: nn.Module, *, encoding: str = "auto", values: str = "float32", index_bits: int | str = "auto"
+) -> int:
     """Payload bytes :func:`save` writes for ``model``, from the storage formulas of
     docs/methods.md §7 (:func:`prunelab.metrics.storage.storage_bits`) plus 4 bytes per int8 scale.
 
@@ -510,13 +608,21 @@ def predict_bytes(model: nn.Module, *, encoding: str = "auto", values: str = "fl
 
 # --------------------------------------------------------------------------- save
 
+
 def _header_bytes(header: dict) -> bytes:
     return json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 @validate_params({"model": [MODEL], "path": [PATH], **_OPTIONS, "metadata": [MAPPING, None]})
-def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", values: str = "float32",
-         index_bits: int | str = "auto", metadata: Mapping | None = None) -> ExportReport:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    encoding: str = "auto",
+    values: str = "float32",
+    index_bits: int | str = "auto",
+    metadata: Mapping | None = None,
+) -> ExportReport:
     """Write ``model`` as a compressed prunelab model file; return what was written.
 
     Args:
@@ -547,8 +653,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
         except (TypeError, ValueError) as err:
             raise TypeError(f"save: metadata must be JSON-serialisable: {err}") from None
     from prunelab.sparse import SparseLinear, densify
+
     if any(isinstance(m, SparseLinear) for m in model.modules()):
-        model = densify(model)                  # the same file as the model before sparsify()
+        model = densify(model)  # the same file as the model before sparsify()
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"save: {str(path)!r} is a directory; give a file name, e.g. {str(path / 'model.plm')!r}.")
@@ -561,17 +668,29 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
 
     chunks, entries, report_rows, offset, predicted_bytes = [], [], [], 0, 0
     for name, tensor, flat, scale, chosen, kind, width, nm, predicted in _plan(model, encoding, values, index_bits):
-        if chosen == "tied":                    # no bytes: the tensor of an earlier entry
-            entries.append({"name": name, "shape": list(tensor.shape),
-                            "dtype": str(tensor.dtype).removeprefix("torch."), "same_as": kind})
-            report_rows.append(TensorEntry(name, tuple(tensor.shape), int(torch.count_nonzero(tensor)), "tied",
-                                           "-", 0))
+        if chosen == "tied":  # no bytes: the tensor of an earlier entry
+            entries.append(
+                {
+                    "name": name,
+                    "shape": list(tensor.shape),
+                    "dtype": str(tensor.dtype).removeprefix("torch."),
+                    "same_as": kind,
+                }
+            )
+            report_rows.append(TensorEntry(name, tuple(tensor.shape), int(torch.count_nonzero(tensor)), "tied", "-", 0))
             continue
         predicted_bytes += predicted
         blob, n_entries = (_encode_nm(flat, tuple(tensor.shape), nm), 0) if nm else _encode(flat, chosen, width)
         scale_blob = b"" if scale is None else scale.tobytes()
-        entry = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
-                 "values": kind, "encoding": chosen, "offset": offset, "bytes": len(scale_blob) + len(blob)}
+        entry = {
+            "name": name,
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "values": kind,
+            "encoding": chosen,
+            "offset": offset,
+            "bytes": len(scale_blob) + len(blob),
+        }
         if scale is not None:
             entry["scales"] = len(scale)
         if chosen == "csr":
@@ -582,29 +701,41 @@ def save(model: nn.Module, path: str | os.PathLike, *, encoding: str = "auto", v
         chunks += [scale_blob, blob]
         offset += entry["bytes"]
         entries.append(entry)
-        report_rows.append(TensorEntry(name, tuple(tensor.shape), int(np.count_nonzero(flat)), chosen, kind,
-                                       entry["bytes"], len(scale_blob)))
+        report_rows.append(
+            TensorEntry(
+                name, tuple(tensor.shape), int(np.count_nonzero(flat)), chosen, kind, entry["bytes"], len(scale_blob)
+            )
+        )
     payload = b"".join(chunks)
-    header = {"format": "prunelab-model", "version": VERSION, "prunelab": _version(),
-              "architecture": config, "class": type(model).__name__, "tensors": entries,
-              "sizes": size_attributes(model),
-              "payload_bytes": len(payload), "metadata": dict(metadata or {})}
+    header = {
+        "format": "prunelab-model",
+        "version": VERSION,
+        "prunelab": _version(),
+        "architecture": config,
+        "class": type(model).__name__,
+        "tensors": entries,
+        "sizes": size_attributes(model),
+        "payload_bytes": len(payload),
+        "metadata": dict(metadata or {}),
+    }
     core = _header_bytes(header)
     header["sha256"] = hashlib.sha256(core + payload).hexdigest()
     head = _header_bytes(header)
     data = MAGIC + struct.pack("<BI", VERSION, len(head)) + head + payload
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)     # a new random temporary file, renamed: never a planted name
+    atomic_write_bytes(path, data)  # a new random temporary file, renamed: never a planted name
     return ExportReport(path, len(data), len(head), len(payload), predicted_bytes, report_rows)
 
 
 def _version() -> str:
     from prunelab._version import __version__
+
     return __version__
 
 
 # --------------------------------------------------------------------------- load
+
 
 def file_start(path: str | os.PathLike, n: int = len(MAGIC)) -> bytes:
     """The first ``n`` bytes of ``path`` (``b""`` if it is not a file), without reading the rest."""
@@ -633,33 +764,40 @@ def _read(path: Path) -> tuple[dict, bytes]:
         raise ModelFileError(f"{where}: {what} (it does not start with {MAGIC!r}).")
     if len(data) < PREAMBLE:
         raise ModelFileError(f"{where}: truncated: {len(data)} bytes, shorter than the {PREAMBLE}-byte preamble.")
-    version, head_len = struct.unpack("<BI", data[len(MAGIC):PREAMBLE])
+    version, head_len = struct.unpack("<BI", data[len(MAGIC) : PREAMBLE])
     if version != VERSION:
         raise ModelFileError(f"{where}: format version {version}; this prunelab reads version {VERSION}.")
     if PREAMBLE + head_len > len(data):
-        raise ModelFileError(f"{where}: truncated: the header needs {head_len} bytes, "
-                             f"the file has {len(data) - PREAMBLE} after the preamble.")
+        raise ModelFileError(
+            f"{where}: truncated: the header needs {head_len} bytes, "
+            f"the file has {len(data) - PREAMBLE} after the preamble."
+        )
     if head_len > MAX_HEADER_BYTES:
-        raise ModelFileError(f"{where}: the header declares {head_len:,} bytes, more than the limit of "
-                             f"{MAX_HEADER_BYTES:,}; the file is damaged.")
+        raise ModelFileError(
+            f"{where}: the header declares {head_len:,} bytes, more than the limit of "
+            f"{MAX_HEADER_BYTES:,}; the file is damaged."
+        )
     try:
-        header = json.loads(data[PREAMBLE:PREAMBLE + head_len])
+        header = json.loads(data[PREAMBLE : PREAMBLE + head_len])
     except RecursionError:
-        raise ModelFileError(f"{where}: the header is nested too deeply to be a prunelab header; "
-                             f"the file is damaged.") from None
-    except ValueError as err:           # not UTF-8, not JSON, or an integer of thousands of digits
+        raise ModelFileError(
+            f"{where}: the header is nested too deeply to be a prunelab header; the file is damaged."
+        ) from None
+    except ValueError as err:  # not UTF-8, not JSON, or an integer of thousands of digits
         raise ModelFileError(f"{where}: the header is not valid JSON ({err}); the file is damaged.") from None
     if not isinstance(header, dict) or header.get("format") != "prunelab-model":
         raise ModelFileError(f"{where}: the header does not describe a prunelab model.")
-    payload = data[PREAMBLE + head_len:]
+    payload = data[PREAMBLE + head_len :]
     expected = header.get("payload_bytes")
     if not isinstance(expected, int) or len(payload) != expected:
         state = "truncated" if isinstance(expected, int) and len(payload) < expected else "the wrong length"
         raise ModelFileError(f"{where}: {state}: the payload has {len(payload)} bytes, the header says {expected}.")
     digest = header.pop("sha256", None)
     if digest != hashlib.sha256(_header_bytes(header) + payload).hexdigest():
-        raise ModelFileError(f"{where}: checksum mismatch: the header or the weights were changed after "
-                             f"the file was written (SHA-256 {str(digest)[:12]}... does not match).")
+        raise ModelFileError(
+            f"{where}: checksum mismatch: the header or the weights were changed after "
+            f"the file was written (SHA-256 {str(digest)[:12]}... does not match)."
+        )
     return header, payload
 
 
@@ -668,7 +806,7 @@ def _tensors(header: dict, payload: bytes, where: str) -> dict[str, torch.Tensor
     _expect(isinstance(entries, list), where, "no tensor list in the header")
     out = {}
     for k, entry in enumerate(entries):
-        if isinstance(entry, dict) and "same_as" in entry:      # checked by _declared: an earlier tensor
+        if isinstance(entry, dict) and "same_as" in entry:  # checked by _declared: an earlier tensor
             _expect(entry["same_as"] in out, where, f"tensor {entry.get('name')!r} is tied to an unknown tensor")
             out[entry["name"]] = out[entry["same_as"]]
             continue
@@ -677,8 +815,9 @@ def _tensors(header: dict, payload: bytes, where: str) -> dict[str, torch.Tensor
         except (KeyError, TypeError, IndexError, OverflowError, ValueError) as err:
             if isinstance(err, ModelFileError):
                 raise
-            raise ModelFileError(f"{where}: tensor entry {k} of the header is malformed ({type(err).__name__}: "
-                                 f"{err}).") from None
+            raise ModelFileError(
+                f"{where}: tensor entry {k} of the header is malformed ({type(err).__name__}: {err})."
+            ) from None
     return out
 
 
@@ -686,15 +825,17 @@ def _tensor(entry: dict, payload: bytes, where: str) -> dict[str, torch.Tensor]:
     name, shape = entry["name"], tuple(int(d) for d in entry["shape"])
     dtype, stored = _DTYPES.get(entry["dtype"]), _DTYPES.get(entry["values"])
     if dtype is None or stored is None:
-        raise ModelFileError(f"{where}: tensor {name!r} has unknown dtype {entry['dtype']!r} or values "
-                             f"{entry['values']!r}; valid: {', '.join(_DTYPES)}.")
+        raise ModelFileError(
+            f"{where}: tensor {name!r} has unknown dtype {entry['dtype']!r} or values "
+            f"{entry['values']!r}; valid: {', '.join(_DTYPES)}."
+        )
     start, size = int(entry["offset"]), int(entry["bytes"])
     _expect(0 <= start and 0 <= size and start + size <= len(payload), where, f"tensor {name!r} runs past the payload")
-    blob, scale = payload[start:start + size], None
-    if "scales" in entry:                                   # int8 weights: float32 scales first
+    blob, scale = payload[start : start + size], None
+    if "scales" in entry:  # int8 weights: float32 scales first
         k = int(entry["scales"])
         _expect(0 < k and 4 * k <= len(blob), where, f"tensor {name!r} has {k} scales in {len(blob)} bytes")
-        scale, blob = np.frombuffer(blob[:4 * k], dtype=np.float32).copy(), blob[4 * k:]
+        scale, blob = np.frombuffer(blob[: 4 * k], dtype=np.float32).copy(), blob[4 * k :]
     n = int(np.prod(shape)) if shape else 1
     flat = _decode(blob, entry, torch.empty(0, dtype=stored).numpy().dtype, n, f"{where}, tensor {name!r}", shape)
     if stored != dtype:
@@ -727,15 +868,21 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     where = f"load {str(path)!r}"
     if model is not None:
         check_type("model", model, nn.Module, where="load")
-    if path.is_dir():                      # a Hugging Face directory of prunelab.save_pretrained
+    if path.is_dir():  # a Hugging Face directory of prunelab.save_pretrained
         return load_directory(path, model=model)
     header = None
     if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
-        if model is None:                  # the architecture named in the file, held to the file's size
+        if model is None:  # the architecture named in the file, held to the file's size
             input_shape = config.get("input_shape") if isinstance(config, dict) else None
-            _check_architecture(lambda: _build(config, where), {k: tuple(t.shape) for k, t in state.items()},
-                                path.stat().st_size, input_shape, where, names=False)
+            _check_architecture(
+                lambda: _build(config, where),
+                {k: tuple(t.shape) for k, t in state.items()},
+                path.stat().st_size,
+                input_shape,
+                where,
+                names=False,
+            )
             model = _rebuild(config, state, where)
             _assign(model, state, where)
             return model.eval()
@@ -763,12 +910,15 @@ def load_directory(directory: str | os.PathLike, *, model: nn.Module | None = No
         return load(directory / PLM_NAME, model=model)
     if (directory / CONFIG_NAME).is_file():
         return load_stock(directory, model, where)
-    raise ModelFileError(f"{where}: the directory holds neither {PLM_NAME} nor {CONFIG_NAME}; is it a directory "
-                         f"written by prunelab.save_pretrained?")
+    raise ModelFileError(
+        f"{where}: the directory holds neither {PLM_NAME} nor {CONFIG_NAME}; is it a directory "
+        f"written by prunelab.save_pretrained?"
+    )
 
 
-def _from_model_file(header: dict, payload: bytes, model: nn.Module | None,
-                     where: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _from_model_file(
+    header: dict, payload: bytes, model: nn.Module | None, where: str
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The model to fill — the given one, or the file's own architecture (a registry config, or a
     Hugging Face class and config) built only after every check — and the decoded tensors.
     Every size in the header is checked against the payload first, then the architecture as a
@@ -777,15 +927,17 @@ def _from_model_file(header: dict, payload: bytes, model: nn.Module | None,
     config = header.get("architecture")
     metadata = header.get("metadata")
     hf = metadata.get("huggingface") if isinstance(metadata, dict) else None
-    if model is None and config is None and hf is not None:     # from prunelab.save_pretrained
+    if model is None and config is None and hf is not None:  # from prunelab.save_pretrained
         _check_architecture(lambda: build_from_metadata(hf, where), declared, len(payload), None, where)
         model = build_from_metadata(hf, where)
     if model is not None:
-        _check_declared(declared, model, where)         # no tensor larger than the model's
+        _check_declared(declared, model, where)  # no tensor larger than the model's
         return model, _tensors(header, payload, where)
     if config is None:
-        raise ModelFileError(f"{where}: the file was saved from a {header.get('class')} that is not a "
-                             f"registry model, so it holds no architecture; pass load(path, model=...).")
+        raise ModelFileError(
+            f"{where}: the file was saved from a {header.get('class')} that is not a "
+            f"registry model, so it holds no architecture; pass load(path, model=...)."
+        )
     input_shape = config.get("input_shape") if isinstance(config, dict) else None
     skeleton = _check_architecture(lambda: _build(config, where), declared, len(payload), input_shape, where)
     checked = _dry_run_on_meta(skeleton, config, declared, where)
@@ -796,15 +948,18 @@ def _from_model_file(header: dict, payload: bytes, model: nn.Module | None,
 
 def _read_torch(path: Path, where: str) -> tuple[dict | None, dict[str, torch.Tensor]]:
     import pickle
+
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")       # notes about pickle protocols of foreign files
+            warnings.simplefilter("ignore")  # notes about pickle protocols of foreign files
             saved = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFileError(f"{where}: refused: the file asks to run code or build objects other than "
-                             f"tensors while loading ({first}). prunelab loads torch files only with "
-                             f"weights_only=True.") from None
+        raise ModelFileError(
+            f"{where}: refused: the file asks to run code or build objects other than "
+            f"tensors while loading ({first}). prunelab loads torch files only with "
+            f"weights_only=True."
+        ) from None
     except (RuntimeError, EOFError, ValueError) as err:
         raise ModelFileError(f"{where}: not a readable torch file ({err}).") from None
     config, state = None, saved
@@ -820,6 +975,7 @@ def _read_torch(path: Path, where: str) -> tuple[dict | None, dict[str, torch.Te
 def _build(config: dict | None, where: str) -> nn.Module:
     """The registry model of ``config`` (without a thinning plan), at its full size."""
     from prunelab.models import build_model
+
     if not isinstance(config, dict) or "name" not in config:
         raise ModelFileError(f"{where}: the file holds no registry architecture; pass load(path, model=...).")
     config = {k: v for k, v in config.items() if k != "_plan"}
@@ -836,13 +992,18 @@ def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) ->
     plan = config.get("_plan")
     if plan:
         from prunelab import units
-        return units.thin(model, {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()},
-                          input_shape=config.get("input_shape"))
+
+        return units.thin(
+            model,
+            {k: torch.tensor(v, dtype=torch.long) for k, v in plan.items()},
+            input_shape=config.get("input_shape"),
+        )
     return _fit(model, config, state, where)
 
 
-def _fit(model: nn.Module, config: dict, state: dict[str, torch.Tensor], where: str, *,
-         dry_run: bool = True) -> nn.Module:
+def _fit(
+    model: nn.Module, config: dict, state: dict[str, torch.Tensor], where: str, *, dry_run: bool = True
+) -> nn.Module:
     """The registry ``model`` with its layers resized to ``state`` (a thinned model), checked by a dry
     run (unless ``dry_run`` is False: it already ran on a meta-device skeleton)."""
     _same_keys(model, state, where)
@@ -869,14 +1030,20 @@ def _check_declared(declared: dict[str, tuple[int, ...]], model: nn.Module, wher
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(declared)), sorted(set(declared) - set(own))
     if missing or unexpected:
-        raise ModelFileError(f"{where}: the tensors do not match the model: missing {missing or 'none'}, "
-                             f"unexpected {unexpected or 'none'}.")
-    grown = [f"tensor {name!r} has shape {shape} in the file but {tuple(own[name].shape)} in the model"
-             for name, shape in declared.items()
-             if len(shape) != own[name].dim() or any(a > b or a < 0 for a, b in zip(shape, own[name].shape))]
+        raise ModelFileError(
+            f"{where}: the tensors do not match the model: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}."
+        )
+    grown = [
+        f"tensor {name!r} has shape {shape} in the file but {tuple(own[name].shape)} in the model"
+        for name, shape in declared.items()
+        if len(shape) != own[name].dim() or any(a > b or a < 0 for a, b in zip(shape, own[name].shape))
+    ]
     if grown:
-        raise ModelFileError(f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
-                             f"is this the model the file was saved from?).")
+        raise ModelFileError(
+            f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
+            f"is this the model the file was saved from?)."
+        )
 
 
 class _Oversized(Exception):
@@ -888,6 +1055,7 @@ def _skeleton(build, n_tensors: int, where: str) -> nn.Module:
     memory. The build is stopped as soon as it has registered more modules and tensors than a
     model of ``n_tensors`` stored tensors could need, so a config of a million layers costs nothing."""
     from torch.nn.modules import module as hooks
+
     budget, count, owner = 4 * n_tensors + 256, [0], threading.get_ident()
 
     def count_one(*_):
@@ -895,15 +1063,20 @@ def _skeleton(build, n_tensors: int, where: str) -> nn.Module:
             count[0] += 1
             if count[0] > budget:
                 raise _Oversized
-    handles = [hooks.register_module_module_registration_hook(count_one),
-               hooks.register_module_parameter_registration_hook(count_one),
-               hooks.register_module_buffer_registration_hook(count_one)]
+
+    handles = [
+        hooks.register_module_module_registration_hook(count_one),
+        hooks.register_module_parameter_registration_hook(count_one),
+        hooks.register_module_buffer_registration_hook(count_one),
+    ]
     try:
         with torch.device("meta"), _meta_normal_is_free():
             return build()
     except _Oversized:
-        raise ModelFileError(f"{where}: its architecture has more than {budget} modules and tensors for the "
-                             f"{n_tensors} tensors the file stores; it does not describe this file.") from None
+        raise ModelFileError(
+            f"{where}: its architecture has more than {budget} modules and tensors for the "
+            f"{n_tensors} tensors the file stores; it does not describe this file."
+        ) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -918,6 +1091,7 @@ def _meta_normal_is_free():
 
     def normal_(self, *args, **kwargs):
         return self if self.is_meta else original(self, *args, **kwargs)
+
     torch.Tensor.normal_ = normal_
     try:
         yield
@@ -925,8 +1099,9 @@ def _meta_normal_is_free():
         torch.Tensor.normal_ = original
 
 
-def _check_architecture(build, declared: dict[str, tuple[int, ...]], payload_bytes: int, input_shape,
-                        where: str, *, names: bool = True) -> nn.Module:
+def _check_architecture(
+    build, declared: dict[str, tuple[int, ...]], payload_bytes: int, input_shape, where: str, *, names: bool = True
+) -> nn.Module:
     """The model ``build()`` makes, as a meta-device skeleton, checked before it is built for real:
     its tensors against the ``declared`` ones (``names``), and the memory it and a dry-run input of
     ``input_shape`` need against the limit of ``FREE_BYTES + MAX_EXPANSION × payload_bytes``."""
@@ -939,10 +1114,12 @@ def _check_architecture(build, declared: dict[str, tuple[int, ...]], payload_byt
         need += 4 * math.prod(input_shape)
     allowed = FREE_BYTES + MAX_EXPANSION * payload_bytes
     if need > allowed:
-        raise ModelFileError(f"{where}: its architecture needs {need:,} bytes of memory, more than the "
-                             f"{allowed:,} that {payload_bytes:,} payload bytes may describe (16 MiB + "
-                             f"{MAX_EXPANSION} per payload byte, docs/export.md \"Limits\"); if you trust the file, "
-                             f"build the model yourself and pass load(path, model=...).")
+        raise ModelFileError(
+            f"{where}: its architecture needs {need:,} bytes of memory, more than the "
+            f"{allowed:,} that {payload_bytes:,} payload bytes may describe (16 MiB + "
+            f'{MAX_EXPANSION} per payload byte, docs/export.md "Limits"); if you trust the file, '
+            f"build the model yourself and pass load(path, model=...)."
+        )
     return skeleton
 
 
@@ -987,14 +1164,24 @@ def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> boo
         elif isinstance(module, nn.Embedding) and weight.dim() == 2:
             new = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=module.padding_idx)
         elif isinstance(module, nn.Conv2d) and weight.dim() == 4:
-            new = nn.Conv2d(weight.shape[1] * module.groups, weight.shape[0], module.kernel_size, module.stride,
-                            module.padding, module.dilation, module.groups, bias, module.padding_mode)
+            new = nn.Conv2d(
+                weight.shape[1] * module.groups,
+                weight.shape[0],
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+                bias,
+                module.padding_mode,
+            )
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and weight.dim() == 1:
-            new = type(module)(weight.shape[0], module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+            new = type(module)(weight.shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
         else:
-            raise ModelFileError(f"{where}: tensor {name}.weight has shape {tuple(weight.shape)} but the "
-                                 f"architecture's {type(module).__name__} has {tuple(module.weight.shape)}.")
+            raise ModelFileError(
+                f"{where}: tensor {name}.weight has shape {tuple(weight.shape)} but the "
+                f"architecture's {type(module).__name__} has {tuple(module.weight.shape)}."
+            )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         changed = True
@@ -1017,8 +1204,10 @@ def _same_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ModelFileError(f"{where}: the tensors do not match the model: missing {missing or 'none'}, "
-                             f"unexpected {unexpected or 'none'}.")
+        raise ModelFileError(
+            f"{where}: the tensors do not match the model: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}."
+        )
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -1026,17 +1215,21 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> Non
     own = model.state_dict()
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(own[name].shape):
-            raise ModelFileError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)} in the file but "
-                                 f"{tuple(own[name].shape)} in the model.")
+            raise ModelFileError(
+                f"{where}: tensor {name!r} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(own[name].shape)} in the model."
+            )
     model.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- resizing a given model
 
+
 def _size_checks(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
     """The new size attributes of ``module`` implied by its tensors' ``shapes`` (local names),
     and every inconsistency among them, without touching the module."""
     from prunelab.pruning.targets import is_hf_conv1d
+
     def shape(name):
         if name in shapes:
             return shapes[name]
@@ -1084,7 +1277,7 @@ def _size_checks(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tuple
         if w is not None and w[0] % module.num_groups:
             bad.append(f"{w[0]} channels are not divisible into {module.num_groups} groups")
     elif w is not None and len(w) == 1 and set(dict(module.named_parameters(recurse=False))) <= {"weight", "bias"}:
-        attrs = {}                                  # a weight-only norm (RMSNorm-like): no size attribute
+        attrs = {}  # a weight-only norm (RMSNorm-like): no size attribute
         if b is not None and b != w:
             bad.append(f"bias {b} does not match weight {w}")
     else:
@@ -1113,8 +1306,14 @@ def _attention_sizes(module: nn.MultiheadAttention, shape) -> tuple[dict, list[s
     if inner % heads:
         bad.append(f"width {inner} is not divisible into {module.num_heads} heads of any fixed width")
     same = kdim == embed and vdim == embed and module._qkv_same_embed_dim
-    return {"embed_dim": embed, "kdim": kdim, "vdim": vdim, "num_heads": heads,
-            "head_dim": inner // max(heads, 1), "_qkv_same_embed_dim": same}, bad
+    return {
+        "embed_dim": embed,
+        "kdim": kdim,
+        "vdim": vdim,
+        "num_heads": heads,
+        "head_dim": inner // max(heads, 1),
+        "_qkv_same_embed_dim": same,
+    }, bad
 
 
 def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: str = "reshape_to") -> list[str]:
@@ -1141,11 +1340,14 @@ def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: 
             module_name, _, tensor = name.rpartition(".")
             changed.setdefault(module_name, {})[tensor] = tuple(int(d) for d in shape)
             if len(shape) != own[name].dim() or any(int(a) > b for a, b in zip(shape, own[name].shape)):
-                grown.append(f"tensor {name!r} has shape {tuple(shape)} in the file but {tuple(own[name].shape)} "
-                             f"in the model")
+                grown.append(
+                    f"tensor {name!r} has shape {tuple(shape)} in the file but {tuple(own[name].shape)} in the model"
+                )
     if grown:
-        raise ModelFileError(f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
-                             f"is this the model the file was saved from?).")
+        raise ModelFileError(
+            f"{where}: {'; '.join(grown)} (a thinned model is resized only to smaller sizes; "
+            f"is this the model the file was saved from?)."
+        )
     plans, problems = {}, []
     for module_name, local in changed.items():
         module = model.get_submodule(module_name)
@@ -1166,16 +1368,27 @@ def reshape_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, where: 
 #: Hugging Face GPT-2 / BERT / LLaMA-style attention); a thinned model's are saved in the header
 #: and restored by ``load(path, model=...)``, since the tensor shapes alone do not tell, e.g.,
 #: fewer heads from narrower heads.
-SIZE_ATTRIBUTES = ("num_heads", "n_head", "head_dim", "embed_dim", "kdim", "vdim", "split_size", "num_attention_heads",
-                   "attention_head_size", "all_head_size", "num_key_value_heads", "num_key_value_groups")
+SIZE_ATTRIBUTES = (
+    "num_heads",
+    "n_head",
+    "head_dim",
+    "embed_dim",
+    "kdim",
+    "vdim",
+    "split_size",
+    "num_attention_heads",
+    "attention_head_size",
+    "all_head_size",
+    "num_key_value_heads",
+    "num_key_value_groups",
+)
 
 
 def size_attributes(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{module name: {attribute: value}}`` of the :data:`SIZE_ATTRIBUTES` the modules have."""
     out = {}
     for name, module in model.named_modules():
-        found = {a: getattr(module, a) for a in SIZE_ATTRIBUTES
-                 if type(getattr(module, a, None)) is int}
+        found = {a: getattr(module, a) for a in SIZE_ATTRIBUTES if type(getattr(module, a, None)) is int}
         if found:
             out[name] = found
     return out
@@ -1224,7 +1437,8 @@ class _FlatLogits(nn.Module):
 
     def forward(self, *tensors):
         from prunelab.inputs import logits_of
-        args, kwargs = tensors[:self.n_args], dict(zip(self.keys, tensors[self.n_args:]))
+
+        args, kwargs = tensors[: self.n_args], dict(zip(self.keys, tensors[self.n_args :]))
         return logits_of(self.model(*args, **kwargs), self.output_key, where="export_onnx")
 
 
@@ -1235,31 +1449,52 @@ def _input_names(batch) -> list[str]:
     return ["input"] if len(batch.args) == 1 else [f"input{i}" for i in range(len(batch.args))]
 
 
-def _export_with(exporter: str, net: nn.Module, tensors: tuple, path: Path, names: list[str],
-                 opset: int | None) -> None:
+def _export_with(
+    exporter: str, net: nn.Module, tensors: tuple, path: Path, names: list[str], opset: int | None
+) -> None:
     axes = {name: {0: "batch"} for name in [*names, "logits"]}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")            # exporter deprecation and progress notices
+        warnings.simplefilter("ignore")  # exporter deprecation and progress notices
         if exporter == "torchscript":
-            torch.onnx.export(net, tensors, str(path), dynamo=False, input_names=names, output_names=["logits"],
-                              dynamic_axes=axes, opset_version=opset)
+            torch.onnx.export(
+                net,
+                tensors,
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=axes,
+                opset_version=opset,
+            )
             return
         import contextlib
         import io
+
         auto = torch.export.Dim.AUTO
         shapes = tuple({0: auto} if t.dim() > 0 else None for t in tensors)
-        with contextlib.redirect_stdout(io.StringIO()):     # the dynamo exporter prints its steps
-            torch.onnx.export(net, tensors, str(path), dynamo=True, input_names=names, output_names=["logits"],
-                              dynamic_shapes=(shapes,), opset_version=opset, verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter prints its steps
+            torch.onnx.export(
+                net,
+                tensors,
+                str(path),
+                dynamo=True,
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes=(shapes,),
+                opset_version=opset,
+                verbose=False,
+            )
 
 
 def _check_onnx(path: Path, net: nn.Module, tensors: tuple, names: list[str], where: str) -> float | None:
     """Largest difference between onnxruntime's output and the model's on the example
     (None without onnxruntime); a ValueError when they disagree."""
     import importlib.util
+
     if importlib.util.find_spec("onnxruntime") is None:
         return None
     import onnxruntime
+
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors) if n in wanted}
@@ -1267,22 +1502,42 @@ def _check_onnx(path: Path, net: nn.Module, tensors: tuple, names: list[str], wh
     with torch.no_grad():
         ref = net.eval()(*tensors).detach().cpu()
     if got.shape != ref.shape:
-        raise ValueError(f"{where}: the ONNX file gives an output of shape {tuple(got.shape)}, the model "
-                         f"{tuple(ref.shape)}; the export is wrong, not written.")
+        raise ValueError(
+            f"{where}: the ONNX file gives an output of shape {tuple(got.shape)}, the model "
+            f"{tuple(ref.shape)}; the export is wrong, not written."
+        )
     diff = float((got.to(ref.dtype) - ref).abs().max()) if ref.numel() else 0.0
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     if not diff <= 1e-4 * max(1.0, scale):
-        raise ValueError(f"{where}: onnxruntime's output differs from the model's by {diff:.3g} "
-                         f"(largest |output| {scale:.3g}); the export is wrong, not written.")
+        raise ValueError(
+            f"{where}: onnxruntime's output differs from the model's by {diff:.3g} "
+            f"(largest |output| {scale:.3g}); the export is wrong, not written."
+        )
     return diff
 
 
-@validate_params({"model": [MODEL], "path": [PATH], "input_shape": [SHAPE, None],
-                  "opset": [Interval(Integral, 7, 99), None], "exporter": [STR], "output_key": [STR, None],
-                  "check": [bool]})
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int] | None = None, *,
-                example_inputs=None, opset: int | None = None, exporter: str = "auto",
-                output_key: str | None = None, check: bool = True) -> Path:
+@validate_params(
+    {
+        "model": [MODEL],
+        "path": [PATH],
+        "input_shape": [SHAPE, None],
+        "opset": [Interval(Integral, 7, 99), None],
+        "exporter": [STR],
+        "output_key": [STR, None],
+        "check": [bool],
+    }
+)
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_shape: Sequence[int] | None = None,
+    *,
+    example_inputs=None,
+    opset: int | None = None,
+    exporter: str = "auto",
+    output_key: str | None = None,
+    check: bool = True,
+) -> Path:
     """Write ``model`` (typically thinned) as ONNX, with a dynamic batch dimension.
 
     The graph's inputs are the model's: one tensor named ``input`` (from ``input_shape``, a
@@ -1311,18 +1566,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
             exporter's error), or an export whose output differs from the model's.
     """
     from prunelab.inputs import example_batch
+
     where = "export_onnx"
     check_materialised(model, where)
     if exporter not in EXPORTERS:
-        raise ValueError(f"{where}: unknown exporter {exporter!r}{suggest(exporter, EXPORTERS)}; "
-                         f"valid exporters: {', '.join(EXPORTERS)}.")
+        raise ValueError(
+            f"{where}: unknown exporter {exporter!r}{suggest(exporter, EXPORTERS)}; "
+            f"valid exporters: {', '.join(EXPORTERS)}."
+        )
     import importlib.util
+
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("export_onnx needs the onnx package: pip install 'prunelab[onnx]'.")
     has_dynamo = importlib.util.find_spec("onnxscript") is not None
     if exporter == "dynamo" and not has_dynamo:
-        raise ImportError("export_onnx(exporter='dynamo') needs the onnxscript package: "
-                          "pip install 'prunelab[onnx]'.")
+        raise ImportError("export_onnx(exporter='dynamo') needs the onnxscript package: pip install 'prunelab[onnx]'.")
     params = [p for p in model.parameters() if p.is_floating_point()]
     dtype = params[0].dtype if params else None
     batch = example_batch(model, input_shape, example_inputs, where=where, dtype=dtype).to(device="cpu")
@@ -1340,12 +1598,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
             _export_with(name, net, tensors, path, names, opset)
             if check:
                 _check_onnx(path, net, tensors, names, where)
-        except Exception as err:            # each exporter's own failure, reported together below
+        except Exception as err:  # each exporter's own failure, reported together below
             path.unlink(missing_ok=True)
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             errors.append(f"{name}: {type(err).__name__}: {first[:300]}")
             continue
         return path
     hint = "" if has_dynamo or exporter != "auto" else " (install onnxscript to try torch's dynamo exporter too)"
-    raise ValueError(f"{where}: {type(model).__name__} could not be exported to ONNX{hint}. "
-                     + "; ".join(errors))
+    raise ValueError(f"{where}: {type(model).__name__} could not be exported to ONNX{hint}. " + "; ".join(errors))

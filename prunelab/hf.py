@@ -44,8 +44,13 @@ from torch import nn
 
 from prunelab._validation import MODEL, PATH, check_type, validate_params
 from prunelab.export import load_directory, save
-from prunelab.hf_load import (CONFIG_NAME, GENERATION_NAME, PLM_NAME, WEIGHTS_NAME,  # noqa: F401
-                              build_from_metadata, import_transformers)
+from prunelab.hf_load import (
+    CONFIG_NAME,
+    GENERATION_NAME,
+    PLM_NAME,
+    WEIGHTS_NAME,  # noqa: F401
+    import_transformers,
+)
 
 #: Config entries of the MLP width, in the order they are looked for.
 INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
@@ -71,8 +76,10 @@ def _check_model(model, where: str) -> None:
     transformers = import_transformers(where)
     check_type("model", model, nn.Module, where=where)
     if not isinstance(model, transformers.PreTrainedModel):
-        raise TypeError(f"the 'model' parameter of {where} must be a transformers PreTrainedModel (with a "
-                        f"config). Got {type(model).__name__} instead; save other models with prunelab.save.")
+        raise TypeError(
+            f"the 'model' parameter of {where} must be a transformers PreTrainedModel (with a "
+            f"config). Got {type(model).__name__} instead; save other models with prunelab.save."
+        )
 
 
 # --------------------------------------------------------------------------- the state to store
@@ -83,8 +90,10 @@ def folded_state(model: nn.Module, where: str = "save_pretrained") -> dict[str, 
     state = model.state_dict()
     parametrized = sorted(k for k in state if ".parametrizations." in k)
     if parametrized:
-        raise ValueError(f"{where}: {parametrized[0]} belongs to a torch.nn.utils.parametrize parametrisation; "
-                         f"make it permanent first (torch.nn.utils.parametrize.remove_parametrizations).")
+        raise ValueError(
+            f"{where}: {parametrized[0]} belongs to a torch.nn.utils.parametrize parametrisation; "
+            f"make it permanent first (torch.nn.utils.parametrize.remove_parametrizations)."
+        )
     out = {}
     for key, tensor in state.items():
         if key.endswith("_mask") and f"{key[:-5]}_orig" in state:
@@ -122,8 +131,9 @@ def _widths(model: nn.Module) -> dict[str, dict[str, int]]:
             owner = group.owner
             per_kv = getattr(owner, "num_key_value_groups", 1)
             found["heads"][group.name] = group.n_units
-            found["kv_heads"][group.name] = group.n_units // per_kv if isinstance(per_kv, int) and per_kv else \
-                group.n_units
+            found["kv_heads"][group.name] = (
+                group.n_units // per_kv if isinstance(per_kv, int) and per_kv else group.n_units
+            )
             head_dim = getattr(owner, "head_dim", None) or getattr(owner, "attention_head_size", None)
             if isinstance(head_dim, int):
                 found["head_dim"][group.name] = head_dim
@@ -145,9 +155,12 @@ def _one(kind: str, values: dict[str, int], problems: list[str]) -> int | None:
     if len(distinct) > 1:
         shown = list(values.items())
         listed = ", ".join(f"{name} {width}" for name, width in shown[:4]) + (
-            f", … ({len(shown)} in all)" if len(shown) > 4 else "")
-        problems.append(f"non-uniform thinning: the layers have different {kind} ({listed}); a stock config "
-                        f"gives every layer the same")
+            f", … ({len(shown)} in all)" if len(shown) > 4 else ""
+        )
+        problems.append(
+            f"non-uniform thinning: the layers have different {kind} ({listed}); a stock config "
+            f"gives every layer the same"
+        )
         return None
     return distinct[0] if distinct else None
 
@@ -163,8 +176,9 @@ def stock_config(model: nn.Module) -> tuple[object, dict, list[str]]:
         name, blocks = stack
         kinds = sorted({type(b).__name__ for b in blocks})
         if len(kinds) > 1:
-            problems.append(f"{name} holds blocks of different kinds ({', '.join(kinds)}); a stock config builds "
-                            f"every layer alike")
+            problems.append(
+                f"{name} holds blocks of different kinds ({', '.join(kinds)}); a stock config builds every layer alike"
+            )
         before = config.num_hidden_layers
         if len(blocks) != before:
             _set(config, "num_hidden_layers", len(blocks), changes)
@@ -199,8 +213,10 @@ def _per_layer_entries(config, before: int, after: int, changes: dict, problems:
             if len({json.dumps(v, sort_keys=True, default=str) for v in value}) == 1:
                 _set(config, key, value[:after], changes)
             else:
-                problems.append(f"the config's per-layer entry {key!r} differs between layers, and the model has "
-                                f"{after} of its {before} layers left; a stock config cannot say which were removed")
+                problems.append(
+                    f"the config's per-layer entry {key!r} differs between layers, and the model has "
+                    f"{after} of its {before} layers left; a stock config cannot say which were removed"
+                )
 
 
 def _tie(model, config, changes: dict) -> None:
@@ -226,18 +242,24 @@ def mismatches(model: nn.Module, config, state: dict[str, torch.Tensor], changes
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reference = type(model)(config).state_dict()
-    except Exception as err:                     # noqa: BLE001 - any failure means: not a stock config
+    except Exception as err:  # noqa: BLE001 - any failure means: not a stock config
         return [f"the updated config cannot build a {type(model).__name__} ({type(err).__name__}: {err})"]
     missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
     out = [f"{k}: in the stock model, not in this one" for k in missing]
     out += [f"{k}: in this model, not in the stock one" for k in extra]
-    out += [f"{k} has shape {tuple(state[k].shape)}, but the stock config gives {tuple(reference[k].shape)}"
-            for k in reference if k in state and tuple(state[k].shape) != tuple(reference[k].shape)]
+    out += [
+        f"{k} has shape {tuple(state[k].shape)}, but the stock config gives {tuple(reference[k].shape)}"
+        for k in reference
+        if k in state and tuple(state[k].shape) != tuple(reference[k].shape)
+    ]
     if len(out) > 2:
         out = [*out[:2], f"{len(out) - 2} more tensors differ"]
     if out and not _has(config, "head_dim") and "num_attention_heads" in changes:
-        out.insert(0, f"{type(config).__name__} has no head_dim: its heads are hidden_size / num_attention_heads "
-                      f"wide, so fewer heads of the same width cannot be described")
+        out.insert(
+            0,
+            f"{type(config).__name__} has no head_dim: its heads are hidden_size / num_attention_heads "
+            f"wide, so fewer heads of the same width cannot be described",
+        )
     return out
 
 
@@ -258,11 +280,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, fallback:
     where = "save_pretrained"
     _check_model(model, where)
     from prunelab._model_checks import check_materialised
+
     check_materialised(model, where)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"the 'directory' parameter of {where} is a file ({str(directory)!r}); give a directory.")
     from prunelab.sparse import SparseLinear, densify
+
     if any(isinstance(m, SparseLinear) for m in model.modules()):
         model = densify(model)
     state = folded_state(model, where)
@@ -270,9 +294,11 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, fallback:
     if not problems:
         problems = mismatches(model, config, state, changes)
     if problems and not fallback:
-        raise ValueError(f"{where}: {type(model).__name__} cannot be described by a stock "
-                         f"{type(model.config).__name__}: {'; '.join(problems)}. Save it with fallback=True (a "
-                         f"prunelab model file that prunelab.load rebuilds) or thin every layer alike.")
+        raise ValueError(
+            f"{where}: {type(model).__name__} cannot be described by a stock "
+            f"{type(model.config).__name__}: {'; '.join(problems)}. Save it with fallback=True (a "
+            f"prunelab model file that prunelab.load rebuilds) or thin every layer alike."
+        )
     if problems:
         template = _template_config(model, changes, state, where)
         directory.mkdir(parents=True, exist_ok=True)
@@ -293,19 +319,32 @@ def _template_config(model, changes: dict, state: dict[str, torch.Tensor], where
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reference = type(model)(config).state_dict()
-    except Exception as err:                     # noqa: BLE001 - reported with the alternative below
+    except Exception as err:  # noqa: BLE001 - reported with the alternative below
         reference, problem = None, f"its config cannot build a {type(model).__name__} ({type(err).__name__}: {err})"
     if reference is not None:
         missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-        larger = [k for k in state if k in reference and (state[k].dim() != reference[k].dim() or any(
-            a > b for a, b in zip(state[k].shape, reference[k].shape)))]
-        problem = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
-                   else f"larger than the config's: {larger[:3]}" if larger else None)
+        larger = [
+            k
+            for k in state
+            if k in reference
+            and (state[k].dim() != reference[k].dim() or any(a > b for a, b in zip(state[k].shape, reference[k].shape)))
+        ]
+        problem = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {extra[:3]}"
+            if extra
+            else f"larger than the config's: {larger[:3]}"
+            if larger
+            else None
+        )
     if problem is not None:
-        raise ValueError(f"{where}: {type(model).__name__} fits neither a stock config nor a prunelab model file "
-                         f"rebuilt from its config (its tensors do not match the {type(model.config).__name__}'s "
-                         f"layout: {problem}); save it with prunelab.save(model, 'model.plm') and load it with "
-                         f"prunelab.load('model.plm', model=...) into a module of the same structure.")
+        raise ValueError(
+            f"{where}: {type(model).__name__} fits neither a stock config nor a prunelab model file "
+            f"rebuilt from its config (its tensors do not match the {type(model.config).__name__}'s "
+            f"layout: {problem}); save it with prunelab.save(model, 'model.plm') and load it with "
+            f"prunelab.load('model.plm', model=...) into a module of the same structure."
+        )
     return config
 
 
@@ -317,7 +356,7 @@ def _save_stock(model, config, state: dict, directory: Path, changes: dict) -> S
     for key, tensor in state.items():
         if key in tied:
             continue
-        stored[key] = tensor.detach().to("cpu").contiguous().clone()    # no shared storage in safetensors
+        stored[key] = tensor.detach().to("cpu").contiguous().clone()  # no shared storage in safetensors
     config.architectures = [type(model).__name__]
     _remove(directory, [PLM_NAME])
     save_file(stored, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -332,18 +371,26 @@ def _save_stock(model, config, state: dict, directory: Path, changes: dict) -> S
 
 def _save_prunelab(model, config, directory: Path, problems: list[str]) -> SavedPretrained:
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    meta = {"huggingface": {"class": type(model).__name__, "config_class": type(config).__name__,
-                            "config": json.loads(config.to_json_string(use_diff=False)),
-                            "dtype": str(dtype).removeprefix("torch.")}}
+    meta = {
+        "huggingface": {
+            "class": type(model).__name__,
+            "config_class": type(config).__name__,
+            "config": json.loads(config.to_json_string(use_diff=False)),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+    }
     _remove(directory, [CONFIG_NAME, WEIGHTS_NAME, GENERATION_NAME])
     if any(t.dtype == torch.bfloat16 for t in model.state_dict().values()):
-        model = copy.deepcopy(model).float()     # a model file holds no bfloat16; float32 keeps it exactly
+        model = copy.deepcopy(model).float()  # a model file holds no bfloat16; float32 keeps it exactly
     save(model, directory / PLM_NAME, metadata=meta)
-    warnings.warn(f"save_pretrained: {type(model).__name__} cannot be described by a stock "
-                  f"{type(config).__name__} ({'; '.join(problems)}), so {directory / PLM_NAME} (a prunelab model "
-                  f"file) was written instead of config.json + model.safetensors. Load it with "
-                  f"prunelab.load({str(directory)!r}); transformers' from_pretrained cannot read it.",
-                  NotStockWarning, stacklevel=4)      # past save_pretrained and its declaration check
+    warnings.warn(
+        f"save_pretrained: {type(model).__name__} cannot be described by a stock "
+        f"{type(config).__name__} ({'; '.join(problems)}), so {directory / PLM_NAME} (a prunelab model "
+        f"file) was written instead of config.json + model.safetensors. Load it with "
+        f"prunelab.load({str(directory)!r}); transformers' from_pretrained cannot read it.",
+        NotStockWarning,
+        stacklevel=4,
+    )  # past save_pretrained and its declaration check
     return SavedPretrained(directory, "prunelab", [PLM_NAME], {}, problems)
 
 

@@ -45,8 +45,10 @@ def load_stock(directory: Path, model: nn.Module | None, where: str) -> nn.Modul
     """The stock checkpoint (``config.json`` + weights) in ``directory``, loaded by its class's
     ``from_pretrained``, in eval mode; a ``model`` to load into is refused."""
     if model is not None:
-        raise ValueError(f"{where}: the directory holds a stock Hugging Face checkpoint; load it with "
-                         f"from_pretrained (or prunelab.load without model=).")
+        raise ValueError(
+            f"{where}: the directory holds a stock Hugging Face checkpoint; load it with "
+            f"from_pretrained (or prunelab.load without model=)."
+        )
     transformers = import_transformers("prunelab.load of a Hugging Face directory")
     config = transformers.AutoConfig.from_pretrained(str(directory))
     cls = model_class(transformers, (config.architectures or [None])[0], where)
@@ -62,8 +64,11 @@ def build_from_metadata(info, where: str) -> nn.Module:
         raise ModelFileError(f"{where}: the file's 'huggingface' metadata is malformed.")
     cls = model_class(transformers, info.get("class"), where)
     config_name = info.get("config_class")
-    config_cls = getattr(transformers, config_name, None) if isinstance(config_name, str) and \
-        config_name.isidentifier() else None
+    config_cls = (
+        getattr(transformers, config_name, None)
+        if isinstance(config_name, str) and config_name.isidentifier()
+        else None
+    )
     if not (isinstance(config_cls, type) and issubclass(config_cls, transformers.PretrainedConfig)):
         raise ModelFileError(f"{where}: the config class {config_name!r} is not a transformers config class.")
     try:

@@ -86,19 +86,21 @@ class Batch:
             return self.args[0]
         return self.args
 
-    def to(self, device=None, dtype=None) -> "Batch":
+    def to(self, device=None, dtype=None) -> Batch:
         """A copy with floating-point inputs cast to ``dtype`` and every tensor moved to ``device``
         (integer inputs such as token ids keep their dtype)."""
+
         def move(t):
             if not torch.is_tensor(t):
                 return t
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             return t.to(device) if device is not None else t
+
         targets = self.targets.to(device) if (self.targets is not None and device is not None) else self.targets
         return Batch(_map(move, self.args), _map(move, self.kwargs), targets, self.hf_labels)
 
-    def repeat_to(self, batch_size: int) -> "Batch":
+    def repeat_to(self, batch_size: int) -> Batch:
         """A batch of ``batch_size`` made of this batch's first example repeated (for latency
         measurements at several batch sizes from one example). Tensors whose first dimension is
         not this batch's size are passed as they are."""
@@ -108,13 +110,15 @@ class Batch:
             if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == n:
                 return t[:1].expand(batch_size, *t.shape[1:]).contiguous()
             return t
+
         return Batch(_map(rep, self.args), _map(rep, self.kwargs), None, self.hf_labels)
 
-    def slice(self, start: int, stop: int) -> "Batch":
+    def slice(self, start: int, stop: int) -> Batch:
         n = self.size
 
         def cut(t):
             return t[start:stop] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == n else t
+
         targets = self.targets[start:stop] if self.targets is not None else None
         return Batch(_map(cut, self.args), _map(cut, self.kwargs), targets, self.hf_labels)
 
@@ -150,16 +154,22 @@ def inputs_batch(inputs, *, where: str, param: str = "example_inputs") -> Batch:
     if isinstance(inputs, Mapping):
         bad = [k for k in inputs if not isinstance(k, str)]
         if bad:
-            raise TypeError(f"the '{param}' parameter of {where} must have string keys (the model's "
-                            f"keyword arguments). Got the key {bad[0]!r} instead.")
+            raise TypeError(
+                f"the '{param}' parameter of {where} must have string keys (the model's "
+                f"keyword arguments). Got the key {bad[0]!r} instead."
+            )
         return Batch((), dict(inputs))
     if isinstance(inputs, (tuple, list)):
         if not inputs:
-            raise ValueError(f"the '{param}' parameter of {where} is empty; give a tensor, a tuple of "
-                             f"positional inputs or a dict of keyword inputs.")
+            raise ValueError(
+                f"the '{param}' parameter of {where} is empty; give a tensor, a tuple of "
+                f"positional inputs or a dict of keyword inputs."
+            )
         return Batch(tuple(inputs))
-    raise TypeError(f"the '{param}' parameter of {where} must be a tensor, a tuple/list of positional "
-                    f"inputs or a dict of keyword inputs. Got {type(inputs).__name__} instead.")
+    raise TypeError(
+        f"the '{param}' parameter of {where} must be a tensor, a tuple/list of positional "
+        f"inputs or a dict of keyword inputs. Got {type(inputs).__name__} instead."
+    )
 
 
 def as_batch(batch, *, where: str, index: int | None = None) -> Batch:
@@ -180,15 +190,21 @@ def as_batch(batch, *, where: str, index: int | None = None) -> Batch:
         out = inputs_batch(kwargs, where=where, param="data")
         out.targets, out.hf_labels = targets, hf
         return out
-    if (isinstance(batch, (tuple, list)) and len(batch) == 2 and _is_inputs(batch[0])
-            and (batch[1] is None or torch.is_tensor(batch[1]))):
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and _is_inputs(batch[0])
+        and (batch[1] is None or torch.is_tensor(batch[1]))
+    ):
         out = inputs_batch(batch[0], where=where, param="data")
         out.targets = batch[1]
         return out
     if torch.is_tensor(batch) or isinstance(batch, (tuple, list)):
         return inputs_batch(batch, where=where, param="data")
-    raise TypeError(f"{where}: {label} of the data is a {type(batch).__name__}; a batch must be a tensor, a "
-                    f"tuple/list (positional inputs, or an (inputs, targets) pair) or a dict of keyword inputs.")
+    raise TypeError(
+        f"{where}: {label} of the data is a {type(batch).__name__}; a batch must be a tensor, a "
+        f"tuple/list (positional inputs, or an (inputs, targets) pair) or a dict of keyword inputs."
+    )
 
 
 def _is_pair(data) -> bool:
@@ -213,19 +229,25 @@ def iter_batches(data, batch_size: int, *, where: str, check_values: bool = True
             raise ValueError(f"the 'data' parameter of {where} is an empty calibration set (0 samples).")
         lengths = sorted({len(t) for t in tensors})
         if len(lengths) > 1:
-            raise ValueError(f"the 'data' parameter of {where}: inputs and targets differ in length "
-                             f"({' vs '.join(str(k) for k in lengths)}).")
+            raise ValueError(
+                f"the 'data' parameter of {where}: inputs and targets differ in length "
+                f"({' vs '.join(str(k) for k in lengths)})."
+            )
         if check_values:
             _check_batch(whole, where, None)
         for i in range(0, n, batch_size):
             yield whole.slice(i, i + batch_size)
         return
     if torch.is_tensor(data):
-        raise TypeError(f"the 'data' parameter of {where} is a single tensor; pass an (inputs, targets) pair, "
-                        f"or an iterable of batches.")
+        raise TypeError(
+            f"the 'data' parameter of {where} is a single tensor; pass an (inputs, targets) pair, "
+            f"or an iterable of batches."
+        )
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"the 'data' parameter of {where} must be an (x, y) pair of tensors, a dict of tensors "
-                        f"or an iterable of batches (a list, a DataLoader). Got {type(data).__name__} instead.")
+        raise TypeError(
+            f"the 'data' parameter of {where} must be an (x, y) pair of tensors, a dict of tensors "
+            f"or an iterable of batches (a list, a DataLoader). Got {type(data).__name__} instead."
+        )
     n = 0
     for raw in data:
         batch = as_batch(raw, where=where, index=n)
@@ -239,6 +261,7 @@ def iter_batches(data, batch_size: int, *, where: str, check_values: bool = True
 
 def _check_batch(batch: Batch, where: str, index: int | None) -> None:
     from prunelab._model_checks import check_values
+
     label = f" of batch {index}" if index is not None else ""
     for t in batch.tensors():
         if t.is_floating_point() or t.is_meta:
@@ -259,8 +282,10 @@ def logits_of(output, key: str | None = None, *, where: str = "prunelab") -> tor
         keys = list(output.keys())
         wanted = key or "logits"
         if wanted not in keys:
-            raise ValueError(f"{where}: the model's output ({type(output).__name__}) has no {wanted!r} entry; "
-                             f"its entries are {', '.join(map(str, keys))}. Name the one to use with output_key=.")
+            raise ValueError(
+                f"{where}: the model's output ({type(output).__name__}) has no {wanted!r} entry; "
+                f"its entries are {', '.join(map(str, keys))}. Name the one to use with output_key=."
+            )
         value = output[wanted]
         if not torch.is_tensor(value):
             raise ValueError(f"{where}: the model output's {wanted!r} entry is a {type(value).__name__}, not a tensor.")
@@ -269,11 +294,15 @@ def logits_of(output, key: str | None = None, *, where: str = "prunelab") -> tor
         if key is not None:
             raise ValueError(f"{where}: output_key={key!r} was given, but the model returns a {type(output).__name__}.")
         if not torch.is_tensor(output[0]):
-            raise ValueError(f"{where}: the model returns a {type(output).__name__} whose first element is a "
-                             f"{type(output[0]).__name__}, not the logits tensor.")
+            raise ValueError(
+                f"{where}: the model returns a {type(output).__name__} whose first element is a "
+                f"{type(output[0]).__name__}, not the logits tensor."
+            )
         return output[0]
-    raise ValueError(f"{where}: cannot find logits in the model's output of type {type(output).__name__}; "
-                     f"pass loss_fn= (and output_key= for a dict output).")
+    raise ValueError(
+        f"{where}: cannot find logits in the model's output of type {type(output).__name__}; "
+        f"pass loss_fn= (and output_key= for a dict output)."
+    )
 
 
 def token_ids(batch: Batch) -> torch.Tensor | None:
@@ -286,12 +315,16 @@ def token_ids(batch: Batch) -> torch.Tensor | None:
 
 def _check_class_targets(targets: torch.Tensor, n_classes: int, where: str) -> None:
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"{where}: classification targets must be integer class indices; got dtype "
-                         f"{targets.dtype}. Pass loss_fn= for another kind of target.")
+        raise ValueError(
+            f"{where}: classification targets must be integer class indices; got dtype "
+            f"{targets.dtype}. Pass loss_fn= for another kind of target."
+        )
     valid = targets[targets != IGNORE_INDEX]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= n_classes):
-        raise ValueError(f"{where}: targets must be class indices in [0, {n_classes}) (or {IGNORE_INDEX}, "
-                         f"ignored); got values from {int(valid.min())} to {int(valid.max())}.")
+        raise ValueError(
+            f"{where}: targets must be class indices in [0, {n_classes}) (or {IGNORE_INDEX}, "
+            f"ignored); got values from {int(valid.min())} to {int(valid.max())}."
+        )
 
 
 def loss_targets(logits: torch.Tensor, batch: Batch, *, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,11 +333,15 @@ def loss_targets(logits: torch.Tensor, batch: Batch, *, where: str) -> tuple[tor
     targets = batch.targets
     if logits.dim() == 2:
         if targets is None:
-            raise ValueError(f"{where}: the model returns class logits {tuple(logits.shape)} but the batch has "
-                             f"no targets; give (inputs, targets) batches, or loss_fn=.")
+            raise ValueError(
+                f"{where}: the model returns class logits {tuple(logits.shape)} but the batch has "
+                f"no targets; give (inputs, targets) batches, or loss_fn=."
+            )
         if targets.shape != logits.shape[:1]:
-            raise ValueError(f"{where}: class logits {tuple(logits.shape)} need targets of shape "
-                             f"({logits.shape[0]},); got {tuple(targets.shape)}.")
+            raise ValueError(
+                f"{where}: class logits {tuple(logits.shape)} need targets of shape "
+                f"({logits.shape[0]},); got {tuple(targets.shape)}."
+            )
         _check_class_targets(targets, logits.shape[1], where)
         return logits, targets
     if logits.dim() == 3:
@@ -312,21 +349,29 @@ def loss_targets(logits: torch.Tensor, batch: Batch, *, where: str) -> tuple[tor
         if targets is None or batch.hf_labels:
             ids = targets if targets is not None else token_ids(batch)
             if ids is None:
-                raise ValueError(f"{where}: the model returns token logits {tuple(logits.shape)} but the batch has "
-                                 f"neither targets nor one integer input (input_ids) to predict; give "
-                                 f"(inputs, targets) batches, or loss_fn=.")
+                raise ValueError(
+                    f"{where}: the model returns token logits {tuple(logits.shape)} but the batch has "
+                    f"neither targets nor one integer input (input_ids) to predict; give "
+                    f"(inputs, targets) batches, or loss_fn=."
+                )
             if ids.shape != (n, t):
-                raise ValueError(f"{where}: token logits {tuple(logits.shape)} need token ids of shape ({n}, {t}); "
-                                 f"got {tuple(ids.shape)}.")
+                raise ValueError(
+                    f"{where}: token logits {tuple(logits.shape)} need token ids of shape ({n}, {t}); "
+                    f"got {tuple(ids.shape)}."
+                )
             _check_class_targets(ids, v, where)
-            return logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1)     # position t predicts token t+1
+            return logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1)  # position t predicts token t+1
         if targets.shape != (n, t):
-            raise ValueError(f"{where}: token logits {tuple(logits.shape)} need targets of shape ({n}, {t}); "
-                             f"got {tuple(targets.shape)}.")
+            raise ValueError(
+                f"{where}: token logits {tuple(logits.shape)} need targets of shape ({n}, {t}); "
+                f"got {tuple(targets.shape)}."
+            )
         _check_class_targets(targets, v, where)
         return logits.reshape(-1, v), targets.reshape(-1)
-    raise ValueError(f"{where}: cannot infer a loss for logits of shape {tuple(logits.shape)} (expected "
-                     f"(N, classes) or (N, tokens, vocabulary)); pass loss_fn=.")
+    raise ValueError(
+        f"{where}: cannot infer a loss for logits of shape {tuple(logits.shape)} (expected "
+        f"(N, classes) or (N, tokens, vocabulary)); pass loss_fn=."
+    )
 
 
 def default_loss(logits: torch.Tensor, batch: Batch, *, where: str) -> torch.Tensor:
@@ -353,32 +398,44 @@ class Loss:
         return logits_of(output, self.output_key, where=self.where)
 
     def __call__(self, output, batch: Batch) -> torch.Tensor:
-        if self.user is None or (_is_plain_cross_entropy(self.user)
-                                 and (self.output_key is not None or not torch.is_tensor(output)
-                                      or output.dim() != 2 or batch.targets is None)):
+        if self.user is None or (
+            _is_plain_cross_entropy(self.user)
+            and (
+                self.output_key is not None or not torch.is_tensor(output) or output.dim() != 2 or batch.targets is None
+            )
+        ):
             return default_loss(self.logits(output), batch, where=self.where)
         targets = batch.targets if batch.targets is not None else batch.inputs
         return self.user(output, targets)
 
 
-def make_loss(loss_fn: "Callable | Loss | None", output_key: str | None = None, *, where: str) -> Loss:
+def make_loss(loss_fn: Callable | Loss | None, output_key: str | None = None, *, where: str) -> Loss:
     """A :class:`Loss` from a user's ``loss_fn`` (or None for the shape-inferred cross-entropy)."""
     if isinstance(loss_fn, Loss):
         return loss_fn
     if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"the 'loss_fn' parameter of {where} must be callable (output, targets) -> loss. "
-                        f"Got {type(loss_fn).__name__} instead.")
+        raise TypeError(
+            f"the 'loss_fn' parameter of {where} must be callable (output, targets) -> loss. "
+            f"Got {type(loss_fn).__name__} instead."
+        )
     if output_key is not None and not isinstance(output_key, str):
-        raise TypeError(f"the 'output_key' parameter of {where} must be a string (an entry of the model's "
-                        f"dict output). Got {type(output_key).__name__} instead.")
+        raise TypeError(
+            f"the 'output_key' parameter of {where} must be a string (an entry of the model's "
+            f"dict output). Got {type(output_key).__name__} instead."
+        )
     return Loss(loss_fn, output_key, where)
 
 
 def _is_plain_cross_entropy(loss_fn) -> bool:
     if loss_fn is F.cross_entropy:
         return True
-    return type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction == "mean" and loss_fn.weight is None \
-        and loss_fn.ignore_index == IGNORE_INDEX and loss_fn.label_smoothing == 0.0
+    return (
+        type(loss_fn) is nn.CrossEntropyLoss
+        and loss_fn.reduction == "mean"
+        and loss_fn.weight is None
+        and loss_fn.ignore_index == IGNORE_INDEX
+        and loss_fn.label_smoothing == 0.0
+    )
 
 
 def is_cross_entropy(loss_fn) -> bool:
@@ -397,20 +454,31 @@ def forward_batches(model: nn.Module, batches: Iterable, *, where: str = "prunel
     return out
 
 
-def example_batch(model: nn.Module, input_shape=None, example_inputs=None, *, where: str,
-                  dtype: torch.dtype | None = None, device=None) -> Batch:
+def example_batch(
+    model: nn.Module,
+    input_shape=None,
+    example_inputs=None,
+    *,
+    where: str,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> Batch:
     """The one example that a dry run feeds: ``example_inputs`` (tensor, tuple or dict) as given,
     or a zero tensor of shape ``(1, *input_shape)`` in the model's dtype. Exactly one of the two."""
     if (input_shape is None) == (example_inputs is None):
-        raise ValueError(f"{where} needs exactly one of 'input_shape' (one input without the batch dimension) "
-                         f"and 'example_inputs' (a tensor, tuple or dict the model takes). Got "
-                         f"{'both' if input_shape is not None else 'neither'}.")
+        raise ValueError(
+            f"{where} needs exactly one of 'input_shape' (one input without the batch dimension) "
+            f"and 'example_inputs' (a tensor, tuple or dict the model takes). Got "
+            f"{'both' if input_shape is not None else 'neither'}."
+        )
     if example_inputs is not None:
         batch = inputs_batch(example_inputs, where=where)
         total = sum(t.numel() for t in batch.tensors())
         if total > MAX_EXAMPLE_ELEMENTS:
-            raise ValueError(f"the 'example_inputs' parameter of {where} holds {total} elements, over the limit "
-                             f"of {MAX_EXAMPLE_ELEMENTS}.")
+            raise ValueError(
+                f"the 'example_inputs' parameter of {where} holds {total} elements, over the limit "
+                f"of {MAX_EXAMPLE_ELEMENTS}."
+            )
         return batch.to(device=device)
     shape = check_input_shape(input_shape, where)
     return Batch((torch.zeros((1, *shape), device=device, dtype=dtype or torch.float32),))

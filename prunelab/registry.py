@@ -7,8 +7,8 @@ the same names. A registry answers an unknown name with the list of valid ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import inspect
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from prunelab._validation import suggest
@@ -44,8 +44,10 @@ class Registry(Generic[T]):
         prefix = f"the '{param}' parameter of {where}" if where else f"the '{param}' parameter"
         listed = ", ".join(self.names())
         if not isinstance(name, str):
-            raise TypeError(f"{prefix} must be a {self.kind} name, one of: {listed}. "
-                            f"Got {name!r} of type {type(name).__name__} instead.")
+            raise TypeError(
+                f"{prefix} must be a {self.kind} name, one of: {listed}. "
+                f"Got {name!r} of type {type(name).__name__} instead."
+            )
         if name in self._entries:
             return name
         if name in self._aliases:
@@ -56,8 +58,16 @@ class Registry(Generic[T]):
     def get(self, name: Any, *, param: str | None = None, where: str | None = None) -> T:
         return self._entries[self.canonical(name, param=param, where=where)]
 
-    def build(self, spec: Any, *, param: str | None = None, where: str | None = None,
-              defaults: dict[str, Any] | None = None, instance_of: type | None = None, **options: Any) -> Any:
+    def build(
+        self,
+        spec: Any,
+        *,
+        param: str | None = None,
+        where: str | None = None,
+        defaults: dict[str, Any] | None = None,
+        instance_of: type | None = None,
+        **options: Any,
+    ) -> Any:
         """Instantiate an entry from a name or a ``{"name": ..., **options}`` dict.
 
         Objects that are not names or dicts are returned unchanged (an instance
@@ -67,32 +77,43 @@ class Registry(Generic[T]):
         """
         if isinstance(spec, dict):
             if "name" not in spec:
-                raise ValueError(f"a {self.kind} given as a dict needs a 'name' key, one of: "
-                                 f"{', '.join(self.names())}. Got {spec!r}.")
+                raise ValueError(
+                    f"a {self.kind} given as a dict needs a 'name' key, one of: "
+                    f"{', '.join(self.names())}. Got {spec!r}."
+                )
             options = {**{k: v for k, v in spec.items() if k != "name"}, **options}
             spec = spec["name"]
         elif not isinstance(spec, str):
             if instance_of is not None and not isinstance(spec, instance_of):
-                prefix = f"the '{param or self.kind}' parameter of {where}" if where else \
-                    f"the '{param or self.kind}' parameter"
-                raise TypeError(f"{prefix} must be a {self.kind} name (one of: {', '.join(self.names())}), "
-                                f"a {{'name': ..., **options}} dict or a {instance_of.__name__}. "
-                                f"Got {spec!r} of type {type(spec).__name__} instead.")
+                prefix = (
+                    f"the '{param or self.kind}' parameter of {where}"
+                    if where
+                    else f"the '{param or self.kind}' parameter"
+                )
+                raise TypeError(
+                    f"{prefix} must be a {self.kind} name (one of: {', '.join(self.names())}), "
+                    f"a {{'name': ..., **options}} dict or a {instance_of.__name__}. "
+                    f"Got {spec!r} of type {type(spec).__name__} instead."
+                )
             return spec
         name = self.canonical(spec, param=param, where=where)
         factory = self._entries[name]
         accepted = _accepted_options(factory)
         unknown = sorted(set(options) - accepted) if accepted is not None else []
         if unknown:
-            raise TypeError(f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                            f"valid options: {', '.join(sorted(accepted)) or 'none'}.")
+            raise TypeError(
+                f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(sorted(accepted)) or 'none'}."
+            )
         for key, value in (defaults or {}).items():
             if key not in options and (accepted is None or key in accepted):
                 options[key] = value
         missing = [key for key in _required_options(factory) if key not in options]
         if missing:
-            raise ValueError(f"{self.kind} {name!r} needs option(s) {', '.join(map(repr, missing))}; "
-                             f"valid options: {', '.join(sorted(accepted or []))}.")
+            raise ValueError(
+                f"{self.kind} {name!r} needs option(s) {', '.join(map(repr, missing))}; "
+                f"valid options: {', '.join(sorted(accepted or []))}."
+            )
         return factory(**options)
 
     def names(self) -> list[str]:
@@ -121,8 +142,11 @@ def _required_options(factory: Any) -> list[str]:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
         return []
-    return [p.name for p in signature.parameters.values()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def _accepted_options(factory: Any) -> set[str] | None:

@@ -25,28 +25,51 @@ import copy
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from numbers import Integral
-
-from prunelab._validation import (BATCH_SIZE, FRACTION, MAPPING, MAX_BATCH, MAX_REPEATS, MODEL,
-                                  THREADS, Interval, Sizes, check_param, check_type, validate_params)
+from prunelab._validation import (
+    BATCH_SIZE,
+    FRACTION,
+    MAPPING,
+    MAX_BATCH,
+    MAX_REPEATS,
+    MODEL,
+    THREADS,
+    Interval,
+    Sizes,
+    check_param,
+    check_type,
+    validate_params,
+)
 from prunelab.inputs import Batch, example_batch, logits_of
-from prunelab.metrics.dry_run import default_device_dtype
+from prunelab.metrics.dry_run import SHAPE, default_device_dtype
 from prunelab.metrics.flops import count_nonzero
-from prunelab.metrics.dry_run import SHAPE
 from prunelab.metrics.latency import measure_latency
 from prunelab.models.sparse import MANY_ROWS, SUPPORTED_DTYPES, SparseLinear, check_dtype  # noqa: F401 (public here too)
 
-__all__ = ["MANY_ROWS", "InferenceLatency", "LayerDecision", "SparseLinear", "SparsifyReport",
-           "compare_latency", "densify", "inference_latency", "sparsify"]
+__all__ = [
+    "MANY_ROWS",
+    "InferenceLatency",
+    "LayerDecision",
+    "SparseLinear",
+    "SparsifyReport",
+    "compare_latency",
+    "densify",
+    "inference_latency",
+    "sparsify",
+]
 
 #: What the functions that time models interleaved declare.
-_ROUNDS = {"threads": [THREADS, None], "rounds": [Interval(Integral, 1, MAX_REPEATS)],
-           "repeats": [Interval(Integral, 1, MAX_REPEATS)], "warmup": [Interval(Integral, 0, MAX_REPEATS)]}
+_ROUNDS = {
+    "threads": [THREADS, None],
+    "rounds": [Interval(Integral, 1, MAX_REPEATS)],
+    "repeats": [Interval(Integral, 1, MAX_REPEATS)],
+    "warmup": [Interval(Integral, 0, MAX_REPEATS)],
+}
 _EXAMPLE = {"model": [MODEL], "input_shape": [SHAPE, None]}
 
 
@@ -85,9 +108,17 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 @validate_params({"models": [MAPPING], "input_shape": [SHAPE, None], "batch_sizes": [Sizes(MAX_BATCH)], **_ROUNDS})
-def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] | int | None = None,
-                    batch_sizes: Sequence[int] | int = (1, 64), *, example_inputs=None, threads: int | None = None,
-                    rounds: int = 7, repeats: int = 10, warmup: int = 3) -> dict[str, dict[int, float]]:
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int] | int | None = None,
+    batch_sizes: Sequence[int] | int = (1, 64),
+    *,
+    example_inputs=None,
+    threads: int | None = None,
+    rounds: int = 7,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> dict[str, dict[int, float]]:
     """Median forward latency in ms of each model at each batch size, ``{name: {batch: ms}}``.
 
     The input is a random tensor ``(batch, *input_shape)`` (:func:`prunelab.measure_latency`)
@@ -107,10 +138,19 @@ def compare_latency(models: Mapping[str, nn.Module], input_shape: Sequence[int] 
     medians: dict[str, dict[int, list[float]]] = {name: {} for name in models}
     names = list(models)
     for index in range(rounds):
-        for name in (names if index % 2 == 0 else names[::-1]):
-            rows = {row.batch_size: row.median_ms for row in measure_latency(
-                models[name], input_shape, batch_sizes, example_inputs=example_inputs, warmup=warmup,
-                repeats=repeats, threads=threads)}
+        for name in names if index % 2 == 0 else names[::-1]:
+            rows = {
+                row.batch_size: row.median_ms
+                for row in measure_latency(
+                    models[name],
+                    input_shape,
+                    batch_sizes,
+                    example_inputs=example_inputs,
+                    warmup=warmup,
+                    repeats=repeats,
+                    threads=threads,
+                )
+            }
             for batch_size, ms in rows.items():
                 medians[name].setdefault(batch_size, []).append(ms)
     return {name: {b: statistics.median(ms) for b, ms in rows.items()} for name, rows in medians.items()}
@@ -156,9 +196,13 @@ class SparsifyReport:
         return [layer.name for layer in self.layers if layer.replaced]
 
     def to_dict(self) -> dict:
-        return {"min_sparsity": self.min_sparsity, "only_if_faster": self.only_if_faster,
-                "batch_size": self.batch_size, "threads": self.threads,
-                "layers": [asdict(layer) for layer in self.layers]}
+        return {
+            "min_sparsity": self.min_sparsity,
+            "only_if_faster": self.only_if_faster,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
 
     def __str__(self) -> str:
         headers = ("layer", "shape", "sparsity %", "dense ms", "sparse ms", "replaced", "why")
@@ -166,17 +210,33 @@ class SparsifyReport:
         def ms(value: float | None) -> str:
             return "-" if value is None else f"{value:.4f}"
 
-        table = [(d.name or "(root)", f"{d.in_features}x{d.out_features}", f"{100 * d.sparsity:.2f}",
-                  ms(d.dense_ms), ms(d.sparse_ms), "yes" if d.replaced else "no", d.reason)
-                 for d in self.layers]
+        table = [
+            (
+                d.name or "(root)",
+                f"{d.in_features}x{d.out_features}",
+                f"{100 * d.sparsity:.2f}",
+                ms(d.dense_ms),
+                ms(d.sparse_ms),
+                "yes" if d.replaced else "no",
+                d.reason,
+            )
+            for d in self.layers
+        ]
         widths = [max(len(str(cells[i])) for cells in [headers, *table]) for i in range(len(headers))]
         right = (False, False, True, True, True, False, False)
-        lines = ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
-                 for cells in [headers, *table]]
-        timed = (f"timed alone at batch {self.batch_size}, {self.threads} thread(s)" if self.only_if_faster
-                 else "not timed (only_if_faster=False)")
-        footer = (f"{len(self.replaced)} of {len(self.layers)} Linear layer(s) replaced; "
-                  f"min_sparsity {100 * self.min_sparsity:g} %; {timed}")
+        lines = [
+            "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+            for cells in [headers, *table]
+        ]
+        timed = (
+            f"timed alone at batch {self.batch_size}, {self.threads} thread(s)"
+            if self.only_if_faster
+            else "not timed (only_if_faster=False)"
+        )
+        footer = (
+            f"{len(self.replaced)} of {len(self.layers)} Linear layer(s) replaced; "
+            f"min_sparsity {100 * self.min_sparsity:g} %; {timed}"
+        )
         return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], footer])
 
 
@@ -212,11 +272,16 @@ def _run(model: nn.Module, batch: Batch, where: str):
             return batch.call(model)
     except Exception as err:
         tensors = batch.tensors()
-        what = (f"an input of shape {tuple(tensors[0].shape)} ({tensors[0].dtype})" if len(tensors) == 1
-                else "the example inputs (" + ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors) + ")")
-        raise ValueError(f"{where} could not run {type(model).__name__} on {what}; check 'input_shape' (one "
-                         f"input, without the batch dimension) or 'example_inputs'. "
-                         f"The model raised {type(err).__name__}: {err}") from err
+        what = (
+            f"an input of shape {tuple(tensors[0].shape)} ({tensors[0].dtype})"
+            if len(tensors) == 1
+            else "the example inputs (" + ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in tensors) + ")"
+        )
+        raise ValueError(
+            f"{where} could not run {type(model).__name__} on {what}; check 'input_shape' (one "
+            f"input, without the batch dimension) or 'example_inputs'. "
+            f"The model raised {type(err).__name__}: {err}"
+        ) from err
 
 
 def _parent_reads_weight(model: nn.Module) -> dict[str, str]:
@@ -232,12 +297,22 @@ def _parent_reads_weight(model: nn.Module) -> dict[str, str]:
     return found
 
 
-@validate_params({**_EXAMPLE, "min_sparsity": [FRACTION], "only_if_faster": [bool], "batch_size": [BATCH_SIZE],
-                  **_ROUNDS})
-def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
-             min_sparsity: float = 0.9,
-             only_if_faster: bool = True, batch_size: int = 1, threads: int | None = None,
-             rounds: int = 15, repeats: int = 10, warmup: int = 3) -> tuple[nn.Module, SparsifyReport]:
+@validate_params(
+    {**_EXAMPLE, "min_sparsity": [FRACTION], "only_if_faster": [bool], "batch_size": [BATCH_SIZE], **_ROUNDS}
+)
+def sparsify(
+    model: nn.Module,
+    input_shape: Sequence[int] | int | None = None,
+    *,
+    example_inputs=None,
+    min_sparsity: float = 0.9,
+    only_if_faster: bool = True,
+    batch_size: int = 1,
+    threads: int | None = None,
+    rounds: int = 15,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> tuple[nn.Module, SparsifyReport]:
     """A copy of ``model`` with sparse ``nn.Linear`` layers replaced by :class:`SparseLinear`.
 
     A Linear layer (exactly ``nn.Linear``, not a subclass) is replaced when the sparsity of its
@@ -286,14 +361,18 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
     """
     where = "sparsify"
     from prunelab._model_checks import check_materialised
+
     check_materialised(model, where)
     batch = _example(model, input_shape, example_inputs, where)
     min_sparsity, batch_size = float(min_sparsity), int(batch_size)
     threads = None if threads is None else int(threads)
     rounds, repeats, warmup = int(rounds), int(repeats), int(warmup)
 
-    linears = [(name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
-               for name, module in model.named_modules() if _is_plain_linear(module) and module.weight.numel()]
+    linears = [
+        (name, module, 1.0 - count_nonzero(module.weight) / module.weight.numel())
+        for name, module in model.named_modules()
+        if _is_plain_linear(module) and module.weight.numel()
+    ]
     read_by_parent = _parent_reads_weight(model)
     for name, module, sparsity in linears:
         if sparsity >= min_sparsity and name not in read_by_parent:
@@ -304,8 +383,7 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
     decisions = []
     for name, module, sparsity in linears:
         dense_ms = sparse_ms = None
-        sparse = (SparseLinear.from_linear(module) if sparsity >= min_sparsity and name not in read_by_parent
-                  else None)
+        sparse = SparseLinear.from_linear(module) if sparsity >= min_sparsity and name not in read_by_parent else None
         if name in read_by_parent:
             replaced = False
             reason = f"kept dense: its parent {read_by_parent[name]} reads the weight directly"
@@ -316,8 +394,15 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
             replaced, reason = True, f"sparsity >= {100 * min_sparsity:g} % (not timed)"
         else:
             layer_shape = inputs.get(module, (module.in_features,))
-            ms = compare_latency({"dense": module, "sparse": sparse}, layer_shape, batch_size, threads=threads,
-                                 rounds=rounds, repeats=repeats, warmup=warmup)
+            ms = compare_latency(
+                {"dense": module, "sparse": sparse},
+                layer_shape,
+                batch_size,
+                threads=threads,
+                rounds=rounds,
+                repeats=repeats,
+                warmup=warmup,
+            )
             dense_ms, sparse_ms = ms["dense"][batch_size], ms["sparse"][batch_size]
             replaced = sparse_ms < dense_ms
             reason = "sparse faster" if replaced else "sparse not faster"
@@ -328,11 +413,25 @@ def sparsify(model: nn.Module, input_shape: Sequence[int] | int | None = None, *
         if replaced:
             sparse.train(module.training)
             new_model = _replace(new_model, name, sparse)
-        decisions.append(LayerDecision(name=name, in_features=module.in_features,
-                                       out_features=module.out_features, sparsity=sparsity, dense_ms=dense_ms,
-                                       sparse_ms=sparse_ms, replaced=replaced, reason=reason))
-    report = SparsifyReport(layers=tuple(decisions), min_sparsity=min_sparsity, only_if_faster=only_if_faster,
-                            batch_size=batch_size, threads=threads or torch.get_num_threads())
+        decisions.append(
+            LayerDecision(
+                name=name,
+                in_features=module.in_features,
+                out_features=module.out_features,
+                sparsity=sparsity,
+                dense_ms=dense_ms,
+                sparse_ms=sparse_ms,
+                replaced=replaced,
+                reason=reason,
+            )
+        )
+    report = SparsifyReport(
+        layers=tuple(decisions),
+        min_sparsity=min_sparsity,
+        only_if_faster=only_if_faster,
+        batch_size=batch_size,
+        threads=threads or torch.get_num_threads(),
+    )
     if report.replaced:
         _check_same_output(model, new_model, batch, report.replaced, where)
     return new_model, report
@@ -349,14 +448,18 @@ def _check_same_output(model: nn.Module, sparse: nn.Module, batch: Batch, replac
     try:
         sparse_out = logits_of(_run(sparse, batch, where), where=where)
     except ValueError as err:
-        raise ValueError(f"{where}: the model fails once {', '.join(replaced)} became SparseLinear (a module "
-                         f"that reads their weight tensor directly?): {err}") from None
+        raise ValueError(
+            f"{where}: the model fails once {', '.join(replaced)} became SparseLinear (a module "
+            f"that reads their weight tensor directly?): {err}"
+        ) from None
     diff = float((sparse_out - dense_out).abs().max()) if dense_out.numel() else 0.0
     scale = float(dense_out.abs().max()) if dense_out.numel() else 0.0
     if not diff <= 1e-4 * max(1.0, scale):
-        raise ValueError(f"{where}: with {', '.join(replaced)} as SparseLinear the output differs from the "
-                         f"model's by {diff:.3g}; a module reads their weight tensor directly. "
-                         f"Raise min_sparsity to keep them dense.")
+        raise ValueError(
+            f"{where}: with {', '.join(replaced)} as SparseLinear the output differs from the "
+            f"model's by {diff:.3g}; a module reads their weight tensor directly. "
+            f"Raise min_sparsity to keep them dense."
+        )
 
 
 @dataclass(frozen=True)
@@ -386,11 +489,16 @@ class InferenceLatency:
         return self.median_ms["dense"][batch_size] / self.median_ms[variant][batch_size]
 
     def to_dict(self) -> dict:
-        return {"median_ms": self.median_ms, "max_abs_diff": self.max_abs_diff,
-                "sparse": self.sparse_report.to_dict(),
-                "thinned_units": {k: list(v) for k, v in self.thinned_units.items()},
-                "thinned_note": self.thinned_note, "threads": self.threads, "rounds": self.rounds,
-                "repeats": self.repeats}
+        return {
+            "median_ms": self.median_ms,
+            "max_abs_diff": self.max_abs_diff,
+            "sparse": self.sparse_report.to_dict(),
+            "thinned_units": {k: list(v) for k, v in self.thinned_units.items()},
+            "thinned_note": self.thinned_note,
+            "threads": self.threads,
+            "rounds": self.rounds,
+            "repeats": self.repeats,
+        }
 
     def __str__(self) -> str:
         labels = {"dense": "dense (zeros kept)", "sparse": "sparse (CSR Linear)", "thinned": "thinned (dead units)"}
@@ -398,16 +506,28 @@ class InferenceLatency:
         rows = [["model", *(f"batch {b}" for b in batches), "max |diff|"]]
         for variant, label in labels.items():
             if variant in self.median_ms:
-                rows.append([label, *(f"{self.median_ms[variant][b]:.4f} ms {self.speedup(variant, b):5.2f}x"
-                                      for b in batches), f"{self.max_abs_diff[variant]:.1e}"])
+                rows.append(
+                    [
+                        label,
+                        *(f"{self.median_ms[variant][b]:.4f} ms {self.speedup(variant, b):5.2f}x" for b in batches),
+                        f"{self.max_abs_diff[variant]:.1e}",
+                    ]
+                )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        table = ["  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                                  for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+        table = [
+            "  "
+            + "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
+            for row in rows
+        ]
         return "\n".join([self._header(), *table, self._sparse_line(), self._thinned_line()])
 
     def _header(self) -> str:
-        return (f"latency: median over {self.rounds} interleaved round(s) of {self.repeats} calls, "
-                f"{self.threads} thread(s); speedup vs dense")
+        return (
+            f"latency: median over {self.rounds} interleaved round(s) of {self.repeats} calls, "
+            f"{self.threads} thread(s); speedup vs dense"
+        )
 
     def _sparse_line(self) -> str:
         def listed(decisions: list[LayerDecision]) -> str:
@@ -418,25 +538,36 @@ class InferenceLatency:
         if replaced:
             line = f"  sparse: SparseLinear for {listed(replaced)}"
         else:
-            line = (f"  sparse: no Linear layer at >= {100 * self.sparse_report.min_sparsity:g} % sparsity "
-                    f"(same as dense)")
+            line = (
+                f"  sparse: no Linear layer at >= {100 * self.sparse_report.min_sparsity:g} % sparsity (same as dense)"
+            )
         return line + (f"; kept dense: {listed(kept)}" if kept else "")
 
     def _thinned_line(self) -> str:
         parts = []
         if self.thinned_units:
-            parts.append(", ".join(f"{name} {before}->{after}"
-                                   for name, (before, after) in self.thinned_units.items()) + " units")
+            parts.append(
+                ", ".join(f"{name} {before}->{after}" for name, (before, after) in self.thinned_units.items())
+                + " units"
+            )
         if self.thinned_note:
             parts.append(self.thinned_note)
         return "  thinned: " + "; ".join(parts)
 
 
 @validate_params({**_EXAMPLE, "min_sparsity": [FRACTION], "batch_sizes": [Sizes(MAX_BATCH)], **_ROUNDS})
-def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
-                      min_sparsity: float = 0.9,
-                      batch_sizes: Sequence[int] | int = (1, 64), threads: int | None = None,
-                      rounds: int = 15, repeats: int = 10, warmup: int = 3) -> InferenceLatency:
+def inference_latency(
+    model: nn.Module,
+    input_shape: Sequence[int] | int | None = None,
+    *,
+    example_inputs=None,
+    min_sparsity: float = 0.9,
+    batch_sizes: Sequence[int] | int = (1, 64),
+    threads: int | None = None,
+    rounds: int = 15,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> InferenceLatency:
     """Median forward latency of ``model`` as it is, sparsified and thinned (``prunelab summary --latency``).
 
     The three variants (see :class:`InferenceLatency`) are measured by :func:`compare_latency`
@@ -450,12 +581,12 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None 
     threads = None if threads is None else int(threads)
     rounds, repeats = int(rounds), int(repeats)
 
-    sparse, report = sparsify(model, input_shape, example_inputs=example_inputs, min_sparsity=min_sparsity,
-                              only_if_faster=False)
+    sparse, report = sparsify(
+        model, input_shape, example_inputs=example_inputs, min_sparsity=min_sparsity, only_if_faster=False
+    )
     variants = {"dense": model, "sparse": sparse}
     thinned_units: dict[str, tuple[int, int]] = {}
-    single = (len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point()
-              and batch.args[0].dim() > 1)
+    single = len(batch.args) == 1 and not batch.kwargs and batch.args[0].is_floating_point() and batch.args[0].dim() > 1
     # one float tensor: traced on a zero input of its shape, as before; other inputs as they are
     inputs = {"input_shape": tuple(batch.args[0].shape[1:])} if single else {"example_inputs": batch.inputs}
     try:
@@ -470,17 +601,37 @@ def inference_latency(model: nn.Module, input_shape: Sequence[int] | int | None 
         probe = batch.repeat_to(8)
     else:
         x = batch.args[0]
-        probe = Batch((torch.randn((8, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
-                       .to(device=x.device, dtype=x.dtype),))
+        probe = Batch(
+            (
+                torch.randn((8, *x.shape[1:]), generator=torch.Generator().manual_seed(0)).to(
+                    device=x.device, dtype=x.dtype
+                ),
+            )
+        )
     outputs = {name: logits_of(_run(variant, probe, where), where=where) for name, variant in variants.items()}
-    diffs = {name: float((out - outputs["dense"]).abs().max()) if out.numel() else 0.0
-             for name, out in outputs.items()}
+    diffs = {name: float((out - outputs["dense"]).abs().max()) if out.numel() else 0.0 for name, out in outputs.items()}
     if input_shape is None:
-        median_ms = compare_latency(variants, None, batch_sizes, example_inputs=example_inputs, threads=threads,
-                                    rounds=rounds, repeats=repeats, warmup=warmup)
+        median_ms = compare_latency(
+            variants,
+            None,
+            batch_sizes,
+            example_inputs=example_inputs,
+            threads=threads,
+            rounds=rounds,
+            repeats=repeats,
+            warmup=warmup,
+        )
     else:
-        median_ms = compare_latency(variants, input_shape, batch_sizes, threads=threads, rounds=rounds,
-                                    repeats=repeats, warmup=warmup)
-    return InferenceLatency(median_ms=median_ms, max_abs_diff=diffs, sparse_report=report,
-                            thinned_units=thinned_units, thinned_note=note,
-                            threads=threads or torch.get_num_threads(), rounds=rounds, repeats=repeats)
+        median_ms = compare_latency(
+            variants, input_shape, batch_sizes, threads=threads, rounds=rounds, repeats=repeats, warmup=warmup
+        )
+    return InferenceLatency(
+        median_ms=median_ms,
+        max_abs_diff=diffs,
+        sparse_report=report,
+        thinned_units=thinned_units,
+        thinned_note=note,
+        threads=threads or torch.get_num_threads(),
+        rounds=rounds,
+        repeats=repeats,
+    )

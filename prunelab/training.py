@@ -31,6 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 
 import torch
 from torch import nn
@@ -38,11 +39,23 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
-from numbers import Real
-
 from prunelab._model_checks import check_materialised, check_trainable, check_values
-from prunelab._validation import (BATCH_SIZE, DATA, EPOCHS, EVERY, FRACTION, MODEL, SEED, STEP, Interval, Model,
-                                  Options, Types, check_finite, validate_params)
+from prunelab._validation import (
+    BATCH_SIZE,
+    DATA,
+    EPOCHS,
+    EVERY,
+    FRACTION,
+    MODEL,
+    SEED,
+    STEP,
+    Interval,
+    Model,
+    Options,
+    Types,
+    check_finite,
+    validate_params,
+)
 from prunelab.distillation import Distillation, check_teacher, make_distillation
 from prunelab.inputs import IGNORE_INDEX, Batch, Loss, as_batch, loss_targets, make_loss
 from prunelab.pruning.pruner import Pruner
@@ -51,16 +64,16 @@ from prunelab.pruning.targets import resolve_targets
 
 OPTIMIZERS = {
     "sgd": lambda params, lr, momentum, weight_decay: torch.optim.SGD(
-        params, lr=lr, momentum=momentum, weight_decay=weight_decay),
-    "adam": lambda params, lr, momentum, weight_decay: torch.optim.Adam(
-        params, lr=lr, weight_decay=weight_decay),
-    "adamw": lambda params, lr, momentum, weight_decay: torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay),
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay
+    ),
+    "adam": lambda params, lr, momentum, weight_decay: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
+    "adamw": lambda params, lr, momentum, weight_decay: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
 }
-DATA_FORMS = ("an (x, y) pair of tensors (a tuple), a prunelab Dataset, a dict of tensors or an iterable of "
-              "batches (a list, a DataLoader, a function returning one)")
-BATCH_FORMS = ("a tensor, a tuple/list (positional inputs, or an (inputs, targets) pair) or a dict of "
-               "keyword inputs")
+DATA_FORMS = (
+    "an (x, y) pair of tensors (a tuple), a prunelab Dataset, a dict of tensors or an iterable of "
+    "batches (a list, a DataLoader, a function returning one)"
+)
+BATCH_FORMS = "a tensor, a tuple/list (positional inputs, or an (inputs, targets) pair) or a dict of keyword inputs"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -70,9 +83,9 @@ class TrainingDiverged(FloatingPointError):
 class Callback:
     """Hooks ``fit`` calls; override what you need. ``state`` is the live TrainState."""
 
-    def on_train_begin(self, state: "TrainState") -> None: ...
-    def on_step_end(self, state: "TrainState") -> None: ...
-    def on_epoch_end(self, state: "TrainState") -> None: ...
+    def on_train_begin(self, state: TrainState) -> None: ...
+    def on_step_end(self, state: TrainState) -> None: ...
+    def on_epoch_end(self, state: TrainState) -> None: ...
 
 
 @dataclass
@@ -83,7 +96,7 @@ class TrainState:
     step: int = 0
     loss: float = math.nan
     history: list[dict] = field(default_factory=list)
-    stop: bool = False      # a callback may set this to end training early
+    stop: bool = False  # a callback may set this to end training early
 
 
 def as_xy(data, param: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,16 +106,22 @@ def as_xy(data, param: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
         if len(x) != len(y):
-            raise ValueError(f"the '{param}' parameter of {where}: inputs and labels differ in length "
-                             f"({len(x)} vs {len(y)}).")
+            raise ValueError(
+                f"the '{param}' parameter of {where}: inputs and labels differ in length ({len(x)} vs {len(y)})."
+            )
         if len(x) == 0:
             raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
-        check_values(f"the inputs of the '{param}' parameter of {where}", x,
-                     hint="; inputs must be finite (drop or impute those examples)")
+        check_values(
+            f"the inputs of the '{param}' parameter of {where}",
+            x,
+            hint="; inputs must be finite (drop or impute those examples)",
+        )
         check_values(f"the targets of the '{param}' parameter of {where}", y)
         return x, y
-    raise TypeError(f"the '{param}' parameter of {where} must be an (x, y) pair of tensors or a "
-                    f"prunelab Dataset. Got {type(data).__name__} instead.")
+    raise TypeError(
+        f"the '{param}' parameter of {where} must be an (x, y) pair of tensors or a "
+        f"prunelab Dataset. Got {type(data).__name__} instead."
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -117,9 +136,9 @@ class Data:
     first: Batch
     whole: Batch | None = None
     passes: Callable[[], Iterable] | None = None
-    one_shot: bool = False          # an iterator: one pass only
-    trusted: bool = False           # in memory, targets checked whole: class indices, none ignored
-    n_batches: int | None = None    # of an iterable with a length
+    one_shot: bool = False  # an iterator: one pass only
+    trusted: bool = False  # in memory, targets checked whole: class indices, none ignored
+    n_batches: int | None = None  # of an iterable with a length
     _passes_done: int = 0
 
     @property
@@ -134,18 +153,24 @@ class Data:
         """The in-memory examples at ``idx`` (a slice or an index tensor). A single image batch goes
         channels-last (:func:`_fast_layout`)."""
         w = self.whole
-        return Batch(tuple(_fast_layout(a[idx]) for a in w.args), {k: v[idx] for k, v in w.kwargs.items()},
-                     None if w.targets is None else w.targets[idx], w.hf_labels)
+        return Batch(
+            tuple(_fast_layout(a[idx]) for a in w.args),
+            {k: v[idx] for k, v in w.kwargs.items()},
+            None if w.targets is None else w.targets[idx],
+            w.hf_labels,
+        )
 
     def batches(self, batch_size: int | None = None, order: torch.Tensor | None = None) -> Iterator[Batch]:
         """One pass: index slices of ``batch_size`` (in ``order`` if given) or the iterable's batches."""
         if self.in_memory:
             for i in range(0, self.whole.size, batch_size):
-                yield self.take(slice(i, i + batch_size) if order is None else order[i:i + batch_size])
+                yield self.take(slice(i, i + batch_size) if order is None else order[i : i + batch_size])
             return
         if self.one_shot and self._passes_done:
-            raise ValueError(f"the '{self.param}' parameter of {self.where} is an iterator and was used up by "
-                             f"its first pass; pass a list, a DataLoader or a function returning the batches.")
+            raise ValueError(
+                f"the '{self.param}' parameter of {self.where} is an iterator and was used up by "
+                f"its first pass; pass a list, a DataLoader or a function returning the batches."
+            )
         self._passes_done += 1
         for i, raw in enumerate(self.passes()):
             yield read_batch(raw, self.param, self.where, i)
@@ -156,11 +181,16 @@ def read_batch(raw, param: str, where: str, index: int) -> Batch:
     try:
         batch = as_batch(raw, where=where, index=index)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"the '{param}' parameter of {where} must be {DATA_FORMS}; its batch {index} is a "
-                        f"{type(raw).__name__}, and a batch must be {BATCH_FORMS} ({err}).") from err
+        raise type(err)(
+            f"the '{param}' parameter of {where} must be {DATA_FORMS}; its batch {index} is a "
+            f"{type(raw).__name__}, and a batch must be {BATCH_FORMS} ({err})."
+        ) from err
     for t in batch.tensors():
-        check_values(f"the inputs of batch {index} of the '{param}' parameter of {where}", t,
-                     hint="; inputs must be finite (drop or impute those examples)")
+        check_values(
+            f"the inputs of batch {index} of the '{param}' parameter of {where}",
+            t,
+            hint="; inputs must be finite (drop or impute those examples)",
+        )
     if batch.targets is not None:
         check_values(f"the targets of batch {index} of the '{param}' parameter of {where}", batch.targets)
     return batch
@@ -176,11 +206,15 @@ def resolve_data(data, param: str, where: str, split: str) -> Data:
     if isinstance(data, Mapping) and data and all(torch.is_tensor(v) for v in data.values()):
         return _in_memory(as_batch(data, where=where), param, where)
     if torch.is_tensor(data):
-        raise TypeError(f"the '{param}' parameter of {where} is a single tensor; pass an (x, y) tuple of "
-                        f"tensors, or an iterable of batches.")
+        raise TypeError(
+            f"the '{param}' parameter of {where} is a single tensor; pass an (x, y) tuple of "
+            f"tensors, or an iterable of batches."
+        )
     if isinstance(data, (str, bytes, Mapping)):
-        raise TypeError(f"the '{param}' parameter of {where} must be {DATA_FORMS}. Got {type(data).__name__} "
-                        f"instead{' (a dict whose values are not all tensors)' if isinstance(data, Mapping) else ''}.")
+        raise TypeError(
+            f"the '{param}' parameter of {where} must be {DATA_FORMS}. Got {type(data).__name__} "
+            f"instead{' (a dict whose values are not all tensors)' if isinstance(data, Mapping) else ''}."
+        )
     if isinstance(data, Iterator):
         return _one_shot(data, param, where)
     if isinstance(data, Iterable):
@@ -194,13 +228,18 @@ def _in_memory(whole: Batch, param: str, where: str) -> Data:
     tensors = whole.tensors() + ([whole.targets] if whole.targets is not None else [])
     lengths = sorted({len(t) if t.dim() else 0 for t in tensors})
     if len(lengths) > 1:
-        raise ValueError(f"the '{param}' parameter of {where}: inputs and targets differ in length "
-                         f"({' vs '.join(map(str, lengths))}).")
+        raise ValueError(
+            f"the '{param}' parameter of {where}: inputs and targets differ in length "
+            f"({' vs '.join(map(str, lengths))})."
+        )
     if lengths == [0]:
         raise ValueError(f"the '{param}' parameter of {where} is empty (0 samples).")
     for name, t in {**dict(enumerate(whole.args)), **whole.kwargs}.items():
-        check_values(f"the inputs ({name!r}) of the '{param}' parameter of {where}", t,
-                     hint="; inputs must be finite (drop or impute those examples)")
+        check_values(
+            f"the inputs ({name!r}) of the '{param}' parameter of {where}",
+            t,
+            hint="; inputs must be finite (drop or impute those examples)",
+        )
     if whole.targets is not None:
         check_values(f"the targets of the '{param}' parameter of {where}", whole.targets)
     return Data(param, where, whole.slice(0, 1), whole=whole)
@@ -218,8 +257,10 @@ _END = object()
 
 def _first(iterable, param: str, where: str):
     if isinstance(iterable, (str, bytes, Mapping)) or torch.is_tensor(iterable) or not isinstance(iterable, Iterable):
-        raise TypeError(f"the '{param}' parameter of {where} is a function, which must return an iterable of "
-                        f"batches. It returned a {type(iterable).__name__} instead.")
+        raise TypeError(
+            f"the '{param}' parameter of {where} is a function, which must return an iterable of "
+            f"batches. It returned a {type(iterable).__name__} instead."
+        )
     raw = next(iter(iterable), _END)
     if raw is _END:
         raise ValueError(f"the '{param}' parameter of {where} is empty (no batches).")
@@ -249,7 +290,7 @@ class Terms:
     counted: int = 0
     correct: int | None = None
     tokens: bool = False
-    soft: float | None = None       # with distillation: the T²·KL term (``loss`` stays the task loss)
+    soft: float | None = None  # with distillation: the T²·KL term (``loss`` stays the task loss)
 
 
 def loss_terms(loss: Loss, output, batch: Batch, reduction: str = "mean", *, trusted: bool = False) -> Terms:
@@ -264,13 +305,15 @@ def loss_terms(loss: Loss, output, batch: Batch, reduction: str = "mean", *, tru
         return Terms(value, counted, counted, correct, logits.dim() == 3)
     value = loss(output, batch)
     if not torch.is_tensor(value) or value.numel() != 1:
-        raise ValueError(f"{loss.where}: loss_fn must return a scalar tensor; it returned "
-                         f"{type(value).__name__}{tuple(value.shape) if torch.is_tensor(value) else ''}.")
+        raise ValueError(
+            f"{loss.where}: loss_fn must return a scalar tensor; it returned "
+            f"{type(value).__name__}{tuple(value.shape) if torch.is_tensor(value) else ''}."
+        )
     if reduction == "sum":
         value = value * batch.size
     try:
         counted, correct = _hits(*loss_targets(loss.logits(output), batch, where=loss.where))
-    except ValueError:                     # not class/token targets (a regression, a custom output)
+    except ValueError:  # not class/token targets (a regression, a custom output)
         counted, correct = 0, None
     return Terms(value, batch.size, counted, correct)
 
@@ -291,8 +334,11 @@ def _hits(flat_logits: torch.Tensor, flat_targets: torch.Tensor, trusted: bool =
 
 def _describe(batch: Batch) -> str:
     parts = [f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in batch.args if torch.is_tensor(t)]
-    parts += [f"{k} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-              for k, t in batch.kwargs.items() if torch.is_tensor(t)]
+    parts += [
+        f"{k} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+        for k, t in batch.kwargs.items()
+        if torch.is_tensor(t)
+    ]
     return ", ".join(parts) or "no tensors"
 
 
@@ -307,19 +353,23 @@ def check_fits(model: nn.Module, data: Data, loss: Loss):
         with eval_mode(model):
             output = data.first.call(model)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
-        raise ValueError(f"the inputs of the '{param}' parameter of {where} ({_describe(data.first)}) do not fit "
-                         f"the model: {type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"the inputs of the '{param}' parameter of {where} ({_describe(data.first)}) do not fit "
+            f"the model: {type(err).__name__}: {err}"
+        ) from err
     try:
-        if data.in_memory and loss.is_cross_entropy:     # every target now, not one batch at a time
+        if data.in_memory and loss.is_cross_entropy:  # every target now, not one batch at a time
             _check_all_targets(data, loss.logits(output).shape[-1])
         loss_terms(loss, output, data.first)
     except ValueError as err:
-        raise ValueError(f"the '{param}' parameter of {where} does not fit the model's output: "
-                         f"{str(err).removeprefix(f'{where}: ')}") from err
+        raise ValueError(
+            f"the '{param}' parameter of {where} does not fit the model's output: {str(err).removeprefix(f'{where}: ')}"
+        ) from err
     except (RuntimeError, TypeError, IndexError) as err:
         culprit = "the loss_fn" if loss.user is not None else "the loss"
-        raise ValueError(f"{culprit} of {where} fails on the first batch of '{param}': "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"{culprit} of {where} fails on the first batch of '{param}': {type(err).__name__}: {err}"
+        ) from err
     return output
 
 
@@ -329,14 +379,18 @@ def _check_all_targets(data: Data, n_out: int) -> None:
         return
     what = f"its {'labels' if targets.dim() == 1 else 'targets'}"
     if targets.dtype != torch.int64:
-        raise ValueError(f"{what} must be an int64 tensor (class indices). Got dtype {targets.dtype}, "
-                         f"shape {tuple(targets.shape)} instead.")
+        raise ValueError(
+            f"{what} must be an int64 tensor (class indices). Got dtype {targets.dtype}, "
+            f"shape {tuple(targets.shape)} instead."
+        )
     valid = targets[targets != IGNORE_INDEX]
     if valid.numel():
         low, high = int(valid.min()), int(valid.max())
         if low < 0 or high >= n_out:
-            raise ValueError(f"{what} must be class indices in [0, {n_out - 1}] (the model has {n_out} outputs; "
-                             f"{IGNORE_INDEX} is ignored). Got labels from {low} to {high}.")
+            raise ValueError(
+                f"{what} must be class indices in [0, {n_out - 1}] (the model has {n_out} outputs; "
+                f"{IGNORE_INDEX} is ignored). Got labels from {low} to {high}."
+            )
     data.trusted = valid.numel() == targets.numel()
 
 
@@ -360,15 +414,21 @@ _SCORING = {"loss_fn": ["callable", None], "output_key": [str, None]}
 
 
 @validate_params({"model": [MODEL], "data": [DATA], "batch_size": [BATCH_SIZE, None], **_SCORING})
-def evaluate(model: nn.Module, data, *, batch_size: int | None = None, loss_fn: Callable | None = None,
-             output_key: str | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    data,
+    *,
+    batch_size: int | None = None,
+    loss_fn: Callable | None = None,
+    output_key: str | None = None,
+) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` on ``data``: a Dataset (its test split), an ``(x, y)``
     tuple or a dict of tensors (in slices of ``batch_size``, default 1024), or an iterable of
     batches. Token logits give token accuracy, ``perplexity`` = exp(mean loss) and ``tokens``."""
     where = "evaluate"
     check_materialised(model, where)
     loss = make_loss(loss_fn, output_key, where=where)
-    with torch.random.fork_rng(devices=[]):            # peeking at a shuffling DataLoader draws a seed
+    with torch.random.fork_rng(devices=[]):  # peeking at a shuffling DataLoader draws a seed
         source = resolve_data(data, "data", where, split="test")
         batch_size = _batch_size(batch_size, source, 1024, data)
         check_fits(model, source, loss)
@@ -400,30 +460,62 @@ def _batch_size(batch_size, source: Data, default: int, data) -> int | None:
             return default
         return int(batch_size)
     if batch_size is not None:
-        raise ValueError(f"the 'batch_size' parameter of {source.where} applies to in-memory data (a Dataset, an "
-                         f"(x, y) tuple, a dict of tensors); the batches of a {type(data).__name__} are used as "
-                         f"they come. Got batch_size={batch_size!r}; leave it out (or batch the data yourself).")
+        raise ValueError(
+            f"the 'batch_size' parameter of {source.where} applies to in-memory data (a Dataset, an "
+            f"(x, y) tuple, a dict of tensors); the batches of a {type(data).__name__} are used as "
+            f"they come. Got batch_size={batch_size!r}; leave it out (or batch the data yourself)."
+        )
     return None
 
 
 # ----------------------------------------------------------------------------- fit
-@validate_params({
-    "model": [MODEL], "data": [DATA], "epochs": [EPOCHS], "batch_size": [BATCH_SIZE, None],
-    "lr": [Interval(Real, 0, None, closed="neither")], "optimizer": [Options(OPTIMIZERS), Types(torch.optim.Optimizer)],
-    "momentum": [Interval(Real, 0, 1, closed="left")], "weight_decay": [Interval(Real, 0, None)],
-    "regularizer": [Types(str, Mapping, Regularizer), None], "pruner": [Types(Pruner), None], "seed": [SEED],
-    "val": [DATA, None], "progress": [bool, None], **_SCORING, "callbacks": [Types(list, tuple)],
-    "max_steps": [STEP, None], "distill_from": [Model("an nn.Module (the teacher model)"), None],
-    "distill_weight": [FRACTION, None],
-    "temperature": [Interval(Real, 0, None, closed="neither"), None]})
-def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = None, lr: float = 0.01,
-        optimizer: "str | torch.optim.Optimizer" = "sgd", momentum: float = 0.9,
-        weight_decay: float = 0.0, regularizer: "str | dict | Regularizer | None" = None,
-        reg_strength: float | None = None, pruner: Pruner | None = None, seed: int = 0,
-        val=None, progress: bool | None = None, loss_fn: Callable | None = None,
-        output_key: str | None = None, callbacks: Sequence[Callback] = (),
-        max_steps: int | None = None, distill_from: nn.Module | None = None,
-        distill_weight: float | None = None, temperature: float | None = None) -> list[dict]:
+@validate_params(
+    {
+        "model": [MODEL],
+        "data": [DATA],
+        "epochs": [EPOCHS],
+        "batch_size": [BATCH_SIZE, None],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "optimizer": [Options(OPTIMIZERS), Types(torch.optim.Optimizer)],
+        "momentum": [Interval(Real, 0, 1, closed="left")],
+        "weight_decay": [Interval(Real, 0, None)],
+        "regularizer": [Types(str, Mapping, Regularizer), None],
+        "pruner": [Types(Pruner), None],
+        "seed": [SEED],
+        "val": [DATA, None],
+        "progress": [bool, None],
+        **_SCORING,
+        "callbacks": [Types(list, tuple)],
+        "max_steps": [STEP, None],
+        "distill_from": [Model("an nn.Module (the teacher model)"), None],
+        "distill_weight": [FRACTION, None],
+        "temperature": [Interval(Real, 0, None, closed="neither"), None],
+    }
+)
+def fit(
+    model: nn.Module,
+    data,
+    *,
+    epochs: int = 1,
+    batch_size: int | None = None,
+    lr: float = 0.01,
+    optimizer: str | torch.optim.Optimizer = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    regularizer: str | dict | Regularizer | None = None,
+    reg_strength: float | None = None,
+    pruner: Pruner | None = None,
+    seed: int = 0,
+    val=None,
+    progress: bool | None = None,
+    loss_fn: Callable | None = None,
+    output_key: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    max_steps: int | None = None,
+    distill_from: nn.Module | None = None,
+    distill_weight: float | None = None,
+    temperature: float | None = None,
+) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history (list of dicts).
 
     ``data`` is a Dataset (train split; its val split, if any, is evaluated each epoch unless
@@ -449,7 +541,7 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     where = "fit"
     check_materialised(model, where)
     check_trainable(model, where)
-    for name, param in model.named_parameters():   # else the first loss is NaN and "diverged" misleads
+    for name, param in model.named_parameters():  # else the first loss is NaN and "diverged" misleads
         check_finite(f"the parameter {name!r} of the model given to fit", param)
     epochs, seed = int(epochs), int(seed)
     if max_steps is not None:
@@ -475,8 +567,18 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
     total = None if per_epoch is None else epochs * per_epoch
     if max_steps is not None:
         total = max_steps if total is None else min(max_steps, total)
-    loop = _Loop(state, source, val_source, batch_size, loss, regularizer, reg_targets, list(callbacks),
-                 math.inf if total is None else total, distill)
+    loop = _Loop(
+        state,
+        source,
+        val_source,
+        batch_size,
+        loss,
+        regularizer,
+        reg_targets,
+        list(callbacks),
+        math.inf if total is None else total,
+        distill,
+    )
     teacher_mode = eval_mode(distill.teacher) if distill is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), teacher_mode:
         torch.manual_seed(seed)
@@ -492,15 +594,18 @@ def fit(model: nn.Module, data, *, epochs: int = 1, batch_size: int | None = Non
         finally:
             bar.close()
     if pruner is not None and not pruner.done:
-        warnings.warn(f"training ended after {pruner.step_count} pruner steps, before the schedule's last "
-                      f"event (step {pruner.schedule.last_step}); sparsity is {pruner.sparsity():.4f}, "
-                      f"not {pruner.schedule.final_sparsity:.4f}. Train longer or shorten the schedule.",
-                      stacklevel=2)
+        warnings.warn(
+            f"training ended after {pruner.step_count} pruner steps, before the schedule's last "
+            f"event (step {pruner.schedule.last_step}); sparsity is {pruner.sparsity():.4f}, "
+            f"not {pruner.schedule.final_sparsity:.4f}. Train longer or shorten the schedule.",
+            stacklevel=2,
+        )
     return state.history
 
 
-def _fit_data(model, data, val, batch_size, loss: Loss, epochs: int,
-              distill: Distillation | None = None) -> tuple[Data, Data | None, int | None]:
+def _fit_data(
+    model, data, val, batch_size, loss: Loss, epochs: int, distill: Distillation | None = None
+) -> tuple[Data, Data | None, int | None]:
     """Resolve and dry-run ``data`` and ``val`` (inside a forked RNG: peeking at a shuffling
     DataLoader draws a seed), the teacher too, and refuse an iterator that would have to last
     several epochs."""
@@ -512,9 +617,11 @@ def _fit_data(model, data, val, batch_size, loss: Loss, epochs: int,
         val_source = None if val is None else resolve_data(val, "val", "fit", split="test")
         for part in (source, val_source):
             if part is not None and part.one_shot and epochs > 1:
-                raise ValueError(f"the '{part.param}' parameter of fit is an iterator, which runs dry after one "
-                                 f"pass, and epochs={epochs}; pass a list, a DataLoader or a function returning "
-                                 f"a fresh iterable of batches.")
+                raise ValueError(
+                    f"the '{part.param}' parameter of fit is an iterator, which runs dry after one "
+                    f"pass, and epochs={epochs}; pass a list, a DataLoader or a function returning "
+                    f"a fresh iterable of batches."
+                )
         output = check_fits(model, source, loss)
         if distill is not None:
             check_teacher(distill, output, source.first, loss, param=source.param, where=source.where)
@@ -524,7 +631,7 @@ def _fit_data(model, data, val, batch_size, loss: Loss, epochs: int,
 
 
 def _make_optimizer(model, optimizer, lr, momentum, weight_decay) -> torch.optim.Optimizer:
-    if isinstance(optimizer, str):       # the names and ranges are checked by fit's declarations
+    if isinstance(optimizer, str):  # the names and ranges are checked by fit's declarations
         return OPTIMIZERS[optimizer](model.parameters(), float(lr), float(momentum), float(weight_decay))
     return optimizer
 
@@ -571,12 +678,18 @@ class _Loop:
             bar.update(1)
             if state.step >= self.total or state.stop:
                 break
-        record = {"epoch": epoch + 1, "step": state.step, "loss": loss_sum / weight if weight else math.nan,
-                  "train_accuracy": correct / counted if counted else math.nan,
-                  "seconds": time.perf_counter() - started}
+        record = {
+            "epoch": epoch + 1,
+            "step": state.step,
+            "loss": loss_sum / weight if weight else math.nan,
+            "train_accuracy": correct / counted if counted else math.nan,
+            "seconds": time.perf_counter() - started,
+        }
         if self.distill is not None and self.distill.weight > 0:
-            record.update(task_loss=task_sum / weight if weight else math.nan,
-                          distill_loss=soft_sum / weight if weight else math.nan)
+            record.update(
+                task_loss=task_sum / weight if weight else math.nan,
+                distill_loss=soft_sum / weight if weight else math.nan,
+            )
         if pruner is not None:
             record["sparsity"] = pruner.sparsity()
         if self.val is not None:
@@ -594,15 +707,16 @@ class _Loop:
         output = batch.call(state.model)
         terms = loss_terms(self.loss, output, batch, trusted=self.source.trusted)
         loss = terms.loss
-        if self.distill is not None and self.distill.weight > 0:    # weight 0: plain training, no teacher run
+        if self.distill is not None and self.distill.weight > 0:  # weight 0: plain training, no teacher run
             soft = self.distill.term(self.loss, output, batch, trusted=self.source.trusted)
             terms.soft = float(soft.detach())
             loss = self.distill.combine(loss, soft)
         if self.regularizer is not None:
             loss = loss + self.regularizer.penalty(self.reg_targets)
         if not torch.isfinite(loss.detach()):
-            raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch}, "
-                                   f"step {state.step}; lower the learning rate.")
+            raise TrainingDiverged(
+                f"training loss became {loss.item()} at epoch {epoch}, step {state.step}; lower the learning rate."
+            )
         loss.backward()
         state.optimizer.step()
         state.step += 1
@@ -623,14 +737,34 @@ class RecoveryMonitor(Callback):
     :func:`evaluate` takes except an iterator (it is evaluated many times); ``loss_fn`` and
     ``output_key`` are :func:`evaluate`'s."""
 
-    @validate_params({"data": [DATA], "target": [FRACTION], "tolerance": [Interval(Real, 0, 1)], "every": [EVERY],
-                      "stop": [bool], "start": [STEP], **_SCORING})
-    def __init__(self, data, target: float, tolerance: float = 0.001, every: int = 50,
-                 stop: bool = False, start: int = 0, *, loss_fn: Callable | None = None,
-                 output_key: str | None = None):
+    @validate_params(
+        {
+            "data": [DATA],
+            "target": [FRACTION],
+            "tolerance": [Interval(Real, 0, 1)],
+            "every": [EVERY],
+            "stop": [bool],
+            "start": [STEP],
+            **_SCORING,
+        }
+    )
+    def __init__(
+        self,
+        data,
+        target: float,
+        tolerance: float = 0.001,
+        every: int = 50,
+        stop: bool = False,
+        start: int = 0,
+        *,
+        loss_fn: Callable | None = None,
+        output_key: str | None = None,
+    ):
         if isinstance(data, Iterator):
-            raise TypeError("the 'data' parameter of RecoveryMonitor is an iterator, which runs dry after one "
-                            "evaluation; pass a Dataset, an (x, y) tuple, a list or a DataLoader.")
+            raise TypeError(
+                "the 'data' parameter of RecoveryMonitor is an iterator, which runs dry after one "
+                "evaluation; pass a Dataset, an (x, y) tuple, a list or a DataLoader."
+            )
         self.data = data
         self.target, self.tolerance = float(target), float(tolerance)
         self.every, self.stop, self.start = int(every), stop, int(start)
@@ -641,8 +775,11 @@ class RecoveryMonitor(Callback):
     def _check(self, state: TrainState) -> None:
         accuracy = evaluate(state.model, self.data, loss_fn=self.loss_fn, output_key=self.output_key)["accuracy"]
         self.curve.append((state.step, accuracy))
-        if (self.steps_to_recover is None and state.step >= self.start
-                and accuracy >= self.target - self.tolerance - 1e-12):
+        if (
+            self.steps_to_recover is None
+            and state.step >= self.start
+            and accuracy >= self.target - self.tolerance - 1e-12
+        ):
             self.steps_to_recover = state.step - self.start
             if self.stop:
                 state.stop = True
@@ -657,18 +794,38 @@ class RecoveryMonitor(Callback):
 
 @dataclass(frozen=True)
 class RetrainResult:
-    steps_to_recover: int | None      # optimiser steps until within tolerance (None: not reached)
-    accuracy: float                   # at the end
-    curve: list                       # [(step, accuracy)] every ``eval_every`` steps
-    history: list                     # fit's per-epoch history
+    steps_to_recover: int | None  # optimiser steps until within tolerance (None: not reached)
+    accuracy: float  # at the end
+    curve: list  # [(step, accuracy)] every ``eval_every`` steps
+    history: list  # fit's per-epoch history
 
 
-@validate_params({"model": [MODEL], "data": [DATA], "pruner": [Types(Pruner)], "target_accuracy": [FRACTION],
-                  "eval_data": [DATA, None], "tolerance": [Interval(Real, 0, 1)], "eval_every": [EVERY],
-                  "max_epochs": [EPOCHS], "stop_when_recovered": [bool]})
-def retrain(model: nn.Module, data, *, pruner: Pruner, target_accuracy: float, eval_data=None,
-            tolerance: float = 0.001, eval_every: int = 50, max_epochs: int = 10,
-            stop_when_recovered: bool = True, **fit_kwargs) -> RetrainResult:
+@validate_params(
+    {
+        "model": [MODEL],
+        "data": [DATA],
+        "pruner": [Types(Pruner)],
+        "target_accuracy": [FRACTION],
+        "eval_data": [DATA, None],
+        "tolerance": [Interval(Real, 0, 1)],
+        "eval_every": [EVERY],
+        "max_epochs": [EPOCHS],
+        "stop_when_recovered": [bool],
+    }
+)
+def retrain(
+    model: nn.Module,
+    data,
+    *,
+    pruner: Pruner,
+    target_accuracy: float,
+    eval_data=None,
+    tolerance: float = 0.001,
+    eval_every: int = 50,
+    max_epochs: int = 10,
+    stop_when_recovered: bool = True,
+    **fit_kwargs,
+) -> RetrainResult:
     """Fine-tune a pruned model with its masks fixed until its accuracy on ``eval_data``
     (default: the dataset's test split) is back within ``tolerance`` of ``target_accuracy``,
     and report how many optimiser steps that took (the L-OBS paper's retraining iterations).
@@ -678,10 +835,16 @@ def retrain(model: nn.Module, data, *, pruner: Pruner, target_accuracy: float, e
             raise ValueError("retrain needs eval_data= (anything evaluate takes) when data is not a Dataset.")
         eval_data = (data.x_test, data.y_test)
     scoring = {k: fit_kwargs.get(k) for k in ("loss_fn", "output_key")}
-    monitor = RecoveryMonitor(eval_data, target_accuracy, tolerance, eval_every, stop=stop_when_recovered,
-                              **scoring)
+    monitor = RecoveryMonitor(eval_data, target_accuracy, tolerance, eval_every, stop=stop_when_recovered, **scoring)
     fit_kwargs.setdefault("progress", False)
-    history = fit(model, data, epochs=max_epochs, pruner=pruner,
-                  callbacks=[monitor, *fit_kwargs.pop("callbacks", ())], **fit_kwargs)
-    return RetrainResult(monitor.steps_to_recover, evaluate(model, eval_data, **scoring)["accuracy"],
-                         monitor.curve, history)
+    history = fit(
+        model,
+        data,
+        epochs=max_epochs,
+        pruner=pruner,
+        callbacks=[monitor, *fit_kwargs.pop("callbacks", ())],
+        **fit_kwargs,
+    )
+    return RetrainResult(
+        monitor.steps_to_recover, evaluate(model, eval_data, **scoring)["accuracy"], monitor.curve, history
+    )

@@ -46,6 +46,7 @@ def rewrite_header(path, edit) -> None:
     import struct
 
     from prunelab import export
+
     header, payload = export._read(path)
     edit(header)
     core = export._header_bytes(header)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
+from test_results import DATASETS, METHODS, MODEL, build_study, standard_runs
 
 from prunelab.experiments.analysis import aggregate, paired_comparison, pareto_front, performance_profile
 from prunelab.experiments.store import Store
-from test_results import DATASETS, METHODS, MODEL, build_study, standard_runs
 
 
 def _records(path):
@@ -21,8 +21,10 @@ def _records(path):
 
 # --------------------------------------------------------------------------------- aggregate
 def test_aggregate_means_and_sample_stds_by_hand(tmp_path):
-    runs = [{"dataset": "d", "method": "m", "sparsity": 0.5, "seed": s, "metrics": {"accuracy": a}}
-            for s, a in enumerate([0.90, 0.92, 0.97])]
+    runs = [
+        {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": s, "metrics": {"accuracy": a}}
+        for s, a in enumerate([0.90, 0.92, 0.97])
+    ]
     runs += [{"dataset": "d", "method": "m", "sparsity": 0.2, "seed": 0, "metrics": {"accuracy": 0.99}}]
     [low, high] = aggregate(_records(build_study(tmp_path / "s.db", runs)))
     assert (low.sparsity, low.n, low.mean, low.std, low.values) == (0.2, 1, 0.99, None, (0.99,))
@@ -33,22 +35,27 @@ def test_aggregate_means_and_sample_stds_by_hand(tmp_path):
 
 
 def test_aggregate_orders_labels_by_spec_and_levels_ascending(tmp_path):
-    path = build_study(tmp_path / "s.db", standard_runs()[::-1])          # spec order reversed
+    path = build_study(tmp_path / "s.db", standard_runs()[::-1])  # spec order reversed
     groups = aggregate(_records(path))
     assert list(dict.fromkeys(g.dataset for g in groups)) == list(DATASETS[::-1])
     assert list(dict.fromkeys(g.method for g in groups)) == list(METHODS[::-1])
     assert [(g.method, g.sparsity) for g in groups if g.dataset == "mnist_rot"] == [
-        ("magl2", 0.5), ("magl1", 0.5), ("magl1", 0.9)]
+        ("magl2", 0.5),
+        ("magl1", 0.5),
+        ("magl1", 0.9),
+    ]
     assert all(g.model == MODEL and g.n == 3 and g.std == pytest.approx(0.01) for g in groups)
     assert groups[0].nonzero_params == 5000 and groups[2].nonzero_params == 1000
 
 
 def test_aggregate_skips_missing_and_nan_values_and_ignores_unfinished_runs(tmp_path):
-    runs = [{"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 0, "metrics": {"accuracy": 0.9, "x": None}},
-            {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 1, "metrics": {"accuracy": 0.8, "x": 2.0}},
-            {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 2, "metrics": {"accuracy": 0.7}},
-            {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 3, "status": "failed", "error": "x"},
-            {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 4, "status": "pending"}]
+    runs = [
+        {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 0, "metrics": {"accuracy": 0.9, "x": None}},
+        {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 1, "metrics": {"accuracy": 0.8, "x": 2.0}},
+        {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 2, "metrics": {"accuracy": 0.7}},
+        {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 3, "status": "failed", "error": "x"},
+        {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": 4, "status": "pending"},
+    ]
     records = _records(build_study(tmp_path / "s.db", runs))
     [group] = aggregate(records, "x")
     assert (group.n, group.mean, group.std, group.n_missing, group.seeds) == (1, 2.0, None, 2, (1,))
@@ -57,16 +64,21 @@ def test_aggregate_skips_missing_and_nan_values_and_ignores_unfinished_runs(tmp_
 
 
 def test_aggregate_reads_infinities_back(tmp_path):
-    runs = [{"dataset": "d", "method": "m", "sparsity": 0.5, "seed": s, "metrics": {"speedup": v}}
-            for s, v in enumerate([float("inf"), 2.0])]
+    runs = [
+        {"dataset": "d", "method": "m", "sparsity": 0.5, "seed": s, "metrics": {"speedup": v}}
+        for s, v in enumerate([float("inf"), 2.0])
+    ]
     [group] = aggregate(_records(build_study(tmp_path / "s.db", runs)), "speedup")
     assert group.values == (math.inf, 2.0) and group.mean == math.inf and math.isnan(group.std)
 
 
 def test_aggregate_rejects_unknown_and_non_numeric_metrics(tmp_path):
     records = _records(build_study(tmp_path / "s.db", standard_runs()))
-    with pytest.raises(ValueError, match=r"the 'metric' parameter of aggregate must be one of: accuracy, .*"
-                                         r"Got 'acuracy' instead \(did you mean 'accuracy'\?\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'metric' parameter of aggregate must be one of: accuracy, .*"
+        r"Got 'acuracy' instead \(did you mean 'accuracy'\?\)",
+    ):
         aggregate(records, "acuracy")
     with pytest.raises(ValueError, match="Got 'layer_sparsity' instead"):
         aggregate(records, "layer_sparsity")
@@ -98,7 +110,7 @@ def test_pareto_front_matches_brute_force_dominance(seed):
 def test_pareto_front_small_cases():
     assert pareto_front([]) == []
     assert pareto_front([(10, 0.9), (5, 0.8), (20, 0.95), (15, 0.85), (5, 0.7)]) == [1, 0, 2]
-    assert pareto_front([(5, 0.8), (5, 0.8)]) == [0, 1]                   # duplicates do not dominate
+    assert pareto_front([(5, 0.8), (5, 0.8)]) == [0, 1]  # duplicates do not dominate
     assert pareto_front([(5, float("nan")), (6, 0.5)]) == [1]
     with pytest.raises(TypeError, match="sequence of \\(params, accuracy\\) pairs. Got \\(1, 2, 3\\) at index 0"):
         pareto_front([(1, 2, 3)])
@@ -124,7 +136,7 @@ def test_performance_profile_by_hand_intermediate_thresholds():
 
 def test_performance_profile_is_non_increasing_in_tau_and_matches_a_loop():
     rng = np.random.default_rng(0)
-    penalties = rng.normal(size=(40, 5)).round(1)              # rounding makes ties
+    penalties = rng.normal(size=(40, 5)).round(1)  # rounding makes ties
     taus = np.linspace(0, 1, 21)
     profile = performance_profile(penalties, taus)
     assert np.all(np.diff(profile, axis=0) <= 0)
@@ -142,11 +154,17 @@ def test_performance_profile_nan_never_wins_and_infinities_are_handled():
 
 
 def test_performance_profile_bad_input():
-    with pytest.raises(ValueError, match=r"must be a non-empty 2-D array \(n_measurements, n_methods\). "
-                                         r"Got shape \(3,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"must be a non-empty 2-D array \(n_measurements, n_methods\). "
+        r"Got shape \(3,\)",
+    ):
         performance_profile([1.0, 2.0, 3.0], [0.5])
-    with pytest.raises(ValueError, match=r"the 'taus' parameter of performance_profile must be a float in \[0, 1\]. "
-                                         r"Got 1.5 instead"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'taus' parameter of performance_profile must be a float in \[0, 1\]. "
+        r"Got 1.5 instead",
+    ):
         performance_profile([[1.0, 2.0]], [0.5, 1.5])
 
 
@@ -159,8 +177,9 @@ def _paired_study(tmp_path, n=len(A)):
     runs = []
     for seed in range(n):
         for method, value in (("a", A[seed]), ("b", A[seed] - DIFF[seed]), ("c", 0.5)):
-            runs.append({"dataset": "d", "method": method, "sparsity": 0.9, "seed": seed,
-                         "metrics": {"accuracy": value}})
+            runs.append(
+                {"dataset": "d", "method": method, "sparsity": 0.9, "seed": seed, "metrics": {"accuracy": value}}
+            )
     runs.append({"dataset": "other", "method": "lonely", "sparsity": 0.9, "seed": 0, "metrics": {"accuracy": 0.1}})
     return _records(build_study(tmp_path / f"p{n}.db", runs))
 
@@ -187,8 +206,11 @@ def test_paired_comparison_small_and_degenerate_samples(tmp_path):
     assert few["n_pairs"] == 5 and few["wilcoxon_pvalue"] is None and few["t_pvalue"] is not None
     one = paired_comparison(_paired_study(tmp_path, n=1), "a", "b")
     assert (one["std"], one["ci95"], one["t_pvalue"], one["wilcoxon_pvalue"]) == (None, None, None, None)
-    runs = [{"dataset": "d", "method": m, "sparsity": 0.5, "seed": s, "metrics": {"accuracy": 0.9}}
-            for s in range(8) for m in ("x", "y")]
+    runs = [
+        {"dataset": "d", "method": m, "sparsity": 0.5, "seed": s, "metrics": {"accuracy": 0.9}}
+        for s in range(8)
+        for m in ("x", "y")
+    ]
     same = paired_comparison(_records(build_study(tmp_path / "same.db", runs)), "x", "y")
     assert same["ties"] == 8 and same["mean_difference"] == 0.0
     assert same["t_pvalue"] is None and same["wilcoxon_pvalue"] is None
@@ -196,11 +218,17 @@ def test_paired_comparison_small_and_degenerate_samples(tmp_path):
 
 def test_paired_comparison_errors_name_the_methods_present(tmp_path):
     records = _paired_study(tmp_path)
-    with pytest.raises(ValueError, match=r"no finished runs of 'a' and 'lonely' share a \(dataset, model, sparsity, "
-                                         r"seed\).*methods present: a, b, c, lonely"):
+    with pytest.raises(
+        ValueError,
+        match=r"no finished runs of 'a' and 'lonely' share a \(dataset, model, sparsity, "
+        r"seed\).*methods present: a, b, c, lonely",
+    ):
         paired_comparison(records, "a", "lonely")
-    with pytest.raises(ValueError, match=r"the 'method_b' parameter of paired_comparison must be one of the "
-                                         r"finished runs' methods: a, b, c, lonely. Got 'obd' instead"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'method_b' parameter of paired_comparison must be one of the "
+        r"finished runs' methods: a, b, c, lonely. Got 'obd' instead",
+    ):
         paired_comparison(records, "a", "obd")
     with pytest.raises(ValueError, match="two different methods. Got 'a' twice"):
         paired_comparison(records, "a", "a")

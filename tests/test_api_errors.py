@@ -49,21 +49,27 @@ def unchanged(model: nn.Module, reference: nn.Module) -> bool:
 
 # ----------------------------------------------------------------------------- calibration batches
 
+
 @pytest.mark.parametrize("criterion", ["obs-fast", "lobs", "obs-exact", "gradient", "obd", "wanda"])
 def test_calibration_batches_of_the_wrong_shape_are_refused_before_pruning(criterion):
     model, reference = mlp(), mlp()
-    message = (rf"the calibration batches of Pruner \(the 'data' of prune\) \({SHAPES}\) do not fit the model: "
-               rf"RuntimeError: mat1 and mat2 shapes cannot be multiplied.*{FIRST_LAYER}")
+    message = (
+        rf"the calibration batches of Pruner \(the 'data' of prune\) \({SHAPES}\) do not fit the model: "
+        rf"RuntimeError: mat1 and mat2 shapes cannot be multiplied.*{FIRST_LAYER}"
+    )
     with pytest.raises(ValueError, match=message) as caught:
         prunelab.prune(model, 0.5, criterion=criterion, data=wrong_shape())
-    assert isinstance(caught.value.__cause__, RuntimeError)       # the torch error is kept as the cause
+    assert isinstance(caught.value.__cause__, RuntimeError)  # the torch error is kept as the cause
     assert unchanged(model, reference)
 
 
 def test_integer_inputs_to_a_float_model_are_refused_naming_the_dtypes():
     x, y = data()
-    with pytest.raises(ValueError, match=r"\(32, 8\) int64\) do not fit the model: RuntimeError: mat1 and mat2 "
-                                         r"must have the same dtype.*takes float32 inputs"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(32, 8\) int64\) do not fit the model: RuntimeError: mat1 and mat2 "
+        r"must have the same dtype.*takes float32 inputs",
+    ):
         prunelab.prune(mlp(), 0.5, criterion="obs-fast", data=[(x.long(), y)])
 
 
@@ -81,21 +87,31 @@ def test_pruner_calibrate_checks_new_batches():
 @pytest.mark.parametrize("call", ["remove_units", "score_units", "collect_stats"])
 def test_unit_pruning_calibration_batches_of_the_wrong_shape_are_refused(call):
     model, reference = mlp(), mlp()
-    kwargs = {"remove_units": dict(method="bp_abs_mrs", fraction=0.5), "score_units": dict(scorer="abs_mrs"),
-              "collect_stats": {}}[call]
-    with pytest.raises(ValueError, match=rf"the calibration batches \('data'\) of unit pruning \({SHAPES}\) do not "
-                                         rf"fit the model.*{FIRST_LAYER}"):
+    kwargs = {
+        "remove_units": dict(method="bp_abs_mrs", fraction=0.5),
+        "score_units": dict(scorer="abs_mrs"),
+        "collect_stats": {},
+    }[call]
+    with pytest.raises(
+        ValueError,
+        match=rf"the calibration batches \('data'\) of unit pruning \({SHAPES}\) do not "
+        rf"fit the model.*{FIRST_LAYER}",
+    ):
         getattr(units, call)(model, data=wrong_shape(), input_shape=(8,), **kwargs)
     assert unchanged(model, reference)
 
 
 # ----------------------------------------------------------------------------- labels
 
+
 def test_float_labels_for_the_gradient_criterion_are_refused_at_construction():
     x, y = data()
-    with pytest.raises(ValueError, match=r"the calibration batches of Pruner \(the 'data' of prune\) do not fit the "
-                                         r"model's output: .*classification targets must be integer class indices; "
-                                         r"got dtype torch.float32. Pass loss_fn="):
+    with pytest.raises(
+        ValueError,
+        match=r"the calibration batches of Pruner \(the 'data' of prune\) do not fit the "
+        r"model's output: .*classification targets must be integer class indices; "
+        r"got dtype torch.float32. Pass loss_fn=",
+    ):
         prunelab.Pruner(mlp(), 0.5, criterion="gradient", calibration=[(x, y.float())])
 
 
@@ -110,8 +126,11 @@ def test_float_labels_for_fit_and_evaluate_are_refused(call):
     x, y = data()
     model, reference = mlp(), mlp()
     kwargs = {"epochs": 1} if call == "fit" else {}
-    with pytest.raises(ValueError, match=rf"the 'data' parameter of {call} does not fit the model's output: its "
-                                         r"labels must be an int64 tensor \(class indices\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"the 'data' parameter of {call} does not fit the model's output: its "
+        r"labels must be an int64 tensor \(class indices\)",
+    ):
         getattr(prunelab, call)(model, (x, y.float()), **kwargs)
     assert unchanged(model, reference)
 
@@ -127,6 +146,7 @@ def test_obd_ignores_the_labels_so_float_labels_prune_as_int_labels_do():
 
 # ----------------------------------------------------------------------------- empty layers
 
+
 def test_a_zero_size_layer_is_left_out_of_the_default_targets():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 6), nn.Linear(6, 3))
@@ -138,15 +158,21 @@ def test_a_zero_size_layer_is_left_out_of_the_default_targets():
 
 def test_a_named_zero_size_layer_is_refused():
     model = nn.Sequential(nn.Linear(0, 4), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"the 'layers' parameter of Pruner names '0', whose weight has shape "
-                                         r"\(4, 0\) \(no entries\): there is nothing to prune"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'layers' parameter of Pruner names '0', whose weight has shape "
+        r"\(4, 0\) \(no entries\): there is nothing to prune",
+    ):
         prunelab.prune(model, 0.5, layers=["0"])
 
 
 def test_a_model_whose_every_layer_is_empty_is_refused():
     model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 3))
-    with pytest.raises(ValueError, match=r"the 'model' parameter of Pruner has no weight to prune: every prunable "
-                                         r"layer is empty \(0.weight \(0, 8\), 1.weight \(3, 0\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'model' parameter of Pruner has no weight to prune: every prunable "
+        r"layer is empty \(0.weight \(0, 8\), 1.weight \(3, 0\)\)",
+    ):
         prunelab.prune(model, 0.5, scope="global")
 
 
@@ -161,23 +187,39 @@ def test_obs_fast_prunes_the_layers_around_a_zero_size_layer():
 
 # ----------------------------------------------------------------------------- meta-device models
 
-META = (r"the 'model' parameter of {} has tensors on the meta device \('0.weight' and 3 more\): they have shapes "
-        r"but no values. Materialise the model first, e.g. model.to_empty\(device='cpu'\)")
+META = (
+    r"the 'model' parameter of {} has tensors on the meta device \('0.weight' and 3 more\): they have shapes "
+    r"but no values. Materialise the model first, e.g. model.to_empty\(device='cpu'\)"
+)
 
 
-@pytest.mark.parametrize("call, where", [
-    (lambda m: prunelab.prune(m, 0.5), "Pruner"),
-    (lambda m: prunelab.fit(m, data(), epochs=1), "fit"),
-    (lambda m: prunelab.evaluate(m, data()), "evaluate"),
-    (lambda m: prunelab.summary(m, input_shape=(8,)), "summary"),
-    (lambda m: prunelab.measure_latency(m, input_shape=(8,)), "measure_latency"),
-    (lambda m: units.remove_units(m, "abs_mrs", [data()], fraction=0.5, input_shape=(8,)), "unit pruning"),
-    (lambda m: units.zero_units(m, (8,)), "unit pruning"),
-    (lambda m: export.save(m, "/nonexistent/never-written.plm"), "save"),
-    (lambda m: export.export_onnx(m, "/nonexistent/never-written.onnx", (8,)), "export_onnx"),
-    (lambda m: __import__("prunelab.sparse").sparse.sparsify(m, (8,)), "sparsify"),
-], ids=["prune", "fit", "evaluate", "summary", "measure_latency", "remove_units", "zero_units", "save",
-        "export_onnx", "sparsify"])
+@pytest.mark.parametrize(
+    "call, where",
+    [
+        (lambda m: prunelab.prune(m, 0.5), "Pruner"),
+        (lambda m: prunelab.fit(m, data(), epochs=1), "fit"),
+        (lambda m: prunelab.evaluate(m, data()), "evaluate"),
+        (lambda m: prunelab.summary(m, input_shape=(8,)), "summary"),
+        (lambda m: prunelab.measure_latency(m, input_shape=(8,)), "measure_latency"),
+        (lambda m: units.remove_units(m, "abs_mrs", [data()], fraction=0.5, input_shape=(8,)), "unit pruning"),
+        (lambda m: units.zero_units(m, (8,)), "unit pruning"),
+        (lambda m: export.save(m, "/nonexistent/never-written.plm"), "save"),
+        (lambda m: export.export_onnx(m, "/nonexistent/never-written.onnx", (8,)), "export_onnx"),
+        (lambda m: __import__("prunelab.sparse").sparse.sparsify(m, (8,)), "sparsify"),
+    ],
+    ids=[
+        "prune",
+        "fit",
+        "evaluate",
+        "summary",
+        "measure_latency",
+        "remove_units",
+        "zero_units",
+        "save",
+        "export_onnx",
+        "sparsify",
+    ],
+)
 def test_a_meta_device_model_is_refused(call, where):
     with pytest.raises(ValueError, match=META.format(where)):
         call(meta_mlp())
@@ -185,10 +227,14 @@ def test_a_meta_device_model_is_refused(call, where):
 
 # ----------------------------------------------------------------------------- frozen models
 
+
 def test_fit_refuses_a_model_with_every_parameter_frozen():
     model = frozen(mlp())
-    with pytest.raises(ValueError, match=r"the 'model' parameter of fit has no parameter with requires_grad=True "
-                                         r"\(all 4 are frozen\), so there is nothing to train; unfreeze"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'model' parameter of fit has no parameter with requires_grad=True "
+        r"\(all 4 are frozen\), so there is nothing to train; unfreeze",
+    ):
         prunelab.fit(model, data(), epochs=1)
 
 
@@ -236,6 +282,7 @@ def test_backprop_unit_scorers_on_a_frozen_transformer_block():
 
 # ----------------------------------------------------------------------------- fp16 unit removal
 
+
 @pytest.mark.parametrize("method", ["bp_abs_mrs", "abs_mrs", "norm"])
 def test_fp16_unit_removal_and_thinning_work(method):
     """A half-precision model's units are scored, removed (with mean replacement for bp_) and
@@ -265,10 +312,14 @@ def test_fp16_dead_units_are_thinned():
 
 # ----------------------------------------------------------------------------- already clear
 
+
 def test_nan_calibration_inputs_are_refused_naming_the_batch():
     x, y = data()
-    with pytest.raises(ValueError, match=r"the calibration inputs of batch 0 \('data'\) of Pruner has 256 non-finite "
-                                         r"entries \(256 NaN, 0 inf\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the calibration inputs of batch 0 \('data'\) of Pruner has 256 non-finite "
+        r"entries \(256 NaN, 0 inf\)",
+    ):
         prunelab.prune(mlp(), 0.5, criterion="obs-fast", data=[(x * float("nan"), y)])
 
 
@@ -281,23 +332,37 @@ def test_summary_on_inputs_of_the_wrong_shape_names_the_input_shape():
 
 # ----------------------------------------------------------------------------- meta-device data, no parameters
 
-@pytest.mark.parametrize("call, what", [
-    (lambda x, y: prunelab.fit(mlp(), (x, y), epochs=1), r"the inputs of the 'data' parameter of fit"),
-    (lambda x, y: prunelab.evaluate(mlp(), (x, y)), r"the inputs of the 'data' parameter of evaluate"),
-    (lambda x, y: prunelab.prune(mlp(), 0.5, criterion="obs-fast", data=[(x, y)]),
-     r"the calibration inputs of batch 0 \('data'\) of Pruner"),
-    (lambda x, y: units.remove_units(mlp(), "bp_abs_mrs", [(x, y)], fraction=0.5, input_shape=(8,)),
-     r"the calibration inputs of batch 0 \('data'\) of unit pruning"),
-], ids=["fit", "evaluate", "prune", "remove_units"])
+
+@pytest.mark.parametrize(
+    "call, what",
+    [
+        (lambda x, y: prunelab.fit(mlp(), (x, y), epochs=1), r"the inputs of the 'data' parameter of fit"),
+        (lambda x, y: prunelab.evaluate(mlp(), (x, y)), r"the inputs of the 'data' parameter of evaluate"),
+        (
+            lambda x, y: prunelab.prune(mlp(), 0.5, criterion="obs-fast", data=[(x, y)]),
+            r"the calibration inputs of batch 0 \('data'\) of Pruner",
+        ),
+        (
+            lambda x, y: units.remove_units(mlp(), "bp_abs_mrs", [(x, y)], fraction=0.5, input_shape=(8,)),
+            r"the calibration inputs of batch 0 \('data'\) of unit pruning",
+        ),
+    ],
+    ids=["fit", "evaluate", "prune", "remove_units"],
+)
 def test_meta_device_data_is_refused(call, what):
     x = torch.empty(32, 8, device="meta")
-    with pytest.raises(ValueError, match=what + r" is a tensor on the meta device \(a shape \(32, 8\) without values\)"):
+    with pytest.raises(
+        ValueError, match=what + r" is a tensor on the meta device \(a shape \(32, 8\) without values\)"
+    ):
         call(x, data()[1])
 
 
 def test_fit_refuses_a_model_without_parameters():
-    with pytest.raises(ValueError, match=r"the 'model' parameter of fit has no parameters, so there is nothing to "
-                                         r"train"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'model' parameter of fit has no parameters, so there is nothing to "
+        r"train",
+    ):
         prunelab.fit(nn.Sequential(nn.ReLU()), data(), epochs=1)
 
 
@@ -307,6 +372,7 @@ def test_unit_pruning_refuses_a_model_without_parameters():
 
 
 # ----------------------------------------------------------------------------- zero-size layers elsewhere
+
 
 def with_empty_layer(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -327,8 +393,11 @@ def test_unit_removal_refuses_a_named_zero_size_layer_and_a_model_of_only_empty_
     with pytest.raises(ValueError, match=r"the 'layers' parameter of remove_units chooses '0', which has no units"):
         units.remove_units(with_empty_layer(), "norm", fraction=0.5, input_shape=(8,), layers=["0"])
     empty = nn.Sequential(nn.Linear(8, 0), nn.ReLU(), nn.Linear(0, 3))
-    with pytest.raises(ValueError, match=r"the 'model' parameter of remove_units has no units to remove: every unit "
-                                         r"layer is empty \(0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 'model' parameter of remove_units has no units to remove: every unit "
+        r"layer is empty \(0\)",
+    ):
         units.remove_units(empty, "norm", fraction=0.5, input_shape=(8,))
 
 
@@ -343,6 +412,7 @@ def test_an_int8_file_of_a_model_with_a_zero_size_layer_round_trips(tmp_path):
 
 def test_sparsify_skips_a_zero_size_layer():
     from prunelab.sparse import SparseLinear, sparsify
+
     model = with_empty_layer()
     prunelab.prune(model, 0.9)
     fast, decisions = sparsify(model, (8,), min_sparsity=0.5, only_if_faster=False)
@@ -351,25 +421,35 @@ def test_sparsify_skips_a_zero_size_layer():
 
 # ----------------------------------------------------------------------------- plans and losses
 
-@pytest.mark.parametrize("indices, message", [
-    ([7], r"removes units \[7\] of '0', which has units 0 to 5"),
-    ([-1], r"removes units \[-1\] of '0', which has units 0 to 5"),
-    ([1, 1], r"removes 2 units of '0' \(of 6\), some twice"),
-    ([0, 1, 2, 3, 4, 5], r"removes 6 units of '0' \(of 6\), all of them; thin keeps at least one unit"),
-])
+
+@pytest.mark.parametrize(
+    "indices, message",
+    [
+        ([7], r"removes units \[7\] of '0', which has units 0 to 5"),
+        ([-1], r"removes units \[-1\] of '0', which has units 0 to 5"),
+        ([1, 1], r"removes 2 units of '0' \(of 6\), some twice"),
+        ([0, 1, 2, 3, 4, 5], r"removes 6 units of '0' \(of 6\), all of them; thin keeps at least one unit"),
+    ],
+)
 def test_thin_refuses_a_plan_outside_the_layer(indices, message):
     with pytest.raises(ValueError, match=message):
         units.thin(mlp(), {"0": torch.tensor(indices)}, input_shape=(8,))
 
 
 def test_thin_refuses_a_plan_naming_no_unit_layer():
-    with pytest.raises(ValueError, match=r"the plan names 'fc9', which is not a unit layer or group of the model; "
-                                         r"choose among: 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"the plan names 'fc9', which is not a unit layer or group of the model; "
+        r"choose among: 0",
+    ):
         units.thin(mlp(), {"fc9": [0]}, input_shape=(8,))
 
 
 def test_a_loss_fn_that_is_not_scalar_is_refused_when_the_gradient_pruner_is_built():
     x, y = data()
-    with pytest.raises(ValueError, match=r"do not fit the model's output: loss_fn must return a scalar tensor; it "
-                                         r"returned Tensor\(1, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not fit the model's output: loss_fn must return a scalar tensor; it "
+        r"returned Tensor\(1, 3\)",
+    ):
         prunelab.prune(mlp(), 0.5, criterion="gradient", data=[(x, y)], loss_fn=lambda output, targets: output)

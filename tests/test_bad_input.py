@@ -24,24 +24,55 @@ PRUNER_CASES = [
     ({"sparsity": float("nan")}, ValueError, r"'sparsity'.*Got nan"),
     ({"sparsity": "0.5"}, TypeError, r"'sparsity'.*Got '0\.5' of type str"),
     ({"sparsity": True}, TypeError, r"'sparsity'"),
-    ({"sparsity": 0.5, "criterion": "magnitde"}, ValueError,
-     r"unknown criterion 'magnitde' \(did you mean 'magnitude'\?\).*gradient, lobs, magnitude, obd, obs-exact, obs-fast, random"),
-    ({"sparsity": 0.5, "granularity": "filters"}, ValueError, r"unknown granularity 'filters'.*channel, filter, kernel"),
+    (
+        {"sparsity": 0.5, "criterion": "magnitde"},
+        ValueError,
+        r"unknown criterion 'magnitde' \(did you mean 'magnitude'\?\).*gradient, lobs, magnitude, obd, obs-exact, obs-fast, random",
+    ),
+    (
+        {"sparsity": 0.5, "granularity": "filters"},
+        ValueError,
+        r"unknown granularity 'filters'.*channel, filter, kernel",
+    ),
     ({"sparsity": 0.5, "scope": "globl"}, ValueError, r"unknown scope 'globl'.*global, layerwise-constant, local"),
     ({"sparsity": 0.5, "schedule": "cubic"}, ValueError, r"unknown schedule 'cubic'.*agp, fixed-fraction"),
-    ({"sparsity": 0.5, "layers": ["fc9"]}, ValueError, r"'layers' parameter of Pruner names 'fc9'.*Valid module names: 0, 3"),
-    ({"sparsity": 0.5, "granularity": "kernel", "layers": ["3"]}, ValueError,
-     r"granularity 'kernel' applies only to Conv layers; '3.weight' is the 'weight' of a Linear"),
-    ({"sparsity": 0.5, "reduction": "max"}, ValueError, r"'reduction' parameter of Pruner must be one of: l2, mean, sum\. Got 'max'"),
+    (
+        {"sparsity": 0.5, "layers": ["fc9"]},
+        ValueError,
+        r"'layers' parameter of Pruner names 'fc9'.*Valid module names: 0, 3",
+    ),
+    (
+        {"sparsity": 0.5, "granularity": "kernel", "layers": ["3"]},
+        ValueError,
+        r"granularity 'kernel' applies only to Conv layers; '3.weight' is the 'weight' of a Linear",
+    ),
+    (
+        {"sparsity": 0.5, "reduction": "max"},
+        ValueError,
+        r"'reduction' parameter of Pruner must be one of: l2, mean, sum\. Got 'max'",
+    ),
     ({"sparsity": 0.5, "min_keep": 0}, ValueError, r"'min_keep' parameter of Pruner must be an int in \[1, inf\]"),
     ({"sparsity": 0.5, "rewind": "start"}, ValueError, r"'rewind' parameter of Pruner must be None, 'init'"),
-    ({"sparsity": 0.5, "schedule": "agp", "schedule_args": {"n_prunes": 0}}, ValueError,
-     r"'n_prunes' parameter of agp schedule must be an int in \[1, 100000\]\. Got 0"),
-    ({"sparsity": 0.5, "schedule": "agp", "schedule_args": {"every": 1.5}}, TypeError, r"'every' parameter of agp schedule"),
-    ({"sparsity": 0.5, "schedule": "iterative", "schedule_args": {"exponent": 0.5}}, ValueError,
-     r"'exponent' parameter of iterative schedule must be a float in \[1, 1000\]"),
-    ({"sparsity": 0.5, "schedule": "agp", "schedule_args": {"n_prune": 3}}, TypeError,
-     r"schedule 'agp' got unknown option\(s\) 'n_prune'; valid options: every, initial_sparsity, n_prunes"),
+    (
+        {"sparsity": 0.5, "schedule": "agp", "schedule_args": {"n_prunes": 0}},
+        ValueError,
+        r"'n_prunes' parameter of agp schedule must be an int in \[1, 100000\]\. Got 0",
+    ),
+    (
+        {"sparsity": 0.5, "schedule": "agp", "schedule_args": {"every": 1.5}},
+        TypeError,
+        r"'every' parameter of agp schedule",
+    ),
+    (
+        {"sparsity": 0.5, "schedule": "iterative", "schedule_args": {"exponent": 0.5}},
+        ValueError,
+        r"'exponent' parameter of iterative schedule must be a float in \[1, 1000\]",
+    ),
+    (
+        {"sparsity": 0.5, "schedule": "agp", "schedule_args": {"n_prune": 3}},
+        TypeError,
+        r"schedule 'agp' got unknown option\(s\) 'n_prune'; valid options: every, initial_sparsity, n_prunes",
+    ),
     ({"schedule": "agp"}, ValueError, r"schedule 'agp' needs option\(s\) 'sparsity'; valid options: every, "),
     ({"schedule": "fixed-fraction"}, ValueError, r"schedule 'fixed-fraction' needs option\(s\) 'fraction'"),
 ]
@@ -80,7 +111,11 @@ FIT_CASES = [
     ({"epochs": -1}, ValueError, r"'epochs' parameter of fit must be an int in \[0, 100000\]\. Got -1"),
     ({"lr": 0.0}, ValueError, r"'lr' parameter of fit must be a float in \(0, inf\)"),
     ({"batch_size": 0}, ValueError, r"'batch_size' parameter of fit"),
-    ({"optimizer": "sgdd"}, ValueError, r"'optimizer' parameter of fit must be one of: adam, adamw, sgd\. Got 'sgdd' instead \(did you mean 'sgd'\?\)"),
+    (
+        {"optimizer": "sgdd"},
+        ValueError,
+        r"'optimizer' parameter of fit must be one of: adam, adamw, sgd\. Got 'sgdd' instead \(did you mean 'sgd'\?\)",
+    ),
     ({"momentum": 1.0}, ValueError, r"'momentum' parameter of fit must be a float in \[0, 1\)"),
     ({"regularizer": "l3", "reg_strength": 0.1}, ValueError, r"unknown regularizer 'l3'.*group-lasso, l1, l2"),
     ({"regularizer": "l1", "reg_strength": -1.0}, ValueError, r"'strength' parameter of l1 regularizer"),
@@ -128,25 +163,38 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prunelab import _validation as V  # noqa: E402
+from prunelab.cli import build_parser, main  # noqa: E402
 from prunelab.engine import BatchedModels  # noqa: E402
 from prunelab.experiments import Study  # noqa: E402
-from prunelab.cli import build_parser, main  # noqa: E402
 
 #: Packages whose __all__ is the public API, and the public names of modules without one.
-PACKAGES = ["prunelab", "prunelab.pruning", "prunelab.metrics", "prunelab.models", "prunelab.units",
-            "prunelab.data", "prunelab.engine", "prunelab.experiments"]
-MODULE_NAMES = {"prunelab.export": ["save", "load", "predict_bytes", "export_onnx"],
-                "prunelab.hf": ["save_pretrained", "load_pretrained"],
-                "prunelab.sparse": ["SparseLinear", "sparsify", "densify", "compare_latency", "inference_latency"],
-                "prunelab.training": ["retrain", "RecoveryMonitor"]}
+PACKAGES = [
+    "prunelab",
+    "prunelab.pruning",
+    "prunelab.metrics",
+    "prunelab.models",
+    "prunelab.units",
+    "prunelab.data",
+    "prunelab.engine",
+    "prunelab.experiments",
+]
+MODULE_NAMES = {
+    "prunelab.export": ["save", "load", "predict_bytes", "export_onnx"],
+    "prunelab.hf": ["save_pretrained", "load_pretrained"],
+    "prunelab.sparse": ["SparseLinear", "sparsify", "densify", "compare_latency", "inference_latency"],
+    "prunelab.training": ["retrain", "RecoveryMonitor"],
+}
 
 #: Public callables without declarations, and why.
 EXCLUDED = {
-    "prunelab.pruning.Criterion": "abstract base class", "prunelab.pruning.Granularity": "abstract base class",
+    "prunelab.pruning.Criterion": "abstract base class",
+    "prunelab.pruning.Granularity": "abstract base class",
     "prunelab.pruning.Regularizer": "abstract base class (L1, L2, GroupLasso declare)",
-    "prunelab.pruning.Schedule": "abstract base class", "prunelab.pruning.Scope": "abstract base class",
+    "prunelab.pruning.Schedule": "abstract base class",
+    "prunelab.pruning.Scope": "abstract base class",
     "prunelab.units.parse_method": "a helper of remove_units and the CLI, which declare 'method'",
-    "prunelab.data.dry_run_inputs": "takes any dataset-like object", "prunelab.data.takes_token_ids": "takes any object",
+    "prunelab.data.dry_run_inputs": "takes any dataset-like object",
+    "prunelab.data.takes_token_ids": "takes any object",
 }
 
 
@@ -165,7 +213,7 @@ def public_callables() -> dict[str, object]:
             continue
         fn = obj.__init__ if isinstance(obj, type) else obj
         if fn is object.__init__ or not [p for p in inspect.signature(fn).parameters if p != "self"]:
-            continue           # no parameters to declare (Magnitude, Wanda, MaskSet, model_names, ...)
+            continue  # no parameters to declare (Magnitude, Wanda, MaskSet, model_names, ...)
         found[f"{module}.{name}"] = obj
     return found
 
@@ -182,53 +230,88 @@ def _valid_calls(tmp: Path) -> dict:
     """``{qualified name: (args, kwargs)}``: a call with every argument valid (never run here)."""
     m, t = tiny(), torch.randn(3, 8)
     return {
-        "prunelab.Pruner": ((m,), {"sparsity": 0.5}), "prunelab.build_model": (("mlp",), {}),
-        "prunelab.evaluate": ((m, X4), {}), "prunelab.fit": ((m, X4), {}), "prunelab.load": ((tmp / "m.plm",), {}),
-        "prunelab.load_dataset": (("digits",), {}), "prunelab.make_schedule": (("agp", 0.5), {}),
-        "prunelab.measure_latency": ((m, (4,)), {}), "prunelab.prune": ((m, 0.5), {}),
-        "prunelab.save": ((m, tmp / "m.plm"), {}), "prunelab.save_pretrained": ((m, tmp), {}),
+        "prunelab.Pruner": ((m,), {"sparsity": 0.5}),
+        "prunelab.build_model": (("mlp",), {}),
+        "prunelab.evaluate": ((m, X4), {}),
+        "prunelab.fit": ((m, X4), {}),
+        "prunelab.load": ((tmp / "m.plm",), {}),
+        "prunelab.load_dataset": (("digits",), {}),
+        "prunelab.make_schedule": (("agp", 0.5), {}),
+        "prunelab.measure_latency": ((m, (4,)), {}),
+        "prunelab.prune": ((m, 0.5), {}),
+        "prunelab.save": ((m, tmp / "m.plm"), {}),
+        "prunelab.save_pretrained": ((m, tmp), {}),
         "prunelab.summary": ((m, (4,)), {}),
-        "prunelab.pruning.AGP": ((0.5,), {}), "prunelab.pruning.FixedFraction": ((0.1,), {"n_prunes": 2}),
+        "prunelab.pruning.AGP": ((0.5,), {}),
+        "prunelab.pruning.FixedFraction": ((0.1,), {"n_prunes": 2}),
         "prunelab.pruning.FunctionSchedule": ((lambda step: 0.5,), {}),
-        "prunelab.pruning.GradientMagnitude": ((), {}), "prunelab.pruning.GroupLasso": ((0.1,), {}),
-        "prunelab.pruning.Iterative": ((0.5,), {}), "prunelab.pruning.L1": ((0.1,), {}),
-        "prunelab.pruning.L2": ((0.1,), {}), "prunelab.pruning.LOBS": ((), {}), "prunelab.pruning.OBSExact": ((), {}),
-        "prunelab.pruning.OBSFast": ((), {}), "prunelab.pruning.Wanda": ((), {}), "prunelab.pruning.NMGranularity": ((2, 4), {}),
-        "prunelab.pruning.OBD": ((), {}), "prunelab.pruning.OneShot": ((0.5,), {}), "prunelab.pruning.Random": ((), {}),
-        "prunelab.pruning.make_criterion": (("magnitude",), {}), "prunelab.pruning.make_granularity": (("weight",), {}),
-        "prunelab.pruning.make_regularizer": (("l1", 0.1), {}), "prunelab.pruning.make_scope": (("local",), {}),
-        "prunelab.pruning.nm_keep": ((t, 2, 4), {}), "prunelab.pruning.resolve_targets": ((m,), {}),
-        "prunelab.metrics.best_index_bits": ((t, 32), {}), "prunelab.metrics.count_flops": ((m, (4,)), {}),
-        "prunelab.metrics.csr_fillers": ((t, 4), {}), "prunelab.metrics.storage_bits": ((t,), {}),
+        "prunelab.pruning.GradientMagnitude": ((), {}),
+        "prunelab.pruning.GroupLasso": ((0.1,), {}),
+        "prunelab.pruning.Iterative": ((0.5,), {}),
+        "prunelab.pruning.L1": ((0.1,), {}),
+        "prunelab.pruning.L2": ((0.1,), {}),
+        "prunelab.pruning.LOBS": ((), {}),
+        "prunelab.pruning.OBSExact": ((), {}),
+        "prunelab.pruning.OBSFast": ((), {}),
+        "prunelab.pruning.Wanda": ((), {}),
+        "prunelab.pruning.NMGranularity": ((2, 4), {}),
+        "prunelab.pruning.OBD": ((), {}),
+        "prunelab.pruning.OneShot": ((0.5,), {}),
+        "prunelab.pruning.Random": ((), {}),
+        "prunelab.pruning.make_criterion": (("magnitude",), {}),
+        "prunelab.pruning.make_granularity": (("weight",), {}),
+        "prunelab.pruning.make_regularizer": (("l1", 0.1), {}),
+        "prunelab.pruning.make_scope": (("local",), {}),
+        "prunelab.pruning.nm_keep": ((t, 2, 4), {}),
+        "prunelab.pruning.resolve_targets": ((m,), {}),
+        "prunelab.metrics.best_index_bits": ((t, 32), {}),
+        "prunelab.metrics.count_flops": ((m, (4,)), {}),
+        "prunelab.metrics.csr_fillers": ((t, 4), {}),
+        "prunelab.metrics.storage_bits": ((t,), {}),
         "prunelab.models.HashedConv2d": ((1, 2, 3), {"compression": 0.5}),
-        "prunelab.models.HashedLinear": ((4, 3), {"compression": 0.5}), "prunelab.models.hash_layers": ((m, 0.5), {}),
+        "prunelab.models.HashedLinear": ((4, 3), {"compression": 0.5}),
+        "prunelab.models.hash_layers": ((m, 0.5), {}),
         "prunelab.models.model_options": (("mlp",), {}),
-        "prunelab.units.collect_stats": ((m, X4), {}), "prunelab.units.prune_transformer": ((m,), {}),
+        "prunelab.units.collect_stats": ((m, X4), {}),
+        "prunelab.units.prune_transformer": ((m,), {}),
         "prunelab.units.remove_blocks": ((m, "0", []), {}),
         "prunelab.units.remove_units": ((m, "rand"), {"fraction": 0.5, "input_shape": (4,)}),
         "prunelab.units.score_units": ((m, "rand"), {"input_shape": (4,)}),
-        "prunelab.units.speed_report": (({"a": m}, X4[0]), {}), "prunelab.units.thin": ((m, {}), {}),
-        "prunelab.units.thin_dead_units": ((m, (4,)), {}), "prunelab.units.zero_units": ((m, (4,)), {}),
-        "prunelab.data.data_root": ((), {}), "prunelab.data.dataset_info": (("digits",), {}),
+        "prunelab.units.speed_report": (({"a": m}, X4[0]), {}),
+        "prunelab.units.thin": ((m, {}), {}),
+        "prunelab.units.thin_dead_units": ((m, (4,)), {}),
+        "prunelab.units.zero_units": ((m, (4,)), {}),
+        "prunelab.data.data_root": ((), {}),
+        "prunelab.data.dataset_info": (("digits",), {}),
         "prunelab.data.fetch": (("digits",), {}),
         "prunelab.data.generate_variant": (("mnist-rot", np.zeros((2, 4, 4), np.uint8), np.zeros(2), 0), {}),
-        "prunelab.data.load_text": ((tmp,), {}), "prunelab.data.sequences": ((np.arange(10), 4), {}),
+        "prunelab.data.load_text": ((tmp,), {}),
+        "prunelab.data.sequences": ((np.arange(10), 4), {}),
         "prunelab.data.train_tokenizer": (("some text",), {}),
-        "prunelab.export.predict_bytes": ((m,), {}), "prunelab.export.export_onnx": ((m, tmp / "m.onnx", (4,)), {}),
+        "prunelab.export.predict_bytes": ((m,), {}),
+        "prunelab.export.export_onnx": ((m, tmp / "m.onnx", (4,)), {}),
         "prunelab.hf.load_pretrained": ((tmp,), {}),
-        "prunelab.sparse.SparseLinear": ((4, 3, torch.zeros(4, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                                          torch.zeros(0)), {}),
-        "prunelab.sparse.sparsify": ((m, (4,)), {}), "prunelab.sparse.densify": ((m,), {}),
-        "prunelab.sparse.compare_latency": (({"a": m}, (4,)), {}), "prunelab.sparse.inference_latency": ((m, (4,)), {}),
-        "prunelab.training.retrain": ((m, X4), {"pruner": Pruner(tiny(), 0.5), "target_accuracy": 0.5,
-                                                "eval_data": X4}),
+        "prunelab.sparse.SparseLinear": (
+            (4, 3, torch.zeros(4, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)),
+            {},
+        ),
+        "prunelab.sparse.sparsify": ((m, (4,)), {}),
+        "prunelab.sparse.densify": ((m,), {}),
+        "prunelab.sparse.compare_latency": (({"a": m}, (4,)), {}),
+        "prunelab.sparse.inference_latency": ((m, (4,)), {}),
+        "prunelab.training.retrain": (
+            (m, X4),
+            {"pruner": Pruner(tiny(), 0.5), "target_accuracy": 0.5, "eval_data": X4},
+        ),
         "prunelab.training.RecoveryMonitor": ((X4, 0.9), {}),
         "prunelab.engine.BatchedModels": (([tiny(), tiny()],), {}),
         "prunelab.engine.fit_batched": ((BatchedModels([tiny(), tiny()]), X4), {"seeds": [0, 1]}),
-        "prunelab.engine.available_bytes": ((), {}), "prunelab.engine.member_bytes": ((m, (4,), 8), {}),
+        "prunelab.engine.available_bytes": ((), {}),
+        "prunelab.engine.member_bytes": ((m, (4,), 8), {}),
         "prunelab.engine.cache_members": ((m, (4,), 8), {}),
         "prunelab.engine.choose_members": ((m, (4,), 8), {"wanted": 2}),
-        "prunelab.experiments.Store": ((tmp / "study.db",), {}), "prunelab.experiments.build_study": (({},), {}),
+        "prunelab.experiments.Store": ((tmp / "study.db",), {}),
+        "prunelab.experiments.build_study": (({},), {}),
         "prunelab.experiments.load_spec": ((tmp / "spec.yaml",), {}),
         "prunelab.experiments.default_db_path": ((Study("s", {}),), {}),
         "prunelab.experiments.run_study": ((Study("s", {}), tmp / "study.db"), {}),
@@ -287,9 +370,9 @@ def test_the_valid_calls_satisfy_every_declaration(valid_calls):
 
 def _call_with(obj, args, kwargs, param, value):
     fn = obj.__init__ if isinstance(obj, type) else obj
-    positional = list(inspect.signature(fn).parameters)[1 if isinstance(obj, type) else 0:]
+    positional = list(inspect.signature(fn).parameters)[1 if isinstance(obj, type) else 0 :]
     args = list(args)
-    if param in positional[:len(args)]:
+    if param in positional[: len(args)]:
         args[positional.index(param)] = value
     else:
         kwargs = {**kwargs, param: value}
@@ -315,14 +398,25 @@ def test_every_declared_constraint_refuses_an_invalid_value(valid_calls, name):
 
 def test_every_numeric_parameter_has_an_upper_bound_or_a_reason():
     """An absurd number can only be a mistake: each interval has an upper end, except these."""
-    unbounded = {("fit", "lr"), ("fit", "weight_decay"), ("fit", "temperature"),   # too large diverges: TrainingDiverged
-                 ("l1 regularizer", "strength"), ("l2 regularizer", "strength"),
-                 ("group-lasso regularizer", "strength"),
-                 ("Pruner", "min_keep"), ("prune", "min_keep"),          # above a layer's size: the layer stays whole
-                 ("HashedLinear", "buckets"), ("HashedConv2d", "buckets"),  # bounded by the layer's virtual weights
-                 ("lobs criterion", "damping"), ("obs-exact criterion", "damping"), ("obs-fast criterion", "damping"),
-                 ("lobs criterion", "epsilon"), ("obs-exact criterion", "epsilon"), ("obs-fast criterion", "epsilon"),
-                 ("prune_transformer", "damp")}                          # relative ridge dampings: a large one is valid
+    unbounded = {
+        ("fit", "lr"),
+        ("fit", "weight_decay"),
+        ("fit", "temperature"),  # too large diverges: TrainingDiverged
+        ("l1 regularizer", "strength"),
+        ("l2 regularizer", "strength"),
+        ("group-lasso regularizer", "strength"),
+        ("Pruner", "min_keep"),
+        ("prune", "min_keep"),  # above a layer's size: the layer stays whole
+        ("HashedLinear", "buckets"),
+        ("HashedConv2d", "buckets"),  # bounded by the layer's virtual weights
+        ("lobs criterion", "damping"),
+        ("obs-exact criterion", "damping"),
+        ("obs-fast criterion", "damping"),
+        ("lobs criterion", "epsilon"),
+        ("obs-exact criterion", "epsilon"),
+        ("obs-fast criterion", "epsilon"),
+        ("prune_transformer", "damp"),
+    }  # relative ridge dampings: a large one is valid
     found = set()
     for name, obj in public_callables().items():
         declared = V.param_constraints(obj)
@@ -350,9 +444,19 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 #: Positional arguments that let each command reach its options (never run: an option is bad).
-POSITIONALS = {"run": ["spec.yaml"], "status": ["study.db"], "table": ["study.db"], "plot": ["study.db"],
-               "report": ["study.db"], "list": [], "data": ["info"], "prune": [], "units": [],
-               "export": ["weights.pt", "out.plm"], "summary": ["--model", "mlp"]}
+POSITIONALS = {
+    "run": ["spec.yaml"],
+    "status": ["study.db"],
+    "table": ["study.db"],
+    "plot": ["study.db"],
+    "report": ["study.db"],
+    "list": [],
+    "data": ["info"],
+    "prune": [],
+    "units": [],
+    "export": ["weights.pt", "out.plm"],
+    "summary": ["--model", "mlp"],
+}
 
 
 def _cli_invalid(action: argparse.Action) -> list[str]:
@@ -365,8 +469,11 @@ def _cli_invalid(action: argparse.Action) -> list[str]:
             values += c.invalid_values()
     if action.choices is not None:
         values.append("no-such-choice")
-    return [v for v in dict.fromkeys(values)
-            if not any(c.is_satisfied_by(_parsed(c, v)) for c in getattr(action.type, "constraints", ()))]
+    return [
+        v
+        for v in dict.fromkeys(values)
+        if not any(c.is_satisfied_by(_parsed(c, v)) for c in getattr(action.type, "constraints", ()))
+    ]
 
 
 def _parsed(constraint, text):
@@ -383,7 +490,9 @@ def _cli_cases():
             if not action.option_strings or action.nargs == 0:
                 continue
             for text in _cli_invalid(action):
-                cases.append(pytest.param(command, action.option_strings[-1], text, id=f"{command}-{action.dest}-{text}"))
+                cases.append(
+                    pytest.param(command, action.option_strings[-1], text, id=f"{command}-{action.dest}-{text}")
+                )
     return cases
 
 

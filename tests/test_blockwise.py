@@ -8,12 +8,12 @@ import warnings
 
 import pytest
 import torch
+from zoo import BY_NAME, HAS_TRANSFORMERS
 
 import prunelab
 from prunelab.pruning import Pruner
 from prunelab.pruning import blocks as blk
 from prunelab.pruning.lobs import LayerwiseOBS, hessian
-from zoo import BY_NAME, HAS_TRANSFORMERS
 
 needs_hf = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
 
@@ -53,9 +53,9 @@ def test_named_llama_layers_give_the_weights_of_one_forward_per_layer(llama, off
     _prune(slow, batches)
     _same_weights(fast, slow)
     forwards = pruner.criterion.last_forwards
-    assert forwards["cut short"] == len(batches)           # only the first block's inputs from the model
+    assert forwards["cut short"] == len(batches)  # only the first block's inputs from the model
     assert forwards["block"] > 0
-    assert not list(tmp_path.glob("prunelab-blocks-*"))    # the spill directory is gone
+    assert not list(tmp_path.glob("prunelab-blocks-*"))  # the spill directory is gone
 
 
 @needs_hf
@@ -70,6 +70,7 @@ def test_bfloat16_llama_is_pruned_with_float64_statistics(llama, monkeypatch):
         h = inner(self, pruner, target)
         seen[target.name] = h.xtx.dtype
         return h
+
     monkeypatch.setattr(LayerwiseOBS, "_hessian", recording)
     pruner = _prune(model, batches, blocks="model.layers")
     assert set(seen.values()) == {torch.float64}
@@ -77,7 +78,7 @@ def test_bfloat16_llama_is_pruned_with_float64_statistics(llama, monkeypatch):
         w = t.weight.detach()
         assert w.dtype == torch.bfloat16
         assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.02), t.name
-        assert not torch.equal(w, dense[t.name])            # compensated, not only masked
+        assert not torch.equal(w, dense[t.name])  # compensated, not only masked
     assert all(0 < r.relative_error < 1 and r.n == 2 * 4 * 8 for r in pruner.history[-1].report)
     monkeypatch.setattr(LayerwiseOBS, "_hessian", _per_layer)
     _prune(reference, batches)
@@ -111,7 +112,7 @@ def test_the_report_gives_seconds_peak_memory_and_block_totals():
         members = [r for r in inside if r.block == b["block"]]
         assert b["layers"] == len(members)
         assert b["seconds"] == pytest.approx(sum(r.seconds for r in members))
-    if report.peak_memory is not None:                       # Linux and macOS say; others may not
+    if report.peak_memory is not None:  # Linux and macOS say; others may not
         assert all(0 < r.peak_memory <= report.peak_memory for r in report)
         assert "block encoder.layers.0" in str(report) and "peak" in str(report)
 
@@ -123,17 +124,20 @@ def test_the_cached_inputs_of_a_block_are_counted_in_its_live_bytes():
     spilled = _prune(zoo.build(), batches, blocks="encoder.layers", offload="disk").history[-1].report
     d = 16
     for r, s in zip(report, spilled):
-        if r.block is not None:                              # one block's inputs: 2 batches of 4×8×d floats
+        if r.block is not None:  # one block's inputs: 2 batches of 4×8×d floats
             assert r.live_bytes - s.live_bytes >= 2 * 4 * 8 * d * 4
         else:
             assert r.live_bytes == s.live_bytes
 
 
-@pytest.mark.parametrize("blocks, error, words", [
-    ("encoder.layer", ValueError, ["'encoder.layer'", "not a submodule", "encoder.layers"]),
-    ("encoder.layers.0", ValueError, ["TransformerEncoderLayer", "not an nn.ModuleList", "encoder.layers"]),
-    (3, TypeError, ["'blocks'", "dotted module path"]),
-])
+@pytest.mark.parametrize(
+    "blocks, error, words",
+    [
+        ("encoder.layer", ValueError, ["'encoder.layer'", "not a submodule", "encoder.layers"]),
+        ("encoder.layers.0", ValueError, ["TransformerEncoderLayer", "not an nn.ModuleList", "encoder.layers"]),
+        (3, TypeError, ["'blocks'", "dotted module path"]),
+    ],
+)
 def test_a_bad_stack_is_refused_before_any_work(blocks, error, words):
     zoo = BY_NAME["transformer"]
     model = zoo.build()
@@ -172,8 +176,9 @@ def test_the_spill_directory_is_removed_after_an_error(monkeypatch, tmp_path):
     zoo = BY_NAME["transformer"]
 
     def fail(self, *args):
-        assert list(tmp_path.glob("prunelab-blocks-*/*/*.pt"))   # spilled while it ran
+        assert list(tmp_path.glob("prunelab-blocks-*/*/*.pt"))  # spilled while it ran
         raise RuntimeError("solver failed")
+
     monkeypatch.setattr(LayerwiseOBS, "solve_layer", fail)
     with pytest.raises(RuntimeError, match="solver failed"):
         _prune(zoo.build(), zoo.batches(2), blocks="encoder.layers", offload="disk")
@@ -193,6 +198,7 @@ def test_an_input_cache_on_disk_round_trips_and_advances_in_place():
     class Scaled(torch.nn.Linear):
         def forward(self, x, scale=1.0):
             return super().forward(x) * scale
+
     block = Scaled(4, 4)
     entries = [((torch.randn(2, 4),), {"scale": 2.0}) for _ in range(3)]
     with blk.Spill() as spill:
@@ -227,8 +233,14 @@ def test_a_bfloat16_model_computed_in_float32_equals_the_float32_run_rounded():
     layers = [name for name, p in model.named_parameters() if name.startswith("encoder") and p.dim() == 2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prunelab.prune(model, 0.5, criterion={"name": "obs-fast", "compute_dtype": "float32"}, data=batches,
-                       blocks="encoder.layers", layers=layers)
+        prunelab.prune(
+            model,
+            0.5,
+            criterion={"name": "obs-fast", "compute_dtype": "float32"},
+            data=batches,
+            blocks="encoder.layers",
+            layers=layers,
+        )
         prunelab.prune(reference, 0.5, criterion="obs-fast", data=batches, blocks="encoder.layers", layers=layers)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert p.dtype == torch.bfloat16, name

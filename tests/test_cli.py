@@ -13,19 +13,45 @@ from prunelab.data import DATASETS
 def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for line in ["criteria: gradient (gradient-magnitude), lobs (l-obs), magnitude, obd, obs-exact (obs_exact), obs-fast (obs_fast), random",
-                 "scopes: global, layerwise-constant (layerwise_constant), local (layerwise)",
-                 "granularities: channel, filter (unit), kernel, weight (unstructured)"]:
+    for line in [
+        "criteria: gradient (gradient-magnitude), lobs (l-obs), magnitude, obd, obs-exact (obs_exact), obs-fast (obs_fast), random",
+        "scopes: global, layerwise-constant (layerwise_constant), local (layerwise)",
+        "granularities: channel, filter (unit), kernel, weight (unstructured)",
+    ]:
         assert line in out
     assert "lenet5" in out and "digits" in out
 
 
 def test_prune_command_trains_prunes_and_saves(tmp_path, capsys):
     save_path, json_path = tmp_path / "m" / "model.pt", tmp_path / "r.json"
-    code = main(["prune", "--dataset", "digits", "--model", "mlp", "--model-arg", "hidden=[32]",
-                 "--sparsity", "0.8", "--scope", "global", "--schedule", "agp",
-                 "--schedule-arg", "n_prunes=3", "--epochs", "3", "--finetune-epochs", "4",
-                 "--save", str(save_path), "--json", str(json_path), "--quiet"])
+    code = main(
+        [
+            "prune",
+            "--dataset",
+            "digits",
+            "--model",
+            "mlp",
+            "--model-arg",
+            "hidden=[32]",
+            "--sparsity",
+            "0.8",
+            "--scope",
+            "global",
+            "--schedule",
+            "agp",
+            "--schedule-arg",
+            "n_prunes=3",
+            "--epochs",
+            "3",
+            "--finetune-epochs",
+            "4",
+            "--save",
+            str(save_path),
+            "--json",
+            str(json_path),
+            "--quiet",
+        ]
+    )
     assert code == 0
     result = json.loads(json_path.read_text())
     assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -33,8 +59,22 @@ def test_prune_command_trains_prunes_and_saves(tmp_path, capsys):
     saved = torch.load(save_path, weights_only=True)
     assert saved["config"]["hidden"] == [32]
     capsys.readouterr()
-    assert main(["summary", "--model", "mlp", "--dataset", "digits", "--model-arg", "hidden=[32]",
-                 "--weights", str(save_path)]) == 0
+    assert (
+        main(
+            [
+                "summary",
+                "--model",
+                "mlp",
+                "--dataset",
+                "digits",
+                "--model-arg",
+                "hidden=[32]",
+                "--weights",
+                str(save_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # read back from the file: local 80 % of fc1 (2048 weights → 1638 pruned) and fc2 (320 → 256)
     total_line = next(line for line in out.splitlines() if line.startswith("total"))
@@ -43,9 +83,27 @@ def test_prune_command_trains_prunes_and_saves(tmp_path, capsys):
 
 def test_units_command_removes_thins_measures_and_saves(tmp_path, capsys):
     save_path, json_path = tmp_path / "thin.pt", tmp_path / "r.json"
-    code = main(["units", "--model-arg", "hidden=[40,20]", "--epochs", "15", "--method", "bp_norm",
-                 "--fraction", "0.25", "--latency", "--threads", "1", "--save", str(save_path),
-                 "--json", str(json_path), "--quiet"])
+    code = main(
+        [
+            "units",
+            "--model-arg",
+            "hidden=[40,20]",
+            "--epochs",
+            "15",
+            "--method",
+            "bp_norm",
+            "--fraction",
+            "0.25",
+            "--latency",
+            "--threads",
+            "1",
+            "--save",
+            str(save_path),
+            "--json",
+            str(json_path),
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "fc1 40->30, fc2 20->15" in out and "measured speedup" in out
@@ -56,27 +114,46 @@ def test_units_command_removes_thins_measures_and_saves(tmp_path, capsys):
     assert result["accuracy_removed"] == result["accuracy_thinned"] > 0.8
     assert result["speedup_measured_b64"] > 0
     # the saved thinned model loads back through summary
-    assert main(["summary", "--model", "mlp", "--dataset", "digits", "--model-arg", "hidden=[40,20]",
-                 "--weights", str(save_path)]) == 0
+    assert (
+        main(
+            [
+                "summary",
+                "--model",
+                "mlp",
+                "--dataset",
+                "digits",
+                "--model-arg",
+                "hidden=[40,20]",
+                "--weights",
+                str(save_path),
+            ]
+        )
+        == 0
+    )
     total_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
     assert f"{expected:,}" in total_line
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["units", "--method", "bp_nrom", "--fraction", "0.5"], "bp_nrom"),
-    (["units", "--fraction", "0.5", "--count", "2"], "exactly one of --fraction"),
-    (["units", "--fraction", "1.5"], "'--fraction' parameter of prunelab units must be a float in [0, 1)"),
-    (["units", "--fraction", "0.5", "--layers", "first_conv"], "'first_conv', but the model has no such layer"),
-    (["prune", "--criterion", "magnitde"], "unknown criterion 'magnitde' (did you mean 'magnitude'?)"),
-    (["prune", "--sparsity", "1.2"], "'--sparsity' parameter of prunelab prune must be a float in [0, 1). Got 1.2"),
-    (["prune", "--dataset", "mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
-    (["prune", "--model", "lenet", "--dataset", "digits"], "unknown model 'lenet'"),
-    (["prune", "--model-arg", "hidden"], "--model-arg takes key=value"),
-    (["prune", "--finetune-epochs", "-2"], "'--finetune-epochs' parameter of prunelab prune must be an int"),
-    (["prune", "--granularity", "kernel"], "granularity 'kernel' applies only to Conv layers"),
-    (["prune", "--schedule", "iterative", "--schedule-arg", "n_prunes=9", "--finetune-epochs", "3"],
-     "the schedule's last prune is at step 184 but fine-tuning has 69 steps"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["units", "--method", "bp_nrom", "--fraction", "0.5"], "bp_nrom"),
+        (["units", "--fraction", "0.5", "--count", "2"], "exactly one of --fraction"),
+        (["units", "--fraction", "1.5"], "'--fraction' parameter of prunelab units must be a float in [0, 1)"),
+        (["units", "--fraction", "0.5", "--layers", "first_conv"], "'first_conv', but the model has no such layer"),
+        (["prune", "--criterion", "magnitde"], "unknown criterion 'magnitde' (did you mean 'magnitude'?)"),
+        (["prune", "--sparsity", "1.2"], "'--sparsity' parameter of prunelab prune must be a float in [0, 1). Got 1.2"),
+        (["prune", "--dataset", "mnsit"], "unknown dataset 'mnsit' (did you mean 'mnist'?)"),
+        (["prune", "--model", "lenet", "--dataset", "digits"], "unknown model 'lenet'"),
+        (["prune", "--model-arg", "hidden"], "--model-arg takes key=value"),
+        (["prune", "--finetune-epochs", "-2"], "'--finetune-epochs' parameter of prunelab prune must be an int"),
+        (["prune", "--granularity", "kernel"], "granularity 'kernel' applies only to Conv layers"),
+        (
+            ["prune", "--schedule", "iterative", "--schedule-arg", "n_prunes=9", "--finetune-epochs", "3"],
+            "the schedule's last prune is at step 184 but fine-tuning has 69 steps",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -88,9 +165,19 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yam
 
 
 def test_the_shipped_specs_are_all_there():
-    assert [p.stem for p in SPECS] == ["quickstart", "study-a-select-training", "study-a-select", "study-a",
-                                       "study-b", "study-c", "study-d-conv", "study-d", "study-e", "study-f-quick",
-                                       "study-f"]
+    assert [p.stem for p in SPECS] == [
+        "quickstart",
+        "study-a-select-training",
+        "study-a-select",
+        "study-a",
+        "study-b",
+        "study-c",
+        "study-d-conv",
+        "study-d",
+        "study-e",
+        "study-f-quick",
+        "study-f",
+    ]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
@@ -102,8 +189,9 @@ def test_shipped_specs_validate(path, quick, capsys):
 
 
 def _skip_without_data(path):
-    needs = {"quickstart": None, "study-b": "fashion-mnist", "study-f-quick": "pydocs",
-             "study-f": "pydocs"}.get(path.stem, "mnist")
+    needs = {"quickstart": None, "study-b": "fashion-mnist", "study-f-quick": "pydocs", "study-f": "pydocs"}.get(
+        path.stem, "mnist"
+    )
     if needs and DATASETS.get(needs).missing_files():
         pytest.skip(f"{needs} files absent (set PRUNELAB_DATA)")
 
@@ -139,10 +227,9 @@ def test_quickstart_quick_runs_and_prints_its_tables(tmp_path, capsys):
     assert list((tmp_path / "quickstart-quick" / "tables").glob("*.md"))
 
 
-
 # --------------------------------------------------------------------------- your own model
 
-USER_MODELS = '''
+USER_MODELS = """
 import torch
 from torch import nn
 
@@ -208,13 +295,14 @@ def broken():
 
 def not_a_model():
     return 3
-'''
+"""
 
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """A module ``user_models_cli`` importable from the current directory, as a user's would be."""
     import sys
+
     (tmp_path / "user_models_cli.py").write_text(USER_MODELS)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -227,8 +315,24 @@ def test_prune_a_user_model_and_load_the_file_back(user_module, tmp_path, capsys
     import importlib
 
     import prunelab
-    code = main(["prune", "--model", f"{user_module}:net", "--model-arg", "hidden=12", "--example-input",
-                 "float:1x3x4x4", "--sparsity", "0.75", "--export", "pruned.plm", "--json", "r.json"])
+
+    code = main(
+        [
+            "prune",
+            "--model",
+            f"{user_module}:net",
+            "--model-arg",
+            "hidden=12",
+            "--example-input",
+            "float:1x3x4x4",
+            "--sparsity",
+            "0.75",
+            "--export",
+            "pruned.plm",
+            "--json",
+            "r.json",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "total" in out and "one-shot magnitude" in out
@@ -242,8 +346,27 @@ def test_units_thins_a_user_model_and_the_file_resizes_a_fresh_one(user_module, 
     import importlib
 
     import prunelab
-    assert main(["units", "--model", f"{user_module}:net", "--example-input", "float:1x3x4x4",
-                 "--method", "norm", "--fraction", "0.5", "--layers", "fc1", "--save", "thin.plm"]) == 0
+
+    assert (
+        main(
+            [
+                "units",
+                "--model",
+                f"{user_module}:net",
+                "--example-input",
+                "float:1x3x4x4",
+                "--method",
+                "norm",
+                "--fraction",
+                "0.5",
+                "--layers",
+                "fc1",
+                "--save",
+                "thin.plm",
+            ]
+        )
+        == 0
+    )
     assert "fc1 16->8" in capsys.readouterr().out
     model = prunelab.load(tmp_path / "thin.plm", model=importlib.import_module(user_module).net())
     assert model.fc1.out_features == 8 and model.fc2.in_features == 8
@@ -252,14 +375,30 @@ def test_units_thins_a_user_model_and_the_file_resizes_a_fresh_one(user_module, 
 
 def test_export_with_keyword_inputs_writes_onnx(user_module, tmp_path, capsys):
     import prunelab
+
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     module = __import__(user_module)
     prunelab.save(module.tokens(), tmp_path / "t.plm")
-    assert main(["export", "t.plm", "out.plm", "--model", f"{user_module}:tokens", "--example-input",
-                 "input_ids=int:2x5:0-20,attention_mask=ones:2x5", "--onnx", "t.onnx"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "t.plm",
+                "out.plm",
+                "--model",
+                f"{user_module}:tokens",
+                "--example-input",
+                "input_ids=int:2x5:0-20,attention_mask=ones:2x5",
+                "--onnx",
+                "t.onnx",
+            ]
+        )
+        == 0
+    )
     assert "ONNX: t.onnx" in capsys.readouterr().out
     import onnx
+
     assert [i.name for i in onnx.load(str(tmp_path / "t.onnx")).graph.input] == ["input_ids", "attention_mask"]
 
 
@@ -277,12 +416,29 @@ def test_units_thins_a_user_model_with_keyword_inputs(user_module, tmp_path, cap
 
     import prunelab
     from prunelab import units
-    assert main(["units", "--model", f"{user_module}:token_mlp", "--example-input", TOKENS,
-                 "--method", "norm", "--fraction", "0.5", "--save", "thin.plm"]) == 0
+
+    assert (
+        main(
+            [
+                "units",
+                "--model",
+                f"{user_module}:token_mlp",
+                "--example-input",
+                TOKENS,
+                "--method",
+                "norm",
+                "--fraction",
+                "0.5",
+                "--save",
+                "thin.plm",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert ":mlp 16->8" in out and "per sample of inputs {'input_ids': (6,), 'attention_mask': (6,)}" in out
     module = importlib.import_module(user_module)
-    expected = module.token_mlp()                       # the same removal through the Python API
+    expected = module.token_mlp()  # the same removal through the Python API
     example = {"input_ids": torch.randint(0, 20, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
     expected = units.thin(expected, units.remove_units(expected, "norm", fraction=0.5, example_inputs=example))
     model = prunelab.load(tmp_path / "thin.plm", model=module.token_mlp())
@@ -292,13 +448,27 @@ def test_units_thins_a_user_model_with_keyword_inputs(user_module, tmp_path, cap
 
 def test_export_thins_the_dead_units_of_a_user_model_with_keyword_inputs(user_module, tmp_path, capsys):
     import prunelab
+
     module = __import__(user_module)
     model = module.token_mlp()
     with torch.no_grad():
-        model.fc1.weight[[1, 4, 9]] = 0                 # three dead units, whose relu(bias) stays in fc2's bias
+        model.fc1.weight[[1, 4, 9]] = 0  # three dead units, whose relu(bias) stays in fc2's bias
     prunelab.save(model, tmp_path / "dead.plm")
-    assert main(["export", "dead.plm", "thin.plm", "--thin", "--model", f"{user_module}:token_mlp",
-                 "--example-input", TOKENS]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "dead.plm",
+                "thin.plm",
+                "--thin",
+                "--model",
+                f"{user_module}:token_mlp",
+                "--example-input",
+                TOKENS,
+            ]
+        )
+        == 0
+    )
     assert "thinned: 3 units whose weights are all zero removed" in capsys.readouterr().out
     loaded = prunelab.load(tmp_path / "thin.plm", model=module.token_mlp())
     example = {"input_ids": torch.randint(0, 20, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
@@ -309,6 +479,7 @@ def test_export_thins_the_dead_units_of_a_user_model_with_keyword_inputs(user_mo
 def test_summary_units_and_latency_of_a_hugging_face_gpt2_from_token_ids(user_module, tmp_path, capsys):
     import prunelab
     from prunelab import units
+
     pytest.importorskip("transformers")
     module = __import__(user_module)
     ids = ["--model", f"{user_module}:gpt2", "--example-input", "input_ids=int:1x16:0-100"]
@@ -327,39 +498,47 @@ def test_summary_units_and_latency_of_a_hugging_face_gpt2_from_token_ids(user_mo
     assert main(["summary", *ids, "--weights", "g.plm", "--latency", "--threads", "1"]) == 0
     assert "transformer.h.0.attn:heads 3->3, transformer.h.0.mlp 31->31" in capsys.readouterr().out
     assert main(["units", *ids, "--method", "rand", "--count", "2", "--layers", "transformer.h.1.attn:heads"]) == 0
-    assert "transformer.h.0.attn:heads 4->4, transformer.h.0.mlp 32->32, transformer.h.1.attn:heads 4->2" in \
-        capsys.readouterr().out
+    assert (
+        "transformer.h.0.attn:heads 4->4, transformer.h.0.mlp 32->32, transformer.h.1.attn:heads 4->2"
+        in capsys.readouterr().out
+    )
 
 
 X = ["--example-input", "float:1x3x4x4"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "{m}:nope", *X], "module 'user_models_cli' has no attribute 'nope'; its callables: "),
-    (["--model", "no_such_module_x:net", *X], "no module named 'no_such_module_x'"),
-    (["--model", "{m}:broken", *X], "broken() raised RuntimeError: weights missing"),
-    (["--model", "{m}:not_a_model", *X], "not_a_model() returned a int, not a torch.nn.Module"),
-    (["--model", "{m}:net", "--criterion", "obd", *X], "criterion 'obd' needs calibration data"),
-    (["--model", "{m}:net", "--dataset", "digits", *X], "--dataset is for registry models"),
-    (["--model", "{m}:net"], "needs --example-input, e.g. float:1x3x32x32"),
-    (["--model", "mlp", "--example-input", "float:1x64"], "--example-input is for your own model"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "{m}:nope", *X], "module 'user_models_cli' has no attribute 'nope'; its callables: "),
+        (["--model", "no_such_module_x:net", *X], "no module named 'no_such_module_x'"),
+        (["--model", "{m}:broken", *X], "broken() raised RuntimeError: weights missing"),
+        (["--model", "{m}:not_a_model", *X], "not_a_model() returned a int, not a torch.nn.Module"),
+        (["--model", "{m}:net", "--criterion", "obd", *X], "criterion 'obd' needs calibration data"),
+        (["--model", "{m}:net", "--dataset", "digits", *X], "--dataset is for registry models"),
+        (["--model", "{m}:net"], "needs --example-input, e.g. float:1x3x32x32"),
+        (["--model", "mlp", "--example-input", "float:1x64"], "--example-input is for your own model"),
+    ],
+)
 def test_user_model_mistakes_exit_2_with_one_line(user_module, capsys, argv, message):
     assert main(["prune", *(a.format(m=user_module) for a in argv)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("float", "not of the form [NAME=]KIND:SHAPE[:LOW-HIGH]"),
-    ("floot:1x3", "unknown kind 'floot'"),
-    ("float:1x0", "the shape '1x0' must be positive integers"),
-    ("float:1x3:0-5", "a LOW-HIGH range is for kind int only"),
-    ("int:1x3:5-5", "the range 5-5 is empty"),
-    ("a=int:1x3,float:1x3", "all named (keyword inputs) or all unnamed"),
-    ("a=int:1x3,a=ones:1x3", "the name 'a' is given twice"),
-    ("float:100000x100000x100", "more than 67,108,864 elements"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("float", "not of the form [NAME=]KIND:SHAPE[:LOW-HIGH]"),
+        ("floot:1x3", "unknown kind 'floot'"),
+        ("float:1x0", "the shape '1x0' must be positive integers"),
+        ("float:1x3:0-5", "a LOW-HIGH range is for kind int only"),
+        ("int:1x3:5-5", "the range 5-5 is empty"),
+        ("a=int:1x3,float:1x3", "all named (keyword inputs) or all unnamed"),
+        ("a=int:1x3,a=ones:1x3", "the name 'a' is given twice"),
+        ("float:100000x100000x100", "more than 67,108,864 elements"),
+    ],
+)
 def test_example_input_mistakes_name_the_value_and_the_valid_forms(user_module, capsys, spec, message):
     assert main(["summary", "--model", f"{user_module}:net", "--example-input", spec]) == 2
     err = capsys.readouterr().err
@@ -368,6 +547,7 @@ def test_example_input_mistakes_name_the_value_and_the_valid_forms(user_module, 
 
 def test_example_input_grammar_builds_the_tensors():
     from prunelab.cli_model import make_example
+
     x = make_example("float:2x3", torch.float64)
     assert x.shape == (2, 3) and x.dtype == torch.float64
     a, b = make_example("int:1x4:5-7,zeros:1x2")
@@ -381,11 +561,12 @@ def test_export_thins_and_writes_onnx_for_a_registry_language_model(tmp_path, mo
     # a registry LM takes token ids: --thin and --onnx feed it ids of its input_shape, not floats
     import prunelab
     from prunelab.models import build_model
+
     monkeypatch.chdir(tmp_path)
     pytest.importorskip("onnxruntime")
     model = build_model("gpt", n_classes=64, input_shape=(8,), d_model=16, n_layers=1, n_heads=2, seed=0)
     with torch.no_grad():
-        model.blocks[0].mlp.fc1.weight[[0, 5, 7]] = 0             # three dead MLP channels
+        model.blocks[0].mlp.fc1.weight[[0, 5, 7]] = 0  # three dead MLP channels
         model.blocks[0].mlp.fc1.bias[[0, 5, 7]] = 0
     prunelab.save(model, "lm.plm")
     assert main(["export", "lm.plm", "thin.plm", "--thin", "--onnx", "thin.onnx"]) == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.pruning import GradientMagnitude, L1, L2, GroupLasso, Pruner, make_regularizer, prune
+from prunelab.pruning import L1, L2, GradientMagnitude, GroupLasso, Pruner, make_regularizer, prune
 from prunelab.pruning.targets import resolve_targets
 from prunelab.training import fit
 
@@ -15,6 +15,7 @@ def test_random_criterion_is_seeded():
         model = nn.Linear(20, 20)
         prune(model, 0.5, criterion="random", seed=seed)
         return model.weight == 0
+
     assert torch.equal(zeros(3), zeros(3))
     assert not torch.equal(zeros(3), zeros(4))
     assert int(zeros(3).sum()) == 200
@@ -25,7 +26,7 @@ def test_gradient_criterion_scores_mean_abs_w_times_g():
     layer = nn.Linear(3, 2, bias=False)
     x1, x2 = torch.randn(4, 3), torch.randn(5, 3)
     y1, y2 = torch.randn(4, 2), torch.randn(5, 2)
-    loss_fn = lambda out, y: (out * y).sum()          # dL/dW = yᵀ x
+    loss_fn = lambda out, y: (out * y).sum()  # dL/dW = yᵀ x
     w = layer.weight.detach().clone()
     expected = ((w * (y1.T @ x1)).abs() + (w * (y2.T @ x2)).abs()) / 2
     criterion = GradientMagnitude()
@@ -36,8 +37,9 @@ def test_gradient_criterion_scores_mean_abs_w_times_g():
     k = 3
     pruned = layer.weight == 0
     assert int(pruned.sum()) == k
-    assert torch.equal(pruned.flatten(), torch.zeros(6, dtype=torch.bool).index_fill(
-        0, torch.argsort(expected.flatten())[:k], True))
+    assert torch.equal(
+        pruned.flatten(), torch.zeros(6, dtype=torch.bool).index_fill(0, torch.argsort(expected.flatten())[:k], True)
+    )
     assert layer.weight.grad is None  # calibrate restores .grad
 
 
@@ -52,8 +54,13 @@ def test_gradient_window_observes_only_last_steps_before_each_prune():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    pruner = Pruner(model, 0.5, criterion=Spy(window=3), schedule="iterative",
-                    schedule_args={"n_prunes": 2, "start": 10, "every": 10})
+    pruner = Pruner(
+        model,
+        0.5,
+        criterion=Spy(window=3),
+        schedule="iterative",
+        schedule_args={"n_prunes": 2, "start": 10, "every": 10},
+    )
     fit(model, (x, y), epochs=30, batch_size=8, pruner=pruner, progress=False, max_steps=25)
     assert seen == [3, 3]
 
@@ -115,16 +122,16 @@ def test_regularizer_penalties_by_hand():
     assert L2(0.1).penalty(targets).item() == pytest.approx(0.5 * 0.1 * 25)
     gl = GroupLasso(0.1, granularity="unit")
     penalty = gl.penalty(targets)
-    assert penalty.item() == pytest.approx(0.1 * 2 ** 0.5 * 5, rel=1e-6)  # √|g|·‖(3,−4)‖ + 0
+    assert penalty.item() == pytest.approx(0.1 * 2**0.5 * 5, rel=1e-6)  # √|g|·‖(3,−4)‖ + 0
     penalty.backward()
-    assert torch.isfinite(layer.weight.grad).all()               # finite at the all-zero group
+    assert torch.isfinite(layer.weight.grad).all()  # finite at the all-zero group
     layer.weight.grad = None
     L2(0.1).penalty(targets).backward()
     assert torch.allclose(layer.weight.grad, 0.1 * layer.weight)  # weight decay 0.1
 
 
 def test_group_lasso_groups_follow_the_layout_of_hf_conv1d_and_grouped_convs():
-    class Conv1D(nn.Module):                     # Hugging Face's layout: weight (in, out)
+    class Conv1D(nn.Module):  # Hugging Face's layout: weight (in, out)
         def __init__(self):
             super().__init__()
             self.nf = 3
@@ -136,11 +143,11 @@ def test_group_lasso_groups_follow_the_layout_of_hf_conv1d_and_grouped_convs():
 
     targets = resolve_targets(nn.Sequential(Conv1D()))
     # a unit is a column: ‖(3, 4)‖ + ‖(0, 0)‖ + ‖(1, 0)‖ = 6, each group of 2 weights
-    assert GroupLasso(1.0, granularity="unit").penalty(targets).item() == pytest.approx(2 ** 0.5 * 6, rel=1e-5)
+    assert GroupLasso(1.0, granularity="unit").penalty(targets).item() == pytest.approx(2**0.5 * 6, rel=1e-5)
     # an input channel is a row: ‖(3, 0, 1)‖ + ‖(4, 0, 0)‖, groups of 3
-    expected = 3 ** 0.5 * (10 ** 0.5 + 4)
+    expected = 3**0.5 * (10**0.5 + 4)
     assert GroupLasso(1.0, granularity="channel").penalty(targets).item() == pytest.approx(expected, rel=1e-5)
-    conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)   # weight (4, 2, 1, 1): two groups of two filters
+    conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)  # weight (4, 2, 1, 1): two groups of two filters
     with torch.no_grad():
         conv.weight.copy_(torch.arange(1.0, 9.0).reshape(4, 2, 1, 1))
     gl = GroupLasso(1.0, granularity="channel")
@@ -148,8 +155,8 @@ def test_group_lasso_groups_follow_the_layout_of_hf_conv1d_and_grouped_convs():
     scores = conv.weight.detach().abs()
     by_granularity = gl.granularity.group_scores(scores, "l2", resolve_targets(conv)[0])
     size = gl.granularity.group_size(conv.weight, resolve_targets(conv)[0])
-    assert got == pytest.approx(size ** 0.5 * float(by_granularity.sum()), rel=1e-5)
-    assert by_granularity.numel() == 4                # one group per input channel of the layer
+    assert got == pytest.approx(size**0.5 * float(by_granularity.sum()), rel=1e-5)
+    assert by_granularity.numel() == 4  # one group per input channel of the layer
 
 
 def test_l1_training_drives_more_weights_to_near_zero():
@@ -159,9 +166,18 @@ def test_l1_training_drives_more_weights_to_near_zero():
         g = torch.Generator().manual_seed(1)
         x = torch.randn(256, 20, generator=g)
         y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-        fit(model, (x, y), epochs=40, batch_size=32, lr=0.05, regularizer=regularizer,
-            reg_strength=1e-3 if regularizer else None, progress=False)
+        fit(
+            model,
+            (x, y),
+            epochs=40,
+            batch_size=32,
+            lr=0.05,
+            regularizer=regularizer,
+            reg_strength=1e-3 if regularizer else None,
+            progress=False,
+        )
         return int((model[0].weight.abs() < 1e-2).sum())
+
     assert small_weights("l1") > 2 * small_weights(None)
 
 
@@ -204,16 +220,18 @@ def test_gradient_criterion_on_dict_batches_token_logits_and_output_key():
     labels[0, 2] = -100
     # HF labels: position t predicts labels[t+1], -100 ignored
     logits = model(ids)["logits"]
-    want = _reference_gradient_score(model, nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 6), labels[:, 1:].reshape(-1), ignore_index=-100))
+    want = _reference_gradient_score(
+        model, nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 6), labels[:, 1:].reshape(-1), ignore_index=-100)
+    )
     criterion = GradientMagnitude()
     pruner = Pruner(model, 0.5, criterion=criterion, layers=["decoder"])
     pruner.calibrate([{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}])
     torch.testing.assert_close(criterion.scores(pruner.targets)[0], want)
 
     # token ids alone: the next token of the input is the target
-    want = _reference_gradient_score(model, nn.functional.cross_entropy(
-        model(ids)["logits"][:, :-1].reshape(-1, 6), ids[:, 1:].reshape(-1)))
+    want = _reference_gradient_score(
+        model, nn.functional.cross_entropy(model(ids)["logits"][:, :-1].reshape(-1, 6), ids[:, 1:].reshape(-1))
+    )
     criterion.reset()
     pruner.calibrate([{"input_ids": ids}])
     torch.testing.assert_close(criterion.scores(pruner.targets)[0], want)
@@ -225,6 +243,12 @@ def test_gradient_criterion_on_dict_batches_token_logits_and_output_key():
     model.zero_grad()
     nn.functional.cross_entropy(model(ids)["aux"], y).backward()
     torch.testing.assert_close(aux.criterion.scores(aux.targets)[0], (model.aux.weight * model.aux.weight.grad).abs())
-    user = prune(_DictLM(), 0.5, criterion="gradient", layers=["aux"], data=[({"input_ids": ids}, y)],
-                 loss_fn=lambda out, target: nn.functional.cross_entropy(out["aux"], target))
+    user = prune(
+        _DictLM(),
+        0.5,
+        criterion="gradient",
+        layers=["aux"],
+        data=[({"input_ids": ids}, y)],
+        loss_fn=lambda out, target: nn.functional.cross_entropy(out["aux"], target),
+    )
     assert user.layer_sparsity()["aux.weight"] == 0.5

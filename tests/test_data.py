@@ -7,9 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunelab.data import (DATASETS, Dataset, DatasetNotFoundError, cache_dir, data_root,
-                           dataset_info, fetch, load_dataset)
-
+from prunelab.data import (
+    DATASETS,
+    Dataset,
+    DatasetNotFoundError,
+    cache_dir,
+    data_root,
+    dataset_info,
+    fetch,
+    load_dataset,
+)
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 
@@ -21,19 +28,33 @@ def digits():
 
 def tiny(n_train=10, n_test=4, channels=1, seed=0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
-    return Dataset(name="tiny",
-                   x_train=torch.rand(n_train, channels, 3, 3, generator=g),
-                   y_train=torch.arange(n_train) % 3,
-                   x_test=torch.rand(n_test, channels, 3, 3, generator=g),
-                   y_test=torch.arange(n_test) % 3,
-                   n_classes=3, class_names=["a", "b", "c"])
+    return Dataset(
+        name="tiny",
+        x_train=torch.rand(n_train, channels, 3, 3, generator=g),
+        y_train=torch.arange(n_train) % 3,
+        x_test=torch.rand(n_test, channels, 3, 3, generator=g),
+        y_test=torch.arange(n_test) % 3,
+        n_classes=3,
+        class_names=["a", "b", "c"],
+    )
 
 
 # -- registry and errors ---------------------------------------------------------
 def test_registered_names():
-    assert DATASETS.names() == sorted(["digits", "mnist", "fashion-mnist", "mnist-rot",
-                                       "mnist-back-rand", "mnist-back-image", "cifar10",
-                                       "pydocs", "ptb", "wikitext-2"])
+    assert DATASETS.names() == sorted(
+        [
+            "digits",
+            "mnist",
+            "fashion-mnist",
+            "mnist-rot",
+            "mnist-back-rand",
+            "mnist-back-image",
+            "cifar10",
+            "pydocs",
+            "ptb",
+            "wikitext-2",
+        ]
+    )
 
 
 def test_unknown_name_suggests_close_one():
@@ -69,11 +90,11 @@ def test_dataset_not_found_is_a_file_not_found_error():
 def test_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("PRUNELAB_DATA", str(tmp_path / "env"))
-    assert data_root(tmp_path / "arg") == tmp_path / "arg"          # argument wins
+    assert data_root(tmp_path / "arg") == tmp_path / "arg"  # argument wins
     assert data_root(str(tmp_path / "arg")) == tmp_path / "arg"
-    assert data_root() == tmp_path / "env"                          # then the env variable
-    monkeypatch.setenv("PRUNELAB_DATA", "")                         # empty = unset
-    assert data_root() == tmp_path / "c"                            # then the cache dir
+    assert data_root() == tmp_path / "env"  # then the env variable
+    monkeypatch.setenv("PRUNELAB_DATA", "")  # empty = unset
+    assert data_root() == tmp_path / "c"  # then the cache dir
     monkeypatch.delenv("PRUNELAB_DATA")
     assert data_root() == cache_dir() == tmp_path / "c"
 
@@ -134,7 +155,7 @@ def test_info_of_a_file_dataset_names_files_and_location(tmp_path):
 def test_every_dataset_has_complete_info(name):
     info = dataset_info(name)
     assert info["name"] == name and info["description"]
-    if name in ("pydocs", "ptb", "wikitext-2"):          # text: token sequences over a vocabulary
+    if name in ("pydocs", "ptb", "wikitext-2"):  # text: token sequences over a vocabulary
         assert info["input_shape"] == (128,) and info["n_classes"] == 8192 and info["class_names"] == []
         assert set(info["sizes"]) == {"train", "valid", "test"}
         return
@@ -154,8 +175,7 @@ def test_dataset_is_frozen_and_validates():
     with pytest.raises(ValueError, match="class names"):
         Dataset("bad", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 3, ["a"])
     with pytest.raises(ValueError, match="together"):
-        Dataset("bad", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 3, ["a", "b", "c"],
-                x_val=ds.x_test)
+        Dataset("bad", ds.x_train, ds.y_train, ds.x_test, ds.y_test, 3, ["a", "b", "c"], x_val=ds.x_test)
     assert "train=10" in repr(ds)
 
 
@@ -177,8 +197,10 @@ def test_with_validation_count_and_fraction(digits):
     assert digits.x_val is None  # the original is untouched
 
 
-@pytest.mark.parametrize("size, error", [(0, ValueError), (1437, ValueError), (1.0, ValueError),
-                                         (0.0, ValueError), (True, TypeError), ("10", TypeError)])
+@pytest.mark.parametrize(
+    "size, error",
+    [(0, ValueError), (1437, ValueError), (1.0, ValueError), (0.0, ValueError), (True, TypeError), ("10", TypeError)],
+)
 def test_with_validation_rejects_bad_sizes(digits, size, error):
     with pytest.raises(error, match="'size' parameter of Dataset.with_validation"):
         digits.with_validation(size)
@@ -208,14 +230,21 @@ def test_subset(digits):
 
 def test_standardized_uses_train_stats_per_channel():
     ds = tiny(n_train=50, channels=3)
-    ds = Dataset(ds.name, ds.x_train * torch.tensor([1.0, 2.0, 0.0]).view(1, 3, 1, 1) + 0.5,
-                 ds.y_train, ds.x_test, ds.y_test, 3, ds.class_names)
+    ds = Dataset(
+        ds.name,
+        ds.x_train * torch.tensor([1.0, 2.0, 0.0]).view(1, 3, 1, 1) + 0.5,
+        ds.y_train,
+        ds.x_test,
+        ds.y_test,
+        3,
+        ds.class_names,
+    )
     st = ds.standardized()
     mean = st.x_train[:, :2].mean(dim=(0, 2, 3))
     std = st.x_train[:, :2].std(dim=(0, 2, 3), unbiased=False)
     assert torch.allclose(mean, torch.zeros(2), atol=1e-5)
     assert torch.allclose(std, torch.ones(2), atol=1e-4)
-    assert torch.isfinite(st.x_train).all()          # constant channel: std taken as 1
+    assert torch.isfinite(st.x_train).all()  # constant channel: std taken as 1
     m, s = ds.train_stats()
     assert m.shape == s.shape == (3,)
     assert torch.allclose(st.x_test, (ds.x_test - m.view(1, 3, 1, 1)) / s.view(1, 3, 1, 1))

@@ -12,16 +12,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import idx_bytes
 
-from prunelab.data import DatasetNotFoundError, load_dataset
-from prunelab.data import cifar
+from prunelab.data import DatasetNotFoundError, cifar, load_dataset
 from prunelab.data._safe_pickle import safe_loads
 from prunelab.data.amat import parse_amat, read_amat
 from prunelab.data.idx import parse_idx, read_idx
 from prunelab.data.variants import ORIGINAL_FILES
-
-from helpers import idx_bytes
-
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 
@@ -53,8 +50,11 @@ def test_idx_wrong_magic_names_file():
 
 def test_idx_truncated_payload_and_header():
     data = idx_bytes(np.zeros((4, 28, 28), np.uint8), 2051)
-    with pytest.raises(ValueError, match=r"f\.idx: IDX payload is 3035 bytes but the header's "
-                                         r"shape \(4, 28, 28\) needs 3136"):
+    with pytest.raises(
+        ValueError,
+        match=r"f\.idx: IDX payload is 3035 bytes but the header's "
+        r"shape \(4, 28, 28\) needs 3136",
+    ):
         parse_idx(data[:-101], "f.idx", magic=2051)
     with pytest.raises(ValueError, match="truncated IDX header"):
         parse_idx(data[:10], "f.idx")
@@ -72,15 +72,14 @@ def test_truncated_and_corrupt_gzip_name_the_file(tmp_path):
 
 # -- .amat -------------------------------------------------------------------------
 def amat_text(pixels: np.ndarray, labels) -> str:
-    rows = [" ".join(f"{v:.6e}" for v in row) + f" {float(lab):.18e}"
-            for row, lab in zip(pixels, labels)]
+    rows = [" ".join(f"{v:.6e}" for v in row) + f" {float(lab):.18e}" for row, lab in zip(pixels, labels)]
     return "\n".join(rows) + "\n"
 
 
 def test_amat_parse_and_transpose(tmp_path):
     pixels = np.zeros((3, 784))
-    pixels[0, 1] = 1.0      # column-major storage: value 1 is row 1, column 0
-    pixels[1, 28] = 0.5     # value 28 is row 0, column 1
+    pixels[0, 1] = 1.0  # column-major storage: value 1 is row 1, column 0
+    pixels[1, 28] = 0.5  # value 28 is row 0, column 1
     pixels[2] = np.linspace(0, 1, 784)
     (tmp_path / "x.amat").write_text(amat_text(pixels, [7, 0, 9]))
     images, labels = read_amat(tmp_path / "x.amat")
@@ -93,12 +92,15 @@ def test_amat_parse_and_transpose(tmp_path):
     assert np.allclose(images, plain.transpose(0, 2, 1))
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda p, l: (p[:, :-1], l), "expected 785 columns"),
-    (lambda p, l: (p, [10, 0]), "row 1 has label 10; labels must be integers 0..9"),
-    (lambda p, l: (p, [2.5, 0]), "row 1 has label 2.5"),
-    (lambda p, l: (p + 1.5, l), r"pixel values must lie in \[0, 1\]; found range \[1.5, 1.5\]"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda p, l: (p[:, :-1], l), "expected 785 columns"),
+        (lambda p, l: (p, [10, 0]), "row 1 has label 10; labels must be integers 0..9"),
+        (lambda p, l: (p, [2.5, 0]), "row 1 has label 2.5"),
+        (lambda p, l: (p + 1.5, l), r"pixel values must lie in \[0, 1\]; found range \[1.5, 1.5\]"),
+    ],
+)
 def test_amat_rejects_bad_content(mutate, message):
     pixels, labels = mutate(np.zeros((2, 784)), [1, 2])
     with pytest.raises(ValueError, match=message):
@@ -119,8 +121,10 @@ def test_amat_rejects_ragged_and_non_numeric_rows():
 def write_originals(folder, name, n_small=6, n_large=4, zipped=False):
     rng = np.random.default_rng(1)
     zip_name, small, large = ORIGINAL_FILES[name]
-    texts = {small: amat_text(rng.random((n_small, 784)), rng.integers(0, 10, n_small)),
-             large: amat_text(rng.random((n_large, 784)), rng.integers(0, 10, n_large))}
+    texts = {
+        small: amat_text(rng.random((n_small, 784)), rng.integers(0, 10, n_small)),
+        large: amat_text(rng.random((n_large, 784)), rng.integers(0, 10, n_large)),
+    }
     folder.mkdir(parents=True)
     if zipped:
         with zipfile.ZipFile(folder / zip_name, "w") as zf:
@@ -135,13 +139,13 @@ def write_originals(folder, name, n_small=6, n_large=4, zipped=False):
 def test_original_variant_files_are_loaded(tmp_path, zipped):
     write_originals(tmp_path / "mnist-rot", "mnist-rot", zipped=zipped)
     ds = load_dataset("mnist-rot", root=tmp_path)
-    assert len(ds.x_train) == 6 and len(ds.x_test) == 4     # official roles: train = 12000-row file
+    assert len(ds.x_train) == 6 and len(ds.x_test) == 4  # official roles: train = 12000-row file
     assert ds.input_shape == (1, 28, 28) and ds.x_train.dtype == torch.float32
     swapped = load_dataset("mnist-rot", root=tmp_path, swap=True)
     assert torch.equal(swapped.x_train, ds.x_test) and torch.equal(swapped.y_test, ds.y_train)
     with pytest.raises(ValueError, match="only apply to generated variants"):
         load_dataset("mnist-rot", root=tmp_path, seed=1)
-    assert not (tmp_path / "cache").exists()   # nothing generated or written
+    assert not (tmp_path / "cache").exists()  # nothing generated or written
 
 
 def test_corrupt_variant_zip_is_reported(tmp_path):
@@ -165,8 +169,7 @@ def batch(n: int, seed: int, protocol: int = 2, str_keys: bool = False) -> bytes
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, 10, n)]
     keys = ("data", "labels") if str_keys else (b"data", b"labels")
-    return pickle.dumps({keys[0]: data, keys[1]: labels, b"batch_label": b"synthetic"},
-                        protocol=protocol)
+    return pickle.dumps({keys[0]: data, keys[1]: labels, b"batch_label": b"synthetic"}, protocol=protocol)
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
@@ -199,6 +202,7 @@ def test_safe_unpickler_refuses_code_execution(tmp_path):
     assert not marker.exists()
     # The allowed _codecs.encode cannot be used to reach other codecs.
     import codecs
+
     with pytest.raises(ValueError, match="refusing codec"):
         safe_loads(pickle.dumps(_Evil2(codecs.encode, ("x", "rot13")), protocol=2))
     with pytest.raises(ValueError, match="not a valid pickle"):

@@ -14,14 +14,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import idx_gz
 from PIL import Image
 
-from prunelab.data import ChecksumError, DatasetNotFoundError, fetch, load_dataset
-from prunelab.data import cifar, mnist, variants
+from prunelab.data import ChecksumError, DatasetNotFoundError, cifar, fetch, load_dataset, mnist, variants
 from prunelab.data._download import download_file
 from prunelab.data._paths import is_writable
-
-from helpers import idx_gz
 
 N_TRAIN, N_TEST = 40, 30
 FILES = list(mnist.MD5["mnist"])
@@ -41,7 +39,7 @@ def synthetic(monkeypatch):
         mnist.TEST_LABELS: rng.integers(0, 10, N_TEST).astype(np.uint8),
     }
     for name in (mnist.TRAIN_IMAGES, mnist.TEST_IMAGES):
-        arrays[name][:, :4] = 0          # a blank top border, as in MNIST
+        arrays[name][:, :4] = 0  # a blank top border, as in MNIST
     blobs = {name: idx_gz(a, 2051 if a.ndim == 3 else 2049) for name, a in arrays.items()}
     for name, blob in blobs.items():
         monkeypatch.setitem(mnist.MD5["mnist"], name, hashlib.md5(blob).hexdigest())
@@ -110,7 +108,7 @@ def test_missing_offline_lists_every_file_and_how_to_fix(tmp_path):
     assert all(f in msg for f in FILES) and "4 file(s) missing" in msg
     assert str(root / "fashion-mnist") in msg and str(tmp_path / "cache" / "fashion-mnist") in msg
     assert "PRUNELAB_DATA" in msg and "download=True" in msg and "prunelab data fetch fashion-mnist" in msg
-    assert not root.exists()     # looking does not create anything
+    assert not root.exists()  # looking does not create anything
 
 
 def test_partially_missing_lists_only_missing(tmp_path, synthetic):
@@ -151,8 +149,7 @@ def server():
     """An HTTP server on 127.0.0.1 in a background thread; set ``routes`` to serve bytes."""
     handler = type("Handler", (_Handler,), {"routes": {}})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.routes = handler.routes
@@ -168,7 +165,7 @@ def test_download_falls_back_from_404_mirror(tmp_path, synthetic, server, monkey
     monkeypatch.setitem(mnist.MIRRORS, "mnist", [f"{server.base}/gone/", f"{server.base}/good/"])
     ds = load_dataset("mnist", download=True)
     target = tmp_path / "cache" / "mnist"
-    assert sorted(os.listdir(target)) == sorted(FILES)   # no temp files left
+    assert sorted(os.listdir(target)) == sorted(FILES)  # no temp files left
     assert ds.y_train.tolist() == arrays[mnist.TRAIN_LABELS].tolist()
     # A second load finds the files and does not touch the network.
     server.routes.clear()
@@ -184,8 +181,7 @@ def test_fetch_downloads_and_verifies_only(tmp_path, synthetic, server, monkeypa
     assert all(p.parent == tmp_path / "root" / "mnist" for p in paths)
 
 
-def test_wrong_bytes_from_server_is_a_checksum_error_and_leaves_nothing(tmp_path, synthetic,
-                                                                       server, monkeypatch):
+def test_wrong_bytes_from_server_is_a_checksum_error_and_leaves_nothing(tmp_path, synthetic, server, monkeypatch):
     blobs, _ = synthetic
     server.routes.update({f"/bad/{n}": b + b"tampered" for n, b in blobs.items()})
     monkeypatch.setitem(mnist.MIRRORS, "mnist", [f"{server.base}/bad/"])
@@ -211,8 +207,7 @@ def test_download_with_progress_bar(tmp_path, synthetic, server):
     blobs, _ = synthetic
     body = blobs[mnist.TRAIN_LABELS]
     server.routes["/f"] = body
-    dest = download_file([f"{server.base}/f"], tmp_path / "d" / "f.gz",
-                         hashlib.md5(body).hexdigest(), progress=True)
+    dest = download_file([f"{server.base}/f"], tmp_path / "d" / "f.gz", hashlib.md5(body).hexdigest(), progress=True)
     assert dest.read_bytes() == body and os.listdir(tmp_path / "d") == ["f.gz"]
 
 
@@ -222,8 +217,9 @@ def test_cifar_download_extracts_the_verified_archive(tmp_path, server, monkeypa
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for i, name in enumerate(cifar.MD5):
             n = 2 if name == "test_batch" else 3
-            data = pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                 b"labels": [i % 10] * n}, protocol=2)
+            data = pickle.dumps(
+                {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10] * n}, protocol=2
+            )
             monkeypatch.setitem(cifar.MD5, name, hashlib.md5(data).hexdigest())
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)
@@ -234,7 +230,7 @@ def test_cifar_download_extracts_the_verified_archive(tmp_path, server, monkeypa
     monkeypatch.setattr(cifar, "MIRRORS", [f"{server.base}/none/", f"{server.base}/kriz/"])
     ds = load_dataset("cifar10", root=tmp_path / "root", download=True)
     assert ds.x_train.shape == (15, 3, 32, 32) and ds.y_test.tolist() == [5, 5]
-    assert sorted(os.listdir(tmp_path / "root")) == ["cifar-10-batches-py"]   # archive removed
+    assert sorted(os.listdir(tmp_path / "root")) == ["cifar-10-batches-py"]  # archive removed
     assert sorted(os.listdir(tmp_path / "root" / "cifar-10-batches-py")) == sorted(cifar.MD5)
 
 
@@ -262,16 +258,20 @@ def test_permission_bits_decide_writability(read_only_root, tmp_path):
     assert is_writable(tmp_path / "not-yet-there")
 
 
-def test_read_only_root_generated_variant_goes_to_cache(read_only_root, tmp_path, small_variants,
-                                                        monkeypatch):
+def test_read_only_root_generated_variant_goes_to_cache(read_only_root, tmp_path, small_variants, monkeypatch):
     monkeypatch.setenv("PRUNELAB_DATA", str(read_only_root))
     ds = load_dataset("mnist-back-rand")
     assert len(ds.x_train) == 30 and len(ds.x_test) == 40
     assert sorted(os.listdir(read_only_root)) == ["mnist"]
     cache = tmp_path / "cache" / "mnist-back-rand" / "generated-v1-seed0"
-    assert sorted(os.listdir(cache)) == ["manifest.json", "test_images.npy", "test_labels.npy",
-                                         "train_images.npy", "train_labels.npy"]
-    again = load_dataset("mnist-back-rand")           # read back from the cache
+    assert sorted(os.listdir(cache)) == [
+        "manifest.json",
+        "test_images.npy",
+        "test_labels.npy",
+        "train_images.npy",
+        "train_labels.npy",
+    ]
+    again = load_dataset("mnist-back-rand")  # read back from the cache
     assert torch.equal(again.x_test, ds.x_test)
     other = load_dataset("mnist-back-rand", seed=1)
     assert not torch.equal(other.x_train, ds.x_train)
@@ -330,10 +330,12 @@ def test_back_image_from_png_backgrounds(tmp_path, synthetic, small_variants):
         _png(bg / name, np.broadcast_to(np.array(c, np.uint8), (30, 33, 3)))
     ds = load_dataset("mnist-back-image", root=root, backgrounds=bg)
     grey = {n: round(0.299 * r + 0.587 * g + 0.114 * b) for n, (r, g, b) in colours.items()}
+
     # The blank top rows show only the background. The 40-row split uses a.png and b.png
     # (first two thirds by name), the 30-row split only c.png.
     def border(x):
         return set((x[:, 0, :4] * 255).round().unique().tolist())
+
     assert border(ds.x_train) == {grey["c.png"]}
     assert border(ds.x_test) == {grey["a.png"], grey["b.png"]}
     # Ink pixels (255) stay 255 whatever the background.

@@ -31,8 +31,10 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 def require(name: str) -> Path:
     missing = [f for f in MD5[name] if not (DATA / name / f).is_file()]
     if missing:
-        pytest.skip(f"real {name} files absent from {DATA / name} ({', '.join(missing)}); "
-                    f"set PRUNELAB_DATA to a folder holding them")
+        pytest.skip(
+            f"real {name} files absent from {DATA / name} ({', '.join(missing)}); "
+            f"set PRUNELAB_DATA to a folder holding them"
+        )
     return DATA
 
 
@@ -42,10 +44,13 @@ def tmp_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("PRUNELAB_DATA", raising=False)
 
 
-@pytest.mark.parametrize("name, train_counts, test_counts", [
-    ("mnist", MNIST_TRAIN_COUNTS, MNIST_TEST_COUNTS),
-    ("fashion-mnist", [6000] * 10, [1000] * 10),
-])
+@pytest.mark.parametrize(
+    "name, train_counts, test_counts",
+    [
+        ("mnist", MNIST_TRAIN_COUNTS, MNIST_TEST_COUNTS),
+        ("fashion-mnist", [6000] * 10, [1000] * 10),
+    ],
+)
 def test_real_idx_datasets(name, train_counts, test_counts):
     root = require(name)
     ds = load_dataset(name, root=root)
@@ -66,7 +71,7 @@ def test_real_generated_back_rand(tmp_path, monkeypatch):
     assert ds.x_train.min() >= 0 and ds.x_train.max() <= 1
     assert int(ds.y_train.bincount().sum()) == 12000 and int(ds.y_test.bincount().sum()) == 50000
     manifest = tmp_path / "cache" / "mnist-back-rand" / "generated-v1-seed0" / "manifest.json"
-    if not is_writable(root):          # e.g. the read-only shared folder
+    if not is_writable(root):  # e.g. the read-only shared folder
         assert manifest.is_file() and sorted(os.listdir(root)) == before
     again = load_dataset("mnist-back-rand")
     assert torch.equal(again.x_test, ds.x_test)

@@ -13,18 +13,28 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
-from prunelab.data import (ChecksumError, DatasetNotFoundError, TextDataset, dataset_info, fetch, load_dataset,
-                           load_text)
-from prunelab.data import sequences, text, tokenizer
-from prunelab.data.tokenizer import decode, encode, train_tokenizer
-
 from test_data_mnist import server  # noqa: F401  (the loopback HTTP server fixture)
+
+from prunelab.data import (
+    ChecksumError,
+    DatasetNotFoundError,
+    TextDataset,
+    dataset_info,
+    fetch,
+    load_dataset,
+    load_text,
+    sequences,
+    text,
+    tokenizer,
+)
+from prunelab.data.tokenizer import decode, encode, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 
-WORDS = ("the model prunes weights of every layer and the loss grows slowly while sparsity rises "
-         "def return class import from self value None True False print(x) [1, 2, 3] naïve café").split()
+WORDS = (
+    "the model prunes weights of every layer and the loss grows slowly while sparsity rises "
+    "def return class import from self value None True False print(x) [1, 2, 3] naïve café"
+).split()
 
 
 def corpus(n_lines: int, seed: int) -> str:
@@ -64,7 +74,7 @@ def test_tokenizer_round_trips_any_text_including_unseen_characters():
     for sample in (TEXTS["valid"], "emoji 🙂 and ünïcödé\r\n\ttabs\n\n", "", "no newline at the end"):
         ids = encode(tok, sample)
         assert ids.dtype == np.int64 and decode(tok, ids) == sample
-    assert len(encode(tok, TEXTS["valid"])) < len(TEXTS["valid"].encode())      # merges were learned
+    assert len(encode(tok, TEXTS["valid"])) < len(TEXTS["valid"].encode())  # merges were learned
 
 
 def test_tokenizer_is_deterministic_and_bounded():
@@ -72,7 +82,7 @@ def test_tokenizer_is_deterministic_and_bounded():
     b = train_tokenizer(tokenizer.lines_of(TEXTS["train"]), vocab_size=300)
     assert a.to_str() == b.to_str()
     assert a.get_vocab_size() == 300
-    small = train_tokenizer("ab ab ab\n", vocab_size=5000)          # runs out of pairs: fewer entries
+    small = train_tokenizer("ab ab ab\n", vocab_size=5000)  # runs out of pairs: fewer entries
     assert 256 < small.get_vocab_size() < 300
 
 
@@ -95,7 +105,7 @@ def test_missing_tokenizers_package_is_one_clear_error(monkeypatch):
 
 def test_word_tokenizer_counts_words_and_line_ends():
     tok = tokenizer.train_word_tokenizer("b a b\nc b <unk>\n", vocab_size=None)
-    assert tok.get_vocab() == {"b": 0, "<eos>": 1, "a": 2, "c": 3, "<unk>": 4}   # by count, ties by code point
+    assert tok.get_vocab() == {"b": 0, "<eos>": 1, "a": 2, "c": 3, "<unk>": 4}  # by count, ties by code point
     ids = encode(tok, " a  z b\n")
     assert ids.tolist() == [2, 4, 0, 1] and decode(tok, ids) == "a <unk> b <eos>"
     capped = tokenizer.train_word_tokenizer("b a b\nc b\n", vocab_size=3)
@@ -107,9 +117,9 @@ def test_word_level_dataset_has_one_eos_per_line(pydocs):
     eos = ds.tokenizer.token_to_id("<eos>")
     stream = torch.cat([ds.x_train.flatten(), ds.y_train[-1, -1:]])
     words = ds.decode(stream).split()
-    assert words == TEXTS["train"].replace("\n", " <eos> ").split()[:len(words)]   # the stream's prefix
+    assert words == TEXTS["train"].replace("\n", " <eos> ").split()[: len(words)]  # the stream's prefix
     assert int((stream == eos).sum()) == words.count("<eos>") > 100
-    assert ds.vocab_size == len(set(TEXTS["train"].split())) + 2                  # + <eos>, <unk>
+    assert ds.vocab_size == len(set(TEXTS["train"].split())) + 2  # + <eos>, <unk>
     assert ds.tokenizer_path.parent.name.startswith("wordall-")
     with pytest.raises(ValueError, match="'tokenizer' parameter of load_dataset must be one of: bpe, word"):
         load_dataset("pydocs", root=pydocs, tokenizer="char")
@@ -119,7 +129,7 @@ def test_word_level_dataset_has_one_eos_per_line(pydocs):
 def test_sequences_are_windows_and_their_next_tokens():
     stream = np.arange(23)
     x, y = sequences(stream, 5)
-    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 5)      # 22 targets // 5
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 5)  # 22 targets // 5
     assert x[1].tolist() == [5, 6, 7, 8, 9] and y[1].tolist() == [6, 7, 8, 9, 10]
     assert torch.equal(y[:, :-1], x[:, 1:])
 
@@ -127,18 +137,21 @@ def test_sequences_are_windows_and_their_next_tokens():
 def test_overlapping_windows_count_every_target_once():
     stream = torch.arange(100, 131)
     x, y = sequences(stream, 8, stride=3)
-    assert x.shape == (8, 8) and x[2, 0] == 106                                 # (30 - 8) // 3 + 1 windows
+    assert x.shape == (8, 8) and x[2, 0] == 106  # (30 - 8) // 3 + 1 windows
     counted = y[y != -100].tolist()
-    assert counted == list(range(101, 101 + len(counted)))                      # each target once, in order
+    assert counted == list(range(101, 101 + len(counted)))  # each target once, in order
     assert (y[1:, :5] == -100).all() and (y[0] != -100).all()
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"seq_len": 0}, ValueError, "seq_len"),
-    ({"seq_len": 4, "stride": 5}, ValueError, "stride"),
-    ({"seq_len": 4, "stride": 0}, ValueError, "stride"),
-    ({"seq_len": 10}, ValueError, "only 10 tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"seq_len": 0}, ValueError, "seq_len"),
+        ({"seq_len": 4, "stride": 5}, ValueError, "stride"),
+        ({"seq_len": 4, "stride": 0}, ValueError, "stride"),
+        ({"seq_len": 10}, ValueError, "only 10 tokens"),
+    ],
+)
 def test_sequences_reject_bad_lengths(kwargs, error, message):
     with pytest.raises(error, match=message):
         sequences(np.arange(10), **kwargs)
@@ -163,7 +176,7 @@ def test_load_cuts_each_split_and_decodes_back(pydocs):
     for split, (x, y) in {"train": ds.train, "valid": ds.val, "test": ds.test}.items():
         assert x.dtype == torch.int64 and x.shape[1] == 16 and torch.equal(y[:, :-1], x[:, 1:])
         whole = ds.decode(torch.cat([x.flatten(), y[-1, -1:]]))
-        assert TEXTS[split].startswith(whole) and len(TEXTS[split]) - len(whole) < 16 * 4   # < one window left
+        assert TEXTS[split].startswith(whole) and len(TEXTS[split]) - len(whole) < 16 * 4  # < one window left
     assert ds.decode(ds.encode(TEXTS["test"])) == TEXTS["test"]
     info = dataset_info("pydocs", root=pydocs)
     assert info["input_shape"] == (128,) and info["download"] == [] and info["class_names"] == []
@@ -177,17 +190,18 @@ def test_cache_is_reused_and_records_what_the_tokenizer_saw(pydocs, monkeypatch)
     assert manifest["tokenizer"]["trained_on"]["sha256"] == hashlib.sha256(TEXTS["train"].encode()).hexdigest()
     assert manifest["tokenizer"]["sha256"] == hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
     monkeypatch.setattr(text, "train_tokenizer", lambda *a, **k: pytest.fail("retrained despite a valid cache"))
-    for name in TEXTS:                                    # a cached dataset loads without its sources
+    for name in TEXTS:  # a cached dataset loads without its sources
         (pydocs / "pydocs" / f"{name}.txt").unlink()
     again = load_dataset("pydocs", root=pydocs, vocab_size=300, seq_len=16)
     assert ds_equal(first, again) and again.tokenizer_path == folder / "tokenizer.json"
-    longer = load_dataset("pydocs", root=pydocs, vocab_size=300, seq_len=32)     # same cache, other cut
+    longer = load_dataset("pydocs", root=pydocs, vocab_size=300, seq_len=32)  # same cache, other cut
     assert longer.x_train.shape[1] == 32 and torch.equal(longer.x_train[0, :16], first.x_train[0])
 
 
 def ds_equal(a, b):
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("x_train", "y_train", "x_val", "y_val",
-                                                                    "x_test", "y_test"))
+    return all(
+        torch.equal(getattr(a, f), getattr(b, f)) for f in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+    )
 
 
 def test_two_builds_give_identical_caches(tmp_path, pydocs, monkeypatch):
@@ -204,16 +218,28 @@ def test_two_builds_give_identical_caches(tmp_path, pydocs, monkeypatch):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: f.joinpath("train.npy").write_bytes(f.joinpath("train.npy").read_bytes()[:-2] + b"\0\0"),
-     "sha256 of train.npy"),
-    (lambda f: f.joinpath("tokenizer.json").write_text(f.joinpath("tokenizer.json").read_text() + " "),
-     "sha256 of tokenizer.json"),
-    (lambda f: f.joinpath("valid.npy").unlink(), "valid.npy is missing"),
-    (lambda f: f.joinpath("manifest.json").write_text(
-        f.joinpath("manifest.json").read_text().replace('"vocab_size_requested": 300', '"vocab_size_requested": 9')),
-     "vocab_size_requested"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda f: f.joinpath("train.npy").write_bytes(f.joinpath("train.npy").read_bytes()[:-2] + b"\0\0"),
+            "sha256 of train.npy",
+        ),
+        (
+            lambda f: f.joinpath("tokenizer.json").write_text(f.joinpath("tokenizer.json").read_text() + " "),
+            "sha256 of tokenizer.json",
+        ),
+        (lambda f: f.joinpath("valid.npy").unlink(), "valid.npy is missing"),
+        (
+            lambda f: f.joinpath("manifest.json").write_text(
+                f.joinpath("manifest.json")
+                .read_text()
+                .replace('"vocab_size_requested": 300', '"vocab_size_requested": 9')
+            ),
+            "vocab_size_requested",
+        ),
+    ],
+)
 def test_a_damaged_cache_is_an_error_not_reused(pydocs, damage, message):
     load_dataset("pydocs", root=pydocs, vocab_size=300)
     folder = cache_folder(pydocs)
@@ -225,7 +251,7 @@ def test_a_damaged_cache_is_an_error_not_reused(pydocs, damage, message):
 
 def test_an_interrupted_cache_is_rebuilt(pydocs):
     first = load_dataset("pydocs", root=pydocs, vocab_size=300)
-    (cache_folder(pydocs) / "manifest.json").unlink()             # written last: the build did not finish
+    (cache_folder(pydocs) / "manifest.json").unlink()  # written last: the build did not finish
     assert ds_equal(first, load_dataset("pydocs", root=pydocs, vocab_size=300))
 
 
@@ -249,13 +275,16 @@ def test_missing_pydocs_lists_files_without_a_download_hint(tmp_path):
     assert all(f"{s}.txt" in msg for s in TEXTS) and "PRUNELAB_DATA" in msg and "download=True" not in msg
 
 
-@pytest.mark.parametrize("options, error, message", [
-    ({"vocab_size": 100}, ValueError, "vocab_size"),
-    ({"seq_len": 0}, ValueError, "seq_len"),
-    ({"seq_len": 8, "stride": 9}, ValueError, "stride"),
-    ({"seq_len": 10 ** 6}, ValueError, "split 'train'.*seq_len"),
-    ({"seed": 1}, TypeError, "vocab_size, seq_len, stride"),
-])
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"vocab_size": 100}, ValueError, "vocab_size"),
+        ({"seq_len": 0}, ValueError, "seq_len"),
+        ({"seq_len": 8, "stride": 9}, ValueError, "stride"),
+        ({"seq_len": 10**6}, ValueError, "split 'train'.*seq_len"),
+        ({"seed": 1}, TypeError, "vocab_size, seq_len, stride"),
+    ],
+)
 def test_bad_options(pydocs, options, error, message):
     with pytest.raises(error, match=message):
         load_dataset("pydocs", root=pydocs, **{"vocab_size": 300, **options})
@@ -287,13 +316,16 @@ def test_load_text_from_a_folder_and_a_new_cache_after_an_edit(tmp_path):
     assert edited.tokenizer_path != ds.tokenizer_path
 
 
-@pytest.mark.parametrize("files, kwargs, error, message", [
-    ({"train": "a"}, {}, ValueError, "must map exactly the splits train, valid and test"),
-    (3, {}, TypeError, "'files' parameter of load_text"),
-    ("corpus", {"name": "../up"}, ValueError, "'name' parameter of load_text"),
-    ("corpus", {"seq_len": 0}, ValueError, "'seq_len' parameter of load_text"),
-    ("nowhere", {}, DatasetNotFoundError, "3 text file.s. missing"),
-])
+@pytest.mark.parametrize(
+    "files, kwargs, error, message",
+    [
+        ({"train": "a"}, {}, ValueError, "must map exactly the splits train, valid and test"),
+        (3, {}, TypeError, "'files' parameter of load_text"),
+        ("corpus", {"name": "../up"}, ValueError, "'name' parameter of load_text"),
+        ("corpus", {"seq_len": 0}, ValueError, "'seq_len' parameter of load_text"),
+        ("nowhere", {}, DatasetNotFoundError, "3 text file.s. missing"),
+    ],
+)
 def test_load_text_rejects_bad_arguments(tmp_path, files, kwargs, error, message):
     (tmp_path / "corpus").mkdir()
     for split, body in TEXTS.items():
@@ -317,12 +349,16 @@ def test_ptb_downloads_from_a_mirror_and_loads(tmp_path, server, ptb_files, monk
     paths = fetch("ptb", root=tmp_path / "root")
     assert sorted(p.name for p in paths) == sorted(ptb_files)
     ds = load_dataset("ptb", root=tmp_path / "root", vocab_size=300, seq_len=8)
-    assert ds.decode(ds.x_test[0]) == TEXTS["test"][:len(ds.decode(ds.x_test[0]))]
+    assert ds.decode(ds.x_test[0]) == TEXTS["test"][: len(ds.decode(ds.x_test[0]))]
     assert dataset_info("ptb")["download"][0] == f"{server.base}/gone/ptb.train.txt"
 
 
-def test_ptb_wrong_bytes_are_a_sha256_checksum_error_and_leave_nothing(tmp_path, server, ptb_files,  # noqa: F811
-                                                                        monkeypatch):
+def test_ptb_wrong_bytes_are_a_sha256_checksum_error_and_leave_nothing(
+    tmp_path,
+    server,
+    ptb_files,  # noqa: F811
+    monkeypatch,
+):
     server.routes.update({f"/bad/{n}": b + b"tampered" for n, b in ptb_files.items()})
     monkeypatch.setattr(text.PTB, "mirrors", [f"{server.base}/bad/"])
     with pytest.raises(ChecksumError) as e:
@@ -353,7 +389,7 @@ def test_wikitext2_downloads_the_archive_and_reads_its_members(tmp_path, server,
     monkeypatch.setitem(text.WIKITEXT2_SHA256, text.WIKITEXT2_ARCHIVE, hashlib.sha256(blob).hexdigest())
     monkeypatch.setattr(text.WIKITEXT2, "mirrors", [f"{server.base}/wt/"])
     ds = load_dataset("wikitext-2", root=tmp_path / "root", download=True, vocab_size=300, seq_len=8)
-    assert ds.decode(ds.x_val.flatten()) == TEXTS["valid"][:len(ds.decode(ds.x_val.flatten()))]
+    assert ds.decode(ds.x_val.flatten()) == TEXTS["valid"][: len(ds.decode(ds.x_val.flatten()))]
     assert text.WIKITEXT2_ARCHIVE in os.listdir(tmp_path / "root" / "wikitext-2")
 
 
@@ -381,6 +417,6 @@ REAL = os.environ.get("PRUNELAB_DATA") or os.path.join(os.path.dirname(__file__)
 def test_real_pydocs_files_match_the_published_md5s_and_word_counts():
     texts = text.PYDOCS.texts(REAL)
     assert {s: len(t.split()) for s, t in texts.items()} == dict(text.PYDOCS.sizes)
-    tok = train_tokenizer(texts["valid"], vocab_size=512)                        # a slice: fast
+    tok = train_tokenizer(texts["valid"], vocab_size=512)  # a slice: fast
     sample = texts["test"][:20000]
     assert decode(tok, encode(tok, sample)) == sample

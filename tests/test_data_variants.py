@@ -11,8 +11,7 @@ import torch
 from prunelab.data import generate_variant
 from prunelab.data._store import load_arrays, save_arrays
 from prunelab.data.backgrounds import to_grey
-from prunelab.data.recipes import (composite, make_variant_splits, rotate_images,
-                                   split_backgrounds)
+from prunelab.data.recipes import composite, make_variant_splits, rotate_images, split_backgrounds
 
 KINDS = ["mnist-rot", "mnist-back-rand", "mnist-back-image"]
 
@@ -23,8 +22,8 @@ def blobs(n: int = 16, seed: int = 0) -> np.ndarray:
     out = np.zeros((n, 28, 28), np.uint8)
     for i in range(n):
         r, c = rng.integers(8, 14), rng.integers(8, 14)
-        out[i, r:r + 8, c:c + 3] = 255
-        out[i, r + 6:r + 8, c:c + 8] = 200
+        out[i, r : r + 8, c : c + 3] = 255
+        out[i, r + 6 : r + 8, c : c + 8] = 200
     return out
 
 
@@ -89,34 +88,34 @@ def test_background_recipes_keep_ink_and_take_background_elsewhere(kind):
     ink, empty = images == 255, images == 0
     assert np.all(out[ink] == 255)
     assert np.array_equal(out[empty], bare[empty])
-    assert bare.std() > 10         # a real background, not a constant
-    mid = images == 200            # d = 200/255: x = d + (1 - d) b
+    assert bare.std() > 10  # a real background, not a constant
+    mid = images == 200  # d = 200/255: x = d + (1 - d) b
     expected = np.round(255 * (200 / 255 + (1 - 200 / 255) * bare[mid] / 255.0))
     assert np.all(np.abs(out[mid] - expected) <= 1)
 
 
 def test_back_image_patches_are_windows_of_the_backgrounds():
     bgs = gradient_backgrounds()
-    out, _ = generate_variant("mnist-back-image", np.zeros((60, 28, 28), np.uint8), np.zeros(60),
-                              seed=1, backgrounds=bgs)
+    out, _ = generate_variant(
+        "mnist-back-image", np.zeros((60, 28, 28), np.uint8), np.zeros(60), seed=1, backgrounds=bgs
+    )
     windows = {}
     for i, bg in enumerate(bgs):
         q = np.round(bg * 255).astype(np.uint8)
         for r in range(bg.shape[0] - 27):
             for c in range(bg.shape[1] - 27):
-                windows[q[r:r + 28, c:c + 28].tobytes()] = (i, r, c)
+                windows[q[r : r + 28, c : c + 28].tobytes()] = (i, r, c)
     found = [windows.get(patch.tobytes()) for patch in out]
     assert all(f is not None for f in found)
-    assert {f[0] for f in found} == {0, 1, 2}           # every image gets used
-    assert len(set(found)) > 20                         # at many positions
+    assert {f[0] for f in found} == {0, 1, 2}  # every image gets used
+    assert len(set(found)) > 20  # at many positions
 
 
 def test_back_image_needs_backgrounds():
     with pytest.raises(ValueError, match="'backgrounds' parameter of generate_variant"):
         generate_variant("mnist-back-image", blobs(2), np.zeros(2), seed=0)
     with pytest.raises(ValueError, match="at least 28x28"):
-        generate_variant("mnist-back-image", blobs(2), np.zeros(2), seed=0,
-                         backgrounds=[np.zeros((10, 40))])
+        generate_variant("mnist-back-image", blobs(2), np.zeros(2), seed=0, backgrounds=[np.zeros((10, 40))])
 
 
 def test_generate_variant_validates_arguments():
@@ -132,18 +131,16 @@ def test_generate_variant_validates_arguments():
 
 def test_splits_are_disjoint_and_backgrounds_split_by_image():
     pool = blobs(50)
-    pool[:, :3] = 0                                   # blank top rows show the background
-    ids = np.arange(50)                               # labels used as identities
+    pool[:, :3] = 0  # blank top rows show the background
+    ids = np.arange(50)  # labels used as identities
     flat = [np.full((30, 30), v, np.float32) for v in (0.1, 0.5, 0.9)]
-    splits = make_variant_splits("mnist-back-image", pool, ids, seed=2, backgrounds=flat,
-                                 n_small=12, n_large=30)
+    splits = make_variant_splits("mnist-back-image", pool, ids, seed=2, backgrounds=flat, n_small=12, n_large=30)
     small_ids, large_ids = splits["small"][1], splits["large"][1]
     assert len(small_ids) == 12 and len(large_ids) == 30
     assert not set(small_ids) & set(large_ids)
     assert set(np.unique(splits["large"][0][:, :3])) == {round(25.5), round(127.5)}
     assert set(np.unique(splits["small"][0][:, :3])) == {round(229.5)}
-    again = make_variant_splits("mnist-back-image", pool, ids, seed=2, backgrounds=flat,
-                                n_small=12, n_large=30)
+    again = make_variant_splits("mnist-back-image", pool, ids, seed=2, backgrounds=flat, n_small=12, n_large=30)
     assert again["large"][0].tobytes() == splits["large"][0].tobytes()
     with pytest.raises(ValueError, match="fewer than"):
         make_variant_splits("mnist-rot", pool, ids, seed=0, n_small=40, n_large=20)

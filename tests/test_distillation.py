@@ -49,25 +49,32 @@ def hand_kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> float:
 def test_kl_term_of_class_logits_is_the_hand_computed_mean():
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
-    expected = T_SOFT ** 2 * sum(hand_kl(s[i], t[i], T_SOFT) for i in range(5)) / 5
+    expected = T_SOFT**2 * sum(hand_kl(s[i], t[i], T_SOFT) for i in range(5)) / 5
     assert float(kl_term(s, t, T_SOFT)) == pytest.approx(expected, rel=1e-12)
     keep = torch.tensor([True, False, True, True, False])
-    expected = T_SOFT ** 2 * sum(hand_kl(s[i], t[i], T_SOFT) for i in (0, 2, 3)) / 3
+    expected = T_SOFT**2 * sum(hand_kl(s[i], t[i], T_SOFT) for i in (0, 2, 3)) / 3
     assert float(kl_term(s, t, T_SOFT, keep)) == pytest.approx(expected, rel=1e-12)
     assert float(kl_term(t, t, T_SOFT)) == pytest.approx(0.0, abs=1e-15)
 
 
 def test_fit_records_the_hand_computed_loss_on_classes_with_ignored_labels():
     x, y = data(12)
-    y[[2, 7]] = -100                                          # ignored: counted by neither term
+    y[[2, 7]] = -100  # ignored: counted by neither term
     student, teacher = net(0).double(), net(1).double()
     with torch.no_grad():
         s, t = student(x.double()), teacher(x.double())
     kept = [i for i in range(12) if y[i] != -100]
-    soft = T_SOFT ** 2 * sum(hand_kl(s[i], t[i], T_SOFT) for i in kept) / len(kept)
+    soft = T_SOFT**2 * sum(hand_kl(s[i], t[i], T_SOFT) for i in kept) / len(kept)
     task = sum(-float(torch.log_softmax(s[i], 0)[y[i]]) for i in kept) / len(kept)
-    history = fit(student, [(x.double(), y)], distill_from=teacher, distill_weight=0.3, temperature=T_SOFT,
-                  lr=1e-3, progress=False)
+    history = fit(
+        student,
+        [(x.double(), y)],
+        distill_from=teacher,
+        distill_weight=0.3,
+        temperature=T_SOFT,
+        lr=1e-3,
+        progress=False,
+    )
     assert history[0]["distill_loss"] == pytest.approx(soft, rel=1e-10)
     assert history[0]["task_loss"] == pytest.approx(task, rel=1e-10)
     assert history[0]["loss"] == pytest.approx(0.7 * task + 0.3 * soft, rel=1e-10)
@@ -77,22 +84,28 @@ def test_fit_on_tokens_averages_over_the_positions_the_next_token_loss_counts():
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 11, (3, 5), generator=g)
     labels = ids.clone()
-    labels[0, 3] = -100                                       # HF labels: position 2 predicts token 3 → left out
+    labels[0, 3] = -100  # HF labels: position 2 predicts token 3 → left out
     labels[2, 4] = -100
     student, teacher = TokenModel(seed=0).double(), TokenModel(seed=1).double()
     with torch.no_grad():
         s, t = student(ids), teacher(ids)
     rows = [(n, p) for n in range(3) for p in range(4) if labels[n, p + 1] != -100]
     assert len(rows) == 10
-    soft = T_SOFT ** 2 * sum(hand_kl(s[n, p], t[n, p], T_SOFT) for n, p in rows) / len(rows)
-    history = fit(student, [{"input_ids": ids, "labels": labels}], distill_from=teacher, distill_weight=0.5,
-                  temperature=T_SOFT, lr=1e-3, progress=False)
+    soft = T_SOFT**2 * sum(hand_kl(s[n, p], t[n, p], T_SOFT) for n, p in rows) / len(rows)
+    history = fit(
+        student,
+        [{"input_ids": ids, "labels": labels}],
+        distill_from=teacher,
+        distill_weight=0.5,
+        temperature=T_SOFT,
+        lr=1e-3,
+        progress=False,
+    )
     assert history[0]["distill_loss"] == pytest.approx(soft, rel=1e-10)
     # without targets, next-token targets from the inputs: every position but the last counts
     student = TokenModel(seed=0).double()
-    every = T_SOFT ** 2 * sum(hand_kl(s[n, p], t[n, p], T_SOFT) for n in range(3) for p in range(4)) / 12
-    history = fit(student, [ids], distill_from=teacher, distill_weight=0.5, temperature=T_SOFT, lr=1e-3,
-                  progress=False)
+    every = T_SOFT**2 * sum(hand_kl(s[n, p], t[n, p], T_SOFT) for n in range(3) for p in range(4)) / 12
+    history = fit(student, [ids], distill_from=teacher, distill_weight=0.5, temperature=T_SOFT, lr=1e-3, progress=False)
     assert history[0]["distill_loss"] == pytest.approx(every, rel=1e-10)
 
 
@@ -121,8 +134,18 @@ def test_distillation_brings_a_pruned_model_closer_to_its_teacher():
         student = copy.deepcopy(dense)
         pruner = Pruner(student, 0.8, criterion="magnitude")
         pruner.update()
-        fit(student, (x[:64], y[:64]), epochs=20, batch_size=16, lr=0.05, pruner=pruner, progress=False,
-            distill_from=dense, distill_weight=weight, temperature=T_SOFT)
+        fit(
+            student,
+            (x[:64], y[:64]),
+            epochs=20,
+            batch_size=16,
+            lr=0.05,
+            pruner=pruner,
+            progress=False,
+            distill_from=dense,
+            distill_weight=weight,
+            temperature=T_SOFT,
+        )
         assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)
         with torch.no_grad():
             distances[weight] = float(kl_term(student(x_test), dense(x_test), 1.0))
@@ -143,17 +166,24 @@ def test_the_teacher_runs_in_eval_mode_and_is_left_as_it_was():
     assert all(p.grad is None for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("kwargs, error, pattern", [
-    ({"distill_weight": 1.5}, ValueError, r"'distill_weight' parameter of fit must be a float in \[0, 1\]\. Got 1.5"),
-    ({"distill_weight": -0.1}, ValueError, r"'distill_weight' parameter of fit must be a float in \[0, 1\]"),
-    ({"distill_weight": "half"}, TypeError, r"'distill_weight' parameter of fit must be a float"),
-    ({"temperature": 0}, ValueError, r"'temperature' parameter of fit must be a float in \(0, inf\)\. Got 0"),
-    ({"temperature": -2.0}, ValueError, r"'temperature' parameter of fit must be a float in \(0, inf\)"),
-    ({"temperature": math.inf}, ValueError, r"'temperature' parameter of fit"),
-    ({"distill_from": "teacher.pt"}, TypeError, r"'distill_from' parameter of fit must be an nn.Module"),
-    ({"distill_from": net(1, n_classes=4)}, ValueError, r"gives logits of shape \(1, 4\).*model gives \(1, 3\)"),
-    ({"distill_from": nn.Linear(5, 3)}, ValueError, r"teacher .* fails on the first batch of 'data'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (
+            {"distill_weight": 1.5},
+            ValueError,
+            r"'distill_weight' parameter of fit must be a float in \[0, 1\]\. Got 1.5",
+        ),
+        ({"distill_weight": -0.1}, ValueError, r"'distill_weight' parameter of fit must be a float in \[0, 1\]"),
+        ({"distill_weight": "half"}, TypeError, r"'distill_weight' parameter of fit must be a float"),
+        ({"temperature": 0}, ValueError, r"'temperature' parameter of fit must be a float in \(0, inf\)\. Got 0"),
+        ({"temperature": -2.0}, ValueError, r"'temperature' parameter of fit must be a float in \(0, inf\)"),
+        ({"temperature": math.inf}, ValueError, r"'temperature' parameter of fit"),
+        ({"distill_from": "teacher.pt"}, TypeError, r"'distill_from' parameter of fit must be an nn.Module"),
+        ({"distill_from": net(1, n_classes=4)}, ValueError, r"gives logits of shape \(1, 4\).*model gives \(1, 3\)"),
+        ({"distill_from": nn.Linear(5, 3)}, ValueError, r"teacher .* fails on the first batch of 'data'"),
+    ],
+)
 def test_bad_distillation_parameters_are_refused_before_any_work(kwargs, error, pattern):
     x, y = data(64)
     model = net(0)
@@ -177,9 +207,15 @@ def test_a_teacher_that_is_the_model_or_shares_its_weights_is_refused():
 
 
 # ------------------------------------------------------------------ study specs
-SPEC = {"name": "kd", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [16]}],
-        "methods": [{"label": "mag"}], "sparsities": [0.9], "seeds": 1,
-        "training": {"epochs": 1, "finetune_epochs": 1}}
+SPEC = {
+    "name": "kd",
+    "datasets": ["digits"],
+    "models": [{"name": "mlp", "hidden": [16]}],
+    "methods": [{"label": "mag"}],
+    "sparsities": [0.9],
+    "seeds": 1,
+    "training": {"epochs": 1, "finetune_epochs": 1},
+}
 
 
 def _spec(**method):
@@ -192,15 +228,20 @@ def test_a_spec_distill_entry_is_resolved_with_its_defaults_and_keeps_other_ids(
     assert build_study(_spec(distill=False)).runs[0].id == plain.id
     run = build_study(_spec(distill={"weight": 0.8})).runs[0]
     assert run.config["method"]["distill"] == {"weight": 0.8, "temperature": 2.0}
-    assert build_study(_spec(distill=True)).runs[0].config["method"]["distill"] == {"weight": 0.5,
-                                                                                    "temperature": 2.0}
+    assert build_study(_spec(distill=True)).runs[0].config["method"]["distill"] == {"weight": 0.5, "temperature": 2.0}
     from prunelab.engine.harness import why_not_batched
+
     assert "distillation" in why_not_batched(run.config) and why_not_batched(plain.config) is None
 
 
 def test_spec_distill_errors_are_listed_with_their_paths():
-    spec = {**SPEC, "methods": [{"label": "a", "distill": {"weight": 1.5, "temperature": 0, "alpha": 1}},
-                                {"label": "b", "distill": "yes"}]}
+    spec = {
+        **SPEC,
+        "methods": [
+            {"label": "a", "distill": {"weight": 1.5, "temperature": 0, "alpha": 1}},
+            {"label": "b", "distill": "yes"},
+        ],
+    }
     with pytest.raises(SpecError) as info:
         build_study(spec)
     text = str(info.value)
@@ -215,20 +256,23 @@ def test_spec_distill_errors_are_listed_with_their_paths():
 
 def test_a_prune_run_with_distill_records_both_losses(monkeypatch):
     from prunelab.experiments.prune_task import execute_prune
+
     config = build_study(_spec(distill={"weight": 0.5, "temperature": 3.0})).runs[0].config
     calls = []
     import prunelab.experiments.prune_task as task
+
     real_fit = task.fit
 
     def spy(model, data, **kwargs):
         calls.append(kwargs)
         return real_fit(model, data, **kwargs)
+
     monkeypatch.setattr(task, "fit", spy)
     result = execute_prune(config)
     finetune = calls[-1]
     assert finetune["distill_weight"] == 0.5 and finetune["temperature"] == 3.0
     teacher = finetune["distill_from"]
-    assert all(bool((p != 0).all()) for n, p in teacher.named_parameters() if n.endswith("weight"))   # dense
+    assert all(bool((p != 0).all()) for n, p in teacher.named_parameters() if n.endswith("weight"))  # dense
     prune_phase = [c for c in result["curve"] if c["phase"] == "prune"]
     assert prune_phase and all("distill_loss" in c and "task_loss" in c for c in prune_phase)
     assert result["metrics"]["sparsity"] > 0.5

@@ -32,14 +32,16 @@ def test_batched_members_match_single_runs_with_their_masks(ds, optimizer, lrs):
     pruners = [prunelab.prune(m, 0.5 + 0.1 * r, criterion="random", seed=r) for r, m in enumerate(models)]
     singles = [copy.deepcopy(m) for m in models]
     batch = BatchedModels(models)
-    batch.set_masks({name: torch.stack([p.mask(name) for p in pruners]) for name in
-                     ("fc1.weight", "fc2.weight", "fc3.weight")})
+    batch.set_masks(
+        {name: torch.stack([p.mask(name) for p in pruners]) for name in ("fc1.weight", "fc2.weight", "fc3.weight")}
+    )
     fit_batched(batch, ds, seeds=SEEDS, epochs=2, lr=lrs, optimizer=optimizer, max_steps=30)
     for r, (single, lr) in enumerate(zip(singles, lrs)):
-        pruner = prunelab.Pruner(single, 0.5 + 0.1 * r, criterion="random", seed=r)   # same masks, re-derived
+        pruner = prunelab.Pruner(single, 0.5 + 0.1 * r, criterion="random", seed=r)  # same masks, re-derived
         pruner.update()
-        prunelab.fit(single, ds, epochs=2, lr=lr, optimizer=optimizer, seed=SEEDS[r], max_steps=30,
-                     pruner=pruner, progress=False)
+        prunelab.fit(
+            single, ds, epochs=2, lr=lr, optimizer=optimizer, seed=SEEDS[r], max_steps=30, pruner=pruner, progress=False
+        )
         member = batch.member(r)
         assert max_gap(member, single) < 1e-5
         # each member keeps its own target sparsity
@@ -77,14 +79,15 @@ def test_lenet5_members_match_single_runs():
 @pytest.mark.parametrize("wave", [None, 2])
 def test_a_diverging_member_is_named(ds, wave):
     batch = BatchedModels(members(ds, hidden=[16]))
-    with pytest.raises(TrainingDiverged, match=r"member\(s\) \[3\]"):     # in the second wave of 2
+    with pytest.raises(TrainingDiverged, match=r"member\(s\) \[3\]"):  # in the second wave of 2
         fit_batched(batch, ds, seeds=SEEDS, epochs=3, lr=[0.05, 0.05, 0.05, 1e12], wave=wave)
 
 
 def test_bad_input_is_named(ds):
     with pytest.raises(ValueError, match="one architecture"):
-        BatchedModels([prunelab.build_model("mlp", dataset=ds, hidden=[16]),
-                       prunelab.build_model("mlp", dataset=ds, hidden=[17])])
+        BatchedModels(
+            [prunelab.build_model("mlp", dataset=ds, hidden=[16]), prunelab.build_model("mlp", dataset=ds, hidden=[17])]
+        )
     batch = BatchedModels(members(ds, hidden=[16]))
     with pytest.raises(ValueError, match="one seed per member"):
         fit_batched(batch, ds, seeds=[0, 1])
@@ -96,32 +99,42 @@ def test_bad_input_is_named(ds):
         batch.set_masks({"fc1.weight": torch.ones(16, 64)})
 
 
-@pytest.mark.parametrize("criterion,scope,granularity,regularizer,wave", [
-    ("magnitude", "local", "weight", "l1", None),
-    ("magnitude", "global", "unit", "l2", 3),          # at most 3 a wave: two even waves of 2
-    ("random", "layerwise-constant", "weight", None, 1),
-])
-def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, scope, granularity, regularizer,
-                                                                 wave):
+@pytest.mark.parametrize(
+    "criterion,scope,granularity,regularizer,wave",
+    [
+        ("magnitude", "local", "weight", "l1", None),
+        ("magnitude", "global", "unit", "l2", 3),  # at most 3 a wave: two even waves of 2
+        ("random", "layerwise-constant", "weight", None, 1),
+    ],
+)
+def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, scope, granularity, regularizer, wave):
     targets = [0.5, 0.7, 0.8, 0.9]
     strengths = [1e-4, 2e-4, 0.0, 1e-4]
 
     def pruner_for(model, r):
-        return prunelab.Pruner(model, targets[r], criterion=criterion, scope=scope, granularity=granularity,
-                               schedule="agp", schedule_args={"n_prunes": 3, "every": 5, "start": 2}, seed=r)
+        return prunelab.Pruner(
+            model,
+            targets[r],
+            criterion=criterion,
+            scope=scope,
+            granularity=granularity,
+            schedule="agp",
+            schedule_args={"n_prunes": 3, "every": 5, "start": 2},
+            seed=r,
+        )
 
     models = members(ds, hidden=[32, 16])
     singles = [copy.deepcopy(m) for m in models]
     batch = BatchedModels(models)
     pruners = [pruner_for(m, r) for r, m in enumerate(batch.members)]
     reg = {"regularizer": regularizer, "reg_strength": strengths} if regularizer else {}
-    histories = fit_batched(batch, ds, seeds=SEEDS, epochs=2, lr=0.05, pruners=pruners, max_steps=25, wave=wave,
-                            **reg)
+    histories = fit_batched(batch, ds, seeds=SEEDS, epochs=2, lr=0.05, pruners=pruners, max_steps=25, wave=wave, **reg)
     for r, single in enumerate(singles):
         pruner = pruner_for(single, r)
         reg_single = {"regularizer": regularizer, "reg_strength": strengths[r]} if regularizer else {}
-        prunelab.fit(single, ds, epochs=2, lr=0.05, seed=SEEDS[r], pruner=pruner, max_steps=25, progress=False,
-                     **reg_single)
+        prunelab.fit(
+            single, ds, epochs=2, lr=0.05, seed=SEEDS[r], pruner=pruner, max_steps=25, progress=False, **reg_single
+        )
         assert max_gap(batch.member(r), single) < 1e-4
         assert histories[r][-1]["sparsity"] == pytest.approx(pruner.sparsity(), abs=1e-9)
         assert pruners[r].sparsity() == pytest.approx(targets[r], abs=0.02)
@@ -134,15 +147,27 @@ def test_each_member_follows_its_own_schedule_to_its_own_target(ds, criterion, s
 def test_hand_written_mlp_path_equals_vmap_and_autograd(ds):
     from prunelab.engine.batched import mlp_plan
 
-    assert mlp_plan(members(ds, hidden=[32, 16])[0]) == [("fc1.weight", "fc1.bias"), ("fc2.weight", "fc2.bias"),
-                                                         ("fc3.weight", "fc3.bias")]
+    assert mlp_plan(members(ds, hidden=[32, 16])[0]) == [
+        ("fc1.weight", "fc1.bias"),
+        ("fc2.weight", "fc2.bias"),
+        ("fc3.weight", "fc3.bias"),
+    ]
     assert mlp_plan(prunelab.build_model("small_conv", dataset=ds)) is None
     assert mlp_plan(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))) is None
     runs = []
     for path in ("auto", "vmap"):
         batch = BatchedModels(members(ds, hidden=[32, 16]))
-        fit_batched(batch, ds, seeds=SEEDS, epochs=1, lr=[0.05, 0.1, 0.02, 0.05], regularizer="l1",
-                    reg_strength=1e-4, max_steps=20, engine_path=path)
+        fit_batched(
+            batch,
+            ds,
+            seeds=SEEDS,
+            epochs=1,
+            lr=[0.05, 0.1, 0.02, 0.05],
+            regularizer="l1",
+            reg_strength=1e-4,
+            max_steps=20,
+            engine_path=path,
+        )
         runs.append(batch)
     for name in runs[0].params:
         assert torch.allclose(runs[0].params[name], runs[1].params[name], atol=1e-5)
@@ -153,12 +178,12 @@ def test_member_bytes_by_hand_and_choose_members_within_the_budget():
 
     model = prunelab.build_model("mlp", input_shape=(1, 28, 28), n_classes=10, hidden=[100])
     params = 784 * 100 + 100 + 100 * 10 + 10
-    outputs = 784 + 100 + 100 + 10                 # flatten, fc1, its ReLU, fc2, per image
+    outputs = 784 + 100 + 100 + 10  # flatten, fc1, its ReLU, fc2, per image
     expected = 5 * 4 * params + 2 * 16 * 4 * outputs
     assert member_bytes(model, (1, 28, 28), 16) == expected
     assert choose_members(model, (1, 28, 28), 16, wanted=32, budget_bytes=10 * expected + 5) == 10
     assert choose_members(model, (1, 28, 28), 16, wanted=8, budget_bytes=10 * expected) == 8
-    assert choose_members(model, (1, 28, 28), 16, wanted=4) >= 1          # this machine's free memory
+    assert choose_members(model, (1, 28, 28), 16, wanted=4) >= 1  # this machine's free memory
     with pytest.raises(ValueError, match=r"needs about 1\.6 MiB .* only 0\.0 MiB"):
         choose_members(model, (1, 28, 28), 16, wanted=4, budget_bytes=1000)
     with pytest.raises(ValueError, match="'share' parameter of choose_members"):
@@ -166,17 +191,16 @@ def test_member_bytes_by_hand_and_choose_members_within_the_budget():
 
 
 def test_cache_members_divides_the_last_level_cache(monkeypatch):
-    from prunelab.engine import cache_members, member_bytes
-    from prunelab.engine import memory
+    from prunelab.engine import cache_members, member_bytes, memory
 
-    assert memory.cache_bytes() >= 2**10                                   # this machine's, or the 32 MiB default
+    assert memory.cache_bytes() >= 2**10  # this machine's, or the 32 MiB default
     model = prunelab.build_model("mlp", input_shape=(1, 28, 28), n_classes=10, hidden=[100])
     per_member = member_bytes(model, (1, 28, 28), 64)
     monkeypatch.setattr(memory, "cache_bytes", lambda: 10 * per_member + 1)
     assert cache_members(model, (1, 28, 28), 64) == 10
     assert cache_members(model, (1, 28, 28), 64, share=0.5) == 5
     monkeypatch.setattr(memory, "cache_bytes", lambda: 100)
-    assert cache_members(model, (1, 28, 28), 64) == 1                      # never fewer than one
+    assert cache_members(model, (1, 28, 28), 64) == 1  # never fewer than one
 
 
 def test_a_group_of_study_runs_gives_the_records_of_single_runs(tmp_path):
@@ -184,18 +208,26 @@ def test_a_group_of_study_runs_gives_the_records_of_single_runs(tmp_path):
     from prunelab.experiments import build_study
     from prunelab.experiments.prune_task import execute_prune
 
-    study = build_study({
-        "name": "g", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [32]}],
-        "methods": [{"label": "mag", "schedule": {"name": "agp", "n_prunes": 3}},
-                    {"label": "rand", "criterion": "random", "regularizer": {"name": "l1", "strength": 1e-4}}],
-        "sparsities": [0.8, 0.9], "seeds": 2,
-        "training": {"epochs": 2, "finetune_epochs": 2, "batch_size": 64, "lr": 0.05}})
+    study = build_study(
+        {
+            "name": "g",
+            "datasets": ["digits"],
+            "models": [{"name": "mlp", "hidden": [32]}],
+            "methods": [
+                {"label": "mag", "schedule": {"name": "agp", "n_prunes": 3}},
+                {"label": "rand", "criterion": "random", "regularizer": {"name": "l1", "strength": 1e-4}},
+            ],
+            "sparsities": [0.8, 0.9],
+            "seeds": 2,
+            "training": {"epochs": 2, "finetune_epochs": 2, "batch_size": 64, "lr": 0.05},
+        }
+    )
     configs = [run.config for run in study.runs]
     assert all(why_not_batched(c) is None for c in configs)
     groups = {}
     for c in configs:
         groups.setdefault(group_key(c), []).append(c)
-    assert sorted(len(g) for g in groups.values()) == [4, 4]          # with and without the L1 regulariser
+    assert sorted(len(g) for g in groups.values()) == [4, 4]  # with and without the L1 regulariser
     for group in groups.values():
         batched = execute_prune_group(group, str(tmp_path / "cache-b"))
         for config, result in zip(group, batched):
@@ -217,8 +249,9 @@ def test_the_engine_runs_on_cuda_unchanged(ds):
     cpu = BatchedModels(members(ds, hidden=[32]))
     gpu = BatchedModels([m.cuda() for m in members(ds, hidden=[32])])
     for batch in (cpu, gpu):
-        pruners = [prunelab.Pruner(m, 0.8, schedule="agp", schedule_args={"n_prunes": 2, "every": 5})
-                   for m in batch.members]
+        pruners = [
+            prunelab.Pruner(m, 0.8, schedule="agp", schedule_args={"n_prunes": 2, "every": 5}) for m in batch.members
+        ]
         fit_batched(batch, ds, seeds=SEEDS, epochs=1, lr=0.05, pruners=pruners, max_steps=15)
     for r in range(len(SEEDS)):
         assert max_gap(cpu.member(r), gpu.member(r).cpu()) < 1e-4

@@ -9,22 +9,21 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import LANGUAGE_MODELS, rewrite_header
 
 import prunelab
 from prunelab import export, units
 from prunelab.models import MODELS
 
-from helpers import LANGUAGE_MODELS, rewrite_header
-
 SHAPES = {"vgg11": (3, 32, 32), **{name: (12,) for name in LANGUAGE_MODELS}}
-OPTIONS = {"vgg11": {"width": 0.25}, "gpt": {"d_model": 16, "n_layers": 2, "n_heads": 2},
-           "lstm-lm": {"d_model": 16}}
-VOCAB = 10     # the classes of the image models, the vocabulary of the language models
+OPTIONS = {"vgg11": {"width": 0.25}, "gpt": {"d_model": 16, "n_layers": 2, "n_heads": 2}, "lstm-lm": {"d_model": 16}}
+VOCAB = 10  # the classes of the image models, the vocabulary of the language models
 
 
 def registry_model(name: str, **kw):
-    return prunelab.build_model(name, input_shape=SHAPES.get(name, (1, 28, 28)), n_classes=VOCAB, seed=0,
-                                **{**OPTIONS.get(name, {}), **kw})
+    return prunelab.build_model(
+        name, input_shape=SHAPES.get(name, (1, 28, 28)), n_classes=VOCAB, seed=0, **{**OPTIONS.get(name, {}), **kw}
+    )
 
 
 def inputs(model, n: int, seed: int = 0):
@@ -40,7 +39,7 @@ def pruned(name: str, sparsity: float = 0.9):
     model = registry_model(name)
     prunelab.prune(model, sparsity, scope="global")
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
-        model.train()                                   # give the running statistics real values
+        model.train()  # give the running statistics real values
         with torch.no_grad():
             model(torch.randn(8, *model.config["input_shape"]))
     return model.eval()
@@ -76,7 +75,7 @@ def test_payload_equals_the_summarys_storage_prediction_and_the_file_is_within_a
     assert report.file_bytes <= 1.03 * stats.bytes_best
     dense = io.BytesIO()
     torch.save(model.state_dict(), dense)
-    assert report.file_bytes <= 0.12 * len(dense.getvalue())        # the issue's target at 95 %
+    assert report.file_bytes <= 0.12 * len(dense.getvalue())  # the issue's target at 95 %
     forced = export.save(model, tmp_path / "csr.plm", encoding="csr", index_bits=4)
     assert forced.payload_bytes == prunelab.summary(model, (1, 28, 28)).total.bytes_csr
     assert report.file_bytes < export.save(model, tmp_path / "r4.plm", index_bits=4).file_bytes
@@ -86,14 +85,14 @@ def test_payload_equals_the_summarys_storage_prediction_and_the_file_is_within_a
 def test_reduced_precision_keeps_the_sparsity_pattern_and_stays_within_tolerance(tmp_path, values, tolerance):
     model = pruned("lenet-300-100", 0.9)
     with torch.no_grad():
-        model.fc1.weight[0, :5] = torch.tensor([1e-9, -1e-9, 0.0, 3.0, -3.0])   # tiny values must not vanish
+        model.fc1.weight[0, :5] = torch.tensor([1e-9, -1e-9, 0.0, 3.0, -3.0])  # tiny values must not vanish
     report = export.save(model, tmp_path / "m.plm", values=values)
     back = prunelab.load(tmp_path / "m.plm")
     for key, tensor in model.state_dict().items():
         got = back.state_dict()[key]
         assert torch.equal(got != 0, tensor != 0), key
         if key.endswith("bias"):
-            assert torch.equal(got, tensor)                              # biases stay exact
+            assert torch.equal(got, tensor)  # biases stay exact
         else:
             rows = tensor.abs().amax(dim=1, keepdim=True)
             assert ((got - tensor).abs() <= tolerance * rows + 1e-7).all(), key
@@ -123,7 +122,7 @@ def test_csr_bridges_long_gaps_with_fillers_exactly_as_the_storage_formula_count
     blob, entries = export._encode(flat, "csr", 4)
     # gaps 0, 0, 38 (2 fillers of 16), 58 (3 fillers): 4 values + 5 fillers
     assert entries == 9 == 4 + prunelab.metrics.storage.csr_fillers(torch.from_numpy(flat), 4)
-    assert len(blob) == 9 * 4 + 5                                      # values + 9 packed 4-bit counts
+    assert len(blob) == 9 * 4 + 5  # values + 9 packed 4-bit counts
     entry = {"encoding": "csr", "index_bits": 4, "entries": entries}
     assert np.array_equal(export._decode(blob, entry, np.dtype(np.float32), 100, "t"), flat)
 
@@ -158,12 +157,12 @@ def test_every_registry_model_thinned_round_trips(tmp_path, name):
     shape = None if name in LANGUAGE_MODELS else model.config["input_shape"]
     example = inputs(model, 2) if name in LANGUAGE_MODELS else None
     found = units.Units.of(model, shape, example)
-    with torch.no_grad():                            # kill the first half of every unit layer's units
+    with torch.no_grad():  # kill the first half of every unit layer's units
         for layer in found.layers:
-            if isinstance(layer.module, torch.nn.Embedding):      # its units are the embedding's columns
-                layer.module.weight[:, :layer.n_units // 2] = 0
+            if isinstance(layer.module, torch.nn.Embedding):  # its units are the embedding's columns
+                layer.module.weight[:, : layer.n_units // 2] = 0
             else:
-                layer.module.weight[:layer.n_units // 2] = 0
+                layer.module.weight[: layer.n_units // 2] = 0
     plan = units.zero_units(model, shape, example)
     assert plan
     small = units.thin(model, plan, input_shape=shape, example_inputs=example).eval()
@@ -183,7 +182,7 @@ def test_hashed_models_round_trip_and_store_only_their_buckets(tmp_path, name):
     assert torch.equal(outputs(back), outputs(model))
     params = dict(model.named_parameters())
     stored = sum(np.prod(t.shape) for t in report.tensors if t.name in params)
-    assert stored == sum(p.numel() for p in params.values())            # buckets, not virtual weights
+    assert stored == sum(p.numel() for p in params.values())  # buckets, not virtual weights
 
 
 def test_models_outside_the_registry_need_a_model_to_load_into(tmp_path):
@@ -209,6 +208,7 @@ def test_integer_buffers_survive(tmp_path):
 
 
 # --------------------------------------------------------------------------- damaged files
+
 
 def saved_file(tmp_path):
     path = tmp_path / "m.plm"
@@ -252,12 +252,13 @@ def test_a_consistent_but_mismatched_file_is_refused(tmp_path):
     """A file re-signed after its architecture was changed: the tensors no longer fit."""
     path, data = saved_file(tmp_path)
     (head_len,) = struct.unpack("<I", data[9:13])
-    header = json.loads(data[13:13 + head_len])
-    payload = data[13 + head_len:]
+    header = json.loads(data[13 : 13 + head_len])
+    payload = data[13 + head_len :]
     header.pop("sha256")
     header["architecture"]["hidden"] = [100, 50]
     core = export._header_bytes(header)
     import hashlib
+
     header["sha256"] = hashlib.sha256(core + payload).hexdigest()
     head = export._header_bytes(header)
     path.write_bytes(export.MAGIC + struct.pack("<BI", 1, len(head)) + head + payload)
@@ -267,12 +268,13 @@ def test_a_consistent_but_mismatched_file_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- torch files, safely
 
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker
 
     def __reduce__(self):
-        return (open, (self.marker, "w"))                 # would create the marker file on unpickling
+        return (open, (self.marker, "w"))  # would create the marker file on unpickling
 
 
 def test_loading_a_torch_file_crafted_to_run_code_does_not_run_it(tmp_path):
@@ -304,12 +306,16 @@ def test_torch_files_of_prunelab_prune_save_load(tmp_path):
 
 # --------------------------------------------------------------------------- bad arguments, ONNX
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"encoding": "coo"}, r"unknown encoding 'coo'.*auto, dense, bitmask, csr"),
-    ({"values": "int4"}, r"unknown values 'int4'.*float32, float16, int8"),
-    ({"index_bits": 0}, r"index_bits"),
-    ({"metadata": {"f": object()}}, r"JSON"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"encoding": "coo"}, r"unknown encoding 'coo'.*auto, dense, bitmask, csr"),
+        ({"values": "int4"}, r"unknown values 'int4'.*float32, float16, int8"),
+        ({"index_bits": 0}, r"index_bits"),
+        ({"metadata": {"f": object()}}, r"JSON"),
+    ],
+)
 def test_bad_save_arguments_fail_before_writing(tmp_path, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         export.save(pruned("mlp"), tmp_path / "m.plm", **kwargs)
@@ -319,6 +325,7 @@ def test_bad_save_arguments_fail_before_writing(tmp_path, kwargs, message):
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def full_disk(*args):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(export.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
         export.save(pruned("mlp"), tmp_path / "m.plm")
@@ -342,6 +349,7 @@ def test_onnx_export_of_a_thinned_model_runs_in_onnxruntime(tmp_path):
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.01, 0.001])
 def test_best_index_bits_is_the_smallest_csr_over_all_widths(density):
     from prunelab.metrics import best_index_bits, storage_bits
+
     g = torch.Generator().manual_seed(1)
     w = torch.randn(300, 200, generator=g) * (torch.rand(300, 200, generator=g) < density)
     sizes = {r: storage_bits(w, 8, r)["csr"] for r in range(1, 17)}
@@ -352,6 +360,7 @@ def test_best_index_bits_is_the_smallest_csr_over_all_widths(density):
 
 def test_a_sparsified_model_is_saved_as_the_model_it_came_from(tmp_path):
     from prunelab.sparse import SparseLinear, sparsify
+
     model = pruned("lenet-300-100", 0.95)
     fast, _ = sparsify(model, (1, 28, 28), min_sparsity=0.5, only_if_faster=False)
     assert any(isinstance(m, SparseLinear) for m in fast.modules())
@@ -369,11 +378,14 @@ def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path,
 
     def enlarge(header):
         entry = next(e for e in header["tensors"] if e["name"] == "weight")
-        entry["shape"] = [2**20, 2**20]                  # 4 TiB as float32
+        entry["shape"] = [2**20, 2**20]  # 4 TiB as float32
+
     rewrite_header(tmp_path / "m.plm", enlarge)
-    message = {"dense": r"tensor 'weight'.*48 bytes for 1099511627776 dense values",   # checked against the payload
-               "bitmask": r"tensor 'weight'.*34 bytes for a bit-mask of 1099511627776 elements",
-               "csr": r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)"}[encoding]
+    message = {
+        "dense": r"tensor 'weight'.*48 bytes for 1099511627776 dense values",  # checked against the payload
+        "bitmask": r"tensor 'weight'.*34 bytes for a bit-mask of 1099511627776 elements",
+        "csr": r"'weight' has shape \(1048576, 1048576\) in the file but \(3, 4\)",
+    }[encoding]
     with pytest.raises(export.ModelFileError, match=message):
         prunelab.load(tmp_path / "m.plm", model=torch.nn.Linear(4, 3))
 
@@ -381,10 +393,17 @@ def test_a_huge_declared_shape_is_refused_before_anything_is_allocated(tmp_path,
 def test_load_resizes_norms_depthwise_and_transposed_convs_of_a_given_model(tmp_path):
     def net(c):
         torch.manual_seed(c)
-        return torch.nn.Sequential(torch.nn.Conv1d(2, c, 1), torch.nn.GroupNorm(2, c),
-                                   torch.nn.Conv1d(c, c, 3, groups=c, padding=1), torch.nn.ConvTranspose1d(c, 4, 3),
-                                   torch.nn.RMSNorm(7), torch.nn.Linear(7, c), torch.nn.LayerNorm(c),
-                                   torch.nn.BatchNorm1d(4))
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(2, c, 1),
+            torch.nn.GroupNorm(2, c),
+            torch.nn.Conv1d(c, c, 3, groups=c, padding=1),
+            torch.nn.ConvTranspose1d(c, 4, 3),
+            torch.nn.RMSNorm(7),
+            torch.nn.Linear(7, c),
+            torch.nn.LayerNorm(c),
+            torch.nn.BatchNorm1d(4),
+        )
+
     small = net(4).eval()
     export.save(small, tmp_path / "small.plm")
     big = prunelab.load(tmp_path / "small.plm", model=net(6))
@@ -410,7 +429,7 @@ class _HeadsByName(torch.nn.Module):
 def test_n_head_is_saved_and_restored_with_the_thinned_shapes(tmp_path):
     torch.manual_seed(0)
     model = _HeadsByName()
-    with torch.no_grad():                         # head 2 removed: its two output rows go
+    with torch.no_grad():  # head 2 removed: its two output rows go
         keep = torch.tensor([0, 1, 2, 3, 6, 7])
         model.proj.weight = torch.nn.Parameter(model.proj.weight[keep].clone())
         model.proj.bias = torch.nn.Parameter(model.proj.bias[keep].clone())
@@ -426,7 +445,9 @@ def test_save_replaces_a_planted_symlink_and_never_writes_through_it(tmp_path):
     # the model file goes to a new random temporary file, renamed into place: a symlink planted at
     # the final name (or at the old predictable temporary name) is never written through
     import os
+
     from torch import nn
+
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     out = tmp_path / "model.plm"
@@ -441,12 +462,13 @@ def test_save_replaces_a_planted_symlink_and_never_writes_through_it(tmp_path):
     mode = out.stat().st_mode & 0o777
     umask = os.umask(0)
     os.umask(umask)
-    assert mode == 0o666 & ~umask                     # the usual permissions, not mkstemp's 0600
+    assert mode == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
 
 
 def test_tied_weights_are_stored_once_and_load_back_tied(tmp_path):
     # gpt's head is its token embedding: one copy in the file, the same tensor after load
     from prunelab.models import build_model
+
     model = build_model("gpt", n_classes=50, input_shape=(8,), d_model=16, n_layers=1, n_heads=2, seed=0)
     assert model.lm_head.weight is model.tok_embed.weight
     report = export.save(model, tmp_path / "lm.plm")
@@ -454,41 +476,52 @@ def test_tied_weights_are_stored_once_and_load_back_tied(tmp_path):
     assert rows["lm_head.weight"].encoding == "tied" and rows["lm_head.weight"].bytes == 0
     assert rows["tok_embed.weight"].bytes == 50 * 16 * 4
     assert report.payload_bytes == export.predict_bytes(model)
-    assert report.payload_bytes == prunelab.summary(model, example_inputs=torch.zeros(1, 8, dtype=torch.long),
-                                                    index_bits="auto").total.bytes_best
+    assert (
+        report.payload_bytes
+        == prunelab.summary(
+            model, example_inputs=torch.zeros(1, 8, dtype=torch.long), index_bits="auto"
+        ).total.bytes_best
+    )
     loaded = export.load(tmp_path / "lm.plm")
     assert loaded.lm_head.weight is loaded.tok_embed.weight
     tokens = torch.randint(0, 50, (2, 8))
     assert torch.equal(loaded.eval()(tokens), model.eval()(tokens))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda e: e.update(same_as="nowhere.weight"), "is tied to 'nowhere.weight', which is not an earlier stored"),
-    (lambda e: e.update(shape=[3, 3]), "is tied to 'tok_embed.weight' but declares another shape or dtype"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda e: e.update(same_as="nowhere.weight"), "is tied to 'nowhere.weight', which is not an earlier stored"),
+        (lambda e: e.update(shape=[3, 3]), "is tied to 'tok_embed.weight' but declares another shape or dtype"),
+    ],
+)
 def test_a_tie_to_an_unknown_or_different_tensor_is_refused(tmp_path, edit, message):
     from prunelab.models import build_model
+
     model = build_model("gpt", n_classes=50, input_shape=(8,), d_model=16, n_layers=1, n_heads=2, seed=0)
     export.save(model, tmp_path / "lm.plm")
-    rewrite_header(tmp_path / "lm.plm",
-                   lambda h: [edit(e) for e in h["tensors"] if e["name"] == "lm_head.weight"])
+    rewrite_header(tmp_path / "lm.plm", lambda h: [edit(e) for e in h["tensors"] if e["name"] == "lm_head.weight"])
     with pytest.raises(export.ModelFileError, match=message):
         export.load(tmp_path / "lm.plm")
 
 
-@pytest.mark.parametrize("values, value, message", [
-    ("int8", float("nan"), r"tensor '0.weight' holds 1 non-finite value\(s\) \(first at \(1, 2\): nan\)"),
-    ("float16", float("inf"), r"tensor '0.weight' holds 1 non-finite value\(s\)"),
-    ("float16", 1e6, r"tensor '0.weight' holds values beyond float16's range \(first at \(1, 2\): 1000000.0"),
-])
+@pytest.mark.parametrize(
+    "values, value, message",
+    [
+        ("int8", float("nan"), r"tensor '0.weight' holds 1 non-finite value\(s\) \(first at \(1, 2\): nan\)"),
+        ("float16", float("inf"), r"tensor '0.weight' holds 1 non-finite value\(s\)"),
+        ("float16", 1e6, r"tensor '0.weight' holds values beyond float16's range \(first at \(1, 2\): 1000000.0"),
+    ],
+)
 def test_reduced_precision_refuses_values_it_cannot_store(tmp_path, values, value, message):
     from torch import nn
+
     model = nn.Sequential(nn.Linear(4, 3))
     with torch.no_grad():
         model[0].weight[1, 2] = value
     with pytest.raises(ValueError, match=message):
         export.save(model, tmp_path / "m.plm", values=values)
     assert not (tmp_path / "m.plm").exists()
-    export.save(model, tmp_path / "m.plm")                              # float32 keeps it as it is
+    export.save(model, tmp_path / "m.plm")  # float32 keeps it as it is
     loaded = export.load(tmp_path / "m.plm", model=nn.Sequential(nn.Linear(4, 3)))
     assert torch.equal(loaded[0].weight.isnan(), model[0].weight.isnan())

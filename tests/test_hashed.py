@@ -98,9 +98,15 @@ def test_compression_factor_and_parameter_count_agree():
 
 
 def test_every_registry_model_takes_hashed_and_rebuilds_from_its_config():
-    for name, shape in [("mlp", (1, 28, 28)), ("lenet-300-100", (1, 28, 28)), ("lenet5", (1, 28, 28)),
-                        ("conv-pool-linear", (1, 28, 28)), ("small_conv", (1, 28, 28)),
-                        ("medium_conv", (1, 28, 28)), ("vgg11", (3, 32, 32))]:
+    for name, shape in [
+        ("mlp", (1, 28, 28)),
+        ("lenet-300-100", (1, 28, 28)),
+        ("lenet5", (1, 28, 28)),
+        ("conv-pool-linear", (1, 28, 28)),
+        ("small_conv", (1, 28, 28)),
+        ("medium_conv", (1, 28, 28)),
+        ("vgg11", (3, 32, 32)),
+    ]:
         model = prunelab.build_model(name, input_shape=shape, n_classes=10, hashed=0.125, seed=2)
         layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
         assert not layers, name

@@ -10,15 +10,28 @@ from prunelab.experiments.tables import build_tables
 
 
 def spec(**changes):
-    s = {"name": "h", "datasets": ["digits"],
-         "models": [{"name": "mlp", "hidden": [32], "label": "h32"},
-                    {"name": "conv-pool-linear", "label": "conv", "kernel": {"grid": [3, 5]}, "channels": 4,
-                     "sparsities": [0.0]}],
-         "methods": [{"label": "magnitude", "models": ["h32"]},
-                     {"label": "HashedNet", "task": "hashed", "models": ["h32"]},
-                     {"label": "conv", "models": ["conv"], "training": {"finetune_epochs": 0}}],
-         "sparsities": [0.0, 0.75], "seeds": 1,
-         "training": {"epochs": 2, "finetune_epochs": 2, "lr": 0.1}}
+    s = {
+        "name": "h",
+        "datasets": ["digits"],
+        "models": [
+            {"name": "mlp", "hidden": [32], "label": "h32"},
+            {
+                "name": "conv-pool-linear",
+                "label": "conv",
+                "kernel": {"grid": [3, 5]},
+                "channels": 4,
+                "sparsities": [0.0],
+            },
+        ],
+        "methods": [
+            {"label": "magnitude", "models": ["h32"]},
+            {"label": "HashedNet", "task": "hashed", "models": ["h32"]},
+            {"label": "conv", "models": ["conv"], "training": {"finetune_epochs": 0}},
+        ],
+        "sparsities": [0.0, 0.75],
+        "seeds": 1,
+        "training": {"epochs": 2, "finetune_epochs": 2, "lr": 0.1},
+    }
     s.update(changes)
     return s
 
@@ -26,8 +39,12 @@ def spec(**changes):
 def test_hashed_runs_store_buckets_at_the_level_and_baselines_run_as_a_labelled_grid(tmp_path):
     study = build_study(spec())
     labels = sorted({(r.model, r.method) for r in study.runs})
-    assert labels == [("conv[kernel=3]", "conv"), ("conv[kernel=5]", "conv"), ("h32", "HashedNet"),
-                      ("h32", "magnitude")]
+    assert labels == [
+        ("conv[kernel=3]", "conv"),
+        ("conv[kernel=5]", "conv"),
+        ("h32", "HashedNet"),
+        ("h32", "magnitude"),
+    ]
     result = run_study(study, tmp_path / "s.db", progress=False)
     assert result.counts["done"] == 6 and result.counts["failed"] == 0
     with Store(tmp_path / "s.db") as store:
@@ -42,23 +59,27 @@ def test_hashed_runs_store_buckets_at_the_level_and_baselines_run_as_a_labelled_
     assert quarter["stored_params"] == buckets + 42 and quarter["params"] == 2410
     assert quarter["sparsity"] == pytest.approx(1 - buckets / 2368)
     assert quarter["compression"] == pytest.approx(2410 / quarter["nonzero_params"])
-    assert quarter["flops"] == quarter["flops_dense"] == dense["flops_dense"]   # hashing saves no FLOPs
-    assert quarter["accuracy"] > 0.5                                              # it learned
+    assert quarter["flops"] == quarter["flops_dense"] == dense["flops_dense"]  # hashing saves no FLOPs
+    assert quarter["accuracy"] > 0.5  # it learned
     # the pruned model at 75 % keeps about as many weights as the hashed one stores
     pruned = next(r.metrics for r in records if r.method == "magnitude" and r.sparsity == 0.75)
     assert abs(pruned["nonzero_params"] - quarter["nonzero_params"]) < 20
     # tables and figures select by base label: 'conv' is both conv[kernel=...] models
-    tables = build_tables(records, {"tables": [{"rows": "model", "columns": "dataset", "split_by": ["method"],
-                                                "models": ["conv"]}]})
+    tables = build_tables(
+        records, {"tables": [{"rows": "model", "columns": "dataset", "split_by": ["method"], "models": ["conv"]}]}
+    )
     assert [key for key, _ in tables[0].rows] == ["conv[kernel=3]", "conv[kernel=5]"]
-    figures = build_figures(records, {}, {"kind": "accuracy_vs_params", "pareto_of": {"method": "conv"},
-                                          "models": ["h32", "conv"]})
+    figures = build_figures(
+        records, {}, {"kind": "accuracy_vs_params", "pareto_of": {"method": "conv"}, "models": ["h32", "conv"]}
+    )
     assert len(figures) == 1
 
 
 def test_hashed_task_errors_are_named_before_any_work():
-    bad = spec(models=[{"name": "mlp", "hidden": [32], "hashed": 0.5}],
-               methods=[{"label": "HashedNet", "task": "hashed", "epochs": 3}])
+    bad = spec(
+        models=[{"name": "mlp", "hidden": [32], "hashed": 0.5}],
+        methods=[{"label": "HashedNet", "task": "hashed", "epochs": 3}],
+    )
     with pytest.raises(SpecError) as err:
         build_study(bad)
     text = str(err.value)
@@ -80,14 +101,16 @@ def test_select_labels_filters_by_label_or_base_label_and_names_unknown_ones():
 
 
 def test_thin_true_measures_the_physically_thinned_model(tmp_path):
-    s = spec(models=[{"name": "conv-pool-linear", "channels": 8, "kernel": 3}],
-             methods=[{"label": "filters", "granularity": "filter", "layers": ["conv1"], "thin": True}],
-             sparsities=[0.5])
+    s = spec(
+        models=[{"name": "conv-pool-linear", "channels": 8, "kernel": 3}],
+        methods=[{"label": "filters", "granularity": "filter", "layers": ["conv1"], "thin": True}],
+        sparsities=[0.5],
+    )
     run_study(build_study(s), tmp_path / "s.db", progress=False)
     with Store(tmp_path / "s.db") as store:
         (record,) = store.records()
     m = record.metrics
-    assert m["units_removed"] == 4                          # half of conv1's 8 filters
+    assert m["units_removed"] == 4  # half of conv1's 8 filters
     # digits 8x8 -> conv 3x3 6x6 -> pool 3x3: 8 filters 80 + linear 72*10+10, thinned to 4 filters
     assert m["params"] == 80 + 730 and m["params_thinned"] == 40 + 370
     assert m["accuracy_thinned"] == pytest.approx(m["accuracy"], abs=0.02)

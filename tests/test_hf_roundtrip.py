@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from zoo import BY_NAME, HAS_TRANSFORMERS
 
 import prunelab
 from prunelab import units
 from prunelab.hf import NotStockWarning, save_pretrained
 from prunelab.inputs import as_batch, logits_of
-from zoo import BY_NAME, HAS_TRANSFORMERS
 
 pytestmark = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
 NAMES = ["hf-gpt2", "hf-llama", "hf-bert"]
@@ -35,6 +35,7 @@ def built(name):
 
 def auto_class(name):
     import transformers as T
+
     return T.AutoModelForSequenceClassification if name == "hf-bert" else T.AutoModelForCausalLM
 
 
@@ -62,9 +63,10 @@ def saved_config(directory):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_pruned_model_reloads_with_from_pretrained_and_its_zeros(name, tmp_path):
     from safetensors.torch import load_file
+
     model, data = built(name)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                    # GPT-2: the tied lm_head is left out
+        warnings.simplefilter("ignore")  # GPT-2: the tied lm_head is left out
         pruner = prunelab.prune(model, 0.5, criterion="magnitude")
     report = save_pretrained(model, tmp_path)
     assert report.format == "huggingface" and report.config_changes == {}
@@ -76,8 +78,9 @@ def test_a_pruned_model_reloads_with_from_pretrained_and_its_zeros(name, tmp_pat
     assert (stored[key] == 0).float().mean() == pytest.approx(0.5, abs=0.05)
 
 
-@pytest.mark.parametrize("name, key", [("hf-gpt2", "n_inner"), ("hf-llama", "intermediate_size"),
-                                       ("hf-bert", "intermediate_size")])
+@pytest.mark.parametrize(
+    "name, key", [("hf-gpt2", "n_inner"), ("hf-llama", "intermediate_size"), ("hf-bert", "intermediate_size")]
+)
 def test_uniformly_thinned_mlps_reload_with_an_updated_config(name, key, tmp_path):
     small, data = thinned(name, lambda g: g.kind == "dense")
     report = save_pretrained(small, tmp_path)
@@ -90,18 +93,20 @@ def test_uniformly_thinned_mlps_reload_with_an_updated_config(name, key, tmp_pat
 
 def test_a_tied_lm_head_is_stored_once_and_tied_again(tmp_path):
     from safetensors.torch import load_file
+
     small, data = thinned("hf-gpt2", lambda g: g.kind == "dense")
     assert small.lm_head.weight is small.transformer.wte.weight
     save_pretrained(small, tmp_path)
     assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
     back = reload_hf("hf-gpt2", tmp_path)
     assert back.lm_head.weight is back.transformer.wte.weight
-    untied, _ = built("hf-gpt2")                          # an untied copy stays untied
+    untied, _ = built("hf-gpt2")  # an untied copy stays untied
     untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone() * 2)
     save_pretrained(untied, tmp_path / "untied")
     assert saved_config(tmp_path / "untied")["tie_word_embeddings"] is False
-    torch.testing.assert_close(outputs(reload_hf("hf-gpt2", tmp_path / "untied"), data), outputs(untied, data),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        outputs(reload_hf("hf-gpt2", tmp_path / "untied"), data), outputs(untied, data), atol=0, rtol=0
+    )
 
 
 @pytest.mark.parametrize("group, heads, kv", [(":heads", 2, 2), (":kv_heads", 2, 1)])
@@ -145,7 +150,7 @@ def test_non_uniform_thinning_writes_a_prunelab_file_that_load_rebuilds(tmp_path
     expected = outputs(small, data)
     torch.testing.assert_close(outputs(prunelab.load(tmp_path), data), expected, atol=0, rtol=0)
     torch.testing.assert_close(outputs(prunelab.load(tmp_path / "model.plm"), data), expected, atol=0, rtol=0)
-    with pytest.raises((OSError, ValueError)):         # no config.json: not a transformers checkpoint
+    with pytest.raises((OSError, ValueError)):  # no config.json: not a transformers checkpoint
         reload_hf("hf-llama", tmp_path)
 
 
@@ -162,8 +167,11 @@ def test_heads_of_a_config_without_head_dim_fall_back_to_a_prunelab_file(name, t
 
 def test_fallback_false_refuses_and_writes_nothing(tmp_path):
     small, _ = thinned("hf-llama", lambda g: g.name == "model.layers.1.mlp")
-    with pytest.raises(ValueError, match=r"cannot be described by a stock LlamaConfig: non-uniform thinning.*"
-                                         r"fallback=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot be described by a stock LlamaConfig: non-uniform thinning.*"
+        r"fallback=True",
+    ):
         save_pretrained(small, tmp_path / "out", fallback=False)
     assert not (tmp_path / "out").exists()
 
@@ -182,8 +190,10 @@ def test_a_later_save_replaces_the_other_format(tmp_path):
 
 
 def test_bad_arguments_are_refused(tmp_path):
-    with pytest.raises(TypeError, match="'model' parameter of save_pretrained must be a transformers "
-                                        "PreTrainedModel.*Got Linear instead"):
+    with pytest.raises(
+        TypeError,
+        match="'model' parameter of save_pretrained must be a transformers PreTrainedModel.*Got Linear instead",
+    ):
         save_pretrained(nn.Linear(2, 2), tmp_path)
     model, _ = built("hf-llama")
     (tmp_path / "file").write_text("x")
@@ -194,10 +204,12 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 def test_prunelab_imports_without_transformers():
-    code = ("import sys; sys.modules['transformers'] = None\n"
-            "import prunelab, torch\n"
-            "try:\n    prunelab.save_pretrained(torch.nn.Linear(2, 2), 'x')\n"
-            "except ImportError as err:\n    print('refused:', err)\n")
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import prunelab, torch\n"
+        "try:\n    prunelab.save_pretrained(torch.nn.Linear(2, 2), 'x')\n"
+        "except ImportError as err:\n    print('refused:', err)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "refused: save_pretrained needs the 'transformers' package" in done.stdout
@@ -206,8 +218,10 @@ def test_prunelab_imports_without_transformers():
 def test_bfloat16_models_come_back_in_bfloat16_in_both_formats(tmp_path):
     uniform, data = thinned("hf-llama", lambda g: g.kind == "dense")
     non_uniform, _ = thinned("hf-llama", lambda g: g.name == "model.layers.0.mlp")
-    for model, where in ((uniform.to(torch.bfloat16), tmp_path / "stock"),
-                         (non_uniform.to(torch.bfloat16), tmp_path / "plm")):
+    for model, where in (
+        (uniform.to(torch.bfloat16), tmp_path / "stock"),
+        (non_uniform.to(torch.bfloat16), tmp_path / "plm"),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotStockWarning)
             save_pretrained(model, where)
@@ -235,7 +249,10 @@ class _Skip(nn.Module):
 def test_a_model_whose_layout_no_config_builds_is_refused_before_writing(tmp_path):
     model, _ = built("hf-llama")
     model.model.layers[1] = _Skip()
-    with pytest.raises(ValueError, match=r"fits neither a stock config nor a prunelab model file.*missing "
-                                         r"\['model.layers.1.*prunelab.save\(model, 'model.plm'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"fits neither a stock config nor a prunelab model file.*missing "
+        r"\['model.layers.1.*prunelab.save\(model, 'model.plm'\)",
+    ):
         save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

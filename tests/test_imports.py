@@ -15,8 +15,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prunelab"
 # Rooms, lowest first: a module may import its own room and the rooms before it, never after.
 # "library" is everything not named here (models, pruning, metrics, data, training, units, …).
 ROOMS = ["library", "engine", "store", "runs", "study", "results", "cli"]
-ROOM_OF_TOP = {"engine": "engine", "store": "store", "runs": "runs", "study": "study", "results": "results",
-               "cli": "cli", "cli_model": "cli", "cli_study": "cli", "experiments": "cli", "__main__": "cli"}
+ROOM_OF_TOP = {
+    "engine": "engine",
+    "store": "store",
+    "runs": "runs",
+    "study": "study",
+    "results": "results",
+    "cli": "cli",
+    "cli_model": "cli",
+    "cli_study": "cli",
+    "experiments": "cli",
+    "__main__": "cli",
+}
 
 
 def module_name(path: Path) -> str:
@@ -41,7 +51,9 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, st
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.split(".")[0] != "prunelab":
                 continue
             for alias in node.names:
@@ -114,32 +126,52 @@ def test_no_import_circles():
 
 def test_no_private_names_imported_across_modules():
     known = modules()
-    bad = [f"{name} (line {line}) imports {name_} from {target}"
-           for name, path in known.items()
-           for target, name_, line in imports(name, path, known)
-           if name_ is not None and name_.startswith("_") and not name_.startswith("__")]
+    bad = [
+        f"{name} (line {line}) imports {name_} from {target}"
+        for name, path in known.items()
+        for target, name_, line in imports(name, path, known)
+        if name_ is not None and name_.startswith("_") and not name_.startswith("__")
+    ]
     assert bad == []
 
 
 def test_rooms_depend_one_way():
     edges = graph()
     rank = {r: i for i, r in enumerate(ROOMS)}
-    bad = [f"{a} ({room(a)}) imports {b} ({room(b)})"
-           for a, targets in edges.items() for b in targets
-           if rank[room(b)] > rank[room(a)]]
+    bad = [
+        f"{a} ({room(a)}) imports {b} ({room(b)})"
+        for a, targets in edges.items()
+        for b in targets
+        if rank[room(b)] > rank[room(a)]
+    ]
     assert bad == []
 
 
-@pytest.mark.parametrize("lower, higher", [("metrics", "sparse"), ("engine", "runs"), ("results", "study"),
-                                           ("results", "runs"), ("runs", "study"), ("store", "runs")])
+@pytest.mark.parametrize(
+    "lower, higher",
+    [
+        ("metrics", "sparse"),
+        ("engine", "runs"),
+        ("results", "study"),
+        ("results", "runs"),
+        ("runs", "study"),
+        ("store", "runs"),
+    ],
+)
 def test_named_layers_do_not_import_upwards(lower, higher):
     edges = graph()
-    bad = [f"{a} imports {b}" for a, targets in edges.items() if a.startswith(f"prunelab.{lower}")
-           for b in targets if b.startswith(f"prunelab.{higher}")]
+    bad = [
+        f"{a} imports {b}"
+        for a, targets in edges.items()
+        if a.startswith(f"prunelab.{lower}")
+        for b in targets
+        if b.startswith(f"prunelab.{higher}")
+    ]
     assert bad == []
 
 
 def test_every_module_says_what_it_is_for():
-    missing = [name for name, path in modules().items()
-               if not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))]
+    missing = [
+        name for name, path in modules().items() if not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    ]
     assert missing == []

@@ -8,8 +8,18 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from prunelab.inputs import (IGNORE_INDEX, Batch, as_batch, default_loss, example_batch, forward_batches,
-                             inputs_batch, iter_batches, logits_of, make_loss)
+from prunelab.inputs import (
+    IGNORE_INDEX,
+    Batch,
+    as_batch,
+    default_loss,
+    example_batch,
+    forward_batches,
+    inputs_batch,
+    iter_batches,
+    logits_of,
+    make_loss,
+)
 
 
 class TwoInputs(nn.Module):
@@ -28,9 +38,9 @@ def test_batch_forms_are_read_by_the_documented_rules():
     assert b.args[0] is x and b.targets is y and not b.kwargs
     b = as_batch(x, where="t")
     assert b.args == (x,) and b.targets is None
-    b = as_batch((x, x, x), where="t")                      # three positional inputs, no targets
+    b = as_batch((x, x, x), where="t")  # three positional inputs, no targets
     assert len(b.args) == 3 and b.targets is None
-    b = as_batch(((x, torch.randn(5, 4)), y), where="t")    # positional inputs with targets
+    b = as_batch(((x, torch.randn(5, 4)), y), where="t")  # positional inputs with targets
     assert len(b.args) == 2 and b.targets is y
     ids = torch.randint(0, 9, (5, 6))
     b = as_batch({"input_ids": ids, "labels": ids}, where="t")
@@ -61,15 +71,18 @@ def test_iter_batches_slices_pairs_and_dicts_and_reads_dataloaders():
     assert torch.equal(torch.cat([b.targets for b in got]), y)
 
 
-@pytest.mark.parametrize("data, message", [
-    ((torch.randn(0, 3), torch.zeros(0)), "empty calibration set"),
-    ([], "empty calibration set"),
-    ((torch.randn(4, 3), torch.zeros(5)), "differ in length"),
-    ((torch.full((2, 3), float("nan")), torch.zeros(2)), "NaN"),
-    (torch.randn(4, 3), "single tensor"),
-    (42, "must be an"),
-    ([object()], "batch 0"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ((torch.randn(0, 3), torch.zeros(0)), "empty calibration set"),
+        ([], "empty calibration set"),
+        ((torch.randn(4, 3), torch.zeros(5)), "differ in length"),
+        ((torch.full((2, 3), float("nan")), torch.zeros(2)), "NaN"),
+        (torch.randn(4, 3), "single tensor"),
+        (42, "must be an"),
+        ([object()], "batch 0"),
+    ],
+)
 def test_iter_batches_refuses_bad_data_with_a_clear_message(data, message):
     with pytest.raises((ValueError, TypeError), match=message):
         list(iter_batches(data, 4, where="t"))
@@ -105,9 +118,9 @@ def test_token_loss_predicts_the_next_token_by_hand():
     logits = torch.randn(2, 5, 7)
     by_hand = sum(-logits[n, t].log_softmax(-1)[ids[n, t + 1]] for n in range(2) for t in range(4)) / 8
     assert torch.allclose(default_loss(logits, as_batch(ids, where="t"), where="t"), by_hand)
-    hf = as_batch({"input_ids": ids, "labels": ids}, where="t")           # HF labels: shifted the same way
+    hf = as_batch({"input_ids": ids, "labels": ids}, where="t")  # HF labels: shifted the same way
     assert torch.allclose(default_loss(logits, hf, where="t"), by_hand)
-    aligned = as_batch((ids, ids), where="t")                             # explicit targets: aligned
+    aligned = as_batch((ids, ids), where="t")  # explicit targets: aligned
     expected = F.cross_entropy(logits.reshape(-1, 7), ids.reshape(-1))
     assert torch.allclose(default_loss(logits, aligned, where="t"), expected)
     masked = ids.clone()
@@ -175,11 +188,12 @@ def test_a_list_of_two_token_tensors_is_two_batches_and_a_tuple_is_a_pair():
 
 def test_a_single_tensor_as_calibration_data_is_refused_not_read_row_by_row():
     from prunelab.pruning import Pruner, prune
+
     x = torch.randint(0, 10, (8, 5))
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
     with pytest.raises(TypeError, match="'data' parameter of Pruner is a single tensor"):
         Pruner(model, 0.5, criterion="wanda", calibration=x)
     with pytest.raises(TypeError, match="single tensor"):
         prune(model, 0.5, criterion="wanda", data=x)
-    prune(model, 0.5, criterion="wanda", data=[x])          # one batch: fine
+    prune(model, 0.5, criterion="wanda", data=[x])  # one batch: fine
     assert float((model[1].weight == 0).float().mean()) == pytest.approx(0.5)

@@ -27,8 +27,9 @@ class Recorder(nn.Module):
         self.calls: list[tuple] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append((tuple(x.shape), x.dtype, self.training, self.drop.training,
-                           torch.is_inference_mode_enabled()))
+        self.calls.append(
+            (tuple(x.shape), x.dtype, self.training, self.drop.training, torch.is_inference_mode_enabled())
+        )
         return self.drop(self.fc(x))
 
 
@@ -62,8 +63,16 @@ def test_one_result_per_batch_size_in_order_with_all_fields():
     for r in results:
         assert isinstance(r, Latency)
         assert {f.name for f in dataclasses.fields(r)} == {
-            "batch_size", "median_ms", "p10_ms", "p90_ms", "mean_ms", "per_sample_us",
-            "repeats", "threads", "device"}
+            "batch_size",
+            "median_ms",
+            "p10_ms",
+            "p90_ms",
+            "mean_ms",
+            "per_sample_us",
+            "repeats",
+            "threads",
+            "device",
+        }
         assert r.repeats == 4
         assert r.device == "cpu"
         assert r.threads == torch.get_num_threads()
@@ -112,8 +121,9 @@ def test_runs_in_eval_and_inference_mode_and_restores_every_flag():
     model.train()
     model.drop.eval()  # a mixed state must come back exactly
     measure_latency(model, (4,), batch_sizes=(1,), warmup=1, repeats=2)
-    assert all(not training and not drop_training and inference
-               for _, _, training, drop_training, inference in model.calls)
+    assert all(
+        not training and not drop_training and inference for _, _, training, drop_training, inference in model.calls
+    )
     assert model.training and model.fc.training and not model.drop.training
 
 
@@ -161,31 +171,34 @@ def test_a_failing_forward_names_input_shape_and_the_model_error():
         measure_latency(nn.Linear(4, 2), (5,), warmup=0, repeats=1)
 
 
-@pytest.mark.parametrize("param, value, error", [
-    ("model", "not a model", TypeError),
-    ("input_shape", (0,), ValueError),
-    ("input_shape", (4, -1), ValueError),
-    ("input_shape", "4", ValueError),
-    ("input_shape", (4.0,), ValueError),
-    ("batch_sizes", (), ValueError),
-    ("batch_sizes", (1, 0), ValueError),
-    ("batch_sizes", (1.5,), ValueError),
-    ("batch_sizes", (True,), ValueError),
-    ("batch_sizes", "64", TypeError),
-    ("batch_sizes", None, TypeError),
-    ("warmup", -1, ValueError),
-    ("warmup", 1.5, TypeError),
-    ("repeats", 0, ValueError),
-    ("repeats", "50", TypeError),
-    ("threads", 0, ValueError),
-    ("threads", 1.0, TypeError),
-    ("device", "no-such-device", ValueError),
-    ("device", 3.5, TypeError),
-    ("min_seconds", -0.1, ValueError),
-    ("min_seconds", math.nan, ValueError),
-    ("min_seconds", math.inf, ValueError),
-    ("min_seconds", "1", TypeError),
-])
+@pytest.mark.parametrize(
+    "param, value, error",
+    [
+        ("model", "not a model", TypeError),
+        ("input_shape", (0,), ValueError),
+        ("input_shape", (4, -1), ValueError),
+        ("input_shape", "4", ValueError),
+        ("input_shape", (4.0,), ValueError),
+        ("batch_sizes", (), ValueError),
+        ("batch_sizes", (1, 0), ValueError),
+        ("batch_sizes", (1.5,), ValueError),
+        ("batch_sizes", (True,), ValueError),
+        ("batch_sizes", "64", TypeError),
+        ("batch_sizes", None, TypeError),
+        ("warmup", -1, ValueError),
+        ("warmup", 1.5, TypeError),
+        ("repeats", 0, ValueError),
+        ("repeats", "50", TypeError),
+        ("threads", 0, ValueError),
+        ("threads", 1.0, TypeError),
+        ("device", "no-such-device", ValueError),
+        ("device", 3.5, TypeError),
+        ("min_seconds", -0.1, ValueError),
+        ("min_seconds", math.nan, ValueError),
+        ("min_seconds", math.inf, ValueError),
+        ("min_seconds", "1", TypeError),
+    ],
+)
 def test_bad_arguments_raise_naming_the_parameter(param, value, error):
     kwargs = {"model": Recorder(), "input_shape": (4,), "batch_sizes": (1,), "warmup": 0, "repeats": 1}
     kwargs[param] = value
@@ -233,9 +246,9 @@ def test_keyword_example_inputs_repeat_the_first_sample_and_keep_integer_dtypes(
     assert len(model.calls) == 2 * (1 + 2)
     for call, size in zip(model.calls, [1] * 3 + [3] * 3):
         assert call["ids"].dtype == torch.long and call["mask"].dtype == torch.long
-        assert torch.equal(call["ids"], ids[:1].expand(size, 3))            # the first sample, repeated
+        assert torch.equal(call["ids"], ids[:1].expand(size, 3))  # the first sample, repeated
         assert torch.equal(call["mask"], torch.tensor([[1, 1, 0]] * size))
-        assert call["scale"] == 2.0                                          # non-tensors pass as they are
+        assert call["scale"] == 2.0  # non-tensors pass as they are
 
 
 def test_positional_example_inputs_are_cast_to_the_model_dtype():

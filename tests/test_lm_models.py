@@ -48,8 +48,14 @@ def test_gpt_parameter_count_by_hand():
     untied = build_model("gpt", input_shape=(C,), n_classes=V, d_model=d, n_layers=L, n_heads=2, d_ff=f, tied=False)
     assert sum(p.numel() for p in untied.parameters()) == V * d + C * d + L * block + 2 * d + d * V
     assert tied.lm_head.weight is tied.tok_embed.weight and untied.lm_head.weight is not untied.tok_embed.weight
-    assert model_options("gpt") == {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": None, "dropout": 0.0,
-                                    "tied": True}
+    assert model_options("gpt") == {
+        "d_model": 128,
+        "n_layers": 4,
+        "n_heads": 4,
+        "d_ff": None,
+        "dropout": 0.0,
+        "tied": True,
+    }
 
 
 def test_lstm_lm_parameter_count_by_hand():
@@ -79,14 +85,17 @@ def test_build_from_a_text_dataset_takes_its_vocabulary_and_length():
     assert (model.vocab, model.context) == (V, T) and model.config["input_shape"] == [T]
 
 
-@pytest.mark.parametrize("name, kwargs, error, message", [
-    ("gpt", {"input_shape": (1, 28, 28)}, ValueError, r"'input_shape' parameter of gpt must be \(context,\)"),
-    ("gpt", {"n_heads": 3}, ValueError, "'n_heads' parameter of gpt must divide d_model=16"),
-    ("gpt", {"dropout": 1.0}, ValueError, "'dropout' parameter of gpt"),
-    ("gpt", {"tied": 1}, TypeError, "'tied' parameter of gpt"),
-    ("lstm-lm", {"n_layers": 0}, ValueError, "'n_layers' parameter of lstm-lm"),
-    ("lstm-lm", {"input_shape": (3, 8)}, ValueError, "'input_shape' parameter of lstm-lm"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, error, message",
+    [
+        ("gpt", {"input_shape": (1, 28, 28)}, ValueError, r"'input_shape' parameter of gpt must be \(context,\)"),
+        ("gpt", {"n_heads": 3}, ValueError, "'n_heads' parameter of gpt must divide d_model=16"),
+        ("gpt", {"dropout": 1.0}, ValueError, "'dropout' parameter of gpt"),
+        ("gpt", {"tied": 1}, TypeError, "'tied' parameter of gpt"),
+        ("lstm-lm", {"n_layers": 0}, ValueError, "'n_layers' parameter of lstm-lm"),
+        ("lstm-lm", {"input_shape": (3, 8)}, ValueError, "'input_shape' parameter of lstm-lm"),
+    ],
+)
 def test_bad_options(name, kwargs, error, message):
     with pytest.raises(error, match=message):
         build_model(name, **{"input_shape": (T,), "n_classes": V, **SMALL[name], **kwargs})
@@ -110,12 +119,13 @@ def test_summary_counts_parameters_and_flops(name):
     stats = prunelab.summary(model, (T,), dtype=torch.long)
     assert stats.total.params == sum(p.numel() for p in model.parameters())
     same = prunelab.summary(model, example_inputs=ids(1))
-    assert same.total.flops == stats.total.flops > 2 * T * 16 * V        # at least the head's product
+    assert same.total.flops == stats.total.flops > 2 * T * 16 * V  # at least the head's product
 
 
 def test_dataset_batches_give_the_next_token_loss():
     from prunelab.data import sequences
-    x, y = sequences(ids(1, 41).flatten(), T)                  # 4 windows and their next tokens
+
+    x, y = sequences(ids(1, 41).flatten(), T)  # 4 windows and their next tokens
     model = small("gpt").eval()
     with torch.no_grad():
         logits = model(x)
@@ -124,7 +134,7 @@ def test_dataset_batches_give_the_next_token_loss():
     result = prunelab.evaluate(model, (x, y), batch_size=3)
     assert result["loss"] == pytest.approx(float(aligned), rel=1e-5) and result["tokens"] == 4 * T
     assert result["perplexity"] == pytest.approx(math.exp(float(aligned)), rel=1e-5)
-    alone = prunelab.evaluate(model, [x])                         # inputs only: default_loss shifts them
+    alone = prunelab.evaluate(model, [x])  # inputs only: default_loss shifts them
     assert alone["loss"] == pytest.approx(float(inferred), rel=1e-5) and alone["tokens"] == 4 * (T - 1)
 
 
@@ -132,13 +142,17 @@ def test_units_find_every_head_and_mlp_channel_and_thinning_equals_masking():
     model = small("gpt", d_ff=20).eval()
     found = units.Units.of(model, example_inputs=ids(2))
     assert {(g.name, g.n_units) for g in found.layers} == {
-        ("blocks.0.attn:heads", 4), ("blocks.0.mlp", 20), ("blocks.1.attn:heads", 4), ("blocks.1.mlp", 20)}
+        ("blocks.0.attn:heads", 4),
+        ("blocks.0.mlp", 20),
+        ("blocks.1.attn:heads", 4),
+        ("blocks.1.mlp", 20),
+    }
     plan = {"blocks.0.attn:heads": torch.tensor([1]), "blocks.1.mlp": torch.tensor([0, 7, 19])}
     thinned = units.thin(model, plan, example_inputs=ids(2)).eval()
-    masked = small("gpt", d_ff=20).eval()                     # same seed: same weights
+    masked = small("gpt", d_ff=20).eval()  # same seed: same weights
     with torch.no_grad():
-        masked.blocks[0].attn.o_proj.weight[:, 4:8] = 0       # head 1 of 4 (head_dim 4) adds nothing
-        masked.blocks[1].mlp.fc2.weight[:, [0, 7, 19]] = 0    # the channels add nothing
+        masked.blocks[0].attn.o_proj.weight[:, 4:8] = 0  # head 1 of 4 (head_dim 4) adds nothing
+        masked.blocks[1].mlp.fc2.weight[:, [0, 7, 19]] = 0  # the channels add nothing
     assert thinned.blocks[0].attn.q_proj.out_features == 12 and thinned.blocks[1].mlp.fc1.out_features == 17
     with torch.no_grad():
         torch.testing.assert_close(thinned(ids()), masked(ids()), rtol=1e-5, atol=1e-6)
@@ -147,7 +161,7 @@ def test_units_find_every_head_and_mlp_channel_and_thinning_equals_masking():
 @pytest.mark.parametrize("name", ["gpt", "lstm-lm"])
 def test_pruned_model_saves_and_loads_to_identical_outputs(tmp_path, name):
     model = small(name)
-    if name == "gpt":                                         # the tied head is the embedding's table
+    if name == "gpt":  # the tied head is the embedding's table
         with pytest.warns(UserWarning, match="lm_head.weight is tied to an embedding"):
             prunelab.prune(model, 0.5, scope="global")
     else:
@@ -190,16 +204,19 @@ def pydocs_slice(tmp_path_factory):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name, options, lr", [
-    ("gpt", {"d_model": 32, "n_layers": 2, "n_heads": 4}, 3e-3),
-    ("lstm-lm", {"d_model": 48}, 1e-2),
-])
+@pytest.mark.parametrize(
+    "name, options, lr",
+    [
+        ("gpt", {"d_model": 32, "n_layers": 2, "n_heads": 4}, 3e-3),
+        ("lstm-lm", {"d_model": 48}, 1e-2),
+    ],
+)
 def test_a_few_steps_on_pydocs_lower_the_validation_perplexity(pydocs_slice, name, options, lr):
     ds = pydocs_slice.subset(n_train=256, n_val=64, seed=0)
     model = build_model(name, dataset=ds, seed=0, **options)
     before = prunelab.evaluate(model, ds.val)["perplexity"]
-    assert before == pytest.approx(ds.vocab_size, rel=0.5)                  # untrained: near uniform
+    assert before == pytest.approx(ds.vocab_size, rel=0.5)  # untrained: near uniform
     history = prunelab.fit(model, ds, epochs=2, batch_size=16, lr=lr, optimizer="adam", progress=False)
     after = prunelab.evaluate(model, ds.val)
     assert after["perplexity"] < 0.6 * before and after["tokens"] == 64 * 32
-    assert math.exp(history[-1]["val_loss"]) == pytest.approx(after["perplexity"], rel=1e-6)   # fit used ds.val
+    assert math.exp(history[-1]["val_loss"]) == pytest.approx(after["perplexity"], rel=1e-6)  # fit used ds.val

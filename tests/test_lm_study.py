@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from prunelab.cli import main
-from prunelab.data import dry_run_inputs, load_dataset
-from prunelab.data import text
+from prunelab.data import dry_run_inputs, load_dataset, text
 from prunelab.experiments import Store, build_study, run_study
 
 pytestmark = pytest.mark.usefixtures("isolated_data")
 
-WORDS = ("the model prunes weights of every layer and the loss grows slowly while sparsity rises def return "
-         "class import from self value None True False print(x) for in range if else").split()
+WORDS = (
+    "the model prunes weights of every layer and the loss grows slowly while sparsity rises def return "
+    "class import from self value None True False print(x) for in range if else"
+).split()
 
 
 def corpus(n_lines: int, seed: int) -> str:
@@ -51,13 +52,24 @@ LSTM = {"name": "lstm-lm", "d_model": 32, "n_layers": 1}
 
 
 def lm_spec(**changes) -> dict:
-    spec = {"name": "lm", "datasets": [DATASET], "models": [GPT],
-            "methods": [{"label": "magnitude"},
-                        {"label": "obs-fast", "criterion": "obs-fast", "calibration": 64,
-                         "latency": {"batch_sizes": [1, 4], "rounds": 1, "min_sparsity": 0.4}}],
-            "sparsities": [0.5], "seeds": 1,
-            "training": {"epochs": 1, "finetune_epochs": 0, "batch_size": 32, "optimizer": "adam", "lr": 3e-3},
-            "outputs": {"tables": [{"rows": "sparsity", "columns": "method", "metric": "perplexity"}]}}
+    spec = {
+        "name": "lm",
+        "datasets": [DATASET],
+        "models": [GPT],
+        "methods": [
+            {"label": "magnitude"},
+            {
+                "label": "obs-fast",
+                "criterion": "obs-fast",
+                "calibration": 64,
+                "latency": {"batch_sizes": [1, 4], "rounds": 1, "min_sparsity": 0.4},
+            },
+        ],
+        "sparsities": [0.5],
+        "seeds": 1,
+        "training": {"epochs": 1, "finetune_epochs": 0, "batch_size": 32, "optimizer": "adam", "lr": 3e-3},
+        "outputs": {"tables": [{"rows": "sparsity", "columns": "method", "metric": "perplexity"}]},
+    }
     spec.update(changes)
     return spec
 
@@ -72,6 +84,7 @@ def test_dry_run_inputs_are_token_ids_for_text_and_the_shape_for_images(pydocs):
 
 def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
     from prunelab.experiments.tables import build_tables
+
     study = build_study(lm_spec(models=[GPT, LSTM]))
     result = run_study(study, tmp_path / "lm.db", progress=False)
     assert result.counts["done"] == 4, result.counts
@@ -89,7 +102,7 @@ def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
         assert m["val_perplexity"] > 1 and m["val_perplexity_dense"] > 1
         assert m["tokens"] == ds.x_test.numel() and 0 < m["accuracy"] < 1
         assert m["flops"] < m["flops_dense"] and m["nonzero_params"] < m["params"]
-    for model in (GPT["name"], LSTM["name"]):      # the methods of a model share its dense model
+    for model in (GPT["name"], LSTM["name"]):  # the methods of a model share its dense model
         dense = {r.metrics["perplexity_dense"] for r in records if r.model.startswith(model + "[")}
         assert len(dense) == 1
     for r in records:
@@ -99,8 +112,8 @@ def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
             continue
         assert {"dense", "sparse"} <= set(timed["latency"]["median_ms"])
         assert timed["latency_ms_b4"] > 0 and timed["sparse_speedup_b1"] > 0
-        assert timed["latency"]["max_abs_diff"]["sparse"] < 1e-4       # CSR layers compute the same outputs
-    assert len(tables) == 2                                            # one per model
+        assert timed["latency"]["max_abs_diff"]["sparse"] < 1e-4  # CSR layers compute the same outputs
+    assert len(tables) == 2  # one per model
     for table in tables:
         _, cells = table.rows[0]
         by_method = {r.method: r.metrics["perplexity"] for r in records if r.model in table.title}
@@ -111,51 +124,61 @@ def test_tiny_lm_study_records_perplexity_and_tables_show_it(tmp_path, pydocs):
 def test_lm_runs_stay_single_with_a_reason_and_patience_is_checked(pydocs):
     from prunelab.engine.harness import why_not_batched
     from prunelab.experiments.study import plan_jobs
+
     study = build_study(lm_spec(training={"epochs": 3, "finetune_epochs": 0, "patience": 1}))
     configs = [run.config for run in study.runs]
     assert all(c["training"]["patience"] == 1 for c in configs)
     assert "early stopping" in why_not_batched(configs[0])
-    assert all(not job.group for job in plan_jobs(study.runs))     # the batched engine: one run at a time
+    assert all(not job.group for job in plan_jobs(study.runs))  # the batched engine: one run at a time
     no_patience = build_study(lm_spec()).runs[0].config
-    assert "patience" not in no_patience["training"]               # older runs keep their ids
+    assert "patience" not in no_patience["training"]  # older runs keep their ids
     assert "text dataset" in why_not_batched(no_patience)
     with pytest.raises(ValueError, match=r"training\.patience"):
         build_study(lm_spec(training={"epochs": 1, "patience": 0}))
     with pytest.raises(ValueError, match="validation split"):
-        build_study(lm_spec(datasets=["digits"], models=[{"name": "mlp", "hidden": [8]}],
-                            training={"epochs": 1, "patience": 2}))
+        build_study(
+            lm_spec(datasets=["digits"], models=[{"name": "mlp", "hidden": [8]}], training={"epochs": 1, "patience": 2})
+        )
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({**DATASET, "validation": 0.1}, "own validation split"),
-    ({**DATASET, "standardize": True}, "not standardised"),
-    ({**DATASET, "seqlen": 8}, "unknown option"),
-    ({**DATASET, "vocab_size": 10}, "vocab_size"),
-    ({**DATASET, "subset": {"n_train": 10**7}}, "subset.n_train"),
-    ({**DATASET, "subset": {"n_val": 10**7}}, "subset.n_val"),
-    ({**DATASET, "subset": {"n_valid": 5}}, "n_train, n_test and/or n_val"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({**DATASET, "validation": 0.1}, "own validation split"),
+        ({**DATASET, "standardize": True}, "not standardised"),
+        ({**DATASET, "seqlen": 8}, "unknown option"),
+        ({**DATASET, "vocab_size": 10}, "vocab_size"),
+        ({**DATASET, "subset": {"n_train": 10**7}}, "subset.n_train"),
+        ({**DATASET, "subset": {"n_val": 10**7}}, "subset.n_val"),
+        ({**DATASET, "subset": {"n_valid": 5}}, "n_train, n_test and/or n_val"),
+    ],
+)
 def test_text_dataset_entries_are_validated(pydocs, entry, message):
     with pytest.raises(ValueError, match=message):
         build_study(lm_spec(datasets=[entry]))
 
 
-@pytest.mark.parametrize("latency, message", [
-    ("yes", "must be true or a mapping"),
-    ({"batch_sizes": [0]}, r"latency\.batch_sizes\[0\]"),
-    ({"batch_sizes": 8}, "non-empty list"),
-    ({"min_sparsity": 1.5}, "min_sparsity"),
-    ({"repeats": 3}, "repeats"),
-])
+@pytest.mark.parametrize(
+    "latency, message",
+    [
+        ("yes", "must be true or a mapping"),
+        ({"batch_sizes": [0]}, r"latency\.batch_sizes\[0\]"),
+        ({"batch_sizes": 8}, "non-empty list"),
+        ({"min_sparsity": 1.5}, "min_sparsity"),
+        ({"repeats": 3}, "repeats"),
+    ],
+)
 def test_latency_option_is_validated(pydocs, latency, message):
     with pytest.raises(ValueError, match=message):
         build_study(lm_spec(methods=[{"label": "m", "latency": latency}]))
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path, pydocs):
-    spec = lm_spec(methods=[{"label": "magnitude"}], datasets=[{**DATASET, "subset": {"n_val": 30}}],
-                   training={"epochs": 6, "finetune_epochs": 0, "batch_size": 32, "optimizer": "adam",
-                             "lr": 0.05, "patience": 1})
+    spec = lm_spec(
+        methods=[{"label": "magnitude"}],
+        datasets=[{**DATASET, "subset": {"n_val": 30}}],
+        training={"epochs": 6, "finetune_epochs": 0, "batch_size": 32, "optimizer": "adam", "lr": 0.05, "patience": 1},
+    )
     run_study(build_study(spec), tmp_path / "es.db", progress=False)
     with Store(tmp_path / "es.db") as store:
         (record,) = store.records()
@@ -172,6 +195,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, pydocs):
 def test_early_stopping_stops_after_patience_epochs_without_improvement_and_restores_the_best():
     from prunelab.experiments.prune_task import _EarlyStopping
     from prunelab.training import TrainState
+
     model = torch.nn.Linear(2, 2)
     state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
     stopper = _EarlyStopping(patience=2)
@@ -182,27 +206,63 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement_and_rest
         stopper.on_epoch_end(state)
         if state.stop:
             break
-    assert epoch == 3                       # epochs 2 and 3 did not beat epoch 1's 2.0
+    assert epoch == 3  # epochs 2 and 3 did not beat epoch 1's 2.0
     stopper.restore(model)
-    assert torch.all(model.weight == 1)     # the weights of the best epoch
+    assert torch.all(model.weight == 1)  # the weights of the best epoch
 
 
-TINY_GPT_ARGS = ["--model", "gpt", "--model-arg", "d_model=32", "--model-arg", "n_layers=1", "--model-arg", "n_heads=2",
-                 "--dataset", "pydocs", "--dataset-arg", "vocab_size=256", "--dataset-arg", "seq_len=32"]
+TINY_GPT_ARGS = [
+    "--model",
+    "gpt",
+    "--model-arg",
+    "d_model=32",
+    "--model-arg",
+    "n_layers=1",
+    "--model-arg",
+    "n_heads=2",
+    "--dataset",
+    "pydocs",
+    "--dataset-arg",
+    "vocab_size=256",
+    "--dataset-arg",
+    "seq_len=32",
+]
 
 
 def test_cli_prune_trains_prunes_and_reports_perplexity(tmp_path, pydocs, capsys):
     out = tmp_path / "r.json"
-    code = main(["prune", *TINY_GPT_ARGS, "--sparsity", "0.5", "--criterion", "obs-fast", "--calibration", "32",
-                 "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32", "--optimizer", "adam",
-                 "--lr", "0.003", "--quiet", "--json", str(out)])
+    code = main(
+        [
+            "prune",
+            *TINY_GPT_ARGS,
+            "--sparsity",
+            "0.5",
+            "--criterion",
+            "obs-fast",
+            "--calibration",
+            "32",
+            "--epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.003",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "test perplexity: dense" in printed and "token accuracy" in printed
     result = json.loads(out.read_text())
     assert result["sparsity"] == pytest.approx(0.5, abs=0.05)
     assert 1 < result["perplexity_dense"] < result["perplexity_after_first_prune"]
-    assert result["perplexity_final"] < result["perplexity_after_first_prune"]   # fine-tuning recovers
+    assert result["perplexity_final"] < result["perplexity_after_first_prune"]  # fine-tuning recovers
 
 
 def test_cli_summary_of_a_language_model_counts_flops_on_token_ids(capsys):
@@ -214,8 +274,23 @@ def test_cli_summary_of_a_language_model_counts_flops_on_token_ids(capsys):
 
 
 def test_cli_units_removes_heads_of_a_language_model(pydocs, capsys):
-    code = main(["units", *TINY_GPT_ARGS, "--method", "norm", "--fraction", "0.5", "--epochs", "1",
-                 "--calibration", "16", "--batch-size", "32", "--quiet"])
+    code = main(
+        [
+            "units",
+            *TINY_GPT_ARGS,
+            "--method",
+            "norm",
+            "--fraction",
+            "0.5",
+            "--epochs",
+            "1",
+            "--calibration",
+            "16",
+            "--batch-size",
+            "32",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "parameters" in printed and "units (norm)" in printed

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from helpers import Conv1D  # Hugging Face's layout: weight (in, out)
 from torch import nn
 
 import prunelab
 from prunelab.pruning import Pruner, prune
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
 from prunelab.pruning.targets import resolve_targets
-from helpers import Conv1D  # Hugging Face's layout: weight (in, out)
 
 f64 = torch.float64
 
@@ -62,9 +62,11 @@ def test_obs_update_for_a_fixed_mask_is_the_least_squares_optimum():
 def test_predicted_single_weight_error_equals_the_measured_one(seed):
     X, H, W = problem(seed)
     prunable, alive = all_on(W)
-    for solver in (lambda: lobs.solve(W[:1], H, 1, prunable, alive[:1]),
-                   lambda: obs_exact.solve(W[:1], H, 1, prunable, alive[:1]),
-                   lambda: obs_fast.solve(W[:1], H, 1, prunable, alive[:1], block_size=8)):
+    for solver in (
+        lambda: lobs.solve(W[:1], H, 1, prunable, alive[:1]),
+        lambda: obs_exact.solve(W[:1], H, 1, prunable, alive[:1]),
+        lambda: obs_fast.solve(W[:1], H, 1, prunable, alive[:1], block_size=8),
+    ):
         s = solver()
         assert int((~s.keep).sum()) == 1
         assert s.predicted == pytest.approx(layer_error(s.W, W[:1], X), rel=1e-9)
@@ -78,7 +80,8 @@ def test_obs_exact_one_removal_matches_exhaustive_search(seed):
     best = min(range(7), key=lambda q: layer_error(least_squares(W, X, (torch.arange(7) != q)[None]), W, X))
     assert not s.keep[0, best] and int((~s.keep).sum()) == 1
     assert layer_error(s.W, W, X) == pytest.approx(
-        layer_error(least_squares(W, X, (torch.arange(7) != best)[None]), W, X), rel=1e-9)
+        layer_error(least_squares(W, X, (torch.arange(7) != best)[None]), W, X), rel=1e-9
+    )
 
 
 def test_obs_exact_is_exact_for_its_mask_and_rarely_worse_than_lobs():
@@ -151,8 +154,8 @@ def test_conv_hessian_equals_the_unfolded_linear_layer():
 def test_singular_hessians_dead_inputs_and_few_samples():
     torch.manual_seed(0)
     layer = nn.Linear(10, 4)
-    x = torch.randn(3, 10)              # fewer samples than inputs: H has rank 3 (+ bias)
-    x[:, 7] = 0.0                        # a dead input
+    x = torch.randn(3, 10)  # fewer samples than inputs: H has rank 3 (+ bias)
+    x[:, 7] = 0.0  # a dead input
     (target,) = resolve_targets(layer)
     h = hessian.collect(layer, [target], [(x, None)])["weight"]
     W = torch.cat([layer.weight.detach().double(), layer.bias.detach().double()[:, None]], 1)
@@ -160,9 +163,11 @@ def test_singular_hessians_dead_inputs_and_few_samples():
     assert dead.tolist() == [False] * 7 + [True] + [False] * 3 and (W_ready[:, 7] == 0).all()
     prunable = torch.tensor([True] * 10 + [False])
     alive = torch.ones(4, 11, dtype=torch.bool)
-    for solver in (lambda: lobs.solve(W_ready, H, 20, prunable, alive),
-                   lambda: obs_exact.solve(W_ready, H, 20, prunable, alive),
-                   lambda: obs_fast.solve(W_ready, H, 20, prunable, alive)):
+    for solver in (
+        lambda: lobs.solve(W_ready, H, 20, prunable, alive),
+        lambda: obs_exact.solve(W_ready, H, 20, prunable, alive),
+        lambda: obs_fast.solve(W_ready, H, 20, prunable, alive),
+    ):
         s = solver()
         assert torch.isfinite(s.W).all() and math.isfinite(s.predicted)
         assert int((~s.keep[:, :10]).sum()) == 20 and s.keep[:, 10].all()
@@ -215,28 +220,39 @@ def test_lobs_keeps_accuracy_where_magnitude_loses_more():
 def test_iterative_lobs_recalibrates_and_masks_hold_during_retraining():
     model, x, y = trained_mlp(2)
     calls = []
-    pruner = Pruner(model, 0.8, criterion={"name": "lobs", "mode": "parallel"}, schedule="iterative",
-                    schedule_args={"n_prunes": 3, "every": 10}, calibration=(x, y))
+    pruner = Pruner(
+        model,
+        0.8,
+        criterion={"name": "lobs", "mode": "parallel"},
+        schedule="iterative",
+        schedule_args={"n_prunes": 3, "every": 10},
+        calibration=(x, y),
+    )
     original = pruner.criterion.calibrate
     pruner.criterion.calibrate = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
     prunelab.fit(model, (x, y), epochs=3, batch_size=32, pruner=pruner, progress=False)
     assert len(calls) == 3 and len(pruner.history) == 3
     assert [round(r.sparsity, 3) for r in pruner.history] == pytest.approx([0.267, 0.533, 0.8], abs=0.01)
-    assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)   # zeros held through retraining
+    assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)  # zeros held through retraining
 
 
 def test_structured_channel_pruning_through_the_pruner():
     model, x, y = trained_mlp(3)
-    pruner = prune(model, {"0": 0.0, "2": 0.5, "4": 0.0}, criterion="obs-exact", granularity="channel",
-                   data=(x, y))
+    pruner = prune(model, {"0": 0.0, "2": 0.5, "4": 0.0}, criterion="obs-exact", granularity="channel", data=(x, y))
     dead_columns = (model[2].weight == 0).all(dim=0)
     assert int(dead_columns.sum()) == 12 and pruner.layer_sparsity()["2.weight"] == pytest.approx(0.5)
 
 
 def test_conv_net_sequential_and_parallel():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(6 * 3 * 3, 3))
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 3),
+    )
     x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 3, (40,))
     for mode in ("sequential", "parallel"):
         m = copy.deepcopy(net)
@@ -244,14 +260,23 @@ def test_conv_net_sequential_and_parallel():
         assert p.sparsity() == pytest.approx(0.5, abs=0.02) and torch.isfinite(m(x)).all()
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    ({"criterion": "lobs", "granularity": "kernel", "layers": ["0"]}, "granularity 'weight' .*, 'channel' .* or an N:M pattern"),
-    ({"criterion": "lobs", "granularity": "channel"}, "use criterion 'obs-exact' with granularity 'channel'"),
-    ({"criterion": "obs-exact", "granularity": "channel", "scope": "global"}, "ranking single weights"),
-    ({"criterion": {"name": "lobs", "epsilon": 0.1}, "scope": "global"}, "already decides every layer"),
-    ({"criterion": {"name": "obs-exact", "mode": "both"}}, "'mode' parameter of obs-exact criterion must be one of"),
-    ({"criterion": {"name": "lobs", "damping": -1.0}}, "'damping' parameter of lobs criterion"),
-])
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (
+            {"criterion": "lobs", "granularity": "kernel", "layers": ["0"]},
+            "granularity 'weight' .*, 'channel' .* or an N:M pattern",
+        ),
+        ({"criterion": "lobs", "granularity": "channel"}, "use criterion 'obs-exact' with granularity 'channel'"),
+        ({"criterion": "obs-exact", "granularity": "channel", "scope": "global"}, "ranking single weights"),
+        ({"criterion": {"name": "lobs", "epsilon": 0.1}, "scope": "global"}, "already decides every layer"),
+        (
+            {"criterion": {"name": "obs-exact", "mode": "both"}},
+            "'mode' parameter of obs-exact criterion must be one of",
+        ),
+        ({"criterion": {"name": "lobs", "damping": -1.0}}, "'damping' parameter of lobs criterion"),
+    ],
+)
 def test_solver_bad_input(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         Pruner(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), 0.5, **kwargs)
@@ -267,11 +292,14 @@ def test_solver_needs_calibration_and_refuses_named_unsupported_layers():
             self.embed = nn.Embedding(10, 4)
             self.lstm = nn.LSTM(4, 4, num_layers=2)
 
-    with pytest.raises(ValueError, match=r"obs-fast cannot prune 'embed.weight' \(Embedding\): an embedding is a lookup"):
+    with pytest.raises(
+        ValueError, match=r"obs-fast cannot prune 'embed.weight' \(Embedding\): an embedding is a lookup"
+    ):
         Pruner(Stacked(), 0.5, criterion="obs-fast", layers=["embed"])
     with pytest.raises(ValueError, match="granularity 'channel' needs groups=1"):
-        Pruner(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 0.5, criterion="obs-exact", granularity="channel",
-               layers=["0"])
+        Pruner(
+            nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 0.5, criterion="obs-exact", granularity="channel", layers=["0"]
+        )
 
 
 def test_unsupported_default_layers_are_skipped_left_dense_and_reported():
@@ -295,7 +323,7 @@ def test_unsupported_default_layers_are_skipped_left_dense_and_reported():
     assert sorted(skipped) == ["lstm.weight_hh_l0", "lstm.weight_ih_l0"]
     assert "proj_size" in skipped["lstm.weight_ih_l0"]
     assert pruner.history[-1].report.skipped == skipped
-    for name, param in model.lstm.named_parameters():     # left dense and unchanged
+    for name, param in model.lstm.named_parameters():  # left dense and unchanged
         assert torch.equal(param, before[name])
     assert (model.head.weight == 0).float().mean() == pytest.approx(0.5, abs=0.05)
 
@@ -316,8 +344,11 @@ def test_every_rnn_weight_gets_the_inputs_it_reads(kind, bidirectional):
         single = kind(seq.shape[-1], 4, 1, bidirectional=bidirectional)
         for name, _ in single.named_parameters():
             getattr(single, name).data.copy_(getattr(model, name.replace("_l0", f"_l{layer}")))
-        part = (tuple(s[layer * D:(layer + 1) * D] for s in state) if kind is nn.LSTM
-                else state[layer * D:(layer + 1) * D])
+        part = (
+            tuple(s[layer * D : (layer + 1) * D] for s in state)
+            if kind is nn.LSTM
+            else state[layer * D : (layer + 1) * D]
+        )
         out, _ = single(seq, part)
         got_in, got_prev = hessian.rnn_layer_inputs(model, x, hx, layer)
         assert torch.allclose(got_in, seq, atol=1e-6)
@@ -326,7 +357,7 @@ def test_every_rnn_weight_gets_the_inputs_it_reads(kind, bidirectional):
         if bidirectional:
             assert torch.allclose(got_prev[1], torch.cat([out[1:, :, 4:], h0[layer * D + 1][None]]), atol=1e-6)
         seq = out
-    pruner = prune(model, 0.5, criterion="obs-fast", data=[(x, )])
+    pruner = prune(model, 0.5, criterion="obs-fast", data=[(x,)])
     assert pruner.criterion.skipped == {}
     for name, param in model.named_parameters():
         if name.startswith("weight"):
@@ -354,13 +385,14 @@ def test_tolerable_error_epsilon_decides_each_layer(criterion):
 
 def test_recovery_is_counted_from_the_last_prune():
     from prunelab.training import RecoveryMonitor
+
     model, x, y = trained_mlp(5)
     target = prunelab.evaluate(model, (x, y))["accuracy"]
     pruner = Pruner(model, 0.7, schedule="iterative", schedule_args={"n_prunes": 2, "every": 30})
     monitor = RecoveryMonitor((x, y), target, tolerance=1.0, every=7, start=pruner.schedule.last_step)
     prunelab.fit(model, (x, y), epochs=3, batch_size=32, pruner=pruner, callbacks=[monitor], progress=False)
-    assert monitor.steps_to_recover == 0          # tolerance 1.0: recovered as soon as counting starts
-    assert 30 in [step for step, _ in monitor.curve]   # an evaluation exactly at the last prune
+    assert monitor.steps_to_recover == 0  # tolerance 1.0: recovered as soon as counting starts
+    assert 30 in [step for step, _ in monitor.curve]  # an evaluation exactly at the last prune
 
 
 def small_mlp(seed=0):
@@ -386,15 +418,16 @@ def lobs_sensitivities(net, x):
 def test_global_scope_cuts_all_layers_at_one_sensitivity_threshold():
     net, x, y = small_mlp()
     L = lobs_sensitivities(net, x)
-    pruner = prune(net, 0.3, criterion={"name": "lobs", "mode": "parallel"}, scope="global",
-                   data=(x, y), batch_size=1000)
+    pruner = prune(
+        net, 0.3, criterion={"name": "lobs", "mode": "parallel"}, scope="global", data=(x, y), batch_size=1000
+    )
     total = sum(v.numel() for v in L.values())
     assert round(pruner.sparsity() * total) == round(0.3 * total)
     pruned = torch.cat([L[n][~pruner.mask(n)] for n in L])
     kept = torch.cat([L[n][pruner.mask(n)] for n in L])
-    assert float(pruned.max()) <= float(kept.min())          # one threshold over every layer
+    assert float(pruned.max()) <= float(kept.min())  # one threshold over every layer
     layer = pruner.layer_sparsity()
-    assert max(layer.values()) - min(layer.values()) > 0.1   # ... which gives each layer its own sparsity
+    assert max(layer.values()) - min(layer.values()) > 0.1  # ... which gives each layer its own sparsity
     local = prune(small_mlp()[0], 0.3, criterion={"name": "lobs", "mode": "parallel"}, data=(x, y))
     assert all(v == pytest.approx(0.3, abs=0.01) for v in local.layer_sparsity().values())
 
@@ -416,30 +449,42 @@ def test_global_scope_in_sequential_mode_reaches_the_target(criterion):
 
 def test_layerwise_constant_scope_raises_one_layer_per_event():
     net, x, y = small_mlp(2)
-    pruner = Pruner(net, 0.5, criterion="lobs", scope="layerwise-constant", calibration=(x, y),
-                    schedule="iterative", schedule_args={"n_prunes": 3, "every": 1})
+    pruner = Pruner(
+        net,
+        0.5,
+        criterion="lobs",
+        scope="layerwise-constant",
+        calibration=(x, y),
+        schedule="iterative",
+        schedule_args={"n_prunes": 3, "every": 1},
+    )
     seen = []
-    for step in range(3):                                   # events at steps 0, 1, 2
+    for step in range(3):  # events at steps 0, 1, 2
         pruner.update() if step == 0 else pruner.step()
         seen.append([round(v, 3) for v in pruner.layer_sparsity().values()])
-    assert seen[0] == [pytest.approx(1 / 6, abs=0.01), 0.0, 0.0]      # event 0 raises only layer 0
+    assert seen[0] == [pytest.approx(1 / 6, abs=0.01), 0.0, 0.0]  # event 0 raises only layer 0
     assert seen[1][0] == seen[0][0] and seen[1][1] == pytest.approx(1 / 3, abs=0.01) and seen[1][2] == 0.0
-    assert all(v == pytest.approx(0.5, abs=0.02) for v in seen[2])   # the last event raises every layer
+    assert all(v == pytest.approx(0.5, abs=0.02) for v in seen[2])  # the last event raises every layer
 
 
-@pytest.mark.parametrize("conv", [nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
-                                  nn.Conv2d(4, 4, 3, padding="same", groups=4, padding_mode="reflect"),
-                                  nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), dilation=(1, 1, 2))])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+        nn.Conv2d(4, 4, 3, padding="same", groups=4, padding_mode="reflect"),
+        nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), dilation=(1, 1, 2)),
+    ],
+)
 def test_conv_columns_reproduce_the_conv_per_group(conv):
     torch.manual_seed(0)
     x = torch.randn(2, conv.in_channels, *([7] * len(conv.kernel_size)))
-    cols = hessian.conv_columns(conv, x)                       # (groups, n, d)
+    cols = hessian.conv_columns(conv, x)  # (groups, n, d)
     W = conv.weight.detach().reshape(conv.out_channels, -1)
     rows = conv.out_channels // conv.groups
     out = conv(x).movedim(1, -1).reshape(-1, conv.out_channels)
     for g in range(conv.groups):
-        got = cols[g] @ W[g * rows:(g + 1) * rows].T + conv.bias.detach()[g * rows:(g + 1) * rows]
-        torch.testing.assert_close(got, out[:, g * rows:(g + 1) * rows], atol=1e-5, rtol=1e-5)
+        got = cols[g] @ W[g * rows : (g + 1) * rows].T + conv.bias.detach()[g * rows : (g + 1) * rows]
+        torch.testing.assert_close(got, out[:, g * rows : (g + 1) * rows], atol=1e-5, rtol=1e-5)
     (target,) = resolve_targets(conv)
     h = hessian.collect(conv, [target], [(x,)])["weight"]
     assert h.groups == conv.groups and h.n == cols.shape[1]
@@ -454,15 +499,16 @@ def test_attention_hessians_self_and_cross_and_the_out_proj_context():
     targets = resolve_targets(mha)
     names = [t.name for t in targets]
     assert names == ["in_proj_weight", "out_proj.weight"]
-    h = hessian.collect(mha, targets, [(q, q, q)])             # self-attention: one Hessian
+    h = hessian.collect(mha, targets, [(q, q, q)])  # self-attention: one Hessian
     assert h["in_proj_weight"].groups == 1 and h["in_proj_weight"].n == 15
-    h = hessian.collect(mha, targets, [(q, kv, kv)])           # cross-attention: q, k, v blocks
+    h = hessian.collect(mha, targets, [(q, kv, kv)])  # cross-attention: q, k, v blocks
     packed = h["in_proj_weight"]
     assert packed.groups == 3 and packed.group_n == [15, 21, 21]
     torch.testing.assert_close(packed.part(1).H[:8, :8], (kv.reshape(-1, 8).T @ kv.reshape(-1, 8)).double() / 21)
     # out_proj reads the context: out_proj(context) is the module's output
-    context = hessian.attention_context(mha, {"query": q, "key": kv, "value": kv, "key_padding_mask": None,
-                                              "attn_mask": None, "is_causal": False})
+    context = hessian.attention_context(
+        mha, {"query": q, "key": kv, "value": kv, "key_padding_mask": None, "attn_mask": None, "is_causal": False}
+    )
     torch.testing.assert_close(mha.out_proj(context), mha(q, kv, kv)[0], atol=1e-6, rtol=1e-5)
     x = context.reshape(-1, 8).double()
     torch.testing.assert_close(h["out_proj.weight"].H[:8, :8], x.T @ x / 15, atol=1e-6, rtol=1e-5)
@@ -484,15 +530,16 @@ def test_hf_style_transposed_weight_is_solved_on_its_matrix():
 
 def test_obs_fast_wide_layers_float32_path_matches_float64(monkeypatch):
     import prunelab.pruning.lobs.obs_fast as module
+
     X, H, W = problem(seed=3, n=1000, d=300, rows=3)
     H = H + 1e-2 * torch.diagonal(H).mean() * torch.eye(len(H), dtype=f64)
-    L = module.reversed_cholesky(H).double()                            # J H J = L Lᵀ
-    A = torch.flip(L, (0, 1))                                           # H = A Aᵀ, A upper triangular
+    L = module.reversed_cholesky(H).double()  # J H J = L Lᵀ
+    A = torch.flip(L, (0, 1))  # H = A Aᵀ, A upper triangular
     assert torch.equal(A, A.triu()) and torch.allclose(A @ A.T, H, rtol=1e-4, atol=1e-4 * float(H.abs().max()))
     prunable, alive = all_on(W)
-    exact = obs_fast.solve(W, H, 450, prunable, alive)                  # float64 up to FLOAT64_UP_TO inputs
+    exact = obs_fast.solve(W, H, 450, prunable, alive)  # float64 up to FLOAT64_UP_TO inputs
     monkeypatch.setattr(module, "FLOAT64_UP_TO", 64)
-    fast = obs_fast.solve(W, H, 450, prunable, alive)                   # wider: float32
+    fast = obs_fast.solve(W, H, 450, prunable, alive)  # wider: float32
     assert fast.W.dtype == f64 and int((~fast.keep).sum()) == 450
     assert float((fast.keep == exact.keep).double().mean()) > 0.99
     assert layer_error(fast.W, W, X) == pytest.approx(layer_error(exact.W, W, X), rel=1e-3)

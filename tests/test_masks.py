@@ -13,8 +13,9 @@ from prunelab.pruning import Pruner, prune
 
 def small_net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 20),
-                         nn.ReLU(), nn.Linear(20, 5))
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 20), nn.ReLU(), nn.Linear(20, 5)
+    )
 
 
 def batch(seed=1, n=16):
@@ -34,20 +35,35 @@ class NoisySGD(torch.optim.SGD):
                 p.add_(torch.randn_like(p), alpha=1e-3)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
-    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
-    lambda p: torch.optim.Adam(p, lr=1e-2),
-    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-    lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True, weight_decay=1e-3),
-    lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=0.1, weight_decay=1e-3),
-    lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=1e-3),
-    lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=1e-3, decoupled_weight_decay=True),
-    lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-3),
-    lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-2),
-    lambda p: NoisySGD(p, lr=0.05),
-], ids=["sgd-momentum-wd", "sgd-nesterov", "adam", "adamw", "rmsprop", "adagrad", "adamax", "nadam",
-        "radam", "adam-amsgrad", "noisy-custom"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True, weight_decay=1e-3),
+        lambda p: torch.optim.Adagrad(p, lr=1e-2, initial_accumulator_value=0.1, weight_decay=1e-3),
+        lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=1e-3),
+        lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=1e-3, decoupled_weight_decay=True),
+        lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-3),
+        lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-2),
+        lambda p: NoisySGD(p, lr=0.05),
+    ],
+    ids=[
+        "sgd-momentum-wd",
+        "sgd-nesterov",
+        "adam",
+        "adamw",
+        "rmsprop",
+        "adagrad",
+        "adamax",
+        "nadam",
+        "radam",
+        "adam-amsgrad",
+        "noisy-custom",
+    ],
+)
 @pytest.mark.parametrize("granularity", ["weight", "filter"])
 def test_zeros_stay_zero_through_100_steps(make_opt, granularity):
     model = small_net()

@@ -43,7 +43,7 @@ def conv_strided() -> nn.Sequential:
 
 def reference_csr(flat: list[float], index_bits: int) -> list[tuple[int, float]]:
     """Slow, obviously-correct CSR encoder: walk the elements, emit (zeros skipped, value)."""
-    largest_skip = 2 ** index_bits - 1
+    largest_skip = 2**index_bits - 1
     entries, zeros = [], 0
     for value in flat:
         if value == 0:
@@ -87,8 +87,9 @@ def test_linear_counts_by_hand():
 
 
 def test_total_params_equal_model_parameters():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    )
     result = summary(model, (1, 4, 4))
     assert result.total.params == sum(p.numel() for p in model.parameters())
     assert result.total.params == sum(row.params for row in result.rows)
@@ -279,15 +280,18 @@ def test_storage_bytes_of_the_conv_by_hand():
     assert storage_bits(weight) == {"dense": 1728, "bitmask": 918, "csr": 1008}
 
 
-@pytest.mark.parametrize(("values", "fillers"), [
-    ([0, 0, 0, 1], 0),  # gap 3 = 2^r − 1 fits in the index
-    ([0, 0, 0, 0, 1], 1),  # gap 4 = 2^r: one filler, then skip 0
-    ([0] * 7 + [1], 1),  # gap 7 = 2^(r+1) − 1: one filler, then skip 3
-    ([0] * 8 + [1], 2),  # gap 8 = 2^(r+1): two fillers
-    ([1] + [0] * 20, 0),  # trailing zeros are not stored
-    ([0] * 9, 0),  # nothing stored at all
-    ([1, 0, 0, 0, 0, 1] + [0] * 8 + [1], 3),  # gaps 4 and 8 between non-zeros: 1 + 2
-])
+@pytest.mark.parametrize(
+    ("values", "fillers"),
+    [
+        ([0, 0, 0, 1], 0),  # gap 3 = 2^r − 1 fits in the index
+        ([0, 0, 0, 0, 1], 1),  # gap 4 = 2^r: one filler, then skip 0
+        ([0] * 7 + [1], 1),  # gap 7 = 2^(r+1) − 1: one filler, then skip 3
+        ([0] * 8 + [1], 2),  # gap 8 = 2^(r+1): two fillers
+        ([1] + [0] * 20, 0),  # trailing zeros are not stored
+        ([0] * 9, 0),  # nothing stored at all
+        ([1, 0, 0, 0, 0, 1] + [0] * 8 + [1], 3),  # gaps 4 and 8 between non-zeros: 1 + 2
+    ],
+)
 def test_csr_fillers_at_gap_boundaries(values, fillers):
     tensor = torch.tensor(values, dtype=torch.float32)
     assert csr_fillers(tensor, 2) == fillers  # r = 2: skips 0..3, a filler spans 4 positions
@@ -459,18 +463,24 @@ def test_unknown_prunable_name_lists_valid_names():
         summary(linear_4_3(), (4,), prunable=3)
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"index_bits": 0}, ValueError,
-     "the 'index_bits' parameter of summary must be an int in [1, 16]. Got 0 instead."),
-    ({"index_bits": 17}, ValueError, "'index_bits' parameter of summary"),
-    ({"bits": 0}, ValueError, "the 'bits' parameter of summary must be an int in [1, 64]. Got 0 instead."),
-    ({"bits": 65}, ValueError, "'bits' parameter of summary"),
-    ({"bits": 8.0}, TypeError, "'bits' parameter of summary"),
-    ({"bits": True}, TypeError, "'bits' parameter of summary"),
-    ({"device": 3}, TypeError, "'device' parameter of summary"),
-    ({"device": "nonsense"}, ValueError, "'device' parameter of summary"),
-    ({"dtype": "float32"}, TypeError, "'dtype' parameter of summary"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"index_bits": 0},
+            ValueError,
+            "the 'index_bits' parameter of summary must be an int in [1, 16]. Got 0 instead.",
+        ),
+        ({"index_bits": 17}, ValueError, "'index_bits' parameter of summary"),
+        ({"bits": 0}, ValueError, "the 'bits' parameter of summary must be an int in [1, 64]. Got 0 instead."),
+        ({"bits": 65}, ValueError, "'bits' parameter of summary"),
+        ({"bits": 8.0}, TypeError, "'bits' parameter of summary"),
+        ({"bits": True}, TypeError, "'bits' parameter of summary"),
+        ({"device": 3}, TypeError, "'device' parameter of summary"),
+        ({"device": "nonsense"}, ValueError, "'device' parameter of summary"),
+        ({"dtype": "float32"}, TypeError, "'dtype' parameter of summary"),
+    ],
+)
 def test_invalid_parameters(kwargs, error, message):
     with pytest.raises(error) as info:
         summary(linear_4_3(), (4,), **kwargs)
@@ -580,7 +590,7 @@ def test_multihead_attention_by_hand_with_and_without_weights():
         # MultiheadAttention initialises its biases to 0: their 24·5 adds are free
         assert rows["attn"].flops == 2840 - 120 and rows["attn.out_proj"].flops == 680 - 40
         with torch.no_grad():
-            model.attn.in_proj_weight[:8].zero_()       # the query block: 64 zeros at 5 tokens
+            model.attn.in_proj_weight[:8].zero_()  # the query block: 64 zeros at 5 tokens
         assert summary(model, (5, 8)).rows[0].flops == 2840 - 120 - 2 * 5 * 64
 
 
@@ -592,7 +602,7 @@ def test_a_product_of_two_weights_against_brute_force():
             self.b = nn.Parameter(torch.randn(4, 5))
 
         def forward(self, x):
-            return x @ (self.a @ self.b)         # the root runs both products functionally
+            return x @ (self.a @ self.b)  # the root runs both products functionally
 
     torch.manual_seed(0)
     model = WeightProduct()
@@ -600,8 +610,7 @@ def test_a_product_of_two_weights_against_brute_force():
         model.a[torch.rand(3, 4) < 0.5] = 0.0
         model.b[torch.rand(4, 5) < 0.5] = 0.0
     # a @ b skips every MAC with a zero factor; x (1, 3) @ (3, 5) is x times a non-weight: dense
-    macs = sum(1 for i in range(3) for k in range(4) for j in range(5)
-               if model.a[i, k] != 0 and model.b[k, j] != 0)
+    macs = sum(1 for i in range(3) for k in range(4) for j in range(5) if model.a[i, k] != 0 and model.b[k, j] != 0)
     flops = count_flops(model, (3,))[""]
     assert flops == FlopCount(2 * 60 + 2 * 15, 2 * macs + 2 * 15)
 
@@ -620,8 +629,7 @@ def test_uncounted_fused_operations_warn():
 
 
 def test_fast_path_setting_and_hooks_are_restored():
-    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
-                                  enable_nested_tensor=False)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False)
     assert torch.backends.mha.get_fastpath_enabled()
     summary(model, (4, 8))
     assert torch.backends.mha.get_fastpath_enabled() and own_hooks_empty(model)
@@ -639,7 +647,7 @@ def test_parameters_in_one_flat_buffer_are_told_apart():
                 self.second.weight.set_(buffer.untyped_storage(), 16, (4, 4), (4, 1))
 
         def forward(self, x):
-            return x @ self.second.weight.t() + self.first(x)   # second's weight used functionally
+            return x @ self.second.weight.t() + self.first(x)  # second's weight used functionally
 
     model = Flat()
     assert model.first.weight.untyped_storage().data_ptr() == model.second.weight.untyped_storage().data_ptr()

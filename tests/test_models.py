@@ -14,15 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import LANGUAGE_MODELS
 from torch import nn
 
 from prunelab.models import MODELS, build_model, model_names, model_options
 
-from helpers import LANGUAGE_MODELS
-
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
 STANDARD_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.BatchNorm2d)
-NAMES = [n for n in model_names() if n not in LANGUAGE_MODELS]   # image classifiers (LMs: test_lm_models.py)
+NAMES = [n for n in model_names() if n not in LANGUAGE_MODELS]  # image classifiers (LMs: test_lm_models.py)
 
 
 def n_params(model: nn.Module) -> int:
@@ -42,14 +41,17 @@ def build_if_fits(name: str, shape: tuple[int, ...], **kwargs) -> nn.Module | No
 
 # --- the registry ------------------------------------------------------------------------------
 
+
 def test_model_names_sorted_and_complete():
     expected = {"mlp", "lenet-300-100", "lenet5", "conv-pool-linear", "small_conv", "medium_conv", "vgg11"}
     assert expected <= set(NAMES)
     assert NAMES == sorted(NAMES)
 
 
-@pytest.mark.parametrize("alias, canonical", [("lenet_300_100", "lenet-300-100"), ("lenet-5", "lenet5"),
-                                              ("conv_pool_linear", "conv-pool-linear")])
+@pytest.mark.parametrize(
+    "alias, canonical",
+    [("lenet_300_100", "lenet-300-100"), ("lenet-5", "lenet5"), ("conv_pool_linear", "conv-pool-linear")],
+)
 def test_alias_builds_canonical_model(alias, canonical):
     model = build_model(alias, seed=0)
     assert model.config["name"] == canonical
@@ -62,23 +64,23 @@ def test_register_your_own_model(monkeypatch):
 
     @MODELS.register("tiny-test-net")
     def tiny(input_shape, n_classes, *, width=4):
-        return nn.Sequential(nn.Flatten(), nn.Linear(torch.Size(input_shape).numel(), width),
-                             nn.ReLU(), nn.Linear(width, n_classes))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(torch.Size(input_shape).numel(), width), nn.ReLU(), nn.Linear(width, n_classes)
+        )
 
     model = build_model("tiny-test-net", input_shape=(2, 3, 3), n_classes=5, width=6, seed=1)
     assert model(torch.zeros(4, 2, 3, 3)).shape == (4, 5)
-    assert model.config == {"name": "tiny-test-net", "input_shape": [2, 3, 3], "n_classes": 5,
-                            "width": 6, "seed": 1}
+    assert model.config == {"name": "tiny-test-net", "input_shape": [2, 3, 3], "n_classes": 5, "width": 6, "seed": 1}
 
 
 def test_model_options_lists_defaults():
     assert model_options("mlp") == {"hidden": (100,)}
-    assert model_options("conv_pool_linear") == {"kernel": 5, "channels": 8, "stride": 1, "pool": 2,
-                                                 "dropout": 0.0}
+    assert model_options("conv_pool_linear") == {"kernel": 5, "channels": 8, "stride": 1, "pool": 2, "dropout": 0.0}
     assert model_options("lenet-300-100") == {}
 
 
 # --- every registered model ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_builds_on_mnist_shape(name):
@@ -155,6 +157,7 @@ def test_deepcopy_and_pickle(name):
 
 # --- input shapes and the dataset ---------------------------------------------------------------
 
+
 def test_dataset_gives_defaults_and_explicit_arguments_win():
     ds = SimpleNamespace(input_shape=(3, 32, 32), n_classes=100)
     assert build_model("lenet5", dataset=ds).config["input_shape"] == [3, 32, 32]
@@ -191,8 +194,11 @@ def test_conv_models_refuse_flat_shapes(name):
         build_model(name, input_shape=(784,))
 
 
-@pytest.mark.parametrize("shape, kept", [((3, 32, 32), [1, 2, 3, 4, 5]), ((1, 28, 28), [1, 2, 3, 4]),
-                                         ((1, 8, 8), [1, 2, 3]), ((1, 1, 1), [])], ids=str)
+@pytest.mark.parametrize(
+    "shape, kept",
+    [((3, 32, 32), [1, 2, 3, 4, 5]), ((1, 28, 28), [1, 2, 3, 4]), ((1, 8, 8), [1, 2, 3]), ((1, 1, 1), [])],
+    ids=str,
+)
 def test_vgg11_skips_pools_that_would_empty_the_map(shape, kept):
     model = build_model("vgg11", input_shape=shape, width=0.125)
     assert model.kept_pools == kept
@@ -216,9 +222,21 @@ def test_lenet5_conv_relu_option():
 
 def test_readable_layer_names():
     assert [n for n, _ in build_model("lenet-300-100").named_children()] == [
-        "flatten", "fc1", "fc1_relu", "fc2", "fc2_relu", "fc3"]
+        "flatten",
+        "fc1",
+        "fc1_relu",
+        "fc2",
+        "fc2_relu",
+        "fc3",
+    ]
     assert [n for n, _ in build_model("conv-pool-linear").named_children()] == [
-        "conv1", "conv1_relu", "conv1_pool", "dropout", "flatten", "fc1"]
+        "conv1",
+        "conv1_relu",
+        "conv1_pool",
+        "dropout",
+        "flatten",
+        "fc1",
+    ]
 
 
 # --- parameter counts, by hand -----------------------------------------------------------------
@@ -239,25 +257,51 @@ HAND_COUNTS = [
     # width 0.001: every width rounds to 0 (20·0.001, 50·0.001, 500·0.001 = 0.5 to even) and is raised to 1
     ("lenet5", {"width": 0.001}, (1 * 25 + 1) + (1 * 1 * 25 + 1) + (1 * 4 * 4 * 1 + 1) + (1 * 10 + 10)),
     # conv 6·1·7·7+6; (28-7)//2+1 = 11; pool 3 → 11//3 = 3, so 3×3; linear 6·3·3·10+10 → 850
-    ("conv-pool-linear", {"kernel": 7, "channels": 6, "stride": 2, "pool": 3},
-     (6 * 49 + 6) + (6 * 3 * 3 * 10 + 10)),
+    ("conv-pool-linear", {"kernel": 7, "channels": 6, "stride": 2, "pool": 3}, (6 * 49 + 6) + (6 * 3 * 3 * 10 + 10)),
     # defaults: conv 8·25+8; 28-5+1 = 24; pool 2 → 12×12; linear 8·12·12·10+10 → 11,738
     ("conv-pool-linear", {}, (8 * 25 + 8) + (8 * 12 * 12 * 10 + 10)),
     # same padding: 28→14→7→3, flatten 128·3·3
-    ("small_conv", {}, (32 * 25 + 32) + (64 * 32 * 9 + 64) + (128 * 64 * 9 + 128)
-     + (128 * 9 * 512 + 512) + (512 * 128 + 128) + (128 * 10 + 10)),
-    ("medium_conv", {}, (64 * 25 + 64) + (128 * 64 * 9 + 128) + (256 * 128 * 9 + 256)
-     + (256 * 9 * 1024 + 1024) + (1024 * 256 + 256) + (256 * 10 + 10)),
+    (
+        "small_conv",
+        {},
+        (32 * 25 + 32)
+        + (64 * 32 * 9 + 64)
+        + (128 * 64 * 9 + 128)
+        + (128 * 9 * 512 + 512)
+        + (512 * 128 + 128)
+        + (128 * 10 + 10),
+    ),
+    (
+        "medium_conv",
+        {},
+        (64 * 25 + 64)
+        + (128 * 64 * 9 + 128)
+        + (256 * 128 * 9 + 256)
+        + (256 * 9 * 1024 + 1024)
+        + (1024 * 256 + 256)
+        + (256 * 10 + 10),
+    ),
     # convs (with bias) + BN (2 per channel) + classifier on 512·1·1 features (pools 1-4 kept)
-    ("vgg11", {}, (64 * 9 + 64) + (128 * 64 * 9 + 128) + (256 * 128 * 9 + 256) + (256 * 256 * 9 + 256)
-     + (512 * 256 * 9 + 512) + 3 * (512 * 512 * 9 + 512)
-     + 2 * (64 + 128 + 256 + 256 + 512 + 512 + 512 + 512)
-     + (512 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)),
+    (
+        "vgg11",
+        {},
+        (64 * 9 + 64)
+        + (128 * 64 * 9 + 128)
+        + (256 * 128 * 9 + 256)
+        + (256 * 256 * 9 + 256)
+        + (512 * 256 * 9 + 512)
+        + 3 * (512 * 512 * 9 + 512)
+        + 2 * (64 + 128 + 256 + 256 + 512 + 512 + 512 + 512)
+        + (512 * 512 + 512)
+        + (512 * 512 + 512)
+        + (512 * 10 + 10),
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, options, expected", HAND_COUNTS,
-                         ids=[f"{name}{options or ''}" for name, options, _ in HAND_COUNTS])
+@pytest.mark.parametrize(
+    "name, options, expected", HAND_COUNTS, ids=[f"{name}{options or ''}" for name, options, _ in HAND_COUNTS]
+)
 def test_parameter_counts_on_mnist(name, options, expected):
     assert n_params(build_model(name, **options)) == expected
 
@@ -271,6 +315,7 @@ def test_published_counts():
 
 
 # --- bad input ----------------------------------------------------------------------------------
+
 
 def test_unknown_model_suggests_a_close_name():
     with pytest.raises(ValueError, match=r"unknown model 'lenet'.*did you mean 'lenet5'.*mlp"):
@@ -286,30 +331,48 @@ def test_unknown_option_names_it_and_lists_valid_ones():
         build_model("lenet-300-100", hidden=[10])
 
 
-@pytest.mark.parametrize("name, options, error, pattern", [
-    ("mlp", {"hidden": [0]}, ValueError, r"'hidden' parameter of mlp .*Got \[0\]"),
-    ("mlp", {"hidden": [100, -3]}, ValueError, r"'hidden' parameter of mlp .*Got \[100, -3\]"),
-    ("mlp", {"hidden": "100"}, TypeError, r"'hidden' parameter of mlp .*Got '100' of type str"),
-    ("mlp", {"hidden": [1.5]}, TypeError, r"'hidden' parameter of mlp"),
-    ("conv-pool-linear", {"kernel": 30}, ValueError, r"'kernel' parameter of conv-pool-linear must be at most 28 .*\(1, 28, 28\).*Got 30"),
-    ("conv-pool-linear", {"kernel": 0}, ValueError, r"'kernel' parameter .*Got 0"),
-    ("conv-pool-linear", {"channels": 2.5}, TypeError, r"'channels' parameter .*Got 2.5"),
-    ("conv-pool-linear", {"stride": 0}, ValueError, r"'stride' parameter .*Got 0"),
-    ("conv-pool-linear", {"pool": 25}, ValueError, r"'pool' parameter of conv-pool-linear must be at most 24 .*Got 25"),
-    ("conv-pool-linear", {"dropout": 1.5}, ValueError, r"'dropout' parameter of conv-pool-linear must be a float in \[0, 1\)\. Got 1.5"),
-    ("conv-pool-linear", {"dropout": -0.1}, ValueError, r"'dropout' parameter .*Got -0.1"),
-    ("lenet5", {"conv_relu": "yes"}, TypeError, r"'conv_relu' parameter of lenet5 .*Got 'yes'"),
-    ("vgg11", {"width": 0}, ValueError, r"'width' parameter of vgg11 .*Got 0"),
-    ("lenet5", {"width": -0.5}, ValueError, r"'width' parameter of lenet5 .*Got -0.5"),
-    ("vgg11", {"batch_norm": 1}, TypeError, r"'batch_norm' parameter of vgg11"),
-    ("mlp", {"input_shape": (0, 28, 28)}, ValueError, r"'input_shape' parameter of mlp .*Got \(0, 28, 28\)"),
-    ("mlp", {"input_shape": (28, 28)}, ValueError, r"'input_shape' parameter of mlp .*Got \(28, 28\)"),
-    ("mlp", {"input_shape": "1x28x28"}, TypeError, r"'input_shape' parameter of mlp"),
-    ("mlp", {"n_classes": 0}, ValueError, r"'n_classes' parameter of mlp .*Got 0"),
-    ("mlp", {"seed": -1}, ValueError, r"'seed' parameter of mlp .*Got -1"),
-    ("mlp", {"seed": "0"}, TypeError, r"'seed' parameter of mlp"),
-    ("mlp", {"dataset": object()}, TypeError, r"'dataset' parameter of build_model"),
-])
+@pytest.mark.parametrize(
+    "name, options, error, pattern",
+    [
+        ("mlp", {"hidden": [0]}, ValueError, r"'hidden' parameter of mlp .*Got \[0\]"),
+        ("mlp", {"hidden": [100, -3]}, ValueError, r"'hidden' parameter of mlp .*Got \[100, -3\]"),
+        ("mlp", {"hidden": "100"}, TypeError, r"'hidden' parameter of mlp .*Got '100' of type str"),
+        ("mlp", {"hidden": [1.5]}, TypeError, r"'hidden' parameter of mlp"),
+        (
+            "conv-pool-linear",
+            {"kernel": 30},
+            ValueError,
+            r"'kernel' parameter of conv-pool-linear must be at most 28 .*\(1, 28, 28\).*Got 30",
+        ),
+        ("conv-pool-linear", {"kernel": 0}, ValueError, r"'kernel' parameter .*Got 0"),
+        ("conv-pool-linear", {"channels": 2.5}, TypeError, r"'channels' parameter .*Got 2.5"),
+        ("conv-pool-linear", {"stride": 0}, ValueError, r"'stride' parameter .*Got 0"),
+        (
+            "conv-pool-linear",
+            {"pool": 25},
+            ValueError,
+            r"'pool' parameter of conv-pool-linear must be at most 24 .*Got 25",
+        ),
+        (
+            "conv-pool-linear",
+            {"dropout": 1.5},
+            ValueError,
+            r"'dropout' parameter of conv-pool-linear must be a float in \[0, 1\)\. Got 1.5",
+        ),
+        ("conv-pool-linear", {"dropout": -0.1}, ValueError, r"'dropout' parameter .*Got -0.1"),
+        ("lenet5", {"conv_relu": "yes"}, TypeError, r"'conv_relu' parameter of lenet5 .*Got 'yes'"),
+        ("vgg11", {"width": 0}, ValueError, r"'width' parameter of vgg11 .*Got 0"),
+        ("lenet5", {"width": -0.5}, ValueError, r"'width' parameter of lenet5 .*Got -0.5"),
+        ("vgg11", {"batch_norm": 1}, TypeError, r"'batch_norm' parameter of vgg11"),
+        ("mlp", {"input_shape": (0, 28, 28)}, ValueError, r"'input_shape' parameter of mlp .*Got \(0, 28, 28\)"),
+        ("mlp", {"input_shape": (28, 28)}, ValueError, r"'input_shape' parameter of mlp .*Got \(28, 28\)"),
+        ("mlp", {"input_shape": "1x28x28"}, TypeError, r"'input_shape' parameter of mlp"),
+        ("mlp", {"n_classes": 0}, ValueError, r"'n_classes' parameter of mlp .*Got 0"),
+        ("mlp", {"seed": -1}, ValueError, r"'seed' parameter of mlp .*Got -1"),
+        ("mlp", {"seed": "0"}, TypeError, r"'seed' parameter of mlp"),
+        ("mlp", {"dataset": object()}, TypeError, r"'dataset' parameter of build_model"),
+    ],
+)
 def test_bad_values_are_named(name, options, error, pattern):
     with pytest.raises(error, match=pattern):
         build_model(name, **options)

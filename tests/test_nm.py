@@ -7,18 +7,23 @@ import itertools
 
 import pytest
 import torch
+from helpers import Conv1D, rewrite_header
 from torch import nn
 
 from prunelab import export
 from prunelab.metrics import summary
 from prunelab.metrics.storage import storage_bits
 from prunelab.pruning import Pruner, prune
-from prunelab.pruning.granularity import (NMGranularity, make_granularity, nm_column_order, nm_keep,
-                                          nm_pattern, nm_unview, nm_view)
+from prunelab.pruning.granularity import (
+    NMGranularity,
+    make_granularity,
+    nm_column_order,
+    nm_keep,
+    nm_pattern,
+    nm_unview,
+    nm_view,
+)
 from prunelab.pruning.targets import resolve_targets
-from helpers import Conv1D, rewrite_header
-
-
 
 
 class Net(nn.Module):
@@ -49,9 +54,9 @@ def _data(n=2, seed=0):
 def _run_counts(target, m):
     """Non-zeros per run of m, read straight from the weight in the documented order."""
     w = target.weight.detach()
-    if target.layout == "conv":                     # m consecutive input channels, one kernel position
+    if target.layout == "conv":  # m consecutive input channels, one kernel position
         runs = w.permute(0, 2, 3, 1).reshape(w.shape[0], w.shape[2], w.shape[3], -1, m)
-    elif target.layout == "transposed":             # m consecutive inputs of an output column
+    elif target.layout == "transposed":  # m consecutive inputs of an output column
         runs = w.t().reshape(w.shape[1], -1, m)
     else:
         runs = w.reshape(w.shape[0], -1, m)
@@ -114,7 +119,7 @@ def test_a_gradual_schedule_prunes_within_the_pattern_and_ends_at_it():
     pruner.update()
     while not pruner.done:
         pruner.step()
-        for target in pruner.targets:           # never more than m − n of a run gone on the way
+        for target in pruner.targets:  # never more than m − n of a run gone on the way
             assert torch.all(_run_counts(target, 4) >= 2)
     levels = [r.sparsity for r in pruner.history]
     assert levels == sorted(levels) and abs(levels[-1] - 0.5) < 1e-9
@@ -132,7 +137,7 @@ def test_an_uneven_earlier_mask_still_ends_with_at_most_n_per_run():
     for target in second.targets:
         counts = _run_counts(target, 4)
         assert torch.all(counts <= 2), target.name
-        assert torch.all(second.mask(target.name) <= first.mask(target.name))   # dead stays dead
+        assert torch.all(second.mask(target.name) <= first.mask(target.name))  # dead stays dead
 
 
 def test_nm_view_and_column_order_follow_the_layouts():
@@ -143,7 +148,7 @@ def test_nm_view_and_column_order_follow_the_layouts():
         assert torch.equal(nm_unview(view, tuple(w.shape), target.layout), w)
         assert torch.equal(target.matrix()[:, nm_column_order(target)], view)
     conv = model.conv.weight.detach()
-    assert torch.equal(nm_view(conv, "conv")[3, :8], conv[3, :, 0, 0])      # channels first, position (0, 0)
+    assert torch.equal(nm_view(conv, "conv")[3, :8], conv[3, :, 0, 0])  # channels first, position (0, 0)
 
 
 def test_summary_reports_the_pattern_per_layer():
@@ -153,7 +158,7 @@ def test_summary_reports_the_pattern_per_layer():
     prune(model, None, granularity="4:8", layers=["conv", "proj"])
     prune(model, None, granularity="2:4", layers=["grouped"])
     with torch.no_grad():
-        model.fc.weight[0, :4] = 0                   # unstructured: a run of 4 emptied, others full
+        model.fc.weight[0, :4] = 0  # unstructured: a run of 4 emptied, others full
     result = summary(model, example_inputs=x)
     patterns = {row.name: row.pattern for row in result.rows}
     assert patterns == {"conv": "4:8", "grouped": "2:4", "proj": "4:8", "fc": None}
@@ -164,11 +169,11 @@ def test_summary_reports_the_pattern_per_layer():
 
 def test_nm_pattern_is_tight():
     w = torch.zeros(4, 16)
-    w[:, ::4] = 1.0                                  # one in every run of 4: 1:4 (and 2:8, the same density)
+    w[:, ::4] = 1.0  # one in every run of 4: 1:4 (and 2:8, the same density)
     assert nm_pattern(w, "linear") == (1, 4)
-    w[0, 1] = 1.0            # one run of 4 holds 2: 2:4 holds, but most runs hold 1 (mean 17/16): not tight
+    w[0, 1] = 1.0  # one run of 4 holds 2: 2:4 holds, but most runs hold 1 (mean 17/16): not tight
     assert nm_pattern(w, "linear") is None
-    w[:, 1::4] = 1.0                                 # now every run of 4 holds 2
+    w[:, 1::4] = 1.0  # now every run of 4 holds 2
     assert nm_pattern(w, "linear") == (2, 4)
     g = torch.Generator().manual_seed(0)
     unstructured = torch.randn(64, 64, generator=g) * (torch.rand(64, 64, generator=g) > 0.9)
@@ -187,7 +192,7 @@ def test_storage_of_a_small_2_4_layer_by_hand(tmp_path):
     # 4:8 with float16 values: 4 runs of 8, each 4 · (16 + 3) bits = 76 → 304 bits = 38 bytes
     layer = nn.Linear(8, 4, bias=False)
     with torch.no_grad():
-        layer.weight[:, 4:] = 0                      # kept: inputs 0-3 of every row (4:8, neither 2:4 nor 1:2)
+        layer.weight[:, 4:] = 0  # kept: inputs 0-3 of every row (4:8, neither 2:4 nor 1:2)
     assert nm_pattern(layer.weight, "linear") == (4, 8)
     report = export.save(layer, tmp_path / "h.plm", encoding="nm", values="float16")
     assert [(t.encoding, t.bytes) for t in report.tensors] == [("nm", 38)]
@@ -200,11 +205,15 @@ def test_save_and_load_are_bit_identical(tmp_path, pattern, values):
     prune(model, None, granularity=pattern, data=_data(1))
     reference = _net(7)
     export.save(model, tmp_path / "dense-ref.plm", encoding="dense", values=values)
-    export.load(tmp_path / "dense-ref.plm", model=reference)      # what these values become, stored plainly
+    export.load(tmp_path / "dense-ref.plm", model=reference)  # what these values become, stored plainly
     report = export.save(model, tmp_path / "m.plm", encoding="nm", values=values)
     assert report.payload_bytes == report.predicted_bytes
     assert {t.name: t.encoding for t in report.tensors if t.name.endswith("weight")} == {
-        "conv.weight": "nm", "grouped.weight": "nm", "proj.weight": "nm", "fc.weight": "nm"}
+        "conv.weight": "nm",
+        "grouped.weight": "nm",
+        "proj.weight": "nm",
+        "fc.weight": "nm",
+    }
     loaded = export.load(tmp_path / "m.plm", model=_net(8))
     for (name, a), b in zip(reference.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -216,14 +225,17 @@ def _entry(header, name):
     return next(e for e in header["tensors"] if e["name"] == name)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda e: e.update(m=1 << 20), "needs 0 < n < m"),
-    (lambda e: e.update(n=4), "needs 0 < n < m"),
-    (lambda e: e.update(n=1), "bytes for"),
-    (lambda e: e.update(m=8), "bytes for|runs of"),
-    (lambda e: e.update(layout="embedding"), "layout"),
-    (lambda e: e.update(shape=[4096, 4096]), "bytes for|larger|shape"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda e: e.update(m=1 << 20), "needs 0 < n < m"),
+        (lambda e: e.update(n=4), "needs 0 < n < m"),
+        (lambda e: e.update(n=1), "bytes for"),
+        (lambda e: e.update(m=8), "bytes for|runs of"),
+        (lambda e: e.update(layout="embedding"), "layout"),
+        (lambda e: e.update(shape=[4096, 4096]), "bytes for|larger|shape"),
+    ],
+)
 def test_crafted_nm_headers_are_refused_before_allocation(tmp_path, edit, message):
     layer = nn.Linear(8, 4, bias=False)
     prune(layer, None, granularity="2:4")
@@ -235,13 +247,14 @@ def test_crafted_nm_headers_are_refused_before_allocation(tmp_path, edit, messag
 
 
 def test_repeated_or_out_of_range_positions_are_refused(tmp_path):
-    layer = nn.Linear(3, 2, bias=False)                   # 2:3: positions of 2 bits, 3 is out of range
+    layer = nn.Linear(3, 2, bias=False)  # 2:3: positions of 2 bits, 3 is out of range
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 2.0, 0.0], [0.0, 3.0, 4.0]]))
     path = tmp_path / "l.plm"
     blob = export._encode_nm(layer.weight.detach().numpy().reshape(-1), (2, 3), (2, 3, "linear"))
-    decoded = export._decode_nm(blob, {"n": 2, "m": 3, "layout": "linear"}, layer.weight.detach().numpy().dtype,
-                                (2, 3), "test")
+    decoded = export._decode_nm(
+        blob, {"n": 2, "m": 3, "layout": "linear"}, layer.weight.detach().numpy().dtype, (2, 3), "test"
+    )
     assert decoded.tolist() == [1.0, 2.0, 0.0, 0.0, 3.0, 4.0]
     values, positions = blob[:16], export._pack(torch.tensor([0, 3, 1, 2]).numpy(), 2)
     with pytest.raises(export.ModelFileError, match="positions"):
@@ -252,17 +265,20 @@ def test_repeated_or_out_of_range_positions_are_refused(tmp_path):
     assert not path.exists()
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"sparsity": 0.3}, r"must be None or 0.5 \(= 1 - 2/4\) with granularity '2:4'. Got 0.3"),
-    ({"sparsity": {"fc": 0.5}}, "cannot give per-layer targets"),
-    ({"granularity": "4:4"}, "0 < N < M"),
-    ({"granularity": "0:4"}, "0 < N < M"),
-    ({"granularity": "3:2"}, "0 < N < M"),
-    ({"granularity": "2:5"}, r"'conv.weight' \(Conv2d\): it has 8 input channels per group, not a multiple of M=5"),
-    ({"granularity": "2:3", "layers": ["fc"]}, r"'fc.weight' \(Linear\): it has 8 inputs per output row"),
-    ({"granularity": "2:4", "scope": "row", "layers": ["emb"]}, "does not apply to 'emb.weight'"),
-    ({"granularity": "2:x"}, "An N:M pattern is given as 'N:M'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"sparsity": 0.3}, r"must be None or 0.5 \(= 1 - 2/4\) with granularity '2:4'. Got 0.3"),
+        ({"sparsity": {"fc": 0.5}}, "cannot give per-layer targets"),
+        ({"granularity": "4:4"}, "0 < N < M"),
+        ({"granularity": "0:4"}, "0 < N < M"),
+        ({"granularity": "3:2"}, "0 < N < M"),
+        ({"granularity": "2:5"}, r"'conv.weight' \(Conv2d\): it has 8 input channels per group, not a multiple of M=5"),
+        ({"granularity": "2:3", "layers": ["fc"]}, r"'fc.weight' \(Linear\): it has 8 inputs per output row"),
+        ({"granularity": "2:4", "scope": "row", "layers": ["emb"]}, "does not apply to 'emb.weight'"),
+        ({"granularity": "2:x"}, "An N:M pattern is given as 'N:M'"),
+    ],
+)
 def test_clear_errors(kwargs, message):
     model = _net()
     model.emb = nn.Embedding(10, 8)
@@ -273,6 +289,7 @@ def test_clear_errors(kwargs, message):
 
 def test_a_pruner_with_a_ready_schedule_must_agree_with_the_pattern():
     from prunelab.pruning import make_schedule
+
     with pytest.raises(ValueError, match="disagrees with the schedule"):
         Pruner(_net(), schedule=make_schedule("one-shot", 0.6), granularity="2:4")
     pruner = Pruner(_net(), schedule=make_schedule("one-shot", 0.5), granularity="2:4")

@@ -24,7 +24,7 @@ def test_nm_choice_prunes_the_lowest_scores_of_each_group_and_every_dead_entry()
     score = torch.tensor([[1.0, 4.0, 2.0, 3.0, 8.0, 5.0, 7.0, 6.0]])
     alive = torch.ones_like(score, dtype=torch.bool)
     assert nm_choice(score, 2, 4, alive).tolist() == [[True, False, True, False, False, True, False, True]]
-    alive[0, 1] = False                       # dead: pruned, and the group keeps its best alive one more
+    alive[0, 1] = False  # dead: pruned, and the group keeps its best alive one more
     assert nm_choice(score, 2, 4, alive).tolist() == [[True, True, False, False, False, True, False, True]]
 
 
@@ -32,7 +32,7 @@ def test_obs_fast_nm_beats_magnitude_nm_without_compensation():
     H, W = problem()
     prunable = torch.ones(W.shape[1], dtype=torch.bool)
     alive = torch.ones_like(W, dtype=torch.bool)
-    magnitude = W * nm_keep(W.abs(), 2, 4)                # the 2 largest of every 4, not compensated
+    magnitude = W * nm_keep(W.abs(), 2, 4)  # the 2 largest of every 4, not compensated
     for block_size in (4, 8, 32):
         s = obs_fast.solve(W, H, 0, prunable, alive, block_size=block_size, nm=(2, 4))
         assert err(s.W, W, H) < err(magnitude, W, H)

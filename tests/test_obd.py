@@ -24,28 +24,42 @@ def mlp():
 
 
 def cnn():
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(18, 3))
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 3))
 
 
-def strided_cnn():       # 7×7 → 7×7 → stride 2, dilation 2, padding 1 → 4×4
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(2, 2, 2, stride=2, dilation=2, padding=1), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(32, 3))
+def strided_cnn():  # 7×7 → 7×7 → stride 2, dilation 2, padding 1 → 4×4
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 2, stride=2, dilation=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    )
 
 
-def padded_cnn():        # 'same' padding, circular and asymmetric (kernel 2×3)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding="same", padding_mode="circular"), nn.Tanh(),
-                         nn.Conv2d(2, 2, (2, 3), padding="same"), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(50, 3))
+def padded_cnn():  # 'same' padding, circular and asymmetric (kernel 2×3)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding="same", padding_mode="circular"),
+        nn.Tanh(),
+        nn.Conv2d(2, 2, (2, 3), padding="same"),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(50, 3),
+    )
 
 
-def sequence_mlp():      # a Linear on (N, 3, 4): its weight is shared over 3 positions
+def sequence_mlp():  # a Linear on (N, 3, 4): its weight is shared over 3 positions
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3))
 
 
-MODELS = {"mlp": (mlp, (5,)), "cnn": (cnn, (1, 6, 6)), "strided_cnn": (strided_cnn, (1, 7, 7)),
-          "padded_cnn": (padded_cnn, (1, 5, 5)), "sequence_mlp": (sequence_mlp, (3, 4))}
+MODELS = {
+    "mlp": (mlp, (5,)),
+    "cnn": (cnn, (1, 6, 6)),
+    "strided_cnn": (strided_cnn, (1, 7, 7)),
+    "padded_cnn": (padded_cnn, (1, 5, 5)),
+    "sequence_mlp": (sequence_mlp, (3, 4)),
+}
 
 
 def make(name, seed=0, n=7, dtype=torch.float64):
@@ -65,8 +79,10 @@ def per_sample_jacobians(model, x, targets):
     names = [t.name for t in targets]
     out = []
     for n in range(len(x)):
+
         def logits(*ws, n=n):
-            return functional_call(model, {**params, **dict(zip(names, ws))}, (x[n:n + 1],))[0]
+            return functional_call(model, {**params, **dict(zip(names, ws))}, (x[n : n + 1],))[0]
+
         jac = torch.autograd.functional.jacobian(logits, tuple(params[k] for k in names))
         p = logits(*(params[k] for k in names)).softmax(0)
         out.append((p, [j.reshape(len(p), -1) for j in jac]))
@@ -95,9 +111,9 @@ def test_factorisation_of_the_softmax_cross_entropy_hessian():
     torch.manual_seed(0)
     for n_classes in (2, 3, 10):
         p = torch.rand(n_classes, dtype=torch.float64).softmax(0)
-        a = torch.diag(p.sqrt()) - torch.outer(p, p.sqrt())          # A = diag(√p) − p √pᵀ
+        a = torch.diag(p.sqrt()) - torch.outer(p, p.sqrt())  # A = diag(√p) − p √pᵀ
         assert torch.allclose(a @ a.T, torch.diag(p) - torch.outer(p, p), rtol=0, atol=1e-15)
-        logits = torch.randn(n_classes, dtype=torch.float64)          # and it is ∂²CE/∂f²
+        logits = torch.randn(n_classes, dtype=torch.float64)  # and it is ∂²CE/∂f²
         label = torch.tensor([1])
         hess = torch.autograd.functional.hessian(lambda f: F.cross_entropy(f[None], label), logits)
         q = logits.softmax(0)
@@ -125,8 +141,9 @@ def test_last_layer_equals_the_true_hessian_diagonal(name):
     criterion, targets = calibrated(model, x, y)
     last = targets[-1].weight
     grad = torch.autograd.grad(F.cross_entropy(model(x), y), last, create_graph=True)[0].flatten()
-    hess = torch.stack([torch.autograd.grad(grad[i], last, retain_graph=True)[0].flatten()[i]
-                        for i in range(last.numel())]).reshape(last.shape)
+    hess = torch.stack(
+        [torch.autograd.grad(grad[i], last, retain_graph=True)[0].flatten()[i] for i in range(last.numel())]
+    ).reshape(last.shape)
     torch.testing.assert_close(criterion.hessian_diagonal()[-1], hess, rtol=1e-6, atol=1e-14)
 
 
@@ -150,8 +167,8 @@ def test_batches_of_different_sizes_weigh_like_one_batch(name):
 def test_chunked_computation_gives_the_same_diagonal(name, monkeypatch):
     model, x, y = make(name)
     reference, _ = calibrated(model, x, y)
-    monkeypatch.setattr(obd_module, "_CHUNK_BYTES", 1)     # one sample and one class at a time
-    monkeypatch.setattr(obd_module, "_DELTA_BYTES", 1)     # one backward per class
+    monkeypatch.setattr(obd_module, "_CHUNK_BYTES", 1)  # one sample and one class at a time
+    monkeypatch.setattr(obd_module, "_DELTA_BYTES", 1)  # one backward per class
     chunked, _ = calibrated(model, x, y)
     for a, b in zip(chunked.hessian_diagonal(), reference.hessian_diagonal()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-16)
@@ -168,16 +185,16 @@ def test_mc_mode_is_an_unbiased_estimate_within_five_standard_errors(name):
     means = [torch.zeros(t.weight.numel(), dtype=torch.float64) for t in targets]
     variances = [torch.zeros_like(m) for m in means]
     for p, jacobians in per_sample_jacobians(model, x, targets):
-        residuals = p[None, :] - torch.eye(len(p), dtype=p.dtype)          # row y: p − e_y
+        residuals = p[None, :] - torch.eye(len(p), dtype=p.dtype)  # row y: p − e_y
         for mean, var, j in zip(means, variances, jacobians):
-            v = (residuals @ j) ** 2                                       # (C, numel)
+            v = (residuals @ j) ** 2  # (C, numel)
             m = p @ v
             mean += m / n
-            var += (p @ v ** 2 - m ** 2) / (n ** 2 * samples)
+            var += (p @ v**2 - m**2) / (n**2 * samples)
     for got, mean, var, t in zip(criterion.hessian_diagonal(), means, variances, targets):
         got = got.flatten()
         assert torch.all((got - mean).abs() <= 5 * var.sqrt() + 1e-14), t.name
-        assert (got - mean).norm() / mean.norm() < 0.05                    # observed: 0.005–0.02
+        assert (got - mean).norm() / mean.norm() < 0.05  # observed: 0.005–0.02
 
 
 def test_mc_mode_is_seeded():
@@ -224,7 +241,7 @@ def test_filter_granularity_on_a_conv_net_prunes_the_lowest_filters():
     for conv, score in zip(convs, expected[:2]):
         dead = conv.weight.flatten(1).abs().sum(1) == 0
         assert int(dead.sum()) == 1
-        group = score.flatten(1).norm(dim=1)                 # the default l2 reduction
+        group = score.flatten(1).norm(dim=1)  # the default l2 reduction
         assert group[dead].max() <= group[~dead].min()
 
 
@@ -245,13 +262,20 @@ def test_iterative_pruner_recomputes_the_hessian_before_every_prune():
             return super().calibrate(*args, **kwargs)
 
         def scores(self, targets):
-            assert self.n_samples == len(x)                  # reset in between: one pass each
+            assert self.n_samples == len(x)  # reset in between: one pass each
             for got, want in zip(self.hessian_diagonal(), brute_ggn_diagonal(model, x, targets)):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-14)
             return super().scores(targets)
 
-    pruner = Pruner(model, 0.75, criterion=Spy(), schedule="iterative",
-                    schedule_args={"n_prunes": 3, "every": 2}, calibration=(x, y), calibration_batch_size=5)
+    pruner = Pruner(
+        model,
+        0.75,
+        criterion=Spy(),
+        schedule="iterative",
+        schedule_args={"n_prunes": 3, "every": 2},
+        calibration=(x, y),
+        calibration_batch_size=5,
+    )
     while not pruner.done:
         pruner.step()
     assert len(calls) == 3
@@ -284,9 +308,15 @@ def test_a_target_the_output_does_not_use_is_named():
         prune(Unused(), 0.5, criterion="obd", data=data, layers=["fc", "lstm"])
 
 
-@pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.CrossEntropyLoss(label_smoothing=0.1),
-                                     nn.CrossEntropyLoss(reduction="sum"),
-                                     lambda out, y: F.cross_entropy(out, y)])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        F.mse_loss,
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(reduction="sum"),
+        lambda out, y: F.cross_entropy(out, y),
+    ],
+)
 def test_losses_other_than_cross_entropy_are_refused(loss_fn):
     model, x, y = make("mlp")
     with pytest.raises(ValueError, match="cross-entropy"):
@@ -319,8 +349,7 @@ def test_a_layer_run_twice_takes_the_per_sample_route_and_stays_exact():
     criterion.calibrate(model, targets, [x], None)
     torch.testing.assert_close(criterion.hessian_diagonal()[0], brute_ggn_diagonal(model, x, targets)[0])
     with pytest.raises(ValueError, match="does not depend on 'unused.weight'"):
-        prune(Twice(), 0.5, criterion="obd", data=(x.float(), torch.zeros(5, dtype=torch.long)),
-              layers=["unused"])
+        prune(Twice(), 0.5, criterion="obd", data=(x.float(), torch.zeros(5, dtype=torch.long)), layers=["unused"])
 
 
 def test_bad_options_are_refused():
@@ -337,12 +366,12 @@ def test_bad_options_are_refused():
 def test_calibrate_restores_modes_weights_and_grads():
     model, x, y = make("cnn")
     model.train()
-    model[2].eval()                                          # a mixed state is restored as it was
+    model[2].eval()  # a mixed state is restored as it was
     modes = [m.training for m in model.modules()]
     F.cross_entropy(model(x), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     weights = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():                                    # works under no_grad, like the Pruner's
+    with torch.no_grad():  # works under no_grad, like the Pruner's
         calibrated(model, x, y)
     assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
@@ -383,9 +412,11 @@ def brute_ggn_general(model, batches, names):
     count = 0
     for x, counted in batches:
         for n in range(len(x)):
+
             def logits(*ws, n=n):
-                out = functional_call(model, {**params, **dict(zip(names, ws))}, (x[n:n + 1],))
-                return out[0].reshape(-1, out.shape[-1])                  # (positions, classes)
+                out = functional_call(model, {**params, **dict(zip(names, ws))}, (x[n : n + 1],))
+                return out[0].reshape(-1, out.shape[-1])  # (positions, classes)
+
             jac = torch.autograd.functional.jacobian(logits, tuple(params[k] for k in names))
             p = logits(*(params[k] for k in names)).softmax(-1)
             for pos in torch.nonzero(counted[n].reshape(-1)).flatten().tolist():
@@ -469,7 +500,7 @@ def test_token_logits_next_token_sum_over_counted_positions_equals_brute_force()
     tokens = _tokens()
     names = ["embed.weight", "hidden.weight", "decoder.weight"]
     criterion, targets = _obd_diagonal(model, names, [tokens[:3], tokens[3:]])
-    assert criterion.n_samples == 4 * 4                      # positions counted: the last predicts nothing
+    assert criterion.n_samples == 4 * 4  # positions counted: the last predicts nothing
     want = brute_ggn_general(model, [(tokens, _next_token(tokens))], names)
     for got, ref in zip(criterion.hessian_diagonal(), want):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
@@ -496,7 +527,7 @@ def test_token_targets_with_ignore_index_and_hf_labels_drop_their_positions():
     keyword.load_state_dict(model.state_dict())
     hf, _ = _obd_diagonal(keyword, names, [{"input_ids": tokens, "labels": targets}])
     shifted = torch.zeros_like(tokens, dtype=torch.bool)
-    shifted[:, :-1] = targets[:, 1:] != -100                 # HF labels: position t predicts label t+1
+    shifted[:, :-1] = targets[:, 1:] != -100  # HF labels: position t predicts label t+1
     want = brute_ggn_general(model, [(tokens, shifted)], names)
     assert hf.n_samples == int(shifted.sum())
     for got, ref in zip(hf.hessian_diagonal(), want):
@@ -526,30 +557,40 @@ def test_recurrent_weights_equal_brute_force(cell):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["grouped", "depthwise", "conv1d", "conv3d", "hf-conv1d", "padded-grouped",
-                                  "padded-conv1d"])
+@pytest.mark.parametrize(
+    "name", ["grouped", "depthwise", "conv1d", "conv3d", "hf-conv1d", "padded-grouped", "padded-conv1d"]
+)
 def test_grouped_convs_other_convs_and_hf_conv1d_equal_brute_force(name):
     torch.manual_seed(0)
-    if name == "padded-grouped":       # strided, dilated, circular 'same'-style padding, depthwise multiplier 2
-        model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, groups=2, padding_mode="circular"),
-                              nn.Tanh(), nn.Conv2d(4, 4, (2, 3), padding="same", groups=4), nn.Flatten(),
-                              nn.Linear(36, 3))
+    if name == "padded-grouped":  # strided, dilated, circular 'same'-style padding, depthwise multiplier 2
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2, groups=2, padding_mode="circular"),
+            nn.Tanh(),
+            nn.Conv2d(4, 4, (2, 3), padding="same", groups=4),
+            nn.Flatten(),
+            nn.Linear(36, 3),
+        )
         x = torch.randn(4, 2, 5, 5)
     elif name == "padded-conv1d":
-        model = nn.Sequential(nn.Conv1d(2, 4, 4, padding="same", padding_mode="reflect", groups=2), nn.Tanh(),
-                              nn.Flatten(), nn.Linear(24, 3))
+        model = nn.Sequential(
+            nn.Conv1d(2, 4, 4, padding="same", padding_mode="reflect", groups=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        )
         x = torch.randn(4, 2, 6)
     elif name == "hf-conv1d":
         model, x = nn.Sequential(Conv1D(4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)), torch.randn(4, 2, 3)
     elif name == "conv1d":
         model, x = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)), torch.randn(4, 2, 5)
     elif name == "conv3d":
-        model, x = (nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
-                    torch.randn(4, 1, 3, 3, 3))
+        model, x = (
+            nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
+            torch.randn(4, 1, 3, 3, 3),
+        )
     else:
         groups, cout = (2, 4) if name == "grouped" else (4, 8)
-        model = nn.Sequential(nn.Conv2d(4, cout, 2, groups=groups), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(cout * 4, 3))
+        model = nn.Sequential(nn.Conv2d(4, cout, 2, groups=groups), nn.Tanh(), nn.Flatten(), nn.Linear(cout * 4, 3))
         x = torch.randn(4, 4, 3, 3)
     model, x = model.double(), x.double()
     names = [n for n, p in model.named_parameters() if n.endswith("weight")]
@@ -564,7 +605,7 @@ def test_grouped_convs_other_convs_and_hf_conv1d_equal_brute_force(name):
 def test_tied_embedding_and_decoder_are_scored_once_with_both_uses():
     torch.manual_seed(0)
     model = TokenLM(vocab=7, d=4).double()
-    model.decoder.weight = model.embed.weight                # (7, 4) both: tied as GPT-2's lm_head
+    model.decoder.weight = model.embed.weight  # (7, 4) both: tied as GPT-2's lm_head
     tokens = _tokens()
     criterion, targets = _obd_diagonal(model, ["decoder", "embed"], [tokens])
     assert [t.name for t in targets] == ["embed.weight"]
@@ -579,11 +620,12 @@ def test_mc_mode_on_token_logits_is_unbiased_within_five_standard_errors():
     names = ["hidden.weight", "decoder.weight"]
     exact, _ = _obd_diagonal(model, names, [tokens])
     draws = 400
-    estimates = [torch.cat([h.flatten() for h in _obd_diagonal(model, names, [tokens], mode="mc",
-                                                                 seed=s)[0].hessian_diagonal()])
-                 for s in range(draws)]
+    estimates = [
+        torch.cat([h.flatten() for h in _obd_diagonal(model, names, [tokens], mode="mc", seed=s)[0].hessian_diagonal()])
+        for s in range(draws)
+    ]
     estimates = torch.stack(estimates)
-    mean, se = estimates.mean(0), estimates.std(0) / draws ** 0.5
+    mean, se = estimates.mean(0), estimates.std(0) / draws**0.5
     want = torch.cat([h.flatten() for h in exact.hessian_diagonal()])
     assert torch.all((mean - want).abs() <= 5 * se + 1e-12)
 

@@ -33,7 +33,7 @@ def test_the_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "own_model_doc"}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                # the tied lm_head note, exporter notices
+        warnings.simplefilter("ignore")  # the tied lm_head note, exporter notices
         for block in _blocks("python")[:3]:
             exec(compile(block, str(PAGE), "exec"), namespace)
     assert (tmp_path / "resnet.plm").is_file() and (tmp_path / "gpt2.onnx").is_file()
@@ -58,5 +58,6 @@ def test_the_commands_run(tmp_path, monkeypatch, capsys):
     import my_models
 
     import prunelab
+
     assert prunelab.load(tmp_path / "gpt2-small.plm", model=my_models.gpt2()).transformer.h[1].attn.num_heads == 3
     sys.modules.pop("my_models", None)

@@ -15,7 +15,7 @@ def test_plain_mode_prints_one_line_per_finished_run():
     stream = io.StringIO()
     progress = Progress(4, done=1, stream=stream, live=False)
     progress.start("a", "digits/mlp/mag s=0.5 #0")
-    assert stream.getvalue() == ""                    # nothing per start in log mode
+    assert stream.getvalue() == ""  # nothing per start in log mode
     progress.finish("a", "digits/mlp/mag s=0.5 #0", outcome())
     progress.start("b", "digits/mlp/mag s=0.9 #0")
     progress.finish("b", "digits/mlp/mag s=0.9 #0", outcome("failed"))
@@ -40,4 +40,4 @@ def test_live_mode_redraws_one_line_with_the_runs_in_flight():
     last = stream.getvalue().rsplit("\r\033[K", 1)[-1]
     assert last.startswith("[######..............] 1/3 done") and "running: run-B" in last
     progress.finish("b", "run-B", outcome("failed"))
-    assert "FAILED: TrainingDiverged" in stream.getvalue()   # failures are printed above the line
+    assert "FAILED: TrainingDiverged" in stream.getvalue()  # failures are printed above the line

@@ -31,8 +31,12 @@ SCALE = int(os.environ.get("PRUNELAB_HYPOTHESIS", "0"))
 
 def bounded(n: int):
     """At most ``n`` examples, derandomised (the same examples on every run: CI stays fast and stable)."""
-    return settings(max_examples=n * max(SCALE, 1), deadline=None, derandomize=not SCALE,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    return settings(
+        max_examples=n * max(SCALE, 1),
+        deadline=None,
+        derandomize=not SCALE,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
 
 
 SCORE_CRITERIA = ["magnitude", "random", "gradient", "obd"]
@@ -42,10 +46,16 @@ SCOPES = ["local", "global", "layerwise-constant"]
 
 # values that are not what a parameter wants: wrong types, non-finite numbers, near misses
 GARBAGE = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.text(max_size=8),
     st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.1, 1.0, 1.5, -1e-9, 1 + 1e-12]),
-    st.lists(st.floats(0, 0.5), max_size=2), st.dictionaries(st.text(max_size=3), st.floats(0, 0.5), max_size=2),
-    st.just(object()), st.just(torch.tensor(0.5)), st.just(2 ** 70),
+    st.lists(st.floats(0, 0.5), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.floats(0, 0.5), max_size=2),
+    st.just(object()),
+    st.just(torch.tensor(0.5)),
+    st.just(2**70),
 )
 
 
@@ -54,14 +64,24 @@ GARBAGE = st.one_of(
 def small_models(draw):
     """The recipe of an MLP or a conv-pool-linear net of a few hundred weights (a dict for
     :func:`build`, so that regression examples can name one)."""
-    recipe = {"seed": draw(st.integers(0, 2 ** 16)), "n_classes": draw(st.integers(2, 4))}
+    recipe = {"seed": draw(st.integers(0, 2**16)), "n_classes": draw(st.integers(2, 4))}
     if draw(st.booleans()):
-        return {**recipe, "name": "mlp", "hidden": draw(st.lists(st.integers(1, 6), max_size=2)),
-                "input_shape": (1, draw(st.integers(1, 4)), draw(st.integers(1, 4)))}
+        return {
+            **recipe,
+            "name": "mlp",
+            "hidden": draw(st.lists(st.integers(1, 6), max_size=2)),
+            "input_shape": (1, draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+        }
     kernel, channels, pool = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
     side = draw(st.integers(kernel + pool - 1, kernel + pool + 2))
-    return {**recipe, "name": "conv-pool-linear", "kernel": kernel, "channels": channels, "pool": pool,
-            "input_shape": (draw(st.integers(1, 2)), side, side)}
+    return {
+        **recipe,
+        "name": "conv-pool-linear",
+        "kernel": kernel,
+        "channels": channels,
+        "pool": pool,
+        "input_shape": (draw(st.integers(1, 2)), side, side),
+    }
 
 
 def build(recipe: dict):
@@ -72,8 +92,15 @@ def build(recipe: dict):
 
 MLP = {"name": "mlp", "hidden": [4], "input_shape": (1, 2, 2), "n_classes": 3, "seed": 0}
 # conv1 → ReLU is zero on every calibration sample in one channel (seed 0) or both (seed 4)
-DEAD_ONE = {"name": "conv-pool-linear", "kernel": 1, "channels": 2, "pool": 1, "input_shape": (1, 1, 1),
-            "n_classes": 2, "seed": 0}
+DEAD_ONE = {
+    "name": "conv-pool-linear",
+    "kernel": 1,
+    "channels": 2,
+    "pool": 1,
+    "input_shape": (1, 1, 1),
+    "n_classes": 2,
+    "seed": 0,
+}
 DEAD_ALL = {**DEAD_ONE, "seed": 4}
 
 
@@ -91,7 +118,7 @@ def groups(weight: torch.Tensor, granularity: str) -> tuple[int, int]:
         return weight.shape[0], n // weight.shape[0]
     if granularity == "channel":
         return weight.shape[1], n // weight.shape[1]
-    return weight.shape[0] * weight.shape[1], n // (weight.shape[0] * weight.shape[1])   # kernel
+    return weight.shape[0] * weight.shape[1], n // (weight.shape[0] * weight.shape[1])  # kernel
 
 
 def snapshot(model):
@@ -100,9 +127,11 @@ def snapshot(model):
 
 def unchanged(model, before) -> bool:
     after = model.state_dict()
-    return all(torch.equal(before[k], after[k]) or (before[k].isnan().any() and
-                                                     torch.equal(before[k].isnan(), after[k].isnan()))
-               for k in before)
+    return all(
+        torch.equal(before[k], after[k])
+        or (before[k].isnan().any() and torch.equal(before[k].isnan(), after[k].isnan()))
+        for k in before
+    )
 
 
 def zeros(target) -> int:
@@ -128,10 +157,12 @@ def check_realised(pruner, sparsity, granularity: str, scope: str, min_keep: int
         target = round(sparsity * total)
         pruned = sum(zeros(t) for t in targets)
         largest = max(z for _, z in layer_groups)
-        at_floor = all((t.weight.numel() - zeros(t)) // z == floor
-                       for t, (_, z), floor in zip(targets, layer_groups, floors))
-        assert abs(pruned - target) <= largest / 2 or (pruned < target and at_floor), \
+        at_floor = all(
+            (t.weight.numel() - zeros(t)) // z == floor for t, (_, z), floor in zip(targets, layer_groups, floors)
+        )
+        assert abs(pruned - target) <= largest / 2 or (pruned < target and at_floor), (
             f"global: {pruned} weights pruned for a target of {target}"
+        )
         return
     for t, (g, z), floor in zip(targets, layer_groups, floors):
         s = per_layer[t.module_name] if per_layer else sparsity
@@ -154,14 +185,18 @@ def pruned_stay_zero(model, pruner, shape, n_classes) -> None:
 
 
 # ----------------------------------------------------------------------------- prune()
-TOLERABLE = [{"name": "lobs", "epsilon": 1e6}, {"name": "obs-exact", "epsilon": 1e6},
-             {"name": "lobs", "epsilon": 1e-3}]
+TOLERABLE = [{"name": "lobs", "epsilon": 1e6}, {"name": "obs-exact", "epsilon": 1e6}, {"name": "lobs", "epsilon": 1e-3}]
 
 
 @bounded(60)
-@given(net=small_models(), sparsity=st.one_of(st.floats(0.0, 0.9999), st.sampled_from([0.999, 0.9999])),
-       criterion=st.sampled_from(SCORE_CRITERIA + SOLVERS + TOLERABLE),
-       granularity=st.sampled_from(GRANULARITIES), scope=st.sampled_from(SCOPES), min_keep=st.integers(1, 3))
+@given(
+    net=small_models(),
+    sparsity=st.one_of(st.floats(0.0, 0.9999), st.sampled_from([0.999, 0.9999])),
+    criterion=st.sampled_from(SCORE_CRITERIA + SOLVERS + TOLERABLE),
+    granularity=st.sampled_from(GRANULARITIES),
+    scope=st.sampled_from(SCOPES),
+    min_keep=st.integers(1, 3),
+)
 # bug found: the L-OBS solvers ignored min_keep and emptied every layer at 99.9 % (and for any ε that
 # tolerated it); obs-exact by channels kept one channel whatever min_keep said
 @example(net=MLP, sparsity=0.9999, criterion="lobs", granularity="weight", scope="local", min_keep=1)
@@ -169,35 +204,49 @@ TOLERABLE = [{"name": "lobs", "epsilon": 1e6}, {"name": "obs-exact", "epsilon": 
 @example(net=MLP, sparsity=0.999, criterion="obs-exact", granularity="channel", scope="local", min_keep=2)
 @example(net=MLP, sparsity=0.0, criterion=TOLERABLE[0], granularity="weight", scope="local", min_keep=1)
 @example(net=DEAD_ALL, sparsity=0.999, criterion="obs-exact", granularity="weight", scope="local", min_keep=1)
-def test_prune_gives_the_documented_sparsity_or_a_clear_error(net, sparsity, criterion, granularity, scope,
-                                                             min_keep):
+def test_prune_gives_the_documented_sparsity_or_a_clear_error(net, sparsity, criterion, granularity, scope, min_keep):
     model, shape, n_classes = build(net)
     before = snapshot(model)
     data = calibration(shape, n_classes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pruner = prune(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
-                           min_keep=min_keep, data=data)
+            pruner = prune(
+                model, sparsity, criterion=criterion, granularity=granularity, scope=scope, min_keep=min_keep, data=data
+            )
     except (ValueError, TypeError) as err:
         assert str(err)
         assert unchanged(model, before), "an error was raised after weights changed"
         return
     check_realised(pruner, sparsity, granularity, None if isinstance(criterion, dict) else scope, min_keep)
-    for t in pruner.targets:   # the masks and the zeros agree
+    for t in pruner.targets:  # the masks and the zeros agree
         assert torch.equal(pruner.mask(t.name), t.weight != 0)
     pruned_stay_zero(model, pruner, shape, n_classes)
 
 
-VALID = {"sparsity": st.floats(0.0, 0.99), "criterion": st.sampled_from(SCORE_CRITERIA + SOLVERS),
-         "granularity": st.sampled_from(GRANULARITIES), "scope": st.sampled_from(SCOPES),
-         "min_keep": st.integers(1, 3), "reduction": st.sampled_from(["l2", "sum", "mean"]),
-         "seed": st.integers(0, 9), "layers": st.none(), "batch_size": st.integers(1, 64)}
-ODD = {"criterion": st.one_of(GARBAGE, st.fixed_dictionaries({"name": st.sampled_from(SCORE_CRITERIA + SOLVERS)},
-                                                              optional={"window": GARBAGE, "mode": GARBAGE,
-                                                                        "damping": GARBAGE, "epsilon": GARBAGE})),
-       "layers": st.one_of(GARBAGE, st.lists(st.sampled_from(["fc1", "conv1", "fc1.weight", "fc1.bias", "nope"]),
-                                             max_size=3))}
+VALID = {
+    "sparsity": st.floats(0.0, 0.99),
+    "criterion": st.sampled_from(SCORE_CRITERIA + SOLVERS),
+    "granularity": st.sampled_from(GRANULARITIES),
+    "scope": st.sampled_from(SCOPES),
+    "min_keep": st.integers(1, 3),
+    "reduction": st.sampled_from(["l2", "sum", "mean"]),
+    "seed": st.integers(0, 9),
+    "layers": st.none(),
+    "batch_size": st.integers(1, 64),
+}
+ODD = {
+    "criterion": st.one_of(
+        GARBAGE,
+        st.fixed_dictionaries(
+            {"name": st.sampled_from(SCORE_CRITERIA + SOLVERS)},
+            optional={"window": GARBAGE, "mode": GARBAGE, "damping": GARBAGE, "epsilon": GARBAGE},
+        ),
+    ),
+    "layers": st.one_of(
+        GARBAGE, st.lists(st.sampled_from(["fc1", "conv1", "fc1.weight", "fc1.bias", "nope"]), max_size=3)
+    ),
+}
 
 
 @st.composite
@@ -207,8 +256,17 @@ def prune_arguments(draw):
     return {name: draw(ODD.get(name, GARBAGE) if name in bad else valid) for name, valid in VALID.items()}
 
 
-GOOD = {"sparsity": 0.5, "criterion": "magnitude", "granularity": "weight", "scope": "local", "min_keep": 1,
-        "reduction": "l2", "seed": 0, "layers": None, "batch_size": 8}
+GOOD = {
+    "sparsity": 0.5,
+    "criterion": "magnitude",
+    "granularity": "weight",
+    "scope": "local",
+    "min_keep": 1,
+    "reduction": "l2",
+    "seed": 0,
+    "layers": None,
+    "batch_size": 8,
+}
 
 
 @bounded(100)
@@ -234,8 +292,12 @@ def test_prune_with_bad_arguments_raises_value_or_type_error_before_any_change(n
 
 
 @bounded(40)
-@given(net=small_models(), levels=st.lists(st.floats(0.0, 0.999), min_size=3, max_size=3),
-       scope=st.sampled_from(["local", "layerwise-constant"]), criterion=st.sampled_from(["magnitude", "random", "lobs"]))
+@given(
+    net=small_models(),
+    levels=st.lists(st.floats(0.0, 0.999), min_size=3, max_size=3),
+    scope=st.sampled_from(["local", "layerwise-constant"]),
+    criterion=st.sampled_from(["magnitude", "random", "lobs"]),
+)
 # bug found: L-OBS zeroed the weights of inputs that are zero on every calibration sample without masking
 # them (sparsity above the target, even at 0), and so emptied a layer whose inputs were all dead
 @example(net=DEAD_ONE, levels=[0.0, 0.0, 0.0], scope="local", criterion="lobs")
@@ -253,14 +315,28 @@ def test_per_layer_targets(net, levels, scope, criterion):
 # ---------------------------------------------------------------------- Pruner schedules
 SCHEDULE_ARGS = {
     "one-shot": st.fixed_dictionaries({}, optional={"at": st.integers(0, 3)}),
-    "iterative": st.fixed_dictionaries({}, optional={"n_prunes": st.integers(1, 4), "exponent": st.floats(1, 4),
-                                                     "start": st.integers(0, 3), "every": st.integers(1, 3)}),
-    "agp": st.fixed_dictionaries({}, optional={"n_prunes": st.integers(1, 4), "every": st.integers(1, 3),
-                                               "start": st.integers(0, 3),
-                                               "initial_sparsity": st.floats(0, 0.3)}),
-    "fixed-fraction": st.fixed_dictionaries({"fraction": st.floats(0.05, 0.6)},
-                                            optional={"n_prunes": st.integers(1, 4),
-                                                      "of": st.sampled_from(["remaining", "layer"])}),
+    "iterative": st.fixed_dictionaries(
+        {},
+        optional={
+            "n_prunes": st.integers(1, 4),
+            "exponent": st.floats(1, 4),
+            "start": st.integers(0, 3),
+            "every": st.integers(1, 3),
+        },
+    ),
+    "agp": st.fixed_dictionaries(
+        {},
+        optional={
+            "n_prunes": st.integers(1, 4),
+            "every": st.integers(1, 3),
+            "start": st.integers(0, 3),
+            "initial_sparsity": st.floats(0, 0.3),
+        },
+    ),
+    "fixed-fraction": st.fixed_dictionaries(
+        {"fraction": st.floats(0.05, 0.6)},
+        optional={"n_prunes": st.integers(1, 4), "of": st.sampled_from(["remaining", "layer"])},
+    ),
 }
 
 
@@ -271,17 +347,29 @@ def schedules(draw):
 
 
 @bounded(50)
-@given(net=small_models(), sparsity=st.floats(0.0, 0.999), schedule=schedules(),
-       criterion=st.sampled_from(["magnitude", "random", "gradient"]),
-       granularity=st.sampled_from(["weight", "filter", "channel"]), scope=st.sampled_from(SCOPES))
-def test_a_schedule_prunes_monotonically_to_its_final_target(net, sparsity, schedule, criterion, granularity,
-                                                              scope):
+@given(
+    net=small_models(),
+    sparsity=st.floats(0.0, 0.999),
+    schedule=schedules(),
+    criterion=st.sampled_from(["magnitude", "random", "gradient"]),
+    granularity=st.sampled_from(["weight", "filter", "channel"]),
+    scope=st.sampled_from(SCOPES),
+)
+def test_a_schedule_prunes_monotonically_to_its_final_target(net, sparsity, schedule, criterion, granularity, scope):
     model, shape, n_classes = build(net)
     name, args = schedule
     before = snapshot(model)
     try:
-        pruner = Pruner(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
-                        schedule=name, schedule_args=args, calibration=calibration(shape, n_classes))
+        pruner = Pruner(
+            model,
+            sparsity,
+            criterion=criterion,
+            granularity=granularity,
+            scope=scope,
+            schedule=name,
+            schedule_args=args,
+            calibration=calibration(shape, n_classes),
+        )
     except (ValueError, TypeError) as err:
         assert str(err)
         assert unchanged(model, before)
@@ -310,22 +398,40 @@ def test_a_schedule_prunes_monotonically_to_its_final_target(net, sparsity, sche
 
 
 SCHEDULE_NAMES = ["one-shot", "iterative", "agp", "fixed-fraction", "oneshot", "gradual", "function"]
-SCHEDULE_KEYS = ["at", "n_prunes", "exponent", "start", "every", "initial_sparsity", "fraction", "of", "sparsity",
-                 "bogus"]
+SCHEDULE_KEYS = [
+    "at",
+    "n_prunes",
+    "exponent",
+    "start",
+    "every",
+    "initial_sparsity",
+    "fraction",
+    "of",
+    "sparsity",
+    "bogus",
+]
 
 
 @bounded(80)
-@given(net=small_models(), sparsity=st.one_of(st.floats(0.0, 0.99), GARBAGE),
-       schedule=st.one_of(st.sampled_from(SCHEDULE_NAMES), GARBAGE,
-                          st.fixed_dictionaries({"name": st.sampled_from(SCHEDULE_NAMES)})),
-       schedule_args=st.one_of(st.none(), GARBAGE, st.dictionaries(
-           st.sampled_from(SCHEDULE_KEYS), st.one_of(GARBAGE, st.integers(-2, 6), st.floats(-1, 2)), max_size=3)))
+@given(
+    net=small_models(),
+    sparsity=st.one_of(st.floats(0.0, 0.99), GARBAGE),
+    schedule=st.one_of(
+        st.sampled_from(SCHEDULE_NAMES), GARBAGE, st.fixed_dictionaries({"name": st.sampled_from(SCHEDULE_NAMES)})
+    ),
+    schedule_args=st.one_of(
+        st.none(),
+        GARBAGE,
+        st.dictionaries(
+            st.sampled_from(SCHEDULE_KEYS), st.one_of(GARBAGE, st.integers(-2, 6), st.floats(-1, 2)), max_size=3
+        ),
+    ),
+)
 # bug found: a schedule that was neither a name, a dict nor a Schedule (None, 3) was returned unchanged
 # by the registry and failed later (AttributeError: 'NoneType' object has no attribute 'events')
 @example(net=MLP, sparsity=0.5, schedule=None, schedule_args=None)
 @example(net=MLP, sparsity=0.5, schedule=3, schedule_args={"n_prunes": 2})
-def test_any_schedule_specification_builds_a_valid_schedule_or_fails_clearly(net, sparsity, schedule,
-                                                                           schedule_args):
+def test_any_schedule_specification_builds_a_valid_schedule_or_fails_clearly(net, sparsity, schedule, schedule_args):
     model, _, _ = build(net)
     try:
         pruner = Pruner(model, sparsity, schedule=schedule, schedule_args=schedule_args)
@@ -338,11 +444,16 @@ def test_any_schedule_specification_builds_a_valid_schedule_or_fails_clearly(net
 
 
 @bounded(40)
-@given(net=small_models(), n=st.integers(0, 40), shape_change=st.sampled_from([None, "wider", "flat", "int"]),
-       labels=st.sampled_from(["ok", "too-big", "negative", "float", "2d"]),
-       epochs=st.one_of(st.integers(0, 2), GARBAGE), batch_size=st.one_of(st.integers(1, 16), GARBAGE),
-       lr=st.one_of(st.sampled_from([0.01, 0.5, 1e30]), GARBAGE),
-       optimizer=st.one_of(st.sampled_from(["sgd", "adam", "adamw"]), GARBAGE))
+@given(
+    net=small_models(),
+    n=st.integers(0, 40),
+    shape_change=st.sampled_from([None, "wider", "flat", "int"]),
+    labels=st.sampled_from(["ok", "too-big", "negative", "float", "2d"]),
+    epochs=st.one_of(st.integers(0, 2), GARBAGE),
+    batch_size=st.one_of(st.integers(1, 16), GARBAGE),
+    lr=st.one_of(st.sampled_from([0.01, 0.5, 1e30]), GARBAGE),
+    optimizer=st.one_of(st.sampled_from(["sgd", "adam", "adamw"]), GARBAGE),
+)
 # bugs found: inputs of the wrong shape or dtype, labels out of range, float or 2-D labels all escaped
 # from deep in torch (RuntimeError, IndexError) instead of a ValueError naming the data
 @example(net=MLP, n=10, shape_change="wider", labels="ok", epochs=1, batch_size=4, lr=0.01, optimizer="sgd")
@@ -361,11 +472,17 @@ def test_fit_trains_or_fails_clearly(net, n, shape_change, labels, epochs, batch
         x = x.flatten(1)
     elif shape_change == "int":
         x = x.long()
-    y = {"ok": torch.randint(0, n_classes, (n,)), "too-big": torch.full((n,), n_classes),
-         "negative": -torch.ones(n, dtype=torch.long), "float": torch.rand(n), "2d": torch.zeros(n, 1).long()}[labels]
+    y = {
+        "ok": torch.randint(0, n_classes, (n,)),
+        "too-big": torch.full((n,), n_classes),
+        "negative": -torch.ones(n, dtype=torch.long),
+        "float": torch.rand(n),
+        "2d": torch.zeros(n, 1).long(),
+    }[labels]
     try:
-        history = prunelab.fit(model, (x, y), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                               progress=False)
+        history = prunelab.fit(
+            model, (x, y), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, progress=False
+        )
     except (ValueError, TypeError, prunelab.TrainingDiverged) as err:
         assert str(err)
         return
@@ -375,8 +492,12 @@ def test_fit_trains_or_fails_clearly(net, n, shape_change, labels, epochs, batch
 
 # ------------------------------------------------------------------------------ summary
 @bounded(40)
-@given(net=small_models(), sparsity=st.floats(0.0, 0.99), bits=st.one_of(st.integers(1, 64), GARBAGE),
-       index_bits=st.one_of(st.integers(1, 16), GARBAGE))
+@given(
+    net=small_models(),
+    sparsity=st.floats(0.0, 0.99),
+    bits=st.one_of(st.integers(1, 64), GARBAGE),
+    index_bits=st.one_of(st.integers(1, 16), GARBAGE),
+)
 def test_summary_counts_what_pruning_left(net, sparsity, bits, index_bits):
     model, shape, n_classes = build(net)
     with warnings.catch_warnings():
@@ -408,24 +529,53 @@ def test_summary_with_a_bad_input_shape_raises_a_clear_error(net, shape):
 
 # -------------------------------------------------------------------------- spec loader
 def base_spec() -> dict:
-    return {"name": "t", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [8]}],
-            "methods": [{"label": "mag"}, {"label": "agp", "criterion": "random", "scope": "global",
-                                           "schedule": {"name": "agp", "n_prunes": 1, "every_epochs": 1}}],
-            "sparsities": [0.5, 0.9], "seeds": 2,
-            "training": {"epochs": 1, "finetune_epochs": 2, "batch_size": 64},
-            "outputs": {"tables": [{"rows": "sparsity", "columns": "method"}]}}
+    return {
+        "name": "t",
+        "datasets": ["digits"],
+        "models": [{"name": "mlp", "hidden": [8]}],
+        "methods": [
+            {"label": "mag"},
+            {
+                "label": "agp",
+                "criterion": "random",
+                "scope": "global",
+                "schedule": {"name": "agp", "n_prunes": 1, "every_epochs": 1},
+            },
+        ],
+        "sparsities": [0.5, 0.9],
+        "seeds": 2,
+        "training": {"epochs": 1, "finetune_epochs": 2, "batch_size": 64},
+        "outputs": {"tables": [{"rows": "sparsity", "columns": "method"}]},
+    }
 
 
 SPEC_ERRORS = (ValueError, TypeError)
 
-yaml_leaves = st.one_of(st.none(), st.booleans(), st.integers(-5, 10 ** 6), st.text(max_size=12),
-                        st.floats(allow_nan=True, allow_infinity=True),
-                        st.sampled_from(["digits", "mlp", "magnitude", "agp", "global", "filter", "name", "grid"]))
-yaml_values = st.recursive(yaml_leaves, lambda inner: st.one_of(
-    st.lists(inner, max_size=4),
-    st.dictionaries(st.one_of(st.text(max_size=10), st.sampled_from(
-        ["name", "grid", "label", "sparsities", "schedule", "criterion", "hidden", "epochs", "every_epochs"])),
-        inner, max_size=4)), max_leaves=12)
+yaml_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**6),
+    st.text(max_size=12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["digits", "mlp", "magnitude", "agp", "global", "filter", "name", "grid"]),
+)
+yaml_values = st.recursive(
+    yaml_leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.one_of(
+                st.text(max_size=10),
+                st.sampled_from(
+                    ["name", "grid", "label", "sparsities", "schedule", "criterion", "hidden", "epochs", "every_epochs"]
+                ),
+            ),
+            inner,
+            max_size=4,
+        ),
+    ),
+    max_leaves=12,
+)
 
 
 def paths(node, prefix=()):
@@ -503,12 +653,35 @@ def test_a_valid_spec_with_one_field_changed_loads_or_fails_clearly(path, value,
 
 
 @bounded(60)
-@given(overrides=st.lists(st.one_of(
-    st.text(max_size=30),
-    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(
-        ["training.epochs", "methods.0.criterion", "methods.5.lr", "sparsities", "seeds", "name", "models.0.hidden",
-         "training", "a.b.c", "methods.x", "sparsities.0.x", ""]), st.text(max_size=15)),
-), max_size=3), quick=st.booleans())
+@given(
+    overrides=st.lists(
+        st.one_of(
+            st.text(max_size=30),
+            st.builds(
+                lambda k, v: f"{k}={v}",
+                st.sampled_from(
+                    [
+                        "training.epochs",
+                        "methods.0.criterion",
+                        "methods.5.lr",
+                        "sparsities",
+                        "seeds",
+                        "name",
+                        "models.0.hidden",
+                        "training",
+                        "a.b.c",
+                        "methods.x",
+                        "sparsities.0.x",
+                        "",
+                    ]
+                ),
+                st.text(max_size=15),
+            ),
+        ),
+        max_size=3,
+    ),
+    quick=st.booleans(),
+)
 # bug found: a --set value that is not valid YAML escaped as a yaml error, not a spec error
 @example(overrides=["0=\t"], quick=False)
 @example(overrides=["training.epochs=\x1f"], quick=False)

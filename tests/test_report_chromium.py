@@ -8,24 +8,38 @@ import shutil
 import subprocess
 
 import pytest
-
-from prunelab.experiments.store import Store
 from test_results import STUDY_A_TABLES, build_study, standard_runs
 
-FIGURES = [{"kind": "accuracy_vs_params"}, {"kind": "accuracy_vs_sparsity", "split_by": ["method"]},
-           {"kind": "weight_histogram", "dataset": "mnist"}, {"kind": "curves", "sparsity": 0.5}]
-SPEC = {"name": "Report <study>", "description": "First paragraph.\n\nSecond & last.",
-        "outputs": {**STUDY_A_TABLES, "figures": FIGURES}}
-N_RESULT_TABLES = 2          # one per method (magl1, magl2)
-N_OTHER_TABLES = 3           # study facts, runs by status, software versions
+from prunelab.experiments.store import Store
+
+FIGURES = [
+    {"kind": "accuracy_vs_params"},
+    {"kind": "accuracy_vs_sparsity", "split_by": ["method"]},
+    {"kind": "weight_histogram", "dataset": "mnist"},
+    {"kind": "curves", "sparsity": 0.5},
+]
+SPEC = {
+    "name": "Report <study>",
+    "description": "First paragraph.\n\nSecond & last.",
+    "outputs": {**STUDY_A_TABLES, "figures": FIGURES},
+}
+N_RESULT_TABLES = 2  # one per method (magl1, magl2)
+N_OTHER_TABLES = 3  # study facts, runs by status, software versions
 
 
 @pytest.fixture
 def study(tmp_path):
     runs = standard_runs() + [
-        {"dataset": "mnist", "method": "obd", "sparsity": 0.9, "seed": 0, "status": "failed",
-         "error": "Traceback (most recent call last):\n  RuntimeError: Hessian <not> positive & definite"},
-        {"dataset": "mnist", "method": "obd", "sparsity": 0.9, "seed": 1, "status": "pending"}]
+        {
+            "dataset": "mnist",
+            "method": "obd",
+            "sparsity": 0.9,
+            "seed": 0,
+            "status": "failed",
+            "error": "Traceback (most recent call last):\n  RuntimeError: Hessian <not> positive & definite",
+        },
+        {"dataset": "mnist", "method": "obd", "sparsity": 0.9, "seed": 1, "status": "pending"},
+    ]
     return build_study(tmp_path / "study.db", runs, spec=SPEC)
 
 
@@ -48,10 +62,10 @@ def test_report_is_self_contained_and_has_every_section(study):
     # Counts by status, compute time, versions.
     assert "<tr><th>done</th><td>21</td></tr>" in text and "<tr><th>failed</th><td>1</td></tr>" in text
     assert "<tr><th>pending</th><td>1</td></tr>" in text
-    assert "5.5 s" in text                                   # 22 finished runs × 0.25 s
+    assert "5.5 s" in text  # 22 finished runs × 0.25 s
     assert "2.13.0 (22 runs)" in text
     # Failed runs, collapsed, with their (escaped) error text.
-    details = text[text.index("<details>"):text.index("</details>")]
+    details = text[text.index("<details>") : text.index("</details>")]
     assert "<summary>1 failed run</summary>" in details
     assert "Hessian &lt;not&gt; positive &amp; definite" in details and "seed 0" in details
     # The spec as YAML.
@@ -75,13 +89,15 @@ def test_report_tables_match_the_markdown_tables(study):
 def test_report_of_a_study_without_finished_runs_or_figure_data(tmp_path):
     from prunelab.experiments.report import write_report
 
-    runs = [{"dataset": "mnist", "method": "m", "sparsity": 0.5, "seed": s, "status": st, "error": "boom"}
-            for s, st in enumerate(["pending", "failed"])]
+    runs = [
+        {"dataset": "mnist", "method": "m", "sparsity": 0.5, "seed": s, "status": st, "error": "boom"}
+        for s, st in enumerate(["pending", "failed"])
+    ]
     text = write_report(build_study(tmp_path / "a.db", runs)).read_text()
     assert text.count("No finished runs yet (1 pending, 0 running, 1 failed).") == 2
     runs = [{"dataset": "mnist", "method": "m", "sparsity": 0.5, "seed": 0, "metrics": {"accuracy": 0.9}}]
     text = write_report(build_study(tmp_path / "b.db", runs)).read_text()
-    assert "needs the metric &#x27;nonzero_params&#x27;" in text       # the default figure's data is missing
+    assert "needs the metric &#x27;nonzero_params&#x27;" in text  # the default figure's data is missing
     assert '<table class="results">' in text
 
 
@@ -93,7 +109,7 @@ def test_report_and_plot_with_nothing_declared(tmp_path):
     assert write_figures(path, tmp_path / "figs") == []
     text = write_report(path).read_text()
     assert "The spec declares no tables." in text and "The spec declares no figures." in text
-    assert "<h1>s</h1>" in text                             # no name in the spec: the database's stem
+    assert "<h1>s</h1>" in text  # no name in the spec: the database's stem
 
 
 # ----------------------------------------------------------------------------------- Chromium
@@ -132,9 +148,20 @@ def _chromium() -> str:
 def _run_chromium(binary, tmp_path, *args):
     profile = tmp_path / "chromium-profile"
     profile.mkdir(exist_ok=True)
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    command = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
 
 
@@ -152,7 +179,7 @@ def test_every_figure_and_table_is_visible_in_chromium(study, tmp_path):
     assert len(summary["images"]) == len(FIGURES)
     assert [img["alt"] for img in summary["images"]] == [d["kind"] for d in FIGURES]
     assert all(img["visible"] and img["width"] > 100 for img in summary["images"]), summary["images"]
-    assert summary["svgs"] == []                             # figures are embedded as PNG
+    assert summary["svgs"] == []  # figures are embedded as PNG
     tables = summary["tables"]
     assert len([t for t in tables if t["cls"] == "results"]) == N_RESULT_TABLES
     assert len(tables) == N_RESULT_TABLES + N_OTHER_TABLES

@@ -17,9 +17,9 @@ def test_iterative_root_schedule_end_and_mid_points():
     s = Iterative(0.9, n_prunes=4, exponent=2, start=10, every=5)
     events = s.events()
     assert [step for step, _ in events] == [10, 15, 20, 25]
-    assert events[-1][1] == pytest.approx(0.9)                  # i = k → S
+    assert events[-1][1] == pytest.approx(0.9)  # i = k → S
     assert events[1][1] == pytest.approx(0.9 * math.sqrt(0.5))  # i = k/2, c = 2 → S·(1/2)^(1/2)
-    assert events[0][1] == pytest.approx(0.9 * 0.25 ** 0.5)
+    assert events[0][1] == pytest.approx(0.9 * 0.25**0.5)
     linear = Iterative(0.8, n_prunes=4, exponent=1).events()
     assert [v for _, v in linear] == pytest.approx([0.2, 0.4, 0.6, 0.8])
 
@@ -28,10 +28,10 @@ def test_agp_cubic_end_and_mid_points():
     s = AGP(0.9, n_prunes=4, every=100, start=50, initial_sparsity=0.1)
     events = s.events()
     assert [step for step, _ in events] == [50, 150, 250, 350, 450]
-    assert events[0][1] == pytest.approx(0.1)                          # t = t0 → s_i
-    assert events[-1][1] == pytest.approx(0.9)                         # t = t0 + nΔt → s_f
-    assert events[2][1] == pytest.approx(0.9 + (0.1 - 0.9) * 0.5 ** 3)  # midpoint
-    assert events[1][1] == pytest.approx(0.9 - 0.8 * 0.75 ** 3)
+    assert events[0][1] == pytest.approx(0.1)  # t = t0 → s_i
+    assert events[-1][1] == pytest.approx(0.9)  # t = t0 + nΔt → s_f
+    assert events[2][1] == pytest.approx(0.9 + (0.1 - 0.9) * 0.5**3)  # midpoint
+    assert events[1][1] == pytest.approx(0.9 - 0.8 * 0.75**3)
     assert s.sparsity_at(0) == 0.0 and s.sparsity_at(260) == events[2][1] and s.sparsity_at(10**6) == 0.9
 
 

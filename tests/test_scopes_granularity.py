@@ -61,17 +61,18 @@ def test_local_guard_at_extreme_sparsity():
 def test_layerwise_constant_raises_one_layer_per_event_then_all():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 10))
-    pruner = Pruner(model, 0.8, scope="layerwise-constant", schedule="iterative",
-                    schedule_args={"n_prunes": 3, "every": 1})
+    pruner = Pruner(
+        model, 0.8, scope="layerwise-constant", schedule="iterative", schedule_args={"n_prunes": 3, "every": 1}
+    )
     targets = [s for _, s in pruner.schedule.events()]
-    pruner.update()   # event 0 → layer 0 only
+    pruner.update()  # event 0 → layer 0 only
     sp = list(pruner.layer_sparsity().values())
     assert sp == pytest.approx([round(targets[0] * 100) / 100, 0.0, 0.0])
-    pruner.step()     # event 1 → layer 1 only
+    pruner.step()  # event 1 → layer 1 only
     sp = list(pruner.layer_sparsity().values())
     assert sp[1] == pytest.approx(round(targets[1] * 100) / 100) and sp[2] == 0.0
     assert sp[0] == pytest.approx(round(targets[0] * 100) / 100)
-    pruner.step()     # final event → every layer to S
+    pruner.step()  # final event → every layer to S
     assert list(pruner.layer_sparsity().values()) == pytest.approx([0.8, 0.8, 0.8])
 
 
@@ -107,7 +108,7 @@ def test_kernel_granularity_zeroes_whole_kernels():
     prune(model, 0.25, granularity="kernel")
     kernels = model[0].weight.flatten(2)
     dead = (kernels == 0).all(dim=2)
-    assert int(dead.sum()) == 6                      # 25 % of 8·3 kernels
+    assert int(dead.sum()) == 6  # 25 % of 8·3 kernels
     assert torch.all(kernels[~dead] != 0)
 
 
@@ -160,13 +161,14 @@ def test_named_lstm_and_embedding_weights_unstructured():
 def test_filter_granularity_on_attention_weights_prunes_rows_with_their_in_proj_bias_entries():
     torch.manual_seed(0)
     packed = nn.MultiheadAttention(4, 2)
-    split = nn.MultiheadAttention(4, 2, kdim=3, vdim=5)           # separate q/k/v_proj_weight
+    split = nn.MultiheadAttention(4, 2, kdim=3, vdim=5)  # separate q/k/v_proj_weight
     for mha in (packed, split):
         with torch.no_grad():
-            mha.in_proj_bias.uniform_(0.5, 1.0)                     # torch starts it at zero
-        prune(mha, 0.5, granularity="filter", layers=[n for n, _ in mha.named_parameters()
-                                                      if n.endswith("proj_weight")])
-    rows = (packed.in_proj_weight == 0).all(1)                      # (12,) q, k, v rows
+            mha.in_proj_bias.uniform_(0.5, 1.0)  # torch starts it at zero
+        prune(
+            mha, 0.5, granularity="filter", layers=[n for n, _ in mha.named_parameters() if n.endswith("proj_weight")]
+        )
+    rows = (packed.in_proj_weight == 0).all(1)  # (12,) q, k, v rows
     assert int(rows.sum()) == 6
     assert torch.equal(packed.in_proj_bias == 0, rows)
     dead = torch.cat([(getattr(split, f"{k}_proj_weight") == 0).all(1) for k in "qkv"])

@@ -43,14 +43,14 @@ def test_global_allocation_is_its_selection_per_layer():
     # the guard keeps its best (0.4) and the next lowest of the other layer (1.0) goes instead
     assert allocation.sparsities == [1 - 1 / 4, 1 - 4 / 6]
     assert allocation.raised == [True, True]
-    assert allocation.held == ()          # the difference came from the other layer: no shortfall
+    assert allocation.held == ()  # the difference came from the other layer: no shortfall
     keeps = Global().select([low, high], 0.5, Event(0), 1)
     assert allocation.sparsities == [1 - int(k.sum()) / k.numel() for k in keeps]
 
 
 def test_global_allocation_names_the_layers_the_guard_held():
     a, b = groups([0.1, 0.2, 0.3, 0.4]), groups([1.0, 2.0, 3.0, 4.0])
-    allocation = Global().allocate([a, b], 0.9, Event(0), min_keep=2)   # 7 of 8 wanted, 4 allowed
+    allocation = Global().allocate([a, b], 0.9, Event(0), min_keep=2)  # 7 of 8 wanted, 4 allowed
     assert allocation.sparsities == [0.5, 0.5]
     assert allocation.held == (0, 1)
     assert Global().held([a, b], 0.9, Event(0), Global().select([a, b], 0.9, Event(0), 2), 2) == (0, 1)
@@ -60,7 +60,7 @@ def test_global_allocation_counts_dead_groups():
     a = groups([0.1, 0.2, 0.3, 0.4], alive=[False, False, True, True])
     b = groups([1.0, 2.0, 3.0, 4.0])
     allocation = Global().allocate([a, b], 0.25, Event(0))
-    assert allocation.sparsities == [0.5, 0.0]     # the two dead groups are the target already
+    assert allocation.sparsities == [0.5, 0.0]  # the two dead groups are the target already
 
 
 def test_global_allocation_needs_the_saliencies():
@@ -103,8 +103,10 @@ class SmallestFirst(Criterion):
         if scope.independent:
             allocation = scope.allocate(len(targets), request.sparsities, request.event, request.min_keep)
         else:
-            layers = [LayerGroups(t.matrix().detach().abs().flatten(), request.alive(t, t.matrix()).flatten(), 1)
-                      for t in targets]
+            layers = [
+                LayerGroups(t.matrix().detach().abs().flatten(), request.alive(t, t.matrix()).flatten(), 1)
+                for t in targets
+            ]
             allocation = scope.allocate(layers, request.sparsities[0], request.event, request.min_keep)
         keeps, held = [], [targets[i].name for i in allocation.held]
         for i, target in enumerate(targets):
@@ -126,7 +128,7 @@ class SmallestFirst(Criterion):
         limit = n - min(problem.min_keep, int(alive.sum()))
         scores = W.abs().flatten().masked_fill(~alive.flatten(), -1.0)
         keep = torch.ones(n, dtype=torch.bool)
-        keep[torch.argsort(scores, stable=True)[:min(wanted, limit)]] = False
+        keep[torch.argsort(scores, stable=True)[: min(wanted, limit)]] = False
         return LayerSolution(keep.reshape(problem.target.weight.shape), None, wanted > limit)
 
 
@@ -147,8 +149,9 @@ def test_a_solver_on_the_interface_works_with_every_scope(scope, schedule, min_k
         model = three_layers()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pruner = Pruner(model, 0.95, criterion=criterion, scope=scope, schedule=schedule,
-                            schedule_args=args, min_keep=min_keep)
+            pruner = Pruner(
+                model, 0.95, criterion=criterion, scope=scope, schedule=schedule, schedule_args=args, min_keep=min_keep
+            )
             pruner.update()
             for _ in range(4):
                 pruner.step()
@@ -162,7 +165,7 @@ def test_a_solver_on_the_interface_works_with_every_scope(scope, schedule, min_k
     problems = solver.criterion.seen
     assert problems and all(p.min_keep == min_keep and p.nm is None and not p.structured for p in problems)
     if min_keep == 4 and scope != "global":
-        assert solver.history[-1].held      # the guard binds on the 2×5 layer
+        assert solver.history[-1].held  # the guard binds on the 2×5 layer
 
 
 def test_a_solver_on_the_interface_refuses_scope_row():
@@ -172,5 +175,6 @@ def test_a_solver_on_the_interface_refuses_scope_row():
 
 def test_only_the_one_shot_schedule_declares_one_shot():
     from prunelab.pruning.schedules import make_schedule
+
     assert make_schedule("one-shot", 0.5).one_shot
     assert not any(make_schedule(name, 0.5, n_prunes=1, every=1).one_shot for name in ("iterative", "agp"))

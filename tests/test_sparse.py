@@ -18,19 +18,19 @@ import prunelab
 from prunelab import units
 from prunelab.cli import main
 from prunelab.metrics import count_flops, summary
-from prunelab.sparse import (MANY_ROWS, SparseLinear, compare_latency, densify, inference_latency,
-                             sparsify)
+from prunelab.sparse import MANY_ROWS, SparseLinear, compare_latency, densify, inference_latency, sparsify
 
 
-def sparse_linear_layer(n_in: int, n_out: int, sparsity: float, *, bias: bool = True, seed: int = 0,
-                        dtype: torch.dtype = torch.float32) -> nn.Linear:
+def sparse_linear_layer(
+    n_in: int, n_out: int, sparsity: float, *, bias: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Linear:
     """An nn.Linear with exactly round(sparsity · n_in · n_out) zero weights at random places."""
     generator = torch.Generator().manual_seed(seed)
     layer = nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
     with torch.no_grad():
         flat = layer.weight.view(-1)
         flat.copy_(torch.randn(flat.numel(), generator=generator, dtype=dtype))
-        flat[torch.randperm(flat.numel(), generator=generator)[:round(sparsity * flat.numel())]] = 0
+        flat[torch.randperm(flat.numel(), generator=generator)[: round(sparsity * flat.numel())]] = 0
         if bias:
             layer.bias.copy_(torch.randn(n_out, generator=generator, dtype=dtype))
     return layer
@@ -137,7 +137,7 @@ def test_deepcopy_pickle_and_state_dict_round_trip():
     dense = sparse_linear_layer(30, 12, 0.8)
     sparse = SparseLinear.from_linear(dense)
     x = torch.randn(5, 30)
-    expected = sparse(x)                       # builds and caches the CSR tensor first
+    expected = sparse(x)  # builds and caches the CSR tensor first
     assert torch.equal(copy.deepcopy(sparse)(x), expected)
     assert torch.equal(pickle.loads(pickle.dumps(sparse))(x), expected)
     buffer = io.BytesIO()
@@ -153,7 +153,7 @@ def test_deepcopy_pickle_and_state_dict_round_trip():
 def test_load_state_dict_refuses_inconsistent_arrays():
     sparse = SparseLinear.from_linear(sparse_linear_layer(6, 4, 0.5))
     state = sparse.state_dict()
-    state["col_indices"] = state["col_indices"].clone().fill_(99)    # columns out of range
+    state["col_indices"] = state["col_indices"].clone().fill_(99)  # columns out of range
     with pytest.raises(ValueError, match="inconsistent CSR arrays"):
         sparse.load_state_dict(state)
 
@@ -189,6 +189,7 @@ def test_constructor_checks_its_arguments():
 
 # --- sparsify / densify -------------------------------------------------------------------------
 
+
 def test_sparsify_replaces_exactly_the_layers_at_min_sparsity_and_keeps_outputs():
     model = small_model((0.95, 0.5, 1.0))
     original = copy.deepcopy(model)
@@ -209,8 +210,9 @@ def test_sparsify_replaces_exactly_the_layers_at_min_sparsity_and_keeps_outputs(
     assert report.to_dict()["layers"][0]["name"] == "0"
 
 
-@pytest.mark.parametrize("min_sparsity,expected", [(0.0, ["0", "2", "4"]), (0.5, ["0", "2", "4"]),
-                                                   (0.96, ["4"]), (1.0, ["4"])])
+@pytest.mark.parametrize(
+    "min_sparsity,expected", [(0.0, ["0", "2", "4"]), (0.5, ["0", "2", "4"]), (0.96, ["4"]), (1.0, ["4"])]
+)
 def test_min_sparsity_is_inclusive(min_sparsity, expected):
     _, report = sparsify(small_model((0.95, 0.5, 1.0)), (20,), min_sparsity=min_sparsity, only_if_faster=False)
     assert report.replaced == expected
@@ -218,8 +220,7 @@ def test_min_sparsity_is_inclusive(min_sparsity, expected):
 
 def test_only_if_faster_times_each_candidate_and_follows_the_measurement():
     model = small_model((0.95, 0.5, 0.92))
-    sparse, report = sparsify(model, (20,), min_sparsity=0.9, batch_size=3, threads=1, rounds=1, repeats=3,
-                              warmup=0)
+    sparse, report = sparsify(model, (20,), min_sparsity=0.9, batch_size=3, threads=1, rounds=1, repeats=3, warmup=0)
     candidates = [d for d in report.layers if d.sparsity >= 0.9]
     assert [d.name for d in candidates] == ["0", "4"]
     for decision in candidates:
@@ -258,8 +259,8 @@ def test_densify_restores_the_exact_model():
     assert dense.state_dict().keys() == model.state_dict().keys()
     for (name, a), (_, b) in zip(dense.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
-    assert isinstance(sparse[0], SparseLinear)          # densify works on a copy
-    assert all(p.requires_grad for p in dense.parameters())   # trainable again
+    assert isinstance(sparse[0], SparseLinear)  # densify works on a copy
+    assert all(p.requires_grad for p in dense.parameters())  # trainable again
 
 
 def test_subclasses_of_linear_are_left_alone():
@@ -291,21 +292,24 @@ def test_summary_and_flops_count_a_sparse_layer_as_the_linear_it_was():
     assert summary(sparse, (20,), prunable=["0.weight"]).total.sparsity == pytest.approx(0.95, abs=1e-3)
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    ({"min_sparsity": 1.5}, ValueError, "'min_sparsity' parameter of sparsify must be a float in [0, 1]. Got 1.5"),
-    ({"min_sparsity": -0.1}, ValueError, "'min_sparsity' parameter of sparsify must be a float in [0, 1]"),
-    ({"min_sparsity": "0.9"}, TypeError, "'min_sparsity' parameter of sparsify must be a float"),
-    ({"only_if_faster": 1}, TypeError, "'only_if_faster' parameter of sparsify must be a bool. Got 1"),
-    ({"batch_size": 0}, ValueError, "'batch_size' parameter of sparsify must be an int in [1, 1048576]. Got 0"),
-    ({"batch_size": 2.0}, TypeError, "'batch_size' parameter of sparsify must be an int"),
-    ({"threads": 0}, ValueError, "'threads' parameter of sparsify must be an int in [1, 4096]. Got 0"),
-    ({"rounds": 0}, ValueError, "'rounds' parameter of sparsify must be an int in [1, 1000000]"),
-    ({"repeats": 0}, ValueError, "'repeats' parameter of sparsify must be an int in [1, 1000000]"),
-    ({"warmup": -1}, ValueError, "'warmup' parameter of sparsify must be an int in [0, 1000000]"),
-    ({"input_shape": (0,)}, ValueError, "'input_shape' parameter of sparsify must be a tuple of positive ints"),
-    ({"input_shape": (21,)}, ValueError, "sparsify could not run Sequential on an input of shape (1, 21)"),
-    ({"model": "mlp"}, TypeError, "'model' parameter of sparsify must be a torch.nn.Module. Got 'mlp'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"min_sparsity": 1.5}, ValueError, "'min_sparsity' parameter of sparsify must be a float in [0, 1]. Got 1.5"),
+        ({"min_sparsity": -0.1}, ValueError, "'min_sparsity' parameter of sparsify must be a float in [0, 1]"),
+        ({"min_sparsity": "0.9"}, TypeError, "'min_sparsity' parameter of sparsify must be a float"),
+        ({"only_if_faster": 1}, TypeError, "'only_if_faster' parameter of sparsify must be a bool. Got 1"),
+        ({"batch_size": 0}, ValueError, "'batch_size' parameter of sparsify must be an int in [1, 1048576]. Got 0"),
+        ({"batch_size": 2.0}, TypeError, "'batch_size' parameter of sparsify must be an int"),
+        ({"threads": 0}, ValueError, "'threads' parameter of sparsify must be an int in [1, 4096]. Got 0"),
+        ({"rounds": 0}, ValueError, "'rounds' parameter of sparsify must be an int in [1, 1000000]"),
+        ({"repeats": 0}, ValueError, "'repeats' parameter of sparsify must be an int in [1, 1000000]"),
+        ({"warmup": -1}, ValueError, "'warmup' parameter of sparsify must be an int in [0, 1000000]"),
+        ({"input_shape": (0,)}, ValueError, "'input_shape' parameter of sparsify must be a tuple of positive ints"),
+        ({"input_shape": (21,)}, ValueError, "sparsify could not run Sequential on an input of shape (1, 21)"),
+        ({"model": "mlp"}, TypeError, "'model' parameter of sparsify must be a torch.nn.Module. Got 'mlp'"),
+    ],
+)
 def test_sparsify_refuses_bad_arguments_naming_them(kwargs, error, message):
     arguments = {"model": small_model(), "input_shape": (20,), **kwargs}
     with pytest.raises(error) as info:
@@ -330,14 +334,15 @@ def test_densify_and_compare_latency_check_their_arguments():
 
 # --- zero-unit thinning ---------------------------------------------------------------------------
 
+
 def dead_unit_model() -> nn.Module:
     """mlp 64 → 12 → 6 → 10 with units 1, 4, 7 of fc1 and unit 5 of fc2 receiving only zeros."""
     model = prunelab.build_model("mlp", input_shape=(1, 8, 8), n_classes=10, hidden=[12, 6], seed=0)
     with torch.no_grad():
         model.fc1.weight[[1, 4, 7]] = 0
-        model.fc1.weight[0, :10] = 0         # a partly zero unit stays
+        model.fc1.weight[0, :10] = 0  # a partly zero unit stays
         model.fc2.weight[5] = 0
-        model.fc3.weight[2] = 0              # the output layer has no removable units
+        model.fc3.weight[2] = 0  # the output layer has no removable units
     return model
 
 
@@ -351,8 +356,10 @@ def test_zero_units_leaves_out_layers_with_none_or_only_dead_units():
     with torch.no_grad():
         model.fc2.weight.zero_()
     assert list(units.zero_units(model, (1, 8, 8))) == ["fc1"]
-    assert units.zero_units(prunelab.build_model("mlp", input_shape=(1, 8, 8), n_classes=10,
-                                                 hidden=[12, 6]), (1, 8, 8)) == {}
+    assert (
+        units.zero_units(prunelab.build_model("mlp", input_shape=(1, 8, 8), n_classes=10, hidden=[12, 6]), (1, 8, 8))
+        == {}
+    )
 
 
 def test_thinning_the_zero_units_keeps_the_outputs_when_their_biases_are_zero():
@@ -370,8 +377,9 @@ def test_inference_latency_measures_the_three_variants():
     model = dead_unit_model()
     with torch.no_grad():
         model.fc1.weight.mul_(torch.rand(model.fc1.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.93)
-    result = inference_latency(model, (1, 8, 8), min_sparsity=0.9, batch_sizes=(1, 4), threads=1, rounds=1,
-                               repeats=2, warmup=0)
+    result = inference_latency(
+        model, (1, 8, 8), min_sparsity=0.9, batch_sizes=(1, 4), threads=1, rounds=1, repeats=2, warmup=0
+    )
     assert set(result.median_ms) == {"dense", "sparse", "thinned"}
     assert all(set(ms) == {1, 4} for ms in result.median_ms.values())
     assert result.sparse_report.replaced == ["fc1"]
@@ -379,11 +387,12 @@ def test_inference_latency_measures_the_three_variants():
     assert result.max_abs_diff["sparse"] < 1e-5
     text = str(result)
     assert "SparseLinear for fc1" in text and "fc2 6->5" in text
-    assert all(isinstance(m, nn.Module) for m in model.modules())        # still the plain model
+    assert all(isinstance(m, nn.Module) for m in model.modules())  # still the plain model
     assert isinstance(model.fc1, nn.Linear)
 
 
 # --- the command line -------------------------------------------------------------------------------
+
 
 def test_summary_latency_prints_dense_sparse_and_thinned_rows(tmp_path, capsys):
     model = dead_unit_model()
@@ -391,32 +400,54 @@ def test_summary_latency_prints_dense_sparse_and_thinned_rows(tmp_path, capsys):
         model.fc1.weight.mul_(torch.rand(model.fc1.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.95)
     weights = tmp_path / "pruned.pt"
     torch.save(model.state_dict(), weights)
-    code = main(["summary", "--model", "mlp", "--dataset", "digits", "--model-arg", "hidden=[12,6]",
-                 "--weights", str(weights), "--latency", "--threads", "1"])
+    code = main(
+        [
+            "summary",
+            "--model",
+            "mlp",
+            "--dataset",
+            "digits",
+            "--model-arg",
+            "hidden=[12,6]",
+            "--weights",
+            str(weights),
+            "--latency",
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
-    assert out.index("total") < out.index("latency:")            # after the summary table
+    assert out.index("total") < out.index("latency:")  # after the summary table
     lines = out.splitlines()
     for label in ("dense (zeros kept)", "sparse (CSR Linear)", "thinned (dead units)"):
         row = next(line for line in lines if line.strip().startswith(label))
-        assert row.count(" ms ") == 2 and row.count("x") >= 2    # batch 1 and 64, with ratios
+        assert row.count(" ms ") == 2 and row.count("x") >= 2  # batch 1 and 64, with ratios
     assert "1 thread(s)" in out
     assert "SparseLinear for fc1" in out and "kept dense: fc2" in out
     assert "fc1 12->" in out and "fc2 6->5" in out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--latency", "--min-sparsity", "1.5"],
-     "'--min-sparsity' parameter of prunelab summary must be a float in [0, 1]. Got 1.5"),
-    (["--latency", "--threads", "0"], "'--threads' parameter of prunelab summary must be an int in [1, 4096]. Got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--latency", "--min-sparsity", "1.5"],
+            "'--min-sparsity' parameter of prunelab summary must be a float in [0, 1]. Got 1.5",
+        ),
+        (
+            ["--latency", "--threads", "0"],
+            "'--threads' parameter of prunelab summary must be an int in [1, 4096]. Got 0",
+        ),
+    ],
+)
 def test_summary_latency_refuses_bad_options(argv, message, capsys):
     assert main(["summary", "--model", "mlp", "--dataset", "digits", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_inference_latency_explains_a_model_it_cannot_thin():
-    model = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 2))      # sigmoid(0) ≠ 0
+    model = nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 2))  # sigmoid(0) ≠ 0
     result = inference_latency(model, (6,), batch_sizes=1, threads=1, rounds=1, repeats=1, warmup=0)
     assert set(result.median_ms) == {"dense", "sparse"}
     assert "not thinned" in result.thinned_note and "Sigmoid" in result.thinned_note
@@ -427,13 +458,14 @@ def test_inference_latency_explains_a_model_it_cannot_thin():
 def test_forward_refuses_inputs_of_the_wrong_width_and_handles_empty_batches():
     sparse = SparseLinear.from_linear(sparse_linear_layer(24, 5, 0.5))
     with pytest.raises(ValueError, match=r"takes inputs of shape \(\.\.\., 24\). Got shape \(2, 12\)"):
-        sparse(torch.randn(2, 12))                # 24 numbers, but not one row of 24
+        sparse(torch.randn(2, 12))  # 24 numbers, but not one row of 24
     with pytest.raises(ValueError, match="Got shape ()"):
         sparse(torch.tensor(1.0))
     assert sparse(torch.randn(0, 24)).shape == (0, 5)
 
 
 # --------------------------------------------------------------------------- example inputs
+
 
 class _KeywordModel(nn.Module):
     """Token ids and a mask as keyword inputs, a dict output: the form of a Hugging Face model."""
@@ -462,7 +494,7 @@ def test_sparsify_and_inference_latency_take_keyword_example_inputs():
     assert {d.name for d in timed_report.layers if d.dense_ms is not None} == {"fc"}
     result = inference_latency(model, example_inputs=example, batch_sizes=(1, 3), rounds=1, repeats=1, warmup=0)
     assert set(result.median_ms) == {"dense", "sparse"} and set(result.median_ms["sparse"]) == {1, 3}
-    assert result.max_abs_diff["sparse"] <= 1e-5         # the mask multiplies the hidden units: no unit layers
+    assert result.max_abs_diff["sparse"] <= 1e-5  # the mask multiplies the hidden units: no unit layers
     assert "not thinned: unit pruning found no unit layers in this _KeywordModel" in result.thinned_note
     with pytest.raises(ValueError, match="exactly one of 'input_shape'"):
         sparsify(model, (5,), example_inputs=example)
@@ -491,4 +523,4 @@ def test_inference_latency_thins_the_dead_units_of_a_model_with_keyword_inputs()
     result = inference_latency(model, example_inputs=example, batch_sizes=(1,), rounds=1, repeats=1, warmup=0)
     assert dead > 0 and result.thinned_units == {":mlp": (30, 30 - dead)}
     assert set(result.median_ms) == {"dense", "sparse", "thinned"}
-    assert result.max_abs_diff["thinned"] <= 1e-5          # the dead units' relu(bias) folded into fc2's bias
+    assert result.max_abs_diff["thinned"] <= 1e-5  # the dead units' relu(bias) folded into fc2's bias

@@ -11,9 +11,10 @@ BASE = {
     "name": "t",
     "datasets": ["digits"],
     "models": [{"name": "mlp", "hidden": [16]}],
-    "methods": [{"label": "mag", "criterion": "magnitude"},
-                {"label": "agp", "criterion": "magnitude",
-                 "schedule": {"name": "agp", "n_prunes": 3, "every_epochs": 1}}],
+    "methods": [
+        {"label": "mag", "criterion": "magnitude"},
+        {"label": "agp", "criterion": "magnitude", "schedule": {"name": "agp", "n_prunes": 3, "every_epochs": 1}},
+    ],
     "sparsities": [0.5, 0.9],
     "seeds": 2,
     "training": {"epochs": 1, "finetune_epochs": 4, "batch_size": 64},
@@ -36,8 +37,7 @@ def test_expansion_is_the_full_grid_with_stable_ids():
     assert len({r.id for r in study.runs}) == 8
     agp = next(r for r in study.runs if r.method == "agp")
     # every_epochs resolved into steps of the fine-tuning phase: 1437 / 64 → 23 steps per epoch
-    assert agp.config["method"]["schedule"] == {"name": "agp", "n_prunes": 3, "every": 23,
-                                                "sparsity": agp.sparsity}
+    assert agp.config["method"]["schedule"] == {"name": "agp", "n_prunes": 3, "every": 23, "sparsity": agp.sparsity}
 
 
 def test_labels_do_not_change_run_ids_but_settings_do():
@@ -49,8 +49,11 @@ def test_labels_do_not_change_run_ids_but_settings_do():
 
 
 def test_grid_values_expand_into_labelled_runs():
-    s = spec(methods=[{"label": "l1", "regularizer": {"name": "l1", "strength": {"grid": [1e-5, 1e-4]}}}],
-             sparsities=[0.9], seeds=1)
+    s = spec(
+        methods=[{"label": "l1", "regularizer": {"name": "l1", "strength": {"grid": [1e-5, 1e-4]}}}],
+        sparsities=[0.9],
+        seeds=1,
+    )
     study = build_study(s)
     assert sorted(r.method for r in study.runs) == ["l1[strength=0.0001]", "l1[strength=1e-05]"]
     assert sorted(r.config["method"]["regularizer"]["strength"] for r in study.runs) == [1e-5, 1e-4]
@@ -60,10 +63,12 @@ def test_every_error_is_reported_with_its_path():
     bad = spec(
         datasets=["digits", "mnsit"],
         models=[{"name": "mlp", "hiden": [16]}],
-        methods=[{"label": "a", "criterion": "magnitde"},
-                 {"label": "b", "granularity": "kernel"},
-                 {"label": "c", "schedule": {"name": "agp", "n_prunes": 50, "every_epochs": 1}},
-                 {"label": "d", "colour": "red"}],
+        methods=[
+            {"label": "a", "criterion": "magnitde"},
+            {"label": "b", "granularity": "kernel"},
+            {"label": "c", "schedule": {"name": "agp", "n_prunes": 50, "every_epochs": 1}},
+            {"label": "d", "colour": "red"},
+        ],
         sparsities=[0.5, 1.2],
         seeds=0,
         training={"epochs": -1, "optimiser": "sgd"},
@@ -86,11 +91,15 @@ def test_every_error_is_reported_with_its_path():
 
 
 def test_method_errors_are_found_per_method():
-    bad = spec(methods=[{"label": "a", "criterion": "magnitde"},
-                        {"label": "b", "granularity": "kernel"},
-                        {"label": "c", "schedule": {"name": "agp", "n_prunes": 50, "every_epochs": 1}},
-                        {"label": "d", "colour": "red"}],
-               models=[{"name": "mlp", "hiden": [16]}, {"name": "mlp", "hidden": [16]}])
+    bad = spec(
+        methods=[
+            {"label": "a", "criterion": "magnitde"},
+            {"label": "b", "granularity": "kernel"},
+            {"label": "c", "schedule": {"name": "agp", "n_prunes": 50, "every_epochs": 1}},
+            {"label": "d", "colour": "red"},
+        ],
+        models=[{"name": "mlp", "hiden": [16]}, {"name": "mlp", "hidden": [16]}],
+    )
     with pytest.raises(SpecError) as info:
         build_study(bad)
     text = "\n".join(info.value.errors)
@@ -132,7 +141,9 @@ def test_missing_required_and_bad_files(tmp_path):
 def test_missing_dataset_files_are_a_spec_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PRUNELAB_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(SpecError, match=r"datasets\[0\]: dataset 'fashion-mnist' cannot be loaded: missing fashion-mnist/train-images"):
+    with pytest.raises(
+        SpecError, match=r"datasets\[0\]: dataset 'fashion-mnist' cannot be loaded: missing fashion-mnist/train-images"
+    ):
         build_study(spec(datasets=["fashion-mnist"]))
 
 
@@ -143,14 +154,23 @@ def test_identical_methods_are_rejected():
 
 
 def test_model_sparsities_and_method_filters():
-    s = spec(models=[{"name": "mlp", "hidden": [16], "label": "big"},
-                     {"name": "mlp", "hidden": [4], "label": "small", "sparsities": [0.0]}],
-             methods=[{"label": "mag"}, {"label": "rand", "criterion": "random", "models": ["big"]}],
-             seeds=1)
+    s = spec(
+        models=[
+            {"name": "mlp", "hidden": [16], "label": "big"},
+            {"name": "mlp", "hidden": [4], "label": "small", "sparsities": [0.0]},
+        ],
+        methods=[{"label": "mag"}, {"label": "rand", "criterion": "random", "models": ["big"]}],
+        seeds=1,
+    )
     study = build_study(s)
     cells = sorted((r.model, r.method, r.sparsity) for r in study.runs)
-    assert cells == [("big", "mag", 0.5), ("big", "mag", 0.9), ("big", "rand", 0.5), ("big", "rand", 0.9),
-                     ("small", "mag", 0.0)]
+    assert cells == [
+        ("big", "mag", 0.5),
+        ("big", "mag", 0.9),
+        ("big", "rand", 0.5),
+        ("big", "rand", 0.9),
+        ("small", "mag", 0.0),
+    ]
     with pytest.raises(SpecError, match=r"methods\[1\]\.models\[0\]: no model 'huge' in the spec"):
         build_study(spec(methods=[{"label": "a"}, {"label": "b", "criterion": "random", "models": ["huge"]}]))
     with pytest.raises(SpecError, match=r"models\[0\]\.sparsities\[0\]: the 'sparsity' parameter"):
@@ -159,29 +179,40 @@ def test_model_sparsities_and_method_filters():
 
 def test_outputs_section_is_validated_with_the_rest():
     with pytest.raises(SpecError) as info:
-        build_study(spec(outputs={"tables": [{"rows": "sparsity", "columns": "methd"}],
-                                  "figures": [{"kind": "bogus"}]}, sparsities=[2.0]))
+        build_study(
+            spec(
+                outputs={"tables": [{"rows": "sparsity", "columns": "methd"}], "figures": [{"kind": "bogus"}]},
+                sparsities=[2.0],
+            )
+        )
     text = "\n".join(info.value.errors)
     assert "'columns' parameter of outputs.tables[0] must be one of: dataset, method, model, sparsity" in text
     assert "unknown figure kind 'bogus'" in text and "sparsities[0]" in text
 
 
 def test_a_dataset_carries_its_own_training_values_under_the_methods():
-    s = spec(datasets=["digits", {"name": "digits", "label": "slow", "training": {"lr": 0.01, "epochs": 2}}],
-             methods=[BASE["methods"][0], dict(BASE["methods"][1], training={"lr": 0.2})],
-             sparsities=[0.5], seeds=1)
+    s = spec(
+        datasets=["digits", {"name": "digits", "label": "slow", "training": {"lr": 0.01, "epochs": 2}}],
+        methods=[BASE["methods"][0], dict(BASE["methods"][1], training={"lr": 0.2})],
+        sparsities=[0.5],
+        seeds=1,
+    )
     runs = {(r.dataset, r.method): r.config["training"] for r in build_study(s).runs}
     assert runs[("digits", "mag")]["lr"] == 0.05 and runs[("digits", "mag")]["epochs"] == 1
     assert runs[("slow", "mag")]["lr"] == 0.01 and runs[("slow", "mag")]["epochs"] == 2
-    assert runs[("slow", "agp")]["lr"] == 0.2 and runs[("slow", "agp")]["epochs"] == 2   # the method wins
+    assert runs[("slow", "agp")]["lr"] == 0.2 and runs[("slow", "agp")]["epochs"] == 2  # the method wins
     # a dataset without its own values keeps the ids it had before
     plain = {r.id for r in build_study(spec(sparsities=[0.5], seeds=1)).runs}
     assert {r.id for r in build_study(s).runs if (r.dataset, r.method) == ("digits", "mag")} <= plain
 
 
 def test_a_datasets_training_values_are_checked_with_its_path():
-    s = spec(datasets=[{"name": "digits", "training": {"lr": -1, "epoch": 2}}, {"name": "digits", "training": 3,
-                                                                               "label": "d2"}])
+    s = spec(
+        datasets=[
+            {"name": "digits", "training": {"lr": -1, "epoch": 2}},
+            {"name": "digits", "training": 3, "label": "d2"},
+        ]
+    )
     with pytest.raises(SpecError) as err:
         build_study(s)
     text = str(err.value)

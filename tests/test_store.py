@@ -18,13 +18,15 @@ def test_wal_mode_and_transitions(tmp_path):
     db = tmp_path / "s.db"
     with Store(db) as store:
         assert store.sync(planned(3)) == 3
-        assert store.sync(planned(3)) == 0              # idempotent
+        assert store.sync(planned(3)) == 0  # idempotent
         store.mark_running("r0000", "w0")
-        store.finish("r0000", {"status": "done", "metrics": {"accuracy": 0.5, "c": float("inf"),
-                                                             "n": float("nan")}, "seconds": 1.0})
+        store.finish(
+            "r0000",
+            {"status": "done", "metrics": {"accuracy": 0.5, "c": float("inf"), "n": float("nan")}, "seconds": 1.0},
+        )
         store.mark_running("r0001", "w0")
         store.finish("r0001", {"status": "failed", "error": "boom\ntraceback"})
-        store.mark_running("r0002", "w1")                # then the process "dies"
+        store.mark_running("r0002", "w1")  # then the process "dies"
         assert store.counts() == {"pending": 0, "running": 1, "done": 1, "failed": 1}
     raw = sqlite3.connect(db)
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -36,7 +38,7 @@ def test_wal_mode_and_transitions(tmp_path):
         assert store.counts() == {"pending": 2, "running": 0, "done": 1, "failed": 0}
         done = store.record("r0000")
         assert done.metrics == {"accuracy": 0.5, "c": "inf", "n": None} and done.attempts == 1
-        store.sync(planned(2))                            # r0002 left the spec: kept, flagged
+        store.sync(planned(2))  # r0002 left the spec: kept, flagged
         assert store.record("r0002").in_spec is False
         assert [r.id for r in store.records(in_spec=None)] == ["r0000", "r0001", "r0002"]
         with pytest.raises(ValueError, match="unknown run status 'finished'"):
@@ -61,8 +63,7 @@ def test_two_processes_write_concurrently_without_losing_a_row(tmp_path):
     db = tmp_path / "s.db"
     with Store(db) as store:
         store.sync(planned(400))
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(start), "200"])
-               for start in (0, 200)]
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(start), "200"]) for start in (0, 200)]
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     with Store(db) as store:
         records = store.records()

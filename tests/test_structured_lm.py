@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 from torch import nn
+from zoo import BY_NAME, HAS_TRANSFORMERS, zoo_params
 
 from prunelab import units
 from prunelab.inputs import as_batch, logits_of
 from prunelab.units import refit as lsq
 from prunelab.units.transformer import kept_count
-from zoo import BY_NAME, HAS_TRANSFORMERS, zoo_params
 
 _BUILT = {}
 hf_only = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")
@@ -39,9 +39,9 @@ def ridge(X, Y, bias, damp):
     """The ridge solution as plain least squares: rows [X; √λ I] → [Y; 0], by torch.linalg.lstsq."""
     X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1) if bias else X
     lam = damp * float((X.T @ X).diagonal().mean())
-    A = torch.cat([X, lam ** 0.5 * torch.eye(X.shape[1], dtype=X.dtype)])
+    A = torch.cat([X, lam**0.5 * torch.eye(X.shape[1], dtype=X.dtype)])
     B = torch.cat([Y, torch.zeros(X.shape[1], Y.shape[1], dtype=X.dtype)])
-    return torch.linalg.lstsq(A, B).solution.T               # (out, in [+ 1])
+    return torch.linalg.lstsq(A, B).solution.T  # (out, in [+ 1])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -51,7 +51,7 @@ def test_refit_equals_the_least_squares_solution(bias, damp):
     X = torch.randn(40, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 4, generator=g, dtype=torch.float64)
     Y = torch.randn(40, 3, generator=g, dtype=torch.float64)
     normal = lsq.Normal(bias)
-    normal.add(X[:25].view(5, 5, 4), Y[:25].view(5, 5, 3))    # token positions of several batches
+    normal.add(X[:25].view(5, 5, 4), Y[:25].view(5, 5, 3))  # token positions of several batches
     normal.add(X[25:], Y[25:])
     layer = nn.Linear(4, 3, bias=bias).double()
     with torch.no_grad():
@@ -76,15 +76,17 @@ def test_a_refit_that_does_not_lower_the_held_out_error_is_not_applied():
     X = torch.randn(20, 8, generator=g, dtype=torch.float64)
     with torch.no_grad():
         fit.add(X[:10], layer(X[:10]) + torch.randn(10, 2, generator=g, dtype=torch.float64))  # noise to overfit
-        held_out.add(X[10:], layer(X[10:]))              # the layer as it is is exact here
+        held_out.add(X[10:], layer(X[10:]))  # the layer as it is is exact here
     result = lsq.refit_layer("fc", layer, fit, 0.0, 8, held_out)
     assert not result.applied and result.held_out_after > result.held_out_before == pytest.approx(0.0, abs=1e-12)
     assert torch.equal(layer.weight.detach(), weight) and result.after == result.before
 
 
-REFIT_LAYERS = [("hf-llama", "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn:heads", 4),
-                ("hf-llama", "model.layers.1.mlp.down_proj", "model.layers.1.mlp", 1),
-                ("hf-gpt2", "transformer.h.1.mlp.c_proj", "transformer.h.1.mlp", 1)]
+REFIT_LAYERS = [
+    ("hf-llama", "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn:heads", 4),
+    ("hf-llama", "model.layers.1.mlp.down_proj", "model.layers.1.mlp", 1),
+    ("hf-gpt2", "transformer.h.1.mlp.c_proj", "transformer.h.1.mlp", 1),
+]
 
 
 @hf_only
@@ -98,9 +100,9 @@ def test_refit_in_the_model_equals_lstsq_on_its_inputs_and_the_dense_outputs(nam
     removed = torch.cat([torch.arange(u * width, (u + 1) * width) for u in result.plan[group].tolist()])
     kept = torch.tensor([f for f in range(dense.weight.shape[0 if name == "hf-gpt2" else 1]) if f not in removed])
     X, Y = [], []
-    if mode == "sequential":     # earlier layers are final when this one is refit: its inputs are these
+    if mode == "sequential":  # earlier layers are final when this one is refit: its inputs are these
         h1 = pruned.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1]).double()))
-    else:                        # the unpruned layer's inputs, its kept features
+    else:  # the unpruned layer's inputs, its kept features
         h1 = dense.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])[:, kept].double()))
     h2 = dense.register_forward_hook(lambda m, a, o: Y.append(o.reshape(-1, o.shape[-1]).double()))
     for raw in data:
@@ -110,7 +112,7 @@ def test_refit_in_the_model_equals_lstsq_on_its_inputs_and_the_dense_outputs(nam
     expected = ridge(torch.cat(X), torch.cat(Y), getattr(pruned, "bias", None) is not None, 0.0)
     weight = pruned.weight.detach().double()
     weight = weight.T if name == "hf-gpt2" else weight
-    torch.testing.assert_close(weight, expected[:, :weight.shape[1]].to(weight.dtype), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(weight, expected[:, : weight.shape[1]].to(weight.dtype), atol=2e-4, rtol=2e-4)
 
 
 # ------------------------------------------------------------------ heads: removal == masking
@@ -121,16 +123,17 @@ def _head_columns(result, group, head_dim, per_kv):
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in removed.tolist()])
 
 
-HEADS = [("hf-llama", "query", "model.layers.{}.self_attn", "o_proj", 4, 2),
-         ("hf-llama", "kv", "model.layers.{}.self_attn", "o_proj", 4, 2),
-         ("hf-gpt2", "query", "transformer.h.{}.attn", "c_proj", 4, 1),
-         ("hf-bert", "query", "bert.encoder.layer.{}.attention.self", "../output.dense", 4, 1),
-         ("hf-vit", "query", "vit.layers.{}.attention", "o_proj", 4, 1)]
+HEADS = [
+    ("hf-llama", "query", "model.layers.{}.self_attn", "o_proj", 4, 2),
+    ("hf-llama", "kv", "model.layers.{}.self_attn", "o_proj", 4, 2),
+    ("hf-gpt2", "query", "transformer.h.{}.attn", "c_proj", 4, 1),
+    ("hf-bert", "query", "bert.encoder.layer.{}.attention.self", "../output.dense", 4, 1),
+    ("hf-vit", "query", "vit.layers.{}.attention", "o_proj", 4, 1),
+]
 
 
 @hf_only
-@pytest.mark.parametrize("name, gqa, attention, o_name, head_dim, per_kv", HEADS,
-                         ids=[f"{h[0]}-{h[1]}" for h in HEADS])
+@pytest.mark.parametrize("name, gqa, attention, o_name, head_dim, per_kv", HEADS, ids=[f"{h[0]}-{h[1]}" for h in HEADS])
 def test_head_removal_equals_head_masking(name, gqa, attention, o_name, head_dim, per_kv):
     model, data, held = built(name)
     result = units.prune_transformer(model, data, heads=0.5, gqa=gqa, refit=False)
@@ -140,12 +143,13 @@ def test_head_removal_equals_head_masking(name, gqa, attention, o_name, head_dim
         owner = attention.format(layer)
         o_path = owner.rsplit(".", 1)[0] + "." + o_name[3:] if o_name.startswith("../") else f"{owner}.{o_name}"
         columns = _head_columns(result, f"{owner}:{kind}", head_dim, per_kv)
-        assert len(columns) == 8                       # half of 16 features
+        assert len(columns) == 8  # half of 16 features
 
-        def mask(module, args, columns=columns):       # head masking: the heads' outputs become 0
+        def mask(module, args, columns=columns):  # head masking: the heads' outputs become 0
             x = args[0].clone()
             x[..., columns] = 0
             return (x, *args[1:])
+
         reference.get_submodule(o_path).register_forward_pre_hook(mask)
     for raw in held:
         torch.testing.assert_close(outputs(result.model, raw), outputs(reference, raw), atol=1e-5, rtol=1e-5)
@@ -183,7 +187,7 @@ def test_refit_lowers_the_output_error(z):
 @hf_only
 def test_removed_block_refit_lowers_the_output_error():
     model, _, held = built("hf-llama")
-    data = BY_NAME["hf-llama"].batches(16, batch=8)   # 1024 tokens for a 32 × 16 down_proj: no overfitting
+    data = BY_NAME["hf-llama"].batches(16, batch=8)  # 1024 tokens for a 32 × 16 down_proj: no overfitting
     plain = units.prune_transformer(model, data, blocks=[1], refit=False).model
     refit = units.prune_transformer(model, data, blocks=[1], refit=True)
     assert [r.layer for r in refit.refits] == ["model.layers.0.mlp.down_proj"]
@@ -213,7 +217,7 @@ def test_energy_scores_by_hand_and_the_lowest_go():
     hand = down.weight.detach().double().pow(2).sum(0) * torch.cat(X).pow(2).mean(0)
     lowest = torch.sort(torch.argsort(hand)[:8]).values
     assert torch.equal(result.plan["model.layers.1.mlp"], lowest)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # the model is untouched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
 
 
 @hf_only
@@ -232,7 +236,7 @@ def test_block_scores_are_one_minus_cosine_of_input_and_output():
     total = count = 0
     for raw in data:
         with torch.no_grad():
-            hidden = model(**raw, output_hidden_states=True).hidden_states   # [0] is block 0's input
+            hidden = model(**raw, output_hidden_states=True).hidden_states  # [0] is block 0's input
         a, b = hidden[0].reshape(-1, 16).double(), hidden[1].reshape(-1, 16).double()
         total += float((1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).sum())
         count += len(a)
@@ -250,6 +254,7 @@ def test_removing_a_block_equals_skipping_it(z):
     def skip(module, args, kwargs, output):
         hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("src"))
         return hidden if torch.is_tensor(output) else (hidden, *output[1:])
+
     layers[0].register_forward_hook(skip, with_kwargs=True)
     assert len(result.model.get_submodule(result.stack)) == 1
     for raw in held:
@@ -264,7 +269,7 @@ def test_block_removal_keeps_the_config_consistent_runs_with_a_cache_and_saves(t
     small = units.prune_transformer(model, data, blocks=[0], refit=False).model
     assert small.config.num_hidden_layers == 1
     assert small.model.layers[0].self_attn.layer_idx == 0
-    assert model.config.num_hidden_layers == 2                   # the dense model is untouched
+    assert model.config.num_hidden_layers == 2  # the dense model is untouched
     ids = held[0]["input_ids"][:1]
     with torch.no_grad():
         cached = small.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True)
@@ -301,13 +306,13 @@ def test_remove_blocks_renumbers_layer_counts_types_and_cache_slots():
 
 # ------------------------------------------------------------------ rounding
 def test_kept_count_rounds_to_the_chosen_multiple():
-    assert kept_count(32, 1, 1, 0.3, 8, "nearest") == (24, True)     # target 22 → 24
+    assert kept_count(32, 1, 1, 0.3, 8, "nearest") == (24, True)  # target 22 → 24
     assert kept_count(32, 1, 1, 0.3, 8, "down") == (16, True)
     assert kept_count(32, 1, 1, 0.3, 8, "up") == (24, True)
-    assert kept_count(32, 1, 1, 0.5, 64, "nearest") == (16, False)   # no multiple of 64 within 32
+    assert kept_count(32, 1, 1, 0.5, 64, "nearest") == (16, False)  # no multiple of 64 within 32
     assert kept_count(12, 1, 64, 0.25, 128, "nearest") == (10, True)  # heads of 64: an even count
-    assert kept_count(2, 2, 4, 0.5, 8, "nearest") == (1, True)       # 1 query head per kv group, 8 features
-    assert kept_count(4, 1, 1, 0.9, 4, "down") == (4, True)          # never below one multiple
+    assert kept_count(2, 2, 4, 0.5, 8, "nearest") == (1, True)  # 1 query head per kv group, 8 features
+    assert kept_count(4, 1, 1, 0.9, 4, "down") == (4, True)  # never below one multiple
 
 
 @hf_only
@@ -336,20 +341,23 @@ def test_speed_report_counts_parameters_and_flops():
     assert "ms @1" in str(report) and "| pruned |" in str(report)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"heads": 1.0}, "'heads' parameter of prune_transformer must be"),
-    ({"mlp": -0.1}, "'mlp' parameter"),
-    ({"blocks": 2}, "removes every block"),
-    ({"blocks": [5]}, "names block 5"),
-    ({"blocks": [-1]}, "'blocks' parameter"),
-    ({"gqa": "groups"}, "'gqa' parameter"),
-    ({"rounding": "ceil"}, "'rounding' parameter"),
-    ({"round_to": 0}, "'round_to' parameter"),
-    ({"refit": "exact"}, "'refit' parameter"),
-    ({"refit": 1}, "'refit' parameter"),
-    ({"scorer": "magnitude"}, "'scorer' parameter"),
-    ({"stack": "embed"}, "not an nn.ModuleList"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"heads": 1.0}, "'heads' parameter of prune_transformer must be"),
+        ({"mlp": -0.1}, "'mlp' parameter"),
+        ({"blocks": 2}, "removes every block"),
+        ({"blocks": [5]}, "names block 5"),
+        ({"blocks": [-1]}, "'blocks' parameter"),
+        ({"gqa": "groups"}, "'gqa' parameter"),
+        ({"rounding": "ceil"}, "'rounding' parameter"),
+        ({"round_to": 0}, "'round_to' parameter"),
+        ({"refit": "exact"}, "'refit' parameter"),
+        ({"refit": 1}, "'refit' parameter"),
+        ({"scorer": "magnitude"}, "'scorer' parameter"),
+        ({"stack": "embed"}, "not an nn.ModuleList"),
+    ],
+)
 def test_bad_arguments_raise_before_any_work(kwargs, match):
     model, data, _ = built("transformer")
     with pytest.raises((ValueError, TypeError), match=match):
@@ -360,6 +368,7 @@ def test_no_data_is_refused_where_data_is_needed():
     model, data, _ = built("transformer")
     with pytest.raises(ValueError, match="needs calibration data"):
         units.prune_transformer(model, mlp=0.5)
-    small = units.prune_transformer(model, mlp=0.5, refit=False, scorer="norm",
-                                    example_inputs=BY_NAME["transformer"].example).model
+    small = units.prune_transformer(
+        model, mlp=0.5, refit=False, scorer="norm", example_inputs=BY_NAME["transformer"].example
+    ).model
     assert small.encoder.layers[1].linear2.in_features == 16

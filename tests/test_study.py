@@ -16,18 +16,27 @@ from prunelab.experiments.lock import StudyLock, StudyLocked
 
 
 def spec(**changes):
-    s = {"name": "t", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [16]}],
-         "methods": [{"label": "magnitude"}, {"label": "random", "criterion": "random"},
-                     {"label": "gradient", "criterion": "gradient"}],
-         "sparsities": [0.8], "seeds": 2,
-         "training": {"epochs": 2, "finetune_epochs": 2, "batch_size": 64},
-         "outputs": {"tables": [{"rows": "sparsity", "columns": "method"}]}}
+    s = {
+        "name": "t",
+        "datasets": ["digits"],
+        "models": [{"name": "mlp", "hidden": [16]}],
+        "methods": [
+            {"label": "magnitude"},
+            {"label": "random", "criterion": "random"},
+            {"label": "gradient", "criterion": "gradient"},
+        ],
+        "sparsities": [0.8],
+        "seeds": 2,
+        "training": {"epochs": 2, "finetune_epochs": 2, "batch_size": 64},
+        "outputs": {"tables": [{"rows": "sparsity", "columns": "method"}]},
+    }
     s.update(changes)
     return s
 
 
 def test_six_run_study_completes_and_table_matches_the_store(tmp_path):
     from prunelab.experiments.tables import build_tables
+
     study = build_study(spec())
     assert len(study.runs) == 6
     result = run_study(study, tmp_path / "study.db", progress=False)
@@ -36,9 +45,9 @@ def test_six_run_study_completes_and_table_matches_the_store(tmp_path):
         records = store.records()
         tables = build_tables(records, study.outputs)
     assert all(r.attempts == 1 and r.metrics["sparsity"] == pytest.approx(0.8, abs=2e-3) for r in records)
-    assert sum(r.metrics["dense_cached"] for r in records) == 4   # one dense model per seed
+    assert sum(r.metrics["dense_cached"] for r in records) == 4  # one dense model per seed
     (table,) = tables
-    assert table.to_markdown().count("\n") == 2 + 1               # header, rule, one level
+    assert table.to_markdown().count("\n") == 2 + 1  # header, rule, one level
     row_key, cells = table.rows[0]
     assert row_key == pytest.approx(0.8)
     for method, cell in zip(table.column_labels, cells):
@@ -92,8 +101,12 @@ def test_a_locked_study_is_refused_with_exit_3(tmp_path, capsys):
             run_study(build_study(spec(seeds=1)), tmp_path / "study.db", progress=False)
 
 
-KILL_SPEC = spec(methods=[{"label": "magnitude"}], sparsities=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
-                 seeds=[0, 1], training={"epochs": 3, "finetune_epochs": 6, "batch_size": 32})
+KILL_SPEC = spec(
+    methods=[{"label": "magnitude"}],
+    sparsities=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+    seeds=[0, 1],
+    training={"epochs": 3, "finetune_epochs": 6, "batch_size": 32},
+)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -103,9 +116,25 @@ def test_sigkill_mid_study_then_restart_finishes_every_run_once(tmp_path, worker
     db = tmp_path / "study.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # one run at a time (the batched engine would finish these 12 runs together)
-    proc = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "run", str(path), "--db", str(db),
-                             "--no-progress", "--workers", str(workers), "--engine", "single"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prunelab.cli",
+            "run",
+            str(path),
+            "--db",
+            str(db),
+            "--no-progress",
+            "--workers",
+            str(workers),
+            "--engine",
+            "single",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     done_before = {}
     while time.monotonic() < deadline:
@@ -121,23 +150,31 @@ def test_sigkill_mid_study_then_restart_finishes_every_run_once(tmp_path, worker
     with Store(db) as store:
         done_at_kill = {r.id: r.finished_at for r in store.records(status="done")}
         assert len(done_at_kill) < 12
-    result = run_study(build_study(KILL_SPEC), db, progress=False, engine="single")   # the lock was released
+    result = run_study(build_study(KILL_SPEC), db, progress=False, engine="single")  # the lock was released
     assert result.counts == {"pending": 0, "running": 0, "done": 12, "failed": 0}
     with Store(db) as store:
         records = store.records()
     assert len(records) == 12
     for record in records:
-        if record.id in done_at_kill:            # done before the kill: never run again
+        if record.id in done_at_kill:  # done before the kill: never run again
             assert record.attempts == 1 and record.finished_at == done_at_kill[record.id]
-        else:                                    # run (or redone) after the restart
+        else:  # run (or redone) after the restart
             assert record.finished_at > max(done_at_kill.values())
     assert result.ran == 12 - len(done_at_kill)
 
 
 def test_the_batched_engine_runs_groups_and_records_each_run(tmp_path):
     from prunelab.experiments.study import plan_jobs
-    study = build_study(spec(methods=[{"label": "magnitude"}, {"label": "random", "criterion": "random"},
-                                      {"label": "sgd-wd", "training": {"weight_decay": 1e-4}}]))
+
+    study = build_study(
+        spec(
+            methods=[
+                {"label": "magnitude"},
+                {"label": "random", "criterion": "random"},
+                {"label": "sgd-wd", "training": {"weight_decay": 1e-4}},
+            ]
+        )
+    )
     result = run_study(study, tmp_path / "study.db", workers=2, progress=False)
     assert result.counts["done"] == 6
     with Store(tmp_path / "study.db") as store:
@@ -164,9 +201,12 @@ def test_ray_executor_runs_a_small_study_on_a_local_ray_instance(tmp_path):
     ray = pytest.importorskip("ray", reason="ray is the optional extra prunelab[ray]; make test installs it")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = run_study(build_study(spec(seeds=1, methods=[{"label": "magnitude"},
-                                                              {"label": "random", "criterion": "random"}])),
-                           tmp_path / "study.db", executor="ray", progress=False)
+        result = run_study(
+            build_study(spec(seeds=1, methods=[{"label": "magnitude"}, {"label": "random", "criterion": "random"}])),
+            tmp_path / "study.db",
+            executor="ray",
+            progress=False,
+        )
     finally:
         ray.shutdown()
     assert result.counts["done"] == 2
@@ -183,11 +223,26 @@ def test_sigterm_stops_the_coordinator_and_its_workers_promptly(tmp_path):
     slow = dict(KILL_SPEC, training={"epochs": 1000, "finetune_epochs": 1, "batch_size": 16})  # minutes per run
     path.write_text(yaml.safe_dump(slow))
     db = tmp_path / "study.db"
-    proc = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "run", str(path), "--db", str(db),
-                             "--no-progress", "--workers", "2", "--engine", "single"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prunelab.cli",
+            "run",
+            str(path),
+            "--db",
+            str(db),
+            "--no-progress",
+            "--workers",
+            "2",
+            "--engine",
+            "single",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:      # wait until both workers hold a run
+    while time.monotonic() < deadline:  # wait until both workers hold a run
         time.sleep(0.2)
         if db.exists():
             with Store(db) as store:
@@ -195,7 +250,7 @@ def test_sigterm_stops_the_coordinator_and_its_workers_promptly(tmp_path):
                     break
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 130      # its workers would otherwise finish their runs first
+    assert proc.wait(timeout=20) == 130  # its workers would otherwise finish their runs first
     with Store(db) as store:
         assert store.counts()["running"] == 0 and store.counts()["pending"] == 12
     leftover = subprocess.run(["pgrep", "-f", str(db)], capture_output=True, text=True).stdout.split()
@@ -203,11 +258,18 @@ def test_sigterm_stops_the_coordinator_and_its_workers_promptly(tmp_path):
 
 
 def test_a_diverging_member_fails_alone_and_the_rest_of_its_group_completes(tmp_path):
-    study = build_study(spec(seeds=1, methods=[
-        {"label": "ok", "regularizer": {"name": "l1", "strength": 1e-4}},
-        {"label": "boom", "regularizer": {"name": "l1", "strength": 1e38}}]))
+    study = build_study(
+        spec(
+            seeds=1,
+            methods=[
+                {"label": "ok", "regularizer": {"name": "l1", "strength": 1e-4}},
+                {"label": "boom", "regularizer": {"name": "l1", "strength": 1e38}},
+            ],
+        )
+    )
     from prunelab.experiments.study import plan_jobs
-    assert [len(job.members) for job in plan_jobs(study.runs)] == [2]          # one group
+
+    assert [len(job.members) for job in plan_jobs(study.runs)] == [2]  # one group
     result = run_study(study, tmp_path / "study.db", progress=False)
     assert result.counts["done"] == 1 and result.counts["failed"] == 1
     with Store(tmp_path / "study.db") as store:

@@ -19,10 +19,16 @@ from prunelab.experiments import Store, build_study, lock, run_study
 from prunelab.experiments.store import PlannedRun, StudyWriteError
 from prunelab.experiments.tables import write_tables
 
-SPEC = {"name": "w", "datasets": ["digits"], "models": [{"name": "mlp", "hidden": [8]}],
-        "methods": [{"label": "magnitude"}], "sparsities": [0.5, 0.9], "seeds": 2,
-        "training": {"epochs": 1, "finetune_epochs": 1, "batch_size": 128}}
-OUTCOME_SQL = "UPDATE runs SET status = ?, metrics"       # Store.finish's statement
+SPEC = {
+    "name": "w",
+    "datasets": ["digits"],
+    "models": [{"name": "mlp", "hidden": [8]}],
+    "methods": [{"label": "magnitude"}],
+    "sparsities": [0.5, 0.9],
+    "seeds": 2,
+    "training": {"epochs": 1, "finetune_epochs": 1, "batch_size": 128},
+}
+OUTCOME_SQL = "UPDATE runs SET status = ?, metrics"  # Store.finish's statement
 
 
 class FailingConnection:
@@ -70,10 +76,13 @@ def test_a_full_disk_mid_study_stops_it_cleanly_and_a_rerun_completes(tmp_path, 
     db = tmp_path / "study.db"
     study = build_study(SPEC)
     with failing_store(monkeypatch, OUTCOME_SQL, enospc(), after=2):
-        with pytest.raises(StudyWriteError, match=r"could not record the outcome of run [0-9a-f]{16} in the "
-                                                  r"study store .*study\.db: No space left on device \(ENOSPC\)"):
+        with pytest.raises(
+            StudyWriteError,
+            match=r"could not record the outcome of run [0-9a-f]{16} in the "
+            r"study store .*study\.db: No space left on device \(ENOSPC\)",
+        ):
             run_study(study, db, progress=False, engine="single")
-    with Store(db) as store:                 # readable; the interrupted run is back to pending
+    with Store(db) as store:  # readable; the interrupted run is back to pending
         assert store.counts() == {"pending": 2, "running": 0, "done": 2, "failed": 0}
         interrupted = [r for r in store.records(status="pending") if r.attempts == 1]
         assert len(interrupted) == 1 and interrupted[0].metrics is None
@@ -81,7 +90,7 @@ def test_a_full_disk_mid_study_stops_it_cleanly_and_a_rerun_completes(tmp_path, 
     result = run_study(study, db, progress=False, engine="single")
     assert result.counts == {"pending": 0, "running": 0, "done": 4, "failed": 0} and result.ran == 2
     after = finished(db)
-    assert all(after[run_id] == done_before[run_id] for run_id in done_before)   # kept, not redone
+    assert all(after[run_id] == done_before[run_id] for run_id in done_before)  # kept, not redone
     assert after[interrupted[0].id][0] == 2
 
 
@@ -122,11 +131,13 @@ def test_a_failed_commit_is_rolled_back_and_the_store_stays_usable(tmp_path):
         store.mark_running(run.id, "w")
         real = store._db
         store._db = FailingConnection(real, "COMMIT", sqlite3.OperationalError("database or disk is full"))
-        with pytest.raises(StudyWriteError, match="could not record the outcome of run a{16} .*database or disk "
-                                                  "is full; nothing was half-written"):
+        with pytest.raises(
+            StudyWriteError,
+            match="could not record the outcome of run a{16} .*database or disk is full; nothing was half-written",
+        ):
             store.finish(run.id, {"status": "done", "metrics": {"accuracy": 1.0}})
         store._db = real
-        assert not real.in_transaction                           # rolled back, not left open
+        assert not real.in_transaction  # rolled back, not left open
         assert store.record(run.id).status == "running" and store.record(run.id).metrics is None
         store.finish(run.id, {"status": "done", "metrics": {"accuracy": 1.0}})
         assert store.record(run.id).status == "done"
@@ -142,14 +153,14 @@ def test_an_unwritable_store_path_is_refused_before_any_run(tmp_path, capsys):
     assert f"cannot write the study store {blocker}/w/study.db: {blocker} is a file, not a folder" in err
     with pytest.raises(ValueError, match="is a folder"):
         run_study(build_study(SPEC), tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "s.yaml"]   # nothing created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "s.yaml"]  # nothing created
 
 
 def test_outputs_that_cannot_be_written_lose_no_run_and_exit_4(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(SPEC))
     db = tmp_path / "study.db"
-    (tmp_path / "tables").write_text("in the way")      # `prunelab run` writes tables/ next to the store
+    (tmp_path / "tables").write_text("in the way")  # `prunelab run` writes tables/ next to the store
     assert main(["run", str(path), "--db", str(db), "--no-progress"]) == 4
     err = capsys.readouterr().err
     assert f"could not create the output folder {tmp_path / 'tables'}" in err and "stored runs are unaffected" in err
@@ -178,15 +189,22 @@ def test_a_table_write_that_fails_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_a_second_process_running_the_same_study_is_refused(tmp_path, capsys, monkeypatch):
-    flags, real_flock = [], fcntl.flock      # refused at once: every flock the run asks for is non-blocking
+    flags, real_flock = [], fcntl.flock  # refused at once: every flock the run asks for is non-blocking
     monkeypatch.setattr(lock.fcntl, "flock", lambda fd, op: (flags.append(op), real_flock(fd, op))[1])
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(SPEC))
     db = tmp_path / "study.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom prunelab.experiments.lock import StudyLock\n"
-                               "with StudyLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)",
-         str(db)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom prunelab.experiments.lock import StudyLock\n"
+            "with StudyLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(["run", str(path), "--db", str(db)]) == 3
@@ -195,4 +213,4 @@ def test_a_second_process_running_the_same_study_is_refused(tmp_path, capsys, mo
     finally:
         holder.kill()
         holder.wait()
-    assert main(["run", str(path), "--db", str(db), "--no-progress"]) == 0   # the kernel freed the lock
+    assert main(["run", str(path), "--db", str(db), "--no-progress"]) == 0  # the kernel freed the lock

@@ -46,8 +46,7 @@ def test_fit_leaves_global_rng_untouched():
 def test_fit_learns_and_history_records_epochs():
     model = net()
     x, y = data(400)
-    history = fit(model, (x[:300], y[:300]), val=(x[300:], y[300:]), epochs=15, batch_size=16,
-                  lr=0.05, progress=False)
+    history = fit(model, (x[:300], y[:300]), val=(x[300:], y[300:]), epochs=15, batch_size=16, lr=0.05, progress=False)
     assert [h["epoch"] for h in history] == list(range(1, 16))
     assert history[-1]["loss"] < history[0]["loss"]
     assert evaluate(model, (x[300:], y[300:]))["accuracy"] > 0.85
@@ -56,10 +55,10 @@ def test_fit_learns_and_history_records_epochs():
 
 def test_fit_with_pruner_reaches_target_and_keeps_zeros():
     model = net()
-    pruner = Pruner(model, 0.8, schedule="iterative",
-                    schedule_args={"n_prunes": 4, "exponent": 3, "start": 10, "every": 10})
-    history = fit(model, data(), epochs=5, batch_size=16, optimizer="adam", lr=1e-2, pruner=pruner,
-                  progress=False)
+    pruner = Pruner(
+        model, 0.8, schedule="iterative", schedule_args={"n_prunes": 4, "exponent": 3, "start": 10, "every": 10}
+    )
+    history = fit(model, data(), epochs=5, batch_size=16, optimizer="adam", lr=1e-2, pruner=pruner, progress=False)
     assert pruner.done and len(pruner.history) == 4
     assert history[-1]["sparsity"] == pytest.approx(0.8, abs=2e-3)
     assert pruner.sparsity() == pytest.approx(0.8, abs=2e-3)
@@ -79,8 +78,11 @@ def test_nan_inputs_are_refused_before_training_with_their_count():
     x[5] = float("nan")
     x[7, 0, 0, 0] = float("inf")
     n_bad = x[5].numel() + 1
-    with pytest.raises(ValueError, match=rf"inputs of the 'data' parameter of fit has {n_bad} non-finite "
-                                         rf"entries \({n_bad - 1} NaN, 1 inf\).*index \(5,"):
+    with pytest.raises(
+        ValueError,
+        match=rf"inputs of the 'data' parameter of fit has {n_bad} non-finite "
+        rf"entries \({n_bad - 1} NaN, 1 inf\).*index \(5,",
+    ):
         fit(model, (x, y), epochs=1, progress=False)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="'data' parameter of evaluate has"):
@@ -101,6 +103,7 @@ def test_fit_accepts_dataset_like_objects():
         x_train, y_train = data(64)
         x_val, y_val = data(32, seed=1)
         x_test, y_test = data(32, seed=2)
+
     history = fit(net(), DS(), epochs=1, progress=False)
     assert "val_accuracy" in history[0]
     assert evaluate(net(), DS())["n"] == 32
@@ -126,8 +129,8 @@ def test_evaluate_builds_no_graph_and_conv_batches_match_channels_first():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(50, 3, 16, 16, generator=g), torch.randint(0, 2, (50,), generator=g)
     result = evaluate(conv, (x, y), batch_size=20)
-    assert len(grad_modes) >= 3 and not any(grad_modes)        # 3 batches (and a shape check)
-    with torch.no_grad():                     # the plain channels-first forward pass
+    assert len(grad_modes) >= 3 and not any(grad_modes)  # 3 batches (and a shape check)
+    with torch.no_grad():  # the plain channels-first forward pass
         out = conv(x)
     assert result["accuracy"] == pytest.approx(float((out.argmax(1) == y).float().mean()))
     assert result["loss"] == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-5)
@@ -186,11 +189,11 @@ def test_hf_labels_with_ignore_index_count_only_the_labelled_tokens():
     model = TinyLM()
     ids = token_batches((4,))[0]
     labels = ids.clone()
-    labels[:, :3] = -100                       # positions 0..2 carry no label
+    labels[:, :3] = -100  # positions 0..2 carry no label
     result = evaluate(model, [{"input_ids": ids, "labels": labels}])
     with torch.no_grad():
         logits = model(ids)[:, :-1].reshape(-1, 11)
-    target = labels[:, 1:].reshape(-1)          # HF convention: position t predicts label t+1
+    target = labels[:, 1:].reshape(-1)  # HF convention: position t predicts label t+1
     keep = target != -100
     assert result["tokens"] == int(keep.sum()) == 4 * 3
     assert result["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits[keep], target[keep])), rel=1e-6)
@@ -199,7 +202,7 @@ def test_hf_labels_with_ignore_index_count_only_the_labelled_tokens():
 def test_every_form_of_the_same_batches_gives_the_same_evaluation():
     model = net()
     x, y = data(40)
-    pairs = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 40, 16)]
+    pairs = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     reference = evaluate(model, (x, y), batch_size=16)
     for form in (pairs, loader, lambda: iter(pairs), iter(pairs)):
@@ -211,9 +214,9 @@ def test_every_form_of_the_same_batches_gives_the_same_evaluation():
 
 def test_fit_on_a_list_of_batches_is_a_plain_training_loop_over_them():
     x, y = data(48)
-    pairs = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+    pairs = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
     model, reference = net(), net()
-    reference.eval()             # no dropout in both: fit seeds the RNG, a hand loop would not
+    reference.eval()  # no dropout in both: fit seeds the RNG, a hand loop would not
     model[3].p = reference[3].p = 0.0
     fit(model, pairs, epochs=2, lr=0.1, momentum=0.0, progress=False)
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
@@ -231,6 +234,7 @@ def test_fit_on_a_shuffling_dataloader_is_deterministic_and_leaves_the_rng_alone
 
     def loader():
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+
     runs = []
     for _ in range(2):
         model = net()
@@ -263,6 +267,7 @@ def test_a_user_loss_and_output_key_drive_fit_and_evaluate():
 
     def loss_fn(output, targets):
         return nn.functional.cross_entropy(output["scores"], targets) + 0.0 * output["aux"]
+
     history = fit(model, [(x, y)], epochs=3, loss_fn=loss_fn, progress=False)
     assert len(history) == 3 and math.isfinite(history[-1]["loss"])
     result = evaluate(model, [(x, y)], loss_fn=loss_fn, output_key="scores")
@@ -275,8 +280,9 @@ def test_a_user_loss_and_output_key_drive_fit_and_evaluate():
 
 def test_a_gradient_pruner_observes_the_batches_of_fit():
     model = TinyLM()
-    pruner = Pruner(model, 0.5, criterion="gradient", schedule="agp",
-                    schedule_args={"n_prunes": 2, "every": 3, "start": 2})
+    pruner = Pruner(
+        model, 0.5, criterion="gradient", schedule="agp", schedule_args={"n_prunes": 2, "every": 3, "start": 2}
+    )
     fit(model, token_batches((4, 4, 4)), epochs=4, lr=0.1, pruner=pruner, progress=False)
     assert pruner.done and pruner.criterion.n_observed > 0
     assert pruner.sparsity() == pytest.approx(0.5, abs=0.02)
@@ -287,28 +293,41 @@ def unchanged(model, before):
     return all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("bad,kwargs,error,pattern", [
-    ("iterator", {"epochs": 2}, ValueError, r"'data' parameter of fit is an iterator.*epochs=2"),
-    ("list", {"batch_size": 8}, ValueError, r"'batch_size' parameter of fit applies to in-memory data"),
-    ("empty", {}, ValueError, r"'data' parameter of fit is empty \(no batches\)"),
-    ("tensor", {}, TypeError, r"'data' parameter of fit is a single tensor"),
-    ("ints", {}, TypeError, r"'data' parameter of fit must be an \(x, y\) pair.*batch 0 is a int"),
-    ("no-targets", {}, ValueError, r"'data' parameter of fit does not fit the model's output: .*no targets"),
-    ("wrong-shape", {}, ValueError, r"inputs of the 'data' parameter of fit \(\(4, 3\) float32\) do not fit"),
-    ("factory", {}, TypeError, r"is a function, which must return an iterable of batches"),
-    ("nan", {}, ValueError, r"inputs of batch 0 of the 'data' parameter of fit has 1 non-finite"),
-    ("loss", {"loss_fn": lambda out, y: out}, ValueError, r"loss_fn must return a scalar tensor"),
-    ("labels", {}, ValueError, r"its labels must be class indices in \[0, 1\].*from 0 to 7"),
-])
+@pytest.mark.parametrize(
+    "bad,kwargs,error,pattern",
+    [
+        ("iterator", {"epochs": 2}, ValueError, r"'data' parameter of fit is an iterator.*epochs=2"),
+        ("list", {"batch_size": 8}, ValueError, r"'batch_size' parameter of fit applies to in-memory data"),
+        ("empty", {}, ValueError, r"'data' parameter of fit is empty \(no batches\)"),
+        ("tensor", {}, TypeError, r"'data' parameter of fit is a single tensor"),
+        ("ints", {}, TypeError, r"'data' parameter of fit must be an \(x, y\) pair.*batch 0 is a int"),
+        ("no-targets", {}, ValueError, r"'data' parameter of fit does not fit the model's output: .*no targets"),
+        ("wrong-shape", {}, ValueError, r"inputs of the 'data' parameter of fit \(\(4, 3\) float32\) do not fit"),
+        ("factory", {}, TypeError, r"is a function, which must return an iterable of batches"),
+        ("nan", {}, ValueError, r"inputs of batch 0 of the 'data' parameter of fit has 1 non-finite"),
+        ("loss", {"loss_fn": lambda out, y: out}, ValueError, r"loss_fn must return a scalar tensor"),
+        ("labels", {}, ValueError, r"its labels must be class indices in \[0, 1\].*from 0 to 7"),
+    ],
+)
 def test_fit_refuses_bad_batches_before_training(bad, kwargs, error, pattern):
     x, y = data(8)
     nan_x = x.clone()
     nan_x[0, 0, 0, 0] = float("nan")
     bad_y = y.clone()
-    bad_y[5] = 7                # not in the first example: the whole in-memory set is checked
-    given = {"iterator": iter([(x, y)]), "list": [(x, y)], "empty": [], "tensor": x, "ints": [1, 2, 3],
-             "no-targets": [x], "wrong-shape": [(torch.randn(4, 3), y[:4])], "factory": lambda: 3,
-             "nan": [(nan_x, y)], "loss": [(x, y)], "labels": (x, bad_y)}[bad]
+    bad_y[5] = 7  # not in the first example: the whole in-memory set is checked
+    given = {
+        "iterator": iter([(x, y)]),
+        "list": [(x, y)],
+        "empty": [],
+        "tensor": x,
+        "ints": [1, 2, 3],
+        "no-targets": [x],
+        "wrong-shape": [(torch.randn(4, 3), y[:4])],
+        "factory": lambda: 3,
+        "nan": [(nan_x, y)],
+        "loss": [(x, y)],
+        "labels": (x, bad_y),
+    }[bad]
     model = net()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(error, match=pattern):

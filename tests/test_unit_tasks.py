@@ -12,18 +12,32 @@ from prunelab.experiments.spec import SpecError
 from prunelab.units import METHODS
 
 MODEL = {"name": "mlp", "hidden": [24, 12]}
-TRAINING = {"epochs": 1, "batch_size": 64, "lr": 0.05}        # digits: 1437 images → 23 steps
+TRAINING = {"epochs": 1, "batch_size": 64, "lr": 0.05}  # digits: 1437 images → 23 steps
 
 
 def spec(*methods, seeds=1):
-    return {"name": "b", "datasets": ["digits"], "models": [MODEL], "methods": list(methods),
-            "sparsities": [0.0], "seeds": seeds, "training": TRAINING}
+    return {
+        "name": "b",
+        "datasets": ["digits"],
+        "models": [MODEL],
+        "methods": list(methods),
+        "sparsities": [0.0],
+        "seeds": seeds,
+        "training": TRAINING,
+    }
 
 
-PROBES = {"label": "probes", "task": "unit-penalty", "every": 10, "calibration": 200,
-          "sets": [{"layers": ["all", "first_dense"], "fractions": [0.25], "counts": [1]},
-                   {"layers": ["all"], "fractions": [0.5], "finetune_steps": [0, 5]}],
-          "track": {"layers": "all", "fraction": 0.25}}
+PROBES = {
+    "label": "probes",
+    "task": "unit-penalty",
+    "every": 10,
+    "calibration": 200,
+    "sets": [
+        {"layers": ["all", "first_dense"], "fractions": [0.25], "counts": [1]},
+        {"layers": ["all"], "fractions": [0.5], "finetune_steps": [0, 5]},
+    ],
+    "track": {"layers": "all", "fraction": 0.25},
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +55,7 @@ def test_every_probe_prunes_with_every_method_each_setting(probe_run):
     _, record = probe_run
     probes = record.metrics["probes"]
     steps = sorted({p["step"] for p in probes})
-    assert steps == [10, 20]                                   # 23 steps, a probe every 10
+    assert steps == [10, 20]  # 23 steps, a probe every 10
     # per step: 12 methods × (2 layer sets × 2 amounts + 1 set × 1 fraction × 2 fine-tuning budgets)
     assert len(probes) == 2 * 12 * (2 * 2 + 2)
     assert {p["method"] for p in probes} == set(METHODS)
@@ -62,8 +76,15 @@ def test_fine_tuning_after_pruning_lowers_a_large_penalty(probe_run):
     lower = 0
     for p in probes:
         if p["finetune_steps"] == 5:
-            (untuned,) = [q for q in probes if q["finetune_steps"] == 0 and q["fraction"] == 0.5
-                          and q["layers"] == "all" and q["step"] == p["step"] and q["method"] == p["method"]]
+            (untuned,) = [
+                q
+                for q in probes
+                if q["finetune_steps"] == 0
+                and q["fraction"] == 0.5
+                and q["layers"] == "all"
+                and q["step"] == p["step"]
+                and q["method"] == p["method"]
+            ]
             pairs += 1
             lower += p["penalty"] < untuned["penalty"]
     assert pairs == 24
@@ -90,6 +111,7 @@ def test_probes_leave_the_training_as_it_would_be_without_them(probe_run):
     with torch.no_grad():
         expected = plain.eval()(x)
     from prunelab.experiments.unit_tasks import PenaltyProbe, _calibration
+
     probe = PenaltyProbe(ds, _calibration(ds, 200, 0), config["method"]["probe"], 0)
     watched, *_ = _dense_model(config, ds, None, callbacks=[probe])
     with torch.no_grad():
@@ -98,11 +120,18 @@ def test_probes_leave_the_training_as_it_would_be_without_them(probe_run):
 
 
 def test_iterative_pruning_removes_a_step_per_round_and_shrinks_the_model(tmp_path):
-    method = {"task": "unit-iterative", "method": {"grid": ["norm", "bp_mrs"]}, "step_fraction": 0.1,
-              "max_fraction": 0.3, "finetune_steps": 5, "calibration": 100, "test_every": 2,
-              "training": {"epochs": 10}}
+    method = {
+        "task": "unit-iterative",
+        "method": {"grid": ["norm", "bp_mrs"]},
+        "step_fraction": 0.1,
+        "max_fraction": 0.3,
+        "finetune_steps": 5,
+        "calibration": 100,
+        "test_every": 2,
+        "training": {"epochs": 10},
+    }
     study = build_study(spec(method))
-    assert sorted(run.method for run in study.runs) == ["bp_mrs", "norm"]      # labels are the methods
+    assert sorted(run.method for run in study.runs) == ["bp_mrs", "norm"]  # labels are the methods
     result = run_study(study, tmp_path / "study.db", progress=False)
     assert result.counts["done"] == 2
     with Store(tmp_path / "study.db") as store:
@@ -116,17 +145,31 @@ def test_iterative_pruning_removes_a_step_per_round_and_shrinks_the_model(tmp_pa
         assert [("accuracy" in c) for c in curve] == [True, False, True, False, True]
         assert record.metrics["params"] == (64 * 16 + 16 + 16 * 8 + 8 + 8 * 10 + 10)
         assert record.metrics["params"] < dense_params
-        assert curve[0]["accuracy"] > 0.85                        # the trained model
+        assert curve[0]["accuracy"] > 0.85  # the trained model
         assert record.metrics["accuracy"] == curve[-1]["accuracy"] > 0.5
 
 
 def test_bad_probe_and_iterative_settings_are_listed_together():
-    bad_probe = {**PROBES, "methods": ["bp_norm", "bp_nrom"], "every": 0,
-                 "sets": [{"layers": ["middle_conv"], "fractions": [1.5]}]}
+    bad_probe = {
+        **PROBES,
+        "methods": ["bp_norm", "bp_nrom"],
+        "every": 0,
+        "sets": [{"layers": ["middle_conv"], "fractions": [1.5]}],
+    }
     bad_iterative = {"task": "unit-iterative", "method": "magnitude", "step_fraction": 0, "test_every": 0}
     with pytest.raises(SpecError) as err:
         build_study(spec(bad_probe, bad_iterative))
     text = str(err.value)
-    for expected in ("methods[1]", "bp_nrom", "every", "middle_conv", "fractions[0]", "1.5",
-                     "methods[1].method", "magnitude", "step_fraction", "test_every"):
+    for expected in (
+        "methods[1]",
+        "bp_nrom",
+        "every",
+        "middle_conv",
+        "fractions[0]",
+        "1.5",
+        "methods[1].method",
+        "magnitude",
+        "step_fraction",
+        "test_every",
+    ):
         assert expected in text, (expected, text)

@@ -28,8 +28,8 @@ def test_scorer_formulas_against_hand_computation():
     # by hand: a = relu(W1 x + b1); g_n = ∂ℓ_n/∂a_n, one example at a time
     a_rows, g_rows = [], []
     for n in range(len(x)):
-        a = torch.relu(model[1](x[n:n + 1])).detach().requires_grad_(True)
-        loss = nn.functional.cross_entropy(model[3](a), y[n:n + 1], reduction="sum")
+        a = torch.relu(model[1](x[n : n + 1])).detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model[3](a), y[n : n + 1], reduction="sum")
         (g,) = torch.autograd.grad(loss, a)
         a_rows.append(a.detach()[0].double())
         g_rows.append(g[0].double())
@@ -53,14 +53,14 @@ def test_scorer_formulas_against_hand_computation():
 def test_mean_replacement_has_zero_penalty_for_a_constant_unit():
     model = tiny_mlp()
     with torch.no_grad():
-        model[1].weight[1] = 0.0          # unit 1 ignores its input: a_1 = relu(b_1) for every example
+        model[1].weight[1] = 0.0  # unit 1 ignores its input: a_1 = relu(b_1) for every example
         model[1].bias[1] = 0.7
     x, y = data(n=40)
     before = prunelab.evaluate(model, (x, y))["loss"]
     for method, zero in (("bp_norm", True), ("norm", False)):
         m = copy.deepcopy(model)
         result = units.remove_units(m, method, (x, y), count=1)
-        assert result.plan["1"].tolist() == [1]       # its incoming weights have norm 0
+        assert result.plan["1"].tolist() == [1]  # its incoming weights have norm 0
         penalty = prunelab.evaluate(m, (x, y))["loss"] - before
         if zero:
             assert penalty == pytest.approx(0.0, abs=1e-7)
@@ -73,7 +73,7 @@ def test_mean_replacement_through_pooling_and_flatten_of_a_constant_conv_channel
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 4))
     with torch.no_grad():
         net[0].weight[2] = 0.0
-        net[0].bias[2] = 0.5                # channel 2 is the constant 0.5 at every position
+        net[0].bias[2] = 0.5  # channel 2 is the constant 0.5 at every position
     x, y = torch.randn(30, 1, 8, 8), torch.randint(0, 4, (30,))
     before = prunelab.evaluate(net, (x, y))["loss"]
     result = units.remove_units(net, "bp_norm", (x, y), count=1)
@@ -109,22 +109,28 @@ def residual_net():
 
 def registry(name, **kw):
     def build():
-        model = prunelab.build_model(name, input_shape=(1, 16, 16) if name == "lenet5" else (1, 12, 12),
-                                     n_classes=5, seed=0, **kw)
+        model = prunelab.build_model(
+            name, input_shape=(1, 16, 16) if name == "lenet5" else (1, 12, 12), n_classes=5, seed=0, **kw
+        )
         return model.eval(), tuple(model.config["input_shape"])
+
     return build
 
 
-MODELS = {"mlp": registry("mlp", hidden=[20, 12]), "lenet5": registry("lenet5"),
-          "small_conv": registry("small_conv"), "vgg11_bn": registry("vgg11", width=0.125),
-          "residual": residual_net}
+MODELS = {
+    "mlp": registry("mlp", hidden=[20, 12]),
+    "lenet5": registry("lenet5"),
+    "small_conv": registry("small_conv"),
+    "vgg11_bn": registry("vgg11", width=0.125),
+    "residual": residual_net,
+}
 
 
 @pytest.mark.parametrize("method", ["abs_mrs", "bp_abs_mrs", "bp_rand"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_thinned_model_equals_the_masked_model(name, method):
     model, shape = MODELS[name]()
-    if name == "vgg11_bn":           # give the BatchNorm layers non-trivial statistics
+    if name == "vgg11_bn":  # give the BatchNorm layers non-trivial statistics
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, nn.BatchNorm2d):
@@ -169,10 +175,15 @@ def test_layer_sets_of_small_conv():
     model = prunelab.build_model("small_conv", seed=0)
     layers = units.Units.of(model).layers
     from prunelab.units.structure import select_layers
+
     pick = lambda s: [u.name for u in select_layers(layers, s)]
     assert pick("all") == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     assert (pick("first_conv"), pick("middle_conv"), pick("last_conv"), pick("first_dense")) == (
-        ["conv1"], ["conv2"], ["conv3"], ["fc1"])
+        ["conv1"],
+        ["conv2"],
+        ["conv3"],
+        ["fc1"],
+    )
 
 
 def test_bad_input():
@@ -197,20 +208,23 @@ def test_bad_input():
     assert len(a_layer_is_never_emptied.plan["1"]) == 2
 
 
-@pytest.mark.parametrize("name, shape, options", [
-    ("mlp", (1, 28, 28), {"hidden": [40, 30]}),
-    ("lenet5", (1, 28, 28), {}),                     # its convolutions have no padding: exact too
-    ("vgg11", (3, 32, 32), {"width": 0.25}),         # padded convolutions: exact except at borders
-])
+@pytest.mark.parametrize(
+    "name, shape, options",
+    [
+        ("mlp", (1, 28, 28), {"hidden": [40, 30]}),
+        ("lenet5", (1, 28, 28), {}),  # its convolutions have no padding: exact too
+        ("vgg11", (3, 32, 32), {"width": 0.25}),  # padded convolutions: exact except at borders
+    ],
+)
 def test_thin_dead_units_keeps_the_outputs_of_units_with_a_bias_but_no_inputs(name, shape, options):
     model = prunelab.build_model(name, input_shape=shape, n_classes=10, seed=0, **options)
     found = units.Units.of(model, shape)
     with torch.no_grad():
-        for layer in found.layers:                   # dead units with positive biases: constant outputs
-            layer.module.weight[:layer.n_units // 3] = 0
+        for layer in found.layers:  # dead units with positive biases: constant outputs
+            layer.module.weight[: layer.n_units // 3] = 0
             if layer.module.bias is not None:
-                layer.module.bias[:layer.n_units // 3] = 0.5
-        if name == "vgg11":                          # give the BatchNorms real statistics
+                layer.module.bias[: layer.n_units // 3] = 0.5
+        if name == "vgg11":  # give the BatchNorms real statistics
             model.train()
             model(torch.randn(16, *shape))
     model.eval()
@@ -222,7 +236,7 @@ def test_thin_dead_units_keeps_the_outputs_of_units_with_a_bias_but_no_inputs(na
         reference, got = model(x), small.eval()(x)
         dropped = units.thin(model, plan, input_shape=shape).eval()(x)
     error, lost = (got - reference).abs().max(), (dropped - reference).abs().max()
-    assert lost > 0.05                                           # plain thinning loses the constants
+    assert lost > 0.05  # plain thinning loses the constants
     if name == "vgg11":
         assert error < 0.05 * lost
     else:

@@ -4,12 +4,12 @@ scope against a brute-force per-row ranking; clear errors."""
 
 import pytest
 import torch
+from helpers import Conv1D  # Hugging Face's layout: weight (in, out)
 from torch import nn
 from torch.nn import functional as F
 
 from prunelab.pruning import Pruner, prune
-from prunelab.pruning.scopes import LayerGroups, Row, Event
-from helpers import Conv1D  # Hugging Face's layout: weight (in, out)
+from prunelab.pruning.scopes import Event, LayerGroups, Row
 
 
 def _wanda_scores(model, data, **kw):
@@ -21,7 +21,7 @@ def _wanda_scores(model, data, **kw):
 def test_linear_scores_are_the_weight_times_the_input_column_norms():
     torch.manual_seed(0)
     layer = nn.Linear(5, 3)
-    x = torch.randn(2, 7, 5)                      # every token of every sequence is a column
+    x = torch.randn(2, 7, 5)  # every token of every sequence is a column
     batches = [x[0], x[1]]
     _, (scores,) = _wanda_scores(layer, batches)
     norms = torch.zeros(5, dtype=torch.float64)
@@ -39,7 +39,7 @@ def test_grouped_conv_scores_use_each_groups_own_patches():
     x = torch.randn(3, 4, 5, 5)
     _, (scores,) = _wanda_scores(conv, [x])
     padded = F.pad(x, (1, 1, 1, 1))
-    sums = torch.zeros(4, 3, 3, dtype=torch.float64)        # input channel, kernel row, kernel column
+    sums = torch.zeros(4, 3, 3, dtype=torch.float64)  # input channel, kernel row, kernel column
     for n in range(3):
         for oi in range(3):
             for oj in range(3):
@@ -49,8 +49,8 @@ def test_grouped_conv_scores_use_each_groups_own_patches():
                             sums[c, a, b] += float(padded[n, c, 2 * oi + a, 2 * oj + b]) ** 2
     expected = torch.empty(6, 2, 3, 3, dtype=torch.float64)
     for o in range(6):
-        group = o // 3                                     # filters 0-2 read channels 0-1, 3-5 read 2-3
-        expected[o] = conv.weight.detach()[o].abs().double() * sums[2 * group:2 * group + 2].sqrt()
+        group = o // 3  # filters 0-2 read channels 0-1, 3-5 read 2-3
+        expected[o] = conv.weight.detach()[o].abs().double() * sums[2 * group : 2 * group + 2].sqrt()
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -87,7 +87,7 @@ def test_every_batch_form_gives_the_same_scores():
 def test_prune_zeroes_the_lowest_scores_of_every_row_by_default():
     torch.manual_seed(3)
     model = _TwoLayers()
-    x = torch.randn(16, 6) * torch.tensor([5.0, 0.1, 1.0, 1.0, 3.0, 0.01])    # uneven input norms
+    x = torch.randn(16, 6) * torch.tensor([5.0, 0.1, 1.0, 1.0, 3.0, 0.01])  # uneven input norms
     _, scores = _wanda_scores(_clone(model), [x])
     pruner = prune(model, 0.5, criterion="wanda", data=[x])
     assert pruner.scope.name == "row"
@@ -95,13 +95,14 @@ def test_prune_zeroes_the_lowest_scores_of_every_row_by_default():
         keep = target.weight.detach() != 0
         k = score.shape[1]
         expected = torch.zeros_like(keep)
-        expected.scatter_(1, torch.argsort(score, dim=1, descending=True)[:, :k - round(0.5 * k)], True)
+        expected.scatter_(1, torch.argsort(score, dim=1, descending=True)[:, : k - round(0.5 * k)], True)
         assert torch.equal(keep, expected), target.name
         assert torch.equal(pruner.mask(target.name), keep)
 
 
 def _clone(model):
     import copy
+
     return copy.deepcopy(model)
 
 
@@ -130,8 +131,15 @@ def test_wanda_on_an_agp_schedule_during_training_recalibrates_before_each_prune
     model = _TwoLayers()
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    pruner = Pruner(model, 0.75, criterion="wanda", schedule="agp", schedule_args={"n_prunes": 3, "every": 2},
-                    calibration=(x, y), optimizer=opt)
+    pruner = Pruner(
+        model,
+        0.75,
+        criterion="wanda",
+        schedule="agp",
+        schedule_args={"n_prunes": 3, "every": 2},
+        calibration=(x, y),
+        optimizer=opt,
+    )
     pruner.update()
     for _ in range(8):
         opt.zero_grad()
@@ -140,8 +148,8 @@ def test_wanda_on_an_agp_schedule_during_training_recalibrates_before_each_prune
         pruner.step()
     assert pruner.done
     levels = [r.sparsity for r in pruner.history]
-    assert levels == sorted(levels) and len(levels) == 4      # 0 at step 0, then 3 prunes
-    for target in pruner.targets:          # every row lost round(0.75 k) of its k weights
+    assert levels == sorted(levels) and len(levels) == 4  # 0 at step 0, then 3 prunes
+    for target in pruner.targets:  # every row lost round(0.75 k) of its k weights
         k = target.weight.shape[1]
         assert torch.all((target.weight.detach() == 0).sum(dim=1) == round(0.75 * k))
 
@@ -166,7 +174,7 @@ def test_the_row_scope_with_magnitude_on_hf_conv1d_style_weights_follows_the_out
     layer = Conv1D(3, 8)
     x = torch.randn(10, 8)
     prune(layer, 0.5, criterion="wanda", data=[x])
-    assert torch.all((layer.weight.detach() == 0).sum(dim=0) == 4)        # each output column lost 4 of 8
+    assert torch.all((layer.weight.detach() == 0).sum(dim=0) == 4)  # each output column lost 4 of 8
     norms = x.pow(2).sum(0).sqrt()
     scores = layer.weight.detach().abs() * norms[:, None]
     kept = layer.weight.detach() != 0
@@ -212,7 +220,7 @@ def test_deeper_rnn_layers_read_the_layer_below_and_are_all_pruned():
         below, _ = first(x)
         out, _ = model.rnn(x)
     expected_ih1 = model.rnn.weight_ih_l1.detach().abs() * below.reshape(-1, 8).pow(2).sum(0).sqrt()
-    previous = torch.cat([torch.zeros(3, 1, 8), out[:, :-1]], dim=1)          # layer 1's h_{t-1}
+    previous = torch.cat([torch.zeros(3, 1, 8), out[:, :-1]], dim=1)  # layer 1's h_{t-1}
     expected_hh1 = model.rnn.weight_hh_l1.detach().abs() * previous.reshape(-1, 8).pow(2).sum(0).sqrt()
     torch.testing.assert_close(by_name["rnn.weight_ih_l1"], expected_ih1)
     torch.testing.assert_close(by_name["rnn.weight_hh_l1"], expected_hh1)
@@ -224,10 +232,11 @@ def test_deeper_rnn_layers_read_the_layer_below_and_are_all_pruned():
 
 def test_study_specs_give_wanda_its_row_scope_unless_told_otherwise():
     from prunelab.experiments.prune_task import _default_scope
+
     assert _default_scope({"criterion": "wanda", "granularity": "weight"}) == "row"
     assert _default_scope({"criterion": {"name": "wanda"}, "granularity": "2:4"}) == "row"
     assert _default_scope({"criterion": "wanda", "granularity": "channel"}) == "local"
-    assert _default_scope({"criterion": "magnitude", "granularity": "weight"}) == "local"   # run ids unchanged
+    assert _default_scope({"criterion": "magnitude", "granularity": "weight"}) == "local"  # run ids unchanged
     assert _default_scope({"criterion": "no-such", "granularity": "weight"}) == "local"
 
 
@@ -239,7 +248,7 @@ def test_a_one_layer_rnn_hidden_weight_reads_the_previous_hidden_states():
     by_name = dict(zip([t.name for t in pruner.targets], scores))
     with torch.no_grad():
         out, _ = rnn(x)
-    previous = torch.cat([torch.zeros(2, 1, 4), out[:, :-1]], dim=1)      # h_{t-1}, h_{-1} = 0
+    previous = torch.cat([torch.zeros(2, 1, 4), out[:, :-1]], dim=1)  # h_{t-1}, h_{-1} = 0
     expected_hh = rnn.weight_hh_l0.detach().abs() * previous.reshape(-1, 4).pow(2).sum(0).sqrt()
     expected_ih = rnn.weight_ih_l0.detach().abs() * x.reshape(-1, 3).pow(2).sum(0).sqrt()
     torch.testing.assert_close(by_name["weight_hh_l0"], expected_hh)
@@ -263,11 +272,14 @@ def test_cross_attention_q_k_v_blocks_use_their_own_inputs_and_out_proj_the_cont
     by_name = dict(zip([t.name for t in pruner.targets], scores))
     W = model.attn.in_proj_weight.detach().abs()
     norms = [t.reshape(-1, 4).pow(2).sum(0).sqrt() for t in (q, k, v)]
-    expected = torch.cat([W[4 * i:4 * (i + 1)] * norms[i] for i in range(3)])
+    expected = torch.cat([W[4 * i : 4 * (i + 1)] * norms[i] for i in range(3)])
     torch.testing.assert_close(by_name["attn.in_proj_weight"], expected)
-    with torch.no_grad():                       # out_proj reads the heads' context, before the projection
+    with torch.no_grad():  # out_proj reads the heads' context, before the projection
         from prunelab.pruning.lobs.hessian import attention_context
-        context = attention_context(model.attn, {"query": q, "key": k, "value": v, "key_padding_mask": None,
-                                                 "attn_mask": None, "is_causal": False})
+
+        context = attention_context(
+            model.attn,
+            {"query": q, "key": k, "value": v, "key_padding_mask": None, "attn_mask": None, "is_causal": False},
+        )
     expected_out = model.attn.out_proj.weight.detach().abs() * context.reshape(-1, 4).pow(2).sum(0).sqrt()
     torch.testing.assert_close(by_name["attn.out_proj.weight"], expected_out)

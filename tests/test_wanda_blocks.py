@@ -12,13 +12,13 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from zoo import BY_NAME, HAS_TRANSFORMERS
 
 import prunelab
 from prunelab.pruning import Pruner
 from prunelab.pruning.criteria import Magnitude
 from prunelab.pruning.scopes import LayerGroups, _global_by_sorting, _global_by_threshold
 from prunelab.pruning.wanda import input_norms, wanda_scores
-from zoo import BY_NAME, HAS_TRANSFORMERS
 
 needs_hf = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
 
@@ -36,7 +36,7 @@ class _Watched(Magnitude):
     def iter_scores(self, targets):
         for t in targets:
             self.alive_when_asked.append(sum(ref() is not None for ref in self.given))
-            score = t.weight.detach().abs() + 0.0          # a tensor of its own, not a view of the weight
+            score = t.weight.detach().abs() + 0.0  # a tensor of its own, not a view of the weight
             self.given.append(weakref.ref(score))
             yield score
             del score
@@ -75,8 +75,8 @@ def _random_layers(g, dtype, n_layers=4):
     layers = []
     for _ in range(n_layers):
         n = int(torch.randint(1, 40, (1,), generator=g))
-        scores = torch.randint(0, 6, (n,), generator=g).to(dtype) / 4         # many ties
-        scores[torch.rand(n, generator=g) < 0.1] = float("inf")              # N:M-protected groups
+        scores = torch.randint(0, 6, (n,), generator=g).to(dtype) / 4  # many ties
+        scores[torch.rand(n, generator=g) < 0.1] = float("inf")  # N:M-protected groups
         alive = torch.rand(n, generator=g) > 0.3
         layers.append(LayerGroups(scores, alive, 1))
     return layers
@@ -113,7 +113,7 @@ def _prune_rows_by_hand(target, norms, sparsity=0.5):
     scores = wanda_scores(target, norms)
     weight = target.weight.detach()
     k = scores.shape[1]
-    lowest = torch.argsort(scores, dim=1, stable=True)[:, :round(sparsity * k)]
+    lowest = torch.argsort(scores, dim=1, stable=True)[:, : round(sparsity * k)]
     weight.scatter_(1, lowest, 0.0)
 
 
@@ -121,7 +121,7 @@ def _by_hand(model, batches, stack):
     """The paper's loop, written out: for block i, the norms of its layers from the model as it
     is (blocks before i pruned, block i dense), then block i pruned; then the layers outside
     the stack, from the model with every block pruned."""
-    pruner = Pruner(model, 0.5, criterion="wanda")        # only for its targets
+    pruner = Pruner(model, 0.5, criterion="wanda")  # only for its targets
     targets = [t for t in pruner.targets if t.name not in pruner.criterion.skipped]
     blocks = model.get_submodule(stack)
     runs = [[t for t in targets if t.name.startswith(f"{stack}.{i}.")] for i in range(len(blocks))]
@@ -155,12 +155,16 @@ def test_block_by_block_wanda_on_llama_equals_the_loop_by_hand(llama, offload, m
     _by_hand(reference, batches, "model.layers")
     _same_weights(model, reference)
     assert pruner.scope.name == "row" and pruner.sparsity() == pytest.approx(0.5)
-    assert not list(tmp_path.glob("prunelab-blocks-*"))          # the spill directory is gone
-    _prune(one_pass, batches)                                      # the statistics of the dense model:
-    assert not torch.equal(one_pass.model.layers[1].mlp.down_proj.weight,   # block 1 differs
-                           model.model.layers[1].mlp.down_proj.weight)
-    assert torch.equal(one_pass.model.layers[0].self_attn.q_proj.weight,    # block 0 does not
-                       model.model.layers[0].self_attn.q_proj.weight)
+    assert not list(tmp_path.glob("prunelab-blocks-*"))  # the spill directory is gone
+    _prune(one_pass, batches)  # the statistics of the dense model:
+    assert not torch.equal(
+        one_pass.model.layers[1].mlp.down_proj.weight,  # block 1 differs
+        model.model.layers[1].mlp.down_proj.weight,
+    )
+    assert torch.equal(
+        one_pass.model.layers[0].self_attn.q_proj.weight,  # block 0 does not
+        model.model.layers[0].self_attn.q_proj.weight,
+    )
 
 
 def test_block_by_block_wanda_on_a_transformer_encoder_equals_the_loop_by_hand():
@@ -170,7 +174,7 @@ def test_block_by_block_wanda_on_a_transformer_encoder_equals_the_loop_by_hand()
     pruner = _prune(model, batches, blocks="encoder.layers")
     _by_hand(reference, batches, "encoder.layers")
     _same_weights(model, reference)
-    for target in pruner.targets:        # MultiheadAttention's packed q/k/v included: every row at half
+    for target in pruner.targets:  # MultiheadAttention's packed q/k/v included: every row at half
         if target.name not in pruner.criterion.skipped:
             pruned = (target.weight.detach() == 0).movedim(target.out_axis, 0)
             rows = pruned.reshape(pruned.shape[0], -1)
@@ -183,13 +187,13 @@ def test_the_report_gives_seconds_peak_memory_and_block_totals():
     pruner = _prune(zoo.build(), zoo.batches(2), blocks="encoder.layers")
     report = pruner.history[-1].report
     assert report is pruner.criterion.last_report
-    assert {r.block for r in report} == {"encoder.layers.0", "encoder.layers.1", None}     # None: the head
+    assert {r.block for r in report} == {"encoder.layers.0", "encoder.layers.1", None}  # None: the head
     assert [b["block"] for b in report.blocks()] == ["encoder.layers.0", "encoder.layers.1"]
     assert all(r.seconds >= r.select_seconds >= 0 and r.n == 2 * 4 * 8 for r in report if r.block is not None)
     firsts = {}
     for r in report:
         firsts.setdefault(r.block, r)
-    assert all(r.norm_seconds > 0 for r in firsts.values())         # the block's pass, paid by its first layer
+    assert all(r.norm_seconds > 0 for r in firsts.values())  # the block's pass, paid by its first layer
     assert all(r.live_bytes > 0 for r in report if r.block is not None)
     assert all(r.sparsity == pytest.approx(0.5) for r in report)
     if report.peak_memory is not None:
@@ -214,8 +218,14 @@ def test_a_bfloat16_model_computed_in_float32_equals_the_float32_run_rounded():
     layers = [name for name, p in model.named_parameters() if name.startswith("encoder") and p.dim() == 2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prunelab.prune(model, 0.5, criterion={"name": "wanda", "compute_dtype": "float32"}, data=batches,
-                       blocks="encoder.layers", layers=layers)
+        prunelab.prune(
+            model,
+            0.5,
+            criterion={"name": "wanda", "compute_dtype": "float32"},
+            data=batches,
+            blocks="encoder.layers",
+            layers=layers,
+        )
         prunelab.prune(reference, 0.5, criterion="wanda", data=batches, blocks="encoder.layers", layers=layers)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert p.dtype == torch.bfloat16, name
@@ -228,10 +238,24 @@ def test_block_by_block_with_2_4_and_local_scope():
     layers = [n for n, p in model.named_parameters() if n.startswith("encoder") and p.dim() == 2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruner = prunelab.prune(model, None, criterion="wanda", granularity="2:4", data=zoo.batches(1),
-                                blocks="encoder.layers", layers=layers)
-        local = prunelab.prune(zoo.build(), 0.5, criterion="wanda", scope="local", data=zoo.batches(1),
-                               blocks="encoder.layers", layers=layers)
+        pruner = prunelab.prune(
+            model,
+            None,
+            criterion="wanda",
+            granularity="2:4",
+            data=zoo.batches(1),
+            blocks="encoder.layers",
+            layers=layers,
+        )
+        local = prunelab.prune(
+            zoo.build(),
+            0.5,
+            criterion="wanda",
+            scope="local",
+            data=zoo.batches(1),
+            blocks="encoder.layers",
+            layers=layers,
+        )
     for target in pruner.targets:
         runs = target.weight.detach().reshape(-1, 4)
         assert torch.all((runs != 0).sum(dim=1) == 2), target.name
@@ -248,6 +272,6 @@ def test_block_by_block_errors_are_clear():
         prunelab.prune(model, 0.5, criterion="wanda", data=data, blocks="encoder.layer")
     with pytest.raises(ValueError, match="apply block by block: name the stack of blocks too"):
         prunelab.prune(model, 0.5, criterion="wanda", data=data, offload="disk")
-    with pytest.raises(ValueError, match="'offload' parameter of prune must be one of: disk, memory\. Got 'tape'"):
+    with pytest.raises(ValueError, match=r"'offload' parameter of prune must be one of: disk, memory\. Got 'tape'"):
         prunelab.prune(model, 0.5, criterion="wanda", data=data, blocks="encoder.layers", offload="tape")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -7,11 +7,11 @@ import importlib.util
 import pytest
 import torch
 from torch import nn
+from zoo import BY_NAME, zoo_params
 
 from prunelab import export
 from prunelab.inputs import as_batch, logits_of
 from prunelab.sparse import SparseLinear, sparsify
-from zoo import BY_NAME, zoo_params
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
@@ -46,10 +46,11 @@ def test_save_load_round_trip_gives_identical_outputs(z, tmp_path):
 @pytest.mark.parametrize("z", zoo_params())
 def test_onnx_export_matches_the_model_at_another_batch_size(z, tmp_path):
     import onnxruntime
+
     model = _sparse_copy(z)
     path = export.export_onnx(model, tmp_path / "m.onnx", example_inputs=z.example, exporter="torchscript")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    b = as_batch(z.batches(1, seed=3, batch=3)[0], where="test")          # the example has batch 2
+    b = as_batch(z.batches(1, seed=3, batch=3)[0], where="test")  # the example has batch 2
     names = [i.name for i in session.get_inputs()]
     feed = dict(zip(names, (t.numpy() for t in b.tensors())))
     if b.kwargs:
@@ -63,6 +64,7 @@ def test_onnx_export_matches_the_model_at_another_batch_size(z, tmp_path):
 @pytest.mark.parametrize("z", zoo_params(["hf-gpt2"]))
 def test_dynamo_exporter_writes_gpt2_with_a_dynamic_batch(z, tmp_path):
     import onnxruntime
+
     model = z.build()
     path = export.export_onnx(model, tmp_path / "m.onnx", example_inputs=z.example, exporter="dynamo")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -124,24 +126,30 @@ def test_export_onnx_refuses_bad_arguments(tmp_path):
 
 # --------------------------------------------------------------------------- thinned models load back
 
+
 def _tp_thin(z, picks):
     """The zoo model thinned by Torch-Pruning's DependencyGraph directly (not prunelab.units)."""
     tp = pytest.importorskip("torch_pruning")
     model = z.build()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=z.example, verbose=False,
-                                                  output_transform=lambda out: logits_of(out))
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=z.example, verbose=False, output_transform=lambda out: logits_of(out)
+    )
     for pick in picks(model, tp):
         graph.get_pruning_group(*pick).prune()
     return model
 
 
 THIN_CASES = {
-    "resnet18": lambda m, tp: [(m.conv1, tp.prune_conv_out_channels, [0, 3]),
-                               (m.layer1[0].conv1, tp.prune_conv_out_channels, [1, 2, 5]),
-                               (m.layer3[1].conv1, tp.prune_conv_out_channels, [0, 7])],
+    "resnet18": lambda m, tp: [
+        (m.conv1, tp.prune_conv_out_channels, [0, 3]),
+        (m.layer1[0].conv1, tp.prune_conv_out_channels, [1, 2, 5]),
+        (m.layer3[1].conv1, tp.prune_conv_out_channels, [0, 7]),
+    ],
     "mobilenetv2": lambda m, tp: [(m.blocks[1].block[0], tp.prune_conv_out_channels, [0, 5, 9])],
-    "transformer": lambda m, tp: [(m.embed, tp.prune_embedding_out_channels, [0, 4, 9, 12]),
-                                  (m.encoder.layers[0].linear1, tp.prune_linear_out_channels, [1, 5])],
+    "transformer": lambda m, tp: [
+        (m.embed, tp.prune_embedding_out_channels, [0, 4, 9, 12]),
+        (m.encoder.layers[0].linear1, tp.prune_linear_out_channels, [1, 5]),
+    ],
     "hf-bert": lambda m, tp: [(m.bert.encoder.layer[0].intermediate.dense, tp.prune_linear_out_channels, [0, 4, 9])],
     "hf-llama": lambda m, tp: [(m.model.layers[0].mlp.gate_proj, tp.prune_linear_out_channels, [0, 4, 9])],
 }
@@ -176,7 +184,7 @@ def test_a_gpt2_with_thinned_conv1d_mlps_loads_back(z, tmp_path):
     keep = torch.tensor([i for i in range(32) if i % 3])
     with torch.no_grad():
         for block in model.transformer.h:
-            fc, proj = block.mlp.c_fc, block.mlp.c_proj          # HF Conv1D: weight (in, out)
+            fc, proj = block.mlp.c_fc, block.mlp.c_proj  # HF Conv1D: weight (in, out)
             fc.weight = nn.Parameter(fc.weight[:, keep].clone())
             fc.bias = nn.Parameter(fc.bias[keep].clone())
             fc.nf = len(keep)
@@ -189,9 +197,10 @@ def test_a_gpt2_with_thinned_conv1d_mlps_loads_back(z, tmp_path):
 
 def test_inconsistent_stored_shapes_are_refused_before_anything_changes(tmp_path):
     from prunelab.export import ModelFileError
+
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.LSTM(2, 3))
     small = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2), nn.LSTM(2, 3))
-    small[0].bias = nn.Parameter(torch.zeros(6))          # a file whose sizes disagree
+    small[0].bias = nn.Parameter(torch.zeros(6))  # a file whose sizes disagree
     with pytest.raises(ModelFileError, match=r"0 \(Linear\): bias \(6,\) does not match weight \(5, 4\)"):
         export.reshape_to(model, {"0.weight": (5, 4)})
     assert model[0].weight.shape == (6, 4)
@@ -205,12 +214,12 @@ def test_inconsistent_stored_shapes_are_refused_before_anything_changes(tmp_path
 
 @pytest.mark.parametrize("z", zoo_params(["hf-gpt2"]))
 def test_a_gpt2_with_a_head_removed_loads_back_with_its_head_count(z, tmp_path):
-    model = z.build()                                        # 4 heads of width 4 in a width-16 stream
-    keep = torch.tensor([i for i in range(16) if i // 4 != 1])          # drop head 1
+    model = z.build()  # 4 heads of width 4 in a width-16 stream
+    keep = torch.tensor([i for i in range(16) if i // 4 != 1])  # drop head 1
     with torch.no_grad():
         for block in model.transformer.h:
             attention = block.attn
-            columns = torch.cat([keep, keep + 16, keep + 32])              # its q, k and v columns
+            columns = torch.cat([keep, keep + 16, keep + 32])  # its q, k and v columns
             attention.c_attn.weight = nn.Parameter(attention.c_attn.weight[:, columns].clone())
             attention.c_attn.bias = nn.Parameter(attention.c_attn.bias[columns].clone())
             attention.c_attn.nf = len(columns)
@@ -224,18 +233,26 @@ def test_a_gpt2_with_a_head_removed_loads_back_with_its_head_count(z, tmp_path):
 
 # --------------------------------------------------------------------------- models thinned by prunelab.units
 
-UNIT_PLANS = {                 # unit-group name → units removed: heads, MLP channels, a residual stream
-    "hf-gpt2": {"transformer.h.0.attn:heads": [1], "transformer.h.1.attn:heads": [0, 3],
-                "transformer.h.0.mlp": [0, 5, 9]},
-    "hf-llama": {"model.layers.0.self_attn:heads": [1, 2], "model.layers.1.self_attn:kv_heads": [0],
-                 "model.layers.1.mlp": [3, 4]},
+UNIT_PLANS = {  # unit-group name → units removed: heads, MLP channels, a residual stream
+    "hf-gpt2": {
+        "transformer.h.0.attn:heads": [1],
+        "transformer.h.1.attn:heads": [0, 3],
+        "transformer.h.0.mlp": [0, 5, 9],
+    },
+    "hf-llama": {
+        "model.layers.0.self_attn:heads": [1, 2],
+        "model.layers.1.self_attn:kv_heads": [0],
+        "model.layers.1.mlp": [3, 4],
+    },
     "hf-bert": {"bert.encoder.layer.0.attention.self:heads": [2], "bert.encoder.layer.1:mlp": [1, 7]},
     "resnet18": {"layer2.0.conv2": [0, 3], "layer1.0.conv1": [1, 2, 5], "conv1": [4]},
 }
-HEAD_COUNTS = {      # attention module → (attribute, heads left) after the plan
+HEAD_COUNTS = {  # attention module → (attribute, heads left) after the plan
     "hf-gpt2": {"transformer.h.0.attn": ("num_heads", 3), "transformer.h.1.attn": ("num_heads", 2)},
-    "hf-llama": {"model.layers.0.self_attn": ("num_key_value_groups", 1),
-                 "model.layers.1.self_attn": ("num_key_value_groups", 2)},
+    "hf-llama": {
+        "model.layers.0.self_attn": ("num_key_value_groups", 1),
+        "model.layers.1.self_attn": ("num_key_value_groups", 2),
+    },
     "hf-bert": {"bert.encoder.layer.0.attention.self": ("num_attention_heads", 3)},
     "resnet18": {},
 }
@@ -244,6 +261,7 @@ HEAD_COUNTS = {      # attention module → (attribute, heads left) after the pl
 @pytest.mark.parametrize("z", zoo_params(list(UNIT_PLANS)))
 def test_a_model_thinned_by_prunelab_units_loads_back_into_a_fresh_model(z, tmp_path):
     from prunelab import units
+
     plan = {k: torch.tensor(v) for k, v in UNIT_PLANS[z.name].items()}
     thinned = units.thin(z.build(), plan, example_inputs=z.example)
     export.save(thinned, tmp_path / "thin.plm")

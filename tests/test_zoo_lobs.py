@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
+from zoo import zoo_params
 
 from prunelab.pruning import Pruner
 from prunelab.pruning.criteria import make_criterion
 from prunelab.pruning.lobs import LayerwiseOBS, hessian
-from zoo import zoo_params
 
 SOLVERS = ["lobs", "obs-fast", "obs-exact"]
 # layers each zoo model keeps dense, by design (none: the RNNs' hidden states are recomputed)
@@ -31,6 +31,7 @@ class Recording:
             h = inner(pruner, target)
             self.seen[target.name] = (h, target.matrix().double().clone())
             return h
+
         criterion._hessian = wrapped
 
 
@@ -53,11 +54,11 @@ def magnitude_like(W, keep_count_per_block, G):
     rows = W.shape[0] // G
     out = torch.zeros_like(W)
     for g, k in enumerate(keep_count_per_block):
-        block = W[g * rows:(g + 1) * rows]
+        block = W[g * rows : (g + 1) * rows]
         idx = torch.argsort(block.abs().flatten(), descending=True, stable=True)[:k]
         kept = torch.zeros(block.numel(), dtype=torch.bool)
         kept[idx] = True
-        out[g * rows:(g + 1) * rows] = torch.where(kept.reshape(block.shape), block, torch.zeros_like(block))
+        out[g * rows : (g + 1) * rows] = torch.where(kept.reshape(block.shape), block, torch.zeros_like(block))
     return out
 
 
@@ -82,10 +83,10 @@ def test_solver_prunes_every_zoo_model(zoo, solver, scope):
         if t.name in criterion.skipped:
             assert bool(mask.all())
             continue
-        assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))     # zeros where pruned
+        assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))  # zeros where pruned
         total += w.numel()
         kept += int(mask.sum())
-    assert 1 - kept / total == pytest.approx(0.5, abs=0.02)                      # realised sparsity
+    assert 1 - kept / total == pytest.approx(0.5, abs=0.02)  # realised sparsity
     sums = [0.0, 0.0]
     for t in pruned:
         h, W_before = record.seen[t.name]
@@ -96,13 +97,13 @@ def test_solver_prunes_every_zoo_model(zoo, solver, scope):
             continue
         G = h.groups
         rows = W_after.shape[0] // G
-        counts = [int((W_after[g * rows:(g + 1) * rows] != 0).sum()) for g in range(G)]
+        counts = [int((W_after[g * rows : (g + 1) * rows] != 0).sum()) for g in range(G)]
         err_mag = layer_error(magnitude_like(W_before, counts, G), W_before, h)
         report = {r.layer: r for r in pruner.history[-1].report}[t.name]
-        assert report.relative_error < 1.0, t.name            # better than emptying the layer
-        sums[0] += report.measured_error ** 2
+        assert report.relative_error < 1.0, t.name  # better than emptying the layer
+        sums[0] += report.measured_error**2
         sums[1] += err_mag
-    if solver != "lobs":   # the paper's L-OBS never down-dates H⁻¹: at 50 % it can lose to magnitude
+    if solver != "lobs":  # the paper's L-OBS never down-dates H⁻¹: at 50 % it can lose to magnitude
         # summed over the Linear-like layers, the error (bias compensation included) is below magnitude's
         # (a single layer with LayerNorm'd, near-singular inputs may lose slightly: damping)
         # obs-fast picks its mask block-wise on w²/U_ii² before compensating: on the tiny random GPT-2
@@ -120,8 +121,9 @@ def test_cached_block_sequential_mode_equals_one_forward_per_layer(zoo, monkeypa
         a = Pruner(fast, 0.5, criterion="obs-fast", calibration=batches)
         a.update()
 
-        def per_layer(self, pruner, target):        # the old sequential mode: the whole model per layer
+        def per_layer(self, pruner, target):  # the old sequential mode: the whole model per layer
             return hessian.collect(pruner.model, [target], self._batches, with_bias=self.update_bias)[target.name]
+
         monkeypatch.setattr(LayerwiseOBS, "_hessian", per_layer)
         b = Pruner(slow, 0.5, criterion="obs-fast", calibration=batches)
         b.update()

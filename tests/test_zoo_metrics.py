@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from zoo import BY_NAME, HAS_TRANSFORMERS, zoo_params
 
 from prunelab.inputs import as_batch
 from prunelab.metrics import count_flops, summary
 from prunelab.pruning.targets import TiedWeightSkipped, is_hf_conv1d, resolve_targets
-from zoo import BY_NAME, HAS_TRANSFORMERS, zoo_params
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -37,7 +37,7 @@ def decomposed():
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # mkldnn.flags warns about TF32
+            warnings.simplefilter("ignore")  # mkldnn.flags warns about TF32
             with torch.backends.mkldnn.flags(enabled=False), sdpa_kernel(SDPBackend.MATH):
                 yield
     finally:
@@ -138,7 +138,7 @@ def test_half_zero_weights_lower_remaining_by_their_products(zoo_model):
         with torch.no_grad():
             weight.view(-1)[: weight.numel() // 2] = 0.0
         zeros = nonzero - int(torch.count_nonzero(weight))
-        assert zeros >= weight.numel() // 2 - 1       # random weights: (almost) no zeros before
+        assert zeros >= weight.numel() // 2 - 1  # random weights: (almost) no zeros before
         zeros_added += zeros
         drop = 2 * uses.positions[id(weight)] * zeros
         expected_drop[target.module_name] = expected_drop.get(target.module_name, 0) + drop
@@ -163,8 +163,8 @@ def test_flops_of_the_transformer_encoder_by_hand():
         assert rows[f"{layer}.self_attn"].flops_dense == 16768
         assert rows[f"{layer}.self_attn.out_proj"].flops_dense == 4224
         assert rows[f"{layer}.linear1"].flops_dense == 8448 and rows[f"{layer}.linear2"].flops_dense == 8320
-        assert rows[f"{layer}.self_attn"].prunable == 3 * 16 * 16          # in_proj_weight
-    assert rows["embed"].flops_dense == 0                                   # a gather
+        assert rows[f"{layer}.self_attn"].prunable == 3 * 16 * 16  # in_proj_weight
+    assert rows["embed"].flops_dense == 0  # a gather
     assert rows["head"].flops_dense == 2 * 16 * 5 + 5
 
 
@@ -193,16 +193,16 @@ def test_gpt2_tied_lm_head_counted_once_and_its_zeros_discounted(gpt2):
     assert model.lm_head.weight is model.transformer.wte.weight
     before = summary(model, example_inputs=gpt2.example)
     rows = {row.name: row for row in before.rows}
-    assert before.total.params == sum(p.numel() for p in model.parameters())   # the tied tensor once
+    assert before.total.params == sum(p.numel() for p in model.parameters())  # the tied tensor once
     assert rows["lm_head"].params == 0 and rows["transformer.wte"].params == 61 * 16
-    assert rows["lm_head"].prunable == 0 and rows["transformer.wte"].prunable == 0   # skipped by default
-    assert rows["lm_head"].flops_dense == 2 * 8 * 16 * 61                    # 8 tokens, no bias
-    assert rows["transformer.h.0.attn.c_attn"].prunable == 16 * 48             # HF Conv1D
+    assert rows["lm_head"].prunable == 0 and rows["transformer.wte"].prunable == 0  # skipped by default
+    assert rows["lm_head"].flops_dense == 2 * 8 * 16 * 61  # 8 tokens, no bias
+    assert rows["transformer.h.0.attn.c_attn"].prunable == 16 * 48  # HF Conv1D
     with torch.no_grad():
-        model.transformer.wte.weight[:30] = 0.0                               # 30 of 61 vocabulary rows
+        model.transformer.wte.weight[:30] = 0.0  # 30 of 61 vocabulary rows
     after = {row.name: row for row in summary(model, example_inputs=gpt2.example).rows}
     assert after["lm_head"].flops == rows["lm_head"].flops - 2 * 8 * 30 * 16
-    assert after["transformer.wte"].flops == 0                                 # lookups cost nothing
+    assert after["transformer.wte"].flops == 0  # lookups cost nothing
 
 
 @hf
@@ -211,11 +211,11 @@ def test_attention_counted_alike_by_sdpa_and_by_eager_matmuls(gpt2):
     fused = summary(model, example_inputs=gpt2.example)
     for module in model.modules():
         if hasattr(module, "config"):
-            module.config._attn_implementation = "eager"     # QKᵀ and AV as torch.matmul
+            module.config._attn_implementation = "eager"  # QKᵀ and AV as torch.matmul
     eager = summary(model, example_inputs=gpt2.example)
     assert [(r.name, r.flops_dense) for r in eager.rows] == [(r.name, r.flops_dense) for r in fused.rows]
     rows = {row.name: row for row in eager.rows}
-    assert rows["transformer.h.0.attn"].flops_dense == 2 * 4 * 8 * 8 * (4 + 4)   # QKᵀ and AV, causal not discounted
+    assert rows["transformer.h.0.attn"].flops_dense == 2 * 4 * 8 * 8 * (4 + 4)  # QKᵀ and AV, causal not discounted
 
 
 @hf

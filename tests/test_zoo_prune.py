@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
+from zoo import zoo_params
 
 from prunelab.inputs import as_batch, logits_of
 from prunelab.pruning import prune
 from prunelab.pruning.granularity import make_granularity
 from prunelab.pruning.targets import TiedWeightSkipped
-from zoo import zoo_params
 
 CRITERIA = ("magnitude", "random", "gradient", "obd")
 SPARSITY = 0.5
@@ -22,8 +22,15 @@ def _prune(z, criterion, granularity, scope, layers=None):
     model = z.build()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TiedWeightSkipped)
-        pruner = prune(model, SPARSITY, criterion=criterion, granularity=granularity, scope=scope,
-                       layers=layers, data=z.batches(1, batch=2))
+        pruner = prune(
+            model,
+            SPARSITY,
+            criterion=criterion,
+            granularity=granularity,
+            scope=scope,
+            layers=layers,
+            data=z.batches(1, batch=2),
+        )
     return model, pruner
 
 
@@ -77,27 +84,30 @@ def test_gpt2_lm_head_is_skipped_by_default_and_pruned_once_with_the_embedding_w
         pruner = prune(model, SPARSITY, criterion="obd", data=z.batches(1, batch=2))
     assert "lm_head.weight" not in [t.name for t in pruner.targets]
     assert torch.equal(model.transformer.wte.weight, embedding)
-    assert all(abs(s - SPARSITY) < 1e-3 for s in pruner.layer_sparsity().values())     # every Conv1D pruned
+    assert all(abs(s - SPARSITY) < 1e-3 for s in pruner.layer_sparsity().values())  # every Conv1D pruned
 
     for criterion in CRITERIA:
         model = z.build()
         pruner = prune(model, SPARSITY, criterion=criterion, layers=["lm_head"], data=z.batches(1, batch=2))
-        assert [t.weight for t in pruner.targets] == [model.transformer.wte.weight]   # one tensor, once
+        assert [t.weight for t in pruner.targets] == [model.transformer.wte.weight]  # one tensor, once
         assert model.lm_head.weight is model.transformer.wte.weight
         assert abs(pruner.sparsity() - SPARSITY) < 1e-3
         assert float((model.lm_head.weight == 0).float().mean()) == pytest.approx(SPARSITY, abs=1e-3)
     for granularity in ("filter", "channel"):
-        with pytest.raises(ValueError, match=f"granularity '{granularity}' does not apply to "
-                                             f"'lm_head.weight': it is tied to the Embedding 'transformer.wte'"):
+        with pytest.raises(
+            ValueError,
+            match=f"granularity '{granularity}' does not apply to "
+            f"'lm_head.weight': it is tied to the Embedding 'transformer.wte'",
+        ):
             prune(z.build(), SPARSITY, granularity=granularity, layers=["lm_head"])
 
 
 @pytest.mark.parametrize("z", zoo_params(["hf-gpt2"]))
 def test_gpt2_conv1d_filters_are_columns_with_their_bias_entries(z):
     model = z.build()
-    conv = model.transformer.h[0].attn.c_attn                        # weight (16, 48): in, out
+    conv = model.transformer.h[0].attn.c_attn  # weight (16, 48): in, out
     with torch.no_grad():
-        conv.bias.uniform_(0.5, 1.0)                                 # GPT-2 starts with zero biases
+        conv.bias.uniform_(0.5, 1.0)  # GPT-2 starts with zero biases
     prune(model, SPARSITY, granularity="filter", layers=["transformer.h.0.attn.c_attn"])
     dead = (conv.weight == 0).all(dim=0)
     assert int(dead.sum()) == 24 and torch.all((conv.weight != 0)[:, ~dead])
@@ -108,9 +118,9 @@ def test_channel_of_a_depthwise_conv_is_its_filter_and_of_a_grouped_conv_spans_i
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Conv2d(8, 8, 3, groups=8))
     pruner = prune(model, SPARSITY, granularity="channel")
-    grouped, depthwise = model[0].weight, model[1].weight              # (8, 2, 3, 3), (8, 1, 3, 3)
-    per_channel = grouped.detach().reshape(2, 4, 2, 9).abs().sum(dim=(1, 3)).flatten()   # input channel j
-    assert int((per_channel == 0).sum()) == 2                          # 2 of 4 input channels, whole
+    grouped, depthwise = model[0].weight, model[1].weight  # (8, 2, 3, 3), (8, 1, 3, 3)
+    per_channel = grouped.detach().reshape(2, 4, 2, 9).abs().sum(dim=(1, 3)).flatten()  # input channel j
+    assert int((per_channel == 0).sum()) == 2  # 2 of 4 input channels, whole
     assert torch.equal((depthwise.detach().flatten(1) == 0).all(1), (depthwise.detach().flatten(1) == 0).any(1))
     assert pruner.layer_sparsity()["1.weight"] == SPARSITY
 
@@ -120,6 +130,11 @@ def test_obd_mc_mode_on_every_zoo_model(z):
     model = z.build()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TiedWeightSkipped)
-        pruner = prune(model, SPARSITY, criterion={"name": "obd", "mode": "mc", "samples": 2}, scope="global",
-                       data=z.batches(1, batch=2))
+        pruner = prune(
+            model,
+            SPARSITY,
+            criterion={"name": "obd", "mode": "mc", "samples": 2},
+            scope="global",
+            data=z.batches(1, batch=2),
+        )
     _check(z, model, pruner, "weight", "global")

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from zoo import BY_NAME, zoo_params
 
 from prunelab.pruning import Pruner
 from prunelab.training import evaluate, fit
-from zoo import BY_NAME, zoo_params
 
 TOKEN_MODELS = {"lstm-lm", "gru-lm", "hf-gpt2", "hf-llama"}
 
@@ -24,7 +24,7 @@ def test_a_few_steps_of_fit_lower_the_training_loss(zoo):
     assert after["loss"] < before["loss"]
     for result in (before, after):
         assert math.isfinite(result["loss"]) and 0.0 <= result["accuracy"] <= 1.0 and result["n"] == 24
-        if zoo.name in TOKEN_MODELS:        # next-token loss over 7 predicted positions of each sequence
+        if zoo.name in TOKEN_MODELS:  # next-token loss over 7 predicted positions of each sequence
             assert result["tokens"] == 24 * 7
             assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
         else:
@@ -35,12 +35,12 @@ def test_a_few_steps_of_fit_lower_the_training_loss(zoo):
 @pytest.mark.parametrize("zoo", zoo_params(["lstm-lm", "hf-gpt2"]))
 def test_an_agp_pruner_inside_fit_keeps_its_zeros(zoo):
     model = zoo.build(0)
-    pruner = Pruner(model, 0.6, criterion="gradient", schedule="agp",
-                    schedule_args={"n_prunes": 3, "every": 2, "start": 2})
-    fit(model, zoo.batches(4, seed=1, batch=4), epochs=4, optimizer="adam", lr=1e-2, pruner=pruner,
-        progress=False)
+    pruner = Pruner(
+        model, 0.6, criterion="gradient", schedule="agp", schedule_args={"n_prunes": 3, "every": 2, "start": 2}
+    )
+    fit(model, zoo.batches(4, seed=1, batch=4), epochs=4, optimizer="adam", lr=1e-2, pruner=pruner, progress=False)
     assert pruner.done and len(pruner.history) == 4 and pruner.sparsity() == pytest.approx(0.6, abs=0.01)
-    assert pruner.step_count == 16 > pruner.schedule.last_step       # trained on after the last prune
+    assert pruner.step_count == 16 > pruner.schedule.last_step  # trained on after the last prune
     for target in pruner.targets:
         pruned = pruner.mask(target.name) == 0
         assert pruned.any() and torch.all(target.weight[pruned] == 0), target.name

@@ -6,13 +6,13 @@ import warnings
 
 import pytest
 import torch
+from zoo import zoo_params
 
 from prunelab.inputs import as_batch, logits_of
 from prunelab.pruning import prune
 from prunelab.pruning.granularity import NMGranularity, nm_view
 from prunelab.pruning.lobs import LayerSkipped
 from prunelab.pruning.targets import TiedWeightSkipped, resolve_targets
-from zoo import zoo_params
 
 
 def _finite_output(z, model):
@@ -65,6 +65,7 @@ def test_2_4_on_every_zoo_model(z, criterion):
     layers = _nm_layers(model, 4)
     if criterion == "wanda":
         from prunelab.pruning.lobs import hessian
+
         parents = hessian.attention_parents(model)
         layers = [t.name for t in resolve_targets(model, layers) if hessian.unsupported(t, parents) is None]
     assert layers, "no layer takes 2:4"
@@ -80,8 +81,9 @@ def test_2_4_on_every_zoo_model(z, criterion):
 @pytest.mark.parametrize("z", zoo_params(["hf-gpt2", "transformer"]))
 def test_4_8_with_the_other_criteria_on_attention_models(z, criterion):
     model = z.build()
-    pruner = prune(model, 0.5, criterion=criterion, granularity="4:8", layers=_nm_layers(model, 8),
-                   data=z.batches(1, batch=2))
+    pruner = prune(
+        model, 0.5, criterion=criterion, granularity="4:8", layers=_nm_layers(model, 8), data=z.batches(1, batch=2)
+    )
     for target in pruner.targets:
         runs = nm_view(target.weight.detach(), target.layout).reshape(-1, 8)
         assert torch.all((runs != 0).sum(dim=1) <= 4), target.name

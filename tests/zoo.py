@@ -74,9 +74,15 @@ class InvertedResidual(nn.Module):
         hidden = cin * expand
         self.use_residual = stride == 1 and cin == cout
         self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
 
     def forward(self, x):
         out = self.block(x)
@@ -87,8 +93,9 @@ class MobileNetV2(nn.Module):
     def __init__(self, n_classes: int = N_CLASSES):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
-        self.blocks = nn.Sequential(InvertedResidual(8, 8, 1, 2), InvertedResidual(8, 12, 2, 3),
-                                    InvertedResidual(12, 12, 1, 3))
+        self.blocks = nn.Sequential(
+            InvertedResidual(8, 8, 1, 2), InvertedResidual(8, 12, 2, 3), InvertedResidual(12, 12, 1, 3)
+        )
         self.head = nn.Sequential(nn.Conv2d(12, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
         self.classifier = nn.Linear(24, n_classes)
 
@@ -130,40 +137,87 @@ class RNNLanguageModel(nn.Module):
 # --------------------------------------------------------------------------- Hugging Face
 def _gpt2():
     import transformers as T
-    return T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=16, n_head=4, n_inner=32, vocab_size=VOCAB,
-                                          n_positions=32, bos_token_id=0, eos_token_id=0,
-                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    return T.GPT2LMHeadModel(
+        T.GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=4,
+            n_inner=32,
+            vocab_size=VOCAB,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def _bert():
     import transformers as T
-    return T.BertForSequenceClassification(T.BertConfig(
-        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=32, vocab_size=VOCAB,
-        max_position_embeddings=32, num_labels=N_CLASSES, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=0))
+
+    return T.BertForSequenceClassification(
+        T.BertConfig(
+            num_hidden_layers=2,
+            hidden_size=16,
+            num_attention_heads=4,
+            intermediate_size=32,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+            num_labels=N_CLASSES,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+        )
+    )
 
 
 def _vit():
     import transformers as T
-    return T.ViTForImageClassification(T.ViTConfig(
-        image_size=IMAGE[1], patch_size=4, num_channels=IMAGE[0], num_hidden_layers=2, hidden_size=16,
-        num_attention_heads=4, intermediate_size=32, num_labels=N_CLASSES, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0))
+
+    return T.ViTForImageClassification(
+        T.ViTConfig(
+            image_size=IMAGE[1],
+            patch_size=4,
+            num_channels=IMAGE[0],
+            num_hidden_layers=2,
+            hidden_size=16,
+            num_attention_heads=4,
+            intermediate_size=32,
+            num_labels=N_CLASSES,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def _llama():
     import transformers as T
-    return T.LlamaForCausalLM(T.LlamaConfig(
-        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0,
-        eos_token_id=0, pad_token_id=0, tie_word_embeddings=False))
+
+    return T.LlamaForCausalLM(
+        T.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- data
 def _images(n: int, g: torch.Generator, batch: int):
     x = torch.randn(n * batch, *IMAGE, generator=g)
     y = torch.randint(0, N_CLASSES, (n * batch,), generator=g)
-    return [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(n)]
+    return [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(n)]
 
 
 def _tokens(n: int, g: torch.Generator, batch: int):
@@ -176,7 +230,7 @@ def _class_tokens(n, g, batch):
 
 
 def _lm_tokens(n, g, batch):
-    return [t for t in _tokens(n, g, batch)]                     # inputs only: next-token targets
+    return [t for t in _tokens(n, g, batch)]  # inputs only: next-token targets
 
 
 def _hf_lm(n, g, batch):
@@ -185,8 +239,14 @@ def _hf_lm(n, g, batch):
 
 def _hf_classify(n, g, batch):
     t = _tokens(n, g, batch)
-    return [{"input_ids": t[i], "attention_mask": torch.ones_like(t[i]),
-             "labels": torch.randint(0, N_CLASSES, (batch,), generator=g)} for i in range(n)]
+    return [
+        {
+            "input_ids": t[i],
+            "attention_mask": torch.ones_like(t[i]),
+            "labels": torch.randint(0, N_CLASSES, (batch,), generator=g),
+        }
+        for i in range(n)
+    ]
 
 
 def _hf_images(n, g, batch):
@@ -198,7 +258,7 @@ class ZooModel:
     name: str
     factory: Callable[[], nn.Module]
     data: Callable
-    kind: str                   # "residual", "depthwise", "attention", "recurrent", "hf"
+    kind: str  # "residual", "depthwise", "attention", "recurrent", "hf"
     hf: bool = False
 
     def build(self, seed: int = 0) -> nn.Module:
@@ -212,6 +272,7 @@ class ZooModel:
     def example(self):
         """One batch's inputs (no targets), as the model takes them."""
         from prunelab.inputs import as_batch
+
         return as_batch(self.batches(1, seed=1, batch=2)[0], where="zoo").inputs
 
 
@@ -232,6 +293,9 @@ BY_NAME = {z.name: z for z in ZOO}
 def zoo_params(names=None):
     """``pytest.param`` s over the zoo (or the named entries), HF ones skipped without transformers."""
     chosen = ZOO if names is None else [BY_NAME[n] for n in names]
-    return [pytest.param(z, id=z.name, marks=pytest.mark.skipif(z.hf and not HAS_TRANSFORMERS,
-                                                                reason="transformers not installed"))
-            for z in chosen]
+    return [
+        pytest.param(
+            z, id=z.name, marks=pytest.mark.skipif(z.hf and not HAS_TRANSFORMERS, reason="transformers not installed")
+        )
+        for z in chosen
+    ]

@@ -39,11 +39,11 @@ def _progress_bar(total: int | None, name: str, enabled: bool | None):
     if not enabled:
         return None
     from tqdm import tqdm  # imported lazily: only needed for interactive downloads
+
     return tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False)
 
 
-def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None,
-               algorithm: str = "md5") -> tuple[str, str]:
+def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None, algorithm: str = "md5") -> tuple[str, str]:
     """Stream ``url`` into a temp file next to ``dest``; return (temp path, hex digest)."""
     request = urllib.request.Request(url, headers={"User-Agent": "prunelab"})
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -51,8 +51,7 @@ def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None,
         digest = hashlib.new(algorithm)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
-            bar = _progress_bar(int(length) if length and length.isdigit() else None,
-                                dest.name, progress)
+            bar = _progress_bar(int(length) if length and length.isdigit() else None, dest.name, progress)
             try:
                 for chunk in iter(lambda: resp.read(_CHUNK), b""):
                     out.write(chunk)
@@ -70,9 +69,15 @@ def _fetch_one(url: str, dest: Path, timeout: float, progress: bool | None,
     return tmp, digest.hexdigest()
 
 
-def download_file(urls: Sequence[str], dest: Path, checksum: str, *,
-                  timeout: float = DEFAULT_TIMEOUT, progress: bool | None = None,
-                  algorithm: str = "md5") -> Path:
+def download_file(
+    urls: Sequence[str],
+    dest: Path,
+    checksum: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    progress: bool | None = None,
+    algorithm: str = "md5",
+) -> Path:
     """Download ``dest`` from the first of ``urls`` that serves bytes with checksum ``checksum``
     (the hex digest of ``algorithm``: ``"md5"``, or ``"sha256"`` for files published with one).
 
@@ -103,6 +108,8 @@ def download_file(urls: Sequence[str], dest: Path, checksum: str, *,
         return dest
     detail = "\n  ".join(reasons) if reasons else "no mirror configured"
     if bad_checksum:
-        raise ChecksumError(f"checksum mismatch for {dest.name}: no mirror served the expected "
-                            f"bytes ({algorithm} {checksum}); nothing was saved.\n  {detail}")
+        raise ChecksumError(
+            f"checksum mismatch for {dest.name}: no mirror served the expected "
+            f"bytes ({algorithm} {checksum}); nothing was saved.\n  {detail}"
+        )
     raise DownloadError(f"could not download {dest.name}:\n  {detail}", reasons)

@@ -39,4 +39,5 @@ def verify_checksum(path: Path, expected: str, algorithm: str) -> None:
         raise ChecksumError(
             f"checksum mismatch for {path}: expected {algorithm} {expected}, got {actual}. "
             f"The file is corrupt, truncated or not the published one; delete it and "
-            f"fetch it again.")
+            f"fetch it again."
+        )

@@ -107,4 +107,5 @@ def writable_dir(folder: str, root: str | os.PathLike | None = None) -> Path:
             return target
     raise PermissionError(
         f"cannot write dataset files for '{folder}': neither the data root {data_root(root)} "
-        f"nor the cache dir {cache_dir()} is writable; set {CACHE_ENV} to a writable folder")
+        f"nor the cache dir {cache_dir()} is writable; set {CACHE_ENV} to a writable folder"
+    )

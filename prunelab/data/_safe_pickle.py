@@ -46,7 +46,9 @@ def _scalar():
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """``codecs.encode`` limited to latin-1, the only codec numpy's pickles use."""
     if not isinstance(encoding, str) or encoding.lower().replace("-", "").replace("_", "") not in (
-            "latin1", "iso88591"):
+        "latin1",
+        "iso88591",
+    ):
         raise ValueError(f"refusing codec {encoding!r} in a data file")
     return codecs.encode(text, "latin1")
 
@@ -71,8 +73,10 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         resolver = _ALLOWED.get((module, name))
         if resolver is None:
-            raise ValueError(f"refusing to unpickle {module}.{name}: only numpy arrays, lists, "
-                             f"dicts and plain values are allowed in a data file")
+            raise ValueError(
+                f"refusing to unpickle {module}.{name}: only numpy arrays, lists, "
+                f"dicts and plain values are allowed in a data file"
+            )
         return resolver()
 
     def persistent_load(self, pid: Any) -> Any:

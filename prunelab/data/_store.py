@@ -35,8 +35,10 @@ def save_arrays(folder: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
 
 
 def _corrupt(folder: Path, what: str) -> ValueError:
-    return ValueError(f"generated dataset cache {folder} is corrupt: {what}. Delete the folder "
-                      f"{folder} and load again to regenerate it.")
+    return ValueError(
+        f"generated dataset cache {folder} is corrupt: {what}. Delete the folder "
+        f"{folder} and load again to regenerate it."
+    )
 
 
 def load_arrays(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

@@ -17,8 +17,7 @@ N_PIXELS = 28 * 28
 N_COLUMNS = N_PIXELS + 1
 
 
-def parse_amat(text: str | bytes, source: str = "<text>", *,
-               transpose: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def parse_amat(text: str | bytes, source: str = "<text>", *, transpose: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Parse ``.amat`` text into ``(images float32 (N, 28, 28), labels int64 (N,))``.
 
     Vectorised: the whole text goes through one ``np.fromstring`` call. Raises
@@ -31,28 +30,29 @@ def parse_amat(text: str | bytes, source: str = "<text>", *,
     if not text:
         raise ValueError(f"{source}: empty .amat file")
     n_rows = text.count("\n") + 1  # counting avoids one Python string per row
-    first = len(text[:text.find("\n") if n_rows > 1 else None].split())
+    first = len(text[: text.find("\n") if n_rows > 1 else None].split())
     if first != N_COLUMNS:
-        raise ValueError(f"{source}: expected {N_COLUMNS} columns (784 pixels + label), "
-                         f"the first row has {first}")
+        raise ValueError(f"{source}: expected {N_COLUMNS} columns (784 pixels + label), the first row has {first}")
     try:
         values = np.fromstring(text, dtype=np.float64, sep=" ")
     except ValueError as exc:
         raise ValueError(f"{source}: not a numeric .amat file ({exc})") from exc
     if values.size != n_rows * N_COLUMNS:
-        raise ValueError(f"{source}: {values.size} numbers in {n_rows} rows, not "
-                         f"{N_COLUMNS} per row; some rows have the wrong number of columns")
+        raise ValueError(
+            f"{source}: {values.size} numbers in {n_rows} rows, not "
+            f"{N_COLUMNS} per row; some rows have the wrong number of columns"
+        )
     table = values.reshape(n_rows, N_COLUMNS)
     pixels, raw_labels = table[:, :N_PIXELS], table[:, N_PIXELS]
     labels = raw_labels.astype(np.int64)
     bad = (labels != raw_labels) | (labels < 0) | (labels > 9)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{source}: row {row + 1} has label {float(raw_labels[row]):g}; labels must "
-                         f"be integers 0..9")
+        raise ValueError(f"{source}: row {row + 1} has label {float(raw_labels[row]):g}; labels must be integers 0..9")
     if not np.isfinite(pixels).all() or pixels.min() < 0.0 or pixels.max() > 1.0:
-        raise ValueError(f"{source}: pixel values must lie in [0, 1]; found range "
-                         f"[{np.nanmin(pixels):g}, {np.nanmax(pixels):g}]")
+        raise ValueError(
+            f"{source}: pixel values must lie in [0, 1]; found range [{np.nanmin(pixels):g}, {np.nanmax(pixels):g}]"
+        )
     images = pixels.astype(np.float32).reshape(n_rows, 28, 28)
     if transpose:
         images = np.ascontiguousarray(images.transpose(0, 2, 1))
@@ -64,8 +64,7 @@ def read_amat(path: Path, *, transpose: bool = True) -> tuple[np.ndarray, np.nda
     return parse_amat(Path(path).read_bytes(), str(path), transpose=transpose)
 
 
-def read_amat_from_zip(archive: Path, member: str, *,
-                       transpose: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def read_amat_from_zip(archive: Path, member: str, *, transpose: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Parse the member of ``archive`` whose base name is ``member`` (any folder inside)."""
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
@@ -80,5 +79,4 @@ def zip_members(archive: Path) -> set[str]:
         with zipfile.ZipFile(archive) as zf:
             return {PurePosixPath(n).name for n in zf.namelist()}
     except zipfile.BadZipFile as exc:
-        raise ValueError(f"{archive}: corrupt or truncated zip file ({exc}); delete it and "
-                         f"fetch it again") from exc
+        raise ValueError(f"{archive}: corrupt or truncated zip file ({exc}); delete it and fetch it again") from exc

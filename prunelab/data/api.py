@@ -21,8 +21,7 @@ _NAMED = {"root": [PATH, None]}
 
 
 @validate_params({**_NAMED, "download": [bool]})
-def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False,
-                 **options: Any) -> Dataset:
+def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = False, **options: Any) -> Dataset:
     """Load dataset ``name`` (see ``DATASETS.names()``) fully into memory.
 
     ``root``: data root (default ``$PRUNELAB_DATA``, else the cache dir).
@@ -35,9 +34,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
     unknown = sorted(set(options) - set(source.options))
     if unknown:
         valid = ", ".join(source.options) if source.options else "none"
-        raise TypeError(f"load_dataset() got an unexpected option {unknown[0]!r} for dataset "
-                        f"'{source.name}'; its valid options are: {valid} "
-                        f"(plus root and download for every dataset)")
+        raise TypeError(
+            f"load_dataset() got an unexpected option {unknown[0]!r} for dataset "
+            f"'{source.name}'; its valid options are: {valid} "
+            f"(plus root and download for every dataset)"
+        )
     return source.load(root=root, download=download, **options)
 
 

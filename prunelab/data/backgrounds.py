@@ -24,8 +24,7 @@ def background_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS),
-                  key=lambda p: p.name)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS), key=lambda p: p.name)
 
 
 def to_grey(path: Path) -> np.ndarray:

@@ -12,7 +12,17 @@ from prunelab.registry import Registry
 
 DATASETS: Registry[DatasetSource] = Registry("dataset")
 
-for _source in (DIGITS, MNIST, FASHION_MNIST, MNIST_ROT, MNIST_BACK_RAND, MNIST_BACK_IMAGE, CIFAR10,
-                PYDOCS, PTB, WIKITEXT2):
+for _source in (
+    DIGITS,
+    MNIST,
+    FASHION_MNIST,
+    MNIST_ROT,
+    MNIST_BACK_RAND,
+    MNIST_BACK_IMAGE,
+    CIFAR10,
+    PYDOCS,
+    PTB,
+    WIKITEXT2,
+):
     DATASETS.register(_source.name)(_source)
 del _source

@@ -48,8 +48,7 @@ ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Mirrors of the archive, tried in order (module-level so tests can redirect them).
 MIRRORS = ["https://www.cs.toronto.edu/~kriz/"]
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -65,8 +64,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: the batch has no '{key}' entry")
 
     data = field("data")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3 * 32 * 32:
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
     labels = np.asarray(field("labels"), dtype=np.int64)
     if labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
@@ -83,12 +81,12 @@ def _extract(archive: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".cifar-extract-") as tmp:
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                members = [m for m in tar.getmembers()
-                           if m.isfile() and PurePosixPath(m.name).name in MD5]
+                members = [m for m in tar.getmembers() if m.isfile() and PurePosixPath(m.name).name in MD5]
                 tar.extractall(tmp, members=members, filter="data")
         except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise ValueError(f"{archive}: cannot extract ({type(exc).__name__}: {exc}); delete "
-                             f"it and fetch it again") from exc
+            raise ValueError(
+                f"{archive}: cannot extract ({type(exc).__name__}: {exc}); delete it and fetch it again"
+            ) from exc
         for member in members:
             src = Path(tmp) / member.name
             verify_md5(src, MD5[src.name])
@@ -97,8 +95,7 @@ def _extract(archive: Path, target: Path) -> None:
 
 class CifarSource(DatasetSource):
     name = "cifar10"
-    description = ("CIFAR-10 (Krizhevsky 2009): 32x32 colour images of 10 object classes, "
-                   "python pickle batches.")
+    description = "CIFAR-10 (Krizhevsky 2009): 32x32 colour images of 10 object classes, python pickle batches."
     folder = FOLDER
     input_shape = (3, 32, 32)
     class_names = CLASSES
@@ -146,12 +143,15 @@ class CifarSource(DatasetSource):
         x_test, y_test = read_batch(p[TEST_BATCH])
         x_train = np.concatenate([x for x, _ in train])
         y_train = np.concatenate([y for _, y in train])
-        return Dataset(name=self.name,
-                       x_train=torch.from_numpy(x_train).float().div_(255.0),
-                       y_train=torch.from_numpy(y_train),
-                       x_test=torch.from_numpy(x_test).float().div_(255.0),
-                       y_test=torch.from_numpy(y_test),
-                       n_classes=self.n_classes, class_names=list(self.class_names))
+        return Dataset(
+            name=self.name,
+            x_train=torch.from_numpy(x_train).float().div_(255.0),
+            y_train=torch.from_numpy(y_train),
+            x_test=torch.from_numpy(x_test).float().div_(255.0),
+            y_test=torch.from_numpy(y_test),
+            n_classes=self.n_classes,
+            class_names=list(self.class_names),
+        )
 
     def fetch(self, root: Root = None) -> list[Path]:
         return list(self.paths(root, download=True).values())

@@ -15,7 +15,6 @@ import torch
 
 from prunelab._validation import check_finite, check_number, check_type
 
-
 _STATS_CHUNK = 4096  # examples per float64 chunk when computing train statistics
 
 
@@ -23,13 +22,18 @@ def _check_pair(split: str, x: torch.Tensor, y: torch.Tensor) -> None:
     check_type(f"x_{split}", x, torch.Tensor, where="Dataset")
     check_type(f"y_{split}", y, torch.Tensor, where="Dataset")
     if x.dtype != torch.float32 or x.dim() != 4:
-        raise ValueError(f"the 'x_{split}' parameter of Dataset must be a float32 tensor of "
-                         f"shape (N, C, H, W). Got dtype {x.dtype}, shape {tuple(x.shape)} instead.")
+        raise ValueError(
+            f"the 'x_{split}' parameter of Dataset must be a float32 tensor of "
+            f"shape (N, C, H, W). Got dtype {x.dtype}, shape {tuple(x.shape)} instead."
+        )
     if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
-        raise ValueError(f"the 'y_{split}' parameter of Dataset must be an int64 tensor of "
-                         f"shape ({len(x)},). Got dtype {y.dtype}, shape {tuple(y.shape)} instead.")
-    check_finite(f"the 'x_{split}' parameter of Dataset", x,
-                 hint="; inputs must be finite (drop or impute those examples)")
+        raise ValueError(
+            f"the 'y_{split}' parameter of Dataset must be an int64 tensor of "
+            f"shape ({len(x)},). Got dtype {y.dtype}, shape {tuple(y.shape)} instead."
+        )
+    check_finite(
+        f"the 'x_{split}' parameter of Dataset", x, hint="; inputs must be finite (drop or impute those examples)"
+    )
 
 
 def _take(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +62,7 @@ class Splits:
     def val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.x_val is None else (self.x_val, self.y_val)
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None,
-               seed: int = 0, n_val: int | None = None):
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0, n_val: int | None = None):
         """A smaller copy for quick runs: seeded random ``n_train``/``n_test``/``n_val`` examples
         (sequences, for a text dataset). ``None`` keeps a split whole. Not stratified; the
         original order is kept."""
@@ -71,8 +74,9 @@ class Splits:
                 continue
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x is None:
-                raise ValueError(f"the 'n_val' parameter of {where} needs a validation split; "
-                                 f"dataset {self.name!r} has none")
+                raise ValueError(
+                    f"the 'n_val' parameter of {where} needs a validation split; dataset {self.name!r} has none"
+                )
             n = check_number(f"n_{split}", n, where=where, low=1, high=len(x), integer=True)
             changes[f"x_{split}"], changes[f"y_{split}"] = _take(x, y, sample_indices(len(x), n, seed))
         return replace(self, **changes)
@@ -105,8 +109,7 @@ class Dataset(Splits):
         if len(shapes) != 1:
             raise ValueError(f"all splits of Dataset must have the same input shape; got {sorted(shapes)}")
         if len(self.class_names) != self.n_classes:
-            raise ValueError(f"Dataset has n_classes={self.n_classes} but "
-                             f"{len(self.class_names)} class names")
+            raise ValueError(f"Dataset has n_classes={self.n_classes} but {len(self.class_names)} class names")
 
     # -- views -----------------------------------------------------------------
     @property
@@ -116,9 +119,11 @@ class Dataset(Splits):
 
     def __repr__(self) -> str:
         val = "" if self.x_val is None else f", val={len(self.x_val)}"
-        return (f"Dataset({self.name!r}, input_shape={self.input_shape}, "
-                f"n_classes={self.n_classes}, train={len(self.x_train)}, "
-                f"test={len(self.x_test)}{val})")
+        return (
+            f"Dataset({self.name!r}, input_shape={self.input_shape}, "
+            f"n_classes={self.n_classes}, train={len(self.x_train)}, "
+            f"test={len(self.x_test)}{val})"
+        )
 
     # -- derived datasets ------------------------------------------------------
     def with_validation(self, size: int | float, seed: int = 0) -> Dataset:
@@ -130,8 +135,9 @@ class Dataset(Splits):
         """
         where = "Dataset.with_validation"
         if self.x_val is not None:
-            raise ValueError(f"{where}: dataset {self.name!r} already has a validation split "
-                             f"({len(self.x_val)} examples)")
+            raise ValueError(
+                f"{where}: dataset {self.name!r} already has a validation split ({len(self.x_val)} examples)"
+            )
         n_train = len(self.x_train)
         seed = check_number("seed", seed, where=where, low=0, integer=True)
         if isinstance(size, Integral) and not isinstance(size, bool):
@@ -140,15 +146,16 @@ class Dataset(Splits):
             frac = check_number("size", size, where=where, low=0.0, high=1.0, closed="neither")
             n_val = round(frac * n_train)
             if not 1 <= n_val <= n_train - 1:
-                raise ValueError(f"the 'size' parameter of {where} is the fraction {frac:g} of "
-                                 f"{n_train} train examples, which leaves an empty split")
+                raise ValueError(
+                    f"the 'size' parameter of {where} is the fraction {frac:g} of "
+                    f"{n_train} train examples, which leaves an empty split"
+                )
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n_train, generator=g)
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         x_tr, y_tr = _take(self.x_train, self.y_train, train_idx)
         x_va, y_va = _take(self.x_train, self.y_train, val_idx)
         return replace(self, x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va)
-
 
     def train_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(mean, std)`` of the train inputs, each of shape ``(C,)``.
@@ -175,5 +182,4 @@ class Dataset(Splits):
         def norm(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else ((x - mean) / std).contiguous()
 
-        return replace(self, x_train=norm(self.x_train), x_test=norm(self.x_test),
-                       x_val=norm(self.x_val))
+        return replace(self, x_train=norm(self.x_train), x_test=norm(self.x_test), x_val=norm(self.x_val))

@@ -23,8 +23,10 @@ SPLIT_SEED = 0
 
 class DigitsSource(DatasetSource):
     name = "digits"
-    description = ("scikit-learn's 8x8 handwritten digits (1797 images, values 0..16 scaled "
-                   "to [0, 1]); bundled with scikit-learn, needs no files.")
+    description = (
+        "scikit-learn's 8x8 handwritten digits (1797 images, values 0..16 scaled "
+        "to [0, 1]); bundled with scikit-learn, needs no files."
+    )
     folder = None
     input_shape = (1, 8, 8)
     sizes = MappingProxyType({"train": 1437, "test": N_TEST})
@@ -39,9 +41,15 @@ class DigitsSource(DatasetSource):
         y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
         test, train = perm[:N_TEST], perm[N_TEST:]
-        return Dataset(name=self.name, x_train=x[train].contiguous(), y_train=y[train].contiguous(),
-                       x_test=x[test].contiguous(), y_test=y[test].contiguous(),
-                       n_classes=self.n_classes, class_names=list(self.class_names))
+        return Dataset(
+            name=self.name,
+            x_train=x[train].contiguous(),
+            y_train=y[train].contiguous(),
+            x_test=x[test].contiguous(),
+            y_test=y[test].contiguous(),
+            n_classes=self.n_classes,
+            class_names=list(self.class_names),
+        )
 
 
 DIGITS = DigitsSource()

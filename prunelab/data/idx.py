@@ -37,26 +37,28 @@ def parse_idx(data: bytes, source: str = "<bytes>", *, magic: int | None = None)
     payload size disagrees with the header.
     """
     if len(data) < 4:
-        raise ValueError(f"{source}: not an IDX file: {len(data)} bytes, shorter than the "
-                         f"4-byte magic number")
+        raise ValueError(f"{source}: not an IDX file: {len(data)} bytes, shorter than the 4-byte magic number")
     found = int.from_bytes(data[:4], "big")
     if magic is not None and found != magic:
-        raise ValueError(f"{source}: wrong IDX magic number {found} (expected {magic}); "
-                         f"this is not the right file or it is corrupt")
+        raise ValueError(
+            f"{source}: wrong IDX magic number {found} (expected {magic}); this is not the right file or it is corrupt"
+        )
     if data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise ValueError(f"{source}: not an IDX file: bad magic number {found} "
-                         f"(bytes {data[:4].hex()})")
+        raise ValueError(f"{source}: not an IDX file: bad magic number {found} (bytes {data[:4].hex()})")
     dtype, ndim = _DTYPES[data[2]], data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{source}: truncated IDX header: {ndim} dimensions need {header} "
-                         f"bytes, the file has {len(data)}")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        raise ValueError(
+            f"{source}: truncated IDX header: {ndim} dimensions need {header} bytes, the file has {len(data)}"
+        )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = len(data) - header
     if actual != expected:
-        raise ValueError(f"{source}: IDX payload is {actual} bytes but the header's shape "
-                         f"{shape} needs {expected}; the file is truncated or corrupt")
+        raise ValueError(
+            f"{source}: IDX payload is {actual} bytes but the header's shape "
+            f"{shape} needs {expected}; the file is truncated or corrupt"
+        )
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="))  # a writable, native-endian copy
 
@@ -67,8 +69,9 @@ def read_gzip(path: Path) -> bytes:
         with gzip.open(path, "rb") as f:
             return f.read()
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise ValueError(f"{path}: corrupt or truncated gzip file ({type(exc).__name__}: {exc}); "
-                         f"delete it and fetch it again") from exc
+        raise ValueError(
+            f"{path}: corrupt or truncated gzip file ({type(exc).__name__}: {exc}); delete it and fetch it again"
+        ) from exc
 
 
 def read_idx(path: Path, *, magic: int | None = None) -> np.ndarray:

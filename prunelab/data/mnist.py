@@ -48,14 +48,23 @@ MIRRORS = {
     ],
 }
 
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, source: str) -> None:
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise ValueError(f"{source}: expected uint8 images of shape (N, 28, 28), got "
-                         f"{images.dtype} {images.shape}")
+        raise ValueError(f"{source}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(f"{source}: {len(labels)} labels for {len(images)} images")
     if labels.size and labels.max() > 9:
@@ -86,8 +95,7 @@ class IdxSource(DatasetSource):
         return [MIRRORS[self.name][0] + f for f in MD5[self.name]] if MIRRORS[self.name] else []
 
     def paths(self, root: Root, download: bool) -> dict[str, Path]:
-        return ensure_files(self.name, self.folder, MD5[self.name], MIRRORS[self.name],
-                            root, download)
+        return ensure_files(self.name, self.folder, MD5[self.name], MIRRORS[self.name], root, download)
 
     def arrays(self, root: Root = None, download: bool = False) -> dict[str, np.ndarray]:
         """The raw uint8 arrays: ``x_train, y_train, x_test, y_test`` (images ``(N, 28, 28)``)."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunelab._validation import SEED, Options, Types, check_type, validate_params
+from prunelab._validation import SEED, Options, Types, validate_params
 
 RECIPE_VERSION = 1
 KINDS = ("mnist-rot", "mnist-back-rand", "mnist-back-image")
@@ -47,14 +47,14 @@ def rotate_images(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     # affine_grid maps each output location p to the input location R(θ)·p it samples,
     # so input content at q lands at R(-θ)·q; with y pointing down, that is a
     # counter-clockwise turn by θ on screen.
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1),
-                         torch.stack([sin, cos, zero], 1)], 1)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     out = torch.empty((n, h, w), dtype=torch.float32)
     for start in range(0, n, _CHUNK):
         part = slice(start, start + _CHUNK)
         grid = F.affine_grid(theta[part], [len(theta[part]), 1, h, w], align_corners=False)
-        out[part] = F.grid_sample(images[part, None].float(), grid, mode="bilinear",
-                                  padding_mode="zeros", align_corners=False)[:, 0]
+        out[part] = F.grid_sample(
+            images[part, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )[:, 0]
     return out
 
 
@@ -63,8 +63,9 @@ def composite(digits: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
     return digits + (1.0 - digits) * background
 
 
-def background_patches(images: Sequence[torch.Tensor], n: int, size: tuple[int, int],
-                       generator: torch.Generator) -> torch.Tensor:
+def background_patches(
+    images: Sequence[torch.Tensor], n: int, size: tuple[int, int], generator: torch.Generator
+) -> torch.Tensor:
     """``n`` patches of ``size``, each from a uniformly chosen image at a uniform position.
 
     Draws, in order: image indices, then top and left offsets (as uniforms scaled to
@@ -89,18 +90,23 @@ def background_patches(images: Sequence[torch.Tensor], n: int, size: tuple[int, 
     return out
 
 
-def _as_backgrounds(backgrounds: Sequence[np.ndarray | torch.Tensor] | None,
-                    size: tuple[int, int]) -> list[torch.Tensor]:
+def _as_backgrounds(
+    backgrounds: Sequence[np.ndarray | torch.Tensor] | None, size: tuple[int, int]
+) -> list[torch.Tensor]:
     where = "generate_variant"
     if backgrounds is None or len(backgrounds) == 0:
-        raise ValueError(f"the 'backgrounds' parameter of {where} must be a non-empty sequence "
-                         f"of greyscale images for kind 'mnist-back-image'")
+        raise ValueError(
+            f"the 'backgrounds' parameter of {where} must be a non-empty sequence "
+            f"of greyscale images for kind 'mnist-back-image'"
+        )
     out = []
     for i, b in enumerate(backgrounds):
         t = torch.as_tensor(np.asarray(b, dtype=np.float32))
         if t.dim() != 2 or t.shape[0] < size[0] or t.shape[1] < size[1]:
-            raise ValueError(f"background {i} of {where} must be a 2-D greyscale image at least "
-                             f"{size[0]}x{size[1]}; got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"background {i} of {where} must be a 2-D greyscale image at least "
+                f"{size[0]}x{size[1]}; got shape {tuple(t.shape)}"
+            )
         if t.numel() and (t.min() < 0 or t.max() > 1):
             raise ValueError(f"background {i} of {where} must have values in [0, 1]")
         out.append(t)
@@ -108,9 +114,13 @@ def _as_backgrounds(backgrounds: Sequence[np.ndarray | torch.Tensor] | None,
 
 
 @validate_params({"kind": [Options(KINDS)], "images_uint8": [Types(np.ndarray)], "seed": [SEED]})
-def generate_variant(kind: str, images_uint8: np.ndarray, labels: np.ndarray, seed: int,
-                     backgrounds: Sequence[np.ndarray | torch.Tensor] | None = None,
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def generate_variant(
+    kind: str,
+    images_uint8: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    backgrounds: Sequence[np.ndarray | torch.Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply recipe ``kind`` to every image; return ``(uint8 images (N, H, W), int64 labels)``.
 
     ``images_uint8``: ``(N, H, W)`` uint8 digits (0 background, 255 ink).
@@ -120,12 +130,15 @@ def generate_variant(kind: str, images_uint8: np.ndarray, labels: np.ndarray, se
     where = "generate_variant"
     seed = int(seed)
     if images_uint8.dtype != np.uint8 or images_uint8.ndim != 3:
-        raise ValueError(f"the 'images_uint8' parameter of {where} must be a uint8 array of "
-                         f"shape (N, H, W). Got {images_uint8.dtype} {images_uint8.shape} instead.")
+        raise ValueError(
+            f"the 'images_uint8' parameter of {where} must be a uint8 array of "
+            f"shape (N, H, W). Got {images_uint8.dtype} {images_uint8.shape} instead."
+        )
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images_uint8),):
-        raise ValueError(f"the 'labels' parameter of {where} must have shape "
-                         f"({len(images_uint8)},). Got {labels.shape} instead.")
+        raise ValueError(
+            f"the 'labels' parameter of {where} must have shape ({len(images_uint8)},). Got {labels.shape} instead."
+        )
     n, h, w = images_uint8.shape
     g = torch.Generator().manual_seed(seed)
     digits = torch.tensor(images_uint8).float().div_(255.0)
@@ -153,16 +166,22 @@ def split_backgrounds(items: Sequence) -> tuple[list, list]:
     """
     n = len(items)
     if n < 2:
-        raise ValueError(f"mnist-back-image needs at least 2 background images so that train "
-                         f"and test use different ones; got {n}")
+        raise ValueError(
+            f"mnist-back-image needs at least 2 background images so that train and test use different ones; got {n}"
+        )
     cut = max(1, (2 * n) // 3)
     return list(items[:cut]), list(items[cut:])
 
 
-def make_variant_splits(kind: str, pool_images: np.ndarray, pool_labels: np.ndarray, seed: int,
-                        backgrounds: Sequence[np.ndarray] | None = None,
-                        n_small: int = 12000, n_large: int = 50000,
-                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_variant_splits(
+    kind: str,
+    pool_images: np.ndarray,
+    pool_labels: np.ndarray,
+    seed: int,
+    backgrounds: Sequence[np.ndarray] | None = None,
+    n_small: int = 12000,
+    n_large: int = 50000,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Draw two disjoint splits from a pool of digits and apply the recipe to each.
 
     A permutation seeded with ``seed`` picks the ``n_small``-row split (its first
@@ -172,16 +191,18 @@ def make_variant_splits(kind: str, pool_images: np.ndarray, pool_labels: np.ndar
     Returns ``{"small": (x, y), "large": (x, y)}``.
     """
     if len(pool_images) < n_small + n_large:
-        raise ValueError(f"{kind}: the pool has {len(pool_images)} images, fewer than the "
-                         f"{n_small} + {n_large} the two splits need")
+        raise ValueError(
+            f"{kind}: the pool has {len(pool_images)} images, fewer than the {n_small} + {n_large} the two splits need"
+        )
     perm = torch.randperm(len(pool_images), generator=torch.Generator().manual_seed(seed)).numpy()
-    parts = {"small": perm[:n_small], "large": perm[n_small:n_small + n_large]}
+    parts = {"small": perm[:n_small], "large": perm[n_small : n_small + n_large]}
     bgs: dict[str, list | None] = {"small": None, "large": None}
     if kind == "mnist-back-image":
         bgs["large"], bgs["small"] = split_backgrounds(list(backgrounds or []))
     out = {}
     for i, split in enumerate(("small", "large")):
         idx = parts[split]
-        out[split] = generate_variant(kind, pool_images[idx], pool_labels[idx],
-                                      split_seed(seed, i), backgrounds=bgs[split])
+        out[split] = generate_variant(
+            kind, pool_images[idx], pool_labels[idx], split_seed(seed, i), backgrounds=bgs[split]
+        )
     return out

@@ -27,11 +27,11 @@ class DatasetSource:
 
     name: str = ""
     description: str = ""
-    folder: str | None = None          # sub-folder of the data root, None when embedded
+    folder: str | None = None  # sub-folder of the data root, None when embedded
     input_shape: tuple[int, int, int] = (1, 28, 28)
     class_names: tuple[str, ...] = tuple(str(i) for i in range(10))
     sizes: Mapping[str, int] = MappingProxyType({})
-    options: tuple[str, ...] = ()      # keyword options load() accepts besides root/download
+    options: tuple[str, ...] = ()  # keyword options load() accepts besides root/download
 
     @property
     def n_classes(self) -> int:
@@ -72,8 +72,15 @@ class DatasetSource:
         }
 
 
-def not_found_message(name: str, folder: str, missing: Sequence[str], root: Root,
-                      reasons: Sequence[str] = (), *, downloadable: bool = True) -> str:
+def not_found_message(
+    name: str,
+    folder: str,
+    missing: Sequence[str],
+    root: Root,
+    reasons: Sequence[str] = (),
+    *,
+    downloadable: bool = True,
+) -> str:
     """The one message for missing files: which, where they go, and how to get them."""
     where = data_root(root) / folder
     lines = [f"dataset '{name}': {len(missing)} file(s) missing from {where}:"]
@@ -84,17 +91,29 @@ def not_found_message(name: str, folder: str, missing: Sequence[str], root: Root
     if reasons:
         lines.append("The download failed:")
         lines += [f"  {r}" for r in reasons]
-    lines.append(f"Put the files in {where}. The data root is the root= argument, else the "
-                 f"{DATA_ENV} environment variable, else the cache dir ({cache_dir()}).")
+    lines.append(
+        f"Put the files in {where}. The data root is the root= argument, else the "
+        f"{DATA_ENV} environment variable, else the cache dir ({cache_dir()})."
+    )
     if downloadable:
-        lines.append(f"Or download them: load_dataset({name!r}, download=True) in Python, "
-                     f"or `prunelab data fetch {name}` on the command line.")
+        lines.append(
+            f"Or download them: load_dataset({name!r}, download=True) in Python, "
+            f"or `prunelab data fetch {name}` on the command line."
+        )
     return "\n".join(lines)
 
 
-def ensure_files(name: str, folder: str, checksums: Mapping[str, str], mirrors: Sequence[str],
-                 root: Root, download: bool, progress: bool | None = None, *,
-                 algorithm: str = "md5") -> dict[str, Path]:
+def ensure_files(
+    name: str,
+    folder: str,
+    checksums: Mapping[str, str],
+    mirrors: Sequence[str],
+    root: Root,
+    download: bool,
+    progress: bool | None = None,
+    *,
+    algorithm: str = "md5",
+) -> dict[str, Path]:
     """Find each file of ``checksums`` under ``folder``, downloading missing ones if allowed.
 
     Every file's checksum (``checksums`` holds hex digests of ``algorithm``) is verified on every
@@ -109,14 +128,14 @@ def ensure_files(name: str, folder: str, checksums: Mapping[str, str], mirrors: 
         target = writable_dir(folder, root)
         for f in list(missing):
             try:
-                found[f] = download_file([m + f for m in mirrors], target / f, checksums[f],
-                                         progress=progress, algorithm=algorithm)
+                found[f] = download_file(
+                    [m + f for m in mirrors], target / f, checksums[f], progress=progress, algorithm=algorithm
+                )
                 missing.remove(f)
             except DownloadError as exc:
                 reasons.extend(exc.reasons or [str(exc)])
     if missing:
-        raise DatasetNotFoundError(not_found_message(name, folder, missing, root, reasons,
-                                                     downloadable=bool(mirrors)))
+        raise DatasetNotFoundError(not_found_message(name, folder, missing, root, reasons, downloadable=bool(mirrors)))
     for f, path in found.items():
         verify_checksum(path, checksums[f], algorithm)
     return found

@@ -27,6 +27,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
+from numbers import Integral
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -34,19 +35,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from numbers import Integral
-
-from prunelab._validation import (MAX_SEQ_LEN, MAX_VOCAB, STR, Interval, Types, check_choice, check_number,
-                                  check_type, validate_params)
 from prunelab._files import atomic_write_bytes
+from prunelab._validation import (
+    MAX_SEQ_LEN,
+    MAX_VOCAB,
+    STR,
+    Interval,
+    Types,
+    check_choice,
+    check_number,
+    check_type,
+    validate_params,
+)
 from prunelab.data._paths import search_dirs, writable_dir
 from prunelab.data._store import load_arrays, save_arrays
 from prunelab.data.dataset import Splits
 from prunelab.data.source import DatasetSource, Root, ensure_files
-from prunelab.data.tokenizer import (KINDS, MIN_VOCAB, TOKENIZER_VERSION, decode, encode, load_tokenizer,
-                                     train_tokenizer, train_word_tokenizer)
+from prunelab.data.tokenizer import (
+    KINDS,
+    MIN_VOCAB,
+    TOKENIZER_VERSION,
+    decode,
+    encode,
+    load_tokenizer,
+    train_tokenizer,
+    train_word_tokenizer,
+)
 
-IGNORE_INDEX = -100          # prunelab.inputs.IGNORE_INDEX (not imported: data must not import the trainer)
+IGNORE_INDEX = -100  # prunelab.inputs.IGNORE_INDEX (not imported: data must not import the trainer)
 SPLITS = ("train", "valid", "test")
 DEFAULT_VOCAB = 8192
 DEFAULT_SEQ_LEN = 128
@@ -59,10 +75,17 @@ CACHE_VERSION = 1
 SEQ_LEN = Interval(Integral, 1, MAX_SEQ_LEN)
 
 
-@validate_params({"stream": [Types(np.ndarray, torch.Tensor, list, tuple)], "seq_len": [SEQ_LEN],
-                  "stride": [SEQ_LEN, None], "where": [STR]})
-def sequences(stream: np.ndarray | torch.Tensor, seq_len: int, stride: int | None = None,
-              *, where: str = "sequences") -> tuple[torch.Tensor, torch.Tensor]:
+@validate_params(
+    {
+        "stream": [Types(np.ndarray, torch.Tensor, list, tuple)],
+        "seq_len": [SEQ_LEN],
+        "stride": [SEQ_LEN, None],
+        "where": [STR],
+    }
+)
+def sequences(
+    stream: np.ndarray | torch.Tensor, seq_len: int, stride: int | None = None, *, where: str = "sequences"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a 1-D token stream into inputs ``x`` and next-token targets ``y``, both int64 ``(N, seq_len)``.
 
     Window ``i`` starts at ``s = i·stride``: ``x[i] = stream[s : s+seq_len]`` and
@@ -73,19 +96,24 @@ def sequences(stream: np.ndarray | torch.Tensor, seq_len: int, stride: int | Non
     tokens after the last whole window (fewer than ``stride``) are left out.
     """
     seq_len = int(seq_len)
-    stride = seq_len if stride is None else check_number("stride", stride, where=where, low=1,
-                                                         high=seq_len, integer=True)
+    stride = (
+        seq_len if stride is None else check_number("stride", stride, where=where, low=1, high=seq_len, integer=True)
+    )
     flat = torch.as_tensor(np.asarray(stream) if not torch.is_tensor(stream) else stream).to(torch.int64)
     if flat.dim() != 1:
-        raise ValueError(f"the 'stream' parameter of {where} must be a 1-D sequence of token ids. "
-                         f"Got shape {tuple(flat.shape)} instead.")
+        raise ValueError(
+            f"the 'stream' parameter of {where} must be a 1-D sequence of token ids. "
+            f"Got shape {tuple(flat.shape)} instead."
+        )
     if len(flat) < seq_len + 1:
-        raise ValueError(f"the 'seq_len' parameter of {where} is {seq_len}, but the token stream has only "
-                         f"{len(flat)} tokens; a sequence needs seq_len + 1 (its inputs and the next token).")
+        raise ValueError(
+            f"the 'seq_len' parameter of {where} is {seq_len}, but the token stream has only "
+            f"{len(flat)} tokens; a sequence needs seq_len + 1 (its inputs and the next token)."
+        )
     x = flat[:-1].unfold(0, seq_len, stride).contiguous()
     y = flat[1:].unfold(0, seq_len, stride).contiguous()
     if stride < seq_len:
-        y[1:, :seq_len - stride] = IGNORE_INDEX
+        y[1:, : seq_len - stride] = IGNORE_INDEX
     return x, y
 
 
@@ -95,17 +123,23 @@ def _check_split(split: str, x: torch.Tensor, y: torch.Tensor, vocab_size: int) 
     check_type(f"x_{split}", x, torch.Tensor, where=where)
     check_type(f"y_{split}", y, torch.Tensor, where=where)
     if x.dtype != torch.int64 or x.dim() != 2 or len(x) == 0:
-        raise ValueError(f"the 'x_{split}' parameter of {where} must be a non-empty int64 tensor of token ids "
-                         f"of shape (N, seq_len). Got dtype {x.dtype}, shape {tuple(x.shape)} instead.")
+        raise ValueError(
+            f"the 'x_{split}' parameter of {where} must be a non-empty int64 tensor of token ids "
+            f"of shape (N, seq_len). Got dtype {x.dtype}, shape {tuple(x.shape)} instead."
+        )
     if y.dtype != torch.int64 or y.shape != x.shape:
-        raise ValueError(f"the 'y_{split}' parameter of {where} must be an int64 tensor of shape "
-                         f"{tuple(x.shape)} (the next token at each position). Got dtype {y.dtype}, shape "
-                         f"{tuple(y.shape)} instead.")
+        raise ValueError(
+            f"the 'y_{split}' parameter of {where} must be an int64 tensor of shape "
+            f"{tuple(x.shape)} (the next token at each position). Got dtype {y.dtype}, shape "
+            f"{tuple(y.shape)} instead."
+        )
     for name, t, low in ((f"x_{split}", x, 0), (f"y_{split}", y, IGNORE_INDEX)):
         lo, hi = int(t.min()), int(t.max())
         if lo < low or hi >= vocab_size or (low < 0 and bool(((t < 0) & (t != IGNORE_INDEX)).any())):
-            raise ValueError(f"the '{name}' parameter of {where} must hold token ids in [0, {vocab_size})"
-                             f"{' (or -100, ignored)' if low < 0 else ''}. Got values from {lo} to {hi} instead.")
+            raise ValueError(
+                f"the '{name}' parameter of {where} must hold token ids in [0, {vocab_size})"
+                f"{' (or -100, ignored)' if low < 0 else ''}. Got values from {lo} to {hi} instead."
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,8 +191,10 @@ class TextDataset(Splits):
 
     def __repr__(self) -> str:
         val = "" if self.x_val is None else f", val={len(self.x_val)}"
-        return (f"TextDataset({self.name!r}, seq_len={self.seq_len}, vocab_size={self.vocab_size}, "
-                f"train={len(self.x_train)}, test={len(self.x_test)}{val})")
+        return (
+            f"TextDataset({self.name!r}, seq_len={self.seq_len}, vocab_size={self.vocab_size}, "
+            f"train={len(self.x_train)}, test={len(self.x_test)}{val})"
+        )
 
     # -- the tokenizer ---------------------------------------------------------
     @cached_property
@@ -189,8 +225,10 @@ def _stream_dtype(vocab_size: int) -> type:
 
 
 def _corrupt(folder: Path, what: str) -> ValueError:
-    return ValueError(f"text dataset cache {folder} is corrupt or does not match this request: {what}. "
-                      f"Delete the folder {folder} and load again to rebuild it.")
+    return ValueError(
+        f"text dataset cache {folder} is corrupt or does not match this request: {what}. "
+        f"Delete the folder {folder} and load again to rebuild it."
+    )
 
 
 def _load_cache(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], Path, int] | None:
@@ -217,25 +255,37 @@ def _load_cache(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, np.ndarra
     return arrays, path, entry["vocab_size"]
 
 
-def _build_cache(folder: Path, texts: dict[str, str], kind: str, vocab_size: int | None,
-                 meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], Path, int]:
+def _build_cache(
+    folder: Path, texts: dict[str, str], kind: str, vocab_size: int | None, meta: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], Path, int]:
     """Train the tokenizer on ``texts["train"]``, encode every split, write the cache (manifest last)."""
-    tokenizer = (train_tokenizer(texts["train"], vocab_size) if kind == "bpe"
-                 else train_word_tokenizer(texts["train"], vocab_size))
+    tokenizer = (
+        train_tokenizer(texts["train"], vocab_size)
+        if kind == "bpe"
+        else train_word_tokenizer(texts["train"], vocab_size)
+    )
     actual_vocab = tokenizer.get_vocab_size()
     dtype = _stream_dtype(actual_vocab)
     streams = {split: encode(tokenizer, texts[split]).astype(dtype) for split in SPLITS}
     blob = tokenizer.to_str().encode("utf-8")
     atomic_write_bytes(folder / TOKENIZER_FILE, blob)
     trained_on = _digest(texts["train"].encode("utf-8"))
-    save_arrays(folder, streams, {
-        **meta,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": _digest(blob), "vocab_size": actual_vocab,
-                      "kind": {"bpe": "byte-level BPE", "word": "word-level"}[kind],
-                      "trained_on": {"split": "train", "sha256": trained_on}},
-        "tokens": {split: int(len(s)) for split, s in streams.items()},
-        "format": f"{np.dtype(dtype).name} token ids, one stream per split (lines encoded in order)",
-    })
+    save_arrays(
+        folder,
+        streams,
+        {
+            **meta,
+            "tokenizer": {
+                "file": TOKENIZER_FILE,
+                "sha256": _digest(blob),
+                "vocab_size": actual_vocab,
+                "kind": {"bpe": "byte-level BPE", "word": "word-level"}[kind],
+                "trained_on": {"split": "train", "sha256": trained_on},
+            },
+            "tokens": {split: int(len(s)) for split, s in streams.items()},
+            "format": f"{np.dtype(dtype).name} token ids, one stream per split (lines encoded in order)",
+        },
+    )
     return streams, folder / TOKENIZER_FILE, actual_vocab
 
 
@@ -252,8 +302,18 @@ class TextSource(DatasetSource):
     input_shape = (DEFAULT_SEQ_LEN,)
     class_names = ()
 
-    def __init__(self, name: str, description: str, checksums: dict[str, str], members: dict[str, tuple],
-                 *, algorithm: str, mirrors: list[str], sizes: dict[str, int], note: str = ""):
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        checksums: dict[str, str],
+        members: dict[str, tuple],
+        *,
+        algorithm: str,
+        mirrors: list[str],
+        sizes: dict[str, int],
+        note: str = "",
+    ):
         self.name = name
         self.folder = name
         self.description = description
@@ -276,15 +336,20 @@ class TextSource(DatasetSource):
 
     def info(self, root: Root = None) -> dict[str, Any]:
         out = super().info(root)
-        out.update(class_names=[], checksums={f: f"{self.algorithm}:{d}" for f, d in self.checksums.items()},
-                   tokenizer=f"trained on the train split: byte-level BPE (vocab_size, default {DEFAULT_VOCAB}) "
-                             f"or tokenizer='word' (its words, <eos> at line ends, <unk>)",
-                   sizes_note="sizes are words (whitespace-separated) per split", note=self.note)
+        out.update(
+            class_names=[],
+            checksums={f: f"{self.algorithm}:{d}" for f, d in self.checksums.items()},
+            tokenizer=f"trained on the train split: byte-level BPE (vocab_size, default {DEFAULT_VOCAB}) "
+            f"or tokenizer='word' (its words, <eos> at line ends, <unk>)",
+            sizes_note="sizes are words (whitespace-separated) per split",
+            note=self.note,
+        )
         return out
 
     def paths(self, root: Root, download: bool) -> dict[str, Path]:
-        return ensure_files(self.name, self.folder, self.checksums, self.mirrors, root, download,
-                            algorithm=self.algorithm)
+        return ensure_files(
+            self.name, self.folder, self.checksums, self.mirrors, root, download, algorithm=self.algorithm
+        )
 
     def fetch(self, root: Root = None) -> list[Path]:
         return list(self.paths(root, download=True).values())
@@ -295,9 +360,14 @@ class TextSource(DatasetSource):
         return {split: _read_text(paths[file], member) for split, (file, member) in self.members.items()}
 
     def _meta(self, kind: str, vocab_size: int | None) -> dict[str, Any]:
-        return {"dataset": self.name, "cache_version": CACHE_VERSION, "tokenizer_version": TOKENIZER_VERSION,
-                "tokenizer_kind": kind, "vocab_size_requested": vocab_size,
-                "sources": {f: f"{self.algorithm}:{d}" for f, d in sorted(self.checksums.items())}}
+        return {
+            "dataset": self.name,
+            "cache_version": CACHE_VERSION,
+            "tokenizer_version": TOKENIZER_VERSION,
+            "tokenizer_kind": kind,
+            "vocab_size_requested": vocab_size,
+            "sources": {f: f"{self.algorithm}:{d}" for f, d in sorted(self.checksums.items())},
+        }
 
     def cache_folder(self, vocab_size: int | None, kind: str = "bpe") -> str:
         """The cache's path relative to a root: ``<name>/<kind><vocab>-v<version>-<key>``, the key a
@@ -305,8 +375,9 @@ class TextSource(DatasetSource):
         key = _digest(json.dumps(self._meta(kind, vocab_size), sort_keys=True).encode())[:12]
         return f"{self.folder}/{kind}{vocab_size or 'all'}-v{CACHE_VERSION}-{key}"
 
-    def token_streams(self, root: Root = None, download: bool = False, vocab_size: int | None = DEFAULT_VOCAB,
-                      kind: str = "bpe") -> tuple[dict[str, np.ndarray], Path, int]:
+    def token_streams(
+        self, root: Root = None, download: bool = False, vocab_size: int | None = DEFAULT_VOCAB, kind: str = "bpe"
+    ) -> tuple[dict[str, np.ndarray], Path, int]:
         """``(streams by split, tokenizer JSON path, vocabulary size)``: from the cache when one exists
         (the sources are then not needed), else built from the verified sources and cached."""
         rel, meta = self.cache_folder(vocab_size, kind), self._meta(kind, vocab_size)
@@ -317,20 +388,42 @@ class TextSource(DatasetSource):
         texts = self.texts(root, download)
         return _build_cache(writable_dir(rel, root), texts, kind, vocab_size, meta)
 
-    def load(self, root: Root = None, download: bool = False, *, vocab_size: int | None = None,
-             seq_len: int = DEFAULT_SEQ_LEN, stride: int | None = None, tokenizer: str = "bpe") -> TextDataset:
+    def load(
+        self,
+        root: Root = None,
+        download: bool = False,
+        *,
+        vocab_size: int | None = None,
+        seq_len: int = DEFAULT_SEQ_LEN,
+        stride: int | None = None,
+        tokenizer: str = "bpe",
+    ) -> TextDataset:
         return self.load_as("load_dataset", root, download, vocab_size, seq_len, stride, tokenizer)
 
-    def load_as(self, where: str, root: Root, download: bool, vocab_size: int | None, seq_len: int,
-                stride: int | None, tokenizer: str) -> TextDataset:
+    def load_as(
+        self,
+        where: str,
+        root: Root,
+        download: bool,
+        vocab_size: int | None,
+        seq_len: int,
+        stride: int | None,
+        tokenizer: str,
+    ) -> TextDataset:
         """:meth:`load`, its errors naming ``where`` as the function the options were given to."""
         check_type("download", download, bool, where=where)
         kind = check_choice("tokenizer", tokenizer, KINDS, where=where)
         if vocab_size is None and kind == "bpe":
             vocab_size = DEFAULT_VOCAB
         if vocab_size is not None:
-            vocab_size = check_number("vocab_size", vocab_size, where=where, high=MAX_VOCAB, integer=True,
-                                      low=MIN_VOCAB if kind == "bpe" else 2)
+            vocab_size = check_number(
+                "vocab_size",
+                vocab_size,
+                where=where,
+                high=MAX_VOCAB,
+                integer=True,
+                low=MIN_VOCAB if kind == "bpe" else 2,
+            )
         seq_len = check_number("seq_len", seq_len, where=where, low=1, high=MAX_SEQ_LEN, integer=True)
         if stride is not None:
             stride = check_number("stride", stride, where=where, low=1, high=seq_len, integer=True)
@@ -341,8 +434,16 @@ class TextSource(DatasetSource):
                 cut[split] = sequences(streams[split], seq_len, stride, where=where)
             except ValueError as err:
                 raise ValueError(f"dataset '{self.name}', split {split!r}: {err}") from None
-        return TextDataset(self.name, *cut["train"], *cut["test"], vocab_size=vocab, x_val=cut["valid"][0],
-                           y_val=cut["valid"][1], tokenizer_path=tokenizer_path, stride=stride)
+        return TextDataset(
+            self.name,
+            *cut["train"],
+            *cut["test"],
+            vocab_size=vocab,
+            x_val=cut["valid"][0],
+            y_val=cut["valid"][1],
+            tokenizer_path=tokenizer_path,
+            stride=stride,
+        )
 
 
 def _read_text(path: Path, member: str | None) -> str:
@@ -372,8 +473,12 @@ PYDOCS = TextSource(
     "The reStructuredText sources of the Python 3.11 documentation (Debian python3.11-doc 3.11.2-1, PSF "
     "documentation licence): 1.28M / 51k / 63k words of English prose with code; not downloadable, "
     "prepared in the prunelab data folder.",
-    PYDOCS_MD5, {split: (f"{split}.txt", None) for split in SPLITS},
-    algorithm="md5", mirrors=[], sizes={"train": 1283812, "valid": 50998, "test": 62772})
+    PYDOCS_MD5,
+    {split: (f"{split}.txt", None) for split in SPLITS},
+    algorithm="md5",
+    mirrors=[],
+    sizes={"train": 1283812, "valid": 50998, "test": 62772},
+)
 
 # Mikolov's Penn Treebank language-modelling text (10k-word vocabulary, <unk>, no punctuation), as
 # mirrored in Zaremba's lstm repository. sha256s as published in Hugging Face's ptb_text_only
@@ -389,10 +494,14 @@ PTB = TextSource(
     "ptb",
     "Penn Treebank, Mikolov's language-modelling version (ptb.train/valid/test.txt: 887k / 70k / 79k "
     "words, 10k-word vocabulary with <unk>), as used by Zaremba et al. 2014 and Zhu & Gupta 2017.",
-    PTB_SHA256, {split: (f"ptb.{split}.txt", None) for split in SPLITS},
-    algorithm="sha256", mirrors=PTB_MIRRORS, sizes={"train": 887521, "valid": 70390, "test": 78669},
+    PTB_SHA256,
+    {split: (f"ptb.{split}.txt", None) for split in SPLITS},
+    algorithm="sha256",
+    mirrors=PTB_MIRRORS,
+    sizes={"train": 887521, "valid": 70390, "test": 78669},
     note="byte-level BPE by default (perplexity per BPE token); tokenizer='word' reads it as the papers do "
-         "(words, <eos> at line ends, its 10k vocabulary): perplexity per word")
+    "(words, <eos> at line ends, its 10k vocabulary): perplexity per word",
+)
 
 # WikiText-2 (raw), Merity et al. 2016. sha256 as published in Hugging Face's wikitext
 # dataset_infos.json (4721645 bytes); not recomputed here (the archive was not at hand).
@@ -403,7 +512,11 @@ WIKITEXT2 = TextSource(
     "wikitext-2",
     "WikiText-2, raw (Merity et al. 2016, 'Pointer Sentinel Mixture Models'): Wikipedia Good and Featured "
     "articles, 2.1M / 217k / 245k words, CC BY-SA; read from wikitext-2-raw-v1.zip.",
-    WIKITEXT2_SHA256, {split: (WIKITEXT2_ARCHIVE, f"wikitext-2-raw/wiki.{split}.raw") for split in SPLITS},
-    algorithm="sha256", mirrors=WIKITEXT2_MIRRORS, sizes={"train": 2088628, "valid": 217646, "test": 245569},
+    WIKITEXT2_SHA256,
+    {split: (WIKITEXT2_ARCHIVE, f"wikitext-2-raw/wiki.{split}.raw") for split in SPLITS},
+    algorithm="sha256",
+    mirrors=WIKITEXT2_MIRRORS,
+    sizes={"train": 2088628, "valid": 217646, "test": 245569},
     note="sizes are the tokens of the paper's tokenized version; the S3 bucket may no longer serve the archive: "
-         "put wikitext-2-raw-v1.zip in <root>/wikitext-2/ yourself (it is checked against the sha256)")
+    "put wikitext-2-raw-v1.zip in <root>/wikitext-2/ yourself (it is checked against the sha256)",
+)

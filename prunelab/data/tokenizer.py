@@ -28,12 +28,11 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from numbers import Integral
 
 from prunelab._validation import MAX_VOCAB, STR, Interval, Types, check_number, check_type, validate_params
 
@@ -50,9 +49,11 @@ def _tokenizers() -> Any:
     try:
         import tokenizers
     except ImportError:
-        raise ImportError("text datasets need the 'tokenizers' package to train or load their byte-level BPE "
-                          "tokenizer; install it with `pip install tokenizers` (or the prunelab[text] "
-                          "extra).") from None
+        raise ImportError(
+            "text datasets need the 'tokenizers' package to train or load their byte-level BPE "
+            "tokenizer; install it with `pip install tokenizers` (or the prunelab[text] "
+            "extra)."
+        ) from None
     return tokenizers
 
 
@@ -81,8 +82,13 @@ def train_tokenizer(text: str | Iterable[str], vocab_size: int = 8192) -> Any:
     tokenizer = tk.Tokenizer(tk.models.BPE())
     tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=MIN_FREQUENCY, show_progress=False,
-                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=MIN_FREQUENCY,
+        show_progress=False,
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tokenizer.train_from_iterator(lines, trainer=trainer)
     return tokenizer
 
@@ -103,7 +109,7 @@ def train_word_tokenizer(text: str, vocab_size: int | None = None) -> Any:
         raise ValueError(f"the 'text' parameter of {where} has no words; a tokenizer needs text to learn from.")
     words = sorted(counts, key=lambda w: (-counts[w], w))
     if vocab_size is not None:
-        words = words[:vocab_size - 1]
+        words = words[: vocab_size - 1]
     tk = _tokenizers()
     tokenizer = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate([*words, UNK])}, unk_token=UNK))
     tokenizer.normalizer = tk.normalizers.Replace("\n", f" {EOS} ")
@@ -125,7 +131,7 @@ def encode(tokenizer: Any, text: str) -> np.ndarray:
     out = np.empty(sum(lengths), dtype=np.int64)
     start = 0
     for piece, n in zip(pieces, lengths):
-        out[start:start + n] = piece.ids
+        out[start : start + n] = piece.ids
         start += n
     return out
 

@@ -44,15 +44,21 @@ N_LARGE = 50000
 
 # name -> (zip, 12000-row train file, 50000-row test file), as distributed (data README).
 ORIGINAL_FILES = {
-    "mnist-rot": ("mnist_rotation_new.zip",
-                  "mnist_all_rotation_normalized_float_train_valid.amat",
-                  "mnist_all_rotation_normalized_float_test.amat"),
-    "mnist-back-rand": ("mnist_background_random.zip",
-                        "mnist_background_random_train.amat",
-                        "mnist_background_random_test.amat"),
-    "mnist-back-image": ("mnist_background_images.zip",
-                         "mnist_background_images_train.amat",
-                         "mnist_background_images_test.amat"),
+    "mnist-rot": (
+        "mnist_rotation_new.zip",
+        "mnist_all_rotation_normalized_float_train_valid.amat",
+        "mnist_all_rotation_normalized_float_test.amat",
+    ),
+    "mnist-back-rand": (
+        "mnist_background_random.zip",
+        "mnist_background_random_train.amat",
+        "mnist_background_random_test.amat",
+    ),
+    "mnist-back-image": (
+        "mnist_background_images.zip",
+        "mnist_background_images_train.amat",
+        "mnist_background_images_test.amat",
+    ),
 }
 
 SOURCES = ("auto", "original", "generated")
@@ -76,8 +82,7 @@ def _original_splits(name: str, root: Root) -> Splits | None:
         archives = [folder / zip_name] + sorted(p for p in folder.glob("*.zip") if p.name != zip_name)
         for archive in archives:
             if archive.is_file() and {small, large} <= zip_members(archive):
-                return {"small": read_amat_from_zip(archive, small),
-                        "large": read_amat_from_zip(archive, large)}
+                return {"small": read_amat_from_zip(archive, small), "large": read_amat_from_zip(archive, large)}
     return None
 
 
@@ -100,16 +105,17 @@ class VariantSource(DatasetSource):
         self.name = name
         self.folder = name
         self.description = _DESCRIPTIONS[name]
-        self.options = ("seed", "swap", "source") + (
-            ("backgrounds",) if name == "mnist-back-image" else ())
+        self.options = ("seed", "swap", "source") + (("backgrounds",) if name == "mnist-back-image" else ())
 
     def files(self) -> list[str]:
         return [f"{self.folder}/{f}" for f in ORIGINAL_FILES[self.name][1:]]
 
     def info(self, root: Root = None) -> dict[str, Any]:
         out = super().info(root)
-        out["files_note"] = (f"optional: the original .amat files (or {ORIGINAL_FILES[self.name][0]}); "
-                             f"without them the variant is generated from MNIST")
+        out["files_note"] = (
+            f"optional: the original .amat files (or {ORIGINAL_FILES[self.name][0]}); "
+            f"without them the variant is generated from MNIST"
+        )
         generated_from = [f"mnist/{f}" for f in MNIST_MD5["mnist"]]
         if self.name == "mnist-back-image":
             generated_from.append(f"{BACKGROUNDS}/*.png")
@@ -117,8 +123,9 @@ class VariantSource(DatasetSource):
         return out
 
     # -- generation ------------------------------------------------------------
-    def missing_files(self, root: Root = None, *, source: str = "auto",
-                      backgrounds: str | os.PathLike | None = None, **options: Any) -> list[str]:
+    def missing_files(
+        self, root: Root = None, *, source: str = "auto", backgrounds: str | os.PathLike | None = None, **options: Any
+    ) -> list[str]:
         """Nothing when the originals are present (unzipped or zipped); otherwise what
         generation needs: the MNIST files and, for mnist-back-image, background images."""
         originals = super().missing_files(root)
@@ -140,11 +147,11 @@ class VariantSource(DatasetSource):
                 f"dataset '{self.name}' is generated from MNIST and natural background images, "
                 f"but no images (*.png, *.jpg, ...) were found in {folder}. Put at least two "
                 f"images there (the prunelab data folder has backgrounds/kodim01..24.png), or "
-                f"pass backgrounds=<folder> to load_dataset.")
+                f"pass backgrounds=<folder> to load_dataset."
+            )
         return files
 
-    def _generate(self, root: Root, download: bool, seed: int,
-                  backgrounds: str | os.PathLike | None) -> Splits:
+    def _generate(self, root: Root, download: bool, seed: int, backgrounds: str | os.PathLike | None) -> Splits:
         sources = {f"mnist/{f}": md5 for f, md5 in MNIST_MD5["mnist"].items()}
         key = f"generated-v{RECIPE_VERSION}-seed{seed}"
         bg_files: list[Path] = []
@@ -155,42 +162,71 @@ class VariantSource(DatasetSource):
             digest = hashlib.sha256(repr(sorted(bg_md5.items())).encode()).hexdigest()
             key += f"-bg{digest[:12]}"
         rel = f"{self.name}/{key}"
-        meta = {"dataset": self.name, "recipe_version": RECIPE_VERSION, "seed": seed,
-                "sources": sources, "splits": {"train": N_SMALL, "test": N_LARGE},
-                "format": "uint8 images (N, 28, 28) = round(255 * x); int64 labels"}
+        meta = {
+            "dataset": self.name,
+            "recipe_version": RECIPE_VERSION,
+            "seed": seed,
+            "sources": sources,
+            "splits": {"train": N_SMALL, "test": N_LARGE},
+            "format": "uint8 images (N, 28, 28) = round(255 * x); int64 labels",
+        }
         for base in search_dirs(root):
             loaded = load_arrays(base / rel)
             if loaded is not None:
                 manifest, arrays = loaded
                 for field in ("dataset", "recipe_version", "seed", "sources", "splits"):
                     if manifest.get(field) != meta[field]:
-                        raise ValueError(f"generated dataset cache {base / rel} does not match "
-                                         f"this request ({field} differs). Delete the folder "
-                                         f"{base / rel} and load again to regenerate it.")
-                return {"small": (arrays["train_images"], arrays["train_labels"]),
-                        "large": (arrays["test_images"], arrays["test_labels"])}
+                        raise ValueError(
+                            f"generated dataset cache {base / rel} does not match "
+                            f"this request ({field} differs). Delete the folder "
+                            f"{base / rel} and load again to regenerate it."
+                        )
+                return {
+                    "small": (arrays["train_images"], arrays["train_labels"]),
+                    "large": (arrays["test_images"], arrays["test_labels"]),
+                }
         try:
             raw = MNIST.arrays(root, download)
         except DatasetNotFoundError as exc:
             raise DatasetNotFoundError(
                 f"dataset '{self.name}': its original .amat files are not in "
                 f"{data_root(root) / self.name}, and generating it needs MNIST, which is "
-                f"missing.\n{exc}") from exc
+                f"missing.\n{exc}"
+            ) from exc
         pool_x = np.concatenate([raw["x_train"], raw["x_test"]])
         pool_y = np.concatenate([raw["y_train"], raw["y_test"]]).astype(np.int64)
-        splits = make_variant_splits(self.name, pool_x, pool_y, seed,
-                                     backgrounds=load_backgrounds(bg_files) if bg_files else None,
-                                     n_small=N_SMALL, n_large=N_LARGE)
-        save_arrays(writable_dir(rel, root), {
-            "train_images": splits["small"][0], "train_labels": splits["small"][1],
-            "test_images": splits["large"][0], "test_labels": splits["large"][1],
-        }, meta)
+        splits = make_variant_splits(
+            self.name,
+            pool_x,
+            pool_y,
+            seed,
+            backgrounds=load_backgrounds(bg_files) if bg_files else None,
+            n_small=N_SMALL,
+            n_large=N_LARGE,
+        )
+        save_arrays(
+            writable_dir(rel, root),
+            {
+                "train_images": splits["small"][0],
+                "train_labels": splits["small"][1],
+                "test_images": splits["large"][0],
+                "test_labels": splits["large"][1],
+            },
+            meta,
+        )
         return splits
 
     # -- public ----------------------------------------------------------------
-    def load(self, root: Root = None, download: bool = False, *, seed: int | None = None,
-             swap: bool = False, source: str = "auto",
-             backgrounds: str | os.PathLike | None = None) -> Dataset:
+    def load(
+        self,
+        root: Root = None,
+        download: bool = False,
+        *,
+        seed: int | None = None,
+        swap: bool = False,
+        source: str = "auto",
+        backgrounds: str | os.PathLike | None = None,
+    ) -> Dataset:
         where = "load_dataset"
         check_type("download", download, bool, where=where)
         check_type("swap", swap, bool, where=where)
@@ -198,27 +234,40 @@ class VariantSource(DatasetSource):
         if seed is not None:
             seed = check_number("seed", seed, where=where, low=0, integer=True)
         if backgrounds is not None:
-            check_type("backgrounds", backgrounds, (str, os.PathLike), where=where,
-                       expected="a folder path (str or os.PathLike) or None")
+            check_type(
+                "backgrounds",
+                backgrounds,
+                (str, os.PathLike),
+                where=where,
+                expected="a folder path (str or os.PathLike) or None",
+            )
         splits = None if source == "generated" else _original_splits(self.name, root)
         if splits is not None:
             if seed is not None or backgrounds is not None:
-                raise ValueError(f"dataset '{self.name}': seed= and backgrounds= only apply to "
-                                 f"generated variants, but the original files were found in "
-                                 f"{data_root(root) / self.name} (or the cache dir); pass "
-                                 f"source='generated' to generate anyway")
+                raise ValueError(
+                    f"dataset '{self.name}': seed= and backgrounds= only apply to "
+                    f"generated variants, but the original files were found in "
+                    f"{data_root(root) / self.name} (or the cache dir); pass "
+                    f"source='generated' to generate anyway"
+                )
         elif source == "original":
-            raise DatasetNotFoundError(not_found_message(
-                self.name, self.name, list(ORIGINAL_FILES[self.name][1:]), root,
-                downloadable=False) + f"\n(Zipped as {ORIGINAL_FILES[self.name][0]} is fine too; "
-                f"or use source='auto' to generate the variant from MNIST.)")
+            raise DatasetNotFoundError(
+                not_found_message(self.name, self.name, list(ORIGINAL_FILES[self.name][1:]), root, downloadable=False)
+                + f"\n(Zipped as {ORIGINAL_FILES[self.name][0]} is fine too; "
+                f"or use source='auto' to generate the variant from MNIST.)"
+            )
         else:
             splits = self._generate(root, download, 0 if seed is None else seed, backgrounds)
         train, test = (splits["large"], splits["small"]) if swap else (splits["small"], splits["large"])
-        return Dataset(name=self.name,
-                       x_train=_to_tensor(train[0]), y_train=torch.from_numpy(train[1].astype(np.int64)),
-                       x_test=_to_tensor(test[0]), y_test=torch.from_numpy(test[1].astype(np.int64)),
-                       n_classes=self.n_classes, class_names=list(self.class_names))
+        return Dataset(
+            name=self.name,
+            x_train=_to_tensor(train[0]),
+            y_train=torch.from_numpy(train[1].astype(np.int64)),
+            x_test=_to_tensor(test[0]),
+            y_test=torch.from_numpy(test[1].astype(np.int64)),
+            n_classes=self.n_classes,
+            class_names=list(self.class_names),
+        )
 
     def fetch(self, root: Root = None) -> list[Path]:
         """Download and verify MNIST (the generation source); check backgrounds are present."""

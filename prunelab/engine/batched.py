@@ -25,23 +25,33 @@ import copy
 import math
 import time
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from numbers import Integral, Real
-
-from prunelab._validation import (BATCH_SIZE, DATA, EPOCHS, MAX_SEED, MAX_UNITS, STEP, Interval, Options, Types,
-                                  check_choice, check_number, validate_params)
+from prunelab._validation import (
+    BATCH_SIZE,
+    DATA,
+    EPOCHS,
+    MAX_SEED,
+    MAX_UNITS,
+    STEP,
+    Interval,
+    Options,
+    Types,
+    check_choice,
+    check_number,
+    validate_params,
+)
 from prunelab.training import TrainingDiverged, as_xy
 
 OPTIMIZERS = ("sgd", "adam")
 
 
 def _signature(model: nn.Module) -> list[tuple[str, tuple, torch.dtype]]:
-    return [(name, tuple(t.shape), t.dtype) for name, t in
-            [*model.named_parameters(), *model.named_buffers()]]
+    return [(name, tuple(t.shape), t.dtype) for name, t in [*model.named_parameters(), *model.named_buffers()]]
 
 
 class BatchedModels:
@@ -54,14 +64,18 @@ class BatchedModels:
             raise ValueError("BatchedModels needs at least one model; got an empty sequence.")
         for i, model in enumerate(models):
             if not isinstance(model, nn.Module):
-                raise TypeError(f"the 'models' parameter of BatchedModels must hold nn.Modules. "
-                                f"Got {type(model).__name__} at position {i} instead.")
+                raise TypeError(
+                    f"the 'models' parameter of BatchedModels must hold nn.Modules. "
+                    f"Got {type(model).__name__} at position {i} instead."
+                )
         first = _signature(models[0])
         for i, model in enumerate(models[1:], start=1):
             if type(model) is not type(models[0]) or _signature(model) != first:
-                raise ValueError(f"BatchedModels needs models of one architecture: model {i} "
-                                 f"({type(model).__name__}) differs from model 0 ({type(models[0]).__name__}) "
-                                 f"in its class or in the names, shapes or dtypes of its tensors.")
+                raise ValueError(
+                    f"BatchedModels needs models of one architecture: model {i} "
+                    f"({type(model).__name__}) differs from model 0 ({type(models[0]).__name__}) "
+                    f"in its class or in the names, shapes or dtypes of its tensors."
+                )
         self.members = models
         self.size = len(models)
         params, buffers = stack_module_state(models)
@@ -74,8 +88,10 @@ class BatchedModels:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of shape (R, B, ...) → outputs (R, B, ...): member r runs on ``x[r]``."""
         if x.shape[0] != self.size:
-            raise ValueError(f"BatchedModels.forward expects a leading member axis of {self.size}; "
-                             f"got an input of shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"BatchedModels.forward expects a leading member axis of {self.size}; "
+                f"got an input of shape {tuple(x.shape)}."
+            )
 
         def one(params, buffers, xi):
             return functional_call(self._skeleton, (params, buffers), (xi,))
@@ -84,11 +100,11 @@ class BatchedModels:
 
     __call__ = forward
 
-    def train(self, mode: bool = True) -> "BatchedModels":
+    def train(self, mode: bool = True) -> BatchedModels:
         self._skeleton.train(mode)
         return self
 
-    def eval(self) -> "BatchedModels":
+    def eval(self) -> BatchedModels:
         return self.train(False)
 
     # ------------------------------------------------------------------- masks
@@ -99,8 +115,10 @@ class BatchedModels:
             if name not in self.params:
                 raise ValueError(f"set_masks: no parameter {name!r}; parameters: {', '.join(self.params)}.")
             if tuple(mask.shape) != tuple(self.params[name].shape):
-                raise ValueError(f"set_masks: the mask of {name!r} has shape {tuple(mask.shape)}, the stacked "
-                                 f"parameter {tuple(self.params[name].shape)}.")
+                raise ValueError(
+                    f"set_masks: the mask of {name!r} has shape {tuple(mask.shape)}, the stacked "
+                    f"parameter {tuple(self.params[name].shape)}."
+                )
             self.masks[name] = mask.to(dtype=self.params[name].dtype, device=self.params[name].device)
         self.apply_masks()
 
@@ -139,7 +157,7 @@ class BatchedModels:
             tensor.copy_(self.params.get(name, self.buffers.get(name))[r])
         return module
 
-    def rows(self, rows: slice) -> "BatchedModels":
+    def rows(self, rows: slice) -> BatchedModels:
         """The members ``rows`` as a BatchedModels sharing this one's tensors (views: training
         it trains them here). Masks it creates come back with :meth:`take_masks`."""
         part = object.__new__(BatchedModels)
@@ -152,7 +170,7 @@ class BatchedModels:
         part.masks = {name: t[rows] for name, t in self.masks.items()}
         return part
 
-    def take_masks(self, part: "BatchedModels", rows: slice) -> None:
+    def take_masks(self, part: BatchedModels, rows: slice) -> None:
         """Copy the masks of ``part`` (made by :meth:`rows`) into members ``rows``."""
         for name, mask in part.masks.items():
             if name not in self.masks:
@@ -180,8 +198,15 @@ class _Optimizer:
     """SGD (momentum, as torch.optim.SGD) or Adam (as torch.optim.Adam) over stacked
     parameters with one learning rate per member; element-wise, so members stay apart."""
 
-    def __init__(self, params: dict[str, torch.Tensor], name: str, lr: torch.Tensor, momentum: float,
-                 betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        name: str,
+        lr: torch.Tensor,
+        momentum: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+    ):
         self.params, self.name, self.momentum, self.betas, self.eps = params, name, momentum, betas, eps
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0
@@ -204,25 +229,27 @@ class _Optimizer:
                     if buf is None:
                         buf = state["momentum"] = g.clone()
                     else:
-                        torch.add(g, buf, alpha=self.momentum, out=buf)     # buf ← g + μ·buf
+                        torch.add(g, buf, alpha=self.momentum, out=buf)  # buf ← g + μ·buf
                     g = buf
-                p.addcmul_(lr, g, value=-1.0)                               # p ← p − lr_r·g
+                p.addcmul_(lr, g, value=-1.0)  # p ← p − lr_r·g
             else:
                 b1, b2 = self.betas
                 m = state.setdefault("m", torch.zeros_like(p))
                 v = state.setdefault("v", torch.zeros_like(p))
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                c1 = 1 - b1 ** self.steps
-                c2 = 1 - b2 ** self.steps
+                c1 = 1 - b1**self.steps
+                c2 = 1 - b2**self.steps
                 denom = v.sqrt().div_(math.sqrt(c2)).add_(self.eps)
                 p.addcdiv_(m * (lr / c1), denom, value=-1.0)
 
     def momentum_buffers(self) -> dict[str, torch.Tensor]:
         """SGD's momentum buffers (zeros where there is none yet), for :meth:`descend`: the
         hand-written MLP path accumulates its gradients straight into them."""
-        return {name: self.state.setdefault(name, {}).setdefault("momentum", torch.zeros_like(p))
-                for name, p in self.params.items()}
+        return {
+            name: self.state.setdefault(name, {}).setdefault("momentum", torch.zeros_like(p))
+            for name, p in self.params.items()
+        }
 
     @torch.no_grad()
     def descend(self) -> None:
@@ -250,8 +277,9 @@ def _per_member(value, size: int, param: str, positive: bool = True) -> torch.Te
     else:
         values = [float(v) for v in value]
         if len(values) != size:
-            raise ValueError(f"the '{param}' parameter of fit_batched needs one value per member ({size}); "
-                             f"got {len(values)}.")
+            raise ValueError(
+                f"the '{param}' parameter of fit_batched needs one value per member ({size}); got {len(values)}."
+            )
     for v in values:
         check_number(param, v, where="fit_batched", low=0.0, closed="neither" if positive else "both")
     return torch.tensor(values, dtype=torch.float64)
@@ -289,8 +317,14 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, str | None]] | None:
 _FUSE_MOMENTUM = True
 
 
-def _mlp_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], plan, x: torch.Tensor,
-              y: torch.Tensor, beta: float = 0.0):
+def _mlp_step(
+    params: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    plan,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    beta: float = 0.0,
+):
     """Per-member mean cross-entropy and outputs of a batched ReLU MLP, with the gradients
     written into ``grads`` (buffers kept from step to step, so no large tensor is allocated):
     the forward and backward by hand, three batched products per layer. With ``beta`` the
@@ -303,15 +337,18 @@ def _mlp_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], p
         for k, (w_name, b_name) in enumerate(plan):
             W = params[w_name]
             inputs.append(h)
-            z = torch.bmm(h, W.transpose(1, 2)) if b_name is None else \
-                torch.baddbmm(params[b_name].unsqueeze(1), h, W.transpose(1, 2))
+            z = (
+                torch.bmm(h, W.transpose(1, 2))
+                if b_name is None
+                else torch.baddbmm(params[b_name].unsqueeze(1), h, W.transpose(1, 2))
+            )
             pre.append(z)
             h = z.clamp_min(0) if k < len(plan) - 1 else z
         logp = torch.log_softmax(h, dim=-1)
-        losses = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(dim=1)           # (R,)
+        losses = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(dim=1)  # (R,)
         g = logp.exp()
         g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(g[..., :1], -1.0))
-        g.div_(B)                                                                      # ∂(mean loss)/∂logits
+        g.div_(B)  # ∂(mean loss)/∂logits
         for k in range(len(plan) - 1, -1, -1):
             w_name, b_name = plan[k]
             if beta:
@@ -332,27 +369,35 @@ def _check_pruners(batch: BatchedModels, pruners) -> list:
 
     pruners = list(pruners)
     if len(pruners) != batch.size:
-        raise ValueError(f"the 'pruners' parameter of fit_batched needs one Pruner (or None) per member "
-                         f"({batch.size}); got {len(pruners)}.")
+        raise ValueError(
+            f"the 'pruners' parameter of fit_batched needs one Pruner (or None) per member "
+            f"({batch.size}); got {len(pruners)}."
+        )
     for r, pruner in enumerate(pruners):
         if pruner is None:
             continue
         if not isinstance(pruner, Pruner):
-            raise TypeError(f"the 'pruners' parameter of fit_batched must hold Pruners or None. "
-                            f"Got {type(pruner).__name__} for member {r} instead.")
+            raise TypeError(
+                f"the 'pruners' parameter of fit_batched must hold Pruners or None. "
+                f"Got {type(pruner).__name__} for member {r} instead."
+            )
         if pruner.model is not batch.members[r]:
             raise ValueError(f"the Pruner of member {r} prunes another model: build it on batch.members[{r}].")
         if pruner.criterion.needs_gradients and pruner.calibration is None:
-            raise ValueError(f"the Pruner of member {r} uses criterion {pruner.criterion.name!r}, which reads "
-                             f"gradients; the batched engine does not record training gradients per member, so "
-                             f"give that Pruner calibration=(x, y) data to score with.")
+            raise ValueError(
+                f"the Pruner of member {r} uses criterion {pruner.criterion.name!r}, which reads "
+                f"gradients; the batched engine does not record training gradients per member, so "
+                f"give that Pruner calibration=(x, y) data to score with."
+            )
         if pruner._rewind_step is not None:
-            raise ValueError(f"the Pruner of member {r} rewinds weights (lottery ticket); the batched engine "
-                             f"does not support rewinding yet: train that member with prunelab.fit.")
+            raise ValueError(
+                f"the Pruner of member {r} rewinds weights (lottery ticket); the batched engine "
+                f"does not support rewinding yet: train that member with prunelab.fit."
+            )
     return pruners
 
 
-def _after_prune(batch: BatchedModels, r: int, pruner, opt: "_Optimizer") -> None:
+def _after_prune(batch: BatchedModels, r: int, pruner, opt: _Optimizer) -> None:
     """Member ``r``'s pruner has just pruned its module: bring weights and masks back."""
     module = batch.members[r]
     batch.load_member(r, module)
@@ -365,16 +410,38 @@ def _after_prune(batch: BatchedModels, r: int, pruner, opt: "_Optimizer") -> Non
     opt.mask_state(batch.masks)
 
 
-@validate_params({"batch": [Types(BatchedModels)], "data": [DATA], "seeds": [Types(list, tuple)], "epochs": [EPOCHS],
-                  "batch_size": [BATCH_SIZE], "optimizer": [Options(OPTIMIZERS)],
-                  "momentum": [Interval(Real, 0, 1, closed="left")], "regularizer": [Options(REGULARIZERS), None],
-                  "max_steps": [STEP, None], "engine_path": [Options({"auto", "vmap"})],
-                  "wave": [Interval(Integral, 1, MAX_UNITS), None]})
-def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int = 1, batch_size: int = 64,
-                lr: "float | Sequence[float]" = 0.01, optimizer: str = "sgd", momentum: float = 0.9,
-                regularizer: str | None = None, reg_strength: "float | Sequence[float] | None" = None,
-                pruners: Sequence | None = None, max_steps: int | None = None,
-                engine_path: str = "auto", wave: int | None = None) -> list[list[dict]]:
+@validate_params(
+    {
+        "batch": [Types(BatchedModels)],
+        "data": [DATA],
+        "seeds": [Types(list, tuple)],
+        "epochs": [EPOCHS],
+        "batch_size": [BATCH_SIZE],
+        "optimizer": [Options(OPTIMIZERS)],
+        "momentum": [Interval(Real, 0, 1, closed="left")],
+        "regularizer": [Options(REGULARIZERS), None],
+        "max_steps": [STEP, None],
+        "engine_path": [Options({"auto", "vmap"})],
+        "wave": [Interval(Integral, 1, MAX_UNITS), None],
+    }
+)
+def fit_batched(
+    batch: BatchedModels,
+    data,
+    *,
+    seeds: Sequence[int],
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float | Sequence[float] = 0.01,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    regularizer: str | None = None,
+    reg_strength: float | Sequence[float] | None = None,
+    pruners: Sequence | None = None,
+    max_steps: int | None = None,
+    engine_path: str = "auto",
+    wave: int | None = None,
+) -> list[list[dict]]:
     """Train every member of ``batch`` on ``data`` (``(x, y)`` or a Dataset's train split).
 
     Member r shuffles with ``seeds[r]`` and learns at ``lr[r]`` (one float: the same for all).
@@ -402,8 +469,9 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     x, y = as_xy(data, "data", where)
     seeds = [check_number("seeds", s, where=where, low=0, high=MAX_SEED, integer=True) for s in seeds]
     if len(seeds) != batch.size:
-        raise ValueError(f"the 'seeds' parameter of {where} needs one seed per member ({batch.size}); "
-                         f"got {len(seeds)}.")
+        raise ValueError(
+            f"the 'seeds' parameter of {where} needs one seed per member ({batch.size}); got {len(seeds)}."
+        )
     epochs, batch_size, momentum = int(epochs), int(batch_size), float(momentum)
     wave = None if wave is None else int(wave)
     lrs = _per_member(lr, batch.size, "lr")
@@ -419,7 +487,7 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
     pruners = _check_pruners(batch, pruners) if pruners is not None else [None] * batch.size
     plan = mlp_plan(batch.members[0]) if engine_path == "auto" else None
     device = next(iter(batch.params.values())).device
-    x, y = x.to(device), y.to(device)              # the data goes where the members are
+    x, y = x.to(device), y.to(device)  # the data goes where the members are
     if wave is None:
         if device.type == "cuda":
             wave = batch.size
@@ -428,35 +496,65 @@ def fit_batched(batch: BatchedModels, data, *, seeds: Sequence[int], epochs: int
 
             wave = cache_members(batch.members[0], tuple(x.shape[1:]), batch_size)
     waves = math.ceil(batch.size / wave)
-    wave = math.ceil(batch.size / waves)           # even waves: 8 members in 7 + 1 would be 2 full steps
+    wave = math.ceil(batch.size / waves)  # even waves: 8 members in 7 + 1 would be 2 full steps
     histories: list[list[dict]] = []
     for first in range(0, batch.size, wave):
         rows = slice(first, min(first + wave, batch.size))
         part = batch if rows == slice(0, batch.size) else batch.rows(rows)
         try:
-            histories += _train(part, x, y, seeds=seeds[rows], epochs=epochs, batch_size=batch_size,
-                                lrs=lrs[rows], optimizer=optimizer, momentum=momentum,
-                                regularizer=regularizer, strengths=None if strengths is None else strengths[rows],
-                                reg_names=reg_names, pruners=pruners[rows], max_steps=max_steps, plan=plan,
-                                first=first)
+            histories += _train(
+                part,
+                x,
+                y,
+                seeds=seeds[rows],
+                epochs=epochs,
+                batch_size=batch_size,
+                lrs=lrs[rows],
+                optimizer=optimizer,
+                momentum=momentum,
+                regularizer=regularizer,
+                strengths=None if strengths is None else strengths[rows],
+                reg_names=reg_names,
+                pruners=pruners[rows],
+                max_steps=max_steps,
+                plan=plan,
+                first=first,
+            )
         finally:
             if part is not batch:
                 batch.take_masks(part, rows)
     return histories
 
 
-def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epochs, batch_size, lrs, optimizer,
-           momentum, regularizer, strengths, reg_names, pruners, max_steps, plan, first) -> list[list[dict]]:
+def _train(
+    batch: BatchedModels,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seeds,
+    epochs,
+    batch_size,
+    lrs,
+    optimizer,
+    momentum,
+    regularizer,
+    strengths,
+    reg_names,
+    pruners,
+    max_steps,
+    plan,
+    first,
+) -> list[list[dict]]:
     """fit_batched on one wave of members (checked arguments); ``first`` numbers its members in
     messages."""
     opt = _Optimizer(batch.params, optimizer, lrs, momentum)
     for r, pruner in enumerate(pruners):
         if pruner is None:
             continue
-        if pruner.event_due(0):                   # events due before the first step (one-shot at 0)
+        if pruner.event_due(0):  # events due before the first step (one-shot at 0)
             batch.store_member(r)
             pruner.update()
-        if pruner.history:                        # pruned here or before: take its weights and masks
+        if pruner.history:  # pruned here or before: take its weights and masks
             _after_prune(batch, r, pruner, opt)
     batch.apply_masks()
     opt.mask_state(batch.masks)
@@ -475,24 +573,24 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
     batch.train()
     for epoch in range(epochs):
         started = time.perf_counter()
-        orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(x.device)   # (R, n)
+        orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(x.device)  # (R, n)
         loss_sum = torch.zeros(R, dtype=torch.float64, device=x.device)
         correct = torch.zeros(R, dtype=torch.long, device=x.device)
         seen = 0
         for i in range(0, n, batch_size):
             if step >= total:
                 break
-            idx = orders[:, i:i + batch_size]                                  # (R, b)
-            rows = idx.reshape(-1)                   # index_select: ~7x faster than x[idx]
-            xb = x.index_select(0, rows).view(R, -1, *x.shape[1:])            # (R, b, ...)
-            yb = y.index_select(0, rows).view(R, -1)                          # (R, b)
-            if plan is not None:          # the gradients are written into the same buffers each step
+            idx = orders[:, i : i + batch_size]  # (R, b)
+            rows = idx.reshape(-1)  # index_select: ~7x faster than x[idx]
+            xb = x.index_select(0, rows).view(R, -1, *x.shape[1:])  # (R, b, ...)
+            yb = y.index_select(0, rows).view(R, -1)  # (R, b)
+            if plan is not None:  # the gradients are written into the same buffers each step
                 losses, out = _mlp_step(batch.params, grads, plan, xb, yb, opt.momentum if fused else 0.0)
             else:
                 opt.zero_grad()
-                out = batch(xb)                                                # (R, b, classes)
+                out = batch(xb)  # (R, b, classes)
                 losses = nn.functional.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none")
-                losses = losses.view(R, -1).mean(dim=1)                        # each member's mean loss
+                losses = losses.view(R, -1).mean(dim=1)  # each member's mean loss
             if strengths is not None:
                 for name in reg_names:
                     w = batch.params[name].flatten(1)
@@ -501,8 +599,10 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
             finite = torch.isfinite(losses.detach())
             if not bool(finite.all()):
                 bad = [first + r for r in range(R) if not finite[r]]
-                raise TrainingDiverged(f"the training loss of member(s) {bad} became non-finite at epoch "
-                                       f"{epoch}, step {step}; lower their learning rate.")
+                raise TrainingDiverged(
+                    f"the training loss of member(s) {bad} became non-finite at epoch "
+                    f"{epoch}, step {step}; lower their learning rate."
+                )
             if plan is None:
                 losses.sum().backward()
             elif strengths is not None:
@@ -536,8 +636,13 @@ def _train(batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, *, seeds, epo
         if seen == 0:
             break
         for r in range(R):
-            record = {"epoch": epoch + 1, "step": step, "loss": float(loss_sum[r]) / seen,
-                      "train_accuracy": int(correct[r]) / seen, "seconds": time.perf_counter() - started}
+            record = {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": float(loss_sum[r]) / seen,
+                "train_accuracy": int(correct[r]) / seen,
+                "seconds": time.perf_counter() - started,
+            }
             if pruners[r] is not None:
                 record["sparsity"] = member_sparsity(batch, r, [t.name for t in pruners[r].targets])
             histories[r].append(record)

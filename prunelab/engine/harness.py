@@ -16,8 +16,14 @@ import time
 
 from prunelab.data import DATASETS
 from prunelab.engine.batched import OPTIMIZERS, REGULARIZERS, BatchedModels, fit_batched, mlp_plan
-from prunelab.experiments.prune_task import (dense_cache_path, load_dense, load_prepared_dataset, make_pruner,
-                                             prune_metrics, save_dense)
+from prunelab.experiments.prune_task import (
+    dense_cache_path,
+    load_dense,
+    load_prepared_dataset,
+    make_pruner,
+    prune_metrics,
+    save_dense,
+)
 from prunelab.experiments.store import digest
 from prunelab.models import build_model
 from prunelab.training import evaluate
@@ -58,9 +64,16 @@ def why_not_batched(config: dict) -> str | None:
 def group_key(config: dict) -> str:
     """Runs with the same key can be trained as one batch."""
     regularizer = config["method"].get("regularizer")
-    return digest({"dataset": config["dataset"], "model": config["model"], "training": config["training"],
-                   "regularizer": regularizer["name"] if regularizer else None,
-                   "layers": config["method"].get("layers")}, 16)
+    return digest(
+        {
+            "dataset": config["dataset"],
+            "model": config["model"],
+            "training": config["training"],
+            "regularizer": regularizer["name"] if regularizer else None,
+            "layers": config["method"].get("layers"),
+        },
+        16,
+    )
 
 
 def _strengths(configs: list[dict]) -> tuple[str | None, list[float] | None]:
@@ -71,7 +84,7 @@ def _strengths(configs: list[dict]) -> tuple[str | None, list[float] | None]:
 
 
 def _dense_key(config: dict, cache_dir: str | None) -> str:
-    path = dense_cache_path(config, cache_dir or ".")       # the cache's key, with or without a cache
+    path = dense_cache_path(config, cache_dir or ".")  # the cache's key, with or without a cache
     return path.name
 
 
@@ -96,15 +109,24 @@ def _dense_models(configs: list[dict], ds, cache_dir: str | None):
         jobs = list(to_train.values())
         batch = BatchedModels([j["model"] for j in jobs])
         name, strengths = _strengths([j["config"] for j in jobs])
-        histories = fit_batched(batch, ds, seeds=[j["config"]["seed"] for j in jobs], epochs=train["epochs"],
-                                batch_size=train["batch_size"], lr=train["lr"], optimizer=train["optimizer"],
-                                momentum=train["momentum"], regularizer=name, reg_strength=strengths)
+        histories = fit_batched(
+            batch,
+            ds,
+            seeds=[j["config"]["seed"] for j in jobs],
+            epochs=train["epochs"],
+            batch_size=train["batch_size"],
+            lr=train["lr"],
+            optimizer=train["optimizer"],
+            momentum=train["momentum"],
+            regularizer=name,
+            reg_strength=strengths,
+        )
         for r, (key, job) in enumerate(to_train.items()):
             model = batch.member(r)
             save_dense(job["path"], model, histories[r], None)
             found[key] = (model, histories[r], False)
     out, seen = [], set()
-    for config in configs:           # like single runs: a dense model another run trained counts as cached
+    for config in configs:  # like single runs: a dense model another run trained counts as cached
         key = _dense_key(config, cache_dir)
         model, history, cached = found[key]
         out.append((model, history, cached or key in seen))
@@ -122,8 +144,10 @@ def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> li
         if reason is not None:
             raise ValueError(f"run cannot be batched: {reason}.")
     if len({group_key(c) for c in configs}) != 1:
-        raise ValueError("execute_prune_group needs runs of one group (same dataset, model, training, "
-                         "regulariser and layers); group them with group_key first.")
+        raise ValueError(
+            "execute_prune_group needs runs of one group (same dataset, model, training, "
+            "regulariser and layers); group them with group_key first."
+        )
     started = time.perf_counter()
     ds = load_prepared_dataset(configs[0]["dataset"])
     test = (ds.x_test, ds.y_test)
@@ -140,19 +164,40 @@ def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> li
     if train["finetune_epochs"]:
         name, strengths = _strengths(configs)
         lr = train["finetune_lr"] if train["finetune_lr"] is not None else train["lr"]
-        histories = fit_batched(batch, ds, seeds=[c["seed"] for c in configs], epochs=train["finetune_epochs"],
-                                batch_size=train["batch_size"], lr=lr, optimizer=train["optimizer"],
-                                momentum=train["momentum"], regularizer=name, reg_strength=strengths,
-                                pruners=pruners)
+        histories = fit_batched(
+            batch,
+            ds,
+            seeds=[c["seed"] for c in configs],
+            epochs=train["finetune_epochs"],
+            batch_size=train["batch_size"],
+            lr=lr,
+            optimizer=train["optimizer"],
+            momentum=train["momentum"],
+            regularizer=name,
+            reg_strength=strengths,
+            pruners=pruners,
+        )
     results = []
     for r, (config, pruner) in enumerate(zip(configs, pruners)):
         model = batch.store_member(r)
         _, dense_history, cached = dense[r]
-        metrics = prune_metrics(model, pruner, ds, started=started, accuracy_dense=accuracy_dense[r],
-                                accuracy_pruned=accuracy_pruned[r], cached=cached, dense_history=dense_history,
-                                thin=bool(config["method"].get("thin")))
+        metrics = prune_metrics(
+            model,
+            pruner,
+            ds,
+            started=started,
+            accuracy_dense=accuracy_dense[r],
+            accuracy_pruned=accuracy_pruned[r],
+            cached=cached,
+            dense_history=dense_history,
+            thin=bool(config["method"].get("thin")),
+        )
         metrics["engine"] = "batched" if mlp_plan(model) is not None else "batched-vmap"
-        results.append({"metrics": metrics,
-                        "curve": [{"phase": "dense", **h} for h in dense_history]
-                        + [{"phase": "prune", **h} for h in histories[r]]})
+        results.append(
+            {
+                "metrics": metrics,
+                "curve": [{"phase": "dense", **h} for h in dense_history]
+                + [{"phase": "prune", **h} for h in histories[r]],
+            }
+        )
     return results

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 import torch
 from torch import nn
 
 from prunelab._hooks import forward_eval, leaf_modules
-from numbers import Integral, Real
-
 from prunelab._validation import BATCH_SIZE, MODEL, N_UNITS, Interval, Shape, Types, validate_params
 
 #: What the memory functions declare about the model they size.
@@ -46,8 +45,12 @@ def member_bytes(model: nn.Module, input_shape: Sequence[int], batch_size: int) 
 
     handles = [m.register_forward_hook(count) for m in leaf_modules(model)]
     parameter = next(model.parameters(), None)
-    x = torch.zeros(1, *input_shape, device=parameter.device if parameter is not None else None,
-                    dtype=parameter.dtype if parameter is not None else None)
+    x = torch.zeros(
+        1,
+        *input_shape,
+        device=parameter.device if parameter is not None else None,
+        dtype=parameter.dtype if parameter is not None else None,
+    )
     forward_eval(model, [x], handles)
     return PARAMETER_COPIES * params + ACTIVATION_COPIES * batch_size * sum(outputs)
 
@@ -94,11 +97,25 @@ def cache_members(model: nn.Module, input_shape: Sequence[int], batch_size: int,
     return max(1, int(share * cache_bytes()) // member_bytes(model, input_shape, batch_size))
 
 
-@validate_params({**_SIZED, "wanted": [N_UNITS], "share": [_SHARE], "budget_bytes": [Interval(Integral, 1, 1 << 50), None],
-                  "device": _DEVICE})
-def choose_members(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, wanted: int,
-                   share: float = 0.5, budget_bytes: int | None = None,
-                   device: torch.device | str | None = None) -> int:
+@validate_params(
+    {
+        **_SIZED,
+        "wanted": [N_UNITS],
+        "share": [_SHARE],
+        "budget_bytes": [Interval(Integral, 1, 1 << 50), None],
+        "device": _DEVICE,
+    }
+)
+def choose_members(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int,
+    *,
+    wanted: int,
+    share: float = 0.5,
+    budget_bytes: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
     """The number of members to train at once: ``wanted`` if they fit in ``share`` of the free
     memory (or in ``budget_bytes``), else as many as fit. Raises ValueError, naming the bytes
     needed and available, when not even one member fits."""
@@ -108,7 +125,9 @@ def choose_members(model: nn.Module, input_shape: Sequence[int], batch_size: int
     per_member = member_bytes(model, input_shape, batch_size)
     fit = budget // per_member
     if fit < 1:
-        raise ValueError(f"one member of {type(model).__name__} at batch {batch_size} needs about "
-                         f"{per_member / 2**20:.1f} MiB for a training step, but only {budget / 2**20:.1f} MiB "
-                         f"are available to the engine; lower the batch size or free memory.")
+        raise ValueError(
+            f"one member of {type(model).__name__} at batch {batch_size} needs about "
+            f"{per_member / 2**20:.1f} MiB for a training step, but only {budget / 2**20:.1f} MiB "
+            f"are available to the engine; lower the batch size or free memory."
+        )
     return int(min(wanted, fit))

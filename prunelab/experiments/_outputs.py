@@ -18,8 +18,10 @@ from pathlib import Path
 from prunelab._files import exclusive_temp
 from prunelab.experiments.store import write_failure
 
-ADVICE = ("the stored runs are unaffected; free space or choose another folder (--out), then write "
-          "the outputs again (prunelab table | plot | report STUDY.db)")
+ADVICE = (
+    "the stored runs are unaffected; free space or choose another folder (--out), then write "
+    "the outputs again (prunelab table | plot | report STUDY.db)"
+)
 
 
 def output_folder(folder: str | Path) -> Path:

@@ -60,8 +60,10 @@ class Study:
         if outputs is None:
             return {}
         if not isinstance(outputs, dict):
-            raise TypeError(f"the 'outputs' section of the spec stored in {self.path} must be a mapping. "
-                            f"Got {outputs!r} of type {type(outputs).__name__} instead.")
+            raise TypeError(
+                f"the 'outputs' section of the spec stored in {self.path} must be a mapping. "
+                f"Got {outputs!r} of type {type(outputs).__name__} instead."
+            )
         return outputs
 
     @property
@@ -73,8 +75,10 @@ class Study:
 def open_study(store_path: str | Path) -> Study:
     """Read a study database. Never creates one: a missing path is an error."""
     if not isinstance(store_path, (str, Path)):
-        raise TypeError(f"a study database path must be a str or Path. Got {store_path!r} "
-                        f"of type {type(store_path).__name__} instead.")
+        raise TypeError(
+            f"a study database path must be a str or Path. Got {store_path!r} "
+            f"of type {type(store_path).__name__} instead."
+        )
     path = Path(store_path)
     if not path.is_file():
         what = "a folder" if path.is_dir() else "nothing"
@@ -91,9 +95,11 @@ def require_done(study: Study, what: str) -> list[RunRecord]:
     if not done:
         counts = study.counts()
         detail = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "done")
-        hint = (" (see their errors with `prunelab report`)" if counts["failed"] else "")
-        raise NoDataError(f"{what}: the study {study.path} has no finished runs yet ({detail}){hint}; "
-                          f"run `prunelab run SPEC` to compute them.")
+        hint = " (see their errors with `prunelab report`)" if counts["failed"] else ""
+        raise NoDataError(
+            f"{what}: the study {study.path} has no finished runs yet ({detail}){hint}; "
+            f"run `prunelab run SPEC` to compute them."
+        )
     return done
 
 
@@ -176,8 +182,11 @@ def check_keys(declaration: Any, allowed: Iterable[str], *, where: str) -> list[
     if not isinstance(declaration, dict):
         return [f"{where} must be a mapping. Got {declaration!r} of type {type(declaration).__name__} instead."]
     allowed = sorted(allowed)
-    return [f"{where} has an unknown key {key!r}; valid keys: {', '.join(allowed)}."
-            for key in declaration if key not in allowed]
+    return [
+        f"{where} has an unknown key {key!r}; valid keys: {', '.join(allowed)}."
+        for key in declaration
+        if key not in allowed
+    ]
 
 
 def raise_problems(problems: list[str]) -> None:
@@ -188,9 +197,14 @@ def raise_problems(problems: list[str]) -> None:
         raise ValueError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def select_labels(records: list[RunRecord], declaration: dict, *, where: str,
-                  keys: Sequence[str] = ("methods", "models"), known: Sequence[RunRecord] | None = None
-                  ) -> list[RunRecord]:
+def select_labels(
+    records: list[RunRecord],
+    declaration: dict,
+    *,
+    where: str,
+    keys: Sequence[str] = ("methods", "models"),
+    known: Sequence[RunRecord] | None = None,
+) -> list[RunRecord]:
     """The records whose method / model label is listed in ``declaration["methods"]`` /
     ``declaration["models"]`` (when given). A listed label also selects its grid variants:
     ``conv`` selects ``conv[kernel=5, ...]``. A label unknown to ``known`` (default: ``records``;
@@ -204,14 +218,16 @@ def select_labels(records: list[RunRecord], declaration: dict, *, where: str,
         if isinstance(wanted, str):
             wanted = [wanted]
         if not isinstance(wanted, list):
-            raise TypeError(f"the {key!r} parameter of {where} must be a list of {key[:-1]} labels. "
-                            f"Got {wanted!r} instead.")
+            raise TypeError(
+                f"the {key!r} parameter of {where} must be a list of {key[:-1]} labels. Got {wanted!r} instead."
+            )
         name = key[:-1]
         present = [str(v) for v in label_values(known, name)]
         bases = sorted({p.split("[", 1)[0] for p in present} | set(present))
         chosen = {str(check_choice(key, str(w), bases, where=where)) for w in wanted}
-        records = [r for r in records
-                   if str(label(r, name)) in chosen or str(label(r, name)).split("[", 1)[0] in chosen]
+        records = [
+            r for r in records if str(label(r, name)) in chosen or str(label(r, name)).split("[", 1)[0] in chosen
+        ]
         if not records:
             raise NoDataError(f"{where}: no finished run of {name} {', '.join(sorted(chosen))} yet.")
     return records

@@ -37,13 +37,16 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise SpecYAMLError(f"line {_line(event)}: YAML aliases (*{event.anchor}) are not allowed in a "
-                                f"spec; write the value out where it is used")
+            raise SpecYAMLError(
+                f"line {_line(event)}: YAML aliases (*{event.anchor}) are not allowed in a "
+                f"spec; write the value out where it is used"
+            )
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise SpecYAMLError(f"line {_line(self.peek_event())}: nested more than {MAX_DEPTH} levels "
-                                    f"deep (the limit of a spec)")
+                raise SpecYAMLError(
+                    f"line {_line(self.peek_event())}: nested more than {MAX_DEPTH} levels deep (the limit of a spec)"
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -54,17 +57,21 @@ class _StrictLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise SpecYAMLError(f"line {_line(key_node)}: YAML merge keys (<<) are not allowed in a spec; "
-                                    f"write the keys out")
+                raise SpecYAMLError(
+                    f"line {_line(key_node)}: YAML merge keys (<<) are not allowed in a spec; write the keys out"
+                )
             key = self.construct_object(key_node, deep=True)
             try:
                 hash(key)
             except TypeError:
-                raise SpecYAMLError(f"line {_line(key_node)}: a mapping key must be a name or a number; "
-                                    f"got a {type(key).__name__}") from None
+                raise SpecYAMLError(
+                    f"line {_line(key_node)}: a mapping key must be a name or a number; got a {type(key).__name__}"
+                ) from None
             if key in seen:
-                raise SpecYAMLError(f"line {_line(key_node)}: duplicate key {key!r} (first given at line "
-                                    f"{seen[key]}); each key may appear once in a mapping")
+                raise SpecYAMLError(
+                    f"line {_line(key_node)}: duplicate key {key!r} (first given at line "
+                    f"{seen[key]}); each key may appear once in a mapping"
+                )
             seen[key] = _line(key_node)
         return super().construct_mapping(node, deep=deep)
 
@@ -78,14 +85,17 @@ class _StrictLoader(yaml.SafeLoader):
         return str(node.value)
 
     def refuse(self, node):
-        raise SpecYAMLError(f"line {_line(node)}: the YAML tag {node.tag!r} is not allowed in a spec "
-                            f"(plain values, lists and mappings only)")
+        raise SpecYAMLError(
+            f"line {_line(node)}: the YAML tag {node.tag!r} is not allowed in a spec "
+            f"(plain values, lists and mappings only)"
+        )
 
 
 def _bounded_number(loader, node, construct):
     if len(str(node.value)) > MAX_NUMBER_CHARS:
-        raise SpecYAMLError(f"line {_line(node)}: a number written with {len(str(node.value))} characters "
-                            f"(at most {MAX_NUMBER_CHARS})")
+        raise SpecYAMLError(
+            f"line {_line(node)}: a number written with {len(str(node.value))} characters (at most {MAX_NUMBER_CHARS})"
+        )
     try:
         return construct(loader, node)
     except (ValueError, OverflowError) as err:

@@ -96,9 +96,18 @@ def aggregate(records: Sequence[RunRecord], metric: str = "accuracy") -> list[Gr
         mean, std = mean_std(values)
         params = [metric_value(r, "nonzero_params") for r in runs]
         params = [p for p in params if not math.isnan(p)]
-        groups.append(Group(*key, n=len(values), mean=mean, std=std, values=values,
-                            seeds=tuple(seed for seed, _ in kept), n_missing=len(runs) - len(values),
-                            nonzero_params=math.fsum(params) / len(params) if params else None))
+        groups.append(
+            Group(
+                *key,
+                n=len(values),
+                mean=mean,
+                std=std,
+                values=values,
+                seeds=tuple(seed for seed, _ in kept),
+                n_missing=len(runs) - len(values),
+                nonzero_params=math.fsum(params) / len(params) if params else None,
+            )
+        )
     return groups
 
 
@@ -116,13 +125,16 @@ def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
     coords = []
     for i, point in enumerate(points):
         if isinstance(point, (str, bytes)) or not isinstance(point, Sequence) or len(point) != 2:
-            raise TypeError(f"the 'points' parameter of pareto_front must be a sequence of "
-                            f"(params, accuracy) pairs. Got {point!r} at index {i} instead.")
-        p, a = (check_number("points", v, where="pareto_front") if not _is_nan(v) else math.nan
-                for v in point)
+            raise TypeError(
+                f"the 'points' parameter of pareto_front must be a sequence of "
+                f"(params, accuracy) pairs. Got {point!r} at index {i} instead."
+            )
+        p, a = (check_number("points", v, where="pareto_front") if not _is_nan(v) else math.nan for v in point)
         coords.append((p, a))
-    candidates = sorted((i for i, (p, a) in enumerate(coords) if not (math.isnan(p) or math.isnan(a))),
-                        key=lambda i: (coords[i][0], -coords[i][1], i))
+    candidates = sorted(
+        (i for i, (p, a) in enumerate(coords) if not (math.isnan(p) or math.isnan(a))),
+        key=lambda i: (coords[i][0], -coords[i][1], i),
+    )
     front, best, k = [], -math.inf, 0
     while k < len(candidates):
         params = coords[candidates[k]][0]
@@ -161,10 +173,17 @@ def performance_profile(penalties, taus) -> np.ndarray:
     """
     d = np.asarray(penalties, dtype=float)
     if d.ndim != 2 or d.shape[0] == 0 or d.shape[1] == 0:
-        raise ValueError(f"the 'penalties' parameter of performance_profile must be a non-empty 2-D array "
-                         f"(n_measurements, n_methods). Got shape {d.shape} instead.")
-    tau = np.asarray([check_number("taus", t, where="performance_profile", low=0.0, high=1.0)
-                      for t in np.atleast_1d(np.asarray(taus, dtype=object))], dtype=float)
+        raise ValueError(
+            f"the 'penalties' parameter of performance_profile must be a non-empty 2-D array "
+            f"(n_measurements, n_methods). Got shape {d.shape} instead."
+        )
+    tau = np.asarray(
+        [
+            check_number("taus", t, where="performance_profile", low=0.0, high=1.0)
+            for t in np.atleast_1d(np.asarray(taus, dtype=object))
+        ],
+        dtype=float,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: their threshold is NaN, no wins
         low, high = np.nanmin(d, axis=1), np.nanmax(d, axis=1)
@@ -173,12 +192,11 @@ def performance_profile(penalties, taus) -> np.ndarray:
         mixed = tau[:, None] * low[None, :] + (1.0 - tau[:, None]) * high[None, :]
     t = np.where(tau[:, None] == 1.0, low[None, :], np.where(tau[:, None] == 0.0, high[None, :], mixed))
     with np.errstate(invalid="ignore"):
-        wins = d[None, :, :] < t[:, :, None]             # (taus, measurements, methods)
+        wins = d[None, :, :] < t[:, :, None]  # (taus, measurements, methods)
     return wins.mean(axis=1)
 
 
-def paired_comparison(records: Sequence[RunRecord], method_a: str, method_b: str,
-                      metric: str = "accuracy") -> dict:
+def paired_comparison(records: Sequence[RunRecord], method_a: str, method_b: str, metric: str = "accuracy") -> dict:
     """Compare two methods on runs that share (dataset, model, sparsity, seed).
 
     With differences ``δ_k = a_k − b_k`` over the n pairs (pairs where either
@@ -203,8 +221,10 @@ def paired_comparison(records: Sequence[RunRecord], method_a: str, method_b: str
         raise ValueError(f"paired_comparison needs two different methods. Got {method_a!r} twice.")
     for param, method in (("method_a", method_a), ("method_b", method_b)):
         if method not in methods:
-            raise ValueError(f"the '{param}' parameter of paired_comparison must be one of the finished "
-                             f"runs' methods: {', '.join(map(str, methods)) or 'none'}. Got {method!r} instead.")
+            raise ValueError(
+                f"the '{param}' parameter of paired_comparison must be one of the finished "
+                f"runs' methods: {', '.join(map(str, methods)) or 'none'}. Got {method!r} instead."
+            )
     metric = check_metric(done, metric, where="paired_comparison")
     by_key: dict[tuple, dict[str, float]] = {}
     for record in done:
@@ -213,15 +233,22 @@ def paired_comparison(records: Sequence[RunRecord], method_a: str, method_b: str
         key = (record.dataset, record.model, record.sparsity, record.seed)
         cell = by_key.setdefault(key, {})
         if record.method in cell:
-            raise ValueError(f"paired_comparison: two finished runs of {record.method!r} share "
-                             f"(dataset, model, sparsity, seed) = {key}; pairing is ambiguous.")
+            raise ValueError(
+                f"paired_comparison: two finished runs of {record.method!r} share "
+                f"(dataset, model, sparsity, seed) = {key}; pairing is ambiguous."
+            )
         cell[record.method] = metric_value(record, metric)
-    pairs = [(c[method_a], c[method_b]) for c in by_key.values()
-             if method_a in c and method_b in c and not (math.isnan(c[method_a]) or math.isnan(c[method_b]))]
+    pairs = [
+        (c[method_a], c[method_b])
+        for c in by_key.values()
+        if method_a in c and method_b in c and not (math.isnan(c[method_a]) or math.isnan(c[method_b]))
+    ]
     if not pairs:
-        raise ValueError(f"paired_comparison: no finished runs of {method_a!r} and {method_b!r} share a "
-                         f"(dataset, model, sparsity, seed) with a value of {metric!r}; "
-                         f"methods present: {', '.join(map(str, methods))}.")
+        raise ValueError(
+            f"paired_comparison: no finished runs of {method_a!r} and {method_b!r} share a "
+            f"(dataset, model, sparsity, seed) with a value of {metric!r}; "
+            f"methods present: {', '.join(map(str, methods))}."
+        )
     a = np.array([p[0] for p in pairs])
     b = np.array([p[1] for p in pairs])
     delta = a - b
@@ -238,9 +265,18 @@ def paired_comparison(records: Sequence[RunRecord], method_a: str, method_b: str
             warnings.simplefilter("ignore")  # scipy warns when it falls back to the normal approximation
             wilcoxon_p = float(stats.wilcoxon(a, b).pvalue)
     return {
-        "method_a": method_a, "method_b": method_b, "metric": metric, "n_pairs": n,
-        "mean_a": float(a.mean()), "mean_b": float(b.mean()),
-        "mean_difference": mean, "std": std, "ci95": ci95,
-        "t_pvalue": t_p, "wilcoxon_pvalue": wilcoxon_p,
-        "wins": int((delta > 0).sum()), "losses": int((delta < 0).sum()), "ties": int((delta == 0).sum()),
+        "method_a": method_a,
+        "method_b": method_b,
+        "metric": metric,
+        "n_pairs": n,
+        "mean_a": float(a.mean()),
+        "mean_b": float(b.mean()),
+        "mean_difference": mean,
+        "std": std,
+        "ci95": ci95,
+        "t_pvalue": t_p,
+        "wilcoxon_pvalue": wilcoxon_p,
+        "wins": int((delta > 0).sum()),
+        "losses": int((delta < 0).sum()),
+        "ties": int((delta == 0).sum()),
     }

@@ -30,7 +30,7 @@ class Job:
     run_id: str
     config: dict
     label: str
-    group: tuple = ()          # member jobs run together by the batched engine (run_id/config unused)
+    group: tuple = ()  # member jobs run together by the batched engine (run_id/config unused)
 
     @property
     def members(self) -> tuple:
@@ -45,8 +45,9 @@ OnFinish = Callable[[Job, dict], None]
 # prunelab._validation's: the command line checks it while parsing, without importing this module.
 
 
-def check_executor_options(name: str = "local", *, workers: int | None = None,
-                           address: str | None = None) -> tuple[str, int | None]:
+def check_executor_options(
+    name: str = "local", *, workers: int | None = None, address: str | None = None
+) -> tuple[str, int | None]:
     """Check an executor's name and options before anything is created; ``(name, workers)``."""
     name = check_choice("executor", name, EXECUTORS, where="prunelab run")
     if workers is not None:
@@ -54,13 +55,16 @@ def check_executor_options(name: str = "local", *, workers: int | None = None,
     if name == "local" and address is not None:
         raise ValueError("the 'address' parameter of prunelab run applies to --executor ray only.")
     if address is not None and not isinstance(address, str):
-        raise TypeError(f"the 'address' parameter of prunelab run must be a str (auto or HOST:PORT). "
-                        f"Got {address!r} of type {type(address).__name__} instead.")
+        raise TypeError(
+            f"the 'address' parameter of prunelab run must be a str (auto or HOST:PORT). "
+            f"Got {address!r} of type {type(address).__name__} instead."
+        )
     return name, workers
 
 
-def make_executor(name: str = "local", *, workers: int | None = None, address: str | None = None,
-                  cache_dir: str | None = None) -> "Executor":
+def make_executor(
+    name: str = "local", *, workers: int | None = None, address: str | None = None, cache_dir: str | None = None
+) -> Executor:
     name, workers = check_executor_options(name, workers=workers, address=address)
     if name == "local":
         return LocalExecutor(workers or 1, cache_dir)
@@ -101,12 +105,13 @@ class _Worker:
     def __init__(self, context, slot: int, threads: int):
         self.slot = slot
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=worker_main, args=(child, threads), daemon=True,
-                                       name=f"prunelab-worker-{slot}")
+        self.process = context.Process(
+            target=worker_main, args=(child, threads), daemon=True, name=f"prunelab-worker-{slot}"
+        )
         self.process.start()
         child.close()
         self.job: Job | None = None
-        self.acknowledged = False       # the worker said it started the job
+        self.acknowledged = False  # the worker said it started the job
 
     def stop(self, kill: bool = False) -> None:
         if kill:
@@ -129,15 +134,17 @@ class _Workers:
     other workers' runs go on, a job it had not yet started goes back to the queue (once), and
     a fresh worker takes its slot. Nothing queued is dropped."""
 
-    def __init__(self, executor: "LocalExecutor", on_start, on_finish):
+    def __init__(self, executor: LocalExecutor, on_start, on_finish):
         import multiprocessing
+
         self.context = multiprocessing.get_context("spawn")
         self.executor, self.on_start, self.on_finish = executor, on_start, on_finish
         self.workers: dict[int, _Worker] = {}
-        self.requeued: set[int] = set()        # jobs (by id) already put back once
+        self.requeued: set[int] = set()  # jobs (by id) already put back once
 
     def run(self, queue: list[Job]) -> None:
         from collections import deque
+
         queue = deque(queue)
         try:
             while queue or self._busy():
@@ -176,18 +183,19 @@ class _Workers:
             try:
                 worker.conn.send((work.__name__, argument, self.executor.cache_dir, self.executor.threads))
             except OSError:
-                pass       # it died meanwhile: _collect sees it and puts the job back
+                pass  # it died meanwhile: _collect sees it and puts the job back
 
     def _collect(self, queue) -> None:
         """Wait until a busy worker sends something or dies; record what finished."""
         from multiprocessing.connection import wait
+
         busy = self._busy()
         waiting = {w.conn: w for w in busy} | {w.process.sentinel: w for w in busy}
         for ready in wait(list(waiting)):
             self._drain(waiting[ready])
         for worker in list(self.workers.values()):
             if worker.job is not None and not worker.process.is_alive():
-                self._drain(worker)                 # a result sent just before it ended counts
+                self._drain(worker)  # a result sent just before it ended counts
                 if worker.job is not None:
                     self._died(worker, queue)
 
@@ -213,7 +221,7 @@ class _Workers:
         del self.workers[worker.slot]
         if not worker.acknowledged and id(job) not in self.requeued:
             self.requeued.add(id(job))
-            queue.appendleft(job)        # it never started: run it on a fresh worker
+            queue.appendleft(job)  # it never started: run it on a fresh worker
             return
         for member in job.members:
             self.on_finish(member, _died())
@@ -250,9 +258,12 @@ def _outcomes(job: Job, result) -> list[dict]:
 
 
 def _died() -> dict:
-    return {"status": "failed", "seconds": None,
-            "error": "WorkerDied: the worker process running this run died (killed, out of memory, "
-                     "or a crash in native code); the run was not completed."}
+    return {
+        "status": "failed",
+        "seconds": None,
+        "error": "WorkerDied: the worker process running this run died (killed, out of memory, "
+        "or a crash in native code); the run was not completed.",
+    }
 
 
 class RayExecutor(Executor):
@@ -262,8 +273,9 @@ class RayExecutor(Executor):
         try:
             import ray
         except ImportError:
-            raise ValueError("the ray executor needs Ray: pip install 'prunelab[ray]' "
-                             "(make test installs it).") from None
+            raise ValueError(
+                "the ray executor needs Ray: pip install 'prunelab[ray]' (make test installs it)."
+            ) from None
         self._ray = ray
         if not ray.is_initialized():
             ray.init(address=address or "auto", ignore_reinit_error=True, log_to_driver=False)
@@ -285,8 +297,11 @@ class RayExecutor(Executor):
                     job = queue.pop(0)
                     for member in job.members:
                         on_start(member, "ray")
-                    ref = (self._remote_group.remote([m.config for m in job.group], self.cache_dir, 1) if job.group
-                           else self._remote.remote(job.config, self.cache_dir, 1))
+                    ref = (
+                        self._remote_group.remote([m.config for m in job.group], self.cache_dir, 1)
+                        if job.group
+                        else self._remote.remote(job.config, self.cache_dir, 1)
+                    )
                     in_flight[ref] = job
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
@@ -294,8 +309,10 @@ class RayExecutor(Executor):
                     try:
                         outcomes = _outcomes(job, ray.get(ref))
                     except Exception as err:  # the task's process died, or Ray lost it
-                        outcomes = [{"status": "failed", "seconds": None,
-                                     "error": f"RayTaskError: {type(err).__name__}: {err}"} for _ in job.members]
+                        outcomes = [
+                            {"status": "failed", "seconds": None, "error": f"RayTaskError: {type(err).__name__}: {err}"}
+                            for _ in job.members
+                        ]
                     for member, outcome in zip(job.members, outcomes):
                         on_finish(member, outcome)
         finally:

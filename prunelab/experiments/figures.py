@@ -81,7 +81,7 @@ FIGURE_KEYS: dict[str, tuple[str, ...]] = {}
 DEFAULT_FIGURES = ({"kind": "accuracy_vs_params"},)
 FORMATS = ("png", "svg")
 DPI = 100
-PANEL_SIZE = (5.0, 3.6)     # inches per panel
+PANEL_SIZE = (5.0, 3.6)  # inches per panel
 _COMMON_KEYS = ("kind", "name", "title", "metric")
 _SELECTION_KEYS = ("methods", "sparsity", "dataset", "model", "seed")
 
@@ -112,8 +112,18 @@ def _grid(n_panels: int, *, ncols: int = 3, panel: tuple[float, float] = PANEL_S
 
 def _colors(done: list[RunRecord]) -> dict[str, Any]:
     """One colour per method, the same in every panel and figure."""
-    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-               "tab:olive", "tab:cyan", "tab:gray")
+    palette = (
+        "tab:blue",
+        "tab:orange",
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+        "tab:cyan",
+        "tab:gray",
+    )
     return {m: palette[i % len(palette)] for i, m in enumerate(label_values(done, "method"))}
 
 
@@ -130,8 +140,7 @@ def _methods(declaration: dict, done: list[RunRecord], where: str) -> list[str] 
     if isinstance(methods, str):
         methods = [methods]
     if not isinstance(methods, list):
-        raise TypeError(f"the 'methods' parameter of {where} must be a list of method labels. "
-                        f"Got {methods!r} instead.")
+        raise TypeError(f"the 'methods' parameter of {where} must be a list of method labels. Got {methods!r} instead.")
     present = [str(m) for m in label_values(done, "method")]
     return [check_choice("methods", m, present, where=where) for m in methods]
 
@@ -141,8 +150,10 @@ def _split_by(declaration: dict, where: str) -> list[str]:
     if isinstance(split, str):
         split = [split]
     if not isinstance(split, list):
-        raise TypeError(f"the 'split_by' parameter of {where} must be a list of labels among: "
-                        f"{', '.join(sorted(LABELS))}. Got {split!r} instead.")
+        raise TypeError(
+            f"the 'split_by' parameter of {where} must be a list of labels among: "
+            f"{', '.join(sorted(LABELS))}. Got {split!r} instead."
+        )
     return [check_choice("split_by", key, LABELS, where=where) for key in split]
 
 
@@ -160,8 +171,9 @@ def _name(declaration: dict, kind: str) -> str:
 # -------------------------------------------------------------------------- metric vs x lines
 def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str, x: str) -> list:
     where = f"figure {kind}"
-    done = select_labels([r for r in records if r.status == "done"], declaration, where=where, keys=("models",),
-                         known=records)
+    done = select_labels(
+        [r for r in records if r.status == "done"], declaration, where=where, keys=("models",), known=records
+    )
     metric = _metric(declaration, spec, done, where)
     split_by = _split_by(declaration, where)
     methods = _methods(declaration, done, where)
@@ -171,14 +183,18 @@ def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str
     if x == "nonzero_params":
         groups = [g for g in groups if g.nonzero_params is not None]
         if not groups:
-            raise NoDataError(f"{where} needs the metric 'nonzero_params', and no finished run with a "
-                              f"value of {metric!r} has it.")
+            raise NoDataError(
+                f"{where} needs the metric 'nonzero_params', and no finished run with a value of {metric!r} has it."
+            )
     if not groups:
         raise NoDataError(f"{where}: no finished run has a value of {metric!r}.")
     scale = 100.0 if is_percent_metric(metric, [metric_value(r, metric) for r in done]) else 1.0
     colors = _colors(done)
-    panels = [combo for combo in itertools.product(*(label_values(done, k) for k in split_by))
-              if any(_matches(g, split_by, combo) for g in groups)]
+    panels = [
+        combo
+        for combo in itertools.product(*(label_values(done, k) for k in split_by))
+        if any(_matches(g, split_by, combo) for g in groups)
+    ]
     figure, axes = _grid(len(panels))
     for ax, combo in zip(axes, panels):
         subset = [g for g in groups if _matches(g, split_by, combo)]
@@ -229,14 +245,14 @@ def _pareto_method(declaration: dict, done: list[RunRecord], where: str) -> str 
     if pareto is None:
         return None
     if not isinstance(pareto, dict) or set(pareto) != {"method"}:
-        raise ValueError(f"the 'pareto_of' parameter of {where} must be a mapping {{method: LABEL}}. "
-                         f"Got {pareto!r} instead.")
+        raise ValueError(
+            f"the 'pareto_of' parameter of {where} must be a mapping {{method: LABEL}}. Got {pareto!r} instead."
+        )
     present = [str(m) for m in label_values(done, "method")]
     return check_choice("pareto_of", pareto["method"], present, where=where)
 
 
-def _draw_lines(ax, groups: list[Group], split_by: Sequence[str], x: str, scale: float,
-                colors: dict[str, Any]) -> None:
+def _draw_lines(ax, groups: list[Group], split_by: Sequence[str], x: str, scale: float, colors: dict[str, Any]) -> None:
     """One errorbar line per (method, model, dataset) not fixed by the panel; labels name what varies.
 
     A method whose several models each have a single level in the panel (a width family of dense
@@ -256,10 +272,18 @@ def _draw_lines(ax, groups: list[Group], split_by: Sequence[str], x: str, scale:
         line = sorted((g for g in groups if line_of(g) == line_key), key=lambda g: _x(g, x))
         first = line[0]
         label = " · ".join(str(line_key[i]) for i in varying if line_key[i] is not None)
-        ax.errorbar([_x(g, x) for g in line], [g.mean * scale for g in line],
-                    yerr=[(g.std or 0.0) * scale for g in line], label=label, capsize=3,
-                    color=colors.get(first.method), marker=markers[models.index(first.model) % len(markers)],
-                    markersize=4, linewidth=1.2, linestyle=_line_style(colors, first.method))
+        ax.errorbar(
+            [_x(g, x) for g in line],
+            [g.mean * scale for g in line],
+            yerr=[(g.std or 0.0) * scale for g in line],
+            label=label,
+            capsize=3,
+            color=colors.get(first.method),
+            marker=markers[models.index(first.model) % len(markers)],
+            markersize=4,
+            linewidth=1.2,
+            linestyle=_line_style(colors, first.method),
+        )
 
 
 def _line_style(colors: dict[str, Any], method: str) -> str:
@@ -277,8 +301,11 @@ def _families(groups: list[Group], keys: Sequence[str]) -> set[str]:
         per_model = points.setdefault(g.method, {})
         at = (g.model, g.dataset if "dataset" in keys else None)
         per_model[at] = per_model.get(at, 0) + 1
-    return {method for method, counts in points.items()
-            if len({m for m, _ in counts}) > 1 and all(n == 1 for n in counts.values())}
+    return {
+        method
+        for method, counts in points.items()
+        if len({m for m, _ in counts}) > 1 and all(n == 1 for n in counts.values())
+    }
 
 
 def _x(group: Group, x: str) -> float:
@@ -287,11 +314,25 @@ def _x(group: Group, x: str) -> float:
 
 def _draw_front(ax, groups: list[Group], x: str, scale: float, method: str) -> None:
     points = [(_x(g, x), g.mean * scale) for g in groups]
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="0.65", marker="s", s=14,
-               label=f"{method} (all)", zorder=1)
+    ax.scatter(
+        [p[0] for p in points],
+        [p[1] for p in points],
+        color="0.65",
+        marker="s",
+        s=14,
+        label=f"{method} (all)",
+        zorder=1,
+    )
     front = [points[i] for i in pareto_front(points)]
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="0.25", drawstyle="steps-post",
-            linewidth=1.2, label=f"{method} Pareto front", zorder=1)
+    ax.plot(
+        [p[0] for p in front],
+        [p[1] for p in front],
+        color="0.25",
+        drawstyle="steps-post",
+        linewidth=1.2,
+        label=f"{method} Pareto front",
+        zorder=1,
+    )
 
 
 def _count_axis(ax) -> None:
@@ -327,10 +368,16 @@ def _set_ylim(ax, declaration: dict, where: str) -> None:
     ylim = declaration.get("ylim")
     if ylim is None:
         return
-    if not (isinstance(ylim, list) and len(ylim) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                             for v in ylim) and ylim[0] < ylim[1]):
-        raise TypeError(f"the 'ylim' parameter of {where} must be [low, high] with low < high, in the "
-                        f"plotted unit (percent for accuracy). Got {ylim!r}.")
+    if not (
+        isinstance(ylim, list)
+        and len(ylim) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ylim)
+        and ylim[0] < ylim[1]
+    ):
+        raise TypeError(
+            f"the 'ylim' parameter of {where} must be [low, high] with low < high, in the "
+            f"plotted unit (percent for accuracy). Got {ylim!r}."
+        )
     ax.set_ylim(*ylim)
 
 
@@ -350,23 +397,26 @@ def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     ``filter``; a method whose label lacks the key takes the value from its config), else by
     method."""
     where = "figure tradeoff"
-    done = select_labels([r for r in records if r.status == "done"], declaration, where=where,
-                         keys=("methods", "models"), known=records)
+    done = select_labels(
+        [r for r in records if r.status == "done"], declaration, where=where, keys=("methods", "models"), known=records
+    )
     metric = _metric(declaration, spec, done, where)
     if "x" not in declaration:
-        raise ValueError(f"{where} needs 'x', the metric of the horizontal axis; one of: "
-                         f"{', '.join(metric_keys(done))}.")
+        raise ValueError(
+            f"{where} needs 'x', the metric of the horizontal axis; one of: {', '.join(metric_keys(done))}."
+        )
     x_metric = check_choice("x", declaration["x"], metric_keys(done), where=where)
     xscale = check_choice("xscale", declaration.get("xscale", "linear"), ("linear", "log"), where=where)
     split_by = _split_by(declaration, where)
     color_by = declaration.get("color_by")
     if color_by is not None and (not isinstance(color_by, str) or not color_by):
-        raise TypeError(f"the 'color_by' parameter of {where} must be the name of a method choice "
-                        f"(e.g. granularity). Got {color_by!r} instead.")
+        raise TypeError(
+            f"the 'color_by' parameter of {where} must be the name of a method choice "
+            f"(e.g. granularity). Got {color_by!r} instead."
+        )
     values = {r.id: _choice(r, color_by) for r in done} if color_by else {r.id: r.method for r in done}
     if color_by and all(v is None for v in values.values()):
-        raise ValueError(f"the 'color_by' parameter of {where}: no run's method label or config has "
-                         f"{color_by!r}.")
+        raise ValueError(f"the 'color_by' parameter of {where}: no run's method label or config has {color_by!r}.")
     cells: dict[tuple, list[RunRecord]] = {}
     for r in done:
         cells.setdefault((r.dataset, r.model, r.method, r.sparsity), []).append(r)
@@ -375,17 +425,35 @@ def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
         xs = [v for v in (metric_value(r, x_metric) for r in runs) if not math.isnan(v)]
         ys = [v for v in (metric_value(r, metric) for r in runs) if not math.isnan(v)]
         if xs and ys:
-            points.append({"dataset": dataset, "model": model, "method": method, "sparsity": sparsity,
-                           "x": statistics.fmean(xs), "y": statistics.fmean(ys),
-                           "xerr": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-                           "yerr": statistics.stdev(ys) if len(ys) > 1 else 0.0,
-                           "color": str(values[runs[0].id])})
+            points.append(
+                {
+                    "dataset": dataset,
+                    "model": model,
+                    "method": method,
+                    "sparsity": sparsity,
+                    "x": statistics.fmean(xs),
+                    "y": statistics.fmean(ys),
+                    "xerr": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+                    "yerr": statistics.stdev(ys) if len(ys) > 1 else 0.0,
+                    "color": str(values[runs[0].id]),
+                }
+            )
     if not points:
         raise NoDataError(f"{where}: no finished run has both {metric!r} and {x_metric!r}.")
     scale = 100.0 if is_percent_metric(metric, [p["y"] for p in points]) else 1.0
     x_scale = 100.0 if is_percent_metric(x_metric, [p["x"] for p in points]) else 1.0
-    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-               "tab:olive", "tab:cyan", "tab:gray")
+    palette = (
+        "tab:blue",
+        "tab:orange",
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+        "tab:cyan",
+        "tab:gray",
+    )
     colors = {c: palette[i % len(palette)] for i, c in enumerate(dict.fromkeys(p["color"] for p in points))}
     levels = sorted({p["sparsity"] for p in points})
     markers = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -393,9 +461,19 @@ def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     figure, axes = _grid(len(panels))
     for ax, combo in zip(axes, panels):
         for p in (p for p in points if tuple(p[k] for k in split_by) == combo):
-            ax.errorbar(p["x"] * x_scale, p["y"] * scale, xerr=p["xerr"] * x_scale, yerr=p["yerr"] * scale,
-                        color=colors[p["color"]], marker=markers[levels.index(p["sparsity"]) % len(markers)],
-                        markersize=5, linestyle="none", capsize=2, elinewidth=0.7, alpha=0.85)
+            ax.errorbar(
+                p["x"] * x_scale,
+                p["y"] * scale,
+                xerr=p["xerr"] * x_scale,
+                yerr=p["yerr"] * scale,
+                color=colors[p["color"]],
+                marker=markers[levels.index(p["sparsity"]) % len(markers)],
+                markersize=5,
+                linestyle="none",
+                capsize=2,
+                elinewidth=0.7,
+                alpha=0.85,
+            )
         if xscale == "log":
             ax.set_xscale("log")
         ax.set_xlabel(x_metric + (" (%)" if x_scale == 100.0 else ""))
@@ -404,10 +482,14 @@ def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
         ax.grid(True, alpha=0.3)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, marker="o", linestyle="none", label=f"{color_by or 'method'} = {v}")
-               for v, c in colors.items()]
-    handles += [Line2D([], [], color="0.3", marker=markers[i % len(markers)], linestyle="none",
-                       label=format_level(level)) for i, level in enumerate(levels)]
+    handles = [
+        Line2D([], [], color=c, marker="o", linestyle="none", label=f"{color_by or 'method'} = {v}")
+        for v, c in colors.items()
+    ]
+    handles += [
+        Line2D([], [], color="0.3", marker=markers[i % len(markers)], linestyle="none", label=format_level(level))
+        for i, level in enumerate(levels)
+    ]
     figure.legend(handles=handles, loc="outside right center", fontsize="small")
     _suptitle(figure, declaration)
     return [(_name(declaration, "tradeoff"), figure)]
@@ -438,8 +520,9 @@ def accuracy_vs_sparsity(records: list[RunRecord], declaration: dict, spec: dict
 
 
 # --------------------------------------------------------------------------- per-run figures
-def _select(records: list[RunRecord], declaration: dict, where: str, has: Callable[[RunRecord], bool],
-            needs: str) -> dict[tuple[str, str], list[RunRecord]]:
+def _select(
+    records: list[RunRecord], declaration: dict, where: str, has: Callable[[RunRecord], bool], needs: str
+) -> dict[tuple[str, str], list[RunRecord]]:
     """One run per method for each (dataset, model), after the declaration's filters."""
     runs = [r for r in records if r.status == "done" and has(r)]
     if not runs:
@@ -456,8 +539,10 @@ def _select(records: list[RunRecord], declaration: dict, where: str, has: Callab
     if "sparsity" in declaration:
         level = check_number("sparsity", declaration["sparsity"], where=where, low=0.0, high=1.0)
         if not any(math.isclose(level, s, abs_tol=1e-9) for s in levels):
-            raise ValueError(f"the 'sparsity' parameter of {where} must be a level with {needs}: "
-                             f"{', '.join(f'{s:g}' for s in levels)}. Got {level!r} instead.")
+            raise ValueError(
+                f"the 'sparsity' parameter of {where} must be a level with {needs}: "
+                f"{', '.join(f'{s:g}' for s in levels)}. Got {level!r} instead."
+            )
     else:
         level = levels[-1]
     runs = [r for r in runs if math.isclose(r.sparsity, level, abs_tol=1e-9)]
@@ -465,8 +550,10 @@ def _select(records: list[RunRecord], declaration: dict, where: str, has: Callab
     if "seed" in declaration:
         seed = check_number("seed", declaration["seed"], where=where, integer=True)
         if seed not in seeds:
-            raise ValueError(f"the 'seed' parameter of {where} must be a seed with {needs} at sparsity "
-                             f"{level:g}: {', '.join(map(str, seeds))}. Got {seed!r} instead.")
+            raise ValueError(
+                f"the 'seed' parameter of {where} must be a seed with {needs} at sparsity "
+                f"{level:g}: {', '.join(map(str, seeds))}. Got {seed!r} instead."
+            )
     else:
         seed = seeds[0]
     panels: dict[tuple[str, str], list[RunRecord]] = {}
@@ -495,8 +582,7 @@ def weight_histogram(records: list[RunRecord], declaration: dict, spec: dict) ->
     density = declaration.get("density", True)
     if not isinstance(density, bool):
         raise TypeError(f"the 'density' parameter of {where} must be true or false. Got {density!r} instead.")
-    panels = _select(records, declaration, where, lambda r: _histogram(r) is not None,
-                     "a 'weight_histogram' metric")
+    panels = _select(records, declaration, where, lambda r: _histogram(r) is not None, "a 'weight_histogram' metric")
     colors = _colors([r for r in records if r.status == "done"])
     figure, axes = _grid(len(panels))
     for ax, ((dataset, model), runs) in zip(axes, panels.items()):
@@ -504,12 +590,12 @@ def weight_histogram(records: list[RunRecord], declaration: dict, spec: dict) ->
             edges, counts = _histogram(run)
             if density:
                 total = sum(counts)
-                counts = [c / (total * (b - a)) if total and b > a else 0.0
-                          for c, a, b in zip(counts, edges[:-1], edges[1:])]
+                counts = [
+                    c / (total * (b - a)) if total and b > a else 0.0 for c, a, b in zip(counts, edges[:-1], edges[1:])
+                ]
             ax.stairs(counts, edges, label=run.method, color=colors.get(run.method), linewidth=1.4)
         run = runs[0]
-        ax.set_title(f"{dataset}, {model}, sparsity {format_level(run.sparsity)}, seed {run.seed}",
-                     fontsize="medium")
+        ax.set_title(f"{dataset}, {model}, sparsity {format_level(run.sparsity)}, seed {run.seed}", fontsize="medium")
         ax.set_xlabel("weight value (non-zero prunable weights)")
         ax.set_ylabel("density" if density else "count")
         ax.grid(True, alpha=0.3)
@@ -574,8 +660,10 @@ def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     where = "figure retraining"
     done = [r for r in records if r.status == "done" and (r.metrics or {}).get("retrain_curve")]
     if not done:
-        raise NoDataError(f"{where}: no finished run has a retraining curve; set training.retrain_tolerance "
-                          f"in the spec to record one.")
+        raise NoDataError(
+            f"{where}: no finished run has a retraining curve; set training.retrain_tolerance "
+            f"in the spec to record one."
+        )
     methods = _methods(declaration, done, where)
     if methods is not None:
         done = [r for r in done if r.method in methods]
@@ -595,8 +683,14 @@ def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             color = colors.get(method)
             ax.plot(steps, mean, color=color, label=f"{method} (n={len(curves_)})")
-            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
-                            color=color, alpha=0.15, linewidth=0)
+            ax.fill_between(
+                steps,
+                [m - d for m, d in zip(mean, std)],
+                [m + d for m, d in zip(mean, std)],
+                color=color,
+                alpha=0.15,
+                linewidth=0,
+            )
         dense = [100.0 * r.metrics["accuracy_dense"] for r in runs if r.metrics.get("accuracy_dense") is not None]
         if dense:
             ax.axhline(sum(dense) / len(dense), color="black", linestyle="--", linewidth=1, label="dense")
@@ -623,8 +717,10 @@ def figure_declarations(spec: dict) -> list[dict]:
     if declarations is None:
         return [dict(d) for d in DEFAULT_FIGURES]
     if not isinstance(declarations, list):
-        raise TypeError(f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
-                        f"of type {type(declarations).__name__} instead.")
+        raise TypeError(
+            f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
+            f"of type {type(declarations).__name__} instead."
+        )
     raise_problems(figures_problems(declarations))
     return declarations
 
@@ -634,16 +730,19 @@ def figures_problems(declarations: Any) -> list[str]:
     if declarations is None:
         return []
     if not isinstance(declarations, list):
-        return [f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
-                f"of type {type(declarations).__name__} instead."]
+        return [
+            f"outputs.figures must be a list of figure declarations. Got {declarations!r} "
+            f"of type {type(declarations).__name__} instead."
+        ]
     return [p for i, d in enumerate(declarations) for p in figure_problems(d, f"outputs.figures[{i}]")]
 
 
 def figure_problems(declaration: Any, where: str) -> list[str]:
     """Problems of one figure declaration that can be found without the runs (for spec validation)."""
     if not isinstance(declaration, dict) or "kind" not in declaration:
-        return [f"{where} must be a mapping with a 'kind' among: {', '.join(FIGURES.names())}. "
-                f"Got {declaration!r} instead."]
+        return [
+            f"{where} must be a mapping with a 'kind' among: {', '.join(FIGURES.names())}. Got {declaration!r} instead."
+        ]
     try:
         kind = FIGURES.canonical(declaration["kind"], param="kind", where=where)
     except (ValueError, TypeError) as err:
@@ -672,8 +771,9 @@ def unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
-                  formats: Sequence[str] = FORMATS) -> list[Path]:
+def write_figures(
+    store_path: str | Path, out_dir: str | Path | None = None, formats: Sequence[str] = FORMATS
+) -> list[Path]:
     """Write every declared figure of a study as ``<name>.png`` / ``.svg``; returns the paths.
 
     ``out_dir`` defaults to ``<db folder>/<db stem>_figures``. Prints nothing.
@@ -682,14 +782,14 @@ def write_figures(store_path: str | Path, out_dir: str | Path | None = None,
         formats = [formats]
     formats = [check_choice("format", f, FORMATS, where="plot") for f in formats]
     study = open_study(store_path)
-    require_done(study, "prunelab plot")          # a clear error when nothing has finished
+    require_done(study, "prunelab plot")  # a clear error when nothing has finished
     declarations = figure_declarations(study.spec)
     figures = [pair for i, d in enumerate(declarations) for pair in build_figures(study.records, study.spec, d, i)]
     out = output_folder(Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures"))
     paths = []
     for name, (_, figure) in zip(unique_names([n for n, _ in figures]), figures):
         for ext in formats:
-            buffer = io.BytesIO()         # rendered in memory, then written atomically
+            buffer = io.BytesIO()  # rendered in memory, then written atomically
             save_figure(figure, buffer, ext)
             paths.append(write_output(out / f"{name}.{ext}", buffer.getvalue()))
     return paths

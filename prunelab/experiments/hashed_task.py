@@ -21,8 +21,7 @@ import copy
 import time
 
 from prunelab.experiments.limits import build_bounded
-from prunelab.experiments.prune_task import (_prepare_dataset, _prepare_training, _train_kwargs,
-                                             load_prepared_dataset)
+from prunelab.experiments.prune_task import _prepare_dataset, _prepare_training, _train_kwargs, load_prepared_dataset
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.models import build_model
 from prunelab.training import evaluate, fit
@@ -34,9 +33,24 @@ VERSION = 1
 @TASKS.register("hashed")
 class HashedTask(Task):
     name = "hashed"
-    metrics = ("accuracy", "loss", "sparsity", "params", "nonzero_params", "stored_params", "compression",
-               "flops_dense", "flops", "speedup", "bytes_dense", "bytes_bitmask", "bytes_csr", "bytes_best",
-               "train_seconds", "val_accuracy")
+    metrics = (
+        "accuracy",
+        "loss",
+        "sparsity",
+        "params",
+        "nonzero_params",
+        "stored_params",
+        "compression",
+        "flops_dense",
+        "flops",
+        "speedup",
+        "bytes_dense",
+        "bytes_bitmask",
+        "bytes_csr",
+        "bytes_best",
+        "train_seconds",
+        "val_accuracy",
+    )
 
     def default_label(self, method: dict) -> str:
         return "HashedNet"
@@ -50,29 +64,55 @@ class HashedTask(Task):
         if "name" not in m_entry:
             checker.error(m_path, "missing 'name'")
         if train is not None and "patience" in train:
-            checker.error(x_path, "the hashed task trains for the whole budget; 'training.patience' (early "
-                                  "stopping of the dense model) does not apply to it: remove it for this method")
+            checker.error(
+                x_path,
+                "the hashed task trains for the whole budget; 'training.patience' (early "
+                "stopping of the dense model) does not apply to it: remove it for this method",
+            )
         options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
         if "hashed" in options:
-            checker.error(f"{m_path}.hashed", "the hashed task sets each model's compression from the sparsity "
-                                              "level (1 − sparsity); remove 'hashed' from the model")
+            checker.error(
+                f"{m_path}.hashed",
+                "the hashed task sets each model's compression from the sparsity "
+                "level (1 − sparsity); remove 'hashed' from the model",
+            )
         if data is None or train is None or len(checker.errors) > n_errors:
             return None
         for i, level in enumerate(sparsities):
             if isinstance(level, dict):
-                checker.error(f"{x_path}", f"sparsity level {i} is a per-layer mapping; the hashed task hashes "
-                                           f"every layer at one compression, so give it plain levels")
+                checker.error(
+                    f"{x_path}",
+                    f"sparsity level {i} is a per-layer mapping; the hashed task hashes "
+                    f"every layer at one compression, so give it plain levels",
+                )
                 return None
-            checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
-                            n_classes=data["n_classes"], **options, **_hashing(level))
+            checker.attempt(
+                m_path,
+                build_bounded,
+                m_entry["name"],
+                input_shape=data["input_shape"],
+                n_classes=data["n_classes"],
+                **options,
+                **_hashing(level),
+            )
         if len(checker.errors) > n_errors:
             return None
-        return {"config": {"dataset": data["config"], "model": {"name": m_entry["name"], "options": options},
-                           "training": train}}
+        return {
+            "config": {
+                "dataset": data["config"],
+                "model": {"name": m_entry["name"], "options": options},
+                "training": train,
+            }
+        }
 
     def resolve(self, prepared, *, sparsity, seed):
-        return {"task": self.name, "version": VERSION, **copy.deepcopy(prepared["config"]),
-                "sparsity": float(sparsity), "seed": seed}
+        return {
+            "task": self.name,
+            "version": VERSION,
+            **copy.deepcopy(prepared["config"]),
+            "sparsity": float(sparsity),
+            "seed": seed,
+        }
 
     def run(self, config: dict, context: dict) -> dict:
         return execute_hashed(config)
@@ -96,16 +136,24 @@ def execute_hashed(config: dict) -> dict:
     final = evaluate(model, (ds.x_test, ds.y_test))
     stats = summary(model, ds.input_shape).total
     virtual = summary(build_model(name, dataset=ds, **options), ds.input_shape)
-    weights = sum(row.prunable for row in virtual.rows)                 # virtual weights of all layers
-    stored = sum(m.weight.numel() for m in model.modules() if hasattr(m, "virtual_weight")) if level > 0 \
-        else weights
+    weights = sum(row.prunable for row in virtual.rows)  # virtual weights of all layers
+    stored = sum(m.weight.numel() for m in model.modules() if hasattr(m, "virtual_weight")) if level > 0 else weights
     metrics = {
-        "accuracy": final["accuracy"], "loss": final["loss"], "sparsity": 1.0 - stored / weights,
-        "params": virtual.total.params, "nonzero_params": stats.nonzero, "stored_params": stats.params,
+        "accuracy": final["accuracy"],
+        "loss": final["loss"],
+        "sparsity": 1.0 - stored / weights,
+        "params": virtual.total.params,
+        "nonzero_params": stats.nonzero,
+        "stored_params": stats.params,
         "compression": virtual.total.params / stats.nonzero if stats.nonzero else float("inf"),
-        "flops_dense": stats.flops_dense, "flops": stats.flops, "speedup": 1.0,
-        "bytes_dense": stats.bytes_dense, "bytes_bitmask": stats.bytes_bitmask, "bytes_csr": stats.bytes_csr,
-        "bytes_best": stats.bytes_best, "train_seconds": time.perf_counter() - started,
+        "flops_dense": stats.flops_dense,
+        "flops": stats.flops,
+        "speedup": 1.0,
+        "bytes_dense": stats.bytes_dense,
+        "bytes_bitmask": stats.bytes_bitmask,
+        "bytes_csr": stats.bytes_csr,
+        "bytes_best": stats.bytes_best,
+        "train_seconds": time.perf_counter() - started,
     }
     if ds.x_val is not None:
         metrics["val_accuracy"] = evaluate(model, (ds.x_val, ds.y_val))["accuracy"]

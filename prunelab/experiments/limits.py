@@ -71,8 +71,10 @@ DOCS = 'docs/experiments.md, "Limits"'
 
 def limit_message(key: str, value: Any, high: float, what: str) -> str:
     shown = f"{int(high):,}" if float(high).is_integer() else f"{high:g}"
-    return (f"the {key!r} parameter must be at most {shown} ({what}; a limit of study specs, "
-            f"{DOCS}). Got {value!r} instead.")
+    return (
+        f"the {key!r} parameter must be at most {shown} ({what}; a limit of study specs, "
+        f"{DOCS}). Got {value!r} instead."
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -98,7 +100,7 @@ def _walk(node: Any, path: str, key: str | None, errors: list) -> None:
     while stack:
         node, path, key = stack.pop()
         if isinstance(node, dict):
-            if set(node) == {"grid"}:       # a grid axis: its values stand for the key
+            if set(node) == {"grid"}:  # a grid axis: its values stand for the key
                 stack.append((node["grid"], f"{path}.grid", key))
                 continue
             for k, v in node.items():
@@ -147,10 +149,13 @@ def build_bounded(name: str, **kwargs):
     import torch
 
     from prunelab.models import build_model
+
     with torch.device("meta"):
         shape_only = build_model(name, **kwargs)
     count = sum(p.numel() for p in shape_only.parameters())
     if count > MAX_MODEL_PARAMETERS:
-        raise ValueError(f"model {name!r} with these options has {count:,} parameters, more than "
-                         f"{MAX_MODEL_PARAMETERS:,} (the limit of a model in a study spec, {DOCS}).")
+        raise ValueError(
+            f"model {name!r} with these options has {count:,} parameters, more than "
+            f"{MAX_MODEL_PARAMETERS:,} (the limit of a model in a study spec, {DOCS})."
+        )
     return build_model(name, **kwargs)

@@ -26,12 +26,12 @@ class StudyLocked(RuntimeError):
 class StudyLock:
     def __init__(self, db_path: str | Path):
         self.db_path = Path(db_path)
-        self.path = Path(f"{os.path.realpath(self.db_path)}.lock")     # the holder's pid
+        self.path = Path(f"{os.path.realpath(self.db_path)}.lock")  # the holder's pid
         self._fd: int | None = None
 
-    def __enter__(self) -> "StudyLock":
+    def __enter__(self) -> StudyLock:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o644)   # follows links: the file itself
+        fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o644)  # follows links: the file itself
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -39,9 +39,11 @@ class StudyLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StudyLocked(f"study {self.db_path} is already being run by {self._holder()} (the same "
-                              f"database file, device {info.st_dev} inode {info.st_ino}); wait for it to "
-                              f"finish or stop it first.") from None
+            raise StudyLocked(
+                f"study {self.db_path} is already being run by {self._holder()} (the same "
+                f"database file, device {info.st_dev} inode {info.st_ino}); wait for it to "
+                f"finish or stop it first."
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -63,7 +65,7 @@ class StudyLock:
     def _write_holder(self) -> None:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        except OSError:           # a planted symlink, a read-only folder: the message says less
+        except OSError:  # a planted symlink, a read-only folder: the message says less
             return
         try:
             os.write(fd, str(os.getpid()).encode())

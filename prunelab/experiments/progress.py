@@ -24,8 +24,9 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, *, done: int = 0, failed: int = 0, stream: TextIO | None = None,
-                 live: bool | None = None):
+    def __init__(
+        self, total: int, *, done: int = 0, failed: int = 0, stream: TextIO | None = None, live: bool | None = None
+    ):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.total, self.done, self.failed = total, done, failed
@@ -66,14 +67,16 @@ class Progress:
         took = f" {seconds:.1f}s" if seconds is not None else ""
         result = ""
         metrics = outcome.get("metrics") or {}
-        if ok and metrics.get("perplexity") is not None:        # a language model
+        if ok and metrics.get("perplexity") is not None:  # a language model
             result = f" perplexity {metrics['perplexity']:.2f}"
         elif ok and metrics.get("accuracy") is not None:
             result = f" accuracy {metrics['accuracy']:.4f}"
         elif not ok:
             result = " FAILED: " + (outcome.get("error") or "").splitlines()[0][:200]
-        line = (f"[{self.done + self.failed}/{self.total}] {label}{took}{result} "
-                f"({self.done} done, {self.failed} failed, {self.remaining} left, ETA {self.eta()})")
+        line = (
+            f"[{self.done + self.failed}/{self.total}] {label}{took}{result} "
+            f"({self.done} done, {self.failed} failed, {self.remaining} left, ETA {self.eta()})"
+        )
         if self.live:
             if not ok:
                 self._clear()
@@ -93,8 +96,12 @@ class Progress:
         if self.live:
             self._clear()
         elapsed = _duration(time.monotonic() - self._started)
-        print(f"{self.done}/{self.total} done, {self.failed} failed, {self.remaining} not run; "
-              f"{self._finished_now} finished in this session in {elapsed}", file=self.stream, flush=True)
+        print(
+            f"{self.done}/{self.total} done, {self.failed} failed, {self.remaining} not run; "
+            f"{self._finished_now} finished in this session in {elapsed}",
+            file=self.stream,
+            flush=True,
+        )
 
     def _clear(self) -> None:
         self.stream.write("\r\033[K")
@@ -105,7 +112,9 @@ class Progress:
         filled = int(20 * finished / self.total) if self.total else 20
         bar = "#" * filled + "." * (20 - filled)
         running = ", ".join(self.running.values())
-        text = (f"[{bar}] {finished}/{self.total} done, {self.failed} failed, {self.remaining} left, "
-                f"ETA {self.eta()}" + (f" | running: {running}" if running else ""))
+        text = (
+            f"[{bar}] {finished}/{self.total} done, {self.failed} failed, {self.remaining} left, "
+            f"ETA {self.eta()}" + (f" | running: {running}" if running else "")
+        )
         self.stream.write("\r\033[K" + text[: max(10, width - 1)])
         self.stream.flush()

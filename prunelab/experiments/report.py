@@ -69,16 +69,26 @@ def write_report(store_path: str | Path, out_path: str | Path | None = None) -> 
 def render_report(study: Study) -> str:
     """The report of an opened study, as an HTML string."""
     spec = study.spec
-    parts = [f"<h1>{html.escape(study.name)}</h1>", _description(spec.get("description")),
-             "<h2>Runs</h2>", _runs(study),
-             "<h2>Tables</h2>", _tables(study),
-             "<h2>Figures</h2>", _figures(study),
-             "<h2>Failed runs</h2>", _failed(study),
-             "<h2>Spec</h2>", f"<pre>{html.escape(_yaml(spec))}</pre>"]
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(study.name)} — prunelab report</title>\n<style>{CSS}</style>\n</head>\n"
-            "<body>\n" + "\n".join(p for p in parts if p) + "\n</body>\n</html>\n")
+    parts = [
+        f"<h1>{html.escape(study.name)}</h1>",
+        _description(spec.get("description")),
+        "<h2>Runs</h2>",
+        _runs(study),
+        "<h2>Tables</h2>",
+        _tables(study),
+        "<h2>Figures</h2>",
+        _figures(study),
+        "<h2>Failed runs</h2>",
+        _failed(study),
+        "<h2>Spec</h2>",
+        f"<pre>{html.escape(_yaml(spec))}</pre>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(study.name)} — prunelab report</title>\n<style>{CSS}</style>\n</head>\n"
+        "<body>\n" + "\n".join(p for p in parts if p) + "\n</body>\n</html>\n"
+    )
 
 
 def _description(text: Any) -> str:
@@ -96,21 +106,27 @@ def _runs(study: Study) -> str:
     seconds = sum(r.seconds or 0.0 for r in finished)
     starts = [r.started_at for r in study.records if r.started_at]
     ends = [r.finished_at for r in finished if r.finished_at]
-    facts = [("database", str(study.path)), ("runs in the spec", str(total)),
-             ("compute time", f"{seconds:,.1f} s ({seconds / 3600:.2f} h) over {len(finished)} finished runs")]
+    facts = [
+        ("database", str(study.path)),
+        ("runs in the spec", str(total)),
+        ("compute time", f"{seconds:,.1f} s ({seconds / 3600:.2f} h) over {len(finished)} finished runs"),
+    ]
     if starts and ends:
         facts.append(("first start → last finish", f"{_when(min(starts))} → {_when(max(ends))}"))
-    facts.append(("report written", _when(_dt.datetime.now(_dt.timezone.utc).timestamp())))
-    fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td style=\"text-align:left\">{html.escape(v)}</td></tr>"
-                        for k, v in facts)
-    return (f'<table class="facts">\n<caption>Study</caption>\n<tbody>{fact_rows}</tbody>\n</table>\n'
-            f'<table class="status">\n<caption>Runs by status</caption>\n'
-            f"<thead><tr><th>status</th><th>runs</th></tr></thead>\n<tbody>{status_rows}</tbody>\n</table>\n"
-            + _versions(study))
+    facts.append(("report written", _when(_dt.datetime.now(_dt.UTC).timestamp())))
+    fact_rows = "".join(
+        f'<tr><th>{html.escape(k)}</th><td style="text-align:left">{html.escape(v)}</td></tr>' for k, v in facts
+    )
+    return (
+        f'<table class="facts">\n<caption>Study</caption>\n<tbody>{fact_rows}</tbody>\n</table>\n'
+        f'<table class="status">\n<caption>Runs by status</caption>\n'
+        f"<thead><tr><th>status</th><th>runs</th></tr></thead>\n<tbody>{status_rows}</tbody>\n</table>\n"
+        + _versions(study)
+    )
 
 
 def _when(timestamp: float) -> str:
-    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return _dt.datetime.fromtimestamp(timestamp, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _versions(study: Study) -> str:
@@ -122,17 +138,23 @@ def _versions(study: Study) -> str:
     if not seen:
         return '<p class="note">No run recorded software versions yet.</p>'
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td style=\"text-align:left\">"
+        f'<tr><th>{html.escape(k)}</th><td style="text-align:left">'
         + html.escape("; ".join(f"{v} ({n} run{'s' if n != 1 else ''})" for v, n in seen[k].most_common()))
-        + "</td></tr>" for k in sorted(seen))
-    return (f'<table class="versions">\n<caption>Software versions</caption>\n'
-            f"<thead><tr><th>package</th><th>version (runs)</th></tr></thead>\n<tbody>{rows}</tbody>\n</table>\n")
+        + "</td></tr>"
+        for k in sorted(seen)
+    )
+    return (
+        f'<table class="versions">\n<caption>Software versions</caption>\n'
+        f"<thead><tr><th>package</th><th>version (runs)</th></tr></thead>\n<tbody>{rows}</tbody>\n</table>\n"
+    )
 
 
 def _no_runs_note(study: Study) -> str:
     counts = study.counts()
-    return (f'<p class="note">No finished runs yet ({counts["pending"]} pending, {counts["running"]} running, '
-            f'{counts["failed"]} failed).</p>')
+    return (
+        f'<p class="note">No finished runs yet ({counts["pending"]} pending, {counts["running"]} running, '
+        f"{counts['failed']} failed).</p>"
+    )
 
 
 def _tables(study: Study) -> str:
@@ -175,9 +197,11 @@ def _embedded(name: str, figure, caption: str) -> str:
     figure.savefig(buffer, format="png", dpi=DPI)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     width, height = (round(v * DPI) for v in figure.get_size_inches())
-    return (f'<figure id="figure-{html.escape(name)}"><img src="data:image/png;base64,{data}" '
-            f'alt="{html.escape(name)}" width="{width}" height="{height}">'
-            f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure id="figure-{html.escape(name)}"><img src="data:image/png;base64,{data}" '
+        f'alt="{html.escape(name)}" width="{width}" height="{height}">'
+        f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _failed(study: Study) -> str:
@@ -187,9 +211,10 @@ def _failed(study: Study) -> str:
     items = "\n".join(
         f'<div class="run">{html.escape(r.dataset)} · {html.escape(r.model)} · {html.escape(r.method)} · '
         f"sparsity {html.escape(format_level(r.sparsity))} · seed {r.seed} "
-        f"<span class=\"note\">(run {html.escape(r.id)}, {r.attempts} attempt{'s' if r.attempts != 1 else ''})"
+        f'<span class="note">(run {html.escape(r.id)}, {r.attempts} attempt{"s" if r.attempts != 1 else ""})'
         f"</span></div>\n<pre>{html.escape(r.error or '(no error text recorded)')}</pre>"
-        for r in failed)
+        for r in failed
+    )
     summary = f"{len(failed)} failed run{'s' if len(failed) != 1 else ''}"
     return f"<details>\n<summary>{summary}</summary>\n{items}\n</details>"
 
@@ -208,8 +233,11 @@ def outputs_problems(outputs: Any) -> list[str]:
         return []
     if not isinstance(outputs, dict):
         return [f"outputs must be a mapping. Got {outputs!r} of type {type(outputs).__name__} instead."]
-    problems = [f"outputs has an unknown key {k!r}; valid keys: figures, metric, tables."
-                for k in outputs if k not in ("metric", "tables", "figures")]
+    problems = [
+        f"outputs has an unknown key {k!r}; valid keys: figures, metric, tables."
+        for k in outputs
+        if k not in ("metric", "tables", "figures")
+    ]
     if "metric" in outputs and not isinstance(outputs["metric"], str):
         problems.append(f"outputs.metric must be a metric name (a str). Got {outputs['metric']!r} instead.")
     tables = outputs.get("tables")
@@ -230,11 +258,16 @@ def output_metric_problems(outputs: Any, known: Iterable[str]) -> list[str]:
     named = [("outputs.metric", outputs.get("metric"))]
     for key in ("tables", "figures"):
         declarations = outputs.get(key)
-        named += [(f"outputs.{key}[{i}].metric", d.get("metric")) for i, d in
-                  enumerate(declarations if isinstance(declarations, list) else []) if isinstance(d, dict)]
-    return [f"{path}: unknown metric {metric!r}{suggest(metric, known)}; the runs of this study record: "
-            f"{', '.join(known)}" for path, metric in named
-            if isinstance(metric, str) and not any(_names(metric, k) for k in known)]
+        named += [
+            (f"outputs.{key}[{i}].metric", d.get("metric"))
+            for i, d in enumerate(declarations if isinstance(declarations, list) else [])
+            if isinstance(d, dict)
+        ]
+    return [
+        f"{path}: unknown metric {metric!r}{suggest(metric, known)}; the runs of this study record: {', '.join(known)}"
+        for path, metric in named
+        if isinstance(metric, str) and not any(_names(metric, k) for k in known)
+    ]
 
 
 def _names(metric: str, declared: str) -> bool:
@@ -242,4 +275,4 @@ def _names(metric: str, declared: str) -> bool:
     if not declared.endswith("<B>"):
         return metric == declared
     stem = declared[:-3]
-    return metric.startswith(stem) and metric[len(stem):].isdigit()
+    return metric.startswith(stem) and metric[len(stem) :].isdigit()

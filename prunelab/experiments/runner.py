@@ -21,9 +21,16 @@ from prunelab._version import __version__
 
 def versions() -> dict[str, str]:
     import numpy
-    return {"prunelab": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "torch_threads": str(torch.get_num_threads()), "host": platform.node()}
+
+    return {
+        "prunelab": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": str(torch.get_num_threads()),
+        "host": platform.node(),
+    }
 
 
 def execute_run(config: dict, cache_dir: str | None = None, threads: int | None = None) -> dict:
@@ -33,8 +40,9 @@ def execute_run(config: dict, cache_dir: str | None = None, threads: int | None 
     if threads:
         torch.set_num_threads(threads)
     try:
-        from prunelab.experiments.tasks import TASKS
         import prunelab.experiments  # noqa: F401  (registers the built-in tasks)
+        from prunelab.experiments.tasks import TASKS
+
         task = TASKS.get(config["task"], param="task", where="run config")()
         result = task.run(config, {"cache_dir": cache_dir})
         outcome = {"status": "done", "metrics": result["metrics"], "curve": result.get("curve")}
@@ -49,12 +57,14 @@ def init_worker(threads: int | None) -> None:
     """Set up a local worker process: torch threads, no progress bars, Ctrl-C left to the
     coordinator, and (Linux) death with the coordinator so a killed study leaves no orphans."""
     import signal
+
     if threads:
         torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             import ctypes
+
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             PR_SET_PDEATHSIG = 1
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -73,9 +83,12 @@ def execute_group(configs: list[dict], cache_dir: str | None = None, threads: in
         torch.set_num_threads(threads)
     try:
         from prunelab.engine.harness import execute_prune_group
+
         results = execute_prune_group(configs, cache_dir)
     except Exception:  # noqa: BLE001  (each run then gets its own outcome)
         return [execute_run(config, cache_dir, threads) for config in configs]
     share = (time.perf_counter() - started) / len(configs)
-    return [{"status": "done", "metrics": r["metrics"], "curve": r.get("curve"), "seconds": share,
-             "versions": versions()} for r in results]
+    return [
+        {"status": "done", "metrics": r["metrics"], "curve": r.get("curve"), "seconds": share, "versions": versions()}
+        for r in results
+    ]

@@ -42,8 +42,19 @@ from prunelab.experiments._yaml import load_yaml
 from prunelab.experiments.store import PlannedRun, digest, dumps
 from prunelab.experiments.tasks import TASKS, Checker, SpecError
 
-TOP_LEVEL = ("name", "description", "task", "datasets", "models", "methods", "sparsities", "seeds",
-             "training", "outputs", "quick")
+TOP_LEVEL = (
+    "name",
+    "description",
+    "task",
+    "datasets",
+    "models",
+    "methods",
+    "sparsities",
+    "seeds",
+    "training",
+    "outputs",
+    "quick",
+)
 REQUIRED = ("name", "datasets", "models", "methods", "sparsities")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -53,9 +64,9 @@ class Study:
     """A validated spec and its expansion into runs."""
 
     name: str
-    spec: dict                      # the spec after overrides (what was validated)
+    spec: dict  # the spec after overrides (what was validated)
     runs: list[PlannedRun] = field(default_factory=list)
-    source: str | None = None       # the file it came from
+    source: str | None = None  # the file it came from
 
     @property
     def outputs(self) -> dict:
@@ -75,8 +86,10 @@ def load_spec(path: str | Path, *, overrides: Iterable[str] = (), quick: bool = 
     except OSError as err:
         raise SpecError(str(path), [f"cannot read the spec file: {err.strerror or err}"]) from None
     if len(data) > limits.MAX_SPEC_BYTES:
-        raise SpecError(str(path), [f"the spec file is larger than {limits.MAX_SPEC_BYTES:,} bytes (the limit "
-                                    f"of a spec, {limits.DOCS})"])
+        raise SpecError(
+            str(path),
+            [f"the spec file is larger than {limits.MAX_SPEC_BYTES:,} bytes (the limit of a spec, {limits.DOCS})"],
+        )
     try:
         raw = load_yaml(data.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -87,20 +100,22 @@ def load_spec(path: str | Path, *, overrides: Iterable[str] = (), quick: bool = 
 
 
 @validate_params({"overrides": [Types(list, tuple)], "quick": [bool], "source": [STR, None]})
-def build_study(raw: Any, *, overrides: Iterable[str] = (), quick: bool = False,
-                source: str | None = None) -> Study:
+def build_study(raw: Any, *, overrides: Iterable[str] = (), quick: bool = False, source: str | None = None) -> Study:
     """Validate and expand a spec given as a dict (as parsed from YAML)."""
     where = source or "<spec>"
     if not isinstance(raw, dict):
-        raise SpecError(where, [f"a spec must be a mapping of keys (name, datasets, models, ...); "
-                                f"got {type(raw).__name__}"])
+        raise SpecError(
+            where, [f"a spec must be a mapping of keys (name, datasets, models, ...); got {type(raw).__name__}"]
+        )
     spec = copy.deepcopy(raw)
     errors: list[str] = []
     if quick:
         quick_overrides = spec.get("quick")
         if not isinstance(quick_overrides, dict):
-            errors.append("quick: --quick needs a 'quick:' section in the spec (a mapping of dotted "
-                          "paths to values, e.g. {training.epochs: 2, seeds: 1})")
+            errors.append(
+                "quick: --quick needs a 'quick:' section in the spec (a mapping of dotted "
+                "paths to values, e.g. {training.epochs: 2, seeds: 1})"
+            )
         else:
             for key, value in quick_overrides.items():
                 _apply(spec, str(key), value, errors, origin="quick")
@@ -112,8 +127,10 @@ def build_study(raw: Any, *, overrides: Iterable[str] = (), quick: bool = False,
         try:
             value = load_yaml(text)
         except yaml.YAMLError as err:
-            errors.append(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
-                          f"quote it, e.g. --set 'description=\"...\"'")
+            errors.append(
+                f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                f"quote it, e.g. --set 'description=\"...\"'"
+            )
             continue
         _apply(spec, key.strip(), value, errors, origin="--set")
     errors += [f"{path}: {message}" for path, message in limits.bound_errors(spec)]
@@ -132,7 +149,7 @@ def _apply(spec: dict, dotted: str, value: Any, errors: list[str], origin: str) 
     parts = dotted.split(".")
     node: Any = spec
     for depth, part in enumerate(parts[:-1]):
-        here = ".".join(parts[:depth + 1])
+        here = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 errors.append(f"{origin} {dotted}: {here} is not an index of a {len(node)}-item list")
@@ -180,13 +197,16 @@ def expand_grids(node: Any, path: str, checker: Checker) -> list[tuple[Any, dict
         options = [expand_grids(node[k], f"{path}.{k}" if path else k, checker) for k in keys]
         out = []
         for combo in itertools.product(*options):
-            out.append(({k: v for k, (v, _) in zip(keys, combo)},
-                        {p: val for _, chosen in combo for p, val in chosen.items()}))
+            out.append(
+                ({k: v for k, (v, _) in zip(keys, combo)}, {p: val for _, chosen in combo for p, val in chosen.items()})
+            )
         return out
     if isinstance(node, list):
         options = [expand_grids(v, f"{path}[{i}]", checker) for i, v in enumerate(node)]
-        return [([v for v, _ in combo], {p: val for _, chosen in combo for p, val in chosen.items()})
-                for combo in itertools.product(*options)]
+        return [
+            ([v for v, _ in combo], {p: val for _, chosen in combo for p, val in chosen.items()})
+            for combo in itertools.product(*options)
+        ]
     return [(node, {})]
 
 
@@ -195,7 +215,7 @@ def _grid_suffix(chosen: dict[str, Any], prefix: str) -> str:
         return ""
     parts = []
     for path, value in chosen.items():
-        short = path[len(prefix) + 1:] if path.startswith(prefix + ".") else path
+        short = path[len(prefix) + 1 :] if path.startswith(prefix + ".") else path
         short = short.rsplit(".", 1)[-1] if short else path
         parts.append(f"{short}={_short(value)}")
     return "[" + ",".join(parts) + "]"
@@ -207,7 +227,7 @@ def _short(value: Any) -> str:
     if isinstance(value, list):
         return "-".join(_short(v) for v in value)
     if isinstance(value, dict):
-        if "name" in value:   # a schedule/regulariser given as a mapping: its name labels it
+        if "name" in value:  # a schedule/regulariser given as a mapping: its name labels it
             return str(value["name"])
         return ",".join(f"{k}={_short(v)}" for k, v in value.items())
     return str(value)
@@ -221,7 +241,7 @@ def run_id(config: Mapping) -> str:
 def _entries(spec: dict, key: str, checker: Checker) -> list[tuple[str, dict]]:
     """Normalise a list of names or mappings into (path, mapping) pairs."""
     if key not in spec:
-        return []          # a required key that is missing is reported as such
+        return []  # a required key that is missing is reported as such
     value = spec[key]
     if not isinstance(value, list) or not value:
         checker.error(key, f"must be a non-empty list (of names or mappings with a 'name'); got {value!r}")
@@ -244,11 +264,14 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
             checker.error(str(key), f"unknown key; valid top-level keys: {', '.join(TOP_LEVEL)}")
     for key in REQUIRED:
         models = spec.get("models")
-        own_levels = isinstance(models, list) and models and all(
-            isinstance(m, dict) and "sparsities" in m for m in models)
+        own_levels = (
+            isinstance(models, list) and models and all(isinstance(m, dict) and "sparsities" in m for m in models)
+        )
         if key not in spec and not (key == "sparsities" and own_levels):
-            checker.error(key, "missing (required)" + (" (or give every model its own 'sparsities')"
-                                                       if key == "sparsities" else ""))
+            checker.error(
+                key,
+                "missing (required)" + (" (or give every model its own 'sparsities')" if key == "sparsities" else ""),
+            )
     name = spec.get("name")
     if "name" in spec and (not isinstance(name, str) or not NAME_PATTERN.match(name)):
         checker.error("name", f"must be a short identifier (letters, digits, '.', '_', '-'); got {name!r}")
@@ -261,7 +284,8 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
 
     if "outputs" in spec:
         from prunelab.experiments.report import outputs_problems
-        for problem in outputs_problems(spec["outputs"]):   # each names its outputs.* path
+
+        for problem in outputs_problems(spec["outputs"]):  # each names its outputs.* path
             checker.error("outputs", problem)
     sparsities = _sparsities(spec, checker)
     seeds = _seeds(spec, checker)
@@ -270,65 +294,94 @@ def _expand(spec: dict, checker: Checker) -> list[PlannedRun]:
         checker.error("training", f"must be a mapping; got {training!r}")
         training = {}
 
-    datasets = [(p, v, chosen) for p, e in _bounded_entries(spec, "datasets", checker)
-                for v, chosen in expand_grids(e, p, checker)]
-    models = [(p, v, chosen) for p, e in _bounded_entries(spec, "models", checker)
-              for v, chosen in expand_grids(e, p, checker)]
-    methods = [(p, v, chosen) for p, e in _bounded_entries(spec, "methods", checker)
-               for v, chosen in expand_grids(e, p, checker)]
+    datasets = [
+        (p, v, chosen)
+        for p, e in _bounded_entries(spec, "datasets", checker)
+        for v, chosen in expand_grids(e, p, checker)
+    ]
+    models = [
+        (p, v, chosen)
+        for p, e in _bounded_entries(spec, "models", checker)
+        for v, chosen in expand_grids(e, p, checker)
+    ]
+    methods = [
+        (p, v, chosen)
+        for p, e in _bounded_entries(spec, "methods", checker)
+        for v, chosen in expand_grids(e, p, checker)
+    ]
     trainings = expand_grids(training, "training", checker) if _bounded("training", training, checker) else []
     combinations = len(datasets) * len(models) * len(trainings) * len(methods)
     if combinations > limits.MAX_RUNS:
-        checker.error("datasets × models × training × methods",
-                      f"{combinations:,} combinations, more than a study may have ({limits.MAX_RUNS:,} runs, "
-                      f"{limits.DOCS}); split the study")
+        checker.error(
+            "datasets × models × training × methods",
+            f"{combinations:,} combinations, more than a study may have ({limits.MAX_RUNS:,} runs, "
+            f"{limits.DOCS}); split the study",
+        )
         return []
     # go on despite earlier errors: every combination is still checked, so all errors surface at once
 
     runs: list[PlannedRun] = []
     prepared_count = 0
     seen: dict[str, str] = {}
-    model_levels = {m_path: _sparsities(model, checker, f"{m_path}.sparsities")
-                    for m_path, model, _ in models if "sparsities" in model}
+    model_levels = {
+        m_path: _sparsities(model, checker, f"{m_path}.sparsities")
+        for m_path, model, _ in models
+        if "sparsities" in model
+    }
     filters = {x_path: _filters(x_path, method, datasets, models, checker) for x_path, method, _ in methods}
     dataset_training = [_dataset_training(d_path, dataset, checker) for d_path, dataset, _ in datasets]
-    for (d_index, (d_path, dataset, d_chosen)), (m_path, model, m_chosen), (t_train, t_chosen), \
-            (x_path, method, x_chosen) in itertools.product(enumerate(datasets), models, trainings, methods):
+    for (d_index, (d_path, dataset, d_chosen)), (m_path, model, m_chosen), (t_train, t_chosen), (
+        x_path,
+        method,
+        x_chosen,
+    ) in itertools.product(enumerate(datasets), models, trainings, methods):
         task = default_task
-        if "task" in method:          # a method may run another task than the study's
-            task = checker.attempt(f"{x_path}.task", lambda: TASKS.get(method["task"], param="task",
-                                                                       where="spec")())
+        if "task" in method:  # a method may run another task than the study's
+            task = checker.attempt(f"{x_path}.task", lambda: TASKS.get(method["task"], param="task", where="spec")())
             if task is None:
                 continue
         d_label = dataset.get("label") or dataset.get("name", "?") + _grid_suffix(d_chosen, d_path)
         m_base = model.get("label") or _model_label(model)
-        m_label = m_base + _grid_suffix(m_chosen, m_path)     # a labelled grid: conv[kernel=5], ...
+        m_label = m_base + _grid_suffix(m_chosen, m_path)  # a labelled grid: conv[kernel=5], ...
         x_base = method.get("label") or task.default_label(method)
-        x_label = x_base + _grid_suffix({k: v for k, v in {**x_chosen, **t_chosen}.items()
-                                         if method.get("label") or _short(v) != x_base}, x_path)
+        x_label = x_base + _grid_suffix(
+            {k: v for k, v in {**x_chosen, **t_chosen}.items() if method.get("label") or _short(v) != x_base}, x_path
+        )
         only_datasets, only_models = filters[x_path]
-        if (only_datasets is not None and d_label not in only_datasets
-                and dataset.get("name") not in only_datasets) or \
-                (only_models is not None and m_label not in only_models and m_base not in only_models
-                 and model.get("name") not in only_models):
+        if (
+            only_datasets is not None and d_label not in only_datasets and dataset.get("name") not in only_datasets
+        ) or (
+            only_models is not None
+            and m_label not in only_models
+            and m_base not in only_models
+            and model.get("name") not in only_models
+        ):
             continue
         levels = _method_levels(x_path, method, m_label, model, checker)
         if levels is None:
             levels = model_levels.get(m_path, sparsities)
         model = {k: v for k, v in model.items() if k != "sparsities"}
         method = {k: v for k, v in method.items() if k not in ("models", "datasets", "sparsities", "task")}
-        if "training" in dataset:     # the dataset's own budget, under the method's
+        if "training" in dataset:  # the dataset's own budget, under the method's
             t_train = {**t_train, **dataset_training[d_index]}
             dataset = {k: v for k, v in dataset.items() if k != "training"}
         prepared_count += 1
         if prepared_count > limits.MAX_COMBINATIONS or len(runs) > limits.MAX_RUNS:
-            checker.error("methods", f"more than {limits.MAX_COMBINATIONS:,} (dataset, model, training, method) "
-                                     f"combinations or {limits.MAX_RUNS:,} runs, the limits of a study "
-                                     f"({limits.DOCS}); split the study")
+            checker.error(
+                "methods",
+                f"more than {limits.MAX_COMBINATIONS:,} (dataset, model, training, method) "
+                f"combinations or {limits.MAX_RUNS:,} runs, the limits of a study "
+                f"({limits.DOCS}); split the study",
+            )
             return []
-        prepared = task.prepare(dataset=(d_path, dataset), model=(m_path, model),
-                                method=(x_path, method), training=t_train, checker=checker,
-                                sparsities=levels)
+        prepared = task.prepare(
+            dataset=(d_path, dataset),
+            model=(m_path, model),
+            method=(x_path, method),
+            training=t_train,
+            checker=checker,
+            sparsities=levels,
+        )
         if prepared is None:
             continue
         for sparsity in levels:
@@ -353,6 +406,7 @@ def _check_output_metrics(spec: dict, runs: list[PlannedRun], checker: Checker) 
     declared = [TASKS.get(name)().metrics for name in {run.config.get("task", "prune") for run in runs}]
     if runs and "outputs" in spec and all(m is not None for m in declared):
         from prunelab.experiments.report import output_metric_problems
+
         for problem in output_metric_problems(spec["outputs"], {k for m in declared for k in m}):
             path, _, message = problem.partition(": ")
             checker.error(path, message)
@@ -362,8 +416,10 @@ def _bounded(path: str, entry: Any, checker: Checker) -> bool:
     """Whether ``entry``'s grid variants are few enough to be made (counted, not made)."""
     count = limits.count_variants(entry)
     if count > limits.MAX_RUNS:
-        checker.error(path, f"its grids make more than {limits.MAX_RUNS:,} variants, more than a study "
-                            f"may have runs ({limits.DOCS})")
+        checker.error(
+            path,
+            f"its grids make more than {limits.MAX_RUNS:,} variants, more than a study may have runs ({limits.DOCS})",
+        )
         return False
     return True
 
@@ -378,8 +434,9 @@ def _dataset_training(path: str, dataset: dict, checker: Checker) -> dict:
     if "training" not in dataset:
         return {}
     from prunelab.experiments.prune_task import _prepare_training
+
     override = dataset["training"]
-    if _prepare_training(path, {}, override, checker) is None:   # the rest: the defaults, all valid
+    if _prepare_training(path, {}, override, checker) is None:  # the rest: the defaults, all valid
         return {}
     return dict(override)
 
@@ -394,9 +451,12 @@ def _check_unique_labels(runs: list[PlannedRun], checker: Checker) -> None:
     for run in runs:
         key = (run.dataset, run.model, run.method, run.sparsity, run.seed)
         if key in cells and cells[key] != run.id:
-            checker.error("methods", f"two different runs share the labels dataset={run.dataset}, "
-                                     f"model={run.model}, method={run.method}, sparsity={run.sparsity:g}, "
-                                     f"seed={run.seed}; give them distinct 'label's")
+            checker.error(
+                "methods",
+                f"two different runs share the labels dataset={run.dataset}, "
+                f"model={run.model}, method={run.method}, sparsity={run.sparsity:g}, "
+                f"seed={run.seed}; give them distinct 'label's",
+            )
             return
         cells[key] = run.id
 
@@ -405,20 +465,23 @@ def _sparsities(spec: dict, checker: Checker, path: str = "sparsities") -> list:
     """A list of levels: floats in [0, 1), or ``{layer: sparsity}`` dicts of per-layer targets
     (their layer names are checked against the model later)."""
     if "sparsities" not in spec:
-        return []          # missing: reported by the required-keys check where it is required
+        return []  # missing: reported by the required-keys check where it is required
     value = spec["sparsities"]
     if isinstance(value, list) and len(value) > limits.MAX_LEVELS:
         checker.error(path, f"{len(value):,} levels; at most {limits.MAX_LEVELS:,} ({limits.DOCS})")
         return []
     if not isinstance(value, list) or not value:
-        checker.error(path, f"must be a non-empty list of floats in [0, 1) (or of {{layer: sparsity}} "
-                            f"mappings); got {value!r}")
+        checker.error(
+            path, f"must be a non-empty list of floats in [0, 1) (or of {{layer: sparsity}} mappings); got {value!r}"
+        )
         return []
     out = []
     for i, s in enumerate(value):
         if isinstance(s, dict):
-            values = [checker.number(f"{path}[{i}].{k}", v, low=0.0, high=1.0, closed="left", param="sparsity")
-                      for k, v in s.items()]
+            values = [
+                checker.number(f"{path}[{i}].{k}", v, low=0.0, high=1.0, closed="left", param="sparsity")
+                for k, v in s.items()
+            ]
             if s and all(v is not None for v in values):
                 out.append({str(k): float(v) for k, v in s.items()})
             elif not s:
@@ -462,8 +525,9 @@ def _filters(path: str, method: dict, datasets, models, checker: Checker):
             continue
         for i, w in enumerate(wanted):
             if w not in known:
-                checker.error(f"{path}.{key}[{i}]", f"no {key[:-1]} {w!r} in the spec; "
-                                                    f"choose among: {', '.join(sorted(known))}")
+                checker.error(
+                    f"{path}.{key}[{i}]", f"no {key[:-1]} {w!r} in the spec; choose among: {', '.join(sorted(known))}"
+                )
         out.append(set(wanted))
     return out
 
@@ -475,8 +539,9 @@ def _seeds(spec: dict, checker: Checker) -> list[int]:
             checker.error("seeds", f"a count of seeds must be >= 1; got {value}")
             return []
         if value > limits.MAX_SEEDS:
-            checker.error("seeds", f"a count of seeds must be at most {limits.MAX_SEEDS:,} ({limits.DOCS}); "
-                                   f"got {value}")
+            checker.error(
+                "seeds", f"a count of seeds must be at most {limits.MAX_SEEDS:,} ({limits.DOCS}); got {value}"
+            )
             return []
         return list(range(value))
     if isinstance(value, list) and len(value) > limits.MAX_SEEDS:

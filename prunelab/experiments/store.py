@@ -36,8 +36,8 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
 from prunelab._validation import PATH, Interval, validate_params
@@ -67,15 +67,37 @@ class StoreError(ValueError):
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-REQUIRED_COLUMNS = {"meta": {"key", "value"},
-                    "runs": {"id", "position", "config", "dataset", "model", "method", "sparsity", "seed",
-                             "status", "in_spec", "attempts", "metrics", "curve", "error", "worker",
-                             "started_at", "finished_at", "seconds", "versions"}}
+REQUIRED_COLUMNS = {
+    "meta": {"key", "value"},
+    "runs": {
+        "id",
+        "position",
+        "config",
+        "dataset",
+        "model",
+        "method",
+        "sparsity",
+        "seed",
+        "status",
+        "in_spec",
+        "attempts",
+        "metrics",
+        "curve",
+        "error",
+        "worker",
+        "started_at",
+        "finished_at",
+        "seconds",
+        "versions",
+    },
+}
 
 
 def corrupt(path: Path | str, err: BaseException) -> StoreError:
-    return StoreError(f"the study store {path} is corrupt or not a study store ({err}); it was not "
-                      f"changed. Restore it from a copy, or move it away and run the study again.")
+    return StoreError(
+        f"the study store {path} is corrupt or not a study store ({err}); it was not "
+        f"changed. Restore it from a copy, or move it away and run the study again."
+    )
 
 
 def inspect_store(path: str | Path) -> str:
@@ -96,14 +118,17 @@ def inspect_store(path: str | Path) -> str:
     if not head:
         return "empty"
     if head != SQLITE_HEADER:
-        raise StoreError(f"{path} is not a prunelab study database (not a SQLite database); it was not changed. "
-                         f"Choose another --db.")
+        raise StoreError(
+            f"{path} is not a prunelab study database (not a SQLite database); it was not changed. Choose another --db."
+        )
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            columns = {name: {row[1] for row in db.execute(f"PRAGMA table_info('{name}')")}
-                       for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                       if name.isidentifier()}
+            columns = {
+                name: {row[1] for row in db.execute(f"PRAGMA table_info('{name}')")}
+                for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                if name.isidentifier()
+            }
         finally:
             db.close()
     except sqlite3.OperationalError as err:
@@ -115,8 +140,10 @@ def inspect_store(path: str | Path) -> str:
     missing = {table: sorted(cols - columns.get(table, set())) for table, cols in REQUIRED_COLUMNS.items()}
     if any(missing.values()):
         have = ", ".join(sorted(columns)) or "none"
-        raise StoreError(f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables); "
-                         f"its tables: {have}; it was not changed. Choose another --db.")
+        raise StoreError(
+            f"{path} is not a prunelab study database (it has no 'runs' and 'meta' tables); "
+            f"its tables: {have}; it was not changed. Choose another --db."
+        )
     return "study"
 
 
@@ -129,15 +156,18 @@ def _refuse_hard_links(path: Path) -> None:
     except FileNotFoundError:
         return
     if links > 1:
-        raise StoreError(f"the study store {path} has {links} hard links; SQLite keeps its write-ahead log "
-                         f"next to the name it is opened by, so writing through two names can lose commits. "
-                         f"Keep one name (remove the other links, or copy the file) and run again.")
+        raise StoreError(
+            f"the study store {path} has {links} hard links; SQLite keeps its write-ahead log "
+            f"next to the name it is opened by, so writing through two names can lose commits. "
+            f"Keep one name (remove the other links, or copy the file) and run again."
+        )
 
 
 def _is_write_failure(err: BaseException) -> bool:
     """OS errors, and the SQLite errors a full disk or an unwritable file gives (not, e.g., a
     constraint violation, which is a bug to see as such)."""
     return isinstance(err, (OSError, sqlite3.OperationalError))
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -242,12 +272,13 @@ class Store:
     def __init__(self, path: str | Path, *, timeout: float = 60.0, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
-        kind = inspect_store(self.path)       # before SQLite touches it: refuse what is not a store
+        kind = inspect_store(self.path)  # before SQLite touches it: refuse what is not a store
         if readonly:
             if kind != "study":
                 what = "no file" if kind == "missing" else "an empty file"
-                raise StoreError(f"{self.path} is not a prunelab study database ({what}); run "
-                                 f"`prunelab run SPEC.yaml` first.")
+                raise StoreError(
+                    f"{self.path} is not a prunelab study database ({what}); run `prunelab run SPEC.yaml` first."
+                )
             self._open_readonly(timeout)
             return
         _refuse_hard_links(self.path)
@@ -255,14 +286,17 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         except (OSError, sqlite3.OperationalError) as err:
-            raise write_failure("open the study store", self.path, err,
-                                "check that its folder exists and can be written") from err
+            raise write_failure(
+                "open the study store", self.path, err, "check that its folder exists and can be written"
+            ) from err
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
-                raise ValueError(f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
-                                 f"is the folder on a network file system?")
+                raise ValueError(
+                    f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
+                    f"is the folder on a network file system?"
+                )
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             with self._transaction("create the tables of"):
@@ -271,8 +305,9 @@ class Store:
         except sqlite3.DatabaseError as err:
             self._db.close()
             if isinstance(err, sqlite3.OperationalError):
-                raise write_failure("open the study store", self.path, err,
-                                    "check that the file and its folder can be written") from err
+                raise write_failure(
+                    "open the study store", self.path, err, "check that the file and its folder can be written"
+                ) from err
             raise corrupt(self.path, err) from None
         except BaseException:
             self._db.close()
@@ -281,8 +316,9 @@ class Store:
     def _open_readonly(self, timeout: float) -> None:
         """A connection that cannot write: no WAL switch, no tables made, nothing changed."""
         try:
-            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout,
-                                       isolation_level=None)
+            self._db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout, isolation_level=None
+            )
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         except sqlite3.DatabaseError as err:
             raise corrupt(self.path, err) from None
@@ -291,7 +327,7 @@ class Store:
         """Run a query; a corrupt file becomes a :class:`StoreError` naming it."""
         try:
             return self._db.execute(sql, params)
-        except sqlite3.OperationalError as err:      # locked past busy_timeout, an unreadable file
+        except sqlite3.OperationalError as err:  # locked past busy_timeout, an unreadable file
             raise StoreError(f"cannot read the study store {self.path}: {err}.") from None
         except sqlite3.DatabaseError as err:
             raise corrupt(self.path, err) from None
@@ -315,7 +351,7 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -324,8 +360,10 @@ class Store:
     # ---------------------------------------------------------------------- meta
     def set_meta(self, key: str, value: Any) -> None:
         with self._transaction(f"record the study's {key!r} in"):
-            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, dumps(value)))
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, dumps(value)),
+            )
 
     def meta(self, key: str, default: Any = None) -> Any:
         row = self._read("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -345,28 +383,38 @@ class Store:
             new = 0
             for position, run in enumerate(runs):
                 if run.id in known:
-                    self._db.execute("UPDATE runs SET in_spec = 1, position = ? WHERE id = ?",
-                                     (position, run.id))
+                    self._db.execute("UPDATE runs SET in_spec = 1, position = ? WHERE id = ?", (position, run.id))
                 else:
                     new += 1
                     self._db.execute(
                         "INSERT INTO runs (id, position, config, dataset, model, method, sparsity, seed, "
                         "status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
-                        (run.id, position, dumps(run.config), run.dataset, run.model, run.method,
-                         float(run.sparsity), int(run.seed)))
+                        (
+                            run.id,
+                            position,
+                            dumps(run.config),
+                            run.dataset,
+                            run.model,
+                            run.method,
+                            float(run.sparsity),
+                            int(run.seed),
+                        ),
+                    )
         return new
 
     def reset_interrupted(self) -> int:
         """Runs left ``running`` by a process that died go back to ``pending``."""
         with self._transaction("re-queue interrupted runs in"):
-            return self._db.execute("UPDATE runs SET status = 'pending', worker = NULL "
-                                    "WHERE status = 'running'").rowcount
+            return self._db.execute(
+                "UPDATE runs SET status = 'pending', worker = NULL WHERE status = 'running'"
+            ).rowcount
 
     def retry_failed(self) -> int:
         """Failed runs of the current spec go back to ``pending``."""
         with self._transaction("re-queue failed runs in"):
-            return self._db.execute("UPDATE runs SET status = 'pending', error = NULL "
-                                    "WHERE status = 'failed' AND in_spec = 1").rowcount
+            return self._db.execute(
+                "UPDATE runs SET status = 'pending', error = NULL WHERE status = 'failed' AND in_spec = 1"
+            ).rowcount
 
     def pending(self) -> list[RunRecord]:
         return self.records(status="pending")
@@ -374,13 +422,16 @@ class Store:
     # ------------------------------------------------------------------- running
     def mark_running(self, run_id: str, worker: str) -> None:
         with self._transaction(f"mark run {run_id} running in"):
-            self._db.execute("UPDATE runs SET status = 'running', attempts = attempts + 1, worker = ?, "
-                             "started_at = ? WHERE id = ?", (worker, time.time(), run_id))
+            self._db.execute(
+                "UPDATE runs SET status = 'running', attempts = attempts + 1, worker = ?, started_at = ? WHERE id = ?",
+                (worker, time.time(), run_id),
+            )
 
     def mark_pending(self, run_id: str) -> None:
         with self._transaction(f"put run {run_id} back to pending in"):
-            self._db.execute("UPDATE runs SET status = 'pending', worker = NULL WHERE id = ? "
-                             "AND status = 'running'", (run_id,))
+            self._db.execute(
+                "UPDATE runs SET status = 'pending', worker = NULL WHERE id = ? AND status = 'running'", (run_id,)
+            )
 
     def finish(self, run_id: str, outcome: dict) -> None:
         """Record a run's outcome: ``{"status": "done"|"failed", "metrics", "curve", "error",
@@ -392,15 +443,20 @@ class Store:
             self._db.execute(
                 "UPDATE runs SET status = ?, metrics = ?, curve = ?, error = ?, seconds = ?, "
                 "versions = ?, finished_at = ? WHERE id = ?",
-                (status, dumps(outcome.get("metrics")) if outcome.get("metrics") is not None else None,
-                 dumps(outcome.get("curve")) if outcome.get("curve") is not None else None,
-                 outcome.get("error"), outcome.get("seconds"),
-                 dumps(outcome.get("versions")) if outcome.get("versions") is not None else None,
-                 time.time(), run_id))
+                (
+                    status,
+                    dumps(outcome.get("metrics")) if outcome.get("metrics") is not None else None,
+                    dumps(outcome.get("curve")) if outcome.get("curve") is not None else None,
+                    outcome.get("error"),
+                    outcome.get("seconds"),
+                    dumps(outcome.get("versions")) if outcome.get("versions") is not None else None,
+                    time.time(),
+                    run_id,
+                ),
+            )
 
     # ------------------------------------------------------------------- reading
-    def records(self, status: str | Iterable[str] | None = None, *, in_spec: bool | None = True
-                ) -> list[RunRecord]:
+    def records(self, status: str | Iterable[str] | None = None, *, in_spec: bool | None = True) -> list[RunRecord]:
         """Runs in spec order; ``status`` filters (one or several), ``in_spec=None`` includes
         runs that are no longer in the spec."""
         where, params = [], []
@@ -423,20 +479,35 @@ class Store:
 
     def counts(self, *, in_spec: bool = True) -> dict[str, int]:
         out = dict.fromkeys(STATUSES, 0)
-        for status, n in self._read("SELECT status, COUNT(*) FROM runs WHERE in_spec = ? "
-                                    "GROUP BY status", (1 if in_spec else 0,)).fetchall():
+        for status, n in self._read(
+            "SELECT status, COUNT(*) FROM runs WHERE in_spec = ? GROUP BY status", (1 if in_spec else 0,)
+        ).fetchall():
             out[status] = n
         return out
 
 
 def _record(row: dict) -> RunRecord:
     return RunRecord(
-        id=row["id"], position=row["position"], config=json.loads(row["config"]),
-        dataset=row["dataset"], model=row["model"], method=row["method"],
-        sparsity=row["sparsity"], seed=row["seed"], status=row["status"], in_spec=bool(row["in_spec"]),
-        attempts=row["attempts"], metrics=_loads(row["metrics"]), curve=_loads(row["curve"]),
-        error=row["error"], worker=row["worker"], started_at=row["started_at"],
-        finished_at=row["finished_at"], seconds=row["seconds"], versions=_loads(row["versions"]))
+        id=row["id"],
+        position=row["position"],
+        config=json.loads(row["config"]),
+        dataset=row["dataset"],
+        model=row["model"],
+        method=row["method"],
+        sparsity=row["sparsity"],
+        seed=row["seed"],
+        status=row["status"],
+        in_spec=bool(row["in_spec"]),
+        attempts=row["attempts"],
+        metrics=_loads(row["metrics"]),
+        curve=_loads(row["curve"]),
+        error=row["error"],
+        worker=row["worker"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        seconds=row["seconds"],
+        versions=_loads(row["versions"]),
+    )
 
 
 def _statements(script: str) -> list[str]:
@@ -471,11 +542,11 @@ class _Transaction:
             except (OSError, sqlite3.Error) as err:
                 exc = err
         self._rollback()
-        if type(exc) is sqlite3.DatabaseError:     # SQLITE_CORRUPT / SQLITE_NOTADB: not a full disk
+        if type(exc) is sqlite3.DatabaseError:  # SQLITE_CORRUPT / SQLITE_NOTADB: not a full disk
             raise corrupt(self._path, exc) from None
         if exc is not None and _is_write_failure(exc) and not isinstance(exc, StudyWriteError):
             raise self._failure(exc) from exc
-        if exc_type is None:      # the COMMIT failed with something else
+        if exc_type is None:  # the COMMIT failed with something else
             raise exc
         return False
 
@@ -487,7 +558,11 @@ class _Transaction:
                 pass
 
     def _failure(self, err: BaseException) -> StudyWriteError:
-        return write_failure(f"{self._what} the study store", self._path, err,
-                             "nothing was half-written: the store keeps its state before this change. "
-                             "Free space (or make the folder writable) and run the same command again; "
-                             "finished runs are kept and interrupted ones redone")
+        return write_failure(
+            f"{self._what} the study store",
+            self._path,
+            err,
+            "nothing was half-written: the store keeps its state before this change. "
+            "Free space (or make the folder writable) and run the same command again; "
+            "finished runs are kept and interrupted ones redone",
+        )

@@ -18,9 +18,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
 from numbers import Integral
+from pathlib import Path
 
 from prunelab._validation import MAX_WORKERS, PATH, STR, Interval, Options, Types, validate_params
 from prunelab._version import __version__
@@ -35,7 +34,7 @@ from prunelab.experiments.store import Store, StudyWriteError, inspect_store
 class StudyResult:
     db_path: Path
     counts: dict[str, int]
-    ran: int                 # runs finished in this invocation
+    ran: int  # runs finished in this invocation
     seconds: float
 
     @property
@@ -50,7 +49,7 @@ def default_db_path(study: Study, out: str | Path = "results", *, quick: bool = 
 
 
 ENGINES = ("batched", "single")
-BATCHED_MODELS = ("mlp", "lenet-300-100")   # where batching pays on a CPU (docs/engine.md)
+BATCHED_MODELS = ("mlp", "lenet-300-100")  # where batching pays on a CPU (docs/engine.md)
 MAX_MEMBERS = 32
 
 
@@ -58,6 +57,7 @@ def plan_jobs(records, engine: str = "batched") -> list[Job]:
     """The jobs for pending runs: with the batched engine, batchable prune runs of MLPs that
     share a group (:func:`prunelab.engine.harness.group_key`) run together, at most as many as
     fit in memory (and :data:`MAX_MEMBERS`); every other run alone. Jobs keep the runs' order."""
+
     def label(r):
         return f"{r.dataset}/{r.model}/{r.method} s={r.sparsity:g} #{r.seed}"
 
@@ -65,6 +65,7 @@ def plan_jobs(records, engine: str = "batched") -> list[Job]:
     if engine == "single":
         return singles
     from prunelab.engine.harness import group_key, why_not_batched
+
     groups: dict[str, list[Job]] = {}
     order: list[tuple[int, object]] = []
     for index, job in enumerate(singles):
@@ -85,9 +86,12 @@ def plan_jobs(records, engine: str = "batched") -> list[Job]:
         members = groups[item]
         size = _members_that_fit(members[0].config)
         for start in range(0, len(members), size):
-            chunk = tuple(members[start:start + size])
-            jobs.append(chunk[0] if len(chunk) == 1 else
-                        Job(chunk[0].run_id, chunk[0].config, f"{len(chunk)} runs batched", group=chunk))
+            chunk = tuple(members[start : start + size])
+            jobs.append(
+                chunk[0]
+                if len(chunk) == 1
+                else Job(chunk[0].run_id, chunk[0].config, f"{len(chunk)} runs batched", group=chunk)
+            )
     return jobs
 
 
@@ -95,19 +99,40 @@ def _members_that_fit(config: dict) -> int:
     from prunelab.data import dataset_info
     from prunelab.engine import choose_members
     from prunelab.models import build_model
+
     info = dataset_info(config["dataset"]["name"])
     shape = tuple(info["input_shape"])
-    model = build_model(config["model"]["name"], input_shape=shape, n_classes=info["n_classes"],
-                        **config["model"]["options"])
+    model = build_model(
+        config["model"]["name"], input_shape=shape, n_classes=info["n_classes"], **config["model"]["options"]
+    )
     return choose_members(model, shape, config["training"]["batch_size"], wanted=MAX_MEMBERS)
 
 
-@validate_params({"study": [Types(Study)], "db_path": [PATH], "executor": [Options(EXECUTORS)],
-                  "workers": [Interval(Integral, 1, MAX_WORKERS), None], "address": [STR, None], "retry_failed": [bool],
-                  "progress": [bool, None], "cache": [bool], "engine": [Options(ENGINES)]})
-def run_study(study: Study, db_path: str | Path, *, executor: str = "local", workers: int | None = None,
-              address: str | None = None, retry_failed: bool = False, progress: bool | None = None,
-              cache: bool = True, engine: str = "batched") -> StudyResult:
+@validate_params(
+    {
+        "study": [Types(Study)],
+        "db_path": [PATH],
+        "executor": [Options(EXECUTORS)],
+        "workers": [Interval(Integral, 1, MAX_WORKERS), None],
+        "address": [STR, None],
+        "retry_failed": [bool],
+        "progress": [bool, None],
+        "cache": [bool],
+        "engine": [Options(ENGINES)],
+    }
+)
+def run_study(
+    study: Study,
+    db_path: str | Path,
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    retry_failed: bool = False,
+    progress: bool | None = None,
+    cache: bool = True,
+    engine: str = "batched",
+) -> StudyResult:
     """Run every pending run of ``study`` into the store at ``db_path``.
 
     ``progress``: None shows a live line on a terminal and log lines otherwise; True/False
@@ -116,11 +141,12 @@ def run_study(study: Study, db_path: str | Path, *, executor: str = "local", wor
     together (:func:`plan_jobs`), ``single`` one run at a time. Raises StudyLocked if another
     process runs this study."""
     from prunelab._validation import check_choice
+
     engine = check_choice("engine", engine, ENGINES, where="prunelab run")
     check_executor_options(executor, workers=workers, address=address)
     db_path = Path(db_path)
     check_store_path(db_path)
-    inspect_store(db_path)          # another file, another database, a corrupt store: refused, untouched
+    inspect_store(db_path)  # another file, another database, a corrupt store: refused, untouched
     started = time.perf_counter()
     cache_dir = str(db_path.parent / "cache") if cache else None
     with StudyLock(db_path), Store(db_path) as store:
@@ -133,11 +159,13 @@ def run_study(study: Study, db_path: str | Path, *, executor: str = "local", wor
         pending = store.pending()
         counts = store.counts()
         display = Progress(len(study.runs), done=counts["done"], failed=counts["failed"], live=progress)
-        display.message(f"study {study.name}: {len(study.runs)} runs ({new} new, {counts['done']} done, "
-                        f"{counts['failed']} failed, {len(pending)} to run"
-                        + (f", {interrupted} interrupted before" if interrupted else "")
-                        + (f", {retried} failed re-queued" if retried else "")
-                        + f"); {runner.name} executor x{runner.parallelism}; store {db_path}")
+        display.message(
+            f"study {study.name}: {len(study.runs)} runs ({new} new, {counts['done']} done, "
+            f"{counts['failed']} failed, {len(pending)} to run"
+            + (f", {interrupted} interrupted before" if interrupted else "")
+            + (f", {retried} failed re-queued" if retried else "")
+            + f"); {runner.name} executor x{runner.parallelism}; store {db_path}"
+        )
         jobs = plan_jobs(pending, engine)
         in_flight: set[str] = set()
 
@@ -154,11 +182,11 @@ def run_study(study: Study, db_path: str | Path, *, executor: str = "local", wor
         try:
             runner.run(jobs, on_start, on_finish)
         finally:
-            for run_id in in_flight:    # interrupted: these go back to the queue
+            for run_id in in_flight:  # interrupted: these go back to the queue
                 try:
                     store.mark_pending(run_id)
                 except StudyWriteError:
-                    pass                # still 'running': the next invocation re-queues it
+                    pass  # still 'running': the next invocation re-queues it
             display.close()
         counts = store.counts()
     return StudyResult(db_path, counts, display.finished_now, time.perf_counter() - started)
@@ -180,7 +208,6 @@ def check_store_path(db_path: Path) -> None:
     if not existing.is_dir():
         raise ValueError(f"cannot write the study store {db_path}: {existing} is a file, not a folder; {advice}.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write the study store {db_path}: the folder {existing} is not writable; "
-                         f"{advice}.")
+        raise ValueError(f"cannot write the study store {db_path}: the folder {existing} is not writable; {advice}.")
     if db_path.exists() and not os.access(db_path, os.W_OK):
         raise ValueError(f"cannot write the study store {db_path}: the file is read-only; {advice}.")

@@ -80,6 +80,7 @@ TABLE_KIND_CHECKS: dict[str, Callable[[dict, str], list[str]]] = {}
 
 def table_kind(name: str, check: Callable[[dict, str], list[str]]) -> Callable[[TableFunction], TableFunction]:
     """Register a table kind (a declaration ``{kind: name, ...}``) with its run-free check."""
+
     def register(function: TableFunction) -> TableFunction:
         TABLE_KIND_CHECKS[name] = check
         return TABLE_KINDS.register(name)(function)
@@ -117,9 +118,9 @@ class Cell:
     mean: float | None
     std: float | None
     n: int
-    scale: float = 1.0          # 100 for percentages
-    digits: int | None = None   # decimals; None: 4 significant digits of the mean
-    full_n: int = 0             # the fullest cell's n in the table; fewer values are flagged
+    scale: float = 1.0  # 100 for percentages
+    digits: int | None = None  # decimals; None: 4 significant digits of the mean
+    full_n: int = 0  # the fullest cell's n in the table; fewer values are flagged
 
     @property
     def text(self) -> str:
@@ -148,8 +149,8 @@ class Table:
     """One rendered table: ``rows`` are ``(row_key, [Cell | None per column])``."""
 
     title: str
-    name: str                   # file stem
-    row_label: str              # "sparsity", "dataset", ...
+    name: str  # file stem
+    row_label: str  # "sparsity", "dataset", ...
     column_labels: list[str]
     rows: list[tuple[Any, list[Cell | None]]]
 
@@ -161,6 +162,7 @@ class Table:
 
     def to_markdown(self, *, heading: bool = False) -> str:
         """A pipe table (header, rule, one line per row); ``heading=True`` puts ``### title`` above it."""
+
         def line(cells: Sequence[str]) -> str:
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
@@ -173,8 +175,12 @@ class Table:
         """Raw values (not ×100), full precision: row key, then mean, std, n per column."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow([self.row_label, *itertools.chain.from_iterable(
-            (f"{c} mean", f"{c} std", f"{c} n") for c in self.column_labels)])
+        writer.writerow(
+            [
+                self.row_label,
+                *itertools.chain.from_iterable((f"{c} mean", f"{c} std", f"{c} n") for c in self.column_labels),
+            ]
+        )
         for key, cells in self.rows:
             out = [repr(key) if isinstance(key, float) else key]
             for cell in cells:
@@ -187,30 +193,51 @@ class Table:
 
     def to_latex(self) -> str:
         """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
-        lines = [r"\begin{table}[ht]", r"\centering", rf"\caption{{{latex_escape(self.title)}}}",
-                 rf"\label{{tab:{self.name}}}", rf"\begin{{tabular}}{{l{'r' * len(self.column_labels)}}}",
-                 r"\toprule",
-                 " & ".join(latex_escape(c) for c in [self.row_label, *self.column_labels]) + r" \\",
-                 r"\midrule"]
+        lines = [
+            r"\begin{table}[ht]",
+            r"\centering",
+            rf"\caption{{{latex_escape(self.title)}}}",
+            rf"\label{{tab:{self.name}}}",
+            rf"\begin{{tabular}}{{l{'r' * len(self.column_labels)}}}",
+            r"\toprule",
+            " & ".join(latex_escape(c) for c in [self.row_label, *self.column_labels]) + r" \\",
+            r"\midrule",
+        ]
         lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in self._text_rows()]
         lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
         return "\n".join(lines) + "\n"
 
     def to_html(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in [self.row_label, *self.column_labels])
-        body = "".join("<tr>" + f"<th>{html.escape(row[0])}</th>"
-                       + "".join(f"<td>{html.escape(c)}</td>" for c in row[1:]) + "</tr>\n"
-                       for row in self._text_rows())
-        return (f'<h3 class="table-title">{html.escape(self.title)}</h3>\n<table class="results">\n'
-                f"<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n")
+        body = "".join(
+            "<tr>"
+            + f"<th>{html.escape(row[0])}</th>"
+            + "".join(f"<td>{html.escape(c)}</td>" for c in row[1:])
+            + "</tr>\n"
+            for row in self._text_rows()
+        )
+        return (
+            f'<h3 class="table-title">{html.escape(self.title)}</h3>\n<table class="results">\n'
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
+        )
 
 
 def _raw(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -224,7 +251,7 @@ def latex_escape(text: str) -> str:
 class _Layout:
     rows: str
     columns: str
-    split_by: tuple[str, ...] | None     # None: the default, which depends on the runs
+    split_by: tuple[str, ...] | None  # None: the default, which depends on the runs
     metric: str
     percent: bool | None
     digits: int | None
@@ -235,14 +262,18 @@ def _declarations(outputs: Any) -> tuple[str | None, list[Any]]:
     if outputs is None:
         outputs = {}
     if not isinstance(outputs, dict):
-        raise TypeError(f"the 'outputs' parameter of build_tables must be a mapping (the spec's outputs "
-                        f"section) or None. Got {outputs!r} of type {type(outputs).__name__} instead.")
+        raise TypeError(
+            f"the 'outputs' parameter of build_tables must be a mapping (the spec's outputs "
+            f"section) or None. Got {outputs!r} of type {type(outputs).__name__} instead."
+        )
     tables = outputs.get("tables")
     if tables is None:
         tables = [DEFAULT_TABLE]
     if not isinstance(tables, list):
-        raise TypeError(f"outputs.tables must be a list of table declarations. Got {tables!r} "
-                        f"of type {type(tables).__name__} instead.")
+        raise TypeError(
+            f"outputs.tables must be a list of table declarations. Got {tables!r} "
+            f"of type {type(tables).__name__} instead."
+        )
     return outputs.get("metric"), tables
 
 
@@ -270,8 +301,10 @@ def _layout_without_runs(declaration: dict, where: str, metric: str) -> _Layout:
     if isinstance(split, str):
         split = [split]
     if split is not None and not isinstance(split, list):
-        raise TypeError(f"the 'split_by' parameter of {where} must be a list of labels among: "
-                        f"{', '.join(sorted(SPLIT_CHOICES))}. Got {split!r} instead.")
+        raise TypeError(
+            f"the 'split_by' parameter of {where} must be a list of labels among: "
+            f"{', '.join(sorted(SPLIT_CHOICES))}. Got {split!r} instead."
+        )
     for key in split or []:
         check_choice("split_by", key, [k for k in SPLIT_CHOICES if k not in (rows, columns)], where=where)
     if split is not None and len(set(split)) != len(split):
@@ -282,8 +315,10 @@ def _layout_without_runs(declaration: dict, where: str, metric: str) -> _Layout:
     digits, title = digits_and_title(declaration, where)
     metric = declaration.get("metric", metric)
     if not isinstance(metric, str):
-        raise TypeError(f"the 'metric' parameter of {where} must be a metric name (a str). "
-                        f"Got {metric!r} of type {type(metric).__name__} instead.")
+        raise TypeError(
+            f"the 'metric' parameter of {where} must be a metric name (a str). "
+            f"Got {metric!r} of type {type(metric).__name__} instead."
+        )
     return _Layout(rows, columns, None if split is None else tuple(split), metric, percent, digits, title)
 
 
@@ -297,19 +332,21 @@ def _layout(declaration: Any, where: str, default_metric: str, done: list[RunRec
     if layout.split_by is None:
         # Split by every other label, except one that varies but is fixed by the row and column
         # (e.g. each model pruned to its own level): splitting by it would only scatter the rows.
-        split = tuple(k for k in free if len(label_values(done, k)) == 1
-                      or _varies_within(done, k, (layout.rows, layout.columns)))
-        return _Layout(layout.rows, layout.columns, split, layout.metric, layout.percent, layout.digits,
-                       layout.title)
+        split = tuple(
+            k for k in free if len(label_values(done, k)) == 1 or _varies_within(done, k, (layout.rows, layout.columns))
+        )
+        return _Layout(layout.rows, layout.columns, split, layout.metric, layout.percent, layout.digits, layout.title)
     laid_out = (layout.rows, layout.columns, *layout.split_by)
     for key in free:
         if key not in layout.split_by and _varies_within(done, key, laid_out):
             values = label_values(done, key)
             shown = ", ".join(format_key(key, v) for v in values)
-            raise ValueError(f"{where}: the label {key!r} takes {len(values)} values ({shown}) within one "
-                             f"cell of rows {layout.rows!r} × columns {layout.columns!r}"
-                             + (f" × split_by {list(layout.split_by)}" if layout.split_by else "")
-                             + "; cells never pool them: add it to split_by.")
+            raise ValueError(
+                f"{where}: the label {key!r} takes {len(values)} values ({shown}) within one "
+                f"cell of rows {layout.rows!r} × columns {layout.columns!r}"
+                + (f" × split_by {list(layout.split_by)}" if layout.split_by else "")
+                + "; cells never pool them: add it to split_by."
+            )
     return layout
 
 
@@ -345,19 +382,23 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
             layouts.append((declaration, where))
             continue
         try:
-            chosen = select_labels(done, declaration, where=where, known=records) \
-                if isinstance(declaration, dict) else done
+            chosen = (
+                select_labels(done, declaration, where=where, known=records) if isinstance(declaration, dict) else done
+            )
             layouts.append((_layout(declaration, where, default_metric or "accuracy", chosen), chosen))
         except NoDataError:
-            continue                       # its methods / models have no finished run yet
+            continue  # its methods / models have no finished run yet
         except (ValueError, TypeError) as err:
             problems.append(str(err))
     raise_problems(problems)
     tables: list[Table] = []
     names: set[str] = set()
     for layout in layouts:
-        built = (_tables_of(*layout) if isinstance(layout[0], _Layout)
-                 else TABLE_KINDS.get(layout[0]["kind"])(done, layout[0], outputs or {}, layout[1]))
+        built = (
+            _tables_of(*layout)
+            if isinstance(layout[0], _Layout)
+            else TABLE_KINDS.get(layout[0]["kind"])(done, layout[0], outputs or {}, layout[1])
+        )
         for table in built:
             name, k = table.name, 2
             while name in names:
@@ -384,12 +425,21 @@ def _tables_of(layout: _Layout, done: list[RunRecord]) -> list[Table]:
         column_keys = _ordered(subset, layout.columns, done)
         by_cell = {(_group_label(g, layout.rows), _group_label(g, layout.columns)): g for g in subset}
         full_n = max(g.n for g in subset)
-        rows = [(key, [_cell(by_cell.get((key, column)), scale, layout.digits, full_n) for column in column_keys])
-                for key in row_keys]
+        rows = [
+            (key, [_cell(by_cell.get((key, column)), scale, layout.digits, full_n) for column in column_keys])
+            for key in row_keys
+        ]
         where = ", ".join(f"{k} = {format_key(k, v)}" for k, v in zip(layout.split_by, combo))
         title = f"{heading}, mean ± std over seeds" + (f" — {where}" if where else "")
-        name = slug("_".join([layout.metric, f"{layout.rows}-by-{layout.columns}",
-                              *(format_key(k, v) for k, v in zip(layout.split_by, combo))]))
+        name = slug(
+            "_".join(
+                [
+                    layout.metric,
+                    f"{layout.rows}-by-{layout.columns}",
+                    *(format_key(k, v) for k, v in zip(layout.split_by, combo)),
+                ]
+            )
+        )
         tables.append(Table(title, name, layout.rows, [format_key(layout.columns, c) for c in column_keys], rows))
     return tables
 
@@ -410,9 +460,15 @@ def _cell(group: Group | None, scale: float, digits: int | None, full_n: int) ->
 
 
 # ------------------------------------------------------------------------------------ writing
-def write_tables(store_path: str | Path, out_dir: str | Path | None = None,
-                 formats: Sequence[str] = FORMATS, *, columns: str | None = None,
-                 rows: str | None = None, metric: str | None = None) -> list[Path]:
+def write_tables(
+    store_path: str | Path,
+    out_dir: str | Path | None = None,
+    formats: Sequence[str] = FORMATS,
+    *,
+    columns: str | None = None,
+    rows: str | None = None,
+    metric: str | None = None,
+) -> list[Path]:
     """Write a study's tables; returns the paths written (prints nothing).
 
     ``formats``: ``md`` → one ``tables.md`` with every table under a heading;
@@ -436,8 +492,11 @@ def write_tables(store_path: str | Path, out_dir: str | Path | None = None,
     out = output_folder(Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_tables"))
     paths = []
     if "md" in formats:
-        paths.append(write_output(out / "tables.md", f"# {study.name}\n\n"
-                                  + "\n".join(t.to_markdown(heading=True) for t in tables)))
+        paths.append(
+            write_output(
+                out / "tables.md", f"# {study.name}\n\n" + "\n".join(t.to_markdown(heading=True) for t in tables)
+            )
+        )
     for ext, render in (("csv", Table.to_csv), ("tex", Table.to_latex)):
         if ext in formats:
             for table in tables:
@@ -457,8 +516,10 @@ def _overridden(outputs: dict, *, columns: str | None, rows: str | None, metric:
     if metric is not None:
         outputs["metric"] = metric
         declarations = outputs.get("tables") or [DEFAULT_TABLE]
-        outputs["tables"] = [{k: v for k, v in d.items() if k not in ("metric", "percent", "digits")}
-                             if isinstance(d, dict) else d for d in declarations]
+        outputs["tables"] = [
+            {k: v for k, v in d.items() if k not in ("metric", "percent", "digits")} if isinstance(d, dict) else d
+            for d in declarations
+        ]
     return outputs
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from prunelab._validation import check_number, suggest
 from prunelab.registry import Registry
 
-TASKS: Registry[type["Task"]] = Registry("task")
+TASKS: Registry[type[Task]] = Registry("task")
 
 
 class SpecError(ValueError):
@@ -50,8 +50,10 @@ class Checker:
     def keys(self, path: str, mapping: dict, valid: tuple[str, ...]) -> None:
         for key in mapping:
             if key not in valid:
-                self.error(f"{path}.{key}" if path else str(key),
-                           f"unknown key{suggest(str(key), valid)}; valid keys: {', '.join(valid)}")
+                self.error(
+                    f"{path}.{key}" if path else str(key),
+                    f"unknown key{suggest(str(key), valid)}; valid keys: {', '.join(valid)}",
+                )
 
 
 class Task:
@@ -65,17 +67,25 @@ class Task:
     def default_label(self, method: dict) -> str:
         return self.name
 
-    def prepare(self, *, dataset: tuple[str, dict], model: tuple[str, dict], method: tuple[str, dict],
-                training: dict, checker: Checker, sparsities: list[float]) -> Any:
+    def prepare(
+        self,
+        *,
+        dataset: tuple[str, dict],
+        model: tuple[str, dict],
+        method: tuple[str, dict],
+        training: dict,
+        checker: Checker,
+        sparsities: list[float],
+    ) -> Any:
         """Validate one (dataset, model, method, training) combination deeply (build what
         must be built to know it works); return what :meth:`resolve` needs, or None."""
         raise NotImplementedError
 
-    def resolve(self, prepared: Any, *, sparsity: "float | dict", seed: int) -> dict:
+    def resolve(self, prepared: Any, *, sparsity: float | dict, seed: int) -> dict:
         """The fully resolved, JSON-serialisable config of one run."""
         raise NotImplementedError
 
-    def level(self, prepared: Any, sparsity: "float | dict") -> float:
+    def level(self, prepared: Any, sparsity: float | dict) -> float:
         """The run's sparsity as one number, for tables (per-layer targets: their overall)."""
         return float(sparsity)
 

@@ -54,22 +54,28 @@ from prunelab.experiments.store import RunRecord
 from prunelab.experiments.tables import Cell, Table, digits_and_title, table_kind
 
 SCORERS = ("rand", "norm", "rs", "abs_rs", "mrs", "abs_mrs")
-MR_PREFIX = "bp_"                      # "bias propagation": the method with mean replacement
+MR_PREFIX = "bp_"  # "bias propagation": the method with mean replacement
 METHODS = tuple(m for s in SCORERS for m in (s, MR_PREFIX + s))
 LAYER_ORDER = ("all", "first_conv", "middle_conv", "last_conv", "first_dense")
 SETTINGS = ("layers", "amount", "finetune_steps")
-MAX_PANELS = 24                        # panels drawn per figure; the rest are named in the suptitle
+MAX_PANELS = 24  # panels drawn per figure; the rest are named in the suptitle
 CONFIDENCE = 0.95
 DEFAULT_TAUS = 101
 DEFAULT_REMOVED = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-DECADES_FOR_LOG = 2                    # log: auto turns a log axis on when |values| span this many decades
-TOLERANCE = 1e-6                       # fractions of units removed closer than this are the same level
+DECADES_FOR_LOG = 2  # log: auto turns a log axis on when |values| span this many decades
+TOLERANCE = 1e-6  # fractions of units removed closer than this are the same level
 PROBE_FILTERS = ("methods", "layers", "fraction", "count", "finetune_steps", "dataset", "model")
 PROFILE_SPLITS = SETTINGS
 PENALTY_COLUMNS = ("amount", "layers", "finetune_steps", "step", "dataset", "model")
 ITERATIVE_METRICS = ("loss", "accuracy")
-_SCORER_COLORS = {"rand": "tab:gray", "norm": "tab:blue", "rs": "tab:orange", "abs_rs": "tab:green",
-                  "mrs": "tab:red", "abs_mrs": "tab:purple"}
+_SCORER_COLORS = {
+    "rand": "tab:gray",
+    "norm": "tab:blue",
+    "rs": "tab:orange",
+    "abs_rs": "tab:green",
+    "mrs": "tab:red",
+    "abs_mrs": "tab:purple",
+}
 _OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 
@@ -87,9 +93,9 @@ class Probe:
     scorer: str
     mean_replacement: bool
     layers: str
-    amount: tuple[str, float]          # ("count", k) or ("fraction", f); counts sort first
+    amount: tuple[str, float]  # ("count", k) or ("fraction", f); counts sort first
     finetune_steps: int
-    penalty: float                     # NaN when the measurement failed
+    penalty: float  # NaN when the measurement failed
 
     @property
     def measurement(self) -> tuple:
@@ -168,23 +174,37 @@ def run_probes(record: RunRecord) -> list[Probe]:
         where = f"{_where_run(record)}: probes[{k}]"
         entry = _require(entry, ("step", "method", "layers", "finetune_steps"), where)
         method = str(entry["method"])
-        plain = method[len(MR_PREFIX):] if method.startswith(MR_PREFIX) else method
+        plain = method[len(MR_PREFIX) :] if method.startswith(MR_PREFIX) else method
         if "penalty" in entry:
             penalty = _float(entry["penalty"])
         else:
             penalty = _float(entry.get("loss_after")) - _float(entry.get("loss_before"))
-        probes.append(Probe(record.id, record.dataset, record.model, record.seed, int(entry["step"]), method,
-                            str(entry.get("scorer") or plain),
-                            bool(entry.get("mean_replacement", method.startswith(MR_PREFIX))),
-                            str(entry["layers"]), _amount(entry, where), int(entry["finetune_steps"]), penalty))
+        probes.append(
+            Probe(
+                record.id,
+                record.dataset,
+                record.model,
+                record.seed,
+                int(entry["step"]),
+                method,
+                str(entry.get("scorer") or plain),
+                bool(entry.get("mean_replacement", method.startswith(MR_PREFIX))),
+                str(entry["layers"]),
+                _amount(entry, where),
+                int(entry["finetune_steps"]),
+                penalty,
+            )
+        )
     return probes
 
 
 def _amount(entry: dict, where: str) -> tuple[str, float]:
     fraction, count = entry.get("fraction"), entry.get("count")
     if (fraction is None) == (count is None):
-        raise ValueError(f"{where} must set exactly one of 'fraction' and 'count'. "
-                         f"Got fraction={fraction!r}, count={count!r} instead.")
+        raise ValueError(
+            f"{where} must set exactly one of 'fraction' and 'count'. "
+            f"Got fraction={fraction!r}, count={count!r} instead."
+        )
     return ("fraction", round(float(fraction), 12)) if fraction is not None else ("count", int(count))
 
 
@@ -208,15 +228,18 @@ def run_selected(record: RunRecord) -> list[Selected]:
     for (scorer, layer), items in series.items():
         total = totals.get(layer)
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"{_where_run(record)}: units_total[{layer!r}] must be a positive int. "
-                             f"Got {total!r} instead.")
+            raise ValueError(
+                f"{_where_run(record)}: units_total[{layer!r}] must be a positive int. Got {total!r} instead."
+            )
         seen: set[int] = set()
         by_step: dict[int, float] = {}
         for step, units in sorted(items, key=lambda item: item[0]):
             seen.update(int(u) for u in units)
             by_step[step] = len(seen) / total
-        out += [Selected(record.id, record.dataset, record.model, scorer, layer, step, fraction, total)
-                for step, fraction in by_step.items()]
+        out += [
+            Selected(record.id, record.dataset, record.model, scorer, layer, step, fraction, total)
+            for step, fraction in by_step.items()
+        ]
     return out
 
 
@@ -225,8 +248,17 @@ def run_removals(record: RunRecord) -> list[Removal]:
     out = []
     for k, entry in enumerate(_entries(record, "iterative")):
         entry = _require(entry, ("removed",), f"{_where_run(record)}: iterative[{k}]")
-        out.append(Removal(record.id, record.dataset, record.model, record.method, float(entry["removed"]),
-                           _float(entry.get("loss")), _float(entry.get("accuracy"))))
+        out.append(
+            Removal(
+                record.id,
+                record.dataset,
+                record.model,
+                record.method,
+                float(entry["removed"]),
+                _float(entry.get("loss")),
+                _float(entry.get("accuracy")),
+            )
+        )
     return sorted(out, key=lambda r: r.removed)
 
 
@@ -247,8 +279,9 @@ def _as_list(declaration: dict, key: str, where: str, item: str) -> list | None:
         return None
     values = value if isinstance(value, list) else [value]
     if not values:
-        raise TypeError(f"the '{key}' parameter of {where} must be {item} or a non-empty list of them. "
-                        f"Got {value!r} instead.")
+        raise TypeError(
+            f"the '{key}' parameter of {where} must be {item} or a non-empty list of them. Got {value!r} instead."
+        )
     return values
 
 
@@ -261,14 +294,25 @@ def _names(declaration: dict, key: str, present: Sequence[str] | None, where: st
     for value in values:
         if not isinstance(value, str):
             listed = f" among: {', '.join(present)}" if present is not None else ""
-            raise TypeError(f"the '{key}' parameter of {where} must be a str or a list of str{listed}. "
-                            f"Got {value!r} of type {type(value).__name__} instead.")
+            raise TypeError(
+                f"the '{key}' parameter of {where} must be a str or a list of str{listed}. "
+                f"Got {value!r} of type {type(value).__name__} instead."
+            )
         out.append(value if present is None else check_choice(key, value, present, where=where))
     return out
 
 
-def _levels(declaration: dict, key: str, present: Sequence[float] | None, where: str, *,
-            integer: bool, low: float, high: float | None, closed: str = "both") -> list | None:
+def _levels(
+    declaration: dict,
+    key: str,
+    present: Sequence[float] | None,
+    where: str,
+    *,
+    integer: bool,
+    low: float,
+    high: float | None,
+    closed: str = "both",
+) -> list | None:
     """A numeric filter (or a list of them), each equal to one of ``present`` (unchecked when None)."""
     values = _as_list(declaration, key, where, "an int" if integer else "a float")
     if values is None:
@@ -280,22 +324,24 @@ def _levels(declaration: dict, key: str, present: Sequence[float] | None, where:
             match = next((p for p in present if math.isclose(p, value, rel_tol=1e-9, abs_tol=1e-12)), None)
             if match is None:
                 shown = ", ".join(f"{p:g}" for p in present) or "none"
-                raise ValueError(f"the '{key}' parameter of {where} must be among the values probed: {shown}. "
-                                 f"Got {value!r} instead.")
+                raise ValueError(
+                    f"the '{key}' parameter of {where} must be among the values probed: {shown}. Got {value!r} instead."
+                )
             value = match
         out.append(value)
     return out
 
 
-_NUMERIC_FILTERS = {"fraction": dict(integer=False, low=0.0, high=1.0, closed="right"),
-                    "count": dict(integer=True, low=1, high=None),
-                    "finetune_steps": dict(integer=True, low=0, high=None)}
+_NUMERIC_FILTERS = {
+    "fraction": dict(integer=False, low=0.0, high=1.0, closed="right"),
+    "count": dict(integer=True, low=1, high=None),
+    "finetune_steps": dict(integer=True, low=0, high=None),
+}
 
 
 def _filter_probes(probes: list[Probe], declaration: dict, where: str, *, method_key: str = "methods") -> list[Probe]:
     """The probes the declaration's filters keep (each filter's values must be among those probed)."""
-    attribute = {"methods": "method", "scorers": "scorer", "layers": "layers", "dataset": "dataset",
-                 "model": "model"}
+    attribute = {"methods": "method", "scorers": "scorer", "layers": "layers", "dataset": "dataset", "model": "model"}
     for key in (method_key, "layers", "dataset", "model"):
         present = _order(attribute[key], [getattr(p, attribute[key]) for p in probes])
         wanted = _names(declaration, key, [str(v) for v in present], where)
@@ -392,7 +438,7 @@ def _panel_title(keys: Sequence[str], values: Sequence[Any]) -> str:
 def method_style(method: str) -> dict:
     """Colour by scorer; solid with mean replacement (``bp_``), dashed without."""
     with_mr = method.startswith(MR_PREFIX)
-    scorer = method[len(MR_PREFIX):] if with_mr else method
+    scorer = method[len(MR_PREFIX) :] if with_mr else method
     color = _SCORER_COLORS.get(scorer) or _OTHER_COLORS[sum(map(ord, scorer)) % len(_OTHER_COLORS)]
     return {"color": color, "linestyle": "-" if with_mr else "--"}
 
@@ -423,7 +469,7 @@ def axis_scale(values: Iterable[float], log: bool | None) -> tuple[str, dict]:
     magnitudes = [abs(v) for v in finite if v != 0]
     if log is False or not magnitudes:
         return "linear", {}
-    if log is None and max(magnitudes) < 10 ** DECADES_FOR_LOG * min(magnitudes):
+    if log is None and max(magnitudes) < 10**DECADES_FOR_LOG * min(magnitudes):
         return "linear", {}
     if all(v > 0 for v in finite):
         return "log", {}
@@ -452,6 +498,7 @@ def _cap(figure, declaration: dict, shown: int, total: int, narrow: str) -> None
 
 def _unit_kind(name: str, keys: Sequence[str]):
     """``figures._kind`` without its common ``metric`` key (these kinds plot fixed quantities)."""
+
     def register(function):
         registered = _kind(name, keys)(function)
         FIGURE_KEYS[name] = tuple(k for k in FIGURE_KEYS[name] if k != "metric")
@@ -465,8 +512,10 @@ def _split_by(declaration: dict, where: str) -> list[str]:
     if isinstance(split, str):
         split = [split]
     if not isinstance(split, list):
-        raise TypeError(f"the 'split_by' parameter of {where} must be a list among: {', '.join(PROFILE_SPLITS)}. "
-                        f"Got {split!r} instead.")
+        raise TypeError(
+            f"the 'split_by' parameter of {where} must be a list among: {', '.join(PROFILE_SPLITS)}. "
+            f"Got {split!r} instead."
+        )
     split = [check_choice("split_by", key, PROFILE_SPLITS, where=where) for key in split]
     if len(set(split)) != len(split):
         raise ValueError(f"the 'split_by' parameter of {where} names a key twice. Got {split!r} instead.")
@@ -551,14 +600,25 @@ def mean_replacement_pairs(probes: Iterable[Probe]) -> list[Pair]:
     found: dict[tuple, dict[bool, Probe]] = {}
     for p in probes:
         found.setdefault((p.run, p.step, p.scorer, p.layers, p.amount, p.finetune_steps), {}).setdefault(
-            p.mean_replacement, p)
+            p.mean_replacement, p
+        )
     pairs = []
     for both in found.values():
         if False in both and True in both:
             plain, replaced = both[False], both[True]
             if math.isfinite(plain.penalty) and math.isfinite(replaced.penalty):
-                pairs.append(Pair(plain.dataset, plain.model, plain.scorer, plain.layers, plain.amount,
-                                  plain.finetune_steps, plain.penalty, replaced.penalty))
+                pairs.append(
+                    Pair(
+                        plain.dataset,
+                        plain.model,
+                        plain.scorer,
+                        plain.layers,
+                        plain.amount,
+                        plain.finetune_steps,
+                        plain.penalty,
+                        replaced.penalty,
+                    )
+                )
     return pairs
 
 
@@ -578,20 +638,24 @@ def mean_replacement_scatter(records: list[RunRecord], declaration: dict, spec: 
     log = _log_option(declaration, where)
     pairs = mean_replacement_pairs(probes)
     if not pairs:
-        raise NoDataError(f"{where}: no scorer was probed both without and with mean replacement "
-                          f"(its {MR_PREFIX} twin) at the same run, step and setting.")
+        raise NoDataError(
+            f"{where}: no scorer was probed both without and with mean replacement "
+            f"(its {MR_PREFIX} twin) at the same run, step and setting."
+        )
     keys = ("dataset", "model", *split)
     panels = _grouped(pairs, keys)
     shown = list(panels.items())[:MAX_PANELS]
     figure, axes = _grid(len(shown))
     for ax, (key, members) in zip(axes, shown):
         for (scorer,), points in _grouped(members, ("scorer",)).items():
-            ax.scatter([p.x for p in points], [p.y for p in points], s=12, alpha=0.7,
-                       color=_scorer_color(scorer), label=scorer)
+            ax.scatter(
+                [p.x for p in points], [p.y for p in points], s=12, alpha=0.7, color=_scorer_color(scorer), label=scorer
+            )
         _diagonal(ax, [v for p in members for v in (p.x, p.y)], log)
         under = sum(p.y < p.x for p in members) / len(members)
-        ax.set_title(f"{_panel_title(keys, key)}\n{100 * under:.1f} % under y = x (n = {len(members)})",
-                     fontsize="medium")
+        ax.set_title(
+            f"{_panel_title(keys, key)}\n{100 * under:.1f} % under y = x (n = {len(members)})", fontsize="medium"
+        )
         ax.set_xlabel("penalty without mean replacement")
         ax.set_ylabel("penalty with mean replacement")
         ax.grid(True, alpha=0.3)
@@ -646,8 +710,7 @@ def performance_profile_figure(records: list[RunRecord], declaration: dict, spec
     import numpy as np
 
     where = "figure performance_profile"
-    n_taus = check_number("taus", declaration.get("taus", DEFAULT_TAUS), where=where, low=2, high=100_001,
-                          integer=True)
+    n_taus = check_number("taus", declaration.get("taus", DEFAULT_TAUS), where=where, low=2, high=100_001, integer=True)
     probes = _select_probes(records, declaration, where)
     split = _split_by(declaration, where)
     keys = ("dataset", "model", *split)
@@ -660,8 +723,9 @@ def performance_profile_figure(records: list[RunRecord], declaration: dict, spec
         profile = performance_profile(d, taus)
         areas = [_area(taus, profile[:, i]) for i in range(len(methods))]
         for i in sorted(range(len(methods)), key=lambda i: (-areas[i], i)):
-            ax.plot(taus, profile[:, i], label=f"{methods[i]} ({areas[i]:.3f})", linewidth=1.3,
-                    **method_style(methods[i]))
+            ax.plot(
+                taus, profile[:, i], label=f"{methods[i]} ({areas[i]:.3f})", linewidth=1.3, **method_style(methods[i])
+            )
         ax.set_title(f"{_panel_title(keys, key)}\n{len(measurements)} measurements", fontsize="medium")
         ax.set_xlabel("τ  (t_j = τ·min_i d_ij + (1 − τ)·max_i d_ij)")
         ax.set_ylabel("P_i(τ): fraction of j with d_ij < t_j")
@@ -685,10 +749,13 @@ def units_selected(records: list[RunRecord], declaration: dict, spec: dict) -> l
     from matplotlib.ticker import PercentFormatter
 
     where = "figure units_selected"
-    found = _filtered(_gather(records, run_selected, where,
-                              "unit selections (the metrics 'selections' and 'units_total')"),
-                      declaration, where, (("scorers", "scorer"), ("layer", "layer"), ("dataset", "dataset"),
-                                           ("model", "model")), "selection")
+    found = _filtered(
+        _gather(records, run_selected, where, "unit selections (the metrics 'selections' and 'units_total')"),
+        declaration,
+        where,
+        (("scorers", "scorer"), ("layer", "layer"), ("dataset", "dataset"), ("model", "model")),
+        "selection",
+    )
     panels = _grouped(found, ("dataset", "model", "layer"))
     shown = list(panels.items())[:MAX_PANELS]
     figure, axes = _grid(len(shown))
@@ -699,8 +766,14 @@ def units_selected(records: list[RunRecord], declaration: dict, spec: dict) -> l
                 by_step.setdefault(s.step, []).append(s.fraction)
             steps = sorted(by_step)
             runs = len({s.run for s in series})
-            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], color=_scorer_color(scorer),
-                    marker="o", markersize=3, label=f"{scorer} (n={runs})")
+            ax.plot(
+                steps,
+                [sum(by_step[s]) / len(by_step[s]) for s in steps],
+                color=_scorer_color(scorer),
+                marker="o",
+                markersize=3,
+                label=f"{scorer} (n={runs})",
+            )
         ax.set_title(f"{dataset}, {model}\n{layer} ({members[0].units_total} units)", fontsize="medium")
         ax.set_xlabel("training step")
         ax.set_ylabel("units ever selected")
@@ -713,10 +786,16 @@ def units_selected(records: list[RunRecord], declaration: dict, spec: dict) -> l
 
 
 def _removals(records: Iterable[RunRecord], declaration: dict, where: str) -> list[Removal]:
-    found = _gather(records, run_removals, where, "an iterative-pruning curve (the metric 'iterative' of the "
-                                                 "unit-iterative task)")
-    return _filtered(found, declaration, where, (("methods", "method"), ("dataset", "dataset"), ("model", "model")),
-                     "iterative-pruning record")
+    found = _gather(
+        records, run_removals, where, "an iterative-pruning curve (the metric 'iterative' of the unit-iterative task)"
+    )
+    return _filtered(
+        found,
+        declaration,
+        where,
+        (("methods", "method"), ("dataset", "dataset"), ("model", "model")),
+        "iterative-pruning record",
+    )
 
 
 def _filtered(found: list, declaration: dict, where: str, filters: Sequence[tuple[str, str]], what: str) -> list:
@@ -792,9 +871,14 @@ def _draw_band(ax, series: list[Removal], metric: str, scale: float, method: str
     style = method_style(method)
     ax.plot(levels, [m for m, _ in stats], label=label, linewidth=1.3, **style)
     if any(s is not None for _, s in stats):
-        ax.fill_between(levels, [m - s if s is not None else math.nan for m, s in stats],
-                        [m + s if s is not None else math.nan for m, s in stats],
-                        color=style["color"], alpha=0.12, linewidth=0)
+        ax.fill_between(
+            levels,
+            [m - s if s is not None else math.nan for m, s in stats],
+            [m + s if s is not None else math.nan for m, s in stats],
+            color=style["color"],
+            alpha=0.12,
+            linewidth=0,
+        )
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -836,8 +920,9 @@ def _collect(problems: list[str], check: Callable[[], Any]) -> None:
 def penalty_table_problems(declaration: dict, where: str) -> list[str]:
     """Problems of a ``penalties`` table declaration found without the runs."""
     problems = check_keys(declaration, PENALTY_TABLE_KEYS, where=where)
-    _collect(problems, lambda: check_choice("columns", declaration.get("columns", "amount"), PENALTY_COLUMNS,
-                                            where=where))
+    _collect(
+        problems, lambda: check_choice("columns", declaration.get("columns", "amount"), PENALTY_COLUMNS, where=where)
+    )
     _collect(problems, lambda: _flag(declaration, "win_rate", True, where))
     _collect(problems, lambda: _options(declaration, where))
     return problems + _filter_problems(declaration, where, PROBE_FILTERS)
@@ -882,11 +967,25 @@ def penalty_tables(done: list[RunRecord], declaration: dict, outputs: dict, wher
         heading = title or "pruning penalty (loss after − loss before)"
         penalty, rate = _penalty_cells(members, columns, digits, wins)
         labels = [_value_text(columns, v) for v in _order(columns, (getattr(p, columns) for p in members))]
-        tables.append(Table(f"{heading}, mean ± std over seeds and probe steps — {place}",
-                            slug("_".join(["penalty", *stem])), "method", labels, penalty))
+        tables.append(
+            Table(
+                f"{heading}, mean ± std over seeds and probe steps — {place}",
+                slug("_".join(["penalty", *stem])),
+                "method",
+                labels,
+                penalty,
+            )
+        )
         if wins is not None:
-            tables.append(Table(f"lowest penalty of the methods shown, % of measurements (ties count for each) "
-                                f"— {place}", slug("_".join(["penalty-wins", *stem])), "method", labels, rate))
+            tables.append(
+                Table(
+                    f"lowest penalty of the methods shown, % of measurements (ties count for each) — {place}",
+                    slug("_".join(["penalty-wins", *stem])),
+                    "method",
+                    labels,
+                    rate,
+                )
+            )
     return tables
 
 
@@ -907,8 +1006,9 @@ def _penalty_cells(probes: list[Probe], columns: str, digits: int | None, wins: 
                 continue
             mean, std = mean_std(kept)
             row.append(Cell(mean, std, len(kept), digits=digits, full_n=full_n))
-            won = sum(((p.measurement, method) in (wins or ())) for p in cells[(method, column)]
-                      if not math.isnan(p.penalty))
+            won = sum(
+                ((p.measurement, method) in (wins or ())) for p in cells[(method, column)] if not math.isnan(p.penalty)
+            )
             rates.append(RateCell(won / len(kept) if kept else None, None, len(kept), full_n=full_n))
         penalty_rows.append((method, row))
         rate_rows.append((method, rates))
@@ -974,20 +1074,30 @@ def iterative_tables(done: list[RunRecord], declaration: dict, outputs: dict, wh
         reached = max(r.removed for r in members)
         levels = declared or [x for x in DEFAULT_REMOVED if x <= reached + TOLERANCE]
         rows = _iterative_rows(runs, levels, metric, 100.0 if percent else 1.0, digits)
-        tables.append(Table(f"{heading} during iterative unit pruning, by units removed, mean ± std over seeds "
-                            f"— dataset = {dataset}, model = {model}",
-                            slug(f"iterative_{metric}_method-by-removed_{dataset}_{model}"), "method",
-                            [format_level(x) for x in levels], rows))
+        tables.append(
+            Table(
+                f"{heading} during iterative unit pruning, by units removed, mean ± std over seeds "
+                f"— dataset = {dataset}, model = {model}",
+                slug(f"iterative_{metric}_method-by-removed_{dataset}_{model}"),
+                "method",
+                [format_level(x) for x in levels],
+                rows,
+            )
+        )
     return tables
 
 
-def _iterative_rows(runs: dict[tuple, list[Removal]], levels: list[float], metric: str, scale: float,
-                    digits: int | None) -> list:
+def _iterative_rows(
+    runs: dict[tuple, list[Removal]], levels: list[float], metric: str, scale: float, digits: int | None
+) -> list:
     by_method: dict[str, list[list[Removal]]] = {}
     for series in runs.values():
         by_method.setdefault(series[0].method, []).append(series)
-    values = {(method, level): [v for v in (value_at(s, level, metric) for s in series) if v is not None]
-              for method, series in by_method.items() for level in levels}
+    values = {
+        (method, level): [v for v in (value_at(s, level, metric) for s in series) if v is not None]
+        for method, series in by_method.items()
+        for level in levels
+    }
     full_n = max((len(v) for v in values.values()), default=0)
     rows = []
     for method in _order("method", by_method):

@@ -28,20 +28,27 @@ from torch import nn
 
 from prunelab.data import dry_run_inputs
 from prunelab.experiments.limits import build_bounded
-from prunelab.experiments.prune_task import (_dense_model, _prepare_dataset, _prepare_training,
-                                             load_prepared_dataset)
+from prunelab.experiments.prune_task import _dense_model, _prepare_dataset, _prepare_training, load_prepared_dataset
 from prunelab.experiments.tasks import TASKS, Checker, Task
 from prunelab.training import Callback, evaluate, fit
-from prunelab.units import METHODS, SCORERS, Units, parse_method, remove_units
-from prunelab.units import surgery
+from prunelab.units import METHODS, SCORERS, Units, parse_method, remove_units, surgery
 from prunelab.units import thin as thin_units
 from prunelab.units.scoring import UNIT_SCORERS, collect, select
 from prunelab.units.structure import select_layers
 
 PENALTY_KEYS = ("label", "every", "calibration", "methods", "sets", "finetune_lr", "track")
 SET_KEYS = ("layers", "fractions", "counts", "finetune_steps")
-ITERATIVE_KEYS = ("label", "method", "layers", "step_fraction", "max_fraction", "finetune_steps",
-                  "finetune_lr", "calibration", "test_every")
+ITERATIVE_KEYS = (
+    "label",
+    "method",
+    "layers",
+    "step_fraction",
+    "max_fraction",
+    "finetune_steps",
+    "finetune_lr",
+    "calibration",
+    "test_every",
+)
 
 
 def _model_and_data(dataset, model, training, checker: Checker, method_path: str, overrides: dict):
@@ -55,11 +62,12 @@ def _model_and_data(dataset, model, training, checker: Checker, method_path: str
         checker.error(m_path, "missing 'name'")
         return None
     options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
-    net = checker.attempt(m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"],
-                          n_classes=data["n_classes"], **options)
+    net = checker.attempt(
+        m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"], n_classes=data["n_classes"], **options
+    )
     if net is None:
         return None
-    units = checker.attempt(m_path, Units.of, net, **data["dry"])   # token ids for a language model
+    units = checker.attempt(m_path, Units.of, net, **data["dry"])  # token ids for a language model
     if units is None:
         return None
     return data, train, net, units, {"name": net.config["name"], "options": options}
@@ -85,8 +93,17 @@ def _loss(model: nn.Module, data) -> float:
 
 def _finetune(model: nn.Module, ds, steps: int, lr: float, seed: int) -> None:
     """``steps`` steps of Adam at batch 64 on the training set (as many epochs as that takes)."""
-    fit(model, ds, epochs=math.ceil(steps * 64 / len(ds.y_train)) + 1, max_steps=steps, batch_size=64, lr=lr,
-        optimizer="adam", seed=seed, progress=False)
+    fit(
+        model,
+        ds,
+        epochs=math.ceil(steps * 64 / len(ds.y_train)) + 1,
+        max_steps=steps,
+        batch_size=64,
+        lr=lr,
+        optimizer="adam",
+        seed=seed,
+        progress=False,
+    )
 
 
 class _UnitTask(Task):
@@ -94,12 +111,18 @@ class _UnitTask(Task):
 
     @staticmethod
     def _prepared(data, model_cfg, train, part: str, settings: dict) -> dict:
-        return {"config": {"dataset": data["config"], "model": model_cfg, "training": train,
-                           "method": {part: settings}}}
+        return {
+            "config": {"dataset": data["config"], "model": model_cfg, "training": train, "method": {part: settings}}
+        }
 
     def resolve(self, prepared, *, sparsity, seed):
-        return {"task": self.name, "version": 1, **copy.deepcopy(prepared["config"]), "sparsity": sparsity,
-                "seed": seed}
+        return {
+            "task": self.name,
+            "version": 1,
+            **copy.deepcopy(prepared["config"]),
+            "sparsity": sparsity,
+            "seed": seed,
+        }
 
     @staticmethod
     def _begin(dataset, model, method, training, checker, keys):
@@ -125,10 +148,14 @@ class UnitPenaltyTask(_UnitTask):
         if ready is None:
             return None
         data, train, net, units, model_cfg = ready
-        probe = {"every": entry.get("every", 250), "calibration": entry.get("calibration", 1000),
-                 "methods": entry.get("methods", list(METHODS)), "finetune_lr": entry.get("finetune_lr", 1e-3),
-                 "sets": entry.get("sets", [{"layers": ["all"], "fractions": [0.1]}]),
-                 "track": entry.get("track", {"layers": "all", "fraction": 0.1})}
+        probe = {
+            "every": entry.get("every", 250),
+            "calibration": entry.get("calibration", 1000),
+            "methods": entry.get("methods", list(METHODS)),
+            "finetune_lr": entry.get("finetune_lr", 1e-3),
+            "sets": entry.get("sets", [{"layers": ["all"], "fractions": [0.1]}]),
+            "track": entry.get("track", {"layers": "all", "fraction": 0.1}),
+        }
         checker.number(f"{x_path}.every", probe["every"], low=1, integer=True)
         checker.number(f"{x_path}.calibration", probe["calibration"], low=1, high=data["n_train"], integer=True)
         checker.number(f"{x_path}.finetune_lr", probe["finetune_lr"], low=0.0, closed="neither")
@@ -165,8 +192,9 @@ class UnitPenaltyTask(_UnitTask):
                 checker.error(f"{x_path}.track", f"must be null or {{layers, fraction}}; got {track!r}")
             else:
                 checker.attempt(f"{x_path}.track.layers", select_layers, units.layers, track.get("layers", "all"))
-                checker.number(f"{x_path}.track.fraction", track.get("fraction", 0.1), low=0.0, high=1.0,
-                               closed="neither")
+                checker.number(
+                    f"{x_path}.track.fraction", track.get("fraction", 0.1), low=0.0, high=1.0, closed="neither"
+                )
         if len(checker.errors) > n:
             return None
         return self._prepared(data, model_cfg, train, "probe", probe)
@@ -179,10 +207,18 @@ class UnitPenaltyTask(_UnitTask):
         monitor = PenaltyProbe(ds, calibration, probe, config["seed"])
         model, history, _, _ = _dense_model(config, ds, context.get("cache_dir"), callbacks=[monitor], force=True)
         final = evaluate(model, (ds.x_test, ds.y_test))
-        return {"metrics": {"accuracy": final["accuracy"], "loss": final["loss"], "probes": monitor.records,
-                            "selections": monitor.selections, "units_total": monitor.units_total,
-                            "probe_seconds": monitor.seconds, "train_seconds": time.perf_counter() - started},
-                "curve": [{"phase": "dense", **h} for h in history]}
+        return {
+            "metrics": {
+                "accuracy": final["accuracy"],
+                "loss": final["loss"],
+                "probes": monitor.records,
+                "selections": monitor.selections,
+                "units_total": monitor.units_total,
+                "probe_seconds": monitor.seconds,
+                "train_seconds": time.perf_counter() - started,
+            },
+            "curve": [{"phase": "dense", **h} for h in history],
+        }
 
 
 class PenaltyProbe(Callback):
@@ -207,7 +243,7 @@ class PenaltyProbe(Callback):
         layers = info.layers
         self.units_total = {u.name: u.n_units for u in layers}
         cal = self.calibration
-        batches = [(cal[0][i:i + 250], cal[1][i:i + 250]) for i in range(0, len(cal[0]), 250)]
+        batches = [(cal[0][i : i + 250], cal[1][i : i + 250]) for i in range(0, len(cal[0]), 250)]
         stats = collect(snapshot, layers, batches)
         before = _loss(snapshot, cal)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -217,8 +253,9 @@ class PenaltyProbe(Callback):
             for scorer in SCORERS:
                 for unit in select_layers(layers, track.get("layers", "all")):
                     chosen = select(scores[scorer][unit.name], fraction=track.get("fraction", 0.1))
-                    self.selections.append({"step": step, "scorer": scorer, "layer": unit.name,
-                                            "units": chosen.tolist()})
+                    self.selections.append(
+                        {"step": step, "scorer": scorer, "layer": unit.name, "units": chosen.tolist()}
+                    )
         means = {u.name: stats[u.name].mean for u in layers}
         for probe_set in self.probe["sets"]:
             amounts = [("fraction", f) for f in probe_set["fractions"]] + [("count", c) for c in probe_set["counts"]]
@@ -232,14 +269,21 @@ class PenaltyProbe(Callback):
                         pruned_info = Units.of(pruned, **dry_run_inputs(self.ds))
                         surgery.mask_units(pruned_info.chain, plan, means if mean_replacement else None)
                         after = _loss(pruned, cal)
-                        base = {"step": step, "method": method, "scorer": scorer, "mean_replacement": mean_replacement,
-                                "layers": layer_set if isinstance(layer_set, str) else ",".join(layer_set),
-                                "fraction": amount if kind == "fraction" else None,
-                                "count": amount if kind == "count" else None, "loss_before": before}
+                        base = {
+                            "step": step,
+                            "method": method,
+                            "scorer": scorer,
+                            "mean_replacement": mean_replacement,
+                            "layers": layer_set if isinstance(layer_set, str) else ",".join(layer_set),
+                            "fraction": amount if kind == "fraction" else None,
+                            "count": amount if kind == "count" else None,
+                            "loss_before": before,
+                        }
                         for steps in probe_set["finetune_steps"]:
                             loss = after if steps == 0 else self._finetuned(pruned, plan, steps, step)
-                            self.records.append({**base, "finetune_steps": steps, "loss_after": loss,
-                                                 "penalty": loss - before})
+                            self.records.append(
+                                {**base, "finetune_steps": steps, "loss_after": loss, "penalty": loss - before}
+                            )
 
     def _finetuned(self, pruned, plan, steps: int, step: int) -> float:
         small = thin_units(pruned, plan, **dry_run_inputs(self.ds))
@@ -264,10 +308,16 @@ class UnitIterativeTask(_UnitTask):
             checker.error(x_path, f"missing 'method', one of: {', '.join(METHODS)}")
             return None
         checker.attempt(f"{x_path}.method", parse_method, entry["method"], "unit-iterative")
-        it = {"method": entry["method"], "layers": entry.get("layers", "all"),
-              "step_fraction": entry.get("step_fraction", 0.01), "max_fraction": entry.get("max_fraction", 0.5),
-              "finetune_steps": entry.get("finetune_steps", 100), "finetune_lr": entry.get("finetune_lr", 1e-3),
-              "calibration": entry.get("calibration", 1000), "test_every": entry.get("test_every", 1)}
+        it = {
+            "method": entry["method"],
+            "layers": entry.get("layers", "all"),
+            "step_fraction": entry.get("step_fraction", 0.01),
+            "max_fraction": entry.get("max_fraction", 0.5),
+            "finetune_steps": entry.get("finetune_steps", 100),
+            "finetune_lr": entry.get("finetune_lr", 1e-3),
+            "calibration": entry.get("calibration", 1000),
+            "test_every": entry.get("test_every", 1),
+        }
         checker.attempt(f"{x_path}.layers", select_layers, units.layers, it["layers"])
         checker.number(f"{x_path}.step_fraction", it["step_fraction"], low=0.0, high=1.0, closed="neither")
         checker.number(f"{x_path}.max_fraction", it["max_fraction"], low=0.0, high=1.0, closed="neither")
@@ -291,8 +341,14 @@ class UnitIterativeTask(_UnitTask):
         original = {u.name: u.n_units for u in chosen}
         per_step = {name: max(1, round(it["step_fraction"] * n)) for name, n in original.items()}
         total = sum(original.values())
-        records = [{"removed": 0.0, "step": 0, "loss": _loss(model, calibration),
-                    "accuracy": evaluate(model, test)["accuracy"]}]
+        records = [
+            {
+                "removed": 0.0,
+                "step": 0,
+                "loss": _loss(model, calibration),
+                "accuracy": evaluate(model, test)["accuracy"],
+            }
+        ]
         step = 0
         while True:
             info = Units.of(model, **dry)
@@ -301,10 +357,17 @@ class UnitIterativeTask(_UnitTask):
             if not any(counts.values()):
                 break
             step += 1
-            for name, count in counts.items():       # each chosen layer loses its own count
+            for name, count in counts.items():  # each chosen layer loses its own count
                 if count:
-                    result = remove_units(model, it["method"], calibration, count=count, layers=[name],
-                                          units=info, seed=seed * 7919 + step)
+                    result = remove_units(
+                        model,
+                        it["method"],
+                        calibration,
+                        count=count,
+                        layers=[name],
+                        units=info,
+                        seed=seed * 7919 + step,
+                    )
                     model = thin_units(model, result)
                     info = Units.of(model, **dry)
             removed = 1.0 - sum(u.n_units for u in info.layers if u.name in original) / total
@@ -312,12 +375,19 @@ class UnitIterativeTask(_UnitTask):
                 _finetune(model, ds, it["finetune_steps"], it["finetune_lr"], seed * 7919 + step)
             last = removed >= it["max_fraction"] - 1e-9
             record = {"removed": removed, "step": step, "loss": _loss(model, calibration)}
-            if last or step % it["test_every"] == 0:      # the test set costs more than the step itself
+            if last or step % it["test_every"] == 0:  # the test set costs more than the step itself
                 record["accuracy"] = evaluate(model, test)["accuracy"]
             records.append(record)
             if last:
                 break
         params = sum(p.numel() for p in model.parameters())
-        return {"metrics": {"accuracy": records[-1]["accuracy"], "loss": records[-1]["loss"],
-                            "iterative": records, "params": params, "train_seconds": time.perf_counter() - started},
-                "curve": []}
+        return {
+            "metrics": {
+                "accuracy": records[-1]["accuracy"],
+                "loss": records[-1]["loss"],
+                "iterative": records,
+                "params": params,
+                "train_seconds": time.perf_counter() - started,
+            },
+            "curve": [],
+        }

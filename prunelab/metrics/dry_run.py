@@ -39,8 +39,9 @@ def default_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return device, floats[0] if floats else torch.get_default_dtype()
 
 
-def _resolve_device_dtype(model: nn.Module, device: object, dtype: object,
-                          where: str) -> tuple[torch.device, torch.dtype]:
+def _resolve_device_dtype(
+    model: nn.Module, device: object, dtype: object, where: str
+) -> tuple[torch.device, torch.dtype]:
     check_type("model", model, nn.Module, where=where)
     default_device, default_dtype = default_device_dtype(model)
     if device is None:
@@ -50,16 +51,18 @@ def _resolve_device_dtype(model: nn.Module, device: object, dtype: object,
         try:
             device = torch.device(device)
         except RuntimeError as err:
-            raise ValueError(f"the 'device' parameter of {where} must be a torch device. "
-                             f"Got {device!r} instead.") from err
+            raise ValueError(
+                f"the 'device' parameter of {where} must be a torch device. Got {device!r} instead."
+            ) from err
     if dtype is None:
         dtype = default_dtype
     check_type("dtype", dtype, torch.dtype, where=where)
     return device, dtype
 
 
-def resolve_input(model: nn.Module, input_shape: object, device: object, dtype: object,
-                  where: str) -> tuple[tuple[int, ...], torch.device, torch.dtype]:
+def resolve_input(
+    model: nn.Module, input_shape: object, device: object, dtype: object, where: str
+) -> tuple[tuple[int, ...], torch.device, torch.dtype]:
     """Validate the dry-run input's shape, device and dtype, filling defaults from the model."""
     check_type("model", model, nn.Module, where=where)
     shape = check_input_shape(input_shape, where)
@@ -82,22 +85,24 @@ class DryInput:
     def describe(self, batch_size: int) -> str:
         """The input for an error message, at ``batch_size``."""
         if not self.from_example:
-            return (f"an input of shape {(batch_size, *self.shape)} (input_shape={self.shape} plus a batch "
-                    f"of {batch_size}, dtype={self.dtype}, device={self.device})")
-        return (f"example_inputs {self.shape} (per sample, repeated to a batch of {batch_size}, "
-                f"device={self.device})")
+            return (
+                f"an input of shape {(batch_size, *self.shape)} (input_shape={self.shape} plus a batch "
+                f"of {batch_size}, dtype={self.dtype}, device={self.device})"
+            )
+        return f"example_inputs {self.shape} (per sample, repeated to a batch of {batch_size}, device={self.device})"
 
     def hint(self) -> str:
         if self.from_example:
             return "check the 'example_inputs' parameter (a tensor, tuple or dict the model takes)"
-        return ("check the 'input_shape' parameter (one input, without the batch dimension) and the "
-                "dtype")
+        return "check the 'input_shape' parameter (one input, without the batch dimension) and the dtype"
 
 
 def sample_shapes(batch) -> object:
     """Per-sample shapes of a batch's inputs (batch dimension dropped), in the inputs' structure."""
+
     def one(t):
         return tuple(t.shape[1:]) if torch.is_tensor(t) else type(t).__name__
+
     inputs = batch.inputs
     if torch.is_tensor(inputs):
         return one(inputs)
@@ -106,8 +111,9 @@ def sample_shapes(batch) -> object:
     return [one(value) for value in inputs]
 
 
-def resolve_dry_input(model: nn.Module, input_shape: object, example_inputs: object, device: object,
-                      dtype: object, where: str) -> DryInput:
+def resolve_dry_input(
+    model: nn.Module, input_shape: object, example_inputs: object, device: object, dtype: object, where: str
+) -> DryInput:
     """The one example of a dry run: a zero tensor ``(1, *input_shape)`` in the model's dtype, or
     ``example_inputs`` (a tensor, a tuple of positional inputs, a dict of keyword inputs) with
     floating-point tensors cast to ``dtype`` (default: the model's) and integer ones (token ids)
@@ -116,14 +122,18 @@ def resolve_dry_input(model: nn.Module, input_shape: object, example_inputs: obj
 
     check_type("model", model, nn.Module, where=where)
     if input_shape is not None and example_inputs is not None:
-        raise ValueError(f"{where} takes exactly one of 'input_shape' (one input without the batch "
-                         f"dimension) and 'example_inputs' (a tensor, tuple or dict the model takes). "
-                         f"Got both.")
+        raise ValueError(
+            f"{where} takes exactly one of 'input_shape' (one input without the batch "
+            f"dimension) and 'example_inputs' (a tensor, tuple or dict the model takes). "
+            f"Got both."
+        )
     if example_inputs is None:
         if input_shape is None:
-            raise ValueError(f"the 'input_shape' parameter of {where} must be a tuple of positive ints (one "
-                             f"input, without the batch dimension), or give 'example_inputs' instead. "
-                             f"Got None instead.")
+            raise ValueError(
+                f"the 'input_shape' parameter of {where} must be a tuple of positive ints (one "
+                f"input, without the batch dimension), or give 'example_inputs' instead. "
+                f"Got None instead."
+            )
         shape, device, dtype = resolve_input(model, input_shape, device, dtype, where)
         zeros = on_device(lambda: torch.zeros((1, *shape), device=device, dtype=dtype), device, where)
         return DryInput(Batch((zeros,)), shape, device, dtype, from_example=False)
@@ -138,24 +148,34 @@ def on_device(make, device: torch.device, where: str):
     try:
         return make()
     except (RuntimeError, AssertionError) as err:  # an absent CUDA raises AssertionError
-        raise ValueError(f"the 'device' parameter of {where} must be a device this machine has. "
-                         f"Got {str(device)!r} instead ({type(err).__name__}: {err}).") from err
+        raise ValueError(
+            f"the 'device' parameter of {where} must be a device this machine has. "
+            f"Got {str(device)!r} instead ({type(err).__name__}: {err})."
+        ) from err
 
 
-def run_dry(model: nn.Module, batch, where: str, handles: list, *, failure: str,
-            mode: contextlib.AbstractContextManager | None = None) -> None:
+def run_dry(
+    model: nn.Module,
+    batch,
+    where: str,
+    handles: list,
+    *,
+    failure: str,
+    mode: contextlib.AbstractContextManager | None = None,
+) -> None:
     """One forward of ``batch`` through ``model``, without gradients and in eval mode (under
     ``mode`` if given); every module's ``training`` flag is restored and ``handles`` (hooks) are
     removed afterwards, also when the forward fails. A failing forward becomes a ``ValueError``
     that says ``failure`` (which input, what to check) and carries the model's own error."""
     try:
-        with eval_mode(model), torch.no_grad(), (mode if mode is not None else contextlib.nullcontext()):
+        with eval_mode(model), torch.no_grad(), mode if mode is not None else contextlib.nullcontext():
             batch.call(model)
     except InstrumentError:
         raise
     except Exception as err:
-        raise ValueError(f"{where} could not run {type(model).__name__} on {failure}. "
-                         f"The model raised {type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"{where} could not run {type(model).__name__} on {failure}. The model raised {type(err).__name__}: {err}"
+        ) from err
     finally:
         for handle in handles:
             handle.remove()
@@ -166,12 +186,18 @@ def dry_failure(dry: DryInput) -> str:
     return f"{dry.describe(1)}; {dry.hint()}"
 
 
-def dry_forward(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                where: str, handles: list) -> None:
+def dry_forward(
+    model: nn.Module, input_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, where: str, handles: list
+) -> None:
     """One zero input of batch 1 through ``model`` (see :func:`run_dry`); a failing forward
     becomes a ``ValueError`` that names ``input_shape`` and carries the model's own error."""
     from prunelab.inputs import Batch
 
-    dry = DryInput(Batch((torch.zeros((1, *input_shape), device=device, dtype=dtype),)), tuple(input_shape),
-                   device, dtype, from_example=False)
+    dry = DryInput(
+        Batch((torch.zeros((1, *input_shape), device=device, dtype=dtype),)),
+        tuple(input_shape),
+        device,
+        dtype,
+        from_example=False,
+    )
     run_dry(model, dry.batch, where, handles, failure=dry_failure(dry))

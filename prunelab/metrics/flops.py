@@ -74,8 +74,7 @@ from prunelab.metrics.dry_run import (  # noqa: F401
 #: Module types whose FLOPs were counted before any dispatch counting (kept for callers).
 COUNTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Module types whose rows always carry FLOPs (0 when never called).
-_COUNTED_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase,
-                  nn.Embedding)
+_COUNTED_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase, nn.Embedding)
 
 aten = torch.ops.aten
 
@@ -137,8 +136,10 @@ def layer_flops(module: nn.Module, output_shapes: Sequence[torch.Size]) -> FlopC
     from prunelab.models.sparse import SparseLinear
 
     if not isinstance(module, (*COUNTED_TYPES, HashedLayer, SparseLinear)):
-        raise TypeError(f"layer_flops counts Linear and Conv1d/2d/3d layers (and hashed and sparse "
-                        f"layers) only; got {type(module).__name__}")
+        raise TypeError(
+            f"layer_flops counts Linear and Conv1d/2d/3d layers (and hashed and sparse "
+            f"layers) only; got {type(module).__name__}"
+        )
     weight, bias = module.weight, module.bias
     if hasattr(module, "virtual_weight"):
         with torch.no_grad():
@@ -159,9 +160,9 @@ def recurrent_flops(module: nn.Module, x) -> FlopCount:
     """FLOPs of one call of an ``nn.RNN/LSTM/GRU`` (or a cell) on input ``x``: for each
     (sample, time step) pair, ``2·numel(W) + numel(b)`` over all its weights and biases."""
     if isinstance(x, PackedSequence):
-        steps = int(x.data.shape[0])                      # Σ over samples of their lengths
+        steps = int(x.data.shape[0])  # Σ over samples of their lengths
     else:
-        steps = x.numel() // module.input_size            # (T, B, I), (B, T, I), (T, I), (B, I), (I,)
+        steps = x.numel() // module.input_size  # (T, B, I), (B, T, I), (T, I), (B, I), (I,)
     dense = remaining = 0
     for name, param in module.named_parameters(recurse=False):
         per_entry = 2 if name.startswith("weight") else 1
@@ -193,8 +194,8 @@ def _product(a: torch.Tensor, b: torch.Tensor, a_weight: bool, b_weight: bool) -
         return dense, 2 * m * int(_nonzero_mask(b).sum())
     if not b_weight:
         return dense, 2 * n * int(_nonzero_mask(a).sum())
-    columns = _nonzero_mask(a).sum(-2).long()      # (..., K)
-    rows = _nonzero_mask(b).sum(-1).long()         # (..., K)
+    columns = _nonzero_mask(a).sum(-2).long()  # (..., K)
+    rows = _nonzero_mask(b).sum(-1).long()  # (..., K)
     return dense, 2 * int((columns * rows).sum())
 
 
@@ -211,6 +212,7 @@ def _added(added, out: torch.Tensor, is_weight: bool, beta) -> tuple[int, int]:
 def _matmul_rule(packet):
     """The rule of one matrix product: its operands ``(added, a, b)`` read from the arguments,
     vectors made matrices (``mv``: ``b (K, 1)``; ``dot``: ``a (1, K)``, ``b (K, 1)``)."""
+
     def operands(args):
         if packet in (aten.mm, aten.bmm, aten._int_mm):
             return None, args[0], args[1]
@@ -220,13 +222,14 @@ def _matmul_rule(packet):
             return None, args[0], args[1].unsqueeze(-1)
         if packet is aten.addmv:
             return args[0], args[1], args[2].unsqueeze(-1)
-        return None, args[0].unsqueeze(0), args[1].unsqueeze(-1)      # dot, vdot
+        return None, args[0].unsqueeze(0), args[1].unsqueeze(-1)  # dot, vdot
 
     def rule(args, kwargs, out, is_weight):
-        added, a, b = operands(args)   # views share their storage: is_weight sees the parameter
+        added, a, b = operands(args)  # views share their storage: is_weight sees the parameter
         dense, remaining = _product(a, b, is_weight(a), is_weight(b))
         add = _added(added, out, added is not None and is_weight(added), kwargs.get("beta", 1))
         return dense + add[0], remaining + add[1], [a, b, added]
+
     return rule
 
 
@@ -242,10 +245,12 @@ def _convolution_rule(args, kwargs, out, is_weight):
 def _attention_rule(seq_axis: int):
     """QKᵀ and AV of a fused attention kernel; ``seq_axis`` is the key's sequence axis
     (-2 for ``(B, H, S, d)``, 1 for the ``(B, S, H, d)`` layout of the low-level kernels)."""
+
     def rule(args, kwargs, out, is_weight):
         q, k, v = args[0], args[1], args[2]
         dense = 2 * (q.numel() // q.shape[-1]) * k.shape[seq_axis] * (q.shape[-1] + v.shape[-1])
         return dense, dense, []
+
     return rule
 
 
@@ -258,16 +263,28 @@ def _ops(*names: str) -> list:
 
 
 def _rules() -> dict:
-    rules = {packet: _matmul_rule(packet) for packet in _ops(
-        "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_addmm_activation",
-        "_int_mm")}
+    rules = {
+        packet: _matmul_rule(packet)
+        for packet in _ops(
+            "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_addmm_activation", "_int_mm"
+        )
+    }
     rules.update({packet: _convolution_rule for packet in _ops("convolution", "_convolution")})
-    rules.update({packet: _attention_rule(-2) for packet in _ops(
-        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_fused_attention_overrideable")})
-    rules.update({packet: _attention_rule(1) for packet in _ops(
-        "_flash_attention_forward", "_efficient_attention_forward")})
+    rules.update(
+        {
+            packet: _attention_rule(-2)
+            for packet in _ops(
+                "_scaled_dot_product_flash_attention_for_cpu",
+                "_scaled_dot_product_flash_attention",
+                "_scaled_dot_product_efficient_attention",
+                "_scaled_dot_product_cudnn_attention",
+                "_scaled_dot_product_fused_attention_overrideable",
+            )
+        }
+    )
+    rules.update(
+        {packet: _attention_rule(1) for packet in _ops("_flash_attention_forward", "_efficient_attention_forward")}
+    )
     rules[aten.embedding] = _gather_rule
     return rules
 
@@ -275,10 +292,23 @@ def _rules() -> dict:
 _RULES = _rules()
 #: Fused operations that do counted work but whose FLOPs are not counted: seen outside a
 #: module formula, they raise a warning (the dry run turns the attention fast paths off).
-_UNCOUNTED = set(_ops("_transformer_encoder_layer_fwd", "_native_multi_head_attention", "mkldnn_rnn_layer",
-                      "_cudnn_rnn", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "embedding_bag",
-                      "_embedding_bag", "_embedding_bag_forward_only", "_sparse_mm", "addr", "_trilinear",
-                      "conv_tbc"))
+_UNCOUNTED = set(
+    _ops(
+        "_transformer_encoder_layer_fwd",
+        "_native_multi_head_attention",
+        "mkldnn_rnn_layer",
+        "_cudnn_rnn",
+        "_thnn_fused_lstm_cell",
+        "_thnn_fused_gru_cell",
+        "embedding_bag",
+        "_embedding_bag",
+        "_embedding_bag_forward_only",
+        "_sparse_mm",
+        "addr",
+        "_trilinear",
+        "conv_tbc",
+    )
+)
 
 
 # ----------------------------------------------------------------------------- the counting mode
@@ -303,7 +333,7 @@ class _FlopMode(TorchDispatchMode):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.spans: dict = {}       # storage → [(first, last, owning module)] of every parameter
+        self.spans: dict = {}  # storage → [(first, last, owning module)] of every parameter
         for module in model.modules():
             for param in module.parameters(recurse=False):
                 span = _memory_span(param)
@@ -351,8 +381,10 @@ class _FlopMode(TorchDispatchMode):
         try:
             dense, remaining, operands = rule(args, kwargs, result, self.is_weight)
         except Exception as err:
-            raise FlopCountError(f"prunelab could not count the FLOPs of {func} in module "
-                                 f"{self.names.get(self.running, '?')!r}: {type(err).__name__}: {err}") from err
+            raise FlopCountError(
+                f"prunelab could not count the FLOPs of {func} in module "
+                f"{self.names.get(self.running, '?')!r}: {type(err).__name__}: {err}"
+            ) from err
         self.add(self._attribute(operands), dense, remaining)
         return out
 
@@ -383,7 +415,7 @@ class _FlopMode(TorchDispatchMode):
                 self.stack.pop()
             if isinstance(module, formula):
                 inputs = pending[module].pop()
-                if output is not None and self.formula_depth == 1:   # its own operations stay uncounted
+                if output is not None and self.formula_depth == 1:  # its own operations stay uncounted
                     count = _formula_flops(module, inputs, output)
                     self.add(module, count.dense, count.remaining)
                 self.formula_depth -= 1
@@ -423,8 +455,9 @@ def module_flops(model: nn.Module, batch, *, where: str, failure: str) -> dict[n
         run_dry(model, batch, where, handles, failure=failure, mode=mode)
     if mode.uncounted:
         listed = "; ".join(f"{op} in {', '.join(sorted(names))}" for op, names in mode.uncounted.items())
-        warnings.warn(f"{where}: the FLOPs of these fused operations are not counted: {listed}.",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: the FLOPs of these fused operations are not counted: {listed}.", RuntimeWarning, stacklevel=3
+        )
     counts = {module: FlopCount(0, 0) for module in counted_kinds(model)}
     counts.update({module: FlopCount(*count) for module, count in mode.counts.items()})
     return counts
@@ -436,9 +469,14 @@ def per_sample_flops(model: nn.Module, dry: DryInput, where: str) -> dict[nn.Mod
 
 
 @validate_params({**DRY_PARAMS, "dtype": DTYPE})
-def count_flops(model: nn.Module, input_shape: Sequence[int] | int | None = None, *,
-                example_inputs=None, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None) -> dict[str, FlopCount]:
+def count_flops(
+    model: nn.Module,
+    input_shape: Sequence[int] | int | None = None,
+    *,
+    example_inputs=None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, FlopCount]:
     """Dense and remaining FLOPs per sample, by module name (see the module docstring).
 
     Give ``input_shape`` (one input without the batch dimension, e.g. ``(1, 28, 28)``; a zero

@@ -18,13 +18,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from numbers import Integral, Real
-
 from prunelab._validation import MAX_BATCH, MAX_REPEATS, THREADS, Interval, Sizes, validate_params
 from prunelab.metrics.dry_run import DRY_PARAMS, DryInput, on_device, resolve_dry_input
 
@@ -54,10 +53,12 @@ class Latency:
     device: str
 
     def __str__(self) -> str:
-        return (f"batch {self.batch_size:>4}: median {self.median_ms:.3f} ms "
-                f"(p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, mean {self.mean_ms:.3f}), "
-                f"{self.per_sample_us:.2f} us/sample; {self.repeats} calls, "
-                f"{self.threads} thread(s), {self.device}")
+        return (
+            f"batch {self.batch_size:>4}: median {self.median_ms:.3f} ms "
+            f"(p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, mean {self.mean_ms:.3f}), "
+            f"{self.per_sample_us:.2f} us/sample; {self.repeats} calls, "
+            f"{self.threads} thread(s), {self.device}"
+        )
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -84,8 +85,7 @@ def _make_batch(dry: DryInput, batch_size: int, generator: torch.Generator):
     return Batch((on_device(lambda: x.to(device=dry.device, dtype=dry.dtype), dry.device, _WHERE),))
 
 
-def _time_calls(model: nn.Module, batch, warmup: int, repeats: int, min_seconds: float,
-                sync) -> list[float]:
+def _time_calls(model: nn.Module, batch, warmup: int, repeats: int, min_seconds: float, sync) -> list[float]:
     """Seconds of each timed call: ``warmup`` untimed calls, then at least ``repeats`` timed ones,
     more until ``min_seconds`` have been measured."""
     for _ in range(warmup):
@@ -105,36 +105,58 @@ def _time_calls(model: nn.Module, batch, warmup: int, repeats: int, min_seconds:
 
 def _failure(model: nn.Module, dry: DryInput, batch_size: int) -> str:
     if dry.from_example:
-        return (f"{_WHERE} could not run {type(model).__name__} on {dry.describe(batch_size)}; check the "
-                f"'example_inputs' parameter (a tensor, tuple or dict the model takes) and the device.")
-    return (f"{_WHERE} could not run {type(model).__name__} on an input of shape "
-            f"{(batch_size, *dry.shape)} (input_shape={dry.shape} plus a batch of {batch_size}, "
-            f"dtype={dry.dtype}, device={dry.device}); check the 'input_shape' parameter "
-            f"(one input, without the batch dimension) and the device.")
+        return (
+            f"{_WHERE} could not run {type(model).__name__} on {dry.describe(batch_size)}; check the "
+            f"'example_inputs' parameter (a tensor, tuple or dict the model takes) and the device."
+        )
+    return (
+        f"{_WHERE} could not run {type(model).__name__} on an input of shape "
+        f"{(batch_size, *dry.shape)} (input_shape={dry.shape} plus a batch of {batch_size}, "
+        f"dtype={dry.dtype}, device={dry.device}); check the 'input_shape' parameter "
+        f"(one input, without the batch dimension) and the device."
+    )
 
 
 def _summarise(batch_size: int, times: list[float], threads: int, device: torch.device) -> Latency:
     ms = sorted(t * 1e3 for t in times)
     median = percentile(ms, 0.5)
-    return Latency(batch_size=batch_size, median_ms=median, p10_ms=percentile(ms, 0.1),
-                   p90_ms=percentile(ms, 0.9), mean_ms=sum(ms) / len(ms),
-                   per_sample_us=1e3 * median / batch_size, repeats=len(ms), threads=threads,
-                   device=str(device))
+    return Latency(
+        batch_size=batch_size,
+        median_ms=median,
+        p10_ms=percentile(ms, 0.1),
+        p90_ms=percentile(ms, 0.9),
+        mean_ms=sum(ms) / len(ms),
+        per_sample_us=1e3 * median / batch_size,
+        repeats=len(ms),
+        threads=threads,
+        device=str(device),
+    )
 
 
 #: The longest a measurement may be asked to go on (``min_seconds``).
 MAX_SECONDS = 3600.0
 #: What measure_latency and the functions that time models declare.
-TIMING = {"batch_sizes": [Sizes(MAX_BATCH)], "warmup": [Interval(Integral, 0, MAX_REPEATS)],
-          "repeats": [Interval(Integral, 1, MAX_REPEATS)], "threads": [THREADS, None]}
+TIMING = {
+    "batch_sizes": [Sizes(MAX_BATCH)],
+    "warmup": [Interval(Integral, 0, MAX_REPEATS)],
+    "repeats": [Interval(Integral, 1, MAX_REPEATS)],
+    "threads": [THREADS, None],
+}
 
 
 @validate_params({**DRY_PARAMS, **TIMING, "min_seconds": [Interval(Real, 0, MAX_SECONDS)]})
-def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = None,
-                    batch_sizes: Sequence[int] | int = (1, 64), *, example_inputs=None, warmup: int = 10,
-                    repeats: int = 50, threads: int | None = None,
-                    device: torch.device | str | None = None,
-                    min_seconds: float = 0.0) -> list[Latency]:
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int] | int | None = None,
+    batch_sizes: Sequence[int] | int = (1, 64),
+    *,
+    example_inputs=None,
+    warmup: int = 10,
+    repeats: int = 50,
+    threads: int | None = None,
+    device: torch.device | str | None = None,
+    min_seconds: float = 0.0,
+) -> list[Latency]:
     """Median forward latency of ``model`` at each batch size, one :class:`Latency` per batch size.
 
     For each batch size an input batch is made once on ``device`` (default: the model's; the
@@ -181,14 +203,17 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
     device = dry.device
     sizes = _check_batch_sizes(batch_sizes)
     from prunelab._model_checks import check_materialised
+
     check_materialised(model, _WHERE)
     warmup, repeats, min_seconds = int(warmup), int(repeats), float(min_seconds)
     threads = None if threads is None else int(threads)
 
     if device.type == "cuda":
+
         def sync() -> None:
             torch.cuda.synchronize(device)
     else:
+
         def sync() -> None:
             pass
 
@@ -205,8 +230,9 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int] | int | None = 
                 try:
                     times = _time_calls(model, batch, warmup, repeats, min_seconds, sync)
                 except Exception as err:
-                    raise ValueError(f"{_failure(model, dry, batch_size)} "
-                                     f"The model raised {type(err).__name__}: {err}") from err
+                    raise ValueError(
+                        f"{_failure(model, dry, batch_size)} The model raised {type(err).__name__}: {err}"
+                    ) from err
                 results.append(_summarise(batch_size, times, used_threads, device))
     finally:
         if torch.get_num_threads() != previous_threads:

@@ -33,9 +33,9 @@ Bytes are ``ceil(bits / 8)`` per tensor.
 
 from __future__ import annotations
 
-import torch
-
 from numbers import Integral
+
+import torch
 
 from prunelab._validation import TENSOR, Interval, Options, Types, check_param, validate_params
 
@@ -70,7 +70,7 @@ def _gaps(tensor: torch.Tensor):
     flat = tensor.detach().reshape(-1)
     previous = -1
     for start in range(0, flat.numel(), _CHUNK):
-        idx = torch.nonzero(flat[start:start + _CHUNK]).flatten() + start
+        idx = torch.nonzero(flat[start : start + _CHUNK]).flatten() + start
         if idx.numel() == 0:
             continue
         yield torch.diff(idx, prepend=idx.new_tensor([previous])) - 1
@@ -85,7 +85,7 @@ def best_index_bits(tensor: torch.Tensor, bits: int) -> int:
     fillers = dict.fromkeys(INDEX_BITS, 0)
     for gaps in _gaps(tensor):
         shifted = gaps
-        for r in INDEX_BITS:            # n_fill(r) = Σ g >> r; gaps shifted to 0 drop out
+        for r in INDEX_BITS:  # n_fill(r) = Σ g >> r; gaps shifted to 0 drop out
             shifted = shifted >> 1
             shifted = shifted[shifted > 0]
             if not len(shifted):
@@ -118,8 +118,9 @@ def nm_bits(n_elements: int, n: int, m: int, bits: int) -> int:
 
 
 @validate_params({"tensor": [TENSOR], "bits": BITS, "index_bits": INDEX_BITS_OR_AUTO, "nm": [Types(tuple), None]})
-def storage_bits(tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4,
-                 nm: tuple[int, int] | None = None) -> dict[str, int]:
+def storage_bits(
+    tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4, nm: tuple[int, int] | None = None
+) -> dict[str, int]:
     """Bits needed to store ``tensor`` as ``{"dense", "bitmask", "csr"}`` (and ``"nm"`` when the
     caller gives the tensor's N:M pattern ``nm=(n, m)``).
 
@@ -170,9 +171,10 @@ class StorageTally:
         self.chosen: set[str] = set()
 
     def add(self, tensor: torch.Tensor, nm: tuple[int, int] | None = None) -> None:
-        per_format = {name: bits_to_bytes(n_bits) for name, n_bits
-                      in storage_bits(tensor, self.bits, self.index_bits, nm).items()}
-        for name, n_bytes in per_format.items():     # "nm": over the tensors that hold a pattern
+        per_format = {
+            name: bits_to_bytes(n_bits) for name, n_bits in storage_bits(tensor, self.bits, self.index_bits, nm).items()
+        }
+        for name, n_bytes in per_format.items():  # "nm": over the tensors that hold a pattern
             self.bytes[name] += n_bytes
         choice = best_format(per_format)
         self.best += per_format[choice]

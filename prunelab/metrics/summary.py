@@ -74,7 +74,7 @@ class _Tally:
     prunable: int = 0
     prunable_nonzero: int = 0
     flops: FlopCount | None = None
-    patterns: list = field(default_factory=list)     # per prunable tensor: "N:M" or None
+    patterns: list = field(default_factory=list)  # per prunable tensor: "N:M" or None
 
     def add_tensor(self, tensor: torch.Tensor, is_prunable: bool, layout: str = "other") -> None:
         n, nnz = tensor.numel(), count_nonzero(tensor)
@@ -94,8 +94,7 @@ class _Tally:
         if self.flops is None:
             self.flops = flops
         else:
-            self.flops = FlopCount(self.flops.dense + flops.dense,
-                                   self.flops.remaining + flops.remaining)
+            self.flops = FlopCount(self.flops.dense + flops.dense, self.flops.remaining + flops.remaining)
 
     def merge(self, other: _Tally) -> None:
         self.params += other.params
@@ -231,23 +230,29 @@ class Summary:
         return _COLUMNS
 
     def _table(self) -> list[list[str]]:
-        return [[_cell(attribute, getattr(row, attribute)) for _, attribute, _ in self._columns()]
-                for row in (*self.rows, self.total)]
+        return [
+            [_cell(attribute, getattr(row, attribute)) for _, attribute, _ in self._columns()]
+            for row in (*self.rows, self.total)
+        ]
 
     def _footer(self) -> str:
         effective = _cell("effective_compression", self.effective_compression)
         inputs = "input_shape" if isinstance(self.input_shape, tuple) else "inputs"
-        return (f"per sample of {inputs} {self.input_shape}; {self.bits}-bit values, "
-                f"{_index_words(self.index_bits)}; effective storage compression "
-                f"{effective}x; FLOPs of products, convolutions, attention, recurrent steps and bias adds")
+        return (
+            f"per sample of {inputs} {self.input_shape}; {self.bits}-bit values, "
+            f"{_index_words(self.index_bits)}; effective storage compression "
+            f"{effective}x; FLOPs of products, convolutions, attention, recurrent steps and bias adds"
+        )
 
     def to_markdown(self) -> str:
         """The table as GitHub-flavoured Markdown, total row in bold."""
         table = self._table()
         table[-1] = [f"**{cell}**" if cell else "" for cell in table[-1]]
         columns = self._columns()
-        lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
-                 "|" + "|".join("---:" if right else ":---" for _, _, right in columns) + "|"]
+        lines = [
+            "| " + " | ".join(header for header, _, _ in columns) + " |",
+            "|" + "|".join("---:" if right else ":---" for _, _, right in columns) + "|",
+        ]
         lines += ["| " + " | ".join(cells) + " |" for cells in table]
         return "\n".join(lines) + f"\n\n{self._footer()}\n"
 
@@ -258,8 +263,10 @@ class Summary:
         widths = [max(len(cells[i]) for cells in [headers, *table]) for i in range(len(headers))]
 
         def line(cells: Sequence[str]) -> str:
-            padded = [cell.rjust(width) if right else cell.ljust(width)
-                      for cell, width, (_, _, right) in zip(cells, widths, columns)]
+            padded = [
+                cell.rjust(width) if right else cell.ljust(width)
+                for cell, width, (_, _, right) in zip(cells, widths, columns)
+            ]
             return "  ".join(padded).rstrip()
 
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
@@ -269,9 +276,11 @@ class Summary:
     def __repr__(self) -> str:
         total = self.total
         sparsity = _cell("sparsity", total.sparsity)
-        return (f"Summary(rows={len(self.rows)}, params={total.params:,}, nonzero={total.nonzero:,}, "
-                f"sparsity={sparsity}%, compression={_cell('compression', total.compression)}x, "
-                f"speedup={_cell('speedup', total.speedup)}x)")
+        return (
+            f"Summary(rows={len(self.rows)}, params={total.params:,}, nonzero={total.nonzero:,}, "
+            f"sparsity={sparsity}%, compression={_cell('compression', total.compression)}x, "
+            f"speedup={_cell('speedup', total.speedup)}x)"
+        )
 
 
 def _counted_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -301,7 +310,7 @@ def _default_prunable(model: nn.Module) -> set[int]:
         warnings.simplefilter("ignore", TiedWeightSkipped)
         try:
             ids = {id(target.weight) for target in resolve_targets(model, None, where="summary")}
-        except ValueError:          # no Linear-like layer at all
+        except ValueError:  # no Linear-like layer at all
             ids = set()
     return ids | {id(module.values) for module in model.modules() if isinstance(module, SparseLinear)}
 
@@ -315,20 +324,25 @@ def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where:
     if isinstance(prunable, str):
         prunable = [prunable]
     if not isinstance(prunable, Iterable):
-        raise TypeError(f"the 'prunable' parameter of {where} must be None or an iterable of "
-                        f"parameter names. Got {prunable!r} of type {type(prunable).__name__} instead.")
+        raise TypeError(
+            f"the 'prunable' parameter of {where} must be None or an iterable of "
+            f"parameter names. Got {prunable!r} of type {type(prunable).__name__} instead."
+        )
     names = list(prunable)
     params = dict(model.named_parameters(remove_duplicate=False))
     for prefix, module in model.named_modules():
         if isinstance(module, SparseLinear):
-            params.update({f"{prefix}.{name}" if prefix else name: identity
-                           for name, identity, _ in _counted_tensors(module)})
+            params.update(
+                {f"{prefix}.{name}" if prefix else name: identity for name, identity, _ in _counted_tensors(module)}
+            )
     unknown = [name for name in names if not isinstance(name, str) or name not in params]
     if unknown:
         hint = suggest(unknown[0], params) if isinstance(unknown[0], str) else ""
-        raise ValueError(f"the 'prunable' parameter of {where} names unknown parameters: "
-                         f"{', '.join(map(repr, unknown))}{hint}; valid names are: "
-                         f"{', '.join(params) or '(the model has no parameters)'}.")
+        raise ValueError(
+            f"the 'prunable' parameter of {where} names unknown parameters: "
+            f"{', '.join(map(repr, unknown))}{hint}; valid names are: "
+            f"{', '.join(params) or '(the model has no parameters)'}."
+        )
     return {id(params[name]) for name in names}
 
 
@@ -341,15 +355,25 @@ def _warn_non_finite(model: nn.Module) -> None:
                 bad[name] = param.numel() - int(finite.sum())
     if bad:
         listed = ", ".join(f"{name} ({n})" for name, n in bad.items())
-        warnings.warn(f"summary: non-finite (NaN/inf) entries in {listed}; they count as non-zero. "
-                      f"Did training diverge?", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"summary: non-finite (NaN/inf) entries in {listed}; they count as non-zero. Did training diverge?",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 @validate_params({**DRY_PARAMS, "dtype": DTYPE, "bits": BITS, "index_bits": INDEX_BITS_OR_AUTO})
-def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *, example_inputs=None,
-            prunable: Iterable[str] | str | None = None, bits: int = 32, index_bits: int | str = 4,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None) -> Summary:
+def summary(
+    model: nn.Module,
+    input_shape: Sequence[int] | int | None = None,
+    *,
+    example_inputs=None,
+    prunable: Iterable[str] | str | None = None,
+    bits: int = 32,
+    index_bits: int | str = 4,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Summary:
     """Sparsity, compression, FLOPs and storage of every module that owns parameters, plus a total.
 
     Args:
@@ -397,6 +421,7 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *,
     """
     where = "summary"
     from prunelab._model_checks import check_materialised
+
     check_materialised(model, where)
     dry = resolve_dry_input(model, input_shape, example_inputs, device, dtype, where)
     bits, index_bits = check_storage_bits(bits, index_bits, where)
@@ -414,10 +439,11 @@ def summary(model: nn.Module, input_shape: Sequence[int] | int | None = None, *,
         for param_name, identity, tensor in own:
             if id(identity) not in seen:
                 seen.add(id(identity))
-                layout = "linear" if identity is not tensor else layout_of(module, param_name)    # SparseLinear: a Linear
+                layout = "linear" if identity is not tensor else layout_of(module, param_name)  # SparseLinear: a Linear
                 tally.add_tensor(tensor, id(identity) in prunable_ids, layout)
         tally.add_flops(flops.get(module))
         rows.append(tally.freeze(name, type(module).__name__))
         total.merge(tally)
-    return Summary(rows=tuple(rows), total=total.freeze("total", ""), input_shape=dry.shape,
-                   bits=bits, index_bits=index_bits)
+    return Summary(
+        rows=tuple(rows), total=total.freeze("total", ""), input_shape=dry.shape, bits=bits, index_bits=index_bits
+    )

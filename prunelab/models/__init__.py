@@ -18,5 +18,4 @@ from prunelab.models.registry import MODELS, build_model, model_names, model_opt
 # Imported for their registrations.
 from prunelab.models import conv, gpt, lenet, lstm_lm, mlp, vgg  # noqa: E402,F401  isort: skip
 
-__all__ = ["MODELS", "HashedConv2d", "HashedLinear", "build_model", "hash_layers", "model_names",
-           "model_options"]
+__all__ = ["MODELS", "HashedConv2d", "HashedLinear", "build_model", "hash_layers", "model_names", "model_options"]

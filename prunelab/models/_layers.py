@@ -51,8 +51,10 @@ Step = Conv | Pool
 def image_shape(input_shape: tuple[int, ...], where: str) -> tuple[int, int, int]:
     """``input_shape`` as ``(C, H, W)``, or a ValueError for a flat shape."""
     if len(input_shape) != 3:
-        raise ValueError(f"the 'input_shape' parameter of {where} must be (C, H, W) for a "
-                         f"convolutional model. Got {tuple(input_shape)} instead.")
+        raise ValueError(
+            f"the 'input_shape' parameter of {where} must be (C, H, W) for a "
+            f"convolutional model. Got {tuple(input_shape)} instead."
+        )
     channels, height, width = input_shape
     return channels, height, width
 
@@ -91,21 +93,26 @@ def trace(where: str, input_shape: tuple[int, ...], steps: Sequence[Step]) -> tu
     return channels, height, width
 
 
-def _raise_too_small(where: str, shape: tuple[int, ...], steps: Sequence[Step], step: Step,
-                     height: int, width: int) -> None:
+def _raise_too_small(
+    where: str, shape: tuple[int, ...], steps: Sequence[Step], step: Step, height: int, width: int
+) -> None:
     if isinstance(step, Conv):
         size, kind, pad = step.kernel, "conv", step.padding
     else:
         size, kind, pad = step.size, "max-pool", 0
     seen = f"{step.layer} gets a {height}×{width} map" + (f" (padded by {pad})" if pad else "")
     if step.param is not None:
-        raise ValueError(f"the '{step.param}' parameter of {where} must be at most "
-                         f"{min(height, width) + 2 * pad} for input_shape {shape}: {seen}. "
-                         f"Got {size} instead.")
+        raise ValueError(
+            f"the '{step.param}' parameter of {where} must be at most "
+            f"{min(height, width) + 2 * pad} for input_shape {shape}: {seen}. "
+            f"Got {size} instead."
+        )
     needed = _min_size(steps)
     hint = f"; {where} needs H and W of at least {needed}" if needed else ""
-    raise ValueError(f"the 'input_shape' parameter of {where} is too small: {seen} and its "
-                     f"{size}×{size} {kind} would leave an empty output. Got {shape} instead{hint}.")
+    raise ValueError(
+        f"the 'input_shape' parameter of {where} is too small: {seen} and its "
+        f"{size}×{size} {kind} would leave an empty output. Got {shape} instead{hint}."
+    )
 
 
 def conv_layers(steps: Sequence[Step], in_channels: int, *, relu: bool = True) -> OrderedDict[str, nn.Module]:
@@ -114,8 +121,9 @@ def conv_layers(steps: Sequence[Step], in_channels: int, *, relu: bool = True) -
     channels = in_channels
     for step in steps:
         if isinstance(step, Conv):
-            layers[step.layer] = nn.Conv2d(channels, step.out_channels, step.kernel,
-                                           stride=step.stride, padding=step.padding)
+            layers[step.layer] = nn.Conv2d(
+                channels, step.out_channels, step.kernel, stride=step.stride, padding=step.padding
+            )
             if relu:
                 layers[f"{step.layer}_relu"] = nn.ReLU()
             channels = step.out_channels
@@ -144,11 +152,13 @@ def check_widths(param: str, value: Any, *, where: str) -> list[int]:
     """A list (or tuple) of layer widths, each an int ≥ 1."""
     expected = "a list of ints ≥ 1"
     if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, Integral) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"the '{param}' parameter of {where} must be {expected}. "
-                        f"Got {value!r} of type {type(value).__name__} instead.")
+        isinstance(v, Integral) and not isinstance(v, bool) for v in value
+    ):
+        raise TypeError(
+            f"the '{param}' parameter of {where} must be {expected}. "
+            f"Got {value!r} of type {type(value).__name__} instead."
+        )
     widths = [int(v) for v in value]
     if any(v < 1 for v in widths):
         raise ValueError(f"the '{param}' parameter of {where} must be {expected}. Got {widths} instead.")
     return widths
-

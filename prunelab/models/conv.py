@@ -34,8 +34,17 @@ from prunelab.models.registry import MODELS
 class ConvPoolLinear(nn.Sequential):
     """conv → ReLU → max-pool → dropout → linear; see the module docstring."""
 
-    def __init__(self, input_shape: tuple[int, int, int], n_classes: int, *, kernel: int = 5,
-                 channels: int = 8, stride: int = 1, pool: int = 2, dropout: float = 0.0):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        n_classes: int,
+        *,
+        kernel: int = 5,
+        channels: int = 8,
+        stride: int = 1,
+        pool: int = 2,
+        dropout: float = 0.0,
+    ):
         steps = _conv_pool_linear_steps(kernel, channels, stride, pool)
         out_c, out_h, out_w = trace("conv-pool-linear", input_shape, steps)
         layers = conv_layers(steps, input_shape[0])
@@ -46,14 +55,20 @@ class ConvPoolLinear(nn.Sequential):
 
 
 def _conv_pool_linear_steps(kernel: int, channels: int, stride: int, pool: int) -> list[Step]:
-    return [Conv("conv1", channels, kernel, stride=stride, param="kernel"),
-            Pool("conv1_pool", pool, param="pool")]
+    return [Conv("conv1", channels, kernel, stride=stride, param="kernel"), Pool("conv1_pool", pool, param="pool")]
 
 
 @MODELS.register("conv-pool-linear", "conv_pool_linear")
-def conv_pool_linear(input_shape: tuple[int, ...], n_classes: int, *, kernel: int = 5,
-                     channels: int = 8, stride: int = 1, pool: int = 2,
-                     dropout: float = 0.0) -> ConvPoolLinear:
+def conv_pool_linear(
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    kernel: int = 5,
+    channels: int = 8,
+    stride: int = 1,
+    pool: int = 2,
+    dropout: float = 0.0,
+) -> ConvPoolLinear:
     """The conv → max-pool → linear baseline (valid padding)."""
     where = "conv-pool-linear"
     kernel = check_number("kernel", kernel, where=where, low=1, integer=True)
@@ -61,19 +76,25 @@ def conv_pool_linear(input_shape: tuple[int, ...], n_classes: int, *, kernel: in
     stride = check_number("stride", stride, where=where, low=1, integer=True)
     pool = check_number("pool", pool, where=where, low=1, integer=True)
     dropout = check_number("dropout", dropout, where=where, low=0.0, high=1.0, closed="left")
-    return ConvPoolLinear(input_shape, n_classes, kernel=kernel, channels=channels,
-                          stride=stride, pool=pool, dropout=dropout)
+    return ConvPoolLinear(
+        input_shape, n_classes, kernel=kernel, channels=channels, stride=stride, pool=pool, dropout=dropout
+    )
 
 
 class ConvNet(nn.Sequential):
     """Same-padded conv → ReLU → 2×2 max-pool blocks, then a ReLU MLP head."""
 
-    def __init__(self, name: str, input_shape: tuple[int, int, int], n_classes: int,
-                 convs: Sequence[tuple[int, int]], dense: Sequence[int]):
+    def __init__(
+        self,
+        name: str,
+        input_shape: tuple[int, int, int],
+        n_classes: int,
+        convs: Sequence[tuple[int, int]],
+        dense: Sequence[int],
+    ):
         steps: list[Step] = []
         for index, (out_channels, kernel) in enumerate(convs, start=1):
-            steps += [Conv(f"conv{index}", out_channels, kernel, padding=kernel // 2),
-                      Pool(f"conv{index}_pool", 2)]
+            steps += [Conv(f"conv{index}", out_channels, kernel, padding=kernel // 2), Pool(f"conv{index}_pool", 2)]
         out_c, out_h, out_w = trace(name, input_shape, steps)
         layers = conv_layers(steps, input_shape[0])
         layers["flatten"] = nn.Flatten()

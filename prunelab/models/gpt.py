@@ -32,19 +32,28 @@ from prunelab.models.registry import MODELS
 def context_of(input_shape: tuple[int, ...], where: str) -> int:
     """The sequence length of a language model's ``input_shape`` ``(T,)``."""
     if len(input_shape) != 1:
-        raise ValueError(f"the 'input_shape' parameter of {where} must be (context,), the longest token sequence "
-                         f"the model takes (e.g. input_shape=(128,), or dataset= a text dataset). Got "
-                         f"{tuple(input_shape)} instead.")
+        raise ValueError(
+            f"the 'input_shape' parameter of {where} must be (context,), the longest token sequence "
+            f"the model takes (e.g. input_shape=(128,), or dataset= a text dataset). Got "
+            f"{tuple(input_shape)} instead."
+        )
     return int(input_shape[0])
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab: int, where: str) -> None:
     """Token ids must be an integer ``(N, T)`` tensor (a float tensor is a wrong input, not ids)."""
-    if not torch.is_tensor(input_ids) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
-            or input_ids.dtype == torch.bool or input_ids.dim() != 2:
+    if (
+        not torch.is_tensor(input_ids)
+        or input_ids.dtype.is_floating_point
+        or input_ids.dtype.is_complex
+        or input_ids.dtype == torch.bool
+        or input_ids.dim() != 2
+    ):
         got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if torch.is_tensor(input_ids) else type(input_ids).__name__
-        raise TypeError(f"{where} takes token ids: an integer tensor of shape (N, T) with values in [0, {vocab}). "
-                        f"Got {got} instead (with input_shape, pass dtype=torch.long or example_inputs= token ids).")
+        raise TypeError(
+            f"{where} takes token ids: an integer tensor of shape (N, T) with values in [0, {vocab}). "
+            f"Got {got} instead (with input_shape, pass dtype=torch.long or example_inputs= token ids)."
+        )
 
 
 class CausalSelfAttention(nn.Module):
@@ -63,12 +72,11 @@ class CausalSelfAttention(nn.Module):
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         n, length, _ = t.shape
-        return t.view(n, length, -1, self.head_dim).transpose(1, 2)          # (N, heads, T, head_dim)
+        return t.view(n, length, -1, self.head_dim).transpose(1, 2)  # (N, heads, T, head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -104,8 +112,17 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token + position embeddings → ``blocks`` → ``ln_f`` → ``lm_head`` (logits over the vocabulary)."""
 
-    def __init__(self, vocab: int, context: int, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
-                 d_ff: int | None = None, dropout: float = 0.0, tied: bool = True):
+    def __init__(
+        self,
+        vocab: int,
+        context: int,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int | None = None,
+        dropout: float = 0.0,
+        tied: bool = True,
+    ):
         super().__init__()
         self.vocab, self.context = vocab, context
         self.tok_embed = nn.Embedding(vocab, d_model)
@@ -132,8 +149,10 @@ class GPT(nn.Module):
         check_token_ids(input_ids, self.vocab, "gpt")
         length = input_ids.shape[1]
         if length > self.context:
-            raise ValueError(f"gpt: the input has {length} tokens, more than the model's context of "
-                             f"{self.context} (its input_shape); cut the sequences or build a longer context.")
+            raise ValueError(
+                f"gpt: the input has {length} tokens, more than the model's context of "
+                f"{self.context} (its input_shape); cut the sequences or build a longer context."
+            )
         positions = torch.arange(length, device=input_ids.device)
         x = self.drop(self.tok_embed(input_ids) + self.pos_embed(positions))
         for block in self.blocks:
@@ -142,8 +161,17 @@ class GPT(nn.Module):
 
 
 @MODELS.register("gpt")
-def gpt(input_shape: tuple[int, ...], n_classes: int, *, d_model: int = 128, n_layers: int = 4,
-        n_heads: int = 4, d_ff: int | None = None, dropout: float = 0.0, tied: bool = True) -> GPT:
+def gpt(
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    d_model: int = 128,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    d_ff: int | None = None,
+    dropout: float = 0.0,
+    tied: bool = True,
+) -> GPT:
     """GPT-style decoder: ``n_classes`` is the vocabulary, ``input_shape=(context,)`` the longest input;
     ``d_ff`` defaults to ``4·d_model``; ``tied`` shares the head's weight with the token embedding."""
     where = "gpt"

@@ -20,13 +20,12 @@ from the shape and the seed, so a saved hashed model holds only its K weights an
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from numbers import Integral, Real
 
 from prunelab._validation import MAX_UNITS, MODEL, SEED, Interval, check_number, validate_params
 
@@ -35,8 +34,12 @@ _MASK = 0xFFFFFFFF
 #: The most virtual weights one hashed layer may have (its int32 index takes 4 bytes each).
 MAX_VIRTUAL = 1 << 30
 _SIZE = Interval(Integral, 1, MAX_UNITS)
-_LAYER = {"compression": [Interval(Real, 0, 1, closed="right"), None], "buckets": [Interval(Integral, 1, None), None],
-          "bias": [bool], "seed": [Interval(Integral, 0, _MASK - 1)]}
+_LAYER = {
+    "compression": [Interval(Real, 0, 1, closed="right"), None],
+    "buckets": [Interval(Integral, 1, None), None],
+    "bias": [bool],
+    "seed": [Interval(Integral, 0, _MASK - 1)],
+}
 
 
 def _rotl(x: np.ndarray, r: int) -> np.ndarray:
@@ -100,11 +103,15 @@ class HashedLayer(nn.Module):
     def _setup(self, out_units: int, fan_in: int, compression, buckets, seed, bias: bool, where: str) -> None:
         virtual = out_units * fan_in
         if virtual > MAX_VIRTUAL:
-            raise ValueError(f"{where}: {out_units} × {fan_in} = {virtual} virtual weights, more than the "
-                             f"{MAX_VIRTUAL} a hashed layer may have.")
+            raise ValueError(
+                f"{where}: {out_units} × {fan_in} = {virtual} virtual weights, more than the "
+                f"{MAX_VIRTUAL} a hashed layer may have."
+            )
         if (compression is None) == (buckets is None):
-            raise ValueError(f"{where} needs exactly one of 'compression' (K / virtual weights, in (0, 1]) "
-                             f"and 'buckets' (K); got compression={compression!r}, buckets={buckets!r}.")
+            raise ValueError(
+                f"{where} needs exactly one of 'compression' (K / virtual weights, in (0, 1]) "
+                f"and 'buckets' (K); got compression={compression!r}, buckets={buckets!r}."
+            )
         if buckets is None:
             buckets = n_buckets(virtual, float(compression))
         else:
@@ -114,7 +121,7 @@ class HashedLayer(nn.Module):
         self.compression = buckets / virtual
         self.weight = nn.Parameter(torch.empty(buckets))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_units)) if bias else None)
-        if torch.get_default_device().type == "meta":      # a shapes-only skeleton (export.load's checks)
+        if torch.get_default_device().type == "meta":  # a shapes-only skeleton (export.load's checks)
             index = torch.empty(out_units, fan_in, dtype=torch.int32)
         else:
             index = hashed_index(out_units, fan_in, buckets, self.seed)
@@ -135,8 +142,16 @@ class HashedLinear(HashedLayer):
     """A Linear layer whose ``in_features × out_features`` weights share K buckets."""
 
     @validate_params({"in_features": [_SIZE], "out_features": [_SIZE], **_LAYER})
-    def __init__(self, in_features: int, out_features: int, *, compression: float | None = None,
-                 buckets: int | None = None, bias: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        compression: float | None = None,
+        buckets: int | None = None,
+        bias: bool = True,
+        seed: int = 0,
+    ):
         super().__init__()
         where = "HashedLinear"
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -146,23 +161,38 @@ class HashedLinear(HashedLayer):
         return F.linear(x, self.virtual_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, buckets={self.buckets}, "
-                f"compression={self.compression:.4g}, bias={self.bias is not None}, seed={self.seed}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, buckets={self.buckets}, "
+            f"compression={self.compression:.4g}, bias={self.bias is not None}, seed={self.seed}"
+        )
 
 
 class HashedConv2d(HashedLayer):
     """A Conv2d layer whose ``out × in/groups × kh × kw`` weights share K buckets."""
 
     @validate_params({"in_channels": [_SIZE], "out_channels": [_SIZE], "groups": [_SIZE], **_LAYER})
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0, dilation=1,
-                 groups: int = 1, compression: float | None = None, buckets: int | None = None,
-                 bias: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        compression: float | None = None,
+        buckets: int | None = None,
+        bias: bool = True,
+        seed: int = 0,
+    ):
         super().__init__()
         where = "HashedConv2d"
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"{where}: groups={groups} must divide in_channels={in_channels} and "
-                             f"out_channels={out_channels}.")
+            raise ValueError(
+                f"{where}: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}."
+            )
         pair = nn.modules.utils._pair
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
@@ -176,9 +206,11 @@ class HashedConv2d(HashedLayer):
         return F.conv2d(x, self.virtual_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, buckets={self.buckets}, compression={self.compression:.4g}, "
-                f"seed={self.seed}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, buckets={self.buckets}, compression={self.compression:.4g}, "
+            f"seed={self.seed}"
+        )
 
 
 @validate_params({"model": [MODEL], "compression": [Interval(Real, 0, 1, closed="right")], "seed": [SEED]})
@@ -188,22 +220,37 @@ def hash_layers(model: nn.Module, compression: float, seed: int = 0) -> nn.Modul
     ``seed + 2k`` (its sign hash with ``seed + 2k + 1``). Returns ``model``."""
     where = "hash_layers"
     compression, seed = float(compression), int(seed)
-    layers = [(name, m) for name, m in model.named_modules()
-              if type(m) in (nn.Linear, nn.Conv2d)]
+    layers = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     if not layers:
         raise ValueError(f"{where}: {type(model).__name__} has no Linear or Conv2d layer to hash.")
     for k, (name, module) in enumerate(layers):
         layer_seed = (seed + 2 * k) % (_MASK - 1)
         if isinstance(module, nn.Linear):
-            new = HashedLinear(module.in_features, module.out_features, compression=compression,
-                               bias=module.bias is not None, seed=layer_seed)
+            new = HashedLinear(
+                module.in_features,
+                module.out_features,
+                compression=compression,
+                bias=module.bias is not None,
+                seed=layer_seed,
+            )
         else:
             if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise ValueError(f"{where}: layer {name!r} uses padding {module.padding!r} / padding_mode "
-                                 f"{module.padding_mode!r}; hashed convolutions support numeric zero padding.")
-            new = HashedConv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                               padding=module.padding, dilation=module.dilation, groups=module.groups,
-                               compression=compression, bias=module.bias is not None, seed=layer_seed)
+                raise ValueError(
+                    f"{where}: layer {name!r} uses padding {module.padding!r} / padding_mode "
+                    f"{module.padding_mode!r}; hashed convolutions support numeric zero padding."
+                )
+            new = HashedConv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+                compression=compression,
+                bias=module.bias is not None,
+                seed=layer_seed,
+            )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model

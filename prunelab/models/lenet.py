@@ -34,15 +34,20 @@ _NAME = "lenet5"
 
 
 def _steps(width: float) -> tuple:
-    return (Conv("conv1", scaled_width(20, width), 5), Pool("conv1_pool", 2),
-            Conv("conv2", scaled_width(50, width), 5), Pool("conv2_pool", 2))
+    return (
+        Conv("conv1", scaled_width(20, width), 5),
+        Pool("conv1_pool", 2),
+        Conv("conv2", scaled_width(50, width), 5),
+        Pool("conv2_pool", 2),
+    )
 
 
 class LeNet5(nn.Sequential):
     """Caffe LeNet-5 for ``(C, H, W)`` inputs; see the module docstring."""
 
-    def __init__(self, input_shape: tuple[int, int, int], n_classes: int, *, conv_relu: bool = False,
-                 width: float = 1.0):
+    def __init__(
+        self, input_shape: tuple[int, int, int], n_classes: int, *, conv_relu: bool = False, width: float = 1.0
+    ):
         steps = _steps(width)
         channels, height, map_width = trace(_NAME, input_shape, steps)
         layers = conv_layers(steps, input_shape[0], relu=conv_relu)
@@ -52,8 +57,7 @@ class LeNet5(nn.Sequential):
 
 
 @MODELS.register(_NAME, "lenet-5")
-def lenet5(input_shape: tuple[int, ...], n_classes: int, *, conv_relu: bool = False,
-           width: float = 1.0) -> LeNet5:
+def lenet5(input_shape: tuple[int, ...], n_classes: int, *, conv_relu: bool = False, width: float = 1.0) -> LeNet5:
     """Caffe LeNet-5; ``conv_relu=True`` adds a ReLU after each convolution, ``width`` scales
     the hidden widths."""
     check_type("conv_relu", conv_relu, bool, where=_NAME)

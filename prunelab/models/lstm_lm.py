@@ -23,20 +23,20 @@ from prunelab._validation import check_number, check_type
 from prunelab.models.gpt import check_token_ids, context_of
 from prunelab.models.registry import MODELS
 
-INIT_RANGE = 0.1    # Zaremba et al.'s uniform init of the embedding and decoder (their small model)
+INIT_RANGE = 0.1  # Zaremba et al.'s uniform init of the embedding and decoder (their small model)
 
 
 class LSTMLanguageModel(nn.Module):
     """``embed → drop → lstm → drop → decoder``."""
 
-    def __init__(self, vocab: int, d_model: int = 256, n_layers: int = 2, dropout: float = 0.0,
-                 tied: bool = False):
+    def __init__(self, vocab: int, d_model: int = 256, n_layers: int = 2, dropout: float = 0.0, tied: bool = False):
         super().__init__()
         self.vocab = vocab
         self.embed = nn.Embedding(vocab, d_model)
         self.drop = nn.Dropout(dropout)
-        self.lstm = nn.LSTM(d_model, d_model, num_layers=n_layers, batch_first=True,
-                            dropout=dropout if n_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            d_model, d_model, num_layers=n_layers, batch_first=True, dropout=dropout if n_layers > 1 else 0.0
+        )
         self.decoder = nn.Linear(d_model, vocab)
         nn.init.uniform_(self.embed.weight, -INIT_RANGE, INIT_RANGE)
         nn.init.uniform_(self.decoder.weight, -INIT_RANGE, INIT_RANGE)
@@ -51,8 +51,15 @@ class LSTMLanguageModel(nn.Module):
 
 
 @MODELS.register("lstm-lm", "lstm_lm")
-def lstm_lm(input_shape: tuple[int, ...], n_classes: int, *, d_model: int = 256, n_layers: int = 2,
-            dropout: float = 0.0, tied: bool = False) -> LSTMLanguageModel:
+def lstm_lm(
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    d_model: int = 256,
+    n_layers: int = 2,
+    dropout: float = 0.0,
+    tied: bool = False,
+) -> LSTMLanguageModel:
     """LSTM language model: ``n_classes`` is the vocabulary; ``input_shape=(T,)`` is a sequence length
     (any length runs; it is what dry runs and ``summary`` use)."""
     where = "lstm-lm"

@@ -56,8 +56,9 @@ def model_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in _option_parameters(factory)}
 
 
-@validate_params({"name": [STR], "n_classes": [Interval(Integral, 1, MAX_UNITS), None], "seed": [SEED, None]},
-                 where=_named)
+@validate_params(
+    {"name": [STR], "n_classes": [Interval(Integral, 1, MAX_UNITS), None], "seed": [SEED, None]}, where=_named
+)
 def build_model(
     name: str,
     *,
@@ -100,8 +101,9 @@ def build_model(
     def make() -> nn.Module:
         model = factory(shape, classes, **options)
         if not isinstance(model, nn.Module):
-            raise TypeError(f"the factory of model {canonical} must return an nn.Module. "
-                            f"Got {type(model).__name__} instead.")
+            raise TypeError(
+                f"the factory of model {canonical} must return an nn.Module. Got {type(model).__name__} instead."
+            )
         if hashed is not None:
             from prunelab.models.hashed import hash_layers
 
@@ -144,13 +146,15 @@ def _check_size(name: str, factory: Callable[..., Any], shape, classes: int, opt
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             meta = factory(shape, classes, **options)
-    except Exception:          # the real build below reports the options' own error
+    except Exception:  # the real build below reports the options' own error
         return
     n = sum(p.numel() for p in meta.parameters()) if isinstance(meta, nn.Module) else 0
     if n > MAX_MODEL_PARAMETERS:
         given = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ValueError(f"the options of model {name} ({given}) describe {n:,} parameters, more than the "
-                         f"{MAX_MODEL_PARAMETERS:,} a model may have (4 GiB of float32).")
+        raise ValueError(
+            f"the options of model {name} ({given}) describe {n:,} parameters, more than the "
+            f"{MAX_MODEL_PARAMETERS:,} a model may have (4 GiB of float32)."
+        )
 
 
 def _resolve_options(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +168,8 @@ def _resolve_options(name: str, factory: Callable[..., Any], kwargs: dict[str, A
                 accepted = f"{name} accepts: {', '.join(valid)}" if valid else f"{name} accepts no options"
                 raise TypeError(
                     f"unknown option {key!r} for model {name}{suggest(key, valid)}; {accepted} "
-                    f"(and input_shape, n_classes, dataset, seed, which every model accepts).")
+                    f"(and input_shape, n_classes, dataset, seed, which every model accepts)."
+                )
     options = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     options.update(kwargs)
     return options
@@ -184,8 +189,10 @@ def _from_dataset(dataset: Any, attribute: str, default: Any) -> Any:
     if dataset is None:
         return default
     if not hasattr(dataset, attribute):
-        raise TypeError(f"the 'dataset' parameter of {_WHERE} must have .input_shape and .n_classes "
-                        f"attributes. Got {type(dataset).__name__} without .{attribute} instead.")
+        raise TypeError(
+            f"the 'dataset' parameter of {_WHERE} must have .input_shape and .n_classes "
+            f"attributes. Got {type(dataset).__name__} without .{attribute} instead."
+        )
     return getattr(dataset, attribute)
 
 
@@ -193,7 +200,8 @@ def _check_input_shape(value: Any, name: str) -> tuple[int, ...]:
     expected = "a (C, H, W) tuple of positive ints (or (D,) for an MLP)"
     prefix = f"the 'input_shape' parameter of {name} must be {expected}."
     if not isinstance(value, (tuple, list)) or not all(
-            isinstance(v, Integral) and not isinstance(v, bool) for v in value):
+        isinstance(v, Integral) and not isinstance(v, bool) for v in value
+    ):
         raise TypeError(f"{prefix} Got {value!r} of type {type(value).__name__} instead.")
     shape = tuple(int(v) for v in value)
     if len(shape) not in (1, 3) or min(shape) < 1:

@@ -88,17 +88,34 @@ class SparseLinear(nn.Module):
     values: torch.Tensor
     bias: torch.Tensor | None
 
-    @validate_params({"in_features": [_FEATURES], "out_features": [_FEATURES], "crow_indices": [TENSOR],
-                      "col_indices": [TENSOR], "values": [TENSOR], "bias": [TENSOR, None]})
-    def __init__(self, in_features: int, out_features: int, crow_indices: torch.Tensor,
-                 col_indices: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None):
+    @validate_params(
+        {
+            "in_features": [_FEATURES],
+            "out_features": [_FEATURES],
+            "crow_indices": [TENSOR],
+            "col_indices": [TENSOR],
+            "values": [TENSOR],
+            "bias": [TENSOR, None],
+        }
+    )
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ):
         super().__init__()
         where = "SparseLinear"
         self.in_features, self.out_features = int(in_features), int(out_features)
         if bias is not None:
             if tuple(bias.shape) != (out_features,):
-                raise ValueError(f"the 'bias' parameter of {where} must have shape ({out_features},). "
-                                 f"Got shape {tuple(bias.shape)} instead.")
+                raise ValueError(
+                    f"the 'bias' parameter of {where} must have shape ({out_features},). "
+                    f"Got shape {tuple(bias.shape)} instead."
+                )
         check_dtype(values.dtype, where)
         index_dtype = _index_dtype(max(len(values), in_features))
         self.register_buffer("crow_indices", crow_indices.to(index_dtype))
@@ -106,7 +123,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("bias", bias)
         self._csr_cache: tuple | None = None
-        _ = self.weight   # build and check the CSR tensor now, so bad arrays fail here
+        _ = self.weight  # build and check the CSR tensor now, so bad arrays fail here
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseLinear:
@@ -117,14 +134,21 @@ class SparseLinear(nn.Module):
         with torch.no_grad(), _quiet_beta_warning():
             csr = linear.weight.detach().to_sparse_csr()
             bias = None if linear.bias is None else linear.bias.detach().clone()
-            return cls(linear.in_features, linear.out_features, csr.crow_indices().clone(),
-                       csr.col_indices().clone(), csr.values().clone(), bias)
+            return cls(
+                linear.in_features,
+                linear.out_features,
+                csr.crow_indices().clone(),
+                csr.col_indices().clone(),
+                csr.values().clone(),
+                bias,
+            )
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the dense weight (zeros where nothing is stored) and the bias."""
         values = self.values
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=values.device, dtype=values.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=values.device, dtype=values.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(self.dense_weight())
             if self.bias is not None:
@@ -144,11 +168,11 @@ class SparseLinear(nn.Module):
         check_dtype(arrays[2].dtype, "SparseLinear")
         with _quiet_beta_warning(), torch.inference_mode(False):
             try:
-                csr = torch.sparse_csr_tensor(*arrays, (self.out_features, self.in_features),
-                                              check_invariants=True)
+                csr = torch.sparse_csr_tensor(*arrays, (self.out_features, self.in_features), check_invariants=True)
             except RuntimeError as err:
-                raise ValueError(f"SparseLinear({self.in_features}, {self.out_features}) has "
-                                 f"inconsistent CSR arrays: {err}") from err
+                raise ValueError(
+                    f"SparseLinear({self.in_features}, {self.out_features}) has inconsistent CSR arrays: {err}"
+                ) from err
         self._csr_cache = (*arrays, csr)
         return csr
 
@@ -169,8 +193,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             # reshape(-1, in_features) below would accept any input of a fitting size
-            raise ValueError(f"SparseLinear({self.in_features}, {self.out_features}) takes inputs of shape "
-                             f"(..., {self.in_features}). Got shape {tuple(x.shape)} instead.")
+            raise ValueError(
+                f"SparseLinear({self.in_features}, {self.out_features}) takes inputs of shape "
+                f"(..., {self.in_features}). Got shape {tuple(x.shape)} instead."
+            )
         weight, bias = self.weight, self._buffers["bias"]
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
@@ -178,12 +204,18 @@ class SparseLinear(nn.Module):
         if n == 1:
             y = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
         elif n < MANY_ROWS:
-            y = (torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t()))
+            y = torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t())
             y = y.t().contiguous()
         else:
             # bag i = sum over k in crow[i]:crow[i+1] of values[k] * rowsᵀ[col[k]]: row i of W·rowsᵀ
-            y = F.embedding_bag(self.col_indices, rows.t().contiguous(), self.crow_indices, mode="sum",
-                                per_sample_weights=self.values, include_last_offset=True)
+            y = F.embedding_bag(
+                self.col_indices,
+                rows.t().contiguous(),
+                self.crow_indices,
+                mode="sum",
+                per_sample_weights=self.values,
+                include_last_offset=True,
+            )
             y = y.t().contiguous()
             if bias is not None:
                 y = y.add_(bias)
@@ -195,8 +227,9 @@ class SparseLinear(nn.Module):
         state["_csr_cache"] = None
         return state
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # the number of non-zeros is data, not architecture: make room for the saved arrays
         for name in ("col_indices", "values"):
             saved = state_dict.get(prefix + name)
@@ -204,15 +237,18 @@ class SparseLinear(nn.Module):
             if isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.shape != current.shape:
                 setattr(self, name, current.new_empty(saved.shape))
         errors_before = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._csr_cache = None
         if len(error_msgs) == errors_before:
-            _ = self.weight   # check the loaded arrays now rather than at the first forward call
+            _ = self.weight  # check the loaded arrays now rather than at the first forward call
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-                f"sparsity={self.sparsity:.4f}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"sparsity={self.sparsity:.4f}, bias={self.bias is not None}"
+        )
 
 
 @contextlib.contextmanager
@@ -227,5 +263,7 @@ def _quiet_beta_warning() -> Iterator[None]:
 def check_dtype(dtype: torch.dtype, where: str) -> None:
     """Refuse value dtypes the CPU sparse kernels do not support (:data:`SUPPORTED_DTYPES`)."""
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{where} needs float32 or float64 weights (torch's CPU sparse kernels); "
-                        f"got {dtype}. Convert the layer first, e.g. linear.float().")
+        raise TypeError(
+            f"{where} needs float32 or float64 weights (torch's CPU sparse kernels); "
+            f"got {dtype}. Convert the layer first, e.g. linear.float()."
+        )

@@ -40,9 +40,17 @@ _NAME = "vgg11"
 class VGG(nn.Sequential):
     """``features`` (conv [+ BN] + ReLU, max-pools) → ``flatten`` → ``classifier``."""
 
-    def __init__(self, input_shape: tuple[int, int, int], n_classes: int, *,
-                 config: tuple[int | str, ...] = VGG11_CONFIG, batch_norm: bool = True,
-                 width: float = 1.0, hidden: int = 512, name: str = _NAME):
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        n_classes: int,
+        *,
+        config: tuple[int | str, ...] = VGG11_CONFIG,
+        batch_norm: bool = True,
+        width: float = 1.0,
+        hidden: int = 512,
+        name: str = _NAME,
+    ):
         steps, kept_pools = _plan(input_shape, config, width)
         out_c, out_h, out_w = trace(name, input_shape, steps)
         features: list[nn.Module] = []
@@ -57,17 +65,19 @@ class VGG(nn.Sequential):
             features.append(nn.ReLU())
             channels = step.out_channels
         classifier = nn.Sequential(
-            nn.Linear(out_c * out_h * out_w, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(out_c * out_h * out_w, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, n_classes),
         )
-        super().__init__(OrderedDict(features=nn.Sequential(*features), flatten=nn.Flatten(),
-                                     classifier=classifier))
+        super().__init__(OrderedDict(features=nn.Sequential(*features), flatten=nn.Flatten(), classifier=classifier))
         self.kept_pools = kept_pools
 
 
-def _plan(input_shape: tuple[int, int, int], config: tuple[int | str, ...],
-          width: float) -> tuple[list[Step], list[int]]:
+def _plan(
+    input_shape: tuple[int, int, int], config: tuple[int | str, ...], width: float
+) -> tuple[list[Step], list[int]]:
     """Conv and pool steps, skipping each pool that would see a map under 2×2."""
     _, height, wide = input_shape
     steps: list[Step] = []
@@ -87,8 +97,7 @@ def _plan(input_shape: tuple[int, int, int], config: tuple[int | str, ...],
 
 
 @MODELS.register(_NAME)
-def vgg11(input_shape: tuple[int, ...], n_classes: int, *, batch_norm: bool = True,
-          width: float = 1.0) -> VGG:
+def vgg11(input_shape: tuple[int, ...], n_classes: int, *, batch_norm: bool = True, width: float = 1.0) -> VGG:
     """VGG-11 for small images; pools that would empty the map are skipped."""
     check_type("batch_norm", batch_norm, bool, where=_NAME)
     width = check_number("width", width, where=_NAME, low=0.0, closed="neither")

@@ -52,6 +52,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
                 found.append(child)
             else:
                 walk(child)
+
     walk(model)
     return found
 
@@ -59,8 +60,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 def stacks(model: nn.Module) -> list[str]:
     """Dotted names of the model's ModuleLists and Sequentials with children: the stacks of
     blocks a user may name."""
-    return [name for name, m in model.named_modules()
-            if name and isinstance(m, CONTAINERS) and len(m) > 0]
+    return [name for name, m in model.named_modules() if name and isinstance(m, CONTAINERS) and len(m) > 0]
 
 
 def resolve_stack(model: nn.Module, stack, *, where: str) -> nn.Module:
@@ -71,23 +71,30 @@ def resolve_stack(model: nn.Module, stack, *, where: str) -> nn.Module:
     hint = f"stacks of blocks found: {', '.join(found[:12])}" if found else "the model has no ModuleList or Sequential"
     if isinstance(stack, nn.Module):
         if not any(m is stack for m in model.modules()):
-            raise ValueError(f"the 'blocks' parameter of {where} is a {type(stack).__name__} that is not part of "
-                             f"the model; {hint}.")
+            raise ValueError(
+                f"the 'blocks' parameter of {where} is a {type(stack).__name__} that is not part of the model; {hint}."
+            )
         module, name = stack, type(stack).__name__
     elif isinstance(stack, str):
         try:
             module = model.get_submodule(stack) if stack else model
         except AttributeError:
-            raise ValueError(f"the 'blocks' parameter of {where} names {stack!r}, which is not a submodule of "
-                             f"the {type(model).__name__}; {hint}.") from None
+            raise ValueError(
+                f"the 'blocks' parameter of {where} names {stack!r}, which is not a submodule of "
+                f"the {type(model).__name__}; {hint}."
+            ) from None
         name = repr(stack)
     else:
-        raise TypeError(f"the 'blocks' parameter of {where} must be a dotted module path such as "
-                        f"'model.layers' or an nn.ModuleList. Got {stack!r} of type {type(stack).__name__} instead.")
+        raise TypeError(
+            f"the 'blocks' parameter of {where} must be a dotted module path such as "
+            f"'model.layers' or an nn.ModuleList. Got {stack!r} of type {type(stack).__name__} instead."
+        )
     if not isinstance(module, CONTAINERS) or len(module) == 0:
         what = "an empty container" if isinstance(module, CONTAINERS) else f"a {type(module).__name__}"
-        raise ValueError(f"the 'blocks' parameter of {where} names {name}, {what}, not an nn.ModuleList or "
-                         f"nn.Sequential of blocks; {hint}.")
+        raise ValueError(
+            f"the 'blocks' parameter of {where} names {name}, {what}, not an nn.ModuleList or "
+            f"nn.Sequential of blocks; {hint}."
+        )
     return module
 
 
@@ -143,10 +150,10 @@ class Trace:
     def __init__(self, model: nn.Module, batches: list, watch=(), after_batch=None, stack=None):
         self.model, self.batches, self.after_batch = model, batches, after_batch
         self.blocks = find_blocks(model if stack is None else stack)
-        self.order: list[nn.Module] = []              # blocks in call order (first batch)
-        self.links: dict[int, tuple] = {}              # id(block) -> slot fed by the previous block
-        self.calls: dict[int, int] = {}                # calls of watched modules in the last batch
-        self.once: set[int] = set()                    # watched modules called once in every batch
+        self.order: list[nn.Module] = []  # blocks in call order (first batch)
+        self.links: dict[int, tuple] = {}  # id(block) -> slot fed by the previous block
+        self.calls: dict[int, int] = {}  # calls of watched modules in the last batch
+        self.once: set[int] = set()  # watched modules called once in every batch
         self._run(list(watch))
 
     def _run(self, watch):
@@ -227,7 +234,7 @@ class InputCache:
     Iterating yields the entries in batch order; ``cache[i] = entry`` replaces one. With ``cast``
     (a dtype) appended entries have their floating tensors cast to it."""
 
-    def __init__(self, directory: "str | Path | None" = None, cast: torch.dtype | None = None):
+    def __init__(self, directory: str | Path | None = None, cast: torch.dtype | None = None):
         self.directory = None if directory is None else Path(directory)
         self.cast = cast
         self._entries: list = []
@@ -276,12 +283,12 @@ class Spill:
     """A private temporary directory for spilled block inputs, removed on :meth:`close` (and on
     leaving a ``with`` block, also after an error). ``new()`` gives an empty cache in it."""
 
-    def __init__(self, parent: "str | Path | None" = None):
+    def __init__(self, parent: str | Path | None = None):
         self.path = Path(tempfile.mkdtemp(prefix="prunelab-blocks-", dir=parent))
         self._n = 0
 
     def new(self, cast: torch.dtype | None = None) -> InputCache:
-        for old in self.path.iterdir():      # one block's inputs on disk at a time
+        for old in self.path.iterdir():  # one block's inputs on disk at a time
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         self._n += 1
         directory = self.path / str(self._n)
@@ -326,8 +333,10 @@ def _map_tensors(fn, value):
 def _compact(value):
     """``value`` with every tensor that views a larger storage copied (``torch.save`` would write
     the whole storage)."""
+
     def own(t):
         return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
     return _map_tensors(own, value)
 
 
@@ -462,15 +471,19 @@ def check_block_options(blocks, offload, progress, mode: str, where: str):
     """The block-by-block options, checked before any work (the stack's path against the model
     later, in ``validate``)."""
     if blocks is not None and not isinstance(blocks, (str, torch.nn.Module)):
-        raise TypeError(f"the 'blocks' parameter of {where} must be a dotted module path such as "
-                        f"'model.layers' or an nn.ModuleList. Got {blocks!r} of type {type(blocks).__name__} instead.")
+        raise TypeError(
+            f"the 'blocks' parameter of {where} must be a dotted module path such as "
+            f"'model.layers' or an nn.ModuleList. Got {blocks!r} of type {type(blocks).__name__} instead."
+        )
     if offload is not None:
         offload = check_choice("offload", offload, OFFLOADS, where=where)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"the 'progress' parameter of {where} must be a bool or None. Got {progress!r} instead.")
     if mode != "sequential" and (blocks is not None or offload == "disk"):
-        raise ValueError(f"the 'blocks' and 'offload' parameters of {where} apply to mode 'sequential' "
-                         f"(block by block); got mode {mode!r}.")
+        raise ValueError(
+            f"the 'blocks' and 'offload' parameters of {where} apply to mode 'sequential' "
+            f"(block by block); got mode {mode!r}."
+        )
     return blocks, (None if offload == "memory" else offload), progress
 
 
@@ -485,6 +498,8 @@ def check_compute_dtype(value, mode: str, where: str):
         value = str(value).removeprefix("torch.")
     dtype = COMPUTE_DTYPES[check_choice("compute_dtype", value, COMPUTE_DTYPES, where=where)]
     if mode != "sequential":
-        raise ValueError(f"the 'compute_dtype' parameter of {where} applies to mode 'sequential' (block by "
-                         f"block); got mode {mode!r}.")
+        raise ValueError(
+            f"the 'compute_dtype' parameter of {where} applies to mode 'sequential' (block by "
+            f"block); got mode {mode!r}."
+        )
     return dtype

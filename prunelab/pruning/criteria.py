@@ -26,7 +26,7 @@ from prunelab.inputs import Batch, Loss, as_batch, make_loss
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
 
-CRITERIA: Registry[type["Criterion"]] = Registry("criterion")
+CRITERIA: Registry[type[Criterion]] = Registry("criterion")
 
 
 class Criterion:
@@ -46,7 +46,7 @@ class Criterion:
     needs_gradients = False
     needs_data = False
     updates_weights = False
-    default_scope = "local"      # the scope a Pruner given scope=None uses (Wanda: "row")
+    default_scope = "local"  # the scope a Pruner given scope=None uses (Wanda: "row")
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -71,8 +71,7 @@ class Criterion:
     def observe(self, targets: Sequence[Target]) -> None:
         """Record the current gradients (called after backward, before the step)."""
 
-    def calibrate(self, model: torch.nn.Module, targets: Sequence[Target], batches: list,
-                  loss_fn: Callable) -> None:
+    def calibrate(self, model: torch.nn.Module, targets: Sequence[Target], batches: list, loss_fn: Callable) -> None:
         """Accumulate statistics over calibration ``batches`` (:class:`prunelab.inputs.Batch`);
         ``loss_fn(output, batch)`` is a :class:`prunelab.inputs.Loss`."""
         raise NotImplementedError(f"criterion {self.name!r} uses no calibration data")
@@ -84,8 +83,7 @@ class Criterion:
         """The batches as :class:`Batch` es and the loss as a :class:`Loss`, whatever form a direct
         caller of :meth:`calibrate` used (``(x, y)`` pairs and ``F.cross_entropy`` included)."""
         where = f"{self.name} criterion"
-        return ([as_batch(b, where=where, index=i) for i, b in enumerate(batches)],
-                make_loss(loss_fn, where=where))
+        return ([as_batch(b, where=where, index=i) for i, b in enumerate(batches)], make_loss(loss_fn, where=where))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -124,7 +122,7 @@ class Random(Criterion):
         return list(self.iter_scores(targets))
 
     def iter_scores(self, targets):
-        for t in targets:       # the same draws in the same order as all at once
+        for t in targets:  # the same draws in the same order as all at once
             yield torch.rand(t.weight.shape, generator=self._generator).to(t.weight.device)
 
     def __repr__(self) -> str:
@@ -161,8 +159,9 @@ class GradientMagnitude(Criterion):
         grads = [t.weight.grad for t in targets]
         if any(g is None for g in grads):
             missing = [t.name for t, g in zip(targets, grads) if g is None]
-            raise ValueError(f"gradient criterion: no gradient for {', '.join(missing)}; "
-                             f"call loss.backward() before observing.")
+            raise ValueError(
+                f"gradient criterion: no gradient for {', '.join(missing)}; call loss.backward() before observing."
+            )
         products = [(t.weight.detach() * g).abs_() for t, g in zip(targets, grads)]
         if self._sums is None:
             self._sums = products
@@ -178,7 +177,7 @@ class GradientMagnitude(Criterion):
         batches, loss_fn = self._calibration(batches, loss_fn)
         params = [t.weight for t in targets]
         saved = [p.grad for p in params]
-        frozen = [p for p in params if not p.requires_grad]    # dL/dw exists for a frozen weight too
+        frozen = [p for p in params if not p.requires_grad]  # dL/dw exists for a frozen weight too
         for p in frozen:
             p.requires_grad_(True)
         try:
@@ -187,8 +186,10 @@ class GradientMagnitude(Criterion):
                     grads = torch.autograd.grad(loss_fn(batch.call(model), batch), params, allow_unused=True)
                     missing = [t.name for t, g in zip(targets, grads) if g is None]
                     if missing:
-                        raise ValueError(f"gradient criterion: the loss does not depend on {', '.join(missing)} "
-                                         f"(the forward pass never uses them); leave them out of 'layers'.")
+                        raise ValueError(
+                            f"gradient criterion: the loss does not depend on {', '.join(missing)} "
+                            f"(the forward pass never uses them); leave them out of 'layers'."
+                        )
                     for p, g in zip(params, grads):
                         p.grad = g
                     self.observe(targets)
@@ -206,7 +207,8 @@ class GradientMagnitude(Criterion):
             raise ValueError(
                 "the gradient criterion has no gradients to score with: attach an optimiser "
                 "(Pruner(..., optimizer=opt) or pruner.attach(opt)), call pruner.observe_gradients() "
-                "after loss.backward(), or pass calibration data.")
+                "after loss.backward(), or pass calibration data."
+            )
         for s in self._sums:
             yield s / self._count
 
@@ -230,7 +232,7 @@ def score_stream(criterion: Criterion, targets: Sequence[Target]) -> Iterator[to
 
 
 @validate_params({"spec": [Types(str, Criterion, Mapping)], "seed": [SEED], "where": [STR]})
-def make_criterion(spec: "str | Criterion | dict", *, seed: int = 0, where: str = "Pruner") -> Criterion:
+def make_criterion(spec: str | Criterion | dict, *, seed: int = 0, where: str = "Pruner") -> Criterion:
     """Build a criterion from a name (``"magnitude"``), a dict ``{"name": ..., **options}``,
     or return an instance unchanged. ``seed`` reaches criteria that take one."""
     return CRITERIA.build(spec, param="criterion", where=where, defaults={"seed": seed}, instance_of=Criterion)

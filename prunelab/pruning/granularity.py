@@ -38,11 +38,10 @@ from numbers import Integral
 import torch
 
 from prunelab._validation import STR, TENSOR, Interval, Types, validate_params
-
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
 
-GRANULARITIES: Registry[type["Granularity"]] = Registry("granularity")
+GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")
 REDUCTIONS = ("l2", "sum", "mean")
 
 
@@ -80,8 +79,7 @@ class Granularity:
         """Dimensions of :meth:`view` reduced away to get one score per group."""
         return ()
 
-    def group_scores(self, scores: torch.Tensor, reduction: str = "l2",
-                     target: Target | None = None) -> torch.Tensor:
+    def group_scores(self, scores: torch.Tensor, reduction: str = "l2", target: Target | None = None) -> torch.Tensor:
         view = self.view(scores, target)
         return reduce_scores(view, self.group_dims(view, target), reduction)
 
@@ -92,8 +90,7 @@ class Granularity:
             size *= view.shape[d]
         return size
 
-    def expand(self, group_mask: torch.Tensor, weight: torch.Tensor,
-               target: Target | None = None) -> torch.Tensor:
+    def expand(self, group_mask: torch.Tensor, weight: torch.Tensor, target: Target | None = None) -> torch.Tensor:
         """Broadcast a group mask to the weight's shape."""
         view = self.view(weight, target)
         shape = list(view.shape)
@@ -109,8 +106,7 @@ class Granularity:
         groups within a row (``row``); None when a group spans several rows (filter, channel)."""
         return None
 
-    def protected(self, scores: torch.Tensor, alive: torch.Tensor,
-                  target: Target | None = None) -> torch.Tensor | None:
+    def protected(self, scores: torch.Tensor, alive: torch.Tensor, target: Target | None = None) -> torch.Tensor | None:
         """Groups (shaped like :meth:`group_scores`) that no pruning event may take, whatever
         the scope says; None for none. N:M protects the N best of every run of M."""
         return None
@@ -146,15 +142,20 @@ def _structured_only(granularity: str, target: Target, need_conv: bool = False) 
         raise ValueError(
             f"granularity {granularity!r} does not apply to {target.name!r}, the weight of an Embedding "
             f"(rows are vocabulary entries, not units with inputs); embeddings are pruned with "
-            f"granularity='weight' only. Leave {target.name!r} out of 'layers' or use granularity='weight'.")
+            f"granularity='weight' only. Leave {target.name!r} out of 'layers' or use granularity='weight'."
+        )
     ok = target.is_conv if need_conv else target.is_structured
     if not ok:
-        kinds = "Conv layers" if need_conv else ("Linear-like layers (Linear, Conv, HF Conv1D, "
-                                                   "MultiheadAttention and RNN weights)")
+        kinds = (
+            "Conv layers"
+            if need_conv
+            else ("Linear-like layers (Linear, Conv, HF Conv1D, MultiheadAttention and RNN weights)")
+        )
         raise ValueError(
             f"granularity {granularity!r} applies only to {kinds}; {target.name!r} is the "
             f"'{target.param_name}' of a {target.kind}. Use granularity='weight' for it, or "
-            f"leave it out of 'layers'.")
+            f"leave it out of 'layers'."
+        )
 
 
 def _out_axis(target: Target | None) -> int:
@@ -360,7 +361,8 @@ class NMGranularity(Granularity):
         if reason is not None:
             raise ValueError(
                 f"granularity {self.name!r} does not apply to {target.name!r} ({target.kind}): {reason}. "
-                f"Leave it out of 'layers', or use an M that divides {self._per_position(target)}.")
+                f"Leave it out of 'layers', or use an M that divides {self._per_position(target)}."
+            )
 
     def unfit(self, target: Target) -> str | None:
         """Why ``target``'s rows cannot be cut into runs of M (None: they can)."""
@@ -391,13 +393,20 @@ class NMGranularity(Granularity):
         if sparsity is None:
             return self.sparsity
         if isinstance(sparsity, dict) or hasattr(sparsity, "items"):
-            raise ValueError(f"the 'sparsity' parameter of {where} cannot give per-layer targets with "
-                             f"granularity {self.name!r}: N:M fixes every layer at {self.sparsity:g}; "
-                             f"pass sparsity=None and choose the layers with 'layers'.")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
-                or abs(float(sparsity) - self.sparsity) > 1e-9:
-            raise ValueError(f"the 'sparsity' parameter of {where} must be None or {self.sparsity:g} "
-                             f"(= 1 - {self.n}/{self.m}) with granularity {self.name!r}. Got {sparsity!r} instead.")
+            raise ValueError(
+                f"the 'sparsity' parameter of {where} cannot give per-layer targets with "
+                f"granularity {self.name!r}: N:M fixes every layer at {self.sparsity:g}; "
+                f"pass sparsity=None and choose the layers with 'layers'."
+            )
+        if (
+            isinstance(sparsity, bool)
+            or not isinstance(sparsity, (int, float))
+            or abs(float(sparsity) - self.sparsity) > 1e-9
+        ):
+            raise ValueError(
+                f"the 'sparsity' parameter of {where} must be None or {self.sparsity:g} "
+                f"(= 1 - {self.n}/{self.m}) with granularity {self.name!r}. Got {sparsity!r} instead."
+            )
         return self.sparsity
 
     def __repr__(self) -> str:
@@ -405,8 +414,7 @@ class NMGranularity(Granularity):
 
 
 def _check_nm(n, m) -> tuple[int, int]:
-    ok = (isinstance(n, int) and isinstance(m, int) and not isinstance(n, bool) and not isinstance(m, bool)
-          and 0 < n < m)
+    ok = isinstance(n, int) and isinstance(m, int) and not isinstance(n, bool) and not isinstance(m, bool) and 0 < n < m
     if not ok:
         raise ValueError(f"an N:M granularity needs integers 0 < N < M. Got N={n!r}, M={m!r} instead.")
     return n, m
@@ -419,14 +427,16 @@ def parse_nm(name: object) -> tuple[int, int] | None:
 
 
 @validate_params({"name": [Types(str, Granularity)], "where": [STR]})
-def make_granularity(name: "str | Granularity", *, where: str = "Pruner") -> Granularity:
+def make_granularity(name: str | Granularity, *, where: str = "Pruner") -> Granularity:
     if isinstance(name, Granularity):
         return name
     nm = parse_nm(name)
     if nm is not None:
         if not 0 < nm[0] < nm[1]:
-            raise ValueError(f"the 'granularity' parameter of {where} must be a name or 'N:M' with "
-                             f"0 < N < M (e.g. '2:4'). Got {name!r} instead.")
+            raise ValueError(
+                f"the 'granularity' parameter of {where} must be a name or 'N:M' with "
+                f"0 < N < M (e.g. '2:4'). Got {name!r} instead."
+            )
         return NMGranularity(*nm)
     try:
         return GRANULARITIES.get(name, param="granularity", where=where)()

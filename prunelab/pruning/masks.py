@@ -69,7 +69,7 @@ class MaskSet:
     def apply_to_weights(self, *hook_args) -> None:
         if not self._params:
             return
-        if self._float is None:          # not training: no float copies needed
+        if self._float is None:  # not training: no float copies needed
             for param in self._params:
                 param.masked_fill_(~self._masks[param], 0)
         else:
@@ -104,8 +104,16 @@ class MaskSet:
 
 # Exact types (not subclasses) whose update is zero for an entry with zero weight,
 # zero gradient and zero state; see the module docstring.
-ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
-                   torch.optim.Adagrad, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+ZERO_PRESERVING = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
 
 
 class OptimizerHooks:

@@ -96,9 +96,9 @@ from prunelab.inputs import IGNORE_INDEX, Batch, Loss, is_cross_entropy, token_i
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.targets import CONV_TYPES, Target
 
-_CHUNK_BYTES = 4 * 2**20     # per-sample gradients formed at once: cache-sized is fastest
-_DELTA_BYTES = 512 * 2**20   # back-propagated vectors δ held at once (else the backward is split)
-_PER_SAMPLE_BYTES = 64 * 2**20   # per-sample weight gradients held at once on the per-sample route
+_CHUNK_BYTES = 4 * 2**20  # per-sample gradients formed at once: cache-sized is fastest
+_DELTA_BYTES = 512 * 2**20  # back-propagated vectors δ held at once (else the backward is split)
+_PER_SAMPLE_BYTES = 64 * 2**20  # per-sample weight gradients held at once on the per-sample route
 #: mode="exact" back-propagates one column per class (and counted position); above this many
 #: classes it refuses and suggests mode="mc".
 MAX_EXACT_CLASSES = 4096
@@ -118,31 +118,36 @@ class OBD(Criterion):
     name = "obd"
     needs_data = True
 
-    @validate_params({"mode": [Options({"exact", "mc"})], "samples": [Interval(Integral, 1, MAX_REPEATS)],
-                      "seed": [SEED]}, where=_WHERE)
+    @validate_params(
+        {"mode": [Options({"exact", "mc"})], "samples": [Interval(Integral, 1, MAX_REPEATS)], "seed": [SEED]},
+        where=_WHERE,
+    )
     def __init__(self, mode: str = "exact", samples: int = 1, seed: int = 0):
         self.mode = mode
         self.samples = int(samples)
         if self.mode == "exact" and self.samples != 1:
-            raise ValueError(f"the 'samples' parameter of {_WHERE} applies to mode 'mc' only; "
-                             f"mode 'exact' uses every class. Got samples={samples!r} with mode 'exact'.")
+            raise ValueError(
+                f"the 'samples' parameter of {_WHERE} applies to mode 'mc' only; "
+                f"mode 'exact' uses every class. Got samples={samples!r} with mode 'exact'."
+            )
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
         self.reset()
 
     # ------------------------------------------------------------ interface
-    def calibrate(self, model: nn.Module, targets: Sequence[Target], batches: list,
-                  loss_fn: Callable) -> None:
+    def calibrate(self, model: nn.Module, targets: Sequence[Target], batches: list, loss_fn: Callable) -> None:
         """Add the GGN diagonal of every batch to the running sums."""
         batches, loss = self._calibration(batches, loss_fn)
         _check_loss(loss.user)
         names = [t.name for t in targets]
         if self._sums is not None and names != self._names:
-            raise ValueError(f"{_WHERE}: calibrated on {self._names} before, now given {names}; "
-                             f"call reset() first.")
+            raise ValueError(f"{_WHERE}: calibrated on {self._names} before, now given {names}; call reset() first.")
         fast = _fast_routes(model, targets)
-        sums = ([s.clone() for s in self._sums] if self._sums is not None else
-                [torch.zeros_like(t.weight, dtype=torch.float64) for t in targets])
+        sums = (
+            [s.clone() for s in self._sums]
+            if self._sums is not None
+            else [torch.zeros_like(t.weight, dtype=torch.float64) for t in targets]
+        )
         count = self._count
         with eval_mode(model), torch.enable_grad():
             for batch in batches:
@@ -154,7 +159,8 @@ class OBD(Criterion):
         if self._sums is None or self._count == 0:
             raise ValueError(
                 "the obd criterion has no Hessian to score with: pass calibration data "
-                "(prune(..., data=(x, y)), Pruner(..., calibration=(x, y)) or pruner.calibrate(data)).")
+                "(prune(..., data=(x, y)), Pruner(..., calibration=(x, y)) or pruner.calibrate(data))."
+            )
         return [s / self._count for s in self._sums]
 
     def scores(self, targets: Sequence[Target]) -> list[torch.Tensor]:
@@ -163,10 +169,9 @@ class OBD(Criterion):
     def iter_scores(self, targets: Sequence[Target]):
         """One target's ``½ · h · w²`` at a time (its ``h`` made when it is scored)."""
         if self._sums is None or self._count == 0:
-            self.hessian_diagonal()             # raises: nothing calibrated
+            self.hessian_diagonal()  # raises: nothing calibrated
         if [t.name for t in targets] != self._names:
-            raise ValueError(f"{_WHERE}: calibrated on {self._names}, asked to score "
-                             f"{[t.name for t in targets]}.")
+            raise ValueError(f"{_WHERE}: calibrated on {self._names}, asked to score {[t.name for t in targets]}.")
         for t, s in zip(targets, self._sums):
             h = s / self._count
             yield (0.5 * h * t.weight.detach().double().square()).to(t.weight.dtype)
@@ -187,13 +192,21 @@ class OBD(Criterion):
         return f"OBD(mode='mc', samples={self.samples}, seed={self.seed})"
 
     # ------------------------------------------------------------ one batch
-    def _add_batch(self, model: nn.Module, targets: Sequence[Target], fast: list[str | None], batch: Batch,
-                   sums: list[torch.Tensor], loss: Loss) -> int:
+    def _add_batch(
+        self,
+        model: nn.Module,
+        targets: Sequence[Target],
+        fast: list[str | None],
+        batch: Batch,
+        sums: list[torch.Tensor],
+        loss: Loss,
+    ) -> int:
         """One forward; the batched backward to every hooked ``z`` (fast routes) and the per-sample
         route for the rest; squared gradients into ``sums``. Returns the positions counted."""
         seen: list[list] = [[] for _ in targets]
-        handles = [t.module.register_forward_hook(_keeper(seen[i]), with_kwargs=True)
-                   for i, t in enumerate(targets) if fast[i]]
+        handles = [
+            t.module.register_forward_hook(_keeper(seen[i]), with_kwargs=True) for i, t in enumerate(targets) if fast[i]
+        ]
         try:
             with torch.set_grad_enabled(bool(handles)):
                 logits = loss.logits(batch.call(model))
@@ -203,12 +216,17 @@ class OBD(Criterion):
         _check_logits(logits, self.mode)
         counted = _counted(logits, batch)
         rows = _Rows(logits.detach().softmax(dim=-1), counted, self)
-        hooked = [_hooked(route, records, logits.shape[0]) if route else None
-                  for route, records in zip(fast, seen)]
+        hooked = [_hooked(route, records, logits.shape[0]) if route else None for route, records in zip(fast, seen)]
         chosen = [i for i, h in enumerate(hooked) if h is not None]
         if chosen:
-            _fast_pass(logits, [fast[i] for i in chosen], [targets[i] for i in chosen],
-                       [hooked[i] for i in chosen], [sums[i] for i in chosen], rows)
+            _fast_pass(
+                logits,
+                [fast[i] for i in chosen],
+                [targets[i] for i in chosen],
+                [hooked[i] for i in chosen],
+                [sums[i] for i in chosen],
+                rows,
+            )
         rest = [i for i, h in enumerate(hooked) if h is None]
         if rest:
             _per_sample_pass(model, batch, [targets[i] for i in rest], [sums[i] for i in rest], rows, loss)
@@ -223,22 +241,28 @@ def _check_loss(loss_fn: Callable | None) -> None:
         f"the 'loss_fn' parameter of {_WHERE} must be None (the loss inferred from the output's shape), "
         f"torch.nn.functional.cross_entropy or nn.CrossEntropyLoss() with default arguments: OBD's "
         f"Gauss-Newton Hessian is defined here for the mean softmax cross-entropy of the model's logits. "
-        f"Got {loss_fn!r} instead.")
+        f"Got {loss_fn!r} instead."
+    )
 
 
 def _check_logits(logits: torch.Tensor, mode: str) -> None:
     if logits.dim() not in (2, 3):
-        raise ValueError(f"{_WHERE}: the model's logits have shape {tuple(logits.shape)}; OBD's Gauss-Newton "
-                         f"diagonal is defined for class logits (N, classes) and token logits "
-                         f"(N, tokens, vocabulary). Name another output entry with output_key=.")
+        raise ValueError(
+            f"{_WHERE}: the model's logits have shape {tuple(logits.shape)}; OBD's Gauss-Newton "
+            f"diagonal is defined for class logits (N, classes) and token logits "
+            f"(N, tokens, vocabulary). Name another output entry with output_key=."
+        )
     if mode == "exact" and logits.shape[-1] > MAX_EXACT_CLASSES:
-        raise ValueError(f"{_WHERE}: mode='exact' back-propagates one column per class and counted position, "
-                         f"and the model has {logits.shape[-1]} classes, over the bound of {MAX_EXACT_CLASSES} "
-                         f"(obd.MAX_EXACT_CLASSES); use mode='mc' (an unbiased estimate at 'samples' backward "
-                         f"passes per batch).")
+        raise ValueError(
+            f"{_WHERE}: mode='exact' back-propagates one column per class and counted position, "
+            f"and the model has {logits.shape[-1]} classes, over the bound of {MAX_EXACT_CLASSES} "
+            f"(obd.MAX_EXACT_CLASSES); use mode='mc' (an unbiased estimate at 'samples' backward "
+            f"passes per batch)."
+        )
     if not torch.isfinite(logits).all():
-        raise ValueError(f"{_WHERE}: the model's logits are not finite (nan or inf); "
-                         f"OBD needs a model whose softmax is defined.")
+        raise ValueError(
+            f"{_WHERE}: the model's logits are not finite (nan or inf); OBD needs a model whose softmax is defined."
+        )
 
 
 def _counted(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -254,8 +278,10 @@ def _counted(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     t = logits.shape[1]
     if targets is not None and not batch.hf_labels:
         if targets.shape != (n, t):
-            raise ValueError(f"{_WHERE}: token logits {tuple(logits.shape)} need targets of shape ({n}, {t}); "
-                             f"got {tuple(targets.shape)}.")
+            raise ValueError(
+                f"{_WHERE}: token logits {tuple(logits.shape)} need targets of shape ({n}, {t}); "
+                f"got {tuple(targets.shape)}."
+            )
         return (targets != IGNORE_INDEX).to(logits.device)
     ids = targets if targets is not None else token_ids(batch)
     counted = torch.zeros(n, t, dtype=torch.bool, device=logits.device)
@@ -275,9 +301,9 @@ class _Rows:
     ``mc``: ``samples`` rows holding ``(p − e_y)/√S`` at every counted position, ``y ~ p`` drawn
     per position (the cross terms between positions vanish in expectation: still unbiased)."""
 
-    def __init__(self, p: torch.Tensor, counted: torch.Tensor, obd: "OBD | None", drawn=None):
+    def __init__(self, p: torch.Tensor, counted: torch.Tensor, obd: OBD | None, drawn=None):
         self.shape = p.shape
-        self.p = p.reshape(p.shape[0], -1, p.shape[-1])                     # (N, T, C); T = 1 for classes
+        self.p = p.reshape(p.shape[0], -1, p.shape[-1])  # (N, T, C); T = 1 for classes
         self.counted = counted.reshape(p.shape[0], -1)
         self.mode = obd.mode if obd is not None else "mc"
         if self.mode == "mc":
@@ -287,22 +313,24 @@ class _Rows:
             self.positions = torch.nonzero(self.counted.any(0)).flatten()
             self.n = len(self.positions) * self.p.shape[-1]
 
-    def _draw(self, obd: "OBD") -> torch.Tensor:
+    def _draw(self, obd: OBD) -> torch.Tensor:
         n, t, c = self.p.shape
-        labels = torch.multinomial(self.p.reshape(n * t, c).cpu().float(), obd.samples, replacement=True,
-                                   generator=obd._generator).T.to(self.p.device)          # (S, N·T)
+        labels = torch.multinomial(
+            self.p.reshape(n * t, c).cpu().float(), obd.samples, replacement=True, generator=obd._generator
+        ).T.to(self.p.device)  # (S, N·T)
         one_hot = F.one_hot(labels.reshape(-1, n, t), c).to(self.p.dtype)
         rows = (self.p[None] - one_hot) / math.sqrt(obd.samples)
         return rows * self.counted[None, :, :, None].to(rows.dtype)
 
-    def sample(self, i: int) -> "_Rows":
+    def sample(self, i: int) -> _Rows:
         """The rows of sample ``i`` alone (for the per-sample route)."""
         if self.mode == "mc":
-            return _Rows(self.p[i:i + 1].reshape(1, *self.shape[1:]), self.counted[i:i + 1], None,
-                         self.drawn[:, i:i + 1])
+            return _Rows(
+                self.p[i : i + 1].reshape(1, *self.shape[1:]), self.counted[i : i + 1], None, self.drawn[:, i : i + 1]
+            )
         rows = _Rows.__new__(_Rows)
         rows.shape, rows.mode = (1, *self.shape[1:]), "exact"
-        rows.p, rows.counted = self.p[i:i + 1], self.counted[i:i + 1]
+        rows.p, rows.counted = self.p[i : i + 1], self.counted[i : i + 1]
         rows.positions = torch.nonzero(rows.counted[0]).flatten()
         rows.n = len(rows.positions) * rows.p.shape[-1]
         return rows
@@ -313,7 +341,7 @@ class _Rows:
         n, t, c = self.p.shape
         index = torch.arange(start, stop, device=self.p.device)
         pos, cls = self.positions[index // c], index % c
-        p_at = self.p[:, pos, :]                                                  # (N, r, C)
+        p_at = self.p[:, pos, :]  # (N, r, C)
         eye = F.one_hot(cls, c).to(p_at.dtype)
         a = p_at.gather(2, cls[None, :, None].expand(n, -1, 1)).sqrt() * (eye[None] - p_at)
         a = a * self.counted[:, pos, None].to(a.dtype)
@@ -356,10 +384,11 @@ def _keeper(records: list):
         if not torch.is_tensor(x_in) or not torch.is_tensor(z):
             records.append(None)
             return None
-        if not z.requires_grad:           # frozen weights: make z a leaf to differentiate to
+        if not z.requires_grad:  # frozen weights: make z a leaf to differentiate to
             z = z.detach().requires_grad_()
         records.append((x_in.detach(), x_in._version, z))
-        return z.clone()                  # an in-place op after the layer must not overwrite z
+        return z.clone()  # an in-place op after the layer must not overwrite z
+
     return hook
 
 
@@ -376,8 +405,10 @@ def _hooked(route: str, records: list, n: int):
 
 
 def _unused(target: Target) -> ValueError:
-    return ValueError(f"{_WHERE}: the model's output does not depend on {target.name!r} (the forward pass "
-                      f"never uses it, or not on the way to the logits); leave it out of 'layers'.")
+    return ValueError(
+        f"{_WHERE}: the model's output does not depend on {target.name!r} (the forward pass "
+        f"never uses it, or not on the way to the logits); leave it out of 'layers'."
+    )
 
 
 def _fast_pass(logits, routes, targets, hooked, sums, rows: _Rows) -> None:
@@ -387,8 +418,9 @@ def _fast_pass(logits, routes, targets, hooked, sums, rows: _Rows) -> None:
     step = max(1, _DELTA_BYTES // max(per_row, 1))
     for start in range(0, rows.n, step):
         stop = min(rows.n, start + step)
-        deltas = torch.autograd.grad(logits, zs, rows.chunk(start, stop), retain_graph=stop < rows.n,
-                                     is_grads_batched=True, allow_unused=True)
+        deltas = torch.autograd.grad(
+            logits, zs, rows.chunk(start, stop), retain_graph=stop < rows.n, is_grads_batched=True, allow_unused=True
+        )
         for route, target, x_in, delta, h in zip(routes, targets, inputs, deltas, sums):
             if delta is None:
                 raise _unused(target)
@@ -407,19 +439,23 @@ def _per_sample_pass(model, batch: Batch, targets: Sequence[Target], sums, rows:
         for p in params:
             p.requires_grad_(True)
         if batch.size != rows.shape[0]:
-            raise ValueError(f"{_WHERE}: the batch holds {batch.size} samples but the logits "
-                             f"{tuple(rows.shape)} are for {rows.shape[0]}; OBD needs the samples first in "
-                             f"every input and in the output.")
+            raise ValueError(
+                f"{_WHERE}: the batch holds {batch.size} samples but the logits "
+                f"{tuple(rows.shape)} are for {rows.shape[0]}; OBD needs the samples first in "
+                f"every input and in the output."
+            )
         for i in range(batch.size):
             sample_rows = rows.sample(i)
             if sample_rows.n == 0:
                 continue
             logits = loss.logits(batch.slice(i, i + 1).call(model))
             if logits.shape != sample_rows.shape:
-                raise ValueError(f"{_WHERE}: scoring {', '.join(t.name for t in targets)} needs one forward per "
-                                 f"sample, and sample {i} alone gave logits {tuple(logits.shape)} where "
-                                 f"{tuple(sample_rows.shape)} was expected; OBD needs the samples first in "
-                                 f"every input and in the output.")
+                raise ValueError(
+                    f"{_WHERE}: scoring {', '.join(t.name for t in targets)} needs one forward per "
+                    f"sample, and sample {i} alone gave logits {tuple(logits.shape)} where "
+                    f"{tuple(sample_rows.shape)} was expected; OBD needs the samples first in "
+                    f"every input and in the output."
+                )
             for start in range(0, sample_rows.n, step):
                 stop = min(sample_rows.n, start + step)
                 grads = _batched_grad(logits, params, sample_rows.chunk(start, stop))
@@ -434,49 +470,60 @@ def _per_sample_pass(model, batch: Batch, targets: Sequence[Target], sums, rows:
 
 def _batched_grad(logits, params, grad_rows) -> list:
     try:
-        return torch.autograd.grad(logits, params, grad_rows, retain_graph=True, is_grads_batched=True,
-                                   allow_unused=True)
-    except RuntimeError:                # an op without a batching rule: one backward per row
-        per_row = [torch.autograd.grad(logits, params, row, retain_graph=True, allow_unused=True)
-                   for row in grad_rows]
+        return torch.autograd.grad(
+            logits, params, grad_rows, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    except RuntimeError:  # an op without a batching rule: one backward per row
+        per_row = [torch.autograd.grad(logits, params, row, retain_graph=True, allow_unused=True) for row in grad_rows]
         return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_row)]
+
 
 # ------------------------------------------------------- squared gradients
 def _squared_gradients(route: str, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``Σ_c Σ_n (∂(a_{n,c}ᵀ f_n)/∂W)²`` for one layer; ``delta`` is (c, N, *z.shape[1:])."""
     if route == "conv":
         return _conv_squared(module, x, delta)
-    if route == "transposed":       # HF Conv1D: z = x W + b with W (in, out), the Linear case transposed
+    if route == "transposed":  # HF Conv1D: z = x W + b with W (in, out), the Linear case transposed
         return _squared_gradients("linear", module, x, delta).T
     if route == "linear":
-        if x.dim() == 2:            # per-sample gradient δ xᵀ: its square is δ² (x²)ᵀ
+        if x.dim() == 2:  # per-sample gradient δ xᵀ: its square is δ² (x²)ᵀ
             return delta.square().sum(0).T @ x.square()
-        x = x.reshape(x.shape[0], -1, x.shape[-1])                               # (N, M, in)
-        delta = delta.reshape(delta.shape[0], x.shape[0], -1, delta.shape[-1])   # (c, N, M, out)
-        return _sum_squared(delta, lambda lo, hi: x[lo:hi], "cnmo,nmi->cnoi",
-                            shape=(delta.shape[-1], x.shape[-1]), input_size=x[0].numel())
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, M, in)
+        delta = delta.reshape(delta.shape[0], x.shape[0], -1, delta.shape[-1])  # (c, N, M, out)
+        return _sum_squared(
+            delta,
+            lambda lo, hi: x[lo:hi],
+            "cnmo,nmi->cnoi",
+            shape=(delta.shape[-1], x.shape[-1]),
+            input_size=x[0].numel(),
+        )
     patches = _Patches(module, x)
-    delta = delta.flatten(3)                                                     # (c, N, O, P)
-    h = _sum_squared(delta, patches, "cnop,nkp->cnok",
-                     shape=(delta.shape[2], patches.rows), input_size=patches.size)
+    delta = delta.flatten(3)  # (c, N, O, P)
+    h = _sum_squared(delta, patches, "cnop,nkp->cnok", shape=(delta.shape[2], patches.rows), input_size=patches.size)
     return h.reshape(module.weight.shape)
 
 
-def _sum_squared(delta: torch.Tensor, inputs: Callable[[int, int], torch.Tensor], equation: str, *,
-                 shape: tuple[int, int], input_size: int) -> torch.Tensor:
+def _sum_squared(
+    delta: torch.Tensor,
+    inputs: Callable[[int, int], torch.Tensor],
+    equation: str,
+    *,
+    shape: tuple[int, int],
+    input_size: int,
+) -> torch.Tensor:
     """Σ over classes and samples of the squared per-sample gradients ``einsum(equation)``
     (each of ``shape``), formed in chunks of at most ``_CHUNK_BYTES``; ``inputs(lo, hi)``
     gives the layer inputs of samples ``lo:hi`` (``input_size`` elements each)."""
     n_classes, n = delta.shape[:2]
     item = delta.element_size()
-    per_gradient = (shape[0] * shape[1] + delta[0, 0].numel()) * item     # G and its δ, per class
+    per_gradient = (shape[0] * shape[1] + delta[0, 0].numel()) * item  # G and its δ, per class
     class_step = max(1, min(n_classes, _CHUNK_BYTES // per_gradient))
     sample_step = max(1, _CHUNK_BYTES // (class_step * per_gradient + input_size * item))
     total = delta.new_zeros(shape)
     for lo in range(0, n, sample_step):
         x = inputs(lo, lo + sample_step)
         for c in range(0, n_classes, class_step):
-            g = torch.einsum(equation, delta[c:c + class_step, lo:lo + sample_step], x)
+            g = torch.einsum(equation, delta[c : c + class_step, lo : lo + sample_step], x)
             total += g.square_().sum((0, 1))
     return total
 
@@ -486,7 +533,7 @@ class _Patches:
 
     def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
         self.conv, self.x = conv, x
-        pads = []                                   # F.pad order: (left, right, top, bottom)
+        pads = []  # F.pad order: (left, right, top, bottom)
         for dim in (1, 0):
             if conv.padding == "valid":
                 pads += [0, 0]
@@ -501,7 +548,7 @@ class _Patches:
         out_h = (x.shape[2] + pads[2] + pads[3] - conv.dilation[0] * (k[0] - 1) - 1) // conv.stride[0] + 1
         out_w = (x.shape[3] + pads[0] + pads[1] - conv.dilation[1] * (k[1] - 1) - 1) // conv.stride[1] + 1
         self.rows = x.shape[1] * k[0] * k[1]
-        self.size = self.rows * out_h * out_w                    # elements per sample
+        self.size = self.rows * out_h * out_w  # elements per sample
 
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         conv, x = self.conv, self.x[lo:hi]
@@ -514,8 +561,13 @@ class _Patches:
         # of one image: one im2col call instead of a (thread-parallel) loop over samples,
         # which costs milliseconds per sample on a busy machine.
         n, channels = x.shape[:2]
-        patches = F.unfold(x.reshape(1, n * channels, *x.shape[2:]), conv.kernel_size,
-                           dilation=conv.dilation, padding=padding, stride=conv.stride)
+        patches = F.unfold(
+            x.reshape(1, n * channels, *x.shape[2:]),
+            conv.kernel_size,
+            dilation=conv.dilation,
+            padding=padding,
+            stride=conv.stride,
+        )
         return patches.reshape(n, self.rows, -1)
 
 
@@ -529,7 +581,7 @@ def _conv_padding(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple
         return x, (0,) * dims
     if conv.padding != "same" and conv.padding_mode == "zeros":
         return x, tuple(conv.padding)
-    pads = []                                  # F.pad order: last dimension first
+    pads = []  # F.pad order: last dimension first
     for d in reversed(range(dims)):
         if conv.padding == "same":
             total = conv.dilation[d] * (conv.kernel_size[d] - 1)
@@ -547,17 +599,23 @@ def _conv_squared(conv: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torc
     x, padding = _conv_padding(conv, x)
     weight_shape = conv.weight.shape
     n_rows, n = delta.shape[:2]
-    pairs = delta.reshape(n_rows * n, *delta.shape[2:])                   # pair k = (row k // n, sample k % n)
+    pairs = delta.reshape(n_rows * n, *delta.shape[2:])  # pair k = (row k // n, sample k % n)
     per_pair = (conv.weight.numel() + x[0].numel() + pairs[0].numel()) * delta.element_size()
     step = max(1, _CHUNK_BYTES // per_pair)
     grad = _CONV_WEIGHT_GRAD[conv.weight.dim() - 2]
     total = delta.new_zeros(weight_shape)
     for lo in range(0, len(pairs), step):
-        chunk = pairs[lo:lo + step]
+        chunk = pairs[lo : lo + step]
         k = len(chunk)
         inputs = x[torch.arange(lo, lo + k, device=x.device) % n]
-        g = grad(inputs.reshape(1, -1, *x.shape[2:]), (k * weight_shape[0], *weight_shape[1:]),
-                 chunk.reshape(1, -1, *chunk.shape[2:]), stride=conv.stride, padding=padding,
-                 dilation=conv.dilation, groups=k * conv.groups)
+        g = grad(
+            inputs.reshape(1, -1, *x.shape[2:]),
+            (k * weight_shape[0], *weight_shape[1:]),
+            chunk.reshape(1, -1, *chunk.shape[2:]),
+            stride=conv.stride,
+            padding=padding,
+            dilation=conv.dilation,
+            groups=k * conv.groups,
+        )
         total += g.reshape(k, *weight_shape).square_().sum(0)
     return total

@@ -28,20 +28,20 @@ class LayerProblem:
     """One layer to prune as a whole at one event."""
 
     target: Target
-    alive: torch.Tensor             # bool, shaped like target.matrix(): False for weights already pruned
-    sparsity: float                 # the fraction of the layer's weights pruned after this event
-    min_keep: int                   # groups (weights, or inputs when structured) that always survive
-    nm: tuple[int, int] | None = None   # an N:M pattern to choose (its sparsity, not ``sparsity``), or None
-    structured: bool = False        # prune whole inputs (granularity 'channel'), not single weights
+    alive: torch.Tensor  # bool, shaped like target.matrix(): False for weights already pruned
+    sparsity: float  # the fraction of the layer's weights pruned after this event
+    min_keep: int  # groups (weights, or inputs when structured) that always survive
+    nm: tuple[int, int] | None = None  # an N:M pattern to choose (its sparsity, not ``sparsity``), or None
+    structured: bool = False  # prune whole inputs (granularity 'channel'), not single weights
 
 
 @dataclass
 class LayerSolution:
     """A solver's answer to a :class:`LayerProblem` (the new weights are written in place)."""
 
-    keep: torch.Tensor              # bool keep-mask in the weight's own shape
-    report: object = None           # the solver's per-layer report (e.g. an L-OBS LayerReport)
-    held: bool = False              # the no-empty-layer guard stopped the layer short of its target
+    keep: torch.Tensor  # bool keep-mask in the weight's own shape
+    report: object = None  # the solver's per-layer report (e.g. an L-OBS LayerReport)
+    held: bool = False  # the no-empty-layer guard stopped the layer short of its target
 
 
 @dataclass
@@ -57,10 +57,10 @@ class SolveRequest:
     scope: Scope
     min_keep: int
     masks: MaskSet
-    nm: tuple[int, int] | None = None   # the granularity's N:M pattern, if any
-    structured: bool = False            # granularity 'channel': whole inputs
-    select: Callable | None = None      # (target, score, sparsity, event, index, n_layers) -> (group keep, held)
-    store: Callable | None = None       # (target, group keep) -> None: sets the layer's mask
+    nm: tuple[int, int] | None = None  # the granularity's N:M pattern, if any
+    structured: bool = False  # granularity 'channel': whole inputs
+    select: Callable | None = None  # (target, score, sparsity, event, index, n_layers) -> (group keep, held)
+    store: Callable | None = None  # (target, group keep) -> None: sets the layer's mask
 
     def keep(self, target: Target) -> torch.Tensor:
         """The target's current keep-mask, in the weight's shape (all True before any prune)."""

@@ -24,15 +24,28 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import nn
 
-from numbers import Integral
-
 from prunelab._model_checks import check_batch_fits, check_materialised
-from prunelab._validation import (BATCH_SIZE, DATA, MAPPING, MODEL, SEED, SPARSITY, Interval, Options, Types,
-                                  MAX_STEPS, check_finite, check_number, check_sparsity, validate_params)
+from prunelab._validation import (
+    BATCH_SIZE,
+    DATA,
+    MAPPING,
+    MAX_STEPS,
+    MODEL,
+    SEED,
+    SPARSITY,
+    Interval,
+    Options,
+    Types,
+    check_finite,
+    check_number,
+    check_sparsity,
+    validate_params,
+)
 from prunelab.inputs import iter_batches, make_loss
 from prunelab.pruning.criteria import Criterion, make_criterion, score_stream
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, PatternSkipped, make_granularity
@@ -42,14 +55,22 @@ from prunelab.pruning.schedules import Schedule, make_schedule
 from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
 
-Batches = Iterable   # (x, y) pairs, input tensors, dicts of keyword inputs: see prunelab.inputs
+Batches = Iterable  # (x, y) pairs, input tensors, dicts of keyword inputs: see prunelab.inputs
 
 #: What Pruner and prune declare alike (a larger ``min_keep`` than a layer has keeps the layer whole:
 #: no upper bound).
-_COMMON = {"model": [MODEL], "sparsity": [SPARSITY, MAPPING, None], "criterion": [Types(str, Mapping, Criterion)],
-           "granularity": [Types(str, Granularity)], "scope": [Types(str, Scope), None],
-           "reduction": [Options(REDUCTIONS)], "min_keep": [Interval(Integral, 1, None)],
-           "loss_fn": ["callable", None], "output_key": [str, None], "seed": [SEED]}
+_COMMON = {
+    "model": [MODEL],
+    "sparsity": [SPARSITY, MAPPING, None],
+    "criterion": [Types(str, Mapping, Criterion)],
+    "granularity": [Types(str, Granularity)],
+    "scope": [Types(str, Scope), None],
+    "reduction": [Options(REDUCTIONS)],
+    "min_keep": [Interval(Integral, 1, None)],
+    "loss_fn": ["callable", None],
+    "output_key": [str, None],
+    "seed": [SEED],
+}
 
 
 class SparsityShortfall(UserWarning):
@@ -61,11 +82,11 @@ class PruneRecord:
     """One applied pruning event."""
 
     step: int
-    target: float       # the schedule's sparsity
-    sparsity: float     # realised sparsity over all targets afterwards
-    layers: dict        # per-target realised sparsity
-    report: object = None   # a solver's per-layer report (L-OBS), if any
-    held: tuple = ()    # targets the no-empty-layer guard kept from going lower (see Pruner)
+    target: float  # the schedule's sparsity
+    sparsity: float  # realised sparsity over all targets afterwards
+    layers: dict  # per-target realised sparsity
+    report: object = None  # a solver's per-layer report (L-OBS), if any
+    held: tuple = ()  # targets the no-empty-layer guard kept from going lower (see Pruner)
 
 
 class Pruner:
@@ -98,25 +119,36 @@ class Pruner:
     seed: seeds the random criterion.
     """
 
-    @validate_params({**_COMMON, "schedule": [Types(str, dict, Schedule), "callable"],
-                      "schedule_args": [MAPPING, None], "calibration": [DATA, None],
-                      "calibration_batch_size": [BATCH_SIZE]})
-    def __init__(self, model: nn.Module, sparsity: float | None = None, *,
-                 criterion: "str | dict | Criterion" = "magnitude",
-                 granularity: "str | Granularity" = "weight",
-                 scope: "str | Scope | None" = None,
-                 schedule: "str | dict | Schedule | Callable[[int], float]" = "one-shot",
-                 schedule_args: dict | None = None,
-                 layers: Iterable[str] | None = None,
-                 reduction: str = "l2",
-                 min_keep: int = 1,
-                 optimizer: "torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None" = None,
-                 rewind: "str | int | Mapping | None" = None,
-                 calibration: "tuple[torch.Tensor, torch.Tensor] | Batches | None" = None,
-                 loss_fn: Callable | None = None,
-                 calibration_batch_size: int = 256,
-                 output_key: str | None = None,
-                 seed: int = 0):
+    @validate_params(
+        {
+            **_COMMON,
+            "schedule": [Types(str, dict, Schedule), "callable"],
+            "schedule_args": [MAPPING, None],
+            "calibration": [DATA, None],
+            "calibration_batch_size": [BATCH_SIZE],
+        }
+    )
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float | None = None,
+        *,
+        criterion: str | dict | Criterion = "magnitude",
+        granularity: str | Granularity = "weight",
+        scope: str | Scope | None = None,
+        schedule: str | dict | Schedule | Callable[[int], float] = "one-shot",
+        schedule_args: dict | None = None,
+        layers: Iterable[str] | None = None,
+        reduction: str = "l2",
+        min_keep: int = 1,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        rewind: str | int | Mapping | None = None,
+        calibration: tuple[torch.Tensor, torch.Tensor] | Batches | None = None,
+        loss_fn: Callable | None = None,
+        calibration_batch_size: int = 256,
+        output_key: str | None = None,
+        seed: int = 0,
+    ):
         where = "Pruner"
         self.model = model
         self.targets: list[Target] = _non_empty(resolve_targets(model, layers, where=where), layers is not None)
@@ -130,12 +162,14 @@ class Pruner:
         self.reduction = reduction
         self.min_keep = int(min_keep)
         self.layer_targets = None
-        sparsity = self.granularity.resolve_sparsity(sparsity, where)    # N:M: None or exactly 1 − N/M
+        sparsity = self.granularity.resolve_sparsity(sparsity, where)  # N:M: None or exactly 1 − N/M
         if isinstance(sparsity, Mapping):
             self.layer_targets = self._layer_targets(sparsity)
             if self.scope.name == "global":
-                raise ValueError("per-layer sparsity targets need scope 'local' or 'layerwise-constant'; "
-                                 "'global' chooses each layer's sparsity itself.")
+                raise ValueError(
+                    "per-layer sparsity targets need scope 'local' or 'layerwise-constant'; "
+                    "'global' chooses each layer's sparsity itself."
+                )
             sparsity = self._overall(self.layer_targets)
         self.schedule = self._make_schedule(schedule, sparsity, schedule_args or {})
         self.loss_fn = loss_fn
@@ -143,17 +177,21 @@ class Pruner:
         self.calibration_batch_size = int(calibration_batch_size)
         if calibration is not None and not _is_sliceable(calibration) and not torch.is_tensor(calibration):
             if isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, Mapping)):
-                calibration = list(calibration)   # used at every prune: an iterator would run dry
-        if calibration is not None:           # refuse an empty or malformed calibration set now, before any training
+                calibration = list(calibration)  # used at every prune: an iterator would run dry
+        if calibration is not None:  # refuse an empty or malformed calibration set now, before any training
             list(iter_batches(calibration, self.calibration_batch_size, where=where))
         self.calibration = calibration
-        self.layers_named = layers is not None      # solvers skip unsupported default targets, refuse named ones
+        self.layers_named = layers is not None  # solvers skip unsupported default targets, refuse named ones
         self.criterion.validate(self)
-        if calibration is not None and self.criterion.needs_data:     # one example through the model, now
-            with torch.random.fork_rng(devices=[]):     # a shuffling DataLoader draws a seed
+        if calibration is not None and self.criterion.needs_data:  # one example through the model, now
+            with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader draws a seed
                 first = next(iter_batches(calibration, self.calibration_batch_size, where=where))
-            check_batch_fits(model, first, "the calibration batches of Pruner (the 'data' of prune)",
-                             self.loss if self.criterion.needs_gradients else None)
+            check_batch_fits(
+                model,
+                first,
+                "the calibration batches of Pruner (the 'data' of prune)",
+                self.loss if self.criterion.needs_gradients else None,
+            )
         self._events = self.schedule.events()
         self._next_event = 0
         self.step_count = 0
@@ -162,7 +200,7 @@ class Pruner:
         self._hooks: list[OptimizerHooks] = []
         self._rewind_step, self._snapshot = self._init_rewind(rewind)
         if optimizer is not None:
-            for opt in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]):
+            for opt in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
                 self.attach(opt)
 
     # ----------------------------------------------------------------- set-up
@@ -172,17 +210,20 @@ class Pruner:
         returned as ``{layer: reason}``; named ones raise, as do all others."""
         skipped = {}
         if not named and isinstance(self.granularity, NMGranularity):
-            skipped = {t.name: reason for t in self.targets
-                       if (reason := self.granularity.unfit(t)) is not None}
+            skipped = {t.name: reason for t in self.targets if (reason := self.granularity.unfit(t)) is not None}
         for target in self.targets:
             if target.name not in skipped or len(skipped) == len(self.targets):
-                self.granularity.check(target)      # no layer can hold the pattern: the first one's error
+                self.granularity.check(target)  # no layer can hold the pattern: the first one's error
         if skipped:
             self.targets = [t for t in self.targets if t.name not in skipped]
-            warnings.warn(PatternSkipped(
-                f"granularity {self.granularity.name!r} leaves {len(skipped)} layer(s) dense: "
-                + "; ".join(f"{k} ({v})" for k, v in skipped.items())
-                + ". Listed in pruner.pattern_skipped."), stacklevel=4)  # past __init__ and its declaration check
+            warnings.warn(
+                PatternSkipped(
+                    f"granularity {self.granularity.name!r} leaves {len(skipped)} layer(s) dense: "
+                    + "; ".join(f"{k} ({v})" for k, v in skipped.items())
+                    + ". Listed in pruner.pattern_skipped."
+                ),
+                stacklevel=4,
+            )  # past __init__ and its declaration check
         return skipped
 
     def _default_scope(self) -> str:
@@ -202,22 +243,30 @@ class Pruner:
             return
         for target in self.targets:
             if not self._has_rows(target):
-                raise ValueError(f"scope {self.scope.name!r} compares groups within an output row, and "
-                                 f"granularity {self.granularity.name!r} has groups spanning rows in "
-                                 f"{target.name!r} ({target.kind}); use granularity 'weight', 'kernel' or "
-                                 f"'N:M', or scope 'local'.")
+                raise ValueError(
+                    f"scope {self.scope.name!r} compares groups within an output row, and "
+                    f"granularity {self.granularity.name!r} has groups spanning rows in "
+                    f"{target.name!r} ({target.kind}); use granularity 'weight', 'kernel' or "
+                    f"'N:M', or scope 'local'."
+                )
 
     @staticmethod
     def _make_schedule(schedule, sparsity, schedule_args) -> Schedule:
         if isinstance(schedule, Schedule):
             if schedule_args:
-                raise ValueError("the 'schedule_args' parameter of Pruner applies to a schedule "
-                                 "given by name; this schedule is already built.")
-            if sparsity is not None and abs(check_sparsity("sparsity", sparsity, where="Pruner")
-                                            - schedule.final_sparsity) > 1e-12:
-                raise ValueError(f"the 'sparsity' parameter of Pruner ({sparsity!r}) disagrees with "
-                                 f"the schedule's final sparsity ({schedule.final_sparsity!r}); "
-                                 f"give one of them.")
+                raise ValueError(
+                    "the 'schedule_args' parameter of Pruner applies to a schedule "
+                    "given by name; this schedule is already built."
+                )
+            if (
+                sparsity is not None
+                and abs(check_sparsity("sparsity", sparsity, where="Pruner") - schedule.final_sparsity) > 1e-12
+            ):
+                raise ValueError(
+                    f"the 'sparsity' parameter of Pruner ({sparsity!r}) disagrees with "
+                    f"the schedule's final sparsity ({schedule.final_sparsity!r}); "
+                    f"give one of them."
+                )
             return schedule
         if sparsity is not None:
             sparsity = check_sparsity("sparsity", sparsity, where="Pruner")
@@ -230,15 +279,20 @@ class Pruner:
             matches = [t for t in self.targets if key in (t.name, t.module_name)]
             if not matches:
                 from prunelab._validation import suggest
+
                 names = [t.module_name or t.name for t in self.targets]
-                raise ValueError(f"the 'sparsity' parameter of Pruner has a target for {key!r}, which is "
-                                 f"not a pruned layer{suggest(str(key), names)}; pruned layers: {', '.join(names)}.")
+                raise ValueError(
+                    f"the 'sparsity' parameter of Pruner has a target for {key!r}, which is "
+                    f"not a pruned layer{suggest(str(key), names)}; pruned layers: {', '.join(names)}."
+                )
             for t in matches:
                 by_name[t.name] = check_sparsity(f"sparsity[{key!r}]", value, where="Pruner")
         missing = [t.module_name or t.name for t in self.targets if t.name not in by_name]
         if missing:
-            raise ValueError(f"the 'sparsity' parameter of Pruner gives per-layer targets but none for "
-                             f"{', '.join(missing)}; give every pruned layer a sparsity (0.0 keeps it dense).")
+            raise ValueError(
+                f"the 'sparsity' parameter of Pruner gives per-layer targets but none for "
+                f"{', '.join(missing)}; give every pruned layer a sparsity (0.0 keeps it dense)."
+            )
         return by_name
 
     def _overall(self, layer_targets: dict[str, float]) -> float:
@@ -261,32 +315,40 @@ class Pruner:
         if isinstance(rewind, Mapping):
             names = [name for name, _ in self.model.named_parameters()]
             if sorted(rewind) != sorted(names):
-                raise ValueError(f"the 'rewind' snapshot of Pruner must hold every model parameter "
-                                 f"({', '.join(names)}); got {', '.join(sorted(rewind))}.")
+                raise ValueError(
+                    f"the 'rewind' snapshot of Pruner must hold every model parameter "
+                    f"({', '.join(names)}); got {', '.join(sorted(rewind))}."
+                )
             return 0, {name: rewind[name].detach().clone() for name in names}
         if rewind == "init":
             rewind = 0
         if isinstance(rewind, str) or isinstance(rewind, bool):
-            raise ValueError(f"the 'rewind' parameter of Pruner must be None, 'init' or a training "
-                             f"step (int >= 0). Got {rewind!r} instead.")
+            raise ValueError(
+                f"the 'rewind' parameter of Pruner must be None, 'init' or a training "
+                f"step (int >= 0). Got {rewind!r} instead."
+            )
         rewind = check_number("rewind", rewind, where="Pruner", low=0, high=MAX_STEPS, integer=True)
         first = self._events[0][0] if self._events else None
         if first is not None and rewind > first:
-            raise ValueError(f"the 'rewind' parameter of Pruner must be a step at or before the first "
-                             f"pruning event (step {first}). Got {rewind} instead.")
+            raise ValueError(
+                f"the 'rewind' parameter of Pruner must be a step at or before the first "
+                f"pruning event (step {first}). Got {rewind} instead."
+            )
         return rewind, (self._snapshot_params() if rewind == 0 else None)
 
     def _snapshot_params(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.model.named_parameters()}
 
     # -------------------------------------------------------------- optimiser
-    def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
+    def attach(self, optimizer: torch.optim.Optimizer) -> Pruner:
         """Enforce the masks in ``optimizer``: gradients of pruned entries are zeroed
         before each step, weights re-masked after it, and optimiser state of newly
         pruned entries cleared at each prune. Returns self."""
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"the 'optimizer' parameter of Pruner.attach must be a "
-                            f"torch.optim.Optimizer. Got {type(optimizer).__name__} instead.")
+            raise TypeError(
+                f"the 'optimizer' parameter of Pruner.attach must be a "
+                f"torch.optim.Optimizer. Got {type(optimizer).__name__} instead."
+            )
         if any(h.optimizer is optimizer for h in self._hooks):
             return self
         before = self._observe_then_mask if self.criterion.needs_gradients else self.masks.apply_to_grads
@@ -371,8 +433,12 @@ class Pruner:
         """Record the current ``.grad`` for gradient-based criteria (call after backward)."""
         self.criterion.observe(self.targets)
 
-    def calibrate(self, data: "tuple[torch.Tensor, torch.Tensor] | Batches | None" = None,
-                  loss_fn: Callable | None = None, batch_size: int | None = None) -> int:
+    def calibrate(
+        self,
+        data: tuple[torch.Tensor, torch.Tensor] | Batches | None = None,
+        loss_fn: Callable | None = None,
+        batch_size: int | None = None,
+    ) -> int:
         """Let a data-driven criterion (gradient, OBD, L-OBS) accumulate its statistics over
         ``data`` (an ``(x, y)`` pair or an iterable of batches; default: the Pruner's
         ``calibration``). Returns the number of batches (0 for criteria that use no data).
@@ -381,22 +447,31 @@ class Pruner:
             return 0
         data = self.calibration if data is None else data
         if data is None:
-            raise ValueError(f"criterion {self.criterion.name!r} needs calibration data: pass "
-                             f"calibration=(x, y) to the Pruner, or data to calibrate().")
+            raise ValueError(
+                f"criterion {self.criterion.name!r} needs calibration data: pass "
+                f"calibration=(x, y) to the Pruner, or data to calibrate()."
+            )
         batches = list(iter_batches(data, batch_size or self.calibration_batch_size, where="Pruner.calibrate"))
         loss = self.loss if loss_fn is None else make_loss(loss_fn, self.loss.output_key, where="Pruner.calibrate")
-        if data is not self.calibration:        # the Pruner's own calibration was checked when it was given
-            check_batch_fits(self.model, batches[0], "the batches of the 'data' parameter of Pruner.calibrate",
-                             loss if self.criterion.needs_gradients else None)
+        if data is not self.calibration:  # the Pruner's own calibration was checked when it was given
+            check_batch_fits(
+                self.model,
+                batches[0],
+                "the batches of the 'data' parameter of Pruner.calibrate",
+                loss if self.criterion.needs_gradients else None,
+            )
         self.criterion.calibrate(self.model, self.targets, batches, loss)
         return len(batches)
 
     # -------------------------------------------------------------- pruning
     @torch.no_grad()
     def _prune(self, sparsity: float, event: Event) -> PruneRecord:
-        for target in self.targets:      # a NaN weight would get an arbitrary rank: refuse, change nothing
-            check_finite(f"the weight {target.name!r} of the model being pruned", target.weight,
-                         hint="; pruning cannot rank such weights (did training diverge?)")
+        for target in self.targets:  # a NaN weight would get an arbitrary rank: refuse, change nothing
+            check_finite(
+                f"the weight {target.name!r} of the model being pruned",
+                target.weight,
+                hint="; pruning cannot rank such weights (did training diverge?)",
+            )
         if self.criterion.needs_data and self.calibration is not None:
             self.criterion.reset()
             with torch.enable_grad():
@@ -406,13 +481,13 @@ class Pruner:
             per_layer = targets if isinstance(targets, list) else [targets] * len(self.targets)
             keeps = list(self.criterion.solve(self._solve_request(per_layer, event)))
             for i, target in enumerate(self.targets):
-                keep, keeps[i] = keeps[i], None     # each freed once stored: not all masks twice at once
+                keep, keeps[i] = keeps[i], None  # each freed once stored: not all masks twice at once
                 old = self.masks.get(target.weight)
                 self.masks.set(target.weight, keep if old is None or keep is old else keep & old.bool())
                 del keep
             return self._after_prune(sparsity, tuple(getattr(self.criterion, "last_held", ())))
         skipped = getattr(self.criterion, "skipped", None) or {}
-        active = [t for t in self.targets if t.name not in skipped]     # a criterion's skipped layers stay as they are
+        active = [t for t in self.targets if t.name not in skipped]  # a criterion's skipped layers stay as they are
         if isinstance(targets, list):
             targets = [s for t, s in zip(self.targets, targets) if t.name not in skipped]
         if self.scope.independent:
@@ -421,7 +496,7 @@ class Pruner:
         else:
             chosen, held = self._select_together(active, targets, event)
         for i, (target, group_keep) in enumerate(chosen):
-            chosen[i] = None                # each freed once stored
+            chosen[i] = None  # each freed once stored
             self._set_masks(target, group_keep)
             del group_keep
         return self._after_prune(sparsity, held)
@@ -429,13 +504,26 @@ class Pruner:
     def _solve_request(self, sparsities: list[float], event: Event) -> SolveRequest:
         """What a criterion that prunes layers as a whole is given at an event, instead of the Pruner."""
         nm = (self.granularity.n, self.granularity.m) if isinstance(self.granularity, NMGranularity) else None
-        return SolveRequest(self.model, self.targets, sparsities, event, self.scope, self.min_keep, self.masks,
-                            nm=nm, structured=self.granularity.name == "channel",
-                            select=self._choose, store=self._set_masks)
+        return SolveRequest(
+            self.model,
+            self.targets,
+            sparsities,
+            event,
+            self.scope,
+            self.min_keep,
+            self.masks,
+            nm=nm,
+            structured=self.granularity.name == "channel",
+            select=self._choose,
+            store=self._set_masks,
+        )
 
     def _scored_layer(self, target: Target, score: torch.Tensor) -> tuple[LayerGroups, torch.Size]:
-        check_finite(f"the {self.criterion.name!r} scores of {target.name!r}", score,
-                     hint="; check the calibration data and the loss")
+        check_finite(
+            f"the {self.criterion.name!r} scores of {target.name!r}",
+            score,
+            hint="; check the calibration data and the loss",
+        )
         return self._layer_groups(target, score)
 
     def _select_each(self, active: list[Target], sparsities: list[float], event: Event):
@@ -444,18 +532,19 @@ class Pruner:
         by the caller once every layer is chosen (a non-finite score anywhere changes nothing),
         and the layers the no-empty-layer guard held."""
         chosen, held = [], []
-        stream = score_stream(self.criterion, active)      # next(), not zip(): zip's tuple would hold
-        for i, target in enumerate(active):                 # the last scores while the next are made
+        stream = score_stream(self.criterion, active)  # next(), not zip(): zip's tuple would hold
+        for i, target in enumerate(active):  # the last scores while the next are made
             score = next(stream)
             group_keep, was_held = self._choose(target, score, sparsities[i], event, i, len(active))
-            del score                       # before the next layer's scores are made
+            del score  # before the next layer's scores are made
             if was_held:
                 held.append(target.name)
             chosen.append((target, group_keep))
         return chosen, tuple(held)
 
-    def _choose(self, target: Target, score: torch.Tensor, sparsity: float, event: Event, index: int,
-                n_layers: int) -> tuple[torch.Tensor, bool]:
+    def _choose(
+        self, target: Target, score: torch.Tensor, sparsity: float, event: Event, index: int, n_layers: int
+    ) -> tuple[torch.Tensor, bool]:
         """One layer's group keep-mask (shaped like its group scores) under a scope that decides
         each layer alone, and whether the no-empty-layer guard held it. Sets no mask (see
         :meth:`_set_masks`); a criterion that prunes block by block (Wanda's) calls both."""
@@ -472,7 +561,7 @@ class Pruner:
         for target in active:
             score = next(stream)
             layer, shape = self._scored_layer(target, score)
-            del score                       # only the group scores are kept (the same tensor for weights)
+            del score  # only the group scores are kept (the same tensor for weights)
             layers.append(layer)
             group_shapes.append(shape)
         keeps = self.scope.select(layers, targets, event, self.min_keep)
@@ -508,8 +597,9 @@ class Pruner:
             group_scores = group_scores.masked_fill(protected, float("inf"))
             alive_groups = alive_groups | protected
         rows = self.granularity.group_rows(weight, target) if getattr(self.scope, "needs_rows", False) else None
-        layer = LayerGroups(group_scores.flatten(), alive_groups.flatten(),
-                            self.granularity.group_size(weight, target), rows)   # rows: a stride-0 view
+        layer = LayerGroups(
+            group_scores.flatten(), alive_groups.flatten(), self.granularity.group_size(weight, target), rows
+        )  # rows: a stride-0 view
         return layer, group_scores.shape
 
     def _after_prune(self, sparsity: float, held: tuple[str, ...] = ()) -> PruneRecord:
@@ -522,11 +612,15 @@ class Pruner:
         record = PruneRecord(self.step_count, sparsity, self.sparsity(), self.layer_sparsity(), report, held)
         self.history.append(record)
         if held:
-            warnings.warn(SparsityShortfall(
-                f"pruning to sparsity {sparsity:.6g} reached {record.sparsity:.6g}: the no-empty-layer guard "
-                f"keeps min_keep={self.min_keep} group(s) of every layer, and held {', '.join(held)} above "
-                f"what the target asked. Lower the target, prune with a finer granularity, or leave "
-                f"those layers out of 'layers'."), stacklevel=2)
+            warnings.warn(
+                SparsityShortfall(
+                    f"pruning to sparsity {sparsity:.6g} reached {record.sparsity:.6g}: the no-empty-layer guard "
+                    f"keeps min_keep={self.min_keep} group(s) of every layer, and held {', '.join(held)} above "
+                    f"what the target asked. Lower the target, prune with a finer granularity, or leave "
+                    f"those layers out of 'layers'."
+                ),
+                stacklevel=2,
+            )
         return record
 
     @torch.no_grad()
@@ -563,17 +657,25 @@ class Pruner:
 
     def state_dict(self) -> dict:
         """Masks and schedule progress, as plain tensors and ints (for checkpoints)."""
-        return {"step_count": self.step_count, "next_event": self._next_event,
-                "masks": {t.name: self.mask(t.name) for t in self.targets},
-                "bias_masks": {t.name: self.masks.get(bias).bool() for t in self.targets
-                               for bias in [_unit_bias(t)[0]] if bias is not None and bias in self.masks}}
+        return {
+            "step_count": self.step_count,
+            "next_event": self._next_event,
+            "masks": {t.name: self.mask(t.name) for t in self.targets},
+            "bias_masks": {
+                t.name: self.masks.get(bias).bool()
+                for t in self.targets
+                for bias in [_unit_bias(t)[0]]
+                if bias is not None and bias in self.masks
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         names = {t.name: t for t in self.targets}
         unknown = sorted(set(state["masks"]) - set(names))
         if unknown:
-            raise ValueError(f"Pruner.load_state_dict: masks for unknown tensors {unknown}; "
-                             f"targets: {', '.join(names)}")
+            raise ValueError(
+                f"Pruner.load_state_dict: masks for unknown tensors {unknown}; targets: {', '.join(names)}"
+            )
         for name, keep in state["masks"].items():
             self.masks.set(names[name].weight, keep.bool())
         for name, keep in state.get("bias_masks", {}).items():
@@ -583,9 +685,11 @@ class Pruner:
         self.apply_masks()
 
     def __repr__(self) -> str:
-        return (f"Pruner(criterion={self.criterion!r}, granularity={self.granularity.name!r}, "
-                f"scope={self.scope.name!r}, schedule={self.schedule!r}, "
-                f"targets={[t.name for t in self.targets]})")
+        return (
+            f"Pruner(criterion={self.criterion!r}, granularity={self.granularity.name!r}, "
+            f"scope={self.scope.name!r}, schedule={self.schedule!r}, "
+            f"targets={[t.name for t in self.targets]})"
+        )
 
 
 def _unit_bias(target: Target) -> tuple[torch.Tensor | None, slice]:
@@ -593,8 +697,11 @@ def _unit_bias(target: Target) -> tuple[torch.Tensor | None, slice]:
     whole ``target.bias``, or for MultiheadAttention's separate ``q/k/v_proj_weight`` its third of
     the shared ``in_proj_bias``."""
     module = target.module
-    if (target.layout == "attention" and target.param_name != "in_proj_weight"
-            and getattr(module, "in_proj_bias", None) is not None):
+    if (
+        target.layout == "attention"
+        and target.param_name != "in_proj_weight"
+        and getattr(module, "in_proj_bias", None) is not None
+    ):
         d = module.embed_dim
         third = ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(target.param_name)
         return module.in_proj_bias, slice(third * d, (third + 1) * d)
@@ -611,13 +718,15 @@ def _check_tied_embeddings(model: nn.Module, targets: list[Target], granularity:
             raise ValueError(
                 f"granularity {granularity.name!r} does not apply to {target.name!r}: it is tied to the "
                 f"Embedding {embeddings[id(target.weight)]!r}, whose rows are vocabulary entries; a tied "
-                f"weight is pruned with granularity='weight' only (or leave it out of 'layers').")
+                f"weight is pruned with granularity='weight' only (or leave it out of 'layers')."
+            )
 
 
 def _is_sliceable(data) -> bool:
     """An ``(x, y)`` pair of tensors or a dict of tensors: sliced into batches at every use."""
-    return ((isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data))
-            or (isinstance(data, Mapping) and bool(data) and all(torch.is_tensor(v) for v in data.values())))
+    return (isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data)) or (
+        isinstance(data, Mapping) and bool(data) and all(torch.is_tensor(v) for v in data.values())
+    )
 
 
 def _non_empty(targets: list[Target], named: bool) -> list[Target]:
@@ -627,21 +736,47 @@ def _non_empty(targets: list[Target], named: bool) -> list[Target]:
     empty = [t for t in targets if t.weight.numel() == 0]
     if empty and named:
         t = empty[0]
-        raise ValueError(f"the 'layers' parameter of Pruner names {t.module_name or t.name!r}, whose weight has shape "
-                         f"{tuple(t.weight.shape)} (no entries): there is nothing to prune; leave it out.")
+        raise ValueError(
+            f"the 'layers' parameter of Pruner names {t.module_name or t.name!r}, whose weight has shape "
+            f"{tuple(t.weight.shape)} (no entries): there is nothing to prune; leave it out."
+        )
     kept = [t for t in targets if t.weight.numel() > 0]
     if targets and not kept:
-        raise ValueError(f"the 'model' parameter of Pruner has no weight to prune: every prunable layer is empty "
-                         f"({', '.join(f'{t.name} {tuple(t.weight.shape)}' for t in empty)}).")
+        raise ValueError(
+            f"the 'model' parameter of Pruner has no weight to prune: every prunable layer is empty "
+            f"({', '.join(f'{t.name} {tuple(t.weight.shape)}' for t in empty)})."
+        )
     return kept
 
 
-@validate_params({**_COMMON, "data": [DATA, None], "batch_size": [BATCH_SIZE],
-                  "offload": [Options({"memory", "disk"}), None], "progress": [bool, None]})
-def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, criterion="magnitude",
-          granularity="weight", scope=None, layers=None, reduction="l2", min_keep=1, data=None,
-          loss_fn=None, batch_size: int = 256, output_key: str | None = None, seed: int = 0,
-          blocks=None, offload: str | None = None, progress: bool | None = None) -> Pruner:
+@validate_params(
+    {
+        **_COMMON,
+        "data": [DATA, None],
+        "batch_size": [BATCH_SIZE],
+        "offload": [Options({"memory", "disk"}), None],
+        "progress": [bool, None],
+    }
+)
+def prune(
+    model: nn.Module,
+    sparsity: float | Mapping[str, float] | None,
+    *,
+    criterion="magnitude",
+    granularity="weight",
+    scope=None,
+    layers=None,
+    reduction="l2",
+    min_keep=1,
+    data=None,
+    loss_fn=None,
+    batch_size: int = 256,
+    output_key: str | None = None,
+    seed: int = 0,
+    blocks=None,
+    offload: str | None = None,
+    progress: bool | None = None,
+) -> Pruner:
     """One-shot pruning in one call: prune ``model`` in place to ``sparsity`` (a float, or a
     ``{layer: sparsity}`` dict of per-layer targets).
 
@@ -657,18 +792,30 @@ def prune(model: nn.Module, sparsity: "float | Mapping[str, float] | None", *, c
     criterion = _with_options(criterion, blocks=blocks, offload=offload, progress=progress)
     tolerable = isinstance(criterion, Mapping) and criterion.get("epsilon") is not None
     if sparsity is None and tolerable:
-        sparsity = 0.0      # unused: the criterion's tolerable error epsilon decides per layer
+        sparsity = 0.0  # unused: the criterion's tolerable error epsilon decides per layer
     granularity = make_granularity(granularity, where="prune")
     if isinstance(granularity, NMGranularity):
-        sparsity = granularity.resolve_sparsity(sparsity, "prune")      # None or exactly 1 − N/M
+        sparsity = granularity.resolve_sparsity(sparsity, "prune")  # None or exactly 1 − N/M
     elif not isinstance(sparsity, Mapping):
         sparsity = check_sparsity("sparsity", sparsity, where="prune")
-    pruner = Pruner(model, sparsity, criterion=criterion, granularity=granularity, scope=scope,
-                    schedule="one-shot", layers=layers, reduction=reduction, min_keep=min_keep, seed=seed,
-                    calibration=data, loss_fn=loss_fn, calibration_batch_size=batch_size, output_key=output_key)
+    pruner = Pruner(
+        model,
+        sparsity,
+        criterion=criterion,
+        granularity=granularity,
+        scope=scope,
+        schedule="one-shot",
+        layers=layers,
+        reduction=reduction,
+        min_keep=min_keep,
+        seed=seed,
+        calibration=data,
+        loss_fn=loss_fn,
+        calibration_batch_size=batch_size,
+        output_key=output_key,
+    )
     if pruner.criterion.needs_data and data is None:
-        raise ValueError(f"criterion {pruner.criterion.name!r} needs calibration data: pass "
-                         f"data=(x, y) to prune().")
+        raise ValueError(f"criterion {pruner.criterion.name!r} needs calibration data: pass data=(x, y) to prune().")
     pruner.update()
     return pruner
 
@@ -683,8 +830,11 @@ def _with_options(criterion, **options):
     if isinstance(criterion, Mapping):
         clash = sorted(set(options) & set(criterion))
         if clash:
-            raise ValueError(f"prune got {clash[0]!r} both as its own parameter and in the criterion dict; "
-                             f"give it once.")
+            raise ValueError(
+                f"prune got {clash[0]!r} both as its own parameter and in the criterion dict; give it once."
+            )
         return {**criterion, **options}
-    raise TypeError(f"the {', '.join(map(repr, options))} parameter(s) of prune go to the criterion; with a "
-                    f"ready {type(criterion).__name__} pass them to its constructor instead.")
+    raise TypeError(
+        f"the {', '.join(map(repr, options))} parameter(s) of prune go to the criterion; with a "
+        f"ready {type(criterion).__name__} pass them to its constructor instead."
+    )

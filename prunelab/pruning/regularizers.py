@@ -22,7 +22,7 @@ from prunelab.pruning.granularity import make_granularity
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
 
-REGULARIZERS: Registry[type["Regularizer"]] = Registry("regularizer")
+REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer")
 
 
 class Regularizer:
@@ -32,7 +32,7 @@ class Regularizer:
     def __init__(self, strength: float):
         self.strength = float(strength)
 
-    def bind(self, targets: Sequence[Target]) -> "Regularizer":
+    def bind(self, targets: Sequence[Target]) -> Regularizer:
         """Check the targets suit this regulariser; returns self."""
         return self
 
@@ -76,7 +76,7 @@ class GroupLasso(Regularizer):
     def penalty(self, targets):
         total = 0.0
         for t in targets:
-            w = self.granularity.view(t.weight, t)       # groups follow the layout (HF Conv1D, grouped convs)
+            w = self.granularity.view(t.weight, t)  # groups follow the layout (HF Conv1D, grouped convs)
             dims = self.granularity.group_dims(w, t)
             # eps inside the root keeps the gradient finite at groups that are exactly zero
             norms = (w.pow(2).sum(dim=dims) + 1e-12).sqrt() if dims else w.abs()
@@ -87,9 +87,10 @@ class GroupLasso(Regularizer):
         return f"GroupLasso(strength={self.strength:g}, granularity={self.granularity.name!r})"
 
 
-@validate_params({"spec": [Types(str, Mapping, Regularizer)], "where": [STR]})     # strength: the class's
-def make_regularizer(spec: "str | dict | Regularizer", strength: float | None = None,
-                     *, where: str = "fit", **options) -> Regularizer:
+@validate_params({"spec": [Types(str, Mapping, Regularizer)], "where": [STR]})  # strength: the class's
+def make_regularizer(
+    spec: str | dict | Regularizer, strength: float | None = None, *, where: str = "fit", **options
+) -> Regularizer:
     if strength is not None:
         options["strength"] = strength
     return REGULARIZERS.build(spec, param="regularizer", where=where, instance_of=Regularizer, **options)

@@ -18,21 +18,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-
 from numbers import Real
 
-from prunelab._validation import (EVERY, N_PRUNES, SPARSITY, STEP, Interval, Options, Types, check_sparsity,
-                                  validate_params)
+from prunelab._validation import (
+    EVERY,
+    N_PRUNES,
+    SPARSITY,
+    STEP,
+    Interval,
+    Options,
+    Types,
+    check_sparsity,
+    validate_params,
+)
 from prunelab.registry import Registry
 
-SCHEDULES: Registry[type["Schedule"]] = Registry("schedule")
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule")
 
 
 class Schedule:
     """Base class: a finite, ordered list of ``(step, sparsity)`` events."""
 
     name = ""
-    one_shot = False        # prunes once, to its final sparsity (a solver's N:M pattern needs this)
+    one_shot = False  # prunes once, to its final sparsity (a solver's N:M pattern needs this)
 
     def events(self) -> list[tuple[int, float]]:
         raise NotImplementedError
@@ -98,10 +106,11 @@ class Iterative(Schedule):
 
     name = "iterative"
 
-    @validate_params({"sparsity": [SPARSITY], "n_prunes": [N_PRUNES],
-                      "exponent": [Interval(Real, 1, 1000)], **_STEPS}, where="iterative schedule")
-    def __init__(self, sparsity: float, n_prunes: int = 5, exponent: float = 1.0,
-                 start: int = 0, every: int = 1):
+    @validate_params(
+        {"sparsity": [SPARSITY], "n_prunes": [N_PRUNES], "exponent": [Interval(Real, 1, 1000)], **_STEPS},
+        where="iterative schedule",
+    )
+    def __init__(self, sparsity: float, n_prunes: int = 5, exponent: float = 1.0, start: int = 0, every: int = 1):
         self.sparsity = float(sparsity)
         self.n_prunes = int(n_prunes)
         self.exponent = float(exponent)
@@ -109,8 +118,7 @@ class Iterative(Schedule):
 
     def events(self) -> list[tuple[int, float]]:
         k, c = self.n_prunes, self.exponent
-        return [(self.start + (i - 1) * self.every, self.sparsity * (i / k) ** (1.0 / c))
-                for i in range(1, k + 1)]
+        return [(self.start + (i - 1) * self.every, self.sparsity * (i / k) ** (1.0 / c)) for i in range(1, k + 1)]
 
 
 @SCHEDULES.register("agp", "gradual")
@@ -123,22 +131,25 @@ class AGP(Schedule):
 
     name = "agp"
 
-    @validate_params({"sparsity": [SPARSITY], "n_prunes": [N_PRUNES], "initial_sparsity": [SPARSITY], **_STEPS},
-                     where="agp schedule")
-    def __init__(self, sparsity: float, n_prunes: int = 10, every: int = 1, start: int = 0,
-                 initial_sparsity: float = 0.0):
+    @validate_params(
+        {"sparsity": [SPARSITY], "n_prunes": [N_PRUNES], "initial_sparsity": [SPARSITY], **_STEPS}, where="agp schedule"
+    )
+    def __init__(
+        self, sparsity: float, n_prunes: int = 10, every: int = 1, start: int = 0, initial_sparsity: float = 0.0
+    ):
         self.sparsity = float(sparsity)
         self.initial_sparsity = float(initial_sparsity)
         if self.initial_sparsity > self.sparsity:
-            raise ValueError(f"the 'initial_sparsity' parameter of agp schedule must be <= "
-                             f"sparsity={self.sparsity:g}. Got {initial_sparsity!r} instead.")
+            raise ValueError(
+                f"the 'initial_sparsity' parameter of agp schedule must be <= "
+                f"sparsity={self.sparsity:g}. Got {initial_sparsity!r} instead."
+            )
         self.n_prunes = int(n_prunes)
         self.start, self.every = int(start), int(every)
 
     def events(self) -> list[tuple[int, float]]:
         s_f, s_i, n = self.sparsity, self.initial_sparsity, self.n_prunes
-        return [(self.start + j * self.every, s_f + (s_i - s_f) * (1.0 - j / n) ** 3)
-                for j in range(n + 1)]
+        return [(self.start + j * self.every, s_f + (s_i - s_f) * (1.0 - j / n) ** 3) for j in range(n + 1)]
 
 
 @SCHEDULES.register("fixed-fraction", "fixed_fraction")
@@ -152,11 +163,25 @@ class FixedFraction(Schedule):
 
     name = "fixed-fraction"
 
-    @validate_params({"fraction": [Interval(Real, 0, 1, closed="neither")], "n_prunes": [N_PRUNES, None],
-                      "sparsity": [SPARSITY, None], "of": [Options({"remaining", "layer"})], **_STEPS},
-                     where="fixed-fraction schedule")
-    def __init__(self, fraction: float, n_prunes: int | None = None, sparsity: float | None = None,
-                 of: str = "remaining", start: int = 0, every: int = 1):
+    @validate_params(
+        {
+            "fraction": [Interval(Real, 0, 1, closed="neither")],
+            "n_prunes": [N_PRUNES, None],
+            "sparsity": [SPARSITY, None],
+            "of": [Options({"remaining", "layer"})],
+            **_STEPS,
+        },
+        where="fixed-fraction schedule",
+    )
+    def __init__(
+        self,
+        fraction: float,
+        n_prunes: int | None = None,
+        sparsity: float | None = None,
+        of: str = "remaining",
+        start: int = 0,
+        every: int = 1,
+    ):
         where = "fixed-fraction schedule"
         self.fraction = float(fraction)
         self.of = of
@@ -165,13 +190,17 @@ class FixedFraction(Schedule):
         self.sparsity = None if sparsity is None else float(sparsity)
         if n_prunes is None:
             n_prunes = self._events_to_reach(self.sparsity)
-            if n_prunes > N_PRUNES.high:      # a tiny fraction to a high sparsity: too many events
-                raise ValueError(f"{where}: fraction={self.fraction:g} needs {n_prunes} events to reach "
-                                 f"sparsity={self.sparsity:g}, more than {N_PRUNES.high}; raise the fraction.")
+            if n_prunes > N_PRUNES.high:  # a tiny fraction to a high sparsity: too many events
+                raise ValueError(
+                    f"{where}: fraction={self.fraction:g} needs {n_prunes} events to reach "
+                    f"sparsity={self.sparsity:g}, more than {N_PRUNES.high}; raise the fraction."
+                )
         self.n_prunes = int(n_prunes)
         if self.of == "layer" and self.sparsity is None and self.n_prunes * self.fraction >= 1:
-            raise ValueError(f"{where}: n_prunes × fraction = {self.n_prunes * self.fraction:g} would "
-                             f"remove every weight; it must be < 1 (or give a 'sparsity' cap).")
+            raise ValueError(
+                f"{where}: n_prunes × fraction = {self.n_prunes * self.fraction:g} would "
+                f"remove every weight; it must be < 1 (or give a 'sparsity' cap)."
+            )
         self.start, self.every = int(start), int(every)
 
     def _raw(self, k: int) -> float:
@@ -186,8 +215,7 @@ class FixedFraction(Schedule):
 
     def events(self) -> list[tuple[int, float]]:
         cap = 1.0 if self.sparsity is None else self.sparsity
-        return [(self.start + (k - 1) * self.every, min(self._raw(k), cap))
-                for k in range(1, self.n_prunes + 1)]
+        return [(self.start + (k - 1) * self.every, min(self._raw(k), cap)) for k in range(1, self.n_prunes + 1)]
 
 
 @SCHEDULES.register("function")
@@ -212,8 +240,13 @@ class FunctionSchedule(Schedule):
 
 
 @validate_params({"spec": [Types(str, dict, Schedule), "callable"], "sparsity": [SPARSITY, None], "where": [str]})
-def make_schedule(spec: "str | dict | Schedule | Callable[[int], float]", sparsity: float | None = None,
-                  *, where: str = "Pruner", **options) -> Schedule:
+def make_schedule(
+    spec: str | dict | Schedule | Callable[[int], float],
+    sparsity: float | None = None,
+    *,
+    where: str = "Pruner",
+    **options,
+) -> Schedule:
     """Build a schedule from a name plus options, a ``{"name": ..., ...}`` dict, a
     callable ``step -> sparsity`` (evaluated once, at step 0, unless wrapped in
     :class:`FunctionSchedule` with more events) or a ready :class:`Schedule`."""
@@ -221,8 +254,10 @@ def make_schedule(spec: "str | dict | Schedule | Callable[[int], float]", sparsi
         return spec
     if callable(spec) and not isinstance(spec, (str, dict)):
         if sparsity is not None:
-            raise ValueError(f"a callable schedule gives its own sparsity at each step; leave out "
-                             f"'sparsity' (got {sparsity!r}) or use a named schedule.")
+            raise ValueError(
+                f"a callable schedule gives its own sparsity at each step; leave out "
+                f"'sparsity' (got {sparsity!r}) or use a named schedule."
+            )
         return FunctionSchedule(spec, **options)
     if sparsity is not None:
         options.setdefault("sparsity", sparsity)

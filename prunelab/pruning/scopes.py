@@ -43,18 +43,18 @@ import torch
 from prunelab._validation import STR, Types, validate_params
 from prunelab.registry import Registry
 
-SCOPES: Registry[type["Scope"]] = Registry("scope")
+SCOPES: Registry[type[Scope]] = Registry("scope")
 
 
 @dataclass
 class LayerGroups:
     """One layer's groups at a pruning event."""
 
-    scores: torch.Tensor   # (G,) group scores, higher = more important
-    alive: torch.Tensor    # (G,) bool, False for groups already pruned
-    group_size: int        # weights per group
-    rows: torch.Tensor | None = None   # each group's output row, for scope 'row': G entries in any
-                                       # shape (a stride-0 view, not a copy; flattened when used)
+    scores: torch.Tensor  # (G,) group scores, higher = more important
+    alive: torch.Tensor  # (G,) bool, False for groups already pruned
+    group_size: int  # weights per group
+    rows: torch.Tensor | None = None  # each group's output row, for scope 'row': G entries in any
+    # shape (a stride-0 view, not a copy; flattened when used)
 
     @property
     def n_groups(self) -> int:
@@ -65,8 +65,8 @@ class LayerGroups:
 class Event:
     """Where a pruning event stands in its schedule."""
 
-    index: int = 0          # 0-based event number
-    final: bool = True      # last event of the schedule
+    index: int = 0  # 0-based event number
+    final: bool = True  # last event of the schedule
 
 
 def _order(layer: LayerGroups, min_keep: int) -> tuple[torch.Tensor, int, int]:
@@ -110,27 +110,28 @@ class Allocation:
     """How a scope shares one event's target between layers, for a criterion that solves each
     layer as a whole (:meth:`Scope.allocate`)."""
 
-    sparsities: list[float]         # each layer's sparsity to reach at this event
-    raised: list[bool]              # the layers this event prunes; the others stay as they are
-    held: tuple[int, ...] = ()      # layers (indices) the no-empty-layer guard held above the target
+    sparsities: list[float]  # each layer's sparsity to reach at this event
+    raised: list[bool]  # the layers this event prunes; the others stay as they are
+    held: tuple[int, ...] = ()  # layers (indices) the no-empty-layer guard held above the target
 
 
-def _per_layer(sparsity: "float | list[float]", layers: list) -> list[float]:
+def _per_layer(sparsity: float | list[float], layers: list) -> list[float]:
     return list(sparsity) if isinstance(sparsity, list) else [sparsity] * len(layers)
 
 
 class Scope:
     name = ""
-    needs_rows = False      # select() reads LayerGroups.rows
-    independent = False     # decides each layer alone: select_layer() works; allocate() needs no scores
-    supports_solvers = True     # allocate() can share a target between whole-layer solves
+    needs_rows = False  # select() reads LayerGroups.rows
+    independent = False  # decides each layer alone: select_layer() works; allocate() needs no scores
+    supports_solvers = True  # allocate() can share a target between whole-layer solves
 
     def raises(self, event: Event, index: int, n_layers: int) -> bool:
         """Whether this event prunes layer ``index`` of ``n_layers`` (all but ``layerwise-constant``: every layer)."""
         return True
 
-    def allocate(self, layers: "list[LayerGroups] | int", sparsity: "float | list[float]", event: Event,
-                 min_keep: int = 1) -> Allocation:
+    def allocate(
+        self, layers: list[LayerGroups] | int, sparsity: float | list[float], event: Event, min_keep: int = 1
+    ) -> Allocation:
         """Each layer's sparsity at this event, the layers it raises and those the guard held, for a
         criterion that solves each layer whole. ``layers``: the layers' per-weight saliencies (scopes
         that share the target between layers rank them), or for scopes that decide each layer alone
@@ -141,8 +142,14 @@ class Scope:
         n = layers if isinstance(layers, int) else len(layers)
         return Allocation(_per_layer(sparsity, range(n)), [self.raises(event, i, n) for i in range(n)])
 
-    def held(self, layers: list[LayerGroups], sparsity: "float | list[float]", event: Event,
-             keeps: list[torch.Tensor], min_keep: int = 1) -> tuple[int, ...]:
+    def held(
+        self,
+        layers: list[LayerGroups],
+        sparsity: float | list[float],
+        event: Event,
+        keeps: list[torch.Tensor],
+        min_keep: int = 1,
+    ) -> tuple[int, ...]:
         """The layers (indices) that the ``min_keep`` guard kept from going as low as the scope
         asked in the selection ``keeps``, when that leaves fewer weights pruned in all than without
         the guard (``global`` may instead take the difference from other layers: no shortfall
@@ -161,8 +168,16 @@ class Scope:
             return ()
         return tuple(i for i in at_floor if int(unguarded[i].sum()) < int(keeps[i].sum()))
 
-    def held_layer(self, layer: LayerGroups, keep: torch.Tensor, sparsity: float, event: Event, min_keep: int,
-                   index: int, n_layers: int) -> bool:
+    def held_layer(
+        self,
+        layer: LayerGroups,
+        keep: torch.Tensor,
+        sparsity: float,
+        event: Event,
+        min_keep: int,
+        index: int,
+        n_layers: int,
+    ) -> bool:
         """Whether the guard held layer ``index`` in ``keep`` (its :meth:`select_layer`): it is at its
         floor and would lose more without the guard (:meth:`held` for one layer of a scope with
         ``independent`` set)."""
@@ -171,18 +186,22 @@ class Scope:
         unguarded = self.select_layer(layer, sparsity, event, 0, index, n_layers)
         return int(unguarded.sum()) < int(keep.sum())
 
-    def select(self, layers: list[LayerGroups], sparsity: "float | list[float]", event: Event,
-               min_keep: int = 1) -> list[torch.Tensor]:
+    def select(
+        self, layers: list[LayerGroups], sparsity: float | list[float], event: Event, min_keep: int = 1
+    ) -> list[torch.Tensor]:
         """Return one bool keep-mask of shape (G,) per layer. ``sparsity`` is one target, or
         one per layer (scopes that share the target between layers refuse a list)."""
         if not self.independent:
             raise NotImplementedError
         targets = _per_layer(sparsity, layers)
-        return [self.select_layer(layer, s, event, min_keep, i, len(layers))
-                for i, (layer, s) in enumerate(zip(layers, targets))]
+        return [
+            self.select_layer(layer, s, event, min_keep, i, len(layers))
+            for i, (layer, s) in enumerate(zip(layers, targets))
+        ]
 
-    def select_layer(self, layer: LayerGroups, sparsity: float, event: Event, min_keep: int,
-                     index: int, n_layers: int) -> torch.Tensor:
+    def select_layer(
+        self, layer: LayerGroups, sparsity: float, event: Event, min_keep: int, index: int, n_layers: int
+    ) -> torch.Tensor:
         """The keep-mask of layer ``index`` of ``n_layers``, decided from that layer alone (scopes
         with ``independent`` set); equal to ``select(...)[index]``."""
         raise NotImplementedError(f"scope {self.name!r} shares the target between layers; use select()")
@@ -222,8 +241,10 @@ class Global(Scope):
         """One threshold over every layer's saliencies (one score per weight): each layer's
         sparsity is the fraction of its weights below it; the guard's held layers with it."""
         if isinstance(layers, int):
-            raise ValueError("scope 'global' ranks every layer's saliencies at one threshold: allocate() "
-                             "takes the layers' LayerGroups, not their number.")
+            raise ValueError(
+                "scope 'global' ranks every layer's saliencies at one threshold: allocate() "
+                "takes the layers' LayerGroups, not their number."
+            )
         keeps = self.select(layers, sparsity, event, min_keep)
         held = self.held(layers, sparsity, event, keeps, min_keep)
         return Allocation([1.0 - int(k.sum()) / k.numel() for k in keeps], [True] * len(layers), held)
@@ -236,8 +257,7 @@ def _global_by_sorting(layers, sparsity, min_keep):
     scores = torch.cat([s for s, _, _ in ranked])
     n_dead = sum(d for _, d, _ in ranked)
     n_selectable = len(scores) - sum(p for _, _, p in ranked)
-    sizes = torch.cat([torch.full((layer.n_groups,), float(layer.group_size), dtype=torch.float64)
-                       for layer in layers])
+    sizes = torch.cat([torch.full((layer.n_groups,), float(layer.group_size), dtype=torch.float64) for layer in layers])
     owner = torch.cat([torch.full((layer.n_groups,), i) for i, layer in enumerate(layers)])
     order = torch.argsort(scores, stable=True)
     # pruned[m] = weights removed when the m lowest groups go; pick m nearest the target
@@ -263,7 +283,7 @@ class _Ranked:
         self.scores, self.alive = layer.scores.detach().flatten(), layer.alive.flatten()
         self.n_dead = int((~self.alive).sum())
         s, alive = _with_dead(layer)
-        self.protected = _protected(s, alive, min_keep)          # the very groups _order protects
+        self.protected = _protected(s, alive, min_keep)  # the very groups _order protects
         self.n_protected = 0 if self.protected is None else len(self.protected)
         if self.protected is not None:
             self.protected = self.protected.to(self.scores.device)
@@ -272,7 +292,7 @@ class _Ranked:
         """How many ranked values are ``< t`` (strict) or ``<= t``."""
         compare = torch.lt if strict else torch.le
         n = int((compare(self.scores, t) & self.alive).sum())
-        if self.protected is not None:        # alive, but ranked at +inf
+        if self.protected is not None:  # alive, but ranked at +inf
             n -= int(compare(self.scores[self.protected], t).sum())
             if not strict and t == float("inf"):
                 n += self.n_protected
@@ -308,7 +328,7 @@ def _global_by_threshold(layers, sparsity, min_keep, group_size):
     ranked = [_Ranked(layer, min_keep) for layer in layers]
     n_groups = sum(layer.n_groups for layer in layers)
     n_target = round(sparsity * float(n_groups * group_size))
-    m = min(n_target // group_size, n_groups)     # the count whose weights are nearest n_target, the lower on ties
+    m = min(n_target // group_size, n_groups)  # the count whose weights are nearest n_target, the lower on ties
     if m < n_groups and abs((m + 1) * group_size - n_target) < abs(m * group_size - n_target):
         m += 1
     n_dead = sum(r.n_dead for r in ranked)
@@ -317,7 +337,7 @@ def _global_by_threshold(layers, sparsity, min_keep, group_size):
         return [torch.ones_like(layer.alive.flatten()) for layer in layers]
     dtype = torch.float64 if any(layer.scores.dtype == torch.float64 for layer in layers) else torch.float32
     low, high = _key(float("-inf"), dtype), _key(float("inf"), dtype)
-    while low < high:                    # the lowest value with at least m ranked values <= it
+    while low < high:  # the lowest value with at least m ranked values <= it
         middle = (low + high) // 2
         if sum(r.count(_value(middle, dtype), strict=False) for r in ranked) >= m:
             high = middle
@@ -364,7 +384,7 @@ class Row(Scope):
     name = "row"
     needs_rows = True
     independent = True
-    supports_solvers = False    # a solver prunes a layer as a whole, not row by row
+    supports_solvers = False  # a solver prunes a layer as a whole, not row by row
 
     def select_layer(self, layer, sparsity, event, min_keep, index, n_layers):
         return _prune_lowest_per_row(layer, sparsity, min_keep)
@@ -372,8 +392,10 @@ class Row(Scope):
 
 def _prune_lowest_per_row(layer: LayerGroups, sparsity: float, min_keep: int) -> torch.Tensor:
     if layer.rows is None:
-        raise ValueError("scope 'row' needs each group's output row (LayerGroups.rows); granularities "
-                         "whose groups span rows (filter, channel) cannot be compared within a row.")
+        raise ValueError(
+            "scope 'row' needs each group's output row (LayerGroups.rows); granularities "
+            "whose groups span rows (filter, channel) cannot be compared within a row."
+        )
     s, _, _ = _order(layer, min_keep)
     order = torch.argsort(layer.rows.flatten().cpu(), stable=True)
     n_rows = int(layer.rows.max()) + 1 if layer.n_groups else 0
@@ -386,12 +408,12 @@ def _prune_lowest_per_row(layer: LayerGroups, sparsity: float, min_keep: int) ->
     n_prune = torch.clamp(torch.clamp(n_dead, min=round(sparsity * per_row)), max=per_row - n_protected)
     n_prune = torch.maximum(n_prune, n_dead)
     lowest_first = torch.argsort(ranked, dim=1, stable=True)
-    kept = torch.arange(per_row)[None, :] >= n_prune[:, None]          # in lowest-first order
+    kept = torch.arange(per_row)[None, :] >= n_prune[:, None]  # in lowest-first order
     keep = torch.ones(layer.n_groups, dtype=torch.bool)
     keep[order] = torch.empty_like(kept).scatter_(1, lowest_first, kept).flatten()
     return keep.to(layer.alive.device)
 
 
 @validate_params({"spec": [Types(str, Scope)], "where": [STR]})
-def make_scope(spec: "str | Scope", *, where: str = "Pruner") -> Scope:
+def make_scope(spec: str | Scope, *, where: str = "Pruner") -> Scope:
     return SCOPES.build(spec, param="scope", where=where, instance_of=Scope)

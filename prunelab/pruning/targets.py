@@ -84,10 +84,10 @@ def _default_params(module: nn.Module) -> list[str]:
 class Target:
     """One prunable weight tensor and the module that owns it."""
 
-    name: str                 # parameter name in the model, e.g. "fc1.weight"
-    module_name: str          # e.g. "fc1"
+    name: str  # parameter name in the model, e.g. "fc1.weight"
+    module_name: str  # e.g. "fc1"
     module: nn.Module
-    param_name: str           # attribute on the module, e.g. "weight"
+    param_name: str  # attribute on the module, e.g. "weight"
 
     @property
     def weight(self) -> nn.Parameter:
@@ -114,7 +114,7 @@ class Target:
         if layout == "attention" and self.param_name == "in_proj_weight":
             return self.module.in_proj_bias
         if layout == "recurrent":
-            return getattr(self.module, "bias" + self.param_name[len("weight"):], None)
+            return getattr(self.module, "bias" + self.param_name[len("weight") :], None)
         return None
 
     @property
@@ -149,8 +149,7 @@ def _valid_names(model: nn.Module) -> tuple[list[str], list[str]]:
 
 
 @validate_params({"model": [MODEL], "where": [STR]})
-def resolve_targets(model: nn.Module, layers: Iterable[str] | None = None, *,
-                    where: str = "Pruner") -> list[Target]:
+def resolve_targets(model: nn.Module, layers: Iterable[str] | None = None, *, where: str = "Pruner") -> list[Target]:
     """Return the prunable tensors of ``model`` in model order.
 
     ``layers=None`` selects the weight of every Linear/Conv layer. Otherwise each
@@ -165,27 +164,36 @@ def resolve_targets(model: nn.Module, layers: Iterable[str] | None = None, *,
     if isinstance(layers, str):
         layers = [layers]
     if not isinstance(layers, Iterable) or isinstance(layers, (bytes, dict)):
-        raise TypeError(f"the 'layers' parameter of {where} must be None or a list of module or parameter "
-                        f"names. Got {layers!r} of type {type(layers).__name__} instead.")
+        raise TypeError(
+            f"the 'layers' parameter of {where} must be None or a list of module or parameter "
+            f"names. Got {layers!r} of type {type(layers).__name__} instead."
+        )
     layers = list(layers)
     if not layers:
-        raise ValueError(f"the 'layers' parameter of {where} is an empty list; name at least one of the "
-                         f"modules {', '.join(module_names)}, or pass None for every Linear/Conv weight.")
+        raise ValueError(
+            f"the 'layers' parameter of {where} is an empty list; name at least one of the "
+            f"modules {', '.join(module_names)}, or pass None for every Linear/Conv weight."
+        )
     found: dict[str, Target] = {}
     params = dict(model.named_parameters(remove_duplicate=False))
     for entry in layers:
         if not isinstance(entry, str):
-            raise TypeError(f"the 'layers' parameter of {where} must be a list of module or "
-                            f"parameter names. Got {entry!r} of type {type(entry).__name__}.")
+            raise TypeError(
+                f"the 'layers' parameter of {where} must be a list of module or "
+                f"parameter names. Got {entry!r} of type {type(entry).__name__}."
+            )
         if entry in modules and entry:
             module = modules[entry]
             own = dict(module.named_parameters(recurse=False))
-            names = (["weight"] if "weight" in own else _default_params(module)
-                     or [n for n in own if n.startswith("weight")])
+            names = (
+                ["weight"] if "weight" in own else _default_params(module) or [n for n in own if n.startswith("weight")]
+            )
             if not names:
-                raise ValueError(f"the 'layers' parameter of {where}: module {entry!r} "
-                                 f"({type(module).__name__}) has no weight tensor of its own; "
-                                 f"valid modules: {', '.join(module_names)}.")
+                raise ValueError(
+                    f"the 'layers' parameter of {where}: module {entry!r} "
+                    f"({type(module).__name__}) has no weight tensor of its own; "
+                    f"valid modules: {', '.join(module_names)}."
+                )
             for pname in names:
                 full = f"{entry}.{pname}"
                 found.setdefault(full, Target(full, entry, module, pname))
@@ -196,11 +204,11 @@ def resolve_targets(model: nn.Module, layers: Iterable[str] | None = None, *,
                 raise ValueError(f"the 'layers' parameter of {where}: {entry!r} is a scalar.")
             found.setdefault(entry, Target(entry, module_name, module, pname))
         else:
-
             raise ValueError(
                 f"the 'layers' parameter of {where} names {entry!r}, which is not in the model"
                 f"{suggest(entry, module_names + param_names)}. Valid module names: "
-                f"{', '.join(module_names)}; valid parameter names: {', '.join(param_names)}.")
+                f"{', '.join(module_names)}; valid parameter names: {', '.join(param_names)}."
+            )
     order = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     return _unique_tensors(sorted(found.values(), key=lambda t: order[t.name]))
 
@@ -236,14 +244,20 @@ def _default_targets(model: nn.Module, modules: dict, where: str) -> list[Target
                 continue
             found.append(target)
     if skipped:
-        warnings.warn(TiedWeightSkipped(
-            f"{where}: {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} tied to an embedding and "
-            f"left out of the default targets (pruning {'it' if len(skipped) == 1 else 'them'} would prune the "
-            f"embedding too); name {'it' if len(skipped) == 1 else 'them'} in layers=[...] to prune."), stacklevel=4)
+        warnings.warn(
+            TiedWeightSkipped(
+                f"{where}: {', '.join(skipped)} {'is' if len(skipped) == 1 else 'are'} tied to an embedding and "
+                f"left out of the default targets (pruning {'it' if len(skipped) == 1 else 'them'} would prune the "
+                f"embedding too); name {'it' if len(skipped) == 1 else 'them'} in layers=[...] to prune."
+            ),
+            stacklevel=4,
+        )
     found = _unique_tensors(found)
     if not found:
-        raise ValueError(f"{where}: the model has no Linear-like layer to prune (Linear, Conv, HF Conv1D, "
-                         f"MultiheadAttention, RNN); name the tensors to prune with layers=[...].")
+        raise ValueError(
+            f"{where}: the model has no Linear-like layer to prune (Linear, Conv, HF Conv1D, "
+            f"MultiheadAttention, RNN); name the tensors to prune with layers=[...]."
+        )
     return found
 
 

@@ -75,12 +75,14 @@ class InputNorms(hessian.InputHooks):
     def _hook_for(self, target: Target, site: nn.Module):
         def hook(module, args, kwargs, output):
             cols, _ = hessian.columns(target, self.parents, site, args, kwargs, output)
-            parts = list(cols)               # (groups, n, d) tensor or a list of (n_g, d)
-            squares = torch.stack([torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2)
-                                   for x in parts])
+            parts = list(cols)  # (groups, n, d) tensor or a list of (n_g, d)
+            squares = torch.stack(
+                [torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).double().pow(2) for x in parts]
+            )
             name = target.name
             self.sums[name] = squares if name not in self.sums else self.sums[name] + squares
             self.columns[name] = self.columns.get(name, 0) + len(parts[0])
+
         return hook
 
     def norms(self) -> dict[str, torch.Tensor]:
@@ -109,8 +111,10 @@ def wanda_scores(target: Target, norms: torch.Tensor) -> torch.Tensor:
     W = target.matrix().float().abs()
     groups = norms.shape[0]
     if W.shape[0] % groups or W.shape[1] != norms.shape[1]:
-        raise ValueError(f"wanda: the inputs of {target.name!r} ({tuple(norms.shape)}) do not fit its "
-                         f"weight matrix {tuple(W.shape)}; was the model changed since calibration?")
+        raise ValueError(
+            f"wanda: the inputs of {target.name!r} ({tuple(norms.shape)}) do not fit its "
+            f"weight matrix {tuple(W.shape)}; was the model changed since calibration?"
+        )
     blocks = W.reshape(groups, W.shape[0] // groups, -1) * norms.float().to(W.device)[:, None, :]
     scores = blocks.reshape(W.shape)
     return scores.t() if target.layout == "transposed" else scores.reshape(target.weight.shape)
@@ -126,24 +130,34 @@ class Wanda(Criterion):
     needs_data = True
     default_scope = "row"
 
-    @validate_params({"blocks": [Types(str, nn.Module, name="a dotted module path such as 'model.layers' or an "
-                                                      "nn.ModuleList"), None],
-                      "offload": [Options(blk.OFFLOADS), None], "progress": [bool, None],
-                      "compute_dtype": [Types(str, torch.dtype), None]},
-                     where="wanda criterion")
-    def __init__(self, blocks=None, offload: str | None = None, progress: bool | None = None,
-                 compute_dtype=None):
+    @validate_params(
+        {
+            "blocks": [
+                Types(str, nn.Module, name="a dotted module path such as 'model.layers' or an nn.ModuleList"),
+                None,
+            ],
+            "offload": [Options(blk.OFFLOADS), None],
+            "progress": [bool, None],
+            "compute_dtype": [Types(str, torch.dtype), None],
+        },
+        where="wanda criterion",
+    )
+    def __init__(self, blocks=None, offload: str | None = None, progress: bool | None = None, compute_dtype=None):
         where = "wanda criterion"
         if blocks is None and (offload == "disk" or progress or compute_dtype is not None):
-            raise ValueError(f"the 'offload', 'progress' and 'compute_dtype' parameters of {where} apply block "
-                             f"by block: name the stack of blocks too (blocks='model.layers', say).")
-        self.blocks, self.offload, self.progress = blk.check_block_options(blocks, offload, progress, "sequential", where)
+            raise ValueError(
+                f"the 'offload', 'progress' and 'compute_dtype' parameters of {where} apply block "
+                f"by block: name the stack of blocks too (blocks='model.layers', say)."
+            )
+        self.blocks, self.offload, self.progress = blk.check_block_options(
+            blocks, offload, progress, "sequential", where
+        )
         self.compute_dtype = blk.check_compute_dtype(compute_dtype, "sequential", where)
-        self.updates_weights = blocks is not None      # block by block it prunes as it goes
+        self.updates_weights = blocks is not None  # block by block it prunes as it goes
         self._stack = None
         self._norms: dict[str, torch.Tensor] | None = None
         self._batches: list | None = None
-        self.skipped: dict[str, str] = {}      # default targets left dense: {name: reason}
+        self.skipped: dict[str, str] = {}  # default targets left dense: {name: reason}
         self.last_report: NormReport | None = None
         self.last_held: tuple[str, ...] = ()
 
@@ -153,9 +167,11 @@ class Wanda(Criterion):
             return
         self._stack = blk.resolve_stack(pruner.model, self.blocks, where="wanda criterion")
         if not pruner.scope.independent:
-            raise ValueError(f"scope {pruner.scope.name!r} ranks every layer's scores at once; block by block "
-                             f"a block is pruned before the next block's inputs exist: use scope 'row' (the "
-                             f"default), 'local' or 'layerwise-constant', or leave out 'blocks'.")
+            raise ValueError(
+                f"scope {pruner.scope.name!r} ranks every layer's scores at once; block by block "
+                f"a block is pruned before the next block's inputs exist: use scope 'row' (the "
+                f"default), 'local' or 'layerwise-constant', or leave out 'blocks'."
+            )
 
     def calibrate(self, model, targets, batches, loss_fn) -> None:
         """Collect ``‖X_j‖₂`` of every target's inputs over ``batches`` (any form
@@ -173,9 +189,11 @@ class Wanda(Criterion):
 
     def iter_scores(self, targets: Sequence[Target]):
         if self._norms is None:
-            raise ValueError("the wanda criterion has no input norms to score with: pass calibration data "
-                             "(prune(..., data=batches), Pruner(..., calibration=batches) or pruner.calibrate(data))"
-                             + (" and, block by block, prune through the Pruner." if self.blocks is not None else "."))
+            raise ValueError(
+                "the wanda criterion has no input norms to score with: pass calibration data "
+                "(prune(..., data=batches), Pruner(..., calibration=batches) or pruner.calibrate(data))"
+                + (" and, block by block, prune through the Pruner." if self.blocks is not None else ".")
+            )
         missing = [t.name for t in targets if t.name not in self._norms]
         if missing:
             raise ValueError(f"wanda: calibrated without {', '.join(missing)}; calibrate on the same layers.")
@@ -188,12 +206,15 @@ class Wanda(Criterion):
         scope through ``request.select``) and return the keep-masks, one per ``request.targets``
         (a :class:`prunelab.pruning.problems.SolveRequest`)."""
         if self._batches is None:
-            raise ValueError("the wanda criterion needs calibration data: pass data= to prune() or "
-                             "calibration= to the Pruner.")
+            raise ValueError(
+                "the wanda criterion needs calibration data: pass data= to prune() or calibration= to the Pruner."
+            )
         self.last_report, self.last_held = _BlockByBlock(self, request).run(request.sparsities)
         masks = request.masks
-        return [masks.get(t.weight) if t.weight in masks
-                else torch.ones_like(t.weight, dtype=torch.bool) for t in request.targets]
+        return [
+            masks.get(t.weight) if t.weight in masks else torch.ones_like(t.weight, dtype=torch.bool)
+            for t in request.targets
+        ]
 
     def reset(self) -> None:
         self._norms, self._batches = None, None
@@ -213,14 +234,14 @@ class NormLayerReport:
 
     layer: str
     shape: tuple
-    sparsity: float            # realised, of the weight
-    n: int                     # calibration columns (samples × positions)
-    norm_seconds: float        # the pass that gave its block's norms (paid by the block's first layer)
-    select_seconds: float      # scores, selection, mask
-    block: str | None = None   # the block the layer is in (None: outside the stack)
-    seconds: float = 0.0       # wall time of the layer, its share of the block's inputs included
-    peak_memory: int | None = None   # bytes: the process's resident high-water mark meanwhile
-    live_bytes: int = 0        # bytes of cached block inputs in memory and norms held meanwhile
+    sparsity: float  # realised, of the weight
+    n: int  # calibration columns (samples × positions)
+    norm_seconds: float  # the pass that gave its block's norms (paid by the block's first layer)
+    select_seconds: float  # scores, selection, mask
+    block: str | None = None  # the block the layer is in (None: outside the stack)
+    seconds: float = 0.0  # wall time of the layer, its share of the block's inputs included
+    peak_memory: int | None = None  # bytes: the process's resident high-water mark meanwhile
+    live_bytes: int = 0  # bytes of cached block inputs in memory and norms held meanwhile
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -235,17 +256,20 @@ class NormReport(Report):
 
     def _head(self) -> str:
         w = self._width()
-        return (f"{'layer':<{w}} {'sparsity':>8} {'n':>8} {'norms s':>8} {'select s':>8} {'total s':>8} "
-                f"{'peak MiB':>9}")
+        return f"{'layer':<{w}} {'sparsity':>8} {'n':>8} {'norms s':>8} {'select s':>8} {'total s':>8} {'peak MiB':>9}"
 
     def _row(self, r) -> str:
-        return (f"{r.layer:<{self._width()}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} "
-                f"{r.select_seconds:8.3f} {r.seconds:8.3f} {blk.mib(r.peak_memory):>9}")
+        return (
+            f"{r.layer:<{self._width()}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} "
+            f"{r.select_seconds:8.3f} {r.seconds:8.3f} {blk.mib(r.peak_memory):>9}"
+        )
 
     def totals(self) -> dict:
-        return {"norm_seconds": sum(r.norm_seconds for r in self),
-                "select_seconds": sum(r.select_seconds for r in self),
-                "seconds": sum(r.seconds for r in self) + self.trace_seconds}
+        return {
+            "norm_seconds": sum(r.norm_seconds for r in self),
+            "select_seconds": sum(r.select_seconds for r in self),
+            "seconds": sum(r.seconds for r in self) + self.trace_seconds,
+        }
 
 
 class _BlockByBlock:
@@ -256,8 +280,8 @@ class _BlockByBlock:
     def __init__(self, criterion: Wanda, request):
         self.criterion, self.request, self.event = criterion, request, request.event
         self.active = [t for t in request.targets if t.name not in criterion.skipped]
-        self.index = {t.name: i for i, t in enumerate(self.active)}     # the scope's layer numbers
-        self.memory: dict = {}          # the whole prune's peak, across the per-layer resets
+        self.index = {t.name: i for i, t in enumerate(self.active)}  # the scope's layer numbers
+        self.memory: dict = {}  # the whole prune's peak, across the per-layer resets
 
     def run(self, sparsities: list[float]) -> tuple[NormReport, tuple[str, ...]]:
         c, request = self.criterion, self.request
@@ -270,16 +294,24 @@ class _BlockByBlock:
             with eval_mode(request.model):
                 started = time.perf_counter()
                 with PeakMemory(self.memory):
-                    self.inputs = SequentialHessians(request.model, self.active, c._batches, with_bias=False,
-                                                     stack=c._stack, spill=spill, compute=c.compute_dtype)
+                    self.inputs = SequentialHessians(
+                        request.model,
+                        self.active,
+                        c._batches,
+                        with_bias=False,
+                        stack=c._stack,
+                        spill=spill,
+                        compute=c.compute_dtype,
+                    )
                 report.trace_seconds = time.perf_counter() - started
                 shown = sys.stderr.isatty() if c.progress is None else c.progress
                 bar = blk.BlockBar(self.active, self.inputs.block_name, shown, c.name)
                 for block, members in self._runs():
-                    recorder = None          # the block's norms, made when its first layer is pruned
+                    recorder = None  # the block's norms, made when its first layer is pruned
                     for target in members:
-                        recorder, layer_report, was_held = self._layer(target, block, members, recorder,
-                                                                       wanted[target.name])
+                        recorder, layer_report, was_held = self._layer(
+                            target, block, members, recorder, wanted[target.name]
+                        )
                         report.append(layer_report)
                         if was_held:
                             held.append(target.name)
@@ -308,11 +340,17 @@ class _BlockByBlock:
             select_seconds = time.perf_counter() - chosen
         weight = target.weight
         report = NormLayerReport(
-            layer=target.name, shape=tuple(weight.shape),
-            sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(), n=recorder.columns[target.name],
-            norm_seconds=norm_seconds, select_seconds=select_seconds,
+            layer=target.name,
+            shape=tuple(weight.shape),
+            sparsity=1.0 - int(torch.count_nonzero(weight)) / weight.numel(),
+            n=recorder.columns[target.name],
+            norm_seconds=norm_seconds,
+            select_seconds=select_seconds,
             block=None if block is None else self.inputs.block_name[target.name],
-            seconds=time.perf_counter() - started, peak_memory=peak.peak, live_bytes=live)
+            seconds=time.perf_counter() - started,
+            peak_memory=peak.peak,
+            live_bytes=live,
+        )
         return recorder, report, held
 
     def _runs(self):
@@ -333,7 +371,7 @@ class _BlockByBlock:
         model, inputs, batches = self.request.model, self.inputs, self.criterion._batches
         recorder = InputNorms(members, inputs.parents)
         if block is None:
-            inputs.forget()                # the whole model runs: a cache would be stale after this prune
+            inputs.forget()  # the whole model runs: a cache would be stale after this prune
             with hessian.calibration_mode(model), recorder:
                 forward_batches(model, batches)
         else:
@@ -343,19 +381,20 @@ class _BlockByBlock:
             with hessian.calibration_mode(model), recorder:
                 blk.run_block(block, cache, keep=False, stop_after=early)
             inputs.forwards["block"] += len(batches)
-        recorder.norms()                   # raises if a member was never reached
+        recorder.norms()  # raises if a member was never reached
         return recorder, time.perf_counter() - started
 
     def _prune(self, target: Target, norm: torch.Tensor, sparsity: float) -> bool:
         """Score, select and zero one target; whether the no-empty-layer guard held it."""
         request = self.request
         score = wanda_scores(target, norm)
-        group_keep, held = request.select(target, score, sparsity, self.event, self.index[target.name],
-                                          len(self.active))
+        group_keep, held = request.select(
+            target, score, sparsity, self.event, self.index[target.name], len(self.active)
+        )
         del score
         request.store(target, group_keep)
         mask = request.masks.get(target.weight)
-        if mask is not None:               # now: the next block's inputs come from the pruned weights
+        if mask is not None:  # now: the next block's inputs come from the pruned weights
             target.weight.masked_fill_(~mask, 0)
         self.inputs.pruned(target)
         return held

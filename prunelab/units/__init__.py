@@ -29,15 +29,50 @@ from __future__ import annotations
 
 from prunelab.units import surgery  # noqa: F401
 from prunelab.units.groups import GroupStats, UnitGroup  # noqa: F401
-from prunelab.units.removal import (METHODS, SEQUENCE_MODULES, UnitPruning, Units, collect_stats,  # noqa: F401
-                                    parse_method, remove_units, score_units, thin, thin_dead_units,
-                                    thinned_parameters, zero_units)
+from prunelab.units.removal import (
+    METHODS,
+    SEQUENCE_MODULES,
+    UnitPruning,
+    Units,
+    collect_stats,  # noqa: F401
+    parse_method,
+    remove_units,
+    score_units,
+    thin,
+    thin_dead_units,
+    thinned_parameters,
+    zero_units,
+)
 from prunelab.units.report import SpeedReport, speed_report
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select  # noqa: F401
-from prunelab.units.structure import (LAYER_SETS, Chain, UnitLayer, analyze, select_layers,  # noqa: F401
-                                      unsupported_activation)
+from prunelab.units.structure import (
+    LAYER_SETS,
+    Chain,
+    UnitLayer,
+    analyze,
+    select_layers,  # noqa: F401
+    unsupported_activation,
+)
 from prunelab.units.transformer import StructuredPruning, prune_transformer, remove_blocks
 
-__all__ = ["LAYER_SETS", "METHODS", "SCORERS", "SpeedReport", "StructuredPruning", "UnitGroup", "UnitPruning",
-           "UnitStats", "Units", "collect_stats", "parse_method", "prune_transformer", "remove_blocks",
-           "remove_units", "score_units", "speed_report", "thin", "thin_dead_units", "zero_units"]
+__all__ = [
+    "LAYER_SETS",
+    "METHODS",
+    "SCORERS",
+    "SpeedReport",
+    "StructuredPruning",
+    "UnitGroup",
+    "UnitPruning",
+    "UnitStats",
+    "Units",
+    "collect_stats",
+    "parse_method",
+    "prune_transformer",
+    "remove_blocks",
+    "remove_units",
+    "score_units",
+    "speed_report",
+    "thin",
+    "thin_dead_units",
+    "zero_units",
+]

@@ -53,8 +53,11 @@ def _mlp(name: str, module: nn.Module) -> UnitGroup | None:
     if all(isinstance(m, nn.Linear) for m in (gate, up, dn)):
         ups, down = [gate, up], dn
     inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
-    if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear) \
-            and getattr(module, "attention", None) is not None:
+    if (
+        isinstance(getattr(inter, "dense", None), nn.Linear)
+        and isinstance(getattr(out, "dense", None), nn.Linear)
+        and getattr(module, "attention", None) is not None
+    ):
         ups, down = [inter.dense], out.dense
     if ups is None:
         return None
@@ -63,8 +66,16 @@ def _mlp(name: str, module: nn.Module) -> UnitGroup | None:
     producers = [a for u in ups for a in _producer(u, index)]
     consumer = Axis(down, "weight", 0 if is_hf_conv1d(down) else 1, index)
     label = name if name.split(".")[-1] == "mlp" else f"{name}:mlp"
-    return UnitGroup(label, "dense", n, zero=producers, points=[Point(down, "", -1, index)],
-                     rows=[a for a in producers if a.name == "weight"], cuts=[*producers, consumer], module=ups[0])
+    return UnitGroup(
+        label,
+        "dense",
+        n,
+        zero=producers,
+        points=[Point(down, "", -1, index)],
+        rows=[a for a in producers if a.name == "weight"],
+        cuts=[*producers, consumer],
+        module=ups[0],
+    )
 
 
 def _head_index(n_heads: int, head_dim: int, offset: int = 0) -> torch.Tensor:
@@ -99,9 +110,12 @@ def _resize_heads(n_heads: int, n_kv: int, kind: str):
             blocks = kept_units // per_kv
             counts = torch.bincount(blocks, minlength=n_kv)
             if not bool((counts == counts[0]).all()):
-                raise ValueError("grouped-query attention keeps the same number of query heads in every key/value "
-                                 f"group; the plan keeps {counts.tolist()}.")
+                raise ValueError(
+                    "grouped-query attention keeps the same number of query heads in every key/value "
+                    f"group; the plan keeps {counts.tolist()}."
+                )
             _set_heads(owner, k, n_kv)
+
     return resize
 
 
@@ -109,16 +123,31 @@ def _attention(name: str, module: nn.Module, parent: nn.Module | None) -> list[U
     """Head groups of one attention module (empty when it is not one)."""
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     if all(isinstance(getattr(module, n, None), nn.Linear) for n in names) and isinstance(
-            getattr(module, "head_dim", None), int):
+        getattr(module, "head_dim", None), int
+    ):
         q, k, v, o = (getattr(module, n) for n in names)
         return _heads(name, module, [q], [k, v], o, module.head_dim, separate=True)
-    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) and isinstance(
-            getattr(module, "attention_head_size", None), int) and parent is not None \
-            and isinstance(getattr(getattr(parent, "output", None), "dense", None), nn.Linear):
-        return _heads(name, module, [module.query], [module.key, module.value], parent.output.dense,
-                      module.attention_head_size, separate=True)
-    if is_hf_conv1d(getattr(module, "c_attn", None)) and is_hf_conv1d(getattr(module, "c_proj", None)) \
-            and isinstance(getattr(module, "split_size", None), int) and not hasattr(module, "q_attn"):
+    if (
+        all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and isinstance(getattr(module, "attention_head_size", None), int)
+        and parent is not None
+        and isinstance(getattr(getattr(parent, "output", None), "dense", None), nn.Linear)
+    ):
+        return _heads(
+            name,
+            module,
+            [module.query],
+            [module.key, module.value],
+            parent.output.dense,
+            module.attention_head_size,
+            separate=True,
+        )
+    if (
+        is_hf_conv1d(getattr(module, "c_attn", None))
+        and is_hf_conv1d(getattr(module, "c_proj", None))
+        and isinstance(getattr(module, "split_size", None), int)
+        and not hasattr(module, "q_attn")
+    ):
         return _heads(name, module, [module.c_attn], [], module.c_proj, module.head_dim, separate=False)
     return []
 
@@ -129,17 +158,25 @@ def _heads(name, owner, qs, kvs, o, head_dim, separate) -> list[UnitGroup]:
     n_kv = kvs[0].weight.shape[0] // head_dim if kvs else n_heads
     o_axis = 0 if is_hf_conv1d(o) else 1
     q_index = _head_index(n_heads, head_dim)
-    if not separate:                       # GPT-2's c_attn: q, k and v blocks of one tensor
+    if not separate:  # GPT-2's c_attn: q, k and v blocks of one tensor
         E = n_heads * head_dim
         q_index = torch.cat([q_index, q_index + E, q_index + 2 * E], dim=1)
     producers = [a for m in qs for a in _producer(m, q_index)]
     if n_kv == n_heads:
         producers += [a for m in kvs for a in _producer(m, q_index)]
     o_cols = Axis(o, "weight", o_axis, _head_index(n_heads, head_dim))
-    heads = UnitGroup(f"{name}:heads", "heads", n_heads, zero=[*producers, o_cols],
-                      points=[Point(o, "", -1, _head_index(n_heads, head_dim))],
-                      rows=[a for a in producers if a.name == "weight"], cuts=[*producers, o_cols], module=q,
-                      owner=owner, resize=_resize_heads(n_heads, n_kv, "heads"))
+    heads = UnitGroup(
+        f"{name}:heads",
+        "heads",
+        n_heads,
+        zero=[*producers, o_cols],
+        points=[Point(o, "", -1, _head_index(n_heads, head_dim))],
+        rows=[a for a in producers if a.name == "weight"],
+        cuts=[*producers, o_cols],
+        module=q,
+        owner=owner,
+        resize=_resize_heads(n_heads, n_kv, "heads"),
+    )
     if n_kv == n_heads:
         return [heads]
     per_kv = n_heads // n_kv
@@ -148,10 +185,18 @@ def _heads(name, owner, qs, kvs, o, head_dim, separate) -> list[UnitGroup]:
     q_of_kv = _head_index(n_heads, head_dim).view(n_kv, per_kv * head_dim)
     kv_prod = [a for m in qs for a in _producer(m, q_of_kv)] + [a for m in kvs for a in _producer(m, kv_index)]
     kv_o = Axis(o, "weight", o_axis, q_of_kv)
-    kv_heads = UnitGroup(f"{name}:kv_heads", "kv_heads", n_kv, zero=[*kv_prod, kv_o],
-                         points=[Point(o, "", -1, q_of_kv)], rows=[a for a in kv_prod if a.name == "weight"],
-                         cuts=[*kv_prod, kv_o], module=kvs[0], owner=owner,
-                         resize=_resize_heads(n_heads, n_kv, "kv_heads"))
+    kv_heads = UnitGroup(
+        f"{name}:kv_heads",
+        "kv_heads",
+        n_kv,
+        zero=[*kv_prod, kv_o],
+        points=[Point(o, "", -1, q_of_kv)],
+        rows=[a for a in kv_prod if a.name == "weight"],
+        cuts=[*kv_prod, kv_o],
+        module=kvs[0],
+        owner=owner,
+        resize=_resize_heads(n_heads, n_kv, "kv_heads"),
+    )
     return [heads, kv_heads]
 
 
@@ -164,8 +209,10 @@ def find(model: nn.Module) -> tuple[list[UnitGroup], dict[str, str]]:
             parents[child] = parent
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
-            refused[f"{name}:heads"] = ("nn.MultiheadAttention requires num_heads × head_dim == embed_dim, so a head "
-                                        "cannot be removed without changing the model's width")
+            refused[f"{name}:heads"] = (
+                "nn.MultiheadAttention requires num_heads × head_dim == embed_dim, so a head "
+                "cannot be removed without changing the model's width"
+            )
             continue
         mlp = _mlp(name, module)
         if mlp is not None:

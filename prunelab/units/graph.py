@@ -27,6 +27,7 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _tp():
     """Torch-Pruning (a dependency), imported on first use: its import takes seconds."""
     import torch_pruning
+
     return torch_pruning
 
 
@@ -36,7 +37,7 @@ def _index(idxs, n_units: int, where: str) -> torch.Tensor:
     plain = [int(getattr(i, "idx", i)) for i in idxs]
     if len(plain) % n_units or len(set(plain)) != len(plain):
         raise ValueError(f"unit removal cannot map the {n_units} channels of a group onto the inputs of {where!r}.")
-    return torch.tensor(plain, dtype=torch.long).view(n_units, -1)   # root order; a flatten: k per channel
+    return torch.tensor(plain, dtype=torch.long).view(n_units, -1)  # root order; a flatten: k per channel
 
 
 def _is_depthwise(module) -> bool:
@@ -45,9 +46,10 @@ def _is_depthwise(module) -> bool:
 
 def build(model: nn.Module, batch: Batch):
     tp = _tp()
-    with torch.enable_grad():            # Torch-Pruning traces the graph through autograd
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
         return tp, tp.DependencyGraph().build_dependency(
-            model, example_inputs=batch.inputs, forward_fn=lambda m, _: batch.call(m), verbose=False)
+            model, example_inputs=batch.inputs, forward_fn=lambda m, _: batch.call(m), verbose=False
+        )
 
 
 def find(model: nn.Module, batch: Batch) -> tuple[list[UnitGroup], dict[str, str]]:
@@ -57,18 +59,29 @@ def find(model: nn.Module, batch: Batch) -> tuple[list[UnitGroup], dict[str, str
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
     groups, refused = [], {}
     for tp_group in graph.get_all_groups(root_module_types=(*CONVS, nn.Linear)):
-        producers = [d.target.module for d, _ in tp_group
-                     if graph.is_out_channel_pruning_fn(d.handler) and isinstance(d.target.module, (*CONVS, nn.Linear))]
+        producers = [
+            d.target.module
+            for d, _ in tp_group
+            if graph.is_out_channel_pruning_fn(d.handler) and isinstance(d.target.module, (*CONVS, nn.Linear))
+        ]
         if not producers or any(not graph.module2node[m].outputs for m in producers):
-            continue                       # the model's outputs are not units
+            continue  # the model's outputs are not units
         producers = sorted(set(producers), key=order.get)
         name, first = names[producers[0]], producers[0]
         n_units = first.weight.shape[0]
-        rooted = graph.get_pruning_group(first, graph.get_pruner_of_module(first).prune_out_channels,
-                                         idxs=list(range(n_units)))   # indices in the first producer's order
+        rooted = graph.get_pruning_group(
+            first, graph.get_pruner_of_module(first).prune_out_channels, idxs=list(range(n_units))
+        )  # indices in the first producer's order
         deps = [(d.target.module, d.handler, idxs) for d, idxs in rooted if d.target.module in names]
-        group = UnitGroup(name, "dense" if isinstance(producers[0], nn.Linear) else "conv", n_units,
-                          zero=[], points=[], rows=[], module=producers[0])
+        group = UnitGroup(
+            name,
+            "dense" if isinstance(producers[0], nn.Linear) else "conv",
+            n_units,
+            zero=[],
+            points=[],
+            rows=[],
+            module=producers[0],
+        )
         reason = _fill(group, deps, producers, graph, names)
         if reason:
             refused[name] = reason
@@ -99,12 +112,15 @@ def _fill(group: UnitGroup, deps, producers, graph, names) -> str | None:
             group.cuts += [Axis(module, p, 0, index) for p in ("weight", "bias", "running_mean", "running_var")]
         elif isinstance(module, (*CONVS, nn.Linear)):
             dim = 1
-            group.points.append(Point(module, names[module], dim if isinstance(module, CONVS) else -1, index,
-                                      _absorber(module, graph)))
+            group.points.append(
+                Point(module, names[module], dim if isinstance(module, CONVS) else -1, index, _absorber(module, graph))
+            )
             group.cuts.append(Axis(module, "weight", dim, index))
         else:
-            return (f"its channels pass through {names[module]!r} ({type(module).__name__}), which unit removal "
-                    f"does not cut (a normalisation over channels, an embedding or a recurrent layer)")
+            return (
+                f"its channels pass through {names[module]!r} ({type(module).__name__}), which unit removal "
+                f"does not cut (a normalisation over channels, an embedding or a recurrent layer)"
+            )
     if not group.points:
         return "no layer reads its channels"
     return None

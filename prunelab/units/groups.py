@@ -48,7 +48,7 @@ class Axis:
     module: nn.Module
     name: str
     dim: int
-    index: torch.Tensor          # (n_units, k) long
+    index: torch.Tensor  # (n_units, k) long
 
 
 @dataclass
@@ -76,17 +76,17 @@ class UnitGroup:
     """Coupled units, scored and removed together (see the module docstring)."""
 
     name: str
-    kind: str                                    # "conv", "dense", "heads", "kv_heads"
+    kind: str  # "conv", "dense", "heads", "kv_heads"
     n_units: int
     zero: list[Axis]
     points: list[Point]
-    rows: list[Axis]                             # producing weights, for the ``norm`` scorer
+    rows: list[Axis]  # producing weights, for the ``norm`` scorer
     members: list[str] = field(default_factory=list)
-    cuts: list[Axis] = field(default_factory=list)   # every tensor thinning cuts, once each
-    blocks: torch.Tensor | None = None           # (n_units,) block id: remove evenly within blocks
-    module: nn.Module | None = None              # the first producer (for callers that read .module)
-    owner: nn.Module | None = None               # the attention module whose head counts change
-    resize: Callable | None = None               # resize(owner, kept_units) after thinning
+    cuts: list[Axis] = field(default_factory=list)  # every tensor thinning cuts, once each
+    blocks: torch.Tensor | None = None  # (n_units,) block id: remove evenly within blocks
+    module: nn.Module | None = None  # the first producer (for callers that read .module)
+    owner: nn.Module | None = None  # the attention module whose head counts change
+    resize: Callable | None = None  # resize(owner, kept_units) after thinning
 
     @property
     def point(self) -> nn.Module:
@@ -107,7 +107,7 @@ def _per_example(a: torch.Tensor, dim: int, total: bool = False, batch_dim: int 
     """(N, F): the mean (or with ``total`` the sum) over every axis but the batch axis and the
     feature axis ``dim`` (positions, tokens)."""
     features = a.shape[dim]
-    a = a.movedim(dim, -1).movedim(batch_dim, 0)      # batch_dim ≥ 0, before the feature axis
+    a = a.movedim(dim, -1).movedim(batch_dim, 0)  # batch_dim ≥ 0, before the feature axis
     a = a.reshape(a.shape[0], -1, features)
     return a.sum(dim=1) if total else a.mean(dim=1)
 
@@ -139,12 +139,14 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
 
     def hook(module, inputs):
         if module in captured:
-            raise ValueError(f"unit scoring reads the input of {names[module]!r}, which runs more than once "
-                             f"per forward; a layer called several times is not supported.")
+            raise ValueError(
+                f"unit scoring reads the input of {names[module]!r}, which runs more than once "
+                f"per forward; a layer called several times is not supported."
+            )
         # an alias of the input, read by this layer only: the gradient at it is the gradient
         # through this layer, not through every other use of the same tensor (a residual add)
         alias = inputs[0].view_as(inputs[0])
-        if not alias.requires_grad and alias.is_floating_point():   # a frozen model: dℓ/da exists all the same
+        if not alias.requires_grad and alias.is_floating_point():  # a frozen model: dℓ/da exists all the same
             alias = inputs[0].detach().requires_grad_(True)
         captured[module] = alias
         return (alias, *inputs[1:])
@@ -164,7 +166,7 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
                     a = captured[m].detach()
                     g = torch.zeros_like(a) if g is None else g.detach()
                     dim, batch_dim = dims[m]
-                    G[m].append(_per_example(g, dim, True, batch_dim).double().cpu())   # plans index CPU maps
+                    G[m].append(_per_example(g, dim, True, batch_dim).double().cpu())  # plans index CPU maps
                     AG[m].append(_per_example(a * g, dim, True, batch_dim).double().cpu())
                     s = _per_example(a, dim, False, batch_dim).double().sum(dim=0).cpu()
                     sums[m] = s if sums[m] is None else sums[m] + s
@@ -204,8 +206,12 @@ def group_scores(scorer: str, group: UnitGroup, stats: GroupStats | None, genera
             fan_in = w[0].numel()
             total += (rows.pow(2).sum(dim=1) / fan_in).cpu()
         return total
-    value = {"rs": stats.removal.mean(dim=0), "abs_rs": stats.removal.abs().mean(dim=0),
-             "mrs": stats.replacement.mean(dim=0), "abs_mrs": stats.replacement.abs().mean(dim=0)}
+    value = {
+        "rs": stats.removal.mean(dim=0),
+        "abs_rs": stats.removal.abs().mean(dim=0),
+        "mrs": stats.replacement.mean(dim=0),
+        "abs_mrs": stats.replacement.abs().mean(dim=0),
+    }
     return value[scorer]
 
 
@@ -248,9 +254,11 @@ def fold_means(group: UnitGroup, units: torch.Tensor, means: list[torch.Tensor],
             elif point.absorb is not None:
                 point.absorb.running_mean -= contribution.to(point.absorb.running_mean.dtype)
             else:
-                raise ValueError(f"mean replacement folds the removed units' mean into the layer that reads them, "
-                                 f"{names[m]!r}, but it has no bias and no BatchNorm right after it to absorb the "
-                                 f"constant; prune without mean replacement (a method without 'bp_').")
+                raise ValueError(
+                    f"mean replacement folds the removed units' mean into the layer that reads them, "
+                    f"{names[m]!r}, but it has no bias and no BatchNorm right after it to absorb the "
+                    f"constant; prune without mean replacement (a method without 'bp_')."
+                )
 
 
 def check_foldable(groups: list[UnitGroup], names: dict) -> None:
@@ -258,10 +266,12 @@ def check_foldable(groups: list[UnitGroup], names: dict) -> None:
     for group in groups:
         for point in group.points:
             if not point.has_bias() and point.absorb is None:
-                raise ValueError(f"mean replacement of the units of {group.name!r} folds their mean into the "
-                                 f"layer that reads them, {names[point.module]!r}, but it has no bias and no "
-                                 f"BatchNorm right after it to absorb the constant; prune without mean "
-                                 f"replacement (a method without 'bp_').")
+                raise ValueError(
+                    f"mean replacement of the units of {group.name!r} folds their mean into the "
+                    f"layer that reads them, {names[point.module]!r}, but it has no bias and no "
+                    f"BatchNorm right after it to absorb the constant; prune without mean "
+                    f"replacement (a method without 'bp_')."
+                )
 
 
 @torch.no_grad()
@@ -348,7 +358,7 @@ def _fix_sizes(module: nn.Module) -> None:
         module.nx, module.nf = module.weight.shape
     elif isinstance(module, nn.modules.conv._ConvNd):
         out = module.weight.shape[0]
-        if module.groups > 1 and module.groups == module.out_channels == module.in_channels:   # depthwise
+        if module.groups > 1 and module.groups == module.out_channels == module.in_channels:  # depthwise
             module.groups = module.in_channels = module.out_channels = out
         else:
             module.out_channels, module.in_channels = out, module.weight.shape[1] * module.groups

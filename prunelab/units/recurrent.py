@@ -46,10 +46,26 @@ def find(model: nn.Module, batch: Batch) -> list[UnitGroup]:
         column = Axis(embedding, "weight", 1, index)
         suffixes = ("", "_reverse") if rnn.bidirectional else ("",)
         inputs = [Axis(rnn, f"weight_ih_l0{s}", 1, index) for s in suffixes]
-        point = Point(rnn, names[rnn], -1, index, batch_dim=0 if rnn.batch_first else 1,
-                      weights=tuple(f"weight_ih_l0{s}" for s in suffixes),
-                      biases=tuple(f"bias_ih_l0{s}" for s in suffixes))
-        groups.append(UnitGroup(names[embedding], "dense", n, zero=[column], points=[point],
-                                rows=[column], cuts=[column, *inputs], module=embedding,
-                                members=[names[embedding], names[rnn]]))
+        point = Point(
+            rnn,
+            names[rnn],
+            -1,
+            index,
+            batch_dim=0 if rnn.batch_first else 1,
+            weights=tuple(f"weight_ih_l0{s}" for s in suffixes),
+            biases=tuple(f"bias_ih_l0{s}" for s in suffixes),
+        )
+        groups.append(
+            UnitGroup(
+                names[embedding],
+                "dense",
+                n,
+                zero=[column],
+                points=[point],
+                rows=[column],
+                cuts=[column, *inputs],
+                module=embedding,
+                members=[names[embedding], names[rnn]],
+            )
+        )
     return groups

@@ -54,7 +54,7 @@ class Normal:
         self.yy += float(y.pow(2).sum())
         self.count += len(x)
 
-    def merged(self, other: "Normal") -> "Normal":
+    def merged(self, other: Normal) -> Normal:
         """The sums over both sets of positions."""
         if other.count == 0:
             return self
@@ -62,15 +62,14 @@ class Normal:
 
     def error(self, W: torch.Tensor) -> float:
         """``Σ‖y − W x'‖²`` (``W``: ``(out, K [+1])``, float64)."""
-        return max(self.yy - 2.0 * float((W * self.yx).sum()) + float(torch.einsum("of,fg,og->", W, self.xx, W)),
-                   0.0)
+        return max(self.yy - 2.0 * float((W * self.yx).sum()) + float(torch.einsum("of,fg,og->", W, self.xx, W)), 0.0)
 
     def solve(self, damp: float) -> torch.Tensor:
         """``W' = C (G + λI)⁻¹`` (the least-norm solution where ``G + λI`` is singular)."""
         lam = damp * float(self.xx.diagonal().mean())
         regular = self.xx + lam * torch.eye(len(self.xx), dtype=self.xx.dtype)
         try:
-            return torch.linalg.solve(regular, self.yx.T).T         # G symmetric
+            return torch.linalg.solve(regular, self.yx.T).T  # G symmetric
         except RuntimeError:
             return self.yx @ torch.linalg.pinv(regular, hermitian=True)
 
@@ -107,8 +106,9 @@ class Refit:
 
 
 @torch.no_grad()
-def refit_layer(name: str, module: nn.Module, fit: Normal, damp: float, features: int,
-                held_out: Normal | None = None) -> Refit:
+def refit_layer(
+    name: str, module: nn.Module, fit: Normal, damp: float, features: int, held_out: Normal | None = None
+) -> Refit:
     """Replace ``module``'s weight (and bias) by the least-squares solution, in place. With
     ``held_out`` sums, the solution of ``fit`` alone must lower the error on them; then the
     weights are solved from both, else the module is left as it is."""
@@ -126,6 +126,13 @@ def refit_layer(name: str, module: nn.Module, fit: Normal, damp: float, features
             module.bias.copy_(new[:, -1].to(module.bias.dtype))
     scale = normal.yy if normal.yy > 0 else 1.0
     held_scale = held_out.yy if checked and held_out.yy > 0 else 1.0
-    return Refit(name, features, weight_matrix(module).shape[1], normal.error(current) / scale,
-                 normal.error(new) / scale, None if held[0] is None else held[0] / held_scale,
-                 None if held[1] is None else held[1] / held_scale, applied)
+    return Refit(
+        name,
+        features,
+        weight_matrix(module).shape[1],
+        normal.error(current) / scale,
+        normal.error(new) / scale,
+        None if held[0] is None else held[0] / held_scale,
+        None if held[1] is None else held[1] / held_scale,
+        applied,
+    )

@@ -17,9 +17,24 @@ import torch
 from torch import nn
 
 from prunelab._model_checks import check_batch_fits, check_materialised, floating_dtype
-from prunelab._validation import (BATCH_SIZE, DATA, MAPPING, MAX_UNITS, MODEL, SEED, SHAPE, SPARSITY, STR, Interval,
-                                  Options, Types, check_choice, check_finite, check_type,
-                                  validate_params)
+from prunelab._validation import (
+    BATCH_SIZE,
+    DATA,
+    MAPPING,
+    MAX_UNITS,
+    MODEL,
+    SEED,
+    SHAPE,
+    SPARSITY,
+    STR,
+    Interval,
+    Options,
+    Types,
+    check_choice,
+    check_finite,
+    check_type,
+    validate_params,
+)
 from prunelab.inputs import Batch, iter_batches, make_loss
 from prunelab.units import groups as unit_groups
 from prunelab.units import surgery
@@ -53,33 +68,47 @@ class Units:
     input_shape: tuple | None
     chain: Chain | None
     groups: list = field(default_factory=list)
-    refused: dict = field(default_factory=dict)      # group name → reason it cannot be removed
+    refused: dict = field(default_factory=dict)  # group name → reason it cannot be removed
     example_batch: Batch | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, input_shape=None, example_inputs=None) -> "Units":
+    def of(cls, model: nn.Module, input_shape=None, example_inputs=None) -> Units:
         """The units of ``model``, traced on ``example_inputs`` (a tensor, tuple or dict the model
         takes) or a zero input of ``input_shape``."""
         check_type("model", model, nn.Module, where="unit pruning")
         check_materialised(model, "unit pruning")
         if next(iter(model.parameters()), None) is None:
-            raise ValueError(f"the 'model' parameter of unit pruning ({type(model).__name__}) has no parameters, "
-                             f"so no units to remove.")
+            raise ValueError(
+                f"the 'model' parameter of unit pruning ({type(model).__name__}) has no parameters, "
+                f"so no units to remove."
+            )
         if input_shape is None and example_inputs is None:
-            input_shape = getattr(model, "config", {}).get("input_shape") if isinstance(
-                getattr(model, "config", None), dict) else None
+            input_shape = (
+                getattr(model, "config", {}).get("input_shape")
+                if isinstance(getattr(model, "config", None), dict)
+                else None
+            )
             if input_shape is None:
-                raise ValueError("unit pruning needs the model's inputs: pass input_shape=(C, H, W) or (D,), "
-                                 "example_inputs=..., or data= so they can be read from the calibration data.")
+                raise ValueError(
+                    "unit pruning needs the model's inputs: pass input_shape=(C, H, W) or (D,), "
+                    "example_inputs=..., or data= so they can be read from the calibration data."
+                )
         from prunelab.inputs import example_batch
-        batch = example_batch(model, tuple(input_shape) if input_shape is not None else None, example_inputs,
-                              where="unit pruning", device=next(iter(model.parameters()), torch.empty(0)).device,
-                              dtype=floating_dtype(model))
+
+        batch = example_batch(
+            model,
+            tuple(input_shape) if input_shape is not None else None,
+            example_inputs,
+            where="unit pruning",
+            device=next(iter(model.parameters()), torch.empty(0)).device,
+            dtype=floating_dtype(model),
+        )
         _dry_run(model, batch, input_shape)
         bad = unsupported_activation(model)
         if bad:
-            raise ValueError(f"unit pruning needs activations with f(0) = 0, so that a removed unit "
-                             f"outputs 0; {bad} does not.")
+            raise ValueError(
+                f"unit pruning needs activations with f(0) = 0, so that a removed unit outputs 0; {bad} does not."
+            )
         shape = tuple(batch.args[0].shape[1:]) if _single_float_input(batch) else None
         chain = analyze(model, shape) if shape is not None and not _is_sequence(model) else None
         units = cls(model, shape, chain, example_batch=batch)
@@ -101,12 +130,16 @@ class Units:
         chosen = self._choose(layers, where)
         empty = [u.name for u in chosen if u.n_units == 0]
         if empty and layers != "all":
-            raise ValueError(f"the 'layers' parameter of {where} chooses {empty[0]!r}, which has no units (a "
-                             f"zero-size layer); leave it out.")
+            raise ValueError(
+                f"the 'layers' parameter of {where} chooses {empty[0]!r}, which has no units (a "
+                f"zero-size layer); leave it out."
+            )
         chosen = [u for u in chosen if u.n_units > 0]
         if not chosen:
-            raise ValueError(f"the 'model' parameter of {where} has no units to remove: every unit layer is "
-                             f"empty ({', '.join(empty)}).")
+            raise ValueError(
+                f"the 'model' parameter of {where} has no units to remove: every unit layer is "
+                f"empty ({', '.join(empty)})."
+            )
         return chosen
 
     def _choose(self, layers, where: str) -> list:
@@ -114,15 +147,19 @@ class Units:
             return select_layers(self.chain.units, layers, where=where)
         for name in [layers] if isinstance(layers, str) else list(layers):
             if name in self.refused:
-                raise ValueError(f"the 'layers' parameter of {where} names {name!r}, whose units cannot be removed: "
-                                 f"{self.refused[name]}.")
+                raise ValueError(
+                    f"the 'layers' parameter of {where} names {name!r}, whose units cannot be removed: "
+                    f"{self.refused[name]}."
+                )
         # "all" leaves out whole key/value heads: they are an alternative to the query heads, named on purpose
         pool = [g for g in self.groups if g.kind != "kv_heads"] if layers == "all" else self.groups
         chosen = select_layers(pool, layers, where=where)
         owners = [g.owner for g in chosen if g.owner is not None]
         if len(owners) != len({id(o) for o in owners}):
-            raise ValueError(f"the 'layers' parameter of {where} chooses both the query heads and the key/value heads "
-                             f"of one attention layer; choose one of the two.")
+            raise ValueError(
+                f"the 'layers' parameter of {where} chooses both the query heads and the key/value heads "
+                f"of one attention layer; choose one of the two."
+            )
         return chosen
 
 
@@ -133,11 +170,16 @@ def _dry_run(model: nn.Module, batch: Batch, input_shape) -> None:
     try:
         forward_batches(model, [batch], where="unit pruning")
     except (RuntimeError, TypeError, IndexError, ValueError) as error:
-        given = f"a zero float tensor of input_shape {tuple(input_shape)}" if input_shape is not None else \
-            "the example inputs"
-        raise ValueError(f"unit pruning could not run the model on {given}: {type(error).__name__}: {error}. Pass "
-                         f"example_inputs= (or data=) in the form the model takes, e.g. token ids or a dict "
-                         f"of keyword inputs.") from None
+        given = (
+            f"a zero float tensor of input_shape {tuple(input_shape)}"
+            if input_shape is not None
+            else "the example inputs"
+        )
+        raise ValueError(
+            f"unit pruning could not run the model on {given}: {type(error).__name__}: {error}. Pass "
+            f"example_inputs= (or data=) in the form the model takes, e.g. token ids or a dict "
+            f"of keyword inputs."
+        ) from None
 
 
 def _is_sequence(model: nn.Module) -> bool:
@@ -152,13 +194,16 @@ def _find_groups(model: nn.Module, batch: Batch) -> tuple[list, dict]:
         found += recurrent.find(model, batch)
         for name, module in model.named_modules():
             if isinstance(module, nn.RNNBase):
-                refused[name] = (f"its hidden units feed back into every time step of {type(module).__name__}; "
-                                 f"recurrent units are not removed")
+                refused[name] = (
+                    f"its hidden units feed back into every time step of {type(module).__name__}; "
+                    f"recurrent units are not removed"
+                )
         if any(isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm") for m in model.modules()):
             refused["hidden size"] = (
                 "the hidden size (embeddings, the residual stream and its LayerNorm/RMSNorm) is not removed: a norm "
                 "over all hidden channels changes for the others when some go, so no thinned model equals the "
-                "masked one")
+                "masked one"
+            )
     else:
         found, refused = graph.find(model, batch)
     if not found:
@@ -172,7 +217,7 @@ class UnitPruning:
     """What :func:`remove_units` did: the units removed per layer (or group), and how."""
 
     method: str
-    plan: dict[str, torch.Tensor]            # layer or group name → removed unit indices
+    plan: dict[str, torch.Tensor]  # layer or group name → removed unit indices
     mean_replacement: bool
     scores: dict[str, torch.Tensor]
     stats: dict | None
@@ -214,13 +259,31 @@ def _collect(model, units: Units, chosen, batches, loss) -> dict:
 
 def _declared(**extra) -> dict:
     """What the unit functions declare alike, plus ``extra``."""
-    return {"model": [MODEL], "data": [DATA, None], "input_shape": [SHAPE, None], "batch_size": [BATCH_SIZE],
-            "units": [Types(Units), None], "loss_fn": ["callable", None], "output_key": [STR, None], **extra}
+    return {
+        "model": [MODEL],
+        "data": [DATA, None],
+        "input_shape": [SHAPE, None],
+        "batch_size": [BATCH_SIZE],
+        "units": [Types(Units), None],
+        "loss_fn": ["callable", None],
+        "output_key": [STR, None],
+        **extra,
+    }
 
 
 @validate_params(_declared())
-def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, example_inputs=None,
-                  batch_size: int = 256, units: Units | None = None, loss_fn=None, output_key=None) -> dict:
+def collect_stats(
+    model: nn.Module,
+    data,
+    *,
+    layers="all",
+    input_shape=None,
+    example_inputs=None,
+    batch_size: int = 256,
+    units: Units | None = None,
+    loss_fn=None,
+    output_key=None,
+) -> dict:
     """Activation statistics of the chosen unit layers (:class:`UnitStats`) or groups
     (:class:`~prunelab.units.groups.GroupStats`)."""
     batches = _batches(data, batch_size)
@@ -230,9 +293,21 @@ def collect_stats(model: nn.Module, data, *, layers="all", input_shape=None, exa
 
 
 @validate_params(_declared(scorer=[Options(SCORERS)], seed=[SEED], stats=[MAPPING, None]))
-def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input_shape=None, example_inputs=None,
-                seed: int = 0, batch_size: int = 256, stats: dict | None = None, units: Units | None = None,
-                loss_fn=None, output_key: str | None = None) -> dict[str, torch.Tensor]:
+def score_units(
+    model: nn.Module,
+    scorer: str,
+    data=None,
+    *,
+    layers="all",
+    input_shape=None,
+    example_inputs=None,
+    seed: int = 0,
+    batch_size: int = 256,
+    stats: dict | None = None,
+    units: Units | None = None,
+    loss_fn=None,
+    output_key: str | None = None,
+) -> dict[str, torch.Tensor]:
     """Scores of the units of the chosen layers or groups (lowest is removed first). A group's
     unit is scored once, from all of its members (see :mod:`prunelab.units.groups`)."""
     batches = _batches(data, batch_size)
@@ -247,20 +322,44 @@ def score_units(model: nn.Module, scorer: str, data=None, *, layers="all", input
         function = UNIT_SCORERS.get(scorer)
         scores = {u.name: function(u, stats[u.name] if stats else None, generator) for u in chosen}
     else:
-        scores = {g.name: unit_groups.group_scores(scorer, g, stats[g.name] if stats else None, generator)
-                  for g in chosen}
-    for name, score in scores.items():       # NaN/inf weights or activations: no ranking is meaningful
-        check_finite(f"the {scorer!r} scores of the units of {name!r}", score,
-                     hint="; check the model's weights and the calibration data")
+        scores = {
+            g.name: unit_groups.group_scores(scorer, g, stats[g.name] if stats else None, generator) for g in chosen
+        }
+    for name, score in scores.items():  # NaN/inf weights or activations: no ranking is meaningful
+        check_finite(
+            f"the {scorer!r} scores of the units of {name!r}",
+            score,
+            hint="; check the model's weights and the calibration data",
+        )
     return scores
 
 
-@validate_params(_declared(method=[Options(METHODS)], fraction=[SPARSITY, None],
-                           count=[Interval(Integral, 0, MAX_UNITS), None], seed=[SEED], stats=[MAPPING, None]))
-def remove_units(model: nn.Module, method: str = "bp_abs_mrs", data=None, *, fraction: float | None = None,
-                 count: int | None = None, layers="all", input_shape=None, example_inputs=None, seed: int = 0,
-                 batch_size: int = 256, stats: dict | None = None, units: Units | None = None,
-                 loss_fn=None, output_key: str | None = None) -> UnitPruning:
+@validate_params(
+    _declared(
+        method=[Options(METHODS)],
+        fraction=[SPARSITY, None],
+        count=[Interval(Integral, 0, MAX_UNITS), None],
+        seed=[SEED],
+        stats=[MAPPING, None],
+    )
+)
+def remove_units(
+    model: nn.Module,
+    method: str = "bp_abs_mrs",
+    data=None,
+    *,
+    fraction: float | None = None,
+    count: int | None = None,
+    layers="all",
+    input_shape=None,
+    example_inputs=None,
+    seed: int = 0,
+    batch_size: int = 256,
+    stats: dict | None = None,
+    units: Units | None = None,
+    loss_fn=None,
+    output_key: str | None = None,
+) -> UnitPruning:
     """Score the units of the chosen layers with ``method``'s scorer and remove the lowest
     ``fraction`` (or ``count``) of each layer or group, in place (masked: the model keeps its
     shapes; call :func:`thin` for the smaller model). With a ``bp_`` method the removed units are
@@ -309,8 +408,9 @@ def _mask_groups(chosen: list[UnitGroup], plan: dict, means: dict | None, names:
 
 
 @validate_params({"model": [MODEL], "pruning": [Types(UnitPruning, dict)], "input_shape": [SHAPE, None]})
-def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, input_shape=None,
-         example_inputs=None) -> nn.Module:
+def thin(
+    model: nn.Module, pruning: UnitPruning | dict[str, torch.Tensor], *, input_shape=None, example_inputs=None
+) -> nn.Module:
     """A physically smaller copy of ``model`` without the units of ``pruning`` (a
     :class:`UnitPruning` or a ``{layer or group: indices}`` plan). Its outputs equal the masked
     model's; mean replacement lives in the next layers' biases and is kept."""
@@ -326,9 +426,10 @@ def thin(model: nn.Module, pruning: "UnitPruning | dict[str, torch.Tensor]", *, 
     by_name = {g.name: g for g in units.groups}
     unknown = [k for k in plan if k not in by_name]
     if unknown:
-        raise ValueError(f"the plan names {unknown[0]!r}, which is not a unit group of the model; groups: "
-                         f"{', '.join(by_name)}.")
-    if units.model is not model:             # the groups refer to another model's modules: find them again
+        raise ValueError(
+            f"the plan names {unknown[0]!r}, which is not a unit group of the model; groups: {', '.join(by_name)}."
+        )
+    if units.model is not model:  # the groups refer to another model's modules: find them again
         units = Units.of(model, example_inputs=units.example())
         by_name = {g.name: g for g in units.groups}
     thinned, groups = copy.deepcopy((model, [by_name[k] for k in plan]))
@@ -343,17 +444,23 @@ def _check_plan(plan: dict[str, torch.Tensor], units: Units) -> None:
     sizes = {u.name: u.n_units for u in units.layers}
     for name, idx in plan.items():
         if name not in sizes:
-            raise ValueError(f"the plan names {name!r}, which is not a unit layer or group of the model; "
-                             f"choose among: {', '.join(sizes)}.")
+            raise ValueError(
+                f"the plan names {name!r}, which is not a unit layer or group of the model; "
+                f"choose among: {', '.join(sizes)}."
+            )
         n = sizes[name]
         outside = idx[(idx < 0) | (idx >= n)] if idx.dim() == 1 else idx.flatten()
         if idx.dim() != 1 or len(outside):
-            raise ValueError(f"the plan given to thin removes units {idx.tolist()} of {name!r}, which has units 0 to "
-                             f"{n - 1}; give a list of unit indices in that range.")
+            raise ValueError(
+                f"the plan given to thin removes units {idx.tolist()} of {name!r}, which has units 0 to "
+                f"{n - 1}; give a list of unit indices in that range."
+            )
         if len(torch.unique(idx)) != len(idx) or len(idx) >= n:
-            raise ValueError(f"the plan given to thin removes {len(idx)} units of {name!r} (of {n}), "
-                             f"{'some twice' if len(torch.unique(idx)) != len(idx) else 'all of them'}; thin "
-                             f"keeps at least one unit in every layer.")
+            raise ValueError(
+                f"the plan given to thin removes {len(idx)} units of {name!r} (of {n}), "
+                f"{'some twice' if len(torch.unique(idx)) != len(idx) else 'all of them'}; thin "
+                f"keeps at least one unit in every layer."
+            )
 
 
 def _still_masked(groups: list[UnitGroup], plan: dict) -> bool:
@@ -362,8 +469,11 @@ def _still_masked(groups: list[UnitGroup], plan: dict) -> bool:
         units = plan[group.name]
         for axis in group.zero:
             tensor = getattr(axis.module, axis.name)
-            if tensor is not None and len(units) and bool(
-                    tensor.detach().index_select(axis.dim, axis.index[units].flatten().to(tensor.device)).any()):
+            if (
+                tensor is not None
+                and len(units)
+                and bool(tensor.detach().index_select(axis.dim, axis.index[units].flatten().to(tensor.device)).any())
+            ):
                 return False
     return True
 
@@ -383,9 +493,11 @@ def _check_thinned(masked: nn.Module, thinned: nn.Module, batch: Batch, names: l
     else:
         detail = ""
     if not difference <= 1e-4 * (1.0 + float(expected.abs().max())):
-        raise ValueError(f"thinning {', '.join(names)} does not keep the masked model's outputs (largest difference "
-                         f"{difference:.3g}){detail}: the model's forward reads a size that unit removal does not "
-                         f"update (e.g. a head count of its own). The masked model is unchanged; use it as it is.")
+        raise ValueError(
+            f"thinning {', '.join(names)} does not keep the masked model's outputs (largest difference "
+            f"{difference:.3g}){detail}: the model's forward reads a size that unit removal does not "
+            f"update (e.g. a head count of its own). The masked model is unchanged; use it as it is."
+        )
 
 
 @validate_params({"model": [MODEL], "input_shape": [SHAPE, None]})
@@ -425,8 +537,9 @@ def _dead(layer) -> torch.Tensor:
 
 
 @validate_params({"model": [MODEL], "input_shape": [SHAPE, None]})
-def thin_dead_units(model: nn.Module, input_shape=None,
-                    example_inputs=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def thin_dead_units(
+    model: nn.Module, input_shape=None, example_inputs=None
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A physically smaller copy of ``model`` without its dead units (:func:`zero_units`), with
     the same outputs, and the plan it removed.
 

@@ -14,7 +14,6 @@ shared machine affects every model alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from numbers import Integral
 
 from torch import nn
@@ -27,7 +26,7 @@ class ModelSpeed:
     name: str
     params: int
     flops: int
-    latency_ms: dict[int, float]       # batch size → median milliseconds
+    latency_ms: dict[int, float]  # batch size → median milliseconds
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,13 @@ class SpeedReport:
         head = ["model", "params", "×", "FLOPs/sample", "×"] + [x for b in sizes for x in (f"ms @{b}", "×")]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [r.name, f"{r.params:,}", f"{self.ratio(r.name, 'params'):.2f}", f"{r.flops:,}",
-                     f"{self.ratio(r.name, 'flops'):.2f}"]
+            cells = [
+                r.name,
+                f"{r.params:,}",
+                f"{self.ratio(r.name, 'params'):.2f}",
+                f"{r.flops:,}",
+                f"{self.ratio(r.name, 'flops'):.2f}",
+            ]
             for b in sizes:
                 cells += [f"{r.latency_ms[b]:.2f}", f"{self.ratio(r.name, 'latency', b):.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -56,11 +60,26 @@ class SpeedReport:
         return "\n".join(lines)
 
 
-@validate_params({"models": [Types(dict)], "batch_sizes": [Sizes(MAX_BATCH)], "threads": [THREADS, None],
-                  "warmup": [Interval(Integral, 0, MAX_REPEATS)], "repeats": [Interval(Integral, 1, MAX_REPEATS)],
-                  "rounds": [Interval(Integral, 1, MAX_REPEATS)]})
-def speed_report(models: dict[str, nn.Module], example_inputs, *, batch_sizes=(1, 16), threads: int | None = None,
-                 warmup: int = 3, repeats: int = 10, rounds: int = 3) -> SpeedReport:
+@validate_params(
+    {
+        "models": [Types(dict)],
+        "batch_sizes": [Sizes(MAX_BATCH)],
+        "threads": [THREADS, None],
+        "warmup": [Interval(Integral, 0, MAX_REPEATS)],
+        "repeats": [Interval(Integral, 1, MAX_REPEATS)],
+        "rounds": [Interval(Integral, 1, MAX_REPEATS)],
+    }
+)
+def speed_report(
+    models: dict[str, nn.Module],
+    example_inputs,
+    *,
+    batch_sizes=(1, 16),
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    rounds: int = 3,
+) -> SpeedReport:
     """Measure every model of ``models`` (name → model) on ``example_inputs`` (inputs as the
     models take them, batch first; a :class:`prunelab.inputs.Batch` or a raw batch with targets is
     taken for its inputs)."""
@@ -70,21 +89,34 @@ def speed_report(models: dict[str, nn.Module], example_inputs, *, batch_sizes=(1
     from prunelab.metrics import count_flops, measure_latency
 
     if not models:
-        raise ValueError("the 'models' parameter of speed_report must be a non-empty dict of name → model. "
-                         "Got {} instead.")
+        raise ValueError(
+            "the 'models' parameter of speed_report must be a non-empty dict of name → model. Got {} instead."
+        )
     rounds = int(rounds)
     inputs = as_batch(example_inputs, where="speed_report").inputs
     times = {name: {} for name in models}
     used = None
     for r in range(rounds):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            for row in measure_latency(models[name], example_inputs=inputs, batch_sizes=batch_sizes, threads=threads,
-                                       warmup=warmup, repeats=repeats):
+        for name in list(models) if r % 2 == 0 else list(models)[::-1]:
+            for row in measure_latency(
+                models[name],
+                example_inputs=inputs,
+                batch_sizes=batch_sizes,
+                threads=threads,
+                warmup=warmup,
+                repeats=repeats,
+            ):
                 times[name].setdefault(row.batch_size, []).append(row.median_ms)
                 used = row.threads
     rows = []
     for name, model in models.items():
         flops = sum(c.dense for c in count_flops(model, example_inputs=inputs).values())
-        rows.append(ModelSpeed(name, sum(p.numel() for p in model.parameters()), flops,
-                               {b: statistics.median(t) for b, t in times[name].items()}))
+        rows.append(
+            ModelSpeed(
+                name,
+                sum(p.numel() for p in model.parameters()),
+                flops,
+                {b: statistics.median(t) for b, t in times[name].items()},
+            )
+        )
     return SpeedReport(tuple(rows), used)

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-
 from prunelab.registry import Registry
 from prunelab.units.structure import UnitLayer
 
@@ -39,9 +38,9 @@ SCORERS = ("rand", "norm", "rs", "abs_rs", "mrs", "abs_mrs")
 class UnitStats:
     """Calibration statistics of one unit layer."""
 
-    mean: torch.Tensor        # (C,) ā
-    G: torch.Tensor           # (N, C) per-example mean_p g
-    AG: torch.Tensor          # (N, C) per-example mean_p (a·g)
+    mean: torch.Tensor  # (C,) ā
+    G: torch.Tensor  # (N, C) per-example mean_p g
+    AG: torch.Tensor  # (N, C) per-example mean_p (a·g)
 
     @property
     def n(self) -> int:
@@ -70,8 +69,9 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=No
             captured[name] = output
             if output.requires_grad:
                 output.retain_grad()
-            else:                           # a frozen model: dℓ/da exists all the same
+            else:  # a frozen model: dℓ/da exists all the same
                 output.requires_grad_(True)
+
         return hook
 
     for unit in units:
@@ -80,19 +80,19 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=No
     saved = [p.grad for p in params]
     n_batches = 0
     try:
-        with eval_mode(model):        # every module's own train/eval flag comes back
+        with eval_mode(model):  # every module's own train/eval flag comes back
             for i, raw in enumerate(batches):
                 batch = as_batch(raw, where="unit scoring", index=i)
                 n_batches += 1
                 captured.clear()
                 with torch.enable_grad():
-                    total = summed_loss(loss, batch.call(model), batch)   # per-example loss: g = ∂ℓ_n/∂a
+                    total = summed_loss(loss, batch.call(model), batch)  # per-example loss: g = ∂ℓ_n/∂a
                     tensors = [captured[u.name] for u in units]
                     grads = torch.autograd.grad(total, tensors)
                 for unit, a, g in zip(units, tensors, grads):
                     a, g = a.detach(), g.detach()
                     dims = tuple(range(2, a.dim()))
-                    a_p = a.mean(dim=dims) if dims else a          # (N, C) mean over positions
+                    a_p = a.mean(dim=dims) if dims else a  # (N, C) mean over positions
                     G[unit.name].append((g.mean(dim=dims) if dims else g).double())
                     AG[unit.name].append(((a * g).mean(dim=dims) if dims else a * g).double())
                     s = a_p.double().sum(dim=0)
@@ -105,8 +105,7 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=No
             p.grad = g
     if n_batches == 0:
         raise ValueError("unit scoring needs calibration data: got an empty set of batches.")
-    return {u.name: UnitStats(sums[u.name] / count[u.name], torch.cat(G[u.name]), torch.cat(AG[u.name]))
-            for u in units}
+    return {u.name: UnitStats(sums[u.name] / count[u.name], torch.cat(G[u.name]), torch.cat(AG[u.name])) for u in units}
 
 
 @UNIT_SCORERS.register("rand")
@@ -144,8 +143,9 @@ def needs_data(scorer: str) -> bool:
     return scorer in ("rs", "abs_rs", "mrs", "abs_mrs")
 
 
-def select(scores: torch.Tensor, *, fraction: float | None = None, count: int | None = None,
-           keep_at_least: int = 1) -> torch.Tensor:
+def select(
+    scores: torch.Tensor, *, fraction: float | None = None, count: int | None = None, keep_at_least: int = 1
+) -> torch.Tensor:
     """Indices of the lowest-scored units: ``round(fraction·C)`` or ``count`` of them, always
     leaving ``keep_at_least`` (a layer is never emptied). Ties go to the lower index."""
     C = scores.numel()

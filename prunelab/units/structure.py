@@ -27,8 +27,20 @@ from prunelab._hooks import forward_eval, leaf_modules
 PARAMETRISED = (nn.Linear, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # element-wise activations with f(0) = 0, so a removed unit (output 0) stays 0
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardtanh,
-               nn.Mish, nn.Hardswish, nn.SELU, nn.CELU)
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Mish,
+    nn.Hardswish,
+    nn.SELU,
+    nn.CELU,
+)
 PASSTHROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 CHANNEL_OPS = (*NORMS, *ACTIVATIONS, *PASSTHROUGH)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -39,7 +51,7 @@ BETWEEN_OPS = (*CHANNEL_OPS, *POOLS, nn.Flatten)
 class Leaf:
     name: str
     module: nn.Module
-    in_shape: tuple      # without the batch dimension
+    in_shape: tuple  # without the batch dimension
     out_shape: tuple
 
 
@@ -49,8 +61,8 @@ class UnitLayer:
 
     name: str
     module: nn.Module
-    channel_ops: list[Leaf] = field(default_factory=list)   # per-channel, before the activation point
-    between: list[Leaf] = field(default_factory=list)       # activation point → consumer
+    channel_ops: list[Leaf] = field(default_factory=list)  # per-channel, before the activation point
+    between: list[Leaf] = field(default_factory=list)  # activation point → consumer
     consumer: Leaf | None = None
 
     @property
@@ -82,13 +94,19 @@ class Chain:
 def trace(model: nn.Module, input_shape) -> tuple[list[Leaf], bool]:
     """Leaf modules in execution order with their shapes, and whether they form a chain."""
     leaves: list[Leaf] = []
-    links: list[tuple[int, int]] = []          # (id of input tensor, id of output tensor) per call
+    links: list[tuple[int, int]] = []  # (id of input tensor, id of output tensor) per call
     names = {m: n for n, m in model.named_modules()}
 
     def hook(module, inputs, output):
         x = inputs[0] if inputs else None
-        leaves.append(Leaf(names[module], module, tuple(x.shape[1:]) if torch.is_tensor(x) else (),
-                           tuple(output.shape[1:]) if torch.is_tensor(output) else ()))
+        leaves.append(
+            Leaf(
+                names[module],
+                module,
+                tuple(x.shape[1:]) if torch.is_tensor(x) else (),
+                tuple(output.shape[1:]) if torch.is_tensor(output) else (),
+            )
+        )
         links.append((id(x), id(output)))
 
     handles = [module.register_forward_hook(hook) for module in leaf_modules(model)]
@@ -96,9 +114,13 @@ def trace(model: nn.Module, input_shape) -> tuple[list[Leaf], bool]:
     x = torch.zeros(1, *input_shape, device=first.device, dtype=first.dtype)
     out = forward_eval(model, [x], handles)
     calls = [leaf.module for leaf in leaves]
-    chain = (len(set(map(id, calls))) == len(calls)
-             and all(links[i][0] == links[i - 1][1] for i in range(1, len(links)))
-             and bool(links) and links[0][0] == id(x) and links[-1][1] == id(out))
+    chain = (
+        len(set(map(id, calls))) == len(calls)
+        and all(links[i][0] == links[i - 1][1] for i in range(1, len(links)))
+        and bool(links)
+        and links[0][0] == id(x)
+        and links[-1][1] == id(out)
+    )
     return leaves, chain
 
 
@@ -139,22 +161,28 @@ def select_layers(units: list[UnitLayer], layers, where: str = "unit pruning") -
     dense = [u for u in units if u.kind == "dense"]
     named = {
         "all": units,
-        "first_conv": convs[:1], "middle_conv": convs[len(convs) // 2: len(convs) // 2 + 1],
-        "last_conv": convs[-1:], "first_dense": dense[:1],
+        "first_conv": convs[:1],
+        "middle_conv": convs[len(convs) // 2 : len(convs) // 2 + 1],
+        "last_conv": convs[-1:],
+        "first_dense": dense[:1],
     }
     if isinstance(layers, str) and layers in named:
         chosen = named[layers]
         if not chosen:
-            raise ValueError(f"the 'layers' parameter of {where} is {layers!r}, but the model has no such "
-                             f"layer (conv unit layers: {[u.name for u in convs]}, dense: {[u.name for u in dense]}).")
+            raise ValueError(
+                f"the 'layers' parameter of {where} is {layers!r}, but the model has no such "
+                f"layer (conv unit layers: {[u.name for u in convs]}, dense: {[u.name for u in dense]})."
+            )
         return chosen
     wanted = [layers] if isinstance(layers, str) else list(layers)
     by_name = {u.name: u for u in units}
     out = []
     for name in wanted:
         if name not in by_name:
-            raise ValueError(f"the 'layers' parameter of {where} names {name!r}, which is not a unit layer; "
-                             f"choose among: {', '.join(LAYER_SETS)}, or the layer names "
-                             f"{', '.join(by_name)}.")
+            raise ValueError(
+                f"the 'layers' parameter of {where} names {name!r}, which is not a unit layer; "
+                f"choose among: {', '.join(LAYER_SETS)}, or the layer names "
+                f"{', '.join(by_name)}."
+            )
         out.append(by_name[name])
     return out

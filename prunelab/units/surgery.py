@@ -50,7 +50,7 @@ def _propagate(constant: torch.Tensor, units: torch.Tensor, between: list[Leaf])
             positions = int(torch.tensor(leaf.in_shape[1:]).prod()) if len(leaf.in_shape) > 1 else 1
         elif isinstance(module, POOLS) or isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)):
             pass
-        else:   # an element-wise activation
+        else:  # an element-wise activation
             c = module(c)
     return c, positions
 
@@ -60,13 +60,15 @@ def fold_mean(unit: UnitLayer, units: torch.Tensor, mean: torch.Tensor) -> None:
     """Add the pruned units' mean replacement to the consumer's bias (in place)."""
     consumer = unit.consumer.module
     if consumer.bias is None:
-        raise ValueError(f"mean replacement folds into the bias of {unit.consumer.name!r}, which has none; "
-                         f"prune without mean replacement, or give that layer a bias.")
+        raise ValueError(
+            f"mean replacement folds into the bias of {unit.consumer.name!r}, which has none; "
+            f"prune without mean replacement, or give that layer a bias."
+        )
     c, positions = _propagate(mean[units].double(), units, unit.between)
     W = consumer.weight.double()
     if isinstance(consumer, nn.Conv2d):
         contribution = W[:, units].sum(dim=(2, 3)) @ c
-    elif positions > 1:                       # Linear after flatten: channel k = columns k·P … (k+1)·P−1
+    elif positions > 1:  # Linear after flatten: channel k = columns k·P … (k+1)·P−1
         blocks = W.reshape(W.shape[0], -1, positions)[:, units, :].sum(dim=2)
         contribution = blocks @ c
     else:
@@ -87,7 +89,7 @@ def zero_units(unit: UnitLayer, units: torch.Tensor) -> None:
             if norm.affine:
                 norm.weight[units] = 0.0
                 norm.bias[units] = 0.0
-            else:      # (0 − μ)/σ must be 0
+            else:  # (0 − μ)/σ must be 0
                 norm.running_mean[units] = 0.0
 
 
@@ -109,8 +111,7 @@ def mask_units(chain: Chain, plan: dict[str, torch.Tensor], means: dict[str, tor
 def _new_linear(old: nn.Linear, rows, cols) -> nn.Linear:
     rows = rows if rows is not None else torch.arange(old.out_features)
     cols = cols if cols is not None else torch.arange(old.in_features)
-    new = nn.Linear(len(cols), len(rows), bias=old.bias is not None, device=old.weight.device,
-                    dtype=old.weight.dtype)
+    new = nn.Linear(len(cols), len(rows), bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
     new.weight.copy_(old.weight[rows][:, cols])
     if old.bias is not None:
         new.bias.copy_(old.bias[rows])
@@ -120,9 +121,19 @@ def _new_linear(old: nn.Linear, rows, cols) -> nn.Linear:
 def _new_conv(old: nn.Conv2d, rows, cols) -> nn.Conv2d:
     rows = rows if rows is not None else torch.arange(old.out_channels)
     cols = cols if cols is not None else torch.arange(old.in_channels)
-    new = nn.Conv2d(len(cols), len(rows), old.kernel_size, stride=old.stride, padding=old.padding,
-                    dilation=old.dilation, groups=1, bias=old.bias is not None, padding_mode=old.padding_mode,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    new = nn.Conv2d(
+        len(cols),
+        len(rows),
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        groups=1,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
     new.weight.copy_(old.weight[rows][:, cols])
     if old.bias is not None:
         new.bias.copy_(old.bias[rows])
@@ -130,8 +141,14 @@ def _new_conv(old: nn.Conv2d, rows, cols) -> nn.Conv2d:
 
 
 def _new_norm(old, keep):
-    new = type(old)(len(keep), eps=old.eps, momentum=old.momentum, affine=old.affine,
-                    track_running_stats=old.track_running_stats, device=old.running_mean.device)
+    new = type(old)(
+        len(keep),
+        eps=old.eps,
+        momentum=old.momentum,
+        affine=old.affine,
+        track_running_stats=old.track_running_stats,
+        device=old.running_mean.device,
+    )
     if old.affine:
         new.weight.copy_(old.weight[keep])
         new.bias.copy_(old.bias[keep])
@@ -161,7 +178,7 @@ def thin_chain(model: nn.Module, chain: Chain, plan: dict[str, torch.Tensor]) ->
             mask = torch.ones(unit.n_units, dtype=torch.bool)
             mask[idx] = False
             keep_of[unit.name] = torch.nonzero(mask).flatten()
-    keep = None                        # kept channels (or features) of the tensor flowing now
+    keep = None  # kept channels (or features) of the tensor flowing now
     for leaf in chain.leaves:
         module = leaf.module
         if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -32,15 +32,27 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from numbers import Integral, Real
-
-from prunelab._validation import (BATCH_SIZE, DATA, MAX_UNITS, MODEL, SEED, SPARSITY, STR, Interval, Options,
-                                  Types, check_choice, check_type, validate_params)
+from prunelab._validation import (
+    BATCH_SIZE,
+    DATA,
+    MAX_UNITS,
+    MODEL,
+    SEED,
+    SPARSITY,
+    STR,
+    Interval,
+    Options,
+    Types,
+    check_choice,
+    check_type,
+    validate_params,
+)
 from prunelab.inputs import Batch, forward_batches, iter_batches, logits_of
 from prunelab.units import groups as unit_groups
 from prunelab.units import refit as lsq
@@ -79,6 +91,7 @@ class StructuredPruning:
         """Parameters, FLOPs and measured latency of ``dense`` and the pruned model
         (:func:`prunelab.units.report.speed_report`)."""
         from prunelab.units.report import speed_report
+
         return speed_report({"dense": dense, "pruned": self.model}, example_inputs, **kwargs)
 
 
@@ -87,8 +100,10 @@ def _check_blocks(blocks):
     if isinstance(blocks, (list, tuple)):
         for b in blocks:
             if isinstance(b, bool) or not isinstance(b, Integral) or not 0 <= b < MAX_BLOCKS:
-                raise ValueError(f"the 'blocks' parameter of {WHERE} must be a count (an int ≥ 0) or a list of "
-                                 f"block indices (ints in [0, {MAX_BLOCKS})). Got {list(blocks)!r} instead.")
+                raise ValueError(
+                    f"the 'blocks' parameter of {WHERE} must be a count (an int ≥ 0) or a list of "
+                    f"block indices (ints in [0, {MAX_BLOCKS})). Got {list(blocks)!r} instead."
+                )
         return sorted({int(b) for b in blocks})
     return int(blocks)
 
@@ -101,8 +116,10 @@ def _check_refit(refit):
         return False
     if isinstance(refit, str):
         return check_choice("refit", refit, REFIT_MODES, where=WHERE)
-    raise TypeError(f"the 'refit' parameter of {WHERE} must be a bool or one of: {', '.join(REFIT_MODES)}. "
-                    f"Got {refit!r} of type {type(refit).__name__} instead.")
+    raise TypeError(
+        f"the 'refit' parameter of {WHERE} must be a bool or one of: {', '.join(REFIT_MODES)}. "
+        f"Got {refit!r} of type {type(refit).__name__} instead."
+    )
 
 
 def _check(heads, mlp, blocks, gqa, scorer, damp, round_to, rounding):
@@ -119,18 +136,29 @@ def find_stack(model: nn.Module, groups: list[UnitGroup], stack: str | None) -> 
         check_type("stack", stack, str, where=WHERE)
         if not isinstance(modules.get(stack), nn.ModuleList):
             lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
-            raise ValueError(f"the 'stack' parameter of {WHERE} names {stack!r}, which is not an nn.ModuleList of "
-                             f"the model; its ModuleLists: {', '.join(lists) or 'none'}.")
+            raise ValueError(
+                f"the 'stack' parameter of {WHERE} names {stack!r}, which is not an nn.ModuleList of "
+                f"the model; its ModuleLists: {', '.join(lists) or 'none'}."
+            )
         return stack, modules[stack]
     members = {id(g.module) for g in groups}
-    found = [(n, m) for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m)
-             and all(any(id(x) in members for x in child.modules()) for child in m)]
+    found = [
+        (n, m)
+        for n, m in modules.items()
+        if isinstance(m, nn.ModuleList)
+        and len(m)
+        and all(any(id(x) in members for x in child.modules()) for child in m)
+    ]
     if not found:
-        raise ValueError(f"{WHERE} found no stack of transformer blocks (an nn.ModuleList whose every item has "
-                         f"attention heads or an MLP) in this {type(model).__name__}.")
+        raise ValueError(
+            f"{WHERE} found no stack of transformer blocks (an nn.ModuleList whose every item has "
+            f"attention heads or an MLP) in this {type(model).__name__}."
+        )
     if len(found) > 1:
-        raise ValueError(f"{WHERE} found several stacks of transformer blocks ({', '.join(n for n, _ in found)}); "
-                         f"name one with stack=.")
+        raise ValueError(
+            f"{WHERE} found several stacks of transformer blocks ({', '.join(n for n, _ in found)}); "
+            f"name one with stack=."
+        )
     return found[0]
 
 
@@ -165,6 +193,7 @@ def calibrate(model: nn.Module, batches: list[Batch], stack: nn.ModuleList, cons
     def pre(i):
         def hook(module, args, kwargs):
             inputs[i] = _hidden(args, kwargs)
+
         return hook
 
     def post(i):
@@ -172,6 +201,7 @@ def calibrate(model: nn.Module, batches: list[Batch], stack: nn.ModuleList, cons
             a, b = lsq.tokens(inputs.pop(i)), lsq.tokens(_main(output))
             change[i] += (1.0 - nn.functional.cosine_similarity(a, b, dim=1)).sum().cpu()
             tokens[i] += len(a)
+
         return hook
 
     def square(name):
@@ -179,6 +209,7 @@ def calibrate(model: nn.Module, batches: list[Batch], stack: nn.ModuleList, cons
             x = lsq.tokens(args[0])
             squares[name][0] = squares[name][0] + x.pow(2).sum(dim=0).cpu()
             squares[name][1] += len(x)
+
         return hook
 
     for i, block in enumerate(stack):
@@ -200,13 +231,15 @@ def calibrate(model: nn.Module, batches: list[Batch], stack: nn.ModuleList, cons
 
 
 def _fast_paths_off():
-    from prunelab.metrics.flops import attention_fast_paths_off    # hooks must see every Linear
+    from prunelab.metrics.flops import attention_fast_paths_off  # hooks must see every Linear
+
     return attention_fast_paths_off()
 
 
 # ------------------------------------------------------------------ how many units stay
-def kept_count(per_block: int, n_blocks: int, width: int, fraction: float, round_to: int,
-               rounding: str) -> tuple[int, bool]:
+def kept_count(
+    per_block: int, n_blocks: int, width: int, fraction: float, round_to: int, rounding: str
+) -> tuple[int, bool]:
     """Units kept per block (of ``per_block``), so that ``kept · n_blocks · width`` (the thinned
     size) is a multiple of ``round_to``; ``(count, rounded)``. The target ``per_block −
     round(fraction · per_block)`` (at least 1) goes to the nearest allowed count (ties: the larger),
@@ -229,7 +262,7 @@ def _shape(group: UnitGroup) -> tuple[int, int, int]:
     """(units per block, blocks, width of a unit in thinned features) of a group."""
     n_blocks = 1 if group.blocks is None else len(torch.unique(group.blocks))
     width = group.points[0].index.shape[1]
-    if group.kind == "kv_heads":       # a key/value head's size, not its query heads' columns of o_proj
+    if group.kind == "kv_heads":  # a key/value head's size, not its query heads' columns of o_proj
         per_kv = getattr(group.owner, "num_key_value_groups", 1)
         width //= per_kv if isinstance(per_kv, int) and per_kv > 0 else 1
     return group.n_units // n_blocks, n_blocks, width
@@ -244,17 +277,47 @@ def energy_scores(group: UnitGroup, second_moment: torch.Tensor) -> torch.Tensor
 
 
 # ------------------------------------------------------------------ the entry point
-@validate_params({"model": [MODEL], "data": [DATA, None], "heads": [SPARSITY], "mlp": [SPARSITY],
-                  "blocks": [Interval(Integral, 0, MAX_BLOCKS), Types(list, tuple)], "gqa": [Options(GQA_MODES)],
-                  "scorer": [Options(TRANSFORMER_SCORERS)], "refit": [bool, Options(REFIT_MODES)],
-                  "damp": [Interval(Real, 0, None)], "round_to": [Interval(Integral, 1, MAX_UNITS)],
-                  "rounding": [Options(ROUNDING)], "stack": [STR, None], "batch_size": [BATCH_SIZE], "seed": [SEED],
-                  "loss_fn": ["callable", None], "output_key": [STR, None]}, where=WHERE)
-def prune_transformer(model: nn.Module, data=None, *, heads: float = 0.0, mlp: float = 0.0, blocks=0,
-                      gqa: str = "query", scorer: str = "energy", refit: bool = True, damp: float = 0.01,
-                      round_to: int = 1, rounding: str = "nearest", stack: str | None = None,
-                      example_inputs=None, batch_size: int = 256, seed: int = 0, loss_fn=None,
-                      output_key: str | None = None) -> StructuredPruning:
+@validate_params(
+    {
+        "model": [MODEL],
+        "data": [DATA, None],
+        "heads": [SPARSITY],
+        "mlp": [SPARSITY],
+        "blocks": [Interval(Integral, 0, MAX_BLOCKS), Types(list, tuple)],
+        "gqa": [Options(GQA_MODES)],
+        "scorer": [Options(TRANSFORMER_SCORERS)],
+        "refit": [bool, Options(REFIT_MODES)],
+        "damp": [Interval(Real, 0, None)],
+        "round_to": [Interval(Integral, 1, MAX_UNITS)],
+        "rounding": [Options(ROUNDING)],
+        "stack": [STR, None],
+        "batch_size": [BATCH_SIZE],
+        "seed": [SEED],
+        "loss_fn": ["callable", None],
+        "output_key": [STR, None],
+    },
+    where=WHERE,
+)
+def prune_transformer(
+    model: nn.Module,
+    data=None,
+    *,
+    heads: float = 0.0,
+    mlp: float = 0.0,
+    blocks=0,
+    gqa: str = "query",
+    scorer: str = "energy",
+    refit: bool = True,
+    damp: float = 0.01,
+    round_to: int = 1,
+    rounding: str = "nearest",
+    stack: str | None = None,
+    example_inputs=None,
+    batch_size: int = 256,
+    seed: int = 0,
+    loss_fn=None,
+    output_key: str | None = None,
+) -> StructuredPruning:
     """Remove ``heads`` of every attention layer's heads, ``mlp`` of every MLP's channels and
     ``blocks`` whole blocks (a count, lowest ``1 − cos`` first, or a list of indices) of a
     transformer; return a :class:`StructuredPruning` whose ``model`` is a thinned copy (``model``
@@ -272,28 +335,40 @@ def prune_transformer(model: nn.Module, data=None, *, heads: float = 0.0, mlp: f
     batches = [] if data is None else list(iter_batches(data, batch_size, where=WHERE))
     wants_data = refit or (isinstance(blocks, int) and blocks > 0) or scorer not in ("rand", "norm")
     if wants_data and not batches:
-        raise ValueError(f"{WHERE} needs calibration data (data=) for the refit, block scoring and the "
-                         f"{scorer!r} scorer; pass refit=False, blocks as a list and scorer='norm' without it.")
+        raise ValueError(
+            f"{WHERE} needs calibration data (data=) for the refit, block scoring and the "
+            f"{scorer!r} scorer; pass refit=False, blocks as a list and scorer='norm' without it."
+        )
     example = example_inputs if example_inputs is not None else batches[0].slice(0, 2).inputs
     units = Units.of(model, example_inputs=example)
     stack_name, layers = find_stack(model, units.groups, stack)
     chosen = _choose(units, layers, heads, mlp, gqa)
     n_layers = len(layers)
     if isinstance(blocks, list) and blocks and blocks[-1] >= n_layers:
-        raise ValueError(f"the 'blocks' parameter of {WHERE} names block {blocks[-1]}; {stack_name} has "
-                         f"{n_layers} blocks (0 to {n_layers - 1}).")
+        raise ValueError(
+            f"the 'blocks' parameter of {WHERE} names block {blocks[-1]}; {stack_name} has "
+            f"{n_layers} blocks (0 to {n_layers - 1})."
+        )
     if (len(blocks) if isinstance(blocks, list) else blocks) >= n_layers:
-        raise ValueError(f"the 'blocks' parameter of {WHERE} removes every block of {stack_name} ({n_layers}); "
-                         f"at least one must stay.")
+        raise ValueError(
+            f"the 'blocks' parameter of {WHERE} removes every block of {stack_name} ({n_layers}); "
+            f"at least one must stay."
+        )
     consumers = {}
     if batches and scorer == "energy":
         consumers = {_name(model, g.points[0].module): g.points[0].module for g in chosen}
     change, moments = calibrate(model, batches, layers, consumers) if batches else (None, {})
-    removed = blocks if isinstance(blocks, list) else \
-        sorted(torch.argsort(change, stable=True)[:blocks].tolist()) if blocks else []
+    removed = (
+        blocks
+        if isinstance(blocks, list)
+        else sorted(torch.argsort(change, stable=True)[:blocks].tolist())
+        if blocks
+        else []
+    )
     chosen = [g for g in chosen if block_of(layers, g.points[0].module) not in removed]
-    plan, kept, notes = _plan(model, units, chosen, moments, heads, mlp, scorer, round_to, rounding, batches,
-                              seed, loss_fn, output_key)
+    plan, kept, notes = _plan(
+        model, units, chosen, moments, heads, mlp, scorer, round_to, rounding, batches, seed, loss_fn, output_key
+    )
     work, wgroups = _thin(model, units, chosen, plan)
     jobs = _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, notes) if refit else []
     remove_blocks(work, stack_name, removed)
@@ -312,8 +387,10 @@ def _choose(units, layers, heads, mlp, gqa) -> list[UnitGroup]:
     if heads > 0:
         refused = [k for k in units.refused if k.endswith(":heads")]
         if refused:
-            raise ValueError(f"{WHERE} cannot remove the heads of {refused[0]}: {units.refused[refused[0]]}. "
-                             f"Pass heads=0 (its MLP channels and blocks can still go).")
+            raise ValueError(
+                f"{WHERE} cannot remove the heads of {refused[0]}: {units.refused[refused[0]]}. "
+                f"Pass heads=0 (its MLP channels and blocks can still go)."
+            )
         kinds = {g.owner for g in in_stack if g.kind == "kv_heads"}
         for g in in_stack:
             if g.kind == "heads" and not (gqa == "kv" and g.owner in kinds):
@@ -325,25 +402,33 @@ def _choose(units, layers, heads, mlp, gqa) -> list[UnitGroup]:
     return chosen
 
 
-def _plan(model, units, chosen, moments, heads, mlp, scorer, round_to, rounding, batches, seed, loss_fn,
-          output_key):
+def _plan(model, units, chosen, moments, heads, mlp, scorer, round_to, rounding, batches, seed, loss_fn, output_key):
     """Removed units per group (lowest scores), the kept counts, and notes on unrounded counts."""
     from prunelab.units.scoring import select
 
     if scorer == "energy":
         scores = {g.name: energy_scores(g, moments[_name(model, g.points[0].module)]) for g in chosen}
     elif chosen:
-        scores = score_units(model, scorer, batches or None, layers=[g.name for g in chosen], units=units,
-                             seed=seed, loss_fn=loss_fn, output_key=output_key)
+        scores = score_units(
+            model,
+            scorer,
+            batches or None,
+            layers=[g.name for g in chosen],
+            units=units,
+            seed=seed,
+            loss_fn=loss_fn,
+            output_key=output_key,
+        )
     plan, kept, notes = {}, {}, {}
     for g in chosen:
         per_block, n_blocks, width = _shape(g)
-        keep, rounded = kept_count(per_block, n_blocks, width, mlp if g.kind == "dense" else heads, round_to,
-                                   rounding)
+        keep, rounded = kept_count(per_block, n_blocks, width, mlp if g.kind == "dense" else heads, round_to, rounding)
         if not rounded:
             where = "per key/value group " if n_blocks > 1 else ""
-            notes[g.name] = (f"no kept count of 1 to {per_block} units {where}({width} features each) makes the "
-                             f"thinned width a multiple of round_to={round_to}; kept {keep} unrounded")
+            notes[g.name] = (
+                f"no kept count of 1 to {per_block} units {where}({width} features each) makes the "
+                f"thinned width a multiple of round_to={round_to}; kept {keep} unrounded"
+            )
         plan[g.name] = unit_groups.select_group(g, scores[g.name], select, None, per_block - keep)
         kept[g.name] = keep * n_blocks
     return plan, kept, notes
@@ -363,9 +448,11 @@ def _thin(model, units, chosen, plan):
     got = logits_of(forward_batches(work, [batch], where=WHERE))
     difference = float((masked - got).abs().max()) if masked.shape == got.shape else math.inf
     if not difference <= 1e-4 * (1.0 + float(masked.abs().max())):
-        raise ValueError(f"{WHERE}: thinning {', '.join(plan)} does not keep the masked model's outputs (largest "
-                         f"difference {difference:.3g}): the model's forward reads a size that unit removal does "
-                         f"not update.")
+        raise ValueError(
+            f"{WHERE}: thinning {', '.join(plan)} does not keep the masked model's outputs (largest "
+            f"difference {difference:.3g}): the model's forward reads a size that unit removal does "
+            f"not update."
+        )
     return work, wgroups
 
 
@@ -379,7 +466,7 @@ class _Job:
     thinned: nn.Module
     features: int
     order: tuple
-    kept: torch.Tensor                       # the kept input features, in the unpruned layer
+    kept: torch.Tensor  # the kept input features, in the unpruned layer
     run: tuple[int, int] | None = None
 
 
@@ -393,8 +480,14 @@ def _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, n
             point = g.points[0].module
             name = _name(model, point)
             features = lsq.weight_matrix(point).shape[1]
-            jobs[name] = _Job(name, point, wg.points[0].module, features, (block_of(layers, point), g.kind == "dense"),
-                              unit_groups.kept(g.points[0].index, plan[g.name], features))
+            jobs[name] = _Job(
+                name,
+                point,
+                wg.points[0].module,
+                features,
+                (block_of(layers, point), g.kind == "dense"),
+                unit_groups.kept(g.points[0].index, plan[g.name], features),
+            )
     work_modules = dict(work.named_modules())
     mlps = {block_of(layers, g.points[0].module): g.points[0].module for g in units.groups if g.kind == "dense"}
     for i, j in _runs(removed):
@@ -406,9 +499,11 @@ def _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, n
             continue
         name = _name(model, down)
         if not _adds_to_output(model, layers[i - 1], down, batches[0]):
-            notes[label] = (f"not refit: the output of {name} does not add straight into the output of block "
-                            f"{i - 1} (a norm after the residual add?), so no linear refit of it can add the "
-                            f"removed blocks' change")
+            notes[label] = (
+                f"not refit: the output of {name} does not add straight into the output of block "
+                f"{i - 1} (a norm after the residual add?), so no linear refit of it can add the "
+                f"removed blocks' change"
+            )
             continue
         if name not in jobs:
             features = lsq.weight_matrix(down).shape[1]
@@ -424,8 +519,12 @@ class _Stop(Exception):
 def _capture(model, batch, hooks) -> None:
     """Run ``batch`` through ``model`` with ``hooks`` (``(module, kind, function)``) until one
     raises :class:`_Stop`."""
-    handles = [m.register_forward_pre_hook(f, with_kwargs=True) if kind == "pre" else
-               m.register_forward_hook(f, with_kwargs=True) for m, kind, f in hooks]
+    handles = [
+        m.register_forward_pre_hook(f, with_kwargs=True)
+        if kind == "pre"
+        else m.register_forward_hook(f, with_kwargs=True)
+        for m, kind, f in hooks
+    ]
     try:
         with _fast_paths_off(), eval_mode(model), torch.no_grad():
             batch.call(model)
@@ -452,6 +551,7 @@ def _targets(model, job: _Job, layers, batch) -> tuple[torch.Tensor, torch.Tenso
     def stream_out(module, args, kwargs, out):
         got["out"] = _main(out)
         raise _Stop
+
     hooks = [(job.dense, "post", output)]
     if job.run is not None:
         hooks += [(layers[job.run[0]], "pre", stream_in), (layers[job.run[1]], "post", stream_out)]
@@ -474,6 +574,7 @@ def refit_job(model, work, job: _Job, layers, batches, damp, mode: str) -> lsq.R
             def inputs(module, args, kwargs):
                 got["x"] = args[0]
                 raise _Stop
+
             _capture(work, batch, [(job.thinned, "pre", inputs)])
             x = got["x"]
         (held_out if _held_out(index, len(batches)) else fit).add(x, y)
@@ -502,8 +603,7 @@ def _adds_to_output(model, block, down, batch) -> bool:
     delta = {}
 
     def shift(module, args, output):
-        delta["d"] = torch.linspace(-1.0, 1.0, output.numel(), dtype=output.dtype,
-                                    device=output.device).view_as(output)
+        delta["d"] = torch.linspace(-1.0, 1.0, output.numel(), dtype=output.dtype, device=output.device).view_as(output)
         return output + delta["d"]
 
     keep = block.register_forward_hook(lambda m, a, o: outputs.append(_main(o).detach().clone()))

@@ -32,15 +32,18 @@ class Runs:
     def value(self, model: str, method: str, level: float, metric: str, fmt: str = "{:.1f}") -> str:
         record = self.get(model, method, level)
         if record is None:
-            return "–"                       # not in the spec
+            return "–"  # not in the spec
         if record.status != "done":
             return "failed" if record.status == "failed" else PENDING
         value = record.metrics.get(metric)
         return "–" if value is None else fmt.format(value)
 
     def dense(self, model: str, metric: str = "perplexity_dense") -> float | None:
-        values = [r.metrics[metric] for r in self.records
-                  if r.model == model and r.status == "done" and r.metrics.get(metric) is not None]
+        values = [
+            r.metrics[metric]
+            for r in self.records
+            if r.model == model and r.status == "done" and r.metrics.get(metric) is not None
+        ]
         return values[0] if values else None
 
 
@@ -53,8 +56,9 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 def one_shot(runs: Runs, model: str) -> str:
     rows = []
     for criterion in CRITERIA:
-        rows.append([criterion] + [runs.value(model, criterion + suffix, level, "perplexity")
-                                   for _, suffix, level in PATTERNS])
+        rows.append(
+            [criterion] + [runs.value(model, criterion + suffix, level, "perplexity") for _, suffix, level in PATTERNS]
+        )
     return table(["criterion", *(name for name, _, _ in PATTERNS)], rows)
 
 
@@ -65,56 +69,109 @@ def recovery(runs: Runs, model: str) -> str:
     rows = [["dense, none", dense, dense], ["dense, fine-tuned 40 steps (the control)", control, control]]
     for criterion in CRITERIA[:3]:
         for tag, name in (("", "none"), ("+ft", "fine-tuned 40 steps"), ("+kd", "distilled 40 steps")):
-            rows.append([f"{criterion}, {name}", runs.value(model, criterion + tag, 0.7, "perplexity"),
-                         runs.value(model, f"{criterion} 2:4{tag}", 0.5, "perplexity")])
+            rows.append(
+                [
+                    f"{criterion}, {name}",
+                    runs.value(model, criterion + tag, 0.7, "perplexity"),
+                    runs.value(model, f"{criterion} 2:4{tag}", 0.5, "perplexity"),
+                ]
+            )
     return table(["method, recovery", "70 %", "2:4"], rows)
 
 
-STRUCTURED = (("heads+mlp", 0.25), ("heads+mlp+refit", 0.25), ("heads+mlp", 0.5), ("heads+mlp+refit", 0.5),
-              ("heads+mlp+refit+kd", 0.5), ("blocks[blocks=1]", 0.0), ("blocks+refit[blocks=1]", 0.0),
-              ("blocks+refit+kd", 0.0), ("blocks[blocks=2]", 0.0), ("blocks+refit[blocks=2]", 0.0))
+STRUCTURED = (
+    ("heads+mlp", 0.25),
+    ("heads+mlp+refit", 0.25),
+    ("heads+mlp", 0.5),
+    ("heads+mlp+refit", 0.5),
+    ("heads+mlp+refit+kd", 0.5),
+    ("blocks[blocks=1]", 0.0),
+    ("blocks+refit[blocks=1]", 0.0),
+    ("blocks+refit+kd", 0.0),
+    ("blocks[blocks=2]", 0.0),
+    ("blocks+refit[blocks=2]", 0.0),
+)
 
 
 def structured(runs: Runs, model: str) -> str:
     rows = []
     for method, level in STRUCTURED:
         what = f"{method} {level:.0%}" if level else method
-        rows.append([what, runs.value(model, method, level, "perplexity_pruned"),
-                     runs.value(model, method, level, "perplexity"),
-                     runs.value(model, method, level, "params", "{:,.0f}"),
-                     runs.value(model, method, level, "speedup", "{:.2f}×"),
-                     runs.value(model, method, level, "latency_ms_b1", "{:.2f}"),
-                     runs.value(model, method, level, "measured_speedup_b1", "{:.2f}×"),
-                     runs.value(model, method, level, "latency_ms_b16", "{:.2f}"),
-                     runs.value(model, method, level, "measured_speedup_b16", "{:.2f}×")])
-    return table(["method", "ppl after cut", "ppl final", "params", "FLOPs speedup", "ms @1", "measured @1",
-                  "ms @16", "measured @16"], rows)
+        rows.append(
+            [
+                what,
+                runs.value(model, method, level, "perplexity_pruned"),
+                runs.value(model, method, level, "perplexity"),
+                runs.value(model, method, level, "params", "{:,.0f}"),
+                runs.value(model, method, level, "speedup", "{:.2f}×"),
+                runs.value(model, method, level, "latency_ms_b1", "{:.2f}"),
+                runs.value(model, method, level, "measured_speedup_b1", "{:.2f}×"),
+                runs.value(model, method, level, "latency_ms_b16", "{:.2f}"),
+                runs.value(model, method, level, "measured_speedup_b16", "{:.2f}×"),
+            ]
+        )
+    return table(
+        [
+            "method",
+            "ppl after cut",
+            "ppl final",
+            "params",
+            "FLOPs speedup",
+            "ms @1",
+            "measured @1",
+            "ms @16",
+            "measured @16",
+        ],
+        rows,
+    )
 
 
 def latency(runs: Runs, model: str) -> str:
     rows = []
     for criterion in CRITERIA[:3]:
         for level in (0.5, 0.7):
-            rows.append([f"{criterion} {level:.0%}", runs.value(model, criterion, level, "nonzero_params", "{:,.0f}"),
-                         runs.value(model, criterion, level, "speedup", "{:.2f}×"),
-                         runs.value(model, criterion, level, "latency_ms_b1", "{:.2f}"),
-                         runs.value(model, criterion, level, "latency_sparse_ms_b1", "{:.2f}"),
-                         runs.value(model, criterion, level, "latency_ms_b16", "{:.2f}"),
-                         runs.value(model, criterion, level, "latency_sparse_ms_b16", "{:.2f}")])
-    return table(["method", "non-zeros", "FLOPs speedup", "ms @1 dense kernels", "ms @1 CSR",
-                  "ms @16 dense kernels", "ms @16 CSR"], rows)
+            rows.append(
+                [
+                    f"{criterion} {level:.0%}",
+                    runs.value(model, criterion, level, "nonzero_params", "{:,.0f}"),
+                    runs.value(model, criterion, level, "speedup", "{:.2f}×"),
+                    runs.value(model, criterion, level, "latency_ms_b1", "{:.2f}"),
+                    runs.value(model, criterion, level, "latency_sparse_ms_b1", "{:.2f}"),
+                    runs.value(model, criterion, level, "latency_ms_b16", "{:.2f}"),
+                    runs.value(model, criterion, level, "latency_sparse_ms_b16", "{:.2f}"),
+                ]
+            )
+    return table(
+        [
+            "method",
+            "non-zeros",
+            "FLOPs speedup",
+            "ms @1 dense kernels",
+            "ms @1 CSR",
+            "ms @16 dense kernels",
+            "ms @16 CSR",
+        ],
+        rows,
+    )
 
 
 def large_sparse(runs: Runs) -> str:
     rows = []
     for level, width in ((0.5, 95), (0.75, 77), (0.9, 65)):
         small = f"lstm-small[d_model={width}]"
-        rows.append([f"{level:.0%}", runs.value("lstm", "AGP", level, "nonzero_params", "{:,.0f}"),
-                     runs.value("lstm", "AGP", level, "perplexity"), f"{width}",
-                     runs.value(small, "small-dense", 0.0, "nonzero_params", "{:,.0f}"),
-                     runs.value(small, "small-dense", 0.0, "perplexity")])
-    return table(["sparsity", "lstm (128) AGP: non-zeros", "test ppl", "small dense width", "non-zeros",
-                  "test ppl"], rows)
+        rows.append(
+            [
+                f"{level:.0%}",
+                runs.value("lstm", "AGP", level, "nonzero_params", "{:,.0f}"),
+                runs.value("lstm", "AGP", level, "perplexity"),
+                f"{width}",
+                runs.value(small, "small-dense", 0.0, "nonzero_params", "{:,.0f}"),
+                runs.value(small, "small-dense", 0.0, "perplexity"),
+            ]
+        )
+    return table(
+        ["sparsity", "lstm (128) AGP: non-zeros", "test ppl", "small dense width", "non-zeros", "test ppl"], rows
+    )
 
 
 def dense_models(runs: Runs) -> str:
@@ -126,9 +183,16 @@ def dense_models(runs: Runs) -> str:
             continue
         m = done[0].metrics
         params = m.get("params_dense", m.get("params"))
-        rows.append([model, f"{params:,}", f"{m.get('perplexity_dense', float('nan')):.1f}",
-                     f"{m.get('val_perplexity_dense', float('nan')):.1f}",
-                     str(m.get("dense_best_epoch", "–")), str(m.get("dense_epochs", "–"))])
+        rows.append(
+            [
+                model,
+                f"{params:,}",
+                f"{m.get('perplexity_dense', float('nan')):.1f}",
+                f"{m.get('val_perplexity_dense', float('nan')):.1f}",
+                str(m.get("dense_best_epoch", "–")),
+                str(m.get("dense_epochs", "–")),
+            ]
+        )
     return table(["model", "parameters", "test ppl", "valid ppl", "best epoch", "epochs trained"], rows)
 
 
@@ -158,10 +222,12 @@ def main(path: str) -> None:
     runs = Runs(records)
     counts = Counter(r.status for r in records)
     print("# Study F: summary tables\n")
-    print(f"Generated by `python docs/results/lm/summarize.py {path}`: {len(records)} runs in the spec, "
-          f"{counts.get('done', 0)} done, {counts.get('pending', 0) + counts.get('running', 0)} pending, "
-          f"{counts.get('failed', 0)} failed. Perplexity is the test perplexity (300 sequences of 64 tokens); "
-          f"'pending' marks runs not finished when this was generated.\n")
+    print(
+        f"Generated by `python docs/results/lm/summarize.py {path}`: {len(records)} runs in the spec, "
+        f"{counts.get('done', 0)} done, {counts.get('pending', 0) + counts.get('running', 0)} pending, "
+        f"{counts.get('failed', 0)} failed. Perplexity is the test perplexity (300 sequences of 64 tokens); "
+        f"'pending' marks runs not finished when this was generated.\n"
+    )
     print("## Dense models\n\n" + dense_models(runs) + "\n")
     for model in ("gpt", "lstm"):
         print(f"## {model}: one-shot, no recovery (test perplexity; dense {runs.dense(model) or float('nan'):.1f})\n")

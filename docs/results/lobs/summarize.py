@@ -51,21 +51,25 @@ def main(db: str) -> None:
         print(f"| {model} | {method} | {len(done)}/{len(steps)} | {median} | {each} |")
     print(f"\n(fine-tuning budget: {', '.join(f'{m} {e} epochs' for m, e in budget.items())}, batch 64)\n")
     print("### Layer-wise errors of the L-OBS solvers right after pruning (mean over seeds)\n")
-    print("`‖Ẑ − Z‖/√n` per layer on the 4096 calibration images: predicted by the solver's sensitivities "
-          "(damped Hessian) and measured (exact, undamped); relative = `‖Ẑ − Z‖/‖Z‖`.\n")
+    print(
+        "`‖Ẑ − Z‖/√n` per layer on the 4096 calibration images: predicted by the solver's sensitivities "
+        "(damped Hessian) and measured (exact, undamped); relative = `‖Ẑ − Z‖/‖Z‖`.\n"
+    )
     print("| model | method | layer | sparsity | predicted | measured | relative | solve s |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     rows = defaultdict(list)
     for r in records:
-        for report in (r.metrics.get("layer_reports") or [])[:1]:      # the one-shot prune
+        for report in (r.metrics.get("layer_reports") or [])[:1]:  # the one-shot prune
             if r.config["method"]["schedule"]["name"] != "one-shot":
                 continue
             for layer in report:
                 rows[(r.model, r.method, layer["layer"])].append(layer)
     for (model, method, layer), entries in rows.items():
         mean = lambda key: statistics.fmean(e[key] for e in entries)
-        print(f"| {model} | {method} | {layer} | {mean('sparsity'):.3f} | {mean('predicted_error'):.4g} | "
-              f"{mean('measured_error'):.4g} | {mean('relative_error'):.4f} | {mean('solve_seconds'):.2f} |")
+        print(
+            f"| {model} | {method} | {layer} | {mean('sparsity'):.3f} | {mean('predicted_error'):.4g} | "
+            f"{mean('measured_error'):.4g} | {mean('relative_error'):.4f} | {mean('solve_seconds'):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def consumer_means(model, info, x) -> dict:
             model(x)
         handle.remove()
         z = seen[0]
-        means[unit.name] = (z.mean(dim=(0, 2, 3)) if z.dim() == 4
-                            else z.reshape(len(z), unit.n_units, -1).mean(dim=(0, 2))).double()
+        means[unit.name] = (
+            z.mean(dim=(0, 2, 3)) if z.dim() == 4 else z.reshape(len(z), unit.n_units, -1).mean(dim=(0, 2))
+        ).double()
     return means
 
 
@@ -72,13 +73,15 @@ def main() -> None:
     order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(10_000 + args.seed))[:1000]
     cal = (ds.x_train[order], ds.y_train[order])
     info = Units.of(model, tuple(ds.input_shape))
-    stats = collect(model, info.layers, [(cal[0][i:i + 250], cal[1][i:i + 250]) for i in range(0, 1000, 250)])
+    stats = collect(model, info.layers, [(cal[0][i : i + 250], cal[1][i : i + 250]) for i in range(0, 1000, 250)])
     post = consumer_means(model, info, cal[0])
     before = evaluate(model, cal)["loss"]
     generator = torch.Generator().manual_seed(1)
 
-    print(f"{args.model} on {args.dataset}, {args.weights}; calibration loss {before:.4f}; "
-          f"mean of {args.trials} random subsets\n")
+    print(
+        f"{args.model} on {args.dataset}, {args.weights}; calibration loss {before:.4f}; "
+        f"mean of {args.trials} random subsets\n"
+    )
     print("| layer | removed | zero | folded (prunelab) | reference (hook) | post-pool mean |")
     print("|---|---:|---:|---:|---:|---:|")
     for unit in info.layers:
@@ -88,9 +91,10 @@ def main() -> None:
                 chosen = select(torch.rand(unit.n_units, generator=generator, dtype=torch.float64), fraction=fraction)
                 for k, means in enumerate((None, stats[unit.name].mean, None, post[unit.name])):
                     pruned = copy.deepcopy(model)
-                    if k == 2:      # the reference: write the mean into the activations
-                        point = dict(pruned.named_modules())[next(n for n, m in model.named_modules()
-                                                                   if m is unit.point)]
+                    if k == 2:  # the reference: write the mean into the activations
+                        point = dict(pruned.named_modules())[
+                            next(n for n, m in model.named_modules() if m is unit.point)
+                        ]
                         mean = stats[unit.name].mean.float()
 
                         def hook(point=point, chosen=chosen, mean=mean):
@@ -99,12 +103,17 @@ def main() -> None:
                                 shape = (1, -1, 1, 1) if output.dim() == 4 else (1, -1)
                                 output[:, chosen] = mean[chosen].view(shape).expand_as(output[:, chosen])
                                 return output
+
                             return point.register_forward_hook(replace)
+
                         sums[k] += penalty(pruned, cal, before, hook)
                         continue
                     plan = {unit.name: chosen}
-                    surgery.mask_units(Units.of(pruned, tuple(ds.input_shape)).chain, plan,
-                                       None if means is None else {unit.name: means})
+                    surgery.mask_units(
+                        Units.of(pruned, tuple(ds.input_shape)).chain,
+                        plan,
+                        None if means is None else {unit.name: means},
+                    )
                     sums[k] += penalty(pruned, cal, before)
             cells = " | ".join(f"{s / args.trials:.4f}" for s in sums)
             print(f"| {unit.name} | {100 * fraction:.0f} % | {cells} |")

@@ -22,8 +22,11 @@ from prunelab.units import LAYER_SETS
 
 def amount_text(amount: tuple[str, float]) -> str:
     kind, value = amount
-    return "1 unit" if kind == "count" and value == 1 else (f"{value:g} units" if kind == "count"
-                                                               else f"{100 * value:g} %")
+    return (
+        "1 unit"
+        if kind == "count" and value == 1
+        else (f"{value:g} units" if kind == "count" else f"{100 * value:g} %")
+    )
 
 
 def pairs(records):
@@ -56,13 +59,17 @@ def main(db: str) -> None:
     scorers = ("rand", "norm", "rs", "abs_rs", "mrs", "abs_mrs")
 
     print("### Does mean replacement lower the penalty? Share of pairs where it lowers / raises it\n")
-    print("One pair = one scorer at one probe (seed × step); the same units are removed with and "
-          "without mean replacement. Pairs with equal penalties (e.g. only dead units removed) count "
-          "in neither share.\n")
+    print(
+        "One pair = one scorer at one probe (seed × step); the same units are removed with and "
+        "without mean replacement. Pairs with equal penalties (e.g. only dead units removed) count "
+        "in neither share.\n"
+    )
     order = {name: i for i, name in enumerate(LAYER_SETS)}
     models = list(dict.fromkeys(r.model for r in probes))
-    settings = sorted({k[:4] for k in found}, key=lambda k: (models.index(k[0]), order.get(k[1], len(order)), k[1],
-                                                              k[2][0] != "count", k[2][1], k[3]))
+    settings = sorted(
+        {k[:4] for k in found},
+        key=lambda k: (models.index(k[0]), order.get(k[1], len(order)), k[1], k[2][0] != "count", k[2][1], k[3]),
+    )
     print("| model | layers | amount | fine-tuning steps | " + " | ".join(scorers) + " | all |")
     print("|---|---|---|---:|" + "---:|" * (len(scorers) + 1))
     for setting in settings:
@@ -72,8 +79,11 @@ def main(db: str) -> None:
             everything += values
             cells.append(share(values) if values else "–")
         model, layers, amount, finetune = setting
-        print(f"| {model} | {layers} | {amount_text(amount)} | {finetune} | " + " | ".join(cells)
-              + f" | {share(everything)} |")
+        print(
+            f"| {model} | {layers} | {amount_text(amount)} | {finetune} | "
+            + " | ".join(cells)
+            + f" | {share(everything)} |"
+        )
 
     print("\n### Median penalty without → with mean replacement, all pairs of a setting\n")
     print("| model | layers | amount | fine-tuning steps | median d | median d_bp | pairs |")
@@ -81,9 +91,11 @@ def main(db: str) -> None:
     for setting in settings:
         values = [v for scorer in scorers for v in found.get((*setting, scorer), [])]
         model, layers, amount, finetune = setting
-        print(f"| {model} | {layers} | {amount_text(amount)} | {finetune} | "
-              f"{statistics.median(v[0] for v in values):.4f} | {statistics.median(v[1] for v in values):.4f} | "
-              f"{len(values)} |")
+        print(
+            f"| {model} | {layers} | {amount_text(amount)} | {finetune} | "
+            f"{statistics.median(v[0] for v in values):.4f} | {statistics.median(v[1] for v in values):.4f} | "
+            f"{len(values)} |"
+        )
 
     print("\n### Runs\n")
     print("| task | model | runs | seconds per run (mean) | probe seconds per run (mean) | final test accuracy |")
@@ -96,9 +108,12 @@ def main(db: str) -> None:
         probe = [r.metrics.get("probe_seconds") for r in rs if r.metrics.get("probe_seconds") is not None]
         accuracy = [r.metrics["accuracy"] for r in rs]
         spread = f" ± {statistics.stdev(accuracy):.4f}" if len(accuracy) > 1 else ""
-        print(f"| {task} | {model} | {len(rs)} | {seconds:.0f} | "
-              f"{statistics.fmean(probe):.0f} |" if probe else f"| {task} | {model} | {len(rs)} | {seconds:.0f} | – |",
-              end="")
+        print(
+            f"| {task} | {model} | {len(rs)} | {seconds:.0f} | {statistics.fmean(probe):.0f} |"
+            if probe
+            else f"| {task} | {model} | {len(rs)} | {seconds:.0f} | – |",
+            end="",
+        )
         print(f" {statistics.fmean(accuracy):.4f}{spread} |")
 
 

@@ -15,7 +15,7 @@ from prunelab.experiments.store import Store
 
 def main(db: str) -> None:
     with Store(db) as store:
-        records = store.records(status="done")      # the runs of the spec as last run
+        records = store.records(status="done")  # the runs of the spec as last run
     overall: dict[str, list[float]] = defaultdict(list)
     per_dataset: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:

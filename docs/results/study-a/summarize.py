@@ -30,13 +30,19 @@ def main(db: str) -> None:
     datasets = list(dict.fromkeys(r.dataset for r in records))
     print(f"# Study A summary ({len(records)} finished runs)\n")
     for dataset in datasets:
-        conv = [(statistics.mean(m["nonzero_params"] for m in ms), statistics.mean(m["accuracy"] for m in ms), model)
-                for (d, model, method, _), ms in groups.items() if d == dataset and method == "conv"]
+        conv = [
+            (statistics.mean(m["nonzero_params"] for m in ms), statistics.mean(m["accuracy"] for m in ms), model)
+            for (d, model, method, _), ms in groups.items()
+            if d == dataset and method == "conv"
+        ]
         front = [conv[i] for i in pareto_front([(p, a) for p, a, _ in conv])]
         print(f"## {dataset}\n")
         if front:
-            print("Conv Pareto front: " + ", ".join(f"{model} {p:,.0f} params {100 * a:.2f} %"
-                                                  for p, a, model in front) + "\n")
+            print(
+                "Conv Pareto front: "
+                + ", ".join(f"{model} {p:,.0f} params {100 * a:.2f} %" for p, a, model in front)
+                + "\n"
+            )
         for net in MLPS:
             levels = sorted({s for (d, model, _, s) in groups if d == dataset and model == net})
             methods = sorted({x for (d, model, x, _) in groups if d == dataset and model == net})
@@ -61,8 +67,11 @@ def main(db: str) -> None:
                 size = statistics.mean(nonzero) if nonzero else float("nan")
                 below = [point for point in front if point[0] <= size]
                 conv_cell = f"{below[-1][2]}: {100 * below[-1][1]:.2f}" if below else "-"
-                print(f"| {100 * level:g} % | {size:,.0f} | " + " | ".join(cells)
-                      + f" | {best[1] if best else '-'} | {conv_cell} |")
+                print(
+                    f"| {100 * level:g} % | {size:,.0f} | "
+                    + " | ".join(cells)
+                    + f" | {best[1] if best else '-'} | {conv_cell} |"
+                )
             print()
             layer_split(groups, dataset, net, levels, methods)
 
@@ -75,8 +84,10 @@ def layer_split(groups, dataset: str, net: str, levels, methods) -> None:
     pruned = [m for m in methods if any("layer_sparsity" in x for x in groups.get((dataset, net, m, levels[-1]), []))]
     if not pruned:
         return
-    print(f"{net}: fc1 / fc2 sparsity (%) | accuracy after the events at the start of fine-tuning, "
-          f"before retraining (%): L-OBS's one prune, a gradual schedule's first event\n")
+    print(
+        f"{net}: fc1 / fc2 sparsity (%) | accuracy after the events at the start of fine-tuning, "
+        f"before retraining (%): L-OBS's one prune, a gradual schedule's first event\n"
+    )
     print("| sparsity | " + " | ".join(pruned) + " |")
     print("|---:|" + "---:|" * len(pruned))
     for level in levels:
@@ -88,8 +99,9 @@ def layer_split(groups, dataset: str, net: str, levels, methods) -> None:
                 continue
             fc1, fc2 = (statistics.mean(m["layer_sparsity"][k] for m in ms) for k in ("fc1.weight", "fc2.weight"))
             after = [m["accuracy_pruned"] for m in ms if m.get("accuracy_pruned") is not None]
-            cells.append(f"{100 * fc1:.1f} / {100 * fc2:.1f}"
-                         + (f" \\| {100 * statistics.mean(after):.1f}" if after else ""))
+            cells.append(
+                f"{100 * fc1:.1f} / {100 * fc2:.1f}" + (f" \\| {100 * statistics.mean(after):.1f}" if after else "")
+            )
         print(f"| {100 * level:g} % | " + " | ".join(cells) + " |")
     print()
 

@@ -21,9 +21,13 @@ from collections import defaultdict
 from prunelab.experiments.store import Store
 
 AXES = ("granularity", "schedule", "criterion", "scope")
-METRICS = (("accuracy", "accuracy %", 100.0, 2), ("compression", "compression", 1.0, 2),
-           ("speedup", "theoretical speedup", 1.0, 2), ("measured_speedup", "measured speedup", 1.0, 2),
-           ("units_removed", "units removed by thinning", 1.0, 1))
+METRICS = (
+    ("accuracy", "accuracy %", 100.0, 2),
+    ("compression", "compression", 1.0, 2),
+    ("speedup", "theoretical speedup", 1.0, 2),
+    ("measured_speedup", "measured speedup", 1.0, 2),
+    ("units_removed", "units removed by thinning", 1.0, 1),
+)
 
 
 def design(record) -> dict[str, str]:
@@ -70,7 +74,7 @@ def main(db: str) -> None:
             print()
         print(f"### Main effects ({model}): mean over the other choices and the seeds\n")
         for key, label, scale, digits in METRICS:
-            if key in ("compression", "speedup"):      # equal for every choice, up to whole-filter rounding
+            if key in ("compression", "speedup"):  # equal for every choice, up to whole-filter rounding
                 continue
             print(f"**{label}**\n")
             print("| choice | " + " | ".join(f"{100 * s:g} %" for s in levels) + " |")
@@ -79,8 +83,11 @@ def main(db: str) -> None:
                 for value in sorted({design(r)[axis] for r in runs}):
                     row = []
                     for sparsity in levels:
-                        values = [r.metrics[key] for r in runs if r.sparsity == sparsity
-                                  and design(r)[axis] == value and key in r.metrics]
+                        values = [
+                            r.metrics[key]
+                            for r in runs
+                            if r.sparsity == sparsity and design(r)[axis] == value and key in r.metrics
+                        ]
                         row.append(f"{scale * statistics.mean(values):.{digits}f}" if values else "–")
                     print(f"| {axis} = {value} | " + " | ".join(row) + " |")
             print()
@@ -97,10 +104,17 @@ def layer_sparsity(runs, levels, model: str) -> None:
     points = sorted({(design(r)["granularity"], design(r)["scope"]) for r in runs})
     for granularity, scope in points:
         for sparsity in levels:
-            chosen = [r.metrics["layer_sparsity"] for r in runs if r.sparsity == sparsity
-                      and (design(r)["granularity"], design(r)["scope"]) == (granularity, scope)]
-            cells = [f"{100 * statistics.mean(m[name] for m in chosen):.1f}" if all(name in m for m in chosen)
-                     else "not pruned" for name in layers]
+            chosen = [
+                r.metrics["layer_sparsity"]
+                for r in runs
+                if r.sparsity == sparsity and (design(r)["granularity"], design(r)["scope"]) == (granularity, scope)
+            ]
+            cells = [
+                f"{100 * statistics.mean(m[name] for m in chosen):.1f}"
+                if all(name in m for m in chosen)
+                else "not pruned"
+                for name in layers
+            ]
             print(f"| {granularity} | {scope} | {100 * sparsity:g} | " + " | ".join(cells) + " |")
     print()
 

@@ -87,17 +87,17 @@ class LayerReport:
 
     layer: str
     shape: tuple
-    sparsity: float            # realised, of the weight
-    predicted_error: float     # √(predicted E) from the solver's sensitivities
-    measured_error: float      # ‖Ẑ − Z‖/√n
-    relative_error: float      # ‖Ẑ − Z‖ / ‖Z‖
-    n: int                     # calibration columns (samples × positions)
+    sparsity: float  # realised, of the weight
+    predicted_error: float  # √(predicted E) from the solver's sensitivities
+    measured_error: float  # ‖Ẑ − Z‖/√n
+    relative_error: float  # ‖Ẑ − Z‖ / ‖Z‖
+    n: int  # calibration columns (samples × positions)
     hessian_seconds: float
     solve_seconds: float
-    block: str | None = None   # sequential mode: the block the layer is in (None: outside any block)
-    seconds: float = 0.0       # wall time of the layer: its inputs' forwards, Hessian and solve
-    peak_memory: int | None = None   # bytes: the process's resident high-water mark meanwhile
-    live_bytes: int = 0        # bytes of cached block inputs in memory and Hessians held meanwhile
+    block: str | None = None  # sequential mode: the block the layer is in (None: outside any block)
+    seconds: float = 0.0  # wall time of the layer: its inputs' forwards, Hessian and solve
+    peak_memory: int | None = None  # bytes: the process's resident high-water mark meanwhile
+    live_bytes: int = 0  # bytes of cached block inputs in memory and Hessians held meanwhile
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,13 +115,17 @@ class Report(list):
     peak_memory: int | None = None
 
     def _head(self) -> str:
-        return (f"{'layer':<14} {'sparsity':>8} {'predicted':>10} {'measured':>10} {'relative':>9} "
-                f"{'n':>8} {'hessian s':>9} {'solve s':>8} {'total s':>8} {'peak MiB':>9}")
+        return (
+            f"{'layer':<14} {'sparsity':>8} {'predicted':>10} {'measured':>10} {'relative':>9} "
+            f"{'n':>8} {'hessian s':>9} {'solve s':>8} {'total s':>8} {'peak MiB':>9}"
+        )
 
     def _row(self, r) -> str:
-        return (f"{r.layer:<14} {r.sparsity:8.4f} {r.predicted_error:10.4g} {r.measured_error:10.4g} "
-                f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f} "
-                f"{r.seconds:8.3f} {blk.mib(r.peak_memory):>9}")
+        return (
+            f"{r.layer:<14} {r.sparsity:8.4f} {r.predicted_error:10.4g} {r.measured_error:10.4g} "
+            f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f} "
+            f"{r.seconds:8.3f} {blk.mib(r.peak_memory):>9}"
+        )
 
     def __str__(self) -> str:
         """One line per layer (:meth:`_head`, :meth:`_row`), a total line after each block and the
@@ -134,16 +138,20 @@ class Report(list):
             last = i + 1 == len(self) or self[i + 1].block != r.block
             if r.block is not None and last:
                 b = totals[r.block]
-                lines.append(f"  block {r.block}: {b['layers']} layer(s), {b['seconds']:.3f} s, "
-                             f"peak {blk.mib(b['peak_memory'])} MiB")
+                lines.append(
+                    f"  block {r.block}: {b['layers']} layer(s), {b['seconds']:.3f} s, "
+                    f"peak {blk.mib(b['peak_memory'])} MiB"
+                )
         if self.peak_memory is not None:
             lines.append(f"whole prune: peak {blk.mib(self.peak_memory)} MiB, trace {self.trace_seconds:.3f} s")
         return "\n".join(lines)
 
     def totals(self) -> dict:
-        return {"hessian_seconds": sum(r.hessian_seconds for r in self),
-                "solve_seconds": sum(r.solve_seconds for r in self),
-                "seconds": sum(r.seconds for r in self) + self.trace_seconds}
+        return {
+            "hessian_seconds": sum(r.hessian_seconds for r in self),
+            "solve_seconds": sum(r.solve_seconds for r in self),
+            "seconds": sum(r.seconds for r in self) + self.trace_seconds,
+        }
 
     def blocks(self) -> list[dict]:
         """Per-block totals, in pruning order: ``block``, ``layers``, ``seconds`` (summed),
@@ -152,8 +160,9 @@ class Report(list):
         for r in self:
             if r.block is None:
                 continue
-            b = found.setdefault(r.block, {"block": r.block, "layers": 0, "seconds": 0.0,
-                                           "peak_memory": None, "live_bytes": 0})
+            b = found.setdefault(
+                r.block, {"block": r.block, "layers": 0, "seconds": 0.0, "peak_memory": None, "live_bytes": 0}
+            )
             b["layers"] += 1
             b["seconds"] += r.seconds
             if r.peak_memory is not None:
@@ -168,15 +177,36 @@ class LayerwiseOBS(Criterion):
     needs_data = True
     updates_weights = True
 
-    @validate_params({"mode": [Options(MODES)], "damping": [Interval(Real, 0, None)], "update_bias": [bool],
-                      "low_memory": [bool], "block_size": [Interval(Integral, 1, MAX_BATCH)],
-                      "epsilon": [Interval(Real, 0, None, closed="neither"), Types(dict), None],
-                      "blocks": [Types(str, torch.nn.Module,
-                                       name="a dotted module path such as 'model.layers' or an nn.ModuleList"), None], "offload": [Options(OFFLOADS), None],
-                      "progress": [bool, None]}, where=lambda self: f"{self.name} criterion")
-    def __init__(self, mode: str = "sequential", damping: float = 1e-2, update_bias: bool = True,
-                 low_memory: bool = False, block_size: int = 128, epsilon=None, blocks=None,
-                 offload: str | None = None, progress: bool | None = None, compute_dtype=None):
+    @validate_params(
+        {
+            "mode": [Options(MODES)],
+            "damping": [Interval(Real, 0, None)],
+            "update_bias": [bool],
+            "low_memory": [bool],
+            "block_size": [Interval(Integral, 1, MAX_BATCH)],
+            "epsilon": [Interval(Real, 0, None, closed="neither"), Types(dict), None],
+            "blocks": [
+                Types(str, torch.nn.Module, name="a dotted module path such as 'model.layers' or an nn.ModuleList"),
+                None,
+            ],
+            "offload": [Options(OFFLOADS), None],
+            "progress": [bool, None],
+        },
+        where=lambda self: f"{self.name} criterion",
+    )
+    def __init__(
+        self,
+        mode: str = "sequential",
+        damping: float = 1e-2,
+        update_bias: bool = True,
+        low_memory: bool = False,
+        block_size: int = 128,
+        epsilon=None,
+        blocks=None,
+        offload: str | None = None,
+        progress: bool | None = None,
+        compute_dtype=None,
+    ):
         where = f"{self.name} criterion"
         self.epsilon = _check_epsilon(epsilon, where)
         self.mode = mode
@@ -189,10 +219,10 @@ class LayerwiseOBS(Criterion):
         self._batches: list | None = None
         self._original = None
         self._hessians: dict[str, LayerHessian] = {}
-        self.skipped: dict[str, str] = {}         # default targets left dense: {name: reason}
+        self.skipped: dict[str, str] = {}  # default targets left dense: {name: reason}
         self.last_report: Report | None = None
         self.last_held: tuple[str, ...] = ()
-        self.last_forwards: dict = {}             # sequential mode: batches run per kind of forward
+        self.last_forwards: dict = {}  # sequential mode: batches run per kind of forward
         self._sequential = None
 
     # ------------------------------------------------------------ data
@@ -209,7 +239,7 @@ class LayerwiseOBS(Criterion):
         self._batches, _ = self._calibration(batches, loss_fn)
         if self.mode == "parallel":
             if self.low_memory:
-                self._original = copy.deepcopy(model)   # Hessians later, one layer at a time
+                self._original = copy.deepcopy(model)  # Hessians later, one layer at a time
             else:
                 self._hessians = hessian.collect(model, targets, self._batches, with_bias=self.update_bias)
 
@@ -223,55 +253,76 @@ class LayerwiseOBS(Criterion):
         self.skipped = hessian.skip_unsupported(pruner, self.name, extra=channel)
         nm = isinstance(pruner.granularity, NMGranularity)
         if pruner.granularity.name not in ("weight", "channel") and not nm:
-            raise ValueError(f"{self.name} prunes at granularity 'weight' (unstructured), 'channel' "
-                             f"(whole inputs, block OBS) or an N:M pattern such as '2:4'; got "
-                             f"{pruner.granularity.name!r}.")
+            raise ValueError(
+                f"{self.name} prunes at granularity 'weight' (unstructured), 'channel' "
+                f"(whole inputs, block OBS) or an N:M pattern such as '2:4'; got "
+                f"{pruner.granularity.name!r}."
+            )
         if nm and self.epsilon is not None:
-            raise ValueError(f"{self.name} with granularity {pruner.granularity.name!r}: the pattern decides "
-                             f"every layer's sparsity; leave out the tolerable error 'epsilon'.")
+            raise ValueError(
+                f"{self.name} with granularity {pruner.granularity.name!r}: the pattern decides "
+                f"every layer's sparsity; leave out the tolerable error 'epsilon'."
+            )
         if nm and not pruner.schedule.one_shot:
-            raise ValueError(f"{self.name} chooses an N:M mask ({pruner.granularity.name!r}) in one solve, at the "
-                             f"pattern's full sparsity; use schedule 'one-shot' (got {pruner.schedule.name!r}), "
-                             f"or a score-based criterion (magnitude, wanda, ...) to reach the pattern gradually.")
+            raise ValueError(
+                f"{self.name} chooses an N:M mask ({pruner.granularity.name!r}) in one solve, at the "
+                f"pattern's full sparsity; use schedule 'one-shot' (got {pruner.schedule.name!r}), "
+                f"or a score-based criterion (magnitude, wanda, ...) to reach the pattern gradually."
+            )
         if not pruner.scope.supports_solvers:
-            raise ValueError(f"scope {pruner.scope.name!r} compares scores within each output row; {self.name} solves each layer "
-                             f"as a whole: use scope 'local', 'global' or 'layerwise-constant'.")
+            raise ValueError(
+                f"scope {pruner.scope.name!r} compares scores within each output row; {self.name} solves each layer "
+                f"as a whole: use scope 'local', 'global' or 'layerwise-constant'."
+            )
         if pruner.granularity.name == "channel" and self.name != "obs-exact":
-            raise ValueError(f"the structured (channel) variant is the greedy block OBS: use criterion "
-                             f"'obs-exact' with granularity 'channel' (got {self.name!r}).")
+            raise ValueError(
+                f"the structured (channel) variant is the greedy block OBS: use criterion "
+                f"'obs-exact' with granularity 'channel' (got {self.name!r})."
+            )
         if self.epsilon is not None and self.name == "obs-fast":
-            raise ValueError("obs-fast takes sparsity targets only (its masks come from fractions); use "
-                             "'lobs' or 'obs-exact' with the tolerable error epsilon.")
+            raise ValueError(
+                "obs-fast takes sparsity targets only (its masks come from fractions); use "
+                "'lobs' or 'obs-exact' with the tolerable error epsilon."
+            )
         if isinstance(self.epsilon, dict):
             names = {t.name for t in pruner.targets} | {t.module_name for t in pruner.targets}
             unknown = sorted(set(self.epsilon) - names)
             if unknown:
-                raise ValueError(f"the 'epsilon' parameter of {self.name} names {unknown[0]!r}, not a pruned "
-                                 f"layer; pruned layers: {', '.join(t.module_name for t in pruner.targets)}.")
-        if not pruner.scope.independent:        # the scope ranks the solver's per-weight saliencies
+                raise ValueError(
+                    f"the 'epsilon' parameter of {self.name} names {unknown[0]!r}, not a pruned "
+                    f"layer; pruned layers: {', '.join(t.module_name for t in pruner.targets)}."
+                )
+        if not pruner.scope.independent:  # the scope ranks the solver's per-weight saliencies
             if pruner.granularity.name != "weight":
-                raise ValueError(f"scope {pruner.scope.name!r} for {self.name} shares the target by ranking single weights: "
-                                 f"use granularity 'weight', or scope 'local' with granularity "
-                                 f"{pruner.granularity.name!r}.")
+                raise ValueError(
+                    f"scope {pruner.scope.name!r} for {self.name} shares the target by ranking single weights: "
+                    f"use granularity 'weight', or scope 'local' with granularity "
+                    f"{pruner.granularity.name!r}."
+                )
             if self.epsilon is not None:
-                raise ValueError(f"the tolerable error 'epsilon' of {self.name} already decides every layer's "
-                                 f"sparsity (one ε for all layers is the paper's rule); leave out scope "
-                                 f"{pruner.scope.name!r}, or give a sparsity target instead of epsilon.")
+                raise ValueError(
+                    f"the tolerable error 'epsilon' of {self.name} already decides every layer's "
+                    f"sparsity (one ε for all layers is the paper's rule); leave out scope "
+                    f"{pruner.scope.name!r}, or give a sparsity target instead of epsilon."
+                )
 
     def scores(self, targets):
         raise ValueError(f"{self.name} is a solver: it prunes through Pruner/prune(), not by scores.")
 
     def _hessian(self, request, target) -> LayerHessian:
         if self._batches is None:
-            raise ValueError(f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
-                             f"to the Pruner, or data= to prune().")
+            raise ValueError(
+                f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
+                f"to the Pruner, or data= to prune()."
+            )
         if self.mode == "sequential":
             return self._sequential.get(target)
         if self.low_memory:
             twin = dict(self._original.named_modules())[target.module_name]
             copy_target = type(target)(target.name, target.module_name, twin, target.param_name)
-            return hessian.collect(self._original, [copy_target], self._batches,
-                                   with_bias=self.update_bias)[target.name]
+            return hessian.collect(self._original, [copy_target], self._batches, with_bias=self.update_bias)[
+                target.name
+            ]
         return self._hessians[target.name]
 
     # ----------------------------------------------------------- solve
@@ -282,15 +333,17 @@ class LayerwiseOBS(Criterion):
         Hessian (in sequential mode from the outputs of the layers already pruned). Returns the
         keep-masks, one per ``request.targets``."""
         if self._batches is None:
-            raise ValueError(f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
-                             f"to the Pruner, or data= to prune().")
+            raise ValueError(
+                f"criterion {self.name!r} needs calibration data: pass calibration=(x, y) "
+                f"to the Pruner, or data= to prune()."
+            )
         keeps, report, held = [], Report(), []
         report.skipped = dict(self.skipped)
-        memory: dict = {}               # the whole prune's peak, across the per-layer resets
+        memory: dict = {}  # the whole prune's peak, across the per-layer resets
         targets, scope = request.targets, request.scope
-        if scope.independent:           # each layer's target from the scope alone (e.g. round-robin)
+        if scope.independent:  # each layer's target from the scope alone (e.g. round-robin)
             allocation = scope.allocate(len(targets), request.sparsities, request.event, request.min_keep)
-        else:                           # shared between layers: the scope ranks the solver's saliencies
+        else:  # shared between layers: the scope ranks the solver's saliencies
             with PeakMemory(memory):
                 allocation = self._shared_allocation(request, request.sparsities[0])
         sparsities = allocation.sparsities
@@ -304,9 +357,15 @@ class LayerwiseOBS(Criterion):
                 if self.mode == "sequential":
                     started = time.perf_counter()
                     with PeakMemory(memory):
-                        self._sequential = SequentialHessians(request.model, todo, self._batches,
-                                                              with_bias=self.update_bias, stack=self._stack_of(request.model),
-                                                              spill=spill, compute=self.compute_dtype)
+                        self._sequential = SequentialHessians(
+                            request.model,
+                            todo,
+                            self._batches,
+                            with_bias=self.update_bias,
+                            stack=self._stack_of(request.model),
+                            spill=spill,
+                            compute=self.compute_dtype,
+                        )
                     report.trace_seconds = time.perf_counter() - started
                 bar = self._progress_bar(todo)
                 for i, (target, sparsity) in enumerate(zip(targets, sparsities)):
@@ -347,8 +406,9 @@ class LayerwiseOBS(Criterion):
             solution = self.solve_layer(request.problem(target, sparsity, weight_matrix(target)), h)
             del h
         block = self._sequential.block_name[target.name] if self.mode == "sequential" else None
-        solution.report = dataclasses.replace(solution.report, block=block, seconds=time.perf_counter() - started,
-                                              peak_memory=peak.peak, live_bytes=live)
+        solution.report = dataclasses.replace(
+            solution.report, block=block, seconds=time.perf_counter() - started, peak_memory=peak.peak, live_bytes=live
+        )
         return solution
 
     def _stack_of(self, model):
@@ -356,7 +416,7 @@ class LayerwiseOBS(Criterion):
             self._stack = blk.resolve_stack(model, self.blocks, where=f"{self.name} criterion")
         return self._stack
 
-    def _progress_bar(self, todo) -> "blk.BlockBar":
+    def _progress_bar(self, todo) -> blk.BlockBar:
         names = self._sequential.block_name if self.mode == "sequential" else {}
         shown = sys.stderr.isatty() if self.progress is None else self.progress
         return blk.BlockBar(todo, names, shown, self.name)
@@ -371,10 +431,12 @@ class LayerwiseOBS(Criterion):
         bias = bias_param.detach().double() if bias_param is not None else None
         alive_all = problem.alive
         G = h.groups
-        order = nm_column_order(target) if nm is not None else None     # N:M runs as consecutive columns
+        order = nm_column_order(target) if nm is not None else None  # N:M runs as consecutive columns
         if structured_mode and G > 1:
-            raise ValueError(f"{self.name} with granularity 'channel' needs one input Hessian for all rows; "
-                             f"{target.name!r} has {G} row blocks with their own inputs.")
+            raise ValueError(
+                f"{self.name} with granularity 'channel' needs one input Hessian for all rows; "
+                f"{target.name!r} has {G} row blocks with their own inputs."
+            )
         rows = W.shape[0] // G
         total = round(sparsity * W.numel())
         wanted_parts = [total // G + (1 if g < total % G else 0) for g in range(G)]
@@ -396,13 +458,17 @@ class LayerwiseOBS(Criterion):
             if structured_mode:
                 solution = self._structured(target, W_full, H, sparsity, alive, d_in, problem.min_keep)
             elif nm is not None:
-                solution = _in_order(order, W_full, H, alive,
-                                     lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm))
+                solution = _in_order(
+                    order,
+                    W_full,
+                    H,
+                    alive,
+                    lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm),
+                )
             else:
-                limit = Wg.numel() - min(problem.min_keep, int(alive[:, :d_in].sum()))   # never empty the layer
+                limit = Wg.numel() - min(problem.min_keep, int(alive[:, :d_in].sum()))  # never empty the layer
                 wanted = wanted_parts[g]
-                solution = self._solve(W_full, H, min(wanted, limit), prunable, alive,
-                                       self._epsilon_for(target), limit)
+                solution = self._solve(W_full, H, min(wanted, limit), prunable, alive, self._epsilon_for(target), limit)
                 solution.held = solution.held or (self._epsilon_for(target) is None and wanted > limit)
             held = held or solution.held
             # prepare() zeroed the weights of dead inputs so that they go first, at no cost; those
@@ -422,12 +488,16 @@ class LayerwiseOBS(Criterion):
             bias_param.copy_(new_bias.to(bias_param.dtype))
         keep = keep.t() if target.layout == "transposed" else keep.reshape(target.weight.shape)
         report = LayerReport(
-            layer=target.name, shape=tuple(target.weight.shape),
+            layer=target.name,
+            shape=tuple(target.weight.shape),
             sparsity=1.0 - float(keep.float().mean()),
             predicted_error=math.sqrt(max(predicted, 0.0)),
             measured_error=math.sqrt(max(measured, 0.0)),
             relative_error=math.sqrt(max(measured, 0.0) / signal) if signal > 0 else 0.0,
-            n=h.n, hessian_seconds=h.seconds, solve_seconds=time.perf_counter() - started)
+            n=h.n,
+            hessian_seconds=h.seconds,
+            solve_seconds=time.perf_counter() - started,
+        )
         return LayerSolution(keep, report, held)
 
     @staticmethod
@@ -443,22 +513,26 @@ class LayerwiseOBS(Criterion):
         allocation over all targets, each layer's sparsity for the solver to reach in its own
         order. Skipped layers stay dense and out of the count."""
         supported = [t for t in request.targets if t.name not in self.skipped]
-        layers = [LayerGroups(L.flatten(), alive.flatten(), 1)
-                  for L, alive in self._saliencies(request, supported)]
+        layers = [LayerGroups(L.flatten(), alive.flatten(), 1) for L, alive in self._saliencies(request, supported)]
         allocation = request.scope.allocate(layers, sparsity, request.event, request.min_keep)
         chosen = {t.name: s for t, s in zip(supported, allocation.sparsities)}
         position = {t.name: i for i, t in enumerate(request.targets)}
-        return Allocation([chosen.get(t.name, 0.0) for t in request.targets],
-                          [t.name in chosen for t in request.targets],
-                          tuple(position[supported[i].name] for i in allocation.held))
+        return Allocation(
+            [chosen.get(t.name, 0.0) for t in request.targets],
+            [t.name in chosen for t in request.targets],
+            tuple(position[supported[i].name] for i in allocation.held),
+        )
 
     def _saliencies(self, request, supported):
         """Each target's L-OBS sensitivities ``w_q²/(2[H⁻¹]_qq)`` (as ``target.matrix()``) and alive
         weights, one target at a time."""
         together = None
         if self.mode == "sequential" or not self.low_memory:
-            together = (hessian.collect(request.model, supported, self._batches, with_bias=self.update_bias)
-                        if self.mode == "sequential" else self._hessians)
+            together = (
+                hessian.collect(request.model, supported, self._batches, with_bias=self.update_bias)
+                if self.mode == "sequential"
+                else self._hessians
+            )
         for target in supported:
             h = together[target.name] if together is not None else self._hessian(request, target)
             W = weight_matrix(target).double()
@@ -468,9 +542,10 @@ class LayerwiseOBS(Criterion):
             parts = []
             for g in range(h.groups):
                 r = slice(g * rows, (g + 1) * rows)
-                H, W_full, _ = hessian.prepare(h.part(g), weight_matrix_with_bias(
-                    W[r], bias[r] if bias is not None else None), self.damping)
-                parts.append(W_full[:, :W.shape[1]].pow(2) / (2 * torch.diagonal(inverse(H))[:W.shape[1]]))
+                H, W_full, _ = hessian.prepare(
+                    h.part(g), weight_matrix_with_bias(W[r], bias[r] if bias is not None else None), self.damping
+                )
+                parts.append(W_full[:, : W.shape[1]].pow(2) / (2 * torch.diagonal(inverse(H))[: W.shape[1]]))
             yield torch.cat(parts), request.alive(target, W)
 
     def _structured(self, target, W_full, H, sparsity, alive, d_in, min_keep):
@@ -478,7 +553,7 @@ class LayerwiseOBS(Criterion):
         group = math.prod(module.kernel_size) if target.layout == "conv" else 1
         n_inputs = d_in // group
         alive_groups = alive[:, :d_in].reshape(-1, n_inputs, group).all(dim=2).all(dim=0)
-        limit = n_inputs - min(min_keep, int(alive_groups.sum()))     # never empty the layer
+        limit = n_inputs - min(min_keep, int(alive_groups.sum()))  # never empty the layer
         wanted = round(sparsity * n_inputs)
         solution = structured.solve(W_full, H, min(wanted, limit), group, n_inputs, alive_groups)
         solution.held = wanted > limit
@@ -514,10 +589,12 @@ def _errors(delta: torch.Tensor, reference: torch.Tensor, H: torch.Tensor) -> tu
     1024×4096 layer cost seconds, more than its solve."""
     if H.shape[0] > obs_fast.FLOAT64_UP_TO:
         A = torch.cat([delta.float(), reference.float()])
-        per_row = ((A @ H.float()) * A).sum(dim=1).double()     # rows summed in float64
-        return float(per_row[: len(delta)].sum()), float(per_row[len(delta):].sum())
-    return (float(torch.einsum("ri,ij,rj->", delta, H, delta)),
-            float(torch.einsum("ri,ij,rj->", reference, H, reference)))
+        per_row = ((A @ H.float()) * A).sum(dim=1).double()  # rows summed in float64
+        return float(per_row[: len(delta)].sum()), float(per_row[len(delta) :].sum())
+    return (
+        float(torch.einsum("ri,ij,rj->", delta, H, delta)),
+        float(torch.einsum("ri,ij,rj->", reference, H, reference)),
+    )
 
 
 def _in_order(order: torch.Tensor, W: torch.Tensor, H: torch.Tensor, alive: torch.Tensor, solve) -> Solution:
@@ -536,8 +613,10 @@ def _check_epsilon(epsilon, where: str):
     if epsilon is None:
         return None
     if isinstance(epsilon, dict):
-        return {str(k): check_number(f"epsilon[{k!r}]", v, where=where, low=0.0, closed="neither")
-                for k, v in epsilon.items()}
+        return {
+            str(k): check_number(f"epsilon[{k!r}]", v, where=where, low=0.0, closed="neither")
+            for k, v in epsilon.items()
+        }
     return check_number("epsilon", epsilon, where=where, low=0.0, closed="neither")
 
 

@@ -23,10 +23,10 @@ from prunelab.pruning.granularity import nm_keep
 
 @dataclass
 class Solution:
-    W: torch.Tensor           # (rows, d), float64, pruned entries exactly 0
-    keep: torch.Tensor        # (rows, d) bool; True for the non-prunable (bias) column too
-    predicted: float          # predicted increase of E = (1/n)‖Ẑ − Z‖²
-    held: bool = False        # the tolerable error asked for more than ``limit`` removals
+    W: torch.Tensor  # (rows, d), float64, pruned entries exactly 0
+    keep: torch.Tensor  # (rows, d) bool; True for the non-prunable (bias) column too
+    predicted: float  # predicted increase of E = (1/n)‖Ẑ − Z‖²
+    held: bool = False  # the tolerable error asked for more than ``limit`` removals
 
 
 def inverse(H: torch.Tensor) -> torch.Tensor:
@@ -46,4 +46,4 @@ def nm_choice(score: torch.Tensor, n: int, m: int, alive: torch.Tensor) -> torch
     """Entries to prune so that every group of ``m`` consecutive columns keeps at most ``n``
     per row: the ``m − n`` lowest scores of each group, and every entry already pruned (a row
     whose group lost more before keeps fewer). ``score`` is ``(rows, k·m)``; lower goes first."""
-    return ~nm_keep(score, n, m, alive)      # keep the n highest: prune the m − n lowest
+    return ~nm_keep(score, n, m, alive)  # keep the n highest: prune the m − n lowest

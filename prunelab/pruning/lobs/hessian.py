@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 import weakref
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -52,11 +52,11 @@ from prunelab.pruning.targets import Target
 @dataclass
 class LayerHessian:
     name: str
-    xtx: torch.Tensor          # Σ x̃ x̃ᵀ, float64: (d, d), or (groups, d, d) with one per row block
-    n: int                     # number of input columns summed (of the first group)
-    with_bias: bool            # x̃ carries a trailing 1 for the bias
+    xtx: torch.Tensor  # Σ x̃ x̃ᵀ, float64: (d, d), or (groups, d, d) with one per row block
+    n: int  # number of input columns summed (of the first group)
+    with_bias: bool  # x̃ carries a trailing 1 for the bias
     seconds: float = 0.0
-    group_n: list = field(default_factory=list)   # columns per group when there are several
+    group_n: list = field(default_factory=list)  # columns per group when there are several
 
     @property
     def groups(self) -> int:
@@ -70,7 +70,7 @@ class LayerHessian:
         counts = torch.tensor([max(c, 1) for c in self.group_n], dtype=self.xtx.dtype)
         return self.xtx / counts[:, None, None]
 
-    def part(self, g: int) -> "LayerHessian":
+    def part(self, g: int) -> LayerHessian:
         """The Hessian of row block ``g`` alone."""
         if self.xtx.dim() == 2:
             return self
@@ -123,25 +123,30 @@ def skip_unsupported(pruner, who: str, verb: str = "prune", extra=None) -> dict[
         if reason is None:
             continue
         if named:
-            raise ValueError(f"{who} cannot {verb} {target.name!r} ({target.kind}): {reason}. "
-                             f"Leave it out of 'layers'.")
+            raise ValueError(
+                f"{who} cannot {verb} {target.name!r} ({target.kind}): {reason}. Leave it out of 'layers'."
+            )
         skipped[target.name] = reason
     if skipped:
         if len(skipped) == len(pruner.targets):
-            raise ValueError(f"{who} can {verb} none of the model's layers: "
-                             + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-        warnings.warn(LayerSkipped(
-            f"{who} leaves {len(skipped)} layer(s) dense: "
-            + "; ".join(f"{k} ({v})" for k, v in skipped.items())
-            + ". Listed in criterion.skipped and each prune's report."), stacklevel=5)
+            raise ValueError(
+                f"{who} can {verb} none of the model's layers: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+            )
+        warnings.warn(
+            LayerSkipped(
+                f"{who} leaves {len(skipped)} layer(s) dense: "
+                + "; ".join(f"{k} ({v})" for k, v in skipped.items())
+                + ". Listed in criterion.skipped and each prune's report."
+            ),
+            stacklevel=5,
+        )
     return skipped
 
 
 def check_target(target: Target, where: str = "L-OBS", parents: dict | None = None) -> None:
     reason = unsupported(target, parents)
     if reason is not None:
-        raise ValueError(f"{where} cannot prune {target.name!r} ({target.kind}): {reason}. "
-                         f"Leave it out of 'layers'.")
+        raise ValueError(f"{where} cannot prune {target.name!r} ({target.kind}): {reason}. Leave it out of 'layers'.")
 
 
 # ------------------------------------------------------------------ input columns
@@ -149,12 +154,12 @@ def conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A conv layer's input patches as ``(groups, n, in/groups · prod(kernel))``, one row per
     output position, each group's columns ordered like its rows of ``W.reshape(out, -1)``."""
     dims = len(module.kernel_size)
-    if x.dim() == dims + 1:                       # unbatched input
+    if x.dim() == dims + 1:  # unbatched input
         x = x.unsqueeze(0)
-    if (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)):
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation,
-                           padding=module.padding, stride=module.stride)       # (N, d, P)
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        patches = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+        )  # (N, d, P)
         cols = patches.transpose(1, 2).reshape(-1, patches.shape[1])
     else:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -164,7 +169,7 @@ def conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # (N, C, o1..od, k1..kd) -> (N·P, C·k1..kd)
         order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
         x = x.permute(order)
-        cols = x.reshape(-1, math.prod(x.shape[1 + dims:]))
+        cols = x.reshape(-1, math.prod(x.shape[1 + dims :]))
     g = module.groups
     return cols[None] if g == 1 else cols.reshape(len(cols), g, -1).transpose(0, 1)
 
@@ -189,33 +194,51 @@ def attention_context(module: nn.MultiheadAttention, call: dict) -> torch.Tensor
     eye = torch.eye(E, dtype=q.dtype, device=q.device)
     separate = not module._qkv_same_embed_dim
     context, _ = F.multi_head_attention_forward(
-        q, k, v, E, module.num_heads, module.in_proj_weight, module.in_proj_bias, module.bias_k,
-        module.bias_v, module.add_zero_attn, 0.0, eye, torch.zeros(E, dtype=q.dtype, device=q.device),
-        training=False, key_padding_mask=call["key_padding_mask"], need_weights=False,
-        attn_mask=call["attn_mask"], use_separate_proj_weight=separate,
+        q,
+        k,
+        v,
+        E,
+        module.num_heads,
+        module.in_proj_weight,
+        module.in_proj_bias,
+        module.bias_k,
+        module.bias_v,
+        module.add_zero_attn,
+        0.0,
+        eye,
+        torch.zeros(E, dtype=q.dtype, device=q.device),
+        training=False,
+        key_padding_mask=call["key_padding_mask"],
+        need_weights=False,
+        attn_mask=call["attn_mask"],
+        use_separate_proj_weight=separate,
         q_proj_weight=module.q_proj_weight if separate else None,
         k_proj_weight=module.k_proj_weight if separate else None,
-        v_proj_weight=module.v_proj_weight if separate else None, is_causal=call["is_causal"])
+        v_proj_weight=module.v_proj_weight if separate else None,
+        is_causal=call["is_causal"],
+    )
     if module.batch_first and batched:
         context = context.transpose(1, 0)
     return context
 
 
 def _attention_columns(target: Target, mha, call: dict, output, name: str):
-    if target.module is not mha:                       # out_proj: the recomputed context
+    if target.module is not mha:  # out_proj: the recomputed context
         context = attention_context(mha, call)
         real = output[0] if isinstance(output, tuple) else output
         again = F.linear(context, mha.out_proj.weight, mha.out_proj.bias)
         if not torch.allclose(again, real, rtol=1e-3, atol=1e-4 * (1 + float(real.abs().max()))):
-            raise ValueError(f"L-OBS: the recomputed attention context of {name!r} does not reproduce its "
-                             f"MultiheadAttention's output (max difference {float((again - real).abs().max()):.3g}); "
-                             f"cannot collect its input Hessian.")
+            raise ValueError(
+                f"L-OBS: the recomputed attention context of {name!r} does not reproduce its "
+                f"MultiheadAttention's output (max difference {float((again - real).abs().max()):.3g}); "
+                f"cannot collect its input Hessian."
+            )
         return [context.reshape(-1, context.shape[-1])], ("context", id(target))
     q, k, v = call["query"], call["key"], call["value"]
     if target.param_name != "in_proj_weight":
         x = {"q_proj_weight": q, "k_proj_weight": k, "v_proj_weight": v}[target.param_name]
         return [x.reshape(-1, x.shape[-1])], _key(x)
-    if q is k and k is v:                               # self-attention: one input for q, k, v
+    if q is k and k is v:  # self-attention: one input for q, k, v
         return [q.reshape(-1, q.shape[-1])], _key(q)
     return [t.reshape(-1, t.shape[-1]) for t in (q, k, v)], ("qkv", id(target))
 
@@ -227,8 +250,10 @@ def _recurrent_columns(target: Target, args, output, name: str):
         data = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
         return [data.reshape(-1, data.shape[-1])], _key(data)
     if isinstance(x, nn.utils.rnn.PackedSequence):
-        raise ValueError(f"L-OBS: {name!r} reads hidden states, which cannot be recomputed from a "
-                         f"PackedSequence; pass padded tensors.")
+        raise ValueError(
+            f"L-OBS: {name!r} reads hidden states, which cannot be recomputed from a "
+            f"PackedSequence; pass padded tensors."
+        )
     layer, reverse = _rnn_position(pname)
     inputs, previous = rnn_layer_inputs(module, x, args[1] if len(args) > 1 else None, layer)
     cols = inputs if pname.startswith("weight_ih") else previous[1 if reverse else 0]
@@ -257,17 +282,27 @@ def rnn_layer_inputs(module: nn.RNNBase, x: torch.Tensor, hx, layer: int):
         hx = tuple(h if batched else h.unsqueeze(1) for h in (hx if isinstance(hx, tuple) else (hx,)))
     extra = {"nonlinearity": module.nonlinearity} if isinstance(module, nn.RNN) else {}
     for index in range(layer + 1):
-        twin = type(module)(seq.shape[-1], module.hidden_size, 1, bias=module.bias,
-                            bidirectional=module.bidirectional, device="meta", **extra)
+        twin = type(module)(
+            seq.shape[-1],
+            module.hidden_size,
+            1,
+            bias=module.bias,
+            bidirectional=module.bidirectional,
+            device="meta",
+            **extra,
+        )
         weights = {n: getattr(module, n.replace("_l0", f"_l{index}")) for n in twin._flat_weights_names}
-        start = None if hx is None else tuple(h[index * directions:(index + 1) * directions] for h in hx)
+        start = None if hx is None else tuple(h[index * directions : (index + 1) * directions] for h in hx)
         if start is not None and not isinstance(module, nn.LSTM):
             start = start[0]
         out, _ = torch.func.functional_call(twin, weights, (seq, start))
         if index == layer:
             H = module.hidden_size
-            h0 = (torch.zeros_like(out[:1, :, :H]).expand(directions, -1, -1) if hx is None
-                  else hx[0][index * directions:(index + 1) * directions])
+            h0 = (
+                torch.zeros_like(out[:1, :, :H]).expand(directions, -1, -1)
+                if hx is None
+                else hx[0][index * directions : (index + 1) * directions]
+            )
             previous = [torch.cat([h0[0:1], out[:-1, :, :H]], dim=0)]
             if directions == 2:
                 previous.append(torch.cat([out[1:, :, H:], h0[1:2]], dim=0))
@@ -304,8 +339,12 @@ def _key(x: torch.Tensor):
 
 
 def same_input(a, b) -> bool:
-    if not (isinstance(a, tuple) and isinstance(b, tuple) and isinstance(a[0], weakref.ref)
-            and isinstance(b[0], weakref.ref)):
+    if not (
+        isinstance(a, tuple)
+        and isinstance(b, tuple)
+        and isinstance(a[0], weakref.ref)
+        and isinstance(b[0], weakref.ref)
+    ):
         return False
     x = a[0]()
     return x is not None and x is b[0]() and a[1] == b[1]
@@ -392,7 +431,7 @@ class Accumulator(InputHooks):
         self.signatures: dict[str, list] = {t.name: [] for t in self.targets}
         self._handles = []
         self.seconds = 0.0
-        self._last = None          # (first reader, column kind, parts, XᵀX per part) of the latest input
+        self._last = None  # (first reader, column kind, parts, XᵀX per part) of the latest input
 
     def __enter__(self):
         self._started = time.perf_counter()
@@ -412,7 +451,7 @@ class Accumulator(InputHooks):
             first = next((name for name, other in self._keys.items() if same_input(other, key)), target.name)
             last = self._last
             if kind is not None and last is not None and last[0] == first and last[1] == kind:
-                parts, products = last[2], last[3]          # q/k/v, gate/up: one XᵀX for all readers
+                parts, products = last[2], last[3]  # q/k/v, gate/up: one XᵀX for all readers
             else:
                 cols, _ = columns(target, self.parents, site, args, kwargs, output)
                 parts, products = _products(cols)
@@ -421,6 +460,7 @@ class Accumulator(InputHooks):
             self.calls[target.name] += 1
             self._firsts[target.name] = first
             self._keys[target.name] = key
+
         return hook
 
     def _add(self, target: Target, parts: list, products: list, bias: bool) -> None:
@@ -429,8 +469,9 @@ class Accumulator(InputHooks):
         if entry is None:
             size = d + 1 if bias else d
             shape = (size, size) if len(parts) == 1 else (len(parts), size, size)
-            entry = self.stats[target.name] = LayerHessian(target.name, torch.zeros(shape, dtype=torch.float64), 0,
-                                                           bias, group_n=[0] * len(parts))
+            entry = self.stats[target.name] = LayerHessian(
+                target.name, torch.zeros(shape, dtype=torch.float64), 0, bias, group_n=[0] * len(parts)
+            )
         blocks = [entry.xtx] if len(parts) == 1 else list(entry.xtx)
         for g, (x, product, block) in enumerate(zip(parts, products, blocks)):
             block[:d, :d] += product
@@ -475,8 +516,9 @@ def calibration_mode(model: nn.Module):
 
 class _CalibrationMode:
     def __init__(self, model):
-        self.configs = [m.config for m in model.modules()
-                        if getattr(getattr(m, "config", None), "use_cache", None) is not None]
+        self.configs = [
+            m.config for m in model.modules() if getattr(getattr(m, "config", None), "use_cache", None) is not None
+        ]
 
     def __enter__(self):
         self.fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -492,8 +534,9 @@ class _CalibrationMode:
             c.use_cache = value
 
 
-def collect(model: nn.Module, targets: Sequence[Target], batches: Iterable, *,
-            with_bias: bool = True) -> dict[str, LayerHessian]:
+def collect(
+    model: nn.Module, targets: Sequence[Target], batches: Iterable, *, with_bias: bool = True
+) -> dict[str, LayerHessian]:
     """Run ``batches`` through ``model`` (eval mode, no grad) and accumulate each target's
     input Hessian. One pass for all the given targets (pass one target at a time to bound
     memory by one layer)."""
@@ -514,7 +557,7 @@ def prepare(h: LayerHessian, W: torch.Tensor, damping: float) -> tuple[torch.Ten
     A *dead* input (``H_jj = 0``: always zero on the calibration data) cannot change the
     output: its weights are zeroed (pruned first, at no cost) and ``H_jj`` set to 1 so H is
     invertible (as SparseGPT does). Damping adds ``λ · mean(diag H)`` to the diagonal."""
-    H = h.H                                   # a new tensor: xtx / n
+    H = h.H  # a new tensor: xtx / n
     dead = torch.diagonal(H) == 0
     W = W.clone()
     W[:, dead] = 0

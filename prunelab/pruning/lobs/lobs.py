@@ -22,22 +22,29 @@ import torch
 from prunelab.pruning.lobs.common import Solution, inverse, nm_choice
 
 
-def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch.Tensor,
-          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None,
-          nm: tuple[int, int] | None = None) -> Solution:
+def solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    n_prune: int | None,
+    prunable: torch.Tensor,
+    alive: torch.Tensor,
+    epsilon: float | None = None,
+    limit: int | None = None,
+    nm: tuple[int, int] | None = None,
+) -> Solution:
     Hinv = inverse(H)
     d = torch.diagonal(Hinv)
     L = W.pow(2) / (2 * d)
     L[:, ~prunable] = float("inf")
-    L[~alive] = float("-inf")                      # pruned before: zero already, counted first
+    L[~alive] = float("-inf")  # pruned before: zero already, counted first
     held = False
     if nm is not None:
-        k = int(prunable.sum())                    # the prunable inputs come first (the bias last)
+        k = int(prunable.sum())  # the prunable inputs come first (the bias last)
         chosen = torch.zeros_like(alive)
         chosen[:, :k] = nm_choice(L[:, :k], *nm, alive[:, :k])
         epsilon = n_prune = None
     elif epsilon is not None:
-        chosen = (L <= epsilon ** 2) | ~alive
+        chosen = (L <= epsilon**2) | ~alive
         if limit is not None and int(chosen.sum()) > limit:
             n_prune, epsilon, held = limit, None, True
     if epsilon is None and nm is None:
@@ -50,14 +57,14 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch
 
     W = W.clone()
     rank = torch.where(chosen, L, torch.full_like(L, float("inf")))
-    per_row = torch.argsort(rank, dim=1, stable=True)     # each row's removals, cheapest first
+    per_row = torch.argsort(rank, dim=1, stable=True)  # each row's removals, cheapest first
     counts = chosen.sum(dim=1)
     removed = torch.zeros_like(chosen)
     for t in range(int(counts.max()) if len(counts) else 0):
         rows = torch.nonzero(counts > t).flatten()
         q = per_row[rows, t]
         coef = W[rows, q] / d[q]
-        W[rows] -= coef[:, None] * Hinv[q]                # Hinv is symmetric: row q = column q
+        W[rows] -= coef[:, None] * Hinv[q]  # Hinv is symmetric: row q = column q
         removed[rows, q] = True
         W[removed] = 0.0
     return Solution(W, ~chosen, predicted, held)

@@ -29,15 +29,22 @@ import torch
 
 from prunelab.pruning.lobs.common import Solution, inverse
 
-BATCH_BYTES = 20 * 2 ** 20     # the per-row inverses of one batch (8 float32 rows of 785: fastest measured)
+BATCH_BYTES = 20 * 2**20  # the per-row inverses of one batch (8 float32 rows of 785: fastest measured)
 COMPACT_EVERY = 32
-FLOAT64_UP_TO = 256            # wider layers run the greedy's trace in float32 (2x faster); the
-                               # final weights are always the float64 least-squares optimum
+FLOAT64_UP_TO = 256  # wider layers run the greedy's trace in float32 (2x faster); the
+# final weights are always the float64 least-squares optimum
 
 
-def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch.Tensor,
-          alive: torch.Tensor, epsilon: float | None = None, limit: int | None = None,
-          nm: tuple[int, int] | None = None) -> Solution:
+def solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    n_prune: int | None,
+    prunable: torch.Tensor,
+    alive: torch.Tensor,
+    epsilon: float | None = None,
+    limit: int | None = None,
+    nm: tuple[int, int] | None = None,
+) -> Solution:
     """Prune ``n_prune`` entries of the layer, or with ``epsilon`` every greedy step whose
     cost stays within the paper's tolerable error, ``√(ΔE/2) ≤ ε`` — but no more than
     ``limit`` (the no-empty-layer guard; the ``limit`` cheapest go then); or, with ``nm``,
@@ -58,7 +65,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int | None, prunable: torch
     price = torch.cummax(increments, dim=1).values
     held = False
     if epsilon is not None:
-        counts = (price <= 2 * epsilon ** 2).sum(dim=1)
+        counts = (price <= 2 * epsilon**2).sum(dim=1)
         counts = torch.maximum(counts, (~alive).sum(dim=1))
         if limit is not None and int(counts.sum()) > limit:
             n_prune, epsilon, held = limit, None, True
@@ -94,17 +101,18 @@ def _solve_nm(W, H, Hinv, prunable, alive, nm) -> Solution:
     return Solution(W_out, keep, predicted)
 
 
-def trace_nm(W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor, alive: torch.Tensor,
-             n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def trace_nm(
+    W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor, alive: torch.Tensor, n: int, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy under an N:M pattern on each row of ``W`` (B, d), the prunable inputs first;
     returns the removed entries (B, d) and each row's error increments (B, steps)."""
     B, d = W.shape
     k = int(prunable.sum())
     group = torch.arange(d) // m
-    group[k:] = k // m                                         # the bias: a group of its own, never pruned
+    group[k:] = k // m  # the bias: a group of its own, never pruned
     left = torch.zeros(B, k // m + 1, dtype=torch.long).index_add_(1, group, alive.long())
     dead = (~alive).reshape(B, -1)[:, :k].reshape(B, k // m, m).sum(dim=2)
-    need = (torch.clamp(m - n - dead, min=0) + dead).sum(dim=1)            # removals per row
+    need = (torch.clamp(m - n - dead, min=0) + dead).sum(dim=1)  # removals per row
     w, inv = W.clone(), Hinv.expand(B, d, d).clone()
     offset = torch.where(prunable, 0.0, float("inf")).to(W.dtype).expand(B, d).clone()
     offset[~alive] = float("-inf")
@@ -113,19 +121,19 @@ def trace_nm(W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor, alive:
     steps = int(need.max()) if B else 0
     increments = torch.zeros(B, steps, dtype=W.dtype)
     for step in range(steps):
-        active = step < need                                               # (B,)
-        full = (left[:, group] <= n) & (offset == 0)                       # alive, group at its pattern
+        active = step < need  # (B,)
+        full = (left[:, group] <= n) & (offset == 0)  # alive, group at its pattern
         score = w * w / torch.diagonal(inv, dim1=1, dim2=2).clamp_min(1e-30) + offset
         score = torch.where(full | removed, torch.full_like(score, float("inf")), score)
         q = torch.argmin(score, dim=1)[:, None]
         column = inv[rows, :, q[:, 0]] * active[:, None]
-        dqq = torch.where(active, inv[rows, q[:, 0], q[:, 0]], 1.0)[:, None]     # rows done: no update
+        dqq = torch.where(active, inv[rows, q[:, 0], q[:, 0]], 1.0)[:, None]  # rows done: no update
         coef = w.gather(1, q) / dqq
         increments[:, step] = torch.where(active, (coef * coef * dqq)[:, 0], 0.0)
         w.addcmul_(coef, column, value=-1.0)
         w[rows[active], q[active, 0]] = 0.0
         removed[rows[active], q[active, 0]] = True
-        counted = active & alive[rows, q[:, 0]]                             # an entry pruned before never counted
+        counted = active & alive[rows, q[:, 0]]  # an entry pruned before never counted
         left[rows[counted], group[q[counted, 0]]] -= 1
         inv.baddbmm_(column[:, :, None], (column / dqq)[:, None, :], alpha=-1.0)
     return removed, increments
@@ -141,8 +149,9 @@ def optimal_row(w: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> torch.T
     return out
 
 
-def trace(W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor,
-          alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def trace(
+    W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor, alive: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the greedy on each row of ``W`` (B, d) until every prunable entry is gone;
     return each row's removal order (original columns) and error increments. Kept lean:
     this loop runs d times per batch of rows."""
@@ -150,27 +159,27 @@ def trace(W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor,
     steps = int(prunable.sum())
     w = W.clone()
     inv = Hinv.expand(B, d, d).clone()
-    cols = torch.arange(d).expand(B, d).clone()                # original column of each coordinate
+    cols = torch.arange(d).expand(B, d).clone()  # original column of each coordinate
     # 0 = may go, +inf = may not (bias) or gone, -inf = pruned before: goes first, at no cost
     offset = torch.where(prunable, 0.0, float("inf")).to(W.dtype).expand(B, d).clone()
     offset[~alive] = float("-inf")
-    gone = torch.zeros(B, d, dtype=torch.bool)                # removed, not yet compacted away
+    gone = torch.zeros(B, d, dtype=torch.bool)  # removed, not yet compacted away
     rows = torch.arange(B)
     order = torch.empty(B, steps, dtype=torch.long)
     increments = torch.empty(B, steps, dtype=W.dtype)
     for step in range(steps):
-        score = w * w / torch.diagonal(inv, dim1=1, dim2=2).clamp_min(1e-30) + offset   # removed: 0/0 otherwise
+        score = w * w / torch.diagonal(inv, dim1=1, dim2=2).clamp_min(1e-30) + offset  # removed: 0/0 otherwise
         q = torch.argmin(score, dim=1)[:, None]
-        column = inv[rows, :, q[:, 0]]                         # (B, d_left)
+        column = inv[rows, :, q[:, 0]]  # (B, d_left)
         dqq = column.gather(1, q)
         coef = w.gather(1, q) / dqq
-        increments[:, step] = (coef * coef * dqq)[:, 0]        # w_q² / [H⁻¹]_qq
+        increments[:, step] = (coef * coef * dqq)[:, 0]  # w_q² / [H⁻¹]_qq
         order[:, step] = cols.gather(1, q)[:, 0]
         w.addcmul_(coef, column, value=-1.0)
         w.scatter_(1, q, 0.0)
         offset.scatter_(1, q, float("inf"))
         gone.scatter_(1, q, True)
-        inv.baddbmm_(column[:, :, None], (column / dqq)[:, None, :], alpha=-1.0)   # in place
+        inv.baddbmm_(column[:, :, None], (column / dqq)[:, None, :], alpha=-1.0)  # in place
         if (step + 1) % COMPACT_EVERY == 0 and step + 1 < steps:
             w, inv, cols, offset, gone = _compact(w, inv, cols, offset, gone)
     return order, increments
@@ -179,7 +188,7 @@ def trace(W: torch.Tensor, Hinv: torch.Tensor, prunable: torch.Tensor,
 def _compact(w, inv, cols, offset, gone):
     """Drop the removed coordinates (every row has removed as many) from all state."""
     B = w.shape[0]
-    keep = torch.nonzero(~gone)[:, 1].reshape(B, -1)   # (B, d_left), ascending per row
+    keep = torch.nonzero(~gone)[:, 1].reshape(B, -1)  # (B, d_left), ascending per row
     take = lambda t: torch.gather(t, 1, keep)
     inv = torch.gather(inv, 1, keep[:, :, None].expand(-1, -1, inv.shape[2]))
     inv = torch.gather(inv, 2, keep[:, None, :].expand(-1, keep.shape[1], -1))

@@ -73,42 +73,49 @@ def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(score.shape)
 
 
-def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor,
-          alive: torch.Tensor, block_size: int = 128, nm: tuple[int, int] | None = None) -> Solution:
+def solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    n_prune: int,
+    prunable: torch.Tensor,
+    alive: torch.Tensor,
+    block_size: int = 128,
+    nm: tuple[int, int] | None = None,
+) -> Solution:
     rows, d = W.shape
     if nm is not None:
-        block_size = max(nm[1], block_size - block_size % nm[1])   # whole groups in every block
-        n_groups = int(prunable.sum()) // nm[1]                  # the prunable inputs come first
+        block_size = max(nm[1], block_size - block_size % nm[1])  # whole groups in every block
+        n_groups = int(prunable.sum()) // nm[1]  # the prunable inputs come first
     dtype = W.dtype
     wide = d > FLOAT64_UP_TO
     if wide:
-        L = reversed_cholesky(H)             # A = J L J, H = A Aᵀ, U = A⁻¹: neither A nor U is formed
+        L = reversed_cholesky(H)  # A = J L J, H = A Aᵀ, U = A⁻¹: neither A nor U is formed
         W = W.float()
     else:
         U = torch.linalg.cholesky(inverse(H), upper=True).contiguous()
     # work on Wᵀ: column i of W is the contiguous row i here, and each step's update of the
     # columns to its right is one rank-1 update of contiguous memory
-    WT = W.t().clone(memory_format=torch.contiguous_format)     # never the caller's storage
+    WT = W.t().clone(memory_format=torch.contiguous_format)  # never the caller's storage
     if wide:
-        GR = torch.empty_like(WT)            # the done columns' total change, rows in reversed order
+        GR = torch.empty_like(WT)  # the done columns' total change, rows in reversed order
     keepT = torch.ones(d, rows, dtype=torch.bool)
     fraction = int(n_prune) / max(1, rows * int(prunable.sum()))
     predicted = 0.0
-    seen, taken = 0, 0          # prunable entries so far, pruned so far: round the running target
+    seen, taken = 0, 0  # prunable entries so far, pruned so far: round the running target
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
-        W1 = WT[i1:i2]                                            # a view: updated in place
-        if wide:                              # in L's coordinates, block b is rows/columns j1:j2
+        W1 = WT[i1:i2]  # a view: updated in place
+        if wide:  # in L's coordinates, block b is rows/columns j1:j2
             j1, j2 = d - i2, d - i1
             eye = torch.eye(j2 - j1, dtype=L.dtype)
             U1 = torch.flip(torch.linalg.solve_triangular(L[j1:j2, j1:j2], eye, upper=False), (0, 1))
             original = W1.clone()
-            if i1:                            # the earlier blocks' compensation, (G_<b A_<b,b) U_bb
+            if i1:  # the earlier blocks' compensation, (G_<b A_<b,b) U_bb
                 W1.addmm_(U1.t(), torch.flip(L[j2:, j1:j2].t() @ GR[j2:], (0,)))
         else:
             U1 = U[i1:i2, i1:i2]
         diag = torch.diagonal(U1)
-        score = W1.t().pow(2) / diag.pow(2)[None, :]              # (rows, block), as W reads
+        score = W1.t().pow(2) / diag.pow(2)[None, :]  # (rows, block), as W reads
         block_prunable = prunable[i1:i2].expand_as(score)
         score = torch.where(block_prunable, score, torch.full_like(score, float("inf")))
         score = torch.where(alive[:, i1:i2], score, torch.full_like(score, float("-inf")))
@@ -119,17 +126,17 @@ def solve(W: torch.Tensor, H: torch.Tensor, n_prune: int, prunable: torch.Tensor
             maskT = (lowest(score, n_block) & block_prunable).t().contiguous()
         else:
             maskT = torch.zeros(i2 - i1, rows, dtype=torch.bool)
-        ErrT = maskT.to(WT.dtype)             # becomes (w − q) / U_ii row by row
-        with _one_thread():         # thousands of small steps: no thread hand-offs
+        ErrT = maskT.to(WT.dtype)  # becomes (w − q) / U_ii row by row
+        with _one_thread():  # thousands of small steps: no thread hand-offs
             for i in range(i2 - i1):
                 if nm is not None and i % nm[1] == 0 and (i1 + i) // nm[1] < n_groups:
                     g = slice(i, i + nm[1])
                     group_score = (W1[g].pow(2) / diag[g, None].pow(2)).t()
-                    maskT[g] = nm_choice(group_score, *nm, alive[:, i1 + i:i1 + i + nm[1]]).t()
+                    maskT[g] = nm_choice(group_score, *nm, alive[:, i1 + i : i1 + i + nm[1]]).t()
                     ErrT[g] = maskT[g].to(WT.dtype)
                 err = ErrT[i].mul_(W1[i]).div_(diag[i])
                 if i + 1 < i2 - i1:
-                    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+                    W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)
         predicted += float(ErrT.pow(2).sum())
         W1.masked_fill_(maskT, 0.0)
         if wide:

@@ -32,30 +32,46 @@ from torch import nn
 
 from prunelab.inputs import as_batch
 from prunelab.pruning import blocks as blk
-from prunelab.pruning.lobs.hessian import (Accumulator, LayerHessian, attention_parents, calibration_mode,
-                                           hook_site, input_key, same_input)
+from prunelab.pruning.lobs.hessian import (
+    Accumulator,
+    LayerHessian,
+    attention_parents,
+    calibration_mode,
+    hook_site,
+    input_key,
+    same_input,
+)
 from prunelab.pruning.targets import Target
 
 
 class SequentialHessians:
     """Serves ``get(target)`` for the targets in order; ``pruned(target)`` after each prune."""
 
-    def __init__(self, model: nn.Module, targets: list[Target], batches: list, *, with_bias: bool,
-                 stack: nn.Module | None = None, spill: blk.Spill | None = None,
-                 compute: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: list[Target],
+        batches: list,
+        *,
+        with_bias: bool,
+        stack: nn.Module | None = None,
+        spill: blk.Spill | None = None,
+        compute: torch.dtype | None = None,
+    ):
         self.model, self.targets, self.batches, self.with_bias = model, targets, batches, with_bias
         self.stack, self.spill, self.compute = stack, spill, compute
-        self._raised: dict[int, tuple] = {}        # id(block) -> (block, [(tensor, its own dtype)])
+        self._raised: dict[int, tuple] = {}  # id(block) -> (block, [(tensor, its own dtype)])
         self.parents = attention_parents(model)
         self.sites = {t.name: hook_site(t, self.parents) for t in targets}
         self.forwards = {"trace": 0, "model": 0, "cut short": 0, "block": 0}
-        self._cache: tuple | None = None           # (block, InputCache of its (args, kwargs) per batch)
+        self._cache: tuple | None = None  # (block, InputCache of its (args, kwargs) per batch)
         self._ready: dict[str, LayerHessian] = {}
         with calibration_mode(model):
             self._trace()
         names = {id(m): name for name, m in model.named_modules()}
-        self.block_name = {t.name: (names[id(b)] if b is not None else None) for t, b in
-                           ((t, self.block[t.name]) for t in targets)}
+        self.block_name = {
+            t.name: (names[id(b)] if b is not None else None) for t, b in ((t, self.block[t.name]) for t in targets)
+        }
         if stack is not None:
             self._check_stack(names)
 
@@ -69,24 +85,31 @@ class SequentialHessians:
             warnings.warn(
                 "the named stack of blocks cannot be run block by block everywhere: "
                 + (f"not called exactly once per batch: {', '.join(not_once)}. " if not_once else "")
-                + (f"inputs not the previous block's output with the same other arguments: "
-                   f"{', '.join(unlinked)}. " if unlinked else "")
-                + "Those blocks' inputs come from forwards of the whole model cut short.", stacklevel=4)
+                + (
+                    f"inputs not the previous block's output with the same other arguments: {', '.join(unlinked)}. "
+                    if unlinked
+                    else ""
+                )
+                + "Those blocks' inputs come from forwards of the whole model cut short.",
+                stacklevel=4,
+            )
 
     def _trace(self) -> None:
-        keys = {t.name: None for t in self.targets}           # this batch's input keys
-        firsts: dict[str, str | None] = {}                      # the first target that read the same tensor
+        keys = {t.name: None for t in self.targets}  # this batch's input keys
+        firsts: dict[str, str | None] = {}  # the first target that read the same tensor
         called: dict[str, int] = {}
         signatures = {t.name: [] for t in self.targets}
 
         def hook_for(target):
             def hook(module, args, kwargs, output):
-                called.setdefault(target.name, len(called))     # call order, first batch
+                called.setdefault(target.name, len(called))  # call order, first batch
                 key = input_key(target, module, args, kwargs)
                 # compared now, while the tensor is alive (a freed tensor's weak reference is dead)
-                firsts[target.name] = next((name for name, other in keys.items()
-                                            if other is not None and same_input(other, key)), target.name)
+                firsts[target.name] = next(
+                    (name for name, other in keys.items() if other is not None and same_input(other, key)), target.name
+                )
                 keys[target.name] = key if target.name not in firsts or keys[target.name] is None else ("many",)
+
             return hook
 
         def after_batch():
@@ -98,8 +121,9 @@ class SequentialHessians:
 
         handles = [self.sites[t.name].register_forward_hook(hook_for(t), with_kwargs=True) for t in self.targets]
         try:
-            self.trace = blk.Trace(self.model, self.batches, watch=list(self.sites.values()), after_batch=after_batch,
-                                   stack=self.stack)
+            self.trace = blk.Trace(
+                self.model, self.batches, watch=list(self.sites.values()), after_batch=after_batch, stack=self.stack
+            )
         finally:
             for h in handles:
                 h.remove()
@@ -118,10 +142,13 @@ class SequentialHessians:
             if id(self.sites[t.name]) in self.trace.once and sig and None not in sig:
                 for j in range(i + 1, len(self.targets)):
                     other = self.targets[j]
-                    if (signatures[other.name] == sig and self.block[other.name] is self.block[t.name]
-                            and id(self.sites[other.name]) in self.trace.once):
+                    if (
+                        signatures[other.name] == sig
+                        and self.block[other.name] is self.block[t.name]
+                        and id(self.sites[other.name]) in self.trace.once
+                    ):
                         start = min(called[t.name], called[other.name])
-                        if all(called.get(b.name, -1) > start for b in self.targets[i + 1:j] if b not in members):
+                        if all(called.get(b.name, -1) > start for b in self.targets[i + 1 : j] if b not in members):
                             members.append(other)
             self.group[t.name] = members
 
@@ -133,7 +160,7 @@ class SequentialHessians:
         accumulator = Accumulator(members, self.parents, with_bias=self.with_bias)
         with calibration_mode(self.model):
             if block is None:
-                self._cache = None            # pruning this layer would make it stale anyway: free it now
+                self._cache = None  # pruning this layer would make it stale anyway: free it now
                 self.restore()
                 with accumulator:
                     for i, batch in enumerate(self.batches):
@@ -145,7 +172,7 @@ class SequentialHessians:
                 self._raise(block)
                 sites = [self.sites[m.name] for m in members]
                 early = sites if all(id(site) in self.trace.once for site in sites) else ()
-                with accumulator:       # hooks fire in order: the stop comes after the accumulation
+                with accumulator:  # hooks fire in order: the stop comes after the accumulation
                     blk.run_block(block, inputs, after=accumulator.end_batch, keep=False, stop_after=early)
                 self.forwards["block"] += len(self.batches)
         stats = accumulator.result()
@@ -172,7 +199,7 @@ class SequentialHessians:
         cut short), with ``block`` in the compute dtype until the cache moves past it: for a
         method that collects its own statistics block by block (Wanda's input norms; run the
         block in :func:`calibration_mode`)."""
-        with calibration_mode(self.model):          # no key/value cache may be captured or filled
+        with calibration_mode(self.model):  # no key/value cache may be captured or filled
             inputs = self._inputs_of(block)
         self._raise(block)
         return inputs
@@ -191,8 +218,8 @@ class SequentialHessians:
                 break
             path.append(b)
         if b is not None and self._cache is not None and self._cache[0] is b and b is not block:
-            cache, self._cache = self._cache[1], None     # advanced in place: invalid if that fails
-            path.reverse()                        # from the cached block forwards
+            cache, self._cache = self._cache[1], None  # advanced in place: invalid if that fails
+            path.reverse()  # from the cached block forwards
             for before, after in zip(path, path[1:]):
                 self._raise(before)
                 blk.advance(before, cache, self.trace.links[id(after)])
@@ -201,7 +228,7 @@ class SequentialHessians:
         elif self._cache is not None and self._cache[0] is block:
             cache = self._cache[1]
         else:
-            self._cache = None                    # the old cache goes before the new one is made
+            self._cache = None  # the old cache goes before the new one is made
             self.restore()
             cache = blk.InputCache(cast=self.compute) if self.spill is None else self.spill.new(cast=self.compute)
             blk.capture_inputs(self.model, self.batches, block, into=cache)
@@ -213,8 +240,11 @@ class SequentialHessians:
         """``block``'s floating parameters and buffers in the compute dtype (kept in place)."""
         if self.compute is None or id(block) in self._raised:
             return
-        own = [(t, t.dtype) for t in list(block.parameters()) + list(block.buffers())
-               if t.is_floating_point() and t.dtype != self.compute]
+        own = [
+            (t, t.dtype)
+            for t in list(block.parameters()) + list(block.buffers())
+            if t.is_floating_point() and t.dtype != self.compute
+        ]
         for t, _ in own:
             t.data = t.data.to(self.compute)
         self._raised[id(block)] = (block, own)
