@@ -1,4 +1,6 @@
-"""Writing files safely, for every room of the package.
+"""Files, for every room of the package: writing them safely, and :class:`ModelFileError`, the
+error of a model file that cannot be read (raised by :mod:`prunelab.export`,
+:mod:`prunelab.hf_load` and the command line; ``prunelab.export.ModelFileError`` is the same class).
 
 A file is written to a new temporary file in its destination folder — a random name opened with
 ``O_CREAT | O_EXCL | O_NOFOLLOW``, so never a file or a symlink someone planted at a predictable
@@ -17,6 +19,11 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read: not a model file, truncated, tampered or mismatched."""
+
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 

@@ -616,3 +616,10 @@ MODEL = Model()
 TENSOR = Tensor()
 PATH = PathLike()
 DATA = Data()
+SHAPE = Shape()
+
+
+def check_input_shape(input_shape: object, where: str) -> tuple[int, ...]:
+    """One input's shape without the batch dimension: a sequence of positive ints (or one int)."""
+    check_param("input_shape", input_shape, [SHAPE], where=where)
+    return (int(input_shape),) if isinstance(input_shape, Integral) else tuple(int(d) for d in input_shape)

@@ -32,6 +32,11 @@ Linear / Conv / HashedNets layers (the tensors pruning acts on) as ``float32`` (
 ``float16`` or ``int8`` with one float32 scale per output channel (``scale = max|w| / 127``
 per row); biases, normalisation parameters and buffers always stay exact. A non-zero weight
 never rounds to zero, so the sparsity pattern survives reduced precision.
+
+:func:`load` also reads what :func:`prunelab.hf.save_pretrained` writes — a directory
+(:func:`load_directory`) or a model file whose metadata names a Hugging Face class and config —
+through :mod:`prunelab.hf_load`; :mod:`prunelab.hf`, which writes them, imports this module, never
+the other way round.
 """
 
 from __future__ import annotations
@@ -54,9 +59,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunelab._files import atomic_write_bytes
+from prunelab._files import ModelFileError, atomic_write_bytes
 from prunelab._model_checks import check_materialised
 from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
+from prunelab.hf_load import CONFIG_NAME, PLM_NAME, build_from_metadata, load_stock
 from prunelab.metrics.dry_run import SHAPE
 from prunelab.metrics.storage import (
     INDEX_BITS_OR_AUTO,
@@ -110,10 +116,6 @@ MAX_INDEX_BITS = 16
 #: to load it into a model you built).
 MAX_EXPANSION = 4096
 FREE_BYTES = 16 << 20
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be read: not a model file, truncated, tampered or mismatched."""
 
 
 @dataclass(frozen=True)
@@ -867,9 +869,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     if model is not None:
         check_type("model", model, nn.Module, where="load")
     if path.is_dir():  # a Hugging Face directory of prunelab.save_pretrained
-        from prunelab.hf import load_pretrained
-
-        return load_pretrained(path, model=model)
+        return load_directory(path, model=model)
     header = None
     if file_start(path).startswith(_TORCH_FILE_STARTS):
         config, state = _read_torch(path, where)
@@ -897,6 +897,25 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     return model.eval()
 
 
+@validate_params({"directory": [PATH], "model": [MODEL, None]})
+def load_directory(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
+    """The model that :func:`prunelab.hf.save_pretrained` wrote in ``directory``, in eval mode: its
+    prunelab model file (``model.plm``, rebuilt from the Hugging Face config inside it, or loaded
+    into ``model``), or its stock checkpoint loaded by the class's ``from_pretrained``
+    (:func:`prunelab.hf_load.load_stock`). :func:`load` of a directory and
+    :func:`prunelab.hf.load_pretrained` come here."""
+    directory = Path(directory)
+    where = f"load {str(directory)!r}"
+    if (directory / PLM_NAME).is_file():
+        return load(directory / PLM_NAME, model=model)
+    if (directory / CONFIG_NAME).is_file():
+        return load_stock(directory, model, where)
+    raise ModelFileError(
+        f"{where}: the directory holds neither {PLM_NAME} nor {CONFIG_NAME}; is it a directory "
+        f"written by prunelab.save_pretrained?"
+    )
+
+
 def _from_model_file(
     header: dict, payload: bytes, model: nn.Module | None, where: str
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -909,8 +928,6 @@ def _from_model_file(
     metadata = header.get("metadata")
     hf = metadata.get("huggingface") if isinstance(metadata, dict) else None
     if model is None and config is None and hf is not None:  # from prunelab.save_pretrained
-        from prunelab.hf import build_from_metadata
-
         _check_architecture(lambda: build_from_metadata(hf, where), declared, len(payload), None, where)
         model = build_from_metadata(hf, where)
     if model is not None:

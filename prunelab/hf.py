@@ -43,11 +43,15 @@ import torch
 from torch import nn
 
 from prunelab._validation import MODEL, PATH, check_type, validate_params
+from prunelab.export import load_directory, save
+from prunelab.hf_load import (
+    CONFIG_NAME,
+    GENERATION_NAME,
+    PLM_NAME,
+    WEIGHTS_NAME,  # noqa: F401
+    import_transformers,
+)
 
-PLM_NAME = "model.plm"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-GENERATION_NAME = "generation_config.json"
 #: Config entries of the MLP width, in the order they are looked for.
 INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
 
@@ -68,16 +72,8 @@ class SavedPretrained:
     reasons: list[str] = field(default_factory=list)
 
 
-def _transformers(where: str):
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError(f"{where} needs the 'transformers' package: pip install transformers") from None
-    return transformers
-
-
 def _check_model(model, where: str) -> None:
-    transformers = _transformers(where)
+    transformers = import_transformers(where)
     check_type("model", model, nn.Module, where=where)
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(
@@ -374,8 +370,6 @@ def _save_stock(model, config, state: dict, directory: Path, changes: dict) -> S
 
 
 def _save_prunelab(model, config, directory: Path, problems: list[str]) -> SavedPretrained:
-    from prunelab.export import save
-
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     meta = {
         "huggingface": {
@@ -410,62 +404,6 @@ def _remove(directory: Path, names: list[str]) -> None:
 def load_pretrained(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
     """The model saved by :func:`save_pretrained` in ``directory``, in eval mode: a prunelab model
     file (``model.plm``) rebuilt from the Hugging Face config inside it (or into ``model``), or a
-    stock directory loaded by its class's ``from_pretrained``."""
-    directory = Path(directory)
-    where = f"load {str(directory)!r}"
-    if (directory / PLM_NAME).is_file():
-        from prunelab.export import load
-
-        return load(directory / PLM_NAME, model=model)
-    if (directory / CONFIG_NAME).is_file():
-        if model is not None:
-            raise ValueError(
-                f"{where}: the directory holds a stock Hugging Face checkpoint; load it with "
-                f"from_pretrained (or prunelab.load without model=)."
-            )
-        transformers = _transformers("prunelab.load of a Hugging Face directory")
-        config = transformers.AutoConfig.from_pretrained(str(directory))
-        cls = _model_class(transformers, (config.architectures or [None])[0], where)
-        return cls.from_pretrained(str(directory)).eval()
-    from prunelab.export import ModelFileError
-
-    raise ModelFileError(
-        f"{where}: the directory holds neither {PLM_NAME} nor {CONFIG_NAME}; is it a directory "
-        f"written by prunelab.save_pretrained?"
-    )
-
-
-def _model_class(transformers, name, where: str):
-    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        from prunelab.export import ModelFileError
-
-        raise ModelFileError(f"{where}: the model class {name!r} is not a transformers model class.")
-    return cls
-
-
-def build_from_metadata(info, where: str) -> nn.Module:
-    """The full-size model that a prunelab file's ``huggingface`` metadata names (its class and
-    config), for :func:`prunelab.export.load` to resize and fill. Only transformers' own config
-    and model classes are built; nothing from the file is executed."""
-    from prunelab.export import ModelFileError
-
-    transformers = _transformers("prunelab.load of a Hugging Face model file")
-    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
-        raise ModelFileError(f"{where}: the file's 'huggingface' metadata is malformed.")
-    cls = _model_class(transformers, info.get("class"), where)
-    config_name = info.get("config_class")
-    config_cls = (
-        getattr(transformers, config_name, None)
-        if isinstance(config_name, str) and config_name.isidentifier()
-        else None
-    )
-    if not (isinstance(config_cls, type) and issubclass(config_cls, transformers.PretrainedConfig)):
-        raise ModelFileError(f"{where}: the config class {config_name!r} is not a transformers config class.")
-    try:
-        config = config_cls.from_dict(dict(info["config"]))
-        model = cls(config)
-    except (TypeError, ValueError, KeyError) as err:
-        raise ModelFileError(f"{where}: its Hugging Face config cannot build a {cls.__name__}: {err}") from None
-    dtype = getattr(torch, str(info.get("dtype", "float32")), None)
-    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+    stock directory loaded by its class's ``from_pretrained`` (:func:`prunelab.export.load_directory`,
+    which ``prunelab.load`` of a directory runs too)."""
+    return load_directory(directory, model=model)

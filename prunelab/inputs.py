@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import check_number
+from prunelab._validation import check_input_shape, check_number
 
 IGNORE_INDEX = -100
 LABEL_KEYS = ("labels",)
@@ -480,7 +480,5 @@ def example_batch(
                 f"of {MAX_EXAMPLE_ELEMENTS}."
             )
         return batch.to(device=device)
-    from prunelab.metrics.flops import check_input_shape
-
     shape = check_input_shape(input_shape, where)
     return Batch((torch.zeros((1, *shape), device=device, dtype=dtype or torch.float32),))

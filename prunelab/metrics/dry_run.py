@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import MODEL, Shape, Types, check_param, check_type
-
-SHAPE = Shape()
+from prunelab._validation import MODEL, SHAPE, Types, check_input_shape, check_type
 
 
 class InstrumentError(RuntimeError):
     """An error of prunelab's own instrumentation during a dry run (not the model's): passed on
     as it is, not reported as a failure of the model."""
-
-
-def check_input_shape(input_shape: object, where: str) -> tuple[int, ...]:
-    """One input's shape without the batch dimension: a sequence of positive ints (or one int)."""
-    check_param("input_shape", input_shape, [SHAPE], where=where)
-    return (int(input_shape),) if isinstance(input_shape, Integral) else tuple(int(d) for d in input_shape)
 
 
 #: What every dry-run function declares (summary, count_flops, measure_latency, sparsify, ...).

@@ -37,7 +37,7 @@ one add per output element; elementwise operations are free.
 remaining MACs are ``Σ_k nnz(A[:, k])·nnz(B[k, :])``, an activation operand counting as dense
 — so a Linear keeps ``2·nnz(W)·P + nnz(b)·P``; a convolution ``2·P·nnz(W)``; a recurrent
 module ``2·nnz(W) + nnz(b)`` per step. Hashed layers count their virtual weights and
-``prunelab.sparse.SparseLinear`` counts as the Linear it was made from (module formulas).
+``prunelab.models.sparse.SparseLinear`` counts as the Linear it was made from (module formulas).
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts the same products without the bias adds
 (``docs/metrics.md`` shows the check on every model of the test zoo).
@@ -56,8 +56,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# dry_forward, resolve_input and check_input_shape are imported from here by prunelab.sparse
-# and prunelab.inputs
+# dry_forward, resolve_input and check_input_shape are not used here: importable from here still
 from prunelab._validation import validate_params
 from prunelab.metrics.dry_run import (  # noqa: F401
     DRY_PARAMS,
@@ -111,10 +110,10 @@ def count_nonzero(tensor: torch.Tensor) -> int:
 
 def flop_types() -> tuple[type, ...]:
     """The types counted by a module formula instead of by their operations: the hashed layers
-    (their virtual weights do the work), ``prunelab.sparse.SparseLinear`` (counted as the
+    (their virtual weights do the work), ``prunelab.models.sparse.SparseLinear`` (counted as the
     Linear it was), and the recurrent modules (per time step, whatever kernel runs them)."""
     from prunelab.models.hashed import HashedLayer
-    from prunelab.sparse import SparseLinear
+    from prunelab.models.sparse import SparseLinear
 
     return (HashedLayer, SparseLinear, nn.RNNBase, nn.RNNCellBase)
 
@@ -134,7 +133,7 @@ def layer_flops(module: nn.Module, output_shapes: Sequence[torch.Size]) -> FlopC
     ``output_shapes`` (batch 1). A hashed layer counts its virtual weights, a virtual weight being
     zero when its bucket is; a SparseLinear counts as the Linear it was made from."""
     from prunelab.models.hashed import HashedLayer
-    from prunelab.sparse import SparseLinear
+    from prunelab.models.sparse import SparseLinear
 
     if not isinstance(module, (*COUNTED_TYPES, HashedLayer, SparseLinear)):
         raise TypeError(

@@ -286,10 +286,10 @@ class Summary:
 def _counted_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(name, identity, tensor)`` of each tensor that counts as the module's own parameter.
 
-    A ``prunelab.sparse.SparseLinear`` keeps its weight and bias as buffers; they count as the
+    A ``prunelab.models.sparse.SparseLinear`` keeps its weight and bias as buffers; they count as the
     parameters of the Linear it was made from, the weight at its dense shape (its CSR ``values``
     array stands for it in identity checks)."""
-    from prunelab.sparse import SparseLinear
+    from prunelab.models.sparse import SparseLinear
 
     if isinstance(module, SparseLinear):
         own = [("weight", module.values, module.dense_weight())]
@@ -303,8 +303,8 @@ def _default_prunable(model: nn.Module) -> set[int]:
     """Identities of the weights prunelab prunes by default (``prunelab.pruning.targets``: every
     Linear-like weight — Linear, Conv, HF Conv1D, MultiheadAttention's q/k/v, RNN weights — tied
     tensors once, an output layer tied to an embedding left out) and of SparseLinear weights."""
+    from prunelab.models.sparse import SparseLinear
     from prunelab.pruning.targets import TiedWeightSkipped, resolve_targets
-    from prunelab.sparse import SparseLinear
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TiedWeightSkipped)
@@ -317,7 +317,7 @@ def _default_prunable(model: nn.Module) -> set[int]:
 
 def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where: str) -> set[int]:
     """Identities of the prunable parameters: by default those of :func:`_default_prunable`."""
-    from prunelab.sparse import SparseLinear
+    from prunelab.models.sparse import SparseLinear
 
     if prunable is None:
         return _default_prunable(model)
@@ -404,7 +404,7 @@ def summary(
     row too. Rows are in ``model.named_modules()`` order. A parameter shared by several
     modules is counted in the first one only, so ``total.params`` equals
     ``sum(p.numel() for p in model.parameters())`` (plus, for a model with
-    ``prunelab.sparse.SparseLinear`` layers, their weights and biases, counted as
+    ``prunelab.models.sparse.SparseLinear`` layers, their weights and biases, counted as
     the parameters of the Linear layers they were made from). The total's sparsity is over
     prunable weights only, its compression ``total params / total non-zero`` and
     its speedup ``total dense FLOPs / total remaining FLOPs``. Buffers (e.g.

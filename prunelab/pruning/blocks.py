@@ -14,8 +14,11 @@ The user may name the stack instead (``"model.layers"``, see :func:`resolve_stac
 children are the blocks. The cached inputs of one block live in an :class:`InputCache`, in
 memory or spilled to a temporary directory on disk, one batch at a time.
 
-Used by the sequential mode of the layer-wise OBS solvers; any method that needs each block's
-inputs after the blocks before it changed can use it the same way.
+Used by the sequential mode of the layer-wise OBS solvers and by Wanda block by block; any method
+that needs each block's inputs after the blocks before it changed can use it the same way. The
+options those criteria share live here too: their check (:func:`check_block_options`,
+:func:`check_compute_dtype`), the progress bar over the blocks (:class:`BlockBar`) and the
+peak-memory column of their reports (:func:`mib`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from prunelab._validation import check_choice
 from prunelab.inputs import as_batch
 
 CONTAINERS = (nn.Sequential, nn.ModuleList)
@@ -431,3 +436,70 @@ def next_inputs(inputs: list[tuple], outputs: list, slot) -> list[tuple]:
             kwargs[slot[1]] = main
         made.append((tuple(args), kwargs))
     return made
+
+
+# ----------------------------------------------------------------------------- block-by-block options
+OFFLOADS = ("memory", "disk")
+
+
+def mib(n: int | None) -> str:
+    """Bytes as whole MiB for a report's peak-memory column; ``-`` when not known."""
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+class BlockBar:
+    """A tqdm bar over the blocks being pruned (a layer outside any block counts as one)."""
+
+    def __init__(self, todo, block_name: dict, shown: bool, solver: str):
+        self.unit = {t.name: block_name.get(t.name) or t.name for t in todo}
+        self.last = {}
+        for t in todo:
+            self.last[self.unit[t.name]] = t.name
+        self.bar = tqdm(total=len(self.last), disable=not shown, desc=solver, unit="block", leave=False)
+
+    def step(self, target) -> None:
+        unit = self.unit.get(target.name)
+        if unit is not None and self.last.get(unit) == target.name:
+            self.bar.set_postfix_str(unit, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def check_block_options(blocks, offload, progress, mode: str, where: str):
+    """The block-by-block options, checked before any work (the stack's path against the model
+    later, in ``validate``)."""
+    if blocks is not None and not isinstance(blocks, (str, torch.nn.Module)):
+        raise TypeError(
+            f"the 'blocks' parameter of {where} must be a dotted module path such as "
+            f"'model.layers' or an nn.ModuleList. Got {blocks!r} of type {type(blocks).__name__} instead."
+        )
+    if offload is not None:
+        offload = check_choice("offload", offload, OFFLOADS, where=where)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"the 'progress' parameter of {where} must be a bool or None. Got {progress!r} instead.")
+    if mode != "sequential" and (blocks is not None or offload == "disk"):
+        raise ValueError(
+            f"the 'blocks' and 'offload' parameters of {where} apply to mode 'sequential' "
+            f"(block by block); got mode {mode!r}."
+        )
+    return blocks, (None if offload == "memory" else offload), progress
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_compute_dtype(value, mode: str, where: str):
+    """None (each block runs in its own dtype) or float32/float64 (a name or the torch dtype)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    dtype = COMPUTE_DTYPES[check_choice("compute_dtype", value, COMPUTE_DTYPES, where=where)]
+    if mode != "sequential":
+        raise ValueError(
+            f"the 'compute_dtype' parameter of {where} applies to mode 'sequential' (block by "
+            f"block); got mode {mode!r}."
+        )
+    return dtype

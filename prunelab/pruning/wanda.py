@@ -57,7 +57,7 @@ from prunelab._validation import Options, Types, validate_params
 from prunelab.inputs import forward_batches
 from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
-from prunelab.pruning.lobs import OFFLOADS, Report, _BlockBar, _check_block_options, _check_compute_dtype, _mib, hessian
+from prunelab.pruning.lobs import Report, hessian
 from prunelab.pruning.lobs.sequential import SequentialHessians
 from prunelab.pruning.targets import Target
 
@@ -136,7 +136,7 @@ class Wanda(Criterion):
                 Types(str, nn.Module, name="a dotted module path such as 'model.layers' or an nn.ModuleList"),
                 None,
             ],
-            "offload": [Options(OFFLOADS), None],
+            "offload": [Options(blk.OFFLOADS), None],
             "progress": [bool, None],
             "compute_dtype": [Types(str, torch.dtype), None],
         },
@@ -149,8 +149,10 @@ class Wanda(Criterion):
                 f"the 'offload', 'progress' and 'compute_dtype' parameters of {where} apply block "
                 f"by block: name the stack of blocks too (blocks='model.layers', say)."
             )
-        self.blocks, self.offload, self.progress = _check_block_options(blocks, offload, progress, "sequential", where)
-        self.compute_dtype = _check_compute_dtype(compute_dtype, "sequential", where)
+        self.blocks, self.offload, self.progress = blk.check_block_options(
+            blocks, offload, progress, "sequential", where
+        )
+        self.compute_dtype = blk.check_compute_dtype(compute_dtype, "sequential", where)
         self.updates_weights = blocks is not None  # block by block it prunes as it goes
         self._stack = None
         self._norms: dict[str, torch.Tensor] | None = None
@@ -259,7 +261,7 @@ class NormReport(Report):
     def _row(self, r) -> str:
         return (
             f"{r.layer:<{self._width()}} {r.sparsity:8.4f} {r.n:8d} {r.norm_seconds:8.3f} "
-            f"{r.select_seconds:8.3f} {r.seconds:8.3f} {_mib(r.peak_memory):>9}"
+            f"{r.select_seconds:8.3f} {r.seconds:8.3f} {blk.mib(r.peak_memory):>9}"
         )
 
     def totals(self) -> dict:
@@ -303,7 +305,7 @@ class _BlockByBlock:
                     )
                 report.trace_seconds = time.perf_counter() - started
                 shown = sys.stderr.isatty() if c.progress is None else c.progress
-                bar = _BlockBar(self.active, self.inputs.block_name, shown, c.name)
+                bar = blk.BlockBar(self.active, self.inputs.block_name, shown, c.name)
                 for block, members in self._runs():
                     recorder = None  # the block's norms, made when its first layer is pruned
                     for target in members:

@@ -57,6 +57,7 @@ from prunelab.inputs import Batch, forward_batches, iter_batches, logits_of
 from prunelab.units import groups as unit_groups
 from prunelab.units import refit as lsq
 from prunelab.units.groups import UnitGroup
+from prunelab.units.removal import Units, score_units
 from prunelab.units.scoring import SCORERS
 
 WHERE = "prune_transformer"
@@ -338,8 +339,6 @@ def prune_transformer(
             f"{WHERE} needs calibration data (data=) for the refit, block scoring and the "
             f"{scorer!r} scorer; pass refit=False, blocks as a list and scorer='norm' without it."
         )
-    from prunelab.units import Units
-
     example = example_inputs if example_inputs is not None else batches[0].slice(0, 2).inputs
     units = Units.of(model, example_inputs=example)
     stack_name, layers = find_stack(model, units.groups, stack)
@@ -405,7 +404,6 @@ def _choose(units, layers, heads, mlp, gqa) -> list[UnitGroup]:
 
 def _plan(model, units, chosen, moments, heads, mlp, scorer, round_to, rounding, batches, seed, loss_fn, output_key):
     """Removed units per group (lowest scores), the kept counts, and notes on unrounded counts."""
-    from prunelab.units import score_units
     from prunelab.units.scoring import select
 
     if scorer == "energy":
@@ -574,7 +572,7 @@ def refit_job(model, work, job: _Job, layers, batches, damp, mode: str) -> lsq.R
             got = {}
 
             def inputs(module, args, kwargs):
-                got["x"] = args[0]  # noqa: B023 (used before the loop moves on)
+                got["x"] = args[0]
                 raise _Stop
 
             _capture(work, batch, [(job.thinned, "pre", inputs)])

@@ -60,12 +60,12 @@ from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 
 import torch
-from tqdm.auto import tqdm
 
 from prunelab._hooks import eval_mode
 from prunelab._memory import PeakMemory
-from prunelab._validation import MAX_BATCH, Interval, Options, Types, check_choice, check_number, validate_params
+from prunelab._validation import MAX_BATCH, Interval, Options, Types, check_number, validate_params
 from prunelab.pruning import blocks as blk
+from prunelab.pruning.blocks import COMPUTE_DTYPES, OFFLOADS  # noqa: F401 (public here too)
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.granularity import NMGranularity, nm_column_order
 from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
@@ -76,7 +76,6 @@ from prunelab.pruning.problems import LayerProblem, LayerSolution, SolveRequest
 from prunelab.pruning.scopes import Allocation, LayerGroups
 
 MODES = ("sequential", "parallel")
-OFFLOADS = ("memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ class Report(list):
         return (
             f"{r.layer:<14} {r.sparsity:8.4f} {r.predicted_error:10.4g} {r.measured_error:10.4g} "
             f"{r.relative_error:9.4f} {r.n:8d} {r.hessian_seconds:9.3f} {r.solve_seconds:8.3f} "
-            f"{r.seconds:8.3f} {_mib(r.peak_memory):>9}"
+            f"{r.seconds:8.3f} {blk.mib(r.peak_memory):>9}"
         )
 
     def __str__(self) -> str:
@@ -141,10 +140,10 @@ class Report(list):
                 b = totals[r.block]
                 lines.append(
                     f"  block {r.block}: {b['layers']} layer(s), {b['seconds']:.3f} s, "
-                    f"peak {_mib(b['peak_memory'])} MiB"
+                    f"peak {blk.mib(b['peak_memory'])} MiB"
                 )
         if self.peak_memory is not None:
-            lines.append(f"whole prune: peak {_mib(self.peak_memory)} MiB, trace {self.trace_seconds:.3f} s")
+            lines.append(f"whole prune: peak {blk.mib(self.peak_memory)} MiB, trace {self.trace_seconds:.3f} s")
         return "\n".join(lines)
 
     def totals(self) -> dict:
@@ -170,10 +169,6 @@ class Report(list):
                 b["peak_memory"] = max(b["peak_memory"] or 0, r.peak_memory)
             b["live_bytes"] = max(b["live_bytes"], r.live_bytes)
         return list(found.values())
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.0f}"
 
 
 class LayerwiseOBS(Criterion):
@@ -218,8 +213,8 @@ class LayerwiseOBS(Criterion):
         self.damping = float(damping)
         self.update_bias, self.low_memory = update_bias, low_memory
         self.block_size = int(block_size)
-        self.blocks, self.offload, self.progress = _check_block_options(blocks, offload, progress, self.mode, where)
-        self.compute_dtype = _check_compute_dtype(compute_dtype, self.mode, where)
+        self.blocks, self.offload, self.progress = blk.check_block_options(blocks, offload, progress, self.mode, where)
+        self.compute_dtype = blk.check_compute_dtype(compute_dtype, self.mode, where)
         self._stack = None
         self._batches: list | None = None
         self._original = None
@@ -421,10 +416,10 @@ class LayerwiseOBS(Criterion):
             self._stack = blk.resolve_stack(model, self.blocks, where=f"{self.name} criterion")
         return self._stack
 
-    def _progress_bar(self, todo) -> _BlockBar:
+    def _progress_bar(self, todo) -> blk.BlockBar:
         names = self._sequential.block_name if self.mode == "sequential" else {}
         shown = sys.stderr.isatty() if self.progress is None else self.progress
-        return _BlockBar(todo, names, shown, self.name)
+        return blk.BlockBar(todo, names, shown, self.name)
 
     def solve_layer(self, problem: LayerProblem, h: LayerHessian) -> LayerSolution:
         """Prune one layer (each row block with its own Hessian ``h``); write the new weights and
@@ -468,7 +463,7 @@ class LayerwiseOBS(Criterion):
                     W_full,
                     H,
                     alive,
-                    lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm),  # noqa: B023 (called at once)
+                    lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm),
                 )
             else:
                 limit = Wg.numel() - min(problem.min_keep, int(alive[:, :d_in].sum()))  # never empty the layer
@@ -574,64 +569,6 @@ class LayerwiseOBS(Criterion):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r}, damping={self.damping:g})"
-
-
-class _BlockBar:
-    """A tqdm bar over the blocks being pruned (a layer outside any block counts as one)."""
-
-    def __init__(self, todo, block_name: dict, shown: bool, solver: str):
-        self.unit = {t.name: block_name.get(t.name) or t.name for t in todo}
-        self.last = {}
-        for t in todo:
-            self.last[self.unit[t.name]] = t.name
-        self.bar = tqdm(total=len(self.last), disable=not shown, desc=solver, unit="block", leave=False)
-
-    def step(self, target) -> None:
-        unit = self.unit.get(target.name)
-        if unit is not None and self.last.get(unit) == target.name:
-            self.bar.set_postfix_str(unit, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _check_block_options(blocks, offload, progress, mode: str, where: str):
-    """The block-by-block options, checked before any work (the stack's path against the model
-    later, in ``validate``)."""
-    if blocks is not None and not isinstance(blocks, (str, torch.nn.Module)):
-        raise TypeError(
-            f"the 'blocks' parameter of {where} must be a dotted module path such as "
-            f"'model.layers' or an nn.ModuleList. Got {blocks!r} of type {type(blocks).__name__} instead."
-        )
-    if offload is not None:
-        offload = check_choice("offload", offload, OFFLOADS, where=where)
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"the 'progress' parameter of {where} must be a bool or None. Got {progress!r} instead.")
-    if mode != "sequential" and (blocks is not None or offload == "disk"):
-        raise ValueError(
-            f"the 'blocks' and 'offload' parameters of {where} apply to mode 'sequential' "
-            f"(block by block); got mode {mode!r}."
-        )
-    return blocks, (None if offload == "memory" else offload), progress
-
-
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _check_compute_dtype(value, mode: str, where: str):
-    """None (each block runs in its own dtype) or float32/float64 (a name or the torch dtype)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.dtype):
-        value = str(value).removeprefix("torch.")
-    dtype = COMPUTE_DTYPES[check_choice("compute_dtype", value, COMPUTE_DTYPES, where=where)]
-    if mode != "sequential":
-        raise ValueError(
-            f"the 'compute_dtype' parameter of {where} applies to mode 'sequential' (block by "
-            f"block); got mode {mode!r}."
-        )
-    return dtype
 
 
 def _channel_unsupported(target) -> str | None:
