@@ -96,9 +96,13 @@ def aggregate(records: Sequence[RunRecord], metric: str = "accuracy") -> list[Gr
         mean, std = mean_std(values)
         params = [metric_value(r, "nonzero_params") for r in runs]
         params = [p for p in params if not math.isnan(p)]
+        dataset, model, method, sparsity = key
         groups.append(
             Group(
-                *key,
+                dataset,
+                model,
+                method,
+                sparsity,
                 n=len(values),
                 mean=mean,
                 std=std,

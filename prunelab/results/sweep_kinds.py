@@ -149,7 +149,7 @@ def _lines(records: list[RunRecord], declaration: dict, spec: dict, *, kind: str
         ref = [g for g in subset if g.method == reference]
         shown = [g for g in subset if g.method != reference and (methods is None or g.method in methods)]
         _draw_lines(ax, shown, split_by, x, scale, colors)
-        if ref:
+        if ref and reference is not None:
             _draw_front(ax, ref, x, scale, reference)
         if x == "nonzero_params":
             _count_axis(ax)
@@ -222,7 +222,7 @@ def _draw_lines(ax, groups: list[Group], split_by: Sequence[str], x: str, scale:
         label = " · ".join(str(line_key[i]) for i in varying if line_key[i] is not None)
         ax.errorbar(
             [_x(g, x) for g in line],
-            [g.mean * scale for g in line],
+            [_mean(g) * scale for g in line],
             yerr=[(g.std or 0.0) * scale for g in line],
             label=label,
             capsize=3,
@@ -257,11 +257,19 @@ def _families(groups: list[Group], keys: Sequence[str]) -> set[str]:
 
 
 def _x(group: Group, x: str) -> float:
-    return group.nonzero_params if x == "nonzero_params" else group.sparsity
+    if x != "nonzero_params":
+        return group.sparsity
+    assert group.nonzero_params is not None  # _lines keeps only the groups that have it
+    return group.nonzero_params
+
+
+def _mean(group: Group) -> float:
+    assert group.mean is not None  # _lines keeps only the groups with a mean
+    return group.mean
 
 
 def _draw_front(ax, groups: list[Group], x: str, scale: float, method: str) -> None:
-    points = [(_x(g, x), g.mean * scale) for g in groups]
+    points = [(_x(g, x), _mean(g) * scale) for g in groups]
     ax.scatter(
         [p[0] for p in points],
         [p[1] for p in points],
@@ -535,7 +543,9 @@ def weight_histogram(records: list[RunRecord], declaration: dict, spec: dict) ->
     figure, axes = panel_grid(len(panels))
     for ax, ((dataset, model), runs) in zip(axes, panels.items()):
         for run in runs:
-            edges, counts = _histogram(run)
+            histogram = _histogram(run)
+            assert histogram is not None  # _select kept only the runs that have one
+            edges, counts = histogram
             if density:
                 total = sum(counts)
                 counts = [
@@ -623,7 +633,7 @@ def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     for ax, ((dataset, model), runs) in zip(axes, panels.items()):
         by_method: dict[str, list] = {}
         for run in runs:
-            by_method.setdefault(run.method, []).append(dict(run.metrics["retrain_curve"]))
+            by_method.setdefault(run.method, []).append(dict((run.metrics or {})["retrain_curve"]))
         for method, curves_ in by_method.items():
             steps = sorted(set.intersection(*(set(c) for c in curves_)))
             values = [[100.0 * c[step] for c in curves_] for step in steps]
@@ -639,7 +649,9 @@ def retraining(records: list[RunRecord], declaration: dict, spec: dict) -> list:
                 alpha=0.15,
                 linewidth=0,
             )
-        dense = [100.0 * r.metrics["accuracy_dense"] for r in runs if r.metrics.get("accuracy_dense") is not None]
+        dense = [
+            100.0 * m["accuracy_dense"] for m in (r.metrics or {} for r in runs) if m.get("accuracy_dense") is not None
+        ]
         if dense:
             ax.axhline(sum(dense) / len(dense), color="black", linestyle="--", linewidth=1, label="dense")
         _set_ylim(ax, declaration, where)

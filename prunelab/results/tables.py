@@ -92,7 +92,7 @@ def digits_and_title(declaration: dict, where: str) -> tuple[int | None, str | N
     """A table declaration's ``digits`` (decimals, 0–10) and ``title`` (a str), both optional."""
     digits = declaration.get("digits")
     if digits is not None:
-        digits = check_number("digits", digits, where=where, low=0, high=10, integer=True)
+        digits = int(check_number("digits", digits, where=where, low=0, high=10, integer=True))
     title = declaration.get("title")
     if title is not None and not isinstance(title, str):
         raise TypeError(f"the 'title' parameter of {where} must be a str. Got {title!r} instead.")
@@ -374,7 +374,8 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
     if not done:
         raise ValueError(f"build_tables: none of the {len(records)} records given is a finished run.")
     default_metric, declarations = _declarations(outputs)
-    layouts, problems = [], []
+    layouts: list[tuple[_Layout | dict, Any]] = []
+    problems: list[str] = []
     for i, declaration in enumerate(declarations):
         where = f"outputs.tables[{i}]"
         if _has_kind(declaration):
@@ -393,11 +394,11 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
     raise_problems(problems)
     tables: list[Table] = []
     names: set[str] = set()
-    for layout in layouts:
+    for first, second in layouts:
         built = (
-            _tables_of(*layout)
-            if isinstance(layout[0], _Layout)
-            else TABLE_KINDS.get(layout[0]["kind"])(done, layout[0], outputs or {}, layout[1])
+            _tables_of(first, second)
+            if isinstance(first, _Layout)
+            else TABLE_KINDS.get(first["kind"])(done, first, outputs or {}, second)
         )
         for table in built:
             name, k = table.name, 2
@@ -409,16 +410,18 @@ def build_tables(records: Sequence[RunRecord], outputs: dict | None = None) -> l
 
 
 def _tables_of(layout: _Layout, done: list[RunRecord]) -> list[Table]:
+    split_by = layout.split_by
+    assert split_by is not None  # _layout has resolved the default
     groups = aggregate(done, layout.metric)
     percent = layout.percent
     if percent is None:
         percent = is_percent_metric(layout.metric, [metric_value(r, layout.metric) for r in done])
     scale = 100.0 if percent else 1.0
     heading = (layout.title or layout.metric) + (" (%)" if percent else "")
-    split_values = [label_values(done, key) for key in layout.split_by]
+    split_values = [label_values(done, key) for key in split_by]
     tables = []
     for combo in itertools.product(*split_values):
-        subset = [g for g in groups if all(_group_label(g, k) == v for k, v in zip(layout.split_by, combo))]
+        subset = [g for g in groups if all(_group_label(g, k) == v for k, v in zip(split_by, combo))]
         if not subset:
             continue
         row_keys = _ordered(subset, layout.rows, done)
@@ -429,14 +432,14 @@ def _tables_of(layout: _Layout, done: list[RunRecord]) -> list[Table]:
             (key, [_cell(by_cell.get((key, column)), scale, layout.digits, full_n) for column in column_keys])
             for key in row_keys
         ]
-        where = ", ".join(f"{k} = {format_key(k, v)}" for k, v in zip(layout.split_by, combo))
+        where = ", ".join(f"{k} = {format_key(k, v)}" for k, v in zip(split_by, combo))
         title = f"{heading}, mean ± std over seeds" + (f" — {where}" if where else "")
         name = slug(
             "_".join(
                 [
                     layout.metric,
                     f"{layout.rows}-by-{layout.columns}",
-                    *(format_key(k, v) for k, v in zip(layout.split_by, combo)),
+                    *(format_key(k, v) for k, v in zip(split_by, combo)),
                 ]
             )
         )

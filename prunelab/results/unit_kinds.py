@@ -205,7 +205,9 @@ def _amount(entry: dict, where: str) -> tuple[str, float]:
             f"{where} must set exactly one of 'fraction' and 'count'. "
             f"Got fraction={fraction!r}, count={count!r} instead."
         )
-    return ("fraction", round(float(fraction), 12)) if fraction is not None else ("count", int(count))
+    if fraction is not None:
+        return "fraction", round(float(fraction), 12)
+    return "count", int(entry["count"])
 
 
 def run_selected(record: RunRecord) -> list[Selected]:
@@ -332,7 +334,7 @@ def _levels(
     return out
 
 
-_NUMERIC_FILTERS = {
+_NUMERIC_FILTERS: dict[str, dict[str, Any]] = {
     "fraction": dict(integer=False, low=0.0, high=1.0, closed="right"),
     "count": dict(integer=True, low=1, high=None),
     "finetune_steps": dict(integer=True, low=0, high=None),
@@ -569,6 +571,12 @@ def penalty_curves(records: list[RunRecord], declaration: dict, spec: dict) -> l
     return [(figure_name(declaration, "penalty_curves"), figure)]
 
 
+def _mean_of_some(mean: float | None) -> float:
+    """The mean of a non-empty list of values (never None)."""
+    assert mean is not None
+    return mean
+
+
 def _draw_mean_curve(ax, method: str, probes: list[Probe], band: str = "ci95") -> list[float]:
     """One method's mean penalty per step and its band; returns the values drawn (for the scale)."""
     by_step: dict[int, list[float]] = {}
@@ -578,12 +586,8 @@ def _draw_mean_curve(ax, method: str, probes: list[Probe], band: str = "ci95") -
     steps = sorted(by_step)
     if not steps:
         return []
-    if band == "ci95":
-        stats = [_t_interval(by_step[s]) for s in steps]
-    else:
-        stats = [mean_std(by_step[s]) for s in steps]
-        if band == "none":
-            stats = [(m, None) for m, _ in stats]
+    spread = _t_interval if band == "ci95" else mean_std
+    stats = [(_mean_of_some(m), None if band == "none" else h) for m, h in (spread(by_step[s]) for s in steps)]
     means = [m for m, _ in stats]
     style = method_style(method)
     ax.plot(steps, means, label=method, linewidth=1.3, **style)
@@ -710,7 +714,9 @@ def performance_profile_figure(records: list[RunRecord], declaration: dict, spec
     import numpy as np
 
     where = "figure performance_profile"
-    n_taus = check_number("taus", declaration.get("taus", DEFAULT_TAUS), where=where, low=2, high=100_001, integer=True)
+    n_taus = int(
+        check_number("taus", declaration.get("taus", DEFAULT_TAUS), where=where, low=2, high=100_001, integer=True)
+    )
     probes = _select_probes(records, declaration, where)
     split = _split_by(declaration, where)
     keys = ("dataset", "model", *split)
@@ -867,7 +873,7 @@ def _draw_band(ax, series: list[Removal], metric: str, scale: float, method: str
     levels = sorted(by_level)
     if not levels:
         return
-    stats = [mean_std(by_level[x]) for x in levels]
+    stats = [(_mean_of_some(m), s) for m, s in (mean_std(by_level[x]) for x in levels)]
     style = method_style(method)
     ax.plot(levels, [m for m, _ in stats], label=label, linewidth=1.3, **style)
     if any(s is not None for _, s in stats):
@@ -997,7 +1003,8 @@ def _penalty_cells(probes: list[Probe], columns: str, digits: int | None, wins: 
     full_n = max((len(v) for v in values.values()), default=0)
     penalty_rows, rate_rows = [], []
     for method in _order("method", (p.method for p in probes)):
-        row, rates = [], []
+        row: list[Cell | None] = []
+        rates: list[RateCell | None] = []
         for column in column_values:
             kept = values.get((method, column))
             if kept is None:

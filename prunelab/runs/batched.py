@@ -79,6 +79,7 @@ def _strengths(configs: list[dict]) -> tuple[str | None, list[float] | None]:
 
 def _dense_key(config: dict, cache_dir: str | None) -> str:
     path = dense_cache_path(config, cache_dir or ".")  # the cache's key, with or without a cache
+    assert path is not None  # a cache folder gives a path
     return path.name
 
 
@@ -153,7 +154,7 @@ def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> li
         pruner.update()
     accuracy_pruned = [evaluate(m, test)["accuracy"] for m in models]
     train = configs[0]["training"]
-    histories = [[] for _ in configs]
+    histories: list[list[dict]] = [[] for _ in configs]
     batch = BatchedModels(models)
     if train["finetune_epochs"]:
         name, strengths = _strengths(configs)

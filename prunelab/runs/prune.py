@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -65,7 +67,7 @@ METHOD_KEYS = (
     "distill",
     "latency",
 )
-METHOD_DEFAULTS = {
+METHOD_DEFAULTS: dict[str, Any] = {
     "criterion": "magnitude",
     "granularity": "weight",
     "scope": "local",
@@ -423,6 +425,14 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     }
 
 
+class SolverReport(Protocol):
+    """What a layer-wise solver's report (L-OBS, Wanda block by block) offers: per-layer rows and totals."""
+
+    def totals(self) -> dict[str, float]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
 def make_pruner(config: dict, model, ds, snapshot=None) -> Pruner:
     """The Pruner of a prune run's config, on ``model``, calibrated on the first training images."""
     method = config["method"]
@@ -557,7 +567,7 @@ def prune_metrics(
     if monitor is not None:
         metrics["retrain_steps"] = monitor.steps_to_recover
         metrics["retrain_curve"] = monitor.curve
-    reports = [record.report for record in pruner.history if record.report is not None]
+    reports = [cast(SolverReport, record.report) for record in pruner.history if record.report is not None]
     if reports:
         metrics["hessian_seconds"] = sum(r.totals()["hessian_seconds"] for r in reports)
         metrics["solve_seconds"] = sum(r.totals()["solve_seconds"] for r in reports)

@@ -87,6 +87,8 @@ class Task:
 
     def level(self, prepared: Any, sparsity: float | dict) -> float:
         """The run's sparsity as one number, for tables (per-layer targets: their overall)."""
+        if isinstance(sparsity, dict):
+            raise TypeError(f"the {self.name!r} task takes plain sparsity levels, not a per-layer mapping")
         return float(sparsity)
 
     def run(self, config: dict, context: dict) -> dict:

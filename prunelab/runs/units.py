@@ -260,13 +260,14 @@ class PenaltyProbe(Callback):
         for probe_set in self.probe["sets"]:
             amounts = [("fraction", f) for f in probe_set["fractions"]] + [("count", c) for c in probe_set["counts"]]
             for layer_set in probe_set["layers"]:
-                chosen = [u.name for u in select_layers(layers, layer_set)]
+                names = [u.name for u in select_layers(layers, layer_set)]
                 for kind, amount in amounts:
                     for method in self.probe["methods"]:
                         scorer, mean_replacement = parse_method(method)
-                        plan = {name: select(scores[scorer][name], **{kind: amount}) for name in chosen}
+                        plan = {name: select(scores[scorer][name], **{kind: amount}) for name in names}
                         pruned = copy.deepcopy(snapshot)
                         pruned_info = Units.of(pruned, **dry_run_inputs(self.ds))
+                        assert pruned_info.chain is not None  # study B's models are chains (checked when planned)
                         surgery.mask_units(pruned_info.chain, plan, means if mean_replacement else None)
                         after = _loss(pruned, cal)
                         base = {

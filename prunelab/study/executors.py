@@ -51,7 +51,7 @@ def check_executor_options(
     """Check an executor's name and options before anything is created; ``(name, workers)``."""
     name = check_choice("executor", name, EXECUTORS, where="prunelab run")
     if workers is not None:
-        workers = check_number("workers", workers, where="prunelab run", low=1, high=MAX_WORKERS, integer=True)
+        workers = int(check_number("workers", workers, where="prunelab run", low=1, high=MAX_WORKERS, integer=True))
     if name == "local" and address is not None:
         raise ValueError("the 'address' parameter of prunelab run applies to --executor ray only.")
     if address is not None and not isinstance(address, str):
@@ -145,11 +145,11 @@ class _Workers:
     def run(self, queue: list[Job]) -> None:
         from collections import deque
 
-        queue = deque(queue)
+        waiting = deque(queue)
         try:
-            while queue or self._busy():
-                self._fill(queue)
-                self._collect(queue)
+            while waiting or self._busy():
+                self._fill(waiting)
+                self._collect(waiting)
         except BaseException:
             # interrupted (Ctrl-C, SIGTERM): the coordinator re-queues the runs in flight, so stop
             # their workers now; otherwise the interpreter's exit would wait for them to finish
@@ -219,6 +219,8 @@ class _Workers:
         job, worker.job = worker.job, None
         worker.stop(kill=True)
         del self.workers[worker.slot]
+        if job is None:  # it had nothing in flight
+            return
         if not worker.acknowledged and id(job) not in self.requeued:
             self.requeued.add(id(job))
             queue.appendleft(job)  # it never started: run it on a fresh worker
@@ -227,7 +229,7 @@ class _Workers:
             self.on_finish(member, _died())
 
 
-WORKS = {"execute_run": execute_run, "execute_group": execute_group}
+WORKS: dict[str, Callable[..., object]] = {"execute_run": execute_run, "execute_group": execute_group}
 
 
 def worker_main(conn, threads: int | None) -> None:

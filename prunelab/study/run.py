@@ -67,7 +67,7 @@ def plan_jobs(records, engine: str = "batched") -> list[Job]:
     from prunelab.runs.batched import group_key, why_not_batched
 
     groups: dict[str, list[Job]] = {}
-    order: list[tuple[int, object]] = []
+    order: list[tuple[int, Job | str]] = []
     for index, job in enumerate(singles):
         config = job.config
         if why_not_batched(config) is None and config["model"]["name"] in BATCHED_MODELS:

@@ -407,7 +407,7 @@ def _check_output_metrics(spec: dict, runs: list[PlannedRun], checker: Checker) 
     if runs and "outputs" in spec and all(m is not None for m in declared):
         from prunelab.results.report import output_metric_problems
 
-        for problem in output_metric_problems(spec["outputs"], {k for m in declared for k in m}):
+        for problem in output_metric_problems(spec["outputs"], {k for m in declared if m is not None for k in m}):
             path, _, message = problem.partition(": ")
             checker.error(path, message)
 
@@ -510,7 +510,7 @@ def _method_levels(path: str, method: dict, m_label: str, model: dict, checker: 
 
 def _filters(path: str, method: dict, datasets, models, checker: Checker):
     """A method's optional ``datasets:`` / ``models:`` lists (labels or names), checked."""
-    out = []
+    out: list[set | None] = []
     for key, entries in (("datasets", datasets), ("models", models)):
         wanted = method.get(key)
         if wanted is None:

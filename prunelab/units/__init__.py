@@ -27,14 +27,14 @@ its modules import one another, never the package.
 
 from __future__ import annotations
 
-from prunelab.units import surgery  # noqa: F401
-from prunelab.units.groups import GroupStats, UnitGroup  # noqa: F401
+from prunelab.units import surgery
+from prunelab.units.groups import GroupStats, UnitGroup
 from prunelab.units.removal import (
     METHODS,
     SEQUENCE_MODULES,
     UnitPruning,
     Units,
-    collect_stats,  # noqa: F401
+    collect_stats,
     parse_method,
     remove_units,
     score_units,
@@ -44,13 +44,13 @@ from prunelab.units.removal import (
     zero_units,
 )
 from prunelab.units.report import SpeedReport, speed_report
-from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select  # noqa: F401
+from prunelab.units.scoring import SCORERS, UNIT_SCORERS, UnitStats, collect, needs_data, select
 from prunelab.units.structure import (
     LAYER_SETS,
     Chain,
     UnitLayer,
     analyze,
-    select_layers,  # noqa: F401
+    select_layers,
     unsupported_activation,
 )
 from prunelab.units.transformer import StructuredPruning, prune_transformer, remove_blocks

@@ -572,7 +572,7 @@ def refit_job(model, work, job: _Job, layers, batches, damp, mode: str) -> lsq.R
             got = {}
 
             def inputs(module, args, kwargs):
-                got["x"] = args[0]
+                got["x"] = args[0]  # noqa: B023 (used before the loop moves on)
                 raise _Stop
 
             _capture(work, batch, [(job.thinned, "pre", inputs)])

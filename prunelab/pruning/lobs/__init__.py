@@ -463,7 +463,7 @@ class LayerwiseOBS(Criterion):
                     W_full,
                     H,
                     alive,
-                    lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm),
+                    lambda W_, H_, alive_: self._solve(W_, H_, 0, prunable, alive_, None, None, nm=nm),  # noqa: B023 (called at once)
                 )
             else:
                 limit = Wg.numel() - min(problem.min_keep, int(alive[:, :d_in].sum()))  # never empty the layer
