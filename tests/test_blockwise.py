@@ -223,7 +223,8 @@ def test_a_spilled_view_writes_only_its_own_elements():
         assert torch.equal(cache[0][0][0], whole[:2])
 
 
-def test_a_bfloat16_model_computed_in_float32_equals_the_float32_run_rounded():
+@pytest.mark.parametrize("criterion", ["obs-fast", "wanda"])
+def test_a_bfloat16_model_computed_in_float32_equals_the_float32_run_rounded(criterion):
     """compute_dtype: the served block runs in float32 on float32 inputs; the result is the
     float32 pipeline's on the same (bfloat16-valued) weights, rounded to bfloat16 at the end."""
     zoo = BY_NAME["transformer"]
@@ -236,15 +237,15 @@ def test_a_bfloat16_model_computed_in_float32_equals_the_float32_run_rounded():
         prunelab.prune(
             model,
             0.5,
-            criterion={"name": "obs-fast", "compute_dtype": "float32"},
+            criterion={"name": criterion, "compute_dtype": "float32"},
             data=batches,
             blocks="encoder.layers",
             layers=layers,
         )
-        prunelab.prune(reference, 0.5, criterion="obs-fast", data=batches, blocks="encoder.layers", layers=layers)
+        prunelab.prune(reference, 0.5, criterion=criterion, data=batches, blocks="encoder.layers", layers=layers)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert p.dtype == torch.bfloat16, name
         assert torch.equal(p, q.to(torch.bfloat16)), name
     assert float((model.encoder.layers[1].linear2.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
     with pytest.raises(ValueError, match="'compute_dtype'.*one of: float32, float64"):
-        Pruner(model, 0.5, criterion={"name": "obs-fast", "compute_dtype": "bfloat8"})
+        Pruner(model, 0.5, criterion={"name": criterion, "compute_dtype": "bfloat8", "blocks": "encoder.layers"})

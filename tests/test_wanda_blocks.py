@@ -210,28 +210,6 @@ def test_the_progress_bar_counts_blocks_when_asked(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_a_bfloat16_model_computed_in_float32_equals_the_float32_run_rounded():
-    zoo = BY_NAME["transformer"]
-    batches = zoo.batches(2)
-    model = zoo.build().to(torch.bfloat16)
-    reference = zoo.build().to(torch.bfloat16).float()
-    layers = [name for name, p in model.named_parameters() if name.startswith("encoder") and p.dim() == 2]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prunelab.prune(
-            model,
-            0.5,
-            criterion={"name": "wanda", "compute_dtype": "float32"},
-            data=batches,
-            blocks="encoder.layers",
-            layers=layers,
-        )
-        prunelab.prune(reference, 0.5, criterion="wanda", data=batches, blocks="encoder.layers", layers=layers)
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        assert p.dtype == torch.bfloat16, name
-        assert torch.equal(p, q.to(torch.bfloat16)), name
-
-
 def test_block_by_block_with_2_4_and_local_scope():
     zoo = BY_NAME["transformer"]
     model = zoo.build()
