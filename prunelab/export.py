@@ -54,6 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
+from typing import TypeGuard, cast
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ from torch import nn
 
 from prunelab._files import ModelFileError, atomic_write_bytes
 from prunelab._model_checks import check_materialised
-from prunelab._validation import MAPPING, MODEL, PATH, STR, Interval, check_type, suggest, validate_params
+from prunelab._validation import MAPPING, MODEL, PATH, STR, Constraint, Interval, check_type, suggest, validate_params
 from prunelab.hf_load import CONFIG_NAME, PLM_NAME, build_from_metadata, load_stock
 from prunelab.metrics.dry_run import SHAPE
 from prunelab.metrics.storage import (
@@ -237,7 +238,7 @@ def _nm_geometry(
     of payload (values of ``size`` bytes) before anything is allocated."""
     n, m, layout = entry.get("n"), entry.get("m"), entry.get("layout")
     _expect(
-        all(type(v) is int for v in (n, m)) and 0 < n < m <= MAX_NM_M,
+        _is_int(n) and _is_int(m) and 0 < n < m <= MAX_NM_M,
         where,
         f"N:M entry with n={n!r}, m={m!r} (needs 0 < n < m <= {MAX_NM_M})",
     )
@@ -250,6 +251,7 @@ def _nm_geometry(
         where,
         f"N:M entry of layout {layout!r} for shape {shape}",
     )
+    n, m, layout = cast(int, n), cast(int, m), cast(str, layout)  # checked above
     rows = shape[1] if layout == "transposed" else shape[0]
     numel = math.prod(shape)
     per_row = numel // rows
@@ -351,7 +353,7 @@ def _expect(condition: bool, where: str, what: str) -> None:
 # --------------------------------------------------------------------------- header checks
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return type(value) is int
 
 
@@ -362,8 +364,10 @@ def _declared(header: dict, payload_bytes: int, where: str) -> dict[str, tuple[i
     must tile the payload: back to back, no overlap, no byte left over."""
     entries = header.get("tensors")
     _expect(isinstance(entries, list), where, "no tensor list in the header")
-    shapes, spans, stored = {}, [], {}
-    for k, entry in enumerate(entries):
+    shapes: dict[str, tuple[int, ...]] = {}
+    spans: list[tuple[int, int]] = []
+    stored: dict[str, tuple[tuple[int, ...], str]] = {}
+    for k, entry in enumerate(cast(list, entries)):
         if isinstance(entry, dict) and "same_as" in entry:
             name, shape = _check_tie(entry, k, stored, where)
         else:
@@ -399,7 +403,7 @@ def _check_tie(entry: dict, k: int, stored: dict, where: str) -> tuple[str, tupl
         where,
         f"tensor {name!r} is tied to {first!r} but declares another shape or dtype",
     )
-    return name, shape
+    return cast(str, name), shape
 
 
 def _check_entry(entry, k: int, payload_bytes: int, where: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
@@ -467,6 +471,7 @@ def _check_body(entry: dict, shape: tuple[int, ...], numel: int, size: int, n_by
             where,
             f"{str(count)[:20]} CSR entries for a tensor of {numel} elements",
         )
+        bits, count = cast(int, bits), cast(int, count)  # checked above
         _expect(
             n_bytes == count * size + bits_to_bytes(count * bits),
             where,
@@ -496,7 +501,7 @@ def weight_names(model: nn.Module) -> set[str]:
 
 
 #: The storage options save and predict_bytes declare (the names are checked by _check_options).
-_OPTIONS = {"encoding": [STR], "values": [STR], "index_bits": INDEX_BITS_OR_AUTO}
+_OPTIONS: dict[str, list[Constraint]] = {"encoding": [STR], "values": [STR], "index_bits": INDEX_BITS_OR_AUTO}
 
 
 def _check_options(encoding: object, values: object, index_bits: object, where: str) -> tuple[str, str, int | str]:
@@ -504,12 +509,13 @@ def _check_options(encoding: object, values: object, index_bits: object, where: 
     check_type("values", values, str, where=where)
     if encoding not in ENCODINGS:
         raise ValueError(
-            f"{where}: unknown encoding {encoding!r}{suggest(encoding, ENCODINGS)}; "
+            f"{where}: unknown encoding {encoding!r}{suggest(cast(str, encoding), ENCODINGS)}; "
             f"valid encodings: {', '.join(ENCODINGS)}."
         )
     if values not in VALUES:
         raise ValueError(
-            f"{where}: unknown values {values!r}{suggest(values, VALUES)}; valid value types: {', '.join(VALUES)}."
+            f"{where}: unknown values {values!r}{suggest(cast(str, values), VALUES)}; "
+            f"valid value types: {', '.join(VALUES)}."
         )
     _, index_bits = check_storage_bits(32, index_bits, where)
     return encoding, values, index_bits
@@ -531,7 +537,8 @@ def _layouts(model: nn.Module) -> dict[str, str]:
 def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """``{name: first name}`` for the state-dict entries that are the same memory as an earlier
     entry (tied weights, e.g. a language model's head and its token embedding)."""
-    first, tied = {}, {}
+    first: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
     for name, tensor in state.items():
         if tensor.numel() == 0:
             continue
@@ -588,7 +595,7 @@ def _plan(model: nn.Module, encoding: str, values: str, index_bits: int | str):
         else:
             chosen = encoding if encoding != "auto" else best_format(sizes)
         predicted = bits_to_bytes(sizes[chosen]) + (0 if scale is None else scale.nbytes)
-        nm_info = (*nm, layouts[name]) if chosen == "nm" else None
+        nm_info = (*cast("tuple[int, int]", nm), layouts[name]) if chosen == "nm" else None  # "nm": nm is set
         yield name, tensor, flat, scale, chosen, kind, width, nm_info, predicted
 
 
@@ -804,8 +811,8 @@ def _read(path: Path) -> tuple[dict, bytes]:
 def _tensors(header: dict, payload: bytes, where: str) -> dict[str, torch.Tensor]:
     entries = header.get("tensors")
     _expect(isinstance(entries, list), where, "no tensor list in the header")
-    out = {}
-    for k, entry in enumerate(entries):
+    out: dict[str, torch.Tensor] = {}
+    for k, entry in enumerate(cast(list, entries)):
         if isinstance(entry, dict) and "same_as" in entry:  # checked by _declared: an earlier tensor
             _expect(entry["same_as"] in out, where, f"tensor {entry.get('name')!r} is tied to an unknown tensor")
             out[entry["name"]] = out[entry["same_as"]]
@@ -989,6 +996,7 @@ def _build(config: dict | None, where: str) -> nn.Module:
 
 def _rebuild(config: dict | None, state: dict[str, torch.Tensor], where: str) -> nn.Module:
     model = _build(config, where)
+    assert config is not None  # _build refuses anything but a dict
     plan = config.get("_plan")
     if plan:
         from prunelab import units
@@ -1159,6 +1167,7 @@ def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> boo
         if weight is None or getattr(module, "weight", None) is None or weight.shape == module.weight.shape:
             continue
         bias = getattr(module, "bias", None) is not None
+        new: nn.Module
         if isinstance(module, nn.Linear) and weight.dim() == 2:
             new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
         elif isinstance(module, nn.Embedding) and weight.dim() == 2:
@@ -1167,10 +1176,11 @@ def _resize(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> boo
             new = nn.Conv2d(
                 weight.shape[1] * module.groups,
                 weight.shape[0],
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.dilation,
+                # torch types these tuple[int, ...]; a Conv2d holds pairs
+                cast("tuple[int, int]", module.kernel_size),
+                cast("tuple[int, int]", module.stride),
+                cast("str | tuple[int, int]", module.padding),
+                cast("tuple[int, int]", module.dilation),
                 module.groups,
                 bias,
                 module.padding_mode,

@@ -38,6 +38,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -51,6 +52,9 @@ from prunelab.hf_load import (
     WEIGHTS_NAME,  # noqa: F401
     import_transformers,
 )
+
+if TYPE_CHECKING:  # annotations only: transformers is imported when the functions run
+    from transformers import PretrainedConfig
 
 #: Config entries of the MLP width, in the order they are looked for.
 INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
@@ -168,7 +172,7 @@ def _one(kind: str, values: dict[str, int], problems: list[str]) -> int | None:
 def stock_config(model: nn.Module) -> tuple[object, dict, list[str]]:
     """A copy of the model's config updated to its (thinned) shapes, the entries changed, and the
     problems that stop a stock config from describing the model (empty when it does)."""
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(cast("PretrainedConfig", model.config))
     changes: dict = {}
     problems: list[str] = []
     stack = _block_list(model)
@@ -315,6 +319,7 @@ def _template_config(model, changes: dict, state: dict[str, torch.Tensor], where
     for key, value in changes.items():
         if key == "num_hidden_layers" or isinstance(value, list):
             setattr(config, key, value)
+    problem: str | None
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -11,11 +11,15 @@ and a model file with Hugging Face metadata through it, and :mod:`prunelab.hf`, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from prunelab._files import ModelFileError
+
+if TYPE_CHECKING:  # annotations only: transformers is imported when the functions run
+    from transformers import PretrainedConfig
 
 #: The files of a save_pretrained directory: a prunelab model file, or a stock checkpoint.
 PLM_NAME = "model.plm"
@@ -72,7 +76,7 @@ def build_from_metadata(info, where: str) -> nn.Module:
     if not (isinstance(config_cls, type) and issubclass(config_cls, transformers.PretrainedConfig)):
         raise ModelFileError(f"{where}: the config class {config_name!r} is not a transformers config class.")
     try:
-        config = config_cls.from_dict(dict(info["config"]))
+        config = cast("type[PretrainedConfig]", config_cls).from_dict(dict(info["config"]))
         model = cls(config)
     except (TypeError, ValueError, KeyError) as err:
         raise ModelFileError(f"{where}: its Hugging Face config cannot build a {cls.__name__}: {err}") from None

@@ -26,6 +26,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from numbers import Integral
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from prunelab._validation import (
     MAX_REPEATS,
     MODEL,
     THREADS,
+    Constraint,
     Interval,
     Sizes,
     check_param,
@@ -64,13 +66,13 @@ __all__ = [
 ]
 
 #: What the functions that time models interleaved declare.
-_ROUNDS = {
+_ROUNDS: dict[str, list[Constraint | None]] = {
     "threads": [THREADS, None],
     "rounds": [Interval(Integral, 1, MAX_REPEATS)],
     "repeats": [Interval(Integral, 1, MAX_REPEATS)],
     "warmup": [Interval(Integral, 0, MAX_REPEATS)],
 }
-_EXAMPLE = {"model": [MODEL], "input_shape": [SHAPE, None]}
+_EXAMPLE: dict[str, list[Constraint | None]] = {"model": [MODEL], "input_shape": [SHAPE, None]}
 
 
 #: Modules that read the weights of their Linear children directly (the fused fast path of
@@ -246,7 +248,7 @@ def _linear_inputs(model: nn.Module, batch: Batch, where: str) -> dict[nn.Module
 
     def record(module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor):
-            seen.setdefault(module, tuple(args[0].shape[1:]) or (module.in_features,))
+            seen.setdefault(module, tuple(args[0].shape[1:]) or (cast(nn.Linear, module).in_features,))
 
     handles = [m.register_forward_pre_hook(record) for m in model.modules() if _is_plain_linear(m)]
     try:
@@ -411,6 +413,7 @@ def sparsify(
             if module not in inputs:
                 reason += f"; not called in the dry run, timed on ({module.in_features},)"
         if replaced:
+            assert sparse is not None  # replaced only when a sparse copy was made
             sparse.train(module.training)
             new_model = _replace(new_model, name, sparse)
         decisions.append(

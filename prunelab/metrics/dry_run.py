@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import MODEL, SHAPE, Types, check_input_shape, check_type
+from prunelab._validation import MODEL, SHAPE, Constraint, Types, check_input_shape, check_type
+
+if TYPE_CHECKING:
+    from prunelab.inputs import Batch
 
 
 class InstrumentError(RuntimeError):
@@ -27,7 +31,11 @@ class InstrumentError(RuntimeError):
 
 
 #: What every dry-run function declares (summary, count_flops, measure_latency, sparsify, ...).
-DRY_PARAMS = {"model": [MODEL], "input_shape": [SHAPE, None], "device": [Types(str, torch.device), None]}
+DRY_PARAMS: dict[str, list[Constraint | None]] = {
+    "model": [MODEL],
+    "input_shape": [SHAPE, None],
+    "device": [Types(str, torch.device), None],
+}
 DTYPE = [Types(torch.dtype), None]
 
 
@@ -49,7 +57,7 @@ def _resolve_device_dtype(
     else:
         check_type("device", device, (str, torch.device), where=where)
         try:
-            device = torch.device(device)
+            device = torch.device(cast("str | torch.device", device))
         except RuntimeError as err:
             raise ValueError(
                 f"the 'device' parameter of {where} must be a torch device. Got {device!r} instead."
@@ -57,7 +65,7 @@ def _resolve_device_dtype(
     if dtype is None:
         dtype = default_dtype
     check_type("dtype", dtype, torch.dtype, where=where)
-    return device, dtype
+    return device, cast(torch.dtype, dtype)
 
 
 def resolve_input(
@@ -76,8 +84,8 @@ class DryInput:
     ``shape`` for reports (a tuple for one tensor, a list for positional inputs, a dict for
     keyword inputs), ``device``, ``dtype``, and whether it came from ``example_inputs``."""
 
-    batch: object
-    shape: object
+    batch: Batch
+    shape: tuple[int, ...] | list | dict
     device: torch.device
     dtype: torch.dtype
     from_example: bool
@@ -97,7 +105,7 @@ class DryInput:
         return "check the 'input_shape' parameter (one input, without the batch dimension) and the dtype"
 
 
-def sample_shapes(batch) -> object:
+def sample_shapes(batch: Batch) -> tuple[int, ...] | list | dict:
     """Per-sample shapes of a batch's inputs (batch dimension dropped), in the inputs' structure."""
 
     def one(t):

@@ -50,6 +50,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -140,12 +141,12 @@ def layer_flops(module: nn.Module, output_shapes: Sequence[torch.Size]) -> FlopC
             f"layer_flops counts Linear and Conv1d/2d/3d layers (and hashed and sparse "
             f"layers) only; got {type(module).__name__}"
         )
-    weight, bias = module.weight, module.bias
-    if hasattr(module, "virtual_weight"):
+    weight, bias = module.weight, cast("torch.Tensor | None", module.bias)  # a parameter, or SparseLinear's buffer
+    if hasattr(module, "virtual_weight"):  # a hashed layer
         with torch.no_grad():
-            weight = module.virtual_weight()
+            weight = cast(HashedLayer, module).virtual_weight()
     elif hasattr(module, "dense_weight"):  # SparseLinear: its CSR weight at its dense shape
-        weight = module.dense_weight()
+        weight = cast(SparseLinear, module).dense_weight()
     n_out = weight.shape[0]  # out_features or out_channels
     positions = sum(math.prod(shape) // n_out for shape in output_shapes)
     dense = 2 * weight.numel() * positions

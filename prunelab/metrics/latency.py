@@ -19,12 +19,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import cast
 
 import torch
 from torch import nn
 
 from prunelab._hooks import eval_mode
-from prunelab._validation import MAX_BATCH, MAX_REPEATS, THREADS, Interval, Sizes, validate_params
+from prunelab._validation import MAX_BATCH, MAX_REPEATS, THREADS, Constraint, Interval, Sizes, validate_params
 from prunelab.metrics.dry_run import DRY_PARAMS, DryInput, on_device, resolve_dry_input
 
 _WHERE = "measure_latency"
@@ -71,7 +72,9 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 def _check_batch_sizes(batch_sizes: object) -> tuple[int, ...]:
     """The declared batch sizes as a tuple of ints (checked by the declaration)."""
-    return (int(batch_sizes),) if isinstance(batch_sizes, Integral) else tuple(int(b) for b in batch_sizes)
+    if isinstance(batch_sizes, Integral):
+        return (int(batch_sizes),)
+    return tuple(int(b) for b in cast(Sequence[int], batch_sizes))  # a sequence: checked by Sizes
 
 
 def _make_batch(dry: DryInput, batch_size: int, generator: torch.Generator):
@@ -136,7 +139,7 @@ def _summarise(batch_size: int, times: list[float], threads: int, device: torch.
 #: The longest a measurement may be asked to go on (``min_seconds``).
 MAX_SECONDS = 3600.0
 #: What measure_latency and the functions that time models declare.
-TIMING = {
+TIMING: dict[str, list[Constraint | None]] = {
     "batch_sizes": [Sizes(MAX_BATCH)],
     "warmup": [Interval(Integral, 0, MAX_REPEATS)],
     "repeats": [Interval(Integral, 1, MAX_REPEATS)],

@@ -34,6 +34,7 @@ Bytes are ``ceil(bits / 8)`` per tensor.
 from __future__ import annotations
 
 from numbers import Integral
+from typing import cast
 
 import torch
 
@@ -58,7 +59,9 @@ def check_storage_bits(bits: object, index_bits: object, where: str) -> tuple[in
     """Validate the bits per value (``[1, 64]``) and bits per relative index (``[1, 16]`` or ``"auto"``)."""
     check_param("bits", bits, BITS, where=where)
     check_param("index_bits", index_bits, INDEX_BITS_OR_AUTO, where=where)
-    return int(bits), (index_bits if index_bits == "auto" else int(index_bits))
+    # the declarations accept only an Integral, or "auto" for index_bits
+    n_bits = int(cast(Integral, bits))
+    return n_bits, (index_bits if index_bits == "auto" else int(cast(Integral, index_bits)))
 
 
 #: Elements per slice when scanning for gaps, to bound the memory of the index tensor.
@@ -129,16 +132,16 @@ def storage_bits(
     ``n_fill`` from :func:`csr_fillers`; ``nm = (N/m)·n·(b + ceil(log2 m))``.
     """
     bits, index_bits = check_storage_bits(bits, index_bits, "storage_bits")
-    if index_bits == "auto":
-        index_bits = best_index_bits(tensor, bits)
+    # "auto" is the only str the check lets through
+    width: int = best_index_bits(tensor, bits) if isinstance(index_bits, str) else index_bits
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
     nnz = int(torch.count_nonzero(flat).item())
-    n_fill = csr_fillers(flat, index_bits)
+    n_fill = csr_fillers(flat, width)
     sizes = {
         "dense": n * bits,
         "bitmask": n + nnz * bits,
-        "csr": (nnz + n_fill) * (bits + index_bits),
+        "csr": (nnz + n_fill) * (bits + width),
     }
     if nm is not None:
         sizes["nm"] = nm_bits(n, nm[0], nm[1], bits)
@@ -163,7 +166,7 @@ class StorageTally:
     ``"mixed"`` if they differ, ``None`` if no tensor was added.
     """
 
-    def __init__(self, bits: int, index_bits: int):
+    def __init__(self, bits: int, index_bits: int | str):
         self.bits = bits
         self.index_bits = index_bits
         self.bytes = dict.fromkeys(FORMATS, 0)

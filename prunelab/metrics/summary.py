@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -165,9 +166,9 @@ def _cell(attribute: str, value: object) -> str:
     if value is None:
         return "-"
     if attribute == "name":
-        return value or "(root)"
+        return cast(str, value) or "(root)"
     if attribute == "sparsity":
-        return f"{100 * value:.2f}"
+        return f"{100 * cast(float, value):.2f}"
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.2f}"
     if isinstance(value, int):
@@ -329,7 +330,7 @@ def _prunable_ids(model: nn.Module, prunable: Iterable[str] | str | None, where:
             f"parameter names. Got {prunable!r} of type {type(prunable).__name__} instead."
         )
     names = list(prunable)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     for prefix, module in model.named_modules():
         if isinstance(module, SparseLinear):
             params.update(

@@ -43,6 +43,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from numbers import Integral
+from typing import cast
 
 import torch
 from torch import nn
@@ -160,7 +161,10 @@ class SparseLinear(nn.Module):
         """The ``(out_features, in_features)`` weight as a ``torch.sparse_csr`` tensor."""
         # read on every forward call: the fast path avoids nn.Module.__getattr__
         buffers, cache = self._buffers, self._csr_cache
-        arrays = (buffers["crow_indices"], buffers["col_indices"], buffers["values"])
+        arrays = cast(  # registered in __init__ and replaced only by tensors: never None
+            "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
+            (buffers["crow_indices"], buffers["col_indices"], buffers["values"]),
+        )
         if cache is not None and cache[0] is arrays[0] and cache[1] is arrays[1] and cache[2] is arrays[2]:
             return cache[3]
         # first use, or .to()/.double()/load_state_dict replaced the arrays: check them once, as a
