@@ -354,7 +354,7 @@ def _tensors(value):
 def capture_inputs(model: nn.Module, batches: list, block: nn.Module, into: InputCache | None = None):
     """``block``'s ``(args, kwargs)`` on every batch, from forwards of ``model`` cut short
     once the block is reached; appended to ``into`` when given (and returned), else a list."""
-    captured = [] if into is None else into
+    captured: list[tuple] | InputCache = [] if into is None else into
 
     def pre(module, args, kwargs):
         captured.append((args, kwargs))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from numbers import Integral
+from typing import cast
 
 import torch
 
@@ -162,7 +163,7 @@ class GradientMagnitude(Criterion):
             raise ValueError(
                 f"gradient criterion: no gradient for {', '.join(missing)}; call loss.backward() before observing."
             )
-        products = [(t.weight.detach() * g).abs_() for t, g in zip(targets, grads)]
+        products = [(t.weight.detach() * cast(torch.Tensor, g)).abs_() for t, g in zip(targets, grads)]
         if self._sums is None:
             self._sums = products
         else:

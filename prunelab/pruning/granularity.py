@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 from numbers import Integral
+from typing import cast
 
 import torch
 
@@ -203,7 +204,7 @@ class FilterGranularity(Granularity):
 def _conv_groups(target: Target | None) -> int:
     if target is None or target.layout != "conv":
         return 1
-    return target.module.groups
+    return cast(int, target.module.groups)
 
 
 @GRANULARITIES.register("channel")

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 
 class MaskSet:
@@ -35,11 +34,11 @@ class MaskSet:
     not a second copy of the model."""
 
     def __init__(self):
-        self._masks: dict[nn.Parameter, torch.Tensor] = {}
-        self._params: list[nn.Parameter] = []
+        self._masks: dict[torch.Tensor, torch.Tensor] = {}
+        self._params: list[torch.Tensor] = []
         self._float: list[torch.Tensor] | None = None
 
-    def set(self, param: nn.Parameter, keep: torch.Tensor) -> None:
+    def set(self, param: torch.Tensor, keep: torch.Tensor) -> None:
         """Set the keep-mask (bool or {0,1}) of ``param``; all-ones masks are dropped."""
         keep = keep.to(device=param.device)
         if bool(keep.all()):
@@ -49,7 +48,7 @@ class MaskSet:
         self._params = list(self._masks)
         self._float = None
 
-    def get(self, param: nn.Parameter) -> torch.Tensor | None:
+    def get(self, param: torch.Tensor) -> torch.Tensor | None:
         """The bool keep-mask of ``param`` (None: nothing pruned)."""
         return self._masks.get(param)
 
@@ -83,7 +82,8 @@ class MaskSet:
             return
         grads = [p.grad for p in self._params]
         try:
-            torch._foreach_mul_(grads, self._values)
+            # a None gradient raises the TypeError handled below
+            torch._foreach_mul_(grads, self._values)  # type: ignore[arg-type]
         except TypeError:  # some parameter has no gradient this step
             pairs = [(g, m) for g, m in zip(grads, self._values) if g is not None]
             if pairs:

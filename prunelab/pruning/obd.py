@@ -85,8 +85,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from numbers import Integral
+from typing import cast
 
 import torch
+import torch.nn.grad
 from torch import nn
 from torch.nn import functional as F
 
@@ -117,6 +119,9 @@ class OBD(Criterion):
 
     name = "obd"
     needs_data = True
+    _sums: list[torch.Tensor] | None  # the running GGN sums, per target (set by reset() and calibrate())
+    _count: int
+    _names: list[str]
 
     @validate_params(
         {"mode": [Options({"exact", "mc"})], "samples": [Interval(Integral, 1, MAX_REPEATS)], "seed": [SEED]},
@@ -170,6 +175,7 @@ class OBD(Criterion):
         """One target's ``½ · h · w²`` at a time (its ``h`` made when it is scored)."""
         if self._sums is None or self._count == 0:
             self.hessian_diagonal()  # raises: nothing calibrated
+        assert self._sums is not None
         if [t.name for t in targets] != self._names:
             raise ValueError(f"{_WHERE}: calibrated on {self._names}, asked to score {[t.name for t in targets]}.")
         for t, s in zip(targets, self._sums):
@@ -177,9 +183,9 @@ class OBD(Criterion):
             yield (0.5 * h * t.weight.detach().double().square()).to(t.weight.dtype)
 
     def reset(self) -> None:
-        self._sums: list[torch.Tensor] | None = None
+        self._sums = None
         self._count = 0
-        self._names: list[str] = []
+        self._names = []
 
     @property
     def n_samples(self) -> int:
@@ -302,12 +308,12 @@ class _Rows:
     per position (the cross terms between positions vanish in expectation: still unbiased)."""
 
     def __init__(self, p: torch.Tensor, counted: torch.Tensor, obd: OBD | None, drawn=None):
-        self.shape = p.shape
+        self.shape: tuple[int, ...] = p.shape
         self.p = p.reshape(p.shape[0], -1, p.shape[-1])  # (N, T, C); T = 1 for classes
         self.counted = counted.reshape(p.shape[0], -1)
         self.mode = obd.mode if obd is not None else "mc"
         if self.mode == "mc":
-            self.drawn = drawn if drawn is not None else self._draw(obd)
+            self.drawn = drawn if drawn is not None else self._draw(cast(OBD, obd))  # drawn or an OBD's
             self.n = self.drawn.shape[0]
         else:
             self.positions = torch.nonzero(self.counted.any(0)).flatten()
@@ -360,7 +366,7 @@ def _fast_routes(model: nn.Module, targets: Sequence[Target]) -> list[str | None
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    routes = []
+    routes: list[str | None] = []
     for t in targets:
         module = t.module
         if t.param_name != "weight" or uses.get(id(t.weight), 0) > 1:
@@ -482,7 +488,7 @@ def _batched_grad(logits, params, grad_rows) -> list:
 def _squared_gradients(route: str, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``Σ_c Σ_n (∂(a_{n,c}ᵀ f_n)/∂W)²`` for one layer; ``delta`` is (c, N, *z.shape[1:])."""
     if route == "conv":
-        return _conv_squared(module, x, delta)
+        return _conv_squared(cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", module), x, delta)  # the conv route
     if route == "transposed":  # HF Conv1D: z = x W + b with W (in, out), the Linear case transposed
         return _squared_gradients("linear", module, x, delta).T
     if route == "linear":
@@ -497,10 +503,11 @@ def _squared_gradients(route: str, module: nn.Module, x: torch.Tensor, delta: to
             shape=(delta.shape[-1], x.shape[-1]),
             input_size=x[0].numel(),
         )
-    patches = _Patches(module, x)
+    conv = cast(nn.Conv2d, module)  # the conv2d route
+    patches = _Patches(conv, x)
     delta = delta.flatten(3)  # (c, N, O, P)
     h = _sum_squared(delta, patches, "cnop,nkp->cnok", shape=(delta.shape[2], patches.rows), input_size=patches.size)
-    return h.reshape(module.weight.shape)
+    return h.reshape(conv.weight.shape)
 
 
 def _sum_squared(
@@ -533,7 +540,7 @@ class _Patches:
 
     def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
         self.conv, self.x = conv, x
-        pads = []  # F.pad order: (left, right, top, bottom)
+        pads: list[int] = []  # F.pad order: (left, right, top, bottom)
         for dim in (1, 0):
             if conv.padding == "valid":
                 pads += [0, 0]
@@ -541,7 +548,7 @@ class _Patches:
                 total = conv.dilation[dim] * (conv.kernel_size[dim] - 1)
                 pads += [total // 2, total - total // 2]
             else:
-                pads += [conv.padding[dim]] * 2
+                pads += [cast("tuple[int, ...]", conv.padding)[dim]] * 2  # neither 'valid' nor 'same'
         self.symmetric = pads[0] == pads[1] and pads[2] == pads[3] and conv.padding_mode == "zeros"
         self.pads = pads
         k = conv.kernel_size
@@ -552,6 +559,7 @@ class _Patches:
 
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
         conv, x = self.conv, self.x[lo:hi]
+        padding: tuple[int, int] | int
         if self.symmetric:
             padding = (self.pads[2], self.pads[0])
         else:
@@ -574,25 +582,25 @@ class _Patches:
 _CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
-def _conv_padding(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _conv_padding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The input padded as the conv pads it (for 'same', circular, reflect...), and the padding left."""
     dims = conv.weight.dim() - 2
     if conv.padding == "valid":
         return x, (0,) * dims
     if conv.padding != "same" and conv.padding_mode == "zeros":
-        return x, tuple(conv.padding)
-    pads = []  # F.pad order: last dimension first
+        return x, tuple(cast("tuple[int, ...]", conv.padding))  # neither 'valid' nor 'same'
+    pads: list[int] = []  # F.pad order: last dimension first
     for d in reversed(range(dims)):
         if conv.padding == "same":
             total = conv.dilation[d] * (conv.kernel_size[d] - 1)
             pads += [total // 2, total - total // 2]
         else:
-            pads += [conv.padding[d]] * 2
+            pads += [cast("tuple[int, ...]", conv.padding)[d]] * 2  # neither 'valid' nor 'same'
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     return F.pad(x, pads, mode=mode), (0,) * dims
 
 
-def _conv_squared(conv: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def _conv_squared(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Σ over rows and samples of the squared per-sample weight gradients of any Conv1d/2d/3d
     (grouped, depthwise): the (row, sample) pairs are folded into the channels of one input, with
     ``groups × pairs`` groups, so that one weight-gradient convolution gives every pair's gradient."""

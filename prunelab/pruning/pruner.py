@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
+from typing import cast
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ Batches = Iterable  # (x, y) pairs, input tensors, dicts of keyword inputs: see 
 
 #: What Pruner and prune declare alike (a larger ``min_keep`` than a layer has keeps the layer whole:
 #: no upper bound).
-_COMMON = {
+_COMMON: dict[str, list] = {
     "model": [MODEL],
     "sparsity": [SPARSITY, MAPPING, None],
     "criterion": [Types(str, Mapping, Criterion)],
@@ -200,7 +201,8 @@ class Pruner:
         self._hooks: list[OptimizerHooks] = []
         self._rewind_step, self._snapshot = self._init_rewind(rewind)
         if optimizer is not None:
-            for opt in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
+            # not a list or tuple: one optimiser (attach() checks it is one)
+            for opt in optimizer if isinstance(optimizer, (list, tuple)) else [cast(torch.optim.Optimizer, optimizer)]:
                 self.attach(opt)
 
     # ----------------------------------------------------------------- set-up
@@ -625,6 +627,7 @@ class Pruner:
 
     @torch.no_grad()
     def _rewind(self) -> None:
+        assert self._snapshot is not None  # called only once the snapshot is taken
         for name, p in self.model.named_parameters():
             p.copy_(self._snapshot[name])
         self.masks.apply_to_weights()
@@ -662,7 +665,7 @@ class Pruner:
             "next_event": self._next_event,
             "masks": {t.name: self.mask(t.name) for t in self.targets},
             "bias_masks": {
-                t.name: self.masks.get(bias).bool()
+                t.name: cast(torch.Tensor, self.masks.get(bias)).bool()  # masked: `bias in self.masks`
                 for t in self.targets
                 for bias in [_unit_bias(t)[0]]
                 if bias is not None and bias in self.masks
@@ -679,7 +682,8 @@ class Pruner:
         for name, keep in state["masks"].items():
             self.masks.set(names[name].weight, keep.bool())
         for name, keep in state.get("bias_masks", {}).items():
-            self.masks.set(_unit_bias(names[name])[0], keep.bool())
+            # state_dict() saves bias masks only for targets that have a bias
+            self.masks.set(cast(torch.Tensor, _unit_bias(names[name])[0]), keep.bool())
         self.step_count = int(state["step_count"])
         self._next_event = int(state["next_event"])
         self.apply_masks()
@@ -702,6 +706,7 @@ def _unit_bias(target: Target) -> tuple[torch.Tensor | None, slice]:
         and target.param_name != "in_proj_weight"
         and getattr(module, "in_proj_bias", None) is not None
     ):
+        module = cast(nn.MultiheadAttention, module)  # the attention layout: a MultiheadAttention's weight
         d = module.embed_dim
         third = ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(target.param_name)
         return module.in_proj_bias, slice(third * d, (third + 1) * d)

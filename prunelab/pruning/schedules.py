@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from numbers import Real
+from typing import cast
 
 from prunelab._validation import (
     EVERY,
@@ -189,8 +190,9 @@ class FixedFraction(Schedule):
             raise ValueError(f"{where} needs 'n_prunes', 'sparsity' or both; got neither.")
         self.sparsity = None if sparsity is None else float(sparsity)
         if n_prunes is None:
+            assert self.sparsity is not None  # checked above: not both None
             n_prunes = self._events_to_reach(self.sparsity)
-            if n_prunes > N_PRUNES.high:  # a tiny fraction to a high sparsity: too many events
+            if n_prunes > cast(float, N_PRUNES.high):  # a tiny fraction to a high sparsity: too many events
                 raise ValueError(
                     f"{where}: fraction={self.fraction:g} needs {n_prunes} events to reach "
                     f"sparsity={self.sparsity:g}, more than {N_PRUNES.high}; raise the fraction."

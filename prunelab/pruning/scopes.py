@@ -36,6 +36,7 @@ bookkeeping (which layers it held) is the scope's too: :meth:`Scope.held`, :meth
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,7 @@ class Allocation:
     held: tuple[int, ...] = ()  # layers (indices) the no-empty-layer guard held above the target
 
 
-def _per_layer(sparsity: float | list[float], layers: list) -> list[float]:
+def _per_layer(sparsity: float | list[float], layers: Sequence) -> list[float]:
     return list(sparsity) if isinstance(sparsity, list) else [sparsity] * len(layers)
 
 

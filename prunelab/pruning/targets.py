@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ def is_hf_conv1d(module: nn.Module, *, check_sizes: bool = True) -> bool:
     weight = getattr(module, "weight", None)
     if type(module).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor) or not hasattr(module, "nf"):
         return False
-    return not check_sizes or (weight.dim() == 2 and module.nf == weight.shape[1])
+    return not check_sizes or (weight.dim() == 2 and cast(int, module.nf) == weight.shape[1])
 
 
 def layout_of(module: nn.Module, param_name: str) -> str:
@@ -110,9 +111,9 @@ class Target:
         for ``weight_ih_l0``; None otherwise."""
         layout = self.layout
         if layout in ("linear", "conv", "transposed"):
-            return self.module.bias
+            return cast("nn.Parameter | None", self.module.bias)
         if layout == "attention" and self.param_name == "in_proj_weight":
-            return self.module.in_proj_bias
+            return cast("nn.Parameter | None", self.module.in_proj_bias)
         if layout == "recurrent":
             return getattr(self.module, "bias" + self.param_name[len("weight") :], None)
         return None

@@ -154,7 +154,7 @@ class Wanda(Criterion):
         )
         self.compute_dtype = blk.check_compute_dtype(compute_dtype, "sequential", where)
         self.updates_weights = blocks is not None  # block by block it prunes as it goes
-        self._stack = None
+        self._stack: nn.Module | None = None
         self._norms: dict[str, torch.Tensor] | None = None
         self._batches: list | None = None
         self.skipped: dict[str, str] = {}  # default targets left dense: {name: reason}
@@ -285,6 +285,7 @@ class _BlockByBlock:
 
     def run(self, sparsities: list[float]) -> tuple[NormReport, tuple[str, ...]]:
         c, request = self.criterion, self.request
+        assert c._batches is not None  # solve() checked
         wanted = {t.name: s for t, s in zip(request.targets, sparsities)}
         report, held = NormReport(), []
         report.skipped = dict(c.skipped)
@@ -334,6 +335,7 @@ class _BlockByBlock:
             norm_seconds = 0.0
             if recorder is None:
                 recorder, norm_seconds = self._norms(block, members)
+            assert self.inputs is not None  # run() made it
             live = self.inputs.cached_bytes() + sum(v.numel() * v.element_size() for v in recorder.sums.values())
             chosen = time.perf_counter()
             held = self._prune(target, recorder.sums.pop(target.name).sqrt(), sparsity)
@@ -355,6 +357,7 @@ class _BlockByBlock:
 
     def _runs(self):
         """``(block, [targets])`` for each run of consecutive targets in one block (None: outside)."""
+        assert self.inputs is not None  # run() made it
         runs = []
         for target in self.active:
             block = self.inputs.block[target.name]
@@ -369,6 +372,7 @@ class _BlockByBlock:
         the whole model as pruned so far for layers outside the stack."""
         started = time.perf_counter()
         model, inputs, batches = self.request.model, self.inputs, self.criterion._batches
+        assert inputs is not None and batches is not None  # run() made the inputs; solve() checked the batches
         recorder = InputNorms(members, inputs.parents)
         if block is None:
             inputs.forget()  # the whole model runs: a cache would be stale after this prune
@@ -396,5 +400,6 @@ class _BlockByBlock:
         mask = request.masks.get(target.weight)
         if mask is not None:  # now: the next block's inputs come from the pruned weights
             target.weight.masked_fill_(~mask, 0)
+        assert self.inputs is not None  # run() made it
         self.inputs.pruned(target)
         return held

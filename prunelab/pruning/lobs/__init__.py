@@ -58,8 +58,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
+from typing import cast
 
 import torch
+from torch import nn
 
 from prunelab._hooks import eval_mode
 from prunelab._memory import PeakMemory
@@ -192,7 +194,8 @@ class LayerwiseOBS(Criterion):
             "offload": [Options(OFFLOADS), None],
             "progress": [bool, None],
         },
-        where=lambda self: f"{self.name} criterion",
+        # validate_params takes a callable ``where(self)`` too (its annotation says str | None)
+        where=lambda self: f"{self.name} criterion",  # type: ignore[arg-type]
     )
     def __init__(
         self,
@@ -215,15 +218,15 @@ class LayerwiseOBS(Criterion):
         self.block_size = int(block_size)
         self.blocks, self.offload, self.progress = blk.check_block_options(blocks, offload, progress, self.mode, where)
         self.compute_dtype = blk.check_compute_dtype(compute_dtype, self.mode, where)
-        self._stack = None
+        self._stack: nn.Module | None = None
         self._batches: list | None = None
-        self._original = None
+        self._original: nn.Module | None = None
         self._hessians: dict[str, LayerHessian] = {}
         self.skipped: dict[str, str] = {}  # default targets left dense: {name: reason}
         self.last_report: Report | None = None
         self.last_held: tuple[str, ...] = ()
         self.last_forwards: dict = {}  # sequential mode: batches run per kind of forward
-        self._sequential = None
+        self._sequential: SequentialHessians | None = None
 
     # ------------------------------------------------------------ data
     def _supported(self, model, targets) -> list:
@@ -316,8 +319,10 @@ class LayerwiseOBS(Criterion):
                 f"to the Pruner, or data= to prune()."
             )
         if self.mode == "sequential":
+            assert self._sequential is not None  # built by solve() before any layer is solved
             return self._sequential.get(target)
         if self.low_memory:
+            assert self._original is not None  # copied by calibrate() in low-memory parallel mode
             twin = dict(self._original.named_modules())[target.module_name]
             copy_target = type(target)(target.name, target.module_name, twin, target.param_name)
             return hessian.collect(self._original, [copy_target], self._batches, with_bias=self.update_bias)[
@@ -378,14 +383,16 @@ class LayerwiseOBS(Criterion):
                     keeps.append(solution.keep)
                     report.append(solution.report)
                     if self.mode == "sequential":
+                        assert self._sequential is not None
                         self._sequential.pruned(target)
                     bar.step(target)
         finally:
             if bar is not None:
                 bar.close()
-            if getattr(self, "_sequential", None) is not None:
-                self._sequential.restore()
-                self.last_forwards = self._sequential.forwards
+            sequential = getattr(self, "_sequential", None)
+            if sequential is not None:
+                sequential.restore()
+                self.last_forwards = sequential.forwards
             self._sequential = None
             if spill is not None:
                 spill.close()
@@ -402,12 +409,20 @@ class LayerwiseOBS(Criterion):
             h = self._hessian(request, target)
             live = h.xtx.numel() * h.xtx.element_size()
             if self.mode == "sequential":
+                assert self._sequential is not None
                 live += self._sequential.cached_bytes() + self._sequential.ready_bytes()
             solution = self.solve_layer(request.problem(target, sparsity, weight_matrix(target)), h)
             del h
-        block = self._sequential.block_name[target.name] if self.mode == "sequential" else None
+        block = None
+        if self.mode == "sequential":
+            assert self._sequential is not None
+            block = self._sequential.block_name[target.name]
         solution.report = dataclasses.replace(
-            solution.report, block=block, seconds=time.perf_counter() - started, peak_memory=peak.peak, live_bytes=live
+            cast(LayerReport, solution.report),
+            block=block,
+            seconds=time.perf_counter() - started,
+            peak_memory=peak.peak,
+            live_bytes=live,
         )
         return solution
 
@@ -417,7 +432,10 @@ class LayerwiseOBS(Criterion):
         return self._stack
 
     def _progress_bar(self, todo) -> blk.BlockBar:
-        names = self._sequential.block_name if self.mode == "sequential" else {}
+        names: dict[str, str | None] = {}
+        if self.mode == "sequential":
+            assert self._sequential is not None  # built by solve() before the bar
+            names = self._sequential.block_name
         shown = sys.stderr.isatty() if self.progress is None else self.progress
         return blk.BlockBar(todo, names, shown, self.name)
 
@@ -459,7 +477,7 @@ class LayerwiseOBS(Criterion):
                 solution = self._structured(target, W_full, H, sparsity, alive, d_in, problem.min_keep)
             elif nm is not None:
                 solution = _in_order(
-                    order,
+                    cast(torch.Tensor, order),  # made for N:M above
                     W_full,
                     H,
                     alive,
@@ -485,6 +503,7 @@ class LayerwiseOBS(Criterion):
                 new_bias[r] = solution.W[:, d_in]
         self._write(target, new_W * keep, keep)
         if bias_param is not None:
+            assert new_bias is not None  # a copy of the bias
             bias_param.copy_(new_bias.to(bias_param.dtype))
         keep = keep.t() if target.layout == "transposed" else keep.reshape(target.weight.shape)
         report = LayerReport(

@@ -40,6 +40,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -150,7 +151,7 @@ def check_target(target: Target, where: str = "L-OBS", parents: dict | None = No
 
 
 # ------------------------------------------------------------------ input columns
-def conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def conv_columns(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """A conv layer's input patches as ``(groups, n, in/groups · prod(kernel))``, one row per
     output position, each group's columns ordered like its rows of ``W.reshape(out, -1)``."""
     dims = len(module.kernel_size)
@@ -244,7 +245,7 @@ def _attention_columns(target: Target, mha, call: dict, output, name: str):
 
 
 def _recurrent_columns(target: Target, args, output, name: str):
-    module, x = target.module, args[0]
+    module, x = cast(nn.RNNBase, target.module), args[0]  # a recurrent layout: an RNN/LSTM/GRU
     pname = target.param_name
     if pname in ("weight_ih_l0", "weight_ih_l0_reverse"):
         data = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
@@ -282,8 +283,9 @@ def rnn_layer_inputs(module: nn.RNNBase, x: torch.Tensor, hx, layer: int):
         hx = tuple(h if batched else h.unsqueeze(1) for h in (hx if isinstance(hx, tuple) else (hx,)))
     extra = {"nonlinearity": module.nonlinearity} if isinstance(module, nn.RNN) else {}
     for index in range(layer + 1):
+        # type(module) is an RNN, LSTM or GRU, whose constructors take input_size first (RNNBase's takes mode)
         twin = type(module)(
-            seq.shape[-1],
+            seq.shape[-1],  # type: ignore[arg-type]
             module.hidden_size,
             1,
             bias=module.bias,
@@ -328,7 +330,7 @@ def columns(target: Target, parents: dict, site: nn.Module, args, kwargs, output
         return _recurrent_columns(target, args, output, name)
     key = _key(x)
     if layout == "conv":
-        return conv_columns(site, x.detach()), key
+        return conv_columns(cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", site), x.detach()), key  # a conv's own site
     return [x.detach().reshape(-1, x.shape[-1])], key
 
 

@@ -17,6 +17,8 @@ the one-by-one order, vectorised over rows.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from prunelab.pruning.lobs.common import Solution, inverse, nm_choice
@@ -50,7 +52,8 @@ def solve(
     if epsilon is None and nm is None:
         order = torch.argsort(L.flatten(), stable=True)
         chosen = torch.zeros(L.numel(), dtype=torch.bool)
-        chosen[order[: max(int(n_prune), int((~alive).sum()))]] = True
+        # without epsilon (or past its limit) the caller gives n_prune
+        chosen[order[: max(int(cast(int, n_prune)), int((~alive).sum()))]] = True
         chosen = chosen.reshape(L.shape) & prunable.expand_as(L)
         chosen |= ~alive
     predicted = float((2 * L[chosen & alive]).sum())

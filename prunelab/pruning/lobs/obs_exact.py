@@ -25,6 +25,8 @@ is down to ``n`` (:func:`trace_nm`: no compaction, rows that are done wait).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from prunelab.pruning.lobs.common import Solution, inverse
@@ -70,7 +72,8 @@ def solve(
         if limit is not None and int(counts.sum()) > limit:
             n_prune, epsilon, held = limit, None, True
     if epsilon is None:
-        k = min(max(int(n_prune), int((~alive).sum())), rows * m)
+        # without epsilon (or past its limit) the caller gives n_prune
+        k = min(max(int(cast(int, n_prune)), int((~alive).sum())), rows * m)
         taken = torch.zeros(rows * m, dtype=torch.bool)
         taken[torch.argsort(price.flatten(), stable=True)[:k]] = True
         counts = taken.reshape(rows, m).sum(dim=1)

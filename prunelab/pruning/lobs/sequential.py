@@ -98,7 +98,7 @@ class SequentialHessians:
         keys = {t.name: None for t in self.targets}  # this batch's input keys
         firsts: dict[str, str | None] = {}  # the first target that read the same tensor
         called: dict[str, int] = {}
-        signatures = {t.name: [] for t in self.targets}
+        signatures: dict[str, list[str | None]] = {t.name: [] for t in self.targets}
 
         def hook_for(target):
             def hook(module, args, kwargs, output):
@@ -211,7 +211,8 @@ class SequentialHessians:
         self.restore()
 
     def _inputs_of(self, block: nn.Module) -> blk.InputCache:
-        path, b = [block], block
+        path = [block]
+        b: nn.Module | None = block
         while self._cache is None or self._cache[0] is not b:
             b = self.trace.previous(b)
             if b is None:
