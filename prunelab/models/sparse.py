@@ -43,6 +43,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from numbers import Integral
+from typing import cast
 
 import torch
 from torch import nn
@@ -159,7 +160,8 @@ class SparseLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight as a ``torch.sparse_csr`` tensor."""
         # read on every forward call: the fast path avoids nn.Module.__getattr__
-        buffers, cache = self._buffers, self._csr_cache
+        # the three CSR buffers are registered in __init__ as tensors, never None
+        buffers, cache = cast("dict[str, torch.Tensor]", self._buffers), self._csr_cache
         arrays = (buffers["crow_indices"], buffers["col_indices"], buffers["values"])
         if cache is not None and cache[0] is arrays[0] and cache[1] is arrays[1] and cache[2] is arrays[2]:
             return cache[3]
