@@ -304,6 +304,7 @@ def loss_terms(loss: Loss, output, batch: Batch, reduction: str = "mean", *, tru
     """The loss of ``output`` on ``batch`` (``reduction`` "mean" or "sum") and its accuracy counts.
     ``trusted``: the targets were checked whole beforehand (:attr:`Data.trusted`): valid class
     indices with no ignored entry, so the per-batch checks (~60 µs a step) are skipped."""
+    correct: int | None  # None: the output has no class or token targets
     if loss.is_cross_entropy:
         logits = loss.logits(output)
         flat_logits, flat_targets = _flat(logits, batch, loss.where, trusted)
@@ -318,7 +319,6 @@ def loss_terms(loss: Loss, output, batch: Batch, reduction: str = "mean", *, tru
         )
     if reduction == "sum":
         value = value * batch.size
-    correct: int | None
     try:
         counted, correct = _hits(*loss_targets(loss.logits(output), batch, where=loss.where))
     except ValueError:  # not class/token targets (a regression, a custom output)
