@@ -160,9 +160,11 @@ class SparseLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight as a ``torch.sparse_csr`` tensor."""
         # read on every forward call: the fast path avoids nn.Module.__getattr__
-        # the three CSR buffers are registered in __init__ as tensors, never None
-        buffers, cache = cast("dict[str, torch.Tensor]", self._buffers), self._csr_cache
-        arrays = (buffers["crow_indices"], buffers["col_indices"], buffers["values"])
+        buffers, cache = self._buffers, self._csr_cache
+        arrays = cast(  # registered in __init__ and replaced only by tensors: never None
+            "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
+            (buffers["crow_indices"], buffers["col_indices"], buffers["values"]),
+        )
         if cache is not None and cache[0] is arrays[0] and cache[1] is arrays[1] and cache[2] is arrays[2]:
             return cache[3]
         # first use, or .to()/.double()/load_state_dict replaced the arrays: check them once, as a
