@@ -41,7 +41,7 @@ def exclusive_temp(path: str | os.PathLike) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, f"no free temporary name next to {path}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a new temporary file next to ``path``, fsync it and rename it onto
     ``path``; on any failure the temporary file is removed and the error raised. Returns ``path``."""
     path = Path(path)

@@ -20,9 +20,9 @@ import difflib
 import functools
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 
 def _where(param: str, where: str | None) -> str:
@@ -41,6 +41,45 @@ def _interval(low: float | None, high: float | None, closed: str) -> str:
     left = "[" if closed in ("both", "left") else "("
     right = "]" if closed in ("both", "right") else ")"
     return f"{left}{_bound(low, '-inf')}, {_bound(high, 'inf')}{right}"
+
+
+@overload
+def check_number(
+    param: str,
+    value: Any,
+    *,
+    where: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    closed: str = "both",
+    integer: Literal[False] = False,
+) -> float: ...
+
+
+@overload
+def check_number(
+    param: str,
+    value: Any,
+    *,
+    where: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    closed: str = "both",
+    integer: Literal[True],
+) -> int: ...
+
+
+@overload
+def check_number(
+    param: str,
+    value: Any,
+    *,
+    where: str | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    closed: str = "both",
+    integer: bool = False,
+) -> float | int: ...
 
 
 def check_number(
@@ -232,7 +271,7 @@ class Interval(Constraint):
 
     def invalid_values(self) -> list:
         step = 1 if self.kind is Integral else 0.5
-        out = []
+        out: list[Any] = []
         if self.low is not None:
             out.append(self.low if self.closed in ("right", "neither") else self.low - step)
         if self.high is not None:
@@ -504,7 +543,7 @@ def check_param(param: str, value: Any, constraints: Iterable, *, where: str | N
     )
 
 
-def validate_params(constraints: dict[str, list], *, where: str | None = None):
+def validate_params(constraints: Mapping[str, list[Any]], *, where: str | Callable[[Any], str] | None = None):
     """Declare what each parameter of a function (or of a class's ``__init__``) accepts, and
     check the arguments against it before the body runs::
 
@@ -547,7 +586,8 @@ def validate_params(constraints: dict[str, list], *, where: str | None = None):
 def param_constraints(obj: Any) -> tuple[str, dict[str, list[Constraint]]] | None:
     """``(where, {parameter: constraints})`` declared on a function or class constructor, or None.
     ``where`` is the name in messages; a function's may be a callable of its first argument."""
-    fn = obj.__init__ if isinstance(obj, type) else obj
+    # a class's constructor, read from the class object (mypy sees an instance's __init__)
+    fn = obj.__init__ if isinstance(obj, type) else obj  # type: ignore[misc]
     declared = getattr(fn, "__param_constraints__", None)
     if declared is None:
         return None
@@ -580,8 +620,9 @@ def cli_type(flag: str, command: str, *constraints: Any):
         return parsed
 
     parse.__name__ = flag.lstrip("-").replace("-", "_")
-    parse.constraints = resolved
-    parse.flag = flag
+    # attributes of the parser function, read by the tests (getattr(action.type, "constraints"))
+    parse.constraints = resolved  # type: ignore[attr-defined]
+    parse.flag = flag  # type: ignore[attr-defined]
     return parse
 
 
@@ -622,4 +663,6 @@ SHAPE = Shape()
 def check_input_shape(input_shape: object, where: str) -> tuple[int, ...]:
     """One input's shape without the batch dimension: a sequence of positive ints (or one int)."""
     check_param("input_shape", input_shape, [SHAPE], where=where)
-    return (int(input_shape),) if isinstance(input_shape, Integral) else tuple(int(d) for d in input_shape)
+    if isinstance(input_shape, Integral):
+        return (int(input_shape),)
+    return tuple(int(d) for d in cast("Iterable[Any]", input_shape))  # a Shape: a sequence of ints

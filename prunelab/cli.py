@@ -150,7 +150,9 @@ def _user_model(args, where: str):
         )
     model = cli_model.build_user_model(args.model, _key_values(args.model_arg, "--model-arg"))
     floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-    return model, cli_model.make_example(args.example_input, *floats[:1])
+    if not floats:
+        return model, cli_model.make_example(args.example_input)
+    return model, cli_model.make_example(args.example_input, floats[0])
 
 
 def _print_summary(model, example, where: str, markdown: bool = False):

@@ -58,7 +58,8 @@ def parse_example_input(spec: str) -> list[tuple[str | None, str, tuple[int, ...
     """The items of ``spec`` as ``(name or None, kind, shape, (low, high) or None)``, checked."""
     if not isinstance(spec, str) or not spec.strip():
         raise _bad(str(spec), "empty")
-    items, total, names = [], 0, set()
+    items: list[tuple[str | None, str, tuple[int, ...], tuple[int, int] | None]] = []
+    total, names = 0, set()
     for part in spec.split(","):
         match = _ITEM.match(part.strip())
         if not match:
@@ -102,6 +103,7 @@ def make_example(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0):
         if kind == "float":
             tensor = torch.randn(shape, generator=generator).to(dtype)
         elif kind == "int":
+            assert bounds is not None  # parse_example_input gives every int item a range
             tensor = torch.randint(bounds[0], bounds[1], shape, generator=generator)
         else:
             tensor = (torch.ones if kind == "ones" else torch.zeros)(shape, dtype=torch.long)

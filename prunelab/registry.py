@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from prunelab._validation import suggest
 
@@ -103,7 +103,7 @@ class Registry(Generic[T]):
         if unknown:
             raise TypeError(
                 f"{self.kind} {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(sorted(accepted)) or 'none'}."
+                f"valid options: {', '.join(sorted(accepted or ())) or 'none'}."
             )
         for key, value in (defaults or {}).items():
             if key not in options and (accepted is None or key in accepted):
@@ -114,7 +114,8 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} needs option(s) {', '.join(map(repr, missing))}; "
                 f"valid options: {', '.join(sorted(accepted or []))}."
             )
-        return factory(**options)
+        # build is for registries of factories (a registry of other objects uses get)
+        return cast("Callable[..., Any]", factory)(**options)
 
     def names(self) -> list[str]:
         """Registered names (aliases excluded), sorted."""

@@ -93,7 +93,7 @@ REQUIRED_COLUMNS = {
 }
 
 
-def corrupt(path: Path | str, err: BaseException) -> StoreError:
+def corrupt(path: Path | str, err: BaseException | str) -> StoreError:
     return StoreError(
         f"the study store {path} is corrupt or not a study store ({err}); it was not "
         f"changed. Restore it from a copy, or move it away and run the study again."
@@ -459,7 +459,8 @@ class Store:
     def records(self, status: str | Iterable[str] | None = None, *, in_spec: bool | None = True) -> list[RunRecord]:
         """Runs in spec order; ``status`` filters (one or several), ``in_spec=None`` includes
         runs that are no longer in the spec."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         if status is not None:
             statuses = [status] if isinstance(status, str) else list(status)
             bad = sorted(set(statuses) - set(STATUSES))

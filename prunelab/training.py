@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,12 +148,16 @@ class Data:
 
     def n_steps(self, batch_size: int | None) -> int | None:
         """Batches in one pass (None when an iterable does not say)."""
-        return math.ceil(self.whole.size / batch_size) if self.in_memory else self.n_batches
+        if self.whole is None:
+            return self.n_batches
+        assert batch_size is not None  # in memory: _batch_size always gives one
+        return math.ceil(self.whole.size / batch_size)
 
     def take(self, idx) -> Batch:
         """The in-memory examples at ``idx`` (a slice or an index tensor). A single image batch goes
         channels-last (:func:`_fast_layout`)."""
         w = self.whole
+        assert w is not None  # only in-memory data is taken by index
         return Batch(
             tuple(_fast_layout(a[idx]) for a in w.args),
             {k: v[idx] for k, v in w.kwargs.items()},
@@ -162,7 +167,8 @@ class Data:
 
     def batches(self, batch_size: int | None = None, order: torch.Tensor | None = None) -> Iterator[Batch]:
         """One pass: index slices of ``batch_size`` (in ``order`` if given) or the iterable's batches."""
-        if self.in_memory:
+        if self.whole is not None:
+            assert batch_size is not None  # in memory: _batch_size always gives one
             for i in range(0, self.whole.size, batch_size):
                 yield self.take(slice(i, i + batch_size) if order is None else order[i : i + batch_size])
             return
@@ -172,6 +178,7 @@ class Data:
                 f"its first pass; pass a list, a DataLoader or a function returning the batches."
             )
         self._passes_done += 1
+        assert self.passes is not None  # set for every data not in memory
         for i, raw in enumerate(self.passes()):
             yield read_batch(raw, self.param, self.where, i)
 
@@ -297,6 +304,7 @@ def loss_terms(loss: Loss, output, batch: Batch, reduction: str = "mean", *, tru
     """The loss of ``output`` on ``batch`` (``reduction`` "mean" or "sum") and its accuracy counts.
     ``trusted``: the targets were checked whole beforehand (:attr:`Data.trusted`): valid class
     indices with no ignored entry, so the per-batch checks (~60 µs a step) are skipped."""
+    correct: int | None  # None: the output has no class or token targets
     if loss.is_cross_entropy:
         logits = loss.logits(output)
         flat_logits, flat_targets = _flat(logits, batch, loss.where, trusted)
@@ -374,6 +382,7 @@ def check_fits(model: nn.Module, data: Data, loss: Loss):
 
 
 def _check_all_targets(data: Data, n_out: int) -> None:
+    assert data.whole is not None  # called for in-memory data only
     targets = data.whole.targets
     if targets is None:
         return
@@ -410,7 +419,7 @@ def _fast_layout(xb: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- evaluate
 #: The scoring options fit, evaluate and RecoveryMonitor share.
-_SCORING = {"loss_fn": ["callable", None], "output_key": [str, None]}
+_SCORING: dict[str, list[Any]] = {"loss_fn": ["callable", None], "output_key": [str, None]}
 
 
 @validate_params({"model": [MODEL], "data": [DATA], "batch_size": [BATCH_SIZE, None], **_SCORING})
@@ -554,15 +563,17 @@ def fit(
         if pruner.model is not model:
             raise ValueError("the 'pruner' parameter of fit prunes a different model than the one given.")
     reg_targets = None
+    reg: Regularizer | None = None
     if regularizer is not None:
-        regularizer = make_regularizer(regularizer, reg_strength, where=where)
+        reg = make_regularizer(regularizer, reg_strength, where=where)
         reg_targets = pruner.targets if pruner is not None else resolve_targets(model, where=where)
-        regularizer.bind(reg_targets)
+        reg.bind(reg_targets)
 
     state = TrainState(model, optimizer)
+    hooks: Sequence[Callback | Pruner] = callbacks
     if pruner is not None:
         pruner.attach(optimizer)
-        callbacks = [pruner, *callbacks]
+        hooks = [pruner, *callbacks]
     per_epoch = source.n_steps(batch_size)
     total = None if per_epoch is None else epochs * per_epoch
     if max_steps is not None:
@@ -573,9 +584,9 @@ def fit(
         val_source,
         batch_size,
         loss,
-        regularizer,
+        reg,
         reg_targets,
-        list(callbacks),
+        list(hooks),
         math.inf if total is None else total,
         distill,
     )
@@ -583,7 +594,7 @@ def fit(
     with torch.random.fork_rng(devices=[]), teacher_mode:
         torch.manual_seed(seed)
         shuffle = torch.Generator().manual_seed(seed)
-        for cb in callbacks:
+        for cb in hooks:
             cb.on_train_begin(state)
         bar = tqdm(total=total, disable=not _show_progress(progress), desc="train", unit="step", leave=False)
         model.train()
@@ -657,7 +668,7 @@ class _Loop:
         state.epoch = epoch
         started = time.perf_counter()
         order = None
-        if self.source.in_memory:
+        if self.source.whole is not None:
             order = torch.randperm(self.source.whole.size, generator=shuffle).to(self.source.first.tensors()[0].device)
         loss_sum, weight, counted, correct, steps = 0.0, 0, 0, 0, 0
         task_sum, soft_sum = 0.0, 0.0
@@ -712,6 +723,7 @@ class _Loop:
             terms.soft = float(soft.detach())
             loss = self.distill.combine(loss, soft)
         if self.regularizer is not None:
+            assert self.reg_targets is not None  # bound with the regularizer in fit
             loss = loss + self.regularizer.penalty(self.reg_targets)
         if not torch.isfinite(loss.detach()):
             raise TrainingDiverged(

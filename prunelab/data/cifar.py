@@ -15,7 +15,7 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,9 +118,10 @@ class CifarSource(DatasetSource):
             reasons = []
         if missing:
             raise DatasetNotFoundError(not_found_message(self.name, FOLDER, missing, root, reasons))
-        for b, p in found.items():
+        paths = cast("dict[str, Path]", found)  # none is None: a missing file raised above
+        for b, p in paths.items():
             verify_md5(p, MD5[b])
-        return found
+        return paths
 
     def _download(self, root: Root) -> list[str]:
         """Download, verify and extract the archive; return failure reasons (empty on success)."""

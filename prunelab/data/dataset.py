@@ -8,8 +8,9 @@ pruning code slices. A ``Dataset`` is frozen: the helpers return new ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import Field, dataclass, replace
 from numbers import Integral
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 
@@ -50,6 +51,16 @@ class Splits:
     """The ``(x, y)`` views of a dataset with ``x_train``/``y_train``, ``x_test``/``y_test`` and
     optional ``x_val``/``y_val`` fields (image and text datasets alike)."""
 
+    if TYPE_CHECKING:  # the fields of the frozen dataclasses that use this mixin
+        __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+        name: str
+        x_train: torch.Tensor
+        y_train: torch.Tensor
+        x_test: torch.Tensor
+        y_test: torch.Tensor
+        x_val: torch.Tensor | None
+        y_val: torch.Tensor | None
+
     @property
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x_train, self.y_train
@@ -60,7 +71,8 @@ class Splits:
 
     @property
     def val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.x_val is None else (self.x_val, self.y_val)
+        # x_val and y_val are given together (checked in __post_init__)
+        return None if self.x_val is None or self.y_val is None else (self.x_val, self.y_val)
 
     def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0, n_val: int | None = None):
         """A smaller copy for quick runs: seeded random ``n_train``/``n_test``/``n_val`` examples
@@ -103,7 +115,7 @@ class Dataset(Splits):
         _check_pair("test", self.x_test, self.y_test)
         if (self.x_val is None) != (self.y_val is None):
             raise ValueError("x_val and y_val of Dataset must be given together or both be None")
-        if self.x_val is not None:
+        if self.x_val is not None and self.y_val is not None:
             _check_pair("val", self.x_val, self.y_val)
         shapes = {tuple(x.shape[1:]) for x in (self.x_train, self.x_test, self.x_val) if x is not None}
         if len(shapes) != 1:
@@ -115,7 +127,7 @@ class Dataset(Splits):
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one input."""
-        return tuple(self.x_train.shape[1:])
+        return cast("tuple[int, int, int]", tuple(self.x_train.shape[1:]))  # x_train is (N, C, H, W)
 
     def __repr__(self) -> str:
         val = "" if self.x_val is None else f", val={len(self.x_val)}"
@@ -167,9 +179,12 @@ class Dataset(Splits):
         x = self.x_train
         count = x.shape[0] * x.shape[2] * x.shape[3]
         chunks = torch.split(x, _STATS_CHUNK)
-        total = sum(c.double().sum(dim=(0, 2, 3)) for c in chunks)
+        # sums of (C,) tensors (sum starts from the int 0)
+        total = cast(torch.Tensor, sum(c.double().sum(dim=(0, 2, 3)) for c in chunks))
         mean = total / count
-        centred = sum(((c.double() - mean.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3)) for c in chunks)
+        centred = cast(
+            torch.Tensor, sum(((c.double() - mean.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3)) for c in chunks)
+        )
         std = (centred / count).sqrt()
         std = torch.where(std > 0, std, torch.ones_like(std))
         return mean.float(), std.float()
@@ -179,7 +194,8 @@ class Dataset(Splits):
         mean, std = self.train_stats()
         mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
-        def norm(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else ((x - mean) / std).contiguous()
+        def norm(x: torch.Tensor) -> torch.Tensor:
+            return ((x - mean) / std).contiguous()
 
-        return replace(self, x_train=norm(self.x_train), x_test=norm(self.x_test), x_val=norm(self.x_val))
+        x_val = None if self.x_val is None else norm(self.x_val)
+        return replace(self, x_train=norm(self.x_train), x_test=norm(self.x_test), x_val=x_val)

@@ -82,6 +82,8 @@ class IdxSource(DatasetSource):
     input_shape = (1, 28, 28)
     sizes = MappingProxyType({"train": 60000, "test": 10000})
 
+    folder: str  # set in __init__
+
     def __init__(self, name: str, description: str, class_names: tuple[str, ...]):
         self.name = name
         self.folder = name

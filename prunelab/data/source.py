@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from prunelab.data._download import DownloadError, download_file
 from prunelab.data._hashing import verify_checksum
@@ -28,7 +28,7 @@ class DatasetSource:
     name: str = ""
     description: str = ""
     folder: str | None = None  # sub-folder of the data root, None when embedded
-    input_shape: tuple[int, int, int] = (1, 28, 28)
+    input_shape: tuple[int, ...] = (1, 28, 28)
     class_names: tuple[str, ...] = tuple(str(i) for i in range(10))
     sizes: Mapping[str, int] = MappingProxyType({})
     options: tuple[str, ...] = ()  # keyword options load() accepts besides root/download
@@ -136,6 +136,7 @@ def ensure_files(
                 reasons.extend(exc.reasons or [str(exc)])
     if missing:
         raise DatasetNotFoundError(not_found_message(name, folder, missing, root, reasons, downloadable=bool(mirrors)))
-    for f, path in found.items():
+    paths = cast("dict[str, Path]", found)  # none is None: a missing file raised above
+    for f, path in paths.items():
         verify_checksum(path, checksums[f], algorithm)
-    return found
+    return paths

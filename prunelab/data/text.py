@@ -168,7 +168,7 @@ class TextDataset(Splits):
         _check_split("test", self.x_test, self.y_test, self.vocab_size)
         if (self.x_val is None) != (self.y_val is None):
             raise ValueError("x_val and y_val of TextDataset must be given together or both be None")
-        if self.x_val is not None:
+        if self.x_val is not None and self.y_val is not None:
             _check_split("val", self.x_val, self.y_val, self.vocab_size)
         lengths = {x.shape[1] for x in (self.x_train, self.x_test, self.x_val) if x is not None}
         if len(lengths) != 1:
@@ -266,7 +266,7 @@ def _build_cache(
     )
     actual_vocab = tokenizer.get_vocab_size()
     dtype = _stream_dtype(actual_vocab)
-    streams = {split: encode(tokenizer, texts[split]).astype(dtype) for split in SPLITS}
+    streams: dict[str, np.ndarray] = {split: encode(tokenizer, texts[split]).astype(dtype) for split in SPLITS}
     blob = tokenizer.to_str().encode("utf-8")
     atomic_write_bytes(folder / TOKENIZER_FILE, blob)
     trained_on = _digest(texts["train"].encode("utf-8"))
@@ -300,6 +300,7 @@ class TextSource(DatasetSource):
 
     options = ("vocab_size", "seq_len", "stride", "tokenizer")
     input_shape = (DEFAULT_SEQ_LEN,)
+    folder: str  # set in __init__
     class_names = ()
 
     def __init__(
@@ -388,7 +389,9 @@ class TextSource(DatasetSource):
         texts = self.texts(root, download)
         return _build_cache(writable_dir(rel, root), texts, kind, vocab_size, meta)
 
-    def load(
+    # a source's load takes only the options it lists (load_dataset checks them), and a text
+    # source's dataset is a TextDataset, which reads like a Dataset (both are Splits)
+    def load(  # type: ignore[override]
         self,
         root: Root = None,
         download: bool = False,
@@ -428,7 +431,7 @@ class TextSource(DatasetSource):
         if stride is not None:
             stride = check_number("stride", stride, where=where, low=1, high=seq_len, integer=True)
         streams, tokenizer_path, vocab = self.token_streams(root, download, vocab_size, kind)
-        cut = {}
+        cut: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for split in SPLITS:
             try:
                 cut[split] = sequences(streams[split], seq_len, stride, where=where)

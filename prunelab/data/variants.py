@@ -217,7 +217,8 @@ class VariantSource(DatasetSource):
         return splits
 
     # -- public ----------------------------------------------------------------
-    def load(
+    # a source's load takes only the options it lists (load_dataset checks them)
+    def load(  # type: ignore[override]
         self,
         root: Root = None,
         download: bool = False,

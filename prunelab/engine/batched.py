@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import cast
 
 import torch
 from torch import nn
@@ -145,7 +146,8 @@ class BatchedModels:
     def load_member(self, r: int, model: nn.Module) -> None:
         """Write ``model``'s weights into member ``r`` (e.g. after pruning it alone)."""
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            target = self.params.get(name, self.buffers.get(name))
+            # every parameter and buffer name of a member is in params or buffers
+            target = cast(torch.Tensor, self.params.get(name, self.buffers.get(name)))
             target[r].copy_(tensor.detach())
 
     @torch.no_grad()
@@ -154,7 +156,7 @@ class BatchedModels:
         anything holding that module's tensors, e.g. a Pruner, sees them) and return it."""
         module = self.members[r]
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            tensor.copy_(self.params.get(name, self.buffers.get(name))[r])
+            tensor.copy_(cast(torch.Tensor, self.params.get(name, self.buffers.get(name)))[r])
         return module
 
     def rows(self, rows: slice) -> BatchedModels:
@@ -300,7 +302,8 @@ def mlp_plan(model: nn.Module) -> list[tuple[str, str | None]] | None:
         if (children[0][1].start_dim, children[0][1].end_dim) != (1, -1):
             return None
         children = children[1:]
-    plan, expect_linear = [], True
+    plan: list[tuple[str, str | None]] = []
+    expect_linear = True
     for name, module in children:
         if expect_linear and isinstance(module, nn.Linear):
             plan.append((f"{name}.weight", f"{name}.bias" if module.bias is not None else None))
@@ -611,9 +614,10 @@ def _train(
                         w = batch.params[name]
                         shape = (-1, *([1] * (w.dim() - 1)))
                         extra = w.sign() if regularizer == "l1" else w
-                        w.grad.add_(strengths.to(w).view(shape) * extra)
+                        # the gradient of every weight was written by _mlp_step or backward()
+                        cast(torch.Tensor, w.grad).add_(strengths.to(w).view(shape) * extra)
             for name, mask in batch.masks.items():
-                batch.params[name].grad.mul_(mask)
+                cast(torch.Tensor, batch.params[name].grad).mul_(mask)
             # SGD and Adam leave a weight whose gradient and optimiser state are 0 unchanged, so
             # the pruned weights stay exactly 0 without masking them again (a test checks it)
             if fused:

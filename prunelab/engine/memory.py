@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from prunelab._hooks import forward_eval, leaf_modules
 from prunelab._validation import BATCH_SIZE, MODEL, N_UNITS, Interval, Shape, Types, validate_params
 
 #: What the memory functions declare about the model they size.
-_SIZED = {"model": [MODEL], "input_shape": [Shape()], "batch_size": [BATCH_SIZE]}
+_SIZED: dict[str, list[Any]] = {"model": [MODEL], "input_shape": [Shape()], "batch_size": [BATCH_SIZE]}
 _SHARE = Interval(Real, 0, 1, closed="right")
 _DEVICE = [Types(str, torch.device), None]
 

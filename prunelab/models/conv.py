@@ -36,7 +36,7 @@ class ConvPoolLinear(nn.Sequential):
 
     def __init__(
         self,
-        input_shape: tuple[int, int, int],
+        input_shape: tuple[int, ...],  # (C, H, W), checked by trace
         n_classes: int,
         *,
         kernel: int = 5,
@@ -87,7 +87,7 @@ class ConvNet(nn.Sequential):
     def __init__(
         self,
         name: str,
-        input_shape: tuple[int, int, int],
+        input_shape: tuple[int, ...],  # (C, H, W), checked by trace
         n_classes: int,
         convs: Sequence[tuple[int, int]],
         dense: Sequence[int],

@@ -142,8 +142,9 @@ class GPT(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "fc2")) else 0.02
                 nn.init.normal_(module.weight, 0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                bias = getattr(module, "bias", None)  # an Embedding has none
+                if bias is not None:
+                    nn.init.zeros_(bias)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         check_token_ids(input_ids, self.vocab, "gpt")

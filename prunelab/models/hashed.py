@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ _MASK = 0xFFFFFFFF
 #: The most virtual weights one hashed layer may have (its int32 index takes 4 bytes each).
 MAX_VIRTUAL = 1 << 30
 _SIZE = Interval(Integral, 1, MAX_UNITS)
-_LAYER = {
+_LAYER: dict[str, list[Any]] = {
     "compression": [Interval(Real, 0, 1, closed="right"), None],
     "buckets": [Interval(Integral, 1, None), None],
     "bias": [bool],
@@ -98,6 +99,7 @@ class HashedLayer(nn.Module):
     """Common part of the hashed layers: buckets ``weight`` (K,), optional ``bias``, the index."""
 
     weight: nn.Parameter
+    bias: nn.Parameter | None
     index: torch.Tensor
 
     def _setup(self, out_units: int, fan_in: int, compression, buckets, seed, bias: bool, where: str) -> None:

@@ -45,9 +45,7 @@ def _steps(width: float) -> tuple:
 class LeNet5(nn.Sequential):
     """Caffe LeNet-5 for ``(C, H, W)`` inputs; see the module docstring."""
 
-    def __init__(
-        self, input_shape: tuple[int, int, int], n_classes: int, *, conv_relu: bool = False, width: float = 1.0
-    ):
+    def __init__(self, input_shape: tuple[int, ...], n_classes: int, *, conv_relu: bool = False, width: float = 1.0):
         steps = _steps(width)
         channels, height, map_width = trace(_NAME, input_shape, steps)
         layers = conv_layers(steps, input_shape[0], relu=conv_relu)

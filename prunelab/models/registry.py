@@ -118,7 +118,8 @@ def build_model(
             torch.manual_seed(seed)
             model = make()
 
-    model.config = {
+    # nn.Module takes any attribute; torch's stubs type a module's attributes as Tensor | Module
+    model.config = {  # type: ignore[assignment]
         "name": canonical,
         "input_shape": list(shape),
         "n_classes": classes,

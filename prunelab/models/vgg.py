@@ -101,5 +101,4 @@ def vgg11(input_shape: tuple[int, ...], n_classes: int, *, batch_norm: bool = Tr
     """VGG-11 for small images; pools that would empty the map are skipped."""
     check_type("batch_norm", batch_norm, bool, where=_NAME)
     width = check_number("width", width, where=_NAME, low=0.0, closed="neither")
-    image_shape(input_shape, _NAME)
-    return VGG(input_shape, n_classes, batch_norm=batch_norm, width=width)
+    return VGG(image_shape(input_shape, _NAME), n_classes, batch_norm=batch_norm, width=width)
