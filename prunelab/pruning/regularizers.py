@@ -28,8 +28,7 @@ REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer")
 class Regularizer:
     name = ""
 
-    # validate_params takes a callable ``where(self)`` too (its annotation says str | None)
-    @validate_params({"strength": [Interval(Real, 0, None)]}, where=lambda self: f"{self.name} regularizer")  # type: ignore[arg-type]
+    @validate_params({"strength": [Interval(Real, 0, None)]}, where=lambda self: f"{self.name} regularizer")
     def __init__(self, strength: float):
         self.strength = float(strength)
 

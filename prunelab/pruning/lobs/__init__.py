@@ -194,8 +194,7 @@ class LayerwiseOBS(Criterion):
             "offload": [Options(OFFLOADS), None],
             "progress": [bool, None],
         },
-        # validate_params takes a callable ``where(self)`` too (its annotation says str | None)
-        where=lambda self: f"{self.name} criterion",  # type: ignore[arg-type]
+        where=lambda self: f"{self.name} criterion",
     )
     def __init__(
         self,
