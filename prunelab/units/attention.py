@@ -23,6 +23,8 @@ one).
 
 from __future__ import annotations
 
+from typing import TypeGuard, cast
+
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ from prunelab.units.groups import Axis, Point, UnitGroup, is_hf_conv1d
 MLP_PAIRS = (("linear1", "linear2"), ("fc1", "fc2"), ("c_fc", "c_proj"))
 
 
-def _linear_like(module) -> bool:
+def _linear_like(module) -> TypeGuard[nn.Module]:
     return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
@@ -44,24 +46,26 @@ def _producer(module, index) -> list[Axis]:
 
 
 def _mlp(name: str, module: nn.Module) -> UnitGroup | None:
-    ups = down = None
+    ups: list[nn.Module] | None = None
+    down: nn.Module | None = None
     for up_name, down_name in MLP_PAIRS:
         up, dn = getattr(module, up_name, None), getattr(module, down_name, None)
         if _linear_like(up) and _linear_like(dn) and type(up) is type(dn):
             ups, down = [up], dn
     gate, up, dn = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    if all(isinstance(m, nn.Linear) for m in (gate, up, dn)):
+    if isinstance(gate, nn.Linear) and isinstance(up, nn.Linear) and isinstance(dn, nn.Linear):
         ups, down = [gate, up], dn
     inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+    inter_dense, out_dense = getattr(inter, "dense", None), getattr(out, "dense", None)
     if (
-        isinstance(getattr(inter, "dense", None), nn.Linear)
-        and isinstance(getattr(out, "dense", None), nn.Linear)
+        isinstance(inter_dense, nn.Linear)
+        and isinstance(out_dense, nn.Linear)
         and getattr(module, "attention", None) is not None
     ):
-        ups, down = [inter.dense], out.dense
-    if ups is None:
+        ups, down = [inter_dense], out_dense
+    if ups is None or down is None:  # (set together)
         return None
-    n = ups[0].weight.shape[_out_axis(ups[0])]
+    n = cast(torch.Tensor, ups[0].weight).shape[_out_axis(ups[0])]
     index = torch.arange(n).view(n, 1)
     producers = [a for u in ups for a in _producer(u, index)]
     consumer = Axis(down, "weight", 0 if is_hf_conv1d(down) else 1, index)
@@ -86,15 +90,17 @@ def _set_heads(owner: nn.Module, n_heads: int, n_kv: int) -> None:
     for attr in ("num_heads", "num_attention_heads", "n_head"):
         if isinstance(getattr(owner, attr, None), int):
             setattr(owner, attr, n_heads)
-    head_dim = getattr(owner, "head_dim", None) or getattr(owner, "attention_head_size", None)
+    # every attention module found (see _attention) has one of the two
+    head_dim = cast(int, getattr(owner, "head_dim", None) or getattr(owner, "attention_head_size", None))
+    # (the ignores: torch types Module.__setattr__ for tensors and modules only; plain attributes are allowed)
     if isinstance(getattr(owner, "all_head_size", None), int):
-        owner.all_head_size = n_heads * head_dim
+        owner.all_head_size = n_heads * head_dim  # type: ignore[assignment]
     if isinstance(getattr(owner, "split_size", None), int):
-        owner.split_size = n_heads * head_dim
+        owner.split_size = n_heads * head_dim  # type: ignore[assignment]
     if isinstance(getattr(owner, "num_key_value_groups", None), int):
-        owner.num_key_value_groups = n_heads // n_kv
+        owner.num_key_value_groups = n_heads // n_kv  # type: ignore[assignment]
     if isinstance(getattr(owner, "num_key_value_heads", None), int):
-        owner.num_key_value_heads = n_kv
+        owner.num_key_value_heads = n_kv  # type: ignore[assignment]
 
 
 def _resize_heads(n_heads: int, n_kv: int, kind: str):
@@ -127,18 +133,19 @@ def _attention(name: str, module: nn.Module, parent: nn.Module | None) -> list[U
     ):
         q, k, v, o = (getattr(module, n) for n in names)
         return _heads(name, module, [q], [k, v], o, module.head_dim, separate=True)
+    parent_dense = getattr(getattr(parent, "output", None), "dense", None)
     if (
         all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value"))
         and isinstance(getattr(module, "attention_head_size", None), int)
         and parent is not None
-        and isinstance(getattr(getattr(parent, "output", None), "dense", None), nn.Linear)
+        and isinstance(parent_dense, nn.Linear)
     ):
         return _heads(
             name,
             module,
             [module.query],
             [module.key, module.value],
-            parent.output.dense,
+            parent_dense,
             module.attention_head_size,
             separate=True,
         )

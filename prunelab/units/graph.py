@@ -66,7 +66,7 @@ def find(model: nn.Module, batch: Batch) -> tuple[list[UnitGroup], dict[str, str
         ]
         if not producers or any(not graph.module2node[m].outputs for m in producers):
             continue  # the model's outputs are not units
-        producers = sorted(set(producers), key=order.get)
+        producers = sorted(set(producers), key=order.__getitem__)
         name, first = names[producers[0]], producers[0]
         n_units = first.weight.shape[0]
         rooted = graph.get_pruning_group(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,9 +37,9 @@ from prunelab.inputs import IGNORE_INDEX, Batch, Loss, loss_targets
 from prunelab.pruning.targets import is_hf_conv1d as _is_conv1d
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module | None) -> bool:
     """A Hugging Face ``Conv1D``, also in the middle of surgery (its ``nf`` not yet fixed)."""
-    return _is_conv1d(module, check_sizes=False)
+    return module is not None and _is_conv1d(module, check_sizes=False)
 
 
 @dataclass
@@ -132,9 +133,9 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
     weights and ``.grad`` untouched)."""
     modules = {p.module for g in groups for p in g.points}
     captured: dict[nn.Module, torch.Tensor] = {}
-    sums = {m: None for m in modules}
-    G = {m: [] for m in modules}
-    AG = {m: [] for m in modules}
+    sums: dict[nn.Module, torch.Tensor | None] = {m: None for m in modules}
+    G: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in modules}
+    AG: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in modules}
     count = {m: 0 for m in modules}
 
     def hook(module, inputs):
@@ -169,7 +170,8 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
                     G[m].append(_per_example(g, dim, True, batch_dim).double().cpu())  # plans index CPU maps
                     AG[m].append(_per_example(a * g, dim, True, batch_dim).double().cpu())
                     s = _per_example(a, dim, False, batch_dim).double().sum(dim=0).cpu()
-                    sums[m] = s if sums[m] is None else sums[m] + s
+                    previous = sums[m]
+                    sums[m] = s if previous is None else previous + s
                     count[m] += a.shape[batch_dim]
     finally:
         for h in handles:
@@ -181,15 +183,19 @@ def collect_groups(model: nn.Module, groups: list[UnitGroup], batches: list[Batc
         raise ValueError(f"unit scoring: the calibration forward never reached {missing[0]!r}.")
     out = {}
     for group in groups:
-        removal = replacement = 0
+        removal: torch.Tensor | int = 0
+        replacement: torch.Tensor | int = 0
         means = []
         for p in group.points:
-            mean = sums[p.module] / count[p.module]
+            total = sums[p.module]
+            assert total is not None  # every point was reached (count > 0, checked above)
+            mean = total / count[p.module]
             Gm, AGm = torch.cat(G[p.module]), torch.cat(AG[p.module])
             removal = removal - AGm[:, p.index].sum(dim=2)
             replacement = replacement + (mean * Gm - AGm)[:, p.index].sum(dim=2)
             means.append(mean)
-        out[group.name] = GroupStats(removal, replacement, means)
+        # a group has at least one point, so these are tensors
+        out[group.name] = GroupStats(cast(torch.Tensor, removal), cast(torch.Tensor, replacement), means)
     return out
 
 
@@ -206,6 +212,7 @@ def group_scores(scorer: str, group: UnitGroup, stats: GroupStats | None, genera
             fan_in = w[0].numel()
             total += (rows.pow(2).sum(dim=1) / fan_in).cpu()
         return total
+    assert stats is not None  # the other scorers are given the group's statistics
     value = {
         "rs": stats.removal.mean(dim=0),
         "abs_rs": stats.removal.abs().mean(dim=0),
@@ -311,7 +318,8 @@ def point_means(model: nn.Module, groups: list[UnitGroup], batches: list[Batch])
     from prunelab.inputs import forward_batches
 
     modules = {p.module: (p.dim, p.batch_dim) for g in groups for p in g.points}
-    sums, counts = {}, {}
+    sums: dict[nn.Module, torch.Tensor] = {}
+    counts: dict[nn.Module, int] = {}
 
     def hook(module, inputs):
         a = _per_example(inputs[0].detach(), modules[module][0], False, modules[module][1]).double()
@@ -355,7 +363,9 @@ def _fix_sizes(module: nn.Module) -> None:
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif is_hf_conv1d(module):
-        module.nx, module.nf = module.weight.shape
+        nx, nf = cast(torch.Tensor, module.weight).shape
+        # torch types Module.__setattr__ for tensors and modules only; plain attributes are allowed
+        module.nx, module.nf = nx, nf  # type: ignore[assignment]
     elif isinstance(module, nn.modules.conv._ConvNd):
         out = module.weight.shape[0]
         if module.groups > 1 and module.groups == module.out_channels == module.in_channels:  # depthwise
@@ -363,6 +373,6 @@ def _fix_sizes(module: nn.Module) -> None:
         else:
             module.out_channels, module.in_channels = out, module.weight.shape[1] * module.groups
     elif isinstance(module, nn.RNNBase):
-        module.input_size = module.weight_ih_l0.shape[1]
+        module.input_size = cast(torch.Tensor, module.weight_ih_l0).shape[1]
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]

@@ -19,8 +19,8 @@ from prunelab.units.groups import Axis, Point, UnitGroup
 
 
 def find(model: nn.Module, batch: Batch) -> list[UnitGroup]:
-    outputs: dict[int, nn.Module] = {}
-    feeds: list[tuple[nn.Module, nn.Module]] = []
+    outputs: dict[int, nn.Embedding] = {}
+    feeds: list[tuple[nn.Embedding, nn.RNNBase]] = []
 
     def embedding_hook(module, inputs, output):
         outputs[id(output)] = module

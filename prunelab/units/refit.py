@@ -18,6 +18,7 @@ weights (``before``) and of the refit ones (``after``) follows without another p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -54,29 +55,37 @@ class Normal:
         self.yy += float(y.pow(2).sum())
         self.count += len(x)
 
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``xx`` and ``yx``, which the first :meth:`add` sets (the methods below need them)."""
+        assert self.xx is not None and self.yx is not None, "no positions added to the normal equations"
+        return self.xx, self.yx
+
     def merged(self, other: Normal) -> Normal:
         """The sums over both sets of positions."""
         if other.count == 0:
             return self
-        return Normal(self.bias, self.xx + other.xx, self.yx + other.yx, self.yy + other.yy, self.count + other.count)
+        (xx, yx), (other_xx, other_yx) = self._sums(), other._sums()
+        return Normal(self.bias, xx + other_xx, yx + other_yx, self.yy + other.yy, self.count + other.count)
 
     def error(self, W: torch.Tensor) -> float:
         """``Σ‖y − W x'‖²`` (``W``: ``(out, K [+1])``, float64)."""
-        return max(self.yy - 2.0 * float((W * self.yx).sum()) + float(torch.einsum("of,fg,og->", W, self.xx, W)), 0.0)
+        xx, yx = self._sums()
+        return max(self.yy - 2.0 * float((W * yx).sum()) + float(torch.einsum("of,fg,og->", W, xx, W)), 0.0)
 
     def solve(self, damp: float) -> torch.Tensor:
         """``W' = C (G + λI)⁻¹`` (the least-norm solution where ``G + λI`` is singular)."""
-        lam = damp * float(self.xx.diagonal().mean())
-        regular = self.xx + lam * torch.eye(len(self.xx), dtype=self.xx.dtype)
+        xx, yx = self._sums()
+        lam = damp * float(xx.diagonal().mean())
+        regular = xx + lam * torch.eye(len(xx), dtype=xx.dtype)
         try:
-            return torch.linalg.solve(regular, self.yx.T).T  # G symmetric
+            return torch.linalg.solve(regular, yx.T).T  # G symmetric
         except RuntimeError:
-            return self.yx @ torch.linalg.pinv(regular, hermitian=True)
+            return yx @ torch.linalg.pinv(regular, hermitian=True)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` weight of a Linear or a Hugging Face Conv1D (stored ``(in, out)``)."""
-    w = module.weight.detach()
+    w = cast(torch.Tensor, module.weight).detach()
     return w.T if is_hf_conv1d(module) else w
 
 
@@ -85,7 +94,7 @@ def augmented(module: nn.Module) -> torch.Tensor:
     W = weight_matrix(module).double().cpu().clone()
     if getattr(module, "bias", None) is None:
         return W
-    return torch.cat([W, module.bias.detach().double().cpu()[:, None]], dim=1)
+    return torch.cat([W, cast(torch.Tensor, module.bias).detach().double().cpu()[:, None]], dim=1)
 
 
 @dataclass(frozen=True)
@@ -113,26 +122,28 @@ def refit_layer(
     ``held_out`` sums, the solution of ``fit`` alone must lower the error on them; then the
     weights are solved from both, else the module is left as it is."""
     current = augmented(module)
-    checked = held_out is not None and held_out.count > 0
-    held = (held_out.error(current), held_out.error(fit.solve(damp))) if checked else (None, None)
-    applied = not checked or held[1] < held[0]
-    normal = fit.merged(held_out) if checked else fit
+    check = held_out if held_out is not None and held_out.count > 0 else None  # held-out sums, if any
+    held = (check.error(current), check.error(fit.solve(damp))) if check is not None else None
+    applied = held is None or held[1] < held[0]
+    normal = fit.merged(check) if check is not None else fit
     new = normal.solve(damp) if applied else current
     if applied:
         kept = weight_matrix(module).shape[1]
         weight = new[:, :kept]
-        module.weight.copy_((weight.T if is_hf_conv1d(module) else weight).to(module.weight.dtype))
+        old_weight = cast(torch.Tensor, module.weight)
+        old_weight.copy_((weight.T if is_hf_conv1d(module) else weight).to(old_weight.dtype))
         if normal.bias:
-            module.bias.copy_(new[:, -1].to(module.bias.dtype))
+            old_bias = cast(torch.Tensor, module.bias)
+            old_bias.copy_(new[:, -1].to(old_bias.dtype))
     scale = normal.yy if normal.yy > 0 else 1.0
-    held_scale = held_out.yy if checked and held_out.yy > 0 else 1.0
+    held_scale = check.yy if check is not None and check.yy > 0 else 1.0
     return Refit(
         name,
         features,
         weight_matrix(module).shape[1],
         normal.error(current) / scale,
         normal.error(new) / scale,
-        None if held[0] is None else held[0] / held_scale,
-        None if held[1] is None else held[1] / held_scale,
+        None if held is None else held[0] / held_scale,
+        None if held is None else held[1] / held_scale,
         applied,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from numbers import Integral
+from typing import cast
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ from prunelab.units import groups as unit_groups
 from prunelab.units import surgery
 from prunelab.units.groups import UnitGroup
 from prunelab.units.scoring import SCORERS, UNIT_SCORERS, collect, needs_data, select
-from prunelab.units.structure import Chain, analyze, select_layers, unsupported_activation
+from prunelab.units.structure import Chain, Leaf, analyze, select_layers, unsupported_activation
 
 METHODS = tuple([*SCORERS, *(f"bp_{s}" for s in SCORERS)])
 
@@ -122,6 +123,7 @@ class Units:
         return self.chain.units if self.chain is not None else self.groups
 
     def example(self) -> torch.Tensor:
+        assert self.example_batch is not None  # Units.of traced the model on it
         return self.example_batch.inputs
 
     def choose(self, layers, where: str) -> list:
@@ -384,7 +386,8 @@ def remove_units(
     scores = score_units(model, scorer, None, layers=[u.name for u in chosen], seed=seed, stats=stats, units=units)
     if units.chain is not None:
         plan = {name: select(s, fraction=fraction, count=count) for name, s in scores.items()}
-        means = {name: stats[name].mean for name in plan} if mean_replacement else None
+        assert stats is not None or not mean_replacement  # collected above for mean replacement
+        means = {name: stats[name].mean for name in plan} if stats is not None and mean_replacement else None
         surgery.mask_units(units.chain, plan, means)
         return UnitPruning(method, plan, mean_replacement, scores, stats, units)
     plan = {g.name: unit_groups.select_group(g, scores[g.name], select, fraction, count) for g in chosen}
@@ -435,6 +438,7 @@ def thin(
     thinned, groups = copy.deepcopy((model, [by_name[k] for k in plan]))
     unit_groups.thin_groups(thinned, groups, plan)
     if isinstance(pruning, UnitPruning) and _still_masked([by_name[k] for k in plan], plan):
+        assert units.example_batch is not None  # Units.of traced the model on it
         _check_thinned(model, thinned, units.example_batch, list(plan))
     return thinned
 
@@ -563,17 +567,19 @@ def thin_dead_units(
     if units.chain is not None:
         batches = [(example, torch.zeros(len(example), dtype=torch.long, device=example.device))]
         chosen = [u for u in units.chain.units if u.name in plan]
-        foldable = all(u.consumer.module.bias is not None for u in chosen)
+        # every unit layer of a chain has a consumer
+        foldable = all(cast(Leaf, u.consumer).module.bias is not None for u in chosen)
         means = None
         if foldable:
             stats = collect(work, chosen, batches)
             means = {name: stats[name].mean for name in plan}
         surgery.mask_units(units.chain, plan, means)
         return thin(work, plan, input_shape=units.input_shape), plan
-    chosen = [g for g in units.groups if g.name in plan]
-    foldable = all(p.has_bias() or p.absorb is not None for g in chosen for p in g.points)
-    means = unit_groups.point_means(work, chosen, [units.example_batch]) if foldable else None
-    _mask_groups(chosen, plan, means, {m: n for n, m in work.named_modules()})
+    assert units.example_batch is not None  # Units.of traced the model on it
+    chosen_groups: list[UnitGroup] = [g for g in units.groups if g.name in plan]
+    foldable = all(p.has_bias() or p.absorb is not None for g in chosen_groups for p in g.points)
+    group_means = unit_groups.point_means(work, chosen_groups, [units.example_batch]) if foldable else None
+    _mask_groups(chosen_groups, plan, group_means, {m: n for n, m in work.named_modules()})
     return thin(work, UnitPruning("dead", plan, foldable, {}, None, units)), plan
 
 

@@ -38,6 +38,8 @@ class SpeedReport:
         """``what`` (``"params"``, ``"flops"`` or ``"latency"``) of model ``name`` over the first model's."""
         row, base = next(r for r in self.rows if r.name == name), self.rows[0]
         if what == "latency":
+            if batch_size is None:  # no latency without a batch size: the KeyError of the lookup
+                raise KeyError(batch_size)
             return row.latency_ms[batch_size] / base.latency_ms[batch_size]
         return getattr(row, what) / getattr(base, what)
 
@@ -94,8 +96,8 @@ def speed_report(
         )
     rounds = int(rounds)
     inputs = as_batch(example_inputs, where="speed_report").inputs
-    times = {name: {} for name in models}
-    used = None
+    times: dict[str, dict[int, list[float]]] = {name: {} for name in models}
+    used: int | None = None
     for r in range(rounds):
         for name in list(models) if r % 2 == 0 else list(models)[::-1]:
             for row in measure_latency(
@@ -119,4 +121,5 @@ def speed_report(
                 {b: statistics.median(t) for b, t in times[name].items()},
             )
         )
+    assert used is not None  # every model was measured (at least one round and batch size)
     return SpeedReport(tuple(rows), used)

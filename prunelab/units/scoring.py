@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=No
     from prunelab.units.groups import summed_loss
 
     loss = make_loss(loss, where="unit scoring")
-    sums = {u.name: None for u in units}
+    sums: dict[str, torch.Tensor | None] = {u.name: None for u in units}
     G: dict[str, list] = {u.name: [] for u in units}
     AG: dict[str, list] = {u.name: [] for u in units}
     count = {u.name: 0 for u in units}
@@ -96,16 +97,21 @@ def collect(model: nn.Module, units: list[UnitLayer], batches: Iterable, loss=No
                     G[unit.name].append((g.mean(dim=dims) if dims else g).double())
                     AG[unit.name].append(((a * g).mean(dim=dims) if dims else a * g).double())
                     s = a_p.double().sum(dim=0)
-                    sums[unit.name] = s if sums[unit.name] is None else sums[unit.name] + s
+                    previous = sums[unit.name]
+                    sums[unit.name] = s if previous is None else previous + s
                     count[unit.name] += a.shape[0]
     finally:
         for h in handles:
             h.remove()
-        for p, g in zip(params, saved):
-            p.grad = g
+        for p, saved_grad in zip(params, saved):
+            p.grad = saved_grad
     if n_batches == 0:
         raise ValueError("unit scoring needs calibration data: got an empty set of batches.")
-    return {u.name: UnitStats(sums[u.name] / count[u.name], torch.cat(G[u.name]), torch.cat(AG[u.name])) for u in units}
+    # every batch set every sum (there was at least one)
+    return {
+        u.name: UnitStats(cast(torch.Tensor, sums[u.name]) / count[u.name], torch.cat(G[u.name]), torch.cat(AG[u.name]))
+        for u in units
+    }
 
 
 @UNIT_SCORERS.register("rand")
@@ -149,6 +155,6 @@ def select(
     """Indices of the lowest-scored units: ``round(fraction·C)`` or ``count`` of them, always
     leaving ``keep_at_least`` (a layer is never emptied). Ties go to the lower index."""
     C = scores.numel()
-    k = round(fraction * C) if fraction is not None else int(count)
+    k = round(fraction * C) if fraction is not None else int(cast(int, count))  # callers give one of the two
     k = max(0, min(k, C - keep_at_least))
     return torch.sort(torch.argsort(scores, stable=True)[:k]).values

@@ -18,6 +18,7 @@ by Torch-Pruning's dependency graph instead (:mod:`prunelab.units.graph`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar, cast
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class UnitLayer:
     """One layer whose output channels are units."""
 
     name: str
-    module: nn.Module
+    module: nn.Linear | nn.Conv2d
     channel_ops: list[Leaf] = field(default_factory=list)  # per-channel, before the activation point
     between: list[Leaf] = field(default_factory=list)  # activation point → consumer
     consumer: Leaf | None = None
@@ -132,7 +133,7 @@ def analyze(model: nn.Module, input_shape) -> Chain | None:
     layers = [i for i, leaf in enumerate(leaves) if isinstance(leaf.module, PARAMETRISED)]
     units = []
     for here, nxt in zip(layers, layers[1:]):
-        unit = UnitLayer(leaves[here].name, leaves[here].module)
+        unit = UnitLayer(leaves[here].name, cast("nn.Linear | nn.Conv2d", leaves[here].module))
         i = here + 1
         while i < nxt and isinstance(leaves[i].module, CHANNEL_OPS):
             unit.channel_ops.append(leaves[i])
@@ -154,7 +155,20 @@ def unsupported_activation(model: nn.Module) -> str | None:
 LAYER_SETS = ("all", "first_conv", "middle_conv", "last_conv", "first_dense")
 
 
-def select_layers(units: list[UnitLayer], layers, where: str = "unit pruning") -> list[UnitLayer]:
+class _Named(Protocol):
+    """What :func:`select_layers` reads: a unit layer or a unit group."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+
+_U = TypeVar("_U", bound=_Named)
+
+
+def select_layers(units: list[_U], layers, where: str = "unit pruning") -> list[_U]:
     """Resolve ``"all"``, ``"first_conv"``, ``"middle_conv"``, ``"last_conv"``, ``"first_dense"``,
     one layer name, or a list of names, to unit layers."""
     convs = [u for u in units if u.kind == "conv"]

@@ -22,6 +22,7 @@ replacement, which lives in the consumer's bias).
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,6 +34,18 @@ def _channel_count(shape: tuple) -> int:
     return shape[0] if shape else 0
 
 
+def _consumer(unit: UnitLayer) -> Leaf:
+    """The layer that reads ``unit``'s units (:func:`~prunelab.units.structure.analyze` gives every
+    unit layer one)."""
+    assert unit.consumer is not None
+    return unit.consumer
+
+
+def _parametrised(leaf: Leaf) -> nn.Linear | nn.Conv2d:
+    """A consumer's module: a Linear or Conv2d (that is what ends a unit layer's between-ops)."""
+    return cast("nn.Linear | nn.Conv2d", leaf.module)
+
+
 @torch.no_grad()
 def _propagate(constant: torch.Tensor, units: torch.Tensor, between: list[Leaf]):
     """Carry the pruned channels' constant through the between-ops; return the constants
@@ -42,6 +55,7 @@ def _propagate(constant: torch.Tensor, units: torch.Tensor, between: list[Leaf])
     for leaf in between:
         module = leaf.module
         if isinstance(module, NORMS):
+            assert module.running_mean is not None and module.running_var is not None  # eval-mode statistics
             mean, var = module.running_mean[units].double(), module.running_var[units].double()
             c = (c - mean) / torch.sqrt(var + module.eps)
             if module.affine:
@@ -58,10 +72,10 @@ def _propagate(constant: torch.Tensor, units: torch.Tensor, between: list[Leaf])
 @torch.no_grad()
 def fold_mean(unit: UnitLayer, units: torch.Tensor, mean: torch.Tensor) -> None:
     """Add the pruned units' mean replacement to the consumer's bias (in place)."""
-    consumer = unit.consumer.module
+    consumer = _parametrised(_consumer(unit))
     if consumer.bias is None:
         raise ValueError(
-            f"mean replacement folds into the bias of {unit.consumer.name!r}, which has none; "
+            f"mean replacement folds into the bias of {_consumer(unit).name!r}, which has none; "
             f"prune without mean replacement, or give that layer a bias."
         )
     c, positions = _propagate(mean[units].double(), units, unit.between)
@@ -90,6 +104,7 @@ def zero_units(unit: UnitLayer, units: torch.Tensor) -> None:
                 norm.weight[units] = 0.0
                 norm.bias[units] = 0.0
             else:  # (0 − μ)/σ must be 0
+                assert norm.running_mean is not None  # without affine parameters, the statistics are zeroed
                 norm.running_mean[units] = 0.0
 
 
@@ -121,13 +136,13 @@ def _new_linear(old: nn.Linear, rows, cols) -> nn.Linear:
 def _new_conv(old: nn.Conv2d, rows, cols) -> nn.Conv2d:
     rows = rows if rows is not None else torch.arange(old.out_channels)
     cols = cols if cols is not None else torch.arange(old.in_channels)
-    new = nn.Conv2d(
+    new = nn.Conv2d(  # a Conv2d's sizes are pairs (torch types them as tuples of any length)
         len(cols),
         len(rows),
-        old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        dilation=old.dilation,
+        cast("tuple[int, int]", old.kernel_size),
+        stride=cast("tuple[int, int]", old.stride),
+        padding=cast("str | tuple[int, int]", old.padding),
+        dilation=cast("tuple[int, int]", old.dilation),
         groups=1,
         bias=old.bias is not None,
         padding_mode=old.padding_mode,
@@ -136,6 +151,7 @@ def _new_conv(old: nn.Conv2d, rows, cols) -> nn.Conv2d:
     )
     new.weight.copy_(old.weight[rows][:, cols])
     if old.bias is not None:
+        assert new.bias is not None  # made with bias=True
         new.bias.copy_(old.bias[rows])
     return new
 
@@ -178,12 +194,12 @@ def thin_chain(model: nn.Module, chain: Chain, plan: dict[str, torch.Tensor]) ->
             mask = torch.ones(unit.n_units, dtype=torch.bool)
             mask[idx] = False
             keep_of[unit.name] = torch.nonzero(mask).flatten()
-    keep = None  # kept channels (or features) of the tensor flowing now
+    keep: torch.Tensor | None = None  # kept channels (or features) of the tensor flowing now
     for leaf in chain.leaves:
         module = leaf.module
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             rows = keep_of.get(leaf.name)
-            new = (_new_linear if isinstance(module, nn.Linear) else _new_conv)(module, rows, keep)
+            new = _new_linear(module, rows, keep) if isinstance(module, nn.Linear) else _new_conv(module, rows, keep)
             _set(thinned, leaf.name, new)
             keep = rows
         elif isinstance(module, NORMS) and keep is not None:
@@ -208,7 +224,7 @@ def thinned_parameters(model: nn.Module, chain: Chain, plan: dict[str, torch.Ten
         for leaf in [*unit.channel_ops, *unit.between]:
             if isinstance(leaf.module, NORMS) and leaf.module.affine:
                 removed += 2 * k
-        consumer = unit.consumer.module
+        consumer = _parametrised(_consumer(unit))
         flatten = next((m for m in unit.between if isinstance(m.module, nn.Flatten)), None)
         positions = int(torch.tensor(flatten.in_shape[1:]).prod()) if flatten and len(flatten.in_shape) > 1 else 1
         per_input = consumer.weight.shape[0] * (consumer.weight[0, 0].numel() if consumer.weight.dim() > 2 else 1)
@@ -217,7 +233,7 @@ def thinned_parameters(model: nn.Module, chain: Chain, plan: dict[str, torch.Ten
     for unit in chain.units:
         idx_self, prev = plan.get(unit.name), None
         for other in chain.units:
-            if other.consumer.name == unit.name:
+            if _consumer(other).name == unit.name:
                 prev = other
         if prev is None or idx_self is None or not len(idx_self) or plan.get(prev.name) is None:
             continue

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -307,7 +309,7 @@ def prune_transformer(
     blocks=0,
     gqa: str = "query",
     scorer: str = "energy",
-    refit: bool = True,
+    refit: bool | str = True,
     damp: float = 0.01,
     round_to: int = 1,
     rounding: str = "nearest",
@@ -372,7 +374,8 @@ def prune_transformer(
     work, wgroups = _thin(model, units, chosen, plan)
     jobs = _jobs(model, work, units, layers, chosen, wgroups, plan, removed, batches, notes) if refit else []
     remove_blocks(work, stack_name, removed)
-    refits = [refit_job(model, work, job, layers, batches, damp, refit) for job in jobs]
+    # jobs only when refit is a mode
+    refits = [refit_job(model, work, job, layers, batches, damp, cast(str, refit)) for job in jobs]
     return StructuredPruning(work, plan, kept, stack_name, removed, change, refits, notes)
 
 
@@ -552,7 +555,7 @@ def _targets(model, job: _Job, layers, batch) -> tuple[torch.Tensor, torch.Tenso
         got["out"] = _main(out)
         raise _Stop
 
-    hooks = [(job.dense, "post", output)]
+    hooks: list[tuple[nn.Module, str, Callable[..., Any]]] = [(job.dense, "post", output)]
     if job.run is not None:
         hooks += [(layers[job.run[0]], "pre", stream_in), (layers[job.run[1]], "post", stream_out)]
     _capture(model, batch, hooks)
@@ -588,7 +591,7 @@ def _held_out(index: int, n: int) -> bool:
 
 # ------------------------------------------------------------------ removed blocks
 def _runs(removed: list[int]) -> list[tuple[int, int]]:
-    runs = []
+    runs: list[tuple[int, int]] = []
     for i in removed:
         if runs and runs[-1][1] == i - 1:
             runs[-1] = (runs[-1][0], i)
@@ -642,7 +645,8 @@ def remove_blocks(model: nn.Module, stack: str, removed: list[int]) -> None:
                 module.layer_idx = new_index
     setattr(parent, attr, nn.ModuleList([old[i] for i in keep]))
     if getattr(parent, "num_layers", None) == n:
-        parent.num_layers = len(keep)
+        # torch types Module.__setattr__ for tensors and modules only; plain attributes are allowed
+        parent.num_layers = len(keep)  # type: ignore[assignment]
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "num_hidden_layers", None) == n:
         config.num_hidden_layers = len(keep)
