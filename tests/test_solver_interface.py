@@ -93,9 +93,9 @@ class SmallestFirst(Criterion):
         self.seen = []
         self.last_held = ()
 
-    def validate(self, pruner) -> None:
-        if not pruner.scope.supports_solvers:
-            raise ValueError(f"scope {pruner.scope.name!r} cannot serve a whole-layer solver")
+    def validate(self, setting) -> None:
+        if not setting.scope.supports_solvers:
+            raise ValueError(f"scope {setting.scope.name!r} cannot serve a whole-layer solver")
 
     def solve(self, request):
         assert isinstance(request, SolveRequest) and not isinstance(request, Pruner)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from numbers import Integral
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -26,6 +26,9 @@ from prunelab._validation import MAX_STEPS, SEED, STR, Interval, Types, validate
 from prunelab.inputs import Batch, Loss, as_batch, make_loss
 from prunelab.pruning.targets import Target
 from prunelab.registry import Registry
+
+if TYPE_CHECKING:
+    from prunelab.pruning.problems import PruneSetting
 
 CRITERIA: Registry[type[Criterion]] = Registry("criterion")
 
@@ -65,9 +68,10 @@ class Criterion:
         layers the no-empty-layer guard held."""
         raise NotImplementedError(f"criterion {self.name!r} prunes by scores, not as a solver")
 
-    def validate(self, pruner) -> None:
-        """Check this criterion suits the Pruner's targets, granularity and scope (called
-        when the Pruner is built, before any training)."""
+    def validate(self, setting: PruneSetting) -> None:
+        """Check this criterion suits the targets, granularity, scope and schedule of the
+        :class:`~prunelab.pruning.problems.PruneSetting` (called when the Pruner is built, before any
+        training); raise ValueError naming what does not fit."""
 
     def observe(self, targets: Sequence[Target]) -> None:
         """Record the current gradients (called after backward, before the step)."""

@@ -8,6 +8,9 @@ each layer it prunes into a :class:`LayerProblem` (:meth:`SolveRequest.problem`)
 with a :class:`LayerSolution`; it never asks which scope, schedule or granularity is in use by
 name. A criterion that scores layers one block at a time (Wanda's) selects and stores through
 :meth:`SolveRequest.select` and :meth:`SolveRequest.store`, the Pruner's own per-layer steps.
+When a Pruner is built, every criterion checks itself against the :class:`PruneSetting` (the model,
+its targets, the granularity, scope and schedule in use) in :meth:`Criterion.validate`, again
+without the Pruner.
 """
 
 from __future__ import annotations
@@ -18,9 +21,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunelab.pruning.granularity import Granularity
 from prunelab.pruning.masks import MaskSet
+from prunelab.pruning.schedules import Schedule
 from prunelab.pruning.scopes import Event, Scope
 from prunelab.pruning.targets import Target
+
+
+@dataclass(frozen=True)
+class PruneSetting:
+    """What a criterion checks itself against when a Pruner is built (:meth:`Criterion.validate`):
+    the model and the targets to prune, whether the user named them (``layers=``: a solver then
+    refuses a layer it cannot serve instead of leaving it dense), and the granularity, scope and
+    schedule in use."""
+
+    model: nn.Module
+    targets: list[Target]
+    granularity: Granularity
+    scope: Scope
+    schedule: Schedule
+    layers_named: bool
 
 
 @dataclass

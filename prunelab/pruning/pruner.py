@@ -51,7 +51,7 @@ from prunelab.inputs import iter_batches, make_loss
 from prunelab.pruning.criteria import Criterion, make_criterion, score_stream
 from prunelab.pruning.granularity import REDUCTIONS, Granularity, NMGranularity, PatternSkipped, make_granularity
 from prunelab.pruning.masks import MaskSet, OptimizerHooks
-from prunelab.pruning.problems import SolveRequest
+from prunelab.pruning.problems import PruneSetting, SolveRequest
 from prunelab.pruning.schedules import Schedule, make_schedule
 from prunelab.pruning.scopes import Event, LayerGroups, Scope, make_scope
 from prunelab.pruning.targets import Target, resolve_targets
@@ -183,7 +183,9 @@ class Pruner:
             list(iter_batches(calibration, self.calibration_batch_size, where=where))
         self.calibration = calibration
         self.layers_named = layers is not None  # solvers skip unsupported default targets, refuse named ones
-        self.criterion.validate(self)
+        self.criterion.validate(
+            PruneSetting(self.model, self.targets, self.granularity, self.scope, self.schedule, self.layers_named)
+        )
         if calibration is not None and self.criterion.needs_data:  # one example through the model, now
             with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader draws a seed
                 first = next(iter_batches(calibration, self.calibration_batch_size, where=where))

@@ -59,6 +59,7 @@ from prunelab.pruning import blocks as blk
 from prunelab.pruning.criteria import CRITERIA, Criterion
 from prunelab.pruning.lobs import Report, hessian
 from prunelab.pruning.lobs.sequential import SequentialHessians
+from prunelab.pruning.problems import PruneSetting
 from prunelab.pruning.targets import Target
 
 
@@ -161,14 +162,14 @@ class Wanda(Criterion):
         self.last_report: NormReport | None = None
         self.last_held: tuple[str, ...] = ()
 
-    def validate(self, pruner) -> None:
-        self.skipped = hessian.skip_unsupported(pruner, "wanda", verb="score")
+    def validate(self, setting: PruneSetting) -> None:
+        self.skipped = hessian.skip_unsupported(setting, "wanda", verb="score")
         if self.blocks is None:
             return
-        self._stack = blk.resolve_stack(pruner.model, self.blocks, where="wanda criterion")
-        if not pruner.scope.independent:
+        self._stack = blk.resolve_stack(setting.model, self.blocks, where="wanda criterion")
+        if not setting.scope.independent:
             raise ValueError(
-                f"scope {pruner.scope.name!r} ranks every layer's scores at once; block by block "
+                f"scope {setting.scope.name!r} ranks every layer's scores at once; block by block "
                 f"a block is pruned before the next block's inputs exist: use scope 'row' (the "
                 f"default), 'local' or 'layerwise-constant', or leave out 'blocks'."
             )

@@ -74,7 +74,7 @@ from prunelab.pruning.lobs import hessian, lobs, obs_exact, obs_fast, structured
 from prunelab.pruning.lobs.common import Solution, inverse
 from prunelab.pruning.lobs.hessian import LayerHessian, LayerSkipped, check_target, weight_matrix  # noqa: F401 (LayerSkipped: public here)
 from prunelab.pruning.lobs.sequential import SequentialHessians
-from prunelab.pruning.problems import LayerProblem, LayerSolution, SolveRequest
+from prunelab.pruning.problems import LayerProblem, LayerSolution, PruneSetting, SolveRequest
 from prunelab.pruning.scopes import Allocation, LayerGroups
 
 MODES = ("sequential", "parallel")
@@ -248,35 +248,35 @@ class LayerwiseOBS(Criterion):
     def reset(self) -> None:
         self._batches, self._original, self._hessians = None, None, {}
 
-    def validate(self, pruner) -> None:
+    def validate(self, setting: PruneSetting) -> None:
         if self.blocks is not None:
-            self._stack = blk.resolve_stack(pruner.model, self.blocks, where=f"{self.name} criterion")
-        channel = _channel_unsupported if pruner.granularity.name == "channel" else None
-        self.skipped = hessian.skip_unsupported(pruner, self.name, extra=channel)
-        nm = isinstance(pruner.granularity, NMGranularity)
-        if pruner.granularity.name not in ("weight", "channel") and not nm:
+            self._stack = blk.resolve_stack(setting.model, self.blocks, where=f"{self.name} criterion")
+        channel = _channel_unsupported if setting.granularity.name == "channel" else None
+        self.skipped = hessian.skip_unsupported(setting, self.name, extra=channel)
+        nm = isinstance(setting.granularity, NMGranularity)
+        if setting.granularity.name not in ("weight", "channel") and not nm:
             raise ValueError(
                 f"{self.name} prunes at granularity 'weight' (unstructured), 'channel' "
                 f"(whole inputs, block OBS) or an N:M pattern such as '2:4'; got "
-                f"{pruner.granularity.name!r}."
+                f"{setting.granularity.name!r}."
             )
         if nm and self.epsilon is not None:
             raise ValueError(
-                f"{self.name} with granularity {pruner.granularity.name!r}: the pattern decides "
+                f"{self.name} with granularity {setting.granularity.name!r}: the pattern decides "
                 f"every layer's sparsity; leave out the tolerable error 'epsilon'."
             )
-        if nm and not pruner.schedule.one_shot:
+        if nm and not setting.schedule.one_shot:
             raise ValueError(
-                f"{self.name} chooses an N:M mask ({pruner.granularity.name!r}) in one solve, at the "
-                f"pattern's full sparsity; use schedule 'one-shot' (got {pruner.schedule.name!r}), "
+                f"{self.name} chooses an N:M mask ({setting.granularity.name!r}) in one solve, at the "
+                f"pattern's full sparsity; use schedule 'one-shot' (got {setting.schedule.name!r}), "
                 f"or a score-based criterion (magnitude, wanda, ...) to reach the pattern gradually."
             )
-        if not pruner.scope.supports_solvers:
+        if not setting.scope.supports_solvers:
             raise ValueError(
-                f"scope {pruner.scope.name!r} compares scores within each output row; {self.name} solves each layer "
+                f"scope {setting.scope.name!r} compares scores within each output row; {self.name} solves each layer "
                 f"as a whole: use scope 'local', 'global' or 'layerwise-constant'."
             )
-        if pruner.granularity.name == "channel" and self.name != "obs-exact":
+        if setting.granularity.name == "channel" and self.name != "obs-exact":
             raise ValueError(
                 f"the structured (channel) variant is the greedy block OBS: use criterion "
                 f"'obs-exact' with granularity 'channel' (got {self.name!r})."
@@ -287,25 +287,25 @@ class LayerwiseOBS(Criterion):
                 "'lobs' or 'obs-exact' with the tolerable error epsilon."
             )
         if isinstance(self.epsilon, dict):
-            names = {t.name for t in pruner.targets} | {t.module_name for t in pruner.targets}
+            names = {t.name for t in setting.targets} | {t.module_name for t in setting.targets}
             unknown = sorted(set(self.epsilon) - names)
             if unknown:
                 raise ValueError(
                     f"the 'epsilon' parameter of {self.name} names {unknown[0]!r}, not a pruned "
-                    f"layer; pruned layers: {', '.join(t.module_name for t in pruner.targets)}."
+                    f"layer; pruned layers: {', '.join(t.module_name for t in setting.targets)}."
                 )
-        if not pruner.scope.independent:  # the scope ranks the solver's per-weight saliencies
-            if pruner.granularity.name != "weight":
+        if not setting.scope.independent:  # the scope ranks the solver's per-weight saliencies
+            if setting.granularity.name != "weight":
                 raise ValueError(
-                    f"scope {pruner.scope.name!r} for {self.name} shares the target by ranking single weights: "
+                    f"scope {setting.scope.name!r} for {self.name} shares the target by ranking single weights: "
                     f"use granularity 'weight', or scope 'local' with granularity "
-                    f"{pruner.granularity.name!r}."
+                    f"{setting.granularity.name!r}."
                 )
             if self.epsilon is not None:
                 raise ValueError(
                     f"the tolerable error 'epsilon' of {self.name} already decides every layer's "
                     f"sparsity (one ε for all layers is the paper's rule); leave out scope "
-                    f"{pruner.scope.name!r}, or give a sparsity target instead of epsilon."
+                    f"{setting.scope.name!r}, or give a sparsity target instead of epsilon."
                 )
 
     def scores(self, targets):

@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from prunelab.inputs import forward_batches
+from prunelab.pruning.problems import PruneSetting
 from prunelab.pruning.targets import Target
 
 
@@ -110,14 +111,14 @@ class LayerSkipped(UserWarning):
     """A default target that a calibration-based method (an OBS solver, Wanda) cannot see was left dense."""
 
 
-def skip_unsupported(pruner, who: str, verb: str = "prune", extra=None) -> dict[str, str]:
-    """The pruner's targets whose inputs ``who`` cannot see (:func:`unsupported`, or ``extra(target)``
+def skip_unsupported(setting: PruneSetting, who: str, verb: str = "prune", extra=None) -> dict[str, str]:
+    """The setting's targets whose inputs ``who`` cannot see (:func:`unsupported`, or ``extra(target)``
     giving a reason): a layer named in ``layers=`` raises one error naming it; default targets are
     returned as ``{layer: reason}`` — left dense, with one :class:`LayerSkipped` warning."""
-    parents = attention_parents(pruner.model)
-    named = getattr(pruner, "layers_named", True)
+    parents = attention_parents(setting.model)
+    named = setting.layers_named
     skipped = {}
-    for target in pruner.targets:
+    for target in setting.targets:
         reason = unsupported(target, parents)
         if reason is None and extra is not None:
             reason = extra(target)
@@ -129,7 +130,7 @@ def skip_unsupported(pruner, who: str, verb: str = "prune", extra=None) -> dict[
             )
         skipped[target.name] = reason
     if skipped:
-        if len(skipped) == len(pruner.targets):
+        if len(skipped) == len(setting.targets):
             raise ValueError(
                 f"{who} can {verb} none of the model's layers: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
             )
