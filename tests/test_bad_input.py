@@ -268,6 +268,7 @@ def _valid_calls(tmp: Path) -> dict:
         "prunelab.metrics.best_index_bits": ((t, 32), {}),
         "prunelab.metrics.count_flops": ((m, (4,)), {}),
         "prunelab.metrics.csr_fillers": ((t, 4), {}),
+        "prunelab.metrics.csr_no_fill_bits": ((6, 32, 4), {}),
         "prunelab.metrics.storage_bits": ((t,), {}),
         "prunelab.models.HashedConv2d": ((1, 2, 3), {"compression": 0.5}),
         "prunelab.models.HashedLinear": ((4, 3), {"compression": 0.5}),

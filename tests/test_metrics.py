@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.metrics import FlopCount, count_flops, csr_fillers, storage_bits, summary
+from prunelab.metrics import FlopCount, count_flops, csr_fillers, csr_no_fill_bits, storage_bits, summary
 from prunelab.metrics import storage as storage_module
 
 # --------------------------------------------------------------------------- helpers
@@ -378,6 +378,86 @@ def test_mixed_best_format_and_effective_compression():
     assert result.total.best_format == "mixed"
     assert result.total.bytes_best == 26 + 12
     assert result.effective_compression == pytest.approx((48 + 12) / 38)
+
+
+# --------------------------------------------------------------------------- Zhu & Gupta's count (no fillers)
+
+
+def test_no_fill_count_equals_csr_when_every_gap_fits_the_index():
+    # linear_4_3: weight gaps 0,1,5,0,0,0 and bias gap 0, all ≤ 15 → no fillers at r = 4
+    #   weight 6·36 = 216 bits = 27 B, bias 1·36 = 36 bits → 5 B: the same as exact CSR
+    model = linear_4_3()
+    assert storage_bits(model[0].weight, no_fill=True) == {"dense": 384, "bitmask": 204, "csr": 216, "csr_no_fill": 216}
+    assert csr_no_fill_bits(1, 32, 4) == 36
+    row = summary(model, (4,)).rows[0]
+    assert row.bytes_csr_no_fill == row.bytes_csr == 32
+
+
+def test_fillers_make_exact_csr_larger_than_the_no_fill_count():
+    # conv_strided weight: 27 non-zeros after one gap of 27 zeros → 1 filler at r = 4
+    #   exact CSR (27 + 1)·36 = 1008 bits = 126 B; no fill 27·36 = 972 bits → 122 B (121.5 rounded up)
+    #   the difference is exactly the filler: 1·(32 + 4) = 36 bits
+    # bias [0, 0.5, 0.5]: gap 1, no filler → 2·36 = 72 bits = 9 B in both
+    weight = conv_strided()[0].weight
+    sizes = storage_bits(weight, no_fill=True)
+    assert sizes["csr"] == 1008 and sizes["csr_no_fill"] == 972
+    assert sizes["csr"] - sizes["csr_no_fill"] == csr_fillers(weight, 4) * (32 + 4)
+    total = summary(conv_strided(), (2, 6, 6)).total
+    assert (total.bytes_csr, total.bytes_csr_no_fill) == (126 + 9, 122 + 9)
+
+
+def test_no_fill_count_is_never_the_best_format():
+    # N = 1000, every 20th non-zero (95 %, nnz = 50, 49 gaps of 19 zeros), b = 32, r = 4:
+    #   exact CSR (50 + 49)·36 = 3564 bits, bit-mask 1000 + 1600 = 2600, no fill 50·36 = 1800:
+    #   the no-fill count is the smallest, but no file can hold it, so bit-mask stays the best
+    tensor = torch.zeros(1000)
+    tensor[::20] = 1.0
+    sizes = storage_bits(tensor, no_fill=True)
+    assert sizes == {"dense": 32000, "bitmask": 2600, "csr": 3564, "csr_no_fill": 1800}
+    assert storage_module.best_format(sizes) == "bitmask"
+    model = nn.Sequential(nn.Linear(1000, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(tensor[None])
+    result = summary(model, (1000,))
+    assert result.total.best_format == "bitmask" and result.total.bytes_best == 325
+    assert result.total.bytes_csr_no_fill == 225  # 1800 bits
+    assert result.to_dict()["total"]["bytes_csr_no_fill"] == 225
+    assert "fill" not in str(result) and "fill" not in result.to_markdown()  # not a printed column
+    # "auto" uses the exact CSR's width, r = 5 here (no fillers): 50·37 = 1850 bits in both
+    auto = storage_bits(tensor, index_bits="auto", no_fill=True)
+    assert auto["csr"] == auto["csr_no_fill"] == 1850
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+def test_no_fill_count_crosses_the_bit_mask_at_one_minus_one_over_r(bits):
+    # no fill nnz·(b + r) < bit-mask N + nnz·b  ⇔  nnz·r < N: with r = 4 at 75 % sparsity, whatever b
+    # N = 1600: every 4th kept (75 %, nnz 400): 400·(b + 4) = 1600 + 400·b, a tie
+    #           every 5th kept (80 %, nnz 320): 320·(b + 4) < 1600 + 320·b by 320 bits
+    #           every 3rd kept (66.7 %, nnz 534): 534·(b + 4) > 1600 + 534·b by 536 bits
+    for step, nnz, no_fill_minus_mask in ((4, 400, 0), (5, 320, -320), (3, 534, 536)):
+        tensor = torch.zeros(1600)
+        tensor[::step] = 1.0
+        sizes = storage_bits(tensor, bits=bits, no_fill=True)
+        assert sizes["csr_no_fill"] == nnz * (bits + 4)
+        assert sizes["csr_no_fill"] - sizes["bitmask"] == no_fill_minus_mask
+        assert sizes["csr"] == sizes["csr_no_fill"]  # gaps of 2, 3, 4 zeros fit r = 4
+
+
+@pytest.mark.parametrize("index_bits", [2, 4, 5])
+def test_no_fill_count_is_exact_csr_less_its_fillers(index_bits):
+    generator = torch.Generator().manual_seed(index_bits)
+    tensor = torch.randn(30, 40, generator=generator)
+    tensor[torch.rand(tensor.shape, generator=generator) < 0.9] = 0.0
+    sizes = storage_bits(tensor, bits=16, index_bits=index_bits, no_fill=True)
+    nnz = int((tensor != 0).sum())
+    entries = reference_csr(row_major(tensor), index_bits)
+    assert sizes["csr_no_fill"] == nnz * (16 + index_bits)
+    assert sizes["csr"] - sizes["csr_no_fill"] == (len(entries) - nnz) * (16 + index_bits) > 0
+
+
+def test_no_fill_must_be_a_bool():
+    with pytest.raises(TypeError, match="no_fill"):
+        storage_bits(torch.ones(3), no_fill="yes")
 
 
 # --------------------------------------------------------------------------- the model is left as it was

@@ -19,6 +19,20 @@ stored value and ``r`` bits per relative index:
 With ``index_bits="auto"`` each tensor's CSR size is the smallest over ``r = 1 … 16``
 (:func:`best_index_bits`): sparser tensors have longer gaps and want wider indices.
 
+**Zhu & Gupta's count** (2017, §5), for comparison only: every non-zero costs its value and one
+index, with no filler entries, so
+
+* **csr_no_fill**: ``nnz·(b + r)`` bits (:func:`csr_no_fill_bits`; ``storage_bits(...,
+  no_fill=True)`` adds it under that name, at the same ``r`` as ``"csr"``).
+
+It is what CSR would take if every gap fitted the index, a lower bound on ``"csr"``:
+``csr − csr_no_fill = n_fill·(b + r)`` exactly. Against the bit-mask (``N + nnz·b``) it wins when
+``nnz·r < N``, i.e. above ``1 − 1/r`` sparsity (75 % for ``r = 4``, 80 % for ``r = 5``, whatever
+``b``); against dense when ``nnz·(b + r) < N·b``, above ``r / (b + r)`` (11.1 % for ``b = 32, r = 4``).
+No file can hold a tensor in this size when a gap exceeds ``2^r − 1`` (the positions would be
+lost), so it is not one of :data:`FORMATS`: :func:`best_format` never picks it and model files
+never use it.
+
 A weight that holds an **N:M pattern** (at most N non-zeros in every run of M consecutive
 inputs of a row; :func:`prunelab.pruning.granularity.nm_pattern` finds it) has a fourth format:
 
@@ -43,6 +57,11 @@ from prunelab._validation import TENSOR, Interval, Options, Types, check_param, 
 #: Format names, in the order used to break ties (simplest first; N:M, the hardware's own, before
 #: the bit-mask it ties with at 2:4). ``nm`` applies only to tensors with an N:M pattern.
 FORMATS = ("dense", "nm", "bitmask", "csr")
+
+
+#: Zhu & Gupta's storage count, ``nnz·(b + r)`` with no filler entries: an accounting to compare
+#: with, not a format (never a "best" choice, never in a model file).
+NO_FILL = "csr_no_fill"
 
 
 #: Widths ``index_bits="auto"`` chooses from.
@@ -110,6 +129,18 @@ def csr_fillers(tensor: torch.Tensor, index_bits: int) -> int:
     return sum(int((gaps >> index_bits).sum().item()) for gaps in _gaps(tensor))
 
 
+#: Most non-zeros :func:`csr_no_fill_bits` takes (2^48, far beyond any model): a larger count is a mistake.
+MAX_NNZ = 1 << 48
+
+
+@validate_params({"nnz": [Interval(Integral, 0, MAX_NNZ)], "bits": BITS, "index_bits": INDEX_BITS_ONLY})
+def csr_no_fill_bits(nnz: int, bits: int, index_bits: int) -> int:
+    """Zhu & Gupta's count of a sparse tensor: ``nnz·(bits + index_bits)`` bits, one value and one
+    relative index per non-zero and no filler entries (a lower bound on the exact CSR size, which
+    adds ``csr_fillers(tensor, index_bits)·(bits + index_bits)``)."""
+    return int(nnz) * (int(bits) + int(index_bits))
+
+
 def nm_position_bits(m: int) -> int:
     """Bits per in-run position of an N:M format: ``ceil(log2 m)``."""
     return max(1, (int(m) - 1).bit_length())
@@ -120,16 +151,32 @@ def nm_bits(n_elements: int, n: int, m: int, bits: int) -> int:
     return (n_elements // m) * n * (bits + nm_position_bits(m))
 
 
-@validate_params({"tensor": [TENSOR], "bits": BITS, "index_bits": INDEX_BITS_OR_AUTO, "nm": [Types(tuple), None]})
+@validate_params(
+    {
+        "tensor": [TENSOR],
+        "bits": BITS,
+        "index_bits": INDEX_BITS_OR_AUTO,
+        "nm": [Types(tuple), None],
+        "no_fill": [Types(bool)],
+    }
+)
 def storage_bits(
-    tensor: torch.Tensor, bits: int = 32, index_bits: int | str = 4, nm: tuple[int, int] | None = None
+    tensor: torch.Tensor,
+    bits: int = 32,
+    index_bits: int | str = 4,
+    nm: tuple[int, int] | None = None,
+    *,
+    no_fill: bool = False,
 ) -> dict[str, int]:
     """Bits needed to store ``tensor`` as ``{"dense", "bitmask", "csr"}`` (and ``"nm"`` when the
-    caller gives the tensor's N:M pattern ``nm=(n, m)``).
+    caller gives the tensor's N:M pattern ``nm=(n, m)``; and Zhu & Gupta's count
+    ``"csr_no_fill"`` with ``no_fill=True``).
 
     ``dense = N·b``, ``bitmask = N + nnz·b``, ``csr = (nnz + n_fill)·(b + r)``
     with ``b = bits``, ``r = index_bits`` (``"auto"``: :func:`best_index_bits`) and
-    ``n_fill`` from :func:`csr_fillers`; ``nm = (N/m)·n·(b + ceil(log2 m))``.
+    ``n_fill`` from :func:`csr_fillers`; ``nm = (N/m)·n·(b + ceil(log2 m))``;
+    ``csr_no_fill = nnz·(b + r)`` at the same ``r`` as ``csr`` (an accounting for comparison, not a
+    format: :func:`best_format` ignores it).
     """
     bits, index_bits = check_storage_bits(bits, index_bits, "storage_bits")
     # "auto" is the only str the check lets through
@@ -145,6 +192,8 @@ def storage_bits(
     }
     if nm is not None:
         sizes["nm"] = nm_bits(n, nm[0], nm[1], bits)
+    if no_fill:
+        sizes[NO_FILL] = csr_no_fill_bits(nnz, bits, width)
     return sizes
 
 
@@ -163,7 +212,9 @@ class StorageTally:
 
     ``best`` adds up each tensor's own cheapest format (a per-tensor choice);
     ``best_format`` is that format's name if every tensor chose the same one,
-    ``"mixed"`` if they differ, ``None`` if no tensor was added.
+    ``"mixed"`` if they differ, ``None`` if no tensor was added. ``no_fill`` adds up Zhu &
+    Gupta's count (``csr_no_fill``, each tensor rounded up to whole bytes), kept apart from
+    ``bytes`` because it is not a format.
     """
 
     def __init__(self, bits: int, index_bits: int | str):
@@ -171,12 +222,15 @@ class StorageTally:
         self.index_bits = index_bits
         self.bytes = dict.fromkeys(FORMATS, 0)
         self.best = 0
+        self.no_fill = 0
         self.chosen: set[str] = set()
 
     def add(self, tensor: torch.Tensor, nm: tuple[int, int] | None = None) -> None:
         per_format = {
-            name: bits_to_bytes(n_bits) for name, n_bits in storage_bits(tensor, self.bits, self.index_bits, nm).items()
+            name: bits_to_bytes(n_bits)
+            for name, n_bits in storage_bits(tensor, self.bits, self.index_bits, nm, no_fill=True).items()
         }
+        self.no_fill += per_format.pop(NO_FILL)
         for name, n_bytes in per_format.items():  # "nm": over the tensors that hold a pattern
             self.bytes[name] += n_bytes
         choice = best_format(per_format)
@@ -187,6 +241,7 @@ class StorageTally:
         for name in FORMATS:
             self.bytes[name] += other.bytes[name]
         self.best += other.best
+        self.no_fill += other.no_fill
         self.chosen |= other.chosen
 
     @property

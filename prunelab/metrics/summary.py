@@ -44,6 +44,9 @@ class LayerStats:
     * ``pattern``: the N:M pattern (``"2:4"``) every prunable weight of the module holds
       (:func:`prunelab.pruning.granularity.nm_pattern`: runs of M consecutive inputs of a row,
       M in 2, 4, 8, most runs full), ``"mixed"`` if they hold different ones, ``None`` if none does.
+    * ``bytes_csr_no_fill``: Zhu & Gupta's count ``nnz·(b + r)`` summed over tensors, CSR without
+      filler entries (docs/methods.md §7): an accounting to compare with, not a format, so never
+      the ``best_format`` and not a column of the printed tables (it is in :meth:`Summary.to_dict`).
     """
 
     name: str
@@ -63,6 +66,7 @@ class LayerStats:
     best_format: str | None
     bytes_best: int
     pattern: str | None = None
+    bytes_csr_no_fill: int = 0
 
 
 @dataclass
@@ -133,6 +137,7 @@ class _Tally:
             best_format=self.storage.best_format,
             bytes_best=self.storage.best,
             pattern=self.pattern(),
+            bytes_csr_no_fill=self.storage.no_fill,
         )
 
 
