@@ -171,6 +171,7 @@ def test_the_shipped_specs_are_all_there():
         "study-a-select",
         "study-a",
         "study-b",
+        "study-c-paper",
         "study-c",
         "study-d-conv",
         "study-d",

@@ -18,6 +18,7 @@ import base64
 import datetime as _dt
 import html
 import io
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -271,8 +272,10 @@ def output_metric_problems(outputs: Any, known: Iterable[str]) -> list[str]:
 
 
 def _names(metric: str, declared: str) -> bool:
-    """``declared`` is ``metric``, or a family such as ``latency_ms_b<B>`` (any batch size B)."""
-    if not declared.endswith("<B>"):
+    """``declared`` is ``metric``, or a family such as ``latency_ms_b<B>`` (any batch size B) or
+    ``accuracy_at_<K>`` (any step count K): a stem and a one-letter placeholder for an integer."""
+    family = re.fullmatch(r"(.*)<[A-Z]>", declared)
+    if family is None:
         return metric == declared
-    stem = declared[:-3]
+    stem = family.group(1)
     return metric.startswith(stem) and metric[len(stem) :].isdigit()

@@ -57,6 +57,7 @@ KEY_LIMITS: dict[str, tuple[float, str]] = {
     "test_every": (MAX_STEPS, "steps"),
     "rewind": (MAX_STEPS, "steps"),
     "finetune_steps": (MAX_STEPS, "steps"),
+    "report_at_steps": (MAX_STEPS, "steps"),
     "batch_size": (MAX_BATCH_SIZE, "samples"),
     "calibration": (MAX_SAMPLES, "samples"),
     "n_train": (MAX_SAMPLES, "samples"),

@@ -57,6 +57,10 @@ DENSE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_dec
 
 OPTIONAL_TRAINING = ("patience", "finetune_steps")  # resolved only when given, so older runs keep their ids
 
+#: Optional lists of steps (the prune task's ``report_at_steps``), resolved only when given, like
+#: :data:`OPTIONAL_TRAINING`.
+OPTIONAL_TRAINING_STEPS = ("report_at_steps",)
+
 
 # ---------------------------------------------------------------- dataset
 def prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
@@ -218,7 +222,7 @@ def load_prepared_dataset(cfg: dict):
 # --------------------------------------------------------------- training
 def prepare_training(path: str, training: dict, override: dict, checker: Checker) -> dict | None:
     n = len(checker.errors)
-    valid = (*TRAINING_DEFAULTS, *OPTIONAL_TRAINING)
+    valid = (*TRAINING_DEFAULTS, *OPTIONAL_TRAINING, *OPTIONAL_TRAINING_STEPS)
     checker.keys("training", training, valid)
     if not isinstance(override, dict):
         checker.error(f"{path}.training", f"must be a mapping; got {override!r}")
@@ -242,6 +246,12 @@ def prepare_training(path: str, training: dict, override: dict, checker: Checker
             checker.number(where(key), train[key], low=1, integer=True)
         else:
             train.pop(key, None)
+    for key in OPTIONAL_TRAINING_STEPS:
+        steps = _step_list(where(key), train.get(key), checker)
+        if steps:
+            train[key] = steps
+        else:
+            train.pop(key, None)
     if train["optimizer"] not in OPTIMIZERS:
         checker.error(
             where("optimizer"),
@@ -249,6 +259,23 @@ def prepare_training(path: str, training: dict, override: dict, checker: Checker
             f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}",
         )
     return None if len(checker.errors) > n else train
+
+
+def _step_list(path: str, value, checker: Checker) -> list[int] | None:
+    """A list of step counts ≥ 1 (``report_at_steps``), sorted, without repeats; None (or an empty
+    list) for none."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        checker.error(path, f"must be a list of step counts such as [510, 740]; got {value!r}")
+        return None
+    steps = [
+        checker.number(f"{path}[{i}]", v, low=1, integer=True, param=path.rsplit(".", 1)[-1])
+        for i, v in enumerate(value)
+    ]
+    if any(s is None for s in steps):
+        return None
+    return sorted({int(s) for s in steps if s is not None})
 
 
 def finetune_step_count(train: dict, per_epoch: int) -> int:
@@ -498,4 +525,8 @@ def prepare_entries(
     train = prepare_training(x_path, training, x_entry.get("training") or {}, checker)
     if "name" not in m_entry:
         checker.error(m_path, "missing 'name'")
+    if train is not None:
+        for key in OPTIONAL_TRAINING_STEPS:
+            if key in train:
+                checker.error(x_path, f"'training.{key}' applies to the prune task only; remove it for this method")
     return data, train, {k: v for k, v in m_entry.items() if k not in ("name", "label")}

@@ -18,6 +18,11 @@ seq_len: 64}``) run the same steps: accuracy is token accuracy, and the records 
 split). ``training.patience`` (optional) stops dense training when the validation loss has not
 improved for that many epochs and keeps the best epoch's weights.
 
+``accuracy_last_prune`` is the test accuracy right after the schedule's last event (for a
+schedule whose last event is at step 0, such as one-shot, it is ``accuracy_pruned``); with
+``training.report_at_steps: [k, ...]`` (optional) the run also records ``accuracy_at_<k>``, the
+test accuracy ``k`` fine-tuning steps (of ``training.batch_size`` samples) after the last event.
+
 Schedule timing may be written in epochs (``start_epochs``, ``every_epochs``,
 ``at_epochs``); it is resolved into optimiser steps of the fine-tuning phase.
 """
@@ -47,7 +52,7 @@ from prunelab.runs.prepare import (
     train_kwargs,
 )
 from prunelab.runs.tasks import TASKS, Checker, Task
-from prunelab.training import RecoveryMonitor, evaluate, fit, steps_per_epoch
+from prunelab.training import Callback, RecoveryMonitor, evaluate, fit, steps_per_epoch
 
 MODEL_KEYS = ("name", "label")
 METHOD_KEYS = (
@@ -92,6 +97,8 @@ class PruneTask(Task):
         "loss",
         "accuracy_dense",
         "accuracy_pruned",
+        "accuracy_last_prune",
+        "accuracy_at_<K>",
         "sparsity",
         "compression",
         "speedup",
@@ -274,6 +281,16 @@ def _prepare_method(
                 f"{per_epoch} steps{capped}); raise training.finetune_epochs or shorten the schedule",
             )
         schedule["name"] = built.name
+        report = train.get("report_at_steps")
+        last = built.last_step or 0
+        if report and last + report[-1] > finetune_steps:
+            checker.error(
+                path,
+                f"training.report_at_steps asks for the accuracy {report[-1]} steps after the last prune "
+                f"(step {last}), at step {last + report[-1]}, after the {finetune_steps} fine-tuning steps "
+                f"({train['finetune_epochs']} epochs x {per_epoch} steps); raise training.finetune_epochs "
+                "or lower the steps",
+            )
     if "thin" in method:  # only when given, so that older runs keep their ids
         if not isinstance(method["thin"], bool):
             checker.error(f"{path}.thin", f"must be true or false; got {method['thin']!r}")
@@ -382,6 +399,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
     accuracy_pruned = pruned["accuracy"]
     if lm is not None:
         lm["perplexity_pruned"] = pruned["perplexity"]
+    probe = AccuracyProbe(test, probe_steps(pruner, train))
     monitor = None
     if train["retrain_tolerance"] is not None:  # steps until back within tolerance of the dense accuracy
         monitor = RecoveryMonitor(
@@ -394,7 +412,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
             epochs=train["finetune_epochs"],
             seed=seed,
             pruner=pruner,
-            callbacks=[monitor] if monitor else (),
+            callbacks=[c for c in (monitor, probe) if c is not None],
             **distill,
             max_steps=train.get("finetune_steps"),
             **train_kwargs(train, method, finetune=True),
@@ -415,6 +433,7 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
         dense_history=dense_history,
         monitor=monitor,
         language_model=lm,
+        probed=probe.values,
     )
     if train.get("patience") and metrics.get("val_accuracy_dense") is not None:  # the epoch kept, not the last
         best = min((h for h in dense_history if "val_loss" in h), key=lambda h: h["val_loss"])
@@ -423,6 +442,31 @@ def execute_prune(config: dict, cache_dir: str | None = None) -> dict:
         "metrics": metrics,
         "curve": [{"phase": "dense", **h} for h in dense_history] + [{"phase": "prune", **h} for h in history],
     }
+
+
+def probe_steps(pruner: Pruner, train: dict) -> dict[int, str]:
+    """``{fine-tuning step: metric}`` of a run's probes: ``accuracy_last_prune`` at the schedule's
+    last event when it comes after step 0, and ``accuracy_at_<k>`` ``k`` steps after it for each
+    ``k`` of ``training.report_at_steps``."""
+    last = pruner.schedule.last_step or 0
+    steps = {last + k: f"accuracy_at_{k}" for k in train.get("report_at_steps") or ()}
+    if last > 0:
+        steps[last] = "accuracy_last_prune"
+    return steps
+
+
+class AccuracyProbe(Callback):
+    """Records the accuracy on ``data`` at the end of the given training steps (``{step: metric
+    name}``), after the Pruner's event of that step (``fit`` calls the Pruner first)."""
+
+    def __init__(self, data, steps: dict[int, str]):
+        self.data, self.steps = data, dict(steps)
+        self.values: dict[str, float] = {}
+
+    def on_step_end(self, state) -> None:
+        name = self.steps.get(state.step)
+        if name is not None and name not in self.values:
+            self.values[name] = evaluate(state.model, self.data)["accuracy"]
 
 
 class SolverReport(Protocol):
@@ -521,10 +565,13 @@ def prune_metrics(
     thin: bool = False,
     language_model: dict | None = None,
     latency: dict | None = None,
+    probed: dict | None = None,
 ) -> dict:
     """The metrics a prune run stores, from its final model and Pruner (with ``thin``, also
     those of :func:`thinned_metrics`; for a language model, also test ``perplexity`` and
-    ``val_perplexity``, with the dense and just-pruned ones in ``language_model``)."""
+    ``val_perplexity``, with the dense and just-pruned ones in ``language_model``). ``probed``: the
+    accuracies an :class:`AccuracyProbe` recorded during fine-tuning (``accuracy_last_prune``, when
+    the last event came after step 0 — else it is ``accuracy_pruned`` —, and ``accuracy_at_<k>``)."""
     from prunelab.metrics import summary
 
     test = (ds.x_test, ds.y_test)
@@ -560,6 +607,9 @@ def prune_metrics(
         },
         "train_seconds": time.perf_counter() - started,
     }
+    if not pruner.schedule.last_step:  # every event at step 0: measured right after them
+        metrics["accuracy_last_prune"] = accuracy_pruned
+    metrics.update(probed or {})
     if thin:
         metrics.update(thinned_metrics(model, ds))
     if latency:
