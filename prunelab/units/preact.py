@@ -72,11 +72,11 @@ def relative_error(z: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor 
     float64; NaN when the reference is 0."""
     if keep is not None:
         z, reference = z[:, keep], reference[:, keep]
-    ref = reference.double()
-    norm = float(ref.pow(2).sum())
+    norm = float(torch.sum(reference * reference, dtype=torch.float64))
     if norm == 0.0:
         return math.nan
-    return math.sqrt(float((z.double() - ref).pow(2).sum()) / norm)
+    diff = z - reference
+    return math.sqrt(float(torch.sum(diff * diff, dtype=torch.float64)) / norm)
 
 
 @torch.no_grad()
