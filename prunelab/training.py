@@ -499,6 +499,8 @@ def _batch_size(batch_size, source: Data, default: int, data) -> int | None:
         "distill_from": [Model("an nn.Module (the teacher model)"), None],
         "distill_weight": [FRACTION, None],
         "temperature": [Interval(Real, 0, None, closed="neither"), None],
+        "lr_drop": [Types(list, tuple), None],
+        "lr_drop_factor": [Interval(Real, 0, 1, closed="neither")],
     }
 )
 def fit(
@@ -524,6 +526,8 @@ def fit(
     distill_from: nn.Module | None = None,
     distill_weight: float | None = None,
     temperature: float | None = None,
+    lr_drop: Sequence[int] | None = None,
+    lr_drop_factor: float = 0.1,
 ) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history (list of dicts).
 
@@ -546,6 +550,11 @@ def fit(
     ``w = distill_weight`` in [0, 1] (default 0.5) and ``T = temperature`` > 0 (default 2.0). The
     teacher runs on each batch in eval mode without autograd. The history then also records
     ``task_loss`` and ``distill_loss`` (the ``T² · KL`` term); ``loss`` is the combined objective.
+
+    ``lr_drop`` (a step decay): epoch counts e ≥ 1; after epoch e the learning rate of every
+    parameter group is multiplied by ``lr_drop_factor`` (in (0, 1), default 0.1), so with
+    ``lr_drop=[6, 8]`` epochs 1–6 train at ``lr``, 7–8 at ``0.1·lr`` and 9… at ``0.01·lr``. The
+    history records each epoch's ``lr``.
     """
     where = "fit"
     check_materialised(model, where)
@@ -558,6 +567,7 @@ def fit(
     loss = make_loss(loss_fn, output_key, where=where)
     distill = make_distillation(model, distill_from, distill_weight, temperature, where=where)
     source, val_source, batch_size = _fit_data(model, data, val, batch_size, loss, epochs, distill)
+    drops = _lr_drops(lr_drop)
     optimizer = _make_optimizer(model, optimizer, lr, momentum, weight_decay)
     if pruner is not None:
         if pruner.model is not model:
@@ -600,7 +610,14 @@ def fit(
         model.train()
         try:
             for epoch in range(epochs):
-                if not loop.epoch(epoch, shuffle, bar, pruner) or state.stop:
+                if epoch in drops:  # after epoch e (1-based) = before epoch index e
+                    for group in optimizer.param_groups:
+                        group["lr"] *= float(lr_drop_factor) ** drops[epoch]
+                if not loop.epoch(epoch, shuffle, bar, pruner):
+                    break
+                if drops:
+                    state.history[-1]["lr"] = optimizer.param_groups[0]["lr"]
+                if state.stop:
                     break
         finally:
             bar.close()
@@ -612,6 +629,19 @@ def fit(
             stacklevel=2,
         )
     return state.history
+
+
+def _lr_drops(lr_drop) -> dict[int, int]:
+    """``lr_drop``'s epochs as ``{epoch index: times the factor applies there}`` (an epoch listed
+    twice drops twice)."""
+    drops: dict[int, int] = {}
+    for e in lr_drop or ():
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise ValueError(
+                f"the 'lr_drop' parameter of fit must be a list of epochs ≥ 1. Got {list(lr_drop)!r} instead."
+            )
+        drops[e] = drops.get(e, 0) + 1
+    return drops
 
 
 def _fit_data(

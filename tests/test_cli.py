@@ -170,6 +170,7 @@ def test_the_shipped_specs_are_all_there():
         "study-a-select-training",
         "study-a-select",
         "study-a",
+        "study-b-paper",
         "study-b",
         "study-c-paper",
         "study-c",
@@ -190,9 +191,13 @@ def test_shipped_specs_validate(path, quick, capsys):
 
 
 def _skip_without_data(path):
-    needs = {"quickstart": None, "study-b": "fashion-mnist", "study-f-quick": "pydocs", "study-f": "pydocs"}.get(
-        path.stem, "mnist"
-    )
+    needs = {
+        "quickstart": None,
+        "study-b": "fashion-mnist",
+        "study-b-paper": "fashion-mnist",
+        "study-f-quick": "pydocs",
+        "study-f": "pydocs",
+    }.get(path.stem, "mnist")
     if needs and DATASETS.get(needs).missing_files():
         pytest.skip(f"{needs} files absent (set PRUNELAB_DATA)")
 

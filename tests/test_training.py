@@ -348,3 +348,22 @@ def test_ignored_class_labels_count_nowhere_in_memory_or_as_batches():
         result = evaluate(model, form)
         assert result["loss"] == pytest.approx(expected, rel=1e-6)
         assert result["accuracy"] == int((out.argmax(1) == y)[keep].sum()) / int(keep.sum())
+
+
+def test_lr_drop_multiplies_the_learning_rate_after_the_listed_epochs():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(4, 3))
+    history = fit(model, (x, y), epochs=4, batch_size=32, lr=0.1, lr_drop=[1, 3], lr_drop_factor=0.5, progress=False)
+    assert [h["lr"] for h in history] == pytest.approx([0.1, 0.05, 0.05, 0.025])
+    assert "lr" not in fit(nn.Sequential(nn.Linear(4, 3)), (x, y), epochs=1, progress=False)[0]
+    # the drop is the same as training at the lower rate from that epoch on
+    a, b = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3))
+    b.load_state_dict(a.state_dict())
+    fit(a, (x, y), epochs=2, batch_size=64, lr=0.1, momentum=0.0, lr_drop=[1], progress=False)
+    fit(b, (x, y), epochs=1, batch_size=64, lr=0.1, momentum=0.0, progress=False)
+    fit(b, (x, y), epochs=1, batch_size=64, lr=0.01, momentum=0.0, seed=0, progress=False)
+    for p, q in zip(a.parameters(), b.parameters()):  # one full batch per epoch: the order does not matter
+        assert torch.allclose(p, q, atol=1e-6)
+    with pytest.raises(ValueError, match="lr_drop"):
+        fit(a, (x, y), epochs=1, lr_drop=[0], progress=False)

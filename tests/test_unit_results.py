@@ -231,7 +231,7 @@ def test_importing_figures_or_tables_alone_registers_every_study_b_kind_without_
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert set(KINDS) <= set(out[0].split(","))
-    assert out[1] == "iterative,penalties"
+    assert out[1] == "iterative,mean_replacement,penalties"
     assert out[2:] == ["False", "False"]  # matplotlib and scipy are imported lazily
 
 
@@ -726,7 +726,7 @@ def test_outputs_problems_accepts_study_b_declarations_and_rejects_bad_keys():
     assert "the 'fraction' parameter of outputs.tables[0] must be a float in (0, 1]" in problems[1]
     assert problems[2].startswith("outputs.tables[1] has an unknown key 'split_by'")
     assert problems[3].startswith(
-        "unknown table kind 'scatter'; the 'kind' parameter of outputs.tables[2] must be one of: iterative, penalties"
+        "unknown table kind 'scatter'; the 'kind' parameter of outputs.tables[2] must be one of: iterative, mean_replacement, penalties"
     )
     assert problems[4].startswith("outputs.figures[0] has an unknown key 'metric'")
     assert problems[5].startswith("outputs.figures[1] has an unknown key 'methods'")
@@ -792,3 +792,53 @@ def test_write_tables_and_figures_include_study_b(study_b, tmp_path):
     ]
     tex = (tmp_path / "tables" / "iterative-accuracy-method-by-removed-mnist-small-conv.tex").read_text()
     assert re.search(r"rand & 89.50 \$\\pm\$ 0.71 & ", tex)
+
+
+def test_mean_replacement_table_puts_the_pre_activation_error_next_to_the_penalty():
+    from prunelab.results.tables import build_tables
+
+    def with_error(step, method, layers, value, local, net):
+        return {**probe(step, method, layers, 0.5, None, 0, value), "preact_error": local, "preact_error_net": net}
+
+    # rs: the mean raises the penalty (0.2 → 0.3, 0.6 → 0.5 at step 1) but always lowers the error;
+    # norm: penalties 1.0/0.9 beyond the 0.4 view
+    run = memory_run(
+        {
+            "probes": [
+                with_error(0, "rs", "all", 0.2, 0.5, 0.6),
+                with_error(0, "bp_rs", "all", 0.3, 0.3, 0.7),
+                with_error(1, "rs", "all", 0.6, 0.4, 0.4),
+                with_error(1, "bp_rs", "all", 0.5, 0.2, 0.5),
+                with_error(0, "norm", "all", 1.0, 0.1, 0.1),
+                with_error(0, "bp_norm", "all", 0.9, 0.2, 0.2),
+                probe(0, "rs", "first_conv", 0.5, None, 0, 0.1),  # no error recorded: empty error cells
+                probe(0, "bp_rs", "first_conv", 0.5, None, 0, 0.2),
+            ]
+        }
+    )
+    [table] = build_tables([run], {"tables": [{"kind": "mean_replacement"}]})
+    assert table.row_label == "setting" and [k for k, _ in table.rows] == ["all, 50 %", "first_conv, 50 %"]
+    cells = dict(table.rows)["all, 50 %"]
+    assert cells[0].text == "3"
+    assert cells[1].mean == pytest.approx((0.2 + 0.6 + 1.0) / 3) and cells[2].mean == pytest.approx(1.7 / 3)
+    assert cells[3].mean == pytest.approx(2 / 3)  # rs at step 1 and norm
+    assert cells[4].mean == pytest.approx(1.0 / 3) and cells[5].mean == pytest.approx(0.7 / 3)
+    assert cells[6].mean == pytest.approx(2 / 3)
+    assert dict(table.rows)["first_conv, 50 %"][4:6] == [None, None]
+    [view] = build_tables(
+        [run],
+        {
+            "tables": [
+                {"kind": "mean_replacement", "max_penalty": 0.4, "error": "network", "rows": "scorer", "layers": "all"}
+            ]
+        },
+    )
+    assert "≤ 0.4" in view.title and "network" in view.title
+    assert [k for k, _ in view.rows] == ["rs"]  # only step 0's rs pair lies in the view (all, 50 %)
+    rs = dict(view.rows)["rs"]
+    assert rs[0].n == 1 and rs[4].mean == pytest.approx(0.6) and rs[5].mean == pytest.approx(0.7)
+    [ax] = panels(figure([run], {"kind": "mean_replacement_scatter", "max_penalty": 0.4}))
+    assert ax.get_title().endswith("(n = 2)")  # step 0's rs pairs of both layer sets
+    from prunelab.results.tables import table_problems
+
+    assert any("rows" in p for p in table_problems({"kind": "mean_replacement", "rows": "x"}, "t"))

@@ -174,3 +174,57 @@ def test_bad_probe_and_iterative_settings_are_listed_together():
         "test_every",
     ):
         assert expected in text, (expected, text)
+
+
+def test_start_and_preact_error_are_resolved_only_when_given_and_recorded(tmp_path):
+    plain = build_study(spec(PROBES)).runs[0]
+    assert "start" not in plain.config["method"]["probe"] and "preact_error" not in plain.config["method"]["probe"]
+    assert build_study(spec({**PROBES, "preact_error": False})).runs[0].id == plain.id
+    probes = {
+        **PROBES,
+        "start": 15,
+        "preact_error": True,
+        "sets": [{"layers": ["all", "first_dense"], "fractions": [0.5]}],
+    }
+    study = build_study(spec(probes))
+    assert study.runs[0].id != plain.id
+    result = run_study(study, tmp_path / "study.db", progress=False)
+    assert result.counts["done"] == 1, result
+    with Store(tmp_path / "study.db") as store:
+        (record,) = store.records()
+    found = record.metrics["probes"]
+    assert {p["step"] for p in found} == {20}  # every 10 from step 15 on
+    for p in found:
+        layers = p["preact_layers"]
+        assert set(layers) == ({"fc2", "fc3"} if p["layers"] == "all" else {"fc2"})
+        assert p["preact_error"] == pytest.approx(sum(v[0] for v in layers.values()) / len(layers))
+        assert p["preact_error_net"] == pytest.approx(sum(v[1] for v in layers.values()) / len(layers))
+        if p["layers"] == "first_dense":
+            assert layers["fc2"][0] == layers["fc2"][1]
+    # the same units go with and without the mean: same penalty keys, and the probe is unchanged otherwise
+    with_mr = {(p["scorer"], p["layers"]): p for p in found if p["mean_replacement"]}
+    without = {(p["scorer"], p["layers"]): p for p in found if not p["mean_replacement"]}
+    assert with_mr.keys() == without.keys()
+
+
+def test_probe_penalties_do_not_depend_on_the_preact_error_option(probe_run):
+    study, record = probe_run
+    config = copy.deepcopy(study.runs[0].config)
+    config["method"]["probe"]["preact_error"] = True
+    ds = load_prepared_dataset(config["dataset"])
+    from prunelab.runs.units import PenaltyProbe, _calibration
+
+    probe = PenaltyProbe(ds, _calibration(ds, 200, 0), config["method"]["probe"], 0)
+    dense_model(config, ds, None, callbacks=[probe])
+    assert [p["penalty"] for p in probe.records] == [p["penalty"] for p in record.metrics["probes"]]
+    assert all("preact_error" in p for p in probe.records)
+
+
+def test_lr_drop_is_resolved_only_when_given_and_checked():
+    plain = build_study(spec(PROBES)).runs[0]
+    assert "lr_drop" not in plain.config["training"]
+    dropped = build_study({**spec(PROBES), "training": {**TRAINING, "epochs": 2, "lr_drop": [1]}}).runs[0]
+    assert dropped.config["training"]["lr_drop"] == [1] and dropped.config["training"]["lr_drop_factor"] == 0.1
+    with pytest.raises(SpecError) as err:
+        build_study({**spec(PROBES), "training": {**TRAINING, "lr_drop": [3], "lr_drop_factor": 2}})
+    assert "lr_drop[0]" in str(err.value) and "lr_drop_factor" in str(err.value)

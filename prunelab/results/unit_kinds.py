@@ -96,6 +96,8 @@ class Probe:
     amount: tuple[str, float]  # ("count", k) or ("fraction", f); counts sort first
     finetune_steps: int
     penalty: float  # NaN when the measurement failed
+    preact_error: float = math.nan  # the next layer's pre-activation error (local), NaN if not recorded
+    preact_error_net: float = math.nan  # the same in the pruned network
 
     @property
     def measurement(self) -> tuple:
@@ -114,6 +116,10 @@ class Pair:
     finetune_steps: int
     x: float
     y: float
+    x_error: float = math.nan  # pre-activation error without (x) and with (y) mean replacement
+    y_error: float = math.nan
+    x_error_net: float = math.nan
+    y_error_net: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,8 @@ def run_probes(record: RunRecord) -> list[Probe]:
                 _amount(entry, where),
                 int(entry["finetune_steps"]),
                 penalty,
+                _float(entry.get("preact_error")),
+                _float(entry.get("preact_error_net")),
             )
         )
     return probes
@@ -621,12 +629,31 @@ def mean_replacement_pairs(probes: Iterable[Probe]) -> list[Pair]:
                         plain.finetune_steps,
                         plain.penalty,
                         replaced.penalty,
+                        plain.preact_error,
+                        replaced.preact_error,
+                        plain.preact_error_net,
+                        replaced.preact_error_net,
                     )
                 )
     return pairs
 
 
-@_unit_kind("mean_replacement_scatter", ("scorers", *PROBE_FILTERS[1:], "split_by", "log"))
+def _max_penalty(declaration: dict, where: str) -> float | None:
+    """``max_penalty``: keep the pairs whose penalties are both ≤ it (the paper's view: 0.4)."""
+    value = declaration.get("max_penalty")
+    return None if value is None else float(check_number("max_penalty", value, where=where, low=None, high=None))
+
+
+def _in_view(pairs: list[Pair], limit: float | None, where: str) -> list[Pair]:
+    if limit is None:
+        return pairs
+    kept = [p for p in pairs if p.x <= limit and p.y <= limit]
+    if not kept:
+        raise NoDataError(f"{where}: no pair has both penalties ≤ max_penalty = {limit:g}.")
+    return kept
+
+
+@_unit_kind("mean_replacement_scatter", ("scorers", *PROBE_FILTERS[1:], "split_by", "log", "max_penalty"))
 def mean_replacement_scatter(records: list[RunRecord], declaration: dict, spec: dict) -> list:
     """Penalty with mean replacement (y) against without it (x), one colour per scorer, with y = x.
 
@@ -635,17 +662,20 @@ def mean_replacement_scatter(records: list[RunRecord], declaration: dict, spec: 
     their fraction ``#{y < x} / #points``. One panel per (dataset, model) and per value of the keys in
     ``split_by`` (layers, amount, finetune_steps; default none), at most :data:`MAX_PANELS`. Both axes
     share one scale (``log``: true, false or auto; see :func:`axis_scale`) and one range.
+    ``max_penalty``: only the points with both penalties ≤ it (Evci et al.'s scatter plots stop at 0.4).
     """
     where = "figure mean_replacement_scatter"
     probes = _select_probes(records, declaration, where, method_key="scorers")
     split = _split_by(declaration, where)
     log = _log_option(declaration, where)
+    limit = _max_penalty(declaration, where)
     pairs = mean_replacement_pairs(probes)
     if not pairs:
         raise NoDataError(
             f"{where}: no scorer was probed both without and with mean replacement "
             f"(its {MR_PREFIX} twin) at the same run, step and setting."
         )
+    pairs = _in_view(pairs, limit, where)
     keys = ("dataset", "model", *split)
     panels = _grouped(pairs, keys)
     shown = list(panels.items())[:MAX_PANELS]
@@ -1115,3 +1145,124 @@ def _iterative_rows(
             cells.append(Cell(mean, std, len(kept), scale=scale, digits=digits, full_n=full_n) if kept else None)
         rows.append((method, cells))
     return rows
+
+
+# --------------------------------------------------------------- mean replacement vs pre-activation
+@dataclass(frozen=True)
+class CountCell(Cell):
+    """A count (``n``), printed as an integer."""
+
+    @property
+    def text(self) -> str:
+        return str(self.n)
+
+
+REPLACEMENT_ROWS = ("setting", "scorer")
+REPLACEMENT_ERRORS = ("local", "network")
+REPLACEMENT_TABLE_KEYS = (
+    "kind",
+    "scorers",
+    *PROBE_FILTERS[1:],
+    "rows",
+    "error",
+    "max_penalty",
+    "digits",
+    "title",
+)
+REPLACEMENT_COLUMNS = [
+    "pairs",
+    "penalty, removed",
+    "penalty, mean",
+    "mean lowers penalty",
+    "pre-act. error, removed",
+    "pre-act. error, mean",
+    "mean lowers error",
+]
+
+
+def replacement_table_problems(declaration: dict, where: str) -> list[str]:
+    """Problems of a ``mean_replacement`` table declaration found without the runs."""
+    problems = check_keys(declaration, REPLACEMENT_TABLE_KEYS, where=where)
+    _collect(problems, lambda: check_choice("rows", declaration.get("rows", "setting"), REPLACEMENT_ROWS, where=where))
+    _collect(
+        problems, lambda: check_choice("error", declaration.get("error", "local"), REPLACEMENT_ERRORS, where=where)
+    )
+    _collect(problems, lambda: _max_penalty(declaration, where))
+    _collect(problems, lambda: _options(declaration, where))
+    return problems + _filter_problems(declaration, where, ("scorers", *PROBE_FILTERS[1:]))
+
+
+@table_kind("mean_replacement", replacement_table_problems)
+def replacement_tables(done: list[RunRecord], declaration: dict, outputs: dict, where: str) -> list[Table]:
+    """Each setting's penalty and next-layer pre-activation error, without and with mean replacement.
+
+    A pair is one scorer at one measurement, pruned without (x) and with (y) mean replacement
+    (:func:`mean_replacement_pairs`; the same units go both times). Rows: the settings (layers,
+    amount; ``rows: setting``, pooling the scorers) or the scorers (``rows: scorer``, one table per
+    setting). Columns: the number of pairs; the mean ± std penalty without and with; the share of
+    pairs where the mean lowers the penalty (y < x); the mean ± std pre-activation error (``error:
+    local``, the default, or ``network``; docs/unit-results.md) without and with; the share where
+    the mean lowers it. One table per (dataset, model, finetune_steps). ``max_penalty`` keeps the
+    pairs with both penalties ≤ it (the paper's view: 0.4). Pairs without a recorded error (a run
+    without ``preact_error: true``) leave the error cells empty.
+    """
+    raise_problems(replacement_table_problems(declaration, where))
+    digits, title = _options(declaration, where)
+    by = declaration.get("rows", "setting")
+    network = declaration.get("error", "local") == "network"
+    limit = _max_penalty(declaration, where)
+    probes = _select_probes(done, declaration, where, method_key="scorers")
+    pairs = _in_view(mean_replacement_pairs(probes), limit, where)
+    if not pairs:
+        raise NoDataError(f"{where}: no scorer was probed both without and with mean replacement.")
+    view = "" if limit is None else f", pairs with both penalties ≤ {limit:g}"
+    heading = title or "mean replacement: penalty and next layer's pre-activation error"
+    kind = "in the pruned network" if network else "local"
+    split = ["dataset", "model", "finetune_steps"] + (["layers", "amount"] if by == "scorer" else [])
+    tables = []
+    for key, members in _grouped(pairs, split).items():
+        place = ", ".join(f"{k} = {_value_text(k, v)}" for k, v in zip(split, key))
+        row_keys = ("scorer",) if by == "scorer" else ("layers", "amount")
+        groups = _grouped(members, row_keys)
+        full_n = max(len(g) for g in groups.values())
+        rows = []
+        for row_key, group in groups.items():
+            label = row_key[0] if by == "scorer" else f"{row_key[0]}, {format_amount(row_key[1])}"
+            rows.append((label, _replacement_cells(group, network, digits, full_n)))
+        tables.append(
+            Table(
+                f"{heading} ({kind} error), mean ± std over pairs{view} — {place}",
+                slug(
+                    "_".join(
+                        ["mean-replacement", by, *(["network"] if network else [])]
+                        + ([f"max-{limit:g}"] if limit is not None else [])
+                        + [_value_text(k, v) for k, v in zip(split, key)]
+                    )
+                ),
+                "scorer" if by == "scorer" else "setting",
+                REPLACEMENT_COLUMNS,
+                rows,
+            )
+        )
+    return tables
+
+
+def _replacement_cells(pairs: list[Pair], network: bool, digits: int | None, full_n: int) -> list:
+    def stat(values: list[float]) -> Cell | None:
+        if not values:
+            return None
+        mean, std = mean_std(values)
+        return Cell(mean, std, len(values), digits=digits, full_n=full_n)
+
+    errors = [(p.x_error_net, p.y_error_net) if network else (p.x_error, p.y_error) for p in pairs]
+    errors = [(a, b) for a, b in errors if math.isfinite(a) and math.isfinite(b)]
+    n = len(pairs)
+    return [
+        CountCell(float(n), None, n),
+        stat([p.x for p in pairs]),
+        stat([p.y for p in pairs]),
+        RateCell(sum(p.y < p.x for p in pairs) / n, None, n, full_n=full_n),
+        stat([a for a, _ in errors]),
+        stat([b for _, b in errors]),
+        RateCell(sum(b < a for a, b in errors) / len(errors), None, len(errors), full_n=full_n) if errors else None,
+    ]

@@ -47,6 +47,8 @@ def why_not_batched(config: dict) -> str | None:
         return "latency measurement (one model at a time)"
     if train.get("patience") is not None:
         return "early stopping (training.patience: each model stops at its own epoch)"
+    if train.get("lr_drop"):
+        return "a learning-rate drop (training.lr_drop; the engine trains at one rate)"
     if train.get("report_at_steps"):
         return "accuracies at given fine-tuning steps (training.report_at_steps; one model at a time)"
     if train.get("finetune_steps") is not None:

@@ -61,6 +61,10 @@ OPTIONAL_TRAINING = ("patience", "finetune_steps")  # resolved only when given, 
 #: :data:`OPTIONAL_TRAINING`.
 OPTIONAL_TRAINING_STEPS = ("report_at_steps",)
 
+#: The dense training's step decay (``fit``'s ``lr_drop`` epochs and ``lr_drop_factor``), resolved
+#: only when given, like :data:`OPTIONAL_TRAINING`; part of the dense cache key when given.
+LR_DROP_KEYS = ("lr_drop", "lr_drop_factor")
+
 
 # ---------------------------------------------------------------- dataset
 def prepare_dataset(path: str, entry: dict, checker: Checker) -> dict | None:
@@ -222,7 +226,7 @@ def load_prepared_dataset(cfg: dict):
 # --------------------------------------------------------------- training
 def prepare_training(path: str, training: dict, override: dict, checker: Checker) -> dict | None:
     n = len(checker.errors)
-    valid = (*TRAINING_DEFAULTS, *OPTIONAL_TRAINING, *OPTIONAL_TRAINING_STEPS)
+    valid = (*TRAINING_DEFAULTS, *OPTIONAL_TRAINING, *OPTIONAL_TRAINING_STEPS, *LR_DROP_KEYS)
     checker.keys("training", training, valid)
     if not isinstance(override, dict):
         checker.error(f"{path}.training", f"must be a mapping; got {override!r}")
@@ -252,6 +256,7 @@ def prepare_training(path: str, training: dict, override: dict, checker: Checker
             train[key] = steps
         else:
             train.pop(key, None)
+    _lr_drop(train, where, checker)
     if train["optimizer"] not in OPTIMIZERS:
         checker.error(
             where("optimizer"),
@@ -259,6 +264,28 @@ def prepare_training(path: str, training: dict, override: dict, checker: Checker
             f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}",
         )
     return None if len(checker.errors) > n else train
+
+
+def _lr_drop(train: dict, where, checker: Checker) -> None:
+    """``lr_drop``: epochs e ≥ 1 after which the dense training's learning rate is multiplied by
+    ``lr_drop_factor`` (in (0, 1); default 0.1), each ≤ ``epochs``; resolved (sorted) only when
+    given, and the factor only with it."""
+    drop = train.get("lr_drop")
+    if drop is None or drop == []:
+        if train.get("lr_drop_factor") is not None:
+            checker.error(where("lr_drop_factor"), "applies only with 'lr_drop' (the epochs after which to drop)")
+        train.pop("lr_drop", None)
+        train.pop("lr_drop_factor", None)
+        return
+    if not isinstance(drop, list):
+        checker.error(where("lr_drop"), f"must be a list of epochs such as [6, 8]; got {drop!r}")
+        return
+    epochs = train["epochs"] if isinstance(train["epochs"], int) and train["epochs"] >= 1 else None
+    for i, e in enumerate(drop):
+        checker.number(f"{where('lr_drop')}[{i}]", e, low=1, high=epochs, integer=True, param="lr_drop")
+    train["lr_drop"] = sorted(drop) if all(isinstance(e, int) for e in drop) else drop
+    train["lr_drop_factor"] = train.get("lr_drop_factor", 0.1)
+    checker.number(where("lr_drop_factor"), train["lr_drop_factor"], low=0.0, high=1.0, closed="neither")
 
 
 def _step_list(path: str, value, checker: Checker) -> list[int] | None:
@@ -401,6 +428,8 @@ def train_kwargs(train: dict, method: dict, *, finetune: bool) -> dict:
         weight_decay=train["weight_decay"],
         progress=False,
     )
+    if not finetune and train.get("lr_drop"):  # the dense training's step decay
+        kwargs.update(lr_drop=train["lr_drop"], lr_drop_factor=train["lr_drop_factor"])
     if method.get("regularizer"):
         kwargs.update(regularizer=method["regularizer"]["name"], reg_strength=method["regularizer"]["strength"])
         extra = {k: v for k, v in method["regularizer"].items() if k not in ("name", "strength")}
@@ -444,7 +473,7 @@ def dense_cache_path(config: dict, cache_dir: str | None) -> Path | None:
         "dataset": config["dataset"],
         "model": config["model"],
         "seed": config["seed"],
-        "dense": {k: train[k] for k in (*DENSE_KEYS, "patience") if k in train},
+        "dense": {k: train[k] for k in (*DENSE_KEYS, "patience", *LR_DROP_KEYS) if k in train},
         "regularizer": method.get("regularizer"),
         "layers": method.get("layers"),
         "rewind": method.get("rewind"),

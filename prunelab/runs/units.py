@@ -2,13 +2,15 @@
 iterative unit pruning (Evci et al., ICLR 2019 submission; STUDIES.md B).
 
 ``unit-penalty`` — one run per (dataset, model, seed). The model trains with the study's
-budget; every ``every`` steps a copy is scored once on a fixed calibration subset of the
+budget; every ``every`` steps (from step ``start`` on, if given) a copy is scored once on a fixed calibration subset of the
 training images and, for each probe set (layer sets × fractions or counts), pruned with
 each of the 12 methods (6 scorers × without/with mean replacement). The *penalty* is the
 calibration loss after pruning minus before; with ``finetune_steps`` > 0 the pruned copy is
 thinned (so removed units stay removed), fine-tuned that many steps (Adam, ``finetune_lr``)
 and measured again. The copies are discarded; training goes on. Which units each scorer
-selects (at ``track``: layers and fraction) is recorded to follow them over training.
+selects (at ``track``: layers and fraction) is recorded to follow them over training. With
+``preact_error: true`` each probe also records the next layer's pre-activation error
+(:mod:`prunelab.units.preact`) of the pruned copy before any fine-tuning.
 
 ``unit-iterative`` — one run per (dataset, model, method, seed). The trained model (shared
 with the study's other runs through the dense cache) loses ``step_fraction`` of the original
@@ -31,13 +33,16 @@ from prunelab.runs.limits import build_bounded
 from prunelab.runs.prepare import dense_model, load_prepared_dataset, prepare_dataset, prepare_training
 from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.training import Callback, evaluate, fit
-from prunelab.units import METHODS, SCORERS, Units, parse_method, remove_units, surgery
+from prunelab.units import METHODS, SCORERS, Units, parse_method, preact, remove_units, surgery
 from prunelab.units import thin as thin_units
 from prunelab.units.scoring import UNIT_SCORERS, collect, select
 from prunelab.units.structure import select_layers
 
-PENALTY_KEYS = ("label", "every", "calibration", "methods", "sets", "finetune_lr", "track")
+PENALTY_KEYS = ("label", "every", "start", "calibration", "methods", "sets", "finetune_lr", "track", "preact_error")
 SET_KEYS = ("layers", "fractions", "counts", "finetune_steps")
+#: The pre-activation error (``preact_error: true``) is measured on the first this many calibration
+#: images: on all 1000 it would cost several times the pruning itself.
+PREACT_IMAGES = 250
 ITERATIVE_KEYS = (
     "label",
     "method",
@@ -157,6 +162,14 @@ class UnitPenaltyTask(_UnitTask):
             "track": entry.get("track", {"layers": "all", "fraction": 0.1}),
         }
         checker.number(f"{x_path}.every", probe["every"], low=1, integer=True)
+        # optional, resolved only when given (so older specs keep their run ids)
+        if entry.get("start") is not None:
+            probe["start"] = checker.number(f"{x_path}.start", entry["start"], low=0, integer=True)
+        if entry.get("preact_error") is not None:
+            if not isinstance(entry["preact_error"], bool):
+                checker.error(f"{x_path}.preact_error", f"must be true or false; got {entry['preact_error']!r}")
+            elif entry["preact_error"]:
+                probe["preact_error"] = True
         checker.number(f"{x_path}.calibration", probe["calibration"], low=1, high=data["n_train"], integer=True)
         checker.number(f"{x_path}.finetune_lr", probe["finetune_lr"], low=0.0, closed="neither")
         if not isinstance(probe["methods"], list) or not probe["methods"]:
@@ -232,7 +245,7 @@ class PenaltyProbe(Callback):
         self.seconds = 0.0
 
     def on_step_end(self, state) -> None:
-        if state.step % self.probe["every"] == 0:
+        if state.step % self.probe["every"] == 0 and state.step >= self.probe.get("start", 0):
             started = time.perf_counter()
             self._probe(state.model, state.step)
             self.seconds += time.perf_counter() - started
@@ -257,6 +270,11 @@ class PenaltyProbe(Callback):
                         {"step": step, "scorer": scorer, "layer": unit.name, "units": chosen.tolist()}
                     )
         means = {u.name: stats[u.name].mean for u in layers}
+        dense_in: dict = {}
+        dense_out: dict = {}
+        if self.probe.get("preact_error"):  # every consumer's input and pre-activation, unpruned
+            consumers = [u.consumer.name for u in layers if u.consumer is not None]
+            dense_in, dense_out = preact.capture(snapshot, consumers, cal[0][:PREACT_IMAGES])
         for probe_set in self.probe["sets"]:
             amounts = [("fraction", f) for f in probe_set["fractions"]] + [("count", c) for c in probe_set["counts"]]
             for layer_set in probe_set["layers"]:
@@ -270,6 +288,13 @@ class PenaltyProbe(Callback):
                         assert pruned_info.chain is not None  # study B's models are chains (checked when planned)
                         surgery.mask_units(pruned_info.chain, plan, means if mean_replacement else None)
                         after = _loss(pruned, cal)
+                        extra = {}
+                        if self.probe.get("preact_error"):
+                            extra = _preact_fields(
+                                preact.preactivation_errors(
+                                    layers, plan, dense_in, dense_out, pruned, cal[0][:PREACT_IMAGES]
+                                )
+                            )
                         base = {
                             "step": step,
                             "method": method,
@@ -283,13 +308,34 @@ class PenaltyProbe(Callback):
                         for steps in probe_set["finetune_steps"]:
                             loss = after if steps == 0 else self._finetuned(pruned, plan, steps, step)
                             self.records.append(
-                                {**base, "finetune_steps": steps, "loss_after": loss, "penalty": loss - before}
+                                {
+                                    **base,
+                                    "finetune_steps": steps,
+                                    "loss_after": loss,
+                                    "penalty": loss - before,
+                                    **extra,
+                                }
                             )
 
     def _finetuned(self, pruned, plan, steps: int, step: int) -> float:
         small = thin_units(pruned, plan, **dry_run_inputs(self.ds))
         _finetune(small, self.ds, steps, self.probe["finetune_lr"], self.seed + step)
         return _loss(small, self.calibration)
+
+
+def _preact_fields(errors: dict[str, dict[str, float]]) -> dict:
+    """A probe's pre-activation fields (docs/unit-results.md): the mean over the consumers of the
+    local and network errors, and each consumer's ``[local, network]``."""
+    finite = lambda values: [v for v in values if math.isfinite(v)]
+    local = finite(e["local"] for e in errors.values())
+    network = finite(e["network"] for e in errors.values())
+    return {
+        "preact_error": sum(local) / len(local) if local else None,
+        "preact_error_net": sum(network) / len(network) if network else None,
+        "preact_layers": {
+            name: [v if math.isfinite(v) else None for v in (e["local"], e["network"])] for name, e in errors.items()
+        },
+    }
 
 
 # ---------------------------------------------------------------------------- iterative
