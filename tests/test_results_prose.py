@@ -48,19 +48,23 @@ ALLOWED: dict[str, list[tuple[str, ...]]] = {
     ],
     "lm/README.md": [
         ("Python 3.11", "a software version"),
-        ("12.8k and 19.2k tokens", "the test split's size, from the data set"),
-        ("(19.2k tokens)", "the test split's size, from the data set"),
-        ("**1.13M parameters** (0.59M", "model size, from the model definition"),
-        ("**1.32M parameters** (0.79M", "model size, from the model definition"),
-        ("0.63 epoch", "protocol: 1,280 recovery sequences over 2,000 training sequences"),
-        ("(0.92M and 0.61M", "the small dense LSTMs' sizes, from the model definition"),
-        ("(10 % of pydocs' 47k)", "protocol: the training subset's size"),
-        ("12.5 (GPT) and\n  6.4 (LSTM) points", "derived: dense perplexity minus the dense 40-step control's"),
-        ("removes 75–94 % of", "derived: 1 − refit increase / no-refit increase over the structured cuts"),
-        ("(GPT +0.6, LSTM −0.1 points)", "derived: 50 % perplexity minus dense (perplexity-*.csv)"),
-        ("(+6.3, +13.6)", "derived: 50 % perplexity minus dense (perplexity-*.csv)"),
-        ("(GPT +5.4 vs +6.3; LSTM +22.3 vs +13.6", "derived: 50 % perplexity minus dense (perplexity-*.csv)"),
-        ("obs-fast 9.6\nand 2.0", "derived: 70 % perplexity minus dense (perplexity-*.csv)"),
+        (
+            "A GPT of 2.58M\nparameters and an LSTM of 2.29M",
+            "model sizes in millions (parameters-*.csv: 2,578,560 / 2,285,696)",
+        ),
+        ("(19.2k and 32k tokens)", "the validation and test subsets' sizes in tokens (protocol)"),
+        ("(1.46M in the LSTM and softmax weights", "model size, from the model definition"),
+        ("obs-fast 9.4 and 8.0", "derived: 70 % perplexity minus dense (perplexity-*.csv)"),
+        ("magnitude 6.7 / 19.0 points at 50 % and 66.3 / 124.4 at", "derived: perplexity minus dense"),
+        ("magnitude and Wanda 7.4–9.3;\n  at 70 % obs-fast 5.5, magnitude 28.3", "derived: recovered minus control"),
+        ("by magnitude by 5.5–22.8 points", "derived: recovered perplexities, magnitude minus obs-fast"),
+        (
+            "+80.1 → +29.3 points; 50 %: +317.4 → +114.8; 1 block: +17.4 → +5.8; 2 blocks: +94.8 → +28.0",
+            "derived: structured perplexities minus dense 70.0 (summary.md)",
+        ),
+        ("for 50 % (1.69M)", "model size in millions (params table: 1,691,136 / 1,688,832)"),
+        ("and 90 % (by 125.1)", "derived: AGP 200.0 minus small dense 74.9"),
+        ("146k of its\n1.46M LSTM and softmax weights", "derived: 10 % of the pruned weights (model definition)"),
         ("layer error 0.62 of", "a bug report: the layer errors before the fix, not in the store"),
         ("against 0.036 for\nmagnitude 2:4 and 0.006", "a bug report: the layer errors before the fix"),
     ],
@@ -184,8 +188,9 @@ def matches(quoted: str, values: list[float]) -> bool:
 
 
 def study_files(folder: Path) -> list[Path]:
-    files = sorted(f for f in folder.glob("*.md") if f.name != "README.md")
-    for tables in sorted(folder.glob("tables*")):
+    """A study's summaries and tables, those of earlier runs kept in subfolders included."""
+    files = sorted(f for f in folder.rglob("*.md") if f.name != "README.md" and not f.parent.name.startswith("tables"))
+    for tables in sorted(t for t in folder.rglob("tables*") if t.is_dir()):
         files += sorted(tables.glob("*.md")) + sorted(tables.glob("*.csv"))
     return files
 
