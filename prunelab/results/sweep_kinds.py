@@ -65,21 +65,24 @@ from prunelab.store import RunRecord
 _SELECTION_KEYS = ("methods", "sparsity", "dataset", "model", "seed")
 
 
+#: Matplotlib's ten tableau colours, in order: one per method (or per ``color_by`` value).
+PALETTE = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+)
+
+
 def _colors(done: list[RunRecord]) -> dict[str, Any]:
     """One colour per method, the same in every panel and figure."""
-    palette = (
-        "tab:blue",
-        "tab:orange",
-        "tab:green",
-        "tab:red",
-        "tab:purple",
-        "tab:brown",
-        "tab:pink",
-        "tab:olive",
-        "tab:cyan",
-        "tab:gray",
-    )
-    return {m: palette[i % len(palette)] for i, m in enumerate(label_values(done, "method"))}
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(label_values(done, "method"))}
 
 
 def _metric(declaration: dict, spec: dict, done: list[RunRecord], where: str) -> str:
@@ -398,19 +401,7 @@ def tradeoff(records: list[RunRecord], declaration: dict, spec: dict) -> list:
         raise NoDataError(f"{where}: no finished run has both {metric!r} and {x_metric!r}.")
     scale = 100.0 if is_percent_metric(metric, [p["y"] for p in points]) else 1.0
     x_scale = 100.0 if is_percent_metric(x_metric, [p["x"] for p in points]) else 1.0
-    palette = (
-        "tab:blue",
-        "tab:orange",
-        "tab:green",
-        "tab:red",
-        "tab:purple",
-        "tab:brown",
-        "tab:pink",
-        "tab:olive",
-        "tab:cyan",
-        "tab:gray",
-    )
-    colors = {c: palette[i % len(palette)] for i, c in enumerate(dict.fromkeys(p["color"] for p in points))}
+    colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(dict.fromkeys(p["color"] for p in points))}
     levels = sorted({p["sparsity"] for p in points})
     markers = ("o", "s", "^", "D", "v", "P", "X", "*")
     panels = list(dict.fromkeys(tuple(p[k] for k in split_by) for p in points))
