@@ -178,6 +178,8 @@ def test_the_shipped_specs_are_all_there():
         "study-c",
         "study-d-conv",
         "study-d",
+        "study-e-equal",
+        "study-e-latency",
         "study-e",
         "study-f-quick",
         "study-f",

@@ -38,18 +38,25 @@ def main(db: str) -> None:
     with Store(db) as store:
         records = store.records(status="done")
     budget = {r.model: r.config["training"]["finetune_epochs"] for r in records}
+    batch = {r.config["training"]["batch_size"] for r in records}
+    levels = defaultdict(set)  # a method run at several levels (study-c-paper's Table 2) gets a row per level
+    for r in records:
+        levels[(r.model, r.method)].add(r.sparsity)
     print("### Retraining until within 0.1 % of the dense accuracy (test set, evaluated every 100 steps)\n")
     print("| model | method | recovered | steps (median of recovered) | steps (each seed; – = not within the budget) |")
     print("|---|---|---:|---:|---|")
     cells = defaultdict(list)
     for r in records:
-        cells[(r.model, r.method)].append(steps_to_recover(r))
+        several = len(levels[(r.model, r.method)]) > 1
+        cells[(r.model, r.method + (f" at {100 * r.sparsity:.1f} %" if several else ""))].append(steps_to_recover(r))
     for (model, method), steps in cells.items():
         done = [s for s in steps if s is not None]
         median = f"{statistics.median(done):.0f}" if done else "–"
         each = ", ".join("–" if s is None else str(s) for s in steps)
         print(f"| {model} | {method} | {len(done)}/{len(steps)} | {median} | {each} |")
-    print(f"\n(fine-tuning budget: {', '.join(f'{m} {e} epochs' for m, e in budget.items())}, batch 64)\n")
+    print(
+        f"\n(fine-tuning budget: {', '.join(f'{m} {e} epochs' for m, e in budget.items())}, batch {'/'.join(map(str, sorted(batch)))})\n"
+    )
     print("### Layer-wise errors of the L-OBS solvers right after pruning (mean over seeds)\n")
     print(
         "`‖Ẑ − Z‖/√n` per layer on the 4096 calibration images: predicted by the solver's sensitivities "
