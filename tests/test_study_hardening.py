@@ -111,6 +111,15 @@ def test_a_spec_file_larger_than_the_limit_is_refused_unread(tmp_path):
         ({"training": {"batch_size": 10**12}}, "the 'batch_size' parameter must be at most 1,048,576"),
         ({"training": {"eval_every": 10**12}}, "the 'eval_every' parameter must be at most 100,000,000"),
         ({"methods": [{"calibration": 10**12}]}, "the 'calibration' parameter must be at most 10,000,000"),
+        (
+            {"methods": [{"latency": {"rounds": 10**12}}]},
+            "methods[0].latency.rounds: the 'rounds' parameter must be at most 1,000,000",
+        ),
+        ({"methods": [{"latency": {"threads": 10**9}}]}, "the 'threads' parameter must be at most 4,096"),
+        (
+            {"methods": [{"latency": {"batch_sizes": [1, 10**12]}}]},
+            "methods[0].latency.batch_sizes[1]: the 'batch_sizes' parameter must be at most 1,048,576",
+        ),
         ({"seeds": 10**6}, "seeds: a count of seeds must be at most 1,000"),
         ({"seeds": list(range(10**6))}, "seeds: 1,000,000 seeds; at most 1,000"),
         ({"seeds": [2**40]}, "the 'seed' parameter must be an int in [0, 4294967295]"),

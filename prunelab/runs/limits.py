@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunelab._validation import MAX_BATCH, MAX_REPEATS, MAX_THREADS
+
 #: Bytes of a spec file.
 MAX_SPEC_BYTES = 1 << 20
 #: Nesting depth of a spec's YAML (mappings and lists inside each other).
@@ -65,6 +67,11 @@ KEY_LIMITS: dict[str, tuple[float, str]] = {
     "validation": (MAX_SAMPLES, "samples"),
     "counts": (MAX_MODEL_INT, "units"),
     "min_keep": (MAX_MODEL_INT * MAX_MODEL_INT, "weights"),
+    # a method's latency options: the bounds prunelab.inference_latency checks, so that a spec is
+    # refused before training instead of its runs failing when they are timed
+    "batch_sizes": (MAX_BATCH, "samples"),
+    "rounds": (MAX_REPEATS, "timing rounds"),
+    "threads": (MAX_THREADS, "torch threads"),
 }
 
 DOCS = 'docs/experiments.md, "Limits"'
