@@ -50,6 +50,26 @@ def test_batched_members_match_single_runs_with_their_masks(ds, optimizer, lrs):
         assert pruned / total == pytest.approx(0.5 + 0.1 * r, abs=2e-3)
 
 
+def test_validation_is_each_members_own_accuracy_after_every_epoch(ds):
+    split = ds.with_validation(300, seed=0)
+    batch = BatchedModels(members(split, hidden=[16]))
+    histories = fit_batched(batch, split, seeds=SEEDS, epochs=2, lr=[0.05, 0.1, 0.02, 0.05], validation=split)
+    for r, history in enumerate(histories):
+        assert [sorted(h) for h in history] == [sorted(history[0])] * 2 and "val_accuracy" in history[0]
+        alone = prunelab.evaluate(batch.member(r), (split.x_val, split.y_val))
+        assert history[-1]["val_accuracy"] == pytest.approx(alone["accuracy"], abs=1e-12)
+        assert history[-1]["val_loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    accuracies = {h[-1]["val_accuracy"] for h in histories}
+    assert len(accuracies) > 1  # four models, four evaluations (not one member's copied)
+    no_val = fit_batched(BatchedModels(members(ds, hidden=[16])), ds, seeds=SEEDS, epochs=1, max_steps=3)
+    assert all("val_accuracy" not in h[0] for h in no_val)
+
+
+def test_a_dataset_without_a_validation_split_is_refused_as_validation(ds):
+    with pytest.raises(ValueError, match="'validation' parameter of fit_batched is a Dataset without a validation"):
+        fit_batched(BatchedModels(members(ds, hidden=[16])), ds, seeds=SEEDS, validation=ds)
+
+
 def test_changing_one_members_data_leaves_the_others_bit_identical(ds):
     # member 2 gets another data order (its seed) and another learning rate; the others must not notice
     base = BatchedModels(members(ds, hidden=[16]))
@@ -242,6 +262,37 @@ def test_a_group_of_study_runs_gives_the_records_of_single_runs(tmp_path):
     retrain = copy.deepcopy(configs[0])
     retrain["training"]["retrain_tolerance"] = 0.01
     assert "retrain_tolerance" in why_not_batched(retrain)
+
+
+def test_study_runs_with_a_validation_split_batch_and_report_the_single_runs_val_accuracy(tmp_path):
+    from prunelab.runs.batched import execute_prune_group, group_key, why_not_batched
+    from prunelab.runs.prune import execute_prune
+    from prunelab.study import build_study
+
+    study = build_study(
+        {
+            "name": "v",
+            "datasets": [{"name": "digits", "validation": 300}],
+            "models": [{"name": "mlp", "hidden": [32]}],
+            "methods": [{"label": "l1", "regularizer": {"name": "l1", "strength": {"grid": [1e-5, 1e-3]}}}],
+            "sparsities": [0.9],
+            "seeds": 2,
+            "training": {"epochs": 2, "finetune_epochs": 2, "batch_size": 64, "lr": 0.05},
+            "outputs": {"metric": "val_accuracy"},
+        }
+    )
+    configs = [run.config for run in study.runs]
+    assert len(configs) == 4 and all(why_not_batched(c) is None for c in configs)
+    assert len({group_key(c) for c in configs}) == 1
+    batched = execute_prune_group(configs, str(tmp_path / "cache-b"))
+    for config, result in zip(configs, batched):
+        single = execute_prune(config, str(tmp_path / "cache-s"))
+        got, want = result["metrics"], single["metrics"]
+        # 300 validation images: one or two of them may flip between batched and single rounding
+        assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=2 / 300 + 1e-9)
+        assert got["val_accuracy_dense"] == pytest.approx(want["val_accuracy_dense"], abs=2 / 300 + 1e-9)
+        assert [sorted(h) for h in result["curve"]] == [sorted(h) for h in single["curve"]]
+        assert result["curve"][-1]["val_accuracy"] == pytest.approx(got["val_accuracy"], abs=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

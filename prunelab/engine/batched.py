@@ -426,6 +426,7 @@ def _after_prune(batch: BatchedModels, r: int, pruner, opt: _Optimizer) -> None:
         "max_steps": [STEP, None],
         "engine_path": [Options({"auto", "vmap"})],
         "wave": [Interval(Integral, 1, MAX_UNITS), None],
+        "validation": [DATA, None],
     }
 )
 def fit_batched(
@@ -444,6 +445,7 @@ def fit_batched(
     max_steps: int | None = None,
     engine_path: str = "auto",
     wave: int | None = None,
+    validation=None,
 ) -> list[list[dict]]:
     """Train every member of ``batch`` on ``data`` (``(x, y)`` or a Dataset's train split).
 
@@ -465,11 +467,25 @@ def fit_batched(
     (:func:`~prunelab.engine.memory.cache_members`), in waves of even size; on a GPU all
     members train at once.
 
-    Returns one per-epoch history per member (``loss``, ``train_accuracy``, and ``sparsity``
-    with a pruner). A member whose loss becomes NaN or infinite raises
+    ``validation`` (an ``(x, y)`` pair, or a Dataset: its validation split): after every epoch
+    each member is evaluated on it in eval mode, as :func:`prunelab.fit` evaluates a Dataset's
+    validation split.
+
+    Returns one per-epoch history per member (``loss``, ``train_accuracy``, ``sparsity`` with a
+    pruner, and ``val_loss`` and ``val_accuracy`` with ``validation``). A member whose loss becomes NaN or infinite raises
     :class:`TrainingDiverged` naming it."""
     where = "fit_batched"
     x, y = as_xy(data, "data", where)
+    val = None
+    if validation is not None:
+        if hasattr(validation, "x_val"):  # a Dataset: its validation split, not its train split
+            if validation.x_val is None:
+                raise ValueError(
+                    f"the 'validation' parameter of {where} is a Dataset without a validation split; "
+                    "load it with a 'validation' size or pass an (x, y) pair."
+                )
+            validation = (validation.x_val, validation.y_val)
+        val = as_xy(validation, "validation", where)
     seeds = [check_number("seeds", s, where=where, low=0, high=MAX_SEED, integer=True) for s in seeds]
     if len(seeds) != batch.size:
         raise ValueError(
@@ -491,6 +507,8 @@ def fit_batched(
     plan = mlp_plan(batch.members[0]) if engine_path == "auto" else None
     device = next(iter(batch.params.values())).device
     x, y = x.to(device), y.to(device)  # the data goes where the members are
+    if val is not None:
+        val = (val[0].to(device), val[1].to(device))
     if wave is None:
         if device.type == "cuda":
             wave = batch.size
@@ -522,6 +540,7 @@ def fit_batched(
                 max_steps=max_steps,
                 plan=plan,
                 first=first,
+                val=val,
             )
         finally:
             if part is not batch:
@@ -547,6 +566,7 @@ def _train(
     max_steps,
     plan,
     first,
+    val=None,
 ) -> list[list[dict]]:
     """fit_batched on one wave of members (checked arguments); ``first`` numbers its members in
     messages."""
@@ -639,15 +659,42 @@ def _train(
             seen += idx.shape[1]
         if seen == 0:
             break
+        seconds = time.perf_counter() - started  # the training's, as prunelab.fit counts it
+        val_metrics = _evaluate_members(batch, *val) if val is not None else None
         for r in range(R):
             record = {
                 "epoch": epoch + 1,
                 "step": step,
                 "loss": float(loss_sum[r]) / seen,
                 "train_accuracy": int(correct[r]) / seen,
-                "seconds": time.perf_counter() - started,
+                "seconds": seconds,
             }
             if pruners[r] is not None:
                 record["sparsity"] = member_sparsity(batch, r, [t.name for t in pruners[r].targets])
+            if val_metrics is not None:
+                record.update(val_loss=float(val_metrics[0][r]), val_accuracy=float(val_metrics[1][r]))
             histories[r].append(record)
     return histories
+
+
+@torch.no_grad()
+def _evaluate_members(
+    batch: BatchedModels, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every member's mean cross-entropy and accuracy on ``(x, y)``, in eval mode (the
+    batch is left in training mode, as :func:`_train` keeps it)."""
+    R = batch.size
+    loss_sum = torch.zeros(R, dtype=torch.float64, device=x.device)
+    correct = torch.zeros(R, dtype=torch.long, device=x.device)
+    batch.eval()
+    try:
+        for i in range(0, len(x), chunk):
+            xb, yb = x[i : i + chunk], y[i : i + chunk]
+            out = batch(xb.unsqueeze(0).expand(R, *xb.shape))  # (R, b, classes)
+            losses = nn.functional.cross_entropy(out.flatten(0, 1), yb.repeat(R), reduction="none")
+            loss_sum += losses.view(R, -1).double().sum(dim=1)
+            correct += (out.argmax(-1) == yb).sum(dim=1)
+    finally:
+        batch.train()
+    n = max(len(x), 1)
+    return loss_sum / n, correct.double() / n

@@ -41,8 +41,6 @@ def why_not_batched(config: dict) -> str | None:
         return "rewinding"
     if method.get("distill"):
         return "distillation (the engine trains without a teacher)"
-    if config["dataset"].get("validation"):
-        return "a validation split (evaluated every epoch on one model at a time)"
     if method.get("latency"):
         return "latency measurement (one model at a time)"
     if train.get("patience") is not None:
@@ -119,6 +117,7 @@ def _dense_models(configs: list[dict], ds, cache_dir: str | None):
             momentum=train["momentum"],
             regularizer=name,
             reg_strength=strengths,
+            validation=ds if ds.x_val is not None else None,
         )
         for r, (key, job) in enumerate(to_train.items()):
             model = batch.member(r)
@@ -175,6 +174,7 @@ def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> li
             regularizer=name,
             reg_strength=strengths,
             pruners=pruners,
+            validation=ds if ds.x_val is not None else None,
         )
     results = []
     for r, (config, pruner) in enumerate(zip(configs, pruners)):
