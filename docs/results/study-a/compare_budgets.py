@@ -1,20 +1,55 @@
 """Study A's two training budgets side by side: test accuracy (%), mean ± std over seeds, of each
 method of the long study (study-a-long, 230 epochs) at each of its (dataset, width, level) cells,
-next to the same cell of study A (15 epochs; "—" where study A has no such run). One markdown
-table per (dataset, width); the regulariser strengths each store used are listed under it.
+next to the same cell at study A's budget (15 epochs; "—" where no short run has that cell). One
+markdown table per (dataset, width); the regulariser strengths each store used are listed under it.
 
-    python docs/results/study-a/compare_budgets.py results/study-a/study.db results/study-a-long/study.db
+The short budget comes from one or more sources, the first that has a cell wins: a study store, or
+a folder of study A's committed tables (``accuracy-sparsity-by-dataset-<method>-<model>.csv``,
+mean, std and n per cell; they carry no strengths: study A's are in experiments/study-a.yaml).
+The last argument is the long study's store.
+
+    python docs/results/study-a/compare_budgets.py docs/results/study-a/tables \
+        docs/results/study-a/h30-levels/study-a-h30-levels.db results/study-a-long/study.db
 """
 
 from __future__ import annotations
 
+import csv
+import math
+import re
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from prunelab.store import Store
 
 Cells = dict[tuple[str, str, str, float], list[float]]
+Summary = tuple[float, float, int]  # mean, std, n (accuracy in %)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _table_cells(folder: Path, methods: set[tuple[str, str]]) -> dict[tuple[str, str, str, float], Summary]:
+    """Cells of study A's committed tables for the (method, model) pairs asked for."""
+    out: dict[tuple[str, str, str, float], Summary] = {}
+    for method, model in methods:
+        path = folder / f"accuracy-sparsity-by-dataset-{_slug(method)}-{_slug(model)}.csv"
+        if not path.exists():
+            continue
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                level = round(float(row["sparsity"]), 6)
+                for column in row:
+                    if not column.endswith(" mean") or not row[column]:
+                        continue
+                    dataset = column[: -len(" mean")]
+                    std = row.get(f"{dataset} std") or "nan"
+                    n = int(row.get(f"{dataset} n") or 0)
+                    out[(dataset, model, method, level)] = (100 * float(row[column]), 100 * float(std), n)
+    return out
 
 
 def _cells(db: str) -> tuple[Cells, dict[tuple[str, str, str], set]]:
@@ -29,16 +64,34 @@ def _cells(db: str) -> tuple[Cells, dict[tuple[str, str, str], set]]:
     return cells, strengths
 
 
-def _show(values: list[float] | None) -> str:
-    if not values:
+def _summary(values: list[float]) -> Summary:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def _show(cell: Summary | None) -> str:
+    if cell is None:
         return "—"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}" + ("" if len(values) == 5 else f" ({len(values)})")
+    mean, std, n = cell
+    spread = "–" if math.isnan(std) else f"{std:.2f}"
+    return f"{mean:.2f} ± {spread}" + ("" if n == 5 else f" ({n})")
 
 
-def main(short_db: str, long_db: str) -> None:
-    short, short_strengths = _cells(short_db)
-    long, long_strengths = _cells(long_db)
+def main(short_sources: list[str], long_db: str) -> None:
+    long_values, long_strengths = _cells(long_db)
+    long = {key: _summary(values) for key, values in long_values.items()}
+    wanted = {(method, model) for _, model, method, _ in long}
+    short: dict[tuple[str, str, str, float], Summary] = {}
+    short_strengths: dict[tuple[str, str, str], set] = defaultdict(set)
+    for source in short_sources:
+        if Path(source).is_dir():
+            cells = _table_cells(Path(source), wanted)
+        else:
+            values, strengths = _cells(source)
+            cells = {key: _summary(v) for key, v in values.items()}
+            for key, found in strengths.items():
+                short_strengths.setdefault(key, found)
+        for key, cell in cells.items():
+            short.setdefault(key, cell)
     blocks: dict[tuple[str, str], dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for dataset, model, method, level in long:
         blocks[(dataset, model)][method].add(level)
@@ -54,7 +107,7 @@ def main(short_db: str, long_db: str) -> None:
             ]
             print(f"| {100 * level:g} % | " + " | ".join(row) + " |")
         notes = [
-            f"{m}: {', '.join(sorted(short_strengths.get((dataset, model, m), {'—'})))} (15 ep), "
+            f"{m}: {', '.join(sorted(short_strengths.get((dataset, model, m), {'study A spec'})))} (15 ep), "
             f"{', '.join(sorted(long_strengths.get((dataset, model, m), {'—'})))} (230 ep)"
             for m in methods
             if (dataset, model, m) in long_strengths
@@ -64,6 +117,6 @@ def main(short_db: str, long_db: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1:-1], sys.argv[-1])
