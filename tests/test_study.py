@@ -10,6 +10,7 @@ import time
 import pytest
 import yaml
 
+import prunelab
 from prunelab.cli import main
 from prunelab.store import Store
 from prunelab.study import build_study, run_study
@@ -187,6 +188,23 @@ def test_the_batched_engine_runs_groups_and_records_each_run(tmp_path):
     assert engines == {"magnitude": "batched", "random": "batched", "sgd-wd": None}
     assert all(r.metrics["sparsity"] == pytest.approx(0.8, abs=2e-3) for r in records)
     assert sum(r.metrics["dense_cached"] for r in records if r.method != "sgd-wd") == 2
+
+
+def test_on_a_cpu_a_batched_job_is_at_most_one_wave(monkeypatch):
+    import torch
+
+    from prunelab.engine import memory
+    from prunelab.study.run import plan_jobs
+
+    study = build_study(spec(methods=[{"label": "magnitude"}, {"label": "random", "criterion": "random"}]))
+    assert [len(job.members) for job in plan_jobs(study.runs)] == [4]  # one group, one wave
+    model = prunelab.build_model("mlp", input_shape=(64,), n_classes=10, hidden=[16])
+    per_member = memory.member_bytes(model, (64,), study.runs[0].config["training"]["batch_size"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(memory, "cache_bytes", lambda: 3 * per_member + 1)  # a cache for 3 members
+    jobs = plan_jobs(study.runs)
+    assert [len(job.members) for job in jobs] == [3, 1]
+    assert [m.run_id for job in jobs for m in job.members] == [r.id for r in study.runs]  # each run once, in order
 
 
 def test_two_local_workers_run_a_study(tmp_path):

@@ -56,7 +56,8 @@ MAX_MEMBERS = 32
 def plan_jobs(records, engine: str = "batched") -> list[Job]:
     """The jobs for pending runs: with the batched engine, batchable prune runs of MLPs that
     share a group (:func:`prunelab.runs.batched.group_key`) run together, at most as many as
-    fit in memory (and :data:`MAX_MEMBERS`); every other run alone. Jobs keep the runs' order."""
+    fit in memory (and :data:`MAX_MEMBERS`), and on a machine without CUDA at most one of the
+    engine's cache-sized waves; every other run alone. Jobs keep the runs' order."""
 
     def label(r):
         return f"{r.dataset}/{r.model}/{r.method} s={r.sparsity:g} #{r.seed}"
@@ -96,8 +97,11 @@ def plan_jobs(records, engine: str = "batched") -> list[Job]:
 
 
 def _members_that_fit(config: dict) -> int:
+    import torch
+
     from prunelab.data import dataset_info
     from prunelab.engine import choose_members
+    from prunelab.engine.memory import cache_members
     from prunelab.models import build_model
 
     info = dataset_info(config["dataset"]["name"])
@@ -105,7 +109,12 @@ def _members_that_fit(config: dict) -> int:
     model = build_model(
         config["model"]["name"], input_shape=shape, n_classes=info["n_classes"], **config["model"]["options"]
     )
-    return choose_members(model, shape, config["training"]["batch_size"], wanted=MAX_MEMBERS)
+    size = choose_members(model, shape, config["training"]["batch_size"], wanted=MAX_MEMBERS)
+    if not torch.cuda.is_available():
+        # a CPU trains a job's members in cache-sized waves, one wave after the other, so a job
+        # of one wave is as fast per run, and a stopped study loses at most one wave's training
+        size = min(size, cache_members(model, shape, config["training"]["batch_size"]))
+    return size
 
 
 @validate_params(
