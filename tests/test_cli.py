@@ -167,6 +167,7 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yam
 def test_the_shipped_specs_are_all_there():
     assert [p.stem for p in SPECS] == [
         "quickstart",
+        "study-a-h30-levels",
         "study-a-long-select",
         "study-a-long",
         "study-a-select-training",
