@@ -231,13 +231,30 @@ def test_deeper_rnn_layers_read_the_layer_below_and_are_all_pruned():
 
 
 def test_study_specs_give_wanda_its_row_scope_unless_told_otherwise():
-    from prunelab.runs.prune import _default_scope
+    from prunelab.runs import SpecError
+    from prunelab.study import build_study
 
-    assert _default_scope({"criterion": "wanda", "granularity": "weight"}) == "row"
-    assert _default_scope({"criterion": {"name": "wanda"}, "granularity": "2:4"}) == "row"
-    assert _default_scope({"criterion": "wanda", "granularity": "channel"}) == "local"
-    assert _default_scope({"criterion": "magnitude", "granularity": "weight"}) == "local"  # run ids unchanged
-    assert _default_scope({"criterion": "no-such", "granularity": "weight"}) == "local"
+    def scopes(*methods):
+        spec = {
+            "name": "t",
+            "datasets": ["digits"],
+            "models": [{"name": "mlp", "hidden": [16]}],
+            "methods": list(methods),
+            "sparsities": [0.5],
+            "seeds": 1,
+            "training": {"epochs": 1, "finetune_epochs": 0},
+        }
+        return {run.method: run.config["method"]["scope"] for run in build_study(spec).runs}
+
+    assert scopes(
+        {"label": "w", "criterion": "wanda"},
+        {"label": "w24", "criterion": {"name": "wanda"}, "granularity": "2:4"},
+        {"label": "wc", "criterion": "wanda", "granularity": "channel"},
+        {"label": "wg", "criterion": "wanda", "scope": "global"},
+        {"label": "m", "criterion": "magnitude"},  # other criteria keep local, so their run ids stay
+    ) == {"w": "row", "w24": "row", "wc": "local", "wg": "global", "m": "local"}
+    with pytest.raises(SpecError, match="no-such"):  # an unknown criterion is reported, not a crash
+        scopes({"label": "x", "criterion": "no-such"})
 
 
 def test_a_one_layer_rnn_hidden_weight_reads_the_previous_hidden_states():

@@ -117,7 +117,7 @@ def _dense_models(configs: list[dict], ds, cache_dir: str | None):
             momentum=train["momentum"],
             regularizer=name,
             reg_strength=strengths,
-            validation=ds if ds.x_val is not None else None,
+            validation=_validation_split(ds),
         )
         for r, (key, job) in enumerate(to_train.items()):
             model = batch.member(r)
@@ -130,6 +130,12 @@ def _dense_models(configs: list[dict], ds, cache_dir: str | None):
         out.append((model, history, cached or key in seen))
         seen.add(key)
     return out
+
+
+def _validation_split(ds):
+    """A run's validation split for the batched engine to evaluate after every epoch (None: the
+    spec gave the dataset no validation size)."""
+    return ds if ds.x_val is not None else None
 
 
 def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> list[dict]:
@@ -174,7 +180,7 @@ def execute_prune_group(configs: list[dict], cache_dir: str | None = None) -> li
             regularizer=name,
             reg_strength=strengths,
             pruners=pruners,
-            validation=ds if ds.x_val is not None else None,
+            validation=_validation_split(ds),
         )
     results = []
     for r, (config, pruner) in enumerate(zip(configs, pruners)):
