@@ -83,7 +83,7 @@ def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool)
         if not store.counts()["done"]:
             return
         tables = build_tables(store.records(), (store.meta("spec") or {}).get("outputs"))
-    paths = write_tables(db, db.parent / "tables")
+    paths = write_tables(db)
     if print_tables:
         for table in tables:
             print(f"\n{table.to_markdown(heading=True)}")
@@ -91,7 +91,7 @@ def _write_outputs(db: Path, *, print_tables: bool, figures: bool, report: bool)
     if figures:
         from prunelab.results.figures import write_figures
 
-        print(f"figures: {', '.join(str(p) for p in write_figures(db, db.parent / 'figures'))}")
+        print(f"figures: {', '.join(str(p) for p in write_figures(db))}")
     if report:
         from prunelab.results.report import write_report
 
@@ -137,8 +137,7 @@ def cmd_table(args) -> int:
     from prunelab.results.tables import write_tables
 
     db = _existing_db(args.study)
-    out = Path(args.out) if args.out else db.parent / "tables"
-    paths = write_tables(db, out, formats=tuple(args.format), columns=args.columns, rows=args.rows, metric=args.metric)
+    paths = write_tables(db, args.out, formats=tuple(args.format), columns=args.columns, rows=args.rows, metric=args.metric)
     for path in paths:
         if path.suffix == ".md" and not args.quiet:
             print(path.read_text())
@@ -150,8 +149,7 @@ def cmd_plot(args) -> int:
     from prunelab.results.figures import write_figures
 
     db = _existing_db(args.study)
-    out = Path(args.out) if args.out else db.parent / "figures"
-    paths = write_figures(db, out, formats=tuple(args.format))
+    paths = write_figures(db, args.out, formats=tuple(args.format))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
 
@@ -218,14 +216,14 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", default=None, help="sparsity (default), dataset, model or method")
     p.add_argument("--metric", default=None, help="metric to tabulate (default: accuracy)")
     p.add_argument("--format", nargs="+", default=["md", "csv", "tex"], choices=["md", "csv", "tex"])
-    p.add_argument("--out", default=None, help="folder (default: tables/ next to the database)")
+    p.add_argument("--out", default=None, help="folder (default: tables/ beside study.db, <db stem>_tables/ beside another store)")
     p.add_argument("--quiet", action="store_true", help="do not print the Markdown tables")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("plot", help="figures (PNG and SVG)")
     p.add_argument("study", help="STUDY.db (or its folder)")
     p.add_argument("--format", nargs="+", default=["png", "svg"], choices=["png", "svg"])
-    p.add_argument("--out", default=None, help="folder (default: figures/ next to the database)")
+    p.add_argument("--out", default=None, help="folder (default: figures/ beside study.db, <db stem>_figures/ beside another store)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("report", help="one self-contained HTML page with tables and figures")

@@ -296,3 +296,23 @@ def test_a_diverging_member_fails_alone_and_the_rest_of_its_group_completes(tmp_
         (done,) = store.records(status="done")
     assert failed.method == "boom" and "TrainingDiverged" in failed.error
     assert done.method == "ok" and done.metrics["sparsity"] == pytest.approx(0.8, abs=2e-3)
+
+
+def test_two_stores_in_one_folder_keep_their_own_tables_and_figures(tmp_path, capsys):
+    figures = [{"kind": "accuracy_vs_sparsity"}]
+    for name, method in (("a", "magnitude"), ("b", "random")):
+        s = spec(name=name, methods=[{"label": method, "criterion": method}], seeds=1)
+        s["outputs"]["figures"] = figures
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(s))
+        assert main(["run", str(tmp_path / f"{name}.yaml"), "--db", str(tmp_path / f"{name}.db"), "--no-progress"]) == 0
+    assert "magnitude" in (tmp_path / "a_tables" / "tables.md").read_text()
+    assert "random" in (tmp_path / "b_tables" / "tables.md").read_text()
+    assert not (tmp_path / "tables").exists()
+    for name in ("a", "b"):
+        assert main(["plot", str(tmp_path / f"{name}.db"), "--format", "png"]) == 0
+        assert list((tmp_path / f"{name}_figures").glob("*.png"))
+    # a store named study.db keeps the layout `prunelab run` makes: tables/ and figures/ beside it
+    (tmp_path / "c").mkdir()
+    assert main(["run", str(tmp_path / "a.yaml"), "--db", str(tmp_path / "c" / "study.db"), "--no-progress"]) == 0
+    assert main(["plot", str(tmp_path / "c" / "study.db"), "--format", "png"]) == 0
+    assert (tmp_path / "c" / "tables" / "tables.md").is_file() and list((tmp_path / "c" / "figures").glob("*.png"))

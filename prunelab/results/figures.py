@@ -23,7 +23,7 @@ from typing import Any
 
 from prunelab._validation import check_choice
 from prunelab.registry import Registry
-from prunelab.results.outputs import output_folder, write_output
+from prunelab.results.outputs import default_output_folder, output_folder, write_output
 from prunelab.results.records import check_keys, open_study, raise_problems, require_done
 from prunelab.store import RunRecord
 
@@ -136,7 +136,8 @@ def write_figures(
 ) -> list[Path]:
     """Write every declared figure of a study as ``<name>.png`` / ``.svg``; returns the paths.
 
-    ``out_dir`` defaults to ``<db folder>/<db stem>_figures``. Prints nothing.
+    ``out_dir`` defaults to :func:`~prunelab.results.outputs.default_output_folder` (``figures/``
+    beside ``study.db``, ``<db stem>_figures/`` beside another store). Prints nothing.
     """
     if isinstance(formats, str):
         formats = [formats]
@@ -145,7 +146,7 @@ def write_figures(
     require_done(study, "prunelab plot")  # a clear error when nothing has finished
     declarations = figure_declarations(study.spec)
     figures = [pair for i, d in enumerate(declarations) for pair in build_figures(study.records, study.spec, d, i)]
-    out = output_folder(Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_figures"))
+    out = output_folder(Path(out_dir) if out_dir is not None else default_output_folder(study.path, "figures"))
     paths = []
     for name, (_, figure) in zip(unique_names([n for n, _ in figures]), figures):
         for ext in formats:

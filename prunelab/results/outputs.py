@@ -24,6 +24,15 @@ ADVICE = (
 )
 
 
+def default_output_folder(store_path: str | Path, kind: str) -> Path:
+    """Where a store's ``kind`` outputs (``tables`` or ``figures``) go when no folder is given:
+    ``tables/`` beside a store named ``study.db`` (the layout ``prunelab run`` makes,
+    ``results/<name>/study.db``), ``<db stem>_tables/`` beside any other store, so two stores
+    in one folder never overwrite each other's outputs."""
+    store_path = Path(store_path)
+    return store_path.with_name(kind if store_path.name == "study.db" else f"{store_path.stem}_{kind}")
+
+
 def output_folder(folder: str | Path) -> Path:
     """Create ``folder`` (and its parents) for outputs; return it."""
     folder = Path(folder)

@@ -45,7 +45,7 @@ from typing import Any
 from prunelab._validation import check_choice, check_number
 from prunelab.registry import Registry
 from prunelab.results.analysis import Group, aggregate
-from prunelab.results.outputs import output_folder, write_output
+from prunelab.results.outputs import default_output_folder, output_folder, write_output
 from prunelab.results.records import (
     LABELS,
     LEVEL,
@@ -476,7 +476,8 @@ def write_tables(
 
     ``formats``: ``md`` → one ``tables.md`` with every table under a heading;
     ``csv`` and ``tex`` → one ``<table name>.csv`` / ``.tex`` per table. ``out_dir``
-    defaults to ``<db folder>/<db stem>_tables``. ``columns`` / ``rows`` (the CLI's
+    defaults to :func:`~prunelab.results.outputs.default_output_folder` (``tables/`` beside
+    ``study.db``, ``<db stem>_tables/`` beside another store). ``columns`` / ``rows`` (the CLI's
     ``--columns`` / ``--rows``) replace the spec's declarations by one table layout;
     ``metric`` (``--metric``) replaces every declaration's metric.
     """
@@ -492,7 +493,7 @@ def write_tables(
     if metric is not None:
         check_metric(done, metric, where="table")
     tables = build_tables(study.records, _overridden(study.outputs, columns=columns, rows=rows, metric=metric))
-    out = output_folder(Path(out_dir) if out_dir is not None else study.path.with_name(f"{study.path.stem}_tables"))
+    out = output_folder(Path(out_dir) if out_dir is not None else default_output_folder(study.path, "tables"))
     paths = []
     if "md" in formats:
         paths.append(
