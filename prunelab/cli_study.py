@@ -137,7 +137,9 @@ def cmd_table(args) -> int:
     from prunelab.results.tables import write_tables
 
     db = _existing_db(args.study)
-    paths = write_tables(db, args.out, formats=tuple(args.format), columns=args.columns, rows=args.rows, metric=args.metric)
+    paths = write_tables(
+        db, args.out, formats=tuple(args.format), columns=args.columns, rows=args.rows, metric=args.metric
+    )
     for path in paths:
         if path.suffix == ".md" and not args.quiet:
             print(path.read_text())
@@ -216,14 +218,20 @@ def add_study_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", default=None, help="sparsity (default), dataset, model or method")
     p.add_argument("--metric", default=None, help="metric to tabulate (default: accuracy)")
     p.add_argument("--format", nargs="+", default=["md", "csv", "tex"], choices=["md", "csv", "tex"])
-    p.add_argument("--out", default=None, help="folder (default: tables/ beside study.db, <db stem>_tables/ beside another store)")
+    p.add_argument(
+        "--out", default=None, help="folder (default: tables/ beside study.db, <db stem>_tables/ beside another store)"
+    )
     p.add_argument("--quiet", action="store_true", help="do not print the Markdown tables")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("plot", help="figures (PNG and SVG)")
     p.add_argument("study", help="STUDY.db (or its folder)")
     p.add_argument("--format", nargs="+", default=["png", "svg"], choices=["png", "svg"])
-    p.add_argument("--out", default=None, help="folder (default: figures/ beside study.db, <db stem>_figures/ beside another store)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder (default: figures/ beside study.db, <db stem>_figures/ beside another store)",
+    )
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("report", help="one self-contained HTML page with tables and figures")
