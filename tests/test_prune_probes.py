@@ -103,9 +103,19 @@ def test_report_at_steps_counts_from_the_last_prune_when_checked_against_the_bud
         build_study(spec(ITERATIVE, report_at_steps=[18]))
 
 
-def test_report_at_steps_is_refused_by_the_other_tasks():
-    with pytest.raises(ValueError, match="applies to the prune task only"):
-        build_study(spec({"label": "HashedNet", "task": "hashed"}, report_at_steps=[5]))
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"label": "HashedNet", "task": "hashed"},
+        {"label": "probes", "task": "unit-penalty"},
+        {"label": "mrs", "task": "unit-iterative", "method": "mrs"},
+    ],
+    ids=lambda m: m["task"],
+)
+def test_report_at_steps_is_refused_by_the_other_tasks(method):
+    build_study(spec(method))  # the method itself is fine
+    with pytest.raises(ValueError, match=r"methods\[0\]: 'training.report_at_steps' applies to the prune task only"):
+        build_study(spec(method, report_at_steps=[5]))
 
 
 def test_tables_may_name_the_new_metrics_before_any_run():

@@ -220,3 +220,21 @@ def test_a_datasets_training_values_are_checked_with_its_path():
     assert "datasets[0].training.lr" in text and "datasets[0].training.epoch: unknown key" in text
     assert "did you mean 'epochs'" in text
     assert "datasets[1].training: must be a mapping; got 3" in text
+
+
+@pytest.mark.parametrize(
+    "changes, where",
+    [
+        ({"training": {**BASE["training"], "patience": 2}}, "  training.patience: stops on the validation loss"),
+        (
+            {"methods": [{"label": "mag", "training": {"patience": 2}}]},
+            "  methods[0].training.patience: stops on the validation loss",
+        ),
+    ],
+    ids=["study", "method"],
+)
+def test_patience_without_a_validation_split_names_where_it_was_set(changes, where):
+    with pytest.raises(SpecError) as caught:
+        build_study(spec(**changes))
+    assert where in str(caught.value) and "give the dataset a 'validation' size" in str(caught.value)
+    build_study(spec(datasets=[{"name": "digits", "validation": 200}], **changes))  # with one: accepted

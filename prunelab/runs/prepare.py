@@ -543,18 +543,22 @@ def prepare_entries(
     training: dict,
     checker: Checker,
     keys: tuple[str, ...],
+    *,
+    step_reports: bool = False,
 ) -> tuple[dict | None, dict | None, dict]:
     """The start a task's ``prepare`` shares with the others: the method's keys checked against
     ``keys``, the dataset and the training budget (the method's own ``training:`` over the study's)
     prepared, the model's ``name`` required. Returns ``(data, train, options)`` (the model's options
-    without ``name`` and ``label``); ``data`` or ``train`` is None when it has errors."""
+    without ``name`` and ``label``); ``data`` or ``train`` is None when it has errors.
+    ``step_reports``: the task records the accuracies at ``training.report_at_steps`` (the prune
+    task); any other task refuses those keys."""
     (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
     checker.keys(x_path, x_entry, keys)
     data = prepare_dataset(d_path, d_entry, checker)
     train = prepare_training(x_path, training, x_entry.get("training") or {}, checker)
     if "name" not in m_entry:
         checker.error(m_path, "missing 'name'")
-    if train is not None:
+    if train is not None and not step_reports:
         for key in OPTIONAL_TRAINING_STEPS:
             if key in train:
                 checker.error(x_path, f"'training.{key}' applies to the prune task only; remove it for this method")

@@ -45,16 +45,14 @@ from prunelab.runs.prepare import (
     distill_kwargs,
     finetune_step_count,
     load_prepared_dataset,
-    prepare_dataset,
     prepare_distill,
+    prepare_entries,
     prepare_latency,
-    prepare_training,
     train_kwargs,
 )
 from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.training import Callback, RecoveryMonitor, evaluate, fit, steps_per_epoch
 
-MODEL_KEYS = ("name", "label")
 METHOD_KEYS = (
     "label",
     "criterion",
@@ -148,18 +146,12 @@ class PruneTask(Task):
     # ------------------------------------------------------------ planning
     def prepare(self, *, dataset, model, method, training, checker: Checker, sparsities):
         n_errors = len(checker.errors)
-        d_path, d_entry = dataset
         m_path, m_entry = model
         x_path, x_entry = method
-        data = prepare_dataset(d_path, d_entry, checker)
-        x_entry = dict(x_entry)
-        checker.keys(x_path, x_entry, METHOD_KEYS)
-        train = prepare_training(x_path, training, x_entry.pop("training", None) or {}, checker)
+        data, train, options = prepare_entries(
+            dataset, model, method, training, checker, METHOD_KEYS, step_reports=True
+        )
         if data is None or train is None or len(checker.errors) > n_errors:
-            return None
-        options = {k: v for k, v in m_entry.items() if k not in MODEL_KEYS}
-        if "name" not in m_entry:
-            checker.error(m_path, "missing 'name'")
             return None
         net = checker.attempt(
             m_path,
@@ -180,7 +172,8 @@ class PruneTask(Task):
                 "validation split; give the dataset a 'validation' size or remove 'patience'",
             )
             return None
-        m = _prepare_method(x_path, x_entry, net, per_epoch, train, sparsities, checker, dry=data["dry"])
+        method_entry = {k: v for k, v in x_entry.items() if k != "training"}  # already in train
+        m = _prepare_method(x_path, method_entry, net, per_epoch, train, sparsities, checker, dry=data["dry"])
         if m is None:
             return None
         resolved.update(dataset=data["config"], method=m, training=train)

@@ -30,7 +30,7 @@ from torch import nn
 
 from prunelab.data import dry_run_inputs
 from prunelab.runs.limits import build_bounded
-from prunelab.runs.prepare import dense_model, load_prepared_dataset, prepare_dataset, prepare_training
+from prunelab.runs.prepare import dense_model, load_prepared_dataset, prepare_entries
 from prunelab.runs.tasks import TASKS, Checker, Task
 from prunelab.training import Callback, evaluate, fit
 from prunelab.units import METHODS, SCORERS, Units, parse_method, preact, remove_units, surgery
@@ -56,17 +56,14 @@ ITERATIVE_KEYS = (
 )
 
 
-def _model_and_data(dataset, model, training, checker: Checker, method_path: str, overrides: dict):
-    d_path, d_entry = dataset
+def _model_and_data(dataset, model, method, training, checker: Checker, keys: tuple[str, ...]):
+    """The method's keys checked, its dataset, training and model built (the start every task
+    shares, :func:`prepare_entries`), and the model's units found: ``(data, train, net, units,
+    model config)``, or None when something is wrong."""
     m_path, m_entry = model
-    data = prepare_dataset(d_path, d_entry, checker)
-    train = prepare_training(method_path, training, overrides, checker)
-    if data is None or train is None:
+    data, train, options = prepare_entries(dataset, model, method, training, checker, keys)
+    if data is None or train is None or "name" not in m_entry:
         return None
-    if "name" not in m_entry:
-        checker.error(m_path, "missing 'name'")
-        return None
-    options = {k: v for k, v in m_entry.items() if k not in ("name", "label")}
     net = checker.attempt(
         m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"], n_classes=data["n_classes"], **options
     )
@@ -135,8 +132,7 @@ class _UnitTask(Task):
         errors so far, ready)`` with ``ready`` None when something is wrong."""
         x_path, entry = method
         n = len(checker.errors)
-        checker.keys(x_path, entry, (*keys, "training"))
-        ready = _model_and_data(dataset, model, training, checker, x_path, entry.get("training") or {})
+        ready = _model_and_data(dataset, model, method, training, checker, (*keys, "training"))
         return x_path, entry, n, ready
 
 
