@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -958,6 +959,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings():
+    """How the command line shows a warning: one line on stderr, ``prunelab: warning: …``, and a
+    message it has shown already is not repeated (planning a study may meet the same tied weight
+    once per method). Python's own format adds the source file and line, which mean nothing here."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip()
+        if not text.startswith(category.__name__) and not category.__module__.startswith("prunelab"):
+            text = f"{category.__name__}: {text}"  # another library's: say which kind
+        if text not in shown:
+            shown.add(text)
+            print(f"prunelab: warning: {text}", file=sys.stderr if file is None else file)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     from prunelab.store import StudyWriteError
     from prunelab.study.lock import StudyLocked
@@ -968,7 +986,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # a bad option (one line printed), --help or --version
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings()
+            return args.func(args)
     except StudyLocked as err:
         print(f"prunelab: error: {err}", file=sys.stderr)
         return 3

@@ -587,3 +587,27 @@ def test_export_thins_and_writes_onnx_for_a_registry_language_model(tmp_path, mo
     assert thin.blocks[0].mlp.fc1.out_features == model.blocks[0].mlp.fc1.out_features - 3
     tokens = torch.randint(0, 64, (2, 8))
     torch.testing.assert_close(thin.eval()(tokens), model.eval()(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_warnings_are_one_line_each_shown_once(monkeypatch, capsys):
+    import warnings
+
+    import prunelab.cli as cli
+    from prunelab.pruning.targets import TiedWeightSkipped
+
+    def noisy(args):
+        for _ in range(3):  # the same message from three places, as planning a study can give
+            warnings.warn("Pruner: lm_head.weight is tied to an embedding", TiedWeightSkipped, stacklevel=1)
+            warnings.warn("Pruner: lm_head.weight is tied to an embedding", TiedWeightSkipped, stacklevel=2)
+        warnings.warn("something torch says", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_list", noisy)
+    before = warnings.showwarning
+    assert main(["list"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "prunelab: warning: Pruner: lm_head.weight is tied to an embedding",
+        "prunelab: warning: UserWarning: something torch says",
+    ]
+    assert warnings.showwarning is before  # the caller's display is back afterwards
