@@ -3,18 +3,22 @@ accuracy (%) over every dataset, level and seed of the selection study, with the
 
     python docs/results/study-a/selection_score.py results/study-a-select/study.db
 
-With ``--by-width`` (study-a-long-select, which chooses per dataset and width), one line per
-(dataset, width): each method label's mean validation accuracy over that cell's levels and
-seeds, the best one marked and named.
+With ``--by-width`` (study-a-long-select, which chooses per dataset and width), a markdown table
+with one row per (dataset, width): each strength's mean validation accuracy over that cell's
+levels and seeds, the best in bold and named.
 
-    python docs/results/study-a/selection_score.py results/study-a-long-select/study.db --by-width
+    python docs/results/study-a/selection_score.py results/study-a-long-select/study.db --by-width \
+        > docs/results/study-a/long-select/selection.md
 """
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from prunelab.store import Store
 
@@ -38,11 +42,33 @@ def by_width(db: str) -> None:
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         cells[(r.dataset, r.model)][r.method].append(100 * r.metrics["val_accuracy"])
+    labels = sorted({m for methods in cells.values() for m in methods}, key=_strength)
+    print(f"# {Path(db).name}: the L1 strength per dataset and width\n")
+    print("Mean validation accuracy (%) over each cell's levels and seeds (runs in brackets); the best in bold.\n")
+    print("| dataset | width | " + " | ".join(_short(m) for m in labels) + " | chosen |")
+    print("|---|---|" + "---:|" * len(labels) + "---|")
     for (dataset, model), methods in cells.items():
         means = {m: statistics.mean(v) for m, v in methods.items()}
         best = max(means, key=lambda m: means[m])
-        scores = ", ".join(f"{m} {v:.2f}{' *' if m == best else ''} ({len(methods[m])})" for m, v in means.items())
-        print(f"{dataset}/{model}: best {best}; {scores}")
+        row = []
+        for m in labels:
+            if m not in means:
+                row.append("—")
+                continue
+            value = f"{means[m]:.2f}"
+            row.append(f"**{value}** ({len(methods[m])})" if m == best else f"{value} ({len(methods[m])})")
+        print(f"| {dataset} | {model} | " + " | ".join(row) + f" | {_short(best)} |")
+
+
+def _strength(label: str) -> float:
+    """The strength in a grid label such as ``MagL1[strength=0.001]`` (labels without one last)."""
+    match = re.search(r"strength=([0-9.eE+-]+)", label)
+    return float(match.group(1)) if match else math.inf
+
+
+def _short(label: str) -> str:
+    value = _strength(label)
+    return f"{value:g}" if math.isfinite(value) else label
 
 
 if __name__ == "__main__":
