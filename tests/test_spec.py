@@ -238,3 +238,22 @@ def test_patience_without_a_validation_split_names_where_it_was_set(changes, whe
         build_study(spec(**changes))
     assert where in str(caught.value) and "give the dataset a 'validation' size" in str(caught.value)
     build_study(spec(datasets=[{"name": "digits", "validation": 200}], **changes))  # with one: accepted
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"criterion": "magnitude"},
+        {"task": "hashed"},
+        {"task": "structured"},
+        {"task": "unit-penalty"},
+        {"task": "unit-iterative", "method": "mrs"},
+    ],
+    ids=lambda m: m.get("task", "prune"),
+)
+def test_a_model_without_a_name_is_one_error_for_every_method_of_every_task(method):
+    # the error is listed once, so the second method must not mistake "no new error" for "ready"
+    methods = [dict(method, label="a"), dict(method, label="b")]
+    with pytest.raises(SpecError) as caught:
+        build_study(spec(models=[{"hidden": [8]}], methods=methods))
+    assert "models[0]: missing 'name'" in str(caught.value)

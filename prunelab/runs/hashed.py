@@ -65,13 +65,13 @@ class HashedTask(Task):
                 "the hashed task trains for the whole budget; 'training.patience' (early "
                 "stopping of the dense model) does not apply to it: remove it for this method",
             )
-        if "hashed" in options:
+        if options is not None and "hashed" in options:
             checker.error(
                 f"{m_path}.hashed",
                 "the hashed task sets each model's compression from the sparsity "
                 "level (1 − sparsity); remove 'hashed' from the model",
             )
-        if data is None or train is None or len(checker.errors) > n_errors:
+        if data is None or train is None or options is None or len(checker.errors) > n_errors:
             return None
         for i, level in enumerate(sparsities):
             if isinstance(level, dict):

@@ -545,11 +545,13 @@ def prepare_entries(
     keys: tuple[str, ...],
     *,
     step_reports: bool = False,
-) -> tuple[dict | None, dict | None, dict]:
+) -> tuple[dict | None, dict | None, dict | None]:
     """The start a task's ``prepare`` shares with the others: the method's keys checked against
     ``keys``, the dataset and the training budget (the method's own ``training:`` over the study's)
-    prepared, the model's ``name`` required. Returns ``(data, train, options)`` (the model's options
-    without ``name`` and ``label``); ``data`` or ``train`` is None when it has errors.
+    prepared, the model's ``name`` required. Returns ``(data, train, options)``: the model's options
+    without ``name`` and ``label``, None when the model has no ``name``; ``data`` or ``train`` is
+    None when it has errors. (The checker lists an error once, so a second method of the same
+    study cannot tell a missing name from the error count: it must test for None.)
     ``step_reports``: the task records the accuracies at ``training.report_at_steps`` (the prune
     task); any other task refuses those keys."""
     (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
@@ -562,4 +564,5 @@ def prepare_entries(
         for key in OPTIONAL_TRAINING_STEPS:
             if key in train:
                 checker.error(x_path, f"'training.{key}' applies to the prune task only; remove it for this method")
-    return data, train, {k: v for k, v in m_entry.items() if k not in ("name", "label")}
+    options = {k: v for k, v in m_entry.items() if k not in ("name", "label")} if "name" in m_entry else None
+    return data, train, options

@@ -151,7 +151,7 @@ class PruneTask(Task):
         data, train, options = prepare_entries(
             dataset, model, method, training, checker, METHOD_KEYS, step_reports=True
         )
-        if data is None or train is None or len(checker.errors) > n_errors:
+        if data is None or train is None or options is None or len(checker.errors) > n_errors:
             return None
         net = checker.attempt(
             m_path,

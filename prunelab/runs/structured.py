@@ -98,7 +98,7 @@ class StructuredTask(Task):
         n_errors = len(checker.errors)
         (m_path, m_entry), (x_path, x_entry) = model, method
         data, train, options = prepare_entries(dataset, model, method, training, checker, STRUCTURED_KEYS)
-        if data is None or train is None or len(checker.errors) > n_errors:
+        if data is None or train is None or options is None or len(checker.errors) > n_errors:
             return None
         net = checker.attempt(
             m_path,

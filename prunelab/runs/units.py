@@ -62,7 +62,7 @@ def _model_and_data(dataset, model, method, training, checker: Checker, keys: tu
     model config)``, or None when something is wrong."""
     m_path, m_entry = model
     data, train, options = prepare_entries(dataset, model, method, training, checker, keys)
-    if data is None or train is None or "name" not in m_entry:
+    if data is None or train is None or options is None:
         return None
     net = checker.attempt(
         m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"], n_classes=data["n_classes"], **options
