@@ -257,3 +257,15 @@ def test_a_model_without_a_name_is_one_error_for_every_method_of_every_task(meth
     with pytest.raises(SpecError) as caught:
         build_study(spec(models=[{"hidden": [8]}], methods=methods))
     assert "models[0]: missing 'name'" in str(caught.value)
+
+
+def test_a_model_error_met_again_by_a_second_method_stops_that_method_too():
+    # models[0].hashed is reported once; the second hashed method must not go on to build the model
+    hashed_model = [{"name": "mlp", "hidden": [8], "hashed": {"compression": 0.5}}]
+    methods = [{"label": "a", "task": "hashed"}, {"label": "b", "task": "hashed"}]
+    with pytest.raises(SpecError) as caught:
+        build_study(spec(models=hashed_model, methods=methods))
+    assert caught.value.errors == [
+        "models[0].hashed: the hashed task sets each model's compression from the sparsity level "
+        "(1 − sparsity); remove 'hashed' from the model"
+    ]

@@ -56,7 +56,7 @@ class HashedTask(Task):
         return "HashedNet"
 
     def prepare(self, *, dataset, model, method, training, checker: Checker, sparsities):
-        n_errors = len(checker.errors)
+        n_errors = checker.reported
         (m_path, m_entry), x_path = model, method[0]
         data, train, options = prepare_entries(dataset, model, method, training, checker, HASHED_KEYS)
         if train is not None and "patience" in train:
@@ -65,13 +65,13 @@ class HashedTask(Task):
                 "the hashed task trains for the whole budget; 'training.patience' (early "
                 "stopping of the dense model) does not apply to it: remove it for this method",
             )
-        if options is not None and "hashed" in options:
+        if "hashed" in options:
             checker.error(
                 f"{m_path}.hashed",
                 "the hashed task sets each model's compression from the sparsity "
                 "level (1 − sparsity); remove 'hashed' from the model",
             )
-        if data is None or train is None or options is None or len(checker.errors) > n_errors:
+        if data is None or train is None or checker.reported > n_errors:
             return None
         for i, level in enumerate(sparsities):
             if isinstance(level, dict):
@@ -90,7 +90,7 @@ class HashedTask(Task):
                 **options,
                 **_hashing(level),
             )
-        if len(checker.errors) > n_errors:
+        if checker.reported > n_errors:
             return None
         return {
             "config": {

@@ -146,7 +146,7 @@ TEXT_NOT_APPLICABLE = {
 def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> dict | None:
     """A text dataset's entry (``vocab_size``, ``seq_len``, ``stride``, ``tokenizer``, ``subset``):
     loaded once (tokenised and cached on disk) to count its sequences and check the options."""
-    n_errors = len(checker.errors)
+    n_errors = checker.reported
     for key, why in TEXT_NOT_APPLICABLE.items():
         if entry.get(key):
             checker.error(f"{path}.{key}", f"does not apply to the text dataset '{source.name}': {why}; remove it")
@@ -163,7 +163,7 @@ def _prepare_text_dataset(path: str, entry: dict, source, checker: Checker) -> d
             f"the data root {data_root()} (set PRUNELAB_DATA to the folder holding them, or "
             f"run `prunelab data fetch {source.name}`)",
         )
-    if len(checker.errors) > n_errors or missing is None:
+    if checker.reported > n_errors or missing is None:
         return None
     sizes = checker.attempt(path, _text_sizes, source.name, options)
     if sizes is None:
@@ -225,7 +225,7 @@ def load_prepared_dataset(cfg: dict):
 
 # --------------------------------------------------------------- training
 def prepare_training(path: str, training: dict, override: dict, checker: Checker) -> dict | None:
-    n = len(checker.errors)
+    n = checker.reported
     valid = (*TRAINING_DEFAULTS, *OPTIONAL_TRAINING, *OPTIONAL_TRAINING_STEPS, *LR_DROP_KEYS)
     checker.keys("training", training, valid)
     if not isinstance(override, dict):
@@ -263,7 +263,7 @@ def prepare_training(path: str, training: dict, override: dict, checker: Checker
             f"unknown optimizer {train['optimizer']!r}"
             f"{suggest(str(train['optimizer']), OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}",
         )
-    return None if len(checker.errors) > n else train
+    return None if checker.reported > n else train
 
 
 def _lr_drop(train: dict, where, checker: Checker) -> None:
@@ -545,13 +545,12 @@ def prepare_entries(
     keys: tuple[str, ...],
     *,
     step_reports: bool = False,
-) -> tuple[dict | None, dict | None, dict | None]:
+) -> tuple[dict | None, dict | None, dict]:
     """The start a task's ``prepare`` shares with the others: the method's keys checked against
     ``keys``, the dataset and the training budget (the method's own ``training:`` over the study's)
-    prepared, the model's ``name`` required. Returns ``(data, train, options)``: the model's options
-    without ``name`` and ``label``, None when the model has no ``name``; ``data`` or ``train`` is
-    None when it has errors. (The checker lists an error once, so a second method of the same
-    study cannot tell a missing name from the error count: it must test for None.)
+    prepared, the model's ``name`` required. Returns ``(data, train, options)`` (the model's options
+    without ``name`` and ``label``); ``data`` or ``train`` is None when it has errors, and a missing
+    ``name`` is reported (compare ``checker.reported`` before and after).
     ``step_reports``: the task records the accuracies at ``training.report_at_steps`` (the prune
     task); any other task refuses those keys."""
     (d_path, d_entry), (m_path, m_entry), (x_path, x_entry) = dataset, model, method
@@ -564,5 +563,4 @@ def prepare_entries(
         for key in OPTIONAL_TRAINING_STEPS:
             if key in train:
                 checker.error(x_path, f"'training.{key}' applies to the prune task only; remove it for this method")
-    options = {k: v for k, v in m_entry.items() if k not in ("name", "label")} if "name" in m_entry else None
-    return data, train, options
+    return data, train, {k: v for k, v in m_entry.items() if k not in ("name", "label")}

@@ -145,13 +145,13 @@ class PruneTask(Task):
 
     # ------------------------------------------------------------ planning
     def prepare(self, *, dataset, model, method, training, checker: Checker, sparsities):
-        n_errors = len(checker.errors)
+        n_errors = checker.reported
         m_path, m_entry = model
         x_path, x_entry = method
         data, train, options = prepare_entries(
             dataset, model, method, training, checker, METHOD_KEYS, step_reports=True
         )
-        if data is None or train is None or options is None or len(checker.errors) > n_errors:
+        if data is None or train is None or checker.reported > n_errors:
             return None
         net = checker.attempt(
             m_path,
@@ -228,7 +228,7 @@ def _prepare_method(
     checker: Checker,
     dry: dict | None = None,
 ) -> dict | None:
-    n = len(checker.errors)
+    n = checker.reported
     method = {**METHOD_DEFAULTS, **{k: v for k, v in entry.items() if k != "label"}}
     if "scope" not in entry:
         method["scope"] = _default_scope(method)
@@ -353,7 +353,7 @@ def _prepare_method(
     checker.number(f"{path}.calibration", method["calibration"], low=1, integer=True)
     if isinstance(method["criterion"], dict):
         method["criterion"] = dict(method["criterion"])
-    return None if len(checker.errors) > n else method
+    return None if checker.reported > n else method
 
 
 def _nm_levels_fit(path: str, granularity, levels: list, checker: Checker) -> bool:

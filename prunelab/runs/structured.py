@@ -95,10 +95,10 @@ class StructuredTask(Task):
         return "structured/" + "+".join(parts or ["none"]) + ("/refit" if method.get("refit", True) else "")
 
     def prepare(self, *, dataset, model, method, training, checker: Checker, sparsities):
-        n_errors = len(checker.errors)
+        n_errors = checker.reported
         (m_path, m_entry), (x_path, x_entry) = model, method
         data, train, options = prepare_entries(dataset, model, method, training, checker, STRUCTURED_KEYS)
-        if data is None or train is None or options is None or len(checker.errors) > n_errors:
+        if data is None or train is None or checker.reported > n_errors:
             return None
         net = checker.attempt(
             m_path,
@@ -129,7 +129,7 @@ class StructuredTask(Task):
             checker.error(x_path, "removes nothing: set heads or mlp to true, or blocks to a count ≥ 1")
             return None
         _check_applies(x_path, net, resolved, max(levels, default=0.0), data, checker)
-        if len(checker.errors) > n_errors:
+        if checker.reported > n_errors:
             return None
         return {
             "config": {
@@ -155,7 +155,7 @@ class StructuredTask(Task):
 
 def _prepare_structured(path: str, entry: dict, train: dict, checker: Checker) -> dict | None:
     """The method's options, checked and with the defaults filled in."""
-    n = len(checker.errors)
+    n = checker.reported
     method = {**STRUCTURED_DEFAULTS, **{k: v for k, v in entry.items() if k in STRUCTURED_DEFAULTS}}
     for key in ("heads", "mlp"):
         if not isinstance(method[key], bool):
@@ -180,7 +180,7 @@ def _prepare_structured(path: str, entry: dict, train: dict, checker: Checker) -
         LATENCY_DEFAULTS,
         "true, false or a mapping {batch_sizes: [1, 16], threads: 1, rounds: 3}",
     )
-    return None if len(checker.errors) > n else method
+    return None if checker.reported > n else method
 
 
 def _check_applies(path: str, net, method: dict, level: float, data: dict, checker: Checker) -> None:

@@ -26,12 +26,19 @@ class SpecError(ValueError):
 
 
 class Checker:
-    """Collects ``path: message`` errors instead of raising at the first one."""
+    """Collects ``path: message`` errors instead of raising at the first one.
+
+    ``errors`` lists each error once; ``reported`` counts every report, repeats included. A step
+    tells whether it failed by comparing ``reported`` before and after: a second method of a study
+    that meets the same bad dataset or model entry repeats an error already listed, and must still
+    see that it failed."""
 
     def __init__(self):
         self.errors: list[str] = []
+        self.reported = 0
 
     def error(self, path: str, message: str) -> None:
+        self.reported += 1
         entry = f"{path}: {message}"
         if entry not in self.errors:
             self.errors.append(entry)

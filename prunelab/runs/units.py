@@ -62,7 +62,7 @@ def _model_and_data(dataset, model, method, training, checker: Checker, keys: tu
     model config)``, or None when something is wrong."""
     m_path, m_entry = model
     data, train, options = prepare_entries(dataset, model, method, training, checker, keys)
-    if data is None or train is None or options is None:
+    if data is None or train is None or "name" not in m_entry:
         return None
     net = checker.attempt(
         m_path, build_bounded, m_entry["name"], input_shape=data["input_shape"], n_classes=data["n_classes"], **options
@@ -131,7 +131,7 @@ class _UnitTask(Task):
         """Check the method's keys and build its dataset, training and model: ``(x_path, entry,
         errors so far, ready)`` with ``ready`` None when something is wrong."""
         x_path, entry = method
-        n = len(checker.errors)
+        n = checker.reported
         ready = _model_and_data(dataset, model, method, training, checker, (*keys, "training"))
         return x_path, entry, n, ready
 
@@ -204,7 +204,7 @@ class UnitPenaltyTask(_UnitTask):
                 checker.number(
                     f"{x_path}.track.fraction", track.get("fraction", 0.1), low=0.0, high=1.0, closed="neither"
                 )
-        if len(checker.errors) > n:
+        if checker.reported > n:
             return None
         return self._prepared(data, model_cfg, train, "probe", probe)
 
@@ -368,7 +368,7 @@ class UnitIterativeTask(_UnitTask):
         checker.number(f"{x_path}.finetune_lr", it["finetune_lr"], low=0.0, closed="neither")
         checker.number(f"{x_path}.calibration", it["calibration"], low=1, high=data["n_train"], integer=True)
         checker.number(f"{x_path}.test_every", it["test_every"], low=1, integer=True)
-        if len(checker.errors) > n:
+        if checker.reported > n:
             return None
         return self._prepared(data, model_cfg, train, "iterative", it)
 
