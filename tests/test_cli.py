@@ -172,6 +172,7 @@ def test_the_shipped_specs_are_all_there():
         "study-a-long",
         "study-a-select-training",
         "study-a-select",
+        "study-a-split",
         "study-a",
         "study-b-paper",
         "study-b",

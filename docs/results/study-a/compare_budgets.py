@@ -2,6 +2,8 @@
 method of the long study (study-a-long, 230 epochs) at each of its (dataset, width, level) cells,
 next to the same cell at study A's budget (15 epochs; "—" where no short run has that cell). One
 markdown table per (dataset, width); the regulariser strengths each store used are listed under it.
+With ``--figure PATH`` it also draws one panel per (dataset, width): mean test accuracy against the
+level, each method's 230-epoch line solid and its 15-epoch line dashed, the seeds' std as a band.
 
 The short budget comes from one or more sources, the first that has a cell wins: a study store, or
 a folder of study A's committed tables (``accuracy-sparsity-by-dataset-<method>-<model>.csv``,
@@ -9,7 +11,8 @@ mean, std and n per cell; they carry no strengths: study A's are in experiments/
 The last argument is the long study's store.
 
     python docs/results/study-a/compare_budgets.py docs/results/study-a/tables \
-        docs/results/study-a/h30-levels/study-a-h30-levels.db results/study-a-long/study.db
+        docs/results/study-a/h30-levels/study-a-h30-levels.db results/study-a-long/study.db \
+        [--figure docs/results/study-a/figures/budgets.png]
 """
 
 from __future__ import annotations
@@ -76,7 +79,57 @@ def _show(cell: Summary | None) -> str:
     return f"{mean:.2f} ± {spread}" + ("" if n == 5 else f" ({n})")
 
 
-def main(short_sources: list[str], long_db: str) -> None:
+def _figure(
+    path: str,
+    blocks: dict[tuple[str, str], dict[str, set]],
+    short: dict[tuple[str, str, str, float], Summary],
+    long: dict[tuple[str, str, str, float], Summary],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(blocks))
+    rows = math.ceil(len(blocks) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    colours = {}
+    for ax, ((dataset, model), methods) in zip(axes.flat, blocks.items()):
+        levels = sorted(set().union(*methods.values()))
+        xs = list(range(len(levels)))
+        for method in methods:
+            colour = colours.setdefault(method, f"C{len(colours)}")
+            for budget, cells, style in (("230 ep", long, "-"), ("15 ep", short, "--")):
+                points = [
+                    (x, cells[(dataset, model, method, lv)])
+                    for x, lv in zip(xs, levels)
+                    if (dataset, model, method, lv) in cells
+                ]
+                if not points:
+                    continue
+                px = [x for x, _ in points]
+                mean = [c[0] for _, c in points]
+                std = [0.0 if math.isnan(c[1]) else c[1] for _, c in points]
+                ax.plot(px, mean, style, marker="o", markersize=3, color=colour, label=f"{method} {budget}")
+                ax.fill_between(
+                    px, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour, alpha=0.12
+                )
+        ax.set_xticks(xs, [f"{100 * lv:g}" for lv in levels])
+        ax.set_title(f"{dataset}, {model}")
+        ax.set_xlabel("weights removed (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(blocks) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 2 * columns), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(short_sources: list[str], long_db: str, figure: str | None = None) -> None:
     long_values, long_strengths = _cells(long_db)
     long = {key: _summary(values) for key, values in long_values.items()}
     wanted = {(method, model) for _, model, method, _ in long}
@@ -114,9 +167,19 @@ def main(short_sources: list[str], long_db: str) -> None:
         ]
         if notes:
             print("\nStrengths: " + "; ".join(notes) + ".")
+    if figure:
+        _figure(figure, blocks, short, long)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    args = sys.argv[1:]
+    figure_path = None
+    if "--figure" in args:
+        at = args.index("--figure")
+        if at + 1 >= len(args):
+            sys.exit("--figure needs a path (a .png file)")
+        figure_path = args[at + 1]
+        del args[at : at + 2]
+    if len(args) < 2:
         sys.exit(__doc__)
-    main(sys.argv[1:-1], sys.argv[-1])
+    main(args[:-1], args[-1], figure_path)
