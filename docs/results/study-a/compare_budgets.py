@@ -1,7 +1,9 @@
 """Study A's two training budgets side by side: test accuracy (%), mean ± std over seeds, of each
 method of the long study (study-a-long, 230 epochs) at each of its (dataset, width, level) cells,
 next to the same cell at study A's budget (15 epochs; "—" where no short run has that cell). One
-markdown table per (dataset, width); the regulariser strengths each store used are listed under it.
+markdown table per (dataset, width); the regulariser strengths each store used are listed under it,
+and a second table gives how the long study's runs split the kept weights between the two layers
+(mean over seeds, from each record's ``layer_sparsity``; 784 inputs and 10 classes, as in study A).
 With ``--figure PATH`` it also draws one panel per (dataset, width): mean test accuracy against the
 level, each method's 230-epoch line solid and its 15-epoch line dashed, the seeds' std as a band.
 
@@ -55,12 +57,27 @@ def _table_cells(folder: Path, methods: set[tuple[str, str]]) -> dict[tuple[str,
     return out
 
 
-def _cells(db: str) -> tuple[Cells, dict[tuple[str, str, str], set]]:
+def _sizes(config: dict) -> tuple[int, ...]:
+    """Weights per layer of a record's 784-h-10 MLP."""
+    widths = [784, *config["model"]["options"]["hidden"], 10]
+    return tuple(a * b for a, b in zip(widths, widths[1:]))
+
+
+def _kept(config: dict, layer_sparsity: dict) -> tuple[float, ...]:
+    """Weights kept per layer of a 784-h-10 MLP record, from its per-layer sparsity."""
+    return tuple((1 - layer_sparsity[f"fc{i + 1}.weight"]) * size for i, size in enumerate(_sizes(config)))
+
+
+def _cells(db: str, kept: dict | None = None) -> tuple[Cells, dict[tuple[str, str, str], set]]:
     cells: Cells = defaultdict(list)
     strengths: dict[tuple[str, str, str], set] = defaultdict(set)
     with Store(db) as store:
         for r in store.records(status="done"):  # the runs of the spec as last run
-            cells[(r.dataset, r.model, r.method, round(r.sparsity, 6))].append(100 * r.metrics["accuracy"])
+            key = (r.dataset, r.model, r.method, round(r.sparsity, 6))
+            cells[key].append(100 * r.metrics["accuracy"])
+            if kept is not None and "layer_sparsity" in r.metrics:
+                kept.setdefault(key, []).append(_kept(r.config, r.metrics["layer_sparsity"]))
+                kept.setdefault((r.dataset, r.model), _sizes(r.config))
             regularizer = r.config.get("method", {}).get("regularizer")
             if regularizer:
                 strengths[(r.dataset, r.model, r.method)].add(f"{regularizer['name']} {regularizer['strength']:g}")
@@ -130,7 +147,8 @@ def _figure(
 
 
 def main(short_sources: list[str], long_db: str, figure: str | None = None) -> None:
-    long_values, long_strengths = _cells(long_db)
+    kept: dict = {}  # (dataset, model, method, level): kept weights per run; (dataset, model): layer sizes
+    long_values, long_strengths = _cells(long_db, kept)
     long = {key: _summary(values) for key, values in long_values.items()}
     wanted = {(method, model) for _, model, method, _ in long}
     short: dict[tuple[str, str, str, float], Summary] = {}
@@ -167,6 +185,16 @@ def main(short_sources: list[str], long_db: str, figure: str | None = None) -> N
         ]
         if notes:
             print("\nStrengths: " + "; ".join(notes) + ".")
+        of = " / ".join(f"{n:,}" for n in kept[(dataset, model)])
+        print(f"\nWeights kept, fc1 / fc2 (of {of}), mean over seeds, 230 epochs:\n")
+        print("| level | " + " | ".join(methods) + " |")
+        print("|---:|" + "---:|" * len(methods))
+        for level in levels:
+            row = []
+            for m in methods:
+                per_run = kept.get((dataset, model, m, level))
+                row.append(" / ".join(f"{statistics.mean(col):.1f}" for col in zip(*per_run)) if per_run else "—")
+            print(f"| {100 * level:g} % | " + " | ".join(row) + " |")
     if figure:
         _figure(figure, blocks, short, long)
 
