@@ -141,6 +141,12 @@ ALLOWED: dict[str, list[tuple[str, ...]]] = {
         ("within 0.1 point of each other", "derived: 73.66 − 73.60 and 82.82 − 82.73 (long-select/selection.md)"),
         ("12,754 s of compute over the 128 runs (3.5 core-hours", "`prunelab status` on the store, not a table"),
         ("(6.0 MB with them, 0.55 MB without", "file sizes of the store, not results"),
+        ("the two budgets are within 0.2 points", "derived: 230-epoch minus 15-epoch MagL1 (long/budgets.md)"),
+        (
+            "they gain 6.36–18.40\n  points",
+            "derived: split minus global, MagL2 and OBD on mnist-rot (split/, summary.md)",
+        ),
+        ("unchanged within\n  1.1 points", "derived: MagL1 split minus global (split/, summary.md)"),
     ],
 }
 
