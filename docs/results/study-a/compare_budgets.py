@@ -68,16 +68,18 @@ def _kept(config: dict, layer_sparsity: dict) -> tuple[float, ...]:
     return tuple((1 - layer_sparsity[f"fc{i + 1}.weight"]) * size for i, size in enumerate(_sizes(config)))
 
 
-def _cells(db: str, kept: dict | None = None) -> tuple[Cells, dict[tuple[str, str, str], set]]:
+def _cells(
+    db: str, kept: dict | None = None, sizes: dict | None = None
+) -> tuple[Cells, dict[tuple[str, str, str], set]]:
     cells: Cells = defaultdict(list)
     strengths: dict[tuple[str, str, str], set] = defaultdict(set)
     with Store(db) as store:
         for r in store.records(status="done"):  # the runs of the spec as last run
             key = (r.dataset, r.model, r.method, round(r.sparsity, 6))
             cells[key].append(100 * r.metrics["accuracy"])
-            if kept is not None and "layer_sparsity" in r.metrics:
+            if kept is not None and sizes is not None and "layer_sparsity" in r.metrics:
                 kept.setdefault(key, []).append(_kept(r.config, r.metrics["layer_sparsity"]))
-                kept.setdefault((r.dataset, r.model), _sizes(r.config))
+                sizes.setdefault((r.dataset, r.model), _sizes(r.config))
             regularizer = r.config.get("method", {}).get("regularizer")
             if regularizer:
                 strengths[(r.dataset, r.model, r.method)].add(f"{regularizer['name']} {regularizer['strength']:g}")
@@ -147,8 +149,9 @@ def _figure(
 
 
 def main(short_sources: list[str], long_db: str, figure: str | None = None) -> None:
-    kept: dict = {}  # (dataset, model, method, level): kept weights per run; (dataset, model): layer sizes
-    long_values, long_strengths = _cells(long_db, kept)
+    kept: dict[tuple[str, str, str, float], list[tuple[float, ...]]] = {}  # per cell: kept weights per run
+    sizes: dict[tuple[str, str], tuple[int, ...]] = {}  # per (dataset, model): weights per layer
+    long_values, long_strengths = _cells(long_db, kept, sizes)
     long = {key: _summary(values) for key, values in long_values.items()}
     wanted = {(method, model) for _, model, method, _ in long}
     short: dict[tuple[str, str, str, float], Summary] = {}
@@ -185,7 +188,9 @@ def main(short_sources: list[str], long_db: str, figure: str | None = None) -> N
         ]
         if notes:
             print("\nStrengths: " + "; ".join(notes) + ".")
-        of = " / ".join(f"{n:,}" for n in kept[(dataset, model)])
+        if (dataset, model) not in sizes:  # no record of this block has per-layer sparsity
+            continue
+        of = " / ".join(f"{n:,}" for n in sizes[(dataset, model)])
         print(f"\nWeights kept, fc1 / fc2 (of {of}), mean over seeds, 230 epochs:\n")
         print("| level | " + " | ".join(methods) + " |")
         print("|---:|" + "---:|" * len(methods))
