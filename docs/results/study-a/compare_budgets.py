@@ -3,7 +3,8 @@ method of the long study (study-a-long, 230 epochs) at each of its (dataset, wid
 next to the same cell at study A's budget (15 epochs; "—" where no short run has that cell). One
 markdown table per (dataset, width); the regulariser strengths each store used are listed under it,
 and a second table gives how the long study's runs split the kept weights between the two layers
-(mean over seeds, from each record's ``layer_sparsity``; 784 inputs and 10 classes, as in study A).
+(mean over seeds, from each record's ``layer_sparsity``; 784 inputs and 10 classes, as in study A),
+beside the short budget's split where a short-budget store recorded it.
 With ``--figure PATH`` it also draws one panel per (dataset, width): mean test accuracy against the
 level, each method's 230-epoch line solid and its 15-epoch line dashed, the seeds' std as a band.
 
@@ -150,6 +151,7 @@ def _figure(
 
 def main(short_sources: list[str], long_db: str, figure: str | None = None) -> None:
     kept: dict[tuple[str, str, str, float], list[tuple[float, ...]]] = {}  # per cell: kept weights per run
+    short_kept: dict[tuple[str, str, str, float], list[tuple[float, ...]]] = {}  # the same, short stores
     sizes: dict[tuple[str, str], tuple[int, ...]] = {}  # per (dataset, model): weights per layer
     long_values, long_strengths = _cells(long_db, kept, sizes)
     long = {key: _summary(values) for key, values in long_values.items()}
@@ -160,8 +162,11 @@ def main(short_sources: list[str], long_db: str, figure: str | None = None) -> N
         if Path(source).is_dir():
             cells = _table_cells(Path(source), wanted)
         else:
-            values, strengths = _cells(source)
+            source_kept: dict[tuple[str, str, str, float], list[tuple[float, ...]]] = {}
+            values, strengths = _cells(source, source_kept, {})
             cells = {key: _summary(v) for key, v in values.items()}
+            for key, per_run in source_kept.items():
+                short_kept.setdefault(key, per_run)
             for key, found in strengths.items():
                 short_strengths.setdefault(key, found)
         for key, cell in cells.items():
@@ -191,14 +196,18 @@ def main(short_sources: list[str], long_db: str, figure: str | None = None) -> N
         if (dataset, model) not in sizes:  # no record of this block has per-layer sparsity
             continue
         of = " / ".join(f"{n:,}" for n in sizes[(dataset, model)])
-        print(f"\nWeights kept, fc1 / fc2 (of {of}), mean over seeds, 230 epochs:\n")
-        print("| level | " + " | ".join(methods) + " |")
-        print("|---:|" + "---:|" * len(methods))
+        # Both budgets' split where a short store recorded one for this block, else the long one's only.
+        both = any((dataset, model, m, lv) in short_kept for m in methods for lv in levels)
+        sources = [(short_kept, "15 ep"), (kept, "230 ep")] if both else [(kept, "")]
+        print(f"\nWeights kept, fc1 / fc2 (of {of}), mean over seeds{'' if both else ', 230 epochs'}:\n")
+        print("| level | " + " | ".join(f"{m} {label}".strip() for m in methods for _, label in sources) + " |")
+        print("|---:|" + "---:|" * (len(methods) * len(sources)))
         for level in levels:
             row = []
             for m in methods:
-                per_run = kept.get((dataset, model, m, level))
-                row.append(" / ".join(f"{statistics.mean(col):.1f}" for col in zip(*per_run)) if per_run else "—")
+                for found, _ in sources:
+                    per_run = found.get((dataset, model, m, level))
+                    row.append(" / ".join(f"{statistics.mean(col):.1f}" for col in zip(*per_run)) if per_run else "—")
             print(f"| {100 * level:g} % | " + " | ".join(row) + " |")
     if figure:
         _figure(figure, blocks, short, long)
