@@ -78,9 +78,10 @@ def _cells(
         for r in store.records(status="done"):  # the runs of the spec as last run
             key = (r.dataset, r.model, r.method, round(r.sparsity, 6))
             cells[key].append(100 * r.metrics["accuracy"])
-            if kept is not None and sizes is not None and "layer_sparsity" in r.metrics:
+            if kept is not None and "layer_sparsity" in r.metrics:
                 kept.setdefault(key, []).append(_kept(r.config, r.metrics["layer_sparsity"]))
-                sizes.setdefault((r.dataset, r.model), _sizes(r.config))
+                if sizes is not None:
+                    sizes.setdefault((r.dataset, r.model), _sizes(r.config))
             regularizer = r.config.get("method", {}).get("regularizer")
             if regularizer:
                 strengths[(r.dataset, r.model, r.method)].add(f"{regularizer['name']} {regularizer['strength']:g}")
@@ -163,7 +164,7 @@ def main(short_sources: list[str], long_db: str, figure: str | None = None) -> N
             cells = _table_cells(Path(source), wanted)
         else:
             source_kept: dict[tuple[str, str, str, float], list[tuple[float, ...]]] = {}
-            values, strengths = _cells(source, source_kept, {})
+            values, strengths = _cells(source, source_kept)
             cells = {key: _summary(v) for key, v in values.items()}
             for key, per_run in source_kept.items():
                 short_kept.setdefault(key, per_run)
